@@ -1,0 +1,151 @@
+"""The ``eosflow`` command.
+
+    eosflow run SPEC.toml [--set key=value ...] [--out DIR] [--resume | --overwrite]
+    eosflow demo [--out DIR]
+    eosflow report RUN_DIR
+    eosflow problems
+    eosflow processes
+
+User errors (a bad spec, an unusable run directory, a missing dataset) print one paragraph and
+exit with status 2; Ctrl-C stops cleanly (status 130) with every flushed step on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from eosflow.config import SpecError
+from eosflow.store import StoreError
+
+USER_ERRORS = (SpecError, StoreError)
+
+
+def _progress_bar(total: int, reference: str, lr: float):
+    """A rich progress bar showing step, loss, sharpness and lr*S of the reference process."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False,
+    )
+    task = bar.add_task(reference, total=total, status="")
+
+    def update(step, chunk):
+        import numpy as np
+
+        rows = chunk.get(reference, {})
+        loss = rows.get("loss", np.array([np.nan]))[-1]
+        sharp = rows.get("sharpness", np.array([np.nan]))
+        sharp = sharp[np.isfinite(sharp)][-1] if np.isfinite(sharp).any() else float("nan")
+        bar.update(task, completed=step, status=f"loss {loss:.4g}  S {sharp:.4g}  lr*S {lr * sharp:.3f}")
+
+    return bar, update
+
+
+def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: bool) -> int:
+    from eosflow.experiment import run
+    from eosflow.report import make_report
+    from eosflow.spec import parse_spec
+
+    spec = parse_spec(table)
+    if quiet:
+        outcome = run(table, out, resume=resume, overwrite=overwrite)
+    else:
+        bar, update = _progress_bar(spec.steps, spec.processes[0], spec.lr)
+        with bar:
+            outcome = run(table, out, resume=resume, overwrite=overwrite, progress=update)
+    report = make_report(out)
+    print(f"{outcome.status}: {outcome.steps_done} steps in {out}"
+          + (f" ({outcome.reason})" if outcome.reason else ""))
+    print(f"report: {report}")
+    return 0 if outcome.status == "completed" else 3
+
+
+def demo_table() -> dict:
+    """The default experiment (an MLP on scikit-learn's digits reaching the edge of stability)."""
+    import tomllib
+
+    return tomllib.loads(resources.files("eosflow").joinpath("specs/demo.toml").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eosflow", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="run an experiment spec into a run directory")
+    p_run.add_argument("spec", type=Path)
+    p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec value, e.g. --set lr=0.1 --set problem.width=32")
+    p_run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
+    mode = p_run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p_run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p_demo = sub.add_parser("demo", help="run the default experiment and write its report")
+    p_demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p_demo.add_argument("--quiet", action="store_true")
+
+    p_report = sub.add_parser("report", help="(re)write the report of a run directory")
+    p_report.add_argument("run_dir", type=Path)
+
+    sub.add_parser("problems", help="list every problem with its parameters and defaults")
+    sub.add_parser("processes", help="list every optimizer and model with its options")
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except USER_ERRORS as error:
+        print(f"eosflow: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eosflow: interrupted; every flushed step is on disk (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from eosflow.spec import load_spec_table, set_dotted
+
+    if args.command == "run":
+        table = load_spec_table(args.spec)
+        for assignment in args.set:
+            set_dotted(table, assignment)
+        out = args.out or Path("runs") / f"{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return _run_table(table, out, args.resume, args.overwrite, args.quiet)
+    if args.command == "demo":
+        return _run_table(demo_table(), args.out, False, True, args.quiet)
+    if args.command == "report":
+        from eosflow.report import make_report
+
+        print(make_report(args.run_dir))
+        return 0
+    if args.command == "problems":
+        from eosflow.problems import PROBLEMS
+
+        print(_listing({name: (e.summary, e.params) for name, e in PROBLEMS.items()}))
+        return 0
+    if args.command == "processes":
+        from eosflow.process import PROCESSES
+
+        print(_listing({name: (e.summary, e.options) for name, e in PROCESSES.items()}))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _listing(entries: dict) -> str:
+    from eosflow.config import describe_fields
+
+    lines = []
+    for name, (summary, params) in sorted(entries.items()):
+        lines.append(f"{name}: {summary}")
+        for field, default, text in describe_fields(params):
+            lines.append(f"    {field} = {default}    {text}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Raw datasets by name: ``source(params, seed) -> Raw``, one registry per task.
+
+Classification sources give integer labels, regression sources float targets (n x outputs).
+Inputs keep their natural shape: images are (n, channels, height, width) (digits: 1 x 8 x 8,
+CIFAR-10: 3 x 32 x 32), tabular sets (n, features). ``params`` is the problem's data table
+(:class:`eosflow.data.prepare.ClassificationData` or ``RegressionData``); a source reads the
+fields it needs (the synthetic sets their dimensions, CIFAR-10 its path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Raw:
+    """A labelled pool to draw subsets from, optionally with its own official test pool.
+
+    Attributes:
+        inputs: (n, ...) features or images.
+        targets: (n,) integer labels, or (n, outputs) regression targets.
+        test_inputs, test_targets: an official held-out pool (CIFAR-10's test batch), if any.
+        synthetic: inputs drawn standard-normal by construction, so never re-standardized.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    test_inputs: np.ndarray | None = None
+    test_targets: np.ndarray | None = None
+    synthetic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceEntry:
+    name: str
+    load: Callable[..., Raw]
+    summary: str
+
+
+CLASSIFICATION: dict[str, SourceEntry] = {}
+REGRESSION: dict[str, SourceEntry] = {}
+
+
+def register_source(registry: dict[str, SourceEntry], name: str, summary: str):
+    """Decorator: ``load(params, seed) -> Raw`` becomes the dataset ``name`` of that task."""
+
+    def decorate(load):
+        registry[name] = SourceEntry(name, load, summary)
+        return load
+
+    return decorate
+
+
+def _sklearn(loader: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    import sklearn.datasets
+
+    bunch = getattr(sklearn.datasets, loader)(**kwargs)
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
+
+
+@register_source(CLASSIFICATION, "digits", "scikit-learn's 8x8 handwritten digits, 1797 images (1x8x8), 10 classes")
+def digits(params=None, seed: int = 0) -> Raw:
+    x, y = _sklearn("load_digits")
+    return Raw(x.reshape(-1, 1, 8, 8), y.astype(np.int64))
+
+
+@register_source(CLASSIFICATION, "iris", "scikit-learn's iris flowers: 150 examples, 4 features, 3 classes")
+def iris(params=None, seed: int = 0) -> Raw:
+    x, y = _sklearn("load_iris")
+    return Raw(x, y.astype(np.int64))
+
+
+@register_source(CLASSIFICATION, "wine", "scikit-learn's wine recognition: 178 examples, 13 features, 3 classes")
+def wine(params=None, seed: int = 0) -> Raw:
+    x, y = _sklearn("load_wine")
+    return Raw(x, y.astype(np.int64))
+
+
+@register_source(
+    CLASSIFICATION, "breast_cancer", "scikit-learn's breast cancer (Wisconsin): 569 examples, 30 features, 2 classes"
+)
+def breast_cancer(params=None, seed: int = 0) -> Raw:
+    x, y = _sklearn("load_breast_cancer")
+    return Raw(x, y.astype(np.int64))
+
+
+@register_source(
+    CLASSIFICATION, "cifar10",
+    "CIFAR-10 from a local python-pickle archive (3x32x32, 10 classes; `data_path` or $EOSFLOW_CIFAR10)",
+)
+def cifar10(params, seed: int = 0) -> Raw:
+    from eosflow.data.cifar10 import load_cifar10
+
+    x_train, y_train, x_test, y_test = load_cifar10(getattr(params, "data_path", None))
+    return Raw(x_train, y_train, x_test, y_test)
+
+
+@register_source(REGRESSION, "diabetes", "scikit-learn's diabetes progression: 442 examples, 10 features, 1 target")
+def diabetes(params=None, seed: int = 0) -> Raw:
+    x, y = _sklearn("load_diabetes")
+    return Raw(x, y.reshape(-1, 1))
+
+
+@register_source(REGRESSION, "linnerud", "scikit-learn's Linnerud exercise data: 20 examples, 3 features, 3 targets")
+def linnerud(params=None, seed: int = 0) -> Raw:
+    x, y = _sklearn("load_linnerud")
+    return Raw(x, np.asarray(y, dtype=np.float64).reshape(len(x), -1))
+
+
+# synthetic sets register themselves on import
+from eosflow.data import synthetic  # noqa: E402,F401
+
+
+@register_source(CLASSIFICATION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and integer labels `y` (n,)")
+@register_source(REGRESSION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and targets `y` (n, outputs)")
+def npz(params, seed: int = 0) -> Raw:
+    """Read ``x`` and ``y`` from a NumPy archive, checking that they exist and agree in length."""
+    from eosflow.config import SpecError
+
+    path = getattr(params, "data_path", None)
+    if not path:
+        raise SpecError("dataset `npz` needs `problem.data_path`, the .npz file holding arrays `x` and `y`")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in ("x", "y") if key not in archive.files]
+            if missing:
+                raise SpecError(f"{path!r} has no array {missing[0]!r} (it has {', '.join(archive.files) or 'none'})")
+            inputs, targets = archive["x"], archive["y"]
+    except FileNotFoundError:
+        raise SpecError(f"`problem.data_path` = {path!r} does not exist") from None
+    except (OSError, ValueError) as error:
+        raise SpecError(f"`problem.data_path` = {path!r} is not a readable .npz file ({error})") from None
+    if len(inputs) != len(targets):
+        raise SpecError(f"mismatched shapes in {path!r}: `x` has {len(inputs)} examples but `y` has {len(targets)}")
+    if len(inputs) == 0:
+        raise SpecError(f"dataset {path!r} is empty")
+    if not np.issubdtype(inputs.dtype, np.number) or not np.issubdtype(targets.dtype, np.number):
+        raise SpecError(f"{path!r}: `x` and `y` must be numeric arrays, got {inputs.dtype} and {targets.dtype}")
+    if not np.all(np.isfinite(targets)):
+        raise SpecError(f"dataset {path!r} has {int(np.sum(~np.isfinite(targets)))} NaN or infinite targets")
+    return Raw(np.asarray(inputs, dtype=np.float64), targets)
+

@@ -1,0 +1,1 @@
+"""Continuous-time models of the optimizers, as processes."""

@@ -1,0 +1,67 @@
+"""Read a run directory into an ``xarray.Dataset`` (one line for the user: ``eosflow.load(dir)``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from eosflow.store import RunStore, StoreError
+
+
+def load(run_dir: str | Path) -> xr.Dataset:
+    """Trajectories of every process on one ``step`` grid, with coordinate ``process``.
+
+    Variables have dims (process, step), or (process, step, eig) for ``eigenvalues``; a value a
+    process did not record at a step (a measurement skipped, a process dropped) is NaN. The
+    run's summary is in ``attrs``. Saved parameters are read by :func:`load_params`.
+    """
+    store = RunStore(run_dir)
+    if not store.exists():
+        raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
+    names = _ordered_processes(store)
+    per_process = {name: store.read_process(name) for name in names}
+    steps = np.unique(np.concatenate([d["step"] for d in per_process.values()] + [np.zeros(0, int)]))
+    variables: dict[str, np.ndarray] = {}
+    trailing: dict[str, tuple] = {}
+    for data in per_process.values():
+        for key, value in data.items():
+            if key == "step" or key.startswith("params"):
+                continue
+            trailing.setdefault(key, value.shape[1:])
+            if value.shape[1:] != trailing[key]:
+                trailing[key] = tuple(max(a, b) for a, b in zip(trailing[key], value.shape[1:]))
+    for key, shape in trailing.items():
+        variables[key] = np.full((len(names), len(steps), *shape), np.nan)
+    for i, name in enumerate(names):
+        data = per_process[name]
+        where = np.searchsorted(steps, data["step"])
+        for key in trailing:
+            if key in data:
+                value = data[key]
+                index = (i, where) + tuple(slice(0, s) for s in value.shape[1:])
+                variables[key][index] = value
+    data_vars = {}
+    for key, value in variables.items():
+        dims = ("process", "step") + tuple(f"{key}_dim{j}" for j in range(value.ndim - 2))
+        if key == "eigenvalues":
+            dims = ("process", "step", "eig")
+        data_vars[key] = (dims, value)
+    summary = store.read_summary()
+    attrs = {k: v for k, v in summary.items() if isinstance(v, (str, int, float))}
+    return xr.Dataset(data_vars, coords={"process": names, "step": steps}, attrs=attrs)
+
+
+def load_params(run_dir: str | Path, process: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, parameters) saved every ``record.params_every`` steps for one process."""
+    data = RunStore(run_dir).read_process(process)
+    if "params" not in data:
+        raise StoreError(f"run {str(run_dir)!r} saved no parameters for {process!r} (record.params_every = 0)")
+    return data["params_step"], data["params"]
+
+
+def _ordered_processes(store: RunStore) -> list[str]:
+    listed = store.read_summary().get("processes") or []
+    present = store.processes()
+    return [p for p in listed if p in present] + [p for p in present if p not in listed]

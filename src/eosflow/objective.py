@@ -1,0 +1,191 @@
+"""The loss over one flat parameter vector, and its derivatives.
+
+An :class:`Objective` wraps ``loss_on(w, batch) -> scalar`` where ``w`` is a flat vector and
+``batch`` a pytree of arrays whose leaves share a leading example axis (or ``None`` for a
+deterministic toy). Everything downstream (spectra, optimizers, flows) consumes an Objective:
+
+    L(w)          = loss_on(w, data)
+    g(w)          = grad L(w)
+    H(w) v        = d/de g(w + e v)                       (forward-over-reverse)
+    D^3 L[u, v]   = grad_w (u^T H(w) v)                   (a vector; one jvp of the HVP)
+
+Objectives are Equinox modules: the data are traced arrays, the functions static, so one
+compilation serves any dataset of the same shape, and methods inline into callers' jit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+PyTree = Any
+
+
+def mse(predictions: Array, targets: Array) -> Array:
+    """Half squared error summed over outputs, averaged over examples: mean_i 1/2 |f(x_i) - y_i|^2."""
+    residual = (predictions - targets).reshape(predictions.shape[0], -1)
+    return 0.5 * jnp.mean(jnp.sum(residual**2, axis=-1))
+
+
+def sse(predictions: Array, targets: Array) -> Array:
+    """Squared error summed over outputs, averaged over examples: mean_i |f(x_i) - y_i|^2."""
+    return 2.0 * mse(predictions, targets)
+
+
+def cross_entropy(logits: Array, targets: Array) -> Array:
+    """Softmax cross-entropy averaged over examples; ``targets`` are integer labels or one-hot rows."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    if targets.ndim == logits.ndim:
+        return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+    return -jnp.mean(jnp.take_along_axis(log_probs, targets[:, None].astype(jnp.int32), axis=-1))
+
+
+LOSSES: dict[str, Callable[[Array, Array], Array]] = {
+    "mse": mse,
+    "sse": sse,
+    "cross_entropy": cross_entropy,
+}
+
+
+class Objective(eqx.Module):
+    """A scalar loss of one flat parameter vector, with jitted derivatives.
+
+    Attributes:
+        loss_on: ``loss_on(w, batch)``, the mean loss of ``w`` on a batch (a callable pytree).
+        data: the full training batch (a pytree with a leading example axis), or None.
+        unravel: maps a flat vector back to the model's parameter pytree (static).
+    """
+
+    loss_on: Callable[[Array, PyTree], Array]
+    data: PyTree
+    unravel: Callable[[Array], PyTree] = eqx.field(static=True)
+
+    @classmethod
+    def from_function(cls, fn: Callable[[Array], Array]) -> Objective:
+        """A deterministic objective ``L(w) = fn(w)`` (no data, no minibatches)."""
+        return cls(loss_on=_ignore_batch(fn), data=None, unravel=_identity)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Callable[[PyTree, Array], Array],
+        params: PyTree,
+        inputs: Array,
+        targets: Array,
+        loss: str | Callable[[Array, Array], Array] = "mse",
+    ) -> tuple[Objective, Float[Array, " d"]]:
+        """Objective of ``loss(model(params, inputs), targets)``; returns it with the flat ``w0``."""
+        w0, unravel = ravel(params)
+        loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+        loss_on = _ModelLoss(model=model, unravel=unravel, loss=loss_fn)
+        return cls(loss_on=loss_on, data=(inputs, targets), unravel=unravel), w0
+
+    # ---- full-batch quantities -------------------------------------------------------------
+    def value(self, w: Array) -> Array:
+        """L(w)."""
+        return self.loss_on(w, self.data)
+
+    def grad(self, w: Array) -> Array:
+        """g(w) = grad L(w)."""
+        return jax.grad(self.value)(w)
+
+    def value_and_grad(self, w: Array) -> tuple[Array, Array]:
+        """(L(w), g(w)) in one pass."""
+        return jax.value_and_grad(self.value)(w)
+
+    def hvp(self, w: Array, v: Array) -> Array:
+        """H(w) v by forward-over-reverse differentiation (about two gradients' cost)."""
+        return jax.jvp(self.grad, (w,), (v,))[1]
+
+    def hvp_batch(self, w: Array, vectors: Float[Array, "d k"]) -> Float[Array, "d k"]:
+        """H(w) V for the columns of V, vectorized over columns (one linearization of g)."""
+        _, hvp_lin = jax.linearize(self.grad, w)
+        return jax.vmap(hvp_lin, in_axes=1, out_axes=1)(vectors)
+
+    def third_derivative(self, w: Array, u: Array, v: Array) -> Array:
+        """D^3 L(w)[u, v, .] = grad_w (u^T H(w) v)."""
+        return jax.jvp(lambda x: self.hvp(x, v), (w,), (u,))[1]
+
+    def hessian(self, w: Array) -> Float[Array, "d d"]:
+        """The dense Hessian (for oracles and small problems only)."""
+        return jax.hessian(self.value)(w)
+
+    # ---- stochastic quantities -------------------------------------------------------------
+    @property
+    def num_examples(self) -> int:
+        if self.data is None:
+            raise ValueError("this objective has no data, so it has no examples to sample")
+        return int(jax.tree_util.tree_leaves(self.data)[0].shape[0])
+
+    def batch_grad(self, w: Array, indices: Array) -> Array:
+        """Gradient of the mean loss over the examples ``indices``."""
+        batch = jax.tree_util.tree_map(lambda leaf: leaf[indices], self.data)
+        return jax.grad(self.loss_on)(w, batch)
+
+    def per_example_grads(self, w: Array, indices: Array | None = None) -> Float[Array, "n d"]:
+        """Gradients of the individual examples' losses (rows), for noise covariances."""
+        data = self.data
+        if indices is not None:
+            data = jax.tree_util.tree_map(lambda leaf: leaf[indices], data)
+
+        def one(example):
+            batch = jax.tree_util.tree_map(lambda leaf: leaf[None], example)
+            return jax.grad(self.loss_on)(w, batch)
+
+        return jax.vmap(one)(data)
+
+    def with_data(self, data: PyTree) -> Objective:
+        """The same loss on other data (e.g. a held-out split)."""
+        return eqx.tree_at(lambda o: o.data, self, data, is_leaf=lambda x: x is None)
+
+
+def ravel(params: PyTree) -> tuple[Array, Unravel]:
+    """Flatten a pytree of arrays into one vector (in the common dtype), with its inverse."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves]) if leaves else jnp.zeros(0, dtype)
+    unravel = Unravel(treedef, tuple(leaf.shape for leaf in leaves), tuple(np.dtype(leaf.dtype).name for leaf in leaves))
+    return flat, unravel
+
+
+class Unravel(eqx.Module):
+    """The inverse of :func:`ravel`, hashable by value (so rebuilt objectives reuse compilations)."""
+
+    treedef: Any = eqx.field(static=True)
+    shapes: tuple = eqx.field(static=True)
+    dtypes: tuple = eqx.field(static=True)
+
+    def __call__(self, w: Array) -> PyTree:
+        sizes = [int(np.prod(shape)) for shape in self.shapes]
+        pieces = jnp.split(w, np.cumsum(sizes)[:-1]) if sizes else []
+        leaves = [p.reshape(shape).astype(dtype) for p, shape, dtype in zip(pieces, self.shapes, self.dtypes)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+class _ModelLoss(eqx.Module):
+    """loss(model(unravel(w), x), y): hashable by value so equal objectives share compilations."""
+
+    model: Callable = eqx.field(static=True)
+    unravel: Callable = eqx.field(static=True)
+    loss: Callable = eqx.field(static=True)
+
+    def __call__(self, w: Array, batch: PyTree) -> Array:
+        inputs, targets = batch
+        return self.loss(self.model(self.unravel(w), inputs), targets)
+
+
+class _ignore_batch(eqx.Module):
+    fn: Callable
+
+    def __call__(self, w: Array, batch: PyTree) -> Array:
+        return self.fn(w)
+
+
+def _identity(w: Array) -> Array:
+    return w

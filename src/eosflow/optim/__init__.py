@@ -1,0 +1,3 @@
+"""Discrete optimizers as processes (the real runs that the flows model)."""
+
+from eosflow.optim import gd  # noqa: F401  (registers "gd")

@@ -1,0 +1,46 @@
+"""Gradient descent, w_{k+1} = w_k - eta g(w_k), with the top Hessian eigenpairs tracked."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.objective import Objective
+from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.spectrum import spectrum_row
+
+
+class GDState(NamedTuple):
+    w: Array
+    vectors: Array
+    step: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GDOptions:
+    """Gradient descent has no options beyond the spec's ``lr`` and ``[spectrum]``."""
+
+
+class GradientDescent(ScannedProcess):
+    objective: Objective
+
+    def init(self, w0: Array) -> GDState:
+        return GDState(w0, self.initial_vectors(w0), jnp.asarray(0))
+
+    def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
+        loss, grad = self.objective.value_and_grad(state.w)
+        vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, self.lr, self.spectrum)
+        row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=state.w)
+        new_w = state.w - self.lr * grad
+        return GDState(new_w, vectors, state.step + 1), row
+
+
+@register_process("gd", GDOptions, "gradient descent w <- w - lr * g(w)", discrete=True)
+def build_gd(problem, spec, options) -> GradientDescent:
+    return GradientDescent(
+        name="gd", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "gd"),
+        objective=problem.objective,
+    )

@@ -1,0 +1,8 @@
+"""The problem zoo: objectives studied at the edge of stability, declared by name in a spec."""
+
+from eosflow.problems.registry import PROBLEMS, Problem, build_problem, describe_problems, register_problem
+
+# each module registers its problems on import
+from eosflow.problems import factorization, networks, toys  # noqa: E402,F401
+
+__all__ = ["PROBLEMS", "Problem", "build_problem", "describe_problems", "register_problem"]

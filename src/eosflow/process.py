@@ -1,0 +1,116 @@
+"""The Process protocol: anything that moves through time from w0 (an optimizer or a flow).
+
+    state = process.init(w0)
+    state, observations = process.advance(state, n_steps)
+
+Time is measured in optimizer steps. ``advance`` returns one row per unit of time, describing
+the state at the *start* of each step (times t, t+1, ..., t+n-1). Every process observes at
+least ``position`` (the iterate, or a flow's centre; n x d) and ``loss`` (n,); flows add their
+predictions (``predicted_loss``, ``amplitude``, ...). States are pytrees of arrays (NamedTuples)
+so that the experiment can checkpoint them without knowing what they hold.
+
+Processes register a factory and an options dataclass under a name; a spec lists processes by
+name and configures each one in a table of that name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import equinox as eqx
+import jax
+import numpy as np
+from jaxtyping import Array
+
+from eosflow.config import SpecError, parse, suggest
+from eosflow.spectrum import grow_tracked, last_measured, random_vectors
+
+
+class Process(Protocol):
+    name: str
+
+    def init(self, w0: Array) -> Any: ...
+
+    def advance(self, state: Any, n_steps: int) -> tuple[Any, dict[str, Array]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessEntry:
+    name: str
+    options: type
+    build: Callable[..., Process]
+    summary: str
+    discrete: bool  # an optimizer (a real run) rather than a model of one
+
+
+PROCESSES: dict[str, ProcessEntry] = {}
+
+
+def register_process(name: str, options: type, summary: str, discrete: bool = False):
+    """Decorator: ``build(problem, spec, options) -> Process`` becomes available as ``name``."""
+
+    def decorate(build):
+        PROCESSES[name] = ProcessEntry(name, options, build, summary, discrete)
+        return build
+
+    return decorate
+
+
+def process_entry(name: str, where: str = "processes") -> ProcessEntry:
+    if name not in PROCESSES:
+        raise SpecError(f"unknown process {name!r} in `{where}`{suggest(name, PROCESSES)}")
+    return PROCESSES[name]
+
+
+def parse_options(name: str, table: Any) -> Any:
+    return parse(process_entry(name).options, table, name)
+
+
+def process_key(seed: int, name: str) -> Array:
+    """A PRNG key for one process, stable across runs and resumes (independent of list order)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+class TrackedState(Protocol):
+    step: Array  # the integer time of this state
+    vectors: Array  # d x k tracked Hessian eigenvectors (warm start of the next measurement)
+
+
+class ScannedProcess(eqx.Module):
+    """Base for processes that advance by a pure one-step map and track Hessian eigenvectors.
+
+    Subclasses implement ``init(w0)`` and ``step(state) -> (state, row)``; ``advance`` runs
+    ``lax.scan`` of ``step`` under one jit (recompiled only when k or n_steps changes), then
+    grows the tracked eigenspace on the host when every tracked eigenvalue is above
+    ``spectrum.threshold / lr`` (see :func:`eosflow.spectrum.grow_tracked`).
+    """
+
+    name: str = eqx.field(static=True)
+    lr: float = eqx.field(static=True)
+    spectrum: Any = eqx.field(static=True)  # a SpectrumSpec
+    key: Array
+
+    def step(self, state: Any) -> tuple[Any, dict[str, Array]]:
+        raise NotImplementedError
+
+    def advance(self, state: Any, n_steps: int) -> tuple[Any, dict[str, Array]]:
+        state, rows = _scan(self, state, n_steps)
+        latest = last_measured(np.asarray(rows["eigenvalues"])) if "eigenvalues" in rows else None
+        if latest is not None:
+            k = state.vectors.shape[1]
+            key = jax.random.fold_in(self.key, int(state.step))
+            grown = grow_tracked(state.vectors, latest[:k], self.spectrum.threshold / self.lr,
+                                 self.spectrum.k_max, key)
+            state = state._replace(vectors=grown)
+        return state, rows
+
+    def initial_vectors(self, w0: Array) -> Array:
+        return random_vectors(jax.random.fold_in(self.key, -1 & 0x7FFFFFFF), w0.size, self.spectrum.k, w0.dtype)
+
+
+@eqx.filter_jit
+def _scan(process: ScannedProcess, state: Any, n_steps: int):
+    return jax.lax.scan(lambda s, _: process.step(s), state, None, length=n_steps)

@@ -1,0 +1,174 @@
+"""A run's report: PNG figures and a Markdown page with the numbers, read from the run directory.
+
+The report never looks at live objects: everything comes from ``eosflow.load(run_dir)``, so a
+report can be made again at any time (``eosflow report RUN_DIR``). Capabilities add their own
+sections with :func:`register_section` (e.g. SGD's diffusion plots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from eosflow.load import load  # noqa: E402
+from eosflow.store import RunStore  # noqa: E402
+
+Section = Callable[[xr.Dataset, Path, Path], str]
+SECTIONS: list[Section] = []
+
+
+def register_section(section: Section) -> Section:
+    """Add ``section(ds, run_dir, report_dir) -> markdown`` to every report (empty string: skip)."""
+    SECTIONS.append(section)
+    return section
+
+
+def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1) -> dict:
+    """Where eta*S first reaches 2(1 - band/2), and the longest run of steps with eta*S in [2(1-band), 2(1+band)].
+
+    Unmeasured steps (NaN) neither break nor extend a window.
+    """
+    measured = np.flatnonzero(np.isfinite(lr_sharpness))
+    values = lr_sharpness[measured]
+    reach = np.flatnonzero(values >= 2.0 * (1 - band / 2))
+    inside = (values >= 2.0 * (1 - band)) & (values <= 2.0 * (1 + band))
+    best, best_start, start = 0, None, None
+    for i, ok in enumerate(inside):
+        if ok and start is None:
+            start = i
+        if start is not None and (not ok or i == len(inside) - 1):
+            stop = i if ok else i - 1
+            length = measured[stop] - measured[start] + 1
+            if length > best:
+                best, best_start = int(length), int(measured[start])
+            start = None
+    return {
+        "first_step_at_edge": int(measured[reach[0]]) if reach.size else None,
+        "longest_window_steps": best,
+        "longest_window_start": best_start,
+        "max_lr_sharpness": float(np.max(values)) if values.size else float("nan"),
+    }
+
+
+def _figure(path: Path, title: str, ylabel: str, draw, logy: bool = False) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    draw(ax)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _step_sizes(ds: xr.Dataset, process: str) -> np.ndarray:
+    """The step size per step: recorded ``lr`` if the process has one, else the spec's lr."""
+    if "lr" in ds and np.isfinite(ds["lr"].sel(process=process)).any():
+        return ds["lr"].sel(process=process).values
+    return np.full(ds.sizes["step"], float(ds.attrs["lr"]))
+
+
+def make_report(run_dir: str | Path) -> Path:
+    """Write ``report/`` (figures and ``report.md``) for a run directory; returns the Markdown path."""
+    run_dir = Path(run_dir)
+    ds = load(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    steps = ds["step"].values
+    processes = list(ds["process"].values)
+    reference = processes[0]
+    figures = []
+
+    def draw_loss(ax):
+        for p in processes:
+            ax.plot(steps, ds["loss"].sel(process=p), lw=1, label=f"{p}: loss")
+            if "predicted_loss" in ds and np.isfinite(ds["predicted_loss"].sel(process=p)).any():
+                ax.plot(steps, ds["predicted_loss"].sel(process=p), lw=1, ls="--", label=f"{p}: predicted")
+
+    _figure(out / "loss.png", "training loss", "loss", draw_loss, logy=True)
+    figures.append(("Training loss", "loss.png"))
+
+    if "sharpness" in ds and np.isfinite(ds["sharpness"]).any():
+
+        def draw_sharpness(ax):
+            for p in processes:
+                s = ds["sharpness"].sel(process=p).values
+                ok = np.isfinite(s)
+                ax.plot(steps[ok], s[ok], lw=1, label=f"{p}: sharpness")
+            ax.plot(steps, 2.0 / _step_sizes(ds, reference), "k--", lw=1, label="2 / lr")
+
+        _figure(out / "sharpness.png", "sharpness (top Hessian eigenvalue)", "S", draw_sharpness)
+        figures.append(("Sharpness and the stability threshold 2/lr", "sharpness.png"))
+
+        def draw_lr_sharpness(ax):
+            for p in processes:
+                s = ds["lr_sharpness"].sel(process=p).values
+                ok = np.isfinite(s)
+                ax.plot(steps[ok], s[ok], lw=1, label=p)
+            ax.axhline(2.0, color="k", ls="--", lw=1, label="2")
+
+        _figure(out / "lr_sharpness.png", "lr x sharpness", "lr * S", draw_lr_sharpness)
+        figures.append(("lr x sharpness (2 is the edge of stability)", "lr_sharpness.png"))
+
+    if len(processes) > 1:
+
+        def draw_distance(ax):
+            for p in processes[1:]:
+                ax.plot(steps, ds["distance"].sel(process=p), lw=1, label=p)
+
+        _figure(out / "distance.png", f"distance to {reference}", "||w - w_ref||", draw_distance)
+        figures.append((f"Distance to {reference}", "distance.png"))
+
+    lines = [f"# Report: {ds.attrs.get('name', run_dir.name)}", ""]
+    lines += _summary_table(ds, RunStore(run_dir).read_summary())
+    lines += ["", "## Processes", "", "| process | final loss | final sharpness | final lr*S | final distance |",
+              "|---|---|---|---|---|"]
+    for p in processes:
+        lines.append(
+            f"| {p} | {_last(ds, 'loss', p):.6g} | {_last(ds, 'sharpness', p):.6g} | "
+            f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} |"
+        )
+    if "lr_sharpness" in ds:
+        window = edge_of_stability_window(ds["lr_sharpness"].sel(process=reference).values)
+        lines += ["", "## Edge of stability", "",
+                  f"- first step with lr*S >= 1.9: {window['first_step_at_edge']}",
+                  f"- longest window with lr*S in [1.8, 2.2]: {window['longest_window_steps']} steps "
+                  f"(from step {window['longest_window_start']})",
+                  f"- largest lr*S measured: {window['max_lr_sharpness']:.4f}"]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{title}]({name})" for title, name in figures]
+    for section in SECTIONS:
+        text = section(ds, run_dir, out)
+        if text:
+            lines += ["", text]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _last(ds: xr.Dataset, variable: str, process: str) -> float:
+    if variable not in ds:
+        return float("nan")
+    values = ds[variable].sel(process=process).values
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if finite.size else float("nan")
+
+
+def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
+    rows = [("status", summary.get("status", "?")), ("reason", summary.get("reason") or "-"),
+            ("steps done", summary.get("steps_done")), ("learning rate", summary.get("lr")),
+            ("parameters", summary.get("dimension")), ("problem", summary.get("problem", {}).get("name")),
+            ("wall time (s)", f"{summary.get('seconds', float('nan')):.1f}")]
+    return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]

@@ -1,0 +1,146 @@
+"""The experiment specification: a TOML file validated into a :class:`Spec`.
+
+    name = "demo"
+    steps = 1000
+    lr = 0.05                     # eta, shared by the optimizer and every model of it
+    processes = ["gd", "central_flow"]
+
+    [problem]                     # validated against the named problem's parameters
+    name = "mlp"
+    width = 32
+
+    [spectrum]                    # top-eigenpair tracking (see eosflow.spectrum)
+    every = 1
+
+    [central_flow]                # options of one process, by its name
+    substeps = 4
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from eosflow.config import SpecError, option, parse, to_table, unknown_key_error
+from eosflow.process import PROCESSES, parse_options, process_entry
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectrumSpec:
+    every: int = option(1, "measure the top eigenpairs every m steps (0: never)", ge=0)
+    k: int = option(1, "eigenpairs tracked at the start", ge=1)
+    k_max: int = option(6, "most eigenpairs ever tracked", ge=1)
+    threshold: float = option(1.5, "track one more eigenvalue once all exceed threshold/lr", gt=0)
+    tol: float = option(1e-3, "relative residual |Hv - lambda v| / |lambda| accepted", gt=0, lt=1)
+    max_iters: int = option(30, "LOBPCG iterations at most per measurement", ge=1)
+
+    def check(self, where: str) -> None:
+        if self.k > self.k_max:
+            raise SpecError(f"`{where}.k` = {self.k} exceeds `{where}.k_max` = {self.k_max}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSpec:
+    chunk: int = option(100, "steps between flushes to disk (and checkpoints)", ge=1)
+    params_every: int = option(0, "save the parameters every n steps (0: never)", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceSpec:
+    loss_blowup: float = option(1e4, "stop when the loss exceeds this multiple of the initial loss", gt=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str = option("run", "a label for the run")
+    seed: int = option(0, "seed of the initialization, data subsets and noise", ge=0)
+    steps: int = option(1000, "optimizer steps (units of time) to run", ge=1)
+    lr: float = option(0.05, "learning rate eta of the optimizer and its models", gt=0)
+    dtype: Literal["float32", "float64"] = option("float32", "floating-point precision")
+    processes: tuple[str, ...] = option(("gd",), "processes run in lockstep; the first is the reference")
+    problem: dict = dataclasses.field(default_factory=lambda: {"name": "mlp"})
+    spectrum: SpectrumSpec = dataclasses.field(default_factory=SpectrumSpec)
+    record: RecordSpec = dataclasses.field(default_factory=RecordSpec)
+    divergence: DivergenceSpec = dataclasses.field(default_factory=DivergenceSpec)
+    options: dict = dataclasses.field(default_factory=dict)  # process name -> its options
+
+    def check(self, where: str) -> None:
+        if not self.processes:
+            raise SpecError("`processes` must name at least one process")
+        if len(set(self.processes)) != len(self.processes):
+            raise SpecError(f"`processes` = {list(self.processes)} names a process twice")
+
+
+def parse_spec(table: dict) -> Spec:
+    """Validate a whole spec table (as read from TOML) into a Spec with every default resolved."""
+    if not isinstance(table, dict):
+        raise SpecError("a spec must be a TOML table")
+    table = copy.deepcopy(table)
+    base_fields = {f.name for f in dataclasses.fields(Spec)} - {"options"}
+    processes = table.get("processes", ["gd"])
+    if isinstance(processes, (list, tuple)):
+        for name in processes:
+            if isinstance(name, str):
+                process_entry(name)
+    option_tables = {}
+    for key in list(table):
+        if key in base_fields:
+            continue
+        if key in PROCESSES:
+            if key not in processes:
+                raise SpecError(f"table `[{key}]` configures a process that `processes` does not list")
+            option_tables[key] = table.pop(key)
+        else:
+            raise unknown_key_error("", key, base_fields | set(PROCESSES))
+    problem = table.pop("problem", {"name": "mlp"})
+    if not isinstance(problem, dict):
+        raise SpecError(f"`problem` must be a table, got {problem!r}")
+    spec = parse(Spec, table)
+    options = {name: parse_options(name, option_tables.get(name)) for name in spec.processes}
+    return dataclasses.replace(spec, problem=problem, options=options)
+
+
+def resolved_table(spec: Spec, problem_params: Any) -> dict:
+    """The spec with every default filled in, as a TOML-ready table (re-parses to the same spec)."""
+    table = to_table(dataclasses.replace(spec, options={}, problem={}))
+    table.pop("options")
+    table["problem"] = {"name": spec.problem["name"], **to_table(problem_params)}
+    for name, opts in spec.options.items():
+        table[name] = to_table(opts)
+    return table
+
+
+def set_dotted(table: dict, assignment: str) -> None:
+    """Apply ``--set a.b=value`` (value parsed as TOML, else taken as a string) in place."""
+    if "=" not in assignment:
+        raise SpecError(f"--set expects dotted.key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    *parents, leaf = key.strip().split(".")
+    node = table
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {key}: `{part}` is not a table")
+    node[leaf] = value
+
+
+def load_spec_table(path: str | Path) -> dict:
+    """Read a TOML spec file, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"spec file {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise SpecError(f"cannot read spec file {str(path)!r}: {error.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"spec file {str(path)!r} is not valid TOML: {error}") from None

@@ -1,0 +1,259 @@
+"""The top of the Hessian spectrum: eigensolvers with an explicit tolerance contract.
+
+Four solvers, all for the *largest algebraic* eigenvalues of a symmetric operator given by
+Hessian-vector products (HVPs):
+
+- :func:`lobpcg`: block LOBPCG in JAX, jittable, warm-startable. Each eigenpair is accepted when
+  its relative residual ``||H v - lambda v|| <= tol * |lambda|``; costs k HVPs per iteration.
+- :func:`lanczos`: ARPACK (``scipy.sparse.linalg.eigsh``) on the host, for one-off measurements.
+- :func:`power_iteration`: what PyHessian does; kept as a baseline for benchmarks.
+- :func:`dense_top_eigenpairs`: the float64 oracle, ``numpy.linalg.eigh`` of the dense Hessian.
+
+The tracker (:func:`grow_tracked`) keeps one more vector than there are eigenvalues above the
+threshold, so an eigenvalue that crosses it is already being tracked when it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse.linalg
+from jaxtyping import Array, Float
+
+from eosflow.objective import Objective
+
+BlockMatvec = Callable[[Float[Array, "d k"]], Float[Array, "d k"]]
+
+
+class Eigenpairs(NamedTuple):
+    """Eigenvalues in descending order, unit eigenvectors as columns, and the HVPs spent."""
+
+    values: Float[Array, " k"]
+    vectors: Float[Array, "d k"]
+    hvps: Array
+    residuals: Float[Array, " k"]
+
+
+def _orthonormalize(vectors: Array) -> Array:
+    q, r = jnp.linalg.qr(vectors)
+    return q * jnp.where(jnp.diag(r) < 0, -1.0, 1.0)  # deterministic signs
+
+
+def _rayleigh_ritz(basis: Array, image: Array, k: int) -> tuple[Array, Array]:
+    """Top-k Ritz pairs of the operator on span(basis), given image = H @ basis.
+
+    The basis need not be orthonormal or even independent: its Gram matrix is diagonalized and
+    directions with relative weight below sqrt(eps) are dropped (their Ritz values are sent to
+    -inf), which keeps float32 LOBPCG stable when the search directions degenerate.
+    """
+    gram = basis.T @ basis
+    gram = 0.5 * (gram + gram.T)
+    weights, rotation = jnp.linalg.eigh(gram)
+    keep = weights > jnp.finfo(basis.dtype).eps ** 0.5 * jnp.max(weights)
+    whiten = rotation * jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, weights, 1.0)), 0.0)
+    reduced = whiten.T @ (basis.T @ image) @ whiten
+    reduced = 0.5 * (reduced + reduced.T)
+    scale = jnp.max(jnp.abs(reduced)) + 1.0
+    reduced = reduced - jnp.diag(jnp.where(keep, 0.0, 4.0 * scale))
+    values, coefficients = jnp.linalg.eigh(reduced)
+    top = jnp.argsort(-values)[:k]
+    return values[top], whiten @ coefficients[:, top]
+
+
+def lobpcg(
+    matvec: BlockMatvec,
+    initial: Float[Array, "d k"],
+    tol: float = 1e-4,
+    max_iters: int = 50,
+) -> Eigenpairs:
+    """Top-k eigenpairs of a symmetric operator by locally optimal block preconditioned CG.
+
+    Iterates Rayleigh-Ritz on span[X, R, P] (iterates, residuals, previous directions) until
+    every pair satisfies ||H x - theta x|| <= tol * |theta|, or ``max_iters`` iterations.
+    ``initial`` (d x k) warm-starts the iteration; the HVP count is returned.
+    """
+    d, k = initial.shape
+    x = _orthonormalize(initial)
+    hx = matvec(x)
+    theta, coefficients = _rayleigh_ritz(x, hx, k)
+    x, hx = x @ coefficients, hx @ coefficients
+
+    def residual_norms(x, hx, theta):
+        return jnp.linalg.norm(hx - x * theta, axis=0) / jnp.maximum(jnp.abs(theta), 1e-30)
+
+    def not_done(carry):
+        _, _, _, _, _, residuals, iteration = carry
+        return jnp.logical_and(iteration < max_iters, jnp.any(residuals > tol))
+
+    def iterate(carry):
+        x, hx, p, hp, theta, residuals, iteration = carry
+        r = hx - x * theta
+        r = r - x @ (x.T @ r)
+        r = r / jnp.maximum(jnp.linalg.norm(r, axis=0), jnp.finfo(r.dtype).tiny)
+        hr = matvec(r)
+        basis = jnp.concatenate([x, r, p], axis=1)
+        image = jnp.concatenate([hx, hr, hp], axis=1)
+        theta, coefficients = _rayleigh_ritz(basis, image, k)
+        new_x, new_hx = basis @ coefficients, image @ coefficients
+        p, hp = basis[:, k:] @ coefficients[k:], image[:, k:] @ coefficients[k:]
+        # renormalize to the unit sphere (the Ritz vectors are orthonormal up to rounding)
+        norms = jnp.linalg.norm(new_x, axis=0)
+        new_x, new_hx = new_x / norms, new_hx / norms
+        residuals = residual_norms(new_x, new_hx, theta)
+        return new_x, new_hx, p, hp, theta, residuals, iteration + 1
+
+    zeros = jnp.zeros_like(x)
+    carry = (x, hx, zeros, zeros, theta, residual_norms(x, hx, theta), jnp.asarray(0))
+    x, hx, _, _, theta, residuals, iterations = jax.lax.while_loop(not_done, iterate, carry)
+    return Eigenpairs(theta, x, k * (1 + iterations), residuals)
+
+
+def hessian_eigenpairs(
+    objective: Objective, w: Array, initial: Array, tol: float = 1e-4, max_iters: int = 50
+) -> Eigenpairs:
+    """Top eigenpairs of H(w) by LOBPCG, warm-started from ``initial`` (d x k)."""
+    _, hvp_linear = jax.linearize(objective.grad, w)
+    matvec = jax.vmap(hvp_linear, in_axes=1, out_axes=1)
+    return lobpcg(matvec, initial, tol=tol, max_iters=max_iters)
+
+
+def random_vectors(key: Array, dim: int, k: int, dtype=jnp.float32) -> Array:
+    """k orthonormal random directions in R^dim (columns)."""
+    return _orthonormalize(jax.random.normal(key, (dim, k), dtype=dtype))
+
+
+def grow_tracked(vectors: Array, values: np.ndarray, threshold: float, k_max: int, key: Array) -> Array:
+    """Add a direction when every tracked eigenvalue is above ``threshold`` (and k < k_max).
+
+    The tracker always keeps one eigenvalue below the threshold as a sentinel: when the sentinel
+    crosses, a new random direction (orthogonal to the tracked ones) becomes the next sentinel.
+    """
+    k = vectors.shape[1]
+    if k >= k_max or not np.all(np.asarray(values) > threshold):
+        return vectors
+    fresh = jax.random.normal(key, (vectors.shape[0], 1), dtype=vectors.dtype)
+    fresh = fresh - vectors @ (vectors.T @ fresh)
+    return jnp.concatenate([vectors, fresh / jnp.linalg.norm(fresh)], axis=1)
+
+
+# ---- host-side solvers: one-off measurements, baselines and oracles ---------------------------
+
+
+class _CountingOperator(scipy.sparse.linalg.LinearOperator):
+    def __init__(self, objective: Objective, w: Array):
+        self._hvp = eqx.filter_jit(objective.hvp)
+        self._w = w
+        self.calls = 0
+        super().__init__(dtype=np.dtype(w.dtype), shape=(w.size, w.size))
+
+    def _matvec(self, v):
+        self.calls += 1
+        return np.asarray(self._hvp(self._w, jnp.asarray(v.ravel(), dtype=self._w.dtype)))
+
+
+def lanczos(objective: Objective, w: Array, k: int = 1, tol: float = 0.0, seed: int = 0) -> Eigenpairs:
+    """Top-k (largest algebraic) eigenpairs of H(w) by ARPACK's implicitly restarted Lanczos."""
+    operator = _CountingOperator(objective, w)
+    start = np.random.default_rng(seed).standard_normal(w.size)
+    values, vectors = scipy.sparse.linalg.eigsh(operator, k=k, which="LA", tol=tol, v0=start)
+    order = np.argsort(-values)
+    values, vectors = values[order], vectors[:, order]
+    residuals = _relative_residuals(objective, w, values, vectors)
+    return Eigenpairs(values, vectors, operator.calls, residuals)
+
+
+def power_iteration(
+    objective: Objective, w: Array, tol: float = 1e-3, max_iters: int = 100, seed: int = 0
+) -> Eigenpairs:
+    """Largest-magnitude eigenpair by power iteration, stopped when the eigenvalue estimate's
+    relative change falls below ``tol`` (PyHessian's criterion)."""
+    hvp = eqx.filter_jit(objective.hvp)
+    v = np.random.default_rng(seed).standard_normal(w.size)
+    v = jnp.asarray(v / np.linalg.norm(v), dtype=w.dtype)
+    value, calls = None, 0
+    for _ in range(max_iters):
+        hv = hvp(w, v)
+        calls += 1
+        new_value = float(jnp.vdot(v, hv))
+        v = hv / jnp.linalg.norm(hv)
+        if value is not None and abs(new_value - value) <= tol * (abs(value) + 1e-12):
+            value = new_value
+            break
+        value = new_value
+    vectors = np.asarray(v)[:, None]
+    residuals = _relative_residuals(objective, w, np.array([value]), vectors)
+    return Eigenpairs(np.array([value]), vectors, calls, residuals)
+
+
+def dense_top_eigenpairs(objective: Objective, w: Array, k: int = 1) -> Eigenpairs:
+    """The oracle: top-k eigenpairs of the dense Hessian, built and diagonalized in float64."""
+    w64 = jnp.asarray(w, dtype=jnp.float64)
+    hessian = np.asarray(eqx.filter_jit(objective.hessian)(w64), dtype=np.float64)
+    values, vectors = np.linalg.eigh(0.5 * (hessian + hessian.T))
+    values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
+    residuals = np.linalg.norm(hessian @ vectors - vectors * values, axis=0) / np.abs(values)
+    return Eigenpairs(values, vectors, 0, residuals)
+
+
+def _relative_residuals(objective: Objective, w: Array, values, vectors) -> np.ndarray:
+    hv = np.asarray(eqx.filter_jit(objective.hvp_batch)(w, jnp.asarray(vectors, dtype=w.dtype)))
+    return np.linalg.norm(hv - vectors * values, axis=0) / np.maximum(np.abs(values), 1e-30)
+
+
+# ---- tracking inside a jitted step ----------------------------------------------------------
+
+
+def measure_tracked(
+    objective: Objective, w: Array, vectors: Array, step: Array, every: int, tol: float, max_iters: int
+) -> Eigenpairs:
+    """Warm-started top eigenpairs at steps that are multiples of ``every`` (NaN values otherwise).
+
+    Meant to run inside a jitted scan: ``lax.cond`` skips the solver on the other steps, and the
+    vectors carried over are the previous measurement's, ready to warm-start the next one.
+    """
+    k = vectors.shape[1]
+
+    def measure(_):
+        pairs = hessian_eigenpairs(objective, w, vectors, tol=tol, max_iters=max_iters)
+        return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
+
+    def skip(_):
+        nan = jnp.full((k,), jnp.nan, dtype=vectors.dtype)
+        return Eigenpairs(nan, vectors, jnp.asarray(0, jnp.int32), nan)
+
+    if every == 0:
+        return skip(None)
+    return jax.lax.cond(step % every == 0, measure, skip, None)
+
+
+def pad_values(values: Array, k_max: int) -> Array:
+    """Eigenvalues padded with NaN to a fixed length k_max (so chunks of any k stack)."""
+    return jnp.concatenate([values, jnp.full((k_max - values.shape[0],), jnp.nan, values.dtype)])
+
+
+def last_measured(eigenvalues: np.ndarray) -> np.ndarray | None:
+    """The most recent row of a (steps x k) eigenvalue record that has a measurement."""
+    rows = np.flatnonzero(np.isfinite(np.asarray(eigenvalues)[:, 0]))
+    return None if rows.size == 0 else np.asarray(eigenvalues)[rows[-1]]
+
+
+def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr, spectrum) -> tuple[Array, dict]:
+    """Measure the tracked eigenpairs at ``w`` (per the ``[spectrum]`` spec) inside a jitted step.
+
+    Returns the vectors to carry (warm start) and the row fields ``sharpness``, ``lr_sharpness``
+    (eta * S), ``eigenvalues`` (padded to k_max) and ``hvps`` (spent by the solver).
+    """
+    pairs = measure_tracked(objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters)
+    sharpness = pairs.values[0]
+    row = {
+        "sharpness": sharpness,
+        "lr_sharpness": lr * sharpness,
+        "eigenvalues": pad_values(pairs.values, spectrum.k_max),
+        "hvps": pairs.hvps,
+    }
+    return pairs.vectors, row

@@ -1,0 +1,239 @@
+"""Datasets: balanced seeded subsets, standardization, synthetic sets, the CIFAR-10 reader."""
+
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from eosflow.config import SpecError
+from eosflow.data import (
+    ClassificationData,
+    RegressionData,
+    balanced_subset,
+    load_classification,
+    load_regression,
+    one_hot,
+)
+from eosflow.data.cifar10 import load_cifar10
+
+
+# ---- subsets, splits, standardization --------------------------------------------------------
+@pytest.mark.parametrize("n, classes", [(100, 10), (37, 10), (9, 3)])
+def test_balanced_subset_counts_and_seed(n, classes):
+    labels = np.random.default_rng(0).integers(0, 12, size=3000)
+    idx = balanced_subset(labels, n, classes, seed=5)
+    assert len(idx) == n and len(np.unique(idx)) == n
+    counts = np.bincount(labels[idx], minlength=12)
+    assert counts[classes:].sum() == 0  # only the first K classes
+    assert counts[:classes].max() - counts[:classes].min() <= 1 and counts[:classes].sum() == n
+    assert np.array_equal(idx, balanced_subset(labels, n, classes, seed=5))
+    assert not np.array_equal(idx, balanced_subset(labels, n, classes, seed=6))
+
+
+def test_digits_split_is_balanced_disjoint_and_standardized_by_train_statistics():
+    params = ClassificationData(dataset="digits", n_train=200, n_test=100, classes=10)
+    data = load_classification(params, seed=3)
+    raw = load_digits().data.reshape(-1, 1, 8, 8)
+    assert data.x_train.shape == (200, 1, 8, 8) and data.x_test.shape == (100, 1, 8, 8)
+    assert np.all(np.bincount(data.y_train) == 20) and np.all(np.bincount(data.y_test) == 10)
+    assert np.intersect1d(data.train_index, data.test_index).size == 0
+    assert np.array_equal(data.y_train, load_digits().target[data.train_index])
+    mean, std = raw[data.train_index].mean(0), raw[data.train_index].std(0)
+    std = np.where(std > 0, std, 1.0)
+    np.testing.assert_allclose(data.x_train, (raw[data.train_index] - mean) / std, atol=1e-12)
+    np.testing.assert_allclose(data.x_test, (raw[data.test_index] - mean) / std, atol=1e-12)
+    again = load_classification(params, seed=3)
+    assert np.array_equal(again.train_index, data.train_index) and np.array_equal(again.x_test, data.x_test)
+    assert data.flat().x_train.shape == (200, 64)
+
+
+@pytest.mark.parametrize("name, features, classes", [("iris", 4, 3), ("wine", 13, 3), ("breast_cancer", 30, 2)])
+def test_other_bundled_classification_sets(name, features, classes):
+    data = load_classification(ClassificationData(dataset=name, n_train=30, n_test=12, classes=classes), seed=0)
+    assert data.x_train.shape == (30, features)
+    assert np.all(np.bincount(data.y_train) == 30 // classes)
+    np.testing.assert_allclose(data.x_train.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(data.x_train.std(0), 1, atol=1e-12)
+
+
+def test_one_hot_rows():
+    labels = np.array([3, 0, 2, 2])
+    targets = one_hot(labels, 5)
+    assert targets.shape == (4, 5)
+    np.testing.assert_array_equal(targets.sum(1), 1)
+    np.testing.assert_array_equal(np.argmax(targets, 1), labels)
+
+
+def test_subset_errors_name_the_field():
+    with pytest.raises(SpecError, match="problem.n_train"):
+        load_classification(ClassificationData(dataset="iris", n_train=200, n_test=0, classes=3), 0)
+    with pytest.raises(SpecError, match="problem.classes"):
+        load_classification(ClassificationData(dataset="iris", n_train=20, n_test=0, classes=4), 0)
+    with pytest.raises(SpecError, match="did you mean `digits`"):
+        load_classification(ClassificationData(dataset="digit"), 0)
+    with pytest.raises(SpecError, match="exceeds the 20 examples"):
+        load_regression(RegressionData(dataset="linnerud", n_train=15, n_test=10), 0)
+
+
+# ---- synthetic and regression sets -------------------------------------------------------------
+def test_gaussian_regression_set_is_standard_normal_and_seeded():
+    params = RegressionData(dataset="gaussian", n_train=4000, n_test=1000, input_dim=3, outputs=2)
+    data = load_regression(params, seed=1)
+    assert data.x_train.shape == (4000, 3) and data.y_train.shape == (4000, 2) and data.y_test.shape == (1000, 2)
+    pooled = np.concatenate([data.x_train, data.y_train], axis=1)
+    np.testing.assert_allclose(pooled.mean(0), 0, atol=0.06)  # ~4 standard errors of 1/sqrt(4000)
+    np.testing.assert_allclose(np.cov(pooled.T), np.eye(5), atol=0.08)
+    assert np.array_equal(load_regression(params, seed=1).x_train, data.x_train)
+    assert not np.array_equal(load_regression(params, seed=2).x_train, data.x_train)
+
+
+def test_teacher_regression_noise_is_added_with_the_requested_std():
+    base = RegressionData(dataset="teacher", n_train=3000, n_test=0, input_dim=5, outputs=1, noise=0.0)
+    clean = load_regression(base, seed=0)
+    noisy = load_regression(RegressionData(**{**base.__dict__, "noise": 0.3}), seed=0)
+    np.testing.assert_array_equal(clean.x_train, noisy.x_train)
+    residual = noisy.y_train - clean.y_train
+    assert abs(residual.std() - 0.3) < 0.02 and abs(residual.mean()) < 0.02
+    assert clean.y_train.std() > 0.2  # the teacher's signal is not zero
+
+
+def test_teacher_classification_is_balanced():
+    params = ClassificationData(dataset="teacher", n_train=100, n_test=50, classes=5, input_dim=6)
+    data = load_classification(params, seed=4)
+    assert np.all(np.bincount(data.y_train) == 20) and np.all(np.bincount(data.y_test) == 10)
+    assert np.array_equal(load_classification(params, seed=4).x_train, data.x_train)
+
+
+@pytest.mark.parametrize("name, features, outputs", [("diabetes", 10, 1), ("linnerud", 3, 3)])
+def test_bundled_regression_sets_are_standardized(name, features, outputs):
+    data = load_regression(RegressionData(dataset=name, n_train=15, n_test=5), seed=0)
+    assert data.x_train.shape == (15, features) and data.y_train.shape == (15, outputs)
+    np.testing.assert_allclose(data.y_train.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(data.y_train.std(0), 1, atol=1e-12)
+    assert np.intersect1d(data.train_index, data.test_index).size == 0
+
+
+# ---- CIFAR-10 in its real python-pickle format -------------------------------------------------
+BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def encode_planes(images_hwc: np.ndarray) -> np.ndarray:
+    """Rows of 3072 bytes: entry c*1024 + r*32 + col holds pixel (r, col) of channel c (R, G, B)."""
+    m = len(images_hwc)
+    rows = np.zeros((m, 3072), dtype=np.uint8)
+    for c in range(3):
+        for r in range(32):
+            rows[:, c * 1024 + r * 32 : c * 1024 + r * 32 + 32] = images_hwc[:, r, :, c]
+    return rows
+
+
+def write_cifar(folder, per_batch=20, seed=0):
+    """A miniature CIFAR-10: six pickled batches (protocol 2, bytes keys, as the real files)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for name in BATCHES:
+        images = rng.integers(0, 256, size=(per_batch, 32, 32, 3), dtype=np.uint8)
+        labels = [int(i % 10) for i in range(per_batch)]
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": encode_planes(images),
+                 b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        truth[name] = (images, np.array(labels))
+    return truth
+
+
+def test_cifar_reader_maps_rgb_planes_to_chw_from_folder_and_tar(tmp_path):
+    truth = write_cifar(tmp_path / "cifar-10-batches-py")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    train_images = np.concatenate([truth[n][0] for n in BATCHES[:5]])
+    for path in (tmp_path, tmp_path / "cifar-10-batches-py", archive):
+        x_train, y_train, x_test, y_test = load_cifar10(str(path))
+        assert x_train.shape == (100, 3, 32, 32) and x_test.shape == (20, 3, 32, 32)
+        np.testing.assert_array_equal(x_train, train_images.transpose(0, 3, 1, 2))
+        np.testing.assert_array_equal(x_test[:, 1], truth["test_batch"][0][..., 1])  # the G plane
+        np.testing.assert_array_equal(y_train, np.concatenate([truth[n][1] for n in BATCHES[:5]]))
+
+
+def test_cifar_through_the_dataset_layer_with_the_env_var(tmp_path, monkeypatch):
+    truth = write_cifar(tmp_path / "c", per_batch=30)
+    monkeypatch.setenv("EOSFLOW_CIFAR10", str(tmp_path / "c"))
+    data = load_classification(ClassificationData(dataset="cifar10", n_train=40, n_test=20, classes=10), seed=0)
+    assert data.x_train.shape == (40, 3, 32, 32)
+    assert np.all(np.bincount(data.y_train) == 4) and np.all(np.bincount(data.y_test) == 2)
+    raw_test = truth["test_batch"][0].transpose(0, 3, 1, 2)[data.test_index] / 255.0
+    raw_train = np.concatenate([truth[n][0] for n in BATCHES[:5]]).transpose(0, 3, 1, 2)[data.train_index] / 255.0
+    mean, std = raw_train.mean(0), raw_train.std(0)
+    np.testing.assert_allclose(data.x_test, (raw_test - mean) / std, atol=1e-9)
+
+
+def test_cifar_missing_or_corrupt_archives_are_rejected_by_name(tmp_path, monkeypatch):
+    monkeypatch.delenv("EOSFLOW_CIFAR10", raising=False)
+    with pytest.raises(SpecError, match="EOSFLOW_CIFAR10"):
+        load_cifar10(None)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_cifar10(str(tmp_path / "nowhere"))
+
+    write_cifar(tmp_path / "missing")
+    (tmp_path / "missing" / "data_batch_4").unlink()
+    with pytest.raises(SpecError, match="has no data_batch_4"):
+        load_cifar10(str(tmp_path / "missing"))
+
+    write_cifar(tmp_path / "truncated")
+    file = tmp_path / "truncated" / "data_batch_2"
+    file.write_bytes(file.read_bytes()[:500])
+    with pytest.raises(SpecError, match="data_batch_2.*corrupt"):
+        load_cifar10(str(tmp_path / "truncated"))
+
+    write_cifar(tmp_path / "shape")
+    (tmp_path / "shape" / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}, protocol=2)
+    )
+    with pytest.raises(SpecError, match="test_batch.*uint8 of shape"):
+        load_cifar10(str(tmp_path / "shape"))
+
+    write_cifar(tmp_path / "evil")
+    marker = tmp_path / "executed"
+    evil = pickle.dumps(_Exploit(str(marker)), protocol=2)
+    (tmp_path / "evil" / "data_batch_1").write_bytes(evil)
+    with pytest.raises(SpecError, match="data_batch_1.*refusing"):
+        load_cifar10(str(tmp_path / "evil"))
+    assert not marker.exists()
+
+    archive = tmp_path / "broken.tar.gz"
+    write_cifar(tmp_path / "t")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "t", arcname="cifar-10-batches-py")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(SpecError, match="broken.tar.gz"):
+        load_cifar10(str(archive))
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_cnn_and_mlp_run_on_a_cifar_archive(tmp_path):
+    from eosflow.experiment import run
+    from eosflow.problems import build_problem
+
+    write_cifar(tmp_path / "c", per_batch=20)
+    base = {"dataset": "cifar10", "data_path": str(tmp_path / "c"), "n_train": 20, "n_test": 10}
+    problem, _ = build_problem({"name": "cnn", "channels": [2, 2], **base}, 0, "float32")
+    convs = (3 * 3 * 3 * 2 + 2) + (3 * 3 * 2 * 2 + 2)
+    assert problem.w0.size == convs + (2 * 8 * 8 * 10 + 10)  # 32x32 -> 16x16 -> 8x8
+    assert problem.test_objective.data[0].shape == (10, 3, 32, 32)
+    mlp, _ = build_problem({"name": "mlp", "width": 4, "depth": 1, **base}, 0, "float32")
+    assert mlp.w0.size == 3072 * 4 + 4 + 4 * 10 + 10
+    table = {"steps": 2, "lr": 0.01, "processes": ["gd"], "spectrum": {"every": 0},
+             "problem": {"name": "cnn", "channels": [2, 2], **base}}
+    assert run(table, tmp_path / "cnn", overwrite=True).status == "completed"

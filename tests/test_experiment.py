@@ -1,0 +1,112 @@
+"""The engine end to end: GD against its own update rule, resume, divergence, run-directory safety."""
+
+import json
+
+import numpy as np
+import pytest
+
+import eosflow
+from eosflow.config import SpecError
+from eosflow.experiment import run
+from eosflow.problems import build_problem
+from eosflow.spectrum import dense_top_eigenpairs
+from eosflow.store import RunStore, StoreError
+
+SMALL_MLP = {"name": "mlp", "width": 8, "n_train": 60, "n_test": 0}
+
+
+def spec(**overrides):
+    table = {"steps": 60, "lr": 0.5, "dtype": "float64", "problem": dict(SMALL_MLP),
+             "spectrum": {"k": 2, "k_max": 3, "tol": 1e-7, "max_iters": 200}, "record": {"chunk": 16}}
+    table.update(overrides)
+    return table
+
+
+def test_gd_trajectory_and_sharpness_match_independent_computation(tmp_path):
+    table = spec(record={"chunk": 16, "params_every": 1})
+    outcome = run(table, tmp_path / "run")
+    assert outcome.status == "completed" and outcome.steps_done == 60
+    ds = eosflow.load(tmp_path / "run")
+    assert list(ds.process.values) == ["gd"] and ds.sizes["step"] == 60
+    problem = build_problem(SMALL_MLP, 0, "float64")[0]
+    obj = problem.objective
+    w = np.asarray(problem.w0)
+    steps, params = eosflow.load_params(tmp_path / "run", "gd")
+    for t in range(60):  # plain numpy GD loop as the oracle
+        np.testing.assert_allclose(params[t], w, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(ds.loss.values[0, t], float(obj.value(w)), rtol=1e-10)
+        w = w - 0.5 * np.asarray(obj.grad(w))
+    for t in (0, 31, 59):
+        oracle = dense_top_eigenpairs(obj, params[t], k=2).values
+        np.testing.assert_allclose(ds.eigenvalues.values[0, t, :2], oracle, rtol=1e-6)
+        np.testing.assert_allclose(ds.lr_sharpness.values[0, t], 0.5 * oracle[0], rtol=1e-6)
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path):
+    table = spec(steps=40, dtype="float32", spectrum={"k": 1, "k_max": 2, "threshold": 0.5}, record={"chunk": 10})
+    run(table, tmp_path / "whole")
+    partial = run(table, tmp_path / "cut", stop_after=23)  # stops at the chunk in progress
+    assert partial.status == "interrupted"
+    # simulate a kill after a chunk was flushed but before its checkpoint: an extra chunk file
+    store = RunStore(tmp_path / "cut")
+    first, last, path = store.chunk_files("gd")[-1]
+    extra = path.with_name(f"{last + 1:010d}-{last + 10:010d}.npz")
+    extra.write_bytes(path.read_bytes())
+    run(table, tmp_path / "cut", resume=True)
+    whole, resumed = eosflow.load(tmp_path / "whole"), eosflow.load(tmp_path / "cut")
+    for name in ("loss", "sharpness", "eigenvalues", "grad_norm"):
+        np.testing.assert_array_equal(whole[name].values, resumed[name].values)
+    assert resumed.attrs["status"] == "completed"
+    assert np.isfinite(resumed.eigenvalues.values[0, -1, 1])  # the tracker grew, and resumed with k = 2+
+
+
+def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
+    table = {"steps": 200, "lr": 0.2, "dtype": "float64", "processes": ["gd"],
+             "problem": {"name": "quadratic", "eigenvalues": [30.0, 1.0]}, "record": {"chunk": 50},
+             "divergence": {"loss_blowup": 1e6}}
+    outcome = run(table, tmp_path / "boom")
+    assert outcome.status == "diverged"
+    ds = eosflow.load(tmp_path / "boom")
+    summary = json.loads((tmp_path / "boom" / "summary.json").read_text())
+    # lr * 30 = 6: |1 - 6| = 5, so the loss grows 25x per step; 1e6 is passed after ~4.3 steps
+    loss = ds.loss.values[0]
+    bad = int(np.flatnonzero(loss > 1e6 * loss[0])[0])
+    assert summary["status"] == "diverged" and f"step {bad}" in summary["reason"]
+    assert ds.sizes["step"] == bad + 1 and np.all(np.isfinite(loss))
+    problem = build_problem(table["problem"], 0, "float64")[0]
+    values, vectors = np.linalg.eigh(np.asarray(problem.objective.hessian(problem.w0)))
+    coords = vectors.T @ np.asarray(problem.w0)
+    exact = [0.5 * np.sum(values * coords**2 * (1 - 0.2 * values) ** (2 * t)) for t in range(bad + 1)]
+    np.testing.assert_allclose(loss, exact, rtol=1e-9)
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    run(spec(steps=5), tmp_path / "r")
+    before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match="already holds a run"):
+        run(spec(steps=5, lr=0.1), tmp_path / "r")
+    after = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"stpes": 10}, "unknown key `stpes` (did you mean `steps`?)"),
+        ({"lr": -0.1}, "`lr` = -0.1 is out of range: it must be greater than 0"),
+        ({"lr": 0}, "`lr` = 0.0 is out of range"),
+        ({"steps": "many"}, "`steps` must be an integer, got 'many' (str)"),
+        ({"spectrum": {"every": 1, "tol": 2.0}}, "`spectrum.tol` = 2.0 is out of range"),
+        ({"spectrum": {"evry": 1}}, "unknown key `spectrum.evry` (did you mean `spectrum.every`?)"),
+        ({"problem": {"name": "mpl"}}, "unknown problem `problem.name` = 'mpl' (did you mean `mlp`?)"),
+        ({"problem": {"name": "mlp", "widht": 3}}, "unknown key `problem.width`"[:20]),
+        ({"problem": {"name": "mlp", "activation": "sigmoidd"}}, "`problem.activation` = 'sigmoidd' is not allowed"),
+        ({"processes": ["gd", "central_flw"]}, "unknown process 'central_flw'"),
+        ({"dtype": "float16"}, "`dtype` = 'float16' is not allowed"),
+    ],
+)
+def test_invalid_spec_names_the_field_and_writes_nothing(tmp_path, overrides, message):
+    with pytest.raises(SpecError) as error:
+        run(spec(**overrides), tmp_path / "bad")
+    assert message in str(error.value)
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,198 @@
+"""Faults and bad input: kills, interrupts, full disks, corrupt files, unusable paths."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+
+import eosflow
+from eosflow import store as store_module
+from eosflow.cli import main
+from eosflow.config import SpecError
+from eosflow.experiment import run
+from eosflow.store import RunStore, StoreError
+
+SPEC = {
+    "name": "faults", "steps": 80, "lr": 0.4, "dtype": "float32",
+    "problem": {"name": "mlp", "width": 16, "n_train": 100, "n_test": 0},
+    "spectrum": {"k": 1, "k_max": 2, "threshold": 1.0, "max_iters": 8}, "record": {"chunk": 8},
+}
+TRAJECTORY_VARIABLES = ("loss", "sharpness", "eigenvalues", "grad_norm", "hvps")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    run(SPEC, out)
+    return eosflow.load(out)
+
+
+def assert_same_run(a, b):
+    for name in TRAJECTORY_VARIABLES:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+def _files(root: Path) -> dict:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _start_cli(spec_path: Path, out: Path, *extra) -> subprocess.Popen:
+    command = [sys.executable, "-m", "eosflow.cli", "run", str(spec_path), "--out", str(out), "--quiet", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_chunks(out: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(RunStore(out).chunk_files("gd")) >= count:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("the run made no progress")
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(tomli_w.dumps(SPEC))
+    out = tmp_path / "killed"
+    process = _start_cli(spec_path, out)
+    _wait_for_chunks(out, 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    flushed = eosflow.load(out)  # everything flushed before the kill is readable
+    n = flushed.sizes["step"]
+    assert 24 <= n < 80
+    np.testing.assert_array_equal(flushed.loss.values, uninterrupted.loss.values[:, :n])
+    assert main(["run", str(spec_path), "--out", str(out), "--resume", "--quiet"]) == 0
+    assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_sigint_stops_cleanly_with_every_step_on_disk(tmp_path, uninterrupted):
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(tomli_w.dumps(SPEC))
+    out = tmp_path / "interrupted"
+    process = _start_cli(spec_path, out)
+    _wait_for_chunks(out, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    summary = RunStore(out).read_summary()
+    assert summary["status"] == "interrupted"
+    ds = eosflow.load(out)
+    assert ds.sizes["step"] == summary["steps_done"] >= 16
+    np.testing.assert_array_equal(ds.loss.values, uninterrupted.loss.values[:, : ds.sizes["step"]])
+    assert main(["run", str(spec_path), "--out", str(out), "--resume", "--quiet"]) == 0
+    assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_full_disk_fails_cleanly_keeps_data_and_resumes(tmp_path, monkeypatch, uninterrupted):
+    out = tmp_path / "full"
+    real_write = store_module.atomic_write
+    writes = {"n": 0}
+
+    def failing_write(path, write):
+        writes["n"] += 1
+        if writes["n"] > 9:  # spec files, then a few chunks and checkpoints
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, write)
+
+    monkeypatch.setattr(store_module, "atomic_write", failing_write)
+    with pytest.raises(StoreError, match="No space left on device") as error:
+        run(SPEC, out)
+    assert "can be resumed with --resume" in str(error.value)
+    assert not list(out.rglob("*.tmp"))  # no half-written file left behind
+    kept = eosflow.load(out)
+    assert kept.sizes["step"] >= 16
+    np.testing.assert_array_equal(kept.loss.values, uninterrupted.loss.values[:, : kept.sizes["step"]])
+    monkeypatch.setattr(store_module, "atomic_write", real_write)
+    run(SPEC, out, resume=True)
+    assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_corrupt_checkpoint_is_refused_without_touching_the_run(tmp_path):
+    out = tmp_path / "run"
+    run({**SPEC, "steps": 20}, out)
+    (out / "checkpoint.npz").write_bytes(b"this is not a checkpoint")
+    before = _files(out)
+    with pytest.raises(StoreError, match="checkpoint .* is corrupt"):
+        run({**SPEC, "steps": 20}, out, resume=True)
+    assert _files(out) == before
+
+
+def test_resume_with_a_different_spec_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run({**SPEC, "steps": 20}, out)
+    before = _files(out)
+    with pytest.raises(StoreError, match="resolved spec differs"):
+        run({**SPEC, "steps": 20, "lr": 0.3}, out, resume=True)
+    assert _files(out) == before
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot write to output directory"):
+        run({**SPEC, "steps": 5}, blocker / "run")
+
+
+def test_user_errors_print_one_paragraph_without_traceback(tmp_path, capsys):
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(tomli_w.dumps({**SPEC, "lr": -1.0}))
+    assert main(["run", str(spec_path), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eosflow: error: `lr` = -1.0 is out of range") and "Traceback" not in err
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    spec_path.write_text("steps = = 3")
+    assert main(["run", str(spec_path)]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.array([[1.0, np.nan], [0.0, 1.0]] * 10), "y": np.array([0, 1] * 10)}, "NaN or infinite"),
+        ({"x": np.array([[1.0, np.inf], [0.0, 1.0]] * 10), "y": np.array([0, 1] * 10)}, "NaN or infinite"),
+        ({"x": np.zeros((0, 3)), "y": np.zeros(0, int)}, "is empty"),
+        ({"x": np.ones((20, 3)), "y": np.array([0, 1] * 9)}, "mismatched shapes"),
+        ({"x": np.ones((20, 3))}, "has no array 'y'"),
+    ],
+)
+def test_bad_data_files_are_named(tmp_path, arrays, message):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    table = {**SPEC, "steps": 3, "problem": {"name": "mlp", "dataset": "npz", "data_path": str(path),
+                                             "classes": 2, "n_train": 10, "n_test": 0}}
+    with pytest.raises(SpecError, match=message):
+        run(table, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_own_npz_dataset_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 5))
+    y = (x[:, 0] > 0).astype(int)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    table = {**SPEC, "steps": 5, "problem": {"name": "mlp", "dataset": "npz", "data_path": str(tmp_path / "data.npz"),
+                                            "classes": 2, "n_train": 20, "n_test": 10}}
+    assert run(table, tmp_path / "out").status == "completed"
+
+
+def test_unreadable_data_file(tmp_path):
+    (tmp_path / "data.npz").write_bytes(b"garbage")
+    table = {**SPEC, "steps": 3, "problem": {"name": "mlp", "dataset": "npz", "data_path": str(tmp_path / "data.npz"),
+                                             "classes": 2}}
+    with pytest.raises(SpecError, match="is not a readable .npz file"):
+        run(table, tmp_path / "out")
+    with pytest.raises(SpecError, match="does not exist"):
+        run({**table, "problem": {**table["problem"], "data_path": str(tmp_path / "nope.npz")}}, tmp_path / "out")

@@ -1,0 +1,82 @@
+"""Eigensolvers against the dense float64 oracle (numpy.linalg.eigh of the full Hessian)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eosflow.objective import Objective
+from eosflow.problems import build_problem
+from eosflow.spectrum import (
+    dense_top_eigenpairs, grow_tracked, hessian_eigenpairs, lanczos, lobpcg, power_iteration, random_vectors,
+)
+
+
+def _cases():
+    quad = build_problem({"name": "quadratic", "eigenvalues": [9.0, 7.0, 6.5, 3.0, 1.0, -2.0, 0.5]}, 0, "float64")[0]
+    yield "quadratic", quad.objective, quad.w0
+    quart = build_problem({"name": "quartic", "dim": 12, "sharpness": 5.0, "init": 0.7}, 0, "float64")[0]
+    yield "quartic", quart.objective, quart.w0
+    mlp = build_problem({"name": "mlp", "width": 16, "n_train": 100, "n_test": 0}, 0, "float64")[0]
+    w = mlp.w0 + 0.05 * jax.random.normal(jax.random.PRNGKey(0), mlp.w0.shape, jnp.float64)
+    yield "mlp", mlp.objective, w
+
+
+CASES = {name: (obj, w) for name, obj, w in _cases()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lobpcg_top3_matches_dense_eigh(name):
+    objective, w = CASES[name]
+    oracle = dense_top_eigenpairs(objective, w, k=3)
+    start = random_vectors(jax.random.PRNGKey(1), w.size, 3, jnp.float64)
+    pairs = jax.jit(lambda w, v: hessian_eigenpairs(objective, w, v, tol=1e-8, max_iters=500))(w, start)
+    np.testing.assert_allclose(pairs.values, oracle.values, rtol=1e-6)
+    assert np.all(pairs.residuals <= 1e-8)
+    # eigenvectors up to sign, for well-separated eigenvalues
+    overlap = np.abs(np.sum(np.asarray(pairs.vectors) * oracle.vectors, axis=0))
+    gaps = np.abs(np.diff(np.concatenate([oracle.values, [dense_top_eigenpairs(objective, w, 4).values[-1]]])))
+    separated = np.minimum(gaps[:3], np.concatenate([[np.inf], gaps[:2]])) > 1e-3 * abs(oracle.values[0])
+    np.testing.assert_allclose(overlap[separated], 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lanczos_matches_dense_eigh(name):
+    objective, w = CASES[name]
+    oracle = dense_top_eigenpairs(objective, w, k=3)
+    pairs = lanczos(objective, w, k=3, tol=1e-12)
+    np.testing.assert_allclose(pairs.values, oracle.values, rtol=1e-6)
+
+
+def test_lobpcg_relative_residual_contract_and_warm_start():
+    rng = np.random.default_rng(3)
+    d = 200
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    values = np.concatenate([[50.0, 40.0], rng.uniform(-5, 10, d - 2)])
+    a = jnp.asarray(q @ np.diag(values) @ q.T)
+    matvec = lambda v: a @ v
+    cold = lobpcg(matvec, random_vectors(jax.random.PRNGKey(0), d, 2, jnp.float64), tol=1e-3)
+    residual = np.linalg.norm(a @ cold.vectors - cold.vectors * cold.values, axis=0) / np.abs(cold.values)
+    assert np.all(residual <= 1e-3)
+    assert np.all(np.abs(np.asarray(cold.values) - np.array([50.0, 40.0])) / 50 < 1e-5)
+    # a warm start at the converged vectors needs a single block product
+    warm = lobpcg(matvec, cold.vectors, tol=1e-3)
+    assert int(warm.hvps) == 2
+    np.testing.assert_allclose(warm.values, cold.values, rtol=1e-10)
+
+
+def test_power_iteration_underestimates_at_loose_tolerance_but_converges_tight():
+    objective, w = CASES["quadratic"]
+    tight = power_iteration(objective, w, tol=1e-12, max_iters=2000)
+    assert abs(tight.values[0] - 9.0) < 1e-6
+
+
+def test_tracker_grows_only_when_all_tracked_values_exceed_threshold():
+    v = random_vectors(jax.random.PRNGKey(0), 10, 2, jnp.float64)
+    same = grow_tracked(v, np.array([5.0, 1.0]), 2.0, 4, jax.random.PRNGKey(1))
+    assert same.shape == (10, 2)
+    grown = grow_tracked(v, np.array([5.0, 3.0]), 2.0, 4, jax.random.PRNGKey(1))
+    assert grown.shape == (10, 3)
+    np.testing.assert_allclose(grown.T @ grown, np.eye(3), atol=1e-12)
+    capped = grow_tracked(grown, np.array([5.0, 3.0, 2.5]), 2.0, 3, jax.random.PRNGKey(1))
+    assert capped.shape == (10, 3)
