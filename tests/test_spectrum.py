@@ -80,3 +80,12 @@ def test_tracker_grows_only_when_all_tracked_values_exceed_threshold():
     np.testing.assert_allclose(grown.T @ grown, np.eye(3), atol=1e-12)
     capped = grow_tracked(grown, np.array([5.0, 3.0, 2.5]), 2.0, 3, jax.random.PRNGKey(1))
     assert capped.shape == (10, 3)
+
+
+def test_tracking_more_eigenpairs_than_dimensions_is_capped():
+    objective, w = CASES["quadratic"]  # d = 7
+    v = random_vectors(jax.random.PRNGKey(0), 7, 9, jnp.float64)
+    assert v.shape == (7, 7)
+    pairs = hessian_eigenpairs(objective, w, v, tol=1e-10, max_iters=50)
+    np.testing.assert_allclose(np.sort(np.asarray(pairs.values)), np.sort([9.0, 7.0, 6.5, 3.0, 1.0, -2.0, 0.5]), atol=1e-8)
+    assert grow_tracked(v, np.full(7, 100.0), 1.0, 10, jax.random.PRNGKey(1)).shape == (7, 7)

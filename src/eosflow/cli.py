@@ -3,6 +3,7 @@
     eosflow run SPEC.toml [--set key=value ...] [--out DIR] [--resume | --overwrite]
     eosflow demo [--out DIR]
     eosflow report RUN_DIR
+    eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
     eosflow problems
     eosflow processes
 
@@ -93,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     p_report = sub.add_parser("report", help="(re)write the report of a run directory")
     p_report.add_argument("run_dir", type=Path)
 
+    p_sweep = sub.add_parser("sweep", help="run the product of grids over a spec on a Dask cluster")
+    p_sweep.add_argument("spec", type=Path)
+    p_sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
+                         help="a grid over one dotted key, e.g. --grid lr=0.1,0.2 (repeat for a product)")
+    p_sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p_sweep.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
+    p_sweep.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    p_sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-<name>-<time>)")
+    p_sweep.add_argument("--quiet", action="store_true")
+
     sub.add_parser("problems", help="list every problem with its parameters and defaults")
     sub.add_parser("processes", help="list every optimizer and model with its options")
 
@@ -116,6 +127,17 @@ def _dispatch(args) -> int:
             set_dotted(table, assignment)
         out = args.out or Path("runs") / f"{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
         return _run_table(table, out, args.resume, args.overwrite, args.quiet)
+    if args.command == "sweep":
+        from eosflow.sweep import run_sweep
+
+        table = load_spec_table(args.spec)
+        for assignment in args.set:
+            set_dotted(table, assignment)
+        out = args.out or Path("runs") / f"sweep-{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = run_sweep(table, args.grid, out, scheduler=args.scheduler, workers=args.workers,
+                         progress=not args.quiet)
+        print(f"sweep: {path}")
+        return 0
     if args.command == "demo":
         return _run_table(demo_table(), args.out, False, True, args.quiet)
     if args.command == "report":
@@ -124,9 +146,9 @@ def _dispatch(args) -> int:
         print(make_report(args.run_dir))
         return 0
     if args.command == "problems":
-        from eosflow.problems import PROBLEMS
+        from eosflow.problems import describe_problems
 
-        print(_listing({name: (e.summary, e.params) for name, e in PROBLEMS.items()}))
+        print(describe_problems())
         return 0
     if args.command == "processes":
         from eosflow.process import PROCESSES

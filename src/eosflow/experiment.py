@@ -97,6 +97,7 @@ def run(
     outcome = Outcome(store.root, "running", step)
     summary_base = _summary_base(spec, problem, names)
     end = spec.steps if stop_after is None else min(spec.steps, stop_after)
+    timing = _Timing(store.read_summary().get("timing", {}) if checkpoint is not None else {})
 
     try:
         while step < end:
@@ -105,8 +106,10 @@ def run(
             for name in names:
                 if name in inactive:
                     continue
+                tick = time.perf_counter()
                 new_state, rows = processes[name].advance(states[name], n)
                 rows = {key: np.asarray(value) for key, value in rows.items()}
+                timing.add(name, time.perf_counter() - tick, n)
                 bad = _first_divergent(rows["loss"], limit)
                 if bad is not None:
                     reason = _divergence_reason(rows["loss"][bad], step + bad, limit)
@@ -118,6 +121,7 @@ def run(
                 else:
                     states[name] = new_state
                 chunk[name] = rows
+            timing.warm = True
             _add_distances(chunk, reference)
             _write_chunk(store, chunk, step, spec.record.params_every)
             if outcome.status == "diverged":
@@ -138,14 +142,14 @@ def run(
     except KeyboardInterrupt:
         outcome = Outcome(store.root, "interrupted", outcome.steps_done,
                           f"interrupted by the user; steps 0..{outcome.steps_done - 1} are on disk")
-        _finish(store, summary_base, outcome, inactive, started)
+        _finish(store, summary_base, outcome, inactive, started, timing.table)
         raise
     except OSError as error:
         raise StoreError(
             f"writing to {str(store.root)!r} failed ({error.strerror or error}); every step before "
             f"{outcome.steps_done} is on disk and the run can be resumed with --resume"
         ) from None
-    _finish(store, summary_base, outcome, inactive, started)
+    _finish(store, summary_base, outcome, inactive, started, timing.table)
     return outcome
 
 
@@ -213,7 +217,22 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
     }
 
 
-def _finish(store: RunStore, base: dict, outcome: Outcome, inactive: dict, started: float) -> None:
+class _Timing:
+    """Wall-clock seconds per process, the chunk that compiled (the first of each invocation) apart."""
+
+    def __init__(self, previous: dict):
+        self.table = {name: dict(entry) for name, entry in previous.items()}
+        self.warm = False
+
+    def add(self, name: str, seconds: float, steps: int) -> None:
+        entry = self.table.setdefault(name, {"seconds": 0.0, "steps": 0, "warmup_seconds": 0.0, "warmup_steps": 0})
+        prefix = "" if self.warm else "warmup_"
+        entry[prefix + "seconds"] += seconds
+        entry[prefix + "steps"] += steps
+
+
+def _finish(store: RunStore, base: dict, outcome: Outcome, inactive: dict, started: float,
+            timing: dict | None = None) -> None:
     previous = store.read_summary()
     elapsed = previous.get("seconds", 0.0) if previous.get("steps_done", 0) else 0.0
     summary = {
@@ -224,4 +243,6 @@ def _finish(store: RunStore, base: dict, outcome: Outcome, inactive: dict, start
         "dropped_processes": inactive,
         "seconds": elapsed + time.perf_counter() - started,
     }
+    if timing is not None:
+        summary["timing"] = timing  # per process: seconds and steps timed, warm-up (compiling) chunks apart
     store.write_summary(summary)

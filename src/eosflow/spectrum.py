@@ -123,8 +123,8 @@ def hessian_eigenpairs(
 
 
 def random_vectors(key: Array, dim: int, k: int, dtype=jnp.float32) -> Array:
-    """k orthonormal random directions in R^dim (columns)."""
-    return _orthonormalize(jax.random.normal(key, (dim, k), dtype=dtype))
+    """min(k, dim) orthonormal random directions in R^dim (columns)."""
+    return _orthonormalize(jax.random.normal(key, (dim, min(k, dim)), dtype=dtype))
 
 
 def grow_tracked(vectors: Array, values: np.ndarray, threshold: float, k_max: int, key: Array) -> Array:
@@ -134,7 +134,7 @@ def grow_tracked(vectors: Array, values: np.ndarray, threshold: float, k_max: in
     crosses, a new random direction (orthogonal to the tracked ones) becomes the next sentinel.
     """
     k = vectors.shape[1]
-    if k >= k_max or not np.all(np.asarray(values) > threshold):
+    if k >= min(k_max, vectors.shape[0]) or not np.all(np.asarray(values) > threshold):
         return vectors
     fresh = jax.random.normal(key, (vectors.shape[0], 1), dtype=vectors.dtype)
     fresh = fresh - vectors @ (vectors.T @ fresh)

@@ -151,9 +151,8 @@ class RunStore:
         try:
             with np.load(path) as file:
                 meta = json.loads(file["__meta__"].tobytes().decode())
-                states = {
-                    name: [file[f"{name}/{i}"] for i in range(count)] for name, count in meta["leaves"].items()
-                }
+                counts = meta.pop("leaves")
+                states = {name: [file[f"{name}/{i}"] for i in range(count)] for name, count in counts.items()}
         except Exception as error:  # any unreadable checkpoint is reported the same way
             raise StoreError(
                 f"checkpoint {str(path)!r} is corrupt ({type(error).__name__}: {error}); "

@@ -33,7 +33,7 @@ class GradientDescent(ScannedProcess):
     def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
         loss, grad = self.objective.value_and_grad(state.w)
         vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, self.lr, self.spectrum)
-        row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=state.w)
+        row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=state.w, grads=jnp.asarray(1, jnp.int32))
         new_w = state.w - self.lr * grad
         return GDState(new_w, vectors, state.step + 1), row
 

@@ -1,0 +1,206 @@
+"""Sweeps on a two-worker dask LocalCluster (processes, one thread each) with a diagonal quadratic.
+
+Oracles: GD on L = 1/2 sum_i h_i w_i^2 has the closed form w_t = (1 - lr h)^t w0, so the loss
+at every step, the top eigenvalue h_max and lr * h_max are known exactly; the distance between
+processes is recomputed from the saved parameters; the grid is the itertools product.
+"""
+
+import itertools
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import eosflow
+from eosflow.config import SpecError
+from eosflow.store import RunStore
+from eosflow.sweep import load_sweep, local_cluster, parse_grid, run_sweep
+
+HESSIAN = np.array([20.0, 0.5])
+LR = 0.099  # lr * h_max = 1.98: GD oscillates along the sharp axis, decaying slowly
+BASE = {
+    "steps": 100, "lr": LR, "dtype": "float64", "processes": ["gd", "gradient_flow"],
+    "problem": {"name": "quadratic", "rotate": False, "eigenvalues": HESSIAN.tolist()},
+    "spectrum": {"k_max": 1}, "record": {"chunk": 50, "params_every": 1},
+}
+GRID = ["seed=0,1", "problem.init_scale=1.0,2.0"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = local_cluster(2, cache_dir=tmp_path_factory.mktemp("jax-cache"))
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def swept(cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    assert run_sweep(BASE, GRID, out, scheduler=cluster.scheduler_address, progress=False) == out
+    return out
+
+
+def gd_loss(w0: np.ndarray, steps: int) -> np.ndarray:
+    """Closed-form loss of GD at the start of steps 0..steps-1."""
+    w = (1 - LR * HESSIAN)[None, :] ** np.arange(steps)[:, None] * w0
+    return 0.5 * (w**2 * HESSIAN).sum(axis=1)
+
+
+def snapshot(folder) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))}
+
+
+def test_parse_grid():
+    assert parse_grid("lr=0.1,0.2") == ("lr", [0.1, 0.2])
+    assert parse_grid("problem.name=quadratic,quartic") == ("problem.name", ["quadratic", "quartic"])
+    assert parse_grid("problem.eigenvalues=[2.0, 1.0],[3.0]") == ("problem.eigenvalues", [[2.0, 1.0], [3.0]])
+    assert parse_grid("seed = 1, 2") == ("seed", [1, 2])
+    for bad, field in [("lr", "lr"), ("lr=", "lr"), ("seed=1,1", "seed"), ("=1,2", "key"), ("lr=0.1,,0.2", "lr")]:
+        with pytest.raises(SpecError, match=field):
+            parse_grid(bad)
+
+
+def test_bad_grid_value_fails_before_anything_runs(tmp_path):
+    # an unreachable scheduler: validation must fail before any connection is attempted
+    for grid, field in [("lr=0.1,-1", "`lr`"), ("problem.init_scale=1.0,0.0", "`problem.init_scale`"),
+                        ("problem.widht=3", "problem.widht"), ("record.chunk=0", "`record.chunk`")]:
+        with pytest.raises(SpecError, match=field):
+            run_sweep(BASE, ["seed=0,1", grid], tmp_path, scheduler="tcp://127.0.0.1:9", progress=False)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SpecError, match="twice"):
+        run_sweep(BASE, ["seed=0", "seed=1"], tmp_path, scheduler="tcp://127.0.0.1:9", progress=False)
+
+
+def test_workers_are_single_threaded(cluster):
+    from dask.distributed import Client
+
+    with Client(cluster) as client:
+        flags = client.run(lambda: os.environ["XLA_FLAGS"])
+    assert len(flags) == 2
+    assert all("intra_op_parallelism_threads=1" in f and "multi_thread_eigen=false" in f for f in flags.values())
+
+
+def test_grid_is_complete(swept):
+    names = {f"seed={s},problem.init_scale={x}" for s, x in itertools.product([0, 1], ["1.0", "2.0"])}
+    assert {p.name for p in (swept / "points").iterdir()} == names
+    assert all(RunStore(swept / "points" / n).read_summary()["status"] == "completed" for n in names)
+    ds = load_sweep(swept)
+    assert dict(ds.sizes) == {"seed": 2, "problem.init_scale": 2, "process": 2}
+    assert list(ds["seed"].values) == [0, 1] and list(ds["problem.init_scale"].values) == [1.0, 2.0]
+    assert (ds.status == "completed").all()
+    assert (swept / "sweep.png").stat().st_size > 0
+
+
+def test_table_equals_run_directories(swept):
+    table = pd.read_parquet(swept / "sweep.parquet")
+    ds = load_sweep(swept)
+    assert len(table) == 4 * 2
+    for row in table.to_dict("records"):
+        run_dir = swept / "points" / row["point"]
+        scale = row["problem.init_scale"]
+        spec = RunStore(run_dir).root.joinpath("spec.toml").read_text()
+        assert f"seed = {row['seed']}" in spec and f"init_scale = {scale}" in spec
+        one = eosflow.load(run_dir).sel(process=row["process"])
+        for variable in ("loss", "sharpness", "lr_sharpness", "distance"):
+            values = one[variable].values
+            assert row[f"final_{variable}"] == values[np.isfinite(values)][-1]
+        assert row["mean_distance"] == np.nanmean(one.distance.values)
+        cell = ds.sel({"seed": row["seed"], "problem.init_scale": scale, "process": row["process"]})
+        assert cell.final_loss.item() == row["final_loss"] and cell.point.item() == row["point"]
+        # independent oracles: closed-form GD, the exact spectrum, distances from saved parameters
+        _, gd_params = eosflow.load_params(run_dir, "gd")
+        _, params = eosflow.load_params(run_dir, row["process"])
+        np.testing.assert_allclose(np.linalg.norm(gd_params[0]), scale, rtol=1e-12)
+        distance = np.linalg.norm(params - gd_params, axis=1)
+        np.testing.assert_allclose(row["mean_distance"], distance.mean(), rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(row["final_sharpness"], HESSIAN.max(), rtol=1e-3)
+        np.testing.assert_allclose(row["final_lr_sharpness"], LR * HESSIAN.max(), rtol=1e-3)
+        if row["process"] == "gd":
+            np.testing.assert_allclose(row["final_loss"], gd_loss(gd_params[0], 100)[-1], rtol=1e-10)
+        else:
+            assert row["mean_distance"] > 0.1 * scale  # gradient flow leaves GD's oscillation
+
+
+def test_rerun_does_no_work(swept, cluster):
+    before = snapshot(swept / "points")
+    run_sweep(BASE, GRID, swept, scheduler=cluster.scheduler_address, progress=False)
+    assert snapshot(swept / "points") == before
+    last_run = json.loads((swept / "sweep.json").read_text())["last_run"]
+    assert last_run == {"points": 4, "skipped": 4, "ran": 0, "failed": {}}
+
+
+def test_killed_worker_loses_nothing(cluster, tmp_path):
+    from dask.distributed import Client
+
+    steps = 2000
+    out = tmp_path / "sweep"
+    table = {**BASE, "steps": steps, "record": {"chunk": 50, "params_every": 1}}
+    grid = ["seed=2,3", "problem.init_scale=1.0,2.0"]
+    errors = []
+    thread = threading.Thread(target=lambda: _catch(errors, run_sweep, table, grid, out,
+                                                    scheduler=cluster.scheduler_address, progress=False))
+    with Client(cluster) as client:
+        thread.start()
+        victim, worker = _running_point(client, out)
+        checkpoint_step = RunStore(out / "points" / victim).read_checkpoint()[0]
+        # finished points, and the victim's chunks before its checkpoint, must survive untouched
+        kept = {p: snapshot(p) for p in (out / "points").iterdir() if _status(p) == "completed"}
+        trajectories = out / "points" / victim / "trajectories"
+        kept[trajectories] = {f: stamp for f, stamp in snapshot(trajectories).items()
+                              if f.suffix == ".npz" and int(f.stem.split("-")[1]) < checkpoint_step}
+        pid = client.run(os.getpid, workers=[worker])[worker]
+        os.kill(pid, signal.SIGKILL)
+        thread.join(timeout=120)
+    assert not thread.is_alive() and not errors, errors
+    assert checkpoint_step > 0 and kept[trajectories]
+    for folder, files in kept.items():
+        now = snapshot(folder)
+        assert all(now.get(f) == stamp for f, stamp in files.items()), folder
+    names = {f"seed={s},problem.init_scale={x}" for s, x in itertools.product([2, 3], ["1.0", "2.0"])}
+    assert {p.name for p in (out / "points").iterdir()} == names
+    for name in names:
+        run_dir = out / "points" / name
+        assert RunStore(run_dir).read_summary()["status"] == "completed"
+        assert not list(run_dir.rglob("*.tmp"))
+        for process in ("gd", "gradient_flow"):  # chunks tile 0..steps-1 exactly once
+            chunks = RunStore(run_dir).chunk_files(process)
+            assert [c[0] for c in chunks] == list(range(0, steps, 50)) and chunks[-1][1] == steps - 1
+        ds = eosflow.load(run_dir)
+        assert list(ds.step.values) == list(range(steps))
+        _, gd_params = eosflow.load_params(run_dir, "gd")
+        np.testing.assert_allclose(ds.loss.sel(process="gd").values, gd_loss(gd_params[0], steps),
+                                   rtol=1e-9, atol=1e-300)
+    table_rows = pd.read_parquet(out / "sweep.parquet")
+    assert set(table_rows.status) == {"completed"} and len(table_rows) == 8
+
+
+def _catch(errors, function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except Exception as error:  # reported by the test thread
+        errors.append(error)
+
+
+def _status(run_dir) -> str:
+    return RunStore(run_dir).read_summary().get("status", "")
+
+
+def _running_point(client, out, timeout=120.0):
+    """(point, worker address) of a point that has a checkpoint but is not finished."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        for worker, keys in client.processing().items():
+            for key in keys:
+                name = str(key).split("-", 3)[3]
+                run_dir = out / "points" / name
+                if (run_dir / "checkpoint.npz").exists() and not _status(run_dir):
+                    step = RunStore(run_dir).read_checkpoint()[0]
+                    if 0 < step < 1000:
+                        return name, worker
+        time.sleep(0.02)
+    raise AssertionError("no point was seen running")
