@@ -172,3 +172,5 @@ def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
             ("parameters", summary.get("dimension")), ("problem", summary.get("problem", {}).get("name")),
             ("wall time (s)", f"{summary.get('seconds', float('nan')):.1f}")]
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+
+from eosflow import report_sgd  # noqa: E402,F401  (registers the SGD limiting-dynamics section)

@@ -1,3 +1,4 @@
 """Discrete optimizers as processes (the real runs that the flows model)."""
 
 from eosflow.optim import gd  # noqa: F401  (registers "gd")
+from eosflow.optim import sgd  # noqa: F401  (registers "sgd")

@@ -1,0 +1,260 @@
+"""The report section of runs with an ``sgd`` process: anomalous diffusion and phase portraits.
+
+Reads only the run directory: the trajectories (``step_norm_sq``, ``loss``), the parameters saved
+every ``record.params_every`` steps (:func:`eosflow.load_params`), and ``spec.resolved.toml``, from
+which the problem is rebuilt to measure the Hessian's top eigenpairs and the gradient noise at the
+centre of the late iterates (the inputs of the Langevin model's modified loss and currents).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
+
+from eosflow.load import load_params
+from eosflow.optim.sgd import step_noise
+from eosflow.problems import build_problem
+from eosflow.report import register_section
+from eosflow.spec import parse_spec
+from eosflow.spectrum import dense_top_eigenpairs, lanczos
+from eosflow.store import StoreError
+from eosflow.theory.diffusion import (
+    diffusion_curve,
+    draw_phase_portrait,
+    eigenplane_model,
+    fit_exponent,
+    global_displacement,
+    predicted_local_displacement,
+    segment_displacements,
+)
+from eosflow.theory.linear_regression import (
+    current_matrix,
+    discrete_stationary_covariance,
+    discrete_system,
+    frequency,
+    stationary_covariance,
+)
+
+MIN_SEGMENT = 16  # saved positions per segment for the jackknife interval
+NOISE_SAMPLES = 8  # late iterates at which the gradient noise is measured and averaged
+FULL_SPECTRUM = 500  # up to this dimension the whole Hessian spectrum is used (theory curve of Delta)
+
+
+def settled_step(*series: np.ndarray, tolerance: float = 0.1) -> int:
+    """The first step from which every series (loss, local displacement, ...), smoothed over a
+    window of 1/50 of the run, is within ``tolerance`` (relative) of its final level; capped at
+    half the run so that at least half is left to measure diffusion."""
+    length = len(series[0])
+    settled = 0
+    for values in series:
+        values = np.asarray(values, float)
+        finite = np.isfinite(values)
+        if finite.sum() < 4:
+            continue
+        values = np.interp(np.arange(length), np.flatnonzero(finite), values[finite])
+        width = max(1, length // 50)
+        smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+        final = np.median(smooth[-max(1, len(smooth) // 10):])
+        below = np.flatnonzero(smooth <= final + tolerance * abs(final))
+        settled = max(settled, below[0] + width - 1 if below.size else length // 2)  # that window's end
+    return int(min(settled, length // 2))
+
+
+def top_hessian_eigenpairs(objective, w, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k eigenpairs of H(w): the dense float64 Hessian for small d, else ARPACK's Lanczos."""
+    dense = k >= w.size - 1 or w.size <= FULL_SPECTRUM
+    pairs = dense_top_eigenpairs(objective, w, k) if dense else lanczos(objective, w, k=k)
+    return np.asarray(pairs.values, float), np.asarray(pairs.vectors, float)
+
+
+def _late_params(run_dir: Path, process: str, checkpoint: int):
+    """(steps, params) saved at or after ``checkpoint`` on a uniform grid, or None."""
+    try:
+        steps, params = load_params(run_dir, process)
+    except StoreError:
+        return None
+    keep = steps >= checkpoint
+    steps, params = steps[keep], np.asarray(params[keep], float)
+    if len(steps) < 8 or np.ptp(np.diff(steps)) != 0:
+        return None
+    return steps, params
+
+
+class CentreModel(NamedTuple):
+    """The quadratic model of the late iterates: Hessian eigenpairs at their centre, SGD's noise."""
+
+    centre: np.ndarray
+    values: np.ndarray  # Hessian eigenvalues (all of them when d is small, else the top 2)
+    directions: np.ndarray  # d x k
+    noise_trace: float  # tr Xi, averaged over late iterates
+    noise: np.ndarray  # U^T Xi U, averaged over late iterates
+    complete: bool  # the whole spectrum (so the theory curve of Delta can be drawn)
+    options: object  # the run's SGDOptions
+
+
+def centre_model(run_dir: Path, params: np.ndarray) -> CentreModel:
+    """Rebuild the run's problem and measure the model at the centre of ``params``.
+
+    The noise Xi = c Sigma_g + sigma^2 I / S is averaged over NOISE_SAMPLES late iterates rather
+    than taken at the centre: it grows away from the centre (cf. ``residual_noise``).
+    """
+    spec = parse_spec(tomllib.loads((run_dir / "spec.resolved.toml").read_text()))
+    options = spec.options["sgd"]
+    problem, _ = build_problem(spec.problem, spec.seed, spec.dtype)
+    objective, dtype = problem.objective, problem.w0.dtype
+    centre = params.mean(axis=0)
+    complete = centre.size <= FULL_SPECTRUM
+    values, directions = top_hessian_eigenpairs(
+        objective, jnp.asarray(centre, dtype), centre.size if complete else min(2, centre.size))
+    u = jnp.asarray(directions, dtype)
+    picks = params[np.linspace(0, len(params) - 1, NOISE_SAMPLES).astype(int)]
+    noise_at = eqx.filter_jit(step_noise)
+    measured = [noise_at(objective, jnp.asarray(p, dtype), options, u) for p in picks]
+    trace = float(np.mean([float(t) for t, _ in measured]))
+    noise = np.mean([np.asarray(x, float) for _, x in measured], axis=0)
+    return CentreModel(centre, values, directions, trace, noise, complete, options)
+
+
+def _diffusion(late, ax, label: str, color: str) -> tuple[list[str], np.ndarray]:
+    """Plot and fit the global displacement two ways; returns the table rows and the segments' lags.
+
+    From the checkpoint over the whole rest of the run (one curve: the authors' protocol; its OLS
+    interval ignores autocorrelation), and from the starts of consecutive segments (jackknife
+    interval; it assumes the segments are statistically alike, i.e. no ageing).
+    """
+    steps, params = late
+    spacing = int(steps[1] - steps[0])
+    single = global_displacement(params)
+    single_lags = np.arange(len(single)) * spacing
+    segments = max(1, min(8, len(steps) // MIN_SEGMENT))
+    curves = segment_displacements(params, segments)
+    lags = np.arange(curves.shape[1]) * spacing
+    ax.loglog(single_lags[1:], single[1:], color=color, lw=1.0, ls="-.", label=f"{label}: from the checkpoint")
+    for curve in curves:
+        ax.loglog(lags[1:], curve[1:], color=color, alpha=0.15, lw=0.7)
+    ax.loglog(lags[1:], curves[:, 1:].mean(axis=0), color=color, lw=1.5, label=f"{label}: mean of {segments} segments")
+    rows = []
+    for name, fit in ((f"{label}, from the checkpoint", fit_exponent(single_lags[1:], single[1:])),
+                      (f"{label}, {segments} segments", fit_exponent(lags[1:], curves[:, 1:]))):
+        window = np.geomspace(*fit.window, 20)
+        ax.loglog(window, fit.prefactor * window**fit.exponent, "k--", lw=1)
+        rows.append(f"| {name} | {fit.exponent:.3f} | [{fit.low:.3f}, {fit.high:.3f}] | "
+                    f"{fit.window[0]:g}-{fit.window[1]:g} | {fit.method} |")
+    return rows, lags
+
+
+def _theory_curve(ax, model: CentreModel, lags: np.ndarray, lr: float) -> None:
+    """E Delta_k of SGD on the quadratic model (every mode, noise diag(U^T Xi U))."""
+    curvatures = np.maximum(model.values + model.options.weight_decay, 1e-12)
+    curve = diffusion_curve(curvatures, np.diag(model.noise), lr, model.options.momentum, lags[1:])
+    ax.loglog(lags[1:], curve, color="k", lw=1, ls=":", label="theory: modes of H at the centre")
+
+
+def _phase_portraits(report_dir: Path, late, model: CentreModel, lr: float) -> list[str]:
+    """Top-2 Hessian eigenplanes at the centre of the late iterates, with the modified loss."""
+    steps, params = late
+    k = min(2, len(model.values))
+    momentum = model.options.momentum
+    curvatures = model.values[:k] + model.options.weight_decay
+    noise = model.noise[:k, :k]
+    drift, diffusion = eigenplane_model(curvatures, noise, lr, momentum)
+    stationary = stationary_covariance(drift, diffusion)
+    current = current_matrix(drift, diffusion, stationary)
+    discrete = discrete_stationary_covariance(*discrete_system(np.diag(curvatures), noise, lr, momentum))
+    directions = model.directions[:, :k]
+    arrow_time = 0.1 / float(frequency(curvatures[0], lr, momentum))  # arrows: a 0.1 rad turn of mode 1
+    positions = (params - model.centre) @ directions
+    consecutive = int(steps[1] - steps[0]) == 1
+    velocities = np.diff(params, axis=0) @ directions / lr if consecutive else None
+
+    panels = [((0, 1), ("theta_1", "theta_2"), positions)] if k == 2 else []
+    for i in range(k):
+        samples = np.stack([positions[:-1, i], velocities[:, i]], axis=1) if consecutive else None
+        panels.append(((i, k + i), (f"theta_{i + 1}", f"v_{i + 1} = dtheta/dt"), samples))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), dpi=110)
+    for ax, (plane, labels, samples) in zip(np.atleast_1d(axes), panels):
+        draw_phase_portrait(ax, stationary, current, plane, labels, samples, arrow_time)
+    fig.suptitle("top Hessian eigenplanes: modified loss Psi (contours); arrows: the current J/p_ss "
+                 "over the time mode 1 turns by 0.1 rad", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(report_dir / "sgd_phase_portraits.png")
+    plt.close(fig)
+
+    measured = positions.var(axis=0)
+    lines = ["", "### Phase space in the top Hessian eigendirections", "",
+             f"Quadratic model at the centre of the iterates after step {int(steps[0])} (noise averaged "
+             f"over {NOISE_SAMPLES} of them): Hessian eigenvalues "
+             + ", ".join(f"{v:.4g}" for v in model.values[:k]) + " (lr*h = "
+             + ", ".join(f"{lr * h:.3f}" for h in curvatures) + ").", "",
+             "| direction | measured Var | Langevin model | exact discrete SGD |", "|---|---|---|---|"]
+    for i in range(k):
+        lines.append(f"| u_{i + 1} | {measured[i]:.4g} | {stationary[i, i]:.4g} | {discrete[i, i]:.4g} |")
+    return lines + ["", "![phase portraits](sgd_phase_portraits.png)"]
+
+
+def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
+    """Anomalous diffusion (exponent with its interval), local displacement and phase portraits."""
+    processes = list(ds["process"].values)
+    if "sgd" not in processes:
+        return ""
+    run_dir, report_dir = Path(run_dir), Path(report_dir)
+    lr = float(ds.attrs["lr"])
+    steps = ds["step"].values
+    checkpoint = int(steps[0]) + settled_step(ds["loss"].sel(process="sgd").values,
+                                              ds["step_norm_sq"].sel(process="sgd").values)
+    late = {p: _late_params(run_dir, p, checkpoint) for p in ("sgd", "langevin") if p in processes}
+    model = centre_model(run_dir, late["sgd"][1]) if late["sgd"] is not None else None
+    lines = ["## SGD limiting dynamics", "",
+             f"Checkpoint (loss and local displacement within 10% of their final levels): step "
+             f"{checkpoint}. Global displacement Delta_k = ||theta_{{k0+k}} - theta_{{k0}}||^2 from the "
+             "checkpoint, and from the starts of consecutive segments after it; the exponent c of "
+             "Delta ~ k^c is fitted over the last 2/3 of the lags.", ""]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
+    rows = []
+    for process, color in (("sgd", "tab:blue"), ("langevin", "tab:orange")):
+        if process not in late:
+            continue
+        right.semilogy(steps, ds["step_norm_sq"].sel(process=process).values, lw=0.6, color=color,
+                       alpha=0.7, label=process)
+        if late[process] is not None:
+            fitted, lags = _diffusion(late[process], left, process, color)
+            rows += fitted
+            if process == "sgd" and model is not None and model.complete:
+                _theory_curve(left, model, lags, lr)
+    right.axvline(checkpoint, color="k", ls=":", lw=1)
+    right.set(xlabel="step", ylabel="||theta_{k+1} - theta_k||^2", title="local displacement")
+    right.legend(fontsize=8)
+    left.set(xlabel="lag k (steps)", ylabel="Delta_k", title="global displacement (dashed: fit)")
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(report_dir / "sgd_diffusion.png")
+    plt.close(fig)
+    if rows:
+        lines += ["| process, curve | exponent c | 95% interval | lag window | interval method |",
+                  "|---|---|---|---|---|"]
+        lines += rows
+        lines += ["", "One run cannot separate diffusion from a slow common drift of the weights; independent "
+                  "replicas continued from the checkpoint can (see benchmarks/sgd_diffusion.py)."]
+    else:
+        lines.append("No parameters were saved after the checkpoint (set `record.params_every`), so "
+                     "only the local displacement is shown.")
+    lines += ["", "![diffusion](sgd_diffusion.png)"]
+    if model is not None:
+        local = ds["step_norm_sq"].sel(process="sgd").values[checkpoint - int(steps[0]):]
+        predicted = predicted_local_displacement(model.noise_trace, lr, model.options.momentum)
+        lines += ["", f"Local displacement after the checkpoint: measured mean {np.nanmean(local):.4g}; "
+                  f"predicted lr^2 tr(Xi) / (1 - beta^2) = {predicted:.4g} (Xi averaged over "
+                  f"{NOISE_SAMPLES} late iterates)."]
+        lines += _phase_portraits(report_dir, late["sgd"], model, lr)
+    return "\n".join(lines)
+
+
+register_section(sgd_section)
