@@ -1,6 +1,6 @@
 """Cost and accuracy of sharpness measurement along the demo's GD trajectory.
 
-    .venv/bin/python benchmarks/sharpness.py [--steps 1200] [--every 60]
+    .venv/bin/python benchmarks/sharpness.py [--steps 1200] [--every 100]
 
 Runs the demo (GD on the digits MLP, lr = 0.4) once, saving the iterates, then replays the
 trajectory with each eigensolver and prints, per phase (progressive sharpening: lr*S < 1.9;
@@ -45,7 +45,7 @@ def replay_tracker(objective, params, k, k_max, tol, lr, threshold=1.5):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--every", type=int, default=60, help="dense-eigh oracle every n steps")
+    parser.add_argument("--every", type=int, default=100, help="dense-eigh oracle every n steps")
     args = parser.parse_args()
 
     table = demo_table()
@@ -58,10 +58,12 @@ def main() -> None:
         _, params = eosflow.load_params(tmp, "gd")
     _, problem, _, _ = prepare(table)
     objective = problem.objective
+    oracle_objective = prepare({**table, "dtype": "float64"})[1].objective  # same data, float64
     checkpoints = np.arange(10, args.steps, args.every)
     print(f"demo trajectory: {args.steps} steps, d = {params.shape[1]}, oracle at {len(checkpoints)} steps")
     started = time.perf_counter()
-    exact = np.array([dense_top_eigenpairs(objective, params[t], k=1).values[0] for t in checkpoints])
+    exact = np.array([dense_top_eigenpairs(oracle_objective, jnp.asarray(params[t], jnp.float64), k=1).values[0]
+                      for t in checkpoints])
     print(f"dense float64 eigh: {(time.perf_counter() - started) / len(checkpoints):.1f} s per step")
     at_edge = lr * exact >= 1.9
     phases = {"sharpening": ~at_edge, "edge of stability": at_edge}

@@ -1,0 +1,191 @@
+"""Rod flow: consecutive GD iterates as the two ends of a rod (eosflow's continuous model).
+
+Derived in docs/rod_flow.md from the rod picture of Regis & Chewi (2026); the equations are
+eosflow's own. GD is modelled as w_k = x(k) + (-1)^k r(k) with a smooth centre x and a rod
+half-vector r whose dynamics do not depend on its sign. With the even and odd parts of the
+gradient over the ends,
+
+    E(x, r) = [g(x + r) + g(x - r)] / 2,        O(x, r) = [g(x + r) - g(x - r)] / 2,
+
+    dx/dt = -eta E - c eta^2 Hbar E,     Hbar = [H(x + r) + H(x - r)] / 2,   c = (1 - 1/n) / 2
+    dr/dt =  eta O - 2 r
+
+integrated by n explicit Euler substeps per unit time (c compensates Euler's own first-order
+error, so the discrete scheme is second-order consistent with GD below the edge of stability).
+After each unit of time the rod absorbs (-1)^k tau_k, the part of GD's step the smooth centre
+did not take (tau_k = x(k+1) - x(k) + eta E): this is what seeds the oscillation, as in GD.
+Explicit: two gradients (and two HVPs for the correction) per substep, no eigensolver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.config import option
+from eosflow.objective import Objective
+from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.spectrum import spectrum_row
+
+
+class Ends(NamedTuple):
+    """The loss and gradient over a rod's two ends x +- m u, and the centre's velocity."""
+
+    mean_loss: Array  # [L(x + m u) + L(x - m u)] / 2: the predicted time-averaged loss
+    mean_grad: Array  # E = [g(x + m u) + g(x - m u)] / 2 = grad of the symmetrized loss
+    odd_part: Array  # O = [g(x + m u) - g(x - m u)] / 2
+    sharpness_along: Array  # u . O / m: the curvature along u averaged over the rod
+    centre_velocity: Array  # -eta E - c eta^2 Hbar E
+
+
+def correction_coefficient(substeps: int, correction: bool) -> float:
+    """c in dx/dt = -eta E - c eta^2 Hbar E: GD's 1/2 minus Euler's own h/2 (h = 1/substeps)."""
+    return 0.5 * (1.0 - 1.0 / substeps) if correction else 0.0
+
+
+def resolvable_length(centre: Array) -> Array:
+    """The shortest rod whose ends' gradients resolve the curvature along it: sqrt(eps)(1 + |x|_inf)."""
+    return jnp.finfo(centre.dtype).eps ** 0.5 * (1.0 + jnp.max(jnp.abs(centre)))
+
+
+def rod_ends(objective: Objective, centre: Array, direction: Array, length: Array, lr: float,
+             coefficient: float) -> Ends:
+    """Two gradients at x +- m u; with c > 0 also Hbar E (two HVPs, one linearization of the ends).
+
+    A rod shorter than :func:`resolvable_length` l is evaluated at x +- l u and its odd part
+    scaled by m / l (O is linear in m up to O(m^3)), so that tiny rods keep an accurate direction.
+    """
+    reach = jnp.maximum(length, resolvable_length(centre)) * direction
+
+    def at_ends(x):
+        return jax.vmap(objective.value_and_grad)(jnp.stack([x + reach, x - reach]))
+
+    if coefficient:
+        (losses, grads), linear = jax.linearize(at_ends, centre)
+        mean_grad = jnp.mean(grads, axis=0)
+        _, curvature = linear(mean_grad)  # (H(x + m u) E, H(x - m u) E)
+        velocity = -lr * mean_grad - coefficient * lr**2 * jnp.mean(curvature, axis=0)
+    else:
+        losses, grads = at_ends(centre)
+        mean_grad = jnp.mean(grads, axis=0)
+        velocity = -lr * mean_grad
+    odd = 0.5 * (grads[0] - grads[1])
+    span = jnp.linalg.norm(reach)
+    sharpness = jnp.vdot(direction, odd) / jnp.where(span > 0, span, 1.0)
+    return Ends(jnp.mean(losses), mean_grad, odd * (length / jnp.where(span > 0, span, 1.0)), sharpness,
+                velocity)
+
+
+def integrate(field: Callable, update: Callable, state: Any, substeps: int) -> tuple[Any, Any]:
+    """One unit of time in ``substeps`` explicit steps z <- update(z, v, h), (v, aux) = field(z).
+
+    Returns z(t + 1) and the ``aux`` of the first evaluation (the state at the start of the step).
+    """
+    h = 1.0 / substeps
+    velocity, first = field(state)
+    state = update(state, velocity, h)
+
+    def substep(z, _):
+        v, _ = field(z)
+        return update(z, v, h), None
+
+    state, _ = jax.lax.scan(substep, state, None, length=substeps - 1)
+    return state, first
+
+
+def euler_update(state: Any, velocity: Any, h: float) -> Any:
+    return jax.tree_util.tree_map(lambda z, v: z + h * v, state, velocity)
+
+
+def unit(vector: Array) -> tuple[Array, Array]:
+    """(vector / |vector|, |vector|), with the zero vector mapped to itself."""
+    length = jnp.linalg.norm(vector)
+    return vector / jnp.where(length > 0, length, 1.0), length
+
+
+def parity_kick(state_step: Array, centre: Array, new_centre: Array, ends: Ends, lr: float) -> Array:
+    """(-1)^k tau_k, tau_k = x(k+1) - [x(k) - eta E]: what the smooth centre leaves undone of the
+    lifted GD step, which GD's rod absorbs with the parity of the step (docs/rod_flow.md)."""
+    parity = 1 - 2 * (state_step % 2)
+    return parity * (new_centre - (centre - lr * ends.mean_grad))
+
+
+def oscillation_row(objective: Objective, centre: Array, ends: Ends, lr: float, direction: Array,
+                    magnitude: Array) -> dict[str, Array]:
+    """The predictions shared by rod-like models, for a rod x +- m u (see docs/rod_flow.md)."""
+    half_step = 0.5 * lr * jnp.linalg.norm(ends.mean_grad)
+    return {
+        "position": centre,
+        "loss": objective.value(centre),
+        "predicted_loss": ends.mean_loss,
+        "amplitude": magnitude,
+        "half_length": jnp.sqrt(magnitude**2 + half_step**2),
+        "top_vector": direction,
+        "sharpness_along": ends.sharpness_along,
+        "grad_norm": jnp.linalg.norm(ends.mean_grad),
+    }
+
+
+class RodState(NamedTuple):
+    centre: Array
+    rod: Array  # the rod half-vector r: GD's iterate w_k is modelled as x(k) + (-1)^k r(k)
+    vectors: Array
+    step: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RodFlowOptions:
+    substeps: int = option(4, "explicit Euler substeps per unit time (GD step)", ge=1)
+    correction: bool = option(True, "first backward-error correction of the centre (2 HVPs per substep)")
+
+
+class RodModel(ScannedProcess):
+    """What the rod-like models share: the objective, the substeps and the corrected centre."""
+
+    objective: Objective
+    substeps: int = eqx.field(static=True)
+    correction: bool = eqx.field(static=True)
+
+    def ends(self, centre: Array, direction: Array, length: Array) -> Ends:
+        """The rod x +- m u evaluated, with the centre's corrected velocity."""
+        coefficient = correction_coefficient(self.substeps, self.correction)
+        return rod_ends(self.objective, centre, direction, length, self.lr, coefficient)
+
+
+class RodFlow(RodModel):
+    """Centre and sign-free rod; see the module docstring for the vector field."""
+
+    def init(self, w0: Array) -> RodState:
+        """Centre at w0 and no rod: w_0 = x(0) exactly; the first step's kick seeds the rod."""
+        return RodState(w0, jnp.zeros_like(w0), self.initial_vectors(w0), jnp.asarray(0))
+
+    def field(self, z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
+        """(dx/dt, dr/dt) = (-eta E - c eta^2 Hbar E, eta O - 2 r)."""
+        centre, rod = z
+        ends = self.ends(centre, *unit(rod))
+        return (ends.centre_velocity, self.lr * ends.odd_part - 2.0 * rod), ends
+
+    def step(self, state: RodState) -> tuple[RodState, dict[str, Array]]:
+        vectors, row = spectrum_row(self.objective, state.centre, state.vectors, state.step, self.lr,
+                                    self.spectrum)
+        (centre, rod), ends = integrate(self.field, euler_update, (state.centre, state.rod), self.substeps)
+        rod = rod + parity_kick(state.step, state.centre, centre, ends, self.lr)
+        direction, length = unit(state.rod)
+        row.update(oscillation_row(self.objective, state.centre, ends, self.lr, direction, length))
+        row.update(grads=jnp.asarray(2 * self.substeps, jnp.int32),
+                   hvps=row["hvps"] + 2 * self.substeps * int(self.correction))
+        return RodState(centre, rod, vectors, state.step + 1), row
+
+
+@register_process("rod_flow", RodFlowOptions, "rod flow: centre + sign-free rod between consecutive GD iterates")
+def build_rod_flow(problem, spec, options: RodFlowOptions) -> RodFlow:
+    return RodFlow(
+        name="rod_flow", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "rod_flow"),
+        objective=problem.objective, substeps=options.substeps, correction=options.correction,
+    )

@@ -1,0 +1,191 @@
+"""Rod flow against closed forms, dense float64 eigendecompositions and the GD iterates themselves.
+
+Shared checks of the centre (below the edge of stability both rod-like models follow GD's
+modified equation) are parametrized over ``rod_flow`` and ``edge_flow``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eosflow.config import SpecError
+from eosflow.experiment import prepare
+from eosflow.objective import Objective
+from eosflow.spec import SpectrumSpec
+
+
+def build(process: str, problem: dict, lr: float, **options):
+    """The process named ``process`` and its problem, from a float64 spec with no spectrum."""
+    table = {"lr": lr, "dtype": "float64", "processes": [process], "problem": problem,
+             "spectrum": {"every": 0}, process: options}
+    _, built, _, processes = prepare(table)
+    return processes[process], built
+
+
+def advance(process, w0, steps):
+    state = process.init(w0)
+    state, rows = process.advance(state, steps)
+    return state, {key: np.asarray(value) for key, value in rows.items()}
+
+
+def gd_iterates(objective, w0, lr, steps):
+    """w_0, ..., w_steps of plain gradient descent (written here, independent of eosflow.optim)."""
+
+    def body(w, _):
+        new = w - lr * objective.grad(w)
+        return new, new
+
+    _, ws = jax.lax.scan(body, w0, None, length=steps)
+    return np.concatenate([np.asarray(w0)[None], np.asarray(ws)])
+
+
+# ---- linear stability: the rod grows exactly when eta * S > 2 ------------------------------------
+
+
+def test_linearized_rod_field_is_eta_hessian_minus_two():
+    """d(dr/dt)/dr at a tiny rod = eta H(x) - 2 I, whose top eigenvalue eta S - 2 changes sign at eta S = 2."""
+    process, problem = build("rod_flow", {"name": "quartic", "sharpness": 10.0, "dim": 4, "init": 0.3}, 0.2)
+    centre = problem.w0
+    rod = 1e-7 * jnp.asarray(np.random.default_rng(0).standard_normal(centre.size))
+    jacobian = np.asarray(jax.jacfwd(lambda r: process.field((centre, r))[0][1])(rod))
+    hessian = np.asarray(jax.hessian(problem.objective.value)(centre))
+    np.testing.assert_allclose(jacobian, process.lr * hessian - 2.0 * np.eye(centre.size), atol=1e-8)
+    sharpness = np.linalg.eigvalsh(hessian)[-1]
+    for lr in (0.999 * 2 / sharpness, 1.001 * 2 / sharpness):
+        top_rate = np.linalg.eigvalsh(lr * hessian - 2.0 * np.eye(centre.size))[-1]
+        assert np.sign(top_rate) == np.sign(lr * sharpness - 2.0)
+
+
+@pytest.mark.parametrize("lr_sharpness", [1.9, 1.99, 2.01, 2.1])
+def test_rod_growth_on_a_quadratic_switches_sign_at_two(lr_sharpness):
+    """Along the top eigenvector the rod's length multiplies by (1 + (eta S - 2)/n)^n per step, and
+    grows exactly when GD's oscillation (multiplier |1 - eta S|) does."""
+    eigenvalues = (10.0, 4.0, 1.0)
+    lr = lr_sharpness / eigenvalues[0]
+    process, problem = build("rod_flow", {"name": "quadratic", "eigenvalues": list(eigenvalues)}, lr, substeps=4)
+    _, rows = advance(process, problem.w0, 60)
+    growth = rows["amplitude"][-1] / rows["amplitude"][-2]
+    np.testing.assert_allclose(growth, (1 + (lr_sharpness - 2) / 4) ** 4, rtol=1e-6)
+    top = np.linalg.eigh(np.asarray(problem.objective.hessian(problem.w0)))[1][:, -1]
+    along = gd_iterates(problem.objective, problem.w0, lr, 60) @ top
+    assert np.sign(np.log(growth)) == np.sign(np.log(abs(along[-1] / along[-2]))) == np.sign(lr_sharpness - 2)
+
+
+# ---- the quartic's period-2 orbit ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("process_name", ["rod_flow", "edge_flow"])
+@pytest.mark.parametrize("lr_sharpness", [2.2, 2.6])
+def test_quartic_half_length_converges_to_the_period_two_orbit(process_name, lr_sharpness):
+    """|r|^2 -> (S - 2/eta)/Q, GD's period-2 amplitude squared (to 1e-3 relative)."""
+    sharpness, quartic = 30.0, 1.0
+    lr = lr_sharpness / sharpness
+    process, problem = build(process_name, {"name": "quartic", "sharpness": sharpness, "quartic": quartic}, lr)
+    _, rows = advance(process, problem.w0, 400)
+    closed_form = (sharpness - 2.0 / lr) / quartic
+    gd = gd_iterates(problem.objective, problem.w0, lr, 400)
+    np.testing.assert_allclose(gd[-1] ** 2, closed_form, rtol=1e-9)  # GD itself is on the orbit
+    np.testing.assert_allclose(rows["amplitude"][-1] ** 2, gd[-1, 0] ** 2, rtol=1e-3)
+    np.testing.assert_allclose(rows["half_length"][-1] ** 2, closed_form, rtol=1e-3)
+    assert abs(rows["position"][-1, 0]) < 1e-6  # the centre sits at the origin
+    np.testing.assert_allclose(rows["sharpness_along"][-1], 2.0 / lr, rtol=1e-6)  # pinned at 2/eta
+    np.testing.assert_allclose(rows["predicted_loss"][-1], problem.objective.value(gd[-1]), rtol=1e-3)
+
+
+@pytest.mark.parametrize("process_name, tolerance", [("rod_flow", 0.15), ("edge_flow", 0.03)])
+def test_rod_ends_reproduce_gd_iterates_through_the_onset(process_name, tolerance):
+    """x(k) + (-1)^k r(k) is GD's w_k: exactly at k = 1 (the first kick is GD's first step), then
+    within ``tolerance`` x GD's orbit amplitude while the oscillation grows from 1e-2 to 1.6
+    (measured 0.11 for the rod, whose growth rate eta S - 2 exceeds GD's log(eta S - 1), 0.023
+    for the edge flow, whose rate is GD's)."""
+    lr = 2.2 / 30.0
+    process, problem = build(process_name, {"name": "quartic", "sharpness": 30.0, "dim": 2, "init": 0.01}, lr)
+    _, rows = advance(process, problem.w0, 200)
+    parity = (-1.0) ** np.arange(200)[:, None]
+    ends = rows["position"] + parity * rows["amplitude"][:, None] * rows["top_vector"]
+    gd = gd_iterates(problem.objective, problem.w0, lr, 199)
+    error = np.linalg.norm(ends - gd, axis=1)
+    assert error[1] < 1e-12
+    assert error.max() < tolerance * np.linalg.norm(gd[-1])
+
+
+# ---- below the edge of stability ------------------------------------------------------------------
+
+
+def smooth_problem():
+    """A smooth non-quadratic loss: least squares plus a quartic, w in R^4 (sharpness ~ 4.5)."""
+    rng = np.random.default_rng(3)
+    a, b = jnp.asarray(rng.standard_normal((6, 4)) / 2), jnp.asarray(rng.standard_normal(6))
+    objective = Objective.from_function(lambda w: 0.5 * jnp.sum((a @ w - b) ** 2) + 0.25 * jnp.sum(w**4))
+    return objective, jnp.asarray(rng.standard_normal(4))
+
+
+def rod_like(name, objective, lr, correction=True):
+    from eosflow.flows.edge import EdgeFlow
+    from eosflow.flows.rod import RodFlow
+
+    cls = {"rod_flow": RodFlow, "edge_flow": EdgeFlow}[name]
+    return cls(name=name, lr=lr, spectrum=SpectrumSpec(every=0), key=jax.random.PRNGKey(0),
+               objective=objective, substeps=4, correction=correction)
+
+
+@pytest.mark.parametrize("name", ["rod_flow", "edge_flow"])
+def test_centre_follows_gd_to_second_order_below_eos(name):
+    """At a fixed physical time eta * t = 2, the centre's distance to GD shrinks like eta^2 (the
+    first backward-error correction), gradient flow's and the uncorrected model's like eta."""
+    objective, w0 = smooth_problem()
+    sharpness = float(np.linalg.eigvalsh(np.asarray(objective.hessian(w0)))[-1])
+    errors = {}
+    big, small = 0.2 / sharpness, 0.1 / sharpness
+    for lr in (big, small):
+        steps = int(round(2.0 / lr))
+        gd = gd_iterates(objective, w0, lr, steps)[-1]
+        for correction in (True, False):
+            _, rows = advance(rod_like(name, objective, lr, correction), w0, steps + 1)
+            errors[lr, correction] = np.linalg.norm(rows["position"][-1] - gd)
+    assert errors[big, True] / errors[small, True] > 3.5  # second order (measured 4.05)
+    assert errors[big, False] / errors[small, False] < 2.5  # first order (measured 2.02)
+    assert errors[big, True] < 0.05 * errors[big, False]  # (measured 0.019)
+
+
+def test_rod_stays_of_the_order_of_the_half_step_below_eos():
+    """Below EoS the rod's length never exceeds GD's half-step (eta/2)|g(w_t)| and its half-length
+    sqrt(|r|^2 + (eta/2)^2 |E|^2) is that half-step to O(eta)."""
+    objective, w0 = smooth_problem()
+    lr = 0.3 / float(np.linalg.eigvalsh(np.asarray(objective.hessian(w0)))[-1])
+    _, rows = advance(rod_like("rod_flow", objective, lr), w0, 40)
+    gd = gd_iterates(objective, w0, lr, 39)
+    half_step = 0.5 * lr * np.linalg.norm(np.asarray(jax.vmap(objective.grad)(gd)), axis=1)
+    assert np.all(rows["amplitude"] <= half_step * (1 + 1e-9))
+    assert rows["amplitude"][-1] < 1e-3 * half_step[-1]  # the non-oscillating rod dies out
+    np.testing.assert_allclose(rows["half_length"][1:], half_step[1:], rtol=0.1)
+
+
+# ---- the experiment's rows and the spec ------------------------------------------------------------
+
+
+def test_rows_in_an_experiment_report_gd_oscillation(tmp_path):
+    """In a run beside GD, the running RMS of GD's offset along the rod is the predicted amplitude."""
+    import eosflow
+    from eosflow.experiment import run
+
+    table = {"steps": 200, "lr": 0.08, "dtype": "float64", "processes": ["gd", "rod_flow"],
+             "problem": {"name": "quartic", "dim": 2, "init": 0.1}, "spectrum": {"every": 0}}
+    run(table, tmp_path / "run", overwrite=True)
+    ds = eosflow.load(tmp_path / "run").sel(process="rod_flow")
+    for key in ("loss", "predicted_loss", "amplitude", "half_length", "sharpness_along", "reference_offset",
+                "grads", "hvps", "distance"):
+        assert np.all(np.isfinite(ds[key].values[:150])), key
+    offset_rms = np.sqrt(np.mean(ds.reference_offset.values[-20:] ** 2))
+    np.testing.assert_allclose(offset_rms, ds.amplitude.values[-1], rtol=1e-3)
+    np.testing.assert_allclose(ds.amplitude.values[-1] ** 2, 30.0 - 2 / 0.08, rtol=1e-3)
+    assert ds.grads.values[0] == 8 and ds.hvps.values[1] == 8  # 4 substeps x (2 gradients, 2 HVPs)
+
+
+@pytest.mark.parametrize("process", ["rod_flow", "edge_flow"])
+def test_bad_options_name_the_field(process):
+    with pytest.raises(SpecError, match=f"{process}.substeps"):
+        build(process, {"name": "quartic"}, 0.08, substeps=0)
+    with pytest.raises(SpecError, match=f"{process}.correction"):
+        build(process, {"name": "quartic"}, 0.08, correction="yes")
