@@ -1,6 +1,5 @@
 """Objective derivatives against central finite differences (float64)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

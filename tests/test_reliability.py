@@ -1,7 +1,6 @@
 """Faults and bad input: kills, interrupts, full disks, corrupt files, unusable paths."""
 
 import errno
-import os
 import signal
 import subprocess
 import sys

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eosflow.objective import Objective
 from eosflow.problems import build_problem
 from eosflow.spectrum import (
     dense_top_eigenpairs, grow_tracked, hessian_eigenpairs, lanczos, lobpcg, power_iteration, random_vectors,

@@ -4,6 +4,8 @@
     eosflow demo [--out DIR]
     eosflow report RUN_DIR
     eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
+    eosflow compare SPEC.toml [--set key=value ...] [--out DIR] [--overwrite]
+    eosflow leaderboard [--quick] [--out DIR]
     eosflow problems
     eosflow processes
 
@@ -25,30 +27,9 @@ from eosflow.store import StoreError
 USER_ERRORS = (SpecError, StoreError)
 
 
-def _progress_bar(total: int, reference: str, lr: float):
-    """A rich progress bar showing step, loss, sharpness and lr*S of the reference process."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False,
-    )
-    task = bar.add_task(reference, total=total, status="")
-
-    def update(step, chunk):
-        import numpy as np
-
-        rows = chunk.get(reference, {})
-        loss = rows.get("loss", np.array([np.nan]))[-1]
-        sharp = rows.get("sharpness", np.array([np.nan]))
-        sharp = sharp[np.isfinite(sharp)][-1] if np.isfinite(sharp).any() else float("nan")
-        bar.update(task, completed=step, status=f"loss {loss:.4g}  S {sharp:.4g}  lr*S {lr * sharp:.3f}")
-
-    return bar, update
-
-
 def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: bool) -> int:
     from eosflow.experiment import run
+    from eosflow.progress import training_bar
     from eosflow.report import make_report
     from eosflow.spec import parse_spec
 
@@ -56,7 +37,7 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     if quiet:
         outcome = run(table, out, resume=resume, overwrite=overwrite)
     else:
-        bar, update = _progress_bar(spec.steps, spec.processes[0], spec.lr)
+        bar, update = training_bar(spec.steps, spec.processes[0], spec.lr)
         with bar:
             outcome = run(table, out, resume=resume, overwrite=overwrite, progress=update)
     report = make_report(out)
@@ -104,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-<name>-<time>)")
     p_sweep.add_argument("--quiet", action="store_true")
 
+    p_compare = sub.add_parser("compare", help="run GD and models from one w0 and report how well each tracks GD")
+    p_compare.add_argument("spec", type=Path)
+    p_compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p_compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-<name>-<time>)")
+    p_compare.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p_compare.add_argument("--quiet", action="store_true")
+
+    p_board = sub.add_parser("leaderboard", help="rank every model of GD on the built-in problem suite")
+    p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (~2 minutes)")
+    p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-quick])")
+    p_board.add_argument("--quiet", action="store_true")
+
     sub.add_parser("problems", help="list every problem with its parameters and defaults")
     sub.add_parser("processes", help="list every optimizer and model with its options")
 
@@ -137,6 +130,21 @@ def _dispatch(args) -> int:
         path = run_sweep(table, args.grid, out, scheduler=args.scheduler, workers=args.workers,
                          progress=not args.quiet)
         print(f"sweep: {path}")
+        return 0
+    if args.command == "compare":
+        from eosflow.compare import compare
+
+        table = load_spec_table(args.spec)
+        for assignment in args.set:
+            set_dotted(table, assignment)
+        out = args.out or Path("runs") / f"compare-{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"report: {compare(table, out, overwrite=args.overwrite, progress=not args.quiet)}")
+        return 0
+    if args.command == "leaderboard":
+        from eosflow.leaderboard import leaderboard
+
+        out = args.out or Path("runs") / ("leaderboard-quick" if args.quick else "leaderboard")
+        print(f"leaderboard: {leaderboard(out, quick=args.quick, progress=not args.quiet)}")
         return 0
     if args.command == "demo":
         return _run_table(demo_table(), args.out, False, True, args.quiet)

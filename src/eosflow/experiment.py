@@ -218,17 +218,17 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
 
 
 class _Timing:
-    """Wall-clock seconds per process, the chunk that compiled (the first of each invocation) apart."""
+    """Wall-clock time of every chunk per process: ``{name: {"chunks": [[steps, seconds, warm], ...]}}``.
+
+    ``warm`` is 0 for the first chunk of each invocation (it compiles), 1 afterwards.
+    """
 
     def __init__(self, previous: dict):
-        self.table = {name: dict(entry) for name, entry in previous.items()}
+        self.table = {name: {"chunks": list(entry.get("chunks", []))} for name, entry in previous.items()}
         self.warm = False
 
     def add(self, name: str, seconds: float, steps: int) -> None:
-        entry = self.table.setdefault(name, {"seconds": 0.0, "steps": 0, "warmup_seconds": 0.0, "warmup_steps": 0})
-        prefix = "" if self.warm else "warmup_"
-        entry[prefix + "seconds"] += seconds
-        entry[prefix + "steps"] += steps
+        self.table.setdefault(name, {"chunks": []})["chunks"].append([steps, seconds, int(self.warm)])
 
 
 def _finish(store: RunStore, base: dict, outcome: Outcome, inactive: dict, started: float,
@@ -244,5 +244,5 @@ def _finish(store: RunStore, base: dict, outcome: Outcome, inactive: dict, start
         "seconds": elapsed + time.perf_counter() - started,
     }
     if timing is not None:
-        summary["timing"] = timing  # per process: seconds and steps timed, warm-up (compiling) chunks apart
+        summary["timing"] = timing  # per process: the wall time of every chunk
     store.write_summary(summary)

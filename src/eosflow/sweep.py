@@ -397,7 +397,6 @@ def aggregate(sweep_dir: str | Path, failed: dict[str, str] | None = None) -> pd
     """Write ``sweep.parquet``: one row per (point, process) with grid values and summary numbers."""
     sweep_dir = Path(sweep_dir)
     meta = json.loads((sweep_dir / "sweep.json").read_text())
-    keys = [key for key, _ in meta["grid"]]
     failed = failed if failed is not None else meta.get("last_run", {}).get("failed", {})
     rows = []
     for name, values in meta["points"].items():

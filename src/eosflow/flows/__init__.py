@@ -1,4 +1,6 @@
 """Continuous-time models of the optimizers, as processes."""
 
-from eosflow.flows import langevin  # noqa: F401  (registers "langevin")
-from eosflow.flows import edge, rod  # noqa: F401  (registers "rod_flow", "edge_flow")
+from eosflow.flows import central, gradient, projected  # noqa: F401  (registers gradient, projected and central flows)
+from eosflow.flows import langevin  # noqa: E402,F401  (registers "langevin")
+from eosflow.flows import edge, rod  # noqa: E402,F401  (registers "rod_flow", "edge_flow")
+from eosflow.flows import free_energy  # noqa: E402,F401  (registers "free_energy")

@@ -1,0 +1,140 @@
+"""Flatland line searches on digits: the edge of stability from the first step, the sharpness
+driven towards its floor, the cost of each rule, and the flat-saddle failure fixed by the cap.
+
+    .venv/bin/python benchmarks/flatland.py [--out DIR] [--parts mlp,cnn,saddle] [--steps N]
+
+1. ``mlp`` / ``cnn``: each rule from the same w0 on the spec of examples/flatland_{mlp,cnn}_digits.toml
+   (one run per rule): loss evaluations per step (the cost of the search; every rule also takes
+   one gradient per step), eta_k S_k at the measured steps (its minimum, the fraction >= 1 - c,
+   the fraction > 2 overall and over the first 100 steps), the sharpness at the start and the
+   end in units of S_flat (= S K / 2 in the paper's units), the loss and the test accuracy.
+2. ``saddle``: examples/flatland_flat_saddle.toml and its capped twin: the loss over the last 200
+   steps against the random-guess level 1/2 (1 - 1/K), the sharpness in units of S_flat, the
+   accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import eosflow
+from eosflow.experiment import prepare, run
+from eosflow.optim.flatland import flat_sharpness
+from eosflow.spec import load_spec_table
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+RULES = [  # (label, process, options)
+    ("nls (Zhang-Hager xi=0.99)", "nls", {}),
+    ("nls (Zhang-Hager xi=0.85)", "nls", {"xi": 0.85}),
+    ("nls (Grippo max, M=10)", "nls", {"reference": "max", "memory": 10}),
+    ("ponls (Polyak start)", "ponls", {}),
+    ("nls capped (eta <= 1)", "nls", {"cap": True}),
+    ("armijo (monotone)", "armijo", {}),
+]
+CNN_RULES = [RULES[0], RULES[1], RULES[3], RULES[4], RULES[5]]
+
+
+def without_processes(table: dict) -> dict:
+    return {key: value for key, value in table.items() if key not in ("processes", "nls", "ponls", "armijo")}
+
+
+def problem_of(table: dict):
+    return prepare({**without_processes(table), "processes": ["gd"]})[1]
+
+
+def run_rule(base: dict, process: str, options: dict, out: Path, steps: int | None) -> float:
+    """Run one rule alone on the example's problem (same seed, so the same w0); returns the seconds."""
+    table = {**without_processes(base), "processes": [process], "name": f"{base['name']}-{process}", process: options}
+    if steps:
+        table["steps"] = steps
+    started = time.perf_counter()
+    run(table, out, overwrite=True)
+    return time.perf_counter() - started
+
+
+def measured(ds, process: str) -> dict:
+    d = ds.sel(process=process)
+    mask = np.isfinite(d["sharpness"].values)
+    steps = d["step"].values[mask]
+    return {"steps": steps, "sharpness": d["sharpness"].values[mask], "lr_sharpness": d["lr_sharpness"].values[mask]}
+
+
+def last_finite(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if finite.size else float("nan")
+
+
+def rules_table(example: str, rules, out: Path, steps: int | None) -> None:
+    base = load_spec_table(EXAMPLES / example)
+    problem = problem_of(base)
+    floor = flat_sharpness(problem.objective)
+    print(f"\n### {base['problem']['name']} on {base['problem']['dataset']}: {problem.w0.size} parameters, "
+          f"K = {problem.num_classes}, S_flat = {floor:g}, spec {example} ({steps or base['steps']} steps, "
+          f"first trial lr = {base['lr']}, spectrum every {base['spectrum']['every']})\n")
+    print("| rule | loss evals / step (mean, max) | min eta*S | eta*S >= 1-c | eta*S > 2 | > 2 in steps < 100 "
+          "| S/S_flat start -> end (min) | final loss | test acc | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, process, options in rules:
+        seconds = run_rule(base, process, options, out, steps)
+        ds = eosflow.load(out)
+        d = ds.sel(process=process)
+        m = measured(ds, process)
+        c = 1e-4
+        early = m["steps"] < 100
+        evals = d["loss_evals"].values
+        s = m["sharpness"] / floor
+        print(f"| {label} | {np.mean(evals):.2f}, {int(np.max(evals))} | {m['lr_sharpness'].min():.3f} | "
+              f"{np.mean(m['lr_sharpness'] >= 1 - c):.2f} | {np.mean(m['lr_sharpness'] > 2):.2f} | "
+              f"{np.mean(m['lr_sharpness'][early] > 2):.2f} | {s[0]:.2f} -> {np.mean(s[-5:]):.2f} ({s.min():.2f}) | "
+              f"{np.mean(d['loss'].values[-50:]):.4f} | {last_finite(d['test_accuracy'].values):.3f} | {seconds:.0f} |",
+              flush=True)
+
+
+def saddle_table(out: Path, steps: int | None) -> None:
+    print("\n### the flat-saddle failure and the cap (examples/flatland_flat_saddle*.toml)\n")
+    print("| run | eta over the last 200 steps (median) | loss, last 200 steps (mean, min) | random-guess loss "
+          "| S/S_flat end (min) | train acc | test acc | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for example in ("flatland_flat_saddle.toml", "flatland_flat_saddle_capped.toml"):
+        table = load_spec_table(EXAMPLES / example)
+        if steps:
+            table["steps"] = steps
+        started = time.perf_counter()
+        run(table, out, overwrite=True)
+        seconds = time.perf_counter() - started
+        problem = problem_of(table)
+        floor, classes = flat_sharpness(problem.objective), problem.num_classes
+        ds = eosflow.load(out)
+        d = ds.sel(process="nls")
+        m = measured(ds, "nls")
+        s = m["sharpness"] / floor
+        loss = d["loss"].values[-200:]
+        print(f"| {example} | {np.median(d['lr'].values[-200:]):.3f} | {loss.mean():.4f}, {loss.min():.4f} | "
+              f"{0.5 * (1 - 1 / classes):.3f} | {np.mean(s[-5:]):.2f} ({s.min():.2f}) | "
+              f"{last_finite(d['train_accuracy'].values):.3f} | {last_finite(d['test_accuracy'].values):.3f} | "
+              f"{seconds:.0f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="scratch run directory (default: a temporary one)")
+    parser.add_argument("--parts", default="mlp,cnn,saddle", help="comma-separated: mlp, cnn, saddle")
+    parser.add_argument("--steps", type=int, default=None, help="override the examples' step counts")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="flatland-")) / "run"
+    parts = args.parts.split(",")
+    if "mlp" in parts:
+        rules_table("flatland_mlp_digits.toml", RULES, out, args.steps)
+    if "cnn" in parts:
+        rules_table("flatland_cnn_digits.toml", CNN_RULES, out, args.steps)
+    if "saddle" in parts:
+        saddle_table(out, args.steps)
+
+
+if __name__ == "__main__":
+    main()

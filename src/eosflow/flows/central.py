@@ -1,0 +1,149 @@
+"""The central flow: the smooth trajectory that GD at the edge of stability oscillates around.
+
+    dw/dt = -eta [ g(w) + 1/2 grad_w <Sigma, H(w)> ],   Sigma = U X U^T   (Sigma fixed in the gradient)
+
+U holds the critical Hessian eigenvectors (eigenvalue within ``margin`` of 2/eta) and X >= 0
+solves, at every Euler substep of length dt, the semidefinite complementarity problem that keeps
+the linearized end-of-substep constraint  A - dt (<G_ij, v(X)>)_ij >= 0  with
+A = U^T (2/eta - H) U, G_ij = grad_w (u_i^T H u_j) = D^3 L[u_i, u_j, .] and
+v(X) = -eta g - (eta/2) sum_kl X_kl G_kl (see :mod:`eosflow.flows.sdcp` and docs/central_flow.md):
+
+    alpha = A + dt eta (<G_ij, g>)_ij,     beta[X] = dt (eta/2) (<G_ij, sum_kl X_kl G_kl>)_ij.
+
+One step (one unit of time): a warm-started LOBPCG at the centre gives the tracked eigenpairs;
+the top m eigenvectors with eigenvalue >= (1 - margin) 2/eta are the critical directions U,
+held fixed for the step, and their m(m+1)/2 pair gradients G_ij are computed once (a loop of
+jvp-of-HVP products, so one compiled copy serves every m). Then n Euler substeps, each with one
+linearization of (L, g), m HVPs for A at the substep (the constraint is re-evaluated, so any
+drift of the stale G's is corrected at the next substep), and the SDCP, padded to a fixed size
+with inactive directions masked (alpha = 2/eta on them, no coupling), so the whole step has
+static shapes and no branches. With ``max_critical = 1`` this is the projected flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.config import option
+from eosflow.flows.gradient import SubstepOptions, prediction_row, substep_count
+from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
+from eosflow.objective import Objective
+from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.spectrum import spectrum_row
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectedFlowOptions(SubstepOptions):
+    margin: float = option(0.03, "an eigenvalue is critical once above (1 - margin) * 2/lr", ge=0, lt=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CentralFlowOptions(ProjectedFlowOptions):
+    max_critical: int = option(6, "most critical directions (capped by the tracked eigenpairs)", ge=1)
+    sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
+
+
+class CentralState(NamedTuple):
+    w: Array  # the centre
+    vectors: Array  # tracked Hessian eigenvectors at the centre (warm start of the next step)
+    step: Array
+
+
+class CentralFlow(ScannedProcess):
+    objective: Objective
+    options: CentralFlowOptions = eqx.field(static=True)
+
+    def init(self, w0: Array) -> CentralState:
+        return CentralState(w0, self.initial_vectors(w0), jnp.asarray(0))
+
+    def step(self, state: CentralState) -> tuple[CentralState, dict[str, Array]]:
+        threshold = 2.0 / self.lr
+        vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, self.lr, self.spectrum)
+        k = vectors.shape[1]
+        m_max = min(k, self.options.max_critical)
+        values = row["eigenvalues"][:k]
+        m = jnp.minimum(jnp.sum(values >= (1.0 - self.options.margin) * threshold), m_max).astype(jnp.int32)
+        # critical directions are held at 2/eta; the stiffest free one sets the substep count
+        n = substep_count(self.lr, jnp.max(jnp.where(jnp.arange(k) < m, threshold, values)), self.options)
+        dt = 1.0 / n
+        critical = vectors[:, :m_max] * (jnp.arange(m_max) < m)  # the top m eigenvectors, zero-padded
+        scaled = self.pair_gradients(state.w, critical, m)
+
+        def substep(i, carry):
+            w, first = carry
+            (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
+            image = _apply_to_columns(lambda v: linear(v)[1], critical, m)
+            slack = threshold * jnp.eye(m_max, dtype=w.dtype) - 0.5 * (critical.T @ image + image.T @ critical)
+            velocity, X = self.sdcp_velocity(grad, slack, scaled, dt)
+            first = jax.tree_util.tree_map(lambda new, old: jnp.where(i == 0, new, old), (loss, grad, X), first)
+            return w + dt * velocity, first
+
+        zeros = (jnp.zeros((), state.w.dtype), jnp.zeros_like(state.w), jnp.zeros((m_max, m_max), state.w.dtype))
+        new_w, (loss, grad, X) = jax.lax.fori_loop(0, n, substep, (state.w, zeros))
+
+        sigma_values, sigma_vectors = jnp.linalg.eigh(X)
+        sigma_values = jnp.maximum(sigma_values[::-1], 0.0)
+        top = jnp.where(sigma_values[0] > 0, critical @ sigma_vectors[:, -1], vectors[:, 0])
+        sigma_values = jnp.concatenate([sigma_values, jnp.zeros((k - m_max,), sigma_values.dtype)])
+        row.update(prediction_row(self.lr, loss, grad, sigma_values, top, self.spectrum.k_max))
+        row.update(position=state.w, loss=loss, critical=m, substeps=n, grads=n,
+                   hvps=row["hvps"] + n * m, third_derivatives=m * (m + 1) // 2)
+        return CentralState(new_w, vectors, state.step + 1), row
+
+    def pair_gradients(self, w: Array, critical: Array, m: Array | int | None = None) -> Array:
+        """Gs_p = s_p G_p for the pairs p = (i <= j) of the columns of ``critical`` (p x d), with
+        G_ij = D^3 L(w)[u_i, u_j, .] and s_p = sqrt 2 off the diagonal (the svec convention).
+
+        Only the pairs of the first ``m`` columns are computed (a loop with a traced trip count);
+        the other rows are zero.
+        """
+        size = critical.shape[1]
+        m = size if m is None else m
+        rows, cols = (jnp.asarray(index) for index in pair_indices(size))
+        scale = jnp.asarray(pair_scale(size), w.dtype)
+
+        def pair(p, out):
+            u, v = critical[:, rows[p]], critical[:, cols[p]]
+            return out.at[p].set(scale[p] * self.objective.third_derivative(w, u, v))
+
+        return jax.lax.fori_loop(0, m * (m + 1) // 2, pair, jnp.zeros((scale.size, w.size), w.dtype))
+
+    def sdcp_velocity(self, grad: Array, slack: Array, scaled: Array, dt: Array) -> tuple[Array, Array]:
+        """(dw/dt, X) for an Euler substep of length dt, given the slack A = U^T (2/eta - H) U
+        and the scaled pair gradients Gs of U: X solves the SDCP with
+        alpha = A + dt eta (<G_ij, g>)_ij and beta = dt (eta/2) Gs Gs^T."""
+        lr = self.lr
+        alpha = slack + dt * lr * smat(scaled @ grad)
+        beta = (0.5 * dt * lr) * (scaled @ scaled.T)
+        X = solve_sdcp(alpha, beta, max_iters=self.options.sdcp_max_iters).X
+        return -lr * grad - 0.5 * lr * (scaled.T @ svec(X)), X
+
+
+def _apply_to_columns(operator, vectors: Array, m: Array) -> Array:
+    """operator(v) for the first m columns of ``vectors`` (a loop: one compiled copy of the
+    operator whatever m is); the other columns of the result are zero."""
+
+    def column(i, out):
+        return out.at[:, i].set(operator(vectors[:, i]))
+
+    return jax.lax.fori_loop(0, m, column, jnp.zeros_like(vectors))
+
+
+def build_central_flow(problem, spec, options: CentralFlowOptions, name: str) -> CentralFlow:
+    """A central flow process; it measures eigenpairs at every step whatever ``spectrum.every`` says."""
+    return CentralFlow(
+        name=name, lr=spec.lr, spectrum=dataclasses.replace(spec.spectrum, every=1),
+        key=process_key(spec.seed, name), objective=problem.objective, options=options,
+    )
+
+
+@register_process("central_flow", CentralFlowOptions,
+                  "central flow: GD's time-averaged trajectory at the edge of stability (Cohen et al. 2025)")
+def build(problem, spec, options: CentralFlowOptions) -> CentralFlow:
+    return build_central_flow(problem, spec, options, "central_flow")

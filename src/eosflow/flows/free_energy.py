@@ -1,0 +1,174 @@
+"""The free-energy model: GD's centre theta coupled with the covariance Sigma of its oscillation.
+
+GD at the edge of stability is written w_k = theta + (-1)^k delta_k with theta, delta slowly
+varying and Sigma = <delta delta^T> of low rank, Sigma = V V^T, V = U diag(a) (U: r tracked Hessian
+eigenvectors at theta, a: the oscillation's amplitudes along them). Averaging two GD steps gives
+(docs/free_energy.md, eosflow's own derivation)
+
+    dtheta/dt = -eta grad_theta F(theta, Sigma),
+    F(theta, Sigma) = L(theta) + sum_j [ (L(theta + a_j u_j) + L(theta - a_j u_j)) / 2 - L(theta) ]
+                    ~ L(theta) + 1/2 <Sigma, H(theta)>                    (the "taylor" stiffness)
+    d log a_j / dt  = log | eta k_j(theta, a_j) - 1 |,
+    k_j             = u_j . (g(theta + a_j u_j) - g(theta - a_j u_j)) / (2 a_j)   (secant stiffness)
+                    ~ u_j^T H u_j                                          (the "taylor" stiffness)
+
+so Sigma grows while the curvature *felt by the oscillation* exceeds 2/eta and decays below it;
+with ``stiffness = "secant"`` a stable period-2 orbit of GD is an exact fixed point. The effective
+free energy F is reported along the run (``free_energy`` = ``predicted_loss``).
+
+Seeding: at t = 0 (and, with ``floor``, as a lower bound at every step) a_j = eta/2 |g . u_j|, the
+half-step rod: GD's first iterate sits eta/2 g away from the midpoint its oscillation starts from.
+Cost per substep: one gradient at theta plus two per oscillating direction (r "HVPs").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.config import SpecError, option
+from eosflow.flows.gradient import SubstepOptions, substep_count
+from eosflow.objective import Objective
+from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.spectrum import spectrum_row
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeEnergyOptions(SubstepOptions):
+    rank: int = option(1, "r: oscillating directions (rank of Sigma; capped by the tracked eigenpairs)", ge=1)
+    stiffness: Literal["secant", "taylor"] = option(
+        "secant", "secant: curvature averaged over the oscillation (exact on period-2 orbits); "
+        "taylor: u^T H(theta) u and 1/2 <Sigma, H> (the second-order expansion)")
+    seed: Literal["rod", "none"] = option("rod", "rod: a_j = lr/2 |g . u_j| at t = 0; none: Sigma(0) = 0")
+    floor: bool = option(True, "keep a_j >= lr/2 |g . u_j| (GD keeps re-seeding its oscillation)")
+    seed_scale: float = option(1.0, "multiplies the seed and the floor", gt=0)
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if self.seed == "none" and self.floor:
+            raise SpecError(f"`{where}.floor` = true needs `{where}.seed` = 'rod' (got 'none')")
+
+
+class FreeEnergyState(NamedTuple):
+    w: Array  # theta, the centre
+    vectors: Array  # U: tracked Hessian eigenvectors at theta (d x k)
+    amplitudes: Array  # a (k_max,): RMS oscillation along U's columns (zero beyond the rank)
+    sharpness: Array  # last measured S (sets the substep count)
+    step: Array
+
+
+class Averaged(NamedTuple):
+    """The oscillation-averaged loss, its gradient in theta and the felt stiffness k_j."""
+
+    free_energy: Array
+    drift: Array
+    stiffness: Array
+    loss: Array
+    grad: Array
+
+
+def rod_amplitudes(grad: Array, vectors: Array, lr: float) -> Array:
+    """The half-step rod's extent along each direction: eta/2 |g . u_j|."""
+    return 0.5 * lr * jnp.abs(vectors.T @ grad)
+
+
+def transport(amplitudes: Array, old: Array, new: Array) -> Array:
+    """diag(U_new^T Sigma U_new)^(1/2) for Sigma = U_old diag(a^2) U_old^T (new tracked basis)."""
+    overlap = new.T @ old
+    return jnp.sqrt((overlap**2) @ amplitudes**2)
+
+
+def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Array, mode: str) -> Averaged:
+    """F(theta, Sigma), grad_theta F and the stiffness felt along each direction (see module doc).
+
+    secant: the two-point average over theta +- a_j u_j. To keep the secant accurate for tiny a_j
+    it is measured at the probe b_j = max(a_j, sqrt(eps)(1 + |theta|_inf)) and the (quadratic)
+    corrections to L and g are rescaled by (a_j / b_j)^2.
+    """
+    loss, grad = objective.value_and_grad(w)
+    if mode == "taylor":
+        def along(u):
+            hu = objective.hvp(w, u)
+            return u @ hu, objective.third_derivative(w, u, u)
+
+        curvature, cubic = jax.vmap(along, in_axes=1)(vectors)
+        weights = amplitudes**2
+        return Averaged(loss + 0.5 * weights @ curvature, grad + 0.5 * weights @ cubic, curvature, loss, grad)
+    probe_floor = jnp.sqrt(jnp.finfo(w.dtype).eps) * (1.0 + jnp.max(jnp.abs(w)))
+    probes = jnp.maximum(amplitudes, probe_floor)
+
+    def ends(u, b):
+        (lp, gp), (lm, gm) = objective.value_and_grad(w + b * u), objective.value_and_grad(w - b * u)
+        return 0.5 * (lp + lm) - loss, 0.5 * (gp + gm) - grad, u @ (gp - gm) / (2.0 * b)
+
+    extra_loss, extra_grad, stiffness = jax.vmap(ends, in_axes=(1, 0))(vectors, probes)
+    weights = (amplitudes / probes) ** 2
+    return Averaged(loss + weights @ extra_loss, grad + weights @ extra_grad, stiffness, loss, grad)
+
+
+class FreeEnergyFlow(ScannedProcess):
+    objective: Objective
+    options: FreeEnergyOptions = eqx.field(static=True)
+
+    def init(self, w0: Array) -> FreeEnergyState:
+        vectors = self.initial_vectors(w0)
+        amplitudes = jnp.zeros((self.spectrum.k_max,), w0.dtype)
+        return FreeEnergyState(w0, vectors, amplitudes, jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
+
+    def step(self, state: FreeEnergyState) -> tuple[FreeEnergyState, dict[str, Array]]:
+        lr, options = self.lr, self.options
+        k = state.vectors.shape[1]
+        vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, lr, self.spectrum)
+        active = jnp.arange(k) < options.rank
+        amplitudes = jnp.where(active, transport(state.amplitudes[:k], state.vectors, vectors), 0.0)
+        grad = self.objective.grad(state.w)
+        seed = options.seed_scale * jnp.where(active, rod_amplitudes(grad, vectors, lr), 0.0)
+        if options.seed == "rod":
+            amplitudes = jnp.where(state.step == 0, seed, amplitudes)
+        if options.floor:
+            amplitudes = jnp.maximum(amplitudes, seed)
+
+        sharpness = jnp.where(jnp.isfinite(row["sharpness"]), row["sharpness"], state.sharpness)
+        n = substep_count(lr, sharpness, options)
+        dt = 1.0 / n
+        mode = options.stiffness
+
+        def substep(_, carry):
+            w, a = carry
+            averaged = averaged_loss(self.objective, w, vectors, a, mode)
+            growth = jnp.log(jnp.maximum(jnp.abs(lr * averaged.stiffness - 1.0), 1e-12))
+            return w - dt * lr * averaged.drift, a * jnp.exp(dt * growth)
+
+        start = averaged_loss(self.objective, state.w, vectors, amplitudes, mode)
+        new_w, new_amplitudes = jax.lax.fori_loop(0, n, substep, (state.w, amplitudes))
+
+        top = jnp.argmax(amplitudes)
+        sigma_values = jnp.sort(amplitudes**2)[::-1]
+        padding = jnp.zeros((self.spectrum.k_max - k,), sigma_values.dtype)
+        per_eval = 1 + 2 * options.rank if mode == "secant" else 1
+        row.update(
+            position=state.w, loss=start.loss, grad_norm=jnp.linalg.norm(start.grad),
+            predicted_loss=start.free_energy, free_energy=start.free_energy,
+            covariance=jnp.concatenate([sigma_values, padding]),
+            amplitude=amplitudes[top], top_vector=vectors[:, top],
+            felt_sharpness=start.stiffness[0], substeps=n,
+            grads=2 + (n + 1) * per_eval,
+            hvps=row["hvps"] + (0 if mode == "secant" else 2 * (n + 1) * options.rank),
+        )
+        full = jnp.concatenate([new_amplitudes, padding])
+        return FreeEnergyState(new_w, vectors, full, sharpness, state.step + 1), row
+
+
+@register_process("free_energy", FreeEnergyOptions,
+                  "free-energy model: centre theta and oscillation covariance Sigma with its own dynamics")
+def build(problem, spec, options: FreeEnergyOptions) -> FreeEnergyFlow:
+    """Eigenpairs are measured at the centre at every step whatever ``spectrum.every`` says."""
+    return FreeEnergyFlow(
+        name="free_energy", lr=spec.lr, spectrum=dataclasses.replace(spec.spectrum, every=1),
+        key=process_key(spec.seed, "free_energy"), objective=problem.objective, options=options,
+    )

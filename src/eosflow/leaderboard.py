@@ -1,0 +1,218 @@
+"""The flow leaderboard: every model of GD on a built-in suite of problems, in one table.
+
+    eosflow leaderboard [--quick] [--out DIR]
+
+    out/
+      runs/<problem>/            one ordinary run directory per problem: gd, gradient_flow and every
+                                 model in lockstep from the same w0 (``eosflow.load`` it)
+      runs/<problem>-<model>/    only when the shared run raised: that model alone with gd and
+                                 gradient_flow, so one broken model does not sink the others
+      leaderboard.csv            one row per (problem, process): the columns of ``eosflow.compare``
+      leaderboard.md             the same as a Markdown table, with the machine and the command
+
+The models are every registered continuous-time process (``PROCESSES`` entries that are not
+discrete) except the models of other optimizers (``NOT_GD_MODELS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import platform
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from eosflow.compare import compare_run, format_number
+
+REFERENCE, BASELINE = "gd", "gradient_flow"
+NOT_GD_MODELS = {"langevin": "models SGD, not GD"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One problem of the suite: a spec table without ``processes``; ``quick_steps`` None: not in --quick."""
+
+    name: str
+    table: dict
+    quick_steps: int | None = None
+
+
+def _entry(name: str, steps: int, lr: float, problem: dict, dtype: str = "float64", k_max: int = 2,
+           quick_steps: int | None = None) -> Entry:
+    table = {"name": name, "seed": 0, "steps": steps, "lr": lr, "dtype": dtype, "problem": problem,
+             "spectrum": {"k": 1, "k_max": k_max}, "record": {"chunk": 100}}
+    return Entry(name, table, quick_steps)
+
+
+SUITE: tuple[Entry, ...] = (
+    # 1-D (in n-D the potential is radial and the Hessian at the orbit's centre isotropic, so a
+    # model's direction there is arbitrary): period-2 orbit +-a with a^2 = (S - 2/lr)/Q, lr S = 2.4
+    _entry("quartic", 400, 0.08, {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1}, quick_steps=200),
+    # self-stabilization in an exponentially sharpening valley (EoS from step ~530 at lr = 0.1)
+    _entry("sharp_valley", 1500, 0.1, {"name": "sharp_valley"}, quick_steps=700),
+    # a valley whose sharpness s(x) = S(1 + x^2) is pulled past 2/lr by a quadratic drift to x = 2
+    _entry("sharp_valley_quadratic", 1000, 0.1,
+           {"name": "sharp_valley", "profile": "quadratic", "drift": "quadratic", "target": 2.0}),
+    # deep factorization d = 2, L = 3: the flattest minima have S = 29.1 > 2/lr = 26 (period-2 GD)
+    _entry("matrix_factorization", 1500, 0.077,
+           {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5}, k_max=3),
+    # tanh MLP on 300 digits: progressive sharpening to 2/lr = 5, then EoS
+    _entry("mlp_digits", 500, 0.4, {"name": "mlp", "dataset": "digits", "n_train": 300, "n_test": 0,
+                                     "width": 32, "depth": 2}, dtype="float32", k_max=3),
+    # small CNN on 200 digits (conv 8-16, 2x2 average pooling): sharpening to 2/lr = 5 by step ~150
+    _entry("cnn_digits", 400, 0.4, {"name": "cnn", "dataset": "digits", "n_train": 200, "n_test": 0},
+           dtype="float32", k_max=3),
+    # mean-field two-layer network (1/N readout): lr S0 = 2.05 at initialization
+    _entry("two_layer_meanfield", 500, 360.0, {"name": "two_layer_meanfield", "width": 128},
+           dtype="float32", k_max=3),
+)
+
+
+def gd_models() -> list[str]:
+    """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS``."""
+    from eosflow.process import PROCESSES
+
+    return [name for name, entry in PROCESSES.items()
+            if not entry.discrete and name not in NOT_GD_MODELS and name != BASELINE]
+
+
+def suite_tables(quick: bool = False, models: list[str] | None = None,
+                 suite: tuple[Entry, ...] = SUITE) -> dict[str, dict]:
+    """The spec table of every problem of the (quick) suite, with gd, gradient_flow and the models."""
+    models = gd_models() if models is None else models
+    tables = {}
+    for entry in suite:
+        if quick and entry.quick_steps is None:
+            continue
+        table = copy.deepcopy(entry.table)
+        table["processes"] = [REFERENCE, BASELINE, *models]
+        if quick:
+            table["steps"] = entry.quick_steps
+            table["record"]["chunk"] = max(1, entry.quick_steps // 4)
+        tables[entry.name] = table
+    return tables
+
+
+def _runner(progress: bool):
+    """``run_one(label, table, out)``: the experiment (overwriting ``out``), with a progress bar or none."""
+    from eosflow.experiment import run
+
+    if not progress:
+        return lambda label, table, out: run(table, out, overwrite=True)
+    from eosflow.progress import training_bar
+
+    def run_one(label, table, out):
+        bar, update = training_bar(table["steps"], REFERENCE, table["lr"], label=label)
+        with bar:
+            return run(table, out, overwrite=True, progress=update)
+
+    return run_one
+
+
+def run_suite(tables: dict[str, dict], out: Path, progress: bool = True) -> pd.DataFrame:
+    """Run every table into ``out/runs`` and gather the comparison rows (problem, process, metrics)."""
+    out = Path(out)
+    run_one = _runner(progress)
+    frames = []
+    for problem, table in tables.items():
+        run_dir = out / "runs" / problem
+        try:
+            run_one(problem, table, run_dir)
+            frames.append(_rows(problem, compare_run(run_dir)))
+        except Exception as shared_error:  # one broken model must not sink the suite
+            frames.append(_separately(problem, table, out, run_one, shared_error))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _rows(problem: str, table: pd.DataFrame) -> pd.DataFrame:
+    table = table.reset_index()
+    table.insert(0, "problem", problem)
+    return table
+
+
+def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
+    """Each model alone with the reference and the baseline; a model that raises gets an error row."""
+    frames, base_done = [], False
+    for model in table["processes"][2:]:
+        alone = {**table, "processes": [REFERENCE, BASELINE, model]}
+        run_dir = out / "runs" / f"{problem}-{model}"
+        try:
+            run_one(f"{problem} ({model})", alone, run_dir)
+        except Exception as error:
+            frames.append(pd.DataFrame([{"problem": problem, "process": model,
+                                         "status": f"error: {type(error).__name__}: {error}"[:200]}]))
+            continue
+        rows = _rows(problem, compare_run(run_dir))
+        frames.append(rows if not base_done else rows[rows["process"] == model])
+        base_done = True
+    if not frames:
+        frames.append(pd.DataFrame([{"problem": problem, "process": REFERENCE,
+                                     "status": f"error: {type(shared_error).__name__}: {shared_error}"[:200]}]))
+    return pd.concat(frames, ignore_index=True)
+
+
+COLUMNS = (("relative_distance", "rel. distance"), ("loss_error", "loss error"),
+           ("envelope_error", "envelope error"), ("ms_per_step", "ms / step"),
+           ("gradient_equivalents", "grad-equiv. / step"))
+
+
+HIDDEN_WHEN_DROPPED = ("relative_distance", "loss_error", "envelope_error", "ms_per_step")
+
+
+def markdown(rows: pd.DataFrame) -> list[str]:
+    """The leaderboard as one Markdown table (numbers as in the comparison report).
+
+    A process dropped after diverging shows neither accuracy numbers (they would cover only its
+    short life) nor wall time (only its compiling chunk was timed); ``leaderboard.csv`` keeps them.
+    """
+    lines = ["| problem | process | " + " | ".join(title for _, title in COLUMNS) + " | status |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for _, row in rows.iterrows():
+        status = str(row["status"])
+        cells = [format_number(float(row.get(column, float("nan"))))
+                 if status == "ok" or column not in HIDDEN_WHEN_DROPPED else "-" for column, _ in COLUMNS]
+        lines.append(f"| {row['problem']} | {row['process']} | " + " | ".join(cells) + f" | {status} |")
+    return lines
+
+
+def machine() -> str:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+            f"jax {jax.__version__} ({jax.devices()[0].platform}), load average at the end {load:.1f}")
+
+
+def leaderboard(out: Path, quick: bool = False, progress: bool = True) -> Path:
+    """Run the suite (``--quick``: the toys, shortened) into ``out``; returns ``out/leaderboard.md``."""
+    out = Path(out)
+    started = time.perf_counter()
+    tables = suite_tables(quick)
+    rows = run_suite(tables, out, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out / "leaderboard.csv", index=False)
+    return write_page(rows, out, quick, (time.perf_counter() - started) / 60)
+
+
+def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float) -> Path:
+    """``out/leaderboard.md``: the command, the machine and the table."""
+    command = "eosflow leaderboard" + (" --quick" if quick else "")
+    problems = rows["problem"].nunique()
+    lines = [f"# Flow leaderboard{' (quick)' if quick else ''}", "",
+             f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.", "",
+             "rel. distance = <||w_GD - w||> / gradient flow's; loss error and envelope error = relative "
+             "L1 errors against GD's smoothed loss and oscillation envelope; cost per unit time "
+             "(an HVP = 2 gradients). Definitions: docs/compare.md.", ""]
+    lines += markdown(rows)
+    path = Path(out) / "leaderboard.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,161 @@
+"""Gradient, projected and central flows against independent oracles: the integrators'
+stability polynomials and the matrix exponential on a quadratic, dense third-derivative tensors
+for the central-flow velocity, the closed-form equilibrium of a sharp valley, and the GD
+iterates themselves on a small MLP at the edge of stability."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+import threadpoolctl
+from scipy.ndimage import gaussian_filter1d
+
+import eosflow
+from eosflow.config import SpecError
+from eosflow.experiment import prepare, run
+from eosflow.flows.central import CentralFlow, CentralFlowOptions
+from eosflow.flows.gradient import GradientFlowOptions, substep_count
+from eosflow.objective import Objective
+from eosflow.spec import SpectrumSpec, parse_spec
+
+
+def test_substep_count_follows_the_sharpness():
+    options = GradientFlowOptions(substeps=4, courant=0.5, max_substeps=64)
+    counts = [int(substep_count(0.1, jnp.asarray(s), options)) for s in (5.0, 25.0, 1e4, jnp.nan)]
+    assert counts == [4, 5, 64, 4]  # max(4, ceil(2 eta S)), capped, and the minimum when S is unknown
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_gradient_flow_on_a_quadratic(method):
+    """Per eigenmode, n substeps multiply by R(-eta lambda / n)^n: R(z) = 1 + z (Euler) or the
+    degree-4 Taylor polynomial of e^z (RK4); the exact flow is exp(-eta H t)."""
+    lr, steps = 0.15, 12  # eta S = 3: the substep rule gives n = 6
+    _, problem, _, processes = prepare({
+        "steps": steps, "lr": lr, "dtype": "float64", "processes": ["gradient_flow"],
+        "problem": {"name": "quadratic", "eigenvalues": [20.0, 10.0, 1.0]},
+        "spectrum": {"k": 1, "k_max": 1}, "gradient_flow": {"method": method},
+    })
+    flow = processes["gradient_flow"]
+    _, rows = flow.advance(flow.init(problem.w0), steps)
+    hessian = np.asarray(problem.objective.hessian(problem.w0))
+    values, basis = np.linalg.eigh(hessian)
+    n = 6
+    z = -lr * values / n
+    growth = 1 + z if method == "euler" else 1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24
+    w0 = np.asarray(problem.w0)
+    for t in (1, 5, steps - 1):
+        predicted = basis @ (growth ** (n * t) * (basis.T @ w0))
+        np.testing.assert_allclose(rows["position"][t], predicted, atol=1e-13)
+    assert np.all(rows["substeps"] == n)
+    exact = scipy.linalg.expm(-lr * (steps - 1) * hessian) @ w0
+    error = np.linalg.norm(rows["position"][-1] - exact) / np.linalg.norm(w0)
+    assert error < (1e-3 if method == "rk4" else 0.1)
+
+
+def tiny_mlp(params, x):
+    w1, b1, w2 = params
+    return jnp.tanh(x @ w1 + b1) @ w2
+
+
+def test_central_velocity_against_dense_third_derivatives():
+    """X solves the SDCP and dw/dt = -eta (g + 1/2 sum_ij X_ij G_ij) with G_ij = T[u_i, u_j, .]
+    from the dense third-derivative tensor T (off-diagonal pairs included, each ordered pair once)."""
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((3, 5)) / 2, rng.standard_normal(5) / 2, rng.standard_normal((5, 2)) / 2]
+    inputs, targets = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
+    objective, w = Objective.from_model(tiny_mlp, [jnp.asarray(p) for p in params], jnp.asarray(inputs),
+                                        jnp.asarray(targets), loss="mse")
+    lr, dt, m = 0.1, 0.25, 3
+    flow = CentralFlow(name="central_flow", lr=lr, spectrum=SpectrumSpec(), key=jax.random.PRNGKey(0),
+                       objective=objective, options=CentralFlowOptions())
+    U = np.linalg.qr(rng.standard_normal((w.size, m)))[0]
+    grad = np.asarray(objective.grad(w))
+    T = np.asarray(jax.jit(jax.jacfwd(objective.hessian))(w))
+    G = np.einsum("abc,ai,bj->ijc", T, U, U)
+    drift = dt * lr * np.einsum("ijc,c->ij", G, grad)
+    rotation = np.linalg.qr(rng.standard_normal((m, m)))[0]
+    slack = -(1 + np.abs(drift).max()) * rotation @ np.diag([1.0, 0.6, -0.4]) @ rotation.T  # two overshoot
+    scaled = eqx.filter_jit(CentralFlow.pair_gradients)(flow, w, jnp.asarray(U))
+    velocity, X = eqx.filter_jit(CentralFlow.sdcp_velocity)(flow, jnp.asarray(grad), jnp.asarray(slack), scaled, dt)
+    X = np.asarray(X)
+    Z = slack + drift + 0.5 * dt * lr * np.einsum("ijc,klc,kl->ij", G, G, X)
+    scale = np.abs(X).max()
+    assert np.linalg.eigvalsh(X).min() > -1e-10 * scale and np.linalg.eigvalsh(Z).min() > -1e-8
+    assert abs(np.sum(X * Z)) < 1e-8 * scale
+    assert np.abs(X[0, 1]) > 1e-3 * scale  # the off-diagonal coupling is exercised
+    np.testing.assert_allclose(velocity, -lr * grad - 0.5 * lr * np.einsum("ijc,ij->c", G, X), atol=1e-10)
+
+
+def test_projected_and_central_flows_reach_the_valley_equilibrium():
+    """f = 1/2 S e^x y^2 - eps x (straight valley): the centre stops where S e^x = 2/eta, and
+    dx/dt = 0 there needs sigma^2 = 2 eps / s'(x) = eps eta (closed form). Two eigenpairs are
+    tracked; the second (~0) must stay out of the critical set."""
+    lr, eps, steps = 0.2, 0.02, 300
+    table = {
+        "steps": steps, "lr": lr, "dtype": "float64", "processes": ["projected_flow", "central_flow"],
+        "problem": {"name": "sharp_valley", "sharpness": 5.0, "rate": 1.0, "bend": 0.0, "eps": eps, "y0": 0.1},
+        "spectrum": {"k": 2, "k_max": 2},
+    }
+    _, problem, _, processes = prepare(table)
+    x_star = np.log(2 / (lr * 5.0))
+    for flow in processes.values():
+        rows = {key: np.asarray(value) for key, value in flow.advance(flow.init(problem.w0), steps)[1].items()}
+        assert rows["position"][-1][0] == pytest.approx(x_star, abs=1e-3)
+        assert rows["covariance"][-1][0] == pytest.approx(eps * lr, rel=1e-2)
+        assert rows["covariance"][-1][1] == 0 and rows["critical"][-1] == 1
+        assert rows["sharpness"][-1] == pytest.approx(2 / lr, rel=1e-3)
+        assert rows["predicted_loss"][-1] == pytest.approx(rows["loss"][-1] + eps, rel=1e-2)  # + sigma^2 / eta
+
+
+@pytest.mark.slow
+def test_central_flow_tracks_gd_at_the_edge_of_stability(tmp_path):
+    """The reference MLP (swish 8-16-16-4, 484 parameters) at eta = 0.1 in float32: three
+    eigenvalues reach 2/eta. Oracles: GD's own iterates and losses, and dense float64 Hessians."""
+    lr, steps = 0.1, 600
+    table = {
+        "steps": steps, "lr": lr, "dtype": "float32", "processes": ["gd", "gradient_flow", "central_flow"],
+        "problem": {"name": "mlp_regression"}, "spectrum": {"k": 3, "k_max": 3},
+        "record": {"chunk": 300, "params_every": 50},
+    }
+    run(table, tmp_path / "run")
+    ds = eosflow.load(tmp_path / "run")
+    gd, gf, cf = (ds.sel(process=p) for p in ("gd", "gradient_flow", "central_flow"))
+    edge = 2 / lr
+    active = cf.amplitude.values > 0
+    eos = int(np.argmax(active))
+    assert 150 < eos < 400 and active[eos:].all()
+    # several eigenvalues reach 2/eta, for GD and (as critical directions) for the central flow
+    assert np.nanmax(gd.eigenvalues.values[:, 1]) > edge and np.nanmax(cf.critical.values) >= 2
+    assert np.max(cf.covariance.values[:, 1]) > 0
+    # distance to GD at the end: a small fraction of gradient flow's
+    ratio = float(cf.distance[-1] / gf.distance[-1])
+    assert ratio <= 0.25, ratio
+    # predicted time-averaged loss against GD's Gaussian-smoothed loss over the EoS phase
+    width = 20
+    smooth = gaussian_filter1d(gd.loss.values.astype(np.float64), width, mode="nearest")
+    phase = slice(eos + 3 * width, steps - 3 * width)
+    relative = np.abs(cf.predicted_loss.values[phase] - smooth[phase]) / smooth[phase]
+    assert relative.max() < 0.10, relative.max()
+    # sharpness pinned at 2/eta while Sigma != 0: tracked eigenvalues, and dense float64 Hessians
+    assert np.max(np.abs(cf.sharpness.values[active] / edge - 1)) < 0.01
+    saved_steps, saved = eosflow.load_params(tmp_path / "run", "central_flow")
+    _, problem, _, _ = prepare({**table, "dtype": "float64"})
+    hessian = jax.jit(jax.hessian(problem.objective.value))
+    for step, w in zip(saved_steps, saved):
+        if active[step]:
+            # one LAPACK thread: on a busy 2-core machine OpenBLAS's threads make this eigh ~100x slower
+            with threadpoolctl.threadpool_limits(1):
+                sharpness = np.linalg.eigvalsh(np.asarray(hessian(jnp.asarray(w, jnp.float64))))[-1]
+            assert abs(sharpness / edge - 1) < 0.01, (step, sharpness)
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"substeps": 100}, "central_flow.substeps"),
+    ({"margin": 1.5}, "central_flow.margin"),
+    ({"max_critical": 0}, "central_flow.max_critical"),
+])
+def test_bad_options_name_the_field(options, field):
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        parse_spec({"processes": ["gd", "central_flow"], "central_flow": options})

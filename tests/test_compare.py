@@ -1,0 +1,141 @@
+"""Comparison metrics against hand-computed values, and `compare` end to end against the run directory."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter1d
+
+import eosflow
+from eosflow import compare as cmp
+
+
+# ---- metrics on tiny arrays ----------------------------------------------------------------------
+def test_gaussian_smooth_hand_values():
+    x = np.array([0.0, 0.0, 3.0, 0.0, 0.0])
+    smooth = cmp.gaussian_smooth(x, 1.0)
+    e = math.exp
+    assert smooth[2] == pytest.approx(3.0 / (1 + 2 * e(-0.5) + 2 * e(-2.0)), rel=1e-12)
+    # at the end only the steps inside the array are averaged: weights 1, e^-1/2, e^-2, e^-9/2, e^-8
+    assert smooth[0] == pytest.approx(3 * e(-2.0) / (1 + e(-0.5) + e(-2.0) + e(-4.5) + e(-8.0)), rel=1e-12)
+    np.testing.assert_array_equal(cmp.gaussian_smooth(x, 0.0), x)
+    np.testing.assert_allclose(cmp.gaussian_smooth(np.full(7, 2.5), 3.0), 2.5, rtol=1e-14)
+    # a NaN is skipped, not treated as 0: the middle of [1, nan, 3] is the mean of its neighbours
+    assert cmp.gaussian_smooth(np.array([1.0, np.nan, 3.0]), 1.0)[1] == pytest.approx(2.0, rel=1e-14)
+
+
+def test_gaussian_smooth_matches_scipy_normalized_filter():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    x[[5, 50, 51, 120]] = np.nan
+    finite = np.isfinite(x)
+    total = gaussian_filter1d(np.where(finite, x, 0.0), 7.0, mode="constant", truncate=cmp.TRUNCATE)
+    weight = gaussian_filter1d(finite.astype(float), 7.0, mode="constant", truncate=cmp.TRUNCATE)
+    np.testing.assert_allclose(cmp.gaussian_smooth(x, 7.0), total / weight, rtol=1e-10)
+
+
+def test_running_rms_of_a_period_two_oscillation_is_its_amplitude():
+    offset = 0.7 * (-1.0) ** np.arange(50)
+    np.testing.assert_allclose(cmp.running_rms(offset, 5.0), 0.7, rtol=1e-12)
+    assert cmp.envelope_error(np.full(50, 0.7), offset, 5.0) == pytest.approx(0.0, abs=1e-12)
+    assert cmp.envelope_error(np.full(50, 1.4), offset, 5.0) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_errors_and_distances_hand_values():
+    # |1-2| / (2 + 2): the third step is skipped because the prediction is NaN
+    assert cmp.relative_l1_error(np.array([1.0, 2.0, np.nan]), np.array([2.0, 2.0, 5.0])) == pytest.approx(0.25)
+    assert math.isnan(cmp.relative_l1_error(np.array([np.nan]), np.array([1.0])))
+    # loss 1, 3, 1, 3 unsmoothed (width 0) against a constant prediction 2: 4 * 1 / 8
+    assert cmp.loss_prediction_error(np.full(4, 2.0), np.array([1.0, 3.0, 1.0, 3.0]), 0.0) == pytest.approx(0.5)
+    assert cmp.mean_distance(np.array([1.0, np.nan, 3.0])) == pytest.approx(2.0)
+    # <[1, 2, 3]> / <[2, 2, 2]> = 1; the NaN step of the model drops that step of the baseline too
+    assert cmp.relative_distance(np.array([1.0, 2.0, 3.0]), np.full(3, 2.0)) == pytest.approx(1.0)
+    assert cmp.relative_distance(np.array([1.0, np.nan, 2.0]), np.array([4.0, 100.0, 2.0])) == pytest.approx(0.5)
+
+
+def test_cost_hand_values():
+    # per step 1 + 2*2 and 1 + 2*4 gradient-equivalents: mean 7; a third derivative counts 4
+    assert cmp.gradient_equivalents({"grads": np.array([1, 1]), "hvps": np.array([2, 4])}) == pytest.approx(7.0)
+    counts = {"grads": np.array([1, 1]), "hvps": np.array([2, 4]), "third_derivatives": np.array([1, np.nan])}
+    assert cmp.gradient_equivalents(counts) == pytest.approx(1 + 4 + 4)
+    # chunks [steps, seconds, warm]: the compiling chunk is left out, then the median of 20, 30, 500 ms
+    timing = {"chunks": [[100, 10.0, 0], [100, 2.0, 1], [50, 1.5, 1], [100, 50.0, 1]]}
+    assert cmp.milliseconds_per_step(timing) == pytest.approx(30.0)
+    assert cmp.milliseconds_per_step({"chunks": [[100, 10.0, 0]]}) == pytest.approx(100.0)
+    assert math.isnan(cmp.milliseconds_per_step(None))
+
+
+# ---- compare end to end --------------------------------------------------------------------------
+SPEC = {
+    "name": "compare_test", "steps": 160, "lr": 0.08, "dtype": "float64",
+    "processes": ["gd", "gradient_flow", "rod_flow"],
+    "problem": {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 2},
+    "spectrum": {"k": 1, "k_max": 2},
+    "record": {"chunk": 80},
+}
+
+
+def _page_table(text: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def _close(cell: str, value: float) -> None:
+    if not np.isfinite(value):
+        assert cell == "-"
+    else:
+        # the page shows 6 significant digits: the rounding error is at most half a unit of the 6th
+        half_unit = 0.5 * 10.0 ** (math.floor(math.log10(abs(value))) - 5) if value else 0.0
+        assert abs(float(cell) - value) <= half_unit * (1 + 1e-9)
+
+
+def test_compare_report_numbers_equal_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    page = cmp.compare(SPEC, out, progress=False)
+    report = out / "report"
+    for name in ("compare.md", "compare.csv", "compare_loss.png", "compare_sharpness.png",
+                 "compare_distance.png", "compare_envelope.png", "compare_cost.png"):
+        assert (report / name).stat().st_size > 0, name
+    rows = _page_table(page.read_text())
+    assert list(rows) == ["gd", "gradient_flow", "rod_flow"]
+
+    # recompute every number independently from the stored trajectories (scipy's filter, plain numpy)
+    ds = eosflow.load(out)
+    summary = json.loads((out / "summary.json").read_text())
+    w = cmp.SMOOTHING
+
+    def smooth(x):
+        ok = np.isfinite(x)
+        return (gaussian_filter1d(np.where(ok, x, 0.0), w, mode="constant", truncate=4.0)
+                / gaussian_filter1d(ok.astype(float), w, mode="constant", truncate=4.0))
+
+    gd_loss = ds["loss"].sel(process="gd").values
+    gf_distance = ds["distance"].sel(process="gradient_flow").values
+    for p in ("gradient_flow", "rod_flow"):
+        d = ds["distance"].sel(process=p).values
+        _close(rows[p]["mean_distance"], d.mean())
+        _close(rows[p]["relative_distance"], d.mean() / gf_distance.mean())
+        predicted = ds["predicted_loss"].sel(process=p).values
+        _close(rows[p]["loss_error"], np.abs(predicted - smooth(gd_loss)).sum() / smooth(gd_loss).sum())
+        cost = ds["grads"].sel(process=p).values + 2 * ds["hvps"].sel(process=p).values
+        _close(rows[p]["gradient_equivalents"], cost.mean())
+        chunks = summary["timing"][p]["chunks"]  # [steps, seconds, warm]: the first chunk compiles
+        assert [c[0] for c in chunks] == [80, 80] and [c[2] for c in chunks] == [0, 1]
+        _close(rows[p]["ms_per_step"], 1e3 * chunks[1][1] / chunks[1][0])
+    envelope = np.sqrt(smooth(ds["reference_offset"].sel(process="rod_flow").values ** 2))
+    amplitude = ds["amplitude"].sel(process="rod_flow").values
+    _close(rows["rod_flow"]["envelope_error"], np.abs(amplitude - envelope).sum() / envelope.sum())
+    _close(rows["gd"]["gradient_equivalents"], (1 + 2 * ds["hvps"].sel(process="gd").values).mean())
+    assert rows["gd"]["relative_distance"] == "-" and rows["gd"]["loss_error"] == "-"
+    # gradient flow predicts no oscillation (amplitude 0): its envelope error is exactly 1
+    assert float(rows["gradient_flow"]["envelope_error"]) == pytest.approx(1.0, rel=1e-12)
+    # gradient flow sits at the origin (loss 0) while GD's loss settles at the period-2 orbit's
+    # S a^2/2 - Q a^4/4 = 68.75 (a^2 = S - 2/lr with Q = 1): its loss error tends to 1
+    assert gd_loss[-1] == pytest.approx(68.75, rel=1e-6)
+    assert float(rows["gradient_flow"]["loss_error"]) > 0.9

@@ -1,0 +1,163 @@
+"""Flatland line searches: the acceptance test, the step-size guarantee, the references, the cap.
+
+Oracles: numpy evaluations of a quadratic and its closed-form segment smoothness |Hg|/|g|; the
+segment smoothness of a network sampled on a fine grid of the segment; the Zhang-Hager and
+Grippo recursions recomputed in numpy from the recorded losses; the monotone Armijo inequality
+checked on the recorded trajectory; the dense float64 Hessian (its last-layer bias block and its
+top eigenvalue, numpy.linalg.eigh).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eosflow.config import SpecError
+from eosflow.experiment import prepare
+from eosflow.optim.flatland import flat_sharpness, line_search
+
+C = 1e-4
+TINY_MLP = {"name": "mlp", "dataset": "digits", "n_train": 40, "n_test": 30, "width": 8, "depth": 1}
+
+
+def tiny_run(processes: dict, steps: int, lr: float = 0.05, every: int = 0):
+    """Rows of each process after ``steps`` steps on the tiny float64 MLP, and the problem."""
+    table = {"steps": steps, "lr": lr, "dtype": "float64", "processes": list(processes), "problem": TINY_MLP,
+             "spectrum": {"every": every, "k": 1, "k_max": 1, "tol": 1e-6, "max_iters": 100}, **processes}
+    _, problem, _, built = prepare(table)
+    rows = {name: p.advance(p.init(problem.w0), steps)[1] for name, p in built.items()}
+    return problem, {name: {k: np.asarray(v) for k, v in r.items()} for name, r in rows.items()}
+
+
+def quadratic(seed=0, d=6):
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    hessian = basis @ np.diag(np.geomspace(20.0, 0.05, d)) @ basis.T
+    return hessian, (lambda w: 0.5 * w @ jnp.asarray(hessian) @ w)
+
+
+def test_search_on_a_quadratic_passes_the_test_and_its_step_is_large():
+    """Accepted eta passes L(w - eta g) <= R - c eta |g|^2 and eta/delta fails it; hence with delta = 1/2,
+    eta * l >= 1 - c for the closed-form segment smoothness l = |Hg| / |g| of a quadratic."""
+    hessian, value = quadratic()
+    rng = np.random.default_rng(1)
+    search = jax.jit(lambda w, r, t: line_search(value, w, value(w), jax.grad(value)(w), r, t,
+                                                   c=C, delta=0.5, max_evals=60))
+    for _ in range(40):
+        w = rng.standard_normal(6)
+        loss, grad = 0.5 * w @ hessian @ w, hessian @ w
+        reference = loss * (1 + rng.choice([0.0, 0.3, 2.0]))
+        trial = 10 ** rng.uniform(-4, 2)
+        found = search(jnp.asarray(w), reference, trial)
+        eta, evals = float(found.lr), int(found.evals)
+
+        def numpy_test(step):
+            new = w - step * grad
+            return 0.5 * new @ hessian @ new <= reference - C * step * grad @ grad
+
+        assert bool(found.accepted) and numpy_test(eta)
+        assert not numpy_test(2 * eta)  # the search stopped at the first failure of the doubling grid
+        segment_smoothness = np.linalg.norm(hessian @ grad) / np.linalg.norm(grad)
+        assert eta * segment_smoothness >= 1 - C
+        # evaluation count of the grid trial * 2^j: j + 2 when extrapolating (j >= 0), |j| + 1 backtracking
+        j = round(np.log2(eta / trial))
+        assert evals == (j + 2 if j >= 0 else -j + 1)
+        np.testing.assert_allclose(float(found.loss), 0.5 * (w - eta * grad) @ hessian @ (w - eta * grad), rtol=1e-12)
+
+
+def test_step_bound_against_the_sampled_segment_smoothness_of_a_network():
+    """eta >= 2 delta (1 - c) / l(w, eta/delta), l(w, e) = sup_{0<s<=e} |g(w) - g(w - s g)| / (s |g|),
+    sampled on a fine grid of the segment, at points along a short NLS run (R_k > L(w_k) included)."""
+    problem, rows = tiny_run({"nls": {}}, 12)
+    objective = problem.objective
+    grad_fn = jax.jit(lambda w: objective.grad(w))
+    for k in range(0, 12, 3):
+        w, eta = rows["nls"]["position"][k], float(rows["nls"]["lr"][k])
+        assert rows["nls"]["loss_evals"][k] < 30 and rows["nls"]["accepted"][k]
+        g = np.asarray(grad_fn(w))
+        steps = np.linspace(0, 2 * eta, 801)[1:]
+        moved = jax.vmap(lambda s: grad_fn(w - s * g))(jnp.asarray(steps))
+        ratios = np.linalg.norm(g - np.asarray(moved), axis=1) / (steps * np.linalg.norm(g))
+        assert eta * ratios.max() >= (1 - C) * (1 - 1e-3), (k, eta, ratios.max())
+
+
+def test_monotone_reference_is_armijo_and_xi_zero_is_monotone():
+    """R_k = L(w_k): the loss never increases, by at least c eta |g|^2; Zhang-Hager with xi = 0 is the same run."""
+    _, rows = tiny_run({"armijo": {}, "nls": {"xi": 0.0}}, 60, lr=0.5)
+    armijo = rows["armijo"]
+    loss, eta, grad_norm = armijo["loss"], armijo["lr"], armijo["grad_norm"]
+    assert np.all(loss[1:] <= loss[:-1] - C * eta[:-1] * grad_norm[:-1] ** 2 + 1e-14)
+    assert np.all(armijo["reference_loss"] == loss)
+    np.testing.assert_allclose(rows["nls"]["position"], armijo["position"], rtol=0, atol=1e-12)
+
+
+def zhang_hager(losses: np.ndarray, xi: float) -> np.ndarray:
+    """R_k = max(C_k, L_k) with Q_0 = 1, C_0 = L_0, Q_{k+1} = xi Q_k + 1, C_{k+1} = (xi Q_k C_k + L_{k+1}) / Q_{k+1}."""
+    average, weight, out = losses[0], 1.0, []
+    for k, loss in enumerate(losses):
+        if k:
+            new_weight = xi * weight + 1
+            average, weight = (xi * weight * average + loss) / new_weight, new_weight
+        out.append(max(average, loss))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", ["zhang_hager", "max"])
+def test_non_monotone_references_follow_their_recursions(kind):
+    _, rows = tiny_run({"nls": {"reference": kind, "xi": 0.9, "memory": 4}}, 50, lr=0.5)
+    r = rows["nls"]
+    loss = r["loss"]
+    if kind == "zhang_hager":
+        expected = zhang_hager(loss, 0.9)
+    else:
+        expected = np.array([loss[max(0, k - 3): k + 1].max() for k in range(len(loss))])  # last M = 4
+    np.testing.assert_allclose(r["reference_loss"], expected, rtol=1e-12)
+    assert np.all(loss[1:] <= r["reference_loss"][:-1] - C * r["lr"][:-1] * r["grad_norm"][:-1] ** 2 + 1e-14)
+    assert np.any(loss[1:] > loss[:-1])  # non-monotone: the loss does go up at some steps
+
+
+def test_cap_keeps_eta_below_two_over_the_flat_sharpness():
+    """S_flat (the mse bias block) equals the dense Hessian's last-layer bias block, bounds S(w0) below,
+    and capped runs never step beyond cap_fraction * 2 / S_flat (or max_lr)."""
+    problem, rows = tiny_run({"nls": {"cap": True, "cap_fraction": 0.4}, "ponls": {"max_lr": 0.3}}, 15, lr=5.0)
+    hessian = np.asarray(jax.jit(jax.hessian(problem.objective.value))(problem.w0))
+    bias_block = hessian[-10:, -10:]  # ravel order: the readout's bias comes last
+    np.testing.assert_allclose(bias_block, np.eye(10) * flat_sharpness(problem.objective), atol=1e-12)
+    assert flat_sharpness(problem.objective) == pytest.approx(1.0)
+    assert np.linalg.eigvalsh(hessian)[-1] >= 1.0
+    assert rows["nls"]["lr"].max() <= 0.8 * (1 + 1e-12) and np.any(np.isclose(rows["nls"]["lr"], 0.8, rtol=1e-12))
+    assert rows["ponls"]["lr"].max() <= 0.3 + 1e-15
+
+
+def test_short_run_is_large_against_the_dense_sharpness():
+    """eta_k S_k >= 1 - c at measured steps with S from numpy.linalg.eigh of the dense Hessian; the
+    tracked sharpness, lr_sharpness = eta_k S_k and the test accuracy agree with their oracles."""
+    problem, rows = tiny_run({"nls": {"accuracy_every": 5}}, 30, every=5)
+    r = rows["nls"]
+    hessian_fn = jax.jit(lambda w: problem.objective.hessian(w))
+    for k in range(0, 30, 5):
+        dense = np.linalg.eigvalsh(np.asarray(hessian_fn(r["position"][k])))[-1]
+        assert r["lr"][k] * dense >= 1 - C
+        np.testing.assert_allclose(r["sharpness"][k], dense, rtol=1e-4)
+        np.testing.assert_allclose(r["lr_sharpness"][k], r["lr"][k] * dense, rtol=1e-4)
+        test_data = problem.test_objective.data
+        assert r["test_accuracy"][k] == pytest.approx(float(problem.accuracy(r["position"][k], test_data)))
+    assert np.isnan(r["test_accuracy"][1]) and np.isnan(r["sharpness"][1])
+    assert np.mean(r["lr_sharpness"][::5] > 2) >= 0.5
+
+
+def test_evaluation_budget():
+    hessian, value = quadratic()
+    w = jnp.ones(6)
+    loss, grad = value(w), jax.grad(value)(w)
+    grow = line_search(value, w, loss, grad, loss, 1e-6, c=C, delta=0.5, max_evals=3)
+    assert int(grow.evals) == 3 and bool(grow.accepted) and float(grow.lr) == pytest.approx(4e-6)
+    shrink = line_search(value, w, loss, grad, loss, 1e6, c=C, delta=0.5, max_evals=2)
+    assert int(shrink.evals) == 2 and not bool(shrink.accepted) and float(shrink.lr) == pytest.approx(5e5)
+
+
+def test_spec_errors_name_the_field():
+    with pytest.raises(SpecError, match="nls.delta"):
+        prepare({"processes": ["nls"], "problem": TINY_MLP, "nls": {"delta": 1.5}})
+    with pytest.raises(SpecError, match="armijo.cap"):
+        prepare({"processes": ["armijo"], "problem": {**TINY_MLP, "loss": "cross_entropy"}, "armijo": {"cap": True}})

@@ -1,0 +1,66 @@
+"""The leaderboard: its suite covers every GD model, and its table equals the runs it made."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import eosflow
+from eosflow import leaderboard as lb
+from eosflow.compare import SMOOTHING, gaussian_smooth
+from eosflow.experiment import prepare
+from eosflow.process import PROCESSES
+
+
+def test_suite_runs_every_gd_model_and_every_spec_is_valid():
+    models = lb.gd_models()
+    expected = {n for n, e in PROCESSES.items() if not e.discrete} - {"langevin", "gradient_flow"}
+    assert set(models) == expected and "gd" not in models
+    tables = lb.suite_tables()
+    assert {"quartic", "sharp_valley", "matrix_factorization", "mlp_digits", "cnn_digits",
+            "two_layer_meanfield"} <= set(tables)
+    quick = lb.suite_tables(quick=True)
+    assert set(quick) < set(tables) and all(t["steps"] <= 700 for t in quick.values())
+    for table in tables.values():
+        assert table["processes"][:2] == ["gd", "gradient_flow"] and table["processes"][2:] == models
+    for table in quick.values():  # building the problems and processes validates every value
+        prepare(table)
+
+
+TINY = (lb.Entry("quartic", {"name": "quartic", "steps": 90, "lr": 0.08, "dtype": "float64",
+                             "problem": {"name": "quartic", "dim": 1}, "spectrum": {"k": 1, "k_max": 1},
+                             "record": {"chunk": 45}}),)
+
+
+def test_table_rows_equal_the_run_directories(tmp_path):
+    tables = lb.suite_tables(models=["rod_flow"], suite=TINY)
+    rows = lb.run_suite(tables, tmp_path, progress=False)
+    assert list(rows["process"]) == ["gd", "gradient_flow", "rod_flow"]
+    ds = eosflow.load(tmp_path / "runs" / "quartic")
+    gd_loss = ds["loss"].sel(process="gd").values
+    for process in ("gradient_flow", "rod_flow"):
+        row = rows[rows["process"] == process].iloc[0]
+        distance = ds["distance"].sel(process=process).values
+        baseline = ds["distance"].sel(process="gradient_flow").values
+        assert row["relative_distance"] == pytest.approx(distance.mean() / baseline.mean(), rel=1e-12)
+        smooth = gaussian_smooth(gd_loss, SMOOTHING)  # checked against scipy in test_compare
+        predicted = ds["predicted_loss"].sel(process=process).values
+        assert row["loss_error"] == pytest.approx(np.abs(predicted - smooth).sum() / smooth.sum(), rel=1e-12)
+    assert (rows["status"] == "ok").all()
+    text = "\n".join(lb.markdown(rows))
+    assert "| quartic | rod_flow |" in text
+
+
+def test_a_model_that_raises_gets_an_error_row_and_the_others_survive(tmp_path, monkeypatch):
+    entry = PROCESSES["rod_flow"]
+
+    def broken(problem, spec, options):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(PROCESSES, "broken_flow", dataclasses.replace(entry, name="broken_flow", build=broken))
+    tables = lb.suite_tables(models=["broken_flow", "rod_flow"], suite=TINY)
+    rows = lb.run_suite(tables, tmp_path, progress=False)
+    status = dict(zip(rows["process"], rows["status"]))
+    assert status["broken_flow"].startswith("error: RuntimeError: boom")
+    assert status["rod_flow"] == "ok" and status["gd"] == "ok"
+    assert (tmp_path / "runs" / "quartic-rod_flow" / "summary.json").exists()
