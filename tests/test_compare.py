@@ -139,3 +139,22 @@ def test_compare_report_numbers_equal_the_run_directory(tmp_path):
     # S a^2/2 - Q a^4/4 = 68.75 (a^2 = S - 2/lr with Q = 1): its loss error tends to 1
     assert gd_loss[-1] == pytest.approx(68.75, rel=1e-6)
     assert float(rows["gradient_flow"]["loss_error"]) > 0.9
+
+
+def test_cli_compare_writes_the_report_and_never_overwrites_silently(tmp_path, capsys):
+    from eosflow.cli import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text('steps = 60\nlr = 0.08\ndtype = "float64"\nprocesses = ["gd", "gradient_flow", "rod_flow"]\n'
+                    '[problem]\nname = "quartic"\n[spectrum]\nk_max = 1\n[record]\nchunk = 30\n')
+    out = tmp_path / "run"
+    assert main(["compare", str(spec), "--out", str(out), "--quiet"]) == 0
+    page = out / "report" / "compare.md"
+    assert str(page) in capsys.readouterr().out
+    first, steps = page.read_text(), eosflow.load(out).sizes["step"]
+    assert list(_page_table(first)) == ["gd", "gradient_flow", "rod_flow"]
+    # the run directory exists: a second compare refuses (status 2, nothing touched) unless --overwrite
+    assert main(["compare", str(spec), "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and page.read_text() == first
+    assert main(["compare", str(spec), "--out", str(out), "--quiet", "--overwrite", "--set", "steps=40"]) == 0
+    assert eosflow.load(out).sizes["step"] == steps - 20

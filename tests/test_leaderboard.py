@@ -64,3 +64,25 @@ def test_a_model_that_raises_gets_an_error_row_and_the_others_survive(tmp_path, 
     assert status["broken_flow"].startswith("error: RuntimeError: boom")
     assert status["rod_flow"] == "ok" and status["gd"] == "ok"
     assert (tmp_path / "runs" / "quartic-rod_flow" / "summary.json").exists()
+
+
+def test_cli_quick_leaderboard_page_equals_its_csv(tmp_path):
+    import pandas as pd
+
+    from eosflow.cli import main
+    from eosflow.compare import format_number
+
+    out = tmp_path / "board"
+    assert main(["leaderboard", "--quick", "--quiet", "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "leaderboard.csv", keep_default_na=False, na_values=[""])
+    assert set(rows["problem"]) == set(lb.suite_tables(quick=True))
+    page = [line for line in (out / "leaderboard.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert len(page) == len(rows)
+    for line, (_, row) in zip(page, rows.iterrows()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [row["problem"], row["process"]] and cells[-1] == row["status"]
+        if row["status"] == "ok":
+            assert cells[2] == format_number(float(row["relative_distance"]))
+            assert cells[3] == format_number(float(row["loss_error"]))
+    for problem in set(rows["problem"]):  # every run directory loads, with gd first
+        assert str(eosflow.load(out / "runs" / problem)["process"].values[0]) == "gd"

@@ -1,4 +1,5 @@
-"""Property-based tests: the eigensolver against dense eigh, the run store's round trips."""
+"""Property-based tests: the eigensolver against dense eigh, the SDCP solver's KKT conditions,
+the run store's round trips."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from eosflow.flows.sdcp import smat, solve_sdcp, svec
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.store import RunStore
 
@@ -34,6 +36,29 @@ def test_lobpcg_top_eigenvalues_match_dense_eigh(dim, k, seed, shift, spread):
     residual = np.linalg.norm(a @ vectors - vectors * np.asarray(pairs.values), axis=0)
     assert np.all(residual <= 1e-9 * np.maximum(np.abs(np.asarray(pairs.values)), 1e-30) + 1e-12 * scale)
     np.testing.assert_allclose(vectors.T @ vectors, np.eye(k), atol=1e-8)
+
+
+_solve_sdcp = jax.jit(solve_sdcp)
+
+
+@SETTINGS
+@given(m=st.integers(1, 4), seed=st.integers(0, 2**31 - 1), columns=st.sampled_from([1, 2, 6]),
+       scale=st.sampled_from([1e-3, 1.0, 1e2]), shift=st.floats(-3, 1))
+def test_sdcp_solution_satisfies_kkt(m, seed, columns, scale, shift):
+    """find X >= 0 with Z = alpha + beta[X] >= 0 and <X, Z> = 0, beta = Gs Gs^T on svec: checked
+    with numpy's eigvalsh in float64, beta applied as the dense p x p matrix."""
+    rng = np.random.default_rng(seed)
+    p = m * (m + 1) // 2
+    grads = scale * rng.standard_normal((p, columns * p))
+    beta = grads @ grads.T
+    alpha = rng.standard_normal((m, m))
+    alpha = 0.5 * (alpha + alpha.T) + shift * np.eye(m)
+    X = np.asarray(_solve_sdcp(jnp.asarray(alpha), jnp.asarray(beta)).X)
+    Z = alpha + np.asarray(smat(jnp.asarray(beta @ np.asarray(svec(jnp.asarray(X))))))
+    size = 1.0 + np.abs(alpha).max()
+    assert np.linalg.eigvalsh(X).min() >= -1e-8 * (1 + np.abs(X).max())
+    assert np.linalg.eigvalsh(Z).min() >= -1e-8 * size
+    assert abs(np.sum(X * Z)) <= 1e-8 * size * (1 + np.abs(X).max())
 
 
 chunk_lengths = st.lists(st.integers(1, 7), min_size=1, max_size=6)
