@@ -1,12 +1,20 @@
-"""The free-energy model against GD: envelope, loss spikes, free-energy monotonicity.
+"""The free-energy model against GD: oscillation envelope, loss spikes, free-energy monotonicity.
 
     .venv/bin/python benchmarks/free_energy.py [--skip-run] [--window 20] [specs ...]
 
-Runs examples/free_energy_*.toml (GD and the model in lockstep) and prints, over GD's EoS phase
-(lr * S >= 1.9 at GD's iterate, after it first gets there): GD's envelope (running RMS of its
-displacement from the model's centre along the model's top direction) against the model's
-amplitude; GD's time-averaged loss against F and L(theta); the fraction of steps on which the
-smoothed F and GD's raw loss increase; the times of GD's loss spikes against the model's.
+Runs examples/free_energy_*.toml (GD and the model in lockstep from the same w0; GD's iterates
+are saved) and prints, over GD's EoS phase (from ``window`` steps after lr * S first reaches 1.9;
+GD's spikes from that step on):
+
+* envelope: GD's oscillation measured on GD alone, |w_{k+1} - 2 w_k + w_{k-1}| / 4 (= |delta_k|
+  for w_k = c_k + (-1)^k delta_k with a linearly drifting centre), against the model's
+  sqrt(tr Sigma), both as running RMS over ``window`` steps: ratio of the means and the median
+  pointwise error;
+* loss: GD's running-average loss against F(theta, Sigma) and L(theta);
+* spikes: GD's loss spikes (peaks of its two-step average loss of prominence >= 1/2 of the local median) and, for each,
+  the nearest peak of F (prominence >= 1/10 of its local median): lag and height of the excess;
+* monotonicity on the slow time scale: after smoothing over w steps, the fraction of steps on
+  which a curve rises and rises / falls (sum of increases over sum of decreases; 0 = monotone).
 """
 
 from __future__ import annotations
@@ -16,51 +24,87 @@ from pathlib import Path
 
 import numpy as np
 import tomllib
+from scipy.signal import find_peaks
 
 import eosflow
 from eosflow.experiment import run
+from eosflow.load import load_params
 
 SPECS = ["examples/free_energy_matrix_factorization.toml", "examples/free_energy_mlp_digits.toml"]
 
 
-def running(x: np.ndarray, window: int) -> np.ndarray:
+def running_mean(x: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(x, np.ones(window) / window, mode="same")
 
 
-def peaks(x: np.ndarray, prominence: float) -> np.ndarray:
-    from scipy.signal import find_peaks
+def running_rms(x: np.ndarray, window: int) -> np.ndarray:
+    return np.sqrt(running_mean(x**2, window))
 
-    return find_peaks(x, prominence=prominence)[0]
+
+def local_median(x: np.ndarray, half_width: int = 25) -> np.ndarray:
+    return np.array([np.median(x[max(0, k - half_width):k + half_width]) for k in range(len(x))])
+
+
+def spikes(x: np.ndarray, relative_prominence: float, start: int) -> np.ndarray:
+    found = find_peaks(x, prominence=relative_prominence * local_median(x))[0]
+    return found[found >= start]
+
+
+def monotonicity(x: np.ndarray, window: int) -> tuple[float, float]:
+    """(fraction of steps on which the ``window``-step running mean rises, rises / falls)."""
+    steps = np.diff(np.convolve(x, np.ones(window) / window, mode="valid"))
+    return float(np.mean(steps > 0)), float(steps[steps > 0].sum() / max(-steps[steps < 0].sum(), 1e-300))
+
+
+def gd_oscillation(run_dir: str) -> np.ndarray:
+    """|w_{k+1} - 2 w_k + w_{k-1}| / 4 at every step (NaN at the ends)."""
+    steps, params = load_params(run_dir, "gd")
+    if len(steps) < 3 or np.any(np.diff(steps) != 1):
+        raise SystemExit(f"{run_dir}: GD's parameters must be saved at every step ([record] params_every = 1)")
+    out = np.full(len(params), np.nan)
+    out[1:-1] = np.linalg.norm(params[2:] - 2 * params[1:-1] + params[:-2], axis=1) / 4
+    return out
 
 
 def analyze(run_dir: str, window: int) -> dict:
     ds = eosflow.load(run_dir)
     gd, model = ds.sel(process="gd"), ds.sel(process="free_energy")
     eos_start = int(np.argmax(gd.lr_sharpness.values >= 1.9))
-    phase = slice(eos_start + window, len(gd.step) - window)
-    envelope = np.sqrt(running(model.reference_offset.values**2, window))
-    amplitude = np.sqrt(running(model.amplitude.values**2, window))
-    gd_average = running(gd.loss.values, window)
-    energy = running(model.free_energy.values, window)
-    e, a = envelope[phase], amplitude[phase]
+    end = len(gd.step) - window
+    phase = slice(eos_start + window, end)
+    oscillation = gd_oscillation(run_dir)
+    envelope = running_rms(np.nan_to_num(oscillation), window)[phase]
+    predicted = running_rms(np.sqrt(np.nansum(model.covariance.values, axis=1)), window)[phase]
+    gd_average = running_mean(gd.loss.values, window)[phase]
+    free_energy, centre_loss = model.free_energy.values, model.loss.values
     out = {
         "eos_start": eos_start,
-        "envelope_gd": float(np.mean(e)), "envelope_model": float(np.mean(a)),
-        "envelope_ratio_error": float(abs(np.mean(a) / np.mean(e) - 1)),
-        "envelope_pointwise_error": float(np.median(np.abs(a - e) / e)),
-        "loss_error_F": float(np.mean(np.abs(energy[phase] - gd_average[phase]) / gd_average[phase])),
-        "loss_error_L": float(np.mean(np.abs(running(model.loss.values, window)[phase] - gd_average[phase])
-                                      / gd_average[phase])),
-        "F_increases": float(np.mean(np.diff(energy[phase]) > 0)),
-        "gd_loss_increases": float(np.mean(np.diff(gd.loss.values[phase]) > 0)),
+        "envelope_gd": float(np.mean(envelope)), "envelope_model": float(np.mean(predicted)),
+        "envelope_ratio_error": float(np.mean(predicted) / np.mean(envelope) - 1),
+        "envelope_pointwise_error": float(np.median(np.abs(predicted - envelope) / envelope)),
+        "loss_error_F": float(np.mean(np.abs(running_mean(free_energy, window)[phase] / gd_average - 1))),
+        "loss_error_L": float(np.mean(np.abs(running_mean(centre_loss, window)[phase] / gd_average - 1))),
     }
-    raw = gd.loss.values[phase]
-    spread = np.std(raw)
-    gd_spikes = peaks(running(raw, 4), 2 * spread) + phase.start
-    model_spikes = peaks(running(model.free_energy.values[phase], 4), 2 * spread) + phase.start
-    lags = [int(np.min(np.abs(model_spikes - t))) for t in gd_spikes] if len(model_spikes) else []
-    out.update(gd_spikes=len(gd_spikes), model_spikes=len(model_spikes),
-               spike_lag_median=float(np.median(lags)) if lags else float("nan"))
+    for w in (window, 2 * window, 3 * window):
+        for name, curve in (("F", free_energy), ("gd_loss", gd.loss.values)):
+            fraction, ratio = monotonicity(curve[phase], w)
+            out[f"{name}_smoothed{w}_rises"] = f"{fraction:.3f} of steps, rises/falls {ratio:.3f}"
+    fraction, ratio = monotonicity(gd.loss.values[phase], 1)
+    out["gd_loss_raw_rises"] = f"{fraction:.3f} of steps, rises/falls {ratio:.3f}"
+
+    two_step = np.convolve(gd.loss.values, [0.5, 0.5], mode="same")  # a period-2 orbit is not a spike
+    gd_spikes = spikes(two_step, 0.5, eos_start)
+    model_peaks = spikes(free_energy, 0.1, eos_start)
+    baseline_gd, baseline_model = local_median(two_step), local_median(free_energy)
+    matched = []
+    for t in gd_spikes:
+        if len(model_peaks) == 0:
+            matched.append(f"{t}: none")
+            continue
+        nearest = model_peaks[np.argmin(np.abs(model_peaks - t))]
+        height = (free_energy[nearest] / baseline_model[nearest] - 1) / (two_step[t] / baseline_gd[t] - 1)
+        matched.append(f"{t}: {nearest - t:+d} steps, height {height:.2f}")
+    out["gd_spikes -> nearest F peak"] = "; ".join(matched) or "none"
     return out
 
 
@@ -68,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("specs", nargs="*", default=SPECS)
     parser.add_argument("--skip-run", action="store_true", help="analyze /tmp/eosflow_free_energy/<name> only")
-    parser.add_argument("--window", type=int, default=20, help="smoothing window (steps): one cycle or more")
+    parser.add_argument("--window", type=int, default=20, help="smoothing window (steps)")
     args = parser.parse_args()
     for path in args.specs:
         spec = tomllib.loads(Path(path).read_text())
@@ -78,7 +122,7 @@ def main() -> None:
         result = analyze(run_dir, args.window)
         print(f"## {spec['name']}  (window {args.window}, EoS from step {result.pop('eos_start')})")
         for key, value in result.items():
-            print(f"  {key:26s} {value:.4g}" if isinstance(value, float) else f"  {key:26s} {value}")
+            print(f"  {key:30s} {value:.4g}" if isinstance(value, float) else f"  {key:30s} {value}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,25 @@ def test_growth_rate_switches_sign_at_two(mode, lr_sharpness):
     np.testing.assert_allclose(rows["position"], 0.0, atol=1e-14)  # the centre of a quadratic does not move
 
 
+def test_rounding_source_fills_the_stable_mode_at_the_closed_form_rate():
+    """A centre that does not move (L = S/2 w_1^2 at w = (0, c)), a = 0 at the start, lr S = 1.5:
+    d(a^2)/dt = 2 log|lr S - 1| a^2 + sigma^2 with sigma = eps rms(w) has the solution
+    a(t)^2 = sigma^2 (1 - r^(2t)) / (-2 log r), r = 0.5 (rounding = 1e6 lifts it above float64 noise)."""
+    sharpness, lr, c = 20.0, 1.5 / 20.0, 3.0
+    problem, flow = _flow({
+        "steps": 4, "lr": lr, "problem": {"name": "quadratic", "eigenvalues": [sharpness, 0.0], "rotate": False},
+        "spectrum": {"k": 1, "k_max": 1},
+        "free_energy": {"seed": "none", "floor": False, "rounding": 1e6, "substeps": 400, "max_substeps": 400},
+    })
+    state = flow.init(jnp.asarray([0.0, c]))
+    _, rows = flow.advance(state, 4)
+    sigma = 1e6 * np.finfo(np.float64).eps * c / np.sqrt(2.0)
+    r, t = 0.5, np.arange(4)
+    expected = sigma * np.sqrt((1.0 - r ** (2 * t)) / (-2.0 * np.log(r)))
+    np.testing.assert_allclose(rows["amplitude"][1:], expected[1:], rtol=5e-3)
+    np.testing.assert_allclose(rows["position"], [[0.0, c]] * 4, atol=1e-14)
+
+
 def test_quartic_period_two_amplitude():
     """L = S/2 w^2 - Q/4 w^4: GD's period-2 orbit is +-x with lr (S - Q x^2) = 2; the secant model's
     fixed point is the same amplitude, and GD run in lockstep reaches it too."""

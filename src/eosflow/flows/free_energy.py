@@ -16,8 +16,16 @@ so Sigma grows while the curvature *felt by the oscillation* exceeds 2/eta and d
 with ``stiffness = "secant"`` a stable period-2 orbit of GD is an exact fixed point. The effective
 free energy F is reported along the run (``free_energy`` = ``predicted_loss``).
 
-Seeding: at t = 0 (and, with ``floor``, as a lower bound at every step) a_j = eta/2 |g . u_j|, the
-half-step rod: GD's first iterate sits eta/2 g away from the midpoint its oscillation starts from.
+Seeding: at t = 0, a_j = eta/2 |g . u_j|, the half-step rod: GD's first iterate sits eta/2 g away from
+the midpoint its oscillation starts from. While eta S < 2 that seed decays like GD's period-2 mode,
+|1 - eta S|^t, down to where GD's own mode sits: the rounding of every update reseeds it, so
+
+    d(a_j^2)/dt = 2 log|eta k_j - 1| a_j^2 + (rounding * eps * rms(theta))^2,
+
+and the time at which the oscillation regrows past eta S = 2 (GD's first loss spike) follows from
+the machine precision, as it does for GD (``floor = false``; docs/free_energy.md). ``floor = true``
+(the default) keeps a_j above the rod at every step: right when large steps drive the oscillation
+(a catapult), too large a seed when GD sharpens slowly into the edge of stability.
 Cost per substep: one gradient at theta plus two per oscillating direction (r "HVPs").
 """
 
@@ -45,8 +53,10 @@ class FreeEnergyOptions(SubstepOptions):
         "secant", "secant: curvature averaged over the oscillation (exact on period-2 orbits); "
         "taylor: u^T H(theta) u and 1/2 <Sigma, H> (the second-order expansion)")
     seed: Literal["rod", "none"] = option("rod", "rod: a_j = lr/2 |g . u_j| at t = 0; none: Sigma(0) = 0")
-    floor: bool = option(True, "keep a_j >= lr/2 |g . u_j| (GD keeps re-seeding its oscillation)")
+    floor: bool = option(True, "keep a_j >= lr/2 |g . u_j| at every step (GD keeps re-seeding its oscillation)")
     seed_scale: float = option(1.0, "multiplies the seed and the floor", gt=0)
+    rounding: float = option(
+        1.0, "source of GD's period-2 mode: a_j^2 gains (rounding * eps * rms(theta))^2 per step (0: none)", ge=0)
 
     def check(self, where: str) -> None:
         super().check(where)
@@ -138,11 +148,14 @@ class FreeEnergyFlow(ScannedProcess):
         dt = 1.0 / n
         mode = options.stiffness
 
+        eps = jnp.finfo(state.w.dtype).eps
+
         def substep(_, carry):
             w, a = carry
             averaged = averaged_loss(self.objective, w, vectors, a, mode)
             growth = jnp.log(jnp.maximum(jnp.abs(lr * averaged.stiffness - 1.0), 1e-12))
-            return w - dt * lr * averaged.drift, a * jnp.exp(dt * growth)
+            source = jnp.where(active, options.rounding * eps * jnp.sqrt(jnp.mean(w**2)), 0.0)
+            return w - dt * lr * averaged.drift, jnp.sqrt(a**2 * jnp.exp(2.0 * dt * growth) + dt * source**2)
 
         start = averaged_loss(self.objective, state.w, vectors, amplitudes, mode)
         new_w, new_amplitudes = jax.lax.fori_loop(0, n, substep, (state.w, amplitudes))
