@@ -1,18 +1,17 @@
 """The free-energy model against GD: oscillation envelope, loss spikes, free-energy monotonicity.
 
-    .venv/bin/python benchmarks/free_energy.py [--skip-run] [--window 20] [specs ...]
+    .venv/bin/python benchmarks/free_energy.py [--skip-run] [--window 20] [--eigenspace K] [specs ...]
 
-Runs examples/free_energy_*.toml (GD and the model in lockstep from the same w0; GD's iterates
-are saved) and prints, over GD's EoS phase (from ``window`` steps after lr * S first reaches 1.9;
-GD's spikes from that step on):
+Runs examples/free_energy_*.toml (GD and the model in lockstep from the same w0) and prints, over
+GD's EoS phase (from ``window`` steps after lr * S first reaches 1.9; GD's spikes from that step on):
 
-* envelope: GD's oscillation measured on GD alone, |w_{k+1} - 2 w_k + w_{k-1}| / 4 (= |delta_k|
-  for w_k = c_k + (-1)^k delta_k with a linearly drifting centre), against the model's
-  sqrt(tr Sigma), both as running RMS over ``window`` steps: ratio of the means and the median
-  pointwise error;
+* envelope: GD's oscillation measured on GD alone (GD records it as ``oscillation``),
+  |w_{k+1} - 2 w_k + w_{k-1}| / 4 = |delta_k| for w_k = c_k + (-1)^k delta_k with a linearly
+  drifting centre, against the model's sqrt(tr Sigma), both as running RMS over ``window``
+  steps: ratio of the means and the median pointwise error;
 * loss: GD's running-average loss against F(theta, Sigma) and L(theta);
-* spikes: GD's loss spikes (peaks of its two-step average loss of prominence >= 1/2 of the local median) and, for each,
-  the nearest peak of F (prominence >= 1/10 of its local median): lag and height of the excess;
+* spikes: GD's loss spikes (peaks of its two-step average loss of prominence >= 1/2 of the local
+  median) and, for each, the nearest peak of F (prominence >= 1/10 of its local median): lag and height of the excess;
 * monotonicity on the slow time scale: after smoothing over w steps, the fraction of steps on
   which a curve rises and rises / falls (sum of increases over sum of decreases; 0 = monotone).
 """
@@ -28,7 +27,6 @@ from scipy.signal import find_peaks
 
 import eosflow
 from eosflow.experiment import run
-from eosflow.load import load_params
 
 SPECS = ["examples/free_energy_matrix_factorization.toml", "examples/free_energy_mlp_digits.toml"]
 
@@ -56,14 +54,36 @@ def monotonicity(x: np.ndarray, window: int) -> tuple[float, float]:
     return float(np.mean(steps > 0)), float(steps[steps > 0].sum() / max(-steps[steps < 0].sum(), 1e-300))
 
 
-def gd_oscillation(run_dir: str) -> np.ndarray:
-    """|w_{k+1} - 2 w_k + w_{k-1}| / 4 at every step (NaN at the ends)."""
-    steps, params = load_params(run_dir, "gd")
-    if len(steps) < 3 or np.any(np.diff(steps) != 1):
-        raise SystemExit(f"{run_dir}: GD's parameters must be saved at every step ([record] params_every = 1)")
-    out = np.full(len(params), np.nan)
-    out[1:-1] = np.linalg.norm(params[2:] - 2 * params[1:-1] + params[:-2], axis=1) / 4
-    return out
+def eigenspace_shares(run_dir: str, k: int, window: int) -> tuple[float, float]:
+    """How much of GD's oscillation lies along its own top eigenvector and in its top-k eigenspace:
+    <running RMS of |U^T delta_k|> / <running RMS of |delta_k|> over the EoS phase, U from LOBPCG
+    at GD's centre (w_{k-1} + 2 w_k + w_{k+1}) / 4 (needs GD's saved iterates)."""
+    import jax
+    import jax.numpy as jnp
+
+    from eosflow.experiment import prepare
+    from eosflow.load import load_params
+    from eosflow.spectrum import hessian_eigenpairs
+
+    _, problem, _, _ = prepare(tomllib.loads(Path(run_dir, "spec.toml").read_text()))
+    _, params = load_params(run_dir, "gd")
+    delta = (params[2:] - 2 * params[1:-1] + params[:-2]) / 4
+    centres = (params[2:] + 2 * params[1:-1] + params[:-2]) / 4
+    measure = jax.jit(lambda w, v: hessian_eigenpairs(problem.objective, w, v, tol=1e-4, max_iters=100))
+    vectors = jax.random.normal(jax.random.PRNGKey(0), (params.shape[1], k), dtype=params.dtype)
+    top, within = [], []
+    for centre, d in zip(centres, delta):
+        pairs = measure(jnp.asarray(centre), vectors)
+        vectors = pairs.vectors
+        projection = np.asarray(vectors)[:, np.argsort(-np.asarray(pairs.values))].T @ d
+        top.append(abs(projection[0]))
+        within.append(np.linalg.norm(projection))
+    ds = eosflow.load(run_dir)
+    start = int(np.argmax(ds.sel(process="gd").lr_sharpness.values >= 1.9)) + window - 1
+    phase = slice(start, len(delta) - window)
+    total = np.mean(running_rms(np.linalg.norm(delta, axis=1), window)[phase])
+    return (float(np.mean(running_rms(np.array(top), window)[phase]) / total),
+            float(np.mean(running_rms(np.array(within), window)[phase]) / total))
 
 
 def analyze(run_dir: str, window: int) -> dict:
@@ -72,8 +92,7 @@ def analyze(run_dir: str, window: int) -> dict:
     eos_start = int(np.argmax(gd.lr_sharpness.values >= 1.9))
     end = len(gd.step) - window
     phase = slice(eos_start + window, end)
-    oscillation = gd_oscillation(run_dir)
-    envelope = running_rms(np.nan_to_num(oscillation), window)[phase]
+    envelope = running_rms(np.nan_to_num(gd.oscillation.values), window)[phase]
     predicted = running_rms(np.sqrt(np.nansum(model.covariance.values, axis=1)), window)[phase]
     gd_average = running_mean(gd.loss.values, window)[phase]
     free_energy, centre_loss = model.free_energy.values, model.loss.values
@@ -113,13 +132,20 @@ def main() -> None:
     parser.add_argument("specs", nargs="*", default=SPECS)
     parser.add_argument("--skip-run", action="store_true", help="analyze /tmp/eosflow_free_energy/<name> only")
     parser.add_argument("--window", type=int, default=20, help="smoothing window (steps)")
+    parser.add_argument("--eigenspace", type=int, default=0, metavar="K",
+                        help="also measure GD's oscillation share on its top eigenvector and top-K eigenspace")
     args = parser.parse_args()
     for path in args.specs:
         spec = tomllib.loads(Path(path).read_text())
+        if args.eigenspace:
+            spec.setdefault("record", {})["params_every"] = 1
         run_dir = f"/tmp/eosflow_free_energy/{spec['name']}"
         if not args.skip_run:
             run(spec, run_dir, overwrite=True)
         result = analyze(run_dir, args.window)
+        if args.eigenspace:
+            shares = eigenspace_shares(run_dir, args.eigenspace, args.window)
+            result["gd_oscillation_share_top1"], result[f"gd_oscillation_share_top{args.eigenspace}"] = shares
         print(f"## {spec['name']}  (window {args.window}, EoS from step {result.pop('eos_start')})")
         for key, value in result.items():
             print(f"  {key:30s} {value:.4g}" if isinstance(value, float) else f"  {key:30s} {value}")

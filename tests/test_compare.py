@@ -9,6 +9,8 @@ from scipy.ndimage import gaussian_filter1d
 
 import eosflow
 from eosflow import compare as cmp
+from eosflow.experiment import run
+from eosflow.load import load_params
 
 
 # ---- metrics on tiny arrays ----------------------------------------------------------------------
@@ -40,6 +42,22 @@ def test_running_rms_of_a_period_two_oscillation_is_its_amplitude():
     np.testing.assert_allclose(cmp.running_rms(offset, 5.0), 0.7, rtol=1e-12)
     assert cmp.envelope_error(np.full(50, 0.7), offset, 5.0) == pytest.approx(0.0, abs=1e-12)
     assert cmp.envelope_error(np.full(50, 1.4), offset, 5.0) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_gd_records_its_oscillation_from_its_own_iterates(tmp_path):
+    """oscillation_k = (lr/4) |g_k - g_(k-1)| must equal |w_(k+1) - 2 w_k + w_(k-1)| / 4 from the saved
+    iterates, and on the quartic's period-2 orbit +-a (a^2 = S - 2/lr = 5) it must equal a."""
+    spec = {"steps": 120, "lr": 0.08, "dtype": "float64", "processes": ["gd"], "record": {"params_every": 1},
+            "problem": {"name": "quartic", "dim": 3, "sharpness": 30.0, "quartic": 1.0},
+            "spectrum": {"k": 1, "k_max": 1}}
+    run(spec, tmp_path / "run", overwrite=True)
+    ds = eosflow.load(tmp_path / "run")
+    _, params = load_params(tmp_path / "run", "gd")
+    oscillation = ds["oscillation"].sel(process="gd").values
+    assert np.isnan(oscillation[0])
+    second = np.linalg.norm(params[2:] - 2 * params[1:-1] + params[:-2], axis=1) / 4
+    np.testing.assert_allclose(oscillation[1:-1], second, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(oscillation[-10:], np.sqrt(5.0), rtol=1e-6)
 
 
 def test_errors_and_distances_hand_values():
@@ -128,7 +146,7 @@ def test_compare_report_numbers_equal_the_run_directory(tmp_path):
         chunks = summary["timing"][p]["chunks"]  # [steps, seconds, warm]: the first chunk compiles
         assert [c[0] for c in chunks] == [80, 80] and [c[2] for c in chunks] == [0, 1]
         _close(rows[p]["ms_per_step"], 1e3 * chunks[1][1] / chunks[1][0])
-    envelope = np.sqrt(smooth(ds["reference_offset"].sel(process="rod_flow").values ** 2))
+    envelope = np.sqrt(smooth(ds["oscillation"].sel(process="gd").values ** 2))
     amplitude = ds["amplitude"].sel(process="rod_flow").values
     _close(rows["rod_flow"]["envelope_error"], np.abs(amplitude - envelope).sum() / envelope.sum())
     _close(rows["gd"]["gradient_equivalents"], (1 + 2 * ds["hvps"].sel(process="gd").values).mean())

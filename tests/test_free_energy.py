@@ -153,4 +153,4 @@ def test_options_are_validated():
                  "free_energy": {"seed": "none", "floor": True}})
     with pytest.raises(SpecError, match="free_energy.rank"):
         prepare({"steps": 1, "lr": 0.1, "processes": ["free_energy"], "problem": {"name": "quartic"},
-                 "free_energy": {"rank": 0}})
+                 "free_energy": {"rank": -1}})

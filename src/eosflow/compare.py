@@ -6,9 +6,10 @@ Everything is computed from the run directory (``eosflow.load``), on the shared 
     relative distance   <d_m> / <d_GF>: time averages, gradient flow as the yardstick
     smoothed loss       Lbar(t) = sum_s K(t - s) L_GD(s) / sum_s K(t - s),  K Gaussian of std ``width``
     loss error          sum_t |Lhat_m(t) - Lbar(t)| / sum_t |Lbar(t)|   (Lhat: the model's predicted loss)
-    envelope            e_m(t) = sqrt(smoothed reference_offset^2): running RMS of GD's displacement
-                        from the model's centre along the model's oscillation direction
-    envelope error      sum_t |amplitude_m(t) - e_m(t)| / sum_t e_m(t)
+    envelope            e(t) = sqrt(smoothed oscillation^2): running RMS of GD's oscillation read off
+                        GD alone, |delta_k| = |w_{k+1} - 2 w_k + w_{k-1}| / 4 (recorded by ``gd``)
+    predicted envelope  a_m(t) = sqrt(tr Sigma_m) for a model with a covariance, else its amplitude
+    envelope error      sum_t |a_m(t) - e(t)| / sum_t e(t)
     cost                gradient-equivalents per unit time, sum_c weight_c * count_c (an HVP = 2
                         gradients), and wall-clock milliseconds per unit time
 
@@ -97,9 +98,9 @@ def loss_prediction_error(predicted_loss: np.ndarray, loss: np.ndarray, width: f
     return relative_l1_error(predicted_loss, gaussian_smooth(loss, width))
 
 
-def envelope_error(amplitude: np.ndarray, reference_offset: np.ndarray, width: float = SMOOTHING) -> float:
-    """Relative L1 error of the predicted amplitude against the running RMS of GD's offset."""
-    return relative_l1_error(amplitude, running_rms(reference_offset, width))
+def envelope_error(amplitude: np.ndarray, oscillation: np.ndarray, width: float = SMOOTHING) -> float:
+    """Relative L1 error of the predicted amplitude against the running RMS of GD's oscillation."""
+    return relative_l1_error(amplitude, running_rms(oscillation, width))
 
 
 def gradient_equivalents(counts: dict[str, np.ndarray]) -> float:
@@ -134,6 +135,14 @@ def _series(ds: xr.Dataset, variable: str, process: str) -> np.ndarray | None:
     return values if np.isfinite(values).any() else None
 
 
+def predicted_amplitude(ds: xr.Dataset, process: str) -> np.ndarray | None:
+    """A model's RMS oscillation: sqrt(tr Sigma) when it reports a covariance, else ``amplitude``."""
+    covariance = _series(ds, "covariance", process)
+    if covariance is not None:
+        return np.sqrt(np.nansum(ds["covariance"].sel(process=process).values.astype(np.float64), axis=-1))
+    return _series(ds, "amplitude", process)
+
+
 def predicted_loss(ds: xr.Dataset, process: str) -> np.ndarray:
     """A model's prediction of GD's time-averaged loss: ``predicted_loss``, else its own loss."""
     predicted = _series(ds, "predicted_loss", process)
@@ -146,12 +155,13 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
     reference = processes[0]
     reference_loss = ds["loss"].sel(process=reference).values
     baseline = _series(ds, "distance", BASELINE) if BASELINE in processes else None
+    oscillation = _series(ds, "oscillation", reference)
     dropped = summary.get("dropped_processes", {})
     timing = summary.get("timing", {})
     rows = []
     for p in processes:
         distance = _series(ds, "distance", p)
-        amplitude, offset = _series(ds, "amplitude", p), _series(ds, "reference_offset", p)
+        amplitude = predicted_amplitude(ds, p)
         counts = {c: v for c in COST_WEIGHTS if (v := _series(ds, c, p)) is not None}
         loss = ds["loss"].sel(process=p).values
         is_reference = p == reference
@@ -161,8 +171,8 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
             "relative_distance": (np.nan if is_reference or distance is None or baseline is None
                                   else relative_distance(distance, baseline)),
             "loss_error": np.nan if is_reference else loss_prediction_error(predicted_loss(ds, p), reference_loss, width),
-            "envelope_error": (np.nan if is_reference or amplitude is None or offset is None
-                               else envelope_error(amplitude, offset, width)),
+            "envelope_error": (np.nan if is_reference or amplitude is None or oscillation is None
+                               else envelope_error(amplitude, oscillation, width)),
             "gradient_equivalents": gradient_equivalents(counts),
             "ms_per_step": milliseconds_per_step(timing.get(p)),
             "steps": int(np.sum(np.isfinite(loss))),
@@ -264,18 +274,15 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         _figure(out / "compare_distance.png", 2, draw_distance, f"distance to {reference}", (True, True))
         figures.append(("Distance to the reference", "compare_distance.png"))
 
-    enveloped = [p for p in models if _series(ds, "amplitude", p) is not None
-                 and _series(ds, "reference_offset", p) is not None]
-    if enveloped:
+    enveloped = [p for p in models if predicted_amplitude(ds, p) is not None]
+    oscillation = _series(ds, "oscillation", reference)
+    if enveloped and oscillation is not None:
 
         def draw_envelope(ax):
+            ax.plot(steps, running_rms(oscillation, width), color="k", lw=2, label=f"{reference} envelope")
             for i, p in enumerate(enveloped):
-                color = f"C{i}"
-                ax.plot(steps, running_rms(ds["reference_offset"].sel(process=p).values, width), color=color,
-                        lw=1.5, label=f"{reference} envelope around {p}")
-                ax.plot(steps, ds["amplitude"].sel(process=p).values, color=color, lw=1, ls="--",
-                        label=f"{p}: predicted amplitude")
-            ax.set_ylabel("RMS amplitude")
+                ax.plot(steps, predicted_amplitude(ds, p), color=f"C{i}", lw=1, ls="--", label=f"{p}: predicted")
+            ax.set_ylabel("RMS oscillation |delta|")
 
         _figure(out / "compare_envelope.png", 1, draw_envelope, "oscillation envelope vs predicted amplitude")
         figures.append(("Oscillation envelope", "compare_envelope.png"))

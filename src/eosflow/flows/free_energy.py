@@ -48,7 +48,8 @@ from eosflow.spectrum import spectrum_row
 
 @dataclasses.dataclass(frozen=True)
 class FreeEnergyOptions(SubstepOptions):
-    rank: int = option(1, "r: oscillating directions (rank of Sigma; capped by the tracked eigenpairs)", ge=1)
+    rank: int = option(0, "r: oscillating directions, the rank of Sigma (0: every tracked eigenpair; "
+                       "else capped by them)", ge=0)
     stiffness: Literal["secant", "taylor"] = option(
         "secant", "secant: curvature averaged over the oscillation (exact on period-2 orbits); "
         "taylor: u^T H(theta) u and 1/2 <Sigma, H> (the second-order expansion)")
@@ -134,7 +135,8 @@ class FreeEnergyFlow(ScannedProcess):
         lr, options = self.lr, self.options
         k = state.vectors.shape[1]
         vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, lr, self.spectrum)
-        active = jnp.arange(k) < options.rank
+        rank = k if options.rank == 0 else min(options.rank, k)
+        active = jnp.arange(k) < rank
         amplitudes = jnp.where(active, transport(state.amplitudes[:k], state.vectors, vectors), 0.0)
         grad = self.objective.grad(state.w)
         seed = options.seed_scale * jnp.where(active, rod_amplitudes(grad, vectors, lr), 0.0)
@@ -163,7 +165,7 @@ class FreeEnergyFlow(ScannedProcess):
         top = jnp.argmax(amplitudes)
         sigma_values = jnp.sort(amplitudes**2)[::-1]
         padding = jnp.zeros((self.spectrum.k_max - k,), sigma_values.dtype)
-        per_eval = 1 + 2 * options.rank if mode == "secant" else 1
+        per_eval = 1 + 2 * rank if mode == "secant" else 1
         row.update(
             position=state.w, loss=start.loss, grad_norm=jnp.linalg.norm(start.grad),
             predicted_loss=start.free_energy, free_energy=start.free_energy,
@@ -171,7 +173,7 @@ class FreeEnergyFlow(ScannedProcess):
             amplitude=amplitudes[top], top_vector=vectors[:, top],
             felt_sharpness=start.stiffness[0], substeps=n,
             grads=2 + (n + 1) * per_eval,
-            hvps=row["hvps"] + (0 if mode == "secant" else 2 * (n + 1) * options.rank),
+            hvps=row["hvps"] + (0 if mode == "secant" else 2 * (n + 1) * rank),
         )
         full = jnp.concatenate([new_amplitudes, padding])
         return FreeEnergyState(new_w, vectors, full, sharpness, state.step + 1), row

@@ -1,4 +1,8 @@
-"""Gradient descent, w_{k+1} = w_k - eta g(w_k), with the top Hessian eigenpairs tracked."""
+"""Gradient descent, w_{k+1} = w_k - eta g(w_k), with the top Hessian eigenpairs tracked.
+
+Each step also records GD's oscillation read off GD alone: for w_k = c_k + (-1)^k delta_k with a
+linearly drifting centre, |w_{k+1} - 2 w_k + w_{k-1}| / 4 = (eta / 4) |g_k - g_{k-1}| = |delta_k|.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from eosflow.spectrum import spectrum_row
 class GDState(NamedTuple):
     w: Array
     vectors: Array
+    grad: Array  # the previous step's gradient (for ``oscillation``)
     step: Array
 
 
@@ -28,14 +33,16 @@ class GradientDescent(ScannedProcess):
     objective: Objective
 
     def init(self, w0: Array) -> GDState:
-        return GDState(w0, self.initial_vectors(w0), jnp.asarray(0))
+        return GDState(w0, self.initial_vectors(w0), jnp.zeros_like(w0), jnp.asarray(0))
 
     def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
         loss, grad = self.objective.value_and_grad(state.w)
         vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, self.lr, self.spectrum)
-        row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=state.w, grads=jnp.asarray(1, jnp.int32))
+        oscillation = 0.25 * self.lr * jnp.linalg.norm(grad - state.grad)
+        row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=state.w, grads=jnp.asarray(1, jnp.int32),
+                   oscillation=jnp.where(state.step > 0, oscillation, jnp.nan))
         new_w = state.w - self.lr * grad
-        return GDState(new_w, vectors, state.step + 1), row
+        return GDState(new_w, vectors, grad, state.step + 1), row
 
 
 @register_process("gd", GDOptions, "gradient descent w <- w - lr * g(w)", discrete=True)
