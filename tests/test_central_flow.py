@@ -3,6 +3,8 @@ stability polynomials and the matrix exponential on a quadratic, dense third-der
 for the central-flow velocity, the closed-form equilibrium of a sharp valley, and the GD
 iterates themselves on a small MLP at the edge of stability."""
 
+import json
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -159,3 +161,17 @@ def test_central_flow_tracks_gd_at_the_edge_of_stability(tmp_path):
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(SpecError, match=field.replace(".", r"\.")):
         parse_spec({"processes": ["gd", "central_flow"], "central_flow": options})
+
+
+def test_a_centre_outside_the_stable_set_is_dropped_with_the_reason(tmp_path):
+    """The quartic L = 15 w^2 - w^4/4 from w0 = 0.1 at lr = 0.08: S(w0) = 30 - 3 w0^2, so
+    lr S(w0) = 2.3976 > 2 where grad S ~ 0; both flows blow up at once and say why, GD runs on."""
+    spec = {"steps": 20, "lr": 0.08, "dtype": "float64", "processes": ["gd", "central_flow", "projected_flow"],
+            "problem": {"name": "quartic", "dim": 1, "sharpness": 30.0, "quartic": 1.0, "init": 0.1},
+            "spectrum": {"k": 1, "k_max": 1}}
+    outcome = run(spec, tmp_path / "run", overwrite=True)
+    assert outcome.status == "completed"
+    dropped = json.loads((tmp_path / "run" / "summary.json").read_text())["dropped_processes"]
+    expected = f"{0.08 * (30.0 - 3 * 0.1**2):.4g}"
+    for name, words in (("central_flow", "central flow"), ("projected_flow", "projected flow")):
+        assert f"lr*S = {expected} > 2, outside the set {{S <= 2/lr}} on which the {words} is defined" in dropped[name]

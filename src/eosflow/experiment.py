@@ -114,6 +114,8 @@ def run(
                 if bad is not None:
                     reason = _divergence_reason(rows["loss"][bad], step + bad, limit)
                     rows = {key: value[: bad + 1] for key, value in rows.items()}
+                    if hint := processes[name].divergence_hint(rows):
+                        reason = f"{reason}: {hint}"
                     if name == reference:
                         outcome = Outcome(store.root, "diverged", step + bad + 1, reason)
                     else:

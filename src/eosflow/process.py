@@ -107,6 +107,10 @@ class ScannedProcess(eqx.Module):
             state = state._replace(vectors=grown)
         return state, rows
 
+    def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
+        """Why this process may have diverged, read from its rows up to the divergent one ('' if unknown)."""
+        return ""
+
     def initial_vectors(self, w0: Array) -> Array:
         return random_vectors(jax.random.fold_in(self.key, -1 & 0x7FFFFFFF), w0.size, self.spectrum.k, w0.dtype)
 

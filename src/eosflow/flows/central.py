@@ -28,6 +28,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import option
@@ -113,6 +114,16 @@ class CentralFlow(ScannedProcess):
             return out.at[p].set(scale[p] * self.objective.third_derivative(w, u, v))
 
         return jax.lax.fori_loop(0, m * (m + 1) // 2, pair, jnp.zeros((scale.size, w.size), w.dtype))
+
+    def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
+        """The flow lives on {S <= 2/eta}: a centre well outside it, where grad S cannot pull it back
+        (e.g. a critical point of S such as the quartic's origin), sends the SDCP multiplier to infinity."""
+        measured = np.asarray(rows.get("lr_sharpness", []), dtype=np.float64)
+        measured = measured[np.isfinite(measured)]
+        if measured.size == 0 or measured.max() <= 2.0 * (1.0 + self.options.margin):
+            return ""
+        return (f"the centre was at lr*S = {measured.max():.4g} > 2, outside the set {{S <= 2/lr}} on which the "
+                f"{self.name.replace('_', ' ')} is defined")
 
     def sdcp_velocity(self, grad: Array, slack: Array, scaled: Array, dt: Array) -> tuple[Array, Array]:
         """(dw/dt, X) for an Euler substep of length dt, given the slack A = U^T (2/eta - H) U
