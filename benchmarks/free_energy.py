@@ -26,6 +26,7 @@ import tomllib
 from scipy.signal import find_peaks
 
 import eosflow
+from eosflow.compare import predicted_amplitude
 from eosflow.experiment import run
 
 SPECS = ["examples/free_energy_matrix_factorization.toml", "examples/free_energy_mlp_digits.toml"]
@@ -54,10 +55,15 @@ def monotonicity(x: np.ndarray, window: int) -> tuple[float, float]:
     return float(np.mean(steps > 0)), float(steps[steps > 0].sum() / max(-steps[steps < 0].sum(), 1e-300))
 
 
-def eigenspace_shares(run_dir: str, k: int, window: int) -> tuple[float, float]:
+def eos_start(gd) -> int:
+    """The first step at which GD's lr * S reaches 1.9."""
+    return int(np.argmax(gd.lr_sharpness.values >= 1.9))
+
+
+def eigenspace_shares(run_dir: str, k: int, window: int, start: int) -> tuple[float, float]:
     """How much of GD's oscillation lies along its own top eigenvector and in its top-k eigenspace:
     <running RMS of |U^T delta_k|> / <running RMS of |delta_k|> over the EoS phase, U from LOBPCG
-    at GD's centre (w_{k-1} + 2 w_k + w_{k+1}) / 4 (needs GD's saved iterates)."""
+    at GD's centre (w_{k-1} + 2 w_k + w_{k+1}) / 4 (needs GD's saved iterates; ``start``: GD's EoS start)."""
     import jax
     import jax.numpy as jnp
 
@@ -78,9 +84,7 @@ def eigenspace_shares(run_dir: str, k: int, window: int) -> tuple[float, float]:
         projection = np.asarray(vectors)[:, np.argsort(-np.asarray(pairs.values))].T @ d
         top.append(abs(projection[0]))
         within.append(np.linalg.norm(projection))
-    ds = eosflow.load(run_dir)
-    start = int(np.argmax(ds.sel(process="gd").lr_sharpness.values >= 1.9)) + window - 1
-    phase = slice(start, len(delta) - window)
+    phase = slice(start + window - 1, len(delta) - window)  # delta[i] is step i + 1
     total = np.mean(running_rms(np.linalg.norm(delta, axis=1), window)[phase])
     return (float(np.mean(running_rms(np.array(top), window)[phase]) / total),
             float(np.mean(running_rms(np.array(within), window)[phase]) / total))
@@ -89,15 +93,15 @@ def eigenspace_shares(run_dir: str, k: int, window: int) -> tuple[float, float]:
 def analyze(run_dir: str, window: int) -> dict:
     ds = eosflow.load(run_dir)
     gd, model = ds.sel(process="gd"), ds.sel(process="free_energy")
-    eos_start = int(np.argmax(gd.lr_sharpness.values >= 1.9))
+    start = eos_start(gd)
     end = len(gd.step) - window
-    phase = slice(eos_start + window, end)
+    phase = slice(start + window, end)
     envelope = running_rms(np.nan_to_num(gd.oscillation.values), window)[phase]
-    predicted = running_rms(np.sqrt(np.nansum(model.covariance.values, axis=1)), window)[phase]
+    predicted = running_rms(predicted_amplitude(ds, "free_energy"), window)[phase]
     gd_average = running_mean(gd.loss.values, window)[phase]
     free_energy, centre_loss = model.free_energy.values, model.loss.values
     out = {
-        "eos_start": eos_start,
+        "eos_start": start,
         "envelope_gd": float(np.mean(envelope)), "envelope_model": float(np.mean(predicted)),
         "envelope_ratio_error": float(np.mean(predicted) / np.mean(envelope) - 1),
         "envelope_pointwise_error": float(np.median(np.abs(predicted - envelope) / envelope)),
@@ -112,8 +116,8 @@ def analyze(run_dir: str, window: int) -> dict:
     out["gd_loss_raw_rises"] = f"{fraction:.3f} of steps, rises/falls {ratio:.3f}"
 
     two_step = np.convolve(gd.loss.values, [0.5, 0.5], mode="same")  # a period-2 orbit is not a spike
-    gd_spikes = spikes(two_step, 0.5, eos_start)
-    model_peaks = spikes(free_energy, 0.1, eos_start)
+    gd_spikes = spikes(two_step, 0.5, start)
+    model_peaks = spikes(free_energy, 0.1, start)
     baseline_gd, baseline_model = local_median(two_step), local_median(free_energy)
     matched = []
     for t in gd_spikes:
@@ -144,7 +148,7 @@ def main() -> None:
             run(spec, run_dir, overwrite=True)
         result = analyze(run_dir, args.window)
         if args.eigenspace:
-            shares = eigenspace_shares(run_dir, args.eigenspace, args.window)
+            shares = eigenspace_shares(run_dir, args.eigenspace, args.window, result["eos_start"])
             result["gd_oscillation_share_top1"], result[f"gd_oscillation_share_top{args.eigenspace}"] = shares
         print(f"## {spec['name']}  (window {args.window}, EoS from step {result.pop('eos_start')})")
         for key, value in result.items():

@@ -139,7 +139,7 @@ def predicted_amplitude(ds: xr.Dataset, process: str) -> np.ndarray | None:
     """A model's RMS oscillation: sqrt(tr Sigma) when it reports a covariance, else ``amplitude``."""
     covariance = _series(ds, "covariance", process)
     if covariance is not None:
-        return np.sqrt(np.nansum(ds["covariance"].sel(process=process).values.astype(np.float64), axis=-1))
+        return np.sqrt(np.nansum(covariance, axis=-1))
     return _series(ds, "amplitude", process)
 
 
@@ -274,14 +274,14 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         _figure(out / "compare_distance.png", 2, draw_distance, f"distance to {reference}", (True, True))
         figures.append(("Distance to the reference", "compare_distance.png"))
 
-    enveloped = [p for p in models if predicted_amplitude(ds, p) is not None]
+    enveloped = {p: a for p in models if (a := predicted_amplitude(ds, p)) is not None}
     oscillation = _series(ds, "oscillation", reference)
     if enveloped and oscillation is not None:
 
         def draw_envelope(ax):
             ax.plot(steps, running_rms(oscillation, width), color="k", lw=2, label=f"{reference} envelope")
-            for i, p in enumerate(enveloped):
-                ax.plot(steps, predicted_amplitude(ds, p), color=f"C{i}", lw=1, ls="--", label=f"{p}: predicted")
+            for i, (p, amplitude) in enumerate(enveloped.items()):
+                ax.plot(steps, amplitude, color=f"C{i}", lw=1, ls="--", label=f"{p}: predicted")
             ax.set_ylabel("RMS oscillation |delta|")
 
         _figure(out / "compare_envelope.png", 1, draw_envelope, "oscillation envelope vs predicted amplitude")
