@@ -195,3 +195,17 @@ def test_unreadable_data_file(tmp_path):
         run(table, tmp_path / "out")
     with pytest.raises(SpecError, match="does not exist"):
         run({**table, "problem": {**table["problem"], "data_path": str(tmp_path / "nope.npz")}}, tmp_path / "out")
+
+
+def test_a_checkpoint_from_another_state_layout_is_refused_by_name(tmp_path):
+    """A checkpoint whose GD state lacks an array (as one written before GD kept its previous
+    gradient) is refused, naming the process, both layouts and the writer's version."""
+    out = tmp_path / "run"
+    run({**SPEC, "steps": 16}, out)
+    store = RunStore(out)
+    step, states, meta = store.read_checkpoint()
+    store.write_checkpoint(step, {**states, "gd": states["gd"][:-1]}, {**meta, "eosflow": "0.0.9"})
+    before = _files(out)
+    with pytest.raises(StoreError, match=r"process 'gd' does not fit .* written by 0\.0\.9, this is eosflow"):
+        run({**SPEC, "steps": 16}, out, resume=True)
+    assert _files(out) == before

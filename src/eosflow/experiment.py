@@ -87,8 +87,10 @@ def run(
     else:
         step, leaves, meta = checkpoint
         inactive = meta.get("inactive", {})
+        written_by = meta.get("eosflow", "an eosflow that did not record its version")
         states = {
-            name: _restore(p.init(problem.w0), leaves[name]) for name, p in processes.items() if name in leaves
+            name: _restore(name, p.init(problem.w0), leaves[name], written_by)
+            for name, p in processes.items() if name in leaves
         }
     store.truncate(step)
     started = time.perf_counter()
@@ -133,7 +135,7 @@ def run(
                 step,
                 {name: [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(states[name])]
                  for name in names if name not in inactive},
-                {"inactive": inactive},
+                {"inactive": inactive, "eosflow": _version()},
             )
             outcome = Outcome(store.root, "running", step)
             if progress is not None:
@@ -155,11 +157,21 @@ def run(
     return outcome
 
 
-def _restore(template: Any, leaves: list[np.ndarray]) -> Any:
+def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str) -> Any:
+    """Process ``name``'s state from its checkpointed arrays, refused unless there are as many as
+    this eosflow's state has (their shapes may differ: the tracked eigenspace grows)."""
     treedef = jax.tree_util.tree_structure(template)
-    if treedef.num_leaves != len(leaves):
-        raise StoreError("the checkpoint does not match this spec's processes; use --overwrite to start again")
+    if len(leaves) != treedef.num_leaves:
+        raise StoreError(
+            f"the checkpoint's state of process {name!r} does not fit this eosflow: it holds {len(leaves)} "
+            f"arrays, this version's state has {treedef.num_leaves} (the checkpoint was written by {written_by}, "
+            f"this is eosflow {_version()}); use --overwrite to start again"
+        )
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])
+
+
+def _version() -> str:
+    return importlib.metadata.version("eosflow")
 
 
 def _first_divergent(loss: np.ndarray, limit: float) -> int | None:
@@ -213,7 +225,7 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
         "lr": spec.lr,
         "dimension": int(problem.w0.size),
         "problem": {"name": spec.problem["name"], **problem.info},
-        "eosflow": importlib.metadata.version("eosflow"),
+        "eosflow": _version(),
         "jax": jax.__version__,
         "device": f"{device.platform}:{device.device_kind}",
     }
