@@ -44,16 +44,26 @@ class ProcessEntry:
     build: Callable[..., Process]
     summary: str
     discrete: bool  # an optimizer (a real run) rather than a model of one
+    problems: tuple[str, ...] | None = None  # the problems it models (None: any)
+
+    def check_problem(self, problem: str) -> None:
+        if self.problems is not None and problem not in self.problems:
+            raise SpecError(
+                f"process {self.name!r} models the problem {' or '.join(map(repr, self.problems))}; "
+                f"this spec's `problem.name` is {problem!r}"
+            )
 
 
 PROCESSES: dict[str, ProcessEntry] = {}
 
 
-def register_process(name: str, options: type, summary: str, discrete: bool = False):
-    """Decorator: ``build(problem, spec, options) -> Process`` becomes available as ``name``."""
+def register_process(name: str, options: type, summary: str, discrete: bool = False,
+                     problems: tuple[str, ...] | None = None):
+    """Decorator: ``build(problem, spec, options) -> Process`` becomes available as ``name``
+    (for every problem, or only for those named in ``problems``)."""
 
     def decorate(build):
-        PROCESSES[name] = ProcessEntry(name, options, build, summary, discrete)
+        PROCESSES[name] = ProcessEntry(name, options, build, summary, discrete, problems)
         return build
 
     return decorate

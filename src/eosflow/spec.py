@@ -99,6 +99,8 @@ def parse_spec(table: dict) -> Spec:
     if not isinstance(problem, dict):
         raise SpecError(f"`problem` must be a table, got {problem!r}")
     spec = parse(Spec, table)
+    for name in spec.processes:
+        process_entry(name).check_problem(str(problem.get("name", "")))
     options = {name: parse_options(name, option_tables.get(name)) for name in spec.processes}
     return dataclasses.replace(spec, problem=problem, options=options)
 

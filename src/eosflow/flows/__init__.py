@@ -4,3 +4,4 @@ from eosflow.flows import central, gradient, projected  # noqa: F401  (registers
 from eosflow.flows import langevin  # noqa: E402,F401  (registers "langevin")
 from eosflow.flows import edge, rod  # noqa: E402,F401  (registers "rod_flow", "edge_flow")
 from eosflow.flows import free_energy  # noqa: E402,F401  (registers "free_energy")
+from eosflow.flows import particle  # noqa: E402,F401  (registers "particle_model")

@@ -31,7 +31,7 @@ from jaxtyping import Array
 
 from eosflow.objective import Objective
 
-__all__ = ["Particles", "to_particles", "to_flat", "particle_gd", "particle_model", "macroscopic",
+__all__ = ["Particles", "Macroscopic", "to_particles", "to_flat", "velocity", "particle_gd", "particle_model", "macroscopic",
            "gd_oscillation", "joint_distribution_figure"]
 
 
