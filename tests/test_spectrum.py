@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import eosflow
 from eosflow.problems import build_problem
 from eosflow.spectrum import (
     dense_top_eigenpairs, grow_tracked, hessian_eigenpairs, lanczos, lobpcg, power_iteration, random_vectors,
@@ -88,3 +89,26 @@ def test_tracking_more_eigenpairs_than_dimensions_is_capped():
     pairs = hessian_eigenpairs(objective, w, v, tol=1e-10, max_iters=50)
     np.testing.assert_allclose(np.sort(np.asarray(pairs.values)), np.sort([9.0, 7.0, 6.5, 3.0, 1.0, -2.0, 0.5]), atol=1e-8)
     assert grow_tracked(v, np.full(7, 100.0), 1.0, 10, jax.random.PRNGKey(1)).shape == (7, 7)
+
+
+def test_grow_every_grows_the_tracked_eigenspace_within_a_chunk(tmp_path):
+    """Spectrum 20, 18, 16, 1 at lr = 0.09 (lr lambda = 1.8, 1.62, 1.44, 0.09; threshold 1.5): the
+    tracker grows to k = 3, keeping 16 as its sentinel. With one 40-step chunk it can only grow
+    after the chunk; with grow_every = 5 it measures 18 and 16 (dense eigh) within the chunk, and
+    GD's iterates are the same either way."""
+    from eosflow.experiment import run
+
+    eigenvalues = [20.0, 18.0, 16.0, 1.0]
+    runs = {}
+    for grow_every in (0, 5):
+        spec = {"name": "grow", "steps": 40, "lr": 0.09, "dtype": "float64",
+                "problem": {"name": "quadratic", "eigenvalues": eigenvalues}, "processes": ["gd"],
+                "spectrum": {"k": 1, "k_max": 4, "grow_every": grow_every, "tol": 1e-8, "max_iters": 50},
+                "record": {"chunk": 40}}
+        run(spec, tmp_path / str(grow_every))
+        runs[grow_every] = eosflow.load(tmp_path / str(grow_every)).sel(process="gd")
+    assert np.all(np.isnan(runs[0]["eigenvalues"].values[:, 1]))
+    measured = runs[5]["eigenvalues"].values
+    np.testing.assert_allclose(measured[20:, :3], np.broadcast_to(eigenvalues[:3], (20, 3)), rtol=1e-6)
+    assert np.isfinite(measured[10:, 1]).all() and np.isnan(measured[:5, 1]).all()
+    np.testing.assert_array_equal(runs[5]["loss"].values, runs[0]["loss"].values)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
@@ -95,7 +96,9 @@ class ScannedProcess(eqx.Module):
     Subclasses implement ``init(w0)`` and ``step(state) -> (state, row)``; ``advance`` runs
     ``lax.scan`` of ``step`` under one jit (recompiled only when k or n_steps changes), then
     grows the tracked eigenspace on the host when every tracked eigenvalue is above
-    ``spectrum.threshold / lr`` (see :func:`eosflow.spectrum.grow_tracked`).
+    ``spectrum.threshold / lr`` (see :func:`eosflow.spectrum.grow_tracked`). With
+    ``spectrum.grow_every`` = m > 0 the scan runs in blocks of m steps while the eigenspace can
+    still grow, and growth is considered after each block.
     """
 
     name: str = eqx.field(static=True)
@@ -107,15 +110,28 @@ class ScannedProcess(eqx.Module):
         raise NotImplementedError
 
     def advance(self, state: Any, n_steps: int) -> tuple[Any, dict[str, Array]]:
-        state, rows = _scan(self, state, n_steps)
+        blocks, done = [], 0
+        while done < n_steps:
+            n = n_steps - done
+            can_grow = state.vectors.shape[1] < min(self.spectrum.k_max, state.vectors.shape[0])
+            if self.spectrum.grow_every and can_grow:
+                n = min(n, self.spectrum.grow_every)
+            state, rows = _scan(self, state, n)
+            state = self._grow(state, rows)
+            blocks.append(rows)
+            done += n
+        if len(blocks) == 1:
+            return state, blocks[0]
+        return state, jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *blocks)
+
+    def _grow(self, state: Any, rows: dict[str, Array]) -> Any:
         latest = last_measured(np.asarray(rows["eigenvalues"])) if "eigenvalues" in rows else None
-        if latest is not None:
-            k = state.vectors.shape[1]
-            key = jax.random.fold_in(self.key, int(state.step))
-            grown = grow_tracked(state.vectors, latest[:k], self.spectrum.threshold / self.lr,
-                                 self.spectrum.k_max, key)
-            state = state._replace(vectors=grown)
-        return state, rows
+        if latest is None:
+            return state
+        k = state.vectors.shape[1]
+        key = jax.random.fold_in(self.key, int(state.step))
+        grown = grow_tracked(state.vectors, latest[:k], self.spectrum.threshold / self.lr, self.spectrum.k_max, key)
+        return state._replace(vectors=grown)
 
     def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
         """Why this process may have diverged, read from its rows up to the divergent one ('' if unknown)."""
