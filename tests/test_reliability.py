@@ -131,7 +131,7 @@ def test_resume_with_a_different_spec_is_refused(tmp_path):
     out = tmp_path / "run"
     run({**SPEC, "steps": 20}, out)
     before = _files(out)
-    with pytest.raises(StoreError, match="resolved spec differs"):
+    with pytest.raises(StoreError, match=r"resolved spec differs from this one \(`lr` = 0.4 there, 0.3 here\)"):
         run({**SPEC, "steps": 20, "lr": 0.3}, out, resume=True)
     assert _files(out) == before
 
@@ -209,3 +209,40 @@ def test_a_checkpoint_from_another_state_layout_is_refused_by_name(tmp_path):
     with pytest.raises(StoreError, match=r"process 'gd' does not fit .* written by 0\.0\.9, this is eosflow"):
         run({**SPEC, "steps": 16}, out, resume=True)
     assert _files(out) == before
+
+
+def test_a_run_from_before_an_option_existed_resumes(tmp_path, uninterrupted):
+    """A resolved spec written before `spectrum.grow_every` existed lacks it; filled with its
+    default it equals this spec, so the run resumes, bitwise identical to an uninterrupted one."""
+    out = tmp_path / "run"
+    run(SPEC, out, stop_after=16)
+    path = out / "spec.resolved.toml"
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if not line.startswith("grow_every")))
+    run(SPEC, out, resume=True)
+    assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_an_interrupt_between_a_chunk_and_its_checkpoint_leaves_data_and_summary_agreeing(
+        tmp_path, monkeypatch, uninterrupted):
+    """Ctrl-C after chunk 2 is flushed but before its checkpoint: the summary and the data on disk
+    both say 8 steps (the checkpoint's), and the resumed run is bitwise identical."""
+    out = tmp_path / "run"
+    real_write = RunStore.write_checkpoint
+    calls = []
+
+    def interrupted_second_write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "write_checkpoint", interrupted_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(SPEC, out)
+    monkeypatch.setattr(RunStore, "write_checkpoint", real_write)
+    summary = RunStore(out).read_summary()
+    assert summary["status"] == "interrupted" and summary["steps_done"] == 8
+    assert eosflow.load(out).sizes["step"] == 8
+    run(SPEC, out, resume=True)
+    assert_same_run(eosflow.load(out), uninterrupted)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,7 @@ def run(
     if resume and store.exists():
         stored = (store.root / "spec.resolved.toml").read_text()
         if stored != resolved_text:
-            raise StoreError(
-                f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "
-                "(compare spec.resolved.toml); use --overwrite to start again"
-            )
+            _check_same_spec(tomllib.loads(stored), resolved, store.root)
         checkpoint = store.read_checkpoint()
     else:
         store.create(tomli_w.dumps(table), resolved_text, overwrite=overwrite)
@@ -144,8 +142,12 @@ def run(
             outcome.status = "completed" if step >= spec.steps else "interrupted"
             outcome.reason = "" if step >= spec.steps else f"stopped after {step} of {spec.steps} steps"
     except KeyboardInterrupt:
-        outcome = Outcome(store.root, "interrupted", outcome.steps_done,
-                          f"interrupted by the user; steps 0..{outcome.steps_done - 1} are on disk")
+        # The checkpoint is what a resume starts from; a chunk flushed after it (the interrupt can
+        # land between the two writes) would be recomputed, so it goes now and the summary agrees.
+        checkpoint = store.read_checkpoint()
+        done = 0 if checkpoint is None else checkpoint[0]
+        store.truncate(done)
+        outcome = Outcome(store.root, "interrupted", done, f"interrupted by the user; steps 0..{done - 1} are on disk")
         _finish(store, summary_base, outcome, inactive, started, timing.table)
         raise
     except OSError as error:
@@ -155,6 +157,33 @@ def run(
         ) from None
     _finish(store, summary_base, outcome, inactive, started, timing.table)
     return outcome
+
+
+def _check_same_spec(stored: dict, resolved: dict, root: Path) -> None:
+    """Refuse to resume unless the stored resolved spec, with today's defaults filled in (an older
+    eosflow may not have written options added since), equals this one; name what differs."""
+    try:
+        stored = prepare(stored)[2]
+    except Exception:  # a spec this eosflow cannot read is compared as written
+        pass
+    differences = _differences(stored, resolved)
+    if differences:
+        raise StoreError(
+            f"cannot resume {str(root)!r}: its resolved spec differs from this one ({'; '.join(differences[:5])}); "
+            "use --overwrite to start again"
+        )
+
+
+def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested tables, as `key` = old -> new."""
+    found = []
+    for key in sorted(set(stored) | set(current), key=str):
+        old, new = stored.get(key, "(absent)"), current.get(key, "(absent)")
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"`{prefix}{key}` = {old!r} there, {new!r} here")
+    return found
 
 
 def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str) -> Any:
