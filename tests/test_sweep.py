@@ -204,3 +204,19 @@ def _running_point(client, out, timeout=120.0):
                         return name, worker
         time.sleep(0.02)
     raise AssertionError("no point was seen running")
+
+
+def test_a_point_written_before_an_option_existed_is_still_done(tmp_path):
+    """A finished point whose spec.resolved.toml lacks `spectrum.grow_every` (an older eosflow)
+    is `completed`, not `mismatch`; another lr is a mismatch."""
+    from eosflow.experiment import run
+    from eosflow.sweep import _resolved_text, point_state
+
+    table = {"name": "old", "steps": 10, "lr": 0.08, "dtype": "float64",
+             "problem": {"name": "quartic", "dim": 1}, "record": {"chunk": 5}}
+    run(table, tmp_path / "run")
+    path = tmp_path / "run" / "spec.resolved.toml"
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if not line.startswith("grow_every")))
+    assert point_state(tmp_path / "run", _resolved_text(table)) == "completed"
+    assert point_state(tmp_path / "run", _resolved_text({**table, "lr": 0.07})) == "mismatch"

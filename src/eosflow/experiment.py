@@ -71,9 +71,12 @@ def run(
     reference = names[0]
 
     if resume and store.exists():
-        stored = (store.root / "spec.resolved.toml").read_text()
-        if stored != resolved_text:
-            _check_same_spec(tomllib.loads(stored), resolved, store.root)
+        differences = spec_differences((store.root / "spec.resolved.toml").read_text(), resolved)
+        if differences:
+            raise StoreError(
+                f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "
+                f"({'; '.join(differences[:5])}); use --overwrite to start again"
+            )
         checkpoint = store.read_checkpoint()
     else:
         store.create(tomli_w.dumps(table), resolved_text, overwrite=overwrite)
@@ -159,19 +162,18 @@ def run(
     return outcome
 
 
-def _check_same_spec(stored: dict, resolved: dict, root: Path) -> None:
-    """Refuse to resume unless the stored resolved spec, with today's defaults filled in (an older
-    eosflow may not have written options added since), equals this one; name what differs."""
+def spec_differences(stored_text: str, resolved: dict) -> list[str]:
+    """What differs between a run directory's ``spec.resolved.toml`` and the resolved spec
+    ``resolved`` ([] if nothing). The stored spec is re-resolved with today's defaults first, so
+    a run written before an option existed matches the spec that leaves it at its default."""
+    if stored_text == tomli_w.dumps(resolved):
+        return []
+    stored = tomllib.loads(stored_text)
     try:
         stored = prepare(stored)[2]
     except Exception:  # a spec this eosflow cannot read is compared as written
         pass
-    differences = _differences(stored, resolved)
-    if differences:
-        raise StoreError(
-            f"cannot resume {str(root)!r}: its resolved spec differs from this one ({'; '.join(differences[:5])}); "
-            "use --overwrite to start again"
-        )
+    return _differences(stored, resolved)
 
 
 def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:

@@ -153,11 +153,13 @@ def _resolved_text(table: dict) -> str:
 # ---- one point, on a worker ----------------------------------------------------------------------
 def point_state(run_dir: Path, resolved: str) -> str:
     """``new``, ``mismatch`` (another spec lives there), or the stored status (``started`` if none)."""
+    from eosflow.experiment import spec_differences
+
     store = RunStore(run_dir)
     resolved_path = store.root / "spec.resolved.toml"
     if not store.exists() or not resolved_path.exists():
         return "new"
-    if resolved_path.read_text() != resolved:
+    if spec_differences(resolved_path.read_text(), tomllib.loads(resolved)):
         return "mismatch"
     return store.read_summary().get("status", "started")
 
