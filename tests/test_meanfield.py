@@ -13,6 +13,7 @@ from eosflow import meanfield as mf
 from eosflow.compare import compare_run
 from eosflow.config import SpecError
 from eosflow.experiment import run
+from eosflow.cli import main
 from eosflow.spec import parse_spec
 from eosflow.problems.networks import split_meanfield
 from eosflow.problems.registry import build_problem
@@ -137,7 +138,10 @@ def test_the_particle_model_process_follows_gd_in_a_run(tmp_path):
     assert scores["loss_error"] < 0.15 and scores["envelope_error"] < 0.15
 
 
-def test_the_particle_model_refuses_other_problems():
+def test_the_particle_model_refuses_other_problems_and_says_so_in_the_listing(capsys):
     with pytest.raises(SpecError, match="process 'particle_model' models the problem 'two_layer_meanfield'; "
                                         "this spec's `problem.name` is 'mlp'"):
         parse_spec({"processes": ["gd", "particle_model"], "problem": {"name": "mlp"}})
+    assert main(["processes"]) == 0
+    listing = capsys.readouterr().out
+    assert "(problem two_layer_meanfield only)" in listing.split("particle_model:")[1].splitlines()[0]

@@ -161,7 +161,11 @@ def _dispatch(args) -> int:
     if args.command == "processes":
         from eosflow.process import PROCESSES
 
-        print(_listing({name: (e.summary, e.options) for name, e in PROCESSES.items()}))
+        def summary(entry):
+            only = f" (problem {', '.join(entry.problems)} only)" if entry.problems else ""
+            return entry.summary + only
+
+        print(_listing({name: (summary(e), e.options) for name, e in PROCESSES.items()}))
         return 0
     raise AssertionError(args.command)
 

@@ -177,7 +177,7 @@ def spec_differences(stored_text: str, resolved: dict) -> list[str]:
 
 
 def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested tables, as `key` = old -> new."""
+    """The dotted keys whose values differ between two nested tables, as "`key` = old there, new here"."""
     found = []
     for key in sorted(set(stored) | set(current), key=str):
         old, new = stored.get(key, "(absent)"), current.get(key, "(absent)")

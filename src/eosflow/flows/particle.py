@@ -15,7 +15,6 @@ is GD's |w_{k+1} - 2 w_k + w_{k-1}| / 4 (``oscillation``). Cost per substep: two
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import equinox as eqx
@@ -30,11 +29,6 @@ from eosflow.process import ScannedProcess, process_key, register_process
 from eosflow.spectrum import spectrum_row
 
 
-@dataclasses.dataclass(frozen=True)
-class ParticleModelOptions(SubstepOptions):
-    pass
-
-
 class ParticleState(NamedTuple):
     w: Array  # the centres p_i, flat (a_1..a_N, w_1..w_N)
     delta: Array  # the oscillation shares delta_i, same layout
@@ -46,7 +40,7 @@ class ParticleState(NamedTuple):
 class ParticleModel(ScannedProcess):
     objective: Objective
     width: int = eqx.field(static=True)
-    options: ParticleModelOptions = eqx.field(static=True)
+    options: SubstepOptions = eqx.field(static=True)
 
     def init(self, w0: Array) -> ParticleState:
         delta = 0.5 * self.lr * self.objective.grad(w0)
@@ -78,10 +72,10 @@ class ParticleModel(ScannedProcess):
         return ParticleState(w, delta, vectors, sharpness, state.step + 1), row
 
 
-@register_process("particle_model", ParticleModelOptions,
+@register_process("particle_model", SubstepOptions,
                   "mean-field particle model: each neuron's centre and its share of GD's period-2 oscillation",
                   problems=("two_layer_meanfield",))
-def build(problem, spec, options: ParticleModelOptions) -> ParticleModel:
+def build(problem, spec, options: SubstepOptions) -> ParticleModel:
     return ParticleModel(
         name="particle_model", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "particle_model"),
         objective=problem.objective, width=int(problem.info["width"]), options=options,
