@@ -32,12 +32,14 @@ from eosflow.experiment import run
 SPECS = ["examples/free_energy_matrix_factorization.toml", "examples/free_energy_mlp_digits.toml"]
 
 
-def running_mean(x: np.ndarray, window: int) -> np.ndarray:
+def box_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean over a centred box of ``window`` steps (compare.py smooths with a Gaussian instead)."""
     return np.convolve(x, np.ones(window) / window, mode="same")
 
 
-def running_rms(x: np.ndarray, window: int) -> np.ndarray:
-    return np.sqrt(running_mean(x**2, window))
+def box_rms(x: np.ndarray, window: int) -> np.ndarray:
+    """sqrt of the box mean of x^2: the oscillation envelope over ``window`` steps."""
+    return np.sqrt(box_mean(x**2, window))
 
 
 def local_median(x: np.ndarray, half_width: int = 25) -> np.ndarray:
@@ -85,9 +87,9 @@ def eigenspace_shares(run_dir: str, k: int, window: int, start: int) -> tuple[fl
         top.append(abs(projection[0]))
         within.append(np.linalg.norm(projection))
     phase = slice(start + window - 1, len(delta) - window)  # delta[i] is step i + 1
-    total = np.mean(running_rms(np.linalg.norm(delta, axis=1), window)[phase])
-    return (float(np.mean(running_rms(np.array(top), window)[phase]) / total),
-            float(np.mean(running_rms(np.array(within), window)[phase]) / total))
+    total = np.mean(box_rms(np.linalg.norm(delta, axis=1), window)[phase])
+    return (float(np.mean(box_rms(np.array(top), window)[phase]) / total),
+            float(np.mean(box_rms(np.array(within), window)[phase]) / total))
 
 
 def analyze(run_dir: str, window: int) -> dict:
@@ -96,17 +98,17 @@ def analyze(run_dir: str, window: int) -> dict:
     start = eos_start(gd)
     end = len(gd.step) - window
     phase = slice(start + window, end)
-    envelope = running_rms(np.nan_to_num(gd.oscillation.values), window)[phase]
-    predicted = running_rms(predicted_amplitude(ds, "free_energy"), window)[phase]
-    gd_average = running_mean(gd.loss.values, window)[phase]
+    envelope = box_rms(np.nan_to_num(gd.oscillation.values), window)[phase]
+    predicted = box_rms(predicted_amplitude(ds, "free_energy"), window)[phase]
+    gd_average = box_mean(gd.loss.values, window)[phase]
     free_energy, centre_loss = model.free_energy.values, model.loss.values
     out = {
         "eos_start": start,
         "envelope_gd": float(np.mean(envelope)), "envelope_model": float(np.mean(predicted)),
         "envelope_ratio_error": float(np.mean(predicted) / np.mean(envelope) - 1),
         "envelope_pointwise_error": float(np.median(np.abs(predicted - envelope) / envelope)),
-        "loss_error_F": float(np.mean(np.abs(running_mean(free_energy, window)[phase] / gd_average - 1))),
-        "loss_error_L": float(np.mean(np.abs(running_mean(centre_loss, window)[phase] / gd_average - 1))),
+        "loss_error_F": float(np.mean(np.abs(box_mean(free_energy, window)[phase] / gd_average - 1))),
+        "loss_error_L": float(np.mean(np.abs(box_mean(centre_loss, window)[phase] / gd_average - 1))),
     }
     for w in (window, 2 * window, 3 * window):
         for name, curve in (("F", free_energy), ("gd_loss", gd.loss.values)):
