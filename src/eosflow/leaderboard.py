@@ -86,7 +86,7 @@ def applicable(models: list[str], problem: str) -> list[str]:
     """The models that model ``problem`` (some, like the mean-field particle model, model one problem)."""
     from eosflow.process import PROCESSES
 
-    return [name for name in models if PROCESSES[name].problems is None or problem in PROCESSES[name].problems]
+    return [name for name in models if PROCESSES[name].models(problem)]
 
 
 def suite_tables(quick: bool = False, models: list[str] | None = None,

@@ -47,8 +47,11 @@ class ProcessEntry:
     discrete: bool  # an optimizer (a real run) rather than a model of one
     problems: tuple[str, ...] | None = None  # the problems it models (None: any)
 
+    def models(self, problem: str) -> bool:
+        return self.problems is None or problem in self.problems
+
     def check_problem(self, problem: str) -> None:
-        if self.problems is not None and problem not in self.problems:
+        if not self.models(problem):
             raise SpecError(
                 f"process {self.name!r} models the problem {' or '.join(map(repr, self.problems))}; "
                 f"this spec's `problem.name` is {problem!r}"

@@ -10,7 +10,8 @@ docs/meanfield.md)
 seeded with the half-step rod delta(0) = lr/2 g(w0). Rows: ``position`` (the centres, flat),
 ``loss`` = L(centres), ``predicted_loss`` = 1/2 (L(w + delta) + L(w - delta)) (GD's two-step
 average), ``free_energy`` FF = predicted_loss - |delta|^2 / lr, and ``amplitude`` = |delta|, which
-is GD's |w_{k+1} - 2 w_k + w_{k-1}| / 4 (``oscillation``). Cost per substep: two gradients.
+is GD's |w_{k+1} - 2 w_k + w_{k-1}| / 4 (``oscillation``). Cost per substep: two gradients
+(:func:`eosflow.meanfield.euler_step`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -46,30 +46,19 @@ class ParticleModel(ScannedProcess):
         delta = 0.5 * self.lr * self.objective.grad(w0)
         return ParticleState(w0, delta, self.initial_vectors(w0), jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
 
-    def rates(self, w: Array, delta: Array) -> tuple[tuple[Array, Array], mf.Macroscopic]:
-        """(dw/dt, ddelta/dt) in the flat layout, and the macroscopic quantities."""
-        state = mf.Particles(mf.to_particles(w, self.width), mf.to_particles(delta, self.width))
-        rates, observed = mf.velocity(self.objective, state, self.lr / self.width)
-        return (mf.to_flat(rates.centres), mf.to_flat(rates.oscillation)), observed
-
     def step(self, state: ParticleState) -> tuple[ParticleState, dict[str, Array]]:
         vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, self.lr, self.spectrum)
         sharpness = jnp.where(jnp.isfinite(row["sharpness"]), row["sharpness"], state.sharpness)
         n = substep_count(self.lr, sharpness, self.options)
-        dt = 1.0 / n
-
-        def substep(_, carry):
-            (dw, ddelta), _ = self.rates(*carry)
-            return carry[0] + dt * dw, carry[1] + dt * ddelta
-
-        _, observed = self.rates(state.w, state.delta)
-        w, delta = jax.lax.fori_loop(0, n, substep, (state.w, state.delta))
+        particles = mf.Particles(mf.to_particles(state.w, self.width), mf.to_particles(state.delta, self.width))
+        new, observed = mf.euler_step(self.objective, particles, self.lr / self.width, n)
         row.update(
             position=state.w, loss=observed.risk, predicted_loss=observed.averaged_risk,
             free_energy=observed.free_energy, amplitude=jnp.linalg.norm(state.delta),
-            substeps=n, grads=3 * (n + 1),
+            substeps=n, grads=2 * n + 1,
         )
-        return ParticleState(w, delta, vectors, sharpness, state.step + 1), row
+        return ParticleState(mf.to_flat(new.centres), mf.to_flat(new.oscillation), vectors, sharpness,
+                             state.step + 1), row
 
 
 @register_process("particle_model", SubstepOptions,
