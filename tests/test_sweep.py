@@ -52,7 +52,10 @@ def gd_loss(w0: np.ndarray, steps: int) -> np.ndarray:
 
 
 def snapshot(folder) -> dict:
-    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))}
+    """(mtime, size) of every durable file under ``folder``. Atomic-write temporaries
+    (``.<name>.<random>.tmp``) are left out: a running worker renames them away at any moment."""
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))
+            if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
 
 
 def test_parse_grid():
