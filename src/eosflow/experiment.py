@@ -11,7 +11,6 @@ reason and the step recorded. Another process that diverges is dropped and the r
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.spec import Spec, resolve, spec_differences
 from eosflow.store import RunStore, StoreError
+from eosflow.version import __version__
 
 Progress = Callable[[int, dict[str, dict[str, np.ndarray]]], None]
 
@@ -175,7 +175,7 @@ def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str
 
 
 def _version() -> str:
-    return importlib.metadata.version("eosflow")
+    return __version__
 
 
 def _first_divergent(loss: np.ndarray, limit: float) -> int | None:
