@@ -64,7 +64,7 @@ class ProcessEntry:
     def check_problem(self, problem: str) -> None:
         if not self.models(problem):
             raise SpecError(
-                f"process {self.name!r} models the problem {' or '.join(map(repr, self.problems))}; "
+                f"process {self.name!r} models the problem {' or '.join(map(repr, self.problems or ()))}; "
                 f"this spec's `problem.name` is {problem!r}"
             )
 

@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from eosflow.load import load_params
-from eosflow.optim.sgd import step_noise
+from eosflow.optim.sgd import SGDOptions, step_noise
 from eosflow.problems import build_problem
 from eosflow.spec import resolve
 from eosflow.spectrum import dense_top_eigenpairs, lanczos
@@ -94,7 +94,7 @@ class CentreModel(NamedTuple):
     noise_trace: float  # tr Xi, averaged over late iterates
     noise: np.ndarray  # U^T Xi U, averaged over late iterates
     complete: bool  # the whole spectrum (so the theory curve of Delta can be drawn)
-    options: object  # the run's SGDOptions
+    options: SGDOptions  # the run's `[sgd]` options
 
 
 def centre_model(run_dir: Path, params: np.ndarray) -> CentreModel:
