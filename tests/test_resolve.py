@@ -15,8 +15,16 @@ from eosflow.problems import PROBLEMS
 from eosflow.process import PROCESSES
 from eosflow.spec import resolve, spec_differences
 
-TABLE = {"name": "r", "steps": 4, "lr": 0.08, "dtype": "float64", "processes": ["gd", "gradient_flow"],
-         "problem": {"name": "quartic", "dim": 1}, "record": {"chunk": 2}, "gradient_flow": {"substeps": 3}}
+TABLE = {
+    "name": "r",
+    "steps": 4,
+    "lr": 0.08,
+    "dtype": "float64",
+    "processes": ["gd", "gradient_flow"],
+    "problem": {"name": "quartic", "dim": 1},
+    "record": {"chunk": 2},
+    "gradient_flow": {"substeps": 3},
+}
 
 
 def test_resolve_is_what_a_run_stores_and_what_prepare_returns(tmp_path):

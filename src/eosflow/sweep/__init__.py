@@ -35,9 +35,22 @@ from eosflow.sweep.summary import markdown_summary
 from eosflow.sweep.task import run_point
 
 __all__ = [
-    "FINISHED", "Point", "SweepError", "aggregate", "available_cores", "grid_points", "load_sweep",
-    "local_cluster", "markdown_summary", "parse_grid", "point_rows", "point_state", "run_point", "run_sweep",
-    "summary_figure", "worker_environment",
+    "FINISHED",
+    "Point",
+    "SweepError",
+    "aggregate",
+    "available_cores",
+    "grid_points",
+    "load_sweep",
+    "local_cluster",
+    "markdown_summary",
+    "parse_grid",
+    "point_rows",
+    "point_state",
+    "run_point",
+    "run_sweep",
+    "summary_figure",
+    "worker_environment",
 ]
 
 

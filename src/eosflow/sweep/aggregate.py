@@ -33,8 +33,12 @@ def point_rows(run_dir: Path) -> list[dict]:
     for process in ds.process.values:
         one = ds.sel(process=process)
         row = {"process": str(process), "reference": process == reference, "dropped": dropped.get(process, "")}
-        for variable, name in (("loss", "final_loss"), ("sharpness", "final_sharpness"),
-                               ("lr_sharpness", "final_lr_sharpness"), ("distance", "final_distance")):
+        for variable, name in (
+            ("loss", "final_loss"),
+            ("sharpness", "final_sharpness"),
+            ("lr_sharpness", "final_lr_sharpness"),
+            ("distance", "final_distance"),
+        ):
             row[name] = _last_finite(one[variable].values) if variable in one else np.nan
         distance = one["distance"].values if "distance" in one else np.array([np.nan])
         row["mean_distance"] = float(np.nanmean(distance)) if np.isfinite(distance).any() else np.nan
@@ -56,9 +60,14 @@ def aggregate(sweep_dir: str | Path, failed: dict[str, str] | None = None) -> pd
     for name, values in meta["points"].items():
         run_dir = sweep_dir / "points" / name
         summary = RunStore(run_dir).read_summary()
-        point = {**values, "point": name, "status": summary.get("status", "missing"),
-                 "reason": summary.get("reason", ""), "steps_done": summary.get("steps_done", 0),
-                 "seconds": summary.get("seconds", np.nan)}
+        point = {
+            **values,
+            "point": name,
+            "status": summary.get("status", "missing"),
+            "reason": summary.get("reason", ""),
+            "steps_done": summary.get("steps_done", 0),
+            "seconds": summary.get("seconds", np.nan),
+        }
         if name in failed:
             point.update(status="failed", reason=failed[name])
         try:
@@ -97,6 +106,5 @@ def load_sweep(sweep_dir: str | Path) -> xr.Dataset:
     processes = frame[frame.process != ""].set_index([*keys, "process"])
     processes = processes.drop(columns=per_point).to_xarray()
     ds = xr.merge([points, processes], compat="override", join="outer").reindex(order)
-    ds.attrs = {"sweep_dir": str(sweep_dir), "grid": json.dumps(meta["grid"]),
-                "spec": tomli_w.dumps(meta["spec"])}
+    ds.attrs = {"sweep_dir": str(sweep_dir), "grid": json.dumps(meta["grid"]), "spec": tomli_w.dumps(meta["spec"])}
     return ds

@@ -37,8 +37,13 @@ def worker_environment(threads: int, cache_dir: Path | None = None) -> dict[str,
         xla.append("--xla_cpu_multi_thread_eigen=false")
     xla.append(f"intra_op_parallelism_threads={threads}")
     count = str(threads)
-    env = {"XLA_FLAGS": " ".join(xla), "OMP_NUM_THREADS": count, "OPENBLAS_NUM_THREADS": count,
-           "MKL_NUM_THREADS": count, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    env = {
+        "XLA_FLAGS": " ".join(xla),
+        "OMP_NUM_THREADS": count,
+        "OPENBLAS_NUM_THREADS": count,
+        "MKL_NUM_THREADS": count,
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    }
     if cache_dir is not None and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
     return env
@@ -55,7 +60,9 @@ def local_cluster(workers: int | None = None, cache_dir: Path | None = None) -> 
     if workers < 1:
         raise SpecError(f"--workers = {workers} must be at least 1")
     return LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True,
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
         env=worker_environment(max(1, cores // workers), cache_dir),
         dashboard_address=":0" if importlib.util.find_spec("bokeh") else None,
     )
@@ -90,8 +97,9 @@ def stop_workers(cluster: LocalCluster, timeout: float = WORKER_EXIT_SECONDS) ->
     cluster.sync(close_all)
 
 
-def run_points(todo: list[Point], out: Path, scheduler: str | None, workers: int | None,
-               display: SweepProgress) -> dict[str, dict]:
+def run_points(
+    todo: list[Point], out: Path, scheduler: str | None, workers: int | None, display: SweepProgress
+) -> dict[str, dict]:
     """Run every point of ``todo`` into ``out/points``; returns ``{point: run_point's result}``
     (``status`` "failed" with the error if a task raised on every attempt)."""
     out = out.absolute()  # the path every worker writes to (remote workers have their own cwd)
@@ -101,9 +109,17 @@ def run_points(todo: list[Point], out: Path, scheduler: str | None, workers: int
     with connect(scheduler, workers, out / "jax-cache") as client:
         client.subscribe_topic(topic, lambda event: display.step(event[1]["point"], event[1]["step"]))
         futures = {
-            client.submit(run_point, p.table, str(out / "points" / p.name), p.resolved,
-                          str(out / "locks" / f"{p.name}.lock"), topic, key=f"eosflow-point-{tag}-{p.name}",
-                          retries=RETRIES, pure=False): p.name
+            client.submit(
+                run_point,
+                p.table,
+                str(out / "points" / p.name),
+                p.resolved,
+                str(out / "locks" / f"{p.name}.lock"),
+                topic,
+                key=f"eosflow-point-{tag}-{p.name}",
+                retries=RETRIES,
+                pure=False,
+            ): p.name
             for p in todo
         }
         try:

@@ -48,7 +48,7 @@ def literal(value) -> str:
     """The one-line TOML text of a value (what ``--set key=<text>`` parses back to ``value``)."""
     if isinstance(value, list):
         return "[" + ", ".join(literal(v) for v in value) + "]"
-    return tomli_w.dumps({"v": value})[len("v = "):].strip()
+    return tomli_w.dumps({"v": value})[len("v = ") :].strip()
 
 
 def label(value) -> str:

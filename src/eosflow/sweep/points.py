@@ -40,8 +40,10 @@ def grid_points(table: dict, grids: list[tuple[str, list]]) -> list[Point]:
         values = dict(zip(keys, combination))
         name = ",".join(f"{key}={label(value)}" for key, value in values.items())
         if name in names:
-            raise SpecError(f"grid points {names[name]} and {values} share the directory name {name!r}; "
-                            "use values that differ as text")
+            raise SpecError(
+                f"grid points {names[name]} and {values} share the directory name {name!r}; "
+                "use values that differ as text"
+            )
         names[name] = values
         point = copy.deepcopy(table)
         for key, value in values.items():

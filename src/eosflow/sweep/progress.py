@@ -20,8 +20,14 @@ class SweepProgress:
         self.counts: dict[str, int] = {"skipped": skipped} if skipped else {}
         self.latest: dict[str, int] = {}  # point -> last step reported
         self._lock = threading.Lock()  # steps arrive on the client's event-loop thread
-        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), TextColumn("{task.fields[status]}"), disable=not enabled)
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            disable=not enabled,
+        )
         self._sweep = self._bar.add_task("sweep", total=total, completed=skipped, status=self._status())
         self._points: dict[str, TaskID] = {}
 
@@ -29,8 +35,9 @@ class SweepProgress:
         self._bar.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         self._bar.stop()
 
     def step(self, point: str, step: int) -> None:

@@ -46,8 +46,11 @@ def run_sweep(
             "compare its spec.resolved.toml): choose another --out, or delete those points to rerun them"
         )
     todo = [p for p in points if states[p.name] not in FINISHED]
-    meta = {"spec": table, "grid": [[key, values] for key, values in parsed],
-            "points": {p.name: p.values for p in points}}
+    meta = {
+        "spec": table,
+        "grid": [[key, values] for key, values in parsed],
+        "points": {p.name: p.values for p in points},
+    }
     write_json(out / "sweep.json", meta)
 
     results: dict[str, dict] = {}
@@ -58,14 +61,20 @@ def run_sweep(
     elif progress:
         print(f"all {len(points)} points of {out} are finished; nothing to run")
     failed = {name: r.get("reason", "") for name, r in results.items() if r["status"] == "failed"}
-    meta["last_run"] = {"points": len(points), "skipped": len(points) - len(todo),
-                        "ran": sum(r.get("ran", False) for r in results.values()), "failed": failed}
+    meta["last_run"] = {
+        "points": len(points),
+        "skipped": len(points) - len(todo),
+        "ran": sum(r.get("ran", False) for r in results.values()),
+        "failed": failed,
+    }
     write_json(out / "sweep.json", meta)
     frame = aggregate(out, failed)
     summary_figure(frame, [key for key, _ in parsed], out / "sweep.png")
     markdown_summary(frame, meta, out / "sweep.md")
     if failed:
         listing = "; ".join(f"{name}: {reason}" for name, reason in list(failed.items())[:5])
-        raise SweepError(f"{len(failed)} of {len(points)} points failed ({listing}); the others are in "
-                         f"{str(out / 'sweep.parquet')!r} and rerunning the sweep retries only the failed ones")
+        raise SweepError(
+            f"{len(failed)} of {len(points)} points failed ({listing}); the others are in "
+            f"{str(out / 'sweep.parquet')!r} and rerunning the sweep retries only the failed ones"
+        )
     return out

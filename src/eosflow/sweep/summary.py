@@ -11,8 +11,12 @@ from eosflow.compare import format_number
 from eosflow.store import atomic_write
 from eosflow.sweep.grid import literal
 
-NUMBERS = (("final_loss", "final loss"), ("final_lr_sharpness", "final lr*S"),
-           ("mean_distance", "mean distance"), ("final_distance", "final distance"))
+NUMBERS = (
+    ("final_loss", "final loss"),
+    ("final_lr_sharpness", "final lr*S"),
+    ("mean_distance", "mean distance"),
+    ("final_distance", "final distance"),
+)
 
 
 def markdown_summary(frame: pd.DataFrame, meta: dict, path: Path, figure: str = "sweep.png") -> Path:
@@ -22,10 +26,17 @@ def markdown_summary(frame: pd.DataFrame, meta: dict, path: Path, figure: str = 
     last = meta.get("last_run", {})
     lines = [f"# Sweep: {meta['spec'].get('name', 'run')}", ""]
     lines += [f"- `{key}` = {', '.join(literal(v) for v in values)}" for key, values in meta["grid"]]
-    lines += ["", f"{len(points)} points: " + ", ".join(f"{n} {status}" for status, n in counts.items())
-              + (f" (last run: {last['ran']} ran, {last['skipped']} skipped)" if last else ""), ""]
-    lines += ["| point | status | steps done | process | " + " | ".join(title for _, title in NUMBERS) + " |",
-              "|---" * (4 + len(NUMBERS)) + "|"]
+    lines += [
+        "",
+        f"{len(points)} points: "
+        + ", ".join(f"{n} {status}" for status, n in counts.items())
+        + (f" (last run: {last['ran']} ran, {last['skipped']} skipped)" if last else ""),
+        "",
+    ]
+    lines += [
+        "| point | status | steps done | process | " + " | ".join(title for _, title in NUMBERS) + " |",
+        "|---" * (4 + len(NUMBERS)) + "|",
+    ]
     for _, row in frame.iterrows():
         cells = [format_number(float(row[number])) for number, _ in NUMBERS]
         process = row.process + (" (reference)" if row.reference else "") if row.process else "-"

@@ -33,12 +33,16 @@ def run_point(table: dict, run_dir: str, resolved: str, lock: str, events: str |
         if state in FINISHED:
             return {"status": state, "ran": False}
         if state == "mismatch":
-            return {"status": "failed", "ran": False,
-                    "reason": f"{run_dir!r} holds a run of another spec (compare spec.resolved.toml)"}
+            return {
+                "status": "failed",
+                "ran": False,
+                "reason": f"{run_dir!r} holds a run of another spec (compare spec.resolved.toml)",
+            }
         _remove_temporaries(path)
         try:
-            outcome = run(table, path, resume=state != "new", overwrite=state == "new",
-                          progress=_publisher(events, path.name))
+            outcome = run(
+                table, path, resume=state != "new", overwrite=state == "new", progress=_publisher(events, path.name)
+            )
         except (SpecError, StoreError) as error:
             return {"status": "failed", "ran": True, "reason": str(error)}
     return {"status": outcome.status, "ran": True, "reason": outcome.reason}
