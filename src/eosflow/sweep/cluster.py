@@ -70,17 +70,19 @@ def local_cluster(workers: int | None = None, cache_dir: Path | None = None) -> 
 
 @contextlib.contextmanager
 def connect(scheduler: str | None, workers: int | None, cache_dir: Path) -> Iterator[Client]:
-    """A client of the scheduler at ``scheduler``, or of a local cluster started (and stopped) here."""
+    """A client of the scheduler at ``scheduler``, or of a local cluster started (and stopped) here.
+
+    After an interruption (Ctrl-C) the local workers are busy with points: the cluster kills them
+    after dask's 4 s instead of waiting for :func:`stop_workers` (their points resume later).
+    """
     if scheduler:
         with Client(scheduler) as client:
             yield client
         return
     with local_cluster(workers, cache_dir) as cluster:
-        try:
-            with Client(cluster) as client:
-                yield client
-        finally:
-            stop_workers(cluster)
+        with Client(cluster) as client:
+            yield client
+        stop_workers(cluster)
 
 
 def stop_workers(cluster: LocalCluster, timeout: float = WORKER_EXIT_SECONDS) -> None:
