@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, Future, LocalCluster, as_completed
 
 from eosflow.config import SpecError
 from eosflow.sweep.points import Point
@@ -107,7 +107,6 @@ def run_points(
     out = out.absolute()  # the path every worker writes to (remote workers have their own cwd)
     tag = uuid.uuid4().hex[:8]
     topic = f"eosflow-sweep-{tag}"
-    results: dict[str, dict] = {}
     with connect(scheduler, workers, out / "jax-cache") as client:
         client.subscribe_topic(topic, lambda event: display.step(event[1]["point"], event[1]["step"]))
         futures = {
@@ -125,19 +124,26 @@ def run_points(
             for p in todo
         }
         try:
-            for future in as_completed(futures):
-                name = futures[future]
-                if future.status == "finished":
-                    results[name] = future.result()
-                else:  # raised on every attempt, or a worker died on it too often (KilledWorker)
-                    error = future.exception() if future.status == "error" else f"task {future.status}"
-                    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-                    results[name] = {"status": "failed", "ran": True, "reason": reason}
-                display.done(name, results[name]["status"])
+            results = _collect(futures, display)
         except KeyboardInterrupt:
             client.cancel(list(futures))
             raise
         finally:
             client.unsubscribe_topic(topic)
             futures.clear()  # release the results on the workers: none is lost when they stop
+    return results
+
+
+def _collect(futures: dict[Future, str], display: SweepProgress) -> dict[str, dict]:
+    """Each point's result as its task ends (no reference to a future is left when this returns)."""
+    results: dict[str, dict] = {}
+    for future in as_completed(futures):
+        name = futures[future]
+        if future.status == "finished":
+            results[name] = future.result()
+        else:  # raised on every attempt, or a worker died on it too often (KilledWorker)
+            error = future.exception() if future.status == "error" else f"task {future.status}"
+            reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            results[name] = {"status": "failed", "ran": True, "reason": reason}
+        display.done(name, results[name]["status"])
     return results
