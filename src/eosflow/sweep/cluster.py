@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from distributed import Client, Future, LocalCluster, as_completed
+from distributed import Client, Future, LocalCluster, Worker, as_completed
 
 from eosflow.config import SpecError
 from eosflow.sweep.points import Point
@@ -82,7 +82,14 @@ def connect(scheduler: str | None, workers: int | None, cache_dir: Path) -> Iter
     with local_cluster(workers, cache_dir) as cluster:
         with Client(cluster) as client:
             yield client
+            client.run(_stop_heartbeat)
         stop_workers(cluster)
+
+
+def _stop_heartbeat(dask_worker: Worker) -> None:
+    """Run on each worker before it is closed: a heartbeat still in flight when a worker closes
+    its connections fails with a logged traceback (dask stops the heartbeat only as it closes)."""
+    dask_worker.periodic_callbacks["heartbeat"].stop()
 
 
 def stop_workers(cluster: LocalCluster, timeout: float = WORKER_EXIT_SECONDS) -> None:
