@@ -1,15 +1,17 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv on first use.
+# `make lint`: ruff (lint and format check) and mypy, configured in pyproject.toml; `make -k lint`
+# runs all three checks even when one fails (as .ci/run does).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint lint-ruff lint-format lint-types bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -20,8 +22,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+lint: lint-ruff lint-format lint-types
+
+lint-ruff: $(STAMP)
+	$(BIN)/ruff check
+
+lint-format: $(STAMP)
+	$(BIN)/ruff format --check
+
+lint-types: $(STAMP)
+	$(BIN)/mypy
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sharpness.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -19,11 +19,28 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from matplotlib.figure import Figure
 
 jax.config.update("jax_enable_x64", True)
 
 from eosflow import meanfield as mf  # noqa: E402
 from eosflow.problems.registry import build_problem  # noqa: E402
+
+
+def joint_distribution_figure(snapshots: mf.Particles, steps: np.ndarray, path, coordinate: int = 0):
+    """Scatter of (p_i, delta_i) along one coordinate (0: the output weight a_i) at a few times."""
+    centres, oscillation = (np.asarray(x) for x in snapshots)
+    picks = np.unique(np.linspace(0, len(centres) - 1, 4).astype(int))
+    fig = Figure(figsize=(3.2 * len(picks), 3.0))
+    axes = fig.subplots(1, len(picks), sharey=True)
+    for ax, index in zip(np.atleast_1d(axes), picks):
+        ax.scatter(centres[index][:, coordinate], oscillation[index][:, coordinate], s=4, alpha=0.6)
+        ax.set_title(f"t = {int(steps[index])}")
+        ax.set_xlabel("a_i" if coordinate == 0 else f"w_i[{coordinate - 1}]")
+    np.atleast_1d(axes)[0].set_ylabel("delta_i (oscillation share)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def smooth(x: np.ndarray, width: int) -> np.ndarray:
@@ -130,7 +147,7 @@ def main() -> None:
     record = np.arange(0, steps, max(1, steps // 6))
     figure = Path(args.figure)
     figure.parent.mkdir(parents=True, exist_ok=True)
-    mf.joint_distribution_figure(snapshots, record, figure)
+    joint_distribution_figure(snapshots, record, figure)
     print(f"figure: {figure}")
 
 

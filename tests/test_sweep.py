@@ -223,3 +223,76 @@ def test_a_point_written_before_an_option_existed_is_still_done(tmp_path):
                             if not line.startswith("grow_every")))
     assert point_state(tmp_path / "run", _resolved_text(table)) == "completed"
     assert point_state(tmp_path / "run", _resolved_text({**table, "lr": 0.07})) == "mismatch"
+
+
+def test_sweep_writes_a_markdown_summary(swept):
+    from eosflow.compare import format_number
+
+    page = (swept / "sweep.md").read_text()
+    table = pd.read_parquet(swept / "sweep.parquet")
+    assert "4 points: 4 completed" in page and "![" in page and "sweep.png" in page
+    rows = [line for line in page.splitlines() if line.startswith("| seed=")]
+    assert len(rows) == len(table) == 8
+    for row in table.to_dict("records"):
+        process = row["process"] + (" (reference)" if row["reference"] else "")
+        cells = [row["point"], "completed", "100", process] + [
+            format_number(row[c]) for c in ("final_loss", "final_lr_sharpness", "mean_distance", "final_distance")]
+        assert "| " + " | ".join(cells) + " |" in rows
+
+
+def test_sweep_figure_has_a_panel_per_measured_quantity(swept):
+    from eosflow.sweep.figure import draw_summary
+
+    frame = pd.read_parquet(swept / "sweep.parquet")
+    keys = ["seed", "problem.init_scale"]  # x: seed; one line per (process, init_scale)
+    both = draw_summary(frame, keys)
+    assert len(both.axes) == 2 and all(ax.lines for ax in both.axes)
+    assert {line.get_label() for line in both.axes[1].lines} == {
+        f"gradient_flow problem.init_scale={scale}" for scale in (1.0, 2.0)}  # distance: models only
+    gd = frame[frame.process == "gd"]
+    gd_only = draw_summary(gd, keys)
+    assert len(gd_only.axes) == 1  # no empty distance panel
+    curves = [line for line in gd_only.axes[0].lines if line.get_label().startswith("gd")]
+    assert len(curves) == 2
+    for line in curves:
+        scale = float(line.get_label().split("=")[1])
+        expected = gd[gd["problem.init_scale"] == scale].sort_values("seed")
+        np.testing.assert_array_equal(line.get_xdata(), expected.seed.values)
+        np.testing.assert_array_equal(line.get_ydata(), expected.final_lr_sharpness.values)
+
+
+def test_points_report_progress_and_the_local_cluster_stops_quietly(tmp_path):
+    """Each point publishes its steps after every chunk (seen by the client while it runs), and the
+    sweep's own local cluster shuts down without dask killing a worker or losing a result."""
+    import logging
+
+    from eosflow.sweep.cluster import run_points
+    from eosflow.sweep.grid import parse_grid
+    from eosflow.sweep.points import grid_points
+    from eosflow.sweep.progress import SweepProgress
+
+    class Recorder(SweepProgress):
+        def step(self, point, step):
+            seen.append((point, step))
+            super().step(point, step)
+
+    class Messages(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    seen, messages = [], []
+    table = {"steps": 60, "lr": 0.08, "dtype": "float64", "problem": {"name": "quartic", "dim": 2},
+             "record": {"chunk": 20}}
+    points = grid_points(table, [parse_grid("lr=0.05,0.08")])
+    display = Recorder({p.name: p.steps for p in points}, len(points), 0, enabled=False)
+    handler = Messages(logging.WARNING)
+    logging.getLogger("distributed").addHandler(handler)
+    try:
+        results = run_points(points, tmp_path, None, 1, display)
+    finally:
+        logging.getLogger("distributed").removeHandler(handler)
+    assert {name: r["status"] for name, r in results.items()} == {"lr=0.05": "completed", "lr=0.08": "completed"}
+    for point in ("lr=0.05", "lr=0.08"):
+        assert sorted(step for name, step in seen if name == point) == [20, 40, 60]
+    assert display.counts == {"completed": 2}
+    assert not [m for m in messages if "still alive" in m or "lose" in m], messages

@@ -16,4 +16,4 @@ from eosflow.load import load, load_params  # noqa: E402
 from eosflow.objective import Objective  # noqa: E402
 
 __all__ = ["Objective", "load", "load_params", "run"]
-__version__ = "0.1.0"
+from eosflow.version import __version__  # noqa: E402,F401  (from the package metadata)

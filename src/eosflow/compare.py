@@ -29,7 +29,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import xarray as xr  # noqa: E402
 
+from eosflow.experiment import run  # noqa: E402
 from eosflow.load import load  # noqa: E402
+from eosflow.progress import training_bar  # noqa: E402
+from eosflow.spec import resolve  # noqa: E402
 from eosflow.store import RunStore  # noqa: E402
 
 SMOOTHING = 20.0  # std (in steps) of the Gaussian window for GD's loss and the envelope
@@ -321,13 +324,8 @@ def compare(table: dict, out: Path, overwrite: bool = False, progress: bool = Tr
 
     An existing run directory ``out`` is an error unless ``overwrite`` (nothing is lost silently).
     """
-    from eosflow.experiment import run
-    from eosflow.spec import parse_spec
-
-    spec = parse_spec(table)
+    spec = resolve(table).spec
     if progress:
-        from eosflow.progress import training_bar
-
         bar, update = training_bar(spec.steps, spec.processes[0], spec.lr)
         with bar:
             run(table, out, overwrite=overwrite, progress=update)

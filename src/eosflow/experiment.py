@@ -11,9 +11,7 @@ reason and the step recorded. Another process that diverges is dropped and the r
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,9 @@ import tomli_w
 
 from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
-from eosflow.spec import Spec, parse_spec, resolved_table
+from eosflow.spec import Spec, resolve, spec_differences
 from eosflow.store import RunStore, StoreError
+from eosflow.version import __version__
 
 Progress = Callable[[int, dict[str, dict[str, np.ndarray]]], None]
 
@@ -43,11 +42,11 @@ class Outcome:
 
 def prepare(table: dict) -> tuple[Spec, Problem, dict, dict[str, Process]]:
     """Validate a spec table and build its problem and processes (no files touched)."""
-    spec = parse_spec(table)
-    problem, params = build_problem(spec.problem, spec.seed, spec.dtype)
-    resolved = resolved_table(spec, params)
+    resolved = resolve(table)
+    spec = resolved.spec
+    problem, _ = build_problem(spec.problem, spec.seed, spec.dtype)
     processes = {name: PROCESSES[name].build(problem, spec, spec.options[name]) for name in spec.processes}
-    return spec, problem, resolved, processes
+    return spec, problem, resolved.table, processes
 
 
 def run(
@@ -162,32 +161,6 @@ def run(
     return outcome
 
 
-def spec_differences(stored_text: str, resolved: dict) -> list[str]:
-    """What differs between a run directory's ``spec.resolved.toml`` and the resolved spec
-    ``resolved`` ([] if nothing). The stored spec is re-resolved with today's defaults first, so
-    a run written before an option existed matches the spec that leaves it at its default."""
-    if stored_text == tomli_w.dumps(resolved):
-        return []
-    stored = tomllib.loads(stored_text)
-    try:
-        stored = prepare(stored)[2]
-    except Exception:  # a spec this eosflow cannot read is compared as written
-        pass
-    return _differences(stored, resolved)
-
-
-def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested tables, as "`key` = old there, new here"."""
-    found = []
-    for key in sorted(set(stored) | set(current), key=str):
-        old, new = stored.get(key, "(absent)"), current.get(key, "(absent)")
-        if isinstance(old, dict) and isinstance(new, dict):
-            found += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            found.append(f"`{prefix}{key}` = {old!r} there, {new!r} here")
-    return found
-
-
 def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str) -> Any:
     """Process ``name``'s state from its checkpointed arrays, refused unless there are as many as
     this eosflow's state has (their shapes may differ: the tracked eigenspace grows)."""
@@ -202,7 +175,7 @@ def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str
 
 
 def _version() -> str:
-    return importlib.metadata.version("eosflow")
+    return __version__
 
 
 def _first_divergent(loss: np.ndarray, limit: float) -> int | None:

@@ -24,9 +24,13 @@ import platform
 import time
 from pathlib import Path
 
+import jax
 import pandas as pd
 
 from eosflow.compare import compare_run, format_number
+from eosflow.experiment import run
+from eosflow.process import PROCESSES
+from eosflow.progress import training_bar
 
 REFERENCE, BASELINE = "gd", "gradient_flow"
 NOT_GD_MODELS = {"langevin": "models SGD, not GD"}
@@ -76,16 +80,12 @@ SUITE: tuple[Entry, ...] = (
 
 def gd_models() -> list[str]:
     """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS``."""
-    from eosflow.process import PROCESSES
-
     return [name for name, entry in PROCESSES.items()
             if not entry.discrete and name not in NOT_GD_MODELS and name != BASELINE]
 
 
 def applicable(models: list[str], problem: str) -> list[str]:
     """The models that model ``problem`` (some, like the mean-field particle model, model one problem)."""
-    from eosflow.process import PROCESSES
-
     return [name for name in models if PROCESSES[name].models(problem)]
 
 
@@ -108,12 +108,8 @@ def suite_tables(quick: bool = False, models: list[str] | None = None,
 
 def _runner(progress: bool):
     """``run_one(label, table, out)``: the experiment (overwriting ``out``), with a progress bar or none."""
-    from eosflow.experiment import run
-
     if not progress:
         return lambda label, table, out: run(table, out, overwrite=True)
-    from eosflow.progress import training_bar
-
     def run_one(label, table, out):
         bar, update = training_bar(table["steps"], REFERENCE, table["lr"], label=label)
         with bar:
@@ -189,8 +185,6 @@ def markdown(rows: pd.DataFrame) -> list[str]:
 
 
 def machine() -> str:
-    import jax
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import equinox as eqx
 import jax
@@ -29,13 +29,24 @@ from jaxtyping import Array
 from eosflow.config import SpecError, parse, suggest
 from eosflow.spectrum import grow_tracked, last_measured, random_vectors
 
+if TYPE_CHECKING:  # eosflow.spec imports this module to validate the process options
+    from typing import Self
 
-class Process(Protocol):
+    from eosflow.spec import SpectrumSpec
+
+State = TypeVar("State")  # a process's state: a pytree of arrays (a NamedTuple)
+
+
+class Process(Protocol[State]):
+    """What the experiment calls: ``init``, ``advance``, and ``divergence_hint`` when the loss blows up."""
+
     name: str
 
-    def init(self, w0: Array) -> Any: ...
+    def init(self, w0: Array) -> State: ...
 
-    def advance(self, state: Any, n_steps: int) -> tuple[Any, dict[str, Array]]: ...
+    def advance(self, state: State, n_steps: int) -> tuple[State, dict[str, Array]]: ...
+
+    def divergence_hint(self, rows: dict[str, np.ndarray]) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +64,7 @@ class ProcessEntry:
     def check_problem(self, problem: str) -> None:
         if not self.models(problem):
             raise SpecError(
-                f"process {self.name!r} models the problem {' or '.join(map(repr, self.problems))}; "
+                f"process {self.name!r} models the problem {' or '.join(map(repr, self.problems or ()))}; "
                 f"this spec's `problem.name` is {problem!r}"
             )
 
@@ -89,11 +100,21 @@ def process_key(seed: int, name: str) -> Array:
 
 
 class TrackedState(Protocol):
-    step: Array  # the integer time of this state
-    vectors: Array  # d x k tracked Hessian eigenvectors (warm start of the next measurement)
+    """What :class:`ScannedProcess` reads of its state (a NamedTuple with at least these fields)."""
+
+    @property
+    def step(self) -> Array: ...  # () integer time of this state
+
+    @property
+    def vectors(self) -> Array: ...  # d x k tracked Hessian eigenvectors (warm start of the next measurement)
+
+    def _replace(self, **fields: Any) -> Self: ...
 
 
-class ScannedProcess(eqx.Module):
+Tracked = TypeVar("Tracked", bound=TrackedState)
+
+
+class ScannedProcess(eqx.Module, Generic[Tracked]):
     """Base for processes that advance by a pure one-step map and track Hessian eigenvectors.
 
     Subclasses implement ``init(w0)`` and ``step(state) -> (state, row)``; ``advance`` runs
@@ -106,13 +127,16 @@ class ScannedProcess(eqx.Module):
 
     name: str = eqx.field(static=True)
     lr: float = eqx.field(static=True)
-    spectrum: Any = eqx.field(static=True)  # a SpectrumSpec
+    spectrum: SpectrumSpec = eqx.field(static=True)
     key: Array
 
-    def step(self, state: Any) -> tuple[Any, dict[str, Array]]:
+    def init(self, w0: Array) -> Tracked:
         raise NotImplementedError
 
-    def advance(self, state: Any, n_steps: int) -> tuple[Any, dict[str, Array]]:
+    def step(self, state: Tracked) -> tuple[Tracked, dict[str, Array]]:
+        raise NotImplementedError
+
+    def advance(self, state: Tracked, n_steps: int) -> tuple[Tracked, dict[str, Array]]:
         blocks, done = [], 0
         while done < n_steps:
             n = n_steps - done
@@ -127,7 +151,7 @@ class ScannedProcess(eqx.Module):
             return state, blocks[0]
         return state, jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *blocks)
 
-    def _grow(self, state: Any, rows: dict[str, Array]) -> Any:
+    def _grow(self, state: Tracked, rows: dict[str, Array]) -> Tracked:
         latest = last_measured(np.asarray(rows["eigenvalues"])) if "eigenvalues" in rows else None
         if latest is None:
             return state
@@ -145,5 +169,5 @@ class ScannedProcess(eqx.Module):
 
 
 @eqx.filter_jit
-def _scan(process: ScannedProcess, state: Any, n_steps: int):
+def _scan(process: ScannedProcess[Tracked], state: Tracked, n_steps: int) -> tuple[Tracked, dict[str, Array]]:
     return jax.lax.scan(lambda s, _: process.step(s), state, None, length=n_steps)

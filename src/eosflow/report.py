@@ -18,10 +18,11 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from eosflow.load import load  # noqa: E402
+from eosflow.report_sgd import sgd_section  # noqa: E402
 from eosflow.store import RunStore  # noqa: E402
 
 Section = Callable[[xr.Dataset, Path, Path], str]
-SECTIONS: list[Section] = []
+SECTIONS: list[Section] = [sgd_section]  # the built-in sections; others come with register_section
 
 
 def register_section(section: Section) -> Section:
@@ -172,5 +173,3 @@ def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
             ("parameters", summary.get("dimension")), ("problem", summary.get("problem", {}).get("name")),
             ("wall time (s)", f"{summary.get('seconds', float('nan')):.1f}")]
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-
-from eosflow import report_sgd  # noqa: E402,F401  (registers the SGD limiting-dynamics section)

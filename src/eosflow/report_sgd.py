@@ -19,15 +19,13 @@ import numpy as np
 import xarray as xr
 
 from eosflow.load import load_params
-from eosflow.optim.sgd import step_noise
+from eosflow.optim.sgd import SGDOptions, step_noise
 from eosflow.problems import build_problem
-from eosflow.report import register_section
-from eosflow.spec import parse_spec
+from eosflow.spec import resolve
 from eosflow.spectrum import dense_top_eigenpairs, lanczos
 from eosflow.store import StoreError
 from eosflow.theory.diffusion import (
     diffusion_curve,
-    draw_phase_portrait,
     eigenplane_model,
     fit_exponent,
     global_displacement,
@@ -96,7 +94,7 @@ class CentreModel(NamedTuple):
     noise_trace: float  # tr Xi, averaged over late iterates
     noise: np.ndarray  # U^T Xi U, averaged over late iterates
     complete: bool  # the whole spectrum (so the theory curve of Delta can be drawn)
-    options: object  # the run's SGDOptions
+    options: SGDOptions  # the run's `[sgd]` options
 
 
 def centre_model(run_dir: Path, params: np.ndarray) -> CentreModel:
@@ -105,7 +103,7 @@ def centre_model(run_dir: Path, params: np.ndarray) -> CentreModel:
     The noise Xi = c Sigma_g + sigma^2 I / S is averaged over NOISE_SAMPLES late iterates rather
     than taken at the centre: it grows away from the centre (cf. ``residual_noise``).
     """
-    spec = parse_spec(tomllib.loads((run_dir / "spec.resolved.toml").read_text()))
+    spec = resolve(tomllib.loads((run_dir / "spec.resolved.toml").read_text())).spec
     options = spec.options["sgd"]
     problem, _ = build_problem(spec.problem, spec.seed, spec.dtype)
     objective, dtype = problem.objective, problem.w0.dtype
@@ -155,6 +153,37 @@ def _theory_curve(ax, model: CentreModel, lags: np.ndarray, lr: float) -> None:
     curvatures = np.maximum(model.values + model.options.weight_decay, 1e-12)
     curve = diffusion_curve(curvatures, np.diag(model.noise), lr, model.options.momentum, lags[1:])
     ax.loglog(lags[1:], curve, color="k", lw=1, ls=":", label="theory: modes of H at the centre")
+
+
+def draw_phase_portrait(ax, stationary, current, axes: tuple[int, int], labels: tuple[str, str],
+                        samples=None, arrow_time: float = 1.0, levels=(0.5, 2.0, 4.5)) -> None:
+    """Contours of the marginal modified loss 1/2 y^T C_yy^{-1} y on the coordinates ``axes`` of x,
+    the marginal current's velocity -Q_yy C_yy^{-1} y as arrows (the displacement over
+    ``arrow_time``, in data units, so panels drawn with one time compare), and ``samples`` (n, 2).
+
+    (The Gaussian marginal of J = -Q C^{-1} x p is -Q_yy C_yy^{-1} y p(y).)
+    """
+    sel = np.asarray(axes)
+    cov = np.asarray(stationary)[np.ix_(sel, sel)]
+    velocity = -np.asarray(current)[np.ix_(sel, sel)] @ np.linalg.inv(cov)
+    extent = 3.2 * np.sqrt(np.diag(cov))
+    if samples is not None and len(samples):
+        extent = np.maximum(extent, np.percentile(np.abs(samples), 99, axis=0) * 1.1)
+    grid = [np.linspace(-e, e, 121) for e in extent]
+    gx, gy = np.meshgrid(*grid)
+    points = np.stack([gx, gy], axis=-1)
+    psi = 0.5 * np.einsum("...i,ij,...j->...", points, np.linalg.inv(cov), points)
+    if samples is not None and len(samples):
+        ax.plot(samples[:, 0], samples[:, 1], ".", ms=1.5, alpha=0.35, color="tab:gray", label="iterates")
+    contour = ax.contour(gx, gy, psi, levels=list(levels), colors="tab:blue", linewidths=1)
+    ax.clabel(contour, fmt=lambda v: f"Psi={v:g}", fontsize=7)
+    coarse = [np.linspace(-e, e, 13) for e in extent]
+    qx, qy = np.meshgrid(*coarse)
+    flow = np.stack([qx, qy], axis=-1) @ velocity.T
+    ax.quiver(qx, qy, flow[..., 0], flow[..., 1], color="tab:red", alpha=0.6, width=0.003,
+              angles="xy", scale_units="xy", scale=1.0 / arrow_time)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
 
 
 def _phase_portraits(report_dir: Path, late, model: CentreModel, lr: float) -> list[str]:
@@ -256,5 +285,3 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
         lines += _phase_portraits(report_dir, late["sgd"], model, lr)
     return "\n".join(lines)
 
-
-register_section(sgd_section)

@@ -24,7 +24,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
+
 from eosflow.config import SpecError, option, parse, to_table, unknown_key_error
+from eosflow.problems.registry import parse_problem
 from eosflow.process import PROCESSES, parse_options, process_entry
 
 
@@ -115,6 +118,58 @@ def resolved_table(spec: Spec, problem_params: Any) -> dict:
     for name, opts in spec.options.items():
         table[name] = to_table(opts)
     return table
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A validated spec: the :class:`Spec`, its problem's parameters, and the table with every
+    default filled in (what a run directory stores as ``spec.resolved.toml``)."""
+
+    spec: Spec
+    problem_params: Any
+    table: dict
+
+    @property
+    def text(self) -> str:
+        return tomli_w.dumps(self.table)
+
+
+def resolve(table: dict) -> Resolved:
+    """The one way to validate a spec table: every field, process option and problem parameter
+    checked and defaulted, nothing built (no data read, no problem or process constructed)."""
+    spec = parse_spec(table)
+    _, params = parse_problem(spec.problem)
+    return Resolved(spec, params, resolved_table(spec, params))
+
+
+def spec_differences(stored_text: str, resolved: dict) -> list[str]:
+    """What differs between a run directory's ``spec.resolved.toml`` and the resolved table
+    ``resolved`` ([] if nothing). The stored spec is re-resolved with today's defaults first, so
+    a run written before an option existed matches the spec that leaves it at its default."""
+    if stored_text == tomli_w.dumps(resolved):
+        return []
+    return _differences(_re_resolved(tomllib.loads(stored_text)), resolved)
+
+
+def _re_resolved(stored: dict) -> dict:
+    """``stored`` with today's defaults, or as written if this eosflow cannot read it (a process
+    or option since removed): then every key it has that this one lacks shows as a difference."""
+    try:
+        return resolve(stored).table
+    except SpecError:
+        return stored
+
+
+def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested tables, as "`key` = old there, new here"."""
+    found = []
+    for key in sorted(set(stored) | set(current), key=str):
+        old, new = stored.get(key, "(absent)"), current.get(key, "(absent)")
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"`{prefix}{key}` = {old!r} there, {new!r} here")
+    return found
 
 
 def set_dotted(table: dict, assignment: str) -> None:

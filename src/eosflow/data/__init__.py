@@ -1,5 +1,6 @@
 """Datasets: scikit-learn's bundled sets, CIFAR-10 from a local archive, synthetic sets."""
 
+from eosflow.data import sources, synthetic  # noqa: F401  (register the built-in datasets)
 from eosflow.data.prepare import (
     ClassificationData,
     DataParams,
@@ -12,7 +13,7 @@ from eosflow.data.prepare import (
     one_hot,
     standardize,
 )
-from eosflow.data.sources import CLASSIFICATION, REGRESSION, Raw, register_source
+from eosflow.data.registry import CLASSIFICATION, REGRESSION, Raw, register_source
 
 __all__ = [
     "CLASSIFICATION", "REGRESSION", "ClassificationData", "DataParams", "Dataset", "Raw", "RegressionData",

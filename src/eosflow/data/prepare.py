@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from eosflow.config import SpecError, option, suggest
+from eosflow.data.registry import CLASSIFICATION, REGRESSION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +138,6 @@ def _finish(name: str, raw, x_train, y_train, x_test, y_test, standardize_target
 
 def load_classification(params: ClassificationData, seed: int) -> Dataset:
     """A class-balanced train/test split of a classification set, inputs standardized."""
-    from eosflow.data.sources import CLASSIFICATION
-
     raw = _raw(CLASSIFICATION, "classification", params, seed)
     labels = np.asarray(raw.targets)
     train = balanced_subset(labels, params.n_train, params.classes, seed)
@@ -158,8 +157,6 @@ def load_classification(params: ClassificationData, seed: int) -> Dataset:
 
 def load_regression(params: RegressionData, seed: int) -> Dataset:
     """A seeded random train/test split of a regression set (real inputs and targets standardized)."""
-    from eosflow.data.sources import REGRESSION
-
     raw = _raw(REGRESSION, "regression", params, seed)
     n = len(raw.targets)
     if params.n_train + params.n_test > n:

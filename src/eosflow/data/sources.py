@@ -1,61 +1,19 @@
-"""Raw datasets by name: ``source(params, seed) -> Raw``, one registry per task.
-
-Classification sources give integer labels, regression sources float targets (n x outputs).
-Inputs keep their natural shape: images are (n, channels, height, width) (digits: 1 x 8 x 8,
-CIFAR-10: 3 x 32 x 32), tabular sets (n, features). ``params`` is the problem's data table
-(:class:`eosflow.data.prepare.ClassificationData` or ``RegressionData``); a source reads the
-fields it needs (the synthetic sets their dimensions, CIFAR-10 its path).
+"""The built-in datasets: scikit-learn's bundled sets, CIFAR-10 from a local archive, and the user's
+own arrays (``npz``), registered in :mod:`eosflow.data.registry` (the synthetic sets are in
+:mod:`eosflow.data.synthetic`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Raw:
-    """A labelled pool to draw subsets from, optionally with its own official test pool.
-
-    Attributes:
-        inputs: (n, ...) features or images.
-        targets: (n,) integer labels, or (n, outputs) regression targets.
-        test_inputs, test_targets: an official held-out pool (CIFAR-10's test batch), if any.
-        synthetic: inputs drawn standard-normal by construction, so never re-standardized.
-    """
-
-    inputs: np.ndarray
-    targets: np.ndarray
-    test_inputs: np.ndarray | None = None
-    test_targets: np.ndarray | None = None
-    synthetic: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceEntry:
-    name: str
-    load: Callable[..., Raw]
-    summary: str
-
-
-CLASSIFICATION: dict[str, SourceEntry] = {}
-REGRESSION: dict[str, SourceEntry] = {}
-
-
-def register_source(registry: dict[str, SourceEntry], name: str, summary: str):
-    """Decorator: ``load(params, seed) -> Raw`` becomes the dataset ``name`` of that task."""
-
-    def decorate(load):
-        registry[name] = SourceEntry(name, load, summary)
-        return load
-
-    return decorate
+from eosflow.config import SpecError
+from eosflow.data.cifar10 import load_cifar10
+from eosflow.data.registry import CLASSIFICATION, REGRESSION, Raw, register_source
 
 
 def _sklearn(loader: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    import sklearn.datasets
+    import sklearn.datasets  # here, not at the top: it takes seconds and only these sources use it
 
     bunch = getattr(sklearn.datasets, loader)(**kwargs)
     return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
@@ -92,8 +50,6 @@ def breast_cancer(params=None, seed: int = 0) -> Raw:
     "CIFAR-10 from a local python-pickle archive (3x32x32, 10 classes; `data_path` or $EOSFLOW_CIFAR10)",
 )
 def cifar10(params, seed: int = 0) -> Raw:
-    from eosflow.data.cifar10 import load_cifar10
-
     x_train, y_train, x_test, y_test = load_cifar10(getattr(params, "data_path", None))
     return Raw(x_train, y_train, x_test, y_test)
 
@@ -110,16 +66,10 @@ def linnerud(params=None, seed: int = 0) -> Raw:
     return Raw(x, np.asarray(y, dtype=np.float64).reshape(len(x), -1))
 
 
-# synthetic sets register themselves on import
-from eosflow.data import synthetic  # noqa: E402,F401
-
-
 @register_source(CLASSIFICATION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and integer labels `y` (n,)")
 @register_source(REGRESSION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and targets `y` (n, outputs)")
 def npz(params, seed: int = 0) -> Raw:
     """Read ``x`` and ``y`` from a NumPy archive, checking that they exist and agree in length."""
-    from eosflow.config import SpecError
-
     path = getattr(params, "data_path", None)
     if not path:
         raise SpecError("dataset `npz` needs `problem.data_path`, the .npz file holding arrays `x` and `y`")

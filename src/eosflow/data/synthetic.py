@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from eosflow.config import SpecError
-from eosflow.data.sources import CLASSIFICATION, REGRESSION, Raw, register_source
+from eosflow.data.registry import CLASSIFICATION, REGRESSION, Raw, register_source
 
 _TEACHER_STREAM, _EXAMPLE_STREAM = 1, 2
 

@@ -32,7 +32,7 @@ from jaxtyping import Array
 from eosflow.objective import Objective
 
 __all__ = ["Particles", "Macroscopic", "to_particles", "to_flat", "velocity", "euler_step", "particle_gd", "particle_model", "macroscopic",
-           "gd_oscillation", "joint_distribution_figure"]
+           "gd_oscillation"]
 
 
 class Particles(NamedTuple):
@@ -140,24 +140,3 @@ def _scan(body, state, steps):
 
 def macroscopic(observed: Macroscopic) -> dict[str, np.ndarray]:
     return {name: np.asarray(value) for name, value in observed._asdict().items()}
-
-
-def joint_distribution_figure(snapshots: Particles, steps: np.ndarray, path, coordinate: int = 0):
-    """Scatter of (p_i, delta_i) along one coordinate (0: the output weight a_i) at a few times."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    centres, oscillation = (np.asarray(x) for x in snapshots)
-    picks = np.unique(np.linspace(0, len(centres) - 1, 4).astype(int))
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.0), sharey=True)
-    for ax, index in zip(np.atleast_1d(axes), picks):
-        ax.scatter(centres[index][:, coordinate], oscillation[index][:, coordinate], s=4, alpha=0.6)
-        ax.set_title(f"t = {int(steps[index])}")
-        ax.set_xlabel("a_i" if coordinate == 0 else f"w_i[{coordinate - 1}]")
-    np.atleast_1d(axes)[0].set_ylabel("delta_i (oscillation share)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import SpecError, describe_fields, parse, suggest
+from eosflow.data import CLASSIFICATION, REGRESSION
 from eosflow.objective import Objective
 
 
@@ -55,8 +56,8 @@ def register_problem(name: str, params: type, summary: str):
     return decorate
 
 
-def build_problem(table: dict, seed: int, dtype: str) -> tuple[Problem, Any]:
-    """Validate the ``[problem]`` table and build the problem; returns (problem, params)."""
+def parse_problem(table: dict) -> tuple[ProblemEntry, Any]:
+    """Validate the ``[problem]`` table without building anything; returns (its entry, its params)."""
     table = dict(table or {})
     name = table.pop("name", None)
     if name is None:
@@ -64,15 +65,17 @@ def build_problem(table: dict, seed: int, dtype: str) -> tuple[Problem, Any]:
     if name not in PROBLEMS:
         raise SpecError(f"unknown problem `problem.name` = {name!r}{suggest(str(name), PROBLEMS)}")
     entry = PROBLEMS[name]
-    params = parse(entry.params, table, "problem")
-    problem = entry.build(params, seed, jnp.dtype(dtype))
-    return problem, params
+    return entry, parse(entry.params, table, "problem")
+
+
+def build_problem(table: dict, seed: int, dtype: str) -> tuple[Problem, Any]:
+    """Validate the ``[problem]`` table and build the problem; returns (problem, params)."""
+    entry, params = parse_problem(table)
+    return entry.build(params, seed, jnp.dtype(dtype)), params
 
 
 def describe_problems() -> str:
     """Every problem with its parameters, defaults and help, then the datasets (``eosflow problems``)."""
-    from eosflow.data import CLASSIFICATION, REGRESSION
-
     lines = []
     for name, entry in sorted(PROBLEMS.items()):
         lines.append(f"{name}: {entry.summary}")

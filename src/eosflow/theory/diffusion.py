@@ -163,34 +163,3 @@ def eigenplane_model(curvatures, projected_noise, lr: float, momentum: float):
     restriction neglects the noise's coupling to the other directions (exact when Xi and H commute).
     """
     return continuous_system(np.diag(np.asarray(curvatures, float)), projected_noise, lr, momentum)
-
-
-def draw_phase_portrait(ax, stationary, current, axes: tuple[int, int], labels: tuple[str, str],
-                        samples=None, arrow_time: float = 1.0, levels=(0.5, 2.0, 4.5)) -> None:
-    """Contours of the marginal modified loss 1/2 y^T C_yy^{-1} y on the coordinates ``axes`` of x,
-    the marginal current's velocity -Q_yy C_yy^{-1} y as arrows (the displacement over
-    ``arrow_time``, in data units, so panels drawn with one time compare), and ``samples`` (n, 2).
-
-    (The Gaussian marginal of J = -Q C^{-1} x p is -Q_yy C_yy^{-1} y p(y).)
-    """
-    sel = np.asarray(axes)
-    cov = np.asarray(stationary)[np.ix_(sel, sel)]
-    velocity = -np.asarray(current)[np.ix_(sel, sel)] @ np.linalg.inv(cov)
-    extent = 3.2 * np.sqrt(np.diag(cov))
-    if samples is not None and len(samples):
-        extent = np.maximum(extent, np.percentile(np.abs(samples), 99, axis=0) * 1.1)
-    grid = [np.linspace(-e, e, 121) for e in extent]
-    gx, gy = np.meshgrid(*grid)
-    points = np.stack([gx, gy], axis=-1)
-    psi = 0.5 * np.einsum("...i,ij,...j->...", points, np.linalg.inv(cov), points)
-    if samples is not None and len(samples):
-        ax.plot(samples[:, 0], samples[:, 1], ".", ms=1.5, alpha=0.35, color="tab:gray", label="iterates")
-    contour = ax.contour(gx, gy, psi, levels=list(levels), colors="tab:blue", linewidths=1)
-    ax.clabel(contour, fmt=lambda v: f"Psi={v:g}", fontsize=7)
-    coarse = [np.linspace(-e, e, 13) for e in extent]
-    qx, qy = np.meshgrid(*coarse)
-    flow = np.stack([qx, qy], axis=-1) @ velocity.T
-    ax.quiver(qx, qy, flow[..., 0], flow[..., 1], color="tab:red", alpha=0.6, width=0.003,
-              angles="xy", scale_units="xy", scale=1.0 / arrow_time)
-    ax.set_xlabel(labels[0])
-    ax.set_ylabel(labels[1])

@@ -1,0 +1,80 @@
+"""``run_sweep``: resolve every point, run those not finished, then aggregate, draw and summarize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eosflow.config import SpecError
+from eosflow.store import StoreError, write_json
+from eosflow.sweep.aggregate import aggregate
+from eosflow.sweep.cluster import run_points
+from eosflow.sweep.figure import summary_figure
+from eosflow.sweep.grid import parse_grid
+from eosflow.sweep.points import FINISHED, grid_points, point_state
+from eosflow.sweep.progress import SweepProgress
+from eosflow.sweep.summary import markdown_summary
+
+
+class SweepError(StoreError):
+    """Some points of a sweep failed; the others are on disk and aggregated."""
+
+
+def run_sweep(
+    table: dict,
+    grids: list[str],
+    out: Path,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run every point of the product of ``grids`` (``"key=v1,v2"`` strings) into ``out``.
+
+    Uses the dask scheduler at ``scheduler``, or a local cluster of ``workers`` processes.
+    Finished points are skipped, unfinished ones resumed. Writes ``sweep.parquet``, ``sweep.png``
+    and ``sweep.md`` and returns ``out``; raises :class:`SweepError` (after aggregating) if points failed.
+    """
+    out = Path(out)
+    parsed = [parse_grid(text) for text in grids]
+    if not parsed:
+        raise SpecError("a sweep needs at least one --grid dotted.key=v1,v2,...")
+    points = grid_points(table, parsed)
+    states = {p.name: point_state(out / "points" / p.name, p.resolved) for p in points}
+    clashes = [name for name, state in states.items() if state == "mismatch"]
+    if clashes:
+        raise StoreError(
+            f"{len(clashes)} point(s) in {str(out)!r} hold runs of a different spec (e.g. {clashes[0]}; "
+            "compare its spec.resolved.toml): choose another --out, or delete those points to rerun them"
+        )
+    todo = [p for p in points if states[p.name] not in FINISHED]
+    meta = {
+        "spec": table,
+        "grid": [[key, values] for key, values in parsed],
+        "points": {p.name: p.values for p in points},
+    }
+    write_json(out / "sweep.json", meta)
+
+    results: dict[str, dict] = {}
+    if todo:
+        display = SweepProgress({p.name: p.steps for p in todo}, len(points), len(points) - len(todo), progress)
+        with display:
+            results = run_points(todo, out, scheduler, workers, display)
+    elif progress:
+        print(f"all {len(points)} points of {out} are finished; nothing to run")
+    failed = {name: r.get("reason", "") for name, r in results.items() if r["status"] == "failed"}
+    meta["last_run"] = {
+        "points": len(points),
+        "skipped": len(points) - len(todo),
+        "ran": sum(r.get("ran", False) for r in results.values()),
+        "failed": failed,
+    }
+    write_json(out / "sweep.json", meta)
+    frame = aggregate(out, failed)
+    summary_figure(frame, [key for key, _ in parsed], out / "sweep.png")
+    markdown_summary(frame, meta, out / "sweep.md")
+    if failed:
+        listing = "; ".join(f"{name}: {reason}" for name, reason in list(failed.items())[:5])
+        raise SweepError(
+            f"{len(failed)} of {len(points)} points failed ({listing}); the others are in "
+            f"{str(out / 'sweep.parquet')!r} and rerunning the sweep retries only the failed ones"
+        )
+    return out
