@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tomli_w
 
+from eosflow.precision import DTYPES, precision
 from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.spec import Spec, parse_spec, resolved_table
@@ -61,9 +62,22 @@ def run(
 ) -> Outcome:
     """Run (or resume) the experiment described by ``table`` into the run directory ``out``.
 
-    ``stop_after`` ends the run early after that many steps (as an interruption would), which
-    tests use to exercise resuming.
+    The run computes in its spec's ``dtype`` (:func:`eosflow.precision.precision`), whatever the
+    caller's JAX configuration. ``stop_after`` ends the run early after that many steps (as an
+    interruption would), which tests use to exercise resuming.
     """
+    with precision(_run_dtype(table)):
+        return _run(table, out, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after)
+
+
+def _run_dtype(table: dict) -> str:
+    """The spec's dtype, read before validation (an invalid one fails in parse_spec, in float32)."""
+    dtype = table.get("dtype", "float32") if isinstance(table, dict) else "float32"
+    return dtype if dtype in DTYPES else "float32"
+
+
+def _run(table: dict, out: str | Path, *, resume: bool, overwrite: bool, progress: Progress | None,
+         stop_after: int | None) -> Outcome:
     spec, problem, resolved, processes = prepare(table)
     store = RunStore(out)
     resolved_text = tomli_w.dumps(resolved)
