@@ -12,10 +12,24 @@
 # `jax.enable_x64` (eosflow.precision), whatever the caller's JAX configuration.
 from eosflow import flows, optim  # noqa: F401  (register processes)
 from eosflow.experiment import run
+from eosflow.hessian_operator import HessianOperator
 from eosflow.load import load, load_params
 from eosflow.objective import Objective
 from eosflow.problems import Problem
 from eosflow.simulate import simulate
+from eosflow.tracker import SharpnessTracker, TrackerState
 
-__all__ = ["Objective", "Problem", "load", "load_params", "run", "simulate"]
+__all__ = [
+    "HessianOperator", "Objective", "Problem", "SharpnessTracker", "TrackerState",
+    "load", "load_params", "monitor", "optimizer_edges", "run", "simulate",
+]
+
+
+def __getattr__(name: str):
+    """``eosflow.monitor`` and ``eosflow.optimizer_edges`` import optax only when first used."""
+    if name in ("monitor", "optimizer_edges"):
+        import importlib
+
+        return importlib.import_module(f"eosflow.{name}")
+    raise AttributeError(f"module 'eosflow' has no attribute {name!r}")
 __version__ = "0.1.0"
