@@ -5,6 +5,8 @@ Oracles: numpy's eigh of the dense Hessian (and of P^{-1/2} H P^{-1/2}); optax's
 conventions: eps inside or outside the root, bias correction and its step count).
 """
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,17 +16,15 @@ import user_models
 
 import eosflow
 from eosflow import optimizer_edges
+from eosflow.cli import demo_table
+from eosflow.experiment import prepare
 from eosflow.monitor import monitored
+from eosflow.precision import precision
 from eosflow.spectrum import dense_hessian
 
 
 def small_problem():
     return user_models.make_problem(dtype="float64", width=8)
-
-
-def loss_fn(problem):
-    unravel = problem.objective.unravel
-    return lambda params, batch: problem.objective.loss_on(ravel_flat(params), batch), unravel
 
 
 def ravel_flat(params):
@@ -41,7 +41,7 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
     problem = small_problem()
     params0 = problem.objective.unravel(problem.w0)
     batch = problem.objective.data
-    loss = lambda params, batch: user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])  # noqa: E731
+    loss = lambda params, batch: user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
     tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every)
 
     @jax.jit
@@ -59,7 +59,7 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
     assert np.all((hvps > 0) == (np.arange(12) % every == 0))
     assert int(state.hvps) == hvps.sum() and int(state.count) == 12
     for t in range(0, 12, every):
-        w = ravel_flat(jax.tree.map(lambda leaf: leaf[t], trajectory))
+        w = ravel_flat(jax.tree.map(lambda leaf, t=t: leaf[t], trajectory))
         exact = dense_top(dense_hessian(problem.objective, w), 3)
         np.testing.assert_allclose(values[t], exact, rtol=1e-8)
         assert np.all(residuals[t] <= 1e-6)
@@ -71,7 +71,7 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
 
 def run_optax(optimizer, problem, steps):
     params = problem.objective.unravel(problem.w0)
-    loss = lambda params: problem.objective.value(ravel_flat(params))  # noqa: E731
+    loss = lambda params: problem.objective.value(ravel_flat(params))
 
     @jax.jit
     def step(params, state):
@@ -112,7 +112,7 @@ def test_preconditioned_tracker_and_monitor_match_dense():
     problem = small_problem()
     lr, every = 0.02, 4
     optimizer = optimizer_edges.adam(lr, eps=1e-6)
-    loss = lambda params, batch: user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])  # noqa: E731
+    loss = lambda params, batch: user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
     readings = []
     opt = monitored(optimizer, loss, every=every, k=2, tol=1e-7, max_iters=100, log=readings.append)
     params = problem.objective.unravel(problem.w0)
@@ -140,3 +140,50 @@ def test_preconditioned_tracker_and_monitor_match_dense():
     jax.effects_barrier()
     assert checked == 3 and [int(r.step) for r in readings] == [0, 4, 8]
     assert float(readings[-1].lr_sharpness) == pytest.approx(float(state.reading.lr_sharpness))
+
+
+def test_docs_example_loop_runs_and_adam_reaches_its_edge(capsys):
+    """The example loop of docs/monitor.md, as written: Adam's S/threshold climbs to ~1 and holds."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "monitor.md").read_text()
+    code = text.split("## An example loop")[1].split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 22
+    namespace: dict = {}
+    exec(compile(code, "docs/monitor.md", "exec"), namespace)  # noqa: S102  (the page's example, as written)
+    jax.effects_barrier()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    ratios = [float(line.rsplit("=", 1)[1]) for line in lines]
+    assert len(ratios) == 10 and max(ratios[1:5]) < 0.6  # it starts well below the edge ...
+    assert 0.95 < ratios[-1] < 1.05 and 0.95 < float(namespace["state"].reading.edge_ratio) < 1.05  # ... and holds it
+
+
+def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
+    """lr * S from the tracker (float32, tol 1e-3, warm-started every 20 steps) vs dense float64 eigh."""
+    table = demo_table()
+    lr = table["lr"]
+    with precision("float64"):
+        problem64 = prepare({**table, "dtype": "float64"})[1]
+    with precision("float32"):
+        problem = prepare(table)[1]
+        objective = problem.objective
+        loss = lambda params, batch: objective.loss_on(ravel_flat(params), batch)
+        tracker = eosflow.SharpnessTracker(loss, k=1, tol=1e-3, every=20)
+        sgd = optax.sgd(lr)
+        params = objective.unravel(problem.w0)
+
+        @jax.jit
+        def step(params, opt_state, state):
+            state, eig = tracker.update(state, params, objective.data)
+            updates, opt_state = sgd.update(jax.grad(loss)(params, objective.data), opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, state, eig.values[0]
+
+        opt_state, state = sgd.init(params), tracker.init(params, jax.random.PRNGKey(0))
+        checks = []
+        for t in range(41):
+            w = np.asarray(ravel_flat(params), np.float64)
+            params, opt_state, state, top = step(params, opt_state, state)
+            if t % 20 == 0:
+                checks.append((w, lr * float(top)))
+    with precision("float64"):
+        for w, measured in checks:
+            exact = lr * dense_top(dense_hessian(problem64.objective, jnp.asarray(w)), 1)[0]
+            assert measured == pytest.approx(exact, rel=1e-4)

@@ -12,7 +12,7 @@ products (k HVPs). Vectors are in the flattened parameter order of :func:`eosflo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -20,23 +20,15 @@ import numpy as np
 import scipy.sparse.linalg
 from jaxtyping import Array
 
-from eosflow.objective import Objective, ravel
+from eosflow.objective import Objective, ObjectiveProtocol, ravel
 
 PyTree = Any
-
-
-class Curvature(Protocol):
-    """What the operator needs of an objective (an eosflow Objective, or a PyTorch one)."""
-
-    def hvp(self, w: Array, v: Array) -> Array: ...
-
-    def hvp_batch(self, w: Array, vectors: Array) -> Array: ...
 
 
 class HessianOperator(scipy.sparse.linalg.LinearOperator):
     """H(w) of ``objective`` (d x d, symmetric); ``hvps`` counts the products computed."""
 
-    def __init__(self, objective: Curvature, w: Array):
+    def __init__(self, objective: ObjectiveProtocol, w: Array):
         self.objective = objective
         self.w = jnp.asarray(w)
         self.hvps = 0
@@ -59,6 +51,8 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
         return np.asarray(self._hvp(self.objective, self.w, jnp.asarray(np.ravel(v), self.w.dtype)))
 
     def _matmat(self, vectors: np.ndarray) -> np.ndarray:
+        if not hasattr(self.objective, "hvp_batch"):  # a bare ObjectiveProtocol: one product per column
+            return np.stack([self._matvec(column) for column in vectors.T], axis=1)
         self.hvps += vectors.shape[1]
         return np.asarray(self._hvp_batch(self.objective, self.w, jnp.asarray(vectors, self.w.dtype)))
 

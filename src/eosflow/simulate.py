@@ -27,40 +27,29 @@ from eosflow.problems import IN_MEMORY, Problem
 def simulate(
     problem: Problem,
     *,
-    lr: float,
-    steps: int,
-    processes: Sequence[str] = ("gd",),
-    spectrum: dict | None = None,
-    options: dict[str, dict] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    seed: int = 0,
-    dtype: str | None = None,
-    record: dict | None = None,
-    divergence: dict | None = None,
-    name: str = "simulate",
     progress: Progress | None = None,
+    **settings,
 ) -> xr.Dataset:
-    """Run ``processes`` from ``problem.w0`` and return their trajectories (as :func:`eosflow.load`).
+    """Run processes from ``problem.w0`` and return their trajectories (as :func:`eosflow.load`).
 
     Args:
         problem: from ``Problem.from_model``, ``Problem.from_function`` or a factory.
-        lr, steps, processes, seed: as in a spec (the first process is the reference).
-        spectrum, record, divergence: the spec's tables of those names (``{"k_max": 2}``, ...).
-        options: each process's table, ``{"central_flow": {"substeps": 4}}``.
         out: also keep the run directory there (resumable with ``resume=True``; a problem from an
             import-path factory is recorded by its path, so ``eosflow run --resume`` works too).
-        dtype: the run's precision; default float64 if every floating parameter is float64, else
-            float32 (a leaf of another dtype is then refused by name).
+        settings: the spec, as :func:`simulation_table` takes it: ``lr`` and ``steps`` (required),
+            ``processes`` (default ``["gd"]``; the first is the reference), ``spectrum``,
+            ``record``, ``divergence`` (the spec's tables, e.g. ``{"k_max": 2}``), ``options``
+            (each process's table, ``{"central_flow": {"substeps": 4}}``), ``seed``, ``dtype``
+            (default float64 if every floating parameter is float64, else float32), ``name``.
 
     Returns:
         The run's ``xarray.Dataset`` (dims process x step), loaded into memory; its ``attrs``
         hold the summary (``status``, ``reason`` when the reference diverged, ...).
     """
-    table = simulation_table(problem, lr=lr, steps=steps, processes=processes, spectrum=spectrum,
-                             options=options, seed=seed, dtype=dtype, record=record,
-                             divergence=divergence, name=name)
+    table = simulation_table(problem, **settings)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="eosflow-simulate-") as scratch:
             run(table, scratch, problem=problem, progress=progress)
@@ -83,7 +72,12 @@ def simulation_table(
     divergence: dict | None = None,
     name: str = "simulate",
 ) -> dict:
-    """The spec table :func:`simulate` runs (its ``[problem]`` is the problem's source, if any)."""
+    """The spec table :func:`simulate` runs (its ``[problem]`` is the problem's source, if any).
+
+    A problem built in memory is recorded as ``problem.name = "in_memory"``; dtype defaults to
+    float64 if every floating parameter leaf is float64, else float32 (a leaf of another dtype
+    is then refused by name).
+    """
     if isinstance(processes, str):
         processes = [processes]
     table = {
