@@ -75,6 +75,20 @@ def test_simulate_out_writes_a_run_directory_the_cli_resumes(tmp_path):
     assert_same_trajectories(ds, eosflow.load(tmp_path / "run"))
 
 
+@pytest.mark.slow
+def test_every_process_that_runs_on_any_problem_runs_on_a_user_model():
+    """Every registered process not limited to one problem, from one in-memory w0, for a few steps."""
+    from eosflow.process import PROCESSES
+
+    names = ["gd"] + [name for name, entry in PROCESSES.items() if entry.problems is None and name != "gd"]
+    assert len(names) >= 12
+    ds = eosflow.simulate(user_models.make_problem(), lr=LR, steps=6, processes=names, spectrum=SPECTRUM,
+                          options={"sgd": {"batch_size": 10}})
+    assert ds.attrs["status"] == "completed" and list(ds.process.values) == names
+    assert not ds.attrs.get("dropped_processes")
+    assert np.all(np.isfinite(ds.loss.values))
+
+
 def test_in_memory_directory_explains_how_to_resume(tmp_path):
     eosflow.simulate(user_models.make_problem(width=3), lr=0.3, steps=4, out=tmp_path / "run")
     with pytest.raises(SpecError, match="given to eosflow.simulate in memory.*resume=True"):
