@@ -74,6 +74,30 @@ def _flat(params):
     return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(params)])
 
 
+def solver_cost(problem, repeats: int = 20) -> tuple[float, float]:
+    """Milliseconds of a lobpcg solve (k = 1, tol 1e-3, 10 steps of warm start apart) and of one HVP."""
+    from eosflow.spectrum import lobpcg, random_vectors
+
+    objective, w = problem.objective, problem.w0
+    vector = random_vectors(jax.random.PRNGKey(0), w.size, 1, w.dtype)
+
+    def matvec_at(w):
+        return jax.vmap(jax.linearize(objective.grad, w)[1], in_axes=1, out_axes=1)
+
+    solve = jax.jit(lambda w, v: lobpcg(matvec_at(w), v, tol=1e-3, max_iters=30).values)
+    hvp = jax.jit(lambda w, v: matvec_at(w)(v))
+    vector = jax.jit(lambda w, v: lobpcg(matvec_at(w), v, tol=1e-3, max_iters=30).vectors)(w, vector)
+    shifted = w + 1e-3 * jax.random.normal(jax.random.PRNGKey(1), w.shape, w.dtype)  # a nearby point
+    timings = []
+    for f in (solve, hvp):
+        jax.block_until_ready(f(shifted, vector))
+        started = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(f(shifted, vector))
+        timings.append(1e3 * (time.perf_counter() - started) / repeats)
+    return timings[0], timings[1]
+
+
 def oracle(problem64, w, preconditioner=None) -> float:
     with precision("float64"):
         hessian = dense_hessian(problem64.objective, jnp.asarray(np.asarray(w, np.float64)))
@@ -85,7 +109,7 @@ def oracle(problem64, w, preconditioner=None) -> float:
 
 def accuracy(name, problem32, problem64, optimizer, steps, every, checks):
     record: list = []
-    history, seconds, state = train(optimizer, problem32, steps, every, True, record)
+    history, _, _ = train(optimizer, problem32, steps, every, True, record)
     picks = np.linspace(0, len(record) - 1, checks).astype(int)
     errors = []
     for i in picks:
@@ -103,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--also-every", default="50", help="more measurement intervals for the overhead table")
     parser.add_argument("--checks", type=int, default=4)
     parser.add_argument("--adam-lr", type=float, default=0.002)
     parser.add_argument("--adam-steps", type=int, default=1500)
@@ -116,12 +141,16 @@ def main() -> None:
         sgd = optimizer_edges.sgd(lr)
         with precision("float32"):
             plain = min(train(sgd, problem32, args.steps, args.every, False)[1] for _ in range(3))
-            runs = [train(sgd, problem32, args.steps, args.every, True) for _ in range(3)]
-        tracked = min(seconds for _, seconds, _ in runs)
-        hvps = int(runs[0][2].tracker.hvps)
-        print(f"overhead: {args.steps} sgd steps on the demo MLP (d = {problem32.w0.size}), float32: plain "
-              f"{plain:.3f} s, monitored every {args.every} {tracked:.3f} s, ratio {tracked / plain:.3f} "
-              f"({hvps} HVPs, {hvps / (args.steps / args.every):.1f} per measurement)")
+            for every in [args.every] + [int(e) for e in args.also_every.split(",") if e]:
+                runs = [train(sgd, problem32, args.steps, every, True) for _ in range(3)]
+                tracked = min(seconds for _, seconds, _ in runs)
+                hvps = int(runs[0][2].tracker.hvps)
+                print(f"overhead: {args.steps} sgd steps on the demo MLP (d = {problem32.w0.size}), float32: plain "
+                      f"{plain:.3f} s, monitored every {every} {tracked:.3f} s, ratio {tracked / plain:.3f} "
+                      f"({hvps} HVPs, {hvps / (args.steps / every):.1f} per measurement)")
+            solve_ms, hvp_ms = solver_cost(problem32)
+        print(f"  where it goes: one warm-started k=1 LOBPCG solve {solve_ms:.2f} ms, one HVP {hvp_ms:.3f} ms, "
+              f"one plain step {1e3 * plain / args.steps:.3f} ms")
     if "sgd" not in skip:
         with precision("float32"):
             accuracy("sgd", problem32, problem64, optimizer_edges.sgd(lr), args.steps, args.every, args.checks)

@@ -32,7 +32,7 @@ def ravel_flat(params):
 
 
 def dense_top(matrix, k):
-    values = np.linalg.eigh(0.5 * (matrix + matrix.T))[0]
+    values = np.linalg.eigvalsh(0.5 * (matrix + matrix.T))
     return values[::-1][:k]
 
 
@@ -156,8 +156,12 @@ def test_docs_example_loop_runs_and_adam_reaches_its_edge(capsys):
     assert 0.95 < ratios[-1] < 1.05 and 0.95 < float(namespace["state"].reading.edge_ratio) < 1.05  # ... and holds it
 
 
+@pytest.mark.slow
 def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
-    """lr * S from the tracker (float32, tol 1e-3, warm-started every 20 steps) vs dense float64 eigh."""
+    """lr * S from the tracker (float32, tol 1e-3, warm-started every 40 steps) vs dense float64 eigh.
+
+    Two checks (a dense 3466 x 3466 Hessian each); benchmarks/monitor.py checks the edge-of-stability phase.
+    """
     table = demo_table()
     lr = table["lr"]
     with precision("float64"):
@@ -166,7 +170,7 @@ def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
         problem = prepare(table)[1]
         objective = problem.objective
         loss = lambda params, batch: objective.loss_on(ravel_flat(params), batch)
-        tracker = eosflow.SharpnessTracker(loss, k=1, tol=1e-3, every=20)
+        tracker = eosflow.SharpnessTracker(loss, k=1, tol=1e-3, every=40)
         sgd = optax.sgd(lr)
         params = objective.unravel(problem.w0)
 
@@ -181,8 +185,9 @@ def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
         for t in range(41):
             w = np.asarray(ravel_flat(params), np.float64)
             params, opt_state, state, top = step(params, opt_state, state)
-            if t % 20 == 0:
+            if t % 40 == 0:
                 checks.append((w, lr * float(top)))
+    assert len(checks) == 2
     with precision("float64"):
         for w, measured in checks:
             exact = lr * dense_top(dense_hessian(problem64.objective, jnp.asarray(w)), 1)[0]
