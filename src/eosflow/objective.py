@@ -16,7 +16,7 @@ compilation serves any dataset of the same shape, and methods inline into caller
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -51,6 +51,18 @@ LOSSES: dict[str, Callable[[Array, Array], Array]] = {
     "sse": sse,
     "cross_entropy": cross_entropy,
 }
+
+
+@runtime_checkable
+class ObjectiveProtocol(Protocol):
+    """The small interface consumers of a loss over a flat vector w rely on (an :class:`Objective`
+    here; a PyTorch implementation can sit behind the same three methods)."""
+
+    def value_and_grad(self, w: Array) -> tuple[Array, Array]: ...
+
+    def hvp(self, w: Array, v: Array) -> Array: ...
+
+    def third_derivative(self, w: Array, u: Array, v: Array) -> Array: ...
 
 
 class Objective(eqx.Module):

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import tomli_w
 
 from eosflow.config import SpecError, option, parse, to_table, unknown_key_error
-from eosflow.problems.registry import parse_problem
+from eosflow.problems.registry import problem_params
 from eosflow.process import PROCESSES, parse_options, process_entry
 
 
@@ -114,7 +114,8 @@ def resolved_table(spec: Spec, problem_params: Any) -> dict:
     """The spec with every default filled in, as a TOML-ready table (re-parses to the same spec)."""
     table = to_table(dataclasses.replace(spec, options={}, problem={}))
     table.pop("options")
-    table["problem"] = {"name": spec.problem["name"], **to_table(problem_params)}
+    params = problem_params if isinstance(problem_params, dict) else to_table(problem_params)  # dict: import path
+    table["problem"] = {"name": spec.problem["name"], **params}
     for name, opts in spec.options.items():
         table[name] = to_table(opts)
     return table
@@ -138,7 +139,7 @@ def resolve(table: dict) -> Resolved:
     """The one way to validate a spec table: every field, process option and problem parameter
     checked and defaulted, nothing built (no data read, no problem or process constructed)."""
     spec = parse_spec(table)
-    _, params = parse_problem(spec.problem)
+    _, params = problem_params(spec.problem)
     return Resolved(spec, params, resolved_table(spec, params))
 
 

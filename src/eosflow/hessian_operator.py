@@ -1,0 +1,60 @@
+"""The Hessian at w as a ``scipy.sparse.linalg.LinearOperator`` that counts its HVPs.
+
+    H = eosflow.HessianOperator.from_function(loss_fn, params)      # or HessianOperator(objective, w)
+    values, vectors = scipy.sparse.linalg.eigsh(H, k=3, which="LA")
+    H.hvps                                                            # Hessian-vector products spent
+
+``H @ v`` is forward-over-reverse differentiation of the gradient (about two gradients' cost);
+``H @ V`` for a block of k columns is one linearization of the gradient and k vectorized
+products (k HVPs). Vectors are in the flattened parameter order of :func:`eosflow.objective.ravel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse.linalg
+from jaxtyping import Array
+
+from eosflow.objective import Objective, ObjectiveProtocol, ravel
+
+PyTree = Any
+
+
+class HessianOperator(scipy.sparse.linalg.LinearOperator):
+    """H(w) of ``objective`` (d x d, symmetric); ``hvps`` counts the products computed."""
+
+    def __init__(self, objective: ObjectiveProtocol, w: Array):
+        self.objective = objective
+        self.w = jnp.asarray(w)
+        self.hvps = 0
+        self._hvp = eqx.filter_jit(lambda objective, w, v: objective.hvp(w, v))
+        self._hvp_batch = eqx.filter_jit(lambda objective, w, vectors: objective.hvp_batch(w, vectors))
+        super().__init__(dtype=np.dtype(self.w.dtype), shape=(self.w.size, self.w.size))
+
+    @classmethod
+    def from_function(cls, loss_fn: Callable[..., Array], params: PyTree, batch: PyTree = None) -> HessianOperator:
+        """H of ``loss_fn(params)`` (or ``loss_fn(params, batch)``) at ``params``, a pytree or vector."""
+        flat, unravel = ravel(params)
+
+        def loss(w):
+            return loss_fn(unravel(w)) if batch is None else loss_fn(unravel(w), batch)
+
+        return cls(Objective.from_function(loss), flat)
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        self.hvps += 1
+        return np.asarray(self._hvp(self.objective, self.w, jnp.asarray(np.ravel(v), self.w.dtype)))
+
+    def _matmat(self, vectors: np.ndarray) -> np.ndarray:
+        if not hasattr(self.objective, "hvp_batch"):  # a bare ObjectiveProtocol: one product per column
+            return np.stack([self._matvec(column) for column in vectors.T], axis=1)
+        self.hvps += vectors.shape[1]
+        return np.asarray(self._hvp_batch(self.objective, self.w, jnp.asarray(vectors, self.w.dtype)))
+
+    def _adjoint(self) -> HessianOperator:
+        return self  # symmetric

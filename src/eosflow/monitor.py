@@ -1,0 +1,87 @@
+"""An optax wrapper that measures the (preconditioned) sharpness every N steps and logs lr * S.
+
+    opt = eosflow.monitor.monitored(eosflow.optimizer_edges.adam(1e-3), loss_fn, every=10)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params, batch=batch)      # inside jit or scan
+
+Every ``every``-th update measures, at ``params`` and on ``batch``, the top eigenvalue S of
+P^{-1/2} H P^{-1/2} with P the preconditioner the inner optimizer just used (P = I for SGD), and
+passes a :class:`Reading` to ``log`` on the host (``jax.debug.callback``); the latest reading
+is also in ``state.reading``. ``edge_ratio`` = S / threshold is 1 at the optimizer's edge of
+stability (lr * S = 2 for GD, 38 for Adam at b1 = 0.9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array
+
+from eosflow.optimizer_edges import EdgeOptimizer
+from eosflow.tracker import SharpnessTracker, TrackerState
+
+
+class Reading(NamedTuple):
+    """One measurement: the step it was taken at and the sharpness in three units."""
+
+    step: Array  # the update's index (0-based)
+    sharpness: Array  # S, the top eigenvalue of P^{-1/2} H P^{-1/2}
+    lr_sharpness: Array  # lr * S
+    edge_ratio: Array  # S / threshold (1 at the edge of stability)
+
+
+class MonitoredState(NamedTuple):
+    inner: optax.OptState  # the wrapped optimizer's state
+    tracker: TrackerState  # warm start and last eigenpairs (d x k)
+    reading: Reading  # the latest measurement (NaN before the first)
+
+
+def print_reading(reading: Reading) -> None:
+    """The default ``log``: one line per measurement."""
+    print(f"step {int(reading.step):6d}  S = {float(reading.sharpness):.5g}  lr*S = {float(reading.lr_sharpness):.4f}  "
+          f"S/threshold = {float(reading.edge_ratio):.4f}")
+
+
+def monitored(
+    optimizer: EdgeOptimizer,
+    loss_fn: Callable,
+    every: int = 10,
+    k: int = 1,
+    tol: float = 1e-3,
+    max_iters: int = 30,
+    seed: int = 0,
+    log: Callable[[Reading], None] | None = print_reading,
+) -> optax.GradientTransformationExtraArgs:
+    """``optimizer``'s transformation, measuring its edge every ``every`` updates (see the module doc).
+
+    ``loss_fn(params, batch)`` is the loss the sharpness is of; ``update`` takes the batch as the
+    keyword ``batch`` (omit it for ``loss_fn(params)``). ``log=None`` only records the reading.
+    """
+    tracker = SharpnessTracker(loss_fn, k=k, tol=tol, max_iters=max_iters, every=every)
+
+    def init(params):
+        inner = optimizer.transform.init(params)
+        state = tracker.init(params, jax.random.PRNGKey(seed))
+        nan = jnp.full((), jnp.nan, state.values.dtype)
+        return MonitoredState(inner, state, Reading(jnp.asarray(-1, jnp.int32), nan, nan, nan))
+
+    def update(updates, state: MonitoredState, params=None, *, batch: Any = None, **extra_args):
+        if params is None:
+            raise ValueError("eosflow.monitor.monitored: update() needs params (the point the sharpness is measured at)")
+        updates, inner = optimizer.transform.update(updates, state.inner, params)
+        preconditioner = None if optimizer.preconditioner is None else optimizer.preconditioner(inner)
+        step = state.tracker.count
+        tracked, pairs = tracker.update(state.tracker, params, batch, preconditioner)
+        sharpness = pairs.values[0]
+        measured = Reading(step, sharpness, optimizer.lr * sharpness, sharpness / optimizer.threshold)
+        is_measurement = pairs.hvps > 0
+        reading = jax.tree.map(lambda new, old: jnp.where(is_measurement, new, old), measured, state.reading)
+        if log is not None:
+            jax.lax.cond(is_measurement, lambda r: jax.debug.callback(log, r), lambda r: None, measured)
+        return updates, MonitoredState(inner, tracked, reading)
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -1,0 +1,106 @@
+"""Optax optimizers with their edge of stability: the preconditioner read from the state, the threshold.
+
+    opt = eosflow.optimizer_edges.adam(1e-3)            # opt.transform is optax.adam(1e-3)
+    P = opt.preconditioner(opt_state)                   # diag(sqrt(nu_hat + eps_root) + eps), like params
+    opt.threshold                                       # 38 / lr: where P^{-1/2} H P^{-1/2} hovers
+
+Each constructor builds the optax transformation itself, so the hyperparameters that define P and
+the threshold are the ones the optimizer runs with. P follows optax 0.2's conventions exactly
+(read from optax/_src/transform.py):
+
+    adam     P = sqrt(nu / (1 - b2^t) + eps_root) + eps      t = the state's count (bias correction)
+    rmsprop  P = sqrt(nu_hat + eps)   (eps_in_sqrt = True, optax's default)
+             P = sqrt(nu_hat) + eps   (eps_in_sqrt = False, PyTorch's convention)
+             nu_hat = nu / (1 - decay^t) with bias_correction = True, else nu
+    sgd      P = I
+
+and the threshold is :func:`eosflow.preconditioning.edge_threshold` of the momentum's form:
+Adam's first moment is an EMA (c = 2 (1 + b1) / (1 - b1), 38 at b1 = 0.9); optax's ``trace``
+(sgd and rmsprop momentum) is classical heavy ball (c = 2 (1 + b)) or Nesterov.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from eosflow.preconditioning import diagonal_preconditioner, edge_threshold
+
+PyTree = Any
+
+
+class EdgeOptimizer(NamedTuple):
+    """An optax optimizer, its step size, its edge threshold c / lr and how to read its P."""
+
+    transform: optax.GradientTransformation
+    lr: float
+    threshold: float  # the preconditioned sharpness at the edge of stability
+    preconditioner: Callable[[optax.OptState], PyTree] | None  # P's diagonal (like params); None: P = I
+
+
+def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> EdgeOptimizer:
+    """optax.sgd: threshold 2/lr, 2 (1 + b)/lr with heavy-ball momentum b (Nesterov: 2 (1 + b) / ((1 + 2b) lr))."""
+    transform = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
+    form = "nesterov" if nesterov and momentum else "classical"
+    return EdgeOptimizer(transform, lr, edge_threshold(lr, momentum, form), None)
+
+
+def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0) -> EdgeOptimizer:
+    """optax.adam: threshold 2 (1 + b1) / ((1 - b1) lr) = 38/lr at b1 = 0.9."""
+    transform = optax.adam(lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    return EdgeOptimizer(transform, lr, edge_threshold(lr, b1, "ema"),
+                         lambda state: adam_preconditioner(state, b2=b2, eps=eps, eps_root=eps_root))
+
+
+def rmsprop(
+    lr: float,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+) -> EdgeOptimizer:
+    """optax.rmsprop (uncentered): threshold 2/lr, or 2 (1 + b)/lr with momentum b."""
+    transform = optax.rmsprop(lr, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
+                              momentum=momentum or None, nesterov=nesterov)
+    form = "nesterov" if nesterov and momentum else "classical"
+    return EdgeOptimizer(
+        transform, lr, edge_threshold(lr, momentum, form),
+        lambda state: rmsprop_preconditioner(state, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt,
+                                             bias_correction=bias_correction))
+
+
+def adam_preconditioner(opt_state: optax.OptState, b2: float = 0.999, eps: float = 1e-8,
+                        eps_root: float = 0.0) -> PyTree:
+    """P = sqrt(nu / (1 - b2^t) + eps_root) + eps from the ScaleByAdamState inside ``opt_state``."""
+    adam_state = _find(opt_state, lambda s: isinstance(s, optax.ScaleByAdamState), "an optax.adam (ScaleByAdamState)")
+    correction = 1.0 - b2 ** adam_state.count
+    return jax.tree.map(lambda nu: diagonal_preconditioner(nu, eps, eps_root, correction), adam_state.nu)
+
+
+def rmsprop_preconditioner(opt_state: optax.OptState, decay: float = 0.9, eps: float = 1e-8,
+                           eps_in_sqrt: bool = True, bias_correction: bool = False) -> PyTree:
+    """P from the ScaleByRmsState (or ScaleByRmsWithCountState) inside ``opt_state``."""
+    rms_state = _find(opt_state, _is_rms_state, "an optax.rmsprop (ScaleByRmsState)")
+    correction = 1.0 - decay ** rms_state.count if bias_correction else 1.0
+    inside, outside = (eps, 0.0) if eps_in_sqrt else (0.0, eps)
+    return jax.tree.map(lambda nu: diagonal_preconditioner(nu, outside, inside, correction), rms_state.nu)
+
+
+def _is_rms_state(state) -> bool:
+    """optax's ScaleByRmsState(nu) or ScaleByRmsWithCountState(count, nu) (the latter is not exported)."""
+    fields = getattr(type(state), "_fields", ())
+    return type(state).__name__.startswith("ScaleByRms") and "nu" in fields
+
+
+def _find(opt_state: optax.OptState, matches: Callable[[Any], bool], what: str):
+    """The first sub-state for which ``matches`` holds in a (possibly chained) optax state."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=matches) if matches(s)]
+    if not found:
+        raise ValueError(f"this optax state holds no second moment: expected the state of {what}, got "
+                         f"{type(opt_state).__name__}")
+    return found[0]

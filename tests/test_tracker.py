@@ -1,0 +1,194 @@
+"""The live tracker, the optax preconditioners and the monitor, against dense float64 oracles.
+
+Oracles: numpy's eigh of the dense Hessian (and of P^{-1/2} H P^{-1/2}); optax's own updates
+(for RMSProp and Adam without momentum terms, update = -lr * m_hat / P, which pins P's
+conventions: eps inside or outside the root, bias correction and its step count).
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import user_models
+
+import eosflow
+from eosflow import optimizer_edges
+from eosflow.cli import demo_table
+from eosflow.experiment import prepare
+from eosflow.monitor import monitored
+from eosflow.precision import precision
+from eosflow.spectrum import dense_hessian
+
+
+def small_problem():
+    return user_models.make_problem(dtype="float64", width=8)
+
+
+def ravel_flat(params):
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(params)])
+
+
+def dense_top(matrix, k):
+    values = np.linalg.eigvalsh(0.5 * (matrix + matrix.T))
+    return values[::-1][:k]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
+    problem = small_problem()
+    params0 = problem.objective.unravel(problem.w0)
+    batch = problem.objective.data
+    loss = lambda params, batch: user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+    tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every)
+
+    @jax.jit
+    def train(params, state):
+        def step(carry, _):
+            params, state = carry
+            state, eig = tracker.update(state, params, batch)
+            grads = jax.grad(loss)(params, batch)
+            return (jax.tree.map(lambda p, g: p - 0.8 * g, params, grads), state), (params, eig.values, eig.hvps,
+                                                                                     eig.residuals)
+        return jax.lax.scan(step, (params, state), None, length=12)
+
+    (_, state), (trajectory, values, hvps, residuals) = train(params0, tracker.init(params0, jax.random.PRNGKey(1)))
+    hvps = np.asarray(hvps)
+    assert np.all((hvps > 0) == (np.arange(12) % every == 0))
+    assert int(state.hvps) == hvps.sum() and int(state.count) == 12
+    for t in range(0, 12, every):
+        w = ravel_flat(jax.tree.map(lambda leaf, t=t: leaf[t], trajectory))
+        exact = dense_top(dense_hessian(problem.objective, w), 3)
+        np.testing.assert_allclose(values[t], exact, rtol=1e-8)
+        assert np.all(residuals[t] <= 1e-6)
+        if every > 1 and t + 1 < 12:  # skipped updates repeat the last measurement
+            np.testing.assert_array_equal(values[t + 1], values[t])
+    # warm starts: later measurements cost less than the cold first one
+    assert hvps[every * 2:][hvps[every * 2:] > 0].mean() < hvps[0]
+
+
+def run_optax(optimizer, problem, steps):
+    params = problem.objective.unravel(problem.w0)
+    loss = lambda params: problem.objective.value(ravel_flat(params))
+
+    @jax.jit
+    def step(params, state):
+        updates, state = optimizer.transform.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = optimizer.transform.init(params)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+@pytest.mark.parametrize("make, first_moment", [
+    (lambda: optimizer_edges.adam(0.01, b1=0.0, b2=0.9, eps=1e-3, eps_root=1e-4), "g"),
+    (lambda: optimizer_edges.rmsprop(0.01, decay=0.8, eps=1e-3), "g"),
+    (lambda: optimizer_edges.rmsprop(0.01, decay=0.8, eps=1e-3, eps_in_sqrt=False, bias_correction=True), "g"),
+])
+def test_preconditioner_is_the_denominator_optax_divides_by(make, first_moment):
+    """With no first moment (b1 = 0, no momentum) optax's update is -lr g / P: P read from the state is it."""
+    optimizer = make()
+    problem = small_problem()
+    params, state = run_optax(optimizer, problem, 5)
+    grads = jax.grad(lambda p: problem.objective.value(ravel_flat(p)))(params)
+    updates, new_state = optimizer.transform.update(grads, state, params)
+    P = optimizer.preconditioner(new_state)
+    jax.tree.map(lambda u, g, p: np.testing.assert_allclose(u, -0.01 * g / p, rtol=1e-12), updates, grads, P)
+
+
+def test_thresholds():
+    assert optimizer_edges.adam(1e-3).threshold == pytest.approx(38 / 1e-3)
+    assert optimizer_edges.sgd(0.1).threshold == pytest.approx(20.0)
+    assert optimizer_edges.sgd(0.1, momentum=0.9).threshold == pytest.approx(38.0)
+    assert optimizer_edges.rmsprop(0.1).threshold == pytest.approx(20.0)
+
+
+def test_preconditioned_tracker_and_monitor_match_dense():
+    """Adam's P^{-1/2} H P^{-1/2} at the monitored steps equals the dense float64 computation."""
+    problem = small_problem()
+    lr, every = 0.02, 4
+    optimizer = optimizer_edges.adam(lr, eps=1e-6)
+    loss = lambda params, batch: user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+    readings = []
+    opt = monitored(optimizer, loss, every=every, k=2, tol=1e-7, max_iters=100, log=readings.append)
+    params = problem.objective.unravel(problem.w0)
+    batch = problem.objective.data
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss)(params, batch)
+        updates, state = opt.update(grads, state, params, batch=batch)
+        return optax.apply_updates(params, updates), state
+
+    checked = 0
+    for t in range(9):
+        before = params
+        params, state = step(params, state)
+        if t % every == 0:
+            P = ravel_flat(optimizer.preconditioner(state.inner))
+            scale = 1.0 / np.sqrt(np.asarray(P))
+            dense = scale[:, None] * dense_hessian(problem.objective, ravel_flat(before)) * scale[None, :]
+            exact = dense_top(dense, 1)[0]
+            assert float(state.reading.sharpness) == pytest.approx(exact, rel=1e-9)
+            assert float(state.reading.edge_ratio) == pytest.approx(exact * lr / 38, rel=1e-9)
+            checked += 1
+    jax.effects_barrier()
+    assert checked == 3 and [int(r.step) for r in readings] == [0, 4, 8]
+    assert float(readings[-1].lr_sharpness) == pytest.approx(float(state.reading.lr_sharpness))
+
+
+def test_docs_example_loop_runs_and_adam_reaches_its_edge(capsys):
+    """The example loop of docs/monitor.md, as written: Adam's S/threshold climbs to ~1 and holds."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "monitor.md").read_text()
+    code = text.split("## An example loop")[1].split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 22
+    namespace: dict = {}
+    exec(compile(code, "docs/monitor.md", "exec"), namespace)  # noqa: S102  (the page's example, as written)
+    jax.effects_barrier()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    ratios = [float(line.rsplit("=", 1)[1]) for line in lines]
+    assert len(ratios) == 10 and max(ratios[1:5]) < 0.6  # it starts well below the edge ...
+    assert 0.95 < ratios[-1] < 1.05 and 0.95 < float(namespace["state"].reading.edge_ratio) < 1.05  # ... and holds it
+
+
+@pytest.mark.slow
+def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
+    """lr * S from the tracker (float32, tol 1e-3, warm-started every 40 steps) vs dense float64 eigh.
+
+    Two checks (a dense 3466 x 3466 Hessian each); benchmarks/monitor.py checks the edge-of-stability phase.
+    """
+    table = demo_table()
+    lr = table["lr"]
+    with precision("float64"):
+        problem64 = prepare({**table, "dtype": "float64"})[1]
+    with precision("float32"):
+        problem = prepare(table)[1]
+        objective = problem.objective
+        loss = lambda params, batch: objective.loss_on(ravel_flat(params), batch)
+        tracker = eosflow.SharpnessTracker(loss, k=1, tol=1e-3, every=40)
+        sgd = optax.sgd(lr)
+        params = objective.unravel(problem.w0)
+
+        @jax.jit
+        def step(params, opt_state, state):
+            state, eig = tracker.update(state, params, objective.data)
+            updates, opt_state = sgd.update(jax.grad(loss)(params, objective.data), opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, state, eig.values[0]
+
+        opt_state, state = sgd.init(params), tracker.init(params, jax.random.PRNGKey(0))
+        checks = []
+        for t in range(41):
+            w = np.asarray(ravel_flat(params), np.float64)
+            params, opt_state, state, top = step(params, opt_state, state)
+            if t % 40 == 0:
+                checks.append((w, lr * float(top)))
+    assert len(checks) == 2
+    with precision("float64"):
+        for w, measured in checks:
+            exact = lr * dense_top(dense_hessian(problem64.objective, jnp.asarray(w)), 1)[0]
+            assert measured == pytest.approx(exact, rel=1e-4)
