@@ -121,7 +121,7 @@ def _clustered(rng, d, top, bulk_top):
     return q @ np.diag(values) @ q.T, np.sort(values)[::-1]
 
 
-@pytest.mark.parametrize("d, gap, guard", [(60, 1e-1, 0), (300, 1e-3, 1), (800, 1e-2, 2), (300, 1e-4, 1)])
+@pytest.mark.parametrize("d, gap, guard", [(60, 1e-1, 0), (300, 1e-3, 1), (800, 1e-4, 2)])
 def test_every_pair_reported_converged_is_converged_on_clustered_spectra(d, gap, guard):
     """Sweep sizes, cluster gaps, k, tol and guards, warm starts near and far: whatever LOBPCG
     reports with a residual <= tol has a true float64 residual <= tol, an eigenvalue of A within
@@ -130,12 +130,13 @@ def test_every_pair_reported_converged_is_converged_on_clustered_spectra(d, gap,
     top = 10.0 * (1.0 - gap * np.arange(4))  # a cluster of 4 at relative spacing ``gap``
     a, exact = _clustered(rng, d, top, 9.0 * (1 - 4 * gap))
     exact_vectors = np.linalg.eigh(a)[1][:, ::-1]
-    matvec = jax.jit(lambda v: jnp.asarray(a) @ v)
+    # tol is traced: one compilation per k
+    solve = jax.jit(lambda a, start, tol: lobpcg(lambda v: a @ v, start, tol=tol, max_iters=40, guard=guard))
     for k in (1, 2, 3):
         for tol in (1e-2, 1e-4, 1e-7):
             for noise in (1e-3, 1e-1, 10.0):
                 start = exact_vectors[:, :k] + noise * rng.standard_normal((d, k))
-                pairs = lobpcg(matvec, jnp.asarray(start), tol=tol, max_iters=40, guard=guard)
+                pairs = solve(jnp.asarray(a), jnp.asarray(start), tol)
                 values, vectors = np.asarray(pairs.values), np.asarray(pairs.vectors)
                 true = np.linalg.norm(a @ vectors - vectors * values, axis=0) / np.abs(values)
                 reported = np.asarray(pairs.residuals)
@@ -154,8 +155,9 @@ def test_soft_locking_multiplies_only_the_unconverged_residuals():
     a, _ = _clustered(rng, 100, [10.0, 9.0, 8.0], 5.0)
     vectors = np.linalg.eigh(a)[1][:, ::-1][:, :3]
     start = vectors + np.concatenate([np.zeros((100, 2)), 0.3 * rng.standard_normal((100, 1))], axis=1)
+    solve = jax.jit(lambda a, start, iterations: lobpcg(lambda v: a @ v, start, tol=1e-13, max_iters=iterations))
     for iterations in (1, 2, 3):
-        pairs = lobpcg(lambda v: jnp.asarray(a) @ v, jnp.asarray(start), tol=1e-13, max_iters=iterations, guard=1)
+        pairs = solve(jnp.asarray(a), jnp.asarray(start), iterations)
         assert int(pairs.hvps) == 3 + iterations
         assert np.all(np.asarray(pairs.residuals)[:2] <= 1e-13) and pairs.residuals[2] > 1e-13
 

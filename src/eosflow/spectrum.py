@@ -145,7 +145,7 @@ def hessian_eigenpairs(
     return lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard)
 
 
-def bouncing_warm_start(vectors: Array, older: Array, step: Float[Array, "d"], previous_step: Array) -> Array:
+def bouncing_warm_start(vectors: Array, older: Array, step: Float[Array, " d"], previous_step: Array) -> Array:
     """The warm start of an iterate that may oscillate: the vectors measured two steps back (on the
     same side of a period-2 orbit) when consecutive steps point against each other, <s_t, s_{t-1}> < 0,
     else the previous step's. At the edge of stability GD bounces along the top eigenvectors and H
