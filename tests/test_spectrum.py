@@ -173,7 +173,7 @@ def test_gd_bouncing_warm_start_measures_the_dense_eigenvalues_and_leaves_gd_unc
             "record": {"chunk": 60, "params_every": 5}}
     runs = {}
     for every in (1, 0):
-        spec = {**base, "name": str(every), "spectrum": {"every": every, "k": 2, "k_max": 2, "tol": 1e-6}}
+        spec = {**base, "name": str(every), "spectrum": {"every": every, "k": 2, "k_max": 2, "tol": 1e-6, "max_iters": 200}}
         run(spec, tmp_path / str(every))
         runs[every] = eosflow.load(tmp_path / str(every)).sel(process="gd")
     np.testing.assert_array_equal(runs[1]["loss"].values, runs[0]["loss"].values)
