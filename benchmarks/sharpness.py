@@ -31,7 +31,13 @@ import numpy as np
 import eosflow
 from eosflow.cli import demo_table
 from eosflow.experiment import prepare, run
-from eosflow.spectrum import bouncing_warm_start, lanczos, lobpcg, power_iteration, random_vectors
+from eosflow.spectrum import (
+    bouncing_warm_start,
+    lanczos,
+    lobpcg,
+    power_iteration,
+    random_vectors,
+)
 
 LR, EDGE = 0.4, 1.9  # lr S >= EDGE: the edge of stability
 MAIN = ("k=1 tol=1e-3, no guard, previous step", "k=1 tol=3e-3 (GD)", "k=3 tol=1e-3, no guard, previous step",
