@@ -1,16 +1,21 @@
-"""Cost and accuracy of sharpness measurement along the demo's GD trajectory.
+"""Cost and accuracy of the eigenpair tracker along GD trajectories on the digits MLP, per phase.
 
-    .venv/bin/python benchmarks/sharpness.py [--steps 1200] [--every 100]
+    .venv/bin/python benchmarks/sharpness.py [--quick] [--widths 32 140] [--steps 700] [--every 25]
 
-Runs the demo (GD on the digits MLP, lr = 0.4) once, saving the iterates, then replays the
-trajectory with each eigensolver and prints, per phase (progressive sharpening: lr*S < 1.9;
-edge of stability: afterwards), the mean HVPs per step and the relative error of the top
-eigenvalue against the dense float64 Hessian's eigh at every ``--every``-th step:
+For each width (32: d = 3466; 140: d = 30250) GD runs once (lr = 0.4, tanh MLP 64-w-w-10 on 500
+digits, float32) saving its iterates; then each solver replays the trajectory, warm-started from
+the previous step as in a run. At every ``--every``-th step the top eigenvalues are compared with
+ARPACK at tol 0 on the float64 Hessian (the oracle), and the reported residuals are checked
+against the true ones (float64 HVPs of the returned float32 vectors). Per phase (sharpening:
+lr S < 1.9 by the oracle; edge of stability: from the first oracle step with lr S >= 1.9) it
+prints HVPs per step, gradient-equivalents per step of GD with the tracker (1 + 2 HVPs), the
+median and max relative error of the top k eigenvalues, the fraction of steps with a reported
+residual above tol, and the largest true residual of a pair reported converged.
 
-- tracker: warm-started LOBPCG (the vectors of the previous step), at several tolerances, with
-  k = 1 and with the demo's growing k (up to 3);
-- cold Lanczos: ARPACK eigsh from a random start (k = 1, tol 0 = machine precision);
-- power iteration: PyHessian's rule, stop when the estimate changes by < 1e-3 relative.
+Solvers: the tracker (warm-started LOBPCG) at k = 1 and k = 3, with and without the guard vector,
+warm-started from the previous step or as GD does (from step t - 2 when GD bounces);
+cold ARPACK Lanczos (k = 1, tol 0); power iteration at PyHessian's tolerance (1e-3).
+``--quick``: width 32 only, 400 steps, the main solvers.
 """
 
 from __future__ import annotations
@@ -28,78 +33,154 @@ jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles a
 import eosflow
 from eosflow.cli import demo_table
 from eosflow.experiment import prepare, run
-from eosflow.spectrum import dense_top_eigenpairs, grow_tracked, hessian_eigenpairs, lanczos, power_iteration, random_vectors
+from eosflow.spectrum import (
+    bouncing_warm_start,
+    lanczos,
+    lobpcg,
+    power_iteration,
+    random_vectors,
+)
+
+LR, EDGE = 0.4, 1.9  # lr S >= EDGE: the edge of stability
+MAIN = ("k=1 tol=1e-3, no guard, previous step", "k=1 tol=3e-3 (GD)", "k=3 tol=1e-3, no guard, previous step",
+        "k=3 tol=1e-3 (GD)", "k=3 tol=3e-3 (GD)")  # --solvers main (and --quick)
+TRACKERS = [  # (label, k, tol, guard, bouncing): bouncing = GD's warm start (vectors of step t - 2 when it bounces)
+    ("k=1 tol=1e-3, no guard, previous step", 1, 1e-3, 0, False),
+    ("k=1 tol=1e-3, previous step", 1, 1e-3, 1, False),
+    ("k=1 tol=3e-3, previous step", 1, 3e-3, 1, False),
+    ("k=1 tol=1e-2, previous step", 1, 1e-2, 1, False),
+    ("k=1 tol=1e-3 (GD)", 1, 1e-3, 1, True),
+    ("k=1 tol=3e-3 (GD)", 1, 3e-3, 1, True),
+    ("k=1 tol=3e-3, previous step + secant", 1, 3e-3, 1, "secant"),
+    ("k=3 tol=1e-3, no guard, previous step", 3, 1e-3, 0, False),
+    ("k=3 tol=1e-3, previous step", 3, 1e-3, 1, False),
+    ("k=3 tol=1e-3 (GD)", 3, 1e-3, 1, True),
+    ("k=3 tol=3e-3 (GD)", 3, 3e-3, 1, True),
+]
 
 
-def replay_tracker(objective, params, k, k_max, tol, lr, threshold=1.5):
-    measure = jax.jit(lambda w, v: hessian_eigenpairs(objective, w, v, tol=tol, max_iters=30))
-    vectors = random_vectors(jax.random.PRNGKey(0), params.shape[1], k, params.dtype)
-    hvps, top = [], []
+def trajectory(width: int, steps: int):
+    """GD's iterates (steps x d) on the digits MLP of this width, and the float32 / float64 objectives."""
+    table = demo_table()
+    table.update(steps=steps, spectrum={"every": 0}, record={"chunk": 100, "params_every": 1})
+    table["problem"]["width"] = width
+    with tempfile.TemporaryDirectory() as tmp:
+        run(table, tmp)
+        _, params = eosflow.load_params(tmp, "gd")
+    return np.asarray(params), prepare(table)[1].objective, prepare({**table, "dtype": "float64"})[1].objective
+
+
+def replay(objective, params, k: int, tol: float, guard: int, bouncing: bool | str, max_iters: int = 30):
+    """The tracker along the trajectory: HVPs, values (steps x k), residuals and vectors at every step.
+
+    ``bouncing``: warm-started as GD does (:func:`eosflow.spectrum.bouncing_warm_start`, with GD's
+    steps s_t = w_{t+1} - w_t = -lr g_t read off the iterates); else from the previous step's vectors;
+    ``"secant"``: from the previous step's, with GD's last step w_t - w_{t-1} (the direction of GD's
+    free secant g_t - g_{t-1}) as an extra basis vector (one more HVP).
+    """
+    def measure(w, v, extra=None):
+        matvec = jax.vmap(jax.linearize(objective.grad, w)[1], in_axes=1, out_axes=1)
+        return lobpcg(matvec, v, tol=tol, max_iters=max_iters, guard=guard, extra=extra)
+
+    measure = jax.jit(measure)
+    vectors = older = random_vectors(jax.random.PRNGKey(0), params.shape[1], k, params.dtype)
+    steps = np.diff(params, axis=0, append=params[-1:] + (params[-1:] - params[-2:-1]))
+    hvps, values, residuals, kept = [], [], [], {}
     for t, w in enumerate(params):
-        pairs = measure(jnp.asarray(w), vectors)
-        vectors = grow_tracked(pairs.vectors, np.asarray(pairs.values), threshold / lr, k_max,
-                               jax.random.PRNGKey(t))
+        start, extra = vectors, None
+        if bouncing == "secant" and t >= 1:
+            extra = jnp.asarray(steps[t - 1])[:, None]
+        elif bouncing and t >= 1:
+            start = bouncing_warm_start(vectors, older, jnp.asarray(steps[t]), jnp.asarray(steps[t - 1]))
+        pairs = measure(jnp.asarray(w), start, extra)
+        older, vectors = vectors, pairs.vectors
         hvps.append(int(pairs.hvps))
-        top.append(float(pairs.values[0]))
-    return np.array(hvps), np.array(top)
+        values.append(np.asarray(pairs.values))
+        residuals.append(np.asarray(pairs.residuals))
+        kept[t] = np.asarray(vectors)
+    return np.array(hvps), np.array(values), np.array(residuals), kept
+
+
+def true_residuals(objective64, w, values, vectors) -> np.ndarray:
+    """||H v - theta v|| / |theta| with float64 HVPs of the returned (float32) pairs."""
+    v = jnp.asarray(vectors, jnp.float64)
+    hv = np.asarray(jax.vmap(lambda u: objective64.hvp(jnp.asarray(w, jnp.float64), u), in_axes=1, out_axes=1)(v))
+    return np.linalg.norm(hv - np.asarray(v) * values, axis=0) / np.abs(values)
+
+
+def phase_rows(label, hvps, errors, steps_phase, checks_phase, unconverged, worst_true):
+    """One table row per phase from per-step HVPs and per-checkpoint errors."""
+    rows = []
+    for name in ("sharpening", "edge of stability"):
+        spent, err = hvps[steps_phase[name]], errors[checks_phase[name]]
+        if not spent.size:
+            continue
+        rows.append((label, name, spent.mean(), 1 + 2 * spent.mean(), np.median(err) if err.size else np.nan,
+                     err.max() if err.size else np.nan,
+                     unconverged[steps_phase[name]].mean() if unconverged is not None else np.nan,
+                     worst_true[checks_phase[name]].max() if worst_true is not None and err.size else np.nan))
+    return rows
+
+
+def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
+    started = time.perf_counter()
+    params, objective, objective64 = trajectory(width, steps)
+    d = params.shape[1]
+    checks = np.arange(10, steps, every)
+    oracle = np.array([lanczos(objective64, jnp.asarray(params[t], jnp.float64), k=3, tol=0.0).values for t in checks])
+    edge = checks[np.argmax(LR * oracle[:, 0] >= EDGE)] if (LR * oracle[:, 0] >= EDGE).any() else steps
+    print(f"\n## digits MLP width {width}: d = {d}, {steps} GD steps, lr = {LR}; edge of stability "
+          f"(lr S >= {EDGE}) from step {edge}; oracle (ARPACK tol 0, float64) at {len(checks)} steps")
+    gaps = np.abs(np.diff(oracle[checks >= edge], axis=1)) / oracle[checks >= edge, :1]
+    if gaps.size:
+        print(f"median relative gaps lambda_1-lambda_2, lambda_2-lambda_3 at the edge: {np.median(gaps, axis=0).round(4)}")
+    steps_phase = {"sharpening": np.arange(10, edge), "edge of stability": np.arange(edge, steps)}
+    checks_phase = {"sharpening": checks < edge, "edge of stability": checks >= edge}
+
+    rows = []
+    for label, k, tol, guard, bouncing in TRACKERS:
+        if main_only and label not in MAIN:
+            continue
+        hvps, values, residuals, kept = replay(objective, params, k, tol, guard, bouncing)
+        errors = np.max(np.abs(values[checks] - oracle[:, :k]) / oracle[:, :k], axis=1)
+        converged = residuals <= tol
+        worst = np.array([np.max(np.where(converged[t], true_residuals(objective64, params[t], values[t], kept[t]), 0.0))
+                          for t in checks])
+        rows += phase_rows(label, hvps, errors, steps_phase, checks_phase, ~np.all(converged, axis=1), worst)
+
+    for label, solver in [
+        ("cold Lanczos (ARPACK) k=1", lambda w: lanczos(objective, jnp.asarray(w), k=1, tol=0.0)),
+        ("power iteration tol=1e-3", lambda w: power_iteration(objective, jnp.asarray(w), tol=1e-3)),
+    ]:
+        results = [solver(params[t]) for t in checks]
+        hvps = np.full(steps, np.nan)
+        hvps[checks] = [r.hvps for r in results]
+        errors = np.abs(np.array([r.values[0] for r in results]) - oracle[:, 0]) / oracle[:, 0]
+        per_check = {name: checks[mask] for name, mask in checks_phase.items()}
+        rows += phase_rows(label, hvps, errors, per_check, checks_phase, None, None)
+
+    print("\n| solver | phase | HVPs / step | grad-equiv. / step (GD + solver) | median rel. error (top k) | "
+          "max rel. error | steps with a residual > tol | max true residual of a converged pair |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, phase, hvps, equivalents, median, worst, unconverged, true in rows:
+        print(f"| {label} | {phase} | {hvps:.2f} | {equivalents:.1f} | {median:.1e} | {worst:.1e} | "
+              f"{unconverged:.0%} | {true:.1e} |".replace("nan%", "-").replace("nan", "-"))
+    print(f"(width {width}: {time.perf_counter() - started:.0f} s; errors: max over the top k of "
+          f"|theta_i - lambda_i| / lambda_i, median and max over the oracle steps of the phase)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--every", type=int, default=100, help="dense-eigh oracle every n steps")
+    parser.add_argument("--widths", type=int, nargs="+", default=[32, 140], help="hidden widths (32: d = 3466)")
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--every", type=int, default=25, help="oracle every n steps")
+    parser.add_argument("--solvers", choices=["all", "main"], default="all", help=f"main: {', '.join(MAIN)}")
+    parser.add_argument("--quick", action="store_true", help="width 32, 400 steps, --solvers main")
     args = parser.parse_args()
-
-    table = demo_table()
-    table.update(steps=args.steps)
-    table["spectrum"] = {"every": 0}
-    table["record"] = {"chunk": 100, "params_every": 1}
-    lr = table["lr"]
-    with tempfile.TemporaryDirectory() as tmp:
-        run(table, tmp)
-        _, params = eosflow.load_params(tmp, "gd")
-    _, problem, _, _ = prepare(table)
-    objective = problem.objective
-    oracle_objective = prepare({**table, "dtype": "float64"})[1].objective  # same data, float64
-    checkpoints = np.arange(10, args.steps, args.every)
-    print(f"demo trajectory: {args.steps} steps, d = {params.shape[1]}, oracle at {len(checkpoints)} steps")
-    started = time.perf_counter()
-    exact = np.array([dense_top_eigenpairs(oracle_objective, jnp.asarray(params[t], jnp.float64), k=1).values[0]
-                      for t in checkpoints])
-    print(f"dense float64 eigh: {(time.perf_counter() - started) / len(checkpoints):.1f} s per step")
-    at_edge = lr * exact >= 1.9
-    phases = {"sharpening": ~at_edge, "edge of stability": at_edge}
-
-    rows = []
-    for label, k, k_max, tol in [
-        ("tracker k=1 tol=1e-3", 1, 1, 1e-3),
-        ("tracker k=1 tol=3e-3", 1, 1, 3e-3),
-        ("tracker k=1 tol=1e-2", 1, 1, 1e-2),
-        ("tracker k<=3 tol=3e-3 (demo)", 1, 3, 3e-3),
-    ]:
-        hvps, top = replay_tracker(objective, params, k, k_max, tol, lr)
-        error = np.abs(top[checkpoints] - exact) / exact
-        edge_start = checkpoints[at_edge][0] if at_edge.any() else len(hvps)
-        hvp_phase = {"sharpening": hvps[10:edge_start], "edge of stability": hvps[edge_start:]}
-        for name, mask in phases.items():
-            rows.append((label, name, hvp_phase[name].mean() if hvp_phase[name].size else np.nan,
-                         np.mean(error[mask]) if mask.any() else np.nan, np.max(error[mask]) if mask.any() else np.nan))
-
-    for label, solver in [
-        ("cold Lanczos (ARPACK)", lambda w: lanczos(objective, jnp.asarray(w), k=1, tol=0.0)),
-        ("power iteration tol=1e-3", lambda w: power_iteration(objective, jnp.asarray(w), tol=1e-3)),
-    ]:
-        results = [solver(params[t]) for t in checkpoints]
-        hvps = np.array([r.hvps for r in results])
-        error = np.abs(np.array([r.values[0] for r in results]) - exact) / exact
-        for name, mask in phases.items():
-            rows.append((label, name, hvps[mask].mean() if mask.any() else np.nan,
-                         np.mean(error[mask]) if mask.any() else np.nan, np.max(error[mask]) if mask.any() else np.nan))
-
-    print("\n| solver | phase | HVPs per step | mean rel. error of S | max rel. error of S |")
-    print("|---|---|---|---|---|")
-    for label, phase, hvps, mean_error, max_error in rows:
-        print(f"| {label} | {phase} | {hvps:.1f} | {mean_error:.1e} | {max_error:.1e} |")
+    if args.quick:
+        args.widths, args.steps, args.solvers = [32], 400, "main"
+    for width in args.widths:
+        benchmark(width, args.steps, args.every, args.solvers == "main")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,24 @@ def test_cli_quick_leaderboard_page_equals_its_csv(tmp_path):
             assert cells[3] == format_number(float(row["loss_error"]))
     for problem in set(rows["problem"]):  # every run directory loads, with gd first
         assert str(eosflow.load(out / "runs" / problem)["process"].values[0]) == "gd"
+
+
+def test_measure_only_processes_never_read_their_eigenpairs_and_own_cost_leaves_them_out(tmp_path):
+    """The processes of MEASURE_ONLY move identically with the eigensolver off (spectrum.every = 0):
+    their own cost is the total less the eigensolver's, which compare reports as 2 * measurement_hvps."""
+    table = {"name": "mlp", "steps": 12, "lr": 0.5, "dtype": "float64", "processes": list(lb.MEASURE_ONLY),
+             "problem": {"name": "mlp", "width": 8, "n_train": 40, "n_test": 0},
+             "spectrum": {"k": 2, "k_max": 2, "tol": 1e-6}, "record": {"chunk": 6}}
+    runs = {}
+    for every in (1, 0):
+        rows = lb.run_suite({"mlp": {**table, "spectrum": {**table["spectrum"], "every": every}}},
+                            tmp_path / str(every), progress=False)
+        runs[every] = (eosflow.load(tmp_path / str(every) / "runs" / "mlp"), rows.set_index("process"))
+    (measured, measured_rows), (off, off_rows) = runs[1], runs[0]
+    for process in lb.MEASURE_ONLY:
+        np.testing.assert_array_equal(measured["loss"].sel(process=process).values, off["loss"].sel(process=process).values)
+        solver = 2 * measured["measurement_hvps"].sel(process=process).values.mean()
+        assert solver >= 4 and measured_rows.loc[process, "measurement_equivalents"] == pytest.approx(solver)
+        assert off_rows.loc[process, "measurement_equivalents"] == 0
+        assert measured_rows.loc[process, "own_equivalents"] == pytest.approx(off_rows.loc[process, "own_equivalents"])
+    assert measured_rows.loc["gd", "own_equivalents"] == pytest.approx(1.0)

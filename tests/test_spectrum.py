@@ -112,3 +112,76 @@ def test_grow_every_grows_the_tracked_eigenspace_within_a_chunk(tmp_path):
     np.testing.assert_allclose(measured[20:, :3], np.broadcast_to(eigenvalues[:3], (20, 3)), rtol=1e-6)
     assert np.isfinite(measured[10:, 1]).all() and np.isnan(measured[:5, 1]).all()
     np.testing.assert_array_equal(runs[5]["loss"].values, runs[0]["loss"].values)
+
+
+def _clustered(rng, d, top, bulk_top):
+    """A random symmetric d x d matrix with eigenvalues ``top`` above a bulk uniform in [-1, bulk_top]."""
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    values = np.concatenate([top, rng.uniform(-1.0, bulk_top, d - len(top))])
+    return q @ np.diag(values) @ q.T, np.sort(values)[::-1]
+
+
+@pytest.mark.parametrize("d, gap, guard", [(60, 1e-1, 0), (300, 1e-3, 1), (800, 1e-4, 2)])
+def test_every_pair_reported_converged_is_converged_on_clustered_spectra(d, gap, guard):
+    """Sweep sizes, cluster gaps, k, tol and guards, warm starts near and far: whatever LOBPCG
+    reports with a residual <= tol has a true float64 residual <= tol, an eigenvalue of A within
+    |r| |theta|, and Ritz values are lower bounds of the top eigenvalues (Cauchy interlacing)."""
+    rng = np.random.default_rng(d)
+    top = 10.0 * (1.0 - gap * np.arange(4))  # a cluster of 4 at relative spacing ``gap``
+    a, exact = _clustered(rng, d, top, 9.0 * (1 - 4 * gap))
+    exact_vectors = np.linalg.eigh(a)[1][:, ::-1]
+    # tol is traced: one compilation per k
+    solve = jax.jit(lambda a, start, tol: lobpcg(lambda v: a @ v, start, tol=tol, max_iters=40, guard=guard))
+    for k in (1, 2, 3):
+        for tol in (1e-2, 1e-4, 1e-7):
+            for noise in (1e-3, 1e-1, 10.0):
+                start = exact_vectors[:, :k] + noise * rng.standard_normal((d, k))
+                pairs = solve(jnp.asarray(a), jnp.asarray(start), tol)
+                values, vectors = np.asarray(pairs.values), np.asarray(pairs.vectors)
+                true = np.linalg.norm(a @ vectors - vectors * values, axis=0) / np.abs(values)
+                reported = np.asarray(pairs.residuals)
+                np.testing.assert_allclose(true, reported, rtol=1e-6, atol=1e-12)
+                converged = reported <= tol
+                assert np.all(true[converged] <= tol * (1 + 1e-6))
+                nearest = np.min(np.abs(values[:, None] - exact[None, :]), axis=1)
+                assert np.all(nearest <= true * np.abs(values) * (1 + 1e-6) + 1e-12)
+                assert np.all(values <= exact[:k] + 1e-10)
+
+
+def test_soft_locking_multiplies_only_the_unconverged_residuals():
+    """Two exact eigenvectors and a rough third: after the first block product (3 HVPs) each
+    iteration costs one HVP, for the one unconverged pair (the guard costs none)."""
+    rng = np.random.default_rng(0)
+    a, _ = _clustered(rng, 100, [10.0, 9.0, 8.0], 5.0)
+    vectors = np.linalg.eigh(a)[1][:, ::-1][:, :3]
+    start = vectors + np.concatenate([np.zeros((100, 2)), 0.3 * rng.standard_normal((100, 1))], axis=1)
+    solve = jax.jit(lambda a, start, iterations: lobpcg(lambda v: a @ v, start, tol=1e-13, max_iters=iterations))
+    for iterations in (1, 2, 3):
+        pairs = solve(jnp.asarray(a), jnp.asarray(start), iterations)
+        assert int(pairs.hvps) == 3 + iterations
+        assert np.all(np.asarray(pairs.residuals)[:2] <= 1e-13) and pairs.residuals[2] > 1e-13
+
+
+def test_gd_bouncing_warm_start_measures_the_dense_eigenvalues_and_leaves_gd_unchanged(tmp_path):
+    """GD at the edge of stability on a small MLP (float64): the tracked eigenvalues match dense eigh
+    at every 5th step within the residual bound, and GD's iterates are those of a run without
+    measurement (spectrum.every = 0), bit for bit."""
+    from eosflow.experiment import prepare, run
+
+    base = {"steps": 60, "lr": 1.2, "dtype": "float64", "processes": ["gd"],
+            "problem": {"name": "mlp", "width": 8, "n_train": 60, "n_test": 0},
+            "record": {"chunk": 60, "params_every": 5}}
+    runs = {}
+    for every in (1, 0):
+        spec = {**base, "name": str(every), "spectrum": {"every": every, "k": 2, "k_max": 2, "tol": 1e-6, "max_iters": 200}}
+        run(spec, tmp_path / str(every))
+        runs[every] = eosflow.load(tmp_path / str(every)).sel(process="gd")
+    np.testing.assert_array_equal(runs[1]["loss"].values, runs[0]["loss"].values)
+    measured = runs[1]
+    assert np.nanmax(measured["lr_sharpness"].values) > 1.9  # it reaches the edge of stability
+    assert np.all(measured["residual"].values <= 1e-6)
+    steps, params = eosflow.load_params(tmp_path / "1", "gd")
+    objective = prepare({**base, "spectrum": {"k": 2}})[1].objective
+    for t, w in zip(steps, params):
+        oracle = dense_top_eigenpairs(objective, jnp.asarray(w), k=2).values
+        np.testing.assert_allclose(measured["eigenvalues"].values[t, :2], oracle, rtol=1e-5)

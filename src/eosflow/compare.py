@@ -12,6 +12,7 @@ Everything is computed from the run directory (``eosflow.load``), on the shared 
     envelope error      sum_t |a_m(t) - e(t)| / sum_t e(t)
     cost                gradient-equivalents per unit time, sum_c weight_c * count_c (an HVP = 2
                         gradients), and wall-clock milliseconds per unit time
+    measurement cost    the part of the cost spent by the eigensolver, 2 * measurement_hvps
 
 Averages run over the steps where both operands are finite (a measurement skipped, or a process
 dropped after diverging, is NaN); a dropped process is flagged in ``status``.
@@ -40,7 +41,7 @@ TRUNCATE = 4.0  # the window is cut at TRUNCATE standard deviations
 COST_WEIGHTS = {"grads": 1.0, "hvps": 2.0, "third_derivatives": 4.0}  # gradient-equivalents per evaluation
 BASELINE = "gradient_flow"
 COLUMNS = ("mean_distance", "relative_distance", "loss_error", "envelope_error",
-           "gradient_equivalents", "ms_per_step")
+           "gradient_equivalents", "measurement_equivalents", "ms_per_step")
 
 
 # ---- metrics: pure functions on arrays -----------------------------------------------------------
@@ -115,6 +116,15 @@ def gradient_equivalents(counts: dict[str, np.ndarray]) -> float:
     return float(np.mean(np.sum(stacked[:, ok], axis=0))) if ok.any() else float("nan")
 
 
+def measurement_equivalents(measurement_hvps: np.ndarray | None) -> float:
+    """Mean per unit time of the eigensolver's gradient-equivalents, 2 * HVPs (0 when it never ran)."""
+    if measurement_hvps is None:
+        return 0.0
+    values = np.asarray(measurement_hvps, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(COST_WEIGHTS["hvps"] * np.mean(values)) if values.size else 0.0
+
+
 def milliseconds_per_step(timing: dict | None) -> float:
     """Wall-clock ms per unit time: the median over chunks of 1000 seconds / steps.
 
@@ -177,6 +187,7 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
             "envelope_error": (np.nan if is_reference or amplitude is None or oscillation is None
                                else envelope_error(amplitude, oscillation, width)),
             "gradient_equivalents": gradient_equivalents(counts),
+            "measurement_equivalents": measurement_equivalents(_series(ds, "measurement_hvps", p)),
             "ms_per_step": milliseconds_per_step(timing.get(p)),
             "steps": int(np.sum(np.isfinite(loss))),
             "status": f"dropped: {dropped[p]}" if p in dropped else "ok",

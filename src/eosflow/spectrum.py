@@ -71,56 +71,86 @@ def lobpcg(
     initial: Float[Array, "d k"],
     tol: float = 1e-4,
     max_iters: int = 50,
+    guard: int = 1,
+    extra: Float[Array, "d e"] | None = None,
 ) -> Eigenpairs:
     """Top-k eigenpairs of a symmetric operator by locally optimal block preconditioned CG.
 
     Iterates Rayleigh-Ritz on span[X, R, P] (iterates, residuals, previous directions) until
     every pair satisfies ||H x - theta x|| <= tol * |theta|, or ``max_iters`` iterations.
-    ``initial`` (d x k) warm-starts the iteration; the HVP count is returned.
+    ``initial`` (d x k) warm-starts the iteration; ``extra`` (d x e) adds directions to the first
+    Rayleigh-Ritz (e more HVPs). Soft locking: only the residuals of unconverged pairs are
+    multiplied by H (each iteration costs one HVP per unconverged pair). ``guard`` more Ritz vectors
+    are kept in X and P (their images are combinations of known ones: no HVPs), so that the k-th
+    pair is not at the edge of the subspace. The HVP count is returned.
     """
     d, k = initial.shape
-    x = _orthonormalize(initial)
+    start = initial if extra is None else jnp.concatenate([initial, extra], axis=1)
+    width = min(k + guard, d)  # Ritz vectors kept: k reported + guard
+    x = _orthonormalize(start)
     hx = matvec(x)
-    theta, coefficients = _rayleigh_ritz(x, hx, k)
-    x, hx = x @ coefficients, hx @ coefficients
+    theta, coefficients = _rayleigh_ritz(x, hx, width)
+    x, hx = _pad_columns(x @ coefficients, width), _pad_columns(hx @ coefficients, width)
+    theta = _pad_columns(theta[None, :], width)[0]
+    by_size = [lambda r, j=j: _pad_columns(matvec(r[:, :j]), k) for j in range(1, k + 1)]
 
     def residual_norms(x, hx, theta):
         return jnp.linalg.norm(hx - x * theta, axis=0) / jnp.maximum(jnp.abs(theta), 1e-30)
 
     def not_done(carry):
-        _, _, _, _, _, residuals, iteration = carry
+        residuals, iteration = carry[5], carry[6]
         return jnp.logical_and(iteration < max_iters, jnp.any(residuals > tol))
 
     def iterate(carry):
-        x, hx, p, hp, theta, residuals, iteration = carry
-        r = hx - x * theta
+        x, hx, p, hp, theta, residuals, iteration, hvps = carry
+        active = residuals > tol
+        order = jnp.argsort(~active, stable=True)  # unconverged pairs first
+        count = jnp.sum(active)
+        r = (hx[:, :k] - x[:, :k] * theta[:k])[:, order] * (jnp.arange(k) < count)
         r = r - x @ (x.T @ r)
         r = r / jnp.maximum(jnp.linalg.norm(r, axis=0), jnp.finfo(r.dtype).tiny)
-        hr = matvec(r)
+        hr = jax.lax.switch(jnp.maximum(count, 1) - 1, by_size, r)
         basis = jnp.concatenate([x, r, p], axis=1)
         image = jnp.concatenate([hx, hr, hp], axis=1)
-        theta, coefficients = _rayleigh_ritz(basis, image, k)
+        theta, coefficients = _rayleigh_ritz(basis, image, width)
         new_x, new_hx = basis @ coefficients, image @ coefficients
-        p, hp = basis[:, k:] @ coefficients[k:], image[:, k:] @ coefficients[k:]
+        p, hp = basis[:, width:] @ coefficients[width:], image[:, width:] @ coefficients[width:]
         # renormalize to the unit sphere (the Ritz vectors are orthonormal up to rounding)
         norms = jnp.linalg.norm(new_x, axis=0)
+        norms = jnp.where(norms > 0, norms, 1.0)
         new_x, new_hx = new_x / norms, new_hx / norms
-        residuals = residual_norms(new_x, new_hx, theta)
-        return new_x, new_hx, p, hp, theta, residuals, iteration + 1
+        residuals = residual_norms(new_x[:, :k], new_hx[:, :k], theta[:k])
+        return new_x, new_hx, p, hp, theta, residuals, iteration + 1, hvps + count
 
     zeros = jnp.zeros_like(x)
-    carry = (x, hx, zeros, zeros, theta, residual_norms(x, hx, theta), jnp.asarray(0))
-    x, hx, _, _, theta, residuals, iterations = jax.lax.while_loop(not_done, iterate, carry)
-    return Eigenpairs(theta, x, k * (1 + iterations), residuals)
+    carry = (x, hx, zeros, zeros, theta, residual_norms(x[:, :k], hx[:, :k], theta[:k]), jnp.asarray(0),
+             jnp.asarray(start.shape[1]))
+    x, hx, _, _, theta, residuals, _, hvps = jax.lax.while_loop(not_done, iterate, carry)
+    return Eigenpairs(theta[:k], x[:, :k], hvps, residuals)
+
+
+def _pad_columns(a: Array, width: int) -> Array:
+    """``a`` with zero columns appended (or cut) to ``width`` columns."""
+    if a.shape[1] >= width:
+        return a[:, :width]
+    return jnp.concatenate([a, jnp.zeros((a.shape[0], width - a.shape[1]), a.dtype)], axis=1)
 
 
 def hessian_eigenpairs(
-    objective: Objective, w: Array, initial: Array, tol: float = 1e-4, max_iters: int = 50
+    objective: Objective, w: Array, initial: Array, tol: float = 1e-4, max_iters: int = 50, guard: int = 1
 ) -> Eigenpairs:
     """Top eigenpairs of H(w) by LOBPCG, warm-started from ``initial`` (d x k)."""
     _, hvp_linear = jax.linearize(objective.grad, w)
     matvec = jax.vmap(hvp_linear, in_axes=1, out_axes=1)
-    return lobpcg(matvec, initial, tol=tol, max_iters=max_iters)
+    return lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard)
+
+
+def bouncing_warm_start(vectors: Array, older: Array, step: Float[Array, " d"], previous_step: Array) -> Array:
+    """The warm start of an iterate that may oscillate: the vectors measured two steps back (on the
+    same side of a period-2 orbit) when consecutive steps point against each other, <s_t, s_{t-1}> < 0,
+    else the previous step's. At the edge of stability GD bounces along the top eigenvectors and H
+    alternates with the side; the vectors of step t - 2 are then the closer start."""
+    return jnp.where(jnp.vdot(step, previous_step) < 0, older, vectors)
 
 
 def random_vectors(key: Array, dim: int, k: int, dtype=jnp.float32) -> Array:
@@ -263,7 +293,10 @@ def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr
     """Measure the tracked eigenpairs at ``w`` (per the ``[spectrum]`` spec) inside a jitted step.
 
     Returns the vectors to carry (warm start) and the row fields ``sharpness``, ``lr_sharpness``
-    (eta * S), ``eigenvalues`` (padded to k_max) and ``hvps`` (spent by the solver).
+    (eta * S), ``eigenvalues`` (padded to k_max), ``hvps`` (spent by the solver; a process adds its
+    own), ``measurement_hvps`` (the solver's alone, so that the measurement's cost can be told apart)
+    and ``residual``, the largest relative residual of the measured pairs (above ``tol`` only when
+    the solver stopped at ``max_iters``).
     """
     pairs = measure_tracked(objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters)
     sharpness = pairs.values[0]
@@ -272,5 +305,7 @@ def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr
         "lr_sharpness": lr * sharpness,
         "eigenvalues": pad_values(pairs.values, spectrum.k_max),
         "hvps": pairs.hvps,
+        "measurement_hvps": pairs.hvps,
+        "residual": jnp.max(pairs.residuals),
     }
     return pairs.vectors, row
