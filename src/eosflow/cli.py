@@ -16,13 +16,17 @@ exit with status 2; Ctrl-C stops cleanly (status 130) with every flushed step on
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
 from eosflow.config import SpecError
-from eosflow.store import StoreError
+from eosflow.signals import Interrupted
+from eosflow.store import RunDirectoryWarning, StoreError
 
 USER_ERRORS = (SpecError, StoreError)
 
@@ -32,14 +36,22 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     from eosflow.progress import training_bar
     from eosflow.report import make_report
     from eosflow.spec import parse_spec
+    from eosflow.store import RunStore, resume_command
 
     spec = parse_spec(table)
-    if quiet:
-        outcome = run(table, out, resume=resume, overwrite=overwrite)
-    else:
-        bar, update = training_bar(spec.steps, spec.processes[0], spec.lr)
-        with bar:
-            outcome = run(table, out, resume=resume, overwrite=overwrite, progress=update)
+    try:
+        if quiet:
+            outcome = run(table, out, resume=resume, overwrite=overwrite)
+        else:
+            bar, update = training_bar(spec.steps, spec.processes[0], spec.lr)
+            with bar:
+                outcome = run(table, out, resume=resume, overwrite=overwrite, progress=update)
+    except KeyboardInterrupt as error:
+        done = RunStore(out).read_summary().get("steps_done", 0)
+        how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
+        print(f"eosflow: interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(out)}",
+              file=sys.stderr)
+        return getattr(error, "exit_code", 130)
     report = make_report(out)
     print(f"{outcome.status}: {outcome.steps_done} steps in {out}"
           + (f" ({outcome.reason})" if outcome.reason else ""))
@@ -59,14 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_run = sub.add_parser("run", help="run an experiment spec into a run directory")
-    p_run.add_argument("spec", type=Path)
+    p_run.add_argument("spec", type=Path, help="the spec (TOML); with --resume, a run directory will do")
     p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a spec value, e.g. --set lr=0.1 --set problem.width=32")
     p_run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
     mode = p_run.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run in --out (or: eosflow run --resume DIR)")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p_resume = sub.add_parser("resume", help="continue (and repair) an interrupted run from its directory alone")
+    p_resume.add_argument("run_dir", type=Path)
+    p_resume.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_demo = sub.add_parser("demo", help="run the default experiment and write its report")
     p_demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -101,19 +118,47 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("processes", help="list every optimizer and model with its options")
 
     args = parser.parse_args(argv)
+    previous = _terminate_raises()
     try:
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RunDirectoryWarning)
+            warnings.showwarning = _show_warning
+            return _dispatch(args)
     except USER_ERRORS as error:
         print(f"eosflow: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("eosflow: interrupted; every flushed step is on disk (resume with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        print("eosflow: interrupted", file=sys.stderr)
+        return getattr(error, "exit_code", 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_raises():
+    """SIGTERM (``timeout``, Slurm, ``docker stop``) outside a run's chunk loop stops like Ctrl-C,
+    with exit status 143 (a run's own handler stops it at a chunk boundary instead)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"eosflow: warning: {message}", file=sys.stderr)
 
 
 def _dispatch(args) -> int:
     from eosflow.spec import load_spec_table, set_dotted
 
+    if args.command == "resume" or (args.command == "run" and args.resume and args.spec.is_dir() and not args.out):
+        run_dir = args.run_dir if args.command == "resume" else args.spec
+        if not (run_dir / "spec.toml").is_file():
+            raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
+        return _run_table(load_spec_table(run_dir / "spec.toml"), run_dir, True, False, args.quiet)
     if args.command == "run":
         table = load_spec_table(args.spec)
         for assignment in args.set:
