@@ -69,7 +69,8 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, uninterrupte
     process.wait()
     flushed = eosflow.load(out)  # everything flushed before the kill is readable
     n = flushed.sizes["step"]
-    assert 24 <= n < 80
+    assert 24 <= n < 80 and flushed.attrs["status"] == "interrupted"  # the writer is gone
+    assert main(["report", str(out)]) == 0  # the summary says "running"; the report still works
     np.testing.assert_array_equal(flushed.loss.values, uninterrupted.loss.values[:, :n])
     assert main(["run", str(spec_path), "--out", str(out), "--resume", "--quiet"]) == 0
     assert_same_run(eosflow.load(out), uninterrupted)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tomli_w
 
+from eosflow.config import SpecError, SpecWarning
 from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.signals import Interrupted, stop_requests
@@ -51,8 +52,26 @@ def prepare(table: dict) -> tuple[Spec, Problem, dict, dict[str, Process]]:
     spec = parse_spec(table)
     problem, params = build_problem(spec.problem, spec.seed, spec.dtype)
     resolved = resolved_table(spec, params)
-    processes = {name: PROCESSES[name].build(problem, spec, spec.options[name]) for name in spec.processes}
+    fitted = fit_spectrum(spec, int(problem.w0.size), "k_max" in (table.get("spectrum") or {}))
+    processes = {name: PROCESSES[name].build(problem, fitted, spec.options[name]) for name in spec.processes}
     return spec, problem, resolved, processes
+
+
+def fit_spectrum(spec: Spec, dimension: int, k_max_given: bool) -> Spec:
+    """The spec the processes run: ``spectrum.k_max`` capped at the parameter count n (an n x n
+    Hessian has n eigenpairs; said in a warning when the spec set k_max). A ``spectrum.k`` above n
+    is an error. The resolved spec keeps the value as written."""
+    if spec.spectrum.k > dimension:
+        raise SpecError(f"`spectrum.k` = {spec.spectrum.k} exceeds the number of parameters ({dimension}) of "
+                        f"problem {spec.problem['name']!r}: an {dimension} x {dimension} Hessian has {dimension} "
+                        "eigenpairs")
+    if spec.spectrum.k_max <= dimension:
+        return spec
+    if k_max_given:
+        warnings.warn(f"`spectrum.k_max` = {spec.spectrum.k_max} exceeds the number of parameters ({dimension}) of "
+                      f"problem {spec.problem['name']!r}; tracking at most {dimension} eigenpairs", SpecWarning,
+                      stacklevel=3)
+    return dataclasses.replace(spec, spectrum=dataclasses.replace(spec.spectrum, k_max=dimension))
 
 
 def run(
@@ -236,8 +255,6 @@ def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, che
     damage = [d for name in names for d in store.read_checked(name, store.manifest)[1] if d.first < step]
     if not damage:
         return
-    warnings.warn(f"{str(store.root)!r}: " + "; ".join(map(str, damage)) + "; recomputing them", RunDirectoryWarning,
-                  stacklevel=4)
     first = min(d.first for d in damage)
     last = max(d.last for d in damage)
     usable = [c for c in checkpoints if c.step <= first]
@@ -245,6 +262,9 @@ def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, che
         start, states, inactive = usable[0].step, restored_states(usable[0]), dict(usable[0].meta.get("inactive", {}))
     else:
         start, states, inactive = 0, initial_states(), {}
+    source = "the checkpoint there" if usable else "the spec's w0"
+    warnings.warn(f"{str(store.root)!r}: " + "; ".join(map(str, damage)) + f"; recomputing them from step {start} "
+                  f"({source})", RunDirectoryWarning, stacklevel=4)
     bounds = {start, last + 1}
     for entries in store.manifest.values():
         for a, b, *_ in entries.values():

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 
 from eosflow.store import RunDirectoryWarning, RunStore, StoreError, resume_command
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 def load(run_dir: str | Path) -> xr.Dataset:
@@ -22,6 +25,8 @@ def load(run_dir: str | Path) -> xr.Dataset:
     ``attrs["missing_steps"]`` and in a :class:`RunDirectoryWarning` with the command that
     recomputes it. Saved parameters are read by :func:`load_params`.
     """
+    import xarray as xr
+
     store = RunStore(run_dir)
     if not store.exists():
         raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")

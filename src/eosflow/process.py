@@ -22,6 +22,11 @@ from typing import Any, Protocol
 
 import equinox as eqx
 import jax
+
+# Oracles and small problems run in float64; networks choose float32 per spec (`dtype`).
+# (Moved here from eosflow/__init__.py so `import eosflow` stays light; issue 17 removes it.)
+jax.config.update("jax_enable_x64", True)
+
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
@@ -147,3 +152,6 @@ class ScannedProcess(eqx.Module):
 @eqx.filter_jit
 def _scan(process: ScannedProcess, state: Any, n_steps: int):
     return jax.lax.scan(lambda s, _: process.step(s), state, None, length=n_steps)
+
+
+from eosflow import flows, optim  # noqa: F401  (register every process; they import this module)

@@ -30,13 +30,16 @@ def register_section(section: Section) -> Section:
     return section
 
 
-def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1) -> dict:
+def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1, steps: np.ndarray | None = None) -> dict:
     """Where eta*S first reaches 2(1 - band/2), and the longest run of steps with eta*S in [2(1-band), 2(1+band)].
 
-    Unmeasured steps (NaN) neither break nor extend a window.
+    ``steps`` are the step numbers of the values (default 0, 1, ...); every answer is a step
+    number, never a position. Unmeasured steps (NaN) neither break nor extend a window.
     """
-    measured = np.flatnonzero(np.isfinite(lr_sharpness))
-    values = lr_sharpness[measured]
+    steps = np.arange(len(lr_sharpness)) if steps is None else np.asarray(steps)
+    finite = np.flatnonzero(np.isfinite(lr_sharpness))
+    measured = steps[finite]
+    values = lr_sharpness[finite]
     reach = np.flatnonzero(values >= 2.0 * (1 - band / 2))
     inside = (values >= 2.0 * (1 - band)) & (values <= 2.0 * (1 + band))
     best, best_start, start = 0, None, None
@@ -141,12 +144,24 @@ def make_report(run_dir: str | Path) -> Path:
             f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} |"
         )
     if "lr_sharpness" in ds:
-        window = edge_of_stability_window(ds["lr_sharpness"].sel(process=reference).values)
-        lines += ["", "## Edge of stability", "",
-                  f"- first step with lr*S >= 1.9: {window['first_step_at_edge']}",
-                  f"- longest window with lr*S in [1.8, 2.2]: {window['longest_window_steps']} steps "
-                  f"(from step {window['longest_window_start']})",
-                  f"- largest lr*S measured: {window['max_lr_sharpness']:.4f}"]
+        window = edge_of_stability_window(ds["lr_sharpness"].sel(process=reference).values, steps=steps)
+        lines += ["", "## Edge of stability", ""]
+        if window["first_step_at_edge"] is None:
+            lines.append(f"- lr*S never reached 1.9 (largest measured: {window['max_lr_sharpness']:.4f}): "
+                         "no edge of stability in this run")
+        else:
+            lines += [f"- first step with lr*S >= 1.9: {window['first_step_at_edge']}",
+                      f"- longest window with lr*S in [1.8, 2.2]: {window['longest_window_steps']} steps"
+                      + (f" (from step {window['longest_window_start']})" if window["longest_window_start"] is not None
+                         else ""),
+                      f"- largest lr*S measured: {window['max_lr_sharpness']:.4f}"]
+    if len(processes) > 1:
+        from eosflow.compare import write_report
+
+        write_report(run_dir)
+        lines += ["", f"## {reference} vs the models", "",
+                  "How well each model tracks the reference ([compare.md](compare.md), definitions in docs/compare.md):",
+                  "", "![loss](compare_loss.png)", "![distance](compare_distance.png)"]
     lines += ["", "## Figures", ""]
     lines += [f"![{title}]({name})" for title, name in figures]
     for section in SECTIONS:
@@ -167,10 +182,17 @@ def _last(ds: xr.Dataset, variable: str, process: str) -> float:
 
 
 def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
-    rows = [("status", summary.get("status", "?")), ("reason", summary.get("reason") or "-"),
-            ("steps done", summary.get("steps_done")), ("learning rate", summary.get("lr")),
-            ("parameters", summary.get("dimension")), ("problem", summary.get("problem", {}).get("name")),
-            ("wall time (s)", f"{summary.get('seconds', float('nan')):.1f}")]
-    return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    """The run's status and size; steps are counted on disk (a lost chunk is named, not counted)."""
+    steps = ds["step"].values
+    on_disk = int(np.isfinite(ds["loss"].isel(process=0).values).sum()) if "loss" in ds else 0
+    rows = [("status", ds.attrs.get("status", summary.get("status"))), ("reason", summary.get("reason")),
+            ("steps on disk", f"{on_disk} (steps {steps[0]}..{steps[-1]})" if steps.size else "0"),
+            ("steps in the spec", summary.get("steps")),
+            ("missing steps", ds.attrs.get("missing_steps")), ("learning rate", summary.get("lr")),
+            ("parameters", summary.get("dimension")), ("problem", (summary.get("problem") or {}).get("name")),
+            ("wall time (s)", f"{summary['seconds']:.1f}" if "seconds" in summary else None),
+            ("note", summary.get("rebuilt"))]
+    return ["| | |", "|---|---|"] + [f"| {k} | {'-' if v in (None, '') else v} |" for k, v in rows
+                                     if k not in ("missing steps", "note") or v]
 
 from eosflow import report_sgd  # noqa: E402,F401  (registers the SGD limiting-dynamics section)
