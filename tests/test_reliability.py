@@ -48,6 +48,16 @@ def _start_cli(spec_path: Path, out: Path, *extra) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _started_run(tmp_path: Path, chunks: int) -> tuple[subprocess.Popen, Path, Path]:
+    """`eosflow run` of SPEC in a subprocess, once it has flushed ``chunks`` chunks: (process, spec path, out)."""
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(tomli_w.dumps(SPEC))
+    out = tmp_path / "run"
+    process = _start_cli(spec_path, out)
+    _wait_for_chunks(out, chunks, process)
+    return process, spec_path, out
+
+
 def _wait_for_chunks(out: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -60,11 +70,7 @@ def _wait_for_chunks(out: Path, count: int, process: subprocess.Popen, timeout: 
 
 
 def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
-    spec_path = tmp_path / "spec.toml"
-    spec_path.write_text(tomli_w.dumps(SPEC))
-    out = tmp_path / "killed"
-    process = _start_cli(spec_path, out)
-    _wait_for_chunks(out, 3, process)
+    process, spec_path, out = _started_run(tmp_path, 3)
     process.send_signal(signal.SIGKILL)
     process.wait()
     flushed = eosflow.load(out)  # everything flushed before the kill is readable
@@ -82,11 +88,7 @@ def test_sigint_and_sigterm_stop_cleanly_with_every_step_on_disk(tmp_path, unint
     flushed, the summary says `interrupted` with the resume command, the exit status is 128 + the
     signal (no crash: this used to end in a segfault, 139), and `eosflow resume DIR` completes the
     run bitwise equal to an uninterrupted one."""
-    spec_path = tmp_path / "spec.toml"
-    spec_path.write_text(tomli_w.dumps(SPEC))
-    out = tmp_path / "interrupted"
-    process = _start_cli(spec_path, out)
-    _wait_for_chunks(out, 2, process)
+    process, _, out = _started_run(tmp_path, 2)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
@@ -106,11 +108,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, uninterrupted, ca
     """A run in progress (paused with SIGSTOP so it certainly holds the directory) refuses an
     --overwrite with another lr and a --resume, both naming its PID and changing nothing; it then
     completes bitwise equal to a run that was never disturbed."""
-    spec_path = tmp_path / "spec.toml"
-    spec_path.write_text(tomli_w.dumps(SPEC))
-    out = tmp_path / "run"
-    first = _start_cli(spec_path, out)
-    _wait_for_chunks(out, 1, first)
+    first, spec_path, out = _started_run(tmp_path, 1)
     first.send_signal(signal.SIGSTOP)
     try:
         assert RunStore(out).writer() == first.pid

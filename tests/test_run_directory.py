@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+from test_reliability import SPEC, assert_same_run
 
 import eosflow
 from eosflow.cli import main
@@ -20,16 +21,9 @@ from eosflow.experiment import run
 from eosflow.report import edge_of_stability_window, make_report
 from eosflow.store import RunDirectoryWarning, RunStore
 
-SPEC = {
-    "name": "chunks", "steps": 80, "lr": 0.4, "dtype": "float32",
-    "problem": {"name": "mlp", "width": 16, "n_train": 100, "n_test": 0},
-    "spectrum": {"k": 1, "k_max": 2, "threshold": 1.0, "max_iters": 8}, "record": {"chunk": 8},
-}
-VARIABLES = ("loss", "sharpness", "eigenvalues", "grad_norm", "hvps")
-
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory):
+def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
     run(SPEC, out)
     return eosflow.load(out)
@@ -42,11 +36,6 @@ def finished(tmp_path):
     return out
 
 
-def assert_same_run(a, b):
-    for name in VARIABLES:
-        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
-
-
 def _chunk(out, first):
     return next(path for a, _, path in RunStore(out).chunk_files("gd") if a == first)
 
@@ -55,21 +44,21 @@ def _bytes(out):
     return {p: p.read_bytes() for p in (out / "trajectories").rglob("*.npz")}
 
 
-def test_a_deleted_chunk_is_named_by_step_range_and_recomputed_by_resume(finished, whole, capsys):
+def test_a_deleted_chunk_is_named_by_step_range_and_recomputed_by_resume(finished, uninterrupted, capsys):
     out = finished
     _chunk(out, 16).unlink()
     with pytest.warns(RunDirectoryWarning, match=r"steps 16\.\.23 of 'gd' \(missing\).*`eosflow resume .*` recomputes"):
         ds = eosflow.load(out)
-    # the step grid is whole; the lost steps are NaN, every other step is the run's
+    # the step grid is uninterrupted; the lost steps are NaN, every other step is the run's
     assert ds.sizes["step"] == 80 and list(ds.step.values) == list(range(80))
     loss = ds.loss.values[0]
     assert np.isnan(loss[16:24]).all() and ds.attrs["missing_steps"] == "steps 16..23 of 'gd' (missing)"
     keep = np.r_[0:16, 24:80]
-    np.testing.assert_array_equal(loss[keep], whole.loss.values[0, keep])
+    np.testing.assert_array_equal(loss[keep], uninterrupted.loss.values[0, keep])
     # the report counts steps, not positions: its edge-of-stability steps are the intact run's
     with pytest.warns(RunDirectoryWarning):
         report = make_report(out).read_text()
-    window = edge_of_stability_window(whole.lr_sharpness.values[0])
+    window = edge_of_stability_window(uninterrupted.lr_sharpness.values[0])
     if window["first_step_at_edge"] is not None and not 16 <= window["first_step_at_edge"] < 24:
         assert f"first step with lr*S >= 1.9: {window['first_step_at_edge']}" in report
     assert "| steps on disk | 72 (steps 0..79) |" in report and "| missing steps | steps 16..23 of 'gd' (missing) |" in report
@@ -78,12 +67,12 @@ def test_a_deleted_chunk_is_named_by_step_range_and_recomputed_by_resume(finishe
     assert re.search(r"steps 16\.\.23 of 'gd' \(missing\); recomputing them from step 0", capsys.readouterr().err)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RunDirectoryWarning)
-        assert_same_run(eosflow.load(out), whole)
+        assert_same_run(eosflow.load(out), uninterrupted)
     after = _bytes(out)
     assert all(after[p] == b for p, b in untouched.items())  # only the lost file was written
 
 
-def test_a_corrupt_chunk_is_recomputed_from_the_checkpoint_before_it(finished, whole):
+def test_a_corrupt_chunk_is_recomputed_from_the_checkpoint_before_it(finished, uninterrupted):
     """A flipped byte in the last checkpointed chunk (72..79): the manifest's checksum finds it; the
     previous checkpoint (step 72) precedes it, so the repair starts there."""
     out = finished
@@ -95,10 +84,10 @@ def test_a_corrupt_chunk_is_recomputed_from_the_checkpoint_before_it(finished, w
         assert np.isnan(eosflow.load(out).loss.values[0, 72:]).all()
     with pytest.warns(RunDirectoryWarning, match=r"recomputing them from step 72 \(the checkpoint"):
         run(SPEC, out, resume=True)
-    assert_same_run(eosflow.load(out), whole)
+    assert_same_run(eosflow.load(out), uninterrupted)
 
 
-def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, whole, capsys):
+def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, uninterrupted, capsys):
     out = tmp_path / "run"
     run(SPEC, out, stop_after=24)
     (out / "summary.json").unlink()
@@ -113,17 +102,17 @@ def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, whole, cap
     assert "summary.json is unreadable (JSONDecodeError" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_done"] == 80
-    assert_same_run(eosflow.load(out), whole)
+    assert_same_run(eosflow.load(out), uninterrupted)
 
 
-def test_load_of_a_run_in_progress_returns_every_flushed_step(tmp_path, whole):
+def test_load_of_a_run_in_progress_returns_every_flushed_step(tmp_path, uninterrupted):
     out = tmp_path / "run"
     seen = []
 
     def look(step, chunk):
         ds = eosflow.load(out)
         seen.append((step, ds.sizes["step"], ds.attrs["status"]))
-        np.testing.assert_array_equal(ds.loss.values, whole.loss.values[:, :step])
+        np.testing.assert_array_equal(ds.loss.values, uninterrupted.loss.values[:, :step])
 
     run(SPEC, out, progress=look)
     assert seen == [(step, step, "running") for step in range(8, 81, 8)]

@@ -56,7 +56,8 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
               file=sys.stderr)
         return getattr(error, "exit_code", 130)
     report = make_report(out)
-    print(f"{outcome.status}: {outcome.steps_done} steps in {out}"
+    seconds = RunStore(out).read_summary().get("seconds", float("nan"))
+    print(f"{outcome.status}: {outcome.steps_done} steps in {out}, {seconds:.1f} s of run time (all sessions)"
           + (f" ({outcome.reason})" if outcome.reason else ""))
     print(f"report: {report}")
     return 0 if outcome.status == "completed" else 3

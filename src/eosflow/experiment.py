@@ -115,14 +115,13 @@ def _run_locked(spec, problem, resolved, processes, table, store, resume, overwr
                 f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "
                 f"({'; '.join(differences[:5])}); use --overwrite to start again"
             )
-        checkpoints, _ = store.read_checkpoints()
-        checkpoint = store.read_checkpoint()  # raises if every checkpoint is damaged
+        checkpoint = store.read_checkpoint()  # the previous one if the newest is damaged; raises if both are
         if checkpoint is not None and "fallback" in checkpoint.meta:
             warnings.warn(checkpoint.meta["fallback"], RunDirectoryWarning, stacklevel=3)
         previous_summary = store.read_summary()  # rebuilt (with a warning) if lost
     else:
         store.create(tomli_w.dumps(table), resolved_text, overwrite=overwrite)
-        checkpoint, checkpoints = None, []
+        checkpoint = None
 
     def initial_states():
         return {name: p.init(problem.w0) for name, p in processes.items()}
@@ -143,7 +142,7 @@ def _run_locked(spec, problem, resolved, processes, table, store, resume, overwr
     limit = spec.divergence.loss_blowup * max(abs(initial_loss), 1e-12)
     advance = _Advance(processes, reference, limit, spec.record.params_every, store)
     if checkpoint is not None:
-        _repair(store, advance, names, step, checkpoints, initial_states, restored_states)
+        _repair(store, advance, names, step, initial_states, restored_states)
 
     started = time.perf_counter()
     elapsed_before = previous_summary.get("seconds", 0.0) if previous_summary.get("steps_done", 0) else 0.0
@@ -244,8 +243,7 @@ class _Advance:
         return chunk, diverged
 
 
-def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, checkpoints: list, initial_states,
-            restored_states) -> None:
+def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, initial_states, restored_states) -> None:
     """Recompute the chunks before ``step`` that are missing or damaged (the manifest says which)
     from the latest checkpoint at or before the first of them (step 0, the spec's w0, if none).
 
@@ -257,7 +255,7 @@ def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, che
         return
     first = min(d.first for d in damage)
     last = max(d.last for d in damage)
-    usable = [c for c in checkpoints if c.step <= first]
+    usable = [c for c in store.read_checkpoints()[0] if c.step <= first]
     if usable:
         start, states, inactive = usable[0].step, restored_states(usable[0]), dict(usable[0].meta.get("inactive", {}))
     else:

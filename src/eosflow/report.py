@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
+from eosflow.compare import line_style, threshold_line  # noqa: E402
 from eosflow.load import load  # noqa: E402
 from eosflow.store import RunStore  # noqa: E402
 
@@ -95,10 +96,11 @@ def make_report(run_dir: str | Path) -> Path:
     figures = []
 
     def draw_loss(ax):
-        for p in processes:
-            ax.plot(steps, ds["loss"].sel(process=p), lw=1, label=f"{p}: loss")
+        for i, p in enumerate(processes):
+            ax.plot(steps, ds["loss"].sel(process=p), **line_style(i), label=f"{p}: loss")
             if "predicted_loss" in ds and np.isfinite(ds["predicted_loss"].sel(process=p)).any():
-                ax.plot(steps, ds["predicted_loss"].sel(process=p), lw=1, ls="--", label=f"{p}: predicted")
+                ax.plot(steps, ds["predicted_loss"].sel(process=p), **{**line_style(i), "ls": ":"},
+                        label=f"{p}: predicted")
 
     _figure(out / "loss.png", "training loss", "loss", draw_loss, logy=True)
     figures.append(("Training loss", "loss.png"))
@@ -106,21 +108,22 @@ def make_report(run_dir: str | Path) -> Path:
     if "sharpness" in ds and np.isfinite(ds["sharpness"]).any():
 
         def draw_sharpness(ax):
-            for p in processes:
+            for i, p in enumerate(processes):
                 s = ds["sharpness"].sel(process=p).values
                 ok = np.isfinite(s)
-                ax.plot(steps[ok], s[ok], lw=1, label=f"{p}: sharpness")
-            ax.plot(steps, 2.0 / _step_sizes(ds, reference), "k--", lw=1, label="2 / lr")
+                ax.plot(steps[ok], s[ok], **line_style(i), label=f"{p}: sharpness")
+            ax.plot(steps, 2.0 / _step_sizes(ds, reference), color="0.55", lw=3, alpha=0.45, zorder=0.5,
+                    label="2 / lr")
 
         _figure(out / "sharpness.png", "sharpness (top Hessian eigenvalue)", "S", draw_sharpness)
         figures.append(("Sharpness and the stability threshold 2/lr", "sharpness.png"))
 
         def draw_lr_sharpness(ax):
-            for p in processes:
+            for i, p in enumerate(processes):
                 s = ds["lr_sharpness"].sel(process=p).values
                 ok = np.isfinite(s)
-                ax.plot(steps[ok], s[ok], lw=1, label=p)
-            ax.axhline(2.0, color="k", ls="--", lw=1, label="2")
+                ax.plot(steps[ok], s[ok], **line_style(i), label=p)
+            threshold_line(ax, 2.0, "2")
 
         _figure(out / "lr_sharpness.png", "lr x sharpness", "lr * S", draw_lr_sharpness)
         figures.append(("lr x sharpness (2 is the edge of stability)", "lr_sharpness.png"))
@@ -128,8 +131,8 @@ def make_report(run_dir: str | Path) -> Path:
     if len(processes) > 1:
 
         def draw_distance(ax):
-            for p in processes[1:]:
-                ax.plot(steps, ds["distance"].sel(process=p), lw=1, label=p)
+            for i, p in enumerate(processes[1:], start=1):
+                ax.plot(steps, ds["distance"].sel(process=p), **line_style(i), label=p)
 
         _figure(out / "distance.png", f"distance to {reference}", "||w - w_ref||", draw_distance)
         figures.append((f"Distance to {reference}", "distance.png"))

@@ -353,6 +353,8 @@ class RunStore:
         if not self.exists():
             return {}
         summary = self.rebuild_summary()
+        if why == "is missing" and summary["status"] == "running":
+            return summary  # a run starting: its writer has not written the summary yet
         summary["rebuilt"] = f"summary.json {why}; rebuilt from spec.resolved.toml and the trajectories"
         warnings.warn(f"{str(self.root)!r}: {summary['rebuilt']}", RunDirectoryWarning, stacklevel=2)
         return summary
