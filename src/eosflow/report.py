@@ -198,4 +198,13 @@ def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
     return ["| | |", "|---|---|"] + [f"| {k} | {'-' if v in (None, '') else v} |" for k, v in rows
                                      if k not in ("missing steps", "note") or v]
 
-from eosflow import report_sgd  # noqa: E402,F401  (registers the SGD limiting-dynamics section)
+
+
+@register_section
+def _sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
+    """SGD's limiting dynamics (:mod:`eosflow.report_sgd`), imported only for a run with SGD (it needs JAX)."""
+    if "sgd" not in [str(p) for p in ds["process"].values]:
+        return ""
+    from eosflow.report_sgd import sgd_section
+
+    return sgd_section(ds, run_dir, report_dir)

@@ -21,7 +21,6 @@ import xarray as xr
 from eosflow.load import load_params
 from eosflow.optim.sgd import step_noise
 from eosflow.problems import build_problem
-from eosflow.report import register_section
 from eosflow.spec import parse_spec
 from eosflow.spectrum import dense_top_eigenpairs, lanczos
 from eosflow.store import StoreError
@@ -255,6 +254,3 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
                   f"{NOISE_SAMPLES} late iterates)."]
         lines += _phase_portraits(report_dir, late["sgd"], model, lr)
     return "\n".join(lines)
-
-
-register_section(sgd_section)
