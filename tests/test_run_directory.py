@@ -98,7 +98,7 @@ def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, uninterrup
     assert "summary.json is missing; rebuilt" in capsys.readouterr().err
     assert "| note | summary.json is missing; rebuilt" in (out / "report" / "report.md").read_text()
     (out / "summary.json").write_text('{"status": "comp')  # cut short
-    assert main(["resume", str(out), "--quiet"]) == 0
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0  # the directory alone, as `eosflow resume DIR`
     assert "summary.json is unreadable (JSONDecodeError" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_done"] == 80
