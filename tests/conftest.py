@@ -8,4 +8,4 @@ import jax
 # in tests compute in float64. eosflow itself sets no JAX configuration (runs scope their dtype).
 jax.config.update("jax_enable_x64", True)
 
-import eosflow  # noqa: F401  (registers problems and processes)
+import eosflow.process  # noqa: E402,F401  (registers every process)

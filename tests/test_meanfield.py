@@ -144,4 +144,4 @@ def test_the_particle_model_refuses_other_problems_and_says_so_in_the_listing(ca
         parse_spec({"processes": ["gd", "particle_model"], "problem": {"name": "mlp"}})
     assert main(["processes"]) == 0
     listing = capsys.readouterr().out
-    assert "(problem two_layer_meanfield only)" in listing.split("particle_model:")[1].splitlines()[0]
+    assert "(problem two_layer_meanfield only)" in listing.split("[particle_model]")[1].splitlines()[0]

@@ -201,7 +201,7 @@ def _running_point(client, out, timeout=120.0):
             for key in keys:
                 name = str(key).split("-", 3)[3]
                 run_dir = out / "points" / name
-                if (run_dir / "checkpoint.npz").exists() and not _status(run_dir):
+                if (run_dir / "checkpoint.npz").exists() and _status(run_dir) in ("", "running"):
                     step = RunStore(run_dir).read_checkpoint()[0]
                     if 0 < step < 1000:
                         return name, worker

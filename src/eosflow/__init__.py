@@ -6,32 +6,38 @@
 
     problem = eosflow.Problem.from_model(apply_fn, params, inputs, targets, loss="mse")
     ds = eosflow.simulate(problem, lr=0.4, steps=1000, processes=["gd", "central_flow"])
+
+Importing eosflow changes no global state (a run computes in its spec's `dtype` inside a scoped
+`jax.enable_x64`, eosflow.precision) and is cheap: JAX, optax and the processes are imported
+with the first name that needs them, so ``eosflow --help`` does not pay for them.
 """
 
-# Importing eosflow changes no global state: a run computes in its spec's `dtype` inside a scoped
-# `jax.enable_x64` (eosflow.precision), whatever the caller's JAX configuration.
-from eosflow import flows, optim  # noqa: F401  (register processes)
-from eosflow.experiment import run
-from eosflow.hessian_operator import HessianOperator
-from eosflow.load import load, load_params
-from eosflow.objective import Objective
-from eosflow.problems import Problem
-from eosflow.simulate import simulate
-from eosflow.tracker import SharpnessTracker, TrackerState
+import importlib
 
-__all__ = [
-    "HessianOperator", "Objective", "Problem", "SharpnessTracker", "TrackerState",
-    "load", "load_params", "monitor", "optimizer_edges", "run", "simulate",
-]
+from eosflow.load import load, load_params
+from eosflow.version import __version__
+
+_LAZY = {
+    "run": "eosflow.experiment",
+    "simulate": "eosflow.simulate",
+    "Objective": "eosflow.objective",
+    "Problem": "eosflow.problems",
+    "HessianOperator": "eosflow.hessian_operator",
+    "SharpnessTracker": "eosflow.tracker",
+    "TrackerState": "eosflow.tracker",
+}
+_MODULES = ("monitor", "optimizer_edges")  # optax is imported only when these are first used
+
+__all__ = ["load", "load_params", "__version__", *_LAZY, *_MODULES]
 
 
 def __getattr__(name: str):
-    """``eosflow.monitor`` and ``eosflow.optimizer_edges`` import optax only when first used."""
-    if name in ("monitor", "optimizer_edges"):
-        import importlib
-
-        return importlib.import_module(f"eosflow.{name}")
-    raise AttributeError(f"module 'eosflow' has no attribute {name!r}")
-
-
-from eosflow.version import __version__  # noqa: E402  (from the package metadata)
+    if name in _LAZY:
+        importlib.import_module("eosflow.process")  # registers every process
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f"eosflow.{name}")
+    else:
+        raise AttributeError(f"module 'eosflow' has no attribute {name!r}")
+    globals()[name] = value
+    return value

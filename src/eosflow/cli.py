@@ -1,6 +1,7 @@
 """The ``eosflow`` command.
 
     eosflow run SPEC.toml [--set key=value ...] [--out DIR] [--resume | --overwrite]
+    eosflow resume DIR
     eosflow demo [--out DIR]
     eosflow report RUN_DIR
     eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
@@ -10,19 +11,25 @@
     eosflow processes
 
 User errors (a bad spec, an unusable run directory, a missing dataset) print one paragraph and
-exit with status 2; Ctrl-C stops cleanly (status 130) with every flushed step on disk.
+exit with status 2; Ctrl-C and SIGTERM stop after flushing the chunk in progress (status 130 /
+143), with the command that resumes. Each command imports what it needs (JAX, matplotlib,
+Dask) when it runs, so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
 from eosflow.config import SpecError
-from eosflow.store import StoreError
+from eosflow.signals import Interrupted
+from eosflow.store import RunDirectoryWarning, StoreError
 
 USER_ERRORS = (SpecError, StoreError)
 
@@ -32,19 +39,45 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     from eosflow.progress import training_bar
     from eosflow.report import make_report
     from eosflow.spec import parse_spec
+    from eosflow.store import RunStore, resume_command
 
     spec = parse_spec(table)
-    if quiet:
-        outcome = run(table, out, resume=resume, overwrite=overwrite)
-    else:
-        bar, update = training_bar(spec.steps, spec.processes[0], spec.lr)
-        with bar:
-            outcome = run(table, out, resume=resume, overwrite=overwrite, progress=update)
+    try:
+        if quiet:
+            outcome = run(table, out, resume=resume, overwrite=overwrite)
+        else:
+            bar, update = training_bar(spec.steps, spec.processes[0], spec.lr)
+            with bar:
+                outcome = run(table, out, resume=resume, overwrite=overwrite, progress=update)
+    except KeyboardInterrupt as error:
+        done = RunStore(out).read_summary().get("steps_done", 0)
+        how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
+        print(f"eosflow: interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(out)}",
+              file=sys.stderr)
+        return getattr(error, "exit_code", 130)
     report = make_report(out)
-    print(f"{outcome.status}: {outcome.steps_done} steps in {out}"
+    seconds = RunStore(out).read_summary().get("seconds", float("nan"))
+    print(f"{outcome.status}: {outcome.steps_done} steps in {out}, {seconds:.1f} s of run time (all sessions)"
           + (f" ({outcome.reason})" if outcome.reason else ""))
     print(f"report: {report}")
     return 0 if outcome.status == "completed" else 3
+
+
+DESCRIPTION = "Measure gradient descent at the edge of stability and compare it with its continuous-time models."
+EPILOG = """examples:
+  eosflow demo                                       the default experiment and its report
+  eosflow run examples/demo.toml --set lr=0.3 --out runs/lr03
+  eosflow resume runs/lr03                           continue an interrupted run
+  eosflow report runs/lr03
+  eosflow processes                                  every optimizer and model, with its options
+
+'eosflow COMMAND --help' describes one command; the spec format is docs/spec.md."""
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("eosflow")
 
 
 def demo_table() -> dict:
@@ -55,28 +88,35 @@ def demo_table() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eosflow", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="eosflow", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"eosflow {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p_run = sub.add_parser("run", help="run an experiment spec into a run directory")
-    p_run.add_argument("spec", type=Path)
+    p_run.add_argument("spec", type=Path, help="the spec (TOML); with --resume, a run directory will do")
     p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a spec value, e.g. --set lr=0.1 --set problem.width=32")
     p_run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
     mode = p_run.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run in --out (or: eosflow run --resume DIR)")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p_resume = sub.add_parser("resume", help="continue (and repair) an interrupted run from its directory alone")
+    p_resume.add_argument("run_dir", type=Path, help="the run directory; its stored spec is used")
+    p_resume.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p_demo = sub.add_parser("demo", help="run the default experiment and write its report")
     p_demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p_demo.add_argument("--quiet", action="store_true")
+    p_demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_report = sub.add_parser("report", help="(re)write the report of a run directory")
-    p_report.add_argument("run_dir", type=Path)
+    p_report.add_argument("run_dir", type=Path, help="a run directory (what run, demo or compare wrote)")
 
     p_sweep = sub.add_parser("sweep", help="run the product of grids over a spec on a Dask cluster")
-    p_sweep.add_argument("spec", type=Path)
+    p_sweep.add_argument("spec", type=Path, help="the spec (TOML) every point starts from")
     p_sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
                          help="a grid over one dotted key, e.g. --grid lr=0.1,0.2 (repeat for a product)")
     p_sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -86,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--quiet", action="store_true")
 
     p_compare = sub.add_parser("compare", help="run GD and models from one w0 and report how well each tracks GD")
-    p_compare.add_argument("spec", type=Path)
+    p_compare.add_argument("spec", type=Path, help="the spec (TOML): GD first, then the models")
     p_compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p_compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-<name>-<time>)")
     p_compare.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -101,19 +141,47 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("processes", help="list every optimizer and model with its options")
 
     args = parser.parse_args(argv)
+    previous = _terminate_raises()
     try:
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RunDirectoryWarning)
+            warnings.showwarning = _show_warning
+            return _dispatch(args)
     except USER_ERRORS as error:
         print(f"eosflow: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("eosflow: interrupted; every flushed step is on disk (resume with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        print("eosflow: interrupted", file=sys.stderr)
+        return getattr(error, "exit_code", 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_raises():
+    """SIGTERM (``timeout``, Slurm, ``docker stop``) outside a run's chunk loop stops like Ctrl-C,
+    with exit status 143 (a run's own handler stops it at a chunk boundary instead)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"eosflow: warning: {message}", file=sys.stderr)
 
 
 def _dispatch(args) -> int:
     from eosflow.spec import load_spec_table, set_dotted
 
+    if args.command == "resume" or (args.command == "run" and args.resume and args.spec.is_dir() and not args.out):
+        run_dir = args.run_dir if args.command == "resume" else args.spec
+        if not (run_dir / "spec.toml").is_file():
+            raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
+        return _run_table(load_spec_table(run_dir / "spec.toml"), run_dir, True, False, args.quiet)
     if args.command == "run":
         table = load_spec_table(args.spec)
         for assignment in args.set:
@@ -165,6 +233,9 @@ def _dispatch(args) -> int:
             only = f" (problem {', '.join(entry.problems)} only)" if entry.problems else ""
             return entry.summary + only
 
+        print("Each process below, with its options and their defaults. Name processes in `processes`;\n"
+              "set an option in the table of the process's name, e.g.\n\n"
+              "    processes = [\"gd\", \"central_flow\"]\n    [central_flow]\n    substeps = 8\n")
         print(_listing({name: (summary(e), e.options) for name, e in PROCESSES.items()}))
         return 0
     raise AssertionError(args.command)
@@ -175,9 +246,10 @@ def _listing(entries: dict) -> str:
 
     lines = []
     for name, (summary, params) in sorted(entries.items()):
-        lines.append(f"{name}: {summary}")
-        for field, default, text in describe_fields(params):
-            lines.append(f"    {field} = {default}    {text}")
+        lines.append(f"[{name}]  {summary}")
+        rows = [(f"{field} = {default}", text) for field, default, text in describe_fields(params)]
+        width = max((len(left) for left, _ in rows), default=0)
+        lines += [f"    {left:<{width}}  {text}" for left, text in rows]
     return "\n".join(lines)
 
 

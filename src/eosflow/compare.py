@@ -215,6 +215,20 @@ def markdown_table(table: pd.DataFrame, columns: tuple[str, ...] = COLUMNS) -> l
     return lines
 
 
+LINE_STYLES = ("-", "--", (0, (1, 1.5)), "-.", (0, (5, 1, 1, 1, 1, 1)))
+
+
+def line_style(i: int) -> dict:
+    """Colour and dash of the i-th curve of a figure: colours and dashes cycle together, so two
+    models whose curves overlap stay visible as two (a solid and a dashed line)."""
+    return {"color": f"C{i % 10}", "ls": LINE_STYLES[i % len(LINE_STYLES)], "lw": 1.2}
+
+
+def threshold_line(ax, value: float, label: str) -> None:
+    """A horizontal threshold (2/lr) drawn wide, pale and under the curves, which stay visible on it."""
+    ax.axhline(value, color="0.55", lw=3, alpha=0.45, zorder=0.5, label=label)
+
+
 def _figure(path: Path, panels: int, draw, title: str, logy: tuple[bool, ...] = ()) -> None:
     fig, axes = plt.subplots(panels, 1, figsize=(7.5, 3.2 * panels), dpi=110, sharex=True, squeeze=False)
     draw(*axes[:, 0])
@@ -251,8 +265,8 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         ax.plot(steps, reference_loss, lw=0.6, color="0.6", label=f"{reference}: loss")
         ax.plot(steps, gaussian_smooth(reference_loss, width), lw=1.5, color="k",
                 label=f"{reference}: loss smoothed (std {width:g} steps)")
-        for p in models:
-            ax.plot(steps, predicted_loss(ds, p), lw=1, ls="--", label=f"{p}: predicted")
+        for i, p in enumerate(models, start=1):
+            ax.plot(steps, predicted_loss(ds, p), **line_style(i), label=f"{p}: predicted")
         ax.set_ylabel("loss")
 
     _figure(out / "compare_loss.png", 1, draw_loss, "training loss and each model's predicted time-averaged loss", (True,))
@@ -261,12 +275,12 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     if _series(ds, "sharpness", reference) is not None:
 
         def draw_sharpness(ax):
-            for p in processes:
+            for i, p in enumerate(processes):
                 s = _series(ds, "sharpness", p)
                 if s is not None:
                     ok = np.isfinite(s)
-                    ax.plot(steps[ok], s[ok], lw=1, label=p)
-            ax.axhline(2.0 / lr, color="k", ls="--", lw=1, label="2 / lr")
+                    ax.plot(steps[ok], s[ok], **line_style(i), label=p)
+            threshold_line(ax, 2.0 / lr, "2 / lr")
             ax.set_ylabel("sharpness")
 
         _figure(out / "compare_sharpness.png", 1, draw_sharpness, "sharpness and the stability threshold 2/lr")
@@ -276,12 +290,12 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         baseline = _series(ds, "distance", BASELINE) if BASELINE in processes else None
 
         def draw_distance(ax_abs, ax_rel):
-            for p in models:
+            for i, p in enumerate(models, start=1):
                 d = ds["distance"].sel(process=p).values
-                ax_abs.plot(steps, d, lw=1, label=p)
+                ax_abs.plot(steps, d, **line_style(i), label=p)
                 if baseline is not None:
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        ax_rel.plot(steps, d / baseline, lw=1, label=p)
+                        ax_rel.plot(steps, d / baseline, **line_style(i), label=p)
             ax_abs.set_ylabel(f"||w_{reference} - w||")
             ax_rel.set_ylabel(f"distance / {BASELINE}'s")
 
@@ -294,8 +308,8 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
 
         def draw_envelope(ax):
             ax.plot(steps, running_rms(oscillation, width), color="k", lw=2, label=f"{reference} envelope")
-            for i, (p, amplitude) in enumerate(enveloped.items()):
-                ax.plot(steps, amplitude, color=f"C{i}", lw=1, ls="--", label=f"{p}: predicted")
+            for p, amplitude in enveloped.items():
+                ax.plot(steps, amplitude, **line_style(processes.index(p)), label=f"{p}: predicted")
             ax.set_ylabel("RMS oscillation |delta|")
 
         _figure(out / "compare_envelope.png", 1, draw_envelope, "oscillation envelope vs predicted amplitude")

@@ -24,6 +24,10 @@ class SpecError(ValueError):
     """A problem with a run specification; the message names the field and the fix."""
 
 
+class SpecWarning(UserWarning):
+    """A spec value that was adjusted to fit the problem (the message names the field and the value used)."""
+
+
 def suggest(name: str, options) -> str:
     """' (did you mean `x`?)' for the closest option, or a list of the valid ones."""
     options = sorted(options)

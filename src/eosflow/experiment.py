@@ -10,8 +10,12 @@ reason and the step recorded. Another process that diverges is dropped and the r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
+import signal
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import tomli_w
 
+from eosflow.config import SpecError, SpecWarning
 from eosflow.precision import DTYPES, precision
 from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
+from eosflow.signals import Interrupted, stop_requests
 from eosflow.spec import Spec, parse_spec, resolve, resolved_table, spec_differences
-from eosflow.store import RunStore, StoreError
+from eosflow.store import RunDirectoryWarning, RunStore, StoreError, resume_command
 from eosflow.version import __version__
 
 Progress = Callable[[int, dict[str, dict[str, np.ndarray]]], None]
@@ -55,8 +61,26 @@ def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem,
         spec = parse_spec(table)
         resolved_problem = resolved_table(spec, {key: value for key, value in spec.problem.items() if key != "name"})
     problem.check_dtype(spec.dtype)
-    processes = {name: PROCESSES[name].build(problem, spec, spec.options[name]) for name in spec.processes}
+    fitted = fit_spectrum(spec, int(problem.w0.size), "k_max" in (table.get("spectrum") or {}))
+    processes = {name: PROCESSES[name].build(problem, fitted, spec.options[name]) for name in spec.processes}
     return spec, problem, resolved_problem, processes
+
+
+def fit_spectrum(spec: Spec, dimension: int, k_max_given: bool) -> Spec:
+    """The spec the processes run: ``spectrum.k_max`` capped at the parameter count n (an n x n
+    Hessian has n eigenpairs; said in a warning when the spec set k_max). A ``spectrum.k`` above n
+    is an error. The resolved spec keeps the value as written."""
+    if spec.spectrum.k > dimension:
+        raise SpecError(f"`spectrum.k` = {spec.spectrum.k} exceeds the number of parameters ({dimension}) of "
+                        f"problem {spec.problem['name']!r}: an {dimension} x {dimension} Hessian has {dimension} "
+                        "eigenpairs")
+    if spec.spectrum.k_max <= dimension:
+        return spec
+    if k_max_given:
+        warnings.warn(f"`spectrum.k_max` = {spec.spectrum.k_max} exceeds the number of parameters ({dimension}) of "
+                      f"problem {spec.problem['name']!r}; tracking at most {dimension} eigenpairs", SpecWarning,
+                      stacklevel=3)
+    return dataclasses.replace(spec, spectrum=dataclasses.replace(spec.spectrum, k_max=dimension))
 
 
 def run(
@@ -73,8 +97,12 @@ def run(
 
     The run computes in its spec's ``dtype`` (:func:`eosflow.precision.precision`), whatever the
     caller's JAX configuration. ``problem`` replaces the spec's ``[problem]`` table by a problem
-    built in memory (what :func:`eosflow.simulate` passes). ``stop_after`` ends the run early
-    after that many steps (as an interruption would), which tests use to exercise resuming.
+    built in memory (what :func:`eosflow.simulate` passes). The run holds the directory's lock
+    throughout (a second writer is refused, naming this process). SIGINT and SIGTERM stop it after
+    the chunk in progress is flushed and checkpointed: the summary says ``interrupted`` with the
+    command that resumes, and :class:`Interrupted` (a KeyboardInterrupt) is raised. ``stop_after``
+    ends the run early after that many steps (as an interruption would), which tests use to
+    exercise resuming.
     """
     with precision(_run_dtype(table)):
         return _run(table, out, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after,
@@ -91,10 +119,21 @@ def _run(table: dict, out: str | Path, *, resume: bool, overwrite: bool, progres
          stop_after: int | None, problem: Problem | None) -> Outcome:
     spec, problem, resolved, processes = prepare(table, problem)
     store = RunStore(out)
+    store.lock()
+    try:
+        with stop_requests() as stop:
+            return _run_locked(spec, problem, resolved, processes, table, store, resume, overwrite, progress,
+                               stop_after, stop)
+    finally:
+        store.unlock()
+
+
+def _run_locked(spec, problem, resolved, processes, table, store, resume, overwrite, progress, stop_after,
+                stop) -> Outcome:
     resolved_text = tomli_w.dumps(resolved)
     names = list(processes)
     reference = names[0]
-
+    previous_summary: dict = {}
     if resume and store.exists():
         differences = spec_differences((store.root / "spec.resolved.toml").read_text(), resolved)
         if differences:
@@ -102,59 +141,48 @@ def _run(table: dict, out: str | Path, *, resume: bool, overwrite: bool, progres
                 f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "
                 f"({'; '.join(differences[:5])}); use --overwrite to start again"
             )
-        checkpoint = store.read_checkpoint()
+        checkpoint = store.read_checkpoint()  # the previous one if the newest is damaged; raises if both are
+        if checkpoint is not None and "fallback" in checkpoint.meta:
+            warnings.warn(checkpoint.meta["fallback"], RunDirectoryWarning, stacklevel=3)
+        previous_summary = store.read_summary()  # rebuilt (with a warning) if lost
     else:
         store.create(tomli_w.dumps(table), resolved_text, overwrite=overwrite)
         checkpoint = None
 
+    def initial_states():
+        return {name: p.init(problem.w0) for name, p in processes.items()}
+
+    def restored_states(checkpoint):
+        written_by = checkpoint.meta.get("eosflow", "an eosflow that did not record its version")
+        return {name: _restore(name, p.init(problem.w0), checkpoint.states[name], written_by)
+                for name, p in processes.items() if name in checkpoint.states}
+
     if checkpoint is None:
-        step, inactive = 0, {}
-        states = {name: p.init(problem.w0) for name, p in processes.items()}
+        step, inactive, states = 0, {}, initial_states()
+        store.truncate(0)
     else:
-        step, leaves, meta = checkpoint
-        inactive = meta.get("inactive", {})
-        written_by = meta.get("eosflow", "an eosflow that did not record its version")
-        states = {
-            name: _restore(name, p.init(problem.w0), leaves[name], written_by)
-            for name, p in processes.items() if name in leaves
-        }
-    store.truncate(step)
-    started = time.perf_counter()
+        step, inactive, states = checkpoint.step, dict(checkpoint.meta.get("inactive", {})), restored_states(checkpoint)
+        store.manifest = copy.deepcopy(checkpoint.meta.get("manifest") or {})
+        store.truncate(step)
     initial_loss = float(problem.objective.value(problem.w0))
     limit = spec.divergence.loss_blowup * max(abs(initial_loss), 1e-12)
-    outcome = Outcome(store.root, "running", step)
-    summary_base = _summary_base(spec, problem, names)
-    end = spec.steps if stop_after is None else min(spec.steps, stop_after)
-    timing = _Timing(store.read_summary().get("timing", {}) if checkpoint is not None else {})
+    advance = _Advance(processes, reference, limit, spec.record.params_every, store)
+    if checkpoint is not None:
+        _repair(store, advance, names, step, initial_states, restored_states)
 
+    started = time.perf_counter()
+    elapsed_before = previous_summary.get("seconds", 0.0) if previous_summary.get("steps_done", 0) else 0.0
+    summary_base = _summary_base(spec, problem, names)
+    advance.timing = _Timing(previous_summary.get("timing", {}))
+    end = spec.steps if stop_after is None else min(spec.steps, stop_after)
+    outcome = Outcome(store.root, "running", step)
+    _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
     try:
-        while step < end:
+        while step < end and stop["signum"] is None:
             n = min(spec.record.chunk - step % spec.record.chunk, end - step)
-            chunk: dict[str, dict[str, np.ndarray]] = {}
-            for name in names:
-                if name in inactive:
-                    continue
-                tick = time.perf_counter()
-                new_state, rows = processes[name].advance(states[name], n)
-                rows = {key: np.asarray(value) for key, value in rows.items()}
-                timing.add(name, time.perf_counter() - tick, n)
-                bad = _first_divergent(rows["loss"], limit)
-                if bad is not None:
-                    reason = _divergence_reason(rows["loss"][bad], step + bad, limit)
-                    rows = {key: value[: bad + 1] for key, value in rows.items()}
-                    if hint := processes[name].divergence_hint(rows):
-                        reason = f"{reason}: {hint}"
-                    if name == reference:
-                        outcome = Outcome(store.root, "diverged", step + bad + 1, reason)
-                    else:
-                        inactive[name] = reason
-                else:
-                    states[name] = new_state
-                chunk[name] = rows
-            timing.warm = True
-            _add_distances(chunk, reference)
-            _write_chunk(store, chunk, step, spec.record.params_every)
-            if outcome.status == "diverged":
+            chunk, diverged = advance(states, inactive, step, n)
+            if diverged is not None:
+                outcome = Outcome(store.root, "diverged", *diverged)
                 break
             step += n
             store.write_checkpoint(
@@ -168,23 +196,113 @@ def _run(table: dict, out: str | Path, *, resume: bool, overwrite: bool, progres
                 progress(step, chunk)
         if outcome.status == "running":
             outcome.status = "completed" if step >= spec.steps else "interrupted"
-            outcome.reason = "" if step >= spec.steps else f"stopped after {step} of {spec.steps} steps"
-    except KeyboardInterrupt:
+            if stop["signum"] is not None:
+                outcome.reason = (f"stopped by {signal.Signals(stop['signum']).name} after {step} of {spec.steps} "
+                                  f"steps; resume with: {resume_command(store.root)}")
+            elif step < spec.steps:
+                outcome.reason = f"stopped after {step} of {spec.steps} steps"
+    except KeyboardInterrupt as error:
         # The checkpoint is what a resume starts from; a chunk flushed after it (the interrupt can
         # land between the two writes) would be recomputed, so it goes now and the summary agrees.
         checkpoint = store.read_checkpoint()
-        done = 0 if checkpoint is None else checkpoint[0]
+        done = 0 if checkpoint is None else checkpoint.step
         store.truncate(done)
-        outcome = Outcome(store.root, "interrupted", done, f"interrupted by the user; steps 0..{done - 1} are on disk")
-        _finish(store, summary_base, outcome, inactive, started, timing.table)
+        how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "the user"
+        outcome = Outcome(store.root, "interrupted", done,
+                          f"interrupted by {how}; steps 0..{done - 1} are on disk; resume with: "
+                          f"{resume_command(store.root)}")
+        _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
         raise
     except OSError as error:
         raise StoreError(
             f"writing to {str(store.root)!r} failed ({error.strerror or error}); every step before "
             f"{outcome.steps_done} is on disk and the run can be resumed with --resume"
         ) from None
-    _finish(store, summary_base, outcome, inactive, started, timing.table)
+    _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
+    if stop["signum"] is not None:
+        raise Interrupted(stop["signum"], outcome.reason)
     return outcome
+
+
+class _Advance:
+    """Advance every active process by one chunk, record distances, flush the chunk.
+
+    ``__call__(states, inactive, step, n)`` updates ``states`` and ``inactive`` in place and returns
+    (the chunk's rows per process, None or (steps done, reason) if the reference diverged).
+    ``write`` (process, step) -> bool chooses the files flushed (all of them, except in a repair).
+    """
+
+    def __init__(self, processes: dict[str, Process], reference: str, limit: float, params_every: int,
+                 store: RunStore):
+        self.processes, self.reference, self.limit = processes, reference, limit
+        self.params_every, self.store = params_every, store
+        self.timing = _Timing({})
+        self.write: Callable[[str, int], bool] = lambda name, step: True
+
+    def __call__(self, states: dict, inactive: dict, step: int, n: int):
+        chunk: dict[str, dict[str, np.ndarray]] = {}
+        diverged = None
+        for name, process in self.processes.items():
+            if name in inactive:
+                continue
+            tick = time.perf_counter()
+            new_state, rows = process.advance(states[name], n)
+            rows = {key: np.asarray(value) for key, value in rows.items()}
+            self.timing.add(name, time.perf_counter() - tick, n)
+            bad = _first_divergent(rows["loss"], self.limit)
+            if bad is not None:
+                reason = _divergence_reason(rows["loss"][bad], step + bad, self.limit)
+                rows = {key: value[: bad + 1] for key, value in rows.items()}
+                if hint := process.divergence_hint(rows):
+                    reason = f"{reason}: {hint}"
+                if name == self.reference:
+                    diverged = (step + bad + 1, reason)
+                else:
+                    inactive[name] = reason
+            else:
+                states[name] = new_state
+            chunk[name] = rows
+        self.timing.warm = True
+        _add_distances(chunk, self.reference)
+        _write_chunk(self.store, {name: rows for name, rows in chunk.items() if self.write(name, step)}, step,
+                     self.params_every)
+        return chunk, diverged
+
+
+def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, initial_states, restored_states) -> None:
+    """Recompute the chunks before ``step`` that are missing or damaged (the manifest says which)
+    from the latest checkpoint at or before the first of them (step 0, the spec's w0, if none).
+
+    Only the damaged files are written; the chunk boundaries are the recorded ones, so the
+    recomputed chunks are bitwise those of the original run.
+    """
+    damage = [d for name in names for d in store.read_checked(name, store.manifest)[1] if d.first < step]
+    if not damage:
+        return
+    first = min(d.first for d in damage)
+    last = max(d.last for d in damage)
+    usable = [c for c in store.read_checkpoints()[0] if c.step <= first]
+    if usable:
+        start, states, inactive = usable[0].step, restored_states(usable[0]), dict(usable[0].meta.get("inactive", {}))
+    else:
+        start, states, inactive = 0, initial_states(), {}
+    source = "the checkpoint there" if usable else "the spec's w0"
+    warnings.warn(f"{str(store.root)!r}: " + "; ".join(map(str, damage)) + f"; recomputing them from step {start} "
+                  f"({source})", RunDirectoryWarning, stacklevel=4)
+    bounds = {start, last + 1}
+    for entries in store.manifest.values():
+        for a, b, *_ in entries.values():
+            bounds |= {a, b + 1}
+    for d in damage:
+        bounds |= {d.first, d.last + 1}
+    cuts = sorted(b for b in bounds if start <= b <= last + 1)
+    advance.write = lambda name, at: any(d.process == name and d.first <= at <= d.last for d in damage)
+    for a, b in itertools.pairwise(cuts):
+        advance(states, inactive, a, b - a)
+    advance.write = lambda name, at: True
+    still = [d for name in names for d in store.read_checked(name, store.manifest)[1] if d.first < step]
+    if still:
+        raise StoreError(f"{str(store.root)!r}: could not recompute " + "; ".join(map(str, still)))
 
 
 def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str) -> Any:
@@ -275,17 +393,15 @@ class _Timing:
         self.table.setdefault(name, {"chunks": []})["chunks"].append([steps, seconds, int(self.warm)])
 
 
-def _finish(store: RunStore, base: dict, outcome: Outcome, inactive: dict, started: float,
+def _finish(store: RunStore, base: dict, outcome: Outcome, inactive: dict, elapsed_before: float, started: float,
             timing: dict | None = None) -> None:
-    previous = store.read_summary()
-    elapsed = previous.get("seconds", 0.0) if previous.get("steps_done", 0) else 0.0
     summary = {
         **base,
         "status": outcome.status,
         "reason": outcome.reason,
         "steps_done": outcome.steps_done,
         "dropped_processes": inactive,
-        "seconds": elapsed + time.perf_counter() - started,
+        "seconds": elapsed_before + time.perf_counter() - started,
     }
     if timing is not None:
         summary["timing"] = timing  # per process: the wall time of every chunk

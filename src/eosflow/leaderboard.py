@@ -58,7 +58,8 @@ def _entry(name: str, steps: int, lr: float, problem: dict, dtype: str = "float6
 SUITE: tuple[Entry, ...] = (
     # 1-D (in n-D the potential is radial and the Hessian at the orbit's centre isotropic, so a
     # model's direction there is arbitrary): period-2 orbit +-a with a^2 = (S - 2/lr)/Q, lr S = 2.4
-    _entry("quartic", 400, 0.08, {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1}, quick_steps=200),
+    _entry("quartic", 400, 0.08, {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1}, k_max=1,
+           quick_steps=200),
     # self-stabilization in an exponentially sharpening valley (EoS from step ~530 at lr = 0.1)
     _entry("sharp_valley", 1500, 0.1, {"name": "sharp_valley"}, quick_steps=700),
     # a valley whose sharpness s(x) = S(1 + x^2) is pulled past 2/lr by a quadratic drift to x = 2

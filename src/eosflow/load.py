@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 
-from eosflow.store import RunStore, StoreError
+from eosflow.store import RunDirectoryWarning, RunStore, StoreError, resume_command
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 def load(run_dir: str | Path) -> xr.Dataset:
@@ -15,14 +19,30 @@ def load(run_dir: str | Path) -> xr.Dataset:
 
     Variables have dims (process, step), or (process, step, eig) for ``eigenvalues``; a value a
     process did not record at a step (a measurement skipped, a process dropped) is NaN. The
-    run's summary is in ``attrs``. Saved parameters are read by :func:`load_params`.
+    run's summary is in ``attrs``; ``status`` is ``running`` while a process writes the run (every
+    flushed step is returned). Chunks are checked against the manifest of the last checkpoint; a
+    missing or damaged chunk leaves its steps NaN on the step grid, is named in
+    ``attrs["missing_steps"]`` and in a :class:`RunDirectoryWarning` with the command that
+    recomputes it. Saved parameters are read by :func:`load_params`.
     """
+    import xarray as xr
+
     store = RunStore(run_dir)
     if not store.exists():
         raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
-    names = _ordered_processes(store)
-    per_process = {name: store.read_process(name) for name in names}
+    summary = store.read_summary()
+    checkpointed = store.read_manifest()
+    manifest = checkpointed[1] if checkpointed else {}
+    names = _ordered_processes(store, summary, manifest)
+    per_process, damage = {}, []
+    for name in names:
+        per_process[name], lost = store.read_checked(name, manifest)
+        damage += lost
     steps = np.unique(np.concatenate([d["step"] for d in per_process.values()] + [np.zeros(0, int)]))
+    if damage:
+        steps = np.arange(max([int(steps[-1]) + 1 if steps.size else 0] + [d.last + 1 for d in damage]))
+        warnings.warn(f"{str(run_dir)!r}: " + "; ".join(map(str, damage)) + f"; they read as NaN. "
+                      f"`{resume_command(Path(run_dir))}` recomputes them", RunDirectoryWarning, stacklevel=2)
     variables: dict[str, np.ndarray] = {}
     trailing: dict[str, tuple] = {}
     for data in per_process.values():
@@ -48,8 +68,11 @@ def load(run_dir: str | Path) -> xr.Dataset:
         if key == "eigenvalues":
             dims = ("process", "step", "eig")
         data_vars[key] = (dims, value)
-    summary = store.read_summary()
     attrs = {k: v for k, v in summary.items() if isinstance(v, (str, int, float))}
+    if summary.get("status") == "running" and store.writer() is None:
+        attrs["status"] = "interrupted"  # its writer died without a word (kill -9, power loss)
+    if damage:
+        attrs["missing_steps"] = "; ".join(map(str, damage))
     return xr.Dataset(data_vars, coords={"process": names, "step": steps}, attrs=attrs)
 
 
@@ -61,7 +84,7 @@ def load_params(run_dir: str | Path, process: str) -> tuple[np.ndarray, np.ndarr
     return data["params_step"], data["params"]
 
 
-def _ordered_processes(store: RunStore) -> list[str]:
-    listed = store.read_summary().get("processes") or []
-    present = store.processes()
+def _ordered_processes(store: RunStore, summary: dict, manifest: dict) -> list[str]:
+    listed = summary.get("processes") or []
+    present = store.processes() + [p for p in manifest if p not in store.processes()]
     return [p for p in listed if p in present] + [p for p in present if p not in listed]

@@ -171,3 +171,6 @@ class ScannedProcess(eqx.Module, Generic[Tracked]):
 @eqx.filter_jit
 def _scan(process: ScannedProcess[Tracked], state: Tracked, n_steps: int) -> tuple[Tracked, dict[str, Array]]:
     return jax.lax.scan(lambda s, _: process.step(s), state, None, length=n_steps)
+
+
+from eosflow import flows, optim  # noqa: F401  (register every process; they import this module)

@@ -17,12 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
+from eosflow.compare import line_style, threshold_line  # noqa: E402
 from eosflow.load import load  # noqa: E402
-from eosflow.report_sgd import sgd_section  # noqa: E402
 from eosflow.store import RunStore  # noqa: E402
 
 Section = Callable[[xr.Dataset, Path, Path], str]
-SECTIONS: list[Section] = [sgd_section]  # the built-in sections; others come with register_section
+SECTIONS: list[Section] = []  # sections registered with register_section (SGD's below)
 
 
 def register_section(section: Section) -> Section:
@@ -31,13 +31,16 @@ def register_section(section: Section) -> Section:
     return section
 
 
-def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1) -> dict:
+def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1, steps: np.ndarray | None = None) -> dict:
     """Where eta*S first reaches 2(1 - band/2), and the longest run of steps with eta*S in [2(1-band), 2(1+band)].
 
-    Unmeasured steps (NaN) neither break nor extend a window.
+    ``steps`` are the step numbers of the values (default 0, 1, ...); every answer is a step
+    number, never a position. Unmeasured steps (NaN) neither break nor extend a window.
     """
-    measured = np.flatnonzero(np.isfinite(lr_sharpness))
-    values = lr_sharpness[measured]
+    steps = np.arange(len(lr_sharpness)) if steps is None else np.asarray(steps)
+    finite = np.flatnonzero(np.isfinite(lr_sharpness))
+    measured = steps[finite]
+    values = lr_sharpness[finite]
     reach = np.flatnonzero(values >= 2.0 * (1 - band / 2))
     inside = (values >= 2.0 * (1 - band)) & (values <= 2.0 * (1 + band))
     best, best_start, start = 0, None, None
@@ -93,10 +96,11 @@ def make_report(run_dir: str | Path) -> Path:
     figures = []
 
     def draw_loss(ax):
-        for p in processes:
-            ax.plot(steps, ds["loss"].sel(process=p), lw=1, label=f"{p}: loss")
+        for i, p in enumerate(processes):
+            ax.plot(steps, ds["loss"].sel(process=p), **line_style(i), label=f"{p}: loss")
             if "predicted_loss" in ds and np.isfinite(ds["predicted_loss"].sel(process=p)).any():
-                ax.plot(steps, ds["predicted_loss"].sel(process=p), lw=1, ls="--", label=f"{p}: predicted")
+                ax.plot(steps, ds["predicted_loss"].sel(process=p), **{**line_style(i), "ls": ":"},
+                        label=f"{p}: predicted")
 
     _figure(out / "loss.png", "training loss", "loss", draw_loss, logy=True)
     figures.append(("Training loss", "loss.png"))
@@ -104,21 +108,22 @@ def make_report(run_dir: str | Path) -> Path:
     if "sharpness" in ds and np.isfinite(ds["sharpness"]).any():
 
         def draw_sharpness(ax):
-            for p in processes:
+            for i, p in enumerate(processes):
                 s = ds["sharpness"].sel(process=p).values
                 ok = np.isfinite(s)
-                ax.plot(steps[ok], s[ok], lw=1, label=f"{p}: sharpness")
-            ax.plot(steps, 2.0 / _step_sizes(ds, reference), "k--", lw=1, label="2 / lr")
+                ax.plot(steps[ok], s[ok], **line_style(i), label=f"{p}: sharpness")
+            ax.plot(steps, 2.0 / _step_sizes(ds, reference), color="0.55", lw=3, alpha=0.45, zorder=0.5,
+                    label="2 / lr")
 
         _figure(out / "sharpness.png", "sharpness (top Hessian eigenvalue)", "S", draw_sharpness)
         figures.append(("Sharpness and the stability threshold 2/lr", "sharpness.png"))
 
         def draw_lr_sharpness(ax):
-            for p in processes:
+            for i, p in enumerate(processes):
                 s = ds["lr_sharpness"].sel(process=p).values
                 ok = np.isfinite(s)
-                ax.plot(steps[ok], s[ok], lw=1, label=p)
-            ax.axhline(2.0, color="k", ls="--", lw=1, label="2")
+                ax.plot(steps[ok], s[ok], **line_style(i), label=p)
+            threshold_line(ax, 2.0, "2")
 
         _figure(out / "lr_sharpness.png", "lr x sharpness", "lr * S", draw_lr_sharpness)
         figures.append(("lr x sharpness (2 is the edge of stability)", "lr_sharpness.png"))
@@ -126,8 +131,8 @@ def make_report(run_dir: str | Path) -> Path:
     if len(processes) > 1:
 
         def draw_distance(ax):
-            for p in processes[1:]:
-                ax.plot(steps, ds["distance"].sel(process=p), lw=1, label=p)
+            for i, p in enumerate(processes[1:], start=1):
+                ax.plot(steps, ds["distance"].sel(process=p), **line_style(i), label=p)
 
         _figure(out / "distance.png", f"distance to {reference}", "||w - w_ref||", draw_distance)
         figures.append((f"Distance to {reference}", "distance.png"))
@@ -142,12 +147,24 @@ def make_report(run_dir: str | Path) -> Path:
             f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} |"
         )
     if "lr_sharpness" in ds:
-        window = edge_of_stability_window(ds["lr_sharpness"].sel(process=reference).values)
-        lines += ["", "## Edge of stability", "",
-                  f"- first step with lr*S >= 1.9: {window['first_step_at_edge']}",
-                  f"- longest window with lr*S in [1.8, 2.2]: {window['longest_window_steps']} steps "
-                  f"(from step {window['longest_window_start']})",
-                  f"- largest lr*S measured: {window['max_lr_sharpness']:.4f}"]
+        window = edge_of_stability_window(ds["lr_sharpness"].sel(process=reference).values, steps=steps)
+        lines += ["", "## Edge of stability", ""]
+        if window["first_step_at_edge"] is None:
+            lines.append(f"- lr*S never reached 1.9 (largest measured: {window['max_lr_sharpness']:.4f}): "
+                         "no edge of stability in this run")
+        else:
+            lines += [f"- first step with lr*S >= 1.9: {window['first_step_at_edge']}",
+                      f"- longest window with lr*S in [1.8, 2.2]: {window['longest_window_steps']} steps"
+                      + (f" (from step {window['longest_window_start']})" if window["longest_window_start"] is not None
+                         else ""),
+                      f"- largest lr*S measured: {window['max_lr_sharpness']:.4f}"]
+    if len(processes) > 1:
+        from eosflow.compare import write_report
+
+        write_report(run_dir)
+        lines += ["", f"## {reference} vs the models", "",
+                  "How well each model tracks the reference ([compare.md](compare.md), definitions in docs/compare.md):",
+                  "", "![loss](compare_loss.png)", "![distance](compare_distance.png)"]
     lines += ["", "## Figures", ""]
     lines += [f"![{title}]({name})" for title, name in figures]
     for section in SECTIONS:
@@ -168,8 +185,26 @@ def _last(ds: xr.Dataset, variable: str, process: str) -> float:
 
 
 def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
-    rows = [("status", summary.get("status", "?")), ("reason", summary.get("reason") or "-"),
-            ("steps done", summary.get("steps_done")), ("learning rate", summary.get("lr")),
-            ("parameters", summary.get("dimension")), ("problem", summary.get("problem", {}).get("name")),
-            ("wall time (s)", f"{summary.get('seconds', float('nan')):.1f}")]
-    return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    """The run's status and size; steps are counted on disk (a lost chunk is named, not counted)."""
+    steps = ds["step"].values
+    on_disk = int(np.isfinite(ds["loss"].isel(process=0).values).sum()) if "loss" in ds else 0
+    rows = [("status", ds.attrs.get("status", summary.get("status"))), ("reason", summary.get("reason")),
+            ("steps on disk", f"{on_disk} (steps {steps[0]}..{steps[-1]})" if steps.size else "0"),
+            ("steps in the spec", summary.get("steps")),
+            ("missing steps", ds.attrs.get("missing_steps")), ("learning rate", summary.get("lr")),
+            ("parameters", summary.get("dimension")), ("problem", (summary.get("problem") or {}).get("name")),
+            ("wall time (s)", f"{summary['seconds']:.1f}" if "seconds" in summary else None),
+            ("note", summary.get("rebuilt"))]
+    return ["| | |", "|---|---|"] + [f"| {k} | {'-' if v in (None, '') else v} |" for k, v in rows
+                                     if k not in ("missing steps", "note") or v]
+
+
+
+@register_section
+def _sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
+    """SGD's limiting dynamics (:mod:`eosflow.report_sgd`), imported only for a run with SGD (it needs JAX)."""
+    if "sgd" not in [str(p) for p in ds["process"].values]:
+        return ""
+    from eosflow.report_sgd import sgd_section
+
+    return sgd_section(ds, run_dir, report_dir)

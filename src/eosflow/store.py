@@ -1,34 +1,73 @@
-"""The run directory: crash-safe, chunked, resumable, loadable in one line.
+"""The run directory: one writer, crash-safe, chunked, resumable, loadable in one line.
 
     run_dir/
+      writer.lock               flock-ed by the one process writing the run; holds its PID
       spec.toml                 the spec as given (with --set overrides applied)
       spec.resolved.toml        every default filled in
       trajectories/<process>/<first>-<last>.npz   one file per flushed chunk
-      checkpoint.npz            process states after the last flushed chunk
-      summary.json              status, reason, final numbers
+      checkpoint.npz            process states after the last checkpointed chunk, and the manifest
+      checkpoint.previous.npz   the checkpoint before it (a fallback if the last one is damaged)
+      summary.json              status, reason, final numbers (rebuilt from the data if lost)
       report/                   figures and the Markdown summary
 
 Every file is written to a temporary name and atomically renamed, so a run killed at any moment
-leaves only complete files. Chunks are written before the checkpoint that follows them; on
-resume, chunks past the checkpoint are deleted and recomputed (identically).
+leaves only complete files. Chunks are written before the checkpoint that follows them; the
+checkpoint carries the manifest of every chunk before it (steps, size, SHA-256), so a chunk lost
+or damaged later is found, by step range. On resume, chunks past the checkpoint are deleted and
+recomputed (identically).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
+import io
 import json
 import os
 import re
+import shlex
 import tempfile
+import tomllib
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 CHUNK_NAME = re.compile(r"^(\d{10})-(\d{10})\.npz$")
+LOCK_NAME = "writer.lock"
+CHECKPOINTS = ("checkpoint.npz", "checkpoint.previous.npz")  # newest first
 
 
 class StoreError(RuntimeError):
     """A run directory that cannot be used as asked (exists, is corrupt, is not writable)."""
+
+
+class RunDirectoryWarning(UserWarning):
+    """Something in a run directory was damaged and worked around (a lost summary, a missing chunk)."""
+
+
+class Checkpoint(NamedTuple):
+    """Process states after ``step`` steps. ``meta`` holds "inactive" (dropped processes), "eosflow"
+    (the writer's version), "manifest" (chunks before ``step``) and, when the newest checkpoint was
+    damaged and this is the one before it, "fallback" (what was wrong)."""
+
+    step: int
+    states: dict[str, list[np.ndarray]]
+    meta: dict
+
+
+class Damage(NamedTuple):
+    """Steps ``first .. last`` of ``process`` are not on disk as the manifest recorded them."""
+
+    process: str
+    first: int
+    last: int
+    why: str  # "missing", "corrupt (...)"
+
+    def __str__(self) -> str:
+        return f"steps {self.first}..{self.last} of {self.process!r} ({self.why})"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -59,10 +98,78 @@ def _jsonable(value):
 
 
 class RunStore:
-    """Reads and writes one run directory."""
+    """Reads and writes one run directory.
+
+    Writing needs the directory's lock (:meth:`lock`); reading never does. ``manifest`` maps each
+    process to ``{file name: [first step, last step, bytes, sha256]}`` of the chunks written or
+    verified so far; :meth:`write_checkpoint` stores it with the process states.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.manifest: dict[str, dict[str, list]] = {}
+        self._lock_fd: int | None = None
+
+    # ---- the one writer ----------------------------------------------------------------------
+    def lock(self) -> None:
+        """Become the run directory's only writer, or raise naming the process that is.
+
+        An exclusive ``flock`` on ``writer.lock``: the kernel releases it when the holder exits in
+        any way (kill -9 included), so a lock is never stale. File systems without locks (some
+        network mounts) run unlocked.
+        """
+        if self._lock_fd is not None:
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"output path {str(self.root)!r} exists and is not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise StoreError(f"cannot write to output directory {str(self.root)!r}: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return
+            holder = self.writer()
+            raise StoreError(
+                f"run directory {str(self.root)!r} is being written by another eosflow process "
+                f"(PID {holder or 'unknown'}); wait for it to finish, or stop it first "
+                f"(kill {holder or '<pid>'}; it keeps every flushed step). Nothing was changed"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def writer(self) -> int | None:
+        """The PID of the process writing this run now, or None if no process is."""
+        path = self.root / LOCK_NAME
+        if self._lock_fd is not None:
+            return os.getpid()
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    return None
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     # ---- creation --------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -87,8 +194,9 @@ class RunStore:
         if overwrite:
             for sub in ("trajectories", "report"):
                 _remove_tree(self.root / sub)
-            for name in ("checkpoint.npz", "summary.json", "spec.resolved.toml"):
+            for name in (*CHECKPOINTS, "summary.json", "spec.resolved.toml"):
                 (self.root / name).unlink(missing_ok=True)
+        self.manifest = {}
         atomic_write(self.root / "spec.toml", lambda f: f.write(spec_text.encode()))
         atomic_write(self.root / "spec.resolved.toml", lambda f: f.write(resolved_text.encode()))
 
@@ -97,7 +205,11 @@ class RunStore:
         """Flush observations for steps first_step .. first_step + n - 1 of one process."""
         n = len(next(iter(arrays.values())))
         name = f"{first_step:010d}-{first_step + n - 1:010d}.npz"
-        atomic_write(self.root / "trajectories" / process / name, lambda f: np.savez(f, **arrays))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        data = buffer.getvalue()
+        atomic_write(self.root / "trajectories" / process / name, lambda f: f.write(data))
+        self.manifest.setdefault(process, {})[name] = [first_step, first_step + n - 1, len(data), _sha256(data)]
 
     def chunk_files(self, process: str) -> list[tuple[int, int, Path]]:
         folder = self.root / "trajectories" / process
@@ -115,20 +227,42 @@ class RunStore:
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
     def read_process(self, process: str) -> dict[str, np.ndarray]:
-        """All flushed observations of one process, concatenated over chunks (plus ``step``)."""
+        """All readable observations of one process (see :meth:`read_checked`), concatenated over chunks."""
+        return self.read_checked(process)[0]
+
+    def read_checked(self, process: str, manifest: dict | None = None) -> tuple[dict[str, np.ndarray], list[Damage]]:
+        """All readable observations of one process, concatenated over chunks (plus ``step``), and
+        the step ranges that are not: a chunk the ``manifest`` lists that is missing or whose
+        bytes differ from it, a chunk that does not load, a gap between chunks."""
+        listed = (manifest or {}).get(process, {})
+        present = {path.name: (first, last, path) for first, last, path in self.chunk_files(process)}
         parts: dict[str, list[np.ndarray]] = {}
-        steps = []
-        for first, last, path in self.chunk_files(process):
+        steps, damage = [], []
+        for name, (first, last, *_rest) in listed.items():
+            if name not in present:
+                damage.append(Damage(process, first, last, "missing"))
+        for name, (first, last, path) in sorted(present.items(), key=lambda item: item[1][:2]):
             try:
-                with np.load(path) as chunk:
-                    for key in chunk.files:
-                        parts.setdefault(key, []).append(chunk[key])
-            except (OSError, ValueError) as error:
-                raise StoreError(f"trajectory file {str(path)!r} is corrupt: {error}") from None
+                data = path.read_bytes()
+                if name in listed and [len(data), _sha256(data)] != listed[name][2:]:
+                    raise ValueError("its size or checksum differs from the manifest")
+                with np.load(io.BytesIO(data)) as chunk:
+                    arrays = {key: chunk[key] for key in chunk.files}
+            except (OSError, ValueError, EOFError) as error:
+                damage.append(Damage(process, first, last, f"corrupt: {error}"))
+                continue
+            for key, value in arrays.items():
+                parts.setdefault(key, []).append(value)
             steps.append(np.arange(first, last + 1))
         data = {key: _concat_padded(values) for key, values in parts.items()}
         data["step"] = np.concatenate(steps) if steps else np.zeros(0, dtype=int)
-        return data
+        covered = {(d.first, d.last) for d in damage}
+        expected = 0
+        for first, last in sorted({(int(s[0]), int(s[-1])) for s in steps} | covered):
+            if first > expected:
+                damage.append(Damage(process, expected, first - 1, "missing"))
+            expected = max(expected, last + 1)
+        return data, sorted(damage, key=lambda d: d.first)
 
     def truncate(self, step: int) -> None:
         """Delete every chunk that reaches step ``step`` or later (they will be recomputed)."""
@@ -136,36 +270,121 @@ class RunStore:
             for first, last, path in self.chunk_files(process):
                 if last >= step:
                     path.unlink()
+                    self.manifest.get(process, {}).pop(path.name, None)
 
-    # ---- checkpoint and summary ------------------------------------------------------------
+    # ---- checkpoints and summary -----------------------------------------------------------
     def write_checkpoint(self, step: int, states: dict[str, list[np.ndarray]], meta: dict) -> None:
-        arrays = {f"{name}/{i}": leaf for name, leaves in states.items() for i, leaf in enumerate(leaves)}
-        header = json.dumps({"step": step, "leaves": {n: len(v) for n, v in states.items()}, **meta})
-        arrays["__meta__"] = np.frombuffer(header.encode(), dtype=np.uint8)
-        atomic_write(self.root / "checkpoint.npz", lambda f: np.savez(f, **arrays))
+        """Process states after ``step`` steps, with the manifest of every chunk before them.
 
-    def read_checkpoint(self) -> tuple[int, dict[str, list[np.ndarray]], dict] | None:
-        path = self.root / "checkpoint.npz"
-        if not path.exists():
-            return None
-        try:
-            with np.load(path) as file:
-                meta = json.loads(file["__meta__"].tobytes().decode())
-                counts = meta.pop("leaves")
-                states = {name: [file[f"{name}/{i}"] for i in range(count)] for name, count in counts.items()}
-        except Exception as error:  # any unreadable checkpoint is reported the same way
-            raise StoreError(
-                f"checkpoint {str(path)!r} is corrupt ({type(error).__name__}: {error}); "
-                "rerun with --overwrite to start again (the trajectories are kept until then)"
-            ) from None
-        return meta.pop("step"), states, meta
+        The previous checkpoint is kept as ``checkpoint.previous.npz`` (renamed first, so a kill
+        at any moment leaves at least one whole checkpoint).
+        """
+        arrays = {f"{name}/{i}": leaf for name, leaves in states.items() for i, leaf in enumerate(leaves)}
+        manifest = {process: {name: entry for name, entry in chunks.items() if entry[1] < step}
+                    for process, chunks in self.manifest.items()}
+        header = json.dumps({"step": step, "leaves": {n: len(v) for n, v in states.items()},
+                             **meta, "manifest": manifest})
+        arrays["__meta__"] = np.frombuffer(header.encode(), dtype=np.uint8)
+        newest, previous = (self.root / name for name in CHECKPOINTS)
+        if newest.exists():
+            os.replace(newest, previous)
+        atomic_write(newest, lambda f: np.savez(f, **arrays))
+
+    def read_checkpoint(self) -> Checkpoint | None:
+        """The newest readable checkpoint (None if the run has none).
+
+        A damaged newest checkpoint falls back to the previous one (``meta["fallback"]`` says so);
+        if every checkpoint is damaged, a StoreError names them.
+        """
+        checkpoints, problems = self.read_checkpoints()
+        if checkpoints:
+            return checkpoints[0]
+        if problems:
+            raise StoreError("; ".join(problems) + "; no whole checkpoint is left: rerun with --overwrite to start "
+                             "again (the trajectories are kept until then)")
+        return None
+
+    def read_checkpoints(self) -> tuple[list[Checkpoint], list[str]]:
+        """Every readable checkpoint, newest first, and what is wrong with the unreadable ones."""
+        found, problems = [], []
+        for path in (self.root / name for name in CHECKPOINTS):
+            if not path.exists():
+                continue
+            try:
+                with np.load(path) as file:
+                    meta = json.loads(file["__meta__"].tobytes().decode())
+                    counts = meta.pop("leaves")
+                    states = {name: [file[f"{name}/{i}"] for i in range(count)] for name, count in counts.items()}
+            except Exception as error:  # any unreadable checkpoint is reported the same way
+                problems.append(f"checkpoint {str(path)!r} is corrupt ({type(error).__name__}: {error})")
+                continue
+            if problems and not found:
+                meta["fallback"] = f"{problems[0]}; using the previous checkpoint (step {meta['step']}) instead"
+            found.append(Checkpoint(meta.pop("step"), states, meta))
+        return found, problems
+
+    def read_manifest(self) -> tuple[int, dict] | None:
+        """(step, manifest) of the newest readable checkpoint, reading only its header."""
+        for path in (self.root / name for name in CHECKPOINTS):
+            try:
+                with np.load(path) as file:
+                    meta = json.loads(file["__meta__"].tobytes().decode())
+                return meta["step"], meta.get("manifest") or {}
+            except Exception:  # noqa: BLE001, S112  (missing or damaged: the previous one, or none)
+                continue
+        return None
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.root / "summary.json", summary)
 
     def read_summary(self) -> dict:
+        """summary.json; if it is missing or unreadable, a summary rebuilt from the spec and the data
+        (with ``rebuilt`` saying so, and a :class:`RunDirectoryWarning`). ``{}`` if there is no run."""
         path = self.root / "summary.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            summary = json.loads(path.read_text())
+            if isinstance(summary, dict):
+                return summary
+            why = "does not hold a JSON object"
+        except FileNotFoundError:
+            why = "is missing"
+        except (OSError, ValueError) as error:
+            why = f"is unreadable ({type(error).__name__}: {error})"
+        if not self.exists():
+            return {}
+        summary = self.rebuild_summary()
+        if why == "is missing" and summary["status"] == "running":
+            return summary  # a run starting: its writer has not written the summary yet
+        summary["rebuilt"] = f"summary.json {why}; rebuilt from spec.resolved.toml and the trajectories"
+        warnings.warn(f"{str(self.root)!r}: {summary['rebuilt']}", RunDirectoryWarning, stacklevel=2)
+        return summary
+
+    def rebuild_summary(self) -> dict:
+        """What the data on disk say about the run: its spec's name, processes, steps and lr, the
+        steps on disk, and a status (``running`` while a writer holds the lock)."""
+        try:
+            spec = tomllib.loads((self.root / "spec.resolved.toml").read_text())
+        except (OSError, ValueError):
+            spec = {}
+        processes = list(spec.get("processes", [])) or self.processes()
+        done = min((self.chunk_files(p)[-1][1] + 1 if self.chunk_files(p) else 0 for p in processes[:1]), default=0)
+        total = spec.get("steps")
+        if self.writer() is not None:
+            status = "running"
+        else:
+            status = "completed" if total is not None and done >= total else "interrupted"
+        return {"name": spec.get("name", self.root.name), "processes": processes, "steps": total,
+                "lr": spec.get("lr"), "problem": {"name": spec.get("problem", {}).get("name")},
+                "status": status, "reason": "", "steps_done": done, "dropped_processes": {}}
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues (and repairs) the run in ``run_dir``."""
+    return f"eosflow resume {shlex.quote(str(run_dir))}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _concat_padded(values: list[np.ndarray]) -> np.ndarray:

@@ -28,7 +28,6 @@ from jaxtyping import Array
 
 from eosflow.config import SpecError, describe_fields, parse, suggest
 from eosflow.data import CLASSIFICATION, REGRESSION
-from eosflow.objective import Objective
 from eosflow.objective import LOSSES, Objective, PyTree, Unravel, ravel
 from eosflow.precision import check_dtypes
 

@@ -1,0 +1,87 @@
+"""The first minutes with the command: fast help, plain text, the README's commands as written."""
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from eosflow.cli import main
+from eosflow.experiment import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_and_version_import_neither_jax_nor_matplotlib_nor_dask():
+    code = ("import sys; from eosflow.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('jax', 'matplotlib', 'dask', 'xarray', 'pandas') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    help_text = result.stdout
+    assert "``" not in help_text and "resume" in help_text and "eosflow COMMAND --help" in help_text
+    version = subprocess.run([sys.executable, "-m", "eosflow.cli", "--version"], capture_output=True, text=True,
+                             check=True)
+    assert re.fullmatch(r"eosflow \d+\.\d+\.\d+\S*\n", version.stdout)
+
+
+def test_every_positional_argument_has_help(capsys):
+    for command in ("run", "resume", "report", "compare", "sweep"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        usage = capsys.readouterr().out
+        positional = usage.split("positional arguments:")[1].split("options:")[0].strip().splitlines()
+        assert positional and all(len(line.split(None, 1)) == 2 for line in positional), (command, positional)
+
+
+def test_processes_says_where_options_go_and_aligns_them(capsys):
+    assert main(["processes"]) == 0
+    listing = capsys.readouterr().out
+    assert "set an option in the table of the process's name" in listing and "[central_flow]\n    substeps" in listing
+    block = listing.split("[central_flow]  ")[1].split("\n[")[0].splitlines()[1:]
+    columns = {len(re.match(r"    \S+ = .*?  +(?=\S)", line).group(0)) for line in block}
+    assert len(block) > 3 and len(columns) == 1  # every help text starts in one column
+
+
+def test_docs_name_what_an_empty_spec_runs():
+    """docs/spec.md shows the resolved spec an empty spec runs; it is the code's, key for key."""
+    text = (ROOT / "docs" / "spec.md").read_text()
+    block = text.split("## An empty spec")[1].split("```toml\n")[1].split("```")[0]
+    resolved = prepare({})[2]
+    resolved.pop("gd", None)  # gd has no options
+    assert tomllib.loads(block) == resolved
+
+
+def _readme_commands() -> list[list[str]]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    commands = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith(".venv/bin/eosflow "):
+            commands.append(shlex.split(line.split("#")[0])[1:])
+    return commands
+
+
+def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """Every `.venv/bin/eosflow ...` line of the README, in a fresh directory, with `--set steps=N`
+    (and --quiet) added to the commands that train; `leaderboard --quick` (minutes; its own test
+    is tests/test_leaderboard.py) and `sweep` (tests/test_sweep.py) are checked to parse only."""
+    commands = _readme_commands()
+    assert [c[0] for c in commands] == ["run", "resume", "report", "problems", "processes", "compare", "leaderboard",
+                                        "sweep"]
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        if command[0] in ("leaderboard", "sweep"):
+            with pytest.raises(SystemExit) as parsed:
+                main([*command, "--help"])
+            assert parsed.value.code == 0
+            continue
+        extra = ["--set", "steps=12", "--set", "record.chunk=4"] if command[0] in ("run", "compare") else []
+        extra += ["--quiet"] if command[0] in ("run", "resume", "compare") else []
+        assert main([*command, *extra]) == 0, (command, capsys.readouterr().err)
+    assert (tmp_path / "runs" / "lr03" / "report" / "report.md").exists()
+    assert (tmp_path / "runs" / "cmp" / "report" / "compare.md").exists()

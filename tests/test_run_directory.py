@@ -1,0 +1,144 @@
+"""The run directory accounts for every chunk and rebuilds its metadata from the data.
+
+A chunk lost or damaged after its checkpoint is named by step range (load, report) and
+recomputed by `eosflow resume DIR` from the latest checkpoint before it, or from w0; a lost or
+corrupt summary.json is rebuilt from spec.resolved.toml and the trajectories; `load` of a run in
+progress returns every flushed step with status "running".
+"""
+
+import json
+import re
+import warnings
+
+import numpy as np
+import pytest
+from test_reliability import SPEC, assert_same_run
+
+import eosflow
+from eosflow.cli import main
+from eosflow.config import SpecError, SpecWarning
+from eosflow.experiment import run
+from eosflow.report import edge_of_stability_window, make_report
+from eosflow.store import RunDirectoryWarning, RunStore
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    run(SPEC, out)
+    return eosflow.load(out)
+
+
+@pytest.fixture
+def finished(tmp_path):
+    out = tmp_path / "run"
+    run(SPEC, out)
+    return out
+
+
+def _chunk(out, first):
+    return next(path for a, _, path in RunStore(out).chunk_files("gd") if a == first)
+
+
+def _bytes(out):
+    return {p: p.read_bytes() for p in (out / "trajectories").rglob("*.npz")}
+
+
+def test_a_deleted_chunk_is_named_by_step_range_and_recomputed_by_resume(finished, uninterrupted, capsys):
+    out = finished
+    _chunk(out, 16).unlink()
+    with pytest.warns(RunDirectoryWarning, match=r"steps 16\.\.23 of 'gd' \(missing\).*`eosflow resume .*` recomputes"):
+        ds = eosflow.load(out)
+    # the step grid is uninterrupted; the lost steps are NaN, every other step is the run's
+    assert ds.sizes["step"] == 80 and list(ds.step.values) == list(range(80))
+    loss = ds.loss.values[0]
+    assert np.isnan(loss[16:24]).all() and ds.attrs["missing_steps"] == "steps 16..23 of 'gd' (missing)"
+    keep = np.r_[0:16, 24:80]
+    np.testing.assert_array_equal(loss[keep], uninterrupted.loss.values[0, keep])
+    # the report counts steps, not positions: its edge-of-stability steps are the intact run's
+    with pytest.warns(RunDirectoryWarning):
+        report = make_report(out).read_text()
+    window = edge_of_stability_window(uninterrupted.lr_sharpness.values[0])
+    if window["first_step_at_edge"] is not None and not 16 <= window["first_step_at_edge"] < 24:
+        assert f"first step with lr*S >= 1.9: {window['first_step_at_edge']}" in report
+    assert "| steps on disk | 72 (steps 0..79) |" in report and "| missing steps | steps 16..23 of 'gd' (missing) |" in report
+    untouched = {p: b for p, b in _bytes(out).items()}
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert re.search(r"steps 16\.\.23 of 'gd' \(missing\); recomputing them from step 0", capsys.readouterr().err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RunDirectoryWarning)
+        assert_same_run(eosflow.load(out), uninterrupted)
+    after = _bytes(out)
+    assert all(after[p] == b for p, b in untouched.items())  # only the lost file was written
+
+
+def test_a_corrupt_chunk_is_recomputed_from_the_checkpoint_before_it(finished, uninterrupted):
+    """A flipped byte in the last checkpointed chunk (72..79): the manifest's checksum finds it; the
+    previous checkpoint (step 72) precedes it, so the repair starts there."""
+    out = finished
+    path = _chunk(out, 72)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.warns(RunDirectoryWarning, match=r"steps 72\.\.79 of 'gd' \(corrupt"):
+        assert np.isnan(eosflow.load(out).loss.values[0, 72:]).all()
+    with pytest.warns(RunDirectoryWarning, match=r"recomputing them from step 72 \(the checkpoint"):
+        run(SPEC, out, resume=True)
+    assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, uninterrupted, capsys):
+    out = tmp_path / "run"
+    run(SPEC, out, stop_after=24)
+    (out / "summary.json").unlink()
+    with pytest.warns(RunDirectoryWarning, match="summary.json is missing; rebuilt from spec.resolved.toml"):
+        ds = eosflow.load(out)
+    assert ds.attrs["status"] == "interrupted" and ds.attrs["steps_done"] == 24 and ds.attrs["lr"] == 0.4
+    assert main(["report", str(out)]) == 0
+    assert "summary.json is missing; rebuilt" in capsys.readouterr().err
+    assert "| note | summary.json is missing; rebuilt" in (out / "report" / "report.md").read_text()
+    (out / "summary.json").write_text('{"status": "comp')  # cut short
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0  # the directory alone, as `eosflow resume DIR`
+    assert "summary.json is unreadable (JSONDecodeError" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == 80
+    assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_load_of_a_run_in_progress_returns_every_flushed_step(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    seen = []
+
+    def look(step, chunk):
+        ds = eosflow.load(out)
+        seen.append((step, ds.sizes["step"], ds.attrs["status"]))
+        np.testing.assert_array_equal(ds.loss.values, uninterrupted.loss.values[:, :step])
+
+    run(SPEC, out, progress=look)
+    assert seen == [(step, step, "running") for step in range(8, 81, 8)]
+    assert eosflow.load(out).attrs["status"] == "completed"
+
+
+def test_spectrum_sizes_beyond_the_parameter_count(tmp_path):
+    """A 2-parameter quadratic has 2 eigenpairs: k_max = 5 tracks 2 (with a warning, no NaN
+    columns); k = 3 is refused by name."""
+    table = {"steps": 4, "lr": 0.1, "dtype": "float64", "problem": {"name": "quadratic", "eigenvalues": [3.0, 1.0]},
+             "spectrum": {"k": 1, "k_max": 5, "threshold": 0.01}, "record": {"chunk": 2}}
+    with pytest.warns(SpecWarning, match=r"`spectrum.k_max` = 5 exceeds the number of parameters \(2\)"):
+        run(table, tmp_path / "a")
+    eigenvalues = eosflow.load(tmp_path / "a").eigenvalues.values[0]
+    assert eigenvalues.shape == (4, 2) and np.isfinite(eigenvalues[-1]).all()
+    np.testing.assert_allclose(np.sort(eigenvalues[-1]), [1.0, 3.0], rtol=1e-6)
+    with pytest.raises(SpecError, match=r"`spectrum.k` = 3 exceeds the number of parameters \(2\)"):
+        run({**table, "spectrum": {"k": 3, "k_max": 5}}, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_edge_of_stability_window_is_in_steps_not_positions():
+    """Steps 5..9 lost: lr*S reaches 2 at step 10, which is position 5 of what is on disk."""
+    values = np.array([1.0] * 5 + [2.0] * 5)
+    steps = np.r_[0:5, 10:15]
+    window = edge_of_stability_window(values, steps=steps)
+    assert window["first_step_at_edge"] == 10 and window["longest_window_start"] == 10
+    assert window["longest_window_steps"] == 5
+    assert edge_of_stability_window(values)["first_step_at_edge"] == 5  # positions are steps when nothing is lost
