@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from eosflow.compare import compare_run, format_number
+from eosflow.compare import AVERAGING_WINDOW, compare_run, format_number
 
 REFERENCE, BASELINE = "gd", "gradient_flow"
 NOT_GD_MODELS = {"langevin": "models SGD, not GD"}
@@ -164,12 +164,15 @@ def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+# the time-averaged errors beside the pointwise ones (box of compare.AVERAGING_WINDOW steps)
+AVERAGED_COLUMNS = (("loss_error_averaged", "loss error (avg)"), ("envelope_error_averaged", "envelope error (avg)"))
 COLUMNS = (("relative_distance", "rel. distance"), ("loss_error", "loss error"),
-           ("envelope_error", "envelope error"), ("ms_per_step", "ms / step"),
+           ("envelope_error", "envelope error"), *AVERAGED_COLUMNS, ("ms_per_step", "ms / step"),
            ("gradient_equivalents", "grad-equiv. / step"))
 
 
-HIDDEN_WHEN_DROPPED = ("relative_distance", "loss_error", "envelope_error", "ms_per_step")
+HIDDEN_WHEN_DROPPED = ("relative_distance", "loss_error", "envelope_error", *(c for c, _ in AVERAGED_COLUMNS),
+                       "ms_per_step")
 
 
 def markdown(rows: pd.DataFrame) -> list[str]:
@@ -220,7 +223,8 @@ def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float) -> Pa
     lines = [f"# Flow leaderboard{' (quick)' if quick else ''}", "",
              f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.", "",
              "rel. distance = <||w_GD - w||> / gradient flow's; loss error and envelope error = relative "
-             "L1 errors against GD's smoothed loss and oscillation envelope; cost per unit time "
+             "L1 errors against GD's smoothed loss and oscillation envelope; (avg): the same with both sides "
+             f"averaged over a centred box of {AVERAGING_WINDOW} steps; cost per unit time "
              "(an HVP = 2 gradients). Definitions: docs/compare.md.", ""]
     lines += markdown(rows)
     path = Path(out) / "leaderboard.md"
