@@ -5,5 +5,6 @@ from eosflow.problems.registry import PROBLEMS, Problem, build_problem, describe
 # each module registers its problems on import
 from eosflow.problems import factorization, networks, toys  # noqa: E402,F401
 from eosflow.problems import regression  # noqa: E402,F401  (linear_regression)
+from eosflow.problems import lstm, resnet, transformer  # noqa: E402,F401  (the architectures suite)
 
 __all__ = ["PROBLEMS", "Problem", "build_problem", "describe_problems", "register_problem"]
