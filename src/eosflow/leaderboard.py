@@ -74,6 +74,32 @@ SUITE: tuple[Entry, ...] = (
 )
 
 
+# ---- the architectures suite (`--suite architectures`, docs/leaderboard.md "Architectures") -------
+ARCHITECTURES: tuple[Entry, ...] = (
+    # pre-activation ResNet, stages 8-16, LayerNorm-style GroupNorm(1), ReLU, on 64 digits
+    _entry("resnet_digits", 300, 0.5, {"name": "resnet", "dataset": "digits", "n_train": 64, "n_test": 0},
+           dtype="float32", k_max=3),
+    # transformer encoder (D = 16, 2 blocks, 2 heads, GELU) sorting 5 tokens of 6 values
+    _entry("transformer_sorting", 300, 0.5, {"name": "transformer", "task": "sorting", "n_train": 128},
+           dtype="float32", k_max=3),
+    # one-layer LSTM (hidden 32) copying 5 tokens of 6 values after 5 recall tokens
+    _entry("lstm_copying", 300, 0.5, {"name": "lstm", "task": "copying", "n_train": 128}, dtype="float32", k_max=3),
+    # tanh MLP width 32, depth 2, on 128 moons
+    _entry("mlp_moons", 300, 0.5, {"name": "mlp", "dataset": "moons", "classes": 2, "n_train": 128, "n_test": 0,
+                                    "width": 32, "depth": 2}, dtype="float32", k_max=3),
+)
+SUITES: dict[str, tuple[Entry, ...]] = {"default": SUITE, "architectures": ARCHITECTURES}
+
+
+def suite_entries(name: str) -> tuple[Entry, ...]:
+    """The entries of the suite ``name`` (``default`` or ``architectures``), or a SpecError listing them."""
+    from eosflow.config import SpecError
+
+    if name not in SUITES:
+        raise SpecError(f"unknown leaderboard suite {name!r}; choose one of {', '.join(SUITES)}")
+    return SUITES[name]
+
+
 def gd_models() -> list[str]:
     """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS``."""
     from eosflow.process import PROCESSES
@@ -205,22 +231,23 @@ def machine() -> str:
             f"jax {jax.__version__} ({jax.devices()[0].platform}), load average at the end {load:.1f}")
 
 
-def leaderboard(out: Path, quick: bool = False, progress: bool = True) -> Path:
-    """Run the suite (``--quick``: the toys, shortened) into ``out``; returns ``out/leaderboard.md``."""
+def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: str = "default") -> Path:
+    """Run the suite (``--quick``: its quick entries, shortened) into ``out``; returns ``out/leaderboard.md``."""
     out = Path(out)
     started = time.perf_counter()
-    tables = suite_tables(quick)
+    tables = suite_tables(quick, suite=suite_entries(suite))
     rows = run_suite(tables, out, progress)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "leaderboard.csv", index=False)
-    return write_page(rows, out, quick, (time.perf_counter() - started) / 60)
+    return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite)
 
 
-def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float) -> Path:
+def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite: str = "default") -> Path:
     """``out/leaderboard.md``: the command, the machine and the table."""
-    command = "eosflow leaderboard" + (" --quick" if quick else "")
+    command = "eosflow leaderboard" + (f" --suite {suite}" if suite != "default" else "") + (" --quick" if quick else "")
     problems = rows["problem"].nunique()
-    lines = [f"# Flow leaderboard{' (quick)' if quick else ''}", "",
+    title = "Flow leaderboard" + (f": {suite}" if suite != "default" else "") + (" (quick)" if quick else "")
+    lines = [f"# {title}", "",
              f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.", "",
              "rel. distance = <||w_GD - w||> / gradient flow's; loss error and envelope error = relative "
              "L1 errors against GD's smoothed loss and oscillation envelope; (avg): the same with both sides "
