@@ -27,8 +27,14 @@ from jaxtyping import Array
 
 from eosflow.config import SpecError, option
 from eosflow.data import ClassificationData, load_classification
-from eosflow.problems.networks import (ACTIVATIONS, Activation, average_pool, image_shape, initialize,
-                                       supervised_problem)
+from eosflow.problems.networks import (
+    ACTIVATIONS,
+    Activation,
+    average_pool,
+    image_shape,
+    initialize,
+    supervised_problem,
+)
 from eosflow.problems.registry import Problem, register_problem
 
 Norm = Literal["none", "layer", "group"]

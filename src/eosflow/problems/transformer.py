@@ -23,8 +23,19 @@ from jaxtyping import Array
 
 from eosflow.config import SpecError, option
 from eosflow.data import ClassificationData, load_classification
-from eosflow.data.sequences import SequenceData, input_length, input_vocab, load_sequences
-from eosflow.problems.networks import ACTIVATIONS, Activation, image_shape, initialize, supervised_problem
+from eosflow.data.sequences import (
+    SequenceData,
+    input_length,
+    input_vocab,
+    load_sequences,
+)
+from eosflow.problems.networks import (
+    ACTIVATIONS,
+    Activation,
+    image_shape,
+    initialize,
+    supervised_problem,
+)
 from eosflow.problems.registry import Problem, register_problem
 
 
