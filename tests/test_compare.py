@@ -149,6 +149,14 @@ def test_compare_report_numbers_equal_the_run_directory(tmp_path):
     envelope = np.sqrt(smooth(ds["oscillation"].sel(process="gd").values ** 2))
     amplitude = ds["amplitude"].sel(process="rod_flow").values
     _close(rows["rod_flow"]["envelope_error"], np.abs(amplitude - envelope).sum() / envelope.sum())
+    # the time-averaged columns: both sides box-averaged over 101 steps (the loop oracle below)
+    box_envelope = np.sqrt(_box_oracle(ds["oscillation"].sel(process="gd").values ** 2, cmp.AVERAGING_WINDOW))
+    box_amplitude = np.sqrt(_box_oracle(amplitude**2, cmp.AVERAGING_WINDOW))
+    _close(rows["rod_flow"]["envelope_error_averaged"], np.abs(box_amplitude - box_envelope).sum() / box_envelope.sum())
+    box_loss = _box_oracle(gd_loss, cmp.AVERAGING_WINDOW)
+    box_predicted = _box_oracle(ds["predicted_loss"].sel(process="rod_flow").values, cmp.AVERAGING_WINDOW)
+    _close(rows["rod_flow"]["loss_error_averaged"], np.abs(box_predicted - box_loss).sum() / box_loss.sum())
+    assert rows["gd"]["loss_error_averaged"] == "-" and rows["gd"]["envelope_error_averaged"] == "-"
     _close(rows["gd"]["gradient_equivalents"], (1 + 2 * ds["hvps"].sel(process="gd").values).mean())
     assert rows["gd"]["relative_distance"] == "-" and rows["gd"]["loss_error"] == "-"
     # gradient flow predicts no oscillation (amplitude 0): its envelope error is exactly 1
@@ -176,3 +184,47 @@ def test_cli_compare_writes_the_report_and_never_overwrites_silently(tmp_path, c
     assert "--overwrite" in capsys.readouterr().err and page.read_text() == first
     assert main(["compare", str(spec), "--out", str(out), "--quiet", "--overwrite", "--set", "steps=40"]) == 0
     assert eosflow.load(out).sizes["step"] == steps - 20
+
+
+# ---- time-averaged metrics -----------------------------------------------------------------------
+def _box_oracle(x, window):
+    """<x>_W by a plain loop over steps: the mean of the finite x_s with |s - t| <= W // 2."""
+    half = window // 2
+    out = np.full(len(x), np.nan)
+    for t in range(len(x)):
+        box = x[max(0, t - half):t + half + 1]
+        box = box[np.isfinite(box)]
+        if box.size:
+            out[t] = box.mean()
+    return out
+
+
+def test_window_mean_hand_values_and_loop_oracle():
+    # [0, 0, 3, 0, 0] with W = 3: the box (t-1..t+1) is one-sided at the ends
+    np.testing.assert_allclose(cmp.window_mean(np.array([0.0, 0.0, 3.0, 0.0, 0.0]), 3), [0, 1, 1, 1, 0])
+    np.testing.assert_allclose(cmp.window_mean(np.array([1.0, 2.0]), 1), [1.0, 2.0])  # W = 1: identity
+    np.testing.assert_allclose(cmp.window_mean(np.array([2.0, np.nan, 4.0]), 3), [2.0, 3.0, 4.0])  # NaN skipped
+    assert np.isnan(cmp.window_mean(np.array([1.0, np.nan, np.nan, np.nan]), 3)[-1])
+    rng = np.random.default_rng(0)
+    for n, window in ((7, 101), (300, 101), (50, 11)):  # a series shorter than the window, too
+        x = rng.standard_normal(n)
+        x[rng.random(n) < 0.1] = np.nan
+        np.testing.assert_allclose(cmp.window_mean(x, window), _box_oracle(x, window), rtol=1e-12, equal_nan=True)
+    with pytest.raises(ValueError, match="odd"):
+        cmp.window_mean(np.ones(3), 4)
+
+
+def test_window_averaged_envelope_of_bursts_and_averaged_errors():
+    # a +-0.7 oscillation is its own envelope; bursts of amplitude 2 on half the steps (periods of 10)
+    # have the RMS sqrt(2^2 / 2) = sqrt 2 over a box of whole periods, away from the ends
+    np.testing.assert_allclose(cmp.window_averaged_envelope(0.7 * (-1.0) ** np.arange(40), 5), 0.7)
+    bursts = np.where((np.arange(400) // 5) % 2 == 0, 2.0, 0.0) * (-1.0) ** np.arange(400)
+    np.testing.assert_allclose(cmp.window_averaged_envelope(bursts, 101)[100:300], np.sqrt(2.0), rtol=0.02)
+    # the pointwise envelope error of a smooth sqrt 2 against the bursts is large, the averaged one small
+    smooth = np.full(400, np.sqrt(2.0))
+    assert cmp.envelope_error(smooth, bursts, 1.0) > 0.3
+    assert cmp.averaged_envelope_error(smooth, bursts, 101) < 0.03
+    # loss 1, 3, 1, 3 against 2: the box average of W = 3 at the ends is (1+3)/2 = 2 and inside 5/3 or 7/3
+    assert cmp.averaged_loss_error(np.full(4, 2.0), np.array([1.0, 3.0, 1.0, 3.0]), 3) == pytest.approx(
+        (1 / 3 + 1 / 3) / (2 + 7 / 3 + 5 / 3 + 2))
+    assert cmp.averaged_loss_error(np.full(4, 2.0), np.array([1.0, 3.0, 1.0, 3.0]), 1) == pytest.approx(0.5)

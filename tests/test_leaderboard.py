@@ -109,3 +109,20 @@ def test_measure_only_processes_never_read_their_eigenpairs_and_own_cost_leaves_
         assert off_rows.loc[process, "measurement_equivalents"] == 0
         assert measured_rows.loc[process, "own_equivalents"] == pytest.approx(off_rows.loc[process, "own_equivalents"])
     assert measured_rows.loc["gd", "own_equivalents"] == pytest.approx(1.0)
+
+
+def test_architectures_suite_covers_the_listed_pairs_and_every_spec_is_valid():
+    from eosflow.config import SpecError
+
+    tables = lb.suite_tables(suite=lb.suite_entries("architectures"))
+    assert list(tables) == ["resnet_digits", "transformer_sorting", "lstm_copying", "mlp_moons"]
+    problems = {name: (t["problem"]["name"], t["problem"].get("dataset", t["problem"].get("task")))
+                for name, t in tables.items()}
+    assert problems == {"resnet_digits": ("resnet", "digits"), "transformer_sorting": ("transformer", "sorting"),
+                        "lstm_copying": ("lstm", "copying"), "mlp_moons": ("mlp", "moons")}
+    models = [m for m in lb.gd_models() if m != "particle_model"]
+    for table in tables.values():
+        assert table["processes"] == ["gd", "gradient_flow", *models]
+        prepare(table)  # builds every problem and process: validates every value
+    with pytest.raises(SpecError, match="architectures"):
+        lb.suite_entries("zoo")

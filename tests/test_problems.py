@@ -37,6 +37,26 @@ CASES = {
     "cnn": {"name": "cnn", "n_train": 20, "n_test": 10, "channels": [3, 4]},
     "two_layer_meanfield": {"name": "two_layer_meanfield", "width": 16, "n_train": 24},
 }
+# the architectures suite (tests/test_architectures.py adds third derivatives and more variants)
+ARCHITECTURE_CASES = {
+    "resnet_layer_relu": {"name": "resnet", "n_train": 6, "classes": 3, "channels": [2, 4]},
+    "resnet_none_swish_ce": {"name": "resnet", "n_train": 6, "classes": 3, "channels": [2, 4], "norm": "none",
+                             "activation": "swish", "loss": "cross_entropy"},
+    "resnet_group_tanh_two_blocks": {"name": "resnet", "n_train": 4, "classes": 2, "channels": [4], "blocks": 2,
+                                     "norm": "group", "groups": 2, "activation": "tanh"},
+    "vit_gelu": {"name": "vit", "n_train": 6, "classes": 3, "dim": 4, "heads": 2, "mlp_width": 6, "depth": 1,
+                 "patch": 4},
+    "transformer_sorting": {"name": "transformer", "n_train": 6, "length": 3, "vocab": 3, "dim": 4, "mlp_width": 6},
+    "transformer_copying_ce": {"name": "transformer", "task": "copying", "n_train": 6, "length": 2, "vocab": 3,
+                               "dim": 4, "heads": 1, "mlp_width": 5, "depth": 1, "loss": "cross_entropy"},
+    "lstm_copying": {"name": "lstm", "n_train": 6, "length": 2, "vocab": 3, "hidden": 4, "embedding": 3},
+    "lstm_sorting_ce": {"name": "lstm", "task": "sorting", "n_train": 5, "length": 3, "vocab": 4, "hidden": 3,
+                        "embedding": 2, "loss": "cross_entropy"},
+    "mlp_moons": {"name": "mlp", "dataset": "moons", "classes": 2, "n_train": 10, "n_test": 4, "width": 6},
+    "mlp_circles_ce": {"name": "mlp", "dataset": "circles", "classes": 2, "n_train": 10, "n_test": 0, "width": 5,
+                       "activation": "relu", "loss": "cross_entropy"},
+}
+CASES.update(ARCHITECTURE_CASES)
 # problems registered elsewhere are checked with their defaults
 CASES.update({name: {"name": name} for name in PROBLEMS if name not in {c["name"] for c in CASES.values()}})
 

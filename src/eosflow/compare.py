@@ -10,6 +10,9 @@ Everything is computed from the run directory (``eosflow.load``), on the shared 
                         GD alone, |delta_k| = |w_{k+1} - 2 w_k + w_{k-1}| / 4 (recorded by ``gd``)
     predicted envelope  a_m(t) = sqrt(tr Sigma_m) for a model with a covariance, else its amplitude
     envelope error      sum_t |a_m(t) - e(t)| / sum_t e(t)
+    window averages     <x>_W(t) = mean of the finite x_s over the centred box |s - t| <= W // 2 (W = ``AVERAGING_WINDOW``
+                        steps, one-sided at the ends); the averaged loss error compares <Lhat_m>_W with <L_GD>_W, the
+                        averaged envelope error sqrt(<a_m^2>_W) with GD's window-averaged envelope sqrt(<osc^2>_W)
     cost                gradient-equivalents per unit time, sum_c weight_c * count_c (an HVP = 2
                         gradients), and wall-clock milliseconds per unit time
     measurement cost    the part of the cost spent by the eigensolver, 2 * measurement_hvps
@@ -39,9 +42,10 @@ from eosflow.store import RunStore  # noqa: E402
 SMOOTHING = 20.0  # std (in steps) of the Gaussian window for GD's loss and the envelope
 TRUNCATE = 4.0  # the window is cut at TRUNCATE standard deviations
 COST_WEIGHTS = {"grads": 1.0, "hvps": 2.0, "third_derivatives": 4.0}  # gradient-equivalents per evaluation
+AVERAGING_WINDOW = 101  # steps (odd: t - 50 .. t + 50) of the box over which the averaged errors compare
 BASELINE = "gradient_flow"
-COLUMNS = ("mean_distance", "relative_distance", "loss_error", "envelope_error",
-           "gradient_equivalents", "measurement_equivalents", "ms_per_step")
+COLUMNS = ("mean_distance", "relative_distance", "loss_error", "envelope_error", "loss_error_averaged",
+           "envelope_error_averaged", "gradient_equivalents", "measurement_equivalents", "ms_per_step")
 
 
 # ---- metrics: pure functions on arrays -----------------------------------------------------------
@@ -68,6 +72,28 @@ def gaussian_smooth(values: np.ndarray, width: float = SMOOTHING) -> np.ndarray:
 def running_rms(values: np.ndarray, width: float = SMOOTHING) -> np.ndarray:
     """sqrt of the Gaussian-smoothed square: the oscillation envelope of a signed displacement."""
     return np.sqrt(gaussian_smooth(np.square(np.asarray(values, dtype=np.float64)), width))
+
+
+def window_mean(values: np.ndarray, window: int = AVERAGING_WINDOW) -> np.ndarray:
+    """Centred box average: <x>_W(t) = mean of the finite x_s with |s - t| <= W // 2 (W odd).
+
+    Near the ends and around NaNs only the available steps are averaged (no padding); steps with
+    no finite value in their box are NaN; W = 1 is the identity.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"the averaging window must be an odd number of steps >= 1, got {window}")
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    box, centred = np.ones(window), slice(window // 2, window // 2 + values.size)  # the centred part of the full sum
+    total = np.convolve(np.where(finite, values, 0.0), box)[centred]
+    count = np.convolve(finite.astype(np.float64), box)[centred]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1.0), np.nan)
+
+
+def window_averaged_envelope(oscillation: np.ndarray, window: int = AVERAGING_WINDOW) -> np.ndarray:
+    """sqrt(<x^2>_W): the RMS of a signed displacement (or of a predicted RMS) over a centred box of W steps."""
+    return np.sqrt(window_mean(np.square(np.asarray(oscillation, dtype=np.float64)), window))
 
 
 def _both_finite(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +131,16 @@ def loss_prediction_error(predicted_loss: np.ndarray, loss: np.ndarray, width: f
 def envelope_error(amplitude: np.ndarray, oscillation: np.ndarray, width: float = SMOOTHING) -> float:
     """Relative L1 error of the predicted amplitude against the running RMS of GD's oscillation."""
     return relative_l1_error(amplitude, running_rms(oscillation, width))
+
+
+def averaged_loss_error(predicted_loss: np.ndarray, loss: np.ndarray, window: int = AVERAGING_WINDOW) -> float:
+    """Relative L1 error of <Lhat_m>_W against <L_GD>_W (both box-averaged over ``window`` steps)."""
+    return relative_l1_error(window_mean(predicted_loss, window), window_mean(loss, window))
+
+
+def averaged_envelope_error(amplitude: np.ndarray, oscillation: np.ndarray, window: int = AVERAGING_WINDOW) -> float:
+    """Relative L1 error of sqrt(<a_m^2>_W) against GD's window-averaged envelope sqrt(<osc^2>_W)."""
+    return relative_l1_error(window_averaged_envelope(amplitude, window), window_averaged_envelope(oscillation, window))
 
 
 def gradient_equivalents(counts: dict[str, np.ndarray]) -> float:
@@ -186,6 +222,7 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
             "loss_error": np.nan if is_reference else loss_prediction_error(predicted_loss(ds, p), reference_loss, width),
             "envelope_error": (np.nan if is_reference or amplitude is None or oscillation is None
                                else envelope_error(amplitude, oscillation, width)),
+            **averaged_errors(predicted_loss(ds, p), reference_loss, amplitude, oscillation, is_reference),
             "gradient_equivalents": gradient_equivalents(counts),
             "measurement_equivalents": measurement_equivalents(_series(ds, "measurement_hvps", p)),
             "ms_per_step": milliseconds_per_step(timing.get(p)),
@@ -193,6 +230,17 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
             "status": f"dropped: {dropped[p]}" if p in dropped else "ok",
         })
     return pd.DataFrame(rows).set_index("process")
+
+
+def averaged_errors(predicted: np.ndarray, reference_loss: np.ndarray, amplitude: np.ndarray | None,
+                    oscillation: np.ndarray | None, is_reference: bool,
+                    window: int = AVERAGING_WINDOW) -> dict[str, float]:
+    """The time-averaged columns: ``loss_error_averaged`` and ``envelope_error_averaged`` (NaN for the reference)."""
+    return {
+        "loss_error_averaged": np.nan if is_reference else averaged_loss_error(predicted, reference_loss, window),
+        "envelope_error_averaged": (np.nan if is_reference or amplitude is None or oscillation is None
+                                    else averaged_envelope_error(amplitude, oscillation, window)),
+    }
 
 
 def compare_run(run_dir: str | Path, width: float = SMOOTHING) -> pd.DataFrame:
@@ -336,7 +384,8 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     lines += markdown_table(table)
     lines += ["", "Columns: mean_distance = time-averaged ||w_ref - w||; relative_distance = the same "
               f"divided by {BASELINE}'s; loss_error and envelope_error = relative L1 errors against "
-              "the reference's smoothed loss and running-RMS envelope; gradient_equivalents and "
+              "the reference's smoothed loss and running-RMS envelope; the *_averaged columns compare "
+              f"both sides averaged over a centred box of {AVERAGING_WINDOW} steps; gradient_equivalents and "
               "ms_per_step per unit time (an HVP counts as 2 gradients).", "", "## Figures", ""]
     lines += [f"![{title}]({name})" for title, name in figures]
     path = out / "compare.md"

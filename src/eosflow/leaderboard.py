@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import pandas as pd
 
-from eosflow.compare import compare_run, format_number
+from eosflow.compare import AVERAGING_WINDOW, compare_run, format_number
 from eosflow.experiment import run
 from eosflow.process import PROCESSES
 from eosflow.progress import training_bar
@@ -80,6 +80,35 @@ SUITE: tuple[Entry, ...] = (
     _entry("two_layer_meanfield", 500, 512.0, {"name": "two_layer_meanfield", "width": 128, "n_train": 512,
                                                "dataset": "gaussian", "input_dim": 8}, dtype="float32", k_max=3),
 )
+
+
+# ---- the architectures suite (`--suite architectures`, docs/leaderboard.md "Architectures") -------
+ARCHITECTURES: tuple[Entry, ...] = (
+    # pre-activation ResNet (stages 8-16, LayerNorm-style GroupNorm(1), ReLU) on 32 digits: S = 36.5 at
+    # w0, so lr S = 1.46 there; convolutions' HVPs are slow on a CPU, hence the 32 images
+    _entry("resnet_digits", 250, 0.04, {"name": "resnet", "dataset": "digits", "n_train": 32, "n_test": 0},
+           dtype="float32", k_max=3),
+    # transformer encoder (D = 16, 2 blocks, 2 heads, GELU) sorting 5 tokens of 6 values: S = 42 at w0,
+    # lr S = 2.5 (at lr = 0.035, lr S = 1.47, the sharpness only falls in 300 steps)
+    _entry("transformer_sorting", 300, 0.06, {"name": "transformer", "task": "sorting", "n_train": 128},
+           dtype="float32", k_max=3),
+    # one-layer LSTM (hidden 32) copying 5 tokens of 6 values after 5 recall tokens: lr S = 1.45 at w0,
+    # at the edge from step ~75
+    _entry("lstm_copying", 300, 0.1, {"name": "lstm", "task": "copying", "n_train": 128}, dtype="float32", k_max=3),
+    # tanh MLP width 32, depth 2, on 128 moons: lr S = 1.5 at w0, at the edge from step ~60
+    _entry("mlp_moons", 600, 0.4, {"name": "mlp", "dataset": "moons", "classes": 2, "n_train": 128, "n_test": 0,
+                                    "width": 32, "depth": 2}, dtype="float32", k_max=3),
+)
+SUITES: dict[str, tuple[Entry, ...]] = {"default": SUITE, "architectures": ARCHITECTURES}
+
+
+def suite_entries(name: str) -> tuple[Entry, ...]:
+    """The entries of the suite ``name`` (``default`` or ``architectures``), or a SpecError listing them."""
+    from eosflow.config import SpecError
+
+    if name not in SUITES:
+        raise SpecError(f"unknown leaderboard suite {name!r}; choose one of {', '.join(SUITES)}")
+    return SUITES[name]
 
 
 def gd_models() -> list[str]:
@@ -172,12 +201,15 @@ def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+# the time-averaged errors beside the pointwise ones (box of compare.AVERAGING_WINDOW steps)
+AVERAGED_COLUMNS = (("loss_error_averaged", "loss error (avg)"), ("envelope_error_averaged", "envelope error (avg)"))
 COLUMNS = (("relative_distance", "rel. distance"), ("loss_error", "loss error"),
-           ("envelope_error", "envelope error"), ("ms_per_step", "ms / step"),
+           ("envelope_error", "envelope error"), *AVERAGED_COLUMNS, ("ms_per_step", "ms / step"),
            ("own_equivalents", "own grad-equiv. / step"), ("measurement_equivalents", "eigensolver grad-equiv. / step"))
 
 
-HIDDEN_WHEN_DROPPED = ("relative_distance", "loss_error", "envelope_error", "ms_per_step")
+HIDDEN_WHEN_DROPPED = ("relative_distance", "loss_error", "envelope_error", *(c for c, _ in AVERAGED_COLUMNS),
+                       "ms_per_step")
 
 
 def markdown(rows: pd.DataFrame) -> list[str]:
@@ -208,25 +240,27 @@ def machine() -> str:
             f"jax {jax.__version__} ({jax.devices()[0].platform}), load average at the end {load:.1f}")
 
 
-def leaderboard(out: Path, quick: bool = False, progress: bool = True) -> Path:
-    """Run the suite (``--quick``: the toys, shortened) into ``out``; returns ``out/leaderboard.md``."""
+def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: str = "default") -> Path:
+    """Run the suite (``--quick``: its quick entries, shortened) into ``out``; returns ``out/leaderboard.md``."""
     out = Path(out)
     started = time.perf_counter()
-    tables = suite_tables(quick)
+    tables = suite_tables(quick, suite=suite_entries(suite))
     rows = run_suite(tables, out, progress)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "leaderboard.csv", index=False)
-    return write_page(rows, out, quick, (time.perf_counter() - started) / 60)
+    return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite)
 
 
-def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float) -> Path:
+def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite: str = "default") -> Path:
     """``out/leaderboard.md``: the command, the machine and the table."""
-    command = "eosflow leaderboard" + (" --quick" if quick else "")
+    command = "eosflow leaderboard" + (f" --suite {suite}" if suite != "default" else "") + (" --quick" if quick else "")
     problems = rows["problem"].nunique()
-    lines = [f"# Flow leaderboard{' (quick)' if quick else ''}", "",
+    title = "Flow leaderboard" + (f": {suite}" if suite != "default" else "") + (" (quick)" if quick else "")
+    lines = [f"# {title}", "",
              f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.", "",
              "rel. distance = <||w_GD - w||> / gradient flow's; loss error and envelope error = relative "
-             "L1 errors against GD's smoothed loss and oscillation envelope; own cost per unit time "
+             "L1 errors against GD's smoothed loss and oscillation envelope; (avg): the same with both sides "
+             f"averaged over a centred box of {AVERAGING_WINDOW} steps; own cost per unit time "
              "(an HVP = 2 gradients): what the process needs to advance, without the eigensolver for "
              f"{', '.join(MEASURE_ONLY)} (whose steps never read the eigenpairs); the eigensolver's part is "
              "shown apart. Wall times include the eigensolver. Definitions: docs/compare.md.", ""]

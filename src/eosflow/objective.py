@@ -39,11 +39,14 @@ def sse(predictions: Array, targets: Array) -> Array:
 
 
 def cross_entropy(logits: Array, targets: Array) -> Array:
-    """Softmax cross-entropy averaged over examples; ``targets`` are integer labels or one-hot rows."""
+    """Softmax cross-entropy averaged over examples (and output positions, for sequences of logits).
+
+    ``targets`` are integer labels (the logits' shape without the class axis) or one-hot rows.
+    """
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     if targets.ndim == logits.ndim:
         return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
-    return -jnp.mean(jnp.take_along_axis(log_probs, targets[:, None].astype(jnp.int32), axis=-1))
+    return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1))
 
 
 LOSSES: dict[str, Callable[[Array, Array], Array]] = {

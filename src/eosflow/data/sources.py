@@ -54,6 +54,26 @@ def cifar10(params, seed: int = 0) -> Raw:
     return Raw(x_train, y_train, x_test, y_test)
 
 
+def _two_class_shapes(generator: str, params, seed: int) -> Raw:
+    """Balanced 2-D two-class points from scikit-learn's generator, seeded; enough for train and test."""
+    import sklearn.datasets
+
+    n = 2 * (params.n_train + params.n_test) + 2  # even and >= twice what a balanced split draws
+    kwargs = {"factor": 0.5} if generator == "make_circles" else {}
+    x, y = getattr(sklearn.datasets, generator)(n_samples=n, noise=0.1, random_state=seed, **kwargs)
+    return Raw(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64))
+
+
+@register_source(CLASSIFICATION, "moons", "scikit-learn's two interleaving half-moons (2-D, noise 0.1), drawn from the seed, 2 classes")
+def moons(params, seed: int = 0) -> Raw:
+    return _two_class_shapes("make_moons", params, seed)
+
+
+@register_source(CLASSIFICATION, "circles", "scikit-learn's two concentric circles (2-D, radii 1 and 0.5, noise 0.1), from the seed, 2 classes")
+def circles(params, seed: int = 0) -> Raw:
+    return _two_class_shapes("make_circles", params, seed)
+
+
 @register_source(REGRESSION, "diabetes", "scikit-learn's diabetes progression: 442 examples, 10 features, 1 target")
 def diabetes(params=None, seed: int = 0) -> Raw:
     x, y = _sklearn("load_diabetes")

@@ -13,5 +13,6 @@ from eosflow.problems.registry import (
 # each module registers its problems on import
 from eosflow.problems import factorization, networks, toys  # noqa: E402,F401
 from eosflow.problems import regression  # noqa: E402,F401  (linear_regression)
+from eosflow.problems import lstm, resnet, transformer  # noqa: E402,F401  (the architectures suite)
 
 __all__ = ["IN_MEMORY", "PROBLEMS", "Problem", "build_problem", "describe_problems", "problem_params", "register_problem"]

@@ -89,27 +89,51 @@ class _BatchedModel(eqx.Module):
 
 
 def initialize(build: Callable[[Array], eqx.Module], seed: int) -> eqx.Module:
-    """``build(key)``'s architecture with Equinox's default distribution, drawn by numpy.
+    """``build(key)``'s architecture with Equinox's default distributions, drawn by numpy.
 
     Every Linear/Conv layer gets weights and biases uniform in +-1/sqrt(fan_in) (fan_in = inputs
     x kernel size), as Equinox draws them, but from ``numpy.random.default_rng(seed)``: building
-    the module under ``eval_shape`` compiles nothing, which makes problems quick to set up.
+    the module under ``eval_shape`` compiles nothing, which makes problems quick to set up. As in
+    Equinox, an LSTM cell's weights and bias are uniform in +-1/sqrt(hidden), an Embedding's
+    entries standard normal, and LayerNorm/GroupNorm start as the identity (scale 1, shift 0).
+    A parameter of any other layer is an error naming it.
     """
     rng = np.random.default_rng([seed, 11])
-    layers = (eqx.nn.Linear, eqx.nn.Conv)
+    layers = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.LSTMCell, eqx.nn.Embedding, eqx.nn.LayerNorm, eqx.nn.GroupNorm)
+
+    def uniform(leaf, bound):
+        return None if leaf is None else jnp.asarray(rng.uniform(-bound, bound, leaf.shape), leaf.dtype)
 
     def draw(layer):
-        if not isinstance(layer, layers):
+        if isinstance(layer, (eqx.nn.Linear, eqx.nn.Conv)):
+            bound = 1.0 / np.sqrt(np.prod(layer.weight.shape[1:]))
+            names = ("weight", "bias")
+        elif isinstance(layer, eqx.nn.LSTMCell):
+            bound, names = 1.0 / np.sqrt(layer.hidden_size), ("weight_ih", "weight_hh", "bias")
+        elif isinstance(layer, eqx.nn.Embedding):
+            return eqx.tree_at(lambda m: m.weight, layer,
+                               jnp.asarray(rng.standard_normal(layer.weight.shape), layer.weight.dtype))
+        elif isinstance(layer, (eqx.nn.LayerNorm, eqx.nn.GroupNorm)):
+            for name, fill in (("weight", jnp.ones), ("bias", jnp.zeros)):
+                leaf = getattr(layer, name)
+                if leaf is not None:
+                    layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, fill(leaf.shape, leaf.dtype))
             return layer
-        bound = 1.0 / np.sqrt(np.prod(layer.weight.shape[1:]))
-        uniform = lambda leaf: jnp.asarray(rng.uniform(-bound, bound, leaf.shape), leaf.dtype)  # noqa: E731
-        layer = eqx.tree_at(lambda m: m.weight, layer, uniform(layer.weight))
-        if layer.bias is not None:
-            layer = eqx.tree_at(lambda m: m.bias, layer, uniform(layer.bias))
+        else:
+            return layer
+        for name in names:
+            leaf = getattr(layer, name)
+            if leaf is not None:
+                layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, uniform(leaf, bound))
         return layer
 
     shapes = eqx.filter_eval_shape(build, jax.random.PRNGKey(0))
-    return jax.tree_util.tree_map(draw, shapes, is_leaf=lambda node: isinstance(node, layers))
+    model = jax.tree_util.tree_map(draw, shapes, is_leaf=lambda node: isinstance(node, layers))
+    undrawn = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(model)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if undrawn:
+        raise TypeError(f"initialize does not know how to draw the parameters {', '.join(undrawn)}")
+    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +185,23 @@ def mlp_regression(params: MLPRegressionParams, seed: int, dtype) -> Problem:
     return supervised_problem(model, dataset, params.loss, dtype, {"dataset": params.dataset})
 
 
+def average_pool(x: Array) -> Array:
+    """2x2 average pooling of a (C, H, W) map (an odd last row or column is dropped)."""
+    c, h, w = x.shape
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+
+
+def image_shape(dataset: Dataset, name: str, network: str) -> tuple[int, int, int]:
+    """(C, H, W) of the dataset's examples, or a SpecError naming the dataset when they are not images."""
+    shape = dataset.x_train.shape[1:]
+    if len(shape) != 3:
+        raise SpecError(
+            f"`problem.dataset` = {name!r} is not an image dataset (examples have shape {shape}); "
+            f"the {network} needs channels x height x width images (digits, cifar10)"
+        )
+    return shape
+
+
 # ---- a small CNN on an image set ---------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CNNParams(ClassificationData):
@@ -196,21 +237,14 @@ class SmallCNN(eqx.Module):
 
     def __call__(self, image: Array) -> Array:
         for conv in self.convs:
-            x = self.activation(conv(image))
-            c, h, w = x.shape
-            image = x[:, : h // 2 * 2, : w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+            image = average_pool(self.activation(conv(image)))
         return self.readout(image.reshape(-1))
 
 
 @register_problem("cnn", CNNParams, "small CNN (conv-activation-avgpool blocks, linear readout) on an image dataset")
 def cnn(params: CNNParams, seed: int, dtype) -> Problem:
     dataset = load_classification(params, seed)
-    shape = dataset.x_train.shape[1:]
-    if len(shape) != 3:
-        raise SpecError(
-            f"`problem.dataset` = {params.dataset!r} is not an image dataset (examples have shape {shape}); "
-            "the cnn needs channels x height x width images (digits, cifar10)"
-        )
+    shape = image_shape(dataset, params.dataset, "cnn")
     smallest = min(shape[1:]) // 2 ** len(params.channels)
     if smallest < 1:
         raise SpecError(
