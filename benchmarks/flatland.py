@@ -1,7 +1,7 @@
 """Flatland line searches on digits: the edge of stability from the first step, the sharpness
 driven towards its floor, the cost of each rule, and the flat-saddle failure fixed by the cap.
 
-    .venv/bin/python benchmarks/flatland.py [--out DIR] [--parts mlp,cnn,saddle] [--steps N]
+    .venv/bin/python benchmarks/flatland.py [--out DIR] [--parts mlp,cnn,saddle,trials] [--small] [--steps N]
 
 1. ``mlp`` / ``cnn``: each rule from the same w0 on the spec of examples/flatland_{mlp,cnn}_digits.toml
    (one run per rule): loss evaluations per step (the cost of the search; every rule also takes
@@ -123,11 +123,39 @@ def saddle_table(out: Path, steps: int | None) -> None:
               f"{seconds:.0f} |", flush=True)
 
 
+SMALL_MLP = {"name": "mlp", "dataset": "digits", "n_train": 100, "n_test": 30, "width": 16, "depth": 2,
+             "activation": "tanh", "loss": "mse"}  # the second network of tests/test_flatland.py (float64 there)
+
+
+def trials_table(out: Path, steps: int | None, small: bool) -> None:
+    """NLS from first trial steps 1e-3 ... 1, with the grid's step (refine = 0) and the refined one (default)."""
+    base = load_spec_table(EXAMPLES / "flatland_mlp_digits.toml")
+    if small:
+        base = {**base, "problem": SMALL_MLP, "spectrum": {**base["spectrum"], "every": 1}}
+    name = "tanh MLP 16-16 on 100 digits, float32, sharpness every step" if small else "flatland_mlp_digits.toml"
+    print(f"\n### first trial step and refinement ({name}, nls, {steps or base['steps']} steps; "
+          f"eta*S at the measured steps after step 20)\n")
+    print("| first trial | refine | loss evals / step (mean, max) | eta*S > 2 after step 20 | min eta*S | median eta "
+          "| final loss |")
+    print("|---|---|---|---|---|---|---|")
+    for trial in (1e-3, 1e-2, 0.05, 0.3, 1.0):
+        for refine in (0, 2):
+            run_rule({**base, "lr": trial}, "nls", {"refine": refine}, out, steps)
+            ds = eosflow.load(out)
+            d, m = ds.sel(process="nls"), measured(ds, "nls")
+            late = m["steps"] > 20
+            evals = d["loss_evals"].values
+            print(f"| {trial:g} | {refine} | {np.mean(evals):.2f}, {int(np.max(evals))} | "
+                  f"{np.mean(m['lr_sharpness'][late] > 2):.2f} | {m['lr_sharpness'][late].min():.3f} | "
+                  f"{np.median(d['lr'].values[20:]):.3f} | {np.mean(d['loss'].values[-50:]):.4f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="scratch run directory (default: a temporary one)")
-    parser.add_argument("--parts", default="mlp,cnn,saddle", help="comma-separated: mlp, cnn, saddle")
+    parser.add_argument("--parts", default="mlp,cnn,saddle,trials", help="comma-separated: mlp, cnn, saddle, trials")
     parser.add_argument("--steps", type=int, default=None, help="override the examples' step counts")
+    parser.add_argument("--small", action="store_true", help="trials: the small tanh MLP 16-16 instead of the example's")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="flatland-")) / "run"
     parts = args.parts.split(",")
@@ -137,6 +165,8 @@ def main() -> None:
         rules_table("flatland_cnn_digits.toml", CNN_RULES, out, args.steps)
     if "saddle" in parts:
         saddle_table(out, args.steps)
+    if "trials" in parts:
+        trials_table(out, args.steps, args.small)
 
 
 if __name__ == "__main__":

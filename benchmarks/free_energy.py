@@ -45,6 +45,16 @@ def box_rms(x: np.ndarray, window: int) -> np.ndarray:
     return np.sqrt(box_mean(x**2, window))
 
 
+def block_rms_error(prediction: np.ndarray, target: np.ndarray, block: int) -> float:
+    """Window-averaged envelope error: over consecutive non-overlapping blocks of ``block`` steps,
+    |RMS(prediction) - RMS(target)| / RMS(target) per block, averaged over the blocks (a burst that the
+    model puts a few steps off inside a block costs nothing; one it misses or invents still does)."""
+    n = (min(prediction.size, target.size) // block) * block
+    model = np.sqrt(np.mean(prediction[:n].reshape(-1, block) ** 2, axis=1))
+    gd = np.sqrt(np.mean(target[:n].reshape(-1, block) ** 2, axis=1))
+    return float(np.mean(np.abs(model - gd) / gd))
+
+
 def local_median(x: np.ndarray, half_width: int = 25) -> np.ndarray:
     return np.array([np.median(x[max(0, k - half_width):k + half_width]) for k in range(len(x))])
 
@@ -110,6 +120,9 @@ def analyze(run_dir: str, window: int) -> dict:
         "envelope_gd": float(np.mean(envelope)), "envelope_model": float(np.mean(predicted)),
         "envelope_ratio_error": float(np.mean(predicted) / np.mean(envelope) - 1),
         "envelope_pointwise_error": float(np.median(np.abs(predicted - envelope) / envelope)),
+        **{f"envelope_block{b}_error": block_rms_error(
+            np.nan_to_num(predicted_amplitude(ds, "free_energy"))[phase],
+            np.nan_to_num(gd.oscillation.values)[phase], b) for b in (20, 50, 100, 200)},
         "loss_error_F": float(np.mean(np.abs(box_mean(free_energy, window)[phase] / gd_average - 1))),
         "loss_error_L": float(np.mean(np.abs(box_mean(centre_loss, window)[phase] / gd_average - 1))),
     }

@@ -146,6 +146,66 @@ def test_short_run_is_large_against_the_dense_sharpness():
     assert np.mean(r["lr_sharpness"][::5] > 2) >= 0.5
 
 
+def test_refinement_bisects_the_bracket_towards_the_equality_point():
+    """With r refinements the accepted step passes the test and a failed trial lies within a factor
+    2^(2^-r) above it (numpy), the step is at least the grid's, and r more evaluations are spent."""
+    hessian, value = quadratic()
+    rng = np.random.default_rng(2)
+    for refine in (1, 2, 4):
+        search = jax.jit(lambda w, r, t, refine=refine: line_search(
+            value, w, value(w), jax.grad(value)(w), r, t, c=C, delta=0.5, max_evals=60, refine=refine))
+        grid = jax.jit(lambda w, r, t: line_search(value, w, value(w), jax.grad(value)(w), r, t, c=C, delta=0.5,
+                                                    max_evals=60))
+        for _ in range(15):
+            w = rng.standard_normal(6)
+            loss, grad = 0.5 * w @ hessian @ w, hessian @ w
+            reference, trial = loss * (1 + rng.choice([0.0, 0.3, 2.0])), 10 ** rng.uniform(-4, 2)
+            found, coarse = search(jnp.asarray(w), reference, trial), grid(jnp.asarray(w), reference, trial)
+            eta = float(found.lr)
+
+            def numpy_test(step):
+                new = w - step * grad
+                return 0.5 * new @ hessian @ new <= reference - C * step * grad @ grad
+
+            assert bool(found.accepted) and numpy_test(eta) and eta >= float(coarse.lr)
+            assert not numpy_test(eta * 2 ** (2.0**-refine) * (1 + 1e-12))
+            assert int(found.evals) == int(coarse.evals) + refine
+
+
+NETWORKS = {  # two float64 digits MLPs; the tanh one is where the grid search left eta S < 2 on most steps
+    "tanh_8": TINY_MLP,
+    "tanh_16x2": {"name": "mlp", "dataset": "digits", "n_train": 100, "n_test": 30, "width": 16, "depth": 2,
+                  "activation": "tanh"},
+}
+
+
+@pytest.mark.parametrize("network", list(NETWORKS))
+def test_nls_runs_at_the_edge_of_stability_from_any_first_trial_step(network):
+    """NLS (refine = 2, the default) from first trial steps 1e-3 ... 1: eta_k S_k > 2 on >= 90% of the
+    steps after step 20 (S by the tracker, checked against eigh above), and eta_k l(w_k, 2 eta_k) >= 1 - c
+    on every step, l the segment smoothness sampled on 60 points of the segment."""
+    steps = 100
+    table = {"steps": steps, "lr": 0.05, "dtype": "float64", "processes": ["nls"], "problem": NETWORKS[network],
+             "spectrum": {"every": 1, "k": 1, "k_max": 1, "tol": 1e-6, "max_iters": 100}, "nls": {}}
+    _, problem, _, built = prepare(table)
+    process, objective = built["nls"], problem.objective
+    fractions = np.linspace(1, 60, 60) / 30  # s / eta on (0, 2]
+
+    @jax.jit
+    def smoothness(w, eta):
+        g = objective.grad(w)
+        moved = jax.vmap(lambda s: objective.grad(w - s * eta * g))(jnp.asarray(fractions))
+        return jnp.max(jnp.linalg.norm(g - moved, axis=1) / (fractions * eta * jnp.linalg.norm(g)))
+
+    for trial in (1e-3, 1e-2, 0.05, 0.1, 0.3, 1.0):  # one compilation: the first trial is the state's lr
+        state = process.init(problem.w0)._replace(lr=jnp.asarray(trial, problem.w0.dtype))
+        rows = {key: np.asarray(value) for key, value in process.advance(state, steps)[1].items()}
+        assert np.all(rows["accepted"]) and rows["loss_evals"].max() < 30
+        assert np.mean(rows["lr_sharpness"][20:] > 2) >= 0.9, (trial, np.mean(rows["lr_sharpness"][20:] > 2))
+        segment = np.asarray(jax.vmap(smoothness)(jnp.asarray(rows["position"]), jnp.asarray(rows["lr"])))
+        assert np.all(rows["lr"] * segment >= 1 - C), trial
+
+
 def test_evaluation_budget():
     hessian, value = quadratic()
     w = jnp.ones(6)

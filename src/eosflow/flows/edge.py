@@ -11,7 +11,8 @@ s is the curvature along u averaged over the segment x +- m u (from the two grad
 substep: two gradients (the ends), one HVP (the direction), and two HVPs for the backward-error
 correction c (shared with the rod flow).
 After each unit of time the signed oscillation m u absorbs the component along u of the part of
-GD's step the smooth centre did not take, with GD's parity, as in the rod flow.
+GD's step the smooth centre did not take, with GD's parity, as in the rod flow (in proportion
+h^2/(h^2 + m^2), h = GD's half-step (eta/2)|E|: a seed, not a steer of an established oscillation).
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from eosflow.flows.rod import Ends, RodFlowOptions, RodModel, integrate, oscillation_row, parity_kick, unit
+from eosflow.flows.rod import (
+    Ends,
+    RodFlowOptions,
+    RodModel,
+    along_rod_kick,
+    integrate,
+    oscillation_row,
+    parity_kick,
+    unit,
+)
 from eosflow.process import process_key, register_process
 from eosflow.spectrum import spectrum_row
 
@@ -80,8 +90,10 @@ class EdgeFlow(RodModel):
                                     self.spectrum)
         z = (state.centre, state.direction, state.magnitude)
         (centre, direction, magnitude), terms = integrate(self.field, self.update, z, self.substeps)
-        # the kick along u: the signed oscillation m u gains u . (-1)^k tau_k (a sign change flips u)
-        signed = magnitude + jnp.vdot(direction, parity_kick(state.step, state.centre, centre, terms.ends, self.lr))
+        # the kick along u: the signed oscillation m u gains u . (-1)^k tau_k (a sign change flips u) in
+        # proportion h^2 / (h^2 + m^2), h = GD's half-step: it seeds the oscillation, it does not steer it
+        kick = parity_kick(state.step, state.centre, centre, terms.ends, self.lr)
+        signed = magnitude + along_rod_kick(direction, magnitude, kick, terms.ends, self.lr)
         magnitude, direction = jnp.abs(signed), jnp.where(signed < 0, -direction, direction)
         row.update(oscillation_row(self.objective, state.centre, terms.ends, self.lr, state.direction,
                                    state.magnitude))

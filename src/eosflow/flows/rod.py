@@ -13,7 +13,9 @@ gradient over the ends,
 integrated by n explicit Euler substeps per unit time (c compensates Euler's own first-order
 error, so the discrete scheme is second-order consistent with GD below the edge of stability).
 After each unit of time the rod absorbs (-1)^k tau_k, the part of GD's step the smooth centre
-did not take (tau_k = x(k+1) - x(k) + eta E): this is what seeds the oscillation, as in GD.
+did not take (tau_k = x(k+1) - x(k) + eta E): this is what seeds the oscillation, as in GD. Along
+the rod itself only the fraction h^2/(h^2 + |r|^2), h = (eta/2)|E| GD's smooth half-step, is absorbed:
+an established oscillation evolves by the flow alone, whose fixed points are GD's period-2 orbits.
 Explicit: two gradients (and two HVPs for the correction) per substep, no eigensolver.
 """
 
@@ -116,6 +118,20 @@ def parity_kick(state_step: Array, centre: Array, new_centre: Array, ends: Ends,
     return parity * (new_centre - (centre - lr * ends.mean_grad))
 
 
+def along_rod_kick(direction: Array, length: Array, kick: Array, ends: Ends, lr: float) -> Array:
+    """The part of the kick's component a = u . k along a rod m u that the rod absorbs: a h^2 / (h^2 + m^2).
+
+    h = (eta/2)|E| is GD's smooth half-step. A rod shorter than h (no oscillation yet, or a seed) takes
+    the whole kick, as GD's does; a rod longer than h is GD's oscillation, and along it the centre-rod
+    coupling is the flow's own: feeding it the map's as well, with alternating sign, made GD's period-2
+    orbits unstable (period-4 cycles, docs/rod_flow.md section 5). Linear in a, so alternating kicks
+    of a smooth tau still cancel."""
+    half_step = 0.5 * lr * jnp.linalg.norm(ends.mean_grad)
+    denominator = half_step**2 + length**2
+    fraction = jnp.where(denominator > 0, half_step**2 / jnp.where(denominator > 0, denominator, 1.0), 1.0)
+    return fraction * jnp.vdot(direction, kick)
+
+
 def oscillation_row(objective: Objective, centre: Array, ends: Ends, lr: float, direction: Array,
                     magnitude: Array) -> dict[str, Array]:
     """The predictions shared by rod-like models, for a rod x +- m u (see docs/rod_flow.md)."""
@@ -175,7 +191,11 @@ class RodFlow(RodModel):
         vectors, row = spectrum_row(self.objective, state.centre, state.vectors, state.step, self.lr,
                                     self.spectrum)
         (centre, rod), ends = integrate(self.field, euler_update, (state.centre, state.rod), self.substeps)
-        rod = rod + parity_kick(state.step, state.centre, centre, ends, self.lr)
+        # the kick across the rod whole, along it only while the rod is shorter than GD's half-step
+        kick = parity_kick(state.step, state.centre, centre, ends, self.lr)
+        direction, length = unit(rod)
+        along = along_rod_kick(direction, length, kick, ends, self.lr)
+        rod = rod + kick + (along - jnp.vdot(direction, kick)) * direction
         direction, length = unit(state.rod)
         row.update(oscillation_row(self.objective, state.centre, ends, self.lr, direction, length))
         row.update(grads=jnp.asarray(2 * self.substeps, jnp.int32),

@@ -61,7 +61,9 @@ class LineSearchOptions:
     c: float = option(1e-4, "sufficient-decrease constant c of the test", gt=0, lt=1)
     delta: float = option(0.5, "backtracking factor (a failed trial is multiplied by delta)", gt=0, lt=1)
     extrapolate: bool = option(True, "multiply an accepted trial by 1/delta while the test still holds")
-    max_evals: int = option(30, "loss evaluations per step at most (the search's budget)", ge=1)
+    max_evals: int = option(30, "loss evaluations of the grid search per step at most", ge=1)
+    refine: int = option(2, "extra loss evaluations bisecting the last bracket (accepted, first rejected) towards "
+                            "the equality point of the test (0: the grid's step)", ge=0)
     cap: bool = option(False, "keep eta <= cap_fraction * 2 / S_flat (S_flat: the last-layer bias block's curvature)")
     cap_fraction: float = option(
         0.5, "the cap as a fraction of 2 / S_flat (1: eta < K in the paper's mean-over-entries MSE)", gt=0, le=1)
@@ -89,7 +91,7 @@ class SearchResult(NamedTuple):
     accepted: Array  # the test holds at eta (False only when the budget ran out backtracking)
 
 
-_FIRST, _BACKTRACK, _EXTRAPOLATE, _DONE = 0, 1, 2, 3
+_FIRST, _BACKTRACK, _EXTRAPOLATE, _REFINE, _DONE = 0, 1, 2, 3, 4
 
 
 def line_search(
@@ -105,13 +107,18 @@ def line_search(
     max_evals: int,
     max_lr: float = float("inf"),
     extrapolate: bool = True,
+    refine: int = 0,
 ) -> SearchResult:
-    """The largest step on the grid trial * delta^{+-j} (up to ``max_lr``) passing the test.
+    """The largest step on the grid trial * delta^{+-j} (up to ``max_lr``) passing the test, then
+    refined towards the step where the test holds with equality.
 
     Test: value(w - eta g) <= reference - c eta ||g||^2 (``loss`` = value(w)). A failed first
     trial is multiplied by delta until the test holds; a passed one by 1/delta while it holds
     (``extrapolate``), stopping at the first failure, at ``max_lr`` or when ``max_evals`` loss
-    evaluations are spent.
+    evaluations are spent. When the grid ends with a bracket (the accepted step lo and the failed
+    trial hi = lo / delta above it), ``refine`` more evaluations bisect it geometrically: the test at
+    sqrt(lo hi) moves lo up (pass) or hi down (fail), so the accepted step ends within a factor
+    (1/delta)^(2^-refine) of a failed one (1.09 for refine = 3, delta = 1/2).
     If backtracking runs out of budget the last (smallest) trial is taken, marked not accepted.
     A zero gradient takes the trial step without a search (every step passes).
     """
@@ -122,31 +129,38 @@ def line_search(
         return new_loss <= reference - c * lr * grad_sq  # False for a NaN loss
 
     def searching(carry):
-        phase, *_, evals = carry
-        return (phase != _DONE) & (evals < max_evals)
+        phase, *_, evals, _ = carry
+        return (phase != _DONE) & ((evals < max_evals) | (phase == _REFINE))
 
     def evaluate(carry):
-        phase, lr, best_lr, best_loss, _, _, evals = carry
+        phase, lr, best_lr, best_loss, high, _, _, evals, refined = carry
         trial_loss = value(w - lr * grad)
         ok = passes(lr, trial_loss)
         grown = jnp.minimum(lr / delta, max_lr)
         can_grow = extrapolate & (grown > lr)
         best_lr, best_loss = jnp.where(ok, lr, best_lr), jnp.where(ok, trial_loss, best_loss)
-        # first trial: pass -> extrapolate, fail -> backtrack; backtrack: pass -> done;
-        # extrapolate: fail -> done (keeping the last pass)
-        next_phase = jnp.where(
-            ok,
-            jnp.where((phase == _BACKTRACK) | ~can_grow, _DONE, _EXTRAPOLATE),
-            jnp.where(phase == _EXTRAPOLATE, _DONE, _BACKTRACK),
+        high = jnp.where(ok, high, jnp.minimum(high, lr))  # the smallest failed trial
+        refined = refined + (phase == _REFINE)
+        # first trial: pass -> extrapolate, fail -> backtrack; backtrack: pass -> bracketed;
+        # extrapolate: fail -> bracketed (keeping the last pass); a bracket is refined `refine` times
+        bracketed = jnp.where(ok, phase == _BACKTRACK, phase == _EXTRAPOLATE)
+        grid_phase = jnp.where(
+            bracketed,
+            jnp.where(refine > 0, _REFINE, _DONE),
+            jnp.where(ok, jnp.where(can_grow, _EXTRAPOLATE, _DONE), _BACKTRACK),
         )
-        next_lr = jnp.where(ok, grown, lr * delta)
-        return next_phase.astype(phase.dtype), next_lr, best_lr, best_loss, lr, trial_loss, evals + 1
+        next_phase = jnp.where(phase == _REFINE, jnp.where(refined < refine, _REFINE, _DONE), grid_phase)
+        bisection = jnp.sqrt(best_lr * high)
+        next_lr = jnp.where(next_phase == _REFINE, bisection, jnp.where(ok, grown, lr * delta))
+        return (next_phase.astype(phase.dtype), next_lr, best_lr, best_loss, high, lr, trial_loss, evals + 1,
+                refined)
 
     nan = jnp.full((), jnp.nan, w.dtype)
     zero_grad = grad_sq == 0
     phase = jnp.where(zero_grad, _DONE, _FIRST).astype(jnp.int32)
-    start = (phase, trial, nan, nan, trial, loss, jnp.asarray(0, jnp.int32))
-    _, _, best_lr, best_loss, last_lr, last_loss, evals = jax.lax.while_loop(searching, evaluate, start)
+    start = (phase, trial, nan, nan, jnp.full((), jnp.inf, w.dtype), trial, loss, jnp.asarray(0, jnp.int32),
+             jnp.asarray(0, jnp.int32))
+    _, _, best_lr, best_loss, _, last_lr, last_loss, evals, _ = jax.lax.while_loop(searching, evaluate, start)
     accepted = jnp.isfinite(best_lr)
     step = jnp.where(accepted, best_lr, last_lr)  # last_lr: the smallest trial, or the zero-gradient trial
     new_loss = jnp.where(accepted, best_loss, last_loss)
@@ -255,7 +269,7 @@ class LineSearchGD(ScannedProcess):
         trial = state.lr if o.initial == "warm" else polyak_step(loss, grad_sq, o.polyak_scale)
         found = line_search(
             self.objective.value, w, loss, grad, reference, trial, c=o.c, delta=o.delta,
-            max_evals=o.max_evals, max_lr=self.max_lr, extrapolate=o.extrapolate,
+            max_evals=o.max_evals, max_lr=self.max_lr, extrapolate=o.extrapolate, refine=o.refine,
         )
         vectors, row = spectrum_row(self.objective, w, state.vectors, state.step, found.lr, self.spectrum)
         row.update(
