@@ -32,11 +32,9 @@ import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.gradient import SubstepOptions, prediction_row, substep_count
+from eosflow.flows.flow import Flow, Measured, padded, prediction_row, register_flow
+from eosflow.flows.integrate import SubstepOptions, substep_count
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
-from eosflow.objective import Objective
-from eosflow.process import ScannedProcess, process_key, register_process
-from eosflow.spectrum import spectrum_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,52 +48,55 @@ class CentralFlowOptions(ProjectedFlowOptions):
     sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
 
 
-class CentralState(NamedTuple):
-    w: Array  # the centre
-    vectors: Array  # tracked Hessian eigenvectors at the centre (warm start of the next step)
-    step: Array
+class Critical(NamedTuple):
+    """The critical directions of one step, held fixed over its substeps."""
+
+    measured: Measured
+    count: Array  # m: critical directions (eigenvalue >= (1 - margin) 2/eta), at most max_critical
+    vectors: Array  # U (d, m_max): the top m eigenvectors, zero-padded
+    scaled: Array  # Gs (m_max (m_max + 1) / 2, d): the scaled pair gradients of U
 
 
-class CentralFlow(ScannedProcess):
-    objective: Objective
+class CentralFlow(Flow):
     options: CentralFlowOptions = eqx.field(static=True)
 
-    def init(self, w0: Array) -> CentralState:
-        return CentralState(w0, self.initial_vectors(w0), jnp.asarray(0))
+    def start(self, w0: Array) -> Array:
+        return w0
 
-    def step(self, state: CentralState) -> tuple[CentralState, dict[str, Array]]:
+    def prepare(self, w: Array, measured: Measured, step: Array) -> tuple[Array, Critical]:
         threshold = 2.0 / self.lr
-        vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, self.lr, self.spectrum)
-        k = vectors.shape[1]
+        k = measured.vectors.shape[1]
         m_max = min(k, self.options.max_critical)
-        values = row["eigenvalues"][:k]
-        m = jnp.minimum(jnp.sum(values >= (1.0 - self.options.margin) * threshold), m_max).astype(jnp.int32)
-        # critical directions are held at 2/eta; the stiffest free one sets the substep count
-        n = substep_count(self.lr, jnp.max(jnp.where(jnp.arange(k) < m, threshold, values)), self.options)
-        dt = 1.0 / n
-        critical = vectors[:, :m_max] * (jnp.arange(m_max) < m)  # the top m eigenvectors, zero-padded
-        scaled = self.pair_gradients(state.w, critical, m)
+        m = jnp.minimum(jnp.sum(measured.values >= (1.0 - self.options.margin) * threshold), m_max).astype(jnp.int32)
+        critical = measured.vectors[:, :m_max] * (jnp.arange(m_max) < m)  # the top m eigenvectors, zero-padded
+        return w, Critical(measured, m, critical, self.pair_gradients(w, critical, m))
 
-        def substep(i, carry):
-            w, first = carry
-            (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
-            image = _apply_to_columns(lambda v: linear(v)[1], critical, m)
-            slack = threshold * jnp.eye(m_max, dtype=w.dtype) - 0.5 * (critical.T @ image + image.T @ critical)
-            velocity, X = self.sdcp_velocity(grad, slack, scaled, dt)
-            first = jax.tree_util.tree_map(lambda new, old: jnp.where(i == 0, new, old), (loss, grad, X), first)
-            return w + dt * velocity, first
+    def substeps(self, measured: Measured, critical: Critical) -> Array:
+        """Critical directions are held at 2/eta; the stiffest free one sets the substep count."""
+        k = measured.values.shape[0]
+        stiffest = jnp.max(jnp.where(jnp.arange(k) < critical.count, 2.0 / self.lr, measured.values))
+        return substep_count(self.lr, stiffest, self.options)
 
-        zeros = (jnp.zeros((), state.w.dtype), jnp.zeros_like(state.w), jnp.zeros((m_max, m_max), state.w.dtype))
-        new_w, (loss, grad, X) = jax.lax.fori_loop(0, n, substep, (state.w, zeros))
+    def term(self, critical: Critical, n: Array):
+        return lambda w: self.field(w, critical, 1.0 / n)
 
+    def field(self, w: Array, critical: Critical, dt: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+        """(dw/dt, (L, g, X)) for a substep of length dt (the SDCP linearizes the end of the substep)."""
+        U = critical.vectors
+        (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
+        image = _apply_to_columns(lambda v: linear(v)[1], U, critical.count)
+        slack = (2.0 / self.lr) * jnp.eye(U.shape[1], dtype=w.dtype) - 0.5 * (U.T @ image + image.T @ U)
+        velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
+        return velocity, (loss, grad, X)
+
+    def observe(self, w: Array, aux: tuple[Array, Array, Array], critical: Critical, n: Array) -> dict[str, Array]:
+        loss, grad, X = aux
+        k, m = critical.measured.vectors.shape[1], critical.count
         sigma_values, sigma_vectors = jnp.linalg.eigh(X)
         sigma_values = jnp.maximum(sigma_values[::-1], 0.0)
-        top = jnp.where(sigma_values[0] > 0, critical @ sigma_vectors[:, -1], vectors[:, 0])
-        sigma_values = jnp.concatenate([sigma_values, jnp.zeros((k - m_max,), sigma_values.dtype)])
-        row.update(prediction_row(self.lr, loss, grad, sigma_values, top, self.spectrum.k_max))
-        row.update(position=state.w, loss=loss, critical=m, substeps=n, grads=n,
-                   hvps=row["hvps"] + n * m, third_derivatives=m * (m + 1) // 2)
-        return CentralState(new_w, vectors, state.step + 1), row
+        top = jnp.where(sigma_values[0] > 0, critical.vectors @ sigma_vectors[:, -1], critical.measured.vectors[:, 0])
+        row = prediction_row(self.lr, loss, grad, padded(sigma_values, k), top, self.spectrum.k_max)
+        return {**row, "critical": m, "substeps": n, "grads": n, "hvps": n * m, "third_derivatives": m * (m + 1) // 2}
 
     def pair_gradients(self, w: Array, critical: Array, m: Array | int | None = None) -> Array:
         """Gs_p = s_p G_p for the pairs p = (i <= j) of the columns of ``critical`` (p x d), with
@@ -146,15 +147,6 @@ def _apply_to_columns(operator, vectors: Array, m: Array) -> Array:
     return jax.lax.fori_loop(0, m, column, jnp.zeros_like(vectors))
 
 
-def build_central_flow(problem, spec, options: CentralFlowOptions, name: str) -> CentralFlow:
-    """A central flow process; it measures eigenpairs at every step whatever ``spectrum.every`` says."""
-    return CentralFlow(
-        name=name, lr=spec.lr, spectrum=dataclasses.replace(spec.spectrum, every=1),
-        key=process_key(spec.seed, name), objective=problem.objective, options=options,
-    )
-
-
-@register_process("central_flow", CentralFlowOptions,
-                  "central flow: GD's time-averaged trajectory at the edge of stability (Cohen et al. 2025)")
-def build(problem, spec, options: CentralFlowOptions) -> CentralFlow:
-    return build_central_flow(problem, spec, options, "central_flow")
+register_flow("central_flow", CentralFlow, CentralFlowOptions,
+              "central flow: GD's time-averaged trajectory at the edge of stability (Cohen et al. 2025)",
+              every_step=True)
