@@ -12,17 +12,21 @@ v(X) = -eta g - (eta/2) sum_kl X_kl G_kl (see :mod:`eosflow.flows.sdcp` and docs
 
 One step (one unit of time): a warm-started LOBPCG at the centre gives the tracked eigenpairs;
 the top m eigenvectors with eigenvalue >= (1 - margin) 2/eta are the critical directions U,
-held fixed for the step, and their m(m+1)/2 pair gradients G_ij are computed once (a loop of
-jvp-of-HVP products, so one compiled copy serves every m). Then n Euler substeps, each with one
-linearization of (L, g), m HVPs for A at the substep (the constraint is re-evaluated, so any
-drift of the stale G's is corrected at the next substep), and the SDCP, padded to a fixed size
-with inactive directions masked (alpha = 2/eta on them, no coupling), so the whole step has
-static shapes and no branches. With ``max_critical = 1`` this is the projected flow.
+held fixed for the step, and their m(m+1)/2 pair gradients G_ij are computed once, in one batch
+(vmapped jvp-of-HVP products; one branch per m, :func:`by_count`, so the padding costs nothing).
+Then n Euler substeps, each with one linearization of (L, g), m batched HVPs for A at the substep
+(the constraint is re-evaluated, so any drift of the stale G's is corrected at the next
+substep), and the SDCP, padded to a fixed size with inactive directions masked (alpha = 2/eta on
+them, no coupling), so the whole step has static shapes. With no critical direction (before the
+edge of stability) a substep is gradient flow's: one gradient, no linearization, no SDCP. With
+``max_critical = 1`` this is the projected flow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -81,10 +85,27 @@ class CentralFlow(Flow):
         return lambda w: self.field(w, critical, 1.0 / n)
 
     def field(self, w: Array, critical: Critical, dt: Array) -> tuple[Array, tuple[Array, Array, Array]]:
-        """(dw/dt, (L, g, X)) for a substep of length dt (the SDCP linearizes the end of the substep)."""
+        """(dw/dt, (L, g, X)) for a substep of length dt (the SDCP linearizes the end of the substep).
+
+        With no critical direction Sigma = 0 and the field is gradient flow's: one gradient, no
+        linearization and no SDCP (a branch taken at run time)."""
+        return jax.lax.cond(critical.count > 0, lambda x: self._constrained_field(x, critical, dt),
+                            lambda x: self._free_field(x, critical), w)
+
+    def _free_field(self, w: Array, critical: Critical) -> tuple[Array, tuple[Array, Array, Array]]:
+        loss, grad = self.objective.value_and_grad(w)
+        size = critical.vectors.shape[1]
+        return -self.lr * grad, (loss, grad, jnp.zeros((size, size), w.dtype))
+
+    def _constrained_field(self, w: Array, critical: Critical, dt: Array) -> tuple[Array, tuple[Array, Array, Array]]:
         U = critical.vectors
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
-        image = _apply_to_columns(lambda v: linear(v)[1], U, critical.count)
+        hessian_times = jax.vmap(lambda v: linear(v)[1], in_axes=1, out_axes=1)
+
+        def leading(columns: int, U: Array) -> Array:
+            return jnp.zeros_like(U).at[:, :columns].set(hessian_times(U[:, :columns]))
+
+        image = by_count(critical.count, U.shape[1], leading, U)
         slack = (2.0 / self.lr) * jnp.eye(U.shape[1], dtype=w.dtype) - 0.5 * (U.T @ image + image.T @ U)
         velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
         return velocity, (loss, grad, X)
@@ -102,19 +123,20 @@ class CentralFlow(Flow):
         """Gs_p = s_p G_p for the pairs p = (i <= j) of the columns of ``critical`` (p x d), with
         G_ij = D^3 L(w)[u_i, u_j, .] and s_p = sqrt 2 off the diagonal (the svec convention).
 
-        Only the pairs of the first ``m`` columns are computed (a loop with a traced trip count);
-        the other rows are zero.
+        Only the pairs of the first ``m`` columns are computed, in one batch (vmap; one branch per
+        m so that shapes stay static); the other rows are zero.
         """
         size = critical.shape[1]
-        m = size if m is None else m
-        rows, cols = (jnp.asarray(index) for index in pair_indices(size))
+        rows, cols = pair_indices(size)
         scale = jnp.asarray(pair_scale(size), w.dtype)
+        third = jax.vmap(self.objective.third_derivative, in_axes=(None, 1, 1))
 
-        def pair(p, out):
-            u, v = critical[:, rows[p]], critical[:, cols[p]]
-            return out.at[p].set(scale[p] * self.objective.third_derivative(w, u, v))
+        def leading(columns: int, U: Array) -> Array:
+            count = columns * (columns + 1) // 2
+            out = jnp.zeros((scale.size, w.size), w.dtype)
+            return out.at[:count].set(scale[:count, None] * third(w, U[:, rows[:count]], U[:, cols[:count]]))
 
-        return jax.lax.fori_loop(0, m * (m + 1) // 2, pair, jnp.zeros((scale.size, w.size), w.dtype))
+        return by_count(size if m is None else m, size, leading, critical)
 
     def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
         """The flow lives on {S <= 2/eta}: a centre well outside it, where grad S cannot pull it back
@@ -137,14 +159,10 @@ class CentralFlow(Flow):
         return -lr * grad - 0.5 * lr * (scaled.T @ svec(X)), X
 
 
-def _apply_to_columns(operator, vectors: Array, m: Array) -> Array:
-    """operator(v) for the first m columns of ``vectors`` (a loop: one compiled copy of the
-    operator whatever m is); the other columns of the result are zero."""
-
-    def column(i, out):
-        return out.at[:, i].set(operator(vectors[:, i]))
-
-    return jax.lax.fori_loop(0, m, column, jnp.zeros_like(vectors))
+def by_count(m: Array | int, size: int, compute: Callable[[int, Array], Array], operand: Array) -> Array:
+    """compute(m, operand) for a traced m in 0..size, with m a Python int inside (one branch per
+    value, ``lax.switch``): batched work of static shape on the first m columns, none on the padding."""
+    return jax.lax.switch(m, [functools.partial(compute, count) for count in range(size + 1)], operand)
 
 
 register_flow("central_flow", CentralFlow, CentralFlowOptions,

@@ -146,8 +146,8 @@ def register_flow(name: str, flow: type[Flow], options: type, summary: str, ever
     def build(problem, spec, parsed) -> Flow:
         spectrum = dataclasses.replace(spec.spectrum, every=1) if every_step else spec.spectrum
         extra = fields(problem, spec, parsed) if fields else {}
-        base = dict(name=name, lr=spec.lr, spectrum=spectrum, key=process_key(spec.seed, name),
-                    objective=problem.objective, options=parsed)
+        base = {"name": name, "lr": spec.lr, "spectrum": spectrum, "key": process_key(spec.seed, name),
+                "objective": problem.objective, "options": parsed}
         return flow(**{**base, **extra})
 
     build.__doc__ = f"The {name} process ({flow.__name__})."
