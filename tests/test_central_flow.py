@@ -18,7 +18,8 @@ import eosflow
 from eosflow.config import SpecError
 from eosflow.experiment import prepare, run
 from eosflow.flows.central import CentralFlow, CentralFlowOptions
-from eosflow.flows.gradient import GradientFlowOptions, substep_count
+from eosflow.flows.gradient import GradientFlowOptions
+from eosflow.flows.integrate import substep_count
 from eosflow.objective import Objective
 from eosflow.spec import SpectrumSpec, parse_spec
 

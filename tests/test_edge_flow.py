@@ -34,9 +34,9 @@ def test_direction_becomes_the_top_eigenvector_of_the_centre_hessian():
     lr = 0.077
     process, problem = build("edge_flow", problem_table, lr)
     state, rows = advance(process, problem.w0, 600)
-    hessian = np.asarray(problem.objective.hessian(state.centre))
+    hessian = np.asarray(problem.objective.hessian(state.z.centre))
     values, vectors = np.linalg.eigh(hessian)
-    assert abs(np.dot(vectors[:, -1], np.asarray(state.direction))) > 1 - 1e-6
+    assert abs(np.dot(vectors[:, -1], np.asarray(state.z.direction))) > 1 - 1e-6
     np.testing.assert_allclose(rows["rayleigh_quotient"][-1], values[-1], rtol=1e-4)
     np.testing.assert_allclose(rows["sharpness_along"][-1], 2 / lr, rtol=1e-4)
     gd = gd_iterates(problem.objective, problem.w0, lr, 600)

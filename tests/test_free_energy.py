@@ -36,7 +36,7 @@ def test_growth_rate_switches_sign_at_two(mode, lr_sharpness):
         "spectrum": {"k": 1, "k_max": 1}, "free_energy": {"stiffness": mode, "floor": False},
     })
     state = flow.init(jnp.zeros_like(problem.w0))
-    state = state._replace(amplitudes=jnp.asarray([1e-2]), step=jnp.asarray(1))
+    state = state._replace(z=state.z._replace(amplitudes=jnp.asarray([1e-2])), step=jnp.asarray(1))
     state, rows = flow.advance(state, 2)
     np.testing.assert_allclose(rows["amplitude"][1] / rows["amplitude"][0], abs(lr_sharpness - 1.0), rtol=1e-9)
     np.testing.assert_allclose(rows["position"], 0.0, atol=1e-14)  # the centre of a quadratic does not move

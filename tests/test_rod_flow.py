@@ -186,11 +186,11 @@ def smooth_problem():
 
 def rod_like(name, objective, lr, correction=True):
     from eosflow.flows.edge import EdgeFlow
-    from eosflow.flows.rod import RodFlow
+    from eosflow.flows.rod import RodFlow, RodFlowOptions
 
     cls = {"rod_flow": RodFlow, "edge_flow": EdgeFlow}[name]
     return cls(name=name, lr=lr, spectrum=SpectrumSpec(every=0), key=jax.random.PRNGKey(0),
-               objective=objective, substeps=4, correction=correction)
+               objective=objective, options=RodFlowOptions(substeps=4, correction=correction))
 
 
 @pytest.mark.parametrize("name", ["rod_flow", "edge_flow"])

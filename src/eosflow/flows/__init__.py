@@ -1,4 +1,4 @@
-"""Continuous-time models of the optimizers, as processes."""
+"""Continuous-time models of the optimizers, as processes (vector fields on one integrator)."""
 
 from eosflow.flows import central, gradient, projected  # noqa: F401  (registers gradient, projected and central flows)
 from eosflow.flows import langevin  # noqa: E402,F401  (registers "langevin")

@@ -12,17 +12,21 @@ v(X) = -eta g - (eta/2) sum_kl X_kl G_kl (see :mod:`eosflow.flows.sdcp` and docs
 
 One step (one unit of time): a warm-started LOBPCG at the centre gives the tracked eigenpairs;
 the top m eigenvectors with eigenvalue >= (1 - margin) 2/eta are the critical directions U,
-held fixed for the step, and their m(m+1)/2 pair gradients G_ij are computed once (a loop of
-jvp-of-HVP products, so one compiled copy serves every m). Then n Euler substeps, each with one
-linearization of (L, g), m HVPs for A at the substep (the constraint is re-evaluated, so any
-drift of the stale G's is corrected at the next substep), and the SDCP, padded to a fixed size
-with inactive directions masked (alpha = 2/eta on them, no coupling), so the whole step has
-static shapes and no branches. With ``max_critical = 1`` this is the projected flow.
+held fixed for the step, and their m(m+1)/2 pair gradients G_ij are computed once, in one batch
+(vmapped jvp-of-HVP products; one branch per m, :func:`by_count`, so the padding costs nothing).
+Then n Euler substeps, each with one linearization of (L, g), m batched HVPs for A at the substep
+(the constraint is re-evaluated, so any drift of the stale G's is corrected at the next
+substep), and the SDCP, padded to a fixed size with inactive directions masked (alpha = 2/eta on
+them, no coupling), so the whole step has static shapes. With no critical direction (before the
+edge of stability) a substep is gradient flow's: one gradient, no linearization, no SDCP. With
+``max_critical = 1`` this is the projected flow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -32,11 +36,9 @@ import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.gradient import SubstepOptions, prediction_row, substep_count
+from eosflow.flows.flow import Flow, Measured, padded, prediction_row, register_flow
+from eosflow.flows.integrate import SubstepOptions, substep_count
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
-from eosflow.objective import Objective
-from eosflow.process import ScannedProcess, process_key, register_process
-from eosflow.spectrum import spectrum_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,70 +52,91 @@ class CentralFlowOptions(ProjectedFlowOptions):
     sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
 
 
-class CentralState(NamedTuple):
-    w: Array  # the centre
-    vectors: Array  # tracked Hessian eigenvectors at the centre (warm start of the next step)
-    step: Array
+class Critical(NamedTuple):
+    """The critical directions of one step, held fixed over its substeps."""
+
+    measured: Measured
+    count: Array  # m: critical directions (eigenvalue >= (1 - margin) 2/eta), at most max_critical
+    vectors: Array  # U (d, m_max): the top m eigenvectors, zero-padded
+    scaled: Array  # Gs (m_max (m_max + 1) / 2, d): the scaled pair gradients of U
 
 
-class CentralFlow(ScannedProcess):
-    objective: Objective
+class CentralFlow(Flow):
     options: CentralFlowOptions = eqx.field(static=True)
 
-    def init(self, w0: Array) -> CentralState:
-        return CentralState(w0, self.initial_vectors(w0), jnp.asarray(0))
+    def start(self, w0: Array) -> Array:
+        return w0
 
-    def step(self, state: CentralState) -> tuple[CentralState, dict[str, Array]]:
+    def prepare(self, w: Array, measured: Measured, step: Array) -> tuple[Array, Critical]:
         threshold = 2.0 / self.lr
-        vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, self.lr, self.spectrum)
-        k = vectors.shape[1]
+        k = measured.vectors.shape[1]
         m_max = min(k, self.options.max_critical)
-        values = row["eigenvalues"][:k]
-        m = jnp.minimum(jnp.sum(values >= (1.0 - self.options.margin) * threshold), m_max).astype(jnp.int32)
-        # critical directions are held at 2/eta; the stiffest free one sets the substep count
-        n = substep_count(self.lr, jnp.max(jnp.where(jnp.arange(k) < m, threshold, values)), self.options)
-        dt = 1.0 / n
-        critical = vectors[:, :m_max] * (jnp.arange(m_max) < m)  # the top m eigenvectors, zero-padded
-        scaled = self.pair_gradients(state.w, critical, m)
+        m = jnp.minimum(jnp.sum(measured.values >= (1.0 - self.options.margin) * threshold), m_max).astype(jnp.int32)
+        critical = measured.vectors[:, :m_max] * (jnp.arange(m_max) < m)  # the top m eigenvectors, zero-padded
+        return w, Critical(measured, m, critical, self.pair_gradients(w, critical, m))
 
-        def substep(i, carry):
-            w, first = carry
-            (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
-            image = _apply_to_columns(lambda v: linear(v)[1], critical, m)
-            slack = threshold * jnp.eye(m_max, dtype=w.dtype) - 0.5 * (critical.T @ image + image.T @ critical)
-            velocity, X = self.sdcp_velocity(grad, slack, scaled, dt)
-            first = jax.tree_util.tree_map(lambda new, old: jnp.where(i == 0, new, old), (loss, grad, X), first)
-            return w + dt * velocity, first
+    def substeps(self, measured: Measured, critical: Critical) -> Array:
+        """Critical directions are held at 2/eta; the stiffest free one sets the substep count."""
+        k = measured.values.shape[0]
+        stiffest = jnp.max(jnp.where(jnp.arange(k) < critical.count, 2.0 / self.lr, measured.values))
+        return substep_count(self.lr, stiffest, self.options)
 
-        zeros = (jnp.zeros((), state.w.dtype), jnp.zeros_like(state.w), jnp.zeros((m_max, m_max), state.w.dtype))
-        new_w, (loss, grad, X) = jax.lax.fori_loop(0, n, substep, (state.w, zeros))
+    def term(self, critical: Critical, n: Array):
+        return lambda w: self.field(w, critical, 1.0 / n)
 
+    def field(self, w: Array, critical: Critical, dt: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+        """(dw/dt, (L, g, X)) for a substep of length dt (the SDCP linearizes the end of the substep).
+
+        With no critical direction Sigma = 0 and the field is gradient flow's: one gradient, no
+        linearization and no SDCP (a branch taken at run time)."""
+        return jax.lax.cond(critical.count > 0, lambda x: self._constrained_field(x, critical, dt),
+                            lambda x: self._free_field(x, critical), w)
+
+    def _free_field(self, w: Array, critical: Critical) -> tuple[Array, tuple[Array, Array, Array]]:
+        loss, grad = self.objective.value_and_grad(w)
+        size = critical.vectors.shape[1]
+        return -self.lr * grad, (loss, grad, jnp.zeros((size, size), w.dtype))
+
+    def _constrained_field(self, w: Array, critical: Critical, dt: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+        U = critical.vectors
+        (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
+        hessian_times = jax.vmap(lambda v: linear(v)[1], in_axes=1, out_axes=1)
+
+        def leading(columns: int, U: Array) -> Array:
+            return jnp.zeros_like(U).at[:, :columns].set(hessian_times(U[:, :columns]))
+
+        image = by_count(critical.count, U.shape[1], leading, U)
+        slack = (2.0 / self.lr) * jnp.eye(U.shape[1], dtype=w.dtype) - 0.5 * (U.T @ image + image.T @ U)
+        velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
+        return velocity, (loss, grad, X)
+
+    def observe(self, w: Array, aux: tuple[Array, Array, Array], critical: Critical, n: Array) -> dict[str, Array]:
+        loss, grad, X = aux
+        k, m = critical.measured.vectors.shape[1], critical.count
         sigma_values, sigma_vectors = jnp.linalg.eigh(X)
         sigma_values = jnp.maximum(sigma_values[::-1], 0.0)
-        top = jnp.where(sigma_values[0] > 0, critical @ sigma_vectors[:, -1], vectors[:, 0])
-        sigma_values = jnp.concatenate([sigma_values, jnp.zeros((k - m_max,), sigma_values.dtype)])
-        row.update(prediction_row(self.lr, loss, grad, sigma_values, top, self.spectrum.k_max))
-        row.update(position=state.w, loss=loss, critical=m, substeps=n, grads=n,
-                   hvps=row["hvps"] + n * m, third_derivatives=m * (m + 1) // 2)
-        return CentralState(new_w, vectors, state.step + 1), row
+        top = jnp.where(sigma_values[0] > 0, critical.vectors @ sigma_vectors[:, -1], critical.measured.vectors[:, 0])
+        row = prediction_row(self.lr, loss, grad, padded(sigma_values, k), top, self.spectrum.k_max)
+        return {**row, "critical": m, "substeps": n, "grads": n, "hvps": n * m, "third_derivatives": m * (m + 1) // 2}
 
     def pair_gradients(self, w: Array, critical: Array, m: Array | int | None = None) -> Array:
         """Gs_p = s_p G_p for the pairs p = (i <= j) of the columns of ``critical`` (p x d), with
         G_ij = D^3 L(w)[u_i, u_j, .] and s_p = sqrt 2 off the diagonal (the svec convention).
 
-        Only the pairs of the first ``m`` columns are computed (a loop with a traced trip count);
-        the other rows are zero.
+        Only the pairs of the first ``m`` columns are computed, in one batch (vmap; one branch per
+        m so that shapes stay static); the other rows are zero.
         """
         size = critical.shape[1]
-        m = size if m is None else m
-        rows, cols = (jnp.asarray(index) for index in pair_indices(size))
+        rows, cols = pair_indices(size)
         scale = jnp.asarray(pair_scale(size), w.dtype)
+        third = jax.vmap(self.objective.third_derivative, in_axes=(None, 1, 1))
 
-        def pair(p, out):
-            u, v = critical[:, rows[p]], critical[:, cols[p]]
-            return out.at[p].set(scale[p] * self.objective.third_derivative(w, u, v))
+        def leading(columns: int, U: Array) -> Array:
+            count = columns * (columns + 1) // 2
+            out = jnp.zeros((scale.size, w.size), w.dtype)
+            return out.at[:count].set(scale[:count, None] * third(w, U[:, rows[:count]], U[:, cols[:count]]))
 
-        return jax.lax.fori_loop(0, m * (m + 1) // 2, pair, jnp.zeros((scale.size, w.size), w.dtype))
+        return by_count(size if m is None else m, size, leading, critical)
 
     def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
         """The flow lives on {S <= 2/eta}: a centre well outside it, where grad S cannot pull it back
@@ -136,25 +159,12 @@ class CentralFlow(ScannedProcess):
         return -lr * grad - 0.5 * lr * (scaled.T @ svec(X)), X
 
 
-def _apply_to_columns(operator, vectors: Array, m: Array) -> Array:
-    """operator(v) for the first m columns of ``vectors`` (a loop: one compiled copy of the
-    operator whatever m is); the other columns of the result are zero."""
-
-    def column(i, out):
-        return out.at[:, i].set(operator(vectors[:, i]))
-
-    return jax.lax.fori_loop(0, m, column, jnp.zeros_like(vectors))
+def by_count(m: Array | int, size: int, compute: Callable[[int, Array], Array], operand: Array) -> Array:
+    """compute(m, operand) for a traced m in 0..size, with m a Python int inside (one branch per
+    value, ``lax.switch``): batched work of static shape on the first m columns, none on the padding."""
+    return jax.lax.switch(m, [functools.partial(compute, count) for count in range(size + 1)], operand)
 
 
-def build_central_flow(problem, spec, options: CentralFlowOptions, name: str) -> CentralFlow:
-    """A central flow process; it measures eigenpairs at every step whatever ``spectrum.every`` says."""
-    return CentralFlow(
-        name=name, lr=spec.lr, spectrum=dataclasses.replace(spec.spectrum, every=1),
-        key=process_key(spec.seed, name), objective=problem.objective, options=options,
-    )
-
-
-@register_process("central_flow", CentralFlowOptions,
-                  "central flow: GD's time-averaged trajectory at the edge of stability (Cohen et al. 2025)")
-def build(problem, spec, options: CentralFlowOptions) -> CentralFlow:
-    return build_central_flow(problem, spec, options, "central_flow")
+register_flow("central_flow", CentralFlow, CentralFlowOptions,
+              "central flow: GD's time-averaged trajectory at the edge of stability (Cohen et al. 2025)",
+              every_step=True)

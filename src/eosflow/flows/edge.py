@@ -24,29 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from eosflow.flows.rod import (
-    Ends,
-    RodFlowOptions,
-    RodModel,
-    along_rod_kick,
-    integrate,
-    oscillation_row,
-    parity_kick,
-    unit,
-)
-from eosflow.process import process_key, register_process
-from eosflow.spectrum import spectrum_row
+from eosflow.flows.flow import Measured, register_flow
+from eosflow.flows.integrate import Growth, exact
+from eosflow.flows.rod import Ends, RodFlowOptions, RodModel, along_rod_kick, oscillation_row, parity_kick, unit
 
 # below eta s = 1 GD does not alternate along u; the magnitude then decays at this rate at most
 SLOWEST_MULTIPLIER = float(np.exp(-2.0))
 
 
-class EdgeState(NamedTuple):
-    centre: Array
+class EdgePoint(NamedTuple):
+    """The edge flow's variables (and, with a :class:`Growth` magnitude, their velocity)."""
+
+    centre: Array  # x
     direction: Array  # unit oscillation direction u
     magnitude: Array  # oscillation half-amplitude m >= 0
-    vectors: Array
-    step: Array
 
 
 class EdgeTerms(NamedTuple):
@@ -62,51 +53,40 @@ class EdgeFlowOptions(RodFlowOptions):
 class EdgeFlow(RodModel):
     """Centre, unit direction and magnitude; see the module docstring for the vector field."""
 
-    def init(self, w0: Array) -> EdgeState:
+    def start(self, w0: Array) -> EdgePoint:
         """Centre at w0, no oscillation (m = 0), u along -g(w0); the first step's kick seeds m."""
         vectors = self.initial_vectors(w0)
         direction, length = unit(-self.objective.grad(w0))
         direction = jnp.where(length > 0, direction, vectors[:, 0])  # a random direction if g(w0) = 0
-        return EdgeState(w0, direction, jnp.zeros((), w0.dtype), vectors, jnp.asarray(0))
+        return EdgePoint(w0, direction, jnp.zeros((), w0.dtype))
 
-    def field(self, z: tuple[Array, Array, Array]) -> tuple[tuple[Array, Array, Array], EdgeTerms]:
+    def field(self, z: EdgePoint) -> tuple[EdgePoint, EdgeTerms]:
         """(dx/dt, du/dt, d log m/dt) at z = (x, u, m)."""
         centre, direction, magnitude = z
         ends = self.ends(centre, direction, magnitude)
         curvature = self.objective.hvp(centre, direction)
         rayleigh = jnp.vdot(direction, curvature)
         growth = jnp.log(jnp.maximum(self.lr * ends.sharpness_along - 1.0, SLOWEST_MULTIPLIER))
-        velocity = (ends.centre_velocity, self.lr * (curvature - rayleigh * direction), growth)
+        velocity = EdgePoint(ends.centre_velocity, self.lr * (curvature - rayleigh * direction), Growth(growth))
         return velocity, EdgeTerms(ends, rayleigh)
 
-    @staticmethod
-    def update(z, velocity, h):
+    def update(self, field, z, h, key):
         """Euler for x, Euler then renormalization for u, exact exponential growth for m."""
-        (centre, direction, magnitude), (dx, du, growth) = z, velocity
-        return centre + h * dx, unit(direction + h * du)[0], magnitude * jnp.exp(h * growth)
+        (centre, direction, magnitude), terms = exact(field, z, h)
+        return EdgePoint(centre, unit(direction)[0], magnitude), terms
 
-    def step(self, state: EdgeState) -> tuple[EdgeState, dict[str, Array]]:
-        vectors, row = spectrum_row(self.objective, state.centre, state.vectors, state.step, self.lr,
-                                    self.spectrum)
-        z = (state.centre, state.direction, state.magnitude)
-        (centre, direction, magnitude), terms = integrate(self.field, self.update, z, self.substeps)
-        # the kick along u: the signed oscillation m u gains u . (-1)^k tau_k (a sign change flips u) in
-        # proportion h^2 / (h^2 + m^2), h = GD's half-step: it seeds the oscillation, it does not steer it
-        kick = parity_kick(state.step, state.centre, centre, terms.ends, self.lr)
+    def finish(self, z: EdgePoint, end: EdgePoint, terms: EdgeTerms, step: Array) -> EdgePoint:
+        """The kick along u: the signed oscillation m u gains u . (-1)^k tau_k (a sign change flips u) in
+        proportion h^2 / (h^2 + m^2), h = GD's half-step: it seeds the oscillation, it does not steer it."""
+        centre, direction, magnitude = end
+        kick = parity_kick(step, z[0], centre, terms.ends, self.lr)
         signed = magnitude + along_rod_kick(direction, magnitude, kick, terms.ends, self.lr)
-        magnitude, direction = jnp.abs(signed), jnp.where(signed < 0, -direction, direction)
-        row.update(oscillation_row(self.objective, state.centre, terms.ends, self.lr, state.direction,
-                                   state.magnitude))
-        row.update(rayleigh_quotient=terms.rayleigh_quotient,
-                   grads=jnp.asarray(2 * self.substeps, jnp.int32),
-                   hvps=row["hvps"] + self.substeps * (1 + 2 * int(self.correction)))
-        return EdgeState(centre, direction, magnitude, vectors, state.step + 1), row
+        return EdgePoint(centre, jnp.where(signed < 0, -direction, direction), jnp.abs(signed))
+
+    def observe(self, z, terms: EdgeTerms, measured: Measured, n: int) -> dict[str, Array]:
+        row = oscillation_row(self.objective, z[0], terms.ends, self.lr, z[1], z[2])
+        return {**row, "rayleigh_quotient": terms.rayleigh_quotient, **self.cost(n, hvps_per_substep=1)}
 
 
-@register_process("edge_flow", EdgeFlowOptions,
-                  "edge flow: centre on the symmetrized loss, Oja direction, oscillation magnitude")
-def build_edge_flow(problem, spec, options: EdgeFlowOptions) -> EdgeFlow:
-    return EdgeFlow(
-        name="edge_flow", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "edge_flow"),
-        objective=problem.objective, substeps=options.substeps, correction=options.correction,
-    )
+register_flow("edge_flow", EdgeFlow, EdgeFlowOptions,
+              "edge flow: centre on the symmetrized loss, Oja direction, oscillation magnitude")

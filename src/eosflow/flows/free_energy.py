@@ -40,10 +40,9 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option
-from eosflow.flows.gradient import SubstepOptions, substep_count
+from eosflow.flows.flow import Flow, Measured, padded, register_flow
+from eosflow.flows.integrate import Growth, SubstepOptions, exact
 from eosflow.objective import Objective
-from eosflow.process import ScannedProcess, process_key, register_process
-from eosflow.spectrum import spectrum_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +62,6 @@ class FreeEnergyOptions(SubstepOptions):
         super().check(where)
         if self.seed == "none" and self.floor:
             raise SpecError(f"`{where}.floor` = true needs `{where}.seed` = 'rod' (got 'none')")
-
-
-class FreeEnergyState(NamedTuple):
-    w: Array  # theta, the centre
-    vectors: Array  # U: tracked Hessian eigenvectors at theta (d x k)
-    amplitudes: Array  # a (k_max,): RMS oscillation along U's columns (zero beyond the rank)
-    sharpness: Array  # last measured S (sets the substep count)
-    step: Array
 
 
 class Averaged(NamedTuple):
@@ -122,68 +113,74 @@ def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Ar
     return Averaged(loss + weights @ extra_loss, grad + weights @ extra_grad, stiffness, loss, grad)
 
 
-class FreeEnergyFlow(ScannedProcess):
-    objective: Objective
+class FreeEnergyPoint(NamedTuple):
+    """The model's variables (and, with :class:`Growth` amplitudes, their velocity)."""
+
+    centre: Array  # theta
+    amplitudes: Array  # a (k_max,): RMS oscillation along U's columns (zero beyond the rank)
+
+
+class Oscillation(NamedTuple):
+    """The directions of this step's oscillation."""
+
+    vectors: Array  # U (d, k): tracked Hessian eigenvectors at theta
+    active: Array  # (k,) the first r directions
+    rank: int
+
+
+class FreeEnergyFlow(Flow):
     options: FreeEnergyOptions = eqx.field(static=True)
 
-    def init(self, w0: Array) -> FreeEnergyState:
-        vectors = self.initial_vectors(w0)
-        amplitudes = jnp.zeros((self.spectrum.k_max,), w0.dtype)
-        return FreeEnergyState(w0, vectors, amplitudes, jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
+    def start(self, w0: Array) -> FreeEnergyPoint:
+        """theta = w0 and no oscillation yet (seeded at the first step, see the module doc)."""
+        return FreeEnergyPoint(w0, jnp.zeros((self.spectrum.k_max,), w0.dtype))
 
-    def step(self, state: FreeEnergyState) -> tuple[FreeEnergyState, dict[str, Array]]:
-        lr, options = self.lr, self.options
-        k = state.vectors.shape[1]
-        vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, lr, self.spectrum)
+    def prepare(self, z: FreeEnergyPoint, measured: Measured, step: Array) -> tuple[FreeEnergyPoint, Oscillation]:
+        """The amplitudes carried to the new basis (d x k), seeded at t = 0 and floored at the rod."""
+        (w, amplitudes), options, vectors = z, self.options, measured.vectors
+        k = vectors.shape[1]
         rank = k if options.rank == 0 else min(options.rank, k)
         active = jnp.arange(k) < rank
-        amplitudes = jnp.where(active, transport(state.amplitudes[:k], state.vectors, vectors), 0.0)
-        grad = self.objective.grad(state.w)
-        seed = options.seed_scale * jnp.where(active, rod_amplitudes(grad, vectors, lr), 0.0)
+        amplitudes = jnp.where(active, transport(amplitudes[:k], measured.previous, vectors), 0.0)
+        seed = options.seed_scale * jnp.where(active, rod_amplitudes(self.objective.grad(w), vectors, self.lr), 0.0)
         if options.seed == "rod":
-            amplitudes = jnp.where(state.step == 0, seed, amplitudes)
+            amplitudes = jnp.where(step == 0, seed, amplitudes)
         if options.floor:
             amplitudes = jnp.maximum(amplitudes, seed)
+        return FreeEnergyPoint(w, amplitudes), Oscillation(vectors, active, rank)
 
-        sharpness = jnp.where(jnp.isfinite(row["sharpness"]), row["sharpness"], state.sharpness)
-        n = substep_count(lr, sharpness, options)
-        dt = 1.0 / n
-        mode = options.stiffness
+    def term(self, oscillation: Oscillation, n: Array):
+        return lambda z: self.field(z, oscillation)
 
-        eps = jnp.finfo(state.w.dtype).eps
+    def field(self, z: FreeEnergyPoint, oscillation: Oscillation) -> tuple[FreeEnergyPoint, Averaged]:
+        """(dtheta/dt, d log a/dt with the rounding source of a^2) = (-eta grad F, log|eta k - 1|, s^2)."""
+        w, amplitudes = z
+        averaged = averaged_loss(self.objective, w, oscillation.vectors, amplitudes, self.options.stiffness)
+        growth = jnp.log(jnp.maximum(jnp.abs(self.lr * averaged.stiffness - 1.0), 1e-12))
+        eps = jnp.finfo(w.dtype).eps
+        source = jnp.where(oscillation.active, self.options.rounding * eps * jnp.sqrt(jnp.mean(w**2)), 0.0)
+        return FreeEnergyPoint(-self.lr * averaged.drift, Growth(growth, source**2)), averaged
 
-        def substep(_, carry):
-            w, a = carry
-            averaged = averaged_loss(self.objective, w, vectors, a, mode)
-            growth = jnp.log(jnp.maximum(jnp.abs(lr * averaged.stiffness - 1.0), 1e-12))
-            source = jnp.where(active, options.rounding * eps * jnp.sqrt(jnp.mean(w**2)), 0.0)
-            return w - dt * lr * averaged.drift, jnp.sqrt(a**2 * jnp.exp(2.0 * dt * growth) + dt * source**2)
+    def update(self, field, z, h, key):
+        return exact(field, z, h)
 
-        start = averaged_loss(self.objective, state.w, vectors, amplitudes, mode)
-        new_w, new_amplitudes = jax.lax.fori_loop(0, n, substep, (state.w, amplitudes))
+    def finish(self, z: FreeEnergyPoint, end: FreeEnergyPoint, start: Averaged, step: Array) -> FreeEnergyPoint:
+        return end._replace(amplitudes=padded(end.amplitudes, self.spectrum.k_max))
 
+    def observe(self, z, start: Averaged, oscillation: Oscillation, n: Array) -> dict[str, Array]:
+        amplitudes, rank = z[1], oscillation.rank
         top = jnp.argmax(amplitudes)
-        sigma_values = jnp.sort(amplitudes**2)[::-1]
-        padding = jnp.zeros((self.spectrum.k_max - k,), sigma_values.dtype)
-        per_eval = 1 + 2 * rank if mode == "secant" else 1
-        row.update(
-            position=state.w, loss=start.loss, grad_norm=jnp.linalg.norm(start.grad),
-            predicted_loss=start.free_energy, free_energy=start.free_energy,
-            covariance=jnp.concatenate([sigma_values, padding]),
-            amplitude=amplitudes[top], top_vector=vectors[:, top],
-            felt_sharpness=start.stiffness[0], substeps=n,
-            grads=2 + (n + 1) * per_eval,
-            hvps=row["hvps"] + (0 if mode == "secant" else 2 * (n + 1) * rank),
-        )
-        full = jnp.concatenate([new_amplitudes, padding])
-        return FreeEnergyState(new_w, vectors, full, sharpness, state.step + 1), row
+        secant = self.options.stiffness == "secant"
+        return {
+            "loss": start.loss, "grad_norm": jnp.linalg.norm(start.grad),
+            "predicted_loss": start.free_energy, "free_energy": start.free_energy,
+            "covariance": padded(jnp.sort(amplitudes**2)[::-1], self.spectrum.k_max),
+            "amplitude": amplitudes[top], "top_vector": oscillation.vectors[:, top],
+            "felt_sharpness": start.stiffness[0], "substeps": n,
+            "grads": 2 + n * (1 + 2 * rank if secant else 1),
+            "hvps": 0 if secant else 2 * n * rank,
+        }
 
 
-@register_process("free_energy", FreeEnergyOptions,
-                  "free-energy model: centre theta and oscillation covariance Sigma with its own dynamics")
-def build(problem, spec, options: FreeEnergyOptions) -> FreeEnergyFlow:
-    """Eigenpairs are measured at the centre at every step whatever ``spectrum.every`` says."""
-    return FreeEnergyFlow(
-        name="free_energy", lr=spec.lr, spectrum=dataclasses.replace(spec.spectrum, every=1),
-        key=process_key(spec.seed, "free_energy"), objective=problem.objective, options=options,
-    )
+register_flow("free_energy", FreeEnergyFlow, FreeEnergyOptions,
+              "free-energy model: centre theta and oscillation covariance Sigma with its own dynamics", every_step=True)

@@ -20,6 +20,7 @@ Integrators (dt = lr / substeps), both with the force carried over between subst
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import equinox as eqx
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.objective import Objective
+from eosflow.flows.flow import Flow, Measured, register_flow
 from eosflow.optim.sgd import (
     Sampling,
     SGDOptions,
@@ -36,8 +37,7 @@ from eosflow.optim.sgd import (
     gradient_noise_factor,
     minibatch_noise_scale,
 )
-from eosflow.process import ScannedProcess, process_key, register_process
-from eosflow.spectrum import spectrum_row
+from eosflow.process import process_key
 from eosflow.theory.linear_regression import friction, mass
 
 
@@ -54,23 +54,52 @@ class LangevinOptions:
                                     "(0: all)", ge=0)
 
 
-class LangevinState(NamedTuple):
-    theta: Array
-    velocity: Array
-    vectors: Array
-    step: Array
+class LangevinTerms(NamedTuple):
+    """What the stochastic updates need: m dv = (F(theta) - rate m v) dt + sqrt(lr) zeta(theta) dW."""
+
+    force: Callable[[Array], Array]  # F(theta) = -(g(theta) + lam theta)
+    noise: Callable[[Array, Array], Array]  # (theta, key) -> zeta ~ N(0, Xi(theta))
+    mass: float  # m = lr (1 + beta) / 2
+    rate: float  # the velocity's decay rate, 2 friction(lr, beta)
+    lr: float
+    dt: float  # physical time of one substep, lr / substeps
 
 
-class Langevin(ScannedProcess):
-    objective: Objective
+def baoab(terms: LangevinTerms, z: tuple[Array, Array, Array], h, key: Array) -> tuple[tuple[Array, Array, Array], None]:
+    """Half kick, half drift, exact Ornstein-Uhlenbeck velocity update, half drift, half kick; z = (theta, v, F)."""
+    (theta, velocity, force), dt, m, rate = z, terms.dt, terms.mass, terms.rate
+    velocity = velocity + 0.5 * dt * force / m
+    theta = theta + 0.5 * dt * velocity
+    decay = jnp.exp(-rate * dt)
+    kick = jnp.sqrt(terms.lr * -jnp.expm1(-2.0 * rate * dt) / (2.0 * rate)) / m
+    velocity = decay * velocity + kick * terms.noise(theta, key)
+    theta = theta + 0.5 * dt * velocity
+    force = terms.force(theta)
+    velocity = velocity + 0.5 * dt * force / m
+    return (theta, velocity, force), None
+
+
+def euler_maruyama(terms: LangevinTerms, z: tuple[Array, Array, Array], h, key: Array
+                   ) -> tuple[tuple[Array, Array, Array], None]:
+    """theta += v dt, v += (F / m - rate v) dt + sqrt(lr dt) / m zeta; z = (theta, v, F)."""
+    (theta, velocity, force), dt, m = z, terms.dt, terms.mass
+    kick = jnp.sqrt(terms.lr * dt) / m
+    new_velocity = velocity + dt * (force / m - terms.rate * velocity) + kick * terms.noise(theta, key)
+    theta = theta + dt * velocity
+    return (theta, new_velocity, terms.force(theta)), None
+
+
+UPDATES = {"baoab": baoab, "euler_maruyama": euler_maruyama}
+
+
+class Langevin(Flow):
+    options: LangevinOptions = eqx.field(static=True)
     sgd: SGDOptions = eqx.field(static=True)  # batch size, momentum, weight decay, sampling, sigma
-    integrator: str = eqx.field(static=True)
-    substeps: int = eqx.field(static=True)
-    noise_examples: int = eqx.field(static=True)
     noise_key: Array
 
-    def init(self, w0: Array) -> LangevinState:
-        return LangevinState(w0, jnp.zeros_like(w0), self.initial_vectors(w0), jnp.asarray(0))
+    def start(self, w0: Array) -> tuple[Array, Array]:
+        """(theta, v) = (w0, 0)."""
+        return w0, jnp.zeros_like(w0)
 
     def force(self, theta: Array) -> Array:
         """F = -(g(theta) + lam theta)."""
@@ -83,8 +112,8 @@ class Langevin(ScannedProcess):
         if self.objective.data is not None:
             n = self.objective.num_examples
             indices = None
-            if 0 < self.noise_examples < n:
-                indices = jax.random.permutation(jax.random.fold_in(data_key, 1), n)[: self.noise_examples]
+            if 0 < self.options.noise_examples < n:
+                indices = jax.random.permutation(jax.random.fold_in(data_key, 1), n)[: self.options.noise_examples]
             factor = gradient_noise_factor(self.objective, theta, indices)
             scale = minibatch_noise_scale(n, self.sgd.batch_size, self.sgd.sampling)
             zeta = jnp.sqrt(scale) * factor.T @ jax.random.normal(data_key, (factor.shape[0],), theta.dtype)
@@ -93,40 +122,39 @@ class Langevin(ScannedProcess):
             zeta = zeta + sigma * jax.random.normal(gaussian_key, theta.shape, theta.dtype)
         return zeta
 
-    def substep(self, carry: tuple[Array, Array, Array], key: Array) -> tuple[tuple[Array, Array, Array], None]:
-        """One integrator step of physical time dt; carry = (theta, v, F(theta))."""
-        theta, velocity, force = carry
-        m, rate = mass(self.lr, self.sgd.momentum), 2.0 * friction(self.lr, self.sgd.momentum)
-        dt = self.lr / self.substeps
-        if self.integrator == "baoab":
-            velocity = velocity + 0.5 * dt * force / m
-            theta = theta + 0.5 * dt * velocity
-            decay = jnp.exp(-rate * dt)
-            kick = jnp.sqrt(self.lr * -jnp.expm1(-2.0 * rate * dt) / (2.0 * rate)) / m
-            velocity = decay * velocity + kick * self.noise(theta, key)
-            theta = theta + 0.5 * dt * velocity
-            force = self.force(theta)
-            velocity = velocity + 0.5 * dt * force / m
-        else:
-            kick = jnp.sqrt(self.lr * dt) / m
-            new_velocity = velocity + dt * (force / m - rate * velocity) + kick * self.noise(theta, key)
-            theta = theta + dt * velocity
-            velocity, force = new_velocity, self.force(theta)
-        return (theta, velocity, force), None
-
-    def step(self, state: LangevinState) -> tuple[LangevinState, dict[str, Array]]:
-        theta, step = state.theta, state.step
+    def prepare(self, z, measured: Measured, step: Array) -> tuple[tuple[Array, Array, Array], tuple[Array, Array]]:
+        """The force rides along the substeps (one gradient per substep): z = (theta, v, F(theta))."""
+        theta, velocity = z
         loss, grad = self.objective.value_and_grad(theta)
-        force = -(grad + self.sgd.weight_decay * theta)
-        keys = jax.random.split(jax.random.fold_in(self.noise_key, step), self.substeps)
-        carry = (theta, state.velocity, force)
-        (new_theta, velocity, _), _ = jax.lax.scan(lambda c, k: self.substep(c, k), carry, keys)
-        vectors, row = spectrum_row(self.objective, theta, state.vectors, step, self.lr, self.spectrum)
-        row.update(
-            position=theta, loss=loss, grad_norm=jnp.linalg.norm(grad), lr=jnp.asarray(self.lr, theta.dtype),
-            step_norm_sq=jnp.sum((new_theta - theta) ** 2), velocity_norm_sq=jnp.sum(state.velocity**2),
-        )
-        return LangevinState(new_theta, velocity, vectors, step + 1), row
+        return (theta, velocity, -(grad + self.sgd.weight_decay * theta)), (loss, grad)
+
+    def substeps(self, measured: Measured, setup) -> int:
+        return self.options.substeps
+
+    def term(self, setup, n: int) -> LangevinTerms:
+        momentum = self.sgd.momentum
+        return LangevinTerms(self.force, self.noise, mass(self.lr, momentum), 2.0 * friction(self.lr, momentum),
+                             self.lr, self.lr / n)
+
+    def update(self, terms: LangevinTerms, z, h, key):
+        return UPDATES[self.options.integrator](terms, z, h, key)
+
+    def substep_key(self, step: Array) -> Array:
+        return jax.random.fold_in(self.noise_key, step)
+
+    def finish(self, z, end, aux, step: Array) -> tuple[Array, Array]:
+        return end[:2]
+
+    def observe(self, z, aux: None, setup: tuple[Array, Array], n: int) -> dict[str, Array]:
+        (theta, velocity, _), (loss, grad) = z, setup
+        return {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "lr": jnp.asarray(self.lr, theta.dtype),
+                "velocity_norm_sq": jnp.sum(velocity**2)}
+
+    def step(self, state):
+        """The wrapper's step, and the squared length of the step taken."""
+        new, row = super().step(state)
+        row["step_norm_sq"] = jnp.sum((new.z[0] - row["position"]) ** 2)
+        return new, row
 
 
 def resolve_sgd_options(options: LangevinOptions, spec) -> SGDOptions:
@@ -136,16 +164,13 @@ def resolve_sgd_options(options: LangevinOptions, spec) -> SGDOptions:
     return dataclasses.replace(base, **{f: getattr(options, f) for f in fields if getattr(options, f) is not None})
 
 
-@register_process(
-    "langevin", LangevinOptions,
-    "underdamped Langevin model of SGD: inertia lr(1+beta)/2, friction 1-beta, noise lr Sigma_g/S",
-)
-def build_langevin(problem, spec, options: LangevinOptions) -> Langevin:
+def langevin_fields(problem, spec, options: LangevinOptions) -> dict:
+    """The SGD hyperparameters (checked against the problem) and the noise's own key."""
     sgd = resolve_sgd_options(options, spec)
-    objective = problem.objective
-    check_batch_size(objective, sgd.batch_size, "langevin.batch_size")
-    return Langevin(
-        name="langevin", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "langevin"),
-        objective=objective, sgd=sgd, integrator=options.integrator, substeps=options.substeps,
-        noise_examples=options.noise_examples, noise_key=process_key(spec.seed, "langevin/noise"),
-    )
+    check_batch_size(problem.objective, sgd.batch_size, "langevin.batch_size")
+    return {"sgd": sgd, "noise_key": process_key(spec.seed, "langevin/noise")}
+
+
+register_flow("langevin", Langevin, LangevinOptions,
+              "underdamped Langevin model of SGD: inertia lr(1+beta)/2, friction 1-beta, noise lr Sigma_g/S",
+              fields=langevin_fields)

@@ -1,4 +1,4 @@
-"""The mean-field particle model as a process: every neuron's centre and its share of the oscillation.
+"""The mean-field particle model as a process: rod flow in particle coordinates, with its own seeding.
 
 On ``two_layer_meanfield`` (f(x) = (1/N) sum_i a_i sigma(w_i . x), GD with lr = N eta) GD visits
 p_i +- delta_i on alternate steps, and averaging two steps gives (:mod:`eosflow.meanfield`,
@@ -7,65 +7,48 @@ docs/meanfield.md)
     dp_i/dt     = -eta/2 [grad V(p_i + delta_i; rho_+) + grad V(p_i - delta_i; rho_-)]
     ddelta_i/dt =  eta/2 [grad V(p_i + delta_i; rho_+) - grad V(p_i - delta_i; rho_-)] - 2 delta_i,
 
-seeded with the half-step rod delta(0) = lr/2 g(w0). Rows: ``position`` (the centres, flat),
-``loss`` = L(centres), ``predicted_loss`` = 1/2 (L(w + delta) + L(w - delta)) (GD's two-step
-average), ``free_energy`` FF = predicted_loss - |delta|^2 / lr, and ``amplitude`` = |delta|, which
-is GD's |w_{k+1} - 2 w_k + w_{k-1}| / 4 (``oscillation``). Cost per substep: two gradients
-(:func:`eosflow.meanfield.euler_step`).
+which, since grad V(p_i; rho_N) = N dL/dp_i, is the rod flow's field without its correction
+(:func:`eosflow.flows.rod.rod_field` with c = 0) on the flat (p, delta) = (x, r): the kinetic limit
+of the free-energy picture is rod flow in particle coordinates. What differs is the seeding, the
+half-step rod delta(0) = lr/2 g(w0) instead of the rod flow's zero rod and parity kick, and the
+sharpness-adaptive substep count. Rows: ``position`` (the centres, flat), ``loss`` = L(centres),
+``predicted_loss`` = 1/2 (L(w + delta) + L(w - delta)) (GD's two-step average), ``free_energy``
+FF = predicted_loss - |delta|^2 / lr, and ``amplitude`` = |delta|, which is GD's
+|w_{k+1} - 2 w_k + w_{k-1}| / 4 (``oscillation``). Cost per substep: two gradients.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow import meanfield as mf
-from eosflow.flows.gradient import SubstepOptions, substep_count
-from eosflow.objective import Objective
-from eosflow.process import ScannedProcess, process_key, register_process
-from eosflow.spectrum import spectrum_row
+from eosflow.flows.flow import Flow, Measured, register_flow
+from eosflow.flows.integrate import SubstepOptions
+from eosflow.flows.rod import Ends, rod_field
 
 
-class ParticleState(NamedTuple):
-    w: Array  # the centres p_i, flat (a_1..a_N, w_1..w_N)
-    delta: Array  # the oscillation shares delta_i, same layout
-    vectors: Array  # tracked Hessian eigenvectors at the centres (warm start)
-    sharpness: Array  # last measured S (sets the substep count)
-    step: Array
-
-
-class ParticleModel(ScannedProcess):
-    objective: Objective
-    width: int = eqx.field(static=True)
+class ParticleModel(Flow):
     options: SubstepOptions = eqx.field(static=True)
+    width: int = eqx.field(static=True)  # N, the number of particles
 
-    def init(self, w0: Array) -> ParticleState:
-        delta = 0.5 * self.lr * self.objective.grad(w0)
-        return ParticleState(w0, delta, self.initial_vectors(w0), jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
+    def start(self, w0: Array) -> tuple[Array, Array]:
+        """(p, delta) = (w0, lr/2 g(w0)): GD's first iterate sits lr g(w0) away from w0."""
+        return mf.seed(self.objective, w0, self.lr)
 
-    def step(self, state: ParticleState) -> tuple[ParticleState, dict[str, Array]]:
-        vectors, row = spectrum_row(self.objective, state.w, state.vectors, state.step, self.lr, self.spectrum)
-        sharpness = jnp.where(jnp.isfinite(row["sharpness"]), row["sharpness"], state.sharpness)
-        n = substep_count(self.lr, sharpness, self.options)
-        particles = mf.Particles(mf.to_particles(state.w, self.width), mf.to_particles(state.delta, self.width))
-        new, observed = mf.euler_step(self.objective, particles, self.lr / self.width, n)
-        row.update(
-            position=state.w, loss=observed.risk, predicted_loss=observed.averaged_risk,
-            free_energy=observed.free_energy, amplitude=jnp.linalg.norm(state.delta),
-            substeps=n, grads=2 * n + 1,
-        )
-        return ParticleState(mf.to_flat(new.centres), mf.to_flat(new.oscillation), vectors, sharpness,
-                             state.step + 1), row
+    def field(self, z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
+        return rod_field(self.objective, self.lr)(z)
+
+    def observe(self, z: tuple[Array, Array], ends: Ends, measured: Measured, n: Any) -> dict[str, Array]:
+        observed = mf.observe(self.objective, z, ends, self.lr, self.width)
+        return {"loss": observed.risk, "predicted_loss": observed.averaged_risk, "free_energy": observed.free_energy,
+                "amplitude": jnp.linalg.norm(z[1]), "substeps": n, "grads": 2 * n + 1}
 
 
-@register_process("particle_model", SubstepOptions,
-                  "mean-field particle model: each neuron's centre and its share of GD's period-2 oscillation",
-                  problems=("two_layer_meanfield",))
-def build(problem, spec, options: SubstepOptions) -> ParticleModel:
-    return ParticleModel(
-        name="particle_model", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "particle_model"),
-        objective=problem.objective, width=int(problem.info["width"]), options=options,
-    )
+register_flow("particle_model", ParticleModel, SubstepOptions,
+              "mean-field particle model: each neuron's centre and its share of GD's period-2 oscillation",
+              problems=("two_layer_meanfield",),
+              fields=lambda problem, spec, options: {"width": int(problem.info["width"])})

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from eosflow.flows.central import CentralFlow, CentralFlowOptions, ProjectedFlowOptions, build_central_flow
-from eosflow.process import register_process
+from eosflow.flows.central import CentralFlow, CentralFlowOptions, ProjectedFlowOptions
+from eosflow.flows.flow import register_flow
 
-
-@register_process("projected_flow", ProjectedFlowOptions,
-                  "projected flow: gradient flow held at S <= 2/lr along the top eigenvector")
-def build(problem, spec, options: ProjectedFlowOptions) -> CentralFlow:
-    central = CentralFlowOptions(**dataclasses.asdict(options), max_critical=1)
-    return build_central_flow(problem, spec, central, "projected_flow")
+register_flow("projected_flow", CentralFlow, ProjectedFlowOptions,
+              "projected flow: gradient flow held at S <= 2/lr along the top eigenvector", every_step=True,
+              fields=lambda problem, spec, options: {
+                  "options": CentralFlowOptions(**dataclasses.asdict(options), max_critical=1)})

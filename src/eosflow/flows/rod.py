@@ -22,7 +22,6 @@ Explicit: two gradients (and two HVPs for the correction) per substep, no eigens
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -31,9 +30,8 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
+from eosflow.flows.flow import Flow, Measured, register_flow
 from eosflow.objective import Objective
-from eosflow.process import ScannedProcess, process_key, register_process
-from eosflow.spectrum import spectrum_row
 
 
 class Ends(NamedTuple):
@@ -84,27 +82,6 @@ def rod_ends(objective: Objective, centre: Array, direction: Array, length: Arra
                 velocity)
 
 
-def integrate(field: Callable, update: Callable, state: Any, substeps: int) -> tuple[Any, Any]:
-    """One unit of time in ``substeps`` explicit steps z <- update(z, v, h), (v, aux) = field(z).
-
-    Returns z(t + 1) and the ``aux`` of the first evaluation (the state at the start of the step).
-    """
-    h = 1.0 / substeps
-    velocity, first = field(state)
-    state = update(state, velocity, h)
-
-    def substep(z, _):
-        v, _ = field(z)
-        return update(z, v, h), None
-
-    state, _ = jax.lax.scan(substep, state, None, length=substeps - 1)
-    return state, first
-
-
-def euler_update(state: Any, velocity: Any, h: float) -> Any:
-    return jax.tree_util.tree_map(lambda z, v: z + h * v, state, velocity)
-
-
 def unit(vector: Array) -> tuple[Array, Array]:
     """(vector / |vector|, |vector|), with the zero vector mapped to itself."""
     length = jnp.linalg.norm(vector)
@@ -132,12 +109,25 @@ def along_rod_kick(direction: Array, length: Array, kick: Array, ends: Ends, lr:
     return fraction * jnp.vdot(direction, kick)
 
 
+def rod_field(objective: Objective, lr: float, coefficient: float = 0.0):
+    """z = (x, r) -> ((dx/dt, dr/dt), Ends) with dx/dt = -eta E - c eta^2 Hbar E, dr/dt = eta O - 2 r.
+
+    With c = 0 this is also the mean-field particle model in flat coordinates (docs/meanfield.md).
+    """
+
+    def field(z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
+        centre, rod = z
+        ends = rod_ends(objective, centre, *unit(rod), lr, coefficient)
+        return (ends.centre_velocity, lr * ends.odd_part - 2.0 * rod), ends
+
+    return field
+
+
 def oscillation_row(objective: Objective, centre: Array, ends: Ends, lr: float, direction: Array,
                     magnitude: Array) -> dict[str, Array]:
     """The predictions shared by rod-like models, for a rod x +- m u (see docs/rod_flow.md)."""
     half_step = 0.5 * lr * jnp.linalg.norm(ends.mean_grad)
     return {
-        "position": centre,
         "loss": objective.value(centre),
         "predicted_loss": ends.mean_loss,
         "amplitude": magnitude,
@@ -148,64 +138,57 @@ def oscillation_row(objective: Objective, centre: Array, ends: Ends, lr: float, 
     }
 
 
-class RodState(NamedTuple):
-    centre: Array
-    rod: Array  # the rod half-vector r: GD's iterate w_k is modelled as x(k) + (-1)^k r(k)
-    vectors: Array
-    step: Array
-
-
 @dataclasses.dataclass(frozen=True)
 class RodFlowOptions:
     substeps: int = option(4, "explicit Euler substeps per unit time (GD step)", ge=1)
     correction: bool = option(True, "first backward-error correction of the centre (2 HVPs per substep)")
 
 
-class RodModel(ScannedProcess):
-    """What the rod-like models share: the objective, the substeps and the corrected centre."""
+class RodModel(Flow):
+    """What the rod-like models share: a fixed substep count and the corrected centre."""
 
-    objective: Objective
-    substeps: int = eqx.field(static=True)
-    correction: bool = eqx.field(static=True)
+    options: RodFlowOptions = eqx.field(static=True)
+
+    @property
+    def coefficient(self) -> float:
+        return correction_coefficient(self.options.substeps, self.options.correction)
+
+    def substeps(self, measured: Measured, setup: Any) -> int:
+        return self.options.substeps
 
     def ends(self, centre: Array, direction: Array, length: Array) -> Ends:
         """The rod x +- m u evaluated, with the centre's corrected velocity."""
-        coefficient = correction_coefficient(self.substeps, self.correction)
-        return rod_ends(self.objective, centre, direction, length, self.lr, coefficient)
+        return rod_ends(self.objective, centre, direction, length, self.lr, self.coefficient)
+
+    def cost(self, n: int, hvps_per_substep: int = 0) -> dict[str, Array]:
+        """Two gradients per substep, two HVPs more with the correction."""
+        hvps = n * (hvps_per_substep + 2 * int(self.options.correction))
+        return {"grads": jnp.asarray(2 * n, jnp.int32), "hvps": hvps}
 
 
 class RodFlow(RodModel):
     """Centre and sign-free rod; see the module docstring for the vector field."""
 
-    def init(self, w0: Array) -> RodState:
+    def start(self, w0: Array) -> tuple[Array, Array]:
         """Centre at w0 and no rod: w_0 = x(0) exactly; the first step's kick seeds the rod."""
-        return RodState(w0, jnp.zeros_like(w0), self.initial_vectors(w0), jnp.asarray(0))
+        return w0, jnp.zeros_like(w0)
 
     def field(self, z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
         """(dx/dt, dr/dt) = (-eta E - c eta^2 Hbar E, eta O - 2 r)."""
-        centre, rod = z
-        ends = self.ends(centre, *unit(rod))
-        return (ends.centre_velocity, self.lr * ends.odd_part - 2.0 * rod), ends
+        return rod_field(self.objective, self.lr, self.coefficient)(z)
 
-    def step(self, state: RodState) -> tuple[RodState, dict[str, Array]]:
-        vectors, row = spectrum_row(self.objective, state.centre, state.vectors, state.step, self.lr,
-                                    self.spectrum)
-        (centre, rod), ends = integrate(self.field, euler_update, (state.centre, state.rod), self.substeps)
-        # the kick across the rod whole, along it only while the rod is shorter than GD's half-step
-        kick = parity_kick(state.step, state.centre, centre, ends, self.lr)
+    def finish(self, z, end, ends: Ends, step: Array) -> tuple[Array, Array]:
+        """The rod absorbs the parity kick (-1)^k tau_k: across the rod whole, along it only while the
+        rod is shorter than GD's half-step (:func:`along_rod_kick`)."""
+        centre, rod = end
+        kick = parity_kick(step, z[0], centre, ends, self.lr)
         direction, length = unit(rod)
         along = along_rod_kick(direction, length, kick, ends, self.lr)
-        rod = rod + kick + (along - jnp.vdot(direction, kick)) * direction
-        direction, length = unit(state.rod)
-        row.update(oscillation_row(self.objective, state.centre, ends, self.lr, direction, length))
-        row.update(grads=jnp.asarray(2 * self.substeps, jnp.int32),
-                   hvps=row["hvps"] + 2 * self.substeps * int(self.correction))
-        return RodState(centre, rod, vectors, state.step + 1), row
+        return centre, rod + kick + (along - jnp.vdot(direction, kick)) * direction
+
+    def observe(self, z, ends: Ends, measured: Measured, n: int) -> dict[str, Array]:
+        direction, length = unit(z[1])
+        return {**oscillation_row(self.objective, z[0], ends, self.lr, direction, length), **self.cost(n)}
 
 
-@register_process("rod_flow", RodFlowOptions, "rod flow: centre + sign-free rod between consecutive GD iterates")
-def build_rod_flow(problem, spec, options: RodFlowOptions) -> RodFlow:
-    return RodFlow(
-        name="rod_flow", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "rod_flow"),
-        objective=problem.objective, substeps=options.substeps, correction=options.correction,
-    )
+register_flow("rod_flow", RodFlow, RodFlowOptions, "rod flow: centre + sign-free rod between consecutive GD iterates")

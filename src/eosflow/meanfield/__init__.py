@@ -17,6 +17,11 @@ of the macroscopic free energy
     FF[mu] = 1/2 (R(rho_+) + R(rho_-)) - (1/eta) int |delta|^2 dmu,
 
 and the reduced free energy (delta at its fixed point) is non-increasing.
+
+Since grad V(p_i; rho_N) = N dL/dp_i, this field on the flat (p, delta) is the rod flow's field
+without its correction (:func:`eosflow.flows.rod.rod_field`, lr = N eta): the kinetic limit of the
+free-energy picture is rod flow in particle coordinates. There is one implementation, that field;
+this module gives its particle view, the seeding and the macroscopic quantities.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from eosflow.flows.integrate import integrate
+from eosflow.flows.rod import Ends, rod_field
 from eosflow.objective import Objective
 
-__all__ = ["Particles", "Macroscopic", "to_particles", "to_flat", "velocity", "euler_step", "particle_gd", "particle_model", "macroscopic",
+__all__ = ["Particles", "Macroscopic", "to_particles", "to_flat", "seed", "observe", "velocity", "particle_gd",
+           "particle_model", "macroscopic",
            "gd_oscillation"]
 
 
@@ -50,13 +58,6 @@ def to_flat(particles: Array) -> Array:
     return jnp.concatenate([particles[:, 0], particles[:, 1:].ravel()])
 
 
-def potential_gradient(objective: Objective, particles: Array) -> tuple[Array, Array]:
-    """(R(rho_N), grad_p V(p_i; rho_N) for every i) = (L(w), N dL/dp_i)."""
-    width = particles.shape[0]
-    loss, grad = objective.value_and_grad(to_flat(particles))
-    return loss, width * to_particles(grad, width)
-
-
 class Macroscopic(NamedTuple):
     risk: Array  # R(rho_N) at the centres
     averaged_risk: Array  # 1/2 (R(rho_+) + R(rho_-)): the predicted time-averaged loss
@@ -64,29 +65,28 @@ class Macroscopic(NamedTuple):
     amplitude: Array  # sqrt(mean_i |delta_i|^2): the RMS oscillation per particle
 
 
+def seed(objective: Objective, w0: Array, lr: float) -> tuple[Array, Array]:
+    """The flat (p, delta) at t = 0: the half-step rod delta = lr/2 g(w0) (delta_i = eta/2 grad V(p_i))."""
+    return w0, 0.5 * lr * objective.grad(w0)
+
+
+def observe(objective: Objective, z: tuple[Array, Array], ends: Ends, lr: float, width: int) -> Macroscopic:
+    """The macroscopic quantities at the flat z = (p, delta), from the rod's ends there (lr = N eta):
+    mean_i |delta_i|^2 = |delta|^2 / N, so FF = averaged risk - |delta|^2 / lr."""
+    p, delta = z
+    norm_sq = jnp.sum(delta**2)
+    return Macroscopic(objective.value(p), ends.mean_loss, ends.mean_loss - norm_sq / lr, jnp.sqrt(norm_sq / width))
+
+
 def velocity(objective: Objective, state: Particles, eta: float) -> tuple[Particles, Macroscopic]:
-    """(dp/dt, ddelta/dt) of the particle model and the macroscopic quantities at ``state``."""
-    p, delta = state
-    risk = objective.value(to_flat(p))
-    plus_risk, plus = potential_gradient(objective, p + delta)
-    minus_risk, minus = potential_gradient(objective, p - delta)
-    averaged = 0.5 * (plus_risk + minus_risk)
-    spread = jnp.mean(jnp.sum(delta**2, axis=1))
-    rates = Particles(-0.5 * eta * (plus + minus), 0.5 * eta * (plus - minus) - 2.0 * delta)
-    return rates, Macroscopic(risk, averaged, averaged - spread / eta, jnp.sqrt(spread))
-
-
-def euler_step(objective: Objective, state: Particles, eta: float, substeps) -> tuple[Particles, Macroscopic]:
-    """One unit of time in ``substeps`` Euler substeps (a Python or traced int), and the macroscopic
-    quantities at its start, whose rates serve the first substep. Cost: 2 substeps + 1 gradients."""
-    dt = 1.0 / substeps
-
-    def move(s: Particles, rates: Particles) -> Particles:
-        return jax.tree_util.tree_map(lambda x, v: x + dt * v, s, rates)
-
-    rates, observed = velocity(objective, state, eta)
-    state = jax.lax.fori_loop(1, substeps, lambda _, s: move(s, velocity(objective, s, eta)[0]), move(state, rates))
-    return state, observed
+    """(dp/dt, ddelta/dt) of the particle model and the macroscopic quantities at ``state``: the rod
+    flow's field (c = 0) at the flat (p, delta), with lr = N eta, in particle coordinates."""
+    width = state.centres.shape[0]
+    lr = width * eta
+    z = (to_flat(state.centres), to_flat(state.oscillation))
+    (centre_rate, rod_rate), ends = rod_field(objective, lr)(z)
+    rates = Particles(to_particles(centre_rate, width), to_particles(rod_rate, width))
+    return rates, observe(objective, z, ends, lr, width)
 
 
 def particle_model(objective: Objective, w0: Array, width: int, eta: float, steps: int, substeps: int = 4,
@@ -97,17 +97,17 @@ def particle_model(objective: Objective, w0: Array, width: int, eta: float, step
     from w0; the off-critical part of the seed decays at rate ~2). Returns the final state, the
     macroscopic quantities at every unit of time, and the particles every ``record_every`` steps.
     """
-    p0 = to_particles(w0, width)
-    _, grad = potential_gradient(objective, p0)
-    state = Particles(p0, 0.5 * eta * grad)
+    lr = width * eta
+    field = rod_field(objective, lr)
 
-    def one_step(state, _):
-        new, observed = euler_step(objective, state, eta, substeps)
-        return new, (observed, state)
+    def one_step(z, _):
+        new, ends = integrate(field, z, substeps)
+        return new, (observe(objective, z, ends, lr, width), z)
 
-    final, (observed, states) = _scan(one_step, state, steps)
-    snapshots = jax.tree_util.tree_map(lambda x: x[::record_every], states)
-    return final, observed, snapshots
+    final, (observed, states) = _scan(one_step, seed(objective, w0, lr), steps)
+    snapshots = jax.tree_util.tree_map(lambda x: jax.vmap(lambda w: to_particles(w, width))(x[::record_every]),
+                                       states)
+    return Particles(*(to_particles(x, width) for x in final)), observed, Particles(*snapshots)
 
 
 def particle_gd(objective: Objective, w0: Array, width: int, eta: float, steps: int) -> tuple[Array, Array]:

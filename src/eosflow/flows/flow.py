@@ -1,0 +1,154 @@
+"""The process every flow is: measure eigenpairs -> choose n substeps -> integrate -> observe.
+
+A model subclasses :class:`Flow` and writes its mathematics as a few methods:
+
+    start(w0) -> z                                  its variables at t = 0 (a pytree of arrays)
+    field(z) -> (dz/dt, aux)                        its vector field (aux: what the row reports)
+    observe(z, aux, setup, n) -> dict               the row at the start of the step (see ROW below)
+
+and, when it needs them,
+
+    position(z)                                     the centre, where eigenpairs are measured (z or z[0])
+    prepare(z, measured, step) -> (z, setup)        per-step quantities held fixed (default: measured)
+    term(setup, n)                                  the field given to the update (default: self.field)
+    update(field, z, h, key)                        the solver (default :func:`euler`)
+    substeps(measured, setup) -> n                  default: ``substep_count`` at the measured sharpness
+    finish(z, end, aux, step) -> z(t + 1)           a jump after the unit of time (the rod's parity kick)
+    substep_key(step)                               a PRNG key per step for stochastic updates
+
+:meth:`Flow.step` runs them in that order, once, for every flow, and :func:`register_flow` makes
+a model a process under its name (see docs/architecture.md for a worked example).
+
+ROW: the fields a flow's row shares with every process (``position``, ``loss``, the spectrum's
+``sharpness``/``eigenvalues``/``hvps``, ``grads``) and the predictions of the oscillation
+(:func:`prediction_row`) are listed in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.flows.integrate import SubstepOptions, euler, integrate, substep_count
+from eosflow.objective import Objective
+from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.spectrum import spectrum_row
+
+
+class FlowState(NamedTuple):
+    z: Any  # the model's variables (a pytree of arrays, e.g. (centre, rod))
+    vectors: Array  # d x k tracked Hessian eigenvectors at the position (warm start)
+    sharpness: Array  # the last measured S (sets the substep count on steps without a measurement)
+    step: Array
+
+
+class Measured(NamedTuple):
+    """The spectrum at the start of a step."""
+
+    vectors: Array  # d x k tracked eigenvectors at the position
+    values: Array  # (k,) their eigenvalues, descending (NaN when not measured this step)
+    sharpness: Array  # the last finite S
+    previous: Array  # d x k the vectors carried from the previous step
+
+
+class Flow(ScannedProcess):
+    """Base of every continuous-time model; see the module docstring for what a model writes."""
+
+    objective: Objective
+
+    # ---- the model ------------------------------------------------------------------------------
+    def start(self, w0: Array) -> Any:
+        raise NotImplementedError
+
+    def field(self, z: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def observe(self, z: Any, aux: Any, setup: Any, n: Array) -> dict[str, Array]:
+        raise NotImplementedError
+
+    def position(self, z: Any) -> Array:
+        return z if isinstance(z, jnp.ndarray) else z[0]
+
+    def prepare(self, z: Any, measured: Measured, step: Array) -> tuple[Any, Any]:
+        return z, measured
+
+    def term(self, setup: Any, n: Array) -> Any:
+        return self.field
+
+    def update(self, field: Any, z: Any, h: Any, key: Array | None) -> tuple[Any, Any]:
+        return euler(field, z, h, key)
+
+    def substeps(self, measured: Measured, setup: Any) -> Array | int:
+        options: SubstepOptions = self.options  # type: ignore[attr-defined]
+        return substep_count(self.lr, measured.sharpness, options)
+
+    def finish(self, z: Any, end: Any, aux: Any, step: Array) -> Any:
+        return end
+
+    def substep_key(self, step: Array) -> Array | None:
+        return None
+
+    # ---- the process ----------------------------------------------------------------------------
+    def init(self, w0: Array) -> FlowState:
+        return FlowState(self.start(w0), self.initial_vectors(w0), jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
+
+    def step(self, state: FlowState) -> tuple[FlowState, dict[str, Array]]:
+        position = self.position(state.z)
+        vectors, row = spectrum_row(self.objective, position, state.vectors, state.step, self.lr, self.spectrum)
+        sharpness = jnp.where(jnp.isfinite(row["sharpness"]), row["sharpness"], state.sharpness)
+        measured = Measured(vectors, row["eigenvalues"][: vectors.shape[1]], sharpness, state.vectors)
+        z, setup = self.prepare(state.z, measured, state.step)
+        n = self.substeps(measured, setup)
+        end, aux = integrate(self.term(setup, n), z, n, self.update, self.substep_key(state.step))
+        observed = self.observe(z, aux, setup, n)
+        row.update(observed, position=position, hvps=row["hvps"] + observed.get("hvps", 0))
+        return FlowState(self.finish(z, end, aux, state.step), vectors, sharpness, state.step + 1), row
+
+
+def prediction_row(lr: float, loss: Array, grad: Array, sigma_values: Array, top_vector: Array, k_max: int) -> dict:
+    """The row fields a flow predicts, from its centre and Sigma's eigenvalues (descending).
+
+    time-averaged loss       L + 1/2 <Sigma, H> = L + tr(Sigma) / eta     (H = 2/eta on Sigma's range)
+    time-averaged ||g||^2    ||g||^2 + tr(H Sigma H) = ||g||^2 + 4 tr(Sigma) / eta^2
+    amplitude                sqrt(largest eigenvalue of Sigma)
+    """
+    trace = jnp.sum(sigma_values)
+    return {
+        "loss": loss,
+        "grad_norm": jnp.linalg.norm(grad),
+        "predicted_loss": loss + trace / lr,
+        "predicted_grad_norm_sq": jnp.sum(grad**2) + 4.0 * trace / lr**2,
+        "covariance": padded(sigma_values, k_max),
+        "amplitude": jnp.sqrt(jnp.maximum(sigma_values[0], 0.0)),
+        "top_vector": top_vector,
+    }
+
+
+def padded(values: Array, size: int) -> Array:
+    """values followed by zeros, to length ``size`` (rows have static shapes)."""
+    return jnp.concatenate([values, jnp.zeros((size - values.shape[0],), values.dtype)])
+
+
+def register_flow(name: str, flow: type[Flow], options: type, summary: str, every_step: bool = False,
+                  problems: tuple[str, ...] | None = None,
+                  fields: Callable[[Any, Any, Any], dict] | None = None) -> Callable[..., Flow]:
+    """Register ``flow`` as the process ``name`` with its options table ``[name]``.
+
+    The process gets ``name``, ``lr``, ``spectrum`` (measured at every step if ``every_step``), a
+    key of its own, the problem's ``objective`` and the parsed ``options``; ``fields(problem, spec,
+    options)`` returns any further (or overriding) fields of the model.
+    """
+
+    def build(problem, spec, parsed) -> Flow:
+        spectrum = dataclasses.replace(spec.spectrum, every=1) if every_step else spec.spectrum
+        extra = fields(problem, spec, parsed) if fields else {}
+        base = {"name": name, "lr": spec.lr, "spectrum": spectrum, "key": process_key(spec.seed, name),
+                "objective": problem.objective, "options": parsed}
+        return flow(**{**base, **extra})
+
+    build.__doc__ = f"The {name} process ({flow.__name__})."
+    return register_process(name, options, summary, problems=problems)(build)
