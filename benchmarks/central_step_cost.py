@@ -42,8 +42,21 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--compile", type=int, nargs="*", default=[], metavar="K",
+                        help="only print the CPU time of the central flow's first advance (compile + 2 steps, "
+                             "float64, lr = 1, n_train 60, width 12) with K tracked pairs")
     parser.add_argument("--width", type=int, default=32, help="hidden width (32: d = 3,466; 128: d = 26,122)")
     args = parser.parse_args(argv)
+    if args.compile:
+        for k in args.compile:
+            small = {**PROBLEM, "n_train": 60, "width": 12}
+            table = {"lr": 1.0, "dtype": "float64", "problem": small, "processes": ["central_flow"],
+                     "spectrum": {"k": k, "k_max": k}}
+            _, problem, _, processes = prepare(table)
+            flow = processes["central_flow"]
+            first = best_ms(lambda f=flow, w=problem.w0: f.advance(f.init(w), 2)[1], 1) / 1e3
+            print(f"k = {k}: first advance of the central flow (compile + 2 steps) {first:.1f} s CPU")
+        return
     names = ["gd", "gradient_flow", "central_flow"]
     table = {"lr": 0.4, "dtype": args.dtype, "problem": {**PROBLEM, "width": args.width}, "processes": names,
              "spectrum": {"k": 1, "k_max": 1, "every": 1}}
