@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64
+
 import eosflow
 from eosflow.experiment import prepare, run
 

@@ -20,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+
+jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64
 
 import eosflow
 from eosflow.experiment import prepare, run

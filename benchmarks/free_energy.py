@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import jax
 import numpy as np
 import tomllib
 from scipy.signal import find_peaks
+
+jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64
 
 import eosflow
 from eosflow.compare import predicted_amplitude

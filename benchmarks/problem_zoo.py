@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import eosflow  # noqa: F401  (float64)
+jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64
+
+import eosflow  # noqa: F401
 from eosflow.problems import build_problem
 
 

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64
+
 import eosflow
 from eosflow.experiment import prepare, run
 from eosflow.report import make_report

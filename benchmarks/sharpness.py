@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64
+
 import eosflow
 from eosflow.cli import demo_table
 from eosflow.experiment import prepare, run

@@ -3,17 +3,19 @@
     import eosflow
     outcome = eosflow.run(eosflow.spec.load_spec_table("examples/demo.toml"), "runs/demo")
     ds = eosflow.load("runs/demo")          # xarray.Dataset over (process, step)
+
+    problem = eosflow.Problem.from_model(apply_fn, params, inputs, targets, loss="mse")
+    ds = eosflow.simulate(problem, lr=0.4, steps=1000, processes=["gd", "central_flow"])
 """
 
-import jax
+# Importing eosflow changes no global state: a run computes in its spec's `dtype` inside a scoped
+# `jax.enable_x64` (eosflow.precision), whatever the caller's JAX configuration.
+from eosflow import flows, optim  # noqa: F401  (register processes)
+from eosflow.experiment import run
+from eosflow.load import load, load_params
+from eosflow.objective import Objective
+from eosflow.problems import Problem
+from eosflow.simulate import simulate
 
-# Oracles and small problems run in float64; networks choose float32 per spec (`dtype`).
-jax.config.update("jax_enable_x64", True)
-
-from eosflow import flows, optim  # noqa: E402,F401  (register processes)
-from eosflow.experiment import run  # noqa: E402
-from eosflow.load import load, load_params  # noqa: E402
-from eosflow.objective import Objective  # noqa: E402
-
-__all__ = ["Objective", "load", "load_params", "run"]
+__all__ = ["Objective", "Problem", "load", "load_params", "run", "simulate"]
 __version__ = "0.1.0"

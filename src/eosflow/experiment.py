@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tomli_w
 
+from eosflow.precision import DTYPES, precision
 from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.spec import Spec, parse_spec, resolved_table
@@ -41,10 +42,18 @@ class Outcome:
     reason: str = ""
 
 
-def prepare(table: dict) -> tuple[Spec, Problem, dict, dict[str, Process]]:
-    """Validate a spec table and build its problem and processes (no files touched)."""
+def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem, dict, dict[str, Process]]:
+    """Validate a spec table and build its problem and processes (no files touched).
+
+    ``problem`` is given for a problem built in memory (:func:`eosflow.simulate`); otherwise the
+    spec's ``[problem]`` table builds it. Either way its arrays must have the spec's dtype.
+    """
     spec = parse_spec(table)
-    problem, params = build_problem(spec.problem, spec.seed, spec.dtype)
+    if problem is None:
+        problem, params = build_problem(spec.problem, spec.seed, spec.dtype)
+    else:
+        params = {key: value for key, value in spec.problem.items() if key != "name"}
+    problem.check_dtype(spec.dtype)
     resolved = resolved_table(spec, params)
     processes = {name: PROCESSES[name].build(problem, spec, spec.options[name]) for name in spec.processes}
     return spec, problem, resolved, processes
@@ -58,13 +67,29 @@ def run(
     overwrite: bool = False,
     progress: Progress | None = None,
     stop_after: int | None = None,
+    problem: Problem | None = None,
 ) -> Outcome:
     """Run (or resume) the experiment described by ``table`` into the run directory ``out``.
 
-    ``stop_after`` ends the run early after that many steps (as an interruption would), which
-    tests use to exercise resuming.
+    The run computes in its spec's ``dtype`` (:func:`eosflow.precision.precision`), whatever the
+    caller's JAX configuration. ``problem`` replaces the spec's ``[problem]`` table by a problem
+    built in memory (what :func:`eosflow.simulate` passes). ``stop_after`` ends the run early
+    after that many steps (as an interruption would), which tests use to exercise resuming.
     """
-    spec, problem, resolved, processes = prepare(table)
+    with precision(_run_dtype(table)):
+        return _run(table, out, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after,
+                    problem=problem)
+
+
+def _run_dtype(table: dict) -> str:
+    """The spec's dtype, read before validation (an invalid one fails in parse_spec, in float32)."""
+    dtype = table.get("dtype", "float32") if isinstance(table, dict) else "float32"
+    return dtype if dtype in DTYPES else "float32"
+
+
+def _run(table: dict, out: str | Path, *, resume: bool, overwrite: bool, progress: Progress | None,
+         stop_after: int | None, problem: Problem | None) -> Outcome:
+    spec, problem, resolved, processes = prepare(table, problem)
     store = RunStore(out)
     resolved_text = tomli_w.dumps(resolved)
     names = list(processes)

@@ -20,6 +20,7 @@ import xarray as xr
 
 from eosflow.load import load_params
 from eosflow.optim.sgd import step_noise
+from eosflow.precision import precision
 from eosflow.problems import build_problem
 from eosflow.report import register_section
 from eosflow.spec import parse_spec
@@ -106,6 +107,11 @@ def centre_model(run_dir: Path, params: np.ndarray) -> CentreModel:
     than taken at the centre: it grows away from the centre (cf. ``residual_noise``).
     """
     spec = parse_spec(tomllib.loads((run_dir / "spec.resolved.toml").read_text()))
+    with precision(spec.dtype):
+        return _centre_model(spec, params)
+
+
+def _centre_model(spec, params: np.ndarray) -> CentreModel:
     options = spec.options["sgd"]
     problem, _ = build_problem(spec.problem, spec.seed, spec.dtype)
     objective, dtype = problem.objective, problem.w0.dtype

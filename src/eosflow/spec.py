@@ -111,7 +111,8 @@ def resolved_table(spec: Spec, problem_params: Any) -> dict:
     """The spec with every default filled in, as a TOML-ready table (re-parses to the same spec)."""
     table = to_table(dataclasses.replace(spec, options={}, problem={}))
     table.pop("options")
-    table["problem"] = {"name": spec.problem["name"], **to_table(problem_params)}
+    params = problem_params if isinstance(problem_params, dict) else to_table(problem_params)  # dict: import path
+    table["problem"] = {"name": spec.problem["name"], **params}
     for name, opts in spec.options.items():
         table[name] = to_table(opts)
     return table

@@ -38,7 +38,7 @@ import pandas as pd
 import tomli_w
 import xarray as xr
 
-from eosflow.config import SpecError, parse
+from eosflow.config import SpecError
 from eosflow.store import RunStore, StoreError, atomic_write, write_json
 
 FINISHED = ("completed", "diverged")  # a run that ends this way is final: re-running repeats it
@@ -138,15 +138,11 @@ def grid_points(table: dict, grids: list[tuple[str, list]]) -> list[Point]:
 
 def _resolved_text(table: dict) -> str:
     """Validate a spec table as :func:`eosflow.experiment.run` will, without building the problem."""
-    from eosflow.problems import PROBLEMS, build_problem
+    from eosflow.problems import problem_params
     from eosflow.spec import parse_spec, resolved_table
 
     spec = parse_spec(table)
-    problem = dict(spec.problem)
-    name = problem.pop("name", None)
-    if name not in PROBLEMS:
-        build_problem(spec.problem, spec.seed, spec.dtype)  # raises the registry's own message
-    params = parse(PROBLEMS[name].params, problem, "problem")
+    _, params = problem_params(spec.problem)  # a registered problem's parameters, or an import path's keys
     return tomli_w.dumps(resolved_table(spec, params))
 
 

@@ -1,16 +1,36 @@
-"""Problems by name: each registers a builder and the dataclass of its parameters."""
+"""Problems: built in memory from a user's model or loss, by name from the registry, or by import path.
+
+    Problem.from_model(apply_fn, params, inputs, targets, loss="mse")   # loss(apply_fn(params, x), y)
+    Problem.from_function(loss_fn, w0)                                   # loss_fn(w0), w0 a pytree or vector
+
+    [problem]
+    name = "mlp"                              # a registered problem, its parameters validated
+    name = "my_pkg.problems:make_problem"     # a factory, called with the table's other keys
+
+Every spec's problem goes through :func:`build_problem`, so the CLI, ``--resume``, reports and
+sweep workers find an import-path problem with no registration step (its module must be
+importable there: installed, or on ``PYTHONPATH``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import SpecError, describe_fields, parse, suggest
-from eosflow.objective import Objective
+from eosflow.objective import LOSSES, Objective, PyTree, Unravel, ravel
+from eosflow.precision import check_dtypes
+
+IN_MEMORY = "in_memory"  # problem.name recorded for a problem given to eosflow.simulate in memory
 
 
 @dataclasses.dataclass
@@ -32,6 +52,65 @@ class Problem:
     accuracy: Callable[[Array, Any], Array] | None = None
     num_classes: int | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    source: dict | None = None  # the [problem] table that rebuilds it (set for import-path problems)
+
+    @classmethod
+    def from_model(
+        cls,
+        apply_fn: Callable[[PyTree, Array], Array],
+        params: PyTree,
+        inputs: Array,
+        targets: Array,
+        loss: str | Callable[[Array, Array], Array] = "mse",
+        info: dict | None = None,
+    ) -> Problem:
+        """L(w) = loss(apply_fn(params(w), inputs), targets) over the flattened ``params``.
+
+        ``apply_fn(params, inputs)`` is the model (an Equinox module's ``__call__`` vmapped, a Flax
+        ``apply``, ...); ``loss`` is ``"mse"`` (mean_i 1/2 |f - y|^2), ``"sse"``, ``"cross_entropy"``
+        or a function ``loss(predictions, targets)`` averaging over examples. Every leaf of
+        ``params`` and the floating inputs and targets must share the run's dtype.
+        """
+        if isinstance(loss, str) and loss not in LOSSES:
+            raise SpecError(f"unknown loss {loss!r}{suggest(loss, LOSSES)}")
+        if not jax.tree_util.tree_leaves(params):
+            raise SpecError("Problem.from_model: `params` has no array leaves")
+        objective, w0 = Objective.from_model(apply_fn, params, inputs, targets, loss)
+        return cls(objective, w0, info=dict(info or {}))
+
+    @classmethod
+    def from_function(cls, loss_fn: Callable[[PyTree], Array], w0: PyTree, info: dict | None = None) -> Problem:
+        """L(w) = loss_fn(w) from ``w0``: a flat vector, or any pytree of arrays (flattened here)."""
+        if not jax.tree_util.tree_leaves(w0):
+            raise SpecError("Problem.from_function: `w0` has no array leaves")
+        flat, unravel = ravel(w0)
+        objective = Objective(loss_on=_PytreeLoss(loss_fn, unravel), data=None, unravel=unravel)
+        return cls(objective, flat, info=dict(info or {}))
+
+    def check_dtype(self, dtype: Any) -> None:
+        """Every floating parameter leaf and data leaf has ``dtype`` (else a SpecError naming it)."""
+        unravel = self.objective.unravel
+        if isinstance(unravel, Unravel):  # the user's pytree: name its leaves
+            shapes = [jax.ShapeDtypeStruct(shape, np.dtype(name)) for shape, name in zip(unravel.shapes, unravel.dtypes)]
+            check_dtypes(jax.tree_util.tree_unflatten(unravel.treedef, shapes), dtype, "params")
+        check_dtypes(self.w0, dtype, "w0")
+        for where, objective in (("data", self.objective), ("test data", self.test_objective)):
+            data = None if objective is None else objective.data
+            if isinstance(data, tuple) and len(data) == 2:  # from_model's (inputs, targets)
+                check_dtypes(data[0], dtype, f"{where} inputs")
+                check_dtypes(data[1], dtype, f"{where} targets")
+            else:
+                check_dtypes(data, dtype, where)
+
+
+class _PytreeLoss(eqx.Module):
+    """loss_fn(unravel(w)), ignoring the (absent) batch; hashable by value like the objective's losses."""
+
+    loss_fn: Callable = eqx.field(static=True)
+    unravel: Callable = eqx.field(static=True)
+
+    def __call__(self, w: Array, batch: PyTree) -> Array:
+        return self.loss_fn(self.unravel(w))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +135,92 @@ def register_problem(name: str, params: type, summary: str):
 
 
 def build_problem(table: dict, seed: int, dtype: str) -> tuple[Problem, Any]:
-    """Validate the ``[problem]`` table and build the problem; returns (problem, params)."""
+    """Validate the ``[problem]`` table and build the problem; returns (problem, params).
+
+    ``params`` is the registered problem's parameters dataclass, or for an import path the dict
+    of the table's other keys (what the factory was called with).
+    """
+    name, params = problem_params(table)
+    if isinstance(params, dict):
+        problem = _call_factory(name, params, seed, dtype)
+    else:
+        problem = PROBLEMS[name].build(params, seed, jnp.dtype(dtype))
+    return problem, params
+
+
+def problem_params(table: dict) -> tuple[str, Any]:
+    """(name, params) of a ``[problem]`` table, validated without building the problem.
+
+    A name with a colon is an import path ``"module:attribute"``: the module is imported and the
+    factory's signature checked against the table's other keys.
+    """
     table = dict(table or {})
     name = table.pop("name", None)
     if name is None:
-        raise SpecError(f"`problem.name` is required; choose one of {', '.join(sorted(PROBLEMS))}")
+        raise SpecError(f"`problem.name` is required; choose one of {', '.join(sorted(PROBLEMS))} "
+                        "or name a factory by import path, \"my_pkg.problems:make_problem\"")
+    if name == IN_MEMORY:
+        raise SpecError(
+            f"`problem.name` = {IN_MEMORY!r} is a problem that was given to eosflow.simulate in memory; a spec cannot "
+            "rebuild it: resume with eosflow.simulate(problem, ..., out=run_dir, resume=True), or name a factory "
+            "that builds it by import path, \"my_pkg.problems:make_problem\"")
+    if isinstance(name, str) and ":" in name:
+        factory = import_factory(name)
+        _bind(name, factory, table, seed=0, dtype="float32")
+        return name, table
     if name not in PROBLEMS:
-        raise SpecError(f"unknown problem `problem.name` = {name!r}{suggest(str(name), PROBLEMS)}")
-    entry = PROBLEMS[name]
-    params = parse(entry.params, table, "problem")
-    problem = entry.build(params, seed, jnp.dtype(dtype))
-    return problem, params
+        raise SpecError(f"unknown problem `problem.name` = {name!r}{suggest(str(name), PROBLEMS)} "
+                        "(a problem of your own is named by import path, \"my_pkg.problems:make_problem\")")
+    return name, parse(PROBLEMS[name].params, table, "problem")
+
+
+def import_factory(path: str) -> Callable[..., Problem]:
+    """The callable named by ``"package.module:attribute"`` (the attribute may be dotted)."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise SpecError(f"`problem.name` = {path!r}: an import path is \"package.module:factory\"")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SpecError(
+            f"`problem.name` = {path!r}: cannot import module {module_name!r} ({error}); it must be importable "
+            "where the run happens (installed, or its directory on PYTHONPATH; on every Dask worker for a sweep)"
+        ) from None
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise SpecError(f"`problem.name` = {path!r}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise SpecError(f"`problem.name` = {path!r} is a {type(target).__name__}, not a callable returning a Problem")
+    return target
+
+
+def _bind(path: str, factory: Callable, keys: dict, seed: int, dtype: str) -> inspect.BoundArguments | None:
+    """The factory's arguments: the table's keys, plus ``seed`` and ``dtype`` if it takes them
+    (and the table does not set them)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: call it as it is
+        return None
+    accepted = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    extra = {key: value for key, value in (("seed", seed), ("dtype", dtype))
+             if key not in keys and (key in accepted or takes_any)}
+    try:
+        return signature.bind(**keys, **extra)
+    except TypeError as error:
+        raise SpecError(f"`problem` table {keys} does not fit {path}{signature}: {error}") from None
+
+
+def _call_factory(path: str, keys: dict, seed: int, dtype: str) -> Problem:
+    factory = import_factory(path)
+    bound = _bind(path, factory, keys, seed, dtype)
+    problem = factory(*bound.args, **bound.kwargs) if bound is not None else factory(**keys)
+    if not isinstance(problem, Problem):
+        raise SpecError(f"`problem.name` = {path!r} returned a {type(problem).__name__}, not an eosflow.Problem "
+                        "(build one with Problem.from_model or Problem.from_function)")
+    return dataclasses.replace(problem, source={"name": path, **keys})
 
 
 def describe_problems() -> str:

@@ -1,0 +1,51 @@
+"""A run's floating-point precision: scoped, never global, and checked where user arrays enter.
+
+JAX computes in float32 unless ``jax_enable_x64`` is on. eosflow never changes that setting for
+the process; a run enters :func:`precision` for its spec's ``dtype`` instead (``jax.enable_x64``
+is a thread-local context manager, and the flag is part of JAX's jit cache key, so float32 and
+float64 runs in one process each compile and compute in their own precision). The user's own
+arrays are checked at the boundary by :func:`check_dtypes`, which names the offending leaf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from eosflow.config import SpecError
+
+DTYPES = ("float32", "float64")
+
+
+@contextlib.contextmanager
+def precision(dtype: Any) -> Iterator[None]:
+    """Compute in ``dtype`` inside the block: float64 turns ``jax_enable_x64`` on for the block
+    (this thread only), float32 turns it off; the caller's setting is restored on exit."""
+    name = np.dtype(dtype).name
+    if name not in DTYPES:
+        raise SpecError(f"`dtype` = {name!r} is not one of {', '.join(DTYPES)}")
+    with jax.enable_x64(name == "float64"):
+        yield
+
+
+def check_dtypes(tree: Any, dtype: Any, where: str) -> None:
+    """Every floating-point leaf of ``tree`` has ``dtype``; else a SpecError naming the leaf
+    (``where`` + its path), its dtype and the two fixes. Integer leaves (labels) are allowed.
+
+    ``tree`` may hold arrays or anything with a ``dtype`` (a ``jax.ShapeDtypeStruct``).
+    """
+    expected = np.dtype(dtype)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        found = getattr(leaf, "dtype", None)
+        if found is None or not np.issubdtype(np.dtype(found), np.floating) or np.dtype(found) == expected:
+            continue
+        raise SpecError(
+            f"{where}{jax.tree_util.keystr(path)} is {np.dtype(found).name} but this run computes in "
+            f"{expected.name}: cast it (e.g. `.astype(\"{expected.name}\")`, or "
+            f"`jax.tree.map(lambda a: a.astype(\"{expected.name}\"), params)` for a whole model) or set "
+            f"dtype = \"{np.dtype(found).name}\" for the run"
+        )

@@ -1,0 +1,113 @@
+"""Experiments on a problem built in memory: the spec's runner, given a :class:`Problem` object.
+
+    problem = eosflow.Problem.from_model(apply_fn, params, inputs, targets, loss="mse")
+    ds = eosflow.simulate(problem, lr=0.4, steps=1000, processes=["gd", "central_flow"])
+
+``simulate`` writes the keyword arguments as a spec table and calls :func:`eosflow.experiment.run`
+with the problem object in place of the spec's ``[problem]`` table, so every process, the
+divergence rules, the chunked records and checkpoints are the spec runner's. The result is what
+:func:`eosflow.load` reads from the run directory (a temporary one when ``out`` is None).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from eosflow.config import SpecError
+from eosflow.experiment import Progress, run
+from eosflow.load import load
+from eosflow.problems import IN_MEMORY, Problem
+
+
+def simulate(
+    problem: Problem,
+    *,
+    lr: float,
+    steps: int,
+    processes: Sequence[str] = ("gd",),
+    spectrum: dict | None = None,
+    options: dict[str, dict] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    dtype: str | None = None,
+    record: dict | None = None,
+    divergence: dict | None = None,
+    name: str = "simulate",
+    progress: Progress | None = None,
+) -> xr.Dataset:
+    """Run ``processes`` from ``problem.w0`` and return their trajectories (as :func:`eosflow.load`).
+
+    Args:
+        problem: from ``Problem.from_model``, ``Problem.from_function`` or a factory.
+        lr, steps, processes, seed: as in a spec (the first process is the reference).
+        spectrum, record, divergence: the spec's tables of those names (``{"k_max": 2}``, ...).
+        options: each process's table, ``{"central_flow": {"substeps": 4}}``.
+        out: also keep the run directory there (resumable with ``resume=True``; a problem from an
+            import-path factory is recorded by its path, so ``eosflow run --resume`` works too).
+        dtype: the run's precision; default float64 if every floating parameter is float64, else
+            float32 (a leaf of another dtype is then refused by name).
+
+    Returns:
+        The run's ``xarray.Dataset`` (dims process x step), loaded into memory; its ``attrs``
+        hold the summary (``status``, ``reason`` when the reference diverged, ...).
+    """
+    table = simulation_table(problem, lr=lr, steps=steps, processes=processes, spectrum=spectrum,
+                             options=options, seed=seed, dtype=dtype, record=record,
+                             divergence=divergence, name=name)
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="eosflow-simulate-") as scratch:
+            run(table, scratch, problem=problem, progress=progress)
+            return load(scratch).load()
+    run(table, out, resume=resume, overwrite=overwrite, problem=problem, progress=progress)
+    return load(out).load()
+
+
+def simulation_table(
+    problem: Problem,
+    *,
+    lr: float,
+    steps: int,
+    processes: Sequence[str] = ("gd",),
+    spectrum: dict | None = None,
+    options: dict[str, dict] | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    record: dict | None = None,
+    divergence: dict | None = None,
+    name: str = "simulate",
+) -> dict:
+    """The spec table :func:`simulate` runs (its ``[problem]`` is the problem's source, if any)."""
+    if isinstance(processes, str):
+        processes = [processes]
+    table = {
+        "name": name,
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "dtype": dtype or default_dtype(problem),
+        "processes": list(processes),
+        "problem": dict(problem.source or {"name": IN_MEMORY}),
+    }
+    for key, value in (("spectrum", spectrum), ("record", record), ("divergence", divergence)):
+        if value is not None:
+            table[key] = dict(value)
+    for process, process_options in (options or {}).items():
+        if process in table:
+            raise SpecError(f"options[{process!r}]: {process!r} is not a process")
+        table[process] = dict(process_options)
+    return table
+
+
+def default_dtype(problem: Problem) -> str:
+    """float64 if every floating parameter leaf is float64, else float32."""
+    unravel = problem.objective.unravel
+    names = getattr(unravel, "dtypes", None) or (np.dtype(problem.w0.dtype).name,)
+    floating = [name for name in names if np.issubdtype(np.dtype(name), np.floating)]
+    return "float64" if floating and all(name == "float64" for name in floating) else "float32"

@@ -1,0 +1,156 @@
+"""A user's own model, not registered anywhere: in memory (eosflow.simulate) and by import path.
+
+The model and loss live in tests/user_models.py (a softplus network with a skip connection and a
+log-cosh loss; eosflow ships neither). Oracle: the same problem run from a spec that names its
+factory by import path gives bitwise the same trajectories, and a 2-point sweep on two Dask
+worker processes completes with it and equals the in-process run.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eosflow
+from eosflow.config import SpecError
+from eosflow.experiment import run
+from eosflow.sweep import load_sweep, local_cluster, run_sweep
+
+import user_models
+
+PATH = "user_models:make_problem"
+LR, STEPS = 0.8, 40
+PROCESSES = ["gd", "central_flow", "rod_flow"]
+SPECTRUM = {"k_max": 2}
+TABLE = {"steps": STEPS, "lr": LR, "dtype": "float32", "processes": PROCESSES, "problem": {"name": PATH},
+         "spectrum": SPECTRUM, "record": {"chunk": 20}}
+
+
+def assert_same_trajectories(a, b):
+    assert list(a.process.values) == list(b.process.values)
+    assert set(a.data_vars) == set(b.data_vars)
+    for name in a.data_vars:
+        assert np.array_equal(a[name].values, b[name].values, equal_nan=True), name
+
+
+@pytest.fixture(scope="module")
+def in_memory():
+    return eosflow.simulate(user_models.make_problem(), lr=LR, steps=STEPS, processes=PROCESSES, spectrum=SPECTRUM,
+                            record={"chunk": 20})
+
+
+def test_in_memory_run_of_a_float32_user_model(in_memory):
+    assert in_memory.attrs["status"] == "completed" and in_memory.sizes["step"] == STEPS
+    assert list(in_memory.process.values) == PROCESSES
+    for process in PROCESSES:
+        loss = in_memory.loss.sel(process=process).values
+        assert np.all(np.isfinite(loss)) and loss[-1] < 0.2 * loss[0]
+    # GD's sharpness reaches the edge of stability, and the flows' predicted sharpness stays at or below it
+    assert np.nanmax(in_memory.lr_sharpness.sel(process="gd").values) > 1.9
+    assert in_memory.attrs["dimension"] == 52
+
+
+def test_import_path_spec_equals_in_memory_bitwise(in_memory, tmp_path):
+    assert run(TABLE, tmp_path / "run").status == "completed"
+    from_spec = eosflow.load(tmp_path / "run")
+    assert_same_trajectories(in_memory, from_spec)
+    resolved = (tmp_path / "run" / "spec.resolved.toml").read_text()
+    assert f'name = "{PATH}"' in resolved
+
+
+def test_simulate_out_writes_a_run_directory_the_cli_resumes(tmp_path):
+    """A factory's problem is recorded by its import path, so the spec in the directory rebuilds it."""
+    problem = user_models.make_problem(width=5)
+    assert problem.source is None  # built in memory: recorded as in_memory
+    from eosflow.problems import build_problem
+
+    problem, _ = build_problem({"name": PATH, "width": 5}, 0, "float32")
+    ds = eosflow.simulate(problem, lr=0.3, steps=10, out=tmp_path / "run", record={"chunk": 5})
+    from eosflow.cli import main
+
+    assert main(["run", str(tmp_path / "run" / "spec.toml"), "--out", str(tmp_path / "run"), "--resume",
+                 "--quiet"]) == 0
+    assert_same_trajectories(ds, eosflow.load(tmp_path / "run"))
+
+
+def test_in_memory_directory_explains_how_to_resume(tmp_path):
+    eosflow.simulate(user_models.make_problem(width=3), lr=0.3, steps=4, out=tmp_path / "run")
+    with pytest.raises(SpecError, match="given to eosflow.simulate in memory.*resume=True"):
+        run(eosflow.spec.load_spec_table(tmp_path / "run" / "spec.toml"), tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
+    ("user_models:missing", "module 'user_models' has no attribute 'missing'"),
+    ("user_models:not_a_factory", "is a int, not a callable returning a Problem"),
+    ("user_models:returns_a_dict", "returned a dict, not an eosflow.Problem"),
+    ("user_models", "unknown problem"),
+])
+def test_import_path_errors_name_the_path(name, message, tmp_path):
+    with pytest.raises(SpecError, match=message) as error:
+        run({**TABLE, "problem": {"name": name}}, tmp_path / "run")
+    assert name in str(error.value)
+
+
+def test_factory_keys_are_checked_against_its_signature(tmp_path):
+    with pytest.raises(SpecError, match=r"does not fit user_models:make_problem\(width.*unexpected keyword.*depth"):
+        run({**TABLE, "problem": {"name": PATH, "depth": 2}}, tmp_path / "run")
+
+
+def test_a_float64_leaf_in_a_float32_run_is_named():
+    problem = user_models.make_problem(width=3)
+    params = problem.objective.unravel(problem.w0)
+    params["out"] = params["out"].astype(jnp.float64)
+    inputs, targets = problem.objective.data
+    mixed = eosflow.Problem.from_model(user_models.apply, params, inputs, targets, loss=user_models.log_cosh)
+    with pytest.raises(SpecError) as error:
+        eosflow.simulate(mixed, lr=0.1, steps=2)  # default dtype: float32, since most leaves are
+    message = str(error.value)
+    assert "params['out'] is float64 but this run computes in float32" in message
+    assert '.astype("float32")' in message and 'dtype = "float64"' in message
+    with pytest.raises(SpecError, match=r"data inputs is float64 but this run computes in float32"):
+        eosflow.simulate(eosflow.Problem.from_model(user_models.apply, problem.objective.unravel(problem.w0),
+                                                    np.asarray(inputs, np.float64), targets, loss="mse"),
+                         lr=0.1, steps=2)
+
+
+def test_from_function_takes_a_pytree_or_a_vector():
+    """GD on L(w) = 1/2 sum h_i w_i^2 from a pytree start and from the same start flattened."""
+    h = {"a": jnp.array([4.0, 1.0]), "b": jnp.array(9.0)}
+
+    def quadratic(w):
+        return 0.5 * (jnp.sum(h["a"] * w["a"] ** 2) + h["b"] * w["b"] ** 2)
+
+    w0 = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+    tree = eosflow.simulate(eosflow.Problem.from_function(quadratic, w0), lr=0.1, steps=20, dtype="float64",
+                            spectrum={"tol": 1e-8, "max_iters": 100}, record={"params_every": 1})
+    flat_h = np.array([4.0, 1.0, 9.0])
+    vector = eosflow.simulate(eosflow.Problem.from_function(lambda w: 0.5 * jnp.sum(flat_h * w**2),
+                                                            jnp.array([1.0, -2.0, 0.5])),
+                              lr=0.1, steps=20, dtype="float64")
+    closed = (1 - 0.1 * flat_h)[None, :] ** np.arange(20)[:, None] * np.array([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(tree.loss.sel(process="gd").values, 0.5 * (closed**2 * flat_h).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(vector.loss.values, tree.loss.values, rtol=1e-12)
+    np.testing.assert_allclose(tree.sharpness.sel(process="gd").values, 9.0, rtol=1e-8)
+
+
+def test_sweep_of_an_import_path_problem_on_two_worker_processes(in_memory, tmp_path, monkeypatch):
+    """Workers import the user's module as a remote worker would: from PYTHONPATH (no registration)."""
+    tests_dir = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    cluster = local_cluster(2, cache_dir=tmp_path / "jax-cache")
+    try:
+        assert len(cluster.workers) == 2
+        out = run_sweep(TABLE, ["problem.scale=1.5,1.2"], tmp_path / "sweep", scheduler=cluster.scheduler_address,
+                        progress=False)
+    finally:
+        cluster.close()
+    swept = load_sweep(out)
+    assert swept.sizes["problem.scale"] == 2
+    point = eosflow.load(out / "points" / "problem.scale=1.5")
+    assert point.attrs["status"] == "completed"
+    assert_same_trajectories(in_memory, point)
+    assert sys.modules["user_models"] is user_models
