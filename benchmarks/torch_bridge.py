@@ -13,7 +13,7 @@ at lr = 0.4 (the demo's setting: the sharpness reaches 2/lr = 5 around step 200)
 and compared with ARPACK at tol 0 (scipy eigsh). Printed per phase (sharpening: lr S < 1.9;
 edge: lr S >= 1.9): median HVPs per measurement, median and max relative eigenvalue error.
 
-    python benchmarks/torch_bridge.py [--steps 400] [--every 10] [--k 1 3]
+    python benchmarks/torch_bridge.py [--steps 400] [--every 10] [--k 1 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ def digits(n: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = load_digits(return_X_y=True)
     x = (x[:n] - x[:n].mean(0)) / (x[:n].std(0) + 1e-8)
     return torch.from_numpy(x), torch.nn.functional.one_hot(torch.from_numpy(y[:n]), 10).double()
+
+
+def mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+    )
 
 
 def half_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -94,21 +100,50 @@ def arpack(objective: TorchObjective, k: int) -> np.ndarray:
     return np.sort(scipy.sparse.linalg.eigsh(op, k=k, which="LA", tol=0)[0])[::-1]
 
 
+def bridge_overhead(objective: TorchObjective, repeats: int = 30) -> None:
+    """ms per Hessian-vector product: torch directly, through the JAX bridge (jitted), and the JAX twin."""
+    from eosflow.torch import to_jax
+
+    bridged, w0 = to_jax(objective)
+    twin = jax_twin_hvp(objective)
+    v = jnp.asarray(np.random.default_rng(0).normal(size=(w0.size, 1)))
+    w_t, v_t = objective.flat_parameters(), torch.from_numpy(np.array(v[:, 0]))
+    candidates = {
+        "torch (double backward)": lambda: objective.hvp(w_t, v_t),
+        "eosflow.torch bridge, jitted": jax.jit(lambda: bridged.hvp(w0, v[:, 0])),
+        "jax twin, jitted": jax.jit(lambda: twin(w0, v)),
+    }
+    print(f"ms per HVP at d = {objective.dim} (median of {repeats}):")
+    for name, fn in candidates.items():
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(1e3 * (time.perf_counter() - started))
+        print(f"  {name:<30} {np.median(times):8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; use 1 on a loaded machine, where "
+                             "spinning thread pools slow every call tens of times)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     inputs, targets = digits()
+    torch.manual_seed(0)
+    bridge_overhead(TorchObjective(mlp(), half_mse, (inputs, targets)))
     rows = []
     for k in args.k:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
-        )
+        model = mlp()
         objective = TorchObjective(model, half_mse, (inputs, targets))
         tracker = SharpnessTracker(model, half_mse, k=k, tol=1e-3, max_iters=30)
         twin = jax.jit(lambda w, x0, block=jax_twin_hvp(objective): lobpcg(lambda v: block(w, v), x0, 1e-3, 30))

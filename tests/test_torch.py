@@ -9,9 +9,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import eosflow  # noqa: E402
+from eosflow.problems import Problem  # noqa: E402
 from eosflow.torch import SharpnessTracker, TorchObjective, to_jax  # noqa: E402
 
 F = torch.nn.functional
+# the test process's choice: torch's spinning intra-op pool slows each call tens of times on a
+# loaded 2-core machine, beside XLA's threads
+torch.set_num_threads(1)
 
 
 def mlp(width: int, seed: int) -> torch.nn.Module:
@@ -165,3 +170,22 @@ def test_mixed_dtypes_and_missing_state_are_named():
     tracker = SharpnessTracker(objective.model, F.mse_loss)
     with pytest.raises(ValueError, match="no `exp_avg_sq` for parameter '0.weight'"):
         tracker.update(objective.batch, torch.optim.Adam(objective.model.parameters()))
+
+
+def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
+    """GD and the central flow through eosflow.simulate: the torch model and the same network in
+    JAX, from the same w0 on the same data, agree over 200 steps at the edge of stability."""
+    objective, twin = problem("mlp", 10, 11)
+    torch_problem = eosflow.torch.problem(objective.model, F.mse_loss, objective.batch)
+    with jax.enable_x64(True):
+        twin_problem = Problem.from_function(twin, np.asarray(torch_problem.w0))
+    settings = dict(lr=1.5, steps=200, processes=["gd", "central_flow"], spectrum={"k_max": 2})
+    ours, reference = eosflow.simulate(torch_problem, **settings), eosflow.simulate(twin_problem, **settings)
+    assert ours.attrs.get("dtype", "float64") == "float64"
+    for process in ("gd", "central_flow"):
+        for field in ("loss", "sharpness"):
+            a, b = (ds[field].sel(process=process).values for ds in (ours, reference))
+            assert np.isfinite(b).all()
+            np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=f"{process} {field}")
+    gd_edge = 1.5 * reference.sharpness.sel(process="gd").values
+    assert np.mean(gd_edge[100:] > 1.9) > 0.5  # the run reaches the edge of stability

@@ -45,8 +45,9 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective) -> Call
     def callback(*arrays: np.ndarray) -> np.ndarray:
         lead = np.broadcast_shapes(*(a.shape[:-1] for a in arrays))
         tensors = [_to_torch(a, objective) for a in arrays]
-        if math.prod(lead) <= 1 and all(a.ndim == 1 for a in arrays):
-            return fn(*tensors).detach().cpu().numpy()
+        if math.prod(lead) == 1:  # nothing to map over (possibly a batch of one)
+            out = fn(*(t.reshape(t.shape[-1]) for t in tensors))
+            return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape))
         flat, in_dims = [], []
         for t in tensors:
             if math.prod(t.shape[:-1]) == 1:
@@ -56,23 +57,46 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective) -> Call
                 flat.append(torch.broadcast_to(t, (*lead, t.shape[-1])).reshape(-1, t.shape[-1]))
                 in_dims.append(0)
         out = vmap(fn, in_dims=tuple(in_dims))(*flat)
-        return out.detach().cpu().numpy().reshape(*lead, *out.shape[1:])
+        return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape[1:]))
 
     return callback
+
+
+def host_callback(fn: Callable[..., np.ndarray], shape: tuple[int, ...], dtype: np.dtype, *args: jax.Array,
+                  vmap_method: str) -> jax.Array:
+    """``jax.pure_callback(fn, (shape, dtype), *args)``, with the arrays carried as raw 32-bit words.
+
+    Under a scoped ``jax.enable_x64`` (how an eosflow run sets its precision), XLA may run a
+    callback on one of its own threads, where the thread-local flag is off, and JAX's callback
+    machinery then casts float64 arguments to float32 before ``fn`` sees them (and refuses a
+    float64 result). Bit-casting to uint32 and back on each side keeps every bit; it costs a view.
+    """
+    per_word = np.dtype(dtype).itemsize // 4
+    words = lambda a: a.reshape(-1).view(np.uint32).reshape(a.shape + ((per_word,) if per_word > 1 else ()))  # noqa: E731
+
+    def on_words(*packed: np.ndarray) -> np.ndarray:
+        arrays = [np.ascontiguousarray(p).view(dtype).reshape(p.shape[:-1] if per_word > 1 else p.shape)
+                  for p in packed]
+        return words(np.asarray(fn(*arrays), dtype=dtype, order="C"))  # (ascontiguousarray makes 0-d 1-d)
+
+    packed = [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args]
+    result = jax.ShapeDtypeStruct(tuple(shape) + ((per_word,) if per_word > 1 else ()), jnp.uint32)
+    out = jax.pure_callback(on_words, result, *packed, vmap_method=vmap_method)
+    return jax.lax.bitcast_convert_type(out, dtype)
 
 
 def jax_loss(objective: TorchObjective) -> Callable[[jax.Array], jax.Array]:
     """L(w) as a JAX function of a flat vector (d,), differentiable to third order by torch."""
     d, dtype = objective.dim, np.dtype(str(objective.dtype).removeprefix("torch."))
-    scalar, vector = jax.ShapeDtypeStruct((), dtype), jax.ShapeDtypeStruct((d,), dtype)
 
-    def call(fn: Callable[..., torch.Tensor], shape, *args):
+    def call(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], *args):
+        """fn's value at traced args; result structs are made here, where the precision is known."""
         if jax.dtypes.canonicalize_dtype(dtype) != dtype:  # checked where traced: precision may be scoped
             raise ValueError(
                 f"the torch model is {dtype.name} but JAX computes in float32 here: run with dtype = "
                 f'"float64" (eosflow.simulate does), inside `jax.enable_x64()`, or cast the model with .float()'
             )
-        return jax.pure_callback(_batched(fn, objective), shape, *args, vmap_method="expand_dims")
+        return host_callback(_batched(fn, objective), shape, dtype, *args, vmap_method="expand_dims")
 
     def both(w: torch.Tensor) -> torch.Tensor:
         value, g = objective.value_and_grad(w)  # one torch pass, one callback: (L, g) as (d + 1,)
@@ -83,7 +107,7 @@ def jax_loss(objective: TorchObjective) -> Callable[[jax.Array], jax.Array]:
 
     @jax.custom_jvp
     def value_and_grad(w):
-        out = call(both, jax.ShapeDtypeStruct((d + 1,), dtype), w)
+        out = call(both, (d + 1,), w)
         return out[0], out[1:]
 
     def _value_and_grad_jvp(primals, tangents):
@@ -97,7 +121,7 @@ def jax_loss(objective: TorchObjective) -> Callable[[jax.Array], jax.Array]:
 
     @jax.custom_jvp
     def loss(w):
-        return call(objective.value, scalar, w)
+        return call(objective.value, (), w)
 
     def _loss_jvp(primals, tangents):
         (w,), (dw,) = primals, tangents
@@ -108,7 +132,7 @@ def jax_loss(objective: TorchObjective) -> Callable[[jax.Array], jax.Array]:
 
     @jax.custom_jvp
     def hvp(w, v):
-        return call(objective.hvp, vector, w, v)
+        return call(objective.hvp, (d,), w, v)
 
     def _hvp_jvp(primals, tangents):
         (w, v), (dw, dv) = primals, tangents
@@ -124,7 +148,7 @@ def jax_loss(objective: TorchObjective) -> Callable[[jax.Array], jax.Array]:
 
     @jax.custom_jvp
     def third_derivative(w, u, v):
-        return call(objective.third_derivative, vector, w, u, v)
+        return call(objective.third_derivative, (d,), w, u, v)
 
     @third_derivative.defjvp
     def _fourth(primals, tangents):
@@ -133,10 +157,10 @@ def jax_loss(objective: TorchObjective) -> Callable[[jax.Array], jax.Array]:
     return loss
 
 
-def to_jax(objective: TorchObjective) -> tuple[Objective, jax.Array]:
-    """An :class:`eosflow.Objective` backed by torch, with the module's current parameters as w0."""
-    w0 = objective.flat_parameters().detach().cpu().numpy()
-    return Objective.from_function(jax_loss(objective)), jnp.asarray(w0)
+def to_jax(objective: TorchObjective) -> tuple[Objective, np.ndarray]:
+    """An :class:`eosflow.Objective` backed by torch, with the module's current parameters as w0
+    (a NumPy array in the model's dtype: a run chooses its precision from it)."""
+    return Objective.from_function(jax_loss(objective)), objective.flat_parameters().cpu().numpy()
 
 
 def problem(model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> Problem:

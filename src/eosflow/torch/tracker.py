@@ -30,6 +30,7 @@ import torch
 
 from eosflow.preconditioning import diagonal_preconditioner, edge_threshold, preconditioned_matvec
 from eosflow.spectrum import lobpcg, random_vectors
+from eosflow.torch.bridge import host_callback
 from eosflow.torch.objective import Batch, TorchObjective
 
 
@@ -124,10 +125,9 @@ class SharpnessTracker:
             raise ValueError("the model is float64 but JAX runs in float32: enable float64 in JAX or use .float()")
         self.vectors = random_vectors(jax.random.PRNGKey(seed), self.objective.dim, k, dtype)
         self._batch: Batch | None = None
-        block = jax.ShapeDtypeStruct(self.vectors.shape, dtype)
 
         def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
-            return jax.pure_callback(self._hvp_block, block, w, vectors, vmap_method="sequential")
+            return host_callback(self._hvp_block, vectors.shape, dtype, w, vectors, vmap_method="sequential")
 
         def solve(w, initial, diagonal):
             matvec = preconditioned_matvec(lambda v: hvp_block(w, v), diagonal)
