@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup demo test lint lint-ruff lint-format lint-types bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lint,torch]"
 	touch $(STAMP)
 
 setup: $(STAMP)

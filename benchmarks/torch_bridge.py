@@ -1,0 +1,193 @@
+"""eosflow's torch tracker against PyHessian-style power iteration and the JAX tracker.
+
+A torch MLP (64-32-32-10, tanh, 3466 parameters, float64) trains by full-batch GD on 500 digits
+at lr = 0.4 (the demo's setting: the sharpness reaches 2/lr = 5 around step 200). Every
+``--every`` steps the top-k Hessian eigenvalues are measured by
+
+  eosflow.torch   SharpnessTracker(model, loss, k, tol=1e-3), warm-started from the last call
+  jax twin        the same LOBPCG on the same network written in JAX (same weights), warm-started
+  pyhessian       hessian(model, criterion, data).eigenvalues(top_n=k, tol=1e-3), as PyHessian
+                  calls it (cold start, power iteration with deflation): the real package
+                  (pip install pyhessian; `make bench-torch` installs it), its HVPs counted
+
+and compared with ARPACK at tol 0 (scipy eigsh). Printed per phase (sharpening: lr S < 1.9;
+edge: lr S >= 1.9): median HVPs per measurement, median and max relative eigenvalue error.
+
+    python benchmarks/torch_bridge.py [--steps 400] [--every 10] [--k 1 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse.linalg
+import torch
+from sklearn.datasets import load_digits
+
+from eosflow.spectrum import lobpcg, random_vectors
+from eosflow.torch import SharpnessTracker, TorchObjective
+
+jax.config.update("jax_enable_x64", True)  # this script's own process: float64 throughout
+torch.set_default_dtype(torch.float64)  # PyHessian draws its vectors in the default dtype
+
+
+def digits(n: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_digits(return_X_y=True)
+    x = (x[:n] - x[:n].mean(0)) / (x[:n].std(0) + 1e-8)
+    return torch.from_numpy(x), torch.nn.functional.one_hot(torch.from_numpy(y[:n]), 10).double()
+
+
+def mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+    )
+
+
+def half_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((outputs - targets) ** 2).sum(dim=1).mean()
+
+
+def jax_twin_hvp(objective: TorchObjective):
+    """H(w) V for the same MLP written in JAX over torch's flat layout."""
+    inputs, targets = (jnp.asarray(t.numpy()) for t in objective.batch)
+    splits = np.cumsum(objective.sizes)[:-1]
+
+    def loss(w):
+        w1, b1, w2, b2, w3, b3 = (p.reshape(s) for p, s in zip(jnp.split(w, splits), objective.shapes))
+        out = jnp.tanh(jnp.tanh(inputs @ w1.T + b1) @ w2.T + b2) @ w3.T + b3
+        return 0.5 * jnp.mean(jnp.sum((out - targets) ** 2, axis=1))
+
+    def block(w, vectors):
+        _, lin = jax.linearize(jax.grad(loss), w)
+        return jax.vmap(lin, in_axes=1, out_axes=1)(vectors)
+
+    return block
+
+
+def pyhessian_eigenvalues(model, criterion, data, top_n: int, counter: list[int]):
+    """PyHessian's top_n eigenvalues (tol 1e-3, maxIter 100), counting its HVPs."""
+    try:  # the submodule (the package's __init__ shadows it with the class of the same name)
+        ph = importlib.import_module("pyhessian.hessian")
+    except ImportError:
+        ph = None
+    if ph is not None:
+        original = ph.hessian_vector_product
+
+        def counted(gradsH, params, v):
+            counter[0] += 1
+            return original(gradsH, params, v)
+
+        ph.hessian_vector_product = counted
+        try:
+            return ph.hessian(model, criterion, data=data, cuda=False).eigenvalues(top_n=top_n, tol=1e-3)[0]
+        finally:
+            ph.hessian_vector_product = original
+    raise SystemExit("pip install pyhessian (the comparison calls the real package)")
+
+
+def arpack(objective: TorchObjective, k: int) -> np.ndarray:
+    w = objective.flat_parameters()
+    d = w.numel()
+    op = scipy.sparse.linalg.LinearOperator(
+        (d, d), matvec=lambda v: objective.hvp(w, torch.from_numpy(np.ascontiguousarray(v).ravel())).numpy(),
+        dtype=np.float64,
+    )
+    return np.sort(scipy.sparse.linalg.eigsh(op, k=k, which="LA", tol=0)[0])[::-1]
+
+
+def bridge_overhead(objective: TorchObjective, repeats: int = 30) -> None:
+    """ms per Hessian-vector product: torch directly, through the JAX bridge (jitted), and the JAX twin."""
+    from eosflow.torch import to_jax
+
+    bridged, w0 = to_jax(objective)
+    twin = jax_twin_hvp(objective)
+    v = jnp.asarray(np.random.default_rng(0).normal(size=(w0.size, 1)))
+    w_t, v_t = objective.flat_parameters(), torch.from_numpy(np.array(v[:, 0]))
+    candidates = {
+        "torch (double backward)": lambda: objective.hvp(w_t, v_t),
+        "eosflow.torch bridge, jitted": jax.jit(lambda: bridged.hvp(w0, v[:, 0])),
+        "jax twin, jitted": jax.jit(lambda: twin(w0, v)),
+    }
+    print(f"ms per HVP at d = {objective.dim} (median of {repeats}):")
+    for name, fn in candidates.items():
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(1e3 * (time.perf_counter() - started))
+        print(f"  {name:<30} {np.median(times):8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.4)
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; use 1 on a loaded machine, where "
+                             "spinning thread pools slow every call tens of times)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    inputs, targets = digits()
+    torch.manual_seed(0)
+    bridge_overhead(TorchObjective(mlp(), half_mse, (inputs, targets)))
+    rows = []
+    for k in args.k:
+        torch.manual_seed(0)
+        model = mlp()
+        objective = TorchObjective(model, half_mse, (inputs, targets))
+        tracker = SharpnessTracker(model, half_mse, k=k, tol=1e-3, max_iters=30)
+        twin = jax.jit(lambda w, x0, block=jax_twin_hvp(objective): lobpcg(lambda v: block(w, v), x0, 1e-3, 30))
+        twin_vectors = random_vectors(jax.random.PRNGKey(0), objective.dim, k, jnp.float64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+        for step in range(args.steps):
+            if step % args.every == 0:  # step 0 compiles both solvers and is not recorded
+                started = time.perf_counter()
+                eig = tracker.update((inputs, targets))
+                ours_ms = 1e3 * (time.perf_counter() - started)
+                started = time.perf_counter()
+                pairs = twin(jnp.asarray(objective.flat_parameters().numpy()), twin_vectors)
+                twin_ms = 1e3 * (time.perf_counter() - started)
+                twin_vectors = pairs.vectors
+            if step % args.every == 0 and step > 0:
+                reference = arpack(objective, k)
+                counter = [0]
+                started = time.perf_counter()
+                power = np.sort(np.asarray(pyhessian_eigenvalues(model, half_mse, (inputs, targets), k, counter)))[::-1]
+                power_ms = 1e3 * (time.perf_counter() - started)
+                model.zero_grad(set_to_none=True)  # PyHessian leaves a graph in .grad
+                phase = "edge" if args.lr * reference[0] >= 1.9 else "sharpening"
+                error = lambda values: float(np.max(np.abs(values - reference) / np.abs(reference)))  # noqa: E731
+                rows.append((k, phase, "eosflow.torch", eig.hvps, error(eig.values), ours_ms))
+                rows.append((k, phase, "jax twin", int(pairs.hvps), error(np.asarray(pairs.values)), twin_ms))
+                rows.append((k, phase, "pyhessian", counter[0], error(power), power_ms))
+            optimizer.zero_grad()
+            half_mse(model(inputs), targets).backward()
+            optimizer.step()
+
+    print(f"torch MLP 64-32-32-10 on digits, d = {objective.dim}, GD lr = {args.lr}, {args.steps} steps, "
+          f"measured every {args.every}; error = max over the k pairs of |lambda - ARPACK| / ARPACK")
+    print(f"{'k':>2} {'phase':<11} {'method':<14} {'n':>3} {'HVPs (median)':>14} {'HVPs (mean)':>12} "
+          f"{'median err':>11} {'max err':>9} {'ms (median)':>12}")
+    for k in args.k:
+        for phase in ("sharpening", "edge"):
+            for method in ("eosflow.torch", "jax twin", "pyhessian"):
+                sel = [r for r in rows if r[0] == k and r[1] == phase and r[2] == method]
+                if not sel:
+                    continue
+                hvps, errs, ms = (np.array([r[i] for r in sel], float) for i in (3, 4, 5))
+                print(f"{k:>2} {phase:<11} {method:<14} {len(sel):>3} {np.median(hvps):>14.1f} {hvps.mean():>12.1f} "
+                      f"{np.median(errs):>11.1e} {errs.max():>9.1e} {np.median(ms):>12.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""PyTorch models in eosflow (``pip install eosflow[torch]``).
+
+    objective = eosflow.torch.Objective(model, loss_fn, (inputs, targets))
+    problem = eosflow.torch.problem(model, loss_fn, (inputs, targets))   # for eosflow.simulate
+    tracker = eosflow.torch.SharpnessTracker(model, loss_fn, k=3, tol=1e-3)
+
+See docs/torch.md.
+"""
+
+from eosflow.torch.bridge import jax_loss, problem, to_jax
+from eosflow.torch.objective import TorchObjective
+from eosflow.torch.objective import TorchObjective as Objective
+from eosflow.torch.tracker import SharpnessTracker, TrackedEigenpairs, optimizer_preconditioning
+
+__all__ = ["Objective", "SharpnessTracker", "TorchObjective", "TrackedEigenpairs", "jax_loss", "optimizer_preconditioning", "problem", "to_jax"]

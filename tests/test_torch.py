@@ -1,0 +1,191 @@
+"""The PyTorch bridge: derivatives against finite differences and a JAX twin of the same network
+(same weights), the tracker against dense float64 eigh, and preconditioners against torch's own
+optimizer arithmetic."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import eosflow  # noqa: E402
+from eosflow.problems import Problem  # noqa: E402
+from eosflow.torch import SharpnessTracker, TorchObjective, to_jax  # noqa: E402
+
+F = torch.nn.functional
+# the test process's choice: torch's spinning intra-op pool slows each call tens of times on a
+# loaded 2-core machine, beside XLA's threads
+torch.set_num_threads(1)
+
+
+def mlp(width: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Tanh(), torch.nn.Linear(width, 3)).double()
+
+
+def cnn(channels: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.Softplus(), torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(channels * 4 * 4, 3),
+    ).double()
+
+
+def jax_twin(objective: TorchObjective, kind: str, inputs: np.ndarray, targets: np.ndarray):
+    """The same network written in JAX over torch's flat parameter layout."""
+    sizes = np.cumsum(objective.sizes)[:-1]
+
+    def params(w):
+        return [p.reshape(shape) for p, shape in zip(jnp.split(w, sizes), objective.shapes)]
+
+    def forward(w):
+        if kind == "mlp":
+            w1, b1, w2, b2 = params(w)
+            return jnp.tanh(inputs @ w1.T + b1) @ w2.T + b2
+        kernel, bias, w2, b2 = params(w)
+        z = jax.lax.conv_general_dilated(inputs, kernel, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        z = jax.nn.softplus(z + bias[None, :, None, None])
+        z = z.reshape(z.shape[0], z.shape[1], 4, 2, 4, 2).mean(axis=(3, 5))
+        return z.reshape(z.shape[0], -1) @ w2.T + b2
+
+    return lambda w: jnp.mean((forward(w) - targets) ** 2)
+
+
+def problem(kind: str, size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    if kind == "mlp":
+        model, inputs = mlp(size, seed), rng.normal(size=(40, 6))
+    else:
+        model, inputs = cnn(size, seed), rng.normal(size=(12, 1, 8, 8))
+    targets = rng.normal(size=(inputs.shape[0], 3))
+    objective = TorchObjective(model, F.mse_loss, (torch.from_numpy(inputs), torch.from_numpy(targets)))
+    return objective, jax_twin(objective, kind, inputs, targets)
+
+
+@pytest.mark.parametrize("kind,size,seed", [("mlp", 5, 0), ("mlp", 16, 1), ("cnn", 2, 2), ("cnn", 4, 3)])
+def test_derivatives_match_the_jax_twin_and_finite_differences(kind, size, seed):
+    objective, twin = problem(kind, size, seed)
+    bridged, w0 = to_jax(objective)
+    rng = np.random.default_rng(10 + seed)
+    u, v = (jnp.asarray(rng.normal(size=w0.size)) for _ in range(2))
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    assert rel(bridged.value(w0), twin(w0)) < 1e-12
+    assert rel(bridged.grad(w0), jax.grad(twin)(w0)) < 1e-12
+    twin_hvp = jax.jvp(jax.grad(twin), (w0,), (v,))[1]
+    assert rel(bridged.hvp(w0, v), twin_hvp) < 1e-10
+    twin_third = jax.jvp(lambda x: jax.jvp(jax.grad(twin), (x,), (v,))[1], (w0,), (u,))[1]
+    assert rel(bridged.third_derivative(w0, u, v), twin_third) < 1e-10
+    # finite differences of the bridge's own lower derivatives (central, h = 1e-5)
+    h = 1e-5
+    assert rel(bridged.hvp(w0, v), (bridged.grad(w0 + h * v) - bridged.grad(w0 - h * v)) / (2 * h)) < 1e-6
+    fd3 = (bridged.hvp(w0 + h * u, v) - bridged.hvp(w0 - h * u, v)) / (2 * h)
+    assert rel(bridged.third_derivative(w0, u, v), fd3) < 1e-6
+    # batched products (jax.vmap through the callback) and jit
+    block = jnp.asarray(rng.normal(size=(w0.size, 3)))
+    assert rel(bridged.hvp_batch(w0, block)[:, 2], bridged.hvp(w0, block[:, 2])) < 1e-13
+    assert rel(jax.jit(bridged.hvp)(w0, v), twin_hvp) < 1e-10
+
+
+def test_fourth_derivative_is_refused():
+    objective, _ = problem("mlp", 4, 0)
+    bridged, w0 = to_jax(objective)
+    with pytest.raises(NotImplementedError, match="fourth"):
+        jax.jvp(lambda x: bridged.third_derivative(x, w0, w0), (w0,), (w0,))
+
+
+def dense_hessian(objective: TorchObjective) -> np.ndarray:
+    w = objective.flat_parameters()
+    return objective.hvp_batch(w, torch.eye(w.numel(), dtype=w.dtype)).numpy()
+
+
+@pytest.mark.parametrize("kind,size,seed", [("mlp", 8, 4), ("cnn", 3, 5)])
+def test_tracker_top3_matches_dense_eigh(kind, size, seed):
+    objective, _ = problem(kind, size, seed)
+    tracker = SharpnessTracker(objective.model, F.mse_loss, k=3, tol=1e-7, max_iters=300, seed=seed)
+    eig = tracker.update(objective.batch)
+    dense = np.sort(np.linalg.eigvalsh(dense_hessian(objective)))[::-1][:3]
+    np.testing.assert_allclose(eig.values, dense, rtol=1e-6)
+    assert np.all(eig.residuals <= 1e-7)
+    again = tracker.update(objective.batch)  # warm start: converged vectors need one block of products
+    assert again.hvps == 3 and np.allclose(again.values, eig.values, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop", "rmsprop_centered", "sgd_nesterov"])
+def test_preconditioned_sharpness_from_torch_optimizers(name):
+    objective, _ = problem("mlp", 6, 7)
+    model, (inputs, targets) = objective.model, objective.batch
+    make = {
+        "adam": lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-6),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.5),
+        "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=0.01, centered=True),
+        "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    }
+    optimizer = make[name](model.parameters())
+    for _ in range(7):
+        optimizer.zero_grad()
+        F.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+    # torch's own denominator, recovered from one more step: update = lr * m_hat / P for Adam-type
+    hessian = dense_hessian(objective)
+    group, states = optimizer.param_groups[0], [optimizer.state[p] for p in model.parameters()]
+    flat = lambda key: np.concatenate([s[key].reshape(-1).numpy() for s in states])  # noqa: E731
+    if name.startswith("adam"):
+        b1, b2 = group["betas"]
+        p_diag = np.sqrt(flat("exp_avg_sq") / (1 - b2 ** float(states[0]["step"]))) + group["eps"]
+        threshold = (2 + 2 * b1) / ((1 - b1) * group["lr"])
+    elif name.startswith("rmsprop"):
+        nu = flat("square_avg") - (flat("grad_avg") ** 2 if group["centered"] else 0)
+        p_diag = np.sqrt(nu) + group["eps"]
+        threshold = 2 * (1 + group["momentum"]) / group["lr"]
+    else:
+        p_diag = np.ones(hessian.shape[0])
+        threshold = 2 * (1 + 0.9) / ((1 + 2 * 0.9) * 0.1)
+    scaled = hessian / np.sqrt(np.outer(p_diag, p_diag))
+    tracker = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8, max_iters=400)
+    eig = tracker.update((inputs, targets), optimizer)
+    np.testing.assert_allclose(eig.values, np.sort(np.linalg.eigvalsh(scaled))[::-1][:2], rtol=1e-7)
+    assert eig.threshold == pytest.approx(threshold, rel=1e-12)
+
+
+def test_float64_model_in_float32_jax_is_named(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, eosflow.torch as et\n"
+        "m = torch.nn.Linear(2, 1).double()\n"
+        "et.SharpnessTracker(m, torch.nn.functional.mse_loss)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0 and "float64 but JAX runs in float32" in result.stderr
+
+
+def test_mixed_dtypes_and_missing_state_are_named():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1).double())
+    with pytest.raises(ValueError, match="mix dtypes"):
+        TorchObjective(model, F.mse_loss, (None, None))
+    objective, _ = problem("mlp", 3, 0)
+    tracker = SharpnessTracker(objective.model, F.mse_loss)
+    with pytest.raises(ValueError, match="no `exp_avg_sq` for parameter '0.weight'"):
+        tracker.update(objective.batch, torch.optim.Adam(objective.model.parameters()))
+
+
+def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
+    """GD and the central flow through eosflow.simulate: the torch model and the same network in
+    JAX, from the same w0 on the same data, agree over 200 steps at the edge of stability."""
+    objective, twin = problem("mlp", 10, 11)
+    torch_problem = eosflow.torch.problem(objective.model, F.mse_loss, objective.batch)
+    with jax.enable_x64(True):
+        twin_problem = Problem.from_function(twin, np.asarray(torch_problem.w0))
+    settings = dict(lr=1.5, steps=200, processes=["gd", "central_flow"], spectrum={"k_max": 2})
+    ours, reference = eosflow.simulate(torch_problem, **settings), eosflow.simulate(twin_problem, **settings)
+    assert ours.attrs.get("dtype", "float64") == "float64"
+    for process in ("gd", "central_flow"):
+        for field in ("loss", "sharpness"):
+            a, b = (ds[field].sel(process=process).values for ds in (ours, reference))
+            assert np.isfinite(b).all()
+            np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=f"{process} {field}")
+    gd_edge = 1.5 * reference.sharpness.sel(process="gd").values
+    assert np.mean(gd_edge[100:] > 1.9) > 0.5  # the run reaches the edge of stability
