@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from eosflow.precision import precision
 from eosflow.preconditioning import diagonal_preconditioner, edge_threshold, preconditioned_matvec
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
@@ -120,10 +121,9 @@ class SharpnessTracker:
         if not 1 <= k <= self.objective.dim:
             raise ValueError(f"k = {k} must be between 1 and the parameter count {self.objective.dim}")
         self.k, self.tol, self.max_iters = k, tol, max_iters
-        dtype = np.dtype(str(self.objective.dtype).removeprefix("torch."))
-        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
-            raise ValueError("the model is float64 but JAX runs in float32: enable float64 in JAX or use .float()")
-        self.vectors = random_vectors(jax.random.PRNGKey(seed), self.objective.dim, k, dtype)
+        self.dtype = dtype = np.dtype(str(self.objective.dtype).removeprefix("torch."))
+        with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
+            self.vectors = random_vectors(jax.random.PRNGKey(seed), self.objective.dim, k, dtype)
         self._batch: Batch | None = None
 
         def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
@@ -152,7 +152,8 @@ class SharpnessTracker:
         diagonal = np.ones_like(w) if preconditioning.diagonal is None else preconditioning.diagonal.astype(w.dtype)
         self._batch = batch
         try:
-            pairs = self._solve(jnp.asarray(w), self.vectors, jnp.asarray(diagonal))
+            with precision(self.dtype):
+                pairs = self._solve(jnp.asarray(w), self.vectors, jnp.asarray(diagonal))
         finally:
             self._batch = None
         self.vectors = pairs.vectors
