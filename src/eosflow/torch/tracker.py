@@ -152,8 +152,8 @@ class SharpnessTracker:
         diagonal = np.ones_like(w) if preconditioning.diagonal is None else preconditioning.diagonal.astype(w.dtype)
         self._batch = batch
         try:
-            with precision(self.dtype):
-                pairs = self._solve(jnp.asarray(w), self.vectors, jnp.asarray(diagonal))
+            with precision(self.dtype):  # (blocking: the callbacks read the batch, dispatch is asynchronous)
+                pairs = jax.block_until_ready(self._solve(jnp.asarray(w), self.vectors, jnp.asarray(diagonal)))
         finally:
             self._batch = None
         self.vectors = pairs.vectors
