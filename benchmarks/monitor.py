@@ -1,6 +1,6 @@
 """The live monitor on the demo MLP: its overhead, and its accuracy against dense float64 eigh.
 
-    .venv/bin/python benchmarks/monitor.py [--steps 600] [--every 10] [--adam-lr 0.002] [--adam-steps 1500]
+    .venv/bin/python benchmarks/monitor.py [--steps 600] [--every 10] [--adam-lr 0.01] [--adam-steps 2000]
 
 1. Overhead: the same jitted optax.sgd loop (full batch, the demo's lr = 0.4) with and without
    ``eosflow.monitor.monitored(..., every=10, k=1, tol=1e-3)``; wall-clock ratio (best of 3)
@@ -110,6 +110,8 @@ def oracle(problem64, w, preconditioner=None) -> float:
 def accuracy(name, problem32, problem64, optimizer, steps, every, checks):
     record: list = []
     history, _, _ = train(optimizer, problem32, steps, every, True, record)
+    if checks == 0:
+        return record
     picks = np.linspace(0, len(record) - 1, checks).astype(int)
     errors = []
     for i in picks:
@@ -129,8 +131,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--also-every", default="50", help="more measurement intervals for the overhead table")
     parser.add_argument("--checks", type=int, default=4)
-    parser.add_argument("--adam-lr", type=float, default=0.002)
-    parser.add_argument("--adam-steps", type=int, default=1500)
+    parser.add_argument("--adam-lr", type=float, default=0.01)
+    parser.add_argument("--adam-steps", type=int, default=2000)
+    parser.add_argument("--adam-checks", type=int, default=None, help="dense checks of the Adam run (default --checks)")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: overhead,sgd,adam")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -157,7 +160,8 @@ def main() -> None:
     if "adam" not in skip:
         adam = optimizer_edges.adam(args.adam_lr)
         with precision("float32"):
-            record = accuracy("adam", problem32, problem64, adam, args.adam_steps, args.every, args.checks)
+            checks = args.checks if args.adam_checks is None else args.adam_checks
+            record = accuracy("adam", problem32, problem64, adam, args.adam_steps, args.every, checks)
         ratio = np.array([s * args.adam_lr / 38.0 for _, s, _, _ in record])
         late = ratio[len(ratio) // 2:]
         print(f"  adam lr = {args.adam_lr}: lr*S_pre/38 over steps {record[len(ratio) // 2][0]}.."

@@ -69,8 +69,10 @@ class Problem:
 
         ``apply_fn(params, inputs)`` is the model (an Equinox module's ``__call__`` vmapped, a Flax
         ``apply``, ...); ``loss`` is ``"mse"`` (mean_i 1/2 |f - y|^2), ``"sse"``, ``"cross_entropy"``
-        or a function ``loss(predictions, targets)`` averaging over examples. Every leaf of
-        ``params`` and the floating inputs and targets must share the run's dtype.
+        or a function ``loss(predictions, targets)`` averaging over examples. ``params`` is a
+        pytree of arrays (for an Equinox model: ``params, static = eqx.partition(model,
+        eqx.is_array)`` and ``apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)``).
+        Every leaf of ``params`` and the floating inputs and targets must share the run's dtype.
         """
         if isinstance(loss, str) and loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}{suggest(loss, LOSSES)}")
