@@ -19,11 +19,11 @@ GD's EoS phase (from ``window`` steps after lr * S first reaches 1.9; GD's spike
 from __future__ import annotations
 
 import argparse
+import tomllib
 from pathlib import Path
 
 import jax
 import numpy as np
-import tomllib
 from scipy.signal import find_peaks
 
 jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64

@@ -155,7 +155,7 @@ def time_models(table: dict, models: list[str], chunk: int = 100) -> dict[str, f
     _, problem, _, processes = prepare(table)
     timings = {}
     for name, process in processes.items():
-        for attempt in range(2):  # the first pass compiles every chunk shape the run meets
+        for _attempt in range(2):  # the first pass compiles every chunk shape the run meets
             state, start = process.init(problem.w0), time.perf_counter()
             for first in range(0, table["steps"], chunk):
                 state, rows = process.advance(state, min(chunk, table["steps"] - first))

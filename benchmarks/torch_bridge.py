@@ -146,7 +146,8 @@ def main() -> None:
         model = mlp()
         objective = TorchObjective(model, half_mse, (inputs, targets))
         tracker = SharpnessTracker(model, half_mse, k=k, tol=1e-3, max_iters=30)
-        twin = jax.jit(lambda w, x0, block=jax_twin_hvp(objective): lobpcg(lambda v: block(w, v), x0, 1e-3, 30))
+        block = jax_twin_hvp(objective)
+        twin = jax.jit(lambda w, x0, block=block: lobpcg(lambda v: block(w, v), x0, 1e-3, 30))
         twin_vectors = random_vectors(jax.random.PRNGKey(0), objective.dim, k, jnp.float64)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
         for step in range(args.steps):
@@ -166,7 +167,10 @@ def main() -> None:
                 power_ms = 1e3 * (time.perf_counter() - started)
                 model.zero_grad(set_to_none=True)  # PyHessian leaves a graph in .grad
                 phase = "edge" if args.lr * reference[0] >= 1.9 else "sharpening"
-                error = lambda values: float(np.max(np.abs(values - reference) / np.abs(reference)))  # noqa: E731
+
+                def error(values, reference=reference):
+                    return float(np.max(np.abs(values - reference) / np.abs(reference)))
+
                 rows.append((k, phase, "eosflow.torch", eig.hvps, error(eig.values), ours_ms))
                 rows.append((k, phase, "jax twin", int(pairs.hvps), error(np.asarray(pairs.values)), twin_ms))
                 rows.append((k, phase, "pyhessian", counter[0], error(power), power_ms))

@@ -9,11 +9,11 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_problems import ARCHITECTURE_CASES
 
 from eosflow.config import SpecError
 from eosflow.data.sequences import SequenceData, load_sequences
 from eosflow.problems import build_problem
+from test_problems import ARCHITECTURE_CASES
 
 
 @eqx.filter_jit
@@ -49,7 +49,8 @@ def _count(case):
 
 def test_parameter_counts_match_hand_formulas():
     # ResNet, 1 input channel, stages (8, 16), one block each, K = 10, norm layer (GroupNorm: 2 C each)
-    conv = lambda i, o, k=3: i * o * k * k + o
+    def conv(i, o, k=3):
+        return i * o * k * k + o
     block1 = 2 * 8 + conv(8, 8) + 2 * 8 + conv(8, 8)
     block2 = 2 * 8 + conv(8, 16) + 2 * 16 + conv(16, 16) + conv(8, 16, 1)
     resnet = conv(1, 8) + block1 + block2 + 2 * 16 + 16 * 10 + 10

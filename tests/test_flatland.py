@@ -51,7 +51,7 @@ def test_search_on_a_quadratic_passes_the_test_and_its_step_is_large():
         found = search(jnp.asarray(w), reference, trial)
         eta, evals = float(found.lr), int(found.evals)
 
-        def numpy_test(step):
+        def numpy_test(step, w=w, grad=grad, reference=reference):
             new = w - step * grad
             return 0.5 * new @ hessian @ new <= reference - C * step * grad @ grad
 
@@ -76,7 +76,7 @@ def test_step_bound_against_the_sampled_segment_smoothness_of_a_network():
         assert rows["nls"]["loss_evals"][k] < 30 and rows["nls"]["accepted"][k]
         g = np.asarray(grad_fn(w))
         steps = np.linspace(0, 2 * eta, 801)[1:]
-        moved = jax.vmap(lambda s: grad_fn(w - s * g))(jnp.asarray(steps))
+        moved = jax.vmap(lambda s, w=w, g=g: grad_fn(w - s * g))(jnp.asarray(steps))
         ratios = np.linalg.norm(g - np.asarray(moved), axis=1) / (steps * np.linalg.norm(g))
         assert eta * ratios.max() >= (1 - C) * (1 - 1e-3), (k, eta, ratios.max())
 
@@ -163,7 +163,7 @@ def test_refinement_bisects_the_bracket_towards_the_equality_point():
             found, coarse = search(jnp.asarray(w), reference, trial), grid(jnp.asarray(w), reference, trial)
             eta = float(found.lr)
 
-            def numpy_test(step):
+            def numpy_test(step, w=w, grad=grad, reference=reference):
                 new = w - step * grad
                 return 0.5 * new @ hessian @ new <= reference - C * step * grad @ grad
 

@@ -113,7 +113,7 @@ def test_free_energy_second_order_and_gradient():
         out = averaged(objective, w, vectors, amplitudes, mode)
         h, shifts = 1e-5, jnp.concatenate([jnp.eye(6), -jnp.eye(6)])
         energies = eqx.filter_jit(jax.vmap(
-            lambda x: averaged_loss(objective, x, vectors, amplitudes, mode).free_energy))(w + h * shifts)
+            lambda x, mode=mode: averaged_loss(objective, x, vectors, amplitudes, mode).free_energy))(w + h * shifts)
         fd = (energies[:6] - energies[6:]) / (2 * h)
         np.testing.assert_allclose(out.drift, np.asarray(fd), rtol=1e-6, atol=1e-8)
 

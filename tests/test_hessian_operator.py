@@ -3,9 +3,9 @@
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
-import user_models
 
 import eosflow
+import user_models
 from eosflow.spectrum import dense_hessian
 
 

@@ -10,13 +10,13 @@ import pytest
 
 import eosflow
 from eosflow import meanfield as mf
+from eosflow.cli import main
 from eosflow.compare import compare_run
 from eosflow.config import SpecError
 from eosflow.experiment import run
-from eosflow.cli import main
-from eosflow.spec import parse_spec
 from eosflow.problems.networks import split_meanfield
 from eosflow.problems.registry import build_problem
+from eosflow.spec import parse_spec
 
 jax.config.update("jax_enable_x64", True)
 

@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import pytest
-from test_reliability import SPEC, assert_same_run
 
 import eosflow
 from eosflow.cli import main
@@ -20,6 +19,7 @@ from eosflow.config import SpecError, SpecWarning
 from eosflow.experiment import run
 from eosflow.report import edge_of_stability_window, make_report
 from eosflow.store import RunDirectoryWarning, RunStore
+from test_reliability import SPEC, assert_same_run
 
 
 @pytest.fixture(scope="module")

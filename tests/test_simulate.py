@@ -13,9 +13,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import user_models
 
 import eosflow
+import user_models
 from eosflow.config import SpecError
 from eosflow.experiment import run
 from eosflow.sweep import load_sweep, local_cluster, run_sweep

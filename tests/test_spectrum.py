@@ -8,7 +8,13 @@ import pytest
 import eosflow
 from eosflow.problems import build_problem
 from eosflow.spectrum import (
-    dense_top_eigenpairs, grow_tracked, hessian_eigenpairs, lanczos, lobpcg, power_iteration, random_vectors,
+    dense_top_eigenpairs,
+    grow_tracked,
+    hessian_eigenpairs,
+    lanczos,
+    lobpcg,
+    power_iteration,
+    random_vectors,
 )
 
 
@@ -54,7 +60,8 @@ def test_lobpcg_relative_residual_contract_and_warm_start():
     q = np.linalg.qr(rng.standard_normal((d, d)))[0]
     values = np.concatenate([[50.0, 40.0], rng.uniform(-5, 10, d - 2)])
     a = jnp.asarray(q @ np.diag(values) @ q.T)
-    matvec = lambda v: a @ v
+    def matvec(v):
+        return a @ v
     cold = lobpcg(matvec, random_vectors(jax.random.PRNGKey(0), d, 2, jnp.float64), tol=1e-3)
     residual = np.linalg.norm(a @ cold.vectors - cold.vectors * cold.values, axis=0) / np.abs(cold.values)
     assert np.all(residual <= 1e-3)

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import user_models
 
 import eosflow
+import user_models
 from eosflow import optimizer_edges
 from eosflow.cli import demo_table
 from eosflow.experiment import prepare
@@ -41,7 +41,8 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
     problem = small_problem()
     params0 = problem.objective.unravel(problem.w0)
     batch = problem.objective.data
-    loss = lambda params, batch: user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+    def loss(params, batch):
+        return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
     tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every)
 
     @jax.jit
@@ -71,7 +72,8 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
 
 def run_optax(optimizer, problem, steps):
     params = problem.objective.unravel(problem.w0)
-    loss = lambda params: problem.objective.value(ravel_flat(params))
+    def loss(params):
+        return problem.objective.value(ravel_flat(params))
 
     @jax.jit
     def step(params, state):
@@ -112,7 +114,8 @@ def test_preconditioned_tracker_and_monitor_match_dense():
     problem = small_problem()
     lr, every = 0.02, 4
     optimizer = optimizer_edges.adam(lr, eps=1e-6)
-    loss = lambda params, batch: user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+    def loss(params, batch):
+        return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
     readings = []
     opt = monitored(optimizer, loss, every=every, k=2, tol=1e-7, max_iters=100, log=readings.append)
     params = problem.objective.unravel(problem.w0)
@@ -169,7 +172,8 @@ def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
     with precision("float32"):
         problem = prepare(table)[1]
         objective = problem.objective
-        loss = lambda params, batch: objective.loss_on(ravel_flat(params), batch)
+        def loss(params, batch):
+            return objective.loss_on(ravel_flat(params), batch)
         tracker = eosflow.SharpnessTracker(loss, k=1, tol=1e-3, every=40)
         sgd = optax.sgd(lr)
         params = objective.unravel(problem.w0)

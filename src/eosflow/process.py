@@ -173,4 +173,4 @@ def _scan(process: ScannedProcess[Tracked], state: Tracked, n_steps: int) -> tup
     return jax.lax.scan(lambda s, _: process.step(s), state, None, length=n_steps)
 
 
-from eosflow import flows, optim  # noqa: F401  (register every process; they import this module)
+from eosflow import flows, optim  # noqa: E402,F401  (last: they register every process and import this module)

@@ -267,7 +267,7 @@ class RunStore:
     def truncate(self, step: int) -> None:
         """Delete every chunk that reaches step ``step`` or later (they will be recomputed)."""
         for process in self.processes():
-            for first, last, path in self.chunk_files(process):
+            for _first, last, path in self.chunk_files(process):
                 if last >= step:
                     path.unlink()
                     self.manifest.get(process, {}).pop(path.name, None)

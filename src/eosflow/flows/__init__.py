@@ -1,7 +1,17 @@
 """Continuous-time models of the optimizers, as processes (vector fields on one integrator)."""
 
+# Each import registers its processes; the import order is the registration (listing) order, so isort must
+# not sort across these lines.
 from eosflow.flows import central, gradient, projected  # noqa: F401  (registers gradient, projected and central flows)
-from eosflow.flows import langevin  # noqa: E402,F401  (registers "langevin")
-from eosflow.flows import edge, rod  # noqa: E402,F401  (registers "rod_flow", "edge_flow")
-from eosflow.flows import free_energy  # noqa: E402,F401  (registers "free_energy")
-from eosflow.flows import particle  # noqa: E402,F401  (registers "particle_model")
+
+# isort: split
+from eosflow.flows import langevin  # noqa: F401  (registers "langevin")
+
+# isort: split
+from eosflow.flows import edge, rod  # noqa: F401  (registers "rod_flow", "edge_flow")
+
+# isort: split
+from eosflow.flows import free_energy  # noqa: F401  (registers "free_energy")
+
+# isort: split
+from eosflow.flows import particle  # noqa: F401  (registers "particle_model")

@@ -10,9 +10,15 @@ from eosflow.problems.registry import (
     register_problem,
 )
 
-# each module registers its problems on import
-from eosflow.problems import factorization, networks, toys  # noqa: E402,F401
-from eosflow.problems import regression  # noqa: E402,F401  (linear_regression)
-from eosflow.problems import lstm, resnet, transformer  # noqa: E402,F401  (the architectures suite)
+# Each module registers its problems on import; the import order is the registration (listing) order, so isort
+# must not sort across these lines.
+# isort: split
+from eosflow.problems import factorization, networks, toys  # noqa: F401
+
+# isort: split
+from eosflow.problems import regression  # noqa: F401  (linear_regression)
+
+# isort: split
+from eosflow.problems import lstm, resnet, transformer  # noqa: F401  (the architectures suite)
 
 __all__ = ["IN_MEMORY", "PROBLEMS", "Problem", "build_problem", "describe_problems", "problem_params", "register_problem"]

@@ -31,7 +31,6 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 
-
 # ---- the model's constants ---------------------------------------------------------------
 
 
