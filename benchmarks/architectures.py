@@ -7,8 +7,9 @@ For every entry of the suite (``eosflow.leaderboard.ARCHITECTURES``, the problem
   params      the parameter count at the entry's size, and at the problem's default size
   grad, hvp   milliseconds per gradient and per HVP, median of 20 timed calls after compiling
               (wall-clock, depends on the machine's load)
-(after a table of every architecture's parameter count at its default size) and runs GD alone with its top eigenvalue tracked every step (float64 spectrum of the float32
-run as the suite records it) for ``--steps`` steps at the entry's learning rate:
+(after a table of every architecture's parameter count at its default size) and runs GD alone with its top
+eigenvalue tracked every step (float64 spectrum of the float32 run as the suite records it) for ``--steps`` steps
+at the entry's learning rate:
   first EoS   the first step with lr S >= 1.8
   EoS steps   steps with lr S in [1.8, 2.2] (the edge of stability: [0.9, 1.1] x 2)
   lr S        mean and max of lr S after the first EoS step; the final training loss

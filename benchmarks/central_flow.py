@@ -145,7 +145,8 @@ def digits(args) -> None:
                 at = mask[np.asarray(checks)]
                 print(f"| {params.shape[1]} | {k} | {phase} | {mask.sum()} | {ds.hvps.values[mask].mean():.1f} | "
                       f"{ds.measurement_hvps.values[mask].mean():.1f} | {cost[mask].mean():.1f} | "
-                      f"{np.median(errors[at]) if at.any() else np.nan:.1e} | {errors[at].max() if at.any() else np.nan:.1e} | "
+                      f"{np.median(errors[at]) if at.any() else np.nan:.1e} | "
+                      f"{errors[at].max() if at.any() else np.nan:.1e} | "
                       f"{np.mean(ds.residual.values[mask] > args.tol):.0%} |".replace("nan", "-"), flush=True)
 
 

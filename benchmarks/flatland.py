@@ -155,7 +155,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="scratch run directory (default: a temporary one)")
     parser.add_argument("--parts", default="mlp,cnn,saddle,trials", help="comma-separated: mlp, cnn, saddle, trials")
     parser.add_argument("--steps", type=int, default=None, help="override the examples' step counts")
-    parser.add_argument("--small", action="store_true", help="trials: the small tanh MLP 16-16 instead of the example's")
+    parser.add_argument("--small", action="store_true",
+                        help="trials: the small tanh MLP 16-16 instead of the example's")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="flatland-")) / "run"
     parts = args.parts.split(",")

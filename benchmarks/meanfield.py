@@ -118,7 +118,8 @@ def main() -> None:
     print("| N | model loss | model envelope | model free energy | GD loss | GD envelope |")
     print("|---|---|---|---|---|---|")
     columns = [(0, "averaged_risk", "model loss"), (0, "amplitude", "model envelope"),
-               (0, "free_energy", "model free energy"), (2, "averaged_risk", "GD loss"), (2, "amplitude", "GD envelope")]
+               (0, "free_energy", "model free energy"), (2, "averaged_risk", "GD loss"),
+               (2, "amplitude", "GD envelope")]
     errors = {label: [] for _, _, label in columns}
     smaller = [width for width in sorted(curves) if width != reference]
     for width in smaller:

@@ -133,7 +133,8 @@ def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
           f"(lr S >= {EDGE}) from step {edge}; oracle (ARPACK tol 0, float64) at {len(checks)} steps")
     gaps = np.abs(np.diff(oracle[checks >= edge], axis=1)) / oracle[checks >= edge, :1]
     if gaps.size:
-        print(f"median relative gaps lambda_1-lambda_2, lambda_2-lambda_3 at the edge: {np.median(gaps, axis=0).round(4)}")
+        print("median relative gaps lambda_1-lambda_2, lambda_2-lambda_3 at the edge: "
+              f"{np.median(gaps, axis=0).round(4)}")
     steps_phase = {"sharpening": np.arange(10, edge), "edge of stability": np.arange(edge, steps)}
     checks_phase = {"sharpening": checks < edge, "edge of stability": checks >= edge}
 
@@ -144,8 +145,10 @@ def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
         hvps, values, residuals, kept = replay(objective, params, k, tol, guard, bouncing)
         errors = np.max(np.abs(values[checks] - oracle[:, :k]) / oracle[:, :k], axis=1)
         converged = residuals <= tol
-        worst = np.array([np.max(np.where(converged[t], true_residuals(objective64, params[t], values[t], kept[t]), 0.0))
-                          for t in checks])
+        worst = np.array([
+            np.max(np.where(converged[t], true_residuals(objective64, params[t], values[t], kept[t]), 0.0))
+            for t in checks
+        ])
         rows += phase_rows(label, hvps, errors, steps_phase, checks_phase, ~np.all(converged, axis=1), worst)
 
     for label, solver in [

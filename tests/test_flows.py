@@ -77,8 +77,8 @@ def worked_example() -> str:
 
 def test_the_worked_example_of_the_architecture_page():
     """The page's model, registered as written: on L = 1/2 w^T A w one step is P(-M/n)^n w with
-    M = eta (A + eta/2 A^2) and P the degree-4 Taylor polynomial of exp (RK4, closed form), and at a fixed physical time its distance to GD
-    shrinks like eta^2 (GD's modified equation), gradient flow's like eta."""
+    M = eta (A + eta/2 A^2) and P the degree-4 Taylor polynomial of exp (RK4, closed form), and at a fixed
+    physical time its distance to GD shrinks like eta^2 (GD's modified equation), gradient flow's like eta."""
     exec(compile(worked_example(), "docs/architecture.md", "exec"), {})  # noqa: S102  (the page's own code)
     try:
         problem = {"name": "quadratic", "eigenvalues": [4.0, 1.0], "rotate": True}

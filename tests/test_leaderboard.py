@@ -103,7 +103,9 @@ def test_measure_only_processes_never_read_their_eigenpairs_and_own_cost_leaves_
         runs[every] = (eosflow.load(tmp_path / str(every) / "runs" / "mlp"), rows.set_index("process"))
     (measured, measured_rows), (off, off_rows) = runs[1], runs[0]
     for process in lb.MEASURE_ONLY:
-        np.testing.assert_array_equal(measured["loss"].sel(process=process).values, off["loss"].sel(process=process).values)
+        np.testing.assert_array_equal(
+            measured["loss"].sel(process=process).values, off["loss"].sel(process=process).values
+        )
         solver = 2 * measured["measurement_hvps"].sel(process=process).values.mean()
         assert solver >= 4 and measured_rows.loc[process, "measurement_equivalents"] == pytest.approx(solver)
         assert off_rows.loc[process, "measurement_equivalents"] == 0

@@ -33,7 +33,9 @@ def test_gradient_hvp_third_derivative_against_finite_differences(name):
     u, v = (jnp.asarray(rng.standard_normal(w.size)) for _ in range(2))
     eps = 1e-5
     if w.size <= 60:
-        np.testing.assert_allclose(obj.grad(w), fd_grad(lambda x: float(obj.value(x)), np.asarray(w)), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(
+            obj.grad(w), fd_grad(lambda x: float(obj.value(x)), np.asarray(w)), rtol=1e-6, atol=1e-8
+        )
     # HVP = directional derivative of the gradient
     fd_hvp = (obj.grad(w + eps * v) - obj.grad(w - eps * v)) / (2 * eps)
     np.testing.assert_allclose(obj.hvp(w, v), fd_hvp, rtol=1e-5, atol=1e-8)
@@ -76,4 +78,6 @@ def test_minibatch_and_per_example_gradients():
     per_example = obj.per_example_grads(w)
     np.testing.assert_allclose(per_example.mean(axis=0), obj.grad(w), rtol=1e-8, atol=1e-12)
     idx = jnp.array([3, 7, 11])
-    np.testing.assert_allclose(obj.batch_grad(w, idx), per_example[np.array([3, 7, 11])].mean(axis=0), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(
+        obj.batch_grad(w, idx), per_example[np.array([3, 7, 11])].mean(axis=0), rtol=1e-8, atol=1e-12
+    )

@@ -25,10 +25,12 @@ CASES = {
     "sharp_valley_quadratic": {"name": "sharp_valley", "profile": "quadratic", "drift": "quadratic", "target": 1.0,
                                "transverse": [1.0, 0.5], "x0": 0.7, "bend": -0.4},
     "factorization_deep": {"name": "matrix_factorization", "dim": 3, "depth": 3, "rank": 2},
-    "factorization_shallow_mean": {"name": "matrix_factorization", "dim": 4, "depth": 2, "rank": 2, "reduction": "mean"},
+    "factorization_shallow_mean": {"name": "matrix_factorization", "dim": 4, "depth": 2, "rank": 2,
+                                   "reduction": "mean"},
     "factorization_scalar": {"name": "matrix_factorization", "dim": 1, "depth": 4, "init": "identity"},
     "mlp_tanh": {"name": "mlp", "n_train": 20, "n_test": 10, "width": 8},
-    "mlp_relu_ce": {"name": "mlp", "n_train": 20, "n_test": 0, "width": 8, "activation": "relu", "loss": "cross_entropy"},
+    "mlp_relu_ce": {"name": "mlp", "n_train": 20, "n_test": 0, "width": 8, "activation": "relu",
+                    "loss": "cross_entropy"},
     "mlp_gelu_nobias": {"name": "mlp", "n_train": 20, "n_test": 0, "width": 8, "depth": 1, "activation": "gelu",
                         "bias": False},
     "mlp_swish_teacher": {"name": "mlp", "dataset": "teacher", "classes": 3, "n_train": 12, "n_test": 0, "width": 6,
@@ -168,7 +170,9 @@ def test_meanfield_layout_and_output_match_the_formula():
 
 
 def test_scalar_deep_product_is_the_degenerate_factorization():
-    problem, _ = build_problem({"name": "matrix_factorization", "dim": 1, "depth": 3, "target_scale": 2.0}, 0, "float64")
+    problem, _ = build_problem(
+        {"name": "matrix_factorization", "dim": 1, "depth": 3, "target_scale": 2.0}, 0, "float64"
+    )
     w = np.array([0.7, -1.3, 2.1])
     np.testing.assert_allclose(problem.objective.value(jnp.asarray(w)), 0.5 * (np.prod(w) - 2.0) ** 2, rtol=1e-12)
 

@@ -61,7 +61,8 @@ def test_a_deleted_chunk_is_named_by_step_range_and_recomputed_by_resume(finishe
     window = edge_of_stability_window(uninterrupted.lr_sharpness.values[0])
     if window["first_step_at_edge"] is not None and not 16 <= window["first_step_at_edge"] < 24:
         assert f"first step with lr*S >= 1.9: {window['first_step_at_edge']}" in report
-    assert "| steps on disk | 72 (steps 0..79) |" in report and "| missing steps | steps 16..23 of 'gd' (missing) |" in report
+    assert "| steps on disk | 72 (steps 0..79) |" in report
+    assert "| missing steps | steps 16..23 of 'gd' (missing) |" in report
     untouched = {p: b for p, b in _bytes(out).items()}
     assert main(["resume", str(out), "--quiet"]) == 0
     assert re.search(r"steps 16\.\.23 of 'gd' \(missing\); recomputing them from step 0", capsys.readouterr().err)

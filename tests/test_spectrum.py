@@ -94,7 +94,9 @@ def test_tracking_more_eigenpairs_than_dimensions_is_capped():
     v = random_vectors(jax.random.PRNGKey(0), 7, 9, jnp.float64)
     assert v.shape == (7, 7)
     pairs = hessian_eigenpairs(objective, w, v, tol=1e-10, max_iters=50)
-    np.testing.assert_allclose(np.sort(np.asarray(pairs.values)), np.sort([9.0, 7.0, 6.5, 3.0, 1.0, -2.0, 0.5]), atol=1e-8)
+    np.testing.assert_allclose(
+        np.sort(np.asarray(pairs.values)), np.sort([9.0, 7.0, 6.5, 3.0, 1.0, -2.0, 0.5]), atol=1e-8
+    )
     assert grow_tracked(v, np.full(7, 100.0), 1.0, 10, jax.random.PRNGKey(1)).shape == (7, 7)
 
 
@@ -180,7 +182,8 @@ def test_gd_bouncing_warm_start_measures_the_dense_eigenvalues_and_leaves_gd_unc
             "record": {"chunk": 60, "params_every": 5}}
     runs = {}
     for every in (1, 0):
-        spec = {**base, "name": str(every), "spectrum": {"every": every, "k": 2, "k_max": 2, "tol": 1e-6, "max_iters": 200}}
+        spectrum = {"every": every, "k": 2, "k_max": 2, "tol": 1e-6, "max_iters": 200}
+        spec = {**base, "name": str(every), "spectrum": spectrum}
         run(spec, tmp_path / str(every))
         runs[every] = eosflow.load(tmp_path / str(every)).sel(process="gd")
     np.testing.assert_array_equal(runs[1]["loss"].values, runs[0]["loss"].values)

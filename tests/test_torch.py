@@ -157,7 +157,8 @@ def test_a_float64_model_needs_no_global_jax_setting():
 
     code = (
         "import jax, torch, numpy as np, eosflow.torch as et\n"
-        "torch.manual_seed(0); m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()\n"
         "x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)\n"
         "o = et.TorchObjective(m, torch.nn.functional.mse_loss, (x, y)); w = o.flat_parameters()\n"
         "H = o.hvp_batch(w, torch.eye(w.numel(), dtype=torch.float64)).numpy()\n"

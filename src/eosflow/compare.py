@@ -10,8 +10,9 @@ Everything is computed from the run directory (``eosflow.load``), on the shared 
                         GD alone, |delta_k| = |w_{k+1} - 2 w_k + w_{k-1}| / 4 (recorded by ``gd``)
     predicted envelope  a_m(t) = sqrt(tr Sigma_m) for a model with a covariance, else its amplitude
     envelope error      sum_t |a_m(t) - e(t)| / sum_t e(t)
-    window averages     <x>_W(t) = mean of the finite x_s over the centred box |s - t| <= W // 2 (W = ``AVERAGING_WINDOW``
-                        steps, one-sided at the ends); the averaged loss error compares <Lhat_m>_W with <L_GD>_W, the
+    window averages     <x>_W(t) = mean of the finite x_s over the centred box |s - t| <= W // 2
+                        (W = ``AVERAGING_WINDOW`` steps, one-sided at the ends); the averaged loss error compares
+                        <Lhat_m>_W with <L_GD>_W, the
                         averaged envelope error sqrt(<a_m^2>_W) with GD's window-averaged envelope sqrt(<osc^2>_W)
     cost                gradient-equivalents per unit time, sum_c weight_c * count_c (an HVP = 2
                         gradients), and wall-clock milliseconds per unit time
@@ -219,7 +220,8 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
             "mean_distance": np.nan if is_reference or distance is None else mean_distance(distance),
             "relative_distance": (np.nan if is_reference or distance is None or baseline is None
                                   else relative_distance(distance, baseline)),
-            "loss_error": np.nan if is_reference else loss_prediction_error(predicted_loss(ds, p), reference_loss, width),
+            "loss_error": (np.nan if is_reference
+                           else loss_prediction_error(predicted_loss(ds, p), reference_loss, width)),
             "envelope_error": (np.nan if is_reference or amplitude is None or oscillation is None
                                else envelope_error(amplitude, oscillation, width)),
             **averaged_errors(predicted_loss(ds, p), reference_loss, amplitude, oscillation, is_reference),
@@ -317,7 +319,8 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
             ax.plot(steps, predicted_loss(ds, p), **line_style(i), label=f"{p}: predicted")
         ax.set_ylabel("loss")
 
-    _figure(out / "compare_loss.png", 1, draw_loss, "training loss and each model's predicted time-averaged loss", (True,))
+    _figure(out / "compare_loss.png", 1, draw_loss, "training loss and each model's predicted time-averaged loss",
+            (True,))
     figures.append(("Loss", "compare_loss.png"))
 
     if _series(ds, "sharpness", reference) is not None:

@@ -253,7 +253,8 @@ def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: st
 
 def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite: str = "default") -> Path:
     """``out/leaderboard.md``: the command, the machine and the table."""
-    command = "eosflow leaderboard" + (f" --suite {suite}" if suite != "default" else "") + (" --quick" if quick else "")
+    command = ("eosflow leaderboard" + (f" --suite {suite}" if suite != "default" else "")
+               + (" --quick" if quick else ""))
     problems = rows["problem"].nunique()
     title = "Flow leaderboard" + (f": {suite}" if suite != "default" else "") + (" (quick)" if quick else "")
     lines = [f"# {title}", "",

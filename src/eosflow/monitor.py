@@ -71,7 +71,9 @@ def monitored(
 
     def update(updates, state: MonitoredState, params=None, *, batch: Any = None, **extra_args):
         if params is None:
-            raise ValueError("eosflow.monitor.monitored: update() needs params (the point the sharpness is measured at)")
+            raise ValueError(
+                "eosflow.monitor.monitored: update() needs params (the point the sharpness is measured at)"
+            )
         updates, inner = optimizer.transform.update(updates, state.inner, params)
         preconditioner = None if optimizer.preconditioner is None else optimizer.preconditioner(inner)
         step = state.tracker.count

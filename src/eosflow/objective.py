@@ -165,7 +165,9 @@ def ravel(params: PyTree) -> tuple[Array, Unravel]:
     leaves, treedef = jax.tree_util.tree_flatten(params)
     dtype = jnp.result_type(*leaves) if leaves else jnp.float32
     flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves]) if leaves else jnp.zeros(0, dtype)
-    unravel = Unravel(treedef, tuple(leaf.shape for leaf in leaves), tuple(np.dtype(leaf.dtype).name for leaf in leaves))
+    unravel = Unravel(
+        treedef, tuple(leaf.shape for leaf in leaves), tuple(np.dtype(leaf.dtype).name for leaf in leaves)
+    )
     return flat, unravel
 
 

@@ -163,7 +163,8 @@ def make_report(run_dir: str | Path) -> Path:
 
         write_report(run_dir)
         lines += ["", f"## {reference} vs the models", "",
-                  "How well each model tracks the reference ([compare.md](compare.md), definitions in docs/compare.md):",
+                  "How well each model tracks the reference ([compare.md](compare.md), "
+                  "definitions in docs/compare.md):",
                   "", "![loss](compare_loss.png)", "![distance](compare_distance.png)"]
     lines += ["", "## Figures", ""]
     lines += [f"![{title}]({name})" for title, name in figures]

@@ -125,7 +125,9 @@ def _read_tar(archive: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     except SpecError:
         raise
     except _READ_ERRORS as error:
-        raise SpecError(f"CIFAR-10 archive {str(archive)!r} is corrupt or not a tar archive ({error}); {HINT}") from None
+        raise SpecError(
+            f"CIFAR-10 archive {str(archive)!r} is corrupt or not a tar archive ({error}); {HINT}"
+        ) from None
     return batches
 
 

@@ -64,12 +64,14 @@ def _two_class_shapes(generator: str, params, seed: int) -> Raw:
     return Raw(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64))
 
 
-@register_source(CLASSIFICATION, "moons", "scikit-learn's two interleaving half-moons (2-D, noise 0.1), drawn from the seed, 2 classes")
+@register_source(CLASSIFICATION, "moons",
+                 "scikit-learn's two interleaving half-moons (2-D, noise 0.1), drawn from the seed, 2 classes")
 def moons(params, seed: int = 0) -> Raw:
     return _two_class_shapes("make_moons", params, seed)
 
 
-@register_source(CLASSIFICATION, "circles", "scikit-learn's two concentric circles (2-D, radii 1 and 0.5, noise 0.1), from the seed, 2 classes")
+@register_source(CLASSIFICATION, "circles",
+                 "scikit-learn's two concentric circles (2-D, radii 1 and 0.5, noise 0.1), from the seed, 2 classes")
 def circles(params, seed: int = 0) -> Raw:
     return _two_class_shapes("make_circles", params, seed)
 
@@ -86,8 +88,10 @@ def linnerud(params=None, seed: int = 0) -> Raw:
     return Raw(x, np.asarray(y, dtype=np.float64).reshape(len(x), -1))
 
 
-@register_source(CLASSIFICATION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and integer labels `y` (n,)")
-@register_source(REGRESSION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and targets `y` (n, outputs)")
+@register_source(CLASSIFICATION, "npz",
+                 "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and integer labels `y` (n,)")
+@register_source(REGRESSION, "npz",
+                 "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and targets `y` (n, outputs)")
 def npz(params, seed: int = 0) -> Raw:
     """Read ``x`` and ``y`` from a NumPy archive, checking that they exist and agree in length."""
     path = getattr(params, "data_path", None)

@@ -89,7 +89,9 @@ def rk4(field: Field, z: Any, h: Any, key: Array | None = None) -> tuple[Any, An
     k2 = field(shifted(0.5, k1))[0]
     k3 = field(shifted(0.5, k2))[0]
     k4 = field(shifted(1.0, k3))[0]
-    combined = jax.tree_util.tree_map(lambda x, a, b, c, d: x + h / 6.0 * (a + 2.0 * b + 2.0 * c + d), z, k1, k2, k3, k4)
+    combined = jax.tree_util.tree_map(
+        lambda x, a, b, c, d: x + h / 6.0 * (a + 2.0 * b + 2.0 * c + d), z, k1, k2, k3, k4
+    )
     return combined, aux
 
 

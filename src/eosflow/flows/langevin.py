@@ -65,7 +65,9 @@ class LangevinTerms(NamedTuple):
     dt: float  # physical time of one substep, lr / substeps
 
 
-def baoab(terms: LangevinTerms, z: tuple[Array, Array, Array], h, key: Array) -> tuple[tuple[Array, Array, Array], None]:
+def baoab(
+    terms: LangevinTerms, z: tuple[Array, Array, Array], h, key: Array
+) -> tuple[tuple[Array, Array, Array], None]:
     """Half kick, half drift, exact Ornstein-Uhlenbeck velocity update, half drift, half kick; z = (theta, v, F)."""
     (theta, velocity, force), dt, m, rate = z, terms.dt, terms.mass, terms.rate
     velocity = velocity + 0.5 * dt * force / m

@@ -21,4 +21,12 @@ from eosflow.problems import regression  # noqa: F401  (linear_regression)
 # isort: split
 from eosflow.problems import lstm, resnet, transformer  # noqa: F401  (the architectures suite)
 
-__all__ = ["IN_MEMORY", "PROBLEMS", "Problem", "build_problem", "describe_problems", "problem_params", "register_problem"]
+__all__ = [
+    "IN_MEMORY",
+    "PROBLEMS",
+    "Problem",
+    "build_problem",
+    "describe_problems",
+    "problem_params",
+    "register_problem",
+]

@@ -57,7 +57,8 @@ class LSTM(eqx.Module):
         return jax.vmap(self.readout)(hidden[-self.outputs:])
 
 
-@register_problem("lstm", LSTMParams, "one-layer LSTM (token embedding, per-position readout) on a copying or sorting task")
+@register_problem("lstm", LSTMParams,
+                  "one-layer LSTM (token embedding, per-position readout) on a copying or sorting task")
 def lstm(params: LSTMParams, seed: int, dtype) -> Problem:
     model = initialize(lambda key: LSTM(params, dtype, key), seed)
     return supervised_problem(model, load_sequences(params, seed), params.loss, dtype, {"task": params.task})

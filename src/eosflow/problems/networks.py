@@ -205,7 +205,9 @@ def image_shape(dataset: Dataset, name: str, network: str) -> tuple[int, int, in
 # ---- a small CNN on an image set ---------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CNNParams(ClassificationData):
-    channels: tuple[int, ...] = option((8, 16), "output channels of each conv layer (each followed by 2x2 average pooling)")
+    channels: tuple[int, ...] = option(
+        (8, 16), "output channels of each conv layer (each followed by 2x2 average pooling)"
+    )
     kernel: int = option(3, "square kernel size of every conv layer ('same' padding)", ge=1)
     activation: Activation = option("tanh", "nonlinearity after each conv layer")
     bias: bool = option(True, "use biases")

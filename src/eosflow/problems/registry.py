@@ -94,7 +94,9 @@ class Problem:
         """Every floating parameter leaf and data leaf has ``dtype`` (else a SpecError naming it)."""
         unravel = self.objective.unravel
         if isinstance(unravel, Unravel):  # the user's pytree: name its leaves
-            shapes = [jax.ShapeDtypeStruct(shape, np.dtype(name)) for shape, name in zip(unravel.shapes, unravel.dtypes)]
+            shapes = [
+                jax.ShapeDtypeStruct(shape, np.dtype(name)) for shape, name in zip(unravel.shapes, unravel.dtypes)
+            ]
             check_dtypes(jax.tree_util.tree_unflatten(unravel.treedef, shapes), dtype, "params")
         check_dtypes(self.w0, dtype, "w0")
         for where, objective in (("data", self.objective), ("test data", self.test_objective)):

@@ -44,7 +44,9 @@ Norm = Literal["none", "layer", "group"]
 class ResNetParams(ClassificationData):
     n_train: int = option(64, "training examples", ge=1)
     n_test: int = option(0, "held-out test examples (0: none)", ge=0)
-    channels: tuple[int, ...] = option((8, 16), "channels of each stage (every stage after the first halves the resolution)")
+    channels: tuple[int, ...] = option(
+        (8, 16), "channels of each stage (every stage after the first halves the resolution)"
+    )
     blocks: int = option(1, "pre-activation blocks per stage", ge=1)
     norm: Norm = option("layer", "none, layer (GroupNorm with 1 group) or group (GroupNorm with `groups` groups)")
     groups: int = option(4, "groups of the `group` norm (must divide every stage's channels)", ge=1)
@@ -109,7 +111,8 @@ class ResNet(eqx.Module):
         layers, c_in = [], channels[0]
         for stage, c_out in enumerate(channels):
             for b in range(blocks):
-                layers.append(PreActBlock(c_in, c_out, stage > 0 and b == 0, norm, groups, activation, dtype, next(keys)))
+                downsample = stage > 0 and b == 0
+                layers.append(PreActBlock(c_in, c_out, downsample, norm, groups, activation, dtype, next(keys)))
                 c_in = c_out
         self.blocks = tuple(layers)
         self.norm = _norm(norm, groups, c_in, dtype)

@@ -133,7 +133,8 @@ class ViT(eqx.Module):
         return self.encoder.readout(x.mean(axis=0))
 
 
-@register_problem("vit", ViTParams, "vision transformer (patches, pre-LN attention blocks, GELU MLPs) on an image dataset")
+@register_problem("vit", ViTParams,
+                  "vision transformer (patches, pre-LN attention blocks, GELU MLPs) on an image dataset")
 def vit(params: ViTParams, seed: int, dtype) -> Problem:
     dataset = load_classification(params, seed)
     shape = image_shape(dataset, params.dataset, "vit")

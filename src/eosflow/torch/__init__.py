@@ -12,4 +12,13 @@ from eosflow.torch.objective import TorchObjective
 from eosflow.torch.objective import TorchObjective as Objective
 from eosflow.torch.tracker import SharpnessTracker, TrackedEigenpairs, optimizer_preconditioning
 
-__all__ = ["Objective", "SharpnessTracker", "TorchObjective", "TrackedEigenpairs", "jax_loss", "optimizer_preconditioning", "problem", "to_jax"]
+__all__ = [
+    "Objective",
+    "SharpnessTracker",
+    "TorchObjective",
+    "TrackedEigenpairs",
+    "jax_loss",
+    "optimizer_preconditioning",
+    "problem",
+    "to_jax",
+]

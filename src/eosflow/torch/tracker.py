@@ -100,7 +100,9 @@ def _state(optimizer: torch.optim.Optimizer, objective: TorchObjective, key: str
     for name, p in objective.model.named_parameters():
         state = optimizer.state.get(p, {})
         if key not in state:
-            raise ValueError(f"the optimizer has no `{key}` for parameter {name!r} yet: call update after its first step")
+            raise ValueError(
+                f"the optimizer has no `{key}` for parameter {name!r} yet: call update after its first step"
+            )
         pieces.append(state[key].detach().reshape(-1).cpu().numpy())
         steps = float(state["step"]) if "step" in state else steps
     return np.concatenate(pieces), steps
