@@ -15,9 +15,13 @@ import difflib
 import math
 import types
 import typing
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class SpecError(ValueError):
@@ -99,12 +103,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise SpecError(f"`{where}` must be a string, got {_describe(value)}")
         return value
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return parse(annotation, value, where)
     return value
 
 
-def _check_bounds(value: Any, meta: dict, where: str) -> None:
+def _check_bounds(value: Any, meta: Mapping, where: str) -> None:
     if value is None:
         return
     checks = [

@@ -246,8 +246,8 @@ class _Advance:
             if name in inactive:
                 continue
             tick = time.perf_counter()
-            new_state, rows = process.advance(states[name], n)
-            rows = {key: np.asarray(value) for key, value in rows.items()}
+            new_state, computed = process.advance(states[name], n)
+            rows = {key: np.asarray(value) for key, value in computed.items()}
             self.timing.add(name, time.perf_counter() - tick, n)
             bad = _first_divergent(rows["loss"], self.limit)
             if bad is not None:
@@ -309,10 +309,11 @@ def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str
     """Process ``name``'s state from its checkpointed arrays, refused unless there are as many as
     this eosflow's state has (their shapes may differ: the tracked eigenspace grows)."""
     treedef = jax.tree_util.tree_structure(template)
-    if len(leaves) != treedef.num_leaves:
+    expected = len(jax.tree_util.tree_leaves(template))  # treedef.num_leaves, which jax's stubs do not declare
+    if len(leaves) != expected:
         raise StoreError(
             f"the checkpoint's state of process {name!r} does not fit this eosflow: it holds {len(leaves)} "
-            f"arrays, this version's state has {treedef.num_leaves} (the checkpoint was written by {written_by}, "
+            f"arrays, this version's state has {expected} (the checkpoint was written by {written_by}, "
             f"this is eosflow {_version()}); use --overwrite to start again"
         )
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])

@@ -132,7 +132,7 @@ def suite_tables(quick: bool = False, models: list[str] | None = None,
             continue
         table = copy.deepcopy(entry.table)
         table["processes"] = [REFERENCE, BASELINE, *applicable(models, table["problem"]["name"])]
-        if quick:
+        if quick and entry.quick_steps is not None:  # (quick entries without quick_steps were skipped)
             table["steps"] = entry.quick_steps
             table["record"]["chunk"] = max(1, entry.quick_steps // 4)
         tables[entry.name] = table

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from eosflow.preconditioning import diagonal_preconditioner, edge_threshold
+from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold
 
 PyTree = Any
 
@@ -44,7 +44,7 @@ class EdgeOptimizer(NamedTuple):
 def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> EdgeOptimizer:
     """optax.sgd: threshold 2/lr, 2 (1 + b)/lr with heavy-ball momentum b (Nesterov: 2 (1 + b) / ((1 + 2b) lr))."""
     transform = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
-    form = "nesterov" if nesterov and momentum else "classical"
+    form: MomentumForm = "nesterov" if nesterov and momentum else "classical"
     return EdgeOptimizer(transform, lr, edge_threshold(lr, momentum, form), None)
 
 
@@ -67,7 +67,7 @@ def rmsprop(
     """optax.rmsprop (uncentered): threshold 2/lr, or 2 (1 + b)/lr with momentum b."""
     transform = optax.rmsprop(lr, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
                               momentum=momentum or None, nesterov=nesterov)
-    form = "nesterov" if nesterov and momentum else "classical"
+    form: MomentumForm = "nesterov" if nesterov and momentum else "classical"
     return EdgeOptimizer(
         transform, lr, edge_threshold(lr, momentum, form),
         lambda state: rmsprop_preconditioner(state, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 MomentumForm = Literal["classical", "ema", "nesterov"]
@@ -46,7 +47,7 @@ def edge_threshold(lr: float, momentum: float = 0.0, form: MomentumForm = "class
 
 
 def diagonal_preconditioner(
-    nu: Float[Array, " d"], eps: float = 0.0, eps_root: float = 0.0, bias_correction: Array | float = 1.0
+    nu: Float[Array | np.ndarray, " d"], eps: float = 0.0, eps_root: float = 0.0, bias_correction: Array | float = 1.0
 ) -> Float[Array, " d"]:
     """P = sqrt(nu / bias_correction + eps_root) + eps, the diagonal of RMSProp / Adam's denominator.
 

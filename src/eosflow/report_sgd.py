@@ -211,7 +211,7 @@ def _phase_portraits(report_dir: Path, late, model: CentreModel, lr: float) -> l
 
     panels = [((0, 1), ("theta_1", "theta_2"), positions)] if k == 2 else []
     for i in range(k):
-        samples = np.stack([positions[:-1, i], velocities[:, i]], axis=1) if consecutive else None
+        samples = np.stack([positions[:-1, i], velocities[:, i]], axis=1) if velocities is not None else None
         panels.append(((i, k + i), (f"theta_{i + 1}", f"v_{i + 1} = dtheta/dt"), samples))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), dpi=110)
     for ax, (plane, labels, samples) in zip(np.atleast_1d(axes), panels):

@@ -6,6 +6,7 @@ import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 
 class Interrupted(KeyboardInterrupt):
@@ -18,7 +19,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stop_requests():
+def stop_requests() -> Iterator[dict[str, int | None]]:
     """While running, SIGINT and SIGTERM ask the run to stop at the next chunk boundary.
 
     The handler only records the signal (``request["signum"]``): raising inside a JAX computation

@@ -206,7 +206,7 @@ class RunStore:
         n = len(next(iter(arrays.values())))
         name = f"{first_step:010d}-{first_step + n - 1:010d}.npz"
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy stubs check **arrays against allow_pickle
         data = buffer.getvalue()
         atomic_write(self.root / "trajectories" / process / name, lambda f: f.write(data))
         self.manifest.setdefault(process, {})[name] = [first_step, first_step + n - 1, len(data), _sha256(data)]
@@ -243,10 +243,10 @@ class RunStore:
                 damage.append(Damage(process, first, last, "missing"))
         for name, (first, last, path) in sorted(present.items(), key=lambda item: item[1][:2]):
             try:
-                data = path.read_bytes()
-                if name in listed and [len(data), _sha256(data)] != listed[name][2:]:
+                raw = path.read_bytes()
+                if name in listed and [len(raw), _sha256(raw)] != listed[name][2:]:
                     raise ValueError("its size or checksum differs from the manifest")
-                with np.load(io.BytesIO(data)) as chunk:
+                with np.load(io.BytesIO(raw)) as chunk:
                     arrays = {key: chunk[key] for key in chunk.files}
             except (OSError, ValueError, EOFError) as error:
                 damage.append(Damage(process, first, last, f"corrupt: {error}"))
@@ -288,7 +288,7 @@ class RunStore:
         newest, previous = (self.root / name for name in CHECKPOINTS)
         if newest.exists():
             os.replace(newest, previous)
-        atomic_write(newest, lambda f: np.savez(f, **arrays))
+        atomic_write(newest, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # as in write_chunk
 
     def read_checkpoint(self) -> Checkpoint | None:
         """The newest readable checkpoint (None if the run has none).
@@ -306,7 +306,8 @@ class RunStore:
 
     def read_checkpoints(self) -> tuple[list[Checkpoint], list[str]]:
         """Every readable checkpoint, newest first, and what is wrong with the unreadable ones."""
-        found, problems = [], []
+        found: list[Checkpoint] = []
+        problems: list[str] = []
         for path in (self.root / name for name in CHECKPOINTS):
             if not path.exists():
                 continue

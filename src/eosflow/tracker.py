@@ -42,7 +42,7 @@ class TrackerState(NamedTuple):
     vectors: Float[Array, "d k"]  # eigenvectors of the last measurement (random before the first)
     values: Float[Array, " k"]  # eigenvalues of the last measurement (NaN before the first)
     residuals: Float[Array, " k"]  # their relative residuals (NaN before the first)
-    count: Array  # updates so far (int32)
+    count: Array  # type: ignore[assignment]  # updates so far (int32); the field shadows tuple.count
     hvps: Array  # Hessian-vector products spent so far (int32)
 
 

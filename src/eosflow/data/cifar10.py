@@ -121,6 +121,7 @@ def _read_tar(archive: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 if name not in members:
                     raise SpecError(f"CIFAR-10 archive {str(archive)!r} has no {name}; {HINT}")
                 stream = tar.extractfile(members[name])
+                assert stream is not None  # extractfile returns None only for members that are not regular files
                 batches[name] = read_batch(io.BytesIO(stream.read()), f"{archive}:{members[name].name}")
     except SpecError:
         raise
@@ -132,12 +133,13 @@ def _read_tar(archive: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @functools.lru_cache(maxsize=1)
-def _load_cached(path: str, stamp: tuple, where: str) -> tuple[np.ndarray, ...]:
+def _load_cached(path: str, stamp: tuple, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     root = Path(path)
     batches = _read_directory(root, where) if root.is_dir() else _read_tar(root)
     x_train = np.concatenate([batches[name][0] for name in TRAIN_BATCHES])
     y_train = np.concatenate([batches[name][1] for name in TRAIN_BATCHES])
-    arrays = (x_train, y_train, *batches[TEST_BATCH])
+    x_test, y_test = batches[TEST_BATCH]
+    arrays = (x_train, y_train, x_test, y_test)
     for array in arrays:
         array.flags.writeable = False
     return arrays

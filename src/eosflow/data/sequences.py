@@ -46,7 +46,9 @@ def input_length(params: SequenceData) -> int:
     return params.length * (2 if params.task == "copying" else 1)
 
 
-def make_sequences(task: Task, n: int, length: int, vocab: int, rng: np.random.Generator):
+def make_sequences(
+    task: Task, n: int, length: int, vocab: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """(inputs (n, T_in), targets (n, T)) integer arrays of the task."""
     tokens = rng.integers(0, vocab, size=(n, length))
     if task == "sorting":

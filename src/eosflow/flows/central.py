@@ -56,7 +56,7 @@ class Critical(NamedTuple):
     """The critical directions of one step, held fixed over its substeps."""
 
     measured: Measured
-    count: Array  # m: critical directions (eigenvalue >= (1 - margin) 2/eta), at most max_critical
+    count: Array  # type: ignore[assignment]  # shadows tuple.count; m: critical directions (eigenvalue >= (1 - margin) 2/eta), at most max_critical
     vectors: Array  # U (d, m_max): the top m eigenvectors, zero-padded
     scaled: Array  # Gs (m_max (m_max + 1) / 2, d): the scaled pair gradients of U
 
@@ -81,10 +81,12 @@ class CentralFlow(Flow):
         stiffest = jnp.max(jnp.where(jnp.arange(k) < critical.count, 2.0 / self.lr, measured.values))
         return substep_count(self.lr, stiffest, self.options)
 
-    def term(self, critical: Critical, n: Array):
+    def term(self, critical: Critical, n: Array | int):
         return lambda w: self.field(w, critical, 1.0 / n)
 
-    def field(self, w: Array, critical: Critical, dt: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+    def field(  # type: ignore[override]  # more arguments than Flow.field: term() binds them
+        self, w: Array, critical: Critical, dt: Array | float
+    ) -> tuple[Array, tuple[Array, Array, Array]]:
         """(dw/dt, (L, g, X)) for a substep of length dt (the SDCP linearizes the end of the substep).
 
         With no critical direction Sigma = 0 and the field is gradient flow's: one gradient, no
@@ -97,7 +99,9 @@ class CentralFlow(Flow):
         size = critical.vectors.shape[1]
         return -self.lr * grad, (loss, grad, jnp.zeros((size, size), w.dtype))
 
-    def _constrained_field(self, w: Array, critical: Critical, dt: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+    def _constrained_field(
+        self, w: Array, critical: Critical, dt: Array | float
+    ) -> tuple[Array, tuple[Array, Array, Array]]:
         U = critical.vectors
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
         hessian_times = jax.vmap(lambda v: linear(v)[1], in_axes=1, out_axes=1)
@@ -110,7 +114,9 @@ class CentralFlow(Flow):
         velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
         return velocity, (loss, grad, X)
 
-    def observe(self, w: Array, aux: tuple[Array, Array, Array], critical: Critical, n: Array) -> dict[str, Array]:
+    def observe(
+        self, w: Array, aux: tuple[Array, Array, Array], critical: Critical, n: Array | int
+    ) -> dict[str, Array]:
         loss, grad, X = aux
         k, m = critical.measured.vectors.shape[1], critical.count
         sigma_values, sigma_vectors = jnp.linalg.eigh(X)
@@ -148,7 +154,7 @@ class CentralFlow(Flow):
         return (f"the centre was at lr*S = {measured.max():.4g} > 2, outside the set {{S <= 2/lr}} on which the "
                 f"{self.name.replace('_', ' ')} is defined")
 
-    def sdcp_velocity(self, grad: Array, slack: Array, scaled: Array, dt: Array) -> tuple[Array, Array]:
+    def sdcp_velocity(self, grad: Array, slack: Array, scaled: Array, dt: Array | float) -> tuple[Array, Array]:
         """(dw/dt, X) for an Euler substep of length dt, given the slack A = U^T (2/eta - H) U
         and the scaled pair gradients Gs of U: X solves the SDCP with
         alpha = A + dt eta (<G_ij, g>)_ij and beta = dt (eta/2) Gs Gs^T."""

@@ -67,7 +67,9 @@ class EdgeFlow(RodModel):
         curvature = self.objective.hvp(centre, direction)
         rayleigh = jnp.vdot(direction, curvature)
         growth = jnp.log(jnp.maximum(self.lr * ends.sharpness_along - 1.0, SLOWEST_MULTIPLIER))
-        velocity = EdgePoint(ends.centre_velocity, self.lr * (curvature - rayleigh * direction), Growth(growth))
+        # a velocity: its magnitude leaf is a Growth rate (see integrate.exact)
+        turning = self.lr * (curvature - rayleigh * direction)
+        velocity = EdgePoint(ends.centre_velocity, turning, Growth(growth))  # type: ignore[arg-type]
         return velocity, EdgeTerms(ends, rayleigh)
 
     def update(self, field, z, h, key):
@@ -83,7 +85,7 @@ class EdgeFlow(RodModel):
         signed = magnitude + along_rod_kick(direction, magnitude, kick, terms.ends, self.lr)
         return EdgePoint(centre, jnp.where(signed < 0, -direction, direction), jnp.abs(signed))
 
-    def observe(self, z, terms: EdgeTerms, measured: Measured, n: int) -> dict[str, Array]:
+    def observe(self, z, terms: EdgeTerms, measured: Measured, n: Array | int) -> dict[str, Array]:
         row = oscillation_row(self.objective, z[0], terms.ends, self.lr, z[1], z[2])
         return {**row, "rayleigh_quotient": terms.rayleigh_quotient, **self.cost(n, hvps_per_substep=1)}
 

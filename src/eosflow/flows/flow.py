@@ -67,7 +67,7 @@ class Flow(ScannedProcess):
     def field(self, z: Any) -> tuple[Any, Any]:
         raise NotImplementedError
 
-    def observe(self, z: Any, aux: Any, setup: Any, n: Array) -> dict[str, Array]:
+    def observe(self, z: Any, aux: Any, setup: Any, n: Array | int) -> dict[str, Array]:
         raise NotImplementedError
 
     def position(self, z: Any) -> Array:
@@ -76,7 +76,7 @@ class Flow(ScannedProcess):
     def prepare(self, z: Any, measured: Measured, step: Array) -> tuple[Any, Any]:
         return z, measured
 
-    def term(self, setup: Any, n: Array) -> Any:
+    def term(self, setup: Any, n: Array | int) -> Any:
         return self.field
 
     def update(self, field: Any, z: Any, h: Any, key: Array | None) -> tuple[Any, Any]:

@@ -149,17 +149,21 @@ class FreeEnergyFlow(Flow):
             amplitudes = jnp.maximum(amplitudes, seed)
         return FreeEnergyPoint(w, amplitudes), Oscillation(vectors, active, rank)
 
-    def term(self, oscillation: Oscillation, n: Array):
+    def term(self, oscillation: Oscillation, n: Array | int):
         return lambda z: self.field(z, oscillation)
 
-    def field(self, z: FreeEnergyPoint, oscillation: Oscillation) -> tuple[FreeEnergyPoint, Averaged]:
+    def field(  # type: ignore[override]  # more arguments than Flow.field: term() binds them
+        self, z: FreeEnergyPoint, oscillation: Oscillation
+    ) -> tuple[FreeEnergyPoint, Averaged]:
         """(dtheta/dt, d log a/dt with the rounding source of a^2) = (-eta grad F, log|eta k - 1|, s^2)."""
         w, amplitudes = z
         averaged = averaged_loss(self.objective, w, oscillation.vectors, amplitudes, self.options.stiffness)
         growth = jnp.log(jnp.maximum(jnp.abs(self.lr * averaged.stiffness - 1.0), 1e-12))
         eps = jnp.finfo(w.dtype).eps
         source = jnp.where(oscillation.active, self.options.rounding * eps * jnp.sqrt(jnp.mean(w**2)), 0.0)
-        return FreeEnergyPoint(-self.lr * averaged.drift, Growth(growth, source**2)), averaged
+        # a velocity: its amplitudes leaf is a Growth rate (see integrate.exact)
+        velocity = FreeEnergyPoint(-self.lr * averaged.drift, Growth(growth, source**2))  # type: ignore[arg-type]
+        return velocity, averaged
 
     def update(self, field, z, h, key):
         return exact(field, z, h)
@@ -167,7 +171,7 @@ class FreeEnergyFlow(Flow):
     def finish(self, z: FreeEnergyPoint, end: FreeEnergyPoint, start: Averaged, step: Array) -> FreeEnergyPoint:
         return end._replace(amplitudes=padded(end.amplitudes, self.spectrum.k_max))
 
-    def observe(self, z, start: Averaged, oscillation: Oscillation, n: Array) -> dict[str, Array]:
+    def observe(self, z, start: Averaged, oscillation: Oscillation, n: Array | int) -> dict[str, Array]:
         amplitudes, rank = z[1], oscillation.rank
         top = jnp.argmax(amplitudes)
         secant = self.options.stiffness == "secant"

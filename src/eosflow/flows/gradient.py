@@ -38,7 +38,7 @@ class GradientFlow(Flow):
     def update(self, field, z, h, key):
         return UPDATES[self.options.method](field, z, h, key)
 
-    def observe(self, w: Array, aux: tuple[Array, Array], measured: Measured, n: Array) -> dict[str, Array]:
+    def observe(self, w: Array, aux: tuple[Array, Array], measured: Measured, n: Array | int) -> dict[str, Array]:
         loss, grad = aux
         row = prediction_row(self.lr, loss, grad, jnp.zeros((1,), w.dtype), measured.vectors[:, 0], self.spectrum.k_max)
         return {**row, "grads": STAGES[self.options.method] * n, "substeps": n}

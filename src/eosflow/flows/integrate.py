@@ -64,7 +64,7 @@ def integrate(field: Any, z: Any, n: int | Array, update: Update | None = None,
     """
     update = euler if update is None else update
     h = 1.0 / n
-    keys = None if key is None else jax.random.split(key, n)
+    keys = None if key is None else jax.random.split(key, int(n))  # with a key, n is a Python int (see above)
     z, first = update(field, z, h, None if keys is None else keys[0])
 
     def substep(i, z):

@@ -62,7 +62,7 @@ class LangevinTerms(NamedTuple):
     mass: float  # m = lr (1 + beta) / 2
     rate: float  # the velocity's decay rate, 2 friction(lr, beta)
     lr: float
-    dt: float  # physical time of one substep, lr / substeps
+    dt: float | Array  # physical time of one substep, lr / substeps
 
 
 def baoab(
@@ -133,7 +133,7 @@ class Langevin(Flow):
     def substeps(self, measured: Measured, setup) -> int:
         return self.options.substeps
 
-    def term(self, setup, n: int) -> LangevinTerms:
+    def term(self, setup, n: Array | int) -> LangevinTerms:
         momentum = self.sgd.momentum
         return LangevinTerms(self.force, self.noise, mass(self.lr, momentum), 2.0 * friction(self.lr, momentum),
                              self.lr, self.lr / n)
@@ -147,7 +147,7 @@ class Langevin(Flow):
     def finish(self, z, end, aux, step: Array) -> tuple[Array, Array]:
         return end[:2]
 
-    def observe(self, z, aux: None, setup: tuple[Array, Array], n: int) -> dict[str, Array]:
+    def observe(self, z, aux: None, setup: tuple[Array, Array], n: Array | int) -> dict[str, Array]:
         (theta, velocity, _), (loss, grad) = z, setup
         return {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "lr": jnp.asarray(self.lr, theta.dtype),
                 "velocity_norm_sq": jnp.sum(velocity**2)}

@@ -160,10 +160,10 @@ class RodModel(Flow):
         """The rod x +- m u evaluated, with the centre's corrected velocity."""
         return rod_ends(self.objective, centre, direction, length, self.lr, self.coefficient)
 
-    def cost(self, n: int, hvps_per_substep: int = 0) -> dict[str, Array]:
+    def cost(self, n: Array | int, hvps_per_substep: int = 0) -> dict[str, Array]:
         """Two gradients per substep, two HVPs more with the correction."""
         hvps = n * (hvps_per_substep + 2 * int(self.options.correction))
-        return {"grads": jnp.asarray(2 * n, jnp.int32), "hvps": hvps}
+        return {"grads": jnp.asarray(2 * n, jnp.int32), "hvps": jnp.asarray(hvps, jnp.int32)}
 
 
 class RodFlow(RodModel):
@@ -186,7 +186,7 @@ class RodFlow(RodModel):
         along = along_rod_kick(direction, length, kick, ends, self.lr)
         return centre, rod + kick + (along - jnp.vdot(direction, kick)) * direction
 
-    def observe(self, z, ends: Ends, measured: Measured, n: int) -> dict[str, Array]:
+    def observe(self, z, ends: Ends, measured: Measured, n: Array | int) -> dict[str, Array]:
         direction, length = unit(z[1])
         return {**oscillation_row(self.objective, z[0], ends, self.lr, direction, length), **self.cost(n)}
 

@@ -120,7 +120,7 @@ def solve_sdcp(
     m = alpha.shape[0]
     dtype = alpha.dtype
     eps = jnp.finfo(dtype).eps
-    tol = 1e3 * eps if tol is None else tol
+    tolerance = 1e3 * eps if tol is None else tol
     a = svec(alpha)
     scale = 1.0 + jnp.linalg.norm(a)
     if m == 1:
@@ -169,7 +169,7 @@ def solve_sdcp(
 
     def not_done(carry):
         _, _, merit, iteration = carry
-        return (merit > tol * tau * scale) & (iteration < max_iters)
+        return (merit > tolerance * tau * scale) & (iteration < max_iters)
 
     y0 = -tau * a
     at_y0 = equation(y0)

@@ -122,13 +122,13 @@ def step_noise(objective: Objective, w: Array, options: SGDOptions,
     c is :func:`minibatch_noise_scale`; objectives without data contribute only sigma^2 I / S.
     """
     isotropic = options.gradient_noise**2 / options.batch_size
-    trace = isotropic * w.size
+    trace: float | Array = isotropic * w.size
     projected = None if directions is None else isotropic * jnp.eye(directions.shape[1], dtype=w.dtype)
     if objective.data is not None:
         scale = minibatch_noise_scale(objective.num_examples, options.batch_size, options.sampling)
         factor = gradient_noise_factor(objective, w)
         trace = trace + scale * jnp.sum(factor**2)
-        if directions is not None:
+        if directions is not None and projected is not None:  # projected is None only without directions
             along = factor @ directions
             projected = projected + scale * along.T @ along
     return jnp.asarray(trace), projected

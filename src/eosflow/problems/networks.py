@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import equinox as eqx
 import jax
@@ -22,6 +22,8 @@ from eosflow.config import SpecError, option
 from eosflow.data import ClassificationData, Dataset, RegressionData, load_classification, load_regression, one_hot
 from eosflow.objective import Objective
 from eosflow.problems.registry import Problem, register_problem
+
+M = TypeVar("M", bound=eqx.Module)
 
 ACTIVATIONS = {
     "tanh": jnp.tanh,
@@ -88,7 +90,7 @@ class _BatchedModel(eqx.Module):
         return jax.vmap(model)(inputs)
 
 
-def initialize(build: Callable[[Array], eqx.Module], seed: int) -> eqx.Module:
+def initialize(build: Callable[[Array], M], seed: int) -> M:
     """``build(key)``'s architecture with Equinox's default distributions, drawn by numpy.
 
     Every Linear/Conv layer gets weights and biases uniform in +-1/sqrt(fan_in) (fan_in = inputs

@@ -48,7 +48,7 @@ class Problem:
     """
 
     objective: Objective
-    w0: Array
+    w0: Array | np.ndarray
     test_objective: Objective | None = None
     accuracy: Callable[[Array, Any], Array] | None = None
     num_classes: int | None = None

@@ -58,7 +58,8 @@ def linear_regression(params: LinearRegressionParams, seed: int, dtype) -> Probl
 
     train, test = sample(params.n_train), sample(params.n_test)
     as_arrays = lambda pair: tuple(jnp.asarray(a, dtype) for a in pair)  # noqa: E731
-    objective, _ = Objective.from_model(_linear, jnp.zeros(d, dtype), *as_arrays(train), loss="mse")
+    inputs, targets = as_arrays(train)
+    objective, _ = Objective.from_model(_linear, jnp.zeros(d, dtype), inputs, targets, loss="mse")
     test_objective = objective.with_data(as_arrays(test)) if params.n_test else None
     w0 = rng.standard_normal(d)
     w0 = params.init_scale * w0 / np.linalg.norm(w0)

@@ -61,7 +61,7 @@ class ResNetParams(ClassificationData):
                             f"{list(self.channels)} for norm = 'group'")
 
 
-def _norm(kind: Norm, groups: int, channels: int, dtype):
+def _norm(kind: Norm, groups: int, channels: int, dtype) -> eqx.nn.Identity | eqx.nn.GroupNorm:
     if kind == "none":
         return eqx.nn.Identity()
     return eqx.nn.GroupNorm(1 if kind == "layer" else groups, channels, dtype=dtype)
@@ -70,9 +70,9 @@ def _norm(kind: Norm, groups: int, channels: int, dtype):
 class PreActBlock(eqx.Module):
     """x -> shortcut(x) + conv2(act(norm2(pool?(conv1(act(norm1(x)))))))."""
 
-    norm1: eqx.Module
+    norm1: eqx.nn.Identity | eqx.nn.GroupNorm
     conv1: eqx.nn.Conv2d
-    norm2: eqx.Module
+    norm2: eqx.nn.Identity | eqx.nn.GroupNorm
     conv2: eqx.nn.Conv2d
     projection: eqx.nn.Conv2d | None
     activation: Callable = eqx.field(static=True)
@@ -101,7 +101,7 @@ class ResNet(eqx.Module):
 
     stem: eqx.nn.Conv2d
     blocks: tuple[PreActBlock, ...]
-    norm: eqx.Module
+    norm: eqx.nn.Identity | eqx.nn.GroupNorm
     readout: eqx.nn.Linear
     activation: Callable = eqx.field(static=True)
 

@@ -35,8 +35,8 @@ def quadratic(params: QuadraticParams, seed: int, dtype) -> Problem:
     basis = np.linalg.qr(rng.standard_normal((d, d)))[0] if params.rotate else np.eye(d)
     hessian = jnp.asarray(basis @ np.diag(params.eigenvalues) @ basis.T, dtype=dtype)
     objective = Objective.from_function(_Quadratic(hessian))
-    w0 = rng.standard_normal(d)
-    w0 = jnp.asarray(params.init_scale * w0 / np.linalg.norm(w0), dtype=dtype)
+    direction = rng.standard_normal(d)
+    w0 = jnp.asarray(params.init_scale * direction / np.linalg.norm(direction), dtype=dtype)
     return Problem(objective, w0, info={"dimension": d})
 
 

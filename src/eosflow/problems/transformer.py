@@ -25,6 +25,7 @@ from eosflow.config import SpecError, option
 from eosflow.data import ClassificationData, load_classification
 from eosflow.data.sequences import (
     SequenceData,
+    Task,
     input_length,
     input_vocab,
     load_sequences,
@@ -148,7 +149,7 @@ def vit(params: ViTParams, seed: int, dtype) -> Problem:
 # ---- transformer on a sequence task --------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SequenceTransformerParams(EncoderArchitecture, SequenceData):
-    task: str = option("sorting", "sorting: output sort(s); copying: read s, then T recall tokens, output s")
+    task: Task = option("sorting", "sorting: output sort(s); copying: read s, then T recall tokens, output s")
 
 
 class SequenceTransformer(eqx.Module):

@@ -48,7 +48,8 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective) -> Call
         if math.prod(lead) == 1:  # nothing to map over (possibly a batch of one)
             out = fn(*(t.reshape(t.shape[-1]) for t in tensors))
             return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape))
-        flat, in_dims = [], []
+        flat: list[torch.Tensor] = []
+        in_dims: list[int | None] = []
         for t in tensors:
             if math.prod(t.shape[:-1]) == 1:
                 flat.append(t.reshape(t.shape[-1]))

@@ -69,7 +69,7 @@ class TorchObjective:
 
     def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """w -> {name: tensor} in the module's layout (views of w)."""
-        pieces = torch.split(w, self.sizes)
+        pieces = torch.split(w, list(self.sizes))
         return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
 
     def flatten(self, tree: dict[str, torch.Tensor]) -> torch.Tensor:

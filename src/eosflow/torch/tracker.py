@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from eosflow.precision import precision
-from eosflow.preconditioning import diagonal_preconditioner, edge_threshold, preconditioned_matvec
+from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold, preconditioned_matvec
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
 from eosflow.torch.objective import Batch, TorchObjective
@@ -72,7 +72,7 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
     lr = float(group["lr"])
     if isinstance(optimizer, torch.optim.SGD):
         momentum = float(group.get("momentum", 0.0))
-        form = "nesterov" if group.get("nesterov", False) else "classical"
+        form: MomentumForm = "nesterov" if group.get("nesterov", False) else "classical"
         return Preconditioning(None, edge_threshold(lr, momentum, form))
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         beta1, beta2 = group["betas"]
