@@ -133,8 +133,12 @@ class ScannedProcess(eqx.Module):
             return state
         k = state.vectors.shape[1]
         key = jax.random.fold_in(self.key, int(state.step))
-        grown = grow_tracked(state.vectors, latest[:k], self.spectrum.threshold / self.lr, self.spectrum.k_max, key)
+        grown = grow_tracked(state.vectors, latest[:k], self.growth_threshold(), self.spectrum.k_max, key)
         return state._replace(vectors=grown)
+
+    def growth_threshold(self) -> float:
+        """One more eigenpair is tracked once every tracked eigenvalue exceeds this (``spectrum.threshold / lr``)."""
+        return self.spectrum.threshold / self.lr
 
     def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
         """Why this process may have diverged, read from its rows up to the divergent one ('' if unknown)."""
