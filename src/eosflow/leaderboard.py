@@ -1,6 +1,6 @@
 """The flow leaderboard: every model of GD on a built-in suite of problems, in one table.
 
-    eosflow leaderboard [--quick] [--out DIR]
+    eosflow leaderboard [--quick] [--suite gd|adaptive|all] [--out DIR]
 
     out/
       runs/<problem>/            one ordinary run directory per problem: gd, gradient_flow and every
@@ -11,8 +11,10 @@
       leaderboard.md             the same as a Markdown table, with the machine and the command
 
 The models are every registered continuous-time process (``PROCESSES`` entries that are not
-discrete) except the models of other optimizers (``NOT_GD_MODELS``); a model registered for
-some problems only (the mean-field particle model) runs on those.
+discrete) except the models of other optimizers (``NOT_GD_MODELS``, and every model registered for
+another optimizer); a model registered for some problems only (the mean-field particle model)
+runs on those. The ``adaptive`` suite (``ADAPTIVE_SUITE``) does the same for RMSProp and Adam: the
+optimizer is the reference, its stable flow the yardstick, and every model of it runs beside them.
 """
 
 from __future__ import annotations
@@ -39,13 +41,16 @@ class Entry:
     name: str
     table: dict
     quick_steps: int | None = None
+    optimizer: str = "gd"  # the reference; its hyperparameters are in table[optimizer]
 
 
 def _entry(name: str, steps: int, lr: float, problem: dict, dtype: str = "float64", k_max: int = 2,
-           quick_steps: int | None = None) -> Entry:
+           quick_steps: int | None = None, optimizer: str = "gd", hyperparameters: dict | None = None) -> Entry:
     table = {"name": name, "seed": 0, "steps": steps, "lr": lr, "dtype": dtype, "problem": problem,
              "spectrum": {"k": 1, "k_max": k_max}, "record": {"chunk": 100}}
-    return Entry(name, table, quick_steps)
+    if hyperparameters is not None:
+        table[optimizer] = hyperparameters
+    return Entry(name, table, quick_steps, optimizer)
 
 
 SUITE: tuple[Entry, ...] = (
@@ -73,13 +78,36 @@ SUITE: tuple[Entry, ...] = (
                                                "dataset": "gaussian", "input_dim": 8}, dtype="float32", k_max=3),
 )
 
+DIGITS = {"name": "mlp", "dataset": "digits", "n_train": 300, "n_test": 0, "width": 32, "depth": 2}
+ADAPTIVE_SUITE: tuple[Entry, ...] = (
+    # tanh MLP on 300 digits: RMSProp's preconditioned sharpness rises to 2/lr by step ~80 and hovers there
+    _entry("mlp_digits-rmsprop", 500, 0.004, DIGITS, dtype="float32", k_max=3, optimizer="rmsprop",
+           hyperparameters={"beta2": 0.99, "eps": 0.003, "bias_correction": True}),
+)
+
 
 def gd_models() -> list[str]:
-    """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS``."""
+    """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS`` and other optimizers'."""
     from eosflow.process import PROCESSES
 
+    return [name for name, entry in PROCESSES.items() if not entry.discrete and entry.optimizer is None
+            and name not in NOT_GD_MODELS and name != BASELINE]
+
+
+def baseline_of(optimizer: str) -> str:
+    from eosflow.compare import baseline_of as yardstick
+
+    return yardstick(optimizer)
+
+
+def models_of(optimizer: str) -> list[str]:
+    """Every registered model of ``optimizer`` but its baseline (GD: :func:`gd_models`)."""
+    from eosflow.process import PROCESSES
+
+    if optimizer == REFERENCE:
+        return gd_models()
     return [name for name, entry in PROCESSES.items()
-            if not entry.discrete and name not in NOT_GD_MODELS and name != BASELINE]
+            if entry.optimizer == optimizer and name != baseline_of(optimizer)]
 
 
 def applicable(models: list[str], problem: str) -> list[str]:
@@ -91,14 +119,16 @@ def applicable(models: list[str], problem: str) -> list[str]:
 
 def suite_tables(quick: bool = False, models: list[str] | None = None,
                  suite: tuple[Entry, ...] = SUITE) -> dict[str, dict]:
-    """The spec table of every problem of the (quick) suite, with gd, gradient_flow and the models."""
-    models = gd_models() if models is None else models
+    """The spec table of every problem of the (quick) suite: the optimizer (gd), its baseline
+    (gradient_flow) and the models (by default every model of the entry's optimizer)."""
     tables = {}
     for entry in suite:
         if quick and entry.quick_steps is None:
             continue
         table = copy.deepcopy(entry.table)
-        table["processes"] = [REFERENCE, BASELINE, *applicable(models, table["problem"]["name"])]
+        chosen = models_of(entry.optimizer) if models is None else models
+        table["processes"] = [entry.optimizer, baseline_of(entry.optimizer),
+                              *applicable(chosen, table["problem"]["name"])]
         if quick:
             table["steps"] = entry.quick_steps
             table["record"]["chunk"] = max(1, entry.quick_steps // 4)
@@ -115,7 +145,7 @@ def _runner(progress: bool):
     from eosflow.progress import training_bar
 
     def run_one(label, table, out):
-        bar, update = training_bar(table["steps"], REFERENCE, table["lr"], label=label)
+        bar, update = training_bar(table["steps"], table["processes"][0], table["lr"], label=label)
         with bar:
             return run(table, out, overwrite=True, progress=update)
 
@@ -146,8 +176,9 @@ def _rows(problem: str, table: pd.DataFrame) -> pd.DataFrame:
 def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
     """Each model alone with the reference and the baseline; a model that raises gets an error row."""
     frames, base_done = [], False
+    reference, baseline = table["processes"][:2]
     for model in table["processes"][2:]:
-        alone = {**table, "processes": [REFERENCE, BASELINE, model]}
+        alone = {**table, "processes": [reference, baseline, model]}
         run_dir = out / "runs" / f"{problem}-{model}"
         try:
             run_one(f"{problem} ({model})", alone, run_dir)
@@ -159,7 +190,7 @@ def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
         frames.append(rows if not base_done else rows[rows["process"] == model])
         base_done = True
     if not frames:
-        frames.append(pd.DataFrame([{"problem": problem, "process": REFERENCE,
+        frames.append(pd.DataFrame([{"problem": problem, "process": reference,
                                      "status": f"error: {type(shared_error).__name__}: {shared_error}"[:200]}]))
     return pd.concat(frames, ignore_index=True)
 
@@ -202,25 +233,29 @@ def machine() -> str:
             f"jax {jax.__version__} ({jax.devices()[0].platform}), load average at the end {load:.1f}")
 
 
-def leaderboard(out: Path, quick: bool = False, progress: bool = True) -> Path:
+SUITES = {"gd": lambda: SUITE, "adaptive": lambda: ADAPTIVE_SUITE, "all": lambda: SUITE + ADAPTIVE_SUITE}
+
+
+def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: str = "gd") -> Path:
     """Run the suite (``--quick``: the toys, shortened) into ``out``; returns ``out/leaderboard.md``."""
     out = Path(out)
     started = time.perf_counter()
-    tables = suite_tables(quick)
+    tables = suite_tables(quick, suite=SUITES[suite]())
     rows = run_suite(tables, out, progress)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "leaderboard.csv", index=False)
-    return write_page(rows, out, quick, (time.perf_counter() - started) / 60)
+    return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite)
 
 
-def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float) -> Path:
+def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite: str = "gd") -> Path:
     """``out/leaderboard.md``: the command, the machine and the table."""
-    command = "eosflow leaderboard" + (" --quick" if quick else "")
+    command = "eosflow leaderboard" + (" --quick" if quick else "") + (f" --suite {suite}" if suite != "gd" else "")
     problems = rows["problem"].nunique()
     lines = [f"# Flow leaderboard{' (quick)' if quick else ''}", "",
              f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.", "",
-             "rel. distance = <||w_GD - w||> / gradient flow's; loss error and envelope error = relative "
-             "L1 errors against GD's smoothed loss and oscillation envelope; cost per unit time "
+             "rel. distance = <||w_GD - w||> / gradient flow's (for another optimizer: <||w_opt - w||> / its "
+             "stable flow's); loss error and envelope error = relative L1 errors against the optimizer's smoothed "
+             "loss and oscillation envelope; cost per unit time "
              "(an HVP = 2 gradients). Definitions: docs/compare.md.", ""]
     lines += markdown(rows)
     path = Path(out) / "leaderboard.md"

@@ -46,6 +46,7 @@ class ProcessEntry:
     summary: str
     discrete: bool  # an optimizer (a real run) rather than a model of one
     problems: tuple[str, ...] | None = None  # the problems it models (None: any)
+    optimizer: str | None = None  # the optimizer it models, whose table holds the shared hyperparameters (None: GD)
 
     def models(self, problem: str) -> bool:
         return self.problems is None or problem in self.problems
@@ -62,12 +63,14 @@ PROCESSES: dict[str, ProcessEntry] = {}
 
 
 def register_process(name: str, options: type, summary: str, discrete: bool = False,
-                     problems: tuple[str, ...] | None = None):
+                     problems: tuple[str, ...] | None = None, optimizer: str | None = None):
     """Decorator: ``build(problem, spec, options) -> Process`` becomes available as ``name``
-    (for every problem, or only for those named in ``problems``)."""
+    (for every problem, or only for those named in ``problems``). A model of an optimizer other
+    than GD names it in ``optimizer``: the spec's table of that optimizer (``[adam]``) holds the
+    hyperparameters it shares with the optimizer, read by ``build`` from ``spec.options[optimizer]``."""
 
     def decorate(build):
-        PROCESSES[name] = ProcessEntry(name, options, build, summary, discrete, problems)
+        PROCESSES[name] = ProcessEntry(name, options, build, summary, discrete, problems, optimizer)
         return build
 
     return decorate

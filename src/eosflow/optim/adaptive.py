@@ -132,7 +132,8 @@ class RMSPropOptions:
     beta2: float = option(0.99, "decay b2 of nu <- b2 nu + (1 - b2) s(g)", ge=0, lt=1)
     second_moment: Literal["diagonal", "scalar"] = option(
         "diagonal", "diagonal: s(g) = g^2 per coordinate; scalar: s(g) = ||g||^2 (one step size)")
-    eps: float = option(0.0, "eps added to sqrt(nu) in P = sqrt(nu + eps_root) + eps", ge=0)
+    eps: float = option(1e-8, "eps added to sqrt(nu) in P = sqrt(nu + eps_root) + eps (0 divides by zero "
+                        "on a coordinate whose gradient is always 0)", ge=0)
     eps_root: float = option(0.0, "eps_root inside the square root (optax's eps_in_sqrt)", ge=0)
     bias_correction: bool = option(False, "divide nu by 1 - b2^t")
 
