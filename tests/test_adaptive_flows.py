@@ -2,6 +2,8 @@
 flows' order below the edge, the rod flow's growth at exactly the threshold, and the shared
 hyperparameter tables of the spec."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -48,3 +50,64 @@ def test_the_reference_convention_is_first_order():
     ratio = distance_at("rmsprop", hyper, lr, moments="reference") / distance_at("rmsprop", hyper, lr / 2,
                                                                                  moments="reference")
     assert 1.7 < ratio < 2.5
+
+
+ROD_CASES = {  # optimizer, hyperparameters
+    "momentum classical": ("momentum", {"beta": 0.6, "form": "classical"}),
+    "momentum ema": ("momentum", {"beta": 0.9, "form": "ema"}),
+    "nesterov": ("nesterov", {"beta": 0.5}),
+    "adam": ("adam", {"beta1": 0.9, "beta2": 0.999, "eps": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROD_CASES))
+def test_rod_grows_exactly_past_the_optimizers_threshold(case):
+    """On a quadratic, d rho/dt is linear in the rod; its largest growth rate changes sign where lr times
+    the top preconditioned curvature crosses the optimizer's threshold (for Adam, P = sqrt(nu) + eps
+    at the model's state)."""
+    import jax
+    import jax.numpy as jnp
+
+    from eosflow.flows.phase_rod import Rod
+
+    name, hyper = ROD_CASES[case]
+    signs = []
+    for factor in (0.98, 1.02):
+        table = {"lr": 1.0, "dtype": "float64", "processes": [f"{name}_rod_flow"], "spectrum": {"every": 0},
+                 "problem": {"name": "quadratic", "eigenvalues": [3.0, 1.0]}, name: hyper}
+        _, problem, _, processes = prepare(table)
+        flow = processes[f"{name}_rod_flow"]
+        centre, _ = flow.initial(problem.w0)
+        p = np.asarray(flow.moments.preconditioner(centre))
+        hessian = np.asarray(problem.objective.hessian(centre.w))
+        top = np.max(np.linalg.eigvalsh(hessian / np.sqrt(np.outer(p, p))))
+        lr = float(factor * flow.moments.rule.threshold(1.0) / top)  # lr * top = factor * c
+        flow = type(flow)(name=flow.name, lr=lr, spectrum=flow.spectrum, key=flow.key, objective=flow.objective,
+                          moments=dataclasses.replace(flow.moments, lr=lr), options=flow.options)
+        d = centre.w.size
+
+        def rod_velocity(flat):
+            rod = Rod(flat[:d], flat[d:])
+            return jnp.concatenate(flow.field(0.0, (centre, rod))[0][1])
+
+        jacobian = np.asarray(jax.jacfwd(rod_velocity)(jnp.zeros(2 * d)))
+        signs.append(np.sign(np.max(np.linalg.eigvals(jacobian).real)))
+    assert signs == [-1.0, 1.0]
+
+
+def test_models_read_the_optimizers_table():
+    """[adam] configures the models even when adam itself is not listed; a model's own table holds its
+    options; a table of an optimizer nobody models is refused by name."""
+    spec = parse_spec({"processes": ["adam_rod_flow"], "adam": {"beta1": 0.8}, "adam_rod_flow": {"substeps": 6}})
+    assert spec.options["adam"].beta1 == 0.8 and spec.options["adam_rod_flow"].substeps == 6
+    _, _, resolved, processes = prepare({"processes": ["adam", "adam_stable_flow"], "adam": {"beta2": 0.9},
+                                         "problem": {"name": "quartic"}})
+    assert processes["adam_stable_flow"].moments.rule == processes["adam"].rule
+    assert resolved["adam"]["beta2"] == 0.9 and parse_spec(resolved).options["adam"].beta2 == 0.9
+    with pytest.raises(SpecError, match=r"table `\[rmsprop\]` configures a process"):
+        parse_spec({"processes": ["adam_rod_flow"], "rmsprop": {"beta2": 0.9}})
+    with pytest.raises(SpecError, match="adam.beta1"):
+        parse_spec({"processes": ["adam_rod_flow"], "adam": {"beta1": 2.0}})
+    with pytest.raises(SpecError, match="moments"):
+        prepare({"processes": ["adam_stable_flow"], "adam_stable_flow": {"moments": "reference"},
+                 "problem": {"name": "quartic"}})

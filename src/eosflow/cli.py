@@ -5,7 +5,7 @@
     eosflow report RUN_DIR
     eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
     eosflow compare SPEC.toml [--set key=value ...] [--out DIR] [--overwrite]
-    eosflow leaderboard [--quick] [--out DIR]
+    eosflow leaderboard [--quick] [--suite gd|adaptive|all] [--out DIR]
     eosflow problems
     eosflow processes
 
@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p_board = sub.add_parser("leaderboard", help="rank every model of GD on the built-in problem suite")
     p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (~2 minutes)")
-    p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-quick])")
+    p_board.add_argument("--suite", choices=("gd", "adaptive", "all"), default="gd",
+                         help="gd: every model of GD; adaptive: RMSProp and Adam with their models; all: both")
+    p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-quick][-SUITE])")
     p_board.add_argument("--quiet", action="store_true")
 
     sub.add_parser("problems", help="list every problem with its parameters and defaults")
@@ -143,8 +145,9 @@ def _dispatch(args) -> int:
     if args.command == "leaderboard":
         from eosflow.leaderboard import leaderboard
 
-        out = args.out or Path("runs") / ("leaderboard-quick" if args.quick else "leaderboard")
-        print(f"leaderboard: {leaderboard(out, quick=args.quick, progress=not args.quiet)}")
+        default = "leaderboard" + ("-quick" if args.quick else "") + ("" if args.suite == "gd" else f"-{args.suite}")
+        out = args.out or Path("runs") / default
+        print(f"leaderboard: {leaderboard(out, quick=args.quick, progress=not args.quiet, suite=args.suite)}")
         return 0
     if args.command == "demo":
         return _run_table(demo_table(), args.out, False, True, args.quiet)

@@ -14,9 +14,10 @@ the phase point z = (w, D, nu), time in steps:
 with c = 1 / (1/2 + L) and c2 = 1 / (1/2 + L2) = 2 (1 - b2) / (1 + b2) ("lag" rates: the average of
 D over [k, k+1] has the discrete D_{k+1}'s lag, so the w-increments agree to O(lr^2) per step; for
 GD, c = 2 gives GD's modified equation dw/dt = -lr g - lr^2 H g / 2). Integrated by Euler substeps
-of length h, the rates are 1 / (L + 1/2 - h/2), which compensates the substeps' own lag. The initial D(0) = c D*/2
-and nu(0) = c2 s/2 give the same total transient as the discrete filters started at zero; with
-bias correction the discrete filters have no transient and the models start at D* and s.
+of length h, the rates are 1 / (L + 1/2 - h/2), which compensates the substeps' own lag. The
+initial D(0) = (1 - L c) D* and nu(0) = (1 - L2 c2) s put the slow mode where the discrete
+filters started at zero put it. A bias-corrected moment is divided by its mass q, the same filter
+applied to the constant 1 (dq/dt = c (1 - q), from the same start): the continuous 1 - b^k.
 ``moments = "reference"`` is the central-flow reference code's convention instead (RMSProp only):
 D = g, dnu/dt = ((1 - b2)/b2) (s - nu), nu(0) = nu_1 = (1 - b2) s(g_0).
 
@@ -60,6 +61,7 @@ class Phase(NamedTuple):
     w: Array  # (d,) parameters (a model's centre)
     direction: Array  # (d,) D, what lr / P multiplies
     nu: Array  # (d,) second moment, () for the scalar form and without one
+    mass: Array  # (2,) q1, q2: the filters of D and nu applied to the constant 1 (bias correction: D/q1, nu/q2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,38 +105,56 @@ class ContinuousMoments:
             return grad**2
         return jnp.sum(grad**2) if self.rule.second_moment == "scalar" else jnp.zeros((), grad.dtype)
 
+    @property
+    def corrects(self) -> tuple[bool, bool]:
+        """Whether D and nu are bias-corrected (D only in the EMA form, as Adam's m)."""
+        r = self.rule
+        return (r.bias_correction and r.form == "ema", r.bias_correction and r.second_moment != "none")
+
     def initial(self, w0: Array, grad: Array, h: float) -> Phase:
         """z(0): D(0) = (1 - L c) D*, nu(0) = (1 - L2 c2) s, which puts the slow mode at the discrete
-        filters' (started from zero) to O(lr^2) (c D*/2 and c2 s/2 as h -> 0); at D* and s with bias correction."""
-        start_d = 1.0 if self.rule.bias_correction else 1.0 - self.lag * self.direction_rate(h)
+        filters' (started from zero) to O(lr^2) (c D*/2 and c2 s/2 as h -> 0). A bias-corrected moment
+        carries its mass q (the same filter of the constant 1, from the same start) and divides by it,
+        as the discrete 1 - b^k does."""
+        start_d = 1.0 - self.lag * self.direction_rate(h)
         b2 = self.rule.beta2
-        start_nu = 1.0 if self.rule.bias_correction else 1.0 - b2 / (1.0 - b2) * self.nu_rate(h)
+        start_nu = 1.0 - b2 / (1.0 - b2) * self.nu_rate(h) if self.rule.second_moment != "none" else 1.0
         if self.moments == "reference":
             start_nu = 1.0 - self.rule.beta2
-        return Phase(w0, start_d * self.kappa * grad, start_nu * self.second(grad))
+        mass = jnp.asarray([start_d if self.corrects[0] else 1.0, start_nu if self.corrects[1] else 1.0], w0.dtype)
+        return Phase(w0, start_d * self.kappa * grad, start_nu * self.second(grad), mass)
 
-    def preconditioner(self, nu: Array, like: Array) -> Array:
-        """P(nu) (d,): bias correction is in the initial state, not in P."""
+    def preconditioner(self, z: Phase) -> Array:
+        """P = sqrt(nu / q2 + eps_root) + eps (d,); ones without a second moment."""
         r = self.rule
         if r.second_moment == "none":
-            return jnp.ones_like(like)
-        return jnp.broadcast_to(diagonal_preconditioner(nu, r.eps, r.eps_root), like.shape)
+            return jnp.ones_like(z.w)
+        return jnp.broadcast_to(diagonal_preconditioner(z.nu, r.eps, r.eps_root, z.mass[1]), z.w.shape)
 
-    def preconditioner_slope(self, nu: Array, like: Array) -> Array:
-        """dP/dnu (d,) (the scalar form's one slope broadcast; 0 where nu + eps_root = 0, a coordinate
+    def preconditioner_slopes(self, z: Phase) -> tuple[Array, Array]:
+        """(dP/dnu, dP/dq2) (d,) (the scalar form's broadcast; 0 where nu/q2 + eps_root = 0, a coordinate
         whose gradient has always been 0)."""
-        inside = nu + self.rule.eps_root
-        slope = jnp.where(inside > 0, 0.5 / jnp.sqrt(jnp.where(inside > 0, inside, 1.0)), 0.0)
-        return jnp.broadcast_to(slope, like.shape)
+        inside = z.nu / z.mass[1] + self.rule.eps_root
+        half = jnp.where(inside > 0, 0.5 / jnp.sqrt(jnp.where(inside > 0, inside, 1.0)), 0.0)
+        return (jnp.broadcast_to(half / z.mass[1], z.w.shape),
+                jnp.broadcast_to(-half * z.nu / z.mass[1] ** 2, z.w.shape))
+
+    def mass_velocity(self, z: Phase, h: Array) -> Array:
+        """dq/dt = c (1 - q) for each bias-corrected moment (0 otherwise)."""
+        rates = jnp.asarray([self.direction_rate(h) if self.corrects[0] else 0.0,
+                             self.nu_rate(h) if self.corrects[1] else 0.0], z.w.dtype)
+        return rates * (1.0 - z.mass)
 
     def velocity(self, z: Phase, grad: Array, second: Array, h: Array) -> Phase:
         """(dw/dt, dD/dt, dnu/dt) given the gradient and s(g) driving the moments (linear in both), for
         Euler substeps of length h."""
-        p = self.preconditioner(z.nu, z.w)
+        p = self.preconditioner(z)
         nu_dot = self.nu_rate(h) * (second - z.nu)
+        mass = self.mass_velocity(z, h)
         if self.moments == "reference":
-            return Phase(-self.lr * grad / p, jnp.zeros_like(z.direction), nu_dot)
-        return Phase(-self.lr * z.direction / p, self.direction_rate(h) * (self.kappa * grad - z.direction), nu_dot)
+            return Phase(-self.lr * grad / p, jnp.zeros_like(z.direction), nu_dot, mass)
+        d_dot = self.direction_rate(h) * (self.kappa * grad - z.direction)
+        return Phase(-self.lr * z.direction / (z.mass[0] * p), d_dot, nu_dot, mass)
 
     def stiffness(self, preconditioned_sharpness: Array) -> Array:
         """The largest rate of the linearized models: lr lambda_P times the weight of g in a step, plus 3."""
@@ -185,7 +205,7 @@ class OptimizerModel(ScannedProcess):
 
     def step(self, state: ModelState) -> tuple[ModelState, dict[str, Array]]:
         centre = self.centre(state.z)
-        p = self.moments.preconditioner(centre.nu, centre.w)
+        p = self.moments.preconditioner(centre)
         vectors, row = preconditioned_spectrum_row(self.objective, centre.w, state.vectors, state.step, p,
                                                    self.moments.rule.threshold(self.lr), self.spectrum)
         sharpness = jnp.where(jnp.isfinite(row["preconditioned_sharpness"]), row["preconditioned_sharpness"],

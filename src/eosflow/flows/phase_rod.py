@@ -54,7 +54,7 @@ class PhaseRodFlow(OptimizerModel):
         losses, grads = jax.vmap(self.objective.value_and_grad)(jnp.stack([centre.w + rod.w, centre.w - rod.w]))
         even, odd = 0.5 * (grads[0] + grads[1]), 0.5 * (grads[0] - grads[1])
         second = 0.5 * (mo.second(grads[0]) + mo.second(grads[1]))
-        p = mo.preconditioner(centre.nu, centre.w)
+        p = mo.preconditioner(centre)
         plus = self.increment(rod.m, grads[0], p)
         minus = self.increment(-rod.m, grads[1], p)
         odd_w, odd_m = (0.5 * (a - b) for a, b in zip(plus, minus))

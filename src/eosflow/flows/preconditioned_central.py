@@ -15,11 +15,11 @@ linearized end-of-substep constraint V^T (2 P / lr - H) V >= 0, in which both H 
 (through nu) move:
 
     alpha = A + dt [ lr <G_ij, P^{-1} g> + (2/lr) v_i^T diag(P'(nu) nu_dot_0) v_j ],   A = 2/lr - V^T H V
-    beta  = dt [ (lr/2) <G_ij, P^{-1} G_kl> + (2/lr) c2 (4/lr^2) sum_d P' P^2 (v_i v_j)_d (v_k v_l)_d ]
+    beta  = dt [ (lr/2) <G_ij, P^{-1} G_kl> + (2/lr) c2 lam_k lam_l sum_d P' P^2 (v_i v_j)_d (v_k v_l)_d ]
 
-with G_ij = D^3 L[v_i, v_j, .], nu_dot_0 = c2 (s(g) - nu) and H v ~ (2/lr) P v on the critical space
-in beta (so beta is a Gram matrix: PSD); the nu update uses H v ~ P v (v^T H v) as the reference
-code does. Per substep: one gradient, m HVPs and m(m+1)/2 third derivatives.
+with G_ij = D^3 L[v_i, v_j, .], nu_dot_0 = c2 (s(g) - nu) and, as in the reference code, H v ~ P v lam
+(lam = v^T H v) on the critical space; in beta lam_k lam_l is symmetrized to sqrt(lam_i lam_j lam_k lam_l)
+(equal on the critical space, where lam = 2/lr), which makes beta a Gram matrix: PSD. Per substep: one gradient, m HVPs and m(m+1)/2 third derivatives.
 Registered as ``rmsprop_central_flow`` (the ``[rmsprop]`` table's ``second_moment`` picks the form).
 """
 
@@ -66,7 +66,8 @@ class PreconditionedCentralFlow(OptimizerModel):
         mo, lr = self.moments, self.lr
         scalar = mo.rule.second_moment == "scalar"
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, z.w)
-        p, slope = mo.preconditioner(z.nu, z.w), mo.preconditioner_slope(z.nu, z.w)
+        p, (slope, slope_mass) = mo.preconditioner(z), mo.preconditioner_slopes(z)
+        mass_dot = mo.mass_velocity(z, critical.dt)
         v = critical.directions / jnp.sqrt(p)[:, None]  # V^T P V = I on the critical columns
         m_max = v.shape[1]
         hv = _apply_to_columns(lambda u: linear(u)[1], v, critical.count)
@@ -78,23 +79,26 @@ class PreconditionedCentralFlow(OptimizerModel):
         rate = mo.nu_rate(critical.dt)
         nu_dot0 = rate * (mo.second(grad) - z.nu)
         dt = critical.dt
-        alpha = slack + dt * (lr * smat(gs @ (grad / p)) + (2.0 / lr) * smat(ws @ (slope * nu_dot0)))
-        weight = slope * p**2 * (2.0 / lr) * rate * (2.0 / lr) ** 2
+        p_dot0 = slope * nu_dot0 + slope_mass * mass_dot[1]  # dP/dt without the oscillation's feed
+        alpha = slack + dt * (lr * smat(gs @ (grad / p)) + (2.0 / lr) * smat(ws @ p_dot0))
+        lam = jnp.diag(rayleigh)
+        # rows s_p sqrt(lam_i lam_j) v_i v_j: with H v ~ P v lam, the nu-part of beta as a Gram matrix (PSD)
+        ws_lam = ws * jnp.sqrt(jnp.maximum(lam[rows] * lam[cols], 0.0))[:, None]
+        weight = slope * p**2 * (2.0 / lr) * rate
         if scalar:
-            summed = jnp.sum(ws, axis=1)
+            summed = jnp.sum(ws_lam, axis=1)
             beta_p = weight[0] * jnp.outer(summed, summed)
         else:
-            beta_p = (ws * weight) @ ws.T
+            beta_p = (ws_lam * weight) @ ws_lam.T
         beta = dt * (0.5 * lr * (gs / p) @ gs.T + beta_p)
         X = solve_sdcp(alpha, beta, max_iters=self.options.sdcp_max_iters).X
         w_dot = -lr * (grad + 0.5 * gs.T @ svec(X)) / p
-        lam = jnp.diag(rayleigh)
         feed = p**2 * (ws.T @ svec(lam[:, None] * X * lam[None, :]))  # diag(H Sigma H) with H v ~ P v (v^T H v)
         nu_dot = nu_dot0 + rate * (jnp.sum(feed) if scalar else feed)
         n = critical.count
         aux = {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "X": X, "rayleigh": rayleigh, "v": v, "critical": n,
                "cost": {"grads": 1, "hvps": n, "third_derivatives": n * (n + 1) // 2}}
-        return Phase(w_dot, jnp.zeros_like(z.direction), nu_dot), aux
+        return Phase(w_dot, jnp.zeros_like(z.direction), nu_dot, mass_dot), aux
 
     def observe(self, z: Phase, aux: dict) -> dict:
         X, v = aux["X"], aux["v"]
