@@ -51,7 +51,10 @@ def ours(x, y, w0, lr, beta2, eps, steps):
 
     jax.config.update("jax_enable_x64", True)
     from eosflow.flows.moments import ContinuousMoments
-    from eosflow.flows.preconditioned_central import PreconditionedCentralFlow, PreconditionedCentralOptions
+    from eosflow.flows.preconditioned_central import (
+        PreconditionedCentralFlow,
+        PreconditionedCentralOptions,
+    )
     from eosflow.objective import Objective
     from eosflow.optim.adaptive import AdaptiveOptimizer, RMSPropOptions
     from eosflow.spec import SpectrumSpec
@@ -83,10 +86,11 @@ def reference(repo: str, x, y, w0, lr, beta2, eps, steps):
 
         sys.modules["datasets"] = types.SimpleNamespace(load_dataset=None)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(torch.float64)  # CPU, and X back to float64
-    from src import sdcp as reference_sdcp
     from src.loss_function import LossFunction
     from src.processes import CentralFlow, CentralFlowConfig, EigConfig
     from src.update_rules import RMSProp
+
+    from src import sdcp as reference_sdcp
 
     solve = cvxpy.Problem.solve
 

@@ -128,7 +128,12 @@ def test_gd_records_its_edge_ratio():
 
 
 def test_thresholds_from_the_rules():
-    from eosflow.optim.adaptive import AdamOptions, MomentumOptions, NesterovOptions, RMSPropOptions
+    from eosflow.optim.adaptive import (
+        AdamOptions,
+        MomentumOptions,
+        NesterovOptions,
+        RMSPropOptions,
+    )
 
     assert AdamOptions().rule().threshold(0.01) == pytest.approx(3800.0)
     assert MomentumOptions(beta=0.5).rule().threshold(0.1) == pytest.approx(30.0)

@@ -27,7 +27,7 @@ STABLE_CASES = {  # optimizer, hyperparameters, lr, the flow's `moments`, the sm
 
 def distance_at(name: str, hyper: dict, lr: float, time: float = 0.3, **model) -> float:
     """||w_opt - w_flow|| at the step lr * t = time (4 Euler substeps per step, no spectrum)."""
-    steps = int(round(time / lr))
+    steps = round(time / lr)
     table = {"lr": lr, "dtype": "float64", "processes": [name, f"{name}_stable_flow"], "problem": SMOOTH,
              "spectrum": {"every": 0}, name: hyper, f"{name}_stable_flow": {"substeps": 4, **model}}
     _, built, _, processes = prepare(table)
@@ -86,7 +86,7 @@ def test_rod_grows_exactly_past_the_optimizers_threshold(case):
                           moments=dataclasses.replace(flow.moments, lr=lr), options=flow.options)
         d = centre.w.size
 
-        def rod_velocity(flat):
+        def rod_velocity(flat, flow=flow, centre=centre, d=d):
             rod = Rod(flat[:d], flat[d:])
             return jnp.concatenate(flow.field(0.0, (centre, rod))[0][1])
 

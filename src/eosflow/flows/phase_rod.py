@@ -25,7 +25,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from eosflow.flows.moments import MomentFlowOptions, OptimizerModel, Phase, register_models
+from eosflow.flows.moments import (
+    MomentFlowOptions,
+    OptimizerModel,
+    Phase,
+    register_models,
+)
 from eosflow.optim.adaptive import RuleState
 
 

@@ -26,7 +26,7 @@ Registered as ``rmsprop_central_flow`` (the ``[rmsprop]`` table's ``second_momen
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,12 @@ from jaxtyping import Array
 
 from eosflow.config import option
 from eosflow.flows.central import CentralFlow, _apply_to_columns
-from eosflow.flows.moments import MomentFlowOptions, OptimizerModel, Phase, register_models
+from eosflow.flows.moments import (
+    MomentFlowOptions,
+    OptimizerModel,
+    Phase,
+    register_models,
+)
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
 
 

@@ -12,7 +12,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from eosflow.flows.moments import MomentFlowOptions, OptimizerModel, Phase, register_models
+from eosflow.flows.moments import (
+    MomentFlowOptions,
+    OptimizerModel,
+    Phase,
+    register_models,
+)
 
 
 class StableFlow(OptimizerModel):
