@@ -111,3 +111,16 @@ def test_models_read_the_optimizers_table():
     with pytest.raises(SpecError, match="moments"):
         prepare({"processes": ["adam_stable_flow"], "adam_stable_flow": {"moments": "reference"},
                  "problem": {"name": "quartic"}})
+
+
+def test_central_flow_is_the_stable_flow_below_the_edge():
+    """With no critical direction (X = 0) RMSProp's central flow moves exactly as its stable flow."""
+    table = {"lr": 0.01, "dtype": "float64", "processes": ["rmsprop_stable_flow", "rmsprop_central_flow"],
+             "problem": SMOOTH, "spectrum": {"every": 1, "k": 1, "k_max": 1}, "rmsprop": {"beta2": 0.9, "eps": 0.1}}
+    _, built, _, processes = prepare(table)
+    rows = {n: p.advance(p.init(built.w0), 30)[1] for n, p in processes.items()}
+    central = rows["rmsprop_central_flow"]
+    assert np.all(np.asarray(central["critical"]) == 0) and np.nanmax(np.asarray(central["edge_ratio"])) < 0.5
+    np.testing.assert_allclose(np.asarray(central["position"]), np.asarray(rows["rmsprop_stable_flow"]["position"]),
+                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(central["predicted_loss"]), np.asarray(central["loss"]), rtol=1e-12)

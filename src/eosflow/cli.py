@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (~2 minutes)")
     p_board.add_argument("--suite", choices=("gd", "adaptive", "all"), default="gd",
                          help="gd: every model of GD; adaptive: RMSProp and Adam with their models; all: both")
+    p_board.add_argument("--jobs", type=int, default=1, help="problems run at once in worker processes")
     p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-quick][-SUITE])")
     p_board.add_argument("--quiet", action="store_true")
 
@@ -147,7 +148,8 @@ def _dispatch(args) -> int:
 
         default = "leaderboard" + ("-quick" if args.quick else "") + ("" if args.suite == "gd" else f"-{args.suite}")
         out = args.out or Path("runs") / default
-        print(f"leaderboard: {leaderboard(out, quick=args.quick, progress=not args.quiet, suite=args.suite)}")
+        page = leaderboard(out, quick=args.quick, progress=not args.quiet, suite=args.suite, jobs=args.jobs)
+        print(f"leaderboard: {page}")
         return 0
     if args.command == "demo":
         return _run_table(demo_table(), args.out, False, True, args.quiet)

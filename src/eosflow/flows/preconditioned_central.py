@@ -4,10 +4,12 @@ With x = P^{1/2} w, RMSProp with P frozen is GD on L(P^{-1/2} x), whose Hessian 
 its central flow pulled back to w, with nu fed by the oscillation (Cohen, Damian et al. 2025; the
 derivation and conventions in docs/adaptive.md):
 
-    dw/dt  = -lr P^{-1} [ g + 1/2 grad_w <Sigma, H> ],        Sigma = V X V^T,  V = P^{-1/2} U
+    dw/dt  = -lr P^{-1} [ D + 1/2 grad_w <Sigma, H> ],        Sigma = V X V^T,  V = P^{-1/2} U
     dnu/dt = c2 ( s(g) + E[s(g + H delta)] - s(g) - nu )   = c2 ( g^2 + diag(H Sigma H) - nu )   (diagonal)
                                                            = c2 ( ||g||^2 + tr(H Sigma H) - nu ) (scalar)
 
+(D relaxes to g as in the stable flow, :mod:`eosflow.flows.moments`, which carries GD's second-order
+term; D = g with ``moments = "reference"``, the reference code's choice.)
 U: the critical eigenvectors of P^{-1/2} H P^{-1/2} (eigenvalue >= (1 - margin) 2/lr), measured at
 the start of each unit of time and held (V is rebuilt from the current P at every substep, so
 V^T P V = I). X >= 0 solves, at each Euler substep dt, the complementarity problem keeping the
@@ -85,7 +87,9 @@ class PreconditionedCentralFlow(OptimizerModel):
         nu_dot0 = rate * (mo.second(grad) - z.nu)
         dt = critical.dt
         p_dot0 = slope * nu_dot0 + slope_mass * mass_dot[1]  # dP/dt without the oscillation's feed
-        alpha = slack + dt * (lr * smat(gs @ (grad / p)) + (2.0 / lr) * smat(ws @ p_dot0))
+        # D relaxes to g with c = 2/(1 - h) (the lag convention's second-order term; D = g for "reference")
+        direction = grad if mo.moments == "reference" else z.direction
+        alpha = slack + dt * (lr * smat(gs @ (direction / p)) + (2.0 / lr) * smat(ws @ p_dot0))
         lam = jnp.diag(rayleigh)
         # rows s_p sqrt(lam_i lam_j) v_i v_j: with H v ~ P v lam, the nu-part of beta as a Gram matrix (PSD)
         ws_lam = ws * jnp.sqrt(jnp.maximum(lam[rows] * lam[cols], 0.0))[:, None]
@@ -97,13 +101,14 @@ class PreconditionedCentralFlow(OptimizerModel):
             beta_p = (ws_lam * weight) @ ws_lam.T
         beta = dt * (0.5 * lr * (gs / p) @ gs.T + beta_p)
         X = solve_sdcp(alpha, beta, max_iters=self.options.sdcp_max_iters).X
-        w_dot = -lr * (grad + 0.5 * gs.T @ svec(X)) / p
+        w_dot = -lr * (direction + 0.5 * gs.T @ svec(X)) / p
         feed = p**2 * (ws.T @ svec(lam[:, None] * X * lam[None, :]))  # diag(H Sigma H) with H v ~ P v (v^T H v)
         nu_dot = nu_dot0 + rate * (jnp.sum(feed) if scalar else feed)
         n = critical.count
         aux = {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "X": X, "rayleigh": rayleigh, "v": v, "critical": n,
                "cost": {"grads": 1, "hvps": n, "third_derivatives": n * (n + 1) // 2}}
-        return Phase(w_dot, jnp.zeros_like(z.direction), nu_dot, mass_dot), aux
+        d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
+        return Phase(w_dot, d_dot, nu_dot, mass_dot), aux
 
     def observe(self, z: Phase, aux: dict) -> dict:
         X, v = aux["X"], aux["v"]
