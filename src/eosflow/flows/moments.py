@@ -40,7 +40,6 @@ from jaxtyping import Array
 
 from eosflow.config import SpecError, option
 from eosflow.flows.gradient import SubstepOptions, substep_count
-from eosflow.flows.rod import euler_update
 from eosflow.objective import Objective
 from eosflow.optim.adaptive import OPTIMIZERS, UpdateRule, preconditioned_spectrum_row
 from eosflow.preconditioning import diagonal_preconditioner
@@ -229,11 +228,15 @@ def integrate_substeps(field, z: Any, n: Array) -> tuple[Any, dict]:
     (The swap point for the shared integrator of issue 16.)
     """
     h = 1.0 / n
+
+    def euler(z, velocity):
+        return jax.tree_util.tree_map(lambda x, v: x + h * v, z, velocity)
+
     velocity, first = field(z)
-    z = euler_update(z, velocity, h)
+    z = euler(z, velocity)
 
     def substep(_, z):
-        return euler_update(z, field(z)[0], h)
+        return euler(z, field(z)[0])
 
     return jax.lax.fori_loop(1, n, substep, z), first
 

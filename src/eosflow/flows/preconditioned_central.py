@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.central import CentralFlow, _apply_to_columns
+from eosflow.flows.central import CentralFlow
 from eosflow.flows.moments import (
     MomentFlowOptions,
     OptimizerModel,
@@ -77,7 +77,8 @@ class PreconditionedCentralFlow(OptimizerModel):
         mass_dot = mo.mass_velocity(z, critical.dt)
         v = critical.directions / jnp.sqrt(p)[:, None]  # V^T P V = I on the critical columns
         m_max = v.shape[1]
-        hv = _apply_to_columns(lambda u: linear(u)[1], v, critical.count)
+        hv = jax.lax.fori_loop(0, critical.count, lambda i, out: out.at[:, i].set(linear(v[:, i])[1]),
+                               jnp.zeros_like(v))  # H v for the m critical columns (one compiled HVP)
         rayleigh = 0.5 * (v.T @ hv + hv.T @ v)  # V^T H V
         slack = 2.0 / lr * jnp.eye(m_max, dtype=z.w.dtype) - rayleigh
         gs = CentralFlow.pair_gradients(self, z.w, v, critical.count)  # (pairs, d) s_p G_p
