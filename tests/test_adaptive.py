@@ -61,7 +61,7 @@ CASES = {  # name, options, lr, optax transformation (None: the numpy reference)
     "nesterov": ("nesterov", {"beta": 0.7}, 0.1, lambda lr: optax.sgd(lr, momentum=0.7, nesterov=True)),
     "rmsprop eps outside": ("rmsprop", {"beta2": 0.95, "eps": 1e-3}, 0.01,
                             lambda lr: optax.rmsprop(lr, decay=0.95, eps=1e-3, eps_in_sqrt=False)),
-    "rmsprop eps inside": ("rmsprop", {"beta2": 0.9, "eps_root": 1e-4}, 0.01,
+    "rmsprop eps inside": ("rmsprop", {"beta2": 0.9, "eps": 0.0, "eps_root": 1e-4}, 0.01,
                            lambda lr: optax.rmsprop(lr, decay=0.9, eps=1e-4, eps_in_sqrt=True)),
     "rmsprop bias-corrected": ("rmsprop", {"beta2": 0.9, "eps": 1e-6, "bias_correction": True}, 0.01,
                                lambda lr: optax.rmsprop(lr, decay=0.9, eps=1e-6, eps_in_sqrt=False,
