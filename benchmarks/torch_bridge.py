@@ -157,7 +157,7 @@ def main() -> None:
                 eig = tracker.update((inputs, targets))
                 ours_ms = 1e3 * (time.perf_counter() - started)
                 started = time.perf_counter()
-                pairs = twin(jnp.asarray(objective.flat_parameters().numpy()), twin_vectors)
+                pairs = jax.block_until_ready(twin(jnp.asarray(objective.flat_parameters().numpy()), twin_vectors))
                 twin_ms = 1e3 * (time.perf_counter() - started)
                 twin_vectors = pairs.vectors
             if step % args.every == 0 and step > 0:
