@@ -71,7 +71,7 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     is tests/test_leaderboard.py) and `sweep` (tests/test_sweep.py) are checked to parse only."""
     commands = _readme_commands()
     assert [c[0] for c in commands] == ["run", "resume", "report", "problems", "processes", "compare", "leaderboard",
-                                        "sweep"]
+                                        "leaderboard", "leaderboard", "sweep"]
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
     for command in commands:

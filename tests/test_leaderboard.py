@@ -14,7 +14,7 @@ from eosflow.process import PROCESSES
 
 def test_suite_runs_every_gd_model_and_every_spec_is_valid():
     models = lb.gd_models()
-    expected = {n for n, e in PROCESSES.items() if not e.discrete} - {"langevin", "gradient_flow"}
+    expected = {n for n, e in PROCESSES.items() if not e.discrete and e.optimizer is None} - {"langevin", "gradient_flow"}
     assert set(models) == expected and "gd" not in models
     tables = lb.suite_tables()
     assert {"quartic", "sharp_valley", "matrix_factorization", "mlp_digits", "cnn_digits",
@@ -26,6 +26,20 @@ def test_suite_runs_every_gd_model_and_every_spec_is_valid():
         assert table["processes"][:2] == ["gd", "gradient_flow"] and table["processes"][2:] == expected
     assert "particle_model" in tables["two_layer_meanfield"]["processes"]
     for table in quick.values():  # building the problems and processes validates every value
+        prepare(table)
+
+
+def test_adaptive_suite_runs_every_model_of_rmsprop_and_adam():
+    tables = lb.suite_tables(suite=lb.ADAPTIVE_SUITE)
+    assert {"mlp_digits-rmsprop", "mlp_digits-adam"} <= set(tables)
+    assert len({t["problem"]["name"] for t in tables.values() if t["processes"][0] == "adam"}) >= 2
+    for table in tables.values():
+        optimizer = table["processes"][0]
+        models = {n for n, e in PROCESSES.items() if e.optimizer == optimizer}
+        assert table["processes"][1] == f"{optimizer}_stable_flow" and set(table["processes"][1:]) == models
+    assert "rmsprop_central_flow" in tables["mlp_digits-rmsprop"]["processes"]
+    assert "adam_rod_flow" in tables["mlp_digits-adam"]["processes"]
+    for table in tables.values():
         prepare(table)
 
 

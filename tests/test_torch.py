@@ -197,3 +197,18 @@ def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
             np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=f"{process} {field}")
     gd_edge = 1.5 * reference.sharpness.sel(process="gd").values
     assert np.mean(gd_edge[100:] > 1.9) > 0.5  # the run reaches the edge of stability
+
+
+def test_the_docs_example_runs_as_written():
+    """docs/torch.md's example, with fewer steps: the tracker in a torch loop, then simulate."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "torch.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace("model, steps = SmallCNN(), 200", "model, steps = SmallCNN(), 12").replace("steps=50,", "steps=3,")
+    namespace: dict = {}
+    exec(compile(code, "docs/torch.md", "exec"), namespace)
+    ds = namespace["ds"]
+    assert list(ds.process.values) == ["gd", "gradient_flow", "central_flow"] and ds.sizes["step"] == 3
+    assert np.isfinite(ds.loss.values).all() and namespace["eig"].hvps > 0

@@ -6,7 +6,7 @@
     eosflow report RUN_DIR
     eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
     eosflow compare SPEC.toml [--set key=value ...] [--out DIR] [--overwrite]
-    eosflow leaderboard [--suite default|architectures] [--quick] [--out DIR]
+    eosflow leaderboard [--suite default|architectures|adaptive|all] [--quick] [--jobs N] [--out DIR]
     eosflow problems
     eosflow processes
 
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p_board = sub.add_parser("leaderboard", help="rank every model of GD on the built-in problem suite")
     p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (~2 minutes)")
     p_board.add_argument("--suite", default="default",
-                         help="default (toys, MLP, CNN, mean field) or architectures (ResNet, transformer, LSTM, MLP)")
+                         help="default (toys, MLP, CNN, mean field), architectures (ResNet, transformer, LSTM, MLP), "
+                              "adaptive (RMSProp and Adam with their models) or all")
+    p_board.add_argument("--jobs", type=int, default=1, help="problems run at once in worker processes")
     p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-SUITE][-quick])")
     p_board.add_argument("--quiet", action="store_true")
 
@@ -215,7 +217,8 @@ def _dispatch(args) -> int:
 
         name = "leaderboard" + (f"-{args.suite}" if args.suite != "default" else "") + ("-quick" if args.quick else "")
         out = args.out or Path("runs") / name
-        print(f"leaderboard: {leaderboard(out, quick=args.quick, progress=not args.quiet, suite=args.suite)}")
+        page = leaderboard(out, quick=args.quick, progress=not args.quiet, suite=args.suite, jobs=args.jobs)
+        print(f"leaderboard: {page}")
         return 0
     if args.command == "demo":
         return _run_table(demo_table(), args.out, False, True, args.quiet)

@@ -3,7 +3,8 @@
 Everything is computed from the run directory (``eosflow.load``), on the shared time grid:
 
     distance            d_m(t) = ||w_GD(t) - w_m(t)||                  (recorded by the experiment)
-    relative distance   <d_m> / <d_GF>: time averages, gradient flow as the yardstick
+    relative distance   <d_m> / <d_GF>: time averages, gradient flow as the yardstick (for another
+                        optimizer ``opt``, its stable flow ``opt_stable_flow``)
     smoothed loss       Lbar(t) = sum_s K(t - s) L_GD(s) / sum_s K(t - s),  K Gaussian of std ``width``
     loss error          sum_t |Lhat_m(t) - Lbar(t)| / sum_t |Lbar(t)|   (Lhat: the model's predicted loss)
     envelope            e(t) = sqrt(smoothed oscillation^2): running RMS of GD's oscillation read off
@@ -199,12 +200,18 @@ def predicted_loss(ds: xr.Dataset, process: str) -> np.ndarray:
     return predicted if predicted is not None else ds["loss"].sel(process=process).values.astype(np.float64)
 
 
+def baseline_of(reference: str) -> str:
+    """The yardstick of the relative distance: gradient flow for GD, ``<opt>_stable_flow`` for an optimizer opt."""
+    return BASELINE if reference == "gd" else f"{reference}_stable_flow"
+
+
 def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> pd.DataFrame:
     """One row per process (the reference first) with the metrics of the module docstring."""
     processes = [str(p) for p in ds["process"].values]
     reference = processes[0]
     reference_loss = ds["loss"].sel(process=reference).values
-    baseline = _series(ds, "distance", BASELINE) if BASELINE in processes else None
+    yardstick = baseline_of(reference)
+    baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
     oscillation = _series(ds, "oscillation", reference)
     dropped = summary.get("dropped_processes", {})
     timing = summary.get("timing", {})
@@ -323,22 +330,26 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
             (True,))
     figures.append(("Loss", "compare_loss.png"))
 
-    if _series(ds, "sharpness", reference) is not None:
+    # GD: the sharpness against 2/lr; another optimizer: its edge ratio (preconditioned sharpness / threshold)
+    variable, level, level_label = ("sharpness", 2.0 / lr, "2 / lr") if reference == "gd" else ("edge_ratio", 1.0, "edge")
+    if _series(ds, variable, reference) is not None:
 
         def draw_sharpness(ax):
             for i, p in enumerate(processes):
-                s = _series(ds, "sharpness", p)
+                s = _series(ds, variable, p)
                 if s is not None:
                     ok = np.isfinite(s)
                     ax.plot(steps[ok], s[ok], **line_style(i), label=p)
-            threshold_line(ax, 2.0 / lr, "2 / lr")
-            ax.set_ylabel("sharpness")
+            threshold_line(ax, level, level_label)
+            ax.set_ylabel(variable.replace("_", " "))
 
-        _figure(out / "compare_sharpness.png", 1, draw_sharpness, "sharpness and the stability threshold 2/lr")
+        _figure(out / "compare_sharpness.png", 1, draw_sharpness, f"{variable.replace('_', ' ')} and the stability "
+                "threshold")
         figures.append(("Sharpness", "compare_sharpness.png"))
 
     if models:
-        baseline = _series(ds, "distance", BASELINE) if BASELINE in processes else None
+        yardstick = baseline_of(reference)
+        baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
 
         def draw_distance(ax_abs, ax_rel):
             for i, p in enumerate(models, start=1):
@@ -348,7 +359,7 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
                     with np.errstate(invalid="ignore", divide="ignore"):
                         ax_rel.plot(steps, d / baseline, **line_style(i), label=p)
             ax_abs.set_ylabel(f"||w_{reference} - w||")
-            ax_rel.set_ylabel(f"distance / {BASELINE}'s")
+            ax_rel.set_ylabel(f"distance / {yardstick}'s")
 
         _figure(out / "compare_distance.png", 2, draw_distance, f"distance to {reference}", (True, True))
         figures.append(("Distance to the reference", "compare_distance.png"))
@@ -386,7 +397,7 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
              f"{width:g} steps. Definitions: `docs/compare.md`.", ""]
     lines += markdown_table(table)
     lines += ["", "Columns: mean_distance = time-averaged ||w_ref - w||; relative_distance = the same "
-              f"divided by {BASELINE}'s; loss_error and envelope_error = relative L1 errors against "
+              f"divided by {baseline_of(reference)}'s; loss_error and envelope_error = relative L1 errors against "
               "the reference's smoothed loss and running-RMS envelope; the *_averaged columns compare "
               f"both sides averaged over a centred box of {AVERAGING_WINDOW} steps; gradient_equivalents and "
               "ms_per_step per unit time (an HVP counts as 2 gradients).", "", "## Figures", ""]

@@ -1,6 +1,6 @@
 """The flow leaderboard: every model of GD on a built-in suite of problems, in one table.
 
-    eosflow leaderboard [--quick] [--out DIR]
+    eosflow leaderboard [--quick] [--suite gd|adaptive|all] [--out DIR]
 
     out/
       runs/<problem>/            one ordinary run directory per problem: gd, gradient_flow and every
@@ -11,8 +11,10 @@
       leaderboard.md             the same as a Markdown table, with the machine and the command
 
 The models are every registered continuous-time process (``PROCESSES`` entries that are not
-discrete) except the models of other optimizers (``NOT_GD_MODELS``); a model registered for
-some problems only (the mean-field particle model) runs on those.
+discrete) except the models of other optimizers (``NOT_GD_MODELS``, and every model registered for
+another optimizer); a model registered for some problems only (the mean-field particle model)
+runs on those. The ``adaptive`` suite (``ADAPTIVE_SUITE``) does the same for RMSProp and Adam: the
+optimizer is the reference, its stable flow the yardstick, and every model of it runs beside them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import jax
@@ -46,13 +49,16 @@ class Entry:
     name: str
     table: dict
     quick_steps: int | None = None
+    optimizer: str = "gd"  # the reference; its hyperparameters are in table[optimizer]
 
 
 def _entry(name: str, steps: int, lr: float, problem: dict, dtype: str = "float64", k_max: int = 2,
-           quick_steps: int | None = None) -> Entry:
+           quick_steps: int | None = None, optimizer: str = "gd", hyperparameters: dict | None = None) -> Entry:
     table = {"name": name, "seed": 0, "steps": steps, "lr": lr, "dtype": dtype, "problem": problem,
              "spectrum": {"k": 1, "k_max": k_max}, "record": {"chunk": 100}}
-    return Entry(name, table, quick_steps)
+    if hyperparameters is not None:
+        table[optimizer] = hyperparameters
+    return Entry(name, table, quick_steps, optimizer)
 
 
 SUITE: tuple[Entry, ...] = (
@@ -81,6 +87,22 @@ SUITE: tuple[Entry, ...] = (
                                                "dataset": "gaussian", "input_dim": 8}, dtype="float32", k_max=3),
 )
 
+DIGITS = {"name": "mlp", "dataset": "digits", "n_train": 300, "n_test": 0, "width": 32, "depth": 2}
+FACTORIZATION = {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5}
+ADAPTIVE_SUITE: tuple[Entry, ...] = (
+    # tanh MLP on 300 digits: RMSProp's preconditioned sharpness rises to 2/lr by step ~80 and hovers there
+    _entry("mlp_digits-rmsprop", 300, 0.004, DIGITS, dtype="float32", k_max=3, optimizer="rmsprop",
+           hyperparameters={"beta2": 0.99, "eps": 0.003, "bias_correction": True}),
+    # the same network under Adam: preconditioned sharpness at 38/lr from step ~120 (benchmarks/adaptive_thresholds.py)
+    _entry("mlp_digits-adam", 400, 0.01, DIGITS, dtype="float32", k_max=3, optimizer="adam",
+           hyperparameters={"beta1": 0.9, "beta2": 0.99, "eps": 1e-4}),
+    # deep matrix factorization (the GD suite's): RMSProp reaches 2/lr at step ~400 and hovers within 8%
+    _entry("matrix_factorization-rmsprop", 800, 0.01, FACTORIZATION, k_max=3, optimizer="rmsprop",
+           hyperparameters={"beta2": 0.99, "eps": 1e-3, "bias_correction": True}),
+    _entry("matrix_factorization-adam", 800, 0.03, FACTORIZATION, k_max=3, optimizer="adam",
+           hyperparameters={"beta1": 0.9, "beta2": 0.99, "eps": 1e-4}),
+)
+
 
 # ---- the architectures suite (`--suite architectures`, docs/leaderboard.md "Architectures") -------
 ARCHITECTURES: tuple[Entry, ...] = (
@@ -99,11 +121,12 @@ ARCHITECTURES: tuple[Entry, ...] = (
     _entry("mlp_moons", 600, 0.4, {"name": "mlp", "dataset": "moons", "classes": 2, "n_train": 128, "n_test": 0,
                                     "width": 32, "depth": 2}, dtype="float32", k_max=3),
 )
-SUITES: dict[str, tuple[Entry, ...]] = {"default": SUITE, "architectures": ARCHITECTURES}
+SUITES: dict[str, tuple[Entry, ...]] = {"default": SUITE, "architectures": ARCHITECTURES, "adaptive": ADAPTIVE_SUITE,
+                                        "all": SUITE + ADAPTIVE_SUITE + ARCHITECTURES}
 
 
 def suite_entries(name: str) -> tuple[Entry, ...]:
-    """The entries of the suite ``name`` (``default`` or ``architectures``), or a SpecError listing them."""
+    """The entries of the suite ``name`` (default, architectures, adaptive or all), or a SpecError listing them."""
     from eosflow.config import SpecError
 
     if name not in SUITES:
@@ -112,9 +135,27 @@ def suite_entries(name: str) -> tuple[Entry, ...]:
 
 
 def gd_models() -> list[str]:
-    """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS``."""
+    """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS`` and other optimizers'."""
+    from eosflow.process import PROCESSES
+
+    return [name for name, entry in PROCESSES.items() if not entry.discrete and entry.optimizer is None
+            and name not in NOT_GD_MODELS and name != BASELINE]
+
+
+def baseline_of(optimizer: str) -> str:
+    from eosflow.compare import baseline_of as yardstick
+
+    return yardstick(optimizer)
+
+
+def models_of(optimizer: str) -> list[str]:
+    """Every registered model of ``optimizer`` but its baseline (GD: :func:`gd_models`)."""
+    from eosflow.process import PROCESSES
+
+    if optimizer == REFERENCE:
+        return gd_models()
     return [name for name, entry in PROCESSES.items()
-            if not entry.discrete and name not in NOT_GD_MODELS and name != BASELINE]
+            if entry.optimizer == optimizer and name != baseline_of(optimizer)]
 
 
 def applicable(models: list[str], problem: str) -> list[str]:
@@ -124,14 +165,16 @@ def applicable(models: list[str], problem: str) -> list[str]:
 
 def suite_tables(quick: bool = False, models: list[str] | None = None,
                  suite: tuple[Entry, ...] = SUITE) -> dict[str, dict]:
-    """The spec table of every problem of the (quick) suite, with gd, gradient_flow and the models."""
-    models = gd_models() if models is None else models
+    """The spec table of every problem of the (quick) suite: the optimizer (gd), its baseline
+    (gradient_flow) and the models (by default every model of the entry's optimizer)."""
     tables = {}
     for entry in suite:
         if quick and entry.quick_steps is None:
             continue
         table = copy.deepcopy(entry.table)
-        table["processes"] = [REFERENCE, BASELINE, *applicable(models, table["problem"]["name"])]
+        chosen = models_of(entry.optimizer) if models is None else models
+        table["processes"] = [entry.optimizer, baseline_of(entry.optimizer),
+                              *applicable(chosen, table["problem"]["name"])]
         if quick and entry.quick_steps is not None:  # (quick entries without quick_steps were skipped)
             table["steps"] = entry.quick_steps
             table["record"]["chunk"] = max(1, entry.quick_steps // 4)
@@ -144,7 +187,7 @@ def _runner(progress: bool):
     if not progress:
         return lambda label, table, out: run(table, out, overwrite=True)
     def run_one(label, table, out):
-        bar, update = training_bar(table["steps"], REFERENCE, table["lr"], label=label)
+        bar, update = training_bar(table["steps"], table["processes"][0], table["lr"], label=label)
         with bar:
             return run(table, out, overwrite=True, progress=update)
 
@@ -183,8 +226,9 @@ def own_cost(process: str, total: float, measurement: float) -> float:
 def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
     """Each model alone with the reference and the baseline; a model that raises gets an error row."""
     frames, base_done = [], False
+    reference, baseline = table["processes"][:2]
     for model in table["processes"][2:]:
-        alone = {**table, "processes": [REFERENCE, BASELINE, model]}
+        alone = {**table, "processes": [reference, baseline, model]}
         run_dir = out / "runs" / f"{problem}-{model}"
         try:
             run_one(f"{problem} ({model})", alone, run_dir)
@@ -196,7 +240,7 @@ def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
         frames.append(rows if not base_done else rows[rows["process"] == model])
         base_done = True
     if not frames:
-        frames.append(pd.DataFrame([{"problem": problem, "process": REFERENCE,
+        frames.append(pd.DataFrame([{"problem": problem, "process": reference,
                                      "status": f"error: {type(shared_error).__name__}: {shared_error}"[:200]}]))
     return pd.concat(frames, ignore_index=True)
 
@@ -240,12 +284,20 @@ def machine() -> str:
             f"jax {jax.__version__} ({jax.devices()[0].platform}), load average at the end {load:.1f}")
 
 
-def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: str = "default") -> Path:
-    """Run the suite (``--quick``: its quick entries, shortened) into ``out``; returns ``out/leaderboard.md``."""
+def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: str = "default", jobs: int = 1) -> Path:
+    """Run the suite (``--quick``: its quick entries, shortened) into ``out``; returns ``out/leaderboard.md``.
+
+    ``jobs`` > 1 runs that many problems at once in worker processes (without progress bars)."""
     out = Path(out)
     started = time.perf_counter()
     tables = suite_tables(quick, suite=suite_entries(suite))
-    rows = run_suite(tables, out, progress)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            parts = list(pool.map(run_suite, [{k: t} for k, t in tables.items()], [out] * len(tables),
+                                  [False] * len(tables)))
+        rows = pd.concat(parts, ignore_index=True)
+    else:
+        rows = run_suite(tables, out, progress)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "leaderboard.csv", index=False)
     return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite)
@@ -259,8 +311,9 @@ def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite
     title = "Flow leaderboard" + (f": {suite}" if suite != "default" else "") + (" (quick)" if quick else "")
     lines = [f"# {title}", "",
              f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.", "",
-             "rel. distance = <||w_GD - w||> / gradient flow's; loss error and envelope error = relative "
-             "L1 errors against GD's smoothed loss and oscillation envelope; (avg): the same with both sides "
+             "rel. distance = <||w_GD - w||> / gradient flow's (for another optimizer: <||w_opt - w||> / its "
+             "stable flow's); loss error and envelope error = relative L1 errors against the optimizer's smoothed "
+             "loss and oscillation envelope; (avg): the same with both sides "
              f"averaged over a centred box of {AVERAGING_WINDOW} steps; own cost per unit time "
              "(an HVP = 2 gradients): what the process needs to advance, without the eigensolver for "
              f"{', '.join(MEASURE_ONLY)} (whose steps never read the eigenpairs); the eigensolver's part is "

@@ -57,6 +57,7 @@ class ProcessEntry:
     summary: str
     discrete: bool  # an optimizer (a real run) rather than a model of one
     problems: tuple[str, ...] | None = None  # the problems it models (None: any)
+    optimizer: str | None = None  # the optimizer it models, whose table holds the shared hyperparameters (None: GD)
 
     def models(self, problem: str) -> bool:
         return self.problems is None or problem in self.problems
@@ -73,12 +74,14 @@ PROCESSES: dict[str, ProcessEntry] = {}
 
 
 def register_process(name: str, options: type, summary: str, discrete: bool = False,
-                     problems: tuple[str, ...] | None = None):
+                     problems: tuple[str, ...] | None = None, optimizer: str | None = None):
     """Decorator: ``build(problem, spec, options) -> Process`` becomes available as ``name``
-    (for every problem, or only for those named in ``problems``)."""
+    (for every problem, or only for those named in ``problems``). A model of an optimizer other
+    than GD names it in ``optimizer``: the spec's table of that optimizer (``[adam]``) holds the
+    hyperparameters it shares with the optimizer, read by ``build`` from ``spec.options[optimizer]``."""
 
     def decorate(build):
-        PROCESSES[name] = ProcessEntry(name, options, build, summary, discrete, problems)
+        PROCESSES[name] = ProcessEntry(name, options, build, summary, discrete, problems, optimizer)
         return build
 
     return decorate
@@ -157,8 +160,12 @@ class ScannedProcess(eqx.Module, Generic[Tracked]):
             return state
         k = state.vectors.shape[1]
         key = jax.random.fold_in(self.key, int(state.step))
-        grown = grow_tracked(state.vectors, latest[:k], self.spectrum.threshold / self.lr, self.spectrum.k_max, key)
+        grown = grow_tracked(state.vectors, latest[:k], self.growth_threshold(), self.spectrum.k_max, key)
         return state._replace(vectors=grown)
+
+    def growth_threshold(self) -> float:
+        """One more eigenpair is tracked once every tracked eigenvalue exceeds this (``spectrum.threshold / lr``)."""
+        return self.spectrum.threshold / self.lr
 
     def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
         """Why this process may have diverged, read from its rows up to the divergent one ('' if unknown)."""

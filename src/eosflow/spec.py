@@ -14,6 +14,10 @@
 
     [central_flow]                # options of one process, by its name
     substeps = 4
+
+A model of another optimizer (``adam_rod_flow``) shares that optimizer's hyperparameters the way
+every model shares ``lr``: they live in the optimizer's table (``[adam] beta1 = 0.9``), which is
+read by the optimizer and by each of its models, whether or not the optimizer itself is listed.
 """
 
 from __future__ import annotations
@@ -86,16 +90,17 @@ def parse_spec(table: dict) -> Spec:
     table = copy.deepcopy(table)
     base_fields = {f.name for f in dataclasses.fields(Spec)} - {"options"}
     processes = table.get("processes", ["gd"])
+    modelled = set()  # the optimizers whose hyperparameters a listed model reads
     if isinstance(processes, (list, tuple)):
         for name in processes:
-            if isinstance(name, str):
-                process_entry(name)
+            if isinstance(name, str) and (optimizer := process_entry(name).optimizer) is not None:
+                modelled.add(optimizer)
     option_tables = {}
     for key in list(table):
         if key in base_fields:
             continue
         if key in PROCESSES:
-            if key not in processes:
+            if key not in processes and key not in modelled:
                 raise SpecError(f"table `[{key}]` configures a process that `processes` does not list")
             option_tables[key] = table.pop(key)
         else:
@@ -106,7 +111,8 @@ def parse_spec(table: dict) -> Spec:
     spec = parse(Spec, table)
     for name in spec.processes:
         process_entry(name).check_problem(str(problem.get("name", "")))
-    options = {name: parse_options(name, option_tables.get(name)) for name in spec.processes}
+    names = list(spec.processes) + sorted(modelled - set(spec.processes))
+    options = {name: parse_options(name, option_tables.get(name)) for name in names}
     return dataclasses.replace(spec, problem=problem, options=options)
 
 

@@ -27,6 +27,7 @@ import scipy.sparse.linalg
 from jaxtyping import Array, Float
 
 from eosflow.objective import Objective
+from eosflow.preconditioning import preconditioned_matvec
 
 BlockMatvec = Callable[[Float[Array, "d k"]], Float[Array, "d k"]]
 
@@ -137,11 +138,15 @@ def _pad_columns(a: Array, width: int) -> Array:
 
 
 def hessian_eigenpairs(
-    objective: Objective, w: Array, initial: Array, tol: float = 1e-4, max_iters: int = 50, guard: int = 1
+    objective: Objective, w: Array, initial: Array, tol: float = 1e-4, max_iters: int = 50, guard: int = 1,
+    preconditioner: Array | None = None,
 ) -> Eigenpairs:
-    """Top eigenpairs of H(w) by LOBPCG, warm-started from ``initial`` (d x k)."""
+    """Top eigenpairs of H(w) by LOBPCG, warm-started from ``initial`` (d x k); with a positive
+    diagonal ``preconditioner`` P (d,), those of P^{-1/2} H(w) P^{-1/2} (the eigenvalues of P^{-1} H)."""
     _, hvp_linear = jax.linearize(objective.grad, w)
     matvec = jax.vmap(hvp_linear, in_axes=1, out_axes=1)
+    if preconditioner is not None:
+        matvec = preconditioned_matvec(matvec, preconditioner)
     return lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard)
 
 
@@ -256,9 +261,11 @@ def _relative_residuals(objective: Objective, w: Array, values, vectors) -> np.n
 
 
 def measure_tracked(
-    objective: Objective, w: Array, vectors: Array, step: Array, every: int, tol: float, max_iters: int
+    objective: Objective, w: Array, vectors: Array, step: Array, every: int, tol: float, max_iters: int,
+    preconditioner: Array | None = None,
 ) -> Eigenpairs:
-    """Warm-started top eigenpairs at steps that are multiples of ``every`` (NaN values otherwise).
+    """Warm-started top eigenpairs at steps that are multiples of ``every`` (NaN values otherwise),
+    of H(w) or, given a diagonal ``preconditioner`` P, of P^{-1/2} H(w) P^{-1/2}.
 
     Meant to run inside a jitted scan: ``lax.cond`` skips the solver on the other steps, and the
     vectors carried over are the previous measurement's, ready to warm-start the next one.
@@ -266,7 +273,7 @@ def measure_tracked(
     k = vectors.shape[1]
 
     def measure(_):
-        pairs = hessian_eigenpairs(objective, w, vectors, tol=tol, max_iters=max_iters)
+        pairs = hessian_eigenpairs(objective, w, vectors, tol=tol, max_iters=max_iters, preconditioner=preconditioner)
         return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
 
     def skip(_):

@@ -15,3 +15,6 @@ from eosflow.flows import free_energy  # noqa: F401  (registers "free_energy")
 
 # isort: split
 from eosflow.flows import particle  # noqa: F401  (registers "particle_model")
+
+# isort: split
+from eosflow.flows import phase_rod, preconditioned_central, stable  # noqa: F401  (models of adaptive optimizers)

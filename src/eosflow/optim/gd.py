@@ -1,7 +1,9 @@
 """Gradient descent, w_{k+1} = w_k - eta g(w_k), with the top Hessian eigenpairs tracked.
 
-Each step also records GD's oscillation read off GD alone: for w_k = c_k + (-1)^k delta_k with a
-linearly drifting centre, |w_{k+1} - 2 w_k + w_{k-1}| / 4 = (eta / 4) |g_k - g_{k-1}| = |delta_k|.
+Each step also records ``edge_ratio`` = eta S / 2 (1 at the edge of stability, as for every
+optimizer in :mod:`eosflow.optim.adaptive`; P = I, so ``preconditioned_sharpness`` is S) and GD's
+oscillation read off GD alone: for w_k = c_k + (-1)^k delta_k with a linearly drifting centre,
+|w_{k+1} - 2 w_k + w_{k-1}| / 4 = (eta / 4) |g_k - g_{k-1}| = |delta_k|.
 When it bounces (<g_k, g_{k-1}> < 0) the eigensolver is warm-started from the vectors of step
 k - 2, on the same side of the orbit (:func:`eosflow.spectrum.bouncing_warm_start`); the
 measurement never feeds back into the iterates.
@@ -48,7 +50,8 @@ class GradientDescent(ScannedProcess):
         vectors, row = spectrum_row(self.objective, state.w, start, state.step, self.lr, self.spectrum)
         oscillation = 0.25 * self.lr * jnp.linalg.norm(grad - state.grad)
         row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=state.w, grads=jnp.asarray(1, jnp.int32),
-                   oscillation=jnp.where(state.step > 0, oscillation, jnp.nan))
+                   oscillation=jnp.where(state.step > 0, oscillation, jnp.nan),
+                   preconditioned_sharpness=row["sharpness"], edge_ratio=0.5 * row["lr_sharpness"])
         new_w = state.w - self.lr * grad
         return GDState(new_w, vectors, state.vectors, grad, state.step + 1), row
 

@@ -1,0 +1,141 @@
+"""eosflow's RMSProp central flow beside the official PyTorch implementation (Cohen, Damian et al.).
+
+    PYTHONPATH=src python benchmarks/rmsprop_central_flow_reference.py /path/to/centralflows [--steps 200]
+
+The reference repository is NOT part of eosflow: fetch it yourself (github.com/centralflows/centralflows)
+and pass the directory holding its ``src/``. Both sides integrate the same loss (a float64 tanh network
+on fixed synthetic data, written once in PyTorch and once in JAX), from the same w0, with the same
+hyperparameters (lr, beta2, eps, no bias correction), 4 Euler substeps per step, the same critical
+threshold (1.95 in the reference's units lr * lambda(P^-1 H), margin 0.025 here) and the reference's
+nu convention (``moments = "reference"``: dnu/dt = ((1 - b2)/b2) (s - nu), nu(0) = nu_1). Printed: the
+relative distance ||w_ours - w_ref|| / ||w_ref - w0|| and the relative difference of nu every 20 steps,
+the RMSProp iterates' edge ratio (to show the flow is at the edge), and the largest over all steps.
+
+To run the reference on a CPU without CVXOPT, its SDCP (cvxpy) is solved by Clarabel with tight tolerances
+and ``Tensor.cuda`` is made the identity (casting X back to float64): nothing else of it is changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+IN, HIDDEN, OUT, N = 5, 8, 2, 64
+
+
+def data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, IN))
+    y = np.tanh(x @ rng.standard_normal((IN, OUT)))
+    w0 = np.concatenate([rng.standard_normal(IN * HIDDEN) / np.sqrt(IN), rng.standard_normal(HIDDEN * OUT) / np.sqrt(HIDDEN)])
+    return x, y, w0
+
+
+def loss_fn(lib, x, y):
+    """L(w) = mean_i 1/2 |W2 tanh(W1 x_i) - y_i|^2 for a flat w = (W1, W2), in numpy-like ``lib``."""
+
+    def loss(w):
+        w1 = w[: IN * HIDDEN].reshape(IN, HIDDEN)
+        w2 = w[IN * HIDDEN:].reshape(HIDDEN, OUT)
+        residual = lib.tanh(x @ w1) @ w2 - y
+        return 0.5 * (residual**2).sum(-1).mean()
+
+    return loss
+
+
+def ours(x, y, w0, lr, beta2, eps, steps):
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    from eosflow.flows.moments import ContinuousMoments
+    from eosflow.flows.preconditioned_central import (
+        PreconditionedCentralFlow,
+        PreconditionedCentralOptions,
+    )
+    from eosflow.objective import Objective
+    from eosflow.optim.adaptive import AdaptiveOptimizer, RMSPropOptions
+    from eosflow.spec import SpectrumSpec
+
+    objective = Objective.from_function(loss_fn(jnp, jnp.asarray(x), jnp.asarray(y)))
+    rule = RMSPropOptions(beta2=beta2, eps=eps).rule()
+    spectrum = SpectrumSpec(every=1, k=1, k_max=4, tol=1e-10, max_iters=100)
+    options = PreconditionedCentralOptions(substeps=4, max_substeps=4, margin=0.025, moments="reference")
+    flow = PreconditionedCentralFlow(name="rmsprop_central_flow", lr=lr, spectrum=spectrum, key=jax.random.PRNGKey(0),
+                                     objective=objective, moments=ContinuousMoments(rule, lr, "reference"),
+                                     options=options)
+    w0 = jnp.asarray(w0)
+    state, rows = flow.advance(flow.init(w0), steps)
+    optimizer = AdaptiveOptimizer(name="rmsprop", lr=lr, spectrum=spectrum, key=jax.random.PRNGKey(0),
+                                  objective=objective, rule=rule)
+    _, discrete = optimizer.advance(optimizer.init(w0), steps)
+    positions = np.concatenate([np.asarray(rows["position"]), np.asarray(state.z.w)[None]])
+    nus = None  # nu along the way is not a row; the final one is compared
+    return positions, np.asarray(state.z.nu), np.asarray(discrete["edge_ratio"]), np.asarray(rows["critical"]), nus
+
+
+def reference(repo: str, x, y, w0, lr, beta2, eps, steps):
+    import cvxpy
+    import torch
+
+    sys.path.insert(0, repo)
+    if "datasets" not in sys.modules:  # its src/datasets.py imports Hugging Face's, unused here
+        import types
+
+        sys.modules["datasets"] = types.SimpleNamespace(load_dataset=None)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(torch.float64)  # CPU, and X back to float64
+    from src.loss_function import LossFunction
+    from src.processes import CentralFlow, CentralFlowConfig, EigConfig
+    from src.update_rules import RMSProp
+
+    from src import sdcp as reference_sdcp
+
+    solve = cvxpy.Problem.solve
+
+    def clarabel(problem, *args, **kwargs):  # CVXOPT is not installed: the same convex problem, by Clarabel
+        return solve(problem, solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+
+    reference_sdcp.cp.Problem.solve = clarabel
+    torch.set_default_dtype(torch.float64)
+    loss = loss_fn(torch, torch.as_tensor(x), torch.as_tensor(y))
+    opt = RMSProp(lr=lr, beta2=beta2, eps=eps, bias_correction=False)
+    w = torch.as_tensor(w0)
+    process = CentralFlow(opt=opt, loss_fn=LossFunction(loss), w=w, state=opt.initialize_state(w),
+                          eig_config=EigConfig(frequency=1, track_threshold=1.5, initial_neigs=1, tol=1e-10),
+                          config=CentralFlowConfig(nsubsteps=4, sdcp_threshold=1.95))
+    positions = [process.w.detach().numpy().copy()]
+    for _ in range(steps):
+        process.prepare()
+        process.step()
+        positions.append(process.w.detach().numpy().copy())
+    nu = opt.unflatten(process.state)["nu"].detach().numpy()
+    return np.stack(positions), nu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("repo", help="the directory of the fetched centralflows repository (holding src/)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=0.008)
+    parser.add_argument("--beta2", type=float, default=0.99)
+    parser.add_argument("--eps", type=float, default=3e-3)
+    args = parser.parse_args()
+    x, y, w0 = data()
+    mine, nu_mine, edge, critical, _ = ours(x, y, w0, args.lr, args.beta2, args.eps, args.steps)
+    theirs, nu_theirs = reference(args.repo, x, y, w0, args.lr, args.beta2, args.eps, args.steps)
+    travelled = np.linalg.norm(theirs - w0, axis=1)
+    relative = np.linalg.norm(mine - theirs, axis=1) / np.maximum(travelled, 1e-300)
+    print(f"lr = {args.lr}, beta2 = {args.beta2}, eps = {args.eps}, {args.steps} steps, d = {w0.size}")
+    print("step  |w_ours - w_ref| / |w_ref - w0|  RMSProp edge ratio  critical directions (ours)")
+    for t in range(0, args.steps + 1, 20):
+        e = edge[t] if t < edge.size else float("nan")
+        c = critical[t] if t < critical.size else -1
+        print(f"{t:4d}  {relative[t]:.3e}  {e:.4f}  {c}")
+    print(f"largest relative distance over steps 1..{args.steps}: {np.max(relative[1:]):.3e}")
+    print(f"final nu: |nu_ours - nu_ref| / |nu_ref| = {np.linalg.norm(nu_mine - nu_theirs) / np.linalg.norm(nu_theirs):.3e}")
+
+
+if __name__ == "__main__":
+    main()

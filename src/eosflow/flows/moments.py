@@ -1,0 +1,266 @@
+"""The continuous moments of an update rule, and the process that runs any model built on them.
+
+An optimizer of :mod:`eosflow.optim.adaptive` steps w_{k+1} = w_k - lr D_{k+1} / P(nu_{k+1}); its
+direction D and second moment nu are linear filters of the gradients (docs/adaptive.md):
+
+    D_{k+1} = kappa g_k - kappa L (g_k - g_{k-1}) + ...     nu_{k+1} = s_k - L2 (s_k - s_{k-1}) + ...
+
+with the lags L = 0 (no momentum), b/(1-b) (EMA and classical), b^2/(1-b) (Nesterov), L2 = b2/(1-b2),
+kappa = 1 (EMA, none) or 1/(1-b) (classical, Nesterov), s = g^2 or ||g||^2. The models carry
+the phase point z = (w, D, nu), time in steps:
+
+    dw/dt = -lr D / P(nu),    dD/dt = c (kappa g - D),    dnu/dt = c2 (s(g) - nu),
+
+with c = 1 / (1/2 + L) and c2 = 1 / (1/2 + L2) = 2 (1 - b2) / (1 + b2) ("lag" rates: the average of
+D over [k, k+1] has the discrete D_{k+1}'s lag, so the w-increments agree to O(lr^2) per step; for
+GD, c = 2 gives GD's modified equation dw/dt = -lr g - lr^2 H g / 2). Integrated by Euler substeps
+of length h, the rates are 1 / (L + 1/2 - h/2), which compensates the substeps' own lag. The
+initial D(0) = (1 - L c) D* and nu(0) = (1 - L2 c2) s put the slow mode where the discrete
+filters started at zero put it. A bias-corrected moment is divided by its mass q, the same filter
+applied to the constant 1 (dq/dt = c (1 - q), from the same start): the continuous 1 - b^k.
+``moments = "reference"`` is the central-flow reference code's convention instead (RMSProp only):
+D = g, dnu/dt = ((1 - b2)/b2) (s - nu), nu(0) = nu_1 = (1 - b2) s(g_0).
+
+:class:`OptimizerModel` is the process wrapper shared by every model of these optimizers: per
+unit of time it measures the preconditioned eigenpairs at the centre, picks the substep count
+from them, integrates the model's vector field ``field(context, z) -> (velocity, aux)`` by
+explicit Euler substeps, lets the model finish the step (``finish``, e.g. rod flow's kick), and
+writes the row (``observe``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.config import SpecError, option
+from eosflow.flows.integrate import SubstepOptions, substep_count
+from eosflow.objective import Objective
+from eosflow.optim.adaptive import OPTIMIZERS, UpdateRule, preconditioned_spectrum_row
+from eosflow.preconditioning import diagonal_preconditioner
+from eosflow.process import ScannedProcess
+
+Moments = Literal["lag", "reference"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentFlowOptions(SubstepOptions):
+    moments: Moments = option(
+        "lag", "lag: dD/dt = c (kappa g - D), dnu/dt = c2 (s - nu) with lag-matched rates c = 1/(1/2 + L) "
+        "(second order below the edge); reference: the central-flow code's dnu/dt = ((1-b2)/b2)(s - nu), "
+        "nu(0) = nu_1 (RMSProp only)")
+
+
+class Phase(NamedTuple):
+    w: Array  # (d,) parameters (a model's centre)
+    direction: Array  # (d,) D, what lr / P multiplies
+    nu: Array  # (d,) second moment, () for the scalar form and without one
+    mass: Array  # (2,) q1, q2: the filters of D and nu applied to the constant 1 (bias correction: D/q1, nu/q2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuousMoments:
+    """The continuous-time moments of ``rule`` (module docstring)."""
+
+    rule: UpdateRule
+    lr: float
+    moments: Moments = "lag"
+
+    def check(self, where: str) -> None:
+        if self.moments == "reference":
+            if self.rule.form != "none":
+                raise SpecError(f"`{where}.moments` = 'reference' is the central-flow code's convention for "
+                                "RMSProp; use 'lag' with momentum")
+            if self.rule.bias_correction or self.rule.beta2 == 0.0:
+                raise SpecError(f"`{where}.moments` = 'reference' needs beta2 > 0 and no bias correction")
+
+    @property
+    def kappa(self) -> float:
+        return 1.0 / (1.0 - self.rule.beta1) if self.rule.form in ("classical", "nesterov") else 1.0
+
+    @property
+    def lag(self) -> float:
+        b = self.rule.beta1
+        return {"none": 0.0, "ema": b / (1 - b), "classical": b / (1 - b), "nesterov": b * b / (1 - b)}[self.rule.form]
+
+    def direction_rate(self, h: Array | float = 0.0) -> Array | float:
+        """c = 1 / (L + 1/2 - h/2): the lag-matched rate, compensated for Euler substeps of length h
+        (Euler's multiplier (1 + h lambda)^(1/h) = exp(lambda - h lambda^2 / 2 + ...) adds h/2 to the lag)."""
+        return 1.0 / (self.lag + 0.5 - 0.5 * h)
+
+    def nu_rate(self, h: Array | float = 0.0) -> Array | float:
+        """c2 = 1 / (L2 + 1/2 - h/2), L2 = b2 / (1 - b2); the reference code's (1 - b2) / b2."""
+        b2 = self.rule.beta2
+        return (1.0 - b2) / b2 if self.moments == "reference" else 1.0 / (b2 / (1.0 - b2) + 0.5 - 0.5 * h)
+
+    def second(self, grad: Array) -> Array:
+        """s(g): g^2 (diagonal) or ||g||^2 (scalar); 0 without a second moment."""
+        if self.rule.second_moment == "diagonal":
+            return grad**2
+        return jnp.sum(grad**2) if self.rule.second_moment == "scalar" else jnp.zeros((), grad.dtype)
+
+    @property
+    def corrects(self) -> tuple[bool, bool]:
+        """Whether D and nu are bias-corrected (D only in the EMA form, as Adam's m)."""
+        r = self.rule
+        return (r.bias_correction and r.form == "ema", r.bias_correction and r.second_moment != "none")
+
+    def initial(self, w0: Array, grad: Array, h: float) -> Phase:
+        """z(0): D(0) = (1 - L c) D*, nu(0) = (1 - L2 c2) s, which puts the slow mode at the discrete
+        filters' (started from zero) to O(lr^2) (c D*/2 and c2 s/2 as h -> 0). A bias-corrected moment
+        carries its mass q (the same filter of the constant 1, from the same start) and divides by it,
+        as the discrete 1 - b^k does."""
+        start_d = 1.0 - self.lag * self.direction_rate(h)
+        b2 = self.rule.beta2
+        start_nu = 1.0 - b2 / (1.0 - b2) * self.nu_rate(h) if self.rule.second_moment != "none" else 1.0
+        if self.moments == "reference":
+            start_nu = 1.0 - self.rule.beta2
+        mass = jnp.asarray([start_d if self.corrects[0] else 1.0, start_nu if self.corrects[1] else 1.0], w0.dtype)
+        return Phase(w0, start_d * self.kappa * grad, start_nu * self.second(grad), mass)
+
+    def preconditioner(self, z: Phase) -> Array:
+        """P = sqrt(nu / q2 + eps_root) + eps (d,); ones without a second moment."""
+        r = self.rule
+        if r.second_moment == "none":
+            return jnp.ones_like(z.w)
+        return jnp.broadcast_to(diagonal_preconditioner(z.nu, r.eps, r.eps_root, z.mass[1]), z.w.shape)
+
+    def preconditioner_slopes(self, z: Phase) -> tuple[Array, Array]:
+        """(dP/dnu, dP/dq2) (d,) (the scalar form's broadcast; 0 where nu/q2 + eps_root = 0, a coordinate
+        whose gradient has always been 0)."""
+        inside = z.nu / z.mass[1] + self.rule.eps_root
+        half = jnp.where(inside > 0, 0.5 / jnp.sqrt(jnp.where(inside > 0, inside, 1.0)), 0.0)
+        return (jnp.broadcast_to(half / z.mass[1], z.w.shape),
+                jnp.broadcast_to(-half * z.nu / z.mass[1] ** 2, z.w.shape))
+
+    def mass_velocity(self, z: Phase, h: Array) -> Array:
+        """dq/dt = c (1 - q) for each bias-corrected moment (0 otherwise)."""
+        rates = jnp.asarray([self.direction_rate(h) if self.corrects[0] else 0.0,
+                             self.nu_rate(h) if self.corrects[1] else 0.0], z.w.dtype)
+        return rates * (1.0 - z.mass)
+
+    def velocity(self, z: Phase, grad: Array, second: Array, h: Array) -> Phase:
+        """(dw/dt, dD/dt, dnu/dt) given the gradient and s(g) driving the moments (linear in both), for
+        Euler substeps of length h."""
+        p = self.preconditioner(z)
+        nu_dot = self.nu_rate(h) * (second - z.nu)
+        mass = self.mass_velocity(z, h)
+        if self.moments == "reference":
+            return Phase(-self.lr * grad / p, jnp.zeros_like(z.direction), nu_dot, mass)
+        d_dot = self.direction_rate(h) * (self.kappa * grad - z.direction)
+        return Phase(-self.lr * z.direction / (z.mass[0] * p), d_dot, nu_dot, mass)
+
+    def stiffness(self, preconditioned_sharpness: Array) -> Array:
+        """The largest rate of the linearized models: lr lambda_P times the weight of g in a step, plus 3."""
+        b = self.rule.beta1
+        weight = {"none": 1.0, "ema": 1.0 - b, "classical": 1.0, "nesterov": 1.0 + b}[self.rule.form]
+        return self.lr * preconditioned_sharpness * weight + 3.0
+
+
+class ModelState(NamedTuple):
+    z: Any  # the model's phase point (a Phase, or (Phase, rod) for rod flow)
+    vectors: Array  # (d, k) tracked eigenvectors of P^{-1/2} H P^{-1/2} at the centre (warm start)
+    sharpness: Array  # last measured preconditioned sharpness (sets the substep count)
+    step: Array
+
+
+class OptimizerModel(ScannedProcess):
+    """A continuous model of an optimizer: subclasses give ``initial``, ``field``, ``centre``, ``observe``."""
+
+    objective: Objective
+    moments: ContinuousMoments = eqx.field(static=True)
+    options: MomentFlowOptions = eqx.field(static=True)
+
+    def initial(self, w0: Array) -> Any:
+        raise NotImplementedError
+
+    def centre(self, z: Any) -> Phase:
+        return z
+
+    def prepare(self, z: Any, row: dict, vectors: Array, substeps: Array) -> Any:
+        """Per-step data the field reads: the substep length h = 1/substeps (the central flow adds its
+        critical directions)."""
+        return 1.0 / substeps
+
+    def field(self, context: Any, z: Any) -> tuple[Any, dict]:
+        raise NotImplementedError
+
+    def finish(self, state_step: Array, z: Any, new_z: Any, aux: dict) -> Any:
+        return new_z
+
+    def observe(self, z: Any, aux: dict) -> dict:
+        raise NotImplementedError
+
+    def init(self, w0: Array) -> ModelState:
+        return ModelState(self.initial(w0), self.initial_vectors(w0), jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
+
+    def growth_threshold(self) -> float:
+        return 0.5 * self.spectrum.threshold * self.moments.rule.threshold(self.lr)
+
+    def step(self, state: ModelState) -> tuple[ModelState, dict[str, Array]]:
+        centre = self.centre(state.z)
+        p = self.moments.preconditioner(centre)
+        vectors, row = preconditioned_spectrum_row(self.objective, centre.w, state.vectors, state.step, p,
+                                                   self.moments.rule.threshold(self.lr), self.spectrum)
+        sharpness = jnp.where(jnp.isfinite(row["preconditioned_sharpness"]), row["preconditioned_sharpness"],
+                              state.sharpness)
+        n = substep_count(1.0, self.moments.stiffness(sharpness), self.options)
+        context = self.prepare(state.z, row, vectors, n)
+        new_z, aux = integrate_substeps(lambda z: self.field(context, z), state.z, n)
+        new_z = self.finish(state.step, state.z, new_z, aux)
+        row.update(self.observe(state.z, aux))
+        cost = aux["cost"]  # evaluations per substep
+        row.update(position=centre.w, substeps=n, grads=n * cost.get("grads", 1),
+                   hvps=row["hvps"] + n * cost.get("hvps", 0))
+        if "third_derivatives" in cost:
+            row["third_derivatives"] = n * cost["third_derivatives"]
+        return ModelState(new_z, vectors, sharpness, state.step + 1), row
+
+
+def integrate_substeps(field, z: Any, n: Array) -> tuple[Any, dict]:
+    """One unit of time in n (traced) explicit Euler substeps; returns z(t + 1) and the first ``aux``.
+
+    (The swap point for the shared integrator of issue 16.)
+    """
+    h = 1.0 / n
+
+    def euler(z, velocity):
+        return jax.tree_util.tree_map(lambda x, v: x + h * v, z, velocity)
+
+    velocity, first = field(z)
+    z = euler(z, velocity)
+
+    def substep(_, z):
+        return euler(z, field(z)[0])
+
+    return jax.lax.fori_loop(1, n, substep, z), first
+
+
+
+def build_model(cls: type, name: str, optimizer: str, problem, spec, options: MomentFlowOptions) -> OptimizerModel:
+    """A model ``cls`` of ``optimizer`` whose hyperparameters come from the spec's ``[optimizer]`` table."""
+    moments = ContinuousMoments(spec.options[optimizer].rule(), spec.lr, options.moments)
+    moments.check(name)
+    from eosflow.process import process_key
+
+    return cls(name=name, lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, name),
+               objective=problem.objective, moments=moments, options=options)
+
+
+def register_models(kind: str, cls: type, options: type, summary: str, optimizers=tuple(OPTIMIZERS)) -> None:
+    """Register ``<optimizer>_<kind>`` for each optimizer (reading the optimizer's table)."""
+    from eosflow.process import register_process
+
+    for optimizer in optimizers:
+        name = f"{optimizer}_{kind}"
+
+        def build(problem, spec, opts, name=name, optimizer=optimizer):
+            return build_model(cls, name, optimizer, problem, spec, opts)
+
+        register_process(name, options, f"{summary} of {optimizer} ([{optimizer}] holds its hyperparameters)",
+                         optimizer=optimizer)(build)

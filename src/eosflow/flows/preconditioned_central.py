@@ -1,0 +1,128 @@
+"""The central flow of preconditioned GD (RMSProp, scalar RMSProp): the SDCP on P^{-1/2} H P^{-1/2}, nu included.
+
+With x = P^{1/2} w, RMSProp with P frozen is GD on L(P^{-1/2} x), whose Hessian is P^{-1/2} H P^{-1/2};
+its central flow pulled back to w, with nu fed by the oscillation (Cohen, Damian et al. 2025; the
+derivation and conventions in docs/adaptive.md):
+
+    dw/dt  = -lr P^{-1} [ D + 1/2 grad_w <Sigma, H> ],        Sigma = V X V^T,  V = P^{-1/2} U
+    dnu/dt = c2 ( s(g) + E[s(g + H delta)] - s(g) - nu )   = c2 ( g^2 + diag(H Sigma H) - nu )   (diagonal)
+                                                           = c2 ( ||g||^2 + tr(H Sigma H) - nu ) (scalar)
+
+(D relaxes to g as in the stable flow, :mod:`eosflow.flows.moments`, which carries GD's second-order
+term; D = g with ``moments = "reference"``, the reference code's choice.)
+U: the critical eigenvectors of P^{-1/2} H P^{-1/2} (eigenvalue >= (1 - margin) 2/lr), measured at
+the start of each unit of time and held (V is rebuilt from the current P at every substep, so
+V^T P V = I). X >= 0 solves, at each Euler substep dt, the complementarity problem keeping the
+linearized end-of-substep constraint V^T (2 P / lr - H) V >= 0, in which both H (through w) and P
+(through nu) move:
+
+    alpha = A + dt [ lr <G_ij, P^{-1} g> + (2/lr) v_i^T diag(P'(nu) nu_dot_0) v_j ],   A = 2/lr - V^T H V
+    beta  = dt [ (lr/2) <G_ij, P^{-1} G_kl> + (2/lr) c2 lam_k lam_l sum_d P' P^2 (v_i v_j)_d (v_k v_l)_d ]
+
+with G_ij = D^3 L[v_i, v_j, .], nu_dot_0 = c2 (s(g) - nu) and, as in the reference code, H v ~ P v lam
+(lam = v^T H v) on the critical space; in beta lam_k lam_l is symmetrized to sqrt(lam_i lam_j lam_k lam_l)
+(equal on the critical space, where lam = 2/lr), which makes beta a Gram matrix: PSD. Per substep: one gradient, m HVPs and m(m+1)/2 third derivatives.
+Registered as ``rmsprop_central_flow`` (the ``[rmsprop]`` table's ``second_moment`` picks the form).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.config import option
+from eosflow.flows.central import CentralFlow
+from eosflow.flows.moments import (
+    MomentFlowOptions,
+    OptimizerModel,
+    Phase,
+    register_models,
+)
+from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
+
+
+@dataclasses.dataclass(frozen=True)
+class PreconditionedCentralOptions(MomentFlowOptions):
+    margin: float = option(0.03, "an eigenvalue of P^-1 H is critical once above (1 - margin) * 2/lr", ge=0, lt=1)
+    max_critical: int = option(6, "most critical directions (capped by the tracked eigenpairs)", ge=1)
+    sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
+
+
+class Critical(NamedTuple):
+    directions: Array  # (d, m_max) critical eigenvectors U of P^{-1/2} H P^{-1/2}, zero past the first m
+    count: Array  # () m
+    dt: Array  # () the Euler substep
+
+
+class PreconditionedCentralFlow(OptimizerModel):
+    def initial(self, w0: Array) -> Phase:
+        return self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
+
+    def prepare(self, z: Phase, row: dict, vectors: Array, substeps: Array) -> Critical:
+        k = vectors.shape[1]
+        m_max = min(k, self.options.max_critical)
+        values = row["eigenvalues"][:k]
+        m = jnp.minimum(jnp.sum(values >= (1.0 - self.options.margin) * 2.0 / self.lr), m_max).astype(jnp.int32)
+        return Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m, 1.0 / substeps)
+
+    def field(self, critical: Critical, z: Phase) -> tuple[Phase, dict]:
+        mo, lr = self.moments, self.lr
+        scalar = mo.rule.second_moment == "scalar"
+        (loss, grad), linear = jax.linearize(self.objective.value_and_grad, z.w)
+        p, (slope, slope_mass) = mo.preconditioner(z), mo.preconditioner_slopes(z)
+        mass_dot = mo.mass_velocity(z, critical.dt)
+        v = critical.directions / jnp.sqrt(p)[:, None]  # V^T P V = I on the critical columns
+        m_max = v.shape[1]
+        hv = jax.lax.fori_loop(0, critical.count, lambda i, out: out.at[:, i].set(linear(v[:, i])[1]),
+                               jnp.zeros_like(v))  # H v for the m critical columns (one compiled HVP)
+        rayleigh = 0.5 * (v.T @ hv + hv.T @ v)  # V^T H V
+        slack = 2.0 / lr * jnp.eye(m_max, dtype=z.w.dtype) - rayleigh
+        gs = CentralFlow.pair_gradients(self, z.w, v, critical.count)  # (pairs, d) s_p G_p
+        rows, cols = pair_indices(m_max)
+        ws = jnp.asarray(pair_scale(m_max), z.w.dtype)[:, None] * (v[:, rows] * v[:, cols]).T  # (pairs, d) s_p v_i v_j
+        rate = mo.nu_rate(critical.dt)
+        nu_dot0 = rate * (mo.second(grad) - z.nu)
+        dt = critical.dt
+        p_dot0 = slope * nu_dot0 + slope_mass * mass_dot[1]  # dP/dt without the oscillation's feed
+        # D relaxes to g with c = 2/(1 - h) (the lag convention's second-order term; D = g for "reference")
+        direction = grad if mo.moments == "reference" else z.direction
+        alpha = slack + dt * (lr * smat(gs @ (direction / p)) + (2.0 / lr) * smat(ws @ p_dot0))
+        lam = jnp.diag(rayleigh)
+        # rows s_p sqrt(lam_i lam_j) v_i v_j: with H v ~ P v lam, the nu-part of beta as a Gram matrix (PSD)
+        ws_lam = ws * jnp.sqrt(jnp.maximum(lam[rows] * lam[cols], 0.0))[:, None]
+        weight = slope * p**2 * (2.0 / lr) * rate
+        if scalar:
+            summed = jnp.sum(ws_lam, axis=1)
+            beta_p = weight[0] * jnp.outer(summed, summed)
+        else:
+            beta_p = (ws_lam * weight) @ ws_lam.T
+        beta = dt * (0.5 * lr * (gs / p) @ gs.T + beta_p)
+        X = solve_sdcp(alpha, beta, max_iters=self.options.sdcp_max_iters).X
+        w_dot = -lr * (direction + 0.5 * gs.T @ svec(X)) / p
+        feed = p**2 * (ws.T @ svec(lam[:, None] * X * lam[None, :]))  # diag(H Sigma H) with H v ~ P v (v^T H v)
+        nu_dot = nu_dot0 + rate * (jnp.sum(feed) if scalar else feed)
+        n = critical.count
+        aux = {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "X": X, "rayleigh": rayleigh, "v": v, "critical": n,
+               "cost": {"grads": 1, "hvps": n, "third_derivatives": n * (n + 1) // 2}}
+        d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
+        return Phase(w_dot, d_dot, nu_dot, mass_dot), aux
+
+    def observe(self, z: Phase, aux: dict) -> dict:
+        X, v = aux["X"], aux["v"]
+        root_values, root_vectors = jnp.linalg.eigh(X)
+        root = (root_vectors * jnp.sqrt(jnp.maximum(root_values, 0.0))) @ root_vectors.T
+        covariance = jnp.linalg.eigvalsh(root @ (v.T @ v) @ root)[::-1]  # eigenvalues of Sigma = V X V^T
+        k_max = self.spectrum.k_max
+        covariance = jnp.concatenate([covariance, jnp.zeros((k_max - covariance.shape[0],), covariance.dtype)])
+        return {"loss": aux["loss"], "predicted_loss": aux["loss"] + 0.5 * jnp.sum(X * aux["rayleigh"]),
+                "grad_norm": aux["grad_norm"], "covariance": covariance,
+                "amplitude": jnp.sqrt(jnp.maximum(covariance[0], 0.0)), "critical": aux["critical"]}
+
+
+register_models("central_flow", PreconditionedCentralFlow, PreconditionedCentralOptions,
+                "central flow of preconditioned GD (SDCP on P^-1/2 H P^-1/2, nu fed by the oscillation)",
+                optimizers=("rmsprop",))

@@ -1,0 +1,36 @@
+"""The stable flow of each momentum / adaptive optimizer: its ODE limit in (w, D, nu), nu smooth.
+
+    dw/dt = -lr D / P(nu),    dD/dt = c (kappa g - D),    dnu/dt = c2 (s(g) - nu)
+
+(see :mod:`eosflow.flows.moments` and docs/adaptive.md): below the edge of stability it follows
+the optimizer to O(lr^2) per step; past the edge, like GD's gradient flow, it does not oscillate
+and leaves the optimizer. One gradient per Euler substep. Registered as ``<optimizer>_stable_flow``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.flows.moments import (
+    MomentFlowOptions,
+    OptimizerModel,
+    Phase,
+    register_models,
+)
+
+
+class StableFlow(OptimizerModel):
+    def initial(self, w0: Array) -> Phase:
+        return self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
+
+    def field(self, h: Array, z: Phase) -> tuple[Phase, dict]:
+        loss, grad = self.objective.value_and_grad(z.w)
+        velocity = self.moments.velocity(z, grad, self.moments.second(grad), h)
+        return velocity, {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "cost": {"grads": 1}}
+
+    def observe(self, z: Phase, aux: dict) -> dict:
+        return {"loss": aux["loss"], "predicted_loss": aux["loss"], "grad_norm": aux["grad_norm"]}
+
+
+register_models("stable_flow", StableFlow, MomentFlowOptions, "stable flow (the ODE limit, nu smooth)")

@@ -1,0 +1,226 @@
+"""Momentum and adaptive optimizers as update rules: heavy ball, Nesterov, RMSProp, Adam.
+
+Every optimizer here is preconditioned GD with a momentum (docs/adaptive.md):
+
+    nu_{k+1} = b2 nu_k + (1 - b2) s(g_k)          s(g) = g^2 (diagonal) or ||g||^2 (scalar)
+    m_{k+1}  = b1 m_k + a g_k                      a = 1 - b1 (EMA form) or 1 (classical, Nesterov)
+    P_{k+1}  = sqrt(nu_{k+1} / c2 + eps_root) + eps          (P = 1 without a second moment)
+    w_{k+1}  = w_k - lr D_{k+1} / P_{k+1}          D = m / c1 (EMA), m (classical), g_k + b1 m (Nesterov)
+
+with the bias corrections c1 = 1 - b1^{k+1}, c2 = 1 - b2^{k+1} when ``bias_correction`` is on (1
+otherwise). :class:`UpdateRule` is that map in Optax's shape (``init``, ``update`` on a
+NamedTuple state); :class:`AdaptiveOptimizer` runs it as a process that records the
+*preconditioned* top eigenpairs (those of P^{-1/2} H P^{-1/2}, P the preconditioner of the step
+being taken, warm-started LOBPCG with the ``[spectrum]`` tolerance contract) and the edge ratio
+preconditioned sharpness / threshold, 1 at the optimizer's edge of stability
+(:func:`eosflow.preconditioning.edge_threshold`).
+
+Registered: ``momentum`` (heavy ball, ``form`` = "classical" or "ema"), ``nesterov``, ``rmsprop``
+(``second_moment`` = "diagonal" or "scalar") and ``adam``. Each one's table (``[adam]``, ...)
+holds the hyperparameters, which its models (``adam_stable_flow``, ...) read too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from eosflow.config import option
+from eosflow.objective import Objective
+from eosflow.preconditioning import diagonal_preconditioner, edge_threshold
+from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.spectrum import measure_tracked, pad_values
+
+Form = Literal["none", "classical", "ema", "nesterov"]
+SecondMoment = Literal["none", "diagonal", "scalar"]
+
+
+class RuleState(NamedTuple):
+    m: Array  # (d,) first moment: the EMA of g (form "ema") or the buffer sum b1^j g (classical, Nesterov)
+    nu: Array  # (d,) second moment, () for the scalar form and without one
+    count: Array  # () steps taken
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+    """One step of preconditioned GD with momentum (module docstring), Optax-style."""
+
+    form: Form = "none"
+    beta1: float = 0.0
+    second_moment: SecondMoment = "none"
+    beta2: float = 0.0
+    eps: float = 0.0
+    eps_root: float = 0.0
+    bias_correction: bool = False
+
+    def init(self, w: Array) -> RuleState:
+        nu = jnp.zeros_like(w) if self.second_moment == "diagonal" else jnp.zeros((), w.dtype)
+        return RuleState(jnp.zeros_like(w), nu, jnp.asarray(0, jnp.int32))
+
+    def moments(self, state: RuleState, grad: Array) -> RuleState:
+        """(m_{k+1}, nu_{k+1}, k + 1) from (m_k, nu_k, k) and g_k."""
+        b1, b2 = self.beta1, self.beta2
+        m = b1 * state.m + ((1.0 - b1) if self.form == "ema" else 1.0) * grad
+        if self.form == "none":
+            m = grad
+        if self.second_moment == "none":
+            nu = state.nu
+        else:
+            square = grad**2 if self.second_moment == "diagonal" else jnp.sum(grad**2)
+            nu = b2 * state.nu + (1.0 - b2) * square
+        return RuleState(m, nu, state.count + 1)
+
+    def preconditioner(self, state: RuleState, like: Array) -> Array:
+        """P (d,) of the step that produced ``state`` (count = k + 1); ones without a second moment."""
+        if self.second_moment == "none":
+            return jnp.ones_like(like)
+        correction = 1.0 - self.beta2 ** state.count.astype(like.dtype) if self.bias_correction else 1.0
+        p = diagonal_preconditioner(state.nu, self.eps, self.eps_root, correction)
+        return jnp.broadcast_to(p, like.shape)
+
+    def direction(self, state: RuleState, grad: Array) -> Array:
+        """D_{k+1}: what lr P^{-1} multiplies (``state`` after :meth:`moments`, ``grad`` = g_k)."""
+        if self.form == "nesterov":
+            return grad + self.beta1 * state.m
+        if self.form == "ema" and self.bias_correction:
+            return state.m / (1.0 - self.beta1 ** state.count.astype(grad.dtype))
+        return state.m
+
+    def update(self, grad: Array, state: RuleState, lr: float) -> tuple[Array, RuleState]:
+        """(the step w_{k+1} - w_k, the new state), as ``optax.GradientTransformation.update``."""
+        state = self.moments(state, grad)
+        return -lr * self.direction(state, grad) / self.preconditioner(state, grad), state
+
+    @property
+    def momentum_form(self) -> str:
+        return "classical" if self.form == "none" else self.form
+
+    def threshold(self, lr: float) -> float:
+        """The preconditioned sharpness at this optimizer's edge of stability."""
+        return edge_threshold(lr, self.beta1 if self.form != "none" else 0.0, self.momentum_form)
+
+
+# ---- the hyperparameters of each optimizer (the spec's [momentum], [nesterov], [rmsprop], [adam]) ----
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentumOptions:
+    beta: float = option(0.9, "momentum beta", ge=0, lt=1)
+    form: Literal["classical", "ema"] = option(
+        "classical", "classical: v <- beta v + g, w <- w - lr v (threshold 2(1+beta)/lr); "
+        "ema: m <- beta m + (1-beta) g, w <- w - lr m (threshold 2(1+beta)/((1-beta) lr))")
+
+    def rule(self) -> UpdateRule:
+        return UpdateRule(form=self.form, beta1=self.beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class NesterovOptions:
+    beta: float = option(0.9, "momentum beta: v <- beta v + g, w <- w - lr (g + beta v) (threshold "
+                         "2(1+beta)/((1+2 beta) lr))", ge=0, lt=1)
+
+    def rule(self) -> UpdateRule:
+        return UpdateRule(form="nesterov", beta1=self.beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSPropOptions:
+    beta2: float = option(0.99, "decay b2 of nu <- b2 nu + (1 - b2) s(g)", ge=0, lt=1)
+    second_moment: Literal["diagonal", "scalar"] = option(
+        "diagonal", "diagonal: s(g) = g^2 per coordinate; scalar: s(g) = ||g||^2 (one step size)")
+    eps: float = option(1e-8, "eps added to sqrt(nu) in P = sqrt(nu + eps_root) + eps (0 divides by zero "
+                        "on a coordinate whose gradient is always 0)", ge=0)
+    eps_root: float = option(0.0, "eps_root inside the square root (optax's eps_in_sqrt)", ge=0)
+    bias_correction: bool = option(False, "divide nu by 1 - b2^t")
+
+    def rule(self) -> UpdateRule:
+        return UpdateRule(second_moment=self.second_moment, beta2=self.beta2, eps=self.eps,
+                          eps_root=self.eps_root, bias_correction=self.bias_correction)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamOptions:
+    beta1: float = option(0.9, "decay b1 of the first moment m <- b1 m + (1 - b1) g", ge=0, lt=1)
+    beta2: float = option(0.999, "decay b2 of the second moment nu <- b2 nu + (1 - b2) g^2", ge=0, lt=1)
+    eps: float = option(1e-8, "eps added to sqrt(nu_hat)", ge=0)
+    eps_root: float = option(0.0, "eps_root inside the square root", ge=0)
+    bias_correction: bool = option(True, "divide m by 1 - b1^t and nu by 1 - b2^t")
+
+    def rule(self) -> UpdateRule:
+        return UpdateRule(form="ema", beta1=self.beta1, second_moment="diagonal", beta2=self.beta2, eps=self.eps,
+                          eps_root=self.eps_root, bias_correction=self.bias_correction)
+
+
+# ---- the process ---------------------------------------------------------------------------------
+
+
+class OptimizerState(NamedTuple):
+    w: Array  # (d,) the iterate w_k
+    previous: Array  # (d,) w_{k-1} (for ``oscillation``)
+    rule: RuleState
+    vectors: Array  # (d, k) tracked eigenvectors of P^{-1/2} H P^{-1/2} (warm start)
+    step: Array
+
+
+def preconditioned_spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, preconditioner: Array,
+                                threshold: float, spectrum) -> tuple[Array, dict]:
+    """Warm-started top eigenpairs of P^{-1/2} H(w) P^{-1/2} per ``[spectrum]``: the row fields
+    ``preconditioned_sharpness``, ``edge_ratio`` (= it / ``threshold``), ``eigenvalues`` and ``hvps``."""
+    pairs = measure_tracked(objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters,
+                            preconditioner=preconditioner)
+    row = {"preconditioned_sharpness": pairs.values[0], "edge_ratio": pairs.values[0] / threshold,
+           "eigenvalues": pad_values(pairs.values, spectrum.k_max), "hvps": pairs.hvps}
+    return pairs.vectors, row
+
+
+def second_difference(new: Array, w: Array, previous: Array, step: Array) -> Array:
+    """|w_{k+1} - 2 w_k + w_{k-1}| / 4: the period-2 oscillation |delta_k| (NaN at k = 0), as GD's."""
+    return jnp.where(step > 0, 0.25 * jnp.linalg.norm(new - 2.0 * w + previous), jnp.nan)
+
+
+class AdaptiveOptimizer(ScannedProcess):
+    objective: Objective
+    rule: UpdateRule = eqx.field(static=True)
+
+    def init(self, w0: Array) -> OptimizerState:
+        return OptimizerState(w0, w0, self.rule.init(w0), self.initial_vectors(w0), jnp.asarray(0))
+
+    def growth_threshold(self) -> float:
+        """Track one more eigenpair once all exceed the same fraction of the edge as GD's threshold/lr of 2/lr."""
+        return 0.5 * self.spectrum.threshold * self.rule.threshold(self.lr)
+
+    def step(self, state: OptimizerState) -> tuple[OptimizerState, dict[str, Array]]:
+        w = state.w
+        loss, grad = self.objective.value_and_grad(w)
+        rule_state = self.rule.moments(state.rule, grad)
+        preconditioner = self.rule.preconditioner(rule_state, w)
+        new_w = w - self.lr * self.rule.direction(rule_state, grad) / preconditioner
+        vectors, row = preconditioned_spectrum_row(self.objective, w, state.vectors, state.step, preconditioner,
+                                                   self.rule.threshold(self.lr), self.spectrum)
+        row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=w, grads=jnp.asarray(1, jnp.int32),
+                   oscillation=second_difference(new_w, w, state.previous, state.step),
+                   step_norm=jnp.linalg.norm(new_w - w))
+        return OptimizerState(new_w, w, rule_state, vectors, state.step + 1), row
+
+
+OPTIMIZERS = {  # name -> (options, summary)
+    "momentum": (MomentumOptions, "heavy-ball momentum (classical or EMA form)"),
+    "nesterov": (NesterovOptions, "Nesterov momentum, w <- w - lr (g + beta v)"),
+    "rmsprop": (RMSPropOptions, "RMSProp, diagonal or scalar: w <- w - lr g / (sqrt(nu) + eps)"),
+    "adam": (AdamOptions, "Adam: w <- w - lr m_hat / (sqrt(nu_hat + eps_root) + eps)"),
+}
+
+
+def _register(name: str, options: type, summary: str) -> None:
+    @register_process(name, options, summary, discrete=True)
+    def build(problem, spec, options) -> AdaptiveOptimizer:
+        return AdaptiveOptimizer(name=name, lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, name),
+                                 objective=problem.objective, rule=options.rule())
+
+
+for _name, (_options, _summary) in OPTIMIZERS.items():
+    _register(_name, _options, _summary)

@@ -1,0 +1,126 @@
+"""Models of the momentum / adaptive optimizers against the optimizers' own iterates: the stable
+flows' order below the edge, the rod flow's growth at exactly the threshold, and the shared
+hyperparameter tables of the spec."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from eosflow.config import SpecError
+from eosflow.experiment import prepare
+from eosflow.spec import parse_spec
+
+SMOOTH = {"name": "matrix_factorization", "dim": 3, "depth": 3, "rank": 2}
+
+
+STABLE_CASES = {  # optimizer, hyperparameters, lr, the flow's `moments`, the smallest accepted error ratio
+    "momentum classical": ("momentum", {"beta": 0.5, "form": "classical"}, 0.02),
+    "momentum ema": ("momentum", {"beta": 0.6, "form": "ema"}, 0.04),
+    "nesterov": ("nesterov", {"beta": 0.5}, 0.02),
+    "rmsprop": ("rmsprop", {"beta2": 0.8, "bias_correction": True, "eps": 0.1}, 0.01),
+    "scalar rmsprop": ("rmsprop", {"beta2": 0.8, "second_moment": "scalar", "eps": 0.1, "bias_correction": True},
+                       0.01),
+    "adam": ("adam", {"beta1": 0.6, "beta2": 0.8, "eps": 0.1}, 0.01),
+}
+
+
+def distance_at(name: str, hyper: dict, lr: float, time: float = 0.3, **model) -> float:
+    """||w_opt - w_flow|| at the step lr * t = time (4 Euler substeps per step, no spectrum)."""
+    steps = round(time / lr)
+    table = {"lr": lr, "dtype": "float64", "processes": [name, f"{name}_stable_flow"], "problem": SMOOTH,
+             "spectrum": {"every": 0}, name: hyper, f"{name}_stable_flow": {"substeps": 4, **model}}
+    _, built, _, processes = prepare(table)
+    ends = [np.asarray(p.advance(p.init(built.w0), steps + 1)[1]["position"][-1]) for p in processes.values()]
+    return float(np.linalg.norm(ends[0] - ends[1]))
+
+
+@pytest.mark.parametrize("case", list(STABLE_CASES))
+def test_stable_flow_follows_its_optimizer_to_second_order(case):
+    """At a fixed time lr * t, halving lr divides the stable flow's distance to the optimizer by ~4
+    (measured 3.5-4.2); the reference code's convention for nu (and D = g) by ~2 (first order)."""
+    name, hyper, lr = STABLE_CASES[case]
+    ratio = distance_at(name, hyper, lr) / distance_at(name, hyper, lr / 2)
+    assert ratio > 3.3
+
+
+def test_the_reference_convention_is_first_order():
+    hyper = {"beta2": 0.8, "eps": 0.1}
+    lr = 0.01
+    ratio = distance_at("rmsprop", hyper, lr, moments="reference") / distance_at("rmsprop", hyper, lr / 2,
+                                                                                 moments="reference")
+    assert 1.7 < ratio < 2.5
+
+
+ROD_CASES = {  # optimizer, hyperparameters
+    "momentum classical": ("momentum", {"beta": 0.6, "form": "classical"}),
+    "momentum ema": ("momentum", {"beta": 0.9, "form": "ema"}),
+    "nesterov": ("nesterov", {"beta": 0.5}),
+    "adam": ("adam", {"beta1": 0.9, "beta2": 0.999, "eps": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROD_CASES))
+def test_rod_grows_exactly_past_the_optimizers_threshold(case):
+    """On a quadratic, d rho/dt is linear in the rod; its largest growth rate changes sign where lr times
+    the top preconditioned curvature crosses the optimizer's threshold (for Adam, P = sqrt(nu) + eps
+    at the model's state)."""
+    import jax
+    import jax.numpy as jnp
+
+    from eosflow.flows.phase_rod import Rod
+
+    name, hyper = ROD_CASES[case]
+    signs = []
+    for factor in (0.98, 1.02):
+        table = {"lr": 1.0, "dtype": "float64", "processes": [f"{name}_rod_flow"], "spectrum": {"every": 0},
+                 "problem": {"name": "quadratic", "eigenvalues": [3.0, 1.0]}, name: hyper}
+        _, problem, _, processes = prepare(table)
+        flow = processes[f"{name}_rod_flow"]
+        centre, _ = flow.initial(problem.w0)
+        p = np.asarray(flow.moments.preconditioner(centre))
+        hessian = np.asarray(problem.objective.hessian(centre.w))
+        top = np.max(np.linalg.eigvalsh(hessian / np.sqrt(np.outer(p, p))))
+        lr = float(factor * flow.moments.rule.threshold(1.0) / top)  # lr * top = factor * c
+        flow = type(flow)(name=flow.name, lr=lr, spectrum=flow.spectrum, key=flow.key, objective=flow.objective,
+                          moments=dataclasses.replace(flow.moments, lr=lr), options=flow.options)
+        d = centre.w.size
+
+        def rod_velocity(flat, flow=flow, centre=centre, d=d):
+            rod = Rod(flat[:d], flat[d:])
+            return jnp.concatenate(flow.field(0.0, (centre, rod))[0][1])
+
+        jacobian = np.asarray(jax.jacfwd(rod_velocity)(jnp.zeros(2 * d)))
+        signs.append(np.sign(np.max(np.linalg.eigvals(jacobian).real)))
+    assert signs == [-1.0, 1.0]
+
+
+def test_models_read_the_optimizers_table():
+    """[adam] configures the models even when adam itself is not listed; a model's own table holds its
+    options; a table of an optimizer nobody models is refused by name."""
+    spec = parse_spec({"processes": ["adam_rod_flow"], "adam": {"beta1": 0.8}, "adam_rod_flow": {"substeps": 6}})
+    assert spec.options["adam"].beta1 == 0.8 and spec.options["adam_rod_flow"].substeps == 6
+    _, _, resolved, processes = prepare({"processes": ["adam", "adam_stable_flow"], "adam": {"beta2": 0.9},
+                                         "problem": {"name": "quartic"}})
+    assert processes["adam_stable_flow"].moments.rule == processes["adam"].rule
+    assert resolved["adam"]["beta2"] == 0.9 and parse_spec(resolved).options["adam"].beta2 == 0.9
+    with pytest.raises(SpecError, match=r"table `\[rmsprop\]` configures a process"):
+        parse_spec({"processes": ["adam_rod_flow"], "rmsprop": {"beta2": 0.9}})
+    with pytest.raises(SpecError, match="adam.beta1"):
+        parse_spec({"processes": ["adam_rod_flow"], "adam": {"beta1": 2.0}})
+    with pytest.raises(SpecError, match="moments"):
+        prepare({"processes": ["adam_stable_flow"], "adam_stable_flow": {"moments": "reference"},
+                 "problem": {"name": "quartic"}})
+
+
+def test_central_flow_is_the_stable_flow_below_the_edge():
+    """With no critical direction (X = 0) RMSProp's central flow moves exactly as its stable flow."""
+    table = {"lr": 0.01, "dtype": "float64", "processes": ["rmsprop_stable_flow", "rmsprop_central_flow"],
+             "problem": SMOOTH, "spectrum": {"every": 1, "k": 1, "k_max": 1}, "rmsprop": {"beta2": 0.9, "eps": 0.1}}
+    _, built, _, processes = prepare(table)
+    rows = {n: p.advance(p.init(built.w0), 30)[1] for n, p in processes.items()}
+    central = rows["rmsprop_central_flow"]
+    assert np.all(np.asarray(central["critical"]) == 0) and np.nanmax(np.asarray(central["edge_ratio"])) < 0.5
+    np.testing.assert_allclose(np.asarray(central["position"]), np.asarray(rows["rmsprop_stable_flow"]["position"]),
+                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(central["predicted_loss"]), np.asarray(central["loss"]), rtol=1e-12)
