@@ -41,20 +41,32 @@ def longest_stretch(ratio: np.ndarray, every: int, low: float = 0.9, high: float
 
 def measure(optimizer: str, steps: int, every: int) -> dict:
     lr, hyper = SETTINGS[optimizer]
-    table = {"lr": lr, "dtype": "float64", "processes": [optimizer], "problem": DIGITS,
-             "spectrum": {"every": every, "k": 1, "k_max": 2, "tol": 1e-4, "max_iters": 50}, optimizer: hyper}
+    table = {
+        "lr": lr,
+        "dtype": "float64",
+        "processes": [optimizer],
+        "problem": DIGITS,
+        "spectrum": {"every": every, "k": 1, "k_max": 2, "tol": 1e-4, "max_iters": 50},
+        optimizer: hyper,
+    }
     _, problem, _, processes = prepare(table)
     process = processes[optimizer]
     _, rows = process.advance(process.init(problem.w0), steps)
     ratio = np.asarray(rows["edge_ratio"])[::every]
     reached = np.flatnonzero(ratio >= 0.95)
     length, start = longest_stretch(ratio, every)
-    return {"optimizer": optimizer, "lr": lr, **hyper, "threshold": process.rule.threshold(lr),
-            "first_step_at_0.95": int(reached[0] * every) if reached.size else None,
-            "longest_in_[0.9,1.1]_steps": length, "from_step": start,
-            "ratio_after_it": [round(float(r), 3) for r in ratio[start: start + length // every: max(1, 50 // every)]],
-            "max_ratio_after_onset": float(np.max(ratio[reached[0]:])) if reached.size else None,
-            "final_loss": float(np.asarray(rows["loss"])[-1])}
+    return {
+        "optimizer": optimizer,
+        "lr": lr,
+        **hyper,
+        "threshold": process.rule.threshold(lr),
+        "first_step_at_0.95": int(reached[0] * every) if reached.size else None,
+        "longest_in_[0.9,1.1]_steps": length,
+        "from_step": start,
+        "ratio_after_it": [round(float(r), 3) for r in ratio[start : start + length // every : max(1, 50 // every)]],
+        "max_ratio_after_onset": float(np.max(ratio[reached[0] :])) if reached.size else None,
+        "final_loss": float(np.asarray(rows["loss"])[-1]),
+    }
 
 
 def main() -> None:

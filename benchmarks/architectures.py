@@ -63,8 +63,14 @@ def eos_run(table: dict, steps: int) -> dict:
     edge = (lr_s >= 1.8) & (lr_s <= 2.2)
     first = int(np.argmax(lr_s >= 1.8)) if (lr_s >= 1.8).any() else -1
     after = lr_s[first:] if first >= 0 else lr_s[:0]
-    return {"first": first, "edge_steps": int(edge.sum()), "mean": float(np.nanmean(after)) if after.size else np.nan,
-            "max": float(np.nanmax(lr_s)), "final_loss": float(loss[-1]), "initial": float(lr_s[0])}
+    return {
+        "first": first,
+        "edge_steps": int(edge.sum()),
+        "mean": float(np.nanmean(after)) if after.size else np.nan,
+        "max": float(np.nanmax(lr_s)),
+        "final_loss": float(loss[-1]),
+        "initial": float(lr_s[0]),
+    }
 
 
 DEFAULT_SIZES = {  # the parameter counts of docs/problems.md: each architecture at its default size
@@ -97,8 +103,10 @@ def main() -> None:
     parameter_counts()
     overrides = dict(item.split("=") for item in args.lr)
     only = set(args.only.split(",")) if args.only else None
-    print("| entry | params (default size) | grad ms | hvp ms | lr | lr S at 0 | first EoS | EoS steps / steps "
-          "| mean lr S after | max lr S | final loss |")
+    print(
+        "| entry | params (default size) | grad ms | hvp ms | lr | lr S at 0 | first EoS | EoS steps / steps "
+        "| mean lr S after | max lr S | final loss |"
+    )
     print("|---" * 11 + "|")
     for entry in ARCHITECTURES:
         if only and entry.name not in only:
@@ -111,8 +119,14 @@ def main() -> None:
         if not args.no_run:
             steps = args.steps or table["steps"]
             r = eos_run(table, steps)
-            cells += [f"{r['initial']:.3f}", str(r["first"]), f"{r['edge_steps']} / {steps}", f"{r['mean']:.3f}",
-                      f"{r['max']:.3f}", f"{r['final_loss']:.4g}"]
+            cells += [
+                f"{r['initial']:.3f}",
+                str(r["first"]),
+                f"{r['edge_steps']} / {steps}",
+                f"{r['mean']:.3f}",
+                f"{r['max']:.3f}",
+                f"{r['final_loss']:.4g}",
+            ]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -47,7 +47,10 @@ PROCESSES = ["gd", "gradient_flow", "projected_flow", "central_flow"]
 
 def reference_spec(args) -> dict:
     return {
-        "steps": args.steps, "lr": args.lr, "dtype": args.dtype, "processes": PROCESSES,
+        "steps": args.steps,
+        "lr": args.lr,
+        "dtype": args.dtype,
+        "processes": PROCESSES,
         "problem": {"name": "mlp_regression"},  # its defaults are the reference problem
         "spectrum": {"k": 5, "k_max": 5},
         **{name: {"substeps": 4} for name in PROCESSES[1:]},
@@ -72,8 +75,10 @@ def timing(args) -> None:
     late, _ = central.advance(central.init(problem.w0), args.steps - tail)
     jobs.append(("central_flow (last 1/3)", central, late, tail))
     rows = {label: {k: np.asarray(v) for k, v in p.advance(s, n)[1].items()} for label, p, s, n in jobs}  # compile
-    print(f"reference problem: {problem.w0.size} parameters, {args.dtype}, lr {args.lr}, {args.steps} steps; "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(
+        f"reference problem: {problem.w0.size} parameters, {args.dtype}, lr {args.lr}, {args.steps} steps; "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
     per_step = {label: [] for label, *_ in jobs}
     for _ in range(args.repeats):  # round robin, so that a change of load hits every process alike
         for label, process, state, steps in jobs:
@@ -81,13 +86,17 @@ def timing(args) -> None:
     print(f"{'process':<24}{'best ms/step':>13}{'median':>9}{'grads':>7}{'hvps':>7}{'D3':>6}{'max m':>7}")
     for label, times in per_step.items():
         r = rows[label]
-        print(f"{label:<24}{min(times):>13.2f}{np.median(times):>9.2f}{r.get('grads', np.ones(1)).mean():>7.1f}"
-              f"{r['hvps'].mean():>7.1f}{r.get('third_derivatives', np.zeros(1)).mean():>6.1f}"
-              f"{int(r.get('critical', np.zeros(1)).max()):>7d}")
+        print(
+            f"{label:<24}{min(times):>13.2f}{np.median(times):>9.2f}{r.get('grads', np.ones(1)).mean():>7.1f}"
+            f"{r['hvps'].mean():>7.1f}{r.get('third_derivatives', np.zeros(1)).mean():>6.1f}"
+            f"{int(r.get('critical', np.zeros(1)).max()):>7d}"
+        )
     gd = min(per_step["gd"])
-    print(f"central flow / GD-with-eigenpairs: {min(per_step['central_flow']) / gd:.2f} over the whole run, "
-          f"{min(per_step['central_flow (last 1/3)']) / gd:.2f} over its last third (best of {args.repeats}); "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"central flow / GD-with-eigenpairs: {min(per_step['central_flow']) / gd:.2f} over the whole run, "
+        f"{min(per_step['central_flow (last 1/3)']) / gd:.2f} over its last third (best of {args.repeats}); "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
 
 
 def accuracy(args) -> None:
@@ -97,10 +106,14 @@ def accuracy(args) -> None:
     gd, gf = ds.sel(process="gd"), ds.sel(process="gradient_flow")
     smooth = gaussian_filter1d(gd.loss.values.astype(np.float64), args.width, mode="nearest")
     edge = 2 / args.lr
-    print(f"\naccuracy ({args.dtype}): GD's loss smoothed by a Gaussian of width {args.width} steps; EoS phase = "
-          f"steps where the flow's Sigma != 0, less {3 * args.width} steps at each end")
-    print(f"{'process':<16}{'EoS from':>9}{'d/d_GF end':>11}{'d/d_GF last100':>15}{'loss err max':>13}"
-          f"{'mean':>7}{'|S eta/2 - 1| max':>19}{'max m':>7}")
+    print(
+        f"\naccuracy ({args.dtype}): GD's loss smoothed by a Gaussian of width {args.width} steps; EoS phase = "
+        f"steps where the flow's Sigma != 0, less {3 * args.width} steps at each end"
+    )
+    print(
+        f"{'process':<16}{'EoS from':>9}{'d/d_GF end':>11}{'d/d_GF last100':>15}{'loss err max':>13}"
+        f"{'mean':>7}{'|S eta/2 - 1| max':>19}{'max m':>7}"
+    )
     for name in ("projected_flow", "central_flow"):
         flow = ds.sel(process=name)
         active = flow.amplitude.values > 0
@@ -110,8 +123,10 @@ def accuracy(args) -> None:
         ratio_end = float(flow.distance[-1] / gf.distance[-1])
         ratio_tail = float(flow.distance[-100:].mean() / gf.distance[-100:].mean())
         pinned = np.abs(flow.sharpness.values[active] / edge - 1).max() if active.any() else np.nan
-        print(f"{name:<16}{eos:>9d}{ratio_end:>11.3f}{ratio_tail:>15.3f}{error.max():>13.3%}{error.mean():>7.2%}"
-              f"{pinned:>19.2e}{int(np.nanmax(flow.critical.values)):>7d}")
+        print(
+            f"{name:<16}{eos:>9d}{ratio_end:>11.3f}{ratio_tail:>15.3f}{error.max():>13.3%}{error.mean():>7.2%}"
+            f"{pinned:>19.2e}{int(np.nanmax(flow.critical.values)):>7d}"
+        )
     reached = np.nanmax(gd.eigenvalues.values, axis=0) / edge
     print("GD's tracked eigenvalues reach (max over the run) / (2/eta):", np.round(reached, 3))
 
@@ -120,34 +135,43 @@ def digits(args) -> None:
     from eosflow.cli import demo_table
     from eosflow.spectrum import lanczos
 
-    print("| d | k | phase | steps | HVPs / step | of which eigensolver | grad-equiv. / step | "
-          "median rel. error (top k) | max rel. error | steps with a residual > tol |")
+    print(
+        "| d | k | phase | steps | HVPs / step | of which eigensolver | grad-equiv. / step | "
+        "median rel. error (top k) | max rel. error | steps with a residual > tol |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for width in ([32] if args.quick else [32, 140]):
+    for width in [32] if args.quick else [32, 140]:
         for k in (1, 3):
             table = demo_table()
-            table.update(steps=args.digits_steps, processes=["central_flow"],
-                         spectrum={"k": k, "k_max": k, "tol": args.tol},
-                         record={"chunk": 100, "params_every": args.every})
+            table.update(
+                steps=args.digits_steps,
+                processes=["central_flow"],
+                spectrum={"k": k, "k_max": k, "tol": args.tol},
+                record={"chunk": 100, "params_every": args.every},
+            )
             table["problem"]["width"] = width
             with tempfile.TemporaryDirectory() as out:
                 run(table, out)
                 ds = eosflow.load(out).sel(process="central_flow")
                 checks, params = eosflow.load_params(out, "central_flow")
             objective64 = prepare({**table, "dtype": "float64"})[1].objective
-            oracle = np.array([lanczos(objective64, jax.numpy.asarray(w, "float64"), k=k, tol=0.0).values
-                               for w in params])
+            oracle = np.array(
+                [lanczos(objective64, jax.numpy.asarray(w, "float64"), k=k, tol=0.0).values for w in params]
+            )
             measured = ds.eigenvalues.values[np.asarray(checks), :k]
             errors = np.max(np.abs(measured - oracle) / oracle, axis=1)
             critical = ds.critical.values
             cost = ds.grads.values + 2 * ds.hvps.values + 4 * ds.third_derivatives.values
             for phase, mask in (("before the edge", critical == 0), ("edge (m >= 1)", critical > 0)):
                 at = mask[np.asarray(checks)]
-                print(f"| {params.shape[1]} | {k} | {phase} | {mask.sum()} | {ds.hvps.values[mask].mean():.1f} | "
-                      f"{ds.measurement_hvps.values[mask].mean():.1f} | {cost[mask].mean():.1f} | "
-                      f"{np.median(errors[at]) if at.any() else np.nan:.1e} | "
-                      f"{errors[at].max() if at.any() else np.nan:.1e} | "
-                      f"{np.mean(ds.residual.values[mask] > args.tol):.0%} |".replace("nan", "-"), flush=True)
+                print(
+                    f"| {params.shape[1]} | {k} | {phase} | {mask.sum()} | {ds.hvps.values[mask].mean():.1f} | "
+                    f"{ds.measurement_hvps.values[mask].mean():.1f} | {cost[mask].mean():.1f} | "
+                    f"{np.median(errors[at]) if at.any() else np.nan:.1e} | "
+                    f"{errors[at].max() if at.any() else np.nan:.1e} | "
+                    f"{np.mean(ds.residual.values[mask] > args.tol):.0%} |".replace("nan", "-"),
+                    flush=True,
+                )
 
 
 def main() -> None:

@@ -42,24 +42,40 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--compile", type=int, nargs="*", default=[], metavar="K",
-                        help="only print the CPU time of the central flow's first advance (compile + 2 steps, "
-                             "float64, lr = 1, n_train 60, width 12) with K tracked pairs")
+    parser.add_argument(
+        "--compile",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="K",
+        help="only print the CPU time of the central flow's first advance (compile + 2 steps, "
+        "float64, lr = 1, n_train 60, width 12) with K tracked pairs",
+    )
     parser.add_argument("--width", type=int, default=32, help="hidden width (32: d = 3,466; 128: d = 26,122)")
     args = parser.parse_args(argv)
     if args.compile:
         for k in args.compile:
             small = {**PROBLEM, "n_train": 60, "width": 12}
-            table = {"lr": 1.0, "dtype": "float64", "problem": small, "processes": ["central_flow"],
-                     "spectrum": {"k": k, "k_max": k}}
+            table = {
+                "lr": 1.0,
+                "dtype": "float64",
+                "problem": small,
+                "processes": ["central_flow"],
+                "spectrum": {"k": k, "k_max": k},
+            }
             _, problem, _, processes = prepare(table)
             flow = processes["central_flow"]
             first = best_ms(lambda f=flow, w=problem.w0: f.advance(f.init(w), 2)[1], 1) / 1e3
             print(f"k = {k}: first advance of the central flow (compile + 2 steps) {first:.1f} s CPU")
         return
     names = ["gd", "gradient_flow", "central_flow"]
-    table = {"lr": 0.4, "dtype": args.dtype, "problem": {**PROBLEM, "width": args.width}, "processes": names,
-             "spectrum": {"k": 1, "k_max": 1, "every": 1}}
+    table = {
+        "lr": 0.4,
+        "dtype": args.dtype,
+        "problem": {**PROBLEM, "width": args.width},
+        "processes": names,
+        "spectrum": {"k": 1, "k_max": 1, "every": 1},
+    }
     _, problem, _, processes = prepare(table)
     gradient = eqx.filter_jit(lambda objective, w: objective.value_and_grad(w))
     jax.block_until_ready(gradient(problem.objective, problem.w0))
@@ -81,14 +97,21 @@ def main(argv=None) -> None:
         rows, ms = counts[name], per_step[name]
         summary = ", ".join(f"{key} {rows[key].mean():.2f}" for key in ("substeps", "grads", "hvps") if key in rows)
         critical = int(rows["critical"].max()) if "critical" in rows else 0
-        print(f"{name:14s} {ms:8.3f} ms/step = {ms / grad_ms:6.2f} gradient-equivalents/step | rows per step: "
-              f"{summary}, critical <= {critical}")
+        print(
+            f"{name:14s} {ms:8.3f} ms/step = {ms / grad_ms:6.2f} gradient-equivalents/step | rows per step: "
+            f"{summary}, critical <= {critical}"
+        )
     # GD with the same measurement is one gradient + the eigensolver: what a flow spends beyond it
     own = {name: (per_step[name] - per_step["gd"]) / grad_ms + 1 for name in names[1:]}
-    print("beyond the eigensolver (t - t_gd + one gradient): " +
-          ", ".join(f"{name} {value:.2f}" for name, value in own.items()) + " gradient-equivalents/step")
-    print(f"central / gradient flow step: {per_step['central_flow'] / per_step['gradient_flow']:.2f} (whole step), "
-          f"{own['central_flow'] / own['gradient_flow']:.2f} (beyond the eigensolver)")
+    print(
+        "beyond the eigensolver (t - t_gd + one gradient): "
+        + ", ".join(f"{name} {value:.2f}" for name, value in own.items())
+        + " gradient-equivalents/step"
+    )
+    print(
+        f"central / gradient flow step: {per_step['central_flow'] / per_step['gradient_flow']:.2f} (whole step), "
+        f"{own['central_flow'] / own['gradient_flow']:.2f} (beyond the eigensolver)"
+    )
 
 
 if __name__ == "__main__":

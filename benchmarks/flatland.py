@@ -76,11 +76,15 @@ def rules_table(example: str, rules, out: Path, steps: int | None) -> None:
     base = load_spec_table(EXAMPLES / example)
     problem = problem_of(base)
     floor = flat_sharpness(problem.objective)
-    print(f"\n### {base['problem']['name']} on {base['problem']['dataset']}: {problem.w0.size} parameters, "
-          f"K = {problem.num_classes}, S_flat = {floor:g}, spec {example} ({steps or base['steps']} steps, "
-          f"first trial lr = {base['lr']}, spectrum every {base['spectrum']['every']})\n")
-    print("| rule | loss evals / step (mean, max) | min eta*S | eta*S >= 1-c | eta*S > 2 | > 2 in steps < 100 "
-          "| S/S_flat start -> end (min) | final loss | test acc | seconds |")
+    print(
+        f"\n### {base['problem']['name']} on {base['problem']['dataset']}: {problem.w0.size} parameters, "
+        f"K = {problem.num_classes}, S_flat = {floor:g}, spec {example} ({steps or base['steps']} steps, "
+        f"first trial lr = {base['lr']}, spectrum every {base['spectrum']['every']})\n"
+    )
+    print(
+        "| rule | loss evals / step (mean, max) | min eta*S | eta*S >= 1-c | eta*S > 2 | > 2 in steps < 100 "
+        "| S/S_flat start -> end (min) | final loss | test acc | seconds |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, process, options in rules:
         seconds = run_rule(base, process, options, out, steps)
@@ -91,17 +95,21 @@ def rules_table(example: str, rules, out: Path, steps: int | None) -> None:
         early = m["steps"] < 100
         evals = d["loss_evals"].values
         s = m["sharpness"] / floor
-        print(f"| {label} | {np.mean(evals):.2f}, {int(np.max(evals))} | {m['lr_sharpness'].min():.3f} | "
-              f"{np.mean(m['lr_sharpness'] >= 1 - c):.2f} | {np.mean(m['lr_sharpness'] > 2):.2f} | "
-              f"{np.mean(m['lr_sharpness'][early] > 2):.2f} | {s[0]:.2f} -> {np.mean(s[-5:]):.2f} ({s.min():.2f}) | "
-              f"{np.mean(d['loss'].values[-50:]):.4f} | {last_finite(d['test_accuracy'].values):.3f} | {seconds:.0f} |",
-              flush=True)
+        print(
+            f"| {label} | {np.mean(evals):.2f}, {int(np.max(evals))} | {m['lr_sharpness'].min():.3f} | "
+            f"{np.mean(m['lr_sharpness'] >= 1 - c):.2f} | {np.mean(m['lr_sharpness'] > 2):.2f} | "
+            f"{np.mean(m['lr_sharpness'][early] > 2):.2f} | {s[0]:.2f} -> {np.mean(s[-5:]):.2f} ({s.min():.2f}) | "
+            f"{np.mean(d['loss'].values[-50:]):.4f} | {last_finite(d['test_accuracy'].values):.3f} | {seconds:.0f} |",
+            flush=True,
+        )
 
 
 def saddle_table(out: Path, steps: int | None) -> None:
     print("\n### the flat-saddle failure and the cap (examples/flatland_flat_saddle*.toml)\n")
-    print("| run | eta over the last 200 steps (median) | loss, last 200 steps (mean, min) | random-guess loss "
-          "| S/S_flat end (min) | train acc | test acc | seconds |")
+    print(
+        "| run | eta over the last 200 steps (median) | loss, last 200 steps (mean, min) | random-guess loss "
+        "| S/S_flat end (min) | train acc | test acc | seconds |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for example in ("flatland_flat_saddle.toml", "flatland_flat_saddle_capped.toml"):
         table = load_spec_table(EXAMPLES / example)
@@ -117,14 +125,25 @@ def saddle_table(out: Path, steps: int | None) -> None:
         m = measured(ds, "nls")
         s = m["sharpness"] / floor
         loss = d["loss"].values[-200:]
-        print(f"| {example} | {np.median(d['lr'].values[-200:]):.3f} | {loss.mean():.4f}, {loss.min():.4f} | "
-              f"{0.5 * (1 - 1 / classes):.3f} | {np.mean(s[-5:]):.2f} ({s.min():.2f}) | "
-              f"{last_finite(d['train_accuracy'].values):.3f} | {last_finite(d['test_accuracy'].values):.3f} | "
-              f"{seconds:.0f} |", flush=True)
+        print(
+            f"| {example} | {np.median(d['lr'].values[-200:]):.3f} | {loss.mean():.4f}, {loss.min():.4f} | "
+            f"{0.5 * (1 - 1 / classes):.3f} | {np.mean(s[-5:]):.2f} ({s.min():.2f}) | "
+            f"{last_finite(d['train_accuracy'].values):.3f} | {last_finite(d['test_accuracy'].values):.3f} | "
+            f"{seconds:.0f} |",
+            flush=True,
+        )
 
 
-SMALL_MLP = {"name": "mlp", "dataset": "digits", "n_train": 100, "n_test": 30, "width": 16, "depth": 2,
-             "activation": "tanh", "loss": "mse"}  # the second network of tests/test_flatland.py (float64 there)
+SMALL_MLP = {
+    "name": "mlp",
+    "dataset": "digits",
+    "n_train": 100,
+    "n_test": 30,
+    "width": 16,
+    "depth": 2,
+    "activation": "tanh",
+    "loss": "mse",
+}  # the second network of tests/test_flatland.py (float64 there)
 
 
 def trials_table(out: Path, steps: int | None, small: bool) -> None:
@@ -133,10 +152,14 @@ def trials_table(out: Path, steps: int | None, small: bool) -> None:
     if small:
         base = {**base, "problem": SMALL_MLP, "spectrum": {**base["spectrum"], "every": 1}}
     name = "tanh MLP 16-16 on 100 digits, float32, sharpness every step" if small else "flatland_mlp_digits.toml"
-    print(f"\n### first trial step and refinement ({name}, nls, {steps or base['steps']} steps; "
-          f"eta*S at the measured steps after step 20)\n")
-    print("| first trial | refine | loss evals / step (mean, max) | eta*S > 2 after step 20 | min eta*S | median eta "
-          "| final loss |")
+    print(
+        f"\n### first trial step and refinement ({name}, nls, {steps or base['steps']} steps; "
+        f"eta*S at the measured steps after step 20)\n"
+    )
+    print(
+        "| first trial | refine | loss evals / step (mean, max) | eta*S > 2 after step 20 | min eta*S | median eta "
+        "| final loss |"
+    )
     print("|---|---|---|---|---|---|---|")
     for trial in (1e-3, 1e-2, 0.05, 0.3, 1.0):
         for refine in (0, 2):
@@ -145,9 +168,12 @@ def trials_table(out: Path, steps: int | None, small: bool) -> None:
             d, m = ds.sel(process="nls"), measured(ds, "nls")
             late = m["steps"] > 20
             evals = d["loss_evals"].values
-            print(f"| {trial:g} | {refine} | {np.mean(evals):.2f}, {int(np.max(evals))} | "
-                  f"{np.mean(m['lr_sharpness'][late] > 2):.2f} | {m['lr_sharpness'][late].min():.3f} | "
-                  f"{np.median(d['lr'].values[20:]):.3f} | {np.mean(d['loss'].values[-50:]):.4f} |", flush=True)
+            print(
+                f"| {trial:g} | {refine} | {np.mean(evals):.2f}, {int(np.max(evals))} | "
+                f"{np.mean(m['lr_sharpness'][late] > 2):.2f} | {m['lr_sharpness'][late].min():.3f} | "
+                f"{np.median(d['lr'].values[20:]):.3f} | {np.mean(d['loss'].values[-50:]):.4f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -155,8 +181,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="scratch run directory (default: a temporary one)")
     parser.add_argument("--parts", default="mlp,cnn,saddle,trials", help="comma-separated: mlp, cnn, saddle, trials")
     parser.add_argument("--steps", type=int, default=None, help="override the examples' step counts")
-    parser.add_argument("--small", action="store_true",
-                        help="trials: the small tanh MLP 16-16 instead of the example's")
+    parser.add_argument(
+        "--small", action="store_true", help="trials: the small tanh MLP 16-16 instead of the example's"
+    )
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="flatland-")) / "run"
     parts = args.parts.split(",")

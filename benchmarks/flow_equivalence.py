@@ -59,8 +59,16 @@ CASES = [
 def run_case(problem: dict, lr: float, steps: int, process: str, options: dict, k_max: int) -> dict[str, np.ndarray]:
     """Rows of ``steps`` steps; k_max < 0 tracks |k_max| eigenpairs from the start (k = k_max)."""
     spectrum = {"k": -k_max, "k_max": -k_max} if k_max < 0 else {"k": 1, "k_max": k_max}
-    table = {"lr": lr, "dtype": "float64", "seed": 0, "steps": steps, "processes": [process], "problem": problem,
-             "spectrum": spectrum, process: options}
+    table = {
+        "lr": lr,
+        "dtype": "float64",
+        "seed": 0,
+        "steps": steps,
+        "processes": [process],
+        "problem": problem,
+        "spectrum": spectrum,
+        process: options,
+    }
     _, built, _, processes = prepare(table)
     flow = processes[process]
     state = flow.init(built.w0)
@@ -87,8 +95,11 @@ def main(argv=None) -> int:
         if not args.against:
             print(f"{label}: {len(rows)} columns x {steps} steps", flush=True)
             continue
-        base = {key[len(label) + 1:]: value for key, value in stored.items()
-                if key.startswith(label + "/") and "/" not in key[len(label) + 1:]}
+        base = {
+            key[len(label) + 1 :]: value
+            for key, value in stored.items()
+            if key.startswith(label + "/") and "/" not in key[len(label) + 1 :]
+        }
         common = sorted((set(base) & set(rows)) - set(COST))
         # the experiment drops a process at its first non-finite loss: compare the steps before it
         finite = np.isfinite(base["loss"])

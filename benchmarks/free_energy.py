@@ -56,7 +56,7 @@ def block_rms_error(prediction: np.ndarray, target: np.ndarray, block: int) -> f
 
 
 def local_median(x: np.ndarray, half_width: int = 25) -> np.ndarray:
-    return np.array([np.median(x[max(0, k - half_width):k + half_width]) for k in range(len(x))])
+    return np.array([np.median(x[max(0, k - half_width) : k + half_width]) for k in range(len(x))])
 
 
 def spikes(x: np.ndarray, relative_prominence: float, start: int) -> np.ndarray:
@@ -101,8 +101,10 @@ def eigenspace_shares(run_dir: str, k: int, window: int, start: int) -> tuple[fl
         within.append(np.linalg.norm(projection))
     phase = slice(start + window - 1, len(delta) - window)  # delta[i] is step i + 1
     total = np.mean(box_rms(np.linalg.norm(delta, axis=1), window)[phase])
-    return (float(np.mean(box_rms(np.array(top), window)[phase]) / total),
-            float(np.mean(box_rms(np.array(within), window)[phase]) / total))
+    return (
+        float(np.mean(box_rms(np.array(top), window)[phase]) / total),
+        float(np.mean(box_rms(np.array(within), window)[phase]) / total),
+    )
 
 
 def analyze(run_dir: str, window: int) -> dict:
@@ -117,12 +119,18 @@ def analyze(run_dir: str, window: int) -> dict:
     free_energy, centre_loss = model.free_energy.values, model.loss.values
     out = {
         "eos_start": start,
-        "envelope_gd": float(np.mean(envelope)), "envelope_model": float(np.mean(predicted)),
+        "envelope_gd": float(np.mean(envelope)),
+        "envelope_model": float(np.mean(predicted)),
         "envelope_ratio_error": float(np.mean(predicted) / np.mean(envelope) - 1),
         "envelope_pointwise_error": float(np.median(np.abs(predicted - envelope) / envelope)),
-        **{f"envelope_block{b}_error": block_rms_error(
-            np.nan_to_num(predicted_amplitude(ds, "free_energy"))[phase],
-            np.nan_to_num(gd.oscillation.values)[phase], b) for b in (20, 50, 100, 200)},
+        **{
+            f"envelope_block{b}_error": block_rms_error(
+                np.nan_to_num(predicted_amplitude(ds, "free_energy"))[phase],
+                np.nan_to_num(gd.oscillation.values)[phase],
+                b,
+            )
+            for b in (20, 50, 100, 200)
+        },
         "loss_error_F": float(np.mean(np.abs(box_mean(free_energy, window)[phase] / gd_average - 1))),
         "loss_error_L": float(np.mean(np.abs(box_mean(centre_loss, window)[phase] / gd_average - 1))),
     }
@@ -154,8 +162,13 @@ def main() -> None:
     parser.add_argument("specs", nargs="*", default=SPECS)
     parser.add_argument("--skip-run", action="store_true", help="analyze /tmp/eosflow_free_energy/<name> only")
     parser.add_argument("--window", type=int, default=20, help="smoothing window (steps)")
-    parser.add_argument("--eigenspace", type=int, default=0, metavar="K",
-                        help="also measure GD's oscillation share on its top eigenvector and top-K eigenspace")
+    parser.add_argument(
+        "--eigenspace",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also measure GD's oscillation share on its top eigenvector and top-K eigenspace",
+    )
     args = parser.parse_args()
     for path in args.specs:
         spec = tomllib.loads(Path(path).read_text())

@@ -55,11 +55,14 @@ def main() -> int:
     args = parser.parse_args()
     backend = jax.default_backend()
     if args.device == "gpu" and backend != "gpu":
-        print(f"no GPU: jax {jax.__version__} runs on {backend} ({jax.devices()[0]}); install a CUDA jax "
-              f"(pip install 'jax[cuda12]') on a machine with a GPU, or check the script with --cpu-smoke")
+        print(
+            f"no GPU: jax {jax.__version__} runs on {backend} ({jax.devices()[0]}); install a CUDA jax "
+            f"(pip install 'jax[cuda12]') on a machine with a GPU, or check the script with --cpu-smoke"
+        )
         return 2
-    print(f"jax {jax.__version__} on {jax.devices()[0]} ({backend}); "
-          f"{args.steps} timed steps per case, after compiling")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0]} ({backend}); {args.steps} timed steps per case, after compiling"
+    )
     print("| d | " + " | ".join(f"{label} ms/step (HVPs/step)" for label in CASES) + " |")
     print("|---" * (len(CASES) + 1) + "|")
     for width in args.widths:

@@ -65,32 +65,49 @@ def main() -> None:
     parser.add_argument("--substeps", type=int, default=4, help="Euler substeps per unit time of the particle model")
     parser.add_argument("--skip", type=int, default=30, help="steps of initial transient left out")
     parser.add_argument("--profile", action="store_true", help="print GD and model curves every steps/20")
-    parser.add_argument("--spectrum", action="store_true",
-                        help="print eta N lambda_1..6 of the dense Hessian at GD's two-step centre at 4 times")
+    parser.add_argument(
+        "--spectrum",
+        action="store_true",
+        help="print eta N lambda_1..6 of the dense Hessian at GD's two-step centre at 4 times",
+    )
     parser.add_argument("--figure", default="docs/images/meanfield_joint.png")
     args = parser.parse_args()
     eta, steps = args.eta, args.steps
     curves = {}
     print(f"eta = {eta} (GD lr = N eta), {steps} steps, {args.dataset} set n = {args.n_train}, D = {args.input_dim}")
-    print("relative errors: mean |model - GD| / mean GD over GD's EoS phase (envelope both smoothed over 4 steps);"
-          " 'late': the same over t >= steps/2")
-    print("| N | time s | GD envelope | model envelope | env. err | env. err late | GD 2-step loss | model F"
-          " | loss err | loss err late |")
+    print(
+        "relative errors: mean |model - GD| / mean GD over GD's EoS phase (envelope both smoothed over 4 steps);"
+        " 'late': the same over t >= steps/2"
+    )
+    print(
+        "| N | time s | GD envelope | model envelope | env. err | env. err late | GD 2-step loss | model F"
+        " | loss err | loss err late |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for width in args.widths:
-        problem, _ = build_problem({"name": "two_layer_meanfield", "width": width, "n_train": args.n_train,
-                                    "dataset": args.dataset, "input_dim": args.input_dim, "noise": args.noise},
-                                   0, "float64")
+        problem, _ = build_problem(
+            {
+                "name": "two_layer_meanfield",
+                "width": width,
+                "n_train": args.n_train,
+                "dataset": args.dataset,
+                "input_dim": args.input_dim,
+                "noise": args.noise,
+            },
+            0,
+            "float64",
+        )
         start = time.time()
         iterates, losses = mf.particle_gd(problem.objective, problem.w0, width, eta, steps + 1)
-        _, observed, snapshots = mf.particle_model(problem.objective, problem.w0, width, eta, steps,
-                                                   substeps=args.substeps, record_every=max(1, steps // 6))
+        _, observed, snapshots = mf.particle_model(
+            problem.objective, problem.w0, width, eta, steps, substeps=args.substeps, record_every=max(1, steps // 6)
+        )
         elapsed = time.time() - start
         observed = mf.macroscopic(observed)
         _, delta = mf.gd_oscillation(np.asarray(iterates))  # k = 1 .. steps
         gd_env = np.sqrt(np.mean(np.sum(delta**2, axis=2), axis=1))[: steps - 1]
         gd_loss = np.asarray(losses)
-        gd_avg = 0.5 * (gd_loss[1:steps] + gd_loss[2:steps + 1])  # two-step average, k = 1 .. steps-1
+        gd_avg = 0.5 * (gd_loss[1:steps] + gd_loss[2 : steps + 1])  # two-step average, k = 1 .. steps-1
         model_env, model_loss = observed["amplitude"][1:steps], observed["averaged_risk"][1:steps]
         time_index = np.arange(len(gd_env))
         after_catapult = time_index >= args.skip
@@ -99,9 +116,11 @@ def main() -> None:
         env_gd, env_model = smooth(gd_env, 4), smooth(model_env, 4)
         env_err, env_late = (relative_error(env_model, env_gd, mask[3:]) for mask in (eos, late))
         loss_err, loss_late = (relative_error(model_loss, gd_avg, mask) for mask in (eos, late))
-        print(f"| {width} | {elapsed:.0f} | {np.mean(gd_env[eos]):.4g} | {np.mean(model_env[eos]):.4g} | "
-              f"{env_err:.3f} | {env_late:.3f} | {np.mean(gd_avg[eos]):.3g} | {np.mean(model_loss[eos]):.3g} | "
-              f"{loss_err:.3f} | {loss_late:.3f} |")
+        print(
+            f"| {width} | {elapsed:.0f} | {np.mean(gd_env[eos]):.4g} | {np.mean(model_env[eos]):.4g} | "
+            f"{env_err:.3f} | {env_late:.3f} | {np.mean(gd_avg[eos]):.3g} | {np.mean(model_loss[eos]):.3g} | "
+            f"{loss_err:.3f} | {loss_late:.3f} |"
+        )
         curves[width] = (observed, snapshots, {"averaged_risk": gd_avg, "amplitude": gd_env})
         if args.spectrum:
             for t in (steps // 10, 3 * steps // 10, 6 * steps // 10, 9 * steps // 10):
@@ -110,16 +129,22 @@ def main() -> None:
                 print(f"   t={t} eta N lambda_1..6 at GD's two-step centre: {np.round(eta * width * top, 3)}")
         if args.profile:
             for t in range(0, steps - 1, max(1, steps // 20)):
-                print(f"   t={t + 1} GD env {gd_env[t]:.3g} model env {model_env[t]:.3g} "
-                      f"GD loss {gd_avg[t]:.3g} model F {model_loss[t]:.3g}")
+                print(
+                    f"   t={t + 1} GD env {gd_env[t]:.3g} model env {model_env[t]:.3g} "
+                    f"GD loss {gd_avg[t]:.3g} model F {model_loss[t]:.3g}"
+                )
 
     reference = max(curves)
     print(f"\nconvergence in N (reference N = {reference}); error = RMS over t of the curve minus the reference's")
     print("| N | model loss | model envelope | model free energy | GD loss | GD envelope |")
     print("|---|---|---|---|---|---|")
-    columns = [(0, "averaged_risk", "model loss"), (0, "amplitude", "model envelope"),
-               (0, "free_energy", "model free energy"), (2, "averaged_risk", "GD loss"),
-               (2, "amplitude", "GD envelope")]
+    columns = [
+        (0, "averaged_risk", "model loss"),
+        (0, "amplitude", "model envelope"),
+        (0, "free_energy", "model free energy"),
+        (2, "averaged_risk", "GD loss"),
+        (2, "amplitude", "GD envelope"),
+    ]
     errors = {label: [] for _, _, label in columns}
     smaller = [width for width in sorted(curves) if width != reference]
     for width in smaller:
@@ -141,8 +166,10 @@ def main() -> None:
         smoothed = smooth(energy[10:], window)
         rises = np.diff(smoothed)
         scale = np.max(np.abs(energy[10:] - energy[-1])) + 1e-300
-        print(f"macroscopic free energy (N = {reference}, t >= 10, window {window}): "
-              f"{np.mean(rises > 0):.3f} of steps increase, largest rise {rises.max() / scale:.2e} of its range")
+        print(
+            f"macroscopic free energy (N = {reference}, t >= 10, window {window}): "
+            f"{np.mean(rises > 0):.3f} of steps increase, largest rise {rises.max() / scale:.2e} of its range"
+        )
     raw = np.diff(observed["risk"][10:])
     print(f"risk at the centres: {np.mean(raw > 0):.3f} of steps increase")
     record = np.arange(0, steps, max(1, steps // 6))

@@ -64,8 +64,14 @@ def train(optimizer, problem, steps: int, every: int, monitor: bool, record: lis
             history.append(_flat(params))
         params, state = step(params, state)
         if record is not None and monitor and t % every == 0:
-            record.append((t, float(state.reading.sharpness), optimizer.preconditioner(state.inner)
-                           if optimizer.preconditioner else None, int(state.tracker.hvps)))
+            record.append(
+                (
+                    t,
+                    float(state.reading.sharpness),
+                    optimizer.preconditioner(state.inner) if optimizer.preconditioner else None,
+                    int(state.tracker.hvps),
+                )
+            )
     jax.block_until_ready(params)
     return history, time.perf_counter() - started, state
 
@@ -118,10 +124,14 @@ def accuracy(name, problem32, problem64, optimizer, steps, every, checks):
         t, measured, preconditioner, _ = record[i]
         exact = oracle(problem64, history[t], preconditioner)
         errors.append(abs(measured - exact) / abs(exact))
-        print(f"  {name} step {t:5d}: lr*S tracker {optimizer.lr * measured:.6f}  dense float64 "
-              f"{optimizer.lr * exact:.6f}  relative error {errors[-1]:.2e}")
-    print(f"  {name}: max relative error {max(errors):.2e} over {len(picks)} checked steps; "
-          f"{record[-1][3] / len(record):.1f} HVPs per measurement")
+        print(
+            f"  {name} step {t:5d}: lr*S tracker {optimizer.lr * measured:.6f}  dense float64 "
+            f"{optimizer.lr * exact:.6f}  relative error {errors[-1]:.2e}"
+        )
+    print(
+        f"  {name}: max relative error {max(errors):.2e} over {len(picks)} checked steps; "
+        f"{record[-1][3] / len(record):.1f} HVPs per measurement"
+    )
     return record
 
 
@@ -148,12 +158,16 @@ def main() -> None:
                 runs = [train(sgd, problem32, args.steps, every, True) for _ in range(3)]
                 tracked = min(seconds for _, seconds, _ in runs)
                 hvps = int(runs[0][2].tracker.hvps)
-                print(f"overhead: {args.steps} sgd steps on the demo MLP (d = {problem32.w0.size}), float32: plain "
-                      f"{plain:.3f} s, monitored every {every} {tracked:.3f} s, ratio {tracked / plain:.3f} "
-                      f"({hvps} HVPs, {hvps / (args.steps / every):.1f} per measurement)")
+                print(
+                    f"overhead: {args.steps} sgd steps on the demo MLP (d = {problem32.w0.size}), float32: plain "
+                    f"{plain:.3f} s, monitored every {every} {tracked:.3f} s, ratio {tracked / plain:.3f} "
+                    f"({hvps} HVPs, {hvps / (args.steps / every):.1f} per measurement)"
+                )
             solve_ms, hvp_ms = solver_cost(problem32)
-        print(f"  where it goes: one warm-started k=1 LOBPCG solve {solve_ms:.2f} ms, one HVP {hvp_ms:.3f} ms, "
-              f"one plain step {1e3 * plain / args.steps:.3f} ms")
+        print(
+            f"  where it goes: one warm-started k=1 LOBPCG solve {solve_ms:.2f} ms, one HVP {hvp_ms:.3f} ms, "
+            f"one plain step {1e3 * plain / args.steps:.3f} ms"
+        )
     if "sgd" not in skip:
         with precision("float32"):
             accuracy("sgd", problem32, problem64, optimizer_edges.sgd(lr), args.steps, args.every, args.checks)
@@ -163,11 +177,13 @@ def main() -> None:
             checks = args.checks if args.adam_checks is None else args.adam_checks
             record = accuracy("adam", problem32, problem64, adam, args.adam_steps, args.every, checks)
         ratio = np.array([s * args.adam_lr / 38.0 for _, s, _, _ in record])
-        late = ratio[len(ratio) // 2:]
-        print(f"  adam lr = {args.adam_lr}: lr*S_pre/38 over steps {record[len(ratio) // 2][0]}.."
-              f"{record[-1][0]}: min {late.min():.3f}, 10% {np.percentile(late, 10):.3f}, median "
-              f"{np.median(late):.3f}, 90% {np.percentile(late, 90):.3f}, max {late.max():.3f}; first step "
-              f"with ratio >= 0.95: {next((t for (t, *_), r in zip(record, ratio) if r >= 0.95), None)}")
+        late = ratio[len(ratio) // 2 :]
+        print(
+            f"  adam lr = {args.adam_lr}: lr*S_pre/38 over steps {record[len(ratio) // 2][0]}.."
+            f"{record[-1][0]}: min {late.min():.3f}, 10% {np.percentile(late, 10):.3f}, median "
+            f"{np.median(late):.3f}, 90% {np.percentile(late, 90):.3f}, max {late.max():.3f}; first step "
+            f"with ratio >= 0.95: {next((t for (t, *_), r in zip(record, ratio) if r >= 0.95), None)}"
+        )
 
 
 if __name__ == "__main__":

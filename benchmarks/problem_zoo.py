@@ -46,8 +46,10 @@ def factorization_table(lr: float = 0.077, steps: int = 4000) -> None:
     for scale in (3.0, 5.0, 5.5, 6.0):
         table = {"name": "matrix_factorization", "dim": 2, "depth": 3, "target_scale": scale}
         sharpness, loss, _ = gd_trajectory(table, lr, steps)
-        print(f"| {scale} | {3 * scale ** (4 / 3):.2f} | {sharpness[-500:].mean():.2f} | "
-              f"{loss[-500:].min():.3g} .. {loss[-500:].max():.3g} |")
+        print(
+            f"| {scale} | {3 * scale ** (4 / 3):.2f} | {sharpness[-500:].mean():.2f} | "
+            f"{loss[-500:].min():.3g} .. {loss[-500:].max():.3g} |"
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def data(seed: int = 0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, IN))
     y = np.tanh(x @ rng.standard_normal((IN, OUT)))
-    w0 = np.concatenate([rng.standard_normal(IN * HIDDEN) / np.sqrt(IN), rng.standard_normal(HIDDEN * OUT) / np.sqrt(HIDDEN)])
+    w0 = np.concatenate(
+        [rng.standard_normal(IN * HIDDEN) / np.sqrt(IN), rng.standard_normal(HIDDEN * OUT) / np.sqrt(HIDDEN)]
+    )
     return x, y, w0
 
 
@@ -38,7 +40,7 @@ def loss_fn(lib, x, y):
 
     def loss(w):
         w1 = w[: IN * HIDDEN].reshape(IN, HIDDEN)
-        w2 = w[IN * HIDDEN:].reshape(HIDDEN, OUT)
+        w2 = w[IN * HIDDEN :].reshape(HIDDEN, OUT)
         residual = lib.tanh(x @ w1) @ w2 - y
         return 0.5 * (residual**2).sum(-1).mean()
 
@@ -63,13 +65,20 @@ def ours(x, y, w0, lr, beta2, eps, steps):
     rule = RMSPropOptions(beta2=beta2, eps=eps).rule()
     spectrum = SpectrumSpec(every=1, k=1, k_max=4, tol=1e-10, max_iters=100)
     options = PreconditionedCentralOptions(substeps=4, max_substeps=4, margin=0.025, moments="reference")
-    flow = PreconditionedCentralFlow(name="rmsprop_central_flow", lr=lr, spectrum=spectrum, key=jax.random.PRNGKey(0),
-                                     objective=objective, moments=ContinuousMoments(rule, lr, "reference"),
-                                     options=options)
+    flow = PreconditionedCentralFlow(
+        name="rmsprop_central_flow",
+        lr=lr,
+        spectrum=spectrum,
+        key=jax.random.PRNGKey(0),
+        objective=objective,
+        moments=ContinuousMoments(rule, lr, "reference"),
+        options=options,
+    )
     w0 = jnp.asarray(w0)
     state, rows = flow.advance(flow.init(w0), steps)
-    optimizer = AdaptiveOptimizer(name="rmsprop", lr=lr, spectrum=spectrum, key=jax.random.PRNGKey(0),
-                                  objective=objective, rule=rule)
+    optimizer = AdaptiveOptimizer(
+        name="rmsprop", lr=lr, spectrum=spectrum, key=jax.random.PRNGKey(0), objective=objective, rule=rule
+    )
     _, discrete = optimizer.advance(optimizer.init(w0), steps)
     positions = np.concatenate([np.asarray(rows["position"]), np.asarray(state.z.w)[None]])
     nus = None  # nu along the way is not a row; the final one is compared
@@ -86,11 +95,10 @@ def reference(repo: str, x, y, w0, lr, beta2, eps, steps):
 
         sys.modules["datasets"] = types.SimpleNamespace(load_dataset=None)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(torch.float64)  # CPU, and X back to float64
+    from src import sdcp as reference_sdcp
     from src.loss_function import LossFunction
     from src.processes import CentralFlow, CentralFlowConfig, EigConfig
     from src.update_rules import RMSProp
-
-    from src import sdcp as reference_sdcp
 
     solve = cvxpy.Problem.solve
 
@@ -102,9 +110,14 @@ def reference(repo: str, x, y, w0, lr, beta2, eps, steps):
     loss = loss_fn(torch, torch.as_tensor(x), torch.as_tensor(y))
     opt = RMSProp(lr=lr, beta2=beta2, eps=eps, bias_correction=False)
     w = torch.as_tensor(w0)
-    process = CentralFlow(opt=opt, loss_fn=LossFunction(loss), w=w, state=opt.initialize_state(w),
-                          eig_config=EigConfig(frequency=1, track_threshold=1.5, initial_neigs=1, tol=1e-10),
-                          config=CentralFlowConfig(nsubsteps=4, sdcp_threshold=1.95))
+    process = CentralFlow(
+        opt=opt,
+        loss_fn=LossFunction(loss),
+        w=w,
+        state=opt.initialize_state(w),
+        eig_config=EigConfig(frequency=1, track_threshold=1.5, initial_neigs=1, tol=1e-10),
+        config=CentralFlowConfig(nsubsteps=4, sdcp_threshold=1.95),
+    )
     positions = [process.w.detach().numpy().copy()]
     for _ in range(steps):
         process.prepare()
@@ -134,7 +147,8 @@ def main() -> None:
         c = critical[t] if t < critical.size else -1
         print(f"{t:4d}  {relative[t]:.3e}  {e:.4f}  {c}")
     print(f"largest relative distance over steps 1..{args.steps}: {np.max(relative[1:]):.3e}")
-    print(f"final nu: |nu_ours - nu_ref| / |nu_ref| = {np.linalg.norm(nu_mine - nu_theirs) / np.linalg.norm(nu_theirs):.3e}")
+    nu_error = np.linalg.norm(nu_mine - nu_theirs) / np.linalg.norm(nu_theirs)
+    print(f"final nu: |nu_ours - nu_ref| / |nu_ref| = {nu_error:.3e}")
 
 
 if __name__ == "__main__":

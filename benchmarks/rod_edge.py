@@ -56,15 +56,38 @@ def cases() -> dict[str, dict]:
         demo = tomllib.loads(DEMO.read_text())
         mlp = {key: demo[key] for key in ("steps", "lr", "dtype", "problem", "spectrum", "seed") if key in demo}
     return {
-        "quartic": {**toy, "steps": 300, "lr": 0.08, "spectrum": {"k_max": 1},
-                    "problem": {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "init": 0.01}},
+        "quartic": {
+            **toy,
+            "steps": 300,
+            "lr": 0.08,
+            "spectrum": {"k_max": 1},
+            "problem": {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "init": 0.01},
+        },
         # the pull towards x = 2 keeps the loss positive (relative loss errors mean something)
-        "sharp_valley": {**toy, "steps": 1500, "lr": 0.1, "spectrum": {"k_max": 2},
-                         "problem": {"name": "sharp_valley", "profile": "exp", "sharpness": 5.0, "rate": 1.0,
-                                     "bend": 1.0, "drift": "quadratic", "target": 2.0, "eps": 0.02, "y0": 0.1}},
-        "matrix_factorization": {**toy, "steps": 1500, "lr": 0.077, "spectrum": {"k": 2, "k_max": 4},
-                                 "problem": {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1,
-                                             "target_scale": 5.5}},
+        "sharp_valley": {
+            **toy,
+            "steps": 1500,
+            "lr": 0.1,
+            "spectrum": {"k_max": 2},
+            "problem": {
+                "name": "sharp_valley",
+                "profile": "exp",
+                "sharpness": 5.0,
+                "rate": 1.0,
+                "bend": 1.0,
+                "drift": "quadratic",
+                "target": 2.0,
+                "eps": 0.02,
+                "y0": 0.1,
+            },
+        },
+        "matrix_factorization": {
+            **toy,
+            "steps": 1500,
+            "lr": 0.077,
+            "spectrum": {"k": 2, "k_max": 4},
+            "problem": {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5},
+        },
         "mlp": mlp,
     }
 
@@ -103,15 +126,20 @@ def relative_error(prediction: np.ndarray, reference: np.ndarray, where: np.ndar
 
 def measure(name: str, table: dict, workdir: Path) -> tuple[list[dict], dict]:
     models = [m for m in MODELS if m in PROCESSES]
-    table = {**table, "name": name, "processes": ["gd", *models], "spectrum": {**table.get("spectrum", {}), "every": 0},
-             "record": {"chunk": 100, "params_every": 1}}
+    table = {
+        **table,
+        "name": name,
+        "processes": ["gd", *models],
+        "spectrum": {**table.get("spectrum", {}), "every": 0},
+        "record": {"chunk": 100, "params_every": 1},
+    }
     outcome = run(table, workdir / name, overwrite=True)
     ds = eosflow.load(workdir / name)
     steps = len(ds.step)
     gd_w = load_params(workdir / name, "gd")[1].astype(np.float64)
     gd_loss = ds.loss.sel(process="gd").values
     oscillation = gd_oscillation(gd_w)
-    threshold = 0.25 * np.median(oscillation[steps // 2:])
+    threshold = 0.25 * np.median(oscillation[steps // 2 :])
     gd_onset = onset(oscillation, threshold)
     eos = np.arange(steps) >= (gd_onset if np.isfinite(gd_onset) else steps)
     everywhere = np.ones(steps, bool)
@@ -131,21 +159,30 @@ def measure(name: str, table: dict, workdir: Path) -> tuple[list[dict], dict]:
         amplitude = d.amplitude.values if "amplitude" in d else np.zeros(steps)
         rms2 = np.sqrt(local_average(offset**2))
         rms20 = np.sqrt(gaussian_filter1d(np.nan_to_num(offset**2), WIDTH, mode="nearest"))
-        results.append({
-            "model": model,
-            "dist": float(np.nanmean(d.distance.values)),
-            "cdist": float(np.mean(cdist)),
-            "loss2": relative_error(d.predicted_loss.values, loss2, everywhere),
-            "loss20": relative_error(d.predicted_loss.values, loss20, everywhere),
-            "amp2": relative_error(amplitude, rms2, eos),
-            "amp20": relative_error(amplitude, rms20, eos),
-            "onset": onset(np.nan_to_num(amplitude), threshold),
-            "dropped": dropped.get(model, ""),
-            **{key: float(np.nanmean(np.nan_to_num(d[key].values))) if key in d else 0.0
-               for key in ("grads", "hvps", "third_derivatives")},
-        })
-    info = {"steps": steps, "status": outcome.status, "gd_onset": gd_onset, "gd_amplitude": 4 * threshold,
-            "dimension": int(gd_w.shape[1])}
+        results.append(
+            {
+                "model": model,
+                "dist": float(np.nanmean(d.distance.values)),
+                "cdist": float(np.mean(cdist)),
+                "loss2": relative_error(d.predicted_loss.values, loss2, everywhere),
+                "loss20": relative_error(d.predicted_loss.values, loss20, everywhere),
+                "amp2": relative_error(amplitude, rms2, eos),
+                "amp20": relative_error(amplitude, rms20, eos),
+                "onset": onset(np.nan_to_num(amplitude), threshold),
+                "dropped": dropped.get(model, ""),
+                **{
+                    key: float(np.nanmean(np.nan_to_num(d[key].values))) if key in d else 0.0
+                    for key in ("grads", "hvps", "third_derivatives")
+                },
+            }
+        )
+    info = {
+        "steps": steps,
+        "status": outcome.status,
+        "gd_onset": gd_onset,
+        "gd_amplitude": 4 * threshold,
+        "dimension": int(gd_w.shape[1]),
+    }
     return results, info
 
 
@@ -167,8 +204,10 @@ def time_models(table: dict, models: list[str], chunk: int = 100) -> dict[str, f
 
 
 def print_table(name: str, results: list[dict], info: dict, timings: dict) -> None:
-    print(f"\n## {name}  (d = {info['dimension']}, {info['steps']} steps, GD EoS onset at step "
-          f"{info['gd_onset']:.0f}, GD's typical EoS half-amplitude {info['gd_amplitude']:.3g})")
+    print(
+        f"\n## {name}  (d = {info['dimension']}, {info['steps']} steps, GD EoS onset at step "
+        f"{info['gd_onset']:.0f}, GD's typical EoS half-amplitude {info['gd_amplitude']:.3g})"
+    )
     gf = next((r["dist"] for r in results if r["model"] == "gradient_flow" and "dist" in r), np.nan)
     header = ("model", "dist", "/GF", "cdist", "loss2", "loss20", "amp2", "amp20", "onset", "grads", "hvps", "d3", "ms")
     print("| " + " | ".join(header) + " |")
@@ -177,11 +216,21 @@ def print_table(name: str, results: list[dict], info: dict, timings: dict) -> No
         if "dist" not in r or r.get("dropped"):
             print(f"| {r['model']} | {r.get('note') or 'diverged: ' + r['dropped']} |")
             continue
-        cells = [r["model"], f"{r['dist']:.3g}", f"{r['dist'] / gf:.2f}", f"{r['cdist']:.3g}",
-                 f"{r['loss2']:.1%}", f"{r['loss20']:.1%}", f"{r['amp2']:.1%}", f"{r['amp20']:.1%}",
-                 "never" if np.isnan(r["onset"]) else f"{r['onset']:.0f}",
-                 f"{r['grads']:.1f}", f"{r['hvps']:.1f}", f"{r['third_derivatives']:.1f}",
-                 f"{timings.get(r['model'], np.nan):.2f}"]
+        cells = [
+            r["model"],
+            f"{r['dist']:.3g}",
+            f"{r['dist'] / gf:.2f}",
+            f"{r['cdist']:.3g}",
+            f"{r['loss2']:.1%}",
+            f"{r['loss20']:.1%}",
+            f"{r['amp2']:.1%}",
+            f"{r['amp20']:.1%}",
+            "never" if np.isnan(r["onset"]) else f"{r['onset']:.0f}",
+            f"{r['grads']:.1f}",
+            f"{r['hvps']:.1f}",
+            f"{r['third_derivatives']:.1f}",
+            f"{timings.get(r['model'], np.nan):.2f}",
+        ]
         print("| " + " | ".join(cells) + " |")
 
 

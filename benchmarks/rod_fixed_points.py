@@ -94,8 +94,10 @@ def main() -> None:
             process, _ = build(name, PROBLEMS[args.problem], lr)
             _, rows = process.advance(process.init(problem.w0), args.steps)
             loss, amplitude = np.asarray(rows["predicted_loss"][-50:]), np.asarray(rows["amplitude"][-50:])
-            line += (f" | {name}: spread loss {np.ptp(loss):.1e} amp {np.ptp(amplitude):.1e}"
-                     f" amp/half-1 {amplitude[-1] / half - 1:+.1e}")
+            line += (
+                f" | {name}: spread loss {np.ptp(loss):.1e} amp {np.ptp(amplitude):.1e}"
+                f" amp/half-1 {amplitude[-1] / half - 1:+.1e}"
+            )
         print(line, flush=True)
         if args.jacobian:
             x, r = jnp.asarray((gd[-2] + gd[-1]) / 2), jnp.asarray((gd[-2] - gd[-1]) / 2)
@@ -104,9 +106,12 @@ def main() -> None:
             gd_map = jax.jacfwd(lambda w, lr=lr, objective=problem.objective: w - lr * objective.grad(w))
             gd_two_step = leading(np.asarray(gd_map(jnp.asarray(gd[-1])) @ gd_map(jnp.asarray(gd[-2]))))
             radii = {kick: two_step_radius(rod, x, r, kick) for kick in ("now", "full", "none")}
-            print(f"    most negative two-step eigenvalue at GD's orbit: kick now {radii['now']:.3f}, full "
-                  f"kick {radii['full']:.3f}, no kick {radii['none']:.3f}; GD {gd_two_step:.3f};  mu "
-                  f"{sum(curvature) / 2:.3f} delta {abs(curvature[0] - curvature[1]) / 2:.3f}", flush=True)
+            print(
+                f"    most negative two-step eigenvalue at GD's orbit: kick now {radii['now']:.3f}, full "
+                f"kick {radii['full']:.3f}, no kick {radii['none']:.3f}; GD {gd_two_step:.3f};  mu "
+                f"{sum(curvature) / 2:.3f} delta {abs(curvature[0] - curvature[1]) / 2:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

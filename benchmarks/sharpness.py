@@ -42,8 +42,13 @@ from eosflow.spectrum import (
 )
 
 LR, EDGE = 0.4, 1.9  # lr S >= EDGE: the edge of stability
-MAIN = ("k=1 tol=1e-3, no guard, previous step", "k=1 tol=3e-3 (GD)", "k=3 tol=1e-3, no guard, previous step",
-        "k=3 tol=1e-3 (GD)", "k=3 tol=3e-3 (GD)")  # --solvers main (and --quick)
+MAIN = (
+    "k=1 tol=1e-3, no guard, previous step",
+    "k=1 tol=3e-3 (GD)",
+    "k=3 tol=1e-3, no guard, previous step",
+    "k=3 tol=1e-3 (GD)",
+    "k=3 tol=3e-3 (GD)",
+)  # --solvers main (and --quick)
 TRACKERS = [  # (label, k, tol, guard, bouncing): bouncing = GD's warm start (vectors of step t - 2 when it bounces)
     ("k=1 tol=1e-3, no guard, previous step", 1, 1e-3, 0, False),
     ("k=1 tol=1e-3, previous step", 1, 1e-3, 1, False),
@@ -78,6 +83,7 @@ def replay(objective, params, k: int, tol: float, guard: int, bouncing: bool | s
     ``"secant"``: from the previous step's, with GD's last step w_t - w_{t-1} (the direction of GD's
     free secant g_t - g_{t-1}) as an extra basis vector (one more HVP).
     """
+
     def measure(w, v, extra=None):
         matvec = jax.vmap(jax.linearize(objective.grad, w)[1], in_axes=1, out_axes=1)
         return lobpcg(matvec, v, tol=tol, max_iters=max_iters, guard=guard, extra=extra)
@@ -115,10 +121,18 @@ def phase_rows(label, hvps, errors, steps_phase, checks_phase, unconverged, wors
         spent, err = hvps[steps_phase[name]], errors[checks_phase[name]]
         if not spent.size:
             continue
-        rows.append((label, name, spent.mean(), 1 + 2 * spent.mean(), np.median(err) if err.size else np.nan,
-                     err.max() if err.size else np.nan,
-                     unconverged[steps_phase[name]].mean() if unconverged is not None else np.nan,
-                     worst_true[checks_phase[name]].max() if worst_true is not None and err.size else np.nan))
+        rows.append(
+            (
+                label,
+                name,
+                spent.mean(),
+                1 + 2 * spent.mean(),
+                np.median(err) if err.size else np.nan,
+                err.max() if err.size else np.nan,
+                unconverged[steps_phase[name]].mean() if unconverged is not None else np.nan,
+                worst_true[checks_phase[name]].max() if worst_true is not None and err.size else np.nan,
+            )
+        )
     return rows
 
 
@@ -129,12 +143,15 @@ def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
     checks = np.arange(10, steps, every)
     oracle = np.array([lanczos(objective64, jnp.asarray(params[t], jnp.float64), k=3, tol=0.0).values for t in checks])
     edge = checks[np.argmax(LR * oracle[:, 0] >= EDGE)] if (LR * oracle[:, 0] >= EDGE).any() else steps
-    print(f"\n## digits MLP width {width}: d = {d}, {steps} GD steps, lr = {LR}; edge of stability "
-          f"(lr S >= {EDGE}) from step {edge}; oracle (ARPACK tol 0, float64) at {len(checks)} steps")
+    print(
+        f"\n## digits MLP width {width}: d = {d}, {steps} GD steps, lr = {LR}; edge of stability "
+        f"(lr S >= {EDGE}) from step {edge}; oracle (ARPACK tol 0, float64) at {len(checks)} steps"
+    )
     gaps = np.abs(np.diff(oracle[checks >= edge], axis=1)) / oracle[checks >= edge, :1]
     if gaps.size:
-        print("median relative gaps lambda_1-lambda_2, lambda_2-lambda_3 at the edge: "
-              f"{np.median(gaps, axis=0).round(4)}")
+        print(
+            f"median relative gaps lambda_1-lambda_2, lambda_2-lambda_3 at the edge: {np.median(gaps, axis=0).round(4)}"
+        )
     steps_phase = {"sharpening": np.arange(10, edge), "edge of stability": np.arange(edge, steps)}
     checks_phase = {"sharpening": checks < edge, "edge of stability": checks >= edge}
 
@@ -145,10 +162,12 @@ def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
         hvps, values, residuals, kept = replay(objective, params, k, tol, guard, bouncing)
         errors = np.max(np.abs(values[checks] - oracle[:, :k]) / oracle[:, :k], axis=1)
         converged = residuals <= tol
-        worst = np.array([
-            np.max(np.where(converged[t], true_residuals(objective64, params[t], values[t], kept[t]), 0.0))
-            for t in checks
-        ])
+        worst = np.array(
+            [
+                np.max(np.where(converged[t], true_residuals(objective64, params[t], values[t], kept[t]), 0.0))
+                for t in checks
+            ]
+        )
         rows += phase_rows(label, hvps, errors, steps_phase, checks_phase, ~np.all(converged, axis=1), worst)
 
     for label, solver in [
@@ -162,14 +181,20 @@ def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
         per_check = {name: checks[mask] for name, mask in checks_phase.items()}
         rows += phase_rows(label, hvps, errors, per_check, checks_phase, None, None)
 
-    print("\n| solver | phase | HVPs / step | grad-equiv. / step (GD + solver) | median rel. error (top k) | "
-          "max rel. error | steps with a residual > tol | max true residual of a converged pair |")
+    print(
+        "\n| solver | phase | HVPs / step | grad-equiv. / step (GD + solver) | median rel. error (top k) | "
+        "max rel. error | steps with a residual > tol | max true residual of a converged pair |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, phase, hvps, equivalents, median, worst, unconverged, true in rows:
-        print(f"| {label} | {phase} | {hvps:.2f} | {equivalents:.1f} | {median:.1e} | {worst:.1e} | "
-              f"{unconverged:.0%} | {true:.1e} |".replace("nan%", "-").replace("nan", "-"))
-    print(f"(width {width}: {time.perf_counter() - started:.0f} s; errors: max over the top k of "
-          f"|theta_i - lambda_i| / lambda_i, median and max over the oracle steps of the phase)")
+        print(
+            f"| {label} | {phase} | {hvps:.2f} | {equivalents:.1f} | {median:.1e} | {worst:.1e} | "
+            f"{unconverged:.0%} | {true:.1e} |".replace("nan%", "-").replace("nan", "-")
+        )
+    print(
+        f"(width {width}: {time.perf_counter() - started:.0f} s; errors: max over the top k of "
+        f"|theta_i - lambda_i| / lambda_i, median and max over the oracle steps of the phase)"
+    )
 
 
 def main() -> None:

@@ -94,7 +94,8 @@ def arpack(objective: TorchObjective, k: int) -> np.ndarray:
     w = objective.flat_parameters()
     d = w.numel()
     op = scipy.sparse.linalg.LinearOperator(
-        (d, d), matvec=lambda v: objective.hvp(w, torch.from_numpy(np.ascontiguousarray(v).ravel())).numpy(),
+        (d, d),
+        matvec=lambda v: objective.hvp(w, torch.from_numpy(np.ascontiguousarray(v).ravel())).numpy(),
         dtype=np.float64,
     )
     return np.sort(scipy.sparse.linalg.eigsh(op, k=k, which="LA", tol=0)[0])[::-1]
@@ -132,9 +133,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's; use 1 on a loaded machine, where "
-                             "spinning thread pools slow every call tens of times)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's; use 1 on a loaded machine, where "
+        "spinning thread pools slow every call tens of times)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,10 +185,14 @@ def main() -> None:
             half_mse(model(inputs), targets).backward()
             optimizer.step()
 
-    print(f"torch MLP 64-32-32-10 on digits, d = {objective.dim}, GD lr = {args.lr}, {args.steps} steps, "
-          f"measured every {args.every}; error = max over the k pairs of |lambda - ARPACK| / ARPACK")
-    print(f"{'k':>2} {'phase':<11} {'method':<14} {'n':>3} {'HVPs (median)':>14} {'HVPs (mean)':>12} "
-          f"{'median err':>11} {'max err':>9} {'ms (median)':>12}")
+    print(
+        f"torch MLP 64-32-32-10 on digits, d = {objective.dim}, GD lr = {args.lr}, {args.steps} steps, "
+        f"measured every {args.every}; error = max over the k pairs of |lambda - ARPACK| / ARPACK"
+    )
+    print(
+        f"{'k':>2} {'phase':<11} {'method':<14} {'n':>3} {'HVPs (median)':>14} {'HVPs (mean)':>12} "
+        f"{'median err':>11} {'max err':>9} {'ms (median)':>12}"
+    )
     for k in args.k:
         for phase in ("sharpening", "edge"):
             for method in ("eosflow.torch", "jax twin", "pyhessian"):
@@ -191,8 +200,10 @@ def main() -> None:
                 if not sel:
                     continue
                 hvps, errs, ms = (np.array([r[i] for r in sel], float) for i in (3, 4, 5))
-                print(f"{k:>2} {phase:<11} {method:<14} {len(sel):>3} {np.median(hvps):>14.1f} {hvps.mean():>12.1f} "
-                      f"{np.median(errs):>11.1e} {errs.max():>9.1e} {np.median(ms):>12.1f}")
+                print(
+                    f"{k:>2} {phase:<11} {method:<14} {len(sel):>3} {np.median(hvps):>14.1f} {hvps.mean():>12.1f} "
+                    f"{np.median(errs):>11.1e} {errs.max():>9.1e} {np.median(ms):>12.1f}"
+                )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,14 @@ FACTORIZATION = {"name": "matrix_factorization", "dim": 3, "depth": 3, "rank": 2
 
 
 def build(name: str, lr: float, problem=PROBLEM, spectrum=None, **options):
-    table = {"lr": lr, "dtype": "float64", "processes": [name], "problem": problem,
-             "spectrum": spectrum or {"every": 0}, name: options}
+    table = {
+        "lr": lr,
+        "dtype": "float64",
+        "processes": [name],
+        "problem": problem,
+        "spectrum": spectrum or {"every": 0},
+        name: options,
+    }
     _, built, _, processes = prepare(table)
     return processes[name], built
 
@@ -54,23 +60,50 @@ def numpy_iterates(grad, w0, steps, lr, b1, b2, eps, scalar=False, ema=True, bia
 
 CASES = {  # name, options, lr, optax transformation (None: the numpy reference); lrs below the edge, where
     # rounding differences are not amplified (scalar RMSProp at lr = 0.05 reaches 1e-3 by step 80 from 1e-16)
-    "momentum classical": ("momentum", {"beta": 0.9, "form": "classical"}, 0.05,
-                           lambda lr: optax.sgd(lr, momentum=0.9)),
-    "momentum ema": ("momentum", {"beta": 0.8, "form": "ema"}, 0.2,
-                     lambda lr: optax.chain(optax.ema(0.8, debias=False), optax.scale(-lr))),
+    "momentum classical": (
+        "momentum",
+        {"beta": 0.9, "form": "classical"},
+        0.05,
+        lambda lr: optax.sgd(lr, momentum=0.9),
+    ),
+    "momentum ema": (
+        "momentum",
+        {"beta": 0.8, "form": "ema"},
+        0.2,
+        lambda lr: optax.chain(optax.ema(0.8, debias=False), optax.scale(-lr)),
+    ),
     "nesterov": ("nesterov", {"beta": 0.7}, 0.1, lambda lr: optax.sgd(lr, momentum=0.7, nesterov=True)),
-    "rmsprop eps outside": ("rmsprop", {"beta2": 0.95, "eps": 1e-3}, 0.01,
-                            lambda lr: optax.rmsprop(lr, decay=0.95, eps=1e-3, eps_in_sqrt=False)),
-    "rmsprop eps inside": ("rmsprop", {"beta2": 0.9, "eps": 0.0, "eps_root": 1e-4}, 0.01,
-                           lambda lr: optax.rmsprop(lr, decay=0.9, eps=1e-4, eps_in_sqrt=True)),
-    "rmsprop bias-corrected": ("rmsprop", {"beta2": 0.9, "eps": 1e-6, "bias_correction": True}, 0.01,
-                               lambda lr: optax.rmsprop(lr, decay=0.9, eps=1e-6, eps_in_sqrt=False,
-                                                        bias_correction=True)),
-    "adam": ("adam", {"beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "eps_root": 1e-9}, 0.01,
-             lambda lr: optax.adam(lr, b1=0.9, b2=0.99, eps=1e-6, eps_root=1e-9)),
+    "rmsprop eps outside": (
+        "rmsprop",
+        {"beta2": 0.95, "eps": 1e-3},
+        0.01,
+        lambda lr: optax.rmsprop(lr, decay=0.95, eps=1e-3, eps_in_sqrt=False),
+    ),
+    "rmsprop eps inside": (
+        "rmsprop",
+        {"beta2": 0.9, "eps": 0.0, "eps_root": 1e-4},
+        0.01,
+        lambda lr: optax.rmsprop(lr, decay=0.9, eps=1e-4, eps_in_sqrt=True),
+    ),
+    "rmsprop bias-corrected": (
+        "rmsprop",
+        {"beta2": 0.9, "eps": 1e-6, "bias_correction": True},
+        0.01,
+        lambda lr: optax.rmsprop(lr, decay=0.9, eps=1e-6, eps_in_sqrt=False, bias_correction=True),
+    ),
+    "adam": (
+        "adam",
+        {"beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "eps_root": 1e-9},
+        0.01,
+        lambda lr: optax.adam(lr, b1=0.9, b2=0.99, eps=1e-6, eps_root=1e-9),
+    ),
     "scalar rmsprop": ("rmsprop", {"beta2": 0.9, "eps": 1e-4, "second_moment": "scalar"}, 0.02, None),
-    "adam without bias correction": ("adam", {"beta1": 0.9, "beta2": 0.99, "eps": 1e-4, "bias_correction": False},
-                                     0.002, None),
+    "adam without bias correction": (
+        "adam",
+        {"beta1": 0.9, "beta2": 0.99, "eps": 1e-4, "bias_correction": False},
+        0.002,
+        None,
+    ),
 }
 
 
@@ -84,8 +117,18 @@ def test_iterates_match_optax_to_1e12(case):
         expected = optax_iterates(transform(lr), grad, problem.w0, 100)
     else:
         scalar = options.get("second_moment") == "scalar"
-        expected = numpy_iterates(grad, problem.w0, 100, lr, options.get("beta1", 0.0), options["beta2"],
-                                  options["eps"], scalar=scalar, ema=name == "adam", bias=False)
+        expected = numpy_iterates(
+            grad,
+            problem.w0,
+            100,
+            lr,
+            options.get("beta1", 0.0),
+            options["beta2"],
+            options["eps"],
+            scalar=scalar,
+            ema=name == "adam",
+            bias=False,
+        )
     scale = np.max(np.abs(expected))
     assert np.max(np.abs(rows["position"] - expected)) <= 1e-12 * scale
     assert np.linalg.norm(expected[-1] - expected[0]) > 0.1 * np.linalg.norm(expected[0])  # it moved
@@ -96,14 +139,20 @@ def test_iterates_match_optax_to_1e12(case):
     assert np.isnan(rows["oscillation"][0])
 
 
-@pytest.mark.parametrize("name,options", [("adam", {"beta2": 0.9}), ("rmsprop", {"second_moment": "scalar"}),
-                                          ("momentum", {"form": "ema"})])
+@pytest.mark.parametrize(
+    "name,options", [("adam", {"beta2": 0.9}), ("rmsprop", {"second_moment": "scalar"}), ("momentum", {"form": "ema"})]
+)
 def test_preconditioned_sharpness_is_the_top_eigenvalue_of_p_inverse_h(name, options):
     """Every 5th step, the recorded top eigenvalues equal dense eigenvalues of P^{-1} H(w_k), with P
     rebuilt from the numpy reference's moments; edge_ratio divides by the optimizer's threshold."""
     lr = 0.01
-    process, problem = build(name, lr, problem=FACTORIZATION, **options,
-                             spectrum={"every": 5, "k": 2, "k_max": 2, "tol": 1e-9, "max_iters": 200})
+    process, problem = build(
+        name,
+        lr,
+        problem=FACTORIZATION,
+        **options,
+        spectrum={"every": 5, "k": 2, "k_max": 2, "tol": 1e-9, "max_iters": 200},
+    )
     rows = run(process, problem.w0, 11)
     rule, state, w = process.rule, process.rule.init(problem.w0), problem.w0
     for step in range(11):

@@ -19,8 +19,7 @@ STABLE_CASES = {  # optimizer, hyperparameters, lr, the flow's `moments`, the sm
     "momentum ema": ("momentum", {"beta": 0.6, "form": "ema"}, 0.04),
     "nesterov": ("nesterov", {"beta": 0.5}, 0.02),
     "rmsprop": ("rmsprop", {"beta2": 0.8, "bias_correction": True, "eps": 0.1}, 0.01),
-    "scalar rmsprop": ("rmsprop", {"beta2": 0.8, "second_moment": "scalar", "eps": 0.1, "bias_correction": True},
-                       0.01),
+    "scalar rmsprop": ("rmsprop", {"beta2": 0.8, "second_moment": "scalar", "eps": 0.1, "bias_correction": True}, 0.01),
     "adam": ("adam", {"beta1": 0.6, "beta2": 0.8, "eps": 0.1}, 0.01),
 }
 
@@ -28,8 +27,15 @@ STABLE_CASES = {  # optimizer, hyperparameters, lr, the flow's `moments`, the sm
 def distance_at(name: str, hyper: dict, lr: float, time: float = 0.3, **model) -> float:
     """||w_opt - w_flow|| at the step lr * t = time (4 Euler substeps per step, no spectrum)."""
     steps = round(time / lr)
-    table = {"lr": lr, "dtype": "float64", "processes": [name, f"{name}_stable_flow"], "problem": SMOOTH,
-             "spectrum": {"every": 0}, name: hyper, f"{name}_stable_flow": {"substeps": 4, **model}}
+    table = {
+        "lr": lr,
+        "dtype": "float64",
+        "processes": [name, f"{name}_stable_flow"],
+        "problem": SMOOTH,
+        "spectrum": {"every": 0},
+        name: hyper,
+        f"{name}_stable_flow": {"substeps": 4, **model},
+    }
     _, built, _, processes = prepare(table)
     ends = [np.asarray(p.advance(p.init(built.w0), steps + 1)[1]["position"][-1]) for p in processes.values()]
     return float(np.linalg.norm(ends[0] - ends[1]))
@@ -47,8 +53,9 @@ def test_stable_flow_follows_its_optimizer_to_second_order(case):
 def test_the_reference_convention_is_first_order():
     hyper = {"beta2": 0.8, "eps": 0.1}
     lr = 0.01
-    ratio = distance_at("rmsprop", hyper, lr, moments="reference") / distance_at("rmsprop", hyper, lr / 2,
-                                                                                 moments="reference")
+    ratio = distance_at("rmsprop", hyper, lr, moments="reference") / distance_at(
+        "rmsprop", hyper, lr / 2, moments="reference"
+    )
     assert 1.7 < ratio < 2.5
 
 
@@ -73,8 +80,14 @@ def test_rod_grows_exactly_past_the_optimizers_threshold(case):
     name, hyper = ROD_CASES[case]
     signs = []
     for factor in (0.98, 1.02):
-        table = {"lr": 1.0, "dtype": "float64", "processes": [f"{name}_rod_flow"], "spectrum": {"every": 0},
-                 "problem": {"name": "quadratic", "eigenvalues": [3.0, 1.0]}, name: hyper}
+        table = {
+            "lr": 1.0,
+            "dtype": "float64",
+            "processes": [f"{name}_rod_flow"],
+            "spectrum": {"every": 0},
+            "problem": {"name": "quadratic", "eigenvalues": [3.0, 1.0]},
+            name: hyper,
+        }
         _, problem, _, processes = prepare(table)
         flow = processes[f"{name}_rod_flow"]
         centre, _ = flow.initial(problem.w0)
@@ -82,8 +95,15 @@ def test_rod_grows_exactly_past_the_optimizers_threshold(case):
         hessian = np.asarray(problem.objective.hessian(centre.w))
         top = np.max(np.linalg.eigvalsh(hessian / np.sqrt(np.outer(p, p))))
         lr = float(factor * flow.moments.rule.threshold(1.0) / top)  # lr * top = factor * c
-        flow = type(flow)(name=flow.name, lr=lr, spectrum=flow.spectrum, key=flow.key, objective=flow.objective,
-                          moments=dataclasses.replace(flow.moments, lr=lr), options=flow.options)
+        flow = type(flow)(
+            name=flow.name,
+            lr=lr,
+            spectrum=flow.spectrum,
+            key=flow.key,
+            objective=flow.objective,
+            moments=dataclasses.replace(flow.moments, lr=lr),
+            options=flow.options,
+        )
         d = centre.w.size
 
         def rod_velocity(flat, flow=flow, centre=centre, d=d):
@@ -100,8 +120,9 @@ def test_models_read_the_optimizers_table():
     options; a table of an optimizer nobody models is refused by name."""
     spec = parse_spec({"processes": ["adam_rod_flow"], "adam": {"beta1": 0.8}, "adam_rod_flow": {"substeps": 6}})
     assert spec.options["adam"].beta1 == 0.8 and spec.options["adam_rod_flow"].substeps == 6
-    _, _, resolved, processes = prepare({"processes": ["adam", "adam_stable_flow"], "adam": {"beta2": 0.9},
-                                         "problem": {"name": "quartic"}})
+    _, _, resolved, processes = prepare(
+        {"processes": ["adam", "adam_stable_flow"], "adam": {"beta2": 0.9}, "problem": {"name": "quartic"}}
+    )
     assert processes["adam_stable_flow"].moments.rule == processes["adam"].rule
     assert resolved["adam"]["beta2"] == 0.9 and parse_spec(resolved).options["adam"].beta2 == 0.9
     with pytest.raises(SpecError, match=r"table `\[rmsprop\]` configures a process"):
@@ -109,18 +130,30 @@ def test_models_read_the_optimizers_table():
     with pytest.raises(SpecError, match="adam.beta1"):
         parse_spec({"processes": ["adam_rod_flow"], "adam": {"beta1": 2.0}})
     with pytest.raises(SpecError, match="moments"):
-        prepare({"processes": ["adam_stable_flow"], "adam_stable_flow": {"moments": "reference"},
-                 "problem": {"name": "quartic"}})
+        prepare(
+            {
+                "processes": ["adam_stable_flow"],
+                "adam_stable_flow": {"moments": "reference"},
+                "problem": {"name": "quartic"},
+            }
+        )
 
 
 def test_central_flow_is_the_stable_flow_below_the_edge():
     """With no critical direction (X = 0) RMSProp's central flow moves exactly as its stable flow."""
-    table = {"lr": 0.01, "dtype": "float64", "processes": ["rmsprop_stable_flow", "rmsprop_central_flow"],
-             "problem": SMOOTH, "spectrum": {"every": 1, "k": 1, "k_max": 1}, "rmsprop": {"beta2": 0.9, "eps": 0.1}}
+    table = {
+        "lr": 0.01,
+        "dtype": "float64",
+        "processes": ["rmsprop_stable_flow", "rmsprop_central_flow"],
+        "problem": SMOOTH,
+        "spectrum": {"every": 1, "k": 1, "k_max": 1},
+        "rmsprop": {"beta2": 0.9, "eps": 0.1},
+    }
     _, built, _, processes = prepare(table)
     rows = {n: p.advance(p.init(built.w0), 30)[1] for n, p in processes.items()}
     central = rows["rmsprop_central_flow"]
     assert np.all(np.asarray(central["critical"]) == 0) and np.nanmax(np.asarray(central["edge_ratio"])) < 0.5
-    np.testing.assert_allclose(np.asarray(central["position"]), np.asarray(rows["rmsprop_stable_flow"]["position"]),
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        np.asarray(central["position"]), np.asarray(rows["rmsprop_stable_flow"]["position"]), rtol=1e-12, atol=1e-14
+    )
     np.testing.assert_allclose(np.asarray(central["predicted_loss"]), np.asarray(central["loss"]), rtol=1e-12)

@@ -51,6 +51,7 @@ def test_parameter_counts_match_hand_formulas():
     # ResNet, 1 input channel, stages (8, 16), one block each, K = 10, norm layer (GroupNorm: 2 C each)
     def conv(i, o, k=3):
         return i * o * k * k + o
+
     block1 = 2 * 8 + conv(8, 8) + 2 * 8 + conv(8, 8)
     block2 = 2 * 8 + conv(8, 16) + 2 * 16 + conv(16, 16) + conv(8, 16, 1)
     resnet = conv(1, 8) + block1 + block2 + 2 * 16 + 16 * 10 + 10
@@ -112,14 +113,17 @@ def test_models_learn_their_tasks_from_the_sequence_alone():
     assert float(jnp.max(jnp.abs(shuffled - logits))) > 1e-3
 
 
-@pytest.mark.parametrize("case, message", [
-    ({"name": "resnet", "dataset": "iris", "classes": 3, "n_train": 9}, "not an image dataset"),
-    ({"name": "resnet", "channels": [4, 6], "norm": "group", "groups": 4}, "must divide"),
-    ({"name": "resnet", "channels": [2, 2, 2, 2, 2]}, "vanish"),
-    ({"name": "vit", "patch": 3}, "does not divide"),
-    ({"name": "vit", "dim": 6, "heads": 4}, "must divide"),
-    ({"name": "lstm", "task": "reverse"}, "task"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ({"name": "resnet", "dataset": "iris", "classes": 3, "n_train": 9}, "not an image dataset"),
+        ({"name": "resnet", "channels": [4, 6], "norm": "group", "groups": 4}, "must divide"),
+        ({"name": "resnet", "channels": [2, 2, 2, 2, 2]}, "vanish"),
+        ({"name": "vit", "patch": 3}, "does not divide"),
+        ({"name": "vit", "dim": 6, "heads": 4}, "must divide"),
+        ({"name": "lstm", "task": "reverse"}, "task"),
+    ],
+)
 def test_bad_parameters_name_the_field(case, message):
     with pytest.raises(SpecError, match=message):
         build_problem(case, 0, "float32")

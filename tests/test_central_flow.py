@@ -35,11 +35,17 @@ def test_gradient_flow_on_a_quadratic(method):
     """Per eigenmode, n substeps multiply by R(-eta lambda / n)^n: R(z) = 1 + z (Euler) or the
     degree-4 Taylor polynomial of e^z (RK4); the exact flow is exp(-eta H t)."""
     lr, steps = 0.15, 12  # eta S = 3: the substep rule gives n = 6
-    _, problem, _, processes = prepare({
-        "steps": steps, "lr": lr, "dtype": "float64", "processes": ["gradient_flow"],
-        "problem": {"name": "quadratic", "eigenvalues": [20.0, 10.0, 1.0]},
-        "spectrum": {"k": 1, "k_max": 1}, "gradient_flow": {"method": method},
-    })
+    _, problem, _, processes = prepare(
+        {
+            "steps": steps,
+            "lr": lr,
+            "dtype": "float64",
+            "processes": ["gradient_flow"],
+            "problem": {"name": "quadratic", "eigenvalues": [20.0, 10.0, 1.0]},
+            "spectrum": {"k": 1, "k_max": 1},
+            "gradient_flow": {"method": method},
+        }
+    )
     flow = processes["gradient_flow"]
     _, rows = flow.advance(flow.init(problem.w0), steps)
     hessian = np.asarray(problem.objective.hessian(problem.w0))
@@ -68,11 +74,18 @@ def test_central_velocity_against_dense_third_derivatives():
     rng = np.random.default_rng(0)
     params = [rng.standard_normal((3, 5)) / 2, rng.standard_normal(5) / 2, rng.standard_normal((5, 2)) / 2]
     inputs, targets = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
-    objective, w = Objective.from_model(tiny_mlp, [jnp.asarray(p) for p in params], jnp.asarray(inputs),
-                                        jnp.asarray(targets), loss="mse")
+    objective, w = Objective.from_model(
+        tiny_mlp, [jnp.asarray(p) for p in params], jnp.asarray(inputs), jnp.asarray(targets), loss="mse"
+    )
     lr, dt, m = 0.1, 0.25, 3
-    flow = CentralFlow(name="central_flow", lr=lr, spectrum=SpectrumSpec(), key=jax.random.PRNGKey(0),
-                       objective=objective, options=CentralFlowOptions())
+    flow = CentralFlow(
+        name="central_flow",
+        lr=lr,
+        spectrum=SpectrumSpec(),
+        key=jax.random.PRNGKey(0),
+        objective=objective,
+        options=CentralFlowOptions(),
+    )
     U = np.linalg.qr(rng.standard_normal((w.size, m)))[0]
     grad = np.asarray(objective.grad(w))
     T = np.asarray(jax.jit(jax.jacfwd(objective.hessian))(w))
@@ -97,7 +110,10 @@ def test_projected_and_central_flows_reach_the_valley_equilibrium():
     tracked; the second (~0) must stay out of the critical set."""
     lr, eps, steps = 0.2, 0.02, 300
     table = {
-        "steps": steps, "lr": lr, "dtype": "float64", "processes": ["projected_flow", "central_flow"],
+        "steps": steps,
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["projected_flow", "central_flow"],
         "problem": {"name": "sharp_valley", "sharpness": 5.0, "rate": 1.0, "bend": 0.0, "eps": eps, "y0": 0.1},
         "spectrum": {"k": 2, "k_max": 2},
     }
@@ -118,8 +134,12 @@ def test_central_flow_tracks_gd_at_the_edge_of_stability(tmp_path):
     eigenvalues reach 2/eta. Oracles: GD's own iterates and losses, and dense float64 Hessians."""
     lr, steps = 0.1, 600
     table = {
-        "steps": steps, "lr": lr, "dtype": "float32", "processes": ["gd", "gradient_flow", "central_flow"],
-        "problem": {"name": "mlp_regression"}, "spectrum": {"k": 3, "k_max": 3},
+        "steps": steps,
+        "lr": lr,
+        "dtype": "float32",
+        "processes": ["gd", "gradient_flow", "central_flow"],
+        "problem": {"name": "mlp_regression"},
+        "spectrum": {"k": 3, "k_max": 3},
         "record": {"chunk": 300, "params_every": 50},
     }
     run(table, tmp_path / "run")
@@ -154,11 +174,14 @@ def test_central_flow_tracks_gd_at_the_edge_of_stability(tmp_path):
             assert abs(sharpness / edge - 1) < 0.01, (step, sharpness)
 
 
-@pytest.mark.parametrize("options, field", [
-    ({"substeps": 100}, "central_flow.substeps"),
-    ({"margin": 1.5}, "central_flow.margin"),
-    ({"max_critical": 0}, "central_flow.max_critical"),
-])
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"substeps": 100}, "central_flow.substeps"),
+        ({"margin": 1.5}, "central_flow.margin"),
+        ({"max_critical": 0}, "central_flow.max_critical"),
+    ],
+)
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(SpecError, match=field.replace(".", r"\.")):
         parse_spec({"processes": ["gd", "central_flow"], "central_flow": options})
@@ -167,9 +190,14 @@ def test_bad_options_name_the_field(options, field):
 def test_a_centre_outside_the_stable_set_is_dropped_with_the_reason(tmp_path):
     """The quartic L = 15 w^2 - w^4/4 from w0 = 0.1 at lr = 0.08: S(w0) = 30 - 3 w0^2, so
     lr S(w0) = 2.3976 > 2 where grad S ~ 0; both flows blow up at once and say why, GD runs on."""
-    spec = {"steps": 20, "lr": 0.08, "dtype": "float64", "processes": ["gd", "central_flow", "projected_flow"],
-            "problem": {"name": "quartic", "dim": 1, "sharpness": 30.0, "quartic": 1.0, "init": 0.1},
-            "spectrum": {"k": 1, "k_max": 1}}
+    spec = {
+        "steps": 20,
+        "lr": 0.08,
+        "dtype": "float64",
+        "processes": ["gd", "central_flow", "projected_flow"],
+        "problem": {"name": "quartic", "dim": 1, "sharpness": 30.0, "quartic": 1.0, "init": 0.1},
+        "spectrum": {"k": 1, "k_max": 1},
+    }
     outcome = run(spec, tmp_path / "run", overwrite=True)
     assert outcome.status == "completed"
     dropped = json.loads((tmp_path / "run" / "summary.json").read_text())["dropped_processes"]

@@ -16,15 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_and_version_import_neither_jax_nor_matplotlib_nor_dask():
-    code = ("import sys; from eosflow.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('jax', 'matplotlib', 'dask', 'xarray', 'pandas') if m in sys.modules))")
+    code = (
+        "import sys; from eosflow.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('jax', 'matplotlib', 'dask', 'xarray', 'pandas') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
     help_text = result.stdout
     assert "``" not in help_text and "resume" in help_text and "eosflow COMMAND --help" in help_text
-    version = subprocess.run([sys.executable, "-m", "eosflow.cli", "--version"], capture_output=True, text=True,
-                             check=True)
+    version = subprocess.run(
+        [sys.executable, "-m", "eosflow.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert re.fullmatch(r"eosflow \d+\.\d+\.\d+\S*\n", version.stdout)
 
 
@@ -70,8 +73,18 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     (and --quiet) added to the commands that train; `leaderboard --quick` (minutes; its own test
     is tests/test_leaderboard.py) and `sweep` (tests/test_sweep.py) are checked to parse only."""
     commands = _readme_commands()
-    assert [c[0] for c in commands] == ["run", "resume", "report", "problems", "processes", "compare", "leaderboard",
-                                        "leaderboard", "leaderboard", "sweep"]
+    assert [c[0] for c in commands] == [
+        "run",
+        "resume",
+        "report",
+        "problems",
+        "processes",
+        "compare",
+        "leaderboard",
+        "leaderboard",
+        "leaderboard",
+        "sweep",
+    ]
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
     for command in commands:

@@ -47,9 +47,15 @@ def test_running_rms_of_a_period_two_oscillation_is_its_amplitude():
 def test_gd_records_its_oscillation_from_its_own_iterates(tmp_path):
     """oscillation_k = (lr/4) |g_k - g_(k-1)| must equal |w_(k+1) - 2 w_k + w_(k-1)| / 4 from the saved
     iterates, and on the quartic's period-2 orbit +-a (a^2 = S - 2/lr = 5) it must equal a."""
-    spec = {"steps": 120, "lr": 0.08, "dtype": "float64", "processes": ["gd"], "record": {"params_every": 1},
-            "problem": {"name": "quartic", "dim": 3, "sharpness": 30.0, "quartic": 1.0},
-            "spectrum": {"k": 1, "k_max": 1}}
+    spec = {
+        "steps": 120,
+        "lr": 0.08,
+        "dtype": "float64",
+        "processes": ["gd"],
+        "record": {"params_every": 1},
+        "problem": {"name": "quartic", "dim": 3, "sharpness": 30.0, "quartic": 1.0},
+        "spectrum": {"k": 1, "k_max": 1},
+    }
     run(spec, tmp_path / "run", overwrite=True)
     ds = eosflow.load(tmp_path / "run")
     _, params = load_params(tmp_path / "run", "gd")
@@ -86,7 +92,10 @@ def test_cost_hand_values():
 
 # ---- compare end to end --------------------------------------------------------------------------
 SPEC = {
-    "name": "compare_test", "steps": 160, "lr": 0.08, "dtype": "float64",
+    "name": "compare_test",
+    "steps": 160,
+    "lr": 0.08,
+    "dtype": "float64",
     "processes": ["gd", "gradient_flow", "rod_flow"],
     "problem": {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 2},
     "spectrum": {"k": 1, "k_max": 2},
@@ -117,8 +126,15 @@ def test_compare_report_numbers_equal_the_run_directory(tmp_path):
     out = tmp_path / "run"
     page = cmp.compare(SPEC, out, progress=False)
     report = out / "report"
-    for name in ("compare.md", "compare.csv", "compare_loss.png", "compare_sharpness.png",
-                 "compare_distance.png", "compare_envelope.png", "compare_cost.png"):
+    for name in (
+        "compare.md",
+        "compare.csv",
+        "compare_loss.png",
+        "compare_sharpness.png",
+        "compare_distance.png",
+        "compare_envelope.png",
+        "compare_cost.png",
+    ):
         assert (report / name).stat().st_size > 0, name
     rows = _page_table(page.read_text())
     assert list(rows) == ["gd", "gradient_flow", "rod_flow"]
@@ -130,8 +146,9 @@ def test_compare_report_numbers_equal_the_run_directory(tmp_path):
 
     def smooth(x):
         ok = np.isfinite(x)
-        return (gaussian_filter1d(np.where(ok, x, 0.0), w, mode="constant", truncate=4.0)
-                / gaussian_filter1d(ok.astype(float), w, mode="constant", truncate=4.0))
+        return gaussian_filter1d(np.where(ok, x, 0.0), w, mode="constant", truncate=4.0) / gaussian_filter1d(
+            ok.astype(float), w, mode="constant", truncate=4.0
+        )
 
     gd_loss = ds["loss"].sel(process="gd").values
     gf_distance = ds["distance"].sel(process="gradient_flow").values
@@ -171,8 +188,10 @@ def test_cli_compare_writes_the_report_and_never_overwrites_silently(tmp_path, c
     from eosflow.cli import main
 
     spec = tmp_path / "spec.toml"
-    spec.write_text('steps = 60\nlr = 0.08\ndtype = "float64"\nprocesses = ["gd", "gradient_flow", "rod_flow"]\n'
-                    '[problem]\nname = "quartic"\n[spectrum]\nk_max = 1\n[record]\nchunk = 30\n')
+    spec.write_text(
+        'steps = 60\nlr = 0.08\ndtype = "float64"\nprocesses = ["gd", "gradient_flow", "rod_flow"]\n'
+        '[problem]\nname = "quartic"\n[spectrum]\nk_max = 1\n[record]\nchunk = 30\n'
+    )
     out = tmp_path / "run"
     assert main(["compare", str(spec), "--out", str(out), "--quiet"]) == 0
     page = out / "report" / "compare.md"
@@ -192,7 +211,7 @@ def _box_oracle(x, window):
     half = window // 2
     out = np.full(len(x), np.nan)
     for t in range(len(x)):
-        box = x[max(0, t - half):t + half + 1]
+        box = x[max(0, t - half) : t + half + 1]
         box = box[np.isfinite(box)]
         if box.size:
             out[t] = box.mean()
@@ -226,5 +245,6 @@ def test_window_averaged_envelope_of_bursts_and_averaged_errors():
     assert cmp.averaged_envelope_error(smooth, bursts, 101) < 0.03
     # loss 1, 3, 1, 3 against 2: the box average of W = 3 at the ends is (1+3)/2 = 2 and inside 5/3 or 7/3
     assert cmp.averaged_loss_error(np.full(4, 2.0), np.array([1.0, 3.0, 1.0, 3.0]), 3) == pytest.approx(
-        (1 / 3 + 1 / 3) / (2 + 7 / 3 + 5 / 3 + 2))
+        (1 / 3 + 1 / 3) / (2 + 7 / 3 + 5 / 3 + 2)
+    )
     assert cmp.averaged_loss_error(np.full(4, 2.0), np.array([1.0, 3.0, 1.0, 3.0]), 1) == pytest.approx(0.5)

@@ -137,8 +137,12 @@ def write_cifar(folder, per_batch=20, seed=0):
     for name in BATCHES:
         images = rng.integers(0, 256, size=(per_batch, 32, 32, 3), dtype=np.uint8)
         labels = [int(i % 10) for i in range(per_batch)]
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": encode_planes(images),
-                 b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": encode_planes(images),
+            b"filenames": [f"{i}.png".encode() for i in range(per_batch)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
         truth[name] = (images, np.array(labels))
     return truth
@@ -234,6 +238,11 @@ def test_cnn_and_mlp_run_on_a_cifar_archive(tmp_path):
     assert problem.test_objective.data[0].shape == (10, 3, 32, 32)
     mlp, _ = build_problem({"name": "mlp", "width": 4, "depth": 1, **base}, 0, "float32")
     assert mlp.w0.size == 3072 * 4 + 4 + 4 * 10 + 10
-    table = {"steps": 2, "lr": 0.01, "processes": ["gd"], "spectrum": {"every": 0},
-             "problem": {"name": "cnn", "channels": [2, 2], **base}}
+    table = {
+        "steps": 2,
+        "lr": 0.01,
+        "processes": ["gd"],
+        "spectrum": {"every": 0},
+        "problem": {"name": "cnn", "channels": [2, 2], **base},
+    }
     assert run(table, tmp_path / "cnn", overwrite=True).status == "completed"

@@ -24,12 +24,12 @@ def test_demo_reaches_and_stays_at_the_edge_of_stability(tmp_path, capsys):
     assert reached.size > 0
     # ... and stays within [0.9, 1.1] x 2/lr for a window of at least 200 steps afterwards
     inside = (sharpness >= 0.9 * threshold) & (sharpness <= 1.1 * threshold)
-    longest = max(len(run) for run in "".join("1" if x else "0" for x in inside[reached[0]:]).split("0"))
+    longest = max(len(run) for run in "".join("1" if x else "0" for x in inside[reached[0] :]).split("0"))
     assert longest >= 200
     # the loss keeps decreasing on average while it does, non-monotonically
     loss = ds.loss.sel(process="gd").values
     eos = slice(reached[0], None)
-    assert loss[-100:].mean() < 0.7 * loss[reached[0]:reached[0] + 100].mean()
+    assert loss[-100:].mean() < 0.7 * loss[reached[0] : reached[0] + 100].mean()
     assert np.sum(np.diff(loss[eos]) > 0) > 20
     # the report's files exist and its numbers are the run's
     report = (out / "report" / "report.md").read_text()

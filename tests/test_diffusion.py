@@ -67,10 +67,12 @@ def test_jackknife_interval_covers_brownian_motion():
 
 def test_displacements_by_definition():
     params = np.random.default_rng(1).standard_normal((12, 3))
-    np.testing.assert_allclose(diffusion.global_displacement(params, 2),
-                               [np.sum((params[k] - params[2]) ** 2) for k in range(2, 12)])
-    np.testing.assert_allclose(diffusion.local_displacement(params),
-                               [np.sum((params[k + 1] - params[k]) ** 2) for k in range(11)])
+    np.testing.assert_allclose(
+        diffusion.global_displacement(params, 2), [np.sum((params[k] - params[2]) ** 2) for k in range(2, 12)]
+    )
+    np.testing.assert_allclose(
+        diffusion.local_displacement(params), [np.sum((params[k + 1] - params[k]) ** 2) for k in range(11)]
+    )
     segments = diffusion.segment_displacements(params, 3)
     np.testing.assert_allclose(segments[1], diffusion.global_displacement(params[4:8]))
 
@@ -80,7 +82,10 @@ def test_theory_curve_matches_sgd_on_a_quadratic():
     lr, beta = 0.1, 0.9
     eigenvalues = np.geomspace(15.0, 0.3, 24)  # lr h from 1.5 down to 0.03: relaxation <= ~35 steps
     table = {
-        "lr": lr, "dtype": "float64", "processes": ["sgd"], "spectrum": {"every": 0},
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["sgd"],
+        "spectrum": {"every": 0},
         "problem": {"name": "quadratic", "eigenvalues": list(eigenvalues), "rotate": False, "init_scale": 0.01},
         "sgd": {"momentum": beta, "gradient_noise": 1.0, "batch_size": 1},
     }
@@ -94,22 +99,29 @@ def test_theory_curve_matches_sgd_on_a_quadratic():
     expected = diffusion.diffusion_curve(eigenvalues, 1.0, lr, beta, lags)
     errors = measured.std(axis=0, ddof=1) / np.sqrt(len(curves))
     assert np.all(np.abs(measured.mean(axis=0) - expected) < 4 * errors + 0.02 * expected), (
-        measured.mean(axis=0), expected)
+        measured.mean(axis=0),
+        expected,
+    )
     # the continuous model misses SGD's short-lag displacement when lr h is large
     continuous = diffusion.diffusion_curve(eigenvalues, 1.0, lr, beta, lags[:1], model="continuous")
     assert expected[0] / continuous[0] > 1.1
     # the local displacement: exact sum of step variances, and its small-lr h limit
     assert np.mean(rows["step_norm_sq"]) == pytest.approx(
-        diffusion.mode_local_displacement(eigenvalues, 1.0, lr, beta), rel=0.03)
+        diffusion.mode_local_displacement(eigenvalues, 1.0, lr, beta), rel=0.03
+    )
     small = diffusion.predicted_local_displacement(len(eigenvalues) * 1.0, lr, beta)
     assert diffusion.mode_local_displacement([1e-6], 1.0, lr, beta) == pytest.approx(small / 24, rel=1e-6)
 
 
 def test_report_section(tmp_path):
     table = {
-        "steps": 1000, "lr": 0.1, "dtype": "float64", "processes": ["sgd", "langevin"],
+        "steps": 1000,
+        "lr": 0.1,
+        "dtype": "float64",
+        "processes": ["sgd", "langevin"],
         "problem": {"name": "linear_regression", "dim": 8, "n_train": 64, "decay": 1.0},
-        "sgd": {"batch_size": 8, "momentum": 0.9, "loss_every": 10}, "spectrum": {"every": 0},
+        "sgd": {"batch_size": 8, "momentum": 0.9, "loss_every": 10},
+        "spectrum": {"every": 0},
         "record": {"params_every": 1, "chunk": 500},
     }
     run(table, tmp_path / "sgd")

@@ -16,8 +16,14 @@ SMALL_MLP = {"name": "mlp", "width": 8, "n_train": 60, "n_test": 0}
 
 
 def spec(**overrides):
-    table = {"steps": 60, "lr": 0.5, "dtype": "float64", "problem": dict(SMALL_MLP),
-             "spectrum": {"k": 2, "k_max": 3, "tol": 1e-7, "max_iters": 200}, "record": {"chunk": 16}}
+    table = {
+        "steps": 60,
+        "lr": 0.5,
+        "dtype": "float64",
+        "problem": dict(SMALL_MLP),
+        "spectrum": {"k": 2, "k_max": 3, "tol": 1e-7, "max_iters": 200},
+        "record": {"chunk": 16},
+    }
     table.update(overrides)
     return table
 
@@ -61,9 +67,15 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path):
 
 
 def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
-    table = {"steps": 200, "lr": 0.2, "dtype": "float64", "processes": ["gd"],
-             "problem": {"name": "quadratic", "eigenvalues": [30.0, 1.0]}, "record": {"chunk": 50},
-             "divergence": {"loss_blowup": 1e6}}
+    table = {
+        "steps": 200,
+        "lr": 0.2,
+        "dtype": "float64",
+        "processes": ["gd"],
+        "problem": {"name": "quadratic", "eigenvalues": [30.0, 1.0]},
+        "record": {"chunk": 50},
+        "divergence": {"loss_blowup": 1e6},
+    }
     outcome = run(table, tmp_path / "boom")
     assert outcome.status == "diverged"
     ds = eosflow.load(tmp_path / "boom")

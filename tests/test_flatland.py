@@ -22,8 +22,15 @@ TINY_MLP = {"name": "mlp", "dataset": "digits", "n_train": 40, "n_test": 30, "wi
 
 def tiny_run(processes: dict, steps: int, lr: float = 0.05, every: int = 0):
     """Rows of each process after ``steps`` steps on the tiny float64 MLP, and the problem."""
-    table = {"steps": steps, "lr": lr, "dtype": "float64", "processes": list(processes), "problem": TINY_MLP,
-             "spectrum": {"every": every, "k": 1, "k_max": 1, "tol": 1e-6, "max_iters": 100}, **processes}
+    table = {
+        "steps": steps,
+        "lr": lr,
+        "dtype": "float64",
+        "processes": list(processes),
+        "problem": TINY_MLP,
+        "spectrum": {"every": every, "k": 1, "k_max": 1, "tol": 1e-6, "max_iters": 100},
+        **processes,
+    }
     _, problem, _, built = prepare(table)
     rows = {name: p.advance(p.init(problem.w0), steps)[1] for name, p in built.items()}
     return problem, {name: {k: np.asarray(v) for k, v in r.items()} for name, r in rows.items()}
@@ -41,8 +48,9 @@ def test_search_on_a_quadratic_passes_the_test_and_its_step_is_large():
     eta * l >= 1 - c for the closed-form segment smoothness l = |Hg| / |g| of a quadratic."""
     hessian, value = quadratic()
     rng = np.random.default_rng(1)
-    search = jax.jit(lambda w, r, t: line_search(value, w, value(w), jax.grad(value)(w), r, t,
-                                                   c=C, delta=0.5, max_evals=60))
+    search = jax.jit(
+        lambda w, r, t: line_search(value, w, value(w), jax.grad(value)(w), r, t, c=C, delta=0.5, max_evals=60)
+    )
     for _ in range(40):
         w = rng.standard_normal(6)
         loss, grad = 0.5 * w @ hessian @ w, hessian @ w
@@ -110,7 +118,7 @@ def test_non_monotone_references_follow_their_recursions(kind):
     if kind == "zhang_hager":
         expected = zhang_hager(loss, 0.9)
     else:
-        expected = np.array([loss[max(0, k - 3): k + 1].max() for k in range(len(loss))])  # last M = 4
+        expected = np.array([loss[max(0, k - 3) : k + 1].max() for k in range(len(loss))])  # last M = 4
     np.testing.assert_allclose(r["reference_loss"], expected, rtol=1e-12)
     assert np.all(loss[1:] <= r["reference_loss"][:-1] - C * r["lr"][:-1] * r["grad_norm"][:-1] ** 2 + 1e-14)
     assert np.any(loss[1:] > loss[:-1])  # non-monotone: the loss does go up at some steps
@@ -152,10 +160,14 @@ def test_refinement_bisects_the_bracket_towards_the_equality_point():
     hessian, value = quadratic()
     rng = np.random.default_rng(2)
     for refine in (1, 2, 4):
-        search = jax.jit(lambda w, r, t, refine=refine: line_search(
-            value, w, value(w), jax.grad(value)(w), r, t, c=C, delta=0.5, max_evals=60, refine=refine))
-        grid = jax.jit(lambda w, r, t: line_search(value, w, value(w), jax.grad(value)(w), r, t, c=C, delta=0.5,
-                                                    max_evals=60))
+        search = jax.jit(
+            lambda w, r, t, refine=refine: line_search(
+                value, w, value(w), jax.grad(value)(w), r, t, c=C, delta=0.5, max_evals=60, refine=refine
+            )
+        )
+        grid = jax.jit(
+            lambda w, r, t: line_search(value, w, value(w), jax.grad(value)(w), r, t, c=C, delta=0.5, max_evals=60)
+        )
         for _ in range(15):
             w = rng.standard_normal(6)
             loss, grad = 0.5 * w @ hessian @ w, hessian @ w
@@ -174,8 +186,15 @@ def test_refinement_bisects_the_bracket_towards_the_equality_point():
 
 NETWORKS = {  # two float64 digits MLPs; the tanh one is where the grid search left eta S < 2 on most steps
     "tanh_8": TINY_MLP,
-    "tanh_16x2": {"name": "mlp", "dataset": "digits", "n_train": 100, "n_test": 30, "width": 16, "depth": 2,
-                  "activation": "tanh"},
+    "tanh_16x2": {
+        "name": "mlp",
+        "dataset": "digits",
+        "n_train": 100,
+        "n_test": 30,
+        "width": 16,
+        "depth": 2,
+        "activation": "tanh",
+    },
 }
 
 
@@ -185,8 +204,15 @@ def test_nls_runs_at_the_edge_of_stability_from_any_first_trial_step(network):
     steps after step 20 (S by the tracker, checked against eigh above), and eta_k l(w_k, 2 eta_k) >= 1 - c
     on every step, l the segment smoothness sampled on 60 points of the segment."""
     steps = 100
-    table = {"steps": steps, "lr": 0.05, "dtype": "float64", "processes": ["nls"], "problem": NETWORKS[network],
-             "spectrum": {"every": 1, "k": 1, "k_max": 1, "tol": 1e-6, "max_iters": 100}, "nls": {}}
+    table = {
+        "steps": steps,
+        "lr": 0.05,
+        "dtype": "float64",
+        "processes": ["nls"],
+        "problem": NETWORKS[network],
+        "spectrum": {"every": 1, "k": 1, "k_max": 1, "tol": 1e-6, "max_iters": 100},
+        "nls": {},
+    }
     _, problem, _, built = prepare(table)
     process, objective = built["nls"], problem.objective
     fractions = np.linspace(1, 60, 60) / 30  # s / eta on (0, 2]

@@ -85,8 +85,13 @@ def test_the_worked_example_of_the_architecture_page():
         errors = {}
         for lr in (0.05, 0.025):
             steps = round(1.0 / lr)
-            table = {"lr": lr, "dtype": "float64", "problem": problem, "spectrum": {"k": 1, "k_max": 1},
-                     "processes": ["gd", "gradient_flow", "modified_gradient_flow"]}
+            table = {
+                "lr": lr,
+                "dtype": "float64",
+                "problem": problem,
+                "spectrum": {"k": 1, "k_max": 1},
+                "processes": ["gd", "gradient_flow", "modified_gradient_flow"],
+            }
             _, built, _, processes = prepare(table)
             hessian = np.asarray(built.objective.hessian(built.w0))
             finals = {}

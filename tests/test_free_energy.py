@@ -31,10 +31,15 @@ def test_growth_rate_switches_sign_at_two(mode, lr_sharpness):
     eigenvector by |lr S - 1| exactly (GD's per-step factor on its period-2 mode)."""
     sharpness = 20.0
     lr = lr_sharpness / sharpness
-    problem, flow = _flow({
-        "steps": 3, "lr": lr, "problem": {"name": "quadratic", "eigenvalues": [sharpness, 3.0], "rotate": True},
-        "spectrum": {"k": 1, "k_max": 1}, "free_energy": {"stiffness": mode, "floor": False},
-    })
+    problem, flow = _flow(
+        {
+            "steps": 3,
+            "lr": lr,
+            "problem": {"name": "quadratic", "eigenvalues": [sharpness, 3.0], "rotate": True},
+            "spectrum": {"k": 1, "k_max": 1},
+            "free_energy": {"stiffness": mode, "floor": False},
+        }
+    )
     state = flow.init(jnp.zeros_like(problem.w0))
     state = state._replace(z=state.z._replace(amplitudes=jnp.asarray([1e-2])), step=jnp.asarray(1))
     state, rows = flow.advance(state, 2)
@@ -47,11 +52,15 @@ def test_rounding_source_fills_the_stable_mode_at_the_closed_form_rate():
     d(a^2)/dt = 2 log|lr S - 1| a^2 + sigma^2 with sigma = eps rms(w) has the solution
     a(t)^2 = sigma^2 (1 - r^(2t)) / (-2 log r), r = 0.5 (rounding = 1e6 lifts it above float64 noise)."""
     sharpness, lr, c = 20.0, 1.5 / 20.0, 3.0
-    problem, flow = _flow({
-        "steps": 4, "lr": lr, "problem": {"name": "quadratic", "eigenvalues": [sharpness, 0.0], "rotate": False},
-        "spectrum": {"k": 1, "k_max": 1},
-        "free_energy": {"seed": "none", "floor": False, "rounding": 1e6, "substeps": 400, "max_substeps": 400},
-    })
+    problem, flow = _flow(
+        {
+            "steps": 4,
+            "lr": lr,
+            "problem": {"name": "quadratic", "eigenvalues": [sharpness, 0.0], "rotate": False},
+            "spectrum": {"k": 1, "k_max": 1},
+            "free_energy": {"seed": "none", "floor": False, "rounding": 1e6, "substeps": 400, "max_substeps": 400},
+        }
+    )
     state = flow.init(jnp.asarray([0.0, c]))
     _, rows = flow.advance(state, 4)
     sigma = 1e6 * np.finfo(np.float64).eps * c / np.sqrt(2.0)
@@ -65,9 +74,14 @@ def test_quartic_period_two_amplitude():
     """L = S/2 w^2 - Q/4 w^4: GD's period-2 orbit is +-x with lr (S - Q x^2) = 2; the secant model's
     fixed point is the same amplitude, and GD run in lockstep reaches it too."""
     S, Q, lr = 30.0, 1.0, 0.075  # lr S = 2.25
-    spec = {"steps": 250, "lr": lr, "dtype": "float64", "processes": ["gd", "free_energy"],
-            "problem": {"name": "quartic", "sharpness": S, "quartic": Q, "init": 0.05},
-            "spectrum": {"k": 1, "k_max": 1}}
+    spec = {
+        "steps": 250,
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["gd", "free_energy"],
+        "problem": {"name": "quartic", "sharpness": S, "quartic": Q, "init": 0.05},
+        "spectrum": {"k": 1, "k_max": 1},
+    }
     with tempfile.TemporaryDirectory() as directory:
         run(spec, directory, overwrite=True)
         ds = eosflow.load(directory)
@@ -112,8 +126,9 @@ def test_free_energy_second_order_and_gradient():
     for mode in ("secant", "taylor"):
         out = averaged(objective, w, vectors, amplitudes, mode)
         h, shifts = 1e-5, jnp.concatenate([jnp.eye(6), -jnp.eye(6)])
-        energies = eqx.filter_jit(jax.vmap(
-            lambda x, mode=mode: averaged_loss(objective, x, vectors, amplitudes, mode).free_energy))(w + h * shifts)
+        energies = eqx.filter_jit(
+            jax.vmap(lambda x, mode=mode: averaged_loss(objective, x, vectors, amplitudes, mode).free_energy)
+        )(w + h * shifts)
         fd = (energies[:6] - energies[6:]) / (2 * h)
         np.testing.assert_allclose(out.drift, np.asarray(fd), rtol=1e-6, atol=1e-8)
 
@@ -130,10 +145,22 @@ def test_matches_gd_on_deep_matrix_factorization():
     """d = 2, L = 3, lr = 0.077: GD settles on a period-2 orbit (loss 0.648 <-> 1.33); the model's
     amplitude equals GD's displacement from its centre along its top direction, and F equals GD's
     two-step average loss (oracle: the GD iterates run in lockstep)."""
-    spec = {"steps": 200, "lr": 0.077, "dtype": "float64", "processes": ["gd", "free_energy"],
-            "problem": {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1,
-                        "target_scale": 5.5, "init": "gaussian", "init_scale": 0.5},
-            "spectrum": {"k": 2, "k_max": 2}}
+    spec = {
+        "steps": 200,
+        "lr": 0.077,
+        "dtype": "float64",
+        "processes": ["gd", "free_energy"],
+        "problem": {
+            "name": "matrix_factorization",
+            "dim": 2,
+            "depth": 3,
+            "rank": 1,
+            "target_scale": 5.5,
+            "init": "gaussian",
+            "init_scale": 0.5,
+        },
+        "spectrum": {"k": 2, "k_max": 2},
+    }
     with tempfile.TemporaryDirectory() as directory:
         run(spec, directory, overwrite=True)
         ds = eosflow.load(directory)
@@ -149,8 +176,22 @@ def test_matches_gd_on_deep_matrix_factorization():
 
 def test_options_are_validated():
     with pytest.raises(SpecError, match="free_energy.floor"):
-        prepare({"steps": 1, "lr": 0.1, "processes": ["free_energy"], "problem": {"name": "quartic"},
-                 "free_energy": {"seed": "none", "floor": True}})
+        prepare(
+            {
+                "steps": 1,
+                "lr": 0.1,
+                "processes": ["free_energy"],
+                "problem": {"name": "quartic"},
+                "free_energy": {"seed": "none", "floor": True},
+            }
+        )
     with pytest.raises(SpecError, match="free_energy.rank"):
-        prepare({"steps": 1, "lr": 0.1, "processes": ["free_energy"], "problem": {"name": "quartic"},
-                 "free_energy": {"rank": -1}})
+        prepare(
+            {
+                "steps": 1,
+                "lr": 0.1,
+                "processes": ["free_energy"],
+                "problem": {"name": "quartic"},
+                "free_energy": {"rank": -1},
+            }
+        )

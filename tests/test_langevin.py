@@ -49,10 +49,18 @@ def test_euler_maruyama_samples_its_own_stationary_covariance():
     curvatures = (0.1, 0.3)
     eigenvalues = list(np.repeat(np.array(curvatures) / LR, COPIES))
     table = {
-        "lr": LR, "dtype": "float64", "processes": ["langevin"], "spectrum": {"every": 0},
+        "lr": LR,
+        "dtype": "float64",
+        "processes": ["langevin"],
+        "spectrum": {"every": 0},
         "problem": {"name": "quadratic", "eigenvalues": eigenvalues, "rotate": False, "init_scale": 0.01},
-        "langevin": {"momentum": MOMENTUM, "gradient_noise": 1.0, "batch_size": 1,
-                     "integrator": "euler_maruyama", "substeps": substeps},
+        "langevin": {
+            "momentum": MOMENTUM,
+            "gradient_noise": 1.0,
+            "batch_size": 1,
+            "integrator": "euler_maruyama",
+            "substeps": substeps,
+        },
     }
     _, problem, _, processes = prepare(table)
     p = processes["langevin"]
@@ -77,7 +85,10 @@ def test_transient_moments_match_the_continuous_solution():
     """Mean and covariance of theta from a fixed start: expm and Lyapunov vs 3000 BAOAB chains."""
     lr, beta, sigma = 0.2, 0.6, 0.5
     table = {
-        "lr": lr, "dtype": "float64", "processes": ["langevin"], "spectrum": {"every": 0},
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["langevin"],
+        "spectrum": {"every": 0},
         "problem": {"name": "quadratic", "eigenvalues": [3.0, 0.5], "rotate": True, "init_scale": 2.0},
         "langevin": {"momentum": beta, "gradient_noise": sigma, "batch_size": 1, "substeps": 8},
     }
@@ -94,7 +105,10 @@ def test_transient_moments_match_the_continuous_solution():
 def test_noise_has_the_minibatch_gradient_covariance():
     """zeta ~ N(0, c Sigma_g(theta) + sigma^2 I / S) with Sigma_g from per-example gradients."""
     table = {
-        "lr": 0.05, "dtype": "float64", "processes": ["sgd", "langevin"], "spectrum": {"every": 0},
+        "lr": 0.05,
+        "dtype": "float64",
+        "processes": ["sgd", "langevin"],
+        "spectrum": {"every": 0},
         "problem": {"name": "linear_regression", "dim": 5, "n_train": 30},
         "sgd": {"batch_size": 6, "sampling": "without_replacement", "gradient_noise": 0.2},
     }
@@ -112,9 +126,12 @@ def test_noise_has_the_minibatch_gradient_covariance():
 
 def test_options_default_to_the_sgd_table():
     table = {
-        "lr": 0.05, "processes": ["sgd", "langevin"], "spectrum": {"every": 0},
+        "lr": 0.05,
+        "processes": ["sgd", "langevin"],
+        "spectrum": {"every": 0},
         "problem": {"name": "linear_regression", "dim": 3, "n_train": 20},
-        "sgd": {"batch_size": 4, "momentum": 0.5, "weight_decay": 0.01}, "langevin": {"momentum": 0.7},
+        "sgd": {"batch_size": 4, "momentum": 0.5, "weight_decay": 0.01},
+        "langevin": {"momentum": 0.7},
     }
     _, _, _, processes = prepare(table)
     sgd = processes["langevin"].sgd
@@ -142,8 +159,10 @@ def test_lyapunov_covariances_match_the_per_mode_closed_forms():
     rotation = random_rotation(4)
     hessian = rotation @ np.diag(values) @ rotation.T
     s2 = sigma2 * values / batch
-    for model, system, solve in (("continuous", theory.continuous_system, theory.stationary_covariance),
-                                 ("discrete", theory.discrete_system, theory.discrete_stationary_covariance)):
+    for model, system, solve in (
+        ("continuous", theory.continuous_system, theory.stationary_covariance),
+        ("discrete", theory.discrete_system, theory.discrete_stationary_covariance),
+    ):
         cov = solve(*system(hessian, sigma2 * hessian / batch, lr, beta))
         per_mode = theory.mode_variances(values, s2, lr, beta, model)
         theta_block = rotation.T @ cov[:4, :4] @ rotation

@@ -14,11 +14,20 @@ from eosflow.process import PROCESSES
 
 def test_suite_runs_every_gd_model_and_every_spec_is_valid():
     models = lb.gd_models()
-    expected = {n for n, e in PROCESSES.items() if not e.discrete and e.optimizer is None} - {"langevin", "gradient_flow"}
+    expected = {n for n, e in PROCESSES.items() if not e.discrete and e.optimizer is None} - {
+        "langevin",
+        "gradient_flow",
+    }
     assert set(models) == expected and "gd" not in models
     tables = lb.suite_tables()
-    assert {"quartic", "sharp_valley", "matrix_factorization", "mlp_digits", "cnn_digits",
-            "two_layer_meanfield"} <= set(tables)
+    assert {
+        "quartic",
+        "sharp_valley",
+        "matrix_factorization",
+        "mlp_digits",
+        "cnn_digits",
+        "two_layer_meanfield",
+    } <= set(tables)
     quick = lb.suite_tables(quick=True)
     assert set(quick) < set(tables) and all(t["steps"] <= 700 for t in quick.values())
     for name, table in tables.items():  # the particle model models the mean-field network only
@@ -43,9 +52,20 @@ def test_adaptive_suite_runs_every_model_of_rmsprop_and_adam():
         prepare(table)
 
 
-TINY = (lb.Entry("quartic", {"name": "quartic", "steps": 90, "lr": 0.08, "dtype": "float64",
-                             "problem": {"name": "quartic", "dim": 1}, "spectrum": {"k": 1, "k_max": 1},
-                             "record": {"chunk": 45}}),)
+TINY = (
+    lb.Entry(
+        "quartic",
+        {
+            "name": "quartic",
+            "steps": 90,
+            "lr": 0.08,
+            "dtype": "float64",
+            "problem": {"name": "quartic", "dim": 1},
+            "spectrum": {"k": 1, "k_max": 1},
+            "record": {"chunk": 45},
+        },
+    ),
+)
 
 
 def test_table_rows_equal_the_run_directories(tmp_path):
@@ -107,13 +127,21 @@ def test_cli_quick_leaderboard_page_equals_its_csv(tmp_path):
 def test_measure_only_processes_never_read_their_eigenpairs_and_own_cost_leaves_them_out(tmp_path):
     """The processes of MEASURE_ONLY move identically with the eigensolver off (spectrum.every = 0):
     their own cost is the total less the eigensolver's, which compare reports as 2 * measurement_hvps."""
-    table = {"name": "mlp", "steps": 12, "lr": 0.5, "dtype": "float64", "processes": list(lb.MEASURE_ONLY),
-             "problem": {"name": "mlp", "width": 8, "n_train": 40, "n_test": 0},
-             "spectrum": {"k": 2, "k_max": 2, "tol": 1e-6}, "record": {"chunk": 6}}
+    table = {
+        "name": "mlp",
+        "steps": 12,
+        "lr": 0.5,
+        "dtype": "float64",
+        "processes": list(lb.MEASURE_ONLY),
+        "problem": {"name": "mlp", "width": 8, "n_train": 40, "n_test": 0},
+        "spectrum": {"k": 2, "k_max": 2, "tol": 1e-6},
+        "record": {"chunk": 6},
+    }
     runs = {}
     for every in (1, 0):
-        rows = lb.run_suite({"mlp": {**table, "spectrum": {**table["spectrum"], "every": every}}},
-                            tmp_path / str(every), progress=False)
+        rows = lb.run_suite(
+            {"mlp": {**table, "spectrum": {**table["spectrum"], "every": every}}}, tmp_path / str(every), progress=False
+        )
         runs[every] = (eosflow.load(tmp_path / str(every) / "runs" / "mlp"), rows.set_index("process"))
     (measured, measured_rows), (off, off_rows) = runs[1], runs[0]
     for process in lb.MEASURE_ONLY:
@@ -132,10 +160,16 @@ def test_architectures_suite_covers_the_listed_pairs_and_every_spec_is_valid():
 
     tables = lb.suite_tables(suite=lb.suite_entries("architectures"))
     assert list(tables) == ["resnet_digits", "transformer_sorting", "lstm_copying", "mlp_moons"]
-    problems = {name: (t["problem"]["name"], t["problem"].get("dataset", t["problem"].get("task")))
-                for name, t in tables.items()}
-    assert problems == {"resnet_digits": ("resnet", "digits"), "transformer_sorting": ("transformer", "sorting"),
-                        "lstm_copying": ("lstm", "copying"), "mlp_moons": ("mlp", "moons")}
+    problems = {
+        name: (t["problem"]["name"], t["problem"].get("dataset", t["problem"].get("task")))
+        for name, t in tables.items()
+    }
+    assert problems == {
+        "resnet_digits": ("resnet", "digits"),
+        "transformer_sorting": ("transformer", "sorting"),
+        "lstm_copying": ("lstm", "copying"),
+        "mlp_moons": ("mlp", "moons"),
+    }
     models = [m for m in lb.gd_models() if m != "particle_model"]
     for table in tables.values():
         assert table["processes"] == ["gd", "gradient_flow", *models]

@@ -24,8 +24,9 @@ WIDTH = 6
 
 
 def _problem():
-    problem, _ = build_problem({"name": "two_layer_meanfield", "width": WIDTH, "n_train": 16, "input_dim": 3},
-                               0, "float64")
+    problem, _ = build_problem(
+        {"name": "two_layer_meanfield", "width": WIDTH, "n_train": 16, "input_dim": 3}, 0, "float64"
+    )
     return problem
 
 
@@ -101,15 +102,18 @@ def test_the_particle_model_tracks_gd_at_the_edge_of_stability():
     steps 30..400 the model's RMS oscillation and two-step-averaged loss stay within 10% of GD's
     (`benchmarks/meanfield.py --widths 64 --steps 400`: -1.9% and -4.3%)."""
     width, eta, steps = 64, 4.0, 400
-    problem, _ = build_problem({"name": "two_layer_meanfield", "width": width, "n_train": 512,
-                                "dataset": "gaussian", "input_dim": 8}, 0, "float64")
+    problem, _ = build_problem(
+        {"name": "two_layer_meanfield", "width": width, "n_train": 512, "dataset": "gaussian", "input_dim": 8},
+        0,
+        "float64",
+    )
     iterates, losses = mf.particle_gd(problem.objective, problem.w0, width, eta, steps + 1)
     _, observed, _ = mf.particle_model(problem.objective, problem.w0, width, eta, steps)
     _, delta = mf.gd_oscillation(np.asarray(iterates))
     window = slice(30, steps - 1)  # k = 31 .. steps - 1
     gd_envelope = np.sqrt(np.mean(np.sum(delta**2, axis=2), axis=1))[window]
     losses = np.asarray(losses)
-    gd_loss = 0.5 * (losses[1:steps] + losses[2:steps + 1])[window]
+    gd_loss = 0.5 * (losses[1:steps] + losses[2 : steps + 1])[window]
     model = mf.macroscopic(observed)
     assert gd_envelope.min() > 0.05  # GD oscillates throughout: this is the edge of stability
     np.testing.assert_allclose(np.mean(model["amplitude"][1:steps][window]), np.mean(gd_envelope), rtol=0.1)
@@ -121,11 +125,24 @@ def test_the_particle_model_process_follows_gd_in_a_run(tmp_path):
     (FF, the two-step loss, |delta| = sqrt(N) x the RMS per particle), and the comparison scores
     it against GD's own iterates: loss and envelope errors within 15% (measured 8.4%, 8.0%)."""
     width, eta, steps = 64, 4.0, 400
-    problem_table = {"name": "two_layer_meanfield", "width": width, "n_train": 512, "dataset": "gaussian",
-                     "input_dim": 8}
-    spec = {"name": "particles", "steps": steps, "lr": width * eta, "dtype": "float64", "problem": problem_table,
-            "processes": ["gd", "particle_model"], "particle_model": {"substeps": 4, "courant": 1e3},
-            "spectrum": {"k": 1, "k_max": 1}, "record": {"chunk": 200}}
+    problem_table = {
+        "name": "two_layer_meanfield",
+        "width": width,
+        "n_train": 512,
+        "dataset": "gaussian",
+        "input_dim": 8,
+    }
+    spec = {
+        "name": "particles",
+        "steps": steps,
+        "lr": width * eta,
+        "dtype": "float64",
+        "problem": problem_table,
+        "processes": ["gd", "particle_model"],
+        "particle_model": {"substeps": 4, "courant": 1e3},
+        "spectrum": {"k": 1, "k_max": 1},
+        "record": {"chunk": 200},
+    }
     run(spec, tmp_path / "run")
     ds = eosflow.load(tmp_path / "run").sel(process="particle_model")
     problem, _ = build_problem(problem_table, 0, "float64")
@@ -139,8 +156,10 @@ def test_the_particle_model_process_follows_gd_in_a_run(tmp_path):
 
 
 def test_the_particle_model_refuses_other_problems_and_says_so_in_the_listing(capsys):
-    with pytest.raises(SpecError, match="process 'particle_model' models the problem 'two_layer_meanfield'; "
-                                        "this spec's `problem.name` is 'mlp'"):
+    with pytest.raises(
+        SpecError,
+        match="process 'particle_model' models the problem 'two_layer_meanfield'; this spec's `problem.name` is 'mlp'",
+    ):
         parse_spec({"processes": ["gd", "particle_model"], "problem": {"name": "mlp"}})
     assert main(["processes"]) == 0
     listing = capsys.readouterr().out

@@ -11,9 +11,14 @@ from eosflow.problems import build_problem
 def _problems():
     yield "quartic", build_problem({"name": "quartic", "dim": 3, "init": 0.5}, 0, "float64")[0]
     yield "mlp", build_problem({"name": "mlp", "width": 6, "n_train": 40, "n_test": 0}, 0, "float64")[0]
-    yield "mlp_ce", build_problem(
-        {"name": "mlp", "width": 5, "n_train": 30, "n_test": 0, "loss": "cross_entropy", "activation": "swish"},
-        1, "float64")[0]
+    yield (
+        "mlp_ce",
+        build_problem(
+            {"name": "mlp", "width": 5, "n_train": 30, "n_test": 0, "loss": "cross_entropy", "activation": "swish"},
+            1,
+            "float64",
+        )[0],
+    )
 
 
 PROBLEMS = dict(_problems())

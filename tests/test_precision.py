@@ -24,14 +24,22 @@ def fresh_python(code: str, tmp_path) -> str:
     """Run ``code`` in a new interpreter with eosflow's sources first on the path; its stdout."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("JAX_ENABLE_X64", None)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def test_import_leaves_jax_config_unchanged(tmp_path):
-    out = fresh_python("""
+    out = fresh_python(
+        """
         import jax
         def config():  # every option's current value (a dict kept in sync by jax.config.update)
             return dict(jax.config.values)
@@ -40,7 +48,9 @@ def test_import_leaves_jax_config_unchanged(tmp_path):
         after = config()
         changed = {k: (before[k], after.get(k)) for k in before if before[k] != after.get(k)}
         print(len(before), changed, jax.config.jax_enable_x64)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     count, changed, x64 = out.split(" ", 1)[0], out.split(" ", 1)[1].rsplit(" ", 1)[0], out.split()[-1]
     assert int(count) > 50  # the whole configuration was compared
     assert changed == "{}" and x64 == "False"
@@ -49,7 +59,8 @@ def test_import_leaves_jax_config_unchanged(tmp_path):
 def test_float64_spec_runs_in_float64_without_global_x64(tmp_path):
     """A float64 spec, run where x64 is off, computes in float64 (the saved parameters are float64
     and GD matches the closed form to float64 rounding), and leaves x64 off afterwards."""
-    out = fresh_python("""
+    out = fresh_python(
+        """
         import jax, numpy as np, eosflow
         table = {"steps": 30, "lr": 0.099, "dtype": "float64", "processes": ["gd"],
                  "problem": {"name": "quadratic", "rotate": False, "eigenvalues": [20.0, 0.5]},
@@ -58,7 +69,9 @@ def test_float64_spec_runs_in_float64_without_global_x64(tmp_path):
         steps, params = eosflow.load_params("run", "gd")
         closed = (1 - 0.099 * np.array([20.0, 0.5])) ** steps[:, None] * params[0]
         print(params.dtype, np.max(np.abs(params - closed)), jax.config.jax_enable_x64)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     dtype, error, x64 = out.split()
     assert dtype == "float64" and float(error) < 1e-14 and x64 == "False"
 

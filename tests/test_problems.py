@@ -22,19 +22,53 @@ CASES = {
     "quadratic": {"name": "quadratic"},
     "quartic_3d": {"name": "quartic", "dim": 3, "init": 0.5},
     "sharp_valley": {"name": "sharp_valley"},
-    "sharp_valley_quadratic": {"name": "sharp_valley", "profile": "quadratic", "drift": "quadratic", "target": 1.0,
-                               "transverse": [1.0, 0.5], "x0": 0.7, "bend": -0.4},
+    "sharp_valley_quadratic": {
+        "name": "sharp_valley",
+        "profile": "quadratic",
+        "drift": "quadratic",
+        "target": 1.0,
+        "transverse": [1.0, 0.5],
+        "x0": 0.7,
+        "bend": -0.4,
+    },
     "factorization_deep": {"name": "matrix_factorization", "dim": 3, "depth": 3, "rank": 2},
-    "factorization_shallow_mean": {"name": "matrix_factorization", "dim": 4, "depth": 2, "rank": 2,
-                                   "reduction": "mean"},
+    "factorization_shallow_mean": {
+        "name": "matrix_factorization",
+        "dim": 4,
+        "depth": 2,
+        "rank": 2,
+        "reduction": "mean",
+    },
     "factorization_scalar": {"name": "matrix_factorization", "dim": 1, "depth": 4, "init": "identity"},
     "mlp_tanh": {"name": "mlp", "n_train": 20, "n_test": 10, "width": 8},
-    "mlp_relu_ce": {"name": "mlp", "n_train": 20, "n_test": 0, "width": 8, "activation": "relu",
-                    "loss": "cross_entropy"},
-    "mlp_gelu_nobias": {"name": "mlp", "n_train": 20, "n_test": 0, "width": 8, "depth": 1, "activation": "gelu",
-                        "bias": False},
-    "mlp_swish_teacher": {"name": "mlp", "dataset": "teacher", "classes": 3, "n_train": 12, "n_test": 0, "width": 6,
-                          "depth": 3, "activation": "swish", "input_dim": 5},
+    "mlp_relu_ce": {
+        "name": "mlp",
+        "n_train": 20,
+        "n_test": 0,
+        "width": 8,
+        "activation": "relu",
+        "loss": "cross_entropy",
+    },
+    "mlp_gelu_nobias": {
+        "name": "mlp",
+        "n_train": 20,
+        "n_test": 0,
+        "width": 8,
+        "depth": 1,
+        "activation": "gelu",
+        "bias": False,
+    },
+    "mlp_swish_teacher": {
+        "name": "mlp",
+        "dataset": "teacher",
+        "classes": 3,
+        "n_train": 12,
+        "n_test": 0,
+        "width": 6,
+        "depth": 3,
+        "activation": "swish",
+        "input_dim": 5,
+    },
     "mlp_regression": {"name": "mlp_regression", "n_train": 16},
     "cnn": {"name": "cnn", "n_train": 20, "n_test": 10, "channels": [3, 4]},
     "two_layer_meanfield": {"name": "two_layer_meanfield", "width": 16, "n_train": 24},
@@ -42,21 +76,70 @@ CASES = {
 # the architectures suite (tests/test_architectures.py adds third derivatives and more variants)
 ARCHITECTURE_CASES = {
     "resnet_layer_relu": {"name": "resnet", "n_train": 6, "classes": 3, "channels": [2, 4]},
-    "resnet_none_swish_ce": {"name": "resnet", "n_train": 6, "classes": 3, "channels": [2, 4], "norm": "none",
-                             "activation": "swish", "loss": "cross_entropy"},
-    "resnet_group_tanh_two_blocks": {"name": "resnet", "n_train": 4, "classes": 2, "channels": [4], "blocks": 2,
-                                     "norm": "group", "groups": 2, "activation": "tanh"},
-    "vit_gelu": {"name": "vit", "n_train": 6, "classes": 3, "dim": 4, "heads": 2, "mlp_width": 6, "depth": 1,
-                 "patch": 4},
+    "resnet_none_swish_ce": {
+        "name": "resnet",
+        "n_train": 6,
+        "classes": 3,
+        "channels": [2, 4],
+        "norm": "none",
+        "activation": "swish",
+        "loss": "cross_entropy",
+    },
+    "resnet_group_tanh_two_blocks": {
+        "name": "resnet",
+        "n_train": 4,
+        "classes": 2,
+        "channels": [4],
+        "blocks": 2,
+        "norm": "group",
+        "groups": 2,
+        "activation": "tanh",
+    },
+    "vit_gelu": {
+        "name": "vit",
+        "n_train": 6,
+        "classes": 3,
+        "dim": 4,
+        "heads": 2,
+        "mlp_width": 6,
+        "depth": 1,
+        "patch": 4,
+    },
     "transformer_sorting": {"name": "transformer", "n_train": 6, "length": 3, "vocab": 3, "dim": 4, "mlp_width": 6},
-    "transformer_copying_ce": {"name": "transformer", "task": "copying", "n_train": 6, "length": 2, "vocab": 3,
-                               "dim": 4, "heads": 1, "mlp_width": 5, "depth": 1, "loss": "cross_entropy"},
+    "transformer_copying_ce": {
+        "name": "transformer",
+        "task": "copying",
+        "n_train": 6,
+        "length": 2,
+        "vocab": 3,
+        "dim": 4,
+        "heads": 1,
+        "mlp_width": 5,
+        "depth": 1,
+        "loss": "cross_entropy",
+    },
     "lstm_copying": {"name": "lstm", "n_train": 6, "length": 2, "vocab": 3, "hidden": 4, "embedding": 3},
-    "lstm_sorting_ce": {"name": "lstm", "task": "sorting", "n_train": 5, "length": 3, "vocab": 4, "hidden": 3,
-                        "embedding": 2, "loss": "cross_entropy"},
+    "lstm_sorting_ce": {
+        "name": "lstm",
+        "task": "sorting",
+        "n_train": 5,
+        "length": 3,
+        "vocab": 4,
+        "hidden": 3,
+        "embedding": 2,
+        "loss": "cross_entropy",
+    },
     "mlp_moons": {"name": "mlp", "dataset": "moons", "classes": 2, "n_train": 10, "n_test": 4, "width": 6},
-    "mlp_circles_ce": {"name": "mlp", "dataset": "circles", "classes": 2, "n_train": 10, "n_test": 0, "width": 5,
-                       "activation": "relu", "loss": "cross_entropy"},
+    "mlp_circles_ce": {
+        "name": "mlp",
+        "dataset": "circles",
+        "classes": 2,
+        "n_train": 10,
+        "n_test": 0,
+        "width": 5,
+        "activation": "relu",
+        "loss": "cross_entropy",
+    },
 }
 CASES.update(ARCHITECTURE_CASES)
 # problems registered elsewhere are checked with their defaults
@@ -97,8 +180,7 @@ ONE_CASE_PER_PROBLEM = {case["name"]: case for case in reversed(CASES.values())}
 @pytest.mark.parametrize("name", sorted(ONE_CASE_PER_PROBLEM))
 def test_every_problem_runs_a_few_steps(name, tmp_path):
     case = ONE_CASE_PER_PROBLEM[name]
-    table = {"steps": 3, "lr": 0.01, "dtype": "float64", "processes": ["gd"], "spectrum": {"every": 0},
-             "problem": case}
+    table = {"steps": 3, "lr": 0.01, "dtype": "float64", "processes": ["gd"], "spectrum": {"every": 0}, "problem": case}
     outcome = run(table, tmp_path / "run", overwrite=True)
     assert outcome.status == "completed" and outcome.steps_done == 3
     ds = eosflow.load(tmp_path / "run")
@@ -125,15 +207,28 @@ def test_central_flow_reference_example_has_484_parameters():
 
 @pytest.mark.parametrize("width, depth, bias", [(8, 1, True), (5, 3, True), (7, 2, False)])
 def test_mlp_parameter_count(width, depth, bias):
-    problem, _ = build_problem({"name": "mlp", "dataset": "iris", "classes": 3, "n_train": 9, "n_test": 0,
-                                "width": width, "depth": depth, "bias": bias}, 0, "float64")
+    problem, _ = build_problem(
+        {
+            "name": "mlp",
+            "dataset": "iris",
+            "classes": 3,
+            "n_train": 9,
+            "n_test": 0,
+            "width": width,
+            "depth": depth,
+            "bias": bias,
+        },
+        0,
+        "float64",
+    )
     sizes = [4] + [width] * depth + [3]
     assert problem.w0.size == sum(a * b + (b if bias else 0) for a, b in zip(sizes[:-1], sizes[1:]))
 
 
 def test_cnn_parameter_count_and_image_checks():
-    problem, _ = build_problem({"name": "cnn", "n_train": 10, "n_test": 0, "channels": [3, 5], "kernel": 3}, 0,
-                               "float64")
+    problem, _ = build_problem(
+        {"name": "cnn", "n_train": 10, "n_test": 0, "channels": [3, 5], "kernel": 3}, 0, "float64"
+    )
     convs = (3 * 3 * 1 * 3 + 3) + (3 * 3 * 3 * 5 + 5)
     readout = 5 * 2 * 2 * 10 + 10  # 8x8 -> 4x4 -> 2x2
     assert problem.w0.size == convs + readout
@@ -180,8 +275,9 @@ def test_scalar_deep_product_is_the_degenerate_factorization():
 def test_balanced_factorization_minimum_has_sharpness_L_s_to_the_2_L_minus_1_over_L():
     """At W_1 = c q v^T, W_l = c q q^T, W_L = c u q^T (c = s^(1/L)) the product is s u v^T; H = J^T J."""
     depth, s = 3, 2.5
-    problem, _ = build_problem({"name": "matrix_factorization", "dim": 2, "depth": depth, "target_scale": s}, 0,
-                               "float64")
+    problem, _ = build_problem(
+        {"name": "matrix_factorization", "dim": 2, "depth": depth, "target_scale": s}, 0, "float64"
+    )
     target = np.asarray(problem.objective.loss_on.fn.target)
     u, sv, vt = np.linalg.svd(target)
     assert np.isclose(sv[0], s) and np.isclose(sv[1], 0)
@@ -229,8 +325,14 @@ def test_sharp_valley_gd_self_stabilizes_at_2_over_lr(lr):
 @pytest.mark.parametrize("lr, dim", [(0.08, 1), (0.09, 1), (0.085, 3)])
 def test_quartic_gd_settles_on_the_predicted_period_two_orbit(lr, dim, tmp_path):
     S, Q = 30.0, 2.0
-    table = {"steps": 300, "lr": lr, "dtype": "float64", "processes": ["gd"], "record": {"params_every": 1},
-             "problem": {"name": "quartic", "sharpness": S, "quartic": Q, "dim": dim}}
+    table = {
+        "steps": 300,
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["gd"],
+        "record": {"params_every": 1},
+        "problem": {"name": "quartic", "sharpness": S, "quartic": Q, "dim": dim},
+    }
     assert run(table, tmp_path / "q", overwrite=True).status == "completed"
     _, w = eosflow.load_params(tmp_path / "q", "gd")
     amplitude = np.sqrt((S - 2 / lr) / Q)  # lr (S - Q a^2) = 2

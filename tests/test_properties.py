@@ -20,8 +20,13 @@ def _dense_lobpcg(a, start):
 
 
 @SETTINGS
-@given(dim=st.sampled_from([5, 12, 30]), k=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
-       shift=st.floats(-5, 5), spread=st.sampled_from([1e-3, 1.0, 1e3]))
+@given(
+    dim=st.sampled_from([5, 12, 30]),
+    k=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+    shift=st.floats(-5, 5),
+    spread=st.sampled_from([1e-3, 1.0, 1e3]),
+)
 def test_lobpcg_top_eigenvalues_match_dense_eigh(dim, k, seed, shift, spread):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((dim, dim))
@@ -42,8 +47,13 @@ _solve_sdcp = jax.jit(solve_sdcp)
 
 
 @SETTINGS
-@given(m=st.integers(1, 4), seed=st.integers(0, 2**31 - 1), columns=st.sampled_from([1, 2, 6]),
-       scale=st.sampled_from([1e-3, 1.0, 1e2]), shift=st.floats(-3, 1))
+@given(
+    m=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    columns=st.sampled_from([1, 2, 6]),
+    scale=st.sampled_from([1e-3, 1.0, 1e2]),
+    shift=st.floats(-3, 1),
+)
 def test_sdcp_solution_satisfies_kkt(m, seed, columns, scale, shift):
     """find X >= 0 with Z = alpha + beta[X] >= 0 and <X, Z> = 0, beta = Gs Gs^T on svec: checked
     with numpy's eigvalsh in float64, beta applied as the dense p x p matrix."""
@@ -89,8 +99,11 @@ def test_store_write_read_truncate_round_trip(tmp_path_factory, lengths, width, 
 
 
 @SETTINGS
-@given(shapes=st.lists(st.lists(st.integers(0, 4), max_size=3), min_size=1, max_size=5),
-       step=st.integers(0, 10**6), seed=st.integers(0, 1000))
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 4), max_size=3), min_size=1, max_size=5),
+    step=st.integers(0, 10**6),
+    seed=st.integers(0, 1000),
+)
 def test_checkpoint_round_trip_is_exact(tmp_path_factory, shapes, step, seed):
     store = RunStore(tmp_path_factory.mktemp("ckpt"))
     rng = np.random.default_rng(seed)

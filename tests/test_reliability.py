@@ -20,9 +20,13 @@ from eosflow.experiment import run
 from eosflow.store import RunDirectoryWarning, RunStore, StoreError
 
 SPEC = {
-    "name": "faults", "steps": 80, "lr": 0.4, "dtype": "float32",
+    "name": "faults",
+    "steps": 80,
+    "lr": 0.4,
+    "dtype": "float32",
     "problem": {"name": "mlp", "width": 16, "n_train": 100, "n_test": 0},
-    "spectrum": {"k": 1, "k_max": 2, "threshold": 1.0, "max_iters": 8}, "record": {"chunk": 8},
+    "spectrum": {"k": 1, "k_max": 2, "threshold": 1.0, "max_iters": 8},
+    "record": {"chunk": 8},
 }
 TRAJECTORY_VARIABLES = ("loss", "sharpness", "eigenvalues", "grad_norm", "hvps")
 
@@ -116,8 +120,9 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, uninterrupted, ca
         assert main(["run", str(spec_path), "--set", "lr=0.3", "--out", str(out), "--overwrite", "--quiet"]) == 2
         assert main(["resume", str(out), "--quiet"]) == 2
         errors = capsys.readouterr().err.splitlines()
-        assert len(errors) == 2 and all(f"being written by another eosflow process (PID {first.pid})" in e
-                                        for e in errors)
+        assert len(errors) == 2 and all(
+            f"being written by another eosflow process (PID {first.pid})" in e for e in errors
+        )
         assert _files(out) == before
     finally:
         first.send_signal(signal.SIGCONT)
@@ -130,9 +135,16 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, uninterrupted, ca
 def test_the_lock_dies_with_its_holder(tmp_path):
     """The lock is the kernel's: a writer killed with SIGKILL leaves no stale lock."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from eosflow.store import RunStore; "
-                               f"RunStore({str(out)!r}).lock(); print('locked', flush=True); time.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from eosflow.store import RunStore; "
+            f"RunStore({str(out)!r}).lock(); print('locked', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(StoreError, match=f"PID {holder.pid}"):
         RunStore(out).lock()
@@ -229,8 +241,11 @@ def test_user_errors_print_one_paragraph_without_traceback(tmp_path, capsys):
 def test_bad_data_files_are_named(tmp_path, arrays, message):
     path = tmp_path / "data.npz"
     np.savez(path, **arrays)
-    table = {**SPEC, "steps": 3, "problem": {"name": "mlp", "dataset": "npz", "data_path": str(path),
-                                             "classes": 2, "n_train": 10, "n_test": 0}}
+    table = {
+        **SPEC,
+        "steps": 3,
+        "problem": {"name": "mlp", "dataset": "npz", "data_path": str(path), "classes": 2, "n_train": 10, "n_test": 0},
+    }
     with pytest.raises(SpecError, match=message):
         run(table, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -241,15 +256,28 @@ def test_own_npz_dataset_trains(tmp_path):
     x = rng.standard_normal((40, 5))
     y = (x[:, 0] > 0).astype(int)
     np.savez(tmp_path / "data.npz", x=x, y=y)
-    table = {**SPEC, "steps": 5, "problem": {"name": "mlp", "dataset": "npz", "data_path": str(tmp_path / "data.npz"),
-                                            "classes": 2, "n_train": 20, "n_test": 10}}
+    table = {
+        **SPEC,
+        "steps": 5,
+        "problem": {
+            "name": "mlp",
+            "dataset": "npz",
+            "data_path": str(tmp_path / "data.npz"),
+            "classes": 2,
+            "n_train": 20,
+            "n_test": 10,
+        },
+    }
     assert run(table, tmp_path / "out").status == "completed"
 
 
 def test_unreadable_data_file(tmp_path):
     (tmp_path / "data.npz").write_bytes(b"garbage")
-    table = {**SPEC, "steps": 3, "problem": {"name": "mlp", "dataset": "npz", "data_path": str(tmp_path / "data.npz"),
-                                             "classes": 2}}
+    table = {
+        **SPEC,
+        "steps": 3,
+        "problem": {"name": "mlp", "dataset": "npz", "data_path": str(tmp_path / "data.npz"), "classes": 2},
+    }
     with pytest.raises(SpecError, match="is not a readable .npz file"):
         run(table, tmp_path / "out")
     with pytest.raises(SpecError, match="does not exist"):
@@ -277,14 +305,16 @@ def test_a_run_from_before_an_option_existed_resumes(tmp_path, uninterrupted):
     out = tmp_path / "run"
     run(SPEC, out, stop_after=16)
     path = out / "spec.resolved.toml"
-    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
-                            if not line.startswith("grow_every")))
+    path.write_text(
+        "".join(line for line in path.read_text().splitlines(keepends=True) if not line.startswith("grow_every"))
+    )
     run(SPEC, out, resume=True)
     assert_same_run(eosflow.load(out), uninterrupted)
 
 
 def test_an_interrupt_between_a_chunk_and_its_checkpoint_leaves_data_and_summary_agreeing(
-        tmp_path, monkeypatch, uninterrupted):
+    tmp_path, monkeypatch, uninterrupted
+):
     """Ctrl-C after chunk 2 is flushed but before its checkpoint: the summary and the data on disk
     both say 8 steps (the checkpoint's), and the resumed run is bitwise identical."""
     out = tmp_path / "run"

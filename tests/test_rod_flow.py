@@ -18,8 +18,14 @@ from eosflow.spec import SpectrumSpec
 
 def build(process: str, problem: dict, lr: float, **options):
     """The process named ``process`` and its problem, from a float64 spec with no spectrum."""
-    table = {"lr": lr, "dtype": "float64", "processes": [process], "problem": problem,
-             "spectrum": {"every": 0}, process: options}
+    table = {
+        "lr": lr,
+        "dtype": "float64",
+        "processes": [process],
+        "problem": problem,
+        "spectrum": {"every": 0},
+        process: options,
+    }
     _, built, _, processes = prepare(table)
     return processes[process], built
 
@@ -143,10 +149,18 @@ def sweep_step_size(process, problem, scales, steps):
 
 
 SWEEPS = {  # (problem, lr of the compiled model, effective step sizes: the EoS range, steps)
-    "matrix_factorization": ({"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5},
-                             0.08, np.linspace(0.070, 0.0855, 10), 1500),
-    "quartic": ({"name": "quartic", "sharpness": 30.0, "dim": 2, "init": 0.1},
-                0.08, np.linspace(2.05, 2.95, 10) / 30.0, 600),
+    "matrix_factorization": (
+        {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5},
+        0.08,
+        np.linspace(0.070, 0.0855, 10),
+        1500,
+    ),
+    "quartic": (
+        {"name": "quartic", "sharpness": 30.0, "dim": 2, "init": 0.1},
+        0.08,
+        np.linspace(2.05, 2.95, 10) / 30.0,
+        600,
+    ),
 }
 
 
@@ -189,8 +203,14 @@ def rod_like(name, objective, lr, correction=True):
     from eosflow.flows.rod import RodFlow, RodFlowOptions
 
     cls = {"rod_flow": RodFlow, "edge_flow": EdgeFlow}[name]
-    return cls(name=name, lr=lr, spectrum=SpectrumSpec(every=0), key=jax.random.PRNGKey(0),
-               objective=objective, options=RodFlowOptions(substeps=4, correction=correction))
+    return cls(
+        name=name,
+        lr=lr,
+        spectrum=SpectrumSpec(every=0),
+        key=jax.random.PRNGKey(0),
+        objective=objective,
+        options=RodFlowOptions(substeps=4, correction=correction),
+    )
 
 
 @pytest.mark.parametrize("name", ["rod_flow", "edge_flow"])
@@ -233,12 +253,27 @@ def test_rows_in_an_experiment_report_gd_oscillation(tmp_path):
     import eosflow
     from eosflow.experiment import run
 
-    table = {"steps": 200, "lr": 0.08, "dtype": "float64", "processes": ["gd", "rod_flow"],
-             "problem": {"name": "quartic", "dim": 2, "init": 0.1}, "spectrum": {"every": 0}}
+    table = {
+        "steps": 200,
+        "lr": 0.08,
+        "dtype": "float64",
+        "processes": ["gd", "rod_flow"],
+        "problem": {"name": "quartic", "dim": 2, "init": 0.1},
+        "spectrum": {"every": 0},
+    }
     run(table, tmp_path / "run", overwrite=True)
     ds = eosflow.load(tmp_path / "run").sel(process="rod_flow")
-    for key in ("loss", "predicted_loss", "amplitude", "half_length", "sharpness_along", "reference_offset",
-                "grads", "hvps", "distance"):
+    for key in (
+        "loss",
+        "predicted_loss",
+        "amplitude",
+        "half_length",
+        "sharpness_along",
+        "reference_offset",
+        "grads",
+        "hvps",
+        "distance",
+    ):
         assert np.all(np.isfinite(ds[key].values[:150])), key
     offset_rms = np.sqrt(np.mean(ds.reference_offset.values[-20:] ** 2))
     np.testing.assert_allclose(offset_rms, ds.amplitude.values[-1], rtol=1e-3)

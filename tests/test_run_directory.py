@@ -123,8 +123,14 @@ def test_load_of_a_run_in_progress_returns_every_flushed_step(tmp_path, uninterr
 def test_spectrum_sizes_beyond_the_parameter_count(tmp_path):
     """A 2-parameter quadratic has 2 eigenpairs: k_max = 5 tracks 2 (with a warning, no NaN
     columns); k = 3 is refused by name."""
-    table = {"steps": 4, "lr": 0.1, "dtype": "float64", "problem": {"name": "quadratic", "eigenvalues": [3.0, 1.0]},
-             "spectrum": {"k": 1, "k_max": 5, "threshold": 0.01}, "record": {"chunk": 2}}
+    table = {
+        "steps": 4,
+        "lr": 0.1,
+        "dtype": "float64",
+        "problem": {"name": "quadratic", "eigenvalues": [3.0, 1.0]},
+        "spectrum": {"k": 1, "k_max": 5, "threshold": 0.01},
+        "record": {"chunk": 2},
+    }
     with pytest.warns(SpecWarning, match=r"`spectrum.k_max` = 5 exceeds the number of parameters \(2\)"):
         run(table, tmp_path / "a")
     eigenvalues = eosflow.load(tmp_path / "a").eigenvalues.values[0]

@@ -29,9 +29,13 @@ from eosflow.theory import linear_regression as theory
 
 def regression_table(**sgd):
     return {
-        "steps": 10, "lr": 0.05, "dtype": "float64", "processes": ["sgd", "gd"],
+        "steps": 10,
+        "lr": 0.05,
+        "dtype": "float64",
+        "processes": ["sgd", "gd"],
         "problem": {"name": "linear_regression", "dim": 6, "n_train": 40, "noise": 0.5},
-        "spectrum": {"every": 0}, "sgd": sgd,
+        "spectrum": {"every": 0},
+        "sgd": sgd,
     }
 
 
@@ -93,8 +97,9 @@ def test_minibatch_gradient_covariance(sampling):
     # the trace estimate's relative standard error is about sqrt(2 / draws) ~ 1%
     assert np.trace(empirical) == pytest.approx(np.trace(expected), rel=0.05)
     assert np.linalg.norm(empirical - expected) < 0.08 * np.linalg.norm(expected)
-    np.testing.assert_allclose(np.asarray(grads).mean(axis=0), per_example.mean(axis=0),
-                               atol=4 * np.sqrt(np.trace(expected) / draws))
+    np.testing.assert_allclose(
+        np.asarray(grads).mean(axis=0), per_example.mean(axis=0), atol=4 * np.sqrt(np.trace(expected) / draws)
+    )
 
 
 @pytest.mark.parametrize("n_train", [40, 3])  # n > d and n < d take different eigen-routes
@@ -126,7 +131,10 @@ def run_noisy_quadratic(process: str, steps: int, **options):
     """Stationary positions of ``process`` on L = 1/2 sum h_i w_i^2 with gradient noise N(0, I)."""
     eigenvalues = list(np.repeat(np.array(LR_CURVATURES) / LR, COPIES))
     table = {
-        "lr": LR, "dtype": "float64", "processes": [process], "spectrum": {"every": 0},
+        "lr": LR,
+        "dtype": "float64",
+        "processes": [process],
+        "spectrum": {"every": 0},
         "problem": {"name": "quadratic", "eigenvalues": eigenvalues, "rotate": False, "init_scale": 0.01},
         process: {"momentum": MOMENTUM, "gradient_noise": 1.0, "batch_size": 1, **options},
     }
@@ -149,8 +157,10 @@ def test_exact_discrete_stationary_variances_and_the_continuous_deficit():
     h = np.array(LR_CURVATURES) / LR
     discrete = theory.mode_variances(h, 1.0, LR, MOMENTUM, "discrete")
     continuous = theory.mode_variances(h, 1.0, LR, MOMENTUM, "continuous")
-    for name, samples, predicted in (("theta", theta[:-1] ** 2, discrete.theta),
-                                     ("step", np.diff(theta, axis=0) ** 2, discrete.step)):
+    for name, samples, predicted in (
+        ("theta", theta[:-1] ** 2, discrete.theta),
+        ("step", np.diff(theta, axis=0) ** 2, discrete.step),
+    ):
         per_group = grouped(samples)
         measured = per_group.mean(axis=0)
         errors = np.array([batch_means_error(per_group[:, g]) for g in range(len(h))])
@@ -174,7 +184,10 @@ def test_minibatch_linear_regression_predictions_from_stationary_residuals():
     """
     lr, beta, batch = 0.1, 0.9, 16
     table = {
-        "lr": lr, "dtype": "float64", "processes": ["sgd"], "spectrum": {"every": 0},
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["sgd"],
+        "spectrum": {"every": 0},
         "problem": {"name": "linear_regression", "dim": 32, "n_train": 2048, "noise": 1.0, "decay": 0.5},
         "sgd": {"batch_size": batch, "momentum": beta, "loss_every": 20},
     }
@@ -220,7 +233,10 @@ def test_exact_moments_from_initialization():
     """Mean and covariance of theta after k steps: the recursion's closed form vs 4000 chains."""
     lr, beta = 0.2, 0.7
     table = {
-        "lr": lr, "dtype": "float64", "processes": ["sgd"], "spectrum": {"every": 0},
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["sgd"],
+        "spectrum": {"every": 0},
         "problem": {"name": "quadratic", "eigenvalues": [4.0, 1.0], "rotate": True, "init_scale": 2.0},
         "sgd": {"momentum": beta, "gradient_noise": 0.5, "batch_size": 1},
     }
@@ -243,13 +259,16 @@ def test_resume_draws_the_same_batches(tmp_path):
     np.testing.assert_array_equal(whole, parts)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("batch_size", 0, "sgd.batch_size"),
-    ("batch_size", 41, "sgd.batch_size"),
-    ("momentum", 1.0, "sgd.momentum"),
-    ("sampling", "epochs", "sgd.sampling"),
-    ("loss_every", 0, "sgd.loss_every"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("batch_size", 0, "sgd.batch_size"),
+        ("batch_size", 41, "sgd.batch_size"),
+        ("momentum", 1.0, "sgd.momentum"),
+        ("sampling", "epochs", "sgd.sampling"),
+        ("loss_every", 0, "sgd.loss_every"),
+    ],
+)
 def test_bad_options_name_the_field(field, value, message):
     with pytest.raises(SpecError, match=message):
         prepare(regression_table(**{field: value}))

@@ -24,8 +24,15 @@ PATH = "user_models:make_problem"
 LR, STEPS = 0.8, 40
 PROCESSES = ["gd", "central_flow", "rod_flow"]
 SPECTRUM = {"k_max": 2}
-TABLE = {"steps": STEPS, "lr": LR, "dtype": "float32", "processes": PROCESSES, "problem": {"name": PATH},
-         "spectrum": SPECTRUM, "record": {"chunk": 20}}
+TABLE = {
+    "steps": STEPS,
+    "lr": LR,
+    "dtype": "float32",
+    "processes": PROCESSES,
+    "problem": {"name": PATH},
+    "spectrum": SPECTRUM,
+    "record": {"chunk": 20},
+}
 
 
 def assert_same_trajectories(a, b):
@@ -37,8 +44,9 @@ def assert_same_trajectories(a, b):
 
 @pytest.fixture(scope="module")
 def in_memory():
-    return eosflow.simulate(user_models.make_problem(), lr=LR, steps=STEPS, processes=PROCESSES, spectrum=SPECTRUM,
-                            record={"chunk": 20})
+    return eosflow.simulate(
+        user_models.make_problem(), lr=LR, steps=STEPS, processes=PROCESSES, spectrum=SPECTRUM, record={"chunk": 20}
+    )
 
 
 def test_in_memory_run_of_a_float32_user_model(in_memory):
@@ -70,8 +78,9 @@ def test_simulate_out_writes_a_run_directory_the_cli_resumes(tmp_path):
     ds = eosflow.simulate(problem, lr=0.3, steps=10, out=tmp_path / "run", record={"chunk": 5})
     from eosflow.cli import main
 
-    assert main(["run", str(tmp_path / "run" / "spec.toml"), "--out", str(tmp_path / "run"), "--resume",
-                 "--quiet"]) == 0
+    assert (
+        main(["run", str(tmp_path / "run" / "spec.toml"), "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 0
+    )
     assert_same_trajectories(ds, eosflow.load(tmp_path / "run"))
 
 
@@ -82,8 +91,14 @@ def test_every_process_that_runs_on_any_problem_runs_on_a_user_model():
 
     names = ["gd"] + [name for name, entry in PROCESSES.items() if entry.problems is None and name != "gd"]
     assert len(names) >= 12
-    ds = eosflow.simulate(user_models.make_problem(), lr=LR, steps=6, processes=names, spectrum=SPECTRUM,
-                          options={"sgd": {"batch_size": 10}})
+    ds = eosflow.simulate(
+        user_models.make_problem(),
+        lr=LR,
+        steps=6,
+        processes=names,
+        spectrum=SPECTRUM,
+        options={"sgd": {"batch_size": 10}},
+    )
     assert ds.attrs["status"] == "completed" and list(ds.process.values) == names
     assert np.all(np.isfinite(ds.loss.values))  # a dropped process would leave NaN after its divergence
 
@@ -94,13 +109,16 @@ def test_in_memory_directory_explains_how_to_resume(tmp_path):
         run(eosflow.spec.load_spec_table(tmp_path / "run" / "spec.toml"), tmp_path / "run", resume=True)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
-    ("user_models:missing", "module 'user_models' has no attribute 'missing'"),
-    ("user_models:not_a_factory", "is a int, not a callable returning a Problem"),
-    ("user_models:returns_a_dict", "returned a dict, not an eosflow.Problem"),
-    ("user_models", "unknown problem"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
+        ("user_models:missing", "module 'user_models' has no attribute 'missing'"),
+        ("user_models:not_a_factory", "is a int, not a callable returning a Problem"),
+        ("user_models:returns_a_dict", "returned a dict, not an eosflow.Problem"),
+        ("user_models", "unknown problem"),
+    ],
+)
 def test_import_path_errors_name_the_path(name, message, tmp_path):
     with pytest.raises(SpecError, match=message) as error:
         run({**TABLE, "problem": {"name": name}}, tmp_path / "run")
@@ -124,9 +142,17 @@ def test_a_float64_leaf_in_a_float32_run_is_named():
     assert "params['out'] is float64 but this run computes in float32" in message
     assert '.astype("float32")' in message and 'dtype = "float64"' in message
     with pytest.raises(SpecError, match=r"data inputs is float64 but this run computes in float32"):
-        eosflow.simulate(eosflow.Problem.from_model(user_models.apply, problem.objective.unravel(problem.w0),
-                                                    np.asarray(inputs, np.float64), targets, loss="mse"),
-                         lr=0.1, steps=2)
+        eosflow.simulate(
+            eosflow.Problem.from_model(
+                user_models.apply,
+                problem.objective.unravel(problem.w0),
+                np.asarray(inputs, np.float64),
+                targets,
+                loss="mse",
+            ),
+            lr=0.1,
+            steps=2,
+        )
 
 
 def test_from_function_takes_a_pytree_or_a_vector():
@@ -137,12 +163,21 @@ def test_from_function_takes_a_pytree_or_a_vector():
         return 0.5 * (jnp.sum(h["a"] * w["a"] ** 2) + h["b"] * w["b"] ** 2)
 
     w0 = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
-    tree = eosflow.simulate(eosflow.Problem.from_function(quadratic, w0), lr=0.1, steps=20, dtype="float64",
-                            spectrum={"tol": 1e-8, "max_iters": 100}, record={"params_every": 1})
+    tree = eosflow.simulate(
+        eosflow.Problem.from_function(quadratic, w0),
+        lr=0.1,
+        steps=20,
+        dtype="float64",
+        spectrum={"tol": 1e-8, "max_iters": 100},
+        record={"params_every": 1},
+    )
     flat_h = np.array([4.0, 1.0, 9.0])
-    vector = eosflow.simulate(eosflow.Problem.from_function(lambda w: 0.5 * jnp.sum(flat_h * w**2),
-                                                            jnp.array([1.0, -2.0, 0.5])),
-                              lr=0.1, steps=20, dtype="float64")
+    vector = eosflow.simulate(
+        eosflow.Problem.from_function(lambda w: 0.5 * jnp.sum(flat_h * w**2), jnp.array([1.0, -2.0, 0.5])),
+        lr=0.1,
+        steps=20,
+        dtype="float64",
+    )
     closed = (1 - 0.1 * flat_h)[None, :] ** np.arange(20)[:, None] * np.array([1.0, -2.0, 0.5])
     np.testing.assert_allclose(tree.loss.sel(process="gd").values, 0.5 * (closed**2 * flat_h).sum(1), rtol=1e-12)
     np.testing.assert_allclose(vector.loss.values, tree.loss.values, rtol=1e-12)
@@ -161,8 +196,9 @@ def test_sweep_of_an_import_path_problem_on_two_worker_processes(in_memory, tmp_
     try:
         assert len(cluster.workers) == 2
         table = {**TABLE, "processes": ["gd"], "steps": 20}
-        out = run_sweep(table, ["problem.scale=1.5,1.2"], tmp_path / "sweep", scheduler=cluster.scheduler_address,
-                        progress=False)
+        out = run_sweep(
+            table, ["problem.scale=1.5,1.2"], tmp_path / "sweep", scheduler=cluster.scheduler_address, progress=False
+        )
     finally:
         cluster.close()
     swept = load_sweep(out)
@@ -172,6 +208,7 @@ def test_sweep_of_an_import_path_problem_on_two_worker_processes(in_memory, tmp_
         assert point.attrs["status"] == "completed" and point.sizes["step"] == 20
         assert f'name = "{PATH}"' in (out / "points" / f"problem.scale={scale}" / "spec.resolved.toml").read_text()
     point = eosflow.load(out / "points" / "problem.scale=1.5")
-    np.testing.assert_allclose(point.loss.sel(process="gd").values[:10],
-                               in_memory.loss.sel(process="gd").values[:10], rtol=1e-5)
+    np.testing.assert_allclose(
+        point.loss.sel(process="gd").values[:10], in_memory.loss.sel(process="gd").values[:10], rtol=1e-5
+    )
     assert sys.modules["user_models"] is user_models

@@ -60,8 +60,10 @@ def test_lobpcg_relative_residual_contract_and_warm_start():
     q = np.linalg.qr(rng.standard_normal((d, d)))[0]
     values = np.concatenate([[50.0, 40.0], rng.uniform(-5, 10, d - 2)])
     a = jnp.asarray(q @ np.diag(values) @ q.T)
+
     def matvec(v):
         return a @ v
+
     cold = lobpcg(matvec, random_vectors(jax.random.PRNGKey(0), d, 2, jnp.float64), tol=1e-3)
     residual = np.linalg.norm(a @ cold.vectors - cold.vectors * cold.values, axis=0) / np.abs(cold.values)
     assert np.all(residual <= 1e-3)
@@ -110,10 +112,16 @@ def test_grow_every_grows_the_tracked_eigenspace_within_a_chunk(tmp_path):
     eigenvalues = [20.0, 18.0, 16.0, 1.0]
     runs = {}
     for grow_every in (0, 5):
-        spec = {"name": "grow", "steps": 40, "lr": 0.09, "dtype": "float64",
-                "problem": {"name": "quadratic", "eigenvalues": eigenvalues}, "processes": ["gd"],
-                "spectrum": {"k": 1, "k_max": 4, "grow_every": grow_every, "tol": 1e-8, "max_iters": 50},
-                "record": {"chunk": 40}}
+        spec = {
+            "name": "grow",
+            "steps": 40,
+            "lr": 0.09,
+            "dtype": "float64",
+            "problem": {"name": "quadratic", "eigenvalues": eigenvalues},
+            "processes": ["gd"],
+            "spectrum": {"k": 1, "k_max": 4, "grow_every": grow_every, "tol": 1e-8, "max_iters": 50},
+            "record": {"chunk": 40},
+        }
         run(spec, tmp_path / str(grow_every))
         runs[grow_every] = eosflow.load(tmp_path / str(grow_every)).sel(process="gd")
     assert np.all(np.isnan(runs[0]["eigenvalues"].values[:, 1]))
@@ -177,9 +185,14 @@ def test_gd_bouncing_warm_start_measures_the_dense_eigenvalues_and_leaves_gd_unc
     measurement (spectrum.every = 0), bit for bit."""
     from eosflow.experiment import prepare, run
 
-    base = {"steps": 60, "lr": 1.2, "dtype": "float64", "processes": ["gd"],
-            "problem": {"name": "mlp", "width": 8, "n_train": 60, "n_test": 0},
-            "record": {"chunk": 60, "params_every": 5}}
+    base = {
+        "steps": 60,
+        "lr": 1.2,
+        "dtype": "float64",
+        "processes": ["gd"],
+        "problem": {"name": "mlp", "width": 8, "n_train": 60, "n_test": 0},
+        "record": {"chunk": 60, "params_every": 5},
+    }
     runs = {}
     for every in (1, 0):
         spectrum = {"every": every, "k": 2, "k_max": 2, "tol": 1e-6, "max_iters": 200}

@@ -24,9 +24,13 @@ from eosflow.sweep import load_sweep, local_cluster, parse_grid, run_sweep
 HESSIAN = np.array([20.0, 0.5])
 LR = 0.099  # lr * h_max = 1.98: GD oscillates along the sharp axis, decaying slowly
 BASE = {
-    "steps": 100, "lr": LR, "dtype": "float64", "processes": ["gd", "gradient_flow"],
+    "steps": 100,
+    "lr": LR,
+    "dtype": "float64",
+    "processes": ["gd", "gradient_flow"],
     "problem": {"name": "quadratic", "rotate": False, "eigenvalues": HESSIAN.tolist()},
-    "spectrum": {"k_max": 1}, "record": {"chunk": 50, "params_every": 1},
+    "spectrum": {"k_max": 1},
+    "record": {"chunk": 50, "params_every": 1},
 }
 GRID = ["seed=0,1", "problem.init_scale=1.0,2.0"]
 
@@ -54,8 +58,11 @@ def gd_loss(w0: np.ndarray, steps: int) -> np.ndarray:
 def snapshot(folder) -> dict:
     """(mtime, size) of every durable file under ``folder``. Atomic-write temporaries
     (``.<name>.<random>.tmp``) are left out: a running worker renames them away at any moment."""
-    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))
-            if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+    return {
+        p: (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+        if not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    }
 
 
 def test_parse_grid():
@@ -70,8 +77,12 @@ def test_parse_grid():
 
 def test_bad_grid_value_fails_before_anything_runs(tmp_path):
     # an unreachable scheduler: validation must fail before any connection is attempted
-    for grid, field in [("lr=0.1,-1", "`lr`"), ("problem.init_scale=1.0,0.0", "`problem.init_scale`"),
-                        ("problem.widht=3", "problem.widht"), ("record.chunk=0", "`record.chunk`")]:
+    for grid, field in [
+        ("lr=0.1,-1", "`lr`"),
+        ("problem.init_scale=1.0,0.0", "`problem.init_scale`"),
+        ("problem.widht=3", "problem.widht"),
+        ("record.chunk=0", "`record.chunk`"),
+    ]:
         with pytest.raises(SpecError, match=field):
             run_sweep(BASE, ["seed=0,1", grid], tmp_path, scheduler="tcp://127.0.0.1:9", progress=False)
     assert not any(tmp_path.iterdir())
@@ -145,8 +156,9 @@ def test_killed_worker_loses_nothing(cluster, tmp_path):
     table = {**BASE, "steps": steps, "record": {"chunk": 50, "params_every": 1}}
     grid = ["seed=2,3", "problem.init_scale=1.0,2.0"]
     errors = []
-    thread = threading.Thread(target=lambda: _catch(errors, run_sweep, table, grid, out,
-                                                    scheduler=cluster.scheduler_address, progress=False))
+    thread = threading.Thread(
+        target=lambda: _catch(errors, run_sweep, table, grid, out, scheduler=cluster.scheduler_address, progress=False)
+    )
     with Client(cluster) as client:
         thread.start()
         victim, worker = _running_point(client, out)
@@ -154,8 +166,11 @@ def test_killed_worker_loses_nothing(cluster, tmp_path):
         # finished points, and the victim's chunks before its checkpoint, must survive untouched
         kept = {p: snapshot(p) for p in (out / "points").iterdir() if _status(p) == "completed"}
         trajectories = out / "points" / victim / "trajectories"
-        kept[trajectories] = {f: stamp for f, stamp in snapshot(trajectories).items()
-                              if f.suffix == ".npz" and int(f.stem.split("-")[1]) < checkpoint_step}
+        kept[trajectories] = {
+            f: stamp
+            for f, stamp in snapshot(trajectories).items()
+            if f.suffix == ".npz" and int(f.stem.split("-")[1]) < checkpoint_step
+        }
         pid = client.run(os.getpid, workers=[worker])[worker]
         os.kill(pid, signal.SIGKILL)
         thread.join(timeout=120)
@@ -176,8 +191,9 @@ def test_killed_worker_loses_nothing(cluster, tmp_path):
         ds = eosflow.load(run_dir)
         assert list(ds.step.values) == list(range(steps))
         _, gd_params = eosflow.load_params(run_dir, "gd")
-        np.testing.assert_allclose(ds.loss.sel(process="gd").values, gd_loss(gd_params[0], steps),
-                                   rtol=1e-9, atol=1e-300)
+        np.testing.assert_allclose(
+            ds.loss.sel(process="gd").values, gd_loss(gd_params[0], steps), rtol=1e-9, atol=1e-300
+        )
     table_rows = pd.read_parquet(out / "sweep.parquet")
     assert set(table_rows.status) == {"completed"} and len(table_rows) == 8
 
@@ -215,12 +231,19 @@ def test_a_point_written_before_an_option_existed_is_still_done(tmp_path):
     from eosflow.experiment import run
     from eosflow.sweep import _resolved_text, point_state
 
-    table = {"name": "old", "steps": 10, "lr": 0.08, "dtype": "float64",
-             "problem": {"name": "quartic", "dim": 1}, "record": {"chunk": 5}}
+    table = {
+        "name": "old",
+        "steps": 10,
+        "lr": 0.08,
+        "dtype": "float64",
+        "problem": {"name": "quartic", "dim": 1},
+        "record": {"chunk": 5},
+    }
     run(table, tmp_path / "run")
     path = tmp_path / "run" / "spec.resolved.toml"
-    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
-                            if not line.startswith("grow_every")))
+    path.write_text(
+        "".join(line for line in path.read_text().splitlines(keepends=True) if not line.startswith("grow_every"))
+    )
     assert point_state(tmp_path / "run", _resolved_text(table)) == "completed"
     assert point_state(tmp_path / "run", _resolved_text({**table, "lr": 0.07})) == "mismatch"
 
@@ -236,7 +259,8 @@ def test_sweep_writes_a_markdown_summary(swept):
     for row in table.to_dict("records"):
         process = row["process"] + (" (reference)" if row["reference"] else "")
         cells = [row["point"], "completed", "100", process] + [
-            format_number(row[c]) for c in ("final_loss", "final_lr_sharpness", "mean_distance", "final_distance")]
+            format_number(row[c]) for c in ("final_loss", "final_lr_sharpness", "mean_distance", "final_distance")
+        ]
         assert "| " + " | ".join(cells) + " |" in rows
 
 
@@ -248,7 +272,8 @@ def test_sweep_figure_has_a_panel_per_measured_quantity(swept):
     both = draw_summary(frame, keys)
     assert len(both.axes) == 2 and all(ax.lines for ax in both.axes)
     assert {line.get_label() for line in both.axes[1].lines} == {
-        f"gradient_flow problem.init_scale={scale}" for scale in (1.0, 2.0)}  # distance: models only
+        f"gradient_flow problem.init_scale={scale}" for scale in (1.0, 2.0)
+    }  # distance: models only
     gd = frame[frame.process == "gd"]
     gd_only = draw_summary(gd, keys)
     assert len(gd_only.axes) == 1  # no empty distance panel
@@ -281,8 +306,13 @@ def test_points_report_progress_and_the_local_cluster_stops_quietly(tmp_path):
             messages.append(record.getMessage())
 
     seen, messages = [], []
-    table = {"steps": 60, "lr": 0.08, "dtype": "float64", "problem": {"name": "quartic", "dim": 2},
-             "record": {"chunk": 20}}
+    table = {
+        "steps": 60,
+        "lr": 0.08,
+        "dtype": "float64",
+        "problem": {"name": "quartic", "dim": 2},
+        "record": {"chunk": 20},
+    }
     points = grid_points(table, [parse_grid("lr=0.05,0.08")])
     display = Recorder({p.name: p.steps for p in points}, len(points), 0, enabled=False)
     handler = Messages(logging.WARNING)

@@ -27,8 +27,11 @@ def mlp(width: int, seed: int) -> torch.nn.Module:
 def cnn(channels: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.Softplus(), torch.nn.AvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(channels * 4 * 4, 3),
+        torch.nn.Conv2d(1, channels, 3, padding=1),
+        torch.nn.Softplus(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(channels * 4 * 4, 3),
     ).double()
 
 
@@ -206,7 +209,9 @@ def test_the_docs_example_runs_as_written():
 
     text = (Path(__file__).parents[1] / "docs" / "torch.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    code = code.replace("model, steps = SmallCNN(), 200", "model, steps = SmallCNN(), 12").replace("steps=50,", "steps=3,")
+    code = code.replace("model, steps = SmallCNN(), 200", "model, steps = SmallCNN(), 12").replace(
+        "steps=50,", "steps=3,"
+    )
     namespace: dict = {}
     exec(compile(code, "docs/torch.md", "exec"), namespace)
     ds = namespace["ds"]

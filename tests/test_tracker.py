@@ -41,8 +41,10 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
     problem = small_problem()
     params0 = problem.objective.unravel(problem.w0)
     batch = problem.objective.data
+
     def loss(params, batch):
         return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+
     tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every)
 
     @jax.jit
@@ -51,8 +53,13 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
             params, state = carry
             state, eig = tracker.update(state, params, batch)
             grads = jax.grad(loss)(params, batch)
-            return (jax.tree.map(lambda p, g: p - 0.8 * g, params, grads), state), (params, eig.values, eig.hvps,
-                                                                                     eig.residuals)
+            return (jax.tree.map(lambda p, g: p - 0.8 * g, params, grads), state), (
+                params,
+                eig.values,
+                eig.hvps,
+                eig.residuals,
+            )
+
         return jax.lax.scan(step, (params, state), None, length=12)
 
     (_, state), (trajectory, values, hvps, residuals) = train(params0, tracker.init(params0, jax.random.PRNGKey(1)))
@@ -67,11 +74,12 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
         if every > 1 and t + 1 < 12:  # skipped updates repeat the last measurement
             np.testing.assert_array_equal(values[t + 1], values[t])
     # warm starts: later measurements cost less than the cold first one
-    assert hvps[every * 2:][hvps[every * 2:] > 0].mean() < hvps[0]
+    assert hvps[every * 2 :][hvps[every * 2 :] > 0].mean() < hvps[0]
 
 
 def run_optax(optimizer, problem, steps):
     params = problem.objective.unravel(problem.w0)
+
     def loss(params):
         return problem.objective.value(ravel_flat(params))
 
@@ -86,11 +94,14 @@ def run_optax(optimizer, problem, steps):
     return params, state
 
 
-@pytest.mark.parametrize("make, first_moment", [
-    (lambda: optimizer_edges.adam(0.01, b1=0.0, b2=0.9, eps=1e-3, eps_root=1e-4), "g"),
-    (lambda: optimizer_edges.rmsprop(0.01, decay=0.8, eps=1e-3), "g"),
-    (lambda: optimizer_edges.rmsprop(0.01, decay=0.8, eps=1e-3, eps_in_sqrt=False, bias_correction=True), "g"),
-])
+@pytest.mark.parametrize(
+    "make, first_moment",
+    [
+        (lambda: optimizer_edges.adam(0.01, b1=0.0, b2=0.9, eps=1e-3, eps_root=1e-4), "g"),
+        (lambda: optimizer_edges.rmsprop(0.01, decay=0.8, eps=1e-3), "g"),
+        (lambda: optimizer_edges.rmsprop(0.01, decay=0.8, eps=1e-3, eps_in_sqrt=False, bias_correction=True), "g"),
+    ],
+)
 def test_preconditioner_is_the_denominator_optax_divides_by(make, first_moment):
     """With no first moment (b1 = 0, no momentum) optax's update is -lr g / P: P read from the state is it."""
     optimizer = make()
@@ -114,8 +125,10 @@ def test_preconditioned_tracker_and_monitor_match_dense():
     problem = small_problem()
     lr, every = 0.02, 4
     optimizer = optimizer_edges.adam(lr, eps=1e-6)
+
     def loss(params, batch):
         return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+
     readings = []
     opt = monitored(optimizer, loss, every=every, k=2, tol=1e-7, max_iters=100, log=readings.append)
     params = problem.objective.unravel(problem.w0)
@@ -172,8 +185,10 @@ def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
     with precision("float32"):
         problem = prepare(table)[1]
         objective = problem.objective
+
         def loss(params, batch):
             return objective.loss_on(ravel_flat(params), batch)
+
         tracker = eosflow.SharpnessTracker(loss, k=1, tol=1e-3, every=40)
         sgd = optax.sgd(lr)
         params = objective.unravel(problem.w0)

@@ -52,13 +52,17 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     except KeyboardInterrupt as error:
         done = RunStore(out).read_summary().get("steps_done", 0)
         how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
-        print(f"eosflow: interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(out)}",
-              file=sys.stderr)
+        print(
+            f"eosflow: interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(out)}",
+            file=sys.stderr,
+        )
         return getattr(error, "exit_code", 130)
     report = make_report(out)
     seconds = RunStore(out).read_summary().get("seconds", float("nan"))
-    print(f"{outcome.status}: {outcome.steps_done} steps in {out}, {seconds:.1f} s of run time (all sessions)"
-          + (f" ({outcome.reason})" if outcome.reason else ""))
+    print(
+        f"{outcome.status}: {outcome.steps_done} steps in {out}, {seconds:.1f} s of run time (all sessions)"
+        + (f" ({outcome.reason})" if outcome.reason else "")
+    )
     print(f"report: {report}")
     return 0 if outcome.status == "completed" else 3
 
@@ -89,18 +93,25 @@ def demo_table() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="eosflow", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="eosflow", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"eosflow {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p_run = sub.add_parser("run", help="run an experiment spec into a run directory")
     p_run.add_argument("spec", type=Path, help="the spec (TOML); with --resume, a run directory will do")
-    p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a spec value, e.g. --set lr=0.1 --set problem.width=32")
+    p_run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value, e.g. --set lr=0.1 --set problem.width=32",
+    )
     p_run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
     mode = p_run.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true",
-                      help="continue an interrupted run in --out (or: eosflow run --resume DIR)")
+    mode.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run in --out (or: eosflow run --resume DIR)"
+    )
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -117,8 +128,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p_sweep = sub.add_parser("sweep", help="run the product of grids over a spec on a Dask cluster")
     p_sweep.add_argument("spec", type=Path, help="the spec (TOML) every point starts from")
-    p_sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
-                         help="a grid over one dotted key, e.g. --grid lr=0.1,0.2 (repeat for a product)")
+    p_sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        required=True,
+        help="a grid over one dotted key, e.g. --grid lr=0.1,0.2 (repeat for a product)",
+    )
     p_sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p_sweep.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
     p_sweep.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
@@ -134,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p_board = sub.add_parser("leaderboard", help="rank every model of GD on the built-in problem suite")
     p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (~2 minutes)")
-    p_board.add_argument("--suite", default="default",
-                         help="default (toys, MLP, CNN, mean field), architectures (ResNet, transformer, LSTM, MLP), "
-                              "adaptive (RMSProp and Adam with their models) or all")
+    p_board.add_argument(
+        "--suite",
+        default="default",
+        help="default (toys, MLP, CNN, mean field), architectures (ResNet, transformer, LSTM, MLP), "
+        "adaptive (RMSProp and Adam with their models) or all",
+    )
     p_board.add_argument("--jobs", type=int, default=1, help="problems run at once in worker processes")
     p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-SUITE][-quick])")
     p_board.add_argument("--quiet", action="store_true")
@@ -199,8 +219,7 @@ def _dispatch(args) -> int:
         for assignment in args.set:
             set_dotted(table, assignment)
         out = args.out or Path("runs") / f"sweep-{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path = run_sweep(table, args.grid, out, scheduler=args.scheduler, workers=args.workers,
-                         progress=not args.quiet)
+        path = run_sweep(table, args.grid, out, scheduler=args.scheduler, workers=args.workers, progress=not args.quiet)
         print(f"sweep: {path}")
         return 0
     if args.command == "compare":
@@ -239,9 +258,11 @@ def _dispatch(args) -> int:
             only = f" (problem {', '.join(entry.problems)} only)" if entry.problems else ""
             return entry.summary + only
 
-        print("Each process below, with its options and their defaults. Name processes in `processes`;\n"
-              "set an option in the table of the process's name, e.g.\n\n"
-              "    processes = [\"gd\", \"central_flow\"]\n    [central_flow]\n    substeps = 8\n")
+        print(
+            "Each process below, with its options and their defaults. Name processes in `processes`;\n"
+            "set an option in the table of the process's name, e.g.\n\n"
+            '    processes = ["gd", "central_flow"]\n    [central_flow]\n    substeps = 8\n'
+        )
         print(_listing({name: (summary(e), e.options) for name, e in PROCESSES.items()}))
         return 0
     raise AssertionError(args.command)

@@ -46,8 +46,17 @@ TRUNCATE = 4.0  # the window is cut at TRUNCATE standard deviations
 COST_WEIGHTS = {"grads": 1.0, "hvps": 2.0, "third_derivatives": 4.0}  # gradient-equivalents per evaluation
 AVERAGING_WINDOW = 101  # steps (odd: t - 50 .. t + 50) of the box over which the averaged errors compare
 BASELINE = "gradient_flow"
-COLUMNS = ("mean_distance", "relative_distance", "loss_error", "envelope_error", "loss_error_averaged",
-           "envelope_error_averaged", "gradient_equivalents", "measurement_equivalents", "ms_per_step")
+COLUMNS = (
+    "mean_distance",
+    "relative_distance",
+    "loss_error",
+    "envelope_error",
+    "loss_error_averaged",
+    "envelope_error_averaged",
+    "gradient_equivalents",
+    "measurement_equivalents",
+    "ms_per_step",
+)
 
 
 # ---- metrics: pure functions on arrays -----------------------------------------------------------
@@ -222,33 +231,50 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
         counts = {c: v for c in COST_WEIGHTS if (v := _series(ds, c, p)) is not None}
         loss = ds["loss"].sel(process=p).values
         is_reference = p == reference
-        rows.append({
-            "process": p,
-            "mean_distance": np.nan if is_reference or distance is None else mean_distance(distance),
-            "relative_distance": (np.nan if is_reference or distance is None or baseline is None
-                                  else relative_distance(distance, baseline)),
-            "loss_error": (np.nan if is_reference
-                           else loss_prediction_error(predicted_loss(ds, p), reference_loss, width)),
-            "envelope_error": (np.nan if is_reference or amplitude is None or oscillation is None
-                               else envelope_error(amplitude, oscillation, width)),
-            **averaged_errors(predicted_loss(ds, p), reference_loss, amplitude, oscillation, is_reference),
-            "gradient_equivalents": gradient_equivalents(counts),
-            "measurement_equivalents": measurement_equivalents(_series(ds, "measurement_hvps", p)),
-            "ms_per_step": milliseconds_per_step(timing.get(p)),
-            "steps": int(np.sum(np.isfinite(loss))),
-            "status": f"dropped: {dropped[p]}" if p in dropped else "ok",
-        })
+        rows.append(
+            {
+                "process": p,
+                "mean_distance": np.nan if is_reference or distance is None else mean_distance(distance),
+                "relative_distance": (
+                    np.nan
+                    if is_reference or distance is None or baseline is None
+                    else relative_distance(distance, baseline)
+                ),
+                "loss_error": (
+                    np.nan if is_reference else loss_prediction_error(predicted_loss(ds, p), reference_loss, width)
+                ),
+                "envelope_error": (
+                    np.nan
+                    if is_reference or amplitude is None or oscillation is None
+                    else envelope_error(amplitude, oscillation, width)
+                ),
+                **averaged_errors(predicted_loss(ds, p), reference_loss, amplitude, oscillation, is_reference),
+                "gradient_equivalents": gradient_equivalents(counts),
+                "measurement_equivalents": measurement_equivalents(_series(ds, "measurement_hvps", p)),
+                "ms_per_step": milliseconds_per_step(timing.get(p)),
+                "steps": int(np.sum(np.isfinite(loss))),
+                "status": f"dropped: {dropped[p]}" if p in dropped else "ok",
+            }
+        )
     return pd.DataFrame(rows).set_index("process")
 
 
-def averaged_errors(predicted: np.ndarray, reference_loss: np.ndarray, amplitude: np.ndarray | None,
-                    oscillation: np.ndarray | None, is_reference: bool,
-                    window: int = AVERAGING_WINDOW) -> dict[str, float]:
+def averaged_errors(
+    predicted: np.ndarray,
+    reference_loss: np.ndarray,
+    amplitude: np.ndarray | None,
+    oscillation: np.ndarray | None,
+    is_reference: bool,
+    window: int = AVERAGING_WINDOW,
+) -> dict[str, float]:
     """The time-averaged columns: ``loss_error_averaged`` and ``envelope_error_averaged`` (NaN for the reference)."""
     return {
         "loss_error_averaged": np.nan if is_reference else averaged_loss_error(predicted, reference_loss, window),
-        "envelope_error_averaged": (np.nan if is_reference or amplitude is None or oscillation is None
-                                    else averaged_envelope_error(amplitude, oscillation, window)),
+        "envelope_error_averaged": (
+            np.nan
+            if is_reference or amplitude is None or oscillation is None
+            else averaged_envelope_error(amplitude, oscillation, window)
+        ),
     }
 
 
@@ -264,8 +290,7 @@ def format_number(value: float) -> str:
 
 
 def markdown_table(table: pd.DataFrame, columns: tuple[str, ...] = COLUMNS) -> list[str]:
-    lines = ["| process | " + " | ".join(columns) + " | steps | status |",
-             "|---" * (len(columns) + 3) + "|"]
+    lines = ["| process | " + " | ".join(columns) + " | steps | status |", "|---" * (len(columns) + 3) + "|"]
     for name, row in table.iterrows():
         cells = [format_number(float(row[c])) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(row['steps'])} | {row['status']} |")
@@ -320,18 +345,26 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
 
     def draw_loss(ax):
         ax.plot(steps, reference_loss, lw=0.6, color="0.6", label=f"{reference}: loss")
-        ax.plot(steps, gaussian_smooth(reference_loss, width), lw=1.5, color="k",
-                label=f"{reference}: loss smoothed (std {width:g} steps)")
+        ax.plot(
+            steps,
+            gaussian_smooth(reference_loss, width),
+            lw=1.5,
+            color="k",
+            label=f"{reference}: loss smoothed (std {width:g} steps)",
+        )
         for i, p in enumerate(models, start=1):
             ax.plot(steps, predicted_loss(ds, p), **line_style(i), label=f"{p}: predicted")
         ax.set_ylabel("loss")
 
-    _figure(out / "compare_loss.png", 1, draw_loss, "training loss and each model's predicted time-averaged loss",
-            (True,))
+    _figure(
+        out / "compare_loss.png", 1, draw_loss, "training loss and each model's predicted time-averaged loss", (True,)
+    )
     figures.append(("Loss", "compare_loss.png"))
 
     # GD: the sharpness against 2/lr; another optimizer: its edge ratio (preconditioned sharpness / threshold)
-    variable, level, level_label = ("sharpness", 2.0 / lr, "2 / lr") if reference == "gd" else ("edge_ratio", 1.0, "edge")
+    variable, level, level_label = (
+        ("sharpness", 2.0 / lr, "2 / lr") if reference == "gd" else ("edge_ratio", 1.0, "edge")
+    )
     if _series(ds, variable, reference) is not None:
 
         def draw_sharpness(ax):
@@ -343,8 +376,12 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
             threshold_line(ax, level, level_label)
             ax.set_ylabel(variable.replace("_", " "))
 
-        _figure(out / "compare_sharpness.png", 1, draw_sharpness, f"{variable.replace('_', ' ')} and the stability "
-                "threshold")
+        _figure(
+            out / "compare_sharpness.png",
+            1,
+            draw_sharpness,
+            f"{variable.replace('_', ' ')} and the stability threshold",
+        )
         figures.append(("Sharpness", "compare_sharpness.png"))
 
     if models:
@@ -390,17 +427,27 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     plt.close("all")
     figures.append(("Cost", "compare_cost.png"))
 
-    lines = [f"# Comparison: {ds.attrs.get('name', run_dir.name)}", "",
-             f"Reference `{reference}`, lr = {lr:g}, {summary.get('steps_done')} steps "
-             f"({summary.get('status', '?')}), problem `{summary.get('problem', {}).get('name')}`, "
-             f"{summary.get('dimension')} parameters. Loss and envelope smoothing: Gaussian of std "
-             f"{width:g} steps. Definitions: `docs/compare.md`.", ""]
+    lines = [
+        f"# Comparison: {ds.attrs.get('name', run_dir.name)}",
+        "",
+        f"Reference `{reference}`, lr = {lr:g}, {summary.get('steps_done')} steps "
+        f"({summary.get('status', '?')}), problem `{summary.get('problem', {}).get('name')}`, "
+        f"{summary.get('dimension')} parameters. Loss and envelope smoothing: Gaussian of std "
+        f"{width:g} steps. Definitions: `docs/compare.md`.",
+        "",
+    ]
     lines += markdown_table(table)
-    lines += ["", "Columns: mean_distance = time-averaged ||w_ref - w||; relative_distance = the same "
-              f"divided by {baseline_of(reference)}'s; loss_error and envelope_error = relative L1 errors against "
-              "the reference's smoothed loss and running-RMS envelope; the *_averaged columns compare "
-              f"both sides averaged over a centred box of {AVERAGING_WINDOW} steps; gradient_equivalents and "
-              "ms_per_step per unit time (an HVP counts as 2 gradients).", "", "## Figures", ""]
+    lines += [
+        "",
+        "Columns: mean_distance = time-averaged ||w_ref - w||; relative_distance = the same "
+        f"divided by {baseline_of(reference)}'s; loss_error and envelope_error = relative L1 errors against "
+        "the reference's smoothed loss and running-RMS envelope; the *_averaged columns compare "
+        f"both sides averaged over a centred box of {AVERAGING_WINDOW} steps; gradient_equivalents and "
+        "ms_per_step per unit time (an HVP counts as 2 gradients).",
+        "",
+        "## Figures",
+        "",
+    ]
     lines += [f"![{title}]({name})" for title, name in figures]
     path = out / "compare.md"
     path.write_text("\n".join(lines) + "\n")

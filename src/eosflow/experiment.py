@@ -71,15 +71,20 @@ def fit_spectrum(spec: Spec, dimension: int, k_max_given: bool) -> Spec:
     Hessian has n eigenpairs; said in a warning when the spec set k_max). A ``spectrum.k`` above n
     is an error. The resolved spec keeps the value as written."""
     if spec.spectrum.k > dimension:
-        raise SpecError(f"`spectrum.k` = {spec.spectrum.k} exceeds the number of parameters ({dimension}) of "
-                        f"problem {spec.problem['name']!r}: an {dimension} x {dimension} Hessian has {dimension} "
-                        "eigenpairs")
+        raise SpecError(
+            f"`spectrum.k` = {spec.spectrum.k} exceeds the number of parameters ({dimension}) of "
+            f"problem {spec.problem['name']!r}: an {dimension} x {dimension} Hessian has {dimension} "
+            "eigenpairs"
+        )
     if spec.spectrum.k_max <= dimension:
         return spec
     if k_max_given:
-        warnings.warn(f"`spectrum.k_max` = {spec.spectrum.k_max} exceeds the number of parameters ({dimension}) of "
-                      f"problem {spec.problem['name']!r}; tracking at most {dimension} eigenpairs", SpecWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"`spectrum.k_max` = {spec.spectrum.k_max} exceeds the number of parameters ({dimension}) of "
+            f"problem {spec.problem['name']!r}; tracking at most {dimension} eigenpairs",
+            SpecWarning,
+            stacklevel=3,
+        )
     return dataclasses.replace(spec, spectrum=dataclasses.replace(spec.spectrum, k_max=dimension))
 
 
@@ -105,8 +110,9 @@ def run(
     exercise resuming.
     """
     with precision(_run_dtype(table)):
-        return _run(table, out, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after,
-                    problem=problem)
+        return _run(
+            table, out, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after, problem=problem
+        )
 
 
 def _run_dtype(table: dict) -> str:
@@ -115,21 +121,31 @@ def _run_dtype(table: dict) -> str:
     return dtype if dtype in DTYPES else "float32"
 
 
-def _run(table: dict, out: str | Path, *, resume: bool, overwrite: bool, progress: Progress | None,
-         stop_after: int | None, problem: Problem | None) -> Outcome:
+def _run(
+    table: dict,
+    out: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: Progress | None,
+    stop_after: int | None,
+    problem: Problem | None,
+) -> Outcome:
     spec, problem, resolved, processes = prepare(table, problem)
     store = RunStore(out)
     store.lock()
     try:
         with stop_requests() as stop:
-            return _run_locked(spec, problem, resolved, processes, table, store, resume, overwrite, progress,
-                               stop_after, stop)
+            return _run_locked(
+                spec, problem, resolved, processes, table, store, resume, overwrite, progress, stop_after, stop
+            )
     finally:
         store.unlock()
 
 
-def _run_locked(spec, problem, resolved, processes, table, store, resume, overwrite, progress, stop_after,
-                stop) -> Outcome:
+def _run_locked(
+    spec, problem, resolved, processes, table, store, resume, overwrite, progress, stop_after, stop
+) -> Outcome:
     resolved_text = tomli_w.dumps(resolved)
     names = list(processes)
     reference = names[0]
@@ -154,8 +170,11 @@ def _run_locked(spec, problem, resolved, processes, table, store, resume, overwr
 
     def restored_states(checkpoint):
         written_by = checkpoint.meta.get("eosflow", "an eosflow that did not record its version")
-        return {name: _restore(name, p.init(problem.w0), checkpoint.states[name], written_by)
-                for name, p in processes.items() if name in checkpoint.states}
+        return {
+            name: _restore(name, p.init(problem.w0), checkpoint.states[name], written_by)
+            for name, p in processes.items()
+            if name in checkpoint.states
+        }
 
     if checkpoint is None:
         step, inactive, states = 0, {}, initial_states()
@@ -187,8 +206,11 @@ def _run_locked(spec, problem, resolved, processes, table, store, resume, overwr
             step += n
             store.write_checkpoint(
                 step,
-                {name: [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(states[name])]
-                 for name in names if name not in inactive},
+                {
+                    name: [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(states[name])]
+                    for name in names
+                    if name not in inactive
+                },
                 {"inactive": inactive, "eosflow": _version()},
             )
             outcome = Outcome(store.root, "running", step)
@@ -197,8 +219,10 @@ def _run_locked(spec, problem, resolved, processes, table, store, resume, overwr
         if outcome.status == "running":
             outcome.status = "completed" if step >= spec.steps else "interrupted"
             if stop["signum"] is not None:
-                outcome.reason = (f"stopped by {signal.Signals(stop['signum']).name} after {step} of {spec.steps} "
-                                  f"steps; resume with: {resume_command(store.root)}")
+                outcome.reason = (
+                    f"stopped by {signal.Signals(stop['signum']).name} after {step} of {spec.steps} "
+                    f"steps; resume with: {resume_command(store.root)}"
+                )
             elif step < spec.steps:
                 outcome.reason = f"stopped after {step} of {spec.steps} steps"
     except KeyboardInterrupt as error:
@@ -208,9 +232,12 @@ def _run_locked(spec, problem, resolved, processes, table, store, resume, overwr
         done = 0 if checkpoint is None else checkpoint.step
         store.truncate(done)
         how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "the user"
-        outcome = Outcome(store.root, "interrupted", done,
-                          f"interrupted by {how}; steps 0..{done - 1} are on disk; resume with: "
-                          f"{resume_command(store.root)}")
+        outcome = Outcome(
+            store.root,
+            "interrupted",
+            done,
+            f"interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(store.root)}",
+        )
         _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
         raise
     except OSError as error:
@@ -232,8 +259,7 @@ class _Advance:
     ``write`` (process, step) -> bool chooses the files flushed (all of them, except in a repair).
     """
 
-    def __init__(self, processes: dict[str, Process], reference: str, limit: float, params_every: int,
-                 store: RunStore):
+    def __init__(self, processes: dict[str, Process], reference: str, limit: float, params_every: int, store: RunStore):
         self.processes, self.reference, self.limit = processes, reference, limit
         self.params_every, self.store = params_every, store
         self.timing = _Timing({})
@@ -264,8 +290,9 @@ class _Advance:
             chunk[name] = rows
         self.timing.warm = True
         _add_distances(chunk, self.reference)
-        _write_chunk(self.store, {name: rows for name, rows in chunk.items() if self.write(name, step)}, step,
-                     self.params_every)
+        _write_chunk(
+            self.store, {name: rows for name, rows in chunk.items() if self.write(name, step)}, step, self.params_every
+        )
         return chunk, diverged
 
 
@@ -287,8 +314,11 @@ def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, ini
     else:
         start, states, inactive = 0, initial_states(), {}
     source = "the checkpoint there" if usable else "the spec's w0"
-    warnings.warn(f"{str(store.root)!r}: " + "; ".join(map(str, damage)) + f"; recomputing them from step {start} "
-                  f"({source})", RunDirectoryWarning, stacklevel=4)
+    warnings.warn(
+        f"{str(store.root)!r}: " + "; ".join(map(str, damage)) + f"; recomputing them from step {start} ({source})",
+        RunDirectoryWarning,
+        stacklevel=4,
+    )
     bounds = {start, last + 1}
     for entries in store.manifest.values():
         for a, b, *_ in entries.values():
@@ -394,8 +424,15 @@ class _Timing:
         self.table.setdefault(name, {"chunks": []})["chunks"].append([steps, seconds, int(self.warm)])
 
 
-def _finish(store: RunStore, base: dict, outcome: Outcome, inactive: dict, elapsed_before: float, started: float,
-            timing: dict | None = None) -> None:
+def _finish(
+    store: RunStore,
+    base: dict,
+    outcome: Outcome,
+    inactive: dict,
+    elapsed_before: float,
+    started: float,
+    timing: dict | None = None,
+) -> None:
     summary = {
         **base,
         "status": outcome.status,

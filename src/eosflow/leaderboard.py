@@ -52,10 +52,27 @@ class Entry:
     optimizer: str = "gd"  # the reference; its hyperparameters are in table[optimizer]
 
 
-def _entry(name: str, steps: int, lr: float, problem: dict, dtype: str = "float64", k_max: int = 2,
-           quick_steps: int | None = None, optimizer: str = "gd", hyperparameters: dict | None = None) -> Entry:
-    table = {"name": name, "seed": 0, "steps": steps, "lr": lr, "dtype": dtype, "problem": problem,
-             "spectrum": {"k": 1, "k_max": k_max}, "record": {"chunk": 100}}
+def _entry(
+    name: str,
+    steps: int,
+    lr: float,
+    problem: dict,
+    dtype: str = "float64",
+    k_max: int = 2,
+    quick_steps: int | None = None,
+    optimizer: str = "gd",
+    hyperparameters: dict | None = None,
+) -> Entry:
+    table = {
+        "name": name,
+        "seed": 0,
+        "steps": steps,
+        "lr": lr,
+        "dtype": dtype,
+        "problem": problem,
+        "spectrum": {"k": 1, "k_max": k_max},
+        "record": {"chunk": 100},
+    }
     if hyperparameters is not None:
         table[optimizer] = hyperparameters
     return Entry(name, table, quick_steps, optimizer)
@@ -64,43 +81,101 @@ def _entry(name: str, steps: int, lr: float, problem: dict, dtype: str = "float6
 SUITE: tuple[Entry, ...] = (
     # 1-D (in n-D the potential is radial and the Hessian at the orbit's centre isotropic, so a
     # model's direction there is arbitrary): period-2 orbit +-a with a^2 = (S - 2/lr)/Q, lr S = 2.4
-    _entry("quartic", 400, 0.08, {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1}, k_max=1,
-           quick_steps=200),
+    _entry(
+        "quartic", 400, 0.08, {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1}, k_max=1, quick_steps=200
+    ),
     # self-stabilization in an exponentially sharpening valley (EoS from step ~530 at lr = 0.1)
     _entry("sharp_valley", 1500, 0.1, {"name": "sharp_valley"}, quick_steps=700),
     # a valley whose sharpness s(x) = S(1 + x^2) is pulled past 2/lr by a quadratic drift to x = 2
-    _entry("sharp_valley_quadratic", 1000, 0.1,
-           {"name": "sharp_valley", "profile": "quadratic", "drift": "quadratic", "target": 2.0}),
+    _entry(
+        "sharp_valley_quadratic",
+        1000,
+        0.1,
+        {"name": "sharp_valley", "profile": "quadratic", "drift": "quadratic", "target": 2.0},
+    ),
     # deep factorization d = 2, L = 3: the flattest minima have S = 29.1 > 2/lr = 26 (period-2 GD)
-    _entry("matrix_factorization", 1500, 0.077,
-           {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5}, k_max=3),
+    _entry(
+        "matrix_factorization",
+        1500,
+        0.077,
+        {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5},
+        k_max=3,
+    ),
     # tanh MLP on 300 digits: progressive sharpening to 2/lr = 5, then EoS
-    _entry("mlp_digits", 500, 0.4, {"name": "mlp", "dataset": "digits", "n_train": 300, "n_test": 0,
-                                     "width": 32, "depth": 2}, dtype="float32", k_max=3),
+    _entry(
+        "mlp_digits",
+        500,
+        0.4,
+        {"name": "mlp", "dataset": "digits", "n_train": 300, "n_test": 0, "width": 32, "depth": 2},
+        dtype="float32",
+        k_max=3,
+    ),
     # small CNN on 100 digits (conv 8-16, 2x2 average pooling): lr S first reaches 1.9 at step 84.
     # Convolutions' HVPs are slow on a CPU: 200 digits and 400 steps took 16 of the suite's 20 minutes
-    _entry("cnn_digits", 300, 0.4, {"name": "cnn", "dataset": "digits", "n_train": 100, "n_test": 0},
-           dtype="float32", k_max=3),
+    _entry(
+        "cnn_digits",
+        300,
+        0.4,
+        {"name": "cnn", "dataset": "digits", "n_train": 100, "n_test": 0},
+        dtype="float32",
+        k_max=3,
+    ),
     # mean-field two-layer network (1/N readout) memorizing 512 pure-noise targets: lr = N eta with
     # eta = 4, at the edge of stability throughout (docs/meanfield.md)
-    _entry("two_layer_meanfield", 500, 512.0, {"name": "two_layer_meanfield", "width": 128, "n_train": 512,
-                                               "dataset": "gaussian", "input_dim": 8}, dtype="float32", k_max=3),
+    _entry(
+        "two_layer_meanfield",
+        500,
+        512.0,
+        {"name": "two_layer_meanfield", "width": 128, "n_train": 512, "dataset": "gaussian", "input_dim": 8},
+        dtype="float32",
+        k_max=3,
+    ),
 )
 
 DIGITS = {"name": "mlp", "dataset": "digits", "n_train": 300, "n_test": 0, "width": 32, "depth": 2}
 FACTORIZATION = {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5}
 ADAPTIVE_SUITE: tuple[Entry, ...] = (
     # tanh MLP on 300 digits: RMSProp's preconditioned sharpness rises to 2/lr by step ~80 and hovers there
-    _entry("mlp_digits-rmsprop", 300, 0.004, DIGITS, dtype="float32", k_max=3, optimizer="rmsprop",
-           hyperparameters={"beta2": 0.99, "eps": 0.003, "bias_correction": True}),
+    _entry(
+        "mlp_digits-rmsprop",
+        300,
+        0.004,
+        DIGITS,
+        dtype="float32",
+        k_max=3,
+        optimizer="rmsprop",
+        hyperparameters={"beta2": 0.99, "eps": 0.003, "bias_correction": True},
+    ),
     # the same network under Adam: preconditioned sharpness at 38/lr from step ~120 (benchmarks/adaptive_thresholds.py)
-    _entry("mlp_digits-adam", 400, 0.01, DIGITS, dtype="float32", k_max=3, optimizer="adam",
-           hyperparameters={"beta1": 0.9, "beta2": 0.99, "eps": 1e-4}),
+    _entry(
+        "mlp_digits-adam",
+        400,
+        0.01,
+        DIGITS,
+        dtype="float32",
+        k_max=3,
+        optimizer="adam",
+        hyperparameters={"beta1": 0.9, "beta2": 0.99, "eps": 1e-4},
+    ),
     # deep matrix factorization (the GD suite's): RMSProp reaches 2/lr at step ~400 and hovers within 8%
-    _entry("matrix_factorization-rmsprop", 800, 0.01, FACTORIZATION, k_max=3, optimizer="rmsprop",
-           hyperparameters={"beta2": 0.99, "eps": 1e-3, "bias_correction": True}),
-    _entry("matrix_factorization-adam", 800, 0.03, FACTORIZATION, k_max=3, optimizer="adam",
-           hyperparameters={"beta1": 0.9, "beta2": 0.99, "eps": 1e-4}),
+    _entry(
+        "matrix_factorization-rmsprop",
+        800,
+        0.01,
+        FACTORIZATION,
+        k_max=3,
+        optimizer="rmsprop",
+        hyperparameters={"beta2": 0.99, "eps": 1e-3, "bias_correction": True},
+    ),
+    _entry(
+        "matrix_factorization-adam",
+        800,
+        0.03,
+        FACTORIZATION,
+        k_max=3,
+        optimizer="adam",
+        hyperparameters={"beta1": 0.9, "beta2": 0.99, "eps": 1e-4},
+    ),
 )
 
 
@@ -108,21 +183,43 @@ ADAPTIVE_SUITE: tuple[Entry, ...] = (
 ARCHITECTURES: tuple[Entry, ...] = (
     # pre-activation ResNet (stages 8-16, LayerNorm-style GroupNorm(1), ReLU) on 32 digits: S = 36.5 at
     # w0, so lr S = 1.46 there; convolutions' HVPs are slow on a CPU, hence the 32 images
-    _entry("resnet_digits", 250, 0.04, {"name": "resnet", "dataset": "digits", "n_train": 32, "n_test": 0},
-           dtype="float32", k_max=3),
+    _entry(
+        "resnet_digits",
+        250,
+        0.04,
+        {"name": "resnet", "dataset": "digits", "n_train": 32, "n_test": 0},
+        dtype="float32",
+        k_max=3,
+    ),
     # transformer encoder (D = 16, 2 blocks, 2 heads, GELU) sorting 5 tokens of 6 values: S = 42 at w0,
     # lr S = 2.5 (at lr = 0.035, lr S = 1.47, the sharpness only falls in 300 steps)
-    _entry("transformer_sorting", 300, 0.06, {"name": "transformer", "task": "sorting", "n_train": 128},
-           dtype="float32", k_max=3),
+    _entry(
+        "transformer_sorting",
+        300,
+        0.06,
+        {"name": "transformer", "task": "sorting", "n_train": 128},
+        dtype="float32",
+        k_max=3,
+    ),
     # one-layer LSTM (hidden 32) copying 5 tokens of 6 values after 5 recall tokens: lr S = 1.45 at w0,
     # at the edge from step ~75
     _entry("lstm_copying", 300, 0.1, {"name": "lstm", "task": "copying", "n_train": 128}, dtype="float32", k_max=3),
     # tanh MLP width 32, depth 2, on 128 moons: lr S = 1.5 at w0, at the edge from step ~60
-    _entry("mlp_moons", 600, 0.4, {"name": "mlp", "dataset": "moons", "classes": 2, "n_train": 128, "n_test": 0,
-                                    "width": 32, "depth": 2}, dtype="float32", k_max=3),
+    _entry(
+        "mlp_moons",
+        600,
+        0.4,
+        {"name": "mlp", "dataset": "moons", "classes": 2, "n_train": 128, "n_test": 0, "width": 32, "depth": 2},
+        dtype="float32",
+        k_max=3,
+    ),
 )
-SUITES: dict[str, tuple[Entry, ...]] = {"default": SUITE, "architectures": ARCHITECTURES, "adaptive": ADAPTIVE_SUITE,
-                                        "all": SUITE + ADAPTIVE_SUITE + ARCHITECTURES}
+SUITES: dict[str, tuple[Entry, ...]] = {
+    "default": SUITE,
+    "architectures": ARCHITECTURES,
+    "adaptive": ADAPTIVE_SUITE,
+    "all": SUITE + ADAPTIVE_SUITE + ARCHITECTURES,
+}
 
 
 def suite_entries(name: str) -> tuple[Entry, ...]:
@@ -138,8 +235,11 @@ def gd_models() -> list[str]:
     """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS`` and other optimizers'."""
     from eosflow.process import PROCESSES
 
-    return [name for name, entry in PROCESSES.items() if not entry.discrete and entry.optimizer is None
-            and name not in NOT_GD_MODELS and name != BASELINE]
+    return [
+        name
+        for name, entry in PROCESSES.items()
+        if not entry.discrete and entry.optimizer is None and name not in NOT_GD_MODELS and name != BASELINE
+    ]
 
 
 def baseline_of(optimizer: str) -> str:
@@ -154,8 +254,9 @@ def models_of(optimizer: str) -> list[str]:
 
     if optimizer == REFERENCE:
         return gd_models()
-    return [name for name, entry in PROCESSES.items()
-            if entry.optimizer == optimizer and name != baseline_of(optimizer)]
+    return [
+        name for name, entry in PROCESSES.items() if entry.optimizer == optimizer and name != baseline_of(optimizer)
+    ]
 
 
 def applicable(models: list[str], problem: str) -> list[str]:
@@ -163,8 +264,9 @@ def applicable(models: list[str], problem: str) -> list[str]:
     return [name for name in models if PROCESSES[name].models(problem)]
 
 
-def suite_tables(quick: bool = False, models: list[str] | None = None,
-                 suite: tuple[Entry, ...] = SUITE) -> dict[str, dict]:
+def suite_tables(
+    quick: bool = False, models: list[str] | None = None, suite: tuple[Entry, ...] = SUITE
+) -> dict[str, dict]:
     """The spec table of every problem of the (quick) suite: the optimizer (gd), its baseline
     (gradient_flow) and the models (by default every model of the entry's optimizer)."""
     tables = {}
@@ -173,8 +275,11 @@ def suite_tables(quick: bool = False, models: list[str] | None = None,
             continue
         table = copy.deepcopy(entry.table)
         chosen = models_of(entry.optimizer) if models is None else models
-        table["processes"] = [entry.optimizer, baseline_of(entry.optimizer),
-                              *applicable(chosen, table["problem"]["name"])]
+        table["processes"] = [
+            entry.optimizer,
+            baseline_of(entry.optimizer),
+            *applicable(chosen, table["problem"]["name"]),
+        ]
         if quick and entry.quick_steps is not None:  # (quick entries without quick_steps were skipped)
             table["steps"] = entry.quick_steps
             table["record"]["chunk"] = max(1, entry.quick_steps // 4)
@@ -186,6 +291,7 @@ def _runner(progress: bool):
     """``run_one(label, table, out)``: the experiment (overwriting ``out``), with a progress bar or none."""
     if not progress:
         return lambda label, table, out: run(table, out, overwrite=True)
+
     def run_one(label, table, out):
         bar, update = training_bar(table["steps"], table["processes"][0], table["lr"], label=label)
         with bar:
@@ -212,8 +318,9 @@ def run_suite(tables: dict[str, dict], out: Path, progress: bool = True) -> pd.D
 def _rows(problem: str, table: pd.DataFrame) -> pd.DataFrame:
     table = table.reset_index()
     table.insert(0, "problem", problem)
-    table["own_equivalents"] = [own_cost(row.process, row.gradient_equivalents, row.measurement_equivalents)
-                                for row in table.itertuples()]
+    table["own_equivalents"] = [
+        own_cost(row.process, row.gradient_equivalents, row.measurement_equivalents) for row in table.itertuples()
+    ]
     return table
 
 
@@ -233,27 +340,50 @@ def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
         try:
             run_one(f"{problem} ({model})", alone, run_dir)
         except Exception as error:
-            frames.append(pd.DataFrame([{"problem": problem, "process": model,
-                                         "status": f"error: {type(error).__name__}: {error}"[:200]}]))
+            frames.append(
+                pd.DataFrame(
+                    [{"problem": problem, "process": model, "status": f"error: {type(error).__name__}: {error}"[:200]}]
+                )
+            )
             continue
         rows = _rows(problem, compare_run(run_dir))
         frames.append(rows if not base_done else rows[rows["process"] == model])
         base_done = True
     if not frames:
-        frames.append(pd.DataFrame([{"problem": problem, "process": reference,
-                                     "status": f"error: {type(shared_error).__name__}: {shared_error}"[:200]}]))
+        frames.append(
+            pd.DataFrame(
+                [
+                    {
+                        "problem": problem,
+                        "process": reference,
+                        "status": f"error: {type(shared_error).__name__}: {shared_error}"[:200],
+                    }
+                ]
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
 # the time-averaged errors beside the pointwise ones (box of compare.AVERAGING_WINDOW steps)
 AVERAGED_COLUMNS = (("loss_error_averaged", "loss error (avg)"), ("envelope_error_averaged", "envelope error (avg)"))
-COLUMNS = (("relative_distance", "rel. distance"), ("loss_error", "loss error"),
-           ("envelope_error", "envelope error"), *AVERAGED_COLUMNS, ("ms_per_step", "ms / step"),
-           ("own_equivalents", "own grad-equiv. / step"), ("measurement_equivalents", "eigensolver grad-equiv. / step"))
+COLUMNS = (
+    ("relative_distance", "rel. distance"),
+    ("loss_error", "loss error"),
+    ("envelope_error", "envelope error"),
+    *AVERAGED_COLUMNS,
+    ("ms_per_step", "ms / step"),
+    ("own_equivalents", "own grad-equiv. / step"),
+    ("measurement_equivalents", "eigensolver grad-equiv. / step"),
+)
 
 
-HIDDEN_WHEN_DROPPED = ("relative_distance", "loss_error", "envelope_error", *(c for c, _ in AVERAGED_COLUMNS),
-                       "ms_per_step")
+HIDDEN_WHEN_DROPPED = (
+    "relative_distance",
+    "loss_error",
+    "envelope_error",
+    *(c for c, _ in AVERAGED_COLUMNS),
+    "ms_per_step",
+)
 
 
 def markdown(rows: pd.DataFrame) -> list[str]:
@@ -262,12 +392,18 @@ def markdown(rows: pd.DataFrame) -> list[str]:
     A process dropped after diverging shows neither accuracy numbers (they would cover only its
     short life) nor wall time (only its compiling chunk was timed); ``leaderboard.csv`` keeps them.
     """
-    lines = ["| problem | process | " + " | ".join(title for _, title in COLUMNS) + " | status |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+    lines = [
+        "| problem | process | " + " | ".join(title for _, title in COLUMNS) + " | status |",
+        "|---" * (len(COLUMNS) + 3) + "|",
+    ]
     for _, row in rows.iterrows():
         status = str(row["status"])
-        cells = [format_number(float(row.get(column, float("nan"))))
-                 if status == "ok" or column not in HIDDEN_WHEN_DROPPED else "-" for column, _ in COLUMNS]
+        cells = [
+            format_number(float(row.get(column, float("nan"))))
+            if status == "ok" or column not in HIDDEN_WHEN_DROPPED
+            else "-"
+            for column, _ in COLUMNS
+        ]
         lines.append(f"| {row['problem']} | {row['process']} | " + " | ".join(cells) + f" | {status} |")
     return lines
 
@@ -280,8 +416,10 @@ def machine() -> str:
     except OSError:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-            f"jax {jax.__version__} ({jax.devices()[0].platform}), load average at the end {load:.1f}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), load average at the end {load:.1f}"
+    )
 
 
 def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: str = "default", jobs: int = 1) -> Path:
@@ -293,8 +431,9 @@ def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: st
     tables = suite_tables(quick, suite=suite_entries(suite))
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            parts = list(pool.map(run_suite, [{k: t} for k, t in tables.items()], [out] * len(tables),
-                                  [False] * len(tables)))
+            parts = list(
+                pool.map(run_suite, [{k: t} for k, t in tables.items()], [out] * len(tables), [False] * len(tables))
+            )
         rows = pd.concat(parts, ignore_index=True)
     else:
         rows = run_suite(tables, out, progress)
@@ -305,19 +444,25 @@ def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: st
 
 def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite: str = "default") -> Path:
     """``out/leaderboard.md``: the command, the machine and the table."""
-    command = ("eosflow leaderboard" + (f" --suite {suite}" if suite != "default" else "")
-               + (" --quick" if quick else ""))
+    command = (
+        "eosflow leaderboard" + (f" --suite {suite}" if suite != "default" else "") + (" --quick" if quick else "")
+    )
     problems = rows["problem"].nunique()
     title = "Flow leaderboard" + (f": {suite}" if suite != "default" else "") + (" (quick)" if quick else "")
-    lines = [f"# {title}", "",
-             f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.", "",
-             "rel. distance = <||w_GD - w||> / gradient flow's (for another optimizer: <||w_opt - w||> / its "
-             "stable flow's); loss error and envelope error = relative L1 errors against the optimizer's smoothed "
-             "loss and oscillation envelope; (avg): the same with both sides "
-             f"averaged over a centred box of {AVERAGING_WINDOW} steps; own cost per unit time "
-             "(an HVP = 2 gradients): what the process needs to advance, without the eigensolver for "
-             f"{', '.join(MEASURE_ONLY)} (whose steps never read the eigenpairs); the eigensolver's part is "
-             "shown apart. Wall times include the eigensolver. Definitions: docs/compare.md.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.",
+        "",
+        "rel. distance = <||w_GD - w||> / gradient flow's (for another optimizer: <||w_opt - w||> / its "
+        "stable flow's); loss error and envelope error = relative L1 errors against the optimizer's smoothed "
+        "loss and oscillation envelope; (avg): the same with both sides "
+        f"averaged over a centred box of {AVERAGING_WINDOW} steps; own cost per unit time "
+        "(an HVP = 2 gradients): what the process needs to advance, without the eigensolver for "
+        f"{', '.join(MEASURE_ONLY)} (whose steps never read the eigenpairs); the eigensolver's part is "
+        "shown apart. Wall times include the eigensolver. Definitions: docs/compare.md.",
+        "",
+    ]
     lines += markdown(rows)
     path = Path(out) / "leaderboard.md"
     path.write_text("\n".join(lines) + "\n")

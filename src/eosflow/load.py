@@ -41,8 +41,12 @@ def load(run_dir: str | Path) -> xr.Dataset:
     steps = np.unique(np.concatenate([d["step"] for d in per_process.values()] + [np.zeros(0, int)]))
     if damage:
         steps = np.arange(max([int(steps[-1]) + 1 if steps.size else 0] + [d.last + 1 for d in damage]))
-        warnings.warn(f"{str(run_dir)!r}: " + "; ".join(map(str, damage)) + f"; they read as NaN. "
-                      f"`{resume_command(Path(run_dir))}` recomputes them", RunDirectoryWarning, stacklevel=2)
+        warnings.warn(
+            f"{str(run_dir)!r}: " + "; ".join(map(str, damage)) + f"; they read as NaN. "
+            f"`{resume_command(Path(run_dir))}` recomputes them",
+            RunDirectoryWarning,
+            stacklevel=2,
+        )
     variables: dict[str, np.ndarray] = {}
     trailing: dict[str, tuple] = {}
     for data in per_process.values():

@@ -42,8 +42,10 @@ class MonitoredState(NamedTuple):
 
 def print_reading(reading: Reading) -> None:
     """The default ``log``: one line per measurement."""
-    print(f"step {int(reading.step):6d}  S = {float(reading.sharpness):.5g}  lr*S = {float(reading.lr_sharpness):.4f}  "
-          f"S/threshold = {float(reading.edge_ratio):.4f}")
+    print(
+        f"step {int(reading.step):6d}  S = {float(reading.sharpness):.5g}  lr*S = {float(reading.lr_sharpness):.4f}  "
+        f"S/threshold = {float(reading.edge_ratio):.4f}"
+    )
 
 
 def monitored(

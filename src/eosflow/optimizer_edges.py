@@ -51,8 +51,12 @@ def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> EdgeOptimiz
 def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0) -> EdgeOptimizer:
     """optax.adam: threshold 2 (1 + b1) / ((1 - b1) lr) = 38/lr at b1 = 0.9."""
     transform = optax.adam(lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    return EdgeOptimizer(transform, lr, edge_threshold(lr, b1, "ema"),
-                         lambda state: adam_preconditioner(state, b2=b2, eps=eps, eps_root=eps_root))
+    return EdgeOptimizer(
+        transform,
+        lr,
+        edge_threshold(lr, b1, "ema"),
+        lambda state: adam_preconditioner(state, b2=b2, eps=eps, eps_root=eps_root),
+    )
 
 
 def rmsprop(
@@ -65,28 +69,45 @@ def rmsprop(
     nesterov: bool = False,
 ) -> EdgeOptimizer:
     """optax.rmsprop (uncentered): threshold 2/lr, or 2 (1 + b)/lr with momentum b."""
-    transform = optax.rmsprop(lr, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
-                              momentum=momentum or None, nesterov=nesterov)
+    transform = optax.rmsprop(
+        lr,
+        decay=decay,
+        eps=eps,
+        eps_in_sqrt=eps_in_sqrt,
+        bias_correction=bias_correction,
+        momentum=momentum or None,
+        nesterov=nesterov,
+    )
     form: MomentumForm = "nesterov" if nesterov and momentum else "classical"
     return EdgeOptimizer(
-        transform, lr, edge_threshold(lr, momentum, form),
-        lambda state: rmsprop_preconditioner(state, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt,
-                                             bias_correction=bias_correction))
+        transform,
+        lr,
+        edge_threshold(lr, momentum, form),
+        lambda state: rmsprop_preconditioner(
+            state, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction
+        ),
+    )
 
 
-def adam_preconditioner(opt_state: optax.OptState, b2: float = 0.999, eps: float = 1e-8,
-                        eps_root: float = 0.0) -> PyTree:
+def adam_preconditioner(
+    opt_state: optax.OptState, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> PyTree:
     """P = sqrt(nu / (1 - b2^t) + eps_root) + eps from the ScaleByAdamState inside ``opt_state``."""
     adam_state = _find(opt_state, lambda s: isinstance(s, optax.ScaleByAdamState), "an optax.adam (ScaleByAdamState)")
-    correction = 1.0 - b2 ** adam_state.count
+    correction = 1.0 - b2**adam_state.count
     return jax.tree.map(lambda nu: diagonal_preconditioner(nu, eps, eps_root, correction), adam_state.nu)
 
 
-def rmsprop_preconditioner(opt_state: optax.OptState, decay: float = 0.9, eps: float = 1e-8,
-                           eps_in_sqrt: bool = True, bias_correction: bool = False) -> PyTree:
+def rmsprop_preconditioner(
+    opt_state: optax.OptState,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+) -> PyTree:
     """P from the ScaleByRmsState (or ScaleByRmsWithCountState) inside ``opt_state``."""
     rms_state = _find(opt_state, _is_rms_state, "an optax.rmsprop (ScaleByRmsState)")
-    correction = 1.0 - decay ** rms_state.count if bias_correction else 1.0
+    correction = 1.0 - decay**rms_state.count if bias_correction else 1.0
     inside, outside = (eps, 0.0) if eps_in_sqrt else (0.0, eps)
     return jax.tree.map(lambda nu: diagonal_preconditioner(nu, outside, inside, correction), rms_state.nu)
 
@@ -101,6 +122,7 @@ def _find(opt_state: optax.OptState, matches: Callable[[Any], bool], what: str):
     """The first sub-state for which ``matches`` holds in a (possibly chained) optax state."""
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=matches) if matches(s)]
     if not found:
-        raise ValueError(f"this optax state holds no second moment: expected the state of {what}, got "
-                         f"{type(opt_state).__name__}")
+        raise ValueError(
+            f"this optax state holds no second moment: expected the state of {what}, got {type(opt_state).__name__}"
+        )
     return found[0]

@@ -45,7 +45,7 @@ def check_dtypes(tree: Any, dtype: Any, where: str) -> None:
             continue
         raise SpecError(
             f"{where}{jax.tree_util.keystr(path)} is {np.dtype(found).name} but this run computes in "
-            f"{expected.name}: cast it (e.g. `.astype(\"{expected.name}\")`, or "
-            f"`jax.tree.map(lambda a: a.astype(\"{expected.name}\"), params)` for a whole model) or set "
-            f"dtype = \"{np.dtype(found).name}\" for the run"
+            f'{expected.name}: cast it (e.g. `.astype("{expected.name}")`, or '
+            f'`jax.tree.map(lambda a: a.astype("{expected.name}"), params)` for a whole model) or set '
+            f'dtype = "{np.dtype(found).name}" for the run'
         )

@@ -73,8 +73,14 @@ class ProcessEntry:
 PROCESSES: dict[str, ProcessEntry] = {}
 
 
-def register_process(name: str, options: type, summary: str, discrete: bool = False,
-                     problems: tuple[str, ...] | None = None, optimizer: str | None = None):
+def register_process(
+    name: str,
+    options: type,
+    summary: str,
+    discrete: bool = False,
+    problems: tuple[str, ...] | None = None,
+    optimizer: str | None = None,
+):
     """Decorator: ``build(problem, spec, options) -> Process`` becomes available as ``name``
     (for every problem, or only for those named in ``problems``). A model of an optimizer other
     than GD names it in ``optimizer``: the spec's table of that optimizer (``[adam]``) holds the

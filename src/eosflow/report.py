@@ -99,8 +99,9 @@ def make_report(run_dir: str | Path) -> Path:
         for i, p in enumerate(processes):
             ax.plot(steps, ds["loss"].sel(process=p), **line_style(i), label=f"{p}: loss")
             if "predicted_loss" in ds and np.isfinite(ds["predicted_loss"].sel(process=p)).any():
-                ax.plot(steps, ds["predicted_loss"].sel(process=p), **{**line_style(i), "ls": ":"},
-                        label=f"{p}: predicted")
+                ax.plot(
+                    steps, ds["predicted_loss"].sel(process=p), **{**line_style(i), "ls": ":"}, label=f"{p}: predicted"
+                )
 
     _figure(out / "loss.png", "training loss", "loss", draw_loss, logy=True)
     figures.append(("Training loss", "loss.png"))
@@ -112,8 +113,7 @@ def make_report(run_dir: str | Path) -> Path:
                 s = ds["sharpness"].sel(process=p).values
                 ok = np.isfinite(s)
                 ax.plot(steps[ok], s[ok], **line_style(i), label=f"{p}: sharpness")
-            ax.plot(steps, 2.0 / _step_sizes(ds, reference), color="0.55", lw=3, alpha=0.45, zorder=0.5,
-                    label="2 / lr")
+            ax.plot(steps, 2.0 / _step_sizes(ds, reference), color="0.55", lw=3, alpha=0.45, zorder=0.5, label="2 / lr")
 
         _figure(out / "sharpness.png", "sharpness (top Hessian eigenvalue)", "S", draw_sharpness)
         figures.append(("Sharpness and the stability threshold 2/lr", "sharpness.png"))
@@ -139,8 +139,13 @@ def make_report(run_dir: str | Path) -> Path:
 
     lines = [f"# Report: {ds.attrs.get('name', run_dir.name)}", ""]
     lines += _summary_table(ds, RunStore(run_dir).read_summary())
-    lines += ["", "## Processes", "", "| process | final loss | final sharpness | final lr*S | final distance |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Processes",
+        "",
+        "| process | final loss | final sharpness | final lr*S | final distance |",
+        "|---|---|---|---|---|",
+    ]
     for p in processes:
         lines.append(
             f"| {p} | {_last(ds, 'loss', p):.6g} | {_last(ds, 'sharpness', p):.6g} | "
@@ -150,22 +155,34 @@ def make_report(run_dir: str | Path) -> Path:
         window = edge_of_stability_window(ds["lr_sharpness"].sel(process=reference).values, steps=steps)
         lines += ["", "## Edge of stability", ""]
         if window["first_step_at_edge"] is None:
-            lines.append(f"- lr*S never reached 1.9 (largest measured: {window['max_lr_sharpness']:.4f}): "
-                         "no edge of stability in this run")
+            lines.append(
+                f"- lr*S never reached 1.9 (largest measured: {window['max_lr_sharpness']:.4f}): "
+                "no edge of stability in this run"
+            )
         else:
-            lines += [f"- first step with lr*S >= 1.9: {window['first_step_at_edge']}",
-                      f"- longest window with lr*S in [1.8, 2.2]: {window['longest_window_steps']} steps"
-                      + (f" (from step {window['longest_window_start']})" if window["longest_window_start"] is not None
-                         else ""),
-                      f"- largest lr*S measured: {window['max_lr_sharpness']:.4f}"]
+            lines += [
+                f"- first step with lr*S >= 1.9: {window['first_step_at_edge']}",
+                f"- longest window with lr*S in [1.8, 2.2]: {window['longest_window_steps']} steps"
+                + (
+                    f" (from step {window['longest_window_start']})"
+                    if window["longest_window_start"] is not None
+                    else ""
+                ),
+                f"- largest lr*S measured: {window['max_lr_sharpness']:.4f}",
+            ]
     if len(processes) > 1:
         from eosflow.compare import write_report
 
         write_report(run_dir)
-        lines += ["", f"## {reference} vs the models", "",
-                  "How well each model tracks the reference ([compare.md](compare.md), "
-                  "definitions in docs/compare.md):",
-                  "", "![loss](compare_loss.png)", "![distance](compare_distance.png)"]
+        lines += [
+            "",
+            f"## {reference} vs the models",
+            "",
+            "How well each model tracks the reference ([compare.md](compare.md), definitions in docs/compare.md):",
+            "",
+            "![loss](compare_loss.png)",
+            "![distance](compare_distance.png)",
+        ]
     lines += ["", "## Figures", ""]
     lines += [f"![{title}]({name})" for title, name in figures]
     for section in SECTIONS:
@@ -189,16 +206,21 @@ def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
     """The run's status and size; steps are counted on disk (a lost chunk is named, not counted)."""
     steps = ds["step"].values
     on_disk = int(np.isfinite(ds["loss"].isel(process=0).values).sum()) if "loss" in ds else 0
-    rows = [("status", ds.attrs.get("status", summary.get("status"))), ("reason", summary.get("reason")),
-            ("steps on disk", f"{on_disk} (steps {steps[0]}..{steps[-1]})" if steps.size else "0"),
-            ("steps in the spec", summary.get("steps")),
-            ("missing steps", ds.attrs.get("missing_steps")), ("learning rate", summary.get("lr")),
-            ("parameters", summary.get("dimension")), ("problem", (summary.get("problem") or {}).get("name")),
-            ("wall time (s)", f"{summary['seconds']:.1f}" if "seconds" in summary else None),
-            ("note", summary.get("rebuilt"))]
-    return ["| | |", "|---|---|"] + [f"| {k} | {'-' if v in (None, '') else v} |" for k, v in rows
-                                     if k not in ("missing steps", "note") or v]
-
+    rows = [
+        ("status", ds.attrs.get("status", summary.get("status"))),
+        ("reason", summary.get("reason")),
+        ("steps on disk", f"{on_disk} (steps {steps[0]}..{steps[-1]})" if steps.size else "0"),
+        ("steps in the spec", summary.get("steps")),
+        ("missing steps", ds.attrs.get("missing_steps")),
+        ("learning rate", summary.get("lr")),
+        ("parameters", summary.get("dimension")),
+        ("problem", (summary.get("problem") or {}).get("name")),
+        ("wall time (s)", f"{summary['seconds']:.1f}" if "seconds" in summary else None),
+        ("note", summary.get("rebuilt")),
+    ]
+    return ["| | |", "|---|---|"] + [
+        f"| {k} | {'-' if v in (None, '') else v} |" for k, v in rows if k not in ("missing steps", "note") or v
+    ]
 
 
 @register_section

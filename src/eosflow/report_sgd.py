@@ -60,7 +60,7 @@ def settled_step(*series: np.ndarray, tolerance: float = 0.1) -> int:
         values = np.interp(np.arange(length), np.flatnonzero(finite), values[finite])
         width = max(1, length // 50)
         smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-        final = np.median(smooth[-max(1, len(smooth) // 10):])
+        final = np.median(smooth[-max(1, len(smooth) // 10) :])
         below = np.flatnonzero(smooth <= final + tolerance * abs(final))
         settled = max(settled, below[0] + width - 1 if below.size else length // 2)  # that window's end
     return int(min(settled, length // 2))
@@ -116,7 +116,8 @@ def _centre_model(spec, params: np.ndarray) -> CentreModel:
     centre = params.mean(axis=0)
     complete = centre.size <= FULL_SPECTRUM
     values, directions = top_hessian_eigenpairs(
-        objective, jnp.asarray(centre, dtype), centre.size if complete else min(2, centre.size))
+        objective, jnp.asarray(centre, dtype), centre.size if complete else min(2, centre.size)
+    )
     u = jnp.asarray(directions, dtype)
     picks = params[np.linspace(0, len(params) - 1, NOISE_SAMPLES).astype(int)]
     noise_at = eqx.filter_jit(step_noise)
@@ -145,12 +146,16 @@ def _diffusion(late, ax, label: str, color: str) -> tuple[list[str], np.ndarray]
         ax.loglog(lags[1:], curve[1:], color=color, alpha=0.15, lw=0.7)
     ax.loglog(lags[1:], curves[:, 1:].mean(axis=0), color=color, lw=1.5, label=f"{label}: mean of {segments} segments")
     rows = []
-    for name, fit in ((f"{label}, from the checkpoint", fit_exponent(single_lags[1:], single[1:])),
-                      (f"{label}, {segments} segments", fit_exponent(lags[1:], curves[:, 1:]))):
+    for name, fit in (
+        (f"{label}, from the checkpoint", fit_exponent(single_lags[1:], single[1:])),
+        (f"{label}, {segments} segments", fit_exponent(lags[1:], curves[:, 1:])),
+    ):
         window = np.geomspace(*fit.window, 20)
         ax.loglog(window, fit.prefactor * window**fit.exponent, "k--", lw=1)
-        rows.append(f"| {name} | {fit.exponent:.3f} | [{fit.low:.3f}, {fit.high:.3f}] | "
-                    f"{fit.window[0]:g}-{fit.window[1]:g} | {fit.method} |")
+        rows.append(
+            f"| {name} | {fit.exponent:.3f} | [{fit.low:.3f}, {fit.high:.3f}] | "
+            f"{fit.window[0]:g}-{fit.window[1]:g} | {fit.method} |"
+        )
     return rows, lags
 
 
@@ -161,8 +166,16 @@ def _theory_curve(ax, model: CentreModel, lags: np.ndarray, lr: float) -> None:
     ax.loglog(lags[1:], curve, color="k", lw=1, ls=":", label="theory: modes of H at the centre")
 
 
-def draw_phase_portrait(ax, stationary, current, axes: tuple[int, int], labels: tuple[str, str],
-                        samples=None, arrow_time: float = 1.0, levels=(0.5, 2.0, 4.5)) -> None:
+def draw_phase_portrait(
+    ax,
+    stationary,
+    current,
+    axes: tuple[int, int],
+    labels: tuple[str, str],
+    samples=None,
+    arrow_time: float = 1.0,
+    levels=(0.5, 2.0, 4.5),
+) -> None:
     """Contours of the marginal modified loss 1/2 y^T C_yy^{-1} y on the coordinates ``axes`` of x,
     the marginal current's velocity -Q_yy C_yy^{-1} y as arrows (the displacement over
     ``arrow_time``, in data units, so panels drawn with one time compare), and ``samples`` (n, 2).
@@ -186,8 +199,18 @@ def draw_phase_portrait(ax, stationary, current, axes: tuple[int, int], labels: 
     coarse = [np.linspace(-e, e, 13) for e in extent]
     qx, qy = np.meshgrid(*coarse)
     flow = np.stack([qx, qy], axis=-1) @ velocity.T
-    ax.quiver(qx, qy, flow[..., 0], flow[..., 1], color="tab:red", alpha=0.6, width=0.003,
-              angles="xy", scale_units="xy", scale=1.0 / arrow_time)
+    ax.quiver(
+        qx,
+        qy,
+        flow[..., 0],
+        flow[..., 1],
+        color="tab:red",
+        alpha=0.6,
+        width=0.003,
+        angles="xy",
+        scale_units="xy",
+        scale=1.0 / arrow_time,
+    )
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
 
@@ -216,19 +239,30 @@ def _phase_portraits(report_dir: Path, late, model: CentreModel, lr: float) -> l
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), dpi=110)
     for ax, (plane, labels, samples) in zip(np.atleast_1d(axes), panels):
         draw_phase_portrait(ax, stationary, current, plane, labels, samples, arrow_time)
-    fig.suptitle("top Hessian eigenplanes: modified loss Psi (contours); arrows: the current J/p_ss "
-                 "over the time mode 1 turns by 0.1 rad", fontsize=9)
+    fig.suptitle(
+        "top Hessian eigenplanes: modified loss Psi (contours); arrows: the current J/p_ss "
+        "over the time mode 1 turns by 0.1 rad",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(report_dir / "sgd_phase_portraits.png")
     plt.close(fig)
 
     measured = positions.var(axis=0)
-    lines = ["", "### Phase space in the top Hessian eigendirections", "",
-             f"Quadratic model at the centre of the iterates after step {int(steps[0])} (noise averaged "
-             f"over {NOISE_SAMPLES} of them): Hessian eigenvalues "
-             + ", ".join(f"{v:.4g}" for v in model.values[:k]) + " (lr*h = "
-             + ", ".join(f"{lr * h:.3f}" for h in curvatures) + ").", "",
-             "| direction | measured Var | Langevin model | exact discrete SGD |", "|---|---|---|---|"]
+    lines = [
+        "",
+        "### Phase space in the top Hessian eigendirections",
+        "",
+        f"Quadratic model at the centre of the iterates after step {int(steps[0])} (noise averaged "
+        f"over {NOISE_SAMPLES} of them): Hessian eigenvalues "
+        + ", ".join(f"{v:.4g}" for v in model.values[:k])
+        + " (lr*h = "
+        + ", ".join(f"{lr * h:.3f}" for h in curvatures)
+        + ").",
+        "",
+        "| direction | measured Var | Langevin model | exact discrete SGD |",
+        "|---|---|---|---|",
+    ]
     for i in range(k):
         lines.append(f"| u_{i + 1} | {measured[i]:.4g} | {stationary[i, i]:.4g} | {discrete[i, i]:.4g} |")
     return lines + ["", "![phase portraits](sgd_phase_portraits.png)"]
@@ -242,22 +276,28 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
     run_dir, report_dir = Path(run_dir), Path(report_dir)
     lr = float(ds.attrs["lr"])
     steps = ds["step"].values
-    checkpoint = int(steps[0]) + settled_step(ds["loss"].sel(process="sgd").values,
-                                              ds["step_norm_sq"].sel(process="sgd").values)
+    checkpoint = int(steps[0]) + settled_step(
+        ds["loss"].sel(process="sgd").values, ds["step_norm_sq"].sel(process="sgd").values
+    )
     late = {p: _late_params(run_dir, p, checkpoint) for p in ("sgd", "langevin") if p in processes}
     model = centre_model(run_dir, late["sgd"][1]) if late["sgd"] is not None else None
-    lines = ["## SGD limiting dynamics", "",
-             f"Checkpoint (loss and local displacement within 10% of their final levels): step "
-             f"{checkpoint}. Global displacement Delta_k = ||theta_{{k0+k}} - theta_{{k0}}||^2 from the "
-             "checkpoint, and from the starts of consecutive segments after it; the exponent c of "
-             "Delta ~ k^c is fitted over the last 2/3 of the lags.", ""]
+    lines = [
+        "## SGD limiting dynamics",
+        "",
+        f"Checkpoint (loss and local displacement within 10% of their final levels): step "
+        f"{checkpoint}. Global displacement Delta_k = ||theta_{{k0+k}} - theta_{{k0}}||^2 from the "
+        "checkpoint, and from the starts of consecutive segments after it; the exponent c of "
+        "Delta ~ k^c is fitted over the last 2/3 of the lags.",
+        "",
+    ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
     rows = []
     for process, color in (("sgd", "tab:blue"), ("langevin", "tab:orange")):
         if process not in late:
             continue
-        right.semilogy(steps, ds["step_norm_sq"].sel(process=process).values, lw=0.6, color=color,
-                       alpha=0.7, label=process)
+        right.semilogy(
+            steps, ds["step_norm_sq"].sel(process=process).values, lw=0.6, color=color, alpha=0.7, label=process
+        )
         if late[process] is not None:
             fitted, lags = _diffusion(late[process], left, process, color)
             rows += fitted
@@ -273,21 +313,30 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
     fig.savefig(report_dir / "sgd_diffusion.png")
     plt.close(fig)
     if rows:
-        lines += ["| process, curve | exponent c | 95% interval | lag window | interval method |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "| process, curve | exponent c | 95% interval | lag window | interval method |",
+            "|---|---|---|---|---|",
+        ]
         lines += rows
-        lines += ["", "One run cannot separate diffusion from a slow common drift of the weights; independent "
-                  "replicas continued from the checkpoint can (see benchmarks/sgd_diffusion.py)."]
+        lines += [
+            "",
+            "One run cannot separate diffusion from a slow common drift of the weights; independent "
+            "replicas continued from the checkpoint can (see benchmarks/sgd_diffusion.py).",
+        ]
     else:
-        lines.append("No parameters were saved after the checkpoint (set `record.params_every`), so "
-                     "only the local displacement is shown.")
+        lines.append(
+            "No parameters were saved after the checkpoint (set `record.params_every`), so "
+            "only the local displacement is shown."
+        )
     lines += ["", "![diffusion](sgd_diffusion.png)"]
     if model is not None:
-        local = ds["step_norm_sq"].sel(process="sgd").values[checkpoint - int(steps[0]):]
+        local = ds["step_norm_sq"].sel(process="sgd").values[checkpoint - int(steps[0]) :]
         predicted = predicted_local_displacement(model.noise_trace, lr, model.options.momentum)
-        lines += ["", f"Local displacement after the checkpoint: measured mean {np.nanmean(local):.4g}; "
-                  f"predicted lr^2 tr(Xi) / (1 - beta^2) = {predicted:.4g} (Xi averaged over "
-                  f"{NOISE_SAMPLES} late iterates)."]
+        lines += [
+            "",
+            f"Local displacement after the checkpoint: measured mean {np.nanmean(local):.4g}; "
+            f"predicted lr^2 tr(Xi) / (1 - beta^2) = {predicted:.4g} (Xi averaged over "
+            f"{NOISE_SAMPLES} late iterates).",
+        ]
         lines += _phase_portraits(report_dir, late["sgd"], model, lr)
     return "\n".join(lines)
-

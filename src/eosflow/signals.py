@@ -36,8 +36,12 @@ def stop_requests() -> Iterator[dict[str, int | None]]:
         if request["signum"] is not None:
             raise Interrupted(signum)
         request["signum"] = signum
-        print(f"eosflow: {signal.Signals(signum).name}: stopping after the chunk in progress is flushed "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"eosflow: {signal.Signals(signum).name}: stopping after the chunk in progress is flushed "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -41,8 +41,12 @@ class SpectrumSpec:
     k: int = option(1, "eigenpairs tracked at the start", ge=1)
     k_max: int = option(6, "most eigenpairs ever tracked", ge=1)
     threshold: float = option(1.5, "track one more eigenvalue once all exceed threshold/lr", gt=0)
-    grow_every: int = option(0, "also consider growing the tracked eigenspace every m steps within a chunk "
-                             "(0: only between chunks of `record.chunk` steps)", ge=0)
+    grow_every: int = option(
+        0,
+        "also consider growing the tracked eigenspace every m steps within a chunk "
+        "(0: only between chunks of `record.chunk` steps)",
+        ge=0,
+    )
     tol: float = option(1e-3, "relative residual |Hv - lambda v| / |lambda| accepted", gt=0, lt=1)
     max_iters: int = option(30, "LOBPCG iterations at most per measurement", ge=1)
 

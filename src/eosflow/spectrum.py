@@ -124,8 +124,16 @@ def lobpcg(
         return new_x, new_hx, p, hp, theta, residuals, iteration + 1, hvps + count
 
     zeros = jnp.zeros_like(x)
-    carry = (x, hx, zeros, zeros, theta, residual_norms(x[:, :k], hx[:, :k], theta[:k]), jnp.asarray(0),
-             jnp.asarray(start.shape[1]))
+    carry = (
+        x,
+        hx,
+        zeros,
+        zeros,
+        theta,
+        residual_norms(x[:, :k], hx[:, :k], theta[:k]),
+        jnp.asarray(0),
+        jnp.asarray(start.shape[1]),
+    )
     x, hx, _, _, theta, residuals, _, hvps = jax.lax.while_loop(not_done, iterate, carry)
     return Eigenpairs(theta[:k], x[:, :k], hvps, residuals)
 
@@ -138,7 +146,12 @@ def _pad_columns(a: Array, width: int) -> Array:
 
 
 def hessian_eigenpairs(
-    objective: Objective, w: Array, initial: Array, tol: float = 1e-4, max_iters: int = 50, guard: int = 1,
+    objective: Objective,
+    w: Array,
+    initial: Array,
+    tol: float = 1e-4,
+    max_iters: int = 50,
+    guard: int = 1,
     preconditioner: Array | None = None,
 ) -> Eigenpairs:
     """Top eigenpairs of H(w) by LOBPCG, warm-started from ``initial`` (d x k); with a positive
@@ -235,7 +248,7 @@ def dense_hessian(objective: Objective, w: Array, block: int = 256) -> np.ndarra
         columns = np.zeros((d, block), dtype=np.dtype(w.dtype))
         width = min(block, d - start)
         columns[start + np.arange(width), np.arange(width)] = 1.0
-        hessian[:, start:start + width] = np.asarray(basis_block(objective, w, jnp.asarray(columns)))[:, :width]
+        hessian[:, start : start + width] = np.asarray(basis_block(objective, w, jnp.asarray(columns)))[:, :width]
     return 0.5 * (hessian + hessian.T)
 
 
@@ -261,7 +274,13 @@ def _relative_residuals(objective: Objective, w: Array, values, vectors) -> np.n
 
 
 def measure_tracked(
-    objective: Objective, w: Array, vectors: Array, step: Array, every: int, tol: float, max_iters: int,
+    objective: Objective,
+    w: Array,
+    vectors: Array,
+    step: Array,
+    every: int,
+    tol: float,
+    max_iters: int,
     preconditioner: Array | None = None,
 ) -> Eigenpairs:
     """Warm-started top eigenpairs at steps that are multiples of ``every`` (NaN values otherwise),

@@ -280,10 +280,13 @@ class RunStore:
         at any moment leaves at least one whole checkpoint).
         """
         arrays = {f"{name}/{i}": leaf for name, leaves in states.items() for i, leaf in enumerate(leaves)}
-        manifest = {process: {name: entry for name, entry in chunks.items() if entry[1] < step}
-                    for process, chunks in self.manifest.items()}
-        header = json.dumps({"step": step, "leaves": {n: len(v) for n, v in states.items()},
-                             **meta, "manifest": manifest})
+        manifest = {
+            process: {name: entry for name, entry in chunks.items() if entry[1] < step}
+            for process, chunks in self.manifest.items()
+        }
+        header = json.dumps(
+            {"step": step, "leaves": {n: len(v) for n, v in states.items()}, **meta, "manifest": manifest}
+        )
         arrays["__meta__"] = np.frombuffer(header.encode(), dtype=np.uint8)
         newest, previous = (self.root / name for name in CHECKPOINTS)
         if newest.exists():
@@ -300,8 +303,10 @@ class RunStore:
         if checkpoints:
             return checkpoints[0]
         if problems:
-            raise StoreError("; ".join(problems) + "; no whole checkpoint is left: rerun with --overwrite to start "
-                             "again (the trajectories are kept until then)")
+            raise StoreError(
+                "; ".join(problems) + "; no whole checkpoint is left: rerun with --overwrite to start "
+                "again (the trajectories are kept until then)"
+            )
         return None
 
     def read_checkpoints(self) -> tuple[list[Checkpoint], list[str]]:
@@ -374,9 +379,17 @@ class RunStore:
             status = "running"
         else:
             status = "completed" if total is not None and done >= total else "interrupted"
-        return {"name": spec.get("name", self.root.name), "processes": processes, "steps": total,
-                "lr": spec.get("lr"), "problem": {"name": spec.get("problem", {}).get("name")},
-                "status": status, "reason": "", "steps_done": done, "dropped_processes": {}}
+        return {
+            "name": spec.get("name", self.root.name),
+            "processes": processes,
+            "steps": total,
+            "lr": spec.get("lr"),
+            "problem": {"name": spec.get("problem", {}).get("name")},
+            "status": status,
+            "reason": "",
+            "steps_done": done,
+            "dropped_processes": {},
+        }
 
 
 def resume_command(run_dir: str | Path) -> str:

@@ -65,8 +65,9 @@ class SharpnessTracker(eqx.Module):
 
     def __check_init__(self):
         if self.k < 1 or self.max_iters < 1 or self.every < 1:
-            raise ValueError(f"SharpnessTracker needs k, max_iters, every >= 1 (got {self.k}, {self.max_iters}, "
-                             f"{self.every})")
+            raise ValueError(
+                f"SharpnessTracker needs k, max_iters, every >= 1 (got {self.k}, {self.max_iters}, {self.every})"
+            )
         if not 0 < self.tol < 1:
             raise ValueError(f"SharpnessTracker tol must be in (0, 1), got {self.tol!r}")
 

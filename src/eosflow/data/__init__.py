@@ -16,7 +16,18 @@ from eosflow.data.prepare import (
 from eosflow.data.registry import CLASSIFICATION, REGRESSION, Raw, register_source
 
 __all__ = [
-    "CLASSIFICATION", "REGRESSION", "ClassificationData", "DataParams", "Dataset", "Raw", "RegressionData",
-    "balanced_subset", "load_classification", "load_dataset", "load_regression", "one_hot",
-    "register_source", "standardize",
+    "CLASSIFICATION",
+    "REGRESSION",
+    "ClassificationData",
+    "DataParams",
+    "Dataset",
+    "Raw",
+    "RegressionData",
+    "balanced_subset",
+    "load_classification",
+    "load_dataset",
+    "load_regression",
+    "one_hot",
+    "register_source",
+    "standardize",
 ]

@@ -66,9 +66,7 @@ class Dataset:
     def flat(self) -> Dataset:
         """The same examples with each input flattened to a vector (for MLPs)."""
         size = int(np.prod(self.x_train.shape[1:]))
-        return dataclasses.replace(
-            self, x_train=self.x_train.reshape(-1, size), x_test=self.x_test.reshape(-1, size)
-        )
+        return dataclasses.replace(self, x_train=self.x_train.reshape(-1, size), x_test=self.x_test.reshape(-1, size))
 
 
 def balanced_subset(labels: np.ndarray, n: int, classes: int, seed: int, field: str = "problem.n_train") -> np.ndarray:
@@ -147,11 +145,22 @@ def load_classification(params: ClassificationData, seed: int) -> Dataset:
     else:
         test_inputs, test_labels = raw.inputs, labels
         pool = np.setdiff1d(np.arange(len(labels)), train)
-    test = pool[balanced_subset(test_labels[pool], params.n_test, params.classes, seed + 1, "problem.n_test")] \
-        if params.n_test > 0 else pool[:0]
+    test = (
+        pool[balanced_subset(test_labels[pool], params.n_test, params.classes, seed + 1, "problem.n_test")]
+        if params.n_test > 0
+        else pool[:0]
+    )
     return _finish(
-        params.dataset, raw, raw.inputs[train], labels[train], test_inputs[test], test_labels[test], False,
-        num_classes=params.classes, train_index=train, test_index=test,
+        params.dataset,
+        raw,
+        raw.inputs[train],
+        labels[train],
+        test_inputs[test],
+        test_labels[test],
+        False,
+        num_classes=params.classes,
+        train_index=train,
+        test_index=test,
     )
 
 
@@ -168,8 +177,16 @@ def load_regression(params: RegressionData, seed: int) -> Dataset:
     train, test = np.sort(order[: params.n_train]), np.sort(order[params.n_train : params.n_train + params.n_test])
     targets = np.asarray(raw.targets, dtype=np.float64)
     return _finish(
-        params.dataset, raw, raw.inputs[train], targets[train], raw.inputs[test], targets[test], True,
-        num_classes=None, train_index=train, test_index=test,
+        params.dataset,
+        raw,
+        raw.inputs[train],
+        targets[train],
+        raw.inputs[test],
+        targets[test],
+        True,
+        num_classes=None,
+        train_index=train,
+        test_index=test,
     )
 
 

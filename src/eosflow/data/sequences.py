@@ -59,8 +59,10 @@ def make_sequences(
 
 def load_sequences(params: SequenceData, seed: int) -> Dataset:
     """Train and test sequences of the task (``num_classes`` = V: each target token is a V-way label)."""
-    train = make_sequences(params.task, params.n_train, params.length, params.vocab,
-                           np.random.default_rng([seed, _TRAIN_STREAM]))
-    test = make_sequences(params.task, params.n_test, params.length, params.vocab,
-                          np.random.default_rng([seed, _TEST_STREAM]))
+    train = make_sequences(
+        params.task, params.n_train, params.length, params.vocab, np.random.default_rng([seed, _TRAIN_STREAM])
+    )
+    test = make_sequences(
+        params.task, params.n_test, params.length, params.vocab, np.random.default_rng([seed, _TEST_STREAM])
+    )
     return Dataset(*train, *test, num_classes=params.vocab)

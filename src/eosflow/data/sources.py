@@ -46,7 +46,8 @@ def breast_cancer(params=None, seed: int = 0) -> Raw:
 
 
 @register_source(
-    CLASSIFICATION, "cifar10",
+    CLASSIFICATION,
+    "cifar10",
     "CIFAR-10 from a local python-pickle archive (3x32x32, 10 classes; `data_path` or $EOSFLOW_CIFAR10)",
 )
 def cifar10(params, seed: int = 0) -> Raw:
@@ -64,14 +65,20 @@ def _two_class_shapes(generator: str, params, seed: int) -> Raw:
     return Raw(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64))
 
 
-@register_source(CLASSIFICATION, "moons",
-                 "scikit-learn's two interleaving half-moons (2-D, noise 0.1), drawn from the seed, 2 classes")
+@register_source(
+    CLASSIFICATION,
+    "moons",
+    "scikit-learn's two interleaving half-moons (2-D, noise 0.1), drawn from the seed, 2 classes",
+)
 def moons(params, seed: int = 0) -> Raw:
     return _two_class_shapes("make_moons", params, seed)
 
 
-@register_source(CLASSIFICATION, "circles",
-                 "scikit-learn's two concentric circles (2-D, radii 1 and 0.5, noise 0.1), from the seed, 2 classes")
+@register_source(
+    CLASSIFICATION,
+    "circles",
+    "scikit-learn's two concentric circles (2-D, radii 1 and 0.5, noise 0.1), from the seed, 2 classes",
+)
 def circles(params, seed: int = 0) -> Raw:
     return _two_class_shapes("make_circles", params, seed)
 
@@ -88,10 +95,12 @@ def linnerud(params=None, seed: int = 0) -> Raw:
     return Raw(x, np.asarray(y, dtype=np.float64).reshape(len(x), -1))
 
 
-@register_source(CLASSIFICATION, "npz",
-                 "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and integer labels `y` (n,)")
-@register_source(REGRESSION, "npz",
-                 "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and targets `y` (n, outputs)")
+@register_source(
+    CLASSIFICATION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and integer labels `y` (n,)"
+)
+@register_source(
+    REGRESSION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and targets `y` (n, outputs)"
+)
 def npz(params, seed: int = 0) -> Raw:
     """Read ``x`` and ``y`` from a NumPy archive, checking that they exist and agree in length."""
     path = getattr(params, "data_path", None)
@@ -116,4 +125,3 @@ def npz(params, seed: int = 0) -> Raw:
     if not np.all(np.isfinite(targets)):
         raise SpecError(f"dataset {path!r} has {int(np.sum(~np.isfinite(targets)))} NaN or infinite targets")
     return Raw(np.asarray(inputs, dtype=np.float64), targets)
-

@@ -33,8 +33,9 @@ def teacher_network(input_dim: int, width: int, outputs: int, seed: int):
     return teacher
 
 
-@register_source(REGRESSION, "gaussian",
-                 "synthetic: N(0, I) inputs (input_dim) and independent N(0, I) targets (outputs)")
+@register_source(
+    REGRESSION, "gaussian", "synthetic: N(0, I) inputs (input_dim) and independent N(0, I) targets (outputs)"
+)
 def gaussian(params, seed: int) -> Raw:
     rng = np.random.default_rng([seed, _EXAMPLE_STREAM])
     n = params.n_train + params.n_test

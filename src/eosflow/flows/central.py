@@ -39,6 +39,7 @@ from eosflow.config import option
 from eosflow.flows.flow import Flow, Measured, padded, prediction_row, register_flow
 from eosflow.flows.integrate import SubstepOptions, substep_count
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
+from eosflow.objective import Objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +92,12 @@ class CentralFlow(Flow):
 
         With no critical direction Sigma = 0 and the field is gradient flow's: one gradient, no
         linearization and no SDCP (a branch taken at run time)."""
-        return jax.lax.cond(critical.count > 0, lambda x: self._constrained_field(x, critical, dt),
-                            lambda x: self._free_field(x, critical), w)
+        return jax.lax.cond(
+            critical.count > 0,
+            lambda x: self._constrained_field(x, critical, dt),
+            lambda x: self._free_field(x, critical),
+            w,
+        )
 
     def _free_field(self, w: Array, critical: Critical) -> tuple[Array, tuple[Array, Array, Array]]:
         loss, grad = self.objective.value_and_grad(w)
@@ -126,23 +131,8 @@ class CentralFlow(Flow):
         return {**row, "critical": m, "substeps": n, "grads": n, "hvps": n * m, "third_derivatives": m * (m + 1) // 2}
 
     def pair_gradients(self, w: Array, critical: Array, m: Array | int | None = None) -> Array:
-        """Gs_p = s_p G_p for the pairs p = (i <= j) of the columns of ``critical`` (p x d), with
-        G_ij = D^3 L(w)[u_i, u_j, .] and s_p = sqrt 2 off the diagonal (the svec convention).
-
-        Only the pairs of the first ``m`` columns are computed, in one batch (vmap; one branch per
-        m so that shapes stay static); the other rows are zero.
-        """
-        size = critical.shape[1]
-        rows, cols = pair_indices(size)
-        scale = jnp.asarray(pair_scale(size), w.dtype)
-        third = jax.vmap(self.objective.third_derivative, in_axes=(None, 1, 1))
-
-        def leading(columns: int, U: Array) -> Array:
-            count = columns * (columns + 1) // 2
-            out = jnp.zeros((scale.size, w.size), w.dtype)
-            return out.at[:count].set(scale[:count, None] * third(w, U[:, rows[:count]], U[:, cols[:count]]))
-
-        return by_count(size if m is None else m, size, leading, critical)
+        """:func:`pair_gradients` of this flow's objective."""
+        return pair_gradients(self.objective, w, critical, m)
 
     def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
         """The flow lives on {S <= 2/eta}: a centre well outside it, where grad S cannot pull it back
@@ -151,8 +141,10 @@ class CentralFlow(Flow):
         measured = measured[np.isfinite(measured)]
         if measured.size == 0 or measured.max() <= 2.0 * (1.0 + self.options.margin):
             return ""
-        return (f"the centre was at lr*S = {measured.max():.4g} > 2, outside the set {{S <= 2/lr}} on which the "
-                f"{self.name.replace('_', ' ')} is defined")
+        return (
+            f"the centre was at lr*S = {measured.max():.4g} > 2, outside the set {{S <= 2/lr}} on which the "
+            f"{self.name.replace('_', ' ')} is defined"
+        )
 
     def sdcp_velocity(self, grad: Array, slack: Array, scaled: Array, dt: Array | float) -> tuple[Array, Array]:
         """(dw/dt, X) for an Euler substep of length dt, given the slack A = U^T (2/eta - H) U
@@ -165,12 +157,36 @@ class CentralFlow(Flow):
         return -lr * grad - 0.5 * lr * (scaled.T @ svec(X)), X
 
 
+def pair_gradients(objective: Objective, w: Array, critical: Array, m: Array | int | None = None) -> Array:
+    """Gs_p = s_p G_p for the pairs p = (i <= j) of the columns of ``critical`` (p x d), with
+    G_ij = D^3 L(w)[u_i, u_j, .] and s_p = sqrt 2 off the diagonal (the svec convention).
+
+    Only the pairs of the first ``m`` columns are computed, in one batch (vmap; one branch per
+    m so that shapes stay static); the other rows are zero.
+    """
+    size = critical.shape[1]
+    rows, cols = pair_indices(size)
+    scale = jnp.asarray(pair_scale(size), w.dtype)
+    third = jax.vmap(objective.third_derivative, in_axes=(None, 1, 1))
+
+    def leading(columns: int, U: Array) -> Array:
+        count = columns * (columns + 1) // 2
+        out = jnp.zeros((scale.size, w.size), w.dtype)
+        return out.at[:count].set(scale[:count, None] * third(w, U[:, rows[:count]], U[:, cols[:count]]))
+
+    return by_count(size if m is None else m, size, leading, critical)
+
+
 def by_count(m: Array | int, size: int, compute: Callable[[int, Array], Array], operand: Array) -> Array:
     """compute(m, operand) for a traced m in 0..size, with m a Python int inside (one branch per
     value, ``lax.switch``): batched work of static shape on the first m columns, none on the padding."""
     return jax.lax.switch(m, [functools.partial(compute, count) for count in range(size + 1)], operand)
 
 
-register_flow("central_flow", CentralFlow, CentralFlowOptions,
-              "central flow: GD's time-averaged trajectory at the edge of stability (Cohen et al. 2025)",
-              every_step=True)
+register_flow(
+    "central_flow",
+    CentralFlow,
+    CentralFlowOptions,
+    "central flow: GD's time-averaged trajectory at the edge of stability (Cohen et al. 2025)",
+    every_step=True,
+)

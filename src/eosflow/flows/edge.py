@@ -90,5 +90,9 @@ class EdgeFlow(RodModel):
         return {**row, "rayleigh_quotient": terms.rayleigh_quotient, **self.cost(n, hvps_per_substep=1)}
 
 
-register_flow("edge_flow", EdgeFlow, EdgeFlowOptions,
-              "edge flow: centre on the symmetrized loss, Oja direction, oscillation magnitude")
+register_flow(
+    "edge_flow",
+    EdgeFlow,
+    EdgeFlowOptions,
+    "edge flow: centre on the symmetrized loss, Oja direction, oscillation magnitude",
+)

@@ -133,9 +133,15 @@ def padded(values: Array, size: int) -> Array:
     return jnp.concatenate([values, jnp.zeros((size - values.shape[0],), values.dtype)])
 
 
-def register_flow(name: str, flow: type[Flow], options: type, summary: str, every_step: bool = False,
-                  problems: tuple[str, ...] | None = None,
-                  fields: Callable[[Any, Any, Any], dict] | None = None) -> Callable[..., Flow]:
+def register_flow(
+    name: str,
+    flow: type[Flow],
+    options: type,
+    summary: str,
+    every_step: bool = False,
+    problems: tuple[str, ...] | None = None,
+    fields: Callable[[Any, Any, Any], dict] | None = None,
+) -> Callable[..., Flow]:
     """Register ``flow`` as the process ``name`` with its options table ``[name]``.
 
     The process gets ``name``, ``lr``, ``spectrum`` (measured at every step if ``every_step``), a
@@ -146,8 +152,14 @@ def register_flow(name: str, flow: type[Flow], options: type, summary: str, ever
     def build(problem, spec, parsed) -> Flow:
         spectrum = dataclasses.replace(spec.spectrum, every=1) if every_step else spec.spectrum
         extra = fields(problem, spec, parsed) if fields else {}
-        base = {"name": name, "lr": spec.lr, "spectrum": spectrum, "key": process_key(spec.seed, name),
-                "objective": problem.objective, "options": parsed}
+        base = {
+            "name": name,
+            "lr": spec.lr,
+            "spectrum": spectrum,
+            "key": process_key(spec.seed, name),
+            "objective": problem.objective,
+            "options": parsed,
+        }
         return flow(**{**base, **extra})
 
     build.__doc__ = f"The {name} process ({flow.__name__})."

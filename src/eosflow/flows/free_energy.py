@@ -47,16 +47,20 @@ from eosflow.objective import Objective
 
 @dataclasses.dataclass(frozen=True)
 class FreeEnergyOptions(SubstepOptions):
-    rank: int = option(0, "r: oscillating directions, the rank of Sigma (0: every tracked eigenpair; "
-                       "else capped by them)", ge=0)
+    rank: int = option(
+        0, "r: oscillating directions, the rank of Sigma (0: every tracked eigenpair; else capped by them)", ge=0
+    )
     stiffness: Literal["secant", "taylor"] = option(
-        "secant", "secant: curvature averaged over the oscillation (exact on period-2 orbits); "
-        "taylor: u^T H(theta) u and 1/2 <Sigma, H> (the second-order expansion)")
+        "secant",
+        "secant: curvature averaged over the oscillation (exact on period-2 orbits); "
+        "taylor: u^T H(theta) u and 1/2 <Sigma, H> (the second-order expansion)",
+    )
     seed: Literal["rod", "none"] = option("rod", "rod: a_j = lr/2 |g . u_j| at t = 0; none: Sigma(0) = 0")
     floor: bool = option(True, "keep a_j >= lr/2 |g . u_j| at every step (GD keeps re-seeding its oscillation)")
     seed_scale: float = option(1.0, "multiplies the seed and the floor", gt=0)
     rounding: float = option(
-        1.0, "source of GD's period-2 mode: a_j^2 gains (rounding * eps * rms(theta))^2 per step (0: none)", ge=0)
+        1.0, "source of GD's period-2 mode: a_j^2 gains (rounding * eps * rms(theta))^2 per step (0: none)", ge=0
+    )
 
     def check(self, where: str) -> None:
         super().check(where)
@@ -94,6 +98,7 @@ def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Ar
     """
     loss, grad = objective.value_and_grad(w)
     if mode == "taylor":
+
         def along(u):
             hu = objective.hvp(w, u)
             return u @ hu, objective.third_derivative(w, u, u)
@@ -176,15 +181,24 @@ class FreeEnergyFlow(Flow):
         top = jnp.argmax(amplitudes)
         secant = self.options.stiffness == "secant"
         return {
-            "loss": start.loss, "grad_norm": jnp.linalg.norm(start.grad),
-            "predicted_loss": start.free_energy, "free_energy": start.free_energy,
+            "loss": start.loss,
+            "grad_norm": jnp.linalg.norm(start.grad),
+            "predicted_loss": start.free_energy,
+            "free_energy": start.free_energy,
             "covariance": padded(jnp.sort(amplitudes**2)[::-1], self.spectrum.k_max),
-            "amplitude": amplitudes[top], "top_vector": oscillation.vectors[:, top],
-            "felt_sharpness": start.stiffness[0], "substeps": n,
+            "amplitude": amplitudes[top],
+            "top_vector": oscillation.vectors[:, top],
+            "felt_sharpness": start.stiffness[0],
+            "substeps": n,
             "grads": 2 + n * (1 + 2 * rank if secant else 1),
             "hvps": 0 if secant else 2 * n * rank,
         }
 
 
-register_flow("free_energy", FreeEnergyFlow, FreeEnergyOptions,
-              "free-energy model: centre theta and oscillation covariance Sigma with its own dynamics", every_step=True)
+register_flow(
+    "free_energy",
+    FreeEnergyFlow,
+    FreeEnergyOptions,
+    "free-energy model: centre theta and oscillation covariance Sigma with its own dynamics",
+    every_step=True,
+)

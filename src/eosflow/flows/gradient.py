@@ -44,5 +44,6 @@ class GradientFlow(Flow):
         return {**row, "grads": STAGES[self.options.method] * n, "substeps": n}
 
 
-register_flow("gradient_flow", GradientFlow, GradientFlowOptions,
-              "gradient flow dw/dt = -lr * g(w) (Euler or RK4 substeps)")
+register_flow(
+    "gradient_flow", GradientFlow, GradientFlowOptions, "gradient flow dw/dt = -lr * g(w) (Euler or RK4 substeps)"
+)

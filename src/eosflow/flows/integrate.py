@@ -55,8 +55,9 @@ class Growth(NamedTuple):
     source: Array | None = None
 
 
-def integrate(field: Any, z: Any, n: int | Array, update: Update | None = None,
-              key: Array | None = None) -> tuple[Any, Any]:
+def integrate(
+    field: Any, z: Any, n: int | Array, update: Update | None = None, key: Array | None = None
+) -> tuple[Any, Any]:
     """One unit of time in ``n`` substeps of ``update`` (default :func:`euler`) of length 1/n.
 
     Returns z(t + 1) and the aux of the field at z(t). With a ``key``, substep i gets

@@ -50,8 +50,9 @@ class LangevinOptions:
     weight_decay: float | None = option(None, "lam (default: [sgd]'s)", ge=0)
     sampling: Sampling | None = option(None, "sets the finite-population factor of Xi (default: [sgd]'s)")
     gradient_noise: float | None = option(None, "sigma of the extra noise sigma^2 I / S (default: [sgd]'s)", ge=0)
-    noise_examples: int = option(0, "examples whose per-example gradients give Sigma_g at each noise draw "
-                                    "(0: all)", ge=0)
+    noise_examples: int = option(
+        0, "examples whose per-example gradients give Sigma_g at each noise draw (0: all)", ge=0
+    )
 
 
 class LangevinTerms(NamedTuple):
@@ -81,8 +82,9 @@ def baoab(
     return (theta, velocity, force), None
 
 
-def euler_maruyama(terms: LangevinTerms, z: tuple[Array, Array, Array], h, key: Array
-                   ) -> tuple[tuple[Array, Array, Array], None]:
+def euler_maruyama(
+    terms: LangevinTerms, z: tuple[Array, Array, Array], h, key: Array
+) -> tuple[tuple[Array, Array, Array], None]:
     """theta += v dt, v += (F / m - rate v) dt + sqrt(lr dt) / m zeta; z = (theta, v, F)."""
     (theta, velocity, force), dt, m = z, terms.dt, terms.mass
     kick = jnp.sqrt(terms.lr * dt) / m
@@ -135,8 +137,9 @@ class Langevin(Flow):
 
     def term(self, setup, n: Array | int) -> LangevinTerms:
         momentum = self.sgd.momentum
-        return LangevinTerms(self.force, self.noise, mass(self.lr, momentum), 2.0 * friction(self.lr, momentum),
-                             self.lr, self.lr / n)
+        return LangevinTerms(
+            self.force, self.noise, mass(self.lr, momentum), 2.0 * friction(self.lr, momentum), self.lr, self.lr / n
+        )
 
     def update(self, terms: LangevinTerms, z, h, key):
         return UPDATES[self.options.integrator](terms, z, h, key)
@@ -149,8 +152,12 @@ class Langevin(Flow):
 
     def observe(self, z, aux: None, setup: tuple[Array, Array], n: Array | int) -> dict[str, Array]:
         (theta, velocity, _), (loss, grad) = z, setup
-        return {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "lr": jnp.asarray(self.lr, theta.dtype),
-                "velocity_norm_sq": jnp.sum(velocity**2)}
+        return {
+            "loss": loss,
+            "grad_norm": jnp.linalg.norm(grad),
+            "lr": jnp.asarray(self.lr, theta.dtype),
+            "velocity_norm_sq": jnp.sum(velocity**2),
+        }
 
     def step(self, state):
         """The wrapper's step, and the squared length of the step taken."""
@@ -173,6 +180,10 @@ def langevin_fields(problem, spec, options: LangevinOptions) -> dict:
     return {"sgd": sgd, "noise_key": process_key(spec.seed, "langevin/noise")}
 
 
-register_flow("langevin", Langevin, LangevinOptions,
-              "underdamped Langevin model of SGD: inertia lr(1+beta)/2, friction 1-beta, noise lr Sigma_g/S",
-              fields=langevin_fields)
+register_flow(
+    "langevin",
+    Langevin,
+    LangevinOptions,
+    "underdamped Langevin model of SGD: inertia lr(1+beta)/2, friction 1-beta, noise lr Sigma_g/S",
+    fields=langevin_fields,
+)

@@ -51,9 +51,11 @@ Moments = Literal["lag", "reference"]
 @dataclasses.dataclass(frozen=True)
 class MomentFlowOptions(SubstepOptions):
     moments: Moments = option(
-        "lag", "lag: dD/dt = c (kappa g - D), dnu/dt = c2 (s - nu) with lag-matched rates c = 1/(1/2 + L) "
+        "lag",
+        "lag: dD/dt = c (kappa g - D), dnu/dt = c2 (s - nu) with lag-matched rates c = 1/(1/2 + L) "
         "(second order below the edge); reference: the central-flow code's dnu/dt = ((1-b2)/b2)(s - nu), "
-        "nu(0) = nu_1 (RMSProp only)")
+        "nu(0) = nu_1 (RMSProp only)",
+    )
 
 
 class Phase(NamedTuple):
@@ -74,8 +76,10 @@ class ContinuousMoments:
     def check(self, where: str) -> None:
         if self.moments == "reference":
             if self.rule.form != "none":
-                raise SpecError(f"`{where}.moments` = 'reference' is the central-flow code's convention for "
-                                "RMSProp; use 'lag' with momentum")
+                raise SpecError(
+                    f"`{where}.moments` = 'reference' is the central-flow code's convention for "
+                    "RMSProp; use 'lag' with momentum"
+                )
             if self.rule.bias_correction or self.rule.beta2 == 0.0:
                 raise SpecError(f"`{where}.moments` = 'reference' needs beta2 > 0 and no bias correction")
 
@@ -135,13 +139,17 @@ class ContinuousMoments:
         whose gradient has always been 0)."""
         inside = z.nu / z.mass[1] + self.rule.eps_root
         half = jnp.where(inside > 0, 0.5 / jnp.sqrt(jnp.where(inside > 0, inside, 1.0)), 0.0)
-        return (jnp.broadcast_to(half / z.mass[1], z.w.shape),
-                jnp.broadcast_to(-half * z.nu / z.mass[1] ** 2, z.w.shape))
+        return (
+            jnp.broadcast_to(half / z.mass[1], z.w.shape),
+            jnp.broadcast_to(-half * z.nu / z.mass[1] ** 2, z.w.shape),
+        )
 
     def mass_velocity(self, z: Phase, h: Array) -> Array:
         """dq/dt = c (1 - q) for each bias-corrected moment (0 otherwise)."""
-        rates = jnp.asarray([self.direction_rate(h) if self.corrects[0] else 0.0,
-                             self.nu_rate(h) if self.corrects[1] else 0.0], z.w.dtype)
+        rates = jnp.asarray(
+            [self.direction_rate(h) if self.corrects[0] else 0.0, self.nu_rate(h) if self.corrects[1] else 0.0],
+            z.w.dtype,
+        )
         return rates * (1.0 - z.mass)
 
     def velocity(self, z: Phase, grad: Array, second: Array, h: Array) -> Phase:
@@ -205,18 +213,21 @@ class OptimizerModel(ScannedProcess):
     def step(self, state: ModelState) -> tuple[ModelState, dict[str, Array]]:
         centre = self.centre(state.z)
         p = self.moments.preconditioner(centre)
-        vectors, row = preconditioned_spectrum_row(self.objective, centre.w, state.vectors, state.step, p,
-                                                   self.moments.rule.threshold(self.lr), self.spectrum)
-        sharpness = jnp.where(jnp.isfinite(row["preconditioned_sharpness"]), row["preconditioned_sharpness"],
-                              state.sharpness)
+        vectors, row = preconditioned_spectrum_row(
+            self.objective, centre.w, state.vectors, state.step, p, self.moments.rule.threshold(self.lr), self.spectrum
+        )
+        sharpness = jnp.where(
+            jnp.isfinite(row["preconditioned_sharpness"]), row["preconditioned_sharpness"], state.sharpness
+        )
         n = substep_count(1.0, self.moments.stiffness(sharpness), self.options)
         context = self.prepare(state.z, row, vectors, n)
         new_z, aux = integrate_substeps(lambda z: self.field(context, z), state.z, n)
         new_z = self.finish(state.step, state.z, new_z, aux)
         row.update(self.observe(state.z, aux))
         cost = aux["cost"]  # evaluations per substep
-        row.update(position=centre.w, substeps=n, grads=n * cost.get("grads", 1),
-                   hvps=row["hvps"] + n * cost.get("hvps", 0))
+        row.update(
+            position=centre.w, substeps=n, grads=n * cost.get("grads", 1), hvps=row["hvps"] + n * cost.get("hvps", 0)
+        )
         if "third_derivatives" in cost:
             row["third_derivatives"] = n * cost["third_derivatives"]
         return ModelState(new_z, vectors, sharpness, state.step + 1), row
@@ -241,15 +252,21 @@ def integrate_substeps(field, z: Any, n: Array) -> tuple[Any, dict]:
     return jax.lax.fori_loop(1, n, substep, z), first
 
 
-
 def build_model(cls: type, name: str, optimizer: str, problem, spec, options: MomentFlowOptions) -> OptimizerModel:
     """A model ``cls`` of ``optimizer`` whose hyperparameters come from the spec's ``[optimizer]`` table."""
     moments = ContinuousMoments(spec.options[optimizer].rule(), spec.lr, options.moments)
     moments.check(name)
     from eosflow.process import process_key
 
-    return cls(name=name, lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, name),
-               objective=problem.objective, moments=moments, options=options)
+    return cls(
+        name=name,
+        lr=spec.lr,
+        spectrum=spec.spectrum,
+        key=process_key(spec.seed, name),
+        objective=problem.objective,
+        moments=moments,
+        options=options,
+    )
 
 
 def register_models(kind: str, cls: type, options: type, summary: str, optimizers=tuple(OPTIMIZERS)) -> None:
@@ -262,5 +279,6 @@ def register_models(kind: str, cls: type, options: type, summary: str, optimizer
         def build(problem, spec, opts, name=name, optimizer=optimizer):
             return build_model(cls, name, optimizer, problem, spec, opts)
 
-        register_process(name, options, f"{summary} of {optimizer} ([{optimizer}] holds its hyperparameters)",
-                         optimizer=optimizer)(build)
+        register_process(
+            name, options, f"{summary} of {optimizer} ([{optimizer}] holds its hyperparameters)", optimizer=optimizer
+        )(build)

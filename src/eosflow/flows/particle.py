@@ -44,11 +44,21 @@ class ParticleModel(Flow):
 
     def observe(self, z: tuple[Array, Array], ends: Ends, measured: Measured, n: Any) -> dict[str, Array]:
         observed = mf.observe(self.objective, z, ends, self.lr, self.width)
-        return {"loss": observed.risk, "predicted_loss": observed.averaged_risk, "free_energy": observed.free_energy,
-                "amplitude": jnp.linalg.norm(z[1]), "substeps": n, "grads": 2 * n + 1}
+        return {
+            "loss": observed.risk,
+            "predicted_loss": observed.averaged_risk,
+            "free_energy": observed.free_energy,
+            "amplitude": jnp.linalg.norm(z[1]),
+            "substeps": n,
+            "grads": 2 * n + 1,
+        }
 
 
-register_flow("particle_model", ParticleModel, SubstepOptions,
-              "mean-field particle model: each neuron's centre and its share of GD's period-2 oscillation",
-              problems=("two_layer_meanfield",),
-              fields=lambda problem, spec, options: {"width": int(problem.info["width"])})
+register_flow(
+    "particle_model",
+    ParticleModel,
+    SubstepOptions,
+    "mean-field particle model: each neuron's centre and its share of GD's period-2 oscillation",
+    problems=("two_layer_meanfield",),
+    fields=lambda problem, spec, options: {"width": int(problem.info["width"])},
+)

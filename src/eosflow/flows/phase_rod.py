@@ -64,9 +64,13 @@ class PhaseRodFlow(OptimizerModel):
         minus = self.increment(-rod.m, grads[1], p)
         odd_w, odd_m = (0.5 * (a - b) for a, b in zip(plus, minus))
         velocity = (mo.velocity(centre, even, second, h), Rod(-odd_w - 2.0 * rod.w, -odd_m - 2.0 * rod.m))
-        aux = {"mean_loss": jnp.mean(losses), "grad_norm": jnp.linalg.norm(even),
-               "sharpness_along": jnp.vdot(rod.w, odd) / jnp.maximum(jnp.vdot(rod.w, rod.w), jnp.finfo(p.dtype).tiny),
-               "centre_velocity": velocity[0].w, "cost": {"grads": 2}}
+        aux = {
+            "mean_loss": jnp.mean(losses),
+            "grad_norm": jnp.linalg.norm(even),
+            "sharpness_along": jnp.vdot(rod.w, odd) / jnp.maximum(jnp.vdot(rod.w, rod.w), jnp.finfo(p.dtype).tiny),
+            "centre_velocity": velocity[0].w,
+            "cost": {"grads": 2},
+        }
         return velocity, aux
 
     def finish(self, state_step: Array, z: tuple[Phase, Rod], new_z: tuple[Phase, Rod], aux: dict) -> Any:
@@ -77,9 +81,13 @@ class PhaseRodFlow(OptimizerModel):
 
     def observe(self, z: tuple[Phase, Rod], aux: dict) -> dict:
         centre, rod = z
-        return {"loss": self.objective.value(centre.w), "predicted_loss": aux["mean_loss"],
-                "amplitude": jnp.linalg.norm(rod.w), "grad_norm": aux["grad_norm"],
-                "sharpness_along": aux["sharpness_along"]}
+        return {
+            "loss": self.objective.value(centre.w),
+            "predicted_loss": aux["mean_loss"],
+            "amplitude": jnp.linalg.norm(rod.w),
+            "grad_norm": aux["grad_norm"],
+            "sharpness_along": aux["sharpness_along"],
+        }
 
 
 register_models("rod_flow", PhaseRodFlow, MomentFlowOptions, "rod flow in (w, m) phase space, nu smooth")

@@ -21,7 +21,8 @@ linearized end-of-substep constraint V^T (2 P / lr - H) V >= 0, in which both H 
 
 with G_ij = D^3 L[v_i, v_j, .], nu_dot_0 = c2 (s(g) - nu) and, as in the reference code, H v ~ P v lam
 (lam = v^T H v) on the critical space; in beta lam_k lam_l is symmetrized to sqrt(lam_i lam_j lam_k lam_l)
-(equal on the critical space, where lam = 2/lr), which makes beta a Gram matrix: PSD. Per substep: one gradient, m HVPs and m(m+1)/2 third derivatives.
+(equal on the critical space, where lam = 2/lr), which makes beta a Gram matrix: PSD. Per substep:
+one gradient, m HVPs and m(m+1)/2 third derivatives.
 Registered as ``rmsprop_central_flow`` (the ``[rmsprop]`` table's ``second_moment`` picks the form).
 """
 
@@ -30,12 +31,13 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.central import CentralFlow
+from eosflow.flows.central import pair_gradients
 from eosflow.flows.moments import (
     MomentFlowOptions,
     OptimizerModel,
@@ -54,11 +56,13 @@ class PreconditionedCentralOptions(MomentFlowOptions):
 
 class Critical(NamedTuple):
     directions: Array  # (d, m_max) critical eigenvectors U of P^{-1/2} H P^{-1/2}, zero past the first m
-    count: Array  # () m
+    count: Array  # type: ignore[assignment]  # () m (a NamedTuple field; shadows tuple.count)
     dt: Array  # () the Euler substep
 
 
 class PreconditionedCentralFlow(OptimizerModel):
+    options: PreconditionedCentralOptions = eqx.field(static=True)
+
     def initial(self, w0: Array) -> Phase:
         return self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
 
@@ -77,11 +81,12 @@ class PreconditionedCentralFlow(OptimizerModel):
         mass_dot = mo.mass_velocity(z, critical.dt)
         v = critical.directions / jnp.sqrt(p)[:, None]  # V^T P V = I on the critical columns
         m_max = v.shape[1]
-        hv = jax.lax.fori_loop(0, critical.count, lambda i, out: out.at[:, i].set(linear(v[:, i])[1]),
-                               jnp.zeros_like(v))  # H v for the m critical columns (one compiled HVP)
+        hv = jax.lax.fori_loop(
+            0, critical.count, lambda i, out: out.at[:, i].set(linear(v[:, i])[1]), jnp.zeros_like(v)
+        )  # H v for the m critical columns (one compiled HVP)
         rayleigh = 0.5 * (v.T @ hv + hv.T @ v)  # V^T H V
         slack = 2.0 / lr * jnp.eye(m_max, dtype=z.w.dtype) - rayleigh
-        gs = CentralFlow.pair_gradients(self, z.w, v, critical.count)  # (pairs, d) s_p G_p
+        gs = pair_gradients(self.objective, z.w, v, critical.count)  # (pairs, d) s_p G_p
         rows, cols = pair_indices(m_max)
         ws = jnp.asarray(pair_scale(m_max), z.w.dtype)[:, None] * (v[:, rows] * v[:, cols]).T  # (pairs, d) s_p v_i v_j
         rate = mo.nu_rate(critical.dt)
@@ -106,8 +111,15 @@ class PreconditionedCentralFlow(OptimizerModel):
         feed = p**2 * (ws.T @ svec(lam[:, None] * X * lam[None, :]))  # diag(H Sigma H) with H v ~ P v (v^T H v)
         nu_dot = nu_dot0 + rate * (jnp.sum(feed) if scalar else feed)
         n = critical.count
-        aux = {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "X": X, "rayleigh": rayleigh, "v": v, "critical": n,
-               "cost": {"grads": 1, "hvps": n, "third_derivatives": n * (n + 1) // 2}}
+        aux = {
+            "loss": loss,
+            "grad_norm": jnp.linalg.norm(grad),
+            "X": X,
+            "rayleigh": rayleigh,
+            "v": v,
+            "critical": n,
+            "cost": {"grads": 1, "hvps": n, "third_derivatives": n * (n + 1) // 2},
+        }
         d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
         return Phase(w_dot, d_dot, nu_dot, mass_dot), aux
 
@@ -118,11 +130,20 @@ class PreconditionedCentralFlow(OptimizerModel):
         covariance = jnp.linalg.eigvalsh(root @ (v.T @ v) @ root)[::-1]  # eigenvalues of Sigma = V X V^T
         k_max = self.spectrum.k_max
         covariance = jnp.concatenate([covariance, jnp.zeros((k_max - covariance.shape[0],), covariance.dtype)])
-        return {"loss": aux["loss"], "predicted_loss": aux["loss"] + 0.5 * jnp.sum(X * aux["rayleigh"]),
-                "grad_norm": aux["grad_norm"], "covariance": covariance,
-                "amplitude": jnp.sqrt(jnp.maximum(covariance[0], 0.0)), "critical": aux["critical"]}
+        return {
+            "loss": aux["loss"],
+            "predicted_loss": aux["loss"] + 0.5 * jnp.sum(X * aux["rayleigh"]),
+            "grad_norm": aux["grad_norm"],
+            "covariance": covariance,
+            "amplitude": jnp.sqrt(jnp.maximum(covariance[0], 0.0)),
+            "critical": aux["critical"],
+        }
 
 
-register_models("central_flow", PreconditionedCentralFlow, PreconditionedCentralOptions,
-                "central flow of preconditioned GD (SDCP on P^-1/2 H P^-1/2, nu fed by the oscillation)",
-                optimizers=("rmsprop",))
+register_models(
+    "central_flow",
+    PreconditionedCentralFlow,
+    PreconditionedCentralOptions,
+    "central flow of preconditioned GD (SDCP on P^-1/2 H P^-1/2, nu fed by the oscillation)",
+    optimizers=("rmsprop",),
+)

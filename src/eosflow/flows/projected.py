@@ -16,7 +16,13 @@ import dataclasses
 from eosflow.flows.central import CentralFlow, CentralFlowOptions, ProjectedFlowOptions
 from eosflow.flows.flow import register_flow
 
-register_flow("projected_flow", CentralFlow, ProjectedFlowOptions,
-              "projected flow: gradient flow held at S <= 2/lr along the top eigenvector", every_step=True,
-              fields=lambda problem, spec, options: {
-                  "options": CentralFlowOptions(**dataclasses.asdict(options), max_critical=1)})
+register_flow(
+    "projected_flow",
+    CentralFlow,
+    ProjectedFlowOptions,
+    "projected flow: gradient flow held at S <= 2/lr along the top eigenvector",
+    every_step=True,
+    fields=lambda problem, spec, options: {
+        "options": CentralFlowOptions(**dataclasses.asdict(options), max_critical=1)
+    },
+)

@@ -54,8 +54,9 @@ def resolvable_length(centre: Array) -> Array:
     return jnp.finfo(centre.dtype).eps ** 0.5 * (1.0 + jnp.max(jnp.abs(centre)))
 
 
-def rod_ends(objective: Objective, centre: Array, direction: Array, length: Array, lr: float,
-             coefficient: float) -> Ends:
+def rod_ends(
+    objective: Objective, centre: Array, direction: Array, length: Array, lr: float, coefficient: float
+) -> Ends:
     """Two gradients at x +- m u; with c > 0 also Hbar E (two HVPs, one linearization of the ends).
 
     A rod shorter than :func:`resolvable_length` l is evaluated at x +- l u and its odd part
@@ -78,8 +79,7 @@ def rod_ends(objective: Objective, centre: Array, direction: Array, length: Arra
     odd = 0.5 * (grads[0] - grads[1])
     span = jnp.linalg.norm(reach)
     sharpness = jnp.vdot(direction, odd) / jnp.where(span > 0, span, 1.0)
-    return Ends(jnp.mean(losses), mean_grad, odd * (length / jnp.where(span > 0, span, 1.0)), sharpness,
-                velocity)
+    return Ends(jnp.mean(losses), mean_grad, odd * (length / jnp.where(span > 0, span, 1.0)), sharpness, velocity)
 
 
 def unit(vector: Array) -> tuple[Array, Array]:
@@ -123,8 +123,9 @@ def rod_field(objective: Objective, lr: float, coefficient: float = 0.0):
     return field
 
 
-def oscillation_row(objective: Objective, centre: Array, ends: Ends, lr: float, direction: Array,
-                    magnitude: Array) -> dict[str, Array]:
+def oscillation_row(
+    objective: Objective, centre: Array, ends: Ends, lr: float, direction: Array, magnitude: Array
+) -> dict[str, Array]:
     """The predictions shared by rod-like models, for a rod x +- m u (see docs/rod_flow.md)."""
     half_step = 0.5 * lr * jnp.linalg.norm(ends.mean_grad)
     return {

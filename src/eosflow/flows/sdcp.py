@@ -147,8 +147,11 @@ def solve_sdcp(
         positive = jnp.maximum(values, 0.0)
         gap = values[:, None] - values[None, :]
         same = jnp.abs(gap) <= eps * (1.0 + jnp.max(jnp.abs(values)))
-        omega = jnp.where(same, (values[:, None] + values[None, :] > 0).astype(dtype),
-                          (positive[:, None] - positive[None, :]) / jnp.where(same, 1.0, gap))
+        omega = jnp.where(
+            same,
+            (values[:, None] + values[None, :] > 0).astype(dtype),
+            (positive[:, None] - positive[None, :]) / jnp.where(same, 1.0, gap),
+        )
         rotate = congruence(vectors)
         d_project = rotate @ (omega[rows, cols][:, None] * rotate.T)
         jacobian = eye + (tau * beta - eye) @ d_project

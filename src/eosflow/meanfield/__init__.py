@@ -38,9 +38,19 @@ from eosflow.flows.integrate import integrate
 from eosflow.flows.rod import Ends, rod_field
 from eosflow.objective import Objective
 
-__all__ = ["Particles", "Macroscopic", "to_particles", "to_flat", "seed", "observe", "velocity", "particle_gd",
-           "particle_model", "macroscopic",
-           "gd_oscillation"]
+__all__ = [
+    "Particles",
+    "Macroscopic",
+    "to_particles",
+    "to_flat",
+    "seed",
+    "observe",
+    "velocity",
+    "particle_gd",
+    "particle_model",
+    "macroscopic",
+    "gd_oscillation",
+]
 
 
 class Particles(NamedTuple):
@@ -89,8 +99,9 @@ def velocity(objective: Objective, state: Particles, eta: float) -> tuple[Partic
     return rates, observe(objective, z, ends, lr, width)
 
 
-def particle_model(objective: Objective, w0: Array, width: int, eta: float, steps: int, substeps: int = 4,
-                   record_every: int = 1) -> tuple[Particles, Macroscopic, Particles]:
+def particle_model(
+    objective: Objective, w0: Array, width: int, eta: float, steps: int, substeps: int = 4, record_every: int = 1
+) -> tuple[Particles, Macroscopic, Particles]:
     """Integrate the particle model for ``steps`` units of time (Euler, ``substeps`` per unit).
 
     Seeded with the half-step rod delta_i = eta/2 grad V(p_i) (GD's first iterate sits eta g away
@@ -105,8 +116,7 @@ def particle_model(objective: Objective, w0: Array, width: int, eta: float, step
         return new, (observe(objective, z, ends, lr, width), z)
 
     final, (observed, states) = _scan(one_step, seed(objective, w0, lr), steps)
-    snapshots = jax.tree_util.tree_map(lambda x: jax.vmap(lambda w: to_particles(w, width))(x[::record_every]),
-                                       states)
+    snapshots = jax.tree_util.tree_map(lambda x: jax.vmap(lambda w: to_particles(w, width))(x[::record_every]), states)
     return Particles(*(to_particles(x, width) for x in final)), observed, Particles(*snapshots)
 
 

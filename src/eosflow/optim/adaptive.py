@@ -31,7 +31,7 @@ from jaxtyping import Array
 
 from eosflow.config import option
 from eosflow.objective import Objective
-from eosflow.preconditioning import diagonal_preconditioner, edge_threshold
+from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold
 from eosflow.process import ScannedProcess, process_key, register_process
 from eosflow.spectrum import measure_tracked, pad_values
 
@@ -42,7 +42,7 @@ SecondMoment = Literal["none", "diagonal", "scalar"]
 class RuleState(NamedTuple):
     m: Array  # (d,) first moment: the EMA of g (form "ema") or the buffer sum b1^j g (classical, Nesterov)
     nu: Array  # (d,) second moment, () for the scalar form and without one
-    count: Array  # () steps taken
+    count: Array  # type: ignore[assignment]  # () steps taken (a NamedTuple field; shadows tuple.count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ class UpdateRule:
         return -lr * self.direction(state, grad) / self.preconditioner(state, grad), state
 
     @property
-    def momentum_form(self) -> str:
+    def momentum_form(self) -> MomentumForm:
         return "classical" if self.form == "none" else self.form
 
     def threshold(self, lr: float) -> float:
@@ -111,8 +111,10 @@ class UpdateRule:
 class MomentumOptions:
     beta: float = option(0.9, "momentum beta", ge=0, lt=1)
     form: Literal["classical", "ema"] = option(
-        "classical", "classical: v <- beta v + g, w <- w - lr v (threshold 2(1+beta)/lr); "
-        "ema: m <- beta m + (1-beta) g, w <- w - lr m (threshold 2(1+beta)/((1-beta) lr))")
+        "classical",
+        "classical: v <- beta v + g, w <- w - lr v (threshold 2(1+beta)/lr); "
+        "ema: m <- beta m + (1-beta) g, w <- w - lr m (threshold 2(1+beta)/((1-beta) lr))",
+    )
 
     def rule(self) -> UpdateRule:
         return UpdateRule(form=self.form, beta1=self.beta)
@@ -120,8 +122,12 @@ class MomentumOptions:
 
 @dataclasses.dataclass(frozen=True)
 class NesterovOptions:
-    beta: float = option(0.9, "momentum beta: v <- beta v + g, w <- w - lr (g + beta v) (threshold "
-                         "2(1+beta)/((1+2 beta) lr))", ge=0, lt=1)
+    beta: float = option(
+        0.9,
+        "momentum beta: v <- beta v + g, w <- w - lr (g + beta v) (threshold 2(1+beta)/((1+2 beta) lr))",
+        ge=0,
+        lt=1,
+    )
 
     def rule(self) -> UpdateRule:
         return UpdateRule(form="nesterov", beta1=self.beta)
@@ -131,15 +137,25 @@ class NesterovOptions:
 class RMSPropOptions:
     beta2: float = option(0.99, "decay b2 of nu <- b2 nu + (1 - b2) s(g)", ge=0, lt=1)
     second_moment: Literal["diagonal", "scalar"] = option(
-        "diagonal", "diagonal: s(g) = g^2 per coordinate; scalar: s(g) = ||g||^2 (one step size)")
-    eps: float = option(1e-8, "eps added to sqrt(nu) in P = sqrt(nu + eps_root) + eps (0 divides by zero "
-                        "on a coordinate whose gradient is always 0)", ge=0)
+        "diagonal", "diagonal: s(g) = g^2 per coordinate; scalar: s(g) = ||g||^2 (one step size)"
+    )
+    eps: float = option(
+        1e-8,
+        "eps added to sqrt(nu) in P = sqrt(nu + eps_root) + eps (0 divides by zero "
+        "on a coordinate whose gradient is always 0)",
+        ge=0,
+    )
     eps_root: float = option(0.0, "eps_root inside the square root (optax's eps_in_sqrt)", ge=0)
     bias_correction: bool = option(False, "divide nu by 1 - b2^t")
 
     def rule(self) -> UpdateRule:
-        return UpdateRule(second_moment=self.second_moment, beta2=self.beta2, eps=self.eps,
-                          eps_root=self.eps_root, bias_correction=self.bias_correction)
+        return UpdateRule(
+            second_moment=self.second_moment,
+            beta2=self.beta2,
+            eps=self.eps,
+            eps_root=self.eps_root,
+            bias_correction=self.bias_correction,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +167,15 @@ class AdamOptions:
     bias_correction: bool = option(True, "divide m by 1 - b1^t and nu by 1 - b2^t")
 
     def rule(self) -> UpdateRule:
-        return UpdateRule(form="ema", beta1=self.beta1, second_moment="diagonal", beta2=self.beta2, eps=self.eps,
-                          eps_root=self.eps_root, bias_correction=self.bias_correction)
+        return UpdateRule(
+            form="ema",
+            beta1=self.beta1,
+            second_moment="diagonal",
+            beta2=self.beta2,
+            eps=self.eps,
+            eps_root=self.eps_root,
+            bias_correction=self.bias_correction,
+        )
 
 
 # ---- the process ---------------------------------------------------------------------------------
@@ -166,14 +189,20 @@ class OptimizerState(NamedTuple):
     step: Array
 
 
-def preconditioned_spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, preconditioner: Array,
-                                threshold: float, spectrum) -> tuple[Array, dict]:
+def preconditioned_spectrum_row(
+    objective: Objective, w: Array, vectors: Array, step: Array, preconditioner: Array, threshold: float, spectrum
+) -> tuple[Array, dict]:
     """Warm-started top eigenpairs of P^{-1/2} H(w) P^{-1/2} per ``[spectrum]``: the row fields
     ``preconditioned_sharpness``, ``edge_ratio`` (= it / ``threshold``), ``eigenvalues`` and ``hvps``."""
-    pairs = measure_tracked(objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters,
-                            preconditioner=preconditioner)
-    row = {"preconditioned_sharpness": pairs.values[0], "edge_ratio": pairs.values[0] / threshold,
-           "eigenvalues": pad_values(pairs.values, spectrum.k_max), "hvps": pairs.hvps}
+    pairs = measure_tracked(
+        objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters, preconditioner=preconditioner
+    )
+    row = {
+        "preconditioned_sharpness": pairs.values[0],
+        "edge_ratio": pairs.values[0] / threshold,
+        "eigenvalues": pad_values(pairs.values, spectrum.k_max),
+        "hvps": pairs.hvps,
+    }
     return pairs.vectors, row
 
 
@@ -199,11 +228,17 @@ class AdaptiveOptimizer(ScannedProcess):
         rule_state = self.rule.moments(state.rule, grad)
         preconditioner = self.rule.preconditioner(rule_state, w)
         new_w = w - self.lr * self.rule.direction(rule_state, grad) / preconditioner
-        vectors, row = preconditioned_spectrum_row(self.objective, w, state.vectors, state.step, preconditioner,
-                                                   self.rule.threshold(self.lr), self.spectrum)
-        row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=w, grads=jnp.asarray(1, jnp.int32),
-                   oscillation=second_difference(new_w, w, state.previous, state.step),
-                   step_norm=jnp.linalg.norm(new_w - w))
+        vectors, row = preconditioned_spectrum_row(
+            self.objective, w, state.vectors, state.step, preconditioner, self.rule.threshold(self.lr), self.spectrum
+        )
+        row.update(
+            loss=loss,
+            grad_norm=jnp.linalg.norm(grad),
+            position=w,
+            grads=jnp.asarray(1, jnp.int32),
+            oscillation=second_difference(new_w, w, state.previous, state.step),
+            step_norm=jnp.linalg.norm(new_w - w),
+        )
         return OptimizerState(new_w, w, rule_state, vectors, state.step + 1), row
 
 
@@ -218,8 +253,14 @@ OPTIMIZERS = {  # name -> (options, summary)
 def _register(name: str, options: type, summary: str) -> None:
     @register_process(name, options, summary, discrete=True)
     def build(problem, spec, options) -> AdaptiveOptimizer:
-        return AdaptiveOptimizer(name=name, lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, name),
-                                 objective=problem.objective, rule=options.rule())
+        return AdaptiveOptimizer(
+            name=name,
+            lr=spec.lr,
+            spectrum=spec.spectrum,
+            key=process_key(spec.seed, name),
+            objective=problem.objective,
+            rule=options.rule(),
+        )
 
 
 for _name, (_options, _summary) in OPTIMIZERS.items():

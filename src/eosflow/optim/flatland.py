@@ -53,8 +53,9 @@ _INITIAL_HELP = "first trial step: warm: the previous eta (the spec's lr at step
 @dataclasses.dataclass(frozen=True)
 class LineSearchOptions:
     reference: Reference = option("zhang_hager", _REFERENCE_HELP)
-    xi: float = option(0.99, "Zhang-Hager weight xi of the past in C_k (0: monotone; Zhang and Hager used 0.85)",
-                       ge=0, le=1)
+    xi: float = option(
+        0.99, "Zhang-Hager weight xi of the past in C_k (0: monotone; Zhang and Hager used 0.85)", ge=0, le=1
+    )
     memory: int = option(10, "M, past losses in the `max` (Grippo) reference", ge=1)
     initial: Initial = option("warm", _INITIAL_HELP)
     polyak_scale: float = option(0.5, "c_p of the Polyak trial step L / (c_p |g|^2)", gt=0)
@@ -62,11 +63,16 @@ class LineSearchOptions:
     delta: float = option(0.5, "backtracking factor (a failed trial is multiplied by delta)", gt=0, lt=1)
     extrapolate: bool = option(True, "multiply an accepted trial by 1/delta while the test still holds")
     max_evals: int = option(30, "loss evaluations of the grid search per step at most", ge=1)
-    refine: int = option(2, "extra loss evaluations bisecting the last bracket (accepted, first rejected) towards "
-                            "the equality point of the test (0: the grid's step)", ge=0)
+    refine: int = option(
+        2,
+        "extra loss evaluations bisecting the last bracket (accepted, first rejected) towards "
+        "the equality point of the test (0: the grid's step)",
+        ge=0,
+    )
     cap: bool = option(False, "keep eta <= cap_fraction * 2 / S_flat (S_flat: the last-layer bias block's curvature)")
     cap_fraction: float = option(
-        0.5, "the cap as a fraction of 2 / S_flat (1: eta < K in the paper's mean-over-entries MSE)", gt=0, le=1)
+        0.5, "the cap as a fraction of 2 / S_flat (1: eta < K in the paper's mean-over-entries MSE)", gt=0, le=1
+    )
     max_lr: float = option(0.0, "an absolute bound on eta (0: none)", ge=0)
     accuracy_every: int = option(10, "test (and train) accuracy every n steps (0: never)", ge=0)
 
@@ -152,14 +158,22 @@ def line_search(
         next_phase = jnp.where(phase == _REFINE, jnp.where(refined < refine, _REFINE, _DONE), grid_phase)
         bisection = jnp.sqrt(best_lr * high)
         next_lr = jnp.where(next_phase == _REFINE, bisection, jnp.where(ok, grown, lr * delta))
-        return (next_phase.astype(phase.dtype), next_lr, best_lr, best_loss, high, lr, trial_loss, evals + 1,
-                refined)
+        return (next_phase.astype(phase.dtype), next_lr, best_lr, best_loss, high, lr, trial_loss, evals + 1, refined)
 
     nan = jnp.full((), jnp.nan, w.dtype)
     zero_grad = grad_sq == 0
     phase = jnp.where(zero_grad, _DONE, _FIRST).astype(jnp.int32)
-    start = (phase, trial, nan, nan, jnp.full((), jnp.inf, w.dtype), trial, loss, jnp.asarray(0, jnp.int32),
-             jnp.asarray(0, jnp.int32))
+    start = (
+        phase,
+        trial,
+        nan,
+        nan,
+        jnp.full((), jnp.inf, w.dtype),
+        trial,
+        loss,
+        jnp.asarray(0, jnp.int32),
+        jnp.asarray(0, jnp.int32),
+    )
     _, _, best_lr, best_loss, _, last_lr, last_loss, evals, _ = jax.lax.while_loop(searching, evaluate, start)
     accepted = jnp.isfinite(best_lr)
     step = jnp.where(accepted, best_lr, last_lr)  # last_lr: the smallest trial, or the zero-gradient trial
@@ -268,13 +282,29 @@ class LineSearchGD(ScannedProcess):
         reference = reference_value(o.reference, state.history, loss)
         trial = state.lr if o.initial == "warm" else polyak_step(loss, grad_sq, o.polyak_scale)
         found = line_search(
-            self.objective.value, w, loss, grad, reference, trial, c=o.c, delta=o.delta,
-            max_evals=o.max_evals, max_lr=self.max_lr, extrapolate=o.extrapolate, refine=o.refine,
+            self.objective.value,
+            w,
+            loss,
+            grad,
+            reference,
+            trial,
+            c=o.c,
+            delta=o.delta,
+            max_evals=o.max_evals,
+            max_lr=self.max_lr,
+            extrapolate=o.extrapolate,
+            refine=o.refine,
         )
         vectors, row = spectrum_row(self.objective, w, state.vectors, state.step, found.lr, self.spectrum)
         row.update(
-            position=w, loss=loss, grad_norm=jnp.sqrt(grad_sq), lr=found.lr, loss_evals=found.evals,
-            accepted=found.accepted, reference_loss=reference, grads=jnp.asarray(1),
+            position=w,
+            loss=loss,
+            grad_norm=jnp.sqrt(grad_sq),
+            lr=found.lr,
+            loss_evals=found.evals,
+            accepted=found.accepted,
+            reference_loss=reference,
+            grads=jnp.asarray(1),
             **self.accuracy_row(w, state.step),
         )
         history = update_reference(state.history, found.loss, o.xi)
@@ -302,20 +332,29 @@ def build_line_search(name: str):
     def build(problem, spec, options: LineSearchOptions) -> LineSearchGD:
         test = problem.test_objective
         return LineSearchGD(
-            name=name, lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, name),
-            objective=problem.objective, options=options, max_lr=step_bound(options, problem.objective, name),
-            accuracy=problem.accuracy, test_data=None if test is None else test.data,
+            name=name,
+            lr=spec.lr,
+            spectrum=spec.spectrum,
+            key=process_key(spec.seed, name),
+            objective=problem.objective,
+            options=options,
+            max_lr=step_bound(options, problem.objective, name),
+            accuracy=problem.accuracy,
+            test_data=None if test is None else test.data,
         )
 
     return build
 
 
-register_process("nls", LineSearchOptions,
-                 "GD with a non-monotone (Zhang-Hager) line search, backtracking and extrapolation",
-                 discrete=True)(build_line_search("nls"))
-register_process("ponls", PoNLSOptions,
-                 "non-monotone line search started from the Polyak step L / (c_p |g|^2)",
-                 discrete=True)(build_line_search("ponls"))
-register_process("armijo", ArmijoOptions,
-                 "GD with a monotone Armijo line search (backtracking and extrapolation)",
-                 discrete=True)(build_line_search("armijo"))
+register_process(
+    "nls",
+    LineSearchOptions,
+    "GD with a non-monotone (Zhang-Hager) line search, backtracking and extrapolation",
+    discrete=True,
+)(build_line_search("nls"))
+register_process(
+    "ponls", PoNLSOptions, "non-monotone line search started from the Polyak step L / (c_p |g|^2)", discrete=True
+)(build_line_search("ponls"))
+register_process(
+    "armijo", ArmijoOptions, "GD with a monotone Armijo line search (backtracking and extrapolation)", discrete=True
+)(build_line_search("armijo"))

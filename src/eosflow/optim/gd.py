@@ -49,9 +49,15 @@ class GradientDescent(ScannedProcess):
             start = bouncing_warm_start(state.vectors, state.older, grad, state.grad)
         vectors, row = spectrum_row(self.objective, state.w, start, state.step, self.lr, self.spectrum)
         oscillation = 0.25 * self.lr * jnp.linalg.norm(grad - state.grad)
-        row.update(loss=loss, grad_norm=jnp.linalg.norm(grad), position=state.w, grads=jnp.asarray(1, jnp.int32),
-                   oscillation=jnp.where(state.step > 0, oscillation, jnp.nan),
-                   preconditioned_sharpness=row["sharpness"], edge_ratio=0.5 * row["lr_sharpness"])
+        row.update(
+            loss=loss,
+            grad_norm=jnp.linalg.norm(grad),
+            position=state.w,
+            grads=jnp.asarray(1, jnp.int32),
+            oscillation=jnp.where(state.step > 0, oscillation, jnp.nan),
+            preconditioned_sharpness=row["sharpness"],
+            edge_ratio=0.5 * row["lr_sharpness"],
+        )
         new_w = state.w - self.lr * grad
         return GDState(new_w, vectors, state.vectors, grad, state.step + 1), row
 
@@ -67,6 +73,9 @@ class GradientDescent(ScannedProcess):
 @register_process("gd", GDOptions, "gradient descent w <- w - lr * g(w)", discrete=True)
 def build_gd(problem, spec, options) -> GradientDescent:
     return GradientDescent(
-        name="gd", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "gd"),
+        name="gd",
+        lr=spec.lr,
+        spectrum=spec.spectrum,
+        key=process_key(spec.seed, "gd"),
         objective=problem.objective,
     )

@@ -42,7 +42,8 @@ class SGDOptions:
     )
     gradient_noise: float = option(0.0, "sigma of extra Gaussian gradient noise N(0, sigma^2 I / S)", ge=0)
     loss_every: int = option(
-        1, "full-batch loss and gradient norm every n steps (in between: the minibatch loss)", ge=1)
+        1, "full-batch loss and gradient norm every n steps (in between: the minibatch loss)", ge=1
+    )
     noise_every: int = option(0, "estimate tr(Sigma_g) from per-example gradients every n steps (0: never)", ge=0)
     noise_examples: int = option(0, "examples drawn for that estimate (0: all)", ge=0)
 
@@ -115,8 +116,9 @@ def gradient_noise_top(
     return values, vectors
 
 
-def step_noise(objective: Objective, w: Array, options: SGDOptions,
-               directions: Array | None = None) -> tuple[Array, Array | None]:
+def step_noise(
+    objective: Objective, w: Array, options: SGDOptions, directions: Array | None = None
+) -> tuple[Array, Array | None]:
     """SGD's per-step noise Xi = c Sigma_g + sigma^2 I / S at w: (tr Xi, U^T Xi U for the columns U).
 
     c is :func:`minibatch_noise_scale`; objectives without data contribute only sigma^2 I / S.
@@ -174,13 +176,16 @@ class SGD(ScannedProcess):
         if o.loss_every == 1:
             loss, grad_norm = full(None)
         else:
-            loss, grad_norm = jax.lax.cond(
-                step % o.loss_every == 0, full, lambda _: (batch_loss, _nan(w)), None)
+            loss, grad_norm = jax.lax.cond(step % o.loss_every == 0, full, lambda _: (batch_loss, _nan(w)), None)
         buffer = o.momentum * state.buffer + batch_grad + o.weight_decay * w
         vectors, row = spectrum_row(self.objective, w, state.vectors, step, self.lr, self.spectrum)
         row.update(
-            position=w, loss=loss, batch_loss=batch_loss, grad_norm=grad_norm,
-            lr=jnp.asarray(self.lr, w.dtype), step_norm_sq=self.lr**2 * jnp.sum(buffer**2),
+            position=w,
+            loss=loss,
+            batch_loss=batch_loss,
+            grad_norm=grad_norm,
+            lr=jnp.asarray(self.lr, w.dtype),
+            step_norm_sq=self.lr**2 * jnp.sum(buffer**2),
         )
         if o.noise_every:
             row["noise_trace"] = self.noise_trace_row(w, step)
@@ -209,8 +214,10 @@ _NOISE_ESTIMATE_STREAM = 0x7FFFFFFC
 def check_batch_size(objective: Objective, batch_size: int, where: str) -> None:
     """A SpecError naming ``where`` when a batch would need more examples than the problem has."""
     if objective.data is not None and batch_size > objective.num_examples:
-        raise SpecError(f"`{where}` = {batch_size} exceeds the problem's {objective.num_examples} "
-                        "training examples; choose at most that many")
+        raise SpecError(
+            f"`{where}` = {batch_size} exceeds the problem's {objective.num_examples} "
+            "training examples; choose at most that many"
+        )
 
 
 def _nan(like: Array) -> Array:
@@ -222,6 +229,11 @@ def build_sgd(problem, spec, options: SGDOptions) -> SGD:
     objective = problem.objective
     check_batch_size(objective, options.batch_size, "sgd.batch_size")
     return SGD(
-        name="sgd", lr=spec.lr, spectrum=spec.spectrum, key=process_key(spec.seed, "sgd"),
-        objective=objective, options=options, sample_key=process_key(spec.seed, "sgd/minibatches"),
+        name="sgd",
+        lr=spec.lr,
+        spectrum=spec.spectrum,
+        key=process_key(spec.seed, "sgd"),
+        objective=objective,
+        options=options,
+        sample_key=process_key(spec.seed, "sgd/minibatches"),
     )

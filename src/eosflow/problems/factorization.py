@@ -70,7 +70,8 @@ class DeepFactorization(eqx.Module):
 
 
 @register_problem(
-    "matrix_factorization", FactorizationParams,
+    "matrix_factorization",
+    FactorizationParams,
     "1/2 ||W_L ... W_1 - M||_F^2 with d x d factors and a rank-r target (dim = 1: scalar deep product)",
 )
 def matrix_factorization(params: FactorizationParams, seed: int, dtype) -> Problem:

@@ -54,11 +54,12 @@ class LSTM(eqx.Module):
             return state, state[0]
 
         _, hidden = jax.lax.scan(step, (zero, zero), inputs)
-        return jax.vmap(self.readout)(hidden[-self.outputs:])
+        return jax.vmap(self.readout)(hidden[-self.outputs :])
 
 
-@register_problem("lstm", LSTMParams,
-                  "one-layer LSTM (token embedding, per-position readout) on a copying or sorting task")
+@register_problem(
+    "lstm", LSTMParams, "one-layer LSTM (token embedding, per-position readout) on a copying or sorting task"
+)
 def lstm(params: LSTMParams, seed: int, dtype) -> Problem:
     model = initialize(lambda key: LSTM(params, dtype, key), seed)
     return supervised_problem(model, load_sequences(params, seed), params.loss, dtype, {"task": params.task})

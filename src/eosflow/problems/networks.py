@@ -63,22 +63,33 @@ def model_problem(apply: Callable, params, dataset: Dataset, loss: str, dtype, i
     """A Problem for ``apply(params, inputs) -> outputs`` (batched) on ``dataset`` (see supervised_problem)."""
     classes = dataset.num_classes
     if classes is not None and loss != "cross_entropy":
+
         def targets(y):
             return one_hot(y, classes)
     else:
+
         def targets(y):
             return y
+
     train = (jnp.asarray(dataset.x_train, dtype), jnp.asarray(targets(dataset.y_train), dtype))
     objective, w0 = Objective.from_model(apply, params, *train, loss=loss)
     test_objective = None
     if len(dataset.y_test):
         test = (jnp.asarray(dataset.x_test, dtype), jnp.asarray(targets(dataset.y_test), dtype))
         test_objective = objective.with_data(test)
-    info = {**info, "n_train": int(len(dataset.y_train)), "n_test": int(len(dataset.y_test)),
-            "parameters": int(w0.size)}
+    info = {
+        **info,
+        "n_train": int(len(dataset.y_train)),
+        "n_test": int(len(dataset.y_test)),
+        "parameters": int(w0.size),
+    }
     return Problem(
-        objective, w0.astype(dtype), test_objective,
-        accuracy(apply, objective.unravel) if classes is not None else None, classes, info,
+        objective,
+        w0.astype(dtype),
+        test_objective,
+        accuracy(apply, objective.unravel) if classes is not None else None,
+        classes,
+        info,
     )
 
 
@@ -113,8 +124,9 @@ def initialize(build: Callable[[Array], M], seed: int) -> M:
         elif isinstance(layer, eqx.nn.LSTMCell):
             bound, names = 1.0 / np.sqrt(layer.hidden_size), ("weight_ih", "weight_hh", "bias")
         elif isinstance(layer, eqx.nn.Embedding):
-            return eqx.tree_at(lambda m: m.weight, layer,
-                               jnp.asarray(rng.standard_normal(layer.weight.shape), layer.weight.dtype))
+            return eqx.tree_at(
+                lambda m: m.weight, layer, jnp.asarray(rng.standard_normal(layer.weight.shape), layer.weight.dtype)
+            )
         elif isinstance(layer, (eqx.nn.LayerNorm, eqx.nn.GroupNorm)):
             for name, fill in (("weight", jnp.ones), ("bias", jnp.zeros)):
                 leaf = getattr(layer, name)
@@ -131,8 +143,11 @@ def initialize(build: Callable[[Array], M], seed: int) -> M:
 
     shapes = eqx.filter_eval_shape(build, jax.random.PRNGKey(0))
     model = jax.tree_util.tree_map(draw, shapes, is_leaf=lambda node: isinstance(node, layers))
-    undrawn = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(model)
-               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    undrawn = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(model)
+        if isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
     if undrawn:
         raise TypeError(f"initialize does not know how to draw the parameters {', '.join(undrawn)}")
     return model
@@ -149,8 +164,15 @@ class MLPArchitecture:
 def _mlp(in_size: int, out_size: int, arch: MLPArchitecture, dtype, seed: int) -> eqx.nn.MLP:
     return initialize(
         lambda key: eqx.nn.MLP(
-            in_size, out_size, arch.width, arch.depth, activation=ACTIVATIONS[arch.activation],
-            use_bias=arch.bias, use_final_bias=arch.bias, dtype=dtype, key=key,
+            in_size,
+            out_size,
+            arch.width,
+            arch.depth,
+            activation=ACTIVATIONS[arch.activation],
+            use_bias=arch.bias,
+            use_final_bias=arch.bias,
+            dtype=dtype,
+            key=key,
         ),
         seed,
     )
@@ -178,7 +200,8 @@ class MLPRegressionParams(MLPArchitecture, RegressionData):
 
 
 @register_problem(
-    "mlp_regression", MLPRegressionParams,
+    "mlp_regression",
+    MLPRegressionParams,
     "MLP on a regression set; defaults: swish 8-16-16-4 on 128 Gaussian inputs/targets, SSE (484 parameters)",
 )
 def mlp_regression(params: MLPRegressionParams, seed: int, dtype) -> Problem:
@@ -232,8 +255,11 @@ class SmallCNN(eqx.Module):
         keys = jax.random.split(key, len(channels) + 1)
         convs = []
         for i, out_channels in enumerate(channels):
-            convs.append(eqx.nn.Conv2d(in_channels, out_channels, kernel, padding="SAME", use_bias=bias,
-                                       dtype=dtype, key=keys[i]))
+            convs.append(
+                eqx.nn.Conv2d(
+                    in_channels, out_channels, kernel, padding="SAME", use_bias=bias, dtype=dtype, key=keys[i]
+                )
+            )
             in_channels, height, width = out_channels, height // 2, width // 2
         self.convs = tuple(convs)
         self.readout = eqx.nn.Linear(in_channels * height * width, outputs, use_bias=bias, dtype=dtype, key=keys[-1])
@@ -256,8 +282,16 @@ def cnn(params: CNNParams, seed: int, dtype) -> Problem:
             f"{len(params.channels)} 2x2 poolings; use at most {int(np.log2(min(shape[1:])))} layers"
         )
     model = initialize(
-        lambda key: SmallCNN(shape, params.channels, params.kernel, params.classes, ACTIVATIONS[params.activation],
-                             params.bias, dtype, key),
+        lambda key: SmallCNN(
+            shape,
+            params.channels,
+            params.kernel,
+            params.classes,
+            ACTIVATIONS[params.activation],
+            params.bias,
+            dtype,
+            key,
+        ),
         seed,
     )
     return supervised_problem(model, dataset, params.loss, dtype, {"dataset": params.dataset})
@@ -290,7 +324,8 @@ class MeanFieldNetwork(eqx.Module):
 
 
 @register_problem(
-    "two_layer_meanfield", MeanFieldParams,
+    "two_layer_meanfield",
+    MeanFieldParams,
     "f(x) = (1/N) sum_i a_i sigma(w_i . x) on a regression set; w = (a_1..a_N, w_1..w_N)",
 )
 def two_layer_meanfield(params: MeanFieldParams, seed: int, dtype) -> Problem:
@@ -304,7 +339,12 @@ def two_layer_meanfield(params: MeanFieldParams, seed: int, dtype) -> Problem:
     rng = np.random.default_rng([seed, 12])
     a = jnp.asarray(params.init_scale * rng.standard_normal(params.width), dtype)
     weights = jnp.asarray(rng.standard_normal((params.width, dim)) / np.sqrt(dim), dtype)
-    info = {"dataset": params.dataset, "width": params.width, "input_dim": dim,
-            "layout": "w = (a_1..a_N, w_1..w_N), w_i in R^D contiguous"}
-    return model_problem(MeanFieldNetwork(ACTIVATIONS[params.activation]), (a, weights), dataset,
-                         params.loss, dtype, info)
+    info = {
+        "dataset": params.dataset,
+        "width": params.width,
+        "input_dim": dim,
+        "layout": "w = (a_1..a_N, w_1..w_N), w_i in R^D contiguous",
+    }
+    return model_problem(
+        MeanFieldNetwork(ACTIVATIONS[params.activation]), (a, weights), dataset, params.loss, dtype, info
+    )

@@ -162,20 +162,25 @@ def problem_params(table: dict) -> tuple[str, Any]:
     table = dict(table or {})
     name = table.pop("name", None)
     if name is None:
-        raise SpecError(f"`problem.name` is required; choose one of {', '.join(sorted(PROBLEMS))} "
-                        "or name a factory by import path, \"my_pkg.problems:make_problem\"")
+        raise SpecError(
+            f"`problem.name` is required; choose one of {', '.join(sorted(PROBLEMS))} "
+            'or name a factory by import path, "my_pkg.problems:make_problem"'
+        )
     if name == IN_MEMORY:
         raise SpecError(
             f"`problem.name` = {IN_MEMORY!r} is a problem that was given to eosflow.simulate in memory; a spec cannot "
             "rebuild it: resume with eosflow.simulate(problem, ..., out=run_dir, resume=True), or name a factory "
-            "that builds it by import path, \"my_pkg.problems:make_problem\"")
+            'that builds it by import path, "my_pkg.problems:make_problem"'
+        )
     if isinstance(name, str) and ":" in name:
         factory = import_factory(name)
         _bind(name, factory, table, seed=0, dtype="float32")
         return name, table
     if name not in PROBLEMS:
-        raise SpecError(f"unknown problem `problem.name` = {name!r}{suggest(str(name), PROBLEMS)} "
-                        "(a problem of your own is named by import path, \"my_pkg.problems:make_problem\")")
+        raise SpecError(
+            f"unknown problem `problem.name` = {name!r}{suggest(str(name), PROBLEMS)} "
+            '(a problem of your own is named by import path, "my_pkg.problems:make_problem")'
+        )
     return name, parse(PROBLEMS[name].params, table, "problem")
 
 
@@ -183,7 +188,7 @@ def import_factory(path: str) -> Callable[..., Problem]:
     """The callable named by ``"package.module:attribute"`` (the attribute may be dotted)."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
-        raise SpecError(f"`problem.name` = {path!r}: an import path is \"package.module:factory\"")
+        raise SpecError(f'`problem.name` = {path!r}: an import path is "package.module:factory"')
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -210,8 +215,11 @@ def _bind(path: str, factory: Callable, keys: dict, seed: int, dtype: str) -> in
         return None
     accepted = signature.parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    extra = {key: value for key, value in (("seed", seed), ("dtype", dtype))
-             if key not in keys and (key in accepted or takes_any)}
+    extra = {
+        key: value
+        for key, value in (("seed", seed), ("dtype", dtype))
+        if key not in keys and (key in accepted or takes_any)
+    }
     try:
         return signature.bind(**keys, **extra)
     except TypeError as error:
@@ -223,8 +231,10 @@ def _call_factory(path: str, keys: dict, seed: int, dtype: str) -> Problem:
     bound = _bind(path, factory, keys, seed, dtype)
     problem = factory(*bound.args, **bound.kwargs) if bound is not None else factory(**keys)
     if not isinstance(problem, Problem):
-        raise SpecError(f"`problem.name` = {path!r} returned a {type(problem).__name__}, not an eosflow.Problem "
-                        "(build one with Problem.from_model or Problem.from_function)")
+        raise SpecError(
+            f"`problem.name` = {path!r} returned a {type(problem).__name__}, not an eosflow.Problem "
+            "(build one with Problem.from_model or Problem.from_function)"
+        )
     return dataclasses.replace(problem, source={"name": path, **keys})
 
 

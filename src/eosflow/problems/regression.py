@@ -42,7 +42,8 @@ def _linear(w, inputs):
 
 
 @register_problem(
-    "linear_regression", LinearRegressionParams,
+    "linear_regression",
+    LinearRegressionParams,
     "least squares on Gaussian inputs with label noise (power-law input spectrum)",
 )
 def linear_regression(params: LinearRegressionParams, seed: int, dtype) -> Problem:

@@ -57,8 +57,10 @@ class ResNetParams(ClassificationData):
         if not self.channels or min(self.channels) < 1:
             raise SpecError(f"`{where}.channels` = {list(self.channels)} must list at least one positive channel count")
         if self.norm == "group" and any(c % self.groups for c in self.channels):
-            raise SpecError(f"`{where}.groups` = {self.groups} must divide every entry of `{where}.channels` = "
-                            f"{list(self.channels)} for norm = 'group'")
+            raise SpecError(
+                f"`{where}.groups` = {self.groups} must divide every entry of `{where}.channels` = "
+                f"{list(self.channels)} for norm = 'group'"
+            )
 
 
 def _norm(kind: Norm, groups: int, channels: int, dtype) -> eqx.nn.Identity | eqx.nn.GroupNorm:
@@ -126,18 +128,37 @@ class ResNet(eqx.Module):
         return self.readout(self.activation(self.norm(x)).mean(axis=(1, 2)))
 
 
-@register_problem("resnet", ResNetParams,
-                  "pre-activation ResNet (norm none/layer/group, 2x2 average-pool downsampling) on an image dataset")
+@register_problem(
+    "resnet",
+    ResNetParams,
+    "pre-activation ResNet (norm none/layer/group, 2x2 average-pool downsampling) on an image dataset",
+)
 def resnet(params: ResNetParams, seed: int, dtype) -> Problem:
     dataset = load_classification(params, seed)
     shape = image_shape(dataset, params.dataset, "resnet")
     if min(shape[1:]) // 2 ** (len(params.channels) - 1) < 1:
-        raise SpecError(f"`problem.channels` has {len(params.channels)} stages, but {shape[1]}x{shape[2]} images "
-                        f"vanish after {len(params.channels) - 1} 2x2 poolings")
+        raise SpecError(
+            f"`problem.channels` has {len(params.channels)} stages, but {shape[1]}x{shape[2]} images "
+            f"vanish after {len(params.channels) - 1} 2x2 poolings"
+        )
     model = initialize(
-        lambda key: ResNet(shape, params.channels, params.blocks, params.norm, params.groups, params.classes,
-                           ACTIVATIONS[params.activation], dtype, key),
+        lambda key: ResNet(
+            shape,
+            params.channels,
+            params.blocks,
+            params.norm,
+            params.groups,
+            params.classes,
+            ACTIVATIONS[params.activation],
+            dtype,
+            key,
+        ),
         seed,
     )
-    return supervised_problem(model, dataset, params.loss, dtype,
-                              {"dataset": params.dataset, "norm": params.norm, "channels": list(params.channels)})
+    return supervised_problem(
+        model,
+        dataset,
+        params.loss,
+        dtype,
+        {"dataset": params.dataset, "norm": params.norm, "channels": list(params.channels)},
+    )

@@ -56,7 +56,8 @@ class QuarticParams:
 
 
 @register_problem(
-    "quartic", QuarticParams,
+    "quartic",
+    QuarticParams,
     "L(w) = (S/2)|w|^2 - (Q/4)|w|^4: GD settles on a period-2 orbit for 2 < lr*S < 3",
 )
 def quartic(params: QuarticParams, seed: int, dtype) -> Problem:
@@ -142,13 +143,20 @@ class SharpValley(eqx.Module):
 
 
 @register_problem(
-    "sharp_valley", SharpValleyParams,
+    "sharp_valley",
+    SharpValleyParams,
     "f = g + eps h: a valley whose sharpness s(x) varies along it, and a drift h along it (2-D by default)",
 )
 def sharp_valley(params: SharpValleyParams, seed: int, dtype) -> Problem:
     fn = SharpValley(
-        jnp.asarray(params.transverse, dtype), params.sharpness, params.rate, params.bend, params.eps,
-        params.target, params.profile, params.drift,
+        jnp.asarray(params.transverse, dtype),
+        params.sharpness,
+        params.rate,
+        params.bend,
+        params.eps,
+        params.target,
+        params.profile,
+        params.drift,
     )
     start = [params.x0] + [0.5 * params.bend * params.x0**2 + params.y0] * len(params.transverse)
     return Problem(Objective.from_function(fn), jnp.asarray(start, dtype), info={"dimension": len(start)})

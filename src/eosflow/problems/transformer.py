@@ -134,14 +134,17 @@ class ViT(eqx.Module):
         return self.encoder.readout(x.mean(axis=0))
 
 
-@register_problem("vit", ViTParams,
-                  "vision transformer (patches, pre-LN attention blocks, GELU MLPs) on an image dataset")
+@register_problem(
+    "vit", ViTParams, "vision transformer (patches, pre-LN attention blocks, GELU MLPs) on an image dataset"
+)
 def vit(params: ViTParams, seed: int, dtype) -> Problem:
     dataset = load_classification(params, seed)
     shape = image_shape(dataset, params.dataset, "vit")
     if shape[1] % params.patch or shape[2] % params.patch:
-        raise SpecError(f"`problem.patch` = {params.patch} does not divide the {shape[1]}x{shape[2]} images "
-                        f"of `problem.dataset` = {params.dataset!r}")
+        raise SpecError(
+            f"`problem.patch` = {params.patch} does not divide the {shape[1]}x{shape[2]} images "
+            f"of `problem.dataset` = {params.dataset!r}"
+        )
     model = initialize(lambda key: ViT(shape, params, dtype, key), seed)
     return supervised_problem(model, dataset, params.loss, dtype, {"dataset": params.dataset})
 
@@ -165,11 +168,14 @@ class SequenceTransformer(eqx.Module):
 
     def __call__(self, tokens: Array) -> Array:  # (T_in,) tokens (as floats) -> (T, V) logits
         x = self.encoder(self.embed.weight[tokens.astype(jnp.int32)])
-        return jax.vmap(self.encoder.readout)(x[-self.outputs:])
+        return jax.vmap(self.encoder.readout)(x[-self.outputs :])
 
 
-@register_problem("transformer", SequenceTransformerParams,
-                  "transformer encoder (token embedding, pre-LN attention blocks) on a sorting or copying task")
+@register_problem(
+    "transformer",
+    SequenceTransformerParams,
+    "transformer encoder (token embedding, pre-LN attention blocks) on a sorting or copying task",
+)
 def transformer(params: SequenceTransformerParams, seed: int, dtype) -> Problem:
     model = initialize(lambda key: SequenceTransformer(params, dtype, key), seed)
     return supervised_problem(model, load_sequences(params, seed), params.loss, dtype, {"task": params.task})

@@ -72,8 +72,9 @@ def _slope(log_lags: np.ndarray, log_values: np.ndarray) -> tuple[float, float, 
     return float(fit.slope), float(fit.intercept), float(fit.stderr)
 
 
-def fit_exponent(lags, curves, window: tuple[float, float] | None = None, level: float = 0.95,
-                 points: int = 64) -> ExponentFit:
+def fit_exponent(
+    lags, curves, window: tuple[float, float] | None = None, level: float = 0.95, points: int = 64
+) -> ExponentFit:
     """Fit Delta ~ a lag^c by least squares of log Delta on log lag over ``window``.
 
     ``curves`` is one displacement curve (L,) or several (B, L): from consecutive checkpoints of
@@ -102,16 +103,20 @@ def fit_exponent(lags, curves, window: tuple[float, float] | None = None, level:
     exponent, intercept, stderr = slope_of(curves.mean(axis=0))
     blocks = len(curves)
     if blocks >= 2:
-        leave_one_out = np.array([
-            slope_of(np.delete(curves, b, axis=0).mean(axis=0))[0] for b in range(blocks)
-        ])
+        leave_one_out = np.array([slope_of(np.delete(curves, b, axis=0).mean(axis=0))[0] for b in range(blocks)])
         stderr = float(np.sqrt((blocks - 1) / blocks * np.sum((leave_one_out - leave_one_out.mean()) ** 2)))
         dof, method = blocks - 1, f"jackknife over {blocks} curves"
     else:
         dof, method = len(idx) - 2, "OLS on one curve (ignores autocorrelation)"
     half = float(scipy.stats.t.ppf(0.5 + level / 2.0, dof)) * stderr
-    return ExponentFit(exponent, exponent - half, exponent + half, float(np.exp(intercept)),
-                       (float(lags[idx[0]]), float(lags[idx[-1]])), method)
+    return ExponentFit(
+        exponent,
+        exponent - half,
+        exponent + half,
+        float(np.exp(intercept)),
+        (float(lags[idx[0]]), float(lags[idx[-1]])),
+        method,
+    )
 
 
 # ---- theory ----------------------------------------------------------------------------------

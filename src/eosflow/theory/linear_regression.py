@@ -240,12 +240,13 @@ def probability_current(drift, diffusion, stationary, x) -> np.ndarray:
     return np.asarray(x) @ velocity.T
 
 
-def isotropic_modified_loss(hessian, weight_decay: float, lr: float, momentum: float,
-                            sigma2: float, batch_size: int) -> tuple[np.ndarray, float]:
+def isotropic_modified_loss(
+    hessian, weight_decay: float, lr: float, momentum: float, sigma2: float, batch_size: int
+) -> tuple[np.ndarray, float]:
     """(Psi's matrix, temperature T) when Sigma_g = sigma^2 H, in the form p_ss ~ exp(-Psi / T):
 
-        Psi = 1/2 theta^T (H + lam) H^{-1} theta + lr (1 + beta) / 4 v^T H^{-1} v,
-        T = lr sigma^2 / (2 S (1 - beta)).
+    Psi = 1/2 theta^T (H + lam) H^{-1} theta + lr (1 + beta) / 4 v^T H^{-1} v,
+    T = lr sigma^2 / (2 S (1 - beta)).
     """
     h = np.asarray(hessian, float)
     h_inv = np.linalg.inv(h)

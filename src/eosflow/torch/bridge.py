@@ -63,8 +63,9 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective) -> Call
     return callback
 
 
-def host_callback(fn: Callable[..., np.ndarray], shape: tuple[int, ...], dtype: np.dtype, *args: jax.Array,
-                  vmap_method: str) -> jax.Array:
+def host_callback(
+    fn: Callable[..., np.ndarray], shape: tuple[int, ...], dtype: np.dtype, *args: jax.Array, vmap_method: str
+) -> jax.Array:
     """``jax.pure_callback(fn, (shape, dtype), *args)``, with the arrays carried as raw 32-bit words.
 
     Under a scoped ``jax.enable_x64`` (how an eosflow run sets its precision), XLA may run a
@@ -76,8 +77,9 @@ def host_callback(fn: Callable[..., np.ndarray], shape: tuple[int, ...], dtype: 
     words = lambda a: a.reshape(-1).view(np.uint32).reshape(a.shape + ((per_word,) if per_word > 1 else ()))  # noqa: E731
 
     def on_words(*packed: np.ndarray) -> np.ndarray:
-        arrays = [np.ascontiguousarray(p).view(dtype).reshape(p.shape[:-1] if per_word > 1 else p.shape)
-                  for p in packed]
+        arrays = [
+            np.ascontiguousarray(p).view(dtype).reshape(p.shape[:-1] if per_word > 1 else p.shape) for p in packed
+        ]
         return words(np.asarray(fn(*arrays), dtype=dtype, order="C"))  # (ascontiguousarray makes 0-d 1-d)
 
     packed = [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args]

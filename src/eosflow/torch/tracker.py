@@ -62,8 +62,10 @@ class TrackedEigenpairs(NamedTuple):
 def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: TorchObjective) -> Preconditioning:
     """P's diagonal (in the flat layout of ``objective``) and the threshold, from a torch optimizer."""
     if len(optimizer.param_groups) != 1:
-        raise ValueError("the tracker reads optimizers with one parameter group (got "
-                         f"{len(optimizer.param_groups)}); step sizes per group have no single threshold")
+        raise ValueError(
+            "the tracker reads optimizers with one parameter group (got "
+            f"{len(optimizer.param_groups)}); step sizes per group have no single threshold"
+        )
     group = optimizer.param_groups[0]
     by_tensor = {id(p): name for name, p in objective.model.named_parameters()}
     params = [p for p in group["params"] if id(p) in by_tensor]
@@ -117,8 +119,9 @@ class SharpnessTracker:
         seed: of the random initial block.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Any, k: int = 1, tol: float = 1e-3, max_iters: int = 30,
-                 seed: int = 0):
+    def __init__(
+        self, model: torch.nn.Module, loss_fn: Any, k: int = 1, tol: float = 1e-3, max_iters: int = 30, seed: int = 0
+    ):
         self.objective = TorchObjective(model, loss_fn, batch=(None, None))
         if not 1 <= k <= self.objective.dim:
             raise ValueError(f"k = {k} must be between 1 and the parameter count {self.objective.dim}")
@@ -160,5 +163,6 @@ class SharpnessTracker:
             self._batch = None
         self.vectors = pairs.vectors
         vectors = torch.from_numpy(np.array(pairs.vectors)).to(objective.device)
-        return TrackedEigenpairs(np.asarray(pairs.values), vectors, np.asarray(pairs.residuals), int(pairs.hvps),
-                                 preconditioning.threshold)
+        return TrackedEigenpairs(
+            np.asarray(pairs.values), vectors, np.asarray(pairs.residuals), int(pairs.hvps), preconditioning.threshold
+        )
