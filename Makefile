@@ -19,8 +19,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/eosflow demo --out runs/demo
 
+# Each test file runs in a pytest process of its own (tests/run_files.py says why).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python tests/run_files.py
 
 lint: lint-ruff lint-format lint-types
 
