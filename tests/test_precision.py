@@ -84,3 +84,37 @@ def test_check_dtypes_names_the_leaf_its_dtype_and_the_fix():
     assert "params['layer'][1] is float64" in message and "computes in float32" in message
     assert '.astype("float32")' in message and 'dtype = "float64"' in message
     check_dtypes({"labels": tree["labels"], "w": tree["layer"][0]}, "float32", "data")  # integer labels pass
+
+
+def test_importing_every_module_changes_no_global_state(tmp_path):
+    """Every eosflow module imported: matplotlib's backend, the warning filters, logging's root
+    handlers, NumPy's print options and JAX's configuration are what they were. The third-party
+    libraries are imported first: some (torch, scipy) add warning filters of their own."""
+    out = fresh_python(
+        """
+        import importlib, logging, pkgutil, warnings
+        import jax, matplotlib, numpy as np
+        import dask, distributed, equinox, optax, pandas, rich, scipy.special, scipy.sparse.linalg, torch, xarray
+        def state():
+            return (
+                dict(matplotlib.rcParams.copy()),  # 'backend' included, unresolved
+                list(warnings.filters),
+                list(logging.getLogger().handlers), logging.getLogger().level,
+                np.get_printoptions(),
+                dict(jax.config.values),
+            )
+        before = state()
+        import eosflow
+        names = [m.name for m in pkgutil.walk_packages(eosflow.__path__, "eosflow.")]
+        for name in names:
+            importlib.import_module(name)
+        after = state()
+        labels = ["matplotlib.rcParams", "warnings.filters", "logging handlers", "logging level",
+                  "numpy print options", "jax.config"]
+        print(len(names), [label for label, a, b in zip(labels, before, after) if a != b])
+    """,
+        tmp_path,
+    )
+    count, changed = out.split(" ", 1)
+    assert int(count) > 40  # every module was imported
+    assert changed.strip() == "[]"

@@ -27,19 +27,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import xarray as xr  # noqa: E402
-
-from eosflow.experiment import run  # noqa: E402
-from eosflow.load import load  # noqa: E402
-from eosflow.progress import training_bar  # noqa: E402
-from eosflow.spec import resolve  # noqa: E402
-from eosflow.store import RunStore  # noqa: E402
+from eosflow.experiment import run
+from eosflow.load import load
+from eosflow.progress import training_bar
+from eosflow.spec import resolve
+from eosflow.store import RunStore
 
 SMOOTHING = 20.0  # std (in steps) of the Gaussian window for GD's loss and the envelope
 TRUNCATE = 4.0  # the window is cut at TRUNCATE standard deviations
@@ -312,7 +309,8 @@ def threshold_line(ax, value: float, label: str) -> None:
 
 
 def _figure(path: Path, panels: int, draw, title: str, logy: tuple[bool, ...] = ()) -> None:
-    fig, axes = plt.subplots(panels, 1, figsize=(7.5, 3.2 * panels), dpi=110, sharex=True, squeeze=False)
+    fig = Figure(figsize=(7.5, 3.2 * panels), dpi=110)
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)
     draw(*axes[:, 0])
     for i, ax in enumerate(axes[:, 0]):
         if i < len(logy) and logy[i]:
@@ -324,7 +322,6 @@ def _figure(path: Path, panels: int, draw, title: str, logy: tuple[bool, ...] = 
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
@@ -424,7 +421,6 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
 
     fig_cost = out / "compare_cost.png"
     _figure(fig_cost, 2, draw_cost, "cost per unit time")
-    plt.close("all")
     figures.append(("Cost", "compare_cost.png"))
 
     lines = [

@@ -10,16 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
-
-from eosflow.compare import line_style, threshold_line  # noqa: E402
-from eosflow.load import load  # noqa: E402
-from eosflow.store import RunStore  # noqa: E402
+from eosflow.compare import line_style, threshold_line
+from eosflow.load import load
+from eosflow.store import RunStore
 
 Section = Callable[[xr.Dataset, Path, Path], str]
 SECTIONS: list[Section] = []  # sections registered with register_section (SGD's below)
@@ -62,7 +59,8 @@ def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1, steps:
 
 
 def _figure(path: Path, title: str, ylabel: str, draw, logy: bool = False) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    fig = Figure(figsize=(7, 3.6), dpi=110)
+    ax = fig.subplots()
     draw(ax)
     ax.set_title(title)
     ax.set_xlabel("step")
@@ -74,7 +72,6 @@ def _figure(path: Path, title: str, ylabel: str, draw, logy: bool = False) -> No
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _step_sizes(ds: xr.Dataset, process: str) -> np.ndarray:

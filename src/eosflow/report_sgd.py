@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from matplotlib.figure import Figure
 
 from eosflow.load import load_params
 from eosflow.optim.sgd import SGDOptions, step_noise
@@ -236,7 +236,8 @@ def _phase_portraits(report_dir: Path, late, model: CentreModel, lr: float) -> l
     for i in range(k):
         samples = np.stack([positions[:-1, i], velocities[:, i]], axis=1) if velocities is not None else None
         panels.append(((i, k + i), (f"theta_{i + 1}", f"v_{i + 1} = dtheta/dt"), samples))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), dpi=110)
+    fig = Figure(figsize=(4.2 * len(panels), 4), dpi=110)
+    axes = fig.subplots(1, len(panels))
     for ax, (plane, labels, samples) in zip(np.atleast_1d(axes), panels):
         draw_phase_portrait(ax, stationary, current, plane, labels, samples, arrow_time)
     fig.suptitle(
@@ -246,7 +247,6 @@ def _phase_portraits(report_dir: Path, late, model: CentreModel, lr: float) -> l
     )
     fig.tight_layout()
     fig.savefig(report_dir / "sgd_phase_portraits.png")
-    plt.close(fig)
 
     measured = positions.var(axis=0)
     lines = [
@@ -290,7 +290,8 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
         "Delta ~ k^c is fitted over the last 2/3 of the lags.",
         "",
     ]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
+    fig = Figure(figsize=(11, 3.8), dpi=110)
+    left, right = fig.subplots(1, 2)
     rows = []
     for process, color in (("sgd", "tab:blue"), ("langevin", "tab:orange")):
         if process not in late:
@@ -311,7 +312,6 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
         left.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(report_dir / "sgd_diffusion.png")
-    plt.close(fig)
     if rows:
         lines += [
             "| process, curve | exponent c | 95% interval | lag window | interval method |",
