@@ -118,3 +118,32 @@ def test_importing_every_module_changes_no_global_state(tmp_path):
     count, changed = out.split(" ", 1)
     assert int(count) > 40  # every module was imported
     assert changed.strip() == "[]"
+
+
+@pytest.mark.parametrize("leaf", ["pytree", "vector"])
+def test_float64_numpy_start_keeps_its_digits_where_x64_is_off(leaf, tmp_path):
+    """Problem.from_function with a float64 NumPy start (a dict of arrays, and a flat vector), in
+    an interpreter where JAX's x64 is off: the run is float64 and GD's loss equals the closed form
+    of the unrounded start to 1e-13 (the start's 1e-9 offsets are lost in float32)."""
+    out = fresh_python(
+        f"""
+        import numpy as np, jax.numpy as jnp, eosflow
+        h = np.array([4.0, 1.0, 9.0])
+        start = np.array([1.0 + 3e-9, -2.0 + 1e-9, 0.5 - 7e-9])
+        if "{leaf}" == "pytree":
+            w0 = {{"a": start[:2].copy(), "b": start[2:].copy()}}
+            loss = lambda w: 0.5 * (jnp.sum(h[:2] * w["a"] ** 2) + jnp.sum(h[2:] * w["b"] ** 2))
+        else:
+            w0, loss = start, lambda w: 0.5 * jnp.sum(h * w**2)
+        problem = eosflow.Problem.from_function(loss, w0)
+        result = eosflow.simulate(problem, lr=0.1, steps=15)
+        closed = (1 - 0.1 * h)[None, :] ** np.arange(15)[:, None] * start
+        expected = 0.5 * (closed**2 * h).sum(1)
+        got = result.loss.sel(process="gd").values
+        print(problem.w0.dtype, str(result.loss.dtype), np.max(np.abs(got - expected) / expected))
+    """,
+        tmp_path,
+    )
+    w0_dtype, loss_dtype, error = out.split()
+    assert (w0_dtype, loss_dtype) == ("float64", "float64")
+    assert float(error) < 1e-13

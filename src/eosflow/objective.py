@@ -161,10 +161,20 @@ class Objective(eqx.Module):
 
 
 def ravel(params: PyTree) -> tuple[Array, Unravel]:
-    """Flatten a pytree of arrays into one vector (in the common dtype), with its inverse."""
+    """Flatten a pytree of arrays into one vector (in the common dtype), with its inverse.
+
+    Concrete leaves are joined in NumPy, so float64 leaves stay float64 where JAX's x64 mode is
+    off (jnp would round them to float32 here, before a run's scoped float64 could see them);
+    traced leaves (under jit) are joined in jnp.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-    flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves]) if leaves else jnp.zeros(0, dtype)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        dtype = jnp.result_type(*leaves)
+        flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
+    else:
+        arrays = [np.asarray(leaf) for leaf in leaves]
+        dtype = np.result_type(*arrays) if arrays else np.dtype("float32")
+        flat = np.concatenate([a.ravel().astype(dtype) for a in arrays]) if arrays else np.zeros(0, dtype)
     unravel = Unravel(
         treedef, tuple(leaf.shape for leaf in leaves), tuple(np.dtype(leaf.dtype).name for leaf in leaves)
     )
