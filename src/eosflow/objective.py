@@ -168,6 +168,7 @@ def ravel(params: PyTree) -> tuple[Array, Unravel]:
     traced leaves (under jit) are joined in jnp.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
+    flat: Any  # a jax.Array for traced leaves, a NumPy array (an ArrayLike every jnp op takes) otherwise
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         dtype = jnp.result_type(*leaves)
         flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
