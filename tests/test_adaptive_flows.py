@@ -90,7 +90,7 @@ def test_rod_grows_exactly_past_the_optimizers_threshold(case):
         }
         _, problem, _, processes = prepare(table)
         flow = processes[f"{name}_rod_flow"]
-        centre, _ = flow.initial(problem.w0)
+        centre, _ = flow.start(problem.w0)
         p = np.asarray(flow.moments.preconditioner(centre))
         hessian = np.asarray(problem.objective.hessian(centre.w))
         top = np.max(np.linalg.eigvalsh(hessian / np.sqrt(np.outer(p, p))))
@@ -108,7 +108,7 @@ def test_rod_grows_exactly_past_the_optimizers_threshold(case):
 
         def rod_velocity(flat, flow=flow, centre=centre, d=d):
             rod = Rod(flat[:d], flat[d:])
-            return jnp.concatenate(flow.field(0.0, (centre, rod))[0][1])
+            return jnp.concatenate(flow.field((centre, rod), None, 0.0)[0][1])
 
         jacobian = np.asarray(jax.jacfwd(rod_velocity)(jnp.zeros(2 * d)))
         signs.append(np.sign(np.max(np.linalg.eigvals(jacobian).real)))
