@@ -38,7 +38,7 @@ from jaxtyping import Array
 
 from eosflow.config import SpecError, option
 from eosflow.flows.flow import Flow, Measured, register_flow
-from eosflow.flows.integrate import SubstepOptions, substep_count
+from eosflow.flows.integrate import STAGES, UPDATES, SubstepOptions, substep_count
 from eosflow.optim.adaptive import OPTIMIZERS, UpdateRule, preconditioned_spectrum_row
 from eosflow.preconditioning import diagonal_preconditioner
 
@@ -52,6 +52,11 @@ class MomentFlowOptions(SubstepOptions):
         "lag: dD/dt = c (kappa g - D), dnu/dt = c2 (s - nu) with lag-matched rates c = 1/(1/2 + L) "
         "(second order below the edge); reference: the central-flow code's dnu/dt = ((1-b2)/b2)(s - nu), "
         "nu(0) = nu_1 (RMSProp only)",
+    )
+    method: Literal["euler", "rk4"] = option(
+        "rk4",
+        "integrator of each substep: rk4 (the rates uncompensated), or euler (rates compensated for the "
+        "substep's lag; unstable on momentum's rotating modes once lr * lambda_P * kappa > substeps)",
     )
 
 
@@ -111,7 +116,7 @@ class ContinuousMoments:
         r = self.rule
         return (r.bias_correction and r.form == "ema", r.bias_correction and r.second_moment != "none")
 
-    def initial(self, w0: Array, grad: Array, h: float) -> Phase:
+    def initial(self, w0: Array, grad: Array, h: Array | float) -> Phase:
         """z(0): D(0) = (1 - L c) D*, nu(0) = (1 - L2 c2) s, which puts the slow mode at the discrete
         filters' (started from zero) to O(lr^2) (c D*/2 and c2 s/2 as h -> 0). A bias-corrected moment
         carries its mass q (the same filter of the constant 1, from the same start) and divides by it,
@@ -160,11 +165,19 @@ class ContinuousMoments:
         d_dot = self.direction_rate(h) * (self.kappa * grad - z.direction)
         return Phase(-self.lr * z.direction / (z.mass[0] * p), d_dot, nu_dot, mass)
 
-    def stiffness(self, preconditioned_sharpness: Array) -> Array:
-        """The largest rate of the linearized models: lr lambda_P times the weight of g in a step, plus 3."""
+    def stiffness(self, preconditioned_sharpness: Array, method: str = "euler") -> Array:
+        """The rate that sets the substep count. Euler: lr lambda_P times the weight of g in a step, plus 3.
+        RK4: the modulus of the linearized (w, D) rates, s^2 + c s + c kappa h = 0 with h = lr lambda_P,
+        i.e. at most max(c, sqrt(c kappa h)) (h itself for D = g), plus 2 (the rod's own decay)."""
         b = self.rule.beta1
-        weight = {"none": 1.0, "ema": 1.0 - b, "classical": 1.0, "nesterov": 1.0 + b}[self.rule.form]
-        return self.lr * preconditioned_sharpness * weight + 3.0
+        if method == "euler":
+            weight = {"none": 1.0, "ema": 1.0 - b, "classical": 1.0, "nesterov": 1.0 + b}[self.rule.form]
+            return self.lr * preconditioned_sharpness * weight + 3.0
+        h = self.lr * preconditioned_sharpness
+        if self.moments == "reference":
+            return h + 2.0
+        c = self.direction_rate()
+        return jnp.maximum(c, jnp.sqrt(c * self.kappa * jnp.maximum(h, 0.0))) + 2.0
 
 
 class OptimizerModel(Flow):
@@ -190,22 +203,35 @@ class OptimizerModel(Flow):
         )
         return vectors, row, row["preconditioned_sharpness"]
 
+    def compensated(self, n: Array | int) -> Array | float:
+        """The substep length the lag-matched rates compensate: 1/n for Euler, 0 for RK4 (whose own
+        error is O(h^4))."""
+        return 1.0 / n if self.options.method == "euler" else 0.0
+
+    def start_phase(self, w0: Array) -> Phase:
+        """The phase point at t = 0 (:meth:`ContinuousMoments.initial`)."""
+        return self.moments.initial(w0, self.objective.grad(w0), self.compensated(self.options.substeps))
+
+    def update(self, field: Any, z: Any, h: Any, key: Array | None) -> tuple[Any, Any]:
+        return UPDATES[self.options.method](field, z, h, key)
+
     def substeps(self, measured: Measured, setup: Any) -> Array:
-        return substep_count(1.0, self.moments.stiffness(measured.sharpness), self.options)
+        return substep_count(1.0, self.moments.stiffness(measured.sharpness, self.options.method), self.options)
 
     def field(self, z: Any, setup: Any, h: Array | float) -> tuple[Any, dict]:  # type: ignore[override]
         raise NotImplementedError
 
     def term(self, setup: Any, n: Array | int) -> Any:
-        h = 1.0 / n
+        h = self.compensated(n)
         return lambda z: self.field(z, setup, h)
 
     def costs(self, aux: dict, n: Array | int) -> dict[str, Array]:
         """The row's evaluation counts: n times the field's per-substep ``cost``, and the substeps."""
         cost = aux["cost"]
-        counts = {"substeps": n, "grads": n * cost.get("grads", 1), "hvps": n * cost.get("hvps", 0)}
+        evaluations = n * STAGES[self.options.method]
+        counts = {"substeps": n, "grads": evaluations * cost.get("grads", 1), "hvps": evaluations * cost.get("hvps", 0)}
         if "third_derivatives" in cost:
-            counts["third_derivatives"] = n * cost["third_derivatives"]
+            counts["third_derivatives"] = evaluations * cost["third_derivatives"]
         return counts
 
     def growth_threshold(self) -> float:

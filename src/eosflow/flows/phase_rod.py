@@ -41,7 +41,7 @@ class Rod(NamedTuple):
 
 class PhaseRodFlow(OptimizerModel):
     def start(self, w0: Array) -> tuple[Phase, Rod]:
-        centre = self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
+        centre = self.start_phase(w0)
         return centre, Rod(jnp.zeros_like(w0), jnp.zeros_like(w0))
 
     def centre(self, z: tuple[Phase, Rod]) -> Phase:

@@ -29,7 +29,7 @@ Registered as ``rmsprop_central_flow`` (the ``[rmsprop]`` table's ``second_momen
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -53,6 +53,9 @@ class PreconditionedCentralOptions(MomentFlowOptions):
     margin: float = option(0.03, "an eigenvalue of P^-1 H is critical once above (1 - margin) * 2/lr", ge=0, lt=1)
     max_critical: int = option(6, "most critical directions (capped by the tracked eigenpairs)", ge=1)
     sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
+    method: Literal["euler"] = option(
+        "euler", "euler only: the SDCP keeps the constraint at the end of an Euler substep"
+    )
 
 
 class Critical(NamedTuple):
@@ -64,7 +67,7 @@ class PreconditionedCentralFlow(OptimizerModel):
     options: PreconditionedCentralOptions = eqx.field(static=True)
 
     def start(self, w0: Array) -> Phase:
-        return self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
+        return self.start_phase(w0)
 
     def prepare(self, z: Phase, measured: Measured, step: Array) -> tuple[Phase, Critical]:
         vectors = measured.vectors

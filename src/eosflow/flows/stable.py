@@ -24,7 +24,7 @@ from eosflow.flows.moments import (
 
 class StableFlow(OptimizerModel):
     def start(self, w0: Array) -> Phase:
-        return self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
+        return self.start_phase(w0)
 
     def field(self, z: Phase, setup: Any, h: Array | float) -> tuple[Phase, dict]:  # type: ignore[override]
         loss, grad = self.objective.value_and_grad(z.w)
