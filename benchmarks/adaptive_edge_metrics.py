@@ -45,6 +45,8 @@ def report(run_dir: str) -> None:
     )
     base = ds["distance"].sel(process=stable).values
     gained_base = np.nanmean(base[onset:] - base[onset]) if onset < len(base) else np.nan
+    at_onset = base[min(onset, len(base) - 1)]
+    print(f"  {stable}: distance {at_onset:.3f} at the onset, mean {np.nanmean(base):.3f}, final {base[-1]:.3f}")
     print("  model                      rel. distance  gained after onset  loss error  from onset  edge ratio")
     for name in processes[1:]:
         distance = ds["distance"].sel(process=name).values
