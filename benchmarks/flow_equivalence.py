@@ -37,7 +37,13 @@ MEANFIELD = {"name": "two_layer_meanfield", "width": 16, "n_train": 64, "dataset
 COST = ("grads", "hvps", "third_derivatives")
 SMOOTH = ("gradient_flow", "projected_flow", "central_flow", "rod_flow", "edge_flow", "free_energy")
 
-# (label, problem, lr, steps, process, options, k_max)
+ADAM = {"adam": {"beta1": 0.9, "beta2": 0.99, "eps": 1e-4}}
+RMSPROP = {"rmsprop": {"beta2": 0.99, "eps": 1e-3, "bias_correction": True}}
+SCALAR = {"rmsprop": {"beta2": 0.99, "eps": 1e-3, "second_moment": "scalar"}}
+HEAVY_BALL = {"momentum": {"beta": 0.9, "form": "ema"}}
+NESTEROV = {"nesterov": {"beta": 0.8}}
+
+# (label, problem, lr, steps, process, options, k_max[, the optimizer's table])
 CASES = [
     *[(f"quartic/{p}", QUARTIC, 0.08, 150, p, {}, 2) for p in SMOOTH],
     *[(f"valley/{p}", VALLEY, 0.1, 700, p, {}, 2) for p in SMOOTH],
@@ -53,11 +59,29 @@ CASES = [
     ("meanfield/rod_flow", MEANFIELD, 64.0, 200, "rod_flow", {"correction": False}, 3),
     ("mlp/langevin_baoab", MLP, 0.1, 60, "langevin", {"batch_size": 10, "substeps": 2}, 2),
     ("mlp/langevin_em", MLP, 0.1, 60, "langevin", {"batch_size": 10, "substeps": 3, "integrator": "euler_maruyama"}, 2),
+    # the adaptive optimizers' models (docs/adaptive.md), each at its edge within the run
+    *[
+        (f"factorization/adam_{m}", FACTORIZATION, 0.03, 300, f"adam_{m}", {}, 3, ADAM)
+        for m in ("stable_flow", "rod_flow")
+    ],
+    *[(f"mlp/adam_{m}", MLP, 0.01, 150, f"adam_{m}", {}, 3, ADAM) for m in ("stable_flow", "rod_flow")],
+    *[
+        (f"mlp/rmsprop_{m}", MLP, 0.004, 150, f"rmsprop_{m}", {}, 3, RMSPROP)
+        for m in ("stable_flow", "rod_flow", "central_flow")
+    ],
+    ("factorization/rmsprop_central_flow", FACTORIZATION, 0.01, 500, "rmsprop_central_flow", {}, 3, RMSPROP),
+    ("mlp/rmsprop_central_flow_ref", MLP, 0.004, 150, "rmsprop_central_flow", {"moments": "reference"}, 3, SCALAR),
+    ("mlp/rmsprop_scalar_central_flow", MLP, 0.004, 150, "rmsprop_central_flow", {}, 3, SCALAR),
+    ("mlp/momentum_rod_flow", MLP, 0.05, 150, "momentum_rod_flow", {}, 3, HEAVY_BALL),
+    ("mlp/nesterov_stable_flow", MLP, 0.1, 150, "nesterov_stable_flow", {}, 3, NESTEROV),
 ]
 
 
-def run_case(problem: dict, lr: float, steps: int, process: str, options: dict, k_max: int) -> dict[str, np.ndarray]:
-    """Rows of ``steps`` steps; k_max < 0 tracks |k_max| eigenpairs from the start (k = k_max)."""
+def run_case(
+    problem: dict, lr: float, steps: int, process: str, options: dict, k_max: int, optimizer: dict | None = None
+) -> dict[str, np.ndarray]:
+    """Rows of ``steps`` steps; k_max < 0 tracks |k_max| eigenpairs from the start (k = k_max);
+    ``optimizer``: the table of the optimizer a model reads (``{"adam": {...}}``)."""
     spectrum = {"k": -k_max, "k_max": -k_max} if k_max < 0 else {"k": 1, "k_max": k_max}
     table = {
         "lr": lr,
@@ -68,6 +92,7 @@ def run_case(problem: dict, lr: float, steps: int, process: str, options: dict, 
         "problem": problem,
         "spectrum": spectrum,
         process: options,
+        **(optimizer or {}),
     }
     _, built, _, processes = prepare(table)
     flow = processes[process]
@@ -80,17 +105,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dump", help="write every case's rows to this .npz")
     parser.add_argument("--against", help="compare every case with the rows in this .npz")
-    parser.add_argument("--only", default="", help="run only the cases whose label contains this")
+    parser.add_argument(
+        "--only", default="", help="run only the cases whose label contains one of these (comma-separated)"
+    )
     parser.add_argument("--tol", type=float, default=1e-12, help="largest relative difference accepted")
     args = parser.parse_args(argv)
     if not (args.dump or args.against):
         parser.error("give --dump or --against")
     stored = dict(np.load(args.against)) if args.against else {}
     dumped, worst = {}, 0.0
-    for label, problem, lr, steps, process, options, k_max in CASES:
-        if args.only not in label:
+    for label, problem, lr, steps, process, options, k_max, *optimizer in CASES:
+        if not any(part in label for part in args.only.split(",")):
             continue
-        rows = run_case(problem, lr, steps, process, options, k_max)
+        rows = run_case(problem, lr, steps, process, options, k_max, *optimizer)
         dumped.update({f"{label}/{key}": value for key, value in rows.items()})
         if not args.against:
             print(f"{label}: {len(rows)} columns x {steps} steps", flush=True)

@@ -1,6 +1,6 @@
 """eosflow's RMSProp central flow beside the official PyTorch implementation (Cohen, Damian et al.).
 
-    PYTHONPATH=src python benchmarks/rmsprop_central_flow_reference.py /path/to/centralflows [--steps 200]
+    PYTHONPATH=src python benchmarks/rmsprop_central_flow_reference.py /path/to/centralflows [--steps 400]
 
 The reference repository is NOT part of eosflow: fetch it yourself (github.com/centralflows/centralflows)
 and pass the directory holding its ``src/``. Both sides integrate the same loss (a float64 tanh network
@@ -9,7 +9,9 @@ hyperparameters (lr, beta2, eps, no bias correction), 4 Euler substeps per step,
 threshold (1.95 in the reference's units lr * lambda(P^-1 H), margin 0.025 here) and the reference's
 nu convention (``moments = "reference"``: dnu/dt = ((1 - b2)/b2) (s - nu), nu(0) = nu_1). Printed: the
 relative distance ||w_ours - w_ref|| / ||w_ref - w0|| and the relative difference of nu every 20 steps,
-the RMSProp iterates' edge ratio (to show the flow is at the edge), and the largest over all steps.
+the RMSProp iterates' edge ratio (to show the flow is at the edge), and the largest over all steps. With
+the defaults the flow has no critical direction from step 1 to ~240 (the stable-flow part) and one from
+~240 to 400 (the SDCP part): 400 steps test both.
 
 To run the reference on a CPU without CVXOPT, its SDCP (cvxpy) is solved by Clarabel with tight tolerances
 and ``Tensor.cuda`` is made the identity (casting X back to float64): nothing else of it is changed.
@@ -130,7 +132,7 @@ def reference(repo: str, x, y, w0, lr, beta2, eps, steps):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("repo", help="the directory of the fetched centralflows repository (holding src/)")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=0.008)
     parser.add_argument("--beta2", type=float, default=0.99)
     parser.add_argument("--eps", type=float, default=3e-3)

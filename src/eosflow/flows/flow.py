@@ -9,6 +9,8 @@ A model subclasses :class:`Flow` and writes its mathematics as a few methods:
 and, when it needs them,
 
     position(z)                                     the centre, where eigenpairs are measured (z or z[0])
+    measure(z, vectors, step) -> (vectors, row, S)  the tracked eigenpairs there (default: of H; the
+                                                    adaptive models': of P^-1/2 H P^-1/2)
     prepare(z, measured, step) -> (z, setup)        per-step quantities held fixed (default: measured)
     term(setup, n)                                  the field given to the update (default: self.field)
     update(field, z, h, key)                        the solver (default :func:`euler`)
@@ -73,6 +75,11 @@ class Flow(ScannedProcess):
     def position(self, z: Any) -> Array:
         return z if isinstance(z, jnp.ndarray) else z[0]
 
+    def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array]:
+        """(tracked vectors, the spectrum's row fields, the sharpness measured this step or NaN)."""
+        vectors, row = spectrum_row(self.objective, self.position(z), vectors, step, self.lr, self.spectrum)
+        return vectors, row, row["sharpness"]
+
     def prepare(self, z: Any, measured: Measured, step: Array) -> tuple[Any, Any]:
         return z, measured
 
@@ -98,8 +105,8 @@ class Flow(ScannedProcess):
 
     def step(self, state: FlowState) -> tuple[FlowState, dict[str, Array]]:
         position = self.position(state.z)
-        vectors, row = spectrum_row(self.objective, position, state.vectors, state.step, self.lr, self.spectrum)
-        sharpness = jnp.where(jnp.isfinite(row["sharpness"]), row["sharpness"], state.sharpness)
+        vectors, row, measured_sharpness = self.measure(state.z, state.vectors, state.step)
+        sharpness = jnp.where(jnp.isfinite(measured_sharpness), measured_sharpness, state.sharpness)
         measured = Measured(vectors, row["eigenvalues"][: vectors.shape[1]], sharpness, state.vectors)
         z, setup = self.prepare(state.z, measured, state.step)
         n = self.substeps(measured, setup)
@@ -141,12 +148,14 @@ def register_flow(
     every_step: bool = False,
     problems: tuple[str, ...] | None = None,
     fields: Callable[[Any, Any, Any], dict] | None = None,
+    optimizer: str | None = None,
 ) -> Callable[..., Flow]:
     """Register ``flow`` as the process ``name`` with its options table ``[name]``.
 
     The process gets ``name``, ``lr``, ``spectrum`` (measured at every step if ``every_step``), a
     key of its own, the problem's ``objective`` and the parsed ``options``; ``fields(problem, spec,
-    options)`` returns any further (or overriding) fields of the model.
+    options)`` returns any further (or overriding) fields of the model. A model of an optimizer
+    other than GD names it in ``optimizer`` (whose table holds the shared hyperparameters).
     """
 
     def build(problem, spec, parsed) -> Flow:
@@ -163,4 +172,4 @@ def register_flow(
         return flow(**{**base, **extra})
 
     build.__doc__ = f"The {name} process ({flow.__name__})."
-    return register_process(name, options, summary, problems=problems)(build)
+    return register_process(name, options, summary, problems=problems, optimizer=optimizer)(build)

@@ -21,11 +21,10 @@ applied to the constant 1 (dq/dt = c (1 - q), from the same start): the continuo
 ``moments = "reference"`` is the central-flow reference code's convention instead (RMSProp only):
 D = g, dnu/dt = ((1 - b2)/b2) (s - nu), nu(0) = nu_1 = (1 - b2) s(g_0).
 
-:class:`OptimizerModel` is the process wrapper shared by every model of these optimizers: per
-unit of time it measures the preconditioned eigenpairs at the centre, picks the substep count
-from them, integrates the model's vector field ``field(context, z) -> (velocity, aux)`` by
-explicit Euler substeps, lets the model finish the step (``finish``, e.g. rod flow's kick), and
-writes the row (``observe``).
+:class:`OptimizerModel` is what every model of these optimizers adds to
+:class:`~eosflow.flows.flow.Flow` (the one process wrapper, on the one integrator): the
+preconditioned eigenpairs at the centre, the substep count from their stiffness, and a vector field
+``field(z, setup, h) -> (velocity, aux)`` that reads the Euler substep length h.
 """
 
 from __future__ import annotations
@@ -34,16 +33,14 @@ import dataclasses
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option
-from eosflow.flows.integrate import SubstepOptions, substep_count
-from eosflow.objective import Objective
+from eosflow.flows.flow import Flow, Measured, register_flow
+from eosflow.flows.integrate import STAGES, UPDATES, SubstepOptions, substep_count
 from eosflow.optim.adaptive import OPTIMIZERS, UpdateRule, preconditioned_spectrum_row
 from eosflow.preconditioning import diagonal_preconditioner
-from eosflow.process import ScannedProcess
 
 Moments = Literal["lag", "reference"]
 
@@ -55,6 +52,11 @@ class MomentFlowOptions(SubstepOptions):
         "lag: dD/dt = c (kappa g - D), dnu/dt = c2 (s - nu) with lag-matched rates c = 1/(1/2 + L) "
         "(second order below the edge); reference: the central-flow code's dnu/dt = ((1-b2)/b2)(s - nu), "
         "nu(0) = nu_1 (RMSProp only)",
+    )
+    method: Literal["euler", "rk4"] = option(
+        "rk4",
+        "integrator of each substep: rk4 (the rates uncompensated), or euler (rates compensated for the "
+        "substep's lag; unstable on momentum's rotating modes once lr * lambda_P * kappa > substeps)",
     )
 
 
@@ -114,7 +116,7 @@ class ContinuousMoments:
         r = self.rule
         return (r.bias_correction and r.form == "ema", r.bias_correction and r.second_moment != "none")
 
-    def initial(self, w0: Array, grad: Array, h: float) -> Phase:
+    def initial(self, w0: Array, grad: Array, h: Array | float) -> Phase:
         """z(0): D(0) = (1 - L c) D*, nu(0) = (1 - L2 c2) s, which puts the slow mode at the discrete
         filters' (started from zero) to O(lr^2) (c D*/2 and c2 s/2 as h -> 0). A bias-corrected moment
         carries its mass q (the same filter of the constant 1, from the same start) and divides by it,
@@ -144,7 +146,7 @@ class ContinuousMoments:
             jnp.broadcast_to(-half * z.nu / z.mass[1] ** 2, z.w.shape),
         )
 
-    def mass_velocity(self, z: Phase, h: Array) -> Array:
+    def mass_velocity(self, z: Phase, h: Array | float) -> Array:
         """dq/dt = c (1 - q) for each bias-corrected moment (0 otherwise)."""
         rates = jnp.asarray(
             [self.direction_rate(h) if self.corrects[0] else 0.0, self.nu_rate(h) if self.corrects[1] else 0.0],
@@ -152,7 +154,7 @@ class ContinuousMoments:
         )
         return rates * (1.0 - z.mass)
 
-    def velocity(self, z: Phase, grad: Array, second: Array, h: Array) -> Phase:
+    def velocity(self, z: Phase, grad: Array, second: Array, h: Array | float) -> Phase:
         """(dw/dt, dD/dt, dnu/dt) given the gradient and s(g) driving the moments (linear in both), for
         Euler substeps of length h."""
         p = self.preconditioner(z)
@@ -163,122 +165,97 @@ class ContinuousMoments:
         d_dot = self.direction_rate(h) * (self.kappa * grad - z.direction)
         return Phase(-self.lr * z.direction / (z.mass[0] * p), d_dot, nu_dot, mass)
 
-    def stiffness(self, preconditioned_sharpness: Array) -> Array:
-        """The largest rate of the linearized models: lr lambda_P times the weight of g in a step, plus 3."""
+    def stiffness(self, preconditioned_sharpness: Array, method: str = "euler") -> Array:
+        """The rate that sets the substep count. Euler: lr lambda_P times the weight of g in a step, plus 3.
+        RK4: the modulus of the linearized (w, D) rates, s^2 + c s + c kappa h = 0 with h = lr lambda_P,
+        i.e. at most max(c, sqrt(c kappa h)) (h itself for D = g), plus 2 (the rod's own decay)."""
         b = self.rule.beta1
-        weight = {"none": 1.0, "ema": 1.0 - b, "classical": 1.0, "nesterov": 1.0 + b}[self.rule.form]
-        return self.lr * preconditioned_sharpness * weight + 3.0
+        if method == "euler":
+            weight = {"none": 1.0, "ema": 1.0 - b, "classical": 1.0, "nesterov": 1.0 + b}[self.rule.form]
+            return self.lr * preconditioned_sharpness * weight + 3.0
+        h = self.lr * preconditioned_sharpness
+        if self.moments == "reference":
+            return h + 2.0
+        c = self.direction_rate()
+        return jnp.maximum(c, jnp.sqrt(c * self.kappa * jnp.maximum(h, 0.0))) + 2.0
 
 
-class ModelState(NamedTuple):
-    z: Any  # the model's phase point (a Phase, or (Phase, rod) for rod flow)
-    vectors: Array  # (d, k) tracked eigenvectors of P^{-1/2} H P^{-1/2} at the centre (warm start)
-    sharpness: Array  # last measured preconditioned sharpness (sets the substep count)
-    step: Array
+class OptimizerModel(Flow):
+    """A continuous model of an optimizer on :class:`~eosflow.flows.flow.Flow`: its eigenpairs are
+    those of P^{-1/2} H P^{-1/2} at the centre, its substep count follows from their stiffness, and its
+    vector field ``field(z, setup, h)`` reads the substep length h (the lag-matched rates do).
+    The field's aux carries ``cost``, the evaluations per substep."""
 
-
-class OptimizerModel(ScannedProcess):
-    """A continuous model of an optimizer: subclasses give ``initial``, ``field``, ``centre``, ``observe``."""
-
-    objective: Objective
     moments: ContinuousMoments = eqx.field(static=True)
     options: MomentFlowOptions = eqx.field(static=True)
-
-    def initial(self, w0: Array) -> Any:
-        raise NotImplementedError
 
     def centre(self, z: Any) -> Phase:
         return z
 
-    def prepare(self, z: Any, row: dict, vectors: Array, substeps: Array) -> Any:
-        """Per-step data the field reads: the substep length h = 1/substeps (the central flow adds its
-        critical directions)."""
-        return 1.0 / substeps
+    def position(self, z: Any) -> Array:
+        return self.centre(z).w
 
-    def field(self, context: Any, z: Any) -> tuple[Any, dict]:
+    def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array]:
+        p = self.moments.preconditioner(self.centre(z))
+        threshold = self.moments.rule.threshold(self.lr)
+        vectors, row = preconditioned_spectrum_row(
+            self.objective, self.position(z), vectors, step, p, threshold, self.spectrum
+        )
+        return vectors, row, row["preconditioned_sharpness"]
+
+    def compensated(self, n: Array | int) -> Array | float:
+        """The substep length the lag-matched rates compensate: 1/n for Euler, 0 for RK4 (whose own
+        error is O(h^4))."""
+        return 1.0 / n if self.options.method == "euler" else 0.0
+
+    def start_phase(self, w0: Array) -> Phase:
+        """The phase point at t = 0 (:meth:`ContinuousMoments.initial`)."""
+        return self.moments.initial(w0, self.objective.grad(w0), self.compensated(self.options.substeps))
+
+    def update(self, field: Any, z: Any, h: Any, key: Array | None) -> tuple[Any, Any]:
+        return UPDATES[self.options.method](field, z, h, key)
+
+    def substeps(self, measured: Measured, setup: Any) -> Array:
+        return substep_count(1.0, self.moments.stiffness(measured.sharpness, self.options.method), self.options)
+
+    def field(self, z: Any, setup: Any, h: Array | float) -> tuple[Any, dict]:  # type: ignore[override]
         raise NotImplementedError
 
-    def finish(self, state_step: Array, z: Any, new_z: Any, aux: dict) -> Any:
-        return new_z
+    def term(self, setup: Any, n: Array | int) -> Any:
+        h = self.compensated(n)
+        return lambda z: self.field(z, setup, h)
 
-    def observe(self, z: Any, aux: dict) -> dict:
-        raise NotImplementedError
-
-    def init(self, w0: Array) -> ModelState:
-        return ModelState(self.initial(w0), self.initial_vectors(w0), jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
+    def costs(self, aux: dict, n: Array | int) -> dict[str, Array]:
+        """The row's evaluation counts: n times the field's per-substep ``cost``, and the substeps."""
+        cost = aux["cost"]
+        evaluations = n * STAGES[self.options.method]
+        counts = {"substeps": n, "grads": evaluations * cost.get("grads", 1), "hvps": evaluations * cost.get("hvps", 0)}
+        if "third_derivatives" in cost:
+            counts["third_derivatives"] = evaluations * cost["third_derivatives"]
+        return counts
 
     def growth_threshold(self) -> float:
         return 0.5 * self.spectrum.threshold * self.moments.rule.threshold(self.lr)
 
-    def step(self, state: ModelState) -> tuple[ModelState, dict[str, Array]]:
-        centre = self.centre(state.z)
-        p = self.moments.preconditioner(centre)
-        vectors, row = preconditioned_spectrum_row(
-            self.objective, centre.w, state.vectors, state.step, p, self.moments.rule.threshold(self.lr), self.spectrum
-        )
-        sharpness = jnp.where(
-            jnp.isfinite(row["preconditioned_sharpness"]), row["preconditioned_sharpness"], state.sharpness
-        )
-        n = substep_count(1.0, self.moments.stiffness(sharpness), self.options)
-        context = self.prepare(state.z, row, vectors, n)
-        new_z, aux = integrate_substeps(lambda z: self.field(context, z), state.z, n)
-        new_z = self.finish(state.step, state.z, new_z, aux)
-        row.update(self.observe(state.z, aux))
-        cost = aux["cost"]  # evaluations per substep
-        row.update(
-            position=centre.w, substeps=n, grads=n * cost.get("grads", 1), hvps=row["hvps"] + n * cost.get("hvps", 0)
-        )
-        if "third_derivatives" in cost:
-            row["third_derivatives"] = n * cost["third_derivatives"]
-        return ModelState(new_z, vectors, sharpness, state.step + 1), row
 
-
-def integrate_substeps(field, z: Any, n: Array) -> tuple[Any, dict]:
-    """One unit of time in n (traced) explicit Euler substeps; returns z(t + 1) and the first ``aux``.
-
-    (The swap point for the shared integrator of issue 16.)
-    """
-    h = 1.0 / n
-
-    def euler(z, velocity):
-        return jax.tree_util.tree_map(lambda x, v: x + h * v, z, velocity)
-
-    velocity, first = field(z)
-    z = euler(z, velocity)
-
-    def substep(_, z):
-        return euler(z, field(z)[0])
-
-    return jax.lax.fori_loop(1, n, substep, z), first
-
-
-def build_model(cls: type, name: str, optimizer: str, problem, spec, options: MomentFlowOptions) -> OptimizerModel:
-    """A model ``cls`` of ``optimizer`` whose hyperparameters come from the spec's ``[optimizer]`` table."""
-    moments = ContinuousMoments(spec.options[optimizer].rule(), spec.lr, options.moments)
-    moments.check(name)
-    from eosflow.process import process_key
-
-    return cls(
-        name=name,
-        lr=spec.lr,
-        spectrum=spec.spectrum,
-        key=process_key(spec.seed, name),
-        objective=problem.objective,
-        moments=moments,
-        options=options,
-    )
-
-
-def register_models(kind: str, cls: type, options: type, summary: str, optimizers=tuple(OPTIMIZERS)) -> None:
-    """Register ``<optimizer>_<kind>`` for each optimizer (reading the optimizer's table)."""
-    from eosflow.process import register_process
-
+def register_models(
+    kind: str, cls: type[OptimizerModel], options: type, summary: str, optimizers=tuple(OPTIMIZERS)
+) -> None:
+    """Register ``<optimizer>_<kind>`` for each optimizer, whose ``[optimizer]`` table holds the
+    hyperparameters the model shares with it."""
     for optimizer in optimizers:
         name = f"{optimizer}_{kind}"
 
-        def build(problem, spec, opts, name=name, optimizer=optimizer):
-            return build_model(cls, name, optimizer, problem, spec, opts)
+        def fields(problem, spec, parsed, name=name, optimizer=optimizer) -> dict:
+            moments = ContinuousMoments(spec.options[optimizer].rule(), spec.lr, parsed.moments)
+            moments.check(name)
+            return {"moments": moments}
 
-        register_process(
-            name, options, f"{summary} of {optimizer} ([{optimizer}] holds its hyperparameters)", optimizer=optimizer
-        )(build)
+        register_flow(
+            name,
+            cls,
+            options,
+            f"{summary} of {optimizer} ([{optimizer}] holds its hyperparameters)",
+            fields=fields,
+            optimizer=optimizer,
+        )

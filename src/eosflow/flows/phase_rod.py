@@ -40,8 +40,8 @@ class Rod(NamedTuple):
 
 
 class PhaseRodFlow(OptimizerModel):
-    def initial(self, w0: Array) -> tuple[Phase, Rod]:
-        centre = self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
+    def start(self, w0: Array) -> tuple[Phase, Rod]:
+        centre = self.start_phase(w0)
         return centre, Rod(jnp.zeros_like(w0), jnp.zeros_like(w0))
 
     def centre(self, z: tuple[Phase, Rod]) -> Phase:
@@ -53,7 +53,7 @@ class PhaseRodFlow(OptimizerModel):
         new = rule.moments(RuleState(m, jnp.zeros(()), jnp.asarray(0)), grad)
         return -self.lr * rule.direction(new, grad) / preconditioner, new.m - m
 
-    def field(self, h: Array, z: tuple[Phase, Rod]) -> tuple[tuple[Phase, Rod], dict]:
+    def field(self, z: tuple[Phase, Rod], setup: Any, h: Array | float) -> tuple[tuple[Phase, Rod], dict]:  # type: ignore[override]
         centre, rod = z
         mo = self.moments
         losses, grads = jax.vmap(self.objective.value_and_grad)(jnp.stack([centre.w + rod.w, centre.w - rod.w]))
@@ -73,13 +73,13 @@ class PhaseRodFlow(OptimizerModel):
         }
         return velocity, aux
 
-    def finish(self, state_step: Array, z: tuple[Phase, Rod], new_z: tuple[Phase, Rod], aux: dict) -> Any:
+    def finish(self, z: tuple[Phase, Rod], new_z: tuple[Phase, Rod], aux: dict, step: Array) -> Any:
         """The rod's w part absorbs (-1)^k [zeta_w(k+1) - zeta_w(k) - d zeta_w/dt(k)]."""
-        parity = 1 - 2 * (state_step % 2)
+        parity = 1 - 2 * (step % 2)
         kick = parity * (new_z[0].w - z[0].w - aux["centre_velocity"])
         return new_z[0], new_z[1]._replace(w=new_z[1].w + kick)
 
-    def observe(self, z: tuple[Phase, Rod], aux: dict) -> dict:
+    def observe(self, z: tuple[Phase, Rod], aux: dict, setup: Any, n: Array | int) -> dict:
         centre, rod = z
         return {
             "loss": self.objective.value(centre.w),
@@ -87,6 +87,7 @@ class PhaseRodFlow(OptimizerModel):
             "amplitude": jnp.linalg.norm(rod.w),
             "grad_norm": aux["grad_norm"],
             "sharpness_along": aux["sharpness_along"],
+            **self.costs(aux, n),
         }
 
 

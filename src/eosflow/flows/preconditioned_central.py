@@ -29,7 +29,7 @@ Registered as ``rmsprop_central_flow`` (the ``[rmsprop]`` table's ``second_momen
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -38,6 +38,7 @@ from jaxtyping import Array
 
 from eosflow.config import option
 from eosflow.flows.central import pair_gradients
+from eosflow.flows.flow import Measured
 from eosflow.flows.moments import (
     MomentFlowOptions,
     OptimizerModel,
@@ -52,33 +53,35 @@ class PreconditionedCentralOptions(MomentFlowOptions):
     margin: float = option(0.03, "an eigenvalue of P^-1 H is critical once above (1 - margin) * 2/lr", ge=0, lt=1)
     max_critical: int = option(6, "most critical directions (capped by the tracked eigenpairs)", ge=1)
     sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
+    method: Literal["euler"] = option(
+        "euler", "euler only: the SDCP keeps the constraint at the end of an Euler substep"
+    )
 
 
 class Critical(NamedTuple):
     directions: Array  # (d, m_max) critical eigenvectors U of P^{-1/2} H P^{-1/2}, zero past the first m
     count: Array  # type: ignore[assignment]  # () m (a NamedTuple field; shadows tuple.count)
-    dt: Array  # () the Euler substep
 
 
 class PreconditionedCentralFlow(OptimizerModel):
     options: PreconditionedCentralOptions = eqx.field(static=True)
 
-    def initial(self, w0: Array) -> Phase:
-        return self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
+    def start(self, w0: Array) -> Phase:
+        return self.start_phase(w0)
 
-    def prepare(self, z: Phase, row: dict, vectors: Array, substeps: Array) -> Critical:
-        k = vectors.shape[1]
-        m_max = min(k, self.options.max_critical)
-        values = row["eigenvalues"][:k]
-        m = jnp.minimum(jnp.sum(values >= (1.0 - self.options.margin) * 2.0 / self.lr), m_max).astype(jnp.int32)
-        return Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m, 1.0 / substeps)
+    def prepare(self, z: Phase, measured: Measured, step: Array) -> tuple[Phase, Critical]:
+        vectors = measured.vectors
+        m_max = min(vectors.shape[1], self.options.max_critical)
+        critical = measured.values >= (1.0 - self.options.margin) * 2.0 / self.lr
+        m = jnp.minimum(jnp.sum(critical), m_max).astype(jnp.int32)
+        return z, Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m)
 
-    def field(self, critical: Critical, z: Phase) -> tuple[Phase, dict]:
+    def field(self, z: Phase, critical: Critical, dt: Array | float) -> tuple[Phase, dict]:  # type: ignore[override]
         mo, lr = self.moments, self.lr
         scalar = mo.rule.second_moment == "scalar"
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, z.w)
         p, (slope, slope_mass) = mo.preconditioner(z), mo.preconditioner_slopes(z)
-        mass_dot = mo.mass_velocity(z, critical.dt)
+        mass_dot = mo.mass_velocity(z, dt)
         v = critical.directions / jnp.sqrt(p)[:, None]  # V^T P V = I on the critical columns
         m_max = v.shape[1]
         hv = jax.lax.fori_loop(
@@ -89,9 +92,8 @@ class PreconditionedCentralFlow(OptimizerModel):
         gs = pair_gradients(self.objective, z.w, v, critical.count)  # (pairs, d) s_p G_p
         rows, cols = pair_indices(m_max)
         ws = jnp.asarray(pair_scale(m_max), z.w.dtype)[:, None] * (v[:, rows] * v[:, cols]).T  # (pairs, d) s_p v_i v_j
-        rate = mo.nu_rate(critical.dt)
+        rate = mo.nu_rate(dt)
         nu_dot0 = rate * (mo.second(grad) - z.nu)
-        dt = critical.dt
         p_dot0 = slope * nu_dot0 + slope_mass * mass_dot[1]  # dP/dt without the oscillation's feed
         # D relaxes to g with c = 2/(1 - h) (the lag convention's second-order term; D = g for "reference")
         direction = grad if mo.moments == "reference" else z.direction
@@ -123,7 +125,7 @@ class PreconditionedCentralFlow(OptimizerModel):
         d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
         return Phase(w_dot, d_dot, nu_dot, mass_dot), aux
 
-    def observe(self, z: Phase, aux: dict) -> dict:
+    def observe(self, z: Phase, aux: dict, setup: Critical, n: Array | int) -> dict:
         X, v = aux["X"], aux["v"]
         root_values, root_vectors = jnp.linalg.eigh(X)
         root = (root_vectors * jnp.sqrt(jnp.maximum(root_values, 0.0))) @ root_vectors.T
@@ -137,6 +139,7 @@ class PreconditionedCentralFlow(OptimizerModel):
             "covariance": covariance,
             "amplitude": jnp.sqrt(jnp.maximum(covariance[0], 0.0)),
             "critical": aux["critical"],
+            **self.costs(aux, n),
         }
 
 

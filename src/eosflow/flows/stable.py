@@ -9,6 +9,8 @@ and leaves the optimizer. One gradient per Euler substep. Registered as ``<optim
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -21,16 +23,16 @@ from eosflow.flows.moments import (
 
 
 class StableFlow(OptimizerModel):
-    def initial(self, w0: Array) -> Phase:
-        return self.moments.initial(w0, self.objective.grad(w0), 1.0 / self.options.substeps)
+    def start(self, w0: Array) -> Phase:
+        return self.start_phase(w0)
 
-    def field(self, h: Array, z: Phase) -> tuple[Phase, dict]:
+    def field(self, z: Phase, setup: Any, h: Array | float) -> tuple[Phase, dict]:  # type: ignore[override]
         loss, grad = self.objective.value_and_grad(z.w)
         velocity = self.moments.velocity(z, grad, self.moments.second(grad), h)
         return velocity, {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "cost": {"grads": 1}}
 
-    def observe(self, z: Phase, aux: dict) -> dict:
-        return {"loss": aux["loss"], "predicted_loss": aux["loss"], "grad_norm": aux["grad_norm"]}
+    def observe(self, z: Phase, aux: dict, setup: Any, n: Array | int) -> dict:
+        return {"loss": aux["loss"], "predicted_loss": aux["loss"], "grad_norm": aux["grad_norm"], **self.costs(aux, n)}
 
 
 register_models("stable_flow", StableFlow, MomentFlowOptions, "stable flow (the ODE limit, nu smooth)")
