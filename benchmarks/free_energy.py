@@ -64,6 +64,31 @@ def spikes(x: np.ndarray, relative_prominence: float, start: int) -> np.ndarray:
     return found[found >= start]
 
 
+def matched_spikes(
+    gd_loss: np.ndarray, free_energy: np.ndarray, start: int, lag: int = 5, height: float = 0.3
+) -> tuple[list[str], int]:
+    """GD's loss spikes from step ``start`` on, each with the nearest peak of F, and how many are matched.
+
+    A GD spike is a peak of its two-step average loss (a period-2 orbit is not a spike) whose
+    prominence is >= 1/2 of the local median (51 steps); its height is the excess over that median,
+    x / median - 1. A peak of F is one of prominence >= 1/10 of F's local median. A spike is matched
+    when the nearest F peak is within ``lag`` steps and its height within ``height`` (relative) of GD's.
+    """
+    two_step = np.convolve(gd_loss, [0.5, 0.5], mode="same")
+    gd_spikes, model_peaks = spikes(two_step, 0.5, start), spikes(free_energy, 0.1, start)
+    baseline_gd, baseline_model = local_median(two_step), local_median(free_energy)
+    found, matched = [], 0
+    for t in gd_spikes:
+        if len(model_peaks) == 0:
+            found.append(f"{t}: none")
+            continue
+        nearest = model_peaks[np.argmin(np.abs(model_peaks - t))]
+        ratio = (free_energy[nearest] / baseline_model[nearest] - 1) / (two_step[t] / baseline_gd[t] - 1)
+        matched += int(abs(nearest - t) <= lag and abs(ratio - 1) <= height)
+        found.append(f"{t}: {nearest - t:+d} steps, height {ratio:.2f}")
+    return found, matched
+
+
 def monotonicity(x: np.ndarray, window: int) -> tuple[float, float]:
     """(fraction of steps on which the ``window``-step running mean rises, rises / falls)."""
     steps = np.diff(np.convolve(x, np.ones(window) / window, mode="valid"))
@@ -141,19 +166,9 @@ def analyze(run_dir: str, window: int) -> dict:
     fraction, ratio = monotonicity(gd.loss.values[phase], 1)
     out["gd_loss_raw_rises"] = f"{fraction:.3f} of steps, rises/falls {ratio:.3f}"
 
-    two_step = np.convolve(gd.loss.values, [0.5, 0.5], mode="same")  # a period-2 orbit is not a spike
-    gd_spikes = spikes(two_step, 0.5, start)
-    model_peaks = spikes(free_energy, 0.1, start)
-    baseline_gd, baseline_model = local_median(two_step), local_median(free_energy)
-    matched = []
-    for t in gd_spikes:
-        if len(model_peaks) == 0:
-            matched.append(f"{t}: none")
-            continue
-        nearest = model_peaks[np.argmin(np.abs(model_peaks - t))]
-        height = (free_energy[nearest] / baseline_model[nearest] - 1) / (two_step[t] / baseline_gd[t] - 1)
-        matched.append(f"{t}: {nearest - t:+d} steps, height {height:.2f}")
-    out["gd_spikes -> nearest F peak"] = "; ".join(matched) or "none"
+    found, matched = matched_spikes(gd.loss.values, free_energy, start)
+    out["gd_spikes -> nearest F peak"] = "; ".join(found) or "none"
+    out["spikes matched (5 steps, 30%)"] = f"{matched} of {len(found)}"
     return out
 
 
