@@ -139,13 +139,49 @@ def breakdown(problem: str, skip_run: bool) -> None:
     print("\n".join(spike_lines), flush=True)
 
 
+def rounding_source(problem: str, steps: range) -> None:
+    """GD's per-step rounding e_k = w_{k+1} - (w_k - lr g(w_k)) (float64 arithmetic on GD's float32
+    iterates and float32 gradients), in units of eps rms(w): per coordinate, projected on the tracked
+    eigenvectors at w_k, and its alternating part (e_k - e_{k-1}) / 2; the model's source is
+    ``rounding`` eps rms(theta) per step (needs the leaderboard-closure run, which saves GD's iterates)."""
+    from eosflow.spectrum import hessian_eigenpairs
+
+    table = table_of(problem, {})
+    _, params = load_params(OUT / f"{problem}-0", "gd")
+    lr = float(table["lr"])
+    with precision(table["dtype"]):
+        _, built_problem, _, _ = prepare({**table, "processes": ["gd"]})
+        objective = built_problem.objective
+        grad = eqx.filter_jit(lambda w: objective.grad(w))
+        measure = eqx.filter_jit(lambda w, v: hessian_eigenpairs(objective, w, v, tol=1e-4, max_iters=100))
+        vectors = jnp.asarray(np.random.default_rng(0).standard_normal((params.shape[1], 3)), params.dtype)
+        coordinate, projected, scale = [], [], []
+        for k in steps:
+            w = params[k].astype(np.float64)
+            g = np.asarray(grad(jnp.asarray(params[k])), dtype=np.float64)
+            e = params[k + 1].astype(np.float64) - (w - lr * g)
+            vectors = measure(jnp.asarray(params[k]), vectors).vectors
+            coordinate.append(np.sqrt(np.mean(e**2)))
+            projected.append(np.asarray(vectors, np.float64).T @ e)
+            scale.append(np.finfo(params.dtype).eps * np.sqrt(np.mean(w**2)))
+    projected, unit = np.array(projected), np.mean(scale)
+    alternating = (projected[1:] - projected[:-1]) / 2
+    print(f"\nGD's rounding on {problem}, steps {steps.start}-{steps.stop - 1}, in units of eps rms(w):")
+    print(f"  per coordinate (RMS): {np.mean(coordinate) / unit:.3f}")
+    print(f"  projected on the 3 tracked eigenvectors (RMS): {np.sqrt(np.mean(projected**2, axis=0)) / unit}")
+    print(f"  alternating part (e_k - e_(k-1))/2 on them: {np.sqrt(np.mean(alternating**2, axis=0)) / unit}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default="mlp_digits,cnn_digits,mlp_moons")
     parser.add_argument("--skip-run", action="store_true", help=f"analyze the runs already in {OUT}")
+    parser.add_argument("--rounding", action="store_true", help="also measure GD's rounding source (steps 60-199)")
     args = parser.parse_args()
     for problem in args.problems.split(","):
         breakdown(problem, args.skip_run)
+        if args.rounding:
+            rounding_source(problem, range(60, 200))
 
 
 if __name__ == "__main__":
