@@ -120,6 +120,12 @@ def breakdown(problem: str, skip_run: bool) -> None:
             "loss (avg)": averaged_loss_error(free_energy, gd_loss),
             "distance": float(np.nanmean(ds.distance.sel(process="free_energy").values)),
         }
+        sharpness = {p: ds.lr_sharpness.sel(process=p).values[start:] for p in ("gd", "free_energy")}
+        spike_lines.append(
+            f"  {label}: lr S over the EoS phase, GD {np.nanmean(sharpness['gd']):.3f} "
+            f"(sd {np.nanstd(sharpness['gd']):.3f}), model {np.nanmean(sharpness['free_energy']):.3f} "
+            f"(sd {np.nanstd(sharpness['free_energy']):.3f})"
+        )
         found, matched = matched_spikes(gd_loss, free_energy, start)
         spike_lines.append(f"  {label}: {matched} of {len(found)} matched; {'; '.join(found) or 'no GD spikes'}")
         if label.startswith("leaderboard"):
@@ -135,7 +141,7 @@ def breakdown(problem: str, skip_run: bool) -> None:
     print("|---|" + "---|" * len(columns))
     for label, row in rows.items():
         print(f"| {label} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
-    print("\nGD's loss spikes -> nearest free-energy peak (lag, height ratio):")
+    print("\nlr S, and GD's loss spikes -> nearest free-energy peak (lag, height ratio):")
     print("\n".join(spike_lines), flush=True)
 
 
