@@ -10,7 +10,8 @@ free-energy model only) one row per variant, all scored like ``eosflow compare``
   20 steps, against the model's sqrt(tr Sigma));
 * ``envelope (avg)``: ``compare.averaged_envelope_error``, both sides RMS-averaged over a centred box
   of ``compare.AVERAGING_WINDOW`` = 101 steps; ``(avg, EoS)`` the same sums restricted to the steps
-  from GD's first lr S >= 1.9 (the averaging itself still uses the whole run);
+  from GD's first lr S >= 1.9 (the averaging itself still uses the whole run); ``RMS ratio (EoS)``:
+  the model's RMS amplitude over the EoS phase divided by GD's RMS oscillation there;
 * ``loss (avg)``: ``compare.averaged_loss_error``; ``distance``: the mean ||theta - w_GD||.
 
 Variants: the leaderboard's closure (rod floor, rank = the tracked eigenpairs, k = 1 growing between
@@ -93,6 +94,7 @@ def scores(amplitude: np.ndarray, oscillation: np.ndarray, start: int) -> dict[s
         "envelope (avg, EoS)": relative_l1_error(
             window_averaged_envelope(amplitude)[eos], window_averaged_envelope(oscillation)[eos]
         ),
+        "RMS ratio (EoS)": float(np.sqrt(np.nanmean(amplitude[eos] ** 2) / np.nanmean(oscillation[eos] ** 2))),
     }
 
 
