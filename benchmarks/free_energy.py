@@ -5,7 +5,8 @@
 Runs examples/free_energy_*.toml (GD and the model in lockstep from the same w0) and prints, over
 GD's EoS phase (from ``window`` steps after lr * S first reaches 1.9; GD's spikes from that step on):
 
-* envelope: GD's oscillation measured on GD alone (GD records it as ``oscillation``),
+* envelope (also scored over the whole run by compare's pointwise and W-step averaged errors):
+  GD's oscillation measured on GD alone (GD records it as ``oscillation``),
   |w_{k+1} - 2 w_k + w_{k-1}| / 4 = |delta_k| for w_k = c_k + (-1)^k delta_k with a linearly
   drifting centre, against the model's sqrt(tr Sigma), both as running RMS over ``window``
   steps: ratio of the means and the median pointwise error;
@@ -29,7 +30,7 @@ from scipy.signal import find_peaks
 jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64
 
 import eosflow
-from eosflow.compare import predicted_amplitude
+from eosflow.compare import AVERAGING_WINDOW, averaged_envelope_error, envelope_error, predicted_amplitude
 from eosflow.experiment import run
 
 SPECS = ["examples/free_energy_matrix_factorization.toml", "examples/free_energy_mlp_digits.toml"]
@@ -138,6 +139,7 @@ def analyze(run_dir: str, window: int) -> dict:
     start = eos_start(gd)
     end = len(gd.step) - window
     phase = slice(start + window, end)
+    oscillation, amplitude = gd.oscillation.values.astype(np.float64), predicted_amplitude(ds, "free_energy")
     envelope = box_rms(np.nan_to_num(gd.oscillation.values), window)[phase]
     predicted = box_rms(predicted_amplitude(ds, "free_energy"), window)[phase]
     gd_average = box_mean(gd.loss.values, window)[phase]
@@ -156,6 +158,8 @@ def analyze(run_dir: str, window: int) -> dict:
             )
             for b in (20, 50, 100, 200)
         },
+        "envelope_compare_pointwise": envelope_error(amplitude, oscillation),
+        f"envelope_compare_averaged_W{AVERAGING_WINDOW}": averaged_envelope_error(amplitude, oscillation),
         "loss_error_F": float(np.mean(np.abs(box_mean(free_energy, window)[phase] / gd_average - 1))),
         "loss_error_L": float(np.mean(np.abs(box_mean(centre_loss, window)[phase] / gd_average - 1))),
     }
