@@ -17,7 +17,9 @@ free-energy model only) one row per variant, all scored like ``eosflow compare``
 Variants: the leaderboard's closure (rod floor, rank = the tracked eigenpairs, k = 1 growing between
 chunks); ``floor = false`` (the oscillation regrows from GD's rounding only); rank k_max from step 0;
 ``floor = false`` with a 25 times smaller rounding source (the onset a few steps later: how much
-the onset's timing decides); and the model *re-anchored to GD's centre*: before every step theta is set to GD's
+the onset's timing decides); the centre's implicit regularization (``implicit = true``), alone and
+with ``floor = false`` and the measured rounding 0.25; and (only when every variant runs) the model
+*re-anchored to GD's centre*: before every step theta is set to GD's
 (w_{k-1} + 2 w_k + w_{k+1}) / 4 and only Sigma follows the model (same closure, rank k_max), so its
 error is the closure's alone and the difference to the free model at rank k_max is the centre's
 drift. Spikes (MLP problems): GD's loss spikes and the free-energy peaks matched to them
@@ -98,17 +100,25 @@ def scores(amplitude: np.ndarray, oscillation: np.ndarray, start: int) -> dict[s
     }
 
 
-def breakdown(problem: str, skip_run: bool) -> None:
+def breakdown(problem: str, skip_run: bool, only: tuple[int, ...] = ()) -> None:
     k_max = table_of(problem, {})["spectrum"]["k_max"]
     variants = {
         "leaderboard closure (floor, k 1 -> k_max)": {"record.params_every": 1},
         "floor = false": {"free_energy.floor": False},
         f"rank {k_max} from step 0": {"spectrum.k": k_max},
         "floor = false, rounding = 0.04 (later onset)": {"free_energy.floor": False, "free_energy.rounding": 0.04},
+        "implicit": {"free_energy.implicit": True},
+        "implicit, floor = false, rounding = 0.25 (measured)": {
+            "free_energy.implicit": True,
+            "free_energy.floor": False,
+            "free_energy.rounding": 0.25,
+        },
     }
     rows, spike_lines = {}, []
-    for label, overrides in variants.items():
-        run_dir = OUT / f"{problem}-{len(rows)}"
+    for index, (label, overrides) in enumerate(variants.items()):
+        if only and index not in only:
+            continue
+        run_dir = OUT / f"{problem}-{index}"
         if not skip_run:
             run(table_of(problem, overrides), run_dir, overwrite=True)
         ds = eosflow.load(run_dir)
@@ -130,13 +140,14 @@ def breakdown(problem: str, skip_run: bool) -> None:
         )
         found, matched = matched_spikes(gd_loss, free_energy, start)
         spike_lines.append(f"  {label}: {matched} of {len(found)} matched; {'; '.join(found) or 'no GD spikes'}")
-        if label.startswith("leaderboard"):
+        if label.startswith("leaderboard") and not only:
             _, params = load_params(run_dir, "gd")
             centres = params.copy()
             centres[1:-1] = (params[:-2] + 2 * params[1:-1] + params[2:]) / 4
             anchored = anchored_amplitudes(table_of(problem, {"spectrum.k": k_max}), centres)
             anchored_scores = scores(anchored, oscillation, start)
-    rows[f"re-anchored to GD's centre (rank {k_max})"] = {**anchored_scores, "loss (avg)": np.nan, "distance": 0.0}
+    if not only:
+        rows[f"re-anchored to GD's centre (rank {k_max})"] = {**anchored_scores, "loss (avg)": np.nan, "distance": 0.0}
     columns = list(next(iter(rows.values())))
     print(f"\n### {problem} (EoS from step {start}; W = {AVERAGING_WINDOW})\n")
     print("| variant | " + " | ".join(columns) + " |")
@@ -184,10 +195,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default="mlp_digits,cnn_digits,mlp_moons")
     parser.add_argument("--skip-run", action="store_true", help=f"analyze the runs already in {OUT}")
+    parser.add_argument("--variants", default="", help="comma-separated indices of the variants to run (default: all)")
     parser.add_argument("--rounding", action="store_true", help="also measure GD's rounding source (steps 60-199)")
     args = parser.parse_args()
     for problem in args.problems.split(","):
-        breakdown(problem, args.skip_run)
+        breakdown(problem, args.skip_run, tuple(int(i) for i in args.variants.split(",") if i))
         if args.rounding:
             rounding_source(problem, range(60, 200))
 
