@@ -132,11 +132,13 @@ def breakdown(problem: str, skip_run: bool, only: tuple[int, ...] = ()) -> None:
             "loss (avg)": averaged_loss_error(free_energy, gd_loss),
             "distance": float(np.nanmean(ds.distance.sel(process="free_energy").values)),
         }
-        sharpness = {p: ds.lr_sharpness.sel(process=p).values[start:] for p in ("gd", "free_energy")}
+        sharpness = {p: ds.lr_sharpness.sel(process=p).values for p in ("gd", "free_energy")}
+        gap = sharpness["free_energy"][20:start] - sharpness["gd"][20:start]
         spike_lines.append(
-            f"  {label}: lr S over the EoS phase, GD {np.nanmean(sharpness['gd']):.3f} "
-            f"(sd {np.nanstd(sharpness['gd']):.3f}), model {np.nanmean(sharpness['free_energy']):.3f} "
-            f"(sd {np.nanstd(sharpness['free_energy']):.3f})"
+            f"  {label}: lr S over the EoS phase, GD {np.nanmean(sharpness['gd'][start:]):.3f} "
+            f"(sd {np.nanstd(sharpness['gd'][start:]):.3f}), model {np.nanmean(sharpness['free_energy'][start:]):.3f} "
+            f"(sd {np.nanstd(sharpness['free_energy'][start:]):.3f}); model - GD before the edge (steps 20-{start}): "
+            f"mean {np.nanmean(gap):+.4f}"
         )
         found, matched = matched_spikes(gd_loss, free_energy, start)
         spike_lines.append(f"  {label}: {matched} of {len(found)} matched; {'; '.join(found) or 'no GD spikes'}")
