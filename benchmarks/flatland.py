@@ -1,7 +1,7 @@
 """Flatland line searches on digits: the edge of stability from the first step, the sharpness
 driven towards its floor, the cost of each rule, and the flat-saddle failure fixed by the cap.
 
-    .venv/bin/python benchmarks/flatland.py [--out DIR] [--parts mlp,cnn,saddle,trials] [--small] [--steps N]
+    .venv/bin/python benchmarks/flatland.py [--out DIR] [--parts mlp,cnn,saddle,trials,equality] [--small] [--steps N]
 
 1. ``mlp`` / ``cnn``: each rule from the same w0 on the spec of examples/flatland_{mlp,cnn}_digits.toml
    (one run per rule): loss evaluations per step (the cost of the search; every rule also takes
@@ -11,6 +11,12 @@ driven towards its floor, the cost of each rule, and the flat-saddle failure fix
 2. ``saddle``: examples/flatland_flat_saddle.toml and its capped twin: the loss over the last 200
    steps against the random-guess level 1/2 (1 - 1/K), the sharpness in units of S_flat, the
    accuracies.
+3. ``trials``: NLS from first trial steps 1e-3 ... 1 with the grid's step and the refined one.
+4. ``equality``: NLS on a tiny CNN with refine = 2 and with refine = 8 (the step within 0.3% of the
+   equality point) from six first trials: the fraction of steps with eta S > 2, and on the steps
+   where eta S <= 2 the curvature the step actually crossed, the secant
+   kappa = 2 (L(w - eta g) - L(w) + eta |g|^2) / (eta^2 |g|^2), and the Rayleigh quotient
+   rho = g^T H g / |g|^2 at w, both in units of S(w).
 """
 
 from __future__ import annotations
@@ -176,10 +182,60 @@ def trials_table(out: Path, steps: int | None, small: bool) -> None:
             )
 
 
+TINY_CNN = {"name": "cnn", "dataset": "digits", "n_train": 40, "n_test": 10, "channels": [4]}  # 690 parameters
+
+
+def equality_table(steps: int | None) -> None:
+    """Whether the equality point itself keeps eta S > 2 on a tiny CNN (float64, S at every step)."""
+    steps = steps or 400
+    print(f"\n### equality point on a tiny CNN (conv 4, 690 parameters, 40 digits, float64, nls, {steps} steps)\n")
+    print(
+        "| refine | first trial | loss evals / step | eta*S > 2 after step 20 | min eta*S | final loss "
+        "| steps eta*S <= 2: median kappa/S, rho/S, eta*kappa |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for refine in (2, 8):
+        table = {
+            "steps": steps,
+            "lr": 0.05,
+            "dtype": "float64",
+            "processes": ["nls"],
+            "problem": TINY_CNN,
+            "spectrum": {"every": 1, "k": 1, "k_max": 1, "tol": 1e-6, "max_iters": 100},
+            "nls": {"refine": refine},
+        }
+        _, problem, _, built = prepare(table)
+        process, objective = built["nls"], problem.objective
+
+        @jax.jit
+        def curvatures(w, eta, objective=objective):
+            loss, g = objective.value_and_grad(w)
+            g_sq = g @ g
+            secant = 2 * (objective.value(w - eta * g) - loss + eta * g_sq) / (eta**2 * g_sq)
+            return secant, g @ objective.hvp(w, g) / g_sq
+
+        for trial in (1e-3, 1e-2, 0.05, 0.1, 0.3, 1.0):
+            state = process.init(problem.w0)._replace(lr=jax.numpy.asarray(trial, problem.w0.dtype))
+            r = {key: np.asarray(value) for key, value in process.advance(state, steps)[1].items()}
+            late = r["lr_sharpness"][20:]
+            below = 20 + np.flatnonzero(late <= 2)
+            kappa, rho = (np.asarray(x) for x in jax.vmap(curvatures)(r["position"][below], r["lr"][below]))
+            s = r["sharpness"][below]
+            print(
+                f"| {refine} | {trial:g} | {np.mean(r['loss_evals']):.2f} | {np.mean(late > 2):.2f} | "
+                f"{late.min():.3f} | "
+                f"{np.mean(r['loss'][-50:]):.4f} | {np.median(kappa / s):.2f}, {np.median(rho / s):.2f}, "
+                f"{np.median(r['lr'][below] * kappa):.2f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="scratch run directory (default: a temporary one)")
-    parser.add_argument("--parts", default="mlp,cnn,saddle,trials", help="comma-separated: mlp, cnn, saddle, trials")
+    parser.add_argument(
+        "--parts", default="mlp,cnn,saddle,trials", help="comma-separated: mlp, cnn, saddle, trials, equality"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override the examples' step counts")
     parser.add_argument(
         "--small", action="store_true", help="trials: the small tanh MLP 16-16 instead of the example's"
@@ -195,6 +251,8 @@ def main() -> None:
         saddle_table(out, args.steps)
     if "trials" in parts:
         trials_table(out, args.steps, args.small)
+    if "equality" in parts:
+        equality_table(args.steps)
 
 
 if __name__ == "__main__":

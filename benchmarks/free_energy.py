@@ -5,7 +5,8 @@
 Runs examples/free_energy_*.toml (GD and the model in lockstep from the same w0) and prints, over
 GD's EoS phase (from ``window`` steps after lr * S first reaches 1.9; GD's spikes from that step on):
 
-* envelope: GD's oscillation measured on GD alone (GD records it as ``oscillation``),
+* envelope (also scored over the whole run by compare's pointwise and W-step averaged errors):
+  GD's oscillation measured on GD alone (GD records it as ``oscillation``),
   |w_{k+1} - 2 w_k + w_{k-1}| / 4 = |delta_k| for w_k = c_k + (-1)^k delta_k with a linearly
   drifting centre, against the model's sqrt(tr Sigma), both as running RMS over ``window``
   steps: ratio of the means and the median pointwise error;
@@ -29,7 +30,7 @@ from scipy.signal import find_peaks
 jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles and prepare() compute in float64
 
 import eosflow
-from eosflow.compare import predicted_amplitude
+from eosflow.compare import AVERAGING_WINDOW, averaged_envelope_error, envelope_error, predicted_amplitude
 from eosflow.experiment import run
 
 SPECS = ["examples/free_energy_matrix_factorization.toml", "examples/free_energy_mlp_digits.toml"]
@@ -62,6 +63,31 @@ def local_median(x: np.ndarray, half_width: int = 25) -> np.ndarray:
 def spikes(x: np.ndarray, relative_prominence: float, start: int) -> np.ndarray:
     found = find_peaks(x, prominence=relative_prominence * local_median(x))[0]
     return found[found >= start]
+
+
+def matched_spikes(
+    gd_loss: np.ndarray, free_energy: np.ndarray, start: int, lag: int = 5, height: float = 0.3
+) -> tuple[list[str], int]:
+    """GD's loss spikes from step ``start`` on, each with the nearest peak of F, and how many are matched.
+
+    A GD spike is a peak of its two-step average loss (a period-2 orbit is not a spike) whose
+    prominence is >= 1/2 of the local median (51 steps); its height is the excess over that median,
+    x / median - 1. A peak of F is one of prominence >= 1/10 of F's local median. A spike is matched
+    when the nearest F peak is within ``lag`` steps and its height within ``height`` (relative) of GD's.
+    """
+    two_step = np.convolve(gd_loss, [0.5, 0.5], mode="same")
+    gd_spikes, model_peaks = spikes(two_step, 0.5, start), spikes(free_energy, 0.1, start)
+    baseline_gd, baseline_model = local_median(two_step), local_median(free_energy)
+    found, matched = [], 0
+    for t in gd_spikes:
+        if len(model_peaks) == 0:
+            found.append(f"{t}: none")
+            continue
+        nearest = model_peaks[np.argmin(np.abs(model_peaks - t))]
+        ratio = (free_energy[nearest] / baseline_model[nearest] - 1) / (two_step[t] / baseline_gd[t] - 1)
+        matched += int(abs(nearest - t) <= lag and abs(ratio - 1) <= height)
+        found.append(f"{t}: {nearest - t:+d} steps, height {ratio:.2f}")
+    return found, matched
 
 
 def monotonicity(x: np.ndarray, window: int) -> tuple[float, float]:
@@ -113,6 +139,7 @@ def analyze(run_dir: str, window: int) -> dict:
     start = eos_start(gd)
     end = len(gd.step) - window
     phase = slice(start + window, end)
+    oscillation, amplitude = gd.oscillation.values.astype(np.float64), predicted_amplitude(ds, "free_energy")
     envelope = box_rms(np.nan_to_num(gd.oscillation.values), window)[phase]
     predicted = box_rms(predicted_amplitude(ds, "free_energy"), window)[phase]
     gd_average = box_mean(gd.loss.values, window)[phase]
@@ -131,6 +158,8 @@ def analyze(run_dir: str, window: int) -> dict:
             )
             for b in (20, 50, 100, 200)
         },
+        "envelope_compare_pointwise": envelope_error(amplitude, oscillation),
+        f"envelope_compare_averaged_W{AVERAGING_WINDOW}": averaged_envelope_error(amplitude, oscillation),
         "loss_error_F": float(np.mean(np.abs(box_mean(free_energy, window)[phase] / gd_average - 1))),
         "loss_error_L": float(np.mean(np.abs(box_mean(centre_loss, window)[phase] / gd_average - 1))),
     }
@@ -141,19 +170,9 @@ def analyze(run_dir: str, window: int) -> dict:
     fraction, ratio = monotonicity(gd.loss.values[phase], 1)
     out["gd_loss_raw_rises"] = f"{fraction:.3f} of steps, rises/falls {ratio:.3f}"
 
-    two_step = np.convolve(gd.loss.values, [0.5, 0.5], mode="same")  # a period-2 orbit is not a spike
-    gd_spikes = spikes(two_step, 0.5, start)
-    model_peaks = spikes(free_energy, 0.1, start)
-    baseline_gd, baseline_model = local_median(two_step), local_median(free_energy)
-    matched = []
-    for t in gd_spikes:
-        if len(model_peaks) == 0:
-            matched.append(f"{t}: none")
-            continue
-        nearest = model_peaks[np.argmin(np.abs(model_peaks - t))]
-        height = (free_energy[nearest] / baseline_model[nearest] - 1) / (two_step[t] / baseline_gd[t] - 1)
-        matched.append(f"{t}: {nearest - t:+d} steps, height {height:.2f}")
-    out["gd_spikes -> nearest F peak"] = "; ".join(matched) or "none"
+    found, matched = matched_spikes(gd.loss.values, free_energy, start)
+    out["gd_spikes -> nearest F peak"] = "; ".join(found) or "none"
+    out["spikes matched (5 steps, 30%)"] = f"{matched} of {len(found)}"
     return out
 
 
