@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -120,7 +121,7 @@ def main() -> None:
             table["lr"] = float(overrides[entry.name])
         for item in args.problem:
             key, value = item.split("=", 1)
-            table["problem"][key] = value
+            table["problem"][key] = json.loads(value) if value[:1].isdigit() else value
         size, default, grad_ms, hvp_ms = costs(table["problem"], table["dtype"])
         cells = [entry.name, f"{size} ({default})", f"{grad_ms:.2f}", f"{hvp_ms:.2f}", f"{table['lr']:g}"]
         if not args.no_run:
