@@ -1,6 +1,7 @@
 """The architectures suite: parameter counts, per-step costs, and GD at the edge of stability.
 
     python benchmarks/architectures.py [--only resnet_digits,lstm_copying] [--steps 400] [--lr NAME=LR ...]
+                                       [--problem KEY=VALUE ...] [--no-run]
 
 For every entry of the suite (``eosflow.leaderboard.ARCHITECTURES``, the problems of
 ``eosflow leaderboard --suite architectures``) it prints
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -98,6 +100,9 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated entry names")
     parser.add_argument("--steps", type=int, help="GD steps (default: the entry's)")
     parser.add_argument("--lr", nargs="*", default=[], help="NAME=LR overrides")
+    parser.add_argument(
+        "--problem", nargs="*", default=[], help="KEY=VALUE overrides of every run entry's problem (e.g. norm=none)"
+    )
     parser.add_argument("--no-run", action="store_true", help="counts and costs only")
     args = parser.parse_args()
     parameter_counts()
@@ -114,6 +119,9 @@ def main() -> None:
         table = copy.deepcopy(entry.table)
         if entry.name in overrides:
             table["lr"] = float(overrides[entry.name])
+        for item in args.problem:
+            key, value = item.split("=", 1)
+            table["problem"][key] = json.loads(value) if value[:1].isdigit() else value
         size, default, grad_ms, hvp_ms = costs(table["problem"], table["dtype"])
         cells = [entry.name, f"{size} ({default})", f"{grad_ms:.2f}", f"{hvp_ms:.2f}", f"{table['lr']:g}"]
         if not args.no_run:

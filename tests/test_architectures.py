@@ -127,3 +127,36 @@ def test_models_learn_their_tasks_from_the_sequence_alone():
 def test_bad_parameters_name_the_field(case, message):
     with pytest.raises(SpecError, match=message):
         build_problem(case, 0, "float32")
+
+
+# ---- compile size: the derivative graphs are traced once per step function, whatever k -----------
+def _traces_of_one_step(process: str, k: int) -> int:
+    """How often the loss is traced while one fresh step of ``process`` compiles with k tracked pairs."""
+    import jax
+
+    from eosflow.experiment import prepare
+    from eosflow.problems import Problem
+
+    traces = [0]
+
+    def loss(w):
+        traces[0] += 1
+        return 0.5 * jnp.sum(jnp.arange(1.0, 9.0) * w**2) + 0.25 * jnp.sum(w**4)
+
+    with jax.enable_x64(True):
+        problem = Problem.from_function(loss, jnp.linspace(0.5, 1.0, 8))
+        table = {"steps": 1, "lr": 0.2, "dtype": "float64", "processes": [process], "problem": {"name": "custom"}}
+        table["spectrum"] = {"k": k, "k_max": k}
+        _, problem, _, processes = prepare(table, problem)
+        flow = processes[process]
+        traces[0] = 0
+        flow.advance(flow.init(problem.w0), 1)
+    return traces[0]
+
+
+@pytest.mark.parametrize("process", ["gd", "central_flow"])
+def test_tracking_more_pairs_compiles_no_more_derivative_graphs(process):
+    """LOBPCG's HVPs and the central flow's HVPs and pair third derivatives run in one loop body each
+    (spectrum.column_loop), and integrate traces the field once: the loss is traced as often at k = 3
+    as at k = 1 (a branch per active count traced one more HVP or D^3 L graph per width)."""
+    assert _traces_of_one_step(process, 3) == _traces_of_one_step(process, 1)

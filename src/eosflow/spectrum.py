@@ -89,11 +89,10 @@ def lobpcg(
     start = initial if extra is None else jnp.concatenate([initial, extra], axis=1)
     width = min(k + guard, d)  # Ritz vectors kept: k reported + guard
     x = _orthonormalize(start)
-    hx = matvec(x)
+    hx = leading_columns(matvec, x, x.shape[1])
     theta, coefficients = _rayleigh_ritz(x, hx, width)
     x, hx = _pad_columns(x @ coefficients, width), _pad_columns(hx @ coefficients, width)
     theta = _pad_columns(theta[None, :], width)[0]
-    by_size = [lambda r, j=j: _pad_columns(matvec(r[:, :j]), k) for j in range(1, k + 1)]
 
     def residual_norms(x, hx, theta):
         return jnp.linalg.norm(hx - x * theta, axis=0) / jnp.maximum(jnp.abs(theta), 1e-30)
@@ -110,7 +109,7 @@ def lobpcg(
         r = (hx[:, :k] - x[:, :k] * theta[:k])[:, order] * (jnp.arange(k) < count)
         r = r - x @ (x.T @ r)
         r = r / jnp.maximum(jnp.linalg.norm(r, axis=0), jnp.finfo(r.dtype).tiny)
-        hr = jax.lax.switch(jnp.maximum(count, 1) - 1, by_size, r)
+        hr = leading_columns(matvec, r, jnp.maximum(count, 1))
         basis = jnp.concatenate([x, r, p], axis=1)
         image = jnp.concatenate([hx, hr, hp], axis=1)
         theta, coefficients = _rayleigh_ritz(basis, image, width)
@@ -136,6 +135,27 @@ def lobpcg(
     )
     x, hx, _, _, theta, residuals, _, hvps = jax.lax.while_loop(not_done, iterate, carry)
     return Eigenpairs(theta[:k], x[:, :k], hvps, residuals)
+
+
+def leading_columns(matvec: BlockMatvec, block: Float[Array, "d k"], count: Array | int) -> Float[Array, "d k"]:
+    """[A b_1, ..., A b_m, 0, ..., 0] for the first m = ``count`` columns of ``block`` (m may be traced)."""
+    return column_loop(
+        lambda j: matvec(jax.lax.dynamic_slice_in_dim(block, j, 1, axis=1))[:, 0], count, jnp.zeros_like(block)
+    )
+
+
+def column_loop(column: Callable[[Array], Array], count: Array | int, out: Float[Array, "d k"]) -> Float[Array, "d k"]:
+    """``out`` with its column j replaced by ``column(j)`` for j < ``count`` (m may be traced).
+
+    One column per iteration of one loop: the column's graph (an HVP, a third derivative) is traced
+    and compiled once whatever m, where a branch per m, or a batch of each width, compiles a copy
+    each; and exactly m columns are computed.
+    """
+
+    def body(j, out):
+        return jax.lax.dynamic_update_slice_in_dim(out, column(j)[:, None].astype(out.dtype), j, axis=1)
+
+    return jax.lax.fori_loop(0, count, body, out)
 
 
 def _pad_columns(a: Array, width: int) -> Array:

@@ -12,9 +12,10 @@ v(X) = -eta g - (eta/2) sum_kl X_kl G_kl (see :mod:`eosflow.flows.sdcp` and docs
 
 One step (one unit of time): a warm-started LOBPCG at the centre gives the tracked eigenpairs;
 the top m eigenvectors with eigenvalue >= (1 - margin) 2/eta are the critical directions U,
-held fixed for the step, and their m(m+1)/2 pair gradients G_ij are computed once, in one batch
-(vmapped jvp-of-HVP products; one branch per m, :func:`by_count`, so the padding costs nothing).
-Then n Euler substeps, each with one linearization of (L, g), m batched HVPs for A at the substep
+held fixed for the step, and their m(m+1)/2 pair gradients G_ij (jvp-of-HVP products) are
+computed once, one per iteration of a loop that compiles D^3 L once and skips the padding
+(:func:`eosflow.spectrum.column_loop`). Then n Euler substeps, each with one linearization of
+(L, g), m HVPs for A at the substep (the same loop)
 (the constraint is re-evaluated, so any drift of the stale G's is corrected at the next
 substep), and the SDCP, padded to a fixed size with inactive directions masked (alpha = 2/eta on
 them, no coupling), so the whole step has static shapes. With no critical direction (before the
@@ -25,8 +26,6 @@ edge of stability) a substep is gradient flow's: one gradient, no linearization,
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -40,6 +39,7 @@ from eosflow.flows.flow import Flow, Measured, padded, prediction_row, register_
 from eosflow.flows.integrate import SubstepOptions, substep_count
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
 from eosflow.objective import Objective
+from eosflow.spectrum import column_loop, leading_columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +110,7 @@ class CentralFlow(Flow):
         U = critical.vectors
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
         hessian_times = jax.vmap(lambda v: linear(v)[1], in_axes=1, out_axes=1)
-
-        def leading(columns: int, U: Array) -> Array:
-            return jnp.zeros_like(U).at[:, :columns].set(hessian_times(U[:, :columns]))
-
-        image = by_count(critical.count, U.shape[1], leading, U)
+        image = leading_columns(hessian_times, U, critical.count)
         slack = (2.0 / self.lr) * jnp.eye(U.shape[1], dtype=w.dtype) - 0.5 * (U.T @ image + image.T @ U)
         velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
         return velocity, (loss, grad, X)
@@ -161,26 +157,21 @@ def pair_gradients(objective: Objective, w: Array, critical: Array, m: Array | i
     """Gs_p = s_p G_p for the pairs p = (i <= j) of the columns of ``critical`` (p x d), with
     G_ij = D^3 L(w)[u_i, u_j, .] and s_p = sqrt 2 off the diagonal (the svec convention).
 
-    Only the pairs of the first ``m`` columns are computed, in one batch (vmap; one branch per
-    m so that shapes stay static); the other rows are zero.
+    Only the m(m + 1)/2 pairs of the first ``m`` columns are computed, one per iteration of one
+    loop (:func:`eosflow.spectrum.column_loop`: D^3 L is compiled once, whatever m); the other
+    rows are zero.
     """
     size = critical.shape[1]
     rows, cols = pair_indices(size)
     scale = jnp.asarray(pair_scale(size), w.dtype)
-    third = jax.vmap(objective.third_derivative, in_axes=(None, 1, 1))
-
-    def leading(columns: int, U: Array) -> Array:
-        count = columns * (columns + 1) // 2
-        out = jnp.zeros((scale.size, w.size), w.dtype)
-        return out.at[:count].set(scale[:count, None] * third(w, U[:, rows[:count]], U[:, cols[:count]]))
-
-    return by_count(size if m is None else m, size, leading, critical)
-
-
-def by_count(m: Array | int, size: int, compute: Callable[[int, Array], Array], operand: Array) -> Array:
-    """compute(m, operand) for a traced m in 0..size, with m a Python int inside (one branch per
-    value, ``lax.switch``): batched work of static shape on the first m columns, none on the padding."""
-    return jax.lax.switch(m, [functools.partial(compute, count) for count in range(size + 1)], operand)
+    first, second = critical[:, rows], critical[:, cols]  # d x pairs: u_i and u_j of pair p = (i, j)
+    m = size if m is None else m
+    pairs = column_loop(
+        lambda p: objective.third_derivative(w, first[:, p], second[:, p]),
+        m * (m + 1) // 2,
+        jnp.zeros((w.size, scale.size), w.dtype),
+    )
+    return scale[:, None] * pairs.T
 
 
 register_flow(

@@ -66,12 +66,17 @@ def integrate(
     update = euler if update is None else update
     h = 1.0 / n
     keys = None if key is None else jax.random.split(key, int(n))  # with a key, n is a Python int (see above)
-    z, first = update(field, z, h, None if keys is None else keys[0])
 
-    def substep(i, z):
-        return update(field, z, h, None if keys is None else keys[i])[0]
+    def substep(i, carry):
+        z, first = carry
+        z, aux = update(field, z, h, None if keys is None else keys[i])
+        return z, jax.tree_util.tree_map(lambda kept, new: jnp.where(i == 0, new, kept), first, aux)
 
-    return jax.lax.fori_loop(1, n, substep, z), first
+    # every substep in one loop body, so the field is traced and compiled once (not once more for
+    # the first substep, whose aux is kept); n >= 1 always
+    aux_shape = jax.eval_shape(lambda z: update(field, z, h, None if keys is None else keys[0])[1], z)
+    blank = jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), aux_shape)
+    return jax.lax.fori_loop(0, n, substep, (z, blank))
 
 
 def euler(field: Field, z: Any, h: Any, key: Array | None = None) -> tuple[Any, Any]:
