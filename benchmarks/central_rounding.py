@@ -72,21 +72,8 @@ def run(variant: str) -> dict[str, np.ndarray]:
         central.CentralFlow._measured_slack = serial_slack  # type: ignore[method-assign]
     try:
         _, problem, lr, steps, process, options, k_max = next(c for c in flow_equivalence.CASES if c[0] == LABEL)
-        table = {
-            "lr": lr,
-            "dtype": "float64",
-            "seed": 0,
-            "steps": steps,
-            "processes": [process],
-            "problem": problem,
-            "spectrum": {"k": -k_max, "k_max": -k_max},
-            process: {**options, "remeasure": True},
-        }
-        _, built, _, processes = prepare(table)
-        flow = processes[process]
-        w0 = built.w0 if variant != "one ulp" else jnp.nextafter(built.w0, jnp.inf)
-        rows = flow.advance(flow.init(w0), steps)[1]
-        return {key: np.asarray(value) for key, value in rows.items()}
+        moved = (lambda w0: jnp.nextafter(w0, jnp.inf)) if variant == "one ulp" else None
+        return flow_equivalence.run_case(problem, lr, steps, process, {**options, "remeasure": True}, k_max, moved)
     finally:
         central.pair_gradients, central.CentralFlow._measured_slack = pairs, slack
 

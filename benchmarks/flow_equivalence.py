@@ -56,8 +56,11 @@ CASES = [
 ]
 
 
-def run_case(problem: dict, lr: float, steps: int, process: str, options: dict, k_max: int) -> dict[str, np.ndarray]:
-    """Rows of ``steps`` steps; k_max < 0 tracks |k_max| eigenpairs from the start (k = k_max)."""
+def run_case(
+    problem: dict, lr: float, steps: int, process: str, options: dict, k_max: int, moved=None
+) -> dict[str, np.ndarray]:
+    """Rows of ``steps`` steps; k_max < 0 tracks |k_max| eigenpairs from the start (k = k_max);
+    ``moved(w0)``, if given, is the start instead of w0."""
     spectrum = {"k": -k_max, "k_max": -k_max} if k_max < 0 else {"k": 1, "k_max": k_max}
     table = {
         "lr": lr,
@@ -71,7 +74,7 @@ def run_case(problem: dict, lr: float, steps: int, process: str, options: dict, 
     }
     _, built, _, processes = prepare(table)
     flow = processes[process]
-    state = flow.init(built.w0)
+    state = flow.init(built.w0 if moved is None else moved(built.w0))
     _, rows = flow.advance(state, steps)
     return {key: np.asarray(value) for key, value in rows.items()}
 
