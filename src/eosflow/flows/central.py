@@ -16,14 +16,15 @@ held fixed for the step, and their m(m+1)/2 pair gradients G_ij are computed onc
 (vmapped jvp-of-HVP products; one branch per m, :func:`by_count`, so the padding costs nothing).
 Then n Euler substeps, each with one gradient and the SDCP, padded to a fixed size with inactive
 directions masked (alpha = 2/eta on them, no coupling), so the whole step has static shapes. The
-slack at a substep's point w_s costs no HVP: at the centre w_0 the eigensolver's Ritz vectors give
-U^T H(w_0) U = diag(theta) (Rayleigh-Ritz), and along the step
+slack A at a substep's point w_s is re-evaluated there by m batched HVPs (one linearization of
+(L, g)). With ``remeasure = false`` it costs no HVP: at the centre w_0 the eigensolver's Ritz
+vectors give U^T H(w_0) U = diag(theta) (Rayleigh-Ritz), and along the step
 
     A(w_s) = A(w_0) - (<G_ij, w_s - w_0>)_ij + O(|w_s - w_0|^2),
 
-the same first-order model of H the SDCP already uses within a substep; the next step's
-eigensolver measures A afresh. ``remeasure = true`` instead re-evaluates A at every substep by m
-batched HVPs (one linearization of (L, g)), the former scheme. With no critical direction (before
+the same first-order model of H the SDCP already uses within a substep (the next step's
+eigensolver measures A afresh); cheaper, but less accurate where a step moves H far (the
+leaderboard's mean-field network, docs/central_flow.md). With no critical direction (before
 the edge of stability) a substep is gradient flow's: one gradient, no SDCP. With
 ``max_critical = 1`` this is the projected flow.
 """
@@ -58,7 +59,7 @@ class CentralFlowOptions(ProjectedFlowOptions):
     max_critical: int = option(6, "most critical directions (capped by the tracked eigenpairs)", ge=1)
     sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
     remeasure: bool = option(
-        False, "re-measure U^T H U by m HVPs at every substep (else: Ritz values moved by the pair gradients)"
+        True, "re-measure U^T H U by m HVPs at every substep (false: Ritz values moved by the pair gradients)"
     )
 
 
