@@ -17,7 +17,7 @@ Gaussian-smoothed loss over the EoS phase, and its sharpness while Sigma != 0.
     python benchmarks/central_flow.py [--steps 600] [--repeats 3] [--dtype float32] [--accuracy]
 
 Per phase on the digits MLP (``--digits``): the central flow (lr = 0.4, tanh MLP 64-w-w-10 on 500
-digits, float32) with k = 1 and k = 3 tracked pairs at widths 32 (d = 3466) and 140 (d = 30250);
+digits, float32) with k = 1 and k = 3 tracked pairs at widths 32 (d = 3466) and 140 (d = 30250) (``--widths``);
 per phase (before the edge: no critical direction; edge: m >= 1 critical) HVPs per step (all, and
 the eigensolver's alone), gradient-equivalents per step (gradient 1, HVP 2, third derivative 4) and
 the median relative error of the top k eigenvalues the flow measured at its centre against ARPACK
@@ -32,6 +32,7 @@ import argparse
 import os
 import tempfile
 import time
+import tomllib
 
 import jax
 import numpy as np
@@ -131,6 +132,11 @@ def accuracy(args) -> None:
     print("GD's tracked eigenvalues reach (max over the run) / (2/eta):", np.round(reached, 3))
 
 
+def split(item: str) -> tuple[str, str]:
+    key, _, value = item.partition("=")
+    return key, value
+
+
 def digits(args) -> None:
     from eosflow.cli import demo_table
     from eosflow.spectrum import lanczos
@@ -140,16 +146,17 @@ def digits(args) -> None:
         "median rel. error (top k) | max rel. error | steps with a residual > tol |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for width in [32] if args.quick else [32, 140]:
-        for k in (1, 3):
+    for width in [32] if args.quick else args.widths:
+        for k in args.ks:
             table = demo_table()
             table.update(
                 steps=args.digits_steps,
                 processes=["central_flow"],
-                spectrum={"k": k, "k_max": k, "tol": args.tol},
+                spectrum={"k": k, "k_max": k, "tol": args.tol, "guard": args.guard},
                 record={"chunk": 100, "params_every": args.every},
             )
             table["problem"]["width"] = width
+            table["central_flow"] = {key: tomllib.loads(f"v = {value}")["v"] for key, value in map(split, args.set)}
             with tempfile.TemporaryDirectory() as out:
                 run(table, out)
                 ds = eosflow.load(out).sel(process="central_flow")
@@ -186,6 +193,10 @@ def main() -> None:
     parser.add_argument("--digits", action="store_true", help="per-phase cost and accuracy on the digits MLP")
     parser.add_argument("--quick", action="store_true", help="--digits at width 32 only")
     parser.add_argument("--digits-steps", type=int, default=500)
+    parser.add_argument("--widths", type=int, nargs="+", default=[32, 140], help="--digits: hidden widths")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 3], help="--digits: tracked pairs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="--digits: central_flow.KEY")
+    parser.add_argument("--guard", type=int, default=1, help="--digits: the eigensolver's guard vectors")
     parser.add_argument("--every", type=int, default=50, help="--digits: ARPACK oracle every n steps")
     parser.add_argument("--tol", type=float, default=1e-3, help="--digits: the eigensolver's tol")
     args = parser.parse_args()

@@ -78,10 +78,18 @@ CASES = [
 
 
 def run_case(
-    problem: dict, lr: float, steps: int, process: str, options: dict, k_max: int, optimizer: dict | None = None
+    problem: dict,
+    lr: float,
+    steps: int,
+    process: str,
+    options: dict,
+    k_max: int,
+    optimizer: dict | None = None,
+    moved=None,
 ) -> dict[str, np.ndarray]:
     """Rows of ``steps`` steps; k_max < 0 tracks |k_max| eigenpairs from the start (k = k_max);
-    ``optimizer``: the table of the optimizer a model reads (``{"adam": {...}}``)."""
+    ``optimizer``: the table of the optimizer a model reads (``{"adam": {...}}``); ``moved(w0)``,
+    if given, is the start instead of w0."""
     spectrum = {"k": -k_max, "k_max": -k_max} if k_max < 0 else {"k": 1, "k_max": k_max}
     table = {
         "lr": lr,
@@ -96,7 +104,7 @@ def run_case(
     }
     _, built, _, processes = prepare(table)
     flow = processes[process]
-    state = flow.init(built.w0)
+    state = flow.init(built.w0 if moved is None else moved(built.w0))
     _, rows = flow.advance(state, steps)
     return {key: np.asarray(value) for key, value in rows.items()}
 

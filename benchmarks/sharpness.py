@@ -61,6 +61,11 @@ TRACKERS = [  # (label, k, tol, guard, bouncing): bouncing = GD's warm start (ve
     ("k=3 tol=1e-3, previous step", 3, 1e-3, 1, False),
     ("k=3 tol=1e-3 (GD)", 3, 1e-3, 1, True),
     ("k=3 tol=3e-3 (GD)", 3, 3e-3, 1, True),
+    ("k=1 tol=3e-3 (GD), guard 2", 1, 3e-3, 2, True),
+    ("k=1 tol=3e-3 (GD), guard 4", 1, 3e-3, 4, True),
+    ("k=3 tol=3e-3 (GD), guard 2", 3, 3e-3, 2, True),
+    ("k=3 tol=3e-3 (GD), guard 4", 3, 3e-3, 4, True),
+    ("k=3 tol=1e-3 (GD), guard 4", 3, 1e-3, 4, True),
 ]
 
 
@@ -136,7 +141,7 @@ def phase_rows(label, hvps, errors, steps_phase, checks_phase, unconverged, wors
     return rows
 
 
-def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
+def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "") -> None:
     started = time.perf_counter()
     params, objective, objective64 = trajectory(width, steps)
     d = params.shape[1]
@@ -157,7 +162,7 @@ def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
 
     rows = []
     for label, k, tol, guard, bouncing in TRACKERS:
-        if main_only and label not in MAIN:
+        if (main_only and label not in MAIN) or only not in label:
             continue
         hvps, values, residuals, kept = replay(objective, params, k, tol, guard, bouncing)
         errors = np.max(np.abs(values[checks] - oracle[:, :k]) / oracle[:, :k], axis=1)
@@ -174,6 +179,8 @@ def benchmark(width: int, steps: int, every: int, main_only: bool) -> None:
         ("cold Lanczos (ARPACK) k=1", lambda w: lanczos(objective, jnp.asarray(w), k=1, tol=0.0)),
         ("power iteration tol=1e-3", lambda w: power_iteration(objective, jnp.asarray(w), tol=1e-3)),
     ]:
+        if only not in label:
+            continue
         results = [solver(params[t]) for t in checks]
         hvps = np.full(steps, np.nan)
         hvps[checks] = [r.hvps for r in results]
@@ -204,11 +211,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="oracle every n steps")
     parser.add_argument("--solvers", choices=["all", "main"], default="all", help=f"main: {', '.join(MAIN)}")
     parser.add_argument("--quick", action="store_true", help="width 32, 400 steps, --solvers main")
+    parser.add_argument("--only", default="", help="only the solvers whose label contains this text")
     args = parser.parse_args()
     if args.quick:
         args.widths, args.steps, args.solvers = [32], 400, "main"
     for width in args.widths:
-        benchmark(width, args.steps, args.every, args.solvers == "main")
+        benchmark(width, args.steps, args.every, args.solvers == "main", args.only)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,13 @@ import eosflow
 from eosflow.config import SpecError
 from eosflow.experiment import prepare, run
 from eosflow.flows.central import CentralFlow, CentralFlowOptions
+from eosflow.flows.flow import Measured
 from eosflow.flows.gradient import GradientFlowOptions
 from eosflow.flows.integrate import substep_count
+from eosflow.flows.sdcp import smat
 from eosflow.objective import Objective
 from eosflow.spec import SpectrumSpec, parse_spec
+from eosflow.spectrum import hessian_eigenpairs
 
 
 def test_substep_count_follows_the_sharpness():
@@ -102,6 +105,50 @@ def test_central_velocity_against_dense_third_derivatives():
     assert abs(np.sum(X * Z)) < 1e-8 * scale
     assert np.abs(X[0, 1]) > 1e-3 * scale  # the off-diagonal coupling is exercised
     np.testing.assert_allclose(velocity, -lr * grad - 0.5 * lr * np.einsum("ijc,ij->c", G, X), atol=1e-10)
+
+
+def test_slack_from_ritz_values_moved_by_pair_gradients_is_second_order():
+    """At the centre, A = 2/eta - diag(theta) from the eigensolver equals U^T (2/eta - H) U by dense
+    float64 Hessians; moved along the step by the pair gradients it is off by O(|dw|^2) (halving
+    dw quarters the error), so a substep spends no HVP."""
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal((3, 5)) / 2, rng.standard_normal(5) / 2, rng.standard_normal((5, 2)) / 2]
+    inputs, targets = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
+    objective, w = Objective.from_model(
+        tiny_mlp, [jnp.asarray(p) for p in params], jnp.asarray(inputs), jnp.asarray(targets), loss="mse"
+    )
+    hessian = jax.jit(lambda point: objective.hessian(point))
+    values, vectors = np.linalg.eigh(np.asarray(hessian(w)))
+    lr = float(2.0 / values[-1])  # the top two are critical
+    flow = CentralFlow(
+        name="central_flow",
+        lr=lr,
+        spectrum=SpectrumSpec(k=3, k_max=3),
+        key=jax.random.PRNGKey(0),
+        objective=objective,
+        options=CentralFlowOptions(margin=float(1.0 - 0.5 * (values[-2] + values[-3]) / values[-1]), remeasure=False),
+    )
+    state = flow.init(w)
+    start = jnp.asarray(vectors[:, ::-1][:, :3] + 1e-3 * rng.standard_normal((w.size, 3)))
+    measured_pairs = hessian_eigenpairs(objective, w, start, tol=1e-10, max_iters=200)
+    measured = Measured(measured_pairs.vectors, measured_pairs.values, measured_pairs.values[0], state.vectors)
+    _, critical = flow.prepare(w, measured, state.step)
+    assert int(critical.count) == 2
+    U = np.asarray(critical.vectors)
+
+    def dense_slack(point):
+        return 2.0 / lr * np.eye(3) - U.T @ np.asarray(hessian(point)) @ U  # U's third column is zero
+
+    np.testing.assert_allclose(critical.slack, dense_slack(w), atol=1e-8 * values[-1])
+    direction = rng.standard_normal(w.size)
+    errors = []
+    for size in (1e-2, 5e-3):
+        moved = w + size * direction / np.linalg.norm(direction)
+        linear = np.asarray(critical.slack) - np.asarray(smat(critical.scaled @ (moved - w)))
+        errors.append(np.abs(linear - dense_slack(moved)).max())
+    assert 3.0 < errors[0] / errors[1] < 5.0  # second order in |dw|
+    _, aux = flow.field(w, critical, 0.25)
+    assert int(flow.observe(w, aux, critical, 4)["hvps"]) == 0  # beyond the eigensolver's
 
 
 def test_projected_and_central_flows_reach_the_valley_equilibrium():

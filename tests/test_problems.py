@@ -362,7 +362,7 @@ def test_describe_problems_lists_every_problem_and_parameter():
     text = describe_problems()
     for name, entry in PROBLEMS.items():
         assert f"{name}:" in text
-        for field, default, _ in describe_fields(entry.params):
+        for field, default, _ in describe_fields(entry.options):
             assert f"{field} = {default}" in text
     for dataset in ("digits", "iris", "wine", "breast_cancer", "cifar10", "teacher", "gaussian", "diabetes"):
         assert dataset in text

@@ -78,6 +78,17 @@ EPILOG = """examples:
 'eosflow COMMAND --help' describes one command; the spec format is docs/spec.md."""
 
 
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    """The repeatable ``--set KEY=VALUE`` option of the commands that read a spec."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value, e.g. --set lr=0.1 --set problem.width=32",
+    )
+
+
 def _version() -> str:
     import importlib.metadata
 
@@ -100,13 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p_run = sub.add_parser("run", help="run an experiment spec into a run directory")
     p_run.add_argument("spec", type=Path, help="the spec (TOML); with --resume, a run directory will do")
-    p_run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec value, e.g. --set lr=0.1 --set problem.width=32",
-    )
+    add_overrides(p_run)
     p_run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
     mode = p_run.add_mutually_exclusive_group()
     mode.add_argument(
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="a grid over one dotted key, e.g. --grid lr=0.1,0.2 (repeat for a product)",
     )
-    p_sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides(p_sweep)
     p_sweep.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
     p_sweep.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
     p_sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-<name>-<time>)")
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p_compare = sub.add_parser("compare", help="run GD and models from one w0 and report how well each tracks GD")
     p_compare.add_argument("spec", type=Path, help="the spec (TOML): GD first, then the models")
-    p_compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides(p_compare)
     p_compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-<name>-<time>)")
     p_compare.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p_compare.add_argument("--quiet", action="store_true")

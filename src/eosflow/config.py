@@ -15,13 +15,23 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T", bound="DataclassInstance")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A registry entry: a name, the config class of its spec table, its builder and a one-line summary."""
+
+    name: str
+    options: type
+    build: Callable[..., Any]
+    summary: str
 
 
 class SpecError(ValueError):

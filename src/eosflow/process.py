@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import equinox as eqx
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from eosflow.config import SpecError, parse, suggest
+from eosflow.config import Entry, SpecError, parse, suggest
 from eosflow.spectrum import grow_tracked, last_measured, random_vectors
 
 if TYPE_CHECKING:  # eosflow.spec imports this module to validate the process options
@@ -50,11 +49,9 @@ class Process(Protocol[State]):
 
 
 @dataclasses.dataclass(frozen=True)
-class ProcessEntry:
-    name: str
-    options: type
-    build: Callable[..., Process]
-    summary: str
+class ProcessEntry(Entry):
+    """A registered process: ``build(problem, spec, options) -> Process``."""
+
     discrete: bool  # an optimizer (a real run) rather than a model of one
     problems: tuple[str, ...] | None = None  # the problems it models (None: any)
     optimizer: str | None = None  # the optimizer it models, whose table holds the shared hyperparameters (None: GD)

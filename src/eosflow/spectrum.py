@@ -302,6 +302,7 @@ def measure_tracked(
     tol: float,
     max_iters: int,
     preconditioner: Array | None = None,
+    guard: int = 1,
 ) -> Eigenpairs:
     """Warm-started top eigenpairs at steps that are multiples of ``every`` (NaN values otherwise),
     of H(w) or, given a diagonal ``preconditioner`` P, of P^{-1/2} H(w) P^{-1/2}.
@@ -312,7 +313,9 @@ def measure_tracked(
     k = vectors.shape[1]
 
     def measure(_):
-        pairs = hessian_eigenpairs(objective, w, vectors, tol=tol, max_iters=max_iters, preconditioner=preconditioner)
+        pairs = hessian_eigenpairs(
+            objective, w, vectors, tol=tol, max_iters=max_iters, guard=guard, preconditioner=preconditioner
+        )
         return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
 
     def skip(_):
@@ -344,7 +347,9 @@ def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr
     and ``residual``, the largest relative residual of the measured pairs (above ``tol`` only when
     the solver stopped at ``max_iters``).
     """
-    pairs = measure_tracked(objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters)
+    pairs = measure_tracked(
+        objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters, guard=spectrum.guard
+    )
     sharpness = pairs.values[0]
     row = {
         "sharpness": sharpness,

@@ -14,12 +14,19 @@ One step (one unit of time): a warm-started LOBPCG at the centre gives the track
 the top m eigenvectors with eigenvalue >= (1 - margin) 2/eta are the critical directions U,
 held fixed for the step, and their m(m+1)/2 pair gradients G_ij (jvp-of-HVP products) are
 computed once, one per iteration of a loop that compiles D^3 L once and skips the padding
-(:func:`eosflow.spectrum.column_loop`). Then n Euler substeps, each with one linearization of
-(L, g), m HVPs for A at the substep (the same loop)
-(the constraint is re-evaluated, so any drift of the stale G's is corrected at the next
-substep), and the SDCP, padded to a fixed size with inactive directions masked (alpha = 2/eta on
-them, no coupling), so the whole step has static shapes. With no critical direction (before the
-edge of stability) a substep is gradient flow's: one gradient, no linearization, no SDCP. With
+(:func:`eosflow.spectrum.column_loop`). Then n Euler substeps, each with one gradient and the
+SDCP, padded to a fixed size with inactive directions masked (alpha = 2/eta on them, no
+coupling), so the whole step has static shapes. The slack A at a substep's point w_s is
+re-evaluated there by m HVPs (one linearization of (L, g), the same loop). With
+``remeasure = false`` it costs no HVP: at the centre w_0 the eigensolver's Ritz vectors give
+U^T H(w_0) U = diag(theta) (Rayleigh-Ritz), and along the step
+
+    A(w_s) = A(w_0) - (<G_ij, w_s - w_0>)_ij + O(|w_s - w_0|^2),
+
+the same first-order model of H the SDCP already uses within a substep (the next step's
+eigensolver measures A afresh); cheaper, but less accurate where a step moves H far (the
+leaderboard's mean-field network, docs/central_flow.md). With no critical direction (before
+the edge of stability) a substep is gradient flow's: one gradient, no SDCP. With
 ``max_critical = 1`` this is the projected flow.
 """
 
@@ -51,6 +58,9 @@ class ProjectedFlowOptions(SubstepOptions):
 class CentralFlowOptions(ProjectedFlowOptions):
     max_critical: int = option(6, "most critical directions (capped by the tracked eigenpairs)", ge=1)
     sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
+    remeasure: bool = option(
+        True, "re-measure U^T H U by m HVPs at every substep (false: Ritz values moved by the pair gradients)"
+    )
 
 
 class Critical(NamedTuple):
@@ -60,6 +70,8 @@ class Critical(NamedTuple):
     count: Array  # type: ignore[assignment]  # shadows tuple.count; m: critical directions (eigenvalue >= (1 - margin) 2/eta), at most max_critical
     vectors: Array  # U (d, m_max): the top m eigenvectors, zero-padded
     scaled: Array  # Gs (m_max (m_max + 1) / 2, d): the scaled pair gradients of U
+    centre: Array  # w_0 (d,): the point where U and its Ritz values were measured
+    slack: Array  # A(w_0) = 2/eta I - diag(theta) (m_max, m_max): U^T (2/eta - H(w_0)) U, 2/eta on the padding
 
 
 class CentralFlow(Flow):
@@ -73,8 +85,10 @@ class CentralFlow(Flow):
         k = measured.vectors.shape[1]
         m_max = min(k, self.options.max_critical)
         m = jnp.minimum(jnp.sum(measured.values >= (1.0 - self.options.margin) * threshold), m_max).astype(jnp.int32)
-        critical = measured.vectors[:, :m_max] * (jnp.arange(m_max) < m)  # the top m eigenvectors, zero-padded
-        return w, Critical(measured, m, critical, self.pair_gradients(w, critical, m))
+        active = jnp.arange(m_max) < m
+        critical = measured.vectors[:, :m_max] * active  # the top m eigenvectors, zero-padded
+        slack = jnp.diag(threshold - jnp.where(active, measured.values[:m_max], 0.0)).astype(w.dtype)
+        return w, Critical(measured, m, critical, self.pair_gradients(w, critical, m), w, slack)
 
     def substeps(self, measured: Measured, critical: Critical) -> Array:
         """Critical directions are held at 2/eta; the stiffest free one sets the substep count."""
@@ -107,13 +121,22 @@ class CentralFlow(Flow):
     def _constrained_field(
         self, w: Array, critical: Critical, dt: Array | float
     ) -> tuple[Array, tuple[Array, Array, Array]]:
+        if self.options.remeasure:
+            (loss, grad), slack = self._measured_slack(w, critical)
+        else:
+            loss, grad = self.objective.value_and_grad(w)
+            slack = critical.slack - smat(critical.scaled @ (w - critical.centre))
+        velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
+        return velocity, (loss, grad, X)
+
+    def _measured_slack(self, w: Array, critical: Critical) -> tuple[tuple[Array, Array], Array]:
+        """((L, g), U^T (2/eta - H(w)) U) by one linearization of (L, g) and m batched HVPs."""
         U = critical.vectors
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
         hessian_times = jax.vmap(lambda v: linear(v)[1], in_axes=1, out_axes=1)
         image = leading_columns(hessian_times, U, critical.count)
         slack = (2.0 / self.lr) * jnp.eye(U.shape[1], dtype=w.dtype) - 0.5 * (U.T @ image + image.T @ U)
-        velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
-        return velocity, (loss, grad, X)
+        return (loss, grad), slack
 
     def observe(
         self, w: Array, aux: tuple[Array, Array, Array], critical: Critical, n: Array | int
@@ -124,7 +147,8 @@ class CentralFlow(Flow):
         sigma_values = jnp.maximum(sigma_values[::-1], 0.0)
         top = jnp.where(sigma_values[0] > 0, critical.vectors @ sigma_vectors[:, -1], critical.measured.vectors[:, 0])
         row = prediction_row(self.lr, loss, grad, padded(sigma_values, k), top, self.spectrum.k_max)
-        return {**row, "critical": m, "substeps": n, "grads": n, "hvps": n * m, "third_derivatives": m * (m + 1) // 2}
+        hvps = n * m if self.options.remeasure else jnp.zeros_like(m)
+        return {**row, "critical": m, "substeps": n, "grads": n, "hvps": hvps, "third_derivatives": m * (m + 1) // 2}
 
     def pair_gradients(self, w: Array, critical: Array, m: Array | int | None = None) -> Array:
         """:func:`pair_gradients` of this flow's objective."""

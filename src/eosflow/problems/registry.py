@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from eosflow.config import SpecError, describe_fields, parse, suggest
+from eosflow.config import Entry, SpecError, describe_fields, parse, suggest
 from eosflow.data import CLASSIFICATION, REGRESSION
 from eosflow.objective import LOSSES, Objective, PyTree, Unravel, ravel
 from eosflow.precision import check_dtypes
@@ -118,12 +118,8 @@ class _PytreeLoss(eqx.Module):
         return self.loss_fn(self.unravel(w))
 
 
-@dataclasses.dataclass(frozen=True)
-class ProblemEntry:
-    name: str
-    params: type
-    build: Callable[..., Problem]
-    summary: str
+class ProblemEntry(Entry):
+    """A registered problem: ``build(options, seed, dtype) -> Problem``, ``options`` its ``[problem]`` fields."""
 
 
 PROBLEMS: dict[str, ProblemEntry] = {}
@@ -181,7 +177,7 @@ def problem_params(table: dict) -> tuple[str, Any]:
             f"unknown problem `problem.name` = {name!r}{suggest(str(name), PROBLEMS)} "
             '(a problem of your own is named by import path, "my_pkg.problems:make_problem")'
         )
-    return name, parse(PROBLEMS[name].params, table, "problem")
+    return name, parse(PROBLEMS[name].options, table, "problem")
 
 
 def import_factory(path: str) -> Callable[..., Problem]:
@@ -243,7 +239,7 @@ def describe_problems() -> str:
     lines = []
     for name, entry in sorted(PROBLEMS.items()):
         lines.append(f"{name}: {entry.summary}")
-        rows = describe_fields(entry.params)
+        rows = describe_fields(entry.options)
         width = max((len(f"{field} = {default}") for field, default, _ in rows), default=0)
         lines += [f"    {f'{field} = {default}':<{width}}  {text}" for field, default, text in rows]
         lines.append("")

@@ -1,0 +1,61 @@
+"""A model's accuracy and own cost on the leaderboard's problems, for other settings of its options.
+
+    PYTHONPATH=$PWD/src .venv/bin/python benchmarks/model_variants.py [--model rod_flow]
+        [--problems mlp_digits cnn_digits] [--variants substeps=4 substeps=2 correction=false]
+
+For each problem of the default leaderboard suite named, one run of gd, gradient_flow and the
+model per variant (the model's options as TOML values, several joined by ``,``), scored as the
+leaderboard scores it (``eosflow.compare``). Prints the accuracy columns, the model's own
+gradient-equivalents per step (as the leaderboard's column: without the eigensolver for a model
+that never reads the eigenpairs) and the eigensolver's, and the largest relative change of an
+accuracy column against the first variant (put the leaderboard's setting first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import tomllib
+
+from eosflow.compare import compare_run
+from eosflow.experiment import run
+from eosflow.leaderboard import own_cost, suite_tables
+
+ACCURACY = ("relative_distance", "loss_error", "envelope_error", "loss_error_averaged", "envelope_error_averaged")
+
+
+def options(variant: str) -> dict:
+    """``substeps=2,correction=false`` -> {"substeps": 2, "correction": False}."""
+    return tomllib.loads("\n".join(variant.split(",")))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="rod_flow")
+    parser.add_argument("--problems", nargs="+", default=["mlp_digits", "cnn_digits"])
+    parser.add_argument("--variants", nargs="+", default=["substeps=4", "substeps=2", "correction=false"])
+    args = parser.parse_args(argv)
+    tables = suite_tables(models=[args.model])
+    print(
+        f"| problem | {args.model} options | " + " | ".join(ACCURACY) + " | own grad-equiv. / step | "
+        "eigensolver grad-equiv. / step | largest change |"
+    )
+    print("|---" * (len(ACCURACY) + 5) + "|")
+    for problem in args.problems:
+        reference = None
+        for variant in args.variants:
+            table = {**tables[problem], args.model: options(variant)}
+            with tempfile.TemporaryDirectory() as out:
+                run(table, out, overwrite=True)
+                row = compare_run(out).loc[args.model]
+            accuracy = [float(row[c]) for c in ACCURACY]
+            reference = accuracy if reference is None else reference
+            change = max(abs(a - b) / abs(b) for a, b in zip(accuracy, reference, strict=True))
+            total, measurement = float(row["gradient_equivalents"]), float(row["measurement_equivalents"])
+            cells = " | ".join(f"{a:.4g}" for a in accuracy)
+            own = own_cost(args.model, total, measurement)
+            print(f"| {problem} | {variant} | {cells} | {own:.1f} | {measurement:.1f} | {change:.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
