@@ -73,7 +73,9 @@ def run(variant: str) -> dict[str, np.ndarray]:
     try:
         _, problem, lr, steps, process, options, k_max = next(c for c in flow_equivalence.CASES if c[0] == LABEL)
         moved = (lambda w0: jnp.nextafter(w0, jnp.inf)) if variant == "one ulp" else None
-        return flow_equivalence.run_case(problem, lr, steps, process, {**options, "remeasure": True}, k_max, moved)
+        return flow_equivalence.run_case(
+            problem, lr, steps, process, {**options, "remeasure": True}, k_max, moved=moved
+        )
     finally:
         central.pair_gradients, central.CentralFlow._measured_slack = pairs, slack
 
