@@ -105,6 +105,18 @@ def process_key(seed: int, name: str) -> Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
+def scanned_fields(name: str, spec: Any, objective: Any, spectrum: Any = None) -> dict[str, Any]:
+    """The fields every :class:`ScannedProcess` is built with: its ``name``, the spec's ``lr`` and
+    ``spectrum`` (or ``spectrum``), a PRNG ``key`` of its own (:func:`process_key`), the ``objective``."""
+    return {
+        "name": name,
+        "lr": spec.lr,
+        "spectrum": spec.spectrum if spectrum is None else spectrum,
+        "key": process_key(spec.seed, name),
+        "objective": objective,
+    }
+
+
 class TrackedState(Protocol):
     """What :class:`ScannedProcess` reads of its state (a NamedTuple with at least these fields)."""
 

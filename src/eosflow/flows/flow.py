@@ -37,7 +37,7 @@ from jaxtyping import Array
 
 from eosflow.flows.integrate import SubstepOptions, euler, integrate, substep_count
 from eosflow.objective import Objective
-from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.process import ScannedProcess, register_process, scanned_fields
 from eosflow.spectrum import spectrum_row
 
 
@@ -161,14 +161,7 @@ def register_flow(
     def build(problem, spec, parsed) -> Flow:
         spectrum = dataclasses.replace(spec.spectrum, every=1) if every_step else spec.spectrum
         extra = fields(problem, spec, parsed) if fields else {}
-        base = {
-            "name": name,
-            "lr": spec.lr,
-            "spectrum": spectrum,
-            "key": process_key(spec.seed, name),
-            "objective": problem.objective,
-            "options": parsed,
-        }
+        base = {**scanned_fields(name, spec, problem.objective, spectrum), "options": parsed}
         return flow(**{**base, **extra})
 
     build.__doc__ = f"The {name} process ({flow.__name__})."

@@ -32,7 +32,7 @@ from jaxtyping import Array
 from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold
-from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.process import ScannedProcess, register_process, scanned_fields
 from eosflow.spectrum import measure_tracked, pad_values
 
 Form = Literal["none", "classical", "ema", "nesterov"]
@@ -254,11 +254,7 @@ def _register(name: str, options: type, summary: str) -> None:
     @register_process(name, options, summary, discrete=True)
     def build(problem, spec, options) -> AdaptiveOptimizer:
         return AdaptiveOptimizer(
-            name=name,
-            lr=spec.lr,
-            spectrum=spec.spectrum,
-            key=process_key(spec.seed, name),
-            objective=problem.objective,
+            **scanned_fields(name, spec, problem.objective),
             rule=options.rule(),
         )
 

@@ -37,7 +37,7 @@ from jaxtyping import Array
 
 from eosflow.config import SpecError, option
 from eosflow.objective import Objective, mse, sse
-from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.process import ScannedProcess, register_process, scanned_fields
 from eosflow.spectrum import spectrum_row
 
 Reference = Literal["zhang_hager", "max", "monotone"]
@@ -332,11 +332,7 @@ def build_line_search(name: str):
     def build(problem, spec, options: LineSearchOptions) -> LineSearchGD:
         test = problem.test_objective
         return LineSearchGD(
-            name=name,
-            lr=spec.lr,
-            spectrum=spec.spectrum,
-            key=process_key(spec.seed, name),
-            objective=problem.objective,
+            **scanned_fields(name, spec, problem.objective),
             options=options,
             max_lr=step_bound(options, problem.objective, name),
             accuracy=problem.accuracy,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.objective import Objective
-from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.process import ScannedProcess, register_process, scanned_fields
 from eosflow.spectrum import bouncing_warm_start, spectrum_row
 
 
@@ -72,10 +72,4 @@ class GradientDescent(ScannedProcess):
 
 @register_process("gd", GDOptions, "gradient descent w <- w - lr * g(w)", discrete=True)
 def build_gd(problem, spec, options) -> GradientDescent:
-    return GradientDescent(
-        name="gd",
-        lr=spec.lr,
-        spectrum=spec.spectrum,
-        key=process_key(spec.seed, "gd"),
-        objective=problem.objective,
-    )
+    return GradientDescent(**scanned_fields("gd", spec, problem.objective))

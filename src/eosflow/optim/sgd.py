@@ -23,7 +23,7 @@ from jaxtyping import Array, Float
 
 from eosflow.config import SpecError, option
 from eosflow.objective import Objective
-from eosflow.process import ScannedProcess, process_key, register_process
+from eosflow.process import ScannedProcess, process_key, register_process, scanned_fields
 from eosflow.spectrum import spectrum_row
 
 Sampling = Literal["with_replacement", "without_replacement", "shuffle"]
@@ -229,11 +229,7 @@ def build_sgd(problem, spec, options: SGDOptions) -> SGD:
     objective = problem.objective
     check_batch_size(objective, options.batch_size, "sgd.batch_size")
     return SGD(
-        name="sgd",
-        lr=spec.lr,
-        spectrum=spec.spectrum,
-        key=process_key(spec.seed, "sgd"),
-        objective=objective,
+        **scanned_fields("sgd", spec, objective),
         options=options,
         sample_key=process_key(spec.seed, "sgd/minibatches"),
     )
