@@ -130,7 +130,7 @@ class CentralFlow(Flow):
         return velocity, (loss, grad, X)
 
     def _measured_slack(self, w: Array, critical: Critical) -> tuple[tuple[Array, Array], Array]:
-        """((L, g), U^T (2/eta - H(w)) U) by one linearization of (L, g) and m batched HVPs."""
+        """((L, g), U^T (2/eta - H(w)) U) by one linearization of (L, g) and m HVPs (one per loop iteration)."""
         U = critical.vectors
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, w)
         hessian_times = jax.vmap(lambda v: linear(v)[1], in_axes=1, out_axes=1)

@@ -72,8 +72,8 @@ def integrate(
         z, aux = update(field, z, h, None if keys is None else keys[i])
         return z, jax.tree_util.tree_map(lambda kept, new: jnp.where(i == 0, new, kept), first, aux)
 
-    # every substep in one loop body, so the field is traced and compiled once (not once more for
-    # the first substep, whose aux is kept); n >= 1 always
+    # every substep in one loop body, so the field is compiled once (not once more for the first
+    # substep, whose aux is kept; eval_shape only traces it for that aux's shapes); n >= 1 always
     aux_shape = jax.eval_shape(lambda z: update(field, z, h, None if keys is None else keys[0])[1], z)
     blank = jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), aux_shape)
     return jax.lax.fori_loop(0, n, substep, (z, blank))

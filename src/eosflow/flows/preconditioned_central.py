@@ -46,6 +46,7 @@ from eosflow.flows.moments import (
     register_models,
 )
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
+from eosflow.spectrum import column_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,7 @@ class PreconditionedCentralFlow(OptimizerModel):
         mass_dot = mo.mass_velocity(z, dt)
         v = critical.directions / jnp.sqrt(p)[:, None]  # V^T P V = I on the critical columns
         m_max = v.shape[1]
-        hv = jax.lax.fori_loop(
-            0, critical.count, lambda i, out: out.at[:, i].set(linear(v[:, i])[1]), jnp.zeros_like(v)
-        )  # H v for the m critical columns (one compiled HVP)
+        hv = column_loop(lambda i: linear(v[:, i])[1], critical.count, jnp.zeros_like(v))  # H v, m critical columns
         rayleigh = 0.5 * (v.T @ hv + hv.T @ v)  # V^T H V
         slack = 2.0 / lr * jnp.eye(m_max, dtype=z.w.dtype) - rayleigh
         gs = pair_gradients(self.objective, z.w, v, critical.count)  # (pairs, d) s_p G_p
