@@ -83,8 +83,8 @@ def ours(x, y, w0, lr, beta2, eps, steps):
     )
     _, discrete = optimizer.advance(optimizer.init(w0), steps)
     positions = np.concatenate([np.asarray(rows["position"]), np.asarray(state.z.w)[None]])
-    nus = None  # nu along the way is not a row; the final one is compared
-    return positions, np.asarray(state.z.nu), np.asarray(discrete["edge_ratio"]), np.asarray(rows["critical"]), nus
+    losses = {"ours": np.asarray(rows["predicted_loss"]), "rmsprop": np.asarray(discrete["loss"])}
+    return positions, np.asarray(state.z.nu), np.asarray(discrete["edge_ratio"]), np.asarray(rows["critical"]), losses
 
 
 def reference(repo: str, x, y, w0, lr, beta2, eps, steps):
@@ -120,13 +120,15 @@ def reference(repo: str, x, y, w0, lr, beta2, eps, steps):
         eig_config=EigConfig(frequency=1, track_threshold=1.5, initial_neigs=1, tol=1e-10),
         config=CentralFlowConfig(nsubsteps=4, sdcp_threshold=1.95),
     )
-    positions = [process.w.detach().numpy().copy()]
+    positions, predicted = [process.w.detach().numpy().copy()], []
     for _ in range(steps):
         process.prepare()
+        # its CentralFlowPredictionLogger's time-averaged loss: L(w) + tr X (U^T P U = I, H U = 2 P U)
+        predicted.append(float(process.loss) + float(process.X.sum()))
         process.step()
         positions.append(process.w.detach().numpy().copy())
     nu = opt.unflatten(process.state)["nu"].detach().numpy()
-    return np.stack(positions), nu
+    return np.stack(positions), nu, np.asarray(predicted)
 
 
 def main() -> None:
@@ -138,8 +140,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=3e-3)
     args = parser.parse_args()
     x, y, w0 = data()
-    mine, nu_mine, edge, critical, _ = ours(x, y, w0, args.lr, args.beta2, args.eps, args.steps)
-    theirs, nu_theirs = reference(args.repo, x, y, w0, args.lr, args.beta2, args.eps, args.steps)
+    mine, nu_mine, edge, critical, losses = ours(x, y, w0, args.lr, args.beta2, args.eps, args.steps)
+    theirs, nu_theirs, predicted_ref = reference(args.repo, x, y, w0, args.lr, args.beta2, args.eps, args.steps)
     travelled = np.linalg.norm(theirs - w0, axis=1)
     relative = np.linalg.norm(mine - theirs, axis=1) / np.maximum(travelled, 1e-300)
     print(f"lr = {args.lr}, beta2 = {args.beta2}, eps = {args.eps}, {args.steps} steps, d = {w0.size}")
@@ -151,6 +153,29 @@ def main() -> None:
     print(f"largest relative distance over steps 1..{args.steps}: {np.max(relative[1:]):.3e}")
     nu_error = np.linalg.norm(nu_mine - nu_theirs) / np.linalg.norm(nu_theirs)
     print(f"final nu: |nu_ours - nu_ref| / |nu_ref| = {nu_error:.3e}")
+    loss_errors(losses["rmsprop"], losses["ours"], predicted_ref, critical)
+
+
+def loss_errors(loss: np.ndarray, ours: np.ndarray, theirs: np.ndarray, critical: np.ndarray) -> None:
+    """Each flow's predicted time-averaged loss against RMSProp's Gaussian-smoothed loss (std 20 steps, as
+    ``eosflow compare``), over the steps where our flow has a critical direction, and the floor: RMSProp's
+    own loss against its smoothed loss on those steps."""
+    from eosflow.compare import gaussian_smooth, relative_l1_error
+
+    n = min(len(loss), len(ours), len(theirs), len(critical))
+    edge = np.flatnonzero(critical[:n] > 0)
+    if edge.size == 0:
+        print("no critical direction: no loss comparison at the edge")
+        return
+    smooth = gaussian_smooth(loss[:n])
+    part = slice(int(edge[0]), n)
+    print(f"predicted loss vs RMSProp's smoothed loss, steps {edge[0]}..{n - 1} (relative L1):")
+    mine, reference = relative_l1_error(ours[part], smooth[part]), relative_l1_error(theirs[part], smooth[part])
+    print(
+        f"  ours {mine:.3f}, reference {reference:.3f}, "
+        f"floor (RMSProp's own loss) {relative_l1_error(loss[part], smooth[part]):.3f}; "
+        f"ours vs reference {relative_l1_error(ours[part], theirs[part]):.2e}"
+    )
 
 
 if __name__ == "__main__":
