@@ -1,6 +1,6 @@
 """How far Adam's stable flow is from Adam on the digits MLP before the edge, and its order in lr.
 
-    PYTHONPATH=src python benchmarks/adam_stable_flow_order.py [--time 0.3] [--lrs 0.01,0.005,0.0025]
+    PYTHONPATH=src python benchmarks/adam_stable_flow_order.py [--time 0.3] [--lrs 0.01,0.005,0.0025] [--eps 1e-4]
 
 The leaderboard's mlp_digits-adam network and hyperparameters (b1 = 0.9, b2 = 0.99, eps = 1e-4, bias
 correction) in float64, no eigensolver. For each lr, both run lr t = ``--time`` (t steps); printed:
@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time", type=float, default=0.3)
     parser.add_argument("--lrs", default="0.01,0.005,0.0025")
+    parser.add_argument("--eps", type=float, default=1e-4, help="Adam's eps (the leaderboard's 1e-4)")
     args = parser.parse_args()
     for lr in (float(x) for x in args.lrs.split(",")):
         steps = round(args.time / lr)
@@ -36,7 +37,7 @@ def main() -> None:
             "processes": ["adam", "adam_stable_flow"],
             "problem": MLP,
             "spectrum": {"every": 0},
-            "adam": {"beta1": 0.9, "beta2": 0.99, "eps": 1e-4},
+            "adam": {"beta1": 0.9, "beta2": 0.99, "eps": args.eps},
         }
         with jax.enable_x64(True):
             _, problem, _, processes = prepare(table)

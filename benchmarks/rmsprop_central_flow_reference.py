@@ -82,9 +82,15 @@ def ours(x, y, w0, lr, beta2, eps, steps):
         name="rmsprop", lr=lr, spectrum=spectrum, key=jax.random.PRNGKey(0), objective=objective, rule=rule
     )
     _, discrete = optimizer.advance(optimizer.init(w0), steps)
-    positions = np.concatenate([np.asarray(rows["position"]), np.asarray(state.z.w)[None]])
+    positions = np.concatenate([np.asarray(rows["position"]), np.asarray(state.z.phase.w)[None]])
     losses = {"ours": np.asarray(rows["predicted_loss"]), "rmsprop": np.asarray(discrete["loss"])}
-    return positions, np.asarray(state.z.nu), np.asarray(discrete["edge_ratio"]), np.asarray(rows["critical"]), losses
+    return (
+        positions,
+        np.asarray(state.z.phase.nu),
+        np.asarray(discrete["edge_ratio"]),
+        np.asarray(rows["critical"]),
+        losses,
+    )
 
 
 def reference(repo: str, x, y, w0, lr, beta2, eps, steps):
@@ -158,18 +164,19 @@ def main() -> None:
 
 def loss_errors(loss: np.ndarray, ours: np.ndarray, theirs: np.ndarray, critical: np.ndarray) -> None:
     """Each flow's predicted time-averaged loss against RMSProp's Gaussian-smoothed loss (std 20 steps, as
-    ``eosflow compare``), over the steps where our flow has a critical direction, and the floor: RMSProp's
+    ``eosflow compare``), over the steps from which our flow keeps a critical direction, and the floor: RMSProp's
     own loss against its smoothed loss on those steps."""
     from eosflow.compare import gaussian_smooth, relative_l1_error
 
     n = min(len(loss), len(ours), len(theirs), len(critical))
-    edge = np.flatnonzero(critical[:n] > 0)
-    if edge.size == 0:
-        print("no critical direction: no loss comparison at the edge")
+    stable = np.flatnonzero(critical[:n] == 0)  # the edge part: after the last step without a critical direction
+    start = int(stable[-1]) + 1 if stable.size else 0
+    if start >= n:
+        print("no critical direction at the end: no loss comparison at the edge")
         return
     smooth = gaussian_smooth(loss[:n])
-    part = slice(int(edge[0]), n)
-    print(f"predicted loss vs RMSProp's smoothed loss, steps {edge[0]}..{n - 1} (relative L1):")
+    part = slice(start, n)
+    print(f"predicted loss vs RMSProp's smoothed loss, steps {start}..{n - 1} (relative L1):")
     mine, reference = relative_l1_error(ours[part], smooth[part]), relative_l1_error(theirs[part], smooth[part])
     print(
         f"  ours {mine:.3f}, reference {reference:.3f}, "

@@ -64,20 +64,55 @@ class Critical(NamedTuple):
     count: Array  # type: ignore[assignment]  # () m (a NamedTuple field; shadows tuple.count)
 
 
+class Oscillation(NamedTuple):
+    """What the flow predicts of the oscillation, at a substep or averaged over a step's substeps."""
+
+    excess: Array  # () 1/2 <Sigma, H> = 1/2 <X, V^T H V>: the time-averaged loss minus L(w)
+    covariance: Array  # (k_max,) eigenvalues of Sigma = V X V^T, descending, zero-padded
+
+
+class CentralState(NamedTuple):
+    phase: Phase
+    running: Oscillation  # integrates the substeps' predictions over the current step: their mean at its end
+    last: Oscillation  # the previous step's mean, which the row reports
+
+
 class PreconditionedCentralFlow(OptimizerModel):
+    """The row's predictions are the oscillation averaged over the substeps of the step before, not X at
+    the first substep: there X also pulls back, within that one substep, the overshoot of the critical
+    eigenvalues above 2/lr that built up since the last measurement (X ~ -A/dt), a spike that grows with
+    the substep count (docs/adaptive.md section 4, "Which X the row reports")."""
+
     options: PreconditionedCentralOptions = eqx.field(static=True)
 
-    def start(self, w0: Array) -> Phase:
-        return self.start_phase(w0)
+    def start(self, w0: Array) -> CentralState:
+        none = Oscillation(jnp.zeros((), w0.dtype), jnp.zeros((self.spectrum.k_max,), w0.dtype))
+        return CentralState(self.start_phase(w0), none, none)
 
-    def prepare(self, z: Phase, measured: Measured, step: Array) -> tuple[Phase, Critical]:
+    def centre(self, z: CentralState) -> Phase:
+        return z.phase
+
+    def prepare(self, z: CentralState, measured: Measured, step: Array) -> tuple[CentralState, Critical]:
         vectors = measured.vectors
         m_max = min(vectors.shape[1], self.options.max_critical)
         critical = measured.values >= (1.0 - self.options.margin) * 2.0 / self.lr
         m = jnp.minimum(jnp.sum(critical), m_max).astype(jnp.int32)
-        return z, Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m)
+        restart = jax.tree_util.tree_map(jnp.zeros_like, z.running)
+        return CentralState(z.phase, restart, z.running), Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m)
 
-    def field(self, z: Phase, critical: Critical, dt: Array | float) -> tuple[Phase, dict]:  # type: ignore[override]
+    def field(self, z: CentralState, critical: Critical, dt: Array | float) -> tuple[CentralState, dict]:  # type: ignore[override]
+        phase_velocity, aux = self.phase_field(z.phase, critical, dt)
+        now = self.oscillation(aux["X"], aux["v"], aux["rayleigh"])
+        return CentralState(phase_velocity, now, jax.tree_util.tree_map(jnp.zeros_like, now)), aux
+
+    def oscillation(self, X: Array, v: Array, rayleigh: Array) -> Oscillation:
+        root_values, root_vectors = jnp.linalg.eigh(X)
+        root = (root_vectors * jnp.sqrt(jnp.maximum(root_values, 0.0))) @ root_vectors.T
+        covariance = jnp.linalg.eigvalsh(root @ (v.T @ v) @ root)[::-1]  # eigenvalues of Sigma = V X V^T
+        padding = jnp.zeros((self.spectrum.k_max - covariance.shape[0],), covariance.dtype)
+        return Oscillation(0.5 * jnp.sum(X * rayleigh), jnp.concatenate([covariance, padding]))
+
+    def phase_field(self, z: Phase, critical: Critical, dt: Array | float) -> tuple[Phase, dict]:
         mo, lr = self.moments, self.lr
         scalar = mo.rule.second_moment == "scalar"
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, z.w)
@@ -124,19 +159,14 @@ class PreconditionedCentralFlow(OptimizerModel):
         d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
         return Phase(w_dot, d_dot, nu_dot, mass_dot), aux
 
-    def observe(self, z: Phase, aux: dict, setup: Critical, n: Array | int) -> dict:
-        X, v = aux["X"], aux["v"]
-        root_values, root_vectors = jnp.linalg.eigh(X)
-        root = (root_vectors * jnp.sqrt(jnp.maximum(root_values, 0.0))) @ root_vectors.T
-        covariance = jnp.linalg.eigvalsh(root @ (v.T @ v) @ root)[::-1]  # eigenvalues of Sigma = V X V^T
-        k_max = self.spectrum.k_max
-        covariance = jnp.concatenate([covariance, jnp.zeros((k_max - covariance.shape[0],), covariance.dtype)])
+    def observe(self, z: CentralState, aux: dict, setup: Critical, n: Array | int) -> dict:
+        mean = z.last  # over the substeps of the step before this row
         return {
             "loss": aux["loss"],
-            "predicted_loss": aux["loss"] + 0.5 * jnp.sum(X * aux["rayleigh"]),
+            "predicted_loss": aux["loss"] + mean.excess,
             "grad_norm": aux["grad_norm"],
-            "covariance": covariance,
-            "amplitude": jnp.sqrt(jnp.maximum(covariance[0], 0.0)),
+            "covariance": mean.covariance,
+            "amplitude": jnp.sqrt(jnp.maximum(mean.covariance[0], 0.0)),
             "critical": aux["critical"],
             **self.costs(aux, n),
         }
