@@ -51,7 +51,7 @@ def uncorrected(grad, w0: np.ndarray, lr: float, eps: float, steps: int) -> np.n
         w, mh, nh = z[:d], z[d : 2 * d], z[2 * d :]
         g = grad(w)
         r1, r2 = ((1 - b) / -np.expm1(-(1 - b) * t) for b in (B1, B2))
-        return np.concatenate([-lr * mh / (np.sqrt(nh) + eps), r1 * (g - mh), r2 * (g * g - nh)])
+        return np.concatenate([-lr * mh / (np.sqrt(np.maximum(nh, 0.0)) + eps), r1 * (g - mh), r2 * (g * g - nh)])
 
     g0 = grad(w0)
     sol = solve_ivp(field, (1e-9, steps), np.concatenate([w0, g0, g0 * g0]), rtol=1e-10, atol=1e-12, method="DOP853")

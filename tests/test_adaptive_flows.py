@@ -204,7 +204,7 @@ def forward_rate_adam_ode(hessian: np.ndarray, w0: np.ndarray, lr: float, eps: f
         w, mh, nh = np.split(z, 3)
         g = hessian @ w
         r1, r2 = ((1 - b) / -np.expm1(-(1 - b) * t) for b in (b1, b2))
-        return np.concatenate([-lr * mh / (np.sqrt(nh) + eps), r1 * (g - mh), r2 * (g * g - nh)])
+        return np.concatenate([-lr * mh / (np.sqrt(np.maximum(nh, 0.0)) + eps), r1 * (g - mh), r2 * (g * g - nh)])
 
     g0 = hessian @ w0
     z0 = np.concatenate([w0, g0, g0 * g0])
