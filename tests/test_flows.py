@@ -11,7 +11,7 @@ import pytest
 from scipy.linalg import expm
 
 from eosflow.experiment import prepare
-from eosflow.flows.integrate import Growth, euler, exact, integrate, rk4
+from eosflow.flows.integrate import Averaged, Growth, euler, exact, integrate, rk4
 from eosflow.process import PROCESSES
 
 A = np.array([[3.0, 1.0], [1.0, 2.0]])
@@ -37,6 +37,33 @@ def test_integrate_is_the_update_applied_n_times(update, order, n):
     if n == 8:  # h |lambda| <= 0.45: close to the exact flow, RK4 much closer than Euler
         error = np.linalg.norm(z1 - expm(-A) @ np.asarray(z0)) / np.linalg.norm(expm(-A) @ np.asarray(z0))
         assert error < (3e-4 if update is rk4 else 0.3)  # measured 1.2e-4 and 0.13
+
+
+@pytest.mark.parametrize("update", [euler, rk4])
+@pytest.mark.parametrize("n", [1, 4, 7])
+def test_averaged_aux_is_the_mean_over_the_substeps(update, n):
+    """An Averaged aux node is the left Riemann mean of its values at the n substep starts (Euler's
+    iterates (I - A/n)^i z0 here); the other aux stays the start's; a traced n gives the same."""
+
+    def field(z):
+        return jnp.asarray(-A) @ z, (z, Averaged(z), Averaged(2.0 * z[0]))
+
+    z0 = jnp.asarray([1.0, -0.5])
+    starts = []
+    z = np.asarray(z0)
+    for _ in range(n):
+        starts.append(z)
+        z = np.asarray(update(lambda x: (jnp.asarray(-A) @ x, None), jnp.asarray(z), 1.0 / n)[0])
+    mean = np.mean(starts, axis=0)
+    for z1, (start, averaged, scalar) in (
+        integrate(field, z0, n, update),
+        jax.jit(lambda m: integrate(field, z0, m, update))(jnp.asarray(n)),
+    ):
+        np.testing.assert_allclose(z1, z, rtol=1e-13)
+        np.testing.assert_array_equal(start, z0)
+        assert isinstance(averaged, Averaged)
+        np.testing.assert_allclose(averaged.value, mean, rtol=1e-13)
+        np.testing.assert_allclose(scalar.value, 2.0 * mean[0], rtol=1e-13)
 
 
 def test_exact_update_steps_growth_leaves_exactly():

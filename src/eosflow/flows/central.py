@@ -28,6 +28,11 @@ eigensolver measures A afresh); cheaper, but less accurate where a step moves H 
 leaderboard's mean-field network, docs/central_flow.md). With no critical direction (before
 the edge of stability) a substep is gradient flow's: one gradient, no SDCP. With
 ``max_critical = 1`` this is the projected flow.
+
+The row's Sigma (predicted loss, amplitude) is X averaged over the step's substeps: at the first
+substep X also pulls back, within that substep, the overshoot of the critical eigenvalues above
+2/eta since the last measurement (X ~ -A/dt), a spike whose weight in a first-substep report grows
+with the substep count (docs/central_flow.md, "Which X the row reports").
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from jaxtyping import Array
 
 from eosflow.config import option
 from eosflow.flows.flow import Flow, Measured, padded, prediction_row, register_flow
-from eosflow.flows.integrate import SubstepOptions, substep_count
+from eosflow.flows.integrate import Averaged, SubstepOptions, substep_count
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
 from eosflow.objective import Objective
 from eosflow.spectrum import column_loop, leading_columns
@@ -101,8 +106,9 @@ class CentralFlow(Flow):
 
     def field(  # type: ignore[override]  # more arguments than Flow.field: term() binds them
         self, w: Array, critical: Critical, dt: Array | float
-    ) -> tuple[Array, tuple[Array, Array, Array]]:
-        """(dw/dt, (L, g, X)) for a substep of length dt (the SDCP linearizes the end of the substep).
+    ) -> tuple[Array, tuple[Array, Array, Averaged]]:
+        """(dw/dt, (L, g, X)) for a substep of length dt (the SDCP linearizes the end of the substep);
+        the row reports X averaged over the step's substeps (:class:`Averaged`), see the module doc.
 
         With no critical direction Sigma = 0 and the field is gradient flow's: one gradient, no
         linearization and no SDCP (a branch taken at run time)."""
@@ -113,21 +119,21 @@ class CentralFlow(Flow):
             w,
         )
 
-    def _free_field(self, w: Array, critical: Critical) -> tuple[Array, tuple[Array, Array, Array]]:
+    def _free_field(self, w: Array, critical: Critical) -> tuple[Array, tuple[Array, Array, Averaged]]:
         loss, grad = self.objective.value_and_grad(w)
         size = critical.vectors.shape[1]
-        return -self.lr * grad, (loss, grad, jnp.zeros((size, size), w.dtype))
+        return -self.lr * grad, (loss, grad, Averaged(jnp.zeros((size, size), w.dtype)))
 
     def _constrained_field(
         self, w: Array, critical: Critical, dt: Array | float
-    ) -> tuple[Array, tuple[Array, Array, Array]]:
+    ) -> tuple[Array, tuple[Array, Array, Averaged]]:
         if self.options.remeasure:
             (loss, grad), slack = self._measured_slack(w, critical)
         else:
             loss, grad = self.objective.value_and_grad(w)
             slack = critical.slack - smat(critical.scaled @ (w - critical.centre))
         velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
-        return velocity, (loss, grad, X)
+        return velocity, (loss, grad, Averaged(X))
 
     def _measured_slack(self, w: Array, critical: Critical) -> tuple[tuple[Array, Array], Array]:
         """((L, g), U^T (2/eta - H(w)) U) by one linearization of (L, g) and m HVPs (one per loop iteration)."""
@@ -139,9 +145,9 @@ class CentralFlow(Flow):
         return (loss, grad), slack
 
     def observe(
-        self, w: Array, aux: tuple[Array, Array, Array], critical: Critical, n: Array | int
+        self, w: Array, aux: tuple[Array, Array, Averaged], critical: Critical, n: Array | int
     ) -> dict[str, Array]:
-        loss, grad, X = aux
+        loss, grad, X = aux[0], aux[1], aux[2].value  # X: its mean over the step's substeps
         k, m = critical.measured.vectors.shape[1], critical.count
         sigma_values, sigma_vectors = jnp.linalg.eigh(X)
         sigma_values = jnp.maximum(sigma_values[::-1], 0.0)

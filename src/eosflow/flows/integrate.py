@@ -8,7 +8,8 @@ The Diffrax split between the *term* (what the model says) and the *solver* (how
 
 Time is measured in optimizer steps: one unit of time is one step of the modelled optimizer, so
 h = 1/n. The aux of the first evaluation describes the state at the start of the step, which is
-what a process's row reports (no second evaluation for the observation). ``n`` may be a traced
+what a process's row reports (no second evaluation for the observation); an aux leaf wrapped in
+:class:`Averaged` is reported as its mean over the step's substeps instead. ``n`` may be a traced
 integer (the substep count chosen from the measured sharpness inside a jitted step), except
 with a key, where it must be a Python int (one key per substep, ``jax.random.split(key, n)``).
 
@@ -55,28 +56,50 @@ class Growth(NamedTuple):
     source: Array | None = None
 
 
+class Averaged(NamedTuple):
+    """An aux node that :func:`integrate` reports as its mean over the substeps (a left Riemann sum of
+    the unit of time), not as its value at z(t): e.g. a multiplier that spikes on the first substep."""
+
+    value: Any
+
+
+def _is_averaged(node: Any) -> bool:
+    return isinstance(node, Averaged)
+
+
 def integrate(
     field: Any, z: Any, n: int | Array, update: Update | None = None, key: Array | None = None
 ) -> tuple[Any, Any]:
     """One unit of time in ``n`` substeps of ``update`` (default :func:`euler`) of length 1/n.
 
-    Returns z(t + 1) and the aux of the field at z(t). With a ``key``, substep i gets
-    ``jax.random.split(key, n)[i]`` (n a Python int); without, the update gets ``None``.
+    Returns z(t + 1) and the aux of the field at z(t), its :class:`Averaged` nodes replaced by their
+    mean over the n substeps. With a ``key``, substep i gets ``jax.random.split(key, n)[i]`` (n a
+    Python int); without, the update gets ``None``.
     """
     update = euler if update is None else update
     h = 1.0 / n
     keys = None if key is None else jax.random.split(key, int(n))  # with a key, n is a Python int (see above)
 
+    def averaged(aux):  # the values of aux's Averaged nodes, in order
+        return [node.value for node in jax.tree_util.tree_leaves(aux, is_leaf=_is_averaged) if _is_averaged(node)]
+
     def substep(i, carry):
-        z, first = carry
+        z, first, total = carry
         z, aux = update(field, z, h, None if keys is None else keys[i])
-        return z, jax.tree_util.tree_map(lambda kept, new: jnp.where(i == 0, new, kept), first, aux)
+        first = jax.tree_util.tree_map(lambda kept, new: jnp.where(i == 0, new, kept), first, aux)
+        return z, first, jax.tree_util.tree_map(jnp.add, total, averaged(aux))
 
     # every substep in one loop body, so the field is compiled once (not once more for the first
     # substep, whose aux is kept; eval_shape only traces it for that aux's shapes); n >= 1 always
     aux_shape = jax.eval_shape(lambda z: update(field, z, h, None if keys is None else keys[0])[1], z)
     blank = jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), aux_shape)
-    return jax.lax.fori_loop(0, n, substep, (z, blank))
+    end, first, total = jax.lax.fori_loop(0, n, substep, (z, blank, averaged(blank)))
+    if not total:
+        return end, first
+    means = iter(jax.tree_util.tree_map(lambda s: s / n, total))
+    return end, jax.tree_util.tree_map(
+        lambda node: Averaged(next(means)) if _is_averaged(node) else node, first, is_leaf=_is_averaged
+    )
 
 
 def euler(field: Field, z: Any, h: Any, key: Array | None = None) -> tuple[Any, Any]:

@@ -39,6 +39,7 @@ from jaxtyping import Array
 from eosflow.config import option
 from eosflow.flows.central import pair_gradients
 from eosflow.flows.flow import Measured
+from eosflow.flows.integrate import Averaged
 from eosflow.flows.moments import (
     MomentFlowOptions,
     OptimizerModel,
@@ -71,39 +72,23 @@ class Oscillation(NamedTuple):
     covariance: Array  # (k_max,) eigenvalues of Sigma = V X V^T, descending, zero-padded
 
 
-class CentralState(NamedTuple):
-    phase: Phase
-    running: Oscillation  # integrates the substeps' predictions over the current step: their mean at its end
-    last: Oscillation  # the previous step's mean, which the row reports
-
-
 class PreconditionedCentralFlow(OptimizerModel):
-    """The row's predictions are the oscillation averaged over the substeps of the step before, not X at
-    the first substep: there X also pulls back, within that one substep, the overshoot of the critical
-    eigenvalues above 2/lr that built up since the last measurement (X ~ -A/dt), a spike that grows with
-    the substep count (docs/adaptive.md section 4, "Which X the row reports")."""
+    """The row's predictions are the oscillation averaged over the step's substeps (:class:`Averaged`),
+    not X at the first substep: there X also pulls back, within that one substep, the overshoot of the
+    critical eigenvalues above 2/lr that built up since the last measurement (X ~ -A/dt), a spike that
+    grows with the substep count (docs/adaptive.md section 4, "Which X the row reports")."""
 
     options: PreconditionedCentralOptions = eqx.field(static=True)
 
-    def start(self, w0: Array) -> CentralState:
-        none = Oscillation(jnp.zeros((), w0.dtype), jnp.zeros((self.spectrum.k_max,), w0.dtype))
-        return CentralState(self.start_phase(w0), none, none)
+    def start(self, w0: Array) -> Phase:
+        return self.start_phase(w0)
 
-    def centre(self, z: CentralState) -> Phase:
-        return z.phase
-
-    def prepare(self, z: CentralState, measured: Measured, step: Array) -> tuple[CentralState, Critical]:
+    def prepare(self, z: Phase, measured: Measured, step: Array) -> tuple[Phase, Critical]:
         vectors = measured.vectors
         m_max = min(vectors.shape[1], self.options.max_critical)
         critical = measured.values >= (1.0 - self.options.margin) * 2.0 / self.lr
         m = jnp.minimum(jnp.sum(critical), m_max).astype(jnp.int32)
-        restart = jax.tree_util.tree_map(jnp.zeros_like, z.running)
-        return CentralState(z.phase, restart, z.running), Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m)
-
-    def field(self, z: CentralState, critical: Critical, dt: Array | float) -> tuple[CentralState, dict]:  # type: ignore[override]
-        phase_velocity, aux = self.phase_field(z.phase, critical, dt)
-        now = self.oscillation(aux["X"], aux["v"], aux["rayleigh"])
-        return CentralState(phase_velocity, now, jax.tree_util.tree_map(jnp.zeros_like, now)), aux
+        return z, Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m)
 
     def oscillation(self, X: Array, v: Array, rayleigh: Array) -> Oscillation:
         root_values, root_vectors = jnp.linalg.eigh(X)
@@ -112,7 +97,7 @@ class PreconditionedCentralFlow(OptimizerModel):
         padding = jnp.zeros((self.spectrum.k_max - covariance.shape[0],), covariance.dtype)
         return Oscillation(0.5 * jnp.sum(X * rayleigh), jnp.concatenate([covariance, padding]))
 
-    def phase_field(self, z: Phase, critical: Critical, dt: Array | float) -> tuple[Phase, dict]:
+    def field(self, z: Phase, critical: Critical, dt: Array | float) -> tuple[Phase, dict]:  # type: ignore[override]
         mo, lr = self.moments, self.lr
         scalar = mo.rule.second_moment == "scalar"
         (loss, grad), linear = jax.linearize(self.objective.value_and_grad, z.w)
@@ -150,17 +135,15 @@ class PreconditionedCentralFlow(OptimizerModel):
         aux = {
             "loss": loss,
             "grad_norm": jnp.linalg.norm(grad),
-            "X": X,
-            "rayleigh": rayleigh,
-            "v": v,
+            "oscillation": Averaged(self.oscillation(X, v, rayleigh)),
             "critical": n,
             "cost": {"grads": 1, "hvps": n, "third_derivatives": n * (n + 1) // 2},
         }
         d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
         return Phase(w_dot, d_dot, nu_dot, mass_dot), aux
 
-    def observe(self, z: CentralState, aux: dict, setup: Critical, n: Array | int) -> dict:
-        mean = z.last  # over the substeps of the step before this row
+    def observe(self, z: Phase, aux: dict, setup: Critical, n: Array | int) -> dict:
+        mean = aux["oscillation"].value  # over the substeps of this row's step
         return {
             "loss": aux["loss"],
             "predicted_loss": aux["loss"] + mean.excess,
