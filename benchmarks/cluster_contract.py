@@ -14,7 +14,8 @@
 tol 0, float64) at three steps show the spectrum at the edge; then each variant of the solver
 (``lobpcg`` keywords; k = 3, ``max_iters`` 30) replays steps [from, to), warm-started from the
 previous step as in a run (20 steps of warm-up first): HVPs per step, the share of steps that
-stop at ``max_iters``, and the largest reported per-pair residual.
+stop at ``max_iters``, and the largest reported per-pair residual. ``extrapolate=true`` starts
+from the subspace extrapolated from the last two measurements instead (:func:`extrapolated`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 jax.config.update("jax_enable_x64", True)  # this script's choice: the planted matrices and the oracle are float64
+
+from jaxtyping import Array
 
 import eosflow
 from eosflow.cli import demo_table
@@ -76,6 +79,13 @@ def centres(width: int, steps: int) -> tuple[np.ndarray, dict]:
     return np.asarray(params), table
 
 
+def extrapolated(previous: Array, vectors: Array) -> Array:
+    """2 U_t - U_{t-1} W, W the rotation that best aligns U_{t-1} with U_t (polar factor of
+    U_{t-1}^T U_t): the subspace moved on by one more step of its last motion."""
+    left, _, right = jnp.linalg.svd(previous.T @ vectors)
+    return 2 * vectors - previous @ (left @ right)
+
+
 def replay(args) -> None:
     started = time.perf_counter()
     params, table = centres(args.width, args.steps)
@@ -89,6 +99,7 @@ def replay(args) -> None:
     print("|---|---|---|---|")
     for variant in args.variants:
         keywords = tomllib.loads("\n".join(variant.split(",")))
+        extrapolate = keywords.pop("extrapolate", False)
 
         def measure(w, v, keywords=keywords):
             matvec = jax.vmap(jax.linearize(objective.grad, w)[1], in_axes=1, out_axes=1)
@@ -97,11 +108,12 @@ def replay(args) -> None:
         measure = jax.jit(measure)
         vectors = random_vectors(jax.random.PRNGKey(0), params.shape[1], 3, params.dtype)
         for t in range(args.replay_from - 20, args.replay_from):  # warm-up
-            vectors = measure(jnp.asarray(params[t]), vectors).vectors
+            previous, vectors = vectors, measure(jnp.asarray(params[t]), vectors).vectors
         hvps, unconverged, worst = [], [], 0.0
         for t in range(args.replay_from, args.replay_to):
-            pairs = measure(jnp.asarray(params[t]), vectors)
-            vectors = pairs.vectors
+            start = extrapolated(previous, vectors) if extrapolate else vectors
+            pairs = measure(jnp.asarray(params[t]), start)
+            previous, vectors = vectors, pairs.vectors
             hvps.append(int(pairs.hvps))
             contract = pairs.residuals if "cluster" not in keywords else pairs.subspace_residuals
             unconverged.append(bool(np.any(np.asarray(contract) > keywords["tol"])))
@@ -131,6 +143,8 @@ def main() -> None:
             "tol=1e-3,guard=6,cluster=1e-3",
             "tol=3e-3,guard=1",
             "tol=1e-2,guard=1",
+            "tol=1e-3,guard=1,extrapolate=true",
+            "tol=1e-2,guard=1,extrapolate=true",
         ],
         help="--replay: lobpcg keywords per solver (TOML values joined by ',')",
     )
