@@ -24,6 +24,12 @@ the median relative error of the top k eigenvalues the flow measured at its cent
 at tol 0 (float64) every ``--every`` steps. ``--quick``: width 32 only.
 
     python benchmarks/central_flow.py --digits [--quick] [--digits-steps 500] [--every 50]
+        [--tol 1e-3] [--guard 1] [--cluster 0] [--max-iters 30] [--set remeasure=false]
+        [--save ref.npz | --against ref.npz]
+
+The eigensolver's settings are the run's ``[spectrum]`` (``--cluster``: lobpcg's cluster contract);
+``--save`` keeps the checkpointed centres and ``--against`` prints, per run, the largest
+||w_t - w_t(ref)|| / ||w_t(ref) - w_0|| over them (how far a setting moves the trajectory).
 """
 
 from __future__ import annotations
