@@ -297,3 +297,7 @@ def test_without_cluster_each_pair_is_its_own_cluster():
     pairs = jax.jit(lambda a, s: lobpcg(lambda v: a @ v, s, tol=1e-8, max_iters=100))(jnp.asarray(a), start)
     np.testing.assert_array_equal(np.asarray(pairs.clusters), [0, 1, 2])
     np.testing.assert_array_equal(np.asarray(pairs.subspace_residuals), np.asarray(pairs.residuals))
+    with pytest.raises(ValueError, match="cluster is a relative gap"):
+        lobpcg(lambda v: v, start, cluster=-0.1)
+    with pytest.raises(ValueError, match="cluster must be in"):
+        eosflow.SharpnessTracker(lambda w: jnp.sum(w**2), cluster=1.5)

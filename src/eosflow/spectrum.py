@@ -101,6 +101,8 @@ def lobpcg(
     reported pair still meets the per-pair contract). The members of an unconverged cluster whose
     residual exceeds tol min|theta| / sqrt(|cluster|) are multiplied by H (guard members too).
     """
+    if isinstance(cluster, int | float) and not 0 <= cluster < 1:
+        raise ValueError(f"lobpcg: cluster is a relative gap in [0, 1) (or None), got {cluster!r}")
     d, k = initial.shape
     start = initial if extra is None else jnp.concatenate([initial, extra], axis=1)
     width = min(k + guard, d)  # Ritz vectors kept: k reported + guard

@@ -74,6 +74,8 @@ class SharpnessTracker(eqx.Module):
             )
         if not 0 < self.tol < 1:
             raise ValueError(f"SharpnessTracker tol must be in (0, 1), got {self.tol!r}")
+        if self.cluster is not None and not 0 <= self.cluster < 1:
+            raise ValueError(f"SharpnessTracker cluster must be in [0, 1) or None, got {self.cluster!r}")
 
     def init(self, params: PyTree, key: Array) -> TrackerState:
         """k random orthonormal directions in parameter space; no measurement yet."""
