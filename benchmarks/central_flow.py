@@ -24,6 +24,12 @@ the median relative error of the top k eigenvalues the flow measured at its cent
 at tol 0 (float64) every ``--every`` steps. ``--quick``: width 32 only.
 
     python benchmarks/central_flow.py --digits [--quick] [--digits-steps 500] [--every 50]
+        [--tol 1e-3] [--guard 1] [--cluster 0] [--max-iters 30] [--set remeasure=false]
+        [--save ref.npz | --against ref.npz]
+
+The eigensolver's settings are the run's ``[spectrum]`` (``--cluster``: lobpcg's cluster contract);
+``--save`` keeps the checkpointed centres and ``--against`` prints, per run, the largest
+||w_t - w_t(ref)|| / ||w_t(ref) - w_0|| over them (how far a setting moves the trajectory).
 """
 
 from __future__ import annotations
@@ -143,16 +149,24 @@ def digits(args) -> None:
 
     print(
         "| d | k | phase | steps | HVPs / step | of which eigensolver | grad-equiv. / step | "
-        "median rel. error (top k) | max rel. error | steps with a residual > tol |"
+        "median rel. error (top k) | max rel. error | steps with a residual > tol | distance to --against |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    saved, against = {}, dict(np.load(args.against)) if args.against else {}
     for width in [32] if args.quick else args.widths:
         for k in args.ks:
             table = demo_table()
             table.update(
                 steps=args.digits_steps,
                 processes=["central_flow"],
-                spectrum={"k": k, "k_max": k, "tol": args.tol, "guard": args.guard},
+                spectrum={
+                    "k": k,
+                    "k_max": k,
+                    "tol": args.tol,
+                    "guard": args.guard,
+                    "cluster": args.cluster,
+                    "max_iters": args.max_iters,
+                },
                 record={"chunk": 100, "params_every": args.every},
             )
             table["problem"]["width"] = width
@@ -167,6 +181,9 @@ def digits(args) -> None:
             )
             measured = ds.eigenvalues.values[np.asarray(checks), :k]
             errors = np.max(np.abs(measured - oracle) / oracle, axis=1)
+            key = f"d{params.shape[1]}_k{k}"
+            saved[key] = params
+            distance = relative_distance(params, against[key]) if key in against else np.nan
             critical = ds.critical.values
             cost = ds.grads.values + 2 * ds.hvps.values + 4 * ds.third_derivatives.values
             for phase, mask in (("before the edge", critical == 0), ("edge (m >= 1)", critical > 0)):
@@ -176,9 +193,18 @@ def digits(args) -> None:
                     f"{ds.measurement_hvps.values[mask].mean():.1f} | {cost[mask].mean():.1f} | "
                     f"{np.median(errors[at]) if at.any() else np.nan:.1e} | "
                     f"{errors[at].max() if at.any() else np.nan:.1e} | "
-                    f"{np.mean(ds.residual.values[mask] > args.tol):.0%} |".replace("nan", "-"),
+                    f"{np.mean(ds.residual.values[mask] > args.tol):.0%} | {distance:.1e} |".replace("nan", "-"),
                     flush=True,
                 )
+    if args.save:
+        np.savez(args.save, **saved)
+
+
+def relative_distance(params: np.ndarray, reference: np.ndarray) -> float:
+    """max over the saved steps of ||w_t - w_t^ref|| / ||w_t^ref - w_0||: how far a setting's trajectory
+    moves from the reference's, relative to how far the reference has travelled."""
+    travelled = np.linalg.norm(reference - reference[:1], axis=1)
+    return float(np.max(np.linalg.norm(params - reference, axis=1)[1:] / travelled[1:]))
 
 
 def main() -> None:
@@ -199,6 +225,10 @@ def main() -> None:
     parser.add_argument("--guard", type=int, default=1, help="--digits: the eigensolver's guard vectors")
     parser.add_argument("--every", type=int, default=50, help="--digits: ARPACK oracle every n steps")
     parser.add_argument("--tol", type=float, default=1e-3, help="--digits: the eigensolver's tol")
+    parser.add_argument("--cluster", type=float, default=0.0, help="--digits: the eigensolver's cluster gap")
+    parser.add_argument("--max-iters", type=int, default=30, help="--digits: the eigensolver's max_iters")
+    parser.add_argument("--save", help="--digits: save the checkpointed centres to this .npz")
+    parser.add_argument("--against", help="--digits: distance of the centres to those of a --save file")
     args = parser.parse_args()
     if args.digits:
         digits(args)

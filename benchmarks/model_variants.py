@@ -4,7 +4,8 @@
         [--problems mlp_digits cnn_digits] [--variants substeps=4 substeps=2 correction=false]
 
 For each problem of the default leaderboard suite named, one run of gd, gradient_flow and the
-model per variant (the model's options as TOML values, several joined by ``,``), scored as the
+model per variant (the model's options as TOML values, several joined by ``,``; keys
+``spectrum.KEY`` set the run's ``[spectrum]`` table instead), scored as the
 leaderboard scores it (``eosflow.compare``). Prints the accuracy columns, the model's own
 gradient-equivalents per step (as the leaderboard's column: without the eigensolver for a model
 that never reads the eigenpairs) and the eigensolver's, and the largest relative change of an
@@ -44,7 +45,9 @@ def main(argv=None) -> None:
     for problem in args.problems:
         reference = None
         for variant in args.variants:
-            table = {**tables[problem], args.model: options(variant)}
+            chosen = options(variant)
+            spectrum = {**tables[problem]["spectrum"], **chosen.pop("spectrum", {})}  # `spectrum.tol=1e-2`
+            table = {**tables[problem], args.model: chosen, "spectrum": spectrum}
             with tempfile.TemporaryDirectory() as out:
                 run(table, out, overwrite=True)
                 row = compare_run(out).loc[args.model]

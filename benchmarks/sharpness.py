@@ -80,7 +80,7 @@ def trajectory(width: int, steps: int):
     return np.asarray(params), prepare(table)[1].objective, prepare({**table, "dtype": "float64"})[1].objective
 
 
-def replay(objective, params, k: int, tol: float, guard: int, bouncing: bool | str, max_iters: int = 30):
+def replay(objective, params, k: int, tol: float, guard: int, bouncing: bool | str, max_iters: int = 30, cluster=None):
     """The tracker along the trajectory: HVPs, values (steps x k), residuals and vectors at every step.
 
     ``bouncing``: warm-started as GD does (:func:`eosflow.spectrum.bouncing_warm_start`, with GD's
@@ -91,7 +91,7 @@ def replay(objective, params, k: int, tol: float, guard: int, bouncing: bool | s
 
     def measure(w, v, extra=None):
         matvec = jax.vmap(jax.linearize(objective.grad, w)[1], in_axes=1, out_axes=1)
-        return lobpcg(matvec, v, tol=tol, max_iters=max_iters, guard=guard, extra=extra)
+        return lobpcg(matvec, v, tol=tol, max_iters=max_iters, guard=guard, extra=extra, cluster=cluster)
 
     measure = jax.jit(measure)
     vectors = older = random_vectors(jax.random.PRNGKey(0), params.shape[1], k, params.dtype)
@@ -141,7 +141,7 @@ def phase_rows(label, hvps, errors, steps_phase, checks_phase, unconverged, wors
     return rows
 
 
-def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "") -> None:
+def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "", cluster=None) -> None:
     started = time.perf_counter()
     params, objective, objective64 = trajectory(width, steps)
     d = params.shape[1]
@@ -164,7 +164,7 @@ def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "
     for label, k, tol, guard, bouncing in TRACKERS:
         if (main_only and label not in MAIN) or only not in label:
             continue
-        hvps, values, residuals, kept = replay(objective, params, k, tol, guard, bouncing)
+        hvps, values, residuals, kept = replay(objective, params, k, tol, guard, bouncing, cluster=cluster)
         errors = np.max(np.abs(values[checks] - oracle[:, :k]) / oracle[:, :k], axis=1)
         converged = residuals <= tol
         worst = np.array(
@@ -212,11 +212,12 @@ def main() -> None:
     parser.add_argument("--solvers", choices=["all", "main"], default="all", help=f"main: {', '.join(MAIN)}")
     parser.add_argument("--quick", action="store_true", help="width 32, 400 steps, --solvers main")
     parser.add_argument("--only", default="", help="only the solvers whose label contains this text")
+    parser.add_argument("--cluster", type=float, help="the trackers' cluster gap (lobpcg's contract on clusters)")
     args = parser.parse_args()
     if args.quick:
         args.widths, args.steps, args.solvers = [32], 400, "main"
     for width in args.widths:
-        benchmark(width, args.steps, args.every, args.solvers == "main", args.only)
+        benchmark(width, args.steps, args.every, args.solvers == "main", args.only, args.cluster)
 
 
 if __name__ == "__main__":

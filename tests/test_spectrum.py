@@ -225,3 +225,79 @@ def test_spectrum_guard_reaches_the_solver():
         np.testing.assert_allclose(np.asarray(row["eigenvalues"]), [9.0, 7.0], rtol=1e-10)
         counts.append(int(row["hvps"]))
     assert counts[0] > counts[1]
+
+
+def _planted(rng, d, cluster_size, spacing, gap):
+    """A symmetric d x d matrix: a cluster of ``cluster_size`` eigenvalues 10 (1 - spacing i), then
+    two more at 10 (1 - gap) and 10 (1 - 2 gap), and a bulk uniform in [-1, 10 (1 - 3 gap)]."""
+    top = np.concatenate([10.0 * (1.0 - spacing * np.arange(cluster_size)), 10.0 * (1.0 - gap * np.array([1.0, 2.0]))])
+    return _clustered(rng, d, top, 10.0 * (1.0 - 3 * gap))[0]
+
+
+@pytest.mark.parametrize("d, cluster_size, spacing", [(80, 2, 1e-2), (400, 4, 1e-5)])
+def test_cluster_contract_bounds_the_invariant_subspace_against_dense_eigh(d, cluster_size, spacing):
+    """With ``cluster``, on planted clusters (sizes, widths, k, tol, warm starts): the reported
+    residuals and subspace residuals are the true float64 ones (the subspace residual, over the
+    whole cluster in the block, is >= that of its reported members and >= each pair's own); a
+    converged measurement has every pair within tol; the reported members' span is within
+    ||R|| / delta of the cluster's invariant subspace (Davis-Kahan, delta the true gap) and the
+    Ritz values within ||R||^2 / eta of the eigenvalues (Mathias's quadratic residual bound)."""
+    rng = np.random.default_rng(d)
+    gap = 0.05
+    a = _planted(rng, d, cluster_size, spacing, gap)
+    exact, exact_vectors = np.linalg.eigh(a)
+    exact, exact_vectors = exact[::-1], exact_vectors[:, ::-1]
+    inside = exact_vectors[:, :cluster_size]  # the planted cluster's invariant subspace
+    solve = jax.jit(
+        lambda a, start, tol: lobpcg(lambda v: a @ v, start, tol=tol, max_iters=60, guard=2, cluster=3 * spacing)
+    )
+    checked = {"equal": 0, "angle": 0}
+    for k in (1, cluster_size, cluster_size + 1):
+        for tol in (1e-3, 1e-7):
+            for noise in (1e-3, 1e-1):
+                start = exact_vectors[:, :k] + noise * rng.standard_normal((d, k))
+                pairs = solve(jnp.asarray(a), jnp.asarray(start), tol)
+                values, vectors = np.asarray(pairs.values), np.asarray(pairs.vectors)
+                residual_vectors = a @ vectors - vectors * values
+                true = np.linalg.norm(residual_vectors, axis=0) / np.abs(values)
+                np.testing.assert_allclose(np.asarray(pairs.residuals), true, rtol=1e-6, atol=1e-12)
+                subspace, ids = np.asarray(pairs.subspace_residuals), np.asarray(pairs.clusters)
+                assert np.all(subspace >= true * (1 - 1e-6))
+                if np.all(subspace <= tol):
+                    assert np.all(true <= tol * (1 + 1e-6))
+                for cluster in np.unique(ids):
+                    members = ids == cluster
+                    q, theta, r = vectors[:, members], values[members], residual_vectors[:, members]
+                    dense = np.linalg.norm(r) / np.min(np.abs(theta))
+                    assert dense <= subspace[members][0] * (1 + 1e-6) + 1e-12
+                    if cluster < ids[-1]:  # the cluster ends before the last reported pair: all of it is reported
+                        np.testing.assert_allclose(subspace[members], dense, rtol=1e-6, atol=1e-12)
+                        checked["equal"] += 1
+                    if theta.min() > exact[cluster_size] + 2 * 10 * gap / 3:  # a member of the planted cluster
+                        delta = theta.min() - exact[cluster_size]  # to the rest of the spectrum
+                        sine = np.linalg.norm(q - inside @ (inside.T @ q), ord=2)
+                        assert sine <= np.linalg.norm(r, ord=2) / delta * (1 + 1e-6) + 1e-12
+                        checked["angle"] += 1
+                    # Mathias: in the basis [Q, Q_perp], A = [[Theta, E^T], [E, A_2]]; the ordered
+                    # eigenvalues of A and of diag(Theta, A_2) differ by <= ||E||^2 / eta
+                    complement = np.linalg.qr(np.concatenate([q, rng.standard_normal((d, d - q.shape[1]))], 1))[0]
+                    complement = complement[:, q.shape[1] :]
+                    rest = np.linalg.eigvalsh(complement.T @ a @ complement)
+                    eta = np.min(np.abs(theta[:, None] - rest[None, :]))
+                    split = np.sort(np.concatenate([theta, rest]))[::-1]
+                    bound = np.linalg.norm(complement.T @ r, ord=2) ** 2 / eta
+                    assert np.max(np.abs(split - exact)) <= bound * (1 + 1e-6) + 1e-10
+    assert min(checked.values()) > 0
+
+
+def test_without_cluster_each_pair_is_its_own_cluster():
+    rng = np.random.default_rng(1)
+    a = _planted(rng, 120, 3, 1e-3, 0.05)
+    start = jnp.asarray(rng.standard_normal((120, 3)))
+    pairs = jax.jit(lambda a, s: lobpcg(lambda v: a @ v, s, tol=1e-8, max_iters=100))(jnp.asarray(a), start)
+    np.testing.assert_array_equal(np.asarray(pairs.clusters), [0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(pairs.subspace_residuals), np.asarray(pairs.residuals))
+    with pytest.raises(ValueError, match="cluster is a relative gap"):
+        lobpcg(lambda v: v, start, cluster=-0.1)
+    with pytest.raises(ValueError, match="cluster must be in"):
+        eosflow.SharpnessTracker(lambda w: jnp.sum(w**2), cluster=1.5)

@@ -36,8 +36,8 @@ def dense_top(matrix, k):
     return values[::-1][:k]
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
+@pytest.mark.parametrize("every, cluster", [(1, None), (3, None), (3, 1e-2)])
+def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every, cluster):
     problem = small_problem()
     params0 = problem.objective.unravel(problem.w0)
     batch = problem.objective.data
@@ -45,7 +45,7 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
     def loss(params, batch):
         return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
 
-    tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every)
+    tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every, cluster=cluster)
 
     @jax.jit
     def train(params, state):

@@ -50,6 +50,13 @@ class SpectrumSpec:
     tol: float = option(1e-3, "relative residual |Hv - lambda v| / |lambda| accepted", gt=0, lt=1)
     max_iters: int = option(30, "LOBPCG iterations at most per measurement", ge=1)
     guard: int = option(1, "Ritz vectors kept beyond the k reported (no HVPs of their own)", ge=0)
+    cluster: float = option(
+        0.0,
+        "relative gap below which Ritz values form a cluster converged as a whole: "
+        "its subspace residual <= tol (0: each pair)",
+        ge=0,
+        lt=1,
+    )
 
     def check(self, where: str) -> None:
         if self.k > self.k_max:

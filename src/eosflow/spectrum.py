@@ -33,12 +33,20 @@ BlockMatvec = Callable[[Float[Array, "d k"]], Float[Array, "d k"]]
 
 
 class Eigenpairs(NamedTuple):
-    """Eigenvalues in descending order, unit eigenvectors as columns, and the HVPs spent."""
+    """Eigenvalues in descending order, unit eigenvectors as columns, and the HVPs spent.
+
+    ``residuals`` are per pair, ||H v - theta v|| / |theta|. :func:`lobpcg` also reports, per pair,
+    the index of its cluster (``clusters``, 0 for the top one) and that cluster's subspace residual
+    ||H Q - Q Q^T H Q||_F / min |theta| over its Ritz vectors Q in the block (``subspace_residuals``,
+    >= the pair's own residual; see :func:`lobpcg`); without ``cluster`` every pair is its own cluster.
+    """
 
     values: Float[Array, " k"]
     vectors: Float[Array, "d k"]
     hvps: Array
     residuals: Float[Array, " k"]
+    subspace_residuals: Float[Array, " k"] | None = None
+    clusters: Array | None = None  # (k,) int32
 
 
 def _orthonormalize(vectors: Array) -> Array:
@@ -74,6 +82,7 @@ def lobpcg(
     max_iters: int = 50,
     guard: int = 1,
     extra: Float[Array, "d e"] | None = None,
+    cluster: float | None = None,
 ) -> Eigenpairs:
     """Top-k eigenpairs of a symmetric operator by locally optimal block preconditioned CG.
 
@@ -84,10 +93,20 @@ def lobpcg(
     multiplied by H (each iteration costs one HVP per unconverged pair). ``guard`` more Ritz vectors
     are kept in X and P (their images are combinations of known ones: no HVPs), so that the k-th
     pair is not at the edge of the subspace. The HVP count is returned.
+
+    With ``cluster = c``, Ritz values theta_1 >= ... >= theta_{k+guard} split into clusters where
+    theta_{i-1} - theta_i > c |theta_{i-1}|, and the contract is on the invariant subspace of each
+    cluster that holds a reported pair, guard members included: ||H Q - Q Q^T H Q||_F <= tol
+    min |theta| for its Ritz vectors Q (basis-free, and >= each member's own residual, so every
+    reported pair still meets the per-pair contract). The members of an unconverged cluster whose
+    residual exceeds tol min|theta| / sqrt(|cluster|) are multiplied by H (guard members too).
     """
+    if isinstance(cluster, int | float) and not 0 <= cluster < 1:
+        raise ValueError(f"lobpcg: cluster is a relative gap in [0, 1) (or None), got {cluster!r}")
     d, k = initial.shape
     start = initial if extra is None else jnp.concatenate([initial, extra], axis=1)
     width = min(k + guard, d)  # Ritz vectors kept: k reported + guard
+    searched = k if cluster is None else width  # the columns that may get a residual direction
     x = _orthonormalize(start)
     hx = leading_columns(matvec, x, x.shape[1])
     theta, coefficients = _rayleigh_ritz(x, hx, width)
@@ -97,16 +116,26 @@ def lobpcg(
     def residual_norms(x, hx, theta):
         return jnp.linalg.norm(hx - x * theta, axis=0) / jnp.maximum(jnp.abs(theta), 1e-30)
 
+    def unconverged(theta, residuals):
+        """(columns that get a residual direction (searched,), clusters (width,), subspace residuals (width,))."""
+        if cluster is None:
+            return residuals[:k] > tol, jnp.arange(width), residuals
+        ids = cluster_indices(theta, cluster)
+        subspace, scale, size = _cluster_residuals(residuals * jnp.maximum(jnp.abs(theta), 1e-30), theta, ids)
+        in_scope = ids <= ids[k - 1]
+        behind = residuals * jnp.maximum(jnp.abs(theta), 1e-30) > tol * scale / jnp.sqrt(size)
+        return in_scope & (subspace > tol) & behind, ids, subspace
+
     def not_done(carry):
-        residuals, iteration = carry[5], carry[6]
-        return jnp.logical_and(iteration < max_iters, jnp.any(residuals > tol))
+        theta, residuals, iteration = carry[4], carry[5], carry[6]
+        return jnp.logical_and(iteration < max_iters, jnp.any(unconverged(theta, residuals)[0]))
 
     def iterate(carry):
         x, hx, p, hp, theta, residuals, iteration, hvps = carry
-        active = residuals > tol
+        active = unconverged(theta, residuals)[0]
         order = jnp.argsort(~active, stable=True)  # unconverged pairs first
         count = jnp.sum(active)
-        r = (hx[:, :k] - x[:, :k] * theta[:k])[:, order] * (jnp.arange(k) < count)
+        r = (hx[:, :searched] - x[:, :searched] * theta[:searched])[:, order] * (jnp.arange(searched) < count)
         r = r - x @ (x.T @ r)
         r = r / jnp.maximum(jnp.linalg.norm(r, axis=0), jnp.finfo(r.dtype).tiny)
         hr = leading_columns(matvec, r, jnp.maximum(count, 1))
@@ -119,7 +148,7 @@ def lobpcg(
         norms = jnp.linalg.norm(new_x, axis=0)
         norms = jnp.where(norms > 0, norms, 1.0)
         new_x, new_hx = new_x / norms, new_hx / norms
-        residuals = residual_norms(new_x[:, :k], new_hx[:, :k], theta[:k])
+        residuals = residual_norms(new_x[:, :searched], new_hx[:, :searched], theta[:searched])
         return new_x, new_hx, p, hp, theta, residuals, iteration + 1, hvps + count
 
     zeros = jnp.zeros_like(x)
@@ -129,12 +158,28 @@ def lobpcg(
         zeros,
         zeros,
         theta,
-        residual_norms(x[:, :k], hx[:, :k], theta[:k]),
+        residual_norms(x[:, :searched], hx[:, :searched], theta[:searched]),
         jnp.asarray(0),
         jnp.asarray(start.shape[1]),
     )
     x, hx, _, _, theta, residuals, _, hvps = jax.lax.while_loop(not_done, iterate, carry)
-    return Eigenpairs(theta[:k], x[:, :k], hvps, residuals)
+    _, ids, subspace = unconverged(theta, residuals)
+    return Eigenpairs(theta[:k], x[:, :k], hvps, residuals[:k], subspace[:k], ids[:k].astype(jnp.int32))
+
+
+def cluster_indices(theta: Float[Array, " w"], gap: float) -> Array:
+    """Cluster index of each of descending values theta (0 for the top cluster): a new cluster
+    starts wherever theta_{i-1} - theta_i > gap |theta_{i-1}|."""
+    breaks = theta[:-1] - theta[1:] > gap * jnp.abs(theta[:-1])
+    return jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(breaks, dtype=jnp.int32)])
+
+
+def _cluster_residuals(norms: Array, theta: Array, ids: Array) -> tuple[Array, Array, Array]:
+    """Per Ritz pair, its cluster's (||H Q - Q Theta||_F / min |theta|, min |theta|, size), from the
+    pairs' residual norms ||H q - theta q|| (the columns of H Q - Q Theta for the Ritz vectors Q)."""
+    same = ids[:, None] == ids[None, :]
+    scale = jnp.maximum(jnp.min(jnp.where(same, jnp.abs(theta)[None, :], jnp.inf), axis=1), 1e-30)
+    return jnp.sqrt(same.astype(norms.dtype) @ norms**2) / scale, scale, jnp.sum(same, axis=1)
 
 
 def leading_columns(matvec: BlockMatvec, block: Float[Array, "d k"], count: Array | int) -> Float[Array, "d k"]:
@@ -173,6 +218,7 @@ def hessian_eigenpairs(
     max_iters: int = 50,
     guard: int = 1,
     preconditioner: Array | None = None,
+    cluster: float | None = None,
 ) -> Eigenpairs:
     """Top eigenpairs of H(w) by LOBPCG, warm-started from ``initial`` (d x k); with a positive
     diagonal ``preconditioner`` P (d,), those of P^{-1/2} H(w) P^{-1/2} (the eigenvalues of P^{-1} H)."""
@@ -180,7 +226,7 @@ def hessian_eigenpairs(
     matvec = jax.vmap(hvp_linear, in_axes=1, out_axes=1)
     if preconditioner is not None:
         matvec = preconditioned_matvec(matvec, preconditioner)
-    return lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard)
+    return lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard, cluster=cluster)
 
 
 def bouncing_warm_start(vectors: Array, older: Array, step: Float[Array, " d"], previous_step: Array) -> Array:
@@ -303,6 +349,7 @@ def measure_tracked(
     max_iters: int,
     preconditioner: Array | None = None,
     guard: int = 1,
+    cluster: float | None = None,
 ) -> Eigenpairs:
     """Warm-started top eigenpairs at steps that are multiples of ``every`` (NaN values otherwise),
     of H(w) or, given a diagonal ``preconditioner`` P, of P^{-1/2} H(w) P^{-1/2}.
@@ -314,13 +361,20 @@ def measure_tracked(
 
     def measure(_):
         pairs = hessian_eigenpairs(
-            objective, w, vectors, tol=tol, max_iters=max_iters, guard=guard, preconditioner=preconditioner
+            objective,
+            w,
+            vectors,
+            tol=tol,
+            max_iters=max_iters,
+            guard=guard,
+            preconditioner=preconditioner,
+            cluster=cluster,
         )
         return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
 
     def skip(_):
         nan = jnp.full((k,), jnp.nan, dtype=vectors.dtype)
-        return Eigenpairs(nan, vectors, jnp.asarray(0, jnp.int32), nan)
+        return Eigenpairs(nan, vectors, jnp.asarray(0, jnp.int32), nan, nan, jnp.arange(k, dtype=jnp.int32))
 
     if every == 0:
         return skip(None)
@@ -348,7 +402,15 @@ def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr
     the solver stopped at ``max_iters``).
     """
     pairs = measure_tracked(
-        objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters, guard=spectrum.guard
+        objective,
+        w,
+        vectors,
+        step,
+        spectrum.every,
+        spectrum.tol,
+        spectrum.max_iters,
+        guard=spectrum.guard,
+        cluster=spectrum.cluster or None,
     )
     sharpness = pairs.values[0]
     row = {

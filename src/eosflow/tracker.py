@@ -55,6 +55,9 @@ class SharpnessTracker(eqx.Module):
         tol: relative residual ||H v - lambda v|| / |lambda| accepted for every pair.
         max_iters: LOBPCG iterations at most per measurement.
         every: measure on every ``every``-th update (the first update always measures).
+        cluster: relative gap below which Ritz values form a cluster whose invariant subspace is
+            converged as a whole (:func:`eosflow.spectrum.lobpcg`; None: per pair). Skipped updates
+            report NaN subspace residuals.
     """
 
     loss_fn: Callable = eqx.field(static=True)
@@ -62,6 +65,7 @@ class SharpnessTracker(eqx.Module):
     tol: float = eqx.field(static=True, default=1e-3)
     max_iters: int = eqx.field(static=True, default=30)
     every: int = eqx.field(static=True, default=1)
+    cluster: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.k < 1 or self.max_iters < 1 or self.every < 1:
@@ -70,6 +74,8 @@ class SharpnessTracker(eqx.Module):
             )
         if not 0 < self.tol < 1:
             raise ValueError(f"SharpnessTracker tol must be in (0, 1), got {self.tol!r}")
+        if self.cluster is not None and not 0 <= self.cluster < 1:
+            raise ValueError(f"SharpnessTracker cluster must be in [0, 1) or None, got {self.cluster!r}")
 
     def init(self, params: PyTree, key: Array) -> TrackerState:
         """k random orthonormal directions in parameter space; no measurement yet."""
@@ -94,11 +100,12 @@ class SharpnessTracker(eqx.Module):
             matvec = jax.vmap(hvp, in_axes=1, out_axes=1)
             if precondition is not None:
                 matvec = preconditioned_matvec(matvec, precondition)
-            pairs = lobpcg(matvec, state.vectors, tol=self.tol, max_iters=self.max_iters)
+            pairs = lobpcg(matvec, state.vectors, tol=self.tol, max_iters=self.max_iters, cluster=self.cluster)
             return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
 
         def skip(state: TrackerState) -> Eigenpairs:
-            return Eigenpairs(state.values, state.vectors, jnp.zeros((), jnp.int32), state.residuals)
+            nan, clusters = jnp.full_like(state.residuals, jnp.nan), jnp.arange(state.residuals.size, dtype=jnp.int32)
+            return Eigenpairs(state.values, state.vectors, jnp.zeros((), jnp.int32), state.residuals, nan, clusters)
 
         if self.every == 1:
             pairs = measure(state)
