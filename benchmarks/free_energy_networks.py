@@ -257,6 +257,23 @@ def restarted(table: dict, params: np.ndarray, t0: int, steps: int) -> dict[str,
     return {key: np.array(value) for key, value in rows.items()}
 
 
+def catapult_of(lr_sharpness: np.ndarray, amplitude: np.ndarray) -> tuple[str, str, str]:
+    """The first catapult of a run (step 0 = t0): the oscillation's peak (value, step) before lr S, once
+    past 2, falls below 1.9 (+10 steps), the lowest lr S in the 30 steps after it, and the first step
+    after that minimum at which lr S is back at 2."""
+    above = int(np.argmax(lr_sharpness >= 2.0))
+    below = np.flatnonzero(lr_sharpness[above:] < 1.9)
+    drop = above + int(below[0]) if below.size else lr_sharpness.size
+    peak = int(np.nanargmax(amplitude[: drop + 10]))
+    low = peak + int(np.nanargmin(lr_sharpness[peak : peak + 30]))
+    back = np.flatnonzero(lr_sharpness[low:] >= 2.0)
+    return (
+        f"{amplitude[peak]:.3f}, +{peak}",
+        f"{lr_sharpness[low]:.2f}",
+        f"+{low + back[0]}" if back.size else "never",
+    )
+
+
 def catapult(problem: str) -> None:
     """What remains of the default closure's envelope error (the run of the last variant, ``NEW``):
     the error with the model shifted in time onto GD's first spike (a diagnostic), the error outside
@@ -316,8 +333,12 @@ def catapult(problem: str) -> None:
         starts["GD back at lr S = 1.9 after the first catapult"] = second_edge[0] - 1
     print("\nRe-anchored at the edge: from step t0 on, GD's centre and oscillation, then the model alone;")
     print("scored over steps t0..end against GD, beside the free model over the same steps:\n")
-    print("| t0 | envelope (avg): re-anchored / free | envelope: re-anchored / free | next GD spike -> model peak |")
-    print("|---|---|---|---|")
+    print(
+        "| t0 | envelope (avg): re-anchored / free | envelope: re-anchored / free | next GD spike -> model peak "
+        "| peak amplitude, step: GD / re-anchored | lowest lr S after it: GD / re-anchored "
+        "| back at lr S = 2: GD / re-anchored |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for label, t0 in starts.items():
         out = restarted(table, params, t0, n - t0)
         tail = slice(t0, None)
@@ -330,9 +351,13 @@ def catapult(problem: str) -> None:
             t = spikes_after[0]
             nearest = peaks_after[np.argmin(np.abs(peaks_after - t))]
             next_spike = f"{t0 + t}: {nearest - t:+d} steps"
+        dynamics = [
+            catapult_of(series, amp)
+            for series, amp in ((lr_s["gd"][tail], gd_tail), (out["lr_sharpness"], out["amplitude"]))
+        ]
         print(
             f"| {label} ({t0}) | {errors_avg[0]:.3f} / {errors_avg[1]:.3f} | {errors_pt[0]:.3f} / {errors_pt[1]:.3f} "
-            f"| {next_spike} |",
+            f"| {next_spike} | " + " | ".join(" / ".join(d[i] for d in dynamics) for i in range(3)) + " |",
             flush=True,
         )
 
