@@ -319,10 +319,16 @@ def catapult(problem: str) -> None:
         low, high = max(min(t_gd, t_model) - 20, 0), min(max(t_gd, t_model) + 20, n)
         outside = np.ones(n, bool)
         outside[low:high] = False
-        share = np.abs(model_avg - gd_avg)[~outside].sum() / np.abs(model_avg - gd_avg).sum()
+        gap = np.abs(model_avg - gd_avg)
+        share, before = gap[~outside].sum() / gap.sum(), gap[:start].sum() / gap.sum()
         print(
             f"| outside the mistimed catapult's steps {low}-{high - 1} (GD's burst at {t_gd}, the model's at "
             f"{t_model}; {share:.0%} of the averaged error's sum is inside) | {both(amplitude, outside)} |"
+        )
+        eos = outside & (np.arange(n) >= start)
+        print(
+            f"| outside it and from the EoS start on ({before:.0%} of the sum is before step {start}) "
+            f"| {both(amplitude, eos)} |"
         )
     _, params = load_params(run_dir, "gd")
     table = table_of(problem, NEW)
