@@ -65,6 +65,7 @@ def test_problems_and_models_select_rows_and_name_what_is_unknown():
         "gradient_flow",
         "free_energy",
     ]
+    assert list(lb.suite_tables(models=["particle_model"])) == ["two_layer_meanfield"]  # it models that one only
     with pytest.raises(SpecError, match="'mlp_digit'"):
         lb.selected("default", ["mlp_digit"])
     with pytest.raises(SpecError, match="'adam_rod_flow'"):

@@ -287,13 +287,10 @@ def suite_tables(
         chosen = models_of(entry.optimizer)
         if models is not None:
             chosen = [name for name in models if name in chosen]
-            if not chosen:  # none of the requested models models this entry's optimizer
-                continue
-        table["processes"] = [
-            entry.optimizer,
-            baseline_of(entry.optimizer),
-            *applicable(chosen, table["problem"]["name"]),
-        ]
+        chosen = applicable(chosen, table["problem"]["name"])
+        if models is not None and not chosen:  # none of the requested models models this entry
+            continue
+        table["processes"] = [entry.optimizer, baseline_of(entry.optimizer), *chosen]
         if quick and entry.quick_steps is not None:  # (quick entries without quick_steps were skipped)
             table["steps"] = entry.quick_steps
             table["record"]["chunk"] = max(1, entry.quick_steps // 4)
