@@ -83,6 +83,7 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
         "leaderboard",
         "leaderboard",
         "leaderboard",
+        "leaderboard",
         "sweep",
     ]
     (tmp_path / "examples").symlink_to(ROOT / "examples")

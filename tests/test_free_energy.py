@@ -71,9 +71,10 @@ def test_rounding_source_fills_the_stable_mode_at_the_closed_form_rate():
 
 
 def test_implicit_regularization_off_the_oscillation():
-    """``implicit``: on L = 1/2 w^T H w the centre's velocity is -lr (g + lr/2 P H P g) with P = I - u u^T
-    (dense numpy), and off the tracked direction the centre follows GD's (I - lr H)^t w0 (lr lambda = 0.375,
-    0.15) at least 3 times closer after 10 steps than gradient flow's exp(-lr H t) w0 does."""
+    """``implicit`` (the default since issue 20; this test leaves it unset, so it fails on the old default):
+    on L = 1/2 w^T H w the centre's velocity is -lr (g + lr/2 P H P g) with P = I - u u^T (dense numpy),
+    and off the tracked direction the centre follows GD's (I - lr H)^t w0 (lr lambda = 0.375, 0.15) at
+    least 3 times closer after 10 steps than gradient flow's exp(-lr H t) w0 does."""
     lr = 0.075
     problem, flow = _flow(
         {
@@ -85,7 +86,6 @@ def test_implicit_regularization_off_the_oscillation():
                 "seed": "none",
                 "floor": False,
                 "rounding": 0.0,
-                "implicit": True,
                 "substeps": 16,
                 "max_substeps": 16,
             },
@@ -105,6 +105,54 @@ def test_implicit_regularization_off_the_oscillation():
     gradient_flow = basis @ (np.exp(-lr * values * 10) * (basis.T @ w0))
     error = np.linalg.norm(projector @ (np.asarray(rows["position"][10]) - gd))
     assert error < np.linalg.norm(projector @ (gradient_flow - gd)) / 3, error
+
+
+def test_default_rounding_source_is_gds_measured_rounding():
+    """The default ``rounding`` is what a float32 GD step rounds: e_k = w_{k+1} - (w_k - lr g(w_k)), computed
+    in float64 from GD's own float32 iterates of a digits MLP, has RMS 0.15-0.35 eps rms(w) (round to
+    nearest: ~0.21), and the default is within 30% of it (the old default, 1, is 4 times too large)."""
+    from eosflow.flows.free_energy import FreeEnergyOptions
+    from eosflow.load import load_params
+    from eosflow.precision import precision
+
+    spec = {
+        "steps": 30,
+        "lr": 0.4,
+        "dtype": "float32",
+        "processes": ["gd"],
+        "problem": {"name": "mlp", "dataset": "digits", "n_train": 100, "n_test": 0, "width": 16, "depth": 2},
+        "spectrum": {"every": 0},
+        "record": {"params_every": 1},
+    }
+    with tempfile.TemporaryDirectory() as directory:
+        run(spec, directory, overwrite=True)
+        _, params = load_params(directory, "gd")
+    with precision("float32"):
+        _, problem, _, _ = prepare(spec)
+        grads = np.asarray(jax.jit(jax.vmap(problem.objective.grad))(jnp.asarray(params[:-1])), np.float64)
+    w = params.astype(np.float64)
+    rounding = w[1:] - (w[:-1] - 0.4 * grads)
+    assert np.abs(w[1:] - w[:-1]).max() > 1e3 * np.abs(rounding).max()  # GD moved; e is rounding only
+    measured = np.sqrt(np.mean(rounding**2)) / (np.finfo(np.float32).eps * np.sqrt(np.mean(w[:-1] ** 2)))
+    assert 0.15 < measured < 0.35, measured
+    assert abs(FreeEnergyOptions().rounding / measured - 1) < 0.3, measured
+
+
+def test_default_closure_follows_gd_into_the_edge_on_the_sharp_valley():
+    """The default closure (no rod floor: the oscillation regrows from GD's rounding, as GD's does) on the
+    leaderboard's valley sharpened past 2/lr by a quadratic drift: window-averaged envelope error <= 0.2
+    against GD's own oscillation (0.16 measured; the old default, the rod floor, gives 0.37)."""
+    from eosflow.compare import averaged_envelope_error, predicted_amplitude
+    from eosflow.leaderboard import suite_entries
+
+    entry = {e.name: e for e in suite_entries("default")}["sharp_valley_quadratic"]
+    spec = {**entry.table, "processes": ["gd", "free_energy"]}
+    with tempfile.TemporaryDirectory() as directory:
+        run(spec, directory, overwrite=True)
+        ds = eosflow.load(directory)
+    oscillation = ds.oscillation.sel(process="gd").values
+    error = averaged_envelope_error(predicted_amplitude(ds, "free_energy"), oscillation)
+    assert error <= 0.2, error
 
 
 def test_quartic_period_two_amplitude():

@@ -52,6 +52,26 @@ def test_adaptive_suite_runs_every_model_of_rmsprop_and_adam():
         prepare(table)
 
 
+def test_problems_and_models_select_rows_and_name_what_is_unknown():
+    """``--problems`` / ``--models``: the chosen rows beside the reference and its baseline; an entry
+    whose optimizer none of the models models is left out; an unknown name is a SpecError naming it."""
+    from eosflow.config import SpecError
+
+    entries = lb.selected("all", ["cnn_digits", "mlp_digits-adam"], ["free_energy"])
+    assert {e.name for e in entries} == {"mlp_digits-adam", "cnn_digits"}
+    tables = lb.suite_tables(models=["free_energy"], suite=entries)
+    assert list(tables) == ["cnn_digits"] and tables["cnn_digits"]["processes"] == [
+        "gd",
+        "gradient_flow",
+        "free_energy",
+    ]
+    assert list(lb.suite_tables(models=["particle_model"])) == ["two_layer_meanfield"]  # it models that one only
+    with pytest.raises(SpecError, match="'mlp_digit'"):
+        lb.selected("default", ["mlp_digit"])
+    with pytest.raises(SpecError, match="'adam_rod_flow'"):
+        lb.selected("default", None, ["adam_rod_flow"])
+
+
 TINY = (
     lb.Entry(
         "quartic",

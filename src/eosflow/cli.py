@@ -7,6 +7,7 @@
     eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
     eosflow compare SPEC.toml [--set key=value ...] [--out DIR] [--overwrite]
     eosflow leaderboard [--suite default|architectures|adaptive|all] [--quick] [--jobs N] [--out DIR]
+                        [--problems A,B] [--models M,N]
     eosflow problems
     eosflow processes
 
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         "adaptive (RMSProp and Adam with their models) or all",
     )
     p_board.add_argument("--jobs", type=int, default=1, help="problems run at once in worker processes")
+    p_board.add_argument("--problems", help="comma-separated problems of the suite to run (default: all)")
+    p_board.add_argument(
+        "--models", help="comma-separated models to run beside the reference and its baseline (default: all)"
+    )
     p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-SUITE][-quick])")
     p_board.add_argument("--quiet", action="store_true")
 
@@ -241,7 +246,15 @@ def _dispatch(args) -> int:
 
         name = "leaderboard" + (f"-{args.suite}" if args.suite != "default" else "") + ("-quick" if args.quick else "")
         out = args.out or Path("runs") / name
-        page = leaderboard(out, quick=args.quick, progress=not args.quiet, suite=args.suite, jobs=args.jobs)
+        page = leaderboard(
+            out,
+            quick=args.quick,
+            progress=not args.quiet,
+            suite=args.suite,
+            jobs=args.jobs,
+            problems=args.problems.split(",") if args.problems else None,
+            models=args.models.split(",") if args.models else None,
+        )
         print(f"leaderboard: {page}")
         return 0
     if args.command == "demo":

@@ -1,6 +1,6 @@
 """The flow leaderboard: every model of GD on a built-in suite of problems, in one table.
 
-    eosflow leaderboard [--quick] [--suite gd|adaptive|all] [--out DIR]
+    eosflow leaderboard [--quick] [--suite gd|adaptive|all] [--out DIR] [--problems A,B] [--models M,N]
 
     out/
       runs/<problem>/            one ordinary run directory per problem: gd, gradient_flow and every
@@ -15,6 +15,8 @@ discrete) except the models of other optimizers (``NOT_GD_MODELS``, and every mo
 another optimizer); a model registered for some problems only (the mean-field particle model)
 runs on those. The ``adaptive`` suite (``ADAPTIVE_SUITE``) does the same for RMSProp and Adam: the
 optimizer is the reference, its stable flow the yardstick, and every model of it runs beside them.
+``--problems`` and ``--models`` rerun some rows only (the reference and its baseline always run:
+the baseline is the distance's yardstick).
 """
 
 from __future__ import annotations
@@ -275,18 +277,20 @@ def suite_tables(
     quick: bool = False, models: list[str] | None = None, suite: tuple[Entry, ...] = SUITE
 ) -> dict[str, dict]:
     """The spec table of every problem of the (quick) suite: the optimizer (gd), its baseline
-    (gradient_flow) and the models (by default every model of the entry's optimizer)."""
+    (gradient_flow) and the models (by default every model of the entry's optimizer; with ``models``,
+    those of them that model it, and an entry none of them models is left out)."""
     tables = {}
     for entry in suite:
         if quick and entry.quick_steps is None:
             continue
         table = copy.deepcopy(entry.table)
-        chosen = models_of(entry.optimizer) if models is None else models
-        table["processes"] = [
-            entry.optimizer,
-            baseline_of(entry.optimizer),
-            *applicable(chosen, table["problem"]["name"]),
-        ]
+        chosen = models_of(entry.optimizer)
+        if models is not None:
+            chosen = [name for name in models if name in chosen]
+        chosen = applicable(chosen, table["problem"]["name"])
+        if models is not None and not chosen:  # none of the requested models models this entry
+            continue
+        table["processes"] = [entry.optimizer, baseline_of(entry.optimizer), *chosen]
         if quick and entry.quick_steps is not None:  # (quick entries without quick_steps were skipped)
             table["steps"] = entry.quick_steps
             table["record"]["chunk"] = max(1, entry.quick_steps // 4)
@@ -429,13 +433,42 @@ def machine() -> str:
     )
 
 
-def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: str = "default", jobs: int = 1) -> Path:
+def selected(suite: str, problems: list[str] | None = None, models: list[str] | None = None) -> tuple[Entry, ...]:
+    """The entries of ``suite`` named in ``problems`` (None: all); a SpecError names an unknown problem
+    or a model that models none of them."""
+    from eosflow.config import SpecError
+
+    entries = suite_entries(suite)
+    names = [entry.name for entry in entries]
+    for name in problems or []:
+        if name not in names:
+            raise SpecError(f"--problems: {name!r} is not in the {suite} suite; choose from {', '.join(names)}")
+    entries = tuple(entry for entry in entries if problems is None or entry.name in problems)
+    known = {name for entry in entries for name in models_of(entry.optimizer)}
+    for name in models or []:
+        if name not in known:
+            raise SpecError(
+                f"--models: {name!r} models none of the chosen problems; choose from {', '.join(sorted(known))}"
+            )
+    return entries
+
+
+def leaderboard(
+    out: Path,
+    quick: bool = False,
+    progress: bool = True,
+    suite: str = "default",
+    jobs: int = 1,
+    problems: list[str] | None = None,
+    models: list[str] | None = None,
+) -> Path:
     """Run the suite (``--quick``: its quick entries, shortened) into ``out``; returns ``out/leaderboard.md``.
 
-    ``jobs`` > 1 runs that many problems at once in worker processes (without progress bars)."""
+    ``jobs`` > 1 runs that many problems at once in worker processes (without progress bars);
+    ``problems`` / ``models`` (None: all) rerun those rows only, beside the reference and its baseline."""
     out = Path(out)
     started = time.perf_counter()
-    tables = suite_tables(quick, suite=suite_entries(suite))
+    tables = suite_tables(quick, models, suite=selected(suite, problems, models))
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             parts = list(
@@ -446,13 +479,21 @@ def leaderboard(out: Path, quick: bool = False, progress: bool = True, suite: st
         rows = run_suite(tables, out, progress)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "leaderboard.csv", index=False)
-    return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite)
+    filters = "".join(
+        f" --{flag} {','.join(names)}" for flag, names in (("problems", problems), ("models", models)) if names
+    )
+    return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite, filters)
 
 
-def write_page(rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite: str = "default") -> Path:
+def write_page(
+    rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite: str = "default", filters: str = ""
+) -> Path:
     """``out/leaderboard.md``: the command, the machine and the table."""
     command = (
-        "eosflow leaderboard" + (f" --suite {suite}" if suite != "default" else "") + (" --quick" if quick else "")
+        "eosflow leaderboard"
+        + (f" --suite {suite}" if suite != "default" else "")
+        + (" --quick" if quick else "")
+        + filters
     )
     problems = rows["problem"].nunique()
     title = "Flow leaderboard" + (f": {suite}" if suite != "default" else "") + (" (quick)" if quick else "")

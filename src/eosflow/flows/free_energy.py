@@ -23,13 +23,14 @@ the midpoint its oscillation starts from. While eta S < 2 that seed decays like 
     d(a_j^2)/dt = 2 log|eta k_j - 1| a_j^2 + (rounding * eps * rms(theta))^2,
 
 and the time at which the oscillation regrows past eta S = 2 (GD's first loss spike) follows from
-the machine precision, as it does for GD (``floor = false``; docs/free_energy.md). ``floor = true``
-(the default) keeps a_j above the rod at every step: right when large steps drive the oscillation
-(a catapult), too large a seed when GD sharpens slowly into the edge of stability.
+the machine precision, as it does for GD (``floor = false``, the default; ``rounding`` = 0.25, GD's
+measured rounding per step; docs/free_energy.md). ``floor = true`` keeps a_j above the rod at every
+step: right when large steps drive the oscillation (a catapult, as in deep matrix factorization),
+too large a seed when GD sharpens slowly into the edge of stability.
 Cost per substep: one gradient at theta plus two per oscillating direction (r "HVPs").
 
-``implicit = true`` adds GD's implicit regularization to the centre's drift off the oscillating
-subspace: a GD step of size eta is, to second order, a unit of time of the flow of
+``implicit = true`` (the default) adds GD's implicit regularization to the centre's drift off the
+oscillating subspace: a GD step of size eta is, to second order, a unit of time of the flow of
 L + eta/4 |grad L|^2 (backward error analysis), so with P = I - U_r U_r^T
 
     dtheta/dt = -eta [grad F + eta/2 P H(theta) P grad F]        (one more HVP per substep).
@@ -64,13 +65,18 @@ class FreeEnergyOptions(SubstepOptions):
         "taylor: u^T H(theta) u and 1/2 <Sigma, H> (the second-order expansion)",
     )
     seed: Literal["rod", "none"] = option("rod", "rod: a_j = lr/2 |g . u_j| at t = 0; none: Sigma(0) = 0")
-    floor: bool = option(True, "keep a_j >= lr/2 |g . u_j| at every step (GD keeps re-seeding its oscillation)")
+    floor: bool = option(
+        False, "keep a_j >= lr/2 |g . u_j| at every step (a catapult: large steps keep re-seeding the oscillation)"
+    )
     seed_scale: float = option(1.0, "multiplies the seed and the floor", gt=0)
     rounding: float = option(
-        1.0, "source of GD's period-2 mode: a_j^2 gains (rounding * eps * rms(theta))^2 per step (0: none)", ge=0
+        0.25,
+        "source of GD's period-2 mode: a_j^2 gains (rounding * eps * rms(theta))^2 per step "
+        "(0.25: a float32 GD step's measured rounding; 0: none)",
+        ge=0,
     )
     implicit: bool = option(
-        False,
+        True,
         "add GD's implicit regularization off the oscillating subspace: theta's drift "
         "-eta grad F gains -eta^2/2 P H P grad F, P = I - U U^T (one more HVP per substep)",
     )
