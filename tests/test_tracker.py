@@ -211,3 +211,35 @@ def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
         for w, measured in checks:
             exact = lr * dense_top(dense_hessian(problem64.objective, jnp.asarray(w)), 1)[0]
             assert measured == pytest.approx(exact, rel=1e-4)
+
+
+def test_extrapolated_warm_start_is_second_order_and_ignores_signs_and_order():
+    """A tracked basis rotating at a constant rate: 2 X_a - X_b Q is within O(step^2) of the next
+    basis (the last measurement alone is O(step) away), whatever the signs and order of X_b's columns;
+    gd_warm_start takes the same-side history when GD bounces."""
+    from eosflow.tracker import extrapolated_vectors, gd_warm_start
+
+    rng = np.random.default_rng(0)
+    frame, _ = np.linalg.qr(rng.standard_normal((40, 4)))
+
+    def basis(t):  # two vectors turning in the planes (e1, e3) and (e2, e4)
+        c, s = np.cos(t), np.sin(t)
+        return frame @ np.array([[c, 0], [0, c], [s, 0], [0, s]])
+
+    def distance(x, target):  # sine of the largest principal angle between the column spans
+        q, _ = np.linalg.qr(x)
+        return np.linalg.norm(q - target @ (target.T @ q), 2)
+
+    for step in (0.1, 0.03, 0.01):
+        earlier = basis(0.0)[:, ::-1] * np.array([-1.0, 1.0])  # reordered, one sign flipped
+        start = np.asarray(extrapolated_vectors(jnp.asarray(basis(step)), jnp.asarray(earlier)))
+        assert distance(start, basis(2 * step)) < 0.6 * step**2
+        assert distance(basis(step), basis(2 * step)) > 0.9 * step
+    history = jnp.asarray(np.stack([basis(0.4), basis(0.3), basis(0.2), basis(0.1)]))  # steps t-1, ..., t-4
+    bounced = gd_warm_start(history, jnp.asarray(True), "extrapolated")  # from t-2 and t-4
+    np.testing.assert_array_equal(bounced, extrapolated_vectors(history[1], history[3]))
+    smooth = gd_warm_start(history, jnp.asarray(False), "extrapolated")  # from t-1 and t-2
+    np.testing.assert_array_equal(smooth, extrapolated_vectors(history[0], history[1]))
+    np.testing.assert_array_equal(gd_warm_start(history, jnp.asarray(True), "same_side"), history[1])
+    np.testing.assert_array_equal(gd_warm_start(history, jnp.asarray(False), "same_side"), history[0])
+    np.testing.assert_array_equal(gd_warm_start(history, jnp.asarray(True), "previous"), history[0])

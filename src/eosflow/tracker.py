@@ -22,7 +22,7 @@ return the last measurement with ``hvps = 0``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -34,6 +34,37 @@ from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors
 
 PyTree = Any
+WarmStart = Literal["extrapolated", "same_side", "previous"]
+
+
+def extrapolated_vectors(latest: Float[Array, "d k"], earlier: Float[Array, "d k"]) -> Float[Array, "d k"]:
+    """The linear extrapolation 2 X_a - X_b Q of a tracked eigenbasis, one interval past ``latest`` X_a.
+
+    Q = U V^T (from the SVD of X_b^T X_a) is the rotation that best aligns X_b with X_a (orthogonal
+    Procrustes), so sign flips and reorderings of the tracked vectors between the two measurements do
+    not count as motion; for k = 1 it is the sign of <x_b, x_a>. Not normalized: LOBPCG orthonormalizes
+    its start.
+    """
+    left, _, right = jnp.linalg.svd(earlier.T @ latest)
+    return 2.0 * latest - earlier @ (left @ right)
+
+
+def gd_warm_start(history: Float[Array, "4 d k"], bouncing: Array, rule: WarmStart) -> Float[Array, "d k"]:
+    """The warm start of GD's eigensolver at step t from the vectors measured at t-1, ..., t-4 (``history``).
+
+    ``previous``: those of step t-1. ``same_side``: when GD bounces (consecutive steps point against
+    each other) those of step t-2, measured on the same side of its period-2 orbit, else t-1
+    (:func:`eosflow.spectrum.bouncing_warm_start`). ``extrapolated``: the same-side vectors moved on
+    by their last same-side change, 2 X_{t-2} - X_{t-4} when bouncing, else 2 X_{t-1} - X_{t-2}
+    (:func:`extrapolated_vectors`): the residual left by the drift of the eigenvectors is then second
+    order in the step (docs/sharpness.md).
+    """
+    if rule == "previous":
+        return history[0]
+    latest = jnp.where(bouncing, history[1], history[0])
+    if rule == "same_side":
+        return latest
+    return extrapolated_vectors(latest, jnp.where(bouncing, history[3], history[1]))
 
 
 class TrackerState(NamedTuple):
