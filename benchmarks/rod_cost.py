@@ -7,8 +7,11 @@ length 1e-2 along a random direction, each part of a rod-flow step is jitted and
 (median of ``--reps`` calls after a warm-up): one gradient (the unit), the rod's two ends without
 and with the centre's correction (one ``jax.linearize`` of the two end gradients and its tangent
 at E), one HVP by ``jvp(grad)``, the centre's loss (``observe``), and the whole process step with
-the eigensolver off (``spectrum.every = 0``, which rod flow never reads) and on. Each line gives
-the gradient-equivalents the process counts (an HVP counts 2) and the measured time in gradients.
+the eigensolver off (``spectrum.every = 0``, which rod flow never reads) and on; and the corrected
+ends n times in an XLA loop and unrolled, alone and inside a 5-step ``lax.scan`` (as the runner
+scans a chunk), to show what the loop itself costs (XLA:CPU runs convolutions much slower inside
+a loop). Each line gives the gradient-equivalents the process
+counts (an HVP counts 2) and the measured time in gradients.
 Wall-clock ratios depend on the machine and its load; the counts do not.
 """
 
@@ -35,6 +38,13 @@ def timed(fn, *args, reps: int) -> float:
         jax.block_until_ready(fn(*args))
         samples.append(time.perf_counter() - started)
     return statistics.median(samples)
+
+
+def unrolled(body, x, n: int):
+    """body applied n times in a Python loop (traced n times: no XLA loop around it)."""
+    for _ in range(n):
+        x = body(x)
+    return x
 
 
 def breakdown(name: str, table: dict, reps: int) -> None:
@@ -66,6 +76,25 @@ def breakdown(name: str, table: dict, reps: int) -> None:
         ),
         ("loss at the centre (observe; not counted)", 0, jax.jit(lambda w: objective.value(w)), (w,)),
     ]
+
+    def corrected(x):
+        return x + 1e-6 * rod_ends(objective, x, direction, length, lr, c).centre_velocity
+
+    def looped(x):
+        return jax.lax.fori_loop(0, n, lambda i, x: corrected(x), x)
+
+    def flat(x):
+        return unrolled(corrected, x, n)
+
+    def scanned(substeps):  # 5 steps of n substeps in a lax.scan, as the runner scans a chunk; per step
+        return jax.jit(lambda x: jax.lax.scan(lambda z, _: (substeps(z), None), x, None, length=5)[0])
+
+    parts += [
+        (f"rod ends with the correction, {n} times in a lax.fori_loop", 6 * n, jax.jit(looped), (w,)),
+        (f"rod ends with the correction, {n} times unrolled", 6 * n, jax.jit(flat), (w,)),
+        ("the same loop inside a 5-step lax.scan, per step", 6 * n, scanned(looped), (w,), 5),
+        ("the same unrolled inside a 5-step lax.scan, per step", 6 * n, scanned(flat), (w,), 5),
+    ]
     state = rod.init(w)
     state = state._replace(z=(w, length * direction))
     step = jax.jit(lambda s: rod.step(s))
@@ -86,8 +115,8 @@ def breakdown(name: str, table: dict, reps: int) -> None:
     print(f"one gradient: {1e3 * gradient:.3f} ms\n")
     print("| part | counted grad-equiv. | measured time / one gradient | ms |")
     print("|---|---|---|---|")
-    for label, count, fn, args in parts:
-        seconds = gradient if fn is None else timed(fn, *args, reps=reps)
+    for label, count, fn, args, *per in parts:
+        seconds = timed(fn, *args, reps=reps) / (per[0] if per else 1)
         print(f"| {label} | {count:g} | {seconds / gradient:.2f} | {1e3 * seconds:.3f} |", flush=True)
 
 
