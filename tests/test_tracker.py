@@ -36,8 +36,8 @@ def dense_top(matrix, k):
     return values[::-1][:k]
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
+@pytest.mark.parametrize("every, warm_start", [(1, "previous"), (3, "previous"), (1, "extrapolated")])
+def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every, warm_start):
     problem = small_problem()
     params0 = problem.objective.unravel(problem.w0)
     batch = problem.objective.data
@@ -45,7 +45,7 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
     def loss(params, batch):
         return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
 
-    tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every)
+    tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every, warm_start=warm_start)
 
     @jax.jit
     def train(params, state):
@@ -75,6 +75,20 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every):
             np.testing.assert_array_equal(values[t + 1], values[t])
     # warm starts: later measurements cost less than the cold first one
     assert hvps[every * 2 :][hvps[every * 2 :] > 0].mean() < hvps[0]
+    if warm_start != "previous":  # GD at lr 0.8 bounces here, so the same-side start was in use
+        steps = np.diff(
+            np.stack([ravel_flat(jax.tree.map(lambda leaf, t=t: leaf[t], trajectory)) for t in range(12)]), axis=0
+        )
+        assert np.sum(np.sum(steps[1:] * steps[:-1], axis=1) < 0) >= 3
+
+
+def test_tracker_warm_start_rejects_what_it_cannot_do():
+    for options, message in (
+        ({"warm_start": "sideways"}, "warm_start must be"),
+        ({"warm_start": "extrapolated", "every": 2}, "needs every = 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            eosflow.SharpnessTracker(lambda params: 0.0, **options)
 
 
 def run_optax(optimizer, problem, steps):
