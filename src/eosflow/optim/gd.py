@@ -56,7 +56,7 @@ class GradientDescent(ScannedProcess):
     def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
         loss, grad = self.objective.value_and_grad(state.w)
         start = state.vectors
-        if self.spectrum.every == 1:  # the vectors of steps k - 1, ..., k - 4 were measured at steps k - 1, ...
+        if self.spectrum.every == 1:  # then vectors and older are the measurements of steps k - 1, ..., k - 4
             history = jnp.concatenate([state.vectors[None], state.older])
             start = gd_warm_start(history, jnp.vdot(grad, state.grad) < 0, self.options.warm_start)
         vectors, row = spectrum_row(self.objective, state.w, start, state.step, self.lr, self.spectrum)
