@@ -10,10 +10,13 @@ against the true ones (float64 HVPs of the returned float32 vectors). Per phase 
 lr S < 1.9 by the oracle; edge of stability: from the first oracle step with lr S >= 1.9) it
 prints HVPs per step, gradient-equivalents per step of GD with the tracker (1 + 2 HVPs), the
 median and max relative error of the top k eigenvalues, the fraction of steps with a reported
-residual above tol, and the largest true residual of a pair reported converged.
+residual above tol, the largest true residual of a pair reported converged, and the a-posteriori
+bound on the eigenvalue error, (r |theta|)^2 / gap with the true residual r and the oracle's gap
+(its median, and how often the measured error is within it).
 
 Solvers: the tracker (warm-started LOBPCG) at k = 1 and k = 3, with and without the guard vector,
-warm-started from the previous step or as GD does (from step t - 2 when GD bounces);
+warm-started from the previous step or as GD does (``gd.warm_start``: from step t - 2 when GD
+bounces, "same_side", or that moved on by its change since t - 4, "extrapolated");
 cold ARPACK Lanczos (k = 1, tol 0); power iteration at PyHessian's tolerance (1e-3).
 ``--quick``: width 32 only, 400 steps, the main solvers.
 """
@@ -33,13 +36,8 @@ jax.config.update("jax_enable_x64", True)  # this script's choice: its oracles a
 import eosflow
 from eosflow.cli import demo_table
 from eosflow.experiment import prepare, run
-from eosflow.spectrum import (
-    bouncing_warm_start,
-    lanczos,
-    lobpcg,
-    power_iteration,
-    random_vectors,
-)
+from eosflow.spectrum import Eigenpairs, lanczos, lobpcg, power_iteration, random_vectors
+from eosflow.tracker import gd_warm_start
 
 LR, EDGE = 0.4, 1.9  # lr S >= EDGE: the edge of stability
 MAIN = (
@@ -48,24 +46,37 @@ MAIN = (
     "k=3 tol=1e-3, no guard, previous step",
     "k=3 tol=1e-3 (GD)",
     "k=3 tol=3e-3 (GD)",
+    "k=1 tol=1e-3 (GD, extrapolated)",
+    "k=1 tol=3e-3 (GD, extrapolated)",
+    "k=3 tol=1e-3 (GD, extrapolated)",
 )  # --solvers main (and --quick)
-TRACKERS = [  # (label, k, tol, guard, bouncing): bouncing = GD's warm start (vectors of step t - 2 when it bounces)
-    ("k=1 tol=1e-3, no guard, previous step", 1, 1e-3, 0, False),
-    ("k=1 tol=1e-3, previous step", 1, 1e-3, 1, False),
-    ("k=1 tol=3e-3, previous step", 1, 3e-3, 1, False),
-    ("k=1 tol=1e-2, previous step", 1, 1e-2, 1, False),
-    ("k=1 tol=1e-3 (GD)", 1, 1e-3, 1, True),
-    ("k=1 tol=3e-3 (GD)", 1, 3e-3, 1, True),
+# (label, k, tol, guard, start): start as gd.warm_start ("previous", "same_side", "extrapolated") or "secant"
+TRACKERS = [
+    ("k=1 tol=1e-3, no guard, previous step", 1, 1e-3, 0, "previous"),
+    ("k=1 tol=1e-3, previous step", 1, 1e-3, 1, "previous"),
+    ("k=1 tol=3e-3, previous step", 1, 3e-3, 1, "previous"),
+    ("k=1 tol=1e-2, previous step", 1, 1e-2, 1, "previous"),
+    ("k=1 tol=1e-3 (GD)", 1, 1e-3, 1, "same_side"),
+    ("k=1 tol=3e-3 (GD)", 1, 3e-3, 1, "same_side"),
     ("k=1 tol=3e-3, previous step + secant", 1, 3e-3, 1, "secant"),
-    ("k=3 tol=1e-3, no guard, previous step", 3, 1e-3, 0, False),
-    ("k=3 tol=1e-3, previous step", 3, 1e-3, 1, False),
-    ("k=3 tol=1e-3 (GD)", 3, 1e-3, 1, True),
-    ("k=3 tol=3e-3 (GD)", 3, 3e-3, 1, True),
-    ("k=1 tol=3e-3 (GD), guard 2", 1, 3e-3, 2, True),
-    ("k=1 tol=3e-3 (GD), guard 4", 1, 3e-3, 4, True),
-    ("k=3 tol=3e-3 (GD), guard 2", 3, 3e-3, 2, True),
-    ("k=3 tol=3e-3 (GD), guard 4", 3, 3e-3, 4, True),
-    ("k=3 tol=1e-3 (GD), guard 4", 3, 1e-3, 4, True),
+    ("k=3 tol=1e-3, no guard, previous step", 3, 1e-3, 0, "previous"),
+    ("k=3 tol=1e-3, previous step", 3, 1e-3, 1, "previous"),
+    ("k=3 tol=1e-3 (GD)", 3, 1e-3, 1, "same_side"),
+    ("k=3 tol=3e-3 (GD)", 3, 3e-3, 1, "same_side"),
+    ("k=1 tol=3e-3 (GD), guard 2", 1, 3e-3, 2, "same_side"),
+    ("k=1 tol=3e-3 (GD), guard 4", 1, 3e-3, 4, "same_side"),
+    ("k=3 tol=3e-3 (GD), guard 2", 3, 3e-3, 2, "same_side"),
+    ("k=3 tol=3e-3 (GD), guard 4", 3, 3e-3, 4, "same_side"),
+    ("k=3 tol=1e-3 (GD), guard 4", 3, 1e-3, 4, "same_side"),
+    ("k=1 tol=1e-3 (GD, extrapolated)", 1, 1e-3, 1, "extrapolated"),
+    ("k=1 tol=3e-3 (GD, extrapolated)", 1, 3e-3, 1, "extrapolated"),
+    ("k=1 tol=4e-3 (GD, extrapolated)", 1, 4e-3, 1, "extrapolated"),
+    ("k=1 tol=5e-3 (GD, extrapolated)", 1, 5e-3, 1, "extrapolated"),
+    ("k=1 tol=1e-2 (GD, extrapolated)", 1, 1e-2, 1, "extrapolated"),
+    ("k=1 tol=3e-2 (GD, extrapolated)", 1, 3e-2, 1, "extrapolated"),
+    ("k=1 tol=3e-3 full Krylov (GD, extrapolated)", 1, 3e-3, 1, "extrapolated+krylov"),
+    ("k=3 tol=1e-3 (GD, extrapolated)", 3, 1e-3, 1, "extrapolated"),
+    ("k=3 tol=3e-3 (GD, extrapolated)", 3, 3e-3, 1, "extrapolated"),
 ]
 
 
@@ -80,36 +91,67 @@ def trajectory(width: int, steps: int):
     return np.asarray(params), prepare(table)[1].objective, prepare({**table, "dtype": "float64"})[1].objective
 
 
-def replay(objective, params, k: int, tol: float, guard: int, bouncing: bool | str, max_iters: int = 30, cluster=None):
+def replay(objective, params, k: int, tol: float, guard: int, start: str, max_iters: int = 30, cluster=None):
     """The tracker along the trajectory: HVPs, values (steps x k), residuals and vectors at every step.
 
-    ``bouncing``: warm-started as GD does (:func:`eosflow.spectrum.bouncing_warm_start`, with GD's
-    steps s_t = w_{t+1} - w_t = -lr g_t read off the iterates); else from the previous step's vectors;
-    ``"secant"``: from the previous step's, with GD's last step w_t - w_{t-1} (the direction of GD's
-    free secant g_t - g_{t-1}) as an extra basis vector (one more HVP).
+    ``start``: GD's warm-start rule (:func:`eosflow.tracker.gd_warm_start`: "previous", "same_side"
+    or "extrapolated", GD bouncing when its steps s_t = w_{t+1} - w_t = -lr g_t, read off the iterates,
+    point against each other); ``"secant"``: from the previous step's vectors, with GD's last step
+    w_t - w_{t-1} (the direction of GD's free secant g_t - g_{t-1}) as an extra basis vector (one more HVP).
+    A ``start`` ending in ``+krylov`` (k = 1) replaces LOBPCG by :func:`krylov_top`, the same start.
     """
 
-    def measure(w, v, extra=None):
+    def lobpcg_at(w, v, extra=None):
         matvec = jax.vmap(jax.linearize(objective.grad, w)[1], in_axes=1, out_axes=1)
         return lobpcg(matvec, v, tol=tol, max_iters=max_iters, guard=guard, extra=extra, cluster=cluster)
 
-    measure = jax.jit(measure)
-    vectors = older = random_vectors(jax.random.PRNGKey(0), params.shape[1], k, params.dtype)
+    measure = jax.jit(lobpcg_at)
+    if start.endswith("+krylov"):
+        start = start.removesuffix("+krylov")
+        hvp = jax.jit(lambda w, v: jax.jvp(objective.grad, (w,), (v.astype(w.dtype),))[1])
+
+        def measure(w, v, extra=None):
+            return krylov_top(lambda u: np.asarray(hvp(w, jnp.asarray(u)), np.float64), np.asarray(v), tol, max_iters)
+
+    history = jnp.stack([random_vectors(jax.random.PRNGKey(0), params.shape[1], k, params.dtype)] * 4)
     steps = np.diff(params, axis=0, append=params[-1:] + (params[-1:] - params[-2:-1]))
     hvps, values, residuals, kept = [], [], [], {}
     for t, w in enumerate(params):
-        start, extra = vectors, None
-        if bouncing == "secant" and t >= 1:
+        initial, extra = history[0], None
+        if start == "secant" and t >= 1:
             extra = jnp.asarray(steps[t - 1])[:, None]
-        elif bouncing and t >= 1:
-            start = bouncing_warm_start(vectors, older, jnp.asarray(steps[t]), jnp.asarray(steps[t - 1]))
-        pairs = measure(jnp.asarray(w), start, extra)
-        older, vectors = vectors, pairs.vectors
+        elif start != "secant" and t >= 1:
+            initial = gd_warm_start(history, jnp.vdot(steps[t], steps[t - 1]) < 0, start)  # type: ignore[arg-type]
+        pairs = measure(jnp.asarray(w), initial, extra)
+        history = jnp.concatenate([pairs.vectors[None], history[:-1]])
+        vectors = pairs.vectors
         hvps.append(int(pairs.hvps))
         values.append(np.asarray(pairs.values))
         residuals.append(np.asarray(pairs.residuals))
         kept[t] = np.asarray(vectors)
     return np.array(hvps), np.array(values), np.array(residuals), kept
+
+
+def krylov_top(hvp, start, tol: float, max_iters: int) -> Eigenpairs:
+    """The top Ritz pair of the whole Krylov space grown from ``start`` (d x 1) by residuals, stopped
+    at the relative residual ``tol``: Rayleigh-Ritz over every direction so far (Lanczos with full
+    reorthogonalization, in float64 on the host), the most a single-vector method can take from the
+    same HVPs; LOBPCG keeps only [x, r, p]."""
+    basis = [start[:, 0] / np.linalg.norm(start[:, 0])]
+    images = [hvp(basis[0])]
+    while True:
+        b, hb = np.stack(basis, axis=1), np.stack(images, axis=1)
+        reduced = b.T @ hb
+        values, coefficients = np.linalg.eigh(0.5 * (reduced + reduced.T))
+        x, hx = b @ coefficients[:, -1], hb @ coefficients[:, -1]
+        residual = hx - values[-1] * x
+        relative = np.linalg.norm(residual) / abs(values[-1])
+        if relative <= tol or len(basis) > max_iters:
+            return Eigenpairs(values[-1:], x[:, None], len(basis), np.array([relative]))  # type: ignore[arg-type]
+        for _ in range(2):  # twice is enough (Kahan)
+            residual = residual - b @ (b.T @ residual)
+        basis.append(residual / np.linalg.norm(residual))
+        images.append(hvp(basis[-1]))
 
 
 def true_residuals(objective64, w, values, vectors) -> np.ndarray:
@@ -119,7 +161,17 @@ def true_residuals(objective64, w, values, vectors) -> np.ndarray:
     return np.linalg.norm(hv - np.asarray(v) * values, axis=0) / np.abs(values)
 
 
-def phase_rows(label, hvps, errors, steps_phase, checks_phase, unconverged, worst_true):
+def residual_bound(values, true, oracle) -> np.ndarray:
+    """max_i (r_i |theta_i|)^2 / (gap_i lambda_i) per oracle step: the a-posteriori bound on the relative
+    eigenvalue error of a Ritz value with absolute residual r_i |theta_i|, gap_i = min_{j != i} |theta_i - lambda_j|
+    over the oracle's top k + 1 (checks x k values and true relative residuals, checks x (k + 1) oracle)."""
+    k = values.shape[1]
+    distance = np.abs(values[:, :, None] - oracle[:, None, :])  # checks x k x (k + 1)
+    distance[:, np.arange(k), np.arange(k)] = np.inf
+    return np.max((true * np.abs(values)) ** 2 / distance.min(axis=2) / oracle[:, :k], axis=1)
+
+
+def phase_rows(label, hvps, errors, steps_phase, checks_phase, unconverged, worst_true, bound=None):
     """One table row per phase from per-step HVPs and per-checkpoint errors."""
     rows = []
     for name in ("sharpening", "edge of stability"):
@@ -136,6 +188,8 @@ def phase_rows(label, hvps, errors, steps_phase, checks_phase, unconverged, wors
                 err.max() if err.size else np.nan,
                 unconverged[steps_phase[name]].mean() if unconverged is not None else np.nan,
                 worst_true[checks_phase[name]].max() if worst_true is not None and err.size else np.nan,
+                np.median(bound[checks_phase[name]]) if bound is not None and err.size else np.nan,
+                np.mean(err <= bound[checks_phase[name]]) if bound is not None and err.size else np.nan,
             )
         )
     return rows
@@ -146,13 +200,13 @@ def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "
     params, objective, objective64 = trajectory(width, steps)
     d = params.shape[1]
     checks = np.arange(10, steps, every)
-    oracle = np.array([lanczos(objective64, jnp.asarray(params[t], jnp.float64), k=3, tol=0.0).values for t in checks])
+    oracle = np.array([lanczos(objective64, jnp.asarray(params[t], jnp.float64), k=4, tol=0.0).values for t in checks])
     edge = checks[np.argmax(LR * oracle[:, 0] >= EDGE)] if (LR * oracle[:, 0] >= EDGE).any() else steps
     print(
         f"\n## digits MLP width {width}: d = {d}, {steps} GD steps, lr = {LR}; edge of stability "
         f"(lr S >= {EDGE}) from step {edge}; oracle (ARPACK tol 0, float64) at {len(checks)} steps"
     )
-    gaps = np.abs(np.diff(oracle[checks >= edge], axis=1)) / oracle[checks >= edge, :1]
+    gaps = np.abs(np.diff(oracle[checks >= edge, :3], axis=1)) / oracle[checks >= edge, :1]
     if gaps.size:
         print(
             f"median relative gaps lambda_1-lambda_2, lambda_2-lambda_3 at the edge: {np.median(gaps, axis=0).round(4)}"
@@ -161,25 +215,27 @@ def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "
     checks_phase = {"sharpening": checks < edge, "edge of stability": checks >= edge}
 
     rows = []
-    for label, k, tol, guard, bouncing in TRACKERS:
-        if (main_only and label not in MAIN) or only not in label:
+
+    def chosen(label):
+        return any(part in label for part in only.split(","))
+
+    for label, k, tol, guard, start in TRACKERS:
+        if (main_only and label not in MAIN) or not chosen(label):
             continue
-        hvps, values, residuals, kept = replay(objective, params, k, tol, guard, bouncing, cluster=cluster)
+        hvps, values, residuals, kept = replay(objective, params, k, tol, guard, start, cluster=cluster)
         errors = np.max(np.abs(values[checks] - oracle[:, :k]) / oracle[:, :k], axis=1)
         converged = residuals <= tol
-        worst = np.array(
-            [
-                np.max(np.where(converged[t], true_residuals(objective64, params[t], values[t], kept[t]), 0.0))
-                for t in checks
-            ]
-        )
-        rows += phase_rows(label, hvps, errors, steps_phase, checks_phase, ~np.all(converged, axis=1), worst)
+        true = np.array([true_residuals(objective64, params[t], values[t], kept[t]) for t in checks])
+        worst = np.max(np.where(converged[checks], true, 0.0), axis=1)
+        bound = residual_bound(values[checks], true, oracle[:, : k + 1])
+        unconverged = ~np.all(converged, axis=1)
+        rows += phase_rows(label, hvps, errors, steps_phase, checks_phase, unconverged, worst, bound)
 
     for label, solver in [
         ("cold Lanczos (ARPACK) k=1", lambda w: lanczos(objective, jnp.asarray(w), k=1, tol=0.0)),
         ("power iteration tol=1e-3", lambda w: power_iteration(objective, jnp.asarray(w), tol=1e-3)),
     ]:
-        if only not in label:
+        if not chosen(label):
             continue
         results = [solver(params[t]) for t in checks]
         hvps = np.full(steps, np.nan)
@@ -190,13 +246,14 @@ def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "
 
     print(
         "\n| solver | phase | HVPs / step | grad-equiv. / step (GD + solver) | median rel. error (top k) | "
-        "max rel. error | steps with a residual > tol | max true residual of a converged pair |"
+        "max rel. error | steps with a residual > tol | max true residual of a converged pair | "
+        "median bound r^2/gap | error <= bound |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for label, phase, hvps, equivalents, median, worst, unconverged, true in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, phase, hvps, equivalents, median, worst, unconverged, true, bound, held in rows:
         print(
             f"| {label} | {phase} | {hvps:.2f} | {equivalents:.1f} | {median:.1e} | {worst:.1e} | "
-            f"{unconverged:.0%} | {true:.1e} |".replace("nan%", "-").replace("nan", "-")
+            f"{unconverged:.0%} | {true:.1e} | {bound:.1e} | {held:.0%} |".replace("nan%", "-").replace("nan", "-")
         )
     print(
         f"(width {width}: {time.perf_counter() - started:.0f} s; errors: max over the top k of "
@@ -211,7 +268,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="oracle every n steps")
     parser.add_argument("--solvers", choices=["all", "main"], default="all", help=f"main: {', '.join(MAIN)}")
     parser.add_argument("--quick", action="store_true", help="width 32, 400 steps, --solvers main")
-    parser.add_argument("--only", default="", help="only the solvers whose label contains this text")
+    parser.add_argument(
+        "--only", default="", help="only the solvers whose label contains this text (or one of these, comma-separated)"
+    )
     parser.add_argument("--cluster", type=float, help="the trackers' cluster gap (lobpcg's contract on clusters)")
     args = parser.parse_args()
     if args.quick:

@@ -36,8 +36,11 @@ def dense_top(matrix, k):
     return values[::-1][:k]
 
 
-@pytest.mark.parametrize("every, cluster", [(1, None), (3, None), (3, 1e-2)])
-def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every, cluster):
+@pytest.mark.parametrize(
+    "every, cluster, warm_start",
+    [(1, None, "previous"), (3, None, "previous"), (3, 1e-2, "previous"), (1, None, "extrapolated")],
+)
+def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every, cluster, warm_start):
     problem = small_problem()
     params0 = problem.objective.unravel(problem.w0)
     batch = problem.objective.data
@@ -45,7 +48,9 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every, cluster):
     def loss(params, batch):
         return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
 
-    tracker = eosflow.SharpnessTracker(loss, k=3, tol=1e-6, max_iters=100, every=every, cluster=cluster)
+    tracker = eosflow.SharpnessTracker(
+        loss, k=3, tol=1e-6, max_iters=100, every=every, cluster=cluster, warm_start=warm_start
+    )
 
     @jax.jit
     def train(params, state):
@@ -75,6 +80,20 @@ def test_tracker_in_a_scanned_gd_loop_matches_dense_eigh(every, cluster):
             np.testing.assert_array_equal(values[t + 1], values[t])
     # warm starts: later measurements cost less than the cold first one
     assert hvps[every * 2 :][hvps[every * 2 :] > 0].mean() < hvps[0]
+    if warm_start != "previous":  # GD at lr 0.8 bounces here, so the same-side start was in use
+        steps = np.diff(
+            np.stack([ravel_flat(jax.tree.map(lambda leaf, t=t: leaf[t], trajectory)) for t in range(12)]), axis=0
+        )
+        assert np.sum(np.sum(steps[1:] * steps[:-1], axis=1) < 0) >= 3
+
+
+def test_tracker_warm_start_rejects_what_it_cannot_do():
+    for options, message in (
+        ({"warm_start": "sideways"}, "warm_start must be"),
+        ({"warm_start": "extrapolated", "every": 2}, "needs every = 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            eosflow.SharpnessTracker(lambda params: 0.0, **options)
 
 
 def run_optax(optimizer, problem, steps):
@@ -211,3 +230,35 @@ def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
         for w, measured in checks:
             exact = lr * dense_top(dense_hessian(problem64.objective, jnp.asarray(w)), 1)[0]
             assert measured == pytest.approx(exact, rel=1e-4)
+
+
+def test_extrapolated_warm_start_is_second_order_and_ignores_signs_and_order():
+    """A tracked basis rotating at a constant rate: 2 X_a - X_b Q is within O(step^2) of the next
+    basis (the last measurement alone is O(step) away), whatever the signs and order of X_b's columns;
+    gd_warm_start takes the same-side history when GD bounces."""
+    from eosflow.tracker import extrapolated_vectors, gd_warm_start
+
+    rng = np.random.default_rng(0)
+    frame, _ = np.linalg.qr(rng.standard_normal((40, 4)))
+
+    def basis(t):  # two vectors turning in the planes (e1, e3) and (e2, e4)
+        c, s = np.cos(t), np.sin(t)
+        return frame @ np.array([[c, 0], [0, c], [s, 0], [0, s]])
+
+    def distance(x, target):  # sine of the largest principal angle between the column spans
+        q, _ = np.linalg.qr(x)
+        return np.linalg.norm(q - target @ (target.T @ q), 2)
+
+    for step in (0.1, 0.03, 0.01):
+        earlier = basis(0.0)[:, ::-1] * np.array([-1.0, 1.0])  # reordered, one sign flipped
+        start = np.asarray(extrapolated_vectors(jnp.asarray(basis(step)), jnp.asarray(earlier)))
+        assert distance(start, basis(2 * step)) < 0.6 * step**2
+        assert distance(basis(step), basis(2 * step)) > 0.9 * step
+    history = jnp.asarray(np.stack([basis(0.4), basis(0.3), basis(0.2), basis(0.1)]))  # steps t-1, ..., t-4
+    bounced = gd_warm_start(history, jnp.asarray(True), "extrapolated")  # from t-2 and t-4
+    np.testing.assert_array_equal(bounced, extrapolated_vectors(history[1], history[3]))
+    smooth = gd_warm_start(history, jnp.asarray(False), "extrapolated")  # from t-1 and t-2
+    np.testing.assert_array_equal(smooth, extrapolated_vectors(history[0], history[1]))
+    np.testing.assert_array_equal(gd_warm_start(history, jnp.asarray(True), "same_side"), history[1])
+    np.testing.assert_array_equal(gd_warm_start(history, jnp.asarray(False), "same_side"), history[0])
+    np.testing.assert_array_equal(gd_warm_start(history, jnp.asarray(True), "previous"), history[0])

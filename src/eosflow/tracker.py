@@ -17,12 +17,18 @@ preconditioned sharpness that adaptive optimizers hold at ``edge_threshold``.
 
 With ``every = N`` the solver runs on every N-th update only (``lax.cond``); the other updates
 return the last measurement with ``hvps = 0``.
+
+``warm_start="same_side"`` or ``"extrapolated"`` (with ``every = 1``) start each measurement as GD's
+does (:func:`gd_warm_start`): the tracker keeps its last four measurements and the last two
+parameter steps, and an optimizer that bounces (consecutive steps pointing against each other, as
+GD at the edge of stability) is measured from the vectors of the same side of its orbit; the
+default, ``"previous"``, starts from the last measurement and keeps nothing more.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -34,6 +40,37 @@ from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors
 
 PyTree = Any
+WarmStart = Literal["extrapolated", "same_side", "previous"]
+
+
+def extrapolated_vectors(latest: Float[Array, "d k"], earlier: Float[Array, "d k"]) -> Float[Array, "d k"]:
+    """The linear extrapolation 2 X_a - X_b Q of a tracked eigenbasis, one interval past ``latest`` X_a.
+
+    Q = U V^T (from the SVD of X_b^T X_a) is the rotation that best aligns X_b with X_a (orthogonal
+    Procrustes), so sign flips and reorderings of the tracked vectors between the two measurements do
+    not count as motion; for k = 1 it is the sign of <x_b, x_a>. Not normalized: LOBPCG orthonormalizes
+    its start.
+    """
+    left, _, right = jnp.linalg.svd(earlier.T @ latest)
+    return 2.0 * latest - earlier @ (left @ right)
+
+
+def gd_warm_start(history: Float[Array, "4 d k"], bouncing: Array, rule: WarmStart) -> Float[Array, "d k"]:
+    """The warm start of GD's eigensolver at step t from the vectors measured at t-1, ..., t-4 (``history``).
+
+    ``previous``: those of step t-1. ``same_side``: when GD bounces (consecutive steps point against
+    each other) those of step t-2, measured on the same side of its period-2 orbit, else t-1
+    (:func:`eosflow.spectrum.bouncing_warm_start`). ``extrapolated``: the same-side vectors moved on
+    by their last same-side change, 2 X_{t-2} - X_{t-4} when bouncing, else 2 X_{t-1} - X_{t-2}
+    (:func:`extrapolated_vectors`): the residual left by the drift of the eigenvectors is then second
+    order in the step (docs/sharpness.md).
+    """
+    if rule == "previous":
+        return history[0]
+    latest = jnp.where(bouncing, history[1], history[0])
+    if rule == "same_side":
+        return latest
+    return extrapolated_vectors(latest, jnp.where(bouncing, history[3], history[1]))
 
 
 class TrackerState(NamedTuple):
@@ -44,6 +81,8 @@ class TrackerState(NamedTuple):
     residuals: Float[Array, " k"]  # their relative residuals (NaN before the first)
     count: Array  # type: ignore[assignment]  # updates so far (int32); the field shadows tuple.count
     hvps: Array  # Hessian-vector products spent so far (int32)
+    older: Float[Array, "h d k"] | None = None  # measurements t-2, t-3, t-4 (h = 3; 0 with "previous")
+    params: Float[Array, "h d"] | None = None  # parameters and step of the last update (h = 2, or 0)
 
 
 class SharpnessTracker(eqx.Module):
@@ -58,6 +97,8 @@ class SharpnessTracker(eqx.Module):
         cluster: relative gap below which Ritz values form a cluster whose invariant subspace is
             converged as a whole (:func:`eosflow.spectrum.lobpcg`; None: per pair). Skipped updates
             report NaN subspace residuals.
+        warm_start: where a measurement starts: ``"previous"`` (the last one's vectors),
+            ``"same_side"`` or ``"extrapolated"`` (as GD's, :func:`gd_warm_start`; needs every = 1).
     """
 
     loss_fn: Callable = eqx.field(static=True)
@@ -66,8 +107,19 @@ class SharpnessTracker(eqx.Module):
     max_iters: int = eqx.field(static=True, default=30)
     every: int = eqx.field(static=True, default=1)
     cluster: float | None = eqx.field(static=True, default=None)
+    warm_start: WarmStart = eqx.field(static=True, default="previous")
 
     def __check_init__(self):
+        if self.warm_start not in ("previous", "same_side", "extrapolated"):
+            raise ValueError(
+                "SharpnessTracker warm_start must be 'previous', 'same_side' or 'extrapolated', "
+                f"got {self.warm_start!r}"
+            )
+        if self.warm_start != "previous" and self.every != 1:
+            raise ValueError(
+                f"SharpnessTracker warm_start={self.warm_start!r} reads the last four updates' measurements "
+                f"and needs every = 1 (got every = {self.every})"
+            )
         if self.k < 1 or self.max_iters < 1 or self.every < 1:
             raise ValueError(
                 f"SharpnessTracker needs k, max_iters, every >= 1 (got {self.k}, {self.max_iters}, {self.every})"
@@ -83,7 +135,10 @@ class SharpnessTracker(eqx.Module):
         vectors = random_vectors(key, flat.size, self.k, flat.dtype)
         nan = jnp.full((vectors.shape[1],), jnp.nan, flat.dtype)
         zero = jnp.zeros((), jnp.int32)
-        return TrackerState(vectors, nan, nan, zero, zero)
+        kept = 0 if self.warm_start == "previous" else 1  # history only for the same-side starts
+        older = jnp.broadcast_to(vectors, (3 * kept, *vectors.shape))
+        params_and_step = jnp.stack([flat, jnp.zeros_like(flat)])[: 2 * kept]
+        return TrackerState(vectors, nan, nan, zero, zero, older, params_and_step)
 
     def update(
         self, state: TrackerState, params: PyTree, batch: PyTree = None, preconditioner: PyTree = None
@@ -95,12 +150,21 @@ class SharpnessTracker(eqx.Module):
         def loss(w):
             return self.loss_fn(unravel(w)) if batch is None else self.loss_fn(unravel(w), batch)
 
+        older, params_and_step = state.older, state.params
+        start = state.vectors
+        if self.warm_start != "previous":
+            assert older is not None and params_and_step is not None, "a state from init() of this tracker"
+            step = flat - params_and_step[0]
+            bouncing = jnp.logical_and(state.count >= 2, jnp.vdot(step, params_and_step[1]) < 0)
+            start = gd_warm_start(jnp.concatenate([state.vectors[None], older]), bouncing, self.warm_start)
+            older, params_and_step = jnp.concatenate([state.vectors[None], older[:-1]]), jnp.stack([flat, step])
+
         def measure(state: TrackerState) -> Eigenpairs:
             _, hvp = jax.linearize(jax.grad(loss), flat)
             matvec = jax.vmap(hvp, in_axes=1, out_axes=1)
             if precondition is not None:
                 matvec = preconditioned_matvec(matvec, precondition)
-            pairs = lobpcg(matvec, state.vectors, tol=self.tol, max_iters=self.max_iters, cluster=self.cluster)
+            pairs = lobpcg(matvec, start, tol=self.tol, max_iters=self.max_iters, cluster=self.cluster)
             return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
 
         def skip(state: TrackerState) -> Eigenpairs:
@@ -111,5 +175,13 @@ class SharpnessTracker(eqx.Module):
             pairs = measure(state)
         else:
             pairs = jax.lax.cond(state.count % self.every == 0, measure, skip, state)
-        new_state = TrackerState(pairs.vectors, pairs.values, pairs.residuals, state.count + 1, state.hvps + pairs.hvps)
+        new_state = TrackerState(
+            pairs.vectors,
+            pairs.values,
+            pairs.residuals,
+            state.count + 1,
+            state.hvps + pairs.hvps,
+            older,
+            params_and_step,
+        )
         return new_state, pairs

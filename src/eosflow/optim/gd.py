@@ -5,8 +5,9 @@ optimizer in :mod:`eosflow.optim.adaptive`; P = I, so ``preconditioned_sharpness
 oscillation read off GD alone: for w_k = c_k + (-1)^k delta_k with a linearly drifting centre,
 |w_{k+1} - 2 w_k + w_{k-1}| / 4 = (eta / 4) |g_k - g_{k-1}| = |delta_k|.
 When it bounces (<g_k, g_{k-1}> < 0) the eigensolver is warm-started from the vectors of step
-k - 2, on the same side of the orbit (:func:`eosflow.spectrum.bouncing_warm_start`); the
-measurement never feeds back into the iterates.
+k - 2, on the same side of the orbit, extrapolated by their change since step k - 4
+(``warm_start``, :func:`eosflow.tracker.gd_warm_start`); the measurement never feeds back into
+the iterates.
 """
 
 from __future__ import annotations
@@ -14,39 +15,50 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import bouncing_warm_start, spectrum_row
+from eosflow.spectrum import spectrum_row
+from eosflow.tracker import WarmStart, gd_warm_start
 
 
 class GDState(NamedTuple):
     w: Array
-    vectors: Array  # d x k: eigenvectors measured at the previous step
-    older: Array  # d x k: those of the step before (the warm start when GD bounces)
+    vectors: Array  # d x k: eigenvectors measured at the previous step (t - 1)
+    older: Array  # 3 x d x k: those of steps t - 2, t - 3, t - 4 (for the warm start)
     grad: Array  # the previous step's gradient (for ``oscillation``)
     step: Array
 
 
 @dataclasses.dataclass(frozen=True)
 class GDOptions:
-    """Gradient descent has no options beyond the spec's ``lr`` and ``[spectrum]``."""
+    """Gradient descent's only option is where its eigensolver starts (besides ``lr`` and ``[spectrum]``)."""
+
+    warm_start: WarmStart = option(
+        "extrapolated",
+        "eigensolver start: extrapolated (same-side vectors moved on by their last change), "
+        "same_side (step t-2's when GD bounces, else t-1's) or previous (step t-1's)",
+    )
 
 
 class GradientDescent(ScannedProcess):
     objective: Objective
+    options: GDOptions = eqx.field(static=True, default=GDOptions())
 
     def init(self, w0: Array) -> GDState:
         vectors = self.initial_vectors(w0)
-        return GDState(w0, vectors, vectors, jnp.zeros_like(w0), jnp.asarray(0))
+        return GDState(w0, vectors, jnp.stack([vectors] * 3), jnp.zeros_like(w0), jnp.asarray(0))
 
     def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
         loss, grad = self.objective.value_and_grad(state.w)
         start = state.vectors
-        if self.spectrum.every == 1:  # the vectors of step k - 2 were measured on the same side
-            start = bouncing_warm_start(state.vectors, state.older, grad, state.grad)
+        if self.spectrum.every == 1:  # then vectors and older are the measurements of steps k - 1, ..., k - 4
+            history = jnp.concatenate([state.vectors[None], state.older])
+            start = gd_warm_start(history, jnp.vdot(grad, state.grad) < 0, self.options.warm_start)
         vectors, row = spectrum_row(self.objective, state.w, start, state.step, self.lr, self.spectrum)
         oscillation = 0.25 * self.lr * jnp.linalg.norm(grad - state.grad)
         row.update(
@@ -59,17 +71,19 @@ class GradientDescent(ScannedProcess):
             edge_ratio=0.5 * row["lr_sharpness"],
         )
         new_w = state.w - self.lr * grad
-        return GDState(new_w, vectors, state.vectors, grad, state.step + 1), row
+        older = jnp.concatenate([state.vectors[None], state.older[:-1]])
+        return GDState(new_w, vectors, older, grad, state.step + 1), row
 
     def _grow(self, state: GDState, rows: dict[str, Array]) -> GDState:
-        """The new direction joins both sets of carried vectors."""
+        """The new direction joins every set of carried vectors."""
         grown = super()._grow(state, rows)
-        k = state.older.shape[1]
+        k = state.older.shape[2]
         if grown.vectors.shape[1] == k:
             return grown
-        return grown._replace(older=jnp.concatenate([state.older, grown.vectors[:, k:]], axis=1))
+        fresh = jnp.broadcast_to(grown.vectors[:, k:], (state.older.shape[0], *grown.vectors[:, k:].shape))
+        return grown._replace(older=jnp.concatenate([state.older, fresh], axis=2))
 
 
 @register_process("gd", GDOptions, "gradient descent w <- w - lr * g(w)", discrete=True)
 def build_gd(problem, spec, options) -> GradientDescent:
-    return GradientDescent(**scanned_fields("gd", spec, problem.objective))
+    return GradientDescent(**scanned_fields("gd", spec, problem.objective), options=options)
