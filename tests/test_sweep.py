@@ -96,7 +96,24 @@ def test_workers_are_single_threaded(cluster):
     with Client(cluster) as client:
         flags = client.run(lambda: os.environ["XLA_FLAGS"])
     assert len(flags) == 2
-    assert all("intra_op_parallelism_threads=1" in f and "multi_thread_eigen=false" in f for f in flags.values())
+    assert all("multi_thread_eigen=false" in f and "intra_op" not in f for f in flags.values())
+
+
+@pytest.mark.parametrize(
+    "inherited",
+    ["", "--xla_cpu_multi_thread_eigen=false", "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=4"],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_worker_xla_flags_are_ones_xla_accepts(monkeypatch, inherited, threads):
+    """Every token a worker gets in XLA_FLAGS is a --flag (XLA reads a bare token as a flag file and the
+    worker dies: "Could not open file intra_op_parallelism_threads=2"); at one thread Eigen is serial."""
+    from eosflow.sweep import worker_environment
+
+    monkeypatch.setenv("XLA_FLAGS", inherited)
+    tokens = worker_environment(threads)["XLA_FLAGS"].split()
+    assert all(token.startswith("--") for token in tokens) and "intra_op" not in " ".join(tokens)
+    assert ("--xla_cpu_multi_thread_eigen=false" in tokens) == (threads == 1)
+    assert worker_environment(threads)["OMP_NUM_THREADS"] == str(threads)
 
 
 def test_grid_is_complete(swept):

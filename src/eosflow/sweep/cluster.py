@@ -28,14 +28,16 @@ def available_cores() -> int:
 
 
 def worker_environment(threads: int, cache_dir: Path | None = None) -> dict[str, str]:
-    """Environment of a worker process: ``threads`` threads for XLA and BLAS, no GPU preallocation,
+    """Environment of a worker process: ``threads`` threads for BLAS/OpenMP (and XLA's Eigen ops
+    serial at one thread), no GPU preallocation,
     and a persistent JAX compilation cache in ``cache_dir`` (unless one is set already), so a
     restarted worker or a resumed sweep does not compile again."""
     inherited = os.environ.get("XLA_FLAGS", "")
-    xla = re.sub(r"--xla_cpu_multi_thread_eigen=\S+|intra_op_parallelism_threads=\S+", "", inherited).split()
+    # XLA has no thread-count flag (a bare "intra_op_parallelism_threads=N" is read as a flag *file*
+    # when it comes first, and the worker dies); at one thread its Eigen ops are kept serial
+    xla = re.sub(r"--xla_cpu_multi_thread_eigen=\S+|(--)?intra_op_parallelism_threads=\S+", "", inherited).split()
     if threads == 1:
         xla.append("--xla_cpu_multi_thread_eigen=false")
-    xla.append(f"intra_op_parallelism_threads={threads}")
     count = str(threads)
     env = {
         "XLA_FLAGS": " ".join(xla),
