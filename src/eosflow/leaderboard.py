@@ -161,10 +161,10 @@ ADAPTIVE_SUITE: tuple[Entry, ...] = (
         hyperparameters={"beta1": 0.9, "beta2": 0.99, "eps": 1e-4},
     ),
     # the same network under Adam inside its models' regime: lr lambda_P = 0.79 at w0 (0.13 of the edge
-    # (2 + 2 b1)/((1 - b1) lr) = 6/lr at b1 = 0.5), at the edge from step ~270 (docs/adaptive.md section 6)
+    # (2 + 2 b1)/((1 - b1) lr) = 6/lr at b1 = 0.5), at the edge from step 267 on (docs/adaptive.md section 6)
     _entry(
         "mlp_digits-adam-eps",
-        500,
+        1000,
         0.003,
         DIGITS,
         dtype="float32",
