@@ -1,7 +1,7 @@
 """How far Adam's stable flow is from Adam on the digits MLP before the edge, and its order in lr.
 
     PYTHONPATH=src python benchmarks/adam_stable_flow_order.py [--time 0.3] [--lrs 0.01,0.005,0.0025]
-        [--eps 1e-4] [--substeps 4]
+        [--eps 1e-4] [--beta1 0.9] [--substeps 4]
 
 The leaderboard's mlp_digits-adam network and hyperparameters (b1 = 0.9, b2 = 0.99, eps = 1e-4, bias
 correction) in float64, no eigensolver. For each lr, both run lr t = ``--time`` (t steps); printed:
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--time", type=float, default=0.3)
     parser.add_argument("--lrs", default="0.01,0.005,0.0025")
     parser.add_argument("--eps", type=float, default=1e-4, help="Adam's eps (the leaderboard's 1e-4)")
+    parser.add_argument("--beta1", type=float, default=0.9, help="Adam's beta1 (the leaderboard's 0.9)")
     parser.add_argument("--substeps", type=int, default=4, help="the flow's RK4 substeps per step")
     args = parser.parse_args()
     for lr in (float(x) for x in args.lrs.split(",")):
@@ -39,7 +40,7 @@ def main() -> None:
             "processes": ["adam", "adam_stable_flow"],
             "problem": MLP,
             "spectrum": {"every": 0},
-            "adam": {"beta1": 0.9, "beta2": 0.99, "eps": args.eps},
+            "adam": {"beta1": args.beta1, "beta2": 0.99, "eps": args.eps},
             "adam_stable_flow": {"substeps": args.substeps},
         }
         with jax.enable_x64(True):

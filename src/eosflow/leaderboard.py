@@ -160,6 +160,18 @@ ADAPTIVE_SUITE: tuple[Entry, ...] = (
         optimizer="adam",
         hyperparameters={"beta1": 0.9, "beta2": 0.99, "eps": 1e-4},
     ),
+    # the same network under Adam inside its models' regime: lr lambda_P = 0.79 at w0 (0.13 of the edge
+    # (2 + 2 b1)/((1 - b1) lr) = 6/lr at b1 = 0.5), at the edge from step 267 on (docs/adaptive.md section 6)
+    _entry(
+        "mlp_digits-adam-eps",
+        1000,
+        0.003,
+        DIGITS,
+        dtype="float32",
+        k_max=3,
+        optimizer="adam",
+        hyperparameters={"beta1": 0.5, "beta2": 0.99, "eps": 3e-3},
+    ),
     # deep matrix factorization (the GD suite's): RMSProp reaches 2/lr at step ~400 and hovers within 8%
     _entry(
         "matrix_factorization-rmsprop",
