@@ -229,12 +229,12 @@ def hessian_eigenpairs(
     return lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard, cluster=cluster)
 
 
-def bouncing_warm_start(vectors: Array, older: Array, step: Float[Array, " d"], previous_step: Array) -> Array:
-    """The warm start of an iterate that may oscillate: the vectors measured two steps back (on the
-    same side of a period-2 orbit) when consecutive steps point against each other, <s_t, s_{t-1}> < 0,
-    else the previous step's. At the edge of stability GD bounces along the top eigenvectors and H
-    alternates with the side; the vectors of step t - 2 are then the closer start."""
-    return jnp.where(jnp.vdot(step, previous_step) < 0, older, vectors)
+def unmeasured(values: Float[Array, " k"], vectors: Float[Array, "d k"], residuals: Float[Array, " k"]) -> Eigenpairs:
+    """The pairs of a step without a measurement (the same fields as :func:`lobpcg`'s): 0 HVPs,
+    NaN subspace residuals, every pair its own cluster."""
+    k = vectors.shape[1]
+    nan = jnp.full((k,), jnp.nan, dtype=vectors.dtype)
+    return Eigenpairs(values, vectors, jnp.asarray(0, jnp.int32), residuals, nan, jnp.arange(k, dtype=jnp.int32))
 
 
 def random_vectors(key: Array, dim: int, k: int, dtype=jnp.float32) -> Array:
@@ -374,7 +374,7 @@ def measure_tracked(
 
     def skip(_):
         nan = jnp.full((k,), jnp.nan, dtype=vectors.dtype)
-        return Eigenpairs(nan, vectors, jnp.asarray(0, jnp.int32), nan, nan, jnp.arange(k, dtype=jnp.int32))
+        return unmeasured(nan, vectors, nan)
 
     if every == 0:
         return skip(None)

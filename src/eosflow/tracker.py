@@ -37,7 +37,7 @@ from jaxtyping import Array, Float
 
 from eosflow.objective import ravel
 from eosflow.preconditioning import preconditioned_matvec
-from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors
+from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
 
 PyTree = Any
 WarmStart = Literal["extrapolated", "same_side", "previous"]
@@ -59,8 +59,9 @@ def gd_warm_start(history: Float[Array, "4 d k"], bouncing: Array, rule: WarmSta
     """The warm start of GD's eigensolver at step t from the vectors measured at t-1, ..., t-4 (``history``).
 
     ``previous``: those of step t-1. ``same_side``: when GD bounces (consecutive steps point against
-    each other) those of step t-2, measured on the same side of its period-2 orbit, else t-1
-    (:func:`eosflow.spectrum.bouncing_warm_start`). ``extrapolated``: the same-side vectors moved on
+    each other) those of step t-2, measured on the same side of its period-2 orbit, else t-1 (at the
+    edge of stability GD bounces along the top eigenvectors and H alternates with the side, so the
+    vectors of step t-2 are the closer start). ``extrapolated``: the same-side vectors moved on
     by their last same-side change, 2 X_{t-2} - X_{t-4} when bouncing, else 2 X_{t-1} - X_{t-2}
     (:func:`extrapolated_vectors`): the residual left by the drift of the eigenvectors is then second
     order in the step (docs/sharpness.md).
@@ -168,8 +169,7 @@ class SharpnessTracker(eqx.Module):
             return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
 
         def skip(state: TrackerState) -> Eigenpairs:
-            nan, clusters = jnp.full_like(state.residuals, jnp.nan), jnp.arange(state.residuals.size, dtype=jnp.int32)
-            return Eigenpairs(state.values, state.vectors, jnp.zeros((), jnp.int32), state.residuals, nan, clusters)
+            return unmeasured(state.values, state.vectors, state.residuals)
 
         if self.every == 1:
             pairs = measure(state)
