@@ -185,12 +185,12 @@ def test_mixed_dtypes_and_missing_state_are_named():
 
 def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
     """GD and the central flow through eosflow.simulate: the torch model and the same network in
-    JAX, from the same w0 on the same data, agree over 200 steps at the edge of stability."""
+    JAX, from the same w0 on the same data, agree over 80 steps, 70 of them at the edge of stability."""
     objective, twin = problem("mlp", 10, 11)
     torch_problem = eosflow.torch.problem(objective.model, F.mse_loss, objective.batch)
     with jax.enable_x64(True):
         twin_problem = Problem.from_function(twin, np.asarray(torch_problem.w0))
-    settings = dict(lr=1.5, steps=200, processes=["gd", "central_flow"], spectrum={"k_max": 2})
+    settings = dict(lr=1.5, steps=80, processes=["gd", "central_flow"], spectrum={"k_max": 2})
     ours, reference = eosflow.simulate(torch_problem, **settings), eosflow.simulate(twin_problem, **settings)
     assert ours.attrs.get("dtype", "float64") == "float64"
     for process in ("gd", "central_flow"):
@@ -199,7 +199,7 @@ def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
             assert np.isfinite(b).all()
             np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=f"{process} {field}")
     gd_edge = 1.5 * reference.sharpness.sel(process="gd").values
-    assert np.mean(gd_edge[100:] > 1.9) > 0.5  # the run reaches the edge of stability
+    assert np.mean(gd_edge[40:] > 1.9) > 0.5  # the run reaches the edge of stability (at step ~10)
 
 
 def test_the_docs_example_runs_as_written():

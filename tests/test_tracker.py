@@ -20,7 +20,7 @@ from eosflow.cli import demo_table
 from eosflow.experiment import prepare
 from eosflow.monitor import monitored
 from eosflow.precision import precision
-from eosflow.spectrum import dense_hessian
+from eosflow.spectrum import dense_hessian, lanczos
 
 
 def small_problem():
@@ -192,10 +192,11 @@ def test_docs_example_loop_runs_and_adam_reaches_its_edge(capsys):
 
 
 @pytest.mark.slow
-def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
-    """lr * S from the tracker (float32, tol 1e-3, warm-started every 40 steps) vs dense float64 eigh.
+def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_arpack():
+    """lr * S from the tracker (float32, tol 1e-3, warm-started every 40 steps) vs float64 ARPACK at tol 0
+    (equal to dense eigh's to 1e-15 at w0 of this 3466-parameter MLP, and 8x cheaper than forming H).
 
-    Two checks (a dense 3466 x 3466 Hessian each); benchmarks/monitor.py checks the edge-of-stability phase.
+    Two checks; benchmarks/monitor.py checks the edge-of-stability phase.
     """
     table = demo_table()
     lr = table["lr"]
@@ -228,7 +229,7 @@ def test_tracker_on_the_demo_mlp_in_an_optax_sgd_loop_matches_dense_eigh():
     assert len(checks) == 2
     with precision("float64"):
         for w, measured in checks:
-            exact = lr * dense_top(dense_hessian(problem64.objective, jnp.asarray(w)), 1)[0]
+            exact = lr * lanczos(problem64.objective, jnp.asarray(w), 1).values[0]
             assert measured == pytest.approx(exact, rel=1e-4)
 
 

@@ -87,7 +87,7 @@ class FreeEnergyOptions(SubstepOptions):
             raise SpecError(f"`{where}.floor` = true needs `{where}.seed` = 'rod' (got 'none')")
 
 
-class Averaged(NamedTuple):
+class OrbitAverage(NamedTuple):
     """The oscillation-averaged loss, its gradient in theta and the felt stiffness k_j."""
 
     free_energy: Array
@@ -108,7 +108,7 @@ def transport(amplitudes: Array, old: Array, new: Array) -> Array:
     return jnp.sqrt((overlap**2) @ amplitudes**2)
 
 
-def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Array, mode: str) -> Averaged:
+def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Array, mode: str) -> OrbitAverage:
     """F(theta, Sigma), grad_theta F and the stiffness felt along each direction (see module doc).
 
     secant: the two-point average over theta +- a_j u_j. To keep the secant accurate for tiny a_j
@@ -124,7 +124,7 @@ def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Ar
 
         curvature, cubic = jax.vmap(along, in_axes=1)(vectors)
         weights = amplitudes**2
-        return Averaged(loss + 0.5 * weights @ curvature, grad + 0.5 * weights @ cubic, curvature, loss, grad)
+        return OrbitAverage(loss + 0.5 * weights @ curvature, grad + 0.5 * weights @ cubic, curvature, loss, grad)
     probe_floor = jnp.sqrt(jnp.finfo(w.dtype).eps) * (1.0 + jnp.max(jnp.abs(w)))
     probes = jnp.maximum(amplitudes, probe_floor)
 
@@ -134,7 +134,7 @@ def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Ar
 
     extra_loss, extra_grad, stiffness = jax.vmap(ends, in_axes=(1, 0))(vectors, probes)
     weights = (amplitudes / probes) ** 2
-    return Averaged(loss + weights @ extra_loss, grad + weights @ extra_grad, stiffness, loss, grad)
+    return OrbitAverage(loss + weights @ extra_loss, grad + weights @ extra_grad, stiffness, loss, grad)
 
 
 class FreeEnergyPoint(NamedTuple):
@@ -184,7 +184,7 @@ class FreeEnergyFlow(Flow):
 
     def field(  # type: ignore[override]  # more arguments than Flow.field: term() binds them
         self, z: FreeEnergyPoint, oscillation: Oscillation
-    ) -> tuple[FreeEnergyPoint, Averaged]:
+    ) -> tuple[FreeEnergyPoint, OrbitAverage]:
         """(dtheta/dt, d log a/dt with the rounding source of a^2) = (-eta grad F, log|eta k - 1|, s^2)."""
         w, amplitudes = z
         averaged = averaged_loss(self.objective, w, oscillation.vectors, amplitudes, self.options.stiffness)
@@ -203,10 +203,10 @@ class FreeEnergyFlow(Flow):
     def update(self, field, z, h, key):
         return exact(field, z, h)
 
-    def finish(self, z: FreeEnergyPoint, end: FreeEnergyPoint, start: Averaged, step: Array) -> FreeEnergyPoint:
+    def finish(self, z: FreeEnergyPoint, end: FreeEnergyPoint, start: OrbitAverage, step: Array) -> FreeEnergyPoint:
         return end._replace(amplitudes=padded(end.amplitudes, self.spectrum.k_max))
 
-    def observe(self, z, start: Averaged, oscillation: Oscillation, n: Array | int) -> dict[str, Array]:
+    def observe(self, z, start: OrbitAverage, oscillation: Oscillation, n: Array | int) -> dict[str, Array]:
         amplitudes, rank = z[1], oscillation.rank
         top = jnp.argmax(amplitudes)
         secant = self.options.stiffness == "secant"

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.stats
 
 from eosflow.theory.linear_regression import (
     continuous_system,
@@ -68,6 +67,8 @@ class ExponentFit(NamedTuple):
 
 def _slope(log_lags: np.ndarray, log_values: np.ndarray) -> tuple[float, float, float]:
     """OLS slope, intercept and the slope's standard error."""
+    import scipy.stats  # here, not at module level: it costs 0.6 s at import, paid by every process
+
     fit = scipy.stats.linregress(log_lags, log_values)
     return float(fit.slope), float(fit.intercept), float(fit.stderr)
 
@@ -108,6 +109,8 @@ def fit_exponent(
         dof, method = blocks - 1, f"jackknife over {blocks} curves"
     else:
         dof, method = len(idx) - 2, "OLS on one curve (ignores autocorrelation)"
+    import scipy.stats
+
     half = float(scipy.stats.t.ppf(0.5 + level / 2.0, dof)) * stderr
     return ExponentFit(
         exponent,
