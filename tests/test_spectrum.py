@@ -179,7 +179,7 @@ def test_soft_locking_multiplies_only_the_unconverged_residuals():
         assert np.all(np.asarray(pairs.residuals)[:2] <= 1e-13) and pairs.residuals[2] > 1e-13
 
 
-def test_gd_bouncing_warm_start_measures_the_dense_eigenvalues_and_leaves_gd_unchanged(tmp_path):
+def test_gd_warm_started_at_the_edge_measures_the_dense_eigenvalues_and_leaves_gd_unchanged(tmp_path):
     """GD at the edge of stability on a small MLP (float64): the tracked eigenvalues match dense eigh
     at every 5th step within the residual bound, and GD's iterates are those of a run without
     measurement (spectrum.every = 0), bit for bit."""
