@@ -243,6 +243,32 @@ def test_adam_stable_flow_carries_the_first_backward_error_term():
     assert flow < plain / 50
 
 
+def test_bias_corrected_start_matches_adams_first_step_to_third_order():
+    """Adam's first bias-corrected moments are g0 and g0^2 exactly; the flow's D/q and nu/q move during
+    the first unit of time, so started at g(w0) its first step errs by O(lr^2) (halving lr divides it
+    by 4). Started at the gradient extrapolated back by the lookback alpha (the default), by O(lr^3):
+    ratio 8 (docs/adaptive.md, "The start of a bias-corrected moment")."""
+    first = {}
+    for start in ("lag", None):
+        for lr in (0.04, 0.02):
+            table = {
+                "lr": lr,
+                "dtype": "float64",
+                "seed": 1,
+                "processes": ["adam", "adam_stable_flow"],
+                "problem": {"name": "quadratic", "eigenvalues": [1.0, 0.5, 0.2, 0.1], "init_scale": 3.0},
+                "spectrum": {"every": 0},
+                "adam": {"beta1": 0.5, "beta2": 0.99, "eps": 0.1},
+            }
+            if start is not None:
+                table["adam_stable_flow"] = {"start": start}
+            rows = run_rows(table, 2)
+            first[start, lr] = np.linalg.norm(rows["adam"]["position"][1] - rows["adam_stable_flow"]["position"][1])
+    assert 3.5 < first["lag", 0.04] / first["lag", 0.02] < 4.5
+    assert first[None, 0.04] / first[None, 0.02] > 7.0
+    assert first[None, 0.04] < first["lag", 0.04] / 10
+
+
 def run_rows(table: dict, steps: int) -> dict[str, dict]:
     _, problem, _, processes = prepare(table)
     return {name: p.advance(p.init(problem.w0), steps)[1] for name, p in processes.items()}
