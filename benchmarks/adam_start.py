@@ -12,27 +12,26 @@ Printed: the distance to Adam after 1 and after 5 steps per lr, and the ratio be
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from eosflow.experiment import prepare
 
+sys.path.insert(0, str(Path(__file__).parent))
+from adam_modified_equation import B2, PROBLEMS  # noqa: E402
+
 
 def distances(lr: float, beta1: float, start: str) -> np.ndarray:
-    """||w_adam - w_flow|| at steps 0..5."""
-    table = {
-        "lr": lr,
-        "dtype": "float64",
-        "seed": 1,
-        "processes": ["adam", "adam_stable_flow"],
-        "problem": {"name": "quadratic", "eigenvalues": [1.0, 0.5, 0.2, 0.1], "init_scale": 3.0},
-        "spectrum": {"every": 0},
-        "adam": {"beta1": beta1, "beta2": 0.99, "eps": 0.1},
-        "adam_stable_flow": {"start": start},
-    }
-    _, problem, _, processes = prepare(table)
-    rows = {name: np.asarray(p.advance(p.init(problem.w0), 6)[1]["position"]) for name, p in processes.items()}
+    """||w_adam - w_flow|| at steps 0..5 (the problem and Adam's b2 of ``adam_modified_equation.py``)."""
+    adam = {"beta1": beta1, "beta2": B2, "eps": 0.1}
+    processes = ["adam", "adam_stable_flow"]
+    table = dict(lr=lr, dtype="float64", seed=1, processes=processes, problem=PROBLEMS["quadratic"])
+    table.update(spectrum={"every": 0}, adam=adam, adam_stable_flow={"start": start})
+    _, problem, _, built = prepare(table)
+    rows = {name: np.asarray(p.advance(p.init(problem.w0), 6)[1]["position"]) for name, p in built.items()}
     return np.linalg.norm(rows["adam"] - rows["adam_stable_flow"], axis=1)
 
 
