@@ -17,6 +17,7 @@ direction (w_k - c_k)/|w_k - c_k| and the rest. For a model that records its rod
 w_k to the rod's end on the side the model gives iterate k, z_k + (-1)^k a u (squared: d^2 - 2 (-1)^k a o +
 a^2), and to the nearer end (the phase ignored). Time averages over the whole run, before and after the
 optimizer's edge onset (first step with edge ratio >= 0.95); ``/ stable`` divides by the stable flow's <d>.
+Then each model's distance at steps 1, 10, 100, the onset and the last step.
 
 ``--directions``: where the drift lies at the onset and at the last step: the share of |c_k - z_k|^2 in the
 top 1, 3, 10 and 100 eigenvectors of the Hessian H(c_k) (dense, the run's problem rebuilt from its spec;
@@ -117,6 +118,11 @@ def report(run_dir: str, along: bool) -> None:
                 f"  {name:22s} {part:13s} {np.mean(values):9.4g} {np.mean(values) / scale:9.3f} "
                 f"{before:9.4g} {after:9.4g}"
             )
+    marks = [k for k in (1, 10, 100, onset + 1, len(iterates) - 1) if k < len(iterates)]
+    print(f"  {optimizer}'s first step |w_1 - w_0| = {np.linalg.norm(iterates[1] - iterates[0]):.3g}")
+    for name, z in positions.items():
+        d = np.linalg.norm(iterates - z, axis=1)
+        print(f"  {name:22s} distance at step " + ", ".join(f"{k}: {d[k]:.3g}" for k in marks))
     if along:
         directions(run_dir, iterates, positions, [min(onset + 1, len(iterates) - 2), len(iterates) - 2])
 
