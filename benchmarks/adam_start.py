@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from eosflow.experiment import prepare
+from eosflow.flows.moments import lookback
 
 sys.path.insert(0, str(Path(__file__).parent))
 from adam_modified_equation import B2, PROBLEMS  # noqa: E402
@@ -42,6 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)  # a script, not the library: float64 for the quadratic
     lrs = [float(lr) for lr in args.lrs.split(",")]
+    for b in [*(float(b) for b in args.beta1s.split(",")), B2]:
+        lag = b / (1.0 - b)
+        rate = 1.0 / (lag + 0.5)
+        print(f"lookback alpha at b = {b}: {lookback(rate, 1.0 - lag * rate):.3f}")
     for beta1 in (float(b) for b in args.beta1s.split(",")):
         for start in ("lag", "extrapolated"):
             d = np.array([distances(lr, beta1, start) for lr in lrs])
