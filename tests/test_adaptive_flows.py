@@ -211,6 +211,21 @@ def forward_rate_adam_ode(hessian: np.ndarray, w0: np.ndarray, lr: float, eps: f
     return solve_ivp(field, (1e-9, steps), z0, rtol=1e-10, atol=1e-12, method="LSODA").y[:d, -1]
 
 
+def adam_on_a_quadratic(lr: float, beta1: float, **model) -> dict:
+    """Adam (b2 = 0.99, eps = 0.1, bias-corrected) and its stable flow (options ``model``) in float64 on
+    the rotated quadratic with eigenvalues 1, 0.5, 0.2, 0.1 and |w0| = 3, below the edge."""
+    return {
+        "lr": lr,
+        "dtype": "float64",
+        "seed": 1,
+        "processes": ["adam", "adam_stable_flow"],
+        "problem": {"name": "quadratic", "eigenvalues": [1.0, 0.5, 0.2, 0.1], "init_scale": 3.0},
+        "spectrum": {"every": 0},
+        "adam": {"beta1": beta1, "beta2": 0.99, "eps": 0.1},
+        "adam_stable_flow": model,
+    }
+
+
 def test_adam_stable_flow_carries_the_first_backward_error_term():
     """Adam at b1 = 0.9, b2 = 0.99 with bias correction on a rotated quadratic, below the edge (lr lambda_P
     << 1), at lr t = 1: halving lr divides the lag-rate stable flow's distance to Adam by ~4 (second
@@ -220,16 +235,7 @@ def test_adam_stable_flow_carries_the_first_backward_error_term():
     distances = {}
     for lr in (0.01, 0.005):
         steps = round(1.0 / lr)
-        table = {
-            "lr": lr,
-            "dtype": "float64",
-            "seed": 1,
-            "processes": ["adam", "adam_stable_flow"],
-            "problem": {"name": "quadratic", "eigenvalues": [1.0, 0.5, 0.2, 0.1], "init_scale": 3.0},
-            "spectrum": {"every": 0},
-            "adam": {"beta1": 0.9, "beta2": 0.99, "eps": 0.1},
-        }
-        _, problem, _, processes = prepare(table)
+        _, problem, _, processes = prepare(adam_on_a_quadratic(lr, beta1=0.9))
         ends = {
             n: np.asarray(p.advance(p.init(problem.w0), steps + 1)[1]["position"][steps]) for n, p in processes.items()
         }
@@ -241,6 +247,22 @@ def test_adam_stable_flow_carries_the_first_backward_error_term():
     assert flow / flow_half > 3.3
     assert 1.6 < plain / plain_half < 2.7
     assert flow < plain / 50
+
+
+def test_bias_corrected_start_matches_adams_first_step_to_third_order():
+    """Adam's first bias-corrected moments are g0 and g0^2 exactly; the flow's D/q and nu/q move during
+    the first unit of time, so started at g(w0) its first step errs by O(lr^2) (halving lr divides it
+    by 4). Started at the gradient extrapolated back by the lookback alpha (the default), by O(lr^3):
+    ratio 8 (docs/adaptive.md, "The start of a bias-corrected moment")."""
+    first = {}
+    for start in ("lag", None):
+        for lr in (0.04, 0.02):
+            model = {} if start is None else {"start": start}
+            rows = run_rows(adam_on_a_quadratic(lr, beta1=0.5, **model), 2)
+            first[start, lr] = np.linalg.norm(rows["adam"]["position"][1] - rows["adam_stable_flow"]["position"][1])
+    assert 3.5 < first["lag", 0.04] / first["lag", 0.02] < 4.5
+    assert first[None, 0.04] / first[None, 0.02] > 7.0
+    assert first[None, 0.04] < first["lag", 0.04] / 10
 
 
 def run_rows(table: dict, steps: int) -> dict[str, dict]:

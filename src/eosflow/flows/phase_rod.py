@@ -31,6 +31,7 @@ from eosflow.flows.moments import (
     Phase,
     register_models,
 )
+from eosflow.flows.rod import unit
 from eosflow.optim.adaptive import RuleState
 
 
@@ -81,10 +82,12 @@ class PhaseRodFlow(OptimizerModel):
 
     def observe(self, z: tuple[Phase, Rod], aux: dict, setup: Any, n: Array | int) -> dict:
         centre, rod = z
+        direction, length = unit(rod.w)
         return {
             "loss": self.objective.value(centre.w),
             "predicted_loss": aux["mean_loss"],
-            "amplitude": jnp.linalg.norm(rod.w),
+            "amplitude": length,
+            "top_vector": direction,
             "grad_norm": aux["grad_norm"],
             "sharpness_along": aux["sharpness_along"],
             **self.costs(aux, n),
