@@ -20,9 +20,9 @@ return the last measurement with ``hvps = 0``.
 
 ``warm_start="same_side"``, ``"extrapolated"`` or ``"fitted"`` (with ``every = 1``) start each
 measurement as GD's does (:func:`gd_warm_start`): the tracker keeps its last 2, 4 or 6 measurements
-and the last parameters and step, and an optimizer that bounces (consecutive steps pointing against each other, as
-GD at the edge of stability) is measured from the vectors of the same side of its orbit; the
-default, ``"previous"``, starts from the last measurement and keeps nothing more.
+and the last parameters and step, and an optimizer that bounces (consecutive steps pointing against
+each other, as GD at the edge of stability) is measured from the vectors of the same side of its
+orbit; the default, ``"previous"``, starts from the last measurement and keeps nothing more.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def fitted_extrapolation(
     D_j by a_j D'_j. A basis that moves steadily has D = D' + O(step^2), so a = 1 + O(step) and the
     prediction stays second order; measurements of a basis that does not move differ by their
     tol-level noise only, D = e_a - e_b and D' = e_b - e_c, whose inner product is -|e_b|^2 < 0 in
-    expectation, so a is mostly clipped to 0 and the noise is not doubled. a = 0 also where a tracked direction turns
-    by more than 45 degrees between X_b and X_a (a new tracked direction, a catapult): there is no
-    linear motion to extend.
+    expectation, so a is mostly clipped to 0 and the noise is not doubled. a = 0 also where a
+    tracked direction turns by more than 45 degrees between X_b and X_a (a new tracked direction, a
+    catapult): there is no linear motion to extend.
     """
     rotation, cosines = _procrustes(earlier, latest)
     change = latest - earlier @ rotation
