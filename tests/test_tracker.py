@@ -269,10 +269,10 @@ def test_extrapolated_warm_start_is_second_order_and_ignores_signs_and_order():
 def test_fitted_warm_start_extrapolates_drift_and_not_noise():
     """The fitted start (X_a moved on by its last change, damped by the factor that best predicted X_a)
     is second order on a steadily rotating basis, as the extrapolated one; on measurements of a basis
-    that does not move, perturbed by independent tol-level noise, it is as close as the same-side start
-    where the extrapolated one is ~sqrt(3) times further off; and a jump of the span (a new tracked
-    direction) falls back to the same-side start. gd_warm_start reads t-1, t-2, t-3 (smooth) or t-2,
-    t-4, t-6 (bouncing)."""
+    that does not move, perturbed by independent tol-level noise, it is as close as the same-side
+    start, where the extrapolated one is ~sqrt(5) times further off (2.2 here); and a jump of the span
+    (a new tracked direction) falls back to the same-side start. gd_warm_start reads t-1, t-2, t-3
+    (smooth) or t-2, t-4, t-6 (bouncing)."""
     from eosflow.tracker import extrapolated_vectors, fitted_extrapolation, gd_warm_start
 
     rng = np.random.default_rng(1)
