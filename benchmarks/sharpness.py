@@ -1,6 +1,7 @@
 """Cost and accuracy of the eigenpair tracker along GD trajectories on the digits MLP, per phase.
 
     .venv/bin/python benchmarks/sharpness.py [--quick] [--widths 32 140] [--steps 700] [--every 25]
+    .venv/bin/python benchmarks/sharpness.py --leaderboard mlp_digits matrix_factorization [--rules ...]
 
 For each width (32: d = 3466; 140: d = 30250) GD runs once (lr = 0.4, tanh MLP 64-w-w-10 on 500
 digits, float32) saving its iterates; then each solver replays the trajectory, warm-started from
@@ -16,14 +17,23 @@ bound on the eigenvalue error, (r |theta|)^2 / gap with the true residual r and 
 
 Solvers: the tracker (warm-started LOBPCG) at k = 1 and k = 3, with and without the guard vector,
 warm-started from the previous step or as GD does (``gd.warm_start``: from step t - 2 when GD
-bounces, "same_side", or that moved on by its change since t - 4, "extrapolated");
+bounces, "same_side", or that moved on by its change since t - 4, "extrapolated", or by that change
+damped by the factor that best predicted step t - 2, "fitted", GD's default);
 cold ARPACK Lanczos (k = 1, tol 0); power iteration at PyHessian's tolerance (1e-3).
 ``--quick``: width 32 only, 400 steps, the main solvers.
+
+``--leaderboard P ...`` instead runs GD alone on those leaderboard entries (their spec: steps, lr,
+dtype, k growing to k_max) once per ``gd.warm_start`` rule and prints the eigensolver's HVPs per
+step before the edge (lr S < 1.9 by GD's own measurement), at the edge, and over the whole run
+(twice that is the leaderboard's "eigensolver grad-equiv. / step" of the gd row), and how settled
+GD's orbit is: the median of |w_t - w_{t-2}| / |w_t - w_{t-1}| over the second half of the run
+(~0 on an exact period-2 orbit, where the tracked vectors stop moving).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 
@@ -49,8 +59,12 @@ MAIN = (
     "k=1 tol=1e-3 (GD, extrapolated)",
     "k=1 tol=3e-3 (GD, extrapolated)",
     "k=3 tol=1e-3 (GD, extrapolated)",
+    "k=1 tol=1e-3 (GD, fitted)",
+    "k=1 tol=3e-3 (GD, fitted)",
+    "k=3 tol=1e-3 (GD, fitted)",
 )  # --solvers main (and --quick)
-# (label, k, tol, guard, start): start as gd.warm_start ("previous", "same_side", "extrapolated") or "secant"
+# (label, k, tol, guard, start): start as gd.warm_start ("previous", "same_side", "extrapolated", "fitted")
+# or "secant"
 TRACKERS = [
     ("k=1 tol=1e-3, no guard, previous step", 1, 1e-3, 0, "previous"),
     ("k=1 tol=1e-3, previous step", 1, 1e-3, 1, "previous"),
@@ -77,6 +91,10 @@ TRACKERS = [
     ("k=1 tol=3e-3 full Krylov (GD, extrapolated)", 1, 3e-3, 1, "extrapolated+krylov"),
     ("k=3 tol=1e-3 (GD, extrapolated)", 3, 1e-3, 1, "extrapolated"),
     ("k=3 tol=3e-3 (GD, extrapolated)", 3, 3e-3, 1, "extrapolated"),
+    ("k=1 tol=1e-3 (GD, fitted)", 1, 1e-3, 1, "fitted"),
+    ("k=1 tol=3e-3 (GD, fitted)", 1, 3e-3, 1, "fitted"),
+    ("k=3 tol=1e-3 (GD, fitted)", 3, 1e-3, 1, "fitted"),
+    ("k=3 tol=3e-3 (GD, fitted)", 3, 3e-3, 1, "fitted"),
 ]
 
 
@@ -95,7 +113,7 @@ def replay(objective, params, k: int, tol: float, guard: int, start: str, max_it
     """The tracker along the trajectory: HVPs, values (steps x k), residuals and vectors at every step.
 
     ``start``: GD's warm-start rule (:func:`eosflow.tracker.gd_warm_start`: "previous", "same_side"
-    or "extrapolated", GD bouncing when its steps s_t = w_{t+1} - w_t = -lr g_t, read off the iterates,
+    "extrapolated" or "fitted", GD bouncing when its steps s_t = w_{t+1} - w_t = -lr g_t, read off the iterates,
     point against each other); ``"secant"``: from the previous step's vectors, with GD's last step
     w_t - w_{t-1} (the direction of GD's free secant g_t - g_{t-1}) as an extra basis vector (one more HVP).
     A ``start`` ending in ``+krylov`` (k = 1) replaces LOBPCG by :func:`krylov_top`, the same start.
@@ -113,7 +131,7 @@ def replay(objective, params, k: int, tol: float, guard: int, start: str, max_it
         def measure(w, v, extra=None):
             return krylov_top(lambda u: np.asarray(hvp(w, jnp.asarray(u)), np.float64), np.asarray(v), tol, max_iters)
 
-    history = jnp.stack([random_vectors(jax.random.PRNGKey(0), params.shape[1], k, params.dtype)] * 4)
+    history = jnp.stack([random_vectors(jax.random.PRNGKey(0), params.shape[1], k, params.dtype)] * 6)
     steps = np.diff(params, axis=0, append=params[-1:] + (params[-1:] - params[-2:-1]))
     hvps, values, residuals, kept = [], [], [], {}
     for t, w in enumerate(params):
@@ -261,6 +279,45 @@ def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "
     )
 
 
+def warm_start_costs(problems: list[str], rules: list[str]) -> None:
+    """GD alone on leaderboard entries, once per warm-start rule: eigensolver HVPs per step, per phase."""
+    from eosflow.leaderboard import ARCHITECTURES, SUITE
+
+    entries = {entry.name: entry for entry in SUITE + ARCHITECTURES}
+    print(
+        "\n| problem | gd.warm_start | edge from step | two-step / one-step displacement | HVPs / step before the edge "
+        "| HVPs / step at the edge | HVPs / step, whole run | eigensolver grad-equiv. / step "
+        "| steps costing more than same_side |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in problems:
+        if name not in entries:
+            raise SystemExit(f"--leaderboard: no entry {name!r}; choose from {', '.join(entries)}")
+        spent = {}
+        for rule in rules:
+            table = copy.deepcopy(entries[name].table)
+            table.update(processes=["gd"], gd={"warm_start": rule})
+            table["record"] = {**table["record"], "params_every": 1}
+            with tempfile.TemporaryDirectory() as tmp:
+                run(table, tmp)
+                gd = eosflow.load(tmp).sel(process="gd")
+                hvps, lr_sharpness = gd["measurement_hvps"].values, gd["lr_sharpness"].values
+                w = np.asarray(eosflow.load_params(tmp, "gd")[1], np.float64)
+            spent[rule] = hvps
+            at_edge = np.flatnonzero(lr_sharpness >= EDGE)
+            edge = int(at_edge[0]) if at_edge.size else hvps.size
+            # how settled the orbit is over the second half: |w_t - w_{t-2}| / |w_t - w_{t-1}| (median)
+            late = w[w.shape[0] // 2 :]
+            settled = np.median(
+                np.linalg.norm(late[2:] - late[:-2], axis=1) / np.linalg.norm(late[2:] - late[1:-1], axis=1)
+            )
+            before = f"{hvps[:edge].mean():.2f}" if edge else "-"
+            after = f"{hvps[edge:].mean():.2f}" if edge < hvps.size else "-"
+            worse = f"{np.mean(hvps > spent['same_side']):.0%}" if "same_side" in spent else "-"
+            whole = f"{hvps.mean():.3f} | {2 * hvps.mean():.3f}"
+            print(f"| {name} | {rule} | {edge} | {settled:.1e} | {before} | {after} | {whole} | {worse} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 140], help="hidden widths (32: d = 3466)")
@@ -272,7 +329,17 @@ def main() -> None:
         "--only", default="", help="only the solvers whose label contains this text (or one of these, comma-separated)"
     )
     parser.add_argument("--cluster", type=float, help="the trackers' cluster gap (lobpcg's contract on clusters)")
+    parser.add_argument("--leaderboard", nargs="+", metavar="PROBLEM", help="GD alone on these leaderboard entries")
+    parser.add_argument(
+        "--rules",
+        nargs="+",
+        default=["same_side", "extrapolated", "fitted"],
+        help="gd.warm_start rules (--leaderboard)",
+    )
     args = parser.parse_args()
+    if args.leaderboard:
+        warm_start_costs(args.leaderboard, args.rules)
+        return
     if args.quick:
         args.widths, args.steps, args.solvers = [32], 400, "main"
     for width in args.widths:

@@ -18,11 +18,11 @@ preconditioned sharpness that adaptive optimizers hold at ``edge_threshold``.
 With ``every = N`` the solver runs on every N-th update only (``lax.cond``); the other updates
 return the last measurement with ``hvps = 0``.
 
-``warm_start="same_side"`` or ``"extrapolated"`` (with ``every = 1``) start each measurement as GD's
-does (:func:`gd_warm_start`): the tracker keeps its last four measurements and the last two
-parameter steps, and an optimizer that bounces (consecutive steps pointing against each other, as
-GD at the edge of stability) is measured from the vectors of the same side of its orbit; the
-default, ``"previous"``, starts from the last measurement and keeps nothing more.
+``warm_start="same_side"``, ``"extrapolated"`` or ``"fitted"`` (with ``every = 1``) start each
+measurement as GD's does (:func:`gd_warm_start`): the tracker keeps its last 2, 4 or 6 measurements
+and the last parameters and step, and an optimizer that bounces (consecutive steps pointing against
+each other, as GD at the edge of stability) is measured from the vectors of the same side of its
+orbit; the default, ``"previous"``, starts from the last measurement and keeps nothing more.
 """
 
 from __future__ import annotations
@@ -40,23 +40,56 @@ from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
 
 PyTree = Any
-WarmStart = Literal["extrapolated", "same_side", "previous"]
+WarmStart = Literal["fitted", "extrapolated", "same_side", "previous"]
+
+
+def _procrustes(earlier: Float[Array, "d k"], latest: Float[Array, "d k"]) -> tuple[Array, Array]:
+    """Q = U V^T from the SVD U diag(c) V^T of X_b^T X_a, the rotation that best aligns X_b with X_a
+    (orthogonal Procrustes), and c, the cosines of the principal angles between the two spans."""
+    left, cosines, right = jnp.linalg.svd(earlier.T @ latest)
+    return left @ right, cosines
 
 
 def extrapolated_vectors(latest: Float[Array, "d k"], earlier: Float[Array, "d k"]) -> Float[Array, "d k"]:
     """The linear extrapolation 2 X_a - X_b Q of a tracked eigenbasis, one interval past ``latest`` X_a.
 
-    Q = U V^T (from the SVD of X_b^T X_a) is the rotation that best aligns X_b with X_a (orthogonal
-    Procrustes), so sign flips and reorderings of the tracked vectors between the two measurements do
-    not count as motion; for k = 1 it is the sign of <x_b, x_a>. Not normalized: LOBPCG orthonormalizes
-    its start.
+    Q (:func:`_procrustes`) is the rotation that best aligns X_b with X_a, so sign flips and
+    reorderings of the tracked vectors between the two measurements do not count as motion; for k = 1
+    it is the sign of <x_b, x_a>. Not normalized: LOBPCG orthonormalizes its start.
     """
-    left, _, right = jnp.linalg.svd(earlier.T @ latest)
-    return 2.0 * latest - earlier @ (left @ right)
+    return 2.0 * latest - earlier @ _procrustes(earlier, latest)[0]
 
 
-def gd_warm_start(history: Float[Array, "4 d k"], bouncing: Array, rule: WarmStart) -> Float[Array, "d k"]:
-    """The warm start of GD's eigensolver at step t from the vectors measured at t-1, ..., t-4 (``history``).
+def warm_start_depth(rule: WarmStart) -> int:
+    """How many past measurements :func:`gd_warm_start` reads (t-1, ..., t-depth)."""
+    return {"previous": 1, "same_side": 2, "extrapolated": 4, "fitted": 6}[rule]
+
+
+def fitted_extrapolation(
+    latest: Float[Array, "d k"], earlier: Float[Array, "d k"], oldest: Float[Array, "d k"]
+) -> Float[Array, "d k"]:
+    """X_a + a (X_a - X_b Q_ab), a damped extrapolation of three equally spaced measurements X_c, X_b, X_a.
+
+    Per column j, a_j in [0, 1] is the damping that would best have predicted X_a from the two before:
+    with the change D = X_a - X_b Q_ab and the one before it, D' = (X_b - X_c Q_bc) Q_ab (both aligned
+    to X_a, :func:`_procrustes`), a_j = clip(<D_j, D'_j> / |D'_j|^2, 0, 1), the least-squares fit of
+    D_j by a_j D'_j. A basis that moves steadily has D = D' + O(step^2), so a = 1 + O(step) and the
+    prediction stays second order; measurements of a basis that does not move differ by their
+    tol-level noise only, D = e_a - e_b and D' = e_b - e_c, whose inner product is -|e_b|^2 < 0 in
+    expectation, so a is mostly clipped to 0 and the noise is not doubled. a = 0 also where a
+    tracked direction turns by more than 45 degrees between X_b and X_a (a new tracked direction, a
+    catapult): there is no linear motion to extend.
+    """
+    rotation, cosines = _procrustes(earlier, latest)
+    change = latest - earlier @ rotation
+    before = (earlier - oldest @ _procrustes(oldest, earlier)[0]) @ rotation
+    fit = jnp.sum(change * before, axis=0) / jnp.maximum(jnp.sum(before**2, axis=0), jnp.finfo(latest.dtype).tiny)
+    damping = jnp.where(jnp.min(cosines) >= jnp.sqrt(0.5), jnp.clip(fit, 0.0, 1.0), 0.0)
+    return latest + damping * change
+
+
+def gd_warm_start(history: Float[Array, "h d k"], bouncing: Array, rule: WarmStart) -> Float[Array, "d k"]:
+    """The warm start of GD's eigensolver at step t from the vectors measured at t-1, ..., t-h (``history``).
 
     ``previous``: those of step t-1. ``same_side``: when GD bounces (consecutive steps point against
     each other) those of step t-2, measured on the same side of its period-2 orbit, else t-1 (at the
@@ -64,14 +97,23 @@ def gd_warm_start(history: Float[Array, "4 d k"], bouncing: Array, rule: WarmSta
     vectors of step t-2 are the closer start). ``extrapolated``: the same-side vectors moved on
     by their last same-side change, 2 X_{t-2} - X_{t-4} when bouncing, else 2 X_{t-1} - X_{t-2}
     (:func:`extrapolated_vectors`): the residual left by the drift of the eigenvectors is then second
-    order in the step (docs/sharpness.md).
+    order in the step (docs/sharpness.md). ``fitted`` (h = 6): that change damped per vector by the
+    factor in [0, 1] that would have predicted the last same-side measurement best
+    (:func:`fitted_extrapolation` of X_{t-3s}, X_{t-2s}, X_{t-s}, s = 2 when bouncing, else 1), which
+    is 0 where the vectors move less than their own tol-level noise (a settled period-2 orbit, where
+    extrapolating only doubles that noise) and ~1 where they drift steadily. No HVP is spent on it.
     """
+    if history.shape[0] < warm_start_depth(rule):
+        raise ValueError(f"gd_warm_start({rule!r}) reads {warm_start_depth(rule)} measurements, got {history.shape[0]}")
     if rule == "previous":
         return history[0]
     latest = jnp.where(bouncing, history[1], history[0])
     if rule == "same_side":
         return latest
-    return extrapolated_vectors(latest, jnp.where(bouncing, history[3], history[1]))
+    earlier = jnp.where(bouncing, history[3], history[1])
+    if rule == "extrapolated":
+        return extrapolated_vectors(latest, earlier)
+    return fitted_extrapolation(latest, earlier, jnp.where(bouncing, history[5], history[2]))
 
 
 class TrackerState(NamedTuple):
@@ -82,7 +124,7 @@ class TrackerState(NamedTuple):
     residuals: Float[Array, " k"]  # their relative residuals (NaN before the first)
     count: Array  # type: ignore[assignment]  # updates so far (int32); the field shadows tuple.count
     hvps: Array  # Hessian-vector products spent so far (int32)
-    older: Float[Array, "h d k"] | None = None  # measurements t-2, t-3, t-4 (h = 3; 0 with "previous")
+    older: Float[Array, "h d k"] | None = None  # measurements t-2, ..., t-1-h (h = warm_start_depth - 1)
     params: Float[Array, "h d"] | None = None  # parameters and step of the last update (h = 2, or 0)
 
 
@@ -99,7 +141,8 @@ class SharpnessTracker(eqx.Module):
             converged as a whole (:func:`eosflow.spectrum.lobpcg`; None: per pair). Skipped updates
             report NaN subspace residuals.
         warm_start: where a measurement starts: ``"previous"`` (the last one's vectors),
-            ``"same_side"`` or ``"extrapolated"`` (as GD's, :func:`gd_warm_start`; needs every = 1).
+            ``"same_side"``, ``"extrapolated"`` or ``"fitted"`` (as GD's, :func:`gd_warm_start`; needs
+            every = 1).
     """
 
     loss_fn: Callable = eqx.field(static=True)
@@ -111,9 +154,9 @@ class SharpnessTracker(eqx.Module):
     warm_start: WarmStart = eqx.field(static=True, default="previous")
 
     def __check_init__(self):
-        if self.warm_start not in ("previous", "same_side", "extrapolated"):
+        if self.warm_start not in ("previous", "same_side", "extrapolated", "fitted"):
             raise ValueError(
-                "SharpnessTracker warm_start must be 'previous', 'same_side' or 'extrapolated', "
+                "SharpnessTracker warm_start must be 'previous', 'same_side', 'extrapolated' or 'fitted', "
                 f"got {self.warm_start!r}"
             )
         if self.warm_start != "previous" and self.every != 1:
@@ -136,9 +179,9 @@ class SharpnessTracker(eqx.Module):
         vectors = random_vectors(key, flat.size, self.k, flat.dtype)
         nan = jnp.full((vectors.shape[1],), jnp.nan, flat.dtype)
         zero = jnp.zeros((), jnp.int32)
-        kept = 0 if self.warm_start == "previous" else 1  # history only for the same-side starts
-        older = jnp.broadcast_to(vectors, (3 * kept, *vectors.shape))
-        params_and_step = jnp.stack([flat, jnp.zeros_like(flat)])[: 2 * kept]
+        older = jnp.broadcast_to(vectors, (warm_start_depth(self.warm_start) - 1, *vectors.shape))
+        kept = 0 if self.warm_start == "previous" else 2  # the last parameters and step tell a bounce
+        params_and_step = jnp.stack([flat, jnp.zeros_like(flat)])[:kept]
         return TrackerState(vectors, nan, nan, zero, zero, older, params_and_step)
 
     def update(

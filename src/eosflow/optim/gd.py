@@ -5,9 +5,9 @@ optimizer in :mod:`eosflow.optim.adaptive`; P = I, so ``preconditioned_sharpness
 oscillation read off GD alone: for w_k = c_k + (-1)^k delta_k with a linearly drifting centre,
 |w_{k+1} - 2 w_k + w_{k-1}| / 4 = (eta / 4) |g_k - g_{k-1}| = |delta_k|.
 When it bounces (<g_k, g_{k-1}> < 0) the eigensolver is warm-started from the vectors of step
-k - 2, on the same side of the orbit, extrapolated by their change since step k - 4
-(``warm_start``, :func:`eosflow.tracker.gd_warm_start`); the measurement never feeds back into
-the iterates.
+k - 2, on the same side of the orbit, moved on by their change since step k - 4, damped by the
+factor that would best have predicted step k - 2 (``warm_start``, :func:`eosflow.tracker.gd_warm_start`);
+the measurement never feeds back into the iterates.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, register_process, scanned_fields
 from eosflow.spectrum import spectrum_row
-from eosflow.tracker import WarmStart, gd_warm_start
+from eosflow.tracker import WarmStart, gd_warm_start, warm_start_depth
 
 
 class GDState(NamedTuple):
     w: Array
     vectors: Array  # d x k: eigenvectors measured at the previous step (t - 1)
-    older: Array  # 3 x d x k: those of steps t - 2, t - 3, t - 4 (for the warm start)
+    older: Array  # h x d x k: those of steps t - 2, ..., t - 1 - h (for the warm start; h = 5 or 3)
     grad: Array  # the previous step's gradient (for ``oscillation``)
     step: Array
 
@@ -39,8 +39,9 @@ class GDOptions:
     """Gradient descent's only option is where its eigensolver starts (besides ``lr`` and ``[spectrum]``)."""
 
     warm_start: WarmStart = option(
-        "extrapolated",
-        "eigensolver start: extrapolated (same-side vectors moved on by their last change), "
+        "fitted",
+        "eigensolver start: fitted (same-side vectors moved on by their last change, damped by the "
+        "factor in [0, 1] that best predicted the last same-side measurement), extrapolated (undamped), "
         "same_side (step t-2's when GD bounces, else t-1's) or previous (step t-1's)",
     )
 
@@ -51,12 +52,13 @@ class GradientDescent(ScannedProcess):
 
     def init(self, w0: Array) -> GDState:
         vectors = self.initial_vectors(w0)
-        return GDState(w0, vectors, jnp.stack([vectors] * 3), jnp.zeros_like(w0), jnp.asarray(0))
+        depth = max(warm_start_depth(self.options.warm_start), 4)  # 4: the state's shape before "fitted"
+        return GDState(w0, vectors, jnp.stack([vectors] * (depth - 1)), jnp.zeros_like(w0), jnp.asarray(0))
 
     def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
         loss, grad = self.objective.value_and_grad(state.w)
         start = state.vectors
-        if self.spectrum.every == 1:  # then vectors and older are the measurements of steps k - 1, ..., k - 4
+        if self.spectrum.every == 1:  # then vectors and older are the measurements of steps k - 1, k - 2, ...
             history = jnp.concatenate([state.vectors[None], state.older])
             start = gd_warm_start(history, jnp.vdot(grad, state.grad) < 0, self.options.warm_start)
         vectors, row = spectrum_row(self.objective, state.w, start, state.step, self.lr, self.spectrum)
