@@ -28,7 +28,7 @@ orbit; the default, ``"previous"``, starts from the last measurement and keeps n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import equinox as eqx
 import jax
@@ -154,15 +154,16 @@ class SharpnessTracker(eqx.Module):
     warm_start: WarmStart = eqx.field(static=True, default="previous")
 
     def __check_init__(self):
-        if self.warm_start not in ("previous", "same_side", "extrapolated", "fitted"):
+        if self.warm_start not in get_args(WarmStart):
             raise ValueError(
-                "SharpnessTracker warm_start must be 'previous', 'same_side', 'extrapolated' or 'fitted', "
+                f"SharpnessTracker warm_start must be one of {', '.join(map(repr, get_args(WarmStart)))}, "
                 f"got {self.warm_start!r}"
             )
         if self.warm_start != "previous" and self.every != 1:
             raise ValueError(
-                f"SharpnessTracker warm_start={self.warm_start!r} reads the last four updates' measurements "
-                f"and needs every = 1 (got every = {self.every})"
+                f"SharpnessTracker warm_start={self.warm_start!r} reads the last "
+                f"{warm_start_depth(self.warm_start)} updates' measurements and needs every = 1 "
+                f"(got every = {self.every})"
             )
         if self.k < 1 or self.max_iters < 1 or self.every < 1:
             raise ValueError(
@@ -200,8 +201,9 @@ class SharpnessTracker(eqx.Module):
             assert older is not None and params_and_step is not None, "a state from init() of this tracker"
             step = flat - params_and_step[0]
             bouncing = jnp.logical_and(state.count >= 2, jnp.vdot(step, params_and_step[1]) < 0)
-            start = gd_warm_start(jnp.concatenate([state.vectors[None], older]), bouncing, self.warm_start)
-            older, params_and_step = jnp.concatenate([state.vectors[None], older[:-1]]), jnp.stack([flat, step])
+            history = jnp.concatenate([state.vectors[None], older])  # measurements t-1, t-2, ...
+            start = gd_warm_start(history, bouncing, self.warm_start)
+            older, params_and_step = history[:-1], jnp.stack([flat, step])
 
         def measure(state: TrackerState) -> Eigenpairs:
             _, hvp = jax.linearize(jax.grad(loss), flat)

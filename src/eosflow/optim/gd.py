@@ -57,9 +57,9 @@ class GradientDescent(ScannedProcess):
 
     def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
         loss, grad = self.objective.value_and_grad(state.w)
+        history = jnp.concatenate([state.vectors[None], state.older])  # h + 1 x d x k
         start = state.vectors
-        if self.spectrum.every == 1:  # then vectors and older are the measurements of steps k - 1, k - 2, ...
-            history = jnp.concatenate([state.vectors[None], state.older])
+        if self.spectrum.every == 1:  # then history holds the measurements of steps k - 1, k - 2, ...
             start = gd_warm_start(history, jnp.vdot(grad, state.grad) < 0, self.options.warm_start)
         vectors, row = spectrum_row(self.objective, state.w, start, state.step, self.lr, self.spectrum)
         oscillation = 0.25 * self.lr * jnp.linalg.norm(grad - state.grad)
@@ -73,8 +73,7 @@ class GradientDescent(ScannedProcess):
             edge_ratio=0.5 * row["lr_sharpness"],
         )
         new_w = state.w - self.lr * grad
-        older = jnp.concatenate([state.vectors[None], state.older[:-1]])
-        return GDState(new_w, vectors, older, grad, state.step + 1), row
+        return GDState(new_w, vectors, history[:-1], grad, state.step + 1), row
 
     def _grow(self, state: GDState, rows: dict[str, Array]) -> GDState:
         """The new direction joins every set of carried vectors."""
