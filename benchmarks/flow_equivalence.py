@@ -70,7 +70,16 @@ CASES = [
         for m in ("stable_flow", "rod_flow", "central_flow")
     ],
     ("factorization/rmsprop_central_flow", FACTORIZATION, 0.01, 500, "rmsprop_central_flow", {}, 3, RMSPROP),
-    ("mlp/rmsprop_central_flow_ref", MLP, 0.004, 150, "rmsprop_central_flow", {"moments": "reference"}, 3, SCALAR),
+    (
+        "mlp/rmsprop_central_flow_ref",
+        MLP,
+        0.004,
+        150,
+        "rmsprop_central_flow",
+        {"moments": "reference", "free_method": "euler"},
+        3,
+        SCALAR,
+    ),
     ("mlp/rmsprop_scalar_central_flow", MLP, 0.004, 150, "rmsprop_central_flow", {}, 3, SCALAR),
     ("mlp/momentum_rod_flow", MLP, 0.05, 150, "momentum_rod_flow", {}, 3, HEAVY_BALL),
     ("mlp/nesterov_stable_flow", MLP, 0.1, 150, "nesterov_stable_flow", {}, 3, NESTEROV),

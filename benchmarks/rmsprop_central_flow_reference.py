@@ -66,7 +66,9 @@ def ours(x, y, w0, lr, beta2, eps, steps):
     objective = Objective.from_function(loss_fn(jnp, jnp.asarray(x), jnp.asarray(y)))
     rule = RMSPropOptions(beta2=beta2, eps=eps).rule()
     spectrum = SpectrumSpec(every=1, k=1, k_max=4, tol=1e-10, max_iters=100)
-    options = PreconditionedCentralOptions(substeps=4, max_substeps=4, margin=0.025, moments="reference")
+    options = PreconditionedCentralOptions(
+        substeps=4, max_substeps=4, margin=0.025, moments="reference", free_method="euler"
+    )
     flow = PreconditionedCentralFlow(
         name="rmsprop_central_flow",
         lr=lr,

@@ -139,26 +139,34 @@ def test_models_read_the_optimizers_table():
         )
 
 
-def test_central_flow_is_the_stable_flow_below_the_edge():
-    """With no critical direction (X = 0) RMSProp's central flow moves exactly as its stable flow (both
-    in Euler substeps: the central flow's SDCP constrains the end of an Euler substep)."""
+@pytest.mark.parametrize("method", ["rk4", "euler"])
+def test_central_flow_is_the_stable_flow_below_the_edge(method):
+    """With no critical direction (X = 0) RMSProp's central flow takes the stable flow's steps, with the
+    stable flow's integrator (``free_method``): the same trajectory bit for bit, up to the first step
+    with a critical direction, and no prediction beyond its own loss there. The old central flow took
+    Euler substeps there whatever the stable flow's integrator (1.19 for 0.88 on the factorization's
+    rel. distance, docs/adaptive.md section 6)."""
     table = {
-        "lr": 0.01,
+        "lr": 0.08,  # the first critical direction at step 28
         "dtype": "float64",
         "processes": ["rmsprop_stable_flow", "rmsprop_central_flow"],
         "problem": SMOOTH,
         "spectrum": {"every": 1, "k": 1, "k_max": 1},
         "rmsprop": {"beta2": 0.9, "eps": 0.1},
-        "rmsprop_stable_flow": {"method": "euler"},
+        "rmsprop_stable_flow": {"method": method},
+        "rmsprop_central_flow": {"free_method": method},
     }
     _, built, _, processes = prepare(table)
-    rows = {n: p.advance(p.init(built.w0), 30)[1] for n, p in processes.items()}
-    central = rows["rmsprop_central_flow"]
-    assert np.all(np.asarray(central["critical"]) == 0) and np.nanmax(np.asarray(central["edge_ratio"])) < 0.5
-    np.testing.assert_allclose(
-        np.asarray(central["position"]), np.asarray(rows["rmsprop_stable_flow"]["position"]), rtol=1e-12, atol=1e-14
+    rows = {n: p.advance(p.init(built.w0), 60)[1] for n, p in processes.items()}
+    central, stable = rows["rmsprop_central_flow"], rows["rmsprop_stable_flow"]
+    critical = np.asarray(central["critical"])
+    free = int(np.argmax(critical > 0)) if critical.any() else critical.size
+    assert free >= 10, free
+    np.testing.assert_array_equal(
+        np.asarray(central["position"])[: free + 1], np.asarray(stable["position"])[: free + 1]
     )
-    np.testing.assert_allclose(np.asarray(central["predicted_loss"]), np.asarray(central["loss"]), rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(central["grads"])[:free], np.asarray(stable["grads"])[:free])
+    np.testing.assert_array_equal(np.asarray(central["predicted_loss"])[:free], np.asarray(central["loss"])[:free])
 
 
 def test_adam_stable_flow_tracks_adam_through_its_rotating_modes():

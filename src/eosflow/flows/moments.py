@@ -246,6 +246,11 @@ class OptimizerModel(Flow):
         velocity = mo.velocity(start, grad, mo.second(grad), h).w
         return mo.initial(w0, grad, h, self.objective.hvp(w0, velocity))
 
+    def stable_velocity(self, z: Phase, h: Array | float) -> tuple[Phase, Array, Array]:
+        """(dz/dt of the stable flow, L, g) at z, for substeps of length h (one gradient)."""
+        loss, grad = self.objective.value_and_grad(z.w)
+        return self.moments.velocity(z, grad, self.moments.second(grad), h), loss, grad
+
     def update(self, field: Any, z: Any, h: Any, key: Array | None) -> tuple[Any, Any]:
         return UPDATES[self.options.method](field, z, h, key)
 

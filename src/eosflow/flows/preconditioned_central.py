@@ -22,14 +22,16 @@ linearized end-of-substep constraint V^T (2 P / lr - H) V >= 0, in which both H 
 with G_ij = D^3 L[v_i, v_j, .], nu_dot_0 = c2 (s(g) - nu) and, as in the reference code, H v ~ P v lam
 (lam = v^T H v) on the critical space; in beta lam_k lam_l is symmetrized to sqrt(lam_i lam_j lam_k lam_l)
 (equal on the critical space, where lam = 2/lr), which makes beta a Gram matrix: PSD. Per substep:
-one gradient, m HVPs and m(m+1)/2 third derivatives.
+one gradient, m HVPs and m(m+1)/2 third derivatives. A step with no critical direction (X = 0) is the
+stable flow's step, integrated as the stable flow integrates it (``free_method``, RK4 by default): the
+flow then follows the optimizer to the same O(lr^2) before the edge, not to an Euler substep's.
 Registered as ``rmsprop_central_flow`` (the ``[rmsprop]`` table's ``second_moment`` picks the form).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -39,7 +41,7 @@ from jaxtyping import Array
 from eosflow.config import option
 from eosflow.flows.central import pair_gradients
 from eosflow.flows.flow import Measured
-from eosflow.flows.integrate import Averaged
+from eosflow.flows.integrate import STAGES, UPDATES, Averaged, euler, substep_count
 from eosflow.flows.moments import (
     MomentFlowOptions,
     OptimizerModel,
@@ -56,7 +58,13 @@ class PreconditionedCentralOptions(MomentFlowOptions):
     max_critical: int = option(6, "most critical directions (capped by the tracked eigenpairs)", ge=1)
     sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
     method: Literal["euler"] = option(
-        "euler", "euler only: the SDCP keeps the constraint at the end of an Euler substep"
+        "euler",
+        "euler only: the SDCP keeps the constraint at the end of an Euler substep (steps with a critical direction)",
+    )
+    free_method: Literal["rk4", "euler"] = option(
+        "rk4",
+        "integrator of the steps with no critical direction, where the flow is the stable flow: rk4 (the "
+        "stable flow's default) or euler (the reference code's, with the rates compensated for the substep)",
     )
 
 
@@ -82,6 +90,52 @@ class PreconditionedCentralFlow(OptimizerModel):
 
     def start(self, w0: Array) -> Phase:
         return self.start_phase(w0)
+
+    def compensated(self, n: Array | int) -> Array | float:
+        """The start's compensation follows ``free_method`` (the flow starts free, as the stable flow);
+        the Euler substeps of a constrained step compensate 1/n (:meth:`update`)."""
+        return 1.0 / n if self.options.free_method == "euler" else 0.0
+
+    def substeps(self, measured: Measured, setup: Critical) -> Array:
+        """The stiffness rule of the step's integrator: Euler's with a critical direction, else ``free_method``'s."""
+
+        def count(method: str) -> Array:
+            return substep_count(1.0, self.moments.stiffness(measured.sharpness, method), self.options)
+
+        return jnp.where(setup.count > 0, count("euler"), count(self.options.free_method))
+
+    def term(self, setup: Critical, n: Array | int) -> tuple[Critical, Array | int]:
+        return setup, n  # :meth:`update` picks the field and the solver from the step's critical count
+
+    def update(self, term: tuple[Critical, Array | int], z: Phase, h: Any, key: Array | None) -> tuple[Phase, dict]:
+        """A substep: Euler on the SDCP field with a critical direction, else the stable flow's field
+        stepped by ``free_method`` (a branch taken at run time; both report the same aux)."""
+        critical, n = term
+        free = UPDATES[self.options.free_method]
+        return jax.lax.cond(
+            critical.count > 0,
+            lambda z: euler(lambda y: self.field(y, critical, 1.0 / n), z, h),
+            lambda z: free(lambda y: self.free_field(y, critical, self.compensated(n)), z, h),
+            z,
+        )
+
+    def free_field(self, z: Phase, critical: Critical, h: Array | float) -> tuple[Phase, dict]:
+        """The stable flow's field (X = 0), with the constrained field's aux: one gradient per evaluation."""
+        velocity, loss, grad = self.stable_velocity(z, h)
+        none = jnp.zeros((), jnp.int32)
+        zero = jnp.zeros((), z.w.dtype)
+        aux = {
+            "loss": loss,
+            "grad_norm": jnp.linalg.norm(grad),
+            "oscillation": Averaged(Oscillation(zero, jnp.zeros((self.spectrum.k_max,), z.w.dtype))),
+            "critical": critical.count,
+            "cost": {
+                "grads": jnp.asarray(STAGES[self.options.free_method], jnp.int32),
+                "hvps": none,
+                "third_derivatives": none,
+            },
+        }
+        return velocity, aux
 
     def prepare(self, z: Phase, measured: Measured, step: Array) -> tuple[Phase, Critical]:
         vectors = measured.vectors
@@ -137,7 +191,7 @@ class PreconditionedCentralFlow(OptimizerModel):
             "grad_norm": jnp.linalg.norm(grad),
             "oscillation": Averaged(self.oscillation(X, v, rayleigh)),
             "critical": n,
-            "cost": {"grads": 1, "hvps": n, "third_derivatives": n * (n + 1) // 2},
+            "cost": {"grads": jnp.ones((), jnp.int32), "hvps": n, "third_derivatives": n * (n + 1) // 2},
         }
         d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
         return Phase(w_dot, d_dot, nu_dot, mass_dot), aux

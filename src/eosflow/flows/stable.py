@@ -27,8 +27,7 @@ class StableFlow(OptimizerModel):
         return self.start_phase(w0)
 
     def field(self, z: Phase, setup: Any, h: Array | float) -> tuple[Phase, dict]:  # type: ignore[override]
-        loss, grad = self.objective.value_and_grad(z.w)
-        velocity = self.moments.velocity(z, grad, self.moments.second(grad), h)
+        velocity, loss, grad = self.stable_velocity(z, h)
         return velocity, {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "cost": {"grads": 1}}
 
     def observe(self, z: Phase, aux: dict, setup: Any, n: Array | int) -> dict:
