@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,9 +142,10 @@ def gd_oscillation(particles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 0.5 * (middle + neighbours), sign * 0.5 * (middle - neighbours)
 
 
-@eqx.filter_jit
 def _scan(body, state, steps):
-    return jax.lax.scan(body, state, None, length=steps)
+    """``lax.scan`` of ``body`` compiled for this call: ``body`` is a new closure at every call, so a
+    cached jit could never reuse it and would keep every compiled copy for the life of the process."""
+    return jax.jit(lambda state: jax.lax.scan(body, state, None, length=steps))(state)
 
 
 def macroscopic(observed: Macroscopic) -> dict[str, np.ndarray]:

@@ -1,0 +1,77 @@
+"""Resident memory of one Python process running many configurations (a Dask worker, a notebook sweep).
+
+    PYTHONPATH=src python benchmarks/compiled_memory.py [--configs 48] [--kept 2 32 1000]
+        [--problem mlp|factorization] [--processes gd]
+
+Each configuration is a new lr (so a new compilation of every process); each runs 20 steps of the
+listed processes, then the process's resident memory is printed after ``gc.collect()`` and glibc's
+``malloc_trim(0)`` (Linux only: freed memory is returned to the OS so that RSS shows it). Each
+``--kept`` value (``eosflow.process.SCANS_KEPT``, the compiled scans kept for reuse) runs in a fresh
+interpreter; 1000 stands for the former unbounded module-level jit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import subprocess
+import sys
+
+PROBLEMS = {
+    "mlp": {"name": "mlp", "dataset": "digits", "n_train": 300, "n_test": 0, "width": 32, "depth": 2},
+    "factorization": {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5},
+}
+
+
+def resident_mb() -> float:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(kept: int, configs: int, problem: str, processes: list[str]) -> None:
+    import eosflow.process
+    from eosflow.experiment import prepare
+
+    eosflow.process.SCANS_KEPT = kept
+    sizes = []
+    for i in range(configs):
+        table = {"lr": 0.07 + 1e-3 * i, "processes": processes, "problem": PROBLEMS[problem], "spectrum": {"k": 1}}
+        _, built, _, runs = prepare(table)
+        for process in runs.values():
+            process.advance(process.init(built.w0), 20)
+        del runs, built
+        sizes.append(resident_mb())
+    growth = sizes[-1] - sizes[1]
+    print(
+        f"SCANS_KEPT = {kept:5d}: RSS after each configuration (MB) "
+        + " ".join(f"{s:.0f}" for s in sizes)
+        + f"; growth after the second: {growth:.0f} MB ({growth / (configs - 2):.1f} MB per configuration),"
+        f" over the last 8: {sizes[-1] - sizes[-9]:.0f} MB"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=int, default=48)
+    parser.add_argument("--kept", type=int, nargs="+", default=[2, 32, 1000])
+    parser.add_argument("--problem", choices=sorted(PROBLEMS), default="mlp")
+    parser.add_argument("--processes", default="gd")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    processes = args.processes.split(",")
+    if args.child is not None:
+        child(args.child, args.configs, args.problem, processes)
+        return
+    print(f"{args.configs} configurations of {processes} on {args.problem}, 20 steps each")
+    for kept in args.kept:
+        command = [sys.executable, __file__, "--child", str(kept), "--configs", str(args.configs)]
+        command += ["--problem", args.problem, "--processes", args.processes]
+        subprocess.run(command, check=True)
+
+
+if __name__ == "__main__":
+    main()
