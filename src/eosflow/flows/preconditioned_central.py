@@ -114,8 +114,8 @@ class PreconditionedCentralFlow(OptimizerModel):
         free = UPDATES[self.options.free_method]
         return jax.lax.cond(
             critical.count > 0,
-            lambda z: euler(lambda y: self.field(y, critical, 1.0 / n), z, h),
-            lambda z: free(lambda y: self.free_field(y, critical, self.compensated(n)), z, h),
+            lambda z: euler(lambda y: self.field(y, critical, 1.0 / n), z, h, key),
+            lambda z: free(lambda y: self.free_field(y, critical, self.compensated(n)), z, h, key),
             z,
         )
 
