@@ -2,15 +2,20 @@
 
     PYTHONPATH=src python benchmarks/compiled_memory.py [--configs 48] [--kept 2 32 1000]
         [--problem mlp|factorization] [--processes gd]
+    PYTHONPATH=src python benchmarks/compiled_memory.py --operators 6
 
 Each configuration is a new lr (so a new compilation of every process); each runs 20 steps of the
 listed processes, then the process's resident memory is printed after ``gc.collect()`` and glibc's
 ``malloc_trim(0)`` (Linux only: freed memory is returned to the OS so that RSS shows it). Each
-``--kept`` value (``eosflow.process.SCANS_KEPT``, the compiled scans kept for reuse) runs in a fresh
+``--kept`` value (``eosflow.process._scan.kept``, the compiled scans kept for reuse, 32 by default) runs in a fresh
 interpreter; 1000 stands for the former unbounded module-level jit. The count of memory maps is
 printed too: each compiled GD scan maps ~390 regions, and past vm.max_map_count (65530 by default) LLVM
 cannot allocate the next one's code ("LLVM ERROR: Unable to allocate section memory!", SIGABRT): with
 ``--kept 1000 --configs 200`` the interpreter aborts at about the 163rd configuration.
+
+``--operators N``: N ``eosflow.HessianOperator``s of one model (the digits MLP) at N points, as when the
+sharpness is measured at each checkpoint of a run; prints the time of each one's first and second
+product (the first includes any compilation).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def child(kept: int, configs: int, problem: str, processes: list[str]) -> None:
     import eosflow.process
     from eosflow.experiment import prepare
 
-    eosflow.process.SCANS_KEPT = kept
+    eosflow.process._scan.kept = kept
     sizes = []
     for i in range(configs):
         table = {"lr": 0.07 + 1e-3 * i, "processes": processes, "problem": PROBLEMS[problem], "spectrum": {"k": 1}}
@@ -55,11 +60,34 @@ def child(kept: int, configs: int, problem: str, processes: list[str]) -> None:
         sizes.append(resident_mb())
     growth = sizes[-1] - sizes[1]
     print(
-        f"SCANS_KEPT = {kept:5d}: RSS after each configuration (MB) "
+        f"kept {kept:5d}: RSS after each configuration (MB) "
         + " ".join(f"{s:.0f}" for s in sizes)
         + f"; growth after the second: {growth:.0f} MB ({growth / (configs - 2):.1f} MB per configuration),"
         f" over the last 8: {sizes[-1] - sizes[-9]:.0f} MB; memory maps at the end: {memory_maps()}"
     )
+
+
+def operators(count: int) -> None:
+    import time
+
+    import numpy as np
+
+    import eosflow
+    from eosflow.problems import build_problem
+
+    problem, _ = build_problem(PROBLEMS["mlp"], 0, "float32")
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(problem.w0.size).astype(np.float32)
+    for i in range(count):
+        w = problem.w0 + 0.01 * rng.standard_normal(problem.w0.size).astype(np.float32)
+        H = eosflow.HessianOperator(problem.objective, w)
+        start = time.perf_counter()
+        H @ v
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        H @ v
+        second = time.perf_counter() - start
+        print(f"operator {i}: first product {1e3 * first:.1f} ms, second {1e3 * second:.2f} ms")
 
 
 def main() -> None:
@@ -68,8 +96,12 @@ def main() -> None:
     parser.add_argument("--kept", type=int, nargs="+", default=[2, 32, 1000])
     parser.add_argument("--problem", choices=sorted(PROBLEMS), default="mlp")
     parser.add_argument("--processes", default="gd")
+    parser.add_argument("--operators", type=int, default=0, help="time N HessianOperators of one model instead")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.operators:
+        operators(args.operators)
+        return
     processes = args.processes.split(",")
     if args.child is not None:
         child(args.child, args.configs, args.problem, processes)
@@ -80,7 +112,7 @@ def main() -> None:
         command += ["--problem", args.problem, "--processes", args.processes]
         code = subprocess.run(command).returncode
         if code != 0:
-            print(f"SCANS_KEPT = {kept:5d}: the interpreter exited with status {code}")
+            print(f"kept {kept:5d}: the interpreter exited with status {code}")
 
 
 if __name__ == "__main__":

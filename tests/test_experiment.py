@@ -142,7 +142,7 @@ def test_compiled_scans_are_bounded(monkeypatch):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed memory to the OS so that RSS shows it
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    monkeypatch.setattr(process_module, "SCANS_KEPT", 2)
+    monkeypatch.setattr(process_module._scan, "kept", 2)
     factorization = {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5}
     sizes = []
     for i in range(7):  # a new lr is a new configuration: a new compilation
@@ -151,5 +151,5 @@ def test_compiled_scans_are_bounded(monkeypatch):
         processes["gd"].advance(processes["gd"].init(problem.w0), 5)
         del processes, problem
         sizes.append(resident_mb())
-        assert len(process_module._scans) <= 2
+        assert len(process_module._scan.compiled) <= 2
     assert sizes[-1] - sizes[1] < 30.0, sizes

@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
 from jaxtyping import Array
 
+from eosflow import compiled
 from eosflow.objective import Objective, ObjectiveProtocol, ravel
 
 PyTree = Any
@@ -32,8 +32,6 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
         self.objective = objective
         self.w = jnp.asarray(w)
         self.hvps = 0
-        self._hvp = eqx.filter_jit(lambda objective, w, v: objective.hvp(w, v))
-        self._hvp_batch = eqx.filter_jit(lambda objective, w, vectors: objective.hvp_batch(w, vectors))
         super().__init__(dtype=np.dtype(self.w.dtype), shape=(self.w.size, self.w.size))
 
     @classmethod
@@ -48,13 +46,13 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
         self.hvps += 1
-        return np.asarray(self._hvp(self.objective, self.w, jnp.asarray(np.ravel(v), self.w.dtype)))
+        return np.asarray(compiled.hvp(self.objective, self.w, jnp.asarray(np.ravel(v), self.w.dtype)))
 
     def _matmat(self, vectors: np.ndarray) -> np.ndarray:
         if not hasattr(self.objective, "hvp_batch"):  # a bare ObjectiveProtocol: one product per column
             return np.stack([self._matvec(column) for column in vectors.T], axis=1)
         self.hvps += vectors.shape[1]
-        return np.asarray(self._hvp_batch(self.objective, self.w, jnp.asarray(vectors, self.w.dtype)))
+        return np.asarray(compiled.hvp_batch(self.objective, self.w, jnp.asarray(vectors, self.w.dtype)))
 
     def _adjoint(self) -> HessianOperator:
         return self  # symmetric

@@ -15,11 +15,8 @@ name and configures each one in a table of that name.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 import zlib
-from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import equinox as eqx
@@ -28,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from eosflow.compiled import BoundedJit
 from eosflow.config import Entry, SpecError, parse, suggest
 from eosflow.spectrum import grow_tracked, last_measured, random_vectors
 
@@ -193,40 +191,14 @@ class ScannedProcess(eqx.Module, Generic[Tracked]):
         return random_vectors(jax.random.fold_in(self.key, -1 & 0x7FFFFFFF), w0.size, self.spectrum.k, w0.dtype)
 
 
-SCANS_KEPT = 32  # compiled scans kept for reuse, most recently used first (more than a run's processes)
-_scans: collections.OrderedDict[Hashable, Callable] = collections.OrderedDict()
-_scans_lock = threading.Lock()  # a Dask worker runs points in threads
+def _scan_steps(process: ScannedProcess[Tracked], state: Tracked, n_steps: int) -> tuple[Tracked, dict[str, Array]]:
+    return jax.lax.scan(lambda s, _: process.step(s), state, None, length=n_steps)
 
 
-def _scan(process: ScannedProcess[Tracked], state: Tracked, n_steps: int) -> tuple[Tracked, dict[str, Array]]:
-    """``n_steps`` steps of ``process`` in one compiled ``lax.scan``.
-
-    Each configuration of a process (its non-array fields: the model, lr, options, the problem's
-    functions) gets a jitted function of its own, and only the ``SCANS_KEPT`` most recently used are
-    kept: a dropped function takes its compiled executables with it. One module-level jit kept every
-    configuration it ever compiled for the life of the Python process (~15 MB per process of a run on
-    the digits MLP), so a Dask worker or a notebook running a sweep grew without bound
-    (``tests/test_experiment.py::test_compiled_scans_are_bounded``).
-    """
-    dynamic, static = eqx.partition(process, eqx.is_array)
-    leaves, treedef = jax.tree_util.tree_flatten(static)
-    key = (treedef, tuple(leaves))
-    with _scans_lock:
-        scan = _scans.pop(key, None) or _compile_scan(static)
-        _scans[key] = scan
-        while len(_scans) > SCANS_KEPT:
-            _scans.popitem(last=False)
-    return scan(dynamic, state, n_steps)
-
-
-def _compile_scan(static: ScannedProcess) -> Callable:
-    """A jitted (arrays of the process, state, n_steps) -> ``lax.scan`` of its step, for one configuration."""
-
-    def scan(dynamic: ScannedProcess, state: Tracked, n_steps: int) -> tuple[Tracked, dict[str, Array]]:
-        process = eqx.combine(dynamic, static)
-        return jax.lax.scan(lambda s, _: process.step(s), state, None, length=n_steps)
-
-    return jax.jit(scan, static_argnums=2)
+# ``n_steps`` steps of a process in one compiled ``lax.scan``, compiled per configuration of the process
+# (its non-array fields: the model, lr, options, the problem's functions) and chunk length; the 32 most
+# recently used are kept, more than a run's processes (tests/test_experiment.py::test_compiled_scans_are_bounded)
+_scan = BoundedJit(_scan_steps, kept=32)
 
 
 from eosflow import flows, optim  # noqa: E402,F401  (last: they register every process and import this module)

@@ -12,12 +12,12 @@ import tomllib
 from pathlib import Path
 from typing import NamedTuple
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from eosflow.compiled import BoundedJit
 from eosflow.load import load_params
 from eosflow.optim.sgd import SGDOptions, step_noise
 from eosflow.precision import precision
@@ -109,6 +109,9 @@ def centre_model(run_dir: Path, params: np.ndarray) -> CentreModel:
         return _centre_model(spec, params)
 
 
+_compiled_noise = BoundedJit(step_noise, kept=4)  # per problem (eosflow.compiled)
+
+
 def _centre_model(spec, params: np.ndarray) -> CentreModel:
     options = spec.options["sgd"]
     problem, _ = build_problem(spec.problem, spec.seed, spec.dtype)
@@ -120,8 +123,7 @@ def _centre_model(spec, params: np.ndarray) -> CentreModel:
     )
     u = jnp.asarray(directions, dtype)
     picks = params[np.linspace(0, len(params) - 1, NOISE_SAMPLES).astype(int)]
-    noise_at = eqx.filter_jit(step_noise)
-    measured = [noise_at(objective, jnp.asarray(p, dtype), options, u) for p in picks]
+    measured = [_compiled_noise(objective, jnp.asarray(p, dtype), options, u) for p in picks]
     trace = float(np.mean([float(t) for t, _ in measured]))
     noise = np.mean([np.asarray(x, float) for _, x in measured], axis=0)
     return CentreModel(centre, values, directions, trace, noise, complete, options)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +25,7 @@ import scipy.linalg
 import scipy.sparse.linalg
 from jaxtyping import Array, Float
 
+from eosflow import compiled
 from eosflow.objective import Objective
 from eosflow.preconditioning import preconditioned_matvec
 
@@ -261,14 +261,14 @@ def grow_tracked(vectors: Array, values: np.ndarray, threshold: float, k_max: in
 
 class _CountingOperator(scipy.sparse.linalg.LinearOperator):
     def __init__(self, objective: Objective, w: Array):
-        self._hvp = eqx.filter_jit(objective.hvp)
+        self._objective = objective
         self._w = w
         self.calls = 0
         super().__init__(dtype=np.dtype(w.dtype), shape=(w.size, w.size))
 
     def _matvec(self, v):
         self.calls += 1
-        return np.asarray(self._hvp(self._w, jnp.asarray(v.ravel(), dtype=self._w.dtype)))
+        return np.asarray(compiled.hvp(self._objective, self._w, jnp.asarray(v.ravel(), dtype=self._w.dtype)))
 
 
 def lanczos(objective: Objective, w: Array, k: int = 1, tol: float = 0.0, seed: int = 0) -> Eigenpairs:
@@ -287,12 +287,11 @@ def power_iteration(
 ) -> Eigenpairs:
     """Largest-magnitude eigenpair by power iteration, stopped when the eigenvalue estimate's
     relative change falls below ``tol`` (PyHessian's criterion)."""
-    hvp = eqx.filter_jit(objective.hvp)
     start = np.random.default_rng(seed).standard_normal(w.size)
     v = jnp.asarray(start / np.linalg.norm(start), dtype=w.dtype)
     value, calls = None, 0
     for _ in range(max_iters):
-        hv = hvp(w, v)
+        hv = compiled.hvp(objective, w, v)
         calls += 1
         new_value = float(jnp.vdot(v, hv))
         v = hv / jnp.linalg.norm(hv)
@@ -308,13 +307,14 @@ def power_iteration(
 def dense_hessian(objective: Objective, w: Array, block: int = 256) -> np.ndarray:
     """The dense Hessian, column blocks of H(w) I by one linearization of the gradient."""
     d = w.size
-    basis_block = eqx.filter_jit(lambda objective, w, basis: objective.hvp_batch(w, basis))
     hessian = np.empty((d, d), dtype=np.float64)
     for start in range(0, d, block):
         columns = np.zeros((d, block), dtype=np.dtype(w.dtype))
         width = min(block, d - start)
         columns[start + np.arange(width), np.arange(width)] = 1.0
-        hessian[:, start : start + width] = np.asarray(basis_block(objective, w, jnp.asarray(columns)))[:, :width]
+        hessian[:, start : start + width] = np.asarray(compiled.hvp_batch(objective, w, jnp.asarray(columns)))[
+            :, :width
+        ]
     return 0.5 * (hessian + hessian.T)
 
 
@@ -332,7 +332,7 @@ def dense_top_eigenpairs(objective: Objective, w: Array, k: int = 1) -> Eigenpai
 
 
 def _relative_residuals(objective: Objective, w: Array, values, vectors) -> np.ndarray:
-    hv = np.asarray(eqx.filter_jit(objective.hvp_batch)(w, jnp.asarray(vectors, dtype=w.dtype)))
+    hv = np.asarray(compiled.hvp_batch(objective, w, jnp.asarray(vectors, dtype=w.dtype)))
     return np.linalg.norm(hv - vectors * values, axis=0) / np.maximum(np.abs(values), 1e-30)
 
 
