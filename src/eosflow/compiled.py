@@ -26,14 +26,18 @@ import jax
 class BoundedJit:
     """``fn`` compiled per configuration of its arguments, the ``kept`` most recently used kept."""
 
-    def __init__(self, fn: Callable, kept: int) -> None:
+    def __init__(self, fn: Callable, kept: int, static_argnums: tuple[int, ...] = ()) -> None:
         self.fn = fn
         self.kept = kept
+        self.static_argnums = static_argnums  # hashable arguments passed to the jit as static: a new value
+        # compiles within the same configuration's function (e.g. a scan's length) instead of adding one
         self.compiled: collections.OrderedDict[Hashable, Callable] = collections.OrderedDict()
         self._lock = threading.Lock()  # a Dask worker runs points in threads
 
     def __call__(self, *args: Any) -> Any:
-        dynamic, static = eqx.partition(args, eqx.is_array)
+        held = tuple(args[i] for i in self.static_argnums)
+        rest = tuple(None if i in self.static_argnums else a for i, a in enumerate(args))
+        dynamic, static = eqx.partition(rest, eqx.is_array)
         leaves, treedef = jax.tree_util.tree_flatten(static)
         key = (treedef, tuple(leaves))
         with self._lock:
@@ -41,11 +45,18 @@ class BoundedJit:
             self.compiled[key] = compiled
             while len(self.compiled) > self.kept:
                 self.compiled.popitem(last=False)
-        return compiled(dynamic)
+        return compiled(dynamic, *held)
 
     def _compile(self, static: tuple) -> Callable:
-        fn = self.fn
-        return jax.jit(lambda dynamic: fn(*eqx.combine(dynamic, static)))
+        fn, positions = self.fn, self.static_argnums
+
+        def call(dynamic: tuple, *held: Any) -> Any:
+            args = list(eqx.combine(dynamic, static))
+            for i, value in zip(positions, held, strict=True):
+                args[i] = value
+            return fn(*args)
+
+        return jax.jit(call, static_argnums=tuple(range(1, 1 + len(positions))))
 
 
 # H(w) v and H(w) [v_1 .. v_k] of an objective, compiled once per objective (its functions and sizes):
