@@ -1,6 +1,6 @@
 """What a model's distance to its optimizer is made of: the optimizer's oscillation, and the centres' drift.
 
-    PYTHONPATH=src python benchmarks/adaptive_rod_distance.py RUN_DIR [RUN_DIR ...] [--directions]
+    PYTHONPATH=src python benchmarks/adaptive_rod_distance.py RUN_DIR [RUN_DIR ...] [--directions] [--travel K]
 
 RUN_DIR: a run that saved every iterate (``record.params_every = 1``; ``benchmarks/adaptive_rows.py
 --seeds ... --params-every 1`` writes them), whose first process is the optimizer. With w_k its iterates,
@@ -22,6 +22,9 @@ Then each model's distance at steps 1, 10, 100, the onset and the last step.
 ``--directions``: where the drift lies at the onset and at the last step: the share of |c_k - z_k|^2 in the
 top 1, 3, 10 and 100 eigenvectors of the Hessian H(c_k) (dense, the run's problem rebuilt from its spec;
 H itself, not Adam's preconditioned Hessian, whose P the saved iterates do not carry).
+
+``--travel K``: how far each process moves from step K to the last step, |x_end - x_K|, and the cosine of
+that displacement with the optimizer's (where models and optimizer part after the onset).
 """
 
 from __future__ import annotations
@@ -92,7 +95,18 @@ def directions(run_dir: str, iterates: np.ndarray, models: dict[str, np.ndarray]
                 print(f"    {name:22s} |drift| {np.linalg.norm(drift):.4g}; share of |drift|^2 in {text}")
 
 
-def report(run_dir: str, along: bool) -> None:
+def travel(iterates: np.ndarray, models: dict[str, np.ndarray], start: int) -> None:
+    """Print each process's displacement from step ``start`` to the end, and its cosine with the optimizer's."""
+    reference = iterates[-1] - iterates[start]
+    print(f"  travel from step {start}: optimizer {np.linalg.norm(reference):.4g}")
+    for name, positions in models.items():
+        moved = positions[-1] - positions[start]
+        size = np.linalg.norm(moved)
+        cosine = float(moved @ reference) / (size * np.linalg.norm(reference)) if size > 0 else float("nan")
+        print(f"    {name:22s} {size:.4g}, cosine with the optimizer's {cosine:.3f}")
+
+
+def report(run_dir: str, along: bool, travel_from: int | None = None) -> None:
     ds = eosflow.load(run_dir)
     processes = [str(p) for p in ds.process.values]
     optimizer = processes[0]
@@ -125,15 +139,18 @@ def report(run_dir: str, along: bool) -> None:
         print(f"  {name:22s} distance at step " + ", ".join(f"{k}: {d[k]:.3g}" for k in marks))
     if along:
         directions(run_dir, iterates, positions, [min(onset + 1, len(iterates) - 2), len(iterates) - 2])
+    if travel_from is not None:
+        travel(iterates, positions, travel_from)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--directions", action="store_true", help="the drift's share in H's top eigenvectors")
+    parser.add_argument("--travel", type=int, default=None, help="each process's displacement from this step")
     args = parser.parse_args()
     for run in args.runs:
-        report(run, args.directions)
+        report(run, args.directions, args.travel)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 In one long pytest session XLA's compiler crashed (SIGSEGV, then SIGABRT, inside
 ``backend_compile_and_load``) in tests/test_problems.py after ~200 earlier tests, with or without
-torch imported, while the file passes alone: some state accumulates across compilations. Until
-the cause is found, each file gets a fresh process (a few seconds of start-up each).
+torch imported, while the file passes alone: some state accumulates across compilations. The likely
+cause, found later: every compiled scan stayed loaded for the life of the process (~390 memory maps
+each) until the process reached ``vm.max_map_count`` and LLVM could not map the next program
+(``benchmarks/compiled_memory.py``); the compiled scans are now bounded (:mod:`eosflow.compiled`).
+One whole session has not been rerun since, and a process per file also lets files run two at a time,
+so each file keeps its own process (a few seconds of start-up each).
 
 Files run ``--jobs`` at a time (default: the machine's cores, at most 2), the slowest first, each
 child on one thread (``--xla_cpu_multi_thread_eigen=false``, ``OMP_NUM_THREADS=1``) unless the
