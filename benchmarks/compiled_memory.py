@@ -10,8 +10,9 @@ listed processes, then the process's resident memory is printed after ``gc.colle
 ``--kept`` value (``eosflow.process._scan.kept``, the compiled scans kept for reuse, 32 by default) runs in a fresh
 interpreter; 1000 stands for the former unbounded module-level jit. The count of memory maps is
 printed too: each compiled GD scan maps ~390 regions, and past vm.max_map_count (65530 by default) LLVM
-cannot allocate the next one's code ("LLVM ERROR: Unable to allocate section memory!", SIGABRT): with
-``--kept 1000 --configs 200`` the interpreter aborts at about the 163rd configuration.
+cannot allocate the next one's code ("LLVM compilation error: Cannot allocate memory") and the
+interpreter dies: with ``--kept 1000 --configs 200`` the child exits with status -11 (SIGSEGV) before
+the end (a loop of the same configurations had aborted with SIGABRT at about the 163rd).
 
 ``--operators N``: N ``eosflow.HessianOperator``s of one model (the digits MLP) at N points, as when the
 sharpness is measured at each checkpoint of a run; prints the time of each one's first and second
