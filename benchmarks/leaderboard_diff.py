@@ -14,7 +14,14 @@ import argparse
 import math
 from pathlib import Path
 
-ACCURACY = ("rel. distance", "loss error", "envelope error", "loss error (avg)", "envelope error (avg)")
+ACCURACY = (
+    "rel. distance",
+    "rel. centre distance",
+    "loss error",
+    "envelope error",
+    "loss error (avg)",
+    "envelope error (avg)",
+)
 
 
 def table(path: Path) -> dict[tuple[str, str], dict[str, str]]:

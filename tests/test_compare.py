@@ -66,6 +66,49 @@ def test_gd_records_its_oscillation_from_its_own_iterates(tmp_path):
     np.testing.assert_allclose(oscillation[-10:], np.sqrt(5.0), rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("problem", "lr", "chunk"),
+    [
+        ({"name": "quartic", "dim": 1, "sharpness": 30.0, "quartic": 1.0}, 0.08, 37),
+        ({"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5}, 0.077, 50),
+    ],
+)
+def test_centre_distance_is_the_distance_between_midpoints_of_consecutive_steps(tmp_path, problem, lr, chunk):
+    """centre_distance_t = ||e_(t-1) + e_t|| / 2 (e = w_GD - w_m) from the saved iterates at every step but the
+    first (NaN there), across the chunks' boundaries; on the quartic's period-2 orbit +-a about the origin, where
+    gradient flow goes, the distance is a and the centre distance 0; compare's rel. centre distance is the ratio of
+    their means."""
+    steps = 130
+    spec = {
+        "steps": steps,
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["gd", "gradient_flow", "rod_flow"],
+        "record": {"params_every": 1, "chunk": chunk},
+        "problem": problem,
+        "spectrum": {"k": 1, "k_max": 1},
+    }
+    run(spec, tmp_path / "run", overwrite=True)
+    ds = eosflow.load(tmp_path / "run")
+    gd = load_params(tmp_path / "run", "gd")[1]
+    centre = {}
+    for p in ("gd", "gradient_flow", "rod_flow"):
+        e = gd - load_params(tmp_path / "run", p)[1]
+        centre[p] = ds["centre_distance"].sel(process=p).values
+        assert np.isnan(centre[p][0]), p
+        np.testing.assert_allclose(centre[p][1:], np.linalg.norm(e[:-1] + e[1:], axis=1) / 2, rtol=1e-12, atol=1e-15)
+    rows = cmp.compare_run(tmp_path / "run")
+    for p in ("gradient_flow", "rod_flow"):
+        expected = centre[p][1:].mean() / centre["gradient_flow"][1:].mean()
+        assert rows.loc[p, "relative_centre_distance"] == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(rows.loc["gd", "relative_centre_distance"])
+    if problem["name"] == "quartic":
+        late = slice(steps - 30, steps)
+        distance = ds["distance"].sel(process="gradient_flow").values[late]
+        np.testing.assert_allclose(distance, np.sqrt(5.0), rtol=1e-6)
+        assert np.max(centre["gradient_flow"][late]) < 1e-6 * np.sqrt(5.0)
+
+
 def test_errors_and_distances_hand_values():
     # |1-2| / (2 + 2): the third step is skipped because the prediction is NaN
     assert cmp.relative_l1_error(np.array([1.0, 2.0, np.nan]), np.array([2.0, 2.0, 5.0])) == pytest.approx(0.25)

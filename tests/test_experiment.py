@@ -50,7 +50,13 @@ def test_gd_trajectory_and_sharpness_match_independent_computation(tmp_path):
 
 
 def test_resume_after_interruption_is_bitwise_identical(tmp_path):
-    table = spec(steps=40, dtype="float32", spectrum={"k": 1, "k_max": 2, "threshold": 0.5}, record={"chunk": 10})
+    table = spec(
+        steps=40,
+        dtype="float32",
+        processes=["gd", "gradient_flow"],
+        spectrum={"k": 1, "k_max": 2, "threshold": 0.5},
+        record={"chunk": 10},
+    )
     run(table, tmp_path / "whole")
     partial = run(table, tmp_path / "cut", stop_after=23)  # stops at the chunk in progress
     assert partial.status == "interrupted"
@@ -61,8 +67,10 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path):
     extra.write_bytes(path.read_bytes())
     run(table, tmp_path / "cut", resume=True)
     whole, resumed = eosflow.load(tmp_path / "whole"), eosflow.load(tmp_path / "cut")
-    for name in ("loss", "sharpness", "eigenvalues", "grad_norm"):
+    for name in ("loss", "sharpness", "eigenvalues", "grad_norm", "distance", "centre_distance"):
         np.testing.assert_array_equal(whole[name].values, resumed[name].values)
+    # the checkpoint carried the offset across the interrupted chunk (steps 20-22) and the resume
+    assert np.isnan(resumed.centre_distance.values[1, 0]) and np.isfinite(resumed.centre_distance.values[1, 1:]).all()
     assert resumed.attrs["status"] == "completed"
     assert np.isfinite(resumed.eigenvalues.values[0, -1, 1])  # the tracker grew, and resumed with k = 2+
 

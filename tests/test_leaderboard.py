@@ -99,6 +99,11 @@ def test_table_rows_equal_the_run_directories(tmp_path):
         distance = ds["distance"].sel(process=process).values
         baseline = ds["distance"].sel(process="gradient_flow").values
         assert row["relative_distance"] == pytest.approx(distance.mean() / baseline.mean(), rel=1e-12)
+        centre = ds["centre_distance"].sel(process=process).values
+        centre_baseline = ds["centre_distance"].sel(process="gradient_flow").values
+        assert row["relative_centre_distance"] == pytest.approx(
+            np.nanmean(centre) / np.nanmean(centre_baseline), rel=1e-12
+        )
         smooth = gaussian_smooth(gd_loss, SMOOTHING)  # checked against scipy in test_compare
         predicted = ds["predicted_loss"].sel(process=process).values
         assert row["loss_error"] == pytest.approx(np.abs(predicted - smooth).sum() / smooth.sum(), rel=1e-12)
@@ -139,7 +144,8 @@ def test_cli_quick_leaderboard_page_equals_its_csv(tmp_path):
         assert cells[:2] == [row["problem"], row["process"]] and cells[-1] == row["status"]
         if row["status"] == "ok":
             assert cells[2] == format_number(float(row["relative_distance"]))
-            assert cells[3] == format_number(float(row["loss_error"]))
+            assert cells[3] == format_number(float(row["relative_centre_distance"]))
+            assert cells[4] == format_number(float(row["loss_error"]))
     for problem in set(rows["problem"]):  # every run directory loads, with gd first
         assert str(eosflow.load(out / "runs" / problem)["process"].values[0]) == "gd"
 

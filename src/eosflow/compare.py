@@ -5,6 +5,9 @@ Everything is computed from the run directory (``eosflow.load``), on the shared 
     distance            d_m(t) = ||w_GD(t) - w_m(t)||                  (recorded by the experiment)
     relative distance   <d_m> / <d_GF>: time averages, gradient flow as the yardstick (for another
                         optimizer ``opt``, its stable flow ``opt_stable_flow``)
+    rel. centre dist.   <c_m> / <c_GF>, c_m(t) = ||e_(t-1) + e_t|| / 2 with e = w_GD - w_m: the same between the
+                        midpoints of consecutive steps (recorded as ``centre_distance``), where GD's period-2
+                        oscillation cancels, so a centre model is not charged with GD's oscillation
     smoothed loss       Lbar(t) = sum_s K(t - s) L_GD(s) / sum_s K(t - s),  K Gaussian of std ``width``
     loss error          sum_t |Lhat_m(t) - Lbar(t)| / sum_t |Lbar(t)|   (Lhat: the model's predicted loss)
     envelope            e(t) = sqrt(smoothed oscillation^2): running RMS of GD's oscillation read off
@@ -46,6 +49,7 @@ BASELINE = "gradient_flow"
 COLUMNS = (
     "mean_distance",
     "relative_distance",
+    "relative_centre_distance",
     "loss_error",
     "envelope_error",
     "loss_error_averaged",
@@ -218,6 +222,7 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
     reference_loss = ds["loss"].sel(process=reference).values
     yardstick = baseline_of(reference)
     baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
+    centre_baseline = _series(ds, "centre_distance", yardstick) if yardstick in processes else None
     oscillation = _series(ds, "oscillation", reference)
     dropped = summary.get("dropped_processes", {})
     timing = summary.get("timing", {})
@@ -236,6 +241,11 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
                     np.nan
                     if is_reference or distance is None or baseline is None
                     else relative_distance(distance, baseline)
+                ),
+                "relative_centre_distance": (
+                    np.nan
+                    if is_reference or (centre := _series(ds, "centre_distance", p)) is None or centre_baseline is None
+                    else relative_distance(centre, centre_baseline)
                 ),
                 "loss_error": (
                     np.nan if is_reference else loss_prediction_error(predicted_loss(ds, p), reference_loss, width)
@@ -436,9 +446,11 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     lines += [
         "",
         "Columns: mean_distance = time-averaged ||w_ref - w||; relative_distance = the same "
-        f"divided by {baseline_of(reference)}'s; loss_error and envelope_error = relative L1 errors against "
-        "the reference's smoothed loss and running-RMS envelope; the *_averaged columns compare "
-        f"both sides averaged over a centred box of {AVERAGING_WINDOW} steps; gradient_equivalents and "
+        f"divided by {baseline_of(reference)}'s; relative_centre_distance = the same ratio between the "
+        "midpoints of consecutive steps (blind to a period-2 oscillation's phase); loss_error and "
+        "envelope_error = relative L1 errors against the reference's smoothed loss and running-RMS "
+        "envelope; the *_averaged columns compare both sides averaged over a centred box of "
+        f"{AVERAGING_WINDOW} steps; gradient_equivalents and "
         "ms_per_step per unit time (an HVP counts as 2 gradients).",
         "",
         "## Figures",

@@ -3,9 +3,12 @@
 Chunks of ``record.chunk`` steps are computed for every process, flushed to the run directory
 and followed by a checkpoint; chunk boundaries are multiples of the chunk size, so a resumed run
 computes exactly the chunks an uninterrupted run does (bitwise-equal trajectories on one machine).
-The first process is the reference: each process's ``distance`` to it is recorded at every step,
-and when the reference diverges (non-finite loss, or a loss blow-up) the run stops with the
-reason and the step recorded. Another process that diverges is dropped and the run goes on.
+The first process is the reference: each process's ``distance`` to it is recorded at every step
+(and its ``centre_distance``, the distance between the two trajectories' midpoints of consecutive
+steps, blind to the phase of a period-2 oscillation; the checkpoint carries the last offset it
+needs), and when the reference diverges (non-finite
+loss, or a loss blow-up) the run stops with the reason and the step recorded. Another process that
+diverges is dropped and the run goes on.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.signals import Interrupted, stop_requests
 from eosflow.spec import Spec, parse_spec, resolve, resolved_table, spec_differences
-from eosflow.store import RunDirectoryWarning, RunStore, StoreError, resume_command
+from eosflow.store import Checkpoint, RunDirectoryWarning, RunStore, StoreError, resume_command
 from eosflow.version import __version__
 
 Progress = Callable[[int, dict[str, dict[str, np.ndarray]]], None]
@@ -188,6 +191,7 @@ def _run_locked(
     advance = _Advance(processes, reference, limit, spec.record.params_every, store)
     if checkpoint is not None:
         _repair(store, advance, names, step, initial_states, restored_states)
+        advance.offsets = _checkpointed_offsets(checkpoint, names)
 
     started = time.perf_counter()
     elapsed_before = previous_summary.get("seconds", 0.0) if previous_summary.get("steps_done", 0) else 0.0
@@ -204,13 +208,11 @@ def _run_locked(
                 outcome = Outcome(store.root, "diverged", *diverged)
                 break
             step += n
+            active = [name for name in names if name not in inactive]
             store.write_checkpoint(
                 step,
-                {
-                    name: [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(states[name])]
-                    for name in names
-                    if name not in inactive
-                },
+                {name: [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(states[name])] for name in active}
+                | {name + OFFSET: [advance.offsets[name]] for name in active if name in advance.offsets},
                 {"inactive": inactive, "eosflow": _version()},
             )
             outcome = Outcome(store.root, "running", step)
@@ -256,6 +258,8 @@ class _Advance:
 
     ``__call__(states, inactive, step, n)`` updates ``states`` and ``inactive`` in place and returns
     (the chunk's rows per process, None or (steps done, reason) if the reference diverged).
+    ``offsets`` holds each process's last offset from the reference (:func:`_add_distances`), and is
+    checkpointed with the states.
     ``write`` (process, step) -> bool chooses the files flushed (all of them, except in a repair).
     """
 
@@ -263,6 +267,7 @@ class _Advance:
         self.processes, self.reference, self.limit = processes, reference, limit
         self.params_every, self.store = params_every, store
         self.timing = _Timing({})
+        self.offsets: dict[str, np.ndarray] = {}
         self.write: Callable[[str, int], bool] = lambda name, step: True
 
     def __call__(self, states: dict, inactive: dict, step: int, n: int):
@@ -289,7 +294,7 @@ class _Advance:
                 states[name] = new_state
             chunk[name] = rows
         self.timing.warm = True
-        _add_distances(chunk, self.reference)
+        _add_distances(chunk, self.reference, self.offsets)
         _write_chunk(
             self.store, {name: rows for name, rows in chunk.items() if self.write(name, step)}, step, self.params_every
         )
@@ -311,8 +316,10 @@ def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, ini
     usable = [c for c in store.read_checkpoints()[0] if c.step <= first]
     if usable:
         start, states, inactive = usable[0].step, restored_states(usable[0]), dict(usable[0].meta.get("inactive", {}))
+        advance.offsets = _checkpointed_offsets(usable[0], names)
     else:
         start, states, inactive = 0, initial_states(), {}
+        advance.offsets = {}
     source = "the checkpoint there" if usable else "the spec's w0"
     warnings.warn(
         f"{str(store.root)!r}: " + "; ".join(map(str, damage)) + f"; recomputing them from step {start} ({source})",
@@ -333,6 +340,14 @@ def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, ini
     still = [d for name in names for d in store.read_checked(name, store.manifest)[1] if d.first < step]
     if still:
         raise StoreError(f"{str(store.root)!r}: could not recompute " + "; ".join(map(str, still)))
+
+
+OFFSET = ".offset"  # a checkpoint's entry "<process>.offset": that process's last offset from the reference
+
+
+def _checkpointed_offsets(checkpoint: Checkpoint, names: list[str]) -> dict[str, np.ndarray]:
+    """The offsets the checkpoint carries (:class:`_Advance`), by process; none from an older eosflow."""
+    return {name: checkpoint.states[name + OFFSET][0] for name in names if name + OFFSET in checkpoint.states}
 
 
 def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str) -> Any:
@@ -364,21 +379,33 @@ def _divergence_reason(loss: float, step: int, limit: float) -> str:
     return f"loss {loss:.4g} at step {step} exceeded the blow-up limit {limit:.4g}"
 
 
-def _add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str) -> None:
+def _add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offsets: dict[str, np.ndarray]) -> None:
     """Compare every process with the reference at each step both have.
 
-    ``distance`` = ||position - reference position||; for a process that reports its
-    ``top_vector`` u (a model's oscillation direction), also ``reference_offset`` =
-    <reference position - position, u>, the reference's displacement from the model's centre
-    along u (whose running RMS is the oscillation envelope the model predicts).
+    ``distance`` = ||e_t||, e_t = reference position - position; ``centre_distance`` =
+    ||e_(t-1) + e_t|| / 2, the distance at t - 1/2 between the midpoints (w_(t-1) + w_t) / 2 of
+    the two trajectories (the rod centres of docs/rod_flow.md): a period-2 oscillation of constant
+    amplitude cancels from it, whichever its phase. ``offsets[name]`` is e at the step before the
+    chunk (read, then replaced by the chunk's last e); without it (step 0, or a checkpoint written
+    before it was kept) the chunk's first centre distance is NaN. For a process that reports its
+    ``top_vector`` u (a model's oscillation direction), also ``reference_offset`` = <e_t, u>, the
+    reference's displacement from the model's centre along u (whose running RMS is the oscillation
+    envelope the model predicts).
     """
     base = chunk[reference]["position"]
-    for rows in chunk.values():
+    for name, rows in chunk.items():
         n = min(len(base), len(rows["position"]))
-        diff = base[:n].astype(np.float64) - rows["position"][:n]
+        diff = (base[:n].astype(np.float64) - rows["position"][:n]).reshape(n, -1)
         distance = np.full(len(rows["position"]), np.nan)
-        distance[:n] = np.linalg.norm(diff.reshape(n, -1), axis=1)
+        distance[:n] = np.linalg.norm(diff, axis=1)
         rows["distance"] = distance
+        centre_distance = np.full(len(rows["position"]), np.nan)
+        if n:
+            previous = offsets.get(name)
+            steps = diff if previous is None else np.concatenate([previous[None], diff])
+            centre_distance[n - len(steps) + 1 : n] = np.linalg.norm(steps[:-1] + steps[1:], axis=1) / 2
+            offsets[name] = diff[-1]
+        rows["centre_distance"] = centre_distance
         if "top_vector" in rows:
             offset = np.full(len(rows["position"]), np.nan)
             offset[:n] = np.einsum("nd,nd->n", diff, rows.pop("top_vector")[:n])

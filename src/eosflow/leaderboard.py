@@ -393,6 +393,7 @@ def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
 AVERAGED_COLUMNS = (("loss_error_averaged", "loss error (avg)"), ("envelope_error_averaged", "envelope error (avg)"))
 COLUMNS = (
     ("relative_distance", "rel. distance"),
+    ("relative_centre_distance", "rel. centre distance"),
     ("loss_error", "loss error"),
     ("envelope_error", "envelope error"),
     *AVERAGED_COLUMNS,
@@ -404,6 +405,7 @@ COLUMNS = (
 
 HIDDEN_WHEN_DROPPED = (
     "relative_distance",
+    "relative_centre_distance",
     "loss_error",
     "envelope_error",
     *(c for c, _ in AVERAGED_COLUMNS),
@@ -517,8 +519,10 @@ def write_page(
         f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.",
         "",
         "rel. distance = <||w_GD - w||> / gradient flow's (for another optimizer: <||w_opt - w||> / its "
-        "stable flow's); loss error and envelope error = relative L1 errors against the optimizer's smoothed "
-        "loss and oscillation envelope; (avg): the same with both sides "
+        "stable flow's); rel. centre distance = the same between the midpoints (w_(t-1) + w_t) / 2 of "
+        "consecutive steps, where a period-2 oscillation cancels whatever its phase; loss error and "
+        "envelope error = relative L1 errors against the optimizer's smoothed loss and oscillation "
+        "envelope; (avg): the same with both sides "
         f"averaged over a centred box of {AVERAGING_WINDOW} steps; own cost per unit time "
         "(an HVP = 2 gradients): what the process needs to advance, without the eigensolver for "
         f"{', '.join(MEASURE_ONLY)} (whose steps never read the eigenpairs); the eigensolver's part is "

@@ -1,0 +1,96 @@
+"""How far an optimizer moves from itself after a tiny nudge: the floor of a pointwise prediction.
+
+    PYTHONPATH=src python benchmarks/self_distance.py ENTRY [--seed 0] [--at 0,353] [--sizes 1e-6,1e-4]
+
+ENTRY is a leaderboard entry of any suite (``matrix_factorization-rmsprop``, ``matrix_factorization``, ...).
+Runs its optimizer from w0 and every model of the entry (the suite's processes, each from w0), then the
+optimizer again from its own iterate at step k moved by delta, |delta| = size along one fixed random
+direction, for every k of ``--at`` and every size. Prints, per run, two time averages over the whole run
+(0 before k for a nudged run), as on the leaderboard:
+
+- ``<d>``: <||w_opt(t) - w(t)||>, the leaderboard's distance, and its ratio to the yardstick's (gradient
+  flow for GD, the optimizer's stable flow otherwise): ``rel. distance``;
+- ``<c>``: <||e_t + e_(t+1)|| / 2>, e = w_opt - w, the distance between the midpoints of consecutive
+  steps, where a period-2 oscillation of constant amplitude cancels whichever its phase (the experiment's
+  ``centre_distance``, the same values one step later), and its ratio to the
+  yardstick's: ``rel. centre distance``.
+
+A nudged optimizer whose <d> is large while its <c> stays small has kept its centre and flipped the phase of
+its oscillation: the optimizer does not determine its own phase to that size, so no model can predict it
+pointwise, and <d> then measures the oscillation's amplitude rather than a model's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eosflow.compare import baseline_of
+from eosflow.experiment import prepare
+from eosflow.leaderboard import suite_entries, suite_tables
+from eosflow.precision import precision
+
+
+def distances(reference: np.ndarray, positions: np.ndarray, first: int = 0) -> tuple[float, float]:
+    """(<||e_t||>, <||e_t + e_(t+1)|| / 2>) over the run, e = reference - positions from step ``first`` on
+    (0 before it; ``positions`` holds the steps from ``first``)."""
+    e = np.zeros_like(reference)
+    e[first:] = reference[first:] - positions
+    return float(np.linalg.norm(e, axis=1).mean()), float((np.linalg.norm(e[:-1] + e[1:], axis=1) / 2).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("entry")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--at", default="0", help="comma-separated steps k at which the optimizer is nudged")
+    parser.add_argument("--sizes", default="1e-6,1e-4", help="comma-separated nudge sizes |delta|")
+    args = parser.parse_args()
+    entries = {entry.name: entry for entry in suite_entries("all")}
+    if args.entry not in entries:
+        raise SystemExit(f"ENTRY: {args.entry!r} is in no suite; choose from {', '.join(entries)}")
+    table = copy.deepcopy(suite_tables(suite=(entries[args.entry],))[args.entry])
+    table["seed"] = args.seed
+    steps = int(table["steps"])
+    at = [int(k) for k in args.at.split(",")]
+    sizes = [float(s) for s in args.sizes.split(",")]
+    if min(at) < 0 or max(at) >= steps - 1:
+        raise SystemExit(f"--at: each step must lie in [0, {steps - 2}] ({args.entry} runs {steps} steps)")
+    with precision(table["dtype"]):
+        _, problem, _, processes = prepare(table)
+        names = list(processes)
+        optimizer = processes[names[0]]
+        start = optimizer.init(problem.w0)
+        reference = np.asarray(optimizer.advance(start, steps)[1]["position"], np.float64)
+        reference = reference.reshape(steps, -1)
+        yardstick = baseline_of(names[0])
+        rows = {}
+        for name in names[1:]:
+            process = processes[name]
+            positions = np.asarray(process.advance(process.init(problem.w0), steps)[1]["position"], np.float64)
+            rows[name] = distances(reference, positions.reshape(steps, -1))
+        direction = jax.random.normal(jax.random.PRNGKey(1), problem.w0.shape, problem.w0.dtype)
+        direction = direction / jnp.linalg.norm(direction)
+        for k in at:
+            state = optimizer.advance(start, k)[0] if k else start
+            for size in sizes:
+                moved = {"w": state.w + size * direction}
+                if "previous" in state._fields:
+                    moved["previous"] = state.previous + size * direction
+                rows_k = optimizer.advance(state._replace(**moved), steps - k)[1]
+                positions = np.asarray(rows_k["position"], np.float64).reshape(steps - k, -1)
+                rows[f"{names[0]} moved {size:g} at step {k}"] = distances(reference, positions, k)
+    base = rows.get(yardstick, (np.nan, np.nan))
+    print(f"{args.entry}, seed {args.seed}: {steps} steps; ratios to {yardstick}")
+    print("| run | <d> | rel. distance | <c> | rel. centre distance |")
+    print("|---|---|---|---|---|")
+    for name, (d, c) in rows.items():
+        print(f"| {name} | {d:.4g} | {d / base[0]:.3f} | {c:.4g} | {c / base[1]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
