@@ -15,9 +15,11 @@ direction, for every k of ``--at`` and every size. Prints, per run, two time ave
   ``centre_distance``, the same values one step later), and its ratio to the
   yardstick's: ``rel. centre distance``.
 
-A nudged optimizer whose <d> is large while its <c> stays small has kept its centre and flipped the phase of
-its oscillation: the optimizer does not determine its own phase to that size, so no model can predict it
-pointwise, and <d> then measures the oscillation's amplitude rather than a model's error.
+Each process advances in one piece (a run grows its tracked eigenspace between chunks, so the models that use
+their eigenpairs differ from the leaderboard's rows in the 3rd digit). A nudged optimizer whose <d> is large
+while its <c> stays small has kept its centre and flipped the phase of its oscillation: the optimizer does not
+determine its own phase to that size, so no model can predict it pointwise, and <d> then measures the
+oscillation's amplitude rather than a model's error.
 """
 
 from __future__ import annotations

@@ -394,18 +394,24 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     if models:
         yardstick = baseline_of(reference)
         baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
+        centre_baseline = _series(ds, "centre_distance", yardstick) if yardstick in processes else None
 
-        def draw_distance(ax_abs, ax_rel):
+        def draw_distance(ax_abs, ax_rel, *ax_centre):
             for i, p in enumerate(models, start=1):
                 d = ds["distance"].sel(process=p).values
                 ax_abs.plot(steps, d, **line_style(i), label=p)
-                if baseline is not None:
-                    with np.errstate(invalid="ignore", divide="ignore"):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    if baseline is not None:
                         ax_rel.plot(steps, d / baseline, **line_style(i), label=p)
+                    if ax_centre and (centre := _series(ds, "centre_distance", p)) is not None:
+                        ax_centre[0].plot(steps, centre / centre_baseline, **line_style(i), label=p)
             ax_abs.set_ylabel(f"||w_{reference} - w||")
             ax_rel.set_ylabel(f"distance / {yardstick}'s")
+            if ax_centre:
+                ax_centre[0].set_ylabel(f"centre distance / {yardstick}'s")
 
-        _figure(out / "compare_distance.png", 2, draw_distance, f"distance to {reference}", (True, True))
+        panels = 2 if centre_baseline is None else 3  # a run from before centre_distance has two
+        _figure(out / "compare_distance.png", panels, draw_distance, f"distance to {reference}", (True,) * panels)
         figures.append(("Distance to the reference", "compare_distance.png"))
 
     enveloped = {p: a for p in models if (a := predicted_amplitude(ds, p)) is not None}
