@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.ndimage import gaussian_filter1d
 
@@ -107,6 +108,25 @@ def test_centre_distance_is_the_distance_between_midpoints_of_consecutive_steps(
         distance = ds["distance"].sel(process="gradient_flow").values[late]
         np.testing.assert_allclose(distance, np.sqrt(5.0), rtol=1e-6)
         assert np.max(centre["gradient_flow"][late]) < 1e-6 * np.sqrt(5.0)
+
+
+def test_a_run_recorded_before_the_centre_distance_is_reported_without_it(tmp_path, monkeypatch):
+    """A run directory written before ``centre_distance`` existed: its column is NaN ("-" on the page), every
+    other column as before, and the distance figure has its two old panels."""
+    out = tmp_path / "run"
+    run({**SPEC, "steps": 40, "record": {"chunk": 20}}, out)
+    fresh = cmp.compare_run(out)
+    recorded = cmp.load
+    monkeypatch.setattr(cmp, "load", lambda run_dir: recorded(run_dir).drop_vars("centre_distance"))
+    old = cmp.compare_run(out)
+    assert np.isfinite(fresh.loc["rod_flow", "relative_centre_distance"])
+    assert np.isnan(old["relative_centre_distance"]).all()
+    pd.testing.assert_frame_equal(
+        old.drop(columns="relative_centre_distance"), fresh.drop(columns="relative_centre_distance")
+    )
+    rows = _page_table(cmp.write_report(out).read_text())
+    assert rows["rod_flow"]["relative_centre_distance"] == "-"
+    assert (out / "report" / "compare_distance.png").stat().st_size > 0
 
 
 def test_errors_and_distances_hand_values():

@@ -24,7 +24,6 @@ SPEC = {
     "steps": 80,
     "lr": 0.4,
     "dtype": "float32",
-    "processes": ["gd", "gradient_flow"],  # a second process: its distances carry an offset across chunks
     "problem": {"name": "mlp", "width": 16, "n_train": 100, "n_test": 0},
     "spectrum": {"k": 1, "k_max": 2, "threshold": 1.0, "max_iters": 8},
     "record": {"chunk": 8},

@@ -19,7 +19,11 @@ from eosflow.config import SpecError, SpecWarning
 from eosflow.experiment import run
 from eosflow.report import edge_of_stability_window, make_report
 from eosflow.store import RunDirectoryWarning, RunStore
-from test_reliability import SPEC, assert_same_run
+from test_reliability import SPEC as GD_SPEC
+from test_reliability import assert_same_run
+
+# a second process, whose distances to gd carry an offset across chunks, checkpoints and repairs
+SPEC = {**GD_SPEC, "processes": ["gd", "gradient_flow"]}
 
 
 @pytest.fixture(scope="module")
