@@ -6,9 +6,8 @@ computes exactly the chunks an uninterrupted run does (bitwise-equal trajectorie
 The first process is the reference: each process's ``distance`` to it is recorded at every step
 (and its ``centre_distance``, the distance between the two trajectories' midpoints of consecutive
 steps, blind to the phase of a period-2 oscillation; the checkpoint carries the last offset it
-needs), and when the reference diverges (non-finite
-loss, or a loss blow-up) the run stops with the reason and the step recorded. Another process that
-diverges is dropped and the run goes on.
+needs), and when the reference diverges (non-finite loss, or a loss blow-up) the run stops with
+the reason and the step recorded. Another process that diverges is dropped and the run goes on.
 """
 
 from __future__ import annotations
@@ -402,8 +401,8 @@ def _add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offs
         centre_distance = np.full(len(rows["position"]), np.nan)
         if n:
             previous = offsets.get(name)
-            steps = diff if previous is None else np.concatenate([previous[None], diff])
-            centre_distance[n - len(steps) + 1 : n] = np.linalg.norm(steps[:-1] + steps[1:], axis=1) / 2
+            e = diff if previous is None else np.concatenate([previous[None], diff])  # e_(t-1) first if known
+            centre_distance[n - len(e) + 1 : n] = np.linalg.norm(e[:-1] + e[1:], axis=1) / 2
             offsets[name] = diff[-1]
         rows["centre_distance"] = centre_distance
         if "top_vector" in rows:

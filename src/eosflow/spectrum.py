@@ -312,9 +312,8 @@ def dense_hessian(objective: Objective, w: Array, block: int = 256) -> np.ndarra
         columns = np.zeros((d, block), dtype=np.dtype(w.dtype))
         width = min(block, d - start)
         columns[start + np.arange(width), np.arange(width)] = 1.0
-        hessian[:, start : start + width] = np.asarray(compiled.hvp_batch(objective, w, jnp.asarray(columns)))[
-            :, :width
-        ]
+        block_columns = np.asarray(compiled.hvp_batch(objective, w, jnp.asarray(columns)))
+        hessian[:, start : start + width] = block_columns[:, :width]
     return 0.5 * (hessian + hessian.T)
 
 
