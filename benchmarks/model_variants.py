@@ -22,7 +22,14 @@ from eosflow.compare import compare_run
 from eosflow.experiment import run
 from eosflow.leaderboard import own_cost, suite_tables
 
-ACCURACY = ("relative_distance", "loss_error", "envelope_error", "loss_error_averaged", "envelope_error_averaged")
+ACCURACY = (
+    "relative_distance",
+    "relative_centre_distance",
+    "loss_error",
+    "envelope_error",
+    "loss_error_averaged",
+    "envelope_error_averaged",
+)
 
 
 def options(variant: str) -> dict:
