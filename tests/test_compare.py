@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -311,3 +313,50 @@ def test_window_averaged_envelope_of_bursts_and_averaged_errors():
         (1 / 3 + 1 / 3) / (2 + 7 / 3 + 5 / 3 + 2)
     )
     assert cmp.averaged_loss_error(np.full(4, 2.0), np.array([1.0, 3.0, 1.0, 3.0]), 1) == pytest.approx(0.5)
+
+
+def test_a_dataset_in_memory_is_compared_as_its_run_directory(tmp_path):
+    """``compare_dataset(ds)`` needs no summary: ``eosflow.load`` keeps the dropped processes and the
+    wall times in ``ds.attrs`` (as JSON text, so the dataset still saves to netCDF). The quartic's
+    central flow is dropped at step 1 (its centre starts outside {S <= 2/lr}): its status must say so."""
+    table = {
+        **SPEC,
+        "steps": 60,
+        "processes": ["gd", "gradient_flow", "central_flow"],
+        "problem": {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1},
+        "spectrum": {"k": 1, "k_max": 1},
+        "record": {"chunk": 30},
+    }
+    run(table, tmp_path / "run")
+    from_directory = cmp.compare_run(tmp_path / "run")
+    assert from_directory.loc["central_flow", "status"].startswith("dropped: ")
+    assert np.isfinite(from_directory.loc["gradient_flow", "ms_per_step"])
+    ds = eosflow.load(tmp_path / "run")
+    pd.testing.assert_frame_equal(cmp.compare_dataset(ds), from_directory)
+    ds.to_netcdf(tmp_path / "run.nc", engine="scipy")
+    import xarray as xr
+
+    with xr.open_dataset(tmp_path / "run.nc", engine="scipy") as saved:
+        pd.testing.assert_frame_equal(cmp.compare_dataset(saved), from_directory)
+
+
+def test_eosflow_compare_is_reached_from_the_package_and_imported_only_then():
+    code = (
+        "import sys, eosflow; before = 'pandas' in sys.modules or 'matplotlib' in sys.modules; "
+        "print(before, eosflow.compare.compare_dataset.__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "compare_dataset"]
+
+
+def test_a_diverged_reference_is_flagged_in_the_table_with_its_reason():
+    """GD at lr S = 3 on a quadratic doubles its distance to the minimum each step: the run stops, and the
+    table's reference row says why (a model's row says ``dropped``; the reference's divergence ends the run)."""
+    import jax.numpy as jnp
+
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(3))  # S = 2
+    ds = eosflow.simulate(problem, lr=1.5, steps=100, processes=["gd", "gradient_flow"])
+    assert ds.attrs["status"] == "diverged"
+    table = cmp.compare_dataset(ds)
+    assert table.loc["gd", "status"] == f"diverged: {ds.attrs['reason']}"
+    assert table.loc["gradient_flow", "status"] == "ok"

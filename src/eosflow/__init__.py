@@ -12,7 +12,7 @@ Importing eosflow changes no global state (a run computes in its spec's `dtype` 
 with the first name that needs them, so ``eosflow --help`` does not pay for them.
 """
 
-import importlib
+import importlib as _importlib
 
 from eosflow.load import load, load_params
 from eosflow.version import __version__
@@ -26,17 +26,17 @@ _LAZY = {
     "SharpnessTracker": "eosflow.tracker",
     "TrackerState": "eosflow.tracker",
 }
-_MODULES = ("monitor", "optimizer_edges")  # optax is imported only when these are first used
+_MODULES = ("compare", "monitor", "optimizer_edges")  # imported when first used (pandas, matplotlib, optax)
 
 __all__ = ["load", "load_params", "__version__", *_LAZY, *_MODULES]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        importlib.import_module("eosflow.process")  # registers every process
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        _importlib.import_module("eosflow.process")  # registers every process
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
     elif name in _MODULES:
-        value = importlib.import_module(f"eosflow.{name}")
+        value = _importlib.import_module(f"eosflow.{name}")
     else:
         raise AttributeError(f"module 'eosflow' has no attribute {name!r}")
     globals()[name] = value

@@ -23,7 +23,7 @@ Everything is computed from the run directory (``eosflow.load``), on the shared 
     measurement cost    the part of the cost spent by the eigensolver, 2 * measurement_hvps
 
 Averages run over the steps where both operands are finite (a measurement skipped, or a process
-dropped after diverging, is NaN); a dropped process is flagged in ``status``.
+dropped after diverging, is NaN); a dropped process is flagged in ``status``, as is a diverged reference.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import xarray as xr
 from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
 from eosflow.experiment import run
-from eosflow.load import load
+from eosflow.load import load, summary_of
 from eosflow.progress import training_bar
 from eosflow.spec import resolve
 from eosflow.store import RunStore
@@ -215,8 +215,13 @@ def baseline_of(reference: str) -> str:
     return BASELINE if reference == "gd" else f"{reference}_stable_flow"
 
 
-def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> pd.DataFrame:
-    """One row per process (the reference first) with the metrics of the module docstring."""
+def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = SMOOTHING) -> pd.DataFrame:
+    """One row per process (the reference first) with the metrics of the module docstring.
+
+    ``summary`` (dropped processes and their reasons, wall times) defaults to the one that
+    :func:`eosflow.load` and :func:`eosflow.simulate` keep in ``ds.attrs``.
+    """
+    summary = summary_of(ds) if summary is None else summary
     processes = [str(p) for p in ds["process"].values]
     reference = processes[0]
     reference_loss = ds["loss"].sel(process=reference).values
@@ -224,7 +229,6 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
     baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
     centre_baseline = _series(ds, "centre_distance", yardstick) if yardstick in processes else None
     oscillation = _series(ds, "oscillation", reference)
-    dropped = summary.get("dropped_processes", {})
     timing = summary.get("timing", {})
     rows = []
     for p in processes:
@@ -260,10 +264,20 @@ def compare_dataset(ds: xr.Dataset, summary: dict, width: float = SMOOTHING) -> 
                 "measurement_equivalents": measurement_equivalents(_series(ds, "measurement_hvps", p)),
                 "ms_per_step": milliseconds_per_step(timing.get(p)),
                 "steps": int(np.sum(np.isfinite(loss))),
-                "status": f"dropped: {dropped[p]}" if p in dropped else "ok",
+                "status": _status(p, is_reference, summary),
             }
         )
     return pd.DataFrame(rows).set_index("process")
+
+
+def _status(process: str, is_reference: bool, summary: dict) -> str:
+    """``ok``, ``dropped: <reason>`` (a model that diverged), or ``diverged: <reason>`` (the reference,
+    whose divergence ends the run)."""
+    if process in summary.get("dropped_processes", {}):
+        return f"dropped: {summary['dropped_processes'][process]}"
+    if is_reference and summary.get("status") == "diverged":
+        return f"diverged: {summary.get('reason', '')}"
+    return "ok"
 
 
 def averaged_errors(

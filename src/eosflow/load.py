@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,12 +15,25 @@ if TYPE_CHECKING:
     import xarray as xr
 
 
+SUMMARY_TABLES = ("dropped_processes", "timing")  # {process: reason}, {process: wall times of its chunks}
+
+
+def summary_of(ds: xr.Dataset) -> dict:
+    """The run summary that :func:`load` put in ``ds.attrs``, its JSON tables parsed back."""
+    summary = dict(ds.attrs)
+    for key in SUMMARY_TABLES:
+        if isinstance(summary.get(key), str):
+            summary[key] = json.loads(summary[key])
+    return summary
+
+
 def load(run_dir: str | Path) -> xr.Dataset:
     """Trajectories of every process on one ``step`` grid, with coordinate ``process``.
 
     Variables have dims (process, step), or (process, step, eig) for ``eigenvalues``; a value a
     process did not record at a step (a measurement skipped, a process dropped) is NaN. The
-    run's summary is in ``attrs``; ``status`` is ``running`` while a process writes the run (every
+    run's summary is in ``attrs`` (its tables ``dropped_processes`` and ``timing`` as JSON text;
+    :func:`summary_of` parses them back); ``status`` is ``running`` while a process writes the run (every
     flushed step is returned). Chunks are checked against the manifest of the last checkpoint; a
     missing or damaged chunk leaves its steps NaN on the step grid, is named in
     ``attrs["missing_steps"]`` and in a :class:`RunDirectoryWarning` with the command that
@@ -73,6 +87,9 @@ def load(run_dir: str | Path) -> xr.Dataset:
             dims = ("process", "step", "eig")
         data_vars[key] = (dims, value)
     attrs = {k: v for k, v in summary.items() if isinstance(v, (str, int, float))}
+    for key in SUMMARY_TABLES:  # nested tables ride along as JSON text, which netCDF can store
+        if key in summary:
+            attrs[key] = json.dumps(summary[key])
     if summary.get("status") == "running" and store.writer() is None:
         attrs["status"] = "interrupted"  # its writer died without a word (kill -9, power loss)
     if damage:
