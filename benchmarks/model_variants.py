@@ -18,18 +18,9 @@ import argparse
 import tempfile
 import tomllib
 
-from eosflow.compare import compare_run
+from eosflow.compare import ACCURACY, compare_run
 from eosflow.experiment import run
 from eosflow.leaderboard import own_cost, suite_tables
-
-ACCURACY = (
-    "relative_distance",
-    "relative_centre_distance",
-    "loss_error",
-    "envelope_error",
-    "loss_error_averaged",
-    "envelope_error_averaged",
-)
 
 
 def options(variant: str) -> dict:

@@ -46,14 +46,17 @@ TRUNCATE = 4.0  # the window is cut at TRUNCATE standard deviations
 COST_WEIGHTS = {"grads": 1.0, "hvps": 2.0, "third_derivatives": 4.0}  # gradient-equivalents per evaluation
 AVERAGING_WINDOW = 101  # steps (odd: t - 50 .. t + 50) of the box over which the averaged errors compare
 BASELINE = "gradient_flow"
-COLUMNS = (
-    "mean_distance",
+ACCURACY = (  # the columns that score a model (relative: dimensionless, lower is better)
     "relative_distance",
     "relative_centre_distance",
     "loss_error",
     "envelope_error",
     "loss_error_averaged",
     "envelope_error_averaged",
+)
+COLUMNS = (
+    "mean_distance",
+    *ACCURACY,
     "gradient_equivalents",
     "measurement_equivalents",
     "ms_per_step",
