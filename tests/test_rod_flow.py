@@ -198,7 +198,7 @@ def smooth_problem():
     return objective, jnp.asarray(rng.standard_normal(4))
 
 
-def rod_like(name, objective, lr, correction=True):
+def rod_like(name, objective, lr, correction=True, curvature="hvp"):
     from eosflow.flows.edge import EdgeFlow
     from eosflow.flows.rod import RodFlow, RodFlowOptions
 
@@ -209,14 +209,16 @@ def rod_like(name, objective, lr, correction=True):
         spectrum=SpectrumSpec(every=0),
         key=jax.random.PRNGKey(0),
         objective=objective,
-        options=RodFlowOptions(substeps=4, correction=correction),
+        options=RodFlowOptions(substeps=4, correction=correction, curvature=curvature),
     )
 
 
+@pytest.mark.parametrize("curvature", ["hvp", "lookahead"])
 @pytest.mark.parametrize("name", ["rod_flow", "edge_flow"])
-def test_centre_follows_gd_to_second_order_below_eos(name):
+def test_centre_follows_gd_to_second_order_below_eos(name, curvature):
     """At a fixed physical time eta * t = 2, the centre's distance to GD shrinks like eta^2 (the
-    first backward-error correction), gradient flow's and the uncorrected model's like eta."""
+    first backward-error correction, by HVPs or by gradients at the moved ends), gradient flow's and
+    the uncorrected model's like eta. The lookahead's cost: four gradients per substep, no HVP."""
     objective, w0 = smooth_problem()
     sharpness = float(np.linalg.eigvalsh(np.asarray(objective.hessian(w0)))[-1])
     errors = {}
@@ -224,9 +226,16 @@ def test_centre_follows_gd_to_second_order_below_eos(name):
     for lr in (big, small):
         steps = int(round(2.0 / lr))
         gd = gd_iterates(objective, w0, lr, steps)[-1]
+        counts = {}
         for correction in (True, False):
-            _, rows = advance(rod_like(name, objective, lr, correction), w0, steps + 1)
+            _, rows = advance(rod_like(name, objective, lr, correction, curvature), w0, steps + 1)
             errors[lr, correction] = np.linalg.norm(rows["position"][-1] - gd)
+            counts[correction] = rows["grads"], rows["hvps"]
+        (grads, hvps), (plain_grads, plain_hvps) = counts[True], counts[False]
+        np.testing.assert_array_equal(plain_grads, 2 * 4)  # two gradients per substep, 4 substeps
+        extra = 2 * 4  # the correction: two HVPs or (lookahead) two gradients per substep
+        np.testing.assert_array_equal(grads, plain_grads + (extra if curvature == "lookahead" else 0))
+        np.testing.assert_array_equal(hvps, plain_hvps + (extra if curvature == "hvp" else 0))
     assert errors[big, True] / errors[small, True] > 3.5  # second order (measured 4.05)
     assert errors[big, False] / errors[small, False] < 2.5  # first order (measured 2.02)
     assert errors[big, True] < 0.05 * errors[big, False]  # (measured 0.019)

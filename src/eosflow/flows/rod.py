@@ -16,13 +16,14 @@ After each unit of time the rod absorbs (-1)^k tau_k, the part of GD's step the 
 did not take (tau_k = x(k+1) - x(k) + eta E): this is what seeds the oscillation, as in GD. Along
 the rod itself only the fraction h^2/(h^2 + |r|^2), h = (eta/2)|E| GD's smooth half-step, is absorbed:
 an established oscillation evolves by the flow alone, whose fixed points are GD's period-2 orbits.
-Explicit: two gradients (and two HVPs for the correction) per substep, no eigensolver.
+Explicit: two gradients (and two HVPs for the correction, or two more gradients with
+``curvature = "lookahead"``) per substep, no eigensolver.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -55,9 +56,17 @@ def resolvable_length(centre: Array) -> Array:
 
 
 def rod_ends(
-    objective: Objective, centre: Array, direction: Array, length: Array, lr: float, coefficient: float
+    objective: Objective,
+    centre: Array,
+    direction: Array,
+    length: Array,
+    lr: float,
+    coefficient: float,
+    curvature: str = "hvp",
 ) -> Ends:
-    """Two gradients at x +- m u; with c > 0 also Hbar E (two HVPs, one linearization of the ends).
+    """Two gradients at x +- m u; with c > 0 also Hbar E, by ``curvature``: ``"hvp"``, two HVPs (one
+    linearization of the ends), or ``"lookahead"``, two gradients at the ends moved by c eta E:
+    eta mean_+- g(x +- m u + c eta E) = eta E + c eta^2 Hbar E + O(eta^3 |E|^2 D^3L).
 
     A rod shorter than :func:`resolvable_length` l is evaluated at x +- l u and its odd part
     scaled by m / l (O is linear in m up to O(m^3)), so that tiny rods keep an accurate direction.
@@ -67,11 +76,16 @@ def rod_ends(
     def at_ends(x):
         return jax.vmap(objective.value_and_grad)(jnp.stack([x + reach, x - reach]))
 
-    if coefficient:
+    if coefficient and curvature == "lookahead":
+        losses, grads = at_ends(centre)
+        mean_grad = jnp.mean(grads, axis=0)
+        _, ahead = at_ends(centre + coefficient * lr * mean_grad)
+        velocity = -lr * jnp.mean(ahead, axis=0)
+    elif coefficient:
         (losses, grads), linear = jax.linearize(at_ends, centre)
         mean_grad = jnp.mean(grads, axis=0)
-        _, curvature = linear(mean_grad)  # (H(x + m u) E, H(x - m u) E)
-        velocity = -lr * mean_grad - coefficient * lr**2 * jnp.mean(curvature, axis=0)
+        _, curvature_along = linear(mean_grad)  # (H(x + m u) E, H(x - m u) E)
+        velocity = -lr * mean_grad - coefficient * lr**2 * jnp.mean(curvature_along, axis=0)
     else:
         losses, grads = at_ends(centre)
         mean_grad = jnp.mean(grads, axis=0)
@@ -109,7 +123,7 @@ def along_rod_kick(direction: Array, length: Array, kick: Array, ends: Ends, lr:
     return fraction * jnp.vdot(direction, kick)
 
 
-def rod_field(objective: Objective, lr: float, coefficient: float = 0.0):
+def rod_field(objective: Objective, lr: float, coefficient: float = 0.0, curvature: str = "hvp"):
     """z = (x, r) -> ((dx/dt, dr/dt), Ends) with dx/dt = -eta E - c eta^2 Hbar E, dr/dt = eta O - 2 r.
 
     With c = 0 this is also the mean-field particle model in flat coordinates (docs/meanfield.md).
@@ -117,7 +131,7 @@ def rod_field(objective: Objective, lr: float, coefficient: float = 0.0):
 
     def field(z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
         centre, rod = z
-        ends = rod_ends(objective, centre, *unit(rod), lr, coefficient)
+        ends = rod_ends(objective, centre, *unit(rod), lr, coefficient, curvature)
         return (ends.centre_velocity, lr * ends.odd_part - 2.0 * rod), ends
 
     return field
@@ -143,6 +157,9 @@ def oscillation_row(
 class RodFlowOptions:
     substeps: int = option(4, "explicit Euler substeps per unit time (GD step)", ge=1)
     correction: bool = option(True, "first backward-error correction of the centre (2 HVPs per substep)")
+    curvature: Literal["hvp", "lookahead"] = option(
+        "hvp", "the correction's Hbar E by two HVPs, or by two gradients at the ends moved by c lr E (same order)"
+    )
 
 
 class RodModel(Flow):
@@ -159,12 +176,14 @@ class RodModel(Flow):
 
     def ends(self, centre: Array, direction: Array, length: Array) -> Ends:
         """The rod x +- m u evaluated, with the centre's corrected velocity."""
-        return rod_ends(self.objective, centre, direction, length, self.lr, self.coefficient)
+        return rod_ends(self.objective, centre, direction, length, self.lr, self.coefficient, self.options.curvature)
 
     def cost(self, n: Array | int, hvps_per_substep: int = 0) -> dict[str, Array]:
-        """Two gradients per substep, two HVPs more with the correction."""
-        hvps = n * (hvps_per_substep + 2 * int(self.options.correction))
-        return {"grads": jnp.asarray(2 * n, jnp.int32), "hvps": jnp.asarray(hvps, jnp.int32)}
+        """Two gradients per substep, and for the correction two HVPs or (lookahead) two gradients more."""
+        corrected = int(bool(self.coefficient))
+        lookahead = corrected * int(self.options.curvature == "lookahead")
+        hvps = n * (hvps_per_substep + 2 * (corrected - lookahead))
+        return {"grads": jnp.asarray((2 + 2 * lookahead) * n, jnp.int32), "hvps": jnp.asarray(hvps, jnp.int32)}
 
 
 class RodFlow(RodModel):
@@ -176,7 +195,7 @@ class RodFlow(RodModel):
 
     def field(self, z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
         """(dx/dt, dr/dt) = (-eta E - c eta^2 Hbar E, eta O - 2 r)."""
-        return rod_field(self.objective, self.lr, self.coefficient)(z)
+        return rod_field(self.objective, self.lr, self.coefficient, self.options.curvature)(z)
 
     def finish(self, z, end, ends: Ends, step: Array) -> tuple[Array, Array]:
         """The rod absorbs the parity kick (-1)^k tau_k: across the rod whole, along it only while the
