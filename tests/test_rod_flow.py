@@ -241,6 +241,46 @@ def test_centre_follows_gd_to_second_order_below_eos(name, curvature):
     assert errors[big, True] < 0.05 * errors[big, False]  # (measured 0.019)
 
 
+@pytest.mark.parametrize(
+    "problem",
+    [
+        {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5},
+        {"name": "mlp", "n_train": 20, "n_test": 10, "width": 8},
+        {"name": "sharp_valley"},
+    ],
+    ids=lambda p: p["name"],
+)
+def test_lookahead_correction_differs_from_the_hvp_one_at_third_order(problem):
+    """eta mean g(x +- r + c eta E) = eta E + c eta^2 Hbar E + O(eta^3): at random centres and rods
+    (|r| from 0 to 0.3 |x|), the two centre velocities differ by a multiple of eta^3, so halving eta
+    divides the difference by 8, while the correction itself (the HVP velocity minus -eta E) only by 4."""
+    from eosflow.flows.rod import rod_ends
+
+    _, built = build("rod_flow", problem, 0.1)
+    objective = built.objective
+    w0 = jnp.asarray(built.w0)
+    sharpness = float(np.linalg.eigvalsh(np.asarray(objective.hessian(w0)))[-1])
+    rng = np.random.default_rng(0)
+    for length_scale in (0.0, 0.03, 0.3):
+        centre = w0 + 0.1 * jnp.linalg.norm(w0) * jnp.asarray(rng.standard_normal(w0.shape)) / w0.size**0.5
+        direction = jnp.asarray(rng.standard_normal(w0.shape))
+        direction = direction / jnp.linalg.norm(direction)
+        length = jnp.asarray(length_scale * float(jnp.linalg.norm(centre)))
+        gaps, corrections = [], []
+        for lr in (0.2 / sharpness, 0.1 / sharpness, 0.05 / sharpness):
+            hvp, lookahead = (
+                rod_ends(objective, centre, direction, length, lr, 0.375, c) for c in ("hvp", "lookahead")
+            )
+            np.testing.assert_array_equal(hvp.mean_grad, lookahead.mean_grad)  # the ends themselves are shared
+            gaps.append(float(jnp.linalg.norm(hvp.centre_velocity - lookahead.centre_velocity)))
+            corrections.append(float(jnp.linalg.norm(hvp.centre_velocity + lr * hvp.mean_grad)))
+        for big, small in zip(gaps, gaps[1:]):
+            assert 7.0 < big / small < 9.0, (problem["name"], length_scale, gaps)  # eta^3
+        for big, small in zip(corrections, corrections[1:]):
+            assert 3.9 < big / small < 4.1  # eta^2
+        assert gaps[-1] < 0.1 * corrections[-1]
+
+
 def test_rod_stays_of_the_order_of_the_half_step_below_eos():
     """Below EoS the rod's length never exceeds GD's half-step (eta/2)|g(w_t)| and its half-length
     sqrt(|r|^2 + (eta/2)^2 |E|^2) is that half-step to O(eta)."""
