@@ -2,8 +2,9 @@
 
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/model_variants.py [--model rod_flow]
         [--problems mlp_digits cnn_digits] [--variants substeps=4 substeps=2 correction=false]
+        [--suite default|architectures|adaptive]
 
-For each problem of the default leaderboard suite named, one run of gd, gradient_flow and the
+For each problem named, from the leaderboard suite ``--suite``, one run of gd, gradient_flow and the
 model per variant (the model's options as TOML values, several joined by ``,``; keys
 ``spectrum.KEY`` set the run's ``[spectrum]`` table instead), scored as the
 leaderboard scores it (``eosflow.compare``). Prints the accuracy columns, the model's own
@@ -20,7 +21,7 @@ import tomllib
 
 from eosflow.compare import ACCURACY, compare_run
 from eosflow.experiment import run
-from eosflow.leaderboard import own_cost, suite_tables
+from eosflow.leaderboard import own_cost, suite_entries, suite_tables
 
 
 def options(variant: str) -> dict:
@@ -33,8 +34,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="rod_flow")
     parser.add_argument("--problems", nargs="+", default=["mlp_digits", "cnn_digits"])
     parser.add_argument("--variants", nargs="+", default=["substeps=4", "substeps=2", "correction=false"])
+    parser.add_argument("--suite", default="default", help="the leaderboard suite the problems come from")
     args = parser.parse_args(argv)
-    tables = suite_tables(models=[args.model])
+    tables = suite_tables(models=[args.model], suite=suite_entries(args.suite))
     print(
         f"| problem | {args.model} options | " + " | ".join(ACCURACY) + " | own grad-equiv. / step | "
         "eigensolver grad-equiv. / step | largest change |"
