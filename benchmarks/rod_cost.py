@@ -6,7 +6,8 @@ On the leaderboard's nets (its spec tables, float32), at the initial parameters 
 length 1e-2 along a random direction, each part of a rod-flow step is jitted and timed alone
 (median of ``--reps`` calls after a warm-up): one gradient (the unit), the rod's two ends without
 and with the centre's correction (one ``jax.linearize`` of the two end gradients and its tangent
-at E), one HVP by ``jvp(grad)``, the centre's loss (``observe``), and the whole process step with
+at E; or, ``curvature = "lookahead"``, two more gradients at the moved ends), one HVP by
+``jvp(grad)``, the centre's loss (``observe``), and the whole process step with
 the eigensolver off (``spectrum.every = 0``, which rod flow never reads) and on; and the corrected
 ends n times in an XLA loop and unrolled, alone and inside a 5-step ``lax.scan`` (as the runner
 scans a chunk), to show what the loop itself costs (XLA:CPU runs convolutions much slower inside
@@ -74,6 +75,12 @@ def breakdown(name: str, table: dict, reps: int) -> None:
             jax.jit(lambda w, u, m: rod_ends(objective, w, u, m, lr, c)),
             (w, direction, length),
         ),
+        (
+            "rod ends with the lookahead correction: 4 gradients",
+            4,
+            jax.jit(lambda w, u, m: rod_ends(objective, w, u, m, lr, c, "lookahead")),
+            (w, direction, length),
+        ),
         ("loss at the centre (observe; not counted)", 0, jax.jit(lambda w: objective.value(w)), (w,)),
     ]
 
@@ -102,8 +109,18 @@ def breakdown(name: str, table: dict, reps: int) -> None:
     counted = float(row["grads"]) + 2 * float(row["hvps"])  # as compare.COST_WEIGHTS: an HVP counts 2
     measured_step = jax.jit(lambda s: measuring.step(s))
     mrow = measured_step(state)[1]
+    off = {**table, "spectrum": {**table.get("spectrum", {}), "every": 0}}
+    ahead = prepare({**off, "rod_flow": {**table.get("rod_flow", {}), "curvature": "lookahead"}})[3]["rod_flow"]
+    ahead_step = jax.jit(lambda s: ahead.step(s))
+    ahead_row = ahead_step(state)[1]
     parts += [
         (f"whole step, eigensolver off ({n} substeps)", counted, step, (state,)),
+        (
+            "whole step, eigensolver off, lookahead correction",
+            float(ahead_row["grads"]) + 2 * float(ahead_row["hvps"]),
+            ahead_step,
+            (state,),
+        ),
         (
             f"whole step, eigensolver on ({int(mrow['measurement_hvps'])} HVPs here)",
             counted + 2 * float(mrow["measurement_hvps"]),
