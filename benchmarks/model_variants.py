@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/model_variants.py [--model rod_flow]
         [--problems mlp_digits cnn_digits] [--variants substeps=4 substeps=2 correction=false]
-        [--suite default|architectures|adaptive]
+        [--suite default|architectures|adaptive] [--problem-options 'activation="swish"']
 
 For each problem named, from the leaderboard suite ``--suite``, one run of gd, gradient_flow and the
 model per variant (the model's options as TOML values, several joined by ``,``; keys
@@ -10,7 +10,8 @@ model per variant (the model's options as TOML values, several joined by ``,``; 
 leaderboard scores it (``eosflow.compare``). Prints the accuracy columns, the model's own
 gradient-equivalents per step (as the leaderboard's column: without the eigensolver for a model
 that never reads the eigenpairs) and the eigensolver's, and the largest relative change of an
-accuracy column against the first variant (put the leaderboard's setting first).
+accuracy column against the first variant (put the leaderboard's setting first), and whether the
+optimizer reached the edge (its share of steps at lr S >= 1.9).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import argparse
 import tempfile
 import tomllib
 
+import numpy as np
+
 from eosflow.compare import ACCURACY, compare_run
 from eosflow.experiment import run
 from eosflow.leaderboard import own_cost, suite_entries, suite_tables
+from eosflow.load import load
 
 
 def options(variant: str) -> dict:
@@ -35,13 +39,20 @@ def main(argv=None) -> None:
     parser.add_argument("--problems", nargs="+", default=["mlp_digits", "cnn_digits"])
     parser.add_argument("--variants", nargs="+", default=["substeps=4", "substeps=2", "correction=false"])
     parser.add_argument("--suite", default="default", help="the leaderboard suite the problems come from")
+    parser.add_argument(
+        "--problem-options",
+        default="",
+        help='TOML values for every problem\'s [problem] table, e.g. activation="swish"',
+    )
     args = parser.parse_args(argv)
     tables = suite_tables(models=[args.model], suite=suite_entries(args.suite))
+    for table in tables.values():
+        table["problem"] = {**table["problem"], **options(args.problem_options)}
     print(
         f"| problem | {args.model} options | " + " | ".join(ACCURACY) + " | own grad-equiv. / step | "
-        "eigensolver grad-equiv. / step | largest change |"
+        "eigensolver grad-equiv. / step | largest change | GD's steps at lr S >= 1.9 (max lr S) |"
     )
-    print("|---" * (len(ACCURACY) + 5) + "|")
+    print("|---" * (len(ACCURACY) + 6) + "|")
     for problem in args.problems:
         reference = None
         for variant in args.variants:
@@ -51,13 +62,23 @@ def main(argv=None) -> None:
             with tempfile.TemporaryDirectory() as out:
                 run(table, out, overwrite=True)
                 row = compare_run(out).loc[args.model]
+                edge = at_the_edge(load(out).lr_sharpness.sel(process=tables[problem]["processes"][0]).values)
             accuracy = [float(row[c]) for c in ACCURACY]
             reference = accuracy if reference is None else reference
             change = max(abs(a - b) / abs(b) for a, b in zip(accuracy, reference, strict=True))
             total, measurement = float(row["gradient_equivalents"]), float(row["measurement_equivalents"])
             cells = " | ".join(f"{a:.4g}" for a in accuracy)
             own = own_cost(args.model, total, measurement)
-            print(f"| {problem} | {variant} | {cells} | {own:.1f} | {measurement:.1f} | {change:.1%} |", flush=True)
+            print(
+                f"| {problem} | {variant} | {cells} | {own:.1f} | {measurement:.1f} | {change:.1%} | {edge} |",
+                flush=True,
+            )
+
+
+def at_the_edge(lr_sharpness: np.ndarray) -> str:
+    """The share of the measured steps with lr S >= 1.9, and the largest lr S: whether the run reached the edge."""
+    measured = lr_sharpness[np.isfinite(lr_sharpness)]
+    return f"{np.mean(measured >= 1.9):.0%} ({np.max(measured):.2f})"
 
 
 if __name__ == "__main__":
