@@ -14,14 +14,9 @@ import argparse
 import math
 from pathlib import Path
 
-ACCURACY = (
-    "rel. distance",
-    "rel. centre distance",
-    "loss error",
-    "envelope error",
-    "loss error (avg)",
-    "envelope error (avg)",
-)
+from eosflow import compare, leaderboard
+
+ACCURACY = tuple(title for column, title in leaderboard.COLUMNS if column in compare.ACCURACY)  # the page's titles
 
 
 def table(path: Path) -> dict[tuple[str, str], dict[str, str]]:

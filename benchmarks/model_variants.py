@@ -11,7 +11,7 @@ leaderboard scores it (``eosflow.compare``). Prints the accuracy columns, the mo
 gradient-equivalents per step (as the leaderboard's column: without the eigensolver for a model
 that never reads the eigenpairs) and the eigensolver's, and the largest relative change of an
 accuracy column against the first variant (put the leaderboard's setting first), and whether the
-optimizer reached the edge (its share of steps at lr S >= 1.9).
+optimizer reached the edge (its share of steps at edge ratio >= 0.95, i.e. lr S >= 1.9 for GD).
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     tables = suite_tables(models=[args.model], suite=suite_entries(args.suite))
+    problem_options = options(args.problem_options)
     for table in tables.values():
-        table["problem"] = {**table["problem"], **options(args.problem_options)}
+        table["problem"] = {**table["problem"], **problem_options}
     print(
         f"| problem | {args.model} options | " + " | ".join(ACCURACY) + " | own grad-equiv. / step | "
-        "eigensolver grad-equiv. / step | largest change | GD's steps at lr S >= 1.9 (max lr S) |"
+        "eigensolver grad-equiv. / step | largest change | optimizer's steps at edge ratio >= 0.95 (max) |"
     )
     print("|---" * (len(ACCURACY) + 6) + "|")
     for problem in args.problems:
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
             with tempfile.TemporaryDirectory() as out:
                 run(table, out, overwrite=True)
                 row = compare_run(out).loc[args.model]
-                edge = at_the_edge(load(out).lr_sharpness.sel(process=tables[problem]["processes"][0]).values)
+                edge = at_the_edge(load(out).edge_ratio.sel(process=tables[problem]["processes"][0]).values)
             accuracy = [float(row[c]) for c in ACCURACY]
             reference = accuracy if reference is None else reference
             change = max(abs(a - b) / abs(b) for a, b in zip(accuracy, reference, strict=True))
@@ -75,10 +76,11 @@ def main(argv=None) -> None:
             )
 
 
-def at_the_edge(lr_sharpness: np.ndarray) -> str:
-    """The share of the measured steps with lr S >= 1.9, and the largest lr S: whether the run reached the edge."""
-    measured = lr_sharpness[np.isfinite(lr_sharpness)]
-    return f"{np.mean(measured >= 1.9):.0%} ({np.max(measured):.2f})"
+def at_the_edge(edge_ratio: np.ndarray) -> str:
+    """The share of the measured steps with edge ratio >= 0.95 (lr S >= 1.9 for GD; the preconditioned
+    sharpness over its threshold for an adaptive optimizer), and the largest: whether the run reached the edge."""
+    measured = edge_ratio[np.isfinite(edge_ratio)]
+    return f"{np.mean(measured >= 0.95):.0%} ({np.max(measured):.3f})"
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def unrolled(body, x, n: int):
 
 def breakdown(name: str, table: dict, reps: int) -> None:
     table = {**table, "processes": ["rod_flow"]}
-    _, problem, _, processes = prepare({**table, "spectrum": {**table.get("spectrum", {}), "every": 0}})
+    off = {**table, "spectrum": {**table.get("spectrum", {}), "every": 0}}  # rod flow never reads eigenpairs
+    _, problem, _, processes = prepare(off)
     rod = processes["rod_flow"]
     measuring = prepare({**table, "spectrum": {**table.get("spectrum", {}), "every": 1}})[3]["rod_flow"]
     objective, w, lr = problem.objective, problem.w0, rod.lr
@@ -109,7 +110,6 @@ def breakdown(name: str, table: dict, reps: int) -> None:
     counted = float(row["grads"]) + 2 * float(row["hvps"])  # as compare.COST_WEIGHTS: an HVP counts 2
     measured_step = jax.jit(lambda s: measuring.step(s))
     mrow = measured_step(state)[1]
-    off = {**table, "spectrum": {**table.get("spectrum", {}), "every": 0}}
     ahead = prepare({**off, "rod_flow": {**table.get("rod_flow", {}), "curvature": "lookahead"}})[3]["rod_flow"]
     ahead_step = jax.jit(lambda s: ahead.step(s))
     ahead_row = ahead_step(state)[1]
