@@ -25,11 +25,14 @@ at tol 0 (float64) every ``--every`` steps. ``--quick``: width 32 only.
 
     python benchmarks/central_flow.py --digits [--quick] [--digits-steps 500] [--every 50]
         [--tol 1e-3] [--guard 1] [--cluster 0] [--max-iters 30] [--set remeasure=false]
-        [--save ref.npz | --against ref.npz]
+        [--save ref.npz | --against ref.npz [--against-k K]]
 
 The eigensolver's settings are the run's ``[spectrum]`` (``--cluster``: lobpcg's cluster contract);
 ``--save`` keeps the checkpointed centres and ``--against`` prints, per run, the largest
-||w_t - w_t(ref)|| / ||w_t(ref) - w_0|| over them (how far a setting moves the trajectory).
+||w_t - w_t(ref)|| / ||w_t(ref) - w_0|| over them (how far a setting moves the trajectory), against
+the saved run of the same k or of ``--against-k``. "critical m" is the flow's critical count at the
+edge; "every tracked pair critical" the share of those steps with m = k, where no tracked eigenvalue
+below the critical threshold shows that the critical set is complete.
 """
 
 from __future__ import annotations
@@ -149,9 +152,10 @@ def digits(args) -> None:
 
     print(
         "| d | k | phase | steps | HVPs / step | of which eigensolver | grad-equiv. / step | "
-        "median rel. error (top k) | max rel. error | steps with a residual > tol | distance to --against |"
+        "median rel. error (top k) | max rel. error | steps with a residual > tol | critical m (median, max) | "
+        "steps with every tracked pair critical | distance to --against |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     saved, against = {}, dict(np.load(args.against)) if args.against else {}
     for width in [32] if args.quick else args.widths:
         for k in args.ks:
@@ -183,7 +187,8 @@ def digits(args) -> None:
             errors = np.max(np.abs(measured - oracle) / oracle, axis=1)
             key = f"d{params.shape[1]}_k{k}"
             saved[key] = params
-            distance = relative_distance(params, against[key]) if key in against else np.nan
+            against_key = f"d{params.shape[1]}_k{args.against_k or k}"
+            distance = relative_distance(params, against[against_key]) if against_key in against else np.nan
             critical = ds.critical.values
             cost = ds.grads.values + 2 * ds.hvps.values + 4 * ds.third_derivatives.values
             for phase, mask in (("before the edge", critical == 0), ("edge (m >= 1)", critical > 0)):
@@ -193,7 +198,11 @@ def digits(args) -> None:
                     f"{ds.measurement_hvps.values[mask].mean():.1f} | {cost[mask].mean():.1f} | "
                     f"{np.median(errors[at]) if at.any() else np.nan:.1e} | "
                     f"{errors[at].max() if at.any() else np.nan:.1e} | "
-                    f"{np.mean(ds.residual.values[mask] > args.tol):.0%} | {distance:.1e} |".replace("nan", "-"),
+                    f"{np.mean(ds.residual.values[mask] > args.tol):.0%} | "
+                    f"{np.median(critical[mask]) if mask.any() else np.nan:.0f}, "
+                    f"{critical[mask].max(initial=0):.0f} | "
+                    f"{np.mean(critical[mask] >= k) if mask.any() else np.nan:.0%} | "
+                    f"{distance:.1e} |".replace("nan", "-"),
                     flush=True,
                 )
     if args.save:
@@ -229,6 +238,7 @@ def main() -> None:
     parser.add_argument("--max-iters", type=int, default=30, help="--digits: the eigensolver's max_iters")
     parser.add_argument("--save", help="--digits: save the checkpointed centres to this .npz")
     parser.add_argument("--against", help="--digits: distance of the centres to those of a --save file")
+    parser.add_argument("--against-k", type=int, help="--digits: compare with the --save run of this k (default: k)")
     args = parser.parse_args()
     if args.digits:
         digits(args)

@@ -297,3 +297,78 @@ def test_central_flows_prediction_does_not_depend_on_the_substeps(optimizer, flo
         floor = relative_l1_error(loss[edge], gaussian_smooth(loss)[edge])
     assert excess[0.5] > 0 and abs(excess[0.25] / excess[0.5] - 1) < 0.05
     assert max(errors.values()) < floor
+
+
+def test_critical_count_says_whether_the_critical_set_is_shown_complete():
+    """m counts the tracked eigenvalues at or above the threshold (at most m_max); the set is shown
+    complete only by a tracked eigenvalue below the threshold right after the m-th."""
+    from eosflow.flows.flow import critical_count
+
+    def count(values, m_max):
+        m, complete = critical_count(jnp.asarray(values), 4.85, m_max)
+        return int(m), int(complete)
+
+    assert count([5.0, 4.9, 3.0], 3) == (2, 1)  # 3.0 < 4.85 closes the set
+    assert count([5.0, 4.9, 3.0], 1) == (1, 0)  # m_max cut it: 4.9 is critical and left out
+    assert count([5.0, 4.9], 2) == (2, 0)  # every tracked one critical: the third is unknown
+    assert count([4.0, 3.0], 2) == (0, 1)  # before the edge
+    assert count([np.nan, np.nan], 2) == (0, 0)  # not measured: nothing is shown
+
+
+def test_an_incomplete_critical_set_is_reported_against_dense_eigenvalues(tmp_path):
+    """A valley with three nearly equal sharp directions, L = sum_i S_i e^x y_i^2 / 2 - eps x with
+    S = (5, 4.95, 4.9, 1): at the edge the top three eigenvalues are all within the critical margin.
+    Oracle: the dense float64 Hessian at every saved centre. With k_max = 4 the flow's set is shown
+    complete and equals the dense count at every step; with k_max = 2 every step at which the dense
+    count exceeds 2 is flagged, and so is every step of the projected flow (one direction) with more
+    than one critical eigenvalue; the warning names the setting to raise."""
+    sharp = jnp.asarray([5.0, 4.95, 4.9, 1.0])
+    lr, eps, margin = 0.2, 0.1, 0.03
+
+    def loss(w):
+        return 0.5 * jnp.sum(sharp * jnp.exp(w[0]) * w[1:] ** 2) - eps * w[0]
+
+    problem = eosflow.Problem.from_function(loss, jnp.asarray([0.0, 0.1, -0.1, 0.1, 0.1], jnp.float64))
+    hessian = jax.jit(jax.hessian(loss))
+
+    def dense_counts(run_dir, process):
+        steps, params = eosflow.load_params(run_dir, process)
+        values = [np.linalg.eigvalsh(np.asarray(hessian(jnp.asarray(w)))) for w in params]
+        return np.asarray(steps), np.array([np.sum(v >= (1 - margin) * 2 / lr) for v in values])
+
+    settings = {"lr": lr, "steps": 80, "record": {"params_every": 1}}
+    with pytest.warns(eosflow.compare.CriticalSetWarning) as caught:
+        cut = eosflow.simulate(
+            problem,
+            processes=["gd", "central_flow", "projected_flow"],
+            spectrum={"k": 2, "k_max": 2},
+            out=tmp_path / "cut",
+            **settings,
+        )
+    notes = {str(w.message).split(":")[0]: str(w.message) for w in caught}
+    assert set(notes) == {"central_flow", "projected_flow"} and "raise `spectrum.k_max`" in notes["central_flow"]
+    full = eosflow.simulate(
+        problem,
+        processes=["gd", "central_flow"],
+        spectrum={"k": 4, "k_max": 4},
+        out=tmp_path / "full",
+        **settings,
+    )
+
+    steps, dense = dense_counts(tmp_path / "full", "central_flow")
+    flow = full.sel(process="central_flow")
+    assert dense.max() == 3 and (dense == 3).sum() > 10  # the edge is reached and holds three
+    np.testing.assert_array_equal(flow.critical.values[steps], dense)
+    assert (flow.critical_complete.values == 1).all()
+    assert eosflow.compare.compare_dataset(full).loc["central_flow", "critical_incomplete"] == 0
+
+    for process, held in (("central_flow", 2), ("projected_flow", 1)):
+        steps, dense = dense_counts(tmp_path / "cut", process)
+        flow = cut.sel(process=process)
+        flagged = flow.critical_complete.values[steps] == 0
+        np.testing.assert_array_equal(flagged, dense > held)
+        assert (flow.critical.values[steps] == np.minimum(dense, held)).all()
+    table = eosflow.compare.compare_dataset(cut)
+    assert 0 < table.loc["central_flow", "critical_incomplete"] < 1 and np.isnan(table.loc["gd", "critical_incomplete"])
+    page = eosflow.compare.write_report(tmp_path / "cut").read_text()
+    assert "central_flow: at " in page and "projected_flow: at " in page and "by definition" in page

@@ -360,3 +360,39 @@ def test_a_diverged_reference_is_flagged_in_the_table_with_its_reason():
     table = cmp.compare_dataset(ds)
     assert table.loc["gd", "status"] == f"diverged: {ds.attrs['reason']}"
     assert table.loc["gradient_flow", "status"] == "ok"
+
+
+def test_critical_set_notes_name_the_setting_to_raise():
+    """From the rows alone: every tracked pair critical at k = k_max (raise k_max), before the tracker
+    grew to k_max (grow_every), and a set cut by max_critical; a complete set, or a process without
+    a critical set, has no note."""
+    import xarray as xr
+
+    from eosflow.compare import critical_set_note
+
+    nan = np.nan
+    eigenvalues = np.array(
+        [
+            [[11.0, 10.5, nan], [11.0, 10.5, 9.9], [11.0, 9.0, 8.0]],  # 2 tracked of k_max 3, then 3
+            [[11.0, 10.5, 9.0], [11.0, 10.5, 10.2], [11.0, 10.0, 8.0]],  # cut by max_critical = 2 at step 1
+            [[11.0, 9.0, nan], [11.0, 9.0, nan], [9.0, 8.0, nan]],  # complete
+            [[nan] * 3] * 3,  # gd-like: no critical set
+        ]
+    )
+    critical = np.array([[2, 3, 1], [2, 2, 2], [1, 1, 0], [nan] * 3])
+    complete = np.array([[0, 0, 1], [1, 0, 1], [1, 1, 1], [nan] * 3])
+    ds = xr.Dataset(
+        {
+            "eigenvalues": (("process", "step", "eig"), eigenvalues),
+            "critical": (("process", "step"), critical),
+            "critical_complete": (("process", "step"), complete),
+        },
+        coords={"process": ["a", "b", "c", "gd"], "step": [0, 1, 2]},
+    )
+    a, b = critical_set_note(ds, "a"), critical_set_note(ds, "b")
+    assert "at 2 of 3 steps (the first: step 0)" in a and "2-3 tracked" in a and "`spectrum.grow_every`" in a
+    assert "at 1 of 3 steps (the first: step 1) more eigenvalues were critical than the 2 directions" in b
+    assert "max_critical" in b and "k_max" not in b
+    assert critical_set_note(ds, "c") == "" and critical_set_note(ds, "gd") == ""
+    only_k_max = ds.isel(step=[1])
+    assert critical_set_note(only_k_max, "a").endswith("raise `spectrum.k_max`")

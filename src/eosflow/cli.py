@@ -36,7 +36,9 @@ USER_ERRORS = (SpecError, StoreError)
 
 
 def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: bool) -> int:
+    from eosflow.compare import warn_incomplete_critical_sets
     from eosflow.experiment import run
+    from eosflow.load import load
     from eosflow.progress import training_bar
     from eosflow.report import make_report
     from eosflow.spec import parse_spec
@@ -59,6 +61,7 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
         )
         return getattr(error, "exit_code", 130)
     report = make_report(out)
+    warn_incomplete_critical_sets(load(out))
     seconds = RunStore(out).read_summary().get("seconds", float("nan"))
     print(
         f"{outcome.status}: {outcome.steps_done} steps in {out}, {seconds:.1f} s of run time (all sessions)"

@@ -28,6 +28,7 @@ dropped after diverging, is NaN); a dropped process is flagged in ``status``, as
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,75 @@ def predicted_loss(ds: xr.Dataset, process: str) -> np.ndarray:
     return predicted if predicted is not None else ds["loss"].sel(process=process).values.astype(np.float64)
 
 
+class CriticalSetWarning(UserWarning):
+    """A central flow's critical set may have been incomplete (:func:`critical_set_note`)."""
+
+
+def incomplete_critical_steps(ds: xr.Dataset, process: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(every tracked pair critical, ``max_critical`` cut the set): boolean masks over the steps at which
+    a central flow's critical set was not shown complete (its ``critical_complete`` is 0); None for a
+    process that does not record it. Where m < the tracked count, a tracked eigenvalue above the
+    threshold was left out by ``max_critical``; where m = the tracked count, the next eigenvalue was
+    not measured (``spectrum.k_max``)."""
+    complete = _series(ds, "critical_complete", process)
+    if complete is None:
+        return None
+    gaps = np.isfinite(complete) & (complete == 0)
+    tracked = np.isfinite(ds["eigenvalues"].sel(process=process).values).sum(axis=-1)
+    cut = gaps & (ds["critical"].sel(process=process).values < tracked)
+    return gaps & ~cut, cut
+
+
+def critical_set_note(ds: xr.Dataset, process: str) -> str:
+    """'' unless a central flow's critical set may have been incomplete at some step; then one line that
+    says at how many steps, from which, and which setting to raise."""
+    masks = incomplete_critical_steps(ds, process)
+    if masks is None:
+        return ""
+    full, cut = masks
+    if process.endswith("projected_flow"):  # one direction by definition: say only where a tracked second was critical
+        full = np.zeros_like(full)
+    steps = ds["step"].values
+    recorded = int(np.isfinite(_series(ds, "critical_complete", process)).sum())  # type: ignore[arg-type]
+    parts = []
+    if not (full.any() or cut.any()):
+        return ""
+    if full.any():
+        eigenvalues = ds["eigenvalues"].sel(process=process).values
+        tracked = np.isfinite(eigenvalues[full]).sum(axis=-1)
+        k_max = eigenvalues.shape[-1]  # the record is padded to spectrum.k_max
+        remedy = (
+            "raise `spectrum.k_max`"
+            if (tracked == k_max).all()
+            else f"raise `spectrum.k_max` ({k_max}) or, where fewer were tracked, set `spectrum.grow_every` (the "
+            "tracker grows only between chunks of `record.chunk` steps)"
+        )
+        parts.append(
+            f"at {full.sum()} of {recorded} steps (the first: step {steps[full][0]}) every tracked eigenpair was "
+            f"critical ({tracked.min()}-{tracked.max()} tracked), so the critical set may hold fewer directions "
+            f"than the spectrum has: {remedy}"
+        )
+    if cut.any():
+        held = int(ds["critical"].sel(process=process).values[cut].max())
+        parts.append(
+            f"at {cut.sum()} of {recorded} steps (the first: step {steps[cut][0]}) more eigenvalues were critical "
+            f"than the {held} direction{'s' if held > 1 else ''} it holds "
+            + (
+                "(by definition, for the projected flow)"
+                if process.endswith("projected_flow")
+                else "(its `max_critical`)"
+            )
+        )
+    return f"{process}: " + "; ".join(parts)
+
+
+def warn_incomplete_critical_sets(ds: xr.Dataset) -> None:
+    """A :class:`CriticalSetWarning` per process whose critical set may have been incomplete."""
+    for process in ds["process"].values:
+        if note := critical_set_note(ds, str(process)):
+            warnings.warn(note, CriticalSetWarning, stacklevel=3)
+
+
 def baseline_of(reference: str) -> str:
     """The yardstick of the relative distance: gradient flow for GD, ``<opt>_stable_flow`` for an optimizer opt."""
     return BASELINE if reference == "gd" else f"{reference}_stable_flow"
@@ -266,11 +336,20 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
                 "gradient_equivalents": gradient_equivalents(counts),
                 "measurement_equivalents": measurement_equivalents(_series(ds, "measurement_hvps", p)),
                 "ms_per_step": milliseconds_per_step(timing.get(p)),
+                "critical_incomplete": _incomplete_share(ds, p),
                 "steps": int(np.sum(np.isfinite(loss))),
                 "status": _status(p, is_reference, summary),
             }
         )
     return pd.DataFrame(rows).set_index("process")
+
+
+def _incomplete_share(ds: xr.Dataset, process: str) -> float:
+    """The share of a central flow's recorded steps whose critical set was not shown complete (NaN for others)."""
+    masks = incomplete_critical_steps(ds, process)
+    if masks is None:
+        return np.nan
+    return float((masks[0] | masks[1]).sum() / np.isfinite(_series(ds, "critical_complete", process)).sum())  # type: ignore[arg-type]
 
 
 def _status(process: str, is_reference: bool, summary: dict) -> str:
@@ -476,6 +555,12 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         f"{AVERAGING_WINDOW} steps; gradient_equivalents and "
         "ms_per_step per unit time (an HVP counts as 2 gradients).",
         "",
+    ]
+    notes = [note for p in processes if (note := critical_set_note(ds, p))]
+    if notes:
+        lines += ['**Critical sets that may be incomplete** (docs/central_flow.md, "The critical set"):', ""]
+        lines += [f"- {note}" for note in notes] + [""]
+    lines += [
         "## Figures",
         "",
     ]

@@ -47,15 +47,22 @@ def simulate(
 
     Returns:
         The run's ``xarray.Dataset`` (dims process x step), loaded into memory; its ``attrs``
-        hold the summary (``status``, ``reason`` when the reference diverged, ...).
+        hold the summary (``status``, ``reason`` when the reference diverged, ...). A
+        :class:`eosflow.compare.CriticalSetWarning` says when a central flow's critical set may
+        have been incomplete (every tracked eigenpair critical: raise ``spectrum["k_max"]``).
     """
+    from eosflow.compare import warn_incomplete_critical_sets
+
     table = simulation_table(problem, **settings)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="eosflow-simulate-") as scratch:
             run(table, scratch, problem=problem, progress=progress)
-            return load(scratch).load()
-    run(table, out, resume=resume, overwrite=overwrite, problem=problem, progress=progress)
-    return load(out).load()
+            ds = load(scratch).load()
+    else:
+        run(table, out, resume=resume, overwrite=overwrite, problem=problem, progress=progress)
+        ds = load(out).load()
+    warn_incomplete_critical_sets(ds)
+    return ds
 
 
 def simulation_table(

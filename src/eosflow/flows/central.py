@@ -47,7 +47,7 @@ import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.flow import Flow, Measured, padded, prediction_row, register_flow
+from eosflow.flows.flow import Flow, Measured, critical_count, padded, prediction_row, register_flow
 from eosflow.flows.integrate import Averaged, SubstepOptions, substep_count
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
 from eosflow.objective import Objective
@@ -73,6 +73,7 @@ class Critical(NamedTuple):
 
     measured: Measured
     count: Array  # type: ignore[assignment]  # shadows tuple.count; m: critical directions (eigenvalue >= (1 - margin) 2/eta), at most max_critical
+    complete: Array  # () 1 if a tracked eigenvalue below the threshold shows U is the whole critical set
     vectors: Array  # U (d, m_max): the top m eigenvectors, zero-padded
     scaled: Array  # Gs (m_max (m_max + 1) / 2, d): the scaled pair gradients of U
     centre: Array  # w_0 (d,): the point where U and its Ritz values were measured
@@ -89,11 +90,11 @@ class CentralFlow(Flow):
         threshold = 2.0 / self.lr
         k = measured.vectors.shape[1]
         m_max = min(k, self.options.max_critical)
-        m = jnp.minimum(jnp.sum(measured.values >= (1.0 - self.options.margin) * threshold), m_max).astype(jnp.int32)
+        m, complete = critical_count(measured.values, (1.0 - self.options.margin) * threshold, m_max)
         active = jnp.arange(m_max) < m
         critical = measured.vectors[:, :m_max] * active  # the top m eigenvectors, zero-padded
         slack = jnp.diag(threshold - jnp.where(active, measured.values[:m_max], 0.0)).astype(w.dtype)
-        return w, Critical(measured, m, critical, self.pair_gradients(w, critical, m), w, slack)
+        return w, Critical(measured, m, complete, critical, self.pair_gradients(w, critical, m), w, slack)
 
     def substeps(self, measured: Measured, critical: Critical) -> Array:
         """Critical directions are held at 2/eta; the stiffest free one sets the substep count."""
@@ -154,7 +155,15 @@ class CentralFlow(Flow):
         top = jnp.where(sigma_values[0] > 0, critical.vectors @ sigma_vectors[:, -1], critical.measured.vectors[:, 0])
         row = prediction_row(self.lr, loss, grad, padded(sigma_values, k), top, self.spectrum.k_max)
         hvps = n * m if self.options.remeasure else jnp.zeros_like(m)
-        return {**row, "critical": m, "substeps": n, "grads": n, "hvps": hvps, "third_derivatives": m * (m + 1) // 2}
+        return {
+            **row,
+            "critical": m,
+            "critical_complete": critical.complete,
+            "substeps": n,
+            "grads": n,
+            "hvps": hvps,
+            "third_derivatives": m * (m + 1) // 2,
+        }
 
     def pair_gradients(self, w: Array, critical: Array, m: Array | int | None = None) -> Array:
         """:func:`pair_gradients` of this flow's objective."""

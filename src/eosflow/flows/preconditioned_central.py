@@ -40,7 +40,7 @@ from jaxtyping import Array
 
 from eosflow.config import option
 from eosflow.flows.central import pair_gradients
-from eosflow.flows.flow import Measured
+from eosflow.flows.flow import Measured, critical_count
 from eosflow.flows.integrate import STAGES, UPDATES, Averaged, euler, substep_count
 from eosflow.flows.moments import (
     MomentFlowOptions,
@@ -71,6 +71,7 @@ class PreconditionedCentralOptions(MomentFlowOptions):
 class Critical(NamedTuple):
     directions: Array  # (d, m_max) critical eigenvectors U of P^{-1/2} H P^{-1/2}, zero past the first m
     count: Array  # type: ignore[assignment]  # () m (a NamedTuple field; shadows tuple.count)
+    complete: Array  # () 1 if a tracked eigenvalue below the threshold shows U is the whole critical set
 
 
 class Oscillation(NamedTuple):
@@ -140,9 +141,8 @@ class PreconditionedCentralFlow(OptimizerModel):
     def prepare(self, z: Phase, measured: Measured, step: Array) -> tuple[Phase, Critical]:
         vectors = measured.vectors
         m_max = min(vectors.shape[1], self.options.max_critical)
-        critical = measured.values >= (1.0 - self.options.margin) * 2.0 / self.lr
-        m = jnp.minimum(jnp.sum(critical), m_max).astype(jnp.int32)
-        return z, Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m)
+        m, complete = critical_count(measured.values, (1.0 - self.options.margin) * 2.0 / self.lr, m_max)
+        return z, Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m, complete)
 
     def oscillation(self, X: Array, v: Array, rayleigh: Array) -> Oscillation:
         root_values, root_vectors = jnp.linalg.eigh(X)
@@ -205,6 +205,7 @@ class PreconditionedCentralFlow(OptimizerModel):
             "covariance": mean.covariance,
             "amplitude": jnp.sqrt(jnp.maximum(mean.covariance[0], 0.0)),
             "critical": aux["critical"],
+            "critical_complete": setup.complete,
             **self.costs(aux, n),
         }
 
