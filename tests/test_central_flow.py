@@ -304,8 +304,8 @@ def test_critical_count_says_whether_the_critical_set_is_shown_complete():
     complete only by a tracked eigenvalue below the threshold right after the m-th."""
     from eosflow.flows.flow import critical_count
 
-    def count(values, m_max):
-        m, complete = critical_count(jnp.asarray(values), 4.85, m_max)
+    def count(values, m_max, dimension=10):
+        m, complete = critical_count(jnp.asarray(values), 4.85, m_max, dimension)
         return int(m), int(complete)
 
     assert count([5.0, 4.9, 3.0], 3) == (2, 1)  # 3.0 < 4.85 closes the set
@@ -313,6 +313,8 @@ def test_critical_count_says_whether_the_critical_set_is_shown_complete():
     assert count([5.0, 4.9], 2) == (2, 0)  # every tracked one critical: the third is unknown
     assert count([4.0, 3.0], 2) == (0, 1)  # before the edge
     assert count([np.nan, np.nan], 2) == (0, 0)  # not measured: nothing is shown
+    assert count([5.0, 4.9], 2, dimension=2) == (2, 1)  # every eigenvalue there is is tracked
+    assert count([5.0, 4.9], 1, dimension=2) == (1, 0)  # ... but m_max cut the set
 
 
 def test_an_incomplete_critical_set_is_reported_against_dense_eigenvalues(tmp_path):

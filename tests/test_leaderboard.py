@@ -146,6 +146,11 @@ def test_cli_quick_leaderboard_page_equals_its_csv(tmp_path):
             assert cells[2] == format_number(float(row["relative_distance"]))
             assert cells[3] == format_number(float(row["relative_centre_distance"]))
             assert cells[4] == format_number(float(row["loss_error"]))
+    text = (out / "leaderboard.md").read_text()
+    flagged = rows[rows["critical_incomplete"].fillna(0) > 0]
+    assert ("Critical sets not shown complete" in text) == (not flagged.empty)
+    for row in flagged.itertuples():
+        assert f"{row.problem} {row.process} {row.critical_incomplete:.0%}" in text
     for problem in set(rows["problem"]):  # every run directory loads, with gd first
         assert str(eosflow.load(out / "runs" / problem)["process"].values[0]) == "gd"
 

@@ -435,6 +435,22 @@ def markdown(rows: pd.DataFrame) -> list[str]:
     return lines
 
 
+def incomplete_critical_sets(rows: pd.DataFrame) -> list[str]:
+    """A line under the table for the rows whose critical set was not shown complete at some step
+    (``critical_incomplete`` of :func:`eosflow.compare.compare_dataset`; docs/central_flow.md)."""
+    if "critical_incomplete" not in rows:
+        return []
+    flagged = rows[rows["critical_incomplete"].fillna(0) > 0]
+    if flagged.empty:
+        return []
+    shares = ", ".join(f"{r.problem} {r.process} {r.critical_incomplete:.0%}" for r in flagged.itertuples())
+    return [
+        "",
+        "Critical sets not shown complete (every tracked pair critical, or `max_critical` reached; the "
+        f"share of the flow's steps, docs/central_flow.md): {shares}.",
+    ]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -530,6 +546,7 @@ def write_page(
         "",
     ]
     lines += markdown(rows)
+    lines += incomplete_critical_sets(rows)
     path = Path(out) / "leaderboard.md"
     path.write_text("\n".join(lines) + "\n")
     return path

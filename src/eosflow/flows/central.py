@@ -90,7 +90,7 @@ class CentralFlow(Flow):
         threshold = 2.0 / self.lr
         k = measured.vectors.shape[1]
         m_max = min(k, self.options.max_critical)
-        m, complete = critical_count(measured.values, (1.0 - self.options.margin) * threshold, m_max)
+        m, complete = critical_count(measured.values, (1.0 - self.options.margin) * threshold, m_max, w.size)
         active = jnp.arange(m_max) < m
         critical = measured.vectors[:, :m_max] * active  # the top m eigenvectors, zero-padded
         slack = jnp.diag(threshold - jnp.where(active, measured.values[:m_max], 0.0)).astype(w.dtype)

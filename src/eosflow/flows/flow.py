@@ -57,14 +57,16 @@ class Measured(NamedTuple):
     previous: Array  # d x k the vectors carried from the previous step
 
 
-def critical_count(values: Array, threshold: Array | float, m_max: int) -> tuple[Array, Array]:
-    """(m, complete) for tracked eigenvalues ``values`` (descending, NaN if unmeasured): m = the number
-    at or above ``threshold``, at most ``m_max``; ``complete`` = 1 when the (m+1)-th tracked eigenvalue is
-    below the threshold, which shows that the critical set holds every eigenvalue above it (of the top
-    k the tracker measured), else 0: every tracked eigenvalue is critical (the next is not measured; raise
-    ``spectrum.k_max``) or ``m_max`` cut the set."""
+def critical_count(values: Array, threshold: Array | float, m_max: int, dimension: int) -> tuple[Array, Array]:
+    """(m, complete) for tracked eigenvalues ``values`` (descending, NaN if unmeasured) of a
+    ``dimension`` x ``dimension`` Hessian: m = the number at or above ``threshold``, at most ``m_max``;
+    ``complete`` = 1 when the (m+1)-th tracked eigenvalue is below the threshold (or all ``dimension``
+    are tracked), which shows that the critical set holds every eigenvalue above it, else 0: every
+    tracked eigenvalue is critical (the next is not measured; raise ``spectrum.k_max``) or ``m_max``
+    cut the set."""
     m = jnp.minimum(jnp.sum(values >= threshold), m_max).astype(jnp.int32)
-    after = jnp.concatenate([values, jnp.full((1,), jnp.inf, values.dtype)])[m]  # +inf: none tracked after m
+    beyond = -jnp.inf if values.shape[0] >= dimension else jnp.inf  # no eigenvalue left / one not measured
+    after = jnp.concatenate([values, jnp.full((1,), beyond, values.dtype)])[m]
     return m, (after < threshold).astype(jnp.int32)
 
 

@@ -141,7 +141,7 @@ class PreconditionedCentralFlow(OptimizerModel):
     def prepare(self, z: Phase, measured: Measured, step: Array) -> tuple[Phase, Critical]:
         vectors = measured.vectors
         m_max = min(vectors.shape[1], self.options.max_critical)
-        m, complete = critical_count(measured.values, (1.0 - self.options.margin) * 2.0 / self.lr, m_max)
+        m, complete = critical_count(measured.values, (1.0 - self.options.margin) * 2.0 / self.lr, m_max, z.w.size)
         return z, Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m, complete)
 
     def oscillation(self, X: Array, v: Array, rayleigh: Array) -> Oscillation:
