@@ -92,6 +92,28 @@ def test_a_corrupt_chunk_is_recomputed_from_the_checkpoint_before_it(finished, u
     assert_same_run(eosflow.load(out), uninterrupted)
 
 
+def test_a_chunk_recomputed_by_a_newer_eosflow_is_recorded_as_written(finished, uninterrupted, monkeypatch):
+    """A repair by a version whose rows carry one more field (bytes differ from the manifest's): the
+    newest checkpoint must list the rewritten chunk, or it reads as corrupt (and NaN) for ever."""
+    out = finished
+    _chunk(out, 16).unlink()
+    write = RunStore.write_chunk
+
+    def newer(self, process, first_step, arrays):
+        write(self, process, first_step, {**arrays, "new_field": np.zeros(len(arrays["loss"]))})
+
+    monkeypatch.setattr(RunStore, "write_chunk", newer)
+    with pytest.warns(RunDirectoryWarning, match=r"steps 16\.\.23 of 'gd' \(missing\); recomputing"):
+        run(SPEC, out, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RunDirectoryWarning)
+        ds = eosflow.load(out)
+    np.testing.assert_array_equal(ds.loss.values, uninterrupted.loss.values)
+    assert np.isfinite(ds.new_field.sel(process="gd").values[16:24]).all()
+    run(SPEC, out, resume=True)  # a second resume finds nothing to repair
+    assert RunStore(out).read_checkpoint().step == 80
+
+
 def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, uninterrupted, capsys):
     out = tmp_path / "run"
     run(SPEC, out, stop_after=24)

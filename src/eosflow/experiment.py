@@ -339,6 +339,26 @@ def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, ini
     still = [d for name in names for d in store.read_checked(name, store.manifest)[1] if d.first < step]
     if still:
         raise StoreError(f"{str(store.root)!r}: could not recompute " + "; ".join(map(str, still)))
+    _record_manifest(store, step)
+
+
+def _record_manifest(store: RunStore, step: int) -> None:
+    """After a repair, the newest checkpoint (at ``step``) lists the recomputed chunks as now written.
+
+    They are bitwise the old ones when the same eosflow recomputes them; one that writes other rows
+    (a newer version's field) writes other bytes, which the old manifest would read as corrupt. The
+    checkpoint is rewritten with its own states and the current manifest when the two differ.
+    """
+    newest = store.read_checkpoint()
+    if newest is None or newest.step != step:
+        return
+    current = {
+        process: {name: entry for name, entry in chunks.items() if entry[1] < step}
+        for process, chunks in store.manifest.items()
+    }
+    if current != (newest.meta.get("manifest") or {}):
+        meta = {key: value for key, value in newest.meta.items() if key not in ("manifest", "fallback")}
+        store.write_checkpoint(step, newest.states, meta)
 
 
 OFFSET = ".offset"  # a checkpoint's entry "<process>.offset": that process's last offset from the reference

@@ -236,7 +236,7 @@ class RunStore:
         bytes differ from it, a chunk that does not load, a gap between chunks."""
         listed = (manifest or {}).get(process, {})
         present = {path.name: (first, last, path) for first, last, path in self.chunk_files(process)}
-        parts: dict[str, list[np.ndarray]] = {}
+        chunks: list[dict[str, np.ndarray]] = []
         steps, damage = [], []
         for name, (first, last, *_rest) in listed.items():
             if name not in present:
@@ -251,10 +251,9 @@ class RunStore:
             except (OSError, ValueError, EOFError) as error:
                 damage.append(Damage(process, first, last, f"corrupt: {error}"))
                 continue
-            for key, value in arrays.items():
-                parts.setdefault(key, []).append(value)
+            chunks.append(arrays)
             steps.append(np.arange(first, last + 1))
-        data = {key: _concat_padded(values) for key, values in parts.items()}
+        data = {key: _concat_padded(values) for key, values in _fill_missing_fields(chunks, steps).items()}
         data["step"] = np.concatenate(steps) if steps else np.zeros(0, dtype=int)
         covered = {(d.first, d.last) for d in damage}
         expected = 0
@@ -399,6 +398,22 @@ def resume_command(run_dir: str | Path) -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _fill_missing_fields(chunks: list[dict[str, np.ndarray]], steps: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Per field, its arrays over the chunks, a NaN block where a chunk lacks it: a run resumed or
+    repaired by another eosflow version can record a field in some chunks only."""
+    fields: dict[str, np.ndarray] = {}
+    for arrays in chunks:
+        for key, value in arrays.items():
+            fields.setdefault(key, value)
+    parts: dict[str, list[np.ndarray]] = {}
+    for key, template in fields.items():
+        whole = all(key in arrays for arrays in chunks)
+        for arrays, chunk_steps in zip(chunks, steps, strict=True):
+            value = arrays[key] if key in arrays else np.full((len(chunk_steps), *template.shape[1:]), np.nan)
+            parts.setdefault(key, []).append(value if whole else value.astype(np.result_type(value, np.float64)))
+    return parts
 
 
 def _concat_padded(values: list[np.ndarray]) -> np.ndarray:
