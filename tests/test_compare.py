@@ -396,3 +396,22 @@ def test_critical_set_notes_name_the_setting_to_raise():
     assert critical_set_note(ds, "c") == "" and critical_set_note(ds, "gd") == ""
     only_k_max = ds.isel(step=[1])
     assert critical_set_note(only_k_max, "a").endswith("raise `spectrum.k_max`")
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_cli_warns_of_an_incomplete_critical_set(tmp_path, capsys, command):
+    """The sharp valley (d = 2) at the edge with one tracked pair: its one eigenvalue at 2/lr is critical
+    and the second is not measured, so `eosflow run` and `eosflow compare` say to raise k_max; with both
+    tracked they say nothing."""
+    from eosflow.cli import main
+
+    for k_max, warned in ((1, True), (2, False)):
+        spec = tmp_path / f"spec{k_max}.toml"
+        spec.write_text(
+            'steps = 60\nlr = 0.2\ndtype = "float64"\nprocesses = ["gd", "central_flow"]\n[problem]\n'
+            'name = "sharp_valley"\nsharpness = 5.0\nrate = 1.0\nbend = 0.0\neps = 0.1\ny0 = 0.1\n'
+            f"[spectrum]\nk = {k_max}\nk_max = {k_max}\n"
+        )
+        assert main([command, str(spec), "--out", str(tmp_path / f"{command}{k_max}"), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert ("eosflow: warning: central_flow: at " in err and "raise `spectrum.k_max`" in err) == warned, err

@@ -236,13 +236,15 @@ def _dispatch(args) -> int:
         print(f"sweep: {path}")
         return 0
     if args.command == "compare":
-        from eosflow.compare import compare
+        from eosflow.compare import compare, warn_incomplete_critical_sets
+        from eosflow.load import load
 
         table = load_spec_table(args.spec)
         for assignment in args.set:
             set_dotted(table, assignment)
         out = args.out or Path("runs") / f"compare-{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"report: {compare(table, out, overwrite=args.overwrite, progress=not args.quiet)}")
+        warn_incomplete_critical_sets(load(out))
         return 0
     if args.command == "leaderboard":
         from eosflow.leaderboard import leaderboard
