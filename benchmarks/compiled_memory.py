@@ -64,6 +64,7 @@ def child(kept: int, configs: int, problem: str, processes: list[str], grow: int
     spectrum = {"k": 1, "k_max": grow, "grow_every": 5, "threshold": 1e-6} if grow else {"k": 1}
     lengths = (20, 13) if grow else (20,)
     sizes, maps, executables = [], [], []
+    baseline = memory_maps()  # after importing eosflow
     for i in range(configs):
         table = {"lr": 0.07 + 1e-3 * i, "processes": processes, "problem": PROBLEMS[problem], "spectrum": spectrum}
         _, built, _, runs = prepare(table)
@@ -75,14 +76,14 @@ def child(kept: int, configs: int, problem: str, processes: list[str], grow: int
         sizes.append(resident_mb())
         maps.append(memory_maps())
         executables.append(live_executables(eosflow.process._scan.compiled))
-    growth = sizes[-1] - sizes[1]
+    growth = sizes[-1] - sizes[min(1, configs - 1)]
     print(
         f"kept {kept:5d}: RSS after each configuration (MB) "
         + " ".join(f"{s:.0f}" for s in sizes)
-        + f"; growth after the second: {growth:.0f} MB ({growth / (configs - 2):.1f} MB per configuration),"
-        f" over the last 8: {sizes[-1] - sizes[-9]:.0f} MB; memory maps at the end: {maps[-1]}"
+        + f"; growth after the second: {growth:.0f} MB ({growth / max(configs - 2, 1):.1f} MB per configuration),"
+        f" over the last 8: {sizes[-1] - sizes[max(configs - 9, 0)]:.0f} MB; memory maps at the end: {maps[-1]}"
     )
-    print(f"            memory maps after each configuration: {' '.join(map(str, maps))}")
+    print(f"            memory maps before the first configuration {baseline}, after each: {' '.join(map(str, maps))}")
     print(f"            live executables after each configuration: {' '.join(map(str, executables))}")
 
 
