@@ -136,9 +136,10 @@ def test_invalid_spec_names_the_field_and_writes_nothing(tmp_path, overrides, me
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and calls glibc's malloc_trim")
 def test_compiled_scans_are_bounded(monkeypatch):
     """A long-lived Python process (a Dask worker, a notebook) running many configurations keeps only
-    the compiled scans of the most recent ones: memory stays flat after the bound is reached. One
-    module-level jit kept all of them (~12 MB per configuration of GD here; 60 MB over these six).
-    A chunk of another length does not count as a configuration."""
+    the most recently used compiled scans: memory and memory maps stay flat after the bound is
+    reached. One module-level jit kept all of them (~12 MB per configuration of GD here; 60 MB over
+    these six), and a jit per configuration kept one executable per chunk length in each. A run
+    compiles its scan once per chunk length it uses."""
     import collections
     import ctypes
     import gc
@@ -152,16 +153,31 @@ def test_compiled_scans_are_bounded(monkeypatch):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed memory to the OS so that RSS shows it
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    monkeypatch.setattr(process_module._scan, "kept", 2)
+    def memory_maps():
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+
+    traces = []
+
+    def counted(process, state, n_steps):
+        traces.append(n_steps)
+        return process_module._scan_steps(process, state, n_steps)
+
+    monkeypatch.setattr(process_module._scan, "fn", counted)
+    monkeypatch.setattr(process_module._scan, "kept", 3)
     monkeypatch.setattr(process_module._scan, "compiled", collections.OrderedDict())  # not the other tests' scans
     factorization = {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5}
-    sizes = []
-    for i in range(7):  # a new lr is a new configuration: a new compilation
-        table = {"lr": 0.07 + 1e-3 * i, "processes": ["gd"], "problem": factorization, "spectrum": {"k": 1}}
+    sizes, maps = [], []
+    for i in range(7):  # a new lr is a new configuration: new compilations (k fixed: one shape of the state)
+        table = {"lr": 0.07 + 1e-3 * i, "processes": ["gd"], "problem": factorization, "spectrum": {"k": 1, "k_max": 1}}
         _, problem, _, processes = prepare(table)
-        state, _ = processes["gd"].advance(processes["gd"].init(problem.w0), 5)
-        processes["gd"].advance(state, 3)  # another chunk length: compiled within the configuration's function
+        state = processes["gd"].init(problem.w0)
+        for n in (5, 5, 5, 3):  # chunks of 5 steps, then a shorter last one: two programs
+            state, _ = processes["gd"].advance(state, n)
         del processes, problem, state
         sizes.append(resident_mb())
-        assert len(process_module._scan.compiled) == min(i + 1, 2)
+        maps.append(memory_maps())
+        assert len(traces) == 2 * (i + 1)
+        assert len(process_module._scan.compiled) == min(2 * (i + 1), 3)
     assert sizes[-1] - sizes[1] < 30.0, sizes
+    assert maps[-1] - maps[1] < 300, maps  # a GD executable here maps ~450 regions

@@ -196,9 +196,10 @@ def _scan_steps(process: ScannedProcess[Tracked], state: Tracked, n_steps: int) 
 
 
 # ``n_steps`` steps of a process in one compiled ``lax.scan``, compiled per configuration of the process
-# (its non-array fields: the model, lr, options, the problem's functions); the 32 most
-# recently used are kept, more than a run's processes (tests/test_experiment.py::test_compiled_scans_are_bounded);
-# a chunk of another length compiles within its configuration's function
+# (its non-array fields: the model, lr, options, the problem's functions), shape of its state (k
+# tracked pairs) and length; the 32 most recently used programs are kept, more than a run uses
+# between two growths of k (its processes x the chunk's lengths; tests/test_experiment.py::
+# test_compiled_scans_are_bounded): at most 32 executables alive (~390 memory maps each on the digits MLP)
 _scan = BoundedJit(_scan_steps, kept=32, static_argnums=(2,))
 
 
