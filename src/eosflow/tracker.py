@@ -190,7 +190,7 @@ class SharpnessTracker(eqx.Module):
     ) -> tuple[TrackerState, Eigenpairs]:
         """Measure at ``params`` (on ``batch``), warm-started from ``state``; skip unless count % every == 0."""
         flat, unravel = ravel(params)
-        precondition = None if preconditioner is None else ravel(preconditioner)[0].astype(flat.dtype)
+        precondition = None if preconditioner is None else ravel(preconditioner, "preconditioner")[0].astype(flat.dtype)
 
         def loss(w):
             return self.loss_fn(unravel(w)) if batch is None else self.loss_fn(unravel(w), batch)

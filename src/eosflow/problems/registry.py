@@ -86,7 +86,7 @@ class Problem:
         """L(w) = loss_fn(w) from ``w0``: a flat vector, or any pytree of arrays (flattened here)."""
         if not jax.tree_util.tree_leaves(w0):
             raise SpecError("Problem.from_function: `w0` has no array leaves")
-        flat, unravel = ravel(w0)
+        flat, unravel = ravel(w0, where="w0")
         objective = Objective(loss_on=_PytreeLoss(loss_fn, unravel), data=None, unravel=unravel)
         return cls(objective, flat, info=dict(info or {}))
 
