@@ -212,3 +212,55 @@ def test_sweep_of_an_import_path_problem_on_two_worker_processes(in_memory, tmp_
         point.loss.sel(process="gd").values[:10], in_memory.loss.sel(process="gd").values[:10], rtol=1e-5
     )
     assert sys.modules["user_models"] is user_models
+
+
+def _mlp(params, inputs):
+    return jnp.tanh(inputs @ params["w1"]) @ params["w2"]
+
+
+def _user_arrays(n=12):
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.standard_normal((3, 4)).astype("float32"), "w2": rng.standard_normal((4, 1)).astype("float32")}
+    inputs = rng.standard_normal((n, 3)).astype("float32")
+    return params, inputs, np.sin(inputs[:, :1])
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (  # mse would broadcast (12, 1) - (12,) to (12, 12) and train on a wrong loss, silently
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y[:, 0]),
+            r"targets have shape \(12,\) but apply_fn\(params, inputs\) returns shape \(12, 1\)",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y[:8]),
+            r"targets have 8 examples \(leading axis\) but inputs have 12",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y[:, 0], loss="cross_entropy"),
+            r"targets have shape \(12,\).*one-hot rows of shape \(12, 1\) or integer labels of shape \(12,\)",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_model(lambda x, p: _mlp(p, x), p, x, y),
+            r"apply_fn\(params, inputs\) failed.*TypeError",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y, loss=lambda f, t: (f - t) ** 2),
+            r"loss\(predictions, targets\) returns shape \(12, 1\), not a scalar",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_function(lambda q: jnp.sum(q["w1"] ** 2, axis=0), p),
+            r"loss_fn\(w0\) returns shape \(4,\), not a scalar",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_function(lambda q: (jnp.sum(q["w1"] ** 2), 0.0), p),
+            r"loss_fn\(w0\) returns a tuple, not a scalar",
+        ),
+    ],
+)
+def test_a_model_that_does_not_fit_its_data_or_loss_is_refused_at_construction(build, message):
+    """Checked by tracing (jax.eval_shape) when the Problem is built, so the error names the user's
+    function and shapes instead of surfacing deep inside a run (or not at all), and no run directory
+    is started."""
+    with pytest.raises(SpecError, match=message):
+        build(*_user_arrays())

@@ -15,7 +15,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import xarray as xr
 
 from eosflow.config import SpecError
@@ -85,7 +84,7 @@ def simulation_table(
         "seed": seed,
         "steps": steps,
         "lr": lr,
-        "dtype": dtype or default_dtype(problem),
+        "dtype": dtype or problem.default_dtype(),
         "processes": list(processes),
         "problem": dict(problem.source or {"name": IN_MEMORY}),
     }
@@ -97,11 +96,3 @@ def simulation_table(
             raise SpecError(f"options[{process!r}]: {process!r} is not a process")
         table[process] = dict(process_options)
     return table
-
-
-def default_dtype(problem: Problem) -> str:
-    """float64 if every floating parameter leaf is float64, else float32."""
-    unravel = problem.objective.unravel
-    names = getattr(unravel, "dtypes", None) or (np.dtype(problem.w0.dtype).name,)
-    floating = [name for name in names if np.issubdtype(np.dtype(name), np.floating)]
-    return "float64" if floating and all(name == "float64" for name in floating) else "float32"
