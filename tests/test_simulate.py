@@ -264,3 +264,26 @@ def test_a_model_that_does_not_fit_its_data_or_loss_is_refused_at_construction(b
     is started."""
     with pytest.raises(SpecError, match=message):
         build(*_user_arrays())
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("inputs", r"data inputs has 1 non-finite entry \(nan at \[3, 1\]\)"),
+        ("targets", r"data targets has 1 non-finite entry \(inf at \[5, 0\]\)"),
+        ("params", r"params\['w1'\] has 1 non-finite entry \(nan at \[0, 2\]\)"),
+    ],
+)
+def test_a_nan_in_the_data_or_the_start_is_named_before_anything_is_written(where, message, tmp_path):
+    """Before, the run started, wrote its directory and stopped as 'diverged' at step 0."""
+    params, inputs, targets = _user_arrays()
+    if where == "inputs":
+        inputs[3, 1] = np.nan
+    elif where == "targets":
+        targets[5, 0] = np.inf
+    else:
+        params["w1"][0, 2] = np.nan
+    problem = eosflow.Problem.from_model(_mlp, params, inputs, targets)
+    with pytest.raises(SpecError, match=message):
+        eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -109,6 +109,24 @@ class Problem:
         floating = [name for name in names if jnp.issubdtype(np.dtype(name), jnp.floating)]
         return "float64" if floating and all(name == "float64" for name in floating) else "float32"
 
+    def check_finite(self) -> None:
+        """w0 and every floating data leaf are finite (else a SpecError naming the leaf and the first
+        bad entry): a NaN in the data or the start would otherwise stop a run as diverged at step 0."""
+        unravel = self.objective.unravel
+        start = ("params", unravel(jnp.asarray(self.w0))) if isinstance(unravel, Unravel) else ("w0", self.w0)
+        for where, tree in [start, *self._named_data()]:
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                if not jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.inexact):
+                    continue
+                bad = int(jnp.sum(~jnp.isfinite(leaf)))
+                if bad:
+                    values = np.asarray(leaf)
+                    index = np.argwhere(~np.isfinite(values))[0]
+                    raise SpecError(
+                        f"{where}{jax.tree_util.keystr(path)} has {bad} non-finite entr{'y' if bad == 1 else 'ies'} "
+                        f"({values[tuple(index)]} at {index.tolist()}): every process starts from w0 on this data"
+                    )
+
     def check_dtype(self, dtype: Any) -> None:
         """Every floating parameter leaf and data leaf has ``dtype`` (else a SpecError naming it)."""
         unravel = self.objective.unravel
@@ -118,13 +136,19 @@ class Problem:
             ]
             check_dtypes(jax.tree_util.tree_unflatten(unravel.treedef, shapes), dtype, "params")
         check_dtypes(self.w0, dtype, "w0")
+        for where, data in self._named_data():
+            check_dtypes(data, dtype, where)
+
+    def _named_data(self) -> list[tuple[str, PyTree]]:
+        """The training and test data as (name, pytree): from_model's (inputs, targets) named apart."""
+        named = []
         for where, objective in (("data", self.objective), ("test data", self.test_objective)):
             data = None if objective is None else objective.data
-            if isinstance(data, tuple) and len(data) == 2:  # from_model's (inputs, targets)
-                check_dtypes(data[0], dtype, f"{where} inputs")
-                check_dtypes(data[1], dtype, f"{where} targets")
+            if isinstance(data, tuple) and len(data) == 2:
+                named += [(f"{where} inputs", data[0]), (f"{where} targets", data[1])]
             else:
-                check_dtypes(data, dtype, where)
+                named.append((where, data))
+        return named
 
 
 def _check_model(apply_fn: Callable, params: PyTree, inputs: Any, targets: Any, loss: str | Callable) -> None:
