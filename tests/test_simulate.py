@@ -287,3 +287,12 @@ def test_a_nan_in_the_data_or_the_start_is_named_before_anything_is_written(wher
     with pytest.raises(SpecError, match=message):
         eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_misspelled_setting_of_simulate_is_named_with_the_fix():
+    """Before: TypeError "simulation_table() got an unexpected keyword argument 'proceses'"."""
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+    with pytest.raises(SpecError, match=r"eosflow.simulate: unknown setting `proceses` \(did you mean `processes`\?\)"):
+        eosflow.simulate(problem, lr=0.1, steps=2, proceses=["gd"])
+    with pytest.raises(SpecError, match=r"eosflow.simulate needs `lr` and `steps`"):
+        eosflow.simulate(problem, steps=2)

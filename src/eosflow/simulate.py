@@ -11,13 +11,14 @@ divergence rules, the chunked records and checkpoints are the spec runner's. The
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import xarray as xr
 
-from eosflow.config import SpecError
+from eosflow.config import SpecError, suggest
 from eosflow.experiment import Progress, run
 from eosflow.load import load
 from eosflow.problems import IN_MEMORY, Problem
@@ -48,6 +49,7 @@ def simulate(
         The run's ``xarray.Dataset`` (dims process x step), loaded into memory; its ``attrs``
         hold the summary (``status``, ``reason`` when the reference diverged, ...).
     """
+    check_settings(settings)
     table = simulation_table(problem, **settings)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="eosflow-simulate-") as scratch:
@@ -55,6 +57,18 @@ def simulate(
             return load(scratch).load()
     run(table, out, resume=resume, overwrite=overwrite, problem=problem, progress=progress)
     return load(out).load()
+
+
+def check_settings(settings: dict) -> None:
+    """The keyword arguments :func:`simulation_table` takes, with ``lr`` and ``steps`` (a SpecError
+    naming a misspelled or missing one)."""
+    accepted = [name for name in inspect.signature(simulation_table).parameters if name != "problem"]
+    for key in settings:
+        if key not in accepted:
+            raise SpecError(f"eosflow.simulate: unknown setting `{key}`{suggest(key, accepted)}")
+    missing = [key for key in ("lr", "steps") if key not in settings]
+    if missing:
+        raise SpecError(f"eosflow.simulate needs `lr` and `steps` (missing: {', '.join(missing)})")
 
 
 def simulation_table(
