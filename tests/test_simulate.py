@@ -296,3 +296,8 @@ def test_a_misspelled_setting_of_simulate_is_named_with_the_fix():
         eosflow.simulate(problem, lr=0.1, steps=2, proceses=["gd"])
     with pytest.raises(SpecError, match=r"eosflow.simulate needs `lr` and `steps`"):
         eosflow.simulate(problem, steps=2)
+
+
+def test_a_misspelled_factory_key_is_named_with_the_closest_parameter(tmp_path):
+    with pytest.raises(SpecError, match=r"unexpected keyword argument 'widht'.*\(did you mean `problem.width`\?\)"):
+        run({**TABLE, "problem": {"name": PATH, "widht": 4}}, tmp_path / "run")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from eosflow.config import Entry, SpecError, describe_fields, parse, suggest
+from eosflow.config import Entry, SpecError, describe_fields, parse, suggest, unknown_key_error
 from eosflow.data import CLASSIFICATION, REGRESSION
 from eosflow.objective import LOSSES, Objective, PyTree, Unravel, ravel
 from eosflow.precision import check_dtypes, precision
@@ -321,7 +321,9 @@ def _bind(path: str, factory: Callable, keys: dict, seed: int, dtype: str) -> in
     try:
         return signature.bind(**keys, **extra)
     except TypeError as error:
-        raise SpecError(f"`problem` table {keys} does not fit {path}{signature}: {error}") from None
+        unknown = [key for key in keys if key not in accepted and not takes_any]
+        hint = f"; {unknown_key_error('problem', unknown[0], set(accepted) - set(keys))}" if unknown else ""
+        raise SpecError(f"`problem` table {keys} does not fit {path}{signature}: {error}{hint}") from None
 
 
 def _call_factory(path: str, keys: dict, seed: int, dtype: str) -> Problem:
