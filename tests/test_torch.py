@@ -217,3 +217,27 @@ def test_the_docs_example_runs_as_written():
     ds = namespace["ds"]
     assert list(ds.process.values) == ["gd", "gradient_flow", "central_flow"] and ds.sizes["step"] == 3
     assert np.isfinite(ds.loss.values).all() and namespace["eig"].hvps > 0
+
+
+@pytest.mark.parametrize(
+    "model, loss_fn, message",
+    [
+        (  # a per-example loss: before, a JaxRuntimeError from inside a callback
+            lambda: mlp(3, 0),
+            lambda f, t: F.mse_loss(f, t, reduction="none"),
+            r"loss_fn\(model\(inputs\), targets\) returns shape \(8, 3\), not a scalar",
+        ),
+        (  # BatchNorm in train mode updates its running statistics in place, which torch.func refuses
+            lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)).double(),
+            F.mse_loss,
+            r"cannot differentiate the model functionally.*model.eval\(\)",
+        ),
+    ],
+)
+def test_a_loss_torch_cannot_serve_is_named_before_a_run(model, loss_fn, message):
+    rng = np.random.default_rng(0)
+    batch = (torch.tensor(rng.standard_normal((8, 6))), torch.tensor(rng.standard_normal((8, 3))))
+    with pytest.raises(ValueError, match=message):
+        eosflow.torch.problem(model(), loss_fn, batch)
+    with pytest.raises(ValueError, match=message):
+        SharpnessTracker(model(), loss_fn).update(batch)

@@ -55,6 +55,28 @@ class TorchObjective:
                     f"cast them with .to({self.dtype})"
                 )
 
+    def check(self, batch: Batch | None = None) -> None:
+        """One loss and gradient at the module's weights on ``batch``: a ValueError naming the fault if
+        the loss is not a scalar or torch.func cannot differentiate the model (instead of an error
+        from inside a JAX callback, later)."""
+        w = self.flat_parameters()
+        value = self.value(w, batch)
+        if value.dim() != 0:
+            raise ValueError(
+                f"loss_fn(model(inputs), targets) returns shape {tuple(value.shape)}, not a scalar: the loss "
+                "must reduce over examples (e.g. reduction='mean')"
+            )
+        try:
+            self.grad(w, batch)
+        except RuntimeError as error:
+            if "mutate a captured Tensor" not in str(error):
+                raise
+            raise ValueError(
+                "eosflow cannot differentiate the model functionally: a module updates its buffers in place "
+                "(BatchNorm's running statistics in train mode). Call model.eval() first (BatchNorm then "
+                f"applies its running statistics), or use a model without it. torch said: {error}"
+            ) from error
+
     @classmethod
     def from_module(cls, model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> TorchObjective:
         return cls(model, loss_fn, batch)

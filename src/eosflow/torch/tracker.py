@@ -130,6 +130,7 @@ class SharpnessTracker:
         with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
             self.vectors = random_vectors(jax.random.PRNGKey(seed), self.objective.dim, k, dtype)
         self._batch: Batch | None = None
+        self._checked = False  # objective.check on the first update's batch
 
         def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
             return host_callback(self._hvp_block, vectors.shape, dtype, w, vectors, vmap_method="sequential")
@@ -149,6 +150,9 @@ class SharpnessTracker:
     def update(self, batch: Batch, optimizer: torch.optim.Optimizer | None = None) -> TrackedEigenpairs:
         """Measure at the model's current parameters on ``batch``; warm-starts the next call."""
         objective = self.objective
+        if not self._checked:
+            objective.check(batch)
+            self._checked = True
         w = objective.flat_parameters().cpu().numpy()
         if optimizer is None:
             preconditioning = Preconditioning(None, float("nan"))
