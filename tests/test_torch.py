@@ -241,3 +241,26 @@ def test_a_loss_torch_cannot_serve_is_named_before_a_run(model, loss_fn, message
         eosflow.torch.problem(model(), loss_fn, batch)
     with pytest.raises(ValueError, match=message):
         SharpnessTracker(model(), loss_fn).update(batch)
+
+
+def test_frozen_parameters_stay_out_of_w_and_fixed():
+    """A layer with requires_grad=False (a frozen feature extractor) is not a parameter: w holds the
+    trainable ones only, and eosflow's GD equals torch.optim.SGD over them to rounding (before, the
+    frozen layer was trained too, and the tracker refused the optimizer over the trainable ones)."""
+    model = mlp(4, 3)
+    model[0].requires_grad_(False)
+    rng = np.random.default_rng(3)
+    batch = (torch.tensor(rng.standard_normal((10, 6))), torch.tensor(rng.standard_normal((10, 3))))
+    problem = eosflow.torch.problem(model, F.mse_loss, batch)
+    assert problem.w0.size == 4 * 3 + 3
+    ds = eosflow.simulate(problem, lr=0.3, steps=6, spectrum={"every": 0})
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(batch[0]), batch[1])
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+    np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
+    assert SharpnessTracker(model, F.mse_loss).update(batch, optimizer).values[0] > 0

@@ -26,7 +26,8 @@ class TorchObjective:
     """L(w) = loss_fn(model(inputs; w), targets) for the flat vector w of ``model``'s parameters.
 
     Attributes:
-        model: the module (its parameters give the layout of w and w0; it is not modified).
+        model: the module (its trainable parameters give the layout of w and w0; those with
+            ``requires_grad=False`` keep their values; it is not modified).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (e.g. ``torch.nn.functional.mse_loss``).
         batch: ``(inputs, targets)``, the data the loss is evaluated on (full batch).
         names, shapes: the parameters' names and shapes, in the order they occupy w.
@@ -36,9 +37,9 @@ class TorchObjective:
         self.model = model
         self.loss_fn = loss_fn
         self.batch = batch
-        params = dict(model.named_parameters())
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # frozen ones stay fixed
         if not params:
-            raise ValueError("the model has no parameters: nothing to differentiate")
+            raise ValueError("the model has no trainable parameters (requires_grad): nothing to differentiate")
         dtypes = {p.dtype for p in params.values()}
         if len(dtypes) > 1:
             kinds = ", ".join(f"{name}: {p.dtype}" for name, p in params.items())
@@ -86,8 +87,9 @@ class TorchObjective:
         return sum(self.sizes)
 
     def flat_parameters(self) -> torch.Tensor:
-        """The module's current parameters as one flat vector w (a detached copy)."""
-        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+        """The module's current trainable parameters as one flat vector w (a detached copy)."""
+        params = dict(self.model.named_parameters())
+        return torch.cat([params[name].detach().reshape(-1) for name in self.names])
 
     def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """w -> {name: tensor} in the module's layout (views of w)."""

@@ -67,10 +67,10 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
             f"{len(optimizer.param_groups)}); step sizes per group have no single threshold"
         )
     group = optimizer.param_groups[0]
-    by_tensor = {id(p): name for name, p in objective.model.named_parameters()}
+    by_tensor = {id(p): name for name, p in objective.model.named_parameters() if name in objective.names}
     params = [p for p in group["params"] if id(p) in by_tensor]
     if len(params) != len(objective.names):
-        raise ValueError("the optimizer does not hold exactly the model's parameters")
+        raise ValueError("the optimizer does not hold exactly the model's trainable parameters")
     lr = float(group["lr"])
     if isinstance(optimizer, torch.optim.SGD):
         momentum = float(group.get("momentum", 0.0))
@@ -99,7 +99,9 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
 def _state(optimizer: torch.optim.Optimizer, objective: TorchObjective, key: str) -> tuple[np.ndarray, float]:
     """One state buffer of every parameter, flattened in the objective's layout, and the step count."""
     pieces, steps = [], 0.0
-    for name, p in objective.model.named_parameters():
+    params = dict(objective.model.named_parameters())
+    for name in objective.names:
+        p = params[name]
         state = optimizer.state.get(p, {})
         if key not in state:
             raise ValueError(
