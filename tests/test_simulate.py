@@ -18,6 +18,7 @@ import eosflow
 import user_models
 from eosflow.config import SpecError
 from eosflow.experiment import run
+from eosflow.store import StoreError
 from eosflow.sweep import load_sweep, local_cluster, run_sweep
 
 PATH = "user_models:make_problem"
@@ -301,3 +302,13 @@ def test_a_misspelled_setting_of_simulate_is_named_with_the_fix():
 def test_a_misspelled_factory_key_is_named_with_the_closest_parameter(tmp_path):
     with pytest.raises(SpecError, match=r"unexpected keyword argument 'widht'.*\(did you mean `problem.width`\?\)"):
         run({**TABLE, "problem": {"name": PATH, "widht": 4}}, tmp_path / "run")
+
+
+def test_simulate_into_an_existing_run_says_the_python_arguments(tmp_path):
+    """The refusal named only the CLI's --resume / --overwrite, which eosflow.simulate does not take."""
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+    eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
+    with pytest.raises(StoreError, match=r"--resume \(resume=True\).*--overwrite \(overwrite=True\)"):
+        eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
+    with pytest.raises(StoreError, match=r"--overwrite \(overwrite=True\)"):
+        eosflow.simulate(problem, lr=0.2, steps=2, out=tmp_path / "run", resume=True)
