@@ -7,6 +7,7 @@ worker processes completes with it and equals the in-process run.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import eosflow
 import user_models
 from eosflow.config import SpecError
 from eosflow.experiment import run
+from eosflow.signals import Interrupted
 from eosflow.store import StoreError
 from eosflow.sweep import load_sweep, local_cluster, run_sweep
 
@@ -312,3 +314,19 @@ def test_simulate_into_an_existing_run_says_the_python_arguments(tmp_path):
         eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
     with pytest.raises(StoreError, match=r"--overwrite \(overwrite=True\)"):
         eosflow.simulate(problem, lr=0.2, steps=2, out=tmp_path / "run", resume=True)
+
+
+def test_an_interrupted_simulate_without_out_does_not_point_to_a_deleted_directory():
+    """Ctrl-C during eosflow.simulate(out=None) said "resume with: eosflow resume /tmp/eosflow-simulate-...",
+    a temporary directory already deleted (and a problem in memory cannot be resumed by the CLI)."""
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+
+    def interrupt(step, chunk):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as error:
+        eosflow.simulate(problem, lr=0.1, steps=40, record={"chunk": 10}, progress=interrupt)
+    message = str(error.value)
+    assert "SIGINT after 10 of 40 steps" in message and "out=DIR" in message and "resume=True" in message
+    assert "eosflow resume" not in message and error.value.exit_code == 130

@@ -12,6 +12,7 @@ divergence rules, the chunked records and checkpoints are the spec runner's. The
 from __future__ import annotations
 
 import inspect
+import signal
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from eosflow.config import SpecError, suggest
 from eosflow.experiment import Progress, run
 from eosflow.load import load
 from eosflow.problems import IN_MEMORY, Problem
+from eosflow.signals import Interrupted
+from eosflow.store import RunStore
 
 
 def simulate(
@@ -53,7 +56,16 @@ def simulate(
     table = simulation_table(problem, **settings)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="eosflow-simulate-") as scratch:
-            run(table, scratch, problem=problem, progress=progress)
+            try:
+                run(table, scratch, problem=problem, progress=progress)
+            except Interrupted as error:  # its "resume with" names the scratch directory, deleted on exit
+                done = RunStore(scratch).read_summary().get("steps_done", 0)
+                raise Interrupted(
+                    error.signum,
+                    f"eosflow.simulate stopped by {signal.Signals(error.signum).name} after {done} of "
+                    f"{table['steps']} steps; with out=None no run directory is kept: pass out=DIR to keep "
+                    "the steps of a run and continue it with eosflow.simulate(..., out=DIR, resume=True)",
+                ) from None
             return load(scratch).load()
     run(table, out, resume=resume, overwrite=overwrite, problem=problem, progress=progress)
     return load(out).load()
