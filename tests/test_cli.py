@@ -40,6 +40,29 @@ def test_every_positional_argument_has_help(capsys):
         assert positional and all(len(line.split(None, 1)) == 2 for line in positional), (command, positional)
 
 
+def test_every_option_has_help(capsys):
+    """`--quiet` of compare, sweep and leaderboard and `demo --out` had none."""
+    for command in ("run", "resume", "demo", "report", "compare", "sweep", "leaderboard"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        lines = capsys.readouterr().out.split("options:")[1].splitlines()
+        bare = [  # an option line without help, and no help wrapped onto the next line
+            line.strip()
+            for line, after in zip(lines, [*lines[1:], ""])
+            if line.startswith("  -") and "  " not in line.strip() and not re.match(r" {6,}\S", after)
+        ]
+        assert not bare, (command, bare)
+
+
+def test_run_resume_without_out_is_refused(tmp_path, monkeypatch, capsys):
+    """`eosflow run SPEC --resume` without --out used to start a fresh run in a new directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spec.toml").write_text('steps = 2\n[problem]\nname = "quadratic"\n')
+    assert main(["run", "spec.toml", "--resume", "--quiet"]) == 2
+    assert "--resume needs the run directory" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_processes_says_where_options_go_and_aligns_them(capsys):
     assert main(["processes"]) == 0
     listing = capsys.readouterr().out

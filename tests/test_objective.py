@@ -1,10 +1,12 @@
 """Objective derivatives against central finite differences (float64)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eosflow.objective import Objective, cross_entropy, mse
+from eosflow.config import SpecError
+from eosflow.objective import Objective, cross_entropy, mse, ravel
 from eosflow.problems import build_problem
 
 
@@ -86,3 +88,34 @@ def test_minibatch_and_per_example_gradients():
     np.testing.assert_allclose(
         obj.batch_grad(w, idx), per_example[np.array([3, 7, 11])].mean(axis=0), rtol=1e-8, atol=1e-12
     )
+
+
+LEAVES_THAT_ARE_NOT_PARAMETERS = [
+    ({"w": jnp.ones(3), "step": jnp.array(0)}, r"params\['step'\] is int(32|64).*only floating-point leaves"),
+    ({"w": jnp.ones(3), "on": np.array(True)}, r"params\['on'\] is bool.*only floating-point leaves"),
+    ({"w": jnp.ones(3, jnp.complex64)}, r"params\['w'\] is complex64.*real floating-point"),
+]
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        *LEAVES_THAT_ARE_NOT_PARAMETERS,
+        ({"w": jnp.ones(3), "scale": 1.0}, r"params\['scale'\] is a Python float, not an array.*jnp.asarray"),
+        ({"w": jnp.ones(3), "act": jnp.tanh}, r"params\['act'\] is a .*, not an array.*eqx.partition"),
+    ],
+)
+def test_ravel_names_a_leaf_that_cannot_be_a_parameter(params, message):
+    """A step counter, a flag, a complex leaf, a Python scalar or an Equinox module's function in
+    the parameters is refused by its path, before it is silently promoted (int32 + float32 ->
+    float64) or fails deep inside."""
+    with pytest.raises(SpecError, match=message):
+        ravel(params)
+    with pytest.raises(SpecError, match=message.replace("params", "w0", 1)):
+        ravel(params, where="w0")
+
+
+@pytest.mark.parametrize("params, message", LEAVES_THAT_ARE_NOT_PARAMETERS)
+def test_ravel_checks_traced_leaves(params, message):
+    with pytest.raises(SpecError, match=message):  # under jit, as the tracker and monitor call it
+        jax.jit(lambda p: ravel(p)[0])(params)

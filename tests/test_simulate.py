@@ -7,6 +7,7 @@ worker processes completes with it and equals the in-process run.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import eosflow
 import user_models
 from eosflow.config import SpecError
 from eosflow.experiment import run
+from eosflow.signals import Interrupted
+from eosflow.store import StoreError
 from eosflow.sweep import load_sweep, local_cluster, run_sweep
 
 PATH = "user_models:make_problem"
@@ -212,3 +215,118 @@ def test_sweep_of_an_import_path_problem_on_two_worker_processes(in_memory, tmp_
         point.loss.sel(process="gd").values[:10], in_memory.loss.sel(process="gd").values[:10], rtol=1e-5
     )
     assert sys.modules["user_models"] is user_models
+
+
+def _mlp(params, inputs):
+    return jnp.tanh(inputs @ params["w1"]) @ params["w2"]
+
+
+def _user_arrays(n=12):
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.standard_normal((3, 4)).astype("float32"), "w2": rng.standard_normal((4, 1)).astype("float32")}
+    inputs = rng.standard_normal((n, 3)).astype("float32")
+    return params, inputs, np.sin(inputs[:, :1])
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (  # mse would broadcast (12, 1) - (12,) to (12, 12) and train on a wrong loss, silently
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y[:, 0]),
+            r"targets have shape \(12,\) but apply_fn\(params, inputs\) returns shape \(12, 1\)",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y[:8]),
+            r"targets have 8 examples \(leading axis\) but inputs have 12",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y[:, 0], loss="cross_entropy"),
+            r"targets have shape \(12,\).*one-hot rows of shape \(12, 1\) or integer labels of shape \(12,\)",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_model(lambda x, p: _mlp(p, x), p, x, y),
+            r"apply_fn\(params, inputs\) failed.*TypeError",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y, loss=lambda f, t: (f - t) ** 2),
+            r"loss\(predictions, targets\) returns shape \(12, 1\), not a scalar",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_function(lambda q: jnp.sum(q["w1"] ** 2, axis=0), p),
+            r"loss_fn\(w0\) returns shape \(4,\), not a scalar",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_function(lambda q: (jnp.sum(q["w1"] ** 2), 0.0), p),
+            r"loss_fn\(w0\) returns a tuple, not a scalar",
+        ),
+    ],
+)
+def test_a_model_that_does_not_fit_its_data_or_loss_is_refused_at_construction(build, message):
+    """Checked by tracing (jax.eval_shape) when the Problem is built, so the error names the user's
+    function and shapes instead of surfacing deep inside a run (or not at all), and no run directory
+    is started."""
+    with pytest.raises(SpecError, match=message):
+        build(*_user_arrays())
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("inputs", r"data inputs has 1 non-finite entry \(nan at \[3, 1\]\)"),
+        ("targets", r"data targets has 1 non-finite entry \(inf at \[5, 0\]\)"),
+        ("params", r"params\['w1'\] has 1 non-finite entry \(nan at \[0, 2\]\)"),
+    ],
+)
+def test_a_nan_in_the_data_or_the_start_is_named_before_anything_is_written(where, message, tmp_path):
+    """Before, the run started, wrote its directory and stopped as 'diverged' at step 0."""
+    params, inputs, targets = _user_arrays()
+    if where == "inputs":
+        inputs[3, 1] = np.nan
+    elif where == "targets":
+        targets[5, 0] = np.inf
+    else:
+        params["w1"][0, 2] = np.nan
+    problem = eosflow.Problem.from_model(_mlp, params, inputs, targets)
+    with pytest.raises(SpecError, match=message):
+        eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_misspelled_setting_of_simulate_is_named_with_the_fix():
+    """Before: TypeError "simulation_table() got an unexpected keyword argument 'proceses'"."""
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+    with pytest.raises(SpecError, match=r"eosflow.simulate: unknown setting `proceses` \(did you mean `processes`\?\)"):
+        eosflow.simulate(problem, lr=0.1, steps=2, proceses=["gd"])
+    with pytest.raises(SpecError, match=r"eosflow.simulate needs `lr` and `steps`"):
+        eosflow.simulate(problem, steps=2)
+
+
+def test_a_misspelled_factory_key_is_named_with_the_closest_parameter(tmp_path):
+    with pytest.raises(SpecError, match=r"unexpected keyword argument 'widht'.*\(did you mean `problem.width`\?\)"):
+        run({**TABLE, "problem": {"name": PATH, "widht": 4}}, tmp_path / "run")
+
+
+def test_simulate_into_an_existing_run_says_the_python_arguments(tmp_path):
+    """The refusal named only the CLI's --resume / --overwrite, which eosflow.simulate does not take."""
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+    eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
+    with pytest.raises(StoreError, match=r"--resume \(resume=True\).*--overwrite \(overwrite=True\)"):
+        eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
+    with pytest.raises(StoreError, match=r"--overwrite \(overwrite=True\)"):
+        eosflow.simulate(problem, lr=0.2, steps=2, out=tmp_path / "run", resume=True)
+
+
+def test_an_interrupted_simulate_without_out_does_not_point_to_a_deleted_directory():
+    """Ctrl-C during eosflow.simulate(out=None) said "resume with: eosflow resume /tmp/eosflow-simulate-...",
+    a temporary directory already deleted (and a problem in memory cannot be resumed by the CLI)."""
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+
+    def interrupt(step, chunk):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as error:
+        eosflow.simulate(problem, lr=0.1, steps=40, record={"chunk": 10}, progress=interrupt)
+    message = str(error.value)
+    assert "SIGINT after 10 of 40 steps" in message and "out=DIR" in message and "resume=True" in message
+    assert "eosflow resume" not in message and error.value.exit_code == 130

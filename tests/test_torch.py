@@ -217,3 +217,50 @@ def test_the_docs_example_runs_as_written():
     ds = namespace["ds"]
     assert list(ds.process.values) == ["gd", "gradient_flow", "central_flow"] and ds.sizes["step"] == 3
     assert np.isfinite(ds.loss.values).all() and namespace["eig"].hvps > 0
+
+
+@pytest.mark.parametrize(
+    "model, loss_fn, message",
+    [
+        (  # a per-example loss: before, a JaxRuntimeError from inside a callback
+            lambda: mlp(3, 0),
+            lambda f, t: F.mse_loss(f, t, reduction="none"),
+            r"loss_fn\(model\(inputs\), targets\) returns shape \(8, 3\), not a scalar",
+        ),
+        (  # BatchNorm in train mode updates its running statistics in place, which torch.func refuses
+            lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)).double(),
+            F.mse_loss,
+            r"cannot differentiate the model functionally.*model.eval\(\)",
+        ),
+    ],
+)
+def test_a_loss_torch_cannot_serve_is_named_before_a_run(model, loss_fn, message):
+    rng = np.random.default_rng(0)
+    batch = (torch.tensor(rng.standard_normal((8, 6))), torch.tensor(rng.standard_normal((8, 3))))
+    with pytest.raises(ValueError, match=message):
+        eosflow.torch.problem(model(), loss_fn, batch)
+    with pytest.raises(ValueError, match=message):
+        SharpnessTracker(model(), loss_fn).update(batch)
+
+
+def test_frozen_parameters_stay_out_of_w_and_fixed():
+    """A layer with requires_grad=False (a frozen feature extractor) is not a parameter: w holds the
+    trainable ones only, and eosflow's GD equals torch.optim.SGD over them to rounding (before, the
+    frozen layer was trained too, and the tracker refused the optimizer over the trainable ones)."""
+    model = mlp(4, 3)
+    model[0].requires_grad_(False)
+    rng = np.random.default_rng(3)
+    batch = (torch.tensor(rng.standard_normal((10, 6))), torch.tensor(rng.standard_normal((10, 3))))
+    problem = eosflow.torch.problem(model, F.mse_loss, batch)
+    assert problem.w0.size == 4 * 3 + 3
+    ds = eosflow.simulate(problem, lr=0.3, steps=6, spectrum={"every": 0})
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(batch[0]), batch[1])
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+    np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
+    assert SharpnessTracker(model, F.mse_loss).update(batch, optimizer).values[0] > 0

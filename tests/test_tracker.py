@@ -114,6 +114,27 @@ def run_optax(optimizer, problem, steps):
 
 
 @pytest.mark.parametrize(
+    "loss_fn, message",
+    [
+        (lambda p, b: (b @ p["w"]) ** 2, r"loss_fn\(params, batch\) returns shape \(4,\), not a scalar"),
+        (lambda p, b: (jnp.sum(p["w"] ** 2), {"acc": 1.0}), r"loss_fn\(params, batch\) returns a tuple.*has_aux"),
+    ],
+)
+def test_tracker_names_a_loss_that_is_not_a_scalar(loss_fn, message):
+    """Before: JAX's "Gradient only defined for scalar-output functions" from inside the solver."""
+    params, batch = {"w": jnp.ones(3)}, jnp.ones((4, 3))
+    tracker = eosflow.SharpnessTracker(loss_fn, k=1)
+    with pytest.raises(ValueError, match=message):
+        tracker.update(tracker.init(params, jax.random.PRNGKey(0)), params, batch)
+
+
+def test_monitored_names_an_optimizer_that_is_not_an_edge_optimizer():
+    """Before: AttributeError "'GradientTransformationExtraArgs' object has no attribute 'transform'"."""
+    with pytest.raises(TypeError, match=r"eosflow.optimizer_edges.adam\(lr, ...\).*got GradientTransformation"):
+        monitored(optax.adam(1e-3), lambda p, b: jnp.sum(p**2))
+
+
+@pytest.mark.parametrize(
     "make, first_moment",
     [
         (lambda: optimizer_edges.adam(0.01, b1=0.0, b2=0.9, eps=1e-3, eps_root=1e-4), "g"),

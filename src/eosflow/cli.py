@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p_resume.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_demo = sub.add_parser("demo", help="run the default experiment and write its report")
-    p_demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p_demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_report = sub.add_parser("report", help="(re)write the report of a run directory")
@@ -149,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
     p_sweep.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
     p_sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-<name>-<time>)")
-    p_sweep.add_argument("--quiet", action="store_true")
+    p_sweep.add_argument("--quiet", action="store_true", help="no progress display")
 
     p_compare = sub.add_parser("compare", help="run GD and models from one w0 and report how well each tracks GD")
     p_compare.add_argument("spec", type=Path, help="the spec (TOML): GD first, then the models")
     add_overrides(p_compare)
     p_compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-<name>-<time>)")
     p_compare.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p_compare.add_argument("--quiet", action="store_true")
+    p_compare.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_board = sub.add_parser("leaderboard", help="rank every model of GD on the built-in problem suite")
     p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (~2 minutes)")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "--models", help="comma-separated models to run beside the reference and its baseline (default: all)"
     )
     p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-SUITE][-quick])")
-    p_board.add_argument("--quiet", action="store_true")
+    p_board.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("problems", help="list every problem with its parameters and defaults")
     sub.add_parser("processes", help="list every optimizer and model with its options")
@@ -220,6 +220,10 @@ def _dispatch(args) -> int:
             raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
         return _run_table(load_spec_table(run_dir / "spec.toml"), run_dir, True, False, args.quiet)
     if args.command == "run":
+        if args.resume and not args.out:
+            raise StoreError(
+                f"--resume needs the run directory: eosflow run {args.spec} --resume --out DIR, or eosflow resume DIR"
+            )
         table = load_spec_table(args.spec)
         for assignment in args.set:
             set_dotted(table, assignment)

@@ -63,6 +63,7 @@ def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem,
         spec = parse_spec(table)
         resolved_problem = resolved_table(spec, {key: value for key, value in spec.problem.items() if key != "name"})
     problem.check_dtype(spec.dtype)
+    problem.check_finite()
     fitted = fit_spectrum(spec, int(problem.w0.size), "k_max" in (table.get("spectrum") or {}))
     processes = {name: PROCESSES[name].build(problem, fitted, spec.options[name]) for name in spec.processes}
     return spec, problem, resolved_problem, processes
@@ -157,7 +158,7 @@ def _run_locked(
         if differences:
             raise StoreError(
                 f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "
-                f"({'; '.join(differences[:5])}); use --overwrite to start again"
+                f"({'; '.join(differences[:5])}); use --overwrite (overwrite=True) to start again"
             )
         checkpoint = store.read_checkpoint()  # the previous one if the newest is damaged; raises if both are
         if checkpoint is not None and "fallback" in checkpoint.meta:
@@ -244,7 +245,7 @@ def _run_locked(
     except OSError as error:
         raise StoreError(
             f"writing to {str(store.root)!r} failed ({error.strerror or error}); every step before "
-            f"{outcome.steps_done} is on disk and the run can be resumed with --resume"
+            f"{outcome.steps_done} is on disk and the run can be resumed with --resume (resume=True)"
         ) from None
     _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
     if stop["signum"] is not None:
@@ -378,7 +379,7 @@ def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str
         raise StoreError(
             f"the checkpoint's state of process {name!r} does not fit this eosflow: it holds {len(leaves)} "
             f"arrays, this version's state has {expected} (the checkpoint was written by {written_by}, "
-            f"this is eosflow {_version()}); use --overwrite to start again"
+            f"this is eosflow {_version()}); use --overwrite (overwrite=True) to start again"
         )
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])
 

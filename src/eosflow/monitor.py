@@ -63,6 +63,12 @@ def monitored(
     ``loss_fn(params, batch)`` is the loss the sharpness is of; ``update`` takes the batch as the
     keyword ``batch`` (omit it for ``loss_fn(params)``). ``log=None`` only records the reading.
     """
+    if not isinstance(optimizer, EdgeOptimizer):
+        raise TypeError(
+            "eosflow.monitor.monitored wraps an optimizer that knows its preconditioner and edge threshold: "
+            "eosflow.optimizer_edges.adam(lr, ...), .sgd or .rmsprop (each builds the optax transformation), "
+            f"got {type(optimizer).__name__}"
+        )
     tracker = SharpnessTracker(loss_fn, k=k, tol=tol, max_iters=max_iters, every=every)
 
     def init(params):

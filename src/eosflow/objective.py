@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from eosflow.config import SpecError
+
 PyTree = Any
 
 
@@ -160,14 +162,19 @@ class Objective(eqx.Module):
         return eqx.tree_at(lambda o: o.data, self, data, is_leaf=lambda x: x is None)
 
 
-def ravel(params: PyTree) -> tuple[Array, Unravel]:
+def ravel(params: PyTree, where: str = "params") -> tuple[Array, Unravel]:
     """Flatten a pytree of arrays into one vector (in the common dtype), with its inverse.
 
-    Concrete leaves are joined in NumPy, so float64 leaves stay float64 where JAX's x64 mode is
-    off (jnp would round them to float32 here, before a run's scoped float64 could see them);
-    traced leaves (under jit) are joined in jnp.
+    Every leaf is a parameter, so it must be a real floating-point array; anything else (a step
+    counter, a flag, a Python scalar, an Equinox module's function) is a SpecError naming the leaf
+    as ``where`` + its path. Concrete leaves are joined in NumPy, so float64 leaves stay float64
+    where JAX's x64 mode is off (jnp would round them to float32 here, before a run's scoped float64
+    could see them); traced leaves (under jit) are joined in jnp.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in with_paths:
+        _check_parameter(f"{where}{jax.tree_util.keystr(path)}", leaf)
+    leaves = [leaf for _, leaf in with_paths]
     flat: Any  # a jax.Array for traced leaves, a NumPy array (an ArrayLike every jnp op takes) otherwise
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         dtype = jnp.result_type(*leaves)
@@ -180,6 +187,30 @@ def ravel(params: PyTree) -> tuple[Array, Unravel]:
         treedef, tuple(leaf.shape for leaf in leaves), tuple(np.dtype(leaf.dtype).name for leaf in leaves)
     )
     return flat, unravel
+
+
+def _check_parameter(name: str, leaf: Any) -> None:
+    """A SpecError unless ``leaf`` is a real floating-point array (what a parameter can be)."""
+    if isinstance(leaf, int | float | complex):
+        raise SpecError(
+            f"{name} is a Python {type(leaf).__name__}, not an array: make it an array of the run's dtype, "
+            f'e.g. `jnp.asarray({leaf!r}, "float32")`'
+        )
+    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+        raise SpecError(
+            f"{name} is a {type(leaf).__name__}, not an array: pass only the arrays to differentiate (for an "
+            "Equinox module: `params, static = eqx.partition(model, eqx.is_inexact_array)`, and rebuild it "
+            "with eqx.combine in the loss)"
+        )
+    dtype = jnp.dtype(leaf.dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise SpecError(f"{name} is {dtype.name}: eosflow's parameters are real floating-point arrays")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise SpecError(
+            f"{name} is {dtype.name}, and only floating-point leaves can be parameters (every leaf is "
+            "differentiated and stepped): keep counters and other constants out of the parameters (in "
+            "the model's closure, or `eqx.partition(model, eqx.is_inexact_array)` for an Equinox module)"
+        )
 
 
 class Unravel(eqx.Module):

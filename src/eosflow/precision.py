@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from eosflow.config import SpecError
@@ -41,11 +42,12 @@ def check_dtypes(tree: Any, dtype: Any, where: str) -> None:
     expected = np.dtype(dtype)
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         found = getattr(leaf, "dtype", None)
-        if found is None or not np.issubdtype(np.dtype(found), np.floating) or np.dtype(found) == expected:
-            continue
+        if found is None or not jnp.issubdtype(found, jnp.floating) or np.dtype(found) == expected:
+            continue  # (jnp's issubdtype: NumPy does not count bfloat16 as floating)
+        name = np.dtype(found).name
+        other_run = f' or set dtype = "{name}" for the run' if name in DTYPES else ""
         raise SpecError(
-            f"{where}{jax.tree_util.keystr(path)} is {np.dtype(found).name} but this run computes in "
+            f"{where}{jax.tree_util.keystr(path)} is {name} but this run computes in "
             f'{expected.name}: cast it (e.g. `.astype("{expected.name}")`, or '
-            f'`jax.tree.map(lambda a: a.astype("{expected.name}"), params)` for a whole model) or set '
-            f'dtype = "{np.dtype(found).name}" for the run'
+            f'`jax.tree.map(lambda a: a.astype("{expected.name}"), params)` for a whole model){other_run}'
         )

@@ -11,17 +11,20 @@ divergence rules, the chunked records and checkpoints are the spec runner's. The
 
 from __future__ import annotations
 
+import inspect
+import signal
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import xarray as xr
 
-from eosflow.config import SpecError
+from eosflow.config import SpecError, suggest
 from eosflow.experiment import Progress, run
 from eosflow.load import load
 from eosflow.problems import IN_MEMORY, Problem
+from eosflow.signals import Interrupted
+from eosflow.store import RunStore
 
 
 def simulate(
@@ -53,16 +56,38 @@ def simulate(
     """
     from eosflow.compare import warn_incomplete_critical_sets
 
+    check_settings(settings)
     table = simulation_table(problem, **settings)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="eosflow-simulate-") as scratch:
-            run(table, scratch, problem=problem, progress=progress)
+            try:
+                run(table, scratch, problem=problem, progress=progress)
+            except Interrupted as error:  # its "resume with" names the scratch directory, deleted on exit
+                done = RunStore(scratch).read_summary().get("steps_done", 0)
+                raise Interrupted(
+                    error.signum,
+                    f"eosflow.simulate stopped by {signal.Signals(error.signum).name} after {done} of "
+                    f"{table['steps']} steps; with out=None no run directory is kept: pass out=DIR to keep "
+                    "the steps of a run and continue it with eosflow.simulate(..., out=DIR, resume=True)",
+                ) from None
             ds = load(scratch).load()
     else:
         run(table, out, resume=resume, overwrite=overwrite, problem=problem, progress=progress)
         ds = load(out).load()
     warn_incomplete_critical_sets(ds)
     return ds
+
+
+def check_settings(settings: dict) -> None:
+    """The keyword arguments :func:`simulation_table` takes, with ``lr`` and ``steps`` (a SpecError
+    naming a misspelled or missing one)."""
+    accepted = [name for name in inspect.signature(simulation_table).parameters if name != "problem"]
+    for key in settings:
+        if key not in accepted:
+            raise SpecError(f"eosflow.simulate: unknown setting `{key}`{suggest(key, accepted)}")
+    missing = [key for key in ("lr", "steps") if key not in settings]
+    if missing:
+        raise SpecError(f"eosflow.simulate needs `lr` and `steps` (missing: {', '.join(missing)})")
 
 
 def simulation_table(
@@ -92,7 +117,7 @@ def simulation_table(
         "seed": seed,
         "steps": steps,
         "lr": lr,
-        "dtype": dtype or default_dtype(problem),
+        "dtype": dtype or problem.default_dtype(),
         "processes": list(processes),
         "problem": dict(problem.source or {"name": IN_MEMORY}),
     }
@@ -104,11 +129,3 @@ def simulation_table(
             raise SpecError(f"options[{process!r}]: {process!r} is not a process")
         table[process] = dict(process_options)
     return table
-
-
-def default_dtype(problem: Problem) -> str:
-    """float64 if every floating parameter leaf is float64, else float32."""
-    unravel = problem.objective.unravel
-    names = getattr(unravel, "dtypes", None) or (np.dtype(problem.w0.dtype).name,)
-    floating = [name for name in names if np.issubdtype(np.dtype(name), np.floating)]
-    return "float64" if floating and all(name == "float64" for name in floating) else "float32"

@@ -179,8 +179,8 @@ class RunStore:
         """Start a new run directory; refuses to touch an existing run unless ``overwrite``."""
         if self.exists() and not overwrite:
             raise StoreError(
-                f"run directory {str(self.root)!r} already holds a run; pass --resume to continue it "
-                "or --overwrite to replace it (nothing was changed)"
+                f"run directory {str(self.root)!r} already holds a run; pass --resume (resume=True) to continue it "
+                "or --overwrite (overwrite=True) to replace it (nothing was changed)"
             )
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"output path {str(self.root)!r} exists and is not a directory")

@@ -190,10 +190,23 @@ class SharpnessTracker(eqx.Module):
     ) -> tuple[TrackerState, Eigenpairs]:
         """Measure at ``params`` (on ``batch``), warm-started from ``state``; skip unless count % every == 0."""
         flat, unravel = ravel(params)
-        precondition = None if preconditioner is None else ravel(preconditioner)[0].astype(flat.dtype)
+        precondition = None if preconditioner is None else ravel(preconditioner, "preconditioner")[0].astype(flat.dtype)
+
+        call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
 
         def loss(w):
-            return self.loss_fn(unravel(w)) if batch is None else self.loss_fn(unravel(w), batch)
+            value = self.loss_fn(unravel(w)) if batch is None else self.loss_fn(unravel(w), batch)
+            if isinstance(value, tuple):
+                raise ValueError(
+                    f"SharpnessTracker: {call} returns a tuple; it must return the loss alone (for a loss "
+                    "with has_aux, pass `lambda p, b: loss_fn(p, b)[0]`)"
+                )
+            if jnp.shape(value) != ():
+                raise ValueError(
+                    f"SharpnessTracker: {call} returns shape {jnp.shape(value)}, not a scalar: the loss "
+                    "must reduce over examples and outputs (e.g. jnp.mean)"
+                )
+            return value
 
         older, params_and_step = state.older, state.params
         start = state.vectors

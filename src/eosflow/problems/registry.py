@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from eosflow.config import Entry, SpecError, describe_fields, parse, suggest
+from eosflow.config import Entry, SpecError, describe_fields, parse, suggest, unknown_key_error
 from eosflow.data import CLASSIFICATION, REGRESSION
 from eosflow.objective import LOSSES, Objective, PyTree, Unravel, ravel
-from eosflow.precision import check_dtypes
+from eosflow.precision import check_dtypes, precision
 
 IN_MEMORY = "in_memory"  # problem.name recorded for a problem given to eosflow.simulate in memory
 
@@ -73,22 +74,58 @@ class Problem:
         pytree of arrays (for an Equinox model: ``params, static = eqx.partition(model,
         eqx.is_array)`` and ``apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)``).
         Every leaf of ``params`` and the floating inputs and targets must share the run's dtype.
+        Checked here by tracing (nothing is computed), each failure a SpecError naming the call and
+        shapes: every leaf is a floating array, inputs and targets have one row per example,
+        ``apply_fn(params, inputs)`` runs, a built-in loss gets targets of the predictions' shape, and
+        the loss is a scalar.
         """
         if isinstance(loss, str) and loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}{suggest(loss, LOSSES)}")
         if not jax.tree_util.tree_leaves(params):
             raise SpecError("Problem.from_model: `params` has no array leaves")
         objective, w0 = Objective.from_model(apply_fn, params, inputs, targets, loss)
-        return cls(objective, w0, info=dict(info or {}))
+        problem = cls(objective, w0, info=dict(info or {}))
+        with precision(problem.default_dtype()):  # traced as a run will (JAX caches closed-over constants)
+            _check_model(apply_fn, params, inputs, targets, loss)
+        return problem
 
     @classmethod
     def from_function(cls, loss_fn: Callable[[PyTree], Array], w0: PyTree, info: dict | None = None) -> Problem:
-        """L(w) = loss_fn(w) from ``w0``: a flat vector, or any pytree of arrays (flattened here)."""
+        """L(w) = loss_fn(w) from ``w0``: a flat vector, or any pytree of floating arrays (flattened
+        here); ``loss_fn(w0)`` is traced here and must return a scalar."""
         if not jax.tree_util.tree_leaves(w0):
             raise SpecError("Problem.from_function: `w0` has no array leaves")
-        flat, unravel = ravel(w0)
+        flat, unravel = ravel(w0, where="w0")
         objective = Objective(loss_on=_PytreeLoss(loss_fn, unravel), data=None, unravel=unravel)
-        return cls(objective, flat, info=dict(info or {}))
+        problem = cls(objective, flat, info=dict(info or {}))
+        with precision(problem.default_dtype()):
+            _check_scalar("loss_fn(w0)", _traced("loss_fn(w0)", loss_fn, w0))
+        return problem
+
+    def default_dtype(self) -> str:
+        """The dtype a run of this problem computes in unless told: float64 if every floating
+        parameter leaf is float64, else float32."""
+        names = getattr(self.objective.unravel, "dtypes", None) or (np.dtype(self.w0.dtype).name,)
+        floating = [name for name in names if jnp.issubdtype(np.dtype(name), jnp.floating)]
+        return "float64" if floating and all(name == "float64" for name in floating) else "float32"
+
+    def check_finite(self) -> None:
+        """w0 and every floating data leaf are finite (else a SpecError naming the leaf and the first
+        bad entry): a NaN in the data or the start would otherwise stop a run as diverged at step 0."""
+        unravel = self.objective.unravel
+        start = ("params", unravel(jnp.asarray(self.w0))) if isinstance(unravel, Unravel) else ("w0", self.w0)
+        for where, tree in [start, *self._named_data()]:
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                if not jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.inexact):
+                    continue
+                bad = int(jnp.sum(~jnp.isfinite(leaf)))
+                if bad:
+                    values = np.asarray(leaf)
+                    index = np.argwhere(~np.isfinite(values))[0]
+                    raise SpecError(
+                        f"{where}{jax.tree_util.keystr(path)} has {bad} non-finite entr{'y' if bad == 1 else 'ies'} "
+                        f"({values[tuple(index)]} at {index.tolist()}): every process starts from w0 on this data"
+                    )
 
     def check_dtype(self, dtype: Any) -> None:
         """Every floating parameter leaf and data leaf has ``dtype`` (else a SpecError naming it)."""
@@ -99,13 +136,78 @@ class Problem:
             ]
             check_dtypes(jax.tree_util.tree_unflatten(unravel.treedef, shapes), dtype, "params")
         check_dtypes(self.w0, dtype, "w0")
+        for where, data in self._named_data():
+            check_dtypes(data, dtype, where)
+
+    def _named_data(self) -> list[tuple[str, PyTree]]:
+        """The training and test data as (name, pytree): from_model's (inputs, targets) named apart."""
+        named = []
         for where, objective in (("data", self.objective), ("test data", self.test_objective)):
             data = None if objective is None else objective.data
-            if isinstance(data, tuple) and len(data) == 2:  # from_model's (inputs, targets)
-                check_dtypes(data[0], dtype, f"{where} inputs")
-                check_dtypes(data[1], dtype, f"{where} targets")
+            if isinstance(data, tuple) and len(data) == 2:
+                named += [(f"{where} inputs", data[0]), (f"{where} targets", data[1])]
             else:
-                check_dtypes(data, dtype, where)
+                named.append((where, data))
+        return named
+
+
+def _check_model(apply_fn: Callable, params: PyTree, inputs: Any, targets: Any, loss: str | Callable) -> None:
+    """The model fits its data and loss, checked by tracing (nothing is computed): inputs and targets
+    share their leading (example) axis, apply_fn(params, inputs) runs, a built-in loss gets targets of
+    the predictions' shape (integer labels: without the class axis, for cross_entropy) and the loss
+    is a scalar. Each failure is a SpecError naming the call and the shapes."""
+    counts = {
+        name: {leaf.shape[0] if leaf.shape else None for leaf in jax.tree_util.tree_leaves(tree)}
+        for name, tree in (("inputs", inputs), ("targets", targets))
+    }
+    if len(counts["inputs"] | counts["targets"]) > 1:
+        raise SpecError(
+            f"Problem.from_model: targets have {_examples(counts['targets'])} examples (leading axis) but "
+            f"inputs have {_examples(counts['inputs'])}: every input and target leaf needs one row per example"
+        )
+    predictions = _traced("apply_fn(params, inputs)", apply_fn, params, inputs)
+    if isinstance(loss, str) and isinstance(predictions, jax.ShapeDtypeStruct) and hasattr(targets, "shape"):
+        shape, wanted = tuple(targets.shape), tuple(predictions.shape)
+        if loss == "cross_entropy":
+            if shape != wanted and not (jnp.issubdtype(targets.dtype, jnp.integer) and shape == wanted[:-1]):
+                raise SpecError(
+                    f"Problem.from_model: targets have shape {shape} ({jnp.dtype(targets.dtype).name}) but "
+                    f"apply_fn(params, inputs) returns logits of shape {wanted}: cross_entropy takes one-hot rows "
+                    f"of shape {wanted} or integer labels of shape {wanted[:-1]}"
+                )
+        elif shape != wanted:
+            raise SpecError(
+                f"Problem.from_model: targets have shape {shape} but apply_fn(params, inputs) returns shape "
+                f"{wanted}: the {loss} loss compares them entry by entry, so their shapes must be equal "
+                "(reshape the targets, e.g. `targets[:, None]`, or the model's output)"
+            )
+    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+    _check_scalar("loss(predictions, targets)", _traced("loss(predictions, targets)", loss_fn, predictions, targets))
+
+
+def _examples(counts: set) -> str:
+    return " or ".join(str(count) for count in sorted(counts, key=str))
+
+
+def _traced(call: str, fn: Callable, *args: Any) -> Any:
+    """``jax.eval_shape(fn, *args)``: the shapes of ``fn``'s result, or a SpecError naming ``call``."""
+    try:
+        with warnings.catch_warnings():  # a leaf of another dtype is named when a run checks its dtype
+            warnings.filterwarnings("ignore", message="Explicitly requested dtype", category=UserWarning)
+            return jax.eval_shape(fn, *args)
+    except Exception as error:  # the user's function: say which call failed, keep the cause chained
+        raise SpecError(f"{call} failed on the given arrays: {type(error).__name__}: {error}") from error
+
+
+def _check_scalar(call: str, result: Any) -> None:
+    """A loss is one number, the mean over examples."""
+    if not isinstance(result, jax.ShapeDtypeStruct):
+        raise SpecError(f"{call} returns a {type(result).__name__}, not a scalar: return the loss alone")
+    if result.shape != ():
+        raise SpecError(
+            f"{call} returns shape {tuple(result.shape)}, not a scalar: the loss must reduce over examples "
+            "and outputs (e.g. jnp.mean)"
+        )
 
 
 class _PytreeLoss(eqx.Module):
@@ -219,7 +321,9 @@ def _bind(path: str, factory: Callable, keys: dict, seed: int, dtype: str) -> in
     try:
         return signature.bind(**keys, **extra)
     except TypeError as error:
-        raise SpecError(f"`problem` table {keys} does not fit {path}{signature}: {error}") from None
+        unknown = [key for key in keys if key not in accepted and not takes_any]
+        hint = f"; {unknown_key_error('problem', unknown[0], set(accepted) - set(keys))}" if unknown else ""
+        raise SpecError(f"`problem` table {keys} does not fit {path}{signature}: {error}{hint}") from None
 
 
 def _call_factory(path: str, keys: dict, seed: int, dtype: str) -> Problem:

@@ -170,6 +170,7 @@ def problem(model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> Problem:
     """An eosflow problem of a torch model (for :func:`eosflow.simulate`): L over the model's
     parameters on ``batch``, from the model's current weights. Every process runs on it."""
     objective = TorchObjective(model, loss_fn, batch)
+    objective.check()
     bridged, w0 = to_jax(objective)
     info = {"model": type(model).__name__, "parameters": objective.dim, "backend": f"torch {torch.__version__}"}
     return Problem(objective=bridged, w0=w0, info=info)

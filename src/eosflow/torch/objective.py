@@ -26,7 +26,8 @@ class TorchObjective:
     """L(w) = loss_fn(model(inputs; w), targets) for the flat vector w of ``model``'s parameters.
 
     Attributes:
-        model: the module (its parameters give the layout of w and w0; it is not modified).
+        model: the module (its trainable parameters give the layout of w and w0; those with
+            ``requires_grad=False`` keep their values; it is not modified).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (e.g. ``torch.nn.functional.mse_loss``).
         batch: ``(inputs, targets)``, the data the loss is evaluated on (full batch).
         names, shapes: the parameters' names and shapes, in the order they occupy w.
@@ -36,9 +37,9 @@ class TorchObjective:
         self.model = model
         self.loss_fn = loss_fn
         self.batch = batch
-        params = dict(model.named_parameters())
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # frozen ones stay fixed
         if not params:
-            raise ValueError("the model has no parameters: nothing to differentiate")
+            raise ValueError("the model has no trainable parameters (requires_grad): nothing to differentiate")
         dtypes = {p.dtype for p in params.values()}
         if len(dtypes) > 1:
             kinds = ", ".join(f"{name}: {p.dtype}" for name, p in params.items())
@@ -55,6 +56,28 @@ class TorchObjective:
                     f"cast them with .to({self.dtype})"
                 )
 
+    def check(self, batch: Batch | None = None) -> None:
+        """One loss and gradient at the module's weights on ``batch``: a ValueError naming the fault if
+        the loss is not a scalar or torch.func cannot differentiate the model (instead of an error
+        from inside a JAX callback, later)."""
+        w = self.flat_parameters()
+        value = self.value(w, batch)
+        if value.dim() != 0:
+            raise ValueError(
+                f"loss_fn(model(inputs), targets) returns shape {tuple(value.shape)}, not a scalar: the loss "
+                "must reduce over examples (e.g. reduction='mean')"
+            )
+        try:
+            self.grad(w, batch)
+        except RuntimeError as error:
+            if "mutate a captured Tensor" not in str(error):
+                raise
+            raise ValueError(
+                "eosflow cannot differentiate the model functionally: a module updates its buffers in place "
+                "(BatchNorm's running statistics in train mode). Call model.eval() first (BatchNorm then "
+                f"applies its running statistics), or use a model without it. torch said: {error}"
+            ) from error
+
     @classmethod
     def from_module(cls, model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> TorchObjective:
         return cls(model, loss_fn, batch)
@@ -64,8 +87,9 @@ class TorchObjective:
         return sum(self.sizes)
 
     def flat_parameters(self) -> torch.Tensor:
-        """The module's current parameters as one flat vector w (a detached copy)."""
-        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+        """The module's current trainable parameters as one flat vector w (a detached copy)."""
+        params = dict(self.model.named_parameters())
+        return torch.cat([params[name].detach().reshape(-1) for name in self.names])
 
     def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """w -> {name: tensor} in the module's layout (views of w)."""

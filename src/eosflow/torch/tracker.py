@@ -67,10 +67,10 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
             f"{len(optimizer.param_groups)}); step sizes per group have no single threshold"
         )
     group = optimizer.param_groups[0]
-    by_tensor = {id(p): name for name, p in objective.model.named_parameters()}
+    by_tensor = {id(p): name for name, p in objective.model.named_parameters() if name in objective.names}
     params = [p for p in group["params"] if id(p) in by_tensor]
     if len(params) != len(objective.names):
-        raise ValueError("the optimizer does not hold exactly the model's parameters")
+        raise ValueError("the optimizer does not hold exactly the model's trainable parameters")
     lr = float(group["lr"])
     if isinstance(optimizer, torch.optim.SGD):
         momentum = float(group.get("momentum", 0.0))
@@ -99,7 +99,9 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
 def _state(optimizer: torch.optim.Optimizer, objective: TorchObjective, key: str) -> tuple[np.ndarray, float]:
     """One state buffer of every parameter, flattened in the objective's layout, and the step count."""
     pieces, steps = [], 0.0
-    for name, p in objective.model.named_parameters():
+    params = dict(objective.model.named_parameters())
+    for name in objective.names:
+        p = params[name]
         state = optimizer.state.get(p, {})
         if key not in state:
             raise ValueError(
@@ -130,6 +132,7 @@ class SharpnessTracker:
         with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
             self.vectors = random_vectors(jax.random.PRNGKey(seed), self.objective.dim, k, dtype)
         self._batch: Batch | None = None
+        self._checked = False  # objective.check on the first update's batch
 
         def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
             return host_callback(self._hvp_block, vectors.shape, dtype, w, vectors, vmap_method="sequential")
@@ -149,6 +152,9 @@ class SharpnessTracker:
     def update(self, batch: Batch, optimizer: torch.optim.Optimizer | None = None) -> TrackedEigenpairs:
         """Measure at the model's current parameters on ``batch``; warm-starts the next call."""
         objective = self.objective
+        if not self._checked:
+            objective.check(batch)
+            self._checked = True
         w = objective.flat_parameters().cpu().numpy()
         if optimizer is None:
             preconditioning = Preconditioning(None, float("nan"))
