@@ -272,3 +272,20 @@ def test_resume_draws_the_same_batches(tmp_path):
 def test_bad_options_name_the_field(field, value, message):
     with pytest.raises(SpecError, match=message):
         prepare(regression_table(**{field: value}))
+
+
+def test_sgd_without_data_or_noise_says_it_is_gd():
+    """A loss of w alone has no minibatches: with gradient_noise = 0 sgd is full-batch GD, which a
+    SpecWarning says (and not with noise, nor on a problem with data)."""
+    import warnings
+
+    from eosflow.config import SpecWarning
+    from eosflow.experiment import prepare
+
+    toy = {"steps": 2, "lr": 0.1, "dtype": "float64", "processes": ["sgd"], "problem": {"name": "quartic"}}
+    with pytest.warns(SpecWarning, match="full-batch GD"):
+        prepare(toy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpecWarning)
+        prepare({**toy, "sgd": {"gradient_noise": 0.1, "batch_size": 1}})
+        prepare({**toy, "problem": {"name": "mlp", "width": 4, "n_train": 40, "n_test": 0}})

@@ -14,6 +14,7 @@ with the epoch), so a resumed run draws exactly the batches an uninterrupted one
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal, NamedTuple
 
 import equinox as eqx
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from eosflow.config import SpecError, option
+from eosflow.config import SpecError, SpecWarning, option
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, process_key, register_process, scanned_fields
 from eosflow.spectrum import spectrum_row
@@ -228,6 +229,14 @@ def _nan(like: Array) -> Array:
 def build_sgd(problem, spec, options: SGDOptions) -> SGD:
     objective = problem.objective
     check_batch_size(objective, options.batch_size, "sgd.batch_size")
+    if objective.data is None and options.gradient_noise == 0:
+        warnings.warn(
+            "sgd on a problem without data (a loss of w alone) has no minibatches to sample, and "
+            "`sgd.gradient_noise` = 0 adds no noise: this run is full-batch GD with sgd's momentum and "
+            "weight decay; set `sgd.gradient_noise` > 0 for the Gaussian model of minibatch noise",
+            SpecWarning,
+            stacklevel=2,
+        )
     return SGD(
         **scanned_fields("sgd", spec, objective),
         options=options,
