@@ -348,16 +348,13 @@ def _record_manifest(store: RunStore, step: int) -> None:
 
     They are bitwise the old ones when the same eosflow recomputes them; one that writes other rows
     (a newer version's field) writes other bytes, which the old manifest would read as corrupt. The
-    checkpoint is rewritten with its own states and the current manifest when the two differ.
+    checkpoint is rewritten with its own states and the current manifest when the two differ (its
+    header is read first: the states only when it must be rewritten).
     """
-    newest = store.read_checkpoint()
-    if newest is None or newest.step != step:
+    if store.read_manifest() == (step, store.manifest_before(step)):
         return
-    current = {
-        process: {name: entry for name, entry in chunks.items() if entry[1] < step}
-        for process, chunks in store.manifest.items()
-    }
-    if current != (newest.meta.get("manifest") or {}):
+    newest = store.read_checkpoint()
+    if newest is not None and newest.step == step:
         meta = {key: value for key, value in newest.meta.items() if key not in ("manifest", "fallback")}
         store.write_checkpoint(step, newest.states, meta)
 

@@ -279,10 +279,7 @@ class RunStore:
         at any moment leaves at least one whole checkpoint).
         """
         arrays = {f"{name}/{i}": leaf for name, leaves in states.items() for i, leaf in enumerate(leaves)}
-        manifest = {
-            process: {name: entry for name, entry in chunks.items() if entry[1] < step}
-            for process, chunks in self.manifest.items()
-        }
+        manifest = self.manifest_before(step)
         header = json.dumps(
             {"step": step, "leaves": {n: len(v) for n, v in states.items()}, **meta, "manifest": manifest}
         )
@@ -291,6 +288,13 @@ class RunStore:
         if newest.exists():
             os.replace(newest, previous)
         atomic_write(newest, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # as in write_chunk
+
+    def manifest_before(self, step: int) -> dict[str, dict[str, list]]:
+        """The manifest's chunks that end before ``step`` (what a checkpoint at ``step`` records)."""
+        return {
+            process: {name: entry for name, entry in chunks.items() if entry[1] < step}
+            for process, chunks in self.manifest.items()
+        }
 
     def read_checkpoint(self) -> Checkpoint | None:
         """The newest readable checkpoint (None if the run has none).
