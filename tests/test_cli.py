@@ -1,5 +1,6 @@
 """The first minutes with the command: fast help, plain text, the README's commands as written."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -99,6 +100,7 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert [c[0] for c in commands] == [
         "run",
         "resume",
+        "resume",
         "report",
         "problems",
         "processes",
@@ -117,8 +119,11 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
                 main([*command, "--help"])
             assert parsed.value.code == 0
             continue
+        if "--steps" in command:  # extending the run: to 16 steps, not the README's
+            command = [*command[: command.index("--steps")], "--steps", "16"]
         extra = ["--set", "steps=12", "--set", "record.chunk=4"] if command[0] in ("run", "compare") else []
         extra += ["--quiet"] if command[0] in ("run", "resume", "compare") else []
         assert main([*command, *extra]) == 0, (command, capsys.readouterr().err)
     assert (tmp_path / "runs" / "lr03" / "report" / "report.md").exists()
+    assert json.loads((tmp_path / "runs" / "lr03" / "summary.json").read_text())["steps_done"] == 16
     assert (tmp_path / "runs" / "cmp" / "report" / "compare.md").exists()

@@ -18,7 +18,7 @@ from eosflow.cli import main
 from eosflow.config import SpecError, SpecWarning
 from eosflow.experiment import run
 from eosflow.report import edge_of_stability_window, make_report
-from eosflow.store import RunDirectoryWarning, RunStore
+from eosflow.store import RunDirectoryWarning, RunStore, StoreError
 from test_reliability import SPEC as GD_SPEC
 from test_reliability import assert_same_run
 
@@ -130,6 +130,46 @@ def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, uninterrup
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_done"] == 80
     assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_a_finished_run_is_extended_by_resuming_with_more_steps(tmp_path, uninterrupted, capsys):
+    """`eosflow resume DIR --steps N` (or resume=True with another `steps`) continues a finished run;
+    the longer run is the one a single run of N steps writes, bitwise."""
+    out = tmp_path / "run"
+    assert run({**SPEC, "steps": 40}, out).status == "completed"
+    assert main(["resume", str(out), "--steps", "64", "--quiet"]) == 0
+    assert "completed: 64 steps" in capsys.readouterr().out
+    ds = eosflow.load(out)
+    assert ds.attrs["steps"] == 64 and ds.attrs["steps_done"] == 64
+    np.testing.assert_array_equal(ds.loss.values, uninterrupted.loss.values[:, :64])
+    assert "steps = 64" in (out / "spec.toml").read_text() and "steps = 64" in (out / "spec.resolved.toml").read_text()
+    assert run(SPEC, out, resume=True).status == "completed"  # the API: the spec with steps = 80
+    assert_same_run(eosflow.load(out), uninterrupted)
+    # never shorter than what is on disk, and nothing else may change: the directory is untouched
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match=r"with steps = 72: it already holds 80 steps \(of 80\)"):
+        run({**SPEC, "steps": 72}, out, resume=True)
+    with pytest.raises(StoreError, match=r"resolved spec differs from this one \(`lr` = 0.4 there, 0.3 here\)"):
+        run({**SPEC, "steps": 120, "lr": 0.3}, out, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_interrupted_run_can_be_resumed_to_fewer_steps_than_planned(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    run(SPEC, out, stop_after=24)
+    assert main(["run", "--resume", str(out), "--set", "steps=48", "--quiet"]) == 0
+    ds = eosflow.load(out)
+    assert ds.attrs["status"] == "completed" and ds.sizes["step"] == 48
+    np.testing.assert_array_equal(ds.distance.values, uninterrupted.distance.values[:, :48])
+
+
+def test_extending_a_run_that_ended_inside_a_chunk_says_where_it_may_differ(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    run({**SPEC, "steps": 36}, out)
+    with pytest.warns(RunDirectoryWarning, match=r"from 36 to 80 steps: step 36 .* record.chunk = 8"):
+        run(SPEC, out, resume=True)
+    ds = eosflow.load(out)  # the iterates are GD's; the tracker grew at step 36 instead of 40
+    np.testing.assert_array_equal(ds.loss.values, uninterrupted.loss.values)
 
 
 def test_load_of_a_run_in_progress_returns_every_flushed_step(tmp_path, uninterrupted):

@@ -7,8 +7,11 @@ worker processes completes with it and equals the in-process run.
 """
 
 import os
+import re
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -316,17 +319,35 @@ def test_simulate_into_an_existing_run_says_the_python_arguments(tmp_path):
         eosflow.simulate(problem, lr=0.2, steps=2, out=tmp_path / "run", resume=True)
 
 
-def test_an_interrupted_simulate_without_out_does_not_point_to_a_deleted_directory():
-    """Ctrl-C during eosflow.simulate(out=None) said "resume with: eosflow resume /tmp/eosflow-simulate-...",
-    a temporary directory already deleted (and a problem in memory cannot be resumed by the CLI)."""
+def test_an_interrupted_simulate_without_out_keeps_its_steps_and_continues():
+    """Ctrl-C during eosflow.simulate(out=None) once deleted the steps done with its temporary
+    directory; now the directory stays, named in the message, loadable and resumable (and extendable)."""
     problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
 
     def interrupt(step, chunk):
         if step == 10:
             os.kill(os.getpid(), signal.SIGINT)
 
+    settings = {"lr": 0.1, "record": {"chunk": 10}}
     with pytest.raises(Interrupted) as error:
-        eosflow.simulate(problem, lr=0.1, steps=40, record={"chunk": 10}, progress=interrupt)
+        eosflow.simulate(problem, steps=40, progress=interrupt, **settings)
     message = str(error.value)
-    assert "SIGINT after 10 of 40 steps" in message and "out=DIR" in message and "resume=True" in message
-    assert "eosflow resume" not in message and error.value.exit_code == 130
+    assert "SIGINT after 10 of 40 steps" in message and error.value.exit_code == 130
+    kept = re.search(r"kept in '([^']+)'", message).group(1)
+    try:
+        assert f"eosflow.load({kept!r})" in message and "resume=True" in message
+        assert eosflow.load(kept).sizes["step"] == 10
+        resumed = eosflow.simulate(problem, steps=50, out=kept, resume=True, **settings)
+        whole = eosflow.simulate(problem, steps=50, **settings)
+        np.testing.assert_array_equal(resumed.loss.values, whole.loss.values)
+    finally:
+        shutil.rmtree(kept)
+
+
+def test_simulate_without_out_leaves_no_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+    eosflow.simulate(problem, lr=0.1, steps=3)
+    with pytest.raises(SpecError):
+        eosflow.simulate(problem, lr=-0.1, steps=3)
+    assert list(tmp_path.iterdir()) == []

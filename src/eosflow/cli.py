@@ -1,7 +1,7 @@
 """The ``eosflow`` command.
 
     eosflow run SPEC.toml [--set key=value ...] [--out DIR] [--resume | --overwrite]
-    eosflow resume DIR
+    eosflow resume DIR [--steps N]
     eosflow demo [--out DIR]
     eosflow report RUN_DIR
     eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
@@ -60,8 +60,9 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
             file=sys.stderr,
         )
         return getattr(error, "exit_code", 130)
-    report = make_report(out)
-    warn_incomplete_critical_sets(load(out))
+    ds = load(out)
+    report = make_report(out, ds)
+    warn_incomplete_critical_sets(ds)
     seconds = RunStore(out).read_summary().get("seconds", float("nan"))
     print(
         f"{outcome.status}: {outcome.steps_done} steps in {out}, {seconds:.1f} s of run time (all sessions)"
@@ -76,6 +77,7 @@ EPILOG = """examples:
   eosflow demo                                       the default experiment and its report
   eosflow run examples/demo.toml --set lr=0.3 --out runs/lr03
   eosflow resume runs/lr03                           continue an interrupted run
+  eosflow resume runs/lr03 --steps 4000              extend it to 4000 steps
   eosflow report runs/lr03
   eosflow processes                                  every optimizer and model, with its options
 
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p_resume = sub.add_parser("resume", help="continue (and repair) an interrupted run from its directory alone")
     p_resume.add_argument("run_dir", type=Path, help="the run directory; its stored spec is used")
+    p_resume.add_argument(
+        "--steps", type=int, help="run to this many steps in all (extend a finished run; never fewer than on disk)"
+    )
     p_resume.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_demo = sub.add_parser("demo", help="run the default experiment and write its report")
@@ -218,7 +223,12 @@ def _dispatch(args) -> int:
         run_dir = args.run_dir if args.command == "resume" else args.spec
         if not (run_dir / "spec.toml").is_file():
             raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
-        return _run_table(load_spec_table(run_dir / "spec.toml"), run_dir, True, False, args.quiet)
+        table = load_spec_table(run_dir / "spec.toml")
+        for assignment in getattr(args, "set", []):
+            set_dotted(table, assignment)
+        if getattr(args, "steps", None) is not None:
+            table["steps"] = args.steps
+        return _run_table(table, run_dir, True, False, args.quiet)
     if args.command == "run":
         if args.resume and not args.out:
             raise StoreError(

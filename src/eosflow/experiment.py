@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import signal
 import time
+import tomllib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -154,7 +155,9 @@ def _run_locked(
     reference = names[0]
     previous_summary: dict = {}
     if resume and store.exists():
-        differences = spec_differences((store.root / "spec.resolved.toml").read_text(), resolved)
+        stored_text = (store.root / "spec.resolved.toml").read_text()
+        stored_steps = tomllib.loads(stored_text).get("steps", spec.steps)
+        differences = spec_differences(stored_text, resolved | {"steps": stored_steps})
         if differences:
             raise StoreError(
                 f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "
@@ -164,6 +167,8 @@ def _run_locked(
         if checkpoint is not None and "fallback" in checkpoint.meta:
             warnings.warn(checkpoint.meta["fallback"], RunDirectoryWarning, stacklevel=3)
         previous_summary = store.read_summary()  # rebuilt (with a warning) if lost
+        if spec.steps != stored_steps:
+            _change_length(store, spec, table, resolved_text, stored_steps, checkpoint)
     else:
         store.create(tomli_w.dumps(table), resolved_text, overwrite=overwrite)
         checkpoint = None
@@ -251,6 +256,28 @@ def _run_locked(
     if stop["signum"] is not None:
         raise Interrupted(stop["signum"], outcome.reason)
     return outcome
+
+
+def _change_length(store: RunStore, spec: Spec, table: dict, resolved_text: str, old: int, checkpoint) -> None:
+    """Resume with another ``steps``: extend the run (or end it earlier, never below the steps
+    already on disk). Nothing else may differ, and no process depends on ``steps``, so the steps
+    a longer run shares with the shorter one are the same numbers (bitwise when ``old`` is a
+    multiple of ``record.chunk``: otherwise ``old`` was a chunk boundary the longer run lacks)."""
+    new, chunk, done = spec.steps, spec.record.chunk, 0 if checkpoint is None else checkpoint.step
+    if new < done:
+        raise StoreError(
+            f"cannot resume {str(store.root)!r} with steps = {new}: it already holds {done} steps "
+            f"(of {old}); a run is never cut short on disk (use --overwrite to start again)"
+        )
+    if new > old and old % chunk and done == old:
+        warnings.warn(
+            f"extending {str(store.root)!r} from {old} to {new} steps: step {old} ended a chunk of this run but "
+            f"is not a multiple of record.chunk = {chunk}, so the steps after it are not bitwise those of one "
+            f"{new}-step run where a tracker grows (it may grow at a chunk's end)",
+            RunDirectoryWarning,
+            stacklevel=4,
+        )
+    store.write_spec(tomli_w.dumps(table), resolved_text)
 
 
 class _Advance:

@@ -81,10 +81,11 @@ def _step_sizes(ds: xr.Dataset, process: str) -> np.ndarray:
     return np.full(ds.sizes["step"], float(ds.attrs["lr"]))
 
 
-def make_report(run_dir: str | Path) -> Path:
-    """Write ``report/`` (figures and ``report.md``) for a run directory; returns the Markdown path."""
+def make_report(run_dir: str | Path, ds: xr.Dataset | None = None) -> Path:
+    """Write ``report/`` (figures and ``report.md``) for a run directory; returns the Markdown path.
+    ``ds`` is the directory's :func:`eosflow.load`, when the caller has read it already."""
     run_dir = Path(run_dir)
-    ds = load(run_dir)
+    ds = load(run_dir) if ds is None else ds
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     steps = ds["step"].values

@@ -12,6 +12,7 @@ divergence rules, the chunked records and checkpoints are the spec runner's. The
 from __future__ import annotations
 
 import inspect
+import shutil
 import signal
 import tempfile
 from collections.abc import Sequence
@@ -40,8 +41,11 @@ def simulate(
 
     Args:
         problem: from ``Problem.from_model``, ``Problem.from_function`` or a factory.
-        out: also keep the run directory there (resumable with ``resume=True``; a problem from an
-            import-path factory is recorded by its path, so ``eosflow run --resume`` works too).
+        out: also keep the run directory there (resumable with ``resume=True``, also with a larger
+            ``steps`` to extend a finished run; a problem from an import-path factory is recorded by
+            its path, so ``eosflow run --resume`` works too). Without it the run goes to a temporary
+            directory, removed on return; an interrupted run (Ctrl-C) keeps it, and the
+            :class:`eosflow.signals.Interrupted` raised names it.
         settings: the spec, as :func:`simulation_table` takes it: ``lr`` and ``steps`` (required),
             ``processes`` (default ``["gd"]``; the first is the reference), ``spectrum``,
             ``record``, ``divergence`` (the spec's tables, e.g. ``{"k_max": 2}``), ``options``
@@ -59,18 +63,23 @@ def simulate(
     check_settings(settings)
     table = simulation_table(problem, **settings)
     if out is None:
-        with tempfile.TemporaryDirectory(prefix="eosflow-simulate-") as scratch:
-            try:
-                run(table, scratch, problem=problem, progress=progress)
-            except Interrupted as error:  # its "resume with" names the scratch directory, deleted on exit
-                done = RunStore(scratch).read_summary().get("steps_done", 0)
-                raise Interrupted(
-                    error.signum,
-                    f"eosflow.simulate stopped by {signal.Signals(error.signum).name} after {done} of "
-                    f"{table['steps']} steps; with out=None no run directory is kept: pass out=DIR to keep "
-                    "the steps of a run and continue it with eosflow.simulate(..., out=DIR, resume=True)",
-                ) from None
+        scratch = tempfile.mkdtemp(prefix="eosflow-simulate-")
+        try:
+            run(table, scratch, problem=problem, progress=progress)
             ds = load(scratch).load()
+        except Interrupted as error:  # the steps done are kept, not lost with the scratch directory
+            done = RunStore(scratch).read_summary().get("steps_done", 0)
+            raise Interrupted(
+                error.signum,
+                f"eosflow.simulate stopped by {signal.Signals(error.signum).name} after {done} of "
+                f"{table['steps']} steps; they are kept in {scratch!r}: eosflow.load({scratch!r}) reads them, "
+                f"and eosflow.simulate(..., out={scratch!r}, resume=True) with the same problem and settings "
+                "continues the run",
+            ) from None
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
     else:
         run(table, out, resume=resume, overwrite=overwrite, problem=problem, progress=progress)
         ds = load(out).load()

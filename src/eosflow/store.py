@@ -197,6 +197,11 @@ class RunStore:
             for name in (*CHECKPOINTS, "summary.json", "spec.resolved.toml"):
                 (self.root / name).unlink(missing_ok=True)
         self.manifest = {}
+        self.write_spec(spec_text, resolved_text)
+
+    def write_spec(self, spec_text: str, resolved_text: str) -> None:
+        """Write (or, when a resume changes ``steps``, replace) the spec as given and resolved,
+        each file atomically; a crash between the two leaves a pair a resume accepts again."""
         atomic_write(self.root / "spec.toml", lambda f: f.write(spec_text.encode()))
         atomic_write(self.root / "spec.resolved.toml", lambda f: f.write(resolved_text.encode()))
 
