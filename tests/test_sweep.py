@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import tomllib
 
 import numpy as np
 import pandas as pd
@@ -263,6 +264,30 @@ def test_a_point_written_before_an_option_existed_is_still_done(tmp_path):
     )
     assert point_state(tmp_path / "run", _resolved_text(table)) == "completed"
     assert point_state(tmp_path / "run", _resolved_text({**table, "lr": 0.07})) == "mismatch"
+
+
+def test_a_sweep_rerun_with_more_steps_extends_its_points(cluster, tmp_path):
+    """Raising `steps` and re-running a sweep continues every point from where it ended (its first
+    chunks are not rewritten) to the closed-form loss of the longer run; fewer steps is a mismatch."""
+    from eosflow.sweep import _resolved_text, point_state
+
+    grid = ["problem.init_scale=1.0,2.0"]
+    run_sweep({**BASE, "steps": 50}, grid, tmp_path, scheduler=cluster.scheduler_address, progress=False)
+    first_chunks = {p: p.stat().st_mtime_ns for p in tmp_path.glob("points/*/trajectories/gd/0000000000-*.npz")}
+    assert len(first_chunks) == 2
+    point = next((tmp_path / "points").iterdir())
+    stored = tomllib.loads((point / "spec.toml").read_text())
+    assert point_state(point, _resolved_text({**stored, "steps": 100})) == "shorter"
+    run_sweep(BASE, grid, tmp_path, scheduler=cluster.scheduler_address, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in first_chunks} == first_chunks
+    for point in (tmp_path / "points").iterdir():
+        ds = eosflow.load(point)
+        assert ds.attrs["status"] == "completed" and ds.sizes["step"] == 100
+        steps, gd_params = eosflow.load_params(point, "gd")
+        assert list(steps) == list(range(100))  # the parameters too, saved on both sides of the extension
+        np.testing.assert_allclose(ds.loss.sel(process="gd").values, gd_loss(gd_params[0], 100), rtol=1e-9)
+    with pytest.raises(eosflow.store.StoreError, match="hold runs of a different spec"):
+        run_sweep({**BASE, "steps": 60}, grid, tmp_path, scheduler=cluster.scheduler_address, progress=False)
 
 
 def test_sweep_writes_a_markdown_summary(swept):

@@ -17,7 +17,6 @@ import dataclasses
 import itertools
 import signal
 import time
-import tomllib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ from eosflow.precision import DTYPES, precision
 from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.signals import Interrupted, stop_requests
-from eosflow.spec import Spec, parse_spec, resolve, resolved_table, spec_differences
+from eosflow.spec import Spec, differences_but_steps, parse_spec, resolve, resolved_table
 from eosflow.store import Checkpoint, RunDirectoryWarning, RunStore, StoreError, resume_command
 from eosflow.version import __version__
 
@@ -155,9 +154,7 @@ def _run_locked(
     reference = names[0]
     previous_summary: dict = {}
     if resume and store.exists():
-        stored_text = (store.root / "spec.resolved.toml").read_text()
-        stored_steps = tomllib.loads(stored_text).get("steps", spec.steps)
-        differences = spec_differences(stored_text, resolved | {"steps": stored_steps})
+        differences, stored_steps = differences_but_steps((store.root / "spec.resolved.toml").read_text(), resolved)
         if differences:
             raise StoreError(
                 f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "

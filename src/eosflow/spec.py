@@ -170,6 +170,13 @@ def spec_differences(stored_text: str, resolved: dict) -> list[str]:
     return _differences(_re_resolved(tomllib.loads(stored_text)), resolved)
 
 
+def differences_but_steps(stored_text: str, resolved: dict) -> tuple[list[str], int]:
+    """(:func:`spec_differences` other than in ``steps``, the stored ``steps``): a run directory whose
+    spec differs only in its length can be extended (or, interrupted, ended sooner) by a resume."""
+    stored_steps = tomllib.loads(stored_text).get("steps", resolved["steps"])
+    return spec_differences(stored_text, resolved | {"steps": stored_steps}), stored_steps
+
+
 def _re_resolved(stored: dict) -> dict:
     """``stored`` with today's defaults, or as written if this eosflow cannot read it (a process
     or option since removed): then every key it has that this one lacks shows as a difference."""

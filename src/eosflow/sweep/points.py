@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eosflow.config import SpecError
-from eosflow.spec import resolve, set_dotted, spec_differences
+from eosflow.spec import differences_but_steps, resolve, set_dotted
 from eosflow.store import RunStore
 from eosflow.sweep.grid import label, literal
 
@@ -57,11 +57,16 @@ def grid_points(table: dict, grids: list[tuple[str, list]]) -> list[Point]:
 
 
 def point_state(run_dir: Path, resolved: str) -> str:
-    """``new``, ``mismatch`` (another spec lives there), or the stored status (``started`` if none)."""
+    """``new``, ``mismatch`` (another spec lives there, or a longer run of it), ``shorter`` (a run of
+    this spec with fewer ``steps`` that did not diverge: resuming extends it), or the stored status
+    (``started`` if none)."""
     store = RunStore(run_dir)
     resolved_path = store.root / "spec.resolved.toml"
     if not store.exists() or not resolved_path.exists():
         return "new"
-    if spec_differences(resolved_path.read_text(), tomllib.loads(resolved)):
+    wanted = tomllib.loads(resolved)
+    differences, stored_steps = differences_but_steps(resolved_path.read_text(), wanted)
+    if differences or stored_steps > wanted["steps"]:
         return "mismatch"
-    return store.read_summary().get("status", "started")
+    status = store.read_summary().get("status", "started")
+    return "shorter" if stored_steps < wanted["steps"] and status != "diverged" else status
