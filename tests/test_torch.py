@@ -205,7 +205,8 @@ def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
 
 
 def test_the_docs_example_runs_as_written():
-    """docs/torch.md's example, with fewer steps: the tracker in a torch loop, then simulate."""
+    """docs/torch.md's examples, with fewer steps: the tracker in a torch loop, then simulate; and
+    the tracker in the loop of a CNN with BatchNorm."""
     import re
     from pathlib import Path
 
@@ -219,6 +220,13 @@ def test_the_docs_example_runs_as_written():
     ds = namespace["ds"]
     assert list(ds.process.values) == ["gd", "gradient_flow", "central_flow"] and ds.sizes["step"] == 3
     assert np.isfinite(ds.loss.values).all() and namespace["eig"].hvps > 0
+    # the BatchNorm example: the tracker in the loop, then the record and eval mode's loss
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[1]
+    assert "model, steps = BatchNormCNN(), 300" in code
+    namespace = {}
+    exec(compile(code.replace("BatchNormCNN(), 300", "BatchNormCNN(), 1"), "docs/torch.md", "exec"), namespace)
+    assert namespace["problem"].info["norm_layers"] == "batch statistics (train mode)"
+    assert namespace["model"].training and namespace["eig"].sharpness > 0
 
 
 class RunningMean(torch.nn.Module):
@@ -413,18 +421,19 @@ def test_eval_mode_uses_running_statistics_read_at_each_call():
     the same objective follows the model's modes and buffers as they change."""
     model, batch = norm_net(3), norm_batch(3)
     objective = TorchObjective(model, F.mse_loss, batch)
+    forward = lambda: F.mse_loss(model(batch[0]), batch[1]).item()  # noqa: E731
     w = objective.flat_parameters()
     train_value = objective.value(w)
     model.eval()
     assert objective.norm_layers() == "running statistics (eval mode)"
-    assert float(objective.value(w)) == pytest.approx(float(F.mse_loss(model(batch[0]), batch[1])), rel=1e-14)
+    assert float(objective.value(w)) == pytest.approx(forward(), rel=1e-14)
     assert abs(float(objective.value(w) - train_value)) > 1e-3  # the two losses differ
     with torch.no_grad():
         model[7].running_var.mul_(4)
-    assert float(objective.value(w)) == pytest.approx(float(F.mse_loss(model(batch[0]), batch[1])), rel=1e-14)
+    assert float(objective.value(w)) == pytest.approx(forward(), rel=1e-14)
     model[1].train()
     assert objective.norm_layers() == "batch statistics (train mode): 1; running statistics (eval mode): 3, 7"
-    assert float(objective.value(w)) == pytest.approx(float(F.mse_loss(model(batch[0]), batch[1])), rel=1e-14)
+    assert float(objective.value(w)) == pytest.approx(forward(), rel=1e-14)
 
 
 def test_dropout_switched_off_around_the_tracker_keeps_batch_statistics():
