@@ -2,6 +2,8 @@
 (same weights), the tracker against dense float64 eigh, and preconditioners against torch's own
 optimizer arithmetic."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,7 +205,8 @@ def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
 
 
 def test_the_docs_example_runs_as_written():
-    """docs/torch.md's example, with fewer steps: the tracker in a torch loop, then simulate."""
+    """docs/torch.md's examples, with fewer steps: the tracker in a torch loop, then simulate; and
+    the tracker in the loop of a CNN with BatchNorm."""
     import re
     from pathlib import Path
 
@@ -217,6 +220,42 @@ def test_the_docs_example_runs_as_written():
     ds = namespace["ds"]
     assert list(ds.process.values) == ["gd", "gradient_flow", "central_flow"] and ds.sizes["step"] == 3
     assert np.isfinite(ds.loss.values).all() and namespace["eig"].hvps > 0
+    # the BatchNorm example: the tracker in the loop, then the record and eval mode's loss
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[1]
+    assert "model, steps = BatchNormCNN(), 300" in code
+    namespace = {}
+    exec(compile(code.replace("BatchNormCNN(), 300", "BatchNormCNN(), 1"), "docs/torch.md", "exec"), namespace)
+    assert namespace["problem"].info["norm_layers"] == "batch statistics (train mode)"
+    assert namespace["model"].training and namespace["eig"].sharpness > 0
+
+
+class RunningMean(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, h):
+        self.mean.mul_(0.9).add_(0.1 * h.mean())
+        return h
+
+
+class Head(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.head = torch.nn.Sequential(layer, torch.nn.Linear(4, 3))
+
+    def forward(self, h):
+        return self.head(h)
+
+
+class FunctionalDropout(torch.nn.Module):
+    def forward(self, h):
+        return F.dropout(h, 0.5, self.training)
+
+
+class Noise(torch.nn.Module):
+    def forward(self, h):
+        return h + 0.1 * torch.randn_like(h)
 
 
 @pytest.mark.parametrize(
@@ -227,10 +266,25 @@ def test_the_docs_example_runs_as_written():
             lambda f, t: F.mse_loss(f, t, reduction="none"),
             r"loss_fn\(model\(inputs\), targets\) returns shape \(8, 3\), not a scalar",
         ),
-        (  # BatchNorm in train mode updates its running statistics in place, which torch.func refuses
-            lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)).double(),
+        (  # a running average of its own, updated in place from the parameters: torch.func refuses
+            lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), RunningMean(), torch.nn.Linear(4, 3)).double(),
             F.mse_loss,
-            r"cannot differentiate the model functionally.*model.eval\(\)",
+            r"cannot differentiate the model functionally.*updates its buffers in place",
+        ),
+        (  # dropout, by type, named by its qualified name
+            lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), Head(torch.nn.Dropout(0.3))).double(),
+            F.mse_loss,
+            r"dropout in train mode \(1\.head\.0\).*model\.eval\(\)",
+        ),
+        (  # dropout as a function, which no type names: two evaluations differ
+            lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), Head(FunctionalDropout())).double(),
+            F.mse_loss,
+            r"the model's forward is random: two evaluations",
+        ),
+        (  # other sampling in forward
+            lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), Head(Noise())).double(),
+            F.mse_loss,
+            r"the model's forward is random.*torch.randn",
         ),
     ],
 )
@@ -264,3 +318,142 @@ def test_frozen_parameters_stay_out_of_w_and_fixed():
         optimizer.step()
     np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
     assert SharpnessTracker(model, F.mse_loss).update(batch, optimizer).values[0] > 0
+
+
+def norm_net(seed: int) -> torch.nn.Module:
+    """A conv/linear net with every kind of norm layer that keeps running statistics, and a frozen bias."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1),
+        torch.nn.BatchNorm2d(2),
+        torch.nn.Softplus(),
+        torch.nn.InstanceNorm2d(2, affine=True, track_running_stats=True),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 4 * 4, 4),
+        torch.nn.BatchNorm1d(4, momentum=None),
+        torch.nn.Tanh(),
+        torch.nn.Linear(4, 2),
+    ).double()
+    model[-1].bias.requires_grad_(False)
+    with torch.no_grad():  # running statistics far from any batch's, so using them would show
+        for layer in (model[1], model[3], model[7]):
+            layer.running_mean.uniform_(-1, 1), layer.running_var.uniform_(0.5, 2)
+    return model
+
+
+def norm_batch(seed: int):
+    rng = np.random.default_rng(seed)
+    return torch.tensor(rng.normal(size=(12, 1, 8, 8))), torch.tensor(rng.normal(size=(12, 2)))
+
+
+def snapshot(model: torch.nn.Module):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def assert_unchanged(model: torch.nn.Module, before) -> None:
+    state, modes = before
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "the model's state changed"
+
+
+def test_batchnorm_in_train_mode_is_the_batch_statistics_loss():
+    """BatchNorm1d/2d and InstanceNorm (tracking) in train mode: L, g equal the user's own forward and
+    loss.backward() of a copy in train mode, H v equals autograd's dense Hessian (no torch.func) times
+    v, and the tracker's top eigenvalues its eigh; the model's buffers and modes never change."""
+    model, batch = norm_net(0), norm_batch(0)
+    before = snapshot(model)
+    objective = TorchObjective(model, F.mse_loss, batch)
+    objective.check()
+    w = objective.flat_parameters()
+    reference = copy.deepcopy(model)
+    loss = F.mse_loss(reference(batch[0]), batch[1])
+    loss.backward()
+    value, g = objective.value_and_grad(w)
+    g_ref = torch.cat([p.grad.reshape(-1) for p in reference.parameters() if p.requires_grad])
+    assert abs(float(value) - loss.item()) <= 1e-12 * loss.item()
+    assert float((g - g_ref).norm() / g_ref.norm()) < 1e-12
+    assert float((objective.grad(w) - g_ref).norm() / g_ref.norm()) < 1e-12
+
+    def oracle(x):  # plain autograd on a throwaway copy in train mode (it updates its own running stats)
+        frozen = {name: p for name, p in reference.named_parameters() if not p.requires_grad}
+        out = torch.func.functional_call(reference, {**frozen, **objective.unflatten(x)}, (batch[0],))
+        return F.mse_loss(out, batch[1])
+
+    hessian = torch.autograd.functional.hessian(oracle, w)
+    v = torch.tensor(np.random.default_rng(1).normal(size=(w.numel(), 2)))
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(objective.hvp(w, v[:, 0]), hessian @ v[:, 0]) < 1e-10
+    assert rel(objective.hvp_batch(w, v), hessian @ v) < 1e-10  # vmap over batch norm
+    assert objective.norm_layers() == "batch statistics (train mode)"
+    eig = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8, max_iters=300).update(batch)
+    np.testing.assert_allclose(eig.values, np.linalg.eigvalsh(hessian.numpy())[::-1][:2], rtol=1e-7)
+    assert_unchanged(model, before)
+
+
+def test_batchnorm_runs_leave_the_model_alone_and_equal_torch_sgd():
+    """eosflow.torch.problem, simulate (GD) and the tracker with an optimizer leave the model's running
+    statistics, num_batches_tracked and modes as they were, and GD's losses equal torch.optim.SGD's
+    in train mode (on a copy) to rounding; the run records which statistics it used."""
+    model, batch = norm_net(2), norm_batch(2)
+    before = snapshot(model)
+    problem = eosflow.torch.problem(model, F.mse_loss, batch)
+    assert problem.info["norm_layers"] == "batch statistics (train mode)"
+    ds = eosflow.simulate(problem, lr=0.2, steps=5, spectrum={"every": 0})
+    tracker = SharpnessTracker(model, F.mse_loss, k=1, tol=1e-6)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    assert tracker.update(batch, optimizer).values[0] > 0
+    assert_unchanged(model, before)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.2)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = F.mse_loss(reference(batch[0]), batch[1])
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+    np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
+
+
+def test_eval_mode_uses_running_statistics_read_at_each_call():
+    """In eval mode the loss is model.eval()'s forward (running statistics, a fixed affine map), and
+    the same objective follows the model's modes and buffers as they change."""
+    model, batch = norm_net(3), norm_batch(3)
+    objective = TorchObjective(model, F.mse_loss, batch)
+    forward = lambda: F.mse_loss(model(batch[0]), batch[1]).item()  # noqa: E731
+    w = objective.flat_parameters()
+    train_value = objective.value(w)
+    model.eval()
+    assert objective.norm_layers() == "running statistics (eval mode)"
+    assert float(objective.value(w)) == pytest.approx(forward(), rel=1e-14)
+    assert abs(float(objective.value(w) - train_value)) > 1e-3  # the two losses differ
+    with torch.no_grad():
+        model[7].running_var.mul_(4)
+    assert float(objective.value(w)) == pytest.approx(forward(), rel=1e-14)
+    model[1].train()
+    assert objective.norm_layers() == "batch statistics (train mode): 1; running statistics (eval mode): 3, 7"
+    assert float(objective.value(w)) == pytest.approx(forward(), rel=1e-14)
+
+
+def test_dropout_switched_off_around_the_tracker_keeps_batch_statistics():
+    """The recipe in docs/torch.md: a model with BatchNorm and dropout, trained in train mode; the
+    tracker refuses dropout, and measures the batch-statistics loss with the dropout modules in eval
+    mode (the Hessian of that loss, dense); a functional dropout passes check() in eval mode."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(5, 3)
+    ).double()
+    rng = np.random.default_rng(4)
+    batch = (torch.tensor(rng.normal(size=(16, 6))), torch.tensor(rng.normal(size=(16, 3))))
+    tracker = SharpnessTracker(model, F.mse_loss, k=1, tol=1e-8, max_iters=300)
+    with pytest.raises(ValueError, match=r"dropout in train mode \(3\)"):
+        tracker.update(batch)
+    model[3].eval()
+    before = snapshot(model)
+    eig = tracker.update(batch)
+    assert_unchanged(model, before)
+    dense = dense_hessian(TorchObjective(copy.deepcopy(model), F.mse_loss, batch))
+    assert eig.values[0] == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-7)
+    functional = torch.nn.Sequential(torch.nn.Linear(6, 4), Head(FunctionalDropout())).double().eval()
+    TorchObjective(functional, F.mse_loss, batch).check()

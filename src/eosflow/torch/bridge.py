@@ -168,9 +168,13 @@ def to_jax(objective: TorchObjective) -> tuple[Objective, np.ndarray]:
 
 def problem(model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> Problem:
     """An eosflow problem of a torch model (for :func:`eosflow.simulate`): L over the model's
-    parameters on ``batch``, from the model's current weights. Every process runs on it."""
+    parameters on ``batch``, from the model's current weights, in its current train/eval modes
+    (``info["norm_layers"]`` records which statistics BatchNorm used). Every process runs on it."""
     objective = TorchObjective(model, loss_fn, batch)
     objective.check()
     bridged, w0 = to_jax(objective)
     info = {"model": type(model).__name__, "parameters": objective.dim, "backend": f"torch {torch.__version__}"}
+    norm_layers = objective.norm_layers()
+    if norm_layers is not None:
+        info["norm_layers"] = norm_layers
     return Problem(objective=bridged, w0=w0, info=info)

@@ -8,18 +8,71 @@
 Every derivative is one composable ``torch.func`` transform of the module's functional form, so
 the module is never mutated and nothing is accumulated in ``.grad``. Batched forms (``hvp_batch``)
 vectorize over columns with ``torch.func.vmap``.
+
+The loss is the one the model's current train/eval modes define, with its current buffers and
+frozen parameters (read at every call). Norm layers with running statistics (BatchNorm, SyncBatchNorm,
+InstanceNorm with ``track_running_stats``) in train mode normalize by the batch's statistics, so L
+is a pure function of w and the batch, the loss full-batch GD descends; they are evaluated on a
+private copy of the module whose train-mode norm layers track no running statistics (the model's
+running statistics are neither used nor updated). Dropout in train mode makes L random and is refused.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
 
 Batch = tuple[Any, Any]
+
+
+def train_modes(model: torch.nn.Module) -> tuple[bool, ...]:
+    """Every submodule's ``training`` flag: what decides which loss the model computes."""
+    return tuple(module.training for module in model.modules())
+
+
+def running_stats_layers(model: torch.nn.Module) -> dict[str, bool]:
+    """{qualified name: in train mode} of the norm layers that keep running statistics."""
+    return {
+        name: module.training
+        for name, module in model.named_modules()
+        if isinstance(module, _NormBase) and module.track_running_stats
+    }
+
+
+def batch_statistics_copy(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """A copy of ``model`` whose norm layers ``names`` track no running statistics (so they
+    normalize by the batch's, and update nothing), and that holds no values: its parameters and
+    buffers are placeholders on the meta device, every one supplied by ``functional_call``.
+
+    (Unlike ``torch.func.replace_all_batch_norm_modules_``, layers in eval mode keep their running
+    statistics, InstanceNorm is included, and ``model`` is untouched.)
+    """
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        placeholder = torch.empty_like(tensor, device="meta")
+        is_param = isinstance(tensor, torch.nn.Parameter)
+        memo[id(tensor)] = torch.nn.Parameter(placeholder, tensor.requires_grad) if is_param else placeholder
+    try:
+        private = copy.deepcopy(model, memo)
+    except Exception as error:
+        raise ValueError(
+            "eosflow evaluates norm layers in train mode (batch statistics) on a private copy of the model, "
+            f"and copy.deepcopy(model) failed: {error}. Call model.eval() to use their running statistics"
+        ) from error
+    for name in names:
+        layer = private.get_submodule(name)
+        assert isinstance(layer, _NormBase)
+        layer.running_mean = layer.running_var = layer.num_batches_tracked = None
+        layer.track_running_stats = False
+    return private
 
 
 class TorchObjective:
@@ -31,6 +84,10 @@ class TorchObjective:
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (e.g. ``torch.nn.functional.mse_loss``).
         batch: ``(inputs, targets)``, the data the loss is evaluated on (full batch).
         names, shapes: the parameters' names and shapes, in the order they occupy w.
+
+    The model's train/eval modes are read at every call (the evaluated module is rebuilt when they
+    change): BatchNorm in train mode gives batch statistics, in eval mode its running statistics,
+    a fixed affine map. Dropout in train mode raises a ValueError naming the modules.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batch: Batch):
@@ -55,17 +112,75 @@ class TorchObjective:
                     f"batch {name} are {leaf.dtype} but the model's parameters are {self.dtype}; "
                     f"cast them with .to({self.dtype})"
                 )
+        self._modes: tuple[bool, ...] | None = None  # the modes the evaluated module was built for
+        self._module: torch.nn.Module = model
+        self._fixed: tuple[str, ...] = ()  # tensors read from the model at each call (a private copy's)
+
+    def _evaluated(self) -> tuple[torch.nn.Module, tuple[str, ...]]:
+        """The module the loss calls, for the model's current modes, and the names of the tensors
+        (frozen parameters, buffers) it takes from the model at each call."""
+        modes = train_modes(self.model)
+        if modes == self._modes:
+            return self._module, self._fixed
+        dropout = [
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, _DropoutNd) and module.training and module.p > 0
+        ]
+        if dropout:
+            raise ValueError(
+                f"the model has dropout in train mode ({', '.join(dropout)}): its loss is random, a different "
+                "function at every evaluation, so its Hessian-vector products and eigenvalues are of no one "
+                "function. Call model.eval() (dropout off; BatchNorm then uses its running statistics) to "
+                "measure the deterministic loss, or .eval() on the dropout modules only (BatchNorm keeps the "
+                "batch's statistics); see docs/torch.md"
+            )
+        batch_statistics = [name for name, training in running_stats_layers(self.model).items() if training]
+        if batch_statistics:
+            private = batch_statistics_copy(self.model, batch_statistics)
+            fixed = [name for name, _ in private.named_parameters() if name not in self.names]
+            self._module, self._fixed = private, tuple(fixed + [name for name, _ in private.named_buffers()])
+        else:
+            self._module, self._fixed = self.model, ()
+        self._modes = modes
+        return self._module, self._fixed
+
+    def norm_layers(self) -> str | None:
+        """Which statistics the norm layers with running statistics use, in the model's current modes
+        (None without such layers): for a run's record of which loss it measured."""
+        layers = running_stats_layers(self.model)
+        batch = [name for name, training in layers.items() if training]
+        running = [name for name, training in layers.items() if not training]
+        if not layers:
+            return None
+        if not running:
+            return "batch statistics (train mode)"
+        if not batch:
+            return "running statistics (eval mode)"
+        return (
+            f"batch statistics (train mode): {', '.join(batch)}; running statistics (eval mode): {', '.join(running)}"
+        )
 
     def check(self, batch: Batch | None = None) -> None:
-        """One loss and gradient at the module's weights on ``batch``: a ValueError naming the fault if
-        the loss is not a scalar or torch.func cannot differentiate the model (instead of an error
-        from inside a JAX callback, later)."""
+        """Two losses and a gradient at the module's weights on ``batch``: a ValueError naming the fault
+        if the loss is not a scalar, is random (the two values differ by more than 1000 ulps), or
+        torch.func cannot differentiate the model (instead of an error from inside a JAX callback,
+        or a silently wrong result, later)."""
         w = self.flat_parameters()
         value = self.value(w, batch)
         if value.dim() != 0:
             raise ValueError(
                 f"loss_fn(model(inputs), targets) returns shape {tuple(value.shape)}, not a scalar: the loss "
                 "must reduce over examples (e.g. reduction='mean')"
+            )
+        again = self.value(w, batch)
+        if abs(float(again - value)) > 1000 * torch.finfo(self.dtype).eps * abs(float(value)):
+            raise ValueError(
+                f"the model's forward is random: two evaluations of the loss at the same weights on the same "
+                f"batch gave {float(value)!r} and {float(again)!r} (dropout called as a function, e.g. "
+                "F.dropout(x, p, self.training), other sampling such as torch.randn, or a module that updates "
+                "state it reads). eosflow needs a deterministic loss: call model.eval() if the forward is "
+                "deterministic in eval mode, or make the sampling a fixed input"
             )
         try:
             self.grad(w, batch)
@@ -74,8 +189,9 @@ class TorchObjective:
                 raise
             raise ValueError(
                 "eosflow cannot differentiate the model functionally: a module updates its buffers in place "
-                "(BatchNorm's running statistics in train mode). Call model.eval() first (BatchNorm then "
-                f"applies its running statistics), or use a model without it. torch said: {error}"
+                "from the parameters (a running average of its own; eosflow evaluates BatchNorm and "
+                "InstanceNorm in train mode without their running statistics, but not others). Call "
+                f"model.eval() first if that stops it, or use a model without it. torch said: {error}"
             ) from error
 
     @classmethod
@@ -107,7 +223,11 @@ class TorchObjective:
     # immutable"), and double backward is what every torch op supports.
     def _loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         inputs, targets = batch
-        return self.loss_fn(functional_call(self.model, params, (inputs,)), targets)
+        module, fixed = self._evaluated()
+        if fixed:  # a private copy: its frozen parameters and buffers are the model's, now
+            model = dict(itertools.chain(self.model.named_parameters(), self.model.named_buffers()))
+            params = {**{name: model[name] for name in fixed}, **params}
+        return self.loss_fn(functional_call(module, params, (inputs,)), targets)
 
     def _grad(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return self.flatten(grad(self._loss)(params, batch))

@@ -17,6 +17,9 @@ Adam/AdamW (bias-corrected second moment):
     Adam    P = sqrt(v / (1 - beta2^t)) + eps     threshold (2 + 2 beta1) / ((1 - beta1) lr)
     RMSprop P = sqrt(v [- m^2]) + eps             threshold 2 (1 + momentum) / lr
     SGD     P = I                                 threshold 2 (1 + mu) / lr (Nesterov: / (1 + 2 mu))
+
+It measures the loss of the model's modes at each update (BatchNorm in train mode: the batch's
+statistics; dropout in train mode is refused) and changes nothing in the model.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from eosflow.precision import precision
 from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold, preconditioned_matvec
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
-from eosflow.torch.objective import Batch, TorchObjective
+from eosflow.torch.objective import Batch, TorchObjective, train_modes
 
 
 class Preconditioning(NamedTuple):
@@ -132,7 +135,7 @@ class SharpnessTracker:
         with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
             self.vectors = random_vectors(jax.random.PRNGKey(seed), self.objective.dim, k, dtype)
         self._batch: Batch | None = None
-        self._checked = False  # objective.check on the first update's batch
+        self._checked: tuple[bool, ...] | None = None  # the model's modes at the last objective.check
 
         def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
             return host_callback(self._hvp_block, vectors.shape, dtype, w, vectors, vmap_method="sequential")
@@ -150,11 +153,14 @@ class SharpnessTracker:
         return self.objective.hvp_batch(w_t, v_t, self._batch).detach().cpu().numpy()
 
     def update(self, batch: Batch, optimizer: torch.optim.Optimizer | None = None) -> TrackedEigenpairs:
-        """Measure at the model's current parameters on ``batch``; warm-starts the next call."""
+        """Measure at the model's current parameters on ``batch``, in its current train/eval modes
+        (BatchNorm in train mode: the loss with the batch's statistics); warm-starts the next call.
+        The model is not changed."""
         objective = self.objective
-        if not self._checked:
+        modes = train_modes(objective.model)
+        if modes != self._checked:  # the first update, or the model's modes changed: a different loss
             objective.check(batch)
-            self._checked = True
+            self._checked = modes
         w = objective.flat_parameters().cpu().numpy()
         if optimizer is None:
             preconditioning = Preconditioning(None, float("nan"))
