@@ -457,3 +457,31 @@ def test_dropout_switched_off_around_the_tracker_keeps_batch_statistics():
     assert eig.values[0] == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-7)
     functional = torch.nn.Sequential(torch.nn.Linear(6, 4), Head(FunctionalDropout())).double().eval()
     TorchObjective(functional, F.mse_loss, batch).check()
+
+
+def test_torch_evaluations_take_turns():
+    """XLA may run a step's independent callbacks on two threads at once, and functional_call swaps the
+    module's parameters for a call, so a second thread saw the first's (a functorch INTERNAL ASSERT,
+    seen on a digits MLP running sgd and gd): every torch evaluation holds one lock. While the test
+    holds it, an evaluation waits; released, it completes."""
+    import threading
+
+    from eosflow.torch import bridge
+
+    objective, _ = problem("mlp", 4, 0)
+    with jax.enable_x64(True):
+        bridged, w0 = to_jax(objective)
+        bridged.value(jnp.asarray(w0))  # (traced and compiled outside the lock)
+        result: list = []
+
+        def evaluate():
+            with jax.enable_x64(True):
+                result.append(float(bridged.value(jnp.asarray(w0))))
+
+        with bridge._TORCH_LOCK:
+            worker = threading.Thread(target=evaluate)
+            worker.start()
+            worker.join(timeout=0.5)
+            assert worker.is_alive() and not result
+        worker.join(timeout=30)
+    assert result == [float(objective.value(objective.flat_parameters()))]

@@ -17,6 +17,7 @@ the live tracker (:mod:`eosflow.torch.tracker`) batches its products into one ca
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import jax
@@ -63,6 +64,9 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective) -> Call
     return callback
 
 
+_TORCH_LOCK = threading.Lock()  # one torch evaluation at a time (see host_callback)
+
+
 def host_callback(
     fn: Callable[..., np.ndarray], shape: tuple[int, ...], dtype: np.dtype, *args: jax.Array, vmap_method: str
 ) -> jax.Array:
@@ -72,6 +76,12 @@ def host_callback(
     callback on one of its own threads, where the thread-local flag is off, and JAX's callback
     machinery then casts float64 arguments to float32 before ``fn`` sees them (and refuses a
     float64 result). Bit-casting to uint32 and back on each side keeps every bit; it costs a view.
+
+    XLA runs independent callbacks of one computation concurrently on its own threads (e.g. a step's
+    gradient and Hessian-vector products), and torch cannot evaluate one module in two threads at
+    once: ``torch.func.functional_call`` swaps the module's parameters for the call, so one thread's
+    forward saw the other's (a functorch "INTERNAL ASSERT FAILED ... escaped?"). Every torch callback
+    therefore holds one process-wide lock.
     """
     per_word = np.dtype(dtype).itemsize // 4
     words = lambda a: a.reshape(-1).view(np.uint32).reshape(a.shape + ((per_word,) if per_word > 1 else ()))  # noqa: E731
@@ -80,7 +90,9 @@ def host_callback(
         arrays = [
             np.ascontiguousarray(p).view(dtype).reshape(p.shape[:-1] if per_word > 1 else p.shape) for p in packed
         ]
-        return words(np.asarray(fn(*arrays), dtype=dtype, order="C"))  # (ascontiguousarray makes 0-d 1-d)
+        with _TORCH_LOCK:
+            out = np.asarray(fn(*arrays), dtype=dtype, order="C")
+        return words(out)  # (ascontiguousarray above makes 0-d arrays 1-d)
 
     packed = [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args]
     result = jax.ShapeDtypeStruct(tuple(shape) + ((per_word,) if per_word > 1 else ()), jnp.uint32)
