@@ -4,6 +4,7 @@ optimizer arithmetic."""
 
 import copy
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,10 +87,11 @@ def test_derivatives_match_the_jax_twin_and_finite_differences(kind, size, seed)
     assert rel(bridged.hvp(w0, v), (bridged.grad(w0 + h * v) - bridged.grad(w0 - h * v)) / (2 * h)) < 1e-6
     fd3 = (bridged.hvp(w0 + h * u, v) - bridged.hvp(w0 - h * u, v)) / (2 * h)
     assert rel(bridged.third_derivative(w0, u, v), fd3) < 1e-6
-    # batched products (jax.vmap through the callback) and jit
+    # batched products (jax.vmap through the callback) and jit (filter_jit: the objective holds arrays,
+    # its example indices, as a JAX model's holds its data)
     block = jnp.asarray(rng.normal(size=(w0.size, 3)))
     assert rel(bridged.hvp_batch(w0, block)[:, 2], bridged.hvp(w0, block[:, 2])) < 1e-13
-    assert rel(jax.jit(bridged.hvp)(w0, v), twin_hvp) < 1e-10
+    assert rel(eqx.filter_jit(bridged.hvp)(w0, v), twin_hvp) < 1e-10
 
 
 def test_fourth_derivative_is_refused():
@@ -205,8 +207,8 @@ def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
 
 
 def test_the_docs_example_runs_as_written():
-    """docs/torch.md's examples, with fewer steps: the tracker in a torch loop, then simulate; and
-    the tracker in the loop of a CNN with BatchNorm."""
+    """docs/torch.md's examples, with fewer steps: the tracker in a torch loop, then simulate; the
+    tracker in the loop of a CNN with BatchNorm; SGD, GD and the Langevin model on a torch MLP."""
     import re
     from pathlib import Path
 
@@ -227,6 +229,14 @@ def test_the_docs_example_runs_as_written():
     exec(compile(code.replace("BatchNormCNN(), 300", "BatchNormCNN(), 1"), "docs/torch.md", "exec"), namespace)
     assert namespace["problem"].info["norm_layers"] == "batch statistics (train mode)"
     assert namespace["model"].training and namespace["eig"].sharpness > 0
+    # SGD on the torch model, beside GD and its Langevin model
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[3]
+    assert "steps=400," in code and "range(0, 400, 50)" in code
+    namespace = {}
+    exec(compile(code.replace("400", "3"), "docs/torch.md", "exec"), namespace)
+    ds = namespace["ds"]
+    assert list(ds.process.values) == ["sgd", "gd", "langevin"] and namespace["problem"].info["n_train"] == 512
+    assert np.isfinite(ds.loss.values).all() and np.isfinite(ds.noise_trace.sel(process="sgd", step=0))
 
 
 class RunningMean(torch.nn.Module):
@@ -457,3 +467,31 @@ def test_dropout_switched_off_around_the_tracker_keeps_batch_statistics():
     assert eig.values[0] == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-7)
     functional = torch.nn.Sequential(torch.nn.Linear(6, 4), Head(FunctionalDropout())).double().eval()
     TorchObjective(functional, F.mse_loss, batch).check()
+
+
+def test_torch_evaluations_take_turns():
+    """XLA may run a step's independent callbacks on two threads at once, and functional_call swaps the
+    module's parameters for a call, so a second thread saw the first's (a functorch INTERNAL ASSERT,
+    seen on a digits MLP running sgd and gd): every torch evaluation holds one lock. While the test
+    holds it, an evaluation waits; released, it completes."""
+    import threading
+
+    from eosflow.torch import bridge
+
+    objective, _ = problem("mlp", 4, 0)
+    with jax.enable_x64(True):
+        bridged, w0 = to_jax(objective)
+        bridged.value(jnp.asarray(w0))  # (traced and compiled outside the lock)
+        result: list = []
+
+        def evaluate():
+            with jax.enable_x64(True):
+                result.append(float(bridged.value(jnp.asarray(w0))))
+
+        with bridge._TORCH_LOCK:
+            worker = threading.Thread(target=evaluate)
+            worker.start()
+            worker.join(timeout=0.5)
+            assert worker.is_alive() and not result
+        worker.join(timeout=30)
+    assert result == [float(objective.value(objective.flat_parameters()))]

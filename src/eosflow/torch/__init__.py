@@ -7,7 +7,7 @@
 See docs/torch.md.
 """
 
-from eosflow.torch.bridge import jax_loss, problem, to_jax
+from eosflow.torch.bridge import jax_loss, jax_loss_on, problem, to_jax
 from eosflow.torch.objective import TorchObjective
 from eosflow.torch.objective import TorchObjective as Objective
 from eosflow.torch.tracker import SharpnessTracker, TrackedEigenpairs, optimizer_preconditioning
@@ -18,6 +18,7 @@ __all__ = [
     "TorchObjective",
     "TrackedEigenpairs",
     "jax_loss",
+    "jax_loss_on",
     "optimizer_preconditioning",
     "problem",
     "to_jax",

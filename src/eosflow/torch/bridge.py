@@ -12,21 +12,29 @@ so JAX's own ``grad``, ``jvp``, ``linearize`` and ``vmap`` of L (used by ``eosfl
 the eigensolver and every flow) call exactly one torch derivative each. On the CPU the arrays
 cross without copies (NumPy views); on a GPU each call is a device-host round trip, which is why
 the live tracker (:mod:`eosflow.torch.tracker`) batches its products into one call per iteration.
+
+``jax_loss_on(objective)`` is the same chain for ``loss_on(w, indices)``, the loss on the examples
+``indices`` (rows of the batch; integers, carried to every callback with a symbolic-zero tangent):
+``to_jax`` builds the Objective on it whose data are the indices 0..N-1, so SGD's minibatches and
+the per-example gradients of the noise models are torch evaluations too.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from jax.custom_derivatives import SymbolicZero
 from torch.func import vmap
+from torch.utils import _pytree as pytree
 
-from eosflow.objective import Objective
+from eosflow.objective import Objective, _identity
 from eosflow.problems.registry import Problem
 from eosflow.torch.objective import Batch, TorchObjective
 
@@ -35,21 +43,37 @@ def _to_torch(array: np.ndarray, objective: TorchObjective) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements="W")).to(objective.device)
 
 
-def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective) -> Callable[..., np.ndarray]:
-    """A NumPy callback of ``fn(*vectors)`` (each (d,)) that also accepts leading batch axes.
+def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective, indexed: bool) -> Callable[..., np.ndarray]:
+    """A NumPy callback of ``fn(*vectors, batch)`` (each vector (d,)) that also accepts leading batch axes.
 
-    Under ``jax.vmap`` (``vmap_method="expand_dims"``) unbatched arguments arrive with leading axes
-    of size 1 and batched ones with the batch axes in front; torch.func.vmap maps over the latter.
+    With ``indexed`` the last array holds example indices (..., S): the minibatch is
+    ``objective.examples`` of them (the stored batch itself for 0, ..., N-1), else it is the full
+    batch. Under ``jax.vmap`` (``vmap_method="expand_dims"``) unbatched arguments arrive with leading
+    axes of size 1 and batched ones with the batch axes in front; torch.func.vmap maps over the
+    latter, and over the rows of the minibatches when the indices are batched (per-example gradients:
+    one example per lane).
     """
 
     def callback(*arrays: np.ndarray) -> np.ndarray:
+        vectors, indices = (arrays[:-1], arrays[-1]) if indexed else (arrays, None)
         lead = np.broadcast_shapes(*(a.shape[:-1] for a in arrays))
-        tensors = [_to_torch(a, objective) for a in arrays]
+        tensors = [_to_torch(a, objective) for a in vectors]
+        lanes: tuple = ()  # the batched minibatches, one per lane (a vmapped argument of fn)
+        if indices is not None:
+            objective.check_minibatch(indices.shape[-1])  # (the modes may have changed since tracing)
+        if indices is None:
+            call = lambda *v: fn(*v, objective.batch)  # noqa: E731
+        elif math.prod(indices.shape[:-1]) == 1:  # one minibatch for every lane
+            batch = objective.examples(indices.reshape(-1))
+            call = lambda *v: fn(*v, batch)  # noqa: E731
+        else:
+            rows = np.broadcast_to(indices, (*lead, indices.shape[-1])).reshape(-1, indices.shape[-1])
+            lanes, call = (objective.examples(rows),), fn
         if math.prod(lead) == 1:  # nothing to map over (possibly a batch of one)
-            out = fn(*(t.reshape(t.shape[-1]) for t in tensors))
+            out = call(*(t.reshape(t.shape[-1]) for t in tensors))
             return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape))
-        flat: list[torch.Tensor] = []
-        in_dims: list[int | None] = []
+        flat: list = []  # tensors, and minibatches (pytrees of tensors)
+        in_dims: list = []
         for t in tensors:
             if math.prod(t.shape[:-1]) == 1:
                 flat.append(t.reshape(t.shape[-1]))
@@ -57,10 +81,21 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective) -> Call
             else:
                 flat.append(torch.broadcast_to(t, (*lead, t.shape[-1])).reshape(-1, t.shape[-1]))
                 in_dims.append(0)
-        out = vmap(fn, in_dims=tuple(in_dims))(*flat)
+        for batch in lanes:
+            flat.append(batch)  # (a pytree of tensors, mapped over their rows)
+            in_dims.append(pytree.tree_map(lambda leaf: 0 if torch.is_tensor(leaf) else None, batch))
+        out = vmap(call, in_dims=tuple(in_dims))(*flat)
         return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape[1:]))
 
     return callback
+
+
+_TORCH_LOCK = threading.Lock()  # one torch evaluation at a time (see host_callback)
+
+
+def _words(dtype: np.dtype) -> int:
+    """32-bit words per element of ``dtype`` (a trailing axis of that length when more than one)."""
+    return max(np.dtype(dtype).itemsize // 4, 1)
 
 
 def host_callback(
@@ -72,86 +107,131 @@ def host_callback(
     callback on one of its own threads, where the thread-local flag is off, and JAX's callback
     machinery then casts float64 arguments to float32 before ``fn`` sees them (and refuses a
     float64 result). Bit-casting to uint32 and back on each side keeps every bit; it costs a view.
+    Each argument keeps its own dtype (32- or 64-bit: float vectors, int32 example indices).
+
+    XLA runs independent callbacks of one computation concurrently on its own threads (e.g. a step's
+    gradient and Hessian-vector products), and torch cannot evaluate one module in two threads at
+    once: ``torch.func.functional_call`` swaps the module's parameters for the call, so one thread's
+    forward saw the other's (a functorch "INTERNAL ASSERT FAILED ... escaped?"). Every torch callback
+    therefore holds one process-wide lock.
     """
-    per_word = np.dtype(dtype).itemsize // 4
-    words = lambda a: a.reshape(-1).view(np.uint32).reshape(a.shape + ((per_word,) if per_word > 1 else ()))  # noqa: E731
+    arg_dtypes = [np.dtype(a.dtype) for a in args]
+
+    def words(a: np.ndarray) -> np.ndarray:
+        per_word = _words(a.dtype)
+        return a.reshape(-1).view(np.uint32).reshape(a.shape + ((per_word,) if per_word > 1 else ()))
 
     def on_words(*packed: np.ndarray) -> np.ndarray:
         arrays = [
-            np.ascontiguousarray(p).view(dtype).reshape(p.shape[:-1] if per_word > 1 else p.shape) for p in packed
+            np.ascontiguousarray(p).view(t).reshape(p.shape[:-1] if _words(t) > 1 else p.shape)
+            for p, t in zip(packed, arg_dtypes)
         ]
-        return words(np.asarray(fn(*arrays), dtype=dtype, order="C"))  # (ascontiguousarray makes 0-d 1-d)
+        with _TORCH_LOCK:
+            out = np.asarray(fn(*arrays), dtype=dtype, order="C")
+        return words(out)  # (ascontiguousarray above makes 0-d arrays 1-d)
 
     packed = [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args]
+    per_word = _words(dtype)
     result = jax.ShapeDtypeStruct(tuple(shape) + ((per_word,) if per_word > 1 else ()), jnp.uint32)
     out = jax.pure_callback(on_words, result, *packed, vmap_method=vmap_method)
     return jax.lax.bitcast_convert_type(out, dtype)
 
 
 def jax_loss(objective: TorchObjective) -> Callable[[jax.Array], jax.Array]:
-    """L(w) as a JAX function of a flat vector (d,), differentiable to third order by torch."""
+    """L(w) as a JAX function of a flat vector (d,) on the full batch, differentiable to third order by torch."""
+    loss_on = _bridge(objective)
+    return lambda w: loss_on(w, None)
+
+
+def jax_loss_on(objective: TorchObjective) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``loss_on(w, indices)``: the mean loss of w on the examples ``indices`` (integers, shape (S,);
+    the batch's rows), as a JAX function differentiable to third order in w by torch. ``indices``
+    0, ..., N-1 in order evaluate the stored full batch, exactly as :func:`jax_loss`."""
+    loss_on = _bridge(objective)
+
+    def on_examples(w: jax.Array, indices: jax.Array) -> jax.Array:
+        indices = jnp.asarray(indices)
+        if indices.ndim != 1 or not jnp.issubdtype(indices.dtype, jnp.integer):
+            raise ValueError(
+                f"indices must be a vector of example indices (S,), got {indices.dtype} of shape {indices.shape}"
+            )
+        return loss_on(w, indices.astype(jnp.int32))
+
+    return on_examples
+
+
+def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
+    """loss(w, indices) with its chain of custom_jvp rules; ``indices`` None is the full batch.
+
+    The indices are integers, so JAX gives them a symbolic-zero (float0) tangent, which the rules
+    ignore: they pass through to every derivative's callback unchanged.
+    """
     d, dtype = objective.dim, np.dtype(str(objective.dtype).removeprefix("torch."))
 
-    def call(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], *args):
+    def call(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], *args, indices):
         """fn's value at traced args; result structs are made here, where the precision is known."""
         if jax.dtypes.canonicalize_dtype(dtype) != dtype:  # checked where traced: precision may be scoped
             raise ValueError(
                 f"the torch model is {dtype.name} but JAX computes in float32 here: run with dtype = "
                 f'"float64" (eosflow.simulate does), inside `jax.enable_x64()`, or cast the model with .float()'
             )
-        return host_callback(_batched(fn, objective), shape, dtype, *args, vmap_method="expand_dims")
+        if indices is None:
+            return host_callback(_batched(fn, objective, False), shape, dtype, *args, vmap_method="expand_dims")
+        objective.check_minibatch(indices.shape[-1])  # a clear error where traced (and again on the host)
+        callback = _batched(fn, objective, True)
+        return host_callback(callback, shape, dtype, *args, indices, vmap_method="expand_dims")
 
-    def both(w: torch.Tensor) -> torch.Tensor:
-        value, g = objective.value_and_grad(w)  # one torch pass, one callback: (L, g) as (d + 1,)
+    def both(w: torch.Tensor, batch) -> torch.Tensor:
+        value, g = objective.value_and_grad(w, batch)  # one torch pass, one callback: (L, g) as (d + 1,)
         return torch.cat([value.reshape(1), g])
 
     def is_zero(tangent) -> bool:
         return isinstance(tangent, SymbolicZero)
 
     @jax.custom_jvp
-    def value_and_grad(w):
-        out = call(both, (d + 1,), w)
+    def value_and_grad(w, indices):
+        out = call(both, (d + 1,), w, indices=indices)
         return out[0], out[1:]
 
     def _value_and_grad_jvp(primals, tangents):
-        (w,), (dw,) = primals, tangents
-        value, g = value_and_grad(w)
+        (w, indices), (dw, _) = primals, tangents
+        value, g = value_and_grad(w, indices)
         if is_zero(dw):
             return (value, g), (jnp.zeros_like(value), jnp.zeros_like(g))
-        return (value, g), (jnp.vdot(g, dw), hvp(w, dw))
+        return (value, g), (jnp.vdot(g, dw), hvp(w, dw, indices))
 
     value_and_grad.defjvp(_value_and_grad_jvp, symbolic_zeros=True)
 
     @jax.custom_jvp
-    def loss(w):
-        return call(objective.value, (), w)
+    def loss(w, indices):
+        return call(objective.value, (), w, indices=indices)
 
     def _loss_jvp(primals, tangents):
-        (w,), (dw,) = primals, tangents
-        value, g = value_and_grad(w)
+        (w, indices), (dw, _) = primals, tangents
+        value, g = value_and_grad(w, indices)
         return value, jnp.zeros_like(value) if is_zero(dw) else jnp.vdot(g, dw)
 
     loss.defjvp(_loss_jvp, symbolic_zeros=True)
 
     @jax.custom_jvp
-    def hvp(w, v):
-        return call(objective.hvp, (d,), w, v)
+    def hvp(w, v, indices):
+        return call(objective.hvp, (d,), w, v, indices=indices)
 
     def _hvp_jvp(primals, tangents):
-        (w, v), (dw, dv) = primals, tangents
+        (w, v, indices), (dw, dv, _) = primals, tangents
         terms = []
         if not is_zero(dw):
-            terms.append(third_derivative(w, dw, v))
+            terms.append(third_derivative(w, dw, v, indices))
         if not is_zero(dv):
-            terms.append(hvp(w, dv))
+            terms.append(hvp(w, dv, indices))
         tangent = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(w)
-        return hvp(w, v), tangent
+        return hvp(w, v, indices), tangent
 
     hvp.defjvp(_hvp_jvp, symbolic_zeros=True)
 
     @jax.custom_jvp
-    def third_derivative(w, u, v):
-        return call(objective.third_derivative, (d,), w, u, v)
+    def third_derivative(w, u, v, indices):
+        return call(objective.third_derivative, (d,), w, u, v, indices=indices)
 
     @third_derivative.defjvp
     def _fourth(primals, tangents):
@@ -160,10 +240,31 @@ def jax_loss(objective: TorchObjective) -> Callable[[jax.Array], jax.Array]:
     return loss
 
 
+class _ExampleLoss(eqx.Module):
+    """loss_on(w, indices) of an Objective whose data are the example indices 0, ..., N-1."""
+
+    fn: Callable = eqx.field(static=True)
+
+    def __call__(self, w: jax.Array, indices: jax.Array) -> jax.Array:
+        return self.fn(w, indices)
+
+
 def to_jax(objective: TorchObjective) -> tuple[Objective, np.ndarray]:
     """An :class:`eosflow.Objective` backed by torch, with the module's current parameters as w0
-    (a NumPy array in the model's dtype: a run chooses its precision from it)."""
-    return Objective.from_function(jax_loss(objective)), objective.flat_parameters().cpu().numpy()
+    (a NumPy array in the model's dtype: a run chooses its precision from it).
+
+    Its data are the example indices ``arange(N)`` (int32), N the batch's shared leading size, and
+    ``loss_on(w, indices)`` the loss on those rows of the batch, so minibatches (SGD), per-example
+    gradients (the Langevin model's noise) and the full batch (the indices in order, the stored batch
+    itself) are all evaluated by torch. A batch whose tensors share no leading axis has no examples:
+    the objective is L(w) alone, as ``Objective.from_function``.
+    """
+    w0 = objective.flat_parameters().cpu().numpy()
+    n = objective.num_examples
+    if n is None:
+        return Objective.from_function(jax_loss(objective)), w0
+    examples = jnp.arange(n, dtype=jnp.int32)
+    return Objective(loss_on=_ExampleLoss(jax_loss_on(objective)), data=examples, unravel=_identity), w0
 
 
 def problem(model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> Problem:
@@ -174,6 +275,8 @@ def problem(model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> Problem:
     objective.check()
     bridged, w0 = to_jax(objective)
     info = {"model": type(model).__name__, "parameters": objective.dim, "backend": f"torch {torch.__version__}"}
+    if objective.num_examples is not None:
+        info["n_train"] = objective.num_examples
     norm_layers = objective.norm_layers()
     if norm_layers is not None:
         info["norm_layers"] = norm_layers

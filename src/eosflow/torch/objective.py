@@ -15,6 +15,10 @@ InstanceNorm with ``track_running_stats``) in train mode normalize by the batch'
 is a pure function of w and the batch, the loss full-batch GD descends; they are evaluated on a
 private copy of the module whose train-mode norm layers track no running statistics (the model's
 running statistics are neither used nor updated). Dropout in train mode makes L random and is refused.
+
+Examples are the rows of the batch's tensors (their shared leading axis): ``examples(indices)``
+is the minibatch of those rows, on which every method can evaluate L and its derivatives; the
+full batch is ``self.batch`` itself, never gathered.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import functional_call, grad, grad_and_value, vmap
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
+from torch.utils import _pytree as pytree
 
 Batch = tuple[Any, Any]
 
@@ -82,7 +88,8 @@ class TorchObjective:
         model: the module (its trainable parameters give the layout of w and w0; those with
             ``requires_grad=False`` keep their values; it is not modified).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (e.g. ``torch.nn.functional.mse_loss``).
-        batch: ``(inputs, targets)``, the data the loss is evaluated on (full batch).
+        batch: ``(inputs, targets)``, the data the loss is evaluated on (full batch); the rows of
+            its tensors (their shared leading axis) are the examples minibatches are drawn from.
         names, shapes: the parameters' names and shapes, in the order they occupy w.
 
     The model's train/eval modes are read at every call (the evaluated module is rebuilt when they
@@ -238,6 +245,47 @@ class TorchObjective:
     def _data(self, batch: Batch | None) -> Batch:
         return self.batch if batch is None else batch
 
+    # ---- examples and minibatches ----------------------------------------------------------
+    @property
+    def num_examples(self) -> int | None:
+        """N, the leading size every tensor of the batch shares (None if they disagree, or there are
+        none): the examples minibatches are drawn from."""
+        sizes = {
+            leaf.shape[0] if leaf.dim() else None for leaf in pytree.tree_leaves(self.batch) if torch.is_tensor(leaf)
+        }
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def examples(self, indices: Any) -> Batch:
+        """The minibatch of rows ``indices`` of every tensor of the batch (an index array of any
+        shape: the rows' axis becomes those axes). The indices 0, ..., N-1 in order are the batch
+        itself, not a gathered copy."""
+        index = indices if torch.is_tensor(indices) else torch.from_numpy(np.array(indices, dtype=np.int64))
+        index = index.to(device=self.device, dtype=torch.long)
+        n = self.num_examples
+        if n is None:
+            raise ValueError(
+                "the batch's tensors do not share a leading (example) axis, so there are no examples to select"
+            )
+        if index.shape == (n,) and torch.equal(index, torch.arange(n, device=self.device)):
+            return self.batch
+        return pytree.tree_map(lambda leaf: leaf[index] if torch.is_tensor(leaf) else leaf, self.batch)
+
+    def check_minibatch(self, size: int) -> None:
+        """A ValueError when BatchNorm in train mode would normalize a minibatch of one example by
+        that example's own statistics (per-example gradients, or a batch size of 1): a loss no
+        training loop of several examples per batch descends."""
+        if size != 1:
+            return
+        layers = [name for name, m in self.model.named_modules() if isinstance(m, _BatchNorm) and m.training]
+        if layers:
+            raise ValueError(
+                f"the model's BatchNorm layers in train mode ({', '.join(layers)}) normalize by the minibatch's "
+                "statistics, which a minibatch of one example does not have: per-example gradients (the "
+                "Langevin model's noise, sgd.noise_every, the SGD noise report) and batch_size = 1 are not "
+                "defined for them. Minibatch SGD with batch_size >= 2 is (each minibatch uses its own "
+                "statistics, as torch's training does); or call model.eval() to use the running statistics"
+            )
+
     def value(self, w: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """L(w)."""
         return self._loss(self.unflatten(w), self._data(batch))
@@ -260,7 +308,9 @@ class TorchObjective:
         params, data = self.unflatten(w), self._data(batch)
         return vmap(lambda v: self._hvp(params, v, data), in_dims=1, out_dims=1)(vectors)
 
-    def third_derivative(self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def third_derivative(
+        self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, batch: Batch | None = None
+    ) -> torch.Tensor:
         """D^3 L(w)[u, v, .] = grad_w <H(w) v, u>."""
-        data = self._data(None)
+        data = self._data(batch)
         return self.flatten(grad(lambda p: torch.dot(self._hvp(p, v, data), u))(self.unflatten(w)))
