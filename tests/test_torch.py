@@ -318,16 +318,23 @@ def test_frozen_parameters_stay_out_of_w_and_fixed():
     problem = eosflow.torch.problem(model, F.mse_loss, batch)
     assert problem.w0.size == 4 * 3 + 3
     ds = eosflow.simulate(problem, lr=0.3, steps=6, spectrum={"every": 0})
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3)
+    losses, optimizer = torch_gd_losses(model, batch, lr=0.3, steps=6)
+    np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
+    assert SharpnessTracker(model, F.mse_loss).update(batch, optimizer).values[0] > 0
+
+
+def torch_gd_losses(model, batch, lr: float, steps: int) -> tuple[list[float], torch.optim.Optimizer]:
+    """Full-batch GD on the MSE by torch.optim.SGD over the trainable parameters of ``model`` (which
+    it trains): the loss before each step, and the optimizer."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
-    for _ in range(6):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = F.mse_loss(model(batch[0]), batch[1])
         losses.append(loss.item())
         loss.backward()
         optimizer.step()
-    np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
-    assert SharpnessTracker(model, F.mse_loss).update(batch, optimizer).values[0] > 0
+    return losses, optimizer
 
 
 def norm_net(seed: int) -> torch.nn.Module:
@@ -414,15 +421,7 @@ def test_batchnorm_runs_leave_the_model_alone_and_equal_torch_sgd():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
     assert tracker.update(batch, optimizer).values[0] > 0
     assert_unchanged(model, before)
-    reference = copy.deepcopy(model)
-    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.2)
-    losses = []
-    for _ in range(5):
-        optimizer.zero_grad()
-        loss = F.mse_loss(reference(batch[0]), batch[1])
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
+    losses, _ = torch_gd_losses(copy.deepcopy(model), batch, lr=0.2, steps=5)
     np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
 
 

@@ -59,16 +59,16 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective, indexed
         lead = np.broadcast_shapes(*(a.shape[:-1] for a in arrays))
         tensors = [_to_torch(a, objective) for a in vectors]
         lanes: tuple = ()  # the batched minibatches, one per lane (a vmapped argument of fn)
-        if indices is not None:
-            objective.check_minibatch(indices.shape[-1])  # (the modes may have changed since tracing)
         if indices is None:
             call = lambda *v: fn(*v, objective.batch)  # noqa: E731
-        elif math.prod(indices.shape[:-1]) == 1:  # one minibatch for every lane
-            batch = objective.examples(indices.reshape(-1))
-            call = lambda *v: fn(*v, batch)  # noqa: E731
         else:
-            rows = np.broadcast_to(indices, (*lead, indices.shape[-1])).reshape(-1, indices.shape[-1])
-            lanes, call = (objective.examples(rows),), fn
+            objective.check_minibatch(indices.shape[-1])  # (the modes may have changed since tracing)
+            if math.prod(indices.shape[:-1]) == 1:  # one minibatch for every lane
+                batch = objective.examples(indices.reshape(-1))
+                call = lambda *v: fn(*v, batch)  # noqa: E731
+            else:
+                rows = np.broadcast_to(indices, (*lead, indices.shape[-1])).reshape(-1, indices.shape[-1])
+                lanes, call = (objective.examples(rows),), fn
         if math.prod(lead) == 1:  # nothing to map over (possibly a batch of one)
             out = call(*(t.reshape(t.shape[-1]) for t in tensors))
             return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape))
