@@ -1,6 +1,7 @@
 """Problems: built in memory from a user's model or loss, by name from the registry, or by import path.
 
     Problem.from_model(apply_fn, params, inputs, targets, loss="mse")   # loss(apply_fn(params, x), y)
+    Problem.from_equinox(model, inputs, targets, loss="mse")            # loss(vmap(model)(x), y)
     Problem.from_function(loss_fn, w0)                                   # loss_fn(w0), w0 a pytree or vector
 
     [problem]
@@ -71,8 +72,7 @@ class Problem:
         ``apply_fn(params, inputs)`` is the model (an Equinox module's ``__call__`` vmapped, a Flax
         ``apply``, ...); ``loss`` is ``"mse"`` (mean_i 1/2 |f - y|^2), ``"sse"``, ``"cross_entropy"``
         or a function ``loss(predictions, targets)`` averaging over examples. ``params`` is a
-        pytree of arrays (for an Equinox model: ``params, static = eqx.partition(model,
-        eqx.is_array)`` and ``apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)``).
+        pytree of arrays (for an Equinox model, :meth:`from_equinox` does the partition and the vmap).
         Every leaf of ``params`` and the floating inputs and targets must share the run's dtype.
         Checked here by tracing (nothing is computed), each failure a SpecError naming the call and
         shapes: every leaf is a floating array, inputs and targets have one row per example,
@@ -87,6 +87,30 @@ class Problem:
         problem = cls(objective, w0, info=dict(info or {}))
         with precision(problem.default_dtype()):  # traced as a run will (JAX caches closed-over constants)
             _check_model(apply_fn, params, inputs, targets, loss)
+        return problem
+
+    @classmethod
+    def from_equinox(
+        cls,
+        model: PyTree,
+        inputs: Array,
+        targets: Array,
+        loss: str | Callable[[Array, Array], Array] = "mse",
+        state: Any = None,
+        axis_name: Any = None,
+        info: dict | None = None,
+    ) -> Problem:
+        """L(w) = loss(vmap(model)(inputs), targets) over the model's floating arrays (an Equinox module
+        called on one example, ``model(x)``, or ``model(x, state)`` with ``state`` from
+        ``eqx.nn.make_with_state``, held fixed). BatchNorm in training mode normalizes each batch by its
+        own statistics (the loss training descends), under ``axis_name`` (default: the name its layers
+        use); dropout in training mode is refused by its path (docs/problems.md, "Equinox models")."""
+        from eosflow.problems.equinox_model import split_model
+
+        forward, params = split_model(model, state, axis_name)
+        problem = cls.from_model(forward, params, inputs, targets, loss, info)
+        if forward.batch_statistics:
+            problem.info["norm_layers"] = "batch statistics (training mode): " + ", ".join(forward.batch_statistics)
         return problem
 
     @classmethod

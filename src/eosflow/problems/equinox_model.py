@@ -1,0 +1,112 @@
+"""An Equinox model as a problem: its floating arrays are w, its forward is vmapped over the examples.
+
+    problem = Problem.from_equinox(model, inputs, targets, loss="mse")               # stateless model
+    problem = Problem.from_equinox(model, inputs, targets, loss="mse", state=state)  # eqx.nn.make_with_state
+
+L(w) = loss(vmap(model)(inputs), targets), with ``vmap`` over the examples under ``axis_name`` (the
+name BatchNorm layers reduce over) and ``state`` (running statistics) held fixed: eosflow neither uses
+the state a forward returns nor changes the user's. So BatchNorm in training mode (``inference=False``)
+normalizes each batch by its own statistics, the full batch for GD and each minibatch for SGD, which is
+the loss a training loop descends; in inference mode it is the affine map of the running statistics.
+Dropout in training mode makes L random and is refused by its path in the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from jaxtyping import Array
+
+from eosflow.config import SpecError
+
+PyTree = Any
+
+
+def _layers(model: PyTree, kind: type) -> list[tuple[str, Any]]:
+    """(path, layer) of every ``kind`` module inside ``model`` (paths as ``model.layers[2]``)."""
+    found, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda node: isinstance(node, kind))
+    return [(f"model{jax.tree_util.keystr(path)}", layer) for path, layer in found if isinstance(layer, kind)]
+
+
+def batch_statistics_layers(model: PyTree) -> list[str]:
+    """The paths of the BatchNorm layers in training mode (normalizing by the batch's statistics)."""
+    return [path for path, layer in _layers(model, eqx.nn.BatchNorm) if not layer.inference]
+
+
+def check_layers(model: PyTree, state: Any) -> list[str]:
+    """The model's batch-statistics layers, after refusing what has no fixed loss: dropout in training
+    mode (a SpecError naming it), BatchNorm without a ``state``; an EMA-mode BatchNorm whose state has
+    been trained warns, because its training forward mixes that state's running statistics in."""
+    for path, layer in _layers(model, eqx.nn.Dropout):
+        if not layer.inference and float(layer.p) > 0:
+            raise SpecError(
+                f"{path} is eqx.nn.Dropout(p={float(layer.p)}) in training mode, which makes the loss random "
+                "(every evaluation draws a new mask), so it has no Hessian: pass `eqx.nn.inference_mode(model)` "
+                f"or a model whose dropout has inference=True (eosflow measures the network without dropout)"
+            )
+    batch_statistics = batch_statistics_layers(model)
+    norms = _layers(model, eqx.nn.BatchNorm)
+    if norms and state is None:
+        raise SpecError(
+            f"the model has BatchNorm layers ({', '.join(path for path, _ in norms)}), which need their state: "
+            "build them with `model, state = eqx.nn.make_with_state(Model)(...)` and pass `state=state`"
+        )
+    for path, layer in norms:
+        if layer.mode == "ema" and not layer.inference and not bool(np.asarray(state.get(layer.ema_first_time_index))):
+            warnings.warn(
+                f"{path} is eqx.nn.BatchNorm(mode='ema') in training mode with a state it has already "
+                f"updated: its forward normalizes by {1 - layer.momentum:g} of the batch's statistics and "
+                f"{layer.momentum:g} of the running ones in `state`, which eosflow holds fixed (a training loop "
+                "moves them at every step). mode='batch' normalizes by the batch alone",
+                stacklevel=4,
+            )
+    return batch_statistics
+
+
+class EquinoxForward:
+    """``forward(params, inputs)``: the model rebuilt from its floating arrays, vmapped over the rows of
+    ``inputs`` (B, ...) under ``axis_name``, with ``state`` fixed; predictions (B, ...)."""
+
+    def __init__(self, static: PyTree, state: Any, axis_name: Any, batch_statistics: list[str]):
+        self.static = static
+        self.state = None if state is None else jax.tree_util.tree_flatten(state)  # (leaves, treedef)
+        self.axis_name = axis_name
+        self.batch_statistics = tuple(batch_statistics)
+
+    def __call__(self, params: PyTree, inputs: Array) -> Array:
+        size = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+        if size == 1 and self.batch_statistics:
+            raise ValueError(
+                f"the model's BatchNorm layers in training mode ({', '.join(self.batch_statistics)}) normalize "
+                "by the batch's statistics, which a batch of one example does not have: per-example gradients "
+                "(the Langevin model's noise, sgd.noise_every, the SGD noise report) and batch_size = 1 are not "
+                "defined for them. Minibatch SGD with batch_size >= 2 is (each minibatch uses its own "
+                "statistics); or pass eqx.nn.inference_mode(model) to use the running statistics"
+            )
+        model = eqx.combine(params, self.static)
+        if self.state is None:
+            return jax.vmap(model, axis_name=self.axis_name)(inputs)
+        leaves, treedef = self.state
+        state = jax.tree_util.tree_unflatten(treedef, leaves)  # a fresh copy: an eqx State is used once
+        return jax.vmap(lambda x: model(x, state)[0], axis_name=self.axis_name)(inputs)
+
+
+def split_model(model: PyTree, state: Any = None, axis_name: Any = None) -> tuple[EquinoxForward, PyTree]:
+    """(forward, params): the model's floating arrays (``eqx.is_inexact_array``) and the forward that
+    rebuilds it from them; checked by :func:`check_layers`. ``axis_name`` defaults to the one name the
+    model's BatchNorm layers reduce over (none without them)."""
+    batch_statistics = check_layers(model, state)
+    if axis_name is None:
+        names = {repr(layer.axis_name): layer.axis_name for _, layer in _layers(model, eqx.nn.BatchNorm)}
+        if len(names) > 1:
+            raise SpecError(
+                f"the model's BatchNorm layers reduce over different axis names ({', '.join(sorted(names))}): "
+                "pass axis_name= (the one the examples are vmapped over)"
+            )
+        axis_name = next(iter(names.values()), None)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    return EquinoxForward(static, state, axis_name, batch_statistics), params
