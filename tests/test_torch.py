@@ -276,10 +276,10 @@ class Noise(torch.nn.Module):
             lambda f, t: F.mse_loss(f, t, reduction="none"),
             r"loss_fn\(model\(inputs\), targets\) returns shape \(8, 3\), not a scalar",
         ),
-        (  # a running average of its own, updated in place from the parameters: torch.func refuses
+        (  # a running average of its own, updated in place by the forward: named, and put back
             lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), RunningMean(), torch.nn.Linear(4, 3)).double(),
             F.mse_loss,
-            r"cannot differentiate the model functionally.*updates its buffers in place",
+            r"the model's forward updates its buffers \(1\.mean; restored\)",
         ),
         (  # dropout, by type, named by its qualified name
             lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), Head(torch.nn.Dropout(0.3))).double(),
@@ -305,6 +305,36 @@ def test_a_loss_torch_cannot_serve_is_named_before_a_run(model, loss_fn, message
         eosflow.torch.problem(model(), loss_fn, batch)
     with pytest.raises(ValueError, match=message):
         SharpnessTracker(model(), loss_fn).update(batch)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spectral_norm_in_train_mode_is_refused_and_its_state_put_back(seed):
+    """parametrizations.spectral_norm runs a power iteration on its buffers u, v at every train-mode
+    call: refused by the buffers' names, and the model is bitwise what it was (before, the refusing
+    check itself had moved u by ~1e-5). In eval mode u, v stay fixed: accepted, the loss is the model's
+    own, and a GD run leaves the model unchanged."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(spectral_norm(torch.nn.Linear(6, 4)), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    rng = np.random.default_rng(seed)
+    batch = (torch.tensor(rng.standard_normal((8, 6))), torch.tensor(rng.standard_normal((8, 3))))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"updates its buffers \(0\.parametrizations\.weight\.0\._u, .*_v; restored"):
+        eosflow.torch.problem(model, F.mse_loss, batch)
+    with pytest.raises(ValueError, match=r"updates its buffers"):
+        SharpnessTracker(model, F.mse_loss).update(batch)
+    assert_unchanged(model, before)
+    model[0].eval()
+    before = snapshot(model)
+    problem = eosflow.torch.problem(model, F.mse_loss, batch)
+    with torch.no_grad():
+        expected = F.mse_loss(model(batch[0]), batch[1]).item()
+    with jax.enable_x64(True):
+        assert abs(float(problem.objective.value(jnp.asarray(problem.w0))) - expected) < 1e-14
+    ds = eosflow.simulate(problem, lr=0.1, steps=3, processes=["gd"], spectrum={"every": 0})
+    assert np.isfinite(ds.loss.values).all()
+    assert_unchanged(model, before)
 
 
 def test_frozen_parameters_stay_out_of_w_and_fixed():

@@ -53,6 +53,19 @@ def running_stats_layers(model: torch.nn.Module) -> dict[str, bool]:
     }
 
 
+def restore_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> list[str]:
+    """Put back every buffer of ``model`` that differs from its ``saved`` copy (bitwise, NaNs equal);
+    returns their names."""
+    changed = []
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            old = saved.get(name)
+            if old is not None and not torch.equal(torch.nan_to_num(buffer), torch.nan_to_num(old)):
+                buffer.copy_(old)
+                changed.append(name)
+    return changed
+
+
 def batch_statistics_copy(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
     """A copy of ``model`` whose norm layers ``names`` track no running statistics (so they
     normalize by the batch's, and update nothing), and that holds no values: its parameters and
@@ -170,17 +183,30 @@ class TorchObjective:
 
     def check(self, batch: Batch | None = None) -> None:
         """Two losses and a gradient at the module's weights on ``batch``: a ValueError naming the fault
-        if the loss is not a scalar, is random (the two values differ by more than 1000 ulps), or
+        if the loss is not a scalar, is random (the two values differ by more than 1000 ulps), updates
+        the model's buffers (they are restored and named), or
         torch.func cannot differentiate the model (instead of an error from inside a JAX callback,
         or a silently wrong result, later)."""
         w = self.flat_parameters()
-        value = self.value(w, batch)
+        before = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
+        try:
+            value = self.value(w, batch)
+            again = self.value(w, batch)
+        finally:
+            changed = restore_buffers(self.model, before)
+        if changed:
+            raise ValueError(
+                f"the model's forward updates its buffers ({', '.join(changed)}; restored): in train mode a "
+                "module such as torch.nn.utils.parametrizations.spectral_norm runs a step of its own (a power "
+                "iteration) at every call, so the loss depends on state that each evaluation changes, and "
+                "eosflow's derivatives would not be those of one function. Call .eval() on those modules (the "
+                "state then stays fixed)"
+            )
         if value.dim() != 0:
             raise ValueError(
                 f"loss_fn(model(inputs), targets) returns shape {tuple(value.shape)}, not a scalar: the loss "
                 "must reduce over examples (e.g. reduction='mean')"
             )
-        again = self.value(w, batch)
         if abs(float(again - value)) > 1000 * torch.finfo(self.dtype).eps * abs(float(value)):
             raise ValueError(
                 f"the model's forward is random: two evaluations of the loss at the same weights on the same "
