@@ -179,26 +179,27 @@ T, N_SEQ = 4, 12  # steps, sequences
 
 
 class SequenceModel(torch.nn.Module):
-    """nn.LSTM(2, 3) and a linear head, read on the last step (logits (N, 2)) or on every step (outputs
-    (T, N)), in the layout ``batch_first`` says."""
+    """nn.LSTM(2, 3) (or, not ``recurrent``, a running sum over time of tanh(A x_t + b), which
+    torch.func.vmap can batch) and a linear head, read on the last step (logits (N, 2)) or on every
+    step (outputs (T, N)), in the layout ``batch_first`` says."""
 
-    def __init__(self, per_step: bool, batch_first: bool = False):
+    def __init__(self, per_step: bool, batch_first: bool = False, recurrent: bool = True):
         super().__init__()
-        self.rnn = torch.nn.LSTM(2, 3, batch_first=batch_first)
+        self.rnn = torch.nn.LSTM(2, 3, batch_first=batch_first) if recurrent else torch.nn.Linear(2, 3)
         self.head = torch.nn.Linear(3, 1 if per_step else 2)
-        self.per_step, self.time = per_step, 1 if batch_first else 0
+        self.per_step, self.time, self.recurrent = per_step, 1 if batch_first else 0, recurrent
 
     def forward(self, x):
-        out, _ = self.rnn(x)
+        out = self.rnn(x)[0] if self.recurrent else torch.tanh(self.rnn(x)).cumsum(self.time)
         return self.head(out).squeeze(-1) if self.per_step else self.head(out.select(self.time, -1))
 
 
-def sequence_task(layout: str):
+def sequence_task(layout: str, recurrent: bool = True):
     """A float64 model and its sequence-first batch: "last", inputs (T, N, 2) with class labels (N,) under
     cross-entropy, example_axis (1, 0); "per_step", targets (T, N) under the squared loss, example_axis 1."""
     torch.manual_seed(4)
     per_step = layout == "per_step"
-    model = SequenceModel(per_step).double()
+    model = SequenceModel(per_step, recurrent=recurrent).double()
     rng = np.random.default_rng(5)
     x = torch.tensor(rng.normal(size=(T, N_SEQ, 2)))
     if per_step:
@@ -254,14 +255,17 @@ def backward_grads(model: torch.nn.Module, loss_fn, inputs, targets) -> np.ndarr
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
 
 
+@pytest.mark.parametrize("recurrent", [True, False])
 @pytest.mark.parametrize("layout", ["last", "per_step"])
-def test_per_example_gradients_along_axis_1_equal_single_example_backward(layout):
+def test_per_example_gradients_along_axis_1_equal_single_example_backward(layout, recurrent):
     """Per-example gradients of the sequence-first LSTM (all examples; a subset with repeats) equal
     loss.backward() on x[:, i:i+1] (the example axis kept, size 1) one example at a time; the minibatch
-    gradient equals backward on x[:, rows]; negative axes name the same axes."""
-    model, loss_fn, batch, axes = sequence_task(layout)
+    gradient equals backward on x[:, rows]; negative axes name the same axes. The non-recurrent model is
+    mapped by torch.func.vmap over axis 1 (the LSTM in float64 is not batched by vmap: the bridge loops)."""
+    model, loss_fn, batch, axes = sequence_task(layout, recurrent)
+    torch_objective = TorchObjective(model, loss_fn, batch, axes)
     with jax.enable_x64(True):
-        objective, w0 = to_jax(TorchObjective(model, loss_fn, batch, axes))
+        objective, w0 = to_jax(torch_objective)
         w = jnp.asarray(w0)
         loop = np.stack([backward_grads(model, loss_fn, *along(batch, axes, torch.tensor([i]))) for i in range(N_SEQ)])
         np.testing.assert_allclose(objective.per_example_grads(w), loop, rtol=0, atol=1e-12 * np.abs(loop).max())
@@ -271,6 +275,7 @@ def test_per_example_gradients_along_axis_1_equal_single_example_backward(layout
         minibatch_grad = backward_grads(model, loss_fn, *along(batch, axes, torch.tensor(rows)))
         np.testing.assert_allclose(objective.batch_grad(w, jnp.asarray(rows)), minibatch_grad, rtol=0, atol=1e-14)
         assert float(objective.value(w)) == loss_fn(model(batch[0]), batch[1]).item()  # the stored batch
+    assert recurrent or torch_objective.vmap_error is None
     negative = (-2, -1)  # x (T, N, 2): axis 1; y (N,) or (T, N): its last
     assert TorchObjective(model, loss_fn, batch, negative).axes == TorchObjective(model, loss_fn, batch, axes).axes
 
