@@ -47,10 +47,10 @@ def twin(model: torch.nn.Module, batch) -> eosflow.Problem:
     return eosflow.Problem.from_model(apply, params, inputs, targets, loss=lambda f, y: jnp.mean((f - y) ** 2))
 
 
-def minibatch(key, step: int, sampling: str) -> torch.Tensor:
-    """The rows of step ``step``, drawn as a float64 run draws them (x64: randint's integers are 64-bit)."""
+def minibatch(key, step: int, sampling: str, n: int = N, size: int = 8) -> torch.Tensor:
+    """The examples of step ``step``, drawn as a float64 run draws them (x64: randint's integers are 64-bit)."""
     with jax.enable_x64(True):
-        return torch.from_numpy(np.array(sample_batch(key, jnp.asarray(step), N, 8, sampling)))
+        return torch.from_numpy(np.array(sample_batch(key, jnp.asarray(step), n, size, sampling)))
 
 
 def torch_grads(model: torch.nn.Module, inputs, targets) -> np.ndarray:
@@ -172,3 +172,165 @@ def test_a_batch_without_a_shared_example_axis_has_no_examples():
     assert problem.objective.data is None and "n_train" not in problem.info
     with pytest.warns(SpecWarning, match="full-batch GD"):
         eosflow.simulate(problem, lr=0.1, steps=1, processes=["sgd"], spectrum={"every": 0})
+
+
+# ---- sequence-first batches: the example axis is not the leading one --------------------------------
+T, N_SEQ = 4, 12  # steps, sequences
+
+
+class SequenceModel(torch.nn.Module):
+    """nn.LSTM(2, 3) (or, not ``recurrent``, a running sum over time of tanh(A x_t + b), which
+    torch.func.vmap can batch) and a linear head, read on the last step (logits (N, 2)) or on every
+    step (outputs (T, N)), in the layout ``batch_first`` says."""
+
+    def __init__(self, per_step: bool, batch_first: bool = False, recurrent: bool = True):
+        super().__init__()
+        self.rnn = torch.nn.LSTM(2, 3, batch_first=batch_first) if recurrent else torch.nn.Linear(2, 3)
+        self.head = torch.nn.Linear(3, 1 if per_step else 2)
+        self.per_step, self.time, self.recurrent = per_step, 1 if batch_first else 0, recurrent
+
+    def forward(self, x):
+        out = self.rnn(x)[0] if self.recurrent else torch.tanh(self.rnn(x)).cumsum(self.time)
+        return self.head(out).squeeze(-1) if self.per_step else self.head(out.select(self.time, -1))
+
+
+def sequence_task(layout: str, recurrent: bool = True):
+    """A float64 model and its sequence-first batch: "last", inputs (T, N, 2) with class labels (N,) under
+    cross-entropy, example_axis (1, 0); "per_step", targets (T, N) under the squared loss, example_axis 1."""
+    torch.manual_seed(4)
+    per_step = layout == "per_step"
+    model = SequenceModel(per_step, recurrent=recurrent).double()
+    rng = np.random.default_rng(5)
+    x = torch.tensor(rng.normal(size=(T, N_SEQ, 2)))
+    if per_step:
+        return model, F.mse_loss, (x, torch.tensor(rng.normal(size=(T, N_SEQ)))), 1
+    return model, F.cross_entropy, (x, torch.tensor(rng.integers(0, 2, size=N_SEQ))), (1, 0)
+
+
+def along(batch, axes, rows):
+    """The examples ``rows`` of a batch, written out per tensor: x[:, rows] for axis 1, y[rows] for axis 0."""
+    axes = axes if isinstance(axes, tuple) else (axes,) * len(batch)
+    return tuple(t.index_select(axis, rows) for t, axis in zip(batch, axes))
+
+
+@pytest.mark.parametrize("batch_size", [3, 5])
+@pytest.mark.parametrize("layout", ["last", "per_step"])
+def test_sgd_on_a_sequence_first_lstm_equals_torch_sgd(layout, batch_size, tmp_path):
+    """nn.LSTM at its default batch_first=False, examples along axis 1: 8 SGD steps (momentum) of the torch
+    problem equal a torch.optim.SGD loop fed x[:, rows] and y[rows] (y[:, rows]), iterate by iterate."""
+    model, loss_fn, batch, axes = sequence_task(layout)
+    problem = eosflow.torch.problem(model, loss_fn, batch, example_axis=axes)
+    assert problem.info["n_train"] == N_SEQ and problem.info["example_axes"] == ([1, 0] if axes == (1, 0) else [1, 1])
+    sgd = {"batch_size": batch_size, "momentum": 0.5}
+    ds = eosflow.simulate(
+        problem,
+        lr=0.5,
+        steps=8,
+        seed=SEED,
+        processes=["sgd"],
+        options={"sgd": sgd},
+        spectrum={"every": 0},
+        record={"params_every": 1},
+        out=tmp_path,
+    )
+    positions = load_params(tmp_path, "sgd")[1]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    key = process_key(SEED, "sgd/minibatches")
+    for step in range(8):
+        w = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+        np.testing.assert_allclose(positions[step], w, rtol=0, atol=1e-12, err_msg=f"step {step}")
+        inputs, targets = along(batch, axes, minibatch(key, step, "with_replacement", N_SEQ, batch_size))
+        optimizer.zero_grad()
+        loss = loss_fn(model(inputs), targets)
+        assert abs(loss.item() - ds.batch_loss.sel(process="sgd").values[step]) < 1e-12
+        loss.backward()
+        optimizer.step()
+    assert np.linalg.norm(positions[-1] - positions[0]) > 1e-3  # it moved
+
+
+def backward_grads(model: torch.nn.Module, loss_fn, inputs, targets) -> np.ndarray:
+    """The gradient ``loss.backward()`` accumulates on a fresh copy of the model (flat, in its order)."""
+    model = copy.deepcopy(model)
+    loss_fn(model(inputs), targets).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+
+
+@pytest.mark.parametrize("recurrent", [True, False])
+@pytest.mark.parametrize("layout", ["last", "per_step"])
+def test_per_example_gradients_along_axis_1_equal_single_example_backward(layout, recurrent):
+    """Per-example gradients of the sequence-first LSTM (all examples; a subset with repeats) equal
+    loss.backward() on x[:, i:i+1] (the example axis kept, size 1) one example at a time; the minibatch
+    gradient equals backward on x[:, rows]; negative axes name the same axes. The non-recurrent model is
+    mapped by torch.func.vmap over axis 1 (the LSTM in float64 is not batched by vmap: the bridge loops)."""
+    model, loss_fn, batch, axes = sequence_task(layout, recurrent)
+    torch_objective = TorchObjective(model, loss_fn, batch, axes)
+    with jax.enable_x64(True):
+        objective, w0 = to_jax(torch_objective)
+        w = jnp.asarray(w0)
+        loop = np.stack([backward_grads(model, loss_fn, *along(batch, axes, torch.tensor([i]))) for i in range(N_SEQ)])
+        np.testing.assert_allclose(objective.per_example_grads(w), loop, rtol=0, atol=1e-12 * np.abs(loop).max())
+        rows = [5, 0, 5, 11]
+        subset = objective.per_example_grads(w, jnp.asarray(rows))
+        np.testing.assert_allclose(subset, loop[rows], rtol=0, atol=1e-12 * np.abs(loop).max())
+        minibatch_grad = backward_grads(model, loss_fn, *along(batch, axes, torch.tensor(rows)))
+        np.testing.assert_allclose(objective.batch_grad(w, jnp.asarray(rows)), minibatch_grad, rtol=0, atol=1e-14)
+        assert float(objective.value(w)) == loss_fn(model(batch[0]), batch[1]).item()  # the stored batch
+    assert recurrent or torch_objective.vmap_error is None
+    negative = (-2, -1)  # x (T, N, 2): axis 1; y (N,) or (T, N): its last
+    assert TorchObjective(model, loss_fn, batch, negative).axes == TorchObjective(model, loss_fn, batch, axes).axes
+
+
+def test_the_loop_over_lanes_equals_vmap():
+    """The bridge's fallback for models torch.func.vmap cannot batch (a loop over the lanes) gives the
+    per-example gradients and Hessian-vector products vmap gives on an MLP it can batch."""
+    model, batch = mlp(), data()
+    with jax.enable_x64(True):
+        mapped, loop = TorchObjective(model, F.mse_loss, batch), TorchObjective(model, F.mse_loss, batch)
+        loop.vmap_error = "forced"
+        (a, w0), (b, _) = to_jax(mapped), to_jax(loop)
+        w, vectors = jnp.asarray(w0), jax.random.normal(jax.random.PRNGKey(0), (3, w0.size), jnp.float64)
+        np.testing.assert_allclose(a.per_example_grads(w), b.per_example_grads(w), rtol=0, atol=1e-15)
+        hvps = [jax.vmap(lambda v, o=o: jax.jvp(jax.grad(o.value), (w,), (v,))[1])(vectors) for o in (a, b)]
+        np.testing.assert_allclose(*hvps, rtol=0, atol=1e-14)
+        assert mapped.vmap_error is None
+
+
+def test_example_axis_0_is_the_default_for_a_batch_first_lstm(tmp_path):
+    """For a batch_first=True LSTM, example_axis=0 is an identity: SGD with the noise trace (per-example
+    gradients) records the same numbers, bitwise, as the default."""
+    torch.manual_seed(4)
+    model = SequenceModel(per_step=True, batch_first=True).double()
+    rng = np.random.default_rng(5)
+    batch = (torch.tensor(rng.normal(size=(N_SEQ, T, 2))), torch.tensor(rng.normal(size=(N_SEQ, T))))
+    settings = dict(lr=0.5, steps=4, seed=SEED, processes=["sgd"], spectrum={"every": 0}) | {
+        "options": {"sgd": {"batch_size": 4, "noise_every": 2}},
+        "record": {"params_every": 1},
+    }
+    runs = []
+    for name, axis in (("default", None), ("axis0", 0)):
+        problem = eosflow.torch.problem(model, F.mse_loss, batch, example_axis=axis)
+        runs.append((eosflow.simulate(problem, out=tmp_path / name, **settings), load_params(tmp_path / name, "sgd")))
+    (default, (_, p_default)), (axis0, (_, p_axis0)) = runs
+    for field in ("loss", "batch_loss", "grad_norm", "noise_trace"):
+        np.testing.assert_array_equal(default[field].values, axis0[field].values, err_msg=field)
+    assert np.isfinite(default.noise_trace.sel(process="sgd").values[::2]).all()
+    np.testing.assert_array_equal(p_default, p_axis0)
+
+
+def test_example_axis_errors_name_the_tensor_and_sizes():
+    """Disagreeing sizes along the named axes, an axis out of range, a non-int axis and an axes pytree
+    that does not match the batch are ValueErrors naming the tensor (by position), the sizes or the axis;
+    an explicit axis whose sizes disagree is an error, not the default's silent "no examples"."""
+    model, loss_fn, (x, y), _ = sequence_task("last")
+    cases = [
+        ((x, y[:-1]), (1, 0), r"batch\[0\] \(inputs\) has 12 along axis 1, batch\[1\] \(targets\) has 11 along axis 0"),
+        ((x, y), 0, r"batch\[0\] \(inputs\) has 4 along axis 0, batch\[1\] \(targets\) has 12 along axis 0"),
+        ((x, y), (3, 0), r"example_axis 3 is out of range for batch\[0\] \(inputs\) of shape \(4, 12, 2\) \(3 dims\)"),
+        ((x, y), (1, -2), r"example_axis -2 is out of range for batch\[1\] \(targets\) of shape \(12,\)"),
+        ((x, y), (1.0, 0), r"example_axis for batch\[0\] \(inputs\) must be an int, got 1.0"),
+        ((x, y), (1, 0, 0), r"example_axis \(1, 0, 0\) does not match the structure of the batch"),
+        ((x, y), [1, 0], r"does not match the structure of the batch \(shapes \(\(4, 12, 2\), \(12,\)\)\)"),
+    ]
+    for batch, axes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            eosflow.torch.problem(model, loss_fn, batch, example_axis=axes)

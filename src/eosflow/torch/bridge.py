@@ -14,7 +14,8 @@ cross without copies (NumPy views); on a GPU each call is a device-host round tr
 the live tracker (:mod:`eosflow.torch.tracker`) batches its products into one call per iteration.
 
 ``jax_loss_on(objective)`` is the same chain for ``loss_on(w, indices)``, the loss on the examples
-``indices`` (rows of the batch; integers, carried to every callback with a symbolic-zero tangent):
+``indices`` (slices of the batch along its example axes, by default its rows; integers, carried to
+every callback with a symbolic-zero tangent):
 ``to_jax`` builds the Objective on it whose data are the indices 0..N-1, so SGD's minibatches and
 the per-example gradients of the noise models are torch evaluations too.
 """
@@ -36,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from eosflow.objective import Objective, _identity
 from eosflow.problems.registry import Problem
-from eosflow.torch.objective import Batch, TorchObjective
+from eosflow.torch.objective import Batch, ExampleAxis, TorchObjective
 
 
 def _to_torch(array: np.ndarray, objective: TorchObjective) -> torch.Tensor:
@@ -50,8 +51,8 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective, indexed
     ``objective.examples`` of them (the stored batch itself for 0, ..., N-1), else it is the full
     batch. Under ``jax.vmap`` (``vmap_method="expand_dims"``) unbatched arguments arrive with leading
     axes of size 1 and batched ones with the batch axes in front; torch.func.vmap maps over the
-    latter, and over the rows of the minibatches when the indices are batched (per-example gradients:
-    one example per lane).
+    latter, and over the examples of the minibatches (along their example axes) when the indices are
+    batched (per-example gradients: one example per lane, its example axis kept with size 1).
     """
 
     def callback(*arrays: np.ndarray) -> np.ndarray:
@@ -82,12 +83,30 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective, indexed
                 flat.append(torch.broadcast_to(t, (*lead, t.shape[-1])).reshape(-1, t.shape[-1]))
                 in_dims.append(0)
         for batch in lanes:
-            flat.append(batch)  # (a pytree of tensors, mapped over their rows)
-            in_dims.append(pytree.tree_map(lambda leaf: 0 if torch.is_tensor(leaf) else None, batch))
-        out = vmap(call, in_dims=tuple(in_dims))(*flat)
+            flat.append(batch)  # (a pytree of tensors, mapped over their example axes)
+            in_dims.append(objective.example_dims())
+        out = _map(call, tuple(in_dims), flat, math.prod(lead), objective)
         return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape[1:]))
 
     return callback
+
+
+def _map(call: Callable[..., torch.Tensor], in_dims: tuple, args: list, lanes: int, objective: TorchObjective):
+    """``torch.func.vmap(call, in_dims)(*args)`` over ``lanes`` lanes, or the same as a loop over the lanes,
+    stacked, for a model vmap cannot batch: ``nn.LSTM``/``nn.GRU`` with their default initial state
+    (zeros of the unbatched size) fail under vmap when the inputs are batched (per-example lanes).
+    The first failure is kept in ``objective.vmap_error`` and the loop serves every later call."""
+    if objective.vmap_error is None:
+        try:
+            return vmap(call, in_dims=in_dims)(*args)
+        except RuntimeError as error:
+            objective.vmap_error = str(error)
+
+    def lane(i: int) -> list:
+        select = lambda leaf, dim: leaf if dim is None else leaf.select(dim, i)  # noqa: E731
+        return [pytree.tree_map(select, arg, dims) for arg, dims in zip(args, in_dims)]
+
+    return torch.stack([call(*lane(i)) for i in range(lanes)])
 
 
 _TORCH_LOCK = threading.Lock()  # one torch evaluation at a time (see host_callback)
@@ -253,11 +272,12 @@ def to_jax(objective: TorchObjective) -> tuple[Objective, np.ndarray]:
     """An :class:`eosflow.Objective` backed by torch, with the module's current parameters as w0
     (a NumPy array in the model's dtype: a run chooses its precision from it).
 
-    Its data are the example indices ``arange(N)`` (int32), N the batch's shared leading size, and
-    ``loss_on(w, indices)`` the loss on those rows of the batch, so minibatches (SGD), per-example
-    gradients (the Langevin model's noise) and the full batch (the indices in order, the stored batch
-    itself) are all evaluated by torch. A batch whose tensors share no leading axis has no examples:
-    the objective is L(w) alone, as ``Objective.from_function``.
+    Its data are the example indices ``arange(N)`` (int32), N the batch's size along its example axes
+    (by default the shared leading one; ``objective.example_axis``), and ``loss_on(w, indices)`` the
+    loss on those examples of the batch, so minibatches (SGD), per-example gradients (the Langevin
+    model's noise) and the full batch (the indices in order, the stored batch itself) are all evaluated
+    by torch. A batch without examples (by default: tensors that share no leading axis) gives the
+    objective L(w) alone, as ``Objective.from_function``.
     """
     w0 = objective.flat_parameters().cpu().numpy()
     n = objective.num_examples
@@ -267,16 +287,23 @@ def to_jax(objective: TorchObjective) -> tuple[Objective, np.ndarray]:
     return Objective(loss_on=_ExampleLoss(jax_loss_on(objective)), data=examples, unravel=_identity), w0
 
 
-def problem(model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> Problem:
+def problem(model: torch.nn.Module, loss_fn: Callable, batch: Batch, example_axis: ExampleAxis = None) -> Problem:
     """An eosflow problem of a torch model (for :func:`eosflow.simulate`): L over the model's
     parameters on ``batch``, from the model's current weights, in its current train/eval modes
-    (``info["norm_layers"]`` records which statistics BatchNorm used). Every process runs on it."""
-    objective = TorchObjective(model, loss_fn, batch)
+    (``info["norm_layers"]`` records which statistics BatchNorm used). Every process runs on it.
+
+    The examples minibatches are drawn from are the slices of the batch's tensors along
+    ``example_axis``: by default their shared leading axis; an int for every tensor, or a pytree of
+    ints matching the batch, e.g. ``(1, 0)`` for an ``nn.LSTM`` input (T, N, F) with targets (N,)
+    (``info["example_axes"]`` then lists each tensor's axis)."""
+    objective = TorchObjective(model, loss_fn, batch, example_axis)
     objective.check()
     bridged, w0 = to_jax(objective)
     info = {"model": type(model).__name__, "parameters": objective.dim, "backend": f"torch {torch.__version__}"}
     if objective.num_examples is not None:
         info["n_train"] = objective.num_examples
+    if example_axis is not None:
+        info["example_axes"] = [axis for axis in objective.axes if axis is not None]
     norm_layers = objective.norm_layers()
     if norm_layers is not None:
         info["norm_layers"] = norm_layers

@@ -16,9 +16,12 @@ is a pure function of w and the batch, the loss full-batch GD descends; they are
 private copy of the module whose train-mode norm layers track no running statistics (the model's
 running statistics are neither used nor updated). Dropout in train mode makes L random and is refused.
 
-Examples are the rows of the batch's tensors (their shared leading axis): ``examples(indices)``
-is the minibatch of those rows, on which every method can evaluate L and its derivatives; the
-full batch is ``self.batch`` itself, never gathered.
+Examples are the slices of the batch's tensors along their example axes: by default the rows (a
+shared leading axis), or the axes ``example_axis`` names (one int for every tensor, or a pytree of
+ints matching the batch, e.g. ``(1, 0)`` for a sequence-first input (T, N, F) beside targets (N,)).
+``examples(indices)`` is the minibatch of those slices, x[..., indices, ...] with the example axis
+kept in place, on which every method can evaluate L and its derivatives; the full batch is
+``self.batch`` itself, never gathered.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
 Batch = tuple[Any, Any]
+ExampleAxis = int | tuple | list | dict | None  # an int, or a pytree of ints (a prefix of the batch's structure)
 
 
 def train_modes(model: torch.nn.Module) -> tuple[bool, ...]:
@@ -94,6 +98,61 @@ def batch_statistics_copy(model: torch.nn.Module, names: list[str]) -> torch.nn.
     return private
 
 
+def _tensor_name(path: tuple) -> str:
+    """A batch leaf by its position: ``batch[0] (inputs)``, ``batch[0][1] (inputs)``, ``batch[1] (targets)``."""
+    first = getattr(path[0], "idx", None) if path else None
+    role = " (inputs)" if first == 0 else " (targets)" if first == 1 else ""
+    return f"batch{pytree.keystr(path)}{role}"
+
+
+def example_axes(batch: Batch, example_axis: ExampleAxis) -> tuple[list[int | None], int | None]:
+    """The example axis of every leaf of ``batch`` (None for leaves that are not tensors) and N, the
+    number of examples (None: the batch has none, every axis is None).
+
+    ``example_axis`` None: the leading axis, if every tensor has one and they share its size (else
+    no examples). An int (for every tensor) or a pytree of ints that is a prefix of the batch's
+    structure (``(1, 0)`` for ``(inputs, targets)``): those axes (negative ones count from the end),
+    whose sizes must agree; a ValueError names an axis out of range, a size that differs (by the
+    tensor's position in the batch) or a structure that does not match.
+    """
+    paths_leaves, spec = pytree.tree_flatten_with_path(batch)
+    tensors = [(path, leaf) for path, leaf in paths_leaves if torch.is_tensor(leaf)]
+    if example_axis is None:
+        sizes = {leaf.shape[0] if leaf.dim() else None for _, leaf in tensors}
+        n = sizes.pop() if len(sizes) == 1 else None
+        return [0 if n is not None and torch.is_tensor(leaf) else None for _, leaf in paths_leaves], n
+    given = pytree._broadcast_to_and_flatten(example_axis, spec)
+    if given is None:
+        shapes = pytree.tree_map(lambda leaf: tuple(leaf.shape) if torch.is_tensor(leaf) else leaf, batch)
+        raise ValueError(
+            f"example_axis {example_axis!r} does not match the structure of the batch (shapes {shapes}): give one "
+            "int for every tensor, or a pytree of ints with the batch's structure (a tuple (inputs axis, targets "
+            "axis) for a batch (inputs, targets))"
+        )
+    axes: list[int | None] = []
+    found: list[tuple[str, int, int]] = []  # (tensor, its size along its axis, the axis)
+    for (path, leaf), axis in zip(paths_leaves, given):
+        if not torch.is_tensor(leaf):
+            axes.append(None)
+            continue
+        name = _tensor_name(path)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"example_axis for {name} must be an int, got {axis!r}")
+        if not -leaf.dim() <= axis < leaf.dim():
+            raise ValueError(
+                f"example_axis {axis} is out of range for {name} of shape {tuple(leaf.shape)} ({leaf.dim()} dims)"
+            )
+        axis %= leaf.dim()
+        axes.append(axis)
+        found.append((name, leaf.shape[axis], axis))
+    if not found:
+        raise ValueError("example_axis is given but the batch holds no tensors to take examples from")
+    if len({size for _, size, _ in found}) > 1:
+        listed = ", ".join(f"{name} has {size} along axis {axis}" for name, size, axis in found)
+        raise ValueError(f"the batch's example axes disagree on the number of examples: {listed}")
+    return axes, found[0][1]
+
+
 class TorchObjective:
     """L(w) = loss_fn(model(inputs; w), targets) for the flat vector w of ``model``'s parameters.
 
@@ -101,8 +160,11 @@ class TorchObjective:
         model: the module (its trainable parameters give the layout of w and w0; those with
             ``requires_grad=False`` keep their values; it is not modified).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (e.g. ``torch.nn.functional.mse_loss``).
-        batch: ``(inputs, targets)``, the data the loss is evaluated on (full batch); the rows of
-            its tensors (their shared leading axis) are the examples minibatches are drawn from.
+        batch: ``(inputs, targets)``, the data the loss is evaluated on (full batch); the slices of
+            its tensors along their example axes are the examples minibatches are drawn from.
+        example_axis: None (the rows: a leading axis the tensors share, else no examples), an int
+            for every tensor, or a pytree of ints matching the batch (``(1, 0)``: inputs (T, N, F),
+            targets (N,)); see :func:`example_axes`.
         names, shapes: the parameters' names and shapes, in the order they occupy w.
 
     The model's train/eval modes are read at every call (the evaluated module is rebuilt when they
@@ -110,10 +172,19 @@ class TorchObjective:
     a fixed affine map. Dropout in train mode raises a ValueError naming the modules.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batch: Batch):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        batch: Batch,
+        example_axis: ExampleAxis = None,
+    ):
         self.model = model
         self.loss_fn = loss_fn
         self.batch = batch
+        self.example_axis = example_axis
+        self.axes, self._num_examples = example_axes(batch, example_axis)  # per leaf of the batch
+        self.vmap_error: str | None = None  # torch.func.vmap's error if it cannot batch the model (the bridge loops)
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # frozen ones stay fixed
         if not params:
             raise ValueError("the model has no trainable parameters (requires_grad): nothing to differentiate")
@@ -228,8 +299,10 @@ class TorchObjective:
             ) from error
 
     @classmethod
-    def from_module(cls, model: torch.nn.Module, loss_fn: Callable, batch: Batch) -> TorchObjective:
-        return cls(model, loss_fn, batch)
+    def from_module(
+        cls, model: torch.nn.Module, loss_fn: Callable, batch: Batch, example_axis: ExampleAxis = None
+    ) -> TorchObjective:
+        return cls(model, loss_fn, batch, example_axis)
 
     @property
     def dim(self) -> int:
@@ -274,27 +347,35 @@ class TorchObjective:
     # ---- examples and minibatches ----------------------------------------------------------
     @property
     def num_examples(self) -> int | None:
-        """N, the leading size every tensor of the batch shares (None if they disagree, or there are
-        none): the examples minibatches are drawn from."""
-        sizes = {
-            leaf.shape[0] if leaf.dim() else None for leaf in pytree.tree_leaves(self.batch) if torch.is_tensor(leaf)
-        }
-        return sizes.pop() if len(sizes) == 1 else None
+        """N, the size every tensor of the batch has along its example axis (by default the leading
+        one; None if they disagree, or there are no tensors): the examples minibatches are drawn from."""
+        return self._num_examples
+
+    def example_dims(self) -> Any:
+        """The example axis of every leaf of the batch, in its structure (None for leaves that are not
+        tensors, or without examples): the ``in_dims`` that map over the examples of minibatches."""
+        return pytree.tree_unflatten(self.axes, pytree.tree_structure(self.batch))
 
     def examples(self, indices: Any) -> Batch:
-        """The minibatch of rows ``indices`` of every tensor of the batch (an index array of any
-        shape: the rows' axis becomes those axes). The indices 0, ..., N-1 in order are the batch
-        itself, not a gathered copy."""
+        """The minibatch of examples ``indices`` of every tensor of the batch, x[..., indices, ...] along
+        its example axis (an index array of any shape: the example axis becomes those axes, in
+        place). The indices 0, ..., N-1 in order are the batch itself, not a gathered copy."""
         index = indices if torch.is_tensor(indices) else torch.from_numpy(np.array(indices, dtype=np.int64))
         index = index.to(device=self.device, dtype=torch.long)
         n = self.num_examples
         if n is None:
             raise ValueError(
-                "the batch's tensors do not share a leading (example) axis, so there are no examples to select"
+                "the batch's tensors do not share a leading (example) axis, so there are no examples to select "
+                "(name the example axes with example_axis)"
             )
         if index.shape == (n,) and torch.equal(index, torch.arange(n, device=self.device)):
             return self.batch
-        return pytree.tree_map(lambda leaf: leaf[index] if torch.is_tensor(leaf) else leaf, self.batch)
+        leaves, spec = pytree.tree_flatten(self.batch)
+        # one advanced index at position `axis`: its axes replace that axis, in place
+        selected = [
+            leaf if axis is None else leaf[(slice(None),) * axis + (index,)] for leaf, axis in zip(leaves, self.axes)
+        ]
+        return pytree.tree_unflatten(selected, spec)
 
     def check_minibatch(self, size: int) -> None:
         """A ValueError when BatchNorm in train mode would normalize a minibatch of one example by
