@@ -64,6 +64,9 @@ def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem,
         resolved_problem = resolved_table(spec, {key: value for key, value in spec.problem.items() if key != "name"})
     problem.check_dtype(spec.dtype)
     problem.check_finite()
+    if spec.microbatch:
+        with precision(spec.dtype):
+            problem = problem.with_microbatch(spec.microbatch)
     fitted = fit_spectrum(spec, int(problem.w0.size), "k_max" in (table.get("spectrum") or {}))
     processes = {name: PROCESSES[name].build(problem, fitted, spec.options[name]) for name in spec.processes}
     return spec, problem, resolved_problem, processes

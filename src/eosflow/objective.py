@@ -15,6 +15,7 @@ compilation serves any dataset of the same shape, and methods inline into caller
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,11 +78,16 @@ class Objective(eqx.Module):
         loss_on: ``loss_on(w, batch)``, the mean loss of ``w`` on a batch (a callable pytree).
         data: the full training batch (a pytree with a leading example axis), or None.
         unravel: maps a flat vector back to the model's parameter pytree (static).
+        microbatch: evaluate the full-batch loss in chunks of this many examples,
+            L = sum_c (n_c / N) L_c, each chunk rematerialized in the backward pass, so that the
+            gradient, HVPs and third derivatives hold one chunk's activations at a time (None: the
+            whole batch at once). Requires a loss that is a mean over examples.
     """
 
     loss_on: Callable[[Array, PyTree], Array]
     data: PyTree
     unravel: Callable[[Array], PyTree] = eqx.field(static=True)
+    microbatch: int | None = eqx.field(static=True, default=None)
 
     @classmethod
     def from_function(cls, fn: Callable[[Array], Array]) -> Objective:
@@ -105,8 +111,10 @@ class Objective(eqx.Module):
 
     # ---- full-batch quantities -------------------------------------------------------------
     def value(self, w: Array) -> Array:
-        """L(w)."""
-        return self.loss_on(w, self.data)
+        """L(w) (in chunks of ``microbatch`` examples, if set)."""
+        if self.microbatch is None or self.data is None:
+            return self.loss_on(w, self.data)
+        return chunked_mean(self.loss_on, w, self.data, self.microbatch)
 
     def grad(self, w: Array) -> Array:
         """g(w) = grad L(w)."""
@@ -157,9 +165,29 @@ class Objective(eqx.Module):
 
         return jax.vmap(one)(data)
 
+    def with_microbatch(self, size: int | None) -> Objective:
+        """The same loss evaluated in chunks of ``size`` examples (None: all at once)."""
+        return dataclasses.replace(self, microbatch=size)
+
     def with_data(self, data: PyTree) -> Objective:
         """The same loss on other data (e.g. a held-out split)."""
         return eqx.tree_at(lambda o: o.data, self, data, is_leaf=lambda x: x is None)
+
+
+def chunked_mean(loss_on: Callable[[Array, PyTree], Array], w: Array, data: PyTree, size: int) -> Array:
+    """(1/N) sum_c n_c loss_on(w, chunk_c) over consecutive chunks of ``size`` examples (the last may be
+    shorter): the mean loss when ``loss_on`` is a mean over examples. The full chunks run in a
+    ``lax.map`` under ``jax.checkpoint``, so reverse mode keeps one chunk's activations at a time."""
+    n = int(jax.tree_util.tree_leaves(data)[0].shape[0])
+    full, rest = divmod(n, size)
+    if full <= 1 and rest == 0 or full == 0:
+        return loss_on(w, data)
+    chunks = jax.tree_util.tree_map(lambda leaf: leaf[: full * size].reshape(full, size, *leaf.shape[1:]), data)
+    body = jax.checkpoint(lambda w, chunk: loss_on(w, chunk))
+    total = size * jnp.sum(jax.lax.map(lambda chunk: body(w, chunk), chunks))
+    if rest:
+        total = total + rest * body(w, jax.tree_util.tree_map(lambda leaf: leaf[full * size :], data))
+    return total / n
 
 
 def ravel(params: PyTree, where: str = "params") -> tuple[Array, Unravel]:

@@ -50,7 +50,8 @@ def simulate(
             ``processes`` (default ``["gd"]``; the first is the reference), ``spectrum``,
             ``record``, ``divergence`` (the spec's tables, e.g. ``{"k_max": 2}``), ``options``
             (each process's table, ``{"central_flow": {"substeps": 4}}``), ``seed``, ``dtype``
-            (default float64 if every floating parameter is float64, else float32), ``name``.
+            (default float64 if every floating parameter is float64, else float32), ``microbatch``
+            (full-batch losses in chunks of that many examples; 0: all at once), ``name``.
 
     Returns:
         The run's ``xarray.Dataset`` (dims process x step), loaded into memory; its ``attrs``
@@ -109,6 +110,7 @@ def simulation_table(
     options: dict[str, dict] | None = None,
     seed: int = 0,
     dtype: str | None = None,
+    microbatch: int = 0,
     record: dict | None = None,
     divergence: dict | None = None,
     name: str = "simulate",
@@ -127,6 +129,7 @@ def simulation_table(
         "steps": steps,
         "lr": lr,
         "dtype": dtype or problem.default_dtype(),
+        "microbatch": microbatch,
         "processes": list(processes),
         "problem": dict(problem.source or {"name": IN_MEMORY}),
     }

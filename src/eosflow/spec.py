@@ -81,6 +81,12 @@ class Spec:
     steps: int = option(1000, "optimizer steps (units of time) to run", ge=1)
     lr: float = option(0.05, "learning rate eta of the optimizer and its models", gt=0)
     dtype: Literal["float32", "float64"] = option("float32", "floating-point precision")
+    microbatch: int = option(
+        0,
+        "evaluate full-batch losses in chunks of this many examples (0: all at once); for data whose "
+        "forward pass does not fit in memory at once (the loss must be a mean over examples)",
+        ge=0,
+    )
     processes: tuple[str, ...] = option(("gd",), "processes run in lockstep; the first is the reference")
     problem: dict = dataclasses.field(default_factory=lambda: {"name": "mlp"})
     spectrum: SpectrumSpec = dataclasses.field(default_factory=SpectrumSpec)

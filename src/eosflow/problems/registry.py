@@ -126,6 +126,41 @@ class Problem:
             _check_scalar("loss_fn(w0)", _traced("loss_fn(w0)", loss_fn, w0))
         return problem
 
+    def with_microbatch(self, size: int) -> Problem:
+        """This problem with its full-batch losses (training and test) evaluated in chunks of ``size``
+        examples (:attr:`Objective.microbatch`): the same loss, one chunk's activations in memory at a
+        time. The chunks' losses are averaged, so the loss must be a mean over examples: checked at w0 on
+        the first four examples against the mean of its two halves (a sum, or BatchNorm's batch
+        statistics, is refused by a SpecError)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise SpecError(f"`microbatch` = {size!r}: a number of examples >= 1 (0 in a spec: all at once)")
+        objective = self.objective
+        if objective.data is None:
+            raise SpecError(
+                f"`microbatch` = {size}: this problem's loss has no examples (no data), so it has nothing to split"
+            )
+        if objective.num_examples >= 4:
+            rows = [
+                jax.tree_util.tree_map(lambda leaf, a=a, b=b: leaf[a:b], objective.data)
+                for a, b in ((0, 4), (0, 2), (2, 4))
+            ]
+            with precision(self.default_dtype()):
+                w0 = jnp.asarray(self.w0)
+                whole, first, second = (float(objective.loss_on(w0, batch)) for batch in rows)
+            if abs(whole - (first + second) / 2) > 1e-5 * abs(whole) + 1e-30:
+                raise SpecError(
+                    f"`microbatch` = {size}: the loss is not a mean over examples, so chunks cannot be averaged: at "
+                    f"w0 the loss of examples 0-3 is {whole:.8g}, the mean of the losses of 0-1 and 2-3 "
+                    f"{(first + second) / 2:.8g} (a loss summed over examples, or BatchNorm normalizing by the "
+                    "batch's statistics, depends on how the batch is cut)"
+                )
+        test = self.test_objective
+        return dataclasses.replace(
+            self,
+            objective=objective.with_microbatch(size),
+            test_objective=None if test is None or test.data is None else test.with_microbatch(size),
+        )
+
     def default_dtype(self) -> str:
         """The dtype a run of this problem computes in unless told: float64 if every floating
         parameter leaf is float64, else float32."""
