@@ -124,3 +124,29 @@ def test_a_torch_model_in_chunks_equals_it_whole():
     b = eosflow.simulate(problem, microbatch=5, **settings)
     np.testing.assert_allclose(b.loss.values, a.loss.values, rtol=1e-12)
     np.testing.assert_allclose(b.sharpness.values, a.sharpness.values, rtol=1e-10)
+
+
+def test_the_live_tracker_in_chunks_equals_it_whole():
+    """SharpnessTracker(microbatch=B) in a user's loop: the same eigenpairs at every update (float64),
+    and the same HVP count, on a batch of N = 23 split into chunks of 5 and 23 = N; a bad B is named."""
+    rng = np.random.default_rng(3)
+    batch = (jnp.asarray(rng.normal(size=(N, 3))), jnp.asarray(rng.normal(size=(N, 2))))
+    params = {"a": jnp.asarray(rng.normal(size=(3, 8)) / 2), "b": jnp.asarray(rng.normal(size=(8, 2)) / 3)}
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return 0.5 * jnp.mean(jnp.sum((jnp.tanh(x @ p["a"]) @ p["b"] - y) ** 2, axis=-1))
+
+    trackers = [eosflow.SharpnessTracker(loss_fn, k=2, tol=1e-6, microbatch=b) for b in (None, 5, N)]
+    states = [t.init(params, jax.random.key(0)) for t in trackers]
+    for _ in range(4):
+        results = []
+        for i, tracker in enumerate(trackers):
+            states[i], eig = tracker.update(states[i], params, batch)
+            results.append(eig)
+        for eig in results[1:]:
+            np.testing.assert_allclose(eig.values, results[0].values, rtol=1e-12)
+            assert int(eig.hvps) == int(results[0].hvps)
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, jax.grad(loss_fn)(params, batch))
+    with pytest.raises(ValueError, match="microbatch must be a number of examples >= 1"):
+        eosflow.SharpnessTracker(loss_fn, microbatch=0)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from eosflow.objective import ravel
+from eosflow.objective import chunked_mean, ravel
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
 
@@ -143,6 +143,9 @@ class SharpnessTracker(eqx.Module):
         warm_start: where a measurement starts: ``"previous"`` (the last one's vectors),
             ``"same_side"``, ``"extrapolated"`` or ``"fitted"`` (as GD's, :func:`gd_warm_start`; needs
             every = 1).
+        microbatch: evaluate ``loss_fn`` on chunks of this many examples of the batch (the mean of
+            their losses, each rematerialized; :func:`eosflow.objective.chunked_mean`), so that an HVP
+            holds one chunk's activations (None: the whole batch; the loss must be a mean over examples).
     """
 
     loss_fn: Callable = eqx.field(static=True)
@@ -152,6 +155,7 @@ class SharpnessTracker(eqx.Module):
     every: int = eqx.field(static=True, default=1)
     cluster: float | None = eqx.field(static=True, default=None)
     warm_start: WarmStart = eqx.field(static=True, default="previous")
+    microbatch: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.warm_start not in get_args(WarmStart):
@@ -171,6 +175,10 @@ class SharpnessTracker(eqx.Module):
             )
         if not 0 < self.tol < 1:
             raise ValueError(f"SharpnessTracker tol must be in (0, 1), got {self.tol!r}")
+        if self.microbatch is not None and (isinstance(self.microbatch, bool) or not self.microbatch >= 1):
+            raise ValueError(
+                f"SharpnessTracker microbatch must be a number of examples >= 1 or None, got {self.microbatch!r}"
+            )
         if self.cluster is not None and not 0 <= self.cluster < 1:
             raise ValueError(f"SharpnessTracker cluster must be in [0, 1) or None, got {self.cluster!r}")
 
@@ -194,7 +202,7 @@ class SharpnessTracker(eqx.Module):
 
         call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
 
-        def loss(w):
+        def loss_on(w, batch):
             value = self.loss_fn(unravel(w)) if batch is None else self.loss_fn(unravel(w), batch)
             if isinstance(value, tuple):
                 raise ValueError(
@@ -207,6 +215,11 @@ class SharpnessTracker(eqx.Module):
                     "must reduce over examples and outputs (e.g. jnp.mean)"
                 )
             return value
+
+        def loss(w):
+            if self.microbatch is None or batch is None:
+                return loss_on(w, batch)
+            return chunked_mean(loss_on, w, batch, self.microbatch)
 
         older, params_and_step = state.older, state.params
         start = state.vectors
