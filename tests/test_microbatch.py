@@ -150,3 +150,27 @@ def test_the_live_tracker_in_chunks_equals_it_whole():
         params = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, jax.grad(loss_fn)(params, batch))
     with pytest.raises(ValueError, match="microbatch must be a number of examples >= 1"):
         eosflow.SharpnessTracker(loss_fn, microbatch=0)
+
+
+def test_per_example_and_minibatch_gradients_in_chunks():
+    """per_example_grads (all rows, and a subset with repeats) and batch_grad with chunks equal the
+    unchunked ones; an SGD + Langevin run with noise from per-example gradients equals its unchunked run."""
+    problem = mlp_problem(4)
+    whole, chunked = problem.objective, problem.with_microbatch(4).objective
+    w = jnp.asarray(problem.w0)
+    subset = jnp.asarray([5, 0, 5, 22, 7, 3, 9])
+    np.testing.assert_allclose(chunked.per_example_grads(w), whole.per_example_grads(w), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(chunked.per_example_grads(w, subset), whole.per_example_grads(w, subset), atol=1e-15)
+    np.testing.assert_allclose(chunked.batch_grad(w, subset), whole.batch_grad(w, subset), rtol=0, atol=1e-15)
+    settings = dict(
+        lr=0.2,
+        steps=12,
+        seed=1,
+        processes=["sgd", "langevin"],
+        options={"sgd": {"batch_size": 10, "noise_every": 4}},
+        spectrum={"every": 0},
+    )
+    a, b = eosflow.simulate(problem, **settings), eosflow.simulate(problem, microbatch=3, **settings)
+    for field in ("loss", "batch_loss", "noise_trace"):
+        assert np.isfinite(a[field].values).any(), field
+        np.testing.assert_allclose(b[field].values, a[field].values, rtol=1e-11, err_msg=field)

@@ -151,10 +151,11 @@ class Objective(eqx.Module):
     def batch_grad(self, w: Array, indices: Array) -> Array:
         """Gradient of the mean loss over the examples ``indices``."""
         batch = jax.tree_util.tree_map(lambda leaf: leaf[indices], self.data)
-        return jax.grad(self.loss_on)(w, batch)
+        return self.with_data(batch).grad(w)  # (in chunks of microbatch examples, if set)
 
     def per_example_grads(self, w: Array, indices: Array | None = None) -> Float[Array, "n d"]:
-        """Gradients of the individual examples' losses (rows), for noise covariances."""
+        """Gradients of the individual examples' losses (rows), for noise covariances; vectorized over
+        ``microbatch`` examples at a time, if set (the rows, n x d, are the output whatever it is)."""
         data = self.data
         if indices is not None:
             data = jax.tree_util.tree_map(lambda leaf: leaf[indices], data)
@@ -163,7 +164,9 @@ class Objective(eqx.Module):
             batch = jax.tree_util.tree_map(lambda leaf: leaf[None], example)
             return jax.grad(self.loss_on)(w, batch)
 
-        return jax.vmap(one)(data)
+        if self.microbatch is None:
+            return jax.vmap(one)(data)
+        return jax.lax.map(one, data, batch_size=self.microbatch)
 
     def with_microbatch(self, size: int | None) -> Objective:
         """The same loss evaluated in chunks of ``size`` examples (None: all at once)."""
