@@ -174,3 +174,30 @@ def test_per_example_and_minibatch_gradients_in_chunks():
     for field in ("loss", "batch_loss", "noise_trace"):
         assert np.isfinite(a[field].values).any(), field
         np.testing.assert_allclose(b[field].values, a[field].values, rtol=1e-11, err_msg=field)
+
+
+def test_the_torch_tracker_in_chunks_equals_it_whole():
+    """eosflow.torch.SharpnessTracker(microbatch=B) inside a torch loop: the same eigenvalues (1e-12) and
+    HVP counts as the unchunked tracker at every update; a summed loss and a bad B are refused."""
+    torch = pytest.importorskip("torch")
+    import eosflow.torch
+
+    F = torch.nn.functional
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    batch = (torch.randn(N, 3, dtype=torch.float64), torch.randn(N, 2, dtype=torch.float64))
+    trackers = [eosflow.torch.SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8, microbatch=b) for b in (None, 5, 7)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        whole, *chunked = (tracker.update(batch) for tracker in trackers)
+        for eig in chunked:
+            np.testing.assert_allclose(eig.values, whole.values, rtol=1e-12)
+            assert eig.hvps == whole.hvps
+        optimizer.zero_grad()
+        F.mse_loss(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+    summed = eosflow.torch.SharpnessTracker(model, lambda f, t: F.mse_loss(f, t, reduction="sum"), microbatch=5)
+    with pytest.raises(ValueError, match="not a mean over examples"):
+        summed.update(batch)
+    with pytest.raises(ValueError, match="microbatch must be a number of examples >= 1"):
+        eosflow.torch.SharpnessTracker(model, F.mse_loss, microbatch=0)

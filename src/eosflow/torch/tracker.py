@@ -115,6 +115,45 @@ def _state(optimizer: torch.optim.Optimizer, objective: TorchObjective, key: str
     return np.concatenate(pieces), steps
 
 
+def row_chunks(batch: Batch, size: int) -> list[tuple[float, Batch]]:
+    """[(n_c / N, rows of chunk c)] over consecutive chunks of ``size`` rows of every tensor of the batch
+    (a ValueError unless the tensors share their leading size N)."""
+    sizes = {leaf.shape[0] for leaf in torch.utils._pytree.tree_leaves(batch) if torch.is_tensor(leaf) and leaf.dim()}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"microbatch splits the batch's rows, but its tensors have leading sizes {sorted(sizes)}: give a "
+            "batch whose tensors share their leading (example) axis, or no microbatch"
+        )
+    n = sizes.pop()
+    return [
+        (
+            min(size, n - start) / n,
+            torch.utils._pytree.tree_map(lambda t, a=start: t[a : a + size] if torch.is_tensor(t) else t, batch),
+        )
+        for start in range(0, n, size)
+    ]
+
+
+def check_mean_over_examples(objective: TorchObjective, batch: Batch) -> None:
+    """A ValueError unless the loss of rows 0-3 is the mean of the losses of rows 0-1 and 2-3 (what
+    averaging chunks needs; a summed loss or BatchNorm's batch statistics fail)."""
+    rows = row_chunks(batch, 4)[0][1]
+    if rows[0].shape[0] < 4:
+        return
+    w = objective.flat_parameters()
+    whole, (first, second) = (
+        float(objective.value(w, rows)),
+        (float(objective.value(w, c)) for _, c in row_chunks(rows, 2)),
+    )
+    if abs(whole - (first + second) / 2) > 1e-5 * abs(whole) + 1e-30:
+        raise ValueError(
+            f"microbatch: the loss is not a mean over examples, so chunks cannot be averaged: the loss of rows "
+            f"0-3 is {whole:.8g}, the mean of the losses of rows 0-1 and 2-3 {(first + second) / 2:.8g} (a loss "
+            "summed over examples, or BatchNorm normalizing by the batch's statistics, depends on how the batch "
+            "is cut)"
+        )
+
+
 class SharpnessTracker:
     """Top-k eigenpairs of a torch model's (preconditioned) Hessian, warm-started call to call.
 
@@ -122,11 +161,26 @@ class SharpnessTracker:
         model, loss_fn: the model and ``loss_fn(outputs, targets) -> scalar``.
         k: number of eigenpairs; tol: relative residual per pair; max_iters: LOBPCG iterations.
         seed: of the random initial block.
+        microbatch: evaluate the HVPs on chunks of this many rows of the batch, H = sum_c (n_c / N) H_c
+            (one chunk's activations in memory; the loss must be a mean over examples, checked on the
+            first update). None: the whole batch at once.
     """
 
     def __init__(
-        self, model: torch.nn.Module, loss_fn: Any, k: int = 1, tol: float = 1e-3, max_iters: int = 30, seed: int = 0
+        self,
+        model: torch.nn.Module,
+        loss_fn: Any,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iters: int = 30,
+        seed: int = 0,
+        microbatch: int | None = None,
     ):
+        if microbatch is not None and (
+            isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1
+        ):
+            raise ValueError(f"microbatch must be a number of examples >= 1 or None, got {microbatch!r}")
+        self.microbatch = microbatch
         self.objective = TorchObjective(model, loss_fn, batch=(None, None))
         if not 1 <= k <= self.objective.dim:
             raise ValueError(f"k = {k} must be between 1 and the parameter count {self.objective.dim}")
@@ -150,7 +204,13 @@ class SharpnessTracker:
         device = self.objective.device
         w_t = torch.from_numpy(np.require(w, requirements="W")).to(device)
         v_t = torch.from_numpy(np.require(vectors, requirements="W")).to(device)
-        return self.objective.hvp_batch(w_t, v_t, self._batch).detach().cpu().numpy()
+        batch = self._batch
+        assert batch is not None, "HVPs are taken inside update(), which sets the batch"
+        chunks = [(1.0, batch)] if self.microbatch is None else row_chunks(batch, self.microbatch)
+        image = torch.zeros_like(v_t)
+        for weight, chunk in chunks:
+            image += weight * self.objective.hvp_batch(w_t, v_t, chunk)
+        return image.detach().cpu().numpy()
 
     def update(self, batch: Batch, optimizer: torch.optim.Optimizer | None = None) -> TrackedEigenpairs:
         """Measure at the model's current parameters on ``batch``, in its current train/eval modes
@@ -160,6 +220,8 @@ class SharpnessTracker:
         modes = train_modes(objective.model)
         if modes != self._checked:  # the first update, or the model's modes changed: a different loss
             objective.check(batch)
+            if self.microbatch is not None:
+                check_mean_over_examples(objective, batch)
             self._checked = modes
         w = objective.flat_parameters().cpu().numpy()
         if optimizer is None:
