@@ -182,9 +182,9 @@ def chunked_mean(loss_on: Callable[[Array, PyTree], Array], w: Array, data: PyTr
     shorter): the mean loss when ``loss_on`` is a mean over examples. The full chunks run in a
     ``lax.map`` under ``jax.checkpoint``, so reverse mode keeps one chunk's activations at a time."""
     n = int(jax.tree_util.tree_leaves(data)[0].shape[0])
-    full, rest = divmod(n, size)
-    if full <= 1 and rest == 0 or full == 0:
+    if n <= size:
         return loss_on(w, data)
+    full, rest = divmod(n, size)
     chunks = jax.tree_util.tree_map(lambda leaf: leaf[: full * size].reshape(full, size, *leaf.shape[1:]), data)
     body = jax.checkpoint(lambda w, chunk: loss_on(w, chunk))
     total = size * jnp.sum(jax.lax.map(lambda chunk: body(w, chunk), chunks))
