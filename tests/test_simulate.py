@@ -27,7 +27,9 @@ from eosflow.store import StoreError
 from eosflow.sweep import load_sweep, local_cluster, run_sweep
 
 PATH = "user_models:make_problem"
-LR, STEPS = 0.8, 40
+# chunks of 8 steps: the test of every process runs one chunk (8 steps) with the fixture's settings, so
+# its gd, central_flow and rod_flow reuse the fixture's compiled first chunk
+LR, STEPS, CHUNK = 0.8, 40, 8
 PROCESSES = ["gd", "central_flow", "rod_flow"]
 SPECTRUM = {"k_max": 2}
 TABLE = {
@@ -37,7 +39,7 @@ TABLE = {
     "processes": PROCESSES,
     "problem": {"name": PATH},
     "spectrum": SPECTRUM,
-    "record": {"chunk": 20},
+    "record": {"chunk": CHUNK},
 }
 
 
@@ -51,7 +53,7 @@ def assert_same_trajectories(a, b):
 @pytest.fixture(scope="module")
 def in_memory():
     return eosflow.simulate(
-        user_models.make_problem(), lr=LR, steps=STEPS, processes=PROCESSES, spectrum=SPECTRUM, record={"chunk": 20}
+        user_models.make_problem(), lr=LR, steps=STEPS, processes=PROCESSES, spectrum=SPECTRUM, record={"chunk": CHUNK}
     )
 
 
@@ -100,7 +102,7 @@ def test_every_process_that_runs_on_any_problem_runs_on_a_user_model():
     ds = eosflow.simulate(
         user_models.make_problem(),
         lr=LR,
-        steps=6,
+        steps=CHUNK,
         processes=names,
         spectrum=SPECTRUM,
         options={"sgd": {"batch_size": 10}},
@@ -202,7 +204,7 @@ def test_sweep_of_an_import_path_problem_on_two_worker_processes(in_memory, tmp_
     cluster = local_cluster(2, cache_dir=tmp_path / "jax-cache")
     try:
         assert len(cluster.workers) == 2
-        table = {**TABLE, "processes": ["gd"], "steps": 20}
+        table = {**TABLE, "processes": ["gd"], "steps": 20, "record": {"chunk": 20}}  # one chunk: one compile
         out = run_sweep(
             table, ["problem.scale=1.5,1.2"], tmp_path / "sweep", scheduler=cluster.scheduler_address, progress=False
         )
