@@ -27,7 +27,9 @@ from eosflow.store import StoreError
 from eosflow.sweep import load_sweep, local_cluster, run_sweep
 
 PATH = "user_models:make_problem"
-LR, STEPS = 0.8, 40
+# chunks of 8 steps: the test of every process runs one chunk (8 steps) with the fixture's settings, so
+# its gd, central_flow and rod_flow reuse the fixture's compiled first chunk
+LR, STEPS, CHUNK = 0.8, 40, 8
 PROCESSES = ["gd", "central_flow", "rod_flow"]
 SPECTRUM = {"k_max": 2}
 TABLE = {
@@ -37,7 +39,7 @@ TABLE = {
     "processes": PROCESSES,
     "problem": {"name": PATH},
     "spectrum": SPECTRUM,
-    "record": {"chunk": 20},
+    "record": {"chunk": CHUNK},
 }
 
 
@@ -51,7 +53,7 @@ def assert_same_trajectories(a, b):
 @pytest.fixture(scope="module")
 def in_memory():
     return eosflow.simulate(
-        user_models.make_problem(), lr=LR, steps=STEPS, processes=PROCESSES, spectrum=SPECTRUM, record={"chunk": 20}
+        user_models.make_problem(), lr=LR, steps=STEPS, processes=PROCESSES, spectrum=SPECTRUM, record={"chunk": CHUNK}
     )
 
 
@@ -100,7 +102,7 @@ def test_every_process_that_runs_on_any_problem_runs_on_a_user_model():
     ds = eosflow.simulate(
         user_models.make_problem(),
         lr=LR,
-        steps=6,
+        steps=CHUNK,
         processes=names,
         spectrum=SPECTRUM,
         options={"sgd": {"batch_size": 10}},
@@ -110,7 +112,8 @@ def test_every_process_that_runs_on_any_problem_runs_on_a_user_model():
 
 
 def test_in_memory_directory_explains_how_to_resume(tmp_path):
-    eosflow.simulate(user_models.make_problem(width=3), lr=0.3, steps=4, out=tmp_path / "run")
+    # the run of the test above (width 5, lr 0.3, chunks of 5): its compiled step is reused
+    eosflow.simulate(user_models.make_problem(width=5), lr=0.3, steps=5, out=tmp_path / "run", record={"chunk": 5})
     with pytest.raises(SpecError, match="given to eosflow.simulate in memory.*resume=True"):
         run(eosflow.spec.load_spec_table(tmp_path / "run" / "spec.toml"), tmp_path / "run", resume=True)
 
@@ -201,7 +204,7 @@ def test_sweep_of_an_import_path_problem_on_two_worker_processes(in_memory, tmp_
     cluster = local_cluster(2, cache_dir=tmp_path / "jax-cache")
     try:
         assert len(cluster.workers) == 2
-        table = {**TABLE, "processes": ["gd"], "steps": 20}
+        table = {**TABLE, "processes": ["gd"], "steps": 20, "record": {"chunk": 20}}  # one chunk: one compile
         out = run_sweep(
             table, ["problem.scale=1.5,1.2"], tmp_path / "sweep", scheduler=cluster.scheduler_address, progress=False
         )
@@ -295,9 +298,15 @@ def test_a_nan_in_the_data_or_the_start_is_named_before_anything_is_written(wher
     assert not (tmp_path / "run").exists()
 
 
+def _sum_of_squares(w):
+    """L(w) = |w|^2, one function for the tests below: a run of it at lr 0.1 in chunks of 10 steps
+    compiles once in this process, and the later tests reuse that program (a lambda each compiled its own)."""
+    return jnp.sum(w**2)
+
+
 def test_a_misspelled_setting_of_simulate_is_named_with_the_fix():
     """Before: TypeError "simulation_table() got an unexpected keyword argument 'proceses'"."""
-    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+    problem = eosflow.Problem.from_function(_sum_of_squares, np.ones(2, np.float32))
     with pytest.raises(SpecError, match=r"eosflow.simulate: unknown setting `proceses` \(did you mean `processes`\?\)"):
         eosflow.simulate(problem, lr=0.1, steps=2, proceses=["gd"])
     with pytest.raises(SpecError, match=r"eosflow.simulate needs `lr` and `steps`"):
@@ -311,8 +320,8 @@ def test_a_misspelled_factory_key_is_named_with_the_closest_parameter(tmp_path):
 
 def test_simulate_into_an_existing_run_says_the_python_arguments(tmp_path):
     """The refusal named only the CLI's --resume / --overwrite, which eosflow.simulate does not take."""
-    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
-    eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
+    problem = eosflow.Problem.from_function(_sum_of_squares, np.ones(2, np.float32))
+    eosflow.simulate(problem, lr=0.1, steps=10, out=tmp_path / "run", record={"chunk": 10})
     with pytest.raises(StoreError, match=r"--resume \(resume=True\).*--overwrite \(overwrite=True\)"):
         eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
     with pytest.raises(StoreError, match=r"--overwrite \(overwrite=True\)"):
@@ -322,7 +331,7 @@ def test_simulate_into_an_existing_run_says_the_python_arguments(tmp_path):
 def test_an_interrupted_simulate_without_out_keeps_its_steps_and_continues():
     """Ctrl-C during eosflow.simulate(out=None) once deleted the steps done with its temporary
     directory; now the directory stays, named in the message, loadable and resumable (and extendable)."""
-    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
+    problem = eosflow.Problem.from_function(_sum_of_squares, np.ones(2, np.float32))
 
     def interrupt(step, chunk):
         if step == 10:
@@ -346,8 +355,8 @@ def test_an_interrupted_simulate_without_out_keeps_its_steps_and_continues():
 
 def test_simulate_without_out_leaves_no_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    problem = eosflow.Problem.from_function(lambda w: jnp.sum(w**2), np.ones(2, np.float32))
-    eosflow.simulate(problem, lr=0.1, steps=3)
+    problem = eosflow.Problem.from_function(_sum_of_squares, np.ones(2, np.float32))
+    eosflow.simulate(problem, lr=0.1, steps=10, record={"chunk": 10})
     with pytest.raises(SpecError):
         eosflow.simulate(problem, lr=-0.1, steps=3)
     assert list(tmp_path.iterdir()) == []
