@@ -65,8 +65,7 @@ def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem,
     problem.check_dtype(spec.dtype)
     problem.check_finite()
     if spec.microbatch:
-        with precision(spec.dtype):
-            problem = problem.with_microbatch(spec.microbatch)
+        problem = problem.with_microbatch(spec.microbatch)  # (checked in the problem's own dtype)
     fitted = fit_spectrum(spec, int(problem.w0.size), "k_max" in (table.get("spectrum") or {}))
     processes = {name: PROCESSES[name].build(problem, fitted, spec.options[name]) for name in spec.processes}
     return spec, problem, resolved_problem, processes

@@ -193,6 +193,27 @@ def chunked_mean(loss_on: Callable[[Array, PyTree], Array], w: Array, data: PyTr
     return total / n
 
 
+def check_example_count(size: Any, where: str) -> None:
+    """A SpecError unless ``size`` (a microbatch) is a number of examples >= 1 or None."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise SpecError(
+            f"{where} must be a number of examples >= 1 (or None: the whole batch at once; 0 in a spec), got {size!r}"
+        )
+
+
+def check_mean_over_examples(loss_of: Callable[[int, int], float], where: str) -> None:
+    """A SpecError unless the loss of examples 0-3 equals the mean of the losses of examples 0-1 and 2-3
+    (``loss_of(a, b)``: the loss of examples a..b-1), to 1e-5 relative: averaging chunks needs a loss
+    that is a mean over examples, and a summed loss or BatchNorm's batch statistics fail this."""
+    whole, first, second = (loss_of(a, b) for a, b in ((0, 4), (0, 2), (2, 4)))
+    if abs(whole - (first + second) / 2) > 1e-5 * abs(whole) + 1e-30:
+        raise SpecError(
+            f"{where}: the loss is not a mean over examples, so chunks cannot be averaged: the loss of examples "
+            f"0-3 is {whole:.8g}, the mean of the losses of 0-1 and 2-3 {(first + second) / 2:.8g} (a loss summed "
+            "over examples, or BatchNorm normalizing by the batch's statistics, depends on how the batch is cut)"
+        )
+
+
 def ravel(params: PyTree, where: str = "params") -> tuple[Array, Unravel]:
     """Flatten a pytree of arrays into one vector (in the common dtype), with its inverse.
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from eosflow.objective import chunked_mean, ravel
+from eosflow.objective import check_example_count, chunked_mean, ravel
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
 
@@ -175,10 +175,7 @@ class SharpnessTracker(eqx.Module):
             )
         if not 0 < self.tol < 1:
             raise ValueError(f"SharpnessTracker tol must be in (0, 1), got {self.tol!r}")
-        if self.microbatch is not None and (isinstance(self.microbatch, bool) or not self.microbatch >= 1):
-            raise ValueError(
-                f"SharpnessTracker microbatch must be a number of examples >= 1 or None, got {self.microbatch!r}"
-            )
+        check_example_count(self.microbatch, "SharpnessTracker microbatch")
         if self.cluster is not None and not 0 <= self.cluster < 1:
             raise ValueError(f"SharpnessTracker cluster must be in [0, 1) or None, got {self.cluster!r}")
 

@@ -32,15 +32,10 @@ def _layers(model: PyTree, kind: type) -> list[tuple[str, Any]]:
     return [(f"model{jax.tree_util.keystr(path)}", layer) for path, layer in found if isinstance(layer, kind)]
 
 
-def batch_statistics_layers(model: PyTree) -> list[str]:
-    """The paths of the BatchNorm layers in training mode (normalizing by the batch's statistics)."""
-    return [path for path, layer in _layers(model, eqx.nn.BatchNorm) if not layer.inference]
-
-
-def check_layers(model: PyTree, state: Any) -> list[str]:
-    """The model's batch-statistics layers, after refusing what has no fixed loss: dropout in training
-    mode (a SpecError naming it), BatchNorm without a ``state``; an EMA-mode BatchNorm whose state has
-    been trained warns, because its training forward mixes that state's running statistics in."""
+def check_layers(model: PyTree, state: Any) -> list[tuple[str, Any]]:
+    """The model's BatchNorm layers (path, layer), after refusing what has no fixed loss: dropout in
+    training mode (a SpecError naming it), BatchNorm without a ``state``; an EMA-mode BatchNorm whose
+    state has been trained warns, because its training forward mixes that state's running statistics in."""
     for path, layer in _layers(model, eqx.nn.Dropout):
         if not layer.inference and float(layer.p) > 0:
             raise SpecError(
@@ -48,7 +43,6 @@ def check_layers(model: PyTree, state: Any) -> list[str]:
                 "(every evaluation draws a new mask), so it has no Hessian: pass `eqx.nn.inference_mode(model)` "
                 f"or a model whose dropout has inference=True (eosflow measures the network without dropout)"
             )
-    batch_statistics = batch_statistics_layers(model)
     norms = _layers(model, eqx.nn.BatchNorm)
     if norms and state is None:
         raise SpecError(
@@ -64,7 +58,7 @@ def check_layers(model: PyTree, state: Any) -> list[str]:
                 "moves them at every step). mode='batch' normalizes by the batch alone",
                 stacklevel=4,
             )
-    return batch_statistics
+    return norms
 
 
 class EquinoxForward:
@@ -99,9 +93,10 @@ def split_model(model: PyTree, state: Any = None, axis_name: Any = None) -> tupl
     """(forward, params): the model's floating arrays (``eqx.is_inexact_array``) and the forward that
     rebuilds it from them; checked by :func:`check_layers`. ``axis_name`` defaults to the one name the
     model's BatchNorm layers reduce over (none without them)."""
-    batch_statistics = check_layers(model, state)
+    norms = check_layers(model, state)
+    batch_statistics = [path for path, layer in norms if not layer.inference]  # normalizing by the batch's
     if axis_name is None:
-        names = {repr(layer.axis_name): layer.axis_name for _, layer in _layers(model, eqx.nn.BatchNorm)}
+        names = {repr(layer.axis_name): layer.axis_name for _, layer in norms}
         if len(names) > 1:
             raise SpecError(
                 f"the model's BatchNorm layers reduce over different axis names ({', '.join(sorted(names))}): "

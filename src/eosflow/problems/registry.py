@@ -30,7 +30,15 @@ from jaxtyping import Array
 
 from eosflow.config import Entry, SpecError, describe_fields, parse, suggest, unknown_key_error
 from eosflow.data import CLASSIFICATION, REGRESSION
-from eosflow.objective import LOSSES, Objective, PyTree, Unravel, ravel
+from eosflow.objective import (
+    LOSSES,
+    Objective,
+    PyTree,
+    Unravel,
+    check_example_count,
+    check_mean_over_examples,
+    ravel,
+)
 from eosflow.precision import check_dtypes, precision
 
 IN_MEMORY = "in_memory"  # problem.name recorded for a problem given to eosflow.simulate in memory
@@ -132,33 +140,25 @@ class Problem:
         time. The chunks' losses are averaged, so the loss must be a mean over examples: checked at w0 on
         the first four examples against the mean of its two halves (a sum, or BatchNorm's batch
         statistics, is refused by a SpecError)."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise SpecError(f"`microbatch` = {size!r}: a number of examples >= 1 (0 in a spec: all at once)")
+        check_example_count(size, "`microbatch`")
         objective = self.objective
         if objective.data is None:
             raise SpecError(
                 f"`microbatch` = {size}: this problem's loss has no examples (no data), so it has nothing to split"
             )
         if objective.num_examples >= 4:
-            rows = [
-                jax.tree_util.tree_map(lambda leaf, a=a, b=b: leaf[a:b], objective.data)
-                for a, b in ((0, 4), (0, 2), (2, 4))
-            ]
             with precision(self.default_dtype()):
                 w0 = jnp.asarray(self.w0)
-                whole, first, second = (float(objective.loss_on(w0, batch)) for batch in rows)
-            if abs(whole - (first + second) / 2) > 1e-5 * abs(whole) + 1e-30:
-                raise SpecError(
-                    f"`microbatch` = {size}: the loss is not a mean over examples, so chunks cannot be averaged: at "
-                    f"w0 the loss of examples 0-3 is {whole:.8g}, the mean of the losses of 0-1 and 2-3 "
-                    f"{(first + second) / 2:.8g} (a loss summed over examples, or BatchNorm normalizing by the "
-                    "batch's statistics, depends on how the batch is cut)"
-                )
+
+                def loss_of(a: int, b: int) -> float:
+                    return float(objective.loss_on(w0, jax.tree_util.tree_map(lambda leaf: leaf[a:b], objective.data)))
+
+                check_mean_over_examples(loss_of, f"`microbatch` = {size} (at w0)")
         test = self.test_objective
         return dataclasses.replace(
             self,
             objective=objective.with_microbatch(size),
-            test_objective=None if test is None or test.data is None else test.with_microbatch(size),
+            test_objective=test if test is None or test.data is None else test.with_microbatch(size),
         )
 
     def default_dtype(self) -> str:

@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
+from eosflow.objective import check_example_count, check_mean_over_examples
 from eosflow.precision import precision
 from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold, preconditioned_matvec
 from eosflow.spectrum import lobpcg, random_vectors
@@ -115,43 +117,26 @@ def _state(optimizer: torch.optim.Optimizer, objective: TorchObjective, key: str
     return np.concatenate(pieces), steps
 
 
-def row_chunks(batch: Batch, size: int) -> list[tuple[float, Batch]]:
-    """[(n_c / N, rows of chunk c)] over consecutive chunks of ``size`` rows of every tensor of the batch
-    (a ValueError unless the tensors share their leading size N)."""
-    sizes = {leaf.shape[0] for leaf in torch.utils._pytree.tree_leaves(batch) if torch.is_tensor(leaf) and leaf.dim()}
+def leading_size(batch: Batch) -> int:
+    """N, the leading size every tensor of the batch shares (a ValueError naming the sizes otherwise)."""
+    sizes = {leaf.shape[0] for leaf in pytree.tree_leaves(batch) if torch.is_tensor(leaf) and leaf.dim()}
     if len(sizes) != 1:
         raise ValueError(
             f"microbatch splits the batch's rows, but its tensors have leading sizes {sorted(sizes)}: give a "
             "batch whose tensors share their leading (example) axis, or no microbatch"
         )
-    n = sizes.pop()
-    return [
-        (
-            min(size, n - start) / n,
-            torch.utils._pytree.tree_map(lambda t, a=start: t[a : a + size] if torch.is_tensor(t) else t, batch),
-        )
-        for start in range(0, n, size)
-    ]
+    return sizes.pop()
 
 
-def check_mean_over_examples(objective: TorchObjective, batch: Batch) -> None:
-    """A ValueError unless the loss of rows 0-3 is the mean of the losses of rows 0-1 and 2-3 (what
-    averaging chunks needs; a summed loss or BatchNorm's batch statistics fail)."""
-    rows = row_chunks(batch, 4)[0][1]
-    if rows[0].shape[0] < 4:
-        return
-    w = objective.flat_parameters()
-    whole, (first, second) = (
-        float(objective.value(w, rows)),
-        (float(objective.value(w, c)) for _, c in row_chunks(rows, 2)),
-    )
-    if abs(whole - (first + second) / 2) > 1e-5 * abs(whole) + 1e-30:
-        raise ValueError(
-            f"microbatch: the loss is not a mean over examples, so chunks cannot be averaged: the loss of rows "
-            f"0-3 is {whole:.8g}, the mean of the losses of rows 0-1 and 2-3 {(first + second) / 2:.8g} (a loss "
-            "summed over examples, or BatchNorm normalizing by the batch's statistics, depends on how the batch "
-            "is cut)"
-        )
+def rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows start..stop-1 of every tensor of the batch."""
+    return pytree.tree_map(lambda t: t[start:stop] if torch.is_tensor(t) else t, batch)
+
+
+def row_chunks(batch: Batch, size: int) -> list[tuple[float, Batch]]:
+    """[(n_c / N, rows of chunk c)] over consecutive chunks of ``size`` rows of the batch."""
+    n = leading_size(batch)
+    return [(min(size, n - start) / n, rows(batch, start, start + size)) for start in range(0, n, size)]
 
 
 class SharpnessTracker:
@@ -176,10 +161,7 @@ class SharpnessTracker:
         seed: int = 0,
         microbatch: int | None = None,
     ):
-        if microbatch is not None and (
-            isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1
-        ):
-            raise ValueError(f"microbatch must be a number of examples >= 1 or None, got {microbatch!r}")
+        check_example_count(microbatch, "microbatch")
         self.microbatch = microbatch
         self.objective = TorchObjective(model, loss_fn, batch=(None, None))
         if not 1 <= k <= self.objective.dim:
@@ -220,8 +202,9 @@ class SharpnessTracker:
         modes = train_modes(objective.model)
         if modes != self._checked:  # the first update, or the model's modes changed: a different loss
             objective.check(batch)
-            if self.microbatch is not None:
-                check_mean_over_examples(objective, batch)
+            if self.microbatch is not None and leading_size(batch) >= 4:
+                start = objective.flat_parameters()
+                check_mean_over_examples(lambda a, b: float(objective.value(start, rows(batch, a, b))), "microbatch")
             self._checked = modes
         w = objective.flat_parameters().cpu().numpy()
         if optimizer is None:
