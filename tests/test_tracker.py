@@ -158,6 +158,84 @@ def test_thresholds():
     assert optimizer_edges.sgd(0.1).threshold == pytest.approx(20.0)
     assert optimizer_edges.sgd(0.1, momentum=0.9).threshold == pytest.approx(38.0)
     assert optimizer_edges.rmsprop(0.1).threshold == pytest.approx(20.0)
+    assert optimizer_edges.adamw(0.1, weight_decay=0.5).threshold == pytest.approx(380.0 * (1 - 0.1 * 0.5 / 2))
+    schedule = optimizer_edges.sgd(optax.linear_schedule(0.1, 0.2, 10))
+    assert float(schedule.threshold_at(0)) == pytest.approx(20.0) and float(schedule.threshold_at(10)) == pytest.approx(
+        10.0
+    )
+
+
+def test_edge_optimizers_name_what_they_cannot_take():
+    with pytest.raises(TypeError, match=r"lr is a schedule.*threshold_at\(count\)"):
+        _ = optimizer_edges.adam(optax.linear_schedule(0.0, 1e-3, 10)).threshold
+    with pytest.raises(ValueError, match=r"lr must be positive, got -0.1"):
+        optimizer_edges.sgd(-0.1)
+    with pytest.raises(ValueError, match=r"weight_decay must be >= 0, got -0.01"):
+        optimizer_edges.adamw(1e-3, weight_decay=-0.01)
+
+
+@pytest.mark.parametrize("lr, b1, weight_decay", [(1.0, 0.9, 0.0), (1.0, 0.9, 0.2), (0.5, 0.5, 0.6), (2.0, 0.8, 0.3)])
+def test_adamw_threshold_is_where_optaxs_own_iteration_loses_stability(lr, b1, weight_decay):
+    """optax.adamw on L = a w^2 / 2 with P = eps (w tiny: sqrt(nu) << eps), float64: |w| shrinks for a 1% below
+    the threshold and grows 1% above it. Adam's 38/lr would put the edge 1 / (1 - lr wd / 2) higher: the
+    decoupled decay is what moves it (lr wd = 0.2 in the second case, so 1% above ours is 9% below Adam's). Each
+    late step of optax's equals the (w, m) map whose determinant and trace the threshold is derived from."""
+    with precision("float64"):
+        optimizer = optimizer_edges.adamw(lr, b1=b1, b2=0.999, eps=1.0, weight_decay=weight_decay)
+        for factor in (0.99, 1.01):
+            a = factor * optimizer.threshold  # P = eps = 1, so the preconditioned curvature is a
+            w, state = jnp.array([1e-100]), optimizer.transform.init(jnp.array([1e-100]))
+
+            @jax.jit
+            def step(w, state, a=a):
+                updates, state = optimizer.transform.update(a * w, state, w)
+                return optax.apply_updates(w, updates), state
+
+            delta, h = lr * weight_decay, lr * a
+            matrix = np.array([[1 - delta - (1 - b1) * h, -lr * b1], [(1 - b1) * a, b1]])  # (w, m) -> (w+, m+)
+            sizes = []
+            for t in range(250):
+                before = np.array([float(w[0]), float(state[0].mu[0])])
+                w, state = step(w, state)
+                sizes.append(abs(float(w[0])))
+                if t >= 200:  # past the bias-correction transient (b1^200 < 1e-9), optax's step is the 2 x 2 map
+                    after = np.array([float(w[0]), float(state[0].mu[0])])
+                    np.testing.assert_allclose(after, matrix @ before, rtol=1e-7, atol=1e-7 * np.abs(after).max())
+            rate = (max(sizes[240:]) / max(sizes[190:200])) ** (1 / 50)  # maxima over 10 steps: modes may rotate
+            assert (max(abs(np.linalg.eigvals(matrix))) > 1.0) == (factor > 1.0)
+            assert (rate > 1.0) == (factor > 1.0), (factor, rate)
+        if weight_decay:
+            assert optimizer.threshold < 0.99 * optimizer_edges.adam(lr, b1=b1).threshold
+
+
+def test_monitor_reads_a_schedules_step_size_at_optaxs_count():
+    """With lr an optax schedule, each reading's lr * S uses the lr optax applied in that update: recovered
+    from the update itself (b1 = 0: update = -lr(t) g / P), not from the schedule; edge ratio = lr(t) S / 2 (b1 = 0)."""
+    problem = small_problem()
+    schedule = optax.linear_schedule(0.002, 0.03, transition_steps=6)
+    optimizer = optimizer_edges.adam(schedule, b1=0.0, b2=0.9, eps=1e-3)
+
+    def loss(params, batch):
+        return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+
+    opt = monitored(optimizer, loss, every=2, tol=1e-6, max_iters=100, log=None)
+    params, batch = problem.objective.unravel(problem.w0), problem.objective.data
+    state = opt.init(params)
+    checked = []
+    for t in range(7):
+        grads = jax.grad(loss)(params, batch)
+        updates, state = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=batch))(grads, state, params)
+        if t % 2 == 0:
+            P = ravel_flat(optimizer.preconditioner(state.inner))
+            applied = -ravel_flat(updates) / (ravel_flat(grads) / P)  # optax's lr of this update, per coordinate
+            reading = state.reading
+            assert int(reading.step) == t
+            lr_t = float(reading.lr_sharpness) / float(reading.sharpness)
+            np.testing.assert_allclose(applied, lr_t, rtol=1e-4)
+            assert float(reading.edge_ratio) == pytest.approx(lr_t * float(reading.sharpness) / 2.0, rel=1e-6)
+            checked.append(lr_t)
+        params = optax.apply_updates(params, updates)
+    assert len(checked) == 4 and checked == sorted(checked) and checked[0] < 0.5 * checked[-1]  # the warm-up moved it
 
 
 def test_preconditioned_tracker_and_monitor_match_dense():

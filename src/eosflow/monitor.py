@@ -8,7 +8,8 @@ Every ``every``-th update measures, at ``params`` and on ``batch``, the top eige
 P^{-1/2} H P^{-1/2} with P the preconditioner the inner optimizer just used (P = I for SGD), and
 passes a :class:`Reading` to ``log`` on the host (``jax.debug.callback``); the latest reading
 is also in ``state.reading``. ``edge_ratio`` = S / threshold is 1 at the optimizer's edge of
-stability (lr * S = 2 for GD, 38 for Adam at b1 = 0.9).
+stability (lr * S = 2 for GD, 38 for Adam at b1 = 0.9). With a schedule, lr is the one of the
+update being made (optax's count, which equals the monitor's step when both start together).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def monitored(
     if not isinstance(optimizer, EdgeOptimizer):
         raise TypeError(
             "eosflow.monitor.monitored wraps an optimizer that knows its preconditioner and edge threshold: "
-            "eosflow.optimizer_edges.adam(lr, ...), .sgd or .rmsprop (each builds the optax transformation), "
+            "eosflow.optimizer_edges.adam(lr, ...), .adamw, .sgd or .rmsprop (each builds the optax transformation), "
             f"got {type(optimizer).__name__}"
         )
     tracker = SharpnessTracker(loss_fn, k=k, tol=tol, max_iters=max_iters, every=every)
@@ -87,7 +88,8 @@ def monitored(
         step = state.tracker.count
         tracked, pairs = tracker.update(state.tracker, params, batch, preconditioner)
         sharpness = pairs.values[0]
-        measured = Reading(step, sharpness, optimizer.lr * sharpness, sharpness / optimizer.threshold)
+        lr = optimizer.lr_at(step).astype(sharpness.dtype)  # the step size of this update (a schedule's, at its count)
+        measured = Reading(step, sharpness, lr * sharpness, sharpness / optimizer.edge(lr))
         is_measurement = pairs.hvps > 0
         reading = jax.tree.map(lambda new, old: jnp.where(is_measurement, new, old), measured, state.reading)
         if log is not None:

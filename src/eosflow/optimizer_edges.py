@@ -3,10 +3,13 @@
     opt = eosflow.optimizer_edges.adam(1e-3)            # opt.transform is optax.adam(1e-3)
     P = opt.preconditioner(opt_state)                   # diag(sqrt(nu_hat + eps_root) + eps), like params
     opt.threshold                                       # 38 / lr: where P^{-1/2} H P^{-1/2} hovers
+    opt = eosflow.optimizer_edges.adamw(optax.warmup_cosine_decay_schedule(0, 1e-3, 100, 5000))
+    opt.threshold_at(count)                             # c(lr(count)) / lr(count) at the update's count
 
 Each constructor builds the optax transformation itself, so the hyperparameters that define P and
-the threshold are the ones the optimizer runs with. P follows optax 0.2's conventions exactly
-(read from optax/_src/transform.py):
+the threshold are the ones the optimizer runs with. ``lr`` may be an optax schedule: update t
+(0-based, optax's count) steps with lr(t), and its edge is where lr(t) S = c. P follows optax 0.2's
+conventions exactly (read from optax/_src/transform.py):
 
     adam     P = sqrt(nu / (1 - b2^t) + eps_root) + eps      t = the state's count (bias correction)
     rmsprop  P = sqrt(nu_hat + eps)   (eps_in_sqrt = True, optax's default)
@@ -16,7 +19,12 @@ the threshold are the ones the optimizer runs with. P follows optax 0.2's conven
 
 and the threshold is :func:`eosflow.preconditioning.edge_threshold` of the momentum's form:
 Adam's first moment is an EMA (c = 2 (1 + b1) / (1 - b1), 38 at b1 = 0.9); optax's ``trace``
-(sgd and rmsprop momentum) is classical heavy ball (c = 2 (1 + b)) or Nesterov.
+(sgd and rmsprop momentum) is classical heavy ball (c = 2 (1 + b)) or Nesterov. AdamW's decoupled
+decay w <- (1 - lr wd) w - lr m_hat / P lowers it to c (1 - lr wd / 2) / lr
+(:func:`eosflow.preconditioning.decoupled_decay_factor`).
+
+To measure inside your own chain (clipping first, say), keep P and the threshold and swap the
+transform: ``optimizer_edges.adamw(schedule)._replace(transform=optax.chain(clip, optax.adamw(schedule)))``.
 """
 
 from __future__ import annotations
@@ -25,42 +33,102 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold
+from eosflow.preconditioning import (
+    MomentumForm,
+    decoupled_decay_factor,
+    diagonal_preconditioner,
+    edge_threshold,
+    stability_constant,
+)
 
 PyTree = Any
+LearningRate = float | Callable[[Any], Any]  # a constant or an optax schedule of the update count
 
 
 class EdgeOptimizer(NamedTuple):
-    """An optax optimizer, its step size, its edge threshold c / lr and how to read its P."""
+    """An optax optimizer, its step size (a constant or a schedule), its edge c(lr) / lr and how to read its P."""
 
     transform: optax.GradientTransformation
-    lr: float
-    threshold: float  # the preconditioned sharpness at the edge of stability
+    lr: LearningRate  # a schedule is evaluated at the update's count, as optax does
+    edge: Callable[[Any], Any]  # lr -> the preconditioned sharpness at the edge of stability at that lr
     preconditioner: Callable[[optax.OptState], PyTree] | None  # P's diagonal (like params); None: P = I
 
+    def lr_at(self, count) -> jax.Array:
+        """The step size of update ``count`` (0-based): lr, or lr(count) for a schedule."""
+        return jnp.asarray(self.lr(count) if callable(self.lr) else self.lr)
 
-def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> EdgeOptimizer:
+    def threshold_at(self, count) -> jax.Array:
+        """The edge of update ``count``: the preconditioned sharpness S at which lr(count) S = c."""
+        return self.edge(self.lr_at(count))
+
+    @property
+    def threshold(self) -> float:
+        """The edge c / lr of a constant step size (a schedule's moves: use ``threshold_at(count)``)."""
+        if callable(self.lr):
+            raise TypeError(
+                "this optimizer's lr is a schedule, so its edge moves with the step: use threshold_at(count)"
+            )
+        return float(self.edge(self.lr))
+
+
+def _positive(lr: LearningRate) -> LearningRate:
+    """``lr`` itself, after refusing a constant that is not positive (a schedule is checked where evaluated)."""
+    if not callable(lr):
+        edge_threshold(lr)  # raises ValueError naming lr
+    return lr
+
+
+def sgd(lr: LearningRate, momentum: float = 0.0, nesterov: bool = False) -> EdgeOptimizer:
     """optax.sgd: threshold 2/lr, 2 (1 + b)/lr with heavy-ball momentum b (Nesterov: 2 (1 + b) / ((1 + 2b) lr))."""
-    transform = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
+    transform = optax.sgd(_positive(lr), momentum=momentum or None, nesterov=nesterov)
     form: MomentumForm = "nesterov" if nesterov and momentum else "classical"
-    return EdgeOptimizer(transform, lr, edge_threshold(lr, momentum, form), None)
+    c = stability_constant(momentum, form)
+    return EdgeOptimizer(transform, lr, lambda rate: c / rate, None)
 
 
-def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0) -> EdgeOptimizer:
+def adam(
+    lr: LearningRate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> EdgeOptimizer:
     """optax.adam: threshold 2 (1 + b1) / ((1 - b1) lr) = 38/lr at b1 = 0.9."""
-    transform = optax.adam(lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    return adamw(lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=0.0)
+
+
+def adamw(
+    lr: LearningRate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 1e-4,
+    mask: Any = None,
+) -> EdgeOptimizer:
+    """optax.adamw (optax.adam at weight_decay = 0): threshold 2 (1 + b1) (1 - lr wd / 2) / ((1 - b1) lr).
+
+    With a ``mask`` the threshold still assumes that every parameter decays: the masked iteration has
+    no common eigenbasis, and the two differ by at most the factor 1 - lr wd / 2.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if weight_decay:
+        transform = optax.adamw(
+            _positive(lr), b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask
+        )
+    else:
+        transform = optax.adam(_positive(lr), b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    c = stability_constant(b1, "ema")
     return EdgeOptimizer(
         transform,
         lr,
-        edge_threshold(lr, b1, "ema"),
+        lambda rate: c * decoupled_decay_factor(rate * weight_decay) / rate,
         lambda state: adam_preconditioner(state, b2=b2, eps=eps, eps_root=eps_root),
     )
 
 
 def rmsprop(
-    lr: float,
+    lr: LearningRate,
     decay: float = 0.9,
     eps: float = 1e-8,
     eps_in_sqrt: bool = True,
@@ -70,7 +138,7 @@ def rmsprop(
 ) -> EdgeOptimizer:
     """optax.rmsprop (uncentered): threshold 2/lr, or 2 (1 + b)/lr with momentum b."""
     transform = optax.rmsprop(
-        lr,
+        _positive(lr),
         decay=decay,
         eps=eps,
         eps_in_sqrt=eps_in_sqrt,
@@ -79,10 +147,11 @@ def rmsprop(
         nesterov=nesterov,
     )
     form: MomentumForm = "nesterov" if nesterov and momentum else "classical"
+    c = stability_constant(momentum, form)
     return EdgeOptimizer(
         transform,
         lr,
-        edge_threshold(lr, momentum, form),
+        lambda rate: c / rate,
         lambda state: rmsprop_preconditioner(
             state, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction
         ),

@@ -16,7 +16,7 @@ satisfies lr * a < c, where c depends on the momentum only (derivation: docs/ada
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +44,16 @@ def edge_threshold(lr: float, momentum: float = 0.0, form: MomentumForm = "class
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     return stability_constant(momentum, form) / lr
+
+
+def decoupled_decay_factor(decay: Any) -> Any:
+    """1 - delta/2: the edge of EMA momentum with decoupled weight decay, w+ = (1 - delta) w - lr P^-1 m+.
+
+    On an eigenvector of P^{-1/2} H P^{-1/2} (eigenvalue a, h = lr a) the iteration on (w, m) has
+    trace 1 + b - delta - (1 - b) h and determinant b (1 - delta); a multiplier reaches -1 at
+    (1 - b) h = (1 + b) (2 - delta), so c becomes c (1 - delta/2) (delta = lr * weight_decay).
+    """
+    return 1.0 - 0.5 * decay
 
 
 def diagonal_preconditioner(
