@@ -118,16 +118,23 @@ def test_tracker_top3_matches_dense_eigh(kind, size, seed):
     assert again.hvps == 3 and np.allclose(again.values, eig.values, rtol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop", "rmsprop_centered", "sgd_nesterov"])
+@pytest.mark.parametrize(
+    "name", ["adam", "adamw", "adam_decoupled", "adam_l2", "rmsprop", "rmsprop_centered", "sgd_nesterov", "sgd_l2"]
+)
 def test_preconditioned_sharpness_from_torch_optimizers(name):
+    """Weight decay: coupled (SGD, RMSprop, Adam: the gradient of L + wd |w|^2 / 2) measures H + wd I; decoupled
+    (AdamW) leaves H and moves the threshold to (2 + 2 b1) (1 - lr wd / 2) / ((1 - b1) lr)."""
     objective, _ = problem("mlp", 6, 7)
     model, (inputs, targets) = objective.model, objective.batch
     make = {
         "adam": lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-6),
         "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
-        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.5),
+        "adam_decoupled": lambda p: torch.optim.Adam(p, lr=0.2, weight_decay=0.5, decoupled_weight_decay=True),
+        "adam_l2": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.3),
+        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.5, weight_decay=0.2),
         "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=0.01, centered=True),
         "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+        "sgd_l2": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.7),
     }
     optimizer = make[name](model.parameters())
     for _ in range(7):
@@ -142,18 +149,131 @@ def test_preconditioned_sharpness_from_torch_optimizers(name):
         b1, b2 = group["betas"]
         p_diag = np.sqrt(flat("exp_avg_sq") / (1 - b2 ** float(states[0]["step"]))) + group["eps"]
         threshold = (2 + 2 * b1) / ((1 - b1) * group["lr"])
+        if name in ("adamw", "adam_decoupled"):
+            threshold *= 1 - group["lr"] * group["weight_decay"] / 2
     elif name.startswith("rmsprop"):
         nu = flat("square_avg") - (flat("grad_avg") ** 2 if group["centered"] else 0)
         p_diag = np.sqrt(nu) + group["eps"]
         threshold = 2 * (1 + group["momentum"]) / group["lr"]
     else:
         p_diag = np.ones(hessian.shape[0])
-        threshold = 2 * (1 + 0.9) / ((1 + 2 * 0.9) * 0.1)
+        threshold = 2 * (1 + 0.9) / ((1 + 2 * 0.9) * 0.1) if name == "sgd_nesterov" else 2 / 0.1
+    if name in ("adam_l2", "rmsprop", "sgd_l2"):  # coupled: the optimizer's curvature is H + wd I
+        hessian = hessian + group["weight_decay"] * np.eye(hessian.shape[0])
     scaled = hessian / np.sqrt(np.outer(p_diag, p_diag))
     tracker = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8, max_iters=400)
     eig = tracker.update((inputs, targets), optimizer)
     np.testing.assert_allclose(eig.values, np.sort(np.linalg.eigvalsh(scaled))[::-1][:2], rtol=1e-7)
     assert eig.threshold == pytest.approx(threshold, rel=1e-12)
+
+
+def groups_of(model: torch.nn.Module, first: dict, second: dict) -> list[dict]:
+    """Two parameter groups: the first layer's tensors with ``first``'s settings, the rest with ``second``'s."""
+    params = list(model.parameters())
+    return [{"params": params[:2], **first}, {"params": params[2:], **second}]
+
+
+@pytest.mark.parametrize(
+    "make, decoupled",
+    [
+        (lambda g: torch.optim.AdamW(g, betas=(0.8, 0.99), eps=1e-6), True),
+        (lambda g: torch.optim.Adam(g, betas=(0.8, 0.99), eps=1e-6), False),
+        (lambda g: torch.optim.RMSprop(g, alpha=0.9, momentum=0.3), False),
+    ],
+)
+def test_parameter_groups_fold_their_step_sizes_into_p(make, decoupled):
+    """Groups with their own lr and weight decay (decay / no-decay splits, layer-wise lr): w <- w - lr_g P^-1 m
+    is w <- w - lr_max (P lr_max / lr_g)^-1 m, so the measured operator is P'^{-1/2} (H [+ diag(wd)]) P'^{-1/2}
+    with P' = P lr_max / lr_g, against dense float64 eigh; AdamW's threshold uses delta = sum lr_g wd_g u_i^2."""
+    objective, _ = problem("mlp", 5, 3)
+    model, (inputs, targets) = objective.model, objective.batch
+    optimizer = make(groups_of(model, {"lr": 0.004, "weight_decay": 0.3}, {"lr": 0.01, "weight_decay": 0.05}))
+    for _ in range(6):
+        optimizer.zero_grad()
+        F.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+    hessian = dense_hessian(objective)
+    p_diag, lr, decay = [], [], []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state, n = optimizer.state[param], param.numel()
+            if "exp_avg_sq" in state:
+                b2 = group["betas"][1]
+                p_diag.append(
+                    np.sqrt(state["exp_avg_sq"].reshape(-1).numpy() / (1 - b2 ** float(state["step"]))) + 1e-6
+                )
+            else:
+                p_diag.append(np.sqrt(state["square_avg"].reshape(-1).numpy()) + group["eps"])
+            lr.append(np.full(n, group["lr"]))
+            decay.append(np.full(n, group["weight_decay"]))
+    p_diag, lr, decay = np.concatenate(p_diag) * 0.01 / np.concatenate(lr), np.concatenate(lr), np.concatenate(decay)
+    operator = hessian if decoupled else hessian + np.diag(decay)
+    scaled = operator / np.sqrt(np.outer(p_diag, p_diag))
+    values, vectors = np.linalg.eigh(scaled)
+    c = 2 * (1 + 0.8) / (1 - 0.8) if not isinstance(optimizer, torch.optim.RMSprop) else 2 * (1 + 0.3)
+    threshold = c / 0.01
+    if decoupled:
+        threshold *= 1 - float(vectors[:, -1] ** 2 @ (lr * decay)) / 2
+    eig = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-9, max_iters=400).update((inputs, targets), optimizer)
+    np.testing.assert_allclose(eig.values, values[::-1][:2], rtol=1e-7)
+    assert eig.threshold == pytest.approx(threshold, rel=1e-9)
+
+
+class Quadratic(torch.nn.Module):
+    """L = (1/2) w^T H w over two parameter tensors, the same value for every example of a batch."""
+
+    def __init__(self, hessian: np.ndarray, w0: np.ndarray):
+        super().__init__()
+        self.hessian = torch.from_numpy(hessian)
+        self.a, self.b = (
+            torch.nn.Parameter(torch.from_numpy(w0[:3].copy())),
+            torch.nn.Parameter(torch.from_numpy(w0[3:].copy())),
+        )
+
+    def forward(self, x):
+        w = torch.cat([self.a, self.b])
+        return 0.5 * (w @ self.hessian @ w) + 0.0 * x[:, 0]
+
+
+@pytest.mark.parametrize("momentum, dampening, nesterov", [(0.0, 0.0, False), (0.6, 0.3, False), (0.5, 0.0, True)])
+def test_sgd_groups_lose_stability_where_the_tracker_says(momentum, dampening, nesterov):
+    """torch.optim.SGD with two groups (lr 0.1 and 0.025; momentum, dampening, Nesterov) on a quadratic whose
+    Hessian is scaled so that the tracker's edge ratio is 0.98 or 1.02: torch's own iterates shrink or grow."""
+    rng = np.random.default_rng(0)
+    root = rng.normal(size=(5, 5))
+    base, x = root @ root.T + np.eye(5), torch.zeros(4, 1, dtype=torch.float64)
+    for factor in (0.98, 1.02):
+        sizes = []
+        for scale in (1.0, None):  # measure at H = base, then rescale so that the edge ratio is `factor`
+            hessian = base * (scale if scale else factor / ratio)  # noqa: F821 (set by the first pass)
+            model = Quadratic(hessian, rng.normal(size=5) * 1e-3)
+            settings = {"momentum": momentum, "dampening": dampening, "nesterov": nesterov}
+            optimizer = torch.optim.SGD(
+                [{"params": [model.a], "lr": 0.1}, {"params": [model.b], "lr": 0.025}], **settings
+            )
+            tracker = SharpnessTracker(model, lambda out, y: out.mean(), k=1, tol=1e-10, max_iters=200)
+            ratio = tracker.update((x, x), optimizer).edge_ratio
+        assert ratio == pytest.approx(factor, rel=1e-8)
+        for _ in range(3000):
+            optimizer.zero_grad()
+            model(x).mean().backward()
+            optimizer.step()
+            sizes.append(float(torch.cat([model.a, model.b]).detach().norm()))
+        assert (sizes[-1] > sizes[-1001]) == (factor > 1.0), (factor, sizes[-1001], sizes[-1])
+
+
+def test_parameter_groups_that_cannot_share_a_threshold_are_named():
+    objective, _ = problem("mlp", 4, 1)
+    model, batch = objective.model, objective.batch
+    tracker = SharpnessTracker(model, F.mse_loss)
+    optimizer = torch.optim.SGD(groups_of(model, {"momentum": 0.9}, {"momentum": 0.5}), lr=0.1)
+    with pytest.raises(ValueError, match=r"group 0: c = 3\.8, group 1: c = 3.*same momentum"):
+        tracker.update(batch, optimizer)
+    partial = torch.optim.SGD(list(model.parameters())[:2], lr=0.1)
+    with pytest.raises(ValueError, match=r"does not hold the model's trainable parameter\(s\) 2.weight, 2.bias"):
+        tracker.update(batch, partial)
+    with pytest.raises(ValueError, match=r"every parameter group has lr = 0"):
+        tracker.update(batch, torch.optim.SGD(model.parameters(), lr=0.0))
 
 
 def test_a_float64_model_needs_no_global_jax_setting():

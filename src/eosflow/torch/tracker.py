@@ -18,6 +18,12 @@ Adam/AdamW (bias-corrected second moment):
     RMSprop P = sqrt(v [- m^2]) + eps             threshold 2 (1 + momentum) / lr
     SGD     P = I                                 threshold 2 (1 + mu) / lr (Nesterov: / (1 + 2 mu))
 
+Weight decay as the optimizer applies it: coupled (``weight_decay`` of SGD, RMSprop and Adam) adds
+wd w to the gradient, so the optimizer trains L + wd |w|^2 / 2 and the tracker measures the top of
+P^{-1/2} (H + wd I) P^{-1/2}; decoupled (AdamW, or Adam with ``decoupled_weight_decay=True``),
+w <- (1 - lr wd) w - lr m_hat / P, leaves H alone and lowers the threshold by 1 - lr wd / 2
+(:func:`eosflow.preconditioning.decoupled_decay_factor`).
+
 It measures the loss of the model's modes at each update (BatchNorm in train mode: the batch's
 statistics; dropout in train mode is refused) and changes nothing in the model.
 """
@@ -34,17 +40,38 @@ from torch.utils import _pytree as pytree
 
 from eosflow.objective import check_example_count, check_mean_over_examples
 from eosflow.precision import precision
-from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold, preconditioned_matvec
+from eosflow.preconditioning import (
+    MomentumForm,
+    decoupled_decay_factor,
+    diagonal_preconditioner,
+    preconditioned_matvec,
+    stability_constant,
+)
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
 from eosflow.torch.objective import Batch, TorchObjective, train_modes
 
 
 class Preconditioning(NamedTuple):
-    """What an optimizer's state says about its edge: P's diagonal (d,) and the threshold c / lr."""
+    """What an optimizer's state says about its edge, per coordinate of w (d,).
 
-    diagonal: np.ndarray | None  # None: P = I
-    threshold: float
+    Each parameter group's step size is folded into P (P lr_max / lr_g), so that one threshold c / lr_max
+    holds for every group: the iteration w <- w - lr_g P^{-1} m is w <- w - lr_max (P lr_max / lr_g)^{-1} m.
+    """
+
+    diagonal: np.ndarray | None  # (d,) P with the groups' step sizes folded in; None: P = I
+    threshold: float  # c / lr_max, before any decoupled decay
+    coupled_decay: np.ndarray | None = None  # (d,) wd of coupled weight decay: the curvature is H + diag(wd)
+    decoupled_decay: np.ndarray | None = None  # (d,) lr_g wd_g of decoupled decay (AdamW)
+
+    def edge(self, top_vector: np.ndarray) -> float:
+        """The threshold along the top eigenvector u of the measured operator: decoupled decay delta
+        lowers it by 1 - delta / 2, with delta = sum_i delta_i u_i^2 / |u|^2 (exact for one delta, first
+        order in lr wd when groups differ)."""
+        if self.decoupled_decay is None:
+            return self.threshold
+        u2 = np.square(np.asarray(top_vector, dtype=np.float64))
+        return self.threshold * decoupled_decay_factor(float(u2 @ self.decoupled_decay / u2.sum()))
 
 
 class TrackedEigenpairs(NamedTuple):
@@ -65,56 +92,89 @@ class TrackedEigenpairs(NamedTuple):
 
 
 def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: TorchObjective) -> Preconditioning:
-    """P's diagonal (in the flat layout of ``objective``) and the threshold, from a torch optimizer."""
-    if len(optimizer.param_groups) != 1:
+    """P's diagonal (in the flat layout of ``objective``), the threshold and the weight decay, from a torch
+    optimizer with any number of parameter groups (their step sizes and weight decays may differ; the
+    momentum, which sets c, may not)."""
+    if not isinstance(optimizer, torch.optim.SGD | torch.optim.Adam | torch.optim.AdamW | torch.optim.RMSprop):
+        raise ValueError(f"no preconditioner known for {type(optimizer).__name__}; use SGD, RMSprop, Adam or AdamW")
+    group_of = {id(p): (index, group) for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    params = dict(objective.model.named_parameters())
+    missing = [name for name in objective.names if id(params[name]) not in group_of]
+    if missing:
         raise ValueError(
-            "the tracker reads optimizers with one parameter group (got "
-            f"{len(optimizer.param_groups)}); step sizes per group have no single threshold"
+            f"the optimizer does not hold the model's trainable parameter(s) {', '.join(missing)}: "
+            "the tracker measures every parameter that requires grad"
         )
-    group = optimizer.param_groups[0]
-    by_tensor = {id(p): name for name, p in objective.model.named_parameters() if name in objective.names}
-    params = [p for p in group["params"] if id(p) in by_tensor]
-    if len(params) != len(objective.names):
-        raise ValueError("the optimizer does not hold exactly the model's trainable parameters")
-    lr = float(group["lr"])
+    rows = []  # per parameter: (size, group index, lr, c, P or None, coupled wd, decoupled wd)
+    for name in objective.names:
+        p = params[name]
+        index, group = group_of[id(p)]
+        lr, decay, c, p_diagonal, is_decoupled = _group_edge(optimizer, group, optimizer.state.get(p, {}), name)
+        rows.append(
+            (p.numel(), index, lr, c, p_diagonal, 0.0 if is_decoupled else decay, decay if is_decoupled else 0.0)
+        )
+    constants = {(index, c) for _, index, _, c, *_ in rows}
+    if len({c for _, c in constants}) > 1:
+        listed = ", ".join(f"group {index}: c = {c:g}" for index, c in sorted(constants))
+        raise ValueError(
+            f"the parameter groups' momenta put their edges at different lr * S ({listed}), so no single "
+            "threshold exists: give every group the same momentum (betas[0] for Adam)"
+        )
+    c = rows[0][3]
+    lr_max = max(lr for _, _, lr, *_ in rows)
+    if not lr_max > 0:
+        raise ValueError(f"every parameter group has lr = 0 (got {lr_max!r}): nothing moves, there is no edge")
+    sizes = [size for size, *_ in rows]
+
+    def per_coordinate(values) -> np.ndarray:
+        return np.concatenate([np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)) for v, n in zip(values, sizes)])
+
+    scale = per_coordinate([lr_max / lr if lr > 0 else np.inf for _, _, lr, *_ in rows])  # lr = 0: a frozen block
+    has_p = rows[0][4] is not None
+    diagonal = per_coordinate([row[4] for row in rows]) * scale if has_p else scale
+    identity = not has_p and bool(np.all(scale == 1.0))
+    coupled = per_coordinate([row[5] for row in rows])
+    decoupled = per_coordinate([row[2] * row[6] for row in rows])  # lr_g wd_g
+    return Preconditioning(
+        None if identity else diagonal,
+        c / lr_max,
+        coupled if coupled.any() else None,
+        decoupled if decoupled.any() else None,
+    )
+
+
+def _group_edge(
+    optimizer: torch.optim.Optimizer, group: dict, state: dict, name: str
+) -> tuple[float, float, float, np.ndarray | None, bool]:
+    """(lr, weight decay, c, P of the parameter or None for P = I, whether the decay is decoupled) of one
+    parameter of ``group``. SGD's dampening tau scales its step: lr (1 - tau) is the classical one."""
+    lr, decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
     if isinstance(optimizer, torch.optim.SGD):
         momentum = float(group.get("momentum", 0.0))
         form: MomentumForm = "nesterov" if group.get("nesterov", False) else "classical"
-        return Preconditioning(None, edge_threshold(lr, momentum, form))
+        dampening = float(group.get("dampening", 0.0)) if momentum else 0.0
+        return lr * (1.0 - dampening), decay, stability_constant(momentum, form), None, False
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         if group.get("amsgrad", False):
             raise ValueError("AMSGrad's preconditioner (a running max) is not supported")
-        nu, steps = _state(optimizer, objective, "exp_avg_sq")
-        return Preconditioning(
-            np.asarray(diagonal_preconditioner(nu, eps=group["eps"], bias_correction=1 - beta2**steps)),
-            edge_threshold(lr, float(beta1), "ema"),
-        )
-    if isinstance(optimizer, torch.optim.RMSprop):
-        nu, _ = _state(optimizer, objective, "square_avg")
-        if group.get("centered", False):
-            nu = nu - _state(optimizer, objective, "grad_avg")[0] ** 2
-        return Preconditioning(
-            np.asarray(diagonal_preconditioner(nu, eps=group["eps"])),
-            edge_threshold(lr, float(group.get("momentum", 0.0)), "classical"),
-        )
-    raise ValueError(f"no preconditioner known for {type(optimizer).__name__}; use SGD, RMSprop, Adam or AdamW")
+        nu, steps = _buffer(state, "exp_avg_sq", name)
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+        P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"], bias_correction=1 - float(beta2) ** steps))
+        return lr, decay, stability_constant(float(beta1), "ema"), P, decoupled
+    nu, _ = _buffer(state, "square_avg", name)  # RMSprop
+    if group.get("centered", False):
+        nu = nu - _buffer(state, "grad_avg", name)[0] ** 2
+    P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"]))
+    return lr, decay, stability_constant(float(group.get("momentum", 0.0)), "classical"), P, False
 
 
-def _state(optimizer: torch.optim.Optimizer, objective: TorchObjective, key: str) -> tuple[np.ndarray, float]:
-    """One state buffer of every parameter, flattened in the objective's layout, and the step count."""
-    pieces, steps = [], 0.0
-    params = dict(objective.model.named_parameters())
-    for name in objective.names:
-        p = params[name]
-        state = optimizer.state.get(p, {})
-        if key not in state:
-            raise ValueError(
-                f"the optimizer has no `{key}` for parameter {name!r} yet: call update after its first step"
-            )
-        pieces.append(state[key].detach().reshape(-1).cpu().numpy())
-        steps = float(state["step"]) if "step" in state else steps
-    return np.concatenate(pieces), steps
+def _buffer(state: dict, key: str, name: str) -> tuple[np.ndarray, float]:
+    """One state buffer of a parameter, flattened, and its step count."""
+    if key not in state:
+        raise ValueError(f"the optimizer has no `{key}` for parameter {name!r} yet: call update after its first step")
+    steps = float(state["step"]) if "step" in state else 0.0
+    return state[key].detach().reshape(-1).cpu().numpy(), steps
 
 
 def leading_size(batch: Batch) -> int:
@@ -176,8 +236,8 @@ class SharpnessTracker:
         def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
             return host_callback(self._hvp_block, vectors.shape, dtype, w, vectors, vmap_method="sequential")
 
-        def solve(w, initial, diagonal):
-            matvec = preconditioned_matvec(lambda v: hvp_block(w, v), diagonal)
+        def solve(w, initial, diagonal, coupled_decay):  # coupled_decay (d,): the curvature H + diag(wd)
+            matvec = preconditioned_matvec(lambda v: hvp_block(w, v) + coupled_decay[:, None] * v, diagonal)
             return lobpcg(matvec, initial, tol=self.tol, max_iters=self.max_iters)
 
         self._solve = jax.jit(solve)
@@ -212,14 +272,23 @@ class SharpnessTracker:
         else:
             preconditioning = optimizer_preconditioning(optimizer, objective)
         diagonal = np.ones_like(w) if preconditioning.diagonal is None else preconditioning.diagonal.astype(w.dtype)
+        coupled = (
+            np.zeros_like(w) if preconditioning.coupled_decay is None else preconditioning.coupled_decay.astype(w.dtype)
+        )
         self._batch = batch
         try:
             with precision(self.dtype):  # (blocking: the callbacks read the batch, dispatch is asynchronous)
-                pairs = jax.block_until_ready(self._solve(jnp.asarray(w), self.vectors, jnp.asarray(diagonal)))
+                pairs = jax.block_until_ready(
+                    self._solve(jnp.asarray(w), self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
+                )
         finally:
             self._batch = None
         self.vectors = pairs.vectors
         vectors = torch.from_numpy(np.array(pairs.vectors)).to(objective.device)
         return TrackedEigenpairs(
-            np.asarray(pairs.values), vectors, np.asarray(pairs.residuals), int(pairs.hvps), preconditioning.threshold
+            np.asarray(pairs.values),
+            vectors,
+            np.asarray(pairs.residuals),
+            int(pairs.hvps),
+            preconditioning.edge(np.asarray(pairs.vectors)[:, 0]),
         )
