@@ -262,6 +262,14 @@ def test_sgd_groups_lose_stability_where_the_tracker_says(momentum, dampening, n
         assert (sizes[-1] > sizes[-1001]) == (factor > 1.0), (factor, sizes[-1001], sizes[-1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_named(dtype):
+    """Before: SpecError "`dtype` = 'bfloat16' is not one of float32, float64", naming no model."""
+    model = mlp(4, 0).to(dtype)
+    with pytest.raises(ValueError, match=rf"parameters are {dtype}: .*float32 copy"):
+        SharpnessTracker(model, F.mse_loss)
+
+
 def test_parameter_groups_that_cannot_share_a_threshold_are_named():
     objective, _ = problem("mlp", 4, 1)
     model, batch = objective.model, objective.batch

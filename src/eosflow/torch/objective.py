@@ -192,6 +192,13 @@ class TorchObjective:
         if len(dtypes) > 1:
             kinds = ", ".join(f"{name}: {p.dtype}" for name, p in params.items())
             raise ValueError(f"the model's parameters mix dtypes ({kinds}); cast the model with .float() or .double()")
+        if dtypes - {torch.float32, torch.float64}:
+            (dtype,) = dtypes
+            raise ValueError(
+                f"the model's parameters are {dtype}: eosflow measures curvature in torch.float32 or torch.float64 "
+                f"(its eigensolver's relative-residual contract needs more precision than {dtype} has); measure a "
+                "float32 copy, e.g. `copy.deepcopy(model).float()` with the batch cast by `.float()`"
+            )
         self.names = tuple(params)
         self.shapes = tuple(tuple(p.shape) for p in params.values())
         self.sizes = tuple(math.prod(shape) for shape in self.shapes)
