@@ -247,3 +247,95 @@ def test_adam_on_an_equinox_batchnorm_model_equals_optax():
         updates, opt_state = optimizer.update(g, opt_state)
         params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(ds.loss.sel(process="adam").values, losses, rtol=1e-10)
+
+
+class SpectralNet(eqx.Module):
+    """x -> SpectralNorm(Linear) -> tanh -> Linear, on one example (4,) -> (3,), with its state."""
+
+    first: eqx.nn.SpectralNorm
+    last: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.first = eqx.nn.SpectralNorm(eqx.nn.Linear(4, 6, key=k1), "weight", key=k3)
+        self.last = eqx.nn.Linear(6, 3, key=k2)
+
+    def __call__(self, x, state):
+        h, state = self.first(x, state)
+        return self.last(jnp.tanh(h)), state
+
+
+class Counter(eqx.Module):
+    """A layer of one's own that counts its calls in its state (and adds the count): no `inference` field."""
+
+    count: eqx.nn.StateIndex
+
+    def __init__(self):
+        self.count = eqx.nn.StateIndex(jnp.array(0.0))
+
+    def __call__(self, x, state):
+        n = state.get(self.count)
+        return x + n, state.set(self.count, n + 1)
+
+
+class Counted(eqx.Module):
+    layers: tuple
+
+    def __init__(self, key):
+        self.layers = (eqx.nn.Linear(4, 3, key=key), Counter())
+
+    def __call__(self, x, state):
+        return self.layers[1](self.layers[0](x), state)
+
+
+def spectral_by_hand(model: SpectralNet, u, v, x):
+    """SpectralNet written out with sigma = u^T W v from the given (u, v), no power iteration."""
+    w = model.first.layer.weight
+    h = jnp.tanh(x @ (w / (u @ w @ v)).T + model.first.layer.bias)
+    return h @ model.last.weight.T + model.last.bias
+
+
+def test_a_layer_that_updates_its_state_is_refused_by_path_and_inference_mode_is_the_fixed_loss():
+    """SpectralNorm in training mode (it advances its power iteration at every call) and a counting layer of
+    one's own are SpecErrors naming the layer's path, its state and the remedy; a model holding state needs
+    it. Under eqx.nn.inference_mode, silently accepted: value, gradient and an HVP equal the network
+    written by hand with sigma = u^T W v from the state's (u, v), at w0 and at a moved point."""
+    model, state = eqx.nn.make_with_state(SpectralNet)(jax.random.key(2))
+    x, y = data()
+    with pytest.raises(
+        SpecError, match=r"state of model.first \(eqx.nn.SpectralNorm, state .uv_index\).*inference_mode"
+    ):
+        eosflow.Problem.from_equinox(model, x, y, loss="mse", state=state)
+    counted, counts = eqx.nn.make_with_state(Counted)(jax.random.key(3))
+    with pytest.raises(SpecError, match=r"state of model.layers\[1\] \(Counter, state .count\).*unchanged"):
+        eosflow.Problem.from_equinox(counted, x, y, loss="mse", state=counts)
+    with pytest.raises(SpecError, match=r"layers with state \(model.first\), which need their state"):
+        eosflow.Problem.from_equinox(model, x, y, loss="mse")
+    frozen = eqx.nn.inference_mode(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        problem = eosflow.Problem.from_equinox(frozen, x, y, loss="mse", state=state)
+        objective, unravel = problem.objective, problem.objective.unravel
+        u, v = state.get(model.first.uv_index)
+
+        def oracle(w):
+            return mse(spectral_by_hand(eqx.combine(unravel(w), frozen), u, v, x), y)
+
+        rng = np.random.default_rng(0)
+        w0 = jnp.asarray(problem.w0)
+        direction = jnp.asarray(rng.normal(size=w0.shape))
+        moved = w0 + 0.3 * jnp.asarray(rng.normal(size=w0.shape))  # W away from the one the state was made for
+        for w in (w0, moved):
+            assert abs(float(objective.value(w)) - float(oracle(w))) < 1e-13
+            np.testing.assert_allclose(objective.grad(w), jax.grad(oracle)(w), rtol=0, atol=1e-12)
+            hvp = jax.jvp(jax.grad(oracle), (w,), (direction,))[1]
+            np.testing.assert_allclose(objective.hvp(w, direction), hvp, rtol=0, atol=1e-11)
+    # why training mode is refused: with the state fixed, its values and its gradient are of two functions
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def training(w):
+        fresh = jax.tree_util.tree_unflatten(*reversed(jax.tree_util.tree_flatten(state)))
+        return mse(jax.vmap(lambda xi: eqx.combine(unravel(w), static)(xi, fresh)[0])(x), y)
+
+    fd = (training(moved + 1e-6 * direction) - training(moved - 1e-6 * direction)) / 2e-6
+    assert abs(float(fd - jax.grad(training)(moved) @ direction)) > 1e-2 * abs(float(fd))

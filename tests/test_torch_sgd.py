@@ -264,7 +264,8 @@ def test_per_example_gradients_along_axis_1_equal_single_example_backward(layout
     mapped by torch.func.vmap over axis 1 (the LSTM in float64 is not batched by vmap: the bridge loops)."""
     model, loss_fn, batch, axes = sequence_task(layout, recurrent)
     torch_objective = TorchObjective(model, loss_fn, batch, axes)
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         objective, w0 = to_jax(torch_objective)
         w = jnp.asarray(w0)
         loop = np.stack([backward_grads(model, loss_fn, *along(batch, axes, torch.tensor([i]))) for i in range(N_SEQ)])
@@ -276,6 +277,12 @@ def test_per_example_gradients_along_axis_1_equal_single_example_backward(layout
         np.testing.assert_allclose(objective.batch_grad(w, jnp.asarray(rows)), minibatch_grad, rtol=0, atol=1e-14)
         assert float(objective.value(w)) == loss_fn(model(batch[0]), batch[1]).item()  # the stored batch
     assert recurrent or torch_objective.vmap_error is None
+    said = [str(w.message) for w in caught if "torch.func.vmap cannot batch" in str(w.message)]
+    assert len(said) == (1 if recurrent else 0), said  # two per-example calls, one warning
+    if recurrent:
+        first = torch_objective.vmap_error.splitlines()[0]
+        assert said[0].startswith(f"torch.func.vmap cannot batch SequenceModel ({first});")
+        assert "per-example gradients in a Python loop" in said[0] and "float32" in said[0]
     negative = (-2, -1)  # x (T, N, 2): axis 1; y (N,) or (T, N): its last
     assert TorchObjective(model, loss_fn, batch, negative).axes == TorchObjective(model, loss_fn, batch, axes).axes
 
@@ -293,6 +300,48 @@ def test_the_loop_over_lanes_equals_vmap():
         hvps = [jax.vmap(lambda v, o=o: jax.jvp(jax.grad(o.value), (w,), (v,))[1])(vectors) for o in (a, b)]
         np.testing.assert_allclose(*hvps, rtol=0, atol=1e-14)
         assert mapped.vmap_error is None
+
+
+class Branching(torch.nn.Module):
+    """A linear map whose sign depends on the example's own output: data-dependent control flow, which
+    torch.func.vmap cannot batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.linear = torch.nn.Linear(2, 3).double()
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_the_loop_fallback_warns_once_naming_the_model_the_lanes_and_the_remedy():
+    """A model vmap cannot batch over examples (an `if` on the example's output): one UserWarning per
+    objective for two calls that loop, naming the model's class, what is looped (per-example gradients),
+    vmap's first line and torch.where; the looped gradients equal torch's, one example at a time. An MLP
+    vmap batches says nothing."""
+    model, batch = Branching(), data()
+    loop = np.stack([torch_grads(model, batch[0][i : i + 1], batch[1][i : i + 1]) for i in range(N)])
+    assert len({np.sign(model.linear(batch[0][i]).sum().item()) for i in range(N)}) == 2  # both branches taken
+    with jax.enable_x64(True):
+        torch_objective = TorchObjective(model, F.mse_loss, batch)
+        objective, w0 = to_jax(torch_objective)
+        with pytest.warns(UserWarning, match="torch.func.vmap cannot batch") as caught:
+            for rows in (None, jnp.arange(0, N, 2)):
+                expected = loop if rows is None else loop[::2]
+                np.testing.assert_allclose(objective.per_example_grads(jnp.asarray(w0), rows), expected, atol=1e-14)
+        said = [str(w.message) for w in caught if "vmap" in str(w.message)]
+        assert len(said) == 1, said
+        first = torch_objective.vmap_error.splitlines()[0]
+        assert f"cannot batch Branching ({first}); eosflow evaluates the per-example gradients in a Python" in said[0]
+        assert "data-dependent control flow" in first and "torch.where" in said[0]
+        plain = TorchObjective(mlp(), F.mse_loss, batch)
+        objective, w0 = to_jax(plain)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            objective.per_example_grads(jnp.asarray(w0))
+        assert plain.vmap_error is None
 
 
 def test_example_axis_0_is_the_default_for_a_batch_first_lstm(tmp_path):

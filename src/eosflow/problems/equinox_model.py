@@ -8,7 +8,10 @@ name BatchNorm layers reduce over) and ``state`` (running statistics) held fixed
 the state a forward returns nor changes the user's. So BatchNorm in training mode (``inference=False``)
 normalizes each batch by its own statistics, the full batch for GD and each minibatch for SGD, which is
 the loss a training loop descends; in inference mode it is the affine map of the running statistics.
-Dropout in training mode makes L random and is refused by its path in the model.
+Dropout in training mode makes L random and is refused by its path in the model. Any other layer whose
+forward replaces its state (an ``eqx.nn.StateIndex``; ``eqx.nn.SpectralNorm`` in training mode advances
+its power iteration) is refused by its path: with the state held fixed every evaluation would restart
+from the same state, not the loss a training loop computes; in inference mode the state is a constant.
 """
 
 from __future__ import annotations
@@ -32,6 +35,92 @@ def _layers(model: PyTree, kind: type) -> list[tuple[str, Any]]:
     return [(f"model{jax.tree_util.keystr(path)}", layer) for path, layer in found if isinstance(layer, kind)]
 
 
+def _child(node: Any, key: Any) -> Any:
+    """``node``'s child at one key of a pytree path (None where the path is not addressable)."""
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return getattr(node, key.name)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return node[key.idx]
+    if isinstance(key, jax.tree_util.DictKey):
+        return node[key.key]
+    return None
+
+
+def stateful_layers(model: PyTree) -> list[tuple[str, Any, str, eqx.nn.StateIndex]]:
+    """(layer's path, layer, the index's path inside it, index) of every ``eqx.nn.StateIndex`` in
+    ``model``; the layer is the innermost module holding the index (``model.first`` for
+    ``model.first.uv_index``)."""
+    found, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda node: isinstance(node, eqx.nn.StateIndex))
+    layers = []
+    for path, index in found:
+        if not isinstance(index, eqx.nn.StateIndex):
+            continue
+        node, layer, depth = model, model, 0
+        for i, key in enumerate(path[:-1]):
+            node = _child(node, key)
+            if node is None:
+                break
+            if isinstance(node, eqx.Module):
+                layer, depth = node, i + 1
+        where = f"model{jax.tree_util.keystr(path[:depth])}"
+        layers.append((where, layer, jax.tree_util.keystr(path[depth:]), index))
+    return layers
+
+
+def check_state_updates(model: PyTree, state: Any, inputs: Array, axis_name: Any) -> None:
+    """A SpecError naming every layer other than BatchNorm whose forward replaces its state (found by
+    tracing the vmapped forward on ``inputs``, nothing computed: an index whose value in the returned
+    state is not the object it was given): eosflow holds ``state`` fixed, so each evaluation would
+    restart from it where a training loop carries every step's new state into the next. Layers whose
+    state the forward only reads (inference mode) pass."""
+    indices = [entry for entry in stateful_layers(model) if not isinstance(entry[1], eqx.nn.BatchNorm)]
+    if state is None or not indices:
+        return
+    replaced: set[int] = set()
+
+    def probe(x: Array) -> None:
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        given = jax.tree_util.tree_unflatten(treedef, leaves)  # a fresh copy: an eqx State is used once
+        before = [jax.tree_util.tree_leaves(given.get(index)) for *_, index in indices]
+        out = model(x, given)
+        after = out[1] if isinstance(out, tuple) and len(out) == 2 else None
+        if not isinstance(after, eqx.nn.State):  # not model(x, state) -> (y, state): from_model says so
+            return
+        for i, (old, (*_, index)) in enumerate(zip(before, indices)):
+            if any(new is not value for new, value in zip(jax.tree_util.tree_leaves(after.get(index)), old)):
+                replaced.add(i)
+
+    jax.eval_shape(jax.vmap(probe, axis_name=axis_name), inputs)
+    if not replaced:
+        return
+    layers = [indices[i] for i in sorted(replaced)]
+    named = []
+    for path, layer, field, _ in layers:
+        kind = type(layer).__name__
+        kind = f"eqx.nn.{kind}" if getattr(eqx.nn, kind, None) is type(layer) else kind
+        named.append(f"{path} ({kind}, state {field})")
+    spectral = any(isinstance(layer, eqx.nn.SpectralNorm) for _, layer, *_ in layers)
+    fix = (
+        "pass `eqx.nn.inference_mode(model)` (or inference=True on the layer), where the state is only read, "
+        "a constant of the loss" + (" (SpectralNorm: W / (u^T W v) with the u, v in `state`)" if spectral else "")
+        if all(hasattr(layer, "inference") for _, layer, *_ in layers)
+        else "make the layer leave its state unchanged (an `inference` field, which eqx.nn.inference_mode sets)"
+    )
+    raise SpecError(
+        f"the forward updates the state of {', '.join(named)} at every call"
+        + (" (training mode: SpectralNorm advances its power iteration)" if spectral else "")
+        + ". eosflow holds `state` fixed, so every evaluation would redo that update from the same state: not the "
+        "loss a training loop computes (it carries each step's new state into the next)"
+        + (
+            ", nor one function of the weights (SpectralNorm's gradient skips the update, under stop_gradient, "
+            "that its value depends on)"
+            if spectral
+            else ""
+        )
+        + f". To measure a fixed loss, {fix}; see docs/problems.md"
+    )
+
+
 def check_layers(model: PyTree, state: Any) -> list[tuple[str, Any]]:
     """The model's BatchNorm layers (path, layer), after refusing what has no fixed loss: dropout in
     training mode (a SpecError naming it), BatchNorm without a ``state``; an EMA-mode BatchNorm whose
@@ -44,9 +133,11 @@ def check_layers(model: PyTree, state: Any) -> list[tuple[str, Any]]:
                 f"or a model whose dropout has inference=True (eosflow measures the network without dropout)"
             )
     norms = _layers(model, eqx.nn.BatchNorm)
-    if norms and state is None:
+    stateful = list(dict.fromkeys(path for path, *_ in stateful_layers(model)))
+    if stateful and state is None:
+        kinds = "BatchNorm layers" if norms and len(norms) == len(stateful) else "layers with state"
         raise SpecError(
-            f"the model has BatchNorm layers ({', '.join(path for path, _ in norms)}), which need their state: "
+            f"the model has {kinds} ({', '.join(stateful)}), which need their state: "
             "build them with `model, state = eqx.nn.make_with_state(Model)(...)` and pass `state=state`"
         )
     for path, layer in norms:

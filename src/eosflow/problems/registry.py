@@ -112,11 +112,14 @@ class Problem:
         called on one example, ``model(x)``, or ``model(x, state)`` with ``state`` from
         ``eqx.nn.make_with_state``, held fixed). BatchNorm in training mode normalizes each batch by its
         own statistics (the loss training descends), under ``axis_name`` (default: the name its layers
-        use); dropout in training mode is refused by its path (docs/problems.md, "Equinox models")."""
-        from eosflow.problems.equinox_model import split_model
+        use); dropout in training mode, and other layers whose forward updates their state (SpectralNorm in
+        training mode), are refused by their path (docs/problems.md, "Your own model")."""
+        from eosflow.problems.equinox_model import check_state_updates, split_model
 
         forward, params = split_model(model, state, axis_name)
         problem = cls.from_model(forward, params, inputs, targets, loss, info)
+        with precision(problem.default_dtype()):  # traced as a run will
+            check_state_updates(model, state, inputs, forward.axis_name)
         if forward.batch_statistics:
             problem.info["norm_layers"] = "batch statistics (training mode): " + ", ".join(forward.batch_statistics)
         return problem

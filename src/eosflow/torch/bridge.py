@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -44,8 +45,11 @@ def _to_torch(array: np.ndarray, objective: TorchObjective) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements="W")).to(objective.device)
 
 
-def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective, indexed: bool) -> Callable[..., np.ndarray]:
-    """A NumPy callback of ``fn(*vectors, batch)`` (each vector (d,)) that also accepts leading batch axes.
+def _batched(
+    fn: Callable[..., torch.Tensor], what: str, objective: TorchObjective, indexed: bool
+) -> Callable[..., np.ndarray]:
+    """A NumPy callback of ``fn(*vectors, batch)`` (each vector (d,)) that also accepts leading batch axes;
+    ``what`` names fn's results (``"gradients"``) for the warning of :func:`_map`.
 
     With ``indexed`` the last array holds example indices (..., S): the minibatch is
     ``objective.examples`` of them (the stored batch itself for 0, ..., N-1), else it is the full
@@ -85,28 +89,58 @@ def _batched(fn: Callable[..., torch.Tensor], objective: TorchObjective, indexed
         for batch in lanes:
             flat.append(batch)  # (a pytree of tensors, mapped over their example axes)
             in_dims.append(objective.example_dims())
-        out = _map(call, tuple(in_dims), flat, math.prod(lead), objective)
+        lanes_are = f"per-example {what}" if lanes else f"{what} for a block of {math.prod(lead)} vectors"
+        out = _map(call, tuple(in_dims), flat, math.prod(lead), objective, lanes_are)
         return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape[1:]))
 
     return callback
 
 
-def _map(call: Callable[..., torch.Tensor], in_dims: tuple, args: list, lanes: int, objective: TorchObjective):
+def _map(
+    call: Callable[..., torch.Tensor], in_dims: tuple, args: list, lanes: int, objective: TorchObjective, what: str
+):
     """``torch.func.vmap(call, in_dims)(*args)`` over ``lanes`` lanes, or the same as a loop over the lanes,
     stacked, for a model vmap cannot batch: ``nn.LSTM``/``nn.GRU`` with their default initial state
     (zeros of the unbatched size) fail under vmap when the inputs are batched (per-example lanes).
-    The first failure is kept in ``objective.vmap_error`` and the loop serves every later call."""
+    The first failure is kept in ``objective.vmap_error``, warned about once (:func:`_fallback_warning`;
+    ``what`` names the lanes) and the loop serves every later call."""
     if objective.vmap_error is None:
         try:
             return vmap(call, in_dims=in_dims)(*args)
         except RuntimeError as error:
             objective.vmap_error = str(error)
+            warnings.warn(_fallback_warning(objective, what), UserWarning, stacklevel=2)
 
     def lane(i: int) -> list:
         select = lambda leaf, dim: leaf if dim is None else leaf.select(dim, i)  # noqa: E731
         return [pytree.tree_map(select, arg, dims) for arg, dims in zip(args, in_dims)]
 
     return torch.stack([call(*lane(i)) for i in range(lanes)])
+
+
+def _fallback_warning(objective: TorchObjective, what: str) -> str:
+    """What the bridge does when torch.func.vmap cannot batch the model (``objective.vmap_error``): the
+    model's class, what it loops over, vmap's first line, and the known remedy if there is one."""
+    error = (objective.vmap_error or "").strip()
+    first = error.splitlines()[0] if error else "(no message)"
+    model = objective.model
+    if "data-dependent control flow" in error:
+        remedy = (
+            "the forward branches on a tensor's value (`if`, `.item()`), which vmap cannot batch: write the "
+            "branch with torch.where, which it batches"
+        )
+    elif objective.dtype == torch.float64 and any(isinstance(m, torch.nn.LSTM) for m in model.modules()):
+        remedy = (
+            "vmap cannot batch nn.LSTM in float64; in float32 (model.float() and a float32 batch) torch runs "
+            "its oneDNN LSTM kernel, which vmap batches"
+        )
+    else:
+        remedy = "no known remedy: see docs/torch.md"
+    return (
+        f"torch.func.vmap cannot batch {type(model).__name__} ({first}); eosflow evaluates the {what} "
+        f"in a Python loop, one torch call per lane: the same numbers, often 10-100x slower. "
+        f"To avoid it: {remedy}. (Said once per objective; the error is kept in objective.vmap_error.)"
+    )
 
 
 _TORCH_LOCK = threading.Lock()  # one torch evaluation at a time (see host_callback)
@@ -187,17 +221,18 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
     """
     d, dtype = objective.dim, np.dtype(str(objective.dtype).removeprefix("torch."))
 
-    def call(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], *args, indices):
-        """fn's value at traced args; result structs are made here, where the precision is known."""
+    def call(fn: Callable[..., torch.Tensor], what: str, shape: tuple[int, ...], *args, indices):
+        """fn's value at traced args (``what`` names its results); result structs are made here, where the
+        precision is known."""
         if jax.dtypes.canonicalize_dtype(dtype) != dtype:  # checked where traced: precision may be scoped
             raise ValueError(
                 f"the torch model is {dtype.name} but JAX computes in float32 here: run with dtype = "
                 f'"float64" (eosflow.simulate does), inside `jax.enable_x64()`, or cast the model with .float()'
             )
         if indices is None:
-            return host_callback(_batched(fn, objective, False), shape, dtype, *args, vmap_method="expand_dims")
+            return host_callback(_batched(fn, what, objective, False), shape, dtype, *args, vmap_method="expand_dims")
         objective.check_minibatch(indices.shape[-1])  # a clear error where traced (and again on the host)
-        callback = _batched(fn, objective, True)
+        callback = _batched(fn, what, objective, True)
         return host_callback(callback, shape, dtype, *args, indices, vmap_method="expand_dims")
 
     def both(w: torch.Tensor, batch) -> torch.Tensor:
@@ -209,7 +244,7 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
 
     @jax.custom_jvp
     def value_and_grad(w, indices):
-        out = call(both, (d + 1,), w, indices=indices)
+        out = call(both, "gradients", (d + 1,), w, indices=indices)
         return out[0], out[1:]
 
     def _value_and_grad_jvp(primals, tangents):
@@ -223,7 +258,7 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
 
     @jax.custom_jvp
     def loss(w, indices):
-        return call(objective.value, (), w, indices=indices)
+        return call(objective.value, "losses", (), w, indices=indices)
 
     def _loss_jvp(primals, tangents):
         (w, indices), (dw, _) = primals, tangents
@@ -234,7 +269,7 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
 
     @jax.custom_jvp
     def hvp(w, v, indices):
-        return call(objective.hvp, (d,), w, v, indices=indices)
+        return call(objective.hvp, "Hessian-vector products", (d,), w, v, indices=indices)
 
     def _hvp_jvp(primals, tangents):
         (w, v, indices), (dw, dv, _) = primals, tangents
@@ -250,7 +285,7 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
 
     @jax.custom_jvp
     def third_derivative(w, u, v, indices):
-        return call(objective.third_derivative, (d,), w, u, v, indices=indices)
+        return call(objective.third_derivative, "third derivatives", (d,), w, u, v, indices=indices)
 
     @third_derivative.defjvp
     def _fourth(primals, tangents):
