@@ -93,6 +93,10 @@ def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
     loss = ds.loss.values[0]
     bad = int(np.flatnonzero(loss > 1e6 * loss[0])[0])
     assert summary["status"] == "diverged" and f"step {bad}" in summary["reason"]
+    assert (
+        summary["reason"].startswith("gd: loss")
+        and "edge ratio (sharpness / stability threshold) reached 3," in summary["reason"]
+    )
     assert ds.sizes["step"] == bad + 1 and np.all(np.isfinite(loss))
     problem = build_problem(table["problem"], 0, "float64")[0]
     values, vectors = np.linalg.eigh(np.asarray(problem.objective.hessian(problem.w0)))

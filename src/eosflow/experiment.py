@@ -313,7 +313,7 @@ class _Advance:
                 if hint := process.divergence_hint(rows):
                     reason = f"{reason}: {hint}"
                 if name == self.reference:
-                    diverged = (step + bad + 1, reason)
+                    diverged = (step + bad + 1, f"{name}: {reason}")  # the run's reason names the process
                 else:
                     inactive[name] = reason
             else:

@@ -184,8 +184,17 @@ class ScannedProcess(eqx.Module, Generic[Tracked]):
         return self.spectrum.threshold / self.lr
 
     def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
-        """Why this process may have diverged, read from its rows up to the divergent one ('' if unknown)."""
-        return ""
+        """Why this process may have diverged, read from its rows up to the divergent one ('' if unknown):
+        an edge ratio (preconditioned sharpness / threshold, lr S / 2 for GD) far above 1 means a step size
+        the curvature does not allow, not an edge-of-stability oscillation (which hovers at 1)."""
+        measured = np.asarray(rows.get("edge_ratio", []), dtype=np.float64)
+        measured = measured[np.isfinite(measured)]
+        if measured.size == 0 or measured.max() <= 1.5:
+            return ""
+        return (
+            f"its edge ratio (sharpness / stability threshold) reached {measured.max():.4g}, far past 1, "
+            "where no iteration of this step size is stable: lower lr"
+        )
 
     def initial_vectors(self, w0: Array) -> Array:
         return random_vectors(jax.random.fold_in(self.key, -1 & 0x7FFFFFFF), w0.size, self.spectrum.k, w0.dtype)
