@@ -84,6 +84,7 @@ def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
         "dtype": "float64",
         "processes": ["gd"],
         "problem": {"name": "quadratic", "eigenvalues": [30.0, 1.0]},
+        "spectrum": {"every": 0},  # the loss is under test: no eigensolver to compile
         "record": {"chunk": 50},
         "divergence": {"loss_blowup": 1e6},
     }
@@ -104,10 +105,11 @@ def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):
-    run(spec(steps=5), tmp_path / "r")
+    quick = {"steps": 5, "spectrum": {"every": 0}}  # the directory is under test: no eigensolver to compile
+    run(spec(**quick), tmp_path / "r")
     before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
     with pytest.raises(StoreError, match="already holds a run"):
-        run(spec(steps=5, lr=0.1), tmp_path / "r")
+        run(spec(**quick, lr=0.1), tmp_path / "r")
     after = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
     assert before == after
 
