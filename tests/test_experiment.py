@@ -77,6 +77,37 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path):
     assert np.isfinite(resumed.eigenvalues.values[0, -1, 1])  # the tracker grew, and resumed with k = 2+
 
 
+def test_a_resume_in_the_same_process_compiles_no_scan_again(tmp_path, monkeypatch):
+    """A checkpoint's arrays restore the state with its fresh program types: a weakly typed step
+    counter came back strongly typed, and every resume (a sweep worker's, a test's) compiled every
+    scan of every process again."""
+    import collections
+
+    import eosflow.process as process_module
+
+    traces = []
+
+    def counted(process, state, n_steps):
+        traces.append(n_steps)
+        return process_module._scan_steps(process, state, n_steps)
+
+    monkeypatch.setattr(process_module._scan, "fn", counted)
+    monkeypatch.setattr(process_module._scan, "compiled", collections.OrderedDict())  # not the other tests' scans
+    table = {
+        "steps": 20,
+        "lr": 0.1,
+        "dtype": "float64",
+        "processes": ["gd"],
+        "problem": {"name": "quadratic", "eigenvalues": [3.0, 1.0]},
+        "spectrum": {"k": 1, "k_max": 1},
+        "record": {"chunk": 10},
+    }
+    run(table, tmp_path / "run", stop_after=10)
+    assert traces == [10]
+    assert run(table, tmp_path / "run", resume=True).status == "completed"
+    assert traces == [10]
+
+
 def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
     table = {
         "steps": 200,
