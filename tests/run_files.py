@@ -30,14 +30,16 @@ from pathlib import Path
 SLOWEST_FIRST = [
     "test_simulate.py",
     "test_problems.py",
-    "test_torch.py",
     "test_central_flow.py",
-    "test_reliability.py",
-    "test_leaderboard.py",
-    "test_spectrum.py",
-    "test_experiment.py",
-    "test_flatland.py",
+    "test_torch.py",
     "test_architectures.py",
+    "test_adaptive_flows.py",
+    "test_spectrum.py",
+    "test_microbatch.py",
+    "test_reliability.py",
+    "test_compare.py",
+    "test_cli.py",
+    "test_rod_flow.py",
 ]
 
 

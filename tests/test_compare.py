@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import tomli_w
 from scipy.ndimage import gaussian_filter1d
 
 import eosflow
@@ -116,7 +117,7 @@ def test_a_run_recorded_before_the_centre_distance_is_reported_without_it(tmp_pa
     """A run directory written before ``centre_distance`` existed: its column is NaN ("-" on the page), every
     other column as before, and the distance figure has its two old panels."""
     out = tmp_path / "run"
-    run({**SPEC, "steps": 40, "record": {"chunk": 20}}, out)
+    run({**SPEC, "steps": 80}, out)  # SPEC's first chunk: the report tests below reuse its compiled scans
     fresh = cmp.compare_run(out)
     recorded = cmp.load
     monkeypatch.setattr(cmp, "load", lambda run_dir: recorded(run_dir).drop_vars("centre_distance"))
@@ -253,10 +254,7 @@ def test_cli_compare_writes_the_report_and_never_overwrites_silently(tmp_path, c
     from eosflow.cli import main
 
     spec = tmp_path / "spec.toml"
-    spec.write_text(
-        'steps = 60\nlr = 0.08\ndtype = "float64"\nprocesses = ["gd", "gradient_flow", "rod_flow"]\n'
-        '[problem]\nname = "quartic"\n[spectrum]\nk_max = 1\n[record]\nchunk = 30\n'
-    )
+    spec.write_text(tomli_w.dumps({**SPEC, "steps": 80}))  # SPEC's chunks of 80: its compiled scans, reused
     out = tmp_path / "run"
     assert main(["compare", str(spec), "--out", str(out), "--quiet"]) == 0
     page = out / "report" / "compare.md"
@@ -266,8 +264,8 @@ def test_cli_compare_writes_the_report_and_never_overwrites_silently(tmp_path, c
     # the run directory exists: a second compare refuses (status 2, nothing touched) unless --overwrite
     assert main(["compare", str(spec), "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err and page.read_text() == first
-    assert main(["compare", str(spec), "--out", str(out), "--quiet", "--overwrite", "--set", "steps=40"]) == 0
-    assert eosflow.load(out).sizes["step"] == steps - 20
+    assert main(["compare", str(spec), "--out", str(out), "--quiet", "--overwrite", "--set", "steps=160"]) == 0
+    assert eosflow.load(out).sizes["step"] == steps + 80
 
 
 # ---- time-averaged metrics -----------------------------------------------------------------------

@@ -404,7 +404,17 @@ def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str
             f"arrays, this version's state has {expected} (the checkpoint was written by {written_by}, "
             f"this is eosflow {_version()}); use --overwrite (overwrite=True) to start again"
         )
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])
+    return jax.tree_util.tree_unflatten(
+        treedef, [_like(kept, leaf) for kept, leaf in zip(jax.tree_util.tree_leaves(template), leaves, strict=True)]
+    )
+
+
+def _like(template: Any, leaf: np.ndarray) -> jax.Array:
+    """``leaf`` as a JAX array, weakly typed where the fresh state's scalar is (a step counter from a
+    Python int): a strong one is another program type, and every scan of the process compiled again."""
+    if getattr(template, "weak_type", False) and template.shape == () == np.shape(leaf):
+        return jax.lax.full_like(template, leaf)
+    return jnp.asarray(leaf)
 
 
 def _version() -> str:
