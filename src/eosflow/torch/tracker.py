@@ -30,6 +30,7 @@ statistics; dropout in train mode is refused) and changes nothing in the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -105,55 +106,65 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
             f"the optimizer does not hold the model's trainable parameter(s) {', '.join(missing)}: "
             "the tracker measures every parameter that requires grad"
         )
-    rows = []  # per parameter: (size, group index, lr, c, P or None, coupled wd, decoupled wd)
-    for name in objective.names:
-        p = params[name]
-        index, group = group_of[id(p)]
-        lr, decay, c, p_diagonal, is_decoupled = _group_edge(optimizer, group, optimizer.state.get(p, {}), name)
-        rows.append(
-            (p.numel(), index, lr, c, p_diagonal, 0.0 if is_decoupled else decay, decay if is_decoupled else 0.0)
-        )
-    constants = {(index, c) for _, index, _, c, *_ in rows}
+    edges = [_parameter_edge(optimizer, *group_of[id(params[name])], params[name], name) for name in objective.names]
+    constants = {(edge.group, edge.c) for edge in edges}
     if len({c for _, c in constants}) > 1:
         listed = ", ".join(f"group {index}: c = {c:g}" for index, c in sorted(constants))
         raise ValueError(
             f"the parameter groups' momenta put their edges at different lr * S ({listed}), so no single "
             "threshold exists: give every group the same momentum (betas[0] for Adam)"
         )
-    c = rows[0][3]
-    lr_max = max(lr for _, _, lr, *_ in rows)
+    lr_max = max(edge.lr for edge in edges)
     if not lr_max > 0:
         raise ValueError(f"every parameter group has lr = 0 (got {lr_max!r}): nothing moves, there is no edge")
-    sizes = [size for size, *_ in rows]
 
-    def per_coordinate(values) -> np.ndarray:
-        return np.concatenate([np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)) for v, n in zip(values, sizes)])
+    def per_coordinate(value: Callable[[ParameterEdge], Any]) -> np.ndarray:
+        """(d,) ``value(edge)`` of each parameter, repeated over its entries, in the objective's layout."""
+        return np.concatenate(
+            [np.broadcast_to(np.asarray(value(edge), dtype=np.float64), (edge.size,)) for edge in edges]
+        )
 
-    scale = per_coordinate([lr_max / lr if lr > 0 else np.inf for _, _, lr, *_ in rows])  # lr = 0: a frozen block
-    has_p = rows[0][4] is not None
-    diagonal = per_coordinate([row[4] for row in rows]) * scale if has_p else scale
-    identity = not has_p and bool(np.all(scale == 1.0))
-    coupled = per_coordinate([row[5] for row in rows])
-    decoupled = per_coordinate([row[2] * row[6] for row in rows])  # lr_g wd_g
+    scale = per_coordinate(lambda edge: lr_max / edge.lr if edge.lr > 0 else np.inf)  # lr = 0: a frozen block
+    if edges[0].P is not None:
+        diagonal = per_coordinate(lambda edge: edge.P) * scale
+    else:  # SGD: P = I, unless the groups' step sizes differ
+        diagonal = None if np.all(scale == 1.0) else scale
+    coupled = per_coordinate(lambda edge: edge.coupled_decay)
+    decoupled = per_coordinate(lambda edge: edge.lr * edge.decoupled_decay)  # lr_g wd_g
     return Preconditioning(
-        None if identity else diagonal,
-        c / lr_max,
+        diagonal,
+        edges[0].c / lr_max,
         coupled if coupled.any() else None,
         decoupled if decoupled.any() else None,
     )
 
 
-def _group_edge(
-    optimizer: torch.optim.Optimizer, group: dict, state: dict, name: str
-) -> tuple[float, float, float, np.ndarray | None, bool]:
-    """(lr, weight decay, c, P of the parameter or None for P = I, whether the decay is decoupled) of one
-    parameter of ``group``. SGD's dampening tau scales its step: lr (1 - tau) is the classical one."""
-    lr, decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
+class ParameterEdge(NamedTuple):
+    """What one parameter's group and state say: its step size (SGD's lr (1 - dampening)), the momentum's
+    c, its P (None: P = I) and its weight decay, coupled or decoupled."""
+
+    size: int
+    group: int  # the index of its parameter group
+    lr: float
+    c: float
+    P: np.ndarray | None  # (size,)
+    coupled_decay: float  # wd added to the gradient (L2): the curvature H + wd
+    decoupled_decay: float  # wd of w <- (1 - lr wd) w (AdamW)
+
+
+def _parameter_edge(
+    optimizer: torch.optim.Optimizer, index: int, group: dict, p: torch.Tensor, name: str
+) -> ParameterEdge:
+    """:class:`ParameterEdge` of parameter ``p`` (called ``name``) of group ``index``. SGD's dampening tau
+    scales its step: lr (1 - tau) is the classical one."""
+    lr, decay, state = float(group["lr"]), float(group.get("weight_decay", 0.0)), optimizer.state.get(p, {})
     if isinstance(optimizer, torch.optim.SGD):
         momentum = float(group.get("momentum", 0.0))
         form: MomentumForm = "nesterov" if group.get("nesterov", False) else "classical"
         dampening = float(group.get("dampening", 0.0)) if momentum else 0.0
-        return lr * (1.0 - dampening), decay, stability_constant(momentum, form), None, False
+        return ParameterEdge(
+            p.numel(), index, lr * (1.0 - dampening), stability_constant(momentum, form), None, decay, 0.0
+        )
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         if group.get("amsgrad", False):
@@ -161,12 +172,14 @@ def _group_edge(
         nu, steps = _buffer(state, "exp_avg_sq", name)
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
         P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"], bias_correction=1 - float(beta2) ** steps))
-        return lr, decay, stability_constant(float(beta1), "ema"), P, decoupled
+        c = stability_constant(float(beta1), "ema")
+        return ParameterEdge(p.numel(), index, lr, c, P, 0.0 if decoupled else decay, decay if decoupled else 0.0)
     nu, _ = _buffer(state, "square_avg", name)  # RMSprop
     if group.get("centered", False):
         nu = nu - _buffer(state, "grad_avg", name)[0] ** 2
     P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"]))
-    return lr, decay, stability_constant(float(group.get("momentum", 0.0)), "classical"), P, False
+    c = stability_constant(float(group.get("momentum", 0.0)), "classical")
+    return ParameterEdge(p.numel(), index, lr, c, P, decay, 0.0)
 
 
 def _buffer(state: dict, key: str, name: str) -> tuple[np.ndarray, float]:
