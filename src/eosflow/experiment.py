@@ -114,13 +114,13 @@ def run(
     ends the run early after that many steps (as an interruption would), which tests use to
     exercise resuming.
     """
-    with precision(_run_dtype(table)):
+    with precision(run_dtype(table)):
         return _run(
             table, out, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after, problem=problem
         )
 
 
-def _run_dtype(table: dict) -> str:
+def run_dtype(table: dict) -> str:
     """The spec's dtype, read before validation (an invalid one fails in parse_spec, in float32)."""
     dtype = table.get("dtype", "float32") if isinstance(table, dict) else "float32"
     return dtype if dtype in DTYPES else "float32"
@@ -284,7 +284,7 @@ class _Advance:
 
     ``__call__(states, inactive, step, n)`` updates ``states`` and ``inactive`` in place and returns
     (the chunk's rows per process, None or (steps done, reason) if the reference diverged).
-    ``offsets`` holds each process's last offset from the reference (:func:`_add_distances`), and is
+    ``offsets`` holds each process's last offset from the reference (:func:`add_distances`), and is
     checkpointed with the states.
     ``write`` (process, step) -> bool chooses the files flushed (all of them, except in a repair).
     """
@@ -306,9 +306,9 @@ class _Advance:
             new_state, computed = process.advance(states[name], n)
             rows = {key: np.asarray(value) for key, value in computed.items()}
             self.timing.add(name, time.perf_counter() - tick, n)
-            bad = _first_divergent(rows["loss"], self.limit)
+            bad = first_divergent(rows["loss"], self.limit)
             if bad is not None:
-                reason = _divergence_reason(rows["loss"][bad], step + bad, self.limit)
+                reason = divergence_reason(rows["loss"][bad], step + bad, self.limit)
                 rows = {key: value[: bad + 1] for key, value in rows.items()}
                 if hint := process.divergence_hint(rows):
                     reason = f"{reason}: {hint}"
@@ -320,7 +320,7 @@ class _Advance:
                 states[name] = new_state
             chunk[name] = rows
         self.timing.warm = True
-        _add_distances(chunk, self.reference, self.offsets)
+        add_distances(chunk, self.reference, self.offsets)
         _write_chunk(
             self.store, {name: rows for name, rows in chunk.items() if self.write(name, step)}, step, self.params_every
         )
@@ -421,18 +421,20 @@ def _version() -> str:
     return __version__
 
 
-def _first_divergent(loss: np.ndarray, limit: float) -> int | None:
+def first_divergent(loss: np.ndarray, limit: float) -> int | None:
+    """The first row whose loss is not finite or above ``limit`` in magnitude (None: none)."""
     bad = np.flatnonzero(~np.isfinite(loss) | (np.abs(loss) > limit))
     return int(bad[0]) if bad.size else None
 
 
-def _divergence_reason(loss: float, step: int, limit: float) -> str:
+def divergence_reason(loss: float, step: int, limit: float) -> str:
+    """Why a loss at ``step`` counts as divergent (the run summary's ``reason``)."""
     if not np.isfinite(loss):
         return f"loss became {loss} at step {step}"
     return f"loss {loss:.4g} at step {step} exceeded the blow-up limit {limit:.4g}"
 
 
-def _add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offsets: dict[str, np.ndarray]) -> None:
+def add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offsets: dict[str, np.ndarray]) -> None:
     """Compare every process with the reference at each step both have.
 
     ``distance`` = ||e_t||, e_t = reference position - position; ``centre_distance`` =

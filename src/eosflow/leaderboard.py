@@ -26,13 +26,16 @@ import dataclasses
 import os
 import platform
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import jax
 import pandas as pd
 
-from eosflow.compare import AVERAGING_WINDOW, compare_run, format_number
+from eosflow.anchored import ONSET, anchored
+from eosflow.compare import AVERAGING_WINDOW, compare_dataset, compare_run, format_number
+from eosflow.config import SpecError
 from eosflow.experiment import run
 from eosflow.process import PROCESSES
 from eosflow.progress import training_bar
@@ -250,8 +253,6 @@ SUITES: dict[str, tuple[Entry, ...]] = {
 
 def suite_entries(name: str) -> tuple[Entry, ...]:
     """The entries of the suite ``name`` (default, architectures, adaptive or all), or a SpecError listing them."""
-    from eosflow.config import SpecError
-
     if name not in SUITES:
         raise SpecError(f"unknown leaderboard suite {name!r}; choose one of {', '.join(SUITES)}")
     return SUITES[name]
@@ -337,10 +338,28 @@ def run_suite(tables: dict[str, dict], out: Path, progress: bool = True) -> pd.D
         run_dir = out / "runs" / problem
         try:
             run_one(problem, table, run_dir)
-            frames.append(_rows(problem, compare_run(run_dir)))
+            rows = _rows(problem, compare_run(run_dir))
+            if table["processes"][0] != REFERENCE:
+                rows = rows.merge(from_onset(table), on="process", how="left")
+            frames.append(rows)
         except Exception as shared_error:  # one broken model must not sink the suite
             frames.append(_separately(problem, table, out, run_one, shared_error))
     return pd.concat(frames, ignore_index=True)
+
+
+def from_onset(table: dict) -> pd.DataFrame:
+    """The models of an optimizer other than GD started on its state at its edge onset
+    (:func:`eosflow.anchored.anchored`): ``onset`` and the ``FROM_ONSET`` metrics over the steps after it,
+    per process; only ``process`` when the optimizer never reached its edge (said in a warning)."""
+    try:
+        ds = anchored(table, "onset")
+    except SpecError as error:
+        warnings.warn(f"{table.get('name', '')}: no columns from the onset: {error}", stacklevel=2)
+        return pd.DataFrame({"process": table["processes"]})
+    metrics = [column.removesuffix(SUFFIX) for column, _ in FROM_ONSET[1:]]
+    compared = compare_dataset(ds)[metrics].rename(columns=lambda c: c + SUFFIX).reset_index()
+    compared.insert(1, "onset", int(ds.attrs["anchored_at"]))
+    return compared
 
 
 def _rows(problem: str, table: pd.DataFrame) -> pd.DataFrame:
@@ -405,6 +424,15 @@ COLUMNS = (
     ("measurement_equivalents", "eigensolver grad-equiv. / step"),
 )
 
+# the models started on the optimizer's state at its edge onset (optimizers other than GD; from_onset)
+SUFFIX = "_from_onset"
+FROM_ONSET = (
+    ("onset", "onset step"),
+    ("relative_distance" + SUFFIX, "rel. distance from onset"),
+    ("relative_centre_distance" + SUFFIX, "rel. centre distance from onset"),
+    ("loss_error" + SUFFIX, "loss error from onset"),
+    ("loss_error_averaged" + SUFFIX, "loss error (avg) from onset"),
+)
 
 HIDDEN_WHEN_DROPPED = (
     "relative_distance",
@@ -413,7 +441,13 @@ HIDDEN_WHEN_DROPPED = (
     "envelope_error",
     *(c for c, _ in AVERAGED_COLUMNS),
     "ms_per_step",
+    *(c for c, _ in FROM_ONSET[1:]),
 )
+
+
+def columns_of(rows: pd.DataFrame) -> tuple[tuple[str, str], ...]:
+    """The page's columns: ``COLUMNS``, and ``FROM_ONSET`` when the rows have them."""
+    return COLUMNS + (FROM_ONSET if "onset" in rows.columns else ())
 
 
 def markdown(rows: pd.DataFrame) -> list[str]:
@@ -422,9 +456,10 @@ def markdown(rows: pd.DataFrame) -> list[str]:
     A process dropped after diverging shows neither accuracy numbers (they would cover only its
     short life) nor wall time (only its compiling chunk was timed); ``leaderboard.csv`` keeps them.
     """
+    columns = columns_of(rows)
     lines = [
-        "| problem | process | " + " | ".join(title for _, title in COLUMNS) + " | status |",
-        "|---" * (len(COLUMNS) + 3) + "|",
+        "| problem | process | " + " | ".join(title for _, title in columns) + " | status |",
+        "|---" * (len(columns) + 3) + "|",
     ]
     for _, row in rows.iterrows():
         status = str(row["status"])
@@ -432,7 +467,7 @@ def markdown(rows: pd.DataFrame) -> list[str]:
             format_number(float(row.get(column, float("nan"))))
             if status == "ok" or column not in HIDDEN_WHEN_DROPPED
             else "-"
-            for column, _ in COLUMNS
+            for column, _ in columns
         ]
         lines.append(f"| {row['problem']} | {row['process']} | " + " | ".join(cells) + f" | {status} |")
     return lines
@@ -471,8 +506,6 @@ def machine() -> str:
 def selected(suite: str, problems: list[str] | None = None, models: list[str] | None = None) -> tuple[Entry, ...]:
     """The entries of ``suite`` named in ``problems`` (None: all); a SpecError names an unknown problem
     or a model that models none of them."""
-    from eosflow.config import SpecError
-
     entries = suite_entries(suite)
     names = [entry.name for entry in entries]
     for name in problems or []:
@@ -548,6 +581,14 @@ def write_page(
         "shown apart. Wall times include the eigensolver. Definitions: docs/compare.md.",
         "",
     ]
+    if "onset" in rows.columns:
+        lines += [
+            "From onset: the optimizer's models restarted on its state at its onset step (its first step with "
+            f"edge ratio >= {ONSET}: the centre of its iterates, its centred moments and its rod) and scored "
+            "over the steps after it, the stable flow restarted there the yardstick (docs/adaptive.md, "
+            '"Starting on the optimizer\'s state").',
+            "",
+        ]
     lines += markdown(rows)
     lines += incomplete_critical_sets(rows)
     path = Path(out) / "leaderboard.md"

@@ -39,8 +39,6 @@ def load(run_dir: str | Path) -> xr.Dataset:
     ``attrs["missing_steps"]`` and in a :class:`RunDirectoryWarning` with the command that
     recomputes it. Saved parameters are read by :func:`load_params`.
     """
-    import xarray as xr
-
     store = RunStore(run_dir)
     if not store.exists():
         raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
@@ -61,6 +59,31 @@ def load(run_dir: str | Path) -> xr.Dataset:
             RunDirectoryWarning,
             stacklevel=2,
         )
+    attrs = summary_attrs(summary)
+    if summary.get("status") == "running" and store.writer() is None:
+        attrs["status"] = "interrupted"  # its writer died without a word (kill -9, power loss)
+    if damage:
+        attrs["missing_steps"] = "; ".join(map(str, damage))
+    return rows_dataset(per_process, steps, attrs)
+
+
+def summary_attrs(summary: dict) -> dict:
+    """A run summary as Dataset ``attrs``: its scalars, and its nested tables as JSON text (which netCDF
+    can store; :func:`summary_of` parses them back)."""
+    attrs = {k: v for k, v in summary.items() if isinstance(v, (str, int, float))}
+    for key in SUMMARY_TABLES:
+        if key in summary:
+            attrs[key] = json.dumps(summary[key])
+    return attrs
+
+
+def rows_dataset(per_process: dict[str, dict[str, np.ndarray]], steps: np.ndarray, attrs: dict) -> xr.Dataset:
+    """The Dataset of :func:`load` from each process's rows (``per_process[name]["step"]`` says which steps
+    of ``steps`` each row is): dims (process, step) and a trailing one per array column (``eig`` for
+    ``eigenvalues``), NaN where a process has no row; ``params*`` columns are left out."""
+    import xarray as xr
+
+    names = list(per_process)
     variables: dict[str, np.ndarray] = {}
     trailing: dict[str, tuple] = {}
     for data in per_process.values():
@@ -86,14 +109,6 @@ def load(run_dir: str | Path) -> xr.Dataset:
         if key == "eigenvalues":
             dims = ("process", "step", "eig")
         data_vars[key] = (dims, value)
-    attrs = {k: v for k, v in summary.items() if isinstance(v, (str, int, float))}
-    for key in SUMMARY_TABLES:  # nested tables ride along as JSON text, which netCDF can store
-        if key in summary:
-            attrs[key] = json.dumps(summary[key])
-    if summary.get("status") == "running" and store.writer() is None:
-        attrs["status"] = "interrupted"  # its writer died without a word (kill -9, power loss)
-    if damage:
-        attrs["missing_steps"] = "; ".join(map(str, damage))
     return xr.Dataset(data_vars, coords={"process": names, "step": steps}, attrs=attrs)
 
 

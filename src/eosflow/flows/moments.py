@@ -30,6 +30,7 @@ preconditioned eigenpairs at the centre, the substep count from their stiffness,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
@@ -38,9 +39,9 @@ import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option
-from eosflow.flows.flow import Flow, Measured, register_flow
+from eosflow.flows.flow import Flow, FlowState, Measured, register_flow
 from eosflow.flows.integrate import STAGES, UPDATES, SubstepOptions, substep_count
-from eosflow.optim.adaptive import OPTIMIZERS, UpdateRule, preconditioned_spectrum_row
+from eosflow.optim.adaptive import OPTIMIZERS, OptimizerState, UpdateRule, preconditioned_spectrum_row
 from eosflow.preconditioning import diagonal_preconditioner
 
 Moments = Literal["lag", "reference"]
@@ -141,6 +142,34 @@ class ContinuousMoments:
         if trend is not None and self.corrects[1]:
             grad_nu = grad - lookback(float(self.nu_rate(h)), float(start_nu)) * trend
         return Phase(w0, start_d * self.kappa * grad_d, start_nu * self.second(grad_nu), mass)
+
+    def anchored(self, window: Sequence[OptimizerState]) -> Phase:
+        """z at the optimizer's step k from its states at k-2 .. k+2 (``window``; state j holds w_j, m_j, nu_j):
+        w = the centre c_k = (w_{k-1} + 2 w_k + w_{k+1}) / 4, D = the mean of the centred discrete directions
+        at k and k+1 (D averaged over [k, k+1] is the discrete D_{k+1}: the lag-matched start), nu = (nu_k +
+        nu_{k+1}) / 2 (nu_{k+1} with the reference moments, whose nu(0) is nu_1), q = the mean of 1 - b^k and
+        1 - b^(k+1) for a bias-corrected moment. The centring cancels a period-2 oscillation and keeps a
+        linear trend (docs/adaptive.md, "Starting on the optimizer's state")."""
+        if len(window) != 5:
+            raise ValueError(f"the window holds the optimizer's states at k-2 .. k+2: 5 states, got {len(window)}")
+        w = [s.w for s in window]
+        directions = [self.discrete_direction(window[j].rule, window[j - 1].rule) for j in range(1, 5)]
+        centred = [0.25 * (directions[j - 1] + 2.0 * directions[j] + directions[j + 1]) for j in (1, 2)]
+        k, dtype = window[2].step, w[2].dtype
+        nu = window[3].rule.nu if self.moments == "reference" else 0.5 * (window[2].rule.nu + window[3].rule.nu)
+
+        def mass(b: float, corrected: bool) -> Array:
+            return 1.0 - 0.5 * b**k * (1.0 + b) if corrected else jnp.ones((), dtype)
+
+        q = jnp.stack([mass(self.rule.beta1, self.corrects[0]), mass(self.rule.beta2, self.corrects[1])])
+        return Phase(0.25 * (w[1] + 2.0 * w[2] + w[3]), 0.5 * (centred[0] + centred[1]), nu, q.astype(dtype))
+
+    def discrete_direction(self, state: Any, previous: Any) -> Array:
+        """The discrete D_j before bias correction, from the rule states at j and j - 1: m_j, or
+        g_{j-1} + b m_j = (1 + b) m_j - b m_{j-1} for Nesterov."""
+        if self.rule.form == "nesterov":
+            return (1.0 + self.rule.beta1) * state.m - self.rule.beta1 * previous.m
+        return state.m
 
     def preconditioner(self, z: Phase) -> Array:
         """P = sqrt(nu / q2 + eps_root) + eps (d,); ones without a second moment."""
@@ -245,6 +274,20 @@ class OptimizerModel(Flow):
             return start
         velocity = mo.velocity(start, grad, mo.second(grad), h).w
         return mo.initial(w0, grad, h, self.objective.hvp(w0, velocity))
+
+    def anchor(self, window: Sequence[OptimizerState]) -> Any:
+        """The model's variables at the optimizer's step k, from its states at k-2 .. k+2: the phase point
+        of :meth:`ContinuousMoments.anchored` (models with more variables add theirs)."""
+        return self.moments.anchored(window)
+
+    def start_on(self, window: Sequence[OptimizerState]) -> FlowState:
+        """The process state at the optimizer's step k = ``window[2].step`` (instead of :meth:`init` at
+        w0): :meth:`anchor`, warm-started from the optimizer's tracked vectors there."""
+        here = window[2]
+        steps = [int(s.step) for s in window]
+        if steps != list(range(steps[0], steps[0] + 5)):
+            raise ValueError(f"the window must hold 5 consecutive states of the optimizer, got steps {steps}")
+        return FlowState(self.anchor(window), here.vectors, jnp.asarray(jnp.nan, here.w.dtype), jnp.asarray(steps[2]))
 
     def stable_velocity(self, z: Phase, h: Array | float) -> tuple[Phase, Array, Array]:
         """(dz/dt of the stable flow, L, g) at z, for substeps of length h (one gradient)."""

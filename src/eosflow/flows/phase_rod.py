@@ -19,6 +19,7 @@ oscillation (as GD's rod does). Two gradients per substep. Registered as ``<opti
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +33,7 @@ from eosflow.flows.moments import (
     register_models,
 )
 from eosflow.flows.rod import unit
-from eosflow.optim.adaptive import RuleState
+from eosflow.optim.adaptive import OptimizerState, RuleState
 
 
 class Rod(NamedTuple):
@@ -47,6 +48,16 @@ class PhaseRodFlow(OptimizerModel):
 
     def centre(self, z: tuple[Phase, Rod]) -> Phase:
         return z[0]
+
+    def anchor(self, window: Sequence[OptimizerState]) -> tuple[Phase, Rod]:
+        """The centre phase (:meth:`OptimizerModel.anchor`) and the rod (-1)^k (z_k - centre of z at k),
+        z = (w, m): the optimizer's own period-2 part at step k (states at k-2 .. k+2)."""
+        sign = 1 - 2 * (int(window[2].step) % 2)
+
+        def rod(values: list[Array]) -> Array:
+            return sign * (values[2] - 0.25 * (values[1] + 2.0 * values[2] + values[3]))
+
+        return super().anchor(window), Rod(rod([s.w for s in window]), rod([s.rule.m for s in window]))
 
     def increment(self, m: Array, grad: Array, preconditioner: Array) -> tuple[Array, Array]:
         """F(w, m) = (w_{k+1} - w_k, m_{k+1} - m_k) with P frozen and no bias correction (given g(w))."""

@@ -1,0 +1,174 @@
+"""Models started on their optimizer's state at step k (eosflow.anchored): the window's arithmetic against
+closed forms, the start's order against the optimizer's own iterates, the rod's phase on a period-2
+orbit, the reference rows against a run from w0, the leaderboard's columns, and the refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eosflow.anchored import anchored, onset_step
+from eosflow.compare import compare_dataset
+from eosflow.config import SpecError
+from eosflow.experiment import prepare, run
+from eosflow.flows.moments import Phase
+from eosflow.leaderboard import FROM_ONSET, from_onset, markdown
+from eosflow.load import load
+from eosflow.optim.adaptive import OptimizerState, RuleState
+from test_adaptive_flows import SMOOTH, STABLE_CASES
+
+QUARTIC = {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1}
+
+
+def build(name: str, hyper: dict, model: str, moments: str = "lag", lr: float = 0.01):
+    table = {
+        "lr": lr,
+        "dtype": "float64",
+        "processes": [name, f"{name}_{model}"],
+        "problem": SMOOTH,
+        "spectrum": {"every": 0},
+        name: hyper,
+        f"{name}_{model}": {"moments": moments},
+    }
+    _, problem, _, processes = prepare(table)
+    return problem, processes[name], processes[f"{name}_{model}"]
+
+
+WINDOW_CASES = {  # optimizer, hyperparameters, the model's moments
+    "adam": ("adam", {"beta1": 0.7, "beta2": 0.9}, "lag"),
+    "momentum classical": ("momentum", {"beta": 0.6}, "lag"),
+    "nesterov": ("nesterov", {"beta": 0.4}, "lag"),
+    "rmsprop reference": ("rmsprop", {"beta2": 0.8}, "reference"),
+}
+
+
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+@pytest.mark.parametrize("k", [6, 7])
+def test_the_start_takes_the_window_centres_and_the_rod_in_phase(case, k):
+    """States w_j = a + b j + (-1)^j r (and m, nu alike) at j = k-2 .. k+2: the start is the linear trend
+    without the oscillation, w = a + b k, D = the trend of the discrete D at k + 1/2, nu at k + 1/2 (k + 1
+    with the reference moments), q = 1 - b^k (1 + b)/2, and the rod is (r_w, r_m) whatever the parity of k."""
+    name, hyper, moments = WINDOW_CASES[case]
+    problem, _, flow = build(name, hyper, "rod_flow", moments)
+    d = problem.w0.size
+    a, b, r, am, bm, rm, n0, n1 = (jax.random.normal(jax.random.PRNGKey(i), (d,), jnp.float64) for i in range(8))
+    n0, n1 = jnp.abs(n0), jnp.abs(n1)
+    vectors = jnp.ones((d, 1))
+    window = [
+        OptimizerState(
+            a + b * j + (-1) ** j * r,
+            a,
+            RuleState(am + bm * j + (-1) ** j * rm, n0 + n1 * j, jnp.asarray(j)),
+            vectors,
+            j,
+        )
+        for j in range(k - 2, k + 3)
+    ]
+    state = flow.start_on(window)
+    centre, rod = state.z
+    beta = hyper.get("beta", 0.0)
+    trend = am + bm * (k + 0.5) + (beta * bm if name == "nesterov" else 0.0)  # D_j = (1 + b) m_j - b m_(j-1)
+    rule = flow.moments.rule
+    q = [1 - rule.beta1**k * (1 + rule.beta1) / 2 if flow.moments.corrects[0] else 1.0]
+    q += [1 - rule.beta2**k * (1 + rule.beta2) / 2 if flow.moments.corrects[1] else 1.0]
+    expected = Phase(a + b * k, trend, n0 + n1 * (k + (1.0 if moments == "reference" else 0.5)), jnp.asarray(q))
+    for got, want in zip(centre, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rod.w, r, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rod.m, rm, rtol=1e-12, atol=1e-12)
+    assert int(state.step) == k and state.vectors is vectors
+    with pytest.raises(ValueError, match="5 consecutive states"):
+        flow.start_on(window[:2] + window[3:] + window[:1])
+
+
+@pytest.mark.parametrize("case", ["adam", "nesterov", "momentum ema"])
+def test_a_model_started_on_the_optimizer_follows_it_to_second_order(case):
+    """The stable flow started on the optimizer's state at lr k = 0.15, against the optimizer at
+    lr t = 0.3: halving lr divides the distance by ~4 (measured 3.9-6.9 over the stable cases)."""
+    name, hyper, lr = STABLE_CASES[case]
+
+    def distance(lr: float) -> float:
+        problem, optimizer, flow = build(name, hyper, "stable_flow", lr=lr)
+        k, end = round(0.15 / lr), round(0.3 / lr)
+        state = optimizer.init(jnp.asarray(problem.w0))
+        state, _ = optimizer.advance(state, k - 2)
+        window = [state]
+        for _ in range(4):
+            window.append(optimizer.advance(window[-1], 1)[0])
+        moved = np.asarray(flow.advance(flow.start_on(window), end - k + 1)[1]["position"][-1])
+        target = np.asarray(optimizer.advance(window[2], end - k + 1)[1]["position"][-1])
+        return float(np.linalg.norm(moved - target) / np.linalg.norm(target - window[2].w))
+
+    assert distance(lr) / distance(lr / 2) > 3.5
+
+
+def quartic_table(at_steps: int = 200) -> dict:
+    """Heavy ball (beta 0.5) at lr S = 3.3 on the 1-D quartic, past its threshold 2 (1 + beta) = 3: a
+    period-2 orbit from the first steps."""
+    return {
+        "name": "quartic-momentum",
+        "lr": 0.11,
+        "steps": at_steps,
+        "dtype": "float64",
+        "processes": ["momentum", "momentum_stable_flow", "momentum_rod_flow"],
+        "problem": QUARTIC,
+        "spectrum": {"k_max": 1},
+        "momentum": {"beta": 0.5},
+        "record": {"chunk": 50},
+    }
+
+
+@pytest.mark.parametrize("at", ["onset", 7, 40])
+def test_the_rod_started_on_an_orbit_stays_in_phase_with_it(at, tmp_path):
+    """On heavy ball's period-2 orbit the rod flow started at step k predicts the optimizer's side:
+    (-1)^t <w_opt - centre, u> / amplitude is 1 at k (exactly) and within 15% of 1 at every later step
+    (-1 with the rod's sign or parity wrong). The optimizer's rows are those of the run from w0."""
+    table = quartic_table()
+    ds = anchored(table, at)
+    k = ds.attrs["anchored_at"]
+    assert k == (max(onset_step(ds["edge_ratio"].sel(process="momentum").values), 2) if at == "onset" else at)
+    steps = ds["step"].values
+    assert steps[0] == k and steps[-1] == table["steps"] - 1
+    rod = ds.sel(process="momentum_rod_flow")
+    side = (-1.0) ** steps * rod["reference_offset"].values / rod["amplitude"].values
+    assert abs(side[0] - 1) < 1e-12
+    assert np.all(np.abs(side - 1) < 0.15), side.min()
+    run(table, tmp_path / "run")
+    from_w0 = load(tmp_path / "run").sel(process="momentum", step=steps)
+    for column in ("loss", "edge_ratio", "oscillation"):
+        np.testing.assert_array_equal(ds[column].sel(process="momentum").values, from_w0[column].values)
+    table_row = compare_dataset(ds).loc["momentum_rod_flow"]
+    assert table_row["loss_error_averaged"] < 0.01  # the orbit's mean loss (the stable flow's is off by 100%)
+    assert compare_dataset(ds).loc["momentum_stable_flow", "loss_error_averaged"] > 0.5
+
+
+def test_the_leaderboard_scores_the_models_from_the_onset():
+    """``from_onset`` adds the onset step and the metrics from it to an adaptive entry's rows, and the
+    page shows them only when the rows have them."""
+    table = quartic_table(120)
+    columns = from_onset(table)
+    assert list(columns["process"]) == table["processes"]
+    assert set(columns["onset"]) == {anchored(table).attrs["anchored_at"]}
+    assert columns.set_index("process").loc["momentum_stable_flow", "relative_distance_from_onset"] == 1.0
+    rows = columns.assign(problem="quartic-momentum", status="ok")
+    assert "rel. distance from onset" in markdown(rows)[0]
+    assert "rel. distance from onset" not in markdown(rows.drop(columns=[c for c, _ in FROM_ONSET]))[0]
+    with pytest.warns(UserWarning, match="never reached its edge"):
+        quiet = from_onset({**table, "lr": 0.05})
+    assert list(quiet.columns) == ["process"]
+
+
+def test_what_cannot_be_anchored_is_refused_by_name():
+    table = quartic_table(60)
+    with pytest.raises(SpecError, match="'gd', is not a momentum or adaptive optimizer"):
+        anchored({**{k: v for k, v in table.items() if k != "momentum"}, "processes": ["gd", "gradient_flow"]}, 10)
+    with pytest.raises(SpecError, match="'rmsprop_stable_flow' is not a model of 'momentum'"):
+        anchored({**table, "processes": ["momentum", "rmsprop_stable_flow"]}, 10)
+    with pytest.raises(SpecError, match=r"k must lie in \[2, 57\]"):
+        anchored(table, 58)
+    with pytest.raises(SpecError, match="give a step"):
+        anchored(table, "start")
+    with pytest.raises(SpecError, match="never reached its edge of stability .* largest was"):
+        anchored({**table, "lr": 0.05}, "onset")
+    with pytest.raises(SpecError, match="diverged"):
+        anchored({**table, "lr": 0.3}, "onset")
