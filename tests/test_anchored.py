@@ -142,6 +142,23 @@ def test_the_rod_started_on_an_orbit_stays_in_phase_with_it(at, tmp_path):
     assert compare_dataset(ds).loc["momentum_stable_flow", "loss_error_averaged"] > 0.5
 
 
+def test_gds_rod_and_edge_flows_started_on_its_orbit_stay_in_phase_with_it():
+    """GD at lr S = 2.4 on the quartic (a period-2 orbit): the rod and edge flows started at step 9 (odd)
+    and 40 predict GD's side at every later step; the flows without an oscillation start at the centre."""
+    table = {**quartic_table(), "lr": 0.08, "processes": ["gd", "gradient_flow", "rod_flow", "edge_flow"]}
+    del table["momentum"]
+    for at in (9, 40):
+        ds = anchored(table, at)
+        steps = ds["step"].values
+        for model in ("rod_flow", "edge_flow"):
+            row = ds.sel(process=model)
+            side = (-1.0) ** steps * row["reference_offset"].values / row["amplitude"].values
+            assert abs(side[0] - 1) < 1e-12 and np.all(np.abs(side - 1) < 0.15), (model, at, side.min())
+        first = ds["distance"].isel(step=0)  # every model starts at GD's centre c_k, |w_k - c_k| from GD
+        np.testing.assert_allclose(first.sel(process=["gradient_flow", "edge_flow"]), first.sel(process="rod_flow"))
+        assert float(first.sel(process="rod_flow")) > 0.01
+
+
 def test_the_leaderboard_scores_the_models_from_the_onset():
     """``from_onset`` adds the onset step and the metrics from it to an adaptive entry's rows, and the
     page shows them only when the rows have them."""
@@ -160,8 +177,11 @@ def test_the_leaderboard_scores_the_models_from_the_onset():
 
 def test_what_cannot_be_anchored_is_refused_by_name():
     table = quartic_table(60)
-    with pytest.raises(SpecError, match="'gd', is not a momentum or adaptive optimizer"):
-        anchored({**{k: v for k, v in table.items() if k != "momentum"}, "processes": ["gd", "gradient_flow"]}, 10)
+    plain = {k: v for k, v in table.items() if k != "momentum"}
+    with pytest.raises(SpecError, match="'sgd', is not GD or a momentum or adaptive optimizer"):
+        anchored({**plain, "processes": ["sgd", "langevin"]}, 10)
+    with pytest.raises(SpecError, match="'langevin' is not a model of 'gd'"):
+        anchored({**plain, "processes": ["gd", "langevin"]}, 10)
     with pytest.raises(SpecError, match="'rmsprop_stable_flow' is not a model of 'momentum'"):
         anchored({**table, "processes": ["momentum", "rmsprop_stable_flow"]}, 10)
     with pytest.raises(SpecError, match=r"k must lie in \[2, 57\]"):

@@ -3,13 +3,14 @@
     ds = eosflow.anchored.anchored(table, at="onset")     # or at=115
     eosflow.compare.compare_dataset(ds)                   # every metric over steps k .. steps - 1
 
-The spec's first process, a momentum or adaptive optimizer (``adam``, ``rmsprop``, ...), runs from w0.
-Every other process, a model of that optimizer, starts at step k on the optimizer's state there
-(:meth:`~eosflow.flows.moments.OptimizerModel.start_on`: the centre of its iterates, its centred
-moments and, for the rod flow, its rod) and runs to the end. ``at = "onset"`` is the optimizer's first
-step with edge ratio >= ``ONSET`` (0.95): the comparison then scores what the models do at the edge of
-stability, apart from how far they drifted before it. It runs in memory (no run directory, no
-checkpoints) and returns the Dataset of :func:`eosflow.load` on the steps k .. steps - 1.
+The spec's first process, GD or a momentum or adaptive optimizer (``adam``, ``rmsprop``, ...), runs from
+w0. Every other process, a model of that optimizer, starts at step k on the optimizer's states at k-2 ..
+k+2 (:meth:`~eosflow.flows.flow.Flow.start_on`: the centre of the iterates; the rod flows' rod; for the
+models of momentum and adaptive optimizers, the centred moments) and runs to the end. ``at = "onset"``
+is the optimizer's first step with edge ratio >= ``ONSET`` (0.95; lr S / 2 for GD): the comparison then
+scores what the models do at the edge of stability, apart from how far they drifted before it. It runs
+in memory (no run directory, no checkpoints) and returns the Dataset of :func:`eosflow.load` on the steps
+k .. steps - 1.
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ import numpy as np
 
 from eosflow.config import SpecError
 from eosflow.experiment import add_distances, divergence_reason, first_divergent, prepare, run_dtype
-from eosflow.flows.moments import OptimizerModel
+from eosflow.flows.flow import Flow
 from eosflow.load import rows_dataset, summary_attrs
 from eosflow.optim.adaptive import AdaptiveOptimizer
+from eosflow.optim.gd import GradientDescent
 from eosflow.precision import precision
+from eosflow.process import PROCESSES
 
 if TYPE_CHECKING:
     import xarray as xr
 
     from eosflow.problems import Problem
 
+NOT_ANCHORED = ("langevin",)  # models SGD, whose iterates GD's window is not
 ONSET = 0.95  # the edge ratio at which "onset" starts the models (as benchmarks/adaptive_edge_metrics.py)
 
 
@@ -54,15 +58,16 @@ def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset
     spec, problem, _, processes = prepare(table, problem)
     names = list(processes)
     optimizer = processes[names[0]]
-    if not isinstance(optimizer, AdaptiveOptimizer):
+    if not isinstance(optimizer, GradientDescent | AdaptiveOptimizer):
         raise SpecError(
-            f"the first process, {names[0]!r}, is not a momentum or adaptive optimizer (momentum, nesterov, "
-            "rmsprop, adam): its models are started on the optimizer's state (its m and nu)"
+            f"the first process, {names[0]!r}, is not GD or a momentum or adaptive optimizer (momentum, "
+            "nesterov, rmsprop, adam): the models are started on that optimizer's state"
         )
-    models: dict[str, OptimizerModel] = {}
+    models: dict[str, Flow] = {}
     for name in names[1:]:
         model = processes[name]
-        if not isinstance(model, OptimizerModel) or not name.startswith(f"{names[0]}_"):
+        modelled = PROCESSES[name].optimizer or "gd"
+        if not isinstance(model, Flow) or modelled != names[0] or name in NOT_ANCHORED:
             raise SpecError(f"process {name!r} is not a model of {names[0]!r}; only its models start on its state")
         models[name] = model
     w0 = jnp.asarray(problem.w0)
@@ -124,7 +129,7 @@ def _anchor_step(at: int | str, edge_ratio: np.ndarray, steps: int, optimizer: s
     return k
 
 
-def _states(optimizer: AdaptiveOptimizer, w0: jax.Array, k: int) -> list:
+def _states(optimizer: GradientDescent | AdaptiveOptimizer, w0: jax.Array, k: int) -> list:
     """The optimizer's states at steps k-2 .. k+2 (its iterates do not depend on how its run is cut)."""
     state = optimizer.init(w0)
     if k > 2:

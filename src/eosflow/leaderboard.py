@@ -338,17 +338,14 @@ def run_suite(tables: dict[str, dict], out: Path, progress: bool = True) -> pd.D
         run_dir = out / "runs" / problem
         try:
             run_one(problem, table, run_dir)
-            rows = _rows(problem, compare_run(run_dir))
-            if table["processes"][0] != REFERENCE:
-                rows = rows.merge(from_onset(table), on="process", how="left")
-            frames.append(rows)
+            frames.append(_rows(problem, compare_run(run_dir)).merge(from_onset(table), on="process", how="left"))
         except Exception as shared_error:  # one broken model must not sink the suite
             frames.append(_separately(problem, table, out, run_one, shared_error))
     return pd.concat(frames, ignore_index=True)
 
 
 def from_onset(table: dict) -> pd.DataFrame:
-    """The models of an optimizer other than GD started on its state at its edge onset
+    """The models of the optimizer started on its state at its edge onset
     (:func:`eosflow.anchored.anchored`): ``onset`` and the ``FROM_ONSET`` metrics over the steps after it,
     per process; only ``process`` when the optimizer never reached its edge (said in a warning)."""
     try:
@@ -424,7 +421,7 @@ COLUMNS = (
     ("measurement_equivalents", "eigensolver grad-equiv. / step"),
 )
 
-# the models started on the optimizer's state at its edge onset (optimizers other than GD; from_onset)
+# the models started on the optimizer's state at its edge onset (from_onset)
 SUFFIX = "_from_onset"
 FROM_ONSET = (
     ("onset", "onset step"),

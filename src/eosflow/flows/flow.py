@@ -29,7 +29,7 @@ ROW: the fields a flow's row shares with every process (``position``, ``loss``, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -112,6 +112,22 @@ class Flow(ScannedProcess):
     def substep_key(self, step: Array) -> Array | None:
         return None
 
+    def anchor(self, window: Sequence[Any]) -> Any:
+        """The model's variables at the optimizer's step k from its states at k-2 .. k+2 (each with ``w``):
+        :meth:`start` at the centre c_k(w) of :func:`centred`. Models with an oscillation variable that
+        the iterates determine (the rod flows) set it too; others start it as at w0."""
+        return self.start(centred([s.w for s in window]))
+
+    def start_on(self, window: Sequence[Any]) -> FlowState:
+        """The process state at the optimizer's step k = ``window[2].step`` (instead of :meth:`init` at
+        w0; ``window`` = its states at k-2 .. k+2): :meth:`anchor`, warm-started from the optimizer's
+        tracked vectors there, its step counter (and so its parity) at k."""
+        steps = [int(s.step) for s in window]
+        if steps != list(range(steps[0], steps[0] + 5)):
+            raise ValueError(f"the window must hold 5 consecutive states of the optimizer, got steps {steps}")
+        here = window[2]
+        return FlowState(self.anchor(window), here.vectors, jnp.asarray(jnp.nan, here.w.dtype), jnp.asarray(steps[2]))
+
     # ---- the process ----------------------------------------------------------------------------
     def init(self, w0: Array) -> FlowState:
         return FlowState(self.start(w0), self.initial_vectors(w0), jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
@@ -127,6 +143,17 @@ class Flow(ScannedProcess):
         observed = self.observe(z, aux, setup, n)
         row.update(observed, position=position, hvps=row["hvps"] + observed.get("hvps", 0))
         return FlowState(self.finish(z, end, aux, state.step), vectors, sharpness, state.step + 1), row
+
+
+def centred(values: Sequence[Array], j: int = 2) -> Array:
+    """c_j(x) = (x_{j-1} + 2 x_j + x_{j+1}) / 4: exact on a linear trend, zero on a period-2 oscillation
+    (x_j = a + b j + (-1)^j r gives a + b j); the centre of an optimizer's iterates around step j."""
+    return 0.25 * (values[j - 1] + 2.0 * values[j] + values[j + 1])
+
+
+def rod_of(values: Sequence[Array], k: int) -> Array:
+    """The sign-free rod r with x_k = c_k + (-1)^k r, from x at k-2 .. k+2 (``values``)."""
+    return (1 - 2 * (k % 2)) * (values[2] - centred(values))
 
 
 def prediction_row(lr: float, loss: Array, grad: Array, sigma_values: Array, top_vector: Array, k_max: int) -> dict:

@@ -39,7 +39,7 @@ import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option
-from eosflow.flows.flow import Flow, FlowState, Measured, register_flow
+from eosflow.flows.flow import Flow, Measured, centred, register_flow
 from eosflow.flows.integrate import STAGES, UPDATES, SubstepOptions, substep_count
 from eosflow.optim.adaptive import OPTIMIZERS, OptimizerState, UpdateRule, preconditioned_spectrum_row
 from eosflow.preconditioning import diagonal_preconditioner
@@ -154,7 +154,6 @@ class ContinuousMoments:
             raise ValueError(f"the window holds the optimizer's states at k-2 .. k+2: 5 states, got {len(window)}")
         w = [s.w for s in window]
         directions = [self.discrete_direction(window[j].rule, window[j - 1].rule) for j in range(1, 5)]
-        centred = [0.25 * (directions[j - 1] + 2.0 * directions[j] + directions[j + 1]) for j in (1, 2)]
         k, dtype = window[2].step, w[2].dtype
         nu = window[3].rule.nu if self.moments == "reference" else 0.5 * (window[2].rule.nu + window[3].rule.nu)
 
@@ -162,7 +161,8 @@ class ContinuousMoments:
             return 1.0 - 0.5 * b**k * (1.0 + b) if corrected else jnp.ones((), dtype)
 
         q = jnp.stack([mass(self.rule.beta1, self.corrects[0]), mass(self.rule.beta2, self.corrects[1])])
-        return Phase(0.25 * (w[1] + 2.0 * w[2] + w[3]), 0.5 * (centred[0] + centred[1]), nu, q.astype(dtype))
+        direction = 0.5 * (centred(directions, 1) + centred(directions, 2))  # c_k(D) and c_{k+1}(D)
+        return Phase(centred(w), direction, nu, q.astype(dtype))
 
     def discrete_direction(self, state: Any, previous: Any) -> Array:
         """The discrete D_j before bias correction, from the rule states at j and j - 1: m_j, or
@@ -279,15 +279,6 @@ class OptimizerModel(Flow):
         """The model's variables at the optimizer's step k, from its states at k-2 .. k+2: the phase point
         of :meth:`ContinuousMoments.anchored` (models with more variables add theirs)."""
         return self.moments.anchored(window)
-
-    def start_on(self, window: Sequence[OptimizerState]) -> FlowState:
-        """The process state at the optimizer's step k = ``window[2].step`` (instead of :meth:`init` at
-        w0): :meth:`anchor`, warm-started from the optimizer's tracked vectors there."""
-        here = window[2]
-        steps = [int(s.step) for s in window]
-        if steps != list(range(steps[0], steps[0] + 5)):
-            raise ValueError(f"the window must hold 5 consecutive states of the optimizer, got steps {steps}")
-        return FlowState(self.anchor(window), here.vectors, jnp.asarray(jnp.nan, here.w.dtype), jnp.asarray(steps[2]))
 
     def stable_velocity(self, z: Phase, h: Array | float) -> tuple[Phase, Array, Array]:
         """(dz/dt of the stable flow, L, g) at z, for substeps of length h (one gradient)."""

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from eosflow.flows.flow import rod_of
 from eosflow.flows.moments import (
     MomentFlowOptions,
     OptimizerModel,
@@ -52,12 +53,8 @@ class PhaseRodFlow(OptimizerModel):
     def anchor(self, window: Sequence[OptimizerState]) -> tuple[Phase, Rod]:
         """The centre phase (:meth:`OptimizerModel.anchor`) and the rod (-1)^k (z_k - centre of z at k),
         z = (w, m): the optimizer's own period-2 part at step k (states at k-2 .. k+2)."""
-        sign = 1 - 2 * (int(window[2].step) % 2)
-
-        def rod(values: list[Array]) -> Array:
-            return sign * (values[2] - 0.25 * (values[1] + 2.0 * values[2] + values[3]))
-
-        return super().anchor(window), Rod(rod([s.w for s in window]), rod([s.rule.m for s in window]))
+        k = int(window[2].step)
+        return super().anchor(window), Rod(rod_of([s.w for s in window], k), rod_of([s.rule.m for s in window], k))
 
     def increment(self, m: Array, grad: Array, preconditioner: Array) -> tuple[Array, Array]:
         """F(w, m) = (w_{k+1} - w_k, m_{k+1} - m_k) with P frozen and no bias correction (given g(w))."""

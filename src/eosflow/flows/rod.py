@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.flow import Flow, Measured, register_flow
+from eosflow.flows.flow import Flow, Measured, centred, register_flow, rod_of
 from eosflow.objective import Objective
 
 
@@ -192,6 +192,11 @@ class RodFlow(RodModel):
     def start(self, w0: Array) -> tuple[Array, Array]:
         """Centre at w0 and no rod: w_0 = x(0) exactly; the first step's kick seeds the rod."""
         return w0, jnp.zeros_like(w0)
+
+    def anchor(self, window) -> tuple[Array, Array]:
+        """Centre c_k and rod r_k = (-1)^k (w_k - c_k) of GD's iterates at k-2 .. k+2 (``window``)."""
+        w = [s.w for s in window]
+        return centred(w), rod_of(w, int(window[2].step))
 
     def field(self, z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
         """(dx/dt, dr/dt) = (-eta E - c eta^2 Hbar E, eta O - 2 r)."""
