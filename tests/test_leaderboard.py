@@ -110,6 +110,10 @@ def test_table_rows_equal_the_run_directories(tmp_path):
     assert (rows["status"] == "ok").all()
     text = "\n".join(lb.markdown(rows))
     assert "| quartic | rod_flow |" in text
+    onset = lb.from_onset(tables["quartic"]).set_index("process")  # merged into each process's row
+    for column, _ in lb.FROM_ONSET:
+        np.testing.assert_array_equal(rows.set_index("process")[column].values, onset[column].values)
+    assert "rel. distance from onset" in text
 
 
 def test_a_model_that_raises_gets_an_error_row_and_the_others_survive(tmp_path, monkeypatch):
@@ -180,7 +184,10 @@ def test_measure_only_processes_never_read_their_eigenpairs_and_own_cost_leaves_
     runs = {}
     for every in (1, 0):
         rows = lb.run_suite(
-            {"mlp": {**table, "spectrum": {**table["spectrum"], "every": every}}}, tmp_path / str(every), progress=False
+            {"mlp": {**table, "spectrum": {**table["spectrum"], "every": every}}},
+            tmp_path / str(every),
+            progress=False,
+            onset=False,
         )
         runs[every] = (eosflow.load(tmp_path / str(every) / "runs" / "mlp"), rows.set_index("process"))
     (measured, measured_rows), (off, off_rows) = runs[1], runs[0]

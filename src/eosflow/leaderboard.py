@@ -329,8 +329,9 @@ def _runner(progress: bool):
     return run_one
 
 
-def run_suite(tables: dict[str, dict], out: Path, progress: bool = True) -> pd.DataFrame:
-    """Run every table into ``out/runs`` and gather the comparison rows (problem, process, metrics)."""
+def run_suite(tables: dict[str, dict], out: Path, progress: bool = True, onset: bool = True) -> pd.DataFrame:
+    """Run every table into ``out/runs`` and gather the comparison rows (problem, process, metrics); with
+    ``onset``, also the metrics of the models started at the optimizer's edge onset (:func:`from_onset`)."""
     out = Path(out)
     run_one = _runner(progress)
     frames = []
@@ -338,7 +339,8 @@ def run_suite(tables: dict[str, dict], out: Path, progress: bool = True) -> pd.D
         run_dir = out / "runs" / problem
         try:
             run_one(problem, table, run_dir)
-            frames.append(_rows(problem, compare_run(run_dir)).merge(from_onset(table), on="process", how="left"))
+            rows = _rows(problem, compare_run(run_dir))
+            frames.append(rows.merge(from_onset(table), on="process", how="left") if onset else rows)
         except Exception as shared_error:  # one broken model must not sink the suite
             frames.append(_separately(problem, table, out, run_one, shared_error))
     return pd.concat(frames, ignore_index=True)
@@ -529,6 +531,7 @@ def leaderboard(
 ) -> Path:
     """Run the suite (``--quick``: its quick entries, shortened) into ``out``; returns ``out/leaderboard.md``.
 
+    A full run adds the models started at the optimizer's edge onset (:func:`from_onset`; not ``--quick``).
     ``jobs`` > 1 runs that many problems at once in worker processes (without progress bars);
     ``problems`` / ``models`` (None: all) rerun those rows only, beside the reference and its baseline."""
     out = Path(out)
@@ -537,11 +540,17 @@ def leaderboard(
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             parts = list(
-                pool.map(run_suite, [{k: t} for k, t in tables.items()], [out] * len(tables), [False] * len(tables))
+                pool.map(
+                    run_suite,
+                    [{k: t} for k, t in tables.items()],
+                    [out] * len(tables),
+                    [False] * len(tables),
+                    [not quick] * len(tables),
+                )
             )
         rows = pd.concat(parts, ignore_index=True)
     else:
-        rows = run_suite(tables, out, progress)
+        rows = run_suite(tables, out, progress, onset=not quick)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "leaderboard.csv", index=False)
     filters = "".join(
