@@ -1,4 +1,5 @@
 import os
+import signal
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
@@ -13,6 +14,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 # central flow's free steps and the stable flow's) then differed by an ulp.
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+
+# A shell without job control starts a background job with SIGINT ignored, and eosflow leaves an ignored
+# signal alone (eosflow.signals): the tests that interrupt a run with SIGINT, in this process or in a
+# CLI subprocess (which inherits the disposition), would then see it ignored and fail.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402
 
