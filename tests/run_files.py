@@ -25,21 +25,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-# The files that take longest (one to four minutes each on a busy 2-core machine), started first so that no
-# long file is left to run alone at the end. Any file not listed runs after them, largest first.
+# The files that take longest (40 s to 2 minutes of CPU each), started first so that no long file is
+# left to run alone at the end. Any file not listed runs after them, largest first.
 SLOWEST_FIRST = [
     "test_simulate.py",
     "test_problems.py",
-    "test_central_flow.py",
     "test_torch.py",
-    "test_architectures.py",
-    "test_adaptive_flows.py",
-    "test_spectrum.py",
-    "test_microbatch.py",
+    "test_central_flow.py",
     "test_reliability.py",
+    "test_architectures.py",
+    "test_microbatch.py",
+    "test_spectrum.py",
+    "test_adaptive_flows.py",
     "test_compare.py",
-    "test_cli.py",
-    "test_rod_flow.py",
+    "test_sweep.py",
+    "test_tracker.py",
 ]
 
 
