@@ -145,7 +145,11 @@ def test_the_rod_started_on_an_orbit_stays_in_phase_with_it(at, tmp_path):
 def test_gds_rod_and_edge_flows_started_on_its_orbit_stay_in_phase_with_it():
     """GD at lr S = 2.4 on the quartic (a period-2 orbit): the rod and edge flows started at step 9 (odd)
     and 40 predict GD's side at every later step; the flows without an oscillation start at the centre."""
-    table = {**quartic_table(), "lr": 0.08, "processes": ["gd", "gradient_flow", "rod_flow", "edge_flow"]}
+    table = {
+        **quartic_table(),
+        "lr": 0.08,
+        "processes": ["gd", "gradient_flow", "rod_flow", "edge_flow", "free_energy"],
+    }
     del table["momentum"]
     for at in (9, 40):
         ds = anchored(table, at)
@@ -155,8 +159,12 @@ def test_gds_rod_and_edge_flows_started_on_its_orbit_stay_in_phase_with_it():
             side = (-1.0) ** steps * row["reference_offset"].values / row["amplitude"].values
             assert abs(side[0] - 1) < 1e-12 and np.all(np.abs(side - 1) < 0.15), (model, at, side.min())
         first = ds["distance"].isel(step=0)  # every model starts at GD's centre c_k, |w_k - c_k| from GD
-        np.testing.assert_allclose(first.sel(process=["gradient_flow", "edge_flow"]), first.sel(process="rod_flow"))
+        np.testing.assert_allclose(
+            first.sel(process=["gradient_flow", "edge_flow", "free_energy"]), first.sel(process="rod_flow")
+        )
         assert float(first.sel(process="rod_flow")) > 0.01
+        # the free-energy model starts with GD's amplitude (from zero it would regrow it: error 0.32)
+        assert compare_dataset(ds).loc["free_energy", "loss_error_averaged"] < 0.01
 
 
 def test_the_leaderboard_scores_the_models_from_the_onset():

@@ -356,7 +356,10 @@ def from_onset(table: dict) -> pd.DataFrame:
         warnings.warn(f"{table.get('name', '')}: no columns from the onset: {error}", stacklevel=2)
         return pd.DataFrame({"process": table["processes"]})
     metrics = [column.removesuffix(SUFFIX) for column, _ in FROM_ONSET[1:]]
-    compared = compare_dataset(ds)[metrics].rename(columns=lambda c: c + SUFFIX).reset_index()
+    table_from_onset = compare_dataset(ds)
+    # a model that diverged after the onset has no metrics from it (they would cover its short life only)
+    table_from_onset.loc[table_from_onset["status"] != "ok", metrics] = float("nan")
+    compared = table_from_onset[metrics].rename(columns=lambda c: c + SUFFIX).reset_index()
     compared.insert(1, "onset", int(ds.attrs["anchored_at"]))
     return compared
 
