@@ -167,6 +167,25 @@ def test_gds_rod_and_edge_flows_started_on_its_orbit_stay_in_phase_with_it():
         assert compare_dataset(ds).loc["free_energy", "loss_error_averaged"] < 0.01
 
 
+def test_the_particle_model_starts_on_gds_centre_and_rod():
+    """On the mean-field network the particle model started at step k holds GD's centre and rod, as the
+    rod flow does: the same distance to GD and amplitude |r_k| at k (from w0 its delta is lr/2 g)."""
+    width = 16
+    problem = {"name": "two_layer_meanfield", "width": width, "n_train": 64, "dataset": "gaussian", "input_dim": 4}
+    table = {
+        "steps": 40,
+        "lr": width * 4.0,
+        "dtype": "float64",
+        "problem": problem,
+        "processes": ["gd", "rod_flow", "particle_model"],
+        "spectrum": {"k": 1, "k_max": 1},
+    }
+    first = anchored(table, 21).isel(step=0)
+    assert float(first["amplitude"].sel(process="rod_flow")) > 1e-3
+    for column in ("distance", "amplitude"):
+        np.testing.assert_allclose(first[column].sel(process="particle_model"), first[column].sel(process="rod_flow"))
+
+
 def test_the_leaderboard_scores_the_models_from_the_onset():
     """``from_onset`` adds the onset step and the metrics from it to an adaptive entry's rows, and the
     page shows them only when the rows have them."""
