@@ -24,19 +24,23 @@ STABLE_CASES = {  # optimizer, hyperparameters, lr, the flow's `moments`, the sm
 }
 
 
-def distance_at(name: str, hyper: dict, lr: float, time: float = 0.3, **model) -> float:
-    """||w_opt - w_flow|| at the step lr * t = time (4 Euler substeps per step, no spectrum)."""
-    steps = round(time / lr)
-    table = {
+def model_table(name: str, hyper: dict, lr: float, model: str = "stable_flow", **options) -> dict:
+    """The optimizer ``name`` and its ``<name>_<model>`` (with ``options``) on SMOOTH, float64, no spectrum."""
+    return {
         "lr": lr,
         "dtype": "float64",
-        "processes": [name, f"{name}_stable_flow"],
+        "processes": [name, f"{name}_{model}"],
         "problem": SMOOTH,
         "spectrum": {"every": 0},
         name: hyper,
-        f"{name}_stable_flow": {"substeps": 4, **model},
+        f"{name}_{model}": options,
     }
-    _, built, _, processes = prepare(table)
+
+
+def distance_at(name: str, hyper: dict, lr: float, time: float = 0.3, **model) -> float:
+    """||w_opt - w_flow|| at the step lr * t = time (4 Euler substeps per step, no spectrum)."""
+    steps = round(time / lr)
+    _, built, _, processes = prepare(model_table(name, hyper, lr, substeps=4, **model))
     ends = [np.asarray(p.advance(p.init(built.w0), steps + 1)[1]["position"][-1]) for p in processes.values()]
     return float(np.linalg.norm(ends[0] - ends[1]))
 

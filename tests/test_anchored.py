@@ -15,22 +15,13 @@ from eosflow.flows.moments import Phase
 from eosflow.leaderboard import FROM_ONSET, from_onset, markdown
 from eosflow.load import load
 from eosflow.optim.adaptive import OptimizerState, RuleState
-from test_adaptive_flows import SMOOTH, STABLE_CASES
+from test_adaptive_flows import STABLE_CASES, model_table
 
 QUARTIC = {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1}
 
 
 def build(name: str, hyper: dict, model: str, moments: str = "lag", lr: float = 0.01):
-    table = {
-        "lr": lr,
-        "dtype": "float64",
-        "processes": [name, f"{name}_{model}"],
-        "problem": SMOOTH,
-        "spectrum": {"every": 0},
-        name: hyper,
-        f"{name}_{model}": {"moments": moments},
-    }
-    _, problem, _, processes = prepare(table)
+    _, problem, _, processes = prepare(model_table(name, hyper, lr, model, moments=moments))
     return problem, processes[name], processes[f"{name}_{model}"]
 
 

@@ -111,15 +111,15 @@ def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset
 def _anchor_step(at: int | str, edge_ratio: np.ndarray, steps: int, optimizer: str) -> int:
     if at == "onset":
         k = onset_step(edge_ratio)
-        measured = edge_ratio[np.isfinite(edge_ratio)]
         if k is None:
+            measured = edge_ratio[np.isfinite(edge_ratio)]
             largest = f"its largest was {measured.max():.3g}" if measured.size else "never measured: spectrum.every = 0"
             raise SpecError(
                 f"{optimizer} never reached its edge of stability (edge ratio >= {ONSET}; {largest}) in {steps} "
                 "steps: no onset to start its models at"
             )
         k = max(k, 2)
-    elif isinstance(at, str) or isinstance(at, bool):
+    elif isinstance(at, (str, bool)):
         raise SpecError(f"`at` = {at!r}: give a step (an integer) or 'onset'")
     else:
         k = int(at)

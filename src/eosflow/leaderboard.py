@@ -593,8 +593,9 @@ def write_page(
     if "onset" in rows.columns:
         lines += [
             "From onset: the optimizer's models restarted on its state at its onset step (its first step with "
-            f"edge ratio >= {ONSET}: the centre of its iterates, its centred moments and its rod) and scored "
-            "over the steps after it, the stable flow restarted there the yardstick (docs/adaptive.md, "
+            f"edge ratio >= {ONSET}: the centre of its iterates, its period-2 part for the models that carry "
+            "one, its centred moments for an adaptive optimizer's) and scored over the steps after it, the "
+            "yardstick (gradient flow for GD, else the stable flow) restarted there too (docs/adaptive.md, "
             '"Starting on the optimizer\'s state").',
             "",
         ]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from eosflow.flows.flow import Measured, centred, register_flow, rod_of
+from eosflow.flows.flow import Measured, centre_and_rod, register_flow
 from eosflow.flows.integrate import Growth, exact
 from eosflow.flows.rod import Ends, RodFlowOptions, RodModel, along_rod_kick, oscillation_row, parity_kick, unit
 
@@ -63,10 +63,9 @@ class EdgeFlow(RodModel):
     def anchor(self, window) -> EdgePoint:
         """GD's iterates at k-2 .. k+2 as x_k + (-1)^k m u: the centre c_k, and m u = the rod r_k (u as at
         w0 where r_k = 0)."""
-        w = [s.w for s in window]
-        centre, (direction, length) = centred(w), unit(rod_of(w, int(window[2].step)))
-        fresh = self.start(centre)
-        return EdgePoint(centre, jnp.where(length > 0, direction, fresh.direction), length)
+        centre, rod = centre_and_rod(window)
+        direction, length = unit(rod)
+        return EdgePoint(centre, jnp.where(length > 0, direction, self.start(centre).direction), length)
 
     def field(self, z: EdgePoint) -> tuple[EdgePoint, EdgeTerms]:
         """(dx/dt, du/dt, d log m/dt) at z = (x, u, m)."""

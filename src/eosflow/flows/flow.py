@@ -156,6 +156,12 @@ def rod_of(values: Sequence[Array], k: int) -> Array:
     return (1 - 2 * (k % 2)) * (values[2] - centred(values))
 
 
+def centre_and_rod(window: Sequence[Any]) -> tuple[Array, Array]:
+    """(c_k, r_k) of the optimizer's iterates w in its states at k-2 .. k+2: w_k = c_k + (-1)^k r_k."""
+    w = [s.w for s in window]
+    return centred(w), rod_of(w, int(window[2].step))
+
+
 def prediction_row(lr: float, loss: Array, grad: Array, sigma_values: Array, top_vector: Array, k_max: int) -> dict:
     """The row fields a flow predicts, from its centre and Sigma's eigenvalues (descending).
 

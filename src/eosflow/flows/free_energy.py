@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option
-from eosflow.flows.flow import Flow, Measured, centred, padded, register_flow, rod_of
+from eosflow.flows.flow import Flow, Measured, centre_and_rod, padded, register_flow
 from eosflow.flows.integrate import Growth, SubstepOptions, exact
 from eosflow.objective import Objective
 
@@ -168,9 +168,9 @@ class FreeEnergyFlow(Flow):
     def anchor(self, window) -> FreeEnergyPoint:
         """GD's iterates at k-2 .. k+2 as theta + (-1)^k delta: theta = the centre c_k and a_j = |u_j . r_k|, the
         rod r_k = (-1)^k (w_k - c_k) along GD's tracked vectors u_j there (the basis ``prepare`` carries from)."""
-        w, vectors = [s.w for s in window], window[2].vectors
-        amplitudes = jnp.abs(vectors.T @ rod_of(w, int(window[2].step)))
-        return FreeEnergyPoint(centred(w), padded(amplitudes, self.spectrum.k_max))
+        centre, rod = centre_and_rod(window)
+        amplitudes = jnp.abs(window[2].vectors.T @ rod)
+        return FreeEnergyPoint(centre, padded(amplitudes, self.spectrum.k_max))
 
     def prepare(self, z: FreeEnergyPoint, measured: Measured, step: Array) -> tuple[FreeEnergyPoint, Oscillation]:
         """The amplitudes carried to the new basis (d x k), seeded at t = 0 and floored at the rod."""

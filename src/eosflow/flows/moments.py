@@ -150,8 +150,6 @@ class ContinuousMoments:
         nu_{k+1}) / 2 (nu_{k+1} with the reference moments, whose nu(0) is nu_1), q = the mean of 1 - b^k and
         1 - b^(k+1) for a bias-corrected moment. The centring cancels a period-2 oscillation and keeps a
         linear trend (docs/adaptive.md, "Starting on the optimizer's state")."""
-        if len(window) != 5:
-            raise ValueError(f"the window holds the optimizer's states at k-2 .. k+2: 5 states, got {len(window)}")
         w = [s.w for s in window]
         directions = [self.discrete_direction(window[j].rule, window[j - 1].rule) for j in range(1, 5)]
         k, dtype = window[2].step, w[2].dtype

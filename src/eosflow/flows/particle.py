@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow import meanfield as mf
-from eosflow.flows.flow import Flow, Measured, centred, register_flow, rod_of
+from eosflow.flows.flow import Flow, Measured, centre_and_rod, register_flow
 from eosflow.flows.integrate import SubstepOptions
 from eosflow.flows.rod import Ends, rod_field
 
@@ -42,8 +42,7 @@ class ParticleModel(Flow):
     def anchor(self, window) -> tuple[Array, Array]:
         """(p, delta) on GD's iterates at k-2 .. k+2: the centre c_k and the rod r_k = (-1)^k (w_k - c_k)
         (the field is odd in delta and has no parity kick, so delta's sign is free)."""
-        w = [s.w for s in window]
-        return centred(w), rod_of(w, int(window[2].step))
+        return centre_and_rod(window)
 
     def field(self, z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
         return rod_field(self.objective, self.lr)(z)

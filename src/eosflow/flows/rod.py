@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.flow import Flow, Measured, centred, register_flow, rod_of
+from eosflow.flows.flow import Flow, Measured, centre_and_rod, register_flow
 from eosflow.objective import Objective
 
 
@@ -195,8 +195,7 @@ class RodFlow(RodModel):
 
     def anchor(self, window) -> tuple[Array, Array]:
         """Centre c_k and rod r_k = (-1)^k (w_k - c_k) of GD's iterates at k-2 .. k+2 (``window``)."""
-        w = [s.w for s in window]
-        return centred(w), rod_of(w, int(window[2].step))
+        return centre_and_rod(window)
 
     def field(self, z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
         """(dx/dt, dr/dt) = (-eta E - c eta^2 Hbar E, eta O - 2 r)."""
