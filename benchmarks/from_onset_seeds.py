@@ -1,6 +1,7 @@
 """The adaptive suite's models started on the optimizer's state at its edge onset, over several seeds.
 
     PYTHONPATH=src python benchmarks/from_onset_seeds.py [--entries mlp_digits-adam,...] [--seeds 0,1,2,3,4]
+        [--set adam_rod_flow.rod_rate=first_order ...]
 
 For each entry of ``leaderboard.ADAPTIVE_SUITE`` (default: all) and seed, runs the optimizer from w0 and
 its models from its state at its onset (its first step with edge ratio >= 0.95; :func:`eosflow.anchored.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from eosflow.leaderboard import ADAPTIVE_SUITE, from_onset, suite_tables
+from eosflow.spec import set_dotted
 
 METRICS = ("relative_distance", "relative_centre_distance", "loss_error", "loss_error_averaged")
 
@@ -24,12 +26,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", default=",".join(entry.name for entry in ADAPTIVE_SUITE))
     parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--set", nargs="*", default=[], help="dotted assignments applied to every entry's spec")
     args = parser.parse_args()
     names = args.entries.split(",")
     unknown = sorted(set(names) - {entry.name for entry in ADAPTIVE_SUITE})
     if unknown:
         raise SystemExit(f"--entries: {', '.join(unknown)} not in the adaptive suite")
     tables = suite_tables(suite=tuple(entry for entry in ADAPTIVE_SUITE if entry.name in names))
+    for table in tables.values():
+        for assignment in args.set:
+            set_dotted(table, assignment)
     seeds = [int(s) for s in args.seeds.split(",")]
     print("| entry | seed | model | onset | rel. distance | rel. centre distance | loss error | loss error (avg) |")
     print("|---|---|---|---|---|---|---|---|")

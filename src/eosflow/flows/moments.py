@@ -296,11 +296,13 @@ class OptimizerModel(Flow):
         h = self.compensated(n)
         return lambda z: self.field(z, setup, h)
 
-    def costs(self, aux: dict, n: Array | int) -> dict[str, Array]:
-        """The row's evaluation counts: n times the field's per-substep ``cost``, and the substeps."""
+    def costs(self, aux: dict, n: Array | int, per_step_grads: int = 0) -> dict[str, Array]:
+        """The row's evaluation counts: n times the field's per-substep ``cost`` (plus ``per_step_grads``
+        made once per step), and the substeps."""
         cost = aux["cost"]
         evaluations = n * STAGES[self.options.method]
-        counts = {"substeps": n, "grads": evaluations * cost.get("grads", 1), "hvps": evaluations * cost.get("hvps", 0)}
+        grads = evaluations * cost.get("grads", 1) + per_step_grads
+        counts = {"substeps": n, "grads": grads, "hvps": evaluations * cost.get("hvps", 0)}
         if "third_derivatives" in cost:
             counts["third_derivatives"] = evaluations * cost["third_derivatives"]
         return counts
