@@ -109,9 +109,10 @@ def test_what_cannot_be_anchored_is_refused_before_the_run(spec, tmp_path, capsy
     assert not out.exists()
 
 
-def test_compare_from_a_step_in_python_names_the_onset_beside_it(tmp_path):
+def test_compare_from_a_step_in_python_names_the_onset_beside_it(tmp_path, capsys):
     """``compare(table, out, at=K)``: the same file and section from a given step, whose title says where
-    the optimizer's onset is (read off the run from w0)."""
+    the optimizer's onset is (read off the run from w0); a run extended since is said to be longer than
+    the file, and `eosflow compare RUN_DIR --from onset` adds a second comparison to the run as it is."""
     out = tmp_path / "run"
     page = compare(TABLE, out, progress=False, at=60)
     lr_sharpness = load(out)["lr_sharpness"].sel(process="gd").values
@@ -122,3 +123,10 @@ def test_compare_from_a_step_in_python_names_the_onset_beside_it(tmp_path):
     # the run extended past the file's end: the section says the file was computed for the shorter run
     run({**TABLE, "steps": 160}, out, resume=True)  # one more chunk of 40: its compiled scan, reused
     assert "(Computed for a run of 120 steps; this run has 160" in write_report(out).read_text()
+    # a run directory takes --from alone: the comparison from the onset is added to the run as it is
+    assert main(["compare", str(out), "--set", "lr=0.2", "--from", "onset"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["compare", str(out), "--from", "onset"]) == 0
+    assert RunStore(out).anchored_files() == [(onset, out / f"from_step_{onset}.nc"), (60, out / "from_step_60.nc")]
+    text = page.read_text()
+    assert f"## From step {onset} (the optimizer's edge onset)\n" in text and text.count("(Computed for a run") == 1

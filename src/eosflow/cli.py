@@ -6,6 +6,7 @@
     eosflow report RUN_DIR
     eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
     eosflow compare SPEC.toml [--set key=value ...] [--out DIR] [--overwrite] [--from onset|K]
+    eosflow compare RUN_DIR --from onset|K
     eosflow leaderboard [--suite default|architectures|adaptive|all] [--quick] [--jobs N] [--out DIR]
                         [--problems A,B] [--models M,N]
     eosflow problems
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 import warnings
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -166,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--quiet", action="store_true", help="no progress display")
 
     p_compare = sub.add_parser("compare", help="run GD and models from one w0 and report how well each tracks GD")
-    p_compare.add_argument("spec", type=Path, help="the spec (TOML): GD first, then the models")
+    p_compare.add_argument(
+        "spec",
+        type=Path,
+        help="the spec (TOML): GD first, then the models; with --from, a run directory will do (its run is kept)",
+    )
     add_overrides(p_compare)
     p_compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-<name>-<time>)")
     p_compare.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -268,16 +274,31 @@ def _dispatch(args) -> int:
         print(f"sweep: {path}")
         return 0
     if args.command == "compare":
-        from eosflow.anchored import NoAnchorStep
-        from eosflow.compare import compare, report_page, warn_incomplete_critical_sets
+        from eosflow.anchored import NoAnchorStep, check_anchorable
+        from eosflow.compare import compare, compare_from, report_page, warn_incomplete_critical_sets
         from eosflow.load import load
 
-        table = load_spec_table(args.spec)
-        for assignment in args.set:
-            set_dotted(table, assignment)
-        out = args.out or Path("runs") / f"compare-{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.spec.is_dir():  # a run directory: add the comparison from a step to it, rerunning nothing else
+            out = args.spec
+            if args.at is None or args.set or args.out or args.overwrite or not (out / "spec.toml").is_file():
+                raise StoreError(
+                    f"{str(out)!r} is a directory: `eosflow compare RUN_DIR --from onset|K` adds the comparison "
+                    "from a step to a run directory (with no --set, --out or --overwrite); `eosflow report RUN_DIR` "
+                    "redraws its report"
+                )
+            check_anchorable(load_spec_table(out / "spec.toml"), args.at, where="--from")
+            make = partial(compare_from, out, args.at)
+        else:
+            table = load_spec_table(args.spec)
+            for assignment in args.set:
+                set_dotted(table, assignment)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = args.out or Path("runs") / f"compare-{table.get('name', args.spec.stem)}-{stamp}"
+            make = partial(
+                compare, table, out, overwrite=args.overwrite, progress=not args.quiet, at=args.at, where="--from"
+            )
         try:
-            page = compare(table, out, overwrite=args.overwrite, progress=not args.quiet, at=args.at, where="--from")
+            page = make()
         except NoAnchorStep as error:
             print(f"report: {report_page(out)}")
             warn_incomplete_critical_sets(load(out))

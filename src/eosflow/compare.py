@@ -639,7 +639,7 @@ def anchored_section(run: xr.Dataset, summary: dict, saved: Path, k: int, out: P
     if ds.attrs.get("steps") != summary.get("steps"):
         lines += [
             f"(Computed for a run of {ds.attrs.get('steps')} steps; this run has {summary.get('steps')}: "
-            "`eosflow compare SPEC --from` again to update it.)",
+            f"`eosflow compare RUN_DIR --from {k}` updates it.)",
             "",
         ]
     columns = tuple(column for column in COLUMNS if column != "ms_per_step")
@@ -672,12 +672,21 @@ def compare(
             run(table, out, overwrite=overwrite, progress=update)
     else:
         run(table, out, overwrite=overwrite)
-    if at is not None:
-        if progress:
-            print(f"from {at}: {spec.processes[0]} again from w0 in memory, then its models", file=sys.stderr)
-        try:
-            write_anchored(out, at)
-        except NoAnchorStep:
-            write_report(out)  # the run from w0 and its report are kept
-            raise
-    return write_report(out)
+    if at is None:
+        return write_report(out)
+    if progress:
+        print(f"from {at}: {spec.processes[0]} again from w0 in memory, then its models", file=sys.stderr)
+    return compare_from(out, at)
+
+
+def compare_from(run_dir: str | Path, at: int | str) -> Path:
+    """Add the models restarted on the reference's state at step ``at`` (or its onset) to a run directory
+    (:func:`eosflow.anchored.write_anchored`) and write its report; returns the page. A reference that
+    never reaches its onset, or diverges, raises :class:`eosflow.anchored.NoAnchorStep` once the report
+    (without that section) is written."""
+    try:
+        write_anchored(run_dir, at)
+    except NoAnchorStep:
+        write_report(run_dir)  # the run from w0 and its report are kept
+        raise
+    return write_report(run_dir)
