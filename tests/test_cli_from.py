@@ -72,6 +72,7 @@ def test_compare_from_onset_saves_reports_and_rerenders_the_comparison(spec, tmp
     shutil.rmtree(out / "report")
     assert main(["report", str(out)]) == 0
     assert page.read_text() == text and (out / "report" / f"compare_from_step_{k}.png").exists()
+    assert f"- from step {k}: the models restarted on gd's state" in (out / "report" / "report.md").read_text()
     monkeypatch.undo()
 
     # an optimizer that never reaches its onset: status 3 and why; the run and its report are kept, and the
