@@ -627,11 +627,13 @@ def anchored_section(run: xr.Dataset, summary: dict, saved: Path, k: int, out: P
         f"from step {k}: loss and distance to {reference}",
         (True,) * (1 + panels),
     )
+    yardstick = baseline_of(reference)
+    restarted = f" (the yardstick {yardstick} too)" if yardstick in ds["process"].values else ""
     lines = [
         f"## {title}",
         "",
-        f"The models restarted on {reference}'s states at steps {k - 2}..{k + 2} (the yardstick "
-        f"{baseline_of(reference)} too) and run to step {last}; every column over steps {k}..{last} "
+        f"The models restarted on {reference}'s states at steps {k - 2}..{k + 2}{restarted} and run to step "
+        f"{last}; every column over steps {k}..{last} "
         f'(docs/compare.md, "From a later step"). Data: `{saved.name}` in the run directory. Wall times are '
         "in the table above (a model's single run from k would count its compilation).",
         "",
