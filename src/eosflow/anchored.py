@@ -10,12 +10,15 @@ models of momentum and adaptive optimizers, the centred moments) and runs to the
 is the optimizer's first step with edge ratio >= ``ONSET`` (0.95; lr S / 2 for GD): the comparison then
 scores what the models do at the edge of stability, apart from how far they drifted before it. It runs
 in memory (no run directory, no checkpoints) and returns the Dataset of :func:`eosflow.load` on the steps
-k .. steps - 1.
+k .. steps - 1; :func:`write_anchored` saves it in a run directory (``eosflow compare SPEC --from k``), and
+:func:`check_anchorable` refuses, before any step is run, what ``anchored`` would refuse of the spec and of k.
 """
 
 from __future__ import annotations
 
 import time
+from numbers import Integral
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -29,7 +32,9 @@ from eosflow.load import rows_dataset, summary_attrs
 from eosflow.optim.adaptive import AdaptiveOptimizer
 from eosflow.optim.gd import GradientDescent
 from eosflow.precision import precision
-from eosflow.process import PROCESSES
+from eosflow.process import PROCESSES, Process
+from eosflow.spec import Spec, load_spec_table
+from eosflow.store import RunStore, StoreError
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -46,16 +51,53 @@ def onset_step(edge_ratio: np.ndarray, level: float = ONSET) -> int | None:
     return int(above[0]) if above.size else None
 
 
+class NoAnchorStep(SpecError):
+    """The optimizer's run from w0 gave no step to start its models at: it never reached its edge onset (or
+    too late to run a model after it), or it diverged. Known only once the optimizer has run."""
+
+
+def check_anchorable(table: dict, at: int | str, problem: Problem | None = None, where: str = "`at`") -> None:
+    """Raise the SpecError that :func:`anchored` would raise before running a step: the first process is
+    not GD or a momentum or adaptive optimizer, another is not a model of it, ``at`` is neither "onset" nor
+    a step in [2, steps - 3], or "onset" with the edge ratio never measured. ``where`` names ``at`` in the
+    message (``--from`` on the command line). Builds the problem and the processes, runs nothing."""
+    with precision(run_dtype(table)):
+        spec, _, _, processes = prepare(table, problem)
+        _anchorable(spec, processes, at, where)
+
+
 def anchored(table: dict, at: int | str = "onset", problem: Problem | None = None) -> xr.Dataset:
     """Run ``table``'s optimizer from w0 and its models from the optimizer's state at step ``at``
     (module docstring); ``problem`` as in :func:`eosflow.experiment.run`. Raises a SpecError naming the
-    process or the step that cannot be anchored."""
+    process or the step that cannot be anchored (:func:`check_anchorable`), and :class:`NoAnchorStep` when
+    the optimizer's run has no onset to start at or diverged."""
     with precision(run_dtype(table)):
         return _anchored(table, at, problem)
 
 
-def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset:
-    spec, problem, _, processes = prepare(table, problem)
+def write_anchored(run_dir: str | Path, at: int | str) -> Path:
+    """:func:`anchored` of the run directory's own spec, saved in it as ``from_step_<k>.nc`` (netCDF, written
+    atomically under the directory's writer lock; :func:`eosflow.compare.write_report` renders it). Reruns
+    the optimizer in memory, reads nothing else of the run. Returns the file."""
+    store = RunStore(run_dir)
+    if not store.exists():
+        raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
+    ds = anchored(load_spec_table(store.root / "spec.toml"), at)
+    data = bytes(ds.to_netcdf())  # netCDF-3 (scipy's writer: the one engine eosflow's dependencies bring)
+    name = RunStore.ANCHORED.format(k=int(ds.attrs["anchored_at"]))
+    store.lock()
+    try:
+        store.write_file(name, data)
+    finally:
+        store.unlock()
+    return store.root / name
+
+
+def _anchorable(
+    spec: Spec, processes: dict[str, Process], at: int | str, where: str
+) -> tuple[GradientDescent | AdaptiveOptimizer, dict[str, Flow]]:
+    """The optimizer and its models, or the SpecError that names what cannot be anchored (the process,
+    or ``at`` and the steps it may take)."""
     names = list(processes)
     optimizer = processes[names[0]]
     if not isinstance(optimizer, GradientDescent | AdaptiveOptimizer):
@@ -63,6 +105,8 @@ def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset
             f"the first process, {names[0]!r}, is not GD or a momentum or adaptive optimizer (momentum, "
             "nesterov, rmsprop, adam): the models are started on that optimizer's state"
         )
+    if len(names) < 2:
+        raise SpecError(f"`processes` = {names}: no model of {names[0]!r} to start on its state")
     models: dict[str, Flow] = {}
     for name in names[1:]:
         model = processes[name]
@@ -70,17 +114,34 @@ def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset
         if not isinstance(model, Flow) or modelled != names[0] or name in NOT_ANCHORED:
             raise SpecError(f"process {name!r} is not a model of {names[0]!r}; only its models start on its state")
         models[name] = model
+    if at == "onset":
+        if spec.spectrum.every == 0:
+            raise SpecError(
+                f"{where} = 'onset' needs {names[0]}'s edge ratio, which `spectrum.every` = 0 never measures: "
+                "set spectrum.every or give a step"
+            )
+    elif not isinstance(at, Integral) or isinstance(at, bool):
+        raise SpecError(f"{where} = {at!r}: give a step (an integer) or 'onset'")
+    elif not 2 <= at <= spec.steps - 3:
+        raise SpecError(f"{where} = {at!r}: {_window(spec.steps)}")
+    return optimizer, models
+
+
+def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset:
+    spec, problem, _, processes = prepare(table, problem)
+    names = list(processes)
+    optimizer, models = _anchorable(spec, processes, at, "`at`")
     w0 = jnp.asarray(problem.w0)
     limit = spec.divergence.loss_blowup * max(abs(float(problem.objective.value(w0))), 1e-12)
     _, computed = optimizer.advance(optimizer.init(w0), spec.steps)
     reference = {key: np.asarray(value) for key, value in computed.items()}
     bad = first_divergent(reference["loss"], limit)
     if bad is not None:
-        raise SpecError(
+        raise NoAnchorStep(
             f"{names[0]} diverged ({divergence_reason(reference['loss'][bad], bad, limit)}); "
             "its models cannot be compared with it after that"
         )
-    k = _anchor_step(at, reference["edge_ratio"], spec.steps, names[0])
+    k = int(at) if at != "onset" else _onset(reference["edge_ratio"], spec.steps, names[0])
     window = _states(optimizer, w0, k)
     rows = {names[0]: {key: value[k:] for key, value in reference.items()}}
     dropped, timing = {}, {}
@@ -108,27 +169,29 @@ def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset
     return rows_dataset(rows, np.arange(k, spec.steps), summary_attrs(summary))
 
 
-def _anchor_step(at: int | str, edge_ratio: np.ndarray, steps: int, optimizer: str) -> int:
-    if at == "onset":
-        k = onset_step(edge_ratio)
-        if k is None:
-            measured = edge_ratio[np.isfinite(edge_ratio)]
-            largest = f"its largest was {measured.max():.3g}" if measured.size else "never measured: spectrum.every = 0"
-            raise SpecError(
-                f"{optimizer} never reached its edge of stability (edge ratio >= {ONSET}; {largest}) in {steps} "
-                "steps: no onset to start its models at"
-            )
-        k = max(k, 2)
-    elif isinstance(at, (str, bool)):
-        raise SpecError(f"`at` = {at!r}: give a step (an integer) or 'onset'")
-    else:
-        k = int(at)
-    if not 2 <= k <= steps - 3:
-        raise SpecError(
-            f"`at` = {at!r} (step {k}): a model starts on the optimizer's states at k-2 .. k+2, so k must lie "
-            f"in [2, {steps - 3}] for a run of {steps} steps"
+def _onset(edge_ratio: np.ndarray, steps: int, optimizer: str) -> int:
+    """The step "onset" starts the models at: the optimizer's onset, at least 2, at most steps - 3."""
+    k = onset_step(edge_ratio)
+    if k is None:
+        measured = edge_ratio[np.isfinite(edge_ratio)]
+        largest = f"its largest was {measured.max():.3g}" if measured.size else "never measured"
+        raise NoAnchorStep(
+            f"{optimizer} never reached its edge of stability (edge ratio >= {ONSET}; {largest}) in {steps} "
+            "steps: no onset to start its models at"
         )
-    return k
+    if k > steps - 3:
+        raise NoAnchorStep(
+            f"{optimizer} reached its edge of stability at step {k}, too late to start its models there: "
+            + _window(steps)
+        )
+    return max(k, 2)
+
+
+def _window(steps: int) -> str:
+    return (
+        f"a model starts on the optimizer's states at k-2 .. k+2, so k must lie in [2, {steps - 3}] for a run "
+        f"of {steps} steps"
+    )
 
 
 def _states(optimizer: GradientDescent | AdaptiveOptimizer, w0: jax.Array, k: int) -> list:

@@ -5,26 +5,32 @@
     eosflow demo [--out DIR]
     eosflow report RUN_DIR
     eosflow sweep SPEC.toml --grid key=v1,v2 [--grid ...] [--scheduler ADDRESS]
-    eosflow compare SPEC.toml [--set key=value ...] [--out DIR] [--overwrite]
+    eosflow compare SPEC.toml [--set key=value ...] [--out DIR] [--overwrite] [--from onset|K]
+    eosflow compare RUN_DIR --from onset|K
     eosflow leaderboard [--suite default|architectures|adaptive|all] [--quick] [--jobs N] [--out DIR]
                         [--problems A,B] [--models M,N]
     eosflow problems
     eosflow processes
 
 User errors (a bad spec, an unusable run directory, a missing dataset) print one paragraph and
-exit with status 2; Ctrl-C and SIGTERM stop after flushing the chunk in progress (status 130 /
-143), with the command that resumes. Each command imports what it needs (JAX, matplotlib,
-Dask) when it runs, so ``--help`` and ``--version`` answer at once.
+exit with status 2; ``compare --from`` checks its step and processes before the run starts (status 2,
+nothing written), and when the optimizer never reaches its onset, or diverges, it keeps the run and its
+report, prints why and exits with status 3 (as ``run`` for a run that did not complete). Ctrl-C and
+SIGTERM stop after flushing the chunk in progress (status 130 / 143), with the command that resumes.
+Each command imports what it needs (JAX, matplotlib, Dask) when it runs, so ``--help`` and ``--version``
+answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
 import time
 import warnings
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -95,6 +101,11 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _step_or_name(text: str) -> int | str:
+    """``--from``'s value: a step (an integer), else the text as given (eosflow.anchored checks it)."""
+    return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else text
+
+
 def _version() -> str:
     import importlib.metadata
 
@@ -157,11 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--quiet", action="store_true", help="no progress display")
 
     p_compare = sub.add_parser("compare", help="run GD and models from one w0 and report how well each tracks GD")
-    p_compare.add_argument("spec", type=Path, help="the spec (TOML): GD first, then the models")
+    p_compare.add_argument(
+        "spec",
+        type=Path,
+        help="the spec (TOML): GD first, then the models; with --from, a run directory will do (its run is kept)",
+    )
     add_overrides(p_compare)
     p_compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-<name>-<time>)")
     p_compare.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p_compare.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_compare.add_argument(
+        "--from",
+        dest="at",
+        type=_step_or_name,
+        metavar="onset|K",
+        help="also restart the models on the optimizer's state at step K, or at its edge onset (first edge ratio "
+        ">= 0.95), and score them from there: saved as RUN_DIR/from_step_K.nc, a section of the report "
+        '(docs/compare.md, "From a later step"); exit status 3 if the optimizer never reaches its onset',
+    )
 
     p_board = sub.add_parser("leaderboard", help="rank every model of GD on the built-in problem suite")
     p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (~2 minutes)")
@@ -250,14 +274,40 @@ def _dispatch(args) -> int:
         print(f"sweep: {path}")
         return 0
     if args.command == "compare":
-        from eosflow.compare import compare, warn_incomplete_critical_sets
+        from eosflow.anchored import NoAnchorStep, check_anchorable
+        from eosflow.compare import compare, compare_from, report_page, warn_incomplete_critical_sets
         from eosflow.load import load
 
-        table = load_spec_table(args.spec)
-        for assignment in args.set:
-            set_dotted(table, assignment)
-        out = args.out or Path("runs") / f"compare-{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"report: {compare(table, out, overwrite=args.overwrite, progress=not args.quiet)}")
+        if args.spec.is_dir():  # a run directory: add the comparison from a step to it, rerunning nothing else
+            out = args.spec
+            if args.at is None or args.set or args.out or args.overwrite or not (out / "spec.toml").is_file():
+                raise StoreError(
+                    f"{str(out)!r} is a directory: `eosflow compare RUN_DIR --from onset|K` adds the comparison "
+                    "from a step to a run directory (with no --set, --out or --overwrite); `eosflow report RUN_DIR` "
+                    "redraws its report"
+                )
+            check_anchorable(load_spec_table(out / "spec.toml"), args.at, where="--from")
+            make = partial(compare_from, out, args.at)
+        else:
+            table = load_spec_table(args.spec)
+            for assignment in args.set:
+                set_dotted(table, assignment)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = args.out or Path("runs") / f"compare-{table.get('name', args.spec.stem)}-{stamp}"
+            make = partial(
+                compare, table, out, overwrite=args.overwrite, progress=not args.quiet, at=args.at, where="--from"
+            )
+        try:
+            page = make()
+        except NoAnchorStep as error:
+            print(f"report: {report_page(out)}")
+            warn_incomplete_critical_sets(load(out))
+            print(
+                f"eosflow: no comparison from {args.at}: {error}. The run from w0 and its report are kept in {out}.",
+                file=sys.stderr,
+            )
+            return 3
+        print(f"report: {page}")
         warn_incomplete_critical_sets(load(out))
         return 0
     if args.command == "leaderboard":

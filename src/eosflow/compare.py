@@ -28,6 +28,7 @@ dropped after diverging, is NaN); a dropped process is flagged in ``status``, as
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
+from eosflow.anchored import ONSET, NoAnchorStep, check_anchorable, onset_step, write_anchored
 from eosflow.experiment import run
 from eosflow.load import load, summary_of
 from eosflow.progress import training_bar
@@ -443,24 +445,13 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     processes = [str(p) for p in ds["process"].values]
     reference, models = processes[0], processes[1:]
     lr = float(ds.attrs["lr"])
-    reference_loss = ds["loss"].sel(process=reference).values
     figures = []
-
-    def draw_loss(ax):
-        ax.plot(steps, reference_loss, lw=0.6, color="0.6", label=f"{reference}: loss")
-        ax.plot(
-            steps,
-            gaussian_smooth(reference_loss, width),
-            lw=1.5,
-            color="k",
-            label=f"{reference}: loss smoothed (std {width:g} steps)",
-        )
-        for i, p in enumerate(models, start=1):
-            ax.plot(steps, predicted_loss(ds, p), **line_style(i), label=f"{p}: predicted")
-        ax.set_ylabel("loss")
-
     _figure(
-        out / "compare_loss.png", 1, draw_loss, "training loss and each model's predicted time-averaged loss", (True,)
+        out / "compare_loss.png",
+        1,
+        lambda ax: draw_loss(ax, ds, width),
+        "training loss and each model's predicted time-averaged loss",
+        (True,),
     )
     figures.append(("Loss", "compare_loss.png"))
 
@@ -488,25 +479,7 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         figures.append(("Sharpness", "compare_sharpness.png"))
 
     if models:
-        yardstick = baseline_of(reference)
-        baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
-        centre_baseline = _series(ds, "centre_distance", yardstick) if yardstick in processes else None
-
-        def draw_distance(ax_abs, ax_rel, *ax_centre):
-            for i, p in enumerate(models, start=1):
-                d = ds["distance"].sel(process=p).values
-                ax_abs.plot(steps, d, **line_style(i), label=p)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    if baseline is not None:
-                        ax_rel.plot(steps, d / baseline, **line_style(i), label=p)
-                    if ax_centre and (centre := _series(ds, "centre_distance", p)) is not None:
-                        ax_centre[0].plot(steps, centre / centre_baseline, **line_style(i), label=p)
-            ax_abs.set_ylabel(f"||w_{reference} - w||")
-            ax_rel.set_ylabel(f"distance / {yardstick}'s")
-            if ax_centre:
-                ax_centre[0].set_ylabel(f"centre distance / {yardstick}'s")
-
-        panels = 2 if centre_baseline is None else 3  # a run from before centre_distance has two
+        panels, draw_distance = distance_panels(ds)
         _figure(out / "compare_distance.png", panels, draw_distance, f"distance to {reference}", (True,) * panels)
         figures.append(("Distance to the reference", "compare_distance.png"))
 
@@ -565,16 +538,135 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         "",
     ]
     lines += [f"![{title}]({name})" for title, name in figures]
-    path = out / "compare.md"
+    for k, saved in RunStore(run_dir).anchored_files():
+        lines += ["", *anchored_section(ds, summary, saved, k, out, width)]
+    path = report_page(run_dir)
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def compare(table: dict, out: Path, overwrite: bool = False, progress: bool = True) -> Path:
+def report_page(run_dir: str | Path) -> Path:
+    """The comparison page of a run directory (written by :func:`write_report`)."""
+    return Path(run_dir) / "report" / "compare.md"
+
+
+def draw_loss(ax, ds: xr.Dataset, width: float = SMOOTHING) -> None:
+    """The reference's loss, raw and Gaussian-smoothed, and each model's predicted loss, over ``ds``'s steps."""
+    steps = ds["step"].values
+    reference, *models = [str(p) for p in ds["process"].values]
+    reference_loss = ds["loss"].sel(process=reference).values
+    ax.plot(steps, reference_loss, lw=0.6, color="0.6", label=f"{reference}: loss")
+    ax.plot(
+        steps,
+        gaussian_smooth(reference_loss, width),
+        lw=1.5,
+        color="k",
+        label=f"{reference}: loss smoothed (std {width:g} steps)",
+    )
+    for i, p in enumerate(models, start=1):
+        ax.plot(steps, predicted_loss(ds, p), **line_style(i), label=f"{p}: predicted")
+    ax.set_ylabel("loss")
+
+
+def distance_panels(ds: xr.Dataset):
+    """(panels, draw): each model's distance to the reference, its ratio to the yardstick's and, when
+    recorded, the same ratio of the centre distances (``draw(ax_abs, ax_rel, *ax_centre)``)."""
+    steps = ds["step"].values
+    reference, *models = processes = [str(p) for p in ds["process"].values]
+    yardstick = baseline_of(reference)
+    baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
+    centre_baseline = _series(ds, "centre_distance", yardstick) if yardstick in processes else None
+
+    def draw(ax_abs, ax_rel, *ax_centre):
+        for i, p in enumerate(models, start=1):
+            d = ds["distance"].sel(process=p).values
+            ax_abs.plot(steps, d, **line_style(i), label=p)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                if baseline is not None:
+                    ax_rel.plot(steps, d / baseline, **line_style(i), label=p)
+                if ax_centre and (centre := _series(ds, "centre_distance", p)) is not None:
+                    ax_centre[0].plot(steps, centre / centre_baseline, **line_style(i), label=p)
+        ax_abs.set_ylabel(f"||w_{reference} - w||")
+        ax_rel.set_ylabel(f"distance / {yardstick}'s")
+        if ax_centre:
+            ax_centre[0].set_ylabel(f"centre distance / {yardstick}'s")
+
+    return (2 if centre_baseline is None else 3), draw  # a run from before centre_distance has two
+
+
+def anchored_section(run: xr.Dataset, summary: dict, saved: Path, k: int, out: Path, width: float) -> list[str]:
+    """The page's section on ``saved``, the models restarted on the reference's state at step k
+    (:func:`eosflow.anchored.write_anchored`): its table (also ``compare_from_step_<k>.csv``; no wall times) and one
+    figure of the loss and the distances from k on. Read from the file alone; ``run`` (the run from w0)
+    only says whether k is the reference's edge onset."""
+    with xr.open_dataset(saved, engine="scipy") as file:
+        ds = file.load()
+    table = compare_dataset(ds, width=width)
+    name = f"compare_from_step_{k}"
+    table.drop(columns="ms_per_step").to_csv(out / f"{name}.csv")  # a single run from k: compilation included
+    reference = str(ds["process"].values[0])
+    last = int(ds["step"].values[-1])
+    edge = _series(run, "edge_ratio", reference)
+    onset = None if edge is None else onset_step(edge)
+    if onset is not None and max(onset, 2) == k:
+        title = f"From step {k} (the optimizer's edge onset)"
+    elif onset is not None:
+        title = f"From step {k} (the optimizer's edge onset is step {onset})"
+    else:
+        title = f"From step {k}" + ("" if edge is None else f" ({reference} never reached edge ratio {ONSET})")
+    panels, draw_distance = distance_panels(ds)
+
+    def draw(ax_loss, *ax_distance):
+        draw_loss(ax_loss, ds, width)
+        draw_distance(*ax_distance)
+
+    _figure(
+        out / f"{name}.png",
+        1 + panels,
+        draw,
+        f"from step {k}: loss and distance to {reference}",
+        (True,) * (1 + panels),
+    )
+    yardstick = baseline_of(reference)
+    restarted = f" (the yardstick {yardstick} too)" if yardstick in ds["process"].values else ""
+    lines = [
+        f"## {title}",
+        "",
+        f"The models restarted on {reference}'s states at steps {k - 2}..{k + 2}{restarted} and run to step "
+        f"{last}; every column over steps {k}..{last} "
+        f'(docs/compare.md, "From a later step"). Data: `{saved.name}` in the run directory. Wall times are '
+        "in the table above (a model's single run from k would count its compilation).",
+        "",
+    ]
+    if ds.attrs.get("steps") != summary.get("steps"):
+        lines += [
+            f"(Computed for a run of {ds.attrs.get('steps')} steps; this run has {summary.get('steps')}: "
+            f"`eosflow compare RUN_DIR --from {k}` updates it.)",
+            "",
+        ]
+    columns = tuple(column for column in COLUMNS if column != "ms_per_step")
+    return [*lines, *markdown_table(table, columns), "", f"![From step {k}]({name}.png)"]
+
+
+def compare(
+    table: dict,
+    out: Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    at: int | str | None = None,
+    where: str = "`at`",
+) -> Path:
     """Run the experiment of ``table`` into ``out``, then write its comparison report; returns the page.
 
-    An existing run directory ``out`` is an error unless ``overwrite`` (nothing is lost silently).
+    An existing run directory ``out`` is an error unless ``overwrite`` (nothing is lost silently). With
+    ``at`` (a step, or "onset"), the models are also restarted on the reference's state there
+    (:func:`eosflow.anchored.write_anchored`: ``out/from_step_<k>.nc``, a section of the page). What cannot
+    be anchored is refused before the run (:func:`eosflow.anchored.check_anchorable`; ``where`` names
+    ``at`` in the message); a reference that never reaches its onset, or diverges, raises
+    :class:`eosflow.anchored.NoAnchorStep` once the run and its report are written.
     """
+    if at is not None:
+        check_anchorable(table, at, where=where)
     spec = resolve(table).spec
     if progress:
         bar, update = training_bar(spec.steps, spec.processes[0], spec.lr)
@@ -582,4 +674,21 @@ def compare(table: dict, out: Path, overwrite: bool = False, progress: bool = Tr
             run(table, out, overwrite=overwrite, progress=update)
     else:
         run(table, out, overwrite=overwrite)
-    return write_report(out)
+    if at is None:
+        return write_report(out)
+    if progress:
+        print(f"from {at}: {spec.processes[0]} again from w0 in memory, then its models", file=sys.stderr)
+    return compare_from(out, at)
+
+
+def compare_from(run_dir: str | Path, at: int | str) -> Path:
+    """Add the models restarted on the reference's state at step ``at`` (or its onset) to a run directory
+    (:func:`eosflow.anchored.write_anchored`) and write its report; returns the page. A reference that
+    never reaches its onset, or diverges, raises :class:`eosflow.anchored.NoAnchorStep` once the report
+    (without that section) is written."""
+    try:
+        write_anchored(run_dir, at)
+    except NoAnchorStep:
+        write_report(run_dir)  # the run from w0 and its report are kept
+        raise
+    return write_report(run_dir)

@@ -181,6 +181,10 @@ def make_report(run_dir: str | Path, ds: xr.Dataset | None = None) -> Path:
             "![loss](compare_loss.png)",
             "![distance](compare_distance.png)",
         ]
+        lines += [
+            f'- from step {k}: the models restarted on {reference}\'s state there (compare.md, "From step {k}")'
+            for k, _ in RunStore(run_dir).anchored_files()
+        ]
     lines += ["", "## Figures", ""]
     lines += [f"![{title}]({name})" for title, name in figures]
     for section in SECTIONS:

@@ -8,6 +8,8 @@
       checkpoint.npz            process states after the last checkpointed chunk, and the manifest
       checkpoint.previous.npz   the checkpoint before it (a fallback if the last one is damaged)
       summary.json              status, reason, final numbers (rebuilt from the data if lost)
+      from_step_<k>.nc          the models restarted on the reference's state at step k
+                                (eosflow compare --from; eosflow.anchored.write_anchored)
       report/                   figures and the Markdown summary
 
 Every file is written to a temporary name and atomically renamed, so a run killed at any moment
@@ -105,6 +107,9 @@ class RunStore:
     verified so far; :meth:`write_checkpoint` stores it with the process states.
     """
 
+    ANCHORED = "from_step_{k}.nc"  # eosflow.anchored.write_anchored's comparison from step k
+    ANCHORED_NAME = re.compile(r"^from_step_(\d+)\.nc$")
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest: dict[str, dict[str, list]] = {}
@@ -196,14 +201,28 @@ class RunStore:
                 _remove_tree(self.root / sub)
             for name in (*CHECKPOINTS, "summary.json", "spec.resolved.toml"):
                 (self.root / name).unlink(missing_ok=True)
+            for _, path in self.anchored_files():  # computed from the replaced run
+                path.unlink()
         self.manifest = {}
         self.write_spec(spec_text, resolved_text)
 
     def write_spec(self, spec_text: str, resolved_text: str) -> None:
         """Write (or, when a resume changes ``steps``, replace) the spec as given and resolved,
         each file atomically; a crash between the two leaves a pair a resume accepts again."""
-        atomic_write(self.root / "spec.toml", lambda f: f.write(spec_text.encode()))
-        atomic_write(self.root / "spec.resolved.toml", lambda f: f.write(resolved_text.encode()))
+        self.write_file("spec.toml", spec_text.encode())
+        self.write_file("spec.resolved.toml", resolved_text.encode())
+
+    # ---- other files -------------------------------------------------------------------------
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write ``data`` to ``name`` in the run directory, atomically (the writer holds the lock)."""
+        atomic_write(self.root / name, lambda f: f.write(data))
+
+    def anchored_files(self) -> list[tuple[int, Path]]:
+        """(k, path) of every saved comparison from step k (``from_step_<k>.nc``), by k."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m[1]), path) for path in self.root.iterdir() if (m := self.ANCHORED_NAME.match(path.name))]
+        return sorted(found)
 
     # ---- trajectories ----------------------------------------------------------------------
     def write_chunk(self, process: str, first_step: int, arrays: dict[str, np.ndarray]) -> None:
