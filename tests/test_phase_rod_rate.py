@@ -152,3 +152,19 @@ def test_the_first_order_rod_damps_the_rotating_mode_too_fast():
     at 0.43 per step against the optimizer's 0.053 (docs/adaptive.md section 5b)."""
     assert rod_against_optimizer("ema b=0.9", 0.8, "first_order") > 0.5
     assert rod_against_optimizer("ema b=0.9", 0.8, "matched") < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_the_matched_correction_is_accurate_in_each_precision_near_a_double_eigenvalue(dtype):
+    """Where the divided difference meets its series (omega ~ eps^(1/5) tau), in float32 too: the float32
+    figure is the inputs' own rounding, amplified by the near-double eigenvalue."""
+    worst = 0.0
+    for tau in (0.3, 0.95, 1.2):
+        for ratio in np.geomspace(1e-7, 1e-1, 25):
+            for sign in (1.0, -1.0):  # real or complex eigenvalues tau +- omega
+                omega2 = sign * (ratio * tau) ** 2
+                m = np.array([[tau, 1.0], [omega2, tau]])  # eigenvalues tau +- sqrt(omega2)
+                expected = scipy.linalg.logm(m).real - (m - np.eye(2))
+                got = np.asarray(matched_correction(jnp.asarray(m, dtype)), np.float64)
+                worst = max(worst, np.abs(got - expected).max() / np.abs(expected).max())
+    assert worst < (1e-5 if dtype == jnp.float32 else 1e-12), worst

@@ -77,12 +77,14 @@ def matched_correction(m: Array) -> Array:
     modes: rotations of less than 90 degrees per step and decays no faster than e^-4, where a period-2
     rod is the mode's natural description. As a 2 x 2 matrix function, C = a I + c (M - tau I) with
     tau = tr M / 2, eigenvalues tau +- omega (omega real or imaginary), a = [f(mu+) + f(mu-)] / 2 and c
-    the divided difference [f(mu+) - f(mu-)] / (mu+ - mu-) (its limit f'(tau) at a double eigenvalue)."""
+    the divided difference [f(mu+) - f(mu-)] / (mu+ - mu-) (near a double eigenvalue, its series
+    f'(tau) + f'''(tau) (tau^2 - det M) / 6)."""
     eye = jnp.eye(2, dtype=m.dtype)
     tau, det = 0.5 * jnp.trace(m), jnp.linalg.det(m)
     disc = tau**2 - det
     omega = jnp.sqrt(jnp.abs(disc))
-    big = omega > 1e-6 * jnp.maximum(jnp.abs(tau), 1e-300)
+    # below eps^(1/5) |tau| a divided difference loses more to cancellation than its series is off
+    big = omega > jnp.finfo(m.dtype).eps ** 0.2 * jnp.abs(tau)
 
     def usable(mu: Array) -> Array:
         return (mu > 0) & (jnp.log(jnp.where(mu > 0, mu, 1.0)) >= SLOWEST_RATE)
@@ -93,15 +95,17 @@ def matched_correction(m: Array) -> Array:
 
     # real eigenvalues tau +- omega
     upper, lower = f(tau + omega), f(tau - omega)
-    derivative = jnp.where(usable(tau), 1.0 / jnp.where(usable(tau), tau, 1.0) - 1.0, 0.0)  # f'(tau)
-    c_real = jnp.where(big, (upper - lower) / (2.0 * jnp.where(big, omega, 1.0)), derivative)
+    tau_safe = jnp.where(usable(tau), tau, 1.0)
+    # near a double eigenvalue: f'(tau) + f'''(tau) (tau^2 - det) / 6, for both branches
+    series = jnp.where(usable(tau), 1.0 / tau_safe - 1.0 + disc / (3.0 * tau_safe**3), 0.0)
+    c_real = jnp.where(big, (upper - lower) / (2.0 * jnp.where(big, omega, 1.0)), series)
     a_real = 0.5 * (upper + lower)
     # complex eigenvalues tau +- i omega: f = log r + i theta - (tau - 1) - i omega
     r2 = jnp.where(det > 0, det, 1.0)
     rotating = (tau > 0) & (0.5 * jnp.log(r2) >= SLOWEST_RATE)
     theta = jnp.arctan2(omega, jnp.where(tau > 0, tau, 1.0))
     a_complex = jnp.where(rotating, 0.5 * jnp.log(r2) - (tau - 1.0), 0.0)
-    c_complex = jnp.where(rotating, jnp.where(big, theta / jnp.where(big, omega, 1.0) - 1.0, derivative), 0.0)
+    c_complex = jnp.where(rotating, jnp.where(big, theta / jnp.where(big, omega, 1.0) - 1.0, series), 0.0)
     a, c = jnp.where(disc >= 0, a_real, a_complex), jnp.where(disc >= 0, c_real, c_complex)
     return a * eye + c * (m - tau * eye)
 
