@@ -223,3 +223,13 @@ def test_architectures_suite_covers_the_listed_pairs_and_every_spec_is_valid():
         prepare(table)  # builds every problem and process: validates every value
     with pytest.raises(SpecError, match="architectures"):
         lb.suite_entries("zoo")
+
+
+def test_the_machine_line_names_xlas_flags(monkeypatch):
+    """A float32 page reproduces only under the same XLA threading (docs/leaderboard.md), so the page says it."""
+    from eosflow.leaderboard import machine
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+    assert "XLA_FLAGS='--xla_cpu_multi_thread_eigen=false'" in machine()
+    monkeypatch.delenv("XLA_FLAGS")
+    assert "XLA_FLAGS" not in machine()

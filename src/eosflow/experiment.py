@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import os
 import signal
 import time
 import warnings
@@ -489,6 +490,9 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
         "eosflow": _version(),
         "jax": jax.__version__,
         "device": f"{device.platform}:{device.device_kind}",
+        # XLA's threading orders float32 reductions, so a float32 run's last digits depend on it
+        # (docs/leaderboard.md, the ResNet cells): the flags of the invocation that wrote this summary
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

@@ -501,7 +501,9 @@ def machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-        f"jax {jax.__version__} ({jax.devices()[0].platform}), load average at the end {load:.1f}"
+        f"jax {jax.__version__} ({jax.devices()[0].platform})"
+        + (f", XLA_FLAGS={flags!r}" if (flags := os.environ.get("XLA_FLAGS", "")) else "")
+        + f", load average at the end {load:.1f}"
     )
 
 
