@@ -145,6 +145,12 @@ class Flow(ScannedProcess):
         return FlowState(self.finish(z, end, aux, state.step), vectors, sharpness, state.step + 1), row
 
 
+def probe_floor(w: Array) -> Array:
+    """sqrt(eps) (1 + |w|_inf): the smallest step s of a central difference at w along a unit vector that the
+    rounding of w + s u (eps |w_i| per component) does not swamp, as for any finite difference."""
+    return jnp.sqrt(jnp.finfo(w.dtype).eps) * (1.0 + jnp.max(jnp.abs(w)))
+
+
 def centred(values: Sequence[Array], j: int = 2) -> Array:
     """c_j(x) = (x_{j-1} + 2 x_j + x_{j+1}) / 4: exact on a linear trend, zero on a period-2 oscillation
     (x_j = a + b j + (-1)^j r gives a + b j); the centre of an optimizer's iterates around step j."""

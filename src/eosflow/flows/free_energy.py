@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option
-from eosflow.flows.flow import Flow, Measured, centre_and_rod, padded, register_flow
+from eosflow.flows.flow import Flow, Measured, centre_and_rod, padded, probe_floor, register_flow
 from eosflow.flows.integrate import Growth, SubstepOptions, exact
 from eosflow.objective import Objective
 
@@ -125,8 +125,7 @@ def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Ar
         curvature, cubic = jax.vmap(along, in_axes=1)(vectors)
         weights = amplitudes**2
         return OrbitAverage(loss + 0.5 * weights @ curvature, grad + 0.5 * weights @ cubic, curvature, loss, grad)
-    probe_floor = jnp.sqrt(jnp.finfo(w.dtype).eps) * (1.0 + jnp.max(jnp.abs(w)))
-    probes = jnp.maximum(amplitudes, probe_floor)
+    probes = jnp.maximum(amplitudes, probe_floor(w))
 
     def ends(u, b):
         (lp, gp), (lm, gm) = objective.value_and_grad(w + b * u), objective.value_and_grad(w - b * u)

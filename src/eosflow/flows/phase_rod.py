@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.flow import Measured, rod_of
+from eosflow.flows.flow import Measured, probe_floor, rod_of
 from eosflow.flows.moments import (
     MomentFlowOptions,
     OptimizerModel,
@@ -152,15 +152,14 @@ class PhaseRodFlow(OptimizerModel):
 
     def rod_plane(self, z: tuple[Phase, Rod]) -> RodPlane:
         """The rod's plane at the start of a step and its matched correction. The curvature along e is the
-        secant over the rod's ends zeta_w +- s e, s = |e . rho_w| (at least sqrt(eps) max(|zeta_w|, 1), a
-        finite difference): the rod's own effective curvature, so that an orbit (M(h) rho = rho) keeps
+        secant over the rod's ends zeta_w +- s e, s = |e . rho_w| (at least :func:`~eosflow.flows.flow.probe_floor`,
+        a finite difference): the rod's own effective curvature, so that an orbit (M(h) rho = rho) keeps
         its amplitude. Two gradients."""
         centre, rod = z
         p = self.moments.preconditioner(centre)
         e = rod_direction(rod.w, self.lr * rod.m / p)
         pe = p * e
-        floor = jnp.sqrt(jnp.finfo(p.dtype).eps) * jnp.maximum(jnp.linalg.norm(centre.w), 1.0)
-        s = jnp.maximum(jnp.abs(jnp.vdot(e, rod.w)), floor)
+        s = jnp.maximum(jnp.abs(jnp.vdot(e, rod.w)), probe_floor(centre.w))
         ends = jax.vmap(self.objective.grad)(jnp.stack([centre.w + s * e, centre.w - s * e]))
         secant = jnp.vdot(e, ends[0] - ends[1]) / (2.0 * s)
         curvature = secant / jnp.maximum(jnp.vdot(e, pe), jnp.finfo(p.dtype).tiny)
