@@ -13,7 +13,12 @@ direction, for every k of ``--at`` and every size. Prints, per run, two time ave
 - ``<c>``: <||e_t + e_(t+1)|| / 2>, e = w_opt - w, the distance between the midpoints of consecutive
   steps, where a period-2 oscillation of constant amplitude cancels whichever its phase (the experiment's
   ``centre_distance``, the same values one step later), and its ratio to the
-  yardstick's: ``rel. centre distance``.
+  yardstick's: ``rel. centre distance``;
+- ``loss error (avg)``: the window-averaged loss error against the optimizer's loss
+  (``compare.averaged_loss_error``, over the leaderboard's 101-step window and over 401 steps), scored from step
+  ``--from-step`` on (0 by default), and for a run nudged at step k from step k on if that is later (the steps
+  before it are the optimizer's own). A nudged copy whose loss error is large is a run of the same optimizer
+  that the smoothed loss cannot tell apart from a prediction error: a model is not expected to score below it.
 
 Each process advances in one piece (a run grows its tracked eigenspace between chunks, so the models that use
 their eigenpairs differ from the leaderboard's rows in the 3rd digit). A nudged optimizer whose <d> is large
@@ -31,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eosflow.compare import baseline_of
+from eosflow.compare import averaged_loss_error, baseline_of
 from eosflow.experiment import prepare
 from eosflow.leaderboard import suite_entries, suite_tables
 from eosflow.precision import precision
@@ -45,12 +50,18 @@ def distances(reference: np.ndarray, positions: np.ndarray, first: int = 0) -> t
     return float(np.linalg.norm(e, axis=1).mean()), float((np.linalg.norm(e[:-1] + e[1:], axis=1) / 2).mean())
 
 
+def loss_errors(reference: np.ndarray, predicted: np.ndarray, first: int) -> tuple[float, float]:
+    """Window-averaged loss error of ``predicted`` against ``reference`` over steps [first, end), windows 101, 401."""
+    return tuple(averaged_loss_error(predicted[first:], reference[first:], window) for window in (101, 401))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("entry")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--at", default="0", help="comma-separated steps k at which the optimizer is nudged")
     parser.add_argument("--sizes", default="1e-6,1e-4", help="comma-separated nudge sizes |delta|")
+    parser.add_argument("--from-step", type=int, default=0, help="score the models' loss from this step on")
     args = parser.parse_args()
     entries = {entry.name: entry for entry in suite_entries("all")}
     if args.entry not in entries:
@@ -67,14 +78,19 @@ def main() -> None:
         names = list(processes)
         optimizer = processes[names[0]]
         start = optimizer.init(problem.w0)
-        reference = np.asarray(optimizer.advance(start, steps)[1]["position"], np.float64)
-        reference = reference.reshape(steps, -1)
+        reference_rows = optimizer.advance(start, steps)[1]
+        reference = np.asarray(reference_rows["position"], np.float64).reshape(steps, -1)
+        reference_loss = np.asarray(reference_rows["loss"], np.float64)
         yardstick = baseline_of(names[0])
         rows = {}
         for name in names[1:]:
             process = processes[name]
-            positions = np.asarray(process.advance(process.init(problem.w0), steps)[1]["position"], np.float64)
-            rows[name] = distances(reference, positions.reshape(steps, -1))
+            series = process.advance(process.init(problem.w0), steps)[1]
+            positions = np.asarray(series["position"], np.float64)
+            predicted = np.asarray(series.get("predicted_loss", series["loss"]), np.float64)
+            rows[name] = distances(reference, positions.reshape(steps, -1)) + loss_errors(
+                reference_loss, predicted, args.from_step
+            )
         direction = jax.random.normal(jax.random.PRNGKey(1), problem.w0.shape, problem.w0.dtype)
         direction = direction / jnp.linalg.norm(direction)
         for k in at:
@@ -85,13 +101,16 @@ def main() -> None:
                     moved["previous"] = state.previous + size * direction
                 rows_k = optimizer.advance(state._replace(**moved), steps - k)[1]
                 positions = np.asarray(rows_k["position"], np.float64).reshape(steps - k, -1)
-                rows[f"{names[0]} moved {size:g} at step {k}"] = distances(reference, positions, k)
-    base = rows.get(yardstick, (np.nan, np.nan))
+                nudged_loss = np.concatenate([reference_loss[:k], np.asarray(rows_k["loss"], np.float64)])
+                rows[f"{names[0]} moved {size:g} at step {k}"] = distances(reference, positions, k) + loss_errors(
+                    reference_loss, nudged_loss, max(k, args.from_step)
+                )
+    base = rows.get(yardstick, (np.nan,) * 4)
     print(f"{args.entry}, seed {args.seed}: {steps} steps; ratios to {yardstick}")
-    print("| run | <d> | rel. distance | <c> | rel. centre distance |")
-    print("|---|---|---|---|---|")
-    for name, (d, c) in rows.items():
-        print(f"| {name} | {d:.4g} | {d / base[0]:.3f} | {c:.4g} | {c / base[1]:.3f} |")
+    print("| run | <d> | rel. distance | <c> | rel. centre distance | loss error (avg), 101 | over 401 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (d, c, loss101, loss401) in rows.items():
+        print(f"| {name} | {d:.4g} | {d / base[0]:.3f} | {c:.4g} | {c / base[1]:.3f} | {loss101:.3f} | {loss401:.3f} |")
 
 
 if __name__ == "__main__":

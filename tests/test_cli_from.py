@@ -44,7 +44,7 @@ def test_compare_from_onset_saves_reports_and_rerenders_the_comparison(spec, tmp
         saved = file.load()
     # every value bit for bit, every attribute but the models' wall times (``timing``: ms_per_step)
     wall = {name: [chunk[0] for chunk in value["chunks"]] for name, value in summary_of(saved)["timing"].items()}
-    assert wall == {"gradient_flow": [TABLE["steps"] - k], "rod_flow": [TABLE["steps"] - k]}
+    assert wall == {name: [TABLE["steps"] - k] for name in ("gradient_flow", "rod_flow", "gd_nudged")}
     xr.testing.assert_identical(saved.assign_attrs(timing=""), expected.assign_attrs(timing=""))
     for name, variable in expected.data_vars.items():
         assert saved[name].dtype == variable.dtype and saved[name].values.tobytes() == variable.values.tobytes(), name
@@ -54,7 +54,8 @@ def test_compare_from_onset_saves_reports_and_rerenders_the_comparison(spec, tmp
     text = page.read_text()
     section = text.split(f"## From step {k} (the optimizer's edge onset)\n")[1]
     rows, table = _page_table(section), compare_dataset(saved)
-    assert list(rows) == TABLE["processes"] and (table["steps"] == TABLE["steps"] - k).all()
+    assert list(rows) == [*TABLE["processes"], "gd_nudged"] and (table["steps"] == TABLE["steps"] - k).all()
+    assert "`gd_nudged` is gd itself restarted at k" in section
     for process, row in rows.items():
         for column, cell in row.items():
             if column == "status":
@@ -85,6 +86,15 @@ def test_compare_from_onset_saves_reports_and_rerenders_the_comparison(spec, tmp
     assert f"kept in {out}" in captured.err and str(page) in captured.out
     assert load(out).attrs["lr"] == 0.2 and load(out).attrs["status"] == "completed"
     assert "## From step" not in page.read_text() and RunStore(out).anchored_files() == []
+    # the reason is kept in the run directory and on its page, also after `eosflow report`
+    missing = out / RunStore.ANCHOR_MISSING
+    assert missing.read_text().startswith("from onset: gd never reached its edge of stability")
+    assert main(["report", str(out)]) == 0
+    assert "Asked for, and not made: from onset: gd never reached its edge" in page.read_text()
+    # a comparison that is made afterwards replaces it
+    assert main(["compare", str(out), "--from", "40", "--quiet"]) == 0
+    assert not missing.exists() and "No comparison from a later step" not in page.read_text()
+    assert [k for k, _ in RunStore(out).anchored_files()] == [40]
 
 
 @pytest.mark.parametrize(
@@ -120,7 +130,7 @@ def test_compare_from_a_step_in_python_names_the_onset_beside_it(tmp_path, capsy
     onset = int(np.flatnonzero(lr_sharpness / 2 >= 0.95)[0])
     assert RunStore(out).anchored_files() == [(60, out / "from_step_60.nc")] and onset != 60
     section = page.read_text().split(f"## From step 60 (the optimizer's edge onset is step {onset})\n")[1]
-    assert list(_page_table(section)) == TABLE["processes"]
+    assert list(_page_table(section)) == [*TABLE["processes"], "gd_nudged"]
     # the run extended past the file's end: the section says the file was computed for the shorter run
     run({**TABLE, "steps": 160}, out, resume=True)  # one more chunk of 40: its compiled scan, reused
     assert "(Computed for a run of 120 steps; this run has 160" in write_report(out).read_text()

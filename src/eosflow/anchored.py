@@ -4,19 +4,25 @@
     eosflow.compare.compare_dataset(ds)                   # every metric over steps k .. steps - 1
 
 The spec's first process, GD or a momentum or adaptive optimizer (``adam``, ``rmsprop``, ...), runs from
-w0. Every other process, a model of that optimizer, starts at step k on the optimizer's states at k-2 ..
-k+2 (:meth:`~eosflow.flows.flow.Flow.start_on`: the centre of the iterates; the rod flows' rod; for the
-models of momentum and adaptive optimizers, the centred moments) and runs to the end. ``at = "onset"``
-is the optimizer's first step with edge ratio >= ``ONSET`` (0.95; lr S / 2 for GD): the comparison then
-scores what the models do at the edge of stability, apart from how far they drifted before it. It runs
-in memory (no run directory, no checkpoints) and returns the Dataset of :func:`eosflow.load` on the steps
-k .. steps - 1; :func:`write_anchored` saves it in a run directory (``eosflow compare SPEC --from k``), and
-:func:`check_anchorable` refuses, before any step is run, what ``anchored`` would refuse of the spec and of k.
+w0, or with ``start`` (a :class:`eosflow.checkpoint.Checkpoint` of your own training run) from that state,
+steps then counting from it. Every other process, a model of that optimizer, starts at step k on the
+optimizer's states at k-2 .. k+2 (:meth:`~eosflow.flows.flow.Flow.start_on`: the centre of the iterates;
+the rod flows' rod; for the models of momentum and adaptive optimizers, the centred moments) and runs to
+the end. ``at = "onset"`` is the optimizer's first step with edge ratio >= ``ONSET`` (0.95; lr S / 2 for
+GD): the comparison then scores what the models do at the edge of stability, apart from how far they
+drifted before it. It runs in memory (no run directory, no checkpoints) and returns the Dataset of
+:func:`eosflow.load` on the steps k .. steps - 1. Its last process, ``<optimizer>_nudged``, is the optimizer
+itself restarted at k from its own state with w moved by its dtype's rounding (eps ||w_k||, along a fixed
+random direction): the floor of every metric, what a model that were the optimizer itself would score
+from a state known to the last bit (:func:`nudged`). :func:`write_anchored` saves the Dataset in a run
+directory (``eosflow compare SPEC --from k``), and :func:`check_anchorable` refuses, before any step is
+run, what ``anchored`` would refuse of the spec and of k.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eosflow.checkpoint import Checkpoint, optimizer_state
 from eosflow.config import SpecError
 from eosflow.experiment import add_distances, divergence_reason, first_divergent, prepare, run_dtype
 from eosflow.flows.flow import Flow
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
 
     from eosflow.problems import Problem
 
+NUDGED = "_nudged"  # the suffix of the optimizer restarted at k a rounding away (the metrics' floor)
 NOT_ANCHORED = ("langevin",)  # models SGD, whose iterates GD's window is not
 ONSET = 0.95  # the edge ratio at which "onset" starts the models (as benchmarks/adaptive_edge_metrics.py)
 
@@ -66,31 +74,53 @@ def check_anchorable(table: dict, at: int | str, problem: Problem | None = None,
         _anchorable(spec, processes, at, where)
 
 
-def anchored(table: dict, at: int | str = "onset", problem: Problem | None = None) -> xr.Dataset:
+def anchored(
+    table: dict, at: int | str = "onset", problem: Problem | None = None, start: Checkpoint | None = None
+) -> xr.Dataset:
     """Run ``table``'s optimizer from w0 and its models from the optimizer's state at step ``at``
-    (module docstring); ``problem`` as in :func:`eosflow.experiment.run`. Raises a SpecError naming the
-    process or the step that cannot be anchored (:func:`check_anchorable`), and :class:`NoAnchorStep` when
-    the optimizer's run has no onset to start at or diverged."""
+    (module docstring); ``problem`` as in :func:`eosflow.experiment.run`. With ``start`` (your training
+    run's parameters and optax state, :class:`eosflow.checkpoint.Checkpoint`) the optimizer runs from
+    there instead of w0, and steps count from it (``at = 2``: the models start two steps after it). Raises
+    a SpecError naming the process or the step that cannot be anchored (:func:`check_anchorable`), or what
+    of ``start`` does not fit, and :class:`NoAnchorStep` when the optimizer's run has no onset to start at
+    or diverged."""
     with precision(run_dtype(table)):
-        return _anchored(table, at, problem)
+        return _anchored(table, at, problem, start)
 
 
 def write_anchored(run_dir: str | Path, at: int | str) -> Path:
     """:func:`anchored` of the run directory's own spec, saved in it as ``from_step_<k>.nc`` (netCDF, written
     atomically under the directory's writer lock; :func:`eosflow.compare.write_report` renders it). Reruns
-    the optimizer in memory, reads nothing else of the run. Returns the file."""
+    the optimizer in memory, reads nothing else of the run. Returns the file. When the optimizer gives no
+    step to start at (:class:`NoAnchorStep`), its reason is kept as ``from_step.missing.txt`` (the report
+    shows it) before the error is raised."""
     store = RunStore(run_dir)
     if not store.exists():
         raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
-    ds = anchored(load_spec_table(store.root / "spec.toml"), at)
+    try:
+        ds = anchored(load_spec_table(store.root / "spec.toml"), at)
+    except NoAnchorStep as error:  # recorded, so that the report says why its section is missing
+        reason = f"from {at}: {error}\n".encode()
+        _locked(store, lambda: store.write_file(RunStore.ANCHOR_MISSING, reason))
+        raise
     data = bytes(ds.to_netcdf())  # netCDF-3 (scipy's writer: the one engine eosflow's dependencies bring)
     name = RunStore.ANCHORED.format(k=int(ds.attrs["anchored_at"]))
+
+    def write() -> None:
+        store.write_file(name, data)
+        (store.root / RunStore.ANCHOR_MISSING).unlink(missing_ok=True)
+
+    _locked(store, write)
+    return store.root / name
+
+
+def _locked(store: RunStore, write: Callable[[], None]) -> None:
+    """``write`` under the run directory's writer lock."""
     store.lock()
     try:
-        store.write_file(name, data)
+        write()
     finally:
         store.unlock()
-    return store.root / name
 
 
 def _anchorable(
@@ -127,13 +157,13 @@ def _anchorable(
     return optimizer, models
 
 
-def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset:
+def _anchored(table: dict, at: int | str, problem: Problem | None, start: Checkpoint | None) -> xr.Dataset:
     spec, problem, _, processes = prepare(table, problem)
     names = list(processes)
     optimizer, models = _anchorable(spec, processes, at, "`at`")
-    w0 = jnp.asarray(problem.w0)
-    limit = spec.divergence.loss_blowup * max(abs(float(problem.objective.value(w0))), 1e-12)
-    _, computed = optimizer.advance(optimizer.init(w0), spec.steps)
+    first = optimizer.init(jnp.asarray(problem.w0)) if start is None else optimizer_state(optimizer, problem, start)
+    limit = spec.divergence.loss_blowup * max(abs(float(problem.objective.value(first.w))), 1e-12)
+    _, computed = optimizer.advance(first, spec.steps)
     reference = {key: np.asarray(value) for key, value in computed.items()}
     bad = first_divergent(reference["loss"], limit)
     if bad is not None:
@@ -142,7 +172,7 @@ def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset
             "its models cannot be compared with it after that"
         )
     k = int(at) if at != "onset" else _onset(reference["edge_ratio"], spec.steps, names[0])
-    window = _states(optimizer, w0, k)
+    window = _states(optimizer, first, k)
     rows = {names[0]: {key: value[k:] for key, value in reference.items()}}
     dropped, timing = {}, {}
     for name, model in models.items():
@@ -153,12 +183,17 @@ def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset
         if (bad := first_divergent(rows[name]["loss"], limit)) is not None:
             dropped[name] = divergence_reason(rows[name]["loss"][bad], k + bad, limit)
             rows[name] = {key: value[: bad + 1] for key, value in rows[name].items()}
+    copy = names[0] + NUDGED
+    tick = time.perf_counter()
+    _, computed = optimizer.advance(nudged(window[2]), spec.steps - k)
+    rows[copy] = {key: np.asarray(value) for key, value in computed.items()}
+    timing[copy] = {"chunks": [[spec.steps - k, time.perf_counter() - tick, 0]]}
     add_distances(rows, names[0], {})
     for data in rows.values():
         data["step"] = k + np.arange(len(data.pop("position")))
     summary: dict[str, Any] = {
         "name": spec.name,
-        "processes": names,
+        "processes": [*names, copy],
         "status": "completed",
         "steps": spec.steps,
         "lr": spec.lr,
@@ -167,6 +202,22 @@ def _anchored(table: dict, at: int | str, problem: Problem | None) -> xr.Dataset
         "timing": timing,
     }
     return rows_dataset(rows, np.arange(k, spec.steps), summary_attrs(summary))
+
+
+def nudged(state: Any, size: float | None = None, key: int = 0) -> Any:
+    """An optimizer's state with w (and ``previous``, when the state keeps it) moved by ``size`` along a fixed
+    random unit direction (from PRNG ``key``); ``size`` defaults to eps ||w||, the rounding of w in its dtype.
+    A run restarted from it is the optimizer as a perfect model of it would be, started on a state known to
+    the last bit: the floor of every pointwise and smoothed metric (docs/compare.md, "The floor")."""
+    w = state.w
+    direction = jax.random.normal(jax.random.PRNGKey(key), w.shape, w.dtype)
+    direction = direction / jnp.linalg.norm(direction)
+    if size is None:
+        size = float(jnp.finfo(w.dtype).eps * jnp.linalg.norm(w))
+    moved = {"w": w + size * direction}
+    if "previous" in state._fields:
+        moved["previous"] = state.previous + size * direction
+    return state._replace(**moved)
 
 
 def _onset(edge_ratio: np.ndarray, steps: int, optimizer: str) -> int:
@@ -194,9 +245,10 @@ def _window(steps: int) -> str:
     )
 
 
-def _states(optimizer: GradientDescent | AdaptiveOptimizer, w0: jax.Array, k: int) -> list:
-    """The optimizer's states at steps k-2 .. k+2 (its iterates do not depend on how its run is cut)."""
-    state = optimizer.init(w0)
+def _states(optimizer: GradientDescent | AdaptiveOptimizer, first: Any, k: int) -> list:
+    """The optimizer's states at steps k-2 .. k+2 of its run from state ``first`` (its iterates do not
+    depend on how its run is cut)."""
+    state = first
     if k > 2:
         state, _ = optimizer.advance(state, k - 2)
     window = [state]

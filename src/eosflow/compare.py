@@ -37,7 +37,7 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
-from eosflow.anchored import ONSET, NoAnchorStep, check_anchorable, onset_step, write_anchored
+from eosflow.anchored import NUDGED, ONSET, NoAnchorStep, check_anchorable, onset_step, write_anchored
 from eosflow.experiment import run
 from eosflow.load import load, summary_of
 from eosflow.progress import training_bar
@@ -540,6 +540,9 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     lines += [f"![{title}]({name})" for title, name in figures]
     for k, saved in RunStore(run_dir).anchored_files():
         lines += ["", *anchored_section(ds, summary, saved, k, out, width)]
+    if (missing := Path(run_dir) / RunStore.ANCHOR_MISSING).is_file():
+        reason = missing.read_text().strip()
+        lines += ["", "## No comparison from a later step", "", f"Asked for, and not made: {reason}."]
     path = report_page(run_dir)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -629,13 +632,20 @@ def anchored_section(run: xr.Dataset, summary: dict, saved: Path, k: int, out: P
     )
     yardstick = baseline_of(reference)
     restarted = f" (the yardstick {yardstick} too)" if yardstick in ds["process"].values else ""
+    floor = (
+        f" `{reference}{NUDGED}` is {reference} itself restarted at k with w moved by its rounding (eps ||w||): "
+        f"the floor of every column, what a model that were {reference} would score from a state known to the "
+        'last bit (docs/compare.md, "The floor").'
+        if reference + NUDGED in ds["process"].values
+        else ""
+    )
     lines = [
         f"## {title}",
         "",
         f"The models restarted on {reference}'s states at steps {k - 2}..{k + 2}{restarted} and run to step "
         f"{last}; every column over steps {k}..{last} "
-        f'(docs/compare.md, "From a later step"). Data: `{saved.name}` in the run directory. Wall times are '
-        "in the table above (a model's single run from k would count its compilation).",
+        f'(docs/compare.md, "From a later step").{floor} Data: `{saved.name}` in the run directory. Wall times '
+        "are in the table above (a model's single run from k would count its compilation).",
         "",
     ]
     if ds.attrs.get("steps") != summary.get("steps"):

@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import pandas as pd
 
-from eosflow.anchored import ONSET, anchored
+from eosflow.anchored import NUDGED, ONSET, anchored
 from eosflow.compare import AVERAGING_WINDOW, compare_dataset, compare_run, format_number
 from eosflow.config import SpecError
 from eosflow.experiment import run
@@ -359,6 +359,10 @@ def from_onset(table: dict) -> pd.DataFrame:
     table_from_onset = compare_dataset(ds)
     # a model that diverged after the onset has no metrics from it (they would cover its short life only)
     table_from_onset.loc[table_from_onset["status"] != "ok", metrics] = float("nan")
+    # the optimizer's own row holds its nudged copy's metrics: the floor of every column from the onset
+    optimizer = table["processes"][0]
+    table_from_onset = table_from_onset.drop(index=optimizer).rename(index={optimizer + NUDGED: optimizer})
+    table_from_onset = table_from_onset.reindex(table["processes"])
     compared = table_from_onset[metrics].rename(columns=lambda c: c + SUFFIX).reset_index()
     compared.insert(1, "onset", int(ds.attrs["anchored_at"]))
     return compared
@@ -598,7 +602,10 @@ def write_page(
             f"edge ratio >= {ONSET}: the centre of its iterates, its period-2 part for the models that carry "
             "one, its centred moments for an adaptive optimizer's) and scored over the steps after it, the "
             "yardstick (gradient flow for GD, else the stable flow) restarted there too (docs/adaptive.md, "
-            '"Starting on the optimizer\'s state").',
+            "\"Starting on the optimizer's state\"). On the optimizer's own row: the optimizer itself restarted "
+            "there with w moved by its rounding (eps ||w||): the floor, what a model that were the optimizer itself "
+            "would score from a state known to the last bit (docs/compare.md, "
+            '"The floor").',
             "",
         ]
     lines += markdown(rows)

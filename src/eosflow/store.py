@@ -10,6 +10,7 @@
       summary.json              status, reason, final numbers (rebuilt from the data if lost)
       from_step_<k>.nc          the models restarted on the reference's state at step k
                                 (eosflow compare --from; eosflow.anchored.write_anchored)
+      from_step.missing.txt     why the last such comparison asked for could not be made
       report/                   figures and the Markdown summary
 
 Every file is written to a temporary name and atomically renamed, so a run killed at any moment
@@ -109,6 +110,7 @@ class RunStore:
 
     ANCHORED = "from_step_{k}.nc"  # eosflow.anchored.write_anchored's comparison from step k
     ANCHORED_NAME = re.compile(r"^from_step_(\d+)\.nc$")
+    ANCHOR_MISSING = "from_step.missing.txt"  # why write_anchored made no comparison (NoAnchorStep)
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -203,6 +205,7 @@ class RunStore:
                 (self.root / name).unlink(missing_ok=True)
             for _, path in self.anchored_files():  # computed from the replaced run
                 path.unlink()
+            (self.root / self.ANCHOR_MISSING).unlink(missing_ok=True)
         self.manifest = {}
         self.write_spec(spec_text, resolved_text)
 

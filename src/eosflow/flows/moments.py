@@ -152,7 +152,7 @@ class ContinuousMoments:
         linear trend (docs/adaptive.md, "Starting on the optimizer's state")."""
         w = [s.w for s in window]
         directions = [self.discrete_direction(window[j].rule, window[j - 1].rule) for j in range(1, 5)]
-        k, dtype = window[2].step, w[2].dtype
+        k, dtype = window[2].rule.count, w[2].dtype  # the moments' count: the step, from w0; not from a checkpoint
         nu = window[3].rule.nu if self.moments == "reference" else 0.5 * (window[2].rule.nu + window[3].rule.nu)
 
         def mass(b: float, corrected: bool) -> Array:

@@ -1,0 +1,106 @@
+"""A training run's own state as the start of eosflow's optimizer: models from your checkpoint.
+
+    ckpt = eosflow.checkpoint.Checkpoint(params, opt_state)        # from your optax loop, at any step
+    ds = eosflow.anchored.anchored(table, at=2, problem=problem, start=ckpt)
+
+:func:`optimizer_state` turns the parameters and optax state of a training run (GD: no state;
+``optax.sgd`` with momentum or Nesterov; EMA momentum as ``optax.ema(beta, debias=False)``;
+``optax.rmsprop``; ``optax.adam``) into the state of the spec's first process, so that
+:func:`eosflow.anchored.anchored` runs that optimizer on from there (its iterates continue the user's: the
+test checks them against optax to 1e-12) and starts its models ``at`` steps later on its own states. The
+moments map one to one, in optax's conventions, which eosflow's rules share (docs/adaptive.md section 1):
+Adam's ``ScaleByAdamState(count, mu, nu)`` is (m, nu, count) with the same bias correction;
+``TraceState(trace)`` is the classical and Nesterov buffer m, ``EmaState`` the EMA form's m;
+``ScaleByRmsState(nu)`` is RMSProp's nu (and its count, bias-corrected). The hyperparameters (lr, betas,
+eps) are the spec's: optax keeps them in closures, not in its state, so they cannot be read from it and
+must be given as in the optax call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eosflow.config import SpecError
+from eosflow.objective import ravel
+from eosflow.optim.adaptive import AdaptiveOptimizer, RuleState
+from eosflow.optim.gd import GradientDescent
+
+PyTree = Any
+
+
+class Checkpoint(NamedTuple):
+    """Parameters (a pytree shaped like the problem's) and, for momentum, RMSProp or Adam, the optax state
+    that trained them (``None`` for GD). ``previous``: the parameters one step earlier, if kept (only the
+    first step's ``oscillation`` reads them)."""
+
+    params: PyTree
+    opt_state: Any = None
+    previous: PyTree | None = None
+
+
+def _flat(tree: PyTree, like: np.ndarray, where: str, problem: Any) -> jax.Array:
+    """``tree`` flattened as the problem's parameters are, or a SpecError naming what differs."""
+    treedef = getattr(problem.objective.unravel, "treedef", None)
+    if treedef is not None and jax.tree_util.tree_structure(tree) != treedef:
+        raise SpecError(
+            f"{where}: its pytree structure {jax.tree_util.tree_structure(tree)} is not the problem's parameters' "
+            f"{treedef}"
+        )
+    flat, _ = ravel(tree, where)
+    if flat.shape != like.shape:
+        raise SpecError(f"{where}: {flat.shape[0]} numbers where the problem has {like.shape[0]} parameters")
+    return jnp.asarray(flat, like.dtype)
+
+
+def _find(opt_state: Any, names: tuple[str, ...], what: str) -> Any:
+    """The first sub-state of a (possibly chained) optax state whose type name starts with one of ``names``."""
+
+    def matches(node: Any) -> bool:
+        return hasattr(type(node), "_fields") and type(node).__name__.startswith(names)
+
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=matches) if matches(s)]
+    if not found:
+        raise SpecError(
+            f"checkpoint.opt_state: no {' or '.join(names)} in it ({type(opt_state).__name__}): the state of {what} "
+            "is needed to start it"
+        )
+    return found[0]
+
+
+def optimizer_state(optimizer: Any, problem: Any, checkpoint: Checkpoint) -> Any:
+    """The state of ``optimizer`` (eosflow's GD or momentum / adaptive optimizer) at ``checkpoint``: its
+    iterate, moments and step count; its tracked eigenvectors start afresh, as at w0."""
+    like = np.asarray(problem.w0)
+    w = _flat(checkpoint.params, like, "checkpoint.params", problem)
+    previous = w if checkpoint.previous is None else _flat(checkpoint.previous, like, "checkpoint.previous", problem)
+    state = optimizer.init(w)
+    if isinstance(optimizer, GradientDescent):
+        if checkpoint.opt_state is not None and jax.tree.leaves(checkpoint.opt_state):
+            raise SpecError("checkpoint.opt_state: GD keeps no state; pass None (or optax.sgd's empty state)")
+        return state
+    if not isinstance(optimizer, AdaptiveOptimizer):
+        raise SpecError(f"a checkpoint starts GD or a momentum or adaptive optimizer, not {type(optimizer).__name__}")
+    rule = optimizer.rule
+    m, nu, count = state.rule
+    if rule.form == "ema" and rule.second_moment == "diagonal":  # adam
+        adam = _find(checkpoint.opt_state, ("ScaleByAdamState",), "optax.adam")
+        m, nu = (_flat(adam.mu, like, "opt_state.mu", problem), _flat(adam.nu, like, "opt_state.nu", problem))
+        count = jnp.asarray(adam.count, jnp.int32)
+    elif rule.form in ("classical", "nesterov") and rule.second_moment == "none":  # optax.sgd(momentum=...)
+        m = _flat(_find(checkpoint.opt_state, ("TraceState",), "optax.sgd with momentum").trace, like, "trace", problem)
+    elif rule.form == "ema" and rule.second_moment == "none":  # optax.chain(optax.ema(b, debias=False), ...)
+        m = _flat(_find(checkpoint.opt_state, ("EmaState",), "optax.ema(beta, debias=False)").ema, like, "ema", problem)
+    elif rule.form == "none" and rule.second_moment == "diagonal":  # rmsprop
+        rms = _find(checkpoint.opt_state, ("ScaleByRms",), "optax.rmsprop")
+        nu = _flat(rms.nu, like, "opt_state.nu", problem)
+        count = jnp.asarray(rms.count if "count" in rms._fields else 0, jnp.int32)  # ScaleByRmsWithCountState
+    else:
+        raise SpecError(
+            f"no optax state maps to this optimizer's rule (momentum form {rule.form!r}, second moment "
+            f"{rule.second_moment!r}): scalar RMSProp has no optax state"
+        )
+    return state._replace(w=w, previous=previous, rule=RuleState(m, nu, count))
