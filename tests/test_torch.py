@@ -3,6 +3,7 @@
 optimizer arithmetic."""
 
 import copy
+import re
 
 import equinox as eqx
 import jax
@@ -652,3 +653,76 @@ def test_torch_evaluations_take_turns():
             assert worker.is_alive() and not result
         worker.join(timeout=30)
     assert result == [float(objective.value(objective.flat_parameters()))]
+
+
+TORCH_OPTIMIZERS = {  # torch optimizer, eosflow process and its options (the same rule)
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.1), "gd", {}),
+    "heavy ball": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8), "momentum", {"beta": 0.8}),
+    "nesterov": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.6, nesterov=True), "nesterov", {"beta": 0.6}),
+    "rmsprop": (lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-6), "rmsprop", {"beta2": 0.9, "eps": 1e-6}),
+    "adam": (
+        lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.95), eps=1e-7),
+        "adam",
+        {"beta1": 0.8, "beta2": 0.95, "eps": 1e-7},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_OPTIMIZERS))
+def test_a_torch_run_continues_in_eosflow_from_its_checkpoint(name):
+    """A torch loop's model and optimizer after 4 steps, handed to eosflow (eosflow.torch.checkpoint): eosflow's
+    optimizer continues torch's own next 10 steps to 1e-10 (float64), and its stable flow starts on them."""
+    from eosflow.anchored import anchored
+
+    make, process, options = TORCH_OPTIMIZERS[name]
+    objective, _ = problem("mlp", 5, 0)
+    model, batch = objective.model, objective.batch
+    optimizer = make(model.parameters())
+
+    def train(steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.mse_loss(model(batch[0]), batch[1]).backward()
+            optimizer.step()
+
+    train(4)
+    start = eosflow.torch.checkpoint(model, optimizer if process != "gd" else None)
+    bridged = eosflow.torch.problem(model, F.mse_loss, batch)
+    expected = []
+    for _ in range(10):
+        expected.append(objective.flat_parameters().numpy())
+        train(1)
+    model_name = "gradient_flow" if process == "gd" else f"{process}_stable_flow"
+    table = {
+        "lr": optimizer.param_groups[0]["lr"],
+        "steps": 10,
+        "dtype": "float64",
+        "processes": [process, model_name],
+        "spectrum": {"every": 0},
+        process: options,
+    }
+    ds = anchored(table, at=2, problem=bridged, start=start)
+    losses = [float(objective.value(torch.from_numpy(w))) for w in expected[2:]]
+    np.testing.assert_allclose(ds["loss"].sel(process=process).values, losses, rtol=1e-10)
+    assert np.all(np.isfinite(ds["distance"].sel(process=model_name).values))
+
+
+def test_what_eosflow_has_no_optimizer_for_is_named_at_the_checkpoint():
+    objective, _ = problem("mlp", 5, 0)
+    model = objective.model
+    cases = {
+        "weight_decay = 0.1": torch.optim.Adam(model.parameters(), weight_decay=0.1),
+        "AMSGrad": torch.optim.Adam(model.parameters(), amsgrad=True),
+        "maximize = True": torch.optim.SGD(model.parameters(), lr=0.1, maximize=True),
+        "dampening = 0.5": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5),
+        "a centered RMSprop": torch.optim.RMSprop(model.parameters(), centered=True),
+        "no eosflow optimizer for Adagrad": torch.optim.Adagrad(model.parameters()),
+        "has no `exp_avg` for '0.weight' yet": torch.optim.Adam(model.parameters()),
+    }
+    for message, optimizer in cases.items():
+        if "yet" not in message:
+            optimizer.zero_grad()
+            F.mse_loss(model(objective.batch[0]), objective.batch[1]).backward()
+            optimizer.step()
+        with pytest.raises(ValueError, match=re.escape(message)):
+            eosflow.torch.checkpoint(model, optimizer)

@@ -3,11 +3,13 @@
     objective = eosflow.torch.Objective(model, loss_fn, (inputs, targets))
     problem = eosflow.torch.problem(model, loss_fn, (inputs, targets))   # for eosflow.simulate
     tracker = eosflow.torch.SharpnessTracker(model, loss_fn, k=3, tol=1e-3)
+    start = eosflow.torch.checkpoint(model, optimizer)    # for eosflow.anchored.anchored(..., start=start)
 
 See docs/torch.md.
 """
 
 from eosflow.torch.bridge import jax_loss, jax_loss_on, problem, to_jax
+from eosflow.torch.checkpoint import checkpoint
 from eosflow.torch.objective import TorchObjective
 from eosflow.torch.objective import TorchObjective as Objective
 from eosflow.torch.tracker import SharpnessTracker, TrackedEigenpairs, optimizer_preconditioning
@@ -17,6 +19,7 @@ __all__ = [
     "SharpnessTracker",
     "TorchObjective",
     "TrackedEigenpairs",
+    "checkpoint",
     "jax_loss",
     "jax_loss_on",
     "optimizer_preconditioning",
