@@ -175,19 +175,16 @@ def _anchored(table: dict, at: int | str, problem: Problem | None, start: Checkp
     window = _states(optimizer, first, k)
     rows = {names[0]: {key: value[k:] for key, value in reference.items()}}
     dropped, timing = {}, {}
-    for name, model in models.items():
+    copy = names[0] + NUDGED  # the floor: the optimizer itself, a rounding away
+    starts = {name: (model, model.start_on(window)) for name, model in models.items()}
+    for name, (process, state) in {**starts, copy: (optimizer, nudged(window[2]))}.items():
         tick = time.perf_counter()
-        _, computed = model.advance(model.start_on(window), spec.steps - k)
+        _, computed = process.advance(state, spec.steps - k)
         rows[name] = {key: np.asarray(value) for key, value in computed.items()}
         timing[name] = {"chunks": [[spec.steps - k, time.perf_counter() - tick, 0]]}
         if (bad := first_divergent(rows[name]["loss"], limit)) is not None:
             dropped[name] = divergence_reason(rows[name]["loss"][bad], k + bad, limit)
             rows[name] = {key: value[: bad + 1] for key, value in rows[name].items()}
-    copy = names[0] + NUDGED
-    tick = time.perf_counter()
-    _, computed = optimizer.advance(nudged(window[2]), spec.steps - k)
-    rows[copy] = {key: np.asarray(value) for key, value in computed.items()}
-    timing[copy] = {"chunks": [[spec.steps - k, time.perf_counter() - tick, 0]]}
     add_distances(rows, names[0], {})
     for data in rows.values():
         data["step"] = k + np.arange(len(data.pop("position")))
