@@ -717,7 +717,7 @@ def test_what_eosflow_has_no_optimizer_for_is_named_at_the_checkpoint():
         "dampening = 0.5": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5),
         "a centered RMSprop": torch.optim.RMSprop(model.parameters(), centered=True),
         "no eosflow optimizer for Adagrad": torch.optim.Adagrad(model.parameters()),
-        "has no `exp_avg` for '0.weight' yet": torch.optim.Adam(model.parameters()),
+        "has no `exp_avg` for parameter '0.weight' yet": torch.optim.Adam(model.parameters()),
     }
     for message, optimizer in cases.items():
         if "yet" not in message:

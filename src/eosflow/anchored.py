@@ -22,7 +22,6 @@ run, what ``anchored`` would refuse of the spec and of k.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,27 +99,15 @@ def write_anchored(run_dir: str | Path, at: int | str) -> Path:
     try:
         ds = anchored(load_spec_table(store.root / "spec.toml"), at)
     except NoAnchorStep as error:  # recorded, so that the report says why its section is missing
-        reason = f"from {at}: {error}\n".encode()
-        _locked(store, lambda: store.write_file(RunStore.ANCHOR_MISSING, reason))
+        with store.locked():
+            store.write_file(RunStore.ANCHOR_MISSING, f"from {at}: {error}\n".encode())
         raise
     data = bytes(ds.to_netcdf())  # netCDF-3 (scipy's writer: the one engine eosflow's dependencies bring)
     name = RunStore.ANCHORED.format(k=int(ds.attrs["anchored_at"]))
-
-    def write() -> None:
+    with store.locked():
         store.write_file(name, data)
         (store.root / RunStore.ANCHOR_MISSING).unlink(missing_ok=True)
-
-    _locked(store, write)
     return store.root / name
-
-
-def _locked(store: RunStore, write: Callable[[], None]) -> None:
-    """``write`` under the run directory's writer lock."""
-    store.lock()
-    try:
-        write()
-    finally:
-        store.unlock()
 
 
 def _anchorable(

@@ -28,6 +28,7 @@ from eosflow.config import SpecError
 from eosflow.objective import ravel
 from eosflow.optim.adaptive import AdaptiveOptimizer, RuleState
 from eosflow.optim.gd import GradientDescent
+from eosflow.optimizer_edges import substate
 
 PyTree = Any
 
@@ -59,16 +60,13 @@ def _flat(tree: PyTree, like: np.ndarray, where: str, problem: Any) -> jax.Array
 def _find(opt_state: Any, names: tuple[str, ...], what: str) -> Any:
     """The first sub-state of a (possibly chained) optax state whose type name starts with one of ``names``."""
 
-    def matches(node: Any) -> bool:
-        return hasattr(type(node), "_fields") and type(node).__name__.startswith(names)
-
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=matches) if matches(s)]
-    if not found:
+    found = substate(opt_state, lambda node: hasattr(type(node), "_fields") and type(node).__name__.startswith(names))
+    if found is None:
         raise SpecError(
             f"checkpoint.opt_state: no {' or '.join(names)} in it ({type(opt_state).__name__}): the state of {what} "
             "is needed to start it"
         )
-    return found[0]
+    return found
 
 
 def optimizer_state(optimizer: Any, problem: Any, checkpoint: Checkpoint) -> Any:

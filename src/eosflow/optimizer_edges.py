@@ -187,11 +187,16 @@ def _is_rms_state(state) -> bool:
     return type(state).__name__.startswith("ScaleByRms") and "nu" in fields
 
 
+def substate(opt_state: optax.OptState, matches: Callable[[Any], bool]) -> Any | None:
+    """The first sub-state for which ``matches`` holds in a (possibly chained) optax state, or None."""
+    return next((s for s in jax.tree.leaves(opt_state, is_leaf=matches) if matches(s)), None)
+
+
 def _find(opt_state: optax.OptState, matches: Callable[[Any], bool], what: str):
-    """The first sub-state for which ``matches`` holds in a (possibly chained) optax state."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=matches) if matches(s)]
-    if not found:
+    """:func:`substate`, or a ValueError naming the second moment's state expected."""
+    found = substate(opt_state, matches)
+    if found is None:
         raise ValueError(
             f"this optax state holds no second moment: expected the state of {what}, got {type(opt_state).__name__}"
         )
-    return found[0]
+    return found

@@ -22,6 +22,7 @@ recomputed (identically).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -33,6 +34,7 @@ import shlex
 import tempfile
 import tomllib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -149,6 +151,16 @@ class RunStore:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """``with store.locked():`` the block runs as the directory's only writer (:meth:`lock`), released
+        however it ends."""
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

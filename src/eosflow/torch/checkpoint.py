@@ -19,11 +19,13 @@ import optax
 import torch
 
 from eosflow.checkpoint import Checkpoint
+from eosflow.torch.objective import trainable
+from eosflow.torch.tracker import parameter_groups, state_buffer
 
 
 def checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Checkpoint:
     """The :class:`Checkpoint` of ``model`` trained by ``optimizer`` (None: GD, no state) at its current step."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = trainable(model)
 
     def flat(tensors: list[torch.Tensor]) -> np.ndarray:
         return torch.cat([t.detach().reshape(-1) for t in tensors]).cpu().numpy()
@@ -31,41 +33,35 @@ def checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     w = flat(list(params.values()))
     if optimizer is None:
         return Checkpoint(w)
-    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    missing = [name for name, p in params.items() if id(p) not in groups]
-    if missing:
-        raise ValueError(f"the optimizer does not hold the model's trainable parameter(s) {', '.join(missing)}")
-    settings = {k: v for k, v in groups[id(next(iter(params.values())))].items() if k != "params"}
-    for name, p in params.items():
-        other = {k: v for k, v in groups[id(p)].items() if k != "params"}
-        if other != settings:
+    groups = parameter_groups(optimizer, params)
+    settings = [{k: v for k, v in group.items() if k != "params"} for _, group in groups.values()]
+    for name, other in zip(params, settings):
+        if other != settings[0]:
             raise ValueError(f"parameter {name!r} is in a group with other hyperparameters: eosflow's run has one")
-    if settings.get("maximize", False):
+    if settings[0].get("maximize", False):
         raise ValueError("maximize = True: eosflow's optimizers descend")
-    if settings.get("weight_decay", 0.0):
-        raise ValueError(f"weight_decay = {settings['weight_decay']}: eosflow's optimizers have no weight decay")
+    if settings[0].get("weight_decay", 0.0):
+        raise ValueError(f"weight_decay = {settings[0]['weight_decay']}: eosflow's optimizers have no weight decay")
 
-    def buffer(key: str) -> np.ndarray:
-        absent = [name for name, p in params.items() if key not in optimizer.state.get(p, {})]
-        if absent:
-            raise ValueError(f"the optimizer has no `{key}` for {absent[0]!r} yet: take the checkpoint after a step")
-        return flat([optimizer.state[p][key] for p in params.values()])
+    def buffer(key: str) -> tuple[np.ndarray, set[float]]:
+        """The buffer ``key`` of every parameter, flattened as w, and their step counts."""
+        read = [state_buffer(optimizer.state.get(p, {}), key, name) for name, p in params.items()]
+        return np.concatenate([values for values, _ in read]), {steps for _, steps in read}
 
     if isinstance(optimizer, torch.optim.SGD):
-        if not settings.get("momentum", 0.0):
+        if not settings[0].get("momentum", 0.0):
             return Checkpoint(w)
-        if settings.get("dampening", 0.0):
-            raise ValueError(f"dampening = {settings['dampening']}: eosflow's momentum has none")
-        return Checkpoint(w, optax.TraceState(trace=buffer("momentum_buffer")))
+        if settings[0].get("dampening", 0.0):
+            raise ValueError(f"dampening = {settings[0]['dampening']}: eosflow's momentum has none")
+        return Checkpoint(w, optax.TraceState(trace=buffer("momentum_buffer")[0]))
     if isinstance(optimizer, torch.optim.RMSprop):
-        if settings.get("centered", False) or settings.get("momentum", 0.0):
+        if settings[0].get("centered", False) or settings[0].get("momentum", 0.0):
             raise ValueError("a centered RMSprop or one with momentum: eosflow's rmsprop is neither")
-        return Checkpoint(w, optax.ScaleByRmsState(nu=buffer("square_avg")))
+        return Checkpoint(w, optax.ScaleByRmsState(nu=buffer("square_avg")[0]))
     if type(optimizer) is torch.optim.Adam:
-        if settings.get("amsgrad", False):
+        if settings[0].get("amsgrad", False):
             raise ValueError("AMSGrad (a running max of nu): eosflow's adam has none")
-        steps = {float(optimizer.state[p]["step"]) for p in params.values() if "step" in optimizer.state.get(p, {})}
-        mu, nu = buffer("exp_avg"), buffer("exp_avg_sq")
+        (mu, _), (nu, steps) = buffer("exp_avg"), buffer("exp_avg_sq")
         if len(steps) != 1:
             raise ValueError(f"the parameters' step counts differ ({sorted(steps)}): take the checkpoint after a step")
         return Checkpoint(w, optax.ScaleByAdamState(count=np.int32(steps.pop()), mu=mu, nu=nu))

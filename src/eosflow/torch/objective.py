@@ -43,6 +43,12 @@ Batch = tuple[Any, Any]
 ExampleAxis = int | tuple | list | dict | None  # an int, or a pytree of ints (a prefix of the batch's structure)
 
 
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters eosflow differentiates and steps, by name, in the order of its flat vector w: those
+    that require grad (frozen ones stay fixed)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def train_modes(model: torch.nn.Module) -> tuple[bool, ...]:
     """Every submodule's ``training`` flag: what decides which loss the model computes."""
     return tuple(module.training for module in model.modules())
@@ -185,7 +191,7 @@ class TorchObjective:
         self.example_axis = example_axis
         self.axes, self._num_examples = example_axes(batch, example_axis)  # per leaf of the batch
         self.vmap_error: str | None = None  # torch.func.vmap's error if it cannot batch the model (the bridge loops)
-        params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # frozen ones stay fixed
+        params = trainable(model)
         if not params:
             raise ValueError("the model has no trainable parameters (requires_grad): nothing to differentiate")
         dtypes = {p.dtype for p in params.values()}

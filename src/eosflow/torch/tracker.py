@@ -30,7 +30,7 @@ statistics; dropout in train mode is refused) and changes nothing in the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -98,15 +98,9 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
     momentum, which sets c, may not)."""
     if not isinstance(optimizer, torch.optim.SGD | torch.optim.Adam | torch.optim.AdamW | torch.optim.RMSprop):
         raise ValueError(f"no preconditioner known for {type(optimizer).__name__}; use SGD, RMSprop, Adam or AdamW")
-    group_of = {id(p): (index, group) for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
     params = dict(objective.model.named_parameters())
-    missing = [name for name in objective.names if id(params[name]) not in group_of]
-    if missing:
-        raise ValueError(
-            f"the optimizer does not hold the model's trainable parameter(s) {', '.join(missing)}: "
-            "the tracker measures every parameter that requires grad"
-        )
-    edges = [_parameter_edge(optimizer, *group_of[id(params[name])], params[name], name) for name in objective.names]
+    group_of = parameter_groups(optimizer, {name: params[name] for name in objective.names})
+    edges = [_parameter_edge(optimizer, *group_of[name], params[name], name) for name in objective.names]
     constants = {(edge.group, edge.c) for edge in edges}
     if len({c for _, c in constants}) > 1:
         listed = ", ".join(f"group {index}: c = {c:g}" for index, c in sorted(constants))
@@ -139,6 +133,21 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
     )
 
 
+def parameter_groups(
+    optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[int, dict]]:
+    """(index, group) of the optimizer's parameter group holding each of ``params`` (by name), or a ValueError
+    naming those it does not hold."""
+    group_of = {id(p): (index, group) for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    missing = [name for name, p in params.items() if id(p) not in group_of]
+    if missing:
+        raise ValueError(
+            f"the optimizer does not hold the model's trainable parameter(s) {', '.join(missing)}: "
+            "eosflow measures and steps every parameter that requires grad"
+        )
+    return {name: group_of[id(p)] for name, p in params.items()}
+
+
 class ParameterEdge(NamedTuple):
     """What one parameter's group and state say: its step size (SGD's lr (1 - dampening)), the momentum's
     c, its P (None: P = I) and its weight decay, coupled or decoupled."""
@@ -169,23 +178,26 @@ def _parameter_edge(
         beta1, beta2 = group["betas"]
         if group.get("amsgrad", False):
             raise ValueError("AMSGrad's preconditioner (a running max) is not supported")
-        nu, steps = _buffer(state, "exp_avg_sq", name)
+        nu, steps = state_buffer(state, "exp_avg_sq", name)
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
         P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"], bias_correction=1 - float(beta2) ** steps))
         c = stability_constant(float(beta1), "ema")
         return ParameterEdge(p.numel(), index, lr, c, P, 0.0 if decoupled else decay, decay if decoupled else 0.0)
-    nu, _ = _buffer(state, "square_avg", name)  # RMSprop
+    nu, _ = state_buffer(state, "square_avg", name)  # RMSprop
     if group.get("centered", False):
-        nu = nu - _buffer(state, "grad_avg", name)[0] ** 2
+        nu = nu - state_buffer(state, "grad_avg", name)[0] ** 2
     P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"]))
     c = stability_constant(float(group.get("momentum", 0.0)), "classical")
     return ParameterEdge(p.numel(), index, lr, c, P, decay, 0.0)
 
 
-def _buffer(state: dict, key: str, name: str) -> tuple[np.ndarray, float]:
+def state_buffer(state: dict, key: str, name: str) -> tuple[np.ndarray, float]:
     """One state buffer of a parameter, flattened, and its step count."""
     if key not in state:
-        raise ValueError(f"the optimizer has no `{key}` for parameter {name!r} yet: call update after its first step")
+        raise ValueError(
+            f"the optimizer has no `{key}` for parameter {name!r} yet: it has taken no step (call update, or take "
+            "the checkpoint, after one)"
+        )
     steps = float(state["step"]) if "step" in state else 0.0
     return state[key].detach().reshape(-1).cpu().numpy(), steps
 
