@@ -1,11 +1,13 @@
 """How far an optimizer moves from itself after a tiny nudge: the floor of a pointwise prediction.
 
-    PYTHONPATH=src python benchmarks/self_distance.py ENTRY [--seed 0] [--at 0,353] [--sizes 1e-6,1e-4]
+    PYTHONPATH=src python benchmarks/self_distance.py ENTRY [--seed 0] [--at 0,353] [--sizes 1e-6,1e-4,eps]
+        [--directions 1]
 
 ENTRY is a leaderboard entry of any suite (``matrix_factorization-rmsprop``, ``matrix_factorization``, ...).
 Runs its optimizer from w0 and every model of the entry (the suite's processes, each from w0), then the
-optimizer again from its own iterate at step k moved by delta, |delta| = size along one fixed random
-direction, for every k of ``--at`` and every size. Prints, per run, two time averages over the whole run
+optimizer again from its own iterate at step k moved by delta, |delta| = size (``eps``: its rounding, eps
+||w_k||) along a fixed random direction (``eosflow.anchored.nudged`` with keys 1 .. ``--directions``), for
+every k of ``--at``, every size and every direction. Prints, per run, two time averages over the whole run
 (0 before k for a nudged run), as on the leaderboard:
 
 - ``<d>``: <||w_opt(t) - w(t)||>, the leaderboard's distance, and its ratio to the yardstick's (gradient
@@ -31,11 +33,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from eosflow.anchored import nudged
 from eosflow.compare import averaged_loss_error, baseline_of
 from eosflow.experiment import prepare
 from eosflow.leaderboard import suite_entries, suite_tables
@@ -60,7 +62,10 @@ def main() -> None:
     parser.add_argument("entry")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--at", default="0", help="comma-separated steps k at which the optimizer is nudged")
-    parser.add_argument("--sizes", default="1e-6,1e-4", help="comma-separated nudge sizes |delta|")
+    parser.add_argument(
+        "--sizes", default="1e-6,1e-4", help="comma-separated nudge sizes |delta|; eps: the rounding eps ||w_k||"
+    )
+    parser.add_argument("--directions", type=int, default=1, help="nudge along this many random directions each")
     parser.add_argument("--from-step", type=int, default=0, help="score the models' loss from this step on")
     args = parser.parse_args()
     entries = {entry.name: entry for entry in suite_entries("all")}
@@ -70,7 +75,7 @@ def main() -> None:
     table["seed"] = args.seed
     steps = int(table["steps"])
     at = [int(k) for k in args.at.split(",")]
-    sizes = [float(s) for s in args.sizes.split(",")]
+    sizes = [None if s == "eps" else float(s) for s in args.sizes.split(",")]
     if min(at) < 0 or max(at) >= steps - 1:
         raise SystemExit(f"--at: each step must lie in [0, {steps - 2}] ({args.entry} runs {steps} steps)")
     with precision(table["dtype"]):
@@ -91,20 +96,17 @@ def main() -> None:
             rows[name] = distances(reference, positions.reshape(steps, -1)) + loss_errors(
                 reference_loss, predicted, args.from_step
             )
-        direction = jax.random.normal(jax.random.PRNGKey(1), problem.w0.shape, problem.w0.dtype)
-        direction = direction / jnp.linalg.norm(direction)
         for k in at:
             state = optimizer.advance(start, k)[0] if k else start
-            for size in sizes:
-                moved = {"w": state.w + size * direction}
-                if "previous" in state._fields:
-                    moved["previous"] = state.previous + size * direction
-                rows_k = optimizer.advance(state._replace(**moved), steps - k)[1]
+            for size, key in itertools.product(sizes, range(1, args.directions + 1)):
+                rows_k = optimizer.advance(nudged(state, size, key), steps - k)[1]
                 positions = np.asarray(rows_k["position"], np.float64).reshape(steps - k, -1)
                 nudged_loss = np.concatenate([reference_loss[:k], np.asarray(rows_k["loss"], np.float64)])
-                rows[f"{names[0]} moved {size:g} at step {k}"] = distances(reference, positions, k) + loss_errors(
-                    reference_loss, nudged_loss, max(k, args.from_step)
-                )
+                label = "eps ||w||" if size is None else f"{size:g}"
+                direction = f", direction {key}" if args.directions > 1 else ""
+                rows[f"{names[0]} moved {label} at step {k}{direction}"] = distances(
+                    reference, positions, k
+                ) + loss_errors(reference_loss, nudged_loss, max(k, args.from_step))
     base = rows.get(yardstick, (np.nan,) * 4)
     print(f"{args.entry}, seed {args.seed}: {steps} steps; ratios to {yardstick}")
     print("| run | <d> | rel. distance | <c> | rel. centre distance | loss error (avg), 101 | over 401 |")
