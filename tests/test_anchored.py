@@ -273,3 +273,31 @@ def test_adams_loss_at_its_edge_on_the_factorization_is_not_determined_by_its_st
             copy = np.asarray(adam.advance(anchored_module.nudged(state, key=key), steps - k)[1]["loss"])
             errors.append(averaged_loss_error(copy, loss))
     assert min(errors) > 0.05 and np.median(errors) > 0.1, errors
+
+
+@pytest.mark.parametrize("lr, eigenvalues", [(0.095, (20.0, 10.0, 1.0)), (0.19, (10.3, 4.0, 0.5, 0.05))])
+def test_the_floor_from_w0_on_a_quadratic_is_gds_linear_map_of_the_nudge(lr, eigenvalues):
+    """On L = 1/2 w^T H w, GD's copy started delta_0 away stays delta_t = (I - lr H)^t delta_0 away (closed form,
+    float64 numpy), whatever the step size below 2 / lambda_max; unmoved (size 0) the copy is GD's own run bit
+    for bit."""
+    table = {
+        "name": "quadratic-floor",
+        "lr": lr,
+        "steps": 60,
+        "dtype": "float64",
+        "processes": ["gd", "gradient_flow"],
+        "problem": {"name": "quadratic", "eigenvalues": list(eigenvalues)},
+        "spectrum": {"k_max": 1},
+    }
+    _, problem, _, processes = prepare(table)
+    hessian = np.asarray(problem.objective.hessian(problem.w0), np.float64)
+    size = 1e-3
+    ds = anchored_module.floor_from_w0(table, size=size)
+    delta = np.asarray(anchored_module.nudged(processes["gd"].init(problem.w0), size).w - problem.w0)
+    step = np.eye(len(eigenvalues)) - lr * hessian
+    expected = [np.linalg.norm(np.linalg.matrix_power(step, t) @ delta) for t in range(table["steps"])]
+    np.testing.assert_allclose(ds["distance"].sel(process="gd_nudged").values, expected, rtol=1e-9, atol=1e-18)
+
+    exact = anchored_module.floor_from_w0(table, size=0.0)
+    assert exact["loss"].sel(process="gd_nudged").values.tobytes() == exact["loss"].sel(process="gd").values.tobytes()
+    assert float(exact["distance"].sel(process="gd_nudged").max()) == 0.0

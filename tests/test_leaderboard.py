@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import eosflow
+import eosflow.anchored as anchored_module
 from eosflow import leaderboard as lb
 from eosflow.compare import SMOOTHING, gaussian_smooth
 from eosflow.experiment import prepare
@@ -110,6 +111,20 @@ def test_table_rows_equal_the_run_directories(tmp_path):
     assert (rows["status"] == "ok").all()
     text = "\n".join(lb.markdown(rows))
     assert "| quartic | rod_flow |" in text
+    # GD's own row: its floor from w0, GD restarted from w0 moved by its rounding, over the run's yardstick
+    floor = anchored_module.floor_from_w0(tables["quartic"])
+    gd = rows[rows["process"] == "gd"].iloc[0]
+    copy_distance = floor["distance"].sel(process="gd_nudged").values
+    baseline = ds["distance"].sel(process="gradient_flow").values
+    assert gd["relative_distance"] == pytest.approx(copy_distance.mean() / baseline.mean(), rel=1e-12)
+    assert 0 < gd["relative_distance"] < 1e-12  # a contracting orbit: the rounding is never amplified
+    np.testing.assert_allclose(floor["loss"].sel(process="gd").values, gd_loss, rtol=1e-13)
+    # scored as GD itself would be as a model, by its own smoothed loss and envelope: so GD's oscillation,
+    # which no model of the smoothed loss is charged for, is not a floor (it would be 2% of the loss here)
+    for column in ("loss_error", "envelope_error", "loss_error_averaged", "envelope_error_averaged"):
+        assert 0 <= gd[column] < 1e-9, column
+    for column in lb.FLOOR_COLUMNS:
+        assert np.isfinite(gd[column]), column
     onset = lb.from_onset(tables["quartic"]).set_index("process")  # merged into each process's row
     for column, _ in lb.FROM_ONSET:
         np.testing.assert_array_equal(rows.set_index("process")[column].values, onset[column].values)

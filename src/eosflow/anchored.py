@@ -22,6 +22,7 @@ run, what ``anchored`` would refuse of the spec and of k.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ from eosflow.checkpoint import Checkpoint, optimizer_state
 from eosflow.config import SpecError
 from eosflow.experiment import add_distances, divergence_reason, first_divergent, prepare, run_dtype
 from eosflow.flows.flow import Flow
-from eosflow.load import rows_dataset, summary_attrs
+from eosflow.load import rows_dataset, summary_attrs, summary_of
 from eosflow.optim.adaptive import AdaptiveOptimizer
 from eosflow.optim.gd import GradientDescent
 from eosflow.precision import precision
@@ -161,10 +162,48 @@ def _anchored(table: dict, at: int | str, problem: Problem | None, start: Checkp
     k = int(at) if at != "onset" else _onset(reference["edge_ratio"], spec.steps, names[0])
     window = _states(optimizer, first, k)
     rows = {names[0]: {key: value[k:] for key, value in reference.items()}}
-    dropped, timing = {}, {}
     copy = names[0] + NUDGED  # the floor: the optimizer itself, a rounding away
     starts = {name: (model, model.start_on(window)) for name, model in models.items()}
-    for name, (process, state) in {**starts, copy: (optimizer, nudged(window[2]))}.items():
+    return _dataset(spec, rows, {**starts, copy: (optimizer, nudged(window[2]))}, k, limit, {"anchored_at": k})
+
+
+def floor_from_w0(table: dict, problem: Problem | None = None, size: float | None = None) -> xr.Dataset:
+    """The table's optimizer from w0 and ``<optimizer>_nudged``, the same optimizer from w0 moved by its
+    rounding (:func:`nudged`; by ``size`` when given), over steps 0 .. steps - 1: the floor of the
+    comparison from w0, as :func:`anchored`'s last process is the floor of the comparison from step k.
+    Only the first process runs (a metric relative to the yardstick takes the yardstick's distance from
+    the run itself, :func:`eosflow.leaderboard.floor_columns`). Raises a SpecError when the first
+    process is not GD or a momentum or adaptive optimizer, and :class:`NoAnchorStep` when it diverged."""
+    with precision(run_dtype(table)):
+        spec, problem, _, processes = prepare(table, problem)
+        name = next(iter(processes))
+        optimizer = processes[name]
+        if not isinstance(optimizer, GradientDescent | AdaptiveOptimizer):
+            raise SpecError(
+                f"the first process, {name!r}, is not GD or a momentum or adaptive optimizer: it has no floor"
+            )
+        first = optimizer.init(jnp.asarray(problem.w0))
+        limit = spec.divergence.loss_blowup * max(abs(float(problem.objective.value(first.w))), 1e-12)
+        pairs = {name: (optimizer, first), name + NUDGED: (optimizer, nudged(first, size))}
+        ds = _dataset(spec, {}, pairs, 0, limit, {})
+    if name in (dropped := summary_of(ds)["dropped_processes"]):
+        raise NoAnchorStep(f"{name} diverged ({dropped[name]}): it has no floor after that")
+    return ds
+
+
+def _dataset(
+    spec: Spec,
+    rows: dict[str, dict[str, np.ndarray]],
+    starts: Mapping[str, tuple[Process, Any]],
+    k: int,
+    limit: float,
+    attrs: dict,
+) -> xr.Dataset:
+    """The Dataset of steps k .. steps - 1: ``rows`` (the reference's, already computed, with positions) and
+    each process of ``starts`` run from its state at k, cut at its first divergent step; distances to the
+    first process of ``rows`` (or of ``starts`` when ``rows`` is empty)."""
+    dropped, timing = {}, {}
+    for name, (process, state) in starts.items():
         tick = time.perf_counter()
         _, computed = process.advance(state, spec.steps - k)
         rows[name] = {key: np.asarray(value) for key, value in computed.items()}
@@ -172,16 +211,16 @@ def _anchored(table: dict, at: int | str, problem: Problem | None, start: Checkp
         if (bad := first_divergent(rows[name]["loss"], limit)) is not None:
             dropped[name] = divergence_reason(rows[name]["loss"][bad], k + bad, limit)
             rows[name] = {key: value[: bad + 1] for key, value in rows[name].items()}
-    add_distances(rows, names[0], {})
+    add_distances(rows, next(iter(rows)), {})
     for data in rows.values():
         data["step"] = k + np.arange(len(data.pop("position")))
     summary: dict[str, Any] = {
         "name": spec.name,
-        "processes": [*names, copy],
+        "processes": list(rows),
         "status": "completed",
         "steps": spec.steps,
         "lr": spec.lr,
-        "anchored_at": k,
+        **attrs,
         "dropped_processes": dropped,
         "timing": timing,
     }

@@ -22,6 +22,10 @@ Everything is computed from the run directory (``eosflow.load``), on the shared 
                         gradients), and wall-clock milliseconds per unit time
     measurement cost    the part of the cost spent by the eigensolver, 2 * measurement_hvps
 
+The optimizer's copy ``<optimizer>_nudged`` (:mod:`eosflow.anchored`, the floor) is scored as the optimizer
+itself would be as a model: its own smoothed loss Lbar and envelope e are its predictions, and its own loss and
+oscillation inside the window averages.
+
 Averages run over the steps where both operands are finite (a measurement skipped, or a process
 dropped after diverging, is NaN); a dropped process is flagged in ``status``, as is a diverged reference.
 """
@@ -309,6 +313,12 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
     for p in processes:
         distance = _series(ds, "distance", p)
         amplitude = predicted_amplitude(ds, p)
+        predicted = predicted_loss(ds, p)
+        smooth_loss, smooth_amplitude = predicted, amplitude
+        if p == reference + NUDGED:  # the optimizer's copy (the floor): its own smoothed loss and envelope
+            amplitude = _series(ds, "oscillation", p)
+            smooth_loss = gaussian_smooth(predicted, width)
+            smooth_amplitude = None if amplitude is None else running_rms(amplitude, width)
         counts = {c: v for c in COST_WEIGHTS if (v := _series(ds, c, p)) is not None}
         loss = ds["loss"].sel(process=p).values
         is_reference = p == reference
@@ -326,15 +336,13 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
                     if is_reference or (centre := _series(ds, "centre_distance", p)) is None or centre_baseline is None
                     else relative_distance(centre, centre_baseline)
                 ),
-                "loss_error": (
-                    np.nan if is_reference else loss_prediction_error(predicted_loss(ds, p), reference_loss, width)
-                ),
+                "loss_error": (np.nan if is_reference else loss_prediction_error(smooth_loss, reference_loss, width)),
                 "envelope_error": (
                     np.nan
-                    if is_reference or amplitude is None or oscillation is None
-                    else envelope_error(amplitude, oscillation, width)
+                    if is_reference or smooth_amplitude is None or oscillation is None
+                    else envelope_error(smooth_amplitude, oscillation, width)
                 ),
-                **averaged_errors(predicted_loss(ds, p), reference_loss, amplitude, oscillation, is_reference),
+                **averaged_errors(predicted, reference_loss, amplitude, oscillation, is_reference),
                 "gradient_equivalents": gradient_equivalents(counts),
                 "measurement_equivalents": measurement_equivalents(_series(ds, "measurement_hvps", p)),
                 "ms_per_step": milliseconds_per_step(timing.get(p)),

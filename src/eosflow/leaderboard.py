@@ -29,16 +29,22 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
+import numpy as np
 import pandas as pd
 
-from eosflow.anchored import NUDGED, ONSET, anchored
+from eosflow.anchored import NUDGED, ONSET, anchored, floor_from_w0
 from eosflow.compare import AVERAGING_WINDOW, compare_dataset, compare_run, format_number
 from eosflow.config import SpecError
 from eosflow.experiment import run
+from eosflow.load import load, rows_dataset
 from eosflow.process import PROCESSES
 from eosflow.progress import training_bar
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 REFERENCE, BASELINE = "gd", "gradient_flow"
 NOT_GD_MODELS = {"langevin": "models SGD, not GD"}
@@ -331,7 +337,8 @@ def _runner(progress: bool):
 
 def run_suite(tables: dict[str, dict], out: Path, progress: bool = True, onset: bool = True) -> pd.DataFrame:
     """Run every table into ``out/runs`` and gather the comparison rows (problem, process, metrics); with
-    ``onset``, also the metrics of the models started at the optimizer's edge onset (:func:`from_onset`)."""
+    ``onset``, also the metrics of the models started at the optimizer's edge onset (:func:`from_onset`),
+    and the floor of the from-w0 columns on the optimizer's own row (:func:`floor_columns`)."""
     out = Path(out)
     run_one = _runner(progress)
     frames = []
@@ -340,10 +347,46 @@ def run_suite(tables: dict[str, dict], out: Path, progress: bool = True, onset: 
         try:
             run_one(problem, table, run_dir)
             rows = _rows(problem, compare_run(run_dir))
-            frames.append(rows.merge(from_onset(table), on="process", how="left") if onset else rows)
+            if onset:
+                if floor := floor_columns(table, run_dir):
+                    rows.loc[rows["process"] == table["processes"][0], list(floor)] = list(floor.values())
+                rows = rows.merge(from_onset(table), on="process", how="left")
+            frames.append(rows)
         except Exception as shared_error:  # one broken model must not sink the suite
             frames.append(_separately(problem, table, out, run_one, shared_error))
     return pd.concat(frames, ignore_index=True)
+
+
+def floor_columns(table: dict, run_dir: Path) -> dict[str, float]:
+    """The floor of the from-w0 columns (:data:`FLOOR_COLUMNS`): the metrics of the optimizer restarted from
+    w0 moved by its rounding (:func:`eosflow.anchored.floor_from_w0`) against the run's optimizer, relative
+    distances over the run's own yardstick; empty when the optimizer has none (said in a warning)."""
+    try:
+        copy = floor_from_w0(table)
+    except SpecError as error:
+        warnings.warn(f"{table.get('name', '')}: no floor from w0: {error}", stacklevel=2)
+        return {}
+    run_ds = load(run_dir)
+    optimizer = table["processes"][0]
+    kept = [optimizer, baseline_of(optimizer)]
+    per_process = {
+        **{p: _rows_of(run_ds, p) for p in kept if p in run_ds["process"].values},
+        optimizer + NUDGED: _rows_of(copy, optimizer + NUDGED),
+    }
+    attrs = {**run_ds.attrs, "dropped_processes": copy.attrs["dropped_processes"]}
+    ds = rows_dataset(per_process, run_ds["step"].values, attrs)
+    metrics = compare_dataset(ds).loc[optimizer + NUDGED]
+    if metrics["status"] != "ok":  # the copy diverged: its metrics would cover its short life only
+        return dict.fromkeys(FLOOR_COLUMNS, float("nan"))
+    return {column: float(metrics[column]) for column in FLOOR_COLUMNS}
+
+
+def _rows_of(ds: xr.Dataset, process: str) -> dict[str, np.ndarray]:
+    """One process's rows of a Dataset of :func:`eosflow.load` (the steps where it has a loss)."""
+    one = ds.sel(process=process)
+    where = np.isfinite(one["loss"].values)
+    rows = {str(key): np.asarray(value.values)[where] for key, value in one.data_vars.items() if "step" in value.dims}
+    return {**rows, "step": ds["step"].values[where]}
 
 
 def from_onset(table: dict) -> pd.DataFrame:
@@ -439,6 +482,16 @@ FROM_ONSET = (
     ("loss_error" + SUFFIX, "loss error from onset"),
     ("loss_error_averaged" + SUFFIX, "loss error (avg) from onset"),
 )
+
+# the from-w0 columns that the optimizer's own row holds for its floor (floor_columns)
+FLOOR_COLUMNS = (
+    "relative_distance",
+    "relative_centre_distance",
+    "loss_error",
+    "envelope_error",
+    *(c for c, _ in AVERAGED_COLUMNS),
+)
+
 
 HIDDEN_WHEN_DROPPED = (
     "relative_distance",
@@ -603,9 +656,9 @@ def write_page(
             "one, its centred moments for an adaptive optimizer's) and scored over the steps after it, the "
             "yardstick (gradient flow for GD, else the stable flow) restarted there too (docs/adaptive.md, "
             "\"Starting on the optimizer's state\"). On the optimizer's own row: the optimizer itself restarted "
-            "there with w moved by its rounding (eps ||w||): the floor, what a model that were the optimizer itself "
-            "would score from a state known to the last bit (docs/compare.md, "
-            '"The floor").',
+            "there, and in the columns from w0 restarted from w0, with w moved by its rounding (eps ||w||): the "
+            "floor, what a model that were the optimizer itself would score from a state known to the last bit "
+            '(docs/compare.md, "The floor").',
             "",
         ]
     lines += markdown(rows)
