@@ -107,11 +107,11 @@ def test_central_velocity_against_dense_third_derivatives():
     np.testing.assert_allclose(velocity, -lr * grad - 0.5 * lr * np.einsum("ijc,ij->c", G, X), atol=1e-10)
 
 
-def test_slack_from_ritz_values_moved_by_pair_gradients_is_second_order():
-    """At the centre, A = 2/eta - diag(theta) from the eigensolver equals U^T (2/eta - H) U by dense
-    float64 Hessians; moved along the step by the pair gradients it is off by O(|dw|^2) (halving
-    dw quarters the error), so a substep spends no HVP."""
-    rng = np.random.default_rng(1)
+def tiny_mlp_flow(seed: int, noise: float, tol: float, max_iters: int, remeasure: bool):
+    """A float64 tiny MLP at lr = 2 / lambda_1 (its top two eigenvalues critical), its central flow and the
+    step's critical set from LOBPCG started ``noise`` away from the dense top three eigenvectors:
+    (objective, w, jitted Hessian, its eigenvalues, the flow, the critical set, the rng)."""
+    rng = np.random.default_rng(seed)
     params = [rng.standard_normal((3, 5)) / 2, rng.standard_normal(5) / 2, rng.standard_normal((5, 2)) / 2]
     inputs, targets = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
     objective, w = Objective.from_model(
@@ -119,20 +119,29 @@ def test_slack_from_ritz_values_moved_by_pair_gradients_is_second_order():
     )
     hessian = jax.jit(lambda point: objective.hessian(point))
     values, vectors = np.linalg.eigh(np.asarray(hessian(w)))
-    lr = float(2.0 / values[-1])  # the top two are critical
     flow = CentralFlow(
         name="central_flow",
-        lr=lr,
+        lr=float(2.0 / values[-1]),
         spectrum=SpectrumSpec(k=3, k_max=3),
         key=jax.random.PRNGKey(0),
         objective=objective,
-        options=CentralFlowOptions(margin=float(1.0 - 0.5 * (values[-2] + values[-3]) / values[-1]), remeasure=False),
+        options=CentralFlowOptions(
+            margin=float(1.0 - 0.5 * (values[-2] + values[-3]) / values[-1]), remeasure=remeasure
+        ),
     )
     state = flow.init(w)
-    start = jnp.asarray(vectors[:, ::-1][:, :3] + 1e-3 * rng.standard_normal((w.size, 3)))
-    measured_pairs = hessian_eigenpairs(objective, w, start, tol=1e-10, max_iters=200)
-    measured = Measured(measured_pairs.vectors, measured_pairs.values, measured_pairs.values[0], state.vectors)
-    _, critical = flow.prepare(w, measured, state.step)
+    start = jnp.asarray(vectors[:, ::-1][:, :3] + noise * rng.standard_normal((w.size, 3)))
+    pairs = hessian_eigenpairs(objective, w, start, tol=tol, max_iters=max_iters)
+    _, critical = flow.prepare(w, Measured(pairs.vectors, pairs.values, pairs.values[0], state.vectors), state.step)
+    return objective, w, hessian, values, flow, critical, rng
+
+
+def test_slack_from_ritz_values_moved_by_pair_gradients_is_second_order():
+    """At the centre, A = 2/eta - diag(theta) from the eigensolver equals U^T (2/eta - H) U by dense
+    float64 Hessians; moved along the step by the pair gradients it is off by O(|dw|^2) (halving
+    dw quarters the error), so a substep spends no HVP."""
+    _, w, hessian, values, flow, critical, rng = tiny_mlp_flow(1, 1e-3, 1e-10, 200, remeasure=False)
+    lr = flow.lr
     assert int(critical.count) == 2
     U = np.asarray(critical.vectors)
 
@@ -149,6 +158,32 @@ def test_slack_from_ritz_values_moved_by_pair_gradients_is_second_order():
     assert 3.0 < errors[0] / errors[1] < 5.0  # second order in |dw|
     _, aux = flow.field(w, critical, 0.25)
     assert int(flow.observe(w, aux, critical, 4)["hvps"]) == 0  # beyond the eigensolver's
+
+
+@pytest.mark.parametrize("tol, max_iters", [(1e-2, 2), (1e-3, 1)])
+def test_the_first_substep_takes_the_slack_from_the_ritz_values_at_any_tolerance(tol, max_iters):
+    """With ``remeasure`` the first substep is at the centre, where U^T H U = diag(theta) holds for the
+    eigensolver's Ritz vectors whether or not they converged (Rayleigh-Ritz): it takes the slack from them
+    (no HVP) and moves exactly as with the slack re-measured there by dense float64 Hessians; a later
+    substep (away from the centre) re-measures it by m HVPs. The step counts (n - 1) m HVPs."""
+    objective, w, hessian, _, flow, critical, _ = tiny_mlp_flow(7, 0.1, tol, max_iters, remeasure=True)
+    lr = flow.lr
+    m = int(critical.count)
+    assert m >= 1
+    U = np.asarray(critical.vectors)
+
+    def dense_velocity(point):
+        slack = 2.0 / lr * np.eye(3) - U.T @ np.asarray(hessian(point)) @ U
+        grad = objective.grad(jnp.asarray(point))
+        return np.asarray(flow.sdcp_velocity(grad, jnp.asarray(slack), critical.scaled, 0.25)[0])
+
+    scale = lr * float(jnp.linalg.norm(objective.grad(w)))
+    at_centre, _ = flow.field(w, critical, 0.25)
+    np.testing.assert_allclose(at_centre, dense_velocity(w), atol=1e-10 * scale)
+    moved = w + 1e-2 * at_centre / jnp.linalg.norm(at_centre)
+    np.testing.assert_allclose(flow.field(moved, critical, 0.25)[0], dense_velocity(moved), atol=1e-10 * scale)
+    _, aux = flow.field(w, critical, 0.25)
+    assert int(flow.observe(w, aux, critical, 4)["hvps"]) == 3 * m
 
 
 def test_projected_and_central_flows_reach_the_valley_equilibrium():

@@ -17,9 +17,9 @@ computed once, one per iteration of a loop that compiles D^3 L once and skips th
 (:func:`eosflow.spectrum.column_loop`). Then n Euler substeps, each with one gradient and the
 SDCP, padded to a fixed size with inactive directions masked (alpha = 2/eta on them, no
 coupling), so the whole step has static shapes. The slack A at a substep's point w_s is
-re-evaluated there by m HVPs (one linearization of (L, g), the same loop). With
-``remeasure = false`` it costs no HVP: at the centre w_0 the eigensolver's Ritz vectors give
-U^T H(w_0) U = diag(theta) (Rayleigh-Ritz), and along the step
+re-evaluated there by m HVPs (one linearization of (L, g), the same loop), except at the centre w_0
+itself (the first substep), where the eigensolver's Ritz vectors give U^T H(w_0) U = diag(theta)
+(Rayleigh-Ritz) for free. With ``remeasure = false`` no substep costs an HVP: along the step
 
     A(w_s) = A(w_0) - (<G_ij, w_s - w_0>)_ij + O(|w_s - w_0|^2),
 
@@ -128,8 +128,13 @@ class CentralFlow(Flow):
     def _constrained_field(
         self, w: Array, critical: Critical, dt: Array | float
     ) -> tuple[Array, tuple[Array, Array, Averaged]]:
-        if self.options.remeasure:
-            (loss, grad), slack = self._measured_slack(w, critical)
+        if self.options.remeasure:  # at the centre (the first substep) the eigensolver's Ritz values are U^T H U
+            (loss, grad), slack = jax.lax.cond(
+                jnp.all(w == critical.centre),
+                lambda x: (self.objective.value_and_grad(x), critical.slack),
+                lambda x: self._measured_slack(x, critical),
+                w,
+            )
         else:
             loss, grad = self.objective.value_and_grad(w)
             slack = critical.slack - smat(critical.scaled @ (w - critical.centre))
@@ -154,7 +159,7 @@ class CentralFlow(Flow):
         sigma_values = jnp.maximum(sigma_values[::-1], 0.0)
         top = jnp.where(sigma_values[0] > 0, critical.vectors @ sigma_vectors[:, -1], critical.measured.vectors[:, 0])
         row = prediction_row(self.lr, loss, grad, padded(sigma_values, k), top, self.spectrum.k_max)
-        hvps = n * m if self.options.remeasure else jnp.zeros_like(m)
+        hvps = (n - 1) * m if self.options.remeasure else jnp.zeros_like(m)  # none at the centre (first substep)
         return {
             **row,
             "critical": m,
