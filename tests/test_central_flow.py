@@ -165,7 +165,8 @@ def test_the_first_substep_takes_the_slack_from_the_ritz_values_at_any_tolerance
     """With ``remeasure`` the first substep is at the centre, where U^T H U = diag(theta) holds for the
     eigensolver's Ritz vectors whether or not they converged (Rayleigh-Ritz): it takes the slack from them
     (no HVP) and moves exactly as with the slack re-measured there by dense float64 Hessians; a later
-    substep (away from the centre) re-measures it by m HVPs. The step counts (n - 1) m HVPs."""
+    substep (away from the centre) re-measures it by m HVPs. The step counts (n - 1) m HVPs and n - 1
+    gradients: the first substep's (L, g) come with the measurement's linearization."""
     objective, w, hessian, _, flow, critical, _ = tiny_mlp_flow(7, 0.1, tol, max_iters, remeasure=True)
     lr = flow.lr
     m = int(critical.count)
@@ -183,7 +184,13 @@ def test_the_first_substep_takes_the_slack_from_the_ritz_values_at_any_tolerance
     moved = w + 1e-2 * at_centre / jnp.linalg.norm(at_centre)
     np.testing.assert_allclose(flow.field(moved, critical, 0.25)[0], dense_velocity(moved), atol=1e-10 * scale)
     _, aux = flow.field(w, critical, 0.25)
-    assert int(flow.observe(w, aux, critical, 4)["hvps"]) == 3 * m
+    row = flow.observe(w, aux, critical, 4)
+    assert int(row["hvps"]) == 3 * m and int(row["grads"]) == 3  # the centre's came with the measurement
+    # the measurement's (L, g) at the centre, the first substep's, are the objective's own
+    _, _, sharpness, (loss, grad) = flow.measure(w, critical.vectors[:, :1], jnp.asarray(0))
+    np.testing.assert_allclose(grad, objective.grad(w), rtol=1e-13, atol=1e-15)
+    assert float(loss) == pytest.approx(float(objective.value(w)), rel=1e-14)
+    assert float(sharpness) == pytest.approx(2.0 / lr, rel=1e-2)
 
 
 def test_projected_and_central_flows_reach_the_valley_equilibrium():

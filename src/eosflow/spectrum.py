@@ -411,13 +411,35 @@ def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr
         guard=spectrum.guard,
         cluster=spectrum.cluster or None,
     )
+    return pairs.vectors, tracked_row(pairs, lr, spectrum)
+
+
+def tracked_row(pairs: Eigenpairs, lr, spectrum) -> dict:
+    """The row fields of :func:`spectrum_row` from the measured ``pairs``."""
     sharpness = pairs.values[0]
-    row = {
+    return {
         "sharpness": sharpness,
         "lr_sharpness": lr * sharpness,
         "eigenvalues": pad_values(pairs.values, spectrum.k_max),
-        "hvps": pairs.hvps,
-        "measurement_hvps": pairs.hvps,
+        "hvps": jnp.asarray(pairs.hvps, jnp.int32),
+        "measurement_hvps": jnp.asarray(pairs.hvps, jnp.int32),
         "residual": jnp.max(pairs.residuals),
     }
-    return pairs.vectors, row
+
+
+def value_grad_and_eigenpairs(
+    objective: Objective, w: Array, initial: Array, spectrum
+) -> tuple[tuple[Array, Array], Eigenpairs]:
+    """((L(w), g(w)), the top eigenpairs of H(w) by LOBPCG warm-started from ``initial``, per the
+    ``[spectrum]`` spec) from one linearization of (L, g): the solver's HVPs are that linearization's
+    products, and (L, g) its primal value, which a process stepping from w needs anyway."""
+    value, linear = jax.linearize(objective.value_and_grad, w)
+    pairs = lobpcg(
+        jax.vmap(lambda v: linear(v)[1], in_axes=1, out_axes=1),
+        initial,
+        tol=spectrum.tol,
+        max_iters=spectrum.max_iters,
+        guard=spectrum.guard,
+        cluster=spectrum.cluster or None,
+    )
+    return value, pairs

@@ -10,23 +10,25 @@ v(X) = -eta g - (eta/2) sum_kl X_kl G_kl (see :mod:`eosflow.flows.sdcp` and docs
 
     alpha = A + dt eta (<G_ij, g>)_ij,     beta[X] = dt (eta/2) (<G_ij, sum_kl X_kl G_kl>)_ij.
 
-One step (one unit of time): a warm-started LOBPCG at the centre gives the tracked eigenpairs;
-the top m eigenvectors with eigenvalue >= (1 - margin) 2/eta are the critical directions U,
-held fixed for the step, and their m(m+1)/2 pair gradients G_ij (jvp-of-HVP products) are
-computed once, one per iteration of a loop that compiles D^3 L once and skips the padding
-(:func:`eosflow.spectrum.column_loop`). Then n Euler substeps, each with one gradient and the
-SDCP, padded to a fixed size with inactive directions masked (alpha = 2/eta on them, no
-coupling), so the whole step has static shapes. The slack A at a substep's point w_s is
-re-evaluated there by m HVPs (one linearization of (L, g), the same loop), except at the centre w_0
-itself (the first substep), where the eigensolver's Ritz vectors give U^T H(w_0) U = diag(theta)
-(Rayleigh-Ritz) for free. With ``remeasure = false`` no substep costs an HVP: along the step
+One step (one unit of time): a warm-started LOBPCG at the centre gives the tracked eigenpairs, and
+the linearization of (L, g) whose products it takes gives (L, g) there, the first substep's; the top
+m eigenvectors with eigenvalue >= (1 - margin) 2/eta are the critical directions U, held fixed for
+the step, and their m(m+1)/2 pair gradients G_ij (jvp-of-HVP products) are computed once, one per
+iteration of a loop that compiles D^3 L once and skips the padding
+(:func:`eosflow.spectrum.column_loop`). Then n Euler substeps, each with one gradient (but the
+first, at the centre: the measurement's) and the SDCP, padded to a fixed size with inactive
+directions masked (alpha = 2/eta on them, no coupling), so the whole step has static shapes. The
+slack A at a substep's point w_s is re-evaluated there by m HVPs (one linearization of (L, g), the
+same loop), except at the centre w_0 itself (the first substep), where the eigensolver's Ritz
+vectors give U^T H(w_0) U = diag(theta) (Rayleigh-Ritz) for free. With ``remeasure = false`` no
+substep costs an HVP: along the step
 
     A(w_s) = A(w_0) - (<G_ij, w_s - w_0>)_ij + O(|w_s - w_0|^2),
 
 the same first-order model of H the SDCP already uses within a substep (the next step's
 eigensolver measures A afresh); cheaper, but less accurate where a step moves H far (the
 leaderboard's mean-field network, docs/central_flow.md). With no critical direction (before
-the edge of stability) a substep is gradient flow's: one gradient, no SDCP. With
+the edge of stability) a substep is gradient flow's: one gradient (none at the centre), no SDCP. With
 ``max_critical = 1`` this is the projected flow.
 
 The row's Sigma (predicted loss, amplitude) is X averaged over the step's substeps: at the first
@@ -38,7 +40,7 @@ with the substep count (docs/central_flow.md, "Which X the row reports").
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -51,7 +53,7 @@ from eosflow.flows.flow import Flow, Measured, critical_count, padded, predictio
 from eosflow.flows.integrate import Averaged, SubstepOptions, substep_count
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
 from eosflow.objective import Objective
-from eosflow.spectrum import column_loop, leading_columns
+from eosflow.spectrum import column_loop, leading_columns, tracked_row, value_grad_and_eigenpairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Critical(NamedTuple):
     scaled: Array  # Gs (m_max (m_max + 1) / 2, d): the scaled pair gradients of U
     centre: Array  # w_0 (d,): the point where U and its Ritz values were measured
     slack: Array  # A(w_0) = 2/eta I - diag(theta) (m_max, m_max): U^T (2/eta - H(w_0)) U, 2/eta on the padding
+    value: tuple[Array, Array]  # (L(w_0), g(w_0) (d,)): the eigensolver's linearization's primal value
 
 
 class CentralFlow(Flow):
@@ -85,6 +88,12 @@ class CentralFlow(Flow):
 
     def start(self, w0: Array) -> Array:
         return w0
+
+    def measure(self, z: Array, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array, Any]:
+        """The tracked eigenpairs at the centre (at every step) and (L, g) there, from one linearization."""
+        value, pairs = value_grad_and_eigenpairs(self.objective, z, vectors, self.spectrum)
+        row = tracked_row(pairs, self.lr, self.spectrum)
+        return pairs.vectors, row, row["sharpness"], value
 
     def prepare(self, w: Array, measured: Measured, step: Array) -> tuple[Array, Critical]:
         threshold = 2.0 / self.lr
@@ -94,7 +103,8 @@ class CentralFlow(Flow):
         active = jnp.arange(m_max) < m
         critical = measured.vectors[:, :m_max] * active  # the top m eigenvectors, zero-padded
         slack = jnp.diag(threshold - jnp.where(active, measured.values[:m_max], 0.0)).astype(w.dtype)
-        return w, Critical(measured, m, complete, critical, self.pair_gradients(w, critical, m), w, slack)
+        value = self.objective.value_and_grad(w) if measured.value is None else measured.value
+        return w, Critical(measured, m, complete, critical, self.pair_gradients(w, critical, m), w, slack, value)
 
     def substeps(self, measured: Measured, critical: Critical) -> Array:
         """Critical directions are held at 2/eta; the stiffest free one sets the substep count."""
@@ -120,8 +130,14 @@ class CentralFlow(Flow):
             w,
         )
 
+    def _value_and_grad(self, w: Array, critical: Critical) -> tuple[Array, Array]:
+        """(L, g) at w: the measurement's at the centre (the first substep), else one gradient."""
+        return jax.lax.cond(
+            jnp.all(w == critical.centre), lambda _: critical.value, lambda x: self.objective.value_and_grad(x), w
+        )
+
     def _free_field(self, w: Array, critical: Critical) -> tuple[Array, tuple[Array, Array, Averaged]]:
-        loss, grad = self.objective.value_and_grad(w)
+        loss, grad = self._value_and_grad(w, critical)
         size = critical.vectors.shape[1]
         return -self.lr * grad, (loss, grad, Averaged(jnp.zeros((size, size), w.dtype)))
 
@@ -131,12 +147,12 @@ class CentralFlow(Flow):
         if self.options.remeasure:  # at the centre (the first substep) the eigensolver's Ritz values are U^T H U
             (loss, grad), slack = jax.lax.cond(
                 jnp.all(w == critical.centre),
-                lambda x: (self.objective.value_and_grad(x), critical.slack),
+                lambda _: (critical.value, critical.slack),
                 lambda x: self._measured_slack(x, critical),
                 w,
             )
         else:
-            loss, grad = self.objective.value_and_grad(w)
+            loss, grad = self._value_and_grad(w, critical)
             slack = critical.slack - smat(critical.scaled @ (w - critical.centre))
         velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
         return velocity, (loss, grad, Averaged(X))
@@ -165,7 +181,7 @@ class CentralFlow(Flow):
             "critical": m,
             "critical_complete": critical.complete,
             "substeps": n,
-            "grads": n,
+            "grads": n - 1,  # the first substep's (L, g) came with the measurement
             "hvps": hvps,
             "third_derivatives": m * (m + 1) // 2,
         }

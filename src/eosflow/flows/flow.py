@@ -9,8 +9,9 @@ A model subclasses :class:`Flow` and writes its mathematics as a few methods:
 and, when it needs them,
 
     position(z)                                     the centre, where eigenpairs are measured (z or z[0])
-    measure(z, vectors, step) -> (vectors, row, S)  the tracked eigenpairs there (default: of H; the
-                                                    adaptive models': of P^-1/2 H P^-1/2)
+    measure(z, vectors, step) -> (vectors, row, S, value)  the tracked eigenpairs there (default: of H;
+                                                    the adaptive models': of P^-1/2 H P^-1/2), and (L, g)
+                                                    there when the measurement gave them (else None)
     prepare(z, measured, step) -> (z, setup)        per-step quantities held fixed (default: measured)
     term(setup, n)                                  the field given to the update (default: self.field)
     update(field, z, h, key)                        the solver (default :func:`euler`)
@@ -55,6 +56,7 @@ class Measured(NamedTuple):
     values: Array  # (k,) their eigenvalues, descending (NaN when not measured this step)
     sharpness: Array  # the last finite S
     previous: Array  # d x k the vectors carried from the previous step
+    value: tuple[Array, Array] | None = None  # (L, g (d,)) at the position, when the measurement gave them
 
 
 def critical_count(values: Array, threshold: Array | float, m_max: int, dimension: int) -> tuple[Array, Array]:
@@ -88,10 +90,11 @@ class Flow(ScannedProcess):
     def position(self, z: Any) -> Array:
         return z if isinstance(z, jnp.ndarray) else z[0]
 
-    def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array]:
-        """(tracked vectors, the spectrum's row fields, the sharpness measured this step or NaN)."""
+    def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array, Any]:
+        """(tracked vectors, the spectrum's row fields, the sharpness measured this step or NaN, (L, g) at
+        the position when the measurement gives them, else None)."""
         vectors, row = spectrum_row(self.objective, self.position(z), vectors, step, self.lr, self.spectrum)
-        return vectors, row, row["sharpness"]
+        return vectors, row, row["sharpness"], None
 
     def prepare(self, z: Any, measured: Measured, step: Array) -> tuple[Any, Any]:
         return z, measured
@@ -134,9 +137,9 @@ class Flow(ScannedProcess):
 
     def step(self, state: FlowState) -> tuple[FlowState, dict[str, Array]]:
         position = self.position(state.z)
-        vectors, row, measured_sharpness = self.measure(state.z, state.vectors, state.step)
+        vectors, row, measured_sharpness, value = self.measure(state.z, state.vectors, state.step)
         sharpness = jnp.where(jnp.isfinite(measured_sharpness), measured_sharpness, state.sharpness)
-        measured = Measured(vectors, row["eigenvalues"][: vectors.shape[1]], sharpness, state.vectors)
+        measured = Measured(vectors, row["eigenvalues"][: vectors.shape[1]], sharpness, state.vectors, value)
         z, setup = self.prepare(state.z, measured, state.step)
         n = self.substeps(measured, setup)
         end, aux = integrate(self.term(setup, n), z, n, self.update, self.substep_key(state.step))

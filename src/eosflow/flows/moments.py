@@ -248,13 +248,13 @@ class OptimizerModel(Flow):
     def position(self, z: Any) -> Array:
         return self.centre(z).w
 
-    def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array]:
+    def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array, Any]:
         p = self.moments.preconditioner(self.centre(z))
         threshold = self.moments.rule.threshold(self.lr)
         vectors, row = preconditioned_spectrum_row(
             self.objective, self.position(z), vectors, step, p, threshold, self.spectrum
         )
-        return vectors, row, row["preconditioned_sharpness"]
+        return vectors, row, row["preconditioned_sharpness"], None
 
     def compensated(self, n: Array | int) -> Array | float:
         """The substep length the lag-matched rates compensate: 1/n for Euler, 0 for RK4 (whose own
