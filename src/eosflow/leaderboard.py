@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from eosflow.anchored import NUDGED, ONSET, anchored, floor_from_w0
-from eosflow.compare import AVERAGING_WINDOW, compare_dataset, compare_run, format_number
+from eosflow.compare import ACCURACY, AVERAGING_WINDOW, compare_dataset, compare_run, format_number
 from eosflow.config import SpecError
 from eosflow.experiment import run
 from eosflow.load import load, rows_dataset
@@ -483,15 +483,7 @@ FROM_ONSET = (
     ("loss_error_averaged" + SUFFIX, "loss error (avg) from onset"),
 )
 
-# the from-w0 columns that the optimizer's own row holds for its floor (floor_columns)
-FLOOR_COLUMNS = (
-    "relative_distance",
-    "relative_centre_distance",
-    "loss_error",
-    "envelope_error",
-    *(c for c, _ in AVERAGED_COLUMNS),
-)
-
+FLOOR_COLUMNS = ACCURACY  # the from-w0 columns that the optimizer's own row holds for its floor
 
 HIDDEN_WHEN_DROPPED = (
     "relative_distance",
