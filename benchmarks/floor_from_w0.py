@@ -18,17 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from eosflow.leaderboard import FLOOR_COLUMNS, floor_columns, selected, suite_tables
+from eosflow.leaderboard import COLUMNS, FLOOR_COLUMNS, floor_columns, selected, suite_tables
 from eosflow.spec import load_spec_table
 
-TITLES = {
-    "relative_distance": "rel. distance",
-    "relative_centre_distance": "rel. centre distance",
-    "loss_error": "loss error",
-    "envelope_error": "envelope error",
-    "loss_error_averaged": "loss error (avg)",
-    "envelope_error_averaged": "envelope error (avg)",
-}
+TITLES = dict(COLUMNS)  # the leaderboard page's column titles
 
 
 def main() -> None:

@@ -80,7 +80,6 @@ class Critical(NamedTuple):
     scaled: Array  # Gs (m_max (m_max + 1) / 2, d): the scaled pair gradients of U
     centre: Array  # w_0 (d,): the point where U and its Ritz values were measured
     slack: Array  # A(w_0) = 2/eta I - diag(theta) (m_max, m_max): U^T (2/eta - H(w_0)) U, 2/eta on the padding
-    value: tuple[Array, Array]  # (L(w_0), g(w_0) (d,)): the eigensolver's linearization's primal value
 
 
 class CentralFlow(Flow):
@@ -103,8 +102,9 @@ class CentralFlow(Flow):
         active = jnp.arange(m_max) < m
         critical = measured.vectors[:, :m_max] * active  # the top m eigenvectors, zero-padded
         slack = jnp.diag(threshold - jnp.where(active, measured.values[:m_max], 0.0)).astype(w.dtype)
-        value = self.objective.value_and_grad(w) if measured.value is None else measured.value
-        return w, Critical(measured, m, complete, critical, self.pair_gradients(w, critical, m), w, slack, value)
+        if measured.value is None:  # measured elsewhere (e.g. by hand): (L, g) at the centre
+            measured = measured._replace(value=self.objective.value_and_grad(w))
+        return w, Critical(measured, m, complete, critical, self.pair_gradients(w, critical, m), w, slack)
 
     def substeps(self, measured: Measured, critical: Critical) -> Array:
         """Critical directions are held at 2/eta; the stiffest free one sets the substep count."""
@@ -130,10 +130,18 @@ class CentralFlow(Flow):
             w,
         )
 
+    @staticmethod
+    def _at_centre(w: Array, critical: Critical) -> Array:
+        """Whether w is the centre, where the step was measured (the first substep)."""
+        return jnp.all(w == critical.centre)
+
     def _value_and_grad(self, w: Array, critical: Critical) -> tuple[Array, Array]:
-        """(L, g) at w: the measurement's at the centre (the first substep), else one gradient."""
+        """(L, g) at w: the measurement's at the centre, else one gradient."""
         return jax.lax.cond(
-            jnp.all(w == critical.centre), lambda _: critical.value, lambda x: self.objective.value_and_grad(x), w
+            self._at_centre(w, critical),
+            lambda _: critical.measured.value,
+            lambda x: self.objective.value_and_grad(x),
+            w,
         )
 
     def _free_field(self, w: Array, critical: Critical) -> tuple[Array, tuple[Array, Array, Averaged]]:
@@ -146,8 +154,8 @@ class CentralFlow(Flow):
     ) -> tuple[Array, tuple[Array, Array, Averaged]]:
         if self.options.remeasure:  # at the centre (the first substep) the eigensolver's Ritz values are U^T H U
             (loss, grad), slack = jax.lax.cond(
-                jnp.all(w == critical.centre),
-                lambda _: (critical.value, critical.slack),
+                self._at_centre(w, critical),
+                lambda _: (critical.measured.value, critical.slack),
                 lambda x: self._measured_slack(x, critical),
                 w,
             )
