@@ -67,7 +67,7 @@ def ours(x, y, w0, lr, beta2, eps, steps):
     rule = RMSPropOptions(beta2=beta2, eps=eps).rule()
     spectrum = SpectrumSpec(every=1, k=1, k_max=4, tol=1e-10, max_iters=100)
     options = PreconditionedCentralOptions(
-        substeps=4, max_substeps=4, margin=0.025, moments="reference", free_method="euler"
+        substeps=4, max_substeps=4, margin=0.025, moments="reference", free_method="euler", pair_gradients="substep"
     )
     flow = PreconditionedCentralFlow(
         name="rmsprop_central_flow",

@@ -22,7 +22,9 @@ linearized end-of-substep constraint V^T (2 P / lr - H) V >= 0, in which both H 
 with G_ij = D^3 L[v_i, v_j, .], nu_dot_0 = c2 (s(g) - nu) and, as in the reference code, H v ~ P v lam
 (lam = v^T H v) on the critical space; in beta lam_k lam_l is symmetrized to sqrt(lam_i lam_j lam_k lam_l)
 (equal on the critical space, where lam = 2/lr), which makes beta a Gram matrix: PSD. Per substep:
-one gradient, m HVPs and m(m+1)/2 third derivatives. A step with no critical direction (X = 0) is the
+one gradient and m HVPs; G is evaluated once per step, at its start, for V there, and held over the
+substeps as U is (``pair_gradients = "step"``, as GD's central flow; ``"substep"``, the reference code's,
+evaluates it at every substep: m(m+1)/2 third derivatives each). A step with no critical direction (X = 0) is the
 stable flow's step, integrated as the stable flow integrates it (``free_method``, RK4 by default): the
 flow then follows the optimizer to the same O(lr^2) before the edge, not to an Euler substep's.
 Registered as ``rmsprop_central_flow`` (the ``[rmsprop]`` table's ``second_moment`` picks the form).
@@ -61,6 +63,11 @@ class PreconditionedCentralOptions(MomentFlowOptions):
         "euler",
         "euler only: the SDCP keeps the constraint at the end of an Euler substep (steps with a critical direction)",
     )
+    pair_gradients: Literal["step", "substep"] = option(
+        "step",
+        "where G_ij = D^3 L[v_i, v_j, .] is evaluated: once per step at its start, held over its substeps like U "
+        "(GD's central flow's; m(m + 1)/2 third derivatives per step), or at every substep (the reference code's)",
+    )
     free_method: Literal["rk4", "euler"] = option(
         "rk4",
         "integrator of the steps with no critical direction, where the flow is the stable flow: rk4 (the "
@@ -72,6 +79,7 @@ class Critical(NamedTuple):
     directions: Array  # (d, m_max) critical eigenvectors U of P^{-1/2} H P^{-1/2}, zero past the first m
     count: Array  # type: ignore[assignment]  # () m (a NamedTuple field; shadows tuple.count)
     complete: Array  # () 1 if a tracked eigenvalue below the threshold shows U is the whole critical set
+    scaled: Array  # (pairs, d) s_p G_p of V at the step's start (``pair_gradients = "step"``), else zeros
 
 
 class Oscillation(NamedTuple):
@@ -142,7 +150,14 @@ class PreconditionedCentralFlow(OptimizerModel):
         vectors = measured.vectors
         m_max = min(vectors.shape[1], self.options.max_critical)
         m, complete = critical_count(measured.values, (1.0 - self.options.margin) * 2.0 / self.lr, m_max, z.w.size)
-        return z, Critical(vectors[:, :m_max] * (jnp.arange(m_max) < m), m, complete)
+        directions = vectors[:, :m_max] * (jnp.arange(m_max) < m)
+        if self.options.pair_gradients == "step":  # G of V = P^-1/2 U at the step's start, held over its substeps
+            scaled = pair_gradients(
+                self.objective, z.w, directions / jnp.sqrt(self.moments.preconditioner(z))[:, None], m
+            )
+        else:
+            scaled = jnp.zeros((m_max * (m_max + 1) // 2, z.w.size), z.w.dtype)
+        return z, Critical(directions, m, complete, scaled)
 
     def oscillation(self, X: Array, v: Array, rayleigh: Array) -> Oscillation:
         root_values, root_vectors = jnp.linalg.eigh(X)
@@ -162,7 +177,8 @@ class PreconditionedCentralFlow(OptimizerModel):
         hv = column_loop(lambda i: linear(v[:, i])[1], critical.count, jnp.zeros_like(v))  # H v, m critical columns
         rayleigh = 0.5 * (v.T @ hv + hv.T @ v)  # V^T H V
         slack = 2.0 / lr * jnp.eye(m_max, dtype=z.w.dtype) - rayleigh
-        gs = pair_gradients(self.objective, z.w, v, critical.count)  # (pairs, d) s_p G_p
+        held = self.options.pair_gradients == "step"
+        gs = critical.scaled if held else pair_gradients(self.objective, z.w, v, critical.count)  # (pairs, d) s_p G_p
         rows, cols = pair_indices(m_max)
         ws = jnp.asarray(pair_scale(m_max), z.w.dtype)[:, None] * (v[:, rows] * v[:, cols]).T  # (pairs, d) s_p v_i v_j
         rate = mo.nu_rate(dt)
@@ -191,13 +207,20 @@ class PreconditionedCentralFlow(OptimizerModel):
             "grad_norm": jnp.linalg.norm(grad),
             "oscillation": Averaged(self.oscillation(X, v, rayleigh)),
             "critical": n,
-            "cost": {"grads": jnp.ones((), jnp.int32), "hvps": n, "third_derivatives": n * (n + 1) // 2},
+            "cost": {
+                "grads": jnp.ones((), jnp.int32),
+                "hvps": n,
+                "third_derivatives": jnp.zeros_like(n) if held else n * (n + 1) // 2,
+            },
         }
         d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
         return Phase(w_dot, d_dot, nu_dot, mass_dot), aux
 
     def observe(self, z: Phase, aux: dict, setup: Critical, n: Array | int) -> dict:
         mean = aux["oscillation"].value  # over the substeps of this row's step
+        counts = self.costs(aux, n)
+        if self.options.pair_gradients == "step":  # made once, at the step's start (:meth:`prepare`)
+            counts["third_derivatives"] = counts["third_derivatives"] + setup.count * (setup.count + 1) // 2
         return {
             "loss": aux["loss"],
             "predicted_loss": aux["loss"] + mean.excess,
@@ -206,7 +229,7 @@ class PreconditionedCentralFlow(OptimizerModel):
             "amplitude": jnp.sqrt(jnp.maximum(mean.covariance[0], 0.0)),
             "critical": aux["critical"],
             "critical_complete": setup.complete,
-            **self.costs(aux, n),
+            **counts,
         }
 
 
