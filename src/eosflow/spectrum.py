@@ -16,7 +16,7 @@ threshold, so an eigenvalue that crosses it is already being tracked when it doe
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -222,11 +222,22 @@ def hessian_eigenpairs(
 ) -> Eigenpairs:
     """Top eigenpairs of H(w) by LOBPCG, warm-started from ``initial`` (d x k); with a positive
     diagonal ``preconditioner`` P (d,), those of P^{-1/2} H(w) P^{-1/2} (the eigenvalues of P^{-1} H)."""
-    _, hvp_linear = jax.linearize(objective.grad, w)
-    matvec = jax.vmap(hvp_linear, in_axes=1, out_axes=1)
+    _, pairs = _linearized_eigenpairs(
+        objective.grad, lambda hvp: hvp, w, initial, tol, max_iters, guard, preconditioner, cluster
+    )
+    return pairs
+
+
+def _linearized_eigenpairs(
+    function: Callable, hvp_of: Callable, w: Array, initial: Array, tol, max_iters, guard, preconditioner, cluster
+) -> tuple[Any, Eigenpairs]:
+    """(function(w), the top eigenpairs as :func:`hessian_eigenpairs`) from one linearization of
+    ``function`` (g, or (L, g)) at w, whose tangent ``hvp_of`` reads as H v."""
+    primal, linear = jax.linearize(function, w)
+    matvec = jax.vmap(lambda v: hvp_of(linear(v)), in_axes=1, out_axes=1)
     if preconditioner is not None:
         matvec = preconditioned_matvec(matvec, preconditioner)
-    return lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard, cluster=cluster)
+    return primal, lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard, cluster=cluster)
 
 
 def unmeasured(values: Float[Array, " k"], vectors: Float[Array, "d k"], residuals: Float[Array, " k"]) -> Eigenpairs:
@@ -433,13 +444,14 @@ def value_grad_and_eigenpairs(
     """((L(w), g(w)), the top eigenpairs of H(w) by LOBPCG warm-started from ``initial``, per the
     ``[spectrum]`` spec) from one linearization of (L, g): the solver's HVPs are that linearization's
     products, and (L, g) its primal value, which a process stepping from w needs anyway."""
-    value, linear = jax.linearize(objective.value_and_grad, w)
-    pairs = lobpcg(
-        jax.vmap(lambda v: linear(v)[1], in_axes=1, out_axes=1),
+    return _linearized_eigenpairs(
+        objective.value_and_grad,
+        lambda tangent: tangent[1],
+        w,
         initial,
-        tol=spectrum.tol,
-        max_iters=spectrum.max_iters,
-        guard=spectrum.guard,
-        cluster=spectrum.cluster or None,
+        spectrum.tol,
+        spectrum.max_iters,
+        spectrum.guard,
+        None,
+        spectrum.cluster or None,
     )
-    return value, pairs
