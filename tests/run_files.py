@@ -15,6 +15,8 @@ caller's environment says otherwise, so that the processes do not fight over the
 output is printed whole when it ends, so outputs never interleave.
 
     python tests/run_files.py [--jobs N] [pytest options]
+
+Where the time goes, per file (compilation, figures): ``benchmarks/suite_time.py``.
 """
 
 import os

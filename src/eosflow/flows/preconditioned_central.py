@@ -97,6 +97,11 @@ class PreconditionedCentralFlow(OptimizerModel):
 
     options: PreconditionedCentralOptions = eqx.field(static=True)
 
+    @property
+    def held(self) -> bool:
+        """Whether the pair gradients G are made once per step (``pair_gradients = "step"``), not per substep."""
+        return self.options.pair_gradients == "step"
+
     def start(self, w0: Array) -> Phase:
         return self.start_phase(w0)
 
@@ -151,7 +156,7 @@ class PreconditionedCentralFlow(OptimizerModel):
         m_max = min(vectors.shape[1], self.options.max_critical)
         m, complete = critical_count(measured.values, (1.0 - self.options.margin) * 2.0 / self.lr, m_max, z.w.size)
         directions = vectors[:, :m_max] * (jnp.arange(m_max) < m)
-        if self.options.pair_gradients == "step":  # G of V = P^-1/2 U at the step's start, held over its substeps
+        if self.held:  # G of V = P^-1/2 U at the step's start, held over its substeps
             scaled = pair_gradients(
                 self.objective, z.w, directions / jnp.sqrt(self.moments.preconditioner(z))[:, None], m
             )
@@ -177,8 +182,8 @@ class PreconditionedCentralFlow(OptimizerModel):
         hv = column_loop(lambda i: linear(v[:, i])[1], critical.count, jnp.zeros_like(v))  # H v, m critical columns
         rayleigh = 0.5 * (v.T @ hv + hv.T @ v)  # V^T H V
         slack = 2.0 / lr * jnp.eye(m_max, dtype=z.w.dtype) - rayleigh
-        held = self.options.pair_gradients == "step"
-        gs = critical.scaled if held else pair_gradients(self.objective, z.w, v, critical.count)  # (pairs, d) s_p G_p
+        # (pairs, d) s_p G_p
+        gs = critical.scaled if self.held else pair_gradients(self.objective, z.w, v, critical.count)
         rows, cols = pair_indices(m_max)
         ws = jnp.asarray(pair_scale(m_max), z.w.dtype)[:, None] * (v[:, rows] * v[:, cols]).T  # (pairs, d) s_p v_i v_j
         rate = mo.nu_rate(dt)
@@ -210,7 +215,7 @@ class PreconditionedCentralFlow(OptimizerModel):
             "cost": {
                 "grads": jnp.ones((), jnp.int32),
                 "hvps": n,
-                "third_derivatives": jnp.zeros_like(n) if held else n * (n + 1) // 2,
+                "third_derivatives": jnp.zeros_like(n) if self.held else n * (n + 1) // 2,
             },
         }
         d_dot = mo.velocity(z, grad, mo.second(grad), dt).direction
@@ -219,7 +224,7 @@ class PreconditionedCentralFlow(OptimizerModel):
     def observe(self, z: Phase, aux: dict, setup: Critical, n: Array | int) -> dict:
         mean = aux["oscillation"].value  # over the substeps of this row's step
         counts = self.costs(aux, n)
-        if self.options.pair_gradients == "step":  # made once, at the step's start (:meth:`prepare`)
+        if self.held:  # made once, at the step's start (:meth:`prepare`)
             counts["third_derivatives"] = counts["third_derivatives"] + setup.count * (setup.count + 1) // 2
         return {
             "loss": aux["loss"],
