@@ -22,12 +22,15 @@ damped by the factor that best predicted step t - 2, "fitted", GD's default);
 cold ARPACK Lanczos (k = 1, tol 0); power iteration at PyHessian's tolerance (1e-3).
 ``--quick``: width 32 only, 400 steps, the main solvers.
 
-``--leaderboard P ...`` instead runs GD alone on those leaderboard entries (their spec: steps, lr,
-dtype, k growing to k_max) once per ``gd.warm_start`` rule and prints the eigensolver's HVPs per
-step before the edge (lr S < 1.9 by GD's own measurement), at the edge, and over the whole run
-(twice that is the leaderboard's "eigensolver grad-equiv. / step" of the gd row), and how settled
-GD's orbit is: the median of |w_t - w_{t-2}| / |w_t - w_{t-1}| over the second half of the run
-(~0 on an exact period-2 orbit, where the tracked vectors stop moving).
+``--leaderboard P ...`` instead runs each entry's optimizer (GD, or RMSProp, Adam, ... for the entries
+of ``--suite adaptive``) alone on those leaderboard entries (their spec: steps, lr, dtype, k growing to
+k_max) once per ``warm_start`` rule (``[gd] warm_start``, ``[rmsprop] warm_start``, ...) and prints the
+eigensolver's HVPs per step before the edge (edge ratio < 0.95, lr S < 1.9 for GD, by the optimizer's
+own measurement), at the edge, and over the whole run (twice that is the leaderboard's "eigensolver
+grad-equiv. / step" of the optimizer's row), how settled its orbit is: the median of
+|w_t - w_{t-2}| / |w_t - w_{t-1}| over the second half of the run (~0 on an exact period-2 orbit,
+where the tracked vectors stop moving), and the share of steps whose measurement stopped at ``max_iters``
+with a residual above tol (reported so in the row's ``residual``) and the largest residual recorded.
 """
 
 from __future__ import annotations
@@ -284,31 +287,36 @@ def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "
 
 
 def warm_start_costs(problems: list[str], rules: list[str]) -> None:
-    """GD alone on leaderboard entries, once per warm-start rule: eigensolver HVPs per step, per phase."""
-    from eosflow.leaderboard import ARCHITECTURES, SUITE
+    """Each entry's optimizer (GD, RMSProp, Adam, ...) alone on leaderboard entries, once per warm-start rule:
+    eigensolver HVPs per step, per phase."""
+    from eosflow.leaderboard import ADAPTIVE_SUITE, ARCHITECTURES, SUITE
+    from eosflow.spec import SpectrumSpec
 
-    entries = {entry.name: entry for entry in SUITE + ARCHITECTURES}
+    entries = {entry.name: entry for entry in SUITE + ARCHITECTURES + ADAPTIVE_SUITE}
     print(
-        "\n| problem | gd.warm_start | edge from step | two-step / one-step displacement | HVPs / step before the edge "
-        "| HVPs / step at the edge | HVPs / step, whole run | eigensolver grad-equiv. / step "
-        "| steps costing more than same_side |"
+        "\n| problem | optimizer.warm_start | edge from step | two-step / one-step displacement | HVPs / step before "
+        "the edge | HVPs / step at the edge | HVPs / step, whole run | eigensolver grad-equiv. / step "
+        "| steps costing more than same_side | steps with a residual > tol | largest residual |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in problems:
         if name not in entries:
             raise SystemExit(f"--leaderboard: no entry {name!r}; choose from {', '.join(entries)}")
+        optimizer = entries[name].optimizer
         spent = {}
         for rule in rules:
             table = copy.deepcopy(entries[name].table)
-            table.update(processes=["gd"], gd={"warm_start": rule})
+            table.update(processes=[optimizer])
+            table[optimizer] = {**table.get(optimizer, {}), "warm_start": rule}
             table["record"] = {**table["record"], "params_every": 1}
             with tempfile.TemporaryDirectory() as tmp:
                 run(table, tmp)
-                gd = eosflow.load(tmp).sel(process="gd")
-                hvps, lr_sharpness = gd["measurement_hvps"].values, gd["lr_sharpness"].values
-                w = np.asarray(eosflow.load_params(tmp, "gd")[1], np.float64)
+                rows = eosflow.load(tmp).sel(process=optimizer)
+                hvps, edge_ratio = rows["measurement_hvps"].values, rows["edge_ratio"].values
+                residuals, tol = rows["residual"].values, table["spectrum"].get("tol", SpectrumSpec().tol)
+                w = np.asarray(eosflow.load_params(tmp, optimizer)[1], np.float64)
             spent[rule] = hvps
-            at_edge = np.flatnonzero(lr_sharpness >= EDGE)
+            at_edge = np.flatnonzero(edge_ratio >= EDGE / 2)
             edge = int(at_edge[0]) if at_edge.size else hvps.size
             # how settled the orbit is over the second half: |w_t - w_{t-2}| / |w_t - w_{t-1}| (median)
             late = w[w.shape[0] // 2 :]
@@ -319,7 +327,11 @@ def warm_start_costs(problems: list[str], rules: list[str]) -> None:
             after = f"{hvps[edge:].mean():.2f}" if edge < hvps.size else "-"
             worse = f"{np.mean(hvps > spent['same_side']):.0%}" if "same_side" in spent else "-"
             whole = f"{hvps.mean():.3f} | {2 * hvps.mean():.3f}"
-            print(f"| {name} | {rule} | {edge} | {settled:.1e} | {before} | {after} | {whole} | {worse} |", flush=True)
+            print(
+                f"| {name} | {optimizer}.{rule} | {edge} | {settled:.1e} | {before} | {after} | {whole} | {worse} "
+                f"| {np.mean(residuals > tol):.1%} | {np.nanmax(residuals):.1e} |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -333,12 +345,14 @@ def main() -> None:
         "--only", default="", help="only the solvers whose label contains this text (or one of these, comma-separated)"
     )
     parser.add_argument("--cluster", type=float, help="the trackers' cluster gap (lobpcg's contract on clusters)")
-    parser.add_argument("--leaderboard", nargs="+", metavar="PROBLEM", help="GD alone on these leaderboard entries")
+    parser.add_argument(
+        "--leaderboard", nargs="+", metavar="PROBLEM", help="each entry's optimizer alone on these leaderboard entries"
+    )
     parser.add_argument(
         "--rules",
         nargs="+",
         default=["same_side", "extrapolated", "fitted"],
-        help="gd.warm_start rules (--leaderboard)",
+        help="warm_start rules of the optimizer (--leaderboard)",
     )
     args = parser.parse_args()
     if args.leaderboard:

@@ -50,8 +50,10 @@ def test_the_start_takes_the_window_centres_and_the_rod_in_phase(case, k):
         OptimizerState(
             a + b * j + (-1) ** j * r,
             a,
+            a,
             RuleState(am + bm * j + (-1) ** j * rm, n0 + n1 * j, jnp.asarray(j)),
             vectors,
+            vectors[None],
             j,
         )
         for j in range(k - 2, k + 3)

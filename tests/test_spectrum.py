@@ -8,6 +8,7 @@ import pytest
 import eosflow
 from eosflow.problems import build_problem
 from eosflow.spectrum import (
+    dense_hessian,
     dense_top_eigenpairs,
     grow_tracked,
     hessian_eigenpairs,
@@ -211,20 +212,29 @@ def test_gd_warm_started_at_the_edge_measures_the_dense_eigenvalues_and_leaves_g
 
 
 def test_spectrum_guard_reaches_the_solver():
-    """`[spectrum] guard` is the solver's: a run's measurement spends what LOBPCG with that guard
-    spends (no guard: more iterations on the quadratic's 7 / 6.5 gap) and matches dense eigh."""
+    """`[spectrum] guard` is the solver's, for H and for an adaptive optimizer's P^{-1/2} H P^{-1/2}: a
+    run's measurement spends what LOBPCG with that guard spends (no guard: more iterations on the
+    quadratic's 7 / 6.5 gap), matches dense eigh and records the solver's HVPs and its residual."""
+    from eosflow.optim.adaptive import preconditioned_spectrum_row
     from eosflow.spec import SpectrumSpec
     from eosflow.spectrum import spectrum_row
 
     objective, w = CASES["quadratic"]
     start = random_vectors(jax.random.PRNGKey(1), w.size, 2, w.dtype)
-    counts = []
-    for guard in (0, 2):
-        spectrum = SpectrumSpec(k=2, k_max=2, tol=1e-8, max_iters=100, guard=guard)
-        _, row = spectrum_row(objective, w, start, jnp.asarray(0), 1.0, spectrum)
-        np.testing.assert_allclose(np.asarray(row["eigenvalues"]), [9.0, 7.0], rtol=1e-10)
-        counts.append(int(row["hvps"]))
-    assert counts[0] > counts[1]
+    p = jnp.linspace(0.8, 1.2, w.size)  # a diagonal preconditioner that keeps a small gap at the top
+    scale = 1 / np.sqrt(np.asarray(p))
+    preconditioned = np.linalg.eigvalsh(scale[:, None] * np.asarray(dense_hessian(objective, w)) * scale)[::-1][:2]
+    for measure, oracle in [
+        (lambda spectrum: spectrum_row(objective, w, start, jnp.asarray(0), 1.0, spectrum), [9.0, 7.0]),
+        (lambda spectrum: preconditioned_spectrum_row(objective, w, start, jnp.asarray(0), p, 1.0, spectrum), None),
+    ]:
+        counts = []
+        for guard in (0, 2):
+            _, row = measure(SpectrumSpec(k=2, k_max=2, tol=1e-8, max_iters=100, guard=guard))
+            np.testing.assert_allclose(np.asarray(row["eigenvalues"]), oracle or preconditioned, rtol=1e-10)
+            assert int(row["measurement_hvps"]) == int(row["hvps"]) and float(row["residual"]) <= 1e-8
+            counts.append(int(row["hvps"]))
+        assert counts[0] > counts[1]
 
 
 def _planted(rng, d, cluster_size, spacing, gap):

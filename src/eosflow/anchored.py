@@ -228,9 +228,9 @@ def _dataset(
 
 
 def nudged(state: Any, size: float | None = None, key: int = 0) -> Any:
-    """An optimizer's state with w (and ``previous``, when the state keeps it) moved by ``size`` along a fixed
-    random unit direction (from PRNG ``key``); ``size`` defaults to eps ||w||, the rounding of w in its dtype.
-    A run restarted from it is the optimizer as a perfect model of it would be, started on a state known to
+    """An optimizer's state with w (and ``previous``, ``before``, when the state keeps them) moved by ``size``
+    along a fixed random unit direction (from PRNG ``key``); ``size`` defaults to eps ||w||, the rounding of w in
+    its dtype. A run restarted from it is the optimizer as a perfect model of it would be, started on a state known to
     the last bit: the floor of every pointwise and smoothed metric (docs/compare.md, "The floor")."""
     w = state.w
     direction = jax.random.normal(jax.random.PRNGKey(key), w.shape, w.dtype)
@@ -238,8 +238,9 @@ def nudged(state: Any, size: float | None = None, key: int = 0) -> Any:
     if size is None:
         size = float(jnp.finfo(w.dtype).eps * jnp.linalg.norm(w))
     moved = {"w": w + size * direction}
-    if "previous" in state._fields:
-        moved["previous"] = state.previous + size * direction
+    for past in ("previous", "before"):  # the iterates before w that the state keeps (GD's: none)
+        if past in state._fields:
+            moved[past] = getattr(state, past) + size * direction
     return state._replace(**moved)
 
 

@@ -101,4 +101,4 @@ def optimizer_state(optimizer: Any, problem: Any, checkpoint: Checkpoint) -> Any
             f"no optax state maps to this optimizer's rule (momentum form {rule.form!r}, second moment "
             f"{rule.second_moment!r}): scalar RMSProp has no optax state"
         )
-    return state._replace(w=w, previous=previous, rule=RuleState(m, nu, count))
+    return state._replace(w=w, previous=previous, before=previous, rule=RuleState(m, nu, count))

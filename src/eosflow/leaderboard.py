@@ -40,6 +40,7 @@ from eosflow.compare import ACCURACY, AVERAGING_WINDOW, compare_dataset, compare
 from eosflow.config import SpecError
 from eosflow.experiment import run
 from eosflow.load import load, rows_dataset
+from eosflow.optim.adaptive import OPTIMIZERS
 from eosflow.process import PROCESSES
 from eosflow.progress import training_bar
 
@@ -50,7 +51,7 @@ REFERENCE, BASELINE = "gd", "gradient_flow"
 NOT_GD_MODELS = {"langevin": "models SGD, not GD"}
 # processes whose steps never read the eigenpairs they measure (their iterates are the same with
 # `spectrum.every = 0`, tests/test_leaderboard.py): their own cost leaves the eigensolver out
-MEASURE_ONLY = ("gd", "rod_flow", "edge_flow")
+MEASURE_ONLY = ("gd", "rod_flow", "edge_flow", *OPTIMIZERS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ from jaxtyping import Array
 from eosflow.compiled import BoundedJit
 from eosflow.config import Entry, SpecError, parse, suggest
 from eosflow.spectrum import grow_tracked, last_measured, random_vectors
+from eosflow.tracker import grown_history
 
 if TYPE_CHECKING:  # eosflow.spec imports this module to validate the process options
     from typing import Self
@@ -177,6 +178,8 @@ class ScannedProcess(eqx.Module, Generic[Tracked]):
         k = state.vectors.shape[1]
         key = jax.random.fold_in(self.key, int(state.step))
         grown = grow_tracked(state.vectors, latest[:k], self.growth_threshold(), self.spectrum.k_max, key)
+        if grown.shape[1] > k and hasattr(state, "older"):  # a warm start's history: the new direction joins it
+            return state._replace(vectors=grown, older=grown_history(state.older, grown))
         return state._replace(vectors=grown)
 
     def growth_threshold(self) -> float:

@@ -411,7 +411,15 @@ def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr
     and ``residual``, the largest relative residual of the measured pairs (above ``tol`` only when
     the solver stopped at ``max_iters``).
     """
-    pairs = measure_tracked(
+    pairs = measure_spectrum(objective, w, vectors, step, spectrum)
+    return pairs.vectors, tracked_row(pairs, lr, spectrum)
+
+
+def measure_spectrum(
+    objective: Objective, w: Array, vectors: Array, step: Array, spectrum, preconditioner: Array | None = None
+) -> Eigenpairs:
+    """:func:`measure_tracked` with every setting of the ``[spectrum]`` spec (tol, max_iters, guard, cluster)."""
+    return measure_tracked(
         objective,
         w,
         vectors,
@@ -419,23 +427,28 @@ def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr
         spectrum.every,
         spectrum.tol,
         spectrum.max_iters,
+        preconditioner=preconditioner,
         guard=spectrum.guard,
         cluster=spectrum.cluster or None,
     )
-    return pairs.vectors, tracked_row(pairs, lr, spectrum)
 
 
-def tracked_row(pairs: Eigenpairs, lr, spectrum) -> dict:
-    """The row fields of :func:`spectrum_row` from the measured ``pairs``."""
-    sharpness = pairs.values[0]
+def measured_row(pairs: Eigenpairs, spectrum) -> dict:
+    """The row fields of any measurement: ``eigenvalues`` (padded to k_max), ``hvps`` (the solver's; a
+    process adds its own), ``measurement_hvps`` (the solver's alone) and ``residual`` (the largest)."""
     return {
-        "sharpness": sharpness,
-        "lr_sharpness": lr * sharpness,
         "eigenvalues": pad_values(pairs.values, spectrum.k_max),
         "hvps": jnp.asarray(pairs.hvps, jnp.int32),
         "measurement_hvps": jnp.asarray(pairs.hvps, jnp.int32),
         "residual": jnp.max(pairs.residuals),
     }
+
+
+def tracked_row(pairs: Eigenpairs, lr, spectrum) -> dict:
+    """The row fields of :func:`spectrum_row` from the measured ``pairs``: ``sharpness``, ``lr_sharpness``
+    and :func:`measured_row`'s."""
+    sharpness = pairs.values[0]
+    return {"sharpness": sharpness, "lr_sharpness": lr * sharpness, **measured_row(pairs, spectrum)}
 
 
 def value_grad_and_eigenpairs(

@@ -65,6 +65,20 @@ def warm_start_depth(rule: WarmStart) -> int:
     return {"previous": 1, "same_side": 2, "extrapolated": 4, "fitted": 6}[rule]
 
 
+def start_history(vectors: Float[Array, "d k"], rule: WarmStart) -> Float[Array, "h d k"]:
+    """The measurements before t - 1 that :func:`gd_warm_start` reads, all ``vectors`` at the start
+    (h = 3 at least: the shape of GD's state before ``fitted``, so that its checkpoints still fit)."""
+    return jnp.stack([vectors] * (max(warm_start_depth(rule), 4) - 1))
+
+
+def grown_history(older: Float[Array, "h d k"], vectors: Float[Array, "d k2"]) -> Float[Array, "h d k2"]:
+    """``older`` with the directions that the tracked block gained (the last k2 - k columns of
+    ``vectors``) joined to every past measurement."""
+    k = older.shape[2]
+    fresh = jnp.broadcast_to(vectors[:, k:], (older.shape[0], *vectors[:, k:].shape))
+    return jnp.concatenate([older, fresh], axis=2)
+
+
 def fitted_extrapolation(
     latest: Float[Array, "d k"], earlier: Float[Array, "d k"], oldest: Float[Array, "d k"]
 ) -> Float[Array, "d k"]:

@@ -33,7 +33,8 @@ from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import measure_tracked, pad_values
+from eosflow.spectrum import measure_spectrum, measured_row
+from eosflow.tracker import WarmStart, gd_warm_start, start_history
 
 Form = Literal["none", "classical", "ema", "nesterov"]
 SecondMoment = Literal["none", "diagonal", "scalar"]
@@ -108,7 +109,19 @@ class UpdateRule:
 
 
 @dataclasses.dataclass(frozen=True)
-class MomentumOptions:
+class TrackedOptimizerOptions:
+    """What every optimizer's table holds besides its hyperparameters: where its eigensolver starts."""
+
+    warm_start: WarmStart = option(
+        "fitted",
+        "the optimizer's eigensolver start, as gd.warm_start: fitted (same-side vectors moved on by their "
+        "last change, damped), extrapolated, same_side (step t-2's when w_(t-2) is nearer w_t than w_(t-1) is, "
+        "else t-1's) or previous (step t-1's); its models measure at their centre, from their previous step",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentumOptions(TrackedOptimizerOptions):
     beta: float = option(0.9, "momentum beta", ge=0, lt=1)
     form: Literal["classical", "ema"] = option(
         "classical",
@@ -121,7 +134,7 @@ class MomentumOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class NesterovOptions:
+class NesterovOptions(TrackedOptimizerOptions):
     beta: float = option(
         0.9,
         "momentum beta: v <- beta v + g, w <- w - lr (g + beta v) (threshold 2(1+beta)/((1+2 beta) lr))",
@@ -134,7 +147,7 @@ class NesterovOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSPropOptions:
+class RMSPropOptions(TrackedOptimizerOptions):
     beta2: float = option(0.99, "decay b2 of nu <- b2 nu + (1 - b2) s(g)", ge=0, lt=1)
     second_moment: Literal["diagonal", "scalar"] = option(
         "diagonal", "diagonal: s(g) = g^2 per coordinate; scalar: s(g) = ||g||^2 (one step size)"
@@ -159,7 +172,7 @@ class RMSPropOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdamOptions:
+class AdamOptions(TrackedOptimizerOptions):
     beta1: float = option(0.9, "decay b1 of the first moment m <- b1 m + (1 - b1) g", ge=0, lt=1)
     beta2: float = option(0.999, "decay b2 of the second moment nu <- b2 nu + (1 - b2) g^2", ge=0, lt=1)
     eps: float = option(1e-8, "eps added to sqrt(nu_hat)", ge=0)
@@ -184,8 +197,10 @@ class AdamOptions:
 class OptimizerState(NamedTuple):
     w: Array  # (d,) the iterate w_k
     previous: Array  # (d,) w_{k-1} (for ``oscillation``)
+    before: Array  # (d,) w_{k-2} (the warm start's: is w_k nearer it than w_{k-1}, on the same side of a bounce?)
     rule: RuleState
-    vectors: Array  # (d, k) tracked eigenvectors of P^{-1/2} H P^{-1/2} (warm start)
+    vectors: Array  # (d, k) tracked eigenvectors of P^{-1/2} H P^{-1/2} measured at step k - 1 (warm start)
+    older: Array  # (h, d, k) those of steps k - 2, ..., k - 1 - h (the warm start's history)
     step: Array
 
 
@@ -193,15 +208,13 @@ def preconditioned_spectrum_row(
     objective: Objective, w: Array, vectors: Array, step: Array, preconditioner: Array, threshold: float, spectrum
 ) -> tuple[Array, dict]:
     """Warm-started top eigenpairs of P^{-1/2} H(w) P^{-1/2} per ``[spectrum]``: the row fields
-    ``preconditioned_sharpness``, ``edge_ratio`` (= it / ``threshold``), ``eigenvalues`` and ``hvps``."""
-    pairs = measure_tracked(
-        objective, w, vectors, step, spectrum.every, spectrum.tol, spectrum.max_iters, preconditioner=preconditioner
-    )
+    ``preconditioned_sharpness``, ``edge_ratio`` (= it / ``threshold``) and those of
+    :func:`~eosflow.spectrum.measured_row` (``eigenvalues``, ``hvps``, ``measurement_hvps``, ``residual``)."""
+    pairs = measure_spectrum(objective, w, vectors, step, spectrum, preconditioner)
     row = {
         "preconditioned_sharpness": pairs.values[0],
         "edge_ratio": pairs.values[0] / threshold,
-        "eigenvalues": pad_values(pairs.values, spectrum.k_max),
-        "hvps": pairs.hvps,
+        **measured_row(pairs, spectrum),
     }
     return pairs.vectors, row
 
@@ -214,9 +227,12 @@ def second_difference(new: Array, w: Array, previous: Array, step: Array) -> Arr
 class AdaptiveOptimizer(ScannedProcess):
     objective: Objective
     rule: UpdateRule = eqx.field(static=True)
+    warm_start: WarmStart = eqx.field(static=True, default="fitted")  # the eigensolver's start (gd_warm_start)
 
     def init(self, w0: Array) -> OptimizerState:
-        return OptimizerState(w0, w0, self.rule.init(w0), self.initial_vectors(w0), jnp.asarray(0))
+        vectors = self.initial_vectors(w0)
+        older = start_history(vectors, self.warm_start)
+        return OptimizerState(w0, w0, w0, self.rule.init(w0), vectors, older, jnp.asarray(0))
 
     def growth_threshold(self) -> float:
         """Track one more eigenpair once all exceed the same fraction of the edge as GD's threshold/lr of 2/lr."""
@@ -228,8 +244,15 @@ class AdaptiveOptimizer(ScannedProcess):
         rule_state = self.rule.moments(state.rule, grad)
         preconditioner = self.rule.preconditioner(rule_state, w)
         new_w = w - self.lr * self.rule.direction(rule_state, grad) / preconditioner
+        history = jnp.concatenate([state.vectors[None], state.older])  # (h + 1, d, k)
+        start = state.vectors
+        if self.spectrum.every == 1:  # then history holds the measurements of steps k - 1, k - 2, ...
+            # step k - 2's vectors when w_{k-2} is nearer than w_{k-1}: the iterates bounce (GD's test is the
+            # gradient's flip; through a momentum the flip can be filtered out while w drifts)
+            nearer = jnp.linalg.norm(w - state.before) < jnp.linalg.norm(w - state.previous)
+            start = gd_warm_start(history, nearer & (state.step > 1), self.warm_start)
         vectors, row = preconditioned_spectrum_row(
-            self.objective, w, state.vectors, state.step, preconditioner, self.rule.threshold(self.lr), self.spectrum
+            self.objective, w, start, state.step, preconditioner, self.rule.threshold(self.lr), self.spectrum
         )
         row.update(
             loss=loss,
@@ -239,7 +262,7 @@ class AdaptiveOptimizer(ScannedProcess):
             oscillation=second_difference(new_w, w, state.previous, state.step),
             step_norm=jnp.linalg.norm(new_w - w),
         )
-        return OptimizerState(new_w, w, rule_state, vectors, state.step + 1), row
+        return OptimizerState(new_w, w, state.previous, rule_state, vectors, history[:-1], state.step + 1), row
 
 
 OPTIMIZERS = {  # name -> (options, summary)
@@ -256,6 +279,7 @@ def _register(name: str, options: type, summary: str) -> None:
         return AdaptiveOptimizer(
             **scanned_fields(name, spec, problem.objective),
             rule=options.rule(),
+            warm_start=options.warm_start,
         )
 
 

@@ -23,7 +23,7 @@ from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, register_process, scanned_fields
 from eosflow.spectrum import spectrum_row
-from eosflow.tracker import WarmStart, gd_warm_start, warm_start_depth
+from eosflow.tracker import WarmStart, gd_warm_start, start_history
 
 
 class GDState(NamedTuple):
@@ -52,8 +52,7 @@ class GradientDescent(ScannedProcess):
 
     def init(self, w0: Array) -> GDState:
         vectors = self.initial_vectors(w0)
-        depth = max(warm_start_depth(self.options.warm_start), 4)  # 4: the state's shape before "fitted"
-        return GDState(w0, vectors, jnp.stack([vectors] * (depth - 1)), jnp.zeros_like(w0), jnp.asarray(0))
+        return GDState(w0, vectors, start_history(vectors, self.options.warm_start), jnp.zeros_like(w0), jnp.asarray(0))
 
     def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
         loss, grad = self.objective.value_and_grad(state.w)
@@ -74,15 +73,6 @@ class GradientDescent(ScannedProcess):
         )
         new_w = state.w - self.lr * grad
         return GDState(new_w, vectors, history[:-1], grad, state.step + 1), row
-
-    def _grow(self, state: GDState, rows: dict[str, Array]) -> GDState:
-        """The new direction joins every set of carried vectors."""
-        grown = super()._grow(state, rows)
-        k = state.older.shape[2]
-        if grown.vectors.shape[1] == k:
-            return grown
-        fresh = jnp.broadcast_to(grown.vectors[:, k:], (state.older.shape[0], *grown.vectors[:, k:].shape))
-        return grown._replace(older=jnp.concatenate([state.older, fresh], axis=2))
 
 
 @register_process("gd", GDOptions, "gradient descent w <- w - lr * g(w)", discrete=True)
