@@ -40,11 +40,13 @@ from eosflow.flows.integrate import SubstepOptions, euler, integrate, substep_co
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, register_process, scanned_fields
 from eosflow.spectrum import spectrum_row
+from eosflow.tracker import fitted_extrapolation
 
 
 class FlowState(NamedTuple):
     z: Any  # the model's variables (a pytree of arrays, e.g. (centre, rod))
-    vectors: Array  # d x k tracked Hessian eigenvectors at the position (warm start)
+    vectors: Array  # (d, k) tracked Hessian eigenvectors measured at the last step (warm start)
+    older: Array  # (2, d, k) those of the two steps before it (the fitted start's history)
     sharpness: Array  # the last measured S (sets the substep count on steps without a measurement)
     step: Array
 
@@ -88,7 +90,7 @@ class Flow(ScannedProcess):
         raise NotImplementedError
 
     def position(self, z: Any) -> Array:
-        return z if isinstance(z, jnp.ndarray) else z[0]
+        return z[0] if isinstance(z, tuple) else z  # a NamedTuple or a tuple of variables, else the array itself
 
     def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array, Any]:
         """(tracked vectors, the spectrum's row fields, the sharpness measured this step or NaN, (L, g) at
@@ -129,15 +131,22 @@ class Flow(ScannedProcess):
         if steps != list(range(steps[0], steps[0] + 5)):
             raise ValueError(f"the window must hold 5 consecutive states of the optimizer, got steps {steps}")
         here = window[2]
-        return FlowState(self.anchor(window), here.vectors, jnp.asarray(jnp.nan, here.w.dtype), jnp.asarray(steps[2]))
+        older = jnp.stack([here.vectors] * 2)  # no motion to extend yet: the fitted start is here.vectors
+        nan = jnp.asarray(jnp.nan, here.w.dtype)
+        return FlowState(self.anchor(window), here.vectors, older, nan, jnp.asarray(steps[2]))
 
     # ---- the process ----------------------------------------------------------------------------
     def init(self, w0: Array) -> FlowState:
-        return FlowState(self.start(w0), self.initial_vectors(w0), jnp.asarray(jnp.nan, w0.dtype), jnp.asarray(0))
+        vectors = self.initial_vectors(w0)
+        nan = jnp.asarray(jnp.nan, w0.dtype)
+        return FlowState(self.start(w0), vectors, jnp.stack([vectors] * 2), nan, jnp.asarray(0))
 
     def step(self, state: FlowState) -> tuple[FlowState, dict[str, Array]]:
         position = self.position(state.z)
-        vectors, row, measured_sharpness, value = self.measure(state.z, state.vectors, state.step)
+        start = state.vectors
+        if self.spectrum.every == 1:  # the centre does not bounce: the last measurement, moved on by its fitted change
+            start = fitted_extrapolation(state.vectors, state.older[0], state.older[1])
+        vectors, row, measured_sharpness, value = self.measure(state.z, start, state.step)
         sharpness = jnp.where(jnp.isfinite(measured_sharpness), measured_sharpness, state.sharpness)
         measured = Measured(vectors, row["eigenvalues"][: vectors.shape[1]], sharpness, state.vectors, value)
         z, setup = self.prepare(state.z, measured, state.step)
@@ -145,7 +154,8 @@ class Flow(ScannedProcess):
         end, aux = integrate(self.term(setup, n), z, n, self.update, self.substep_key(state.step))
         observed = self.observe(z, aux, setup, n)
         row.update(observed, position=position, hvps=row["hvps"] + observed.get("hvps", 0))
-        return FlowState(self.finish(z, end, aux, state.step), vectors, sharpness, state.step + 1), row
+        older = jnp.stack([state.vectors, state.older[0]])
+        return FlowState(self.finish(z, end, aux, state.step), vectors, older, sharpness, state.step + 1), row
 
 
 def probe_floor(w: Array) -> Array:
