@@ -277,6 +277,19 @@ def test_bias_corrected_start_matches_adams_first_step_to_third_order():
     assert first[None, 0.04] < first["lag", 0.04] / 10
 
 
+def rmsprop_at_the_edge(lr: float, second_moment: str, options: dict) -> dict:
+    """RMSProp and its central flow (``options``) on the smooth factorization, in float64, 2 pairs tracked."""
+    return {
+        "lr": lr,
+        "dtype": "float64",
+        "processes": ["rmsprop", "rmsprop_central_flow"],
+        "problem": SMOOTH,
+        "spectrum": {"every": 1, "k": 2, "k_max": 2},
+        "rmsprop": {"beta2": 0.9, "eps": 0.1, "second_moment": second_moment},
+        "rmsprop_central_flow": options,
+    }
+
+
 @pytest.mark.parametrize("second_moment", ["diagonal", "scalar"])
 def test_pair_gradients_held_over_a_step_cost_one_evaluation_per_step_and_stay_on_the_flow(second_moment):
     """``pair_gradients = "step"`` evaluates G_ij = D^3 L[v_i, v_j, .] once per step, at its start, where
@@ -284,18 +297,10 @@ def test_pair_gradients_held_over_a_step_cost_one_evaluation_per_step_and_stay_o
     (the order of the held U's error), a small part of either's distance to RMSProp's centre, and the
     held one is as close to it (within 5%; measured 0.5% and 3% closer); the row counts m(m + 1)/2
     third derivatives per step instead of n m(m + 1)/2."""
-    table = {
-        "lr": 0.3,  # at the edge from the first steps
-        "dtype": "float64",
-        "processes": ["rmsprop", "rmsprop_central_flow"],
-        "problem": SMOOTH,
-        "spectrum": {"every": 1, "k": 2, "k_max": 2},
-        "rmsprop": {"beta2": 0.9, "eps": 0.1, "second_moment": second_moment},
-    }
     steps = 90
 
     def rows(**options):
-        return run_rows({**table, "rmsprop_central_flow": options}, steps)
+        return run_rows(rmsprop_at_the_edge(0.3, second_moment, options), steps)  # at the edge from the first steps
 
     every, held = rows(pair_gradients="substep"), rows(pair_gradients="step")
     w = np.asarray(every["rmsprop"]["position"])
@@ -311,6 +316,30 @@ def test_pair_gradients_held_over_a_step_cost_one_evaluation_per_step_and_stay_o
     m, n = (np.asarray(flow[key]) for key in ("critical", "substeps"))
     np.testing.assert_array_equal(np.asarray(flow["third_derivatives"]), n * m * (m + 1) // 2)
     assert n[m > 0].min() > 1  # so the held count is the smaller one
+
+
+@pytest.mark.parametrize("second_moment, lr", [("diagonal", 0.3), ("scalar", 0.45)])
+def test_constrained_steps_take_the_euler_count_and_converge_to_the_flow(second_moment, lr):
+    """A step with a critical direction takes n = clip(ceil(max(c, lr lambda_P) / courant), substeps,
+    max_substeps) Euler substeps (c = 2, D's rate): 4-5 at the edge, where the old rule (lr lambda_P + 3)
+    took 10-11. Euler's error is first order in 1/n: 10 substeps are nearer the converged flow (48) than
+    the default, and the default ends as near RMSProp's centre as the converged flow does (measured
+    0.998 and 1.096 of its distance; 2% and 24% of that distance from it, 1% and 12% with 10)."""
+    steps = 90
+    runs = {n: run_rows(rmsprop_at_the_edge(lr, second_moment, {"substeps": n}), steps) for n in (4, 10, 48)}
+    flow = runs[4]["rmsprop_central_flow"]
+    m, n = np.asarray(flow["critical"]), np.asarray(flow["substeps"])
+    assert np.sum(m > 0) >= steps // 2, m
+    h = lr * np.asarray(flow["preconditioned_sharpness"])
+    np.testing.assert_array_equal(n[m > 0], np.clip(np.ceil(np.maximum(2.0, h[m > 0]) / 0.5 - 1e-9), 4, 64))
+    assert np.median(n[m > 0]) <= 5, n[m > 0]
+    w = np.asarray(runs[4]["rmsprop"]["position"])
+    centre = 0.25 * (w[:-2] + 2 * w[1:-1] + w[2:])  # RMSProp's local centre
+    path = {k: np.asarray(r["rmsprop_central_flow"]["position"]) for k, r in runs.items()}
+    off = {k: np.mean(np.linalg.norm(p[1:-1] - centre, axis=1)) for k, p in path.items()}
+    apart = {k: np.mean(np.linalg.norm(path[k] - path[48], axis=1)) for k in (4, 10)}
+    assert apart[10] < 0.6 * apart[4] and apart[4] < 0.3 * off[48], (apart, off)
+    assert 0.9 < off[4] / off[48] < 1.15, off
 
 
 def run_rows(table: dict, steps: int) -> dict[str, dict]:

@@ -110,13 +110,23 @@ class PreconditionedCentralFlow(OptimizerModel):
         the Euler substeps of a constrained step compensate 1/n (:meth:`update`)."""
         return 1.0 / n if self.options.free_method == "euler" else 0.0
 
+    def constrained_stiffness(self, preconditioned_sharpness: Array) -> Array:
+        """The rate that sets the Euler substeps of a step with a critical direction: max(c, h), h = lr lambda_P.
+
+        Off the critical space (h < 2; on it the SDCP holds h at 2) the linearized (w, D) rates solve
+        s^2 + c s + c h = 0, so |s| <= max(c, sqrt(c h)) <= max(c, h), and an Euler substep dt is stable for
+        dt h < 1 (|1 + dt s|^2 = 1 - c dt + c h dt^2). dt max(c, h) <= courant < 1 gives both: 4 substeps at
+        the edge with courant 1/2, as GD's central flow's max(4, ceil(2 lr S)). D = g (``"reference"``): h."""
+        h = self.lr * preconditioned_sharpness
+        if self.moments.moments == "reference":
+            return h
+        return jnp.maximum(self.moments.direction_rate(), h)
+
     def substeps(self, measured: Measured, setup: Critical) -> Array:
-        """The stiffness rule of the step's integrator: Euler's with a critical direction, else ``free_method``'s."""
-
-        def count(method: str) -> Array:
-            return substep_count(1.0, self.moments.stiffness(measured.sharpness, method), self.options)
-
-        return jnp.where(setup.count > 0, count("euler"), count(self.options.free_method))
+        """Euler's count with a critical direction (:meth:`constrained_stiffness`), else ``free_method``'s."""
+        constrained = substep_count(1.0, self.constrained_stiffness(measured.sharpness), self.options)
+        free_rate = self.moments.stiffness(measured.sharpness, self.options.free_method)
+        return jnp.where(setup.count > 0, constrained, substep_count(1.0, free_rate, self.options))
 
     def term(self, setup: Critical, n: Array | int) -> tuple[Critical, Array | int]:
         return setup, n  # :meth:`update` picks the field and the solver from the step's critical count
