@@ -63,7 +63,7 @@ class MomentFlowOptions(SubstepOptions):
     method: Literal["euler", "rk4"] = option(
         "rk4",
         "integrator of each substep: rk4 (the rates uncompensated), or euler (rates compensated for the "
-        "substep's lag; unstable on momentum's rotating modes once lr * lambda_P * kappa > substeps)",
+        "substep's lag; its count keeps substeps > lr * lambda_P * kappa, beyond which momentum's modes grow)",
     )
 
 
@@ -205,19 +205,26 @@ class ContinuousMoments:
         d_dot = self.direction_rate(h) * (self.kappa * grad - z.direction)
         return Phase(-self.lr * z.direction / (z.mass[0] * p), d_dot, nu_dot, mass)
 
-    def stiffness(self, preconditioned_sharpness: Array, method: str = "euler") -> Array:
-        """The rate that sets the substep count. Euler: lr lambda_P times the weight of g in a step, plus 3.
-        RK4: the modulus of the linearized (w, D) rates, s^2 + c s + c kappa h = 0 with h = lr lambda_P,
-        i.e. at most max(c, sqrt(c kappa h)) (h itself for D = g), plus 2 (the rod's own decay)."""
-        b = self.rule.beta1
-        if method == "euler":
-            weight = {"none": 1.0, "ema": 1.0 - b, "classical": 1.0, "nesterov": 1.0 + b}[self.rule.form]
-            return self.lr * preconditioned_sharpness * weight + 3.0
-        h = self.lr * preconditioned_sharpness
+    def modulus(self, preconditioned_sharpness: Array) -> Array:
+        """The largest rate of the linearized (w, D) field on a direction with h = lr lambda_P: the roots of
+        s^2 + c s + c kappa h = 0 are at most max(c, sqrt(c kappa h)) in modulus (h itself for D = g)."""
+        h = self.lr * jnp.maximum(preconditioned_sharpness, 0.0)
         if self.moments == "reference":
-            return h + 2.0
+            return h
         c = self.direction_rate()
-        return jnp.maximum(c, jnp.sqrt(c * self.kappa * jnp.maximum(h, 0.0))) + 2.0
+        return jnp.maximum(c, jnp.sqrt(c * self.kappa * h))
+
+    def euler_rate(self, preconditioned_sharpness: Array) -> Array:
+        """max(|s|, kappa h): dt times it <= courant < 1 keeps Euler accurate and stable, |1 + dt s|^2 =
+        1 - c dt + c kappa h dt^2 < 1 iff dt kappa h < 1 on the lightly damped rotations of momentum."""
+        h = self.lr * jnp.maximum(preconditioned_sharpness, 0.0)
+        return jnp.maximum(self.modulus(preconditioned_sharpness), self.kappa * h)
+
+    def stiffness(self, preconditioned_sharpness: Array, method: str = "euler") -> Array:
+        """The rate that sets the substep count: :meth:`modulus` (RK4, stable for |dt s| < 2.8) or
+        :meth:`euler_rate` (Euler), plus 2 (the rod's own decay)."""
+        rate = self.euler_rate if method == "euler" else self.modulus
+        return rate(preconditioned_sharpness) + 2.0
 
 
 def lookback(rate: float, start_mass: float) -> float:

@@ -114,13 +114,10 @@ class PreconditionedCentralFlow(OptimizerModel):
         """The rate that sets the Euler substeps of a step with a critical direction: max(c, h), h = lr lambda_P.
 
         Off the critical space (h < 2; on it the SDCP holds h at 2) the linearized (w, D) rates solve
-        s^2 + c s + c h = 0, so |s| <= max(c, sqrt(c h)) <= max(c, h), and an Euler substep dt is stable for
-        dt h < 1 (|1 + dt s|^2 = 1 - c dt + c h dt^2). dt max(c, h) <= courant < 1 gives both: 4 substeps at
-        the edge with courant 1/2, as GD's central flow's max(4, ceil(2 lr S)). D = g (``"reference"``): h."""
-        h = self.lr * preconditioned_sharpness
-        if self.moments.moments == "reference":
-            return h
-        return jnp.maximum(self.moments.direction_rate(), h)
+        s^2 + c s + c h = 0 (kappa = 1), so |s| <= max(c, sqrt(c h)) <= max(c, h), and an Euler substep dt is
+        stable for dt h < 1: :meth:`~eosflow.flows.moments.ContinuousMoments.euler_rate`, without the rod's
+        decay. 4 substeps at the edge with courant 1/2, as GD's central flow's max(4, ceil(2 lr S))."""
+        return self.moments.euler_rate(preconditioned_sharpness)
 
     def substeps(self, measured: Measured, setup: Critical) -> Array:
         """Euler's count with a critical direction (:meth:`constrained_stiffness`), else ``free_method``'s."""
