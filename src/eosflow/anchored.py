@@ -133,7 +133,7 @@ def _anchorable(
             raise SpecError(f"process {name!r} is not a model of {names[0]!r}; only its models start on its state")
         models[name] = model
     if at == "onset":
-        if spec.spectrum.every == 0:
+        if spec.spectrum_of(names[0]).every == 0:
             raise SpecError(
                 f"{where} = 'onset' needs {names[0]}'s edge ratio, which `spectrum.every` = 0 never measures: "
                 "set spectrum.every or give a step"

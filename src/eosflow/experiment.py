@@ -33,7 +33,7 @@ from eosflow.precision import DTYPES, precision
 from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.signals import Interrupted, stop_requests
-from eosflow.spec import Spec, differences_but_steps, parse_spec, resolve, resolved_table
+from eosflow.spec import Spec, SpectrumSpec, differences_but_steps, parse_spec, resolve, resolved_table
 from eosflow.store import Checkpoint, RunDirectoryWarning, RunStore, StoreError, resume_command
 from eosflow.version import __version__
 
@@ -73,25 +73,32 @@ def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem,
 
 
 def fit_spectrum(spec: Spec, dimension: int, k_max_given: bool) -> Spec:
-    """The spec the processes run: ``spectrum.k_max`` capped at the parameter count n (an n x n
-    Hessian has n eigenpairs; said in a warning when the spec set k_max). A ``spectrum.k`` above n
-    is an error. The resolved spec keeps the value as written."""
-    if spec.spectrum.k > dimension:
-        raise SpecError(
-            f"`spectrum.k` = {spec.spectrum.k} exceeds the number of parameters ({dimension}) of "
-            f"problem {spec.problem['name']!r}: an {dimension} x {dimension} Hessian has {dimension} "
-            "eigenpairs"
-        )
-    if spec.spectrum.k_max <= dimension:
-        return spec
-    if k_max_given:
-        warnings.warn(
-            f"`spectrum.k_max` = {spec.spectrum.k_max} exceeds the number of parameters ({dimension}) of "
-            f"problem {spec.problem['name']!r}; tracking at most {dimension} eigenpairs",
-            SpecWarning,
-            stacklevel=3,
-        )
-    return dataclasses.replace(spec, spectrum=dataclasses.replace(spec.spectrum, k_max=dimension))
+    """The spec the processes run: ``spectrum.k_max`` (and each ``[name.spectrum]``'s) capped at the
+    parameter count n (an n x n Hessian has n eigenpairs; said in a warning when the spec set k_max). A
+    ``spectrum.k`` above n is an error. The resolved spec keeps the values as written."""
+
+    def k_max(spectrum: SpectrumSpec, where: str, given: bool) -> int:
+        if spectrum.k > dimension:
+            raise SpecError(
+                f"`{where}.k` = {spectrum.k} exceeds the number of parameters ({dimension}) of "
+                f"problem {spec.problem['name']!r}: an {dimension} x {dimension} Hessian has {dimension} "
+                "eigenpairs"
+            )
+        if spectrum.k_max > dimension and given:
+            warnings.warn(
+                f"`{where}.k_max` = {spectrum.k_max} exceeds the number of parameters ({dimension}) of "
+                f"problem {spec.problem['name']!r}; tracking at most {dimension} eigenpairs",
+                SpecWarning,
+                stacklevel=4,
+            )
+        return min(spectrum.k_max, dimension)
+
+    spectrum = dataclasses.replace(spec.spectrum, k_max=k_max(spec.spectrum, "spectrum", k_max_given))
+    spectra = {
+        name: keys | {"k_max": k_max(spec.spectrum_of(name), f"{name}.spectrum", "k_max" in keys)}
+        for name, keys in spec.spectra.items()
+    }
+    return dataclasses.replace(spec, spectrum=spectrum, spectra=spectra)
 
 
 def run(

@@ -76,6 +76,7 @@ def _entry(
     quick_steps: int | None = None,
     optimizer: str = "gd",
     hyperparameters: dict | None = None,
+    spectra: dict[str, dict] | None = None,
 ) -> Entry:
     table = {
         "name": name,
@@ -89,6 +90,8 @@ def _entry(
     }
     if hyperparameters is not None:
         table[optimizer] = hyperparameters
+    for process, keys in (spectra or {}).items():  # a model's own tracker: [process.spectrum]
+        table[process] = {"spectrum": keys}
     return Entry(name, table, quick_steps, optimizer)
 
 
@@ -151,7 +154,9 @@ SUITE: tuple[Entry, ...] = (
 DIGITS = {"name": "mlp", "dataset": "digits", "n_train": 300, "n_test": 0, "width": 32, "depth": 2}
 FACTORIZATION = {"name": "matrix_factorization", "dim": 2, "depth": 3, "rank": 1, "target_scale": 5.5}
 ADAPTIVE_SUITE: tuple[Entry, ...] = (
-    # tanh MLP on 300 digits: RMSProp's preconditioned sharpness rises to 2/lr by step ~80 and hovers there
+    # tanh MLP on 300 digits: RMSProp's preconditioned sharpness rises to 2/lr by step ~80 and hovers there.
+    # Its central flow tracks up to 6 pairs, grown every 10 steps: with 3 its critical set was not shown
+    # complete on 89% of its steps, and its eigensolver cost 4x more (docs/adaptive.md section 4)
     _entry(
         "mlp_digits-rmsprop",
         300,
@@ -161,6 +166,7 @@ ADAPTIVE_SUITE: tuple[Entry, ...] = (
         k_max=3,
         optimizer="rmsprop",
         hyperparameters={"beta2": 0.99, "eps": 0.003, "bias_correction": True},
+        spectra={"rmsprop_central_flow": {"k_max": 6, "grow_every": 10}},
     ),
     # the same network under Adam: preconditioned sharpness at 38/lr from step ~120 (benchmarks/adaptive_thresholds.py)
     _entry(
@@ -316,6 +322,8 @@ def suite_tables(
         if models is not None and not chosen:  # none of the requested models models this entry
             continue
         table["processes"] = [entry.optimizer, baseline_of(entry.optimizer), *chosen]
+        for name in [key for key in table if key in PROCESSES and key not in table["processes"]]:
+            del table[name]  # the options of a model not run this time
         if quick and entry.quick_steps is not None:  # (quick entries without quick_steps were skipped)
             table["steps"] = entry.quick_steps
             table["record"]["chunk"] = max(1, entry.quick_steps // 4)

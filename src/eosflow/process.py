@@ -108,12 +108,13 @@ def process_key(seed: int, name: str) -> Array:
 
 
 def scanned_fields(name: str, spec: Any, objective: Any, spectrum: Any = None) -> dict[str, Any]:
-    """The fields every :class:`ScannedProcess` is built with: its ``name``, the spec's ``lr`` and
-    ``spectrum`` (or ``spectrum``), a PRNG ``key`` of its own (:func:`process_key`), the ``objective``."""
+    """The fields every :class:`ScannedProcess` is built with: its ``name``, the spec's ``lr``, its
+    tracker (``spec.spectrum_of(name)``, or ``spectrum``), a PRNG ``key`` of its own
+    (:func:`process_key`), the ``objective``."""
     return {
         "name": name,
         "lr": spec.lr,
-        "spectrum": spec.spectrum if spectrum is None else spectrum,
+        "spectrum": spec.spectrum_of(name) if spectrum is None else spectrum,
         "key": process_key(spec.seed, name),
         "objective": objective,
     }

@@ -15,6 +15,9 @@
     [central_flow]                # options of one process, by its name
     substeps = 4
 
+    [central_flow.spectrum]       # this process's tracker: the [spectrum] table with these keys replaced
+    k_max = 6
+
 A model of another optimizer (``adam_rod_flow``) shares that optimizer's hyperparameters the way
 every model shares ``lr``: they live in the optimizer's table (``[adam] beta1 = 0.9``), which is
 read by the optimizer and by each of its models, whether or not the optimizer itself is listed.
@@ -93,6 +96,11 @@ class Spec:
     record: RecordSpec = dataclasses.field(default_factory=RecordSpec)
     divergence: DivergenceSpec = dataclasses.field(default_factory=DivergenceSpec)
     options: dict = dataclasses.field(default_factory=dict)  # process name -> its options
+    spectra: dict = dataclasses.field(default_factory=dict)  # process name -> the [spectrum] keys it replaces
+
+    def spectrum_of(self, name: str) -> SpectrumSpec:
+        """The tracker of process ``name``: ``[spectrum]`` with the keys of its ``[name.spectrum]`` replaced."""
+        return dataclasses.replace(self.spectrum, **self.spectra.get(name, {}))
 
     def check(self, where: str) -> None:
         if not self.processes:
@@ -106,14 +114,14 @@ def parse_spec(table: dict) -> Spec:
     if not isinstance(table, dict):
         raise SpecError("a spec must be a TOML table")
     table = copy.deepcopy(table)
-    base_fields = {f.name for f in dataclasses.fields(Spec)} - {"options"}
+    base_fields = {f.name for f in dataclasses.fields(Spec)} - {"options", "spectra"}
     processes = table.get("processes", ["gd"])
     modelled = set()  # the optimizers whose hyperparameters a listed model reads
     if isinstance(processes, (list, tuple)):
         for name in processes:
             if isinstance(name, str) and (optimizer := process_entry(name).optimizer) is not None:
                 modelled.add(optimizer)
-    option_tables = {}
+    option_tables, overrides = {}, {}
     for key in list(table):
         if key in base_fields:
             continue
@@ -121,6 +129,8 @@ def parse_spec(table: dict) -> Spec:
             if key not in processes and key not in modelled:
                 raise SpecError(f"table `[{key}]` configures a process that `processes` does not list")
             option_tables[key] = table.pop(key)
+            if isinstance(option_tables[key], dict) and "spectrum" in option_tables[key]:
+                overrides[key] = option_tables[key].pop("spectrum")
         else:
             raise unknown_key_error("", key, base_fields | set(PROCESSES))
     problem = table.pop("problem", {"name": "mlp"})
@@ -131,17 +141,31 @@ def parse_spec(table: dict) -> Spec:
         process_entry(name).check_problem(str(problem.get("name", "")))
     names = list(spec.processes) + sorted(modelled - set(spec.processes))
     options = {name: parse_options(name, option_tables.get(name)) for name in names}
-    return dataclasses.replace(spec, problem=problem, options=options)
+    for name in overrides:
+        if name not in spec.processes:
+            raise SpecError(f"table `[{name}.spectrum]` sets the tracker of a process that `processes` does not list")
+    spectra = {name: spectrum_override(spec.spectrum, name, table) for name, table in overrides.items()}
+    return dataclasses.replace(spec, problem=problem, options=options, spectra=spectra)
+
+
+def spectrum_override(spectrum: SpectrumSpec, name: str, table: Any) -> dict:
+    """The keys of ``[name.spectrum]``, validated as the run's ``[spectrum]`` with them replaced."""
+    where = f"{name}.spectrum"
+    if not isinstance(table, dict):
+        raise SpecError(f"`{where}` must be a table of [spectrum] keys, got {table!r}")
+    merged = parse(SpectrumSpec, to_table(spectrum) | table, where)
+    return {key: getattr(merged, key) for key in table}
 
 
 def resolved_table(spec: Spec, problem_params: Any) -> dict:
     """The spec with every default filled in, as a TOML-ready table (re-parses to the same spec)."""
-    table = to_table(dataclasses.replace(spec, options={}, problem={}))
+    table = to_table(dataclasses.replace(spec, options={}, problem={}, spectra={}))
     table.pop("options")
+    table.pop("spectra")
     params = problem_params if isinstance(problem_params, dict) else to_table(problem_params)  # dict: import path
     table["problem"] = {"name": spec.problem["name"], **params}
     for name, opts in spec.options.items():
-        table[name] = to_table(opts)
+        table[name] = to_table(opts) | ({"spectrum": dict(spec.spectra[name])} if name in spec.spectra else {})
     return table
 
 

@@ -126,14 +126,15 @@ class Flow(ScannedProcess):
     def start_on(self, window: Sequence[Any]) -> FlowState:
         """The process state at the optimizer's step k = ``window[2].step`` (instead of :meth:`init` at
         w0; ``window`` = its states at k-2 .. k+2): :meth:`anchor`, warm-started from the optimizer's
-        tracked vectors there, its step counter (and so its parity) at k."""
+        tracked vectors there (the leading ``spectrum.k_max`` of them), its step counter (and so its parity) at k."""
         steps = [int(s.step) for s in window]
         if steps != list(range(steps[0], steps[0] + 5)):
             raise ValueError(f"the window must hold 5 consecutive states of the optimizer, got steps {steps}")
         here = window[2]
-        older = jnp.stack([here.vectors] * 2)  # no motion to extend yet: the fitted start is here.vectors
+        vectors = here.vectors[:, : self.spectrum.k_max]  # (d, k): the optimizer's tracker may hold more
+        older = jnp.stack([vectors] * 2)  # no motion to extend yet: the fitted start is these vectors
         nan = jnp.asarray(jnp.nan, here.w.dtype)
-        return FlowState(self.anchor(window), here.vectors, older, nan, jnp.asarray(steps[2]))
+        return FlowState(self.anchor(window), vectors, older, nan, jnp.asarray(steps[2]))
 
     # ---- the process ----------------------------------------------------------------------------
     def init(self, w0: Array) -> FlowState:
@@ -224,7 +225,7 @@ def register_flow(
     """
 
     def build(problem, spec, parsed) -> Flow:
-        spectrum = dataclasses.replace(spec.spectrum, every=1) if every_step else spec.spectrum
+        spectrum = dataclasses.replace(spec.spectrum_of(name), every=1) if every_step else spec.spectrum_of(name)
         extra = fields(problem, spec, parsed) if fields else {}
         base = {**scanned_fields(name, spec, problem.objective, spectrum), "options": parsed}
         return flow(**{**base, **extra})
