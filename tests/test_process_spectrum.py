@@ -9,6 +9,7 @@ import tomllib
 import numpy as np
 import pytest
 
+from eosflow.anchored import check_anchorable
 from eosflow.config import SpecError, SpecWarning
 from eosflow.experiment import prepare, run
 from eosflow.load import load
@@ -96,3 +97,14 @@ def test_an_override_is_capped_at_the_parameter_count():
     with pytest.warns(SpecWarning, match=r"`central_flow\.spectrum\.k_max` = 5 exceeds the number of parameters"):
         flows = rows(table, 4)
     assert np.asarray(flows["central_flow"]["eigenvalues"]).shape[1] == 2
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [({"spectrum": {"every": 0}}, "spectrum.every"), ({"gd": {"spectrum": {"every": 0}}}, "gd.spectrum.every")],
+)
+def test_onset_needs_the_optimizers_own_measurement_and_names_the_key_that_stops_it(section, key):
+    """The models start at GD's edge onset only if GD measures its edge ratio: its own tracker decides."""
+    with pytest.raises(SpecError, match=rf"`{key}` = 0 never measures"):
+        check_anchorable({**TABLE, **section}, "onset")
+    check_anchorable({**TABLE, "central_flow": {"spectrum": {"every": 0}}}, "onset")  # a model's tracker: no matter

@@ -134,9 +134,10 @@ def _anchorable(
         models[name] = model
     if at == "onset":
         if spec.spectrum_of(names[0]).every == 0:
+            key = f"{names[0]}.spectrum.every" if "every" in spec.spectra.get(names[0], {}) else "spectrum.every"
             raise SpecError(
-                f"{where} = 'onset' needs {names[0]}'s edge ratio, which `spectrum.every` = 0 never measures: "
-                "set spectrum.every or give a step"
+                f"{where} = 'onset' needs {names[0]}'s edge ratio, which `{key}` = 0 never measures: "
+                f"set {key} or give a step"
             )
     elif not isinstance(at, Integral) or isinstance(at, bool):
         raise SpecError(f"{where} = {at!r}: give a step (an integer) or 'onset'")

@@ -144,7 +144,7 @@ def parse_spec(table: dict) -> Spec:
     for name in overrides:
         if name not in spec.processes:
             raise SpecError(f"table `[{name}.spectrum]` sets the tracker of a process that `processes` does not list")
-    spectra = {name: spectrum_override(spec.spectrum, name, table) for name, table in overrides.items()}
+    spectra = {name: spectrum_override(spec.spectrum, name, keys) for name, keys in overrides.items()}
     return dataclasses.replace(spec, problem=problem, options=options, spectra=spectra)
 
 

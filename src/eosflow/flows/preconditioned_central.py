@@ -110,18 +110,13 @@ class PreconditionedCentralFlow(OptimizerModel):
         the Euler substeps of a constrained step compensate 1/n (:meth:`update`)."""
         return 1.0 / n if self.options.free_method == "euler" else 0.0
 
-    def constrained_stiffness(self, preconditioned_sharpness: Array) -> Array:
-        """The rate that sets the Euler substeps of a step with a critical direction: max(c, h), h = lr lambda_P.
-
-        Off the critical space (h < 2; on it the SDCP holds h at 2) the linearized (w, D) rates solve
-        s^2 + c s + c h = 0 (kappa = 1), so |s| <= max(c, sqrt(c h)) <= max(c, h), and an Euler substep dt is
-        stable for dt h < 1: :meth:`~eosflow.flows.moments.ContinuousMoments.euler_rate`, without the rod's
-        decay. 4 substeps at the edge with courant 1/2, as GD's central flow's max(4, ceil(2 lr S))."""
-        return self.moments.euler_rate(preconditioned_sharpness)
-
     def substeps(self, measured: Measured, setup: Critical) -> Array:
-        """Euler's count with a critical direction (:meth:`constrained_stiffness`), else ``free_method``'s."""
-        constrained = substep_count(1.0, self.constrained_stiffness(measured.sharpness), self.options)
+        """With a critical direction, Euler's count from :meth:`~eosflow.flows.moments.ContinuousMoments.euler_rate`
+        without the rod's decay: off the critical space (h = lr lambda_P < 2; the SDCP holds h at 2 on it) the
+        (w, D) rates solve s^2 + c s + c h = 0 (kappa = 1), so |s| <= max(c, h), and an Euler substep dt is
+        stable for dt h < 1; 4 substeps at the edge with courant 1/2, as GD's central flow's max(4, ceil(2 lr S)).
+        Else ``free_method``'s count, the stable flow's."""
+        constrained = substep_count(1.0, self.moments.euler_rate(measured.sharpness), self.options)
         free_rate = self.moments.stiffness(measured.sharpness, self.options.free_method)
         return jnp.where(setup.count > 0, constrained, substep_count(1.0, free_rate, self.options))
 
