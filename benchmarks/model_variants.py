@@ -6,8 +6,9 @@
 
 For each problem named, from the leaderboard suite ``--suite``, one run of gd, gradient_flow and the
 model per variant (the model's options as TOML values, several joined by ``,``; keys
-``spectrum.KEY`` set the run's ``[spectrum]`` table instead; an entry's own ``[model.spectrum]`` is
-kept), scored as the leaderboard scores it (``eosflow.compare``). Prints the accuracy columns, the model's own
+``spectrum.KEY`` set the run's ``[spectrum]`` table instead, and ``model.spectrum.KEY`` the model's own
+``[model.spectrum]`` table, which an entry may already set and is otherwise kept), scored as the
+leaderboard scores it (``eosflow.compare``). Prints the accuracy columns, the model's own
 gradient-equivalents per step (as the leaderboard's column: without the eigensolver for a model
 that never reads the eigenpairs) and the eigensolver's, and the largest relative change of an
 accuracy column against the first variant (put the leaderboard's setting first), and whether the
@@ -59,7 +60,10 @@ def main(argv=None) -> None:
         for variant in args.variants:
             chosen = options(variant)
             spectrum = {**tables[problem]["spectrum"], **chosen.pop("spectrum", {})}  # `spectrum.tol=1e-2`
+            own = chosen.pop("model", {}).pop("spectrum", {})  # `model.spectrum.k_max=6`: the model's own tracker
             model_table = {**tables[problem].get(args.model, {}), **chosen}  # keeps [model.spectrum]
+            if own:
+                model_table["spectrum"] = {**model_table.get("spectrum", {}), **own}
             table = {**tables[problem], args.model: model_table, "spectrum": spectrum}
             with tempfile.TemporaryDirectory() as out:
                 run(table, out, overwrite=True)

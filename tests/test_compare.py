@@ -393,7 +393,15 @@ def test_critical_set_notes_name_the_setting_to_raise():
     assert "max_critical" in b and "k_max" not in b
     assert critical_set_note(ds, "c") == "" and critical_set_note(ds, "gd") == ""
     only_k_max = ds.isel(step=[1])
-    assert critical_set_note(only_k_max, "a").endswith("raise `spectrum.k_max`")
+    assert critical_set_note(only_k_max, "a").endswith(
+        "raise `spectrum.k_max` (3; `[a.spectrum] k_max` for this process alone)"
+    )
+    # a process whose own tracker stops at 2 (`[a.spectrum] k_max = 2`) in a record padded to another's 3:
+    # its limit is the summary's, so the note says to raise it, not to grow to a width it cannot reach
+    own = ds.isel(step=[0]).assign_attrs(spectrum_k_max=json.dumps({"a": 2, "b": 3}))
+    named = "raise `spectrum.k_max` (2; `[a.spectrum] k_max` for this process alone)"
+    assert critical_set_note(own, "a").endswith(named)
+    assert "grow_every" in critical_set_note(ds.isel(step=[0]), "a")  # without the summary: the record's width
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])
@@ -403,13 +411,17 @@ def test_cli_warns_of_an_incomplete_critical_set(tmp_path, capsys, command):
     tracked they say nothing."""
     from eosflow.cli import main
 
-    for k_max, warned in ((1, True), (2, False)):
-        spec = tmp_path / f"spec{k_max}.toml"
+    # the third: GD tracks 2, the central flow 1 by its own table, so the record is 2 wide and the note
+    # names the flow's own limit
+    own = "[central_flow.spectrum]\nk = 1\nk_max = 1\n"
+    for case, (k_max, extra, warned) in enumerate(((1, "", True), (2, "", False), (2, own, True))):
+        spec = tmp_path / f"spec{case}.toml"
         spec.write_text(
             'steps = 60\nlr = 0.2\ndtype = "float64"\nprocesses = ["gd", "central_flow"]\n[problem]\n'
             'name = "sharp_valley"\nsharpness = 5.0\nrate = 1.0\nbend = 0.0\neps = 0.1\ny0 = 0.1\n'
-            f"[spectrum]\nk = {k_max}\nk_max = {k_max}\n"
+            f"[spectrum]\nk = {k_max}\nk_max = {k_max}\n" + extra
         )
-        assert main([command, str(spec), "--out", str(tmp_path / f"{command}{k_max}"), "--quiet"]) == 0
+        assert main([command, str(spec), "--out", str(tmp_path / f"{command}{case}"), "--quiet"]) == 0
         err = capsys.readouterr().err
-        assert ("eosflow: warning: central_flow: at " in err and "raise `spectrum.k_max`" in err) == warned, err
+        named = "raise `spectrum.k_max` (1; `[central_flow.spectrum] k_max` for this process alone)" in err
+        assert ("eosflow: warning: central_flow: at " in err and named and "grow_every" not in err) == warned, err

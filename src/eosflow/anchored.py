@@ -224,6 +224,7 @@ def _dataset(
         **attrs,
         "dropped_processes": dropped,
         "timing": timing,
+        "spectrum_k_max": {name: spec.spectrum_of(name).k_max for name in rows},
     }
     return rows_dataset(rows, np.arange(k, spec.steps), summary_attrs(summary))
 

@@ -256,11 +256,13 @@ def critical_set_note(ds: xr.Dataset, process: str) -> str:
     if full.any():
         eigenvalues = ds["eigenvalues"].sel(process=process).values
         tracked = np.isfinite(eigenvalues[full]).sum(axis=-1)
-        k_max = eigenvalues.shape[-1]  # the record is padded to spectrum.k_max
+        # the process's own limit (runs before it was recorded: the record's width, padded to the largest)
+        k_max = int(summary_of(ds).get("spectrum_k_max", {}).get(process, eigenvalues.shape[-1]))
+        setting = f"`spectrum.k_max` ({k_max}; `[{process}.spectrum] k_max` for this process alone)"
         remedy = (
-            "raise `spectrum.k_max`"
+            f"raise {setting}"
             if (tracked == k_max).all()
-            else f"raise `spectrum.k_max` ({k_max}) or, where fewer were tracked, set `spectrum.grow_every` (the "
+            else f"raise {setting} or, where fewer were tracked, set `spectrum.grow_every` (the "
             "tracker grows only between chunks of `record.chunk` steps)"
         )
         parts.append(

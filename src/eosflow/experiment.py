@@ -500,6 +500,8 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
         # XLA's threading orders float32 reductions, so a float32 run's last digits depend on it
         # (docs/leaderboard.md, the ResNet cells): the flags of the invocation that wrote this summary
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # each process's tracker limit: `[<process>.spectrum] k_max` can set it apart from `[spectrum]`
+        "spectrum_k_max": {name: spec.spectrum_of(name).k_max for name in names},
     }
 
 

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     import xarray as xr
 
 
-SUMMARY_TABLES = ("dropped_processes", "timing")  # {process: reason}, {process: wall times of its chunks}
+# {process: reason}, {process: wall times of its chunks}, {process: its tracker's k_max}
+SUMMARY_TABLES = ("dropped_processes", "timing", "spectrum_k_max")
 
 
 def summary_of(ds: xr.Dataset) -> dict:
