@@ -38,6 +38,12 @@ def test_suite_runs_every_gd_model_and_every_spec_is_valid():
     assert "particle_model" in tables["two_layer_meanfield"]["processes"]
     for table in quick.values():  # building the problems and processes validates every value
         prepare(table)
+    # on the mean-field network the models that read the eigenvectors track 6, grown every 10 steps
+    meanfield = prepare(tables["two_layer_meanfield"])[0]
+    for name in meanfield.processes:
+        own = meanfield.spectrum_of(name)
+        reads = name in ("central_flow", "projected_flow", "free_energy")
+        assert (own.k_max, own.grow_every) == ((6, 10) if reads else (3, 0)), name
 
 
 def test_adaptive_suite_runs_every_model_of_rmsprop_and_adam():
