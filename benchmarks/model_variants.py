@@ -60,7 +60,10 @@ def main(argv=None) -> None:
         for variant in args.variants:
             chosen = options(variant)
             spectrum = {**tables[problem]["spectrum"], **chosen.pop("spectrum", {})}  # `spectrum.tol=1e-2`
-            own = chosen.pop("model", {}).pop("spectrum", {})  # `model.spectrum.k_max=6`: the model's own tracker
+            model = chosen.pop("model", {})
+            own = model.pop("spectrum", {})  # `model.spectrum.k_max=6`: the model's own tracker
+            if model:
+                raise SystemExit(f"{variant!r}: `model.` takes only `model.spectrum.KEY`, got {sorted(model)}")
             model_table = {**tables[problem].get(args.model, {}), **chosen}  # keeps [model.spectrum]
             if own:
                 model_table["spectrum"] = {**model_table.get("spectrum", {}), **own}

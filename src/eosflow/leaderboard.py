@@ -29,7 +29,7 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -78,7 +78,7 @@ def _entry(
     hyperparameters: dict | None = None,
     spectra: dict[str, dict] | None = None,
 ) -> Entry:
-    table = {
+    table: dict[str, Any] = {
         "name": name,
         "seed": 0,
         "steps": steps,
@@ -91,7 +91,7 @@ def _entry(
     if hyperparameters is not None:
         table[optimizer] = hyperparameters
     for process, keys in (spectra or {}).items():  # a model's own tracker: [process.spectrum]
-        table[process] = {"spectrum": keys}
+        table[process] = {**table.get(process, {}), "spectrum": keys}  # beside the optimizer's hyperparameters
     return Entry(name, table, quick_steps, optimizer)
 
 
