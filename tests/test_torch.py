@@ -726,3 +726,96 @@ def test_what_eosflow_has_no_optimizer_for_is_named_at_the_checkpoint():
             optimizer.step()
         with pytest.raises(ValueError, match=re.escape(message)):
             eosflow.torch.checkpoint(model, optimizer)
+
+
+class _Shared(torch.nn.Module):
+    """Weight sharing three ways: ``block`` registered at two paths (one slot, reached twice), ``stack`` a
+    ModuleList holding ``block`` again (ALBERT-style layer sharing), and ``out.weight`` a parameter of
+    ``embed`` (tied embeddings: two slots, one tensor); plus a frozen bias and a BatchNorm's buffers."""
+
+    def __init__(self, seed: int, batchnorm: bool):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Linear(3, 4, bias=False)
+        self.block = torch.nn.Linear(4, 4)
+        self.again = self.block
+        self.stack = torch.nn.ModuleList([self.block, torch.nn.Linear(4, 4)])
+        self.norm = torch.nn.BatchNorm1d(4) if batchnorm else torch.nn.Identity()
+        self.out = torch.nn.Linear(4, 3)
+        self.out.weight = self.embed.weight  # (4, 3) both: out maps 4 -> 3 with embed's matrix transposed
+        self.stack[1].bias.requires_grad_(False)
+        self.double()
+
+    def forward(self, x):
+        z = torch.tanh(self.embed(x))
+        z = torch.tanh(self.again(torch.tanh(self.block(z))))
+        for layer in self.stack:
+            z = torch.tanh(layer(z))
+        return torch.nn.functional.linear(self.norm(z), self.out.weight.T, self.out.bias)
+
+
+def _module_hessian(model: torch.nn.Module, batch, eps: float = 1e-5) -> np.ndarray:
+    """The Hessian over the model's trainable parameters (deduplicated), by central differences of the
+    gradient torch's own backward gives the module: an oracle that uses no functional_call."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+    def gradient(w: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            for p, piece in zip(params, torch.split(w, [p.numel() for p in params])):
+                p.copy_(piece.view_as(p))
+        model.zero_grad()
+        F.mse_loss(model(batch[0]), batch[1]).backward()
+        return torch.cat([p.grad.reshape(-1) for p in params]).numpy().copy()
+
+    columns = []
+    for i in range(flat.numel()):
+        step = torch.zeros_like(flat)
+        step[i] = eps
+        columns.append((gradient(flat + step) - gradient(flat - step)) / (2 * eps))
+    gradient(flat)  # the weights back, and the buffers train mode moved
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    hessian = np.array(columns).T
+    return (hessian + hessian.T) / 2
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_shared_modules_and_tied_parameters_leave_the_model_alone(batchnorm):
+    """torch.func.functional_call, given a submodule registered at two paths, swaps its slot twice and left
+    the call's tensors in the user's model (torch 2.13): after one tracker update the model's weights were
+    plain tensors its optimizer no longer held. Every Parameter is now the same object with the same value
+    after eosflow's evaluations; the tracker's eigenvalues equal dense eigh of a Hessian differenced from the
+    module's own backward; and eosflow's GD equals torch.optim.SGD on the same model, which still trains."""
+    rng = np.random.default_rng(4)
+    batch = (torch.tensor(rng.normal(size=(16, 3))), torch.tensor(rng.normal(size=(16, 3))))
+    model = _Shared(4, batchnorm)
+    objects = dict(model.named_parameters(remove_duplicate=False))
+    before = snapshot(model)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    norm = ["norm.weight", "norm.bias"] if batchnorm else []
+    assert names == ["embed.weight", "block.weight", "block.bias", "stack.1.weight", *norm, "out.bias"]
+
+    tracker = SharpnessTracker(model, F.mse_loss, k=3, tol=1e-8)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    measured = tracker.update(batch, optimizer)
+    assert all(a is b for a, b in zip(dict(model.named_parameters(remove_duplicate=False)).values(), objects.values()))
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+    assert_unchanged(model, before)
+    # in train mode: the loss with the batch's statistics, which the tracker measures
+    dense = np.linalg.eigvalsh(_module_hessian(model, batch))[::-1][:3]
+    np.testing.assert_allclose(measured.values, dense, rtol=1e-6)
+    assert_unchanged(model, before)
+
+    problem = eosflow.torch.problem(model, F.mse_loss, batch)
+    objective = TorchObjective(model, F.mse_loss, batch)
+    model.zero_grad()
+    F.mse_loss(model(batch[0]), batch[1]).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(objective.grad(objective.flat_parameters()), expected, rtol=1e-13, atol=1e-15)
+    ds = eosflow.simulate(problem, lr=0.05, steps=5, spectrum={"every": 0}, dtype="float64")
+    losses, _ = torch_gd_losses(model, batch, lr=0.05, steps=5)  # trains the model itself
+    np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
+    assert not torch.equal(model.block.weight, before[0]["block.weight"])  # the optimizer moved the model

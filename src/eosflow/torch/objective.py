@@ -104,6 +104,26 @@ def batch_statistics_copy(model: torch.nn.Module, names: list[str]) -> torch.nn.
     return private
 
 
+def call_slots(module: torch.nn.Module) -> dict[str, str]:
+    """{path given to ``functional_call``: the name of the tensor held there (in ``named_parameters`` /
+    ``named_buffers``)}, one path per slot (submodule, attribute) that holds a parameter or a buffer.
+
+    torch's ``functional_call`` swaps tensors in path by path and back out in the same order. A submodule
+    registered at two paths (``self.b = self.a``; ``ModuleList([block] * n)``) has one slot, which two
+    paths would swap twice, leaving the call's tensors in the model (torch 2.13, with ``tie_weights``
+    either way); a parameter shared by two submodules (``dec.weight = enc.weight``) has two slots, and
+    both must be given the tensor. So every slot is named exactly once (call with ``tie_weights=False``)."""
+    held = {id(tensor): name for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())}
+    seen: set[tuple[int, str]] = set()
+    slots = {}
+    for path, submodule in module.named_modules(remove_duplicate=False):
+        for attribute, tensor in itertools.chain(submodule._parameters.items(), submodule._buffers.items()):
+            if tensor is not None and (id(submodule), attribute) not in seen:
+                seen.add((id(submodule), attribute))
+                slots[f"{path}.{attribute}" if path else attribute] = held[id(tensor)]
+    return slots
+
+
 def _tensor_name(path: tuple) -> str:
     """A batch leaf by its position: ``batch[0] (inputs)``, ``batch[0][1] (inputs)``, ``batch[1] (targets)``."""
     first = getattr(path[0], "idx", None) if path else None
@@ -219,6 +239,7 @@ class TorchObjective:
         self._modes: tuple[bool, ...] | None = None  # the modes the evaluated module was built for
         self._module: torch.nn.Module = model
         self._fixed: tuple[str, ...] = ()  # tensors read from the model at each call (a private copy's)
+        self._slots: dict[str, str] = {}  # the evaluated module's call_slots, set with it
 
     def _evaluated(self) -> tuple[torch.nn.Module, tuple[str, ...]]:
         """The module the loss calls, for the model's current modes, and the names of the tensors
@@ -246,6 +267,7 @@ class TorchObjective:
             self._module, self._fixed = private, tuple(fixed + [name for name, _ in private.named_buffers()])
         else:
             self._module, self._fixed = self.model, ()
+        self._slots = call_slots(self._module)
         self._modes = modes
         return self._module, self._fixed
 
@@ -346,7 +368,8 @@ class TorchObjective:
         if fixed:  # a private copy: its frozen parameters and buffers are the model's, now
             model = dict(itertools.chain(self.model.named_parameters(), self.model.named_buffers()))
             params = {**{name: model[name] for name in fixed}, **params}
-        return self.loss_fn(functional_call(module, params, (inputs,)), targets)
+        tensors = {path: params[name] for path, name in self._slots.items() if name in params}
+        return self.loss_fn(functional_call(module, tensors, (inputs,), tie_weights=False), targets)
 
     def _grad(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return self.flatten(grad(self._loss)(params, batch))
