@@ -4,6 +4,7 @@ optimizer arithmetic."""
 
 import copy
 import re
+import warnings
 
 import equinox as eqx
 import jax
@@ -819,3 +820,37 @@ def test_shared_modules_and_tied_parameters_leave_the_model_alone(batchnorm):
     losses, _ = torch_gd_losses(model, batch, lr=0.05, steps=5)  # trains the model itself
     np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
     assert not torch.equal(model.block.weight, before[0]["block.weight"])  # the optimizer moved the model
+
+
+def test_freezing_unfreezing_or_casting_mid_run_is_followed_and_named():
+    """Progressive unfreezing: the tracker measures the Hessian over what requires grad at each update (before,
+    it kept the set it was built with, silently); a change starts it again with a warning naming it."""
+    model = mlp(5, 2)
+    rng = np.random.default_rng(2)
+    batch = (torch.tensor(rng.normal(size=(20, 6))), torch.tensor(rng.normal(size=(20, 3))))
+    tracker = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-9, max_iters=200)
+
+    def assert_dense(measured, rtol=1e-7):
+        dense = np.linalg.eigvalsh(_module_hessian(model, batch))[::-1]
+        assert measured.vectors.shape == (len(dense), 2)
+        np.testing.assert_allclose(measured.values, dense[:2], rtol=rtol)
+
+    assert_dense(tracker.update(batch))
+    for change, message in [
+        (lambda: model[0].requires_grad_(False), r"changed \(frozen: 0\.weight, 0\.bias\).*over the 18 entries"),
+        (lambda: model[0].weight.requires_grad_(True), r"changed \(unfrozen: 0\.weight\).*over the 48 entries"),
+    ]:
+        change()
+        with pytest.warns(UserWarning, match=message):
+            measured = tracker.update(batch)
+        assert_dense(measured)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no change: no warning, the warm start kept
+        assert_dense(tracker.update(batch))
+    model.float()
+    batch32 = tuple(t.float() for t in batch)
+    with pytest.warns(UserWarning, match=r"changed \(dtype torch.float64 -> torch.float32\)"):
+        measured = tracker.update(batch32)
+    assert measured.values.dtype == np.float32
+    model.double()
+    np.testing.assert_allclose(measured.values, np.linalg.eigvalsh(_module_hessian(model, batch))[::-1][:2], rtol=1e-3)

@@ -30,6 +30,7 @@ statistics; dropout in train mode is refused) and changes nothing in the model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -50,7 +51,7 @@ from eosflow.preconditioning import (
 )
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
-from eosflow.torch.objective import Batch, TorchObjective, train_modes
+from eosflow.torch.objective import Batch, TorchObjective, train_modes, trainable
 
 
 class Preconditioning(NamedTuple):
@@ -248,24 +249,50 @@ class SharpnessTracker:
     ):
         check_example_count(microbatch, "microbatch")
         self.microbatch = microbatch
-        self.objective = TorchObjective(model, loss_fn, batch=(None, None))
-        if not 1 <= k <= self.objective.dim:
-            raise ValueError(f"k = {k} must be between 1 and the parameter count {self.objective.dim}")
-        self.k, self.tol, self.max_iters = k, tol, max_iters
-        self.dtype = dtype = np.dtype(str(self.objective.dtype).removeprefix("torch."))
-        with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
-            self.vectors = random_vectors(jax.random.PRNGKey(seed), self.objective.dim, k, dtype)
+        self.k, self.tol, self.max_iters, self.seed = k, tol, max_iters, seed
+        self._start(TorchObjective(model, loss_fn, batch=(None, None)))
         self._batch: Batch | None = None
-        self._checked: tuple[bool, ...] | None = None  # the model's modes at the last objective.check
 
         def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
-            return host_callback(self._hvp_block, vectors.shape, dtype, w, vectors, vmap_method="sequential")
+            return host_callback(self._hvp_block, vectors.shape, self.dtype, w, vectors, vmap_method="sequential")
 
         def solve(w, initial, diagonal, coupled_decay):  # coupled_decay (d,): the curvature H + diag(wd)
             matvec = preconditioned_matvec(lambda v: hvp_block(w, v) + coupled_decay[:, None] * v, diagonal)
             return lobpcg(matvec, initial, tol=self.tol, max_iters=self.max_iters)
 
         self._solve = jax.jit(solve)
+
+    def _start(self, objective: TorchObjective) -> None:
+        """Measure ``objective``'s parameters from the random initial block (seeded): at construction, and
+        when the model's trainable parameters change."""
+        if not 1 <= self.k <= objective.dim:
+            raise ValueError(f"k = {self.k} must be between 1 and the parameter count {objective.dim}")
+        self.objective = objective
+        self.dtype = dtype = np.dtype(str(objective.dtype).removeprefix("torch."))
+        with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
+            self.vectors = random_vectors(jax.random.PRNGKey(self.seed), objective.dim, self.k, dtype)
+        self._checked: tuple[bool, ...] | None = None  # the model's modes at the last objective.check
+
+    def _follow_trainable(self) -> None:
+        """Start again, with a warning naming what changed, if parameters were frozen or unfrozen since the
+        last update (``requires_grad``: the tracker measures what the optimizer steps)."""
+        old = self.objective
+        params = trainable(old.model)
+        dtypes = {p.dtype for p in params.values()}
+        if tuple(params) == old.names and dtypes == {old.dtype}:
+            return
+        added = [name for name in params if name not in old.names]
+        removed = [name for name in old.names if name not in params]
+        changes = [f"{what}: {', '.join(which)}" for what, which in (("unfrozen", added), ("frozen", removed)) if which]
+        if dtypes != {old.dtype}:
+            changes.append(f"dtype {old.dtype} -> {', '.join(sorted(map(str, dtypes)))}")
+        self._start(TorchObjective(old.model, old.loss_fn, old.batch, old.example_axis))
+        warnings.warn(
+            f"the model's trainable parameters changed ({'; '.join(changes)}): the tracker now measures the "
+            f"Hessian over the {self.objective.dim} entries of the new set, from a random start (its eigenvectors "
+            "have that length)",
+            stacklevel=3,
+        )
 
     def _hvp_block(self, w: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         device = self.objective.device
@@ -283,6 +310,7 @@ class SharpnessTracker:
         """Measure at the model's current parameters on ``batch``, in its current train/eval modes
         (BatchNorm in train mode: the loss with the batch's statistics); warm-starts the next call.
         The model is not changed."""
+        self._follow_trainable()
         objective = self.objective
         modes = train_modes(objective.model)
         if modes != self._checked:  # the first update, or the model's modes changed: a different loss
