@@ -128,6 +128,28 @@ def test_tracker_names_a_loss_that_is_not_a_scalar(loss_fn, message):
         tracker.update(tracker.init(params, jax.random.PRNGKey(0)), params, batch)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tracker_names_half_precision_parameters_and_k_above_their_size(dtype):
+    """Before: bfloat16 gave NotImplementedError('Unsupported dtype bfloat16') from inside the solver, and
+    k above the parameter count returned d pairs without a word; both are refused, by name, in init and update."""
+    params = {"w": jnp.ones(3, dtype), "b": jnp.zeros(2, dtype)}
+    key = jax.random.PRNGKey(0)
+    tracker = eosflow.SharpnessTracker(lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 4), k=1)
+    with pytest.raises(ValueError, match=rf"parameters are {dtype}; eosflow measures curvature in float32 or float64"):
+        tracker.init(params, key)
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    with pytest.raises(ValueError, match=rf"parameters are {dtype}"):
+        tracker.update(tracker.init(params32, key), params)
+    for k in (5, 6):
+        tracker = eosflow.SharpnessTracker(lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 4), k=k)
+        if k == 6:
+            with pytest.raises(ValueError, match="k = 6 exceeds the parameter count 5"):
+                tracker.init(params32, key)
+        else:  # k = d is measured: 2, 2, 2 and the quartic's flat 0, 0
+            _, pairs = tracker.update(tracker.init(params32, key), params32)
+            np.testing.assert_allclose(np.sort(pairs.values)[::-1], [2, 2, 2, 0, 0], atol=1e-5)
+
+
 def test_monitored_names_an_optimizer_that_is_not_an_edge_optimizer():
     """Before: AttributeError "'GradientTransformationExtraArgs' object has no attribute 'transform'"."""
     with pytest.raises(TypeError, match=r"eosflow.optimizer_edges.adam\(lr, ...\).*got GradientTransformation"):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from eosflow.objective import check_example_count, chunked_mean, ravel
+from eosflow.objective import Unravel, check_example_count, chunked_mean, ravel
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
 
@@ -193,9 +193,24 @@ class SharpnessTracker(eqx.Module):
         if self.cluster is not None and not 0 <= self.cluster < 1:
             raise ValueError(f"SharpnessTracker cluster must be in [0, 1) or None, got {self.cluster!r}")
 
+    def _flat(self, params: PyTree) -> tuple[Array, Unravel]:
+        """``ravel(params)``, or a ValueError if the tracker cannot measure them: k above their size, or a
+        precision below float32 (the relative-residual contract needs more digits than bfloat16's 8 bits)."""
+        flat, unravel = ravel(params)
+        if flat.dtype not in (jnp.float32, jnp.float64):
+            raise ValueError(
+                f"SharpnessTracker: the parameters are {flat.dtype.name}; eosflow measures curvature in float32 "
+                "or float64 (its eigensolver's relative-residual contract needs more precision than "
+                f"{flat.dtype.name} has): measure a float32 copy, e.g. "
+                "`jax.tree.map(lambda a: a.astype(jnp.float32), params)`, with the batch cast likewise"
+            )
+        if self.k > flat.size:
+            raise ValueError(f"SharpnessTracker k = {self.k} exceeds the parameter count {flat.size}")
+        return flat, unravel
+
     def init(self, params: PyTree, key: Array) -> TrackerState:
         """k random orthonormal directions in parameter space; no measurement yet."""
-        flat, _ = ravel(params)
+        flat, _ = self._flat(params)
         vectors = random_vectors(key, flat.size, self.k, flat.dtype)
         nan = jnp.full((vectors.shape[1],), jnp.nan, flat.dtype)
         zero = jnp.zeros((), jnp.int32)
@@ -208,7 +223,7 @@ class SharpnessTracker(eqx.Module):
         self, state: TrackerState, params: PyTree, batch: PyTree = None, preconditioner: PyTree = None
     ) -> tuple[TrackerState, Eigenpairs]:
         """Measure at ``params`` (on ``batch``), warm-started from ``state``; skip unless count % every == 0."""
-        flat, unravel = ravel(params)
+        flat, unravel = self._flat(params)
         precondition = None if preconditioner is None else ravel(preconditioner, "preconditioner")[0].astype(flat.dtype)
 
         call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
