@@ -398,6 +398,17 @@ class Noise(torch.nn.Module):
         return h + 0.1 * torch.randn_like(h)
 
 
+class Distances(torch.nn.Module):
+    """Distances to 3 learned centres: torch.cdist, whose backward torch does not differentiate."""
+
+    def __init__(self):
+        super().__init__()
+        self.centres = torch.nn.Parameter(torch.linspace(-1, 1, 18, dtype=torch.float64).reshape(3, 6))
+
+    def forward(self, h):
+        return torch.cdist(h, self.centres)
+
+
 @pytest.mark.parametrize(
     "model, loss_fn, message",
     [
@@ -425,6 +436,11 @@ class Noise(torch.nn.Module):
             lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), Head(Noise())).double(),
             F.mse_loss,
             r"the model's forward is random.*torch.randn",
+        ),
+        (  # an op torch differentiates once only: before, a JaxRuntimeError from inside a callback
+            Distances,
+            F.mse_loss,
+            r"differentiate this model \(or loss\) twice.*derivative for '_cdist_backward' is not implemented\. ",
         ),
     ],
 )
@@ -854,3 +870,24 @@ def test_freezing_unfreezing_or_casting_mid_run_is_followed_and_named():
     assert measured.values.dtype == np.float32
     model.double()
     np.testing.assert_allclose(measured.values, np.linalg.eigvalsh(_module_hessian(model, batch))[::-1][:2], rtol=1e-3)
+
+
+def test_attention_layers_are_measured_through_the_kernel_torch_differentiates_twice():
+    """F.scaled_dot_product_attention (nn.TransformerEncoderLayer, nn.MultiheadAttention) runs a fused
+    kernel on the CPU whose backward torch cannot differentiate: every HVP failed, as a JaxRuntimeError
+    from inside a callback. eosflow evaluates it through the math kernel: the tracker's top 3 equal dense
+    eigh of a Hessian differenced from the module's own backward (the fused kernel's), in train and eval
+    mode, and eosflow's GD equals torch.optim.SGD on the model."""
+    torch.manual_seed(5)
+    layer = torch.nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=6, dropout=0.0, batch_first=True)
+    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(3 * 4, 3)).double()
+    rng = np.random.default_rng(5)
+    batch = (torch.tensor(rng.normal(size=(10, 3, 4))), torch.tensor(rng.normal(size=(10, 3))))
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        measured = SharpnessTracker(model, F.mse_loss, k=3, tol=1e-8, max_iters=100).update(batch)
+        dense = np.linalg.eigvalsh(_module_hessian(model, batch))[::-1][:3]
+        np.testing.assert_allclose(measured.values, dense, rtol=1e-6)
+    ds = eosflow.simulate(eosflow.torch.problem(model, F.mse_loss, batch), lr=0.1, steps=4, spectrum={"every": 0})
+    losses, _ = torch_gd_losses(model, batch, lr=0.1, steps=4)
+    np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
@@ -332,6 +333,17 @@ class TorchObjective:
                 "InstanceNorm in train mode without their running statistics, but not others). Call "
                 f"model.eval() first if that stops it, or use a model without it. torch said: {error}"
             ) from error
+        try:
+            self._hvp(self.unflatten(w), torch.ones_like(w), self._data(batch))
+        except RuntimeError as error:
+            if "derivative for" not in str(error):
+                raise
+            raise ValueError(
+                "torch cannot differentiate this model (or loss) twice, and eosflow's Hessian-vector products "
+                f"are double backward: {str(error).splitlines()[0].rstrip('.')}. Write that operation with ops torch "
+                "differentiates twice (attention through F.scaled_dot_product_attention is: eosflow selects its "
+                "math kernel)"
+            ) from error
 
     @classmethod
     def from_module(
@@ -369,7 +381,9 @@ class TorchObjective:
             model = dict(itertools.chain(self.model.named_parameters(), self.model.named_buffers()))
             params = {**{name: model[name] for name in fixed}, **params}
         tensors = {path: params[name] for path, name in self._slots.items() if name in params}
-        return self.loss_fn(functional_call(module, tensors, (inputs,), tie_weights=False), targets)
+        with sdpa_kernel([SDPBackend.MATH]):  # the one attention kernel torch differentiates twice
+            outputs = functional_call(module, tensors, (inputs,), tie_weights=False)
+        return self.loss_fn(outputs, targets)
 
     def _grad(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return self.flatten(grad(self._loss)(params, batch))
