@@ -771,7 +771,7 @@ class _Shared(torch.nn.Module):
         return torch.nn.functional.linear(self.norm(z), self.out.weight.T, self.out.bias)
 
 
-def _module_hessian(model: torch.nn.Module, batch, eps: float = 1e-5) -> np.ndarray:
+def _module_hessian(model: torch.nn.Module, batch, eps: float = 1e-5, loss_fn=F.mse_loss) -> np.ndarray:
     """The Hessian over the model's trainable parameters (deduplicated), by central differences of the
     gradient torch's own backward gives the module: an oracle that uses no functional_call."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -783,7 +783,7 @@ def _module_hessian(model: torch.nn.Module, batch, eps: float = 1e-5) -> np.ndar
             for p, piece in zip(params, torch.split(w, [p.numel() for p in params])):
                 p.copy_(piece.view_as(p))
         model.zero_grad()
-        F.mse_loss(model(batch[0]), batch[1]).backward()
+        loss_fn(model(batch[0]), batch[1]).backward()
         return torch.cat([p.grad.reshape(-1) for p in params]).numpy().copy()
 
     columns = []
@@ -891,3 +891,17 @@ def test_attention_layers_are_measured_through_the_kernel_torch_differentiates_t
     ds = eosflow.simulate(eosflow.torch.problem(model, F.mse_loss, batch), lr=0.1, steps=4, spectrum={"every": 0})
     losses, _ = torch_gd_losses(model, batch, lr=0.1, steps=4)
     np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-12)
+
+
+def test_a_piecewise_linear_loss_has_zero_curvature_not_an_error():
+    """A linear model under the L1 loss: g does not depend on w, H = 0 (the differenced Hessian of the
+    module's own backward is 0). Before, vmap could not lay out an image that did not depend on the direction
+    and every HVP failed inside a callback; now the tracker and a GD run measure S = 0."""
+    torch.manual_seed(6)
+    model = torch.nn.Linear(5, 2).double()
+    rng = np.random.default_rng(6)
+    batch = (torch.tensor(rng.normal(size=(9, 5))), torch.tensor(rng.normal(size=(9, 2))))
+    np.testing.assert_array_equal(_module_hessian(model, batch, loss_fn=F.l1_loss), 0.0)
+    assert np.all(SharpnessTracker(model, F.l1_loss, k=2).update(batch).values == 0.0)
+    ds = eosflow.simulate(eosflow.torch.problem(model, F.l1_loss, batch), lr=0.1, steps=3, spectrum={"k": 1})
+    assert np.all(ds.sharpness.sel(process="gd").values == 0.0)

@@ -389,7 +389,10 @@ class TorchObjective:
         return self.flatten(grad(self._loss)(params, batch))
 
     def _hvp(self, params: dict[str, torch.Tensor], direction: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self.flatten(grad(lambda p: torch.dot(self._grad(p, batch), direction))(params))
+        image = self.flatten(grad(lambda p: torch.dot(self._grad(p, batch), direction))(params))
+        # where g does not depend on w (a piecewise-linear model and loss: H = 0) the image does not depend
+        # on the direction either, and vmap over directions could not lay it out (torch 2.13): tie it on
+        return image + 0 * direction
 
     def _data(self, batch: Batch | None) -> Batch:
         return self.batch if batch is None else batch
