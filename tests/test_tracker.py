@@ -230,12 +230,23 @@ def test_adamw_threshold_is_where_optaxs_own_iteration_loses_stability(lr, b1, w
             assert optimizer.threshold < 0.99 * optimizer_edges.adam(lr, b1=b1).threshold
 
 
-def test_monitor_reads_a_schedules_step_size_at_optaxs_count():
-    """With lr an optax schedule, each reading's lr * S uses the lr optax applied in that update: recovered
-    from the update itself (b1 = 0: update = -lr(t) g / P), not from the schedule; edge ratio = lr(t) S / 2 (b1 = 0)."""
+INJECTED = [0.004, 0.02, 0.01, 0.002, 0.03, 0.006, 0.015]  # set by hand in the state before update t
+
+
+@pytest.mark.parametrize("how", ["schedule", "injected"])
+def test_monitor_reads_a_schedules_step_size_at_optaxs_count(how):
+    """With lr an optax schedule, or set by hand in an ``optax.inject_hyperparams`` state before each update,
+    each reading's lr * S uses the lr optax applied in that update: recovered from the update itself (b1 = 0:
+    update = -lr(t) g / P), not from the schedule; edge ratio = lr(t) S / 2 (b1 = 0). (Before, an injected lr
+    was not read: the constructor's 0.01 was used.)"""
     problem = small_problem()
-    schedule = optax.linear_schedule(0.002, 0.03, transition_steps=6)
-    optimizer = optimizer_edges.adam(schedule, b1=0.0, b2=0.9, eps=1e-3)
+    if how == "schedule":
+        optimizer = optimizer_edges.adam(
+            optax.linear_schedule(0.002, 0.03, transition_steps=6), b1=0.0, b2=0.9, eps=1e-3
+        )
+    else:
+        injected = optax.inject_hyperparams(optax.adam)(learning_rate=0.01, b1=0.0, b2=0.9, eps=1e-3)
+        optimizer = optimizer_edges.adam(0.01, b1=0.0, b2=0.9, eps=1e-3)._replace(transform=injected)
 
     def loss(params, batch):
         return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
@@ -245,6 +256,8 @@ def test_monitor_reads_a_schedules_step_size_at_optaxs_count():
     state = opt.init(params)
     checked = []
     for t in range(7):
+        if how == "injected":
+            state.inner.hyperparams["learning_rate"] = jnp.asarray(INJECTED[t], jnp.float64)
         grads = jax.grad(loss)(params, batch)
         updates, state = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=batch))(grads, state, params)
         if t % 2 == 0:
@@ -257,7 +270,10 @@ def test_monitor_reads_a_schedules_step_size_at_optaxs_count():
             assert float(reading.edge_ratio) == pytest.approx(lr_t * float(reading.sharpness) / 2.0, rel=1e-6)
             checked.append(lr_t)
         params = optax.apply_updates(params, updates)
-    assert len(checked) == 4 and checked == sorted(checked) and checked[0] < 0.5 * checked[-1]  # the warm-up moved it
+    if how == "schedule":
+        assert len(checked) == 4 and checked == sorted(checked) and checked[0] < 0.5 * checked[-1]  # warm-up moved it
+    else:
+        np.testing.assert_allclose(checked, INJECTED[::2], rtol=1e-12)
 
 
 def test_preconditioned_tracker_and_monitor_match_dense():

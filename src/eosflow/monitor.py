@@ -9,7 +9,8 @@ P^{-1/2} H P^{-1/2} with P the preconditioner the inner optimizer just used (P =
 passes a :class:`Reading` to ``log`` on the host (``jax.debug.callback``); the latest reading
 is also in ``state.reading``. ``edge_ratio`` = S / threshold is 1 at the optimizer's edge of
 stability (lr * S = 2 for GD, 38 for Adam at b1 = 0.9). With a schedule, lr is the one of the
-update being made (optax's count, which equals the monitor's step when both start together).
+update being made (optax's count, which equals the monitor's step when both start together); an
+``optax.inject_hyperparams`` optimizer's lr is the one its state says it used (set by hand or by a schedule).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array
 
-from eosflow.optimizer_edges import EdgeOptimizer
+from eosflow.optimizer_edges import EdgeOptimizer, substate
 from eosflow.tracker import SharpnessTracker, TrackerState
 
 
@@ -39,6 +40,14 @@ class MonitoredState(NamedTuple):
     inner: optax.OptState  # the wrapped optimizer's state
     tracker: TrackerState  # warm start and last eigenpairs (d x k)
     reading: Reading  # the latest measurement (NaN before the first)
+
+
+def injected_lr(opt_state: optax.OptState) -> Array | None:
+    """The ``learning_rate`` an ``optax.inject_hyperparams`` state holds, the one its last update used
+    (set in ``state.hyperparams`` by hand, or a schedule's value), or None if the state has none."""
+    kinds = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    found = substate(opt_state, lambda s: isinstance(s, kinds) and "learning_rate" in s.hyperparams)
+    return None if found is None else jnp.asarray(found.hyperparams["learning_rate"])
 
 
 def print_reading(reading: Reading) -> None:
@@ -88,7 +97,8 @@ def monitored(
         step = state.tracker.count
         tracked, pairs = tracker.update(state.tracker, params, batch, preconditioner)
         sharpness = pairs.values[0]
-        lr = optimizer.lr_at(step).astype(sharpness.dtype)  # the step size of this update (a schedule's, at its count)
+        lr = injected_lr(inner)  # the step size of this update: what optax used, or a schedule's at its count
+        lr = (optimizer.lr_at(step) if lr is None else lr).astype(sharpness.dtype)
         measured = Reading(step, sharpness, lr * sharpness, sharpness / optimizer.edge(lr))
         is_measurement = pairs.hvps > 0
         reading = jax.tree.map(lambda new, old: jnp.where(is_measurement, new, old), measured, state.reading)
