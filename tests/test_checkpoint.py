@@ -119,3 +119,23 @@ def make_problem_flat(problem):
     import eosflow
 
     return eosflow.Problem.from_function(lambda w: jnp.sum(jnp.cos(w)), np.asarray(problem.w0))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_table_without_dtype_takes_the_in_memory_problems(dtype, tmp_path):
+    """As eosflow.simulate does: anchored (and run) given a problem built in memory and a table naming no dtype
+    compute in the problem's (before, float64 was refused: "w0 is float64 but this run computes in
+    float32"), every variable bitwise that of the table with the dtype named."""
+    from eosflow.experiment import run
+    from eosflow.load import load
+
+    problem = make_problem(dtype=dtype)
+    named = {**table("adam", 10), "dtype": dtype}
+    bare = {key: value for key, value in named.items() if key != "dtype"}
+    for made in (
+        lambda spec, name: anchored(spec, at=3, problem=problem),
+        lambda spec, name: load(run(spec, tmp_path / name, problem=problem).run_dir),
+    ):
+        expected, got = made(named, "named"), made(bare, "bare")
+        for name, variable in expected.data_vars.items():
+            assert got[name].dtype == variable.dtype and got[name].values.tobytes() == variable.values.tobytes(), name

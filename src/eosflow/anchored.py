@@ -33,7 +33,14 @@ import numpy as np
 
 from eosflow.checkpoint import Checkpoint, optimizer_state
 from eosflow.config import SpecError
-from eosflow.experiment import add_distances, divergence_reason, first_divergent, prepare, run_dtype
+from eosflow.experiment import (
+    add_distances,
+    divergence_reason,
+    first_divergent,
+    prepare,
+    run_dtype,
+    with_problem_dtype,
+)
 from eosflow.flows.flow import Flow
 from eosflow.load import rows_dataset, summary_attrs, summary_of
 from eosflow.optim.adaptive import AdaptiveOptimizer
@@ -69,6 +76,7 @@ def check_anchorable(table: dict, at: int | str, problem: Problem | None = None,
     not GD or a momentum or adaptive optimizer, another is not a model of it, ``at`` is neither "onset" nor
     a step in [2, steps - 3], or "onset" with the edge ratio never measured. ``where`` names ``at`` in the
     message (``--from`` on the command line). Builds the problem and the processes, runs nothing."""
+    table = with_problem_dtype(table, problem)
     with precision(run_dtype(table)):
         spec, _, _, processes = prepare(table, problem)
         _anchorable(spec, processes, at, where)
@@ -84,6 +92,7 @@ def anchored(
     a SpecError naming the process or the step that cannot be anchored (:func:`check_anchorable`), or what
     of ``start`` does not fit, and :class:`NoAnchorStep` when the optimizer's run has no onset to start at
     or diverged."""
+    table = with_problem_dtype(table, problem)
     with precision(run_dtype(table)):
         return _anchored(table, at, problem, start)
 
@@ -175,6 +184,7 @@ def floor_from_w0(table: dict, problem: Problem | None = None, size: float | Non
     Only the first process runs (a metric relative to the yardstick takes the yardstick's distance from
     the run itself, :func:`eosflow.leaderboard.floor_columns`). Raises a SpecError when the first
     process is not GD or a momentum or adaptive optimizer, and :class:`NoAnchorStep` when it diverged."""
+    table = with_problem_dtype(table, problem)
     with precision(run_dtype(table)):
         spec, problem, _, processes = prepare(table, problem)
         name = next(iter(processes))

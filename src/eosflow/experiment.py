@@ -115,17 +115,28 @@ def run(
 
     The run computes in its spec's ``dtype`` (:func:`eosflow.precision.precision`), whatever the
     caller's JAX configuration. ``problem`` replaces the spec's ``[problem]`` table by a problem
-    built in memory (what :func:`eosflow.simulate` passes). The run holds the directory's lock
+    built in memory (what :func:`eosflow.simulate` passes; a table without ``dtype`` then takes the
+    problem's, :func:`with_problem_dtype`). The run holds the directory's lock
     throughout (a second writer is refused, naming this process). SIGINT and SIGTERM stop it after
     the chunk in progress is flushed and checkpointed: the summary says ``interrupted`` with the
     command that resumes, and :class:`Interrupted` (a KeyboardInterrupt) is raised. ``stop_after``
     ends the run early after that many steps (as an interruption would), which tests use to
     exercise resuming.
     """
+    table = with_problem_dtype(table, problem)
     with precision(run_dtype(table)):
         return _run(
             table, out, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after, problem=problem
         )
+
+
+def with_problem_dtype(table: dict, problem: Problem | None) -> dict:
+    """``table`` with ``dtype`` set to that of ``problem``, a problem built in memory, when the table names
+    none (:meth:`Problem.default_dtype`: float64 if every floating parameter leaf is, else float32), as
+    :func:`eosflow.simulate` does; otherwise ``table`` itself."""
+    if problem is None or not isinstance(table, dict) or "dtype" in table:
+        return table
+    return {**table, "dtype": problem.default_dtype()}
 
 
 def run_dtype(table: dict) -> str:
