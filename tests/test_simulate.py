@@ -255,6 +255,10 @@ def _user_arrays(n=12):
             lambda p, x, y: eosflow.Problem.from_model(lambda x, p: _mlp(p, x), p, x, y),
             r"apply_fn\(params, inputs\) failed.*TypeError",
         ),
+        (  # a model that also returns an auxiliary output: before, "unsupported operand type(s) for -: 'tuple'"
+            lambda p, x, y: eosflow.Problem.from_model(lambda q, z: (_mlp(q, z), {"norm": 0.0}), p, x, y),
+            r"apply_fn\(params, inputs\) returns a tuple of 2, not an array of predictions.*built-in mse loss",
+        ),
         (
             lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y, loss=lambda f, t: (f - t) ** 2),
             r"loss\(predictions, targets\) returns shape \(12, 1\), not a scalar",

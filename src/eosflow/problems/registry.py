@@ -228,7 +228,15 @@ def _check_model(apply_fn: Callable, params: PyTree, inputs: Any, targets: Any, 
             f"inputs have {_examples(counts['inputs'])}: every input and target leaf needs one row per example"
         )
     predictions = _traced("apply_fn(params, inputs)", apply_fn, params, inputs)
-    if isinstance(loss, str) and isinstance(predictions, jax.ShapeDtypeStruct) and hasattr(targets, "shape"):
+    if isinstance(loss, str) and not isinstance(predictions, jax.ShapeDtypeStruct):
+        kind = type(predictions).__name__
+        size = f" of {len(predictions)}" if isinstance(predictions, tuple | list | dict) else ""
+        raise SpecError(
+            f"Problem.from_model: apply_fn(params, inputs) returns a {kind}{size}, not an array of predictions, "
+            f"which the built-in {loss} loss needs: return the predictions alone (e.g. `lambda p, x: apply_fn(p, "
+            "x)[0]` for a model that also returns an auxiliary output), or pass a loss of your own that takes them"
+        )
+    if isinstance(loss, str) and hasattr(targets, "shape"):
         shape, wanted = tuple(targets.shape), tuple(predictions.shape)
         if loss == "cross_entropy":
             if shape != wanted and not (jnp.issubdtype(targets.dtype, jnp.integer) and shape == wanted[:-1]):
