@@ -905,3 +905,52 @@ def test_a_piecewise_linear_loss_has_zero_curvature_not_an_error():
     assert np.all(SharpnessTracker(model, F.l1_loss, k=2).update(batch).values == 0.0)
     ds = eosflow.simulate(eosflow.torch.problem(model, F.l1_loss, batch), lr=0.1, steps=3, spectrum={"k": 1})
     assert np.all(ds.sharpness.sel(process="gd").values == 0.0)
+
+
+class _Swish(torch.autograd.Function):
+    """x sigmoid(x) as a custom autograd.Function: twice differentiable (its backward is torch ops), but with
+    no vmap rule, so torch.func.vmap cannot batch it."""
+
+    @staticmethod
+    def forward(x):
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * (s + x * s * (1 - s))
+
+
+class _SwishNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.hidden, self.out = torch.nn.Linear(4, 5), torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(_Swish.apply(self.hidden(x)))
+
+
+def test_a_custom_function_without_a_vmap_rule_is_measured_in_a_loop_and_said_once():
+    """The tracker's block of HVPs went through torch.func.vmap alone and failed inside a callback on a model
+    vmap cannot batch; it now falls back to one HVP per column, as the bridge's lanes do, with one warning, and
+    measures the dense eigenvalues of a Hessian differenced from the module's own backward."""
+    model = _SwishNet().double()
+    rng = np.random.default_rng(7)
+    batch = (torch.tensor(rng.normal(size=(12, 4))), torch.tensor(rng.normal(size=(12, 2))))
+    tracker = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-9, max_iters=200)
+    with pytest.warns(
+        UserWarning,
+        match=r"cannot batch _SwishNet.*HVPs of a block of vectors in a Python loop.*generate_vmap_rule = True",
+    ):
+        measured = tracker.update(batch)
+    np.testing.assert_allclose(measured.values, np.linalg.eigvalsh(_module_hessian(model, batch))[::-1][:2], rtol=1e-7)
+    assert tracker.objective.vmap_error is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        tracker.update(batch)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -33,8 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from jax.custom_derivatives import SymbolicZero
-from torch.func import vmap
-from torch.utils import _pytree as pytree
 
 from eosflow.objective import Objective, _identity
 from eosflow.problems.registry import Problem
@@ -49,7 +46,7 @@ def _batched(
     fn: Callable[..., torch.Tensor], what: str, objective: TorchObjective, indexed: bool
 ) -> Callable[..., np.ndarray]:
     """A NumPy callback of ``fn(*vectors, batch)`` (each vector (d,)) that also accepts leading batch axes;
-    ``what`` names fn's results (``"gradients"``) for the warning of :func:`_map`.
+    ``what`` names fn's results (``"gradients"``) for the warning of :meth:`TorchObjective.map_lanes`.
 
     With ``indexed`` the last array holds example indices (..., S): the minibatch is
     ``objective.examples`` of them (the stored batch itself for 0, ..., N-1), else it is the full
@@ -90,57 +87,10 @@ def _batched(
             flat.append(batch)  # (a pytree of tensors, mapped over their example axes)
             in_dims.append(objective.example_dims())
         lanes_are = f"per-example {what}" if lanes else f"{what} for a block of {math.prod(lead)} vectors"
-        out = _map(call, tuple(in_dims), flat, math.prod(lead), objective, lanes_are)
+        out = objective.map_lanes(call, tuple(in_dims), flat, math.prod(lead), lanes_are)
         return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape[1:]))
 
     return callback
-
-
-def _map(
-    call: Callable[..., torch.Tensor], in_dims: tuple, args: list, lanes: int, objective: TorchObjective, what: str
-):
-    """``torch.func.vmap(call, in_dims)(*args)`` over ``lanes`` lanes, or the same as a loop over the lanes,
-    stacked, for a model vmap cannot batch: ``nn.LSTM``/``nn.GRU`` with their default initial state
-    (zeros of the unbatched size) fail under vmap when the inputs are batched (per-example lanes).
-    The first failure is kept in ``objective.vmap_error``, warned about once (:func:`_fallback_warning`;
-    ``what`` names the lanes) and the loop serves every later call."""
-    if objective.vmap_error is None:
-        try:
-            return vmap(call, in_dims=in_dims)(*args)
-        except RuntimeError as error:
-            objective.vmap_error = str(error)
-            warnings.warn(_fallback_warning(objective, what), UserWarning, stacklevel=2)
-
-    def lane(i: int) -> list:
-        select = lambda leaf, dim: leaf if dim is None else leaf.select(dim, i)  # noqa: E731
-        return [pytree.tree_map(select, arg, dims) for arg, dims in zip(args, in_dims)]
-
-    return torch.stack([call(*lane(i)) for i in range(lanes)])
-
-
-def _fallback_warning(objective: TorchObjective, what: str) -> str:
-    """What the bridge does when torch.func.vmap cannot batch the model (``objective.vmap_error``): the
-    model's class, what it loops over, vmap's first line, and the known remedy if there is one."""
-    error = (objective.vmap_error or "").strip()
-    first = error.splitlines()[0] if error else "(no message)"
-    model = objective.model
-    if "data-dependent control flow" in error:
-        remedy = (
-            "the forward branches on a tensor's value (`if`, `.item()`), which vmap cannot batch: write the "
-            "branch with torch.where, which it batches"
-        )
-    elif objective.dtype == torch.float64 and any(isinstance(m, torch.nn.LSTM) for m in model.modules()):
-        remedy = (
-            "vmap cannot batch nn.LSTM in float64; in float32 (model.float() and a float32 batch) torch runs "
-            "its oneDNN LSTM kernel, which vmap batches"
-        )
-    else:
-        remedy = "no known remedy: see docs/torch.md"
-    return (
-        f"torch.func.vmap cannot batch {type(model).__name__} ({first}); eosflow evaluates the {what} "
-        f"in a Python loop, one torch call per lane: the same numbers, often 10-100x slower. "
-        f"To avoid it: {remedy}. (Said once per objective; the error is kept in objective.vmap_error.)"
-    )
 
 
 _TORCH_LOCK = threading.Lock()  # one torch evaluation at a time (see host_callback)

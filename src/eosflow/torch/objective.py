@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -180,6 +181,36 @@ def example_axes(batch: Batch, example_axis: ExampleAxis) -> tuple[list[int | No
     return axes, found[0][1]
 
 
+def _fallback_warning(objective: TorchObjective, what: str) -> str:
+    """What eosflow does when torch.func.vmap cannot batch the model (``objective.vmap_error``): the
+    model's class, what it loops over, vmap's first line, and the known remedy if there is one."""
+    error = (objective.vmap_error or "").strip()
+    first = error.splitlines()[0] if error else "(no message)"
+    model = objective.model
+    if "data-dependent control flow" in error:
+        remedy = (
+            "the forward branches on a tensor's value (`if`, `.item()`), which vmap cannot batch: write the "
+            "branch with torch.where, which it batches"
+        )
+    elif objective.dtype == torch.float64 and any(isinstance(m, torch.nn.LSTM) for m in model.modules()):
+        remedy = (
+            "vmap cannot batch nn.LSTM in float64; in float32 (model.float() and a float32 batch) torch runs "
+            "its oneDNN LSTM kernel, which vmap batches"
+        )
+    elif "does not have vmap support" in error:
+        remedy = (
+            "give the torch.autograd.Function a vmap rule (`generate_vmap_rule = True` on the class, or its own "
+            "`vmap` staticmethod)"
+        )
+    else:
+        remedy = "no known remedy: see docs/torch.md"
+    return (
+        f"torch.func.vmap cannot batch {type(model).__name__} ({first}); eosflow evaluates the {what} "
+        f"in a Python loop, one torch call per lane: the same numbers, often 10-100x slower. "
+        f"To avoid it: {remedy}. (Said once per objective; the error is kept in objective.vmap_error.)"
+    )
+
+
 class TorchObjective:
     """L(w) = loss_fn(model(inputs; w), targets) for the flat vector w of ``model``'s parameters.
 
@@ -211,7 +242,7 @@ class TorchObjective:
         self.batch = batch
         self.example_axis = example_axis
         self.axes, self._num_examples = example_axes(batch, example_axis)  # per leaf of the batch
-        self.vmap_error: str | None = None  # torch.func.vmap's error if it cannot batch the model (the bridge loops)
+        self.vmap_error: str | None = None  # torch.func.vmap's error if it cannot batch the model (map_lanes loops)
         params = trainable(model)
         if not params:
             raise ValueError("the model has no trainable parameters (requires_grad): nothing to differentiate")
@@ -463,10 +494,32 @@ class TorchObjective:
         """H(w) v = grad_w <g(w), v>."""
         return self._hvp(self.unflatten(w), v, self._data(batch))
 
+    def map_lanes(self, call: Callable[..., torch.Tensor], in_dims: tuple, args: list, lanes: int, what: str):
+        """``torch.func.vmap(call, in_dims)(*args)`` over ``lanes`` lanes, or the same as a loop over the lanes,
+        stacked, for a model vmap cannot batch: ``nn.LSTM``/``nn.GRU`` with their default initial state
+        (zeros of the unbatched size) fail under vmap when the inputs are batched (per-example lanes), and a
+        ``torch.autograd.Function`` without a vmap rule under any vmap. The first failure is kept in
+        ``vmap_error``, warned about once (:func:`_fallback_warning`; ``what`` names the lanes) and the loop
+        serves every later call."""
+        if self.vmap_error is None:
+            try:
+                return vmap(call, in_dims=in_dims)(*args)
+            except RuntimeError as error:
+                self.vmap_error = str(error)
+                warnings.warn(_fallback_warning(self, what), UserWarning, stacklevel=3)
+
+        def lane(i: int) -> list:
+            select = lambda leaf, dim: leaf if dim is None else leaf.select(dim, i)  # noqa: E731
+            return [pytree.tree_map(select, arg, dims) for arg, dims in zip(args, in_dims)]
+
+        return torch.stack([call(*lane(i)) for i in range(lanes)])
+
     def hvp_batch(self, w: torch.Tensor, vectors: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
-        """H(w) V for the columns of V (d x k), vectorized over columns."""
+        """H(w) V for the columns of V (d x k), vectorized over columns (:meth:`map_lanes`)."""
         params, data = self.unflatten(w), self._data(batch)
-        return vmap(lambda v: self._hvp(params, v, data), in_dims=1, out_dims=1)(vectors)
+        columns = vectors.T  # (k, d)
+        what = "HVPs of a block of vectors"
+        return self.map_lanes(lambda v: self._hvp(params, v, data), (0,), [columns], len(columns), what).T
 
     def third_derivative(
         self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, batch: Batch | None = None
