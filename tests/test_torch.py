@@ -784,7 +784,8 @@ def _module_hessian(model: torch.nn.Module, batch, eps: float = 1e-5, loss_fn=F.
                 p.copy_(piece.view_as(p))
         model.zero_grad()
         loss_fn(model(batch[0]), batch[1]).backward()
-        return torch.cat([p.grad.reshape(-1) for p in params]).numpy().copy()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # None: unused by the loss
+        return torch.cat([g.reshape(-1) for g in grads]).numpy().copy()
 
     columns = []
     for i in range(flat.numel()):
@@ -954,3 +955,51 @@ def test_a_custom_function_without_a_vmap_rule_is_measured_in_a_loop_and_said_on
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         tracker.update(batch)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A body and two heads, the second unused by the loss trained: torch's Adam and RMSprop skip it (its grad
+    is None), so it never has a state."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.body, self.head, self.unused = torch.nn.Linear(4, 5), torch.nn.Linear(5, 2), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6),
+        lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.5),
+    ],
+)
+def test_a_parameter_the_optimizer_never_stepped_is_frozen_not_an_error(make):
+    """Before: "the optimizer has no `exp_avg_sq` for parameter 'unused.weight' yet: it has taken no step",
+    after steps were taken. A parameter without a state in an optimizer that has stepped does not move: it is
+    measured as frozen (P^-1 = 0 there), and the values equal dense eigh of P^-1/2 H P^-1/2 over the rest."""
+    model = _TwoHeads().double()
+    rng = np.random.default_rng(8)
+    batch = (torch.tensor(rng.normal(size=(14, 4))), torch.tensor(rng.normal(size=(14, 2))))
+    optimizer = make(model.parameters())
+    for _ in range(4):
+        optimizer.zero_grad()
+        F.mse_loss(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+    assert not optimizer.state[model.unused.weight]
+    stepped = [p for p in model.parameters() if optimizer.state[p]]
+    hessian = _module_hessian(model, batch)
+    used = sum(p.numel() for p in stepped)
+    assert np.all(hessian[used:] == 0)  # the unused head is last in the layout
+    group, states = optimizer.param_groups[0], [optimizer.state[p] for p in stepped]
+    if "betas" in group:
+        nu = np.concatenate([s["exp_avg_sq"].reshape(-1).numpy() for s in states])
+        p_diag = np.sqrt(nu / (1 - group["betas"][1] ** float(states[0]["step"]))) + group["eps"]
+    else:
+        p_diag = np.sqrt(np.concatenate([s["square_avg"].reshape(-1).numpy() for s in states])) + group["eps"]
+    scaled = hessian[:used, :used] / np.sqrt(np.outer(p_diag, p_diag))
+    eig = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8, max_iters=400).update(batch, optimizer)
+    np.testing.assert_allclose(eig.values, np.linalg.eigvalsh(scaled)[::-1][:2], rtol=1e-7)

@@ -179,16 +179,22 @@ def _parameter_edge(
         beta1, beta2 = group["betas"]
         if group.get("amsgrad", False):
             raise ValueError("AMSGrad's preconditioner (a running max) is not supported")
+        c = stability_constant(float(beta1), "ema")
+    else:  # RMSprop
+        c = stability_constant(float(group.get("momentum", 0.0)), "classical")
+    if not state and any(optimizer.state.values()):
+        # the optimizer has stepped, never this parameter: torch skips one whose grad is None (unused by the
+        # loss it trains), so it does not move: frozen, as a group at lr = 0
+        return ParameterEdge(p.numel(), index, 0.0, c, np.ones(p.numel()), 0.0, 0.0)
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         nu, steps = state_buffer(state, "exp_avg_sq", name)
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
         P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"], bias_correction=1 - float(beta2) ** steps))
-        c = stability_constant(float(beta1), "ema")
         return ParameterEdge(p.numel(), index, lr, c, P, 0.0 if decoupled else decay, decay if decoupled else 0.0)
-    nu, _ = state_buffer(state, "square_avg", name)  # RMSprop
+    nu, _ = state_buffer(state, "square_avg", name)
     if group.get("centered", False):
         nu = nu - state_buffer(state, "grad_avg", name)[0] ** 2
     P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"]))
-    c = stability_constant(float(group.get("momentum", 0.0)), "classical")
     return ParameterEdge(p.numel(), index, lr, c, P, decay, 0.0)
 
 
