@@ -684,15 +684,23 @@ TORCH_OPTIMIZERS = {  # torch optimizer, eosflow process and its options (the sa
 }
 
 
+@pytest.mark.parametrize("unused_head", [False, True])
 @pytest.mark.parametrize("name", list(TORCH_OPTIMIZERS))
-def test_a_torch_run_continues_in_eosflow_from_its_checkpoint(name):
+def test_a_torch_run_continues_in_eosflow_from_its_checkpoint(name, unused_head):
     """A torch loop's model and optimizer after 4 steps, handed to eosflow (eosflow.torch.checkpoint): eosflow's
     optimizer continues torch's own next 10 steps to 1e-10 (float64), and its stable flow starts on them.
-    (Plain SGD's checkpoint is its parameters alone: test_checkpoint runs GD from one.)"""
+    (Plain SGD's checkpoint is its parameters alone: test_checkpoint runs GD from one.) With a head the loss does
+    not use, which torch never steps and holds no state for, its moments start at zero (before: refused, "it has
+    taken no step")."""
     from eosflow.anchored import anchored
 
     make, process, options = TORCH_OPTIMIZERS[name]
-    objective, _ = problem("mlp", 5, 0)
+    if unused_head:
+        rng = np.random.default_rng(9)
+        batch = (torch.tensor(rng.normal(size=(14, 4))), torch.tensor(rng.normal(size=(14, 2))))
+        objective = TorchObjective(_TwoHeads().double(), F.mse_loss, batch)
+    else:
+        objective, _ = problem("mlp", 5, 0)
     model, batch = objective.model, objective.batch
     optimizer = make(model.parameters())
 
@@ -703,6 +711,7 @@ def test_a_torch_run_continues_in_eosflow_from_its_checkpoint(name):
             optimizer.step()
 
     train(4)
+    assert unused_head == (not optimizer.state[list(model.parameters())[-1]])
     start = eosflow.torch.checkpoint(model, optimizer)
     bridged = eosflow.torch.problem(model, F.mse_loss, batch)
     expected = []

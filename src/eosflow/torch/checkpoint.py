@@ -20,7 +20,7 @@ import torch
 
 from eosflow.checkpoint import Checkpoint
 from eosflow.torch.objective import trainable
-from eosflow.torch.tracker import parameter_groups, state_buffer
+from eosflow.torch.tracker import never_stepped, parameter_groups, state_buffer
 
 
 def checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Checkpoint:
@@ -44,9 +44,15 @@ def checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
         raise ValueError(f"weight_decay = {settings[0]['weight_decay']}: eosflow's optimizers have no weight decay")
 
     def buffer(key: str) -> tuple[np.ndarray, set[float]]:
-        """The buffer ``key`` of every parameter, flattened as w, and their step counts."""
-        read = [state_buffer(optimizer.state.get(p, {}), key, name) for name, p in params.items()]
-        return np.concatenate([values for values, _ in read]), {steps for _, steps in read}
+        """The buffer ``key`` of every parameter, flattened as w, and their step counts; zeros for a parameter
+        the optimizer never stepped (its gradient, in the loss trained, is zero: so are its moments)."""
+        read = [
+            (np.zeros(p.numel(), w.dtype), None)
+            if never_stepped(optimizer, p)
+            else state_buffer(optimizer.state.get(p, {}), key, name)
+            for name, p in params.items()
+        ]
+        return np.concatenate([values for values, _ in read]), {steps for _, steps in read if steps is not None}
 
     if isinstance(optimizer, torch.optim.SGD):
         if not settings[0].get("momentum", 0.0):

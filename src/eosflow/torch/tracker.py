@@ -182,9 +182,7 @@ def _parameter_edge(
         c = stability_constant(float(beta1), "ema")
     else:  # RMSprop
         c = stability_constant(float(group.get("momentum", 0.0)), "classical")
-    if not state and any(optimizer.state.values()):
-        # the optimizer has stepped, never this parameter: torch skips one whose grad is None (unused by the
-        # loss it trains), so it does not move: frozen, as a group at lr = 0
+    if never_stepped(optimizer, p):  # it does not move: frozen, as a group at lr = 0
         return ParameterEdge(p.numel(), index, 0.0, c, np.ones(p.numel()), 0.0, 0.0)
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         nu, steps = state_buffer(state, "exp_avg_sq", name)
@@ -196,6 +194,12 @@ def _parameter_edge(
         nu = nu - state_buffer(state, "grad_avg", name)[0] ** 2
     P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"]))
     return ParameterEdge(p.numel(), index, lr, c, P, decay, 0.0)
+
+
+def never_stepped(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> bool:
+    """The optimizer has stepped, never ``p``: torch's optimizers skip a parameter whose grad is None (one the
+    loss they train does not use), which then holds no state."""
+    return not optimizer.state.get(p) and any(optimizer.state.values())
 
 
 def state_buffer(state: dict, key: str, name: str) -> tuple[np.ndarray, float]:
