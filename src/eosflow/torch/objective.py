@@ -359,11 +359,12 @@ class TorchObjective:
         )
 
     def check(self, batch: Batch | None = None) -> None:
-        """Two losses and a gradient at the module's weights on ``batch``: a ValueError naming the fault
-        if the loss is not a scalar, is random (the two values differ by more than 1000 ulps), updates
-        the model's buffers (they are restored and named), or
-        torch.func cannot differentiate the model (instead of an error from inside a JAX callback,
-        or a silently wrong result, later)."""
+        """Two losses, a gradient and a Hessian-vector product at the module's weights on ``batch``: a
+        ValueError naming the fault if the model uses weight norm while torch's second derivative of it is
+        wrong (:func:`weight_norm_second_derivative_error`), the loss is not a scalar, is random (the two
+        values differ by more than 1000 ulps), updates the model's buffers (they are restored and named),
+        or torch.func cannot differentiate the model once or twice (instead of an error from inside a JAX
+        callback, or a silently wrong result, later)."""
         normalized = weight_norm_layers(self.model)
         if normalized and (error := weight_norm_second_derivative_error()) > 1e-6:
             raise ValueError(
