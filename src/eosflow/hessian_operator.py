@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
 from jaxtyping import Array
 
 from eosflow import compiled
+from eosflow.derivative_chain import forward_differentiable
 from eosflow.objective import Objective, ObjectiveProtocol, ravel
 
 PyTree = Any
@@ -42,7 +44,9 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
         def loss(w):
             return loss_fn(unravel(w)) if batch is None else loss_fn(unravel(w), batch)
 
-        return cls(Objective.from_function(loss), flat)
+        objective = Objective.from_function(loss)
+        loss_on = forward_differentiable(objective.loss_on, flat, None)  # reverse mode through a custom_vjp
+        return cls(eqx.tree_at(lambda o: o.loss_on, objective, loss_on), flat)
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
         self.hvps += 1

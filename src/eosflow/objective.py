@@ -26,6 +26,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from eosflow.config import SpecError
+from eosflow.derivative_chain import forward_differentiable
 
 PyTree = Any
 
@@ -103,10 +104,17 @@ class Objective(eqx.Module):
         targets: Array,
         loss: str | Callable[[Array, Array], Array] = "mse",
     ) -> tuple[Objective, Float[Array, " d"]]:
-        """Objective of ``loss(model(params, inputs), targets)``; returns it with the flat ``w0``."""
+        """Objective of ``loss(model(params, inputs), targets)``; returns it with the flat ``w0``.
+
+        A model that calls a ``jax.custom_vjp`` function is differentiated in reverse mode only
+        (:func:`eosflow.derivative_chain.forward_differentiable`; forward mode cannot enter it)."""
         w0, unravel = ravel(params)
         loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
-        loss_on = _ModelLoss(model=model, unravel=unravel, loss=loss_fn)
+        loss_on: Callable[[Array, PyTree], Array] = _ModelLoss(model=model, unravel=unravel, loss=loss_fn)
+        try:
+            loss_on = forward_differentiable(loss_on, w0, (inputs, targets))
+        except Exception:  # a model that does not trace: named by the first call (Problem.from_model checks it)
+            pass
         return cls(loss_on=loss_on, data=(inputs, targets), unravel=unravel), w0
 
     # ---- full-batch quantities -------------------------------------------------------------

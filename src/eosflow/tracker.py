@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from eosflow.derivative_chain import forward_differentiable
 from eosflow.objective import Unravel, check_example_count, chunked_mean, ravel
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
@@ -242,10 +243,12 @@ class SharpnessTracker(eqx.Module):
                 )
             return value
 
+        differentiable = forward_differentiable(loss_on, flat, batch)  # reverse mode through a custom_vjp
+
         def loss(w):
             if self.microbatch is None or batch is None:
-                return loss_on(w, batch)
-            return chunked_mean(loss_on, w, batch, self.microbatch)
+                return differentiable(w, batch)
+            return chunked_mean(differentiable, w, batch, self.microbatch)
 
         older, params_and_step = state.older, state.params
         start = state.vectors

@@ -30,6 +30,7 @@ from jaxtyping import Array
 
 from eosflow.config import Entry, SpecError, describe_fields, parse, suggest, unknown_key_error
 from eosflow.data import CLASSIFICATION, REGRESSION
+from eosflow.derivative_chain import forward_differentiable
 from eosflow.objective import (
     LOSSES,
     Objective,
@@ -135,6 +136,8 @@ class Problem:
         problem = cls(objective, flat, info=dict(info or {}))
         with precision(problem.default_dtype()):
             _check_scalar("loss_fn(w0)", _traced("loss_fn(w0)", loss_fn, w0))
+            loss_on = forward_differentiable(objective.loss_on, flat, None)  # reverse mode through a custom_vjp
+        problem.objective = eqx.tree_at(lambda o: o.loss_on, objective, loss_on)
         return problem
 
     def with_microbatch(self, size: int) -> Problem:

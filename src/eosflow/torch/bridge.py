@@ -1,7 +1,7 @@
 """A torch objective as a JAX function, so every eosflow process runs on a torch model.
 
 ``jax_loss(objective)`` is a JAX function L(w) of a flat vector whose value and derivatives are
-computed by torch (``jax.pure_callback``), chained by ``jax.custom_jvp`` rules:
+computed by torch (``jax.pure_callback``), chained by ``jax.custom_jvp`` rules (:mod:`eosflow.derivative_chain`):
 
     L(w)            tangent  <g(w), dw>                     (g from one torch grad-and-value pass)
     (L, g)(w)       tangent  (<g, dw>, H(w) dw)
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from jax.custom_derivatives import SymbolicZero
 
+from eosflow.derivative_chain import derivative_chain
 from eosflow.objective import Objective, _identity
 from eosflow.problems.registry import Problem
 from eosflow.torch.objective import Batch, ExampleAxis, TorchObjective
@@ -164,10 +164,11 @@ def jax_loss_on(objective: TorchObjective) -> Callable[[jax.Array, jax.Array], j
 
 
 def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
-    """loss(w, indices) with its chain of custom_jvp rules; ``indices`` None is the full batch.
+    """loss(w, indices) with its chain of custom_jvp rules (:func:`eosflow.derivative_chain.derivative_chain`);
+    ``indices`` None is the full batch.
 
-    The indices are integers, so JAX gives them a symbolic-zero (float0) tangent, which the rules
-    ignore: they pass through to every derivative's callback unchanged.
+    The indices are integers, so JAX gives them a symbolic-zero (float0) tangent: they pass through
+    to every derivative's callback unchanged.
     """
     d, dtype = objective.dim, np.dtype(str(objective.dtype).removeprefix("torch."))
 
@@ -189,59 +190,19 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
         value, g = objective.value_and_grad(w, batch)  # one torch pass, one callback: (L, g) as (d + 1,)
         return torch.cat([value.reshape(1), g])
 
-    def is_zero(tangent) -> bool:
-        return isinstance(tangent, SymbolicZero)
-
-    @jax.custom_jvp
     def value_and_grad(w, indices):
         out = call(both, "gradients", (d + 1,), w, indices=indices)
         return out[0], out[1:]
 
-    def _value_and_grad_jvp(primals, tangents):
-        (w, indices), (dw, _) = primals, tangents
-        value, g = value_and_grad(w, indices)
-        if is_zero(dw):
-            return (value, g), (jnp.zeros_like(value), jnp.zeros_like(g))
-        return (value, g), (jnp.vdot(g, dw), hvp(w, dw, indices))
-
-    value_and_grad.defjvp(_value_and_grad_jvp, symbolic_zeros=True)
-
-    @jax.custom_jvp
-    def loss(w, indices):
-        return call(objective.value, "losses", (), w, indices=indices)
-
-    def _loss_jvp(primals, tangents):
-        (w, indices), (dw, _) = primals, tangents
-        value, g = value_and_grad(w, indices)
-        return value, jnp.zeros_like(value) if is_zero(dw) else jnp.vdot(g, dw)
-
-    loss.defjvp(_loss_jvp, symbolic_zeros=True)
-
-    @jax.custom_jvp
-    def hvp(w, v, indices):
-        return call(objective.hvp, "Hessian-vector products", (d,), w, v, indices=indices)
-
-    def _hvp_jvp(primals, tangents):
-        (w, v, indices), (dw, dv, _) = primals, tangents
-        terms = []
-        if not is_zero(dw):
-            terms.append(third_derivative(w, dw, v, indices))
-        if not is_zero(dv):
-            terms.append(hvp(w, dv, indices))
-        tangent = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(w)
-        return hvp(w, v, indices), tangent
-
-    hvp.defjvp(_hvp_jvp, symbolic_zeros=True)
-
-    @jax.custom_jvp
-    def third_derivative(w, u, v, indices):
-        return call(objective.third_derivative, "third derivatives", (d,), w, u, v, indices=indices)
-
-    @third_derivative.defjvp
-    def _fourth(primals, tangents):
-        raise NotImplementedError("fourth derivatives of a torch objective are not available")
-
-    return loss
+    return derivative_chain(
+        value=lambda w, indices: call(objective.value, "losses", (), w, indices=indices),
+        value_and_grad=value_and_grad,
+        hvp=lambda w, v, indices: call(objective.hvp, "Hessian-vector products", (d,), w, v, indices=indices),
+        third_derivative=lambda w, u, v, indices: call(
+            objective.third_derivative, "third derivatives", (d,), w, u, v, indices=indices
+        ),
+        source="a torch objective",
+    )
 
 
 class _ExampleLoss(eqx.Module):
