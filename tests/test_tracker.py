@@ -7,6 +7,7 @@ conventions: eps inside or outside the root, bias correction and its step count)
 
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -495,3 +496,53 @@ def test_gd_default_warm_start_costs_no_more_than_same_side_on_a_settled_orbit(t
             history = jnp.concatenate([pairs.vectors[None], history[:-1]])
         hvps[rule] = np.mean(spent[100:])  # the settled orbit
     assert hvps[GDOptions().warm_start] <= 1.02 * hvps["same_side"], hvps
+
+
+class _PermutedMLP(eqx.Module):
+    """An Equinox model with fields that are not parameters: a function, an integer buffer, a float."""
+
+    mlp: eqx.nn.MLP
+    perm: jax.Array  # int32 (inputs,): the order the inputs are read in
+    scale: float = eqx.field(static=True)
+
+    def __call__(self, x):
+        return self.scale * self.mlp(x[self.perm])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_equinox_module_is_measured_over_its_floating_arrays(seed):
+    """tracker.update(state, model, batch) with the module itself: the top pairs (and those of P^-1/2 H P^-1/2,
+    P shaped like the module) equal dense eigh of the Hessian over jax.flatten_util's flattening of the
+    module's floating arrays, and HessianOperator.from_function on the module is that Hessian."""
+    from jax.flatten_util import ravel_pytree
+
+    rng = np.random.default_rng(seed)
+    n_in, width, n = int(rng.integers(3, 6)), int(rng.integers(4, 9)), int(rng.integers(20, 40))
+    with precision("float64"):
+        key = jax.random.PRNGKey(seed)
+        mlp = eqx.nn.MLP(n_in, 2, width, 2, activation=jnp.tanh, key=key)
+        mlp = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, mlp)
+        model = _PermutedMLP(mlp, jnp.asarray(rng.permutation(n_in), jnp.int32), float(rng.uniform(0.5, 2)))
+        batch = (jnp.asarray(rng.normal(size=(n, n_in))), jnp.asarray(rng.normal(size=(n, 2))))
+
+        def loss(m, batch):
+            return jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+
+        arrays, rest = eqx.partition(model, eqx.is_inexact_array)
+        flat, unflatten = ravel_pytree(arrays)
+        dense = np.asarray(jax.hessian(lambda w: loss(eqx.combine(unflatten(w), rest), batch))(flat))
+        tracker = eosflow.SharpnessTracker(loss, k=2, tol=1e-9, max_iters=200)
+        state = tracker.init(model, key)
+        state, pairs = eqx.filter_jit(tracker.update)(state, model, batch)
+        np.testing.assert_allclose(pairs.values, dense_top(dense, 2), rtol=1e-9)
+        for value, vector in zip(pairs.values, np.asarray(pairs.vectors).T):  # the module's flattening order
+            np.testing.assert_allclose(dense @ vector, value * vector, atol=1e-7 * abs(float(value)))
+
+        diagonal = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2, a.shape)), arrays)
+        preconditioner = eqx.combine(diagonal, rest)  # shaped like the module, as an optax state over it
+        scale = 1 / np.sqrt(np.asarray(ravel_pytree(diagonal)[0]))
+        _, pairs = eqx.filter_jit(tracker.update)(state, model, batch, preconditioner)
+        np.testing.assert_allclose(pairs.values, dense_top(scale[:, None] * dense * scale[None, :], 2), rtol=1e-9)
+
+        operator = eosflow.HessianOperator.from_function(loss, model, batch)
+        np.testing.assert_allclose(operator @ np.eye(flat.size), dense, rtol=1e-10, atol=1e-12)

@@ -22,7 +22,7 @@ from jaxtyping import Array
 
 from eosflow import compiled
 from eosflow.derivative_chain import forward_differentiable
-from eosflow.objective import Objective, ObjectiveProtocol, ravel
+from eosflow.objective import Objective, ObjectiveProtocol, differentiable_part, ravel
 
 PyTree = Any
 
@@ -38,11 +38,14 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
 
     @classmethod
     def from_function(cls, loss_fn: Callable[..., Array], params: PyTree, batch: PyTree = None) -> HessianOperator:
-        """H of ``loss_fn(params)`` (or ``loss_fn(params, batch)``) at ``params``, a pytree or vector."""
-        flat, unravel = ravel(params)
+        """H of ``loss_fn(params)`` (or ``loss_fn(params, batch)``) at ``params``: a pytree or vector, or an
+        Equinox module (H over its floating arrays, :func:`eosflow.objective.differentiable_part`)."""
+        arrays, rebuild = differentiable_part(params)
+        flat, unravel = ravel(arrays)
 
         def loss(w):
-            return loss_fn(unravel(w)) if batch is None else loss_fn(unravel(w), batch)
+            at = rebuild(unravel(w))
+            return loss_fn(at) if batch is None else loss_fn(at, batch)
 
         objective = Objective.from_function(loss)
         loss_on = forward_differentiable(objective.loss_on, flat, None)  # reverse mode through a custom_vjp

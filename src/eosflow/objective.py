@@ -249,6 +249,16 @@ def ravel(params: PyTree, where: str = "params") -> tuple[Array, Unravel]:
     return flat, unravel
 
 
+def differentiable_part(params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+    """An Equinox module's floating arrays (what ``eqx.filter_grad`` differentiates) and the map that
+    puts them back beside its other fields (functions, integer buffers), held fixed; any other pytree
+    is all parameters (each leaf checked by :func:`ravel`)."""
+    if isinstance(params, eqx.Module):
+        arrays, rest = eqx.partition(params, eqx.is_inexact_array)
+        return arrays, lambda part: eqx.combine(part, rest)
+    return params, _identity
+
+
 def _check_parameter(name: str, leaf: Any) -> None:
     """A SpecError unless ``leaf`` is a real floating-point array (what a parameter can be)."""
     if isinstance(leaf, int | float | complex):

@@ -4,6 +4,9 @@
     state = tracker.init(params, key)
     state, eig = tracker.update(state, params, batch)                 # jittable, scannable
 
+``params`` is a pytree of floating arrays, or an Equinox module: its floating arrays are measured
+(as ``eqx.filter_grad`` differentiates them) and ``loss_fn`` gets the whole module.
+
 ``eig.values`` are the top-k eigenvalues of the Hessian H of ``loss_fn(., batch)`` at ``params``
 (descending), ``eig.vectors`` their unit eigenvectors (d x k, in the order of
 ``jax.flatten_util``-style flattening of ``params``), ``eig.residuals`` the relative residuals
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from eosflow.derivative_chain import forward_differentiable
-from eosflow.objective import Unravel, check_example_count, chunked_mean, ravel
+from eosflow.objective import check_example_count, chunked_mean, differentiable_part, ravel
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
 
@@ -194,10 +197,13 @@ class SharpnessTracker(eqx.Module):
         if self.cluster is not None and not 0 <= self.cluster < 1:
             raise ValueError(f"SharpnessTracker cluster must be in [0, 1) or None, got {self.cluster!r}")
 
-    def _flat(self, params: PyTree) -> tuple[Array, Unravel]:
-        """``ravel(params)``, or a ValueError if the tracker cannot measure them: k above their size, or a
-        precision below float32 (the relative-residual contract needs more digits than bfloat16's 8 bits)."""
-        flat, unravel = ravel(params)
+    def _flat(self, params: PyTree) -> tuple[Array, Callable[[Array], PyTree]]:
+        """``ravel`` of the parameters (an Equinox module's floating arrays: :func:`differentiable_part`)
+        with the map from a flat vector back to ``params``, or a ValueError if the tracker cannot measure
+        them: k above their size, or a precision below float32 (the relative-residual contract needs more
+        digits than bfloat16's 8 bits)."""
+        arrays, rebuild = differentiable_part(params)
+        flat, unravel = ravel(arrays)
         if flat.dtype not in (jnp.float32, jnp.float64):
             raise ValueError(
                 f"SharpnessTracker: the parameters are {flat.dtype.name}; eosflow measures curvature in float32 "
@@ -207,7 +213,7 @@ class SharpnessTracker(eqx.Module):
             )
         if self.k > flat.size:
             raise ValueError(f"SharpnessTracker k = {self.k} exceeds the parameter count {flat.size}")
-        return flat, unravel
+        return flat, lambda w: rebuild(unravel(w))
 
     def init(self, params: PyTree, key: Array) -> TrackerState:
         """k random orthonormal directions in parameter space; no measurement yet."""
@@ -225,7 +231,9 @@ class SharpnessTracker(eqx.Module):
     ) -> tuple[TrackerState, Eigenpairs]:
         """Measure at ``params`` (on ``batch``), warm-started from ``state``; skip unless count % every == 0."""
         flat, unravel = self._flat(params)
-        precondition = None if preconditioner is None else ravel(preconditioner, "preconditioner")[0].astype(flat.dtype)
+        precondition = None
+        if preconditioner is not None:
+            precondition = ravel(differentiable_part(preconditioner)[0], "preconditioner")[0].astype(flat.dtype)
 
         call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
 
