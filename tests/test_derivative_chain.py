@@ -182,16 +182,26 @@ def test_the_tracker_measures_a_custom_vjp_loss_as_dense_eigh_of_its_twin(kind, 
         np.testing.assert_allclose(operator @ np.eye(w.size), np.asarray(twin.hessian(w)), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind, seed", [("mlp", 6), ("rnn", 7)])
-def test_gd_and_the_central_flow_on_a_custom_vjp_model_follow_its_twin(kind, seed):
+@pytest.mark.parametrize(
+    "kind, seed, processes",
+    [
+        ("mlp", 6, ["gd", "central_flow", "sgd", "langevin"]),  # minibatch and per-example gradients
+        ("rnn", 7, ["gd", "central_flow", "rod_flow"]),
+        ("classifier", 10, ["rmsprop", "rmsprop_central_flow"]),  # preconditioned HVPs
+    ],
+)
+@pytest.mark.filterwarnings("ignore::eosflow.compare.CriticalSetWarning")  # RMSProp starts critical: both runs say so
+def test_processes_on_a_custom_vjp_model_follow_its_twin(kind, seed, processes):
     custom, plain, params, x, y, plain_loss, custom_loss, _ = case(kind, seed)
     runs = []
     for model, loss in ((custom, custom_loss), (plain, plain_loss)):
         problem = eosflow.Problem.from_model(model, params, x, y, loss)
         with precision("float64"):
             lr = 1.5 / float(np.linalg.eigvalsh(np.asarray(problem.objective.hessian(jnp.asarray(problem.w0))))[-1])
-        runs.append(eosflow.simulate(problem, lr=lr, steps=12, processes=["gd", "central_flow"]))
-    for name in ("loss", "sharpness"):
+        lr = lr if processes[0] == "gd" else lr / 50
+        options = {name: {"batch_size": 4} for name in processes if name in ("sgd", "langevin")}
+        runs.append(eosflow.simulate(problem, lr=lr, steps=12, processes=processes, options=options))
+    for name in ("loss", "eigenvalues"):
         np.testing.assert_allclose(runs[0][name].values, runs[1][name].values, rtol=1e-8, err_msg=name)
     assert runs[0].attrs["status"] == runs[1].attrs["status"]
 
