@@ -100,6 +100,9 @@ TRACKERS = [
     ("k=3 tol=3e-3 (GD, fitted)", 3, 3e-3, 1, "fitted"),
     ("k=1 tol=4e-3 (GD, fitted)", 1, 4e-3, 1, "fitted"),
     ("k=1 tol=5e-3 (GD, fitted)", 1, 5e-3, 1, "fitted"),
+    ("k=1 tol=1e-3 (GD, fitted), no guard", 1, 1e-3, 0, "fitted"),
+    ("k=1 tol=3e-3 (GD, fitted), no guard", 1, 3e-3, 0, "fitted"),
+    ("k=1 tol=5e-3 (GD, fitted), no guard", 1, 5e-3, 0, "fitted"),
     ("k=3 tol=5e-3 (GD, fitted), guard 4", 3, 5e-3, 4, "fitted"),
     ("k=3 tol=1e-2 (GD, fitted), guard 4", 3, 1e-2, 4, "fitted"),
 ]
