@@ -235,3 +235,39 @@ def test_plain_losses_are_left_as_they_are_and_the_chain_names_what_it_cannot_do
             jax.jvp(lambda a: mine.third_derivative(a, u, u), (w,), (u,))
         with pytest.raises(NotImplementedError, match="in the parameters only, not in its batch"):
             jax.grad(lambda inputs: mine.loss_on(w, (inputs, mine.data[1])))(mine.data[0])
+
+
+def test_a_neural_ode_is_measured_and_a_third_derivative_jax_cannot_take_is_named():
+    """jax.experimental.ode.odeint is a custom_vjp (its adjoint). H v: against jacrev(jacrev) of the raw loss (an
+    oracle that never enters forward mode); D^3 L: against central differences of H v if JAX takes it, else (JAX
+    0.10 fails inside odeint's backward) a ValueError naming the function and the processes that need it."""
+    from jax.experimental.ode import odeint
+
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(16, 2)), np.sin(rng.normal(size=(16, 2)))
+    params = {"w": rng.normal(size=(2, 2)) / 2, "b": rng.normal(size=2) / 4}
+
+    def apply(p, x):
+        field = lambda h, t, p: jnp.tanh(h @ p["w"] + p["b"])  # noqa: E731
+        return odeint(field, x, jnp.array([0.0, 1.0]), p, rtol=1e-10, atol=1e-10)[-1]
+
+    problem = eosflow.Problem.from_model(apply, params, x, y)
+    objective = problem.objective
+    assert objective.loss_on.names == ("_odeint",)
+    with precision("float64"):
+        w = jnp.asarray(problem.w0)
+        dense = np.asarray(jax.jacrev(jax.jacrev(objective.loss_on.loss_on))(w, objective.data))
+        np.testing.assert_allclose(objective.hessian(w), dense, rtol=1e-7, atol=1e-9)
+        u = jnp.asarray(rng.normal(size=w.size))
+        try:
+            third = np.asarray(objective.third_derivative(w, u, u))
+        except ValueError as error:
+            assert "third derivatives of a loss with the custom_vjp function _odeint" in str(error)
+            assert "central_flow, projected_flow, rmsprop_central_flow" in str(error)
+        else:
+            step = 1e-4
+            differences = (objective.hvp(w + step * u, u) - objective.hvp(w - step * u, u)) / (2 * step)
+            np.testing.assert_allclose(third, differences, rtol=1e-5, atol=1e-8)
+    ds = eosflow.simulate(problem, lr=0.5, steps=3, processes=["gd"])
+    assert ds.attrs["status"] == "completed" and np.all(np.isfinite(ds["loss"].values))
+    np.testing.assert_allclose(ds["eigenvalues"].values[0, 0, 0], np.linalg.eigvalsh(dense)[-1], rtol=1e-6)

@@ -120,10 +120,19 @@ class ReverseModeLoss(eqx.Module):
         def hvp(w, v, batch):  # H v = grad_w <g(w), v>
             return jax.grad(lambda x: jnp.vdot(grad(x, batch), v))(w)
 
-        def third_derivative(w, u, v, batch):  # D^3 L[u, v, .] = grad_w <u, H(w) v>
-            return jax.grad(lambda x: jnp.vdot(u, hvp(x, v, batch)))(w)
-
         source = "a loss with the custom_vjp function" + ("s " if len(self.names) > 1 else " ") + ", ".join(self.names)
+
+        def third_derivative(w, u, v, batch):  # D^3 L[u, v, .] = grad_w <u, H(w) v>
+            try:
+                return jax.grad(lambda x: jnp.vdot(u, hvp(x, v, batch)))(w)
+            except Exception as error:  # a backward rule JAX cannot differentiate twice (odeint's, in JAX 0.10)
+                raise ValueError(
+                    f"third derivatives of {source} failed in reverse mode ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0]}): the processes that take them (central_flow, projected_flow, "
+                    "rmsprop_central_flow) cannot run on this loss; the others and the tracker need only H v, "
+                    "which works"
+                ) from error
+
         chain = derivative_chain(self.loss_on, jax.value_and_grad(self.loss_on), hvp, third_derivative, source)
         return chain(w, batch)
 
