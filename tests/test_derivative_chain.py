@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import eosflow
 from eosflow.derivative_chain import ReverseModeLoss, custom_vjp_names, forward_differentiable
@@ -271,3 +272,30 @@ def test_a_neural_ode_is_measured_and_a_third_derivative_jax_cannot_take_is_name
     ds = eosflow.simulate(problem, lr=0.5, steps=3, processes=["gd"])
     assert ds.attrs["status"] == "completed" and np.all(np.isfinite(ds["loss"].values))
     np.testing.assert_allclose(ds["eigenvalues"].values[0, 0, 0], np.linalg.eigvalsh(dense)[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("repeats", [0, 2])
+def test_a_python_number_in_the_batch_stays_a_python_number(repeats):
+    """The chain traces its arguments, so a loss that uses a batch leaf as a Python int (a loop count) would see
+    a tracer: only the array leaves go through it, the rest is closed over as given."""
+
+    def loss_with(activation):
+        def loss(p, batch):
+            x, count = batch
+            out = activation(x @ p["w"])
+            for _ in range(count):
+                out = jnp.tanh(out)
+            return jnp.mean(out**2)
+
+        return loss
+
+    rng = np.random.default_rng(12 + repeats)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)))}
+    x = jnp.asarray(rng.normal(size=(8, 3)))
+    with precision("float64"):
+        flat, unflatten = ravel_pytree(params)
+        plain = loss_with(lambda z: z * jax.nn.sigmoid(z))
+        dense = np.asarray(jax.hessian(lambda f: plain(unflatten(f), (x, repeats)))(flat))
+        tracker = eosflow.SharpnessTracker(loss_with(swish), k=2, tol=1e-9, max_iters=100)
+        _, pairs = tracker.update(tracker.init(params, jax.random.PRNGKey(0)), params, (x, repeats))
+        np.testing.assert_allclose(pairs.values, np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-8)

@@ -115,7 +115,12 @@ class ReverseModeLoss(eqx.Module):
     names: tuple[str, ...] = eqx.field(static=True)
 
     def __call__(self, w: jax.Array, batch: PyTree) -> jax.Array:
-        grad = jax.grad(self.loss_on)
+        arrays, with_rest = _array_leaves(batch)  # the chain's arguments are traced: a Python int stays closed over
+
+        def loss_on(w, arrays):
+            return self.loss_on(w, with_rest(arrays))
+
+        grad = jax.grad(loss_on)
 
         def hvp(w, v, batch):  # H v = grad_w <g(w), v>
             return jax.grad(lambda x: jnp.vdot(grad(x, batch), v))(w)
@@ -133,14 +138,28 @@ class ReverseModeLoss(eqx.Module):
                     "which works"
                 ) from error
 
-        chain = derivative_chain(self.loss_on, jax.value_and_grad(self.loss_on), hvp, third_derivative, source)
-        return chain(w, batch)
+        chain = derivative_chain(loss_on, jax.value_and_grad(loss_on), hvp, third_derivative, source)
+        return chain(w, arrays)
+
+
+def _array_leaves(tree: PyTree) -> tuple[list, Callable[[list], PyTree]]:
+    """The leaves of ``tree`` that are arrays (or tracers), and the map that puts arrays of their shapes
+    back beside its other leaves (Python numbers, strings), which it keeps as they are."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    is_array = [hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves]
+
+    def with_rest(arrays: list) -> PyTree:
+        given = iter(arrays)
+        return jax.tree_util.tree_unflatten(treedef, [next(given) if a else leaf for leaf, a in zip(leaves, is_array)])
+
+    return [leaf for leaf, a in zip(leaves, is_array) if a], with_rest
 
 
 def custom_vjp_names(fn: Callable, *args: Any) -> tuple[str, ...]:
     """The names of the ``jax.custom_vjp`` functions ``fn(*args)`` calls (traced, nothing computed),
     in order of first call; searched inside every sub-computation (jit, scan, cond, remat, custom_jvp)."""
-    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), args)
+    arrays, with_rest = _array_leaves(args)  # arrays (and tracers) are traced; a Python int stays as given
+    shapes = [jax.ShapeDtypeStruct(jnp.shape(leaf), leaf.dtype) for leaf in arrays]
     names: dict[str, None] = {}
 
     def visit(jaxpr) -> None:
@@ -152,7 +171,7 @@ def custom_vjp_names(fn: Callable, *args: Any) -> tuple[str, ...]:
 
     with warnings.catch_warnings():  # float64 shapes traced outside x64: the names do not depend on it
         warnings.filterwarnings("ignore", message="Explicitly requested dtype", category=UserWarning)
-        visit(jax.make_jaxpr(fn)(*shapes).jaxpr)
+        visit(jax.make_jaxpr(lambda *shaped: fn(*with_rest(list(shaped))))(*shapes).jaxpr)
     return tuple(names)
 
 
