@@ -16,6 +16,7 @@ import eosflow
 from eosflow.derivative_chain import ReverseModeLoss, custom_vjp_names, forward_differentiable
 from eosflow.objective import Objective
 from eosflow.precision import precision
+from eosflow.tracing import equations
 from user_models import swish
 
 
@@ -225,8 +226,9 @@ def test_plain_losses_are_left_as_they_are_and_the_chain_names_what_it_cannot_do
     _, plain, params, x, y, *_ = case("mlp", 9)
     with precision("float64"):
         twin, w = Objective.from_model(plain, params, x, y)
-        assert forward_differentiable(twin.loss_on, w, twin.data) is twin.loss_on
-        assert custom_vjp_names(twin.loss_on, w, twin.data) == ()
+        traced = equations(twin.loss_on, w, twin.data)
+        assert forward_differentiable(twin.loss_on, traced) is twin.loss_on
+        assert custom_vjp_names(traced) == ()
         mine, _ = Objective.from_model(mlp(swish), params, x, y)
         u = jnp.ones_like(w)
         with pytest.raises(

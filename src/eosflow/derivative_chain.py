@@ -21,7 +21,6 @@ which differentiate the user's backward rule, as forward-over-reverse would if J
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
-from jax.extend.core import jaxprs_in_params
+from jax.extend.core import JaxprEqn
+
+from eosflow.tracing import array_leaves
 
 PyTree = Any
 
@@ -115,7 +116,7 @@ class ReverseModeLoss(eqx.Module):
     names: tuple[str, ...] = eqx.field(static=True)
 
     def __call__(self, w: jax.Array, batch: PyTree) -> jax.Array:
-        arrays, with_rest = _array_leaves(batch)  # the chain's arguments are traced: a Python int stays closed over
+        arrays, with_rest = array_leaves(batch)  # the chain's arguments are traced: a Python int stays closed over
 
         def loss_on(w, arrays):
             return self.loss_on(w, with_rest(arrays))
@@ -142,46 +143,20 @@ class ReverseModeLoss(eqx.Module):
         return chain(w, arrays)
 
 
-def _array_leaves(tree: PyTree) -> tuple[list, Callable[[list], PyTree]]:
-    """The leaves of ``tree`` that are arrays (or tracers), and the map that puts arrays of their shapes
-    back beside its other leaves (Python numbers, strings), which it keeps as they are."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    is_array = [hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves]
-
-    def with_rest(arrays: list) -> PyTree:
-        given = iter(arrays)
-        return jax.tree_util.tree_unflatten(treedef, [next(given) if a else leaf for leaf, a in zip(leaves, is_array)])
-
-    return [leaf for leaf, a in zip(leaves, is_array) if a], with_rest
-
-
-def custom_vjp_names(fn: Callable, *args: Any) -> tuple[str, ...]:
-    """The names of the ``jax.custom_vjp`` functions ``fn(*args)`` calls (traced, nothing computed),
-    in order of first call; searched inside every sub-computation (jit, scan, cond, remat, custom_jvp)."""
-    arrays, with_rest = _array_leaves(args)  # arrays (and tracers) are traced; a Python int stays as given
-    shapes = [jax.ShapeDtypeStruct(jnp.shape(leaf), leaf.dtype) for leaf in arrays]
-    names: dict[str, None] = {}
-
-    def visit(jaxpr) -> None:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "custom_vjp_call":
-                names[_function_name(eqn.params)] = None
-            for sub in jaxprs_in_params(eqn.params):
-                visit(sub)
-
-    with warnings.catch_warnings():  # float64 shapes traced outside x64: the names do not depend on it
-        warnings.filterwarnings("ignore", message="Explicitly requested dtype", category=UserWarning)
-        visit(jax.make_jaxpr(lambda *shaped: fn(*with_rest(list(shaped))))(*shapes).jaxpr)
+def custom_vjp_names(equations: list[JaxprEqn]) -> tuple[str, ...]:
+    """The names of the ``jax.custom_vjp`` functions among the equations of a trace
+    (:func:`eosflow.tracing.equations`), in order of first call."""
+    names = {_function_name(eqn.params): None for eqn in equations if eqn.primitive.name == "custom_vjp_call"}
     return tuple(names)
 
 
-def forward_differentiable(loss_on: Callable[[jax.Array, PyTree], jax.Array], w: Any, batch: PyTree) -> Callable:
-    """``loss_on`` itself, or wrapped in a :class:`ReverseModeLoss` if it calls a ``jax.custom_vjp``
-    function at ``(w, batch)`` (arrays or shapes): the wrapped loss has the same value and derivatives,
-    H v taken as reverse-over-reverse (about the cost of forward-over-reverse, with more memory)."""
+def forward_differentiable(loss_on: Callable[[jax.Array, PyTree], jax.Array], equations: list[JaxprEqn]) -> Callable:
+    """``loss_on`` itself, or wrapped in a :class:`ReverseModeLoss` if its trace (``equations``) calls a
+    ``jax.custom_vjp`` function: the wrapped loss has the same value and derivatives, H v taken as
+    reverse-over-reverse (about the cost of forward-over-reverse, with more memory)."""
     if isinstance(loss_on, ReverseModeLoss):
         return loss_on
-    names = custom_vjp_names(loss_on, w, batch)
+    names = custom_vjp_names(equations)
     return ReverseModeLoss(loss_on, names) if names else loss_on
 
 

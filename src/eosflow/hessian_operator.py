@@ -21,8 +21,8 @@ import scipy.sparse.linalg
 from jaxtyping import Array
 
 from eosflow import compiled
-from eosflow.derivative_chain import forward_differentiable
-from eosflow.objective import Objective, ObjectiveProtocol, differentiable_part, ravel
+from eosflow.objective import Objective, ObjectiveProtocol, differentiable_loss, differentiable_part, ravel
+from eosflow.tracing import equations
 
 PyTree = Any
 
@@ -48,7 +48,7 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
             return loss_fn(at) if batch is None else loss_fn(at, batch)
 
         objective = Objective.from_function(loss)
-        loss_on = forward_differentiable(objective.loss_on, flat, None)  # reverse mode through a custom_vjp
+        loss_on = differentiable_loss(objective.loss_on, equations(objective.loss_on, flat, None), "loss_fn")
         return cls(eqx.tree_at(lambda o: o.loss_on, objective, loss_on), flat)
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:

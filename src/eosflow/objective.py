@@ -27,6 +27,8 @@ from jaxtyping import Array, Float
 
 from eosflow.config import SpecError
 from eosflow.derivative_chain import forward_differentiable
+from eosflow.precision import warn_half_precision
+from eosflow.tracing import equations
 
 PyTree = Any
 
@@ -106,15 +108,16 @@ class Objective(eqx.Module):
     ) -> tuple[Objective, Float[Array, " d"]]:
         """Objective of ``loss(model(params, inputs), targets)``; returns it with the flat ``w0``.
 
-        A model that calls a ``jax.custom_vjp`` function is differentiated in reverse mode only
-        (:func:`eosflow.derivative_chain.forward_differentiable`; forward mode cannot enter it)."""
+        A model that calls a ``jax.custom_vjp`` function is differentiated in reverse mode only, and one
+        that computes in half precision warns (:func:`differentiable_loss`)."""
         w0, unravel = ravel(params)
         loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
         loss_on: Callable[[Array, PyTree], Array] = _ModelLoss(model=model, unravel=unravel, loss=loss_fn)
         try:
-            loss_on = forward_differentiable(loss_on, w0, (inputs, targets))
+            traced = equations(loss_on, w0, (inputs, targets))
         except Exception:  # a model that does not trace: named by the first call (Problem.from_model checks it)
-            pass
+            return cls(loss_on=loss_on, data=(inputs, targets), unravel=unravel), w0
+        loss_on = differentiable_loss(loss_on, traced, "loss(model(params, inputs), targets)")
         return cls(loss_on=loss_on, data=(inputs, targets), unravel=unravel), w0
 
     # ---- full-batch quantities -------------------------------------------------------------
@@ -183,6 +186,15 @@ class Objective(eqx.Module):
     def with_data(self, data: PyTree) -> Objective:
         """The same loss on other data (e.g. a held-out split)."""
         return eqx.tree_at(lambda o: o.data, self, data, is_leaf=lambda x: x is None)
+
+
+def differentiable_loss(loss_on: Callable, traced: list, where: str) -> Callable:
+    """The loss as eosflow differentiates it, from one trace of it (:func:`eosflow.tracing.equations`):
+    in reverse mode only if it calls a ``jax.custom_vjp`` function (forward mode cannot enter it;
+    :func:`eosflow.derivative_chain.forward_differentiable`), with a warning, naming ``where``, if it
+    computes in half precision (:func:`eosflow.precision.warn_half_precision`)."""
+    warn_half_precision(traced, where)
+    return forward_differentiable(loss_on, traced)
 
 
 def chunked_mean(loss_on: Callable[[Array, PyTree], Array], w: Array, data: PyTree, size: int) -> Array:

@@ -10,14 +10,18 @@ arrays are checked at the boundary by :func:`check_dtypes`, which names the offe
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from eosflow.config import SpecError
+
+if TYPE_CHECKING:
+    from jax.extend.core import JaxprEqn
 
 DTYPES = ("float32", "float64")
 
@@ -50,4 +54,33 @@ def check_dtypes(tree: Any, dtype: Any, where: str) -> None:
             f"{where}{jax.tree_util.keystr(path)} is {name} but this run computes in "
             f'{expected.name}: cast it (e.g. `.astype("{expected.name}")`, or '
             f'`jax.tree.map(lambda a: a.astype("{expected.name}"), params)` for a whole model){other_run}'
+        )
+
+
+HALF_PRECISION = ("bfloat16", "float16")
+
+
+class HalfPrecisionWarning(UserWarning):
+    """A loss with float32 or float64 parameters computes some operations in bfloat16 or float16."""
+
+
+def warn_half_precision(equations: list[JaxprEqn], where: str) -> None:
+    """Warn (:class:`HalfPrecisionWarning`) if a trace of the loss (:func:`eosflow.tracing.equations`) computes
+    in bfloat16 or float16, as mixed-precision layers do (``dtype=jnp.bfloat16`` beside float32
+    parameters): its HVPs then carry half-precision rounding (bfloat16: 2^-8 ~ 4e-3 relative per
+    operation), which the eigensolver's relative residuals, computed from the same products, do not see."""
+    found: dict[str, dict[str, None]] = {}
+    for eqn in equations:
+        for var in eqn.outvars:
+            name = getattr(getattr(var, "aval", None), "dtype", None)
+            if name is not None and np.dtype(name).name in HALF_PRECISION:
+                found.setdefault(np.dtype(name).name, {})[eqn.primitive.name] = None
+    if found:
+        kinds = "; ".join(f"{dtype}: {', '.join(list(ops)[:6])}" for dtype, ops in found.items())
+        warnings.warn(
+            f"{where} computes in half precision ({kinds}): its Hessian-vector products carry that rounding "
+            "(~4e-3 relative per bfloat16 operation), so eigenvalues and residuals are only as accurate; "
+            "to measure the float32 function, compute it in float32 (e.g. the layers' dtype)",
+            HalfPrecisionWarning,
+            stacklevel=3,
         )

@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from eosflow.derivative_chain import forward_differentiable
-from eosflow.objective import check_example_count, chunked_mean, differentiable_part, ravel
+from eosflow.objective import check_example_count, chunked_mean, differentiable_loss, differentiable_part, ravel
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
+from eosflow.tracing import equations
 
 PyTree = Any
 WarmStart = Literal["fitted", "extrapolated", "same_side", "previous"]
@@ -251,7 +251,7 @@ class SharpnessTracker(eqx.Module):
                 )
             return value
 
-        differentiable = forward_differentiable(loss_on, flat, batch)  # reverse mode through a custom_vjp
+        differentiable = differentiable_loss(loss_on, equations(loss_on, flat, batch), f"SharpnessTracker: {call}")
 
         def loss(w):
             if self.microbatch is None or batch is None:

@@ -30,7 +30,6 @@ from jaxtyping import Array
 
 from eosflow.config import Entry, SpecError, describe_fields, parse, suggest, unknown_key_error
 from eosflow.data import CLASSIFICATION, REGRESSION
-from eosflow.derivative_chain import forward_differentiable
 from eosflow.objective import (
     LOSSES,
     Objective,
@@ -38,9 +37,11 @@ from eosflow.objective import (
     Unravel,
     check_example_count,
     check_mean_over_examples,
+    differentiable_loss,
     ravel,
 )
 from eosflow.precision import check_dtypes, precision
+from eosflow.tracing import equations
 
 IN_MEMORY = "in_memory"  # problem.name recorded for a problem given to eosflow.simulate in memory
 
@@ -136,7 +137,7 @@ class Problem:
         problem = cls(objective, flat, info=dict(info or {}))
         with precision(problem.default_dtype()):
             _check_scalar("loss_fn(w0)", _traced("loss_fn(w0)", loss_fn, w0))
-            loss_on = forward_differentiable(objective.loss_on, flat, None)  # reverse mode through a custom_vjp
+            loss_on = differentiable_loss(objective.loss_on, equations(objective.loss_on, flat, None), "loss_fn(w0)")
         problem.objective = eqx.tree_at(lambda o: o.loss_on, objective, loss_on)
         return problem
 
