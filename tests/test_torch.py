@@ -1068,3 +1068,64 @@ def test_weight_norm_is_refused_where_torch_differentiates_it_twice_wrongly(how)
     written = _Normalized("written").double()
     eig = SharpnessTracker(written, F.mse_loss, k=2, tol=1e-9, max_iters=300).update(batch)
     np.testing.assert_allclose(eig.values, np.linalg.eigvalsh(_module_hessian(written, batch))[::-1][:2], rtol=1e-6)
+
+
+class _AutocastMLP(torch.nn.Module):
+    """Float32 parameters; the first layer and its activation run under torch.autocast in ``dtype``."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.first, self.last = torch.nn.Linear(5, 12), torch.nn.Linear(12, 1)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
+            hidden = torch.tanh(self.first(x))
+        return self.last(hidden.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None])
+def test_a_forward_under_autocast_is_measured_with_a_half_precision_warning(dtype):
+    """Both entry points (the tracker and the problem) warn, naming the dtype and the ops, for bfloat16 and
+    float16 compute inside the forward; without autocast (the float32 twin) neither warns."""
+    from eosflow.precision import HalfPrecisionWarning
+
+    torch.manual_seed(0)
+    model = _AutocastMLP(dtype)
+    x, y = torch.randn(24, 5), torch.randn(24, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = SharpnessTracker(model, torch.nn.functional.mse_loss, k=1)
+        tracker.update((x, y), torch.optim.SGD(model.parameters(), lr=0.1))
+        eosflow.torch.problem(model, torch.nn.functional.mse_loss, (x, y))
+    messages = [str(w.message) for w in caught if w.category is HalfPrecisionWarning]
+    if dtype is None:
+        assert messages == []
+        return
+    name = str(dtype).removeprefix("torch.")
+    assert len(messages) == 2, messages
+    assert all(
+        m.startswith(f"loss_fn(model(inputs), targets) computes in half precision ({name}: linear, tanh)")
+        for m in messages
+    ), messages
+
+
+def test_the_callers_autocast_does_not_reach_eosflows_evaluations():
+    """A training loop's torch.autocast around tracker.update (or around building a problem) changes nothing:
+    the same eigenpairs bit for bit, the same gradient, and no half-precision warning."""
+    torch.manual_seed(1)
+    model = _AutocastMLP(None)
+    x, y = torch.randn(24, 5), torch.randn(24, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    results = []
+    for ambient in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ambient):
+                tracker = SharpnessTracker(model, torch.nn.functional.mse_loss, k=2, tol=1e-6, max_iters=100)
+                pairs = tracker.update((x, y), optimizer)
+                objective = TorchObjective(model, torch.nn.functional.mse_loss, (x, y))
+                gradient = objective.grad(objective.flat_parameters())
+        results.append((np.asarray(pairs.values), gradient.detach().numpy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])

@@ -75,6 +75,11 @@ def warn_half_precision(equations: list[JaxprEqn], where: str) -> None:
             name = getattr(getattr(var, "aval", None), "dtype", None)
             if name is not None and np.dtype(name).name in HALF_PRECISION:
                 found.setdefault(np.dtype(name).name, {})[eqn.primitive.name] = None
+    warn_half_precision_ops(found, where)
+
+
+def warn_half_precision_ops(found: dict[str, dict[str, None]], where: str) -> None:
+    """The :class:`HalfPrecisionWarning` for operations ``found`` ({dtype name: operation names}), if any."""
     if found:
         kinds = "; ".join(f"{dtype}: {', '.join(list(ops)[:6])}" for dtype, ops in found.items())
         warnings.warn(
@@ -82,5 +87,5 @@ def warn_half_precision(equations: list[JaxprEqn], where: str) -> None:
             "(~4e-3 relative per bfloat16 operation), so eigenvalues and residuals are only as accurate; "
             "to measure the float32 function, compute it in float32 (e.g. the layers' dtype)",
             HalfPrecisionWarning,
-            stacklevel=3,
+            stacklevel=4,
         )

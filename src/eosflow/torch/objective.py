@@ -40,7 +40,10 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+
+from eosflow.precision import warn_half_precision_ops
 
 Batch = tuple[Any, Any]
 ExampleAxis = int | tuple | list | dict | None  # an int, or a pytree of ints (a prefix of the batch's structure)
@@ -250,6 +253,36 @@ def _fallback_warning(objective: TorchObjective, what: str) -> str:
     )
 
 
+def _own_precision(method: Callable) -> Callable:
+    """``method`` with the caller's ``torch.autocast`` off (a training loop's, around a tracker update), so that
+    every evaluation computes in the model's own precision wherever it is called; autocast inside the
+    model's forward still applies."""
+
+    @functools.wraps(method)
+    def evaluate(self, *args, **kwargs):
+        with torch.autocast(self.device.type, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return evaluate
+
+
+class _HalfPrecisionOps(TorchFunctionMode):
+    """Records the torch functions whose results are bfloat16 or float16 ({dtype: names}): compute under
+    ``torch.autocast`` or ``.half()`` inside a forward whose parameters are float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: dict[str, dict[str, None]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in result if isinstance(result, tuple | list) else (result,):
+            if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.bfloat16, torch.float16):
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                self.found.setdefault(dtype, {})[getattr(func, "__name__", str(func))] = None
+        return result
+
+
 class TorchObjective:
     """L(w) = loss_fn(model(inputs; w), targets) for the flat vector w of ``model``'s parameters.
 
@@ -377,10 +410,12 @@ class TorchObjective:
         w = self.flat_parameters()
         before = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
         try:
-            value = self.value(w, batch)
+            with _HalfPrecisionOps() as half:
+                value = self.value(w, batch)
             again = self.value(w, batch)
         finally:
             changed = restore_buffers(self.model, before)
+        warn_half_precision_ops(half.found, "loss_fn(model(inputs), targets)")
         if changed:
             raise ValueError(
                 f"the model's forward updates its buffers ({', '.join(changed)}; restored): in train mode a "
@@ -526,23 +561,28 @@ class TorchObjective:
                 "statistics, as torch's training does); or call model.eval() to use the running statistics"
             )
 
+    @_own_precision
     def value(self, w: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """L(w)."""
         return self._loss(self.unflatten(w), self._data(batch))
 
+    @_own_precision
     def grad(self, w: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """g(w)."""
         return self._grad(self.unflatten(w), self._data(batch))
 
+    @_own_precision
     def value_and_grad(self, w: torch.Tensor, batch: Batch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(L(w), g(w)) in one pass."""
         g, value = grad_and_value(self._loss)(self.unflatten(w), self._data(batch))
         return value, self.flatten(g)
 
+    @_own_precision
     def hvp(self, w: torch.Tensor, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """H(w) v = grad_w <g(w), v>."""
         return self._hvp(self.unflatten(w), v, self._data(batch))
 
+    @_own_precision
     def map_lanes(self, call: Callable[..., torch.Tensor], in_dims: tuple, args: list, lanes: int, what: str):
         """``torch.func.vmap(call, in_dims)(*args)`` over ``lanes`` lanes, or the same as a loop over the lanes,
         stacked, for a model vmap cannot batch: ``nn.LSTM``/``nn.GRU`` with their default initial state
@@ -563,6 +603,7 @@ class TorchObjective:
 
         return torch.stack([call(*lane(i)) for i in range(lanes)])
 
+    @_own_precision
     def hvp_batch(self, w: torch.Tensor, vectors: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """H(w) V for the columns of V (d x k), vectorized over columns (:meth:`map_lanes`)."""
         params, data = self.unflatten(w), self._data(batch)
@@ -570,6 +611,7 @@ class TorchObjective:
         what = "HVPs of a block of vectors"
         return self.map_lanes(lambda v: self._hvp(params, v, data), (0,), [columns], len(columns), what).T
 
+    @_own_precision
     def third_derivative(
         self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, batch: Batch | None = None
     ) -> torch.Tensor:
