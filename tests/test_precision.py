@@ -158,3 +158,48 @@ def test_float64_numpy_start_keeps_its_digits_where_x64_is_off(leaf, tmp_path):
     w0_dtype, loss_dtype, error = out.split()
     assert (w0_dtype, loss_dtype) == ("float64", "float64")
     assert float(error) < 1e-13
+
+
+def _dots(lowered) -> list[str]:
+    return [line for line in lowered.as_text().splitlines() if "stablehlo.dot_general" in line]
+
+
+def test_measurements_trace_their_products_at_full_precision_and_the_cpu_does_not_care():
+    """JAX's default computes float32 dots in TF32 on recent NVIDIA GPUs and in bfloat16 passes on TPUs. A run
+    (under eosflow.precision) and the tracker's measurement (under the user's own jit, in the user's default
+    context) trace every dot at HIGHEST; outside them the user's precision is left alone. On the CPU the two
+    precisions give the same numbers bit for bit, so CPU results do not depend on the scoping."""
+    import equinox as eqx
+    import jax
+
+    import eosflow
+    from eosflow.objective import Objective, mse
+    from eosflow.precision import precision
+
+    rng = np.random.default_rng(0)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32),
+        "v": jnp.asarray(rng.normal(size=(7, 2)), jnp.float32),
+    }
+    x, y = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32), jnp.asarray(rng.normal(size=(12, 2)), jnp.float32)
+
+    def apply(p, x):
+        return jnp.tanh(x @ p["w"]) @ p["v"]
+
+    objective, w = Objective.from_model(apply, params, x, y)
+    w, v = jnp.asarray(w), jnp.asarray(rng.normal(size=w.size), jnp.float32)
+    hvp = eqx.filter_jit(lambda o, w, v: o.hvp(w, v))
+    plain = _dots(hvp.lower(objective, w, v))
+    assert plain and all("DEFAULT" in line for line in plain)  # the user's context, untouched
+    with precision("float32"):
+        scoped = _dots(hvp.lower(objective, w, v))
+        in_run = np.asarray(hvp(objective, w, v))
+    assert len(scoped) == len(plain) and all("HIGHEST" in line for line in scoped)
+    np.testing.assert_array_equal(in_run, np.asarray(hvp(objective, w, v)))  # the CPU: the same bits
+
+    tracker = eosflow.SharpnessTracker(lambda p, b: mse(apply(p, b[0]), b[1]), k=2)
+    state = tracker.init(params, jax.random.PRNGKey(0))
+    measured = _dots(jax.jit(tracker.update).lower(state, params, (x, y)))
+    assert measured and all("HIGHEST" in line for line in measured)
+    loop = _dots(jax.jit(lambda p: jax.grad(lambda q: mse(apply(q, x), y))(p)).lower(params))
+    assert all("DEFAULT" in line for line in loop)  # importing and using eosflow left the default alone

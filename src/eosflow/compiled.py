@@ -7,7 +7,7 @@ As ``eqx.filter_jit``: array leaves of the arguments are traced, every other lea
 a function, a static field) is part of the *configuration*. A program is compiled per key
 
     (configuration, type of every array leaf (shape, dtype, weak type; device if committed),
-     static arguments, jax_enable_x64)
+     static arguments, jax_enable_x64, jax_default_matmul_precision)
 
 -- the same distinctions ``jax.jit`` makes -- and each key gets a ``jax.jit`` of its own, which holds
 that one executable; only the ``kept`` most recently used are kept, and a dropped one takes its
@@ -52,7 +52,8 @@ class BoundedJit:
         static_leaves, static_def = jax.tree_util.tree_flatten(static)
         arrays, array_def = jax.tree_util.tree_flatten(dynamic)
         types = tuple(map(program_type, arrays))
-        key = (static_def, tuple(static_leaves), array_def, types, held, jax.config.read("jax_enable_x64"))
+        precision = (jax.config.read("jax_enable_x64"), jax.default_matmul_precision.value)
+        key = (static_def, tuple(static_leaves), array_def, types, held, precision)
         with self._lock:
             compiled = self.compiled.pop(key, None) or self._compile(static)
             self.compiled[key] = compiled

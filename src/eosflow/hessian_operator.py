@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
@@ -22,6 +23,7 @@ from jaxtyping import Array
 
 from eosflow import compiled
 from eosflow.objective import Objective, ObjectiveProtocol, differentiable_loss, differentiable_part, ravel
+from eosflow.precision import MATMUL_PRECISION
 from eosflow.tracing import equations
 
 PyTree = Any
@@ -53,13 +55,15 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
         self.hvps += 1
-        return np.asarray(compiled.hvp(self.objective, self.w, jnp.asarray(np.ravel(v), self.w.dtype)))
+        with jax.default_matmul_precision(MATMUL_PRECISION):  # full float32 products on a GPU (eosflow.precision)
+            return np.asarray(compiled.hvp(self.objective, self.w, jnp.asarray(np.ravel(v), self.w.dtype)))
 
     def _matmat(self, vectors: np.ndarray) -> np.ndarray:
         if not hasattr(self.objective, "hvp_batch"):  # a bare ObjectiveProtocol: one product per column
             return np.stack([self._matvec(column) for column in vectors.T], axis=1)
         self.hvps += vectors.shape[1]
-        return np.asarray(compiled.hvp_batch(self.objective, self.w, jnp.asarray(vectors, self.w.dtype)))
+        with jax.default_matmul_precision(MATMUL_PRECISION):
+            return np.asarray(compiled.hvp_batch(self.objective, self.w, jnp.asarray(vectors, self.w.dtype)))
 
     def _adjoint(self) -> HessianOperator:
         return self  # symmetric

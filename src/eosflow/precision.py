@@ -26,14 +26,21 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "float64")
 
 
+MATMUL_PRECISION = "highest"  # float32 dots and convolutions in float32, not TF32 (GPU) or bfloat16 passes (TPU)
+
+
 @contextlib.contextmanager
 def precision(dtype: Any) -> Iterator[None]:
     """Compute in ``dtype`` inside the block: float64 turns ``jax_enable_x64`` on for the block
-    (this thread only), float32 turns it off; the caller's setting is restored on exit."""
+    (this thread only), float32 turns it off; the caller's setting is restored on exit. Matrix
+    products and convolutions are traced at :data:`MATMUL_PRECISION` (``jax.default_matmul_precision``,
+    as scoped): JAX's default computes float32 ones in TF32 on recent NVIDIA GPUs (10 mantissa bits)
+    and in bfloat16 passes on TPUs, below what the eigensolver's residual contract needs. On the CPU
+    the two compile to the same numbers."""
     name = np.dtype(dtype).name
     if name not in DTYPES:
         raise SpecError(f"`dtype` = {name!r} is not one of {', '.join(DTYPES)}")
-    with jax.enable_x64(name == "float64"):
+    with jax.enable_x64(name == "float64"), jax.default_matmul_precision(MATMUL_PRECISION):
         yield
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from eosflow.objective import check_example_count, chunked_mean, differentiable_loss, differentiable_part, ravel
+from eosflow.precision import MATMUL_PRECISION
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
 from eosflow.tracing import equations
@@ -269,11 +270,12 @@ class SharpnessTracker(eqx.Module):
             older, params_and_step = history[:-1], jnp.stack([flat, step])
 
         def measure(state: TrackerState) -> Eigenpairs:
-            _, hvp = jax.linearize(jax.grad(loss), flat)
-            matvec = jax.vmap(hvp, in_axes=1, out_axes=1)
-            if precondition is not None:
-                matvec = preconditioned_matvec(matvec, precondition)
-            pairs = lobpcg(matvec, start, tol=self.tol, max_iters=self.max_iters, cluster=self.cluster)
+            with jax.default_matmul_precision(MATMUL_PRECISION):  # whatever the loop's own (eosflow.precision)
+                _, hvp = jax.linearize(jax.grad(loss), flat)
+                matvec = jax.vmap(hvp, in_axes=1, out_axes=1)
+                if precondition is not None:
+                    matvec = preconditioned_matvec(matvec, precondition)
+                pairs = lobpcg(matvec, start, tol=self.tol, max_iters=self.max_iters, cluster=self.cluster)
             return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
 
         def skip(state: TrackerState) -> Eigenpairs:
