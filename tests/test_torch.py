@@ -1129,3 +1129,41 @@ def test_the_callers_autocast_does_not_reach_eosflows_evaluations():
         results.append((np.asarray(pairs.values), gradient.detach().numpy()))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+class _PrecisionProbe(torch.nn.Module):
+    """Records torch's float32 matmul precision and cuDNN's TF32 switch at every forward; raises on request."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.seen, self.fail = torch.nn.Linear(4, 1), set(), False
+
+    def forward(self, x):
+        self.seen.add((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        if self.fail:
+            raise RuntimeError("probe failure")
+        return self.layer(x)
+
+
+def test_eosflows_products_are_float32_whatever_the_callers_tf32_settings_and_these_are_restored():
+    """torch.set_float32_matmul_precision("medium") (TF32 or bfloat16 matmuls) and cuDNN's TF32 are the caller's,
+    process-wide: every eosflow evaluation sees "highest" and no TF32, and the caller's settings are back after
+    each call, also after one that raised."""
+    model = _PrecisionProbe()
+    x, y = torch.randn(10, 4), torch.randn(10, 1)
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.allow_tf32 = True
+        tracker = SharpnessTracker(model, torch.nn.functional.mse_loss, k=1)
+        tracker.update((x, y), torch.optim.SGD(model.parameters(), lr=0.1))
+        eosflow.simulate(eosflow.torch.problem(model, torch.nn.functional.mse_loss, (x, y)), lr=0.1, steps=2)
+        assert model.seen == {("highest", False)}
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("medium", True)
+        model.fail = True
+        with pytest.raises(Exception, match="probe failure"):
+            TorchObjective(model, torch.nn.functional.mse_loss, (x, y)).check()
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("medium", True)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

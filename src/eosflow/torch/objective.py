@@ -26,12 +26,13 @@ kept in place, on which every method can evaluate L and its derivatives; the ful
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -254,16 +255,33 @@ def _fallback_warning(objective: TorchObjective, what: str) -> str:
 
 
 def _own_precision(method: Callable) -> Callable:
-    """``method`` with the caller's ``torch.autocast`` off (a training loop's, around a tracker update), so that
-    every evaluation computes in the model's own precision wherever it is called; autocast inside the
-    model's forward still applies."""
+    """``method`` with the caller's ``torch.autocast`` off (a training loop's, around a tracker update) and
+    float32 products in float32, so that every evaluation computes in the model's own precision wherever
+    it is called; autocast inside the model's forward still applies. ``torch.set_float32_matmul_precision
+    ("high")``, common in training scripts, lets matmuls use TF32 on NVIDIA GPUs (and bfloat16 on CPUs
+    with AMX), and cuDNN's convolutions use TF32 by default: both are process-wide settings, so they are
+    set to full precision for the call and restored after (:func:`_float32_products`)."""
 
     @functools.wraps(method)
     def evaluate(self, *args, **kwargs):
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False), _float32_products():
             return method(self, *args, **kwargs)
 
     return evaluate
+
+
+@contextlib.contextmanager
+def _float32_products() -> Iterator[None]:
+    """torch's float32 matmul precision "highest" and cuDNN without TF32 inside the block, the caller's
+    settings restored on exit (they are process-wide: another thread's products meanwhile get them too)."""
+    matmul, convolution = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = convolution
 
 
 class _HalfPrecisionOps(TorchFunctionMode):
@@ -391,6 +409,7 @@ class TorchObjective:
             f"batch statistics (train mode): {', '.join(batch)}; running statistics (eval mode): {', '.join(running)}"
         )
 
+    @_own_precision
     def check(self, batch: Batch | None = None) -> None:
         """Two losses, a gradient and a Hessian-vector product at the module's weights on ``batch``: a
         ValueError naming the fault if the model uses weight norm while torch's second derivative of it is
