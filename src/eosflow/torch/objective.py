@@ -44,7 +44,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from eosflow.precision import warn_half_precision_ops
+from eosflow.precision import HALF_PRECISION, warn_half_precision_ops
 
 Batch = tuple[Any, Any]
 ExampleAxis = int | tuple | list | dict | None  # an int, or a pytree of ints (a prefix of the batch's structure)
@@ -295,8 +295,8 @@ class _HalfPrecisionOps(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         for tensor in result if isinstance(result, tuple | list) else (result,):
-            if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.bfloat16, torch.float16):
-                dtype = str(tensor.dtype).removeprefix("torch.")
+            dtype = str(getattr(tensor, "dtype", "")).removeprefix("torch.")
+            if isinstance(tensor, torch.Tensor) and dtype in HALF_PRECISION:
                 self.found.setdefault(dtype, {})[getattr(func, "__name__", str(func))] = None
         return result
 
