@@ -546,3 +546,70 @@ def test_an_equinox_module_is_measured_over_its_floating_arrays(seed):
 
         operator = eosflow.HessianOperator.from_function(loss, model, batch)
         np.testing.assert_allclose(operator @ np.eye(flat.size), dense, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_a_typed_prng_key_in_the_batch_is_measured(custom):
+    """A loss drawing a dropout mask from a `jax.random.key` in its batch, through an operation that returns a
+    key (a typed key, whose dtype is no NumPy dtype: the half-precision scan failed on it): the tracker's top 2
+    and HessianOperator equal the dense Hessian of the same fixed-mask loss, with a plain tanh and with a
+    custom_vjp one (the reverse-mode chain)."""
+    from jax.flatten_util import ravel_pytree
+
+    rng = np.random.default_rng(7)
+    with precision("float64"):
+        x, y = jnp.asarray(rng.normal(size=(30, 4))), jnp.asarray(rng.normal(size=(30, 1)))
+        params = {"a": jnp.asarray(rng.normal(size=(4, 8))) / 2, "b": jnp.asarray(rng.normal(size=(8, 1))) / 3}
+        activation = user_models.swish if custom else jnp.tanh
+
+        def loss(p, batch):
+            x, y, key = batch
+            h = activation(x @ p["a"])
+            key = jax.random.fold_in(key, 1)  # an operation whose output is a key (as a Flax NNX RNG stream's)
+            mask = jax.random.bernoulli(key, 0.8, h.shape)
+            return jnp.mean((jnp.where(mask, h / 0.8, 0.0) @ p["b"] - y) ** 2)
+
+        batch = (x, y, jax.random.key(3))
+        flat, unflatten = ravel_pytree(params)
+        # reverse over reverse: JAX takes no forward-mode derivative of a custom_vjp function
+        dense = np.asarray(jax.jacrev(jax.jacrev(lambda w: loss(unflatten(w), batch)))(flat))
+        tracker = eosflow.SharpnessTracker(loss, k=2, tol=1e-9, max_iters=200)
+        _, pairs = jax.jit(tracker.update)(tracker.init(params, jax.random.key(0)), params, batch)
+        np.testing.assert_allclose(pairs.values, dense_top(dense, 2), rtol=1e-9)
+        operator = eosflow.HessianOperator.from_function(loss, params, batch)
+        np.testing.assert_allclose(operator @ np.eye(flat.size), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_a_preconditioner_not_shaped_like_the_parameters_is_refused():
+    """P's diagonal must be shaped like the parameters (leaf for leaf, in order) or be one vector of their size:
+    the same leaves permuted, of the same total size, would pair P's entries with the wrong parameters, so they
+    are refused naming both shapes; the flat vector and the matching pytree give dense eigh's top pair."""
+    rng = np.random.default_rng(3)
+    with precision("float64"):
+        params = {"a": jnp.asarray(rng.normal(size=(4, 8))) / 2, "b": jnp.asarray(rng.normal(size=(8, 1))) / 3}
+        x = jnp.asarray(rng.normal(size=(20, 4)))
+
+        def loss(p, x):
+            return jnp.mean(jnp.tanh(x @ p["a"]) @ p["b"]) ** 2
+
+        diagonal = {"a": jnp.asarray(rng.uniform(0.5, 2, (4, 8))), "b": jnp.asarray(rng.uniform(0.5, 2, (8, 1)))}
+        flat_p = np.concatenate([np.ravel(diagonal["a"]), np.ravel(diagonal["b"])])
+        dense = np.asarray(
+            jax.hessian(lambda w: loss({"a": w[:32].reshape(4, 8), "b": w[32:].reshape(8, 1)}, x))(
+                jnp.concatenate([params["a"].ravel(), params["b"].ravel()])
+            )
+        )
+        expected = dense_top(dense / np.sqrt(flat_p)[:, None] / np.sqrt(flat_p)[None, :], 1)
+        tracker = eosflow.SharpnessTracker(loss, k=1, tol=1e-10, max_iters=200)
+        state = tracker.init(params, jax.random.key(0))
+        for good in (diagonal, jnp.asarray(flat_p)):
+            _, pairs = tracker.update(state, params, x, good)
+            np.testing.assert_allclose(pairs.values, expected, rtol=1e-9)
+        for bad, shapes in [
+            ((diagonal["b"], diagonal["a"]), r"\[\(8, 1\), \(4, 8\)\]"),
+            (jnp.ones(39), r"\[\(39,\)\]"),
+        ]:
+            with pytest.raises(
+                ValueError, match=r"preconditioner's leaves have shapes " + shapes + r", the parameters'"
+            ):
+                tracker.update(state, params, x, bad)

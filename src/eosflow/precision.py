@@ -79,9 +79,9 @@ def warn_half_precision(equations: list[JaxprEqn], where: str) -> None:
     found: dict[str, dict[str, None]] = {}
     for eqn in equations:
         for var in eqn.outvars:
-            name = getattr(getattr(var, "aval", None), "dtype", None)
-            if name is not None and np.dtype(name).name in HALF_PRECISION:
-                found.setdefault(np.dtype(name).name, {})[eqn.primitive.name] = None
+            name = str(getattr(getattr(var, "aval", None), "dtype", ""))  # (str: a PRNG key's dtype is no np.dtype)
+            if name in HALF_PRECISION:
+                found.setdefault(name, {})[eqn.primitive.name] = None
     warn_half_precision_ops(found, where)
 
 

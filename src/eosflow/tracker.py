@@ -30,6 +30,7 @@ orbit; the default, ``"previous"``, starts from the last measurement and keeps n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -234,7 +235,7 @@ class SharpnessTracker(eqx.Module):
         flat, unravel = self._flat(params)
         precondition = None
         if preconditioner is not None:
-            precondition = ravel(differentiable_part(preconditioner)[0], "preconditioner")[0].astype(flat.dtype)
+            precondition = _flat_preconditioner(preconditioner, differentiable_part(params)[0], flat.dtype)
 
         call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
 
@@ -295,3 +296,19 @@ class SharpnessTracker(eqx.Module):
             params_and_step,
         )
         return new_state, pairs
+
+
+def _flat_preconditioner(preconditioner: PyTree, arrays: PyTree, dtype) -> Array:
+    """P's diagonal as one vector in the parameters' order: from a pytree shaped like ``arrays`` (leaf for
+    leaf, e.g. an optax state's moment) or a flat vector of their size; anything else is a ValueError
+    naming both shapes (a permuted pytree of the same size would otherwise pair P with the wrong entries)."""
+    flat, unravel = ravel(differentiable_part(preconditioner)[0], "preconditioner")
+    expected = tuple(leaf.shape for leaf in jax.tree.leaves(arrays))
+    size = sum(math.prod(shape) for shape in expected)
+    if unravel.shapes != expected and unravel.shapes != ((size,),):
+        raise ValueError(
+            f"SharpnessTracker: the preconditioner's leaves have shapes {list(unravel.shapes)}, the parameters' "
+            f"{list(expected)}: pass P's diagonal shaped like the parameters, leaf for leaf in the same order "
+            f"(as an optax state holds it), or as one vector of their {size} entries"
+        )
+    return flat.astype(dtype)
