@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lint,torch]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lint,torch,flax]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -16,6 +16,7 @@ compilation serves any dataset of the same shape, and methods inline into caller
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -262,13 +263,45 @@ def ravel(params: PyTree, where: str = "params") -> tuple[Array, Unravel]:
 
 
 def differentiable_part(params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
-    """An Equinox module's floating arrays (what ``eqx.filter_grad`` differentiates) and the map that
-    puts them back beside its other fields (functions, integer buffers), held fixed; any other pytree
-    is all parameters (each leaf checked by :func:`ravel`)."""
+    """What a module's own gradient differentiates, and the map that puts it back beside the rest, held fixed:
+    an Equinox module's floating arrays (``eqx.filter_grad``; functions, integer buffers fixed) or a Flax NNX
+    module's ``nnx.Param`` variables (``nnx.grad``; BatchNorm statistics, RNG state, counters fixed). Any
+    other pytree is all parameters (each leaf checked by :func:`ravel`)."""
     if isinstance(params, eqx.Module):
         arrays, rest = eqx.partition(params, eqx.is_inexact_array)
         return arrays, lambda part: eqx.combine(part, rest)
+    nnx = sys.modules.get("flax.nnx")  # eosflow never imports flax: a module of the user's means it is loaded
+    if nnx is not None and isinstance(params, nnx.Module):
+        graphdef, measured, rest = nnx.split(params, nnx.Param, ...)
+        # Fresh variables at every rebuild: what the forward writes (BatchNorm's running statistics, RNG
+        # counts) lands on copies, in the trace that made them, never on the user's module.
+        return measured, lambda part: nnx.merge(graphdef, part, jax.tree.map(lambda leaf: leaf, rest))
     return params, _identity
+
+
+def training_dropouts(params: PyTree) -> list[str]:
+    """The paths (``model.drop``) of the Flax NNX Dropout layers in ``params`` left in training mode (rate > 0,
+    ``deterministic`` False): with the module's RNG state held fixed each draws one mask, the same at every
+    evaluation (unless the forward passes ``deterministic=True`` itself)."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None or not isinstance(params, nnx.Module):
+        return []
+    return [
+        "model" + "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path)
+        for path, layer in nnx.iter_modules(params)
+        if isinstance(layer, nnx.Dropout) and layer.rate > 0 and not layer.deterministic
+    ]
+
+
+class OnDifferentiablePart(eqx.Module):
+    """``fn(rebuild(part), *args)``: a function of a module, as a function of what :func:`differentiable_part`
+    measures."""
+
+    fn: Callable = eqx.field(static=True)
+    rebuild: Callable = eqx.field(static=True)
+
+    def __call__(self, part: PyTree, *args: Any) -> Any:
+        return self.fn(self.rebuild(part), *args)
 
 
 def _check_parameter(name: str, leaf: Any) -> None:
@@ -291,7 +324,8 @@ def _check_parameter(name: str, leaf: Any) -> None:
         raise SpecError(
             f"{name} is {dtype.name}, and only floating-point leaves can be parameters (every leaf is "
             "differentiated and stepped): keep counters and other constants out of the parameters (in "
-            "the model's closure, or `eqx.partition(model, eqx.is_inexact_array)` for an Equinox module)"
+            "the model's closure, or `eqx.partition(model, eqx.is_inexact_array)` for an Equinox module; a "
+            "Flax NNX module itself is measured over its nnx.Param variables)"
         )
 
 

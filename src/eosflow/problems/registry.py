@@ -33,12 +33,15 @@ from eosflow.data import CLASSIFICATION, REGRESSION
 from eosflow.objective import (
     LOSSES,
     Objective,
+    OnDifferentiablePart,
     PyTree,
     Unravel,
     check_example_count,
     check_mean_over_examples,
     differentiable_loss,
+    differentiable_part,
     ravel,
+    training_dropouts,
 )
 from eosflow.precision import check_dtypes, precision
 from eosflow.tracing import equations
@@ -93,6 +96,7 @@ class Problem:
             raise SpecError(f"unknown loss {loss!r}{suggest(loss, LOSSES)}")
         if not jax.tree_util.tree_leaves(params):
             raise SpecError("Problem.from_model: `params` has no array leaves")
+        apply_fn, params = _measured_part(apply_fn, params, "Problem.from_model")
         objective, w0 = Objective.from_model(apply_fn, params, inputs, targets, loss)
         problem = cls(objective, w0, info=dict(info or {}))
         with precision(problem.default_dtype()):  # traced as a run will (JAX caches closed-over constants)
@@ -132,6 +136,7 @@ class Problem:
         here); ``loss_fn(w0)`` is traced here and must return a scalar."""
         if not jax.tree_util.tree_leaves(w0):
             raise SpecError("Problem.from_function: `w0` has no array leaves")
+        loss_fn, w0 = _measured_part(loss_fn, w0, "Problem.from_function")
         flat, unravel = ravel(w0, where="w0")
         objective = Objective(loss_on=_PytreeLoss(loss_fn, unravel), data=None, unravel=unravel)
         problem = cls(objective, flat, info=dict(info or {}))
@@ -282,6 +287,25 @@ def _check_scalar(call: str, result: Any) -> None:
             f"{call} returns shape {tuple(result.shape)}, not a scalar: the loss must reduce over examples "
             "and outputs (e.g. jnp.mean)"
         )
+
+
+def _measured_part(fn: Callable, params: PyTree, where: str) -> tuple[Callable, PyTree]:
+    """``fn`` and ``params`` as they are, or, for a Flax NNX or Equinox module, what its own gradient
+    differentiates (:func:`differentiable_part`) and ``fn`` on that part, the rest held fixed; warns of an NNX
+    Dropout in training mode (one fixed mask)."""
+    part, rebuild = differentiable_part(params)
+    if part is params:
+        return fn, params
+    dropouts = training_dropouts(params)
+    if dropouts:
+        warnings.warn(
+            f"{where}: {', '.join(dropouts)} {'is an nnx.Dropout' if len(dropouts) == 1 else 'are nnx.Dropouts'} "
+            "in training mode, and eosflow holds the module's RNG state fixed: every evaluation draws the same "
+            "mask, a fixed thinned network rather than dropout's random loss. Pass `model.eval()` (or "
+            "deterministic=True) for the whole network",
+            stacklevel=3,
+        )
+    return OnDifferentiablePart(fn, rebuild), part
 
 
 class _PytreeLoss(eqx.Module):

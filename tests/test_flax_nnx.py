@@ -1,0 +1,158 @@
+"""A Flax NNX module in eosflow: measured over its nnx.Param variables, as nnx.grad differentiates them, with
+BatchNorm statistics, RNG state and counters held fixed and the user's module left as it was.
+
+Oracles: dense eigh of the float64 Hessian over jax.flatten_util's flattening of the Param state (the loss on
+the module merged back with NNX's own split/merge), the preconditioner computed from Adam's nu by hand, and a
+hand-written NNX training loop (nnx.value_and_grad + nnx.Optimizer)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import eosflow  # noqa: E402
+from eosflow import optimizer_edges  # noqa: E402
+from eosflow.precision import precision  # noqa: E402
+
+# flax's BatchNorm keeps float32 running statistics whatever its dtype, and writing float64 batch statistics
+# into them warns in JAX 0.10: the test model's own forward, the same in the hand-written loops.
+pytestmark = pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
+
+
+class Net(nnx.Module):
+    """Linear -> BatchNorm (training mode: the batch's statistics) -> tanh -> Dropout -> Linear, and a counter."""
+
+    def __init__(self, n_in: int, width: int, n_out: int, rate: float, seed: int):
+        rngs = nnx.Rngs(seed)
+        self.first = nnx.Linear(n_in, width, rngs=rngs, param_dtype=jnp.float64)
+        self.norm = nnx.BatchNorm(width, rngs=rngs, param_dtype=jnp.float64, dtype=jnp.float64)
+        self.drop = nnx.Dropout(rate, rngs=rngs)
+        self.last = nnx.Linear(width, n_out, rngs=rngs, param_dtype=jnp.float64)
+        self.calls = nnx.Variable(jnp.array(0, jnp.int32))
+
+    def __call__(self, x):
+        self.calls[...] += 1  # a forward that writes state, as BatchNorm's running statistics do
+        return self.last(self.drop(jnp.tanh(self.norm(self.first(x)))))
+
+
+def mse(model, batch):
+    x, y = batch
+    return 0.5 * jnp.mean(jnp.sum((model(x) - y) ** 2, axis=-1))
+
+
+def setup(seed, rate=0.25):
+    rng = np.random.default_rng(seed)
+    n_in, width, n = int(rng.integers(3, 6)), int(rng.integers(4, 9)), int(rng.integers(20, 40))
+    model = Net(n_in, width, 2, rate, seed)
+    batch = (jnp.asarray(rng.normal(size=(n, n_in))), jnp.asarray(rng.normal(size=(n, 2))))
+    return model, batch
+
+
+def dense_hessian(model, loss, batch):
+    """The float64 Hessian of loss(model, batch) over the model's nnx.Param leaves, the rest held as they are."""
+    from jax.flatten_util import ravel_pytree
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat, unflatten = ravel_pytree(params)
+
+    def on_flat(w):
+        return loss(nnx.merge(graphdef, unflatten(w), jax.tree.map(lambda leaf: leaf, rest)), batch)
+
+    return np.asarray(jax.hessian(on_flat)(flat)), flat.size
+
+
+def snapshot(model):
+    """Every leaf of the module's whole state (keys as their data) as NumPy arrays."""
+
+    def data(leaf):
+        return jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+
+    return [np.array(data(leaf)) for leaf in jax.tree.leaves(nnx.state(model))]
+
+
+def top(matrix, k):
+    return np.linalg.eigvalsh(0.5 * (matrix + matrix.T))[::-1][:k]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_nnx_module_is_measured_over_its_params_and_left_unchanged(seed):
+    """tracker.update(state, model, batch) under nnx.jit (which writes a module's changes back): the top 2 equal
+    dense eigh over the Param flattening to 1e-9, in that vector order; the module's state (BatchNorm
+    statistics, RNG counts, the counter) is bitwise unchanged; with P = Adam's preconditioner read from an
+    nnx.Optimizer's state the pairs are those of P^-1/2 H P^-1/2; HessianOperator is the dense Hessian."""
+    with precision("float64"):
+        model, batch = setup(seed)
+        dense, size = dense_hessian(model, mse, batch)
+        tracker = eosflow.SharpnessTracker(mse, k=2, tol=1e-9, max_iters=200)
+        state = tracker.init(model, jax.random.key(seed))
+        before = snapshot(model)
+
+        @nnx.jit
+        def measure(state, model, batch, preconditioner=None):
+            return tracker.update(state, model, batch, preconditioner)
+
+        state, pairs = measure(state, model, batch)
+        assert pairs.vectors.shape == (size, 2)
+        np.testing.assert_allclose(pairs.values, top(dense, 2), rtol=1e-9)
+        for value, vector in zip(pairs.values, np.asarray(pairs.vectors).T):
+            np.testing.assert_allclose(dense @ vector, value * vector, atol=1e-7 * abs(float(value)))
+        after = snapshot(model)
+        assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(before, after))
+
+        b2, eps = 0.99, 1e-3
+        edge = optimizer_edges.adam(1e-2, b2=b2, eps=eps)
+        optimizer = nnx.Optimizer(model, edge.transform, wrt=nnx.Param)
+        for _ in range(3):
+            optimizer.update(model, nnx.grad(mse)(model, batch))
+        dense, _ = dense_hessian(model, mse, batch)
+        adam_state = optimizer_edges.substate(optimizer.opt_state, lambda s: isinstance(s, optax.ScaleByAdamState))
+        nu = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(adam_state.nu)])
+        p = np.sqrt(nu / (1 - b2**3)) + eps  # optax's P after 3 updates, by hand
+        scaled = dense / np.sqrt(p)[:, None] / np.sqrt(p)[None, :]
+        _, pairs = measure(state, model, batch, edge.preconditioner(optimizer.opt_state))
+        np.testing.assert_allclose(pairs.values, top(scaled, 2), rtol=1e-9)
+
+        operator = eosflow.HessianOperator.from_function(mse, model, batch)
+        np.testing.assert_allclose(operator @ np.eye(size), dense, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("lr", [0.05, 0.3])
+def test_gd_on_an_nnx_module_is_the_nnx_training_loop(lr):
+    """Problem.from_model(lambda m, x: m(x), model, x, y) and Problem.from_function(loss, model): GD's losses
+    equal a hand-written NNX loop (nnx.value_and_grad, nnx.Optimizer(optax.sgd)) to 1e-12 over 25 steps, and
+    the sharpness at step 0 is dense eigh's."""
+    with precision("float64"):
+        model, (x, y) = setup(3, rate=0.0)
+        dense, _ = dense_hessian(model, mse, (x, y))
+        for problem in (
+            eosflow.Problem.from_model(lambda m, inputs: m(inputs), model, x, y, loss="mse"),
+            eosflow.Problem.from_function(lambda m: mse(m, (x, y)), model),
+        ):
+            ds = eosflow.simulate(problem, lr=lr, steps=25, processes=["gd"], spectrum={"k_max": 1, "tol": 1e-9})
+            own, _ = setup(3, rate=0.0)  # the same module, built again
+            optimizer = nnx.Optimizer(own, optax.sgd(lr), wrt=nnx.Param)
+            losses = []
+            for _ in range(25):
+                loss, grads = nnx.value_and_grad(mse)(own, (x, y))
+                losses.append(float(loss))
+                optimizer.update(own, grads)
+            np.testing.assert_allclose(ds.loss.sel(process="gd").values[:25], losses, rtol=1e-12)
+            np.testing.assert_allclose(float(ds.sharpness.sel(process="gd")[0]), top(dense, 1)[0], rtol=1e-9)
+
+
+def test_a_dropout_in_training_mode_is_named():
+    """A Problem of an NNX module with a Dropout in training mode warns, naming the layer's path (its mask is
+    drawn once from the fixed RNG state); the same module after model.eval() does not."""
+    with precision("float64"):
+        model, (x, y) = setup(4, rate=0.3)
+        with pytest.warns(UserWarning, match=r"model\.drop is an nnx\.Dropout in training mode"):
+            eosflow.Problem.from_model(lambda m, inputs: m(inputs), model, x, y)
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            eosflow.Problem.from_model(lambda m, inputs: m(inputs), model, x, y)
