@@ -156,3 +156,52 @@ def test_a_dropout_in_training_mode_is_named():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             eosflow.Problem.from_model(lambda m, inputs: m(inputs), model, x, y)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
+def test_an_nnx_training_runs_state_starts_eosflows_optimizer(optimizer):
+    """Checkpoint(model, nnx.Optimizer.opt_state) after 4 steps of the user's NNX loop (its moments are
+    OptVariables where the parameters are Params): eosflow's optimizer continues the user's loop to 1e-12
+    over 8 more steps, given the module or its Param state; moments of other shapes are refused by name."""
+    from eosflow.anchored import anchored
+    from eosflow.checkpoint import Checkpoint
+    from eosflow.config import SpecError
+
+    with precision("float64"):
+        model, (x, y) = setup(5, rate=0.0)
+        problem = eosflow.Problem.from_model(lambda m, inputs: m(inputs), model, x, y, loss="mse")
+        lr = 0.02
+        if optimizer == "adam":
+            transform, table = (
+                optax.adam(lr),
+                {"processes": ["adam", "adam_stable_flow"], "adam": {"beta1": 0.9, "beta2": 0.999}},
+            )
+        else:
+            transform = optax.sgd(lr, momentum=0.9)
+            table = {"processes": ["momentum", "momentum_stable_flow"], "momentum": {"beta": 0.9, "form": "classical"}}
+        table = {**table, "lr": lr, "steps": 12, "dtype": "float64"}
+        own = nnx.Optimizer(model, transform, wrt=nnx.Param)
+        for _ in range(4):
+            own.update(model, nnx.grad(mse)(model, (x, y)))
+        # NNX changes the module and the optimizer's state in place: keep copies to start from
+        moments = jax.tree.map(lambda leaf: leaf, own.opt_state)
+        starts = [
+            Checkpoint(nnx.clone(model), moments),
+            Checkpoint(jax.tree.map(lambda a: a, nnx.state(model, nnx.Param)), moments),
+        ]
+        losses = []
+        for _ in range(8):
+            losses.append(float(mse(model, (x, y))))
+            own.update(model, nnx.grad(mse)(model, (x, y)))
+        for start in starts:
+            ds = anchored(table, at=2, problem=problem, start=start)
+            np.testing.assert_allclose(ds.loss.sel(process=table["processes"][0]).values[:6], losses[2:], rtol=1e-12)
+
+        other = nnx.Optimizer(setup(6, rate=0.0)[0], transform, wrt=nnx.Param)  # another network's moments
+        with pytest.raises(
+            SpecError,
+            match=r"opt_state\.(mu|trace): its pytree structure is not the problem's parameters' \(leaf "
+            r"\['first'\]\['bias'\]\.value of shape \(6,\) where the parameters have \['first'\]\['bias'\]\.value of "
+            r"shape \(8,\)",
+        ):
+            anchored(table, at=2, problem=problem, start=Checkpoint(model, other.opt_state))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eosflow.config import SpecError
-from eosflow.objective import ravel
+from eosflow.objective import Unravel, differentiable_part, ravel
 from eosflow.optim.adaptive import AdaptiveOptimizer, RuleState
 from eosflow.optim.gd import GradientDescent
 from eosflow.optimizer_edges import substate
@@ -44,17 +44,38 @@ class Checkpoint(NamedTuple):
 
 
 def _flat(tree: PyTree, like: np.ndarray, where: str, problem: Any) -> jax.Array:
-    """``tree`` flattened as the problem's parameters are, or a SpecError naming what differs."""
-    treedef = getattr(problem.objective.unravel, "treedef", None)
-    if treedef is not None and jax.tree_util.tree_structure(tree) != treedef:
+    """``tree`` flattened as the problem's parameters are, or a SpecError naming what differs. A module
+    (Equinox, Flax NNX) counts by what it measures (:func:`differentiable_part`); a tree whose leaves sit
+    at the parameters' paths with their shapes passes whatever wraps them (an ``nnx.Optimizer`` keeps its
+    moments in OptVariables where the parameters are Params)."""
+    tree = differentiable_part(tree)[0]
+    unravel = problem.objective.unravel
+    treedef = getattr(unravel, "treedef", None)
+    structure = jax.tree_util.tree_structure(tree)
+    if treedef is not None and structure != treedef and (mine := _paths(tree)) != (theirs := _paths(unravel)):
+        differ = next(((a, b) for a, b in zip(mine, theirs) if a != b), None)
+        detail = (
+            f"leaf {differ[0][0]} of shape {differ[0][1]} where the parameters have {differ[1][0]} of shape "
+            f"{differ[1][1]}"
+            if differ
+            else f"{len(mine)} leaves where the parameters have {len(theirs)}"
+        )
         raise SpecError(
-            f"{where}: its pytree structure {jax.tree_util.tree_structure(tree)} is not the problem's parameters' "
-            f"{treedef}"
+            f"{where}: its pytree structure is not the problem's parameters' ({detail}): {structure} against {treedef}"
         )
     flat, _ = ravel(tree, where)
     if flat.shape != like.shape:
         raise SpecError(f"{where}: {flat.shape[0]} numbers where the problem has {like.shape[0]} parameters")
     return jnp.asarray(flat, like.dtype)
+
+
+def _paths(tree: PyTree) -> list[tuple[str, tuple[int, ...]]]:
+    """(path, shape) of every leaf of ``tree``, or of the parameters an Unravel rebuilds."""
+    if isinstance(tree, Unravel):
+        tree = jax.tree_util.tree_unflatten(tree.treedef, [np.empty(shape, np.int8) for shape in tree.shapes])
+    return [
+        (jax.tree_util.keystr(path), tuple(np.shape(leaf))) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    ]
 
 
 def _find(opt_state: Any, names: tuple[str, ...], what: str) -> Any:
@@ -89,9 +110,19 @@ def optimizer_state(optimizer: Any, problem: Any, checkpoint: Checkpoint) -> Any
         m, nu = (_flat(adam.mu, like, "opt_state.mu", problem), _flat(adam.nu, like, "opt_state.nu", problem))
         count = jnp.asarray(adam.count, jnp.int32)
     elif rule.form in ("classical", "nesterov") and rule.second_moment == "none":  # optax.sgd(momentum=...)
-        m = _flat(_find(checkpoint.opt_state, ("TraceState",), "optax.sgd with momentum").trace, like, "trace", problem)
+        m = _flat(
+            _find(checkpoint.opt_state, ("TraceState",), "optax.sgd with momentum").trace,
+            like,
+            "opt_state.trace",
+            problem,
+        )
     elif rule.form == "ema" and rule.second_moment == "none":  # optax.chain(optax.ema(b, debias=False), ...)
-        m = _flat(_find(checkpoint.opt_state, ("EmaState",), "optax.ema(beta, debias=False)").ema, like, "ema", problem)
+        m = _flat(
+            _find(checkpoint.opt_state, ("EmaState",), "optax.ema(beta, debias=False)").ema,
+            like,
+            "opt_state.ema",
+            problem,
+        )
     elif rule.form == "none" and rule.second_moment == "diagonal":  # rmsprop
         rms = _find(checkpoint.opt_state, ("ScaleByRms",), "optax.rmsprop")
         nu = _flat(rms.nu, like, "opt_state.nu", problem)
