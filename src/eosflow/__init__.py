@@ -26,7 +26,7 @@ _LAZY = {
     "SharpnessTracker": "eosflow.tracker",
     "TrackerState": "eosflow.tracker",
 }
-_MODULES = ("compare", "monitor", "optimizer_edges")  # imported when first used (pandas, matplotlib, optax)
+_MODULES = ("batch_sharpness", "compare", "monitor", "optimizer_edges")  # imported when first used (optax, pandas)
 
 __all__ = ["load", "load_params", "__version__", *_LAZY, *_MODULES]
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from eosflow.batch_sharpness import batch_quotient
 from eosflow.config import SpecError, SpecWarning, option
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, process_key, register_process, scanned_fields
@@ -47,6 +48,12 @@ class SGDOptions:
     )
     noise_every: int = option(0, "estimate tr(Sigma_g) from per-example gradients every n steps (0: never)", ge=0)
     noise_examples: int = option(0, "examples drawn for that estimate (0: all)", ge=0)
+    batch_sharpness_every: int = option(
+        0,
+        "record the step's own batch quotient every n steps (0: never): batch_curvature = b^T (H_B + lam I) b and "
+        "batch_descent = (g_B + lam w)^T b along the buffer b, one minibatch HVP each (eosflow.batch_sharpness)",
+        ge=0,
+    )
 
 
 class SGDState(NamedTuple):
@@ -190,7 +197,23 @@ class SGD(ScannedProcess):
         )
         if o.noise_every:
             row["noise_trace"] = self.noise_trace_row(w, step)
+        if o.batch_sharpness_every:
+            row["batch_curvature"], row["batch_descent"] = self.batch_quotient_row(w, step, batch_grad, buffer)
         return SGDState(w - self.lr * buffer, buffer, vectors, step + 1), row
+
+    def batch_quotient_row(self, w: Array, step: Array, batch_grad: Array, buffer: Array) -> tuple[Array, Array]:
+        """The step's own (b^T (H_B + lam I) b, (g_B + lam w)^T b) every ``batch_sharpness_every`` steps (NaN
+        otherwise): :func:`eosflow.batch_sharpness.batch_quotient` on this step's minibatch (its Gaussian noise,
+        if any, is constant in w)."""
+
+        def measure(_):
+            quotient = batch_quotient(
+                lambda v: self.minibatch_gradient(v, step)[1], w, batch_grad, buffer, self.options.weight_decay
+            )
+            return quotient.curvature, quotient.descent
+
+        nan = _nan(w)
+        return jax.lax.cond(step % self.options.batch_sharpness_every == 0, measure, lambda _: (nan, nan), None)
 
     def noise_trace_row(self, w: Array, step: Array) -> Array:
         """tr(Sigma_g) at steps that are multiples of ``noise_every`` (NaN otherwise)."""

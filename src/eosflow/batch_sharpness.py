@@ -1,0 +1,75 @@
+"""Batch sharpness: the curvature of a minibatch's own loss along the step taken on it (SGD's edge).
+
+A step w -> w - lr s on a minibatch B changes that batch's loss (regularized by lam |w|^2 / 2) by
+
+    L_B(w - lr s) - L_B(w) = -lr (g_B + lam w)^T s + lr^2 / 2 s^T (H_B + lam I) s + O(lr^3 |s|^3),
+
+so the step lowers it to second order iff  q_B = s^T (H_B + lam I) s / ((g_B + lam w)^T s) < 2 / lr. For plain
+SGD (s = g_B) q_B = g_B^T H_B g_B / |g_B|^2; with heavy-ball momentum s is the buffer. Andreyev & Beneventano
+(arXiv:2412.20553, "Edge of Stochastic Stability") call E_B[g_B^T H_B g_B] / E_B[|g_B|^2] *batch sharpness* and
+report that minibatch SGD trains where it is 2/lr while the full-batch sharpness stays below. eosflow records the
+numerator and denominator apart (``curvature``, ``descent``), so that their means over batches or steps, the
+ratio of expectations, can be formed: :func:`batch_sharpness` at one point, SGD's ``batch_sharpness_every``
+along a run. (The quotient for momentum and weight decay is ours, from the expansion above.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from eosflow.objective import differentiable_part, ravel
+
+PyTree = Any
+
+
+class BatchQuotient(NamedTuple):
+    """One batch's s^T (H_B + lam I) s and (g_B + lam w)^T s (scalars, or one per batch)."""
+
+    curvature: Array
+    descent: Array
+
+    @property
+    def value(self) -> Array:
+        """q_B = curvature / descent: the step lowers its own batch's loss (to second order) iff lr q_B < 2."""
+        return self.curvature / self.descent
+
+
+def batch_quotient(
+    batch_grad: Callable[[Array], Array],
+    w: Float[Array, " d"],
+    gradient: Float[Array, " d"],
+    step: Float[Array, " d"],
+    weight_decay: float = 0.0,
+) -> BatchQuotient:
+    """(s^T (H_B + lam I) s, (g_B + lam w)^T s) with H_B s by one forward-over-reverse product of ``batch_grad``
+    (w -> g_B(w)) at ``w``; ``gradient`` is g_B(w), ``step`` the direction s (the step is w - lr s)."""
+    curvature_along = jax.jvp(batch_grad, (w,), (step,))[1] + weight_decay * step
+    return BatchQuotient(jnp.vdot(step, curvature_along), jnp.vdot(gradient + weight_decay * w, step))
+
+
+def batch_sharpness(
+    loss_fn: Callable[[PyTree, PyTree], Array], params: PyTree, batches: PyTree
+) -> tuple[Array, BatchQuotient]:
+    """E_B[g_B^T H_B g_B] / E_B[|g_B|^2] over ``batches`` (a pytree whose leaves stack the batches on a leading
+    axis: ``batches[i]`` is the batch ``loss_fn(params, .)`` takes), each batch along its own gradient, as plain
+    SGD steps; returns it with every batch's quotient. ``params`` is a pytree of floating arrays (flattened leaf
+    by leaf) or an Equinox or Flax NNX module (its differentiable part, as the tracker measures it); one
+    gradient and one Hessian-vector product per batch, vectorized over the batches."""
+    arrays, rebuild = differentiable_part(params)
+    flat, unravel = ravel(arrays)
+    flat = jnp.asarray(flat)
+
+    def one(batch: PyTree) -> BatchQuotient:
+        def grad(w: Array) -> Array:
+            return jax.grad(lambda v: loss_fn(rebuild(unravel(v)), batch))(w)
+
+        gradient = grad(flat)
+        return batch_quotient(grad, flat, gradient, gradient)
+
+    quotients = jax.vmap(one)(batches)
+    return jnp.sum(quotients.curvature) / jnp.sum(quotients.descent), quotients

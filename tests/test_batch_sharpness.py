@@ -1,0 +1,142 @@
+"""Batch sharpness: the curvature of a minibatch's own loss along the step taken on it.
+
+Oracles: linear regression in closed form (H_B = X_B^T X_B / S, g_B = X_B^T r_B / S) with a numpy transcription
+of SGD's recursion; the exact identity of a quadratic, L_B(w - lr b) - L_B(w) = -lr descent + lr^2/2 curvature;
+every batch of a small problem enumerated in numpy (the expectation over batches); central differences of the
+batch gradient on an MLP."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eosflow
+from eosflow.experiment import prepare
+from eosflow.optim.sgd import sample_batch
+from eosflow.precision import precision
+
+
+def regression_table(**sgd):
+    return {
+        "steps": 25,
+        "lr": 0.05,
+        "dtype": "float64",
+        "processes": ["sgd"],
+        "problem": {"name": "linear_regression", "dim": 6, "n_train": 40, "noise": 0.5},
+        "spectrum": {"every": 0},
+        "sgd": sgd,
+    }
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(batch_size=5, sampling="with_replacement"),
+        dict(batch_size=8, momentum=0.9, sampling="shuffle"),
+        dict(batch_size=3, momentum=0.5, weight_decay=0.03, sampling="without_replacement"),
+        dict(batch_size=40, weight_decay=0.01, sampling="without_replacement", batch_sharpness_every=3),
+    ],
+)
+def test_sgds_batch_quotient_is_its_batchs_second_order_loss_change(options):
+    """Every recorded step: batch_curvature = b^T (X_B^T X_B / S + lam I) b and batch_descent = (g_B + lam w)^T b
+    in closed form along numpy's own buffer b, to 1e-10, and on this quadratic the batch's regularized loss
+    change under the step is exactly -lr descent + lr^2/2 curvature; steps off the `every` grid are NaN."""
+    every = options.pop("batch_sharpness_every", 1)
+    lam, beta, size = options.get("weight_decay", 0.0), options.get("momentum", 0.0), options["batch_size"]
+    spec, problem, _, processes = prepare(regression_table(**options, batch_sharpness_every=every))
+    sgd = processes["sgd"]
+    _, rows = sgd.advance(sgd.init(problem.w0), 25)
+    x, y = map(np.asarray, problem.objective.data)
+    w, buffer = np.asarray(problem.w0, float), np.zeros(x.shape[1])
+    for k in range(25):
+        idx = np.asarray(sample_batch(sgd.sample_key, jnp.asarray(k), 40, size, options["sampling"]))
+        xb, yb = x[idx], y[idx]
+        gradient = xb.T @ (xb @ w - yb) / size
+        buffer = beta * buffer + gradient + lam * w
+        curvature, descent = rows["batch_curvature"][k], rows["batch_descent"][k]
+        if k % every:
+            assert np.isnan(curvature) and np.isnan(descent)
+        else:
+            hessian = xb.T @ xb / size + lam * np.eye(x.shape[1])
+            np.testing.assert_allclose(curvature, buffer @ hessian @ buffer, rtol=1e-10)
+            np.testing.assert_allclose(descent, (gradient + lam * w) @ buffer, rtol=1e-10)
+
+            def batch_loss(v, xb=xb, yb=yb):
+                return 0.5 * np.mean((xb @ v - yb) ** 2) + 0.5 * lam * v @ v
+
+            change = batch_loss(w - 0.05 * buffer) - batch_loss(w)
+            np.testing.assert_allclose(change, -0.05 * descent + 0.05**2 / 2 * curvature, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(rows["position"][k], w, atol=1e-12)
+        w = w - 0.05 * buffer
+
+
+def test_batch_sharpness_over_every_batch_is_the_enumerated_expectation():
+    """eosflow.batch_sharpness over all C(9, 3) batches of a random MLP (pytree parameters, float64) equals
+    E_B[g_B^T H_B g_B] / E_B[|g_B|^2] with each batch's Hessian formed densely; each quotient is a Rayleigh
+    quotient of its batch Hessian, so it lies within that Hessian's spectrum."""
+    rng = np.random.default_rng(0)
+    with precision("float64"):
+        x, y = rng.normal(size=(9, 3)), rng.normal(size=(9, 2))
+        params = {"a": jnp.asarray(rng.normal(size=(3, 5))), "b": jnp.asarray(rng.normal(size=(5, 2)) / 2)}
+
+        def loss(p, batch):
+            xb, yb = batch
+            return 0.5 * jnp.mean(jnp.sum((jnp.tanh(xb @ p["a"]) @ p["b"] - yb) ** 2, axis=-1))
+
+        subsets = np.asarray(list(itertools.combinations(range(9), 3)))
+        batches = (jnp.asarray(x[subsets]), jnp.asarray(y[subsets]))
+        value, quotients = eosflow.batch_sharpness.batch_sharpness(loss, params, batches)
+
+        from jax.flatten_util import ravel_pytree
+
+        flat, unflatten = ravel_pytree(params)
+        numerators, denominators = [], []
+        for subset in subsets:
+            batch = (jnp.asarray(x[subset]), jnp.asarray(y[subset]))
+            g = np.asarray(jax.grad(lambda w, b=batch: loss(unflatten(w), b))(flat))
+            h = np.asarray(jax.hessian(lambda w, b=batch: loss(unflatten(w), b))(flat))
+            numerators.append(g @ h @ g)
+            denominators.append(g @ g)
+            spectrum = np.linalg.eigvalsh(h)
+            quotient = numerators[-1] / denominators[-1]
+            assert spectrum[0] - 1e-12 <= quotient <= spectrum[-1] + 1e-12
+        np.testing.assert_allclose(quotients.curvature, numerators, rtol=1e-10)
+        np.testing.assert_allclose(quotients.descent, denominators, rtol=1e-12)
+        np.testing.assert_allclose(value, np.sum(numerators) / np.sum(denominators), rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sgds_batch_quotient_on_an_mlp_matches_central_differences(seed):
+    """On the digits MLP (float64, random batch size and momentum): at recorded steps H_B b from the record
+    equals the central difference of the batch gradient along b, (g_B(w + h b) - g_B(w - h b)) / 2h,
+    projected on b, to 1e-6 relative."""
+    rng = np.random.default_rng(seed)
+    size, beta = int(rng.integers(4, 20)), float(rng.choice([0.0, 0.9]))
+    table = {
+        "steps": 12,
+        "lr": 0.2,
+        "dtype": "float64",
+        "seed": seed,
+        "processes": ["sgd"],
+        "problem": {"name": "mlp", "dataset": "digits", "n_train": 100, "n_test": 0, "width": 8, "depth": 1},
+        "spectrum": {"every": 0},
+        "sgd": {"batch_size": size, "momentum": beta, "batch_sharpness_every": 4, "sampling": "without_replacement"},
+    }
+    _, problem, _, processes = prepare(table)
+    sgd = processes["sgd"]
+    with precision("float64"):
+        _, rows = sgd.advance(sgd.init(problem.w0), 12)
+        buffer = np.zeros(np.asarray(problem.w0).size)
+        for k in range(12):
+            w = jnp.asarray(rows["position"][k])
+            gradient = np.asarray(sgd.minibatch_gradient(w, jnp.asarray(k))[1])
+            buffer = beta * buffer + gradient
+            if k % 4:
+                continue
+            h = 1e-5 / np.linalg.norm(buffer)
+            plus = np.asarray(sgd.minibatch_gradient(w + h * buffer, jnp.asarray(k))[1])
+            minus = np.asarray(sgd.minibatch_gradient(w - h * buffer, jnp.asarray(k))[1])
+            np.testing.assert_allclose(rows["batch_curvature"][k], buffer @ (plus - minus) / (2 * h), rtol=1e-6)
+            np.testing.assert_allclose(rows["batch_descent"][k], gradient @ buffer, rtol=1e-12)
