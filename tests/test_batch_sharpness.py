@@ -140,3 +140,33 @@ def test_sgds_batch_quotient_on_an_mlp_matches_central_differences(seed):
             minus = np.asarray(sgd.minibatch_gradient(w - h * buffer, jnp.asarray(k))[1])
             np.testing.assert_allclose(rows["batch_curvature"][k], buffer @ (plus - minus) / (2 * h), rtol=1e-6)
             np.testing.assert_allclose(rows["batch_descent"][k], gradient @ buffer, rtol=1e-12)
+
+
+def test_the_report_shows_batch_sharpness_in_windows(tmp_path):
+    """A run with `batch_sharpness_every` gets a "Batch sharpness" part in its SGD section and figure: the first
+    and last windows' lr/2 sum(curvature)/sum(descent) recomputed from the stored rows by hand (20 equal windows
+    of the steps, unmeasured steps skipped); a run without it gets none."""
+    from eosflow.experiment import run
+    from eosflow.report import make_report
+
+    table = {
+        **regression_table(batch_size=4, batch_sharpness_every=3),
+        "steps": 200,
+        "lr": 0.3,
+        "spectrum": {"every": 10, "k_max": 1},
+    }
+    run(table, tmp_path / "with")
+    text = make_report(tmp_path / "with").read_text()
+    assert (tmp_path / "with" / "report" / "sgd_batch_sharpness.png").exists()
+    line = next(row for row in text.split("### Batch sharpness")[1].splitlines() if "first window" in row)
+    first = float(line.split("in the first window")[0].split()[-1])
+    last = float(line.split("in the last")[0].split(", ")[-1].split()[0])
+    ds = eosflow.load(tmp_path / "with").sel(process="sgd")
+    curvature, descent = ds.batch_curvature.values, ds.batch_descent.values
+    assert np.isfinite(curvature[::3]).all() and np.isnan(curvature[1::3]).all()
+    windows = [np.arange(200)[a:b] for a, b in zip(range(0, 200, 10), range(10, 210, 10))]
+    by_hand = [0.15 * np.nansum(curvature[w]) / np.nansum(descent[w]) for w in windows]
+    assert first == pytest.approx(by_hand[0], abs=6e-4) and last == pytest.approx(by_hand[-1], abs=6e-4)
+
+    run({**table, "sgd": {"batch_size": 4}}, tmp_path / "without")
+    assert "### Batch sharpness" not in make_report(tmp_path / "without").read_text()

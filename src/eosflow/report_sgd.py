@@ -341,4 +341,58 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
             f"{NOISE_SAMPLES} late iterates).",
         ]
         lines += _phase_portraits(report_dir, late["sgd"], model, lr)
+    lines += batch_sharpness_lines(ds, report_dir, lr)
     return "\n".join(lines)
+
+
+def windowed_batch_sharpness(ds: xr.Dataset, windows: int = 20) -> tuple[np.ndarray, np.ndarray] | None:
+    """(window centres, batch sharpness sum(batch_curvature) / sum(batch_descent) over each of ``windows``
+    consecutive windows of SGD's steps, unmeasured steps skipped), or None if SGD recorded no quotient."""
+    if "batch_curvature" not in ds:
+        return None
+    sgd = ds.sel(process="sgd")
+    curvature, descent, steps = sgd["batch_curvature"].values, sgd["batch_descent"].values, ds["step"].values
+    measured = np.isfinite(curvature) & np.isfinite(descent)
+    if not measured.any():
+        return None
+    edges = np.linspace(0, len(steps), min(windows, int(measured.sum())) + 1).astype(int)
+    centres, values = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        inside = measured[a:b]
+        if inside.any():
+            centres.append(float(np.mean(steps[a:b][inside])))
+            values.append(float(np.sum(curvature[a:b][inside]) / np.sum(descent[a:b][inside])))
+    return np.asarray(centres), np.asarray(values)
+
+
+def batch_sharpness_lines(ds: xr.Dataset, report_dir: Path, lr: float) -> list[str]:
+    """The figure and line of SGD's batch sharpness (``sgd.batch_sharpness_every``) against its full-batch
+    sharpness, both in units of 2/lr; nothing if the run recorded no batch quotient."""
+    windowed = windowed_batch_sharpness(ds)
+    if windowed is None:
+        return []
+    centres, values = windowed
+    fig = Figure(figsize=(6.5, 3.6), dpi=110)
+    axis = fig.subplots()
+    axis.plot(centres, lr * values / 2, "o-", ms=3, color="tab:red", label="batch sharpness (window ratio)")
+    if "sharpness" in ds:
+        full = ds["sharpness"].sel(process="sgd").values
+        shown = np.isfinite(full)
+        if shown.any():
+            axis.plot(ds["step"].values[shown], lr * full[shown] / 2, lw=0.8, color="tab:blue", label="full-batch")
+    axis.axhline(1.0, color="k", ls=":", lw=1)
+    axis.set(xlabel="step", ylabel="sharpness x lr / 2", title="SGD: batch and full-batch sharpness")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(report_dir / "sgd_batch_sharpness.png")
+    return [
+        "",
+        "### Batch sharpness",
+        "",
+        f"sum_k b_k^T H_B b_k / sum_k g_B^T b_k over {len(values)} windows of the measured steps, each step's own "
+        "batch along its own step (docs/sgd_limiting_dynamics.md, section 1a), in units of 2/lr: "
+        f"{lr * values[0] / 2:.3f} in the first window, {lr * values[-1] / 2:.3f} in the last "
+        f"(max {lr * values.max() / 2:.3f}); 1 is where the steps stop lowering their own batches' losses.",
+        "",
+        "![batch sharpness](sgd_batch_sharpness.png)",
+    ]
