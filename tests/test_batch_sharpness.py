@@ -170,3 +170,39 @@ def test_the_report_shows_batch_sharpness_in_windows(tmp_path):
 
     run({**table, "sgd": {"batch_size": 4}}, tmp_path / "without")
     assert "### Batch sharpness" not in make_report(tmp_path / "without").read_text()
+
+
+def test_a_torch_models_batch_sharpness_is_the_dense_expectation():
+    """eosflow.torch.batch_sharpness over four batches of a float64 torch MLP equals sum g^T H g / sum |g|^2 with
+    each batch's gradient and Hessian from torch.autograd.functional on the flat parameters, and leaves the
+    model's parameters and gradients as they were."""
+    torch = pytest.importorskip("torch")
+    import eosflow.torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    batches = [
+        (torch.randn(size, 3, dtype=torch.float64), torch.randn(size, 2, dtype=torch.float64)) for size in (4, 4, 7, 2)
+    ]
+    before = [p.detach().clone() for p in model.parameters()]
+    value, quotients = eosflow.torch.batch_sharpness(model, torch.nn.functional.mse_loss, batches)
+
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(w, x, y):
+        pieces = torch.split(w, [int(np.prod(s)) for s in shapes])
+        (w1, b1, w2, b2) = (piece.reshape(s) for piece, s in zip(pieces, shapes))
+        return torch.nn.functional.mse_loss(torch.tanh(x @ w1.T + b1) @ w2.T + b2, y)
+
+    numerators, denominators = [], []
+    for x, y in batches:
+        g = torch.autograd.functional.jacobian(lambda w, x=x, y=y: loss(w, x, y), flat).numpy()
+        h = torch.autograd.functional.hessian(lambda w, x=x, y=y: loss(w, x, y), flat).numpy()
+        numerators.append(g @ h @ g)
+        denominators.append(g @ g)
+    np.testing.assert_allclose(quotients.curvature, numerators, rtol=1e-10)
+    np.testing.assert_allclose(quotients.descent, denominators, rtol=1e-12)
+    assert value == pytest.approx(np.sum(numerators) / np.sum(denominators), rel=1e-10)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())

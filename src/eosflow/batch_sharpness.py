@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from eosflow.objective import differentiable_part, ravel
@@ -28,13 +29,13 @@ PyTree = Any
 
 
 class BatchQuotient(NamedTuple):
-    """One batch's s^T (H_B + lam I) s and (g_B + lam w)^T s (scalars, or one per batch)."""
+    """One batch's s^T (H_B + lam I) s and (g_B + lam w)^T s (scalars, or one per batch; NumPy from torch)."""
 
-    curvature: Array
-    descent: Array
+    curvature: Array | np.ndarray
+    descent: Array | np.ndarray
 
     @property
-    def value(self) -> Array:
+    def value(self) -> Array | np.ndarray:
         """q_B = curvature / descent: the step lowers its own batch's loss (to second order) iff lr q_B < 2."""
         return self.curvature / self.descent
 

@@ -4,10 +4,12 @@
     problem = eosflow.torch.problem(model, loss_fn, (inputs, targets))   # for eosflow.simulate
     tracker = eosflow.torch.SharpnessTracker(model, loss_fn, k=3, tol=1e-3)
     start = eosflow.torch.checkpoint(model, optimizer)    # for eosflow.anchored.anchored(..., start=start)
+    value, _ = eosflow.torch.batch_sharpness(model, loss_fn, batches)   # E[g^T H g] / E[|g|^2] over batches
 
 See docs/torch.md.
 """
 
+from eosflow.torch.batch_sharpness import batch_sharpness
 from eosflow.torch.bridge import jax_loss, jax_loss_on, problem, to_jax
 from eosflow.torch.checkpoint import checkpoint
 from eosflow.torch.objective import TorchObjective
@@ -19,6 +21,7 @@ __all__ = [
     "SharpnessTracker",
     "TorchObjective",
     "TrackedEigenpairs",
+    "batch_sharpness",
     "checkpoint",
     "jax_loss",
     "jax_loss_on",
