@@ -205,3 +205,24 @@ def test_an_nnx_training_runs_state_starts_eosflows_optimizer(optimizer):
             r"shape \(8,\)",
         ):
             anchored(table, at=2, problem=problem, start=Checkpoint(model, other.opt_state))
+
+
+def test_batchnorm_in_training_mode_refuses_a_batch_of_one_example():
+    """Per-example gradients and batch_size = 1 would normalize one example by its own statistics: refused,
+    naming the layer's path, for a from_model problem of an NNX module with BatchNorm in training mode;
+    minibatches of two examples and the module after model.eval() run, and eval's per-example gradients sum
+    to the full gradient's mean."""
+    with precision("float64"):
+        model, (x, y) = setup(7, rate=0.0)
+        problem = eosflow.Problem.from_model(lambda m, inputs: m(inputs), model, x, y, loss="mse")
+        w = jnp.asarray(problem.w0)
+        with pytest.raises(ValueError, match=r"BatchNorm layers in training mode \(model\.norm\).*one example"):
+            problem.objective.per_example_grads(w)
+        with pytest.raises(ValueError, match=r"batch_size = 1"):
+            eosflow.simulate(problem, lr=0.1, steps=2, processes=["sgd"], options={"sgd": {"batch_size": 1}})
+        ds = eosflow.simulate(problem, lr=0.1, steps=2, processes=["sgd"], options={"sgd": {"batch_size": 2}})
+        assert np.isfinite(ds.loss.values).all()
+        model.eval()
+        evaluated = eosflow.Problem.from_model(lambda m, inputs: m(inputs), model, x, y, loss="mse")
+        rows = evaluated.objective.per_example_grads(w)
+        np.testing.assert_allclose(np.mean(rows, axis=0), evaluated.objective.grad(w), rtol=1e-10, atol=1e-14)

@@ -279,28 +279,60 @@ def differentiable_part(params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTr
     return params, _identity
 
 
-def training_dropouts(params: PyTree) -> list[str]:
-    """The paths (``model.drop``) of the Flax NNX Dropout layers in ``params`` left in training mode (rate > 0,
-    ``deterministic`` False): with the module's RNG state held fixed each draws one mask, the same at every
-    evaluation (unless the forward passes ``deterministic=True`` itself)."""
+def _nnx_layers(params: PyTree, selects: Callable[[Any, Any], bool]) -> list[str]:
+    """The paths (``model.drop``, ``model.layers[2]``) of the layers of a Flax NNX module for which
+    ``selects(nnx, layer)`` holds; none for anything else."""
     nnx = sys.modules.get("flax.nnx")
     if nnx is None or not isinstance(params, nnx.Module):
         return []
     return [
         "model" + "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path)
         for path, layer in nnx.iter_modules(params)
-        if isinstance(layer, nnx.Dropout) and layer.rate > 0 and not layer.deterministic
+        if selects(nnx, layer)
     ]
+
+
+def training_dropouts(params: PyTree) -> list[str]:
+    """The Flax NNX Dropout layers in ``params`` left in training mode (rate > 0, ``deterministic`` False): with
+    the module's RNG state held fixed each draws one mask, the same at every evaluation (unless the forward
+    passes ``deterministic=True`` itself)."""
+    return _nnx_layers(
+        params, lambda nnx, layer: isinstance(layer, nnx.Dropout) and layer.rate > 0 and not layer.deterministic
+    )
+
+
+def training_batch_norms(params: PyTree) -> list[str]:
+    """The Flax NNX BatchNorm layers in ``params`` in training mode (``use_running_average`` False): they
+    normalize by the batch's statistics."""
+    return _nnx_layers(params, lambda nnx, layer: isinstance(layer, nnx.BatchNorm) and not layer.use_running_average)
+
+
+def one_example_batch_statistics(layers: list[str], mode: str, remedy: str) -> ValueError:
+    """The error for BatchNorm ``layers`` in training ``mode`` asked for a batch of one example, whose own
+    statistics are no batch's (per-example gradients, batch_size = 1); ``remedy`` names the running statistics'
+    switch of the model's library."""
+    return ValueError(
+        f"the model's BatchNorm layers in {mode} ({', '.join(layers)}) normalize by the batch's statistics, which "
+        "a batch of one example does not have: per-example gradients (the Langevin model's noise, "
+        "sgd.noise_every, the SGD noise report) and batch_size = 1 are not defined for them. Minibatch SGD with "
+        f"batch_size >= 2 is (each minibatch uses its own statistics); or {remedy} to use the running statistics"
+    )
 
 
 class OnDifferentiablePart(eqx.Module):
     """``fn(rebuild(part), *args)``: a function of a module, as a function of what :func:`differentiable_part`
-    measures."""
+    measures; with ``batch_statistics`` (the paths of BatchNorm layers in training mode) a first argument of
+    one example (rows) is refused (:func:`one_example_batch_statistics`)."""
 
     fn: Callable = eqx.field(static=True)
     rebuild: Callable = eqx.field(static=True)
+    batch_statistics: tuple[str, ...] = eqx.field(static=True, default=())
 
     def __call__(self, part: PyTree, *args: Any) -> Any:
+        if self.batch_statistics and args and jax.tree_util.tree_leaves(args[0])[0].shape[0] == 1:
+            raise one_example_batch_statistics(
+                list(self.batch_statistics), "training mode", "call model.eval() (use_running_average=True)"
+            )
         return self.fn(self.rebuild(part), *args)
 
 

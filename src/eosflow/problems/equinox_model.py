@@ -25,6 +25,7 @@ import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import SpecError
+from eosflow.objective import one_example_batch_statistics
 
 PyTree = Any
 
@@ -165,12 +166,8 @@ class EquinoxForward:
     def __call__(self, params: PyTree, inputs: Array) -> Array:
         size = jax.tree_util.tree_leaves(inputs)[0].shape[0]
         if size == 1 and self.batch_statistics:
-            raise ValueError(
-                f"the model's BatchNorm layers in training mode ({', '.join(self.batch_statistics)}) normalize "
-                "by the batch's statistics, which a batch of one example does not have: per-example gradients "
-                "(the Langevin model's noise, sgd.noise_every, the SGD noise report) and batch_size = 1 are not "
-                "defined for them. Minibatch SGD with batch_size >= 2 is (each minibatch uses its own "
-                "statistics); or pass eqx.nn.inference_mode(model) to use the running statistics"
+            raise one_example_batch_statistics(
+                list(self.batch_statistics), "training mode", "pass eqx.nn.inference_mode(model)"
             )
         model = eqx.combine(params, self.static)
         if self.state is None:

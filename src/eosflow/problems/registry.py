@@ -41,6 +41,7 @@ from eosflow.objective import (
     differentiable_loss,
     differentiable_part,
     ravel,
+    training_batch_norms,
     training_dropouts,
 )
 from eosflow.precision import check_dtypes, precision
@@ -292,7 +293,8 @@ def _check_scalar(call: str, result: Any) -> None:
 def _measured_part(fn: Callable, params: PyTree, where: str) -> tuple[Callable, PyTree]:
     """``fn`` and ``params`` as they are, or, for a Flax NNX or Equinox module, what its own gradient
     differentiates (:func:`differentiable_part`) and ``fn`` on that part, the rest held fixed; warns of an NNX
-    Dropout in training mode (one fixed mask)."""
+    Dropout in training mode (one fixed mask); a batch of one example for NNX BatchNorm in training mode is
+    refused where ``fn`` is called on one."""
     part, rebuild = differentiable_part(params)
     if part is params:
         return fn, params
@@ -305,7 +307,7 @@ def _measured_part(fn: Callable, params: PyTree, where: str) -> tuple[Callable, 
             "deterministic=True) for the whole network",
             stacklevel=3,
         )
-    return OnDifferentiablePart(fn, rebuild), part
+    return OnDifferentiablePart(fn, rebuild, tuple(training_batch_norms(params))), part
 
 
 class _PytreeLoss(eqx.Module):

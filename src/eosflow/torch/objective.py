@@ -44,6 +44,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from eosflow.objective import one_example_batch_statistics
 from eosflow.precision import HALF_PRECISION, warn_half_precision_ops
 
 Batch = tuple[Any, Any]
@@ -572,13 +573,7 @@ class TorchObjective:
             return
         layers = [name for name, m in self.model.named_modules() if isinstance(m, _BatchNorm) and m.training]
         if layers:
-            raise ValueError(
-                f"the model's BatchNorm layers in train mode ({', '.join(layers)}) normalize by the minibatch's "
-                "statistics, which a minibatch of one example does not have: per-example gradients (the "
-                "Langevin model's noise, sgd.noise_every, the SGD noise report) and batch_size = 1 are not "
-                "defined for them. Minibatch SGD with batch_size >= 2 is (each minibatch uses its own "
-                "statistics, as torch's training does); or call model.eval() to use the running statistics"
-            )
+            raise one_example_batch_statistics(layers, "train mode", "call model.eval()")
 
     @_own_precision
     def value(self, w: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
