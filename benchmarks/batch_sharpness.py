@@ -6,10 +6,11 @@
 For each batch size S, one SGD run (`sgd.batch_sharpness_every = 1`, the full-batch top eigenvalue every 50
 steps) and, per window of steps, printed in units of 2/lr (1 = the edge):
 - lr S_full / 2: the median full-batch sharpness (the tracker's top eigenvalue) in the window;
-- lr BS / 2: batch sharpness along the run, sum(b^T H_B b) / sum(g_B^T b) over the window's steps (each step's
-  own batch along its own gradient; the ratio of expectations of Andreyev & Beneventano, arXiv:2412.20553);
-- the fraction of the window's steps whose own quotient exceeds 2/lr (steps that raised their batch's loss to
-  second order);
+- lr BS / 2: batch sharpness along the run, the mean over the window's steps of each step's own quotient
+  g_B^T H_B g_B / |g_B|^2 (its batch along its gradient; Andreyev & Beneventano, arXiv:2412.20553), and the
+  ratio of sums sum(g_B^T H_B g_B) / sum(|g_B|^2), the other estimate their code offers;
+- the fraction of the window's steps whose own quotient exceeds 2/lr ("lr q_B > 2": steps that raised their
+  batch's loss to second order);
 and GD's lr S / 2 at the same lr, for reference.
 """
 
@@ -58,15 +59,17 @@ def main() -> None:
         curvature, descent = run.batch_curvature.values, run.batch_descent.values
         sharpness, loss = run.sharpness.values, run.loss.values
         print(f"\nS = {size} ({time.perf_counter() - start:.0f} s)")
-        print("| steps | loss (window mean) | lr S_full / 2 | lr BS / 2 | steps with lr q_B > 2 |")
-        print("|---|---|---|---|---|")
+        print("| steps | loss (window mean) | lr S_full / 2 | lr BS / 2 | lr BS / 2, ratio of sums | lr q_B > 2 |")
+        print("|---|---|---|---|---|---|")
         for a in windows:
             cut = slice(a, a + args.window)
-            batch = edge * np.sum(curvature[cut]) / np.sum(descent[cut])
-            above = np.mean(args.lr * curvature[cut] / descent[cut] > 2)
+            quotient = curvature[cut] / descent[cut]
+            ratio_of_sums = edge * np.sum(curvature[cut]) / np.sum(descent[cut])
+            above = np.mean(args.lr * quotient > 2)
             print(
                 f"| {a}-{min(a + args.window, args.steps) - 1} | {np.mean(loss[cut]):.4f} | "
-                f"{edge * np.nanmedian(sharpness[cut]):.3f} | {batch:.3f} | {above:.0%} |"
+                f"{edge * np.nanmedian(sharpness[cut]):.3f} | {edge * np.mean(quotient):.3f} | {ratio_of_sums:.3f} | "
+                f"{above:.0%} |"
             )
 
 

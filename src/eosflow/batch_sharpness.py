@@ -6,11 +6,13 @@ A step w -> w - lr s on a minibatch B changes that batch's loss (regularized by 
 
 so the step lowers it to second order iff  q_B = s^T (H_B + lam I) s / ((g_B + lam w)^T s) < 2 / lr. For plain
 SGD (s = g_B) q_B = g_B^T H_B g_B / |g_B|^2; with heavy-ball momentum s is the buffer. Andreyev & Beneventano
-(arXiv:2412.20553, "Edge of Stochastic Stability") call E_B[g_B^T H_B g_B] / E_B[|g_B|^2] *batch sharpness* and
-report that minibatch SGD trains where it is 2/lr while the full-batch sharpness stays below. eosflow records the
-numerator and denominator apart (``curvature``, ``descent``), so that their means over batches or steps, the
-ratio of expectations, can be formed: :func:`batch_sharpness` at one point, SGD's ``batch_sharpness_every``
-along a run. (The quotient for momentum and weight decay is ours, from the expansion above.)
+(arXiv:2412.20553, "Edge of Stochastic Stability") call its mean over batches, E_B[g_B^T H_B g_B / |g_B|^2]
+("the expected directional curvature of mini-batch Hessians along their stochastic gradients"), *batch
+sharpness*, and report that minibatch SGD trains where it is 2/lr while the full-batch sharpness stays below
+(their code also offers the ratio of means E_B[g^T H g] / E_B[|g|^2]). eosflow records the numerator and the
+denominator apart (``curvature``, ``descent``), so that either can be formed: :func:`batch_sharpness` at one
+point, SGD's ``batch_sharpness_every`` along a run. (The quotient for momentum and weight decay is ours, from
+the expansion above; the paper's code has the same momentum form.)
 """
 
 from __future__ import annotations
@@ -56,11 +58,13 @@ def batch_quotient(
 def batch_sharpness(
     loss_fn: Callable[[PyTree, PyTree], Array], params: PyTree, batches: PyTree
 ) -> tuple[Array, BatchQuotient]:
-    """E_B[g_B^T H_B g_B] / E_B[|g_B|^2] over ``batches`` (a pytree whose leaves stack the batches on a leading
-    axis: ``batches[i]`` is the batch ``loss_fn(params, .)`` takes), each batch along its own gradient, as plain
-    SGD steps; returns it with every batch's quotient. ``params`` is a pytree of floating arrays (flattened leaf
-    by leaf) or an Equinox or Flax NNX module (its differentiable part, as the tracker measures it); one
-    gradient and one Hessian-vector product per batch, vectorized over the batches."""
+    """Batch sharpness E_B[g_B^T H_B g_B / |g_B|^2], the mean of the batches' quotients, over ``batches`` (a
+    pytree whose leaves stack the batches on a leading axis: ``batches[i]`` is the batch ``loss_fn(params, .)``
+    takes), each batch along its own gradient, as plain SGD steps; returns it with every batch's numerator and
+    denominator (their ratio of sums, ``quotients.curvature.sum() / quotients.descent.sum()``, is the other
+    estimate). ``params`` is a pytree of floating arrays (flattened leaf by leaf) or an Equinox or Flax NNX
+    module (its differentiable part, as the tracker measures it); one gradient and one Hessian-vector product
+    per batch, vectorized over the batches."""
     arrays, rebuild = differentiable_part(params)
     flat, unravel = ravel(arrays)
     flat = jnp.asarray(flat)
@@ -73,4 +77,4 @@ def batch_sharpness(
         return batch_quotient(grad, flat, gradient, gradient)
 
     quotients = jax.vmap(one)(batches)
-    return jnp.sum(quotients.curvature) / jnp.sum(quotients.descent), quotients
+    return jnp.mean(quotients.value), quotients

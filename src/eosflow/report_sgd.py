@@ -346,8 +346,8 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
 
 
 def windowed_batch_sharpness(ds: xr.Dataset, windows: int = 20) -> tuple[np.ndarray, np.ndarray] | None:
-    """(window centres, batch sharpness sum(batch_curvature) / sum(batch_descent) over each of ``windows``
-    consecutive windows of SGD's steps, unmeasured steps skipped), or None if SGD recorded no quotient."""
+    """(window centres, batch sharpness: the mean of batch_curvature / batch_descent over the measured steps
+    of each of ``windows`` consecutive windows of SGD's steps), or None if SGD recorded no quotient."""
     if "batch_curvature" not in ds:
         return None
     sgd = ds.sel(process="sgd")
@@ -361,7 +361,7 @@ def windowed_batch_sharpness(ds: xr.Dataset, windows: int = 20) -> tuple[np.ndar
         inside = measured[a:b]
         if inside.any():
             centres.append(float(np.mean(steps[a:b][inside])))
-            values.append(float(np.sum(curvature[a:b][inside]) / np.sum(descent[a:b][inside])))
+            values.append(float(np.mean(curvature[a:b][inside] / descent[a:b][inside])))
     return np.asarray(centres), np.asarray(values)
 
 
@@ -374,7 +374,7 @@ def batch_sharpness_lines(ds: xr.Dataset, report_dir: Path, lr: float) -> list[s
     centres, values = windowed
     fig = Figure(figsize=(6.5, 3.6), dpi=110)
     axis = fig.subplots()
-    axis.plot(centres, lr * values / 2, "o-", ms=3, color="tab:red", label="batch sharpness (window ratio)")
+    axis.plot(centres, lr * values / 2, "o-", ms=3, color="tab:red", label="batch sharpness (window mean)")
     if "sharpness" in ds:
         full = ds["sharpness"].sel(process="sgd").values
         shown = np.isfinite(full)
@@ -389,7 +389,7 @@ def batch_sharpness_lines(ds: xr.Dataset, report_dir: Path, lr: float) -> list[s
         "",
         "### Batch sharpness",
         "",
-        f"sum_k b_k^T H_B b_k / sum_k g_B^T b_k over {len(values)} windows of the measured steps, each step's own "
+        f"The mean of b_k^T H_B b_k / g_B^T b_k over the measured steps of {len(values)} windows, each step's own "
         "batch along its own step (docs/sgd_limiting_dynamics.md, section 1a), in units of 2/lr: "
         f"{lr * values[0] / 2:.3f} in the first window, {lr * values[-1] / 2:.3f} in the last "
         f"(max {lr * values.max() / 2:.3f}); 1 is where the steps stop lowering their own batches' losses.",

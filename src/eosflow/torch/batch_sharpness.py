@@ -2,10 +2,11 @@
 
     value, quotients = eosflow.torch.batch_sharpness(model, loss_fn, batches)   # batches: [(x, y), ...]
 
-value = E_B[g_B^T H_B g_B] / E_B[|g_B|^2] over the given batches, each along its own gradient (as a plain SGD
-step takes it): the ratio of expectations of Andreyev & Beneventano (arXiv:2412.20553); ``quotients`` holds
-every batch's numerator and denominator. One gradient and one Hessian-vector product (double backward) per
-batch, in the TorchObjective's own precision (the caller's autocast and TF32 off), the model untouched.
+value = E_B[g_B^T H_B g_B / |g_B|^2] over the given batches, each along its own gradient (as a plain SGD step
+takes it): the batch sharpness of Andreyev & Beneventano (arXiv:2412.20553); ``quotients`` holds every batch's
+numerator and denominator (their ratio of sums is the other estimate their code offers). One gradient and
+one Hessian-vector product (double backward) per batch, in the TorchObjective's own precision (the caller's
+autocast and TF32 off), the model untouched.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from eosflow.torch.objective import TorchObjective
 def batch_sharpness(
     model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batches: Iterable[Any]
 ) -> tuple[float, BatchQuotient]:
-    """E_B[g_B^T H_B g_B] / E_B[|g_B|^2] over ``batches`` ((inputs, targets) pairs, e.g. drawn from your
+    """E_B[g_B^T H_B g_B / |g_B|^2] over ``batches`` ((inputs, targets) pairs, e.g. drawn from your
     DataLoader) at the model's current trainable parameters, with every batch's (curvature, descent)."""
     batches = list(batches)
     if not batches:
@@ -36,4 +37,4 @@ def batch_sharpness(
         curvature.append(float(torch.dot(gradient, objective.hvp(w, gradient, batch))))
         descent.append(float(torch.dot(gradient, gradient)))
     quotients = BatchQuotient(np.asarray(curvature), np.asarray(descent))
-    return float(np.sum(quotients.curvature) / np.sum(quotients.descent)), quotients
+    return float(np.mean(quotients.value)), quotients
