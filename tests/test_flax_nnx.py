@@ -226,3 +226,31 @@ def test_batchnorm_in_training_mode_refuses_a_batch_of_one_example():
         evaluated = eosflow.Problem.from_model(lambda m, inputs: m(inputs), model, x, y, loss="mse")
         rows = evaluated.objective.per_example_grads(w)
         np.testing.assert_allclose(np.mean(rows, axis=0), evaluated.objective.grad(w), rtol=1e-10, atol=1e-14)
+
+
+def test_batch_sharpness_of_an_nnx_module_is_that_of_its_params():
+    """eosflow.batch_sharpness on the module (BatchNorm in training mode, each batch its own statistics) equals
+    the same estimate on its Param state with the loss merging it back, and every batch's curvature equals
+    g^T H g from dense jax.hessian over the Param flattening; the module is left unchanged."""
+    from jax.flatten_util import ravel_pytree
+
+    with precision("float64"):
+        model, (x, y) = setup(8, rate=0.0)
+        batches = (x[:24].reshape(4, 6, -1), y[:24].reshape(4, 6, -1))
+        before = snapshot(model)
+        value, quotients = eosflow.batch_sharpness.batch_sharpness(mse, model, batches)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        flat, unflatten = ravel_pytree(params)
+        curvatures = []
+        for i in range(4):
+            batch = (batches[0][i], batches[1][i])
+
+            def loss(w, batch=batch):
+                return mse(nnx.merge(graphdef, unflatten(w), jax.tree.map(lambda leaf: leaf, rest)), batch)
+
+            g = np.asarray(jax.grad(loss)(flat))
+            curvatures.append(g @ np.asarray(jax.hessian(loss)(flat)) @ g)
+        np.testing.assert_allclose(quotients.curvature, curvatures, rtol=1e-9)
+        assert float(value) == pytest.approx(float(np.mean(quotients.curvature / quotients.descent)), rel=1e-12)
+        after = snapshot(model)
+        assert all(np.array_equal(a, b) for a, b in zip(before, after))
