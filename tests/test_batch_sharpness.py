@@ -206,3 +206,37 @@ def test_a_torch_models_batch_sharpness_is_the_dense_expectation():
     assert value == pytest.approx(np.mean(np.divide(numerators, denominators)), rel=1e-10)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_batches_as_a_list_or_stacked():
+    """A list of batches (as torch users pass them) equals the same batches stacked, to 1e-12; a list of batches
+    of different sizes is taken one by one (each batch's curvature against its dense Hessian); leaves without a
+    common leading axis are refused, naming the sizes."""
+    rng = np.random.default_rng(2)
+    with precision("float64"):
+        params = {"a": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=(4,)))}
+
+        def loss(p, batch):
+            x, y = batch
+            return 0.5 * jnp.mean((jnp.tanh(x @ p["a"]) @ p["b"] - y) ** 2)
+
+        listed = [(jnp.asarray(rng.normal(size=(6, 3))), jnp.asarray(rng.normal(size=(6,)))) for _ in range(4)]
+        stacked = (jnp.stack([b[0] for b in listed]), jnp.stack([b[1] for b in listed]))
+        by_list, quotients = eosflow.batch_sharpness.batch_sharpness(loss, params, listed)
+        by_stack, _ = eosflow.batch_sharpness.batch_sharpness(loss, params, stacked)
+        assert float(by_list) == pytest.approx(float(by_stack), rel=1e-12) and quotients.curvature.shape == (4,)
+
+        from jax.flatten_util import ravel_pytree
+
+        flat, unflatten = ravel_pytree(params)
+        uneven = [(jnp.asarray(rng.normal(size=(n, 3))), jnp.asarray(rng.normal(size=(n,)))) for n in (2, 5, 9)]
+        value, quotients = eosflow.batch_sharpness.batch_sharpness(loss, params, uneven)
+        ratios = []
+        for batch, curvature in zip(uneven, quotients.curvature):
+            g = np.asarray(jax.grad(lambda w, b=batch: loss(unflatten(w), b))(flat))
+            h = np.asarray(jax.hessian(lambda w, b=batch: loss(unflatten(w), b))(flat))
+            np.testing.assert_allclose(curvature, g @ h @ g, rtol=1e-10)
+            ratios.append(g @ h @ g / (g @ g))
+        assert float(value) == pytest.approx(float(np.mean(ratios)), rel=1e-10)
+        with pytest.raises(ValueError, match=r"do not share a leading axis \(sizes \['4', '5'\]\)"):
+            eosflow.batch_sharpness.batch_sharpness(loss, params, (stacked[0], stacked[1][:, :5].T[:5]))

@@ -58,13 +58,14 @@ def batch_quotient(
 def batch_sharpness(
     loss_fn: Callable[[PyTree, PyTree], Array], params: PyTree, batches: PyTree
 ) -> tuple[Array, BatchQuotient]:
-    """Batch sharpness E_B[g_B^T H_B g_B / |g_B|^2], the mean of the batches' quotients, over ``batches`` (a
-    pytree whose leaves stack the batches on a leading axis: ``batches[i]`` is the batch ``loss_fn(params, .)``
-    takes), each batch along its own gradient, as plain SGD steps; returns it with every batch's numerator and
-    denominator (their ratio of sums, ``quotients.curvature.sum() / quotients.descent.sum()``, is the other
-    estimate). ``params`` is a pytree of floating arrays (flattened leaf by leaf) or an Equinox or Flax NNX
-    module (its differentiable part, as the tracker measures it); one gradient and one Hessian-vector product
-    per batch, vectorized over the batches."""
+    """Batch sharpness E_B[g_B^T H_B g_B / |g_B|^2], the mean of the batches' quotients, over ``batches``: a list
+    of batches (each what ``loss_fn(params, .)`` takes; the torch function's form) or a pytree whose leaves stack
+    them on a leading axis (``batches[i]`` one batch). Each batch is taken along its own gradient, as a plain
+    SGD step; returns the value with every batch's numerator and denominator (their ratio of sums,
+    ``quotients.curvature.sum() / quotients.descent.sum()``, is the other estimate). ``params`` is a pytree of
+    floating arrays (flattened leaf by leaf) or an Equinox or Flax NNX module (its differentiable part, as the
+    tracker measures it). One gradient and one Hessian-vector product per batch, vectorized over stacked
+    batches (a list of batches of different shapes is taken one by one)."""
     arrays, rebuild = differentiable_part(params)
     flat, unravel = ravel(arrays)
     flat = jnp.asarray(flat)
@@ -76,5 +77,25 @@ def batch_sharpness(
         gradient = grad(flat)
         return batch_quotient(grad, flat, gradient, gradient)
 
+    if isinstance(batches, list):
+        if not batches:
+            raise ValueError("batch_sharpness needs at least one batch")
+        layouts = {jax.tree.structure(batch) for batch in batches}
+        shapes = {tuple(jnp.shape(leaf) for leaf in jax.tree.leaves(batch)) for batch in batches}
+        if len(layouts) > 1:
+            raise ValueError(
+                f"batch_sharpness: the batches of the list differ in structure ({sorted(map(str, layouts))})"
+            )
+        if len(shapes) > 1:  # batches of different sizes: one at a time
+            each = [one(batch) for batch in batches]
+            quotients = BatchQuotient(*(jnp.stack(parts) for parts in zip(*each)))
+            return jnp.mean(quotients.value), quotients
+        batches = jax.tree.map(lambda *leaves: jnp.stack(leaves), *batches)
+    counts = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(batches)}
+    if len(counts) != 1 or None in counts:
+        raise ValueError(
+            "batch_sharpness: the leaves of `batches` do not share a leading axis (sizes "
+            f"{sorted(str(c) for c in counts)}): pass a list of batches, or stack them on a leading axis"
+        )
     quotients = jax.vmap(one)(batches)
     return jnp.mean(quotients.value), quotients
