@@ -43,15 +43,15 @@ class BatchQuotient(NamedTuple):
 
 
 def batch_quotient(
-    batch_grad: Callable[[Array], Array],
+    batch_hvp: Callable[[Array], Array],
     w: Float[Array, " d"],
     gradient: Float[Array, " d"],
     step: Float[Array, " d"],
     weight_decay: float = 0.0,
 ) -> BatchQuotient:
-    """(s^T (H_B + lam I) s, (g_B + lam w)^T s) with H_B s by one forward-over-reverse product of ``batch_grad``
-    (w -> g_B(w)) at ``w``; ``gradient`` is g_B(w), ``step`` the direction s (the step is w - lr s)."""
-    curvature_along = jax.jvp(batch_grad, (w,), (step,))[1] + weight_decay * step
+    """(s^T (H_B + lam I) s, (g_B + lam w)^T s) with ``batch_hvp`` (v -> H_B(w) v) at ``w``; ``gradient`` is
+    g_B(w), ``step`` the direction s (the step is w - lr s)."""
+    curvature_along = batch_hvp(step) + weight_decay * step
     return BatchQuotient(jnp.vdot(step, curvature_along), jnp.vdot(gradient + weight_decay * w, step))
 
 
@@ -74,8 +74,8 @@ def batch_sharpness(
         def grad(w: Array) -> Array:
             return jax.grad(lambda v: loss_fn(rebuild(unravel(v)), batch))(w)
 
-        gradient = grad(flat)
-        return batch_quotient(grad, flat, gradient, gradient)
+        gradient, hvp = jax.linearize(grad, flat)  # g_B and v -> H_B v from one pass
+        return batch_quotient(hvp, flat, gradient, gradient)
 
     if isinstance(batches, list):
         if not batches:

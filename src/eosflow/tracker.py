@@ -199,9 +199,10 @@ class SharpnessTracker(eqx.Module):
         if self.cluster is not None and not 0 <= self.cluster < 1:
             raise ValueError(f"SharpnessTracker cluster must be in [0, 1) or None, got {self.cluster!r}")
 
-    def _flat(self, params: PyTree) -> tuple[Array, Callable[[Array], PyTree]]:
-        """``ravel`` of the parameters (an Equinox module's floating arrays: :func:`differentiable_part`)
-        with the map from a flat vector back to ``params``, or a ValueError if the tracker cannot measure
+    def _flat(self, params: PyTree) -> tuple[Array, Callable[[Array], PyTree], tuple]:
+        """``ravel`` of the parameters (a module's differentiable part: :func:`differentiable_part`) with the
+        map from a flat vector back to ``params`` and the measured leaves' shapes, or a ValueError if the
+        tracker cannot measure
         them: k above their size, or a precision below float32 (the relative-residual contract needs more
         digits than bfloat16's 8 bits)."""
         arrays, rebuild = differentiable_part(params)
@@ -215,11 +216,11 @@ class SharpnessTracker(eqx.Module):
             )
         if self.k > flat.size:
             raise ValueError(f"SharpnessTracker k = {self.k} exceeds the parameter count {flat.size}")
-        return flat, lambda w: rebuild(unravel(w))
+        return flat, lambda w: rebuild(unravel(w)), unravel.shapes
 
     def init(self, params: PyTree, key: Array) -> TrackerState:
         """k random orthonormal directions in parameter space; no measurement yet."""
-        flat, _ = self._flat(params)
+        flat, _, _ = self._flat(params)
         vectors = random_vectors(key, flat.size, self.k, flat.dtype)
         nan = jnp.full((vectors.shape[1],), jnp.nan, flat.dtype)
         zero = jnp.zeros((), jnp.int32)
@@ -232,10 +233,10 @@ class SharpnessTracker(eqx.Module):
         self, state: TrackerState, params: PyTree, batch: PyTree = None, preconditioner: PyTree = None
     ) -> tuple[TrackerState, Eigenpairs]:
         """Measure at ``params`` (on ``batch``), warm-started from ``state``; skip unless count % every == 0."""
-        flat, unravel = self._flat(params)
+        flat, unravel, shapes = self._flat(params)
         precondition = None
         if preconditioner is not None:
-            precondition = _flat_preconditioner(preconditioner, differentiable_part(params)[0], flat.dtype)
+            precondition = _flat_preconditioner(preconditioner, shapes, flat.dtype)
 
         call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
 
@@ -298,12 +299,12 @@ class SharpnessTracker(eqx.Module):
         return new_state, pairs
 
 
-def _flat_preconditioner(preconditioner: PyTree, arrays: PyTree, dtype) -> Array:
-    """P's diagonal as one vector in the parameters' order: from a pytree shaped like ``arrays`` (leaf for
-    leaf, e.g. an optax state's moment) or a flat vector of their size; anything else is a ValueError
-    naming both shapes (a permuted pytree of the same size would otherwise pair P with the wrong entries)."""
+def _flat_preconditioner(preconditioner: PyTree, expected: tuple, dtype) -> Array:
+    """P's diagonal as one vector in the parameters' order: from a pytree whose leaves have the measured
+    parameters' shapes ``expected`` (leaf for leaf, e.g. an optax state's moment) or a flat vector of their
+    size; anything else is a ValueError naming both shapes (a permuted pytree of the same size would
+    otherwise pair P with the wrong entries)."""
     flat, unravel = ravel(differentiable_part(preconditioner)[0], "preconditioner")
-    expected = tuple(leaf.shape for leaf in jax.tree.leaves(arrays))
     size = sum(math.prod(shape) for shape in expected)
     if unravel.shapes != expected and unravel.shapes != ((size,),):
         raise ValueError(

@@ -203,13 +203,13 @@ class SGD(ScannedProcess):
 
     def batch_quotient_row(self, w: Array, step: Array, batch_grad: Array, buffer: Array) -> tuple[Array, Array]:
         """The step's own (b^T (H_B + lam I) b, (g_B + lam w)^T b) every ``batch_sharpness_every`` steps (NaN
-        otherwise): :func:`eosflow.batch_sharpness.batch_quotient` on this step's minibatch (its Gaussian noise,
-        if any, is constant in w)."""
+        otherwise): :func:`eosflow.batch_sharpness.batch_quotient` on this step's minibatch."""
 
         def measure(_):
-            quotient = batch_quotient(
-                lambda v: self.minibatch_gradient(v, step)[1], w, batch_grad, buffer, self.options.weight_decay
-            )
+            def hvp(v: Array) -> Array:  # H_B v on this step's minibatch (its noise, if any, is constant in w)
+                return jax.jvp(lambda x: self.minibatch_gradient(x, step)[1], (w,), (v,))[1]
+
+            quotient = batch_quotient(hvp, w, batch_grad, buffer, self.options.weight_decay)
             return quotient.curvature, quotient.descent
 
         nan = _nan(w)
