@@ -208,6 +208,37 @@ def test_a_torch_models_batch_sharpness_is_the_dense_expectation():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("case", ["tanh-mse", "relu-l1", "linear-l1"])
+def test_torch_gradient_and_its_hvp_from_one_pass(case):
+    """TorchObjective.grad_and_hvp_along_grad (one gradient pass, its vjp along g) equals g and H g from
+    torch.autograd.functional's dense Hessian of the flat parameters, H = 0 included (a linear model under the
+    L1 loss, whose gradient does not depend on w)."""
+    torch = pytest.importorskip("torch")
+    from eosflow.torch.objective import TorchObjective
+
+    torch.manual_seed(len(case))
+    layers = {
+        "tanh-mse": [torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)],
+        "relu-l1": [torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2)],
+        "linear-l1": [torch.nn.Linear(3, 2)],
+    }[case]
+    model = torch.nn.Sequential(*layers).double()
+    loss_fn = torch.nn.functional.mse_loss if case.endswith("mse") else torch.nn.functional.l1_loss
+    batch = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64))
+    objective = TorchObjective(model, loss_fn, batch)
+    w = objective.flat_parameters()
+    gradient, image = objective.grad_and_hvp_along_grad(w, batch)
+
+    def loss(flat):
+        return loss_fn(torch.func.functional_call(model, objective.unflatten(flat), (batch[0],)), batch[1])
+
+    g = torch.autograd.functional.jacobian(loss, w).numpy()
+    h = torch.autograd.functional.hessian(loss, w).numpy()
+    np.testing.assert_allclose(gradient.numpy(), g, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(image.numpy(), h @ g, rtol=1e-10, atol=1e-14)
+    assert (np.abs(h @ g).max() == 0) == (case == "linear-l1")
+
+
 def test_batches_as_a_list_or_stacked():
     """A list of batches (as torch users pass them) equals the same batches stacked, to 1e-12; a list of batches
     of different sizes is taken one by one (each batch's curvature against its dense Hessian); leaves without a

@@ -4,8 +4,8 @@
 
 value = E_B[g_B^T H_B g_B / |g_B|^2] over the given batches, each along its own gradient (as a plain SGD step
 takes it): the batch sharpness of Andreyev & Beneventano (arXiv:2412.20553); ``quotients`` holds every batch's
-numerator and denominator (their ratio of sums is the other estimate their code offers). One gradient and
-one Hessian-vector product (double backward) per batch, in the TorchObjective's own precision (the caller's
+numerator and denominator (their ratio of sums is the other estimate their code offers). One gradient pass
+and its double backward (the HVP along it) per batch, in the TorchObjective's own precision (the caller's
 autocast and TF32 off), the model untouched.
 """
 
@@ -33,8 +33,8 @@ def batch_sharpness(
     w = objective.flat_parameters()
     curvature, descent = [], []
     for batch in batches:
-        gradient = objective.grad(w, batch)
-        curvature.append(float(torch.dot(gradient, objective.hvp(w, gradient, batch))))
+        gradient, image = objective.grad_and_hvp_along_grad(w, batch)
+        curvature.append(float(torch.dot(gradient, image)))
         descent.append(float(torch.dot(gradient, gradient)))
     quotients = BatchQuotient(np.asarray(curvature), np.asarray(descent))
     return float(np.mean(quotients.value)), quotients

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
@@ -616,6 +616,14 @@ class TorchObjective:
             return [pytree.tree_map(select, arg, dims) for arg, dims in zip(args, in_dims)]
 
         return torch.stack([call(*lane(i)) for i in range(lanes)])
+
+    @_own_precision
+    def grad_and_hvp_along_grad(self, w: torch.Tensor, batch: Batch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g(w), H(w) g(w)) from one gradient pass: H g is the vjp of w -> g(w) with cotangent g (H symmetric)."""
+        data = self._data(batch)
+        gradient, pullback = vjp(lambda p: grad(self._loss)(p, data), self.unflatten(w))[:2]  # (out, vjp_fn)
+        (image,) = pullback(gradient)
+        return self.flatten(gradient), self.flatten(image)
 
     @_own_precision
     def hvp_batch(self, w: torch.Tensor, vectors: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
