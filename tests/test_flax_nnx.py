@@ -254,3 +254,39 @@ def test_batch_sharpness_of_an_nnx_module_is_that_of_its_params():
         assert float(value) == pytest.approx(float(np.mean(quotients.curvature / quotients.descent)), rel=1e-12)
         after = snapshot(model)
         assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_monitored_inside_an_nnx_optimizer_measures_a_state_loss_and_names_the_way_for_a_module_loss():
+    """optax's wrapper inside nnx.Optimizer gets the Params as an nnx.State. A loss over that State (merged
+    back by the user) is measured: Adam's preconditioned sharpness equals dense eigh of P^-1/2 H P^-1/2 with
+    P from the optimizer's nu by hand, every step. A module's loss fails there with a TypeError that names the
+    State and the tracker loop that works."""
+    from eosflow.monitor import monitored
+
+    with precision("float64"):
+        model, batch = setup(9, rate=0.0)
+        model.eval()  # BatchNorm on its running statistics: the module is a function of its Params alone
+        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+        def state_loss(params, batch):
+            return mse(nnx.merge(graphdef, params, jax.tree.map(lambda leaf: leaf, rest)), batch)
+
+        lr, b2 = 0.05, 0.99
+        readings = []
+        opt = nnx.Optimizer(
+            model, monitored(optimizer_edges.adam(lr, b2=b2), state_loss, every=1, log=readings.append), wrt=nnx.Param
+        )
+        for _ in range(3):
+            hessian, _ = dense_hessian(model, mse, batch)
+            opt.update(model, nnx.grad(mse)(model, batch), batch=batch)
+            adam_state = optimizer_edges.substate(opt.opt_state, lambda s: isinstance(s, optax.ScaleByAdamState))
+            nu = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(nnx.as_pure(adam_state.nu))])
+            p = np.sqrt(nu / (1 - b2 ** int(adam_state.count[...]))) + 1e-8
+            expected = top(hessian / np.sqrt(np.outer(p, p)), 1)[0]
+            jax.effects_barrier()
+            np.testing.assert_allclose(float(readings[-1].sharpness), expected, rtol=1e-6)
+        assert len(readings) == 3
+
+        wrapped = nnx.Optimizer(model, monitored(optimizer_edges.adam(lr), mse, every=1, log=None), wrt=nnx.Param)
+        with pytest.raises(TypeError, match=r"passes the Params as an nnx\.State.*eosflow\.SharpnessTracker"):
+            wrapped.update(model, nnx.grad(mse)(model, batch), batch=batch)

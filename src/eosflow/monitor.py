@@ -15,6 +15,7 @@ update being made (optax's count, which equals the monitor's step when both star
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -72,6 +73,10 @@ def monitored(
 
     ``loss_fn(params, batch)`` is the loss the sharpness is of; ``update`` takes the batch as the
     keyword ``batch`` (omit it for ``loss_fn(params)``). ``log=None`` only records the reading.
+
+    Not inside an ``nnx.Optimizer``: it hands the update the Params as an ``nnx.State`` and the module's
+    other variables not at all, so a module's loss cannot be evaluated there. Measure a Flax NNX module with
+    :class:`eosflow.SharpnessTracker` in the training loop (docs/monitor.md, "A Flax NNX loop").
     """
     if not isinstance(optimizer, EdgeOptimizer):
         raise TypeError(
@@ -95,7 +100,7 @@ def monitored(
         updates, inner = optimizer.transform.update(updates, state.inner, params)
         preconditioner = None if optimizer.preconditioner is None else optimizer.preconditioner(inner)
         step = state.tracker.count
-        tracked, pairs = tracker.update(state.tracker, params, batch, preconditioner)
+        tracked, pairs = _measure(tracker, state.tracker, params, batch, preconditioner)
         sharpness = pairs.values[0]
         lr = injected_lr(inner)  # the step size of this update: what optax used, or a schedule's at its count
         lr = (optimizer.lr_at(step) if lr is None else lr).astype(sharpness.dtype)
@@ -107,3 +112,19 @@ def monitored(
         return updates, MonitoredState(inner, tracked, reading)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _measure(tracker: SharpnessTracker, state: TrackerState, params, batch, preconditioner):
+    """``tracker.update``; a loss that fails on the ``nnx.State`` of an ``nnx.Optimizer`` gets the way that works."""
+    nnx = sys.modules.get("flax.nnx")  # never imported here: an nnx.State means the user's process loaded flax
+    if nnx is None or not isinstance(params, nnx.State):
+        return tracker.update(state, params, batch, preconditioner)
+    try:
+        return tracker.update(state, params, batch, preconditioner)
+    except (TypeError, AttributeError) as error:
+        raise TypeError(
+            "eosflow.monitor.monitored inside an nnx.Optimizer: it passes the Params as an nnx.State, without the "
+            f"module's other variables, and loss_fn failed on it ({type(error).__name__}: {error}). Measure the "
+            "module with eosflow.SharpnessTracker in the training loop instead: tracker.update(state, model, batch, "
+            "preconditioner=opt.preconditioner(optimizer.opt_state)) (docs/monitor.md, 'A Flax NNX loop')"
+        ) from error
