@@ -169,6 +169,54 @@ def test_preconditioned_sharpness_from_torch_optimizers(name):
     assert eig.threshold == pytest.approx(threshold, rel=1e-12)
 
 
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
+def test_a_data_parallel_wrapper_is_measured_as_the_module_it_wraps(wrapper, tmp_path):
+    """torch's stateless calls refuse a DataParallel wrapper, and a DDP wrapper's forward runs collectives (its
+    buffer broadcast) that one process's measurement must not; eosflow measures the wrapped module (the same
+    parameters): Adam's preconditioned top 2 equal dense eigh of P^-1/2 H P^-1/2 with P from torch's state by
+    hand, the optimizer built on the wrapper's parameters; eosflow.torch.problem's w0 is the module's."""
+    import torch.distributed as dist
+
+    objective, _ = problem("mlp", 5, 11)
+    model, (inputs, targets) = objective.model, objective.batch
+    if wrapper == "DataParallel":
+        wrapped = torch.nn.DataParallel(model)
+    else:  # one process on CPU: the gloo backend, a file rendezvous
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    try:
+        optimizer = torch.optim.Adam(wrapped.parameters(), lr=0.01)
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.mse_loss(wrapped(inputs), targets).backward()
+            optimizer.step()
+        states = [optimizer.state[p] for p in model.parameters()]
+        nu = np.concatenate([s["exp_avg_sq"].reshape(-1).numpy() for s in states])
+        p_diag = np.sqrt(nu / (1 - 0.999 ** float(states[0]["step"]))) + 1e-8
+        expected = np.sort(np.linalg.eigvalsh(dense_hessian(objective) / np.sqrt(np.outer(p_diag, p_diag))))[::-1]
+        eig = SharpnessTracker(wrapped, F.mse_loss, k=2, tol=1e-8, max_iters=400).update((inputs, targets), optimizer)
+        np.testing.assert_allclose(eig.values, expected[:2], rtol=1e-7)
+        w0 = eosflow.torch.problem(wrapped, F.mse_loss, (inputs, targets)).w0
+        np.testing.assert_array_equal(w0, torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_compiled_model_is_measured():
+    """A torch.compile'd model (an OptimizedModule over the same parameters): its top 2 equal dense eigh of the
+    plain module's Hessian, at two points of its training."""
+    objective, _ = problem("mlp", 4, 12)
+    model, batch = objective.model, objective.batch
+    tracker = SharpnessTracker(torch.compile(model), F.mse_loss, k=2, tol=1e-8, max_iters=400)
+    for _ in range(2):
+        expected = np.sort(np.linalg.eigvalsh(dense_hessian(objective)))[::-1][:2]
+        np.testing.assert_allclose(tracker.update(batch).values, expected, rtol=1e-7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+
+
 def groups_of(model: torch.nn.Module, first: dict, second: dict) -> list[dict]:
     """Two parameter groups: the first layer's tensors with ``first``'s settings, the rest with ``second``'s."""
     params = list(model.parameters())

@@ -51,6 +51,15 @@ Batch = tuple[Any, Any]
 ExampleAxis = int | tuple | list | dict | None  # an int, or a pytree of ints (a prefix of the batch's structure)
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``DataParallel`` / ``DistributedDataParallel`` wrapper runs, whose parameters are the
+    wrapper's: torch's stateless calls refuse DataParallel, and DDP's forward runs collectives (its buffer
+    broadcast) that would wait for the other ranks while one process measures."""
+    while isinstance(model, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The parameters eosflow differentiates and steps, by name, in the order of its flat vector w: those
     that require grad (frozen ones stay fixed)."""
@@ -307,7 +316,8 @@ class TorchObjective:
 
     Attributes:
         model: the module (its trainable parameters give the layout of w and w0; those with
-            ``requires_grad=False`` keep their values; it is not modified).
+            ``requires_grad=False`` keep their values; it is not modified). A ``DataParallel`` or
+            ``DistributedDataParallel`` wrapper is measured as the module it wraps (:func:`unwrapped`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (e.g. ``torch.nn.functional.mse_loss``).
         batch: ``(inputs, targets)``, the data the loss is evaluated on (full batch); the slices of
             its tensors along their example axes are the examples minibatches are drawn from.
@@ -328,6 +338,7 @@ class TorchObjective:
         batch: Batch,
         example_axis: ExampleAxis = None,
     ):
+        model = unwrapped(model)
         self.model = model
         self.loss_fn = loss_fn
         self.batch = batch
