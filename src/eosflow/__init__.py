@@ -26,7 +26,8 @@ _LAZY = {
     "SharpnessTracker": "eosflow.tracker",
     "TrackerState": "eosflow.tracker",
 }
-_MODULES = ("batch_sharpness", "compare", "monitor", "optimizer_edges")  # imported when first used (optax, pandas)
+# imported when first used (optax, pandas)
+_MODULES = ("batch_sharpness", "compare", "edge_log", "monitor", "optimizer_edges")
 
 __all__ = ["load", "load_params", "__version__", *_LAZY, *_MODULES]
 

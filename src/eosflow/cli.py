@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-SUITE][-quick])")
     p_board.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p_log = sub.add_parser("plot-log", help="draw an edge log of your own loop (eosflow.edge_log) and summarize it")
+    p_log.add_argument("log", type=Path, help="the JSON-lines file an eosflow.edge_log.EdgeLog wrote")
+    p_log.add_argument("--out", type=Path, help="the PNG (default: the log's name with .png)")
+
     sub.add_parser("problems", help="list every problem with its parameters and defaults")
     sub.add_parser("processes", help="list every optimizer and model with its options")
 
@@ -332,6 +336,18 @@ def _dispatch(args) -> int:
         from eosflow.report import make_report
 
         print(make_report(args.run_dir))
+        return 0
+    if args.command == "plot-log":
+        from eosflow import edge_log
+
+        ds = edge_log.read(args.log)
+        print(
+            f"{args.log}: {ds.sizes['step']} steps logged ({int(ds.step[0]) if ds.sizes['step'] else '-'}"
+            f"..{int(ds.step[-1]) if ds.sizes['step'] else '-'}), {', '.join(map(str, ds.data_vars))}"
+        )
+        for key, value in edge_log.summary(ds).items():
+            print(f"  {key}: {value if not isinstance(value, float) else f'{value:.4f}'}")
+        print(edge_log.plot(ds, args.out or args.log.with_suffix(".png")))
         return 0
     if args.command == "problems":
         from eosflow.problems import describe_problems

@@ -1,0 +1,286 @@
+"""A log of your own training loop's edge-of-stability readings on disk, read back and drawn.
+
+    log = eosflow.edge_log.EdgeLog("runs/adam.jsonl")             # appends; one writer at a time
+    opt = eosflow.monitor.monitored(adam, loss_fn, every=10, log=log)  # each Reading: S, threshold, S/threshold
+    log.write(step, loss=float(loss))                             # any scalars, from any loop
+    log.write(step, eig, loss=loss)                               # eosflow.torch's tracker result (or a Reading)
+    ds = eosflow.edge_log.read("runs/adam.jsonl")                 # xarray.Dataset over step
+    eosflow.edge_log.plot("runs/adam.jsonl")                      # runs/adam.png: loss; S against its threshold
+
+One JSON object per line, ``{"step": t, "name": value, ...}``; records of one step merge, and a later value
+of a name at a step replaces an earlier one (a loop resumed from a checkpoint logs its steps again: the
+run that went on is the one kept). Faults: every record is one ``write`` of a whole line to a file opened
+for appending, so a process killed at any moment leaves at most a torn last line, which the next
+``EdgeLog`` on the file cuts off (saying so) and :func:`read` skips; a write the disk has no room for is
+undone to the last whole record and raised, naming the file; a second writer of the same file (another
+process, or another ``EdgeLog`` here) is refused while the first holds it (an ``flock``, released by the
+kernel however the holder ends).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from eosflow.report import edge_of_stability_window
+from eosflow.store import StoreError
+
+
+class EdgeLogError(StoreError):
+    """The log cannot be opened, written, read or drawn: the message names the file and what is wrong."""
+
+
+def _scalar(name: str, value: Any) -> float | int:
+    """A finite or non-finite number as JSON can hold it (an int stays an int); anything else is refused."""
+    array = np.asarray(value)
+    if array.size != 1 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(
+            f"EdgeLog records scalars: {name!r} is {type(value).__name__} of shape {array.shape} and dtype "
+            f"{array.dtype} (log a number, e.g. float(loss))"
+        )
+    item = array.reshape(()).item()
+    return item if isinstance(item, int) and not isinstance(item, bool) else float(item)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    """The scalars of a measurement object: an eosflow.monitor Reading (S, threshold = S / ratio, lr S, ratio),
+    eosflow.torch's TrackedEigenpairs (S, the other eigenvalues, threshold, ratio, HVPs) or an Eigenpairs of
+    the JAX tracker (its values and HVPs)."""
+    fields = getattr(type(record), "_fields", ())
+    if {"sharpness", "lr_sharpness", "edge_ratio"} <= set(fields):  # eosflow.monitor.Reading
+        sharpness, ratio = float(record.sharpness), float(record.edge_ratio)
+        threshold = sharpness / ratio if ratio != 0 and math.isfinite(ratio) else float("nan")
+        return {
+            "sharpness": sharpness,
+            "threshold": threshold,
+            "lr_sharpness": record.lr_sharpness,
+            "edge_ratio": ratio,
+        }
+    if {"values", "hvps"} <= set(fields):  # eigenpairs: the JAX tracker's, or eosflow.torch's with a threshold
+        values = np.ravel(np.asarray(record.values, dtype=float))
+        out: dict[str, Any] = {"sharpness": values[0]}
+        out.update({f"eigenvalue_{i + 1}": value for i, value in enumerate(values[1:], start=1)})
+        if "threshold" in fields and math.isfinite(float(record.threshold)):
+            out.update(threshold=record.threshold, edge_ratio=values[0] / float(record.threshold))
+        out["hvps"] = int(np.asarray(record.hvps))
+        return out
+    raise TypeError(
+        f"EdgeLog.write takes an eosflow.monitor.Reading, a tracker's eigenpairs or keyword scalars; got "
+        f"{type(record).__name__}"
+    )
+
+
+class EdgeLog:
+    """Appends records ``{"step": t, name: scalar, ...}`` to a JSON-lines file (see the module doc).
+
+    Usable as ``monitored(..., log=EdgeLog(path))`` (called with each Reading, from JAX's callback thread)
+    and as a context manager; ``echo=True`` also prints each record.
+    """
+
+    def __init__(self, path: str | os.PathLike, echo: bool = False):
+        self.path = Path(path)
+        self.echo = echo
+        self._lock = threading.Lock()  # jax.debug.callback may call from another thread
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise EdgeLogError(f"cannot open the edge log {str(self.path)!r}: {error.strerror}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # unlocked where there are none
+                os.close(self._fd)
+                self._fd = None
+                raise EdgeLogError(
+                    f"the edge log {str(self.path)!r} is being written by another process (or another EdgeLog "
+                    "in this one): give each run its own file. Nothing was written"
+                ) from None
+        self._cut_torn_tail()
+
+    def _cut_torn_tail(self) -> None:
+        """A last line without its newline is a record a crash cut short: truncate it (never a whole record)."""
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
+            return
+        start = max(0, size - 65536)
+        tail = os.pread(self._fd, size - start, start)
+        cut = start + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        if cut == 0 and start > 0:  # a last line longer than 64 KiB: no record of ours is, so it is not ours
+            raise EdgeLogError(f"{str(self.path)!r} does not end in an edge-log record; not appending to it")
+        os.ftruncate(self._fd, cut)
+        warnings.warn(
+            f"{self.path}: cut off {size - cut} bytes of a record left incomplete by an interrupted write",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def write(self, step: int, record: Any = None, **scalars: Any) -> None:
+        """Append one record at ``step``: the fields of ``record`` (a Reading or eigenpairs), then ``scalars``."""
+        number = _scalar("step", step) if not isinstance(step, bool) else -1
+        if not isinstance(number, int) or number < 0:
+            raise ValueError(f"EdgeLog step must be a non-negative integer, got {step!r}")
+        step = number
+        fields = {**(_fields(record) if record is not None else {}), **scalars}
+        if not fields:
+            raise ValueError("EdgeLog.write: nothing to record (give a reading, eigenpairs or keyword scalars)")
+        if "step" in scalars:
+            raise ValueError("EdgeLog.write: 'step' is the record's first argument, not a scalar of it")
+        line = json.dumps({"step": step, **{name: _scalar(name, value) for name, value in fields.items()}}) + "\n"
+        data = line.encode()
+        with self._lock:
+            if self._fd is None:
+                raise EdgeLogError(f"the edge log {str(self.path)!r} is closed")
+            size = os.fstat(self._fd).st_size
+            try:
+                written = os.write(self._fd, data)
+                if written != len(data):
+                    raise OSError(errno.EIO, f"wrote {written} of {len(data)} bytes")
+            except OSError as error:
+                os.ftruncate(self._fd, size)  # the file ends at the last whole record, as before this write
+                raise EdgeLogError(
+                    f"could not append to the edge log {str(self.path)!r} ({error.strerror}); the records before "
+                    f"this one (step {step}) are kept"
+                ) from None
+        if self.echo:
+            print(f"step {step:6d}  " + "  ".join(f"{k} = {v:.5g}" for k, v in json.loads(line).items() if k != "step"))
+
+    def __call__(self, reading: Any) -> None:
+        """``monitored``'s ``log``: record a Reading at its own step."""
+        self.write(int(np.asarray(reading.step)), reading)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> EdgeLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
+
+
+def read(path: str | os.PathLike) -> xr.Dataset:
+    """The log as an xarray.Dataset over ``step`` (sorted), one variable per name, NaN where a step has none;
+    a torn last line is skipped with a warning, any other line that is not a record is an error naming it."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise EdgeLogError(f"cannot read the edge log {str(path)!r}: {error.strerror}") from None
+    lines = text.split(b"\n")
+    if lines[-1]:
+        warnings.warn(
+            f"{path}: skipped a last record left incomplete by an interrupted write", UserWarning, stacklevel=2
+        )
+    rows: dict[int, dict[str, float]] = {}
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            record = json.loads(line)
+            step = record.pop("step")
+            if not isinstance(record, dict) or isinstance(step, bool) or not isinstance(step, int):
+                raise ValueError
+        except (ValueError, AttributeError, KeyError, TypeError):
+            raise EdgeLogError(f"{str(path)!r} line {number} is not an edge-log record: {line[:80]!r}") from None
+        rows.setdefault(step, {}).update(record)
+    steps = np.array(sorted(rows), dtype=np.int64)
+    names: list[str] = list(dict.fromkeys(name for row in rows.values() for name in row))
+    data = {name: ("step", np.array([rows[s].get(name, np.nan) for s in steps], dtype=float)) for name in names}
+    return xr.Dataset(data, coords={"step": steps}, attrs={"source": str(path)})
+
+
+def summary(ds: xr.Dataset, band: float = 0.1) -> dict:
+    """Where S / threshold first reaches 1 - band/2 and the longest stretch within [1 - band, 1 + band] (steps
+    of the log), from ``edge_ratio`` (or sharpness / threshold)."""
+    ratio = _edge_ratio(ds)
+    if ratio is None:
+        return {}
+    window = edge_of_stability_window(2.0 * ratio, band, ds["step"].values)
+    return {
+        "first_step_at_edge": window["first_step_at_edge"],
+        "longest_window_start": window["longest_window_start"],
+        "longest_window_steps": window["longest_window_steps"],
+        "max_edge_ratio": window["max_lr_sharpness"] / 2.0,
+    }
+
+
+def _edge_ratio(ds: xr.Dataset) -> np.ndarray | None:
+    if "edge_ratio" in ds:
+        return ds["edge_ratio"].values
+    if "sharpness" in ds and "threshold" in ds:
+        return ds["sharpness"].values / ds["threshold"].values
+    return None
+
+
+def plot(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike | None = None) -> Path:
+    """A PNG of the log: the loss (log scale) if logged, and the sharpness against its threshold (or the edge
+    ratio against 1). Written next to the log as ``<name>.png`` unless ``out`` is given; returns its path."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
+
+    from eosflow.compare import line_style, threshold_line
+
+    ds = source if isinstance(source, xr.Dataset) else read(source)
+    if out is None:
+        if isinstance(source, xr.Dataset):
+            raise ValueError("plot: give `out` when plotting a Dataset (there is no log file to put it beside)")
+        out = Path(source).with_suffix(".png")
+    curvature = [name for name in ("sharpness", "batch_sharpness") if name in ds]
+    ratio = _edge_ratio(ds)
+    if "loss" not in ds and not curvature and ratio is None:
+        raise EdgeLogError(
+            f"nothing to plot in {ds.attrs.get('source', 'the log')}: it has {sorted(map(str, ds.data_vars))}, "
+            "none of loss, sharpness, edge_ratio"
+        )
+    panels = ["loss"] * ("loss" in ds) + ["curvature"] * bool(curvature or ratio is not None)
+    fig = Figure(figsize=(7.5, 3.0 * len(panels)), dpi=110)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels):
+        if panel == "loss":
+            loss = ds["loss"].dropna("step")
+            ax.plot(loss["step"], loss, **line_style(0), label="loss")
+            ax.set_yscale("log" if bool((loss > 0).all()) else "linear")
+            ax.set_ylabel("loss")
+        elif curvature and ("threshold" in ds or ratio is None):
+            for i, name in enumerate(curvature):
+                values = ds[name].dropna("step")
+                ax.plot(values["step"], values, marker=".", ms=3, **line_style(i), label=name)
+            if "threshold" in ds:
+                threshold = ds["threshold"].dropna("step")
+                if threshold.size and np.ptp(threshold.values) <= 1e-12 * abs(float(threshold[0])):
+                    threshold_line(ax, float(threshold[0]), "threshold")
+                elif threshold.size:  # a schedule's threshold moves with lr
+                    ax.plot(threshold["step"], threshold, color="0.55", lw=3, alpha=0.45, zorder=0.5, label="threshold")
+            ax.set_ylabel("(preconditioned) sharpness")
+        else:
+            steps, ratios = ds["step"].values, np.asarray(ratio)
+            finite = np.isfinite(ratios)
+            ax.plot(steps[finite], ratios[finite], marker=".", ms=3, **line_style(0), label="S / threshold")
+            threshold_line(ax, 1.0, "edge (1)")
+            ax.set_ylabel("S / threshold")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(str(ds.attrs.get("source", "edge log")))
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    return out

@@ -1,0 +1,283 @@
+"""eosflow.edge_log: your loop's readings on disk. Oracles: the monitor's own state (the reading it keeps), the
+optimizer's threshold 38/lr, the records as written, and the file's bytes after faults (kill -9 mid-write, a
+file-size limit standing for a full disk, a second writer)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eosflow
+from eosflow.edge_log import EdgeLog, EdgeLogError, plot, read, summary
+from eosflow.precision import precision
+
+SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+
+
+def child(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env, **kwargs)
+
+
+@pytest.mark.parametrize("every, lr", [(3, 0.02), (7, 0.05)])
+def test_monitored_readings_round_trip_with_the_loops_own_scalars(tmp_path, every, lr):
+    """monitored(..., log=EdgeLog) records, at each measured step, the reading the monitor keeps in its state
+    (sharpness, lr S, S / threshold) and threshold = 38/lr; the loop's losses at every step merge with them."""
+    rng = np.random.default_rng(every)
+    with precision("float64"):
+        x, y = jnp.asarray(rng.normal(size=(30, 4))), jnp.asarray(rng.normal(size=(30, 2)))
+        params = {"a": jnp.asarray(rng.normal(size=(4, 6)) / 2), "b": jnp.asarray(rng.normal(size=(6, 2)) / 2)}
+
+        def loss_fn(p, batch):
+            return 0.5 * jnp.mean(jnp.sum((jnp.tanh(batch[0] @ p["a"]) @ p["b"] - batch[1]) ** 2, -1))
+
+        adam = eosflow.optimizer_edges.adam(lr)
+        path = tmp_path / "run" / "adam.jsonl"
+        kept, losses = {}, {}
+        with EdgeLog(path) as log:
+            opt = eosflow.monitor.monitored(adam, loss_fn, every=every, tol=1e-6, max_iters=100, log=log)
+            state = opt.init(params)
+            update = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=(x, y)))
+            for t in range(25):
+                loss, g = jax.value_and_grad(loss_fn)(params, (x, y))
+                updates, state = update(g, state, params)
+                params = optax.apply_updates(params, updates)
+                jax.effects_barrier()
+                if t % every == 0:
+                    kept[t] = state.reading
+                losses[t] = float(loss)
+                log.write(t, loss=loss)
+        ds = read(path)
+    np.testing.assert_array_equal(ds.step, np.arange(25))
+    np.testing.assert_array_equal(ds.loss, [losses[t] for t in range(25)])
+    measured = sorted(kept)
+    assert measured == [t for t in range(25) if np.isfinite(ds.sharpness.sel(step=t))]
+    for t in measured:
+        assert int(kept[t].step) == t
+        for name in ("sharpness", "lr_sharpness", "edge_ratio"):
+            assert float(ds[name].sel(step=t)) == pytest.approx(float(getattr(kept[t], name)), rel=1e-12)
+        assert float(ds.threshold.sel(step=t)) == pytest.approx(38 / lr, rel=1e-12)
+
+
+def test_records_of_a_step_merge_and_a_resumed_loop_replaces_what_it_logs_again(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        for t in range(6):
+            log.write(t, loss=10.0 - t, lr=0.1)
+        log.write(4, sharpness=19.0)
+    with EdgeLog(path) as log:  # resumed from a checkpoint at step 3: steps 3.. are logged again
+        for t in range(3, 8):
+            log.write(t, loss=100.0 + t)
+    ds = read(path)
+    np.testing.assert_array_equal(ds.step, np.arange(8))
+    np.testing.assert_array_equal(ds.loss, [10, 9, 8, 103, 104, 105, 106, 107])
+    np.testing.assert_array_equal(ds.lr, [0.1] * 6 + [np.nan] * 2)
+    assert float(ds.sharpness.sel(step=4)) == 19.0 and int(np.isfinite(ds.sharpness).sum()) == 1
+
+
+def test_a_torch_trackers_eigenpairs_are_recorded_with_their_threshold(tmp_path):
+    torch = pytest.importorskip("torch")
+    import eosflow.torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    batch = (torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    eig = eosflow.torch.SharpnessTracker(model, torch.nn.functional.mse_loss, k=3, tol=1e-8).update(batch, optimizer)
+    with EdgeLog(tmp_path / "torch.jsonl") as log:
+        log.write(0, eig, loss=torch.tensor(0.25, dtype=torch.float64))
+    record = json.loads((tmp_path / "torch.jsonl").read_text())
+    assert record == {
+        "step": 0,
+        "sharpness": eig.values[0],
+        "eigenvalue_2": eig.values[1],
+        "eigenvalue_3": eig.values[2],
+        "threshold": eig.threshold,
+        "edge_ratio": eig.values[0] / eig.threshold,
+        "hvps": eig.hvps,
+        "loss": 0.25,
+    }
+    assert eig.threshold == pytest.approx(2 * 1.5 / 0.3)
+
+
+def test_bad_records_are_named_and_nothing_is_written(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        log.write(0, loss=1.0)
+        with pytest.raises(ValueError, match=r"'loss' is ndarray of shape \(3,\)"):
+            log.write(1, loss=np.ones(3))
+        with pytest.raises(ValueError, match="'note' is str"):
+            log.write(1, note="hello")
+        with pytest.raises(ValueError, match="non-negative integer, got -2"):
+            log.write(-2, loss=1.0)
+        with pytest.raises(ValueError, match="non-negative integer, got 1.5"):
+            log.write(1.5, loss=1.0)
+        with pytest.raises(ValueError, match="nothing to record"):
+            log.write(1)
+        with pytest.raises(TypeError, match="got dict"):
+            log.write(1, {"sharpness": 3.0})
+    assert path.read_text() == '{"step": 0, "loss": 1.0}\n'
+    with pytest.raises(EdgeLogError, match="is closed"):
+        log.write(2, loss=1.0)
+
+
+def test_a_second_writer_is_refused_in_this_process_and_another(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        log.write(0, loss=1.0)
+        with pytest.raises(EdgeLogError, match="being written by another process"):
+            EdgeLog(path)
+        other = child(
+            """
+            import sys
+            from eosflow.edge_log import EdgeLog, EdgeLogError
+            try:
+                EdgeLog(sys.argv[1]).write(9, loss=9.0)
+            except EdgeLogError as error:
+                print(error)
+            """,
+            str(path),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert "being written by another process" in other.communicate(timeout=120)[0]
+        log.write(1, loss=2.0)
+    np.testing.assert_array_equal(read(path).loss, [1.0, 2.0])
+    with EdgeLog(path) as log:  # released by close
+        log.write(2, loss=3.0)
+
+
+def test_kill_9_mid_write_loses_only_the_torn_record_and_the_log_goes_on(tmp_path):
+    """A process appending as fast as it can, killed with SIGKILL: every line but possibly a torn last one is a
+    record, the steps are 0..n-1 without a gap; a new EdgeLog cuts the torn tail (saying so) and appends."""
+    path = tmp_path / "log.jsonl"
+    writer = child(
+        """
+        import sys
+        from eosflow.edge_log import EdgeLog
+        log = EdgeLog(sys.argv[1])
+        print("ready", flush=True)
+        t = 0
+        while True:
+            log.write(t, loss=1.0 / (t + 1), sharpness=float(t) * 1e-3, payload=float(t) ** 0.5)
+            t += 1
+        """,
+        str(path),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=60)
+    writer.stdout.close()
+    data = path.read_bytes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = read(path)
+    torn = not data.endswith(b"\n")
+    assert len(caught) == int(torn)
+    n = ds.sizes["step"]
+    assert n > 10
+    np.testing.assert_array_equal(ds.step, np.arange(n))
+    np.testing.assert_allclose(ds.loss, 1.0 / (np.arange(n) + 1), rtol=1e-15)
+    if not torn:  # make the tear the kill may not have made, to see it cut
+        path.write_bytes(data + b'{"step": 99999, "loss"')
+    with pytest.warns(UserWarning, match="cut off 2[0-9] bytes|cut off [0-9]+ bytes"):
+        log = EdgeLog(path)
+    with log:
+        log.write(n, loss=-1.0)
+    again = read(path)
+    np.testing.assert_array_equal(again.step, np.arange(n + 1))
+    assert float(again.loss[-1]) == -1.0
+
+
+def test_a_full_disk_keeps_every_whole_record_and_names_the_file(tmp_path):
+    """RLIMIT_FSIZE stands for a full disk (writes past it fail with EFBIG, SIGXFSZ ignored): the write that
+    does not fit is undone to the last whole record and raised naming the file; what came before is intact."""
+    path = tmp_path / "log.jsonl"
+    limited = child(
+        """
+        import resource, signal, sys
+        from eosflow.edge_log import EdgeLog, EdgeLogError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+        log = EdgeLog(sys.argv[1])
+        try:
+            for t in range(10_000):
+                log.write(t, loss=1.0 / (t + 1))
+        except EdgeLogError as error:
+            print(t, error)
+        """,
+        str(path),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    out = limited.communicate(timeout=120)[0]
+    failed_at = int(out.split()[0])
+    assert f"could not append to the edge log {str(path)!r}" in out and f"(step {failed_at}) are kept" in out
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and len(data) <= 1000
+    ds = read(path)
+    np.testing.assert_array_equal(ds.step, np.arange(failed_at))
+    assert failed_at > 20
+
+
+def test_a_corrupt_line_inside_the_log_is_named(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 0, "loss": 1.0}\nnot json\n{"step": 1, "loss": 0.5}\n')
+    with pytest.raises(EdgeLogError, match=r"line 2 is not an edge-log record: b'not json'"):
+        read(path)
+    path.write_text('{"step": 0, "loss": 1.0}\n{"loss": 0.5}\n')
+    with pytest.raises(EdgeLogError, match="line 2"):
+        read(path)
+
+
+@pytest.mark.parametrize("start, length", [(40, 30), (10, 80)])
+def test_summary_and_figures(tmp_path, start, length):
+    """The window at the edge from a synthetic edge ratio (sharpening, a stretch within 10% of 1, then a drop);
+    figures for sharpness with its threshold, for the ratio alone and for the loss alone."""
+    steps = np.arange(0, 200, 2)
+    ratio = np.where(steps < start, steps / start * 0.9, 1.0 + 0.05 * np.sin(steps))
+    ratio = np.where(steps >= start + length, 0.5, ratio)
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        for t, r in zip(steps, ratio):
+            log.write(int(t), sharpness=r * 38 / 0.01, threshold=38 / 0.01, loss=np.exp(-t / 50))
+    ds = read(path)
+    found = summary(ds)
+    inside = steps[(steps >= start) & (steps < start + length)]
+    assert found["first_step_at_edge"] == inside[0] and found["longest_window_start"] == inside[0]
+    assert found["longest_window_steps"] == inside[-1] - inside[0] + 1
+    assert found["max_edge_ratio"] == pytest.approx(ratio.max())
+    assert plot(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    only_ratio = (ds.sharpness / ds.threshold).to_dataset(name="edge_ratio")
+    assert plot(only_ratio, tmp_path / "ratio.png").stat().st_size > 0
+    assert plot(ds[["loss"]], tmp_path / "loss.png").stat().st_size > 0
+    with pytest.raises(EdgeLogError, match="nothing to plot"):
+        plot(ds[["threshold"]], tmp_path / "none.png")
+
+
+def test_the_command_line_draws_and_summarizes(tmp_path, capsys):
+    from eosflow.cli import main
+
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        for t in range(50):
+            log.write(t, edge_ratio=min(1.0, t / 20), loss=1.0 / (t + 1))
+    assert main(["plot-log", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "50 steps logged (0..49)" in out and "first_step_at_edge: 19" in out
+    assert (tmp_path / "log.png").exists()
+    assert main(["plot-log", str(tmp_path / "missing.jsonl")]) == 2
+    assert "cannot read the edge log" in capsys.readouterr().err
