@@ -271,3 +271,34 @@ def test_batches_as_a_list_or_stacked():
         assert float(value) == pytest.approx(float(np.mean(ratios)), rel=1e-10)
         with pytest.raises(ValueError, match=r"do not share a leading axis \(sizes \['4', '5'\]\)"):
             eosflow.batch_sharpness.batch_sharpness(loss, params, (stacked[0], stacked[1][:, :5].T[:5]))
+
+
+@pytest.mark.parametrize("n_batches, size", [(8, 4), (24, 10)])
+def test_the_standard_error_covers_the_spread_of_batch_sharpness_over_draws(n_batches, size):
+    """The estimate from n random batches, drawn again 300 times: the spread (std) of the 300 estimates equals
+    the mean reported standard error to 15%, and the true value (the mean over every batch of a 2000-batch
+    pool the draws come from) lies within 2 standard errors in 85-99% of the draws."""
+    rng = np.random.default_rng(n_batches)
+    with precision("float64"):
+        params = {"a": jnp.asarray(rng.normal(size=(3, 5))), "b": jnp.asarray(rng.normal(size=(5,)))}
+
+        def loss(p, batch):
+            x, y = batch
+            return 0.5 * jnp.mean((jnp.tanh(x @ p["a"]) @ p["b"] - y) ** 2)
+
+        pool = (jnp.asarray(rng.normal(size=(2000, size, 3))), jnp.asarray(rng.normal(size=(2000, size))))
+        _, everything = eosflow.batch_sharpness.batch_sharpness(loss, params, pool)
+        q = np.asarray(everything.value)
+        truth = q.mean()
+        draws = [rng.choice(q.size, n_batches, replace=False) for _ in range(300)]
+        estimates = np.array([q[d].mean() for d in draws])
+        errors = np.array(
+            [
+                eosflow.batch_sharpness.BatchQuotient(everything.curvature[d], everything.descent[d]).standard_error()
+                for d in draws
+            ]
+        )
+    assert np.std(estimates) == pytest.approx(np.mean(errors), rel=0.15)
+    covered = np.mean(np.abs(estimates - truth) <= 2 * errors)
+    assert 0.85 <= covered <= 0.99  # 2 standard errors: 95% for a normal mean, ~91% for t with 7 dof
+    assert np.isnan(eosflow.batch_sharpness.BatchQuotient(np.ones(1), np.ones(1)).standard_error())

@@ -41,6 +41,12 @@ class BatchQuotient(NamedTuple):
         """q_B = curvature / descent: the step lowers its own batch's loss (to second order) iff lr q_B < 2."""
         return self.curvature / self.descent
 
+    def standard_error(self) -> float:
+        """The standard error of batch sharpness, the mean of n quotients of independently drawn batches:
+        std(q_B, ddof=1) / sqrt(n) (NaN for one batch)."""
+        q = np.asarray(self.value, dtype=float).ravel()
+        return float(np.std(q, ddof=1) / np.sqrt(q.size)) if q.size > 1 else float("nan")
+
 
 def batch_quotient(
     batch_hvp: Callable[[Array], Array],
