@@ -29,10 +29,21 @@ def child(code: str, *args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env, **kwargs)
 
 
-@pytest.mark.parametrize("every, lr", [(3, 0.02), (7, 0.05)])
-def test_monitored_readings_round_trip_with_the_loops_own_scalars(tmp_path, every, lr):
+OPTIMIZERS = {
+    "adam": lambda: eosflow.optimizer_edges.adam(0.02),
+    "adamw_schedule": lambda: eosflow.optimizer_edges.adamw(optax.linear_schedule(0.01, 0.05, 20), weight_decay=0.1),
+    "rmsprop_momentum": lambda: eosflow.optimizer_edges.rmsprop(0.01, momentum=0.5),
+    "sgd_nesterov": lambda: eosflow.optimizer_edges.sgd(0.05, momentum=0.9, nesterov=True),
+}
+
+
+@pytest.mark.parametrize(
+    "every, name", [(3, "adam"), (7, "adamw_schedule"), (4, "rmsprop_momentum"), (5, "sgd_nesterov")]
+)
+def test_monitored_readings_round_trip_with_the_loops_own_scalars(tmp_path, every, name):
     """monitored(..., log=EdgeLog) records, at each measured step, the reading the monitor keeps in its state
-    (sharpness, lr S, S / threshold) and threshold = 38/lr; the loop's losses at every step merge with them."""
+    (sharpness, lr S, S / threshold) and the threshold of that step, the optimizer's own threshold_at(step)
+    (38/lr for Adam; moving with a schedule); the loop's losses at every step merge with them."""
     rng = np.random.default_rng(every)
     with precision("float64"):
         x, y = jnp.asarray(rng.normal(size=(30, 4))), jnp.asarray(rng.normal(size=(30, 2)))
@@ -41,11 +52,11 @@ def test_monitored_readings_round_trip_with_the_loops_own_scalars(tmp_path, ever
         def loss_fn(p, batch):
             return 0.5 * jnp.mean(jnp.sum((jnp.tanh(batch[0] @ p["a"]) @ p["b"] - batch[1]) ** 2, -1))
 
-        adam = eosflow.optimizer_edges.adam(lr)
-        path = tmp_path / "run" / "adam.jsonl"
+        edge = OPTIMIZERS[name]()
+        path = tmp_path / "run" / f"{name}.jsonl"
         kept, losses = {}, {}
         with EdgeLog(path) as log:
-            opt = eosflow.monitor.monitored(adam, loss_fn, every=every, tol=1e-6, max_iters=100, log=log)
+            opt = eosflow.monitor.monitored(edge, loss_fn, every=every, tol=1e-6, max_iters=100, log=log)
             state = opt.init(params)
             update = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=(x, y)))
             for t in range(25):
@@ -66,7 +77,12 @@ def test_monitored_readings_round_trip_with_the_loops_own_scalars(tmp_path, ever
         assert int(kept[t].step) == t
         for name in ("sharpness", "lr_sharpness", "edge_ratio"):
             assert float(ds[name].sel(step=t)) == pytest.approx(float(getattr(kept[t], name)), rel=1e-12)
-        assert float(ds.threshold.sel(step=t)) == pytest.approx(38 / lr, rel=1e-12)
+        # optax's count is int32, and a schedule evaluated at it gives the lr the update used (float32 for optax's
+        # linear_schedule): the threshold of that lr, c(lr) / lr in float64, not of the float64 lr(t)
+        used = np.float64(edge.lr_at(jnp.int32(t)))
+        assert float(ds.threshold.sel(step=t)) == pytest.approx(float(edge.edge(used)), rel=1e-12)
+    if name == "adam":
+        assert float(ds.threshold.dropna("step")[0]) == pytest.approx(38 / 0.02, rel=1e-12)
 
 
 def test_records_of_a_step_merge_and_a_resumed_loop_replaces_what_it_logs_again(tmp_path):
