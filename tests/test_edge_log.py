@@ -297,3 +297,21 @@ def test_the_command_line_draws_and_summarizes(tmp_path, capsys):
     assert (tmp_path / "log.png").exists()
     assert main(["plot-log", str(tmp_path / "missing.jsonl")]) == 2
     assert "cannot read the edge log" in capsys.readouterr().err
+
+
+def test_writing_and_reading_a_log_imports_neither_jax_nor_torch(tmp_path):
+    """A torch loop that logs pays no JAX import (summary and plot import what they draw with, when called)."""
+    out = child(
+        """
+        import sys
+        from eosflow.edge_log import EdgeLog, read
+        with EdgeLog(sys.argv[1]) as log:
+            log.write(0, loss=1.0)
+        read(sys.argv[1])
+        print(sorted(name for name in ("jax", "torch", "matplotlib") if name in sys.modules))
+        """,
+        str(tmp_path / "log.jsonl"),
+        stdout=subprocess.PIPE,
+        text=True,
+    ).communicate(timeout=120)[0]
+    assert out.strip() == "[]"

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from eosflow.report import edge_of_stability_window
 from eosflow.store import StoreError
 
 
@@ -211,6 +210,8 @@ def read(path: str | os.PathLike) -> xr.Dataset:
 def summary(ds: xr.Dataset, band: float = 0.1) -> dict:
     """Where S / threshold first reaches 1 - band/2 and the longest stretch within [1 - band, 1 + band] (steps
     of the log), from ``edge_ratio`` (or sharpness / threshold)."""
+    from eosflow.report import edge_of_stability_window  # here: reading and writing a log need no JAX
+
     ratio = _edge_ratio(ds)
     if ratio is None:
         return {}
