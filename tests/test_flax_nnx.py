@@ -290,3 +290,61 @@ def test_monitored_inside_an_nnx_optimizer_measures_a_state_loss_and_names_the_w
         wrapped = nnx.Optimizer(model, monitored(optimizer_edges.adam(lr), mse, every=1, log=None), wrt=nnx.Param)
         with pytest.raises(TypeError, match=r"passes the Params as an nnx\.State.*eosflow\.SharpnessTracker"):
             wrapped.update(model, nnx.grad(mse)(model, batch), batch=batch)
+
+
+class LoRANet(nnx.Module):
+    """A base Linear adapted by LoRA (rank 2), tanh, a head: a fine-tuning run trains the LoRAParams only."""
+
+    def __init__(self, n_in: int, width: int, seed: int):
+        rngs = nnx.Rngs(seed)
+        base = nnx.Linear(n_in, width, rngs=rngs, param_dtype=jnp.float64)
+        self.adapted = nnx.LoRA(n_in, 2, width, base_module=base, rngs=rngs, param_dtype=jnp.float64)
+        self.head = nnx.Linear(width, 2, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.adapted(x)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wrt_measures_the_part_an_nnx_optimizer_trains(seed):
+    """nnx.Optimizer(..., wrt=nnx.LoRAParam) after 6 Adam steps: the tracker with wrt=nnx.LoRAParam and that
+    optimizer's P equals dense eigh of P^-1/2 H P^-1/2 over the LoRA flattening (the base weights and head held
+    fixed) with P from nu by hand; HessianOperator, batch sharpness and Problem.from_model take the same part;
+    a filter that selects nothing is named."""
+    from jax.flatten_util import ravel_pytree
+
+    rng = np.random.default_rng(seed)
+    with precision("float64"):
+        n_in, width = int(rng.integers(3, 6)), int(rng.integers(4, 7))
+        model = LoRANet(n_in, width, seed)
+        batch = (jnp.asarray(rng.normal(size=(24, n_in))), jnp.asarray(rng.normal(size=(24, 2))))
+        adam = optimizer_edges.adam(0.05, b2=0.99)
+        opt = nnx.Optimizer(model, adam.transform, wrt=nnx.LoRAParam)
+        for _ in range(6):
+            opt.update(model, nnx.grad(mse, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, batch))
+        graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+        flat, unflatten = ravel_pytree(lora)
+
+        def on_flat(w):
+            return mse(nnx.merge(graphdef, unflatten(w), jax.tree.map(lambda leaf: leaf, rest)), batch)
+
+        hessian = np.asarray(jax.hessian(on_flat)(flat))
+        nu = optimizer_edges.substate(opt.opt_state, lambda s: isinstance(s, optax.ScaleByAdamState)).nu
+        p = np.sqrt(np.asarray(ravel_pytree(nnx.as_pure(nu))[0]) / (1 - 0.99**6)) + 1e-8
+        tracker = eosflow.SharpnessTracker(mse, k=2, tol=1e-9, max_iters=200, wrt=nnx.LoRAParam)
+        state = tracker.init(model, jax.random.key(seed))
+        _, eig = nnx.jit(tracker.update)(state, model, batch, adam.preconditioner(opt.opt_state))
+        np.testing.assert_allclose(eig.values, top(hessian / np.sqrt(np.outer(p, p)), 2), rtol=1e-8)
+
+        operator = eosflow.HessianOperator.from_function(mse, model, batch, wrt=nnx.LoRAParam)
+        np.testing.assert_allclose(operator @ np.eye(flat.size), hessian, rtol=1e-10, atol=1e-12)
+        value, quotients = eosflow.batch_sharpness.batch_sharpness(mse, model, [batch], wrt=nnx.LoRAParam)
+        g = np.asarray(jax.grad(on_flat)(flat))
+        assert float(value) == pytest.approx(g @ hessian @ g / (g @ g), rel=1e-10)
+        problem = eosflow.Problem.from_model(lambda m, x: m(x), model, *batch, loss="mse", wrt=nnx.LoRAParam)
+        np.testing.assert_array_equal(problem.w0, flat)
+        np.testing.assert_allclose(
+            problem.objective.hvp(jnp.asarray(flat), jnp.eye(flat.size)[0]), hessian[0], rtol=1e-10
+        )
+        with pytest.raises(ValueError, match="selects no array"):
+            eosflow.SharpnessTracker(mse, k=1, wrt=nnx.BatchStat).init(model, jax.random.key(0))

@@ -613,3 +613,51 @@ def test_a_preconditioner_not_shaped_like_the_parameters_is_refused():
                 ValueError, match=r"preconditioner's leaves have shapes " + shapes + r", the parameters'"
             ):
                 tracker.update(state, params, x, bad)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wrt_measures_the_part_a_filter_spec_selects(seed):
+    """wrt as eqx.partition takes it: the last layer of an Equinox MLP (a pytree of bools), and the leaf "b" of a
+    plain dict (a dict of bools); the top pairs equal dense eigh of the Hessian over that part alone, the rest
+    held at its value, for the tracker under filter_jit, HessianOperator and batch sharpness."""
+    from jax.flatten_util import ravel_pytree
+
+    rng = np.random.default_rng(seed)
+    n_in, n = int(rng.integers(3, 6)), int(rng.integers(20, 40))
+    with precision("float64"):
+        mlp = eqx.nn.MLP(n_in, 2, 5, 2, activation=jnp.tanh, key=jax.random.PRNGKey(seed))
+        mlp = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, mlp)
+        last = jax.tree.map(lambda _: False, mlp)
+        last = eqx.tree_at(lambda m: (m.layers[-1].weight, m.layers[-1].bias), last, replace=(True, True))
+        plain = {"a": jnp.asarray(rng.normal(size=(n_in, 4))), "b": jnp.asarray(rng.normal(size=(4, 2)))}
+        batch = (jnp.asarray(rng.normal(size=(n, n_in))), jnp.asarray(rng.normal(size=(n, 2))))
+
+        def loss_mlp(m, batch):
+            return jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+
+        def loss_plain(p, batch):
+            return jnp.mean((jnp.tanh(batch[0] @ p["a"]) @ p["b"] - batch[1]) ** 2)
+
+        for params, wrt, loss in [(mlp, last, loss_mlp), (plain, {"a": False, "b": True}, loss_plain)]:
+            part, rest = eqx.partition(params, wrt)
+            flat, unflatten = ravel_pytree(part)
+            assert flat.size < ravel_pytree(eqx.filter(params, eqx.is_inexact_array))[0].size
+
+            def on_flat(w, loss=loss, rest=rest, unflatten=unflatten):
+                return loss(eqx.combine(unflatten(w), rest), batch)
+
+            dense = np.asarray(jax.hessian(on_flat)(flat))
+            tracker = eosflow.SharpnessTracker(loss, k=2, tol=1e-9, max_iters=200, wrt=wrt)
+            state = tracker.init(params, jax.random.PRNGKey(seed))
+            _, pairs = eqx.filter_jit(tracker.update)(state, params, batch)
+            np.testing.assert_allclose(pairs.values, dense_top(dense, 2), rtol=1e-9)
+            operator = eosflow.HessianOperator.from_function(loss, params, batch, wrt=wrt)
+            np.testing.assert_allclose(operator @ np.eye(flat.size), dense, rtol=1e-10, atol=1e-12)
+            value, _ = eosflow.batch_sharpness.batch_sharpness(loss, params, [batch], wrt=wrt)
+            g = np.asarray(jax.grad(on_flat)(flat))
+            assert float(value) == pytest.approx(g @ dense @ g / (g @ g), rel=1e-10)
+            problem = eosflow.Problem.from_function(lambda p, loss=loss: loss(p, batch), params, wrt=wrt)
+            np.testing.assert_array_equal(problem.w0, flat)
+            np.testing.assert_allclose(problem.objective.hvp(flat, jnp.eye(flat.size)[-1]), dense[-1], rtol=1e-10)
+        with pytest.raises(ValueError, match="selects no array"):
+            eosflow.SharpnessTracker(loss_plain, k=1, wrt={"a": False, "b": False}).init(plain, jax.random.PRNGKey(0))

@@ -62,7 +62,7 @@ def batch_quotient(
 
 
 def batch_sharpness(
-    loss_fn: Callable[[PyTree, PyTree], Array], params: PyTree, batches: PyTree
+    loss_fn: Callable[[PyTree, PyTree], Array], params: PyTree, batches: PyTree, wrt: Any = None
 ) -> tuple[Array, BatchQuotient]:
     """Batch sharpness E_B[g_B^T H_B g_B / |g_B|^2], the mean of the batches' quotients, over ``batches``: a list
     of batches (each what ``loss_fn(params, .)`` takes; the torch function's form) or a pytree whose leaves stack
@@ -70,9 +70,9 @@ def batch_sharpness(
     SGD step; returns the value with every batch's numerator and denominator (their ratio of sums,
     ``quotients.curvature.sum() / quotients.descent.sum()``, is the other estimate). ``params`` is a pytree of
     floating arrays (flattened leaf by leaf) or an Equinox or Flax NNX module (its differentiable part, as the
-    tracker measures it). One gradient and one Hessian-vector product per batch, vectorized over stacked
-    batches (a list of batches of different shapes is taken one by one)."""
-    arrays, rebuild = differentiable_part(params)
+    tracker measures it; ``wrt`` another part, as the tracker's). One gradient and one Hessian-vector product
+    per batch, vectorized over stacked batches (a list of batches of different shapes is taken one by one)."""
+    arrays, rebuild = differentiable_part(params, wrt)
     flat, unravel = ravel(arrays)
     flat = jnp.asarray(flat)
 

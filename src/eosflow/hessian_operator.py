@@ -39,10 +39,13 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
         super().__init__(dtype=np.dtype(self.w.dtype), shape=(self.w.size, self.w.size))
 
     @classmethod
-    def from_function(cls, loss_fn: Callable[..., Array], params: PyTree, batch: PyTree = None) -> HessianOperator:
+    def from_function(
+        cls, loss_fn: Callable[..., Array], params: PyTree, batch: PyTree = None, wrt: Any = None
+    ) -> HessianOperator:
         """H of ``loss_fn(params)`` (or ``loss_fn(params, batch)``) at ``params``: a pytree or vector, or an
-        Equinox module (H over its floating arrays, :func:`eosflow.objective.differentiable_part`)."""
-        arrays, rebuild = differentiable_part(params)
+        Equinox or Flax NNX module (H over its floating arrays or its Params, or the part ``wrt`` selects,
+        :func:`eosflow.objective.differentiable_part`)."""
+        arrays, rebuild = differentiable_part(params, wrt)
         flat, unravel = ravel(arrays)
 
         def loss(w):

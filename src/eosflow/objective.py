@@ -262,21 +262,34 @@ def ravel(params: PyTree, where: str = "params") -> tuple[Array, Unravel]:
     return flat, unravel
 
 
-def differentiable_part(params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+def differentiable_part(params: PyTree, wrt: Any = None) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
     """What a module's own gradient differentiates, and the map that puts it back beside the rest, held fixed:
     an Equinox module's floating arrays (``eqx.filter_grad``; functions, integer buffers fixed) or a Flax NNX
     module's ``nnx.Param`` variables (``nnx.grad``; BatchNorm statistics, RNG state, counters fixed). Any
-    other pytree is all parameters (each leaf checked by :func:`ravel`)."""
-    if isinstance(params, eqx.Module):
-        arrays, rest = eqx.partition(params, eqx.is_inexact_array)
-        return arrays, lambda part: eqx.combine(part, rest)
+    other pytree is all parameters (each leaf checked by :func:`ravel`).
+
+    ``wrt`` measures another part, as the framework's own optimizer is told to train it: for an NNX module a
+    filter as ``nnx.split`` and ``nnx.Optimizer(..., wrt=)`` take (``nnx.LoRAParam``, ``nnx.All(nnx.Param,
+    nnx.PathContains("head"))``); for an Equinox module or any other pytree a filter spec as
+    ``eqx.partition`` takes (a callable on leaves, or a pytree prefix of bools). A ValueError if it selects
+    no array."""
     nnx = sys.modules.get("flax.nnx")  # eosflow never imports flax: a module of the user's means it is loaded
     if nnx is not None and isinstance(params, nnx.Module):
-        graphdef, measured, rest = nnx.split(params, nnx.Param, ...)
+        graphdef, measured, rest = nnx.split(params, nnx.Param if wrt is None else wrt, ...)
+        _check_selected(measured, wrt)
         # Fresh variables at every rebuild: what the forward writes (BatchNorm's running statistics, RNG
         # counts) lands on copies, in the trace that made them, never on the user's module.
         return measured, lambda part: nnx.merge(graphdef, part, jax.tree.map(lambda leaf: leaf, rest))
+    if isinstance(params, eqx.Module) or wrt is not None:
+        arrays, rest = eqx.partition(params, eqx.is_inexact_array if wrt is None else wrt)
+        _check_selected(arrays, wrt)
+        return arrays, lambda part: eqx.combine(part, rest)
     return params, _identity
+
+
+def _check_selected(part: PyTree, wrt: Any) -> None:
+    if wrt is not None and not jax.tree.leaves(part):
+        raise ValueError(f"wrt = {wrt!r} selects no array of the parameters: nothing to measure")
 
 
 def _nnx_layers(params: PyTree, selects: Callable[[Any, Any], bool]) -> list[str]:

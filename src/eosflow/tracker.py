@@ -166,6 +166,10 @@ class SharpnessTracker(eqx.Module):
         microbatch: evaluate ``loss_fn`` on chunks of this many examples of the batch (the mean of
             their losses, each rematerialized; :func:`eosflow.objective.chunked_mean`), so that an HVP
             holds one chunk's activations (None: the whole batch; the loss must be a mean over examples).
+        wrt: the part of the parameters measured, the rest held fixed, as your optimizer is told what to
+            train: a Flax NNX filter (``nnx.LoRAParam``; default ``nnx.Param``) or an Equinox filter spec
+            (default: the floating arrays; for a plain pytree, all leaves)
+            (:func:`eosflow.objective.differentiable_part`). A preconditioner is then shaped like that part.
     """
 
     loss_fn: Callable = eqx.field(static=True)
@@ -176,6 +180,7 @@ class SharpnessTracker(eqx.Module):
     cluster: float | None = eqx.field(static=True, default=None)
     warm_start: WarmStart = eqx.field(static=True, default="previous")
     microbatch: int | None = eqx.field(static=True, default=None)
+    wrt: Any = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.warm_start not in get_args(WarmStart):
@@ -205,7 +210,7 @@ class SharpnessTracker(eqx.Module):
         tracker cannot measure
         them: k above their size, or a precision below float32 (the relative-residual contract needs more
         digits than bfloat16's 8 bits)."""
-        arrays, rebuild = differentiable_part(params)
+        arrays, rebuild = differentiable_part(params, self.wrt)
         flat, unravel = ravel(arrays)
         if flat.dtype not in (jnp.float32, jnp.float64):
             raise ValueError(

@@ -80,6 +80,7 @@ class Problem:
         targets: Array,
         loss: str | Callable[[Array, Array], Array] = "mse",
         info: dict | None = None,
+        wrt: Any = None,
     ) -> Problem:
         """L(w) = loss(apply_fn(params(w), inputs), targets) over the flattened ``params``.
 
@@ -91,13 +92,14 @@ class Problem:
         Checked here by tracing (nothing is computed), each failure a SpecError naming the call and
         shapes: every leaf is a floating array, inputs and targets have one row per example,
         ``apply_fn(params, inputs)`` runs, a built-in loss gets targets of the predictions' shape, and
-        the loss is a scalar.
+        the loss is a scalar. For a Flax NNX or Equinox module w is what its own gradient differentiates, or
+        the part ``wrt`` selects, the rest held fixed (:func:`eosflow.objective.differentiable_part`).
         """
         if isinstance(loss, str) and loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}{suggest(loss, LOSSES)}")
         if not jax.tree_util.tree_leaves(params):
             raise SpecError("Problem.from_model: `params` has no array leaves")
-        apply_fn, params = _measured_part(apply_fn, params, "Problem.from_model")
+        apply_fn, params = _measured_part(apply_fn, params, "Problem.from_model", wrt)
         objective, w0 = Objective.from_model(apply_fn, params, inputs, targets, loss)
         problem = cls(objective, w0, info=dict(info or {}))
         with precision(problem.default_dtype()):  # traced as a run will (JAX caches closed-over constants)
@@ -132,12 +134,15 @@ class Problem:
         return problem
 
     @classmethod
-    def from_function(cls, loss_fn: Callable[[PyTree], Array], w0: PyTree, info: dict | None = None) -> Problem:
+    def from_function(
+        cls, loss_fn: Callable[[PyTree], Array], w0: PyTree, info: dict | None = None, wrt: Any = None
+    ) -> Problem:
         """L(w) = loss_fn(w) from ``w0``: a flat vector, or any pytree of floating arrays (flattened
-        here); ``loss_fn(w0)`` is traced here and must return a scalar."""
+        here), or a module (its differentiable part, or the part ``wrt`` selects, as in :meth:`from_model`);
+        ``loss_fn(w0)`` is traced here and must return a scalar."""
         if not jax.tree_util.tree_leaves(w0):
             raise SpecError("Problem.from_function: `w0` has no array leaves")
-        loss_fn, w0 = _measured_part(loss_fn, w0, "Problem.from_function")
+        loss_fn, w0 = _measured_part(loss_fn, w0, "Problem.from_function", wrt)
         flat, unravel = ravel(w0, where="w0")
         objective = Objective(loss_on=_PytreeLoss(loss_fn, unravel), data=None, unravel=unravel)
         problem = cls(objective, flat, info=dict(info or {}))
@@ -290,12 +295,12 @@ def _check_scalar(call: str, result: Any) -> None:
         )
 
 
-def _measured_part(fn: Callable, params: PyTree, where: str) -> tuple[Callable, PyTree]:
+def _measured_part(fn: Callable, params: PyTree, where: str, wrt: Any = None) -> tuple[Callable, PyTree]:
     """``fn`` and ``params`` as they are, or, for a Flax NNX or Equinox module, what its own gradient
     differentiates (:func:`differentiable_part`) and ``fn`` on that part, the rest held fixed; warns of an NNX
     Dropout in training mode (one fixed mask); a batch of one example for NNX BatchNorm in training mode is
-    refused where ``fn`` is called on one."""
-    part, rebuild = differentiable_part(params)
+    refused where ``fn`` is called on one. ``wrt``: the part measured (:func:`differentiable_part`)."""
+    part, rebuild = differentiable_part(params, wrt)
     if part is params:
         return fn, params
     dropouts = training_dropouts(params)
