@@ -348,3 +348,29 @@ def test_wrt_measures_the_part_an_nnx_optimizer_trains(seed):
         )
         with pytest.raises(ValueError, match="selects no array"):
             eosflow.SharpnessTracker(mse, k=1, wrt=nnx.BatchStat).init(model, jax.random.key(0))
+
+
+def test_a_lora_runs_state_starts_eosflows_adam_on_the_lora_problem():
+    """A problem over the LoRA part (wrt=nnx.LoRAParam) and a Checkpoint of that part's state with the LoRA
+    nnx.Optimizer's state after 4 steps: eosflow's Adam continues the user's loop to 1e-12 over 6 steps."""
+    from eosflow.anchored import anchored
+    from eosflow.checkpoint import Checkpoint
+
+    rng = np.random.default_rng(3)
+    with precision("float64"):
+        model = LoRANet(4, 6, 3)
+        batch = (jnp.asarray(rng.normal(size=(20, 4))), jnp.asarray(rng.normal(size=(20, 2))))
+        problem = eosflow.Problem.from_model(lambda m, x: m(x), model, *batch, loss="mse", wrt=nnx.LoRAParam)
+        own = nnx.Optimizer(model, optax.adam(0.02), wrt=nnx.LoRAParam)
+        lora_grad = nnx.grad(mse, argnums=nnx.DiffState(0, nnx.LoRAParam))
+        for _ in range(4):
+            own.update(model, lora_grad(model, batch))
+        copy = lambda tree: jax.tree.map(lambda leaf: leaf, tree)  # noqa: E731  (NNX updates in place)
+        start = Checkpoint(copy(nnx.state(model, nnx.LoRAParam)), copy(own.opt_state))
+        losses = []
+        for _ in range(8):
+            losses.append(float(mse(model, batch)))
+            own.update(model, lora_grad(model, batch))
+        table = {"processes": ["adam", "adam_stable_flow"], "adam": {"beta1": 0.9, "beta2": 0.999}, "lr": 0.02}
+        ds = anchored({**table, "steps": 12, "dtype": "float64"}, at=2, problem=problem, start=start)
+        np.testing.assert_allclose(ds.loss.sel(process="adam").values[:6], losses[2:], rtol=1e-12)
