@@ -27,7 +27,7 @@ _LAZY = {
     "TrackerState": "eosflow.tracker",
 }
 # imported when first used (optax, pandas)
-_MODULES = ("batch_sharpness", "compare", "edge_log", "monitor", "optimizer_edges")
+_MODULES = ("batch_sharpness", "compare", "edge_log", "monitor", "optimizer_edges", "spectral_density")
 
 __all__ = ["load", "load_params", "__version__", *_LAZY, *_MODULES]
 
