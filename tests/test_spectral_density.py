@@ -3,6 +3,8 @@ reproduce v^T A^p v for p < 2 order, and at order d they are A's eigenvalues and
 tr(A^p) / d and Hutchinson's trace within their standard errors, Hutchinson's variance 2 sum_{i != j} A_ij^2,
 a Krylov space that closes early, and a network's Hessian through HessianOperator against dense eigh."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,3 +135,44 @@ def test_bad_arguments_are_named():
         stochastic_lanczos(a, order=3).at(np.zeros(3), width=0.0)
     with pytest.raises(ValueError, match=">= 2 probes"):
         hutchinson_trace(a, probes=1)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_torch_models_hessian_operator_and_its_spectrum(dtype):
+    """eosflow.torch.hessian_operator: H @ I equals torch.autograd.functional's dense Hessian, eigsh's top 3 and
+    SLQ's top node its eigenvalues, the products are counted, and a later step of the model does not move it."""
+    torch = pytest.importorskip("torch")
+    import scipy.sparse.linalg
+
+    import eosflow.torch
+
+    torch.manual_seed(0)
+    kind = getattr(torch, dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(kind)
+    batch = (torch.randn(30, 5, dtype=kind), torch.randint(0, 3, (30,)))
+    loss_fn = torch.nn.functional.cross_entropy
+    operator = eosflow.torch.hessian_operator(model, loss_fn, batch)
+    oracle = copy.deepcopy(model).double()  # the dense float64 Hessian of the same weights
+    w = torch.cat([p.detach().reshape(-1) for p in oracle.parameters()])
+    shapes = {name: p.shape for name, p in oracle.named_parameters()}
+
+    def loss(flat):
+        pieces = torch.split(flat, [s.numel() for s in shapes.values()])
+        shaped = {name: piece.view(shape) for (name, shape), piece in zip(shapes.items(), pieces)}
+        return loss_fn(torch.func.functional_call(oracle, shaped, (batch[0].double(),)), batch[1])
+
+    dense = torch.autograd.functional.hessian(loss, w).numpy()
+    rtol = 1e-10 if dtype == "float64" else 2e-4
+    np.testing.assert_allclose(operator @ np.eye(w.numel()), dense, rtol=rtol, atol=rtol * np.abs(dense).max())
+    assert operator.hvps == w.numel()
+    values = np.linalg.eigvalsh(dense)[::-1]
+    top = scipy.sparse.linalg.eigsh(operator, k=3, which="LA", tol=1e-8)[0][::-1]
+    np.testing.assert_allclose(top, values[:3], rtol=10 * rtol)
+    density = stochastic_lanczos(operator, order=20, probes=3, seed=1)
+    np.testing.assert_allclose(density.nodes.max(axis=1), values[0], rtol=10 * rtol)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    np.testing.assert_allclose(
+        operator @ np.eye(w.numel())[:, :2], dense[:, :2], rtol=rtol, atol=rtol * np.abs(dense).max()
+    )
