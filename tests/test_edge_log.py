@@ -315,3 +315,19 @@ def test_writing_and_reading_a_log_imports_neither_jax_nor_torch(tmp_path):
         text=True,
     ).communicate(timeout=120)[0]
     assert out.strip() == "[]"
+
+
+def test_non_finite_values_are_strict_json_nulls_read_as_nan(tmp_path, capsys):
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path, echo=True) as log:
+        log.write(0, loss=1.0, sharpness=np.nan)
+        log.write(1, loss=np.inf)
+    assert "step      1  loss = nan" in capsys.readouterr().out
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    records = [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+    assert records == [{"step": 0, "loss": 1.0, "sharpness": None}, {"step": 1, "loss": None}]
+    ds = read(path)
+    assert float(ds.loss[0]) == 1.0 and np.isnan(ds.loss[1]) and np.isnan(ds.sharpness).all()

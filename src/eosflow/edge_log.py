@@ -7,7 +7,8 @@
     ds = eosflow.edge_log.read("runs/adam.jsonl")                 # xarray.Dataset over step
     eosflow.edge_log.plot("runs/adam.jsonl")                      # runs/adam.png: loss; S against its threshold
 
-One JSON object per line, ``{"step": t, "name": value, ...}``; records of one step merge, and a later value
+One JSON object per line, ``{"step": t, "name": value, ...}`` (strict JSON: a non-finite value is ``null``,
+read back as NaN); records of one step merge, and a later value
 of a name at a step replaces an earlier one (a loop resumed from a checkpoint logs its steps again: the
 run that went on is the one kept). Faults: every record is one ``write`` of a whole line to a file opened
 for appending, so a process killed at any moment leaves at most a torn last line, which the next
@@ -136,7 +137,11 @@ class EdgeLog:
             raise ValueError("EdgeLog.write: nothing to record (give a reading, eigenpairs or keyword scalars)")
         if "step" in scalars:
             raise ValueError("EdgeLog.write: 'step' is the record's first argument, not a scalar of it")
-        line = json.dumps({"step": step, **{name: _scalar(name, value) for name, value in fields.items()}}) + "\n"
+        # strict JSON for any reader: a non-finite value (a diverged loss, an unmeasured step) is null, read as NaN
+        values: dict[str, float | int | None] = {
+            name: number if math.isfinite(number := _scalar(name, value)) else None for name, value in fields.items()
+        }
+        line = json.dumps({"step": step, **values}, allow_nan=False) + "\n"
         data = line.encode()
         with self._lock:
             if self._fd is None:
@@ -153,7 +158,8 @@ class EdgeLog:
                     f"this one (step {step}) are kept"
                 ) from None
         if self.echo:
-            print(f"step {step:6d}  " + "  ".join(f"{k} = {v:.5g}" for k, v in json.loads(line).items() if k != "step"))
+            shown = (f"{k} = {v:.5g}" if v is not None else f"{k} = nan" for k, v in values.items())
+            print(f"step {step:6d}  " + "  ".join(shown))
 
     def __call__(self, reading: Any) -> None:
         """``monitored``'s ``log``: record a Reading at its own step."""
