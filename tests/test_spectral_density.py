@@ -164,7 +164,7 @@ def test_a_torch_models_hessian_operator_and_its_spectrum(dtype):
     dense = torch.autograd.functional.hessian(loss, w).numpy()
     rtol = 1e-10 if dtype == "float64" else 2e-4
     np.testing.assert_allclose(operator @ np.eye(w.numel()), dense, rtol=rtol, atol=rtol * np.abs(dense).max())
-    assert operator.hvps == w.numel()
+    assert operator.products == w.numel()
     values = np.linalg.eigvalsh(dense)[::-1]
     top = scipy.sparse.linalg.eigsh(operator, k=3, which="LA", tol=1e-8)[0][::-1]
     np.testing.assert_allclose(top, values[:3], rtol=10 * rtol)

@@ -27,7 +27,15 @@ _LAZY = {
     "TrackerState": "eosflow.tracker",
 }
 # imported when first used (optax, pandas)
-_MODULES = ("batch_sharpness", "compare", "edge_log", "monitor", "optimizer_edges", "spectral_density")
+_MODULES = (
+    "batch_sharpness",
+    "compare",
+    "edge_log",
+    "gauss_newton",
+    "monitor",
+    "optimizer_edges",
+    "spectral_density",
+)
 
 __all__ = ["load", "load_params", "__version__", *_LAZY, *_MODULES]
 

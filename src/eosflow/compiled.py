@@ -85,3 +85,4 @@ def program_type(array: Any) -> Hashable:
 # HessianOperator, called at many points w of one model
 hvp = BoundedJit(lambda objective, w, v: objective.hvp(w, v), kept=8)
 hvp_batch = BoundedJit(lambda objective, w, vectors: objective.hvp_batch(w, vectors), kept=8)
+gauss_newton_batch = BoundedJit(lambda product, w, vectors, batch: product(w, vectors, batch), kept=8)

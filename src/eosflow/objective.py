@@ -113,7 +113,7 @@ class Objective(eqx.Module):
         that computes in half precision warns (:func:`differentiable_loss`)."""
         w0, unravel = ravel(params)
         loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
-        loss_on: Callable[[Array, PyTree], Array] = _ModelLoss(model=model, unravel=unravel, loss=loss_fn)
+        loss_on: Callable[[Array, PyTree], Array] = ModelLoss(model=model, unravel=unravel, loss=loss_fn)
         try:
             traced = equations(loss_on, w0, (inputs, targets))
         except Exception:  # a model that does not trace: named by the first call (Problem.from_model checks it)
@@ -388,7 +388,7 @@ class Unravel(eqx.Module):
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
-class _ModelLoss(eqx.Module):
+class ModelLoss(eqx.Module):
     """loss(model(unravel(w), x), y): hashable by value so equal objectives share compilations."""
 
     model: Callable = eqx.field(static=True)

@@ -6,6 +6,7 @@
     start = eosflow.torch.checkpoint(model, optimizer)    # for eosflow.anchored.anchored(..., start=start)
     value, _ = eosflow.torch.batch_sharpness(model, loss_fn, batches)   # E[g^T H g] / E[|g|^2] over batches
     H = eosflow.torch.hessian_operator(model, loss_fn, (inputs, targets))  # a scipy LinearOperator (eigsh, SLQ)
+    G = eosflow.torch.gauss_newton_operator(model, loss_fn, (inputs, targets))  # J^T H_out J, the same way
 
 See docs/torch.md.
 """
@@ -13,7 +14,7 @@ See docs/torch.md.
 from eosflow.torch.batch_sharpness import batch_sharpness
 from eosflow.torch.bridge import jax_loss, jax_loss_on, problem, to_jax
 from eosflow.torch.checkpoint import checkpoint
-from eosflow.torch.hessian_operator import TorchHessianOperator, hessian_operator
+from eosflow.torch.hessian_operator import TorchCurvatureOperator, gauss_newton_operator, hessian_operator
 from eosflow.torch.objective import TorchObjective
 from eosflow.torch.objective import TorchObjective as Objective
 from eosflow.torch.tracker import SharpnessTracker, TrackedEigenpairs, optimizer_preconditioning
@@ -21,11 +22,12 @@ from eosflow.torch.tracker import SharpnessTracker, TrackedEigenpairs, optimizer
 __all__ = [
     "Objective",
     "SharpnessTracker",
-    "TorchHessianOperator",
+    "TorchCurvatureOperator",
     "TorchObjective",
     "TrackedEigenpairs",
     "batch_sharpness",
     "checkpoint",
+    "gauss_newton_operator",
     "hessian_operator",
     "jax_loss",
     "jax_loss_on",

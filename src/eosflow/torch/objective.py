@@ -520,16 +520,18 @@ class TorchObjective:
     # outside every transform. Higher derivatives are reverse-over-reverse (double backward): in
     # torch 2.13 forward-over-reverse fails inside common losses (F.mse_loss: "ZeroTensors are
     # immutable"), and double backward is what every torch op supports.
-    def _loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        inputs, targets = batch
+    def _outputs(self, params: dict[str, torch.Tensor], inputs: Any) -> Any:
         module, fixed = self._evaluated()
         if fixed:  # a private copy: its frozen parameters and buffers are the model's, now
             model = dict(itertools.chain(self.model.named_parameters(), self.model.named_buffers()))
             params = {**{name: model[name] for name in fixed}, **params}
         tensors = {path: params[name] for path, name in self._slots.items() if name in params}
         with sdpa_kernel([SDPBackend.MATH]):  # the one attention kernel torch differentiates twice
-            outputs = functional_call(module, tensors, (inputs,), tie_weights=False)
-        return self.loss_fn(outputs, targets)
+            return functional_call(module, tensors, (inputs,), tie_weights=False)
+
+    def _loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        inputs, targets = batch
+        return self.loss_fn(self._outputs(params, inputs), targets)
 
     def _grad(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return self.flatten(grad(self._loss)(params, batch))
@@ -643,6 +645,30 @@ class TorchObjective:
         columns = vectors.T  # (k, d)
         what = "HVPs of a block of vectors"
         return self.map_lanes(lambda v: self._hvp(params, v, data), (0,), [columns], len(columns), what).T
+
+    @_own_precision
+    def gauss_newton_batch(self, w: torch.Tensor, vectors: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        """G(w) V = J^T H_out J V for the columns of V (d x k), with J = d outputs / dw and H_out the Hessian of
+        ``loss_fn`` in the outputs: J v is the vjp of the (linear) pullback u -> J^T u along v, so every step is
+        reverse mode, as the HVPs are; vectorized over columns (:meth:`map_lanes`)."""
+        inputs, targets = self._data(batch)
+        outputs, pullback = vjp(lambda p: self._outputs(p, inputs), self.unflatten(w))[:2]
+        outputs = pytree.tree_map(torch.Tensor.detach, outputs)
+        zeros = pytree.tree_map(torch.zeros_like, outputs)
+        loss_grad = grad(lambda f: self.loss_fn(f, targets))
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            (jv,) = vjp(lambda u: self.flatten(pullback(u)[0]), zeros)[1](v)
+
+            def inner(f: Any) -> torch.Tensor:  # <grad_f loss, J v>, whose gradient in f is H_out J v
+                pairs = zip(pytree.tree_leaves(loss_grad(f)), pytree.tree_leaves(jv))
+                return torch.stack([torch.sum(a * b) for a, b in pairs]).sum()
+
+            (image,) = pullback(grad(inner)(outputs))
+            return self.flatten(image) + 0 * v  # tie the image to v where G = 0, as _hvp does
+
+        what = "Gauss-Newton products of a block of vectors"
+        return self.map_lanes(product, (0,), [vectors.T], vectors.shape[1], what).T
 
     @_own_precision
     def third_derivative(
