@@ -173,6 +173,43 @@ def test_a_second_writer_is_refused_in_this_process_and_another(tmp_path):
         log.write(2, loss=3.0)
 
 
+@pytest.mark.parametrize("lost", ["file", "directory"])
+def test_a_log_deleted_while_written_is_written_back_with_every_record(tmp_path, lost):
+    """``rm`` of the log (or of its directory, as a cleanup of runs/ would) while the loop writes: the next write
+    puts every record so far back at the path with the new one, warning once, and the new file is locked as the
+    old one was; if another file has taken the path, the records go on beside it and that file is left alone."""
+    import shutil
+
+    path = tmp_path / "runs" / "log.jsonl"
+    with EdgeLog(path) as log:
+        for step in range(3):
+            log.write(step, loss=1.0 / (step + 1))
+        shutil.rmtree(path.parent) if lost == "directory" else path.unlink()
+        with pytest.warns(UserWarning, match="deleted while this run wrote it: its 3 records went back"):
+            log.write(3, loss=0.25)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            log.write(4, loss=0.2)
+        with pytest.raises(EdgeLogError, match="being written by another process"):
+            EdgeLog(path)
+        np.testing.assert_array_equal(read(path).step, np.arange(5))
+        np.testing.assert_allclose(read(path).loss, [1.0, 0.5, 1 / 3, 0.25, 0.2])
+        path.unlink()
+        path.write_text('{"step": 0, "other": 1.0}\n')  # another file takes the path
+        beside = path.with_name(f"log.recovered-{os.getpid()}.jsonl")
+        with pytest.warns(UserWarning, match=f"its 5 records went back to a new file beside it, to '{beside}'"):
+            log.write(5, loss=0.1)
+        assert log.path == beside
+    assert path.read_text() == '{"step": 0, "other": 1.0}\n'
+    np.testing.assert_allclose(read(beside).loss, [1.0, 0.5, 1 / 3, 0.25, 0.2, 0.1])
+    log = EdgeLog(path.with_name("closed.jsonl"))
+    log.write(0, loss=1.0)
+    log.path.unlink()
+    with pytest.warns(UserWarning, match="its 1 record went back to a new file at the path"):
+        log.close()  # deleted after the last write: put back on closing
+    np.testing.assert_array_equal(read(log.path).loss, [1.0])
+
+
 def test_kill_9_mid_write_loses_only_the_torn_record_and_the_log_goes_on(tmp_path):
     """A process appending as fast as it can, killed with SIGKILL: every line but possibly a torn last one is a
     record, the steps are 0..n-1 without a gap; a new EdgeLog cuts the torn tail (saying so) and appends."""

@@ -15,7 +15,8 @@ for appending, so a process killed at any moment leaves at most a torn last line
 ``EdgeLog`` on the file cuts off (saying so) and :func:`read` skips; a write the disk has no room for is
 undone to the last whole record and raised, naming the file; a second writer of the same file (another
 process, or another ``EdgeLog`` here) is refused while the first holds it (an ``flock``, released by the
-kernel however the holder ends).
+kernel however the holder ends); a file deleted while written (a cleanup script, ``rm``) is written back at
+the path, with every record so far, at the next write.
 """
 
 from __future__ import annotations
@@ -91,22 +92,70 @@ class EdgeLog:
         self.path = Path(path)
         self.echo = echo
         self._lock = threading.Lock()  # jax.debug.callback may call from another thread
+        self._fd: int | None = self._open(self.path, os.O_CREAT)
+        self._cut_torn_tail()
+
+    @staticmethod
+    def _open(path: Path, create: int) -> int:
+        """A descriptor of ``path`` for appending, locked against other writers (``create``: ``os.O_CREAT``, or
+        with ``os.O_EXCL`` to refuse a file that is there)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | create, 0o644)
         except OSError as error:
-            raise EdgeLogError(f"cannot open the edge log {str(self.path)!r}: {error.strerror}") from None
+            raise EdgeLogError(f"cannot open the edge log {str(path)!r}: {error.strerror}") from None
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # unlocked where there are none
-                os.close(self._fd)
-                self._fd = None
+                os.close(fd)
                 raise EdgeLogError(
-                    f"the edge log {str(self.path)!r} is being written by another process (or another EdgeLog "
+                    f"the edge log {str(path)!r} is being written by another process (or another EdgeLog "
                     "in this one): give each run its own file. Nothing was written"
                 ) from None
-        self._cut_torn_tail()
+        return fd
+
+    def _restore_if_deleted(self, fd: int) -> int:
+        """The descriptor to append to: ``fd``, or, if the file was deleted while open (its last link gone: every
+        later record would vanish with it), a new file holding every record written so far, at the path or, if
+        another file has taken the path, beside it (``<stem>.recovered-<pid><suffix>``; the log goes on there)."""
+        if os.fstat(fd).st_nlink > 0:
+            return fd
+        kept = os.pread(fd, os.fstat(fd).st_size, 0)
+        count = kept.count(b"\n")
+        records = f"{count} record{'s' * (count != 1)}"
+        beside = self.path.with_name(f"{self.path.stem}.recovered-{os.getpid()}{self.path.suffix}")
+        for target in (self.path, beside):
+            try:
+                new = self._open(target, os.O_CREAT | os.O_EXCL)
+            except EdgeLogError:  # taken: never mix with another file
+                continue
+            try:
+                if os.write(new, kept) != len(kept):
+                    raise OSError(errno.ENOSPC, "a partial write")
+            except OSError as error:
+                os.close(new)
+                target.unlink(missing_ok=True)
+                raise EdgeLogError(
+                    f"the edge log {str(self.path)!r} was deleted while this run wrote it, and its {records} "
+                    f"could not be written back to {str(target)!r} ({error.strerror}); they are kept for the next write"
+                ) from None
+            os.close(fd)
+            where = (
+                "at the path" if target == self.path else f"beside it, to {str(target)!r} (another file took the path)"
+            )
+            warnings.warn(
+                f"{self.path} was deleted while this run wrote it: its {records} went back to a new "
+                f"file {where}, and the log goes on there",
+                UserWarning,
+                stacklevel=4,
+            )
+            self.path = target
+            return new
+        raise EdgeLogError(
+            f"the edge log {str(self.path)!r} was deleted while this run wrote it, and both it and {str(beside)!r} "
+            f"are taken by other files; its {records} are kept for the next write"
+        )
 
     def _cut_torn_tail(self) -> None:
         """A last line without its newline is a record a crash cut short: truncate it (never a whole record)."""
@@ -146,6 +195,7 @@ class EdgeLog:
         with self._lock:
             if self._fd is None:
                 raise EdgeLogError(f"the edge log {str(self.path)!r} is closed")
+            self._fd = self._restore_if_deleted(self._fd)
             size = os.fstat(self._fd).st_size
             try:
                 written = os.write(self._fd, data)
@@ -168,6 +218,7 @@ class EdgeLog:
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
+                self._fd = self._restore_if_deleted(self._fd)  # a log deleted since the last write: put it back
                 os.fsync(self._fd)
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)
