@@ -121,7 +121,9 @@ def test_tracker_top3_matches_dense_eigh(kind, size, seed):
 
 
 @pytest.mark.parametrize(
-    "name", ["adam", "adamw", "adam_decoupled", "adam_l2", "rmsprop", "rmsprop_centered", "sgd_nesterov", "sgd_l2"]
+    "name",
+    ["adam", "adamw", "adamw_amsgrad", "adam_decoupled", "adam_l2", "rmsprop", "rmsprop_centered", "sgd_nesterov"]
+    + ["sgd_l2"],
 )
 def test_preconditioned_sharpness_from_torch_optimizers(name):
     """Weight decay: coupled (SGD, RMSprop, Adam: the gradient of L + wd |w|^2 / 2) measures H + wd I; decoupled
@@ -131,6 +133,7 @@ def test_preconditioned_sharpness_from_torch_optimizers(name):
     make = {
         "adam": lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-6),
         "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+        "adamw_amsgrad": lambda p: torch.optim.AdamW(p, lr=0.03, betas=(0.9, 0.5), weight_decay=0.1, amsgrad=True),
         "adam_decoupled": lambda p: torch.optim.Adam(p, lr=0.2, weight_decay=0.5, decoupled_weight_decay=True),
         "adam_l2": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.3),
         "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.5, weight_decay=0.2),
@@ -149,9 +152,12 @@ def test_preconditioned_sharpness_from_torch_optimizers(name):
     flat = lambda key: np.concatenate([s[key].reshape(-1).numpy() for s in states])  # noqa: E731
     if name.startswith("adam"):
         b1, b2 = group["betas"]
-        p_diag = np.sqrt(flat("exp_avg_sq") / (1 - b2 ** float(states[0]["step"]))) + group["eps"]
+        nu = flat("max_exp_avg_sq") if group["amsgrad"] else flat("exp_avg_sq")
+        if group["amsgrad"]:  # the running max is not the current nu here, so reading nu would fail
+            assert np.max(np.abs(nu - flat("exp_avg_sq")) / nu) > 0.1
+        p_diag = np.sqrt(nu / (1 - b2 ** float(states[0]["step"]))) + group["eps"]
         threshold = (2 + 2 * b1) / ((1 - b1) * group["lr"])
-        if name in ("adamw", "adam_decoupled"):
+        if name in ("adamw", "adamw_amsgrad", "adam_decoupled"):
             threshold *= 1 - group["lr"] * group["weight_decay"] / 2
     elif name.startswith("rmsprop"):
         nu = flat("square_avg") - (flat("grad_avg") ** 2 if group["centered"] else 0)

@@ -163,21 +163,29 @@ def test_monitored_names_an_optimizer_that_is_not_an_edge_optimizer():
         (lambda: optimizer_edges.adam(0.01, b1=0.0, b2=0.9, eps=1e-3, eps_root=1e-4), "g"),
         (lambda: optimizer_edges.rmsprop(0.01, decay=0.8, eps=1e-3), "g"),
         (lambda: optimizer_edges.rmsprop(0.01, decay=0.8, eps=1e-3, eps_in_sqrt=False, bias_correction=True), "g"),
+        (lambda: optimizer_edges.amsgrad(0.01, b1=0.0, b2=0.5, eps=1e-3, eps_root=1e-4), "g"),
     ],
 )
 def test_preconditioner_is_the_denominator_optax_divides_by(make, first_moment):
-    """With no first moment (b1 = 0, no momentum) optax's update is -lr g / P: P read from the state is it."""
+    """With no first moment (b1 = 0, no momentum) optax's update is -lr g / P: P read from the state is it.
+    AMSGrad's P is the running max of the corrected nu, which here is not the current nu (reading nu fails)."""
     optimizer = make()
     problem = small_problem()
-    params, state = run_optax(optimizer, problem, 5)
+    params, state = run_optax(optimizer, problem, 8)
     grads = jax.grad(lambda p: problem.objective.value(ravel_flat(p)))(params)
     updates, new_state = optimizer.transform.update(grads, state, params)
     P = optimizer.preconditioner(new_state)
     jax.tree.map(lambda u, g, p: np.testing.assert_allclose(u, -0.01 * g / p, rtol=1e-12), updates, grads, P)
+    moments = optimizer_edges.substate(new_state, lambda s: isinstance(s, optax.ScaleByAmsgradState))
+    if moments is not None:
+        current = jax.tree.map(lambda nu: nu / (1 - 0.5**moments.count), moments.nu)
+        gaps = jax.tree.map(lambda top, nu: float(np.max(np.abs(top - nu) / top)), moments.nu_max, current)
+        assert max(jax.tree.leaves(gaps)) > 0.1
 
 
 def test_thresholds():
     assert optimizer_edges.adam(1e-3).threshold == pytest.approx(38 / 1e-3)
+    assert optimizer_edges.amsgrad(1e-3).threshold == pytest.approx(38 / 1e-3)
     assert optimizer_edges.sgd(0.1).threshold == pytest.approx(20.0)
     assert optimizer_edges.sgd(0.1, momentum=0.9).threshold == pytest.approx(38.0)
     assert optimizer_edges.rmsprop(0.1).threshold == pytest.approx(20.0)

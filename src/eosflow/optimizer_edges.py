@@ -12,6 +12,7 @@ the threshold are the ones the optimizer runs with. ``lr`` may be an optax sched
 conventions exactly (read from optax/_src/transform.py):
 
     adam     P = sqrt(nu / (1 - b2^t) + eps_root) + eps      t = the state's count (bias correction)
+    amsgrad  P = sqrt(nu_max + eps_root) + eps                nu_max = the running max of nu / (1 - b2^t)
     rmsprop  P = sqrt(nu_hat + eps)   (eps_in_sqrt = True, optax's default)
              P = sqrt(nu_hat) + eps   (eps_in_sqrt = False, PyTorch's convention)
              nu_hat = nu / (1 - decay^t) with bias_correction = True, else nu
@@ -127,6 +128,20 @@ def adamw(
     )
 
 
+def amsgrad(
+    lr: LearningRate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> EdgeOptimizer:
+    """optax.amsgrad: Adam with P = sqrt(nu_max + eps_root) + eps, nu_max the running max of the bias-corrected
+    nu; with P held, its linearized iteration is Adam's, so the threshold is 2 (1 + b1) / ((1 - b1) lr)."""
+    c = stability_constant(b1, "ema")
+    return EdgeOptimizer(
+        optax.amsgrad(_positive(lr), b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+        lr,
+        lambda rate: c / rate,
+        lambda state: amsgrad_preconditioner(state, eps=eps, eps_root=eps_root),
+    )
+
+
 def rmsprop(
     lr: LearningRate,
     decay: float = 0.9,
@@ -165,6 +180,15 @@ def adam_preconditioner(
     adam_state = _find(opt_state, lambda s: isinstance(s, optax.ScaleByAdamState), "an optax.adam (ScaleByAdamState)")
     correction = 1.0 - b2**adam_state.count
     return jax.tree.map(lambda nu: diagonal_preconditioner(nu, eps, eps_root, correction), adam_state.nu)
+
+
+def amsgrad_preconditioner(opt_state: optax.OptState, eps: float = 1e-8, eps_root: float = 0.0) -> PyTree:
+    """P = sqrt(nu_max + eps_root) + eps from the ScaleByAmsgradState inside ``opt_state`` (nu_max is already
+    bias-corrected: optax takes the max of nu / (1 - b2^t))."""
+    state = _find(
+        opt_state, lambda s: isinstance(s, optax.ScaleByAmsgradState), "an optax.amsgrad (ScaleByAmsgradState)"
+    )
+    return jax.tree.map(lambda nu_max: diagonal_preconditioner(nu_max, eps, eps_root), state.nu_max)
 
 
 def rmsprop_preconditioner(

@@ -177,15 +177,14 @@ def _parameter_edge(
         )
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         beta1, beta2 = group["betas"]
-        if group.get("amsgrad", False):
-            raise ValueError("AMSGrad's preconditioner (a running max) is not supported")
         c = stability_constant(float(beta1), "ema")
     else:  # RMSprop
         c = stability_constant(float(group.get("momentum", 0.0)), "classical")
     if never_stepped(optimizer, p):  # it does not move: frozen, as a group at lr = 0
         return ParameterEdge(p.numel(), index, 0.0, c, np.ones(p.numel()), 0.0, 0.0)
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        nu, steps = state_buffer(state, "exp_avg_sq", name)
+        # AMSGrad divides by the running max of the raw nu, then bias-corrects: P = sqrt(max nu / (1 - b2^t)) + eps
+        nu, steps = state_buffer(state, "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq", name)
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
         P = np.asarray(diagonal_preconditioner(nu, eps=group["eps"], bias_correction=1 - float(beta2) ** steps))
         return ParameterEdge(p.numel(), index, lr, c, P, 0.0 if decoupled else decay, decay if decoupled else 0.0)
