@@ -60,12 +60,26 @@ def test_a_krylov_space_that_closes_early_stops_its_probe():
     values = np.repeat([2.0, -1.0, 0.5], [10, 15, 25])
     a = (basis * values) @ basis.T
     density = stochastic_lanczos(a, order=12, probes=2, seed=6)
-    assert np.all(density.weights[:, 3:] == 0)
+    assert np.all(density.weights[:, 3:] == 0) and density.hvps == 3 * 2
     np.testing.assert_allclose(np.sort(density.nodes[:, :3], axis=1), [[-1.0, 0.5, 2.0]] * 2, atol=1e-10)
     for p, v in enumerate(probe_vectors(50, 2, 6).T):
         for degree in range(8):
             exact = v @ np.linalg.matrix_power(a, degree) @ v
             assert np.sum(density.weights[p] * density.nodes[p] ** degree) == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.parametrize("per_block", [1, 2, 3])
+def test_probes_in_blocks_under_a_memory_bound_give_the_same_density(per_block):
+    """A memory bound of ``per_block`` probes' bases (8 order d bytes each) runs 7 probes in blocks of that many:
+    the nodes and weights are those of one block of 7 (each probe's Lanczos is its own) to 1e-12, at the same
+    count of products."""
+    d, order = 60, 9
+    a = spectrum_matrix(d, 3)
+    whole = stochastic_lanczos(a, order=order, probes=7, seed=4)
+    blocked = stochastic_lanczos(a, order=order, probes=7, seed=4, memory=8 * order * d * per_block + 7)
+    np.testing.assert_allclose(blocked.nodes, whole.nodes, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(blocked.weights, whole.weights, rtol=0, atol=1e-12)
+    assert blocked.hvps == whole.hvps == order * 7
 
 
 @pytest.mark.parametrize("seed", [0, 1])

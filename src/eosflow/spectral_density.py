@@ -13,8 +13,8 @@ Gauss quadrature of the measure sum_j (v . u_j)^2 delta(x - lambda_j), exact for
 < 2m: sum_i tau_i theta_i^p = v^T H^p v. With v uniform on the sphere, E[v^T H^p v] = tr(H^p) / d, so the
 mean over probes of sum_i tau_i delta(x - theta_i) estimates the spectral density (1/d) sum_j delta(x -
 lambda_j), and ``at`` smooths it with a Gaussian of std ``width``. Lanczos runs in float64 on the host with
-full reorthogonalization (the probes' bases, order x d x probes numbers, are kept), the probes in one block:
-each step is one ``H @ V`` of ``probes`` columns. Hutchinson: E[z^T H z] = tr(H) for Rademacher z, reported
+full reorthogonalization (each probe's basis, order x d numbers, is kept), the probes in blocks within a
+memory bound: each step is one ``H @ V`` of a block's columns. Hutchinson: E[z^T H z] = tr(H) for Rademacher z, reported
 with its standard error over the probes.
 """
 
@@ -62,10 +62,15 @@ def _operator(operator) -> scipy.sparse.linalg.LinearOperator:
     return linear
 
 
-def stochastic_lanczos(operator, order: int = 80, probes: int = 8, seed: int = 0) -> SpectralDensity:
-    """``order`` Lanczos steps from each of ``probes`` random unit vectors (one block product per step): the
-    quadrature of each probe's spectral measure (module doc). ``operator``: a symmetric d x d LinearOperator,
-    matrix or :class:`eosflow.HessianOperator` (its products counted in ``hvps``)."""
+def stochastic_lanczos(
+    operator, order: int = 80, probes: int = 8, seed: int = 0, memory: float = 2**31
+) -> SpectralDensity:
+    """``order`` Lanczos steps from each of ``probes`` random unit vectors: the quadrature of each probe's
+    spectral measure (module doc). ``operator``: a symmetric d x d LinearOperator, matrix or
+    :class:`eosflow.HessianOperator` (its products counted in ``hvps``). The probes run as blocks, one block
+    product per step, as many probes per block as keep the Lanczos bases (8 order d bytes per probe) within
+    ``memory`` bytes (2 GiB; at least one probe): the probes are independent, so the blocks change the cost,
+    not the result."""
     linear = _operator(operator)
     d = linear.shape[0]
     if not 1 <= order <= d:
@@ -73,17 +78,34 @@ def stochastic_lanczos(operator, order: int = 80, probes: int = 8, seed: int = 0
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes!r}")
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal((d, probes))
-    q /= np.linalg.norm(q, axis=0)
+    starts = rng.standard_normal((d, probes))
+    starts /= np.linalg.norm(starts, axis=0)
+    width = int(min(probes, max(1, memory // (8 * order * d))))
+    blocks = [_lanczos_block(linear, starts[:, i : i + width], order) for i in range(0, probes, width)]
+    alpha, beta, steps = (np.concatenate([block[i] for block in blocks], axis=-1) for i in range(3))
+    products = sum(block[3] for block in blocks)
+    nodes, weights = np.zeros((probes, order)), np.zeros((probes, order))
+    for p in range(probes):
+        m = int(steps[p])
+        theta, vectors = scipy.linalg.eigh_tridiagonal(alpha[:m, p], beta[: m - 1, p])
+        nodes[p, :m], weights[p, :m] = theta, vectors[0] ** 2
+        nodes[p, m:] = theta[-1]  # zero weight: placed on a real node so that ranges stay within the spectrum
+    return SpectralDensity(nodes, weights, d, products)
+
+
+def _lanczos_block(
+    linear: scipy.sparse.linalg.LinearOperator, q: np.ndarray, order: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Lanczos from the unit columns of ``q`` (d x p) together: the tridiagonals' (alpha, beta) (order x p each),
+    each column's number of steps (fewer where its Krylov space closed) and the products computed."""
+    d, probes = q.shape
     basis = np.zeros((order, d, probes))  # (order, d, probes): each probe's orthonormal Lanczos vectors
     alpha, beta = np.zeros((order, probes)), np.zeros((order, probes))
     alive = np.ones(probes, dtype=bool)  # a probe whose Krylov space closed (beta ~ 0) stops
     steps = np.full(probes, order)
-    hvps = 0
     for j in range(order):
         basis[j] = q
         image = np.array(linear.matmat(q), dtype=np.float64)  # a copy: JAX hands out read-only arrays
-        hvps += probes
         alpha[j] = np.einsum("dp,dp->p", q, image)
         image -= basis[j] * alpha[j]
         if j > 0:
@@ -98,13 +120,7 @@ def stochastic_lanczos(operator, order: int = 80, probes: int = 8, seed: int = 0
             break
         beta[j] = np.where(alive, norm, 0.0)
         q = np.where(alive, image / np.where(norm > 0, norm, 1.0), 0.0)
-    nodes, weights = np.zeros((probes, order)), np.zeros((probes, order))
-    for p in range(probes):
-        m = int(steps[p])
-        theta, vectors = scipy.linalg.eigh_tridiagonal(alpha[:m, p], beta[: m - 1, p])
-        nodes[p, :m], weights[p, :m] = theta, vectors[0] ** 2
-        nodes[p, m:] = theta[-1]  # zero weight: placed on a real node so that ranges stay within the spectrum
-    return SpectralDensity(nodes, weights, d, hvps)
+    return alpha, beta, steps, (j + 1) * probes
 
 
 def hutchinson_trace(operator, probes: int = 100, seed: int = 0, block: int = 16) -> tuple[float, float]:
