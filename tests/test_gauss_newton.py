@@ -56,8 +56,9 @@ def dense_gauss_newton(apply_fn, params, inputs, targets, loss_fn):
 LOSS_FNS = {"mse": LOSSES["mse"], "cross_entropy": LOSSES["cross_entropy"], "log_cosh": log_cosh}
 
 
-@pytest.mark.parametrize("loss", sorted(LOSS_FNS))
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "loss, seed", [("cross_entropy", 0), ("mse", 1), ("log_cosh", 2), ("cross_entropy", 3), ("log_cosh", 4)]
+)
 def test_gauss_newton_is_the_dense_jacobian_product(loss, seed):
     """G @ I equals J^T H_out J to 1e-12 on MLPs of random depth and widths, for built-in and user losses; every
     column of G @ V is the single product G @ v; the products are counted."""
@@ -262,3 +263,25 @@ def test_a_torch_models_gauss_newton_operator(dtype, loss):
     residual = torch.func.grad(lambda f: loss_fn(f, target64))(out).reshape(-1)
     curvature = torch.autograd.functional.hessian(lambda flat: torch.dot(outputs(flat).reshape(-1), residual), w)
     np.testing.assert_allclose(hessian - dense, curvature.numpy(), rtol=0, atol=1e-10 * np.abs(hessian).max())
+
+
+@pytest.mark.parametrize("microbatch", [1, 3])
+def test_torch_operators_multiply_chunk_by_chunk(microbatch):
+    """``microbatch=B`` on 7 rows: H and G are the whole batch's to 1e-12 (float64), one chunk at a time; a
+    summed loss, which chunks cannot average, is refused by name."""
+    torch = pytest.importorskip("torch")
+    import eosflow.torch
+    from eosflow.config import SpecError
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    batch = (torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 2, (7,)))
+    loss_fn = torch.nn.functional.cross_entropy
+    for build in (eosflow.torch.hessian_operator, eosflow.torch.gauss_newton_operator):
+        whole = build(model, loss_fn, batch)
+        chunked = build(model, loss_fn, batch, microbatch=microbatch)
+        identity = np.eye(whole.shape[0])
+        np.testing.assert_allclose(chunked @ identity, whole @ identity, rtol=0, atol=1e-12)
+        summed = lambda f, y: torch.nn.functional.cross_entropy(f, y, reduction="sum")  # noqa: E731
+        with pytest.raises(SpecError, match="not a mean over examples"):
+            build(model, summed, batch, microbatch=microbatch)

@@ -11,7 +11,8 @@ J^T H_out J v with J the Jacobian of the model's outputs and H_out the Hessian o
 (:meth:`TorchObjective.gauss_newton_batch`; H = G + sum_o (d loss / d f_o) d^2 f_o / dw^2,
 docs/monitor.md). ``@ V`` vectorizes the columns (``torch.func.vmap``, or a loop for a model vmap cannot
 batch); vectors are in the order of ``model.named_parameters()`` that require grad. The weights are read
-once, when the operator is built: a later training step does not move it.
+once, when the operator is built: a later training step does not move it. ``microbatch=B`` multiplies on
+chunks of B rows of the batch, one chunk's activations at a time, as the tracker's ``microbatch`` does.
 """
 
 from __future__ import annotations
@@ -23,16 +24,22 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from eosflow.torch.objective import Batch, ExampleAxis, TorchObjective
+from eosflow.objective import check_example_count, check_mean_over_examples
+from eosflow.torch.objective import Batch, ExampleAxis, TorchObjective, leading_size, row_chunks, rows
 
 
 class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
-    """H(w) or G(w) (d x d, symmetric) of ``objective`` at the flat weights ``w``; ``products`` counts them."""
+    """H(w) or G(w) (d x d, symmetric) of ``objective`` at the flat weights ``w``; ``products`` counts them.
+    ``microbatch``: multiply on consecutive chunks of that many rows of the batch, sum_c (n_c / N) H_c (one
+    chunk's activations at a time; the loss must be a mean over examples)."""
 
-    def __init__(self, objective: TorchObjective, w: torch.Tensor, gauss_newton: bool = False):
+    def __init__(
+        self, objective: TorchObjective, w: torch.Tensor, gauss_newton: bool = False, microbatch: int | None = None
+    ):
         self.objective = objective
         self.w = w
         self.gauss_newton = gauss_newton
+        self.microbatch = microbatch
         self.products = 0
         super().__init__(dtype=np.dtype(str(w.dtype).removeprefix("torch.")), shape=(w.numel(), w.numel()))
 
@@ -40,40 +47,55 @@ class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
         self.products += vectors.shape[1]
         columns = torch.as_tensor(np.asarray(vectors, dtype=self.dtype), device=self.w.device)
         multiply = self.objective.gauss_newton_batch if self.gauss_newton else self.objective.hvp_batch
-        return multiply(self.w, columns).detach().cpu().numpy()
+        batch = self.objective.batch
+        chunks = [(1.0, batch)] if self.microbatch is None else row_chunks(batch, self.microbatch)
+        image = torch.zeros_like(columns)
+        for weight, chunk in chunks:
+            image += weight * multiply(self.w, columns, chunk)
+        return image.detach().cpu().numpy()
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
-        if self.gauss_newton:
-            return self._matmat(np.reshape(v, (-1, 1)))[:, 0]
-        self.products += 1
-        column = torch.as_tensor(np.asarray(np.ravel(v), dtype=self.dtype), device=self.w.device)
-        return self.objective.hvp(self.w, column).detach().cpu().numpy()
+        return self._matmat(np.reshape(v, (-1, 1)))[:, 0]
 
     def _adjoint(self) -> TorchCurvatureOperator:
         return self  # symmetric
 
 
-def _checked(model: torch.nn.Module, loss_fn: Callable, batch: Batch, example_axis: ExampleAxis) -> TorchObjective:
+def _checked(
+    model: torch.nn.Module, loss_fn: Callable, batch: Batch, example_axis: ExampleAxis, microbatch: int | None
+) -> TorchObjective:
     """The objective of ``loss_fn(model(inputs), targets)``, checked as the tracker's first update is (a loss
     that is not a scalar, a random forward, a forward that updates buffers, what torch cannot differentiate
-    twice: each a ValueError naming it)."""
+    twice, a loss that is not a mean over examples when ``microbatch`` splits it: each a ValueError naming it)."""
+    check_example_count(microbatch, "microbatch")
     objective = TorchObjective(model, loss_fn, batch, example_axis)
     objective.check(batch)
+    if microbatch is not None and leading_size(batch) >= 4:
+        start = objective.flat_parameters()
+        check_mean_over_examples(lambda a, b: float(objective.value(start, rows(batch, a, b))), "microbatch")
     return objective
 
 
 def hessian_operator(
-    model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batch: Batch, example_axis: ExampleAxis = None
+    model: torch.nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batch: Batch,
+    example_axis: ExampleAxis = None,
+    microbatch: int | None = None,
 ) -> TorchCurvatureOperator:
     """H of ``loss_fn(model(inputs), targets)`` over the model's trainable parameters at their current values."""
-    objective = _checked(model, loss_fn, batch, example_axis)
-    return TorchCurvatureOperator(objective, objective.flat_parameters())
+    objective = _checked(model, loss_fn, batch, example_axis, microbatch)
+    return TorchCurvatureOperator(objective, objective.flat_parameters(), microbatch=microbatch)
 
 
 def gauss_newton_operator(
-    model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batch: Batch, example_axis: ExampleAxis = None
+    model: torch.nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batch: Batch,
+    example_axis: ExampleAxis = None,
+    microbatch: int | None = None,
 ) -> TorchCurvatureOperator:
     """G = J^T H_out J of ``loss_fn(model(inputs), targets)`` over the model's trainable parameters, at their
     current values (PSD for a loss convex in the outputs: MSE, cross-entropy)."""
-    objective = _checked(model, loss_fn, batch, example_axis)
-    return TorchCurvatureOperator(objective, objective.flat_parameters(), gauss_newton=True)
+    objective = _checked(model, loss_fn, batch, example_axis, microbatch)
+    return TorchCurvatureOperator(objective, objective.flat_parameters(), gauss_newton=True, microbatch=microbatch)

@@ -234,6 +234,28 @@ def example_axes(batch: Batch, example_axis: ExampleAxis) -> tuple[list[int | No
     return axes, found[0][1]
 
 
+def leading_size(batch: Batch) -> int:
+    """N, the leading size every tensor of the batch shares (a ValueError naming the sizes otherwise)."""
+    sizes = {leaf.shape[0] for leaf in pytree.tree_leaves(batch) if torch.is_tensor(leaf) and leaf.dim()}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"microbatch splits the batch's rows, but its tensors have leading sizes {sorted(sizes)}: give a "
+            "batch whose tensors share their leading (example) axis, or no microbatch"
+        )
+    return sizes.pop()
+
+
+def rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows start..stop-1 of every tensor of the batch."""
+    return pytree.tree_map(lambda t: t[start:stop] if torch.is_tensor(t) else t, batch)
+
+
+def row_chunks(batch: Batch, size: int) -> list[tuple[float, Batch]]:
+    """[(n_c / N, rows of chunk c)] over consecutive chunks of ``size`` rows of the batch."""
+    n = leading_size(batch)
+    return [(min(size, n - start) / n, rows(batch, start, start + size)) for start in range(0, n, size)]
+
+
 def _fallback_warning(objective: TorchObjective, what: str) -> str:
     """What eosflow does when torch.func.vmap cannot batch the model (``objective.vmap_error``): the
     model's class, what it loops over, vmap's first line, and the known remedy if there is one."""

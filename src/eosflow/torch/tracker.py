@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from eosflow.objective import check_example_count, check_mean_over_examples
 from eosflow.precision import precision
@@ -51,7 +50,7 @@ from eosflow.preconditioning import (
 )
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
-from eosflow.torch.objective import Batch, TorchObjective, train_modes, trainable
+from eosflow.torch.objective import Batch, TorchObjective, leading_size, row_chunks, rows, train_modes, trainable
 
 
 class Preconditioning(NamedTuple):
@@ -210,28 +209,6 @@ def state_buffer(state: dict, key: str, name: str) -> tuple[np.ndarray, float]:
         )
     steps = float(state["step"]) if "step" in state else 0.0
     return state[key].detach().reshape(-1).cpu().numpy(), steps
-
-
-def leading_size(batch: Batch) -> int:
-    """N, the leading size every tensor of the batch shares (a ValueError naming the sizes otherwise)."""
-    sizes = {leaf.shape[0] for leaf in pytree.tree_leaves(batch) if torch.is_tensor(leaf) and leaf.dim()}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"microbatch splits the batch's rows, but its tensors have leading sizes {sorted(sizes)}: give a "
-            "batch whose tensors share their leading (example) axis, or no microbatch"
-        )
-    return sizes.pop()
-
-
-def rows(batch: Batch, start: int, stop: int) -> Batch:
-    """Rows start..stop-1 of every tensor of the batch."""
-    return pytree.tree_map(lambda t: t[start:stop] if torch.is_tensor(t) else t, batch)
-
-
-def row_chunks(batch: Batch, size: int) -> list[tuple[float, Batch]]:
-    """[(n_c / N, rows of chunk c)] over consecutive chunks of ``size`` rows of the batch."""
-    n = leading_size(batch)
-    return [(min(size, n - start) / n, rows(batch, start, start + size)) for start in range(0, n, size)]
 
 
 class SharpnessTracker:
