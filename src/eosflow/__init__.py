@@ -23,6 +23,7 @@ _LAZY = {
     "Objective": "eosflow.objective",
     "Problem": "eosflow.problems",
     "HessianOperator": "eosflow.hessian_operator",
+    "GaussNewtonOperator": "eosflow.gauss_newton",
     "SharpnessTracker": "eosflow.tracker",
     "TrackerState": "eosflow.tracker",
 }

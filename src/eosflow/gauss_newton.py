@@ -1,7 +1,7 @@
 """The generalized Gauss-Newton matrix G = J^T H_out J of a model's loss, as a ``scipy`` LinearOperator.
 
-    G = eosflow.gauss_newton.GaussNewtonOperator.from_model(apply_fn, params, inputs, targets, "cross_entropy")
-    G = eosflow.gauss_newton.GaussNewtonOperator(problem.objective, w)   # a built-in or from_model problem
+    G = eosflow.GaussNewtonOperator.from_model(apply_fn, params, inputs, targets, "cross_entropy")
+    G = eosflow.GaussNewtonOperator(problem.objective, w)   # a built-in or from_model problem
     values, vectors = scipy.sparse.linalg.eigsh(G, k=3, which="LA")    # or spectral_density.stochastic_lanczos
 
 For L(w) = ell(f(w), y) with f the outputs on the batch, J = df/dw and H_out = d^2 ell / df^2:
