@@ -1002,22 +1002,63 @@ class _SwishNet(torch.nn.Module):
 
 def test_a_custom_function_without_a_vmap_rule_is_measured_in_a_loop_and_said_once():
     """The tracker's block of HVPs went through torch.func.vmap alone and failed inside a callback on a model
-    vmap cannot batch; it now falls back to one HVP per column, as the bridge's lanes do, with one warning, and
-    measures the dense eigenvalues of a Hessian differenced from the module's own backward."""
+    vmap cannot batch. Its products now go column by column through one gradient graph (no vmap, no warning);
+    with a microbatch, whose chunks are recomputed by the vmapped block, it falls back to one HVP per column, as
+    the bridge's lanes do, with one warning. Both measure the dense eigenvalues of a Hessian differenced from
+    the module's own backward."""
     model = _SwishNet().double()
     rng = np.random.default_rng(7)
     batch = (torch.tensor(rng.normal(size=(12, 4))), torch.tensor(rng.normal(size=(12, 2))))
-    tracker = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-9, max_iters=200)
+    expected = np.linalg.eigvalsh(_module_hessian(model, batch))[::-1][:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-9, max_iters=200).update(batch)
+    np.testing.assert_allclose(whole.values, expected, rtol=1e-7)
+    tracker = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-9, max_iters=200, microbatch=6)
     with pytest.warns(
         UserWarning,
         match=r"cannot batch _SwishNet.*HVPs of a block of vectors in a Python loop.*generate_vmap_rule = True",
     ):
         measured = tracker.update(batch)
-    np.testing.assert_allclose(measured.values, np.linalg.eigvalsh(_module_hessian(model, batch))[::-1][:2], rtol=1e-7)
+    np.testing.assert_allclose(measured.values, expected, rtol=1e-7)
     assert tracker.objective.vmap_error is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         tracker.update(batch)
+
+
+@pytest.mark.parametrize("case", ["shared_batchnorm_train", "shared_eval", "cnn_float32", "attention", "linear"])
+def test_one_gradient_graph_gives_the_blocks_products(case):
+    """TorchObjective.linearized (one gradient graph, a backward per column: the tracker's and hessian_operator's
+    products) equals hvp_batch (forward and gradient recomputed, columns vmapped) on every kind of model the
+    objective handles: shared and tied weights with a frozen bias and BatchNorm in train mode (its private copy)
+    or eval mode, a CNN in float32, attention (its math kernel), and H = 0; twice from the same graph."""
+    rng = np.random.default_rng(13)
+    loss_fn = F.mse_loss
+    if case.startswith("shared"):
+        model = _Shared(14, batchnorm=True)
+        model.train(case.endswith("train"))
+        batch = (torch.tensor(rng.normal(size=(9, 3))), torch.tensor(rng.normal(size=(9, 3))))
+    elif case == "cnn_float32":
+        model = cnn(3, 15).float()
+        batch = (torch.tensor(rng.normal(size=(6, 1, 8, 8)), dtype=torch.float32), torch.zeros(6, 3))
+    elif case == "attention":
+        torch.manual_seed(16)
+        model = torch.nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True).double()
+        batch = (torch.tensor(rng.normal(size=(3, 5, 4))), torch.tensor(rng.normal(size=(3, 5, 4))))
+    else:  # a linear model and a loss linear in its outputs: g does not depend on w
+        model, loss_fn = torch.nn.Linear(3, 2).double(), lambda f, y: (f * y).mean()
+        batch = (torch.tensor(rng.normal(size=(7, 3))), torch.tensor(rng.normal(size=(7, 2))))
+    objective = TorchObjective(model, loss_fn, batch)
+    w = objective.flat_parameters()
+    vectors = torch.tensor(rng.normal(size=(w.numel(), 3)), dtype=w.dtype)
+    expected = objective.hvp_batch(w, vectors)
+    hessian = objective.linearized(w)
+    scale = 1e-12 * max(1.0, float(expected.abs().max()))
+    for _ in range(2):
+        assert float((hessian(vectors) - expected).abs().max()) <= (1e-5 if case == "cnn_float32" else scale)
+    if case == "linear":
+        assert float(hessian(vectors).abs().max()) == 0.0
 
 
 class _TwoHeads(torch.nn.Module):

@@ -11,8 +11,10 @@ J^T H_out J v with J the Jacobian of the model's outputs and H_out the Hessian o
 (:meth:`TorchObjective.gauss_newton_batch`; H = G + sum_o (d loss / d f_o) d^2 f_o / dw^2,
 docs/monitor.md). ``@ V`` vectorizes the columns (``torch.func.vmap``, or a loop for a model vmap cannot
 batch); vectors are in the order of ``model.named_parameters()`` that require grad. The weights are read
-once, when the operator is built: a later training step does not move it. ``microbatch=B`` multiplies on
-chunks of B rows of the batch, one chunk's activations at a time, as the tracker's ``microbatch`` does.
+once, when the operator is built: a later training step does not move it. H's products share one gradient
+graph, built at the first and held while the operator lives (the batch's activations: PyHessian's way, 2-5x
+faster than recomputing it per product); ``microbatch=B`` multiplies on chunks of B rows of the batch instead,
+recomputed per product, one chunk's activations at a time, as the tracker's ``microbatch`` does.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import scipy.sparse.linalg
 import torch
 
 from eosflow.objective import check_example_count, check_mean_over_examples
-from eosflow.torch.objective import Batch, ExampleAxis, TorchObjective, leading_size, row_chunks, rows
+from eosflow.torch.objective import (
+    Batch,
+    ExampleAxis,
+    LinearizedHessian,
+    TorchObjective,
+    leading_size,
+    row_chunks,
+    rows,
+)
 
 
 class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
@@ -40,12 +50,16 @@ class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
         self.w = w
         self.gauss_newton = gauss_newton
         self.microbatch = microbatch
+        self._hessian: LinearizedHessian | None = None  # H's gradient graph, built at the first product
         self.products = 0
         super().__init__(dtype=np.dtype(str(w.dtype).removeprefix("torch.")), shape=(w.numel(), w.numel()))
 
     def _matmat(self, vectors: np.ndarray) -> np.ndarray:
         self.products += vectors.shape[1]
         columns = torch.as_tensor(np.asarray(vectors, dtype=self.dtype), device=self.w.device)
+        if not self.gauss_newton and self.microbatch is None:  # one gradient graph for every product
+            self._hessian = self._hessian or self.objective.linearized(self.w)
+            return self._hessian(columns).detach().cpu().numpy()
         multiply = self.objective.gauss_newton_batch if self.gauss_newton else self.objective.hvp_batch
         batch = self.objective.batch
         chunks = [(1.0, batch)] if self.microbatch is None else row_chunks(batch, self.microbatch)

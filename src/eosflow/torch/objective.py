@@ -668,6 +668,10 @@ class TorchObjective:
         what = "HVPs of a block of vectors"
         return self.map_lanes(lambda v: self._hvp(params, v, data), (0,), [columns], len(columns), what).T
 
+    def linearized(self, w: torch.Tensor, batch: Batch | None = None) -> LinearizedHessian:
+        """H(w) on ``batch`` for many products at one w: the gradient's graph built once and kept."""
+        return LinearizedHessian(self, w, self._data(batch))
+
     @_own_precision
     def gauss_newton_batch(self, w: torch.Tensor, vectors: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """G(w) V = J^T H_out J V for the columns of V (d x k), with J = d outputs / dw and H_out the Hessian of
@@ -699,3 +703,29 @@ class TorchObjective:
         """D^3 L(w)[u, v, .] = grad_w <H(w) v, u>."""
         data = self._data(batch)
         return self.flatten(grad(lambda p: torch.dot(self._hvp(p, v, data), u))(self.unflatten(w)))
+
+
+class LinearizedHessian:
+    """H(w) V at one w on one batch, from one gradient graph: g(w) is built with ``create_graph`` once and every
+    product is one backward pass through it (``retain_graph``), column by column; where a fresh
+    :meth:`TorchObjective.hvp_batch` recomputes the forward and the gradient for every block (5x the cost of a
+    block of one on a small MLP). It holds the graph (the batch's activations) while it lives: the same numbers,
+    bitwise."""
+
+    def __init__(self, objective: TorchObjective, w: torch.Tensor, batch: Batch):
+        self.objective = objective
+        with torch.autocast(objective.device.type, enabled=False), _float32_products():
+            self.w = w.detach().clone().requires_grad_(True)
+            loss = objective._loss(objective.unflatten(self.w), batch)
+            (self.gradient,) = torch.autograd.grad(loss, self.w, create_graph=True)
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        """H(w) V for the columns of V (d x k)."""
+        if not self.gradient.requires_grad:  # g does not depend on w (a piecewise-linear model and loss): H = 0
+            return torch.zeros_like(vectors)
+        with torch.autocast(self.objective.device.type, enabled=False), _float32_products():
+            images = [
+                torch.autograd.grad(self.gradient, self.w, grad_outputs=column, retain_graph=True, allow_unused=True)[0]
+                for column in vectors.T
+            ]
+        return torch.stack([torch.zeros_like(self.w) if image is None else image for image in images], dim=1)

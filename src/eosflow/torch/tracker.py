@@ -50,7 +50,16 @@ from eosflow.preconditioning import (
 )
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
-from eosflow.torch.objective import Batch, TorchObjective, leading_size, row_chunks, rows, train_modes, trainable
+from eosflow.torch.objective import (
+    Batch,
+    LinearizedHessian,
+    TorchObjective,
+    leading_size,
+    row_chunks,
+    rows,
+    train_modes,
+    trainable,
+)
 
 
 class Preconditioning(NamedTuple):
@@ -238,6 +247,7 @@ class SharpnessTracker:
         self.k, self.tol, self.max_iters, self.seed = k, tol, max_iters, seed
         self._start(TorchObjective(model, loss_fn, batch=(None, None)))
         self._batch: Batch | None = None
+        self._hessian: LinearizedHessian | None = None  # set inside update()
 
         def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
             return host_callback(self._hvp_block, vectors.shape, self.dtype, w, vectors, vmap_method="sequential")
@@ -286,6 +296,8 @@ class SharpnessTracker:
         v_t = torch.from_numpy(np.require(vectors, requirements="W")).to(device)
         batch = self._batch
         assert batch is not None, "HVPs are taken inside update(), which sets the batch"
+        if self._hessian is not None:  # the update's gradient graph, built once at its w
+            return self._hessian(v_t).detach().cpu().numpy()
         chunks = [(1.0, batch)] if self.microbatch is None else row_chunks(batch, self.microbatch)
         image = torch.zeros_like(v_t)
         for weight, chunk in chunks:
@@ -315,13 +327,16 @@ class SharpnessTracker:
             np.zeros_like(w) if preconditioning.coupled_decay is None else preconditioning.coupled_decay.astype(w.dtype)
         )
         self._batch = batch
+        # without a microbatch the whole batch's gradient graph is held for the update's products; with one, each
+        # product recomputes its chunks (one chunk's activations at a time)
+        self._hessian = objective.linearized(objective.flat_parameters(), batch) if self.microbatch is None else None
         try:
             with precision(self.dtype):  # (blocking: the callbacks read the batch, dispatch is asynchronous)
                 pairs = jax.block_until_ready(
                     self._solve(jnp.asarray(w), self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
                 )
         finally:
-            self._batch = None
+            self._batch = self._hessian = None
         self.vectors = pairs.vectors
         vectors = torch.from_numpy(np.array(pairs.vectors)).to(objective.device)
         return TrackedEigenpairs(
