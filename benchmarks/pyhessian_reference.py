@@ -1,7 +1,9 @@
 """eosflow.torch's curvature against PyHessian's, side by side, on a torch MLP before and at the edge of stability.
 
-    pip install --no-deps --target /tmp/pyhessian pyhessian==0.1    # GPL-3; a reference, not a dependency
-    PYTHONPATH=src:/tmp/pyhessian .venv/bin/python benchmarks/pyhessian_reference.py [--steps 600] [--seed 0]
+    pip install ".[bench]"     # PyHessian (GPL-3), for the benchmarks only
+    PYTHONPATH=src .venv/bin/python benchmarks/pyhessian_reference.py [--steps 600] [--seed 0]
+
+(benchmarks/torch_bridge.py compares the warm tracker along a whole run; this is one cold call each, and the trace.)
 
 A torch tanh MLP 64-32-32-10 on 500 digits (MSE: 1/2 |f - onehot(y)|^2 averaged over examples, float32) trained
 by full-batch SGD at lr 0.4; at an early step and at the last one (at the edge) each tool computes, on copies

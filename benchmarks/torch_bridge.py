@@ -112,8 +112,10 @@ def bridge_overhead(objective: TorchObjective, repeats: int = 30) -> None:
     w_t, v_t = objective.flat_parameters(), torch.from_numpy(np.array(v[:, 0]))
     bridged_hvp, twin_hvp = eqx.filter_jit(bridged.hvp), jax.jit(twin)  # arguments, not constants: no folding
     w_j, v_j = jnp.asarray(w0), jnp.asarray(v)
+    linearized = objective.linearized(w_t)  # the tracker's and hessian_operator's: one gradient graph per update
     candidates = {
         "torch (double backward)": lambda: objective.hvp(w_t, v_t),
+        "torch, shared gradient graph": lambda: linearized(v_t[:, None]),
         "eosflow.torch bridge, jitted": lambda: bridged_hvp(w_j, v_j[:, 0]),
         "jax twin, jitted": lambda: twin_hvp(w_j, v_j),
     }
