@@ -1061,6 +1061,22 @@ def test_one_gradient_graph_gives_the_blocks_products(case):
         assert float(hessian(vectors).abs().max()) == 0.0
 
 
+def test_trackers_share_one_compiled_solver_and_measure_each_its_own_model():
+    """Two trackers alive at once, on two models of one size, updated in turn: each measures its own model's dense
+    eigenvalues, and they share one compiled solver (a new tracker compiles nothing)."""
+    from eosflow.torch.tracker import _solver
+
+    objectives = [problem("mlp", 5, seed)[0] for seed in (21, 22)]
+    trackers = [SharpnessTracker(o.model, F.mse_loss, k=2, tol=1e-9, max_iters=300) for o in objectives]
+    compiled_before = _solver(1e-9, 300)._cache_size()
+    for _ in range(2):
+        for objective, tracker in zip(objectives, trackers):
+            eig = tracker.update(objective.batch)
+            expected = np.sort(np.linalg.eigvalsh(dense_hessian(objective)))[::-1][:2]
+            np.testing.assert_allclose(eig.values, expected, rtol=1e-7)
+    assert _solver(1e-9, 300)._cache_size() - compiled_before <= 1
+
+
 class _TwoHeads(torch.nn.Module):
     """A body and two heads, the second unused by the loss trained: torch's Adam and RMSprop skip it (its grad
     is None), so it never has a state."""

@@ -30,7 +30,10 @@ statistics; dropout in train mode is refused) and changes nothing in the model.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -220,6 +223,33 @@ def state_buffer(state: dict, key: str, name: str) -> tuple[np.ndarray, float]:
     return state[key].detach().reshape(-1).cpu().numpy(), steps
 
 
+_TRACKERS: weakref.WeakValueDictionary[int, SharpnessTracker] = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
+
+
+def _tracker_hvp_block(token: np.ndarray, w: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """The HVPs of the tracker ``token`` names (a solver's host callback)."""
+    return _TRACKERS[int(token)]._hvp_block(w, vectors)
+
+
+@functools.cache
+def _solver(tol: float, max_iters: int) -> Callable:
+    """The jitted LOBPCG of every tracker with this tol and max_iters: the tracker is an argument (its token),
+    so a new tracker on a model of a size seen before compiles nothing (about 0.6 s on a small MLP)."""
+
+    def solve(token, w, initial, diagonal, coupled_decay):  # coupled_decay (d,): the curvature H + diag(wd)
+        def hvp_block(vectors: jax.Array) -> jax.Array:
+            args = (token, w, vectors)
+            return host_callback(
+                _tracker_hvp_block, vectors.shape, np.dtype(vectors.dtype), *args, vmap_method="sequential"
+            )
+
+        matvec = preconditioned_matvec(lambda v: hvp_block(v) + coupled_decay[:, None] * v, diagonal)
+        return lobpcg(matvec, initial, tol=tol, max_iters=max_iters)
+
+    return jax.jit(solve)
+
+
 class SharpnessTracker:
     """Top-k eigenpairs of a torch model's (preconditioned) Hessian, warm-started call to call.
 
@@ -248,15 +278,8 @@ class SharpnessTracker:
         self._start(TorchObjective(model, loss_fn, batch=(None, None)))
         self._batch: Batch | None = None
         self._hessian: LinearizedHessian | None = None  # set inside update()
-
-        def hvp_block(w: jax.Array, vectors: jax.Array) -> jax.Array:
-            return host_callback(self._hvp_block, vectors.shape, self.dtype, w, vectors, vmap_method="sequential")
-
-        def solve(w, initial, diagonal, coupled_decay):  # coupled_decay (d,): the curvature H + diag(wd)
-            matvec = preconditioned_matvec(lambda v: hvp_block(w, v) + coupled_decay[:, None] * v, diagonal)
-            return lobpcg(matvec, initial, tol=self.tol, max_iters=self.max_iters)
-
-        self._solve = jax.jit(solve)
+        self._token = next(_TOKENS)  # this tracker in the callbacks of the solver it shares with others
+        _TRACKERS[self._token] = self
 
     def _start(self, objective: TorchObjective) -> None:
         """Measure ``objective``'s parameters from the random initial block (seeded): at construction, and
@@ -332,8 +355,10 @@ class SharpnessTracker:
         self._hessian = objective.linearized(objective.flat_parameters(), batch) if self.microbatch is None else None
         try:
             with precision(self.dtype):  # (blocking: the callbacks read the batch, dispatch is asynchronous)
+                solve = _solver(self.tol, self.max_iters)
+                token = jnp.asarray(self._token, jnp.int32)
                 pairs = jax.block_until_ready(
-                    self._solve(jnp.asarray(w), self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
+                    solve(token, jnp.asarray(w), self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
                 )
         finally:
             self._batch = self._hessian = None
