@@ -1064,17 +1064,17 @@ def test_one_gradient_graph_gives_the_blocks_products(case):
 def test_trackers_share_one_compiled_solver_and_measure_each_its_own_model():
     """Two trackers alive at once, on two models of one size, updated in turn: each measures its own model's dense
     eigenvalues, and they share one compiled solver (a new tracker compiles nothing)."""
-    from eosflow.torch.tracker import _solver
+    from eosflow.torch.tracker import solve
 
     objectives = [problem("mlp", 5, seed)[0] for seed in (21, 22)]
     trackers = [SharpnessTracker(o.model, F.mse_loss, k=2, tol=1e-9, max_iters=300) for o in objectives]
-    compiled_before = _solver(1e-9, 300)._cache_size()
+    compiled_before = len(solve.compiled)
     for _ in range(2):
         for objective, tracker in zip(objectives, trackers):
             eig = tracker.update(objective.batch)
             expected = np.sort(np.linalg.eigvalsh(dense_hessian(objective)))[::-1][:2]
             np.testing.assert_allclose(eig.values, expected, rtol=1e-7)
-    assert _solver(1e-9, 300)._cache_size() - compiled_before <= 1
+    assert len(solve.compiled) - compiled_before <= 1
 
 
 class _TwoHeads(torch.nn.Module):

@@ -30,7 +30,6 @@ statistics; dropout in train mode is refused) and changes nothing in the model.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import warnings
 import weakref
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from eosflow.compiled import BoundedJit
 from eosflow.objective import check_example_count, check_mean_over_examples
 from eosflow.precision import precision
 from eosflow.preconditioning import (
@@ -232,22 +232,23 @@ def _tracker_hvp_block(token: np.ndarray, w: np.ndarray, vectors: np.ndarray) ->
     return _TRACKERS[int(token)]._hvp_block(w, vectors)
 
 
-@functools.cache
-def _solver(tol: float, max_iters: int) -> Callable:
-    """The jitted LOBPCG of every tracker with this tol and max_iters: the tracker is an argument (its token),
-    so a new tracker on a model of a size seen before compiles nothing (about 0.6 s on a small MLP)."""
+def _solve(token, w, initial, diagonal, coupled_decay, tol: float, max_iters: int):
+    """LOBPCG on the (preconditioned) Hessian of the tracker ``token`` names; coupled_decay (d,): H + diag(wd)."""
 
-    def solve(token, w, initial, diagonal, coupled_decay):  # coupled_decay (d,): the curvature H + diag(wd)
-        def hvp_block(vectors: jax.Array) -> jax.Array:
-            args = (token, w, vectors)
-            return host_callback(
-                _tracker_hvp_block, vectors.shape, np.dtype(vectors.dtype), *args, vmap_method="sequential"
-            )
+    def hvp_block(vectors: jax.Array) -> jax.Array:
+        args = (token, w, vectors)
+        return host_callback(
+            _tracker_hvp_block, vectors.shape, np.dtype(vectors.dtype), *args, vmap_method="sequential"
+        )
 
-        matvec = preconditioned_matvec(lambda v: hvp_block(v) + coupled_decay[:, None] * v, diagonal)
-        return lobpcg(matvec, initial, tol=tol, max_iters=max_iters)
+    matvec = preconditioned_matvec(lambda v: hvp_block(v) + coupled_decay[:, None] * v, diagonal)
+    return lobpcg(matvec, initial, tol=tol, max_iters=max_iters)
 
-    return jax.jit(solve)
+
+# Every tracker's solver, compiled per size, dtype, tol and max_iters and shared (the tracker is an argument, its
+# token), so a new tracker on a model of a size seen before compiles nothing (about 0.6 s on a small MLP); the 8
+# most recently used programs are kept, as eosflow's other compilations (eosflow.compiled).
+solve = BoundedJit(_solve, kept=8)
 
 
 class SharpnessTracker:
@@ -355,11 +356,9 @@ class SharpnessTracker:
         self._hessian = objective.linearized(objective.flat_parameters(), batch) if self.microbatch is None else None
         try:
             with precision(self.dtype):  # (blocking: the callbacks read the batch, dispatch is asynchronous)
-                solve = _solver(self.tol, self.max_iters)
                 token = jnp.asarray(self._token, jnp.int32)
-                pairs = jax.block_until_ready(
-                    solve(token, jnp.asarray(w), self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
-                )
+                arrays = (jnp.asarray(w), self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
+                pairs = jax.block_until_ready(solve(token, *arrays, self.tol, self.max_iters))
         finally:
             self._batch = self._hessian = None
         self.vectors = pairs.vectors
