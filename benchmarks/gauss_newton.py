@@ -1,6 +1,7 @@
 """The top of the Hessian against the top of its Gauss-Newton part, along GD into the edge of stability.
 
     PYTHONPATH=src .venv/bin/python benchmarks/gauss_newton.py [--loss mse|cross_entropy] [--lr 0.4] [--steps 400]
+        [--width 32] [--activation tanh]
 
 GD on the demo's problem (tanh MLP 64-32-32-10 on 500 digits, float32; ``--loss`` and ``--lr`` change it) runs
 ``--steps`` steps keeping its iterates; every ``--every`` steps it prints the top 3 eigenvalues of H and of
@@ -51,10 +52,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--activation", default="tanh")
     args = parser.parse_args()
     table = demo_table()
     table.update(steps=args.steps, lr=args.lr, spectrum={"every": 0}, record={"chunk": 100, "params_every": 1})
-    table["problem"]["loss"] = args.loss
+    table["problem"].update(loss=args.loss, width=args.width, activation=args.activation)
     with tempfile.TemporaryDirectory() as tmp:
         run(table, tmp)
         _, params = eosflow.load_params(tmp, "gd")
@@ -62,7 +65,9 @@ def main() -> None:
     with precision("float64"):
         problem64 = prepare({**table, "dtype": "float64"})[1]
     d = params.shape[1]
-    print(f"digits MLP, {args.loss}: d = {d}, GD at lr = {args.lr} (2/lr = {2 / args.lr:g}); float64 ARPACK, tol 1e-10")
+    print(
+        f"digits MLP ({args.activation}, width {args.width}), {args.loss}: d = {d}, GD at lr = {args.lr} (2/lr = {2 / args.lr:g}); float64 ARPACK, tol 1e-10"
+    )
     print("| step | lr S/2 (H) | lr S/2 (G) | top 3 of H | top 3 of G | abs cos(u_H, u_G) |")
     print("|---|---|---|---|---|---|")
     for step in sorted({*range(0, args.steps, args.every), args.steps - 1}):
