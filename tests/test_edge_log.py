@@ -336,6 +336,39 @@ def test_the_command_line_draws_and_summarizes(tmp_path, capsys):
     assert "cannot read the edge log" in capsys.readouterr().err
 
 
+def test_several_logs_overlaid_on_the_scale_every_edge_shares(tmp_path, capsys):
+    """Three runs of a loop (two step sizes, one logging S with its threshold and one its edge ratio, one with no
+    loss): the overlay draws each run's loss and S / threshold in its own colour, labelled by file name, every
+    point that is finite; the command line summarizes each and writes the figure, and asks for --out."""
+    from eosflow.cli import main
+    from eosflow.edge_log import overlay_figure
+
+    paths = [tmp_path / name for name in ("lr_0.01.jsonl", "lr_0.02.jsonl", "ratio_only.jsonl")]
+    with EdgeLog(paths[0]) as a, EdgeLog(paths[1]) as b, EdgeLog(paths[2]) as c:
+        for t in range(0, 60, 3):
+            a.write(t, sharpness=38 / 0.01 * min(1.0, t / 30), threshold=38 / 0.01, loss=1.0 / (t + 1))
+            b.write(t, sharpness=38 / 0.02 * min(1.0, t / 15), threshold=38 / 0.02, loss=2.0 / (t + 1))
+            c.write(t, edge_ratio=float("nan") if t == 9 else t / 60)
+    runs = {path.stem: read(path) for path in paths}
+    fig = overlay_figure(runs)
+    loss_axis, ratio_axis = fig.axes
+    assert [line.get_label() for line in loss_axis.get_lines()] == ["lr_0.01", "lr_0.02"]
+    curves = {line.get_label(): line for line in ratio_axis.get_lines() if not line.get_label().startswith("edge")}
+    assert list(curves) == ["lr_0.01", "lr_0.02", "ratio_only"]
+    np.testing.assert_allclose(curves["lr_0.02"].get_ydata(), np.minimum(1.0, np.arange(0, 60, 3) / 15))
+    assert 9 not in curves["ratio_only"].get_xdata() and len(curves["ratio_only"].get_xdata()) == 19
+    assert len({line.get_color() for line in curves.values()}) == 3
+    assert main(["plot-log", *map(str, paths), "--out", str(tmp_path / "lrs.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("steps logged") == 3 and "first_step_at_edge: 15" in out
+    assert (tmp_path / "lrs.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        main(["plot-log", *map(str, paths)])
+    assert "give --out for the figure of several logs" in capsys.readouterr().err
+    with pytest.raises(EdgeLogError, match="nothing to overlay"):
+        overlay_figure({"empty": runs["lr_0.01"][["threshold"]]})
+
+
 def test_writing_and_reading_a_log_imports_neither_jax_nor_torch(tmp_path):
     """A torch loop that logs pays no JAX import (summary and plot import what they draw with, when called)."""
     out = child(

@@ -203,14 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-SUITE][-quick])")
     p_board.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p_log = sub.add_parser("plot-log", help="draw an edge log of your own loop (eosflow.edge_log) and summarize it")
-    p_log.add_argument("log", type=Path, help="the JSON-lines file an eosflow.edge_log.EdgeLog wrote")
-    p_log.add_argument("--out", type=Path, help="the PNG (default: the log's name with .png)")
+    p_log = sub.add_parser(
+        "plot-log", help="draw edge logs of your own loop (eosflow.edge_log), one or several overlaid, and summarize"
+    )
+    p_log.add_argument("log", type=Path, nargs="+", help="JSON-lines files an eosflow.edge_log.EdgeLog wrote")
+    p_log.add_argument("--out", type=Path, help="the PNG (default, for one log: its name with .png)")
 
     sub.add_parser("problems", help="list every problem with its parameters and defaults")
     sub.add_parser("processes", help="list every optimizer and model with its options")
 
     args = parser.parse_args(argv)
+    if args.command == "plot-log" and len(args.log) > 1 and args.out is None:
+        p_log.error("give --out for the figure of several logs")
     previous = _terminate_raises()
     try:
         with warnings.catch_warnings():
@@ -340,14 +344,19 @@ def _dispatch(args) -> int:
     if args.command == "plot-log":
         from eosflow import edge_log
 
-        ds = edge_log.read(args.log)
-        print(
-            f"{args.log}: {ds.sizes['step']} steps logged ({int(ds.step[0]) if ds.sizes['step'] else '-'}"
-            f"..{int(ds.step[-1]) if ds.sizes['step'] else '-'}), {', '.join(map(str, ds.data_vars))}"
-        )
-        for key, value in edge_log.summary(ds).items():
-            print(f"  {key}: {value if not isinstance(value, float) else f'{value:.4f}'}")
-        print(edge_log.plot(ds, args.out or args.log.with_suffix(".png")))
+        runs = {}
+        for path in args.log:
+            runs[path] = ds = edge_log.read(path)
+            print(
+                f"{path}: {ds.sizes['step']} steps logged ({int(ds.step[0]) if ds.sizes['step'] else '-'}"
+                f"..{int(ds.step[-1]) if ds.sizes['step'] else '-'}), {', '.join(map(str, ds.data_vars))}"
+            )
+            for key, value in edge_log.summary(ds).items():
+                print(f"  {key}: {value if not isinstance(value, float) else f'{value:.4f}'}")
+        if len(args.log) == 1:
+            print(edge_log.plot(runs[args.log[0]], args.out or args.log[0].with_suffix(".png")))
+        else:
+            print(edge_log.overlay(args.log, args.out))
         return 0
     if args.command == "problems":
         from eosflow.problems import describe_problems

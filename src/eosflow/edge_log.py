@@ -6,6 +6,7 @@
     log.write(step, eig, loss=loss)                               # eosflow.torch's tracker result (or a Reading)
     ds = eosflow.edge_log.read("runs/adam.jsonl")                 # xarray.Dataset over step
     eosflow.edge_log.plot("runs/adam.jsonl")                      # runs/adam.png: loss; S against its threshold
+    eosflow.edge_log.overlay(["runs/lr1.jsonl", "runs/lr2.jsonl"], "lrs.png")   # several runs: S / threshold
 
 One JSON object per line, ``{"step": t, "name": value, ...}`` (strict JSON: a non-finite value is ``null``,
 read back as NaN); records of one step merge, and a later value
@@ -342,3 +343,51 @@ def plot(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike | None =
     out = Path(out)
     fig.savefig(out)
     return out
+
+
+def overlay(sources: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """One PNG of several logs (runs of your loop at several step sizes, seeds, optimizers): the losses, and each
+    run's S / threshold (the scale every optimizer's edge shares: 1 at its edge), one colour per log, labelled by
+    its file name. Returns the path written."""
+    fig = overlay_figure({Path(source).stem: read(source) for source in sources})
+    out = Path(out)
+    fig.savefig(out)
+    return out
+
+
+def overlay_figure(runs: dict[str, xr.Dataset]) -> Any:
+    """The matplotlib Figure of :func:`overlay` from datasets by label (an EdgeLogError if none has a loss or an
+    edge ratio)."""
+    from matplotlib.figure import Figure
+
+    from eosflow.compare import line_style, threshold_line
+
+    ratios = {label: _edge_ratio(ds) for label, ds in runs.items()}
+    panels = ["loss"] * any("loss" in ds for ds in runs.values())
+    panels += ["ratio"] * any(r is not None for r in ratios.values())
+    if not panels:
+        raise EdgeLogError(f"nothing to overlay: none of {', '.join(runs)} has a loss or an edge ratio")
+    fig = Figure(figsize=(7.5, 3.0 * len(panels)), dpi=110)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for i, (label, ds) in enumerate(runs.items()):
+        for ax, panel in zip(axes, panels):
+            if panel == "loss" and "loss" in ds:
+                loss = ds["loss"].dropna("step")
+                ax.plot(loss["step"], loss, **line_style(i), label=label)
+            elif panel == "ratio" and ratios[label] is not None:
+                ratio = np.asarray(ratios[label])
+                finite = np.isfinite(ratio)
+                ax.plot(ds["step"].values[finite], ratio[finite], marker=".", ms=3, **line_style(i), label=label)
+    for ax, panel in zip(axes, panels):
+        if panel == "loss":
+            positive = all(bool((ds["loss"].dropna("step") > 0).all()) for ds in runs.values() if "loss" in ds)
+            ax.set_yscale("log" if positive else "linear")
+            ax.set_ylabel("loss")
+        else:
+            threshold_line(ax, 1.0, "edge (1)")
+            ax.set_ylabel("S / threshold")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    return fig
