@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import eosflow  # noqa: E402
+from eosflow.config import SpecError  # noqa: E402
 from eosflow.problems import Problem  # noqa: E402
 from eosflow.torch import SharpnessTracker, TorchObjective, to_jax  # noqa: E402
 
@@ -1075,6 +1076,70 @@ def test_trackers_share_one_compiled_solver_and_measure_each_its_own_model():
             expected = np.sort(np.linalg.eigvalsh(dense_hessian(objective)))[::-1][:2]
             np.testing.assert_allclose(eig.values, expected, rtol=1e-7)
     assert len(solve.compiled) - compiled_before <= 1
+
+
+class _KeywordLM(torch.nn.Module):
+    """A Hugging Face-style model: keyword inputs (input_ids, attention_mask), a dict of outputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(23)
+        self.embed = torch.nn.Embedding(7, 4)
+        self.mix = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 7)
+        self.double()
+
+    def forward(self, input_ids, attention_mask):
+        hidden = torch.tanh(self.mix(self.embed(input_ids))) * attention_mask[..., None]
+        return {"logits": self.head(hidden), "hidden": hidden}
+
+
+def _masked_cross_entropy(outputs, labels):
+    logits = outputs["logits"]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def test_keyword_inputs_and_dict_outputs_of_a_hugging_face_style_model():
+    """inputs given as a dict are the model's keyword arguments and the loss reads a dict of outputs: the tracker,
+    hessian_operator and the bridge's GD equal what torch computes on model(**inputs) itself (a dense Hessian by
+    torch.autograd.functional; three steps of torch's own SGD). The masked loss is a mean over tokens, not
+    examples, so a microbatch of rows is refused."""
+    model = _KeywordLM()
+    rng = np.random.default_rng(24)
+    ids = torch.tensor(rng.integers(0, 7, size=(6, 5)))
+    mask = torch.tensor((rng.random((6, 5)) > 0.2).astype(np.float64))
+    labels = torch.where(mask > 0, torch.tensor(rng.integers(0, 7, size=(6, 5))), torch.tensor(-100))
+    batch = ({"input_ids": ids, "attention_mask": mask}, labels)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(flat):
+        pieces = torch.split(flat, [s.numel() for s in shapes.values()])
+        params = {name: piece.view(shape) for (name, shape), piece in zip(shapes.items(), pieces)}
+        return _masked_cross_entropy(torch.func.functional_call(model, params, (), batch[0]), labels)
+
+    dense = torch.autograd.functional.hessian(loss, w).numpy()
+    expected = np.sort(np.linalg.eigvalsh(dense))[::-1][:2]
+    tracker = SharpnessTracker(model, _masked_cross_entropy, k=2, tol=1e-9, max_iters=300)
+    np.testing.assert_allclose(tracker.update(batch).values, expected, rtol=1e-7)
+    chunked = SharpnessTracker(model, _masked_cross_entropy, k=2, microbatch=2)
+    with pytest.raises(SpecError, match="not a mean over examples"):  # a mean over unmasked tokens: chunks differ
+        chunked.update(batch)
+    operator = eosflow.torch.hessian_operator(model, _masked_cross_entropy, batch)
+    np.testing.assert_allclose(operator @ np.eye(w.numel()), dense, rtol=0, atol=1e-12 * np.abs(dense).max())
+    ds = eosflow.simulate(
+        eosflow.torch.problem(model, _masked_cross_entropy, batch), lr=0.5, steps=3, processes=["gd"], dtype="float64"
+    )
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        value = _masked_cross_entropy(reference(**batch[0]), labels)
+        losses.append(float(value.detach()))
+        value.backward()
+        optimizer.step()
+    np.testing.assert_allclose(ds.loss.sel(process="gd").values, losses, rtol=1e-10)
 
 
 class _TwoHeads(torch.nn.Module):

@@ -1,6 +1,6 @@
 """The loss of a ``torch.nn.Module`` over one flat parameter vector, with its derivatives.
 
-    L(w)        = loss_fn(model_w(inputs), targets)      (torch.func.functional_call)
+    L(w)        = loss_fn(model_w(inputs), targets)      (torch.func.functional_call; model_w(**inputs) for a dict)
     g(w)        = grad L(w)                               (torch.func.grad)
     H(w) v      = grad_w <g(w), v>                          (reverse-over-reverse)
     D^3 L[u, v] = grad_w <H(w) v, u>                        (one more reverse pass; a vector)
@@ -32,7 +32,7 @@ import functools
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -548,8 +548,11 @@ class TorchObjective:
             model = dict(itertools.chain(self.model.named_parameters(), self.model.named_buffers()))
             params = {**{name: model[name] for name in fixed}, **params}
         tensors = {path: params[name] for path, name in self._slots.items() if name in params}
+        # a mapping of inputs is the model's keyword arguments: model(input_ids=..., attention_mask=...), as a
+        # Hugging Face model takes its batch
+        args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), None)
         with sdpa_kernel([SDPBackend.MATH]):  # the one attention kernel torch differentiates twice
-            return functional_call(module, tensors, (inputs,), tie_weights=False)
+            return functional_call(module, tensors, args, kwargs, tie_weights=False)
 
     def _loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         inputs, targets = batch
