@@ -1101,9 +1101,9 @@ def _masked_cross_entropy(outputs, labels):
 
 def test_keyword_inputs_and_dict_outputs_of_a_hugging_face_style_model():
     """inputs given as a dict are the model's keyword arguments and the loss reads a dict of outputs: the tracker,
-    hessian_operator and the bridge's GD equal what torch computes on model(**inputs) itself (a dense Hessian by
-    torch.autograd.functional; three steps of torch's own SGD). The masked loss is a mean over tokens, not
-    examples, so a microbatch of rows is refused."""
+    hessian_operator, gauss_newton_operator and the bridge's GD equal what torch computes on model(**inputs)
+    itself (a dense Hessian, Jacobian and output Hessian by torch.autograd.functional; three steps of torch SGD).
+    The masked loss is a mean over tokens, not examples, so a microbatch of rows is refused."""
     model = _KeywordLM()
     rng = np.random.default_rng(24)
     ids = torch.tensor(rng.integers(0, 7, size=(6, 5)))
@@ -1113,10 +1113,13 @@ def test_keyword_inputs_and_dict_outputs_of_a_hugging_face_style_model():
     shapes = {name: p.shape for name, p in model.named_parameters()}
     w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-    def loss(flat):
+    def outputs(flat):
         pieces = torch.split(flat, [s.numel() for s in shapes.values()])
         params = {name: piece.view(shape) for (name, shape), piece in zip(shapes.items(), pieces)}
-        return _masked_cross_entropy(torch.func.functional_call(model, params, (), batch[0]), labels)
+        return torch.func.functional_call(model, params, (), batch[0])
+
+    def loss(flat):
+        return _masked_cross_entropy(outputs(flat), labels)
 
     dense = torch.autograd.functional.hessian(loss, w).numpy()
     expected = np.sort(np.linalg.eigvalsh(dense))[::-1][:2]
@@ -1127,6 +1130,14 @@ def test_keyword_inputs_and_dict_outputs_of_a_hugging_face_style_model():
         chunked.update(batch)
     operator = eosflow.torch.hessian_operator(model, _masked_cross_entropy, batch)
     np.testing.assert_allclose(operator @ np.eye(w.numel()), dense, rtol=0, atol=1e-12 * np.abs(dense).max())
+    out = outputs(w)["logits"].detach()
+    jacobian = torch.autograd.functional.jacobian(lambda flat: outputs(flat)["logits"].reshape(-1), w)
+    h_out = torch.autograd.functional.hessian(
+        lambda f: _masked_cross_entropy({"logits": f.reshape(out.shape)}, labels), out.reshape(-1)
+    )
+    gauss_newton = (jacobian.T @ h_out @ jacobian).numpy()  # the unused "hidden" output contributes nothing
+    operator = eosflow.torch.gauss_newton_operator(model, _masked_cross_entropy, batch)
+    np.testing.assert_allclose(operator @ np.eye(w.numel()), gauss_newton, rtol=0, atol=1e-12)
     ds = eosflow.simulate(
         eosflow.torch.problem(model, _masked_cross_entropy, batch), lr=0.5, steps=3, processes=["gd"], dtype="float64"
     )
