@@ -66,7 +66,8 @@ def main() -> None:
         problem64 = prepare({**table, "dtype": "float64"})[1]
     d = params.shape[1]
     print(
-        f"digits MLP ({args.activation}, width {args.width}), {args.loss}: d = {d}, GD at lr = {args.lr} (2/lr = {2 / args.lr:g}); float64 ARPACK, tol 1e-10"
+        f"digits MLP ({args.activation}, width {args.width}), {args.loss}: d = {d}, GD at lr = {args.lr} "
+        f"(2/lr = {2 / args.lr:g}); float64 ARPACK, tol 1e-10"
     )
     print("| step | lr S/2 (H) | lr S/2 (G) | top 3 of H | top 3 of G | abs cos(u_H, u_G) |")
     print("|---|---|---|---|---|---|")
