@@ -26,15 +26,13 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from eosflow.objective import check_example_count, check_mean_over_examples
+from eosflow.objective import check_example_count
 from eosflow.torch.objective import (
     Batch,
     ExampleAxis,
     LinearizedHessian,
     TorchObjective,
-    leading_size,
-    row_chunks,
-    rows,
+    chunked_products,
 )
 
 
@@ -61,11 +59,7 @@ class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
             self._hessian = self._hessian or self.objective.linearized(self.w)
             return self._hessian(columns).detach().cpu().numpy()
         multiply = self.objective.gauss_newton_batch if self.gauss_newton else self.objective.hvp_batch
-        batch = self.objective.batch
-        chunks = [(1.0, batch)] if self.microbatch is None else row_chunks(batch, self.microbatch)
-        image = torch.zeros_like(columns)
-        for weight, chunk in chunks:
-            image += weight * multiply(self.w, columns, chunk)
+        image = chunked_products(multiply, self.w, columns, self.objective.batch, self.microbatch)
         return image.detach().cpu().numpy()
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
@@ -75,19 +69,22 @@ class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
         return self  # symmetric
 
 
-def _checked(
-    model: torch.nn.Module, loss_fn: Callable, batch: Batch, example_axis: ExampleAxis, microbatch: int | None
-) -> TorchObjective:
-    """The objective of ``loss_fn(model(inputs), targets)``, checked as the tracker's first update is (a loss
-    that is not a scalar, a random forward, a forward that updates buffers, what torch cannot differentiate
-    twice, a loss that is not a mean over examples when ``microbatch`` splits it: each a ValueError naming it)."""
+def _operator(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    batch: Batch,
+    example_axis: ExampleAxis,
+    microbatch: int | None,
+    gauss_newton: bool,
+) -> TorchCurvatureOperator:
+    """The operator at the model's current weights, its loss checked as the tracker's first update checks it (a
+    loss that is not a scalar, a random forward, a forward that updates buffers, what torch cannot differentiate
+    twice, a loss that is not a mean over examples when ``microbatch`` splits it: each an error naming it)."""
     check_example_count(microbatch, "microbatch")
     objective = TorchObjective(model, loss_fn, batch, example_axis)
     objective.check(batch)
-    if microbatch is not None and leading_size(batch) >= 4:
-        start = objective.flat_parameters()
-        check_mean_over_examples(lambda a, b: float(objective.value(start, rows(batch, a, b))), "microbatch")
-    return objective
+    objective.check_microbatch_mean(batch, microbatch)
+    return TorchCurvatureOperator(objective, objective.flat_parameters(), gauss_newton, microbatch)
 
 
 def hessian_operator(
@@ -98,8 +95,7 @@ def hessian_operator(
     microbatch: int | None = None,
 ) -> TorchCurvatureOperator:
     """H of ``loss_fn(model(inputs), targets)`` over the model's trainable parameters at their current values."""
-    objective = _checked(model, loss_fn, batch, example_axis, microbatch)
-    return TorchCurvatureOperator(objective, objective.flat_parameters(), microbatch=microbatch)
+    return _operator(model, loss_fn, batch, example_axis, microbatch, gauss_newton=False)
 
 
 def gauss_newton_operator(
@@ -111,5 +107,4 @@ def gauss_newton_operator(
 ) -> TorchCurvatureOperator:
     """G = J^T H_out J of ``loss_fn(model(inputs), targets)`` over the model's trainable parameters, at their
     current values (PSD for a loss convex in the outputs: MSE, cross-entropy)."""
-    objective = _checked(model, loss_fn, batch, example_axis, microbatch)
-    return TorchCurvatureOperator(objective, objective.flat_parameters(), gauss_newton=True, microbatch=microbatch)
+    return _operator(model, loss_fn, batch, example_axis, microbatch, gauss_newton=True)

@@ -44,7 +44,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from eosflow.objective import one_example_batch_statistics
+from eosflow.objective import check_mean_over_examples, one_example_batch_statistics
 from eosflow.precision import HALF_PRECISION, warn_half_precision_ops
 
 Batch = tuple[Any, Any]
@@ -256,6 +256,22 @@ def row_chunks(batch: Batch, size: int) -> list[tuple[float, Batch]]:
     return [(min(size, n - start) / n, rows(batch, start, start + size)) for start in range(0, n, size)]
 
 
+def chunked_products(
+    multiply: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor],
+    w: torch.Tensor,
+    vectors: torch.Tensor,
+    batch: Batch,
+    microbatch: int | None,
+) -> torch.Tensor:
+    """sum_c (n_c / N) multiply(w, V, chunk_c) over consecutive chunks of ``microbatch`` rows of the batch (the
+    batch itself for None): a product of a mean-over-examples loss, one chunk's activations at a time."""
+    chunks = [(1.0, batch)] if microbatch is None else row_chunks(batch, microbatch)
+    image = torch.zeros_like(vectors)
+    for weight, chunk in chunks:
+        image += weight * multiply(w, vectors, chunk)
+    return image
+
+
 def _fallback_warning(objective: TorchObjective, what: str) -> str:
     """What eosflow does when torch.func.vmap cannot batch the model (``objective.vmap_error``): the
     model's class, what it loops over, vmap's first line, and the known remedy if there is one."""
@@ -296,10 +312,17 @@ def _own_precision(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def evaluate(self, *args, **kwargs):
-        with torch.autocast(self.device.type, enabled=False), _float32_products():
+        with _in_own_precision(self.device):
             return method(self, *args, **kwargs)
 
     return evaluate
+
+
+@contextlib.contextmanager
+def _in_own_precision(device: torch.device) -> Iterator[None]:
+    """The block with autocast off on ``device`` and float32 products in float32 (:func:`_own_precision`)."""
+    with torch.autocast(device.type, enabled=False), _float32_products():
+        yield
 
 
 @contextlib.contextmanager
@@ -603,6 +626,13 @@ class TorchObjective:
         ]
         return pytree.tree_unflatten(selected, spec)
 
+    def check_microbatch_mean(self, batch: Batch, microbatch: int | None) -> None:
+        """A SpecError unless the loss is a mean over examples, when ``microbatch`` splits the batch's rows
+        (:func:`eosflow.objective.check_mean_over_examples` on its first four rows, at the current weights)."""
+        if microbatch is not None and leading_size(batch) >= 4:
+            start = self.flat_parameters()
+            check_mean_over_examples(lambda a, b: float(self.value(start, rows(batch, a, b))), "microbatch")
+
     def check_minibatch(self, size: int) -> None:
         """A ValueError when BatchNorm in train mode would normalize a minibatch of one example by
         that example's own statistics (per-example gradients, or a batch size of 1): a loss no
@@ -717,7 +747,7 @@ class LinearizedHessian:
 
     def __init__(self, objective: TorchObjective, w: torch.Tensor, batch: Batch):
         self.objective = objective
-        with torch.autocast(objective.device.type, enabled=False), _float32_products():
+        with _in_own_precision(objective.device):
             self.w = w.detach().clone().requires_grad_(True)
             loss = objective._loss(objective.unflatten(self.w), batch)
             (self.gradient,) = torch.autograd.grad(loss, self.w, create_graph=True)
@@ -726,7 +756,7 @@ class LinearizedHessian:
         """H(w) V for the columns of V (d x k)."""
         if not self.gradient.requires_grad:  # g does not depend on w (a piecewise-linear model and loss): H = 0
             return torch.zeros_like(vectors)
-        with torch.autocast(self.objective.device.type, enabled=False), _float32_products():
+        with _in_own_precision(self.objective.device):
             images = [
                 torch.autograd.grad(self.gradient, self.w, grad_outputs=column, retain_graph=True, allow_unused=True)[0]
                 for column in vectors.T

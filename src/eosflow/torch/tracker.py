@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from eosflow.compiled import BoundedJit
-from eosflow.objective import check_example_count, check_mean_over_examples
+from eosflow.objective import check_example_count
 from eosflow.precision import precision
 from eosflow.preconditioning import (
     MomentumForm,
@@ -57,9 +57,7 @@ from eosflow.torch.objective import (
     Batch,
     LinearizedHessian,
     TorchObjective,
-    leading_size,
-    row_chunks,
-    rows,
+    chunked_products,
     train_modes,
     trainable,
 )
@@ -322,11 +320,7 @@ class SharpnessTracker:
         assert batch is not None, "HVPs are taken inside update(), which sets the batch"
         if self._hessian is not None:  # the update's gradient graph, built once at its w
             return self._hessian(v_t).detach().cpu().numpy()
-        chunks = [(1.0, batch)] if self.microbatch is None else row_chunks(batch, self.microbatch)
-        image = torch.zeros_like(v_t)
-        for weight, chunk in chunks:
-            image += weight * self.objective.hvp_batch(w_t, v_t, chunk)
-        return image.detach().cpu().numpy()
+        return chunked_products(self.objective.hvp_batch, w_t, v_t, batch, self.microbatch).detach().cpu().numpy()
 
     def update(self, batch: Batch, optimizer: torch.optim.Optimizer | None = None) -> TrackedEigenpairs:
         """Measure at the model's current parameters on ``batch``, in its current train/eval modes
@@ -337,11 +331,10 @@ class SharpnessTracker:
         modes = train_modes(objective.model)
         if modes != self._checked:  # the first update, or the model's modes changed: a different loss
             objective.check(batch)
-            if self.microbatch is not None and leading_size(batch) >= 4:
-                start = objective.flat_parameters()
-                check_mean_over_examples(lambda a, b: float(objective.value(start, rows(batch, a, b))), "microbatch")
+            objective.check_microbatch_mean(batch, self.microbatch)
             self._checked = modes
-        w = objective.flat_parameters().cpu().numpy()
+        w_t = objective.flat_parameters()
+        w = w_t.cpu().numpy()
         if optimizer is None:
             preconditioning = Preconditioning(None, float("nan"))
         else:
@@ -353,7 +346,7 @@ class SharpnessTracker:
         self._batch = batch
         # without a microbatch the whole batch's gradient graph is held for the update's products; with one, each
         # product recomputes its chunks (one chunk's activations at a time)
-        self._hessian = objective.linearized(objective.flat_parameters(), batch) if self.microbatch is None else None
+        self._hessian = objective.linearized(w_t, batch) if self.microbatch is None else None
         try:
             with precision(self.dtype):  # (blocking: the callbacks read the batch, dispatch is asynchronous)
                 token = jnp.asarray(self._token, jnp.int32)
