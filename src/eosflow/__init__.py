@@ -32,6 +32,7 @@ _MODULES = (
     "batch_sharpness",
     "compare",
     "edge_log",
+    "edge_prediction",
     "gauss_newton",
     "monitor",
     "optimizer_edges",

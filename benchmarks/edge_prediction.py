@@ -1,0 +1,141 @@
+"""The central flow's prediction at GD's own iterates, against GD's oscillation and loss (eosflow.edge_prediction).
+
+    PYTHONPATH=src .venv/bin/python benchmarks/edge_prediction.py [--steps 600] [--lr 0.4] [--dtype float32]
+        [--width 32] [--k 3] [--seed 0]
+        [--window 100] [--settled 400]
+
+GD on the demo's problem (tanh MLP 64-w-w-10 on 500 digits, MSE) runs ``--steps`` steps keeping its iterates. Then,
+as a user's loop would, at every step t >= 1 a warm-started tracker (k pairs, tol 1e-4) measures H at the
+midpoint c_t = (w_t + w_{t-1}) / 2 and ``predict`` gives X there; ``offsets`` gives GD's x = U^T (w_t - w_{t-1}) / 2.
+Per window of steps it prints the means of: m (critical directions), tr X (the predicted variance), |x_m|^2 (the
+measured one, on the m critical directions of each step), the predicted loss L(c) + 1/2 sum X_ii lambda_i, GD's
+own loss L(w_t), and the loss at the midpoint L(c) (what the prediction adds to). Then the cost of one ``predict``
+(median ms, after compilation) in gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import eosflow
+from eosflow import edge_prediction
+from eosflow.cli import demo_table
+from eosflow.experiment import prepare, run
+from eosflow.precision import precision
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=0.4)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, default=100)
+    parser.add_argument("--settled", type=int, default=400, help="the summary line's first step")
+    args = parser.parse_args()
+    table = demo_table()
+    table.update(
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        dtype=args.dtype,
+        spectrum={"every": 0},
+        record={"chunk": 100, "params_every": 1},
+    )
+    table["problem"].update(width=args.width)
+    with precision(args.dtype), tempfile.TemporaryDirectory() as tmp:
+        run(table, tmp)
+        _, params = eosflow.load_params(tmp, "gd")
+        objective = prepare(table)[1].objective
+
+        def loss_fn(w):  # the loss of the flat parameter vector, on the full batch
+            return objective.value(w)
+
+        tracker = eosflow.SharpnessTracker(loss_fn, k=args.k, tol=1e-4, max_iters=100)
+        update = jax.jit(tracker.update)
+        state = tracker.init(jnp.asarray(params[0]), jax.random.key(args.seed))
+        rows = []
+        for t in range(1, args.steps):
+            now, before = jnp.asarray(params[t]), jnp.asarray(params[t - 1])
+            centre = (now + before) / 2
+            state, eig = update(state, centre)
+            prediction = edge_prediction.predict(loss_fn, centre, None, eig, args.lr)
+            m = int(prediction.critical)
+            x = np.asarray(edge_prediction.offsets(now, before, eig))
+            rows.append(
+                (
+                    t,
+                    m,
+                    float(jnp.trace(prediction.covariance)),
+                    float(np.sum(x[:m] ** 2)),
+                    float(prediction.predicted_loss),
+                    float(loss_fn(now)),
+                    float(prediction.loss),
+                    args.lr * float(eig.values[0]) / 2,
+                )
+            )
+        data = np.array(rows)
+
+        times = []
+        for _ in range(9):
+            started = time.perf_counter()
+            jax.block_until_ready(edge_prediction.predict(loss_fn, centre, None, eig, args.lr))
+            times.append(time.perf_counter() - started)
+        grad = jax.jit(jax.grad(loss_fn))
+        grad(centre).block_until_ready()
+        started = time.perf_counter()
+        for _ in range(20):
+            grad(centre).block_until_ready()
+        grad_ms = 1e3 * (time.perf_counter() - started) / 20
+
+    print(
+        f"digits MLP (tanh, width {args.width}), MSE, d = {params.shape[1]}, GD at lr = {args.lr}, {args.dtype}, "
+        f"seed {args.seed}; tracker k = {args.k}, tol 1e-4, at the midpoints"
+    )
+    print(
+        "| steps | lr S/2 (mean) | m (mean) | predicted tr X | measured abs(x_m)^2 | measured / predicted "
+        "| predicted loss | GD's loss | loss at the midpoint |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for start in range(0, args.steps, args.window):
+        part = data[(data[:, 0] >= start) & (data[:, 0] < start + args.window)]
+        if not len(part):
+            continue
+        predicted, measured = part[:, 2].mean(), part[:, 3].mean()
+        ratio = f"{measured / predicted:.3f}" if predicted > 0 else "-"
+        print(
+            f"| {int(part[0, 0])}-{int(part[-1, 0])} | {part[:, 7].mean():.4f} | {part[:, 1].mean():.2f} | "
+            f"{predicted:.3e} | {measured:.3e} | {ratio} | {part[:, 4].mean():.5f} | {part[:, 5].mean():.5f} | "
+            f"{part[:, 6].mean():.5f} |"
+        )
+    late = data[data[:, 0] >= args.settled]
+    windows = [
+        late[(late[:, 0] >= s) & (late[:, 0] < s + args.window)] for s in range(args.settled, args.steps, args.window)
+    ]
+    off = [abs(w[:, 4].mean() / w[:, 5].mean() - 1) for w in windows if len(w)]
+    off_centre = [abs(w[:, 6].mean() / w[:, 5].mean() - 1) for w in windows if len(w)]
+    ratios = [w[:, 3].mean() / w[:, 2].mean() for w in windows if len(w) and w[:, 2].mean() > 0]
+    if len(late):
+        print(
+            f"\nsteps {args.settled}-{args.steps - 1}: measured / predicted tr X = "
+            f"{late[:, 3].sum() / late[:, 2].sum():.3f} "
+            f"(per window {min(ratios):.3f} to {max(ratios):.3f}); the predicted loss is off GD's window mean by "
+            f"{100 * np.mean(off):.2f}% on average (at most {100 * max(off):.2f}%), the loss at the midpoint by "
+            f"{100 * np.mean(off_centre):.2f}% (at most {100 * max(off_centre):.2f}%)"
+        )
+    print(
+        f"\none predict (k = {args.k}: {args.k * (args.k + 1) // 2} third derivatives): "
+        f"{1e3 * float(np.median(times)):.1f} ms; one gradient {grad_ms:.3f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""What the central flow predicts at a point of your own GD loop: the oscillation, and the loss it costs.
+
+    prediction = eosflow.edge_prediction.predict(loss_fn, centre, batch, eig, lr)   # eig: the tracker's
+    prediction.covariance       # X (k x k): Sigma = U X U^T, GD's oscillation about the centre
+    prediction.predicted_loss   # L + 1/2 <Sigma, H>: the loss GD averages over its oscillation
+    prediction.sharpening       # d lambda_i / dt along gradient flow (progressive sharpening if > 0)
+    x = eosflow.edge_prediction.offsets(params, previous, eig)   # GD's measured offsets: mean(x x^T) -> X
+
+At the edge of stability GD oscillates about a centre along the critical eigenvectors U of H (eigenvalues
+>= (1 - margin) 2/lr), and the central flow (Cohen, Damian, Talwalkar, Kolter & Lee, ICLR 2025) gives that
+oscillation's covariance Sigma = U X U^T from derivatives at the centre alone: X >= 0 is the least that keeps
+the critical eigenvalues from rising along the flow,
+
+    X >= 0,   alpha + beta[X] >= 0,   <X, alpha + beta[X]> = 0,
+    alpha_ij = <G_ij, g>,   beta[X]_ij = 1/2 <G_ij, sum_kl X_kl G_kl>,   G_ij = grad (u_i^T H u_j) = D^3 L[u_i, u_j, .]
+
+(the SDCP of :mod:`eosflow.flows.central` with zero slack, A = 0: its substep dt and lr scale alpha and beta
+alike, so X depends on neither). With one critical direction X = sigma^2 = max(0, -2 <grad S, g> / |grad S|^2),
+the oscillation of Damian, Nichani & Lee's self-stabilization (ICLR 2023). The flow's time-averaged loss is
+L + 1/2 <Sigma, H> = L + 1/2 sum_i X_ii lambda_i.
+
+The centre of GD's period-2 oscillation is, to first order in its amplitude, the midpoint of two consecutive
+iterates, and the offset of w_t from it along u_i is x_i = u_i . (w_t - w_{t-1}) / 2 (:func:`offsets`), so the
+central flow's claim is mean(x x^T) over steps = X. ``benchmarks/edge_prediction.py`` measures it along GD.
+
+For every tracked pair, ``sharpening`` = -<G_ii, g> is d lambda_i / dt along gradient flow
+(grad lambda_i = G_ii for a simple eigenvalue; per GD step, times lr): the rate of progressive sharpening
+before the edge, and alpha's diagonal at it. The eigenpairs are H's (a tracker without a preconditioner).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from eosflow.compiled import BoundedJit
+from eosflow.flows.central import pair_gradients
+from eosflow.flows.flow import critical_count
+from eosflow.flows.sdcp import pair_indices, smat, solve_sdcp
+from eosflow.objective import Objective, check_example_count, differentiable_loss, differentiable_part, ravel
+from eosflow.precision import MATMUL_PRECISION
+from eosflow.tracing import equations
+
+PyTree = Any
+
+
+class EdgePrediction(NamedTuple):
+    """The central flow's reading at a point, for k tracked eigenpairs (u_i, lambda_i) of H there."""
+
+    loss: Array  # () L at the point
+    values: Float[Array, " k"]  # lambda_i, as given
+    sharpening: Float[Array, " k"]  # -<G_ii, g>: d lambda_i / dt along gradient flow (NaN where lambda_i is)
+    critical: Array  # () int32: m, the top eigenvalues >= (1 - margin) 2/lr
+    complete: Array  # () int32: 1 if a tracked eigenvalue below the threshold shows that m is all of them
+    covariance: Float[Array, "k k"]  # X: Sigma = U X U^T (zero outside the leading m x m block)
+    predicted_loss: Array  # () L + 1/2 sum_i X_ii lambda_i
+    sdcp_residual: Array  # () the complementarity problem's residual (0 without a critical direction)
+
+    @property
+    def amplitude(self) -> Array:
+        """sqrt of X's largest eigenvalue: the oscillation's amplitude along its main direction."""
+        return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(self.covariance)[-1], 0.0))
+
+
+def predict(
+    loss_fn: Callable,
+    params: PyTree,
+    batch: PyTree,
+    eig: Any,
+    lr: float,
+    *,
+    margin: float = 0.03,
+    wrt: Any = None,
+    microbatch: int | None = None,
+) -> EdgePrediction:
+    """:class:`EdgePrediction` of GD at step size ``lr`` at ``params`` (the centre: for GD at the edge, the midpoint
+    of two consecutive iterates), from ``eig`` (anything with ``.values`` (k,) descending and ``.vectors`` (d, k),
+    as :class:`eosflow.SharpnessTracker` returns) measured there.
+
+    ``loss_fn(params, batch)`` (``loss_fn(params)`` with ``batch=None``), ``wrt`` and ``microbatch`` as the
+    tracker's; ``margin`` as the central flow's. One gradient and k(k + 1)/2 third derivatives (jvp-of-HVP
+    products, each about 3 gradients); compiled once per loss function and shapes (reuse the same ``loss_fn``).
+    """
+    values = jnp.asarray(eig.values)
+    vectors = jnp.asarray(eig.vectors)
+    if values.ndim != 1 or vectors.ndim != 2 or vectors.shape[1] != values.shape[0]:
+        raise ValueError(
+            f"edge_prediction: eig.values must be (k,) and eig.vectors (d, k), got {values.shape} and {vectors.shape}"
+        )
+    size = ravel(differentiable_part(params, wrt)[0])[0].size
+    if vectors.shape[0] != size:
+        raise ValueError(
+            f"edge_prediction: eig.vectors has {vectors.shape[0]} rows, the measured parameters {size} entries: "
+            "pass the eigenpairs measured on these parameters (with the same wrt)"
+        )
+    if not 0 <= margin < 1:
+        raise ValueError(f"edge_prediction: margin must be in [0, 1), got {margin!r}")
+    if not lr > 0:
+        raise ValueError(f"edge_prediction: lr must be positive, got {lr!r}")
+    check_example_count(microbatch, "edge_prediction microbatch")
+    dtype = vectors.dtype
+    return _compiled(
+        loss_fn, params, batch, values, vectors, jnp.asarray(lr, dtype), jnp.asarray(margin, dtype), wrt, microbatch
+    )
+
+
+def _prediction(
+    loss_fn: Callable,
+    params: PyTree,
+    batch: PyTree,
+    values: Float[Array, " k"],
+    vectors: Float[Array, "d k"],
+    lr: Array,
+    margin: Array,
+    wrt: Any,
+    microbatch: int | None,
+) -> EdgePrediction:
+    arrays, rebuild = differentiable_part(params, wrt)
+    flat, unravel = ravel(arrays)
+    call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
+
+    def loss_on(w: Array, data: PyTree) -> Array:
+        model = rebuild(unravel(w))
+        return loss_fn(model) if data is None else loss_fn(model, data)
+
+    differentiable = differentiable_loss(loss_on, equations(loss_on, flat, batch), f"edge_prediction: {call}")
+    objective = Objective(loss_on=differentiable, data=batch, unravel=lambda w: w, microbatch=microbatch)
+    vectors = vectors.astype(flat.dtype)
+    values = values.astype(flat.dtype)
+    k = values.shape[0]
+    with jax.default_matmul_precision(MATMUL_PRECISION):
+        loss, grad = objective.value_and_grad(flat)
+        scaled = pair_gradients(objective, flat, vectors)  # (k(k+1)/2, d): s_p G_p, s_p = sqrt 2 off the diagonal
+    rows, cols = pair_indices(k)
+    diagonal = np.flatnonzero(rows == cols)  # the pairs (i, i), i = 0 .. k - 1 in order
+    sharpening = jnp.where(jnp.isnan(values), jnp.nan, -(scaled[diagonal] @ grad))
+    m, complete = critical_count(values, (1.0 - margin) * 2.0 / lr, k, flat.size)
+    active = jnp.arange(k) < m
+    masked = scaled * (active[rows] & active[cols])[:, None]  # no coupling to a direction that is not critical
+    alpha = smat(masked @ grad)
+    free = 1.0 + jnp.linalg.norm(alpha)  # any positive slack keeps X_ii = 0 off the critical set
+    alpha = alpha + jnp.diag(jnp.where(active, 0.0, free))
+    solution = solve_sdcp(alpha, 0.5 * masked @ masked.T)
+    X = solution.X * (active[:, None] & active[None, :])
+    return EdgePrediction(
+        loss=loss,
+        values=values,
+        sharpening=sharpening,
+        critical=m,
+        complete=complete,
+        covariance=X,
+        predicted_loss=loss + 0.5 * jnp.sum(jnp.diag(X) * jnp.where(active, values, 0.0)),
+        sdcp_residual=jnp.where(m > 0, solution.residual, 0.0),
+    )
+
+
+_compiled = BoundedJit(_prediction, kept=8)  # per loss function, shapes and wrt (eosflow.compiled)
+
+
+def offsets(params: PyTree, previous: PyTree, eig: Any, wrt: Any = None) -> Float[Array, " k"]:
+    """x_i = u_i . (w_t - w_{t-1}) / 2: GD's offset from the midpoint of its last two iterates along each tracked
+    eigenvector (``params`` = w_t, ``previous`` = w_{t-1}; flattened as the tracker flattens them)."""
+    now = ravel(differentiable_part(params, wrt)[0])[0]
+    before = ravel(differentiable_part(previous, wrt)[0])[0]
+    if now.shape != before.shape:
+        raise ValueError(f"edge_prediction.offsets: params has {now.size} entries, previous {before.size}")
+    return jnp.asarray(eig.vectors).T @ (jnp.asarray(now) - jnp.asarray(before)) / 2.0
