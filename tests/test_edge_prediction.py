@@ -192,3 +192,119 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="previous 3"):
         edge_prediction.offsets(params, jnp.ones(3), good)
     assert eosflow.edge_prediction is edge_prediction
+
+
+class TorchValley:
+    """The valley as a torch module whose output is the loss (the batch is ignored)."""
+
+    def __new__(cls, a, b, c, x, y):
+        torch = pytest.importorskip("torch")
+
+        class Valley(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.x = torch.nn.Parameter(torch.tensor(x))
+                self.y = torch.nn.Parameter(torch.tensor(y))
+                self.a, self.b, self.c = map(torch.tensor, (a, b, c))
+
+            def forward(self, inputs):
+                return 0.5 * torch.sum((self.a + self.b @ self.y) * self.x**2) + self.c @ self.y
+
+        return Valley()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_torch_prediction_midpoint_and_offsets_on_gds_orbit(seed):
+    """The valley's closed form through eosflow.torch: GD (torch.optim.SGD) steps from the orbit's point to its other
+    point; inside `midpoint` the model sits at the orbit's centre (x = 0, y*), where X = diag(s^2) and the
+    predicted loss is the orbit's; `edge_offsets` gives -s; leaving the block puts w_t back bitwise."""
+    torch = pytest.importorskip("torch")
+    import eosflow.torch  # noqa: F401  (eosflow does not import torch by itself)
+
+    rng = np.random.default_rng(seed)
+    m, lr = 2, float(rng.uniform(0.05, 0.5))
+    b = -np.abs(rng.normal(1.0, 0.3, (m, m))) - 2.0 * np.eye(m)
+    s2 = rng.uniform(0.01, 0.2, m)
+    c, y = -0.5 * b.T @ s2, rng.normal(size=m)
+    model = TorchValley(2.0 / lr - b @ y, b, c, np.sqrt(s2), y)
+    batch = (torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    loss_fn = lambda outputs, targets: outputs  # noqa: E731
+    orbit_loss = float(model(batch[0]).detach())
+    previous = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer.zero_grad()
+    model(batch[0]).backward()
+    optimizer.step()
+    after = [p.detach().clone() for p in model.parameters()]
+    np.testing.assert_allclose(after[0].numpy(), -np.sqrt(s2), rtol=1e-12)
+    eig = Pairs(np.full(m, 2.0 / lr), np.eye(2 * m)[:, :m])
+    with eosflow.torch.midpoint(model, previous):
+        np.testing.assert_allclose(model.x.detach().numpy(), 0.0, atol=1e-15)  # GD's step rounds
+        prediction = eosflow.torch.edge_prediction(model, loss_fn, batch, eig, lr)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after, strict=True))
+    np.testing.assert_allclose(prediction.covariance, np.diag(s2), rtol=1e-9, atol=1e-12)
+    assert float(prediction.predicted_loss) == pytest.approx(orbit_loss, rel=1e-12)
+    np.testing.assert_allclose(eosflow.torch.edge_offsets(model, previous, eig), -np.sqrt(s2), rtol=1e-12)
+    with pytest.raises(ValueError, match="previous has 1 tensors, the model 2"):
+        eosflow.torch.edge_offsets(model, previous[:1], eig)
+    with pytest.raises(RuntimeError), eosflow.torch.midpoint(model, previous):
+        raise RuntimeError("the block fails")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after, strict=True))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_matches_the_jax_path_on_one_network(dtype):
+    """A torch tanh MLP and its JAX transcription with the same weights, tilted up their sharpness by a linear
+    term: every field of the torch prediction equals the JAX one (float64: 1e-9; float32: 1e-3), k = 3 pairs from
+    dense eigh, each m; the torch model is unchanged."""
+    torch = pytest.importorskip("torch")
+    import eosflow.torch  # noqa: F401
+
+    torch_dtype = getattr(torch, dtype)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2)).to(torch_dtype)
+    torch.manual_seed(0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.7)
+    inputs = torch.randn(16, 3, dtype=torch_dtype)
+    targets = torch.sin(inputs[:, :2])
+    names = [name for name, _ in net.named_parameters()]
+    weights = [p.detach().numpy().astype(np.float64) for p in net.parameters()]
+    with precision("float64"):
+        flat, unravel = ravel_pytree([jnp.asarray(w) for w in weights])
+        r = jnp.asarray(np.random.default_rng(1).normal(size=flat.size))
+
+        def loss(w):
+            W1, b1, W2, b2 = unravel(w)
+            out = jnp.tanh(jnp.asarray(inputs.numpy(), jnp.float64) @ W1.T + b1) @ W2.T + b2
+            return jnp.mean((out - jnp.asarray(targets.numpy(), jnp.float64)) ** 2) + r @ w
+
+        values, vectors = np.linalg.eigh(np.asarray(jax.hessian(loss)(flat)))
+        eig = Pairs(values[::-1][:3], vectors[:, ::-1][:, :3])
+    pieces = torch.split(torch.tensor(np.asarray(r), dtype=torch_dtype), [p.numel() for p in net.parameters()])
+
+    class Tilted(torch.nn.Module):  # the outputs and r . w, from the parameters functional_call puts in
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            layers = (self.net[0].weight, self.net[0].bias, self.net[2].weight, self.net[2].bias)
+            return self.net(x), sum(piece @ p.reshape(-1) for piece, p in zip(pieces, layers, strict=True))
+
+    def torch_loss(outputs, targets):
+        return torch.nn.functional.mse_loss(outputs[0], targets) + outputs[1]
+
+    model = Tilted()
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    tolerance = dict(rtol=1e-9, atol=1e-12) if dtype == "float64" else dict(rtol=2e-3, atol=1e-5)
+    for m in range(1, 4):
+        lr = 2.0 / eig.values[m - 1] * (1 + 1e-6)
+        with precision("float64"):
+            oracle = edge_prediction.predict(loss, flat, None, eig, lr, margin=0.0)
+        ours = eosflow.torch.edge_prediction(model, torch_loss, (inputs, targets), eig, lr, margin=0.0)
+        assert int(ours.critical) == int(oracle.critical) == m
+        for field in ("loss", "sharpening", "covariance", "predicted_loss"):
+            np.testing.assert_allclose(getattr(ours, field), getattr(oracle, field), **tolerance, err_msg=field)
+        assert np.asarray(ours.covariance).dtype == np.dtype(dtype)
+        assert np.trace(np.asarray(ours.covariance)) > 0  # the tilt makes every m oscillate
+    assert names == list(before) and all(torch.equal(p, before[n]) for n, p in net.named_parameters())

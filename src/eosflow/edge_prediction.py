@@ -86,27 +86,42 @@ def predict(
     tracker's; ``margin`` as the central flow's. One gradient and k(k + 1)/2 third derivatives (jvp-of-HVP
     products, each about 3 gradients); compiled once per loss function and shapes (reuse the same ``loss_fn``).
     """
-    values = jnp.asarray(eig.values)
-    vectors = jnp.asarray(eig.vectors)
-    if values.ndim != 1 or vectors.ndim != 2 or vectors.shape[1] != values.shape[0]:
-        raise ValueError(
-            f"edge_prediction: eig.values must be (k,) and eig.vectors (d, k), got {values.shape} and {vectors.shape}"
-        )
     size = ravel(differentiable_part(params, wrt)[0])[0].size
-    if vectors.shape[0] != size:
-        raise ValueError(
-            f"edge_prediction: eig.vectors has {vectors.shape[0]} rows, the measured parameters {size} entries: "
-            "pass the eigenpairs measured on these parameters (with the same wrt)"
-        )
-    if not 0 <= margin < 1:
-        raise ValueError(f"edge_prediction: margin must be in [0, 1), got {margin!r}")
-    if not lr > 0:
-        raise ValueError(f"edge_prediction: lr must be positive, got {lr!r}")
+    values, vectors = check_inputs(np.asarray(eig.values), np.asarray(eig.vectors), size, lr, margin, "edge_prediction")
     check_example_count(microbatch, "edge_prediction microbatch")
     dtype = vectors.dtype
     return _compiled(
-        loss_fn, params, batch, values, vectors, jnp.asarray(lr, dtype), jnp.asarray(margin, dtype), wrt, microbatch
+        loss_fn,
+        params,
+        batch,
+        jnp.asarray(values),
+        jnp.asarray(vectors),
+        jnp.asarray(lr, dtype),
+        jnp.asarray(margin, dtype),
+        wrt,
+        microbatch,
     )
+
+
+def check_inputs(
+    values: np.ndarray, vectors: np.ndarray, size: int, lr: float, margin: float, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(values, vectors) if they are k eigenpairs of a Hessian of ``size`` parameters and lr, margin are valid;
+    else a ValueError that says which, naming ``where``."""
+    if values.ndim != 1 or vectors.ndim != 2 or vectors.shape[1] != values.shape[0]:
+        raise ValueError(
+            f"{where}: eig.values must be (k,) and eig.vectors (d, k), got {values.shape} and {vectors.shape}"
+        )
+    if vectors.shape[0] != size:
+        raise ValueError(
+            f"{where}: eig.vectors has {vectors.shape[0]} rows, the measured parameters {size} entries: "
+            "pass the eigenpairs measured on these parameters (with the same wrt)"
+        )
+    if not 0 <= margin < 1:
+        raise ValueError(f"{where}: margin must be in [0, 1), got {margin!r}")
+    if not lr > 0:
+        raise ValueError(f"{where}: lr must be positive, got {lr!r}")
+    return values, vectors
 
 
 def _prediction(
@@ -130,16 +145,23 @@ def _prediction(
 
     differentiable = differentiable_loss(loss_on, equations(loss_on, flat, batch), f"edge_prediction: {call}")
     objective = Objective(loss_on=differentiable, data=batch, unravel=lambda w: w, microbatch=microbatch)
-    vectors = vectors.astype(flat.dtype)
-    values = values.astype(flat.dtype)
-    k = values.shape[0]
     with jax.default_matmul_precision(MATMUL_PRECISION):
         loss, grad = objective.value_and_grad(flat)
-        scaled = pair_gradients(objective, flat, vectors)  # (k(k+1)/2, d): s_p G_p, s_p = sqrt 2 off the diagonal
+        scaled = pair_gradients(objective, flat, vectors.astype(flat.dtype))
+    return reading(loss, grad, scaled, values.astype(flat.dtype), lr, margin)
+
+
+def reading(
+    loss: Array, grad: Float[Array, " d"], scaled: Float[Array, "p d"], values: Float[Array, " k"], lr, margin
+) -> EdgePrediction:
+    """:class:`EdgePrediction` from L, g and the scaled pair gradients s_p G_p of the k tracked vectors at a point
+    (p = k(k+1)/2 in :func:`eosflow.flows.sdcp.pair_indices` order, s_p = sqrt 2 off the diagonal, as
+    :func:`eosflow.flows.central.pair_gradients` gives them), whatever computed them (JAX or torch)."""
+    k = values.shape[0]
     rows, cols = pair_indices(k)
     diagonal = np.flatnonzero(rows == cols)  # the pairs (i, i), i = 0 .. k - 1 in order
     sharpening = jnp.where(jnp.isnan(values), jnp.nan, -(scaled[diagonal] @ grad))
-    m, complete = critical_count(values, (1.0 - margin) * 2.0 / lr, k, flat.size)
+    m, complete = critical_count(values, (1.0 - margin) * 2.0 / lr, k, grad.size)
     active = jnp.arange(k) < m
     masked = scaled * (active[rows] & active[cols])[:, None]  # no coupling to a direction that is not critical
     alpha = smat(masked @ grad)
