@@ -9,7 +9,8 @@ as a user's loop would, at every step t >= 1 a warm-started tracker (k pairs, to
 midpoint c_t = (w_t + w_{t-1}) / 2 and ``predict`` gives X there; ``offsets`` gives GD's x = U^T (w_t - w_{t-1}) / 2.
 Per window of steps it prints the means of: m (critical directions), tr X (the predicted variance), |x_m|^2 (the
 measured one, on the m critical directions of each step), the predicted loss L(c) + 1/2 sum X_ii lambda_i, GD's
-own loss L(w_t), and the loss at the midpoint L(c) (what the prediction adds to). Then the cost of one ``predict``
+own loss L(w_t), the loss at the midpoint L(c) (what the prediction adds to), and the share of steps where every
+tracked pair was critical (the critical set may then be cut: raise ``--k``). Then the cost of one ``predict``
 (median ms, after compilation) in gradients.
 """
 
@@ -80,6 +81,7 @@ def main() -> None:
                     float(loss_fn(now)),
                     float(prediction.loss),
                     args.lr * float(eig.values[0]) / 2,
+                    float(m > 0 and not int(prediction.complete)),
                 )
             )
         data = np.array(rows)
@@ -102,9 +104,9 @@ def main() -> None:
     )
     print(
         "| steps | lr S/2 (mean) | m (mean) | predicted tr X | measured abs(x_m)^2 | measured / predicted "
-        "| predicted loss | GD's loss | loss at the midpoint |"
+        "| predicted loss | GD's loss | loss at the midpoint | steps with every tracked pair critical |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for start in range(0, args.steps, args.window):
         part = data[(data[:, 0] >= start) & (data[:, 0] < start + args.window)]
         if not len(part):
@@ -114,7 +116,7 @@ def main() -> None:
         print(
             f"| {int(part[0, 0])}-{int(part[-1, 0])} | {part[:, 7].mean():.4f} | {part[:, 1].mean():.2f} | "
             f"{predicted:.3e} | {measured:.3e} | {ratio} | {part[:, 4].mean():.5f} | {part[:, 5].mean():.5f} | "
-            f"{part[:, 6].mean():.5f} |"
+            f"{part[:, 6].mean():.5f} | {100 * part[:, 8].mean():.0f}% |"
         )
     late = data[data[:, 0] >= args.settled]
     windows = [
