@@ -10,7 +10,8 @@ midpoint c_t = (w_t + w_{t-1}) / 2 and ``predict`` gives X there; ``offsets`` gi
 Per window of steps it prints the means of: m (critical directions), tr X (the predicted variance), |x_m|^2 (the
 measured one, on the m critical directions of each step), the predicted loss L(c) + 1/2 sum X_ii lambda_i, GD's
 own loss L(w_t), the loss at the midpoint L(c) (what the prediction adds to), and the share of steps where every
-tracked pair was critical (the critical set may then be cut: raise ``--k``). Then the cost of one ``predict``
+tracked pair was critical (the critical set may then be cut: raise ``--k``); before the edge, lambda_1's change
+per step against its predicted rate, lr times ``sharpening``. Then the cost of one ``predict``
 (median ms, after compilation) in gradients.
 """
 
@@ -82,6 +83,7 @@ def main() -> None:
                     float(prediction.loss),
                     args.lr * float(eig.values[0]) / 2,
                     float(m > 0 and not int(prediction.complete)),
+                    args.lr * float(prediction.sharpening[0]),  # lambda_1's predicted change over one step
                 )
             )
         data = np.array(rows)
@@ -118,6 +120,21 @@ def main() -> None:
             f"{predicted:.3e} | {measured:.3e} | {ratio} | {part[:, 4].mean():.5f} | {part[:, 5].mean():.5f} | "
             f"{part[:, 6].mean():.5f} | {100 * part[:, 8].mean():.0f}% |"
         )
+    sharpness = 2 * data[:, 7] / args.lr
+    growth, predicted_growth = np.diff(sharpness), data[:-1, 9]
+    before = (data[:-1, 1] == 0) & (data[1:, 1] == 0)  # no critical direction at either end of the step
+    print(
+        "\nprogressive sharpening before the edge: lambda_1's change per step, measured (between consecutive "
+        "midpoints) and predicted (lr sharpening_1)"
+    )
+    print("| steps | measured | predicted | measured / predicted |")
+    print("|---|---|---|---|")
+    for start in range(0, args.steps, args.window):
+        part = before & (data[:-1, 0] >= start) & (data[:-1, 0] < start + args.window)
+        if part.sum() < args.window // 2:
+            continue
+        measured, predicted = growth[part].mean(), predicted_growth[part].mean()
+        print(f"| {start}-{start + args.window - 1} | {measured:.3e} | {predicted:.3e} | {measured / predicted:.3f} |")
     late = data[data[:, 0] >= args.settled]
     windows = [
         late[(late[:, 0] >= s) & (late[:, 0] < s + args.window)] for s in range(args.settled, args.steps, args.window)

@@ -308,3 +308,42 @@ def test_torch_matches_the_jax_path_on_one_network(dtype):
         assert np.asarray(ours.covariance).dtype == np.dtype(dtype)
         assert np.trace(np.asarray(ours.covariance)) > 0  # the tilt makes every m oscillate
     assert names == list(before) and all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+
+
+@pytest.mark.parametrize("lr,warmup", [(0.1, 1500), (0.07, 2500)])
+def test_the_documented_loop_predicts_gds_loss_on_the_bent_valley(lr, warmup):
+    """docs/monitor.md's loop on examples/sharp_valley.toml's bent valley (float64), 200 GD steps after GD has
+    settled at its edge: at every step one direction is critical; the mean predicted loss is GD's mean loss to 1%,
+    where the loss at the midpoint is off by more than half of it; the mean measured x^2 is the mean tr X to 2%."""
+    from eosflow.experiment import prepare
+    from eosflow.spec import load_spec_table
+
+    with precision("float64"):
+        problem = prepare(load_spec_table("examples/sharp_valley.toml"))[1]
+        objective = problem.objective
+
+        def loss_fn(w):
+            return objective.value(w)
+
+        grad_fn = jax.jit(jax.grad(loss_fn))
+        settle = jax.jit(lambda w: jax.lax.fori_loop(0, warmup, lambda _, w: w - lr * jax.grad(loss_fn)(w), w))
+        params = settle(problem.w0)
+        tracker = eosflow.SharpnessTracker(loss_fn, k=2, tol=1e-8, max_iters=50)
+        state = tracker.init(params, jax.random.key(0))
+        update = jax.jit(tracker.update)
+        rows = []
+        for _ in range(200):
+            new = jax.tree.map(lambda p, g: p - lr * g, params, grad_fn(params))
+            centre = jax.tree.map(lambda a, b: (a + b) / 2, new, params)
+            state, eig = update(state, centre)
+            prediction = edge_prediction.predict(loss_fn, centre, None, eig, lr)
+            x = edge_prediction.offsets(new, params, eig)
+            params = new
+            assert int(prediction.critical) == 1
+            rows.append(
+                [prediction.predicted_loss, loss_fn(new), prediction.loss, prediction.covariance[0, 0], x[0] ** 2]
+            )
+        predicted, gd, centre_loss, variance, measured = np.asarray(rows, dtype=float).mean(axis=0)
+        assert abs(predicted - gd) <= 0.01 * abs(gd)
+        assert abs(centre_loss - gd) >= 0.5 * abs(gd)
+        assert measured == pytest.approx(variance, rel=0.02)
