@@ -311,10 +311,12 @@ def test_torch_matches_the_jax_path_on_one_network(dtype):
 
 
 @pytest.mark.parametrize("lr,warmup", [(0.1, 1500), (0.07, 2500)])
-def test_the_documented_loop_predicts_gds_loss_on_the_bent_valley(lr, warmup):
+def test_the_documented_loop_predicts_gds_loss_on_the_bent_valley(lr, warmup, tmp_path):
     """docs/monitor.md's loop on examples/sharp_valley.toml's bent valley (float64), 200 GD steps after GD has
     settled at its edge: at every step one direction is critical; the mean predicted loss is GD's mean loss to 1%,
-    where the loss at the midpoint is off by more than half of it; the mean measured x^2 is the mean tr X to 2%."""
+    where the loss at the midpoint is off by more than half of it; the mean measured x^2 is the mean tr X to 2%.
+    Each prediction goes to an edge log beside GD's loss: read back as written, drawn over the loss."""
+    from eosflow.edge_log import EdgeLog, figure, read
     from eosflow.experiment import prepare
     from eosflow.spec import load_spec_table
 
@@ -332,7 +334,8 @@ def test_the_documented_loop_predicts_gds_loss_on_the_bent_valley(lr, warmup):
         state = tracker.init(params, jax.random.key(0))
         update = jax.jit(tracker.update)
         rows = []
-        for _ in range(200):
+        log = EdgeLog(tmp_path / "valley.jsonl")
+        for step in range(200):
             new = jax.tree.map(lambda p, g: p - lr * g, params, grad_fn(params))
             centre = jax.tree.map(lambda a, b: (a + b) / 2, new, params)
             state, eig = update(state, centre)
@@ -343,7 +346,18 @@ def test_the_documented_loop_predicts_gds_loss_on_the_bent_valley(lr, warmup):
             rows.append(
                 [prediction.predicted_loss, loss_fn(new), prediction.loss, prediction.covariance[0, 0], x[0] ** 2]
             )
-        predicted, gd, centre_loss, variance, measured = np.asarray(rows, dtype=float).mean(axis=0)
+            log.write(step, prediction, loss=rows[-1][1])
+        log.close()
+        ds = read(tmp_path / "valley.jsonl")
+        table = np.asarray(rows, dtype=float)
+        np.testing.assert_array_equal(ds["predicted_loss"], table[:, 0])
+        np.testing.assert_array_equal(ds["centre_loss"], table[:, 2])
+        np.testing.assert_array_equal(ds["predicted_variance"], table[:, 3])
+        assert set(ds["critical"].values) == {1}
+        lines = figure(ds).axes[0].get_lines()
+        assert [line.get_label() for line in lines] == ["loss", "predicted loss (central flow)"]
+        np.testing.assert_array_equal(lines[1].get_ydata(), table[:, 0])
+        predicted, gd, centre_loss, variance, measured = table.mean(axis=0)
         assert abs(predicted - gd) <= 0.01 * abs(gd)
         assert abs(centre_loss - gd) >= 0.5 * abs(gd)
         assert measured == pytest.approx(variance, rel=0.02)

@@ -56,8 +56,9 @@ def _scalar(name: str, value: Any) -> float | int:
 
 def _fields(record: Any) -> dict[str, Any]:
     """The scalars of a measurement object: an eosflow.monitor Reading (S, threshold = S / ratio, lr S, ratio),
-    eosflow.torch's TrackedEigenpairs (S, the other eigenvalues, threshold, ratio, HVPs) or an Eigenpairs of
-    the JAX tracker (its values and HVPs)."""
+    eosflow.torch's TrackedEigenpairs (S, the other eigenvalues, threshold, ratio, HVPs), an Eigenpairs of
+    the JAX tracker (its values and HVPs) or an EdgePrediction (the predicted loss, the loss at the centre, tr X,
+    the critical count and lambda_1's sharpening rate)."""
     fields = getattr(type(record), "_fields", ())
     if {"sharpness", "lr_sharpness", "edge_ratio"} <= set(fields):  # eosflow.monitor.Reading
         sharpness, ratio = float(record.sharpness), float(record.edge_ratio)
@@ -68,6 +69,14 @@ def _fields(record: Any) -> dict[str, Any]:
             "lr_sharpness": record.lr_sharpness,
             "edge_ratio": ratio,
         }
+    if {"predicted_loss", "covariance", "sharpening"} <= set(fields):  # eosflow.edge_prediction.EdgePrediction
+        return {
+            "predicted_loss": record.predicted_loss,
+            "centre_loss": record.loss,
+            "predicted_variance": float(np.trace(np.asarray(record.covariance, dtype=float))),
+            "critical": int(np.asarray(record.critical)),
+            "sharpening_rate": np.ravel(np.asarray(record.sharpening, dtype=float))[0],
+        }
     if {"values", "hvps"} <= set(fields):  # eigenpairs: the JAX tracker's, or eosflow.torch's with a threshold
         values = np.ravel(np.asarray(record.values, dtype=float))
         out: dict[str, Any] = {"sharpness": values[0]}
@@ -77,7 +86,8 @@ def _fields(record: Any) -> dict[str, Any]:
         out["hvps"] = int(np.asarray(record.hvps))
         return out
     raise TypeError(
-        f"EdgeLog.write takes an eosflow.monitor.Reading, a tracker's eigenpairs or keyword scalars; got "
+        f"EdgeLog.write takes an eosflow.monitor.Reading, a tracker's eigenpairs, an EdgePrediction or keyword "
+        "scalars; got "
         f"{type(record).__name__}"
     )
 
@@ -293,15 +303,23 @@ def _edge_ratio(ds: xr.Dataset) -> np.ndarray | None:
 def plot(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike | None = None) -> Path:
     """A PNG of the log: the loss (log scale) if logged, and the sharpness against its threshold (or the edge
     ratio against 1). Written next to the log as ``<name>.png`` unless ``out`` is given; returns its path."""
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
-
-    from eosflow.compare import line_style, threshold_line
-
     ds = source if isinstance(source, xr.Dataset) else read(source)
     if out is None:
         if isinstance(source, xr.Dataset):
             raise ValueError("plot: give `out` when plotting a Dataset (there is no log file to put it beside)")
         out = Path(source).with_suffix(".png")
+    out = Path(out)
+    figure(ds).savefig(out)
+    return out
+
+
+def figure(ds: xr.Dataset) -> Any:
+    """The matplotlib Figure of :func:`plot` from a log's Dataset; with ``predicted_loss`` (an EdgePrediction's)
+    the loss panel draws it over the loss."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
+
+    from eosflow.compare import line_style, threshold_line
+
     curvature = [name for name in ("sharpness", "batch_sharpness") if name in ds]
     ratio = _edge_ratio(ds)
     if "loss" not in ds and not curvature and ratio is None:
@@ -316,7 +334,12 @@ def plot(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike | None =
         if panel == "loss":
             loss = ds["loss"].dropna("step")
             ax.plot(loss["step"], loss, **line_style(0), label="loss")
-            ax.set_yscale("log" if bool((loss > 0).all()) else "linear")
+            positive = bool((loss > 0).all())
+            if "predicted_loss" in ds:
+                predicted = ds["predicted_loss"].dropna("step")
+                ax.plot(predicted["step"], predicted, **line_style(1), label="predicted loss (central flow)")
+                positive = positive and bool((predicted > 0).all())
+            ax.set_yscale("log" if positive else "linear")
             ax.set_ylabel("loss")
         elif curvature and ("threshold" in ds or ratio is None):
             for i, name in enumerate(curvature):
@@ -340,9 +363,7 @@ def plot(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike | None =
     axes[-1].set_xlabel("step")
     axes[0].set_title(str(ds.attrs.get("source", "edge log")))
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out)
-    return out
+    return fig
 
 
 def overlay(sources: list[str | os.PathLike], out: str | os.PathLike) -> Path:
