@@ -203,6 +203,13 @@ def test_a_data_parallel_wrapper_is_measured_as_the_module_it_wraps(wrapper, tmp
         expected = np.sort(np.linalg.eigvalsh(dense_hessian(objective) / np.sqrt(np.outer(p_diag, p_diag))))[::-1]
         eig = SharpnessTracker(wrapped, F.mse_loss, k=2, tol=1e-8, max_iters=400).update((inputs, targets), optimizer)
         np.testing.assert_allclose(eig.values, expected[:2], rtol=1e-7)
+        shares = eosflow.torch.parameter_shares(wrapped, eig)  # by the wrapped module's names, its tensors' rows
+        vectors, start = eig.vectors.numpy(), 0
+        assert list(shares) == [name for name, _ in model.named_parameters()]
+        for p, share in zip(model.parameters(), shares.values()):
+            np.testing.assert_allclose(share, np.sum(vectors[start : start + p.numel()] ** 2, axis=0), rtol=1e-12)
+            start += p.numel()
+        np.testing.assert_allclose(sum(shares.values()), 1.0, rtol=1e-12)
         w0 = eosflow.torch.problem(wrapped, F.mse_loss, (inputs, targets)).w0
         np.testing.assert_array_equal(w0, torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy())
     finally:

@@ -545,6 +545,17 @@ def test_an_equinox_module_is_measured_over_its_floating_arrays(seed):
         np.testing.assert_allclose(pairs.values, dense_top(dense, 2), rtol=1e-9)
         for value, vector in zip(pairs.values, np.asarray(pairs.vectors).T):  # the module's flattening order
             np.testing.assert_allclose(dense @ vector, value * vector, atol=1e-7 * abs(float(value)))
+        # where each eigenvector lives, leaf by leaf: dense eigh's vectors put back into the module by ravel_pytree
+        shares = eosflow.tracker.parameter_shares(pairs, model)
+        _, vectors = np.linalg.eigh(dense)
+        for i in range(2):
+            leaves = jax.tree_util.tree_flatten_with_path(unflatten(jnp.asarray(vectors[:, -1 - i])))[0]
+            expected = {jax.tree_util.keystr(path): float(jnp.sum(leaf**2)) for path, leaf in leaves}
+            assert list(shares) == list(expected) and ".mlp.layers[0].weight" in shares
+            np.testing.assert_allclose([shares[name][i] for name in expected], list(expected.values()), atol=1e-8)
+            assert sum(share[i] for share in shares.values()) == pytest.approx(1.0, abs=1e-12)
+        with pytest.raises(ValueError, match="the measured parameters have"):
+            eosflow.tracker.parameter_shares(pairs.vectors[1:], model)
 
         diagonal = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2, a.shape)), arrays)
         preconditioner = eqx.combine(diagonal, rest)  # shaped like the module, as an optax state over it

@@ -37,6 +37,7 @@ from typing import Any, Literal, NamedTuple, get_args
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from eosflow.objective import check_example_count, chunked_mean, differentiable_loss, differentiable_part, ravel
@@ -318,3 +319,28 @@ def _flat_preconditioner(preconditioner: PyTree, expected: tuple, dtype) -> Arra
             f"(as an optax state holds it), or as one vector of their {size} entries"
         )
     return flat.astype(dtype)
+
+
+def parameter_shares(eig: Any, params: PyTree, wrt: Any = None) -> dict[str, np.ndarray]:
+    """Where the tracked eigenvectors live: for every measured leaf of ``params`` (named by its path, as
+    ``jax.tree_util.keystr`` writes it), the share sum_{j in leaf} u_ij^2 of each unit eigenvector u_i, (k,);
+    over the leaves a vector's shares sum to 1. ``eig`` is the tracker's eigenpairs (or their vectors, d x k),
+    measured on ``params`` with the same ``wrt``."""
+    leaves = jax.tree_util.tree_flatten_with_path(differentiable_part(params, wrt)[0])[0]
+    names = [jax.tree_util.keystr(path) for path, _ in leaves]
+    return shares_by_block(getattr(eig, "vectors", eig), names, [math.prod(np.shape(leaf)) for _, leaf in leaves])
+
+
+def shares_by_block(vectors: Any, names: list[str], sizes: list[int]) -> dict[str, np.ndarray]:
+    """{name: sum of u_ij^2 over the block's rows j, per column i} for consecutive row blocks of ``sizes``."""
+    vectors = np.asarray(vectors, dtype=float)
+    if vectors.ndim != 2 or vectors.shape[0] != sum(sizes):
+        raise ValueError(
+            f"parameter_shares: the eigenvectors are {vectors.shape}, the measured parameters have {sum(sizes)} "
+            "entries: pass the eigenpairs measured on these parameters (the same wrt, the same model), d x k"
+        )
+    bounds = np.cumsum([0, *sizes])
+    return {
+        name: np.sum(vectors[start:stop] ** 2, axis=0)
+        for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True)
+    }

@@ -19,7 +19,7 @@ from eosflow.torch.edge_prediction import edge_offsets, edge_prediction, midpoin
 from eosflow.torch.hessian_operator import TorchCurvatureOperator, gauss_newton_operator, hessian_operator
 from eosflow.torch.objective import TorchObjective
 from eosflow.torch.objective import TorchObjective as Objective
-from eosflow.torch.tracker import SharpnessTracker, TrackedEigenpairs, optimizer_preconditioning
+from eosflow.torch.tracker import SharpnessTracker, TrackedEigenpairs, optimizer_preconditioning, parameter_shares
 
 __all__ = [
     "Objective",
@@ -37,6 +37,7 @@ __all__ = [
     "jax_loss_on",
     "midpoint",
     "optimizer_preconditioning",
+    "parameter_shares",
     "problem",
     "to_jax",
 ]

@@ -60,7 +60,9 @@ from eosflow.torch.objective import (
     chunked_products,
     train_modes,
     trainable,
+    unwrapped,
 )
+from eosflow.tracker import shares_by_block
 
 
 class Preconditioning(NamedTuple):
@@ -100,6 +102,15 @@ class TrackedEigenpairs(NamedTuple):
     def edge_ratio(self) -> float:
         """Preconditioned sharpness / threshold: 1.0 at the edge of stability."""
         return float(self.values[0] / self.threshold)
+
+
+def parameter_shares(model: torch.nn.Module, eig: TrackedEigenpairs) -> dict[str, np.ndarray]:
+    """Where the tracked eigenvectors live: for every trainable parameter of ``model`` (by its name in
+    ``named_parameters``, the tracker's layout), the share sum_{j in it} u_ij^2 of each unit eigenvector u_i, (k,);
+    over the parameters a vector's shares sum to 1."""
+    params = trainable(unwrapped(model))
+    vectors = eig.vectors.detach().cpu().numpy() if torch.is_tensor(eig.vectors) else eig.vectors
+    return shares_by_block(vectors, list(params), [p.numel() for p in params.values()])
 
 
 def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: TorchObjective) -> Preconditioning:
