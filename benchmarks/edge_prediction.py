@@ -1,7 +1,7 @@
 """The central flow's prediction at GD's own iterates, against GD's oscillation and loss (eosflow.edge_prediction).
 
     PYTHONPATH=src .venv/bin/python benchmarks/edge_prediction.py [--steps 600] [--lr 0.4] [--dtype float32]
-        [--width 32] [--k 3] [--seed 0]
+        [--width 32] [--activation tanh] [--k 3] [--seed 0]
         [--window 100] [--settled 400]
 
 GD on the demo's problem (tanh MLP 64-w-w-10 on 500 digits, MSE) runs ``--steps`` steps keeping its iterates. Then,
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--activation", default="tanh")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=int, default=100)
@@ -52,7 +53,7 @@ def main() -> None:
         spectrum={"every": 0},
         record={"chunk": 100, "params_every": 1},
     )
-    table["problem"].update(width=args.width)
+    table["problem"].update(width=args.width, activation=args.activation)
     with precision(args.dtype), tempfile.TemporaryDirectory() as tmp:
         run(table, tmp)
         _, params = eosflow.load_params(tmp, "gd")
@@ -101,8 +102,8 @@ def main() -> None:
         grad_ms = 1e3 * (time.perf_counter() - started) / 20
 
     print(
-        f"digits MLP (tanh, width {args.width}), MSE, d = {params.shape[1]}, GD at lr = {args.lr}, {args.dtype}, "
-        f"seed {args.seed}; tracker k = {args.k}, tol 1e-4, at the midpoints"
+        f"digits MLP ({args.activation}, width {args.width}), MSE, d = {params.shape[1]}, GD at lr = {args.lr}, "
+        f"{args.dtype}, seed {args.seed}; tracker k = {args.k}, tol 1e-4, at the midpoints"
     )
     print(
         "| steps | lr S/2 (mean) | m (mean) | predicted tr X | measured abs(x_m)^2 | measured / predicted "
@@ -142,7 +143,9 @@ def main() -> None:
     off = [abs(w[:, 4].mean() / w[:, 5].mean() - 1) for w in windows if len(w)]
     off_centre = [abs(w[:, 6].mean() / w[:, 5].mean() - 1) for w in windows if len(w)]
     ratios = [w[:, 3].mean() / w[:, 2].mean() for w in windows if len(w) and w[:, 2].mean() > 0]
-    if len(late):
+    if not ratios:
+        print(f"\nno critical direction from step {args.settled} on: nothing to compare")
+    else:
         print(
             f"\nsteps {args.settled}-{args.steps - 1}: measured / predicted tr X = "
             f"{late[:, 3].sum() / late[:, 2].sum():.3f} "
