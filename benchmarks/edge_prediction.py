@@ -2,7 +2,7 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/edge_prediction.py [--steps 600] [--lr 0.4] [--dtype float32]
         [--width 32] [--activation tanh] [--k 3] [--seed 0]
-        [--window 100] [--settled 400]
+        [--window 100] [--settled 400] [--entry NAME]
 
 GD on the demo's problem (tanh MLP 64-w-w-10 on 500 digits, MSE) runs ``--steps`` steps keeping its iterates. Then,
 as a user's loop would, at every step t >= 1 a warm-started tracker (k pairs, tol 1e-4) measures H at the
@@ -29,6 +29,7 @@ import eosflow
 from eosflow import edge_prediction
 from eosflow.cli import demo_table
 from eosflow.experiment import prepare, run
+from eosflow.leaderboard import ARCHITECTURES, SUITE
 from eosflow.precision import precision
 
 
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--activation", default="tanh")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--entry", help="a GD entry of the leaderboard (its problem, lr and dtype) instead of the demo's"
+    )
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--settled", type=int, default=400, help="the summary line's first step")
     args = parser.parse_args()
@@ -54,6 +58,10 @@ def main() -> None:
         record={"chunk": 100, "params_every": 1},
     )
     table["problem"].update(width=args.width, activation=args.activation)
+    if args.entry:
+        (entry,) = [e for e in (*SUITE, *ARCHITECTURES) if e.name == args.entry and e.optimizer == "gd"]
+        table.update(problem=entry.table["problem"], lr=entry.table["lr"], dtype=entry.table.get("dtype", "float64"))
+        args.lr, args.dtype = table["lr"], table["dtype"]
     with precision(args.dtype), tempfile.TemporaryDirectory() as tmp:
         run(table, tmp)
         _, params = eosflow.load_params(tmp, "gd")
@@ -102,7 +110,12 @@ def main() -> None:
         grad_ms = 1e3 * (time.perf_counter() - started) / 20
 
     print(
-        f"digits MLP ({args.activation}, width {args.width}), MSE, d = {params.shape[1]}, GD at lr = {args.lr}, "
+        (
+            f"{args.entry} (the leaderboard's problem)"
+            if args.entry
+            else f"digits MLP ({args.activation}, width {args.width}), MSE"
+        )
+        + f", d = {params.shape[1]}, GD at lr = {args.lr}, "
         f"{args.dtype}, seed {args.seed}; tracker k = {args.k}, tol 1e-4, at the midpoints"
     )
     print(
