@@ -2,7 +2,7 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/edge_prediction.py [--steps 600] [--lr 0.4] [--dtype float32]
         [--width 32] [--activation tanh] [--k 3] [--seed 0]
-        [--window 100] [--settled 400] [--entry NAME]
+        [--window 100] [--settled 400] [--entry NAME] [--figure PNG]
 
 GD on the demo's problem (tanh MLP 64-w-w-10 on 500 digits, MSE) runs ``--steps`` steps keeping its iterates. Then,
 as a user's loop would, at every step t >= 1 a warm-started tracker (k pairs, tol 1e-4) measures H at the
@@ -33,6 +33,34 @@ from eosflow.leaderboard import ARCHITECTURES, SUITE
 from eosflow.precision import precision
 
 
+def draw(data: np.ndarray, window: int, out: str, title: str) -> None:
+    """Two panels over the steps: GD's loss, the predicted loss and the loss at the midpoint; the measured |x_m|^2
+    and the predicted tr X, each as a running mean over ``window`` steps."""
+    from matplotlib.figure import Figure
+
+    steps = data[:, 0]
+    smooth = np.ones(window) / window
+    fig = Figure(figsize=(7.5, 6.0), dpi=110)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(steps, data[:, 5], color="0.6", lw=0.8, label="GD's loss")
+    top.plot(steps, data[:, 4], color="C1", lw=1.2, label="predicted loss (central flow, at the midpoints)")
+    top.plot(steps, data[:, 6], color="C0", lw=1.0, ls="--", label="loss at the midpoints")
+    top.set_yscale("log")
+    top.set_ylabel("loss")
+    top.legend(fontsize=7)
+    top.set_title(title, fontsize=7)
+    valid = steps[window - 1 :]
+    bottom.plot(valid, np.convolve(data[:, 3], smooth, "valid"), color="0.4", label="GD's |x_m|^2 (running mean)")
+    bottom.plot(valid, np.convolve(data[:, 2], smooth, "valid"), color="C1", label="predicted tr X (running mean)")
+    bottom.set_ylabel(f"oscillation variance, mean over {window} steps")
+    bottom.set_xlabel("step")
+    bottom.legend(fontsize=7)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=600)
@@ -44,6 +72,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--entry", help="a GD entry of the leaderboard (its problem, lr and dtype) instead of the demo's"
+    )
+    parser.add_argument(
+        "--figure", help="also draw the run into this PNG: losses, and variances smoothed over --window"
     )
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--settled", type=int, default=400, help="the summary line's first step")
@@ -109,7 +140,7 @@ def main() -> None:
             grad(centre).block_until_ready()
         grad_ms = 1e3 * (time.perf_counter() - started) / 20
 
-    print(
+    title = (
         (
             f"{args.entry} (the leaderboard's problem)"
             if args.entry
@@ -118,6 +149,7 @@ def main() -> None:
         + f", d = {params.shape[1]}, GD at lr = {args.lr}, "
         f"{args.dtype}, seed {args.seed}; tracker k = {args.k}, tol 1e-4, at the midpoints"
     )
+    print(title)
     print(
         "| steps | lr S/2 (mean) | m (mean) | predicted tr X | measured abs(x_m)^2 | measured / predicted "
         "| predicted loss | GD's loss | loss at the midpoint | steps with every tracked pair critical |"
@@ -166,6 +198,8 @@ def main() -> None:
             f"{100 * np.mean(off):.2f}% on average (at most {100 * max(off):.2f}%), the loss at the midpoint by "
             f"{100 * np.mean(off_centre):.2f}% (at most {100 * max(off_centre):.2f}%)"
         )
+    if args.figure:
+        draw(data, args.window, args.figure, title)
     print(
         f"\none predict (k = {args.k}: {args.k * (args.k + 1) // 2} third derivatives): "
         f"{1e3 * float(np.median(times)):.1f} ms; one gradient {grad_ms:.3f} ms"
