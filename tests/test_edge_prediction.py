@@ -361,3 +361,31 @@ def test_the_documented_loop_predicts_gds_loss_on_the_bent_valley(lr, warmup, tm
         assert abs(predicted - gd) <= 0.01 * abs(gd)
         assert abs(centre_loss - gd) >= 0.5 * abs(gd)
         assert measured == pytest.approx(variance, rel=0.02)
+
+
+def test_inside_the_users_jit_with_a_traced_lr():
+    """predict inside a jitted step (the tracker's update and the prediction one program, lr traced): the same
+    numbers as the compiled call outside it, to rounding, with X != 0 on a tilted network."""
+    with precision("float64"):
+        loss, params, batch = mlp_loss((3, 6, 2), jnp.tanh, 10, 7)
+        r = jnp.asarray(np.random.default_rng(7).normal(size=ravel_pytree(params)[0].size))
+
+        def tilted(params, batch):
+            return loss(params, batch) + 5.0 * r @ ravel_pytree(params)[0]
+
+        tracker = eosflow.SharpnessTracker(tilted, k=2, tol=1e-10, max_iters=300)
+        state = tracker.init(params, jax.random.key(0))
+
+        @jax.jit
+        def step(state, params, lr):
+            state, eig = tracker.update(state, params, batch)
+            return eig, edge_prediction.predict(tilted, params, batch, eig, lr, margin=0.0)
+
+        eig, _ = step(state, params, 1.0)
+        lr = 2.0 / float(eig.values[1]) * (1 + 1e-6)
+        eig, inside = step(state, params, lr)
+        outside = edge_prediction.predict(tilted, params, batch, eig, lr, margin=0.0)
+        assert int(inside.critical) == int(outside.critical) == 2
+        for field in ("loss", "sharpening", "covariance", "predicted_loss"):
+            np.testing.assert_allclose(getattr(inside, field), getattr(outside, field), rtol=1e-9, atol=1e-12)
+        assert np.trace(np.asarray(inside.covariance)) > 0

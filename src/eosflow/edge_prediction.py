@@ -84,30 +84,25 @@ def predict(
 
     ``loss_fn(params, batch)`` (``loss_fn(params)`` with ``batch=None``), ``wrt`` and ``microbatch`` as the
     tracker's; ``margin`` as the central flow's. One gradient and k(k + 1)/2 third derivatives (jvp-of-HVP
-    products, each about 3 gradients); compiled once per loss function and shapes (reuse the same ``loss_fn``).
+    products, each about 3 gradients); compiled once per loss function and shapes (reuse the same ``loss_fn``),
+    or traced into the caller's program when called inside ``jax.jit`` (``lr`` may then be traced too).
     """
     size = ravel(differentiable_part(params, wrt)[0])[0].size
-    values, vectors = check_inputs(np.asarray(eig.values), np.asarray(eig.vectors), size, lr, margin, "edge_prediction")
+    values, vectors = check_inputs(
+        jnp.asarray(eig.values), jnp.asarray(eig.vectors), size, lr, margin, "edge_prediction"
+    )
     check_example_count(microbatch, "edge_prediction microbatch")
     dtype = vectors.dtype
-    return _compiled(
-        loss_fn,
-        params,
-        batch,
-        jnp.asarray(values),
-        jnp.asarray(vectors),
-        jnp.asarray(lr, dtype),
-        jnp.asarray(margin, dtype),
-        wrt,
-        microbatch,
-    )
+    arguments = (loss_fn, params, batch, values, vectors, jnp.asarray(lr, dtype), jnp.asarray(margin, dtype))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments[1:])):
+        return _prediction(*arguments, wrt, microbatch)  # inside the user's jit: part of their program
+    return _compiled(*arguments, wrt, microbatch)
 
 
-def check_inputs(
-    values: np.ndarray, vectors: np.ndarray, size: int, lr: float, margin: float, where: str
-) -> tuple[np.ndarray, np.ndarray]:
+def check_inputs(values: Any, vectors: Any, size: int, lr: Any, margin: Any, where: str) -> tuple[Any, Any]:
     """(values, vectors) if they are k eigenpairs of a Hessian of ``size`` parameters and lr, margin are valid;
-    else a ValueError that says which, naming ``where``."""
+    else a ValueError that says which, naming ``where``. Shapes only, and lr and margin where they are known:
+    traced under ``jax.jit`` (a prediction inside the user's jitted step), they are not checked."""
     if values.ndim != 1 or vectors.ndim != 2 or vectors.shape[1] != values.shape[0]:
         raise ValueError(
             f"{where}: eig.values must be (k,) and eig.vectors (d, k), got {values.shape} and {vectors.shape}"
@@ -117,9 +112,9 @@ def check_inputs(
             f"{where}: eig.vectors has {vectors.shape[0]} rows, the measured parameters {size} entries: "
             "pass the eigenpairs measured on these parameters (with the same wrt)"
         )
-    if not 0 <= margin < 1:
+    if not isinstance(margin, jax.core.Tracer) and not 0 <= margin < 1:
         raise ValueError(f"{where}: margin must be in [0, 1), got {margin!r}")
-    if not lr > 0:
+    if not isinstance(lr, jax.core.Tracer) and not lr > 0:
         raise ValueError(f"{where}: lr must be positive, got {lr!r}")
     return values, vectors
 
