@@ -389,3 +389,62 @@ def test_inside_the_users_jit_with_a_traced_lr():
         for field in ("loss", "sharpening", "covariance", "predicted_loss"):
             np.testing.assert_allclose(getattr(inside, field), getattr(outside, field), rtol=1e-9, atol=1e-12)
         assert np.trace(np.asarray(inside.covariance)) > 0
+
+
+def test_microbatches_and_a_flax_nnx_module():
+    """microbatch=B evaluates the loss in chunks of B examples: the same prediction as the whole batch (float64,
+    1e-10); a Flax NNX module (BatchNorm in eval mode) is predicted over its nnx.Params as the tracker measures
+    it: the same numbers as a loss of their flat vector, the module left unchanged."""
+    nnx = pytest.importorskip("flax.nnx")
+    with precision("float64"):
+        loss, params, batch = mlp_loss((3, 5, 2), jnp.tanh, 13, 4)
+        flat, unravel = ravel_pytree(params)
+        L = lambda w: loss(unravel(w), batch)  # noqa: E731
+        values, vectors = np.linalg.eigh(np.asarray(jax.hessian(L)(flat)))
+        pairs = Pairs(values[::-1][:2], vectors[:, ::-1][:, :2])
+        top = jnp.asarray(pairs.vectors[:, 0])
+        grad_s = jax.grad(lambda w: top @ jax.jvp(jax.grad(L), (w,), (top,))[1])(flat)  # grad lambda_1
+        r = -3.0 * jnp.linalg.norm(jax.grad(L)(flat)) * grad_s / jnp.linalg.norm(grad_s)  # tilted up lambda_1
+
+        def tilted(params, batch):
+            return loss(params, batch) + r @ ravel_pytree(params)[0]
+
+        lr = 2.0 / pairs.values[1] * (1 + 1e-9)
+        whole = edge_prediction.predict(tilted, params, batch, pairs, lr, margin=0.0)
+        chunked = edge_prediction.predict(tilted, params, batch, pairs, lr, margin=0.0, microbatch=5)
+        assert np.trace(np.asarray(whole.covariance)) > 0
+        for field in ("loss", "sharpening", "covariance", "predicted_loss"):
+            np.testing.assert_allclose(getattr(chunked, field), getattr(whole, field), rtol=1e-10, atol=1e-13)
+
+        class Net(nnx.Module):
+            def __init__(self, rngs):
+                self.a = nnx.Linear(3, 6, rngs=rngs, param_dtype=jnp.float64)
+                self.norm = nnx.BatchNorm(6, rngs=rngs, param_dtype=jnp.float64)
+                self.b = nnx.Linear(6, 2, rngs=rngs, param_dtype=jnp.float64)
+
+            def __call__(self, x):
+                return self.b(jnp.tanh(self.norm(self.a(x))))
+
+        model = Net(nnx.Rngs(0))
+        model.eval()
+        x, y = batch
+
+        def module_loss(m, b):
+            return jnp.mean((m(b[0]) - b[1]) ** 2)
+
+        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+        flat, unravel = ravel_pytree(state)
+        before = jax.tree.map(np.asarray, nnx.state(model))
+
+        def flat_loss(w):
+            return module_loss(nnx.merge(graphdef, unravel(w), rest), batch)
+
+        values, vectors = np.linalg.eigh(np.asarray(jax.hessian(flat_loss)(flat)))
+        pairs = Pairs(values[::-1][:2], vectors[:, ::-1][:, :2])
+        lr = 2.0 / pairs.values[1] * (1 + 1e-9)
+        ours = edge_prediction.predict(module_loss, model, batch, pairs, lr)
+        oracle = edge_prediction.predict(flat_loss, flat, None, pairs, lr)
+        for field in ("loss", "sharpening", "covariance", "predicted_loss"):
+            np.testing.assert_allclose(getattr(ours, field), getattr(oracle, field), rtol=1e-9, atol=1e-14)
+        after = jax.tree.map(np.asarray, nnx.state(model))
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
