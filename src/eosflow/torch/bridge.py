@@ -35,7 +35,7 @@ import torch
 from eosflow.derivative_chain import derivative_chain
 from eosflow.objective import Objective, _identity
 from eosflow.problems.registry import Problem
-from eosflow.torch.objective import Batch, ExampleAxis, TorchObjective
+from eosflow.torch.objective import Batch, ExampleAxis, TorchObjective, numpy_dtype
 
 
 def _to_torch(array: np.ndarray, objective: TorchObjective) -> torch.Tensor:
@@ -170,7 +170,7 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
     The indices are integers, so JAX gives them a symbolic-zero (float0) tangent: they pass through
     to every derivative's callback unchanged.
     """
-    d, dtype = objective.dim, np.dtype(str(objective.dtype).removeprefix("torch."))
+    d, dtype = objective.dim, numpy_dtype(objective.dtype)
 
     def call(fn: Callable[..., torch.Tensor], what: str, shape: tuple[int, ...], *args, indices):
         """fn's value at traced args (``what`` names its results); result structs are made here, where the

@@ -25,7 +25,7 @@ import torch
 from eosflow.edge_prediction import EdgePrediction, check_inputs, reading
 from eosflow.flows.sdcp import pair_indices, pair_scale
 from eosflow.precision import precision
-from eosflow.torch.objective import Batch, TorchObjective
+from eosflow.torch.objective import Batch, TorchObjective, numpy_dtype
 
 
 def edge_prediction(
@@ -53,7 +53,7 @@ def edge_prediction(
             for i, j, scale in zip(rows, cols, pair_scale(k), strict=True)
         ]
     )
-    dtype = np.dtype(str(w.dtype).removeprefix("torch."))
+    dtype = numpy_dtype(w.dtype)
     with precision(dtype.name):
         prediction = reading(
             jnp.asarray(loss.detach().cpu().numpy()),
@@ -66,7 +66,7 @@ def edge_prediction(
         return jax.tree.map(np.asarray, prediction)  # the same EdgePrediction, of NumPy arrays
 
 
-def _trainable_pairs(
+def _parameter_pairs(
     model: torch.nn.Module, previous: Sequence[torch.Tensor]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, its previous value) for every parameter of ``model.parameters()``, checked against
@@ -89,7 +89,7 @@ def _trainable_pairs(
 def midpoint(model: torch.nn.Module, previous: Sequence[torch.Tensor]) -> Iterator[torch.nn.Module]:
     """The model with its parameters at (w_t + w_{t-1}) / 2 inside the block, ``previous`` holding w_{t-1} (a list in
     ``model.parameters()``'s order); w_t is put back bitwise on leaving, however the block ends."""
-    pairs = _trainable_pairs(model, previous)
+    pairs = _parameter_pairs(model, previous)
     saved = [p.detach().clone() for p, _ in pairs]
     with torch.no_grad():
         for p, before in pairs:
@@ -107,7 +107,7 @@ def edge_offsets(model: torch.nn.Module, previous: Sequence[torch.Tensor], eig: 
     parameters in ``named_parameters`` order), w_t the model's parameters and ``previous`` w_{t-1}."""
     step = [
         (p.detach() - before.to(p.device, p.dtype)).reshape(-1)
-        for p, before in _trainable_pairs(model, previous)
+        for p, before in _parameter_pairs(model, previous)
         if p.requires_grad
     ]
     vectors = eig.vectors if torch.is_tensor(eig.vectors) else torch.from_numpy(np.asarray(eig.vectors))

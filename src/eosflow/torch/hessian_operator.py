@@ -33,6 +33,7 @@ from eosflow.torch.objective import (
     LinearizedHessian,
     TorchObjective,
     chunked_products,
+    numpy_dtype,
 )
 
 
@@ -50,7 +51,7 @@ class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
         self.microbatch = microbatch
         self._hessian: LinearizedHessian | None = None  # H's gradient graph, built at the first product
         self.products = 0
-        super().__init__(dtype=np.dtype(str(w.dtype).removeprefix("torch.")), shape=(w.numel(), w.numel()))
+        super().__init__(dtype=numpy_dtype(w.dtype), shape=(w.numel(), w.numel()))
 
     def _matmat(self, vectors: np.ndarray) -> np.ndarray:
         self.products += vectors.shape[1]

@@ -51,6 +51,11 @@ Batch = tuple[Any, Any]
 ExampleAxis = int | tuple | list | dict | None  # an int, or a pytree of ints (a prefix of the batch's structure)
 
 
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch floating dtype (torch.float32 -> float32)."""
+    return np.dtype(str(dtype).removeprefix("torch."))
+
+
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The module a ``DataParallel`` / ``DistributedDataParallel`` wrapper runs, whose parameters are the
     wrapper's: torch's stateless calls refuse DataParallel, and DDP's forward runs collectives (its buffer

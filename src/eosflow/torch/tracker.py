@@ -58,6 +58,7 @@ from eosflow.torch.objective import (
     LinearizedHessian,
     TorchObjective,
     chunked_products,
+    numpy_dtype,
     train_modes,
     trainable,
     unwrapped,
@@ -297,7 +298,7 @@ class SharpnessTracker:
         if not 1 <= self.k <= objective.dim:
             raise ValueError(f"k = {self.k} must be between 1 and the parameter count {objective.dim}")
         self.objective = objective
-        self.dtype = dtype = np.dtype(str(objective.dtype).removeprefix("torch."))
+        self.dtype = dtype = numpy_dtype(objective.dtype)
         with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
             self.vectors = random_vectors(jax.random.PRNGKey(self.seed), objective.dim, self.k, dtype)
         self._checked: tuple[bool, ...] | None = None  # the model's modes at the last objective.check
