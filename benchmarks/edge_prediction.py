@@ -3,6 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/edge_prediction.py [--steps 600] [--lr 0.4] [--dtype float32]
         [--width 32] [--activation tanh] [--k 3] [--seed 0]
         [--window 100] [--settled 400] [--entry NAME] [--figure PNG]
+        [--optimizer rmsprop [--decay 0.99] [--eps 3e-3] [--bias-correction]]
 
 GD on the demo's problem (tanh MLP 64-w-w-10 on 500 digits, MSE) runs ``--steps`` steps keeping its iterates. Then,
 as a user's loop would, at every step t >= 1 a warm-started tracker (k pairs, tol 1e-4) measures H at the
@@ -13,6 +14,11 @@ own loss L(w_t), the loss at the midpoint L(c) (what the prediction adds to), an
 tracked pair was critical (the critical set may then be cut: raise ``--k``); before the edge, lambda_1's change
 per step against its predicted rate, lr times ``sharpening``. Then the cost of one ``predict``
 (median ms, after compilation) in gradients.
+
+``--optimizer rmsprop`` runs optax.rmsprop (``--lr``, ``--decay``, ``--eps`` inside the root as optax's default,
+``--bias-correction``) instead of GD, keeping its state at every step: the tracker then measures P^-1/2 H P^-1/2
+with P read from the state, ``predict`` is given the optimizer and its state (RMSProp's central flow, nu fed by the
+oscillation), and ``offsets`` P, so that x is in X's coordinates.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import eosflow
-from eosflow import edge_prediction
+from eosflow import edge_prediction, optimizer_edges
 from eosflow.cli import demo_table
 from eosflow.experiment import prepare, run
 from eosflow.leaderboard import ARCHITECTURES, SUITE
@@ -61,6 +67,22 @@ def draw(data: np.ndarray, window: int, out: str, title: str) -> None:
     fig.savefig(out)
 
 
+def rmsprop_iterates(loss_fn, w0, optimizer, steps: int):
+    """optax's iterates w_0 .. w_{steps-1} (steps, d) and its state after each (stacked: the state at row t is the
+    one w_t was made with, whose P the next update uses)."""
+
+    def step(carry, _):
+        w, state = carry
+        updates, state = optimizer.transform.update(jax.grad(loss_fn)(w), state, w)
+        w = w + updates
+        return (w, state), (w, state)
+
+    state = optimizer.transform.init(w0)
+    _, (ws, states) = jax.jit(lambda c: jax.lax.scan(step, c, None, length=steps - 1))((w0, state))
+    first = jax.tree.map(lambda a: a[None], (w0, state))
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, (ws, states))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=600)
@@ -78,6 +100,10 @@ def main() -> None:
     )
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--settled", type=int, default=400, help="the summary line's first step")
+    parser.add_argument("--optimizer", choices=("gd", "rmsprop"), default="gd")
+    parser.add_argument("--decay", type=float, default=0.99, help="RMSProp's decay (beta2)")
+    parser.add_argument("--eps", type=float, default=3e-3, help="RMSProp's eps (inside the root, optax's default)")
+    parser.add_argument("--bias-correction", action="store_true", help="RMSProp's bias correction")
     args = parser.parse_args()
     table = demo_table()
     table.update(
@@ -93,13 +119,24 @@ def main() -> None:
         (entry,) = [e for e in (*SUITE, *ARCHITECTURES) if e.name == args.entry and e.optimizer == "gd"]
         table.update(problem=entry.table["problem"], lr=entry.table["lr"], dtype=entry.table.get("dtype", "float64"))
         args.lr, args.dtype = table["lr"], table["dtype"]
+    rmsprop = args.optimizer == "rmsprop"
+    optimizer = (
+        optimizer_edges.rmsprop(args.lr, decay=args.decay, eps=args.eps, bias_correction=args.bias_correction)
+        if rmsprop
+        else None
+    )
     with precision(args.dtype), tempfile.TemporaryDirectory() as tmp:
-        run(table, tmp)
-        _, params = eosflow.load_params(tmp, "gd")
-        objective = prepare(table)[1].objective
+        problem = prepare(table)[1]
+        objective = problem.objective
 
         def loss_fn(w):  # the loss of the flat parameter vector, on the full batch
             return objective.value(w)
+
+        if rmsprop:
+            params, states = rmsprop_iterates(loss_fn, problem.w0, optimizer, args.steps)
+        else:
+            run(table, tmp)
+            _, params = eosflow.load_params(tmp, "gd")
 
         tracker = eosflow.SharpnessTracker(loss_fn, k=args.k, tol=1e-4, max_iters=100)
         update = jax.jit(tracker.update)
@@ -108,10 +145,14 @@ def main() -> None:
         for t in range(1, args.steps):
             now, before = jnp.asarray(params[t]), jnp.asarray(params[t - 1])
             centre = (now + before) / 2
-            state, eig = update(state, centre)
-            prediction = edge_prediction.predict(loss_fn, centre, None, eig, args.lr)
+            opt_state = jax.tree.map(lambda a, t=t: a[t], states) if rmsprop else None
+            preconditioner = optimizer.preconditioner(opt_state) if rmsprop else None
+            state, eig = update(state, centre, None, preconditioner)
+            prediction = edge_prediction.predict(
+                loss_fn, centre, None, eig, args.lr, optimizer=optimizer, opt_state=opt_state
+            )
             m = int(prediction.critical)
-            x = np.asarray(edge_prediction.offsets(now, before, eig))
+            x = np.asarray(edge_prediction.offsets(now, before, eig, preconditioner=preconditioner))
             rows.append(
                 (
                     t,
@@ -131,7 +172,9 @@ def main() -> None:
         times = []
         for _ in range(9):
             started = time.perf_counter()
-            jax.block_until_ready(edge_prediction.predict(loss_fn, centre, None, eig, args.lr))
+            jax.block_until_ready(
+                edge_prediction.predict(loss_fn, centre, None, eig, args.lr, optimizer=optimizer, opt_state=opt_state)
+            )
             times.append(time.perf_counter() - started)
         grad = jax.jit(jax.grad(loss_fn))
         grad(centre).block_until_ready()
@@ -140,19 +183,25 @@ def main() -> None:
             grad(centre).block_until_ready()
         grad_ms = 1e3 * (time.perf_counter() - started) / 20
 
+    name = (
+        f"optax.rmsprop (decay {args.decay}, eps {args.eps}, bias correction {args.bias_correction})"
+        if rmsprop
+        else "GD"
+    )
+    who = "RMSProp's" if rmsprop else "GD's"
     title = (
         (
             f"{args.entry} (the leaderboard's problem)"
             if args.entry
             else f"digits MLP ({args.activation}, width {args.width}), MSE"
         )
-        + f", d = {params.shape[1]}, GD at lr = {args.lr}, "
+        + f", d = {params.shape[1]}, {name} at lr = {args.lr}, "
         f"{args.dtype}, seed {args.seed}; tracker k = {args.k}, tol 1e-4, at the midpoints"
     )
     print(title)
     print(
         "| steps | lr S/2 (mean) | m (mean) | predicted tr X | measured abs(x_m)^2 | measured / predicted "
-        "| predicted loss | GD's loss | loss at the midpoint | steps with every tracked pair critical |"
+        f"| predicted loss | {who} loss | loss at the midpoint | steps with every tracked pair critical |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for start in range(0, args.steps, args.window):
@@ -194,7 +243,7 @@ def main() -> None:
         print(
             f"\nsteps {args.settled}-{args.steps - 1}: measured / predicted tr X = "
             f"{late[:, 3].sum() / late[:, 2].sum():.3f} "
-            f"(per window {min(ratios):.3f} to {max(ratios):.3f}); the predicted loss is off GD's window mean by "
+            f"(per window {min(ratios):.3f} to {max(ratios):.3f}); the predicted loss is off {who} window mean by "
             f"{100 * np.mean(off):.2f}% on average (at most {100 * max(off):.2f}%), the loss at the midpoint by "
             f"{100 * np.mean(off_centre):.2f}% (at most {100 * max(off_centre):.2f}%)"
         )

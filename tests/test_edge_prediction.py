@@ -448,3 +448,171 @@ def test_microbatches_and_a_flax_nnx_module():
             np.testing.assert_allclose(getattr(ours, field), getattr(oracle, field), rtol=1e-9, atol=1e-14)
         after = jax.tree.map(np.asarray, nnx.state(model))
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+
+
+def rmsprop_state(optimizer, w, nu):
+    """``optimizer``'s optax state at ``w`` with its second moment set to ``nu`` (count 0)."""
+    state = optimizer.transform.init(w)
+    return jax.tree.map(lambda leaf: jnp.asarray(nu) if leaf.shape == w.shape else leaf, state)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("m", [1, 2])
+def test_rmsprop_covariance_is_its_period_two_orbit_in_closed_form(m, seed, eps_in_sqrt):
+    """On the valley, optax.rmsprop has the exact period-2 orbit x_i = +-s_i, y = y* with its nu stationary: with
+    curvatures l_i = a_i + b_i . y*, P_i = lr l_i / 2 (so lr l_i / P_i = 2), nu_i = (l_i s_i)^2 (|g_i| = l_i s_i at
+    both points) and c + 1/2 B^T s^2 = 0 (g_y = 0; nu_y is then free). At the centre (x = 0, y*), where g_y = c and
+    the oscillation must both cancel the drift along y (the pair gradients) and hold nu up (its feed), the prediction
+    is Sigma = V X V^T = diag(s^2) (V = P^-1/2 U), its loss the orbit's, and offsets(..., P) give x^2 = diag X."""
+    rng = np.random.default_rng(seed)
+    lr, decay, eps = rng.uniform(0.05, 0.2), rng.uniform(0.8, 0.99), rng.uniform(1e-3, 5e-3)
+    with precision("float64"):
+        b = -np.abs(rng.normal(1.0, 0.3, (m, m))) - 2.0 * np.eye(m)
+        curvature = rng.uniform(2.0, 5.0, m)
+        p = lr * curvature / 2
+        nu_x = p**2 - eps if eps_in_sqrt else (p - eps) ** 2
+        s = np.sqrt(nu_x) / curvature
+        c = -0.5 * b.T @ s**2
+        y = rng.normal(size=m)
+        loss = valley(jnp.asarray(curvature - b @ y), jnp.asarray(b), jnp.asarray(c))
+        rms = eosflow.optimizer_edges.rmsprop(lr, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt)
+        orbit = jnp.concatenate([jnp.asarray(s), jnp.asarray(y)])
+        state = rmsprop_state(rms, orbit, np.concatenate([nu_x, rng.uniform(0.1, 1.0, m)]))
+        points, moving = [orbit], state
+        for _ in range(2):  # two of optax's own updates: a 2-cycle, nu stationary
+            updates, moving = rms.transform.update(jax.grad(loss)(points[-1]), moving, points[-1])
+            points.append(points[-1] + updates)
+        after = points[1]
+        np.testing.assert_allclose(after, jnp.concatenate([-orbit[:m], orbit[m:]]), atol=1e-13)
+        np.testing.assert_allclose(points[2], orbit, atol=1e-13)
+        np.testing.assert_allclose(rms.preconditioner(moving)[:m], rms.preconditioner(state)[:m], rtol=1e-13)
+        P = np.asarray(rms.preconditioner(state))
+        np.testing.assert_allclose(P[:m], p, rtol=1e-12)
+        centre = jnp.concatenate([jnp.zeros(m), jnp.asarray(y)])
+        hessian = np.asarray(jax.hessian(loss)(centre))
+        assert np.linalg.eigvalsh(hessian / np.sqrt(np.outer(P, P)))[::-1][:m] == pytest.approx(2 / lr, rel=1e-12)
+        pairs = Pairs(np.full(m, 2.0 / lr), np.eye(2 * m)[:, :m])
+        prediction = edge_prediction.predict(loss, centre, None, pairs, lr, optimizer=rms, opt_state=state)
+        assert int(prediction.critical) == m
+        V = pairs.vectors / np.sqrt(P)[:, None]
+        sigma = V @ np.asarray(prediction.covariance) @ V.T
+        np.testing.assert_allclose(sigma, np.diag(np.concatenate([s**2, np.zeros(m)])), rtol=1e-9, atol=1e-14)
+        assert float(prediction.predicted_loss) == pytest.approx(float(loss(orbit)), rel=1e-10)
+        x = edge_prediction.offsets(after, orbit, pairs, preconditioner=rms.preconditioner(state))
+        np.testing.assert_allclose(x**2, np.diag(np.asarray(prediction.covariance)), rtol=1e-10)
+        slower = eosflow.optimizer_edges.rmsprop(0.9 * lr, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt)
+        lower = edge_prediction.predict(loss, centre, None, pairs, 0.9 * lr, optimizer=slower, opt_state=state)
+        assert int(lower.critical) == 0 and not np.any(np.asarray(lower.covariance))
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_rmsprop_sharpening_is_the_preconditioned_sharpness_rate_along_the_flow(bias_correction):
+    """``sharpening`` with RMSProp is d lambda_i(P^-1/2 H P^-1/2) / dt along its stable flow, P moving with nu:
+    dw/dt = -P^-1 g, dnu_hat/dt = (rate / lr) (g^2 - nu_hat) (t = lr x steps). Against central differences of dense
+    float64 eigh along that path, on a random MLP with a random nu (count 7 for the bias correction)."""
+    with precision("float64"):
+        loss, params, batch = mlp_loss((3, 5, 2), jnp.tanh, 11, 2)
+        flat, unravel = ravel_pytree(params)
+        L = lambda w: loss(unravel(w), batch)  # noqa: E731
+        lr, decay, eps = 0.02, 0.9, 1e-3
+        rms = eosflow.optimizer_edges.rmsprop(lr, decay=decay, eps=eps, bias_correction=bias_correction)
+        nu = np.random.default_rng(3).uniform(0.01, 0.5, flat.size)
+        state = rmsprop_state(rms, flat, nu)
+        if bias_correction:
+            state = jax.tree.map(lambda leaf: jnp.asarray(7, leaf.dtype) if leaf.shape == () else leaf, state)
+        moment = rms.second_moment(state)
+        g = np.asarray(jax.grad(L)(flat))
+
+        def top(tau):
+            nu_hat = moment.nu + tau / lr * moment.rate * (g**2 - moment.nu)
+            P = np.sqrt(np.asarray(nu_hat) + eps)
+            H = np.asarray(jax.hessian(L)(flat - tau * g / np.asarray(moment.preconditioner)))
+            return np.linalg.eigh(H / np.sqrt(np.outer(P, P)))
+
+        values, vectors = top(0.0)
+        pairs = Pairs(values[::-1][:2], vectors[:, ::-1][:, :2])
+        prediction = edge_prediction.predict(L, flat, None, pairs, lr, optimizer=rms, opt_state=state)
+        h = 1e-5
+        rate = (top(h)[0][::-1][:2] - top(-h)[0][::-1][:2]) / (2 * h)
+        np.testing.assert_allclose(prediction.sharpening, rate, rtol=1e-6)
+        assert abs(float(moment.rate) - (1 - decay) / (1 - decay**8 if bias_correction else 1.0)) < 1e-15
+
+
+@pytest.mark.parametrize("lr,decay,warmup", [(0.01, 0.99, 3000), (0.05, 0.9, 2000)])
+def test_the_documented_loop_predicts_rmsprops_loss_on_the_bent_valley(lr, decay, warmup):
+    """docs/monitor.md's RMSProp loop (optax.rmsprop, the tracker with its P at the midpoints, predict given the
+    optimizer and its state, offsets given P) on the bent valley (float64), 200 steps after RMSProp has settled at
+    its edge: the mean predicted loss is RMSProp's mean loss to 1%, where the midpoint's loss is off by more than
+    5%; the mean measured x^2 is the mean tr X to 0.5% (the prediction without the nu feed is off by 28%)."""
+    from eosflow.experiment import prepare
+    from eosflow.spec import load_spec_table
+
+    with precision("float64"):
+        objective = prepare(load_spec_table("examples/sharp_valley.toml"))[1].objective
+        rms = eosflow.optimizer_edges.rmsprop(lr, decay=decay, eps=1e-8)
+
+        def loss_fn(w):
+            return objective.value(w)
+
+        def step(carry, _):
+            w, state = carry
+            updates, state = rms.transform.update(jax.grad(loss_fn)(w), state, w)
+            return (w + updates, state), None
+
+        w0 = prepare(load_spec_table("examples/sharp_valley.toml"))[1].w0
+        params, state = jax.lax.scan(step, (w0, rms.transform.init(w0)), None, length=warmup)[0]
+        tracker = eosflow.SharpnessTracker(loss_fn, k=2, tol=1e-8, max_iters=50)
+        tracked = tracker.init(params, jax.random.key(0))
+        update, advance = jax.jit(tracker.update), jax.jit(lambda carry: step(carry, None)[0])
+        rows = []
+        for _ in range(200):
+            new, state = advance((params, state))
+            centre, P = (new + params) / 2, rms.preconditioner(state)
+            tracked, eig = update(tracked, centre, None, P)
+            prediction = edge_prediction.predict(loss_fn, centre, None, eig, lr, optimizer=rms, opt_state=state)
+            x = edge_prediction.offsets(new, params, eig, preconditioner=P)
+            params = new
+            assert int(prediction.critical) == 1
+            rows.append(
+                [prediction.predicted_loss, loss_fn(new), prediction.loss, prediction.covariance[0, 0], x[0] ** 2]
+            )
+        predicted, actual, centre_loss, variance, measured = np.asarray(rows, dtype=float).mean(axis=0)
+        assert abs(predicted - actual) <= 0.01 * abs(actual)
+        assert abs(centre_loss - actual) >= 0.05 * abs(actual)
+        assert measured == pytest.approx(variance, rel=0.005)
+
+
+def test_an_optimizer_without_a_published_central_flow_is_refused_by_name():
+    """Momentum, Adam, a missing or misshapen state, an lr that is not the optimizer's: each a ValueError naming it;
+    optax.sgd without momentum reads as GD."""
+    with precision("float64"):
+        loss, params, batch = mlp_loss((2, 3, 1), jnp.tanh, 5, 0)
+        flat = ravel_pytree(params)[0]
+        L = lambda w: loss(ravel_pytree(params)[1](w), batch)  # noqa: E731
+        pairs = Pairs(np.array([1.0]), np.eye(flat.size)[:, :1])
+        edges = eosflow.optimizer_edges
+        rms = edges.rmsprop(0.1)
+        state = rms.transform.init(flat)
+        cases = [
+            (dict(optimizer=edges.rmsprop(0.1, momentum=0.9), opt_state=state), "momentum"),
+            (dict(optimizer=edges.adam(0.1), opt_state=edges.adam(0.1).transform.init(flat)), "Adam"),
+            (dict(optimizer=rms), "opt_state"),
+            (dict(opt_state=state), "without its optimizer"),
+            (dict(optimizer=edges.rmsprop(0.2), opt_state=state), "lr = 0.1, but the optimizer steps with lr = 0.2"),
+            (dict(optimizer=rms, opt_state=rms.transform.init(flat[:-1])), r"optimizer's nu's leaves have shapes"),
+            (dict(optimizer=optax_sgd_like(), opt_state=None), "eosflow.optimizer_edges optimizer"),
+        ]
+        for kwargs, message in cases:
+            with pytest.raises(ValueError, match=message):
+                edge_prediction.predict(L, flat, None, pairs, 0.1, **kwargs)
+        as_gd = edge_prediction.predict(L, flat, None, pairs, 0.1, optimizer=edges.sgd(0.1))
+        plain = edge_prediction.predict(L, flat, None, pairs, 0.1)
+        for field in ("sharpening", "covariance", "predicted_loss"):
+            np.testing.assert_array_equal(getattr(as_gd, field), getattr(plain, field))
+
+
+def optax_sgd_like():
+    import optax
+
+    return optax.sgd(0.1)

@@ -26,6 +26,16 @@ central flow's claim is mean(x x^T) over steps = X. ``benchmarks/edge_prediction
 For every tracked pair, ``sharpening`` = -<G_ii, g> is d lambda_i / dt along gradient flow
 (grad lambda_i = G_ii for a simple eigenvalue; per GD step, times lr): the rate of progressive sharpening
 before the edge, and alpha's diagonal at it. The eigenpairs are H's (a tracker without a preconditioner).
+
+RMSProp (``optimizer=optimizer_edges.rmsprop(lr)``, ``opt_state``; eigenpairs of P^-1/2 H P^-1/2): the same
+problem for RMSProp's central flow (docs/adaptive.md section 4), with V = P^-1/2 U for U, G_ij = D^3 L[v_i, v_j, .],
+per update
+
+    alpha_ij = lr <G_ij, P^-1 g> + (2/lr) v_i^T diag(P_dot) v_j,     P_dot = P'(nu) rate (g^2 - nu)
+    beta     = (lr/2) <G_ij, P^-1 G_kl> + (2/lr) rate sqrt(lam_i lam_j lam_k lam_l) sum_d P' P^2 (v_i v_j)_d (v_k v_l)_d
+
+(the oscillation feeds nu by diag(H Sigma H), Sigma = V X V^T), and ``sharpening`` = -<G_ii, P^-1 g> - (lambda_i /
+lr) v_i^T diag(P_dot) v_i, the preconditioned sharpness's rate along RMSProp's stable flow, P moving with nu.
 """
 
 from __future__ import annotations
@@ -41,10 +51,13 @@ from jaxtyping import Array, Float
 from eosflow.compiled import BoundedJit
 from eosflow.flows.central import pair_gradients
 from eosflow.flows.flow import critical_count
-from eosflow.flows.sdcp import pair_indices, smat, solve_sdcp
+from eosflow.flows.preconditioned_central import pair_products, sdcp_rates
+from eosflow.flows.sdcp import pair_indices, solve_sdcp
 from eosflow.objective import Objective, check_example_count, differentiable_loss, differentiable_part, ravel
+from eosflow.optimizer_edges import EdgeOptimizer, SecondMoment
 from eosflow.precision import MATMUL_PRECISION
 from eosflow.tracing import equations
+from eosflow.tracker import flat_like_parameters
 
 PyTree = Any
 
@@ -74,6 +87,8 @@ def predict(
     eig: Any,
     lr: float,
     *,
+    optimizer: EdgeOptimizer | None = None,
+    opt_state: Any = None,
     margin: float = 0.03,
     wrt: Any = None,
     microbatch: int | None = None,
@@ -82,21 +97,63 @@ def predict(
     of two consecutive iterates), from ``eig`` (anything with ``.values`` (k,) descending and ``.vectors`` (d, k),
     as :class:`eosflow.SharpnessTracker` returns) measured there.
 
+    For RMSProp: ``optimizer=eosflow.optimizer_edges.rmsprop(lr, ...)`` (without momentum), ``opt_state`` its state
+    at the point, and ``eig`` measured with ``preconditioner=optimizer.preconditioner(opt_state)``; the reading is
+    then RMSProp's central flow's, nu fed by the oscillation (module docstring). ``optax.sgd``'s is GD's.
+
     ``loss_fn(params, batch)`` (``loss_fn(params)`` with ``batch=None``), ``wrt`` and ``microbatch`` as the
     tracker's; ``margin`` as the central flow's. One gradient and k(k + 1)/2 third derivatives (jvp-of-HVP
     products, each about 3 gradients); compiled once per loss function and shapes (reuse the same ``loss_fn``),
     or traced into the caller's program when called inside ``jax.jit`` (``lr`` may then be traced too).
     """
-    size = ravel(differentiable_part(params, wrt)[0])[0].size
+    flat, unravel = ravel(differentiable_part(params, wrt)[0])
     values, vectors = check_inputs(
-        jnp.asarray(eig.values), jnp.asarray(eig.vectors), size, lr, margin, "edge_prediction"
+        jnp.asarray(eig.values), jnp.asarray(eig.vectors), flat.size, lr, margin, "edge_prediction"
     )
     check_example_count(microbatch, "edge_prediction microbatch")
     dtype = vectors.dtype
-    arguments = (loss_fn, params, batch, values, vectors, jnp.asarray(lr, dtype), jnp.asarray(margin, dtype))
+    moment = second_moment(optimizer, opt_state, lr, unravel.shapes, dtype)
+    arguments = (loss_fn, params, batch, values, vectors, jnp.asarray(lr, dtype), jnp.asarray(margin, dtype), moment)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments[1:])):
         return _prediction(*arguments, wrt, microbatch)  # inside the user's jit: part of their program
     return _compiled(*arguments, wrt, microbatch)
+
+
+def second_moment(
+    optimizer: EdgeOptimizer | None, opt_state: Any, lr: Any, shapes: tuple, dtype: Any
+) -> SecondMoment | None:
+    """RMSProp's :class:`~eosflow.optimizer_edges.SecondMoment` at ``opt_state``, flat in the measured parameters'
+    order (their leaves' ``shapes``); None for GD (no optimizer, or optax.sgd without momentum). Another optimizer,
+    a missing state, or a constant lr other than ``lr`` is a ValueError that names it."""
+    where = "edge_prediction"
+    if optimizer is None:
+        if opt_state is not None:
+            raise ValueError(f"{where}: opt_state given without its optimizer (optimizer=optimizer_edges.rmsprop(...))")
+        return None
+    if not isinstance(optimizer, EdgeOptimizer):
+        raise ValueError(
+            f"{where}: optimizer must be an eosflow.optimizer_edges optimizer (e.g. optimizer_edges.rmsprop(lr)), "
+            f"got {type(optimizer).__name__}"
+        )
+    steps_with = optimizer.lr
+    if not callable(steps_with) and not isinstance(lr, jax.core.Tracer) and not np.isclose(steps_with, lr, rtol=1e-6):
+        raise ValueError(f"{where}: lr = {lr!r}, but the optimizer steps with lr = {optimizer.lr!r}")
+    plain_gd = optimizer.preconditioner is None and np.isclose(float(optimizer.edge(1.0)), 2.0)
+    if plain_gd:
+        return None
+    if optimizer.second_moment is None:
+        raise ValueError(
+            f"{where}: the central flow at a point is derived for GD and for RMSProp without momentum "
+            "(preconditioned GD); this optimizer has momentum, or is Adam, whose central flow is not published"
+        )
+    if opt_state is None:
+        raise ValueError(f"{where}: RMSProp's reading needs its nu at the point: pass opt_state=")
+    moment = optimizer.second_moment(opt_state)
+    nu, p, slope = (
+        flat_like_parameters(tree, shapes, dtype, f"{where}: the optimizer's {name}")
+        for tree, name in ((moment.nu, "nu"), (moment.preconditioner, "P"), (moment.slope, "dP/dnu"))
+    )
+    return SecondMoment(nu, p, slope, jnp.asarray(moment.rate, dtype))
 
 
 def check_inputs(values: Any, vectors: Any, size: int, lr: Any, margin: Any, where: str) -> tuple[Any, Any]:
@@ -127,6 +184,7 @@ def _prediction(
     vectors: Float[Array, "d k"],
     lr: Array,
     margin: Array,
+    moment: SecondMoment | None,
     wrt: Any,
     microbatch: int | None,
 ) -> EdgePrediction:
@@ -140,29 +198,49 @@ def _prediction(
 
     differentiable = differentiable_loss(loss_on, equations(loss_on, flat, batch), f"edge_prediction: {call}")
     objective = Objective(loss_on=differentiable, data=batch, unravel=lambda w: w, microbatch=microbatch)
+    directions = vectors.astype(flat.dtype)  # V = U, or P^-1/2 U for RMSProp (V^T P V = I)
+    if moment is not None:
+        directions = directions / jnp.sqrt(moment.preconditioner)[:, None]
     with jax.default_matmul_precision(MATMUL_PRECISION):
         loss, grad = objective.value_and_grad(flat)
-        scaled = pair_gradients(objective, flat, vectors.astype(flat.dtype))
-    return reading(loss, grad, scaled, values.astype(flat.dtype), lr, margin)
+        scaled = pair_gradients(objective, flat, directions)
+    return reading(loss, grad, scaled, values.astype(flat.dtype), directions, lr, margin, moment)
 
 
 def reading(
-    loss: Array, grad: Float[Array, " d"], scaled: Float[Array, "p d"], values: Float[Array, " k"], lr, margin
+    loss: Array,
+    grad: Float[Array, " d"],
+    scaled: Float[Array, "p d"],
+    values: Float[Array, " k"],
+    directions: Float[Array, "d k"],
+    lr,
+    margin,
+    moment: SecondMoment | None = None,
 ) -> EdgePrediction:
-    """:class:`EdgePrediction` from L, g and the scaled pair gradients s_p G_p of the k tracked vectors at a point
+    """:class:`EdgePrediction` from L, g, the scaled pair gradients s_p G_p of the k tracked directions V at a point
     (p = k(k+1)/2 in :func:`eosflow.flows.sdcp.pair_indices` order, s_p = sqrt 2 off the diagonal, as
-    :func:`eosflow.flows.central.pair_gradients` gives them), whatever computed them (JAX or torch)."""
+    :func:`eosflow.flows.central.pair_gradients` gives them) and V itself (U for GD, P^-1/2 U for RMSProp, with
+    ``moment`` its flat :class:`~eosflow.optimizer_edges.SecondMoment`), whatever computed them (JAX or torch)."""
     k = values.shape[0]
     rows, cols = pair_indices(k)
     diagonal = np.flatnonzero(rows == cols)  # the pairs (i, i), i = 0 .. k - 1 in order
-    sharpening = jnp.where(jnp.isnan(values), jnp.nan, -(scaled[diagonal] @ grad))
+    p, nu, slope, rate = (
+        (1.0, 0.0, 0.0, 0.0) if moment is None else (moment.preconditioner, moment.nu, moment.slope, moment.rate)
+    )
+    p_dot = slope * rate * (grad**2 - nu)  # P's change per step with no oscillation (0 for GD)
+    squares = directions**2
+    sharpening = -(scaled[diagonal] @ (grad / p)) - values / lr * (squares.T @ p_dot)
+    sharpening = jnp.where(jnp.isnan(values), jnp.nan, sharpening)
     m, complete = critical_count(values, (1.0 - margin) * 2.0 / lr, k, grad.size)
     active = jnp.arange(k) < m
-    masked = scaled * (active[rows] & active[cols])[:, None]  # no coupling to a direction that is not critical
-    alpha = smat(masked @ grad)
+    pairs = (active[rows] & active[cols])[:, None]  # no coupling to a direction that is not critical
+    lam = jnp.where(active, values, 0.0)
+    alpha, beta = sdcp_rates(
+        scaled * pairs, pair_products(directions) * pairs, grad, p, p_dot, slope, rate, lam, lr, scalar=False
+    )
     free = 1.0 + jnp.linalg.norm(alpha)  # any positive slack keeps X_ii = 0 off the critical set
     alpha = alpha + jnp.diag(jnp.where(active, 0.0, free))
-    solution = solve_sdcp(alpha, 0.5 * masked @ masked.T)
+    solution = solve_sdcp(alpha, beta)
     X = solution.X * (active[:, None] & active[None, :])
     return EdgePrediction(
         loss=loss,
@@ -171,7 +249,7 @@ def reading(
         critical=m,
         complete=complete,
         covariance=X,
-        predicted_loss=loss + 0.5 * jnp.sum(jnp.diag(X) * jnp.where(active, values, 0.0)),
+        predicted_loss=loss + 0.5 * jnp.sum(jnp.diag(X) * lam),
         sdcp_residual=jnp.where(m > 0, solution.residual, 0.0),
     )
 
@@ -179,11 +257,18 @@ def reading(
 _compiled = BoundedJit(_prediction, kept=8)  # per loss function, shapes and wrt (eosflow.compiled)
 
 
-def offsets(params: PyTree, previous: PyTree, eig: Any, wrt: Any = None) -> Float[Array, " k"]:
+def offsets(
+    params: PyTree, previous: PyTree, eig: Any, wrt: Any = None, preconditioner: PyTree = None
+) -> Float[Array, " k"]:
     """x_i = u_i . (w_t - w_{t-1}) / 2: GD's offset from the midpoint of its last two iterates along each tracked
-    eigenvector (``params`` = w_t, ``previous`` = w_{t-1}; flattened as the tracker flattens them)."""
-    now = ravel(differentiable_part(params, wrt)[0])[0]
+    eigenvector (``params`` = w_t, ``previous`` = w_{t-1}; flattened as the tracker flattens them). With RMSProp's
+    ``preconditioner`` P (as given to the tracker), x_i = u_i . P^{1/2} (w_t - w_{t-1}) / 2, in X's coordinates."""
+    now, unravel = ravel(differentiable_part(params, wrt)[0])
     before = ravel(differentiable_part(previous, wrt)[0])[0]
     if now.shape != before.shape:
         raise ValueError(f"edge_prediction.offsets: params has {now.size} entries, previous {before.size}")
-    return jnp.asarray(eig.vectors).T @ (jnp.asarray(now) - jnp.asarray(before)) / 2.0
+    step = jnp.asarray(now) - jnp.asarray(before)
+    if preconditioner is not None:
+        where = "edge_prediction.offsets: the preconditioner"
+        step = jnp.sqrt(flat_like_parameters(preconditioner, unravel.shapes, step.dtype, where)) * step
+    return jnp.asarray(eig.vectors).T @ step / 2.0

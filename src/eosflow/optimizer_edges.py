@@ -49,6 +49,17 @@ PyTree = Any
 LearningRate = float | Callable[[Any], Any]  # a constant or an optax schedule of the update count
 
 
+class SecondMoment(NamedTuple):
+    """RMSProp's second moment at a state, as the central flow's nu feed needs it (pytrees like params, but rate).
+
+    nu_hat moves by nu_hat <- nu_hat + rate (g^2 - nu_hat) per update, and P = P(nu_hat)."""
+
+    nu: PyTree  # nu_hat: the (bias-corrected) moment P is a function of
+    preconditioner: PyTree  # P(nu_hat), what ``EdgeOptimizer.preconditioner`` reads
+    slope: PyTree  # dP / dnu_hat
+    rate: Any  # () per update: 1 - decay, or (1 - decay) / (1 - decay^(t+1)) with bias correction at count t
+
+
 class EdgeOptimizer(NamedTuple):
     """An optax optimizer, its step size (a constant or a schedule), its edge c(lr) / lr and how to read its P."""
 
@@ -56,6 +67,8 @@ class EdgeOptimizer(NamedTuple):
     lr: LearningRate  # a schedule is evaluated at the update's count, as optax does
     edge: Callable[[Any], Any]  # lr -> the preconditioned sharpness at the edge of stability at that lr
     preconditioner: Callable[[optax.OptState], PyTree] | None  # P's diagonal (like params); None: P = I
+    # nu_hat, P, dP/dnu_hat and nu_hat's rate: RMSProp without momentum, whose central flow is published
+    second_moment: Callable[[optax.OptState], SecondMoment] | None = None
 
     def lr_at(self, count) -> jax.Array:
         """The step size of update ``count`` (0-based): lr, or lr(count) for a schedule."""
@@ -163,13 +176,13 @@ def rmsprop(
     )
     form: MomentumForm = "nesterov" if nesterov and momentum else "classical"
     c = stability_constant(momentum, form)
+    settings = (decay, eps, eps_in_sqrt, bias_correction)
     return EdgeOptimizer(
         transform,
         lr,
         lambda rate: c / rate,
-        lambda state: rmsprop_preconditioner(
-            state, decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction
-        ),
+        lambda state: rmsprop_second_moment(state, *settings).preconditioner,
+        None if momentum else lambda state: rmsprop_second_moment(state, *settings),
     )
 
 
@@ -191,18 +204,34 @@ def amsgrad_preconditioner(opt_state: optax.OptState, eps: float = 1e-8, eps_roo
     return jax.tree.map(lambda nu_max: diagonal_preconditioner(nu_max, eps, eps_root), state.nu_max)
 
 
-def rmsprop_preconditioner(
+def rmsprop_second_moment(
     opt_state: optax.OptState,
     decay: float = 0.9,
     eps: float = 1e-8,
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
-) -> PyTree:
-    """P from the ScaleByRmsState (or ScaleByRmsWithCountState) inside ``opt_state``."""
+) -> SecondMoment:
+    """:class:`SecondMoment` from the ScaleByRmsState (or ScaleByRmsWithCountState) inside ``opt_state``: P =
+    sqrt(nu_hat + eps) (eps_in_sqrt) or sqrt(nu_hat) + eps, so dP/dnu_hat = 1 / (2 sqrt(nu_hat + eps_inside)); with
+    bias correction nu_hat = nu / (1 - decay^t) at count t, an EMA of g^2 at the rate (1 - decay) / (1 - decay^(t+1)),
+    else nu_hat = nu at 1 - decay."""
     rms_state = _find(opt_state, _is_rms_state, "an optax.rmsprop (ScaleByRmsState)")
-    correction = 1.0 - decay**rms_state.count if bias_correction else 1.0
     inside, outside = (eps, 0.0) if eps_in_sqrt else (0.0, eps)
-    return jax.tree.map(lambda nu: diagonal_preconditioner(nu, outside, inside, correction), rms_state.nu)
+    if bias_correction:
+        correction, rate = 1.0 - decay**rms_state.count, (1.0 - decay) / (1.0 - decay ** (rms_state.count + 1))
+    else:
+        correction, rate = 1.0, jnp.asarray(1.0 - decay)
+
+    def slope(nu):
+        root = jnp.sqrt(nu / correction + inside)
+        return 0.5 / jnp.maximum(root, jnp.finfo(root.dtype).tiny)
+
+    return SecondMoment(
+        jax.tree.map(lambda nu: nu / correction, rms_state.nu),
+        jax.tree.map(lambda nu: diagonal_preconditioner(nu, outside, inside, correction), rms_state.nu),
+        jax.tree.map(slope, rms_state.nu),
+        rate,
+    )
 
 
 def _is_rms_state(state) -> bool:

@@ -242,7 +242,9 @@ class SharpnessTracker(eqx.Module):
         flat, unravel, shapes = self._flat(params)
         precondition = None
         if preconditioner is not None:
-            precondition = _flat_preconditioner(preconditioner, shapes, flat.dtype)
+            precondition = flat_like_parameters(
+                preconditioner, shapes, flat.dtype, "SharpnessTracker: the preconditioner"
+            )
 
         call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
 
@@ -305,16 +307,16 @@ class SharpnessTracker(eqx.Module):
         return new_state, pairs
 
 
-def _flat_preconditioner(preconditioner: PyTree, expected: tuple, dtype) -> Array:
-    """P's diagonal as one vector in the parameters' order: from a pytree whose leaves have the measured
-    parameters' shapes ``expected`` (leaf for leaf, e.g. an optax state's moment) or a flat vector of their
-    size; anything else is a ValueError naming both shapes (a permuted pytree of the same size would
-    otherwise pair P with the wrong entries)."""
-    flat, unravel = ravel(differentiable_part(preconditioner)[0], "preconditioner")
+def flat_like_parameters(tree: PyTree, expected: tuple, dtype, what: str) -> Array:
+    """A diagonal (P, or an optimizer's moment) as one vector in the parameters' order: from a pytree whose leaves
+    have the measured parameters' shapes ``expected`` (leaf for leaf, e.g. an optax state's moment) or a flat vector
+    of their size; anything else is a ValueError naming ``what`` and both shapes (a permuted pytree of the same size
+    would otherwise pair P with the wrong entries)."""
+    flat, unravel = ravel(differentiable_part(tree)[0], "preconditioner")
     size = sum(math.prod(shape) for shape in expected)
     if unravel.shapes != expected and unravel.shapes != ((size,),):
         raise ValueError(
-            f"SharpnessTracker: the preconditioner's leaves have shapes {list(unravel.shapes)}, the parameters' "
+            f"{what}'s leaves have shapes {list(unravel.shapes)}, the parameters' "
             f"{list(expected)}: pass P's diagonal shaped like the parameters, leaf for leaf in the same order "
             f"(as an optax state holds it), or as one vector of their {size} entries"
         )

@@ -186,24 +186,16 @@ class PreconditionedCentralFlow(OptimizerModel):
         slack = 2.0 / lr * jnp.eye(m_max, dtype=z.w.dtype) - rayleigh
         # (pairs, d) s_p G_p
         gs = critical.scaled if self.held else pair_gradients(self.objective, z.w, v, critical.count)
-        rows, cols = pair_indices(m_max)
-        ws = jnp.asarray(pair_scale(m_max), z.w.dtype)[:, None] * (v[:, rows] * v[:, cols]).T  # (pairs, d) s_p v_i v_j
+        ws = pair_products(v)
         rate = mo.nu_rate(dt)
         nu_dot0 = rate * (mo.second(grad) - z.nu)
         p_dot0 = slope * nu_dot0 + slope_mass * mass_dot[1]  # dP/dt without the oscillation's feed
         # D relaxes to g with c = 2/(1 - h) (the lag convention's second-order term; D = g for "reference")
         direction = grad if mo.moments == "reference" else z.direction
-        alpha = slack + dt * (lr * smat(gs @ (direction / p)) + (2.0 / lr) * smat(ws @ p_dot0))
         lam = jnp.diag(rayleigh)
-        # rows s_p sqrt(lam_i lam_j) v_i v_j: with H v ~ P v lam, the nu-part of beta as a Gram matrix (PSD)
-        ws_lam = ws * jnp.sqrt(jnp.maximum(lam[rows] * lam[cols], 0.0))[:, None]
-        weight = slope * p**2 * (2.0 / lr) * rate
-        if scalar:
-            summed = jnp.sum(ws_lam, axis=1)
-            beta_p = weight[0] * jnp.outer(summed, summed)
-        else:
-            beta_p = (ws_lam * weight) @ ws_lam.T
-        beta = dt * (0.5 * lr * (gs / p) @ gs.T + beta_p)
+        alpha_rate, beta_rate = sdcp_rates(gs, ws, direction, p, p_dot0, slope, rate, lam, lr, scalar)
+        alpha = slack + dt * alpha_rate
+        beta = dt * beta_rate
         X = solve_sdcp(alpha, beta, max_iters=self.options.sdcp_max_iters).X
         w_dot = -lr * (direction + 0.5 * gs.T @ svec(X)) / p
         feed = p**2 * (ws.T @ svec(lam[:, None] * X * lam[None, :]))  # diag(H Sigma H) with H v ~ P v (v^T H v)
@@ -238,6 +230,46 @@ class PreconditionedCentralFlow(OptimizerModel):
             "critical_complete": setup.complete,
             **counts,
         }
+
+
+def pair_products(v: Array) -> Array:
+    """(pairs, d) s_p (v_i * v_j) for the columns of v (d, m), in :func:`eosflow.flows.sdcp.pair_indices` order."""
+    rows, cols = pair_indices(v.shape[1])
+    return jnp.asarray(pair_scale(v.shape[1]), v.dtype)[:, None] * (v[:, rows] * v[:, cols]).T
+
+
+def sdcp_rates(
+    gs: Array,
+    ws: Array,
+    direction: Array,
+    p: Array | float,
+    p_dot0: Array,
+    slope: Array | float,
+    rate: Array | float,
+    lam: Array,
+    lr: Array | float,
+    scalar: bool,
+) -> tuple[Array, Array]:
+    """(alpha, beta) of the complementarity problem per unit time, without the slack A (docs/adaptive.md section 4):
+
+    alpha = lr <G_ij, P^-1 D> + (2/lr) v_i^T diag(P_dot_0) v_j
+    beta  = (lr/2) <G_ij, P^-1 G_kl> + (2/lr) rate sqrt(lam_i lam_j lam_k lam_l) sum_d P' P^2 (v_i v_j)_d (v_k v_l)_d
+
+    from the scaled pair gradients ``gs`` (pairs, d) s_p G_p, ``ws`` (pairs, d) s_p v_i v_j, P_dot_0 the change of P
+    without the oscillation's feed, ``slope`` P' = dP/dnu (d,), ``rate`` nu's (dnu/dt = rate (s(g) - nu)) and the
+    critical Rayleigh quotients ``lam`` (zero rows drop out). ``scalar``: one P for all coordinates (P (1,))."""
+    m = lam.shape[0]
+    rows, cols = pair_indices(m)
+    alpha = lr * smat(gs @ (direction / p)) + (2.0 / lr) * smat(ws @ p_dot0)
+    # rows s_p sqrt(lam_i lam_j) v_i v_j: with H v ~ P v lam, the nu-part of beta as a Gram matrix (PSD)
+    ws_lam = ws * jnp.sqrt(jnp.maximum(lam[rows] * lam[cols], 0.0))[:, None]
+    weight = slope * p**2 * (2.0 / lr) * rate
+    if scalar:
+        summed = jnp.sum(ws_lam, axis=1)
+        beta_p = jnp.asarray(weight)[0] * jnp.outer(summed, summed)
+    else:
+        beta_p = (ws_lam * weight) @ ws_lam.T
+    return alpha, 0.5 * lr * (gs / p) @ gs.T + beta_p
 
 
 register_models(

@@ -60,6 +60,7 @@ def edge_prediction(
             jnp.asarray(gradient.detach().cpu().numpy()),
             jnp.asarray(scaled.detach().cpu().numpy()),
             jnp.asarray(values.astype(dtype)),
+            jnp.asarray(vectors.astype(dtype)),
             jnp.asarray(lr, dtype),
             jnp.asarray(margin, dtype),
         )
