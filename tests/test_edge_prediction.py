@@ -616,3 +616,102 @@ def optax_sgd_like():
     import optax
 
     return optax.sgd(0.1)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_torch_rmsprop_prediction_on_its_period_two_orbit(seed):
+    """RMSProp's closed-form orbit on the valley through torch.optim.RMSprop (P = sqrt(square_avg) + eps): one of
+    torch's steps takes the orbit's point to its other one; at the centre, Sigma = V X V^T = diag(s^2) and the
+    predicted loss is the orbit's; `edge_offsets` with the optimizer gives x^2 = diag X. Momentum and weight decay
+    are refused by name, and plain SGD reads as GD."""
+    torch = pytest.importorskip("torch")
+    import eosflow.torch  # noqa: F401
+
+    rng = np.random.default_rng(10 + seed)
+    m, lr, alpha, eps = 2, float(rng.uniform(0.05, 0.2)), float(rng.uniform(0.8, 0.99)), float(rng.uniform(1e-3, 5e-3))
+    b = -np.abs(rng.normal(1.0, 0.3, (m, m))) - 2.0 * np.eye(m)
+    curvature = rng.uniform(2.0, 5.0, m)
+    s = (lr * curvature / 2 - eps) / curvature
+    c, y = -0.5 * b.T @ s**2, rng.normal(size=m)
+    model = TorchValley(curvature - b @ y, b, c, s, y)
+    batch = (torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    loss_fn = lambda outputs, targets: outputs  # noqa: E731
+    orbit_loss = float(model(batch[0]).detach())
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, alpha=alpha, eps=eps)
+    for p, nu in ((model.x, (curvature * s) ** 2), (model.y, rng.uniform(0.1, 1.0, m))):
+        optimizer.state[p] = {"step": torch.tensor(5.0), "square_avg": torch.tensor(nu)}
+    previous = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    model(batch[0]).backward()
+    optimizer.step()
+    np.testing.assert_allclose(model.x.detach().numpy(), -s, rtol=1e-12)
+    np.testing.assert_allclose(model.y.detach().numpy(), y, rtol=1e-14)
+    P = np.concatenate([np.sqrt(optimizer.state[p]["square_avg"].numpy()) + eps for p in (model.x, model.y)])
+    np.testing.assert_allclose(P[:m], lr * curvature / 2, rtol=1e-12)
+    eig = Pairs(np.full(m, 2.0 / lr), np.eye(2 * m)[:, :m])
+    with eosflow.torch.midpoint(model, previous):
+        prediction = eosflow.torch.edge_prediction(model, loss_fn, batch, eig, lr, optimizer=optimizer)
+        as_gd = eosflow.torch.edge_prediction(
+            model, loss_fn, batch, eig, lr, optimizer=torch.optim.SGD(model.parameters(), lr=lr)
+        )
+        for bad, message in [
+            (torch.optim.RMSprop(model.parameters(), lr=lr, momentum=0.9), "momentum = 0.9"),
+            (torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=1e-3), "weight_decay = 0.001"),
+            (torch.optim.Adam(model.parameters(), lr=lr), "got Adam"),
+            (torch.optim.RMSprop(model.parameters(), lr=2 * lr), "steps with lr"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                eosflow.torch.edge_prediction(model, loss_fn, batch, eig, lr, optimizer=bad)
+    V = eig.vectors / np.sqrt(P)[:, None]
+    sigma = V @ prediction.covariance @ V.T
+    np.testing.assert_allclose(sigma, np.diag(np.concatenate([s**2, np.zeros(m)])), rtol=1e-9, atol=1e-14)
+    assert float(prediction.predicted_loss) == pytest.approx(orbit_loss, rel=1e-10)
+    x = eosflow.torch.edge_offsets(model, previous, eig, optimizer=optimizer)
+    np.testing.assert_allclose(x**2, np.diag(prediction.covariance), rtol=1e-10)
+    assert float(as_gd.sharpening[0]) == pytest.approx(float(-(b[0] @ c)), rel=1e-12)  # GD's: -<G_11, g>
+
+
+def test_torch_rmsprop_matches_the_jax_path_on_one_network():
+    """A torch tanh MLP under torch.optim.RMSprop with a given square_avg, and its JAX transcription under
+    optax.rmsprop (eps outside the root, decay = alpha) with the same nu: every field of the two RMSProp readings
+    agrees to 1e-9 (float64), for m = 1 and 2 of k = 3 pairs of P^-1/2 H P^-1/2 from dense eigh; nu above g^2
+    (P falling, the preconditioned sharpness rising) makes X > 0."""
+    torch = pytest.importorskip("torch")
+    import eosflow.torch  # noqa: F401
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    inputs = torch.randn(12, 3, dtype=torch.float64)
+    targets = torch.sin(inputs[:, :2])
+    batch = (inputs, targets)
+    alpha, eps = 0.95, 1e-3
+    weights = [p.detach().numpy() for p in net.parameters()]
+    with precision("float64"):
+        flat, unravel = ravel_pytree([jnp.asarray(w) for w in weights])
+
+        def loss(w):
+            W1, b1, W2, b2 = unravel(w)
+            out = jnp.tanh(jnp.asarray(inputs.numpy()) @ W1.T + b1) @ W2.T + b2
+            return jnp.mean((out - jnp.asarray(targets.numpy())) ** 2)
+
+        nu = np.random.default_rng(4).uniform(1.0, 2.0, flat.size) * np.asarray(jax.grad(loss)(flat)) ** 2 + 1e-4
+        P = np.sqrt(nu) + eps
+        A = np.asarray(jax.hessian(loss)(flat)) / np.sqrt(np.outer(P, P))
+        values, vectors = np.linalg.eigh(A)
+        eig = Pairs(values[::-1][:3], vectors[:, ::-1][:, :3])
+        for m in (1, 2):
+            lr = 2.0 / eig.values[m - 1] * (1 + 1e-6)
+            rms = eosflow.optimizer_edges.rmsprop(lr, decay=alpha, eps=eps, eps_in_sqrt=False)
+            oracle = edge_prediction.predict(
+                loss, flat, None, eig, lr, optimizer=rms, opt_state=rmsprop_state(rms, flat, nu), margin=0.0
+            )
+            optimizer = torch.optim.RMSprop(net.parameters(), lr=lr, alpha=alpha, eps=eps)
+            for p, part in zip(net.parameters(), np.split(nu, np.cumsum([w.size for w in weights])[:-1]), strict=True):
+                optimizer.state[p] = {"step": torch.tensor(1.0), "square_avg": torch.tensor(part.reshape(p.shape))}
+            ours = eosflow.torch.edge_prediction(
+                net, torch.nn.functional.mse_loss, batch, eig, lr, optimizer=optimizer, margin=0.0
+            )
+            assert int(ours.critical) == int(oracle.critical) == m
+            for field in ("loss", "sharpening", "covariance", "predicted_loss"):
+                np.testing.assert_allclose(getattr(ours, field), getattr(oracle, field), rtol=1e-9, atol=1e-13)
+            assert np.trace(np.asarray(ours.covariance)) > 0

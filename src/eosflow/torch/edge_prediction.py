@@ -7,6 +7,10 @@
         prediction = eosflow.torch.edge_prediction(model, loss_fn, batch, eig, lr)
     x = eosflow.torch.edge_offsets(model, previous, eig)             # u_i . (w_t - w_{t-1}) / 2
 
+With ``torch.optim.RMSprop`` (no momentum, weight decay or centering), ``eig`` from the tracker given the optimizer
+(the top of P^-1/2 H P^-1/2) and ``optimizer=`` to both calls, the reading is RMSProp's central flow's, nu fed by
+the oscillation (:mod:`eosflow.edge_prediction`), with P = sqrt(square_avg) + eps and nu's rate 1 - alpha.
+
 The third derivatives G_ij = grad_w (u_i^T H u_j) are torch's own (double backward, then one more backward);
 the rest, the complementarity problem for X, is :func:`eosflow.edge_prediction.reading`, the JAX path's.
 """
@@ -24,17 +28,27 @@ import torch
 
 from eosflow.edge_prediction import EdgePrediction, check_inputs, reading
 from eosflow.flows.sdcp import pair_indices, pair_scale
+from eosflow.optimizer_edges import SecondMoment
 from eosflow.precision import precision
-from eosflow.torch.objective import Batch, TorchObjective, numpy_dtype
+from eosflow.torch.objective import Batch, TorchObjective, numpy_dtype, trainable, unwrapped
+from eosflow.torch.tracker import state_buffer
 
 
 def edge_prediction(
-    model: torch.nn.Module, loss_fn: Callable, batch: Batch, eig: Any, lr: float, *, margin: float = 0.03
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    batch: Batch,
+    eig: Any,
+    lr: float,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    margin: float = 0.03,
 ) -> EdgePrediction:
     """:class:`eosflow.edge_prediction.EdgePrediction` of GD at step size ``lr`` at the model's current
     parameters, on ``batch`` = (inputs, targets) with ``loss_fn(outputs, targets)``, from ``eig``
     (:class:`eosflow.torch.TrackedEigenpairs` of a tracker without a preconditioner, or anything with
-    ``.values`` (k,) and ``.vectors`` (d, k) in the tracker's layout) measured there. One gradient and
+    ``.values`` (k,) and ``.vectors`` (d, k) in the tracker's layout) measured there. With a
+    ``torch.optim.RMSprop`` ``optimizer`` (and ``eig`` of the tracker given it), RMSProp's reading. One gradient and
     k(k + 1)/2 third derivatives; the model is not changed. NumPy arrays in the model's dtype."""
     objective = TorchObjective(model, loss_fn, batch)
     vectors = eig.vectors.detach().cpu().numpy() if torch.is_tensor(eig.vectors) else np.asarray(eig.vectors)
@@ -43,6 +57,10 @@ def edge_prediction(
     )
     objective.check(batch)
     w = objective.flat_parameters()
+    dtype = numpy_dtype(w.dtype)
+    moment = None if optimizer is None else second_moment(model, optimizer, lr, dtype)
+    if moment is not None:
+        vectors = vectors / np.sqrt(moment.preconditioner)[:, None]  # V = P^-1/2 U
     columns = torch.from_numpy(np.ascontiguousarray(vectors)).to(device=w.device, dtype=w.dtype)
     loss, gradient = objective.value_and_grad(w)
     k = values.shape[0]
@@ -53,7 +71,6 @@ def edge_prediction(
             for i, j, scale in zip(rows, cols, pair_scale(k), strict=True)
         ]
     )
-    dtype = numpy_dtype(w.dtype)
     with precision(dtype.name):
         prediction = reading(
             jnp.asarray(loss.detach().cpu().numpy()),
@@ -63,8 +80,45 @@ def edge_prediction(
             jnp.asarray(vectors.astype(dtype)),
             jnp.asarray(lr, dtype),
             jnp.asarray(margin, dtype),
+            None if moment is None else SecondMoment(*map(jnp.asarray, moment)),
         )
         return jax.tree.map(np.asarray, prediction)  # the same EdgePrediction, of NumPy arrays
+
+
+def second_moment(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float | None, dtype: np.dtype
+) -> SecondMoment | None:
+    """RMSprop's (nu, P = sqrt(nu) + eps, dP/dnu, nu's rate 1 - alpha), each (d,) in the tracker's layout, from its
+    state; None for plain SGD (GD). Momentum, weight decay, centering, another optimizer, a parameter it does not
+    hold or (``lr`` given) a group stepping at another lr: a ValueError that names it."""
+    where = "eosflow.torch.edge_prediction"
+    if not isinstance(optimizer, torch.optim.SGD | torch.optim.RMSprop):
+        raise ValueError(
+            f"{where}: the central flow at a point is derived for GD (torch.optim.SGD) and RMSProp "
+            f"(torch.optim.RMSprop), without momentum; got {type(optimizer).__name__}"
+        )
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    parts: list[list[np.ndarray]] = [[], [], [], []]
+    for name, p in trainable(unwrapped(model)).items():
+        group = group_of.get(id(p))
+        if group is None:
+            raise ValueError(f"{where}: the parameter {name!r} is not in the optimizer's param_groups")
+        for key in ("momentum", "weight_decay", "centered", "maximize"):
+            if group.get(key):
+                raise ValueError(f"{where}: {key} = {group[key]!r} in the group of {name!r}; set it off (0 / False)")
+        if lr is not None and not np.isclose(float(group["lr"]), lr, rtol=1e-6):
+            raise ValueError(f"{where}: lr = {lr!r}, but the group of {name!r} steps with lr = {group['lr']!r}")
+        if isinstance(optimizer, torch.optim.SGD):
+            continue
+        nu = state_buffer(optimizer.state.get(p, {}), "square_avg", name)[0].astype(np.float64)
+        root = np.sqrt(nu)
+        for part, value in zip(
+            parts, (nu, root + group["eps"], 0.5 / np.maximum(root, 1e-300), np.full(nu.size, 1.0 - group["alpha"]))
+        ):
+            part.append(value)
+    if isinstance(optimizer, torch.optim.SGD):
+        return None
+    return SecondMoment(*(np.concatenate(part).astype(dtype) for part in parts))
 
 
 def _parameter_pairs(
@@ -103,9 +157,15 @@ def midpoint(model: torch.nn.Module, previous: Sequence[torch.Tensor]) -> Iterat
                 p.copy_(value)
 
 
-def edge_offsets(model: torch.nn.Module, previous: Sequence[torch.Tensor], eig: Any) -> np.ndarray:
+def edge_offsets(
+    model: torch.nn.Module,
+    previous: Sequence[torch.Tensor],
+    eig: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> np.ndarray:
     """x_i = u_i . (w_t - w_{t-1}) / 2 for the tracked eigenvectors (the tracker's layout: the trainable
-    parameters in ``named_parameters`` order), w_t the model's parameters and ``previous`` w_{t-1}."""
+    parameters in ``named_parameters`` order), w_t the model's parameters and ``previous`` w_{t-1}. With a
+    ``torch.optim.RMSprop`` ``optimizer``, x_i = u_i . P^{1/2} (w_t - w_{t-1}) / 2 with its P now: X's coordinates."""
     step = [
         (p.detach() - before.to(p.device, p.dtype)).reshape(-1)
         for p, before in _parameter_pairs(model, previous)
@@ -113,4 +173,7 @@ def edge_offsets(model: torch.nn.Module, previous: Sequence[torch.Tensor], eig: 
     ]
     vectors = eig.vectors if torch.is_tensor(eig.vectors) else torch.from_numpy(np.asarray(eig.vectors))
     flat = torch.cat(step)
+    moment = None if optimizer is None else second_moment(model, optimizer, None, numpy_dtype(flat.dtype))
+    if moment is not None:
+        flat = flat * torch.from_numpy(np.sqrt(moment.preconditioner)).to(flat.device)
     return (vectors.to(flat.device, flat.dtype).T @ flat / 2).cpu().numpy()
