@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import textwrap
 import time
 
 import jax
@@ -39,24 +40,24 @@ from eosflow.leaderboard import ARCHITECTURES, SUITE
 from eosflow.precision import precision
 
 
-def draw(data: np.ndarray, window: int, out: str, title: str) -> None:
-    """Two panels over the steps: GD's loss, the predicted loss and the loss at the midpoint; the measured |x_m|^2
-    and the predicted tr X, each as a running mean over ``window`` steps."""
+def draw(data: np.ndarray, window: int, out: str, title: str, who: str = "GD's") -> None:
+    """Two panels over the steps: the optimizer's (``who``) loss, the predicted loss and the loss at the midpoint;
+    the measured |x_m|^2 and the predicted tr X, each as a running mean over ``window`` steps."""
     from matplotlib.figure import Figure
 
     steps = data[:, 0]
     smooth = np.ones(window) / window
     fig = Figure(figsize=(7.5, 6.0), dpi=110)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    top.plot(steps, data[:, 5], color="0.6", lw=0.8, label="GD's loss")
+    top.plot(steps, data[:, 5], color="0.6", lw=0.8, label=f"{who} loss")
     top.plot(steps, data[:, 4], color="C1", lw=1.2, label="predicted loss (central flow, at the midpoints)")
     top.plot(steps, data[:, 6], color="C0", lw=1.0, ls="--", label="loss at the midpoints")
     top.set_yscale("log")
     top.set_ylabel("loss")
     top.legend(fontsize=7)
-    top.set_title(title, fontsize=7)
+    top.set_title("\n".join(textwrap.wrap(title, 130)), fontsize=7)
     valid = steps[window - 1 :]
-    bottom.plot(valid, np.convolve(data[:, 3], smooth, "valid"), color="0.4", label="GD's |x_m|^2 (running mean)")
+    bottom.plot(valid, np.convolve(data[:, 3], smooth, "valid"), color="0.4", label=f"{who} |x_m|^2 (running mean)")
     bottom.plot(valid, np.convolve(data[:, 2], smooth, "valid"), color="C1", label="predicted tr X (running mean)")
     bottom.set_ylabel(f"oscillation variance, mean over {window} steps")
     bottom.set_xlabel("step")
@@ -248,7 +249,7 @@ def main() -> None:
             f"{100 * np.mean(off_centre):.2f}% (at most {100 * max(off_centre):.2f}%)"
         )
     if args.figure:
-        draw(data, args.window, args.figure, title)
+        draw(data, args.window, args.figure, title, who)
     print(
         f"\none predict (k = {args.k}: {args.k * (args.k + 1) // 2} third derivatives): "
         f"{1e3 * float(np.median(times)):.1f} ms; one gradient {grad_ms:.3f} ms"
