@@ -715,3 +715,33 @@ def test_torch_rmsprop_matches_the_jax_path_on_one_network():
             for field in ("loss", "sharpening", "covariance", "predicted_loss"):
                 np.testing.assert_allclose(getattr(ours, field), getattr(oracle, field), rtol=1e-9, atol=1e-13)
             assert np.trace(np.asarray(ours.covariance)) > 0
+
+
+def test_rmsprop_reading_inside_the_users_jit():
+    """The tracker with RMSProp's P and predict with its optax state (bias-corrected, count 5) in one jitted step,
+    lr and the state traced: the numbers of the call outside the jit to rounding, with X != 0 for m = 2."""
+    with precision("float64"):
+        loss, params, batch = mlp_loss((3, 4, 2), jnp.tanh, 10, 5)
+        rms = eosflow.optimizer_edges.rmsprop(0.05, decay=0.9, eps=1e-3, bias_correction=True)
+        opt_state = rms.transform.init(params)
+        for _ in range(5):
+            opt_state = rms.transform.update(jax.grad(loss)(params, batch), opt_state, params)[1]
+        tracker = eosflow.SharpnessTracker(loss, k=2, tol=1e-10, max_iters=300)
+        state = tracker.init(params, jax.random.key(1))
+
+        @jax.jit
+        def step(opt_state, lr):
+            eig = tracker.update(state, params, batch, rms.preconditioner(opt_state))[1]
+            return eig, edge_prediction.predict(
+                loss, params, batch, eig, lr, optimizer=rms, opt_state=opt_state, margin=0.0
+            )
+
+        eig = step(opt_state, 0.05)[0]
+        lr = 2.0 / float(eig.values[1]) * (1 + 1e-6)
+        eig, inside = step(opt_state, lr)
+        same = eosflow.optimizer_edges.rmsprop(lr, decay=0.9, eps=1e-3, bias_correction=True)
+        outside = edge_prediction.predict(loss, params, batch, eig, lr, optimizer=same, opt_state=opt_state, margin=0.0)
+        assert int(inside.critical) == int(outside.critical) == 2
+        for field in ("loss", "sharpening", "covariance", "predicted_loss"):
+            np.testing.assert_allclose(getattr(inside, field), getattr(outside, field), rtol=1e-9, atol=1e-12)
+        assert np.trace(np.asarray(inside.covariance)) > 0
