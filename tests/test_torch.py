@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 import eosflow  # noqa: E402
 from eosflow.config import SpecError  # noqa: E402
 from eosflow.problems import Problem  # noqa: E402
-from eosflow.torch import SharpnessTracker, TorchObjective, to_jax  # noqa: E402
+from eosflow.torch import SharpnessTracker, TorchObjective, optimizer_preconditioning, to_jax  # noqa: E402
 
 F = torch.nn.functional
 # the test process's choice: torch's spinning intra-op pool slows each call tens of times on a
@@ -173,6 +173,11 @@ def test_preconditioned_sharpness_from_torch_optimizers(name):
     tracker = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8, max_iters=400)
     eig = tracker.update((inputs, targets), optimizer)
     np.testing.assert_allclose(eig.values, np.sort(np.linalg.eigvalsh(scaled))[::-1][:2], rtol=1e-7)
+    if name.startswith(("adam", "rmsprop")):  # P itself, in the model's float64 where the process has no x64
+        with jax.enable_x64(False):
+            diagonal = optimizer_preconditioning(optimizer, objective).diagonal
+        assert diagonal.dtype == np.float64
+        np.testing.assert_allclose(diagonal, p_diag, rtol=1e-14)
     assert eig.threshold == pytest.approx(threshold, rel=1e-12)
 
 

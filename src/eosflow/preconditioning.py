@@ -58,13 +58,15 @@ def decoupled_decay_factor(decay: Any) -> Any:
 
 def diagonal_preconditioner(
     nu: Float[Array | np.ndarray, " d"], eps: float = 0.0, eps_root: float = 0.0, bias_correction: Array | float = 1.0
-) -> Float[Array, " d"]:
+) -> Float[Array | np.ndarray, " d"]:
     """P = sqrt(nu / bias_correction + eps_root) + eps, the diagonal of RMSProp / Adam's denominator.
 
     ``bias_correction`` is 1 - beta2^t for Adam (1 for RMSProp); ``eps_root`` is the epsilon
-    inside the square root (optax's ``eps_root``, or RMSProp's ``eps_in_sqrt`` epsilon).
+    inside the square root (optax's ``eps_root``, or RMSProp's ``eps_in_sqrt`` epsilon). A NumPy ``nu`` (a torch
+    optimizer's state) gives NumPy in its dtype: through jnp, float64 would become float32 unless x64 is on.
     """
-    return jnp.sqrt(nu / bias_correction + eps_root) + eps
+    sqrt = np.sqrt if isinstance(nu, np.ndarray) else jnp.sqrt
+    return sqrt(nu / bias_correction + eps_root) + eps
 
 
 def preconditioned_matvec(
