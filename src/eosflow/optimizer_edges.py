@@ -222,14 +222,15 @@ def rmsprop_second_moment(
     else:
         correction, rate = 1.0, jnp.asarray(1.0 - decay)
 
-    def slope(nu):
-        root = jnp.sqrt(nu / correction + inside)
+    def slope(nu_hat):
+        root = jnp.sqrt(nu_hat + inside)
         return 0.5 / jnp.maximum(root, jnp.finfo(root.dtype).tiny)
 
+    nu_hat = jax.tree.map(lambda nu: nu / correction, rms_state.nu)
     return SecondMoment(
-        jax.tree.map(lambda nu: nu / correction, rms_state.nu),
-        jax.tree.map(lambda nu: diagonal_preconditioner(nu, outside, inside, correction), rms_state.nu),
-        jax.tree.map(slope, rms_state.nu),
+        nu_hat,
+        jax.tree.map(lambda nu: diagonal_preconditioner(nu, outside, inside), nu_hat),
+        jax.tree.map(slope, nu_hat),
         rate,
     )
 

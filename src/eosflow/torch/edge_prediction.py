@@ -30,8 +30,9 @@ from eosflow.edge_prediction import EdgePrediction, check_inputs, reading
 from eosflow.flows.sdcp import pair_indices, pair_scale
 from eosflow.optimizer_edges import SecondMoment
 from eosflow.precision import precision
+from eosflow.preconditioning import diagonal_preconditioner
 from eosflow.torch.objective import Batch, TorchObjective, numpy_dtype, trainable, unwrapped
-from eosflow.torch.tracker import state_buffer
+from eosflow.torch.tracker import parameter_groups, state_buffer
 
 
 def edge_prediction(
@@ -97,12 +98,11 @@ def second_moment(
             f"{where}: the central flow at a point is derived for GD (torch.optim.SGD) and RMSProp "
             f"(torch.optim.RMSprop), without momentum; got {type(optimizer).__name__}"
         )
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    params = trainable(unwrapped(model))
+    groups = parameter_groups(optimizer, params)  # a ValueError naming any parameter it does not hold
     parts: list[list[np.ndarray]] = [[], [], [], []]
-    for name, p in trainable(unwrapped(model)).items():
-        group = group_of.get(id(p))
-        if group is None:
-            raise ValueError(f"{where}: the parameter {name!r} is not in the optimizer's param_groups")
+    for name, p in params.items():
+        group = groups[name][1]
         for key in ("momentum", "weight_decay", "centered", "maximize"):
             if group.get(key):
                 raise ValueError(f"{where}: {key} = {group[key]!r} in the group of {name!r}; set it off (0 / False)")
@@ -112,9 +112,8 @@ def second_moment(
             continue
         nu = state_buffer(optimizer.state.get(p, {}), "square_avg", name)[0].astype(np.float64)
         root = np.sqrt(nu)
-        for part, value in zip(
-            parts, (nu, root + group["eps"], 0.5 / np.maximum(root, 1e-300), np.full(nu.size, 1.0 - group["alpha"]))
-        ):
+        values = (nu, np.asarray(diagonal_preconditioner(nu, eps=group["eps"])), 0.5 / np.maximum(root, 1e-300))
+        for part, value in zip(parts, (*values, np.full(nu.size, 1.0 - group["alpha"])), strict=True):
             part.append(value)
     if isinstance(optimizer, torch.optim.SGD):
         return None
