@@ -282,6 +282,11 @@ def test_torch_operators_multiply_chunk_by_chunk(microbatch):
         chunked = build(model, loss_fn, batch, microbatch=microbatch)
         identity = np.eye(whole.shape[0])
         np.testing.assert_allclose(chunked @ identity, whole @ identity, rtol=0, atol=1e-12)
+        # columns NumPy strides backwards (eigh's, reversed) or by rows: the same products
+        np.testing.assert_allclose(whole @ identity[:, ::-1], (whole @ identity)[:, ::-1], rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(
+            chunked @ np.asfortranarray(identity[:, :3]), (chunked @ identity)[:, :3], rtol=1e-13
+        )
         summed = lambda f, y: torch.nn.functional.cross_entropy(f, y, reduction="sum")  # noqa: E731
         with pytest.raises(SpecError, match="not a mean over examples"):
             build(model, summed, batch, microbatch=microbatch)

@@ -170,7 +170,7 @@ def edge_offsets(
         for p, before in _parameter_pairs(model, previous)
         if p.requires_grad
     ]
-    vectors = eig.vectors if torch.is_tensor(eig.vectors) else torch.from_numpy(np.asarray(eig.vectors))
+    vectors = eig.vectors if torch.is_tensor(eig.vectors) else torch.from_numpy(np.ascontiguousarray(eig.vectors))
     flat = torch.cat(step)
     moment = None if optimizer is None else second_moment(model, optimizer, None, numpy_dtype(flat.dtype))
     if moment is not None:

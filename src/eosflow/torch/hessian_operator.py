@@ -55,7 +55,8 @@ class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
 
     def _matmat(self, vectors: np.ndarray) -> np.ndarray:
         self.products += vectors.shape[1]
-        columns = torch.as_tensor(np.asarray(vectors, dtype=self.dtype), device=self.w.device)
+        # a copy where NumPy's strides are negative (eigh's columns reversed), which torch cannot view
+        columns = torch.as_tensor(np.ascontiguousarray(vectors, dtype=self.dtype), device=self.w.device)
         if not self.gauss_newton and self.microbatch is None:  # one gradient graph for every product
             self._hessian = self._hessian or self.objective.linearized(self.w)
             return self._hessian(columns).detach().cpu().numpy()
