@@ -3,7 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/edge_prediction.py [--steps 600] [--lr 0.4] [--dtype float32]
         [--width 32] [--activation tanh] [--k 3] [--seed 0]
         [--window 100] [--settled 400] [--entry NAME] [--figure PNG]
-        [--optimizer rmsprop [--decay 0.99] [--eps 3e-3] [--bias-correction]]
+        [--optimizer rmsprop [--decay 0.99] [--eps 3e-3] [--bias-correction]] [--optimizer adam0 [--decay] [--eps]]
 
 GD on the demo's problem (tanh MLP 64-w-w-10 on 500 digits, MSE) runs ``--steps`` steps keeping its iterates. Then,
 as a user's loop would, at every step t >= 1 a warm-started tracker (k pairs, tol 1e-4) measures H at the
@@ -18,7 +18,8 @@ per step against its predicted rate, lr times ``sharpening``. Then the cost of o
 ``--optimizer rmsprop`` runs optax.rmsprop (``--lr``, ``--decay``, ``--eps`` inside the root as optax's default,
 ``--bias-correction``) instead of GD, keeping its state at every step: the tracker then measures P^-1/2 H P^-1/2
 with P read from the state, ``predict`` is given the optimizer and its state (RMSProp's central flow, nu fed by the
-oscillation), and ``offsets`` P, so that x is in X's coordinates.
+oscillation), and ``offsets`` P, so that x is in X's coordinates. ``--optimizer adam0`` runs optax.adam at b1 = 0
+(b2 = ``--decay``, ``--eps`` outside the root): RMSProp with bias correction, read from Adam's state.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def draw(data: np.ndarray, window: int, out: str, title: str, who: str = "GD's")
     fig.savefig(out)
 
 
-def rmsprop_iterates(loss_fn, w0, optimizer, steps: int):
+def optax_iterates(loss_fn, w0, optimizer, steps: int):
     """optax's iterates w_0 .. w_{steps-1} (steps, d) and its state after each (stacked: the state at row t is the
     one w_t was made with, whose P the next update uses)."""
 
@@ -101,7 +102,7 @@ def main() -> None:
     )
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--settled", type=int, default=400, help="the summary line's first step")
-    parser.add_argument("--optimizer", choices=("gd", "rmsprop"), default="gd")
+    parser.add_argument("--optimizer", choices=("gd", "rmsprop", "adam0"), default="gd")
     parser.add_argument("--decay", type=float, default=0.99, help="RMSProp's decay (beta2)")
     parser.add_argument("--eps", type=float, default=3e-3, help="RMSProp's eps (inside the root, optax's default)")
     parser.add_argument("--bias-correction", action="store_true", help="RMSProp's bias correction")
@@ -120,12 +121,14 @@ def main() -> None:
         (entry,) = [e for e in (*SUITE, *ARCHITECTURES) if e.name == args.entry and e.optimizer == "gd"]
         table.update(problem=entry.table["problem"], lr=entry.table["lr"], dtype=entry.table.get("dtype", "float64"))
         args.lr, args.dtype = table["lr"], table["dtype"]
-    rmsprop = args.optimizer == "rmsprop"
-    optimizer = (
-        optimizer_edges.rmsprop(args.lr, decay=args.decay, eps=args.eps, bias_correction=args.bias_correction)
-        if rmsprop
-        else None
-    )
+    preconditioned = args.optimizer != "gd"  # RMSProp, or Adam at b1 = 0: RMSProp's reading
+    optimizer = {
+        "gd": None,
+        "rmsprop": optimizer_edges.rmsprop(
+            args.lr, decay=args.decay, eps=args.eps, bias_correction=args.bias_correction
+        ),
+        "adam0": optimizer_edges.adam(args.lr, b1=0.0, b2=args.decay, eps=args.eps),
+    }[args.optimizer]
     with precision(args.dtype), tempfile.TemporaryDirectory() as tmp:
         problem = prepare(table)[1]
         objective = problem.objective
@@ -133,8 +136,8 @@ def main() -> None:
         def loss_fn(w):  # the loss of the flat parameter vector, on the full batch
             return objective.value(w)
 
-        if rmsprop:
-            params, states = rmsprop_iterates(loss_fn, problem.w0, optimizer, args.steps)
+        if preconditioned:
+            params, states = optax_iterates(loss_fn, problem.w0, optimizer, args.steps)
         else:
             run(table, tmp)
             _, params = eosflow.load_params(tmp, "gd")
@@ -146,8 +149,8 @@ def main() -> None:
         for t in range(1, args.steps):
             now, before = jnp.asarray(params[t]), jnp.asarray(params[t - 1])
             centre = (now + before) / 2
-            opt_state = jax.tree.map(lambda a, t=t: a[t], states) if rmsprop else None
-            preconditioner = optimizer.preconditioner(opt_state) if rmsprop else None
+            opt_state = jax.tree.map(lambda a, t=t: a[t], states) if preconditioned else None
+            preconditioner = optimizer.preconditioner(opt_state) if preconditioned else None
             state, eig = update(state, centre, None, preconditioner)
             prediction = edge_prediction.predict(
                 loss_fn, centre, None, eig, args.lr, optimizer=optimizer, opt_state=opt_state
@@ -184,12 +187,12 @@ def main() -> None:
             grad(centre).block_until_ready()
         grad_ms = 1e3 * (time.perf_counter() - started) / 20
 
-    name = (
-        f"optax.rmsprop (decay {args.decay}, eps {args.eps}, bias correction {args.bias_correction})"
-        if rmsprop
-        else "GD"
-    )
-    who = "RMSProp's" if rmsprop else "GD's"
+    name = {
+        "gd": "GD",
+        "rmsprop": f"optax.rmsprop (decay {args.decay}, eps {args.eps}, bias correction {args.bias_correction})",
+        "adam0": f"optax.adam (b1 0, b2 {args.decay}, eps {args.eps} outside the root)",
+    }[args.optimizer]
+    who = {"gd": "GD's", "rmsprop": "RMSProp's", "adam0": "Adam's"}[args.optimizer]
     title = (
         (
             f"{args.entry} (the leaderboard's problem)"

@@ -539,20 +539,25 @@ def test_rmsprop_sharpening_is_the_preconditioned_sharpness_rate_along_the_flow(
         assert abs(float(moment.rate) - (1 - decay) / (1 - decay**8 if bias_correction else 1.0)) < 1e-15
 
 
-@pytest.mark.parametrize("lr,decay,warmup,fed", [(0.01, 0.99, 3000, True), (0.05, 0.9, 2000, False)])
-def test_the_documented_loop_predicts_rmsprops_loss_on_the_bent_valley(lr, decay, warmup, fed):
+@pytest.mark.parametrize(
+    "lr,decay,warmup,fed,adam",
+    [(0.01, 0.99, 3000, True, False), (0.05, 0.9, 2000, False, False), (0.015, 0.995, 3000, True, True)],
+)
+def test_the_documented_loop_predicts_rmsprops_loss_on_the_bent_valley(lr, decay, warmup, fed, adam):
     """docs/monitor.md's RMSProp loop (optax.rmsprop, the tracker with its P at the midpoints, predict given the
     optimizer and its state, offsets given P) on the bent valley (float64), 200 steps after RMSProp has settled at
     its edge: the mean predicted loss is RMSProp's mean loss to 1%, where the midpoint's loss is off by more than
     5%; the mean measured x^2 is the mean tr X to 0.5%. Without the nu feed (nu's rate set to 0: the pair gradients
     alone) the reading is off by more than 10% at lr 0.01, decay 0.99 (``fed``: the oscillation is held by nu), and
-    as close at lr 0.05, decay 0.9 (held by the pair gradients)."""
+    as close at lr 0.05, decay 0.9 (held by the pair gradients). The same for optax.adam at b1 = 0 (``adam``: RMSProp
+    with bias correction, eps outside the root) at lr 0.015, b2 = 0.995."""
     from eosflow.experiment import prepare
     from eosflow.spec import load_spec_table
 
     with precision("float64"):
         objective = prepare(load_spec_table("examples/sharp_valley.toml"))[1].objective
-        rms = eosflow.optimizer_edges.rmsprop(lr, decay=decay, eps=1e-8)
+        edges = eosflow.optimizer_edges
+        rms = edges.adam(lr, b1=0.0, b2=decay, eps=1e-8) if adam else edges.rmsprop(lr, decay=decay, eps=1e-8)
         unfed = rms._replace(second_moment=lambda state: rms.second_moment(state)._replace(rate=0.0))
 
         def loss_fn(w):
@@ -592,9 +597,66 @@ def test_the_documented_loop_predicts_rmsprops_loss_on_the_bent_valley(lr, decay
             assert measured == pytest.approx(unfed_variance, rel=0.005)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_adam_without_momentum_reads_as_rmsprop_with_bias_correction(seed):
+    """optax.adam at b1 = 0 is optax.rmsprop with bias correction and eps outside the root: over 20 updates on an MLP
+    their iterates agree to 1e-13, and the two readings at the last (k = 3 pairs of P^-1/2 H P^-1/2 from dense eigh,
+    m = 1 and 2) to 1e-12. With eps_root > 0 (no RMSProp counterpart) Adam's second moment is checked by hand:
+    nu_hat = nu / (1 - b2^t), P = sqrt(nu_hat + eps_root) + eps, dP/dnu_hat against central differences of P, and
+    nu_hat's rate against optax's next update (nu_hat' = nu_hat + rate (g^2 - nu_hat)) to 1e-12."""
+    rng = np.random.default_rng(20 + seed)
+    b2, eps, eps_root = float(rng.uniform(0.9, 0.999)), float(rng.uniform(1e-4, 1e-2)), float(rng.uniform(1e-6, 1e-4))
+    edges = eosflow.optimizer_edges
+    with precision("float64"):
+        loss, params, batch = mlp_loss((3, 5, 2), jnp.tanh, 12, seed)
+        flat, unravel = ravel_pytree(params)
+        L = lambda w: loss(unravel(w), batch)  # noqa: E731
+        adam, rms = edges.adam(0.01, b1=0.0, b2=b2, eps=eps), edges.rmsprop(0.01, b2, eps, False, True)
+        states, iterates = [adam.transform.init(flat), rms.transform.init(flat)], [flat, flat]
+        for _ in range(20):
+            for i, optimizer in enumerate((adam, rms)):
+                updates, states[i] = optimizer.transform.update(jax.grad(L)(iterates[i]), states[i], iterates[i])
+                iterates[i] = iterates[i] + updates
+        np.testing.assert_allclose(iterates[0], iterates[1], rtol=1e-13, atol=1e-15)
+        w = iterates[0]
+        P = np.asarray(adam.preconditioner(states[0]))
+        np.testing.assert_allclose(P, rms.preconditioner(states[1]), rtol=1e-13)
+        A = np.asarray(jax.hessian(L)(w)) / np.sqrt(np.outer(P, P))
+        values, vectors = np.linalg.eigh(A)
+        eig = Pairs(values[::-1][:3], vectors[:, ::-1][:, :3])
+        for m in (1, 2):
+            lr = 2.0 / eig.values[m - 1] * (1 + 1e-6)
+            readings = [
+                edge_prediction.predict(L, w, None, eig, lr, optimizer=o._replace(lr=lr), opt_state=st, margin=0.0)
+                for o, st in ((adam, states[0]), (rms, states[1]))
+            ]
+            assert int(readings[0].critical) == m
+            for field in ("loss", "sharpening", "covariance", "predicted_loss"):
+                np.testing.assert_allclose(getattr(readings[0], field), getattr(readings[1], field), rtol=1e-12)
+
+        rooted = edges.adam(0.01, b1=0.0, b2=b2, eps=eps, eps_root=eps_root)
+        state = rooted.transform.init(flat)
+        for _ in range(3):
+            state = rooted.transform.update(jax.grad(L)(flat), state, flat)[1]
+        moment = rooted.second_moment(state)
+        nu = np.asarray(state[0].nu)
+        nu_hat = nu / (1 - b2**3)
+        np.testing.assert_allclose(moment.nu, nu_hat, rtol=1e-14)
+        np.testing.assert_allclose(moment.preconditioner, np.sqrt(nu_hat + eps_root) + eps, rtol=1e-14)
+        np.testing.assert_allclose(rooted.preconditioner(state), moment.preconditioner, rtol=1e-14)
+        h = 1e-4 * nu_hat
+        differences = (np.sqrt(nu_hat + h + eps_root) - np.sqrt(nu_hat - h + eps_root)) / (2 * h)
+        np.testing.assert_allclose(moment.slope, differences, rtol=1e-7)
+        g = np.asarray(jax.grad(L)(flat + 0.1))
+        after = rooted.transform.update(jnp.asarray(g), state, flat)[1]
+        np.testing.assert_allclose(
+            np.asarray(after[0].nu) / (1 - b2**4), nu_hat + float(moment.rate) * (g**2 - nu_hat), rtol=1e-12
+        )
+
+
 def test_an_optimizer_without_a_published_central_flow_is_refused_by_name():
-    """Momentum, Adam, a missing or misshapen state, an lr that is not the optimizer's: each a ValueError naming it;
-    optax.sgd without momentum reads as GD."""
+    """Momentum, Adam with momentum, AdamW, AMSGrad, a missing or misshapen state, an lr that is not the optimizer's:
+    each a ValueError naming it; optax.sgd without momentum reads as GD."""
     with precision("float64"):
         loss, params, batch = mlp_loss((2, 3, 1), jnp.tanh, 5, 0)
         flat = ravel_pytree(params)[0]
@@ -605,7 +667,12 @@ def test_an_optimizer_without_a_published_central_flow_is_refused_by_name():
         state = rms.transform.init(flat)
         cases = [
             (dict(optimizer=edges.rmsprop(0.1, momentum=0.9), opt_state=state), "momentum"),
-            (dict(optimizer=edges.adam(0.1), opt_state=edges.adam(0.1).transform.init(flat)), "Adam"),
+            (dict(optimizer=edges.adam(0.1), opt_state=edges.adam(0.1).transform.init(flat)), "momentum"),
+            (dict(optimizer=edges.adamw(0.1, b1=0.0), opt_state=edges.adamw(0.1).transform.init(flat)), "decay"),
+            (
+                dict(optimizer=edges.amsgrad(0.1, b1=0.0), opt_state=edges.amsgrad(0.1).transform.init(flat)),
+                "running max",
+            ),
             (dict(optimizer=rms), "opt_state"),
             (dict(opt_state=state), "without its optimizer"),
             (dict(optimizer=edges.rmsprop(0.2), opt_state=state), "lr = 0.1, but the optimizer steps with lr = 0.2"),
@@ -666,7 +733,10 @@ def test_torch_rmsprop_prediction_on_its_period_two_orbit(seed):
         for bad, message in [
             (torch.optim.RMSprop(model.parameters(), lr=lr, momentum=0.9), "momentum = 0.9"),
             (torch.optim.RMSprop(model.parameters(), lr=lr, weight_decay=1e-3), "weight_decay = 0.001"),
-            (torch.optim.Adam(model.parameters(), lr=lr), "got Adam"),
+            (torch.optim.Adam(model.parameters(), lr=lr), r"betas\[0\] = 0.9"),
+            (torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.9), amsgrad=True), "amsgrad = True"),
+            (torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.0, 0.9)), "weight_decay = 0.01"),
+            (torch.optim.Adagrad(model.parameters(), lr=lr), "got Adagrad"),
             (torch.optim.RMSprop(model.parameters(), lr=2 * lr), "steps with lr"),
         ]:
             with pytest.raises(ValueError, match=message):
@@ -680,11 +750,14 @@ def test_torch_rmsprop_prediction_on_its_period_two_orbit(seed):
     assert float(as_gd.sharpening[0]) == pytest.approx(float(-(b[0] @ c)), rel=1e-12)  # GD's: -<G_11, g>
 
 
-def test_torch_rmsprop_matches_the_jax_path_on_one_network():
+@pytest.mark.parametrize("adam", [False, True])
+def test_torch_rmsprop_matches_the_jax_path_on_one_network(adam):
     """A torch tanh MLP under torch.optim.RMSprop with a given square_avg, and its JAX transcription under
     optax.rmsprop (eps outside the root, decay = alpha) with the same nu: every field of the two RMSProp readings
     agrees to 1e-9 (float64), for m = 1 and 2 of k = 3 pairs of P^-1/2 H P^-1/2 from dense eigh; nu above g^2
-    (P falling, the preconditioned sharpness rising) makes X > 0."""
+    (P falling, the preconditioned sharpness rising) makes X > 0. ``adam``: torch.optim.Adam at betas = (0, alpha)
+    after 4 steps (exp_avg_sq = nu (1 - alpha^4)) against optax.adam at b1 = 0 with the same state, and
+    `edge_offsets` given the optimizer scales by its P^1/2."""
     torch = pytest.importorskip("torch")
     import eosflow.torch  # noqa: F401
 
@@ -708,15 +781,28 @@ def test_torch_rmsprop_matches_the_jax_path_on_one_network():
         A = np.asarray(jax.hessian(loss)(flat)) / np.sqrt(np.outer(P, P))
         values, vectors = np.linalg.eigh(A)
         eig = Pairs(values[::-1][:3], vectors[:, ::-1][:, :3])
+        raw = nu * (1 - alpha**4) if adam else nu  # what the state holds: nu_hat = raw / (1 - alpha^4) for Adam
         for m in (1, 2):
             lr = 2.0 / eig.values[m - 1] * (1 + 1e-6)
-            rms = eosflow.optimizer_edges.rmsprop(lr, decay=alpha, eps=eps, eps_in_sqrt=False)
+            if adam:
+                jax_optimizer = eosflow.optimizer_edges.adam(lr, b1=0.0, b2=alpha, eps=eps)
+                opt_state = jax.tree.map(
+                    lambda leaf: jnp.asarray(4, leaf.dtype) if leaf.ndim == 0 else leaf,
+                    rmsprop_state(jax_optimizer, flat, raw),
+                )
+                optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.0, alpha), eps=eps)
+                names = ("exp_avg_sq", "exp_avg")
+            else:
+                jax_optimizer = eosflow.optimizer_edges.rmsprop(lr, decay=alpha, eps=eps, eps_in_sqrt=False)
+                opt_state = rmsprop_state(jax_optimizer, flat, raw)
+                optimizer = torch.optim.RMSprop(net.parameters(), lr=lr, alpha=alpha, eps=eps)
+                names = ("square_avg",)
             oracle = edge_prediction.predict(
-                loss, flat, None, eig, lr, optimizer=rms, opt_state=rmsprop_state(rms, flat, nu), margin=0.0
+                loss, flat, None, eig, lr, optimizer=jax_optimizer, opt_state=opt_state, margin=0.0
             )
-            optimizer = torch.optim.RMSprop(net.parameters(), lr=lr, alpha=alpha, eps=eps)
-            for p, part in zip(net.parameters(), np.split(nu, np.cumsum([w.size for w in weights])[:-1]), strict=True):
-                optimizer.state[p] = {"step": torch.tensor(1.0), "square_avg": torch.tensor(part.reshape(p.shape))}
+            for p, part in zip(net.parameters(), np.split(raw, np.cumsum([w.size for w in weights])[:-1]), strict=True):
+                buffers = [torch.tensor(part.reshape(p.shape)), torch.zeros_like(p)]
+                optimizer.state[p] = {"step": torch.tensor(4.0), **dict(zip(names, buffers, strict=False))}
             ours = eosflow.torch.edge_prediction(
                 net, torch.nn.functional.mse_loss, batch, eig, lr, optimizer=optimizer, margin=0.0
             )
@@ -724,6 +810,10 @@ def test_torch_rmsprop_matches_the_jax_path_on_one_network():
             for field in ("loss", "sharpening", "covariance", "predicted_loss"):
                 np.testing.assert_allclose(getattr(ours, field), getattr(oracle, field), rtol=1e-9, atol=1e-13)
             assert np.trace(np.asarray(ours.covariance)) > 0
+        previous = [p.detach().clone() + 0.01 * torch.randn_like(p) for p in net.parameters()]
+        step = np.concatenate([(p.detach() - q).reshape(-1).numpy() for p, q in zip(net.parameters(), previous)])
+        x = eosflow.torch.edge_offsets(net, previous, eig, optimizer=optimizer)
+        np.testing.assert_allclose(x, eig.vectors.T @ (np.sqrt(P) * step) / 2, rtol=1e-12)
 
 
 def test_rmsprop_reading_inside_the_users_jit():

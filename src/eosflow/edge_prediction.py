@@ -27,9 +27,9 @@ For every tracked pair, ``sharpening`` = -<G_ii, g> is d lambda_i / dt along gra
 (grad lambda_i = G_ii for a simple eigenvalue; per GD step, times lr): the rate of progressive sharpening
 before the edge, and alpha's diagonal at it. The eigenpairs are H's (a tracker without a preconditioner).
 
-RMSProp (``optimizer=optimizer_edges.rmsprop(lr)``, ``opt_state``; eigenpairs of P^-1/2 H P^-1/2): the same
-problem for RMSProp's central flow (docs/adaptive.md section 4), with V = P^-1/2 U for U, G_ij = D^3 L[v_i, v_j, .],
-per update
+RMSProp (``optimizer=optimizer_edges.rmsprop(lr)`` or ``adam(lr, b1=0)``, ``opt_state``; eigenpairs of
+P^-1/2 H P^-1/2): the same problem for RMSProp's central flow (docs/adaptive.md section 4), with V = P^-1/2 U for U,
+G_ij = D^3 L[v_i, v_j, .], per update
 
     alpha_ij = lr <G_ij, P^-1 g> + (2/lr) v_i^T diag(P_dot) v_j,     P_dot = P'(nu) rate (g^2 - nu)
     beta     = (lr/2) <G_ij, P^-1 G_kl> + (2/lr) rate sqrt(lam_i lam_j lam_k lam_l) sum_d P' P^2 (v_i v_j)_d (v_k v_l)_d
@@ -97,9 +97,10 @@ def predict(
     of two consecutive iterates), from ``eig`` (anything with ``.values`` (k,) descending and ``.vectors`` (d, k),
     as :class:`eosflow.SharpnessTracker` returns) measured there.
 
-    For RMSProp: ``optimizer=eosflow.optimizer_edges.rmsprop(lr, ...)`` (without momentum), ``opt_state`` its state
-    at the point, and ``eig`` measured with ``preconditioner=optimizer.preconditioner(opt_state)``; the reading is
-    then RMSProp's central flow's, nu fed by the oscillation (module docstring). ``optax.sgd``'s is GD's.
+    For RMSProp: ``optimizer=eosflow.optimizer_edges.rmsprop(lr, ...)`` (without momentum) or ``adam(lr, b1=0, ...)``
+    (Adam without momentum is RMSProp with bias correction), ``opt_state`` its state at the point, and ``eig``
+    measured with ``preconditioner=optimizer.preconditioner(opt_state)``; the reading is then RMSProp's central
+    flow's, nu fed by the oscillation (module docstring). ``optax.sgd``'s is GD's.
 
     ``loss_fn(params, batch)`` (``loss_fn(params)`` with ``batch=None``), ``wrt`` and ``microbatch`` as the
     tracker's; ``margin`` as the central flow's. One gradient and k(k + 1)/2 third derivatives (jvp-of-HVP
@@ -144,10 +145,11 @@ def second_moment(
     if optimizer.second_moment is None:
         raise ValueError(
             f"{where}: the central flow at a point is derived for GD and for RMSProp without momentum "
-            "(preconditioned GD); this optimizer has momentum, or is Adam, whose central flow is not published"
+            "(preconditioned GD; Adam at b1 = 0 is RMSProp with bias correction); this optimizer has momentum, "
+            "weight decay or AMSGrad's running max, and no published central flow"
         )
     if opt_state is None:
-        raise ValueError(f"{where}: RMSProp's reading needs its nu at the point: pass opt_state=")
+        raise ValueError(f"{where}: RMSProp's reading (Adam's at b1 = 0) needs its nu at the point: pass opt_state=")
     moment = optimizer.second_moment(opt_state)
     nu, p, slope = (
         flat_like_parameters(tree, shapes, dtype, f"{where}: the optimizer's {name}")

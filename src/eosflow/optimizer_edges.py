@@ -50,7 +50,8 @@ LearningRate = float | Callable[[Any], Any]  # a constant or an optax schedule o
 
 
 class SecondMoment(NamedTuple):
-    """RMSProp's second moment at a state, as the central flow's nu feed needs it (pytrees like params, but rate).
+    """RMSProp's (or Adam's at b1 = 0) second moment at a state, as the central flow's nu feed needs it (pytrees
+    like params, but rate).
 
     nu_hat moves by nu_hat <- nu_hat + rate (g^2 - nu_hat) per update, and P = P(nu_hat)."""
 
@@ -138,6 +139,8 @@ def adamw(
         lr,
         lambda rate: c * decoupled_decay_factor(rate * weight_decay) / rate,
         lambda state: adam_preconditioner(state, b2=b2, eps=eps, eps_root=eps_root),
+        # at b1 = 0 (and no decay) Adam is RMSProp with bias correction: m_hat = g
+        None if b1 or weight_decay else lambda state: adam_second_moment(state, b2=b2, eps=eps, eps_root=eps_root),
     )
 
 
@@ -212,24 +215,41 @@ def rmsprop_second_moment(
     bias_correction: bool = False,
 ) -> SecondMoment:
     """:class:`SecondMoment` from the ScaleByRmsState (or ScaleByRmsWithCountState) inside ``opt_state``: P =
-    sqrt(nu_hat + eps) (eps_in_sqrt) or sqrt(nu_hat) + eps, so dP/dnu_hat = 1 / (2 sqrt(nu_hat + eps_inside)); with
-    bias correction nu_hat = nu / (1 - decay^t) at count t, an EMA of g^2 at the rate (1 - decay) / (1 - decay^(t+1)),
-    else nu_hat = nu at 1 - decay."""
+    sqrt(nu_hat + eps) (eps_in_sqrt) or sqrt(nu_hat) + eps; with bias correction nu_hat = nu / (1 - decay^t) at
+    count t, else nu_hat = nu (:func:`ema_second_moment`)."""
     rms_state = _find(opt_state, _is_rms_state, "an optax.rmsprop (ScaleByRmsState)")
     inside, outside = (eps, 0.0) if eps_in_sqrt else (0.0, eps)
-    if bias_correction:
-        correction, rate = 1.0 - decay**rms_state.count, (1.0 - decay) / (1.0 - decay ** (rms_state.count + 1))
-    else:
+    count = rms_state.count if bias_correction else None
+    return ema_second_moment(rms_state.nu, count, decay, inside, outside)
+
+
+def adam_second_moment(
+    opt_state: optax.OptState, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> SecondMoment:
+    """:class:`SecondMoment` from the ScaleByAdamState inside ``opt_state``: nu_hat = nu / (1 - b2^t), P =
+    sqrt(nu_hat + eps_root) + eps (:func:`ema_second_moment`); Adam's whole update at b1 = 0."""
+    adam_state = _find(opt_state, lambda s: isinstance(s, optax.ScaleByAdamState), "an optax.adam (ScaleByAdamState)")
+    return ema_second_moment(adam_state.nu, adam_state.count, b2, eps_root, eps)
+
+
+def ema_second_moment(nu: PyTree, count: Any, decay: float, inside: float, outside: float) -> SecondMoment:
+    """:class:`SecondMoment` of an EMA nu <- decay nu + (1 - decay) g^2 and P = sqrt(nu_hat + inside) + outside, so
+    dP/dnu_hat = 1 / (2 sqrt(nu_hat + inside)). Bias-corrected at ``count`` t (None: not corrected), nu_hat = nu /
+    (1 - decay^t) is an EMA of g^2 at the rate (1 - decay) / (1 - decay^(t+1)); uncorrected, nu_hat = nu, at 1 - decay.
+    """
+    if count is None:
         correction, rate = 1.0, jnp.asarray(1.0 - decay)
+    else:
+        correction, rate = 1.0 - decay**count, (1.0 - decay) / (1.0 - decay ** (count + 1))
 
     def slope(nu_hat):
         root = jnp.sqrt(nu_hat + inside)
         return 0.5 / jnp.maximum(root, jnp.finfo(root.dtype).tiny)
 
-    nu_hat = jax.tree.map(lambda nu: nu / correction, rms_state.nu)
+    nu_hat = jax.tree.map(lambda leaf: leaf / correction, nu)
     return SecondMoment(
         nu_hat,
-        jax.tree.map(lambda nu: diagonal_preconditioner(nu, outside, inside), nu_hat),
+        jax.tree.map(lambda leaf: diagonal_preconditioner(leaf, outside, inside), nu_hat),
         jax.tree.map(slope, nu_hat),
         rate,
     )

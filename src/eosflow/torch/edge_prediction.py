@@ -9,7 +9,8 @@
 
 With ``torch.optim.RMSprop`` (no momentum, weight decay or centering), ``eig`` from the tracker given the optimizer
 (the top of P^-1/2 H P^-1/2) and ``optimizer=`` to both calls, the reading is RMSProp's central flow's, nu fed by
-the oscillation (:mod:`eosflow.edge_prediction`), with P = sqrt(square_avg) + eps and nu's rate 1 - alpha.
+the oscillation (:mod:`eosflow.edge_prediction`), with P = sqrt(square_avg) + eps and nu's rate 1 - alpha. The same
+for ``torch.optim.Adam`` at betas[0] = 0, RMSProp with bias correction (nu_hat = exp_avg_sq / (1 - b2^t)).
 
 The third derivatives G_ij = grad_w (u_i^T H u_j) are torch's own (double backward, then one more backward);
 the rest, the complementarity problem for X, is :func:`eosflow.edge_prediction.reading`, the JAX path's.
@@ -49,7 +50,8 @@ def edge_prediction(
     parameters, on ``batch`` = (inputs, targets) with ``loss_fn(outputs, targets)``, from ``eig``
     (:class:`eosflow.torch.TrackedEigenpairs` of a tracker without a preconditioner, or anything with
     ``.values`` (k,) and ``.vectors`` (d, k) in the tracker's layout) measured there. With a
-    ``torch.optim.RMSprop`` ``optimizer`` (and ``eig`` of the tracker given it), RMSProp's reading. One gradient and
+    ``torch.optim.RMSprop`` ``optimizer`` (or ``torch.optim.Adam`` at betas[0] = 0; ``eig`` of the tracker given it),
+    RMSProp's reading. One gradient and
     k(k + 1)/2 third derivatives; the model is not changed. NumPy arrays in the model's dtype."""
     objective = TorchObjective(model, loss_fn, batch)
     vectors = eig.vectors.detach().cpu().numpy() if torch.is_tensor(eig.vectors) else np.asarray(eig.vectors)
@@ -90,30 +92,39 @@ def second_moment(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float | None, dtype: np.dtype
 ) -> SecondMoment | None:
     """RMSprop's (nu, P = sqrt(nu) + eps, dP/dnu, nu's rate 1 - alpha), each (d,) in the tracker's layout, from its
-    state; None for plain SGD (GD). Momentum, weight decay, centering, another optimizer, a parameter it does not
-    hold or (``lr`` given) a group stepping at another lr: a ValueError that names it."""
+    state, or Adam's at betas[0] = 0 (RMSProp with bias correction: nu_hat = v / (1 - b2^t), P = sqrt(nu_hat) + eps,
+    rate (1 - b2) / (1 - b2^(t+1))); None for plain SGD (GD). Momentum, weight decay, centering, AMSGrad, another
+    optimizer, a parameter it does not hold or (``lr`` given) a group stepping at another lr: a ValueError that
+    names it."""
     where = "eosflow.torch.edge_prediction"
-    if not isinstance(optimizer, torch.optim.SGD | torch.optim.RMSprop):
+    adam = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+    if not (adam or isinstance(optimizer, torch.optim.SGD | torch.optim.RMSprop)):
         raise ValueError(
             f"{where}: the central flow at a point is derived for GD (torch.optim.SGD) and RMSProp "
-            f"(torch.optim.RMSprop), without momentum; got {type(optimizer).__name__}"
+            f"(torch.optim.RMSprop, or torch.optim.Adam at betas[0] = 0), without momentum; "
+            f"got {type(optimizer).__name__}"
         )
     params = trainable(unwrapped(model))
     groups = parameter_groups(optimizer, params)  # a ValueError naming any parameter it does not hold
     parts: list[list[np.ndarray]] = [[], [], [], []]
     for name, p in params.items():
         group = groups[name][1]
-        for key in ("momentum", "weight_decay", "centered", "maximize"):
-            if group.get(key):
-                raise ValueError(f"{where}: {key} = {group[key]!r} in the group of {name!r}; set it off (0 / False)")
+        momentum = ("betas[0]", group["betas"][0]) if adam else ("momentum", group.get("momentum"))
+        off = ("weight_decay", "centered", "amsgrad", "maximize")
+        for key, value in (momentum, *((key, group.get(key)) for key in off)):
+            if value:
+                raise ValueError(f"{where}: {key} = {value!r} in the group of {name!r}; set it off (0 / False)")
         if lr is not None and not np.isclose(float(group["lr"]), lr, rtol=1e-6):
             raise ValueError(f"{where}: lr = {lr!r}, but the group of {name!r} steps with lr = {group['lr']!r}")
         if isinstance(optimizer, torch.optim.SGD):
             continue
-        nu = state_buffer(optimizer.state.get(p, {}), "square_avg", name)[0].astype(np.float64)
-        root = np.sqrt(nu)
-        values = (nu, np.asarray(diagonal_preconditioner(nu, eps=group["eps"])), 0.5 / np.maximum(root, 1e-300))
-        for part, value in zip(parts, (*values, np.full(nu.size, 1.0 - group["alpha"])), strict=True):
+        nu, steps = state_buffer(optimizer.state.get(p, {}), "exp_avg_sq" if adam else "square_avg", name)
+        nu, decay = nu.astype(np.float64), float(group["betas"][1] if adam else group["alpha"])
+        rate = 1.0 - decay
+        if adam:  # nu_hat, the EMA of g^2 Adam divides by
+            nu, rate = nu / (1.0 - decay**steps), rate / (1.0 - decay ** (steps + 1))
+        values = (nu, np.asarray(diagonal_preconditioner(nu, eps=group["eps"])), 0.5 / np.maximum(np.sqrt(nu), 1e-300))
+        for part, value in zip(parts, (*values, np.full(nu.size, rate)), strict=True):
             part.append(value)
     if isinstance(optimizer, torch.optim.SGD):
         return None
