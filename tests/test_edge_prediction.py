@@ -674,6 +674,7 @@ def test_an_optimizer_without_a_published_central_flow_is_refused_by_name():
                 "running max",
             ),
             (dict(optimizer=rms), "opt_state"),
+            (dict(optimizer=edges.adam(0.1, b1=0.0), opt_state=edges.adam(0.1).transform.init(flat)), "count 0"),
             (dict(opt_state=state), "without its optimizer"),
             (dict(optimizer=edges.rmsprop(0.2), opt_state=state), "lr = 0.1, but the optimizer steps with lr = 0.2"),
             (dict(optimizer=rms, opt_state=rms.transform.init(flat[:-1])), r"optimizer's nu's leaves have shapes"),

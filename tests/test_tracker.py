@@ -203,6 +203,18 @@ def test_edge_optimizers_name_what_they_cannot_take():
         optimizer_edges.sgd(-0.1)
     with pytest.raises(ValueError, match=r"weight_decay must be >= 0, got -0.01"):
         optimizer_edges.adamw(1e-3, weight_decay=-0.01)
+    # a bias-corrected state no update has made: nu / (1 - b2^0) = 0 / 0 (it was a silent NaN)
+    params = {"w": jnp.ones(3)}
+    corrected = optimizer_edges.rmsprop(0.1, bias_correction=True)
+    for read, state in (
+        (optimizer_edges.adam(1e-3).preconditioner, optimizer_edges.adam(1e-3).transform.init(params)),
+        (corrected.preconditioner, corrected.transform.init(params)),
+        (corrected.second_moment, corrected.transform.init(params)),
+    ):
+        with pytest.raises(ValueError, match=r"state has count 0: no update has made its second moment yet"):
+            read(state)
+    plain = optimizer_edges.rmsprop(0.1, eps=1e-4)  # uncorrected: P = sqrt(0 + eps) before any update
+    np.testing.assert_allclose(plain.preconditioner(plain.transform.init(params))["w"], 1e-2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("lr, b1, weight_decay", [(1.0, 0.9, 0.0), (1.0, 0.9, 0.2), (0.5, 0.5, 0.6), (2.0, 0.8, 0.3)])

@@ -194,7 +194,7 @@ def adam_preconditioner(
 ) -> PyTree:
     """P = sqrt(nu / (1 - b2^t) + eps_root) + eps from the ScaleByAdamState inside ``opt_state``."""
     adam_state = _find(opt_state, lambda s: isinstance(s, optax.ScaleByAdamState), "an optax.adam (ScaleByAdamState)")
-    correction = 1.0 - b2**adam_state.count
+    correction = bias_correction(adam_state.count, b2)
     return jax.tree.map(lambda nu: diagonal_preconditioner(nu, eps, eps_root, correction), adam_state.nu)
 
 
@@ -240,7 +240,7 @@ def ema_second_moment(nu: PyTree, count: Any, decay: float, inside: float, outsi
     if count is None:
         correction, rate = 1.0, jnp.asarray(1.0 - decay)
     else:
-        correction, rate = 1.0 - decay**count, (1.0 - decay) / (1.0 - decay ** (count + 1))
+        correction, rate = bias_correction(count, decay), (1.0 - decay) / (1.0 - decay ** (count + 1))
 
     def slope(nu_hat):
         root = jnp.sqrt(nu_hat + inside)
@@ -253,6 +253,17 @@ def ema_second_moment(nu: PyTree, count: Any, decay: float, inside: float, outsi
         jax.tree.map(slope, nu_hat),
         rate,
     )
+
+
+def bias_correction(count: Any, decay: float) -> Any:
+    """1 - decay^t at an optax state's ``count`` t. A concrete count of 0 (a state no update has made: nu_hat =
+    0 / 0) is a ValueError; a traced one is not checked (the state inside a jitted step has made one)."""
+    if not isinstance(count, jax.core.Tracer) and int(count) == 0:
+        raise ValueError(
+            "the optimizer's state has count 0: no update has made its second moment yet, and the bias-corrected "
+            "nu / (1 - b2^0) is 0 / 0. Read P (or the second moment) from the state after an update"
+        )
+    return 1.0 - decay**count
 
 
 def _is_rms_state(state) -> bool:
