@@ -166,6 +166,27 @@ def test_an_equinox_module_and_wrt_measure_the_flattened_part():
             assert int(ours.critical) == 2
 
 
+def test_offsets_keep_the_parameters_on_their_device():
+    """offsets (with and without P) copies no vector between host and device (jax.transfer_guard disallows every
+    transfer once compiled; on a GPU the parameters went to the host and back at every call before), and equals
+    U^T P^1/2 (w_t - w_{t-1}) / 2 computed in NumPy."""
+    with precision("float64"):
+        loss, params, batch = mlp_loss((3, 4, 2), jnp.tanh, 6, 3)
+        previous = jax.tree.map(lambda a: a + 0.01 * jnp.cos(a), params)
+        size = ravel_pytree(params)[0].size
+        eig = Pairs(jnp.ones(2), jnp.asarray(np.linalg.qr(np.random.default_rng(0).normal(size=(size, 2)))[0]))
+        P = jax.tree.map(lambda a: 1.0 + a**2, params)
+        expected = [
+            np.asarray(eig.vectors).T @ (scale * (ravel_pytree(params)[0] - ravel_pytree(previous)[0])) / 2
+            for scale in (1.0, np.sqrt(ravel_pytree(P)[0]))
+        ]
+        for preconditioner, want in zip((None, P), expected, strict=True):
+            edge_prediction.offsets(params, previous, eig, preconditioner=preconditioner)  # compiles
+            with jax.transfer_guard("disallow"):
+                x = edge_prediction.offsets(params, previous, eig, preconditioner=preconditioner)
+            np.testing.assert_allclose(x, want, rtol=1e-13)
+
+
 def test_one_compilation_per_loss_and_shapes():
     """Repeated calls with the same loss function reuse one program (the tracker's loop calls it every step)."""
     loss, params, batch = mlp_loss((3, 4, 1), jnp.tanh, 6, 5)

@@ -53,7 +53,14 @@ from eosflow.flows.central import pair_gradients
 from eosflow.flows.flow import critical_count
 from eosflow.flows.preconditioned_central import pair_products, sdcp_rates
 from eosflow.flows.sdcp import pair_indices, solve_sdcp
-from eosflow.objective import Objective, check_example_count, differentiable_loss, differentiable_part, ravel
+from eosflow.objective import (
+    Objective,
+    check_example_count,
+    differentiable_loss,
+    differentiable_part,
+    layout,
+    ravel,
+)
 from eosflow.optimizer_edges import EdgeOptimizer, SecondMoment
 from eosflow.precision import MATMUL_PRECISION
 from eosflow.tracing import equations
@@ -107,9 +114,9 @@ def predict(
     products, each about 3 gradients); compiled once per loss function and shapes (reuse the same ``loss_fn``),
     or traced into the caller's program when called inside ``jax.jit`` (``lr`` may then be traced too).
     """
-    flat, unravel = ravel(differentiable_part(params, wrt)[0])
+    unravel = layout(differentiable_part(params, wrt)[0])  # shapes only: a GPU's parameters stay there
     values, vectors = check_inputs(
-        jnp.asarray(eig.values), jnp.asarray(eig.vectors), flat.size, lr, margin, "edge_prediction"
+        jnp.asarray(eig.values), jnp.asarray(eig.vectors), unravel.size, lr, margin, "edge_prediction"
     )
     check_example_count(microbatch, "edge_prediction microbatch")
     dtype = vectors.dtype
@@ -265,12 +272,19 @@ def offsets(
     """x_i = u_i . (w_t - w_{t-1}) / 2: GD's offset from the midpoint of its last two iterates along each tracked
     eigenvector (``params`` = w_t, ``previous`` = w_{t-1}; flattened as the tracker flattens them). With RMSProp's
     ``preconditioner`` P (as given to the tracker), x_i = u_i . P^{1/2} (w_t - w_{t-1}) / 2, in X's coordinates."""
-    now, unravel = ravel(differentiable_part(params, wrt)[0])
-    before = ravel(differentiable_part(previous, wrt)[0])[0]
+    now, unravel = ravel(differentiable_part(params, wrt)[0], on_device=True)
+    before = ravel(differentiable_part(previous, wrt)[0], "previous", on_device=True)[0]
     if now.shape != before.shape:
         raise ValueError(f"edge_prediction.offsets: params has {now.size} entries, previous {before.size}")
-    step = jnp.asarray(now) - jnp.asarray(before)
+    p = None
     if preconditioner is not None:
         where = "edge_prediction.offsets: the preconditioner"
-        step = jnp.sqrt(flat_like_parameters(preconditioner, unravel.shapes, step.dtype, where)) * step
-    return jnp.asarray(eig.vectors).T @ step / 2.0
+        p = flat_like_parameters(preconditioner, unravel.shapes, now.dtype, where)
+    return _half_steps(jnp.asarray(eig.vectors), now, before, p)
+
+
+@jax.jit
+def _half_steps(vectors: Float[Array, "d k"], now: Float[Array, " d"], before: Float[Array, " d"], p) -> Array:
+    """U^T P^{1/2} (now - before) / 2 (P = I for None), compiled: its constants never cross from the host."""
+    step = now - before
+    return vectors.T @ (step if p is None else jnp.sqrt(p) * step) / 2.0

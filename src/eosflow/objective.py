@@ -235,31 +235,37 @@ def check_mean_over_examples(loss_of: Callable[[int, int], float], where: str) -
         )
 
 
-def ravel(params: PyTree, where: str = "params") -> tuple[Array, Unravel]:
+def ravel(params: PyTree, where: str = "params", on_device: bool = False) -> tuple[Array, Unravel]:
     """Flatten a pytree of arrays into one vector (in the common dtype), with its inverse.
 
     Every leaf is a parameter, so it must be a real floating-point array; anything else (a step
     counter, a flag, a Python scalar, an Equinox module's function) is a SpecError naming the leaf
     as ``where`` + its path. Concrete leaves are joined in NumPy, so float64 leaves stay float64
     where JAX's x64 mode is off (jnp would round them to float32 here, before a run's scoped float64
-    could see them); traced leaves (under jit) are joined in jnp.
+    could see them); traced leaves (under jit), and every leaf with ``on_device``, are joined in jnp
+    (no copy through the host for arrays on a GPU).
     """
-    with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    for path, leaf in with_paths:
-        _check_parameter(f"{where}{jax.tree_util.keystr(path)}", leaf)
-    leaves = [leaf for _, leaf in with_paths]
+    unravel = layout(params, where)
+    leaves = jax.tree.leaves(params)
     flat: Any  # a jax.Array for traced leaves, a NumPy array (an ArrayLike every jnp op takes) otherwise
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-        dtype = jnp.result_type(*leaves)
-        flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
+    if on_device or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves]) if leaves else jnp.zeros(0, dtype)
     else:
         arrays = [np.asarray(leaf) for leaf in leaves]
         dtype = np.result_type(*arrays) if arrays else np.dtype("float32")
         flat = np.concatenate([a.ravel().astype(dtype) for a in arrays]) if arrays else np.zeros(0, dtype)
-    unravel = Unravel(
-        treedef, tuple(leaf.shape for leaf in leaves), tuple(np.dtype(leaf.dtype).name for leaf in leaves)
-    )
     return flat, unravel
+
+
+def layout(params: PyTree, where: str = "params") -> Unravel:
+    """:func:`ravel`'s inverse for ``params``, its leaves checked as parameters, without joining them: their shapes
+    and dtypes alone (nothing copied)."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in with_paths:
+        _check_parameter(f"{where}{jax.tree_util.keystr(path)}", leaf)
+    leaves = [leaf for _, leaf in with_paths]
+    return Unravel(treedef, tuple(leaf.shape for leaf in leaves), tuple(np.dtype(leaf.dtype).name for leaf in leaves))
 
 
 def differentiable_part(params: PyTree, wrt: Any = None) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
@@ -380,6 +386,11 @@ class Unravel(eqx.Module):
     treedef: Any = eqx.field(static=True)
     shapes: tuple = eqx.field(static=True)
     dtypes: tuple = eqx.field(static=True)
+
+    @property
+    def size(self) -> int:
+        """The flat vector's length: every leaf's entries."""
+        return sum(int(np.prod(shape)) for shape in self.shapes)
 
     def __call__(self, w: Array) -> PyTree:
         sizes = [int(np.prod(shape)) for shape in self.shapes]

@@ -312,7 +312,7 @@ def flat_like_parameters(tree: PyTree, expected: tuple, dtype, what: str) -> Arr
     have the measured parameters' shapes ``expected`` (leaf for leaf, e.g. an optax state's moment) or a flat vector
     of their size; anything else is a ValueError naming ``what`` and both shapes (a permuted pytree of the same size
     would otherwise pair P with the wrong entries)."""
-    flat, unravel = ravel(differentiable_part(tree)[0], "preconditioner")
+    flat, unravel = ravel(differentiable_part(tree)[0], "preconditioner", on_device=True)  # used by jnp: no host copy
     size = sum(math.prod(shape) for shape in expected)
     if unravel.shapes != expected and unravel.shapes != ((size,),):
         raise ValueError(
