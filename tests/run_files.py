@@ -27,23 +27,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-# The files that take longest (40 s to 2 minutes each, two at a time), started first so that no long file is left
-# to run alone at the end. Any file not listed runs after them, largest first.
+# The files that take longest (40 s to 2 minutes of CPU each), started first so that no long file is
+# left to run alone at the end. Any file not listed runs after them, largest first.
 SLOWEST_FIRST = [
-    "test_derivative_chain.py",
-    "test_flax_nnx.py",
-    "test_torch.py",
-    "test_edge_prediction.py",
-    "test_tracker.py",
-    "test_problems.py",
-    "test_central_flow.py",
     "test_simulate.py",
-    "test_adaptive_flows.py",
-    "test_anchored.py",
+    "test_problems.py",
+    "test_torch.py",
+    "test_central_flow.py",
     "test_reliability.py",
+    "test_architectures.py",
     "test_microbatch.py",
-    "test_compare.py",
     "test_spectrum.py",
+    "test_adaptive_flows.py",
+    "test_compare.py",
+    "test_sweep.py",
+    "test_tracker.py",
 ]
 
 
