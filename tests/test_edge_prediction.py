@@ -838,6 +838,37 @@ def test_torch_rmsprop_matches_the_jax_path_on_one_network(adam):
         np.testing.assert_allclose(x, eig.vectors.T @ (np.sqrt(P) * step) / 2, rtol=1e-12)
 
 
+@pytest.mark.parametrize("adam", [False, True])
+def test_torch_second_moment_is_read_in_float64_without_x64(adam):
+    """The torch reader's nu_hat, P, dP/dnu_hat and rate from a float64 model's RMSprop (or Adam at betas[0] = 0)
+    after 3 steps, in a process without jax_enable_x64: float64 NumPy, equal to NumPy's own formulas to 1e-14 (a
+    pass through jnp would round them to float32, ~3e-8)."""
+    torch = pytest.importorskip("torch")
+    from eosflow.torch.edge_prediction import second_moment
+
+    torch.manual_seed(5)
+    net = torch.nn.Linear(3, 2).double()
+    if adam:
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.1, betas=(0.0, 0.97), eps=1e-3)
+    else:
+        optimizer = torch.optim.RMSprop(net.parameters(), lr=0.1, alpha=0.93, eps=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        net(torch.randn(5, 3, dtype=torch.float64)).pow(2).sum().backward()
+        optimizer.step()
+    key = "exp_avg_sq" if adam else "square_avg"
+    nu = np.concatenate([optimizer.state[p][key].numpy().ravel() for p in net.parameters()])
+    rate = 0.03 / (1 - 0.97**4) if adam else 1 - 0.93
+    nu = nu / (1 - 0.97**3) if adam else nu
+    with jax.enable_x64(False):
+        moment = second_moment(net, optimizer, 0.1, np.dtype("float64"))
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in moment)
+    np.testing.assert_allclose(moment.nu, nu, rtol=1e-14)
+    np.testing.assert_allclose(moment.preconditioner, np.sqrt(nu) + 1e-3, rtol=1e-14)
+    np.testing.assert_allclose(moment.slope, 0.5 / np.sqrt(nu), rtol=1e-14)
+    np.testing.assert_allclose(moment.rate, rate, rtol=1e-14)
+
+
 def test_rmsprop_reading_inside_the_users_jit():
     """The tracker with RMSProp's P and predict with its optax state (bias-corrected, count 5) in one jitted step,
     lr and the state traced: the numbers of the call outside the jit to rounding, with X != 0 for m = 2."""

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from eosflow.preconditioning import (
@@ -236,15 +237,17 @@ def ema_second_moment(nu: PyTree, count: Any, decay: float, inside: float, outsi
     """:class:`SecondMoment` of an EMA nu <- decay nu + (1 - decay) g^2 and P = sqrt(nu_hat + inside) + outside, so
     dP/dnu_hat = 1 / (2 sqrt(nu_hat + inside)). Bias-corrected at ``count`` t (None: not corrected), nu_hat = nu /
     (1 - decay^t) is an EMA of g^2 at the rate (1 - decay) / (1 - decay^(t+1)); uncorrected, nu_hat = nu, at 1 - decay.
+    NumPy leaves (a torch optimizer's state) stay NumPy in their dtype, as in :func:`diagonal_preconditioner`.
     """
     if count is None:
-        correction, rate = 1.0, jnp.asarray(1.0 - decay)
+        correction, rate = 1.0, 1.0 - decay  # a Python float: exact in any dtype it meets
     else:
         correction, rate = bias_correction(count, decay), (1.0 - decay) / (1.0 - decay ** (count + 1))
 
     def slope(nu_hat):
-        root = jnp.sqrt(nu_hat + inside)
-        return 0.5 / jnp.maximum(root, jnp.finfo(root.dtype).tiny)
+        xp = np if isinstance(nu_hat, np.ndarray) else jnp
+        root = xp.sqrt(nu_hat + inside)
+        return 0.5 / xp.maximum(root, xp.finfo(root.dtype).tiny)
 
     nu_hat = jax.tree.map(lambda leaf: leaf / correction, nu)
     return SecondMoment(

@@ -29,9 +29,8 @@ import torch
 
 from eosflow.edge_prediction import EdgePrediction, check_inputs, reading
 from eosflow.flows.sdcp import pair_indices, pair_scale
-from eosflow.optimizer_edges import SecondMoment
+from eosflow.optimizer_edges import SecondMoment, ema_second_moment
 from eosflow.precision import precision
-from eosflow.preconditioning import diagonal_preconditioner
 from eosflow.torch.objective import Batch, TorchObjective, numpy_dtype, trainable, unwrapped
 from eosflow.torch.tracker import parameter_groups, state_buffer
 
@@ -119,12 +118,11 @@ def second_moment(
         if isinstance(optimizer, torch.optim.SGD):
             continue
         nu, steps = state_buffer(optimizer.state.get(p, {}), "exp_avg_sq" if adam else "square_avg", name)
-        nu, decay = nu.astype(np.float64), float(group["betas"][1] if adam else group["alpha"])
-        rate = 1.0 - decay
-        if adam:  # nu_hat, the EMA of g^2 Adam divides by
-            nu, rate = nu / (1.0 - decay**steps), rate / (1.0 - decay ** (steps + 1))
-        values = (nu, np.asarray(diagonal_preconditioner(nu, eps=group["eps"])), 0.5 / np.maximum(np.sqrt(nu), 1e-300))
-        for part, value in zip(parts, (*values, np.full(nu.size, rate)), strict=True):
+        decay = float(group["betas"][1] if adam else group["alpha"])
+        # P = sqrt(nu_hat) + eps; Adam's nu_hat is bias-corrected at its step count, RMSprop's is nu itself
+        moment = ema_second_moment(nu.astype(np.float64), steps if adam else None, decay, 0.0, float(group["eps"]))
+        values = (moment.nu, moment.preconditioner, moment.slope, np.full(nu.size, float(moment.rate)))
+        for part, value in zip(parts, values, strict=True):
             part.append(value)
     if isinstance(optimizer, torch.optim.SGD):
         return None
