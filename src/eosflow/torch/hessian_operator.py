@@ -13,7 +13,8 @@ docs/monitor.md). ``@ V`` vectorizes the columns (``torch.func.vmap``, or a loop
 batch); vectors are in the order of ``model.named_parameters()`` that require grad. The weights are read
 once, when the operator is built: a later training step does not move it. H's products share one gradient
 graph, built at the first and held while the operator lives (the batch's activations: PyHessian's way, 2-5x
-faster than recomputing it per product); ``microbatch=B`` multiplies on chunks of B rows of the batch instead,
+faster than recomputing it per product), and G's one graph of the outputs and their pullback
+(:class:`LinearizedGaussNewton`); ``microbatch=B`` multiplies on chunks of B rows of the batch instead,
 recomputed per product, one chunk's activations at a time, as the tracker's ``microbatch`` does.
 """
 
@@ -30,6 +31,7 @@ from eosflow.objective import check_example_count
 from eosflow.torch.objective import (
     Batch,
     ExampleAxis,
+    LinearizedGaussNewton,
     LinearizedHessian,
     TorchObjective,
     chunked_products,
@@ -49,7 +51,7 @@ class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
         self.w = w
         self.gauss_newton = gauss_newton
         self.microbatch = microbatch
-        self._hessian: LinearizedHessian | None = None  # H's gradient graph, built at the first product
+        self._curvature: LinearizedHessian | LinearizedGaussNewton | None = None  # its graph, from the first product
         self.products = 0
         super().__init__(dtype=numpy_dtype(w.dtype), shape=(w.numel(), w.numel()))
 
@@ -57,9 +59,11 @@ class TorchCurvatureOperator(scipy.sparse.linalg.LinearOperator):
         self.products += vectors.shape[1]
         # a copy where NumPy's strides are negative (eigh's columns reversed), which torch cannot view
         columns = torch.as_tensor(np.ascontiguousarray(vectors, dtype=self.dtype), device=self.w.device)
-        if not self.gauss_newton and self.microbatch is None:  # one gradient graph for every product
-            self._hessian = self._hessian or self.objective.linearized(self.w)
-            return self._hessian(columns).detach().cpu().numpy()
+        if self.microbatch is None:  # one graph for every product
+            if self._curvature is None:
+                linearize = self.objective.linearized_gauss_newton if self.gauss_newton else self.objective.linearized
+                self._curvature = linearize(self.w)
+            return self._curvature(columns).detach().cpu().numpy()
         multiply = self.objective.gauss_newton_batch if self.gauss_newton else self.objective.hvp_batch
         image = chunked_products(multiply, self.w, columns, self.objective.batch, self.microbatch)
         return image.detach().cpu().numpy()

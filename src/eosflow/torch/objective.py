@@ -710,6 +710,10 @@ class TorchObjective:
         """H(w) on ``batch`` for many products at one w: the gradient's graph built once and kept."""
         return LinearizedHessian(self, w, self._data(batch))
 
+    def linearized_gauss_newton(self, w: torch.Tensor, batch: Batch | None = None) -> LinearizedGaussNewton:
+        """G(w) on ``batch`` for many products at one w: the outputs' graph built once and kept."""
+        return LinearizedGaussNewton(self, w, self._data(batch))
+
     @_own_precision
     def gauss_newton_batch(self, w: torch.Tensor, vectors: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """G(w) V = J^T H_out J V for the columns of V (d x k), with J = d outputs / dw and H_out the Hessian of
@@ -767,3 +771,56 @@ class LinearizedHessian:
                 for column in vectors.T
             ]
         return torch.stack([torch.zeros_like(self.w) if image is None else image for image in images], dim=1)
+
+
+class LinearizedGaussNewton:
+    """G(w) V = J^T H_out J V at one w on one batch, from one forward: the outputs f(w) keep their graph, the
+    pullback u -> J^T u is built once with ``create_graph`` (linear in u), and each column costs J v (the
+    pullback's backward along v), H_out J v (a backward through grad_f loss, in the outputs alone) and J^T of it
+    (a backward through the outputs' graph); where :meth:`TorchObjective.gauss_newton_batch` recomputes the
+    forward and the pullback's graph for every block. It holds both graphs (the batch's activations) while it
+    lives: :class:`LinearizedHessian`'s trade, for G."""
+
+    def __init__(self, objective: TorchObjective, w: torch.Tensor, batch: Batch):
+        inputs, targets = batch
+        self.objective = objective
+        with _in_own_precision(objective.device):
+            self.w = w.detach().clone().requires_grad_(True)
+            leaves, spec = pytree.tree_flatten(objective._outputs(objective.unflatten(self.w), inputs))
+            moving = [torch.is_tensor(leaf) and leaf.requires_grad for leaf in leaves]  # the leaves J maps to
+            self.outputs = [leaf for leaf, moves in zip(leaves, moving) if moves]
+            free = [leaf.detach().requires_grad_(moves) if moves else leaf for leaf, moves in zip(leaves, moving)]
+            self.free = [leaf for leaf, moves in zip(free, moving) if moves]
+            self.cotangents = [torch.zeros_like(leaf, requires_grad=True) for leaf in self.outputs]
+            self.pullback = None  # J^T u, a graph in u; None where no output depends on w (G = 0)
+            if self.outputs:
+                self.pullback = torch.autograd.grad(
+                    self.outputs, self.w, self.cotangents, create_graph=True, allow_unused=True
+                )[0]
+            loss = objective.loss_fn(pytree.tree_unflatten(free, spec), targets)
+            gradients = torch.autograd.grad(loss, self.free, create_graph=True, allow_unused=True) if self.free else ()
+            # (leaf index, grad_f loss there) where it depends on f (a loss linear in an output has H_out = 0 there)
+            self.loss_grad = [(i, g) for i, g in enumerate(gradients) if g is not None and g.requires_grad]
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        """G(w) V for the columns of V (d x k)."""
+        if self.pullback is None or not self.pullback.requires_grad or not self.loss_grad:
+            return torch.zeros_like(vectors)
+        with _in_own_precision(self.objective.device):
+            images = [self._product(column) for column in vectors.T]
+        return torch.stack(images, dim=1)
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        """J^T H_out J v for one column v (d,)."""
+        assert self.pullback is not None, "__call__ returns G = 0 without a pullback"
+        pushed = torch.autograd.grad(self.pullback, self.cotangents, v, retain_graph=True, allow_unused=True)
+        jv = [torch.zeros_like(u) if j is None else j for j, u in zip(pushed, self.cotangents)]
+        gradients = [g for _, g in self.loss_grad]
+        along = [jv[i] for i, _ in self.loss_grad]
+        h_jv = torch.autograd.grad(gradients, self.free, along, retain_graph=True, allow_unused=True)
+        pairs = [(out, h) for out, h in zip(self.outputs, h_jv) if h is not None]
+        if not pairs:
+            return torch.zeros_like(self.w)
+        outputs, cotangents = zip(*pairs)
+        image = torch.autograd.grad(outputs, self.w, cotangents, retain_graph=True, allow_unused=True)[0]
+        return torch.zeros_like(self.w) if image is None else image.detach()
