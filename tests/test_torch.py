@@ -1121,7 +1121,8 @@ def test_keyword_inputs_and_dict_outputs_of_a_hugging_face_style_model():
     """inputs given as a dict are the model's keyword arguments and the loss reads a dict of outputs: the tracker,
     hessian_operator, gauss_newton_operator and the bridge's GD equal what torch computes on model(**inputs)
     itself (a dense Hessian, Jacobian and output Hessian by torch.autograd.functional; three steps of torch SGD).
-    The masked loss is a mean over tokens, not examples, so a microbatch of rows is refused."""
+    The masked loss is a mean over tokens, not examples, so a microbatch of rows is refused; the inputs as a tuple
+    (one argument) get torch's TypeError with the dict named as the way to pass them."""
     model = _KeywordLM()
     rng = np.random.default_rng(24)
     ids = torch.tensor(rng.integers(0, 7, size=(6, 5)))
@@ -1143,6 +1144,8 @@ def test_keyword_inputs_and_dict_outputs_of_a_hugging_face_style_model():
     expected = np.sort(np.linalg.eigvalsh(dense))[::-1][:2]
     tracker = SharpnessTracker(model, _masked_cross_entropy, k=2, tol=1e-9, max_iters=300)
     np.testing.assert_allclose(tracker.update(batch).values, expected, rtol=1e-7)
+    with pytest.raises(TypeError, match=r"missing 1 required.*a tuple of 2: .* pass them by name as a dict"):
+        SharpnessTracker(model, _masked_cross_entropy, k=1).update(((ids, mask), labels))  # model((ids, mask))
     chunked = SharpnessTracker(model, _masked_cross_entropy, k=2, microbatch=2)
     with pytest.raises(SpecError, match="not a mean over examples"):  # a mean over unmasked tokens: chunks differ
         chunked.update(batch)

@@ -494,6 +494,15 @@ class TorchObjective:
             with _HalfPrecisionOps() as half:
                 value = self.value(w, batch)
             again = self.value(w, batch)
+        except TypeError as error:
+            inputs = self._data(batch)[0]
+            if not isinstance(inputs, tuple | list):
+                raise
+            raise TypeError(
+                f"{error}. eosflow calls model(inputs) with the batch's inputs as one argument, here a "
+                f"{type(inputs).__name__} of {len(inputs)}: if the forward takes them as separate arguments, pass "
+                "them by name as a dict, ({'x': x, 'mask': mask}, targets), which eosflow calls as model(**inputs)"
+            ) from error
         finally:
             changed = restore_buffers(self.model, before)
         warn_half_precision_ops(half.found, "loss_fn(model(inputs), targets)")
