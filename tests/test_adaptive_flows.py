@@ -146,7 +146,7 @@ def test_models_read_the_optimizers_table():
 @pytest.mark.parametrize("method", ["rk4", "euler"])
 def test_central_flow_is_the_stable_flow_below_the_edge(method):
     """With no critical direction (X = 0) RMSProp's central flow takes the stable flow's steps, with the
-    stable flow's integrator (``free_method``): the same trajectory bit for bit, up to the first step
+    stable flow's integrator (``free_method``): the same trajectory to the last bits, up to the first step
     with a critical direction, and no prediction beyond its own loss there. The old central flow took
     Euler substeps there whatever the stable flow's integrator (1.19 for 0.88 on the factorization's
     rel. distance, docs/adaptive.md section 6)."""
@@ -166,10 +166,14 @@ def test_central_flow_is_the_stable_flow_below_the_edge(method):
     critical = np.asarray(central["critical"])
     free = int(np.argmax(critical > 0)) if critical.any() else critical.size
     assert free >= 10, free
-    np.testing.assert_array_equal(
-        np.asarray(central["position"])[: free + 1], np.asarray(stable["position"])[: free + 1]
+    # the same steps: bit for bit under XLA's default optimization; the suite compiles at LLVM level 0
+    # (tests/conftest.py), where the two programs' last bits may differ by an ulp. An Euler free step in place of
+    # RK4 is off by up to 5e-3 here.
+    same = {"rtol": 1e-14, "atol": 1e-15}
+    np.testing.assert_allclose(
+        np.asarray(central["position"])[: free + 1], np.asarray(stable["position"])[: free + 1], **same
     )
-    np.testing.assert_array_equal(np.asarray(central["grads"])[:free], np.asarray(stable["grads"])[:free])
+    np.testing.assert_allclose(np.asarray(central["grads"])[:free], np.asarray(stable["grads"])[:free], **same)
     np.testing.assert_array_equal(np.asarray(central["predicted_loss"])[:free], np.asarray(central["loss"])[:free])
 
 

@@ -197,7 +197,7 @@ def test_cli_quick_leaderboard_page_equals_its_csv(tmp_path):
 
 
 def test_measure_only_processes_never_read_their_eigenpairs_and_own_cost_leaves_them_out(tmp_path):
-    """The processes of MEASURE_ONLY move identically with the eigensolver off (spectrum.every = 0):
+    """The processes of MEASURE_ONLY move the same with the eigensolver off (spectrum.every = 0), to the last bits:
     their own cost is the total less the eigensolver's, which compare reports as 2 * measurement_hvps."""
     table = {
         "name": "mlp",
@@ -219,9 +219,9 @@ def test_measure_only_processes_never_read_their_eigenpairs_and_own_cost_leaves_
         )
         runs[every] = (eosflow.load(tmp_path / str(every) / "runs" / "mlp"), rows.set_index("process"))
     (measured, measured_rows), (off, off_rows) = runs[1], runs[0]
-    for process in lb.MEASURE_ONLY:
-        np.testing.assert_array_equal(
-            measured["loss"].sel(process=process).values, off["loss"].sel(process=process).values
+    for process in lb.MEASURE_ONLY:  # bit for bit under XLA's default optimization, to an ulp at level 0 (conftest)
+        np.testing.assert_allclose(
+            measured["loss"].sel(process=process).values, off["loss"].sel(process=process).values, rtol=1e-14
         )
         solver = 2 * measured["measurement_hvps"].sel(process=process).values.mean()
         assert solver >= 4 and measured_rows.loc[process, "measurement_equivalents"] == pytest.approx(solver)
