@@ -387,6 +387,28 @@ def test_writing_and_reading_a_log_imports_neither_jax_nor_torch(tmp_path):
     assert out.strip() == "[]"
 
 
+def test_a_log_left_open_at_exit_closes_quietly_with_its_records(tmp_path):
+    """A loop's log never closed, a module global at the interpreter's exit, with eosflow.torch imported (whose
+    teardown order collected it after edge_log's globals were cleared: "Exception ignored in EdgeLog.__del__")."""
+    path = tmp_path / "log.jsonl"
+    _, err = child(
+        """
+        import sys
+        import eosflow.torch
+        from eosflow.edge_log import EdgeLog
+        log = EdgeLog(sys.argv[1])
+        log.write(0, loss=1.0)
+        log.write(1, loss=0.5)
+        """,
+        str(path),
+        stderr=subprocess.PIPE,
+        text=True,
+    ).communicate(timeout=120)
+    assert err == ""
+    assert list(read(path).loss.values) == [1.0, 0.5]
+    EdgeLog(path).close()  # its lock was released
+
+
 def test_non_finite_values_are_strict_json_nulls_read_as_nan(tmp_path, capsys):
     path = tmp_path / "log.jsonl"
     with EdgeLog(path, echo=True) as log:

@@ -241,9 +241,11 @@ class EdgeLog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Any = os.close) -> None:
+        # os.close bound here: a log left open at the interpreter's exit may be collected after this module's globals
+        # are cleared (every record is already in the file: each write is one os.write)
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)  # type: ignore[arg-type]
+            _close(self._fd)
 
 
 def read(path: str | os.PathLike) -> xr.Dataset:
