@@ -338,6 +338,26 @@ def test_a_dataset_in_memory_is_compared_as_its_run_directory(tmp_path):
         pd.testing.assert_frame_equal(cmp.compare_dataset(saved), from_directory)
 
 
+def test_relative_distances_without_their_yardstick_are_nan_and_say_why():
+    """A run without gradient flow (the README's first try, before it listed it) has no yardstick for the relative
+    distances: they are NaN and compare_dataset warns, naming the process to add; with it they are finite, and a
+    run of the optimizer alone compares nothing and says nothing."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    problem = eosflow.Problem.from_function(lambda w: jnp.sum(jnp.cos(w) + w**2), np.linspace(0.1, 1.0, 4))
+    both = eosflow.simulate(problem, lr=0.3, steps=20, processes=["gd", "gradient_flow", "rod_flow"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(cmp.compare_dataset(both).loc["rod_flow", "relative_distance"])
+        cmp.compare_dataset(both.sel(process=["gd"]))
+    without = both.sel(process=["gd", "rod_flow"])
+    with pytest.warns(UserWarning, match="divide by gradient_flow's distance to gd .* add it"):
+        table = cmp.compare_dataset(without)
+    assert np.isnan(table.loc["rod_flow", "relative_distance"]) and np.isfinite(table.loc["rod_flow", "mean_distance"])
+
+
 def test_eosflow_compare_is_reached_from_the_package_and_imported_only_then():
     code = (
         "import sys, eosflow; before = 'pandas' in sys.modules or 'matplotlib' in sys.modules; "

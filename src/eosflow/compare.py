@@ -296,6 +296,15 @@ def baseline_of(reference: str) -> str:
     return BASELINE if reference == "gd" else f"{reference}_stable_flow"
 
 
+def yardstick_distances(ds: xr.Dataset, processes: list[str]) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """(the yardstick of the reference ``processes[0]``, its distance and centre distance to the reference per
+    step), the series None where the yardstick was not run."""
+    yardstick = baseline_of(processes[0])
+    if yardstick not in processes:
+        return yardstick, None, None
+    return yardstick, _series(ds, "distance", yardstick), _series(ds, "centre_distance", yardstick)
+
+
 def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = SMOOTHING) -> pd.DataFrame:
     """One row per process (the reference first) with the metrics of the module docstring.
 
@@ -306,9 +315,14 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
     processes = [str(p) for p in ds["process"].values]
     reference = processes[0]
     reference_loss = ds["loss"].sel(process=reference).values
-    yardstick = baseline_of(reference)
-    baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
-    centre_baseline = _series(ds, "centre_distance", yardstick) if yardstick in processes else None
+    yardstick, baseline, centre_baseline = yardstick_distances(ds, processes)
+    if yardstick not in processes and len(processes) > 1:
+        warnings.warn(
+            f"relative_distance and relative_centre_distance are NaN: they divide by {yardstick}'s distance to "
+            f"{reference} (the yardstick), and {yardstick} is not among the processes; add it to compare by them",
+            UserWarning,
+            stacklevel=2,
+        )
     oscillation = _series(ds, "oscillation", reference)
     timing = summary.get("timing", {})
     rows = []
@@ -586,9 +600,7 @@ def distance_panels(ds: xr.Dataset):
     recorded, the same ratio of the centre distances (``draw(ax_abs, ax_rel, *ax_centre)``)."""
     steps = ds["step"].values
     reference, *models = processes = [str(p) for p in ds["process"].values]
-    yardstick = baseline_of(reference)
-    baseline = _series(ds, "distance", yardstick) if yardstick in processes else None
-    centre_baseline = _series(ds, "centre_distance", yardstick) if yardstick in processes else None
+    yardstick, baseline, centre_baseline = yardstick_distances(ds, processes)
 
     def draw(ax_abs, ax_rel, *ax_centre):
         for i, p in enumerate(models, start=1):
