@@ -129,6 +129,56 @@ def test_tracker_names_a_loss_that_is_not_a_scalar(loss_fn, message):
         tracker.update(tracker.init(params, jax.random.PRNGKey(0)), params, batch)
 
 
+def test_a_loss_that_cannot_take_the_call_is_told_how_eosflow_calls_it():
+    """loss_fn(params, x, y) given a batch (x, y), and loss_fn(params, batch) given none: the tracker, predict,
+    HessianOperator.from_function and batch_sharpness say how they call it and how to adapt it, where JAX's own
+    error was "missing 1 required positional argument" from inside the trace. A callable that can take the call
+    (jitted, filter-jitted, a partial, a module, *args) is measured, to the same top eigenvalue."""
+    import functools
+
+    params, x, y = {"w": jnp.asarray([0.3, -0.2, 0.5])}, jnp.asarray(np.linspace(-1, 1, 12).reshape(4, 3)), jnp.ones(4)
+
+    def three(p, x, y):
+        return jnp.mean(jnp.tanh(x @ p["w"] - y) ** 2)
+
+    def two(p, batch):
+        return three(p, *batch)
+
+    key = jax.random.PRNGKey(0)
+    tracker = eosflow.SharpnessTracker(three, k=1)
+    taken = r"missing a required argument: 'y'\): the batch is one argument .* loss_fn\(params, \*batch\)"
+    calls = {
+        "SharpnessTracker.update": lambda: tracker.update(tracker.init(params, key), params, (x, y)),
+        "HessianOperator.from_function": lambda: eosflow.HessianOperator.from_function(three, params, (x, y)),
+        "batch_sharpness": lambda: eosflow.batch_sharpness.batch_sharpness(three, params, [(x, y)]),
+    }
+    for where, call in calls.items():
+        with pytest.raises(
+            TypeError, match=rf"{where} calls loss_fn\(params, batch\), which three\(p, x, y\) .*{taken}"
+        ):
+            call()
+    eig = eosflow.SharpnessTracker(two, k=1, tol=1e-9, max_iters=100)
+    measured = eig.update(eig.init(params, key), params, (x, y))[1]
+    with pytest.raises(TypeError, match=rf"edge_prediction.predict calls loss_fn\(params, batch\).*{taken}"):
+        eosflow.edge_prediction.predict(three, params, (x, y), measured, 0.1)
+    with pytest.raises(TypeError, match=r"calls loss_fn\(params\), which two\(p, batch\) .*pass the batch too"):
+        tracker = eosflow.SharpnessTracker(two, k=1)
+        tracker.update(tracker.init(params, key), params)
+
+    def scaled(p, batch, scale):
+        return scale * two(p, batch)
+
+    class Loss(eqx.Module):
+        def __call__(self, p, batch):
+            return two(p, batch)
+
+    expected = float(measured.values[0])
+    for loss in (jax.jit(two), eqx.filter_jit(two), functools.partial(scaled, scale=1.0), Loss(), lambda *a: two(*a)):
+        tracker = eosflow.SharpnessTracker(loss, k=1, tol=1e-9, max_iters=100)
+        value = tracker.update(tracker.init(params, key), params, (x, y))[1].values[0]
+        assert float(value) == pytest.approx(expected, rel=1e-10)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tracker_names_half_precision_parameters_and_k_above_their_size(dtype):
     """Before: bfloat16 gave NotImplementedError('Unsupported dtype bfloat16') from inside the solver, and

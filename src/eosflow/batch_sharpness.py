@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from eosflow.objective import differentiable_part, ravel
+from eosflow.objective import check_loss_call, differentiable_part, ravel
 
 PyTree = Any
 
@@ -72,6 +72,7 @@ def batch_sharpness(
     floating arrays (flattened leaf by leaf) or an Equinox or Flax NNX module (its differentiable part, as the
     tracker measures it; ``wrt`` another part, as the tracker's). One gradient and one Hessian-vector product
     per batch, vectorized over stacked batches (a list of batches of different shapes is taken one by one)."""
+    check_loss_call(loss_fn, batches, "batch_sharpness")
     arrays, rebuild = differentiable_part(params, wrt)
     flat, unravel = ravel(arrays)
     flat = jnp.asarray(flat)

@@ -56,6 +56,7 @@ from eosflow.flows.sdcp import pair_indices, solve_sdcp
 from eosflow.objective import (
     Objective,
     check_example_count,
+    check_loss_call,
     differentiable_loss,
     differentiable_part,
     layout,
@@ -200,6 +201,7 @@ def _prediction(
     arrays, rebuild = differentiable_part(params, wrt)
     flat, unravel = ravel(arrays)
     call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
+    check_loss_call(loss_fn, batch, "edge_prediction.predict")
 
     def loss_on(w: Array, data: PyTree) -> Array:
         model = rebuild(unravel(w))

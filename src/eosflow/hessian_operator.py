@@ -22,7 +22,14 @@ import scipy.sparse.linalg
 from jaxtyping import Array
 
 from eosflow import compiled
-from eosflow.objective import Objective, ObjectiveProtocol, differentiable_loss, differentiable_part, ravel
+from eosflow.objective import (
+    Objective,
+    ObjectiveProtocol,
+    check_loss_call,
+    differentiable_loss,
+    differentiable_part,
+    ravel,
+)
 from eosflow.precision import MATMUL_PRECISION
 from eosflow.tracing import equations
 
@@ -45,6 +52,7 @@ class HessianOperator(scipy.sparse.linalg.LinearOperator):
         """H of ``loss_fn(params)`` (or ``loss_fn(params, batch)``) at ``params``: a pytree or vector, or an
         Equinox or Flax NNX module (H over its floating arrays or its Params, or the part ``wrt`` selects,
         :func:`eosflow.objective.differentiable_part`)."""
+        check_loss_call(loss_fn, batch, "HessianOperator.from_function")
         arrays, rebuild = differentiable_part(params, wrt)
         flat, unravel = ravel(arrays)
 

@@ -16,6 +16,7 @@ compilation serves any dataset of the same shape, and methods inline into caller
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -187,6 +188,30 @@ class Objective(eqx.Module):
     def with_data(self, data: PyTree) -> Objective:
         """The same loss on other data (e.g. a held-out split)."""
         return eqx.tree_at(lambda o: o.data, self, data, is_leaf=lambda x: x is None)
+
+
+def check_loss_call(loss_fn: Callable, batch: Any, where: str) -> None:
+    """A TypeError saying how eosflow calls ``loss_fn`` (``loss_fn(params, batch)``, or ``loss_fn(params)`` without
+    a batch) when its signature cannot take that call, before a trace fails inside it; nothing for a callable
+    whose signature cannot be read (the call itself then says)."""
+    try:
+        signature = inspect.signature(loss_fn, follow_wrapped=False)  # a wrapper may take other arguments
+    except (TypeError, ValueError):
+        return
+    arguments = ("params",) if batch is None else ("params", "batch")
+    try:
+        signature.bind(*arguments)
+    except TypeError as error:
+        hint = (
+            "pass the batch too, after the parameters"
+            if batch is None
+            else "the batch is one argument (any pytree): for a loss_fn(params, x, y) pass "
+            "`lambda params, batch: loss_fn(params, *batch)` with the batch (x, y)"
+        )
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise TypeError(
+            f"{where} calls loss_fn({', '.join(arguments)}), which {name}{signature} cannot take ({error}): {hint}"
+        ) from None
 
 
 def differentiable_loss(loss_on: Callable, traced: list, where: str) -> Callable:

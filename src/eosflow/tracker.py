@@ -40,7 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from eosflow.objective import check_example_count, chunked_mean, differentiable_loss, differentiable_part, ravel
+from eosflow.objective import (
+    check_example_count,
+    check_loss_call,
+    chunked_mean,
+    differentiable_loss,
+    differentiable_part,
+    ravel,
+)
 from eosflow.precision import MATMUL_PRECISION
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
@@ -247,6 +254,7 @@ class SharpnessTracker(eqx.Module):
             )
 
         call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
+        check_loss_call(self.loss_fn, batch, "SharpnessTracker.update")
 
         def loss_on(w, batch):
             value = self.loss_fn(unravel(w)) if batch is None else self.loss_fn(unravel(w), batch)
