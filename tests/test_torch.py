@@ -384,6 +384,21 @@ def test_mixed_dtypes_and_missing_state_are_named():
         tracker.update(objective.batch, torch.optim.Adam(objective.model.parameters()))
 
 
+def test_a_batch_that_is_not_one_pair_is_named():
+    """update(x, y) (the pair as two arguments), a bare tensor, a triple: each a ValueError saying what the batch
+    is and what it must be, before any evaluation (before: "too many values to unpack" from inside the loss)."""
+    objective, _ = problem("mlp", 3, 0)
+    x, y = objective.batch
+    tracker = SharpnessTracker(objective.model, F.mse_loss)
+    with pytest.raises(ValueError, match=r"update's batch .* one pair \(inputs, targets\).*tensor of shape \(40, 6\)"):
+        tracker.update(x, y)
+    with pytest.raises(ValueError, match=r"one pair \(inputs, targets\).*a tuple of 3"):
+        eosflow.torch.hessian_operator(objective.model, F.mse_loss, (x, y, y))
+    with pytest.raises(ValueError, match=r"one pair \(inputs, targets\).*tensor of shape \(40, 6\)"):
+        eosflow.torch.problem(objective.model, F.mse_loss, x)
+    assert tracker.update([x, y]).values.shape == (1,)  # a list pair is a pair
+
+
 def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
     """GD and the central flow through eosflow.simulate: the torch model and the same network in
     JAX, from the same w0 on the same data, agree over 80 steps, 70 of them at the edge of stability."""

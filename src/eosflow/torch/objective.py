@@ -191,6 +191,22 @@ def _tensor_name(path: tuple) -> str:
     return f"batch{pytree.keystr(path)}{role}"
 
 
+def check_pair(batch: Any, where: str) -> None:
+    """A ValueError unless ``batch`` is one pair (inputs, targets), a tuple or list of two, naming what it is."""
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return
+    if torch.is_tensor(batch):
+        what = f"a tensor of shape {tuple(batch.shape)}"
+    elif isinstance(batch, tuple | list):
+        what = f"a {type(batch).__name__} of {len(batch)}"
+    else:
+        what = f"a {type(batch).__name__}"
+    raise ValueError(
+        f"{where} must be one pair (inputs, targets), e.g. (x, y), got {what}; the inputs may themselves be a tuple "
+        "(one argument of the model) or a dict of its keyword arguments, ({'x': x, 'mask': mask}, y)"
+    )
+
+
 def example_axes(batch: Batch, example_axis: ExampleAxis) -> tuple[list[int | None], int | None]:
     """The example axis of every leaf of ``batch`` (None for leaves that are not tensors) and N, the
     number of examples (None: the batch has none, every axis is None).
@@ -388,6 +404,7 @@ class TorchObjective:
         batch: Batch,
         example_axis: ExampleAxis = None,
     ):
+        check_pair(batch, "the batch")
         model = unwrapped(model)
         self.model = model
         self.loss_fn = loss_fn

@@ -57,6 +57,7 @@ from eosflow.torch.objective import (
     Batch,
     LinearizedHessian,
     TorchObjective,
+    check_pair,
     chunked_products,
     numpy_dtype,
     train_modes,
@@ -338,6 +339,7 @@ class SharpnessTracker:
         """Measure at the model's current parameters on ``batch``, in its current train/eval modes
         (BatchNorm in train mode: the loss with the batch's statistics); warm-starts the next call.
         The model is not changed."""
+        check_pair(batch, "SharpnessTracker.update's batch (its first argument: update((x, y), optimizer))")
         self._follow_trainable()
         objective = self.objective
         modes = train_modes(objective.model)
