@@ -341,7 +341,7 @@ def test_a_dataset_in_memory_is_compared_as_its_run_directory(tmp_path):
 def test_relative_distances_without_their_yardstick_are_nan_and_say_why():
     """A run without gradient flow (the README's first try, before it listed it) has no yardstick for the relative
     distances: they are NaN and compare_dataset warns, naming the process to add; with it they are finite, and a
-    run of the optimizer alone compares nothing and says nothing."""
+    run of optimizers alone (no model to measure by it) says nothing."""
     import warnings
 
     import jax.numpy as jnp
@@ -352,6 +352,8 @@ def test_relative_distances_without_their_yardstick_are_nan_and_say_why():
         warnings.simplefilter("error")
         assert np.isfinite(cmp.compare_dataset(both).loc["rod_flow", "relative_distance"])
         cmp.compare_dataset(both.sel(process=["gd"]))
+        optimizers = eosflow.simulate(problem, lr=0.3, steps=5, processes=["gd", "momentum"])
+        assert np.isnan(cmp.compare_dataset(optimizers).loc["momentum", "relative_distance"])  # no model to measure
     without = both.sel(process=["gd", "rod_flow"])
     with pytest.warns(UserWarning, match="divide by gradient_flow's distance to gd .* add it"):
         table = cmp.compare_dataset(without)

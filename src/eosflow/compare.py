@@ -44,6 +44,7 @@ from matplotlib.figure import Figure  # no pyplot: the caller's backend and figu
 from eosflow.anchored import NUDGED, ONSET, NoAnchorStep, check_anchorable, onset_step, write_anchored
 from eosflow.experiment import run
 from eosflow.load import load, summary_of
+from eosflow.process import PROCESSES
 from eosflow.progress import training_bar
 from eosflow.spec import resolve
 from eosflow.store import RunStore
@@ -316,7 +317,8 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
     reference = processes[0]
     reference_loss = ds["loss"].sel(process=reference).values
     yardstick, baseline, centre_baseline = yardstick_distances(ds, processes)
-    if yardstick not in processes and len(processes) > 1:
+    models = [p for p in processes[1:] if (entry := PROCESSES.get(p)) is not None and not entry.discrete]
+    if yardstick not in processes and models:  # a run of optimizers alone has no model to measure by it
         warnings.warn(
             f"relative_distance and relative_centre_distance are NaN: they divide by {yardstick}'s distance to "
             f"{reference} (the yardstick), and {yardstick} is not among the processes; add it to compare by them",
