@@ -179,6 +179,16 @@ def test_a_loss_that_cannot_take_the_call_is_told_how_eosflow_calls_it():
         assert float(value) == pytest.approx(expected, rel=1e-10)
 
 
+def test_a_state_for_other_parameters_is_named():
+    """A state from init() on a model that since grew a bias: before, "linearized function called on tangent values
+    inconsistent with the original primal values" from inside the solver."""
+    params, batch = {"w": jnp.ones(3)}, jnp.ones((4, 3))
+    tracker = eosflow.SharpnessTracker(lambda p, b: jnp.mean((b @ p["w"] + p.get("b", 0.0)) ** 2), k=1)
+    state = tracker.init(params, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"directions of 3 parameters \(from tracker.init\).* have 4: .*tracker.init"):
+        tracker.update(state, {**params, "b": jnp.zeros(1)}, batch)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tracker_names_half_precision_parameters_and_k_above_their_size(dtype):
     """Before: bfloat16 gave NotImplementedError('Unsupported dtype bfloat16') from inside the solver, and

@@ -247,6 +247,12 @@ class SharpnessTracker(eqx.Module):
     ) -> tuple[TrackerState, Eigenpairs]:
         """Measure at ``params`` (on ``batch``), warm-started from ``state``; skip unless count % every == 0."""
         flat, unravel, shapes = self._flat(params)
+        if state.vectors.shape[0] != flat.size:
+            raise ValueError(
+                f"SharpnessTracker.update: the state holds directions of {state.vectors.shape[0]} parameters (from "
+                f"tracker.init) and these params have {flat.size}: a model that changed its parameters needs a new "
+                "state, tracker.init(params, key)"
+            )
         precondition = None
         if preconditioner is not None:
             precondition = flat_like_parameters(
