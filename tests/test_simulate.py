@@ -255,6 +255,10 @@ def _user_arrays(n=12):
             lambda p, x, y: eosflow.Problem.from_model(lambda x, p: _mlp(p, x), p, x, y),
             r"apply_fn\(params, inputs\) failed.*TypeError",
         ),
+        (  # a model of one example given the batch: the error says the batch is (12, 3) and to map the model
+            lambda p, x, y: eosflow.Problem.from_model(lambda q, z: jnp.tanh(q["w1"].T @ z), p, x, y),
+            r"apply_fn\(params, inputs\) failed.*whole batch of inputs, \(12, 3\).*jax.vmap.*from_equinox",
+        ),
         (  # a model that also returns an auxiliary output: before, "unsupported operand type(s) for -: 'tuple'"
             lambda p, x, y: eosflow.Problem.from_model(lambda q, z: (_mlp(q, z), {"norm": 0.0}), p, x, y),
             r"apply_fn\(params, inputs\) returns a tuple of 2, not an array of predictions.*built-in mse loss",

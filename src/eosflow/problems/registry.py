@@ -242,7 +242,13 @@ def _check_model(apply_fn: Callable, params: PyTree, inputs: Any, targets: Any, 
             f"Problem.from_model: targets have {_examples(counts['targets'])} examples (leading axis) but "
             f"inputs have {_examples(counts['inputs'])}: every input and target leaf needs one row per example"
         )
-    predictions = _traced("apply_fn(params, inputs)", apply_fn, params, inputs)
+    shapes = jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), inputs)
+    one_example = (
+        f" (apply_fn gets the whole batch of inputs, {shapes}, examples along the leading axis: a model written "
+        "for one example needs mapping over them, `lambda params, x: jax.vmap(lambda xi: model(params, xi))(x)`; "
+        "an Equinox module: Problem.from_equinox maps it)"
+    )
+    predictions = _traced("apply_fn(params, inputs)", apply_fn, params, inputs, hint=one_example)
     if isinstance(loss, str) and not isinstance(predictions, jax.ShapeDtypeStruct):
         kind = type(predictions).__name__
         size = f" of {len(predictions)}" if isinstance(predictions, tuple | list | dict) else ""
@@ -274,14 +280,14 @@ def _examples(counts: set) -> str:
     return " or ".join(str(count) for count in sorted(counts, key=str))
 
 
-def _traced(call: str, fn: Callable, *args: Any) -> Any:
-    """``jax.eval_shape(fn, *args)``: the shapes of ``fn``'s result, or a SpecError naming ``call``."""
+def _traced(call: str, fn: Callable, *args: Any, hint: str = "") -> Any:
+    """``jax.eval_shape(fn, *args)``: the shapes of ``fn``'s result, or a SpecError naming ``call`` (and ``hint``)."""
     try:
         with warnings.catch_warnings():  # a leaf of another dtype is named when a run checks its dtype
             warnings.filterwarnings("ignore", message="Explicitly requested dtype", category=UserWarning)
             return jax.eval_shape(fn, *args)
     except Exception as error:  # the user's function: say which call failed, keep the cause chained
-        raise SpecError(f"{call} failed on the given arrays: {type(error).__name__}: {error}") from error
+        raise SpecError(f"{call} failed on the given arrays: {type(error).__name__}: {error}{hint}") from error
 
 
 def _check_scalar(call: str, result: Any) -> None:
