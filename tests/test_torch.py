@@ -399,6 +399,36 @@ def test_a_batch_that_is_not_one_pair_is_named():
     assert tracker.update([x, y]).values.shape == (1,)  # a list pair is a pair
 
 
+def test_a_batch_of_another_dtype_is_named_where_the_model_cannot_take_it():
+    """A float64 batch (torch.from_numpy's) for a float32 model: torch's "mat1 and mat2 must have the same dtype"
+    now names the batch leaf and the model's dtype, also at a tracker's later update (an operator, which holds its
+    batch, refuses it when built); a model that casts its inputs itself takes the float64 batch in the tracker, to
+    the float32 batch's eigenvalues."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    tracker = SharpnessTracker(model, F.mse_loss, k=1, tol=1e-6, max_iters=100)
+    expected = tracker.update((x, y)).values
+    named = r"same dtype.*parameters are torch.float32 and batch\[0\] \(inputs\) is torch.float64: cast the batch"
+    with pytest.raises(TypeError, match=named):
+        tracker.update((x.double(), y))
+    with pytest.raises(
+        ValueError, match=r"batch inputs are torch.float64 but the model's parameters are torch.float32"
+    ):
+        eosflow.torch.hessian_operator(model, F.mse_loss, (x.double(), y))  # an operator holds the batch: refused
+
+    class Casting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs):
+            return self.inner(inputs.float())
+
+    casting = SharpnessTracker(Casting(model), F.mse_loss, k=1, tol=1e-6, max_iters=100)
+    np.testing.assert_allclose(casting.update((x.double(), y)).values, expected, rtol=1e-4)
+
+
 def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():
     """GD and the central flow through eosflow.simulate: the torch model and the same network in
     JAX, from the same w0 on the same data, agree over 80 steps, 70 of them at the edge of stability."""

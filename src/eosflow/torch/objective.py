@@ -511,6 +511,18 @@ class TorchObjective:
             with _HalfPrecisionOps() as half:
                 value = self.value(w, batch)
             again = self.value(w, batch)
+        except RuntimeError as error:
+            others = [
+                f"{_tensor_name(path)} is {leaf.dtype}"
+                for path, leaf in pytree.tree_flatten_with_path(self._data(batch))[0]
+                if torch.is_tensor(leaf) and leaf.is_floating_point() and leaf.dtype != self.dtype
+            ]
+            if not others:
+                raise
+            raise TypeError(
+                f"{error}. The model's parameters are {self.dtype} and {', '.join(others)}: cast the batch to the "
+                f"model's dtype (torch.from_numpy gives float64: `.to({self.dtype})`) or the model to the batch's"
+            ) from error
         except TypeError as error:
             inputs = self._data(batch)[0]
             if not isinstance(inputs, tuple | list):

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
 from eosflow.compiled import BoundedJit
 from eosflow.objective import check_example_count
@@ -302,7 +303,7 @@ class SharpnessTracker:
         self.dtype = dtype = numpy_dtype(objective.dtype)
         with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
             self.vectors = random_vectors(jax.random.PRNGKey(self.seed), objective.dim, self.k, dtype)
-        self._checked: tuple[bool, ...] | None = None  # the model's modes at the last objective.check
+        self._checked: tuple | None = None  # the model's modes and the batch's dtypes at the last objective.check
 
     def _follow_trainable(self) -> None:
         """Start again, with a warning naming what changed, if parameters were frozen or unfrozen since the
@@ -343,10 +344,13 @@ class SharpnessTracker:
         self._follow_trainable()
         objective = self.objective
         modes = train_modes(objective.model)
-        if modes != self._checked:  # the first update, or the model's modes changed: a different loss
+        # the first update, the model's modes changed (a different loss), or a batch of other dtypes (a float64 batch
+        # of a float32 model fails with a message that names neither)
+        checked = (modes, tuple(leaf.dtype for leaf in pytree.tree_leaves(batch) if torch.is_tensor(leaf)))
+        if checked != self._checked:
             objective.check(batch)
             objective.check_microbatch_mean(batch, self.microbatch)
-            self._checked = modes
+            self._checked = checked
         w_t = objective.flat_parameters()
         w = w_t.cpu().numpy()
         if optimizer is None:
