@@ -213,6 +213,8 @@ def test_what_cannot_be_anchored_is_refused_by_name():
         anchored({**table, "processes": ["momentum", "rmsprop_stable_flow"]}, 10)
     with pytest.raises(SpecError, match=r"k must lie in \[2, 57\]"):
         anchored(table, 58)
+    with pytest.raises(SpecError, match=r"a run needs at least 5 steps \(`steps` = 4\)"):  # before: "in [2, 1]"
+        anchored({**table, "steps": 4}, 2)
     with pytest.raises(SpecError, match="give a step"):
         anchored(table, "start")
     with pytest.raises(SpecError, match="never reached its edge of stability .* largest was"):

@@ -275,6 +275,11 @@ def _onset(edge_ratio: np.ndarray, steps: int, optimizer: str) -> int:
 
 
 def _window(steps: int) -> str:
+    if steps < 5:  # no k has its states k-2 .. k+2 inside the run
+        return (
+            f"a model starts on the optimizer's states at k-2 .. k+2, so a run needs at least 5 steps (`steps` = "
+            f"{steps})"
+        )
     return (
         f"a model starts on the optimizer's states at k-2 .. k+2, so k must lie in [2, {steps - 3}] for a run "
         f"of {steps} steps"
