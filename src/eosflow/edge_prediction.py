@@ -200,8 +200,7 @@ def _prediction(
 ) -> EdgePrediction:
     arrays, rebuild = differentiable_part(params, wrt)
     flat, unravel = ravel(arrays)
-    call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
-    check_loss_call(loss_fn, batch, "edge_prediction.predict")
+    call = check_loss_call(loss_fn, batch, "edge_prediction.predict")
 
     def loss_on(w: Array, data: PyTree) -> Array:
         model = rebuild(unravel(w))

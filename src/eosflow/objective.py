@@ -190,15 +190,16 @@ class Objective(eqx.Module):
         return eqx.tree_at(lambda o: o.data, self, data, is_leaf=lambda x: x is None)
 
 
-def check_loss_call(loss_fn: Callable, batch: Any, where: str) -> None:
-    """A TypeError saying how eosflow calls ``loss_fn`` (``loss_fn(params, batch)``, or ``loss_fn(params)`` without
-    a batch) when its signature cannot take that call, before a trace fails inside it; nothing for a callable
-    whose signature cannot be read (the call itself then says)."""
+def check_loss_call(loss_fn: Callable, batch: Any, where: str) -> str:
+    """The call eosflow makes, ``"loss_fn(params, batch)"`` (or ``"loss_fn(params)"`` without a batch), for its
+    messages; a TypeError saying so when ``loss_fn``'s signature cannot take that call, before a trace fails inside
+    it (nothing is checked for a callable whose signature cannot be read: the call itself then says)."""
+    arguments = ("params",) if batch is None else ("params", "batch")
+    call = f"loss_fn({', '.join(arguments)})"
     try:
         signature = inspect.signature(loss_fn, follow_wrapped=False)  # a wrapper may take other arguments
     except (TypeError, ValueError):
-        return
-    arguments = ("params",) if batch is None else ("params", "batch")
+        return call
     try:
         signature.bind(*arguments)
     except TypeError as error:
@@ -209,9 +210,8 @@ def check_loss_call(loss_fn: Callable, batch: Any, where: str) -> None:
             "`lambda params, batch: loss_fn(params, *batch)` with the batch (x, y)"
         )
         name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-        raise TypeError(
-            f"{where} calls loss_fn({', '.join(arguments)}), which {name}{signature} cannot take ({error}): {hint}"
-        ) from None
+        raise TypeError(f"{where} calls {call}, which {name}{signature} cannot take ({error}): {hint}") from None
+    return call
 
 
 def differentiable_loss(loss_on: Callable, traced: list, where: str) -> Callable:

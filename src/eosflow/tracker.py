@@ -259,8 +259,7 @@ class SharpnessTracker(eqx.Module):
                 preconditioner, shapes, flat.dtype, "SharpnessTracker: the preconditioner"
             )
 
-        call = "loss_fn(params)" if batch is None else "loss_fn(params, batch)"
-        check_loss_call(self.loss_fn, batch, "SharpnessTracker.update")
+        call = check_loss_call(self.loss_fn, batch, "SharpnessTracker.update")
 
         def loss_on(w, batch):
             value = self.loss_fn(unravel(w)) if batch is None else self.loss_fn(unravel(w), batch)
