@@ -827,7 +827,7 @@ class LinearizedGaussNewton:
             leaves, spec = pytree.tree_flatten(objective._outputs(objective.unflatten(self.w), inputs))
             moving = [torch.is_tensor(leaf) and leaf.requires_grad for leaf in leaves]  # the leaves J maps to
             self.outputs = [leaf for leaf, moves in zip(leaves, moving) if moves]
-            free = [leaf.detach().requires_grad_(moves) if moves else leaf for leaf, moves in zip(leaves, moving)]
+            free = [leaf.detach().requires_grad_() if moves else leaf for leaf, moves in zip(leaves, moving)]
             self.free = [leaf for leaf, moves in zip(free, moving) if moves]
             self.cotangents = [torch.zeros_like(leaf, requires_grad=True) for leaf in self.outputs]
             self.pullback = None  # J^T u, a graph in u; None where no output depends on w (G = 0)
