@@ -212,6 +212,14 @@ def test_bad_input_is_named():
         edge_prediction.predict(loss, params, batch, good, 0.0)
     with pytest.raises(ValueError, match="previous 3"):
         edge_prediction.offsets(params, jnp.ones(3), good)
+    with pytest.raises(ValueError, match=rf"offsets: eig.vectors is \({d + 1}, 2\), the measured parameters have {d}"):
+        edge_prediction.offsets(params, params, Pairs(good.values, np.eye(d + 1, 2)))
+    not_pairs = [None, (good.values, good.vectors), {"values": good.values, "vectors": good.vectors}]
+    for eig, got in zip(not_pairs, ["NoneType: pass what tracker.update", "tuple", "dict"], strict=True):
+        with pytest.raises(TypeError, match=f"edge_prediction: eig must be the eigenpairs .* got {got}"):
+            edge_prediction.predict(loss, params, batch, eig, 0.1)
+        with pytest.raises(TypeError, match=f"offsets: eig must be the eigenpairs .* got {got}"):
+            edge_prediction.offsets(params, params, eig)
     assert eosflow.edge_prediction is edge_prediction
 
 
@@ -268,6 +276,17 @@ def test_torch_prediction_midpoint_and_offsets_on_gds_orbit(seed):
     np.testing.assert_allclose(eosflow.torch.edge_offsets(model, previous, eig), -np.sqrt(s2), rtol=1e-12)
     with pytest.raises(ValueError, match="previous has 1 tensors, the model 2"):
         eosflow.torch.edge_offsets(model, previous[:1], eig)
+    with pytest.raises(
+        ValueError, match=rf"edge_offsets: eig.vectors is \({2 * m + 1}, {m}\), .* have {2 * m} entries"
+    ):
+        eosflow.torch.edge_offsets(model, previous, Pairs(eig.values, np.eye(2 * m + 1)[:, :m]))
+    for call in (
+        lambda: eosflow.torch.edge_prediction(model, loss_fn, batch, None, lr),
+        lambda: eosflow.torch.edge_offsets(model, previous, None),
+        lambda: eosflow.torch.parameter_shares(model, None),
+    ):
+        with pytest.raises(TypeError, match="eig must be the eigenpairs .* got NoneType: pass what tracker.update"):
+            call()
     with pytest.raises(RuntimeError), eosflow.torch.midpoint(model, previous):
         raise RuntimeError("the block fails")
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after, strict=True))

@@ -628,6 +628,8 @@ def test_an_equinox_module_is_measured_over_its_floating_arrays(seed):
             assert sum(share[i] for share in shares.values()) == pytest.approx(1.0, abs=1e-12)
         with pytest.raises(ValueError, match="the measured parameters have"):
             eosflow.tracker.parameter_shares(pairs.vectors[1:], model)
+        with pytest.raises(TypeError, match="parameter_shares: eig must be the eigenpairs .* got NoneType"):
+            eosflow.tracker.parameter_shares(None, model)
 
         diagonal = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2, a.shape)), arrays)
         preconditioner = eqx.combine(diagonal, rest)  # shaped like the module, as an optax state over it

@@ -65,7 +65,7 @@ from eosflow.objective import (
 from eosflow.optimizer_edges import EdgeOptimizer, SecondMoment
 from eosflow.precision import MATMUL_PRECISION
 from eosflow.tracing import equations
-from eosflow.tracker import flat_like_parameters
+from eosflow.tracker import eigenpairs_of, flat_like_parameters
 
 PyTree = Any
 
@@ -116,8 +116,9 @@ def predict(
     or traced into the caller's program when called inside ``jax.jit`` (``lr`` may then be traced too).
     """
     unravel = layout(differentiable_part(params, wrt)[0])  # shapes only: a GPU's parameters stay there
+    values, vectors = eigenpairs_of(eig, "edge_prediction")
     values, vectors = check_inputs(
-        jnp.asarray(eig.values), jnp.asarray(eig.vectors), unravel.size, lr, margin, "edge_prediction"
+        jnp.asarray(values), jnp.asarray(vectors), unravel.size, lr, margin, "edge_prediction"
     )
     check_example_count(microbatch, "edge_prediction microbatch")
     dtype = vectors.dtype
@@ -281,7 +282,13 @@ def offsets(
     if preconditioner is not None:
         where = "edge_prediction.offsets: the preconditioner"
         p = flat_like_parameters(preconditioner, unravel.shapes, now.dtype, where)
-    return _half_steps(jnp.asarray(eig.vectors), now, before, p)
+    vectors = jnp.asarray(eigenpairs_of(eig, "edge_prediction.offsets")[1])
+    if vectors.ndim != 2 or vectors.shape[0] != now.size:
+        raise ValueError(
+            f"edge_prediction.offsets: eig.vectors is {vectors.shape}, the measured parameters have {now.size} "
+            "entries: pass the eigenpairs measured on these parameters (with the same wrt), d x k"
+        )
+    return _half_steps(vectors, now, before, p)
 
 
 @jax.jit

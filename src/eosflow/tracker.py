@@ -336,6 +336,18 @@ def flat_like_parameters(tree: PyTree, expected: tuple, dtype, what: str) -> Arr
     return flat.astype(dtype)
 
 
+def eigenpairs_of(eig: Any, where: str) -> tuple[Any, Any]:
+    """(eig.values, eig.vectors) of the tracker's eigenpairs (or anything with those two arrays); a TypeError that
+    names ``where`` and what it got for anything else (None, a tuple, a dict, jnp.linalg.eigh's result)."""
+    values, vectors = getattr(eig, "values", None), getattr(eig, "vectors", None)
+    if values is None or vectors is None or callable(values) or callable(vectors):
+        raise TypeError(
+            f"{where}: eig must be the eigenpairs the tracker returns (.values (k,) descending and .vectors (d, k)), "
+            f"got {type(eig).__name__}" + (": pass what tracker.update(...) returned" if eig is None else "")
+        )
+    return values, vectors
+
+
 def parameter_shares(eig: Any, params: PyTree, wrt: Any = None) -> dict[str, np.ndarray]:
     """Where the tracked eigenvectors live: for every measured leaf of ``params`` (named by its path, as
     ``jax.tree_util.keystr`` writes it), the share sum_{j in leaf} u_ij^2 of each unit eigenvector u_i, (k,);
@@ -343,7 +355,8 @@ def parameter_shares(eig: Any, params: PyTree, wrt: Any = None) -> dict[str, np.
     measured on ``params`` with the same ``wrt``."""
     leaves = jax.tree_util.tree_flatten_with_path(differentiable_part(params, wrt)[0])[0]
     names = [jax.tree_util.keystr(path) for path, _ in leaves]
-    return shares_by_block(getattr(eig, "vectors", eig), names, [math.prod(np.shape(leaf)) for _, leaf in leaves])
+    vectors = eig if isinstance(eig, np.ndarray | jax.Array) else eigenpairs_of(eig, "parameter_shares")[1]
+    return shares_by_block(vectors, names, [math.prod(np.shape(leaf)) for _, leaf in leaves])
 
 
 def shares_by_block(vectors: Any, names: list[str], sizes: list[int]) -> dict[str, np.ndarray]:

@@ -32,7 +32,8 @@ from eosflow.flows.sdcp import pair_indices, pair_scale
 from eosflow.optimizer_edges import SecondMoment, ema_second_moment
 from eosflow.precision import precision
 from eosflow.torch.objective import Batch, TorchObjective, numpy_dtype, trainable, unwrapped
-from eosflow.torch.tracker import parameter_groups, state_buffer
+from eosflow.torch.tracker import host_array, parameter_groups, state_buffer
+from eosflow.tracker import eigenpairs_of
 
 
 def edge_prediction(
@@ -53,9 +54,9 @@ def edge_prediction(
     RMSProp's reading. One gradient and
     k(k + 1)/2 third derivatives; the model is not changed. NumPy arrays in the model's dtype."""
     objective = TorchObjective(model, loss_fn, batch)
-    vectors = eig.vectors.detach().cpu().numpy() if torch.is_tensor(eig.vectors) else np.asarray(eig.vectors)
+    values, vectors = eigenpairs_of(eig, "eosflow.torch.edge_prediction")
     values, vectors = check_inputs(
-        np.asarray(eig.values), vectors, objective.dim, lr, margin, "eosflow.torch.edge_prediction"
+        host_array(values), host_array(vectors), objective.dim, lr, margin, "eosflow.torch.edge_prediction"
     )
     objective.check(batch)
     w = objective.flat_parameters()
@@ -179,8 +180,13 @@ def edge_offsets(
         for p, before in _parameter_pairs(model, previous)
         if p.requires_grad
     ]
-    vectors = eig.vectors if torch.is_tensor(eig.vectors) else torch.from_numpy(np.ascontiguousarray(eig.vectors))
     flat = torch.cat(step)
+    vectors = torch.from_numpy(np.ascontiguousarray(host_array(eigenpairs_of(eig, "eosflow.torch.edge_offsets")[1])))
+    if vectors.ndim != 2 or vectors.shape[0] != flat.numel():
+        raise ValueError(
+            f"eosflow.torch.edge_offsets: eig.vectors is {tuple(vectors.shape)}, the model's trainable parameters "
+            f"have {flat.numel()} entries: pass the eigenpairs the tracker measured on this model, d x k"
+        )
     moment = None if optimizer is None else second_moment(model, optimizer, None, numpy_dtype(flat.dtype))
     if moment is not None:
         flat = flat * torch.from_numpy(np.sqrt(moment.preconditioner)).to(flat.device)

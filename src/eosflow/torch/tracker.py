@@ -65,7 +65,7 @@ from eosflow.torch.objective import (
     trainable,
     unwrapped,
 )
-from eosflow.tracker import shares_by_block
+from eosflow.tracker import eigenpairs_of, shares_by_block
 
 
 class Preconditioning(NamedTuple):
@@ -107,12 +107,17 @@ class TrackedEigenpairs(NamedTuple):
         return float(self.values[0] / self.threshold)
 
 
+def host_array(values: Any) -> np.ndarray:
+    """A torch tensor (on any device) or an array as a NumPy array on the host."""
+    return values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+
+
 def parameter_shares(model: torch.nn.Module, eig: TrackedEigenpairs) -> dict[str, np.ndarray]:
     """Where the tracked eigenvectors live: for every trainable parameter of ``model`` (by its name in
     ``named_parameters``, the tracker's layout), the share sum_{j in it} u_ij^2 of each unit eigenvector u_i, (k,);
     over the parameters a vector's shares sum to 1."""
     params = trainable(unwrapped(model))
-    vectors = eig.vectors.detach().cpu().numpy() if torch.is_tensor(eig.vectors) else eig.vectors
+    vectors = host_array(eigenpairs_of(eig, "eosflow.torch.parameter_shares")[1])
     return shares_by_block(vectors, list(params), [p.numel() for p in params.values()])
 
 
