@@ -12,6 +12,7 @@ import pytest
 
 from eosflow.cli import main
 from eosflow.experiment import prepare
+from eosflow.store import StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,22 @@ def test_run_resume_without_out_is_refused(tmp_path, monkeypatch, capsys):
     assert main(["run", "spec.toml", "--resume", "--quiet"]) == 2
     assert "--resume needs the run directory" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_path_without_a_run_says_why(tmp_path, capsys):
+    """resume, report and eosflow.load name a missing path, a file, or a directory without spec.toml."""
+    import eosflow
+
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    for name, why in [("missing", "it does not exist"), ("file", "it is a file"), ("empty", "it has no spec.toml")]:
+        path = tmp_path / name
+        for command in (["resume", str(path)], ["report", str(path)]):
+            assert main(command) == 2
+            assert f"{str(path)!r} is not a run directory ({why})" in capsys.readouterr().err
+        with pytest.raises(StoreError, match=rf"is not a run directory \({why}\)"):
+            eosflow.load(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]  # nothing created
 
 
 def test_processes_says_where_options_go_and_aligns_them(capsys):

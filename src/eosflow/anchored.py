@@ -48,7 +48,7 @@ from eosflow.optim.gd import GradientDescent
 from eosflow.precision import precision
 from eosflow.process import PROCESSES, Process
 from eosflow.spec import Spec, load_spec_table
-from eosflow.store import RunStore, StoreError
+from eosflow.store import RunStore, not_a_run_directory
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -105,7 +105,7 @@ def write_anchored(run_dir: str | Path, at: int | str) -> Path:
     shows it) before the error is raised."""
     store = RunStore(run_dir)
     if not store.exists():
-        raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
+        raise not_a_run_directory(run_dir)
     try:
         ds = anchored(load_spec_table(store.root / "spec.toml"), at)
     except NoAnchorStep as error:  # recorded, so that the report says why its section is missing

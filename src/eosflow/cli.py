@@ -36,7 +36,7 @@ from pathlib import Path
 
 from eosflow.config import SpecError
 from eosflow.signals import Interrupted
-from eosflow.store import RunDirectoryWarning, StoreError
+from eosflow.store import RunDirectoryWarning, StoreError, not_a_run_directory
 
 USER_ERRORS = (SpecError, StoreError)
 
@@ -254,7 +254,7 @@ def _dispatch(args) -> int:
     if args.command == "resume" or (args.command == "run" and args.resume and args.spec.is_dir() and not args.out):
         run_dir = args.run_dir if args.command == "resume" else args.spec
         if not (run_dir / "spec.toml").is_file():
-            raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
+            raise not_a_run_directory(run_dir)
         table = load_spec_table(run_dir / "spec.toml")
         for assignment in getattr(args, "set", []):
             set_dotted(table, assignment)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eosflow.store import RunDirectoryWarning, RunStore, StoreError, resume_command
+from eosflow.store import RunDirectoryWarning, RunStore, StoreError, not_a_run_directory, resume_command
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -42,7 +42,7 @@ def load(run_dir: str | Path) -> xr.Dataset:
     """
     store = RunStore(run_dir)
     if not store.exists():
-        raise StoreError(f"{str(run_dir)!r} is not a run directory (it has no spec.toml)")
+        raise not_a_run_directory(run_dir)
     summary = store.read_summary()
     checkpointed = store.read_manifest()
     manifest = checkpointed[1] if checkpointed else {}

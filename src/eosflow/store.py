@@ -49,6 +49,18 @@ class StoreError(RuntimeError):
     """A run directory that cannot be used as asked (exists, is corrupt, is not writable)."""
 
 
+def not_a_run_directory(run_dir: str | Path) -> StoreError:
+    """The error for a path that holds no run: says whether it is missing, a file, or a directory without spec.toml."""
+    path = Path(run_dir)
+    if not path.exists():
+        why = "it does not exist"
+    elif not path.is_dir():
+        why = "it is a file"
+    else:
+        why = "it has no spec.toml"
+    return StoreError(f"{str(run_dir)!r} is not a run directory ({why})")
+
+
 class RunDirectoryWarning(UserWarning):
     """Something in a run directory was damaged and worked around (a lost summary, a missing chunk)."""
 
