@@ -90,7 +90,7 @@ class BatchNormNet(eqx.Module):
 
 
 def test_losses_that_are_not_a_mean_over_examples_are_refused():
-    with pytest.raises(SpecError, match=r"not a mean over examples.*examples 0-3 is"):
+    with pytest.raises(SpecError, match=r"not a mean over examples.*examples 0-4 is .* of 0-1 and 2-4"):
         mlp_problem(loss=lambda f, y: jnp.sum((f - y) ** 2)).with_microbatch(5)
     model, state = eqx.nn.make_with_state(BatchNormNet)(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -176,6 +176,41 @@ def test_per_example_and_minibatch_gradients_in_chunks():
         np.testing.assert_allclose(b[field].values, a[field].values, rtol=1e-11, err_msg=field)
 
 
+@pytest.mark.parametrize("masked", [[9, 10, 11], [16], list(range(0, N, 3))])
+def test_a_mean_over_unmasked_examples_is_refused_wherever_the_mask_falls(masked):
+    """A loss averaged over the examples a mask keeps (labels ignored by cross-entropy, padding) is not a mean over
+    examples, wherever the masked rows are (rows 0-3 were all that was checked); the unmasked loss is accepted.
+    Each refusal is checked against the exact chunked loss: the two differ."""
+    rng = np.random.default_rng(len(masked))
+    x, y = rng.normal(size=(N, 3)), rng.normal(size=(N, 2))
+    keep = np.ones(N)
+    keep[masked] = 0.0
+    params = [rng.normal(size=(3, 2)), np.zeros(2)]
+
+    def masked_mean(f, target):
+        squared, weight = jnp.sum((f - target[:, :2]) ** 2, axis=1), target[:, 2]
+        return jnp.sum(weight * squared) / jnp.sum(weight)
+
+    targets = np.column_stack([y, keep])
+    problem = eosflow.Problem.from_model(lambda p, x: jnp.tanh(x @ p[0] + p[1]), params, x, targets, masked_mean)
+    for size in (1, 5, 7, 10):
+        chunked = sum(
+            (min(a + size, N) - a)
+            / N
+            * float(problem.objective.loss_on(problem.w0, (x[a : a + size], targets[a : a + size])))
+            for a in range(0, N, size)
+        )
+        differs = not abs(chunked - float(problem.objective.value(problem.w0))) <= 1e-6  # NaN: a chunk of no weight
+        if differs:
+            with pytest.raises(SpecError, match=f"`microbatch` = {size} .*not a mean over examples.*unmasked"):
+                problem.with_microbatch(size)
+        else:  # every chunk happens to hold the same share of masked rows: chunking is exact
+            problem.with_microbatch(size)
+    plain = eosflow.Problem.from_model(lambda p, x: jnp.tanh(x @ p[0] + p[1]), params, x, y, "mse")
+    for size in (1, 5, 7, 10):
+        plain.with_microbatch(size)
+
+
 def test_the_torch_tracker_in_chunks_equals_it_whole():
     """eosflow.torch.SharpnessTracker(microbatch=B) inside a torch loop: the same eigenvalues (1e-12) and
     HVP counts as the unchunked tracker at every update; a summed loss and a bad B are refused."""
@@ -199,5 +234,12 @@ def test_the_torch_tracker_in_chunks_equals_it_whole():
     summed = eosflow.torch.SharpnessTracker(model, lambda f, t: F.mse_loss(f, t, reduction="sum"), microbatch=5)
     with pytest.raises(ValueError, match="not a mean over examples"):
         summed.update(batch)
+    labels = torch.randint(0, 2, (N,))
+    labels[10:16] = -100  # ignored by cross-entropy, which averages over the rest: rows 0-3 look like a mean
+    for size in (1, 5, 7):
+        with pytest.raises(ValueError, match="not a mean over examples.*labels ignored by cross-entropy"):
+            eosflow.torch.SharpnessTracker(model, F.cross_entropy, microbatch=size).update((batch[0], labels))
+        with pytest.raises(ValueError, match="not a mean over examples"):
+            eosflow.torch.hessian_operator(model, F.cross_entropy, (batch[0], labels), microbatch=size)
     with pytest.raises(ValueError, match="microbatch must be a number of examples >= 1"):
         eosflow.torch.SharpnessTracker(model, F.mse_loss, microbatch=0)

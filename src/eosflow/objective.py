@@ -247,17 +247,27 @@ def check_example_count(size: Any, where: str) -> None:
         )
 
 
-def check_mean_over_examples(loss_of: Callable[[int, int], float], where: str) -> None:
-    """A SpecError unless the loss of examples 0-3 equals the mean of the losses of examples 0-1 and 2-3
-    (``loss_of(a, b)``: the loss of examples a..b-1), to 1e-5 relative: averaging chunks needs a loss
-    that is a mean over examples, and a summed loss or BatchNorm's batch statistics fail this."""
-    whole, first, second = (loss_of(a, b) for a, b in ((0, 4), (0, 2), (2, 4)))
-    if abs(whole - (first + second) / 2) > 1e-5 * abs(whole) + 1e-30:
-        raise SpecError(
-            f"{where}: the loss is not a mean over examples, so chunks cannot be averaged: the loss of examples "
-            f"0-3 is {whole:.8g}, the mean of the losses of 0-1 and 2-3 {(first + second) / 2:.8g} (a loss summed "
-            "over examples, or BatchNorm normalizing by the batch's statistics, depends on how the batch is cut)"
-        )
+def check_mean_over_examples(loss_of: Callable[[int, int], float], count: int, size: int, where: str) -> None:
+    """A SpecError unless, in every chunk of ``size`` consecutive examples of the ``count`` (the split a microbatch
+    of ``size`` makes; pairs for size 1), the chunk's loss equals the row-weighted mean of its two halves' losses
+    to 1e-5 relative (``loss_of(a, b)``: the loss of examples a..b-1). Averaging chunks needs a loss that is a mean
+    over examples: a summed loss, BatchNorm's batch statistics, or a mean over unmasked entries (ignored labels,
+    padding) whose chunks hold different numbers of them fail this."""
+    width = max(size, 2)
+    for a in range(0, count - 1, width):
+        b = min(a + width, count)
+        if b - a < 2:
+            continue
+        h = a + (b - a) // 2
+        whole, first, second = loss_of(a, b), loss_of(a, h), loss_of(h, b)
+        mean = ((h - a) * first + (b - h) * second) / (b - a)
+        if not abs(whole - mean) <= 1e-5 * abs(whole) + 1e-30:
+            raise SpecError(
+                f"{where}: the loss is not a mean over examples, so chunks cannot be averaged: the loss of examples "
+                f"{a}-{b - 1} is {whole:.8g}, the row-weighted mean of the losses of {a}-{h - 1} and {h}-{b - 1} "
+                f"{mean:.8g} (a loss summed over examples, BatchNorm normalizing by the batch's statistics, or a "
+                "mean over unmasked entries, such as labels ignored by cross-entropy, depends on how the batch is cut)"
+            )
 
 
 def ravel(params: PyTree, where: str = "params", on_device: bool = False) -> tuple[Array, Unravel]:

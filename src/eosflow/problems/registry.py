@@ -156,22 +156,22 @@ class Problem:
         """This problem with its full-batch losses (training and test) evaluated in chunks of ``size``
         examples (:attr:`Objective.microbatch`): the same loss, one chunk's activations in memory at a
         time. The chunks' losses are averaged, so the loss must be a mean over examples: checked at w0 on
-        the first four examples against the mean of its two halves (a sum, or BatchNorm's batch
-        statistics, is refused by a SpecError)."""
+        every chunk against the row-weighted mean of its two halves (a sum, BatchNorm's batch statistics, or
+        a mean over the rows a mask keeps is refused by a SpecError)."""
         check_example_count(size, "`microbatch`")
         objective = self.objective
         if objective.data is None:
             raise SpecError(
                 f"`microbatch` = {size}: this problem's loss has no examples (no data), so it has nothing to split"
             )
-        if objective.num_examples >= 4:
+        if objective.num_examples >= 2:
             with precision(self.default_dtype()):
                 w0 = jnp.asarray(self.w0)
 
                 def loss_of(a: int, b: int) -> float:
                     return float(objective.loss_on(w0, jax.tree_util.tree_map(lambda leaf: leaf[a:b], objective.data)))
 
-                check_mean_over_examples(loss_of, f"`microbatch` = {size} (at w0)")
+                check_mean_over_examples(loss_of, objective.num_examples, size, f"`microbatch` = {size} (at w0)")
         test = self.test_objective
         return dataclasses.replace(
             self,

@@ -671,10 +671,14 @@ class TorchObjective:
 
     def check_microbatch_mean(self, batch: Batch, microbatch: int | None) -> None:
         """A SpecError unless the loss is a mean over examples, when ``microbatch`` splits the batch's rows
-        (:func:`eosflow.objective.check_mean_over_examples` on its first four rows, at the current weights)."""
-        if microbatch is not None and leading_size(batch) >= 4:
+        (:func:`eosflow.objective.check_mean_over_examples` on every chunk, at the current weights: about two
+        forward passes over the batch, at weights that do not require grad)."""
+        if microbatch is not None:
             start = self.flat_parameters()
-            check_mean_over_examples(lambda a, b: float(self.value(start, rows(batch, a, b))), "microbatch")
+            count = leading_size(batch)
+            check_mean_over_examples(
+                lambda a, b: float(self.value(start, rows(batch, a, b)).detach()), count, microbatch, "microbatch"
+            )
 
     def check_minibatch(self, size: int) -> None:
         """A ValueError when BatchNorm in train mode would normalize a minibatch of one example by
