@@ -110,8 +110,10 @@ def test_a_torch_trackers_eigenpairs_are_recorded_with_their_threshold(tmp_path)
     batch = (torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
     eig = eosflow.torch.SharpnessTracker(model, torch.nn.functional.mse_loss, k=3, tol=1e-8).update(batch, optimizer)
+    loss = torch.nn.functional.mse_loss(model(batch[0]), batch[1])  # the loop's loss, before its backward
+    assert loss.requires_grad
     with EdgeLog(tmp_path / "torch.jsonl") as log:
-        log.write(0, eig, loss=torch.tensor(0.25, dtype=torch.float64))
+        log.write(0, eig, loss=loss)
     record = json.loads((tmp_path / "torch.jsonl").read_text())
     assert record == {
         "step": 0,
@@ -121,7 +123,7 @@ def test_a_torch_trackers_eigenpairs_are_recorded_with_their_threshold(tmp_path)
         "threshold": eig.threshold,
         "edge_ratio": eig.values[0] / eig.threshold,
         "hvps": eig.hvps,
-        "loss": 0.25,
+        "loss": loss.item(),
     }
     assert eig.threshold == pytest.approx(2 * 1.5 / 0.3)
 

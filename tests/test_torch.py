@@ -2,6 +2,7 @@
 (same weights), the tracker against dense float64 eigh, and preconditioners against torch's own
 optimizer arithmetic."""
 
+import contextlib
 import copy
 import re
 import warnings
@@ -209,6 +210,8 @@ def test_a_data_parallel_wrapper_is_measured_as_the_module_it_wraps(wrapper, tmp
         eig = SharpnessTracker(wrapped, F.mse_loss, k=2, tol=1e-8, max_iters=400).update((inputs, targets), optimizer)
         np.testing.assert_allclose(eig.values, expected[:2], rtol=1e-7)
         shares = eosflow.torch.parameter_shares(wrapped, eig)  # by the wrapped module's names, its tensors' rows
+        with pytest.raises(TypeError, match=r"parameter_shares\(model, eig\) takes the model first, got Tracked"):
+            eosflow.torch.parameter_shares(eig, wrapped)  # the JAX function's order
         vectors, start = eig.vectors.numpy(), 0
         assert list(shares) == [name for name, _ in model.named_parameters()]
         for p, share in zip(model.parameters(), shares.values()):
@@ -351,6 +354,9 @@ def test_parameter_groups_that_cannot_share_a_threshold_are_named():
         tracker.update(batch, partial)
     with pytest.raises(ValueError, match=r"every parameter group has lr = 0"):
         tracker.update(batch, torch.optim.SGD(model.parameters(), lr=0.0))
+    ascending = torch.optim.SGD(groups_of(model, {}, {"maximize": True}), lr=0.1)  # ascends loss_fn in group 1
+    with pytest.raises(ValueError, match=r"group\(s\) \[1\] have maximize = True.*Hessian of -loss_fn"):
+        tracker.update(batch, ascending)
 
 
 def test_a_float64_model_needs_no_global_jax_setting():
@@ -1382,6 +1388,49 @@ def test_the_callers_autocast_does_not_reach_eosflows_evaluations():
         results.append((np.asarray(pairs.values), gradient.detach().numpy()))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("ambient", ["no_grad", "inference_mode"])
+def test_a_callers_no_grad_does_not_reach_eosflows_evaluations(ambient):
+    """An evaluation loop's torch.no_grad() or torch.inference_mode() around tracker.update or the operators'
+    products: the same numbers bit for bit as outside (G's graph was built empty under no_grad and stayed zero,
+    H's and the tracker's raised from torch), and the caller's grad mode is left as it was."""
+    import scipy.sparse.linalg
+
+    import eosflow.torch
+
+    torch.manual_seed(2)
+    model = mlp(6, 2)
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64)
+    v = np.random.default_rng(0).standard_normal((sum(p.numel() for p in model.parameters()), 3))
+    loss_fn = torch.nn.functional.mse_loss
+    results = []
+    for inside in (False, True):
+        with getattr(torch, ambient)() if inside else contextlib.nullcontext():
+            pairs = SharpnessTracker(model, loss_fn, k=2, tol=1e-6, max_iters=100).update((x, y))
+            H = eosflow.torch.hessian_operator(model, loss_fn, (x, y))
+            G = eosflow.torch.gauss_newton_operator(model, loss_fn, (x, y))
+            products = (H @ v, G @ v, G @ v[:, 0])
+            assert torch.is_grad_enabled() is not inside
+        assert np.abs(products[1]).max() > 0.1
+        results.append((np.asarray(pairs.values), *products))
+    for outside, inside in zip(*results, strict=True):
+        np.testing.assert_array_equal(outside, inside)
+    assert scipy.sparse.linalg.eigsh(G, k=1, which="LA")[0][0] > 0  # G built inside the block, used outside
+
+
+def test_inputs_that_require_grad_are_measured_quietly_and_left_alone():
+    """A batch whose inputs require grad (an input-gradient study's): no warning from eosflow's own checks,
+    the eigenpairs of the detached batch bit for bit, and no gradient left on the inputs."""
+    model = mlp(5, 3)
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
+    values = []
+    for inputs in (x, x.clone().requires_grad_(True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            values.append(np.asarray(SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8).update((inputs, y)).values))
+        assert inputs.grad is None
+    np.testing.assert_array_equal(*values)
 
 
 class _PrecisionProbe(torch.nn.Module):

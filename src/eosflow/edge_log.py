@@ -43,7 +43,10 @@ class EdgeLogError(StoreError):
 
 
 def _scalar(name: str, value: Any) -> float | int:
-    """A finite or non-finite number as JSON can hold it (an int stays an int); anything else is refused."""
+    """A finite or non-finite number as JSON can hold it (an int stays an int); anything else is refused. A torch
+    tensor is read detached and on the host (a loss that requires grad, a GPU's loss)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch, without importing it
+        value = value.detach().cpu()
     array = np.asarray(value)
     if array.size != 1 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(

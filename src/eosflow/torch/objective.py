@@ -341,8 +341,15 @@ def _own_precision(method: Callable) -> Callable:
 
 @contextlib.contextmanager
 def _in_own_precision(device: torch.device) -> Iterator[None]:
-    """The block with autocast off on ``device`` and float32 products in float32 (:func:`_own_precision`)."""
-    with torch.autocast(device.type, enabled=False), _float32_products():
+    """The block with autocast off on ``device``, float32 products in float32 (:func:`_own_precision`) and
+    autograd on: a caller's ``torch.no_grad()`` or ``torch.inference_mode()`` (an evaluation loop) would
+    otherwise leave the graphs of :class:`LinearizedHessian` and :class:`LinearizedGaussNewton` unbuilt."""
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(device.type, enabled=False),
+        _float32_products(),
+    ):
         yield
 
 
@@ -534,6 +541,7 @@ class TorchObjective:
             ) from error
         finally:
             changed = restore_buffers(self.model, before)
+        value, again = value.detach(), again.detach()  # inputs that require grad give a loss that does too
         warn_half_precision_ops(half.found, "loss_fn(model(inputs), targets)")
         if changed:
             raise ValueError(

@@ -116,6 +116,11 @@ def parameter_shares(model: torch.nn.Module, eig: TrackedEigenpairs) -> dict[str
     """Where the tracked eigenvectors live: for every trainable parameter of ``model`` (by its name in
     ``named_parameters``, the tracker's layout), the share sum_{j in it} u_ij^2 of each unit eigenvector u_i, (k,);
     over the parameters a vector's shares sum to 1."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"eosflow.torch.parameter_shares(model, eig) takes the model first, got {type(model).__name__} "
+            "(the JAX one is eosflow.tracker.parameter_shares(eig, params))"
+        )
     params = trainable(unwrapped(model))
     vectors = host_array(eigenpairs_of(eig, "eosflow.torch.parameter_shares")[1])
     return shares_by_block(vectors, list(params), [p.numel() for p in params.values()])
@@ -127,6 +132,13 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
     momentum, which sets c, may not)."""
     if not isinstance(optimizer, torch.optim.SGD | torch.optim.Adam | torch.optim.AdamW | torch.optim.RMSprop):
         raise ValueError(f"no preconditioner known for {type(optimizer).__name__}; use SGD, RMSprop, Adam or AdamW")
+    ascending = [index for index, group in enumerate(optimizer.param_groups) if group.get("maximize", False)]
+    if ascending:
+        raise ValueError(
+            f"the optimizer's parameter group(s) {ascending} have maximize = True: they ascend loss_fn, whose edge "
+            "is set by the Hessian of -loss_fn. Measure that: give the tracker loss_fn = lambda outputs, targets: "
+            "-score(outputs, targets) and an optimizer with maximize = False on it (the same steps)"
+        )
     params = dict(objective.model.named_parameters())
     group_of = parameter_groups(optimizer, {name: params[name] for name in objective.names})
     edges = [_parameter_edge(optimizer, *group_of[name], params[name], name) for name in objective.names]
