@@ -782,6 +782,9 @@ def test_torch_rmsprop_prediction_on_its_period_two_orbit(seed):
         ]:
             with pytest.raises(ValueError, match=message):
                 eosflow.torch.edge_prediction(model, loss_fn, batch, eig, lr, optimizer=bad)
+        of_h = eosflow.torch.TrackedEigenpairs(eig.values, torch.from_numpy(eig.vectors), np.zeros(m), 0, np.nan)
+        with pytest.raises(ValueError, match=r"eig was measured without an optimizer .* for the RMSprop given here"):
+            eosflow.torch.edge_prediction(model, loss_fn, batch, of_h, lr, optimizer=optimizer)  # a tracker's, no P
     V = eig.vectors / np.sqrt(P)[:, None]
     sigma = V @ prediction.covariance @ V.T
     np.testing.assert_allclose(sigma, np.diag(np.concatenate([s**2, np.zeros(m)])), rtol=1e-9, atol=1e-14)

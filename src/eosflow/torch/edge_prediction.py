@@ -63,6 +63,12 @@ def edge_prediction(
     dtype = numpy_dtype(w.dtype)
     moment = None if optimizer is None else second_moment(model, optimizer, lr, dtype)
     if moment is not None:
+        if np.isnan(getattr(eig, "threshold", 0.0)):  # a tracker updated without the optimizer: the top of H
+            raise ValueError(
+                "eosflow.torch.edge_prediction: eig was measured without an optimizer (its threshold is nan), so it "
+                f"holds the top of H, not of P^-1/2 H P^-1/2: measure it with tracker.update(batch, optimizer) for "
+                f"the {type(optimizer).__name__} given here"
+            )
         vectors = vectors / np.sqrt(moment.preconditioner)[:, None]  # V = P^-1/2 U
     columns = torch.from_numpy(np.ascontiguousarray(vectors)).to(device=w.device, dtype=w.dtype)
     loss, gradient = objective.value_and_grad(w)
