@@ -148,6 +148,12 @@ def test_the_live_tracker_in_chunks_equals_it_whole():
         params = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, jax.grad(loss_fn)(params, batch))
     with pytest.raises(ValueError, match="microbatch must be a number of examples >= 1"):
         eosflow.SharpnessTracker(loss_fn, microbatch=0)
+    # a leaf without the examples' axis (per-class weights): chunked with them, a wrong sharpness (+17%) before
+    weighted = {"xy": batch, "class_weights": jnp.ones(N + 4)}
+    tracker = eosflow.SharpnessTracker(lambda p, b: loss_fn(p, b["xy"]), k=1, microbatch=5)
+    for state_batch in (weighted, {**weighted, "scale": jnp.asarray(2.0)}):
+        with pytest.raises(SpecError, match=rf"the examples \(batch\['xy'\]\[0\] of shape \({N}, 3\): {N}\), but "):
+            tracker.update(tracker.init(params, jax.random.key(0)), params, state_batch)
 
 
 def test_per_example_and_minibatch_gradients_in_chunks():

@@ -187,6 +187,11 @@ def test_a_state_for_other_parameters_is_named():
     state = tracker.init(params, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"directions of 3 parameters \(from tracker.init\).* have 4: .*tracker.init"):
         tracker.update(state, {**params, "b": jnp.zeros(1)}, batch)
+    single = {"w": jnp.ones(3, jnp.float32)}
+    state = tracker.init(single, jax.random.PRNGKey(0))
+    promoted = jax.tree.map(lambda p: p - np.float64(0.1) * p, single)  # a float64 lr under x64: float64 params
+    with pytest.raises(ValueError, match=r"the state is float32 \(from tracker.init\) and these params are float64"):
+        tracker.update(state, promoted, batch.astype(jnp.float32))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -215,6 +220,9 @@ def test_monitored_names_an_optimizer_that_is_not_an_edge_optimizer():
     """Before: AttributeError "'GradientTransformationExtraArgs' object has no attribute 'transform'"."""
     with pytest.raises(TypeError, match=r"eosflow.optimizer_edges.adam\(lr, ...\).*got GradientTransformation"):
         monitored(optax.adam(1e-3), lambda p, b: jnp.sum(p**2))
+    adam = eosflow.optimizer_edges.adam(1e-3)
+    with pytest.raises(TypeError, match=r"log must be a function .* got str 'runs/x.jsonl': .* log=EdgeLog\(path\)"):
+        monitored(adam, lambda p, b: jnp.sum(p**2), log="runs/x.jsonl")  # failed inside jit, at the first update
 
 
 @pytest.mark.parametrize(

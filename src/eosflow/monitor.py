@@ -84,6 +84,12 @@ def monitored(
             "eosflow.optimizer_edges.adam(lr, ...), .adamw, .sgd or .rmsprop (each builds the optax transformation), "
             f"got {type(optimizer).__name__}"
         )
+    if log is not None and not callable(log):
+        raise TypeError(
+            "eosflow.monitor.monitored: log must be a function of the Reading, an eosflow.edge_log.EdgeLog or None, "
+            f"got {type(log).__name__} {log!r}"
+            + (": for a file, pass log=EdgeLog(path)" if isinstance(log, str) else "")
+        )
     tracker = SharpnessTracker(loss_fn, k=k, tol=tol, max_iters=max_iters, every=every)
 
     def init(params):

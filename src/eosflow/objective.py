@@ -15,6 +15,7 @@ compilation serves any dataset of the same shape, and methods inline into caller
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import sys
@@ -227,7 +228,7 @@ def chunked_mean(loss_on: Callable[[Array, PyTree], Array], w: Array, data: PyTr
     """(1/N) sum_c n_c loss_on(w, chunk_c) over consecutive chunks of ``size`` examples (the last may be
     shorter): the mean loss when ``loss_on`` is a mean over examples. The full chunks run in a
     ``lax.map`` under ``jax.checkpoint``, so reverse mode keeps one chunk's activations at a time."""
-    n = int(jax.tree_util.tree_leaves(data)[0].shape[0])
+    n = example_count(data, "microbatch")
     if n <= size:
         return loss_on(w, data)
     full, rest = divmod(n, size)
@@ -237,6 +238,30 @@ def chunked_mean(loss_on: Callable[[Array, PyTree], Array], w: Array, data: PyTr
     if rest:
         total = total + rest * body(w, jax.tree_util.tree_map(lambda leaf: leaf[full * size :], data))
     return total / n
+
+
+def example_count(data: PyTree, where: str) -> int:
+    """N, the length of the first axis the leaves of a batch share (its examples); a SpecError naming each leaf
+    whose first axis is another length, or that has none (a scalar, per-class weights): chunks of examples
+    would slice it too, and the loss of a chunk would read the wrong part of it."""
+    leaves = [
+        (jax.tree_util.keystr(path), np.shape(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(data)[0]
+    ]
+    if not leaves:
+        raise SpecError(f"{where}: the batch holds no arrays, so it has no examples to split")
+    lengths = collections.Counter(shape[0] for _, shape in leaves if shape)
+    if not lengths:
+        raise SpecError(f"{where}: no leaf of the batch has an axis of examples (all are scalars)")
+    n = lengths.most_common(1)[0][0]
+    odd = [f"batch{name} of shape {shape}" for name, shape in leaves if not shape or shape[0] != n]
+    if odd:
+        example = next(f"batch{name} of shape {shape}" for name, shape in leaves if shape and shape[0] == n)
+        raise SpecError(
+            f"{where} splits every leaf of the batch along its first axis, the examples ({example}: {n}), but "
+            f"{', '.join(odd)} {'has' if len(odd) == 1 else 'have'} no axis of {n} there: keep per-class weights "
+            "and other constants out of the batch (in loss_fn's closure)"
+        )
+    return int(n)
 
 
 def check_example_count(size: Any, where: str) -> None:

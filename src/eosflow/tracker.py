@@ -253,6 +253,12 @@ class SharpnessTracker(eqx.Module):
                 f"tracker.init) and these params have {flat.size}: a model that changed its parameters needs a new "
                 "state, tracker.init(params, key)"
             )
+        if state.vectors.dtype != flat.dtype:  # e.g. p - np.float64(lr) * g under x64 promotes float32 params
+            raise ValueError(
+                f"SharpnessTracker.update: the state is {state.vectors.dtype} (from tracker.init) and these params "
+                f"are {flat.dtype}: keep the params' dtype through the loop (a float64 step size promotes float32 "
+                "params under jax_enable_x64), or start a new state, tracker.init(params, key)"
+            )
         precondition = None
         if preconditioner is not None:
             precondition = flat_like_parameters(
