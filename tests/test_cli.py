@@ -1,6 +1,7 @@
 """The first minutes with the command: fast help, plain text, the README's commands as written."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -79,6 +80,42 @@ def test_a_path_without_a_run_says_why(tmp_path, capsys):
         with pytest.raises(StoreError, match=rf"is not a run directory \({why}\)"):
             eosflow.load(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]  # nothing created
+
+
+def test_a_spec_that_is_not_utf8_or_a_seed_out_of_range_is_named(tmp_path, monkeypatch, capsys):
+    """Tracebacks before: UnicodeDecodeError for a Latin-1 comment, OverflowError from JAX for seed >= 2**63; a
+    byte-order mark read as invalid TOML. A spec's name that leaves runs/ ("../x") is kept inside it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin.toml").write_bytes(b"steps = 2\n# \xb5 comment\n")
+    assert main(["run", "latin.toml", "--quiet"]) == 2
+    assert "spec file 'latin.toml' is not UTF-8 text, as TOML must be (byte 0xb5 at position 12)" in (
+        capsys.readouterr().err
+    )
+    spec = 'steps = 2\nname = "../../escape"\n[problem]\nname = "quadratic"\n'
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + spec.encode())
+    assert main(["run", "bom.toml", "--quiet", "--set", "seed=9223372036854775808"]) == 2
+    assert "`seed` = 9223372036854775808 is out of range: it must be at most 9223372036854775807" in (
+        capsys.readouterr().err
+    )
+    assert main(["run", "bom.toml", "--quiet"]) == 0
+    (made,) = (tmp_path / "runs").iterdir()
+    assert made.name.startswith("_.._escape-") and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bom.toml",
+        "latin.toml",
+        "runs",
+    ]
+
+
+def test_output_cut_short_by_the_reader_ends_quietly():
+    """`eosflow processes | head -1`: a BrokenPipeError traceback before; now exit status 141 and no stderr."""
+    command = [sys.executable, "-c", "import sys; from eosflow.cli import main; sys.exit(main(['processes']))"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before the first write: every write fails (EPIPE)
+    try:
+        finished = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert finished.returncode == 141 and finished.stderr == b""
 
 
 def test_processes_says_where_options_go_and_aligns_them(capsys):

@@ -4,6 +4,7 @@ file-size limit standing for a full disk, a second writer)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,6 +337,20 @@ def test_the_command_line_draws_and_summarizes(tmp_path, capsys):
     assert (tmp_path / "log.png").exists()
     assert main(["plot-log", str(tmp_path / "missing.jsonl")]) == 2
     assert "cannot read the edge log" in capsys.readouterr().err
+    for out, message in [
+        (tmp_path / "no" / "dir" / "x.png", "the directory .* does not exist"),
+        (tmp_path / "x.txt", r"its suffix names no image format matplotlib writes \(use .png"),
+    ]:  # tracebacks from matplotlib before
+        assert main(["plot-log", str(path), "--out", str(out)]) == 2
+        assert re.search(f"cannot write the figure to .*{message}", capsys.readouterr().err)
+    for line, shown in [('{"step": 0, "loss": "x"}', "'x'"), ('{"step": 0, "loss": [1, 2]}', r"\[1, 2\]")]:
+        (tmp_path / "bad.jsonl").write_text(line + "\n")
+        assert main(["plot-log", str(tmp_path / "bad.jsonl")]) == 2
+        assert re.search(f"line 1: 'loss' is {shown}, not a number", capsys.readouterr().err)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["plot-log", str(tmp_path / "empty.jsonl")]) == 2
+    captured = capsys.readouterr()
+    assert "empty.jsonl: no records" in captured.out and "nothing to plot" in captured.err
 
 
 def test_several_logs_overlaid_on_the_scale_every_edge_shares(tmp_path, capsys):

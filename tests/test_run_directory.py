@@ -7,6 +7,7 @@ progress returns every flushed step with status "running".
 """
 
 import json
+import os
 import re
 import warnings
 
@@ -215,3 +216,66 @@ def test_the_edge_of_stability_window_is_in_steps_not_positions():
     assert window["first_step_at_edge"] == 10 and window["longest_window_start"] == 10
     assert window["longest_window_steps"] == 5
     assert edge_of_stability_window(values)["first_step_at_edge"] == 5  # positions are steps when nothing is lost
+
+
+def test_a_lost_resolved_spec_is_resolved_again_and_the_run_goes_on_bitwise(tmp_path, uninterrupted, capsys):
+    """spec.resolved.toml lost: resume re-resolves spec.toml in its place (a traceback before) and writes it back,
+    bitwise equal to the uninterrupted run; with summary.json lost too, load and report rebuild from spec.toml."""
+    out = tmp_path / "run"
+    run(SPEC, out, stop_after=24)
+    kept = (out / "spec.resolved.toml").read_text()
+    (out / "spec.resolved.toml").unlink()
+    (out / "summary.json").unlink()
+    with pytest.warns(RunDirectoryWarning, match=r"rebuilt from spec.toml \(spec.resolved.toml is missing\)"):
+        ds = eosflow.load(out)
+    assert ds.attrs["lr"] == 0.4 and ds.attrs["steps_done"] == 24
+    assert main(["report", str(out)]) == 0
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert "spec.resolved.toml is missing; the run's spec.toml was resolved again" in capsys.readouterr().err
+    assert (out / "spec.resolved.toml").read_text() == kept
+    assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_a_directory_that_is_not_a_process_is_not_read_as_one(finished):
+    """A folder an editor leaves in trajectories/ (Jupyter's .ipynb_checkpoints), or an empty one, is not a
+    process of the run: load lists the spec's processes only (it added a NaN process before)."""
+    (finished / "trajectories" / ".ipynb_checkpoints").mkdir()
+    (finished / "trajectories" / "notes").mkdir()
+    assert list(eosflow.load(finished).process.values) == ["gd", "gradient_flow"]
+    assert RunStore(finished).processes() == ["gd", "gradient_flow"]
+    with pytest.raises(StoreError, match=r"has no process 'rod_flow'; its processes: gd, gradient_flow"):
+        eosflow.load_params(finished, "rod_flow")
+
+
+def test_a_run_is_not_written_over_files_that_are_not_a_run_nor_inside_one(tmp_path, finished, capsys):
+    """--overwrite removed report/ and summary.json from a directory that held no run (a user's own folder, or
+    the current directory from an empty --out); a run inside another run's directory mixed the two."""
+    mine = tmp_path / "mine"
+    (mine / "report").mkdir(parents=True)
+    (mine / "report" / "thesis.md").write_text("notes")
+    (mine / "summary.json").write_text("1")
+    spec = tmp_path / "spec.toml"
+    spec.write_text('steps = 2\n[problem]\nname = "quadratic"\n')
+    for extra in ([], ["--overwrite"]):
+        assert main(["run", str(spec), "--out", str(mine), "--quiet", *extra]) == 2
+        assert "holds no run (no spec.toml) but has report/, summary.json" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.rglob("*")) == ["report", "summary.json", "thesis.md"]
+    assert (mine / "report" / "thesis.md").read_text() == "notes"
+    inside = finished / "trajectories" / "x"
+    assert main(["run", str(spec), "--out", str(inside), "--quiet"]) == 2
+    assert "is inside the run directory" in capsys.readouterr().err and not inside.exists()
+    with pytest.raises(SystemExit):
+        main(["run", str(spec), "--out", ""])
+    assert "an empty path (an unset shell variable?)" in capsys.readouterr().err
+
+
+def test_run_files_take_the_umask_like_any_new_file(tmp_path):
+    """Files written atomically (spec, summary, chunks, checkpoints) were 0600 whatever the umask (mkstemp)."""
+    previous = os.umask(0o022)
+    try:
+        run({**GD_SPEC, "steps": 8}, tmp_path / "run")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {"spec.toml", "summary.json", "checkpoint.npz", "0000000000-0000000007.npz"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes

@@ -332,7 +332,9 @@ def test_simulate_into_an_existing_run_says_the_python_arguments(tmp_path):
     """The refusal named only the CLI's --resume / --overwrite, which eosflow.simulate does not take."""
     problem = eosflow.Problem.from_function(_sum_of_squares, np.ones(2, np.float32))
     eosflow.simulate(problem, lr=0.1, steps=10, out=tmp_path / "run", record={"chunk": 10})
-    with pytest.raises(StoreError, match=r"--resume \(resume=True\).*--overwrite \(overwrite=True\)"):
+    with pytest.raises(
+        StoreError, match=r"`eosflow resume .*` \(resume=True in Python\).*--overwrite \(overwrite=True\)"
+    ):
         eosflow.simulate(problem, lr=0.1, steps=2, out=tmp_path / "run")
     with pytest.raises(StoreError, match=r"--overwrite \(overwrite=True\)"):
         eosflow.simulate(problem, lr=0.2, steps=2, out=tmp_path / "run", resume=True)
@@ -370,3 +372,26 @@ def test_simulate_without_out_leaves_no_directory(tmp_path, monkeypatch):
     with pytest.raises(SpecError):
         eosflow.simulate(problem, lr=-0.1, steps=3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_on_other_data_or_another_start_is_refused(tmp_path):
+    """simulate(out=..., resume=True) continued a run on a different in-memory problem without a word; its w0 and
+    data are now recorded as a fingerprint. The same problem (rebuilt) resumes; the import path's CLI resume of
+    test_simulate_out_writes_a_run_directory_the_cli_resumes, which has no fingerprint to compare, still does."""
+    settings = {"lr": 0.3, "steps": 5, "record": {"chunk": 5}}
+    out = tmp_path / "run"
+    eosflow.simulate(user_models.make_problem(width=5), out=out, **settings)
+    resumed = eosflow.simulate(user_models.make_problem(width=5), out=out, resume=True, **{**settings, "steps": 10})
+    assert resumed.attrs["status"] == "completed"
+    for other in (user_models.make_problem(width=5, seed=1), user_models.make_problem(width=5, scale=1.4)):
+        with pytest.raises(StoreError, match=r"`problem.fingerprint` = .*another w0 or other data than the run's"):
+            eosflow.simulate(other, out=out, resume=True, **{**settings, "steps": 15})
+    assert eosflow.load(out).attrs["steps_done"] == 10
+
+
+def test_numpy_scalars_are_numbers_of_the_spec():
+    """np.float32 from np.linspace, np.int64 from np.arange: refused as "not a number" before."""
+    problem = user_models.make_problem(width=5)
+    for lr in np.linspace(0.2, 0.3, 2).astype("float32"):
+        ds = eosflow.simulate(problem, lr=lr, steps=np.int64(3), seed=np.int32(0), spectrum={"k_max": np.int64(1)})
+        assert ds.attrs["lr"] == float(lr) and ds.sizes["step"] == 3

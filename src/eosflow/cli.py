@@ -24,6 +24,8 @@ answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import signal
 import sys
@@ -48,7 +50,7 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     from eosflow.progress import training_bar
     from eosflow.report import make_report
     from eosflow.spec import parse_spec
-    from eosflow.store import RunStore, resume_command
+    from eosflow.store import RunStore
 
     spec = parse_spec(table)
     try:
@@ -59,13 +61,7 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
             with bar:
                 outcome = run(table, out, resume=resume, overwrite=overwrite, progress=update)
     except KeyboardInterrupt as error:
-        done = RunStore(out).read_summary().get("steps_done", 0)
-        how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
-        print(
-            f"eosflow: interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(out)}",
-            file=sys.stderr,
-        )
-        return getattr(error, "exit_code", 130)
+        return _interrupted(error, out)
     ds = load(out)
     report = make_report(out, ds)
     warn_incomplete_critical_sets(ds)
@@ -76,6 +72,19 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     )
     print(f"report: {report}")
     return 0 if outcome.status == "completed" else 3
+
+
+def _interrupted(error: KeyboardInterrupt, out: Path) -> int:
+    """Say what of the run in ``out`` is on disk and how to resume it; the exit status of the signal."""
+    from eosflow.store import RunStore, resume_command
+
+    done = RunStore(out).read_summary().get("steps_done", 0)
+    how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
+    print(
+        f"eosflow: interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(out)}",
+        file=sys.stderr,
+    )
+    return getattr(error, "exit_code", 130)
 
 
 DESCRIPTION = "Measure gradient descent at the edge of stability and compare it with its continuous-time models."
@@ -99,6 +108,21 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a spec value, e.g. --set lr=0.1 --set problem.width=32",
     )
+
+
+def path_argument(text: str) -> Path:
+    """A path given on the command line; an empty one (an unset shell variable, ``--out "$OUT"``) is refused
+    rather than read as the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return Path(text)
+
+
+def default_out(prefix: str, table: dict, spec: Path) -> Path:
+    """runs/<prefix><name>-<time>, the spec's ``name`` (else the file's stem) reduced to a file name: a name
+    such as "../x" stays inside runs/."""
+    name = re.sub(r"[^\w.+-]", "_", str(table.get("name", spec.stem))).lstrip(".") or "run"
+    return Path("runs") / f"{prefix}{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _step_or_name(text: str) -> int | str:
@@ -127,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p_run = sub.add_parser("run", help="run an experiment spec into a run directory")
-    p_run.add_argument("spec", type=Path, help="the spec (TOML); with --resume, a run directory will do")
+    p_run.add_argument("spec", type=path_argument, help="the spec (TOML); with --resume, a run directory will do")
     add_overrides(p_run)
-    p_run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
+    p_run.add_argument("--out", type=path_argument, help="run directory (default: runs/<name>-<time>)")
     mode = p_run.add_mutually_exclusive_group()
     mode.add_argument(
         "--resume", action="store_true", help="continue an interrupted run in --out (or: eosflow run --resume DIR)"
@@ -138,21 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_resume = sub.add_parser("resume", help="continue (and repair) an interrupted run from its directory alone")
-    p_resume.add_argument("run_dir", type=Path, help="the run directory; its stored spec is used")
+    p_resume.add_argument("run_dir", type=path_argument, help="the run directory; its stored spec is used")
     p_resume.add_argument(
         "--steps", type=int, help="run to this many steps in all (extend a finished run; never fewer than on disk)"
     )
     p_resume.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_demo = sub.add_parser("demo", help="run the default experiment and write its report")
-    p_demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
+    p_demo.add_argument(
+        "--out", type=path_argument, default=Path("runs/demo"), help="run directory (default: runs/demo)"
+    )
     p_demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_report = sub.add_parser("report", help="(re)write the report of a run directory")
-    p_report.add_argument("run_dir", type=Path, help="a run directory (what run, demo or compare wrote)")
+    p_report.add_argument("run_dir", type=path_argument, help="a run directory (what run, demo or compare wrote)")
 
     p_sweep = sub.add_parser("sweep", help="run the product of grids over a spec on a Dask cluster")
-    p_sweep.add_argument("spec", type=Path, help="the spec (TOML) every point starts from")
+    p_sweep.add_argument("spec", type=path_argument, help="the spec (TOML) every point starts from")
     p_sweep.add_argument(
         "--grid",
         action="append",
@@ -164,17 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     add_overrides(p_sweep)
     p_sweep.add_argument("--scheduler", help="address of an existing dask scheduler (default: a LocalCluster)")
     p_sweep.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
-    p_sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-<name>-<time>)")
+    p_sweep.add_argument("--out", type=path_argument, help="sweep directory (default: runs/sweep-<name>-<time>)")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress display")
 
     p_compare = sub.add_parser("compare", help="run GD and models from one w0 and report how well each tracks GD")
     p_compare.add_argument(
         "spec",
-        type=Path,
+        type=path_argument,
         help="the spec (TOML): GD first, then the models; with --from, a run directory will do (its run is kept)",
     )
     add_overrides(p_compare)
-    p_compare.add_argument("--out", type=Path, help="run directory (default: runs/compare-<name>-<time>)")
+    p_compare.add_argument("--out", type=path_argument, help="run directory (default: runs/compare-<name>-<time>)")
     p_compare.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p_compare.add_argument("--quiet", action="store_true", help="no progress bar")
     p_compare.add_argument(
@@ -200,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     p_board.add_argument(
         "--models", help="comma-separated models to run beside the reference and its baseline (default: all)"
     )
-    p_board.add_argument("--out", type=Path, help="directory (default: runs/leaderboard[-SUITE][-quick])")
+    p_board.add_argument("--out", type=path_argument, help="directory (default: runs/leaderboard[-SUITE][-quick])")
     p_board.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p_log = sub.add_parser(
         "plot-log", help="draw edge logs of your own loop (eosflow.edge_log), one or several overlaid, and summarize"
     )
-    p_log.add_argument("log", type=Path, nargs="+", help="JSON-lines files an eosflow.edge_log.EdgeLog wrote")
-    p_log.add_argument("--out", type=Path, help="the PNG (default, for one log: its name with .png)")
+    p_log.add_argument("log", type=path_argument, nargs="+", help="JSON-lines files an eosflow.edge_log.EdgeLog wrote")
+    p_log.add_argument("--out", type=path_argument, help="the PNG (default, for one log: its name with .png)")
 
     sub.add_parser("problems", help="list every problem with its parameters and defaults")
     sub.add_parser("processes", help="list every optimizer and model with its options")
@@ -227,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:
         print("eosflow: interrupted", file=sys.stderr)
         return getattr(error, "exit_code", 130)
+    except BrokenPipeError:  # `eosflow problems | head`: the reader has gone; no traceback, no more output
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -269,7 +299,7 @@ def _dispatch(args) -> int:
         table = load_spec_table(args.spec)
         for assignment in args.set:
             set_dotted(table, assignment)
-        out = args.out or Path("runs") / f"{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = args.out or default_out("", table, args.spec)
         return _run_table(table, out, args.resume, args.overwrite, args.quiet)
     if args.command == "sweep":
         from eosflow.sweep import run_sweep
@@ -277,7 +307,7 @@ def _dispatch(args) -> int:
         table = load_spec_table(args.spec)
         for assignment in args.set:
             set_dotted(table, assignment)
-        out = args.out or Path("runs") / f"sweep-{table.get('name', args.spec.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = args.out or default_out("sweep-", table, args.spec)
         path = run_sweep(table, args.grid, out, scheduler=args.scheduler, workers=args.workers, progress=not args.quiet)
         print(f"sweep: {path}")
         return 0
@@ -300,13 +330,14 @@ def _dispatch(args) -> int:
             table = load_spec_table(args.spec)
             for assignment in args.set:
                 set_dotted(table, assignment)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            out = args.out or Path("runs") / f"compare-{table.get('name', args.spec.stem)}-{stamp}"
+            out = args.out or default_out("compare-", table, args.spec)
             make = partial(
                 compare, table, out, overwrite=args.overwrite, progress=not args.quiet, at=args.at, where="--from"
             )
         try:
             page = make()
+        except KeyboardInterrupt as error:
+            return _interrupted(error, out)
         except NoAnchorStep as error:
             print(f"report: {report_page(out)}")
             warn_incomplete_critical_sets(load(out))
@@ -347,9 +378,12 @@ def _dispatch(args) -> int:
         runs = {}
         for path in args.log:
             runs[path] = ds = edge_log.read(path)
+            if not ds.sizes["step"]:
+                print(f"{path}: no records")
+                continue
             print(
-                f"{path}: {ds.sizes['step']} steps logged ({int(ds.step[0]) if ds.sizes['step'] else '-'}"
-                f"..{int(ds.step[-1]) if ds.sizes['step'] else '-'}), {', '.join(map(str, ds.data_vars))}"
+                f"{path}: {ds.sizes['step']} steps logged ({int(ds.step[0])}..{int(ds.step[-1])}), "
+                f"{', '.join(map(str, ds.data_vars))}"
             )
             for key, value in edge_log.summary(ds).items():
                 print(f"  {key}: {value if not isinstance(value, float) else f'{value:.4f}'}")

@@ -118,6 +118,19 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def plain_table(value: Any) -> Any:
+    """``value`` with every NumPy or JAX scalar in it (np.float32 from a ``np.linspace`` sweep, np.int64 from
+    ``np.arange``) replaced by the Python number it holds, recursively through tables and lists: a spec holds
+    TOML's types, and a NumPy scalar would otherwise be refused as "not a number" or fail to be written."""
+    if isinstance(value, dict):
+        return {key: plain_table(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(plain_table(item) for item in value)
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
 def _check_bounds(value: Any, meta: Mapping, where: str) -> None:
     if value is None:
         return

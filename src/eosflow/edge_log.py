@@ -273,6 +273,11 @@ def read(path: str | os.PathLike) -> xr.Dataset:
                 raise ValueError
         except (ValueError, AttributeError, KeyError, TypeError):
             raise EdgeLogError(f"{str(path)!r} line {number} is not an edge-log record: {line[:80]!r}") from None
+        for name, value in record.items():  # numbers, and null for a non-finite one (what write records)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise EdgeLogError(
+                    f"{str(path)!r} line {number}: {name!r} is {value!r}, not a number (an edge log records scalars)"
+                )
         rows.setdefault(step, {}).update(record)
     steps = np.array(sorted(rows), dtype=np.int64)
     names: list[str] = list(dict.fromkeys(name for row in rows.values() for name in row))
@@ -313,8 +318,25 @@ def plot(source: str | os.PathLike | xr.Dataset, out: str | os.PathLike | None =
         if isinstance(source, xr.Dataset):
             raise ValueError("plot: give `out` when plotting a Dataset (there is no log file to put it beside)")
         out = Path(source).with_suffix(".png")
+    return _save(figure(ds), out)
+
+
+def _save(fig: Any, out: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``out`` in the format its suffix names; an EdgeLogError naming the path for a missing
+    directory, a format matplotlib cannot write, or a failed write."""
     out = Path(out)
-    figure(ds).savefig(out)
+    formats = fig.canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise EdgeLogError(
+            f"cannot write the figure to {str(out)!r}: its suffix names no image format matplotlib writes "
+            f"(use .png, or one of {', '.join('.' + name for name in sorted(formats))})"
+        )
+    if not out.parent.is_dir():
+        raise EdgeLogError(f"cannot write the figure to {str(out)!r}: the directory {str(out.parent)!r} does not exist")
+    try:
+        fig.savefig(out)
+    except OSError as error:
+        raise EdgeLogError(f"cannot write the figure to {str(out)!r}: {error.strerror or error}") from None
     return out
 
 
@@ -375,10 +397,7 @@ def overlay(sources: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     """One PNG of several logs (runs of your loop at several step sizes, seeds, optimizers): the losses, and each
     run's S / threshold (the scale every optimizer's edge shares: 1 at its edge), one colour per log, labelled by
     its file name. Returns the path written."""
-    fig = overlay_figure({Path(source).stem: read(source) for source in sources})
-    out = Path(out)
-    fig.savefig(out)
-    return out
+    return _save(overlay_figure({Path(source).stem: read(source) for source in sources}), out)
 
 
 def overlay_figure(runs: dict[str, xr.Dataset]) -> Any:

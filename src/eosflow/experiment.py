@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import tomli_w
 
-from eosflow.config import SpecError, SpecWarning
+from eosflow.config import SpecError, SpecWarning, plain_table
 from eosflow.precision import DTYPES, precision
 from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
@@ -62,7 +62,8 @@ def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem,
         problem, _ = build_problem(spec.problem, spec.seed, spec.dtype)
     else:  # an in-memory problem: its table records what built it, if anything, and is not rebuilt
         spec = parse_spec(table)
-        resolved_problem = resolved_table(spec, {key: value for key, value in spec.problem.items() if key != "name"})
+        params = {key: value for key, value in spec.problem.items() if key != "name"}
+        resolved_problem = resolved_table(spec, params | {"fingerprint": problem.fingerprint()})
     problem.check_dtype(spec.dtype)
     problem.check_finite()
     if spec.microbatch:
@@ -131,9 +132,11 @@ def run(
 
 
 def with_problem_dtype(table: dict, problem: Problem | None) -> dict:
-    """``table`` with ``dtype`` set to that of ``problem``, a problem built in memory, when the table names
-    none (:meth:`Problem.default_dtype`: float64 if every floating parameter leaf is, else float32), as
-    :func:`eosflow.simulate` does; otherwise ``table`` itself."""
+    """``table`` with its NumPy scalars made Python numbers (:func:`~eosflow.config.plain_table`) and ``dtype``
+    set to that of ``problem``, a problem built in memory, when the table names none
+    (:meth:`Problem.default_dtype`: float64 if every floating parameter leaf is, else float32), as
+    :func:`eosflow.simulate` does."""
+    table = plain_table(table)
     if problem is None or not isinstance(table, dict) or "dtype" in table:
         return table
     return {**table, "dtype": problem.default_dtype()}
@@ -175,12 +178,26 @@ def _run_locked(
     reference = names[0]
     previous_summary: dict = {}
     if resume and store.exists():
-        differences, stored_steps = differences_but_steps((store.root / "spec.resolved.toml").read_text(), resolved)
+        lost = not (store.root / "spec.resolved.toml").is_file()
+        if lost:  # spec_differences resolves the stored table again anyway: spec.toml stands in for it
+            warnings.warn(
+                f"{str(store.root)!r}: spec.resolved.toml is missing; the run's spec.toml was resolved again in its "
+                "place and the file written back",
+                RunDirectoryWarning,
+                stacklevel=3,
+            )
+        stored_text = (store.root / ("spec.toml" if lost else "spec.resolved.toml")).read_text()
+        differences, stored_steps = differences_but_steps(stored_text, resolved)
         if differences:
+            other_data = any(difference.startswith("`problem.fingerprint`") for difference in differences)
             raise StoreError(
                 f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "
-                f"({'; '.join(differences[:5])}); use --overwrite (overwrite=True) to start again"
+                f"({'; '.join(differences[:5])}"
+                + ("; the problem built in memory has another w0 or other data than the run's" if other_data else "")
+                + "); use --overwrite (overwrite=True) to start again"
             )
+        if lost:
+            store.write_file("spec.resolved.toml", tomli_w.dumps(resolved | {"steps": stored_steps}).encode())
         checkpoint = store.read_checkpoint()  # the previous one if the newest is damaged; raises if both are
         if checkpoint is not None and "fallback" in checkpoint.meta:
             warnings.warn(checkpoint.meta["fallback"], RunDirectoryWarning, stacklevel=3)

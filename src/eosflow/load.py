@@ -115,7 +115,12 @@ def rows_dataset(per_process: dict[str, dict[str, np.ndarray]], steps: np.ndarra
 
 def load_params(run_dir: str | Path, process: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, parameters) saved every ``record.params_every`` steps for one process."""
-    data = RunStore(run_dir).read_process(process)
+    store = RunStore(run_dir)
+    if not store.exists():
+        raise not_a_run_directory(run_dir)
+    if process not in (present := store.processes()):
+        raise StoreError(f"run {str(run_dir)!r} has no process {process!r}; its processes: {', '.join(present)}")
+    data = store.read_process(process)
     if "params" not in data:
         raise StoreError(f"run {str(run_dir)!r} saved no parameters for {process!r} (record.params_every = 0)")
     return data["params_step"], data["params"]

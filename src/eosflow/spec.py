@@ -80,7 +80,7 @@ class DivergenceSpec:
 @dataclasses.dataclass(frozen=True)
 class Spec:
     name: str = option("run", "a label for the run")
-    seed: int = option(0, "seed of the initialization, data subsets and noise", ge=0)
+    seed: int = option(0, "seed of the initialization, data subsets and noise", ge=0, le=2**63 - 1)
     steps: int = option(1000, "optimizer steps (units of time) to run", ge=1)
     lr: float = option(0.05, "learning rate eta of the optimizer and its models", gt=0)
     dtype: Literal["float32", "float64"] = option("float32", "floating-point precision")
@@ -194,10 +194,21 @@ def resolve(table: dict) -> Resolved:
 def spec_differences(stored_text: str, resolved: dict) -> list[str]:
     """What differs between a run directory's ``spec.resolved.toml`` and the resolved table
     ``resolved`` ([] if nothing). The stored spec is re-resolved with today's defaults first, so
-    a run written before an option existed matches the spec that leaves it at its default."""
+    a run written before an option existed matches the spec that leaves it at its default. An in-memory
+    problem's ``fingerprint`` (of w0 and its data) is compared where both sides have one."""
     if stored_text == tomli_w.dumps(resolved):
         return []
-    return _differences(_re_resolved(tomllib.loads(stored_text)), resolved)
+    stored, current = _re_resolved(tomllib.loads(stored_text)), resolved
+    if not ("fingerprint" in stored.get("problem", {}) and "fingerprint" in current.get("problem", {})):
+        stored, current = _without_fingerprint(stored), _without_fingerprint(current)
+    return _differences(stored, current)
+
+
+def _without_fingerprint(table: dict) -> dict:
+    """``table`` without its problem's ``fingerprint``: compared only where both sides built the problem in memory
+    (a run written before it was recorded, or resumed from its spec's import path, has none to compare)."""
+    problem = {key: value for key, value in table.get("problem", {}).items() if key != "fingerprint"}
+    return table | {"problem": problem} if "problem" in table else table
 
 
 def differences_but_steps(stored_text: str, resolved: dict) -> tuple[list[str], int]:
@@ -250,11 +261,18 @@ def load_spec_table(path: str | Path) -> dict:
     """Read a TOML spec file, with a clear error for a missing or malformed file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"spec file {str(path)!r} does not exist") from None
     except OSError as error:
         raise SpecError(f"cannot read spec file {str(path)!r}: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # TOML is UTF-8; an editor's byte-order mark is dropped
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"spec file {str(path)!r} is not UTF-8 text, as TOML must be (byte {data[error.start]:#04x} at position "
+            f"{error.start}): save it as UTF-8"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

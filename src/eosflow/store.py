@@ -30,8 +30,8 @@ import io
 import json
 import os
 import re
+import secrets
 import shlex
-import tempfile
 import tomllib
 import warnings
 from collections.abc import Iterator
@@ -88,9 +88,11 @@ class Damage(NamedTuple):
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over."""
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over. The file gets the
+    mode the process's umask gives new files (mkstemp's 0600 would hide runs from collaborators)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)
@@ -143,6 +145,8 @@ class RunStore:
             return
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"output path {str(self.root)!r} exists and is not a directory")
+        if not self.exists():
+            self._check_new_output()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -210,8 +214,8 @@ class RunStore:
         """Start a new run directory; refuses to touch an existing run unless ``overwrite``."""
         if self.exists() and not overwrite:
             raise StoreError(
-                f"run directory {str(self.root)!r} already holds a run; pass --resume (resume=True) to continue it "
-                "or --overwrite (overwrite=True) to replace it (nothing was changed)"
+                f"run directory {str(self.root)!r} already holds a run: continue it with `{resume_command(self.root)}` "
+                "(resume=True in Python) or replace it with --overwrite (overwrite=True) (nothing was changed)"
             )
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"output path {str(self.root)!r} exists and is not a directory")
@@ -244,6 +248,30 @@ class RunStore:
         """Write ``data`` to ``name`` in the run directory, atomically (the writer holds the lock)."""
         atomic_write(self.root / name, lambda f: f.write(data))
 
+    def _check_new_output(self) -> None:
+        """A StoreError, before anything is written, for a new run's directory that holds files a run writes (a
+        user's ``report/``, or what is left of a run without its spec.toml) or lies inside another run's."""
+        if ours := self.run_files():
+            raise StoreError(
+                f"output directory {str(self.root)!r} holds no run (no spec.toml) but has {', '.join(ours)}, which a "
+                "run writes: choose another output directory, or move them away if they are yours (nothing was "
+                "changed; a run whose spec.toml was lost cannot be resumed or overwritten: remove it)"
+            )
+        for parent in self.root.resolve().parents:
+            if (parent / "spec.toml").is_file() and (parent / "trajectories").is_dir():
+                raise StoreError(
+                    f"output directory {str(self.root)!r} is inside the run directory {str(parent)!r}: choose a "
+                    "directory outside it (nothing was changed)"
+                )
+
+    def run_files(self) -> list[str]:
+        """The names in the directory that a run writes and an overwrite removes (``report/``, ``summary.json``)."""
+        if not self.root.is_dir():
+            return []
+        names = [f"{sub}/" for sub in ("trajectories", "report") if (self.root / sub).exists()]
+        names += [name for name in (*CHECKPOINTS, "summary.json", "spec.resolved.toml") if (self.root / name).exists()]
+        return names + [path.name for _, path in self.anchored_files()]
+
     def anchored_files(self) -> list[tuple[int, Path]]:
         """(k, path) of every saved comparison from step k (``from_step_<k>.nc``), by k."""
         if not self.root.is_dir():
@@ -274,8 +302,12 @@ class RunStore:
         return sorted(found)
 
     def processes(self) -> list[str]:
+        """The processes with chunks on disk: folders of ``trajectories/`` holding a chunk file (another folder,
+        such as an editor's ``.ipynb_checkpoints``, is not a process)."""
         folder = self.root / "trajectories"
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and self.chunk_files(p.name))
 
     def read_process(self, process: str) -> dict[str, np.ndarray]:
         """All readable observations of one process (see :meth:`read_checked`), concatenated over chunks."""
@@ -413,19 +445,36 @@ class RunStore:
         if not self.exists():
             return {}
         summary = self.rebuild_summary()
+        source = summary.pop("spec_source")
         if why == "is missing" and summary["status"] == "running":
             return summary  # a run starting: its writer has not written the summary yet
-        summary["rebuilt"] = f"summary.json {why}; rebuilt from spec.resolved.toml and the trajectories"
+        summary["rebuilt"] = f"summary.json {why}; rebuilt from {source} and the trajectories"
         warnings.warn(f"{str(self.root)!r}: {summary['rebuilt']}", RunDirectoryWarning, stacklevel=2)
         return summary
 
+    def resolved_spec(self) -> tuple[dict, str]:
+        """(the run's resolved spec, the file it came from): spec.resolved.toml; where that is lost, spec.toml
+        resolved again with today's defaults (as written if this eosflow cannot resolve it); else {}."""
+        try:
+            return tomllib.loads((self.root / "spec.resolved.toml").read_text()), "spec.resolved.toml"
+        except (OSError, ValueError):
+            pass
+        try:
+            table = tomllib.loads((self.root / "spec.toml").read_text())
+        except (OSError, ValueError):
+            return {}, "nothing (spec.toml and spec.resolved.toml are unreadable)"
+        from eosflow.spec import resolve  # here only: reading a run otherwise needs no JAX
+
+        try:
+            return resolve(table).table, "spec.toml (spec.resolved.toml is missing)"
+        except ValueError:  # a SpecError: a problem built in memory, an option since removed
+            return table, "spec.toml (spec.resolved.toml is missing)"
+
     def rebuild_summary(self) -> dict:
         """What the data on disk say about the run: its spec's name, processes, steps and lr, the
-        steps on disk, and a status (``running`` while a writer holds the lock)."""
-        try:
-            spec = tomllib.loads((self.root / "spec.resolved.toml").read_text())
-        except (OSError, ValueError):
-            spec = {}
+        steps on disk, a status (``running`` while a writer holds the lock), and ``spec_source``, the file
+        the spec was read from (:meth:`resolved_spec`)."""
+        spec, source = self.resolved_spec()
         processes = list(spec.get("processes", [])) or self.processes()
         done = min((self.chunk_files(p)[-1][1] + 1 if self.chunk_files(p) else 0 for p in processes[:1]), default=0)
         total = spec.get("steps")
@@ -443,6 +492,7 @@ class RunStore:
             "reason": "",
             "steps_done": done,
             "dropped_processes": {},
+            "spec_source": source,
         }
 
 

@@ -16,6 +16,7 @@ importable there: installed, or on ``PYTHONPATH``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import warnings
@@ -178,6 +179,18 @@ class Problem:
             objective=objective.with_microbatch(size),
             test_objective=test if test is None or test.data is None else test.with_microbatch(size),
         )
+
+    def fingerprint(self) -> str:
+        """A digest (sha256, 16 hex digits) of w0 and the training and test data, their dtypes, shapes and bytes:
+        what a run directory records of a problem built in memory, so that a resume on other data or from
+        another start is refused (the loss's code is not in it)."""
+        digest = hashlib.sha256()
+        data = [self.objective.data, None if self.test_objective is None else self.test_objective.data]
+        for leaf in [self.w0, *jax.tree.leaves(data)]:
+            array = np.ascontiguousarray(np.asarray(leaf))
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()[:16]
 
     def default_dtype(self) -> str:
         """The dtype a run of this problem computes in unless told: float64 if every floating
