@@ -74,7 +74,8 @@ def test_a_path_without_a_run_says_why(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for name, why in [("missing", "it does not exist"), ("file", "it is a file"), ("empty", "it has no spec.toml")]:
         path = tmp_path / name
-        for command in (["resume", str(path)], ["report", str(path)]):
+        compare = [["compare", str(path), "--from", "10"]] if path.is_dir() else []  # (a file is read as a spec)
+        for command in (["resume", str(path)], ["report", str(path)], *compare):
             assert main(command) == 2
             assert f"{str(path)!r} is not a run directory ({why})" in capsys.readouterr().err
         with pytest.raises(StoreError, match=rf"is not a run directory \({why}\)"):

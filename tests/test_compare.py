@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -380,6 +381,52 @@ def test_a_diverged_reference_is_flagged_in_the_table_with_its_reason():
     table = cmp.compare_dataset(ds)
     assert table.loc["gd", "status"] == f"diverged: {ds.attrs['reason']}"
     assert table.loc["gradient_flow", "status"] == "ok"
+
+
+def test_a_dropped_models_divergent_step_is_not_scored_and_compare_needs_gd_first(tmp_path, capsys):
+    """The quartic's rod and edge flows at lr S = 6 diverge at step 2 (loss NaN, amplitude ~1e254): that step
+    was scored (envelope error 2.3e249, while the averaged column skipped it after an overflow warning). Now
+    it is NaN like every later one, and no overflow warning is printed. compare refuses a model listed first
+    (it scored GD against the rod flow) and a run with nothing to compare."""
+    import tomllib
+
+    from eosflow.cli import main
+
+    table = tomllib.loads((cmp.Path(__file__).parents[1] / "examples" / "compare_quartic.toml").read_text())
+    table.update(steps=40, lr=0.2, processes=["gd", "gradient_flow", "rod_flow", "edge_flow"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run(table, tmp_path / "run")
+        ds = eosflow.load(tmp_path / "run")
+        rows = cmp.compare_dataset(ds)
+    for model in ("rod_flow", "edge_flow"):
+        assert rows.loc[model, "status"].startswith("dropped: loss became nan at step 2")
+        assert np.isinf(ds["distance"].sel(process=model).values[2])  # on disk, as recorded
+        assert rows.loc[model, "envelope_error"] < 10 and rows.loc[model, "envelope_error_averaged"] < 10
+        assert np.isfinite(rows.loc[model, "mean_distance"])
+    assert ds["amplitude"].sel(process="edge_flow").values[2] > 1e100
+    spec = tmp_path / "spec.toml"
+    for processes, message in [
+        (["rod_flow", "gd"], "'rod_flow' is a model of one: list 'gd' first"),
+        (["gd"], "compare needs models to compare with 'gd'"),
+    ]:
+        spec.write_text(tomli_w.dumps({**table, "processes": processes}))
+        assert main(["compare", str(spec), "--out", str(tmp_path / "refused"), "--quiet"]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("steps, lr", [(1, 0.05), (20, 1e-30)])
+def test_a_run_with_no_positive_distance_gets_its_report(tmp_path, capsys, steps, lr):
+    """One step, or a step size too small to move: every distance is 0, and the report's log-scaled distance
+    panel raised from matplotlib ("Data cannot be log-scaled"), so `eosflow run` ended in a traceback."""
+    from eosflow.cli import main
+
+    spec = tmp_path / "spec.toml"
+    table = {"steps": steps, "lr": lr, "processes": ["gd", "gradient_flow"], "problem": {"name": "quadratic"}}
+    spec.write_text(tomli_w.dumps(table))
+    assert main(["run", str(spec), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert f"completed: {steps} steps" in capsys.readouterr().out
+    assert (tmp_path / "run" / "report" / "compare_distance.png").exists()
 
 
 def test_critical_set_notes_name_the_setting_to_raise():

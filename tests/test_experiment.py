@@ -114,7 +114,7 @@ def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
         "steps": 200,
         "lr": 0.2,
         "dtype": "float64",
-        "processes": ["gd"],
+        "processes": ["gd", "gradient_flow"],  # a model's rows end with the run (they went on to the chunk's end)
         "problem": {"name": "quadratic", "eigenvalues": [30.0, 1.0]},
         "spectrum": {"every": 0},  # the loss is under test: no eigensolver to compile
         "record": {"chunk": 50},
@@ -131,11 +131,26 @@ def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
     assert summary["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # float32 digits depend on the threading
     assert summary["reason"].startswith("gd: loss")  # the run's reason names the reference
     assert ds.sizes["step"] == bad + 1 and np.all(np.isfinite(loss))
+    assert np.isfinite(ds.loss.sel(process="gradient_flow").values).all()  # every model row up to the divergence
+    assert all(len(rows) == bad + 1 for _, rows in RunStore(tmp_path / "boom").read_checked("gradient_flow")[0].items())
     problem = build_problem(table["problem"], 0, "float64")[0]
     values, vectors = np.linalg.eigh(np.asarray(problem.objective.hessian(problem.w0)))
     coords = vectors.T @ np.asarray(problem.w0)
     exact = [0.5 * np.sum(values * coords**2 * (1 - 0.2 * values) ** (2 * t)) for t in range(bad + 1)]
     np.testing.assert_allclose(loss, exact, rtol=1e-9)
+
+
+def test_a_chunk_of_a_new_length_is_timed_as_compiling(tmp_path):
+    """60 steps in chunks of 16 end with a chunk of 12, whose scan compiles again: it was marked warm, and
+    with one other warm chunk its compilation set the median ms per step (100-500x too high, from a probe).
+    A resume compiles each length again."""
+    quick = {"spectrum": {"every": 0}, "processes": ["gd", "gradient_flow"]}
+    run(spec(**quick), tmp_path / "r", stop_after=32)
+    run(spec(**quick), tmp_path / "r", resume=True)
+    timing = json.loads((tmp_path / "r" / "summary.json").read_text())["timing"]
+    for name in ("gd", "gradient_flow"):
+        chunks = timing[name]["chunks"]
+        assert [c[0] for c in chunks] == [16, 16, 16, 12] and [c[2] for c in chunks] == [0, 1, 0, 0], chunks
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):
@@ -162,6 +177,12 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
         ({"problem": {"name": "mlp", "activation": "sigmoidd"}}, "`problem.activation` = 'sigmoidd' is not allowed"),
         ({"processes": ["gd", "central_flw"]}, "unknown process 'central_flw'"),
         ({"dtype": "float16"}, "`dtype` = 'float16' is not allowed"),
+        # a held eigenvalue flickered just under 2/lr at margin 0 and overshot (a period-3 cycle at 2.095)
+        ({"processes": ["gd", "central_flow"], "central_flow": {"margin": 0.0}}, "`central_flow.margin` = 0.0 is out"),
+        ({"processes": ["rmsprop", "rmsprop_central_flow"], "rmsprop_central_flow": {"margin": 0.0}}, "greater than 0"),
+        # one example's gradient covariance is 0: the noise was switched off without a word
+        ({"processes": ["sgd"], "sgd": {"noise_every": 1, "noise_examples": 1}}, "`sgd.noise_examples` = 1 estimates"),
+        ({"processes": ["sgd", "langevin"], "langevin": {"noise_examples": 1}}, "`langevin.noise_examples` = 1"),
     ],
 )
 def test_invalid_spec_names_the_field_and_writes_nothing(tmp_path, overrides, message):

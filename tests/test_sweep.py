@@ -306,6 +306,34 @@ def test_sweep_writes_a_markdown_summary(swept):
         assert "| " + " | ".join(cells) + " |" in rows
 
 
+def test_a_dropped_process_is_marked_on_the_sweep_page(tmp_path):
+    """A model that diverged at step 1 of a completed point showed as completed, with its blown-up last values
+    and no word of the drop (found by checking sweep.md against summary.json)."""
+    from eosflow.sweep.summary import markdown_summary
+
+    numbers = {"final_loss": 0.5, "final_lr_sharpness": 1.9, "mean_distance": 0.1, "final_distance": 0.2}
+    reason = "loss -1.374e+15 at step 1 exceeded the blow-up limit 1500"
+    frame = pd.DataFrame(
+        [
+            {
+                "point": "lr=0.08",
+                "status": "completed",
+                "steps_done": 40,
+                "reason": "",
+                "process": process,
+                "reference": process == "gd",
+                "dropped": why,
+                **numbers,
+            }
+            for process, why in (("gd", ""), ("central_flow", reason))
+        ]
+    )
+    page = markdown_summary(frame, {"spec": {"name": "q"}, "grid": [("lr", [0.08])]}, tmp_path / "sweep.md").read_text()
+    assert "| lr=0.08 | completed | 40 | gd (reference) |" in page
+    assert "| lr=0.08 | completed | 40 | central_flow (dropped: its last values) |" in page
+    assert f"## Processes dropped before the end\n\n- lr=0.08, central_flow: {reason}" in page
+
+
 def test_sweep_figure_has_a_panel_per_measured_quantity(swept):
     from eosflow.sweep.figure import draw_summary
 

@@ -35,6 +35,7 @@ from eosflow.checkpoint import Checkpoint, optimizer_state
 from eosflow.config import SpecError
 from eosflow.experiment import (
     add_distances,
+    cut_at_divergence,
     divergence_reason,
     first_divergent,
     prepare,
@@ -217,11 +218,11 @@ def _dataset(
     for name, (process, state) in starts.items():
         tick = time.perf_counter()
         _, computed = process.advance(state, spec.steps - k)
-        rows[name] = {key: np.asarray(value) for key, value in computed.items()}
         timing[name] = {"chunks": [[spec.steps - k, time.perf_counter() - tick, 0]]}
-        if (bad := first_divergent(rows[name]["loss"], limit)) is not None:
-            dropped[name] = divergence_reason(rows[name]["loss"][bad], k + bad, limit)
-            rows[name] = {key: value[: bad + 1] for key, value in rows[name].items()}
+        raw = {key: np.asarray(value) for key, value in computed.items()}
+        rows[name], bad, reason = cut_at_divergence(process, raw, k, limit)
+        if bad is not None:
+            dropped[name] = reason
     add_distances(rows, next(iter(rows)), {})
     for data in rows.values():
         data["step"] = k + np.arange(len(data.pop("position")))

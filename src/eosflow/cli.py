@@ -318,7 +318,9 @@ def _dispatch(args) -> int:
 
         if args.spec.is_dir():  # a run directory: add the comparison from a step to it, rerunning nothing else
             out = args.spec
-            if args.at is None or args.set or args.out or args.overwrite or not (out / "spec.toml").is_file():
+            if not (out / "spec.toml").is_file():
+                raise not_a_run_directory(out)
+            if args.at is None or args.set or args.out or args.overwrite:
                 raise StoreError(
                     f"{str(out)!r} is a directory: `eosflow compare RUN_DIR --from onset|K` adds the comparison "
                     "from a step to a run directory (with no --set, --out or --overwrite); `eosflow report RUN_DIR` "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ import xarray as xr
 from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
 from eosflow.anchored import NUDGED, ONSET, NoAnchorStep, check_anchorable, onset_step, write_anchored
+from eosflow.config import SpecError
 from eosflow.experiment import run
 from eosflow.load import load, summary_of
 from eosflow.process import PROCESSES
@@ -188,7 +190,8 @@ def milliseconds_per_step(timing: dict | None) -> float:
     """Wall-clock ms per unit time: the median over chunks of 1000 seconds / steps.
 
     ``timing["chunks"]`` lists ``[steps, seconds, warm]`` per chunk; the chunks that compiled
-    (warm = 0, the first of every invocation) are left out when others were timed, and the median
+    (warm = 0: a process's first chunk of each length in an invocation) are left out when others were timed
+    (a run of one chunk is timed with its compilation), and the median
     discards the occasional recompilation (when the tracked eigenspace grows).
     """
     chunks = np.asarray((timing or {}).get("chunks", []), dtype=np.float64).reshape(-1, 3)
@@ -313,6 +316,7 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
     :func:`eosflow.load` and :func:`eosflow.simulate` keep in ``ds.attrs``.
     """
     summary = summary_of(ds) if summary is None else summary
+    ds = without_divergent_steps(ds, summary)
     processes = [str(p) for p in ds["process"].values]
     reference = processes[0]
     reference_loss = ds["loss"].sel(process=reference).values
@@ -370,6 +374,28 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
             }
         )
     return pd.DataFrame(rows).set_index("process")
+
+
+def without_divergent_steps(ds: xr.Dataset, summary: dict) -> xr.Dataset:
+    """``ds`` with the last recorded step of each dropped model made NaN: the step at which it diverged, kept on
+    disk for its reason, whose blown-up values (an amplitude of 1e254 beside a NaN loss) are no prediction to
+    score; later steps are NaN already."""
+    dropped = [p for p in summary.get("dropped_processes", {}) if p in ds["process"].values]
+    if not dropped:
+        return ds
+    ds = ds.copy(deep=True)
+    for p in dropped:
+        stepped = [name for name, v in ds.data_vars.items() if v.dims[:2] == ("process", "step")]
+        finite = np.zeros(ds.sizes["step"], dtype=bool)
+        for name in stepped:
+            values = ds[name].sel(process=p).values
+            finite |= np.isfinite(values).reshape(len(finite), -1).any(axis=1)
+        if finite.any():
+            last = int(np.flatnonzero(finite)[-1])
+            for name in stepped:
+                if np.issubdtype(ds[name].dtype, np.floating):
+                    ds[name].loc[{"process": p, "step": ds["step"].values[last]}] = np.nan
+    return ds
 
 
 def _incomplete_share(ds: xr.Dataset, process: str) -> float:
@@ -437,6 +463,14 @@ def line_style(i: int) -> dict:
     return {"color": f"C{i % 10}", "ls": LINE_STYLES[i % len(LINE_STYLES)], "lw": 1.2}
 
 
+def log_scale_where_positive(ax) -> None:
+    """A log y-axis if the panel's lines hold a positive finite value, else a linear one (a run of one step, or
+    where every distance is 0 or infinite, has nothing a log scale can show: matplotlib raised on it)."""
+    values = [np.asarray(line.get_ydata(), dtype=np.float64) for line in ax.lines]
+    if any(np.any(np.isfinite(v) & (v > 0)) for v in values):
+        ax.set_yscale("log")
+
+
 def threshold_line(ax, value: float, label: str) -> None:
     """A horizontal threshold (2/lr) drawn wide, pale and under the curves, which stay visible on it."""
     ax.axhline(value, color="0.55", lw=3, alpha=0.45, zorder=0.5, label=label)
@@ -448,7 +482,7 @@ def _figure(path: Path, panels: int, draw, title: str, logy: tuple[bool, ...] = 
     draw(*axes[:, 0])
     for i, ax in enumerate(axes[:, 0]):
         if i < len(logy) and logy[i]:
-            ax.set_yscale("log")
+            log_scale_where_positive(ax)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -682,6 +716,23 @@ def anchored_section(run: xr.Dataset, summary: dict, saved: Path, k: int, out: P
     return [*lines, *markdown_table(table, columns), "", f"![From step {k}]({name}.png)"]
 
 
+def check_comparable(processes: Sequence[str]) -> None:
+    """A SpecError unless ``processes`` starts with an optimizer (the reference every model is measured
+    against) and lists something to compare with it."""
+    if not PROCESSES[processes[0]].discrete:
+        optimizers = [name for name in processes if PROCESSES[name].discrete]
+        raise SpecError(
+            f"compare measures every process against the optimizer listed first in `processes`, and "
+            f"{processes[0]!r} is a model of one: list "
+            + (f"{optimizers[0]!r} first" if optimizers else "the optimizer it models (e.g. 'gd') first")
+        )
+    if len(processes) == 1:
+        raise SpecError(
+            f"compare needs models to compare with {processes[0]!r} (e.g. processes = [{processes[0]!r}, "
+            "'gradient_flow', 'central_flow']); `eosflow run` runs it alone"
+        )
+
+
 def compare(
     table: dict,
     out: Path,
@@ -702,6 +753,7 @@ def compare(
     if at is not None:
         check_anchorable(table, at, where=where)
     spec = resolve(table).spec
+    check_comparable(spec.processes)
     if progress:
         bar, update = training_bar(spec.steps, spec.processes[0], spec.lr)
         with bar:

@@ -342,12 +342,8 @@ class _Advance:
             new_state, computed = process.advance(states[name], n)
             rows = {key: np.asarray(value) for key, value in computed.items()}
             self.timing.add(name, time.perf_counter() - tick, n)
-            bad = first_divergent(rows["loss"], self.limit)
+            rows, bad, reason = cut_at_divergence(process, rows, step, self.limit)
             if bad is not None:
-                reason = divergence_reason(rows["loss"][bad], step + bad, self.limit)
-                rows = {key: value[: bad + 1] for key, value in rows.items()}
-                if hint := process.divergence_hint(rows):
-                    reason = f"{reason}: {hint}"
                 if name == self.reference:
                     diverged = (step + bad + 1, f"{name}: {reason}")  # the run's reason names the process
                 else:
@@ -355,7 +351,10 @@ class _Advance:
             else:
                 states[name] = new_state
             chunk[name] = rows
-        self.timing.warm = True
+        if diverged is not None:  # the run ends at the reference's divergence: the models' rows end there too
+            chunk = {
+                name: {key: value[: diverged[0] - step] for key, value in rows.items()} for name, rows in chunk.items()
+            }
         add_distances(chunk, self.reference, self.offsets)
         _write_chunk(
             self.store, {name: rows for name, rows in chunk.items() if self.write(name, step)}, step, self.params_every
@@ -470,6 +469,21 @@ def divergence_reason(loss: float, step: int, limit: float) -> str:
     return f"loss {loss:.4g} at step {step} exceeded the blow-up limit {limit:.4g}"
 
 
+def cut_at_divergence(
+    process: Process, rows: dict[str, np.ndarray], first_step: int, limit: float
+) -> tuple[dict[str, np.ndarray], int | None, str]:
+    """(``rows`` up to and including the first whose loss diverged, its index, the reason with the process's own
+    hint), or (``rows``, None, "") when none did; ``first_step`` is the step of the first row."""
+    bad = first_divergent(rows["loss"], limit)
+    if bad is None:
+        return rows, None, ""
+    reason = divergence_reason(rows["loss"][bad], first_step + bad, limit)
+    rows = {key: value[: bad + 1] for key, value in rows.items()}
+    if hint := process.divergence_hint(rows):
+        reason = f"{reason}: {hint}"
+    return rows, bad, reason
+
+
 def add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offsets: dict[str, np.ndarray]) -> None:
     """Compare every process with the reference at each step both have.
 
@@ -483,6 +497,11 @@ def add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offse
     reference's displacement from the model's centre along u (whose running RMS is the oscillation
     envelope the model predicts).
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging process's positions: inf, said by its reason
+        _add_distances(chunk, reference, offsets)
+
+
+def _add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offsets: dict[str, np.ndarray]) -> None:
     base = chunk[reference]["position"]
     for name, rows in chunk.items():
         n = min(len(base), len(rows["position"]))
@@ -536,15 +555,18 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
 class _Timing:
     """Wall-clock time of every chunk per process: ``{name: {"chunks": [[steps, seconds, warm], ...]}}``.
 
-    ``warm`` is 0 for the first chunk of each invocation (it compiles), 1 afterwards.
+    ``warm`` is 0 for a process's first chunk of each length in an invocation (the scan's length is fixed when it
+    compiles, so a shorter last chunk compiles again), 1 for a length it has run before.
     """
 
     def __init__(self, previous: dict):
         self.table = {name: {"chunks": list(entry.get("chunks", []))} for name, entry in previous.items()}
-        self.warm = False
+        self.compiled: set[tuple[str, int]] = set()  # (process, chunk length) run in this invocation
 
     def add(self, name: str, seconds: float, steps: int) -> None:
-        self.table.setdefault(name, {"chunks": []})["chunks"].append([steps, seconds, int(self.warm)])
+        warm = (name, steps) in self.compiled
+        self.compiled.add((name, steps))
+        self.table.setdefault(name, {"chunks": []})["chunks"].append([steps, seconds, int(warm)])
 
 
 def _finish(

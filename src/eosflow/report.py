@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
-from eosflow.compare import line_style, threshold_line
+from eosflow.compare import line_style, log_scale_where_positive, threshold_line
 from eosflow.load import load
 from eosflow.store import RunStore
 
@@ -66,7 +66,7 @@ def _figure(path: Path, title: str, ylabel: str, draw, logy: bool = False) -> No
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if logy:
-        ax.set_yscale("log")
+        log_scale_where_positive(ax)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

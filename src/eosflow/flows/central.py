@@ -58,7 +58,13 @@ from eosflow.spectrum import column_loop, leading_columns, tracked_row, value_gr
 
 @dataclasses.dataclass(frozen=True)
 class ProjectedFlowOptions(SubstepOptions):
-    margin: float = option(0.03, "an eigenvalue is critical once above (1 - margin) * 2/lr", ge=0, lt=1)
+    margin: float = option(
+        0.03,
+        "an eigenvalue is critical once above (1 - margin) * 2/lr (> 0: at 0, rounding leaves a held eigenvalue "
+        "just under 2/lr, free to overshoot)",
+        gt=0,
+        lt=1,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from eosflow.optim.sgd import (
     Sampling,
     SGDOptions,
     check_batch_size,
+    check_noise_examples,
     gradient_noise_factor,
     minibatch_noise_scale,
 )
@@ -51,8 +52,11 @@ class LangevinOptions:
     sampling: Sampling | None = option(None, "sets the finite-population factor of Xi (default: [sgd]'s)")
     gradient_noise: float | None = option(None, "sigma of the extra noise sigma^2 I / S (default: [sgd]'s)", ge=0)
     noise_examples: int = option(
-        0, "examples whose per-example gradients give Sigma_g at each noise draw (0: all)", ge=0
+        0, "examples whose per-example gradients give Sigma_g at each noise draw (0: all; else at least 2)", ge=0
     )
+
+    def check(self, where: str) -> None:
+        check_noise_examples(self.noise_examples, where)
 
 
 class LangevinTerms(NamedTuple):

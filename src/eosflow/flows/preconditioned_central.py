@@ -56,7 +56,13 @@ from eosflow.spectrum import column_loop
 
 @dataclasses.dataclass(frozen=True)
 class PreconditionedCentralOptions(MomentFlowOptions):
-    margin: float = option(0.03, "an eigenvalue of P^-1 H is critical once above (1 - margin) * 2/lr", ge=0, lt=1)
+    margin: float = option(
+        0.03,
+        "an eigenvalue of P^-1 H is critical once above (1 - margin) * 2/lr (> 0: at 0, rounding leaves a held "
+        "eigenvalue just under 2/lr, free to overshoot)",
+        gt=0,
+        lt=1,
+    )
     max_critical: int = option(6, "most critical directions (capped by the tracked eigenpairs)", ge=1)
     sdcp_max_iters: int = option(30, "Newton iterations at most per complementarity problem", ge=1)
     method: Literal["euler"] = option(

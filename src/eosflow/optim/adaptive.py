@@ -175,7 +175,9 @@ class RMSPropOptions(TrackedOptimizerOptions):
 class AdamOptions(TrackedOptimizerOptions):
     beta1: float = option(0.9, "decay b1 of the first moment m <- b1 m + (1 - b1) g", ge=0, lt=1)
     beta2: float = option(0.999, "decay b2 of the second moment nu <- b2 nu + (1 - b2) g^2", ge=0, lt=1)
-    eps: float = option(1e-8, "eps added to sqrt(nu_hat)", ge=0)
+    eps: float = option(
+        1e-8, "eps added to sqrt(nu_hat) (0 divides by zero on a coordinate whose gradient is always 0)", ge=0
+    )
     eps_root: float = option(0.0, "eps_root inside the square root", ge=0)
     bias_correction: bool = option(True, "divide m by 1 - b1^t and nu by 1 - b2^t")
 

@@ -47,13 +47,26 @@ class SGDOptions:
         1, "full-batch loss and gradient norm every n steps (in between: the minibatch loss)", ge=1
     )
     noise_every: int = option(0, "estimate tr(Sigma_g) from per-example gradients every n steps (0: never)", ge=0)
-    noise_examples: int = option(0, "examples drawn for that estimate (0: all)", ge=0)
+    noise_examples: int = option(0, "examples drawn for that estimate (0: all; else at least 2)", ge=0)
     batch_sharpness_every: int = option(
         0,
         "record the step's own batch quotient every n steps (0: never): batch_curvature = b^T (H_B + lam I) b and "
         "batch_descent = (g_B + lam w)^T b along the buffer b, one minibatch HVP each (eosflow.batch_sharpness)",
         ge=0,
     )
+
+    def check(self, where: str) -> None:
+        check_noise_examples(self.noise_examples, where)
+
+
+def check_noise_examples(count: int | None, where: str) -> None:
+    """A SpecError for ``noise_examples`` = 1: the covariance of one example's gradient about their mean is 0, so
+    the noise would be switched off without a word (0 means every example)."""
+    if count == 1:
+        raise SpecError(
+            f"`{where}.noise_examples` = 1 estimates the gradient covariance from one example, which is 0 (no noise "
+            "at all): use at least 2, or 0 for every example"
+        )
 
 
 class SGDState(NamedTuple):

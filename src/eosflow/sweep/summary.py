@@ -1,5 +1,6 @@
 """The sweep's Markdown page, ``sweep.md``: the grid, how the points ended, and one row per
-(point, process) with the numbers of ``sweep.parquet``."""
+(point, process) with the numbers of ``sweep.parquet`` (a process dropped before the end marked, with its
+reason)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,18 @@ def markdown_summary(frame: pd.DataFrame, meta: dict, path: Path, figure: str = 
     ]
     for _, row in frame.iterrows():
         cells = [format_number(float(row[number])) for number, _ in NUMBERS]
+        dropped = str(row.get("dropped", "") or "")
         process = row.process + (" (reference)" if row.reference else "") if row.process else "-"
+        process += " (dropped: its last values)" if dropped else ""
         lines.append(f"| {row.point} | {row.status} | {int(row.steps_done)} | {process} | " + " | ".join(cells) + " |")
     problems = points[points.reason.astype(str) != ""]
     if len(problems):
         lines += ["", "## Points that did not complete", ""]
         lines += [f"- {row.point}: {row.status}, {row.reason}" for _, row in problems.iterrows()]
+    dropped = frame[frame.get("dropped", pd.Series("", index=frame.index)).fillna("").astype(str) != ""]
+    if len(dropped):
+        lines += ["", "## Processes dropped before the end", ""]
+        lines += [f"- {row.point}, {row.process}: {row.dropped}" for _, row in dropped.iterrows()]
     lines += ["", f"![final lr*S and distance to the reference]({figure})", ""]
     text = "\n".join(lines)
     atomic_write(path, lambda f: f.write(text.encode()))
