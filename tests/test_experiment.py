@@ -183,6 +183,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
         # one example's gradient covariance is 0: the noise was switched off without a word
         ({"processes": ["sgd"], "sgd": {"noise_every": 1, "noise_examples": 1}}, "`sgd.noise_examples` = 1 estimates"),
         ({"processes": ["sgd", "langevin"], "langevin": {"noise_examples": 1}}, "`langevin.noise_examples` = 1"),
+        ({"processes": ["sgd", "langevin"], "langevin": {"noise_examples": 10**6}}, "= 1000000 exceeds the problem's"),
     ],
 )
 def test_invalid_spec_names_the_field_and_writes_nothing(tmp_path, overrides, message):

@@ -267,6 +267,8 @@ def test_resume_draws_the_same_batches(tmp_path):
         ("momentum", 1.0, "sgd.momentum"),
         ("sampling", "epochs", "sgd.sampling"),
         ("loss_every", 0, "sgd.loss_every"),
+        ("noise_examples", 41, r"`sgd.noise_examples` = 41 exceeds the problem's 40"),  # (clipped to 40 before)
+        ("noise_examples", 1, r"`sgd.noise_examples` = 1 estimates the gradient covariance from one example"),
     ],
 )
 def test_bad_options_name_the_field(field, value, message):
@@ -285,6 +287,8 @@ def test_sgd_without_data_or_noise_says_it_is_gd():
     toy = {"steps": 2, "lr": 0.1, "dtype": "float64", "processes": ["sgd"], "problem": {"name": "quartic"}}
     with pytest.warns(SpecWarning, match="full-batch GD"):
         prepare(toy)
+    with pytest.warns(SpecWarning, match="noise_every` .* a problem without data has none: noise_trace reads NaN"):
+        prepare({**toy, "sgd": {"gradient_noise": 0.1, "noise_every": 2}})
     with warnings.catch_warnings():
         warnings.simplefilter("error", SpecWarning)
         prepare({**toy, "sgd": {"gradient_noise": 0.1, "batch_size": 1}})

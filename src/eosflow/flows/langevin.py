@@ -181,6 +181,7 @@ def langevin_fields(problem, spec, options: LangevinOptions) -> dict:
     """The SGD hyperparameters (checked against the problem) and the noise's own key."""
     sgd = resolve_sgd_options(options, spec)
     check_batch_size(problem.objective, sgd.batch_size, "langevin.batch_size")
+    check_batch_size(problem.objective, options.noise_examples, "langevin.noise_examples")
     return {"sgd": sgd, "noise_key": process_key(spec.seed, "langevin/noise")}
 
 

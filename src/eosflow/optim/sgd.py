@@ -265,11 +265,19 @@ def _nan(like: Array) -> Array:
 def build_sgd(problem, spec, options: SGDOptions) -> SGD:
     objective = problem.objective
     check_batch_size(objective, options.batch_size, "sgd.batch_size")
+    check_batch_size(objective, options.noise_examples, "sgd.noise_examples")  # (it was clipped to N)
     if objective.data is None and options.gradient_noise == 0:
         warnings.warn(
             "sgd on a problem without data (a loss of w alone) has no minibatches to sample, and "
             "`sgd.gradient_noise` = 0 adds no noise: this run is full-batch GD with sgd's momentum and "
             "weight decay; set `sgd.gradient_noise` > 0 for the Gaussian model of minibatch noise",
+            SpecWarning,
+            stacklevel=2,
+        )
+    if objective.data is None and options.noise_every:
+        warnings.warn(
+            "`sgd.noise_every` estimates tr(Sigma_g) from per-example gradients, and a problem without data has "
+            "none: noise_trace reads NaN",
             SpecWarning,
             stacklevel=2,
         )
