@@ -384,8 +384,8 @@ def without_divergent_steps(ds: xr.Dataset, summary: dict) -> xr.Dataset:
     if not dropped:
         return ds
     ds = ds.copy(deep=True)
+    stepped = [name for name, v in ds.data_vars.items() if v.dims[:2] == ("process", "step")]
     for p in dropped:
-        stepped = [name for name, v in ds.data_vars.items() if v.dims[:2] == ("process", "step")]
         finite = np.zeros(ds.sizes["step"], dtype=bool)
         for name in stepped:
             values = ds[name].sel(process=p).values

@@ -282,12 +282,7 @@ def offsets(
     if preconditioner is not None:
         where = "edge_prediction.offsets: the preconditioner"
         p = flat_like_parameters(preconditioner, unravel.shapes, now.dtype, where)
-    vectors = jnp.asarray(eigenpairs_of(eig, "edge_prediction.offsets")[1])
-    if vectors.ndim != 2 or vectors.shape[0] != now.size:
-        raise ValueError(
-            f"edge_prediction.offsets: eig.vectors is {vectors.shape}, the measured parameters have {now.size} "
-            "entries: pass the eigenpairs measured on these parameters (with the same wrt), d x k"
-        )
+    vectors = jnp.asarray(eigenpairs_of(eig, "edge_prediction.offsets", now.size)[1])
     return _half_steps(vectors, now, before, p)
 
 

@@ -342,14 +342,21 @@ def flat_like_parameters(tree: PyTree, expected: tuple, dtype, what: str) -> Arr
     return flat.astype(dtype)
 
 
-def eigenpairs_of(eig: Any, where: str) -> tuple[Any, Any]:
+def eigenpairs_of(eig: Any, where: str, size: int | None = None) -> tuple[Any, Any]:
     """(eig.values, eig.vectors) of the tracker's eigenpairs (or anything with those two arrays); a TypeError that
-    names ``where`` and what it got for anything else (None, a tuple, a dict, jnp.linalg.eigh's result)."""
+    names ``where`` and what it got for anything else (None, a tuple, a dict, jnp.linalg.eigh's result). With
+    ``size``, a ValueError unless the vectors are (size, k): eigenpairs of these parameters."""
     values, vectors = getattr(eig, "values", None), getattr(eig, "vectors", None)
     if values is None or vectors is None or callable(values) or callable(vectors):
         raise TypeError(
             f"{where}: eig must be the eigenpairs the tracker returns (.values (k,) descending and .vectors (d, k)), "
             f"got {type(eig).__name__}" + (": pass what tracker.update(...) returned" if eig is None else "")
+        )
+    shape = tuple(np.shape(vectors))  # (a torch tensor's too, without a copy)
+    if size is not None and (len(shape) != 2 or shape[0] != size):
+        raise ValueError(
+            f"{where}: eig.vectors is {shape}, the measured parameters have {size} entries: pass the eigenpairs "
+            "measured on these parameters (the same model, the same wrt), d x k"
         )
     return values, vectors
 

@@ -38,20 +38,21 @@ def markdown_summary(frame: pd.DataFrame, meta: dict, path: Path, figure: str = 
         "| point | status | steps done | process | " + " | ".join(title for _, title in NUMBERS) + " |",
         "|---" * (4 + len(NUMBERS)) + "|",
     ]
-    for _, row in frame.iterrows():
+    dropped = frame["dropped"].fillna("").astype(str) if "dropped" in frame else pd.Series("", index=frame.index)
+    for index, row in frame.iterrows():
         cells = [format_number(float(row[number])) for number, _ in NUMBERS]
-        dropped = str(row.get("dropped", "") or "")
         process = row.process + (" (reference)" if row.reference else "") if row.process else "-"
-        process += " (dropped: its last values)" if dropped else ""
+        process += " (dropped: its last values)" if dropped[index] else ""
         lines.append(f"| {row.point} | {row.status} | {int(row.steps_done)} | {process} | " + " | ".join(cells) + " |")
     problems = points[points.reason.astype(str) != ""]
     if len(problems):
         lines += ["", "## Points that did not complete", ""]
         lines += [f"- {row.point}: {row.status}, {row.reason}" for _, row in problems.iterrows()]
-    dropped = frame[frame.get("dropped", pd.Series("", index=frame.index)).fillna("").astype(str) != ""]
-    if len(dropped):
+    if (dropped != "").any():
         lines += ["", "## Processes dropped before the end", ""]
-        lines += [f"- {row.point}, {row.process}: {row.dropped}" for _, row in dropped.iterrows()]
+        lines += [
+            f"- {row.point}, {row.process}: {dropped[index]}" for index, row in frame.iterrows() if dropped[index]
+        ]
     lines += ["", f"![final lr*S and distance to the reference]({figure})", ""]
     text = "\n".join(lines)
     atomic_write(path, lambda f: f.write(text.encode()))

@@ -187,12 +187,8 @@ def edge_offsets(
         if p.requires_grad
     ]
     flat = torch.cat(step)
-    vectors = torch.from_numpy(np.ascontiguousarray(host_array(eigenpairs_of(eig, "eosflow.torch.edge_offsets")[1])))
-    if vectors.ndim != 2 or vectors.shape[0] != flat.numel():
-        raise ValueError(
-            f"eosflow.torch.edge_offsets: eig.vectors is {tuple(vectors.shape)}, the model's trainable parameters "
-            f"have {flat.numel()} entries: pass the eigenpairs the tracker measured on this model, d x k"
-        )
+    vectors = eigenpairs_of(eig, "eosflow.torch.edge_offsets", flat.numel())[1]
+    vectors = vectors if torch.is_tensor(vectors) else torch.from_numpy(np.ascontiguousarray(vectors))
     moment = None if optimizer is None else second_moment(model, optimizer, None, numpy_dtype(flat.dtype))
     if moment is not None:
         flat = flat * torch.from_numpy(np.sqrt(moment.preconditioner)).to(flat.device)
