@@ -440,3 +440,33 @@ def test_non_finite_values_are_strict_json_nulls_read_as_nan(tmp_path, capsys):
     assert records == [{"step": 0, "loss": 1.0, "sharpness": None}, {"step": 1, "loss": None}]
     ds = read(path)
     assert float(ds.loss[0]) == 1.0 and np.isnan(ds.loss[1]) and np.isnan(ds.sharpness).all()
+
+
+@pytest.mark.parametrize(
+    "loss, scale",
+    [([1.0, 0.5, 0.1], "log"), ([1.0, 0.0, 0.1], "log"), ([0.5, -0.2, -1.0], "linear"), ([0.0, 0.0, np.nan], "linear")],
+)
+def test_one_y_scale_policy_for_every_loss_panel(tmp_path, loss, scale):
+    """A loss below 0 keeps the axis linear (a log axis would drop it), in the single log, the overlay, and the
+    helper compare and sweep figures use; zeros alone are dropped from a log axis, nothing positive is linear."""
+    from matplotlib.figure import Figure
+
+    from eosflow.compare import log_scale_where_positive
+    from eosflow.edge_log import figure, overlay_figure
+
+    ds = read_from(tmp_path, loss)
+    assert figure(ds).axes[0].get_yscale() == scale
+    assert overlay_figure({"a": ds, "b": ds}).axes[0].get_yscale() == scale
+    ax = Figure().subplots()
+    ax.plot([0, 1, 2], [np.inf, 2.0, 3.0])
+    ax.plot([0, 1, 2], loss)
+    log_scale_where_positive(ax)
+    assert ax.get_yscale() == ("linear" if np.nanmin(loss) < 0 else "log")  # with a positive line beside it
+
+
+def read_from(tmp_path, loss):
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        for t, value in enumerate(loss):
+            log.write(t, loss=value, sharpness=1.0 + t, threshold=4.0)
+    return read(path)

@@ -464,10 +464,13 @@ def line_style(i: int) -> dict:
 
 
 def log_scale_where_positive(ax) -> None:
-    """A log y-axis if the panel's lines hold a positive finite value, else a linear one (a run of one step, or
-    where every distance is 0 or infinite, has nothing a log scale can show: matplotlib raised on it)."""
+    """The one y-scale policy of every figure: log if the panel's lines hold a positive finite value and no
+    negative one, else linear. Zeros (a distance at w0) are left off a log axis; a negative value (a loss
+    below 0) would be, so it keeps the axis linear; a panel with nothing positive (a run of one step, every
+    distance 0 or infinite) has nothing a log scale can show (matplotlib raised on it)."""
     values = [np.asarray(line.get_ydata(), dtype=np.float64) for line in ax.lines]
-    if any(np.any(np.isfinite(v) & (v > 0)) for v in values):
+    finite = [v[np.isfinite(v)] for v in values]
+    if any(np.any(v > 0) for v in finite) and not any(np.any(v < 0) for v in finite):
         ax.set_yscale("log")
 
 

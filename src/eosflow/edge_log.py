@@ -345,7 +345,7 @@ def figure(ds: xr.Dataset) -> Any:
     the loss panel draws it over the loss."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
-    from eosflow.compare import line_style, threshold_line
+    from eosflow.compare import line_style, log_scale_where_positive, threshold_line
 
     curvature = [name for name in ("sharpness", "batch_sharpness") if name in ds]
     ratio = _edge_ratio(ds)
@@ -361,12 +361,10 @@ def figure(ds: xr.Dataset) -> Any:
         if panel == "loss":
             loss = ds["loss"].dropna("step")
             ax.plot(loss["step"], loss, **line_style(0), label="loss")
-            positive = bool((loss > 0).all())
             if "predicted_loss" in ds:
                 predicted = ds["predicted_loss"].dropna("step")
                 ax.plot(predicted["step"], predicted, **line_style(1), label="predicted loss (central flow)")
-                positive = positive and bool((predicted > 0).all())
-            ax.set_yscale("log" if positive else "linear")
+            log_scale_where_positive(ax)
             ax.set_ylabel("loss")
         elif curvature and ("threshold" in ds or ratio is None):
             for i, name in enumerate(curvature):
@@ -405,7 +403,7 @@ def overlay_figure(runs: dict[str, xr.Dataset]) -> Any:
     edge ratio)."""
     from matplotlib.figure import Figure
 
-    from eosflow.compare import line_style, threshold_line
+    from eosflow.compare import line_style, log_scale_where_positive, threshold_line
 
     ratios = {label: _edge_ratio(ds) for label, ds in runs.items()}
     panels = ["loss"] * any("loss" in ds for ds in runs.values())
@@ -425,8 +423,7 @@ def overlay_figure(runs: dict[str, xr.Dataset]) -> Any:
                 ax.plot(ds["step"].values[finite], ratio[finite], marker=".", ms=3, **line_style(i), label=label)
     for ax, panel in zip(axes, panels):
         if panel == "loss":
-            positive = all(bool((ds["loss"].dropna("step") > 0).all()) for ds in runs.values() if "loss" in ds)
-            ax.set_yscale("log" if positive else "linear")
+            log_scale_where_positive(ax)
             ax.set_ylabel("loss")
         else:
             threshold_line(ax, 1.0, "edge (1)")

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from eosflow.compare import log_scale_where_positive
 from eosflow.store import atomic_write
 
 
@@ -58,7 +59,7 @@ def draw_summary(frame: pd.DataFrame, keys: list[str], max_lines: int = 6) -> Fi
         if ax.lines:
             ax.legend(fontsize=7)
     axes[0][0].axhline(2.0, color="gray", ls="--", lw=1)
-    if len(panels) > 1 and axes[0][1].lines and all((line.get_ydata() > 0).all() for line in axes[0][1].lines):
-        axes[0][1].set_yscale("log")
+    if len(panels) > 1:
+        log_scale_where_positive(axes[0][1])
     fig.tight_layout()
     return fig
