@@ -4,8 +4,9 @@
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/leaderboard_diff.py /tmp/old.md OUT/leaderboard.md [--tol 0.01]
 
 Reads the first table of each page (rows keyed by problem and process), and prints, for every row
-and accuracy column the two share, old, new and |new - old| / |old| when it exceeds ``--tol``;
-then how many cells were compared and how many changed by more.
+and accuracy column the two share, old, new and |new - old| / |old| when it exceeds ``--tol``; a row in one
+table only, a number in one and "-" in the other, and a changed status count as changed too; then how many
+cells were compared and how many changed.
 """
 
 from __future__ import annotations
@@ -53,17 +54,33 @@ def main(argv=None) -> None:
     compared = changed = 0
     print("| problem | process | column | old | new | relative change |")
     print("|---|---|---|---|---|---|")
-    for key in (k for k in new if k in old):
-        for column in ACCURACY:
-            a, b = number(old[key].get(column)), number(new[key].get(column))
-            if not (math.isfinite(a) and math.isfinite(b)):
+    for key in [*old, *(k for k in new if k not in old)]:
+        if key not in old or key not in new:  # a row gained or lost counts as changed
+            changed += 1
+            print(
+                f"| {key[0]} | {key[1]} | (row) | {'-' if key not in old else 'present'} | "
+                f"{'-' if key not in new else 'present'} | row {'added' if key not in old else 'missing'} |"
+            )
+            continue
+        for column in (*ACCURACY, "status"):
+            cells = old[key].get(column), new[key].get(column)
+            a, b = number(cells[0]), number(cells[1])
+            if column == "status" or math.isfinite(a) != math.isfinite(b):  # a number become "-", a new status
+                if cells[0] != cells[1]:
+                    changed += 1
+                    print(f"| {key[0]} | {key[1]} | {column} | {cells[0]} | {cells[1]} | changed |")
+                continue
+            if not math.isfinite(a):  # "-" in both
                 continue
             compared += 1
             change = abs(b - a) / abs(a) if a else abs(b - a)
             if change > args.tol:
                 changed += 1
                 print(f"| {key[0]} | {key[1]} | {column} | {a:.6g} | {b:.6g} | {change:.1%} |")
-    print(f"\n{compared} cells compared, {changed} changed by more than {args.tol:.0%}")
+    print(
+        f"\n{compared} cells compared, {changed} changed by more than {args.tol:.0%} (or gained, lost, or no longer a "
+        "number, rows and statuses included)"
+    )
 
 
 if __name__ == "__main__":

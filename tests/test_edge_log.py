@@ -386,6 +386,35 @@ def test_several_logs_overlaid_on_the_scale_every_edge_shares(tmp_path, capsys):
         overlay_figure({"empty": runs["lr_0.01"][["threshold"]]})
 
 
+def test_logs_that_share_a_file_name_are_each_drawn_and_labelled_by_their_folder(tmp_path):
+    """runs/<lr>/log.jsonl: two logs of one name were keyed by it, and the overlay drew the last one only (from a
+    probe). Each is drawn, labelled by its path from the common folder; a log given twice is refused."""
+    from eosflow.edge_log import log_labels, overlay
+
+    paths = [tmp_path / "runs" / lr / "log.jsonl" for lr in ("0.1", "0.2")]
+    for scale, path in enumerate(paths, start=1):
+        path.parent.mkdir(parents=True)
+        with EdgeLog(path) as log:
+            for t in range(5):
+                log.write(t, loss=scale / (t + 1), edge_ratio=0.2 * t * scale)
+    assert log_labels(paths) == ["0.1/log", "0.2/log"]
+    assert log_labels([tmp_path / "a.jsonl", tmp_path / "b" / "c.jsonl"]) == ["a", "c"]
+    import matplotlib.figure
+
+    drawn = []
+    original = matplotlib.figure.Figure.savefig
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or original(fig, *a, **k)
+        )
+        overlay(paths, tmp_path / "both.png")
+    loss_axis = drawn[0].axes[0]
+    assert [line.get_label() for line in loss_axis.get_lines()] == ["0.1/log", "0.2/log"]
+    np.testing.assert_allclose(loss_axis.get_lines()[1].get_ydata(), 2 / np.arange(1, 6))
+    with pytest.raises(EdgeLogError, match="given twice"):
+        log_labels([paths[0], tmp_path / "runs" / "0.2" / ".." / "0.1" / "log.jsonl"])
+
+
 def test_writing_and_reading_a_log_imports_neither_jax_nor_torch(tmp_path):
     """A torch loop that logs pays no JAX import (summary and plot import what they draw with, when called)."""
     out = child(

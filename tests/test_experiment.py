@@ -153,6 +153,19 @@ def test_a_chunk_of_a_new_length_is_timed_as_compiling(tmp_path):
         assert [c[0] for c in chunks] == [16, 16, 16, 12] and [c[2] for c in chunks] == [0, 1, 0, 0], chunks
 
 
+def test_a_chunk_after_the_tracker_grew_is_timed_as_compiling(tmp_path):
+    """A tracker grown to more pairs changes the state's shapes and the scan compiles again: such a chunk was
+    marked warm (a leaderboard's ms / step read 2.24 where the steady state is ~0.02, from a probe). Oracle: the
+    number of pairs the rows hold at each chunk's first step; a chunk is warm iff one before it had as many."""
+    run(spec(lr=1.0, steps=96, processes=["gd"], spectrum={"k": 1, "k_max": 3, "tol": 1e-7}), tmp_path / "r")
+    eigenvalues = eosflow.load(tmp_path / "r")["eigenvalues"].sel(process="gd").values
+    tracked = np.isfinite(eigenvalues[::16]).sum(axis=1)
+    assert len(set(tracked)) > 1, tracked  # the tracker grew
+    expected = [int(count in tracked[:i]) for i, count in enumerate(tracked)]
+    chunks = json.loads((tmp_path / "r" / "summary.json").read_text())["timing"]["gd"]["chunks"]
+    assert [c[2] for c in chunks] == expected, (chunks, tracked)
+
+
 def test_existing_run_directory_is_never_overwritten(tmp_path):
     quick = {"steps": 5, "spectrum": {"every": 0}}  # the directory is under test: no eigensolver to compile
     run(spec(**quick), tmp_path / "r")

@@ -1,6 +1,13 @@
 """The leaderboard: its suite covers every GD model, and its table equals the runs it made."""
 
 import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
 
 import numpy as np
 import pytest
@@ -8,7 +15,7 @@ import pytest
 import eosflow
 import eosflow.anchored as anchored_module
 from eosflow import leaderboard as lb
-from eosflow.compare import SMOOTHING, gaussian_smooth
+from eosflow.compare import SMOOTHING, compare_run, gaussian_smooth
 from eosflow.experiment import prepare
 from eosflow.optim.adaptive import OPTIMIZERS
 from eosflow.process import PROCESSES
@@ -152,11 +159,14 @@ def test_a_model_that_raises_gets_an_error_row_and_the_others_survive(tmp_path, 
 
     monkeypatch.setitem(PROCESSES, "broken_flow", dataclasses.replace(entry, name="broken_flow", build=broken))
     tables = lb.suite_tables(models=["broken_flow", "rod_flow"], suite=TINY)
+    tables["quartic"]["rod_flow"] = {"substeps": 3}  # a model's own table: the broken model runs without it
     rows = lb.run_suite(tables, tmp_path, progress=False)
     status = dict(zip(rows["process"], rows["status"]))
     assert status["broken_flow"].startswith("error: RuntimeError: boom")
     assert status["rod_flow"] == "ok" and status["gd"] == "ok"
     assert (tmp_path / "runs" / "quartic-rod_flow" / "summary.json").exists()
+    resolved = tomllib.loads((tmp_path / "runs" / "quartic-rod_flow" / "spec.resolved.toml").read_text())
+    assert resolved["rod_flow"]["substeps"] == 3
 
 
 def test_cli_quick_leaderboard_page_equals_its_csv(tmp_path):
@@ -194,6 +204,23 @@ def test_cli_quick_leaderboard_page_equals_its_csv(tmp_path):
             assert f"{row.problem} {row.process} {row.critical_incomplete:.0%}" in text
     assert not flagged.empty  # the second page flagged central_flow
     assert str(eosflow.load(out / "runs" / "quartic")["process"].values[0]) == "gd"  # the run loads, gd first
+
+    # rerunning one model's row merges it into the table; the entry's run, with every other model, stays whole
+    # (the rerun overwrote it and the table kept 3 of its 7 rows, from a probe)
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert main(["leaderboard", "--problems", "quartic", "--models", "rod_flow", "--out", str(out)]) == 2  # not --quick
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == written  # refused before it ran
+    before = pd.read_csv(out / "leaderboard.csv")
+    rerun = ["leaderboard", "--quick", "--problems", "quartic", "--models", "rod_flow", "--quiet", "--out", str(out)]
+    assert main(rerun) == 0
+    after = pd.read_csv(out / "leaderboard.csv")
+    assert list(after["process"]) == quick["processes"]
+    kept = after["process"] != "rod_flow"
+    pd.testing.assert_frame_equal(after[kept].reset_index(drop=True), before[kept].reset_index(drop=True))
+    alone = compare_run(out / "runs" / "quartic-rod_flow").loc["rod_flow"]
+    assert after.set_index("process").loc["rod_flow", "relative_distance"] == pytest.approx(alone["relative_distance"])
+    assert list(eosflow.load(out / "runs" / "quartic")["process"].values) == quick["processes"]
+    assert "merged into the table this directory held" in (out / "leaderboard.md").read_text()
 
 
 def test_measure_only_processes_never_read_their_eigenpairs_and_own_cost_leaves_them_out(tmp_path):
@@ -262,3 +289,36 @@ def test_the_machine_line_names_xlas_flags(monkeypatch):
     assert "XLA_FLAGS='--xla_cpu_multi_thread_eigen=false'" in machine()
     monkeypatch.delenv("XLA_FLAGS")
     assert "XLA_FLAGS" not in machine()
+
+
+@pytest.mark.parametrize("signum, group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_an_interrupted_leaderboard_in_workers_stops_them_flushed_without_a_traceback(tmp_path, signum, group):
+    """--jobs 2 stopped by Ctrl-C (SIGINT to the process group) or by SIGTERM to the command alone: the forked
+    workers printed the parent's SIGTERM handler's traceback, and with SIGTERM the command waited for every
+    entry to finish (from a probe). Now the workers' runs stop at a chunk boundary, flushed and resumable, and the
+    command exits with the signal's status, leaving no process behind."""
+    out = tmp_path / "board"
+    command = [sys.executable, "-m", "eosflow.cli", "leaderboard", "--quick", "--problems", "sharp_valley"]
+    child = subprocess.Popen(
+        [*command, "--jobs", "2", "--quiet", "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")},
+    )
+    chunks = out / "runs" / "sharp_valley" / "trajectories" / "gd"
+    deadline = time.monotonic() + 300
+    while not (chunks.is_dir() and any(chunks.iterdir())) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert child.poll() is None, child.communicate()[1]  # still running after its first chunk
+    if group:
+        os.killpg(child.pid, signum)
+    else:
+        child.send_signal(signum)
+    err = child.communicate(timeout=120)[1]
+    assert child.returncode == 128 + signum and "Traceback" not in err, err
+    with pytest.raises(ProcessLookupError):
+        os.killpg(child.pid, 0)  # no worker left
+    summary = json.loads((out / "runs" / "sharp_valley" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps_done"] < 700, summary
+    assert eosflow.load(out / "runs" / "sharp_valley").sizes["step"] == summary["steps_done"]

@@ -279,3 +279,26 @@ def test_run_files_take_the_umask_like_any_new_file(tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert {"spec.toml", "summary.json", "checkpoint.npz", "0000000000-0000000007.npz"} <= set(modes)
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_run_stopped_before_its_first_chunk_says_so_and_report_names_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the first chunk compiles: the summary said "steps 0..-1 are on disk" and `eosflow report`
+    raised IndexError (from a probe). Now both say that no step is on disk yet, and how to go on."""
+    import eosflow.experiment as experiment
+
+    def interrupted(self, states, inactive, step, n):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment._Advance, "__call__", interrupted)
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        run(SPEC, out)
+    summary = RunStore(out).read_summary()
+    assert summary["steps_done"] == 0 and "no step is on disk yet" in summary["reason"], summary["reason"]
+    with pytest.raises(StoreError, match="holds no step yet.*eosflow resume"):
+        make_report(out)
+    assert main(["report", str(out)]) == 2
+    assert "holds no step yet" in capsys.readouterr().err
+    monkeypatch.undo()
+    run(SPEC, out, resume=True)
+    assert RunStore(out).read_summary()["steps_done"] == SPEC["steps"]

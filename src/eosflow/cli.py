@@ -76,12 +76,12 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
 
 def _interrupted(error: KeyboardInterrupt, out: Path) -> int:
     """Say what of the run in ``out`` is on disk and how to resume it; the exit status of the signal."""
-    from eosflow.store import RunStore, resume_command
+    from eosflow.store import RunStore, resume_command, steps_on_disk
 
     done = RunStore(out).read_summary().get("steps_done", 0)
     how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
     print(
-        f"eosflow: interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(out)}",
+        f"eosflow: interrupted by {how}; {steps_on_disk(done)}; resume with: {resume_command(out)}",
         file=sys.stderr,
     )
     return getattr(error, "exit_code", 130)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     p_board = sub.add_parser("leaderboard", help="rank every model of GD on the built-in problem suite")
-    p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (~2 minutes)")
+    p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (under a minute on 2 CPU cores)")
     p_board.add_argument(
         "--suite",
         default="default",
@@ -356,15 +356,23 @@ def _dispatch(args) -> int:
 
         name = "leaderboard" + (f"-{args.suite}" if args.suite != "default" else "") + ("-quick" if args.quick else "")
         out = args.out or Path("runs") / name
-        page = leaderboard(
-            out,
-            quick=args.quick,
-            progress=not args.quiet,
-            suite=args.suite,
-            jobs=args.jobs,
-            problems=args.problems.split(",") if args.problems else None,
-            models=args.models.split(",") if args.models else None,
-        )
+        try:
+            page = leaderboard(
+                out,
+                quick=args.quick,
+                progress=not args.quiet,
+                suite=args.suite,
+                jobs=args.jobs,
+                problems=args.problems.split(",") if args.problems else None,
+                models=args.models.split(",") if args.models else None,
+            )
+        except KeyboardInterrupt as error:
+            print(
+                f"eosflow: interrupted; the runs so far are in {out / 'runs'}, but the table is written only at the "
+                "end: the same command runs every entry again (or some, with --problems / --models)",
+                file=sys.stderr,
+            )
+            return getattr(error, "exit_code", 130)
         print(f"leaderboard: {page}")
         return 0
     if args.command == "demo":

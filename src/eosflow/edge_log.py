@@ -394,8 +394,22 @@ def figure(ds: xr.Dataset) -> Any:
 def overlay(sources: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     """One PNG of several logs (runs of your loop at several step sizes, seeds, optimizers): the losses, and each
     run's S / threshold (the scale every optimizer's edge shares: 1 at its edge), one colour per log, labelled by
-    its file name. Returns the path written."""
-    return _save(overlay_figure({Path(source).stem: read(source) for source in sources}), out)
+    its file name (its path from the logs' common folder where two share a name). Returns the path written."""
+    return _save(overlay_figure({label: read(source) for label, source in zip(log_labels(sources), sources)}), out)
+
+
+def log_labels(sources: list[str | os.PathLike]) -> list[str]:
+    """A distinct label per log: its file name without the suffix, or where two logs share one (runs/0.1/log.jsonl,
+    runs/0.2/log.jsonl) its path from their common folder; a log given twice is an EdgeLogError."""
+    paths = [Path(source).resolve() for source in sources]
+    for i, path in enumerate(paths):
+        if path in paths[:i]:
+            raise EdgeLogError(f"{sources[i]}: the log is given twice")
+    stems = [path.stem for path in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    root = Path(os.path.commonpath(paths))
+    return [str(path.relative_to(root).with_suffix("")) for path in paths]
 
 
 def overlay_figure(runs: dict[str, xr.Dataset]) -> Any:

@@ -34,7 +34,7 @@ from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.signals import Interrupted, stop_requests
 from eosflow.spec import Spec, SpectrumSpec, differences_but_steps, parse_spec, resolve, resolved_table
-from eosflow.store import Checkpoint, RunDirectoryWarning, RunStore, StoreError, resume_command
+from eosflow.store import Checkpoint, RunDirectoryWarning, RunStore, StoreError, resume_command, steps_on_disk
 from eosflow.version import __version__
 
 Progress = Callable[[int, dict[str, dict[str, np.ndarray]]], None]
@@ -278,7 +278,7 @@ def _run_locked(
             store.root,
             "interrupted",
             done,
-            f"interrupted by {how}; steps 0..{done - 1} are on disk; resume with: {resume_command(store.root)}",
+            f"interrupted by {how}; {steps_on_disk(done)}; resume with: {resume_command(store.root)}",
         )
         _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
         raise
@@ -341,7 +341,7 @@ class _Advance:
             tick = time.perf_counter()
             new_state, computed = process.advance(states[name], n)
             rows = {key: np.asarray(value) for key, value in computed.items()}
-            self.timing.add(name, time.perf_counter() - tick, n)
+            self.timing.add(name, time.perf_counter() - tick, n, states[name])
             rows, bad, reason = cut_at_divergence(process, rows, step, self.limit)
             if bad is not None:
                 if name == self.reference:
@@ -555,17 +555,19 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
 class _Timing:
     """Wall-clock time of every chunk per process: ``{name: {"chunks": [[steps, seconds, warm], ...]}}``.
 
-    ``warm`` is 0 for a process's first chunk of each length in an invocation (the scan's length is fixed when it
-    compiles, so a shorter last chunk compiles again), 1 for a length it has run before.
+    ``warm`` is 0 for a process's first chunk of each length and state shapes in an invocation (the scan's length
+    and the state's shapes are fixed when it compiles: a shorter last chunk, or a tracker grown to more pairs,
+    compiles again), 1 for a chunk it has run before.
     """
 
     def __init__(self, previous: dict):
         self.table = {name: {"chunks": list(entry.get("chunks", []))} for name, entry in previous.items()}
-        self.compiled: set[tuple[str, int]] = set()  # (process, chunk length) run in this invocation
+        self.compiled: set[tuple] = set()  # (process, chunk length, state shapes) run in this invocation
 
-    def add(self, name: str, seconds: float, steps: int) -> None:
-        warm = (name, steps) in self.compiled
-        self.compiled.add((name, steps))
+    def add(self, name: str, seconds: float, steps: int, state: Any = None) -> None:
+        key = (name, steps, tuple((np.shape(leaf), str(getattr(leaf, "dtype", ""))) for leaf in jax.tree.leaves(state)))
+        warm = key in self.compiled
+        self.compiled.add(key)
         self.table.setdefault(name, {"chunks": []})["chunks"].append([steps, seconds, int(warm)])
 
 

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import os
 import platform
+import signal
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -322,14 +323,19 @@ def suite_tables(
         chosen = applicable(chosen, table["problem"]["name"])
         if models is not None and not chosen:  # none of the requested models models this entry
             continue
-        table["processes"] = [entry.optimizer, baseline_of(entry.optimizer), *chosen]
-        for name in [key for key in table if key in PROCESSES and key not in table["processes"]]:
-            del table[name]  # the options of a model not run this time
+        table = with_processes(table, [entry.optimizer, baseline_of(entry.optimizer), *chosen])
         if quick and entry.quick_steps is not None:  # (quick entries without quick_steps were skipped)
             table["steps"] = entry.quick_steps
             table["record"]["chunk"] = max(1, entry.quick_steps // 4)
         tables[entry.name] = table
     return tables
+
+
+def with_processes(table: dict, processes: list[str]) -> dict:
+    """``table`` running ``processes``, without the option tables of the processes it no longer runs (a spec
+    refuses a table for a process it does not list)."""
+    kept = {key: value for key, value in table.items() if key not in PROCESSES or key in processes}
+    return {**kept, "processes": list(processes)}
 
 
 def _runner(progress: bool):
@@ -345,15 +351,18 @@ def _runner(progress: bool):
     return run_one
 
 
-def run_suite(tables: dict[str, dict], out: Path, progress: bool = True, onset: bool = True) -> pd.DataFrame:
-    """Run every table into ``out/runs`` and gather the comparison rows (problem, process, metrics); with
-    ``onset``, also the metrics of the models started at the optimizer's edge onset (:func:`from_onset`),
-    and the floor of the from-w0 columns on the optimizer's own row (:func:`floor_columns`)."""
+def run_suite(
+    tables: dict[str, dict], out: Path, progress: bool = True, onset: bool = True, names: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """Run every table into ``out/runs/<name>`` (``names[problem]``, by default the problem) and gather the
+    comparison rows (problem, process, metrics); with ``onset``, also the metrics of the models started at the
+    optimizer's edge onset (:func:`from_onset`), and the floor of the from-w0 columns on the optimizer's own
+    row (:func:`floor_columns`)."""
     out = Path(out)
     run_one = _runner(progress)
     frames = []
     for problem, table in tables.items():
-        run_dir = out / "runs" / problem
+        run_dir = out / "runs" / (names or {}).get(problem, problem)
         try:
             run_one(problem, table, run_dir)
             rows = _rows(problem, compare_run(run_dir))
@@ -441,7 +450,7 @@ def _separately(problem, table, out, run_one, shared_error) -> pd.DataFrame:
     frames, base_done = [], False
     reference, baseline = table["processes"][:2]
     for model in table["processes"][2:]:
-        alone = {**table, "processes": [reference, baseline, model]}
+        alone = with_processes(table, [reference, baseline, model])
         run_dir = out / "runs" / f"{problem}-{model}"
         try:
             run_one(f"{problem} ({model})", alone, run_dir)
@@ -600,31 +609,132 @@ def leaderboard(
     ``problems`` / ``models`` (None: all) rerun those rows only, beside the reference and its baseline."""
     out = Path(out)
     started = time.perf_counter()
-    tables = suite_tables(quick, models, suite=selected(suite, problems, models))
+    entries = selected(suite, problems, models)
+    tables = suite_tables(quick, models, suite=entries)
+    if not tables:
+        raise SpecError(
+            f"{_selection(suite, quick, problems, models)} selects no entry: {_why_none(entries, quick, models)}"
+        )
+    earlier = _earlier_rows(out, suite, quick) if problems or models else None  # checked before anything runs
+    full = suite_tables(quick, None, suite=entries)
+    names = {  # a run of some of an entry's models goes beside the entry's run, which it would delete
+        problem: problem
+        if table["processes"] == full[problem]["processes"]
+        else "-".join([problem, *table["processes"][2:]])
+        for problem, table in tables.items()
+    }
     if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            parts = list(
-                pool.map(
-                    run_suite,
-                    [{k: t} for k, t in tables.items()],
-                    [out] * len(tables),
-                    [False] * len(tables),
-                    [not quick] * len(tables),
-                )
-            )
-        rows = pd.concat(parts, ignore_index=True)
+        rows = _in_workers(tables, out, not quick, names, jobs)
     else:
-        rows = run_suite(tables, out, progress, onset=not quick)
+        rows = run_suite(tables, out, progress, onset=not quick, names=names)
+    if earlier is not None:
+        keep = {(p, process) for p, name in names.items() if name != p for process in tables[p]["processes"][:2]}
+        everything = suite_tables(quick, None, suite_entries(suite))
+        rows = merged(earlier, rows, keep, [(p, process) for p, t in everything.items() for process in t["processes"]])
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "leaderboard.csv", index=False)
     filters = "".join(
         f" --{flag} {','.join(names)}" for flag, names in (("problems", problems), ("models", models)) if names
     )
-    return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite, filters)
+    return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite, filters, earlier is not None)
+
+
+def _quiet_worker() -> None:
+    """A worker of ``--jobs``: Ctrl-C is the parent's to handle (it stops the workers), and SIGTERM stops a
+    worker's run at its next chunk boundary, flushed (:func:`eosflow.signals.stop_requests`), or ends it outside
+    a run, instead of the parent's handler inherited by fork."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _entry_in_worker(problem: str, table: dict, out: Path, onset: bool, names: dict[str, str]) -> pd.DataFrame:
+    """One entry of ``--jobs`` in a worker. Stopped by the parent, the worker ends once its run is flushed."""
+    try:
+        return run_suite({problem: table}, out, False, onset, names)
+    except KeyboardInterrupt as stopped:
+        os._exit(getattr(stopped, "exit_code", 130))  # the run is on disk; the parent is stopping the pool
+
+
+def _in_workers(tables: dict[str, dict], out: Path, onset: bool, names: dict[str, str], jobs: int) -> pd.DataFrame:
+    """Every entry in one of ``jobs`` worker processes; interrupted, the parent stops its workers (SIGTERM: a run
+    stops at its next chunk boundary, anything else at once) and waits for them before it stops too."""
+    pool = ProcessPoolExecutor(jobs, initializer=_quiet_worker)
+    try:
+        parts = list(pool.map(_entry_in_worker, *zip(*[(p, t, out, onset, names) for p, t in tables.items()])))
+    except BaseException:
+        workers = list(getattr(pool, "_processes", {}).values())  # the executor keeps no public handle
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return pd.concat(parts, ignore_index=True)
+
+
+def _title(suite: str, quick: bool) -> str:
+    return "# Flow leaderboard" + (f": {suite}" if suite != "default" else "") + (" (quick)" if quick else "")
+
+
+def _earlier_rows(out: Path, suite: str, quick: bool) -> pd.DataFrame | None:
+    """The rows of the leaderboard ``out`` holds, into which a rerun of some rows is merged; None if it holds none.
+    A leaderboard of another suite or mode (``--quick`` or not) is refused: its rows do not compare."""
+    if not (out / "leaderboard.csv").is_file():
+        return None
+    page = out / "leaderboard.md"
+    found = page.read_text(errors="replace").split("\n", 1)[0] if page.is_file() else "(no leaderboard.md)"
+    if found != _title(suite, quick):
+        raise SpecError(
+            f"{str(out)!r} holds a leaderboard that is not the {suite} suite"
+            + (" with --quick" if quick else " without --quick")
+            + f" ({page.name}: {found!r}), into which these rows would be merged; rerun them with its --suite and "
+            "--quick, or choose another --out"
+        )
+    return pd.read_csv(out / "leaderboard.csv")
+
+
+def merged(
+    earlier: pd.DataFrame, rows: pd.DataFrame, keep: set[tuple[str, str]], order: list[tuple[str, str]]
+) -> pd.DataFrame:
+    """``rows`` in place of the earlier rows of the same (problem, process), except the ``keep`` ones the earlier
+    table has (an optimizer's and its baseline's rows, rerun beside some of the entry's models only: they belong
+    with the earlier run of its other models), in ``order`` (unlisted rows last)."""
+    known = set(zip(earlier["problem"], earlier["process"]))
+    fresh = rows[[key not in keep or key not in known for key in zip(rows["problem"], rows["process"])]]
+    replaced = set(zip(fresh["problem"], fresh["process"]))
+    both = pd.concat(
+        [earlier[[key not in replaced for key in zip(earlier["problem"], earlier["process"])]], fresh],
+        ignore_index=True,
+    )
+    rank = {key: i for i, key in enumerate(order)}
+    position = [rank.get(key, len(rank)) for key in zip(both["problem"], both["process"])]
+    return both.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)
+
+
+def _selection(suite: str, quick: bool, problems: list[str] | None, models: list[str] | None) -> str:
+    filters = "".join(
+        f" --{flag} {','.join(names)}" for flag, names in (("problems", problems), ("models", models)) if names
+    )
+    return f"the {suite} suite" + (" with --quick" if quick else "") + (f" and{filters}" if filters else "")
+
+
+def _why_none(entries: tuple[Entry, ...], quick: bool, models: list[str] | None) -> str:
+    """Why no entry of ``entries`` runs: those the chosen models model have no quick run, or there are none."""
+    full = suite_tables(False, models, suite=entries)
+    if quick and full:
+        return f"no --quick run is defined for {', '.join(full)} (drop --quick)"
+    return "none of the chosen models models any chosen problem (eosflow processes lists what each models)"
 
 
 def write_page(
-    rows: pd.DataFrame, out: Path, quick: bool, minutes: float, suite: str = "default", filters: str = ""
+    rows: pd.DataFrame,
+    out: Path,
+    quick: bool,
+    minutes: float,
+    suite: str = "default",
+    filters: str = "",
+    merged: bool = False,
 ) -> Path:
     """``out/leaderboard.md``: the command, the machine and the table."""
     command = (
@@ -634,11 +744,15 @@ def write_page(
         + filters
     )
     problems = rows["problem"].nunique()
-    title = "Flow leaderboard" + (f": {suite}" if suite != "default" else "") + (" (quick)" if quick else "")
     lines = [
-        f"# {title}",
+        _title(suite, quick),
         "",
-        f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}.",
+        f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}."
+        + (
+            " Its rows were merged into the table this directory held; the others are from earlier runs."
+            if merged
+            else ""
+        ),
         "",
         "rel. distance = <||w_GD - w||> / gradient flow's (for another optimizer: <||w_opt - w||> / its "
         "stable flow's); rel. centre distance = the same between the midpoints (w_(t-1) + w_t) / 2 of "

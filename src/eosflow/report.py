@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # no pyplot: the caller's backend and figu
 
 from eosflow.compare import line_style, log_scale_where_positive, threshold_line
 from eosflow.load import load
-from eosflow.store import RunStore
+from eosflow.store import RunStore, StoreError, resume_command
 
 Section = Callable[[xr.Dataset, Path, Path], str]
 SECTIONS: list[Section] = []  # sections registered with register_section (SGD's below)
@@ -86,6 +86,11 @@ def make_report(run_dir: str | Path, ds: xr.Dataset | None = None) -> Path:
     ``ds`` is the directory's :func:`eosflow.load`, when the caller has read it already."""
     run_dir = Path(run_dir)
     ds = load(run_dir) if ds is None else ds
+    if not ds.sizes.get("process", 0) or not ds.sizes.get("step", 0):
+        raise StoreError(
+            f"{str(run_dir)!r} holds no step yet (a run stopped before its first chunk was flushed), so there is "
+            f"nothing to report; continue it with: {resume_command(run_dir)}"
+        )
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     steps = ds["step"].values

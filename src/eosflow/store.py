@@ -501,6 +501,11 @@ def resume_command(run_dir: str | Path) -> str:
     return f"eosflow resume {shlex.quote(str(run_dir))}"
 
 
+def steps_on_disk(done: int) -> str:
+    """What an interrupted run left: "steps 0..n-1 are on disk", or that none is (stopped while compiling)."""
+    return f"steps 0..{done - 1} are on disk" if done > 0 else "no step is on disk yet"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
