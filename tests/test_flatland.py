@@ -247,3 +247,27 @@ def test_spec_errors_name_the_field():
         prepare({"processes": ["nls"], "problem": TINY_MLP, "nls": {"delta": 1.5}})
     with pytest.raises(SpecError, match="armijo.cap"):
         prepare({"processes": ["armijo"], "problem": {**TINY_MLP, "loss": "cross_entropy"}, "armijo": {"cap": True}})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_polyak_trial_that_is_not_positive_falls_back_to_the_warm_start(seed):
+    """L = w'Hw/2 + offset. Below 0 (offset -5, |w| small) the Polyak trial L/(c|g|^2) is negative: ponls took
+    eta < 0 (ascent; 23 such steps on sharp_valley, from a probe). Now it takes the warm start there, so it is
+    nls's run bit for bit. At a stationary point with L > 0 (w0 = 0, offset 10) the trial was inf and the run
+    'diverged' with NaN; now w stays at w0 and every eta is the warm start."""
+    import eosflow
+
+    hessian, loss = quadratic(seed)
+    w0 = np.random.default_rng(seed).standard_normal(6) * 0.1
+    below = eosflow.Problem.from_function(lambda w: loss(w) - 5.0, jnp.asarray(w0))
+    ds = eosflow.simulate(below, lr=0.05, steps=40, processes=["nls", "ponls"], spectrum={"every": 0})
+    assert float(ds["loss"].sel(process="ponls").max()) < 0  # the trial was negative at every step
+    assert (ds["lr"].sel(process="ponls").values > 0).all()
+    for key in ("loss", "lr", "grad_norm"):
+        np.testing.assert_array_equal(ds[key].sel(process="ponls").values, ds[key].sel(process="nls").values)
+    np.testing.assert_array_equal(ds["distance"].sel(process="ponls").values, 0.0)  # ||w_ponls - w_nls||
+    stationary = eosflow.Problem.from_function(lambda w: loss(w) + 10.0, jnp.zeros(6))
+    ds = eosflow.simulate(stationary, lr=0.05, steps=5, processes=["ponls"], spectrum={"every": 0})
+    assert ds.attrs["status"] == "completed", ds.attrs.get("reason")
+    np.testing.assert_array_equal(ds["loss"].sel(process="ponls").values, 10.0)
+    np.testing.assert_array_equal(ds["lr"].sel(process="ponls").values, 0.05)

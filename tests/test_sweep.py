@@ -71,7 +71,9 @@ def test_parse_grid():
     assert parse_grid("problem.name=quadratic,quartic") == ("problem.name", ["quadratic", "quartic"])
     assert parse_grid("problem.eigenvalues=[2.0, 1.0],[3.0]") == ("problem.eigenvalues", [[2.0, 1.0], [3.0]])
     assert parse_grid("seed = 1, 2") == ("seed", [1, 2])
-    for bad, field in [("lr", "lr"), ("lr=", "lr"), ("seed=1,1", "seed"), ("=1,2", "key"), ("lr=0.1,,0.2", "lr")]:
+    assert parse_grid("problem.rotate=true,1") == ("problem.rotate", [True, 1])  # a bool is not the number 1
+    bad_grids = [("lr", "lr"), ("lr=", "lr"), ("seed=1,1", "seed"), ("=1,2", "key"), ("lr=0.1,,0.2", "lr")]
+    for bad, field in [*bad_grids, ("lr=1,1.0", "lr")]:  # 1 and 1.0: one spec, run twice (from a probe)
         with pytest.raises(SpecError, match=field):
             parse_grid(bad)
 
@@ -288,6 +290,50 @@ def test_a_sweep_rerun_with_more_steps_extends_its_points(cluster, tmp_path):
         np.testing.assert_allclose(ds.loss.sel(process="gd").values, gd_loss(gd_params[0], 100), rtol=1e-9)
     with pytest.raises(eosflow.store.StoreError, match="hold runs of a different spec"):
         run_sweep({**BASE, "steps": 60}, grid, tmp_path, scheduler=cluster.scheduler_address, progress=False)
+
+
+def test_another_grid_into_a_sweep_adds_its_points_and_other_keys_are_refused(cluster, tmp_path):
+    """A second sweep into `out` replaced sweep.json, so the table lost the first sweep's points (from a probe).
+    Values of the same keys are added; other keys or another base spec are refused before anything is written."""
+    address = cluster.scheduler_address
+    run_sweep(BASE, ["problem.init_scale=1.0"], tmp_path, scheduler=address, progress=False)
+    first = snapshot(tmp_path / "points")
+    run_sweep(BASE, ["problem.init_scale=2.0,1.0"], tmp_path, scheduler=address, progress=False)
+    assert {p: v for p, v in snapshot(tmp_path / "points").items() if p in first} == first  # not run again
+    ds = load_sweep(tmp_path)
+    assert list(ds["problem.init_scale"].values) == [1.0, 2.0] and set(ds["status"].values.ravel()) == {"completed"}
+    for scale in (1.0, 2.0):
+        point = tmp_path / "points" / str(ds["point"].sel({"problem.init_scale": scale}).item())
+        steps, gd_params = eosflow.load_params(point, "gd")
+        np.testing.assert_allclose(
+            ds["final_loss"].sel({"problem.init_scale": scale, "process": "gd"}).item(),
+            gd_loss(gd_params[0], 100)[-1],
+            rtol=1e-9,
+        )
+    assert "`problem.init_scale` = 1.0, 2.0" in (tmp_path / "sweep.md").read_text()
+    written = snapshot(tmp_path)
+    with pytest.raises(eosflow.store.StoreError, match="holds a sweep over problem.init_scale"):
+        run_sweep(BASE, ["seed=3"], tmp_path, scheduler=address, progress=False)
+    with pytest.raises(eosflow.store.StoreError, match="another base spec"):
+        run_sweep({**BASE, "lr": 0.05}, ["problem.init_scale=3.0"], tmp_path, scheduler=address, progress=False)
+    assert snapshot(tmp_path) == written
+
+
+def test_an_output_that_cannot_be_a_sweep_or_a_scheduler_out_of_reach_is_named(tmp_path):
+    """Tracebacks before (from a probe): FileExistsError for --out a file, OSError after 30 s for a scheduler."""
+    import dask
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(eosflow.store.StoreError, match="exists and is not a directory"):
+        run_sweep(BASE, ["seed=0"], afile, scheduler="tcp://127.0.0.1:9", progress=False)
+    assert afile.read_text() == "mine"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(eosflow.store.StoreError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
+            run_sweep(BASE, ["seed=0"], tmp_path / "s", scheduler="tcp://127.0.0.1:9", progress=False)
+    with pytest.raises(SpecError, match="--workers = 0"):
+        run_sweep(BASE, ["seed=0"], tmp_path / "w", workers=0, progress=False)
+    assert not (tmp_path / "w").exists()
 
 
 def test_sweep_writes_a_markdown_summary(swept):

@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     p_board = sub.add_parser("leaderboard", help="rank every model of GD on the built-in problem suite")
-    p_board.add_argument("--quick", action="store_true", help="the toy problems only, shortened (under a minute on 2 CPU cores)")
+    p_board.add_argument(
+        "--quick", action="store_true", help="the toy problems only, shortened (under a minute on 2 CPU cores)"
+    )
     p_board.add_argument(
         "--suite",
         default="default",

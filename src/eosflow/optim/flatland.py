@@ -47,7 +47,10 @@ _REFERENCE_HELP = (
     "R_k of the test L(w - eta g) <= R_k - c eta |g|^2: zhang_hager: max(C_k, L(w_k)), C_k the "
     "xi-weighted average of past losses; max: the largest of the last `memory` losses; monotone: L(w_k) (Armijo)"
 )
-_INITIAL_HELP = "first trial step: warm: the previous eta (the spec's lr at step 0); polyak: L(w_k) / (c_p |g_k|^2)"
+_INITIAL_HELP = (
+    "first trial step: warm: the previous eta (the spec's lr at step 0); "
+    "polyak: L(w_k) / (c_p |g_k|^2), or the warm one where that is not positive"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +189,14 @@ def polyak_step(loss: Array, grad_sq: Array, scale: float) -> Array:
     return loss / (scale * jnp.maximum(grad_sq, jnp.finfo(grad_sq.dtype).tiny))
 
 
+def polyak_trial(loss: Array, grad_sq: Array, scale: float, warm: Array) -> Array:
+    """The Polyak step where it is a positive finite number, else the warm start ``warm`` (ours): a loss at or
+    below 0, the optimal value the Polyak step assumes, gave eta <= 0 (gradient ascent, accepted by the test's
+    non-monotone reference), and a stationary point with L > 0 gave eta = inf (w - inf * 0 = NaN)."""
+    eta = polyak_step(loss, grad_sq, scale)
+    return jnp.where((eta > 0) & jnp.isfinite(eta), eta, warm)
+
+
 # ---- the non-monotone reference R_k ---------------------------------------------------------------
 
 
@@ -280,7 +291,7 @@ class LineSearchGD(ScannedProcess):
         loss, grad = self.objective.value_and_grad(w)
         grad_sq = jnp.vdot(grad, grad)
         reference = reference_value(o.reference, state.history, loss)
-        trial = state.lr if o.initial == "warm" else polyak_step(loss, grad_sq, o.polyak_scale)
+        trial = state.lr if o.initial == "warm" else polyak_trial(loss, grad_sq, o.polyak_scale, state.lr)
         found = line_search(
             self.objective.value,
             w,

@@ -15,6 +15,7 @@ from pathlib import Path
 from distributed import Client, Future, LocalCluster, Worker, as_completed
 
 from eosflow.config import SpecError
+from eosflow.store import StoreError
 from eosflow.sweep.points import Point
 from eosflow.sweep.progress import SweepProgress
 from eosflow.sweep.task import run_point
@@ -78,7 +79,11 @@ def connect(scheduler: str | None, workers: int | None, cache_dir: Path) -> Iter
     after dask's 4 s instead of waiting for :func:`stop_workers` (their points resume later).
     """
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler)
+        except OSError as error:  # distributed's timeout to connect is an OSError
+            raise StoreError(f"cannot reach the dask scheduler at {scheduler}: {error}") from None
+        with client:
             yield client
         return
     with local_cluster(workers, cache_dir) as cluster:

@@ -30,9 +30,19 @@ def parse_grid(text: str) -> tuple[str, list]:
     for i, value in enumerate(values):
         if isinstance(value, dict):
             raise SpecError(f"--grid {key}: a table value is not allowed; grid over its keys ({key}.name=...)")
-        if any(value == other and type(value) is type(other) for other in values[:i]):
+        if any(same_value(value, other) for other in values[:i]):
             raise SpecError(f"--grid {key}: the value {literal(value)} is listed twice")
     return key, values
+
+
+def same_value(a, b) -> bool:
+    """Whether two grid values make one point: equal, an int and a float alike (``1`` and ``1.0`` resolve to the
+    same spec), a bool apart from the numbers (``true`` is not ``1``), a string apart from everything else."""
+
+    def kind(value):
+        return "number" if isinstance(value, int | float) and not isinstance(value, bool) else type(value)
+
+    return kind(a) == kind(b) and a == b
 
 
 def _scalar(word: str, key: str):

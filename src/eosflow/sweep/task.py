@@ -28,7 +28,7 @@ def run_point(table: dict, run_dir: str, resolved: str, lock: str, events: str |
     topic), the steps done are published after every chunk as ``{"point": name, "step": step}``.
     """
     path = Path(run_dir)
-    with _locked(Path(lock)):
+    with exclusive_lock(Path(lock)):
         state = point_state(path, resolved)
         if state in FINISHED:
             return {"status": state, "ran": False}
@@ -60,7 +60,7 @@ def _publisher(topic: str | None, point: str) -> Progress | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def exclusive_lock(path: Path):
     """An exclusive ``flock`` on ``path`` (released by the kernel if the holder dies).
 
     File systems without locks (some network mounts) fall back to no lock: the scheduler still
