@@ -182,3 +182,28 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "lr03" / "report" / "report.md").exists()
     assert json.loads((tmp_path / "runs" / "lr03" / "summary.json").read_text())["steps_done"] == 16
     assert (tmp_path / "runs" / "cmp" / "report" / "compare.md").exists()
+
+
+def test_a_dropped_model_is_named_by_the_command_and_in_the_report(tmp_path, capsys):
+    """The free-energy model with the Taylor stiffness blows up on the quartic's orbit (loss -4.6e5 at step 15):
+    the command printed only "completed" and report.md listed that last value as the final loss (from a probe)."""
+    spec = Path(__file__).parent.parent / "examples" / "compare_quartic.toml"
+    out = tmp_path / "r"
+    changes = [
+        "--set",
+        'processes=["gd", "free_energy"]',
+        "--set",
+        'free_energy.stiffness="taylor"',
+        "--set",
+        "steps=40",
+    ]
+    assert main(["run", str(spec), *changes, "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    reason = json.loads((out / "summary.json").read_text())["dropped_processes"]["free_energy"]
+    assert f"dropped free_energy: {reason}" in printed
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in (out / "report" / "report.md").read_text().splitlines()
+        if line.startswith("| gd |") or line.startswith("| free_energy |")
+    }
+    assert rows["free_energy"].rstrip().endswith(f"| dropped: {reason} |") and rows["gd"].rstrip().endswith("| ok |")

@@ -271,3 +271,56 @@ def test_a_polyak_trial_that_is_not_positive_falls_back_to_the_warm_start(seed):
     assert ds.attrs["status"] == "completed", ds.attrs.get("reason")
     np.testing.assert_array_equal(ds["loss"].sel(process="ponls").values, 10.0)
     np.testing.assert_array_equal(ds["lr"].sel(process="ponls").values, 0.05)
+
+
+@pytest.mark.parametrize("scale, capped", [(0.1, False), (0.5, False), (3.0, True)])
+def test_the_cap_is_refused_where_the_sharpness_falls_below_its_floor(scale, capped):
+    """Least squares without a bias: its Hessian, the input covariance, is below S_flat = 1 when the inputs'
+    variance is (scale < 1), so 2 / S_flat is no bound on 2 / S; the cap took eta <= 1 at S = 0.151 there (from a
+    probe). Oracle: the dense Hessian's top eigenvalue at w0 against S_flat."""
+    table = {
+        "steps": 3,
+        "lr": 0.5,
+        "dtype": "float64",
+        "processes": ["nls"],
+        "problem": {"name": "linear_regression", "dim": 4, "n_train": 64, "scale": scale},
+        "nls": {"cap": True},
+    }
+    problem = prepare({**table, "nls": {}})[1]
+    top = np.linalg.eigvalsh(np.asarray(jax.hessian(problem.objective.value)(problem.w0)))[-1]
+    assert (top >= flat_sharpness(problem.objective)) == capped, top
+    if capped:
+        prepare(table)
+    else:
+        with pytest.raises(SpecError, match=r"`nls.cap` = true .* sharpness is [0-9.]+ at w0, below it"):
+            prepare(table)
+
+
+@pytest.mark.parametrize(
+    "process, options, unused",
+    [
+        ("nls", {"polyak_scale": 3.0}, "nls.polyak_scale"),
+        ("nls", {"cap_fraction": 0.2}, "nls.cap_fraction"),
+        ("nls", {"memory": 3}, "nls.memory"),
+        ("sgd", {"noise_examples": 10}, "sgd.noise_examples"),
+        ("ponls", {"polyak_scale": 3.0}, None),
+        ("nls", {"reference": "max", "memory": 3}, None),
+        ("sgd", {"noise_examples": 10, "noise_every": 5}, None),
+    ],
+)
+def test_an_option_without_effect_in_its_configuration_is_named(process, options, unused):
+    """Options the configuration ignores ran without a word (from a probe); those that act stay quiet."""
+    import warnings
+
+    from eosflow.config import SpecWarning
+
+    table = {"steps": 2, "lr": 0.05, "processes": [process], process: options}
+    table["problem"] = {"name": "linear_regression", "dim": 4, "n_train": 64}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare(table)
+    named = [
+        str(w.message) for w in caught if issubclass(w.category, SpecWarning) and "has no effect" in str(w.message)
+    ]
+    assert len(named) == (unused is not None), named
+    assert unused is None or f"`{unused}` = " in named[0]

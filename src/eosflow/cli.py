@@ -65,11 +65,13 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     ds = load(out)
     report = make_report(out, ds)
     warn_incomplete_critical_sets(ds)
-    seconds = RunStore(out).read_summary().get("seconds", float("nan"))
+    summary = RunStore(out).read_summary()
     print(
-        f"{outcome.status}: {outcome.steps_done} steps in {out}, {seconds:.1f} s of run time (all sessions)"
-        + (f" ({outcome.reason})" if outcome.reason else "")
+        f"{outcome.status}: {outcome.steps_done} steps in {out}, {summary.get('seconds', float('nan')):.1f} s of run "
+        "time (all sessions)" + (f" ({outcome.reason})" if outcome.reason else "")
     )
+    for name, reason in (summary.get("dropped_processes") or {}).items():
+        print(f"dropped {name}: {reason}")
     print(f"report: {report}")
     return 0 if outcome.status == "completed" else 3
 

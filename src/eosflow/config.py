@@ -15,6 +15,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
@@ -199,6 +200,17 @@ def describe_fields(cls: type) -> list[tuple[str, str, str]]:
             default = "(required)"
         rows.append((f.name, default, f.metadata.get("help", "")))
     return rows
+
+
+def warn_unused(options: Any, where: str, unused: dict[str, str]) -> None:
+    """A SpecWarning for each option of ``unused`` (field -> why it has no effect in this configuration) that is
+    set away from its default: a value the run would otherwise ignore without a word."""
+    defaults = {field.name: field.default for field in dataclasses.fields(options)}
+    for name, why in unused.items():
+        if getattr(options, name) != defaults[name]:
+            warnings.warn(
+                f"`{where}.{name}` = {getattr(options, name)!r} has no effect: {why}", SpecWarning, stacklevel=3
+            )
 
 
 def option(default: Any, help: str = "", **bounds) -> Any:

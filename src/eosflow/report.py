@@ -141,18 +141,23 @@ def make_report(run_dir: str | Path, ds: xr.Dataset | None = None) -> Path:
         figures.append((f"Distance to {reference}", "distance.png"))
 
     lines = [f"# Report: {ds.attrs.get('name', run_dir.name)}", ""]
-    lines += _summary_table(ds, RunStore(run_dir).read_summary())
+    summary = RunStore(run_dir).read_summary()
+    lines += _summary_table(ds, summary)
+    dropped = summary.get("dropped_processes") or {}
     lines += [
         "",
         "## Processes",
         "",
-        "| process | final loss | final sharpness | final lr*S | final distance |",
-        "|---|---|---|---|---|",
+        "Final: the last step each process recorded (for a dropped process, the step at which it blew up).",
+        "",
+        "| process | final loss | final sharpness | final lr*S | final distance | status |",
+        "|---|---|---|---|---|---|",
     ]
     for p in processes:
         lines.append(
             f"| {p} | {_last(ds, 'loss', p):.6g} | {_last(ds, 'sharpness', p):.6g} | "
-            f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} |"
+            f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} | "
+            + (f"dropped: {dropped[p]} |" if p in dropped else "ok |")
         )
     if "lr_sharpness" in ds:
         window = edge_of_stability_window(ds["lr_sharpness"].sel(process=reference).values, steps=steps)

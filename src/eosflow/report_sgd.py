@@ -23,7 +23,7 @@ from eosflow.optim.sgd import SGDOptions, step_noise
 from eosflow.precision import precision
 from eosflow.problems import build_problem
 from eosflow.spec import resolve
-from eosflow.spectrum import dense_top_eigenpairs, lanczos
+from eosflow.spectrum import top_hessian_eigenpairs
 from eosflow.store import StoreError
 from eosflow.theory.diffusion import (
     diffusion_curve,
@@ -64,13 +64,6 @@ def settled_step(*series: np.ndarray, tolerance: float = 0.1) -> int:
         below = np.flatnonzero(smooth <= final + tolerance * abs(final))
         settled = max(settled, below[0] + width - 1 if below.size else length // 2)  # that window's end
     return int(min(settled, length // 2))
-
-
-def top_hessian_eigenpairs(objective, w, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k eigenpairs of H(w): the dense float64 Hessian for small d, else ARPACK's Lanczos."""
-    dense = k >= w.size - 1 or w.size <= FULL_SPECTRUM
-    pairs = dense_top_eigenpairs(objective, w, k) if dense else lanczos(objective, w, k=k)
-    return np.asarray(pairs.values, float), np.asarray(pairs.vectors, float)
 
 
 def _late_params(run_dir: Path, process: str, checkpoint: int):
@@ -119,7 +112,7 @@ def _centre_model(spec, params: np.ndarray) -> CentreModel:
     centre = params.mean(axis=0)
     complete = centre.size <= FULL_SPECTRUM
     values, directions = top_hessian_eigenpairs(
-        objective, jnp.asarray(centre, dtype), centre.size if complete else min(2, centre.size)
+        FULL_SPECTRUM, objective, jnp.asarray(centre, dtype), centre.size if complete else min(2, centre.size)
     )
     u = jnp.asarray(directions, dtype)
     picks = params[np.linspace(0, len(params) - 1, NOISE_SAMPLES).astype(int)]

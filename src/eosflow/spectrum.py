@@ -315,6 +315,14 @@ def power_iteration(
     return Eigenpairs(np.array([value]), vectors, calls, residuals)  # type: ignore[arg-type]  # numpy oracle: host arrays
 
 
+def top_hessian_eigenpairs(dense_up_to: int, objective: Objective, w: Array, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k eigenpairs of H(w) on the host: the dense Hessian's for d <= ``dense_up_to`` (or k >= d - 1, where
+    ARPACK cannot run), else ARPACK's Lanczos at tol 0."""
+    dense = k >= w.size - 1 or w.size <= dense_up_to
+    pairs = dense_top_eigenpairs(objective, w, k) if dense else lanczos(objective, w, k=k)
+    return np.asarray(pairs.values, float), np.asarray(pairs.vectors, float)
+
+
 def dense_hessian(objective: Objective, w: Array, block: int = 256) -> np.ndarray:
     """The dense Hessian, column blocks of H(w) I by one linearization of the gradient."""
     d = w.size

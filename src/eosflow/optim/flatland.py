@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from eosflow.config import SpecError, option
+from eosflow.config import SpecError, option, warn_unused
 from eosflow.objective import Objective, mse, sse
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import spectrum_row
+from eosflow.spectrum import spectrum_row, top_hessian_eigenpairs
 
 Reference = Literal["zhang_hager", "max", "monotone"]
 Initial = Literal["warm", "polyak"]
@@ -247,8 +247,11 @@ def flat_sharpness(objective: Objective) -> float | None:
     return float(jnp.linalg.eigvalsh(block)[-1])
 
 
-def step_bound(options: LineSearchOptions, objective: Objective, where: str) -> float:
-    """The largest eta allowed: min(max_lr, cap_fraction * 2 / S_flat) over the bounds that are on."""
+def step_bound(options: LineSearchOptions, objective: Objective, where: str, w0: Array) -> float:
+    """The largest eta allowed: min(max_lr, cap_fraction * 2 / S_flat) over the bounds that are on.
+
+    S_flat is a floor of S(w) only for a model with a last-layer bias (docs/flatland.md): a sharpness below it
+    at w0 (ARPACK, or the dense Hessian for small d) shows a model without one, where the cap means nothing."""
     bound = options.max_lr if options.max_lr > 0 else float("inf")
     if options.cap:
         floor = flat_sharpness(objective)
@@ -257,8 +260,18 @@ def step_bound(options: LineSearchOptions, objective: Objective, where: str) -> 
                 f"`{where}.cap` = true needs a squared loss over the outputs (problem.loss = 'mse'), whose "
                 f"sharpness has the floor S_flat; for other losses bound the step with `{where}.max_lr` instead"
             )
+        sharpness = float(top_hessian_eigenpairs(DENSE_UP_TO, objective, w0, 1)[0][0])
+        if sharpness < floor * (1 - 1e-6):
+            raise SpecError(
+                f"`{where}.cap` = true bounds eta by 2 / S_flat, S_flat = {floor:g} being the sharpness floor of a "
+                f"model with a last-layer bias; this model's sharpness is {sharpness:.6g} at w0, below it, so it has "
+                f"no such floor: bound the step with `{where}.max_lr` instead"
+            )
         bound = min(bound, options.cap_fraction * 2.0 / floor)
     return bound
+
+
+DENSE_UP_TO = 200  # the cap's check of S(w0) >= S_flat: the dense Hessian up to this many parameters
 
 
 # ---- the process ---------------------------------------------------------------------------------
@@ -341,11 +354,21 @@ class LineSearchGD(ScannedProcess):
 
 def build_line_search(name: str):
     def build(problem, spec, options: LineSearchOptions) -> LineSearchGD:
+        unused = {
+            "polyak_scale": ("it scales the Polyak trial", options.initial == "warm", "initial = 'warm'"),
+            "cap_fraction": ("it scales the cap", not options.cap, "cap = false"),
+            "memory": (
+                "it is the memory of reference = 'max'",
+                options.reference != "max",
+                f"reference = {options.reference!r}",
+            ),
+        }
+        warn_unused(options, name, {key: f"{what}, and {why}" for key, (what, off, why) in unused.items() if off})
         test = problem.test_objective
         return LineSearchGD(
             **scanned_fields(name, spec, problem.objective),
             options=options,
-            max_lr=step_bound(options, problem.objective, name),
+            max_lr=step_bound(options, problem.objective, name, problem.w0),
             accuracy=problem.accuracy,
             test_data=None if test is None else test.data,
         )

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from eosflow.batch_sharpness import batch_quotient
-from eosflow.config import SpecError, SpecWarning, option
+from eosflow.config import SpecError, SpecWarning, option, warn_unused
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, process_key, register_process, scanned_fields
 from eosflow.spectrum import spectrum_row
@@ -266,6 +266,8 @@ def build_sgd(problem, spec, options: SGDOptions) -> SGD:
     objective = problem.objective
     check_batch_size(objective, options.batch_size, "sgd.batch_size")
     check_batch_size(objective, options.noise_examples, "sgd.noise_examples")  # (it was clipped to N)
+    if not options.noise_every:
+        warn_unused(options, "sgd", {"noise_examples": "it sizes the noise estimate, and noise_every = 0"})
     if objective.data is None and options.gradient_noise == 0:
         warnings.warn(
             "sgd on a problem without data (a loss of w alone) has no minibatches to sample, and "
