@@ -499,3 +499,16 @@ def read_from(tmp_path, loss):
         for t, value in enumerate(loss):
             log.write(t, loss=value, sharpness=1.0 + t, threshold=4.0)
     return read(path)
+
+
+def test_a_threshold_of_zero_has_no_edge_ratio_and_no_numpy_warning(tmp_path):
+    """sharpness / 0 printed numpy's 'divide by zero' as an eosflow warning (from a probe): it reads NaN."""
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        for t, threshold in enumerate([0.0, 4.0, -1.0, 4.0]):
+            log.write(t, sharpness=2.0 + t, threshold=threshold, loss=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = summary(read(path))
+        plot(path, tmp_path / "log.png")
+    assert found["max_edge_ratio"] == pytest.approx(5.0 / 4.0)  # steps 1 and 3 only

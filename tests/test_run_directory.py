@@ -68,6 +68,9 @@ def test_a_deleted_chunk_is_named_by_step_range_and_recomputed_by_resume(finishe
         assert f"first step with lr*S >= 1.9: {window['first_step_at_edge']}" in report
     assert "| steps on disk | 72 (steps 0..79) |" in report
     assert "| missing steps | steps 16..23 of 'gd' (missing) |" in report
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0  # load, report and summary each find the gap: one line says it
+    assert capsys.readouterr().err.count("steps 16..23 of 'gd' (missing)") == 1
     untouched = {p: b for p, b in _bytes(out).items()}
     assert main(["resume", str(out), "--quiet"]) == 0
     assert re.search(r"steps 16\.\.23 of 'gd' \(missing\); recomputing them from step 0", capsys.readouterr().err)

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", RunDirectoryWarning)
-            warnings.showwarning = _show_warning
+            warnings.showwarning = _warning_printer()
             return _dispatch(args)
     except USER_ERRORS as error:
         print(f"eosflow: error: {error}", file=sys.stderr)
@@ -278,8 +278,17 @@ def _terminate_raises():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"eosflow: warning: {message}", file=sys.stderr)
+def _warning_printer():
+    """``warnings.showwarning`` for one command: each message once (a run directory's damage is found by load,
+    report and summary alike, and was printed two or three times), without Python's file and line."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"eosflow: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 def _dispatch(args) -> int:

@@ -306,7 +306,9 @@ def _edge_ratio(ds: xr.Dataset) -> np.ndarray | None:
     if "edge_ratio" in ds:
         return ds["edge_ratio"].values
     if "sharpness" in ds and "threshold" in ds:
-        return ds["sharpness"].values / ds["threshold"].values
+        threshold = ds["threshold"].values
+        with np.errstate(divide="ignore", invalid="ignore"):  # a threshold <= 0 has no edge: NaN
+            return np.where(threshold > 0, ds["sharpness"].values / threshold, np.nan)
     return None
 
 
