@@ -85,6 +85,7 @@ def test_bad_grid_value_fails_before_anything_runs(tmp_path):
         ("problem.init_scale=1.0,0.0", "`problem.init_scale`"),
         ("problem.widht=3", "problem.widht"),
         ("record.chunk=0", "`record.chunk`"),
+        ("lr.x=1,2", "--grid lr.x: `lr` is not a table"),  # named --set before
     ]:
         with pytest.raises(SpecError, match=field):
             run_sweep(BASE, ["seed=0,1", grid], tmp_path, scheduler="tcp://127.0.0.1:9", progress=False)

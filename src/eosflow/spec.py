@@ -239,10 +239,10 @@ def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def set_dotted(table: dict, assignment: str) -> None:
-    """Apply ``--set a.b=value`` (value parsed as TOML, else taken as a string) in place."""
+def set_dotted(table: dict, assignment: str, flag: str = "--set") -> None:
+    """Apply ``--set a.b=value`` (value parsed as TOML, else taken as a string) in place; errors name ``flag``."""
     if "=" not in assignment:
-        raise SpecError(f"--set expects dotted.key=value, got {assignment!r}")
+        raise SpecError(f"{flag} expects dotted.key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -253,7 +253,7 @@ def set_dotted(table: dict, assignment: str) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise SpecError(f"--set {key}: `{part}` is not a table")
+            raise SpecError(f"{flag} {key}: `{part}` is not a table")
     node[leaf] = value
 
 

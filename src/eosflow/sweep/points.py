@@ -47,7 +47,7 @@ def grid_points(table: dict, grids: list[tuple[str, list]]) -> list[Point]:
         names[name] = values
         point = copy.deepcopy(table)
         for key, value in values.items():
-            set_dotted(point, f"{key}={literal(value)}")
+            set_dotted(point, f"{key}={literal(value)}", "--grid")
         try:
             resolved = resolve(point)
         except SpecError as error:
