@@ -249,3 +249,19 @@ def test_the_torch_tracker_in_chunks_equals_it_whole():
             eosflow.torch.hessian_operator(model, F.cross_entropy, (batch[0], labels), microbatch=size)
     with pytest.raises(ValueError, match="microbatch must be a number of examples >= 1"):
         eosflow.torch.SharpnessTracker(model, F.mse_loss, microbatch=0)
+
+
+def test_the_examples_sgd_samples_are_the_axis_every_leaf_shares():
+    """Objective.num_examples read N off the first leaf: a batch that starts with a constant of 3 entries gave
+    N = 3 to SGD's sampling. It is now the shared axis, and a leaf without it is named (as microbatch names it)."""
+    import jax.numpy as jnp
+
+    from eosflow.config import SpecError
+    from eosflow.objective import Objective
+
+    x, y = jnp.ones((10, 2)), jnp.ones((10,))
+    loss = Objective.from_function(lambda w: jnp.sum(w**2)).loss_on
+    assert Objective(loss_on=loss, data={"a": y, "x": x}, unravel=lambda w: w).num_examples == 10
+    constants = {"a": jnp.ones(3), "x": x, "y": y}
+    with pytest.raises(SpecError, match=r"batch\['a'\] of shape \(3,\) has no axis of 10"):
+        Objective(loss_on=loss, data=constants, unravel=lambda w: w).num_examples  # noqa: B018

@@ -158,9 +158,10 @@ class Objective(eqx.Module):
     # ---- stochastic quantities -------------------------------------------------------------
     @property
     def num_examples(self) -> int:
+        """N, the examples' axis every leaf of the data shares (:func:`example_count`: a leaf without it is named)."""
         if self.data is None:
             raise ValueError("this objective has no data, so it has no examples to sample")
-        return int(jax.tree_util.tree_leaves(self.data)[0].shape[0])
+        return example_count(self.data, "sampling examples")
 
     def batch_grad(self, w: Array, indices: Array) -> Array:
         """Gradient of the mean loss over the examples ``indices``."""
