@@ -849,6 +849,20 @@ def test_a_torch_run_continues_in_eosflow_from_its_checkpoint(name, unused_head)
     losses = [float(objective.value(torch.from_numpy(w))) for w in expected[2:]]
     np.testing.assert_allclose(ds["loss"].sel(process=process).values, losses, rtol=1e-10)
     assert np.all(np.isfinite(ds["distance"].sel(process=model_name).values))
+    # a spec that is not the torch run's optimizer continued it with other numbers (a loss gap of 6.7e-2 for
+    # Adam's betas, from a probe): each setting the checkpoint reads is checked
+    from eosflow.config import SpecError
+
+    for key, value in options.items():
+        with pytest.raises(SpecError, match=rf"{process}\.{key} = {value!r} where the spec has {value / 2!r}"):
+            anchored({**table, process: {**options, key: value / 2}}, at=2, problem=bridged, start=start)
+    with pytest.raises(SpecError, match="lr = "):
+        anchored({**table, "lr": table["lr"] / 2}, at=2, problem=bridged, start=start)
+    if process == "nesterov":
+        heavy_ball = {**table, "processes": ["momentum", "momentum_stable_flow"], "momentum": options}
+        del heavy_ball["nesterov"]
+        with pytest.raises(SpecError, match="the optimizer is 'nesterov' where the spec's first process is 'momentum'"):
+            anchored(heavy_ball, at=2, problem=bridged, start=start)
 
 
 def test_what_eosflow_has_no_optimizer_for_is_named_at_the_checkpoint():
@@ -1469,3 +1483,29 @@ def test_eosflows_products_are_float32_whatever_the_callers_tf32_settings_and_th
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_a_meta_model_a_complex_one_and_a_random_forward_are_named_and_touch_no_rng():
+    """A model on the meta device met torch's 'unsupported scalarType'; a complex one was told to cast to float32
+    (dropping the imaginary parts); refusing a random forward moved torch's global RNG (from a probe)."""
+    batch = (torch.ones(6, 3), torch.ones(6, 2))
+    with torch.device("meta"):
+        meta = torch.nn.Linear(3, 2)
+    for call in (
+        lambda: eosflow.torch.problem(meta, F.mse_loss, batch),
+        lambda: eosflow.torch.hessian_operator(meta, F.mse_loss, batch),
+        lambda: eosflow.torch.checkpoint(meta),
+    ):
+        with pytest.raises(ValueError, match="on the meta device"):
+            call()
+    complex_model = torch.nn.Linear(3, 2).to(torch.complex64)
+    with pytest.raises(ValueError, match="real loss of real weights") as refused:
+        eosflow.torch.problem(complex_model, lambda out, y: (out.abs() - y).pow(2).mean(), batch)
+    assert ".float()" not in str(refused.value)
+    random = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5)).double()
+    random.train()
+    double = (batch[0].double(), batch[1].double())
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError, match="random"):
+        eosflow.torch.problem(random, F.mse_loss, double)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -36,11 +36,44 @@ PyTree = Any
 class Checkpoint(NamedTuple):
     """Parameters (a pytree shaped like the problem's) and, for momentum, RMSProp or Adam, the optax state
     that trained them (``None`` for GD). ``previous``: the parameters one step earlier, if kept (only the
-    first step's ``oscillation`` reads them)."""
+    first step's ``oscillation`` reads them). ``settings``: the training run's optimizer in the spec's terms,
+    where it can be read (``{"process": "adam", "lr": 1e-3, "options": {"beta1": 0.9, ...}}``; torch keeps
+    them, optax does not), checked against the spec by :func:`check_settings`."""
 
     params: PyTree
     opt_state: Any = None
     previous: PyTree | None = None
+    settings: dict | None = None
+
+
+def check_settings(spec: Any, settings: dict | None) -> None:
+    """A SpecError naming every setting of the training run's optimizer that the spec's first process contradicts:
+    the optimizer would continue with other numbers than the run it starts from, without a word."""
+    if settings is None:
+        return
+    name = spec.processes[0]
+    if settings["process"] != name:
+        differ = [f"the optimizer is {settings['process']!r} where the spec's first process is {name!r}"]
+    else:
+        given = {"lr": (settings["lr"], spec.lr)}
+        given |= {
+            f"{name}.{key}": (value, getattr(spec.options[name], key)) for key, value in settings["options"].items()
+        }
+        differ = [
+            f"{key} = {mine!r} where the spec has {theirs!r}"
+            for key, (mine, theirs) in given.items()
+            if not _same(mine, theirs)
+        ]
+    if differ:
+        raise SpecError(
+            f"the checkpoint's optimizer is not the spec's: {'; '.join(differ)}; set the spec as the run was"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return bool(np.isclose(a, b, rtol=1e-12, atol=0.0))
+    return a == b
 
 
 def _flat(tree: PyTree, like: np.ndarray, where: str, problem: Any) -> jax.Array:

@@ -19,13 +19,15 @@ import optax
 import torch
 
 from eosflow.checkpoint import Checkpoint
-from eosflow.torch.objective import trainable
+from eosflow.torch.objective import check_not_meta, trainable
 from eosflow.torch.tracker import never_stepped, parameter_groups, state_buffer
 
 
 def checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Checkpoint:
     """The :class:`Checkpoint` of ``model`` trained by ``optimizer`` (None: GD, no state) at its current step."""
     params = trainable(model)
+    if params:
+        check_not_meta(next(iter(params.values())).device, "the model's parameters")
 
     def flat(tensors: list[torch.Tensor]) -> np.ndarray:
         return torch.cat([t.detach().reshape(-1) for t in tensors]).cpu().numpy()
@@ -54,21 +56,39 @@ def checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
         ]
         return np.concatenate([values for values, _ in read]), {steps for _, steps in read if steps is not None}
 
+    group = settings[0]
+    lr = float(group["lr"])
+
+    def run(process: str, **options) -> dict:  # the optimizer in the spec's terms (checked by anchored)
+        return {"process": process, "lr": lr, "options": options}
+
     if isinstance(optimizer, torch.optim.SGD):
-        if not settings[0].get("momentum", 0.0):
-            return Checkpoint(w)
-        if settings[0].get("dampening", 0.0):
-            raise ValueError(f"dampening = {settings[0]['dampening']}: eosflow's momentum has none")
-        return Checkpoint(w, optax.TraceState(trace=buffer("momentum_buffer")[0]))
+        if not group.get("momentum", 0.0):
+            return Checkpoint(w, settings=run("gd"))
+        if group.get("dampening", 0.0):
+            raise ValueError(f"dampening = {group['dampening']}: eosflow's momentum has none")
+        beta = float(group["momentum"])
+        spec = run("nesterov", beta=beta) if group.get("nesterov") else run("momentum", beta=beta, form="classical")
+        return Checkpoint(w, optax.TraceState(trace=buffer("momentum_buffer")[0]), settings=spec)
     if isinstance(optimizer, torch.optim.RMSprop):
-        if settings[0].get("centered", False) or settings[0].get("momentum", 0.0):
+        if group.get("centered", False) or group.get("momentum", 0.0):
             raise ValueError("a centered RMSprop or one with momentum: eosflow's rmsprop is neither")
-        return Checkpoint(w, optax.ScaleByRmsState(nu=buffer("square_avg")[0]))
+        spec = run(
+            "rmsprop",
+            beta2=float(group["alpha"]),
+            eps=float(group["eps"]),
+            eps_root=0.0,
+            second_moment="diagonal",
+            bias_correction=False,
+        )
+        return Checkpoint(w, optax.ScaleByRmsState(nu=buffer("square_avg")[0]), settings=spec)
     if type(optimizer) is torch.optim.Adam:
-        if settings[0].get("amsgrad", False):
+        if group.get("amsgrad", False):
             raise ValueError("AMSGrad (a running max of nu): eosflow's adam has none")
         (mu, _), (nu, steps) = buffer("exp_avg"), buffer("exp_avg_sq")
         if len(steps) != 1:
             raise ValueError(f"the parameters' step counts differ ({sorted(steps)}): take the checkpoint after a step")
-        return Checkpoint(w, optax.ScaleByAdamState(count=np.int32(steps.pop()), mu=mu, nu=nu))
+        beta1, beta2 = (float(b) for b in group["betas"])
+        spec = run("adam", beta1=beta1, beta2=beta2, eps=float(group["eps"]), eps_root=0.0, bias_correction=True)
+        return Checkpoint(w, optax.ScaleByAdamState(count=np.int32(steps.pop()), mu=mu, nu=nu), settings=spec)
     raise ValueError(f"no eosflow optimizer for {type(optimizer).__name__}: use SGD, RMSprop or Adam")

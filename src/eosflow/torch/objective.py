@@ -191,6 +191,15 @@ def _tensor_name(path: tuple) -> str:
     return f"batch{pytree.keystr(path)}{role}"
 
 
+def check_not_meta(device: torch.device, what: str) -> None:
+    """A ValueError for tensors on the meta device: shapes without values, nothing to measure."""
+    if device.type == "meta":
+        raise ValueError(
+            f"{what} are on the meta device (shapes without values): materialize and load the weights first, "
+            "e.g. model.to_empty(device='cpu') then model.load_state_dict(...)"
+        )
+
+
 def check_pair(batch: Any, where: str) -> None:
     """A ValueError unless ``batch`` is one pair (inputs, targets), a tuple or list of two, naming what it is."""
     if isinstance(batch, tuple | list) and len(batch) == 2:
@@ -426,6 +435,13 @@ class TorchObjective:
         if len(dtypes) > 1:
             kinds = ", ".join(f"{name}: {p.dtype}" for name, p in params.items())
             raise ValueError(f"the model's parameters mix dtypes ({kinds}); cast the model with .float() or .double()")
+        if any(dtype.is_complex for dtype in dtypes):
+            raise ValueError(
+                f"the model's parameters are {next(iter(dtypes))}: eosflow measures the Hessian of a real loss of "
+                "real weights, and a complex parameter's curvature is not one symmetric matrix over them; hold "
+                "each complex weight as a real parameter of twice the size (torch.view_as_complex of a (..., 2) "
+                "float tensor in the forward)"
+            )
         if dtypes - {torch.float32, torch.float64}:
             (dtype,) = dtypes
             raise ValueError(
@@ -438,6 +454,7 @@ class TorchObjective:
         self.sizes = tuple(math.prod(shape) for shape in self.shapes)
         self.dtype = next(iter(dtypes))
         self.device = next(iter(params.values())).device
+        check_not_meta(self.device, "the model's parameters")
         for name, leaf in zip(("inputs", "targets"), batch):
             if torch.is_tensor(leaf) and leaf.is_floating_point() and leaf.dtype != self.dtype:
                 raise ValueError(
@@ -514,10 +531,11 @@ class TorchObjective:
             )
         w = self.flat_parameters()
         before = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
-        try:
-            with _HalfPrecisionOps() as half:
-                value = self.value(w, batch)
-            again = self.value(w, batch)
+        try:  # a random forward is refused below: the caller's generators are left as they were
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                with _HalfPrecisionOps() as half:
+                    value = self.value(w, batch)
+                again = self.value(w, batch)
         except RuntimeError as error:
             others = [
                 f"{_tensor_name(path)} is {leaf.dtype}"
