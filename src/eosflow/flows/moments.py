@@ -30,10 +30,12 @@ preconditioned eigenpairs at the centre, the substep count from their stiffness,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
@@ -58,7 +60,8 @@ class MomentFlowOptions(SubstepOptions):
     start: Literal["extrapolated", "lag"] = option(
         "extrapolated",
         "extrapolated: a bias-corrected moment starts at the gradient extrapolated back along the flow "
-        "(one HVP at w0), so the first steps match the optimizer's to O(lr^3); lag: at g(w0) (the old start)",
+        "(one HVP at w0), so the first steps match the optimizer's to O(lr^3), and an uncorrected nu where its "
+        "transient moves w as far as the optimizer's; lag: the linear lag-matched start (the old one)",
     )
     method: Literal["euler", "rk4"] = option(
         "rk4",
@@ -123,7 +126,9 @@ class ContinuousMoments:
         r = self.rule
         return (r.bias_correction and r.form == "ema", r.bias_correction and r.second_moment != "none")
 
-    def initial(self, w0: Array, grad: Array, h: Array | float, trend: Array | None = None) -> Phase:
+    def initial(
+        self, w0: Array, grad: Array, h: Array | float, trend: Array | None = None, matched: bool = True
+    ) -> Phase:
         """z(0): D(0) = (1 - L c) D*, nu(0) = (1 - L2 c2) s, which puts the slow mode at the discrete
         filters' (started from zero) to O(lr^2) (c D*/2 and c2 s/2 as h -> 0). A bias-corrected moment
         carries its mass q (the same filter of the constant 1, from the same start) and divides by it,
@@ -141,7 +146,23 @@ class ContinuousMoments:
             grad_d = grad - lookback(float(self.direction_rate(h)), float(start_d)) * trend
         if trend is not None and self.corrects[1]:
             grad_nu = grad - lookback(float(self.nu_rate(h)), float(start_nu)) * trend
-        return Phase(w0, start_d * self.kappa * grad_d, start_nu * self.second(grad_nu), mass)
+        nu = start_nu * self.second(grad_nu)
+        uncorrected = self.rule.second_moment != "none" and not self.corrects[1] and self.rule.beta2 > 0
+        if matched and self.moments == "lag" and uncorrected:
+            nu = self.matched_nu(self.second(grad), float(start_d), h)
+        return Phase(w0, start_d * self.kappa * grad_d, nu, mass)
+
+    def matched_nu(self, second: Array, start_d: float, h: Array | float) -> Array:
+        """nu(0) of an uncorrected second moment (ours): the start r s (per coordinate, s = s(g0)) whose transient
+        moves w as far as the optimizer's does, int_0^inf (D/P(nu) - D*/P(s)) dt = sum_k (D_{k+1}/P(nu_{k+1}) -
+        D*/P(s)) with g frozen. The linear start (1 - L2 c2) s matches int (nu - s) dt only: P is not linear in
+        nu, and the transient lasts ~1/(1 - b2) steps whatever lr is, so the flow was first order in lr
+        (docs/adaptive.md section 3, "The start of an uncorrected nu")."""
+        rule = self.rule
+        b1 = rule.beta1 if rule.form == "ema" else 0.0  # D_{k+1} / D* = 1 - b1^(k+1): Adam's m; D = g otherwise
+        rates = (float(self.direction_rate(h)), float(self.nu_rate(h)))
+        r = _matched_fraction(second, b1, rule.beta2, rule.eps, rule.eps_root, rates, start_d)
+        return jnp.where(second > 0, r, 1.0) * second
 
     def anchored(self, window: Sequence[OptimizerState]) -> Phase:
         """z at the optimizer's step k from its states at k-2 .. k+2 (``window``; state j holds w_j, m_j, nu_j):
@@ -227,6 +248,51 @@ class ContinuousMoments:
         return rate(preconditioned_sharpness) + 2.0
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _matched_fraction(
+    second: Array, b1: float, b2: float, eps: float, eps_root: float, rates: tuple[float, float], start_d: float
+) -> Array:
+    """r (shaped as s) with int_0^inf (D/P(r s e-folding to s) - D*/P(s)) dt = sum_k (D_{k+1}/P(nu_{k+1}) - D*/P(s)):
+    the optimizer's sum over its steps (those beyond b^k < 1e-7 in closed form, geometric), the flow's integral by
+    Gauss-Legendre in x = sqrt(nu / s), r by bisection (the flow's excess falls as r grows)."""
+    c, c2 = rates
+
+    def excess(a: Array | float, fraction: Array | float, s: Array) -> Array:
+        """a / P(fraction s) - 1 / P(s): a step's excess over the settled one, per lr D*."""
+        step, settled = (jnp.asarray(diagonal_preconditioner(nu, eps, eps_root, 1.0)) for nu in (fraction * s, s))
+        return a / step - 1.0 / settled
+
+    slow = max(b2, b1)
+    count = int(np.ceil(np.log(1e-7) / np.log(slow)))
+
+    def term(k, total):
+        k = k.astype(second.dtype)
+        return total + excess(1.0 - b1 ** (k + 1.0), 1.0 - b2 ** (k + 1.0), second)
+
+    total = jax.lax.fori_loop(0, count, term, jnp.zeros_like(second))
+    total = total + excess(1.0 - b1**count, 1.0 - b2**count, second) * slow / (1.0 - slow)
+    nodes, weights = (jnp.asarray(a, second.dtype) for a in np.polynomial.legendre.leggauss(64))
+
+    def flow_excess(r: Array) -> Array:
+        """int_0^inf of the flow's excess from nu(0) = r s, in x = sqrt(nu / s) from sqrt(r) to 1:
+        e^{-c2 t} = (1 - x^2) / (1 - r), dt = 2 x dx / (c2 (1 - x^2)) (a smooth integrand)."""
+        low = jnp.sqrt(r)[..., None]
+        x = low + (1.0 - low) * 0.5 * (nodes + 1.0)  # (..., nodes)
+        decay = (1.0 - x**2) / (1.0 - r[..., None])
+        a = 1.0 - (1.0 - start_d) * decay ** (c / c2)
+        density = excess(a, x**2, second[..., None]) * 2.0 * x / (c2 * (1.0 - x**2))
+        return 0.5 * (1.0 - low[..., 0]) * jnp.sum(weights * density, axis=-1)
+
+    def halve(_, bracket):
+        low, high = bracket
+        middle = 0.5 * (low + high)
+        above = flow_excess(middle) > total
+        return jnp.where(above, middle, low), jnp.where(above, high, middle)
+
+    low, high = jax.lax.fori_loop(0, 60, halve, (jnp.zeros_like(second), jnp.full_like(second, 1.0 - 1e-12)))
+    return 0.5 * (low + high)
+
+
 def lookback(rate: float, start_mass: float) -> float:
     """alpha such that y = D/q, the bias-corrected output of dD/dt = c (g - D), dq/dt = c (1 - q) from
     D(0) = q0 (g0 - alpha g'), q(0) = q0, averages to g0 over [0, 1] for g = g0 + t g': the discrete moment
@@ -274,7 +340,7 @@ class OptimizerModel(Flow):
         trend = H(w0) v (one HVP)."""
         mo, h = self.moments, self.compensated(self.options.substeps)
         grad = self.objective.grad(w0)
-        start = mo.initial(w0, grad, h)
+        start = mo.initial(w0, grad, h, matched=self.options.start != "lag")
         if self.options.start == "lag" or not any(mo.corrects):
             return start
         velocity = mo.velocity(start, grad, mo.second(grad), h).w
