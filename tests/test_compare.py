@@ -494,3 +494,24 @@ def test_cli_warns_of_an_incomplete_critical_set(tmp_path, capsys, command):
         err = capsys.readouterr().err
         named = "raise `spectrum.k_max` (1; `[central_flow.spectrum] k_max` for this process alone)" in err
         assert ("eosflow: warning: central_flow: at " in err and named and "grow_every" not in err) == warned, err
+
+
+def test_a_reference_without_a_yardstick_is_said_to_have_none(tmp_path):
+    """The warning told to add `sgd_stable_flow` (and the page named `nls_stable_flow`), processes that do not
+    exist, and adding one was an error (from a probe): a yardstick is named only where it exists."""
+    assert cmp.baseline_of("gd") == "gradient_flow" and cmp.baseline_of("adam") == "adam_stable_flow"
+    assert cmp.baseline_of("sgd") is None and cmp.baseline_of("nls") is None
+    table = {
+        "steps": 20,
+        "lr": 0.05,
+        "dtype": "float64",
+        "processes": ["sgd", "langevin"],
+        "problem": {"name": "linear_regression", "dim": 4, "n_train": 64},
+        "spectrum": {"every": 0},
+        "record": {"chunk": 10},
+    }
+    run(table, tmp_path / "r")
+    with pytest.warns(UserWarning, match="sgd has no yardstick") as caught:
+        page = cmp.write_report(tmp_path / "r").read_text()
+    assert not any("sgd_stable_flow" in str(w.message) for w in caught)
+    assert "NaN: sgd has none" in page and "sgd_stable_flow" not in page

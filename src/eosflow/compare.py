@@ -295,16 +295,23 @@ def warn_incomplete_critical_sets(ds: xr.Dataset) -> None:
             warnings.warn(note, CriticalSetWarning, stacklevel=3)
 
 
-def baseline_of(reference: str) -> str:
-    """The yardstick of the relative distance: gradient flow for GD, ``<opt>_stable_flow`` for an optimizer opt."""
-    return BASELINE if reference == "gd" else f"{reference}_stable_flow"
+def baseline_of(reference: str) -> str | None:
+    """The yardstick of the relative distance: gradient flow for GD, ``<opt>_stable_flow`` for an optimizer opt
+    that has one (momentum, Nesterov, RMSProp, Adam); None for a reference without one (SGD, a line search, a
+    model run first)."""
+    if reference == "gd":
+        return BASELINE
+    stable = f"{reference}_stable_flow"
+    return stable if stable in PROCESSES else None
 
 
-def yardstick_distances(ds: xr.Dataset, processes: list[str]) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+def yardstick_distances(
+    ds: xr.Dataset, processes: list[str]
+) -> tuple[str | None, np.ndarray | None, np.ndarray | None]:
     """(the yardstick of the reference ``processes[0]``, its distance and centre distance to the reference per
-    step), the series None where the yardstick was not run."""
+    step), the series None where the yardstick was not run or does not exist."""
     yardstick = baseline_of(processes[0])
-    if yardstick not in processes:
+    if yardstick is None or yardstick not in processes:
         return yardstick, None, None
     return yardstick, _series(ds, "distance", yardstick), _series(ds, "centre_distance", yardstick)
 
@@ -322,7 +329,14 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
     reference_loss = ds["loss"].sel(process=reference).values
     yardstick, baseline, centre_baseline = yardstick_distances(ds, processes)
     models = [p for p in processes[1:] if (entry := PROCESSES.get(p)) is not None and not entry.discrete]
-    if yardstick not in processes and models:  # a run of optimizers alone has no model to measure by it
+    if yardstick is None and models:
+        warnings.warn(
+            f"relative_distance and relative_centre_distance are NaN: {reference} has no yardstick to divide the "
+            "distances by (gradient_flow for gd, <optimizer>_stable_flow for momentum, nesterov, rmsprop and adam)",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif yardstick not in processes and models:  # a run of optimizers alone has no model to measure by it
         warnings.warn(
             f"relative_distance and relative_centre_distance are NaN: they divide by {yardstick}'s distance to "
             f"{reference} (the yardstick), and {yardstick} is not among the processes; add it to compare by them",
@@ -584,7 +598,12 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     lines += [
         "",
         "Columns: mean_distance = time-averaged ||w_ref - w||; relative_distance = the same "
-        f"divided by {baseline_of(reference)}'s; relative_centre_distance = the same ratio between the "
+        + (
+            f"divided by {yardstick}'s"
+            if (yardstick := baseline_of(reference))
+            else f"divided by a yardstick's (NaN: {reference} has none)"
+        )
+        + "; relative_centre_distance = the same ratio between the "
         "midpoints of consecutive steps (blind to a period-2 oscillation's phase); loss_error and "
         "envelope_error = relative L1 errors against the reference's smoothed loss and running-RMS "
         "envelope; the *_averaged columns compare both sides averaged over a centred box of "

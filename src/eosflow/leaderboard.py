@@ -285,9 +285,12 @@ def gd_models() -> list[str]:
 
 
 def baseline_of(optimizer: str) -> str:
+    """The yardstick of an entry's optimizer (GD and every optimizer of the suites have one)."""
     from eosflow.compare import baseline_of as yardstick
 
-    return yardstick(optimizer)
+    found = yardstick(optimizer)
+    assert found is not None, optimizer
+    return found
 
 
 def models_of(optimizer: str) -> list[str]:
