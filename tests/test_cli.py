@@ -207,3 +207,21 @@ def test_a_dropped_model_is_named_by_the_command_and_in_the_report(tmp_path, cap
         if line.startswith("| gd |") or line.startswith("| free_energy |")
     }
     assert rows["free_energy"].rstrip().endswith(f"| dropped: {reason} |") and rows["gd"].rstrip().endswith("| ok |")
+
+
+def test_the_demo_replaces_an_earlier_demo_and_refuses_any_other_run(tmp_path, capsys):
+    """`eosflow demo --out DIR` replaced whatever run DIR held (from a probe); `eosflow run` refuses that."""
+    import tomli_w
+
+    from eosflow.cli import demo_table
+    from eosflow.spec import load_spec_table
+
+    spec = Path(__file__).parent.parent / "examples" / "compare_quartic.toml"
+    out = tmp_path / "mine"
+    assert main(["run", str(spec), "--set", "steps=10", "--quiet", "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["demo", "--out", str(out), "--quiet"]) == 2
+    assert "holds the run 'compare_quartic', not the demo" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (tmp_path / "demo.toml").write_text(tomli_w.dumps(demo_table()))  # what a demo's directory holds
+    assert load_spec_table(tmp_path / "demo.toml") == demo_table()  # so an earlier demo is replaced

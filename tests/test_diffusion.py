@@ -145,3 +145,25 @@ def test_report_section(tmp_path):
     # runs without SGD get no section
     without_sgd = eosflow.load(tmp_path / "sgd").sel(process=["langevin"])
     assert sgd_section(without_sgd, tmp_path / "sgd", report) == ""
+
+
+def test_too_few_saved_parameters_are_counted_not_called_missing(tmp_path):
+    """Five vectors saved after the checkpoint read "No parameters were saved ... (set record.params_every)"
+    (from a probe): the section now says how many there are and that the fit needs eight."""
+    table = {
+        "steps": 600,
+        "lr": 0.1,
+        "dtype": "float64",
+        "processes": ["sgd"],
+        "problem": {"name": "linear_regression", "dim": 8, "n_train": 64, "decay": 1.0},
+        "sgd": {"batch_size": 8},
+        "spectrum": {"every": 0},
+        "record": {"params_every": 100, "chunk": 300},
+    }
+    run(table, tmp_path / "sgd")
+    text = make_report(tmp_path / "sgd").read_text().split("## SGD limiting dynamics")[1]
+    checkpoint = int(text.split("of their final levels): step ")[1].split(".")[0])
+    steps, _ = eosflow.load_params(tmp_path / "sgd", "sgd")
+    after = int(np.sum(steps >= checkpoint))
+    assert 0 < after < 8
+    assert f"{after} of sgd's saved parameter vectors fall at or after the checkpoint (step {checkpoint})" in text

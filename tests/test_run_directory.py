@@ -305,3 +305,45 @@ def test_a_run_stopped_before_its_first_chunk_says_so_and_report_names_it(tmp_pa
     monkeypatch.undo()
     run(SPEC, out, resume=True)
     assert RunStore(out).read_summary()["steps_done"] == SPEC["steps"]
+
+
+def test_a_report_that_cannot_be_written_is_named(finished, monkeypatch, capsys):
+    """A read-only run directory gave a PermissionError traceback from the first figure (from a probe, as uid
+    65534; root writes anyway, so the kernel's answer is stood in for here), as did report/ being a file."""
+    import eosflow.store as store
+
+    monkeypatch.setattr(store.os, "access", lambda path, mode: False)
+    assert main(["report", str(finished)]) == 2
+    assert "cannot write to output directory" in capsys.readouterr().err and "Permission denied" in str(
+        pytest.raises(StoreError, make_report, finished).value
+    )
+    monkeypatch.undo()
+    import shutil
+
+    shutil.rmtree(finished / "report", ignore_errors=True)
+    (finished / "report").write_text("not a folder")
+    with pytest.raises(StoreError, match="cannot write to output directory .*report"):
+        make_report(finished)
+
+
+def test_a_resume_in_another_environment_says_so_and_keeps_both(tmp_path):
+    """A run made by another eosflow or jax resumed without a word and its summary forgot the old versions (from a
+    probe), so 'bitwise the same as one run' could not be checked. Each session's environment is kept."""
+    out = tmp_path / "r"
+    run({**SPEC, "steps": 32}, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sessions"] == [
+        {"from_step": 0, **{k: summary[k] for k in ("eosflow", "jax", "device", "xla_flags")}}
+    ]
+    del summary["sessions"]  # as an eosflow before sessions wrote it
+    summary.update(eosflow="0.0.9", jax="0.4.30")
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.warns(RunDirectoryWarning, match=r"steps 0\.\.31 were computed in another environment \(eosflow "):
+        run({**SPEC, "steps": 48}, out, resume=True)
+    sessions = json.loads((out / "summary.json").read_text())["sessions"]
+    assert [(s["from_step"], s["eosflow"], s["jax"]) for s in sessions][0] == (0, "0.0.9", "0.4.30")
+    assert sessions[1]["from_step"] == 32 and sessions[1]["eosflow"] != "0.0.9"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RunDirectoryWarning)  # the same environment again: no new session
+        run({**SPEC, "steps": 64}, out, resume=True)
+    assert len(json.loads((out / "summary.json").read_text())["sessions"]) == 2

@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p_demo = sub.add_parser("demo", help="run the default experiment and write its report")
     p_demo.add_argument(
-        "--out", type=path_argument, default=Path("runs/demo"), help="run directory (default: runs/demo)"
+        "--out",
+        type=path_argument,
+        default=Path("runs/demo"),
+        help="run directory (default: runs/demo); an earlier demo there is replaced, another run refused",
     )
     p_demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -389,6 +392,13 @@ def _dispatch(args) -> int:
         print(f"leaderboard: {page}")
         return 0
     if args.command == "demo":
+        if (args.out / "spec.toml").is_file():  # the demo runs afresh over an earlier demo, and over nothing else
+            earlier = load_spec_table(args.out / "spec.toml")
+            if earlier != demo_table():
+                raise StoreError(
+                    f"{str(args.out)!r} holds the run {earlier.get('name', '?')!r}, not the demo, which would replace "
+                    "it: give the demo another --out"
+                )
         return _run_table(demo_table(), args.out, False, True, args.quiet)
     if args.command == "report":
         from eosflow.report import make_report

@@ -49,7 +49,7 @@ from eosflow.load import load, summary_of
 from eosflow.process import PROCESSES
 from eosflow.progress import training_bar
 from eosflow.spec import resolve
-from eosflow.store import RunStore
+from eosflow.store import RunStore, writable_folder
 
 SMOOTHING = 20.0  # std (in steps) of the Gaussian window for GD's loss and the envelope
 TRUNCATE = 4.0  # the window is cut at TRUNCATE standard deviations
@@ -515,8 +515,7 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     ds = load(run_dir)
     summary = RunStore(run_dir).read_summary()
     table = compare_dataset(ds, summary, width)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    out = writable_folder(run_dir / "report")
     table.to_csv(out / "compare.csv")
     steps = ds["step"].values
     processes = [str(p) for p in ds["process"].values]

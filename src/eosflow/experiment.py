@@ -194,7 +194,7 @@ def _run_locked(
                 f"cannot resume {str(store.root)!r}: its resolved spec differs from this one "
                 f"({'; '.join(differences[:5])}"
                 + ("; the problem built in memory has another w0 or other data than the run's" if other_data else "")
-                + "); use --overwrite (overwrite=True) to start again"
+                + "); start again with eosflow run SPEC --out DIR --overwrite (overwrite=True)"
             )
         if lost:
             store.write_file("spec.resolved.toml", tomli_w.dumps(resolved | {"steps": stored_steps}).encode())
@@ -236,6 +236,7 @@ def _run_locked(
     started = time.perf_counter()
     elapsed_before = previous_summary.get("seconds", 0.0) if previous_summary.get("steps_done", 0) else 0.0
     summary_base = _summary_base(spec, problem, names)
+    summary_base["sessions"] = _sessions(store, previous_summary if step else {}, summary_base, step)
     advance.timing = _Timing(previous_summary.get("timing", {}))
     end = spec.steps if stop_after is None else min(spec.steps, stop_after)
     outcome = Outcome(store.root, "running", step)
@@ -302,7 +303,7 @@ def _change_length(store: RunStore, spec: Spec, table: dict, resolved_text: str,
     if new < done:
         raise StoreError(
             f"cannot resume {str(store.root)!r} with steps = {new}: it already holds {done} steps "
-            f"(of {old}); a run is never cut short on disk (use --overwrite to start again)"
+            f"(of {old}); a run is never cut short on disk (eosflow run SPEC --out DIR --overwrite starts again)"
         )
     if new > old and old % chunk and done == old:
         warnings.warn(
@@ -437,7 +438,7 @@ def _restore(name: str, template: Any, leaves: list[np.ndarray], written_by: str
         raise StoreError(
             f"the checkpoint's state of process {name!r} does not fit this eosflow: it holds {len(leaves)} "
             f"arrays, this version's state has {expected} (the checkpoint was written by {written_by}, "
-            f"this is eosflow {_version()}); use --overwrite (overwrite=True) to start again"
+            f"this is eosflow {_version()}); start again with eosflow run SPEC --out DIR --overwrite (overwrite=True)"
         )
     return jax.tree_util.tree_unflatten(
         treedef, [_like(kept, leaf) for kept, leaf in zip(jax.tree_util.tree_leaves(template), leaves, strict=True)]
@@ -550,6 +551,33 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
         # each process's tracker limit: `[<process>.spectrum] k_max` can set it apart from `[spectrum]`
         "spectrum_k_max": {name: spec.spectrum_of(name).k_max for name in names},
     }
+
+
+ENVIRONMENT = ("eosflow", "jax", "device", "xla_flags")  # what a run's last digits depend on besides its spec
+
+
+def _sessions(store: RunStore, previous: dict, now: dict, step: int) -> list[dict]:
+    """Each session's environment and the step it started from (summary.json's ``sessions``): a resume under other
+    versions, another device or other XLA flags adds one, with a RunDirectoryWarning (the steps before it were
+    computed otherwise, and the run is bitwise an uninterrupted one only in one environment)."""
+    sessions = previous.get("sessions") or (
+        [{"from_step": 0, **{key: previous.get(key) for key in ENVIRONMENT}}] if previous else []
+    )
+    current = {key: now[key] for key in ENVIRONMENT}
+    last = sessions[-1] if sessions else None
+    if last is None or any(last.get(key) != value for key, value in current.items()):
+        if last is not None:
+            differ = ", ".join(
+                f"{key} {last.get(key)!r} -> {value!r}" for key, value in current.items() if last.get(key) != value
+            )
+            warnings.warn(
+                f"{str(store.root)!r}: steps 0..{step - 1} were computed in another environment ({differ}); a run "
+                "is bitwise an uninterrupted one only in one environment (summary.json's `sessions` keeps both)",
+                RunDirectoryWarning,
+                stacklevel=4,
+            )
+        sessions = [*sessions, {"from_step": step, **current}]
+    return sessions
 
 
 class _Timing:

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     import xarray as xr
 
 
-# {process: reason}, {process: wall times of its chunks}, {process: its tracker's k_max}
-SUMMARY_TABLES = ("dropped_processes", "timing", "spectrum_k_max")
+# {process: reason}, {process: wall times of its chunks}, {process: its tracker's k_max}, [each session's versions]
+SUMMARY_TABLES = ("dropped_processes", "timing", "spectrum_k_max", "sessions")
 
 
 def summary_of(ds: xr.Dataset) -> dict:

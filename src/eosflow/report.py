@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # no pyplot: the caller's backend and figu
 
 from eosflow.compare import line_style, log_scale_where_positive, threshold_line
 from eosflow.load import load
-from eosflow.store import RunStore, StoreError, resume_command
+from eosflow.store import RunStore, StoreError, resume_command, writable_folder
 
 Section = Callable[[xr.Dataset, Path, Path], str]
 SECTIONS: list[Section] = []  # sections registered with register_section (SGD's below)
@@ -91,8 +91,7 @@ def make_report(run_dir: str | Path, ds: xr.Dataset | None = None) -> Path:
             f"{str(run_dir)!r} holds no step yet (a run stopped before its first chunk was flushed), so there is "
             f"nothing to report; continue it with: {resume_command(run_dir)}"
         )
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    out = writable_folder(run_dir / "report")
     steps = ds["step"].values
     processes = list(ds["process"].values)
     reference = processes[0]

@@ -66,16 +66,24 @@ def settled_step(*series: np.ndarray, tolerance: float = 0.1) -> int:
     return int(min(settled, length // 2))
 
 
-def _late_params(run_dir: Path, process: str, checkpoint: int):
-    """(steps, params) saved at or after ``checkpoint`` on a uniform grid, or None."""
+LATE_PARAMS = 8  # saved parameter vectors after the checkpoint that the diffusion fit needs
+
+
+def _late_params(run_dir: Path, process: str, checkpoint: int) -> tuple[np.ndarray, np.ndarray] | str:
+    """(steps, params) saved at or after ``checkpoint`` on a uniform grid, or why there are none to fit."""
     try:
         steps, params = load_params(run_dir, process)
     except StoreError:
-        return None
+        return f"{process}'s parameters were not saved (set `record.params_every`)"
     keep = steps >= checkpoint
     steps, params = steps[keep], np.asarray(params[keep], float)
-    if len(steps) < 8 or np.ptp(np.diff(steps)) != 0:
-        return None
+    if len(steps) < LATE_PARAMS:
+        return (
+            f"{len(steps)} of {process}'s saved parameter vectors fall at or after the checkpoint (step {checkpoint}), "
+            f"and the fit needs {LATE_PARAMS}: lower `record.params_every` or run longer"
+        )
+    if np.ptp(np.diff(steps)) != 0:
+        return f"{process}'s parameters after the checkpoint were saved at uneven steps"
     return steps, params
 
 
@@ -275,7 +283,8 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
         ds["loss"].sel(process="sgd").values, ds["step_norm_sq"].sel(process="sgd").values
     )
     late = {p: _late_params(run_dir, p, checkpoint) for p in ("sgd", "langevin") if p in processes}
-    model = centre_model(run_dir, late["sgd"][1]) if late["sgd"] is not None else None
+    sgd_late = late["sgd"]
+    model = centre_model(run_dir, sgd_late[1]) if not isinstance(sgd_late, str) else None
     lines = [
         "## SGD limiting dynamics",
         "",
@@ -294,7 +303,7 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
         right.semilogy(
             steps, ds["step_norm_sq"].sel(process=process).values, lw=0.6, color=color, alpha=0.7, label=process
         )
-        if late[process] is not None:
+        if not isinstance(late[process], str):
             fitted, lags = _diffusion(late[process], left, process, color)
             rows += fitted
             if process == "sgd" and model is not None and model.complete:
@@ -319,10 +328,8 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
             "replicas continued from the checkpoint can (see benchmarks/sgd_diffusion.py).",
         ]
     else:
-        lines.append(
-            "No parameters were saved after the checkpoint (set `record.params_every`), so "
-            "only the local displacement is shown."
-        )
+        why = "; ".join(reason for reason in late.values() if isinstance(reason, str))
+        lines.append(f"No diffusion fit ({why}), so only the local displacement is shown.")
     lines += ["", "![diffusion](sgd_diffusion.png)"]
     if model is not None:
         local = ds["step_norm_sq"].sel(process="sgd").values[checkpoint - int(steps[0]) :]
@@ -333,7 +340,7 @@ def sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
             f"predicted lr^2 tr(Xi) / (1 - beta^2) = {predicted:.4g} (Xi averaged over "
             f"{NOISE_SAMPLES} late iterates).",
         ]
-        lines += _phase_portraits(report_dir, late["sgd"], model, lr)
+        lines += _phase_portraits(report_dir, sgd_late, model, lr)
     lines += batch_sharpness_lines(ds, report_dir, lr)
     return "\n".join(lines)
 

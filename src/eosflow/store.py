@@ -501,6 +501,18 @@ def resume_command(run_dir: str | Path) -> str:
     return f"eosflow resume {shlex.quote(str(run_dir))}"
 
 
+def writable_folder(path: Path) -> Path:
+    """``path`` made (if need be) and checked writable, or a StoreError naming it (a read-only run directory gave
+    a traceback from the first figure saved into its report/)."""
+    try:
+        path.mkdir(exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    except OSError as error:
+        raise StoreError(f"cannot write to output directory {str(path)!r}: {error.strerror or error}") from None
+    return path
+
+
 def steps_on_disk(done: int) -> str:
     """What an interrupted run left: "steps 0..n-1 are on disk", or that none is (stopped while compiling)."""
     return f"steps 0..{done - 1} are on disk" if done > 0 else "no step is on disk yet"
