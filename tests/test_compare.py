@@ -227,9 +227,12 @@ def test_compare_report_numbers_equal_the_run_directory(tmp_path):
         _close(rows[p]["loss_error"], np.abs(predicted - smooth(gd_loss)).sum() / smooth(gd_loss).sum())
         cost = ds["grads"].sel(process=p).values + 2 * ds["hvps"].sel(process=p).values
         _close(rows[p]["gradient_equivalents"], cost.mean())
-        chunks = summary["timing"][p]["chunks"]  # [steps, seconds, warm]: the first chunk compiles
-        assert [c[0] for c in chunks] == [80, 80] and [c[2] for c in chunks] == [0, 1]
-        _close(rows[p]["ms_per_step"], 1e3 * chunks[1][1] / chunks[1][0])
+        chunks = summary["timing"][p]["chunks"]  # [steps, seconds, warm]: the first chunk compiles, and so
+        # does a chunk whose tracker grew (k = 1 to k_max = 2 here): warm iff a chunk before held as many pairs
+        tracked = np.isfinite(ds["eigenvalues"].sel(process=p).values[[0, 80]]).sum(axis=1)
+        assert [c[0] for c in chunks] == [80, 80] and [c[2] for c in chunks] == [0, int(tracked[1] == tracked[0])]
+        timed = [c for c in chunks if c[2]] or chunks
+        _close(rows[p]["ms_per_step"], float(np.median([1e3 * c[1] / c[0] for c in timed])))
     envelope = np.sqrt(smooth(ds["oscillation"].sel(process="gd").values ** 2))
     amplitude = ds["amplitude"].sel(process="rod_flow").values
     _close(rows["rod_flow"]["envelope_error"], np.abs(amplitude - envelope).sum() / envelope.sum())

@@ -190,9 +190,8 @@ def milliseconds_per_step(timing: dict | None) -> float:
     """Wall-clock ms per unit time: the median over chunks of 1000 seconds / steps.
 
     ``timing["chunks"]`` lists ``[steps, seconds, warm]`` per chunk; the chunks that compiled
-    (warm = 0: a process's first chunk of each length in an invocation) are left out when others were timed
-    (a run of one chunk is timed with its compilation), and the median
-    discards the occasional recompilation (when the tracked eigenspace grows).
+    (warm = 0: a process's first chunk of each length and state shapes in an invocation, so also the chunk after
+    its tracker grew) are left out when others were timed (a run of one chunk is timed with its compilation).
     """
     chunks = np.asarray((timing or {}).get("chunks", []), dtype=np.float64).reshape(-1, 3)
     chunks = chunks[chunks[:, 0] > 0]
