@@ -271,6 +271,8 @@ def test_batches_as_a_list_or_stacked():
         assert float(value) == pytest.approx(float(np.mean(ratios)), rel=1e-10)
         with pytest.raises(ValueError, match=r"do not share a leading axis \(sizes \['4', '5'\]\)"):
             eosflow.batch_sharpness.batch_sharpness(loss, params, (stacked[0], stacked[1][:, :5].T[:5]))
+        with pytest.raises(ValueError, match="stacked batches' leading axis is empty"):  # NaN before
+            eosflow.batch_sharpness.batch_sharpness(loss, params, (stacked[0][:0], stacked[1][:0]))
 
 
 @pytest.mark.parametrize("n_batches, size", [(8, 4), (24, 10)])

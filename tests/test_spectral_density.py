@@ -141,14 +141,23 @@ def test_bad_arguments_are_named():
     a = spectrum_matrix(10, 0)
     with pytest.raises(ValueError, match=r"square.*\(10, 4\)"):
         stochastic_lanczos(np.ones((10, 4)))
-    with pytest.raises(ValueError, match=r"order must be in \[1, d = 10\], got 11"):
-        stochastic_lanczos(a, order=11)
-    with pytest.raises(ValueError, match="probes must be >= 1"):
+    for order in (11, 0, True, 3.0):  # a bool or a float met numpy's TypeError (from a probe)
+        with pytest.raises(ValueError, match=rf"order must be an integer in \[1, 10\], got {order!r}"):
+            stochastic_lanczos(a, order=order)
+    with pytest.raises(ValueError, match="probes must be an integer >= 1"):
         stochastic_lanczos(a, order=3, probes=0)
     with pytest.raises(ValueError, match="width must be positive"):
         stochastic_lanczos(a, order=3).at(np.zeros(3), width=0.0)
-    with pytest.raises(ValueError, match=">= 2 probes"):
+    with pytest.raises(ValueError, match="probes must be an integer >= 2"):
         hutchinson_trace(a, probes=1)
+    for block in (0, -1):  # range()'s and concatenate's errors before
+        with pytest.raises(ValueError, match=f"block must be an integer >= 1, got {block}"):
+            hutchinson_trace(a, probes=4, block=block)
+    broken = a.copy()
+    broken[3, 3] = np.nan  # a NaN was (nan, nan) from Hutchinson, scipy's "must not contain infs or NaNs" from SLQ
+    for call in (lambda: hutchinson_trace(broken, probes=4), lambda: stochastic_lanczos(broken, order=3)):
+        with pytest.raises(ValueError, match="products hold NaN or inf"):
+            call()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -190,3 +199,16 @@ def test_a_torch_models_hessian_operator_and_its_spectrum(dtype):
     np.testing.assert_allclose(
         operator @ np.eye(w.numel())[:, :2], dense[:, :2], rtol=rtol, atol=rtol * np.abs(dense).max()
     )
+
+
+@pytest.mark.parametrize("top", [1e8, 1e11])
+def test_a_spectrum_spanning_many_decades_is_resolved_at_full_order(top):
+    """A probe's Krylov space was called closed once a residual fell below 1e-10 of the largest alpha so far: with
+    an eigenvalue 1e11 above a bulk in [0.01, 1] the 39 bulk eigenvalues collapsed into 2 nodes (from a probe).
+    Closure is now relative to |H q| of the step: at full order the nodes are the eigenvalues."""
+    bulk = np.linspace(0.01, 1.0, 39)
+    density = stochastic_lanczos(np.diag(np.r_[top, bulk]), order=40, probes=1)
+    weighted = np.sort(density.nodes[0][density.weights[0] > 1e-300])
+    assert weighted.size == 40
+    np.testing.assert_allclose(weighted[:39], bulk, rtol=1e-4)
+    assert weighted[39] == pytest.approx(top, rel=1e-9)

@@ -104,5 +104,7 @@ def batch_sharpness(
             "batch_sharpness: the leaves of `batches` do not share a leading axis (sizes "
             f"{sorted(str(c) for c in counts)}): pass a list of batches, or stack them on a leading axis"
         )
+    if counts == {0}:
+        raise ValueError("batch_sharpness needs at least one batch: the stacked batches' leading axis is empty")
     quotients = jax.vmap(one)(batches)
     return jnp.mean(quotients.value), quotients

@@ -73,10 +73,8 @@ def stochastic_lanczos(
     not the result."""
     linear = _operator(operator)
     d = linear.shape[0]
-    if not 1 <= order <= d:
-        raise ValueError(f"order must be in [1, d = {d}], got {order!r}")
-    if probes < 1:
-        raise ValueError(f"probes must be >= 1, got {probes!r}")
+    check_count(order, "order", 1, d)
+    check_count(probes, "probes", 1)
     rng = np.random.default_rng(seed)
     starts = rng.standard_normal((d, probes))
     starts /= np.linalg.norm(starts, axis=0)
@@ -106,6 +104,10 @@ def _lanczos_block(
     for j in range(order):
         basis[j] = q
         image = np.array(linear.matmat(q), dtype=np.float64)  # a copy: JAX hands out read-only arrays
+        if not np.isfinite(image).all():
+            raise ValueError("stochastic_lanczos: the operator's products hold NaN or inf (the parameters or data do?)")
+        scale = np.linalg.norm(image, axis=0)  # |H q_j|: what "closed" is relative to (not max |alpha| so far,
+        # which let a spectrum spanning 1e9 close a probe while its bulk was unresolved)
         alpha[j] = np.einsum("dp,dp->p", q, image)
         image -= basis[j] * alpha[j]
         if j > 0:
@@ -113,7 +115,7 @@ def _lanczos_block(
         for _ in range(2):  # full reorthogonalization, twice (Kahan): the Ritz values stay single
             image -= np.einsum("jdp,jp->dp", basis[: j + 1], np.einsum("jdp,dp->jp", basis[: j + 1], image))
         norm = np.linalg.norm(image, axis=0)
-        closed = alive & (norm <= 1e-10 * np.maximum(np.abs(alpha[: j + 1]).max(axis=0), 1e-300))
+        closed = alive & (norm <= 1e-10 * np.maximum(scale, 1e-300))
         steps[closed] = j + 1
         alive &= ~closed
         if j == order - 1 or not alive.any():
@@ -123,16 +125,25 @@ def _lanczos_block(
     return alpha, beta, steps, (j + 1) * probes
 
 
+def check_count(value, name: str, low: int, high: int | None = None) -> None:
+    """A ValueError naming ``name`` unless ``value`` is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low or (high and value > high):
+        bounds = f"in [{low}, {high}]" if high else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
 def hutchinson_trace(operator, probes: int = 100, seed: int = 0, block: int = 16) -> tuple[float, float]:
     """(estimate of tr(H), its standard error): the mean of z^T H z over Rademacher probes z, in blocks of
     ``block`` columns (``probes`` HVPs)."""
     linear = _operator(operator)
-    if probes < 2:
-        raise ValueError(f"hutchinson_trace needs >= 2 probes for a standard error, got {probes!r}")
+    check_count(probes, "probes", 2)  # a standard error needs two
+    check_count(block, "block", 1)
     rng = np.random.default_rng(seed)
     samples = []
     for start in range(0, probes, block):
         z = rng.choice([-1.0, 1.0], size=(linear.shape[0], min(block, probes - start)))
         samples.append(np.einsum("dp,dp->p", z, np.asarray(linear.matmat(z), dtype=np.float64)))
     values = np.concatenate(samples)
+    if not np.isfinite(values).all():
+        raise ValueError("hutchinson_trace: the operator's products hold NaN or inf (the parameters or data do?)")
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
