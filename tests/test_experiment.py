@@ -268,3 +268,19 @@ def test_a_divergence_past_the_edge_says_so():
     assert "edge ratio (sharpness / stability threshold) reached 3, far past 1" in hint and "lower lr" in hint
     assert ScannedProcess.divergence_hint(None, {"edge_ratio": np.array([0.9, 1.2])}) == ""  # type: ignore[arg-type]
     assert ScannedProcess.divergence_hint(None, {"loss": np.array([1.0])}) == ""  # type: ignore[arg-type]
+
+
+def test_a_stop_asked_before_a_run_began_stops_it_before_its_first_chunk(tmp_path):
+    """A leaderboard worker signalled while it set a run up (before the run's own handler was in place) ignored the
+    signal and ran its whole entry (111 s after Ctrl-C, from a probe): the stop is recorded and the next run honours
+    it, once."""
+    import signal
+
+    from eosflow import signals
+
+    signals.record_stop(signal.SIGTERM)
+    with pytest.raises(signals.Interrupted):
+        run(spec(processes=["gd"], spectrum={"every": 0}), tmp_path / "a")
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps_done"] == 0 and "SIGTERM" in summary["reason"]
+    assert run(spec(processes=["gd"], spectrum={"every": 0}), tmp_path / "b").status == "completed"  # once only

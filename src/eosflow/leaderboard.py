@@ -44,6 +44,7 @@ from eosflow.load import load, rows_dataset
 from eosflow.optim.adaptive import OPTIMIZERS
 from eosflow.process import PROCESSES
 from eosflow.progress import training_bar
+from eosflow.signals import record_stop
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -643,34 +644,33 @@ def leaderboard(
 
 
 def _quiet_worker() -> None:
-    """A worker of ``--jobs``: Ctrl-C is the parent's to handle (it stops the workers), and SIGTERM stops a
-    worker's run at its next chunk boundary, flushed (:func:`eosflow.signals.stop_requests`), or ends it outside
-    a run, instead of the parent's handler inherited by fork."""
+    """A worker of ``--jobs``: Ctrl-C is the parent's to handle (it stops the workers), and the parent's SIGTERM
+    stops a worker's run at its next chunk boundary, flushed (:func:`eosflow.signals.stop_requests`, installed over
+    this handler while the run goes on); outside a run it is recorded, and a run being set up stops before its
+    first chunk (:func:`eosflow.signals.record_stop`). A worker that died of it instead would
+    break the pool, whose shutdown then sends every worker another SIGTERM: the second stops a run at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, record_stop)  # outside a run: the next run (if any) stops at once
 
 
-def _entry_in_worker(problem: str, table: dict, out: Path, onset: bool, names: dict[str, str]) -> pd.DataFrame:
-    """One entry of ``--jobs`` in a worker. Stopped by the parent, the worker ends once its run is flushed."""
+def _entry_in_worker(problem: str, table: dict, out: Path, onset: bool, names: dict[str, str]) -> pd.DataFrame | None:
+    """One entry of ``--jobs`` in a worker; None if the parent stopped its run (flushed at a chunk boundary)."""
     try:
         return run_suite({problem: table}, out, False, onset, names)
-    except KeyboardInterrupt as stopped:
-        os._exit(getattr(stopped, "exit_code", 130))  # the run is on disk; the parent is stopping the pool
+    except KeyboardInterrupt:
+        return None
 
 
 def _in_workers(tables: dict[str, dict], out: Path, onset: bool, names: dict[str, str], jobs: int) -> pd.DataFrame:
-    """Every entry in one of ``jobs`` worker processes; interrupted, the parent stops its workers (SIGTERM: a run
-    stops at its next chunk boundary, anything else at once) and waits for them before it stops too."""
+    """Every entry in one of ``jobs`` worker processes; interrupted, the parent asks its workers to stop (SIGTERM),
+    cancels the entries not started, and waits for the running ones to flush before it stops too."""
     pool = ProcessPoolExecutor(jobs, initializer=_quiet_worker)
     try:
         parts = list(pool.map(_entry_in_worker, *zip(*[(p, t, out, onset, names) for p, t in tables.items()])))
     except BaseException:
-        workers = list(getattr(pool, "_processes", {}).values())  # the executor keeps no public handle
-        for worker in workers:
+        for worker in list(getattr(pool, "_processes", {}).values()):  # the executor keeps no public handle
             worker.terminate()
-        for worker in workers:
-            worker.join()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
     return pd.concat(parts, ignore_index=True)

@@ -18,6 +18,16 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+_pending: list[int] = []  # a stop asked for before a run began (record_stop), which the next run honours
+
+
+def record_stop(signum: int, frame=None) -> None:
+    """A signal handler for a process that runs experiments one after another (a leaderboard worker): a stop
+    asked for while no run was going on (setting one up) makes the next run stop before its first chunk
+    (its summary says so), instead of being lost."""
+    _pending.append(signum)
+
+
 @contextlib.contextmanager
 def stop_requests() -> Iterator[dict[str, int | None]]:
     """While running, SIGINT and SIGTERM ask the run to stop at the next chunk boundary.
@@ -26,8 +36,9 @@ def stop_requests() -> Iterator[dict[str, int | None]]:
     can leave XLA's runtime half-torn-down, and the interpreter then crashed at exit (exit 139).
     A second signal stops at once. Installed only on the main thread (elsewhere, e.g. in a Dask
     worker thread, signals are the host's business) and not over a signal the caller ignores.
+    A stop :func:`record_stop` recorded before the run began is the run's request from its start.
     """
-    request: dict[str, int | None] = {"signum": None}
+    request: dict[str, int | None] = {"signum": _pending.pop() if _pending else None}
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
