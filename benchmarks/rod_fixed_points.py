@@ -17,13 +17,15 @@ centre-rod coupling through the curvature asymmetry between the ends (docs/rod_f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from eosflow.experiment import prepare
-from eosflow.flows.rod import RodState, euler_update, integrate, parity_kick
+from eosflow.flows.flow import FlowState
+from eosflow.flows.rod import RodFlow, parity_kick
 
 jax.config.update("jax_enable_x64", True)
 
@@ -55,20 +57,35 @@ def leading(jacobian: np.ndarray) -> complex:
     return complex(values[np.argmin(values.real)])
 
 
+class FullKick(RodFlow):
+    """The first version: the whole parity kick into the rod."""
+
+    def finish(self, z, end, ends, step):
+        centre, rod = end
+        return centre, rod + parity_kick(step, z[0], centre, ends, self.lr)
+
+
+class NoKick(RodFlow):
+    """No parity kick at all."""
+
+    def finish(self, z, end, ends, step):
+        return end
+
+
 def two_step_radius(process, x: jax.Array, r: jax.Array, kick: str) -> complex:
-    """The flip eigenvalue (:func:`leading`) of d(z_{k+2})/d(z_k), z = (x, r), at a fixed point of the one-step map."""
+    """The flip eigenvalue (:func:`leading`) of d(z_{k+2})/d(z_k), z = (x, r), at a fixed point of the one-step map,
+    for the rod flow as it is (``now``), with the ``full`` kick of its first version, or with ``none``."""
     d = x.size
+    kind = {"now": type(process), "full": FullKick, "none": NoKick}[kick]
+    variant = kind(**{field.name: getattr(process, field.name) for field in dataclasses.fields(process)})
     vectors = process.initial_vectors(x)
 
     def one(z, k):
-        state = RodState(z[:d], z[d:], vectors, jnp.asarray(k))
-        if kick == "now":
-            new, _ = process.step(state)
-            return jnp.concatenate([new.centre, new.rod])
-        (centre, rod), ends = integrate(process.field, euler_update, (state.centre, state.rod), process.substeps)
-        if kick == "full":
-            rod = rod + parity_kick(state.step, state.centre, centre, ends, process.lr)
-        return jnp.concatenate([centre, rod])
+        state = FlowState(
+            (z[:d], z[d:]), vectors, jnp.stack([vectors] * 2), jnp.asarray(jnp.nan, z.dtype), jnp.asarray(k)
+        )
+        new, _ = variant.step(state)
+        return jnp.concatenate(new.z)
 
     z = jnp.concatenate([x, r])
     first = jax.jacfwd(lambda z: one(z, 0))(z)

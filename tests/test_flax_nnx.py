@@ -374,3 +374,25 @@ def test_a_lora_runs_state_starts_eosflows_adam_on_the_lora_problem():
         table = {"processes": ["adam", "adam_stable_flow"], "adam": {"beta1": 0.9, "beta2": 0.999}, "lr": 0.02}
         ds = anchored({**table, "steps": 12, "dtype": "float64"}, at=2, problem=problem, start=start)
         np.testing.assert_allclose(ds.loss.sel(process="adam").values[:6], losses[2:], rtol=1e-12)
+
+
+def test_the_preconditioner_is_read_inside_nnx_jit_as_the_docs_loop_does():
+    """docs/monitor.md's NNX loop reads adam.preconditioner(optimizer.opt_state) inside nnx.jit, where the
+    count is an nnx Variable wrapping a tracer: ConcretizationTypeError (the doc's example and its benchmark
+    failed as written, from an audit). Inside equals outside."""
+    rng = np.random.default_rng(0)
+    model = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), jnp.tanh, nnx.Linear(6, 2, rngs=nnx.Rngs(1)))
+    batch = (jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), jnp.asarray(rng.normal(size=(16, 2)), jnp.float32))
+    adam = optimizer_edges.adam(1e-2)
+    optimizer = nnx.Optimizer(model, adam.transform, wrt=nnx.Param)
+    for _ in range(3):
+        optimizer.update(model, nnx.grad(mse)(model, batch))
+    tracker = eosflow.SharpnessTracker(mse, k=1, tol=1e-4, max_iters=200)
+    state = tracker.init(model, jax.random.key(0))
+
+    @nnx.jit
+    def inside(state, model, optimizer, batch):
+        return tracker.update(state, model, batch, preconditioner=adam.preconditioner(optimizer.opt_state))[1]
+
+    outside = tracker.update(state, model, batch, preconditioner=adam.preconditioner(optimizer.opt_state))[1]
+    np.testing.assert_allclose(inside(state, model, optimizer, batch).values, outside.values, rtol=1e-5)

@@ -261,7 +261,11 @@ def ema_second_moment(nu: PyTree, count: Any, decay: float, inside: float, outsi
 def bias_correction(count: Any, decay: float) -> Any:
     """1 - decay^t at an optax state's ``count`` t. A concrete count of 0 (a state no update has made: nu_hat =
     0 / 0) is a ValueError; a traced one is not checked (the state inside a jitted step has made one)."""
-    if not isinstance(count, jax.core.Tracer) and int(count) == 0:
+    try:
+        concrete = int(count)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        concrete = None  # traced, also inside a wrapper (an nnx.Variable under nnx.jit): not checked
+    if concrete == 0:
         raise ValueError(
             "the optimizer's state has count 0: no update has made its second moment yet, and the bias-corrected "
             "nu / (1 - b2^0) is 0 / 0. Read P (or the second moment) from the state after an update"
