@@ -225,3 +225,14 @@ def test_the_demo_replaces_an_earlier_demo_and_refuses_any_other_run(tmp_path, c
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     (tmp_path / "demo.toml").write_text(tomli_w.dumps(demo_table()))  # what a demo's directory holds
     assert load_spec_table(tmp_path / "demo.toml") == demo_table()  # so an earlier demo is replaced
+
+
+def test_a_bad_problem_value_prints_its_error_and_no_progress_bar(tmp_path, capsys):
+    """`eosflow run` with `[problem] widht = 3` printed a progress bar at 0 on stdout before the error (from an
+    audit of docs/reliability.md's "one paragraph")."""
+    spec = tmp_path / "c.toml"
+    spec.write_text('steps = 50\n[problem]\nname = "mlp"\nwidht = 3\n')
+    assert main(["run", str(spec), "--out", str(tmp_path / "o")]) == 2
+    out, err = capsys.readouterr()
+    assert "0/50" not in out and not out.strip(), out
+    assert "unknown key `problem.widht`" in err and not (tmp_path / "o").exists()

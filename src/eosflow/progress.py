@@ -13,7 +13,15 @@ def training_bar(total: int, reference: str, lr: float, label: str | None = None
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(
+    class Bar(Progress):
+        def __exit__(self, kind, error, trace):
+            """A run that fails before its first chunk (a bad [problem] value) leaves no bar at 0 behind its
+            error (docs/reliability.md: one paragraph)."""
+            if kind is not None and not any(t.completed for t in self.tasks):
+                self.live.transient = True
+            return super().__exit__(kind, error, trace)
+
+    bar = Bar(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
