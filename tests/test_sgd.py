@@ -293,3 +293,44 @@ def test_sgd_without_data_or_noise_says_it_is_gd():
         warnings.simplefilter("error", SpecWarning)
         prepare({**toy, "sgd": {"gradient_noise": 0.1, "batch_size": 1}})
         prepare({**toy, "problem": {"name": "mlp", "width": 4, "n_train": 40, "n_test": 0}})
+
+
+def counted_examples(processes, steps, options):
+    """Examples the model's forward pass saw in ``steps`` steps (a host callback in the model, per example)."""
+    seen = []
+
+    def apply(params, x):
+        jax.debug.callback(lambda v: seen.append(np.size(v)), x[..., 0])
+        return jnp.tanh(x @ params["a"]) @ params["b"]
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((30, 4)), rng.standard_normal((30, 2))
+    params = {"a": 0.3 * rng.standard_normal((4, 5)), "b": 0.3 * rng.standard_normal((5, 2))}
+    problem = eosflow.Problem.from_model(apply, params, x, y, loss="mse")
+    seen.clear()
+    ds = eosflow.simulate(
+        problem, lr=0.05, steps=steps, processes=processes, spectrum={"every": 0}, dtype="float64", options=options
+    )
+    return sum(seen), ds["grads"].sel(process=processes[0]).values
+
+
+@pytest.mark.parametrize(
+    "process, options",
+    [
+        ("sgd", {"sgd": {"batch_size": 6}}),
+        ("sgd", {"sgd": {"batch_size": 30, "momentum": 0.5}}),
+        ("sgd", {"sgd": {"batch_size": 1, "sampling": "with_replacement"}}),
+        ("langevin", {"sgd": {"batch_size": 6}}),
+        ("langevin", {"langevin": {"batch_size": 5, "substeps": 3, "noise_examples": 10}}),
+        ("langevin", {"langevin": {"batch_size": 8, "substeps": 2, "integrator": "euler_maruyama"}}),
+    ],
+)
+def test_the_recorded_gradient_cost_is_the_examples_differentiated(process, options):
+    """``grads`` per step (in full-batch gradients) against the examples the model's forward pass saw, counted
+    in the model: the difference of two run lengths leaves one step's evaluations (N = 30)."""
+    options = {key: {**table, "loss_every": 1000} if key == "sgd" else table for key, table in options.items()}
+    short, _ = counted_examples([process], 4, options)
+    long, grads = counted_examples([process], 9, options)
+    per_step = (long - short) / 5 / 30
+    assert per_step > 0
+    np.testing.assert_allclose(grads, per_step, rtol=1e-12)

@@ -11,8 +11,8 @@
       leaderboard.md             the same as a Markdown table, with the machine and the command
 
 The models are every registered continuous-time process (``PROCESSES`` entries that are not
-discrete) except the models of other optimizers (``NOT_GD_MODELS``, and every model registered for
-another optimizer); a model registered for some problems only (the mean-field particle model)
+discrete) except the models registered for another optimizer (the Langevin model of SGD, the flows
+of the adaptive optimizers); a model registered for some problems only (the mean-field particle model)
 runs on those. The ``adaptive`` suite (``ADAPTIVE_SUITE``) does the same for RMSProp and Adam: the
 optimizer is the reference, its stable flow the yardstick, and every model of it runs beside them.
 ``--problems`` and ``--models`` rerun some rows only (the reference and its baseline always run:
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     import xarray as xr
 
 REFERENCE, BASELINE = "gd", "gradient_flow"
-NOT_GD_MODELS = {"langevin": "models SGD, not GD"}
 # processes whose steps never read the eigenpairs they measure (their iterates are the same with
 # `spectrum.every = 0`, tests/test_leaderboard.py): their own cost leaves the eigensolver out
 MEASURE_ONLY = ("gd", "rod_flow", "edge_flow", *OPTIMIZERS)
@@ -275,13 +274,11 @@ def suite_entries(name: str) -> tuple[Entry, ...]:
 
 
 def gd_models() -> list[str]:
-    """Every registered model of GD: the non-discrete processes, minus ``NOT_GD_MODELS`` and other optimizers'."""
+    """Every registered model of GD: the non-discrete processes but other optimizers' models."""
     from eosflow.process import PROCESSES
 
     return [
-        name
-        for name, entry in PROCESSES.items()
-        if not entry.discrete and entry.optimizer is None and name not in NOT_GD_MODELS and name != BASELINE
+        name for name, entry in PROCESSES.items() if not entry.discrete and entry.optimizer is None and name != BASELINE
     ]
 
 

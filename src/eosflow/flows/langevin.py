@@ -161,7 +161,16 @@ class Langevin(Flow):
             "grad_norm": jnp.linalg.norm(grad),
             "lr": jnp.asarray(self.lr, theta.dtype),
             "velocity_norm_sq": jnp.sum(velocity**2),
+            "grads": jnp.asarray(1.0 + n * (1.0 + self.noise_share), theta.dtype),
         }
+
+    @property
+    def noise_share(self) -> float:
+        """A substep's per-example gradients for the noise, in full-batch gradients: m / N (0 without data)."""
+        if self.objective.data is None:
+            return 0.0
+        n, m = self.objective.num_examples, self.options.noise_examples
+        return (m if 0 < m < n else n) / n
 
     def step(self, state):
         """The wrapper's step, and the squared length of the step taken."""
@@ -191,4 +200,5 @@ register_flow(
     LangevinOptions,
     "underdamped Langevin model of SGD: inertia lr(1+beta)/2, friction 1-beta, noise lr Sigma_g/S",
     fields=langevin_fields,
+    optimizer="sgd",
 )

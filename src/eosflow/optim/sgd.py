@@ -186,6 +186,13 @@ class SGD(ScannedProcess):
             grad = grad + o.gradient_noise / jnp.sqrt(o.batch_size) * jax.random.normal(key, w.shape, w.dtype)
         return loss, grad
 
+    @property
+    def gradient_share(self) -> float:
+        """The step's own gradient cost in full-batch gradients, B / N (1 without data): the minibatch
+        gradient. The full-batch loss of the record (``loss_every``) is a measurement, like the eigensolver."""
+        n = self.num_examples
+        return 1.0 if n is None else self.options.batch_size / n
+
     def step(self, state: SGDState) -> tuple[SGDState, dict[str, Array]]:
         o, w, step = self.options, state.w, state.step
         batch_loss, batch_grad = self.minibatch_gradient(w, step)
@@ -207,6 +214,7 @@ class SGD(ScannedProcess):
             grad_norm=grad_norm,
             lr=jnp.asarray(self.lr, w.dtype),
             step_norm_sq=self.lr**2 * jnp.sum(buffer**2),
+            grads=jnp.asarray(self.gradient_share, w.dtype),
         )
         if o.noise_every:
             row["noise_trace"] = self.noise_trace_row(w, step)
