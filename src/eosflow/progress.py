@@ -19,6 +19,8 @@ def training_bar(total: int, reference: str, lr: float, label: str | None = None
             error (docs/reliability.md: one paragraph)."""
             if kind is not None and not any(t.completed for t in self.tasks):
                 self.live.transient = True
+                self.live.stop()  # without Progress.stop's blank line on a console that is not a terminal
+                return None
             return super().__exit__(kind, error, trace)
 
     bar = Bar(
