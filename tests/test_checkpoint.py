@@ -139,3 +139,52 @@ def test_a_table_without_dtype_takes_the_in_memory_problems(dtype, tmp_path):
         expected, got = made(named, "named"), made(bare, "bare")
         for name, variable in expected.data_vars.items():
             assert got[name].dtype == variable.dtype and got[name].values.tobytes() == variable.values.tobytes(), name
+
+
+INJECTED = {  # case: optax.inject_hyperparams(...) of the case's optimizer, with each hyperparameter it keeps
+    "gd": lambda **k: optax.inject_hyperparams(optax.sgd)(**{"learning_rate": 0.2, **k}),
+    "nesterov": lambda **k: optax.inject_hyperparams(optax.sgd, static_args=("nesterov",))(
+        **{"learning_rate": 0.1, "momentum": 0.7, "nesterov": True, **k}
+    ),
+    "rmsprop bias-corrected": lambda **k: optax.inject_hyperparams(
+        optax.rmsprop, static_args=("eps_in_sqrt", "bias_correction")
+    )(**{"learning_rate": 0.01, "decay": 0.9, "eps": 1e-6, "eps_in_sqrt": False, "bias_correction": True, **k}),
+    "adam": lambda **k: optax.inject_hyperparams(optax.adam)(
+        **{"learning_rate": 0.01, "b1": 0.9, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-9, **k}
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "case, changed, message",
+    [
+        ("gd", {}, None),
+        ("gd", {"learning_rate": 0.21}, r"lr = 0.21 where the spec has 0.2"),
+        ("gd", {"learning_rate": optax.linear_schedule(0.2, 0.1, 100)}, r"lr = 0.19\d* where the spec has 0.2"),
+        ("nesterov", {}, None),
+        ("nesterov", {"momentum": 0.6}, r"nesterov.beta = 0.6 where the spec has 0.7"),
+        ("rmsprop bias-corrected", {}, None),
+        ("rmsprop bias-corrected", {"decay": 0.95}, r"rmsprop.beta2 = 0.95 where the spec has 0.9"),
+        ("rmsprop bias-corrected", {"momentum": 0.5}, r"optax.rmsprop with momentum"),
+        ("adam", {}, None),
+        ("adam", {"b2": 0.999, "eps": 1e-8}, r"adam.beta2 = 0.999 where the spec has 0.99; adam.eps = 1e-08 where"),
+        ("adam", {"eps_root": 0.0}, r"adam.eps_root = 0.0 where the spec has 1e-09"),
+    ],
+)
+def test_hyperparameters_that_inject_hyperparams_keeps_are_checked_against_the_spec(case, changed, message):
+    """optax.inject_hyperparams keeps lr, the betas and eps in the state: a spec that contradicts them is refused
+    by name (the optimizer would continue with other numbers than the run, without a word); one that agrees
+    continues the user's run to 1e-12, as the plain optax state does."""
+    problem = make_problem(dtype="float64")
+    params0 = problem.objective.unravel(jnp.asarray(problem.w0))
+    history = user_loop(INJECTED[case](**changed), problem, params0, 12)
+    params, opt_state = history[4]
+    if message is not None:
+        with pytest.raises(SpecError, match=message):
+            anchored(table(case, 6), 2, problem, Checkpoint(params, opt_state))
+        return
+    ds = anchored(table(case, 6), 2, problem, Checkpoint(params, opt_state))
+    user_loss = [float(problem.objective.value(jnp.asarray(flat(history[4 + i][0])))) for i in range(2, 6)]
+    np.testing.assert_allclose(ds["loss"].isel(process=0).values, user_loss, rtol=1e-12)
+    float32 = opt_state._replace(hyperparams={k: jnp.float32(v) for k, v in opt_state.hyperparams.items()})
+    anchored(table(case, 6), 2, problem, Checkpoint(params, float32))  # the spec's numbers in float32 agree

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eosflow.checkpoint import Checkpoint, check_settings, optimizer_state
+from eosflow.checkpoint import Checkpoint, check_settings, injected_settings, optimizer_state
 from eosflow.config import SpecError
 from eosflow.experiment import (
     add_distances,
@@ -161,7 +161,8 @@ def _anchored(table: dict, at: int | str, problem: Problem | None, start: Checkp
     names = list(processes)
     optimizer, models = _anchorable(spec, processes, at, "`at`")
     if start is not None:
-        check_settings(spec, start.settings)
+        read = start.settings if start.settings is not None else injected_settings(names[0], start.opt_state)
+        check_settings(spec, read)
     first = optimizer.init(jnp.asarray(problem.w0)) if start is None else optimizer_state(optimizer, problem, start)
     limit = spec.divergence.loss_blowup * max(abs(float(problem.objective.value(first.w))), 1e-12)
     _, computed = optimizer.advance(first, spec.steps)

@@ -13,7 +13,8 @@ Adam's ``ScaleByAdamState(count, mu, nu)`` is (m, nu, count) with the same bias 
 ``TraceState(trace)`` is the classical and Nesterov buffer m, ``EmaState`` the EMA form's m;
 ``ScaleByRmsState(nu)`` is RMSProp's nu (and its count, bias-corrected). The hyperparameters (lr, betas,
 eps) are the spec's: optax keeps them in closures, not in its state, so they cannot be read from it and
-must be given as in the optax call.
+must be given as in the optax call; under ``optax.inject_hyperparams`` the state keeps them, and
+:func:`injected_settings` reads them for :func:`check_settings`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,39 @@ class Checkpoint(NamedTuple):
     settings: dict | None = None
 
 
+# optax's names of the hyperparameters that ``optax.inject_hyperparams`` keeps in its state -> each process's option
+INJECTED = {
+    "gd": {},
+    "momentum": {"momentum": "beta"},  # optax.sgd(lr, momentum)
+    "nesterov": {"momentum": "beta"},
+    "rmsprop": {"decay": "beta2"},  # its eps sits inside or outside the root by a flag the state does not keep
+    "adam": {"b1": "beta1", "b2": "beta2", "eps": "eps", "eps_root": "eps_root"},
+}
+
+
+def injected_settings(name: str, opt_state: Any) -> dict | None:
+    """The settings of ``optax.inject_hyperparams(...)`` in ``opt_state`` in the terms of process ``name`` (the
+    learning rate it last applied, and the betas and eps it keeps; ``INJECTED``), or None without such a state.
+    optax keeps the hyperparameters of any other transformation in closures, where they cannot be read."""
+    injected = substate(opt_state, _is_injected)
+    if injected is None or not isinstance(injected.hyperparams, dict):
+        return None
+    hyperparams = injected.hyperparams
+    if name == "rmsprop" and hyperparams.get("momentum") is not None:
+        raise SpecError("checkpoint.opt_state: an optax.rmsprop with momentum; eosflow's rmsprop has none")
+    options = {ours: hyperparams[theirs] for theirs, ours in INJECTED.get(name, {}).items() if theirs in hyperparams}
+    return {"process": name, "lr": hyperparams.get("learning_rate"), "options": options}
+
+
+def _is_injected(node: Any) -> bool:
+    return hasattr(node, "hyperparams") and hasattr(node, "inner_state")
+
+
+def _without_injected(opt_state: Any) -> Any:
+    """``opt_state`` with every ``inject_hyperparams`` state replaced by the state it wraps."""
+    return jax.tree.map(lambda n: n.inner_state if _is_injected(n) else n, opt_state, is_leaf=_is_injected)
+
+
 def check_settings(spec: Any, settings: dict | None) -> None:
     """A SpecError naming every setting of the training run's optimizer that the spec's first process contradicts:
     the optimizer would continue with other numbers than the run it starts from, without a word."""
@@ -55,12 +89,12 @@ def check_settings(spec: Any, settings: dict | None) -> None:
     if settings["process"] != name:
         differ = [f"the optimizer is {settings['process']!r} where the spec's first process is {name!r}"]
     else:
-        given = {"lr": (settings["lr"], spec.lr)}
+        given = {} if settings.get("lr") is None else {"lr": (settings["lr"], spec.lr)}
         given |= {
             f"{name}.{key}": (value, getattr(spec.options[name], key)) for key, value in settings["options"].items()
         }
         differ = [
-            f"{key} = {mine!r} where the spec has {theirs!r}"
+            f"{key} = {_shown(mine)!r} where the spec has {theirs!r}"
             for key, (mine, theirs) in given.items()
             if not _same(mine, theirs)
         ]
@@ -71,9 +105,19 @@ def check_settings(spec: Any, settings: dict | None) -> None:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal settings; an array's (optax keeps float32 scalars) equal to the spec's number in its own precision."""
+    if isinstance(a, np.ndarray | np.generic | jax.Array) and np.issubdtype(np.asarray(a).dtype, np.floating):
+        a = np.asarray(a)
+        return isinstance(b, float | int) and bool(
+            np.isclose(a, np.asarray(b, a.dtype), rtol=4 * np.finfo(a.dtype).eps, atol=0)
+        )
     if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
         return bool(np.isclose(a, b, rtol=1e-12, atol=0.0))
     return a == b
+
+
+def _shown(value: Any) -> Any:
+    return float(value) if isinstance(value, np.ndarray | np.generic | jax.Array) else value
 
 
 def _flat(tree: PyTree, like: np.ndarray, where: str, problem: Any) -> jax.Array:
@@ -131,7 +175,7 @@ def optimizer_state(optimizer: Any, problem: Any, checkpoint: Checkpoint) -> Any
     previous = w if checkpoint.previous is None else _flat(checkpoint.previous, like, "checkpoint.previous", problem)
     state = optimizer.init(w)
     if isinstance(optimizer, GradientDescent):
-        if checkpoint.opt_state is not None and jax.tree.leaves(checkpoint.opt_state):
+        if checkpoint.opt_state is not None and jax.tree.leaves(_without_injected(checkpoint.opt_state)):
             raise SpecError("checkpoint.opt_state: GD keeps no state; pass None (or optax.sgd's empty state)")
         return state
     if not isinstance(optimizer, AdaptiveOptimizer):
