@@ -322,7 +322,7 @@ def test_adamw_threshold_is_where_optaxs_own_iteration_loses_stability(lr, b1, w
 INJECTED = [0.004, 0.02, 0.01, 0.002, 0.03, 0.006, 0.015]  # set by hand in the state before update t
 
 
-@pytest.mark.parametrize("how", ["schedule", "injected"])
+@pytest.mark.parametrize("how", ["schedule", "injected", "multisteps"])
 def test_monitor_reads_a_schedules_step_size_at_optaxs_count(how):
     """With lr an optax schedule, or set by hand in an ``optax.inject_hyperparams`` state before each update,
     each reading's lr * S uses the lr optax applied in that update: recovered from the update itself (b1 = 0:
@@ -333,23 +333,42 @@ def test_monitor_reads_a_schedules_step_size_at_optaxs_count(how):
         optimizer = optimizer_edges.adam(
             optax.linear_schedule(0.002, 0.03, transition_steps=6), b1=0.0, b2=0.9, eps=1e-3
         )
-    else:
-        injected = optax.inject_hyperparams(optax.adam)(learning_rate=0.01, b1=0.0, b2=0.9, eps=1e-3)
+    elif how == "multisteps":  # gradient accumulation: a real update every 2nd call, lr(t) at the inner count t
+        schedule = optax.linear_schedule(0.002, 0.03, transition_steps=3)
+        accumulated = optax.MultiSteps(optax.adam(schedule, b1=0.0, b2=0.9, eps=1e-3), every_k_schedule=2)
+        optimizer = optimizer_edges.adam(schedule, b1=0.0, b2=0.9, eps=1e-3)._replace(
+            transform=accumulated.gradient_transformation()
+        )
+    else:  # the constructor's b2 and eps are not the ones injected: the state's are read
+        injected = optax.inject_hyperparams(optax.adam)(learning_rate=0.01, b1=0.0, b2=0.99, eps=1e-2)
         optimizer = optimizer_edges.adam(0.01, b1=0.0, b2=0.9, eps=1e-3)._replace(transform=injected)
 
     def loss(params, batch):
         return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
 
-    opt = monitored(optimizer, loss, every=2, tol=1e-6, max_iters=100, log=None)
+    opt = monitored(optimizer, loss, every=1 if how == "multisteps" else 2, tol=1e-6, max_iters=100, log=None)
     params, batch = problem.objective.unravel(problem.w0), problem.objective.data
     state = opt.init(params)
     checked = []
-    for t in range(7):
+    for t in range(8 if how == "multisteps" else 7):
         if how == "injected":
-            state.inner.hyperparams["learning_rate"] = jnp.asarray(INJECTED[t], jnp.float64)
+            state.inner.hyperparams.update(
+                learning_rate=jnp.asarray(INJECTED[t], jnp.float64),
+                b2=jnp.asarray(0.9, jnp.float64),
+                eps=1e-3 * (t + 1),
+            )
         grads = jax.grad(loss)(params, batch)
         updates, state = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=batch))(grads, state, params)
-        if t % 2 == 0:
+        if how == "multisteps" and t % 2 == 0:  # no update made yet at t = 0, none applied in between
+            assert np.all(ravel_flat(updates) == 0)
+            assert t > 0 or np.isnan(float(state.reading.sharpness))
+        elif how == "multisteps":
+            P = ravel_flat(optimizer.preconditioner(state.inner))
+            applied = -ravel_flat(updates) / (ravel_flat(grads) / P)
+            lr_t = float(state.reading.lr_sharpness) / float(state.reading.sharpness)
+            np.testing.assert_allclose(applied, lr_t, rtol=1e-4)  # (the mean of two equal gradients: params held)
+            checked.append(lr_t)
+        elif t % 2 == 0:
             P = ravel_flat(optimizer.preconditioner(state.inner))
             applied = -ravel_flat(updates) / (ravel_flat(grads) / P)  # optax's lr of this update, per coordinate
             reading = state.reading
@@ -361,6 +380,8 @@ def test_monitor_reads_a_schedules_step_size_at_optaxs_count(how):
         params = optax.apply_updates(params, updates)
     if how == "schedule":
         assert len(checked) == 4 and checked == sorted(checked) and checked[0] < 0.5 * checked[-1]  # warm-up moved it
+    elif how == "multisteps":  # inner updates 0..3 at lr(0..3), not the schedule at calls 1, 3, 5, 7
+        np.testing.assert_allclose(checked, [float(schedule(t)) for t in range(4)], rtol=1e-6)
     else:
         np.testing.assert_allclose(checked, INJECTED[::2], rtol=1e-12)
 
@@ -762,3 +783,66 @@ def test_wrt_measures_the_part_a_filter_spec_selects(seed):
             np.testing.assert_allclose(problem.objective.hvp(flat, jnp.eye(flat.size)[-1]), dense[-1], rtol=1e-10)
         with pytest.raises(ValueError, match="selects no array"):
             eosflow.SharpnessTracker(loss_plain, k=1, wrt={"a": False, "b": False}).init(plain, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize(
+    "edge, transform, changed, threshold",
+    [
+        ("adam", optax.inject_hyperparams(optax.adam), {"b1": 0.5}, lambda lr: 2 * 1.5 / (0.5 * lr)),
+        ("sgd", optax.inject_hyperparams(optax.sgd), {"momentum": 0.5}, lambda lr: 2 * 1.5 / lr),
+        ("rmsprop", optax.inject_hyperparams(optax.rmsprop), {"momentum": 0.5}, lambda lr: 2 * 1.5 / lr),
+        (
+            "adamw",
+            optax.inject_hyperparams(optax.adamw),
+            {"weight_decay": 5.0},
+            lambda lr: 2 * 1.9 * (1 - lr * 5.0 / 2) / (0.1 * lr),
+        ),
+    ],
+)
+def test_monitor_reads_the_injected_betas_momentum_and_weight_decay(edge, transform, changed, threshold):
+    """An ``inject_hyperparams`` optimizer whose b1 / momentum / weight decay is changed in its state: the threshold
+    of every later reading is the closed form at the state's value (the constructor's was kept before: Adam at
+    b1 = 0.5 read 38/lr instead of 6/lr). The closed forms are where optax's own iteration loses stability
+    (test_adamw_threshold_is_where_optaxs_own_iteration_loses_stability and the quadratic tests)."""
+    lr, problem = 0.01, small_problem()
+    settings = {"sgd": {"momentum": 0.9}, "rmsprop": {"momentum": 0.9}}.get(edge, {})
+    optimizer = getattr(optimizer_edges, edge)(lr, **settings)._replace(
+        transform=transform(learning_rate=lr, **settings)
+    )
+
+    def loss(params, batch):
+        return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+
+    opt = monitored(optimizer, loss, every=1, log=None)
+    params, batch = problem.objective.unravel(problem.w0), problem.objective.data
+    state = opt.init(params)
+    before = None
+    for t in range(4):
+        if t == 2:
+            state.inner.hyperparams.update({key: jnp.asarray(value) for key, value in changed.items()})
+        updates, state = opt.update(jax.grad(loss)(params, batch), state, params, batch=batch)
+        params = optax.apply_updates(params, updates)
+        read = float(state.reading.sharpness) / float(state.reading.edge_ratio)
+        before = read if t == 1 else before
+    assert read == pytest.approx(threshold(lr), rel=1e-6)
+    assert before == pytest.approx(optimizer.threshold, rel=1e-6) and abs(before / read - 1) > 0.01
+
+
+def test_monitor_passes_extra_arguments_to_the_inner_transform():
+    """``update(..., value=loss)`` reaches a transform that needs it (optax.contrib.reduce_on_plateau): the updates
+    are plain optax's (it raised a TypeError from inside optax before)."""
+    problem = small_problem()
+    chain = optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=1, factor=0.5))
+    opt = monitored(optimizer_edges.sgd(0.1)._replace(transform=chain), lambda p: loss_of(problem, p), log=None)
+    params = problem.objective.unravel(problem.w0)
+    state, plain = opt.init(params), chain.init(params)
+    for _ in range(6):
+        value, grads = jax.value_and_grad(lambda p: loss_of(problem, p))(params)
+        updates, state = opt.update(grads, state, params, value=value)
+        expected, plain = chain.update(grads, plain, params, value=value)
+        np.testing.assert_array_equal(ravel_flat(updates), ravel_flat(expected))
+        params = optax.apply_updates(params, updates)
+
+
+def loss_of(problem, params):
+    return problem.objective.value(ravel_flat(params))

@@ -9,8 +9,9 @@ P^{-1/2} H P^{-1/2} with P the preconditioner the inner optimizer just used (P =
 passes a :class:`Reading` to ``log`` on the host (``jax.debug.callback``); the latest reading
 is also in ``state.reading``. ``edge_ratio`` = S / threshold is 1 at the optimizer's edge of
 stability (lr * S = 2 for GD, 38 for Adam at b1 = 0.9). With a schedule, lr is the one of the
-update being made (optax's count, which equals the monitor's step when both start together); an
-``optax.inject_hyperparams`` optimizer's lr is the one its state says it used (set by hand or by a schedule).
+update made (the count optax's schedule state holds: under ``optax.MultiSteps``, the inner optimizer's); an
+``optax.inject_hyperparams`` optimizer's lr, betas, eps, momentum and weight decay are the ones its state says
+it used (set by hand or by a schedule). Extra arguments of ``update`` go to the inner transform.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array
 
-from eosflow.optimizer_edges import EdgeOptimizer, substate
+from eosflow.optimizer_edges import EdgeOptimizer, injected, substate
 from eosflow.tracker import SharpnessTracker, TrackerState
 
 
@@ -43,12 +44,18 @@ class MonitoredState(NamedTuple):
     reading: Reading  # the latest measurement (NaN before the first)
 
 
-def injected_lr(opt_state: optax.OptState) -> Array | None:
-    """The ``learning_rate`` an ``optax.inject_hyperparams`` state holds, the one its last update used
-    (set in ``state.hyperparams`` by hand, or a schedule's value), or None if the state has none."""
-    kinds = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-    found = substate(opt_state, lambda s: isinstance(s, kinds) and "learning_rate" in s.hyperparams)
-    return None if found is None else jnp.asarray(found.hyperparams["learning_rate"])
+def applied_lr(optimizer: EdgeOptimizer, opt_state: optax.OptState, step: Array) -> Array:
+    """The step size of the update just made: an ``optax.inject_hyperparams`` state's ``learning_rate`` (set by hand
+    or a schedule's value), else the schedule at the count of the last update its state made (``count - 1`` of
+    optax's ``ScaleByScheduleState``: under ``optax.MultiSteps`` the inner optimizer's, not the micro-step's),
+    else at ``step``; a constant lr as it is."""
+    lr = injected(opt_state, learning_rate=None)["learning_rate"]
+    if lr is not None:
+        return jnp.asarray(lr)
+    scheduled = substate(opt_state, lambda s: isinstance(s, optax.ScaleByScheduleState))
+    if callable(optimizer.lr) and scheduled is not None:
+        step = jnp.maximum(scheduled.count - 1, 0)
+    return optimizer.lr_at(step)
 
 
 def print_reading(reading: Reading) -> None:
@@ -103,14 +110,13 @@ def monitored(
             raise ValueError(
                 "eosflow.monitor.monitored: update() needs params (the point the sharpness is measured at)"
             )
-        updates, inner = optimizer.transform.update(updates, state.inner, params)
+        updates, inner = optimizer.transform.update(updates, state.inner, params, **extra_args)
         preconditioner = None if optimizer.preconditioner is None else optimizer.preconditioner(inner)
         step = state.tracker.count
         tracked, pairs = _measure(tracker, state.tracker, params, batch, preconditioner)
         sharpness = pairs.values[0]
-        lr = injected_lr(inner)  # the step size of this update: what optax used, or a schedule's at its count
-        lr = (optimizer.lr_at(step) if lr is None else lr).astype(sharpness.dtype)
-        measured = Reading(step, sharpness, lr * sharpness, sharpness / optimizer.edge(lr))
+        lr = applied_lr(optimizer, inner, step).astype(sharpness.dtype)
+        measured = Reading(step, sharpness, lr * sharpness, sharpness / optimizer.edge(lr, inner))
         is_measurement = pairs.hvps > 0
         reading = jax.tree.map(lambda new, old: jnp.where(is_measurement, new, old), measured, state.reading)
         if log is not None:

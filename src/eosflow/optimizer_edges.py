@@ -67,7 +67,9 @@ class EdgeOptimizer(NamedTuple):
 
     transform: optax.GradientTransformation
     lr: LearningRate  # a schedule is evaluated at the update's count, as optax does
-    edge: Callable[[Any], Any]  # lr -> the preconditioned sharpness at the edge of stability at that lr
+    # (lr, opt_state=None) -> the preconditioned sharpness at the edge at that lr (the state's injected betas,
+    # momentum and weight decay before the constructor's: :func:`injected`)
+    edge: Callable[..., Any]
     preconditioner: Callable[[optax.OptState], PyTree] | None  # P's diagonal (like params); None: P = I
     # nu_hat, P, dP/dnu_hat and nu_hat's rate: RMSProp without momentum, whose central flow is published
     second_moment: Callable[[optax.OptState], SecondMoment] | None = None
@@ -90,6 +92,18 @@ class EdgeOptimizer(NamedTuple):
         return float(self.edge(self.lr))
 
 
+INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def injected(opt_state: optax.OptState | None, **defaults: Any) -> dict[str, Any]:
+    """``defaults`` (by optax's names: learning_rate, b1, b2, eps, momentum, decay, weight_decay), each replaced by
+    the value an ``optax.inject_hyperparams`` state inside ``opt_state`` holds for it (set by hand or by a
+    schedule): the numbers the optimizer runs with. Without such a state, ``defaults``."""
+    found = None if opt_state is None else substate(opt_state, lambda s: isinstance(s, INJECTED_STATES))
+    held = {} if found is None else found.hyperparams
+    return {key: default if held.get(key) is None else held[key] for key, default in defaults.items()}
+
+
 def _positive(lr: LearningRate) -> LearningRate:
     """``lr`` itself, after refusing a constant that is not positive (a schedule is checked where evaluated)."""
     if not callable(lr):
@@ -100,9 +114,13 @@ def _positive(lr: LearningRate) -> LearningRate:
 def sgd(lr: LearningRate, momentum: float = 0.0, nesterov: bool = False) -> EdgeOptimizer:
     """optax.sgd: threshold 2/lr, 2 (1 + b)/lr with heavy-ball momentum b (Nesterov: 2 (1 + b) / ((1 + 2b) lr))."""
     transform = optax.sgd(_positive(lr), momentum=momentum or None, nesterov=nesterov)
-    form: MomentumForm = "nesterov" if nesterov and momentum else "classical"
-    c = stability_constant(momentum, form)
-    return EdgeOptimizer(transform, lr, lambda rate: c / rate, None)
+    stability_constant(momentum)  # refuses a momentum outside [0, 1) by name
+    form: MomentumForm = "nesterov" if nesterov else "classical"  # (the same c at momentum 0)
+
+    def edge(rate, opt_state=None):
+        return stability_constant(injected(opt_state, momentum=momentum)["momentum"], form) / rate
+
+    return EdgeOptimizer(transform, lr, edge, None)
 
 
 def adam(
@@ -134,14 +152,22 @@ def adamw(
         )
     else:
         transform = optax.adam(_positive(lr), b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    c = stability_constant(b1, "ema")
+    stability_constant(b1, "ema")  # refuses a b1 outside [0, 1) by name
+
+    def edge(rate, opt_state=None):
+        held = injected(opt_state, b1=b1, weight_decay=weight_decay)
+        return stability_constant(held["b1"], "ema") * decoupled_decay_factor(rate * held["weight_decay"]) / rate
+
+    def moment(state):
+        return injected(state, b2=b2, eps=eps, eps_root=eps_root)
+
     return EdgeOptimizer(
         transform,
         lr,
-        lambda rate: c * decoupled_decay_factor(rate * weight_decay) / rate,
-        lambda state: adam_preconditioner(state, b2=b2, eps=eps, eps_root=eps_root),
+        edge,
+        lambda state: adam_preconditioner(state, **moment(state)),
         # at b1 = 0 (and no decay) Adam is RMSProp with bias correction: m_hat = g
-        None if b1 or weight_decay else lambda state: adam_second_moment(state, b2=b2, eps=eps, eps_root=eps_root),
+        None if b1 or weight_decay else lambda state: adam_second_moment(state, **moment(state)),
     )
 
 
@@ -150,12 +176,12 @@ def amsgrad(
 ) -> EdgeOptimizer:
     """optax.amsgrad: Adam with P = sqrt(nu_max + eps_root) + eps, nu_max the running max of the bias-corrected
     nu; with P held, its linearized iteration is Adam's, so the threshold is 2 (1 + b1) / ((1 - b1) lr)."""
-    c = stability_constant(b1, "ema")
+    stability_constant(b1, "ema")  # refuses a b1 outside [0, 1) by name
     return EdgeOptimizer(
         optax.amsgrad(_positive(lr), b1=b1, b2=b2, eps=eps, eps_root=eps_root),
         lr,
-        lambda rate: c / rate,
-        lambda state: amsgrad_preconditioner(state, eps=eps, eps_root=eps_root),
+        lambda rate, opt_state=None: stability_constant(injected(opt_state, b1=b1)["b1"], "ema") / rate,
+        lambda state: amsgrad_preconditioner(state, **injected(state, eps=eps, eps_root=eps_root)),
     )
 
 
@@ -178,15 +204,21 @@ def rmsprop(
         momentum=momentum or None,
         nesterov=nesterov,
     )
-    form: MomentumForm = "nesterov" if nesterov and momentum else "classical"
-    c = stability_constant(momentum, form)
-    settings = (decay, eps, eps_in_sqrt, bias_correction)
+    stability_constant(momentum)  # refuses a momentum outside [0, 1) by name
+    form: MomentumForm = "nesterov" if nesterov else "classical"  # (the same c at momentum 0)
+
+    def second_moment(state):
+        held = injected(state, decay=decay, eps=eps)
+        return rmsprop_second_moment(state, held["decay"], held["eps"], eps_in_sqrt, bias_correction)
+
     return EdgeOptimizer(
         transform,
         lr,
-        lambda rate: c / rate,
-        lambda state: rmsprop_second_moment(state, *settings).preconditioner,
-        None if momentum else lambda state: rmsprop_second_moment(state, *settings),
+        lambda rate, opt_state=None: (
+            stability_constant(injected(opt_state, momentum=momentum)["momentum"], form) / rate
+        ),
+        lambda state: second_moment(state).preconditioner,
+        None if momentum else second_moment,
     )
 
 

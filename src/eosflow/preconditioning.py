@@ -27,8 +27,13 @@ MOMENTUM_FORMS: tuple[str, ...] = ("classical", "ema", "nesterov")
 
 
 def stability_constant(momentum: float = 0.0, form: MomentumForm = "classical") -> float:
-    """c such that the linearized iteration is stable iff lr * a < c (a: preconditioned curvature)."""
-    if not 0.0 <= momentum < 1.0:
+    """c such that the linearized iteration is stable iff lr * a < c (a: preconditioned curvature). ``momentum`` may
+    be an array (an injected hyperparameter): a traced one (inside jit) is not range-checked."""
+    try:
+        value: float | None = float(momentum)
+    except TypeError:  # traced: jax's ConcretizationTypeError is a TypeError
+        value = None
+    if value is not None and not 0.0 <= value < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if form == "classical":
         return 2.0 * (1.0 + momentum)
