@@ -92,7 +92,7 @@ def test_records_of_a_step_merge_and_a_resumed_loop_replaces_what_it_logs_again(
         for t in range(6):
             log.write(t, loss=10.0 - t, lr=0.1)
         log.write(4, sharpness=19.0)
-    with EdgeLog(path) as log:  # resumed from a checkpoint at step 3: steps 3.. are logged again
+    with EdgeLog(path, resume=True) as log:  # resumed from a checkpoint at step 3: steps 3.. are logged again
         for t in range(3, 8):
             log.write(t, loss=100.0 + t)
     ds = read(path)
@@ -172,7 +172,7 @@ def test_a_second_writer_is_refused_in_this_process_and_another(tmp_path):
         assert "being written by another process" in other.communicate(timeout=120)[0]
         log.write(1, loss=2.0)
     np.testing.assert_array_equal(read(path).loss, [1.0, 2.0])
-    with EdgeLog(path) as log:  # released by close
+    with EdgeLog(path, resume=True) as log:  # released by close
         log.write(2, loss=3.0)
 
 
@@ -250,7 +250,7 @@ def test_kill_9_mid_write_loses_only_the_torn_record_and_the_log_goes_on(tmp_pat
     if not torn:  # make the tear the kill may not have made, to see it cut
         path.write_bytes(data + b'{"step": 99999, "loss"')
     with pytest.warns(UserWarning, match="cut off 2[0-9] bytes|cut off [0-9]+ bytes"):
-        log = EdgeLog(path)
+        log = EdgeLog(path, resume=True)
     with log:
         log.write(n, loss=-1.0)
     again = read(path)
@@ -452,7 +452,7 @@ def test_a_log_left_open_at_exit_closes_quietly_with_its_records(tmp_path):
     ).communicate(timeout=120)
     assert err == ""
     assert list(read(path).loss.values) == [1.0, 0.5]
-    EdgeLog(path).close()  # its lock was released
+    EdgeLog(path, resume=True).close()  # its lock was released
 
 
 def test_non_finite_values_are_strict_json_nulls_read_as_nan(tmp_path, capsys):
@@ -512,3 +512,41 @@ def test_a_threshold_of_zero_has_no_edge_ratio_and_no_numpy_warning(tmp_path):
         found = summary(read(path))
         plot(path, tmp_path / "log.png")
     assert found["max_edge_ratio"] == pytest.approx(5.0 / 4.0)  # steps 1 and 3 only
+
+
+def test_a_second_run_on_a_log_is_refused_unless_it_resumes(tmp_path):
+    """Two runs logged one after the other to one path merged into one series by step (a probe: steps 0-19 from
+    the lr 0.02 run, 20-39 from the lr 0.01 run, a stepped threshold): a file holding records is refused, byte
+    for byte untouched, unless resume=True; a torn last line alone is not a record."""
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        for t in range(4):
+            log.write(t, loss=1.0 / (t + 1), threshold=3800.0)
+    before = path.read_bytes()
+    with pytest.raises(EdgeLogError, match=r"already holds 4 records of a run: EdgeLog\(path, resume=True\)"):
+        EdgeLog(path)
+    assert path.read_bytes() == before
+    with EdgeLog(path, resume=True) as log:
+        log.write(2, loss=9.0)
+    assert list(read(path).loss.values) == [1.0, 0.5, 9.0, 0.25]
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(b'{"step": 0, "lo')
+    with pytest.warns(UserWarning, match="cut off 15 bytes"), EdgeLog(torn) as log:
+        log.write(0, loss=2.0)
+    assert list(read(torn).loss.values) == [2.0]
+
+
+def test_two_loops_sharing_one_log_are_refused_at_their_first_common_record(tmp_path):
+    """Two monitored optimizers given one EdgeLog recorded their readings at the same steps, and the second
+    replaced the first's at every step (run A's threshold gone): a name recorded twice at a step by one log is
+    refused, naming it, and the first loop's record stays."""
+    path = tmp_path / "log.jsonl"
+    with EdgeLog(path) as log:
+        log.write(0, loss=1.0, sharpness=2.0)
+        log.write(0, lr=0.1)  # another name at the same step: one record
+        with pytest.raises(EdgeLogError, match=r"'sharpness' already recorded at step 0 by this EdgeLog"):
+            log.write(0, sharpness=5.0)
+        for t in range(1, 100):  # only the last RECENT steps are remembered, and the steps go on
+            log.write(t, loss=1.0)
+    ds = read(path)
+    assert float(ds.sharpness.sel(step=0)) == 2.0 and float(ds.lr.sel(step=0)) == 0.1

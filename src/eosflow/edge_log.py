@@ -1,6 +1,6 @@
 """A log of your own training loop's edge-of-stability readings on disk, read back and drawn.
 
-    log = eosflow.edge_log.EdgeLog("runs/adam.jsonl")             # appends; one writer at a time
+    log = eosflow.edge_log.EdgeLog("runs/adam.jsonl")             # a new file (resume=True: continue); one writer
     opt = eosflow.monitor.monitored(adam, loss_fn, every=10, log=log)  # each Reading: S, threshold, S/threshold
     log.write(step, loss=float(loss))                             # any scalars, from any loop
     log.write(step, eig, loss=loss)                               # eosflow.torch's tracker result (or a Reading)
@@ -10,8 +10,10 @@
 
 One JSON object per line, ``{"step": t, "name": value, ...}`` (strict JSON: a non-finite value is ``null``,
 read back as NaN); records of one step merge, and a later value
-of a name at a step replaces an earlier one (a loop resumed from a checkpoint logs its steps again: the
-run that went on is the one kept). Faults: every record is one ``write`` of a whole line to a file opened
+of a name at a step replaces an earlier one (a loop resumed from a checkpoint, ``EdgeLog(path, resume=True)``,
+logs its steps again: the run that went on is the one kept). A file holding records is refused without
+``resume=True`` (two runs would merge into one series), and so is a name written twice at a step by one
+``EdgeLog`` (two loops sharing it). Faults: every record is one ``write`` of a whole line to a file opened
 for appending, so a process killed at any moment leaves at most a torn last line, which the next
 ``EdgeLog`` on the file cuts off (saying so) and :func:`read` skips; a write the disk has no room for is
 undone to the last whole record and raised, naming the file; a second writer of the same file (another
@@ -99,14 +101,29 @@ class EdgeLog:
     """Appends records ``{"step": t, name: scalar, ...}`` to a JSON-lines file (see the module doc).
 
     Usable as ``monitored(..., log=EdgeLog(path))`` (called with each Reading, from JAX's callback thread)
-    and as a context manager; ``echo=True`` also prints each record.
+    and as a context manager; ``echo=True`` also prints each record. A file that already holds records is
+    another run's unless ``resume=True`` says it is this one's, continued (a step logged again replaces what it
+    held): without it the file is refused, untouched, so that two runs never merge into one series. Within one
+    ``EdgeLog`` a name is recorded once per step (two loops writing one log would overwrite each other).
     """
 
-    def __init__(self, path: str | os.PathLike, echo: bool = False):
+    RECENT = 64  # steps whose recorded names are remembered, to refuse a second writer's record of a step
+
+    def __init__(self, path: str | os.PathLike, echo: bool = False, resume: bool = False):
         self.path = Path(path)
         self.echo = echo
         self._lock = threading.Lock()  # jax.debug.callback may call from another thread
+        self._recorded: dict[int, set[str]] = {}  # step -> names this log recorded there (the last RECENT steps)
         self._fd: int | None = self._open(self.path, os.O_CREAT)
+        held = 0 if resume else os.pread(self._fd, os.fstat(self._fd).st_size, 0).count(b"\n")
+        if held:  # whole records (a torn line alone is none: cut below)
+            os.close(self._fd)
+            self._fd = None
+            raise EdgeLogError(
+                f"the edge log {str(self.path)!r} already holds {held} record{'s' * (held != 1)} of a run: "
+                "EdgeLog(path, resume=True) continues that run (a step logged again replaces what it held); "
+                "for another run, give it its own file. Nothing was written"
+            )
         self._cut_torn_tail()
 
     @staticmethod
@@ -209,6 +226,7 @@ class EdgeLog:
         with self._lock:
             if self._fd is None:
                 raise EdgeLogError(f"the edge log {str(self.path)!r} is closed")
+            self._claim(step, values)
             self._fd = self._restore_if_deleted(self._fd)
             size = os.fstat(self._fd).st_size
             try:
@@ -224,6 +242,20 @@ class EdgeLog:
         if self.echo:
             shown = (f"{k} = {v:.5g}" if v is not None else f"{k} = nan" for k, v in values.items())
             print(f"step {step:6d}  " + "  ".join(shown))
+
+    def _claim(self, step: int, values: dict[str, Any]) -> None:
+        """Remember the names recorded at ``step``; a name this log already recorded there is refused."""
+        names = self._recorded.setdefault(step, set())
+        again = sorted(names.intersection(values))
+        if again:
+            raise EdgeLogError(
+                f"{', '.join(map(repr, again))} already recorded at step {step} by this EdgeLog of "
+                f"{str(self.path)!r}: two loops (or two monitored optimizers) writing one log would overwrite each "
+                "other; give each its own file"
+            )
+        names.update(values)
+        while len(self._recorded) > self.RECENT:
+            del self._recorded[next(iter(self._recorded))]
 
     def __call__(self, reading: Any) -> None:
         """``monitored``'s ``log``: record a Reading at its own step."""
