@@ -337,3 +337,46 @@ def test_an_interrupt_between_a_chunk_and_its_checkpoint_leaves_data_and_summary
     assert eosflow.load(out).sizes["step"] == 8
     run(SPEC, out, resume=True)
     assert_same_run(eosflow.load(out), uninterrupted)
+
+
+def test_a_report_the_disk_has_no_room_for_is_a_clear_error_and_the_run_stays(tmp_path, monkeypatch, capsys):
+    """A probe ran `eosflow run` under `ulimit -f 16`: the run completed on disk, then a PIL traceback ended it
+    (OSError: File too large, exit 1). Now: one paragraph naming the report and how to write it again, exit 2;
+    the run's files untouched; `eosflow report` writes it once there is room."""
+    from matplotlib.figure import Figure
+
+    table = {**SPEC, "steps": 16}
+    run(table, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and "report" not in p.parts}
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Figure, "savefig", full)
+        assert main(["report", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report of" in err and "File too large" in err and "Traceback" not in err
+    assert f"write the report again with: eosflow report {tmp_path / 'run'}" in err
+    assert {p: p.read_bytes() for p in before} == before
+    assert main(["report", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "report" / "report.md").is_file()
+
+
+def test_the_sgd_report_of_a_run_that_lost_its_resolved_spec(tmp_path, capsys):
+    """reliability.md: load and report rebuild what a lost spec.resolved.toml held from spec.toml; the SGD
+    section read the file itself and raised FileNotFoundError."""
+    table = {
+        "name": "sgd",
+        "steps": 30,
+        "lr": 0.05,
+        "dtype": "float64",
+        "processes": ["sgd"],
+        "problem": {"name": "linear_regression", "dim": 4, "n_train": 20},
+        "spectrum": {"every": 0},
+        "sgd": {"batch_size": 4},
+        "record": {"params_every": 1},
+    }
+    run(table, tmp_path / "run")
+    (tmp_path / "run" / "spec.resolved.toml").unlink()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "SGD" in (tmp_path / "run" / "report" / "report.md").read_text()

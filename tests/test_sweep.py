@@ -247,7 +247,7 @@ def _running_point(client, out, timeout=120.0):
 
 
 def test_a_point_written_before_an_option_existed_is_still_done(tmp_path):
-    """A finished point whose spec.resolved.toml lacks `spectrum.grow_every` (an older eosflow)
+    """A finished point whose spec.resolved.toml lacks `spectrum.grow_every` (an older eosflow), or has lost it,
     is `completed`, not `mismatch`; another lr is a mismatch."""
     from eosflow.experiment import run
     from eosflow.sweep import _resolved_text, point_state
@@ -265,6 +265,11 @@ def test_a_point_written_before_an_option_existed_is_still_done(tmp_path):
     path.write_text(
         "".join(line for line in path.read_text().splitlines(keepends=True) if not line.startswith("grow_every"))
     )
+    assert point_state(tmp_path / "run", _resolved_text(table)) == "completed"
+    assert point_state(tmp_path / "run", _resolved_text({**table, "lr": 0.07})) == "mismatch"
+    # spec.resolved.toml lost: spec.toml stands in (it read as `new`, and the sweep ran over the point from step 0,
+    # another spec's run included: a probe lost an lr = 0.2 run that way)
+    path.unlink()
     assert point_state(tmp_path / "run", _resolved_text(table)) == "completed"
     assert point_state(tmp_path / "run", _resolved_text({**table, "lr": 0.07})) == "mismatch"
 

@@ -7,6 +7,7 @@ sections with :func:`register_section` (e.g. SGD's diffusion plots).
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,6 +93,18 @@ def make_report(run_dir: str | Path, ds: xr.Dataset | None = None) -> Path:
             f"nothing to report; continue it with: {resume_command(run_dir)}"
         )
     out = writable_folder(run_dir / "report")
+    try:
+        return _write_report(run_dir, ds, out)
+    except OSError as error:  # a full disk, a file-size limit: the run is whole, its report is not
+        where = error.filename or out
+        raise StoreError(
+            f"cannot write the report of {str(run_dir)!r} ({str(where)!r}: {error.strerror or error}); the run itself "
+            f"is on disk: write the report again with: eosflow report {shlex.quote(str(run_dir))}"
+        ) from None
+
+
+def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
+    """:func:`make_report`'s figures and Markdown, in ``out``."""
     steps = ds["step"].values
     processes = list(ds["process"].values)
     reference = processes[0]

@@ -8,7 +8,6 @@ centre of the late iterates (the inputs of the Langevin model's modified loss an
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +23,7 @@ from eosflow.precision import precision
 from eosflow.problems import build_problem
 from eosflow.spec import resolve
 from eosflow.spectrum import top_hessian_eigenpairs
-from eosflow.store import StoreError
+from eosflow.store import RunStore, StoreError
 from eosflow.theory.diffusion import (
     diffusion_curve,
     eigenplane_model,
@@ -105,7 +104,7 @@ def centre_model(run_dir: Path, params: np.ndarray) -> CentreModel:
     The noise Xi = c Sigma_g + sigma^2 I / S is averaged over NOISE_SAMPLES late iterates rather
     than taken at the centre: it grows away from the centre (cf. ``residual_noise``).
     """
-    spec = resolve(tomllib.loads((run_dir / "spec.resolved.toml").read_text())).spec
+    spec = resolve(RunStore(run_dir).resolved_spec()[0]).spec  # spec.toml resolved again where that file is lost
     with precision(spec.dtype):
         return _centre_model(spec, params)
 

@@ -62,6 +62,8 @@ def point_state(run_dir: Path, resolved: str) -> str:
     (``started`` if none)."""
     store = RunStore(run_dir)
     resolved_path = store.root / "spec.resolved.toml"
+    if not resolved_path.exists():  # lost: spec.toml resolved again stands in for it, as for a resume
+        resolved_path = store.root / "spec.toml"
     if not store.exists() or not resolved_path.exists():
         return "new"
     wanted = tomllib.loads(resolved)
