@@ -170,7 +170,9 @@ def test_full_disk_fails_cleanly_keeps_data_and_resumes(tmp_path, monkeypatch, u
     monkeypatch.setattr(store_module, "atomic_write", failing_write)
     with pytest.raises(StoreError, match="No space left on device") as error:
         run(SPEC, out)
-    assert "can be resumed with --resume" in str(error.value)
+    assert f"steps 0..{eosflow.load(out).sizes['step'] - 1} are on disk; resume with: eosflow resume {out}" in str(
+        error.value
+    )  # (it named the --resume flag of no command, and "every step before 0" when none was)
     assert not list(out.rglob("*.tmp"))  # no half-written file left behind
     kept = eosflow.load(out)
     assert kept.sizes["step"] >= 16
@@ -380,3 +382,17 @@ def test_the_sgd_report_of_a_run_that_lost_its_resolved_spec(tmp_path, capsys):
     (tmp_path / "run" / "spec.resolved.toml").unlink()
     assert main(["report", str(tmp_path / "run")]) == 0
     assert "SGD" in (tmp_path / "run" / "report" / "report.md").read_text()
+
+
+def test_a_resume_removes_what_a_killed_writer_left_half_written(tmp_path, uninterrupted):
+    """A SIGKILL during an atomic write leaves `.checkpoint.npz.<pid>.<hex>.tmp` (a probe found one per kill, each
+    the size of a checkpoint); only the sweep removed them. The resumed run's writer does, and ends bitwise equal."""
+    out = tmp_path / "run"
+    run(SPEC, out, stop_after=40)
+    stale = [out / ".checkpoint.npz.99999.0123456789ab.tmp", out / "trajectories" / "gd" / ".chunk.npz.99999.ab.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    run(SPEC, out, resume=True)
+    assert not list(out.rglob("*.tmp"))
+    for name in TRAJECTORY_VARIABLES:
+        np.testing.assert_array_equal(eosflow.load(out)[name].values, uninterrupted[name].values)

@@ -285,8 +285,9 @@ def _run_locked(
         raise
     except OSError as error:
         raise StoreError(
-            f"writing to {str(store.root)!r} failed ({error.strerror or error}); every step before "
-            f"{outcome.steps_done} is on disk and the run can be resumed with --resume (resume=True)"
+            f"writing to {str(store.root)!r} failed ({f'{error.filename!r}: ' if error.filename else ''}"
+            f"{error.strerror or error}); {steps_on_disk(outcome.steps_done)}; resume with: "
+            f"{resume_command(store.root)} (resume=True in Python)"
         ) from None
     _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
     if stop["signum"] is not None:

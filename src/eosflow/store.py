@@ -167,6 +167,8 @@ class RunStore:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+        for leftover in self.root.rglob(".*.tmp"):  # half-written by a killed writer: the only writer now, they are
+            leftover.unlink(missing_ok=True)  # stale (a checkpoint-sized file per kill was left before)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

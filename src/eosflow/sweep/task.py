@@ -38,7 +38,6 @@ def run_point(table: dict, run_dir: str, resolved: str, lock: str, events: str |
                 "ran": False,
                 "reason": f"{run_dir!r} holds a run of another spec (compare spec.resolved.toml)",
             }
-        _remove_temporaries(path)
         try:
             outcome = run(
                 table, path, resume=state != "new", overwrite=state == "new", progress=_publisher(events, path.name)
@@ -74,10 +73,3 @@ def exclusive_lock(path: Path):
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
         yield
-
-
-def _remove_temporaries(run_dir: Path) -> None:
-    """Delete half-written ``.*.tmp`` files a killed attempt left (under the point's lock)."""
-    if run_dir.is_dir():
-        for leftover in run_dir.rglob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
