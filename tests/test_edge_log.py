@@ -550,3 +550,23 @@ def test_two_loops_sharing_one_log_are_refused_at_their_first_common_record(tmp_
             log.write(t, loss=1.0)
     ds = read(path)
     assert float(ds.sharpness.sel(step=0)) == 2.0 and float(ds.lr.sel(step=0)) == 0.1
+
+
+def test_a_float32_threshold_that_jitters_by_an_ulp_is_drawn_as_constant(tmp_path, monkeypatch):
+    """A float32 loop's threshold is logged as S / ratio, which jitters (1899.99993, 1900.0000006): the flatness test
+    at 1e-12 drew it as a moving curve, as a schedule's; a real schedule's threshold still is one."""
+    import eosflow.edge_log as edge_log
+
+    drawn = []
+    monkeypatch.setattr("eosflow.compare.threshold_line", lambda ax, value, label: drawn.append(value))
+    for name, thresholds, constant in [
+        ("jitter", [1899.99993, 1900.0000006, 1900.0], True),
+        ("schedule", [1900.0, 1890.0, 1880.0], False),
+    ]:
+        path = tmp_path / f"{name}.jsonl"
+        with EdgeLog(path) as log:
+            for t, threshold in enumerate(thresholds):
+                log.write(t, sharpness=1000.0 + t, threshold=threshold, loss=1.0 / (t + 1))
+        drawn.clear()
+        edge_log.plot(path, tmp_path / f"{name}.png")
+        assert (drawn == [pytest.approx(1900.0, rel=1e-6)]) == constant, (name, drawn)

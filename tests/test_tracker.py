@@ -206,6 +206,11 @@ def test_tracker_names_half_precision_parameters_and_k_above_their_size(dtype):
     params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
     with pytest.raises(ValueError, match=rf"parameters are {dtype}"):
         tracker.update(tracker.init(params32, key), params)
+    # one such leaf among float32 ones (a probe: one bfloat16 bias among float64 weights read S 3.3x off at tol
+    # 1e-6, its directions rounded to bfloat16 when the flat vector is put back)
+    mixed = {"w": params32["w"], "b": params["b"]}
+    with pytest.raises(ValueError, match=rf"the parameter \['b'\] is {dtype} among float32 ones"):
+        tracker.init(mixed, key)
     for k in (5, 6):
         tracker = eosflow.SharpnessTracker(lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 4), k=k)
         if k == 6:

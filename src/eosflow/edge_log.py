@@ -406,7 +406,8 @@ def figure(ds: xr.Dataset) -> Any:
                 ax.plot(values["step"], values, marker=".", ms=3, **line_style(i), label=name)
             if "threshold" in ds:
                 threshold = ds["threshold"].dropna("step")
-                if threshold.size and np.ptp(threshold.values) <= 1e-12 * abs(float(threshold[0])):
+                # constant to float32's rounding (a reading's S / ratio jitters by an ulp or two), or moving
+                if threshold.size and np.ptp(threshold.values) <= 1e-6 * abs(float(threshold[0])):
                     threshold_line(ax, float(threshold[0]), "threshold")
                 elif threshold.size:  # a schedule's threshold moves with lr
                     ax.plot(threshold["step"], threshold, color="0.55", lw=3, alpha=0.45, zorder=0.5, label="threshold")

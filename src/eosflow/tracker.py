@@ -48,7 +48,7 @@ from eosflow.objective import (
     differentiable_part,
     ravel,
 )
-from eosflow.precision import MATMUL_PRECISION
+from eosflow.precision import HALF_PRECISION, MATMUL_PRECISION
 from eosflow.preconditioning import preconditioned_matvec
 from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
 from eosflow.tracing import equations
@@ -219,6 +219,15 @@ class SharpnessTracker(eqx.Module):
         them: k above their size, or a precision below float32 (the relative-residual contract needs more
         digits than bfloat16's 8 bits)."""
         arrays, rebuild = differentiable_part(params, self.wrt)
+        leaves = jax.tree_util.tree_flatten_with_path(arrays)[0]
+        common = jnp.result_type(*(leaf for _, leaf in leaves)).name if leaves else "float32"
+        for path, leaf in leaves:  # one half-precision leaf among others: promoted, its directions round to it
+            if (dtype := jnp.result_type(leaf).name) in HALF_PRECISION and common not in HALF_PRECISION:
+                raise ValueError(
+                    f"SharpnessTracker: the parameter {jax.tree_util.keystr(path) or 'leaf'} is {dtype} among {common} "
+                    f"ones: a product along it rounds to {dtype}, below what the eigensolver's relative-residual "
+                    "contract needs; measure a copy with that leaf cast to the others' dtype"
+                )
         flat, unravel = ravel(arrays)
         if flat.dtype not in (jnp.float32, jnp.float64):
             raise ValueError(
