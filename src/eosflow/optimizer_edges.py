@@ -16,6 +16,7 @@ conventions exactly (read from optax/_src/transform.py):
     rmsprop  P = sqrt(nu_hat + eps)   (eps_in_sqrt = True, optax's default)
              P = sqrt(nu_hat) + eps   (eps_in_sqrt = False, PyTorch's convention)
              nu_hat = nu / (1 - decay^t) with bias_correction = True, else nu
+             centered: nu_hat - mu_hat^2 in place of nu_hat (mu the EMA of g, corrected alike)
     sgd      P = I
 
 and the threshold is :func:`eosflow.preconditioning.edge_threshold` of the momentum's form:
@@ -193,8 +194,9 @@ def rmsprop(
     bias_correction: bool = False,
     momentum: float = 0.0,
     nesterov: bool = False,
+    centered: bool = False,
 ) -> EdgeOptimizer:
-    """optax.rmsprop (uncentered): threshold 2/lr, or 2 (1 + b)/lr with momentum b."""
+    """optax.rmsprop: threshold 2/lr, or 2 (1 + b)/lr with momentum b (P held, centered or not)."""
     transform = optax.rmsprop(
         _positive(lr),
         decay=decay,
@@ -203,6 +205,7 @@ def rmsprop(
         bias_correction=bias_correction,
         momentum=momentum or None,
         nesterov=nesterov,
+        centered=centered,
     )
     stability_constant(momentum)  # refuses a momentum outside [0, 1) by name
     form: MomentumForm = "nesterov" if nesterov else "classical"  # (the same c at momentum 0)
@@ -211,14 +214,32 @@ def rmsprop(
         held = injected(state, decay=decay, eps=eps)
         return rmsprop_second_moment(state, held["decay"], held["eps"], eps_in_sqrt, bias_correction)
 
+    def centered_preconditioner(state):
+        held = injected(state, decay=decay, eps=eps)
+        inside, outside = (held["eps"], 0.0) if eps_in_sqrt else (0.0, held["eps"])
+        return centered_rmsprop_preconditioner(state, held["decay"], inside, outside, bias_correction)
+
     return EdgeOptimizer(
         transform,
         lr,
         lambda rate, opt_state=None: (
             stability_constant(injected(opt_state, momentum=momentum)["momentum"], form) / rate
         ),
-        lambda state: second_moment(state).preconditioner,
-        None if momentum else second_moment,
+        centered_preconditioner if centered else lambda state: second_moment(state).preconditioner,
+        None if momentum or centered else second_moment,  # the central flow is published for the uncentered one
+    )
+
+
+def centered_rmsprop_preconditioner(
+    opt_state: optax.OptState, decay: float, inside: float, outside: float, corrected: bool
+):
+    """P = sqrt(nu_hat - mu_hat^2 + inside) + outside from the ScaleByRStdDevState of a centered optax.rmsprop (eps
+    inside the root with ``eps_in_sqrt``, else outside): the gradient's running standard deviation, mu_hat and
+    nu_hat divided by 1 - decay^t if ``corrected``."""
+    state = _find(opt_state, _is_stddev_state, "a centered optax.rmsprop (ScaleByRStdDevState)")
+    c = bias_correction(state.count, decay) if corrected else 1.0
+    return jax.tree.map(
+        lambda mu, nu: diagonal_preconditioner(nu / c - jnp.square(mu / c), outside, inside), state.mu, state.nu
     )
 
 
@@ -305,6 +326,11 @@ def bias_correction(count: Any, decay: float) -> Any:
     return 1.0 - decay**count
 
 
+def _is_stddev_state(state) -> bool:
+    """optax's ScaleByRStdDevState(mu, nu) or ScaleByRStdDevWithCountState(count, mu, nu) (centered RMSProp)."""
+    return type(state).__name__.startswith("ScaleByRStdDev") and "mu" in getattr(type(state), "_fields", ())
+
+
 def _is_rms_state(state) -> bool:
     """optax's ScaleByRmsState(nu) or ScaleByRmsWithCountState(count, nu) (the latter is not exported)."""
     fields = getattr(type(state), "_fields", ())
@@ -320,7 +346,9 @@ def _find(opt_state: optax.OptState, matches: Callable[[Any], bool], what: str):
     """:func:`substate`, or a ValueError naming the second moment's state expected."""
     found = substate(opt_state, matches)
     if found is None:
+        centered = substate(opt_state, _is_stddev_state) is not None
         raise ValueError(
             f"this optax state holds no second moment: expected the state of {what}, got {type(opt_state).__name__}"
+            + ("; it holds a centered RMSProp's: optimizer_edges.rmsprop(..., centered=True)" if centered else "")
         )
     return found

@@ -347,6 +347,13 @@ def flat_like_parameters(tree: PyTree, expected: tuple, dtype, what: str) -> Arr
             f"{what}'s leaves have shapes {list(unravel.shapes)}, the parameters' "
             f"{list(expected)}: pass P's diagonal shaped like the parameters, leaf for leaf in the same order "
             f"(as an optax state holds it), or as one vector of their {size} entries"
+            + (
+                ". Fewer leaves: an optax.multi_transform (or a masked optimizer) holds moments only where it "
+                "preconditions, so measure that part, SharpnessTracker(loss_fn, wrt=its labels as booleans), with "
+                "P read from the state (docs/monitor.md); monitored() measures every parameter"
+                if len(unravel.shapes) < len(expected)
+                else ""
+            )
         )
     return flat.astype(dtype)
 
