@@ -136,6 +136,26 @@ def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, uninterrup
     assert_same_run(eosflow.load(out), uninterrupted)
 
 
+@pytest.mark.parametrize("lr, divergence", [(3.0, {}), (3.0, {"loss_blowup": 2.0}), (300.0, {"loss_blowup": 1e300})])
+def test_a_diverged_run_that_lost_its_summary_is_rebuilt_as_diverged(tmp_path, lr, divergence):
+    """A probe: a diverged run whose summary.json was lost read back as `interrupted` with no reason (and a sweep
+    would have run it again). The step it diverged at is the last on disk: its loss says so, with the reason the
+    run wrote, whether the loss blew up past the limit (the default or a low one) or overflowed."""
+    table = {**SPEC, "lr": lr, "processes": ["gd"], "divergence": divergence}
+    written = run(table, tmp_path / "run")
+    assert written.status == "diverged"
+    reason = json.loads((tmp_path / "run" / "summary.json").read_text())["reason"]
+    (tmp_path / "run" / "summary.json").unlink()
+    with pytest.warns(RunDirectoryWarning, match="summary.json is missing"):
+        ds = eosflow.load(tmp_path / "run")
+    assert ds.attrs["status"] == "diverged" and ds.attrs["reason"].split(" (read from")[0] in reason, reason
+    interrupted = tmp_path / "cut"
+    run({**SPEC, "processes": ["gd"]}, interrupted, stop_after=24)
+    (interrupted / "summary.json").unlink()
+    with pytest.warns(RunDirectoryWarning):
+        assert eosflow.load(interrupted).attrs["status"] == "interrupted"
+
+
 def test_a_finished_run_is_extended_by_resuming_with_more_steps(tmp_path, uninterrupted, capsys):
     """`eosflow resume DIR --steps N` (or resume=True with another `steps`) continues a finished run;
     the longer run is the one a single run of N steps writes, bitwise."""

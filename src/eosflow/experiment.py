@@ -34,7 +34,15 @@ from eosflow.problems import Problem, build_problem
 from eosflow.process import PROCESSES, Process
 from eosflow.signals import Interrupted, stop_requests
 from eosflow.spec import Spec, SpectrumSpec, differences_but_steps, parse_spec, resolve, resolved_table
-from eosflow.store import Checkpoint, RunDirectoryWarning, RunStore, StoreError, resume_command, steps_on_disk
+from eosflow.store import (
+    Checkpoint,
+    RunDirectoryWarning,
+    RunStore,
+    StoreError,
+    divergence_reason,
+    resume_command,
+    steps_on_disk,
+)
 from eosflow.version import __version__
 
 Progress = Callable[[int, dict[str, dict[str, np.ndarray]]], None]
@@ -462,13 +470,6 @@ def first_divergent(loss: np.ndarray, limit: float) -> int | None:
     """The first row whose loss is not finite or above ``limit`` in magnitude (None: none)."""
     bad = np.flatnonzero(~np.isfinite(loss) | (np.abs(loss) > limit))
     return int(bad[0]) if bad.size else None
-
-
-def divergence_reason(loss: float, step: int, limit: float) -> str:
-    """Why a loss at ``step`` counts as divergent (the run summary's ``reason``)."""
-    if not np.isfinite(loss):
-        return f"loss became {loss} at step {step}"
-    return f"loss {loss:.4g} at step {step} exceeded the blow-up limit {limit:.4g}"
 
 
 def cut_at_divergence(

@@ -480,10 +480,14 @@ class RunStore:
         processes = list(spec.get("processes", [])) or self.processes()
         done = min((self.chunk_files(p)[-1][1] + 1 if self.chunk_files(p) else 0 for p in processes[:1]), default=0)
         total = spec.get("steps")
+        reason = ""
         if self.writer() is not None:
             status = "running"
+        elif total is not None and done >= total:
+            status = "completed"
         else:
-            status = "completed" if total is not None and done >= total else "interrupted"
+            reason = self._divergence_on_disk(processes[:1], spec)
+            status = "diverged" if reason else "interrupted"
         return {
             "name": spec.get("name", self.root.name),
             "processes": processes,
@@ -491,11 +495,35 @@ class RunStore:
             "lr": spec.get("lr"),
             "problem": {"name": spec.get("problem", {}).get("name")},
             "status": status,
-            "reason": "",
+            "reason": reason,
             "steps_done": done,
             "dropped_processes": {},
             "spec_source": source,
         }
+
+    def _divergence_on_disk(self, reference: list[str], spec: dict) -> str:
+        """Why the run stopped, if its reference's last recorded loss is divergent (a run keeps the step it diverged
+        at, the last on disk): not finite, or above ``divergence.loss_blowup`` times the initial loss; else ""."""
+        chunks = self.chunk_files(reference[0]) if reference else []
+        if not chunks or chunks[0][0] != 0:
+            return ""
+        try:
+            with np.load(chunks[0][2]) as first, np.load(chunks[-1][2]) as last:
+                initial, final = float(first["loss"][0]), float(last["loss"][-1])
+        except (OSError, ValueError, KeyError, IndexError, EOFError):
+            return ""
+        limit = float(spec.get("divergence", {}).get("loss_blowup", 1e4)) * max(abs(initial), 1e-12)
+        if np.isfinite(final) and abs(final) <= limit:
+            return ""
+        why = divergence_reason(final, chunks[-1][1], limit)
+        return f"{reference[0]}: {why} (read from the data: summary.json was lost)"
+
+
+def divergence_reason(loss: float, step: int, limit: float) -> str:
+    """Why a loss at ``step`` counts as divergent (the run summary's ``reason``)."""
+    if not np.isfinite(loss):
+        return f"loss became {loss} at step {step}"
+    return f"loss {loss:.4g} at step {step} exceeded the blow-up limit {limit:.4g}"
 
 
 def resume_command(run_dir: str | Path) -> str:
