@@ -54,7 +54,7 @@ from eosflow.compare import (
     window_averaged_envelope,
 )
 from eosflow.experiment import prepare, run
-from eosflow.leaderboard import suite_entries
+from eosflow.leaderboard import suite_entries, with_processes
 from eosflow.load import load_params
 from eosflow.precision import precision
 from free_energy import matched_spikes
@@ -65,8 +65,7 @@ OUT = Path("/tmp/eosflow_free_energy_networks")
 def table_of(problem: str, overrides: dict) -> dict:
     """The leaderboard's spec of ``problem`` with GD and the free-energy model; ``overrides``: dotted keys."""
     entry = {e.name: e for e in suite_entries("all")}[problem]
-    table = copy.deepcopy(entry.table)
-    table["processes"] = ["gd", "free_energy"]
+    table = with_processes(copy.deepcopy(entry.table), ["gd", "free_energy"])
     for dotted, value in overrides.items():
         *path, last = dotted.split(".")
         node = table
