@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -284,3 +285,27 @@ def test_a_stop_asked_before_a_run_began_stops_it_before_its_first_chunk(tmp_pat
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps_done"] == 0 and "SIGTERM" in summary["reason"]
     assert run(spec(processes=["gd"], spectrum={"every": 0}), tmp_path / "b").status == "completed"  # once only
+
+
+@pytest.mark.parametrize("processes, dropped", [(["sgd", "langevin"], {}), (["gd", "rod_flow"], {"rod_flow": 2})])
+def test_a_model_is_dropped_only_at_a_step_the_run_records(tmp_path, processes, dropped):
+    """A probe: SGD diverged at step 4 and its Langevin model, in the same chunk, at step 5: the summary said
+    "dropped langevin ... at step 5" of a run whose last step is 4. A model that diverges after the reference's
+    last step is not dropped (the run ends first); one that diverges before it still is, at its own step."""
+    table = {
+        "steps": 60,
+        "lr": 3.0,
+        "dtype": "float64",
+        "processes": processes,
+        "problem": {"name": "linear_regression", "dim": 8, "n_train": 64},
+        "spectrum": {"k_max": 2},
+        "record": {"chunk": 20},
+        "sgd": {"batch_size": 8, "momentum": 0.9},
+    }
+    if "sgd" not in processes:
+        del table["sgd"]
+    outcome = run(table, tmp_path / "run")
+    assert outcome.status == "diverged" and outcome.steps_done == 5
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    steps = {name: int(re.search(r"at step (\d+)", why)[1]) for name, why in summary["dropped_processes"].items()}
+    assert steps == dropped and all(step < outcome.steps_done for step in steps.values())

@@ -345,6 +345,7 @@ class _Advance:
     def __call__(self, states: dict, inactive: dict, step: int, n: int):
         chunk: dict[str, dict[str, np.ndarray]] = {}
         diverged = None
+        models_diverged: dict[str, tuple[int, str]] = {}  # name -> (the step it diverged at, why)
         for name, process in self.processes.items():
             if name in inactive:
                 continue
@@ -357,10 +358,13 @@ class _Advance:
                 if name == self.reference:
                     diverged = (step + bad + 1, f"{name}: {reason}")  # the run's reason names the process
                 else:
-                    inactive[name] = reason
+                    models_diverged[name] = (step + bad, reason)
             else:
                 states[name] = new_state
             chunk[name] = rows
+        for name, (at, reason) in models_diverged.items():  # a model is dropped only at a step the run records
+            if diverged is None or at < diverged[0]:
+                inactive[name] = reason
         if diverged is not None:  # the run ends at the reference's divergence: the models' rows end there too
             chunk = {
                 name: {key: value[: diverged[0] - step] for key, value in rows.items()} for name, rows in chunk.items()
