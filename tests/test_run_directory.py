@@ -367,3 +367,21 @@ def test_a_resume_in_another_environment_says_so_and_keeps_both(tmp_path):
         warnings.simplefilter("error", RunDirectoryWarning)  # the same environment again: no new session
         run({**SPEC, "steps": 64}, out, resume=True)
     assert len(json.loads((out / "summary.json").read_text())["sessions"]) == 2
+
+
+def test_consecutive_lost_chunks_are_named_as_one_range(finished, uninterrupted):
+    """A probe deleted a whole process folder: the warning listed every chunk apart (30 ranges). Consecutive
+    ranges of a process and cause are one: the lost folder of gradient_flow is 'steps 0..79', beside gd's chunk."""
+    import shutil
+
+    shutil.rmtree(finished / "trajectories" / "gradient_flow")
+    _chunk(finished, 16).unlink()
+    _chunk(finished, 24).unlink()
+    with pytest.warns(RunDirectoryWarning):
+        ds = eosflow.load(finished)
+    assert ds.attrs["missing_steps"] == "steps 16..31 of 'gd' (missing); steps 0..79 of 'gradient_flow' (missing)"
+    with pytest.warns(
+        RunDirectoryWarning, match=r"steps 16\.\.31 of 'gd' \(missing\); steps 0\.\.79 of 'gradient_flow'"
+    ):
+        run(SPEC, finished, resume=True)
+    np.testing.assert_array_equal(eosflow.load(finished).loss.values, uninterrupted.loss.values)

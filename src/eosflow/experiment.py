@@ -39,6 +39,7 @@ from eosflow.store import (
     RunDirectoryWarning,
     RunStore,
     StoreError,
+    described,
     divergence_reason,
     resume_command,
     steps_on_disk,
@@ -397,7 +398,7 @@ def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, ini
         advance.offsets = {}
     source = "the checkpoint there" if usable else "the spec's w0"
     warnings.warn(
-        f"{str(store.root)!r}: " + "; ".join(map(str, damage)) + f"; recomputing them from step {start} ({source})",
+        f"{str(store.root)!r}: " + described(damage) + f"; recomputing them from step {start} ({source})",
         RunDirectoryWarning,
         stacklevel=4,
     )

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eosflow.store import RunDirectoryWarning, RunStore, StoreError, not_a_run_directory, resume_command
+from eosflow.store import (
+    RunDirectoryWarning,
+    RunStore,
+    StoreError,
+    described,
+    not_a_run_directory,
+    resume_command,
+)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -55,7 +62,7 @@ def load(run_dir: str | Path) -> xr.Dataset:
     if damage:
         steps = np.arange(max([int(steps[-1]) + 1 if steps.size else 0] + [d.last + 1 for d in damage]))
         warnings.warn(
-            f"{str(run_dir)!r}: " + "; ".join(map(str, damage)) + f"; they read as NaN. "
+            f"{str(run_dir)!r}: " + described(damage) + f"; they read as NaN. "
             f"`{resume_command(Path(run_dir))}` recomputes them",
             RunDirectoryWarning,
             stacklevel=2,
@@ -64,7 +71,7 @@ def load(run_dir: str | Path) -> xr.Dataset:
     if summary.get("status") == "running" and store.writer() is None:
         attrs["status"] = "interrupted"  # its writer died without a word (kill -9, power loss)
     if damage:
-        attrs["missing_steps"] = "; ".join(map(str, damage))
+        attrs["missing_steps"] = described(damage)
     return rows_dataset(per_process, steps, attrs)
 
 

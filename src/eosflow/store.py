@@ -87,6 +87,19 @@ class Damage(NamedTuple):
         return f"steps {self.first}..{self.last} of {self.process!r} ({self.why})"
 
 
+def described(damage: list[Damage]) -> str:
+    """The damaged ranges for a message, consecutive ones of a process and cause merged (a lost process folder
+    is one range, not one per chunk)."""
+    merged: list[Damage] = []
+    for d in sorted(damage, key=lambda d: (d.process, d.first)):
+        last = merged[-1] if merged else None
+        if last is not None and (last.process, last.why, last.last + 1) == (d.process, d.why, d.first):
+            merged[-1] = last._replace(last=d.last)
+        else:
+            merged.append(d)
+    return "; ".join(map(str, merged))
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over. The file gets the
     mode the process's umask gives new files (mkstemp's 0600 would hide runs from collaborators)."""
