@@ -136,6 +136,7 @@ def test_a_lost_or_corrupt_summary_is_rebuilt_from_the_data(tmp_path, uninterrup
     assert_same_run(eosflow.load(out), uninterrupted)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a limit past float32's range overflowed in a cast, warning
 @pytest.mark.parametrize("lr, divergence", [(3.0, {}), (3.0, {"loss_blowup": 2.0}), (300.0, {"loss_blowup": 1e300})])
 def test_a_diverged_run_that_lost_its_summary_is_rebuilt_as_diverged(tmp_path, lr, divergence):
     """A probe: a diverged run whose summary.json was lost read back as `interrupted` with no reason (and a sweep

@@ -473,6 +473,7 @@ def _version() -> str:
 
 def first_divergent(loss: np.ndarray, limit: float) -> int | None:
     """The first row whose loss is not finite or above ``limit`` in magnitude (None: none)."""
+    loss = np.asarray(loss, np.float64)  # a limit beyond float32's range must not be cast down to it (overflow)
     bad = np.flatnonzero(~np.isfinite(loss) | (np.abs(loss) > limit))
     return int(bad[0]) if bad.size else None
 
