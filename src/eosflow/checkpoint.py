@@ -29,7 +29,7 @@ from eosflow.config import SpecError
 from eosflow.objective import Unravel, differentiable_part, ravel
 from eosflow.optim.adaptive import AdaptiveOptimizer, RuleState
 from eosflow.optim.gd import GradientDescent
-from eosflow.optimizer_edges import substate
+from eosflow.optimizer_edges import injected_state, is_injected, substate
 
 PyTree = Any
 
@@ -61,7 +61,7 @@ def injected_settings(name: str, opt_state: Any) -> dict | None:
     """The settings of ``optax.inject_hyperparams(...)`` in ``opt_state`` in the terms of process ``name`` (the
     learning rate it last applied, and the betas and eps it keeps; ``INJECTED``), or None without such a state.
     optax keeps the hyperparameters of any other transformation in closures, where they cannot be read."""
-    injected = substate(opt_state, _is_injected)
+    injected = injected_state(opt_state)
     if injected is None or not isinstance(injected.hyperparams, dict):
         return None
     hyperparams = injected.hyperparams
@@ -71,13 +71,9 @@ def injected_settings(name: str, opt_state: Any) -> dict | None:
     return {"process": name, "lr": hyperparams.get("learning_rate"), "options": options}
 
 
-def _is_injected(node: Any) -> bool:
-    return hasattr(node, "hyperparams") and hasattr(node, "inner_state")
-
-
 def _without_injected(opt_state: Any) -> Any:
     """``opt_state`` with every ``inject_hyperparams`` state replaced by the state it wraps."""
-    return jax.tree.map(lambda n: n.inner_state if _is_injected(n) else n, opt_state, is_leaf=_is_injected)
+    return jax.tree.map(lambda n: n.inner_state if is_injected(n) else n, opt_state, is_leaf=is_injected)
 
 
 def check_settings(spec: Any, settings: dict | None) -> None:

@@ -96,11 +96,21 @@ class EdgeOptimizer(NamedTuple):
 INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
+def is_injected(node: Any) -> bool:
+    """Whether ``node`` is an ``optax.inject_hyperparams`` state (its ``hyperparams`` and ``inner_state``)."""
+    return isinstance(node, INJECTED_STATES)
+
+
+def injected_state(opt_state: optax.OptState | None) -> Any | None:
+    """The ``optax.inject_hyperparams`` state inside ``opt_state``, or None."""
+    return None if opt_state is None else substate(opt_state, is_injected)
+
+
 def injected(opt_state: optax.OptState | None, **defaults: Any) -> dict[str, Any]:
     """``defaults`` (by optax's names: learning_rate, b1, b2, eps, momentum, decay, weight_decay), each replaced by
     the value an ``optax.inject_hyperparams`` state inside ``opt_state`` holds for it (set by hand or by a
     schedule): the numbers the optimizer runs with. Without such a state, ``defaults``."""
-    found = None if opt_state is None else substate(opt_state, lambda s: isinstance(s, INJECTED_STATES))
+    found = injected_state(opt_state)
     held = {} if found is None else found.hyperparams
     return {key: default if held.get(key) is None else held[key] for key, default in defaults.items()}
 
@@ -112,16 +122,20 @@ def _positive(lr: LearningRate) -> LearningRate:
     return lr
 
 
+def _trace_edge(momentum: float, nesterov: bool) -> Callable[..., Any]:
+    """The edge of optax's ``trace`` momentum (sgd's, rmsprop's), c / lr at the state's injected momentum or
+    ``momentum``; a momentum outside [0, 1) is refused here, by name."""
+    stability_constant(momentum)
+    form: MomentumForm = "nesterov" if nesterov else "classical"  # (the same c at momentum 0)
+    return lambda rate, opt_state=None: (
+        stability_constant(injected(opt_state, momentum=momentum)["momentum"], form) / rate
+    )
+
+
 def sgd(lr: LearningRate, momentum: float = 0.0, nesterov: bool = False) -> EdgeOptimizer:
     """optax.sgd: threshold 2/lr, 2 (1 + b)/lr with heavy-ball momentum b (Nesterov: 2 (1 + b) / ((1 + 2b) lr))."""
     transform = optax.sgd(_positive(lr), momentum=momentum or None, nesterov=nesterov)
-    stability_constant(momentum)  # refuses a momentum outside [0, 1) by name
-    form: MomentumForm = "nesterov" if nesterov else "classical"  # (the same c at momentum 0)
-
-    def edge(rate, opt_state=None):
-        return stability_constant(injected(opt_state, momentum=momentum)["momentum"], form) / rate
-
-    return EdgeOptimizer(transform, lr, edge, None)
+    return EdgeOptimizer(transform, lr, _trace_edge(momentum, nesterov), None)
 
 
 def adam(
@@ -207,8 +221,6 @@ def rmsprop(
         nesterov=nesterov,
         centered=centered,
     )
-    stability_constant(momentum)  # refuses a momentum outside [0, 1) by name
-    form: MomentumForm = "nesterov" if nesterov else "classical"  # (the same c at momentum 0)
 
     def second_moment(state):
         held = injected(state, decay=decay, eps=eps)
@@ -222,9 +234,7 @@ def rmsprop(
     return EdgeOptimizer(
         transform,
         lr,
-        lambda rate, opt_state=None: (
-            stability_constant(injected(opt_state, momentum=momentum)["momentum"], form) / rate
-        ),
+        _trace_edge(momentum, nesterov),
         centered_preconditioner if centered else lambda state: second_moment(state).preconditioner,
         None if momentum or centered else second_moment,  # the central flow is published for the uncentered one
     )
