@@ -36,8 +36,6 @@ from eosflow.config import SpecError
 from eosflow.experiment import (
     add_distances,
     cut_at_divergence,
-    divergence_reason,
-    first_divergent,
     prepare,
     run_dtype,
     with_problem_dtype,
@@ -49,7 +47,7 @@ from eosflow.optim.gd import GradientDescent
 from eosflow.precision import precision
 from eosflow.process import PROCESSES, Process
 from eosflow.spec import Spec, load_spec_table
-from eosflow.store import RunStore, not_a_run_directory
+from eosflow.store import RunStore, divergence_limit, divergence_reason, first_divergent, not_a_run_directory
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -164,7 +162,7 @@ def _anchored(table: dict, at: int | str, problem: Problem | None, start: Checkp
         read = start.settings if start.settings is not None else injected_settings(names[0], start.opt_state)
         check_settings(spec, read)
     first = optimizer.init(jnp.asarray(problem.w0)) if start is None else optimizer_state(optimizer, problem, start)
-    limit = spec.divergence.loss_blowup * max(abs(float(problem.objective.value(first.w))), 1e-12)
+    limit = divergence_limit(spec.divergence.loss_blowup, float(problem.objective.value(first.w)))
     _, computed = optimizer.advance(first, spec.steps)
     reference = {key: np.asarray(value) for key, value in computed.items()}
     bad = first_divergent(reference["loss"], limit)
@@ -198,7 +196,7 @@ def floor_from_w0(table: dict, problem: Problem | None = None, size: float | Non
                 f"the first process, {name!r}, is not GD or a momentum or adaptive optimizer: it has no floor"
             )
         first = optimizer.init(jnp.asarray(problem.w0))
-        limit = spec.divergence.loss_blowup * max(abs(float(problem.objective.value(first.w))), 1e-12)
+        limit = divergence_limit(spec.divergence.loss_blowup, float(problem.objective.value(first.w)))
         pairs = {name: (optimizer, first), name + NUDGED: (optimizer, nudged(first, size))}
         ds = _dataset(spec, {}, pairs, 0, limit, {})
     if name in (dropped := summary_of(ds)["dropped_processes"]):

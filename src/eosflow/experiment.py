@@ -40,7 +40,9 @@ from eosflow.store import (
     RunStore,
     StoreError,
     described,
+    divergence_limit,
     divergence_reason,
+    first_divergent,
     resume_command,
     steps_on_disk,
 )
@@ -236,7 +238,7 @@ def _run_locked(
         store.manifest = copy.deepcopy(checkpoint.meta.get("manifest") or {})
         store.truncate(step)
     initial_loss = float(problem.objective.value(problem.w0))
-    limit = spec.divergence.loss_blowup * max(abs(initial_loss), 1e-12)
+    limit = divergence_limit(spec.divergence.loss_blowup, initial_loss)
     advance = _Advance(processes, reference, limit, spec.record.params_every, store)
     if checkpoint is not None:
         _repair(store, advance, names, step, initial_states, restored_states)
@@ -469,13 +471,6 @@ def _like(template: Any, leaf: np.ndarray) -> jax.Array:
 
 def _version() -> str:
     return __version__
-
-
-def first_divergent(loss: np.ndarray, limit: float) -> int | None:
-    """The first row whose loss is not finite or above ``limit`` in magnitude (None: none)."""
-    loss = np.asarray(loss, np.float64)  # a limit beyond float32's range must not be cast down to it (overflow)
-    bad = np.flatnonzero(~np.isfinite(loss) | (np.abs(loss) > limit))
-    return int(bad[0]) if bad.size else None
 
 
 def cut_at_divergence(

@@ -525,11 +525,23 @@ class RunStore:
                 initial, final = float(first["loss"][0]), float(last["loss"][-1])
         except (OSError, ValueError, KeyError, IndexError, EOFError):
             return ""
-        limit = float(spec.get("divergence", {}).get("loss_blowup", 1e4)) * max(abs(initial), 1e-12)
-        if np.isfinite(final) and abs(final) <= limit:
+        limit = divergence_limit(float(spec.get("divergence", {}).get("loss_blowup", 1e4)), initial)
+        if first_divergent(np.array([final]), limit) is None:
             return ""
         why = divergence_reason(final, chunks[-1][1], limit)
         return f"{reference[0]}: {why} (read from the data: summary.json was lost)"
+
+
+def divergence_limit(loss_blowup: float, initial_loss: float) -> float:
+    """The loss past which a run diverged: ``loss_blowup`` times the initial loss (at least 1e-12)."""
+    return loss_blowup * max(abs(initial_loss), 1e-12)
+
+
+def first_divergent(loss: np.ndarray, limit: float) -> int | None:
+    """The first row whose loss is not finite or above ``limit`` in magnitude (None: none)."""
+    loss = np.asarray(loss, np.float64)  # a limit beyond float32's range must not be cast down to it (overflow)
+    bad = np.flatnonzero(~np.isfinite(loss) | (np.abs(loss) > limit))
+    return int(bad[0]) if bad.size else None
 
 
 def divergence_reason(loss: float, step: int, limit: float) -> str:
