@@ -317,8 +317,117 @@ def test_an_interrupted_leaderboard_in_workers_stops_them_flushed_without_a_trac
         child.send_signal(signum)
     err = child.communicate(timeout=120)[1]
     assert child.returncode == 128 + signum and "Traceback" not in err, err
+    assert "no entry finished" in err and "eosflow leaderboard --quick --problems sharp_valley --out" in err, err
     with pytest.raises(ProcessLookupError):
         os.killpg(child.pid, 0)  # no worker left
     summary = json.loads((out / "runs" / "sharp_valley" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 0 < summary["steps_done"] < 700, summary
     assert eosflow.load(out / "runs" / "sharp_valley").sizes["step"] == summary["steps_done"]
+
+
+def _two_entries() -> tuple:
+    """TINY's quartic twice, at two step sizes: entries a and b."""
+    (entry,) = TINY
+    return tuple(
+        dataclasses.replace(entry, name=name, table={**entry.table, "name": name, "lr": lr}, quick_steps=60)
+        for name, lr in (("a", 0.08), ("b", 0.085))
+    )
+
+
+def _stopping_at(name: str, real_run):
+    """``run`` that is stopped (SIGINT, at its start) in the run of entry ``name``."""
+    from eosflow.signals import Interrupted
+
+    def run(table, out, **options):
+        if out.name.split("-")[0] == name:  # (a run of some of the entry's models is named <entry>-<models>)
+            raise Interrupted(signal.SIGINT)
+        return real_run(table, out, **options)
+
+    return run
+
+
+def test_an_interrupted_leaderboard_writes_the_rows_it_finished_and_names_the_rest(tmp_path, monkeypatch, capsys):
+    """Stopped in its last entry, a leaderboard wrote no table (its message said the same command runs every entry
+    again). Now the finished entries' rows are written, the page says it was interrupted, and the command the
+    message names runs the rest into the same table: equal, row for row, to an uninterrupted leaderboard's."""
+    import pandas as pd
+
+    from eosflow.cli import main
+
+    def untimed(rows):  # the same runs, to the last bit, but for their wall times
+        return rows.drop(columns=[c for c in rows.columns if c.startswith("ms_per_step")])
+
+    monkeypatch.setitem(lb.SUITES, "default", _two_entries())
+    command = ["leaderboard", "--quick", "--models", "rod_flow", "--quiet"]
+    assert main([*command, "--out", str(tmp_path / "whole")]) == 0
+    whole = pd.read_csv(tmp_path / "whole" / "leaderboard.csv")
+    out = tmp_path / "board"
+    monkeypatch.setattr(lb, "run", _stopping_at("b", lb.run))
+    capsys.readouterr()
+    assert main([*command, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before it finished b;" in err and str(out / "leaderboard.md") in err, err
+    rows = pd.read_csv(out / "leaderboard.csv")
+    assert list(rows["problem"].unique()) == ["a"]
+    pd.testing.assert_frame_equal(untimed(rows), untimed(whole[whole["problem"] == "a"].reset_index(drop=True)))
+    rest = err.rsplit(": eosflow ", 1)[1].split()
+    assert rest == ["leaderboard", "--quick", "--problems", "b", "--models", "rod_flow", "--out", str(out)], err
+    assert f"`eosflow {' '.join(rest)}` runs them" in (out / "leaderboard.md").read_text()
+    monkeypatch.undo()
+    monkeypatch.setitem(lb.SUITES, "default", _two_entries())
+    assert main([*rest, "--quiet"]) == 0
+    pd.testing.assert_frame_equal(untimed(pd.read_csv(out / "leaderboard.csv")), untimed(whole))
+    assert "Interrupted" not in (out / "leaderboard.md").read_text()
+    # stopped again in a whole rerun: the finished rows replace theirs, the others stay (the page says they are old)
+    monkeypatch.setattr(lb, "run", _stopping_at("b", lb.run))
+    assert main([*command, "--out", str(out)]) == 130
+    pd.testing.assert_frame_equal(untimed(pd.read_csv(out / "leaderboard.csv")), untimed(whole))
+    assert "their rows, if any, are from earlier runs" in (out / "leaderboard.md").read_text()
+
+
+WORKERS_SCRIPT = """
+import dataclasses, signal, sys
+import eosflow.leaderboard as lb
+from eosflow.cli import main
+from tests.test_leaderboard import TINY, _stopping_at
+
+(entry,) = TINY
+lb.SUITES["default"] = tuple(
+    dataclasses.replace(entry, name=name, table={**entry.table, "name": name, "lr": lr}, quick_steps=60)
+    for name, lr in (("a", 0.08), ("b", 0.082), ("c", 0.085))
+)
+if sys.argv[1] == "stop-c":
+    lb.run = _stopping_at("c", lb.run)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_leaderboard_in_workers_keeps_the_rows_of_the_entries_they_finished(tmp_path):
+    """--jobs 2 over entries a, b, c, stopped in c's run (which starts when a or b has finished): the rows of the
+    finished entries are written, those of the entry stopped with it are not, and the rest, run by the command
+    the message names (in workers again), completes the table in the suite's order."""
+    import pandas as pd
+
+    out = tmp_path / "board"
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(root, "src"), root])}
+
+    def leaderboard(mode, *args):
+        command = [sys.executable, "-c", WORKERS_SCRIPT, mode, "leaderboard", "--quick", "--models", "rod_flow", "--quiet"]
+        return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
+
+    stopped = leaderboard("stop-c", "--jobs", "2", "--out", str(out))
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
+    rows = pd.read_csv(out / "leaderboard.csv")
+    finished = list(rows["problem"].unique())
+    assert finished in (["a"], ["b"], ["a", "b"]), finished
+    for problem in finished:
+        own = compare_run(out / "runs" / f"{problem}-rod_flow").loc["rod_flow", "relative_distance"]
+        assert rows.set_index(["problem", "process"]).loc[(problem, "rod_flow"), "relative_distance"] == own
+    rest = stopped.stderr.rsplit(": eosflow ", 1)[1].split()
+    assert rest[:4] == ["leaderboard", "--quick", "--problems", ",".join(p for p in "abc" if p not in finished)], rest
+    completed = leaderboard("run", *rest[1:], "--jobs", "2")
+    assert completed.returncode == 0, completed.stderr
+    rows = pd.read_csv(out / "leaderboard.csv")
+    assert list(rows["problem"]) == [p for p in "abc" for _ in range(3)]
+    assert (rows["status"] == "ok").all() and rows[rows["process"] != "gd"]["relative_distance"].notna().all()

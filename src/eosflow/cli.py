@@ -368,7 +368,7 @@ def _dispatch(args) -> int:
         warn_incomplete_critical_sets(load(out))
         return 0
     if args.command == "leaderboard":
-        from eosflow.leaderboard import leaderboard
+        from eosflow.leaderboard import SuiteInterrupted, command, leaderboard
 
         name = "leaderboard" + (f"-{args.suite}" if args.suite != "default" else "") + ("-quick" if args.quick else "")
         out = args.out or Path("runs") / name
@@ -382,13 +382,17 @@ def _dispatch(args) -> int:
                 problems=args.problems.split(",") if args.problems else None,
                 models=args.models.split(",") if args.models else None,
             )
-        except KeyboardInterrupt as error:
+        except SuiteInterrupted as error:
+            rest = " --problems " + ",".join(error.rest) + (f" --models {args.models}" if args.models else "")
             print(
-                f"eosflow: interrupted; the runs so far are in {out / 'runs'}, but the table is written only at the "
-                "end: the same command runs every entry again (or some, with --problems / --models)",
+                f"eosflow: interrupted before it finished {', '.join(error.rest)}; "
+                + (f"the table of the entries it finished: {error.page}; " if error.page else "no entry finished; ")
+                + f"the runs so far are in {out / 'runs'}. The rest, merged into "
+                + ("that table" if error.page else "the table in --out")
+                + f": {command(args.suite, args.quick, rest)} --out {out}",
                 file=sys.stderr,
             )
-            return getattr(error, "exit_code", 130)
+            return error.exit_code
         print(f"leaderboard: {page}")
         return 0
     if args.command == "demo":

@@ -21,6 +21,7 @@ the baseline is the distance's yardstick).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -28,7 +29,7 @@ import platform
 import signal
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,7 @@ from eosflow.load import load, rows_dataset
 from eosflow.optim.adaptive import OPTIMIZERS
 from eosflow.process import PROCESSES
 from eosflow.progress import training_bar
-from eosflow.signals import record_stop
+from eosflow.signals import Interrupted, record_stop
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -353,15 +354,21 @@ def _runner(progress: bool):
 
 
 def run_suite(
-    tables: dict[str, dict], out: Path, progress: bool = True, onset: bool = True, names: dict[str, str] | None = None
+    tables: dict[str, dict],
+    out: Path,
+    progress: bool = True,
+    onset: bool = True,
+    names: dict[str, str] | None = None,
+    finished: dict[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """Run every table into ``out/runs/<name>`` (``names[problem]``, by default the problem) and gather the
     comparison rows (problem, process, metrics); with ``onset``, also the metrics of the models started at the
     optimizer's edge onset (:func:`from_onset`), and the floor of the from-w0 columns on the optimizer's own
-    row (:func:`floor_columns`)."""
+    row (:func:`floor_columns`). Each entry's rows go into ``finished[problem]`` as soon as they are known,
+    so that an interrupted suite keeps those of the entries it finished."""
     out = Path(out)
     run_one = _runner(progress)
-    frames = []
+    finished = {} if finished is None else finished
     for problem, table in tables.items():
         run_dir = out / "runs" / (names or {}).get(problem, problem)
         try:
@@ -371,10 +378,10 @@ def run_suite(
                 if floor := floor_columns(table, run_dir):
                     rows.loc[rows["process"] == table["processes"][0], list(floor)] = list(floor.values())
                 rows = rows.merge(from_onset(table), on="process", how="left")
-            frames.append(rows)
+            finished[problem] = rows
         except Exception as shared_error:  # one broken model must not sink the suite
-            frames.append(_separately(problem, table, out, run_one, shared_error))
-    return pd.concat(frames, ignore_index=True)
+            finished[problem] = _separately(problem, table, out, run_one, shared_error)
+    return pd.concat([finished[problem] for problem in tables], ignore_index=True)
 
 
 def floor_columns(table: dict, run_dir: Path) -> dict[str, float]:
@@ -624,20 +631,80 @@ def leaderboard(
         else "-".join([problem, *table["processes"][2:]])
         for problem, table in tables.items()
     }
-    if jobs > 1:
-        rows = _in_workers(tables, out, not quick, names, jobs)
-    else:
-        rows = run_suite(tables, out, progress, onset=not quick, names=names)
+    finished: dict[str, pd.DataFrame] = {}  # each entry's rows, as it finishes
+    try:
+        if jobs > 1:
+            _in_workers(tables, out, not quick, names, jobs, finished)
+        else:
+            run_suite(tables, out, progress, onset=not quick, names=names, finished=finished)
+    except KeyboardInterrupt as error:
+        rest = [problem for problem in tables if problem not in finished]
+        if not finished:
+            raise SuiteInterrupted(None, rest, error) from error
+        if earlier is None:  # a whole suite rerun: its finished rows go into the table it would have replaced
+            with contextlib.suppress(SpecError):
+                earlier = _earlier_rows(out, suite, quick)
+        note = (
+            f"**Interrupted** before it finished {', '.join(rest)}: "
+            + ("their rows, if any, are from earlier runs" if earlier is not None else "their rows are missing")
+            + f". `{command(suite, quick, _filters(rest, models))} --out {out}` runs them into this table."
+        )
+        page = _write_table(finished, tables, names, earlier, out, quick, suite, problems, models, started, note)
+        raise SuiteInterrupted(page, rest, error) from error
+    return _write_table(finished, tables, names, earlier, out, quick, suite, problems, models, started)
+
+
+class SuiteInterrupted(KeyboardInterrupt):
+    """A leaderboard stopped before its end by ``error``: ``page`` holds the rows of the entries it finished (None:
+    it finished none, and wrote nothing), ``rest`` names those it did not finish."""
+
+    def __init__(self, page: Path | None, rest: list[str], error: KeyboardInterrupt):
+        super().__init__(str(error))
+        self.page, self.rest = page, rest
+        self.exit_code = getattr(error, "exit_code", 130)
+
+
+def command(suite: str, quick: bool, filters: str = "") -> str:
+    """The ``eosflow leaderboard`` command line of a suite, a mode and filters (:func:`_filters`), without --out."""
+    return (
+        "eosflow leaderboard"
+        + (f" --suite {suite}" if suite != "default" else "")
+        + (" --quick" if quick else "")
+        + filters
+    )
+
+
+def _filters(problems: list[str] | None, models: list[str] | None) -> str:
+    """The command-line flags that select these problems and models (None: all)."""
+    return "".join(
+        f" --{flag} {','.join(names)}" for flag, names in (("problems", problems), ("models", models)) if names
+    )
+
+
+def _write_table(
+    finished: dict[str, pd.DataFrame],
+    tables: dict[str, dict],
+    names: dict[str, str],
+    earlier: pd.DataFrame | None,
+    out: Path,
+    quick: bool,
+    suite: str,
+    problems: list[str] | None,
+    models: list[str] | None,
+    started: float,
+    note: str = "",
+) -> Path:
+    """``leaderboard.csv`` and the page (with ``note``) of the finished entries' rows, merged into the ``earlier``
+    rows if any."""
+    rows = pd.concat([finished[problem] for problem in tables if problem in finished], ignore_index=True)
     if earlier is not None:
         keep = {(p, process) for p, name in names.items() if name != p for process in tables[p]["processes"][:2]}
         everything = suite_tables(quick, None, suite_entries(suite))
         rows = merged(earlier, rows, keep, [(p, process) for p, t in everything.items() for process in t["processes"]])
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "leaderboard.csv", index=False)
-    filters = "".join(
-        f" --{flag} {','.join(names)}" for flag, names in (("problems", problems), ("models", models)) if names
-    )
-    return write_page(rows, out, quick, (time.perf_counter() - started) / 60, suite, filters, earlier is not None)
+    minutes = (time.perf_counter() - started) / 60
+    return write_page(rows, out, quick, minutes, suite, _filters(problems, models), earlier is not None, note)
 
 
 def _quiet_worker() -> None:
@@ -650,27 +717,37 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGTERM, record_stop)  # outside a run: the next run (if any) stops at once
 
 
-def _entry_in_worker(problem: str, table: dict, out: Path, onset: bool, names: dict[str, str]) -> pd.DataFrame | None:
-    """One entry of ``--jobs`` in a worker; None if the parent stopped its run (flushed at a chunk boundary)."""
+def _entry_in_worker(problem: str, table: dict, out: Path, onset: bool, names: dict[str, str]) -> pd.DataFrame | int:
+    """One entry of ``--jobs`` in a worker; if a signal stopped its run (flushed at a chunk boundary), its number."""
     try:
         return run_suite({problem: table}, out, False, onset, names)
-    except KeyboardInterrupt:
-        return None
+    except KeyboardInterrupt as error:
+        return getattr(error, "signum", signal.SIGINT)
 
 
-def _in_workers(tables: dict[str, dict], out: Path, onset: bool, names: dict[str, str], jobs: int) -> pd.DataFrame:
-    """Every entry in one of ``jobs`` worker processes; interrupted, the parent asks its workers to stop (SIGTERM),
-    cancels the entries not started, and waits for the running ones to flush before it stops too."""
+def _in_workers(
+    tables: dict[str, dict], out: Path, onset: bool, names: dict[str, str], jobs: int, finished: dict[str, pd.DataFrame]
+) -> None:
+    """Every entry in one of ``jobs`` worker processes, its rows into ``finished[problem]`` as it finishes;
+    interrupted, the parent asks its workers to stop (SIGTERM), cancels the entries not started, and waits for the
+    running ones to flush before it stops too. An entry whose worker was stopped alone stops the suite too."""
     pool = ProcessPoolExecutor(jobs, initializer=_quiet_worker)
+    futures = {pool.submit(_entry_in_worker, p, t, out, onset, names): p for p, t in tables.items()}
     try:
-        parts = list(pool.map(_entry_in_worker, *zip(*[(p, t, out, onset, names) for p, t in tables.items()])))
+        for future in as_completed(futures):
+            if isinstance(rows := future.result(), int):
+                raise Interrupted(rows, f"the worker running {futures[future]} was stopped")
+            finished[futures[future]] = rows
     except BaseException:
         for worker in list(getattr(pool, "_processes", {}).values()):  # the executor keeps no public handle
             worker.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
+        for future, problem in futures.items():  # those that finished while the others stopped
+            if future.done() and not future.cancelled() and future.exception() is None:
+                if isinstance(rows := future.result(), pd.DataFrame):
+                    finished[problem] = rows
         raise
     pool.shutdown()
-    return pd.concat(parts, ignore_index=True)
 
 
 def _title(suite: str, quick: bool) -> str:
@@ -713,9 +790,7 @@ def merged(
 
 
 def _selection(suite: str, quick: bool, problems: list[str] | None, models: list[str] | None) -> str:
-    filters = "".join(
-        f" --{flag} {','.join(names)}" for flag, names in (("problems", problems), ("models", models)) if names
-    )
+    filters = _filters(problems, models)
     return f"the {suite} suite" + (" with --quick" if quick else "") + (f" and{filters}" if filters else "")
 
 
@@ -735,25 +810,21 @@ def write_page(
     suite: str = "default",
     filters: str = "",
     merged: bool = False,
+    note: str = "",
 ) -> Path:
-    """``out/leaderboard.md``: the command, the machine and the table."""
-    command = (
-        "eosflow leaderboard"
-        + (f" --suite {suite}" if suite != "default" else "")
-        + (" --quick" if quick else "")
-        + filters
-    )
+    """``out/leaderboard.md``: the command, the machine, the ``note`` (if any) and the table."""
     problems = rows["problem"].nunique()
     lines = [
         _title(suite, quick),
         "",
-        f"`{command} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}."
+        f"`{command(suite, quick, filters)} --out {out}`: {problems} problems in {minutes:.1f} minutes on {machine()}."
         + (
             " Its rows were merged into the table this directory held; the others are from earlier runs."
             if merged
             else ""
         ),
         "",
+        *([note, ""] if note else []),
         "rel. distance = <||w_GD - w||> / gradient flow's (for another optimizer: <||w_opt - w||> / its "
         "stable flow's); rel. centre distance = the same between the midpoints (w_(t-1) + w_t) / 2 of "
         "consecutive steps, where a period-2 oscillation cancels whatever its phase; loss error and "
