@@ -8,10 +8,13 @@ map (steps k and k + 1, Jacobian by forward-mode AD; below -1 the fixed point gi
 cycle): with the kick as it is now, with the full
 parity kick of the first version (every component of tau into the rod), and with no kick, and GD's own; and the
 reduction to the rod direction u: mu = eta u.Hbar u and delta = eta u.(H(x+r) - H(x-r))u/2, the
-centre-rod coupling through the curvature asymmetry between the ends (docs/rod_flow.md section 5).
+centre-rod coupling through the curvature asymmetry between the ends (docs/rod_flow.md section 5),
+with the eigenvalues of GD's lifted map reduced to u, M = [[1 - mu, -delta], [delta, mu - 1]], and of M^2.
+With --kick full the runs use the full parity kick of the first version (rod and edge flow) and each
+line ends with the last four predicted losses (a period-4 cycle shows as four different values).
 
     .venv/bin/python benchmarks/rod_fixed_points.py [--problem matrix_factorization|quartic]
-        [--lrs 0.07,0.08,0.085] [--steps 1500] [--jacobian]
+        [--lrs 0.07,0.08,0.085] [--steps 1500] [--jacobian] [--kick now|full]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eosflow.experiment import prepare
+from eosflow.flows.edge import EdgeFlow, EdgePoint
 from eosflow.flows.flow import FlowState
 from eosflow.flows.rod import RodFlow, parity_kick
 
@@ -65,6 +69,23 @@ class FullKick(RodFlow):
         return centre, rod + parity_kick(step, z[0], centre, ends, self.lr)
 
 
+class FullKickEdge(EdgeFlow):
+    """The first version of edge flow: the signed magnitude takes the whole kick along u."""
+
+    def finish(self, z, end, terms, step):
+        centre, direction, magnitude = end
+        signed = magnitude + jnp.vdot(direction, parity_kick(step, z[0], centre, terms.ends, self.lr))
+        return EdgePoint(centre, jnp.where(signed < 0, -direction, direction), jnp.abs(signed))
+
+
+FULL_KICK = {"rod_flow": FullKick, "edge_flow": FullKickEdge}
+
+
+def variant(process, kind: type):
+    """``process`` rebuilt as the class ``kind`` (same fields)."""
+    return kind(**{field.name: getattr(process, field.name) for field in dataclasses.fields(process)})
+
+
 class NoKick(RodFlow):
     """No parity kick at all."""
 
@@ -77,14 +98,14 @@ def two_step_radius(process, x: jax.Array, r: jax.Array, kick: str) -> complex:
     for the rod flow as it is (``now``), with the ``full`` kick of its first version, or with ``none``."""
     d = x.size
     kind = {"now": type(process), "full": FullKick, "none": NoKick}[kick]
-    variant = kind(**{field.name: getattr(process, field.name) for field in dataclasses.fields(process)})
+    model = variant(process, kind)
     vectors = process.initial_vectors(x)
 
     def one(z, k):
         state = FlowState(
             (z[:d], z[d:]), vectors, jnp.stack([vectors] * 2), jnp.asarray(jnp.nan, z.dtype), jnp.asarray(k)
         )
-        new, _ = variant.step(state)
+        new, _ = model.step(state)
         return jnp.concatenate(new.z)
 
     z = jnp.concatenate([x, r])
@@ -99,6 +120,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="0.07,0.075,0.08,0.083,0.084,0.085,0.0853,0.0855")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--jacobian", action="store_true", help="two-step spectral radii at GD's orbit")
+    parser.add_argument("--kick", default="now", choices=["now", "full"], help="full: the first version's kick")
     args = parser.parse_args()
     for lr in [float(value) for value in args.lrs.split(",")]:
         rod, problem = build("rod_flow", PROBLEMS[args.problem], lr)
@@ -109,12 +131,16 @@ def main() -> None:
         line = f"lr {lr:.4f}  GD res2 {residual:.1e} half {half:.5f}"
         for name in ("rod_flow", "edge_flow"):
             process, _ = build(name, PROBLEMS[args.problem], lr)
+            if args.kick == "full":
+                process = variant(process, FULL_KICK[name])
             _, rows = process.advance(process.init(problem.w0), args.steps)
             loss, amplitude = np.asarray(rows["predicted_loss"][-50:]), np.asarray(rows["amplitude"][-50:])
             line += (
                 f" | {name}: spread loss {np.ptp(loss):.1e} amp {np.ptp(amplitude):.1e}"
                 f" amp/half-1 {amplitude[-1] / half - 1:+.1e}"
             )
+            if args.kick == "full":
+                line += " last 4 loss " + " -> ".join(f"{value:.2f}" for value in loss[-4:])
         print(line, flush=True)
         if args.jacobian:
             x, r = jnp.asarray((gd[-2] + gd[-1]) / 2), jnp.asarray((gd[-2] - gd[-1]) / 2)
@@ -123,10 +149,13 @@ def main() -> None:
             gd_map = jax.jacfwd(lambda w, lr=lr, objective=problem.objective: w - lr * objective.grad(w))
             gd_two_step = leading(np.asarray(gd_map(jnp.asarray(gd[-1])) @ gd_map(jnp.asarray(gd[-2]))))
             radii = {kick: two_step_radius(rod, x, r, kick) for kick in ("now", "full", "none")}
+            mu, delta = sum(curvature) / 2, abs(curvature[0] - curvature[1]) / 2
+            reduced = np.linalg.eigvals(np.array([[1 - mu, -delta], [delta, mu - 1]]))
             print(
                 f"    most negative two-step eigenvalue at GD's orbit: kick now {radii['now']:.3f}, full "
                 f"kick {radii['full']:.3f}, no kick {radii['none']:.3f}; GD {gd_two_step:.3f};  mu "
-                f"{sum(curvature) / 2:.3f} delta {abs(curvature[0] - curvature[1]) / 2:.3f}",
+                f"{mu:.3f} delta {delta:.3f}; M's eigenvalues {reduced[0]:.3f}, {reduced[1]:.3f}, "
+                f"M^2 = {(1 - mu) ** 2 - delta**2:.3f} I",
                 flush=True,
             )
 
