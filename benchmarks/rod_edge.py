@@ -19,7 +19,13 @@ Columns (means over the run unless said otherwise; GD is the reference):
   grads, hvps, d3   evaluations per unit time (gradients, HVPs, third-derivative gradients)
   ms        milliseconds per unit time (one GD step), timed pass
 
+With --windows START:END,... (END may be left empty: to the end) a second table per case gives, for
+each model and window, loss20 over the window's steps, amp2 and amp20 over its steps in GD's EoS
+phase, the model's amplitude (min-max, mean) and GD's RMS2 (min-max) and RMS20 (min-max, mean)
+along the model's direction. --no-timing skips the timed pass (ms column nan).
+
     python benchmarks/rod_edge.py [--only quartic,mlp] [--steps-scale 0.5] [--keep runs/rod_edge]
+        [--windows 400:900,900:] [--no-timing]
 """
 
 from __future__ import annotations
@@ -162,6 +168,12 @@ def measure(name: str, table: dict, workdir: Path) -> tuple[list[dict], dict]:
         results.append(
             {
                 "model": model,
+                "series": {
+                    "predicted_loss": d.predicted_loss.values,
+                    "amplitude": amplitude,
+                    "rms2": rms2,
+                    "rms20": rms20,
+                },
                 "dist": float(np.nanmean(d.distance.values)),
                 "cdist": float(np.mean(cdist)),
                 "loss2": relative_error(d.predicted_loss.values, loss2, everywhere),
@@ -182,6 +194,8 @@ def measure(name: str, table: dict, workdir: Path) -> tuple[list[dict], dict]:
         "gd_onset": gd_onset,
         "gd_amplitude": 4 * threshold,
         "dimension": int(gd_w.shape[1]),
+        "loss20": loss20,
+        "eos": eos,
     }
     return results, info
 
@@ -234,12 +248,58 @@ def print_table(name: str, results: list[dict], info: dict, timings: dict) -> No
         print("| " + " | ".join(cells) + " |")
 
 
+def window_table(results: list[dict], info: dict, windows: list[tuple[int, int | None]]) -> None:
+    """Per model and step window: the loss20 / amp2 / amp20 errors restricted to the window (amp: its
+    steps in GD's EoS phase), the model's amplitude and GD's RMS2 and RMS20 along the model's direction
+    (min-max, and the mean in parentheses)."""
+    header = ("model", "steps", "loss20", "amp2", "amp20", "amplitude (mean)", "GD RMS2", "GD RMS20 (mean)")
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    steps = np.arange(info["steps"])
+    for r in results:
+        if "series" not in r or r.get("dropped"):
+            continue
+        series = r["series"]
+        for start, end in windows:
+            inside = (steps >= start) & (steps < (info["steps"] if end is None else end))
+            if not inside.any():
+                continue
+            eos = inside & info["eos"]
+            cells = [
+                f"{relative_error(series['predicted_loss'], info['loss20'], inside):.1%}",
+                f"{relative_error(series['amplitude'], series['rms2'], eos):.1%}",
+                f"{relative_error(series['amplitude'], series['rms20'], eos):.1%}",
+                spread(series["amplitude"][inside], mean=True),
+                spread(series["rms2"][inside]),
+                spread(series["rms20"][inside], mean=True),
+            ]
+            print(f"| {r['model']} | {start}-{'end' if end is None else end} | " + " | ".join(cells) + " |")
+
+
+def spread(values: np.ndarray, mean: bool = False) -> str:
+    """``min-max`` (and ``(mean)``) of the finite values, 3 significant digits."""
+    text = f"{np.nanmin(values):.3g}-{np.nanmax(values):.3g}"
+    return text + f" ({np.nanmean(values):.3g})" if mean else text
+
+
+def parse_windows(text: str) -> list[tuple[int, int | None]]:
+    """``400:900,900:`` -> [(400, 900), (900, None)]."""
+    windows = []
+    for item in filter(None, text.split(",")):
+        start, end = item.split(":")
+        windows.append((int(start), int(end) if end else None))
+    return windows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every case's steps")
     parser.add_argument("--keep", default="", help="keep the run directories under this folder")
+    parser.add_argument("--windows", default="", help="step windows START:END, comma-separated (END empty: to the end)")
+    parser.add_argument("--no-timing", action="store_true", help="skip the timed pass (ms column nan)")
     args = parser.parse_args()
+    windows = parse_windows(args.windows)
     selected = [c for c in args.only.split(",") if c]
     print("processes registered:", ", ".join(sorted(PROCESSES)))
     print("problems registered:", ", ".join(sorted(PROBLEMS)))
@@ -257,9 +317,12 @@ def main() -> None:
                 continue
             table = {**table, "steps": max(10, int(table["steps"] * args.steps_scale))}
             results, info = measure(name, table, Path(workdir))
-            timings = time_models(table, ["gd", *[r["model"] for r in results]])
+            timings = {} if args.no_timing else time_models(table, ["gd", *[r["model"] for r in results]])
             print_table(name, results, info, timings)
-            print(f"GD: {timings['gd']:.2f} ms per step (no eigenpairs)")
+            if timings:
+                print(f"GD: {timings['gd']:.2f} ms per step (no eigenpairs)")
+            if windows:
+                window_table(results, info, windows)
 
 
 if __name__ == "__main__":
