@@ -2,6 +2,7 @@
 driven towards its floor, the cost of each rule, and the flat-saddle failure fixed by the cap.
 
     .venv/bin/python benchmarks/flatland.py [--out DIR] [--parts mlp,cnn,saddle,trials,equality] [--small] [--steps N]
+        [--refines 0,2] [--cap]
 
 1. ``mlp`` / ``cnn``: each rule from the same w0 on the spec of examples/flatland_{mlp,cnn}_digits.toml
    (one run per rule): loss evaluations per step (the cost of the search; every rule also takes
@@ -11,7 +12,8 @@ driven towards its floor, the cost of each rule, and the flat-saddle failure fix
 2. ``saddle``: examples/flatland_flat_saddle.toml and its capped twin: the loss over the last 200
    steps against the random-guess level 1/2 (1 - 1/K), the sharpness in units of S_flat, the
    accuracies.
-3. ``trials``: NLS from first trial steps 1e-3 ... 1 with the grid's step and the refined one.
+3. ``trials``: NLS from first trial steps 1e-3 ... 1 with the grid's step and the refined one
+   (``--refines``: the refine values, default 0,2; ``--cap``: every run with cap = true).
 4. ``equality``: NLS on a tiny CNN with refine = 2 and with refine = 8 (the step within 0.3% of the
    equality point) from six first trials: the fraction of steps with eta S > 2, and on the steps
    where eta S <= 2 the curvature the step actually crossed, the secant
@@ -152,7 +154,7 @@ SMALL_MLP = {
 }  # the second network of tests/test_flatland.py (float64 there)
 
 
-def trials_table(out: Path, steps: int | None, small: bool) -> None:
+def trials_table(out: Path, steps: int | None, small: bool, refines=(0, 2), cap: bool = False) -> None:
     """NLS from first trial steps 1e-3 ... 1, with the grid's step (refine = 0) and the refined one (default)."""
     base = load_spec_table(EXAMPLES / "flatland_mlp_digits.toml")
     if small:
@@ -160,7 +162,7 @@ def trials_table(out: Path, steps: int | None, small: bool) -> None:
     name = "tanh MLP 16-16 on 100 digits, float32, sharpness every step" if small else "flatland_mlp_digits.toml"
     print(
         f"\n### first trial step and refinement ({name}, nls, {steps or base['steps']} steps; "
-        f"eta*S at the measured steps after step 20)\n"
+        f"eta*S at the measured steps after step 20{'; cap = true' if cap else ''})\n"
     )
     print(
         "| first trial | refine | loss evals / step (mean, max) | eta*S > 2 after step 20 | min eta*S | median eta "
@@ -168,8 +170,8 @@ def trials_table(out: Path, steps: int | None, small: bool) -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for trial in (1e-3, 1e-2, 0.05, 0.3, 1.0):
-        for refine in (0, 2):
-            run_rule({**base, "lr": trial}, "nls", {"refine": refine}, out, steps)
+        for refine in refines:
+            run_rule({**base, "lr": trial}, "nls", {"refine": refine, **({"cap": True} if cap else {})}, out, steps)
             ds = eosflow.load(out)
             d, m = ds.sel(process="nls"), measured(ds, "nls")
             late = m["steps"] > 20
@@ -240,6 +242,8 @@ def main() -> None:
     parser.add_argument(
         "--small", action="store_true", help="trials: the small tanh MLP 16-16 instead of the example's"
     )
+    parser.add_argument("--refines", default="0,2", help="trials: comma-separated refine values")
+    parser.add_argument("--cap", action="store_true", help="trials: every run with cap = true")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="flatland-")) / "run"
     parts = args.parts.split(",")
@@ -250,7 +254,8 @@ def main() -> None:
     if "saddle" in parts:
         saddle_table(out, args.steps)
     if "trials" in parts:
-        trials_table(out, args.steps, args.small)
+        refines = tuple(int(value) for value in args.refines.split(","))
+        trials_table(out, args.steps, args.small, refines, args.cap)
     if "equality" in parts:
         equality_table(args.steps)
 
