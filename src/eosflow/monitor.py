@@ -26,6 +26,7 @@ import optax
 from jaxtyping import Array
 
 from eosflow.optimizer_edges import EdgeOptimizer, injected, substate
+from eosflow.seeds import seed_key
 from eosflow.tracker import SharpnessTracker, TrackerState
 
 
@@ -101,7 +102,7 @@ def monitored(
 
     def init(params):
         inner = optimizer.transform.init(params)
-        state = tracker.init(params, jax.random.PRNGKey(seed))
+        state = tracker.init(params, seed_key(seed))
         nan = jnp.full((), jnp.nan, state.values.dtype)
         return MonitoredState(inner, state, Reading(jnp.asarray(-1, jnp.int32), nan, nan, nan))
 

@@ -27,6 +27,7 @@ from jaxtyping import Array
 
 from eosflow.compiled import BoundedJit
 from eosflow.config import Entry, SpecError, parse, suggest
+from eosflow.seeds import seed_key
 from eosflow.spectrum import grow_tracked, last_measured, random_vectors
 from eosflow.tracker import grown_history
 
@@ -104,7 +105,7 @@ def parse_options(name: str, table: Any) -> Any:
 
 def process_key(seed: int, name: str) -> Array:
     """A PRNG key for one process, stable across runs and resumes (independent of list order)."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(seed_key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def scanned_fields(name: str, spec: Any, objective: Any, spectrum: Any = None) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from eosflow.preconditioning import (
     preconditioned_matvec,
     stability_constant,
 )
+from eosflow.seeds import seed_key
 from eosflow.spectrum import lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
 from eosflow.torch.objective import (
@@ -319,7 +320,7 @@ class SharpnessTracker:
         self.objective = objective
         self.dtype = dtype = numpy_dtype(objective.dtype)
         with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
-            self.vectors = random_vectors(jax.random.PRNGKey(self.seed), objective.dim, self.k, dtype)
+            self.vectors = random_vectors(seed_key(self.seed), objective.dim, self.k, dtype)
         self._checked: tuple | None = None  # the model's modes and the batch's dtypes at the last objective.check
 
     def _follow_trainable(self) -> None:
