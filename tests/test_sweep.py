@@ -110,13 +110,18 @@ def test_workers_are_single_threaded(cluster):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_worker_xla_flags_are_ones_xla_accepts(monkeypatch, inherited, threads):
     """Every token a worker gets in XLA_FLAGS is a --flag (XLA reads a bare token as a flag file and the
-    worker dies: "Could not open file intra_op_parallelism_threads=2"); at one thread Eigen is serial."""
+    worker dies: "Could not open file intra_op_parallelism_threads=2"); at one thread Eigen is serial,
+    unless the user's own flag says otherwise. That flag is kept at any thread count: with 2 threads a
+    worker dropped the user's =false, and its float32 point differed from `eosflow run` in the same shell
+    (43 of 63 arrays, from a probe)."""
     from eosflow.sweep import worker_environment
 
     monkeypatch.setenv("XLA_FLAGS", inherited)
     tokens = worker_environment(threads)["XLA_FLAGS"].split()
     assert all(token.startswith("--") for token in tokens) and "intra_op" not in " ".join(tokens)
-    assert ("--xla_cpu_multi_thread_eigen=false" in tokens) == (threads == 1)
+    chosen = [token for token in inherited.split() if token.startswith("--xla_cpu_multi_thread_eigen")]
+    eigen = [token for token in tokens if token.startswith("--xla_cpu_multi_thread_eigen")]
+    assert eigen == (chosen or (["--xla_cpu_multi_thread_eigen=false"] if threads == 1 else []))
     assert worker_environment(threads)["OMP_NUM_THREADS"] == str(threads)
 
 
@@ -448,3 +453,15 @@ def test_points_report_progress_and_the_local_cluster_stops_quietly(tmp_path):
         assert sorted(step for name, step in seen if name == point) == [20, 40, 60]
     assert display.counts == {"completed": 2}
     assert not [m for m in messages if "still alive" in m or "lose" in m], messages
+
+
+def test_a_local_cluster_leaves_the_callers_environment_as_it_was(tmp_path):
+    """run_sweep from the user's own Python left dask's worker variables in os.environ (OMP_NUM_THREADS=1,
+    PYTHONHASHSEED, __DASK_PARENT_PID, ...; from a probe): the nanny writes them into its own process."""
+    from eosflow.sweep.cluster import available_cores, connect
+
+    before = dict(os.environ)
+    with connect(None, 1, tmp_path / "jax-cache") as client:
+        assert list(client.run(lambda: os.environ["OMP_NUM_THREADS"]).values()) == [str(available_cores())]
+        assert dict(os.environ) == before  # the worker has its variables, the caller keeps its own
+    assert dict(os.environ) == before

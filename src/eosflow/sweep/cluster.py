@@ -30,14 +30,15 @@ def available_cores() -> int:
 
 def worker_environment(threads: int, cache_dir: Path | None = None) -> dict[str, str]:
     """Environment of a worker process: ``threads`` threads for BLAS/OpenMP (and XLA's Eigen ops
-    serial at one thread), no GPU preallocation,
+    serial at one thread, unless the sweep's own ``XLA_FLAGS`` chose), no GPU preallocation,
     and a persistent JAX compilation cache in ``cache_dir`` (unless one is set already), so a
     restarted worker or a resumed sweep does not compile again."""
     inherited = os.environ.get("XLA_FLAGS", "")
     # XLA has no thread-count flag (a bare "intra_op_parallelism_threads=N" is read as a flag *file*
-    # when it comes first, and the worker dies); at one thread its Eigen ops are kept serial
-    xla = re.sub(r"--xla_cpu_multi_thread_eigen=\S+|(--)?intra_op_parallelism_threads=\S+", "", inherited).split()
-    if threads == 1:
+    # when it comes first, and the worker dies); at one thread its Eigen ops are kept serial. A
+    # --xla_cpu_multi_thread_eigen the user set is kept: it decides float32's last digits (docs/sweep.md)
+    xla = re.sub(r"(--)?intra_op_parallelism_threads=\S+", "", inherited).split()
+    if threads == 1 and not any(flag.startswith("--xla_cpu_multi_thread_eigen=") for flag in xla):
         xla.append("--xla_cpu_multi_thread_eigen=false")
     count = str(threads)
     env = {
@@ -62,13 +63,28 @@ def local_cluster(workers: int | None = None, cache_dir: Path | None = None) -> 
     workers = cores if workers is None else workers
     if workers < 1:
         raise SpecError(f"--workers = {workers} must be at least 1")
-    return LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        env=worker_environment(max(1, cores // workers), cache_dir),
-        dashboard_address=":0" if importlib.util.find_spec("bokeh") else None,
-    )
+    with environment_restored():
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            env=worker_environment(max(1, cores // workers), cache_dir),
+            dashboard_address=":0" if importlib.util.find_spec("bokeh") else None,
+        )
+
+
+@contextlib.contextmanager
+def environment_restored() -> Iterator[None]:
+    """``os.environ`` as it was, after the block: a dask nanny writes its workers' variables into its own
+    process's environment as it starts them (``OMP_NUM_THREADS=1``, ``PYTHONHASHSEED``, ``__DASK_PARENT_PID``
+    ...), which a sweep run from the user's own Python would otherwise leave behind."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        os.environ.update(before)
 
 
 @contextlib.contextmanager
@@ -86,7 +102,7 @@ def connect(scheduler: str | None, workers: int | None, cache_dir: Path) -> Iter
         with client:
             yield client
         return
-    with local_cluster(workers, cache_dir) as cluster:
+    with environment_restored(), local_cluster(workers, cache_dir) as cluster:  # (restarted workers write it too)
         with Client(cluster) as client:
             yield client
             client.run(_stop_heartbeat)
