@@ -413,7 +413,17 @@ def test_a_leaderboard_in_workers_keeps_the_rows_of_the_entries_they_finished(tm
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(root, "src"), root])}
 
     def leaderboard(mode, *args):
-        command = [sys.executable, "-c", WORKERS_SCRIPT, mode, "leaderboard", "--quick", "--models", "rod_flow", "--quiet"]
+        command = [
+            sys.executable,
+            "-c",
+            WORKERS_SCRIPT,
+            mode,
+            "leaderboard",
+            "--quick",
+            "--models",
+            "rod_flow",
+            "--quiet",
+        ]
         return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
 
     stopped = leaderboard("stop-c", "--jobs", "2", "--out", str(out))

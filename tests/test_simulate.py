@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -395,3 +396,25 @@ def test_numpy_scalars_are_numbers_of_the_spec():
     for lr in np.linspace(0.2, 0.3, 2).astype("float32"):
         ds = eosflow.simulate(problem, lr=lr, steps=np.int64(3), seed=np.int32(0), spectrum={"k_max": np.int64(1)})
         assert ds.attrs["lr"] == float(lr) and ds.sizes["step"] == 3
+
+
+def test_no_submodule_shadows_a_function_the_package_exports():
+    """`import eosflow.simulate` (the module then had the function's name) made ``eosflow.simulate`` the module:
+    "'module' object is not callable" (from a probe). Importing a submodule binds it on the package, so no
+    submodule may be named as a lazily exported function; in a fresh interpreter the function survives every
+    import of every submodule."""
+    import pkgutil
+
+    modules = {module.name for module in pkgutil.iter_modules(eosflow.__path__)}
+    assert not modules & set(eosflow._LAZY), modules & set(eosflow._LAZY)
+    check = (
+        "import importlib, pkgutil, eosflow\n"
+        "for m in pkgutil.iter_modules(eosflow.__path__):\n"
+        "    if m.name not in ('torch', '__main__'): importlib.import_module('eosflow.' + m.name)\n"
+        "assert callable(eosflow.simulate) and callable(eosflow.run), (eosflow.simulate, eosflow.run)\n"
+    )
+    src = str(Path(eosflow.__file__).parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src}
+    )
+    assert result.returncode == 0, result.stderr

@@ -19,7 +19,7 @@ from eosflow.version import __version__
 
 _LAZY = {
     "run": "eosflow.experiment",
-    "simulate": "eosflow.simulate",
+    "simulate": "eosflow.simulation",
     "Objective": "eosflow.objective",
     "Problem": "eosflow.problems",
     "HessianOperator": "eosflow.hessian_operator",
