@@ -156,27 +156,40 @@ def test_the_lock_dies_with_its_holder(tmp_path):
     store.unlock()
 
 
-def test_full_disk_fails_cleanly_keeps_data_and_resumes(tmp_path, monkeypatch, uninterrupted):
+@pytest.mark.parametrize("failing", ["chunk", "checkpoint", "first checkpoint"])
+def test_full_disk_fails_cleanly_keeps_data_and_resumes(tmp_path, monkeypatch, uninterrupted, failing):
+    """The disk fills as a chunk or a checkpoint is written: the message and the summary say what is on disk, the
+    steps up to the last checkpoint. When a checkpoint failed, the chunk before it was left on disk past the
+    summary's steps, the summary said "running" with no reason, and at the first checkpoint the message said no
+    step was on disk (from a probe under `ulimit -f 50`)."""
     out = tmp_path / "full"
     real_write = store_module.atomic_write
-    writes = {"n": 0}
+    checkpoints = {"n": 0}
+    fails_at = 1 if failing == "first checkpoint" else 3  # checkpoints written before the write that fails
 
     def failing_write(path, write):
-        writes["n"] += 1
-        if writes["n"] > 9:  # spec files, then a few chunks and checkpoints
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if path.name == "checkpoint.npz":
+            checkpoints["n"] += 1
+        if checkpoints["n"] >= fails_at and path.name != "summary.json":
+            if (path.name == "checkpoint.npz") == (failing != "chunk"):
+                raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, write)
 
     monkeypatch.setattr(store_module, "atomic_write", failing_write)
     with pytest.raises(StoreError, match="No space left on device") as error:
         run(SPEC, out)
-    assert f"steps 0..{eosflow.load(out).sizes['step'] - 1} are on disk; resume with: eosflow resume {out}" in str(
-        error.value
-    )  # (it named the --resume flag of no command, and "every step before 0" when none was)
+    done = 8 * (fails_at - (failing != "chunk"))  # SPEC's chunks of 8 steps, each checkpointed
+    on_disk = f"steps 0..{done - 1} are on disk" if done else "no step is on disk yet"
+    assert f"{on_disk}; resume with: eosflow resume {out}" in str(error.value)
+    # (it named the --resume flag of no command, and "every step before 0" when none was)
+    summary = RunStore(out).read_summary()
+    assert (summary["status"], summary["steps_done"]) == ("interrupted", done), summary
+    assert "No space left on device" in summary["reason"] and on_disk in summary["reason"]
     assert not list(out.rglob("*.tmp"))  # no half-written file left behind
     kept = eosflow.load(out)
-    assert kept.sizes["step"] >= 16
-    np.testing.assert_array_equal(kept.loss.values, uninterrupted.loss.values[:, : kept.sizes["step"]])
+    assert kept.sizes.get("step", 0) == done
+    if done:
+        np.testing.assert_array_equal(kept.loss.values, uninterrupted.loss.values[:, :done])
     monkeypatch.setattr(store_module, "atomic_write", real_write)
     run(SPEC, out, resume=True)
     assert_same_run(eosflow.load(out), uninterrupted)

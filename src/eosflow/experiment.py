@@ -12,6 +12,7 @@ the reason and the step recorded. Another process that diverges is dropped and t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -280,11 +281,7 @@ def _run_locked(
             elif step < spec.steps:
                 outcome.reason = f"stopped after {step} of {spec.steps} steps"
     except KeyboardInterrupt as error:
-        # The checkpoint is what a resume starts from; a chunk flushed after it (the interrupt can
-        # land between the two writes) would be recomputed, so it goes now and the summary agrees.
-        checkpoint = store.read_checkpoint()
-        done = 0 if checkpoint is None else checkpoint.step
-        store.truncate(done)
+        done = _back_to_checkpoint(store)
         how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "the user"
         outcome = Outcome(
             store.root,
@@ -295,15 +292,30 @@ def _run_locked(
         _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
         raise
     except OSError as error:
+        failed = f"writing to {str(store.root)!r} failed ({f'{error.filename!r}: ' if error.filename else ''}" + (
+            f"{error.strerror or error})"
+        )
+        done = outcome.steps_done
+        with contextlib.suppress(OSError):  # the summary, a few hundred bytes, may still fit
+            done = _back_to_checkpoint(store)
+            outcome = Outcome(store.root, "interrupted", done, f"{failed}; {steps_on_disk(done)}")
+            _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
         raise StoreError(
-            f"writing to {str(store.root)!r} failed ({f'{error.filename!r}: ' if error.filename else ''}"
-            f"{error.strerror or error}); {steps_on_disk(outcome.steps_done)}; resume with: "
-            f"{resume_command(store.root)} (resume=True in Python)"
+            f"{failed}; {steps_on_disk(done)}; resume with: {resume_command(store.root)} (resume=True in Python)"
         ) from None
     _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
     if stop["signum"] is not None:
         raise Interrupted(stop["signum"], outcome.reason)
     return outcome
+
+
+def _back_to_checkpoint(store: RunStore) -> int:
+    """The steps of the last checkpoint, where a resume starts. A chunk flushed after it (a stop or a failed write
+    can come between the two writes) would be recomputed, so it goes now, and the summary agrees with the disk."""
+    checkpoint = store.read_checkpoint()
+    done = 0 if checkpoint is None else checkpoint.step
+    store.truncate(done)
+    return done
 
 
 def _change_length(store: RunStore, spec: Spec, table: dict, resolved_text: str, old: int, checkpoint) -> None:
