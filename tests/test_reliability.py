@@ -377,6 +377,27 @@ def test_a_report_the_disk_has_no_room_for_is_a_clear_error_and_the_run_stays(tm
     assert main(["report", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "report" / "report.md").is_file()
 
 
+def test_a_stop_while_the_report_is_written_says_the_run_is_whole(tmp_path, monkeypatch, capsys):
+    """SIGTERM after the last chunk, while `eosflow run` wrote the report: the command printed only "eosflow:
+    interrupted" (exit 143), though the run was complete on disk (from a probe). Now it says so, and how to
+    write the report."""
+    from matplotlib.figure import Figure
+
+    from eosflow.cli import _run_table
+    from eosflow.signals import Interrupted
+
+    def stopped(self, *args, **kwargs):
+        raise Interrupted(signal.SIGTERM)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(Figure, "savefig", stopped)
+        assert _run_table({**SPEC, "steps": 16}, out, resume=False, overwrite=False, quiet=True) == 143
+    err = capsys.readouterr().err
+    assert f"completed: 16 steps in {out}; its report was interrupted; write it with: eosflow report {out}" in err
+    assert RunStore(out).read_summary()["status"] == "completed"
+
+
 def test_the_sgd_report_of_a_run_that_lost_its_resolved_spec(tmp_path, capsys):
     """reliability.md: load and report rebuild what a lost spec.resolved.toml held from spec.toml; the SGD
     section read the file itself and raised FileNotFoundError."""

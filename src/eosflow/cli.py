@@ -38,7 +38,7 @@ from pathlib import Path
 
 from eosflow.config import SpecError
 from eosflow.signals import Interrupted
-from eosflow.store import RunDirectoryWarning, StoreError, not_a_run_directory
+from eosflow.store import RunDirectoryWarning, StoreError, not_a_run_directory, report_command
 
 USER_ERRORS = (SpecError, StoreError)
 
@@ -62,8 +62,16 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
                 outcome = run(table, out, resume=resume, overwrite=overwrite, progress=update)
     except KeyboardInterrupt as error:
         return _interrupted(error, out)
-    ds = load(out)
-    report = make_report(out, ds)
+    try:
+        ds = load(out)
+        report = make_report(out, ds)
+    except KeyboardInterrupt as error:  # the run is whole on disk; only its report is not
+        print(
+            f"eosflow: {outcome.status}: {outcome.steps_done} steps in {out}; its report was interrupted; "
+            f"write it with: {report_command(out)}",
+            file=sys.stderr,
+        )
+        return getattr(error, "exit_code", 130)
     warn_incomplete_critical_sets(ds)
     summary = RunStore(out).read_summary()
     print(

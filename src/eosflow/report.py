@@ -7,7 +7,6 @@ sections with :func:`register_section` (e.g. SGD's diffusion plots).
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from matplotlib.figure import Figure  # no pyplot: the caller's backend and figu
 
 from eosflow.compare import line_style, log_scale_where_positive, threshold_line
 from eosflow.load import load
-from eosflow.store import RunStore, StoreError, resume_command, writable_folder
+from eosflow.store import RunStore, StoreError, report_command, resume_command, writable_folder
 
 Section = Callable[[xr.Dataset, Path, Path], str]
 SECTIONS: list[Section] = []  # sections registered with register_section (SGD's below)
@@ -99,7 +98,7 @@ def make_report(run_dir: str | Path, ds: xr.Dataset | None = None) -> Path:
         where = error.filename or out
         raise StoreError(
             f"cannot write the report of {str(run_dir)!r} ({str(where)!r}: {error.strerror or error}); the run itself "
-            f"is on disk: write the report again with: eosflow report {shlex.quote(str(run_dir))}"
+            f"is on disk: write the report again with: {report_command(run_dir)}"
         ) from None
 
 

@@ -556,6 +556,11 @@ def resume_command(run_dir: str | Path) -> str:
     return f"eosflow resume {shlex.quote(str(run_dir))}"
 
 
+def report_command(run_dir: str | Path) -> str:
+    """The command that writes (again) the report of the run in ``run_dir``."""
+    return f"eosflow report {shlex.quote(str(run_dir))}"
+
+
 def writable_folder(path: Path) -> Path:
     """``path`` made (if need be) and checked writable, or a StoreError naming it (a read-only run directory gave
     a traceback from the first figure saved into its report/)."""
