@@ -324,3 +324,33 @@ def test_an_option_without_effect_in_its_configuration_is_named(process, options
     ]
     assert len(named) == (unused is not None), named
     assert unused is None or f"`{unused}` = " in named[0]
+
+
+@pytest.mark.parametrize("max_evals", [1, 30])
+def test_a_divergence_says_when_the_search_ran_out_of_its_budget(tmp_path, max_evals):
+    """lr = 50 with one evaluation per search: every search took the refused first trial, and the run diverged
+    with no word of it (GD's reason says where its edge ratio was; from a probe). With the budget to backtrack,
+    the same start does not diverge, and no hint is given where every search was accepted."""
+    from eosflow.experiment import run
+    from eosflow.store import RunStore
+
+    options = {"max_evals": max_evals, "refine": 0, "extrapolate": False}
+    table = {
+        "name": "budget",
+        "steps": 20,
+        "lr": 50.0,
+        "dtype": "float32",
+        "processes": ["nls"],
+        "problem": TINY_MLP,
+        "nls": options,
+        "spectrum": {"every": 0},
+        "record": {"chunk": 10},
+    }
+    outcome = run(table, tmp_path / "run")
+    rows = RunStore(tmp_path / "run").read_process("nls")
+    if max_evals == 1:
+        assert outcome.status == "diverged" and not rows["accepted"].any()
+        steps = rows["accepted"].size
+        assert f"its line search ran out of its 1 loss evaluations at {steps} of {steps} steps" in outcome.reason
+    else:
+        assert outcome.status == "completed" and rows["accepted"].all() and "line search" not in outcome.reason

@@ -33,6 +33,7 @@ from typing import Any, Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option, warn_unused
@@ -333,6 +334,18 @@ class LineSearchGD(ScannedProcess):
         )
         history = update_reference(state.history, found.loss, o.xi)
         return LineSearchState(w - found.lr * grad, found.lr, history, vectors, state.step + 1), row
+
+    def divergence_hint(self, rows: dict[str, np.ndarray]) -> str:
+        """A search that ran out of its ``max_evals`` backtracking took its smallest trial, which the test had
+        refused (``accepted`` = 0): a divergence after that is the budget's, not the rule's."""
+        accepted = np.asarray(rows.get("accepted", []), dtype=bool)
+        if not accepted.size or accepted.all():
+            return ""
+        return (
+            f"its line search ran out of its {self.options.max_evals} loss evaluations at {int((~accepted).sum())} of "
+            f"{accepted.size} steps (accepted = 0) and took a step its test had refused: raise max_evals or lower lr "
+            "(the first trial)"
+        )
 
     def accuracy_row(self, w: Array, step: Array) -> dict[str, Array]:
         """``test_accuracy`` and ``train_accuracy`` every ``accuracy_every`` steps (NaN otherwise)."""
