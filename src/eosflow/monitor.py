@@ -80,7 +80,8 @@ def monitored(
     """``optimizer``'s transformation, measuring its edge every ``every`` updates (see the module doc).
 
     ``loss_fn(params, batch)`` is the loss the sharpness is of; ``update`` takes the batch as the
-    keyword ``batch`` (omit it for ``loss_fn(params)``). ``log=None`` only records the reading.
+    keyword ``batch`` (omit it for ``loss_fn(params)``). ``log=None`` only records the reading: a ``log`` is a
+    ``jax.debug.callback`` in every step's program, and makes each step call wait for the step to run.
 
     Not inside an ``nnx.Optimizer``: it hands the update the Params as an ``nnx.State`` and the module's
     other variables not at all, so a module's loss cannot be evaluated there. Measure a Flax NNX module with
