@@ -82,8 +82,15 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, uninterrupte
     assert 24 <= n < 80 and flushed.attrs["status"] == "interrupted"  # the writer is gone
     assert main(["report", str(out)]) == 0  # the summary says "running"; the report still works
     np.testing.assert_array_equal(flushed.loss.values, uninterrupted.loss.values[:, :n])
+    # the summary follows the checkpoints: the killed session's time and chunk timings are kept (they were lost,
+    # and "run time (all sessions)" counted the sessions that ended only: 31.0 s of 141.3, from a probe)
+    killed = RunStore(out).read_summary()
+    checkpointed = RunStore(out).read_checkpoint().step
+    assert killed["steps_done"] in (checkpointed, checkpointed - 8) and killed["seconds"] > 0, killed
+    assert sum(steps for steps, _, _ in killed["timing"]["gd"]["chunks"]) == killed["steps_done"]
     assert main(["run", str(spec_path), "--out", str(out), "--resume", "--quiet"]) == 0
     assert_same_run(eosflow.load(out), uninterrupted)
+    assert RunStore(out).read_summary()["seconds"] > killed["seconds"]
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

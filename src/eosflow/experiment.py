@@ -269,6 +269,8 @@ def _run_locked(
                 {"inactive": inactive, "eosflow": _version()},
             )
             outcome = Outcome(store.root, "running", step)
+            # the summary follows the checkpoint, so that a run killed (-9) keeps its steps' time and timings
+            _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
             if progress is not None:
                 progress(step, chunk)
         if outcome.status == "running":
