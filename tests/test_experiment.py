@@ -177,6 +177,9 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
     assert before == after
 
 
+F32 = {"dtype": "float32", "spectrum": {"k": 1, "k_max": 1}}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -198,6 +201,14 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
         ({"processes": ["sgd"], "sgd": {"noise_every": 1, "noise_examples": 1}}, "`sgd.noise_examples` = 1 estimates"),
         ({"processes": ["sgd", "langevin"], "langevin": {"noise_examples": 1}}, "`langevin.noise_examples` = 1"),
         ({"processes": ["sgd", "langevin"], "langevin": {"noise_examples": 10**6}}, "= 1000000 exceeds the problem's"),
+        # values beyond float32 ran, and stopped as diverged at step 0 over the run --overwrite replaced (a probe)
+        (F32 | {"problem": {"name": "quadratic", "eigenvalues": [1e39, 1.0]}}, "the loss at w0 is inf on problem 'qua"),
+        (F32 | {"problem": {"name": "quartic", "init": 1e20}}, "the loss at w0 is nan on problem 'quartic' (float32)"),
+        (F32 | {"problem": {"name": "sharp_valley", "x0": 200.0}}, "the loss at w0 is inf on problem 'sharp_valley'"),
+        (
+            {"problem": {"name": "sharp_valley", "x0": 800.0}},
+            "the loss at w0 is inf on problem 'sharp_valley' (float64",
+        ),
     ],
 )
 def test_invalid_spec_names_the_field_and_writes_nothing(tmp_path, overrides, message):

@@ -32,6 +32,7 @@ import tomli_w
 from eosflow.config import SpecError, SpecWarning, plain_table
 from eosflow.precision import DTYPES, precision
 from eosflow.problems import Problem, build_problem
+from eosflow.problems.registry import IN_MEMORY
 from eosflow.process import PROCESSES, Process
 from eosflow.signals import Interrupted, stop_requests
 from eosflow.spec import Spec, SpectrumSpec, differences_but_steps, parse_spec, resolve, resolved_table
@@ -80,6 +81,7 @@ def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem,
     problem.check_finite()
     if spec.microbatch:
         problem = problem.with_microbatch(spec.microbatch)  # (checked in the problem's own dtype)
+    problem.check_initial_loss(str(spec.problem.get("name", IN_MEMORY)))
     fitted = fit_spectrum(spec, int(problem.w0.size), "k_max" in (table.get("spectrum") or {}))
     processes = {name: PROCESSES[name].build(problem, fitted, spec.options[name]) for name in spec.processes}
     return spec, problem, resolved_problem, processes

@@ -217,6 +217,18 @@ class Problem:
                         f"({values[tuple(index)]} at {index.tolist()}): every process starts from w0 on this data"
                     )
 
+    def check_initial_loss(self, name: str) -> None:
+        """L(w0) is finite (else a SpecError): values that overflow the dtype (an eigenvalue of 1e39 in float32,
+        a start where exp overflows) would otherwise run, and stop as diverged at step 0, over an earlier run
+        with --overwrite."""
+        value = float(self.objective.value(jnp.asarray(self.w0)))
+        if not np.isfinite(value):
+            raise SpecError(
+                f"the loss at w0 is {value} on problem {name!r} ({np.dtype(self.w0.dtype).name}): every process "
+                "would diverge at its first step; look for a value of [problem] (a scale, an eigenvalue, the start, "
+                "the data) beyond what the dtype holds"
+            )
+
     def check_dtype(self, dtype: Any) -> None:
         """Every floating parameter leaf and data leaf has ``dtype`` (else a SpecError naming it)."""
         unravel = self.objective.unravel
