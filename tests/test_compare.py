@@ -518,3 +518,26 @@ def test_a_reference_without_a_yardstick_is_said_to_have_none(tmp_path):
         page = cmp.write_report(tmp_path / "r").read_text()
     assert not any("sgd_stable_flow" in str(w.message) for w in caught)
     assert "NaN: sgd has none" in page and "sgd_stable_flow" not in page
+
+
+def test_a_dropped_models_amplitude_is_not_a_predicted_collapse():
+    """sqrt of a nansum over the covariance read 0 at every step after a model was dropped (all its entries NaN),
+    a predicted collapse that the envelope error then counted (central flow dropped at step 1 of 100: 1.07, where
+    its two recorded steps give 5.03; from a probe). An unused slot (NaN beside recorded entries) still adds 0,
+    and a recorded zero covariance (no critical direction) is an amplitude of 0."""
+    import xarray as xr
+
+    from eosflow.compare import envelope_error, predicted_amplitude
+
+    covariance = np.array([[0.0, 0.0, np.nan], [1.0, 3.0, np.nan], [4.0, np.nan, np.nan], *[[np.nan] * 3] * 5])
+    ds = xr.Dataset(
+        {"covariance": (("process", "step", "slot"), covariance[None])},
+        coords={"process": ["central_flow"], "step": np.arange(8)},
+    )
+    amplitude = predicted_amplitude(ds, "central_flow")
+    np.testing.assert_array_equal(amplitude[:3], [0.0, 2.0, 2.0])
+    assert np.isnan(amplitude[3:]).all()
+    oscillation = np.full(8, 0.5)
+    assert envelope_error(amplitude, oscillation, width=0.0) == pytest.approx(
+        envelope_error(amplitude[:3], oscillation[:3], width=0.0)
+    )

@@ -210,10 +210,12 @@ def _series(ds: xr.Dataset, variable: str, process: str) -> np.ndarray | None:
 
 
 def predicted_amplitude(ds: xr.Dataset, process: str) -> np.ndarray | None:
-    """A model's RMS oscillation: sqrt(tr Sigma) when it reports a covariance, else ``amplitude``."""
+    """A model's RMS oscillation: sqrt(tr Sigma) when it reports a covariance, else ``amplitude``; NaN at a step
+    it did not record (after it was dropped: a sum over no entries read 0, a predicted collapse)."""
     covariance = _series(ds, "covariance", process)
     if covariance is not None:
-        return np.sqrt(np.nansum(covariance, axis=-1))
+        recorded = ~np.isnan(covariance).all(axis=-1)
+        return np.where(recorded, np.sqrt(np.nansum(covariance, axis=-1)), np.nan)
     return _series(ds, "amplitude", process)
 
 
