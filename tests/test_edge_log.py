@@ -487,10 +487,23 @@ def test_one_y_scale_policy_for_every_loss_panel(tmp_path, loss, scale):
     assert figure(ds).axes[0].get_yscale() == scale
     assert overlay_figure({"a": ds, "b": ds}).axes[0].get_yscale() == scale
     ax = Figure().subplots()
-    ax.plot([0, 1, 2], [np.inf, 2.0, 3.0])
+    ax.plot([0, 1, 2], [np.inf, 2.0, 30.0])
     ax.plot([0, 1, 2], loss)
     log_scale_where_positive(ax)
     assert ax.get_yscale() == ("linear" if np.nanmin(loss) < 0 else "log")  # with a positive line beside it
+
+
+def test_a_narrow_positive_range_stays_linear():
+    """A loss from 0.56 to 0.50 on a log axis read "5.1 x 10^-1" (from a probe): log needs a factor of 10."""
+    from matplotlib.figure import Figure
+
+    from eosflow.compare import log_scale_where_positive
+
+    for values, scale in [([0.56, 0.52, 0.5], "linear"), ([0.0, 0.96, 1.01], "linear"), ([0.0, 0.09, 1.0], "log")]:
+        ax = Figure().subplots()
+        ax.plot([0, 1, 2], values)
+        log_scale_where_positive(ax)
+        assert ax.get_yscale() == scale, values
 
 
 def read_from(tmp_path, loss):

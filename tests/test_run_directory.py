@@ -386,3 +386,37 @@ def test_consecutive_lost_chunks_are_named_as_one_range(finished, uninterrupted)
     ):
         run(SPEC, finished, resume=True)
     np.testing.assert_array_equal(eosflow.load(finished).loss.values, uninterrupted.loss.values)
+
+
+QUADRATIC = {
+    "name": "q",
+    "steps": 12,
+    "lr": 0.5,
+    "dtype": "float64",
+    "problem": {"name": "quadratic", "eigenvalues": [2.0, 1.0, 0.5]},
+    "spectrum": {"k": 1, "k_max": 1},
+}
+
+
+@pytest.mark.parametrize(
+    "table, lines",
+    [
+        # GD diverged at lr = 2.5 (lr S > 2): the reference's status read "ok" (from a probe)
+        (
+            {"lr": 2.5, "processes": ["gd", "gradient_flow"]},
+            ["| diverged (the reason above) |", "| stopped with gd |", "- first step with lr*S >= 1.9: 0"],
+        ),
+        # no eigensolver: "lr*S never reached 1.9 (largest measured: nan): no edge of stability"
+        ({"spectrum": {"every": 0}}, ["- gd's sharpness was not measured in this run (`spectrum.every` = 0)"]),
+        # Adam's `sharpness` is not its own (NaN): its edge is S_P / threshold, which the section had no line for
+        ({"processes": ["adam"], "lr": 0.05}, ["S/threshold never reached 0.95 (largest measured: 0."]),
+    ],
+)
+def test_the_report_says_how_the_reference_ended_and_where_its_edge_is(tmp_path, table, lines):
+    from eosflow.experiment import run
+    from eosflow.report import make_report
+
+    run({**QUADRATIC, **table}, tmp_path / "run")
+    report = make_report(tmp_path / "run").read_text()
+    for line in lines:
+        assert line in report, report

@@ -479,13 +479,14 @@ def line_style(i: int) -> dict:
 
 
 def log_scale_where_positive(ax) -> None:
-    """The one y-scale policy of every figure: log if the panel's lines hold a positive finite value and no
-    negative one, else linear. Zeros (a distance at w0) are left off a log axis; a negative value (a loss
-    below 0) would be, so it keeps the axis linear; a panel with nothing positive (a run of one step, every
-    distance 0 or infinite) has nothing a log scale can show (matplotlib raised on it)."""
-    values = [np.asarray(line.get_ydata(), dtype=np.float64) for line in ax.lines]
-    finite = [v[np.isfinite(v)] for v in values]
-    if any(np.any(v > 0) for v in finite) and not any(np.any(v < 0) for v in finite):
+    """The one y-scale policy of every figure: log if the panel's lines hold positive finite values spanning a
+    factor of 10 or more and no negative one, else linear. Zeros (a distance at w0) are left off a log axis; a
+    negative value (a loss below 0) would be, so it keeps the axis linear; a panel with nothing positive (a run of
+    one step, every distance 0 or infinite) has nothing a log scale can show (matplotlib raised on it); a narrow
+    range (a loss from 0.56 to 0.50) reads better in plain ticks than as 5.1 x 10^-1."""
+    finite = [v[np.isfinite(v)] for v in (np.asarray(line.get_ydata(), dtype=np.float64) for line in ax.lines)]
+    positive = np.concatenate([v[v > 0] for v in finite]) if finite else np.array([])
+    if positive.size and positive.max() >= 10 * positive.min() and not any(np.any(v < 0) for v in finite):
         ax.set_yscale("log")
 
 
@@ -494,7 +495,7 @@ def threshold_line(ax, value: float, label: str) -> None:
     ax.axhline(value, color="0.55", lw=3, alpha=0.45, zorder=0.5, label=label)
 
 
-def _figure(path: Path, panels: int, draw, title: str, logy: tuple[bool, ...] = ()) -> None:
+def _figure(path: Path, panels: int, draw, title: str, logy: tuple[bool, ...] = (), xlabel: str = "step") -> None:
     fig = Figure(figsize=(7.5, 3.2 * panels), dpi=110)
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)
     draw(*axes[:, 0])
@@ -505,7 +506,7 @@ def _figure(path: Path, panels: int, draw, title: str, logy: tuple[bool, ...] = 
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0, 0].set_title(title)
-    axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -582,7 +583,7 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         ax_ms.set_xticks(x, processes, rotation=20, fontsize=8)
 
     fig_cost = out / "compare_cost.png"
-    _figure(fig_cost, 2, draw_cost, "cost per unit time")
+    _figure(fig_cost, 2, draw_cost, "cost per unit time", xlabel="process")
     figures.append(("Cost", "compare_cost.png"))
 
     lines = [

@@ -164,31 +164,23 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         "| process | final loss | final sharpness | final lr*S | final distance | status |",
         "|---|---|---|---|---|---|",
     ]
+    diverged = ds.attrs.get("status", summary.get("status")) == "diverged"
     for p in processes:
         lines.append(
             f"| {p} | {_last(ds, 'loss', p):.6g} | {_last(ds, 'sharpness', p):.6g} | "
             f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} | "
-            + (f"dropped: {dropped[p]} |" if p in dropped else "ok |")
-        )
-    if "lr_sharpness" in ds:
-        window = edge_of_stability_window(ds["lr_sharpness"].sel(process=reference).values, steps=steps)
-        lines += ["", "## Edge of stability", ""]
-        if window["first_step_at_edge"] is None:
-            lines.append(
-                f"- lr*S never reached 1.9 (largest measured: {window['max_lr_sharpness']:.4f}): "
-                "no edge of stability in this run"
+            + (
+                f"dropped: {dropped[p]} |"
+                if p in dropped
+                else "diverged (the reason above) |"
+                if diverged and p == reference
+                else f"stopped with {reference} |"
+                if diverged
+                else "ok |"
             )
-        else:
-            lines += [
-                f"- first step with lr*S >= 1.9: {window['first_step_at_edge']}",
-                f"- longest window with lr*S in [1.8, 2.2]: {window['longest_window_steps']} steps"
-                + (
-                    f" (from step {window['longest_window_start']})"
-                    if window["longest_window_start"] is not None
-                    else ""
-                ),
-                f"- largest lr*S measured: {window['max_lr_sharpness']:.4f}",
-            ]
+        )
+    if "lr_sharpness" in ds or "edge_ratio" in ds:
+        lines += ["", "## Edge of stability", ""] + _edge_lines(ds, reference, steps)
     if len(processes) > 1:
         from eosflow.compare import write_report
 
@@ -223,6 +215,31 @@ def _last(ds: xr.Dataset, variable: str, process: str) -> float:
     values = ds[variable].sel(process=process).values
     finite = values[np.isfinite(values)]
     return float(finite[-1]) if finite.size else float("nan")
+
+
+def _edge_lines(ds: xr.Dataset, reference: str, steps: np.ndarray) -> list[str]:
+    """Where the reference reached its edge: lr*S against 2 for GD; for an optimizer whose ``sharpness`` is not
+    its own (Adam, RMSProp, momentum), its edge ratio S_P / threshold against 1, in the same window."""
+    unit, scale, series = "lr*S", 1.0, np.full(steps.shape, np.nan)
+    if "lr_sharpness" in ds:
+        series = ds["lr_sharpness"].sel(process=reference).values
+    if not np.isfinite(series).any() and "edge_ratio" in ds:
+        unit, scale, series = "S/threshold", 2.0, 2.0 * ds["edge_ratio"].sel(process=reference).values
+    if not np.isfinite(series).any():
+        return [f"- {reference}'s sharpness was not measured in this run (`spectrum.every` = 0)"]
+    window = edge_of_stability_window(series, steps=steps)
+    peak = window["max_lr_sharpness"] / scale
+    if window["first_step_at_edge"] is None:
+        return [
+            f"- {unit} never reached {1.9 / scale:g} (largest measured: {peak:.4f}): no edge of stability in this run"
+        ]
+    start = window["longest_window_start"]
+    return [
+        f"- first step with {unit} >= {1.9 / scale:g}: {window['first_step_at_edge']}",
+        f"- longest window with {unit} in [{1.8 / scale:g}, {2.2 / scale:g}]: {window['longest_window_steps']} steps"
+        + (f" (from step {start})" if start is not None else ""),
+        f"- largest {unit} measured: {peak:.4f}",
+    ]
 
 
 def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
