@@ -420,3 +420,26 @@ def test_the_report_says_how_the_reference_ended_and_where_its_edge_is(tmp_path,
     report = make_report(tmp_path / "run").read_text()
     for line in lines:
         assert line in report, report
+
+
+def test_sgds_final_loss_on_the_page_is_a_full_batch_one(tmp_path):
+    """With loss_every = 10, SGD's `loss` holds the minibatch loss between full-batch measurements; the page's
+    final loss was the last step's minibatch value, set beside Langevin's full-batch one (from a probe)."""
+    import eosflow
+    from eosflow.experiment import run
+    from eosflow.report import make_report
+
+    table = {
+        "name": "sgd",
+        "steps": 25,
+        "lr": 0.05,
+        "dtype": "float64",
+        "processes": ["sgd"],
+        "problem": {"name": "linear_regression", "dim": 4, "n_train": 20},
+        "spectrum": {"every": 0},
+        "sgd": {"batch_size": 4, "loss_every": 10},
+    }
+    run(table, tmp_path / "run")
+    loss = eosflow.load(tmp_path / "run")["loss"].sel(process="sgd").values
+    report = make_report(tmp_path / "run").read_text()
+    assert f"| sgd | {loss[20]:.6g} |" in report and loss[24] != loss[20], report

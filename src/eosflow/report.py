@@ -111,11 +111,14 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
 
     def draw_loss(ax):
         for i, p in enumerate(processes):
-            ax.plot(steps, ds["loss"].sel(process=p), **line_style(i), label=f"{p}: loss")
+            loss = full_batch_loss(ds, p)
+            ok = np.isfinite(loss)
+            sparse = ok.sum() < 0.9 * np.isfinite(ds["loss"].sel(process=p).values).sum()
+            label = f"{p}: loss" + (" (full batch, where measured)" if sparse else "")
+            ax.plot(steps[ok], loss[ok], **line_style(i), label=label)
             if "predicted_loss" in ds and np.isfinite(ds["predicted_loss"].sel(process=p)).any():
-                ax.plot(
-                    steps, ds["predicted_loss"].sel(process=p), **{**line_style(i), "ls": ":"}, label=f"{p}: predicted"
-                )
+                predicted = {**line_style(i), "ls": (0, (1, 3)), "lw": 2.0}  # (":" is also a model's own dash)
+                ax.plot(steps, ds["predicted_loss"].sel(process=p), **predicted, label=f"{p}: predicted")
 
     _figure(out / "loss.png", "training loss", "loss", draw_loss, logy=True)
     figures.append(("Training loss", "loss.png"))
@@ -159,7 +162,8 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         "",
         "## Processes",
         "",
-        "Final: the last step each process recorded (for a dropped process, the step at which it blew up).",
+        "Final: the last step each process recorded (for a dropped process, the step at which it blew up; for the "
+        "loss, the last full-batch one).",
         "",
         "| process | final loss | final sharpness | final lr*S | final distance | status |",
         "|---|---|---|---|---|---|",
@@ -209,10 +213,19 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     return path
 
 
+def full_batch_loss(ds: xr.Dataset, process: str) -> np.ndarray:
+    """A process's full-batch loss, NaN where it recorded another: SGD with ``loss_every`` > 1 records its
+    minibatch loss in between (its ``grad_norm`` is NaN there), which the page set beside full-batch losses."""
+    loss = ds["loss"].sel(process=process).values.astype(np.float64)
+    if "batch_loss" in ds and "grad_norm" in ds and np.isfinite(ds["batch_loss"].sel(process=process)).any():
+        loss = np.where(np.isfinite(ds["grad_norm"].sel(process=process).values), loss, np.nan)
+    return loss
+
+
 def _last(ds: xr.Dataset, variable: str, process: str) -> float:
     if variable not in ds:
         return float("nan")
-    values = ds[variable].sel(process=process).values
+    values = full_batch_loss(ds, process) if variable == "loss" else ds[variable].sel(process=process).values
     finite = values[np.isfinite(values)]
     return float(finite[-1]) if finite.size else float("nan")
 
