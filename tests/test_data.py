@@ -1,6 +1,7 @@
 """Datasets: balanced seeded subsets, standardization, synthetic sets, the CIFAR-10 reader."""
 
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -246,3 +247,93 @@ def test_cnn_and_mlp_run_on_a_cifar_archive(tmp_path):
         "problem": {"name": "cnn", "channels": [2, 2], **base},
     }
     assert run(table, tmp_path / "cnn", overwrite=True).status == "completed"
+
+
+# ---- your own arrays (.npz) --------------------------------------------------------------------
+
+
+def _npz(tmp_path, name, **arrays):
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("labels", [(1, 2, 3), (0, 5, 7), (-1, 4, 9)])
+def test_npz_class_labels_are_renumbered_to_the_problems_classes(tmp_path, labels):
+    """Labels other than 0..K-1 gave an IndexError (mse), a NaN run (cross entropy) or a wrapped class (-1 read as
+    the last; from a probe): class c of the problem is now the c-th smallest label, as for the built-in sets."""
+    x = np.random.default_rng(0).standard_normal((60, 5))
+    order = np.repeat([0, 1, 2], 20)
+    reference = load_classification(
+        ClassificationData(
+            dataset="npz", data_path=_npz(tmp_path, "plain", x=x, y=order), classes=3, n_train=30, n_test=6
+        ),
+        0,
+    )
+    data = load_classification(
+        ClassificationData(
+            dataset="npz",
+            data_path=_npz(tmp_path, "other", x=x, y=np.asarray(labels)[order]),
+            classes=3,
+            n_train=30,
+            n_test=6,
+        ),
+        0,
+    )
+    for a, b in [(data.x_train, reference.x_train), (data.y_train, reference.y_train), (data.y_test, reference.y_test)]:
+        np.testing.assert_array_equal(a, b)
+    assert set(np.unique(data.y_train)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    "y, message",
+    [
+        (np.tile([0.5, 1.5, 2.5], 20), "class labels must be whole numbers, got 0.5"),
+        (np.eye(3)[np.repeat([0, 1, 2], 20)], "class labels must be integers of shape (n,), got shape (60, 3)"),
+    ],
+)
+def test_npz_labels_that_are_not_class_indices_are_refused(tmp_path, y, message):
+    """Float labels were truncated to classes (0.5 -> 0) and one-hot rows read as "only 2 classes" (a probe)."""
+    x = np.random.default_rng(0).standard_normal((60, 5))
+    params = ClassificationData(
+        dataset="npz", data_path=_npz(tmp_path, "bad", x=x, y=y), classes=3, n_train=30, n_test=6
+    )
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_classification(params, 0)
+
+
+def test_npz_regression_targets_may_be_one_vector(tmp_path):
+    """y of shape (n,), the usual layout of one output, ended in an IndexError inside the network (a probe)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((40, 3)), rng.standard_normal(40)
+    column, vector = (
+        load_regression(
+            RegressionData(dataset="npz", data_path=_npz(tmp_path, name, x=x, y=t), n_train=30, n_test=5), 0
+        )
+        for name, t in (("column", y[:, None]), ("vector", y))
+    )
+    np.testing.assert_array_equal(vector.y_train, column.y_train)
+    assert vector.y_train.shape == (30, 1)
+    bad = RegressionData(dataset="npz", data_path=_npz(tmp_path, "cube", x=x, y=np.zeros((40, 2, 2))), n_train=30)
+    with pytest.raises(SpecError, match=re.escape("targets must be (n, outputs), got shape (40, 2, 2)")):
+        load_regression(bad, 0)
+
+
+def test_an_npy_file_or_a_scalar_npz_is_named(tmp_path):
+    """Both ended in a TypeError traceback (a probe)."""
+    np.save(tmp_path / "plain.npy", np.zeros((4, 2)))
+    for path, message in [
+        (str(tmp_path / "plain.npy"), "is one array (.npy), not a .npz of `x` and `y`"),
+        (
+            _npz(tmp_path, "scalar", x=np.float64(1.0), y=np.float64(2.0)),
+            "must hold one row per example, got shapes ()",
+        ),
+    ]:
+        with pytest.raises(SpecError, match=re.escape(message)):
+            load_regression(RegressionData(dataset="npz", data_path=path, n_train=1), 0)
+
+
+def test_a_test_split_with_too_few_examples_names_n_test():
+    """iris with n_train = 150 leaves nothing to test on; the message said the dataset had "only 0 classes"."""
+    with pytest.raises(SpecError, match=r"`problem.n_test` = 3 asks for 1 examples of class 0 but only 0"):
+        load_classification(ClassificationData(dataset="iris", classes=3, n_train=150, n_test=3), 0)

@@ -69,21 +69,28 @@ class Dataset:
         return dataclasses.replace(self, x_train=self.x_train.reshape(-1, size), x_test=self.x_test.reshape(-1, size))
 
 
-def balanced_subset(labels: np.ndarray, n: int, classes: int, seed: int, field: str = "problem.n_train") -> np.ndarray:
-    """Indices of n examples drawn from the first ``classes`` classes, as equal per class as n allows.
+def balanced_subset(
+    labels: np.ndarray,
+    n: int,
+    classes: int,
+    seed: int,
+    field: str = "problem.n_train",
+    kept: np.ndarray | None = None,
+) -> np.ndarray:
+    """Indices of n examples drawn from the classes ``kept`` (default: the first ``classes`` present), as equal
+    per class as n allows.
 
     Seeded and order-independent: the same (labels, n, classes, seed) always gives the same indices.
     """
     labels = np.asarray(labels)
-    present = np.unique(labels)
-    if classes > len(present):
-        raise SpecError(f"`problem.classes` = {classes} but the dataset has only {len(present)} classes")
+    if kept is None:
+        kept = kept_classes(labels, classes)
     if n < classes:
         raise SpecError(f"`{field}` = {n} is smaller than `problem.classes` = {classes}")
     rng = np.random.default_rng(seed)
     per_class = [n // classes + (1 if i < n % classes else 0) for i in range(classes)]
     chosen = []
-    for label, count in zip(present[:classes], per_class):
+    for label, count in zip(kept, per_class):
         pool = np.flatnonzero(labels == label)
         if count > len(pool):
             raise SpecError(
@@ -100,6 +107,33 @@ def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     std = train.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     return [(a - mean) / std for a in (train, *others)]
+
+
+def kept_classes(labels: np.ndarray, classes: int) -> np.ndarray:
+    """The first ``classes`` distinct labels, the classes a subset is drawn from."""
+    present = np.unique(labels)
+    if classes > len(present):
+        raise SpecError(f"`problem.classes` = {classes} but the dataset has only {len(present)} classes")
+    return present[:classes]
+
+
+def class_labels(targets: np.ndarray, name: str) -> np.ndarray:
+    """A classification set's targets as integer labels (n,), or a SpecError: one-hot rows, or labels that are not
+    whole numbers (0.5 was truncated to class 0)."""
+    labels = np.asarray(targets)
+    if labels.ndim != 1:
+        raise SpecError(
+            f"dataset {name!r}: class labels must be integers of shape (n,), got shape {labels.shape} (one-hot "
+            "rows? give their argmax)"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            raise SpecError(
+                f"dataset {name!r}: class labels must be whole numbers, got {labels[~whole][0]} ({labels.dtype})"
+            )
+        labels = labels.astype(np.int64)
+    return labels
 
 
 def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -137,16 +171,17 @@ def _finish(name: str, raw, x_train, y_train, x_test, y_test, standardize_target
 def load_classification(params: ClassificationData, seed: int) -> Dataset:
     """A class-balanced train/test split of a classification set, inputs standardized."""
     raw = _raw(CLASSIFICATION, "classification", params, seed)
-    labels = np.asarray(raw.targets)
-    train = balanced_subset(labels, params.n_train, params.classes, seed)
+    labels = class_labels(raw.targets, params.dataset)
+    kept = kept_classes(labels, params.classes)  # class c of the problem is label kept[c] of the dataset
+    train = balanced_subset(labels, params.n_train, params.classes, seed, kept=kept)
     if raw.test_inputs is not None:
-        test_inputs, test_labels = raw.test_inputs, np.asarray(raw.test_targets)
+        test_inputs, test_labels = raw.test_inputs, class_labels(raw.test_targets, params.dataset)
         pool = np.arange(len(test_labels))
     else:
         test_inputs, test_labels = raw.inputs, labels
         pool = np.setdiff1d(np.arange(len(labels)), train)
     test = (
-        pool[balanced_subset(test_labels[pool], params.n_test, params.classes, seed + 1, "problem.n_test")]
+        pool[balanced_subset(test_labels[pool], params.n_test, params.classes, seed + 1, "problem.n_test", kept)]
         if params.n_test > 0
         else pool[:0]
     )
@@ -154,9 +189,9 @@ def load_classification(params: ClassificationData, seed: int) -> Dataset:
         params.dataset,
         raw,
         raw.inputs[train],
-        labels[train],
+        np.searchsorted(kept, labels[train]),
         test_inputs[test],
-        test_labels[test],
+        np.searchsorted(kept, test_labels[test]),
         False,
         num_classes=params.classes,
         train_index=train,
@@ -176,6 +211,10 @@ def load_regression(params: RegressionData, seed: int) -> Dataset:
     order = np.random.default_rng([seed, 3]).permutation(n)
     train, test = np.sort(order[: params.n_train]), np.sort(order[params.n_train : params.n_train + params.n_test])
     targets = np.asarray(raw.targets, dtype=np.float64)
+    if targets.ndim == 1:  # one output, the usual layout of a target vector
+        targets = targets[:, None]
+    if targets.ndim != 2:
+        raise SpecError(f"dataset {params.dataset!r}: targets must be (n, outputs), got shape {targets.shape}")
     return _finish(
         params.dataset,
         raw,
