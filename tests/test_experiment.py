@@ -320,3 +320,43 @@ def test_a_model_is_dropped_only_at_a_step_the_run_records(tmp_path, processes, 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     steps = {name: int(re.search(r"at step (\d+)", why)[1]) for name, why in summary["dropped_processes"].items()}
     assert steps == dropped and all(step < outcome.steps_done for step in steps.values())
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 1000])
+@pytest.mark.parametrize("known_offset", [False, True])
+def test_distances_in_blocks_equal_the_whole_chunk_formula(monkeypatch, block_rows, known_offset):
+    """add_distances works in blocks of rows (the whole C x d chunk in float64 at once was superlinear in C: 3.8 ms a
+    step at d = 30k, C = 1000, from a probe) and skips the subtraction for the reference itself: bitwise the
+    whole-chunk formula, inf and NaN positions included, across block edges, with and without the offset of the
+    step before the chunk and a model's top vector."""
+    import eosflow.experiment as experiment
+
+    rng = np.random.default_rng(4)
+    d, steps = 6, 10
+    reference = rng.standard_normal((steps, 2, 3)).astype(np.float32)
+    reference[7, 0, 1] = np.inf
+    model = rng.standard_normal((steps, 2, 3)).astype(np.float32)
+    model[4, 1, 2] = np.nan
+    top = rng.standard_normal((8, d))
+    before = {name: rng.standard_normal(d) for name in ("gd", "m")} if known_offset else {}
+
+    def whole(base, position, previous, top=None):
+        diff = (base[: len(position)].astype(np.float64) - position).reshape(len(position), -1)
+        centre = np.full(len(position), np.nan)
+        e = diff if previous is None else np.concatenate([previous[None], diff])
+        centre[len(position) - len(e) + 1 :] = np.linalg.norm(e[:-1] + e[1:], axis=1) / 2
+        offset = None if top is None else np.einsum("nd,nd->n", diff[: len(top)], top)
+        return np.linalg.norm(diff, axis=1), centre, diff[-1], offset
+
+    monkeypatch.setattr(experiment, "DISTANCE_BLOCK", block_rows * d)
+    chunk = {"gd": {"position": reference}, "m": {"position": model[:8], "top_vector": top}}
+    offsets = {name: value.copy() for name, value in before.items()}
+    with np.errstate(invalid="ignore"):
+        experiment.add_distances(chunk, "gd", offsets)
+        for name, base, position, vector in [("gd", reference, reference, None), ("m", reference, model[:8], top)]:
+            distance, centre, last, offset = whole(base, position, before.get(name), vector)
+            np.testing.assert_array_equal(chunk[name]["distance"], distance)
+            np.testing.assert_array_equal(chunk[name]["centre_distance"], centre)
+            np.testing.assert_array_equal(offsets[name], last)
+            if vector is not None:
+                np.testing.assert_array_equal(chunk[name]["reference_offset"], offset)

@@ -174,13 +174,13 @@ def test_full_disk_fails_cleanly_keeps_data_and_resumes(tmp_path, monkeypatch, u
     checkpoints = {"n": 0}
     fails_at = 1 if failing == "first checkpoint" else 3  # checkpoints written before the write that fails
 
-    def failing_write(path, write):
+    def failing_write(path, write, *durable):
         if path.name == "checkpoint.npz":
             checkpoints["n"] += 1
         if checkpoints["n"] >= fails_at and path.name != "summary.json":
             if (path.name == "checkpoint.npz") == (failing != "chunk"):
                 raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, write)
+        real_write(path, write, *durable)
 
     monkeypatch.setattr(store_module, "atomic_write", failing_write)
     with pytest.raises(StoreError, match="No space left on device") as error:

@@ -100,9 +100,11 @@ def described(damage: list[Damage]) -> str:
     return "; ".join(map(str, merged))
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, durable: bool = True) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over. The file gets the
-    mode the process's umask gives new files (mkstemp's 0600 would hide runs from collaborators)."""
+    mode the process's umask gives new files (mkstemp's 0600 would hide runs from collaborators). ``durable=False``
+    skips the fsync: the rename is still atomic for other processes and a killed writer, and only the machine's
+    crash can leave the file empty (for a file that is rebuilt when unreadable, as summary.json is)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -110,15 +112,16 @@ def atomic_write(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=_jsonable).encode()))
+def write_json(path: Path, data: Any, durable: bool = True) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=_jsonable).encode()), durable)
 
 
 def _jsonable(value):
@@ -441,8 +444,9 @@ class RunStore:
                 continue
         return None
 
-    def write_summary(self, summary: dict) -> None:
-        write_json(self.root / "summary.json", summary)
+    def write_summary(self, summary: dict, durable: bool = True) -> None:
+        """summary.json; ``durable=False`` (a running run's, after each chunk): no fsync (:func:`atomic_write`)."""
+        write_json(self.root / "summary.json", summary, durable)
 
     def read_summary(self) -> dict:
         """summary.json; if it is missing or unreadable, a summary rebuilt from the spec and the data
