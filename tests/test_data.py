@@ -163,6 +163,22 @@ def test_cifar_reader_maps_rgb_planes_to_chw_from_folder_and_tar(tmp_path):
         np.testing.assert_array_equal(y_train, np.concatenate([truth[n][1] for n in BATCHES[:5]]))
 
 
+def test_a_cifar_batch_rewritten_in_place_is_read_again(tmp_path):
+    """The cache was keyed by the folder's own modification time, which a batch rewritten in place leaves alone: the
+    same process kept the old arrays (from a probe; a notebook or a sweep worker)."""
+    import os
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, seed=0)
+    first = load_cifar10(str(folder))[0]
+    stamp = os.stat(folder).st_mtime_ns
+    truth = write_cifar(folder, seed=1)  # the same files, other images
+    os.utime(folder, ns=(stamp, stamp))  # (writing files in place leaves it so; made sure here)
+    second = load_cifar10(str(folder))[0]
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(second[:20], truth["data_batch_1"][0].transpose(0, 3, 1, 2))
+
+
 def test_cifar_through_the_dataset_layer_with_the_env_var(tmp_path, monkeypatch):
     truth = write_cifar(tmp_path / "c", per_batch=30)
     monkeypatch.setenv("EOSFLOW_CIFAR10", str(tmp_path / "c"))

@@ -360,3 +360,17 @@ def test_distances_in_blocks_equal_the_whole_chunk_formula(monkeypatch, block_ro
             np.testing.assert_array_equal(offsets[name], last)
             if vector is not None:
                 np.testing.assert_array_equal(chunk[name]["reference_offset"], offset)
+
+
+def test_a_problem_too_large_for_memory_is_a_spec_error(tmp_path, monkeypatch):
+    """numpy's "Unable to allocate 7.28 TiB" (mlp width 10**6, moons n_train 10**12; from a probe) ended in a
+    traceback naming no field, exit 1. The allocation is imitated here: the machine may overcommit a real one."""
+    import eosflow.experiment as experiment
+
+    def allocate(*args):
+        raise MemoryError("Unable to allocate 7.28 TiB for an array with shape (1000000, 1000000)")
+
+    monkeypatch.setattr(experiment, "build_problem", allocate)
+    with pytest.raises(SpecError, match=r"building problem 'mlp' takes more memory .* 7.28 TiB.*size in \[problem\]"):
+        run(spec(), tmp_path / "big")
+    assert not (tmp_path / "big").exists()

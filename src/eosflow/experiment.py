@@ -72,7 +72,13 @@ def prepare(table: dict, problem: Problem | None = None) -> tuple[Spec, Problem,
     if problem is None:
         resolved = resolve(table)
         spec, resolved_problem = resolved.spec, resolved.table
-        problem, _ = build_problem(spec.problem, spec.seed, spec.dtype)
+        try:
+            problem, _ = build_problem(spec.problem, spec.seed, spec.dtype)
+        except MemoryError as error:  # (numpy's _ArrayMemoryError: a width, dim or n_train of 10**10)
+            raise SpecError(
+                f"building problem {spec.problem['name']!r} takes more memory than this machine gives ({error}): "
+                "look for a size in [problem] (width, depth, dim, n_train, ...) far larger than meant"
+            ) from None
     else:  # an in-memory problem: its table records what built it, if anything, and is not rebuilt
         spec = parse_spec(table)
         params = {key: value for key, value in spec.problem.items() if key != "name"}

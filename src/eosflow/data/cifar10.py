@@ -162,8 +162,10 @@ def _load_cached(path: str, stamp: tuple, where: str) -> tuple[np.ndarray, np.nd
 def load_cifar10(path: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test): uint8 images (n, 3, 32, 32) and int64 labels.
 
-    Cached per process (keyed by the path and its modification time), so sweeps read it once.
+    Cached per process (keyed by the path and the modification time and size of the archive, or of every file in
+    the folder: a batch rewritten in place leaves the folder's own time as it was), so sweeps read it once.
     """
     root, where = resolve_path(path)
-    info = root.stat()
-    return _load_cached(str(root), (info.st_mtime_ns, info.st_size), where)
+    files = sorted(root.rglob("*")) if root.is_dir() else [root]
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    return _load_cached(str(root), stamp, where)
