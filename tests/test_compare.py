@@ -541,3 +541,24 @@ def test_a_dropped_models_amplitude_is_not_a_predicted_collapse():
     assert envelope_error(amplitude, oscillation, width=0.0) == pytest.approx(
         envelope_error(amplitude[:3], oscillation[:3], width=0.0)
     )
+
+
+def test_without_a_yardstick_the_distance_figure_has_no_empty_ratio_panels(tmp_path):
+    """gd with rod flow alone (no gradient flow, the yardstick): the ratio panels were drawn empty, one labelled
+    "distance / None's" (from a probe). Now the figure is the absolute distance alone; with the yardstick, three."""
+    from matplotlib.figure import Figure
+
+    import eosflow
+    from eosflow.compare import distance_panels
+    from eosflow.experiment import run
+
+    table = {"name": "q", "steps": 20, "lr": 0.08, "dtype": "float64", "problem": {"name": "quartic", "dim": 1}}
+    table["spectrum"] = {"k": 1, "k_max": 1}
+    for processes, count in ((["gd", "rod_flow"], 1), (["gd", "gradient_flow", "rod_flow"], 3)):
+        out = tmp_path / str(count)
+        run({**table, "processes": processes}, out)
+        panels, draw = distance_panels(eosflow.load(out))
+        axes = Figure().subplots(panels, 1, squeeze=False)[:, 0]
+        draw(*axes)
+        assert panels == count and "None" not in " ".join(ax.get_ylabel() for ax in axes)
+        assert all(ax.lines for ax in axes)

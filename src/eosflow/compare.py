@@ -655,27 +655,28 @@ def draw_loss(ax, ds: xr.Dataset, width: float = SMOOTHING) -> None:
 
 
 def distance_panels(ds: xr.Dataset):
-    """(panels, draw): each model's distance to the reference, its ratio to the yardstick's and, when
-    recorded, the same ratio of the centre distances (``draw(ax_abs, ax_rel, *ax_centre)``)."""
+    """(panels, draw): each model's distance to the reference and, with a yardstick among the processes, its ratio
+    to the yardstick's and, when recorded, the same ratio of the centre distances (``draw(ax_abs, *ax_ratios)``).
+    Without a yardstick the ratio panels were drawn empty, one labelled "distance / None's"."""
     steps = ds["step"].values
     reference, *models = processes = [str(p) for p in ds["process"].values]
     yardstick, baseline, centre_baseline = yardstick_distances(ds, processes)
 
-    def draw(ax_abs, ax_rel, *ax_centre):
+    def draw(ax_abs, *ax_ratios):
         for i, p in enumerate(models, start=1):
             d = ds["distance"].sel(process=p).values
             ax_abs.plot(steps, d, **line_style(i), label=p)
             with np.errstate(invalid="ignore", divide="ignore"):
-                if baseline is not None:
-                    ax_rel.plot(steps, d / baseline, **line_style(i), label=p)
-                if ax_centre and (centre := _series(ds, "centre_distance", p)) is not None:
-                    ax_centre[0].plot(steps, centre / centre_baseline, **line_style(i), label=p)
+                if ax_ratios:
+                    ax_ratios[0].plot(steps, d / baseline, **line_style(i), label=p)
+                if ax_ratios[1:] and (centre := _series(ds, "centre_distance", p)) is not None:
+                    ax_ratios[1].plot(steps, centre / centre_baseline, **line_style(i), label=p)
         ax_abs.set_ylabel(f"||w_{reference} - w||")
-        ax_rel.set_ylabel(f"distance / {yardstick}'s")
-        if ax_centre:
-            ax_centre[0].set_ylabel(f"centre distance / {yardstick}'s")
+        for ax, what in zip(ax_ratios, ("distance", "centre distance")):
+            ax.set_ylabel(f"{what} / {yardstick}'s")
 
-    return (2 if centre_baseline is None else 3), draw  # a run from before centre_distance has two
+    # a run from before centre_distance has two panels
+    return (1 if baseline is None else 2 if centre_baseline is None else 3), draw
 
 
 def anchored_section(run: xr.Dataset, summary: dict, saved: Path, k: int, out: Path, width: float) -> list[str]:
