@@ -276,6 +276,14 @@ def _user_arrays(n=12):
             lambda p, x, y: eosflow.Problem.from_function(lambda q: (jnp.sum(q["w1"] ** 2), 0.0), p),
             r"loss_fn\(w0\) returns a tuple, not a scalar",
         ),
+        (  # "ZeroDivisionError: integer modulo by zero" with mse, a NaN run with cross entropy (from a probe)
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x[:0], y[:0]),
+            r"inputs has 0 examples \(0, 3\)",
+        ),
+        (  # "AttributeError: 'float' object has no attribute 'shape'" (from a probe)
+            lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y.tolist()),
+            r"targets\[0\]\[0\] is a float, not an array \(pass targets as arrays",
+        ),
     ],
 )
 def test_a_model_that_does_not_fit_its_data_or_loss_is_refused_at_construction(build, message):

@@ -258,6 +258,15 @@ def _check_model(apply_fn: Callable, params: PyTree, inputs: Any, targets: Any, 
     share their leading (example) axis, apply_fn(params, inputs) runs, a built-in loss gets targets of
     the predictions' shape (integer labels: without the class axis, for cross_entropy) and the loss
     is a scalar. Each failure is a SpecError naming the call and the shapes."""
+    for name, tree in (("inputs", inputs), ("targets", targets)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if not hasattr(leaf, "shape"):  # a list of numbers is a pytree of floats, with no example axis
+                raise SpecError(
+                    f"Problem.from_model: {name}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array "
+                    f"(pass {name} as arrays, e.g. jnp.asarray({name}))"
+                )
+            if leaf.shape and leaf.shape[0] == 0:
+                raise SpecError(f"Problem.from_model: {name}{jax.tree_util.keystr(path)} has 0 examples {leaf.shape}")
     counts = {
         name: {leaf.shape[0] if leaf.shape else None for leaf in jax.tree_util.tree_leaves(tree)}
         for name, tree in (("inputs", inputs), ("targets", targets))
