@@ -409,7 +409,10 @@ QUADRATIC = {
         # no eigensolver: "lr*S never reached 1.9 (largest measured: nan): no edge of stability"
         ({"spectrum": {"every": 0}}, ["- gd's sharpness was not measured in this run (`spectrum.every` = 0)"]),
         # Adam's `sharpness` is not its own (NaN): its edge is S_P / threshold, which the section had no line for
-        ({"processes": ["adam"], "lr": 0.05}, ["S/threshold never reached 0.95 (largest measured: 0."]),
+        (
+            {"processes": ["adam"], "lr": 0.05},
+            ["S/threshold never reached 0.95 (largest measured: 0.", "![Edge ratio: preconditioned sharpness over"],
+        ),
     ],
 )
 def test_the_report_says_how_the_reference_ended_and_where_its_edge_is(tmp_path, table, lines):

@@ -136,14 +136,20 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         figures.append(("Sharpness and the stability threshold 2/lr", "sharpness.png"))
 
         def draw_lr_sharpness(ax):
-            for i, p in enumerate(processes):
-                s = ds["lr_sharpness"].sel(process=p).values
-                ok = np.isfinite(s)
-                ax.plot(steps[ok], s[ok], **line_style(i), label=p)
+            _measured_lines(ax, ds, "lr_sharpness", processes)
             threshold_line(ax, 2.0, "2")
 
         _figure(out / "lr_sharpness.png", "lr x sharpness", "lr * S", draw_lr_sharpness)
         figures.append(("lr x sharpness (2 is the edge of stability)", "lr_sharpness.png"))
+    elif "edge_ratio" in ds and np.isfinite(ds["edge_ratio"].sel(process=reference)).any():
+        # Adam, RMSProp, momentum: their `sharpness` is not their own, and the page drew none (a probe)
+
+        def draw_edge_ratio(ax):
+            _measured_lines(ax, ds, "edge_ratio", processes)
+            threshold_line(ax, 1.0, "1 (the optimizer's edge)")
+
+        _figure(out / "edge_ratio.png", "preconditioned sharpness / threshold", "S_P / threshold", draw_edge_ratio)
+        figures.append(("Edge ratio: preconditioned sharpness over the optimizer's threshold", "edge_ratio.png"))
 
     if len(processes) > 1:
 
@@ -211,6 +217,15 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _measured_lines(ax, ds: xr.Dataset, variable: str, processes: list[str]) -> None:
+    """Each process's ``variable`` at the steps it was measured (a measurement every n steps is one line)."""
+    steps = ds["step"].values
+    for i, p in enumerate(processes):
+        values = ds[variable].sel(process=p).values
+        ok = np.isfinite(values)
+        ax.plot(steps[ok], values[ok], **line_style(i), label=p)
 
 
 def full_batch_loss(ds: xr.Dataset, process: str) -> np.ndarray:
