@@ -562,3 +562,34 @@ def test_without_a_yardstick_the_distance_figure_has_no_empty_ratio_panels(tmp_p
         draw(*axes)
         assert panels == count and "None" not in " ".join(ax.get_ylabel() for ax in axes)
         assert all(ax.lines for ax in axes)
+
+
+def test_a_dropped_models_blow_up_is_left_out_of_the_figures(tmp_path):
+    """The central flow dropped at step 1 of the quartic (its centre is outside {S <= 2/lr}) kept its loss of
+    -1.4e15 in the report's and compare's loss and sharpness figures, which set the axis and flattened every other
+    curve (from a probe). The row that broke the limit is left out of the figures, and only that row."""
+    import json
+
+    import eosflow
+    from eosflow.compare import without_blow_up
+    from eosflow.experiment import run
+
+    table = {
+        "name": "dropped",
+        "steps": 30,
+        "lr": 0.08,
+        "dtype": "float64",
+        "processes": ["gd", "gradient_flow", "central_flow"],
+        "problem": {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1},
+        "spectrum": {"k": 1, "k_max": 1},
+    }
+    run(table, tmp_path / "run")
+    ds = eosflow.load(tmp_path / "run")
+    assert "central_flow" in json.loads(ds.attrs["dropped_processes"])
+    for process in ("gd", "central_flow"):
+        loss = ds["loss"].sel(process=process).values
+        drawn = without_blow_up(ds, process, loss)
+        recorded = np.flatnonzero(~np.isnan(loss))
+        changed = np.flatnonzero(np.isnan(drawn) != np.isnan(loss))
+        assert list(changed) == ([recorded[-1]] if process == "central_flow" else [])
+        assert abs(loss[recorded[-1]]) > 1e3 * abs(loss[0]) or process == "gd"  # the blow-up row it leaves out

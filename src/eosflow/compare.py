@@ -32,6 +32,7 @@ dropped after diverging, is NaN); a dropped process is flagged in ``status``, as
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -207,6 +208,18 @@ def _series(ds: xr.Dataset, variable: str, process: str) -> np.ndarray | None:
         return None
     values = ds[variable].sel(process=process).values.astype(np.float64)
     return values if np.isfinite(values).any() else None
+
+
+def without_blow_up(ds: xr.Dataset, process: str, values: np.ndarray) -> np.ndarray:
+    """``values`` (a series of ``process``) as a figure draws them: for a dropped process, without the row that broke
+    the blow-up limit (its last recorded one), whose -1.4e15 set the axis and flattened every other curve (a
+    probe)."""
+    values = np.array(values, dtype=np.float64)
+    if process in json.loads(ds.attrs.get("dropped_processes") or "{}"):
+        recorded = np.flatnonzero(~np.isnan(ds["loss"].sel(process=process).values))
+        if recorded.size:
+            values[recorded[-1]] = np.nan
+    return values
 
 
 def predicted_amplitude(ds: xr.Dataset, process: str) -> np.ndarray | None:
@@ -541,8 +554,8 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
 
         def draw_sharpness(ax):
             for i, p in enumerate(processes):
-                s = _series(ds, variable, p)
-                if s is not None:
+                if (s := _series(ds, variable, p)) is not None:
+                    s = without_blow_up(ds, p, s)
                     ok = np.isfinite(s)
                     ax.plot(steps[ok], s[ok], **line_style(i), label=p)
             threshold_line(ax, level, level_label)
@@ -650,7 +663,7 @@ def draw_loss(ax, ds: xr.Dataset, width: float = SMOOTHING) -> None:
         label=f"{reference}: loss smoothed (std {width:g} steps)",
     )
     for i, p in enumerate(models, start=1):
-        ax.plot(steps, predicted_loss(ds, p), **line_style(i), label=f"{p}: predicted")
+        ax.plot(steps, without_blow_up(ds, p, predicted_loss(ds, p)), **line_style(i), label=f"{p}: predicted")
     ax.set_ylabel("loss")
 
 

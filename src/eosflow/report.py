@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
-from eosflow.compare import line_style, log_scale_where_positive, threshold_line
+from eosflow.compare import line_style, log_scale_where_positive, threshold_line, without_blow_up
 from eosflow.load import load
 from eosflow.store import RunStore, StoreError, report_command, resume_command, writable_folder
 
@@ -111,14 +111,16 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
 
     def draw_loss(ax):
         for i, p in enumerate(processes):
-            loss = full_batch_loss(ds, p)
+            full = full_batch_loss(ds, p)
+            sparse = np.isfinite(full).sum() < 0.9 * np.isfinite(ds["loss"].sel(process=p).values).sum()
+            loss = without_blow_up(ds, p, full)
             ok = np.isfinite(loss)
-            sparse = ok.sum() < 0.9 * np.isfinite(ds["loss"].sel(process=p).values).sum()
             label = f"{p}: loss" + (" (full batch, where measured)" if sparse else "")
             ax.plot(steps[ok], loss[ok], **line_style(i), label=label)
             if "predicted_loss" in ds and np.isfinite(ds["predicted_loss"].sel(process=p)).any():
                 predicted = {**line_style(i), "ls": (0, (1, 3)), "lw": 2.0}  # (":" is also a model's own dash)
-                ax.plot(steps, ds["predicted_loss"].sel(process=p), **predicted, label=f"{p}: predicted")
+                values = without_blow_up(ds, p, ds["predicted_loss"].sel(process=p).values)
+                ax.plot(steps, values, **predicted, label=f"{p}: predicted")
 
     _figure(out / "loss.png", "training loss", "loss", draw_loss, logy=True)
     figures.append(("Training loss", "loss.png"))
@@ -127,7 +129,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
 
         def draw_sharpness(ax):
             for i, p in enumerate(processes):
-                s = ds["sharpness"].sel(process=p).values
+                s = without_blow_up(ds, p, ds["sharpness"].sel(process=p).values)
                 ok = np.isfinite(s)
                 ax.plot(steps[ok], s[ok], **line_style(i), label=f"{p}: sharpness")
             ax.plot(steps, 2.0 / _step_sizes(ds, reference), color="0.55", lw=3, alpha=0.45, zorder=0.5, label="2 / lr")
@@ -223,7 +225,7 @@ def _measured_lines(ax, ds: xr.Dataset, variable: str, processes: list[str]) -> 
     """Each process's ``variable`` at the steps it was measured (a measurement every n steps is one line)."""
     steps = ds["step"].values
     for i, p in enumerate(processes):
-        values = ds[variable].sel(process=p).values
+        values = without_blow_up(ds, p, ds[variable].sel(process=p).values)
         ok = np.isfinite(values)
         ax.plot(steps[ok], values[ok], **line_style(i), label=p)
 
