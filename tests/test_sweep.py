@@ -410,7 +410,21 @@ def test_sweep_figure_has_a_panel_per_measured_quantity(swept):
         scale = float(line.get_label().split("=")[1])
         expected = gd[gd["problem.init_scale"] == scale].sort_values("seed")
         np.testing.assert_array_equal(line.get_xdata(), expected.seed.values)
-        np.testing.assert_array_equal(line.get_ydata(), expected.final_lr_sharpness.values)
+        np.testing.assert_array_equal(line.get_ydata(), expected.tail_lr_sharpness.values)
+
+
+@pytest.mark.parametrize("steps", [100, 101, 7, 2])
+def test_the_tail_mean_of_a_period_2_orbit_does_not_depend_on_its_last_phase(steps):
+    """The sweep figure drew the last lr*S, one side of a period-2 orbit: two seeds on one orbit read 3.21 and 1.01
+    (from a probe). tail_mean averages an even number of the last values: the orbit's mean whichever side ends,
+    with the NaNs of unmeasured steps skipped."""
+    from eosflow.sweep.aggregate import tail_mean
+
+    orbit = np.where(np.arange(steps) % 2 == 0, 1.01, 3.21)
+    for values in (orbit, orbit[::-1].copy(), np.concatenate([orbit, [np.nan, np.nan]])):
+        assert tail_mean(values) == pytest.approx(2.11, rel=1e-12), values
+    drifting = np.linspace(0.0, 1.0, 101)  # not an orbit: the mean of its last 10 values, not its last value
+    assert tail_mean(drifting) == pytest.approx(drifting[-10:].mean())
 
 
 def test_points_report_progress_and_the_local_cluster_stops_quietly(tmp_path):

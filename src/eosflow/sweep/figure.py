@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from eosflow.compare import log_scale_where_positive
 from eosflow.store import atomic_write
+from eosflow.sweep.aggregate import TAIL
 
 
 def summary_figure(frame: pd.DataFrame, keys: list[str], path: Path, max_lines: int = 6) -> Path:
@@ -38,7 +39,7 @@ def draw_summary(frame: pd.DataFrame, keys: list[str], max_lines: int = 6) -> Fi
         frame[x_key] = frame[x_key].astype(str).map(ticks.index)
     combos = frame.groupby(others, sort=False).ngroups if others else 1
     pool = not others or combos > max_lines
-    panels = [("final_lr_sharpness", frame, "final lr * S")]
+    panels = [("tail_lr_sharpness", frame, f"lr * S, mean of the last {TAIL:.0%} of measurements")]
     models = frame[~frame.reference.astype(bool)]
     if np.isfinite(models["mean_distance"].to_numpy(float)).any():
         panels.append(("mean_distance", models, "time-averaged distance to the reference"))
