@@ -246,8 +246,7 @@ def _run_locked(
         step, inactive, states = checkpoint.step, dict(checkpoint.meta.get("inactive", {})), restored_states(checkpoint)
         store.manifest = copy.deepcopy(checkpoint.meta.get("manifest") or {})
         store.truncate(step)
-    initial_loss = float(problem.objective.value(problem.w0))
-    limit = divergence_limit(spec.divergence.loss_blowup, initial_loss)
+    limit = divergence_limit(spec.divergence.loss_blowup, problem.initial_loss)
     advance = _Advance(processes, reference, limit, spec.record.params_every, store)
     if checkpoint is not None:
         _repair(store, advance, names, step, initial_states, restored_states)

@@ -16,6 +16,7 @@ importable there: installed, or on ``PYTHONPATH``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -217,11 +218,16 @@ class Problem:
                         f"({values[tuple(index)]} at {index.tolist()}): every process starts from w0 on this data"
                     )
 
+    @functools.cached_property
+    def initial_loss(self) -> float:
+        """L(w0), evaluated once: checked when a spec is prepared, and the divergence limit's scale in a run."""
+        return float(self.objective.value(jnp.asarray(self.w0)))
+
     def check_initial_loss(self, name: str) -> None:
         """L(w0) is finite (else a SpecError): values that overflow the dtype (an eigenvalue of 1e39 in float32,
         a start where exp overflows) would otherwise run, and stop as diverged at step 0, over an earlier run
         with --overwrite."""
-        value = float(self.objective.value(jnp.asarray(self.w0)))
+        value = self.initial_loss
         if not np.isfinite(value):
             raise SpecError(
                 f"the loss at w0 is {value} on problem {name!r} ({np.dtype(self.w0.dtype).name}): every process "
