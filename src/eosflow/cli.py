@@ -376,7 +376,7 @@ def _dispatch(args) -> int:
         warn_incomplete_critical_sets(load(out))
         return 0
     if args.command == "leaderboard":
-        from eosflow.leaderboard import SuiteInterrupted, command, leaderboard
+        from eosflow.leaderboard import SuiteInterrupted, leaderboard
 
         name = "leaderboard" + (f"-{args.suite}" if args.suite != "default" else "") + ("-quick" if args.quick else "")
         out = args.out or Path("runs") / name
@@ -391,13 +391,12 @@ def _dispatch(args) -> int:
                 models=args.models.split(",") if args.models else None,
             )
         except SuiteInterrupted as error:
-            rest = " --problems " + ",".join(error.rest) + (f" --models {args.models}" if args.models else "")
             print(
                 f"eosflow: interrupted before it finished {', '.join(error.rest)}; "
                 + (f"the table of the entries it finished: {error.page}; " if error.page else "no entry finished; ")
                 + f"the runs so far are in {out / 'runs'}. The rest, merged into "
                 + ("that table" if error.page else "the table in --out")
-                + f": {command(args.suite, args.quick, rest)} --out {out}",
+                + f": {error.command}",
                 file=sys.stderr,
             )
             return error.exit_code

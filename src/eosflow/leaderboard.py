@@ -639,28 +639,30 @@ def leaderboard(
             run_suite(tables, out, progress, onset=not quick, names=names, finished=finished)
     except KeyboardInterrupt as error:
         rest = [problem for problem in tables if problem not in finished]
+        again = f"{command(suite, quick, _filters(rest, models))} --out {out}"
         if not finished:
-            raise SuiteInterrupted(None, rest, error) from error
+            raise SuiteInterrupted(None, rest, again, error) from error
         if earlier is None:  # a whole suite rerun: its finished rows go into the table it would have replaced
             with contextlib.suppress(SpecError):
                 earlier = _earlier_rows(out, suite, quick)
         note = (
             f"**Interrupted** before it finished {', '.join(rest)}: "
             + ("their rows, if any, are from earlier runs" if earlier is not None else "their rows are missing")
-            + f". `{command(suite, quick, _filters(rest, models))} --out {out}` runs them into this table."
+            + f". `{again}` runs them into this table."
         )
         page = _write_table(finished, tables, names, earlier, out, quick, suite, problems, models, started, note)
-        raise SuiteInterrupted(page, rest, error) from error
+        raise SuiteInterrupted(page, rest, again, error) from error
     return _write_table(finished, tables, names, earlier, out, quick, suite, problems, models, started)
 
 
 class SuiteInterrupted(KeyboardInterrupt):
     """A leaderboard stopped before its end by ``error``: ``page`` holds the rows of the entries it finished (None:
-    it finished none, and wrote nothing), ``rest`` names those it did not finish."""
+    it finished none, and wrote nothing), ``rest`` names those it did not finish, and ``command`` runs them into
+    the same table."""
 
-    def __init__(self, page: Path | None, rest: list[str], error: KeyboardInterrupt):
+    def __init__(self, page: Path | None, rest: list[str], command: str, error: KeyboardInterrupt):
         super().__init__(str(error))
-        self.page, self.rest = page, rest
+        self.page, self.rest, self.command = page, rest, command
         self.exit_code = getattr(error, "exit_code", 130)
 
 
