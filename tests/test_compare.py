@@ -552,8 +552,7 @@ def test_without_a_yardstick_the_distance_figure_has_no_empty_ratio_panels(tmp_p
     from eosflow.compare import distance_panels
     from eosflow.experiment import run
 
-    table = {"name": "q", "steps": 20, "lr": 0.08, "dtype": "float64", "problem": {"name": "quartic", "dim": 1}}
-    table["spectrum"] = {"k": 1, "k_max": 1}
+    table = {**SPEC, "steps": 20, "problem": {**SPEC["problem"], "dim": 1}, "spectrum": {"k": 1, "k_max": 1}}
     for processes, count in ((["gd", "rod_flow"], 1), (["gd", "gradient_flow", "rod_flow"], 3)):
         out = tmp_path / str(count)
         run({**table, "processes": processes}, out)
@@ -574,16 +573,8 @@ def test_a_dropped_models_blow_up_is_left_out_of_the_figures(tmp_path):
     from eosflow.compare import without_blow_up
     from eosflow.experiment import run
 
-    table = {
-        "name": "dropped",
-        "steps": 30,
-        "lr": 0.08,
-        "dtype": "float64",
-        "processes": ["gd", "gradient_flow", "central_flow"],
-        "problem": {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1},
-        "spectrum": {"k": 1, "k_max": 1},
-    }
-    run(table, tmp_path / "run")
+    table = {**SPEC, "steps": 30, "processes": ["gd", "gradient_flow", "central_flow"]}
+    run({**table, "problem": {**SPEC["problem"], "dim": 1}, "spectrum": {"k": 1, "k_max": 1}}, tmp_path / "run")
     ds = eosflow.load(tmp_path / "run")
     assert "central_flow" in json.loads(ds.attrs["dropped_processes"])
     for process in ("gd", "central_flow"):

@@ -128,10 +128,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     if "sharpness" in ds and np.isfinite(ds["sharpness"]).any():
 
         def draw_sharpness(ax):
-            for i, p in enumerate(processes):
-                s = without_blow_up(ds, p, ds["sharpness"].sel(process=p).values)
-                ok = np.isfinite(s)
-                ax.plot(steps[ok], s[ok], **line_style(i), label=f"{p}: sharpness")
+            _measured_lines(ax, ds, "sharpness", processes, label="{}: sharpness")
             ax.plot(steps, 2.0 / _step_sizes(ds, reference), color="0.55", lw=3, alpha=0.45, zorder=0.5, label="2 / lr")
 
         _figure(out / "sharpness.png", "sharpness (top Hessian eigenvalue)", "S", draw_sharpness)
@@ -177,19 +174,18 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         "|---|---|---|---|---|---|",
     ]
     diverged = ds.attrs.get("status", summary.get("status")) == "diverged"
+
+    def status(p: str) -> str:
+        if p in dropped:
+            return f"dropped: {dropped[p]}"
+        if diverged:
+            return "diverged (the reason above)" if p == reference else f"stopped with {reference}"
+        return "ok"
+
     for p in processes:
         lines.append(
             f"| {p} | {_last(ds, 'loss', p):.6g} | {_last(ds, 'sharpness', p):.6g} | "
-            f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} | "
-            + (
-                f"dropped: {dropped[p]} |"
-                if p in dropped
-                else "diverged (the reason above) |"
-                if diverged and p == reference
-                else f"stopped with {reference} |"
-                if diverged
-                else "ok |"
-            )
+            f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} | {status(p)} |"
         )
     if "lr_sharpness" in ds or "edge_ratio" in ds:
         lines += ["", "## Edge of stability", ""] + _edge_lines(ds, reference, steps)
@@ -221,13 +217,14 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     return path
 
 
-def _measured_lines(ax, ds: xr.Dataset, variable: str, processes: list[str]) -> None:
-    """Each process's ``variable`` at the steps it was measured (a measurement every n steps is one line)."""
+def _measured_lines(ax, ds: xr.Dataset, variable: str, processes: list[str], label: str = "{}") -> None:
+    """Each process's ``variable`` at the steps it was measured (a measurement every n steps is one line),
+    labelled ``label.format(process)``."""
     steps = ds["step"].values
     for i, p in enumerate(processes):
         values = without_blow_up(ds, p, ds[variable].sel(process=p).values)
         ok = np.isfinite(values)
-        ax.plot(steps[ok], values[ok], **line_style(i), label=p)
+        ax.plot(steps[ok], values[ok], **line_style(i), label=label.format(p))
 
 
 def full_batch_loss(ds: xr.Dataset, process: str) -> np.ndarray:

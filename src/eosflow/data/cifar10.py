@@ -167,5 +167,5 @@ def load_cifar10(path: str | None = None) -> tuple[np.ndarray, np.ndarray, np.nd
     """
     root, where = resolve_path(path)
     files = sorted(root.rglob("*")) if root.is_dir() else [root]
-    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    stamp = tuple((str(f), (info := f.stat()).st_mtime_ns, info.st_size) for f in files if f.is_file())
     return _load_cached(str(root), stamp, where)

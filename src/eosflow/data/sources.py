@@ -108,15 +108,13 @@ def npz(params, seed: int = 0) -> Raw:
         raise SpecError("dataset `npz` needs `problem.data_path`, the .npz file holding arrays `x` and `y`")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):  # (np.load of a .npy gives its one array, which `with` cannot hold)
-                raise SpecError(f"`problem.data_path` = {path!r} is one array (.npy), not a .npz of `x` and `y`")
             missing = [key for key in ("x", "y") if key not in archive.files]
             if missing:
                 raise SpecError(f"{path!r} has no array {missing[0]!r} (it has {', '.join(archive.files) or 'none'})")
             inputs, targets = archive["x"], archive["y"]
     except FileNotFoundError:
         raise SpecError(f"`problem.data_path` = {path!r} does not exist") from None
-    except TypeError:  # a .npy array in a `with`
+    except TypeError:  # np.load of a .npy gives its one array, which `with` cannot hold
         raise SpecError(f"`problem.data_path` = {path!r} is one array (.npy), not a .npz of `x` and `y`") from None
     except (OSError, ValueError) as error:
         raise SpecError(f"`problem.data_path` = {path!r} is not a readable .npz file ({error})") from None
