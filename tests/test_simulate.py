@@ -168,13 +168,14 @@ def test_a_float64_leaf_in_a_float32_run_is_named():
 
 
 def test_from_function_takes_a_pytree_or_a_vector():
-    """GD on L(w) = 1/2 sum h_i w_i^2 from a pytree start and from the same start flattened."""
+    """GD on L(w) = 1/2 sum h_i w_i^2 from a pytree start and from the same start flattened (a zero-size leaf
+    of the pytree carries no direction)."""
     h = {"a": jnp.array([4.0, 1.0]), "b": jnp.array(9.0)}
 
     def quadratic(w):
         return 0.5 * (jnp.sum(h["a"] * w["a"] ** 2) + h["b"] * w["b"] ** 2)
 
-    w0 = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+    w0 = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5), "empty": jnp.zeros((2, 0))}
     tree = eosflow.simulate(
         eosflow.Problem.from_function(quadratic, w0),
         lr=0.1,
@@ -279,6 +280,16 @@ def _user_arrays(n=12):
         (  # "ZeroDivisionError: integer modulo by zero" with mse, a NaN run with cross entropy (from a probe)
             lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x[:0], y[:0]),
             r"inputs has 0 examples \(0, 3\)",
+        ),
+        (  # every leaf empty: before, "`spectrum.k` = 1 exceeds the number of parameters (0)" at the run
+            lambda p, x, y: eosflow.Problem.from_model(
+                lambda q, z: z[:, :1] + jnp.sum(q["b"]), {"b": jnp.zeros((3, 0)), "c": jnp.zeros(0)}, x, y
+            ),
+            r"from_model: every leaf of `params` has size zero \(params\['b'\] \(3, 0\), params\['c'\] \(0,\)\)",
+        ),
+        (
+            lambda p, x, y: eosflow.Problem.from_function(lambda q: jnp.sum(q["e"]), {"e": jnp.zeros((0,))}),
+            r"from_function: every leaf of `w0` has size zero \(w0\['e'\] \(0,\)\)",
         ),
         (  # "AttributeError: 'float' object has no attribute 'shape'" (from a probe)
             lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y.tolist()),

@@ -102,6 +102,7 @@ class Problem:
         if not jax.tree_util.tree_leaves(params):
             raise SpecError("Problem.from_model: `params` has no array leaves")
         apply_fn, params = _measured_part(apply_fn, params, "Problem.from_model", wrt)
+        _check_some_entries(params, "Problem.from_model", "params")
         objective, w0 = Objective.from_model(apply_fn, params, inputs, targets, loss)
         problem = cls(objective, w0, info=dict(info or {}))
         with precision(problem.default_dtype()):  # traced as a run will (JAX caches closed-over constants)
@@ -145,6 +146,7 @@ class Problem:
         if not jax.tree_util.tree_leaves(w0):
             raise SpecError("Problem.from_function: `w0` has no array leaves")
         loss_fn, w0 = _measured_part(loss_fn, w0, "Problem.from_function", wrt)
+        _check_some_entries(w0, "Problem.from_function", "w0")
         flat, unravel = ravel(w0, where="w0")
         objective = Objective(loss_on=_PytreeLoss(loss_fn, unravel), data=None, unravel=unravel)
         problem = cls(objective, flat, info=dict(info or {}))
@@ -359,6 +361,18 @@ def _measured_part(fn: Callable, params: PyTree, where: str, wrt: Any = None) ->
             stacklevel=3,
         )
     return OnDifferentiablePart(fn, rebuild, tuple(training_batch_norms(params))), part
+
+
+def _check_some_entries(params: PyTree, where: str, name: str) -> None:
+    """At least one parameter entry, else a SpecError naming the leaves: a zero-size leaf carries no direction
+    and is kept (flattened to nothing), but with every leaf empty there is no w to measure."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if sum(int(np.size(leaf)) for _, leaf in leaves) == 0:
+        shapes = ", ".join(f"{name}{jax.tree_util.keystr(path)} {tuple(np.shape(leaf))}" for path, leaf in leaves)
+        raise SpecError(
+            f"{where}: every leaf of `{name}` has size zero ({shapes or 'no floating array leaves'}): "
+            "there are no parameters to measure"
+        )
 
 
 class _PytreeLoss(eqx.Module):
