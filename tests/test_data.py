@@ -3,12 +3,13 @@
 import pickle
 import re
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from eosflow.config import SpecError
+from eosflow.config import SpecError, SpecWarning
 from eosflow.data import (
     ClassificationData,
     RegressionData,
@@ -114,6 +115,34 @@ def test_bundled_regression_sets_are_standardized(name, features, outputs):
     np.testing.assert_allclose(data.y_train.mean(0), 0, atol=1e-12)
     np.testing.assert_allclose(data.y_train.std(0), 1, atol=1e-12)
     assert np.intersect1d(data.train_index, data.test_index).size == 0
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (
+            RegressionData(dataset="diabetes", n_train=15, outputs=3),
+            r"`problem.outputs` = 3 has no effect: dataset 'diabetes' does not read it \(only gaussian, teacher read",
+        ),
+        (
+            RegressionData(dataset="gaussian", n_train=15, noise=0.5),
+            r"`problem.noise` = 0.5 has no effect: dataset 'gaussian' does not read it \(only teacher reads it\)",
+        ),
+        (
+            ClassificationData(dataset="iris", n_train=9, n_test=0, classes=3, data_path="x.npz"),
+            r"`problem.data_path` = 'x.npz' has no effect: dataset 'iris' does not read it \(only cifar10, npz",
+        ),
+    ],
+)
+def test_a_field_the_dataset_does_not_read_is_warned_about(params, message):
+    """Set away from its default, a field only other datasets read (the synthetic sets' sizes, a file path) is
+    named with the dataset, as any option with no effect is; a field the dataset reads is not."""
+    load = load_regression if isinstance(params, RegressionData) else load_classification
+    with pytest.warns(SpecWarning, match=message):
+        load(params, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpecWarning)
+        load_regression(RegressionData(dataset="teacher", n_train=15, input_dim=3, outputs=2, noise=0.5), seed=0)
 
 
 # ---- CIFAR-10 in its real python-pickle format -------------------------------------------------

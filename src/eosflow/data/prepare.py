@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from eosflow.config import SpecError, option, suggest
+from eosflow.config import SpecError, option, suggest, warn_unused
 from eosflow.data.registry import CLASSIFICATION, REGRESSION
 
 
@@ -148,11 +148,32 @@ def check_finite(name: str, array: np.ndarray) -> None:
         raise SpecError(f"dataset {name!r} contains {bad} NaN or infinite values")
 
 
+SOURCE_FIELDS = ("input_dim", "teacher_width", "outputs", "noise", "data_path")  # read by some datasets only
+
+
+def warn_unread_fields(params: DataParams, registry: dict) -> None:
+    """A SpecWarning for each dataset-specific field set away from its default that the dataset does not read
+    (``outputs`` with ``diabetes``), as for any option with no effect (:func:`eosflow.config.warn_unused`)."""
+    entry = registry[params.dataset]
+    if entry.fields is None:  # a source that does not declare its fields: unchecked
+        return
+    unused = {}
+    for key in SOURCE_FIELDS:
+        if hasattr(params, key) and key not in entry.fields:
+            readers = sorted(name for name, other in registry.items() if other.fields and key in other.fields)
+            uses = (
+                f"only {', '.join(readers)} read{'s' if len(readers) == 1 else ''} it" if readers else "none reads it"
+            )
+            unused[key] = f"dataset {params.dataset!r} does not read it ({uses})"
+    warn_unused(params, "problem", unused)
+
+
 def _raw(registry: dict, task: str, params: DataParams, seed: int):
     if params.dataset not in registry:
         raise SpecError(
             f"unknown {task} dataset `problem.dataset` = {params.dataset!r}{suggest(params.dataset, registry)}"
         )
+    warn_unread_fields(params, registry)
     return registry[params.dataset].load(params, seed)
 
 

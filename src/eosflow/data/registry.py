@@ -36,20 +36,25 @@ class Raw:
 
 @dataclasses.dataclass(frozen=True)
 class SourceEntry:
+    """A dataset: its loader, a one-line summary, and the dataset-specific fields of the problem table it reads
+    (of ``input_dim``, ``teacher_width``, ``outputs``, ``noise``, ``data_path``; None: not declared, unchecked)."""
+
     name: str
     load: Callable[..., Raw]
     summary: str
+    fields: tuple[str, ...] | None = None
 
 
 CLASSIFICATION: dict[str, SourceEntry] = {}
 REGRESSION: dict[str, SourceEntry] = {}
 
 
-def register_source(registry: dict[str, SourceEntry], name: str, summary: str):
-    """Decorator: ``load(params, seed) -> Raw`` becomes the dataset ``name`` of that task."""
+def register_source(registry: dict[str, SourceEntry], name: str, summary: str, fields: tuple[str, ...] | None = None):
+    """Decorator: ``load(params, seed) -> Raw`` becomes the dataset ``name`` of that task; ``fields``: the
+    dataset-specific fields it reads (a spec setting another is refused), None to leave them unchecked."""
 
     def decorate(load):
-        registry[name] = SourceEntry(name, load, summary)
+        registry[name] = SourceEntry(name, load, summary, fields)
         return load
 
     return decorate

@@ -19,26 +19,33 @@ def _sklearn(loader: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
 
 
-@register_source(CLASSIFICATION, "digits", "scikit-learn's 8x8 handwritten digits, 1797 images (1x8x8), 10 classes")
+@register_source(
+    CLASSIFICATION, "digits", "scikit-learn's 8x8 handwritten digits, 1797 images (1x8x8), 10 classes", fields=()
+)
 def digits(params=None, seed: int = 0) -> Raw:
     x, y = _sklearn("load_digits")
     return Raw(x.reshape(-1, 1, 8, 8), y.astype(np.int64))
 
 
-@register_source(CLASSIFICATION, "iris", "scikit-learn's iris flowers: 150 examples, 4 features, 3 classes")
+@register_source(CLASSIFICATION, "iris", "scikit-learn's iris flowers: 150 examples, 4 features, 3 classes", fields=())
 def iris(params=None, seed: int = 0) -> Raw:
     x, y = _sklearn("load_iris")
     return Raw(x, y.astype(np.int64))
 
 
-@register_source(CLASSIFICATION, "wine", "scikit-learn's wine recognition: 178 examples, 13 features, 3 classes")
+@register_source(
+    CLASSIFICATION, "wine", "scikit-learn's wine recognition: 178 examples, 13 features, 3 classes", fields=()
+)
 def wine(params=None, seed: int = 0) -> Raw:
     x, y = _sklearn("load_wine")
     return Raw(x, y.astype(np.int64))
 
 
 @register_source(
-    CLASSIFICATION, "breast_cancer", "scikit-learn's breast cancer (Wisconsin): 569 examples, 30 features, 2 classes"
+    CLASSIFICATION,
+    "breast_cancer",
+    "scikit-learn's breast cancer (Wisconsin): 569 examples, 30 features, 2 classes",
+    fields=(),
 )
 def breast_cancer(params=None, seed: int = 0) -> Raw:
     x, y = _sklearn("load_breast_cancer")
@@ -49,6 +56,7 @@ def breast_cancer(params=None, seed: int = 0) -> Raw:
     CLASSIFICATION,
     "cifar10",
     "CIFAR-10 from a local python-pickle archive (3x32x32, 10 classes; `data_path` or $EOSFLOW_CIFAR10)",
+    fields=("data_path",),
 )
 def cifar10(params, seed: int = 0) -> Raw:
     x_train, y_train, x_test, y_test = load_cifar10(getattr(params, "data_path", None))
@@ -69,6 +77,7 @@ def _two_class_shapes(generator: str, params, seed: int) -> Raw:
     CLASSIFICATION,
     "moons",
     "scikit-learn's two interleaving half-moons (2-D, noise 0.1), drawn from the seed, 2 classes",
+    fields=(),
 )
 def moons(params, seed: int = 0) -> Raw:
     return _two_class_shapes("make_moons", params, seed)
@@ -78,28 +87,39 @@ def moons(params, seed: int = 0) -> Raw:
     CLASSIFICATION,
     "circles",
     "scikit-learn's two concentric circles (2-D, radii 1 and 0.5, noise 0.1), from the seed, 2 classes",
+    fields=(),
 )
 def circles(params, seed: int = 0) -> Raw:
     return _two_class_shapes("make_circles", params, seed)
 
 
-@register_source(REGRESSION, "diabetes", "scikit-learn's diabetes progression: 442 examples, 10 features, 1 target")
+@register_source(
+    REGRESSION, "diabetes", "scikit-learn's diabetes progression: 442 examples, 10 features, 1 target", fields=()
+)
 def diabetes(params=None, seed: int = 0) -> Raw:
     x, y = _sklearn("load_diabetes")
     return Raw(x, y.reshape(-1, 1))
 
 
-@register_source(REGRESSION, "linnerud", "scikit-learn's Linnerud exercise data: 20 examples, 3 features, 3 targets")
+@register_source(
+    REGRESSION, "linnerud", "scikit-learn's Linnerud exercise data: 20 examples, 3 features, 3 targets", fields=()
+)
 def linnerud(params=None, seed: int = 0) -> Raw:
     x, y = _sklearn("load_linnerud")
     return Raw(x, np.asarray(y, dtype=np.float64).reshape(len(x), -1))
 
 
 @register_source(
-    CLASSIFICATION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and integer labels `y` (n,)"
+    CLASSIFICATION,
+    "npz",
+    "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and integer labels `y` (n,)",
+    fields=("data_path",),
 )
 @register_source(
-    REGRESSION, "npz", "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and targets `y` (n, outputs)"
+    REGRESSION,
+    "npz",
+    "your own arrays: a .npz file (`data_path`) with `x` (n, ...) and targets `y` (n, outputs)",
+    fields=("data_path",),
 )
 def npz(params, seed: int = 0) -> Raw:
     """Read ``x`` and ``y`` from a NumPy archive, checking that they exist and agree in length."""

@@ -34,7 +34,10 @@ def teacher_network(input_dim: int, width: int, outputs: int, seed: int):
 
 
 @register_source(
-    REGRESSION, "gaussian", "synthetic: N(0, I) inputs (input_dim) and independent N(0, I) targets (outputs)"
+    REGRESSION,
+    "gaussian",
+    "synthetic: N(0, I) inputs (input_dim) and independent N(0, I) targets (outputs)",
+    fields=("input_dim", "outputs"),
 )
 def gaussian(params, seed: int) -> Raw:
     rng = np.random.default_rng([seed, _EXAMPLE_STREAM])
@@ -44,7 +47,12 @@ def gaussian(params, seed: int) -> Raw:
     return Raw(x, y, synthetic=True)
 
 
-@register_source(REGRESSION, "teacher", "synthetic: N(0, I) inputs, targets = random tanh teacher + noise")
+@register_source(
+    REGRESSION,
+    "teacher",
+    "synthetic: N(0, I) inputs, targets = random tanh teacher + noise",
+    fields=("input_dim", "teacher_width", "outputs", "noise"),
+)
 def teacher_regression(params, seed: int) -> Raw:
     rng = np.random.default_rng([seed, _EXAMPLE_STREAM])
     n = params.n_train + params.n_test
@@ -54,7 +62,12 @@ def teacher_regression(params, seed: int) -> Raw:
     return Raw(x, y, synthetic=True)
 
 
-@register_source(CLASSIFICATION, "teacher", "synthetic: N(0, I) inputs, label = argmax of a random tanh teacher")
+@register_source(
+    CLASSIFICATION,
+    "teacher",
+    "synthetic: N(0, I) inputs, label = argmax of a random tanh teacher",
+    fields=("input_dim", "teacher_width"),
+)
 def teacher_classification(params, seed: int, max_draws: int = 100) -> Raw:
     rng = np.random.default_rng([seed, _EXAMPLE_STREAM])
     classes = params.classes
