@@ -471,6 +471,28 @@ def test_non_finite_values_are_strict_json_nulls_read_as_nan(tmp_path, capsys):
     assert float(ds.loss[0]) == 1.0 and np.isnan(ds.loss[1]) and np.isnan(ds.sharpness).all()
 
 
+def test_a_diverged_logs_non_finite_tail_is_said_in_the_summary_and_the_title(tmp_path, capsys):
+    """The loss null from step 3 to the end (a step logging only other names does not end it) is said by plot-log
+    and in the figure's title; a loss non-finite once and finite again is no tail."""
+    from eosflow.cli import main
+    from eosflow.edge_log import figure
+
+    path = tmp_path / "diverged.jsonl"
+    with EdgeLog(path) as log:
+        for t, loss in enumerate([1.0, np.nan, 0.5, np.inf, np.nan]):
+            log.write(t, loss=loss, sharpness=1.0 + t, threshold=4.0)
+        log.write(5, sharpness=np.nan)
+    assert main(["plot-log", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  loss non-finite from step 3 (diverged)\n  sharpness non-finite from step 5 (diverged)" in out
+    title = figure(read(path)).axes[0].get_title()
+    assert title.endswith("diverged.jsonl\nloss non-finite from step 3\nsharpness non-finite from step 5")
+    with EdgeLog(tmp_path / "recovered.jsonl") as log:
+        for t, loss in enumerate([1.0, np.nan, 0.5]):
+            log.write(t, loss=loss)
+    assert "non_finite_from" not in read(tmp_path / "recovered.jsonl").loss.attrs
+
+
 @pytest.mark.parametrize(
     "loss, scale",
     [([1.0, 0.5, 0.1], "log"), ([1.0, 0.0, 0.1], "log"), ([0.5, -0.2, -1.0], "linear"), ([0.0, 0.0, np.nan], "linear")],

@@ -431,6 +431,8 @@ def _dispatch(args) -> int:
             )
             for key, value in edge_log.summary(ds).items():
                 print(f"  {key}: {value if not isinstance(value, float) else f'{value:.4f}'}")
+            for tail in edge_log.non_finite_tails(ds):
+                print(f"  {tail} (diverged)")
         if len(args.log) == 1:
             print(edge_log.plot(runs[args.log[0]], args.out or args.log[0].with_suffix(".png")))
         else:

@@ -314,7 +314,26 @@ def read(path: str | os.PathLike) -> xr.Dataset:
     steps = np.array(sorted(rows), dtype=np.int64)
     names: list[str] = list(dict.fromkeys(name for row in rows.values() for name in row))
     data = {name: ("step", np.array([rows[s].get(name, np.nan) for s in steps], dtype=float)) for name in names}
-    return xr.Dataset(data, coords={"step": steps}, attrs={"source": str(path)})
+    ds = xr.Dataset(data, coords={"step": steps}, attrs={"source": str(path)})
+    for name in names:  # a null is non-finite; a step with no record of the name is only unmeasured
+        last_finite = max((step for step, row in rows.items() if row.get(name, None) is not None), default=-1)
+        tail = sorted(step for step, row in rows.items() if name in row and step > last_finite)
+        if tail:
+            ds[name].attrs["non_finite_from"] = tail[0]
+    return ds
+
+
+DIVERGENCE_SIGNS = ("loss", "sharpness", "batch_sharpness")  # their non-finite tail is a run that diverged
+
+
+def non_finite_tails(ds: xr.Dataset) -> list[str]:
+    """'loss non-finite from step N' for each of the loss and sharpness whose records are non-finite from step
+    N to the end of the log (a diverged loop: every record of it from N on is null)."""
+    return [
+        f"{name} non-finite from step {ds[name].attrs['non_finite_from']}"
+        for name in DIVERGENCE_SIGNS
+        if name in ds and "non_finite_from" in ds[name].attrs
+    ]
 
 
 def summary(ds: xr.Dataset, band: float = 0.1) -> dict:
@@ -421,7 +440,7 @@ def figure(ds: xr.Dataset) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[-1].set_xlabel("step")
-    axes[0].set_title(str(ds.attrs.get("source", "edge log")))
+    axes[0].set_title("\n".join([str(ds.attrs.get("source", "edge log")), *non_finite_tails(ds)]))
     fig.tight_layout()
     return fig
 
