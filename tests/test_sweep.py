@@ -413,6 +413,41 @@ def test_sweep_figure_has_a_panel_per_measured_quantity(swept):
         np.testing.assert_array_equal(line.get_ydata(), expected.tail_lr_sharpness.values)
 
 
+def test_each_process_has_one_colour_in_every_panel_of_the_sweep_figure():
+    """Colours followed the drawing order: the distance panel leaves the reference out, so its first model took
+    the reference's colour there. Now a process is one colour everywhere, a value of another grid key one dash."""
+    from matplotlib.colors import to_hex
+
+    from eosflow.sweep.figure import draw_summary
+
+    rows = [
+        {
+            "lr": lr,
+            "seed": seed,
+            "process": process,
+            "reference": process == "gd",
+            "tail_lr_sharpness": 2.0 + lr + seed,
+            "mean_distance": np.nan if process == "gd" else lr + seed,
+        }
+        for lr in (0.1, 0.2)
+        for seed in (0, 1)
+        for process in ("gd", "central_flow", "stable_flow")
+    ]
+    figure = draw_summary(pd.DataFrame(rows), ["lr", "seed"])
+    styles = [
+        {
+            line.get_label(): (to_hex(line.get_color()), line.get_linestyle())
+            for line in ax.lines
+            if "=" in line.get_label()
+        }
+        for ax in figure.axes
+    ]
+    assert styles[1] == {name: style for name, style in styles[0].items() if not name.startswith("gd")}
+    assert len({colour for colour, _ in styles[0].values()}) == 3
+    assert styles[0]["central_flow seed=0"][0] == styles[0]["central_flow seed=1"][0]
+    assert styles[0]["central_flow seed=0"][1] != styles[0]["central_flow seed=1"][1]
+
+
 @pytest.mark.parametrize("steps", [100, 101, 7, 2])
 def test_the_tail_mean_of_a_period_2_orbit_does_not_depend_on_its_last_phase(steps):
     """The sweep figure drew the last lr*S, one side of a period-2 orbit: two seeds on one orbit read 3.21 and 1.01

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from eosflow.compare import log_scale_where_positive
+from eosflow.compare import LINE_STYLES, log_scale_where_positive
 from eosflow.store import atomic_write
 from eosflow.sweep.aggregate import TAIL
+
+MARKERS = ("o", "s", "^", "D", "v", "x")  # one per combination of the other grid values, up to max_lines
 
 
 def summary_figure(frame: pd.DataFrame, keys: list[str], path: Path, max_lines: int = 6) -> Path:
@@ -28,7 +30,8 @@ def draw_summary(frame: pd.DataFrame, keys: list[str], max_lines: int = 6) -> Fi
 
     The x axis is ``lr`` if it is swept, else the first grid key; every other combination of grid
     values is a line (their median over points if there are more than ``max_lines``). The distance
-    panel is drawn only when a process other than the reference ran.
+    panel is drawn only when a process other than the reference ran. Each process has one colour in
+    every panel, each combination of other grid values one dash and marker.
     """
     x_key = "lr" if "lr" in keys else keys[0]
     others = [key for key in keys if key != x_key]
@@ -37,8 +40,9 @@ def draw_summary(frame: pd.DataFrame, keys: list[str], max_lines: int = 6) -> Fi
     ticks = list(dict.fromkeys(frame[x_key].astype(str)))
     if not numeric:
         frame[x_key] = frame[x_key].astype(str).map(ticks.index)
-    combos = frame.groupby(others, sort=False).ngroups if others else 1
-    pool = not others or combos > max_lines
+    combos = list(dict.fromkeys(frame[others].itertuples(index=False, name=None)))
+    pool = not others or len(combos) > max_lines
+    processes = list(dict.fromkeys(frame.process))
     panels = [("tail_lr_sharpness", frame, f"lr * S, mean of the last {TAIL:.0%} of measurements")]
     models = frame[~frame.reference.astype(bool)]
     if np.isfinite(models["mean_distance"].to_numpy(float)).any():
@@ -52,7 +56,15 @@ def draw_summary(frame: pd.DataFrame, keys: list[str], max_lines: int = 6) -> Fi
             if np.isfinite(curve.values).any():
                 group = group if isinstance(group, tuple) else (group,)
                 name = ", ".join(f"{k}={v}" for k, v in zip(groups, group) if k != "process")
-                ax.plot(curve.index, curve.values, "o-", label=f"{part.process.iloc[0]} {name}".strip())
+                dash = 0 if pool else combos.index(group[1:])
+                ax.plot(
+                    curve.index,
+                    curve.values,
+                    color=f"C{processes.index(group[0]) % 10}",
+                    ls=LINE_STYLES[dash % len(LINE_STYLES)],
+                    marker=MARKERS[dash % len(MARKERS)],
+                    label=f"{group[0]} {name}".strip(),
+                )
         ax.set_xlabel(x_key)
         ax.set_ylabel(label + (" (median over other grid values)" if others and pool else ""))
         if not numeric:
