@@ -2,6 +2,7 @@
 `anchored(table, at)` bit for bit, the report's section shows `compare_dataset`'s numbers of it, `eosflow
 report` re-renders it from the file alone, and what cannot be anchored is refused before anything is written."""
 
+import json
 import re
 import shutil
 
@@ -118,6 +119,20 @@ def test_what_cannot_be_anchored_is_refused_before_the_run(spec, tmp_path, capsy
     assert main(["compare", str(spec), "--out", str(out), "--quiet", *options]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_compare_run_dir_from_a_step_outside_the_window_of_a_diverged_run_says_where_it_diverged(tmp_path, capsys):
+    """A run directory whose gd diverged at step 3 (its summary, as a run writes it; nothing is run here): --from 1
+    said "k must lie in [2, 117] for a run of 120 steps", the spec's steps, as if any of them could anchor."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "spec.toml").write_text(tomli_w.dumps(TABLE))
+    summary = {"status": "diverged", "reason": "gd: loss 1e+09 at step 3 exceeded the blow-up limit", "steps_done": 4}
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert main(["compare", str(out), "--from", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--from = 1: gd diverged at step 3 of this run (steps 0..3 recorded, of 120)" in err
+    assert "cannot be compared with it from any step" in err and "117" not in err
 
 
 def test_compare_from_a_step_in_python_names_the_onset_beside_it(tmp_path, capsys):

@@ -70,15 +70,20 @@ class NoAnchorStep(SpecError):
     too late to run a model after it), or it diverged. Known only once the optimizer has run."""
 
 
-def check_anchorable(table: dict, at: int | str, problem: Problem | None = None, where: str = "`at`") -> None:
+def check_anchorable(
+    table: dict, at: int | str, problem: Problem | None = None, where: str = "`at`", recorded: dict | None = None
+) -> None:
     """Raise the SpecError that :func:`anchored` would raise before running a step: the first process is
     not GD or a momentum or adaptive optimizer, another is not a model of it, ``at`` is neither "onset" nor
     a step in [2, steps - 3], or "onset" with the edge ratio never measured. ``where`` names ``at`` in the
-    message (``--from`` on the command line). Builds the problem and the processes, runs nothing."""
+    message (``--from`` on the command line). ``recorded``: the summary of the run directory the comparison is
+    added to; if its optimizer diverged, a step outside the window says so, with the steps it recorded. Builds
+    the problem and the processes, runs nothing."""
     table = with_problem_dtype(table, problem)
+    diverged_at = recorded["steps_done"] - 1 if recorded and recorded.get("status") == "diverged" else None
     with precision(run_dtype(table)):
         spec, _, _, processes = prepare(table, problem)
-        _anchorable(spec, processes, at, where)
+        _anchorable(spec, processes, at, where, diverged_at)
 
 
 def anchored(
@@ -120,10 +125,10 @@ def write_anchored(run_dir: str | Path, at: int | str) -> Path:
 
 
 def _anchorable(
-    spec: Spec, processes: dict[str, Process], at: int | str, where: str
+    spec: Spec, processes: dict[str, Process], at: int | str, where: str, diverged_at: int | None = None
 ) -> tuple[GradientDescent | AdaptiveOptimizer, dict[str, Flow]]:
     """The optimizer and its models, or the SpecError that names what cannot be anchored (the process,
-    or ``at`` and the steps it may take)."""
+    or ``at`` and the steps it may take; ``diverged_at``: the step where the recorded run's optimizer diverged)."""
     names = list(processes)
     optimizer = processes[names[0]]
     if not isinstance(optimizer, GradientDescent | AdaptiveOptimizer):
@@ -149,6 +154,12 @@ def _anchorable(
             )
     elif not isinstance(at, Integral) or isinstance(at, bool):
         raise SpecError(f"{where} = {at!r}: give a step (an integer) or 'onset'")
+    elif not 2 <= at <= spec.steps - 3 and diverged_at is not None:
+        raise SpecError(
+            f"{where} = {at!r}: {names[0]} diverged at step {diverged_at} of this run (steps 0..{diverged_at} "
+            f"recorded, of {spec.steps}): its models, started on its states k-2 .. k+2 and compared with it to the "
+            "last step, cannot be compared with it from any step"
+        )
     elif not 2 <= at <= spec.steps - 3:
         raise SpecError(f"{where} = {at!r}: {_window(spec.steps)}")
     return optimizer, models

@@ -339,6 +339,7 @@ def _dispatch(args) -> int:
         from eosflow.anchored import NoAnchorStep, check_anchorable
         from eosflow.compare import compare, compare_from, report_page, warn_incomplete_critical_sets
         from eosflow.load import load
+        from eosflow.store import RunStore
 
         if args.spec.is_dir():  # a run directory: add the comparison from a step to it, rerunning nothing else
             out = args.spec
@@ -350,7 +351,8 @@ def _dispatch(args) -> int:
                     "from a step to a run directory (with no --set, --out or --overwrite); `eosflow report RUN_DIR` "
                     "redraws its report"
                 )
-            check_anchorable(load_spec_table(out / "spec.toml"), args.at, where="--from")
+            recorded = RunStore(out).read_summary()  # whether its optimizer diverged, and where
+            check_anchorable(load_spec_table(out / "spec.toml"), args.at, where="--from", recorded=recorded)
             make = partial(compare_from, out, args.at)
         else:
             table = load_spec_table(args.spec)
