@@ -51,7 +51,7 @@ REGRESSION: dict[str, SourceEntry] = {}
 
 def register_source(registry: dict[str, SourceEntry], name: str, summary: str, fields: tuple[str, ...] | None = None):
     """Decorator: ``load(params, seed) -> Raw`` becomes the dataset ``name`` of that task; ``fields``: the
-    dataset-specific fields it reads (a spec setting another is refused), None to leave them unchecked."""
+    dataset-specific fields it reads (a spec setting another gets a SpecWarning), None to leave them unchecked."""
 
     def decorate(load):
         registry[name] = SourceEntry(name, load, summary, fields)
