@@ -110,7 +110,8 @@ def test_a_resume_in_the_same_process_compiles_no_scan_again(tmp_path, monkeypat
     assert traces == [10]
 
 
-def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
+@pytest.mark.parametrize("chunk", [50, 3])  # diverging in the first chunk, and after a checkpoint
+def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path, chunk):
     table = {
         "steps": 200,
         "lr": 0.2,
@@ -118,7 +119,7 @@ def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
         "processes": ["gd", "gradient_flow"],  # a model's rows end with the run (they went on to the chunk's end)
         "problem": {"name": "quadratic", "eigenvalues": [30.0, 1.0]},
         "spectrum": {"every": 0},  # the loss is under test: no eigensolver to compile
-        "record": {"chunk": 50},
+        "record": {"chunk": chunk},
         "divergence": {"loss_blowup": 1e6},
     }
     outcome = run(table, tmp_path / "boom")
@@ -139,6 +140,8 @@ def test_divergence_stops_cleanly_with_reason_and_keeps_data(tmp_path):
     coords = vectors.T @ np.asarray(problem.w0)
     exact = [0.5 * np.sum(values * coords**2 * (1 - 0.2 * values) ** (2 * t)) for t in range(bad + 1)]
     np.testing.assert_allclose(loss, exact, rtol=1e-9)
+    assert run(table, tmp_path / "boom", resume=True).status == "diverged"  # a resume changes nothing
+    assert np.array_equal(eosflow.load(tmp_path / "boom").loss.values, ds.loss.values)
 
 
 def test_a_chunk_of_a_new_length_is_timed_as_compiling(tmp_path):
