@@ -6,8 +6,9 @@ on the digits MLP at d ~ 3k, 30k, 300k and 3M, on jax's default device (meant fo
 
 The network is the demo's tanh MLP 64-w-w-10 on 500 digits (lr = 0.4, float32); widths 32, 140,
 510 and 1700 give d = 3466, 30250, 298870 and 3019210. Every process runs ``--steps`` steps once
-to compile, then again from the same initialization, timed (``block_until_ready``); the table also
-gives the HVPs per step of the timed run. ``--device cpu --widths 32 140 --steps 20`` (what
+to compile, then again from the same initialization, timed (``block_until_ready``), in the spec's
+precision as ``eosflow run`` computes (float32 matrix products at "highest", not a GPU's TF32); the
+table also gives the HVPs per step of the timed run. ``--device cpu --widths 32 140 --steps 20`` (what
 ``gpu.sh --cpu-smoke`` runs) checks the script on a machine without a GPU.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from eosflow.cli import demo_table
 from eosflow.experiment import prepare
+from eosflow.precision import precision
 
 CASES = {  # label: (process, spectrum table)
     "GD": ("gd", {"every": 0}),
@@ -36,14 +38,15 @@ def time_case(width: int, process_name: str, spectrum: dict, steps: int) -> tupl
     table = demo_table()
     table.update(steps=steps, processes=[process_name], spectrum=spectrum)
     table["problem"]["width"] = width
-    _, problem, _, processes = prepare(table)
-    process = processes[process_name]
-    state = process.init(problem.w0)
-    jax.block_until_ready(process.advance(state, steps))  # compile
-    start = time.perf_counter()
-    _, rows = process.advance(state, steps)
-    jax.block_until_ready(rows)
-    seconds = time.perf_counter() - start
+    with precision(table["dtype"]):  # as `eosflow run` computes: float32 products in float32, not a GPU's TF32
+        _, problem, _, processes = prepare(table)
+        process = processes[process_name]
+        state = process.init(problem.w0)
+        jax.block_until_ready(process.advance(state, steps))  # compile
+        start = time.perf_counter()
+        _, rows = process.advance(state, steps)
+        jax.block_until_ready(rows)
+        seconds = time.perf_counter() - start
     return problem.w0.size, 1e3 * seconds / steps, float(np.mean(np.asarray(rows["hvps"])))
 
 
