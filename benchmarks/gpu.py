@@ -52,7 +52,9 @@ def time_case(width: int, process_name: str, spectrum: dict, steps: int) -> tupl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="refuse to run unless jax has it")
+    parser.add_argument(
+        "--device", choices=["gpu", "cpu"], default="gpu", help="run on it (refused unless jax has a GPU)"
+    )
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 140, 510, 1700])
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
@@ -63,9 +65,9 @@ def main() -> int:
             f"(pip install 'jax[cuda12]') on a machine with a GPU, or check the script with --cpu-smoke"
         )
         return 2
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0]} ({backend}); {args.steps} timed steps per case, after compiling"
-    )
+    device = jax.devices(args.device)[0]
+    jax.config.update("jax_default_device", device)  # --device cpu on a GPU machine: its CPU, not the GPU
+    print(f"jax {jax.__version__} on {device} ({device.platform}); {args.steps} timed steps per case, after compiling")
     print("| d | " + " | ".join(f"{label} ms/step (HVPs/step)" for label in CASES) + " |")
     print("|---" * (len(CASES) + 1) + "|")
     for width in args.widths:
