@@ -916,3 +916,24 @@ def test_a_skipped_update_does_not_flatten_the_preconditioner():
     inputs = closed.jaxpr.invars[-len(jax.tree_util.tree_leaves(preconditioner)) :]
     users = [eqn.primitive.name for eqn in closed.jaxpr.eqns if any(v in inputs for v in eqn.invars)]
     assert users == ["cond"], users
+
+
+def test_an_eager_preconditioner_compiles_nothing_per_step_and_reads_as_under_jit(caplog):
+    """adam.preconditioner(opt_state) read outside jit (docs/monitor.md's loop without an optax wrapper): its
+    1 - b2^t was jnp's eager ``b2 ** count``, an integer_pow specialized on the count's value, so every step
+    compiled a new program (2 compilations and ~58 ms a step in a probe), and its digits were not those of the
+    jitted step's pow. Now it is the jitted step's program, compiled once."""
+    params = {"w": jnp.linspace(0.5, 1.5, 6)}
+    adam = optimizer_edges.adam(1e-2)
+    state = adam.transform.init(params)
+    jitted = jax.jit(lambda count: optimizer_edges.bias_correction(count, 0.999))
+    for step in range(6):
+        _, state = adam.transform.update({"w": jnp.sin(params["w"] * (step + 1))}, state, params)
+        count = optimizer_edges.substate(state, lambda s: isinstance(s, optax.ScaleByAdamState)).count
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+            eager = optimizer_edges.bias_correction(count, 0.999)
+            adam.preconditioner(state)
+        if step >= 2:  # its first call compiles once
+            assert not [r for r in caplog.records if "compil" in r.getMessage().lower()], step
+        assert np.asarray(eager).tobytes() == np.asarray(jitted(count)).tobytes(), step

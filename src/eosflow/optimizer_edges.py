@@ -305,7 +305,7 @@ def ema_second_moment(nu: PyTree, count: Any, decay: float, inside: float, outsi
     if count is None:
         correction, rate = 1.0, 1.0 - decay  # a Python float: exact in any dtype it meets
     else:
-        correction, rate = bias_correction(count, decay), (1.0 - decay) / (1.0 - decay ** (count + 1))
+        correction, rate = bias_correction(count, decay), (1.0 - decay) / _one_minus_power(decay, count + 1)
 
     def slope(nu_hat):
         xp = np if isinstance(nu_hat, np.ndarray) else jnp
@@ -333,7 +333,21 @@ def bias_correction(count: Any, decay: float) -> Any:
             "the optimizer's state has count 0: no update has made its second moment yet, and the bias-corrected "
             "nu / (1 - b2^0) is 0 / 0. Read P (or the second moment) from the state after an update"
         )
+    return _one_minus_power(decay, count)
+
+
+def _one_minus_power(decay: Any, count: Any) -> Any:
+    """1 - decay^count. A concrete JAX count (a state read outside jit) goes through :data:`_jitted_one_minus_power`,
+    as a traced one does inside the user's jitted step: eagerly, jnp's ``decay ** count`` is an ``integer_pow``
+    specialized on the count's value, new programs compiled at every step (two a step, 57 ms, in a probe) whose
+    digits differ from the jitted ``pow``'s. A Python or NumPy count (a torch optimizer's) stays Python's or
+    NumPy's power."""
+    if isinstance(count, jax.Array) and not isinstance(count, jax.core.Tracer):
+        return _jitted_one_minus_power(decay, count)
     return 1.0 - decay**count
+
+
+_jitted_one_minus_power = jax.jit(lambda decay, count: 1.0 - decay**count)
 
 
 def _is_stddev_state(state) -> bool:
