@@ -29,6 +29,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -57,6 +58,25 @@ def _scalar(name: str, value: Any) -> float | int:
         )
     item = array.reshape(()).item()
     return item if isinstance(item, int) and not isinstance(item, bool) else float(item)
+
+
+def _on_host(step: Any, record: Any, scalars: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """``step``, ``record`` and ``scalars`` with their JAX arrays brought to the host by one ``jax.device_get``,
+    which starts every copy before waiting for the first: read one by one (``float``), a Reading's fields and a
+    loss on a GPU were 4 transfers, each waited for, at every write. Anything else (a torch tensor, a number) is
+    left as it is, and the scalars keep their order."""
+    jax = sys.modules.get("jax")  # a JAX array means JAX is loaded; never imported here
+    if jax is None:
+        return step, record, scalars
+    leaves, treedef = jax.tree_util.tree_flatten(record)
+    every = [step, *leaves, *scalars.values()]
+    where = [i for i, leaf in enumerate(every) if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)]
+    if len(where) < 2:
+        return step, record, scalars
+    for i, value in zip(where, jax.device_get([every[i] for i in where]), strict=True):
+        every[i] = value
+    record = jax.tree_util.tree_unflatten(treedef, every[1 : 1 + len(leaves)])
+    return every[0], record, dict(zip(scalars, every[1 + len(leaves) :], strict=True))
 
 
 def _fields(record: Any) -> dict[str, Any]:
@@ -208,6 +228,7 @@ class EdgeLog:
 
     def write(self, step: int, record: Any = None, **scalars: Any) -> None:
         """Append one record at ``step``: the fields of ``record`` (a Reading or eigenpairs), then ``scalars``."""
+        step, record, scalars = _on_host(step, record, scalars)
         number = _scalar("step", step) if not isinstance(step, bool) else -1
         if not isinstance(number, int) or number < 0:
             raise ValueError(f"EdgeLog step must be a non-negative integer, got {step!r}")
