@@ -5,6 +5,7 @@ import os
 import re
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -377,3 +378,21 @@ def test_a_problem_too_large_for_memory_is_a_spec_error(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match=r"building problem 'mlp' takes more memory .* 7.28 TiB.*size in \[problem\]"):
         run(spec(), tmp_path / "big")
     assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.parametrize("k_max", [1, 2])
+def test_a_chunk_sends_nothing_to_the_device_between_its_steps_and_the_next(k_max):
+    """On a GPU an implicit host-to-device transfer waits for the device. After every chunk (or grow_every block)
+    a tracker folded its step into a PRNG key as a Python int, fetched with int() and sent back (a transfer
+    refused under jax.transfer_guard), also when it was full (k = k_max) and could not grow; now a full tracker
+    reads nothing, and a growing one folds the step where it is."""
+    from eosflow.experiment import prepare
+    from eosflow.precision import precision
+
+    with precision("float64"):
+        _, problem, _, processes = prepare(spec(spectrum={"k": 1, "k_max": k_max}))
+        gd = processes["gd"]
+        state, _ = gd.advance(gd.init(problem.w0), 4)  # compiled
+        with jax.transfer_guard("disallow"):
+            state, rows = gd.advance(state, 4)
+        assert rows["loss"].shape == (4,)

@@ -174,11 +174,13 @@ class ScannedProcess(eqx.Module, Generic[Tracked]):
         return state, jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *blocks)
 
     def _grow(self, state: Tracked, rows: dict[str, Array]) -> Tracked:
+        k = state.vectors.shape[1]
+        if k >= min(self.spectrum.k_max, state.vectors.shape[0]):  # full: nothing to read from the device
+            return state
         latest = last_measured(np.asarray(rows["eigenvalues"])) if "eigenvalues" in rows else None
         if latest is None:
             return state
-        k = state.vectors.shape[1]
-        key = jax.random.fold_in(self.key, int(state.step))
+        key = jax.random.fold_in(self.key, state.step)  # (on the device: int() would fetch it, fold_in send it back)
         grown = grow_tracked(state.vectors, latest[:k], self.growth_threshold(), self.spectrum.k_max, key)
         if grown.shape[1] > k and hasattr(state, "older"):  # a warm start's history: the new direction joins it
             return state._replace(vectors=grown, older=grown_history(state.older, grown))
