@@ -58,13 +58,14 @@ def test_import_leaves_jax_config_unchanged(tmp_path):
 
 def test_float64_spec_runs_in_float64_without_global_x64(tmp_path):
     """A float64 spec, run where x64 is off, computes in float64 (the saved parameters are float64
-    and GD matches the closed form to float64 rounding), and leaves x64 off afterwards."""
+    and GD matches the closed form to float64 rounding), and leaves x64 off afterwards. Chunks of 10 steps: the
+    chunks after the first are computed ahead in the runner's thread, which enters the run's precision too."""
     out = fresh_python(
         """
         import jax, numpy as np, eosflow
         table = {"steps": 30, "lr": 0.099, "dtype": "float64", "processes": ["gd"],
                  "problem": {"name": "quadratic", "rotate": False, "eigenvalues": [20.0, 0.5]},
-                 "spectrum": {"k_max": 1}, "record": {"params_every": 1}}
+                 "spectrum": {"k_max": 1}, "record": {"params_every": 1, "chunk": 10}}
         eosflow.run(table, "run")
         steps, params = eosflow.load_params("run", "gd")
         closed = (1 - 0.099 * np.array([20.0, 0.5])) ** steps[:, None] * params[0]

@@ -1,8 +1,9 @@
 """An experiment: every process of a spec from the same w0, in lockstep on one time grid.
 
-Chunks of ``record.chunk`` steps are computed for every process, flushed to the run directory
-and followed by a checkpoint; chunk boundaries are multiples of the chunk size, so a resumed run
-computes exactly the chunks an uninterrupted run does (bitwise-equal trajectories on one machine).
+Chunks of ``record.chunk`` steps are computed for every process (the next one in a thread while
+one is written: :class:`_Advance`), flushed to the run directory and followed by a checkpoint;
+chunk boundaries are multiples of the chunk size, so a resumed run computes exactly the chunks
+an uninterrupted run does (bitwise-equal trajectories on one machine).
 The first process is the reference: each process's ``distance`` to it is recorded at every step
 (and its ``centre_distance``, the distance between the two trajectories' midpoints of consecutive
 steps, blind to the phase of a period-2 oscillation; the checkpoint carries the last offset it
@@ -12,6 +13,7 @@ the reason and the step recorded. Another process that diverges is dropped and t
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -260,9 +262,16 @@ def _run_locked(
     end = spec.steps if stop_after is None else min(spec.steps, stop_after)
     outcome = Outcome(store.root, "running", step)
     _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
+
+    def following(at: int) -> int:  # the length of the loop's chunk from step ``at`` on (0: it stops before it)
+        if at >= end or stop["signum"] is not None:
+            return 0
+        return min(spec.record.chunk - at % spec.record.chunk, end - at)
+
+    advance.following = following
     try:
         while step < end and stop["signum"] is None:
-            n = min(spec.record.chunk - step % spec.record.chunk, end - step)
+            n = following(step)
             chunk, diverged = advance(states, inactive, step, n)
             if diverged is not None:
                 outcome = Outcome(store.root, "diverged", *diverged)
@@ -313,6 +322,8 @@ def _run_locked(
         raise StoreError(
             f"{failed}; {steps_on_disk(done)}; resume with: {resume_command(store.root)} (resume=True in Python)"
         ) from None
+    finally:
+        advance.close()
     _finish(store, summary_base, outcome, inactive, elapsed_before, started, advance.timing.table)
     if stop["signum"] is not None:
         raise Interrupted(stop["signum"], outcome.reason)
@@ -358,6 +369,14 @@ class _Advance:
     ``offsets`` holds each process's last offset from the reference (:func:`add_distances`), and is
     checkpointed with the states.
     ``write`` (process, step) -> bool chooses the files flushed (all of them, except in a repair).
+
+    ``following(step)`` is the length of the chunk the run computes from ``step`` on (0: none; the run's loop sets
+    it). When it is not 0, the next chunk is computed ahead in a thread (``ahead``) while this one's distances and
+    files are made, once all it depends on is decided: the states this chunk left (trackers grown), the reference's
+    divergence (none: a diverged reference ends the run) and the models dropped. The thread writes nothing and
+    times each process as the loop did; only the calling thread writes, in the same order, so the files, and what
+    a kill, a stop or a full disk leaves, are those of a runner without it. A chunk the loop does not go on to
+    (a stop asked for meanwhile, an error) is dropped (:meth:`close`); an error computing it is raised at its turn.
     """
 
     def __init__(self, processes: dict[str, Process], reference: str, limit: float, params_every: int, store: RunStore):
@@ -366,18 +385,21 @@ class _Advance:
         self.timing = _Timing({})
         self.offsets: dict[str, np.ndarray] = {}
         self.write: Callable[[str, int], bool] = lambda name, step: True
+        self.following: Callable[[int], int] = lambda step: 0  # the length of the chunk from step on (0: none)
+        self.ahead: tuple[tuple[int, int], concurrent.futures.Future] | None = None  # ((step, n), its computation)
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __call__(self, states: dict, inactive: dict, step: int, n: int):
+        ahead, self.ahead = self.ahead, None
+        computed = ahead[1].result() if ahead is not None and ahead[0] == (step, n) else None
+        if computed is None:
+            computed = self._compute(states, inactive, n)
         chunk: dict[str, dict[str, np.ndarray]] = {}
         diverged = None
         models_diverged: dict[str, tuple[int, str]] = {}  # name -> (the step it diverged at, why)
-        for name, process in self.processes.items():
-            if name in inactive:
-                continue
-            tick = time.perf_counter()
-            new_state, computed = process.advance(states[name], n)
-            rows = {key: np.asarray(value) for key, value in computed.items()}
-            self.timing.add(name, time.perf_counter() - tick, n, states[name])
+        for name, (new_state, rows, seconds) in computed.items():
+            process = self.processes[name]
+            self.timing.add(name, seconds, n, states[name])
             rows, bad, reason = cut_at_divergence(process, rows, step, self.limit)
             if bad is not None:
                 if name == self.reference:
@@ -394,11 +416,49 @@ class _Advance:
             chunk = {
                 name: {key: value[: diverged[0] - step] for key, value in rows.items()} for name, rows in chunk.items()
             }
+        elif following := self.following(step + n):
+            # all the next chunk depends on is decided (the states, grown trackers, dropped models): it is computed
+            # while this one is measured and written, and is used only if the loop goes on (not after a stop)
+            if self.executor is None:
+                self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eosflow-chunk")
+            future = self.executor.submit(self._compute_in, _precision(), dict(states), dict(inactive), following)
+            self.ahead = ((step + n, following), future)
         add_distances(chunk, self.reference, self.offsets)
         _write_chunk(
             self.store, {name: rows for name, rows in chunk.items() if self.write(name, step)}, step, self.params_every
         )
         return chunk, diverged
+
+    def _compute(self, states: dict, inactive: dict, n: int) -> dict[str, tuple[Any, dict[str, np.ndarray], float]]:
+        """Every active process's next ``n`` steps: (its state after them, its rows on the host, the seconds they
+        took). Reads ``states`` and ``inactive`` only (it runs in a thread beside the writes of the chunk before)."""
+        computed = {}
+        for name, process in self.processes.items():
+            if name not in inactive:
+                tick = time.perf_counter()
+                new_state, rows = process.advance(states[name], n)
+                on_host = {key: np.asarray(value) for key, value in rows.items()}
+                computed[name] = (new_state, on_host, time.perf_counter() - tick)
+        return computed
+
+    def _compute_in(self, settings: tuple[bool, Any], states: dict, inactive: dict, n: int) -> dict:
+        """:meth:`_compute` in another thread, under the run's thread-local precision (:func:`_precision`)."""
+        x64, matmul = settings
+        with jax.enable_x64(x64), jax.default_matmul_precision(matmul):
+            return self._compute(states, inactive, n)
+
+    def close(self) -> None:
+        """Forget a chunk computed ahead that the loop did not go on to (a stop, an error); its thread ends with it."""
+        self.ahead = None
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+
+def _precision() -> tuple[bool, Any]:
+    """This thread's ``jax_enable_x64`` and default matmul precision: thread-local settings (:mod:`eosflow.precision`)
+    another thread must enter to compute as this one does (the two that compiled.BoundedJit keys its programs on)."""
+    return bool(jax.config.read("jax_enable_x64")), jax.default_matmul_precision.value
 
 
 def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, initial_states, restored_states) -> None:
