@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+from functools import partial
 
 import jax
 import numpy as np
@@ -328,11 +329,13 @@ def test_a_model_is_dropped_only_at_a_step_the_run_records(tmp_path, processes, 
 
 @pytest.mark.parametrize("block_rows", [1, 3, 1000])
 @pytest.mark.parametrize("known_offset", [False, True])
-def test_distances_in_blocks_equal_the_whole_chunk_formula(monkeypatch, block_rows, known_offset):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_distances_in_blocks_equal_the_whole_chunk_formula(monkeypatch, block_rows, known_offset, on_device):
     """add_distances works in blocks of rows (the whole C x d chunk in float64 at once was superlinear in C: 3.8 ms a
     step at d = 30k, C = 1000, from a probe) and skips the subtraction for the reference itself: bitwise the
     whole-chunk formula, inf and NaN positions included, across block edges, with and without the offset of the
-    step before the chunk and a model's top vector."""
+    step before the chunk and a model's top vector. ``on_device``: the rows as JAX arrays, as an accelerator's are
+    left (their distances in jnp, float64 under a scoped x64): the same numbers to the last bits of a reduction."""
     import eosflow.experiment as experiment
 
     rng = np.random.default_rng(4)
@@ -353,17 +356,34 @@ def test_distances_in_blocks_equal_the_whole_chunk_formula(monkeypatch, block_ro
         return np.linalg.norm(diff, axis=1), centre, diff[-1], offset
 
     monkeypatch.setattr(experiment, "DISTANCE_BLOCK", block_rows * d)
-    chunk = {"gd": {"position": reference}, "m": {"position": model[:8], "top_vector": top}}
+    kind = (lambda a: jax.device_put(a)) if on_device else (lambda a: a)  # (device_put keeps float64 as it is)
+    chunk = {"gd": {"position": kind(reference)}, "m": {"position": kind(model[:8]), "top_vector": kind(top)}}
     offsets = {name: value.copy() for name, value in before.items()}
+    same = np.testing.assert_array_equal if not on_device else partial(np.testing.assert_allclose, rtol=1e-14)
     with np.errstate(invalid="ignore"):
         experiment.add_distances(chunk, "gd", offsets)
         for name, base, position, vector in [("gd", reference, reference, None), ("m", reference, model[:8], top)]:
             distance, centre, last, offset = whole(base, position, before.get(name), vector)
-            np.testing.assert_array_equal(chunk[name]["distance"], distance)
-            np.testing.assert_array_equal(chunk[name]["centre_distance"], centre)
-            np.testing.assert_array_equal(offsets[name], last)
+            assert all(type(chunk[name][key]) is np.ndarray for key in ("distance", "centre_distance"))
+            same(chunk[name]["distance"], distance)
+            same(chunk[name]["centre_distance"], centre)
+            same(np.asarray(offsets[name]), last)
             if vector is not None:
-                np.testing.assert_array_equal(chunk[name]["reference_offset"], offset)
+                same(chunk[name]["reference_offset"], offset)
+    assert not experiment._stays_on_device("position", jax.numpy.zeros(3))  # on the CPU every row is a host view
+
+
+def test_the_saved_parameters_of_rows_left_on_the_device_come_to_the_host():
+    """``params_every`` takes its steps from a device row (an accelerator's position) as from a host one."""
+    import eosflow.experiment as experiment
+
+    position = np.arange(12.0, dtype=np.float32).reshape(6, 2)
+    written = {}
+    store = type("Store", (), {"write_chunk": lambda self, name, first, rows: written.update({name: rows})})()
+    for rows in ({"position": position}, {"position": jax.device_put(position)}):
+        experiment._write_chunk(store, {"gd": rows}, 10, params_every=4)  # steps 10..15: 12 is saved
+        assert type(written["gd"]["params"]) is np.ndarray and written["gd"]["params_step"].tolist() == [12]
+        np.testing.assert_array_equal(written["gd"]["params"], position[[2]])
 
 
 def test_a_problem_too_large_for_memory_is_a_spec_error(tmp_path, monkeypatch):

@@ -429,15 +429,18 @@ class _Advance:
         )
         return chunk, diverged
 
-    def _compute(self, states: dict, inactive: dict, n: int) -> dict[str, tuple[Any, dict[str, np.ndarray], float]]:
-        """Every active process's next ``n`` steps: (its state after them, its rows on the host, the seconds they
-        took). Reads ``states`` and ``inactive`` only (it runs in a thread beside the writes of the chunk before)."""
+    def _compute(self, states: dict, inactive: dict, n: int) -> dict[str, tuple[Any, dict[str, Any], float]]:
+        """Every active process's next ``n`` steps: (its state after them, its rows on the host but the d-wide ones
+        on an accelerator (:func:`_stays_on_device`), the seconds they took). Reads ``states`` and ``inactive``
+        only (it runs in a thread beside the writes of the chunk before)."""
         computed = {}
         for name, process in self.processes.items():
             if name not in inactive:
                 tick = time.perf_counter()
                 new_state, rows = process.advance(states[name], n)
-                on_host = {key: np.asarray(value) for key, value in rows.items()}
+                on_host = {
+                    key: value if _stays_on_device(key, value) else np.asarray(value) for key, value in rows.items()
+                }
                 computed[name] = (new_state, on_host, time.perf_counter() - tick)
         return computed
 
@@ -591,33 +594,45 @@ DISTANCE_BLOCK = 2**22  # float64 entries of e = reference - position made at on
 # several C x d x 8-byte temporaries, superlinear in the chunk (3.8 ms a step at d = 30k, C = 1000; a probe)
 
 
+DEVICE_ROWS = ("position", "top_vector")  # d wide: on an accelerator they stay there, for the distances
+
+
+def _stays_on_device(key: str, value: Any) -> bool:
+    """Whether a chunk's row ``key`` is left where it was computed: a d-wide row (:data:`DEVICE_ROWS`) on an
+    accelerator, whose distances are then computed there (only the steps ``params_every`` saves come to the host).
+    On the CPU it is brought over as every row is (a NumPy view, no copy), and the distances run in NumPy."""
+    return key in DEVICE_ROWS and isinstance(value, jax.Array) and any(d.platform != "cpu" for d in value.devices())
+
+
 def _add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offsets: dict[str, np.ndarray]) -> None:
     base = chunk[reference]["position"]
-    for name, rows in chunk.items():
-        position = rows["position"]
-        n, total = min(len(base), len(position)), len(position)
-        distance, centre_distance = np.full(total, np.nan), np.full(total, np.nan)
-        top = rows.pop("top_vector", None)
-        offset = None if top is None else np.full(total, np.nan)
-        previous: np.ndarray | None = offsets.get(name)
-        block = max(1, DISTANCE_BLOCK // max(1, base[0].size if len(base) else 1))
-        for first in range(0, n, block):
-            last = min(n, first + block)
-            if name == reference:  # e = w - w: 0 where w is finite, NaN where it is not (as the subtraction gives)
-                diff = np.where(np.isfinite(position[first:last]), 0.0, np.nan).reshape(last - first, -1)
-            else:
-                diff = (base[first:last].astype(np.float64) - position[first:last]).reshape(last - first, -1)
-            distance[first:last] = np.linalg.norm(diff, axis=1)
-            e = diff if previous is None else np.concatenate([previous[None], diff])  # e_(t-1) first if known
-            centre_distance[last - len(e) + 1 : last] = np.linalg.norm(e[:-1] + e[1:], axis=1) / 2
-            if offset is not None and top is not None:
-                offset[first:last] = np.einsum("nd,nd->n", diff, top[first:last])
-            previous = diff[-1]
-        if previous is not None and n:
-            offsets[name] = previous
-        rows["distance"], rows["centre_distance"] = distance, centre_distance
-        if offset is not None:
-            rows["reference_offset"] = offset
+    xp: Any = np if isinstance(base, np.ndarray) else jnp  # jnp: rows left on an accelerator (_stays_on_device)
+    with contextlib.nullcontext() if xp is np else jax.enable_x64(True):  # float64 there too, for this block only
+        for name, rows in chunk.items():
+            position = rows["position"]
+            n, total = min(len(base), len(position)), len(position)
+            distance, centre_distance = np.full(total, np.nan), np.full(total, np.nan)
+            top = rows.pop("top_vector", None)
+            offset = None if top is None else np.full(total, np.nan)
+            previous: Any = offsets.get(name)
+            block = max(1, DISTANCE_BLOCK // max(1, base[0].size if len(base) else 1))
+            for first in range(0, n, block):
+                last = min(n, first + block)
+                if name == reference:  # e = w - w: 0 where w is finite, NaN where it is not (as the subtraction gives)
+                    diff = xp.where(xp.isfinite(position[first:last]), 0.0, xp.nan).reshape(last - first, -1)
+                else:
+                    diff = (base[first:last].astype(xp.float64) - position[first:last]).reshape(last - first, -1)
+                distance[first:last] = np.asarray(xp.linalg.norm(diff, axis=1))
+                e = diff if previous is None else xp.concatenate([previous[None], diff])  # e_(t-1) first if known
+                centre_distance[last - len(e) + 1 : last] = np.asarray(xp.linalg.norm(e[:-1] + e[1:], axis=1) / 2)
+                if offset is not None and top is not None:
+                    offset[first:last] = np.asarray(xp.einsum("nd,nd->n", diff, top[first:last]))
+                previous = diff[-1]
+            if previous is not None and n:
+                offsets[name] = previous
+            rows["distance"], rows["centre_distance"] = distance, centre_distance
+            if offset is not None:
+                rows["reference_offset"] = offset
 
 
 def _write_chunk(store: RunStore, chunk: dict, first_step: int, params_every: int) -> None:
@@ -626,7 +641,7 @@ def _write_chunk(store: RunStore, chunk: dict, first_step: int, params_every: in
         if params_every:
             steps = first_step + np.arange(len(position))
             keep = steps % params_every == 0
-            rows["params"], rows["params_step"] = position[keep], steps[keep]
+            rows["params"], rows["params_step"] = np.asarray(position[np.flatnonzero(keep)]), steps[keep]
         store.write_chunk(name, first_step, rows)
 
 
