@@ -280,8 +280,11 @@ def _run_locked(
             active = [name for name in names if name not in inactive]
             store.write_checkpoint(
                 step,
-                {name: [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(states[name])] for name in active}
-                | {name + OFFSET: [advance.offsets[name]] for name in active if name in advance.offsets},
+                {
+                    name: [np.asarray(leaf) for leaf in jax.device_get(jax.tree_util.tree_leaves(states[name]))]
+                    for name in active
+                }
+                | {name + OFFSET: [np.asarray(advance.offsets[name])] for name in active if name in advance.offsets},
                 {"inactive": inactive, "eosflow": _version()},
             )
             outcome = Outcome(store.root, "running", step)
@@ -438,9 +441,11 @@ class _Advance:
             if name not in inactive:
                 tick = time.perf_counter()
                 new_state, rows = process.advance(states[name], n)
-                on_host = {
-                    key: value if _stays_on_device(key, value) else np.asarray(value) for key, value in rows.items()
-                }
+                # one device_get starts every copy before it waits for the first (np.asarray waits for each in turn)
+                fetched = jax.device_get(
+                    {key: value for key, value in rows.items() if not _stays_on_device(key, value)}
+                )
+                on_host = {key: np.asarray(fetched[key]) if key in fetched else value for key, value in rows.items()}
                 computed[name] = (new_state, on_host, time.perf_counter() - tick)
         return computed
 
