@@ -33,6 +33,8 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from eosflow.precision import thread_settings
+
 
 class BoundedJit:
     """``fn`` compiled per configuration, array types and static arguments; the ``kept`` most
@@ -52,8 +54,7 @@ class BoundedJit:
         static_leaves, static_def = jax.tree_util.tree_flatten(static)
         arrays, array_def = jax.tree_util.tree_flatten(dynamic)
         types = tuple(map(program_type, arrays))
-        precision = (jax.config.read("jax_enable_x64"), jax.default_matmul_precision.value)
-        key = (static_def, tuple(static_leaves), array_def, types, held, precision)
+        key = (static_def, tuple(static_leaves), array_def, types, held, thread_settings())
         with self._lock:
             compiled = self.compiled.pop(key, None) or self._compile(static)
             self.compiled[key] = compiled

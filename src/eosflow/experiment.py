@@ -32,7 +32,7 @@ import numpy as np
 import tomli_w
 
 from eosflow.config import SpecError, SpecWarning, plain_table
-from eosflow.precision import DTYPES, precision
+from eosflow.precision import DTYPES, entered, precision, thread_settings
 from eosflow.problems import Problem, build_problem
 from eosflow.problems.registry import IN_MEMORY
 from eosflow.process import PROCESSES, Process
@@ -424,7 +424,7 @@ class _Advance:
             # while this one is measured and written, and is used only if the loop goes on (not after a stop)
             if self.executor is None:
                 self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eosflow-chunk")
-            future = self.executor.submit(self._compute_in, _precision(), dict(states), dict(inactive), following)
+            future = self.executor.submit(self._compute_in, thread_settings(), dict(states), dict(inactive), following)
             self.ahead = ((step + n, following), future)
         add_distances(chunk, self.reference, self.offsets)
         _write_chunk(
@@ -450,9 +450,9 @@ class _Advance:
         return computed
 
     def _compute_in(self, settings: tuple[bool, Any], states: dict, inactive: dict, n: int) -> dict:
-        """:meth:`_compute` in another thread, under the run's thread-local precision (:func:`_precision`)."""
-        x64, matmul = settings
-        with jax.enable_x64(x64), jax.default_matmul_precision(matmul):
+        """:meth:`_compute` in another thread, under the run's thread-local precision (``settings``: JAX keeps
+        x64 per thread, and a float64 run's helper computed in float32 without it)."""
+        with entered(settings):
             return self._compute(states, inactive, n)
 
     def close(self) -> None:
@@ -461,12 +461,6 @@ class _Advance:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.executor = None
-
-
-def _precision() -> tuple[bool, Any]:
-    """This thread's ``jax_enable_x64`` and default matmul precision: thread-local settings (:mod:`eosflow.precision`)
-    another thread must enter to compute as this one does (the two that compiled.BoundedJit keys its programs on)."""
-    return bool(jax.config.read("jax_enable_x64")), jax.default_matmul_precision.value
 
 
 def _repair(store: RunStore, advance: _Advance, names: list[str], step: int, initial_states, restored_states) -> None:

@@ -44,6 +44,20 @@ def precision(dtype: Any) -> Iterator[None]:
         yield
 
 
+def thread_settings() -> tuple[bool, Any]:
+    """This thread's ``jax_enable_x64`` and default matmul precision: what :func:`precision` scopes, which JAX keeps
+    per thread (and keys its compiled programs on, :mod:`eosflow.compiled`)."""
+    return bool(jax.config.read("jax_enable_x64")), jax.default_matmul_precision.value
+
+
+@contextlib.contextmanager
+def entered(settings: tuple[bool, Any]) -> Iterator[None]:
+    """Compute inside the block under another thread's :func:`thread_settings` (a thread starts with the process's)."""
+    x64, matmul = settings
+    with jax.enable_x64(x64), jax.default_matmul_precision(matmul):
+        yield
+
+
 def check_dtypes(tree: Any, dtype: Any, where: str) -> None:
     """Every floating-point leaf of ``tree`` has ``dtype``; else a SpecError naming the leaf
     (``where`` + its path), its dtype and the two fixes. Integer leaves (labels) are allowed.
