@@ -354,3 +354,57 @@ def test_a_divergence_says_when_the_search_ran_out_of_its_budget(tmp_path, max_e
         assert f"its line search ran out of its 1 loss evaluations at {steps} of {steps} steps" in outcome.reason
     else:
         assert outcome.status == "completed" and rows["accepted"].all() and "line search" not in outcome.reason
+
+
+def test_the_report_tabulates_each_searched_step_size_against_its_rows(tmp_path):
+    """A run of nls, armijo and gd: the report's step-size table holds nls's and armijo's rows (GD's constant
+    step is not searched), each cell recomputed in numpy from the run's recorded eta_k, eta_k S_k, loss
+    evaluations and acceptances; the figures it names are written; the progress line shows eta_k S_k as
+    recorded, not the spec's lr times S."""
+    import re
+
+    from eosflow.experiment import run
+    from eosflow.load import load
+    from eosflow.progress import status_line
+    from eosflow.report import make_report
+    from eosflow.store import RunStore
+
+    spectrum, record = {"every": 3, "k": 1, "k_max": 1}, {"chunk": 8}
+    table = dict(name="steps", steps=24, lr=0.05, dtype="float32", processes=["nls", "armijo", "gd"])
+    run(
+        {**table, "problem": TINY_MLP, "nls": {"accuracy_every": 4}, "spectrum": spectrum, "record": record},
+        tmp_path / "run",
+    )
+    page = make_report(tmp_path / "run").read_text()
+    section = page[page.index("## Step sizes chosen at every step") :]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in section.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"process", "nls", "armijo"}
+    ds = load(tmp_path / "run")
+    for name in ("nls", "armijo"):
+        recorded = RunStore(tmp_path / "run").read_process(name)
+        eta_s = recorded["lr_sharpness"][np.isfinite(recorded["lr_sharpness"])]
+        assert eta_s.size == 8
+        expected = [
+            f"{np.median(recorded['lr']):.4g}",
+            f"{np.mean(eta_s > 2):.0%}",
+            f"{eta_s.min():.4g}",
+            f"{np.median(eta_s):.4g}",
+            f"{np.mean(recorded['loss_evals']):.2f}",
+            f"{int(np.sum(~recorded['accepted'].astype(bool)))} |",
+        ]
+        assert rows[name] == expected
+        last = ds.sel(process=name)
+        line = status_line({k: last[k].values for k in ("loss", "sharpness", "lr_sharpness")}, 0.05)
+        assert re.search(r"lr\*S (\S+)", line)[1] == f"{eta_s[-1]:.3f}"
+    assert (tmp_path / "run/report/step_size.png").is_file() and (tmp_path / "run/report/accuracy.png").is_file()
+
+
+def test_the_progress_line_shows_the_edge_ratio_where_it_is_not_lr_s_over_2():
+    """GD's edge ratio is lr S / 2 and is not repeated; Adam's (S_P / (38 / lr)) is; the last finite values."""
+    from eosflow.progress import status_line
+
+    gd = {"loss": [1.0, 0.5], "sharpness": [4.0, np.nan], "lr_sharpness": [1.6, np.nan], "edge_ratio": [0.8, np.nan]}
+    assert status_line(gd, 0.4) == "loss 0.5  S 4  lr*S 1.600"
+    adam = {"loss": [0.3], "sharpness": [50.0], "lr_sharpness": [0.5], "edge_ratio": [0.97]}
+    assert status_line(adam, 0.01) == "loss 0.3  S 50  lr*S 0.500  edge ratio 0.970"
+    assert status_line({"loss": [0.2], "sharpness": [3.0]}, 0.5) == "loss 0.2  S 3  lr*S 1.500"

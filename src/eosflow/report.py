@@ -58,7 +58,7 @@ def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1, steps:
     }
 
 
-def _figure(path: Path, title: str, ylabel: str, draw, logy: bool = False) -> None:
+def save_figure(path: Path, title: str, ylabel: str, draw, logy: bool = False) -> None:
     fig = Figure(figsize=(7, 3.6), dpi=110)
     ax = fig.subplots()
     draw(ax)
@@ -122,7 +122,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
                 values = without_blow_up(ds, p, ds["predicted_loss"].sel(process=p).values)
                 ax.plot(steps, values, **predicted, label=f"{p}: predicted")
 
-    _figure(out / "loss.png", "training loss", "loss", draw_loss, logy=True)
+    save_figure(out / "loss.png", "training loss", "loss", draw_loss, logy=True)
     figures.append(("Training loss", "loss.png"))
 
     if "sharpness" in ds and np.isfinite(ds["sharpness"]).any():
@@ -131,14 +131,14 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
             _measured_lines(ax, ds, "sharpness", processes, label="{}: sharpness")
             ax.plot(steps, 2.0 / _step_sizes(ds, reference), color="0.55", lw=3, alpha=0.45, zorder=0.5, label="2 / lr")
 
-        _figure(out / "sharpness.png", "sharpness (top Hessian eigenvalue)", "S", draw_sharpness)
+        save_figure(out / "sharpness.png", "sharpness (top Hessian eigenvalue)", "S", draw_sharpness)
         figures.append(("Sharpness and the stability threshold 2/lr", "sharpness.png"))
 
         def draw_lr_sharpness(ax):
             _measured_lines(ax, ds, "lr_sharpness", processes)
             threshold_line(ax, 2.0, "2")
 
-        _figure(out / "lr_sharpness.png", "lr x sharpness", "lr * S", draw_lr_sharpness)
+        save_figure(out / "lr_sharpness.png", "lr x sharpness", "lr * S", draw_lr_sharpness)
         figures.append(("lr x sharpness (2 is the edge of stability)", "lr_sharpness.png"))
     elif "edge_ratio" in ds and np.isfinite(ds["edge_ratio"].sel(process=reference)).any():
         # Adam, RMSProp, momentum: their `sharpness` is not their own, and the page drew none (a probe)
@@ -147,7 +147,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
             _measured_lines(ax, ds, "edge_ratio", processes)
             threshold_line(ax, 1.0, "1 (the optimizer's edge)")
 
-        _figure(out / "edge_ratio.png", "preconditioned sharpness / threshold", "S_P / threshold", draw_edge_ratio)
+        save_figure(out / "edge_ratio.png", "preconditioned sharpness / threshold", "S_P / threshold", draw_edge_ratio)
         figures.append(("Edge ratio: preconditioned sharpness over the optimizer's threshold", "edge_ratio.png"))
 
     if len(processes) > 1:
@@ -156,7 +156,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
             for i, p in enumerate(processes[1:], start=1):
                 ax.plot(steps, ds["distance"].sel(process=p), **line_style(i), label=p)
 
-        _figure(out / "distance.png", f"distance to {reference}", "||w - w_ref||", draw_distance)
+        save_figure(out / "distance.png", f"distance to {reference}", "||w - w_ref||", draw_distance)
         figures.append((f"Distance to {reference}", "distance.png"))
 
     lines = [f"# Report: {ds.attrs.get('name', run_dir.name)}", ""]
@@ -298,3 +298,11 @@ def _sgd_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
     from eosflow.report_sgd import sgd_section
 
     return sgd_section(ds, run_dir, report_dir)
+
+
+@register_section
+def _step_size_section(ds: xr.Dataset, run_dir: Path, report_dir: Path) -> str:
+    """Step sizes searched at every step (:mod:`eosflow.report_step_size`): eta_k, eta_k S_k against 2, accuracy."""
+    from eosflow.report_step_size import step_size_section
+
+    return step_size_section(ds, run_dir, report_dir)
