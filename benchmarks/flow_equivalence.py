@@ -6,7 +6,7 @@
     # compare this checkout's with them:
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/flow_equivalence.py --against /tmp/base.npz
 
-Each case runs one process on one problem in float64 from the problem's w0 and records every
+Each case runs one process on one problem in float64 (or ``--dtype``) from the problem's w0 and records every
 row of every step. The comparison prints, per case, "bitwise" when every recorded array is equal
 bit for bit, else the largest difference relative to the column's largest magnitude, and the
 columns that appeared or disappeared, over the steps up to the first non-finite loss of the
@@ -28,6 +28,7 @@ jax.config.update("jax_enable_x64", True)  # a script, not library code: float64
 import numpy as np
 
 from eosflow.experiment import prepare
+from eosflow.precision import precision
 
 QUARTIC = {"name": "quartic", "sharpness": 30.0, "quartic": 1.0, "dim": 1}
 VALLEY = {"name": "sharp_valley"}
@@ -42,8 +43,19 @@ RMSPROP = {"rmsprop": {"beta2": 0.99, "eps": 1e-3, "bias_correction": True}}
 SCALAR = {"rmsprop": {"beta2": 0.99, "eps": 1e-3, "second_moment": "scalar"}}
 HEAVY_BALL = {"momentum": {"beta": 0.9, "form": "ema"}}
 NESTEROV = {"nesterov": {"beta": 0.8}}
+SGD = {"sgd": {"batch_size": 20, "momentum": 0.5}}
+EVERY3 = {"spectrum": {"k": 1, "k_max": 3, "every": 3}}
+DISCRETE = [  # (process, lr, its table)
+    ("gd", 0.4, {}),
+    ("sgd", 0.1, SGD),
+    ("momentum", 0.05, HEAVY_BALL),
+    ("nesterov", 0.1, NESTEROV),
+    ("rmsprop", 0.004, RMSPROP),
+    ("adam", 0.01, ADAM),
+    ("nls", 0.4, {}),
+]
 
-# (label, problem, lr, steps, process, options, k_max[, the optimizer's table])
+# (label, problem, lr, steps, process, options, k_max[, more tables: the optimizer's a model reads, a spectrum])
 CASES = [
     *[(f"quartic/{p}", QUARTIC, 0.08, 150, p, {}, 2) for p in SMOOTH],
     *[(f"valley/{p}", VALLEY, 0.1, 700, p, {}, 2) for p in SMOOTH],
@@ -83,7 +95,30 @@ CASES = [
     ("mlp/rmsprop_scalar_central_flow", MLP, 0.004, 150, "rmsprop_central_flow", {}, 3, SCALAR),
     ("mlp/momentum_rod_flow", MLP, 0.05, 150, "momentum_rod_flow", {}, 3, HEAVY_BALL),
     ("mlp/nesterov_stable_flow", MLP, 0.1, 150, "nesterov_stable_flow", {}, 3, NESTEROV),
+    # the discrete optimizers, measuring at every step and at every 3rd (the solver skipped in between)
+    *[
+        (f"mlp/{p}{tag}", MLP, lr, 300, p, {}, 3, {**table, **extra})
+        for p, lr, table in DISCRETE
+        for tag, extra in (("", {}), ("_every3", EVERY3))
+    ],
+    ("mlp/sgd_loss_every2", MLP, 0.1, 300, "sgd", {}, 3, {"sgd": {**SGD["sgd"], "loss_every": 2}, **EVERY3}),
 ]
+
+
+def leaderboard_cases(suite: str) -> list[tuple]:
+    """The reference optimizer of every entry of a leaderboard suite, as the entry runs it (its problem, lr,
+    steps, dtype, ``[spectrum]`` and hyperparameters), labelled ``leaderboard/<entry>/<optimizer>``."""
+    from eosflow.leaderboard import suite_entries
+
+    cases = []
+    for entry in suite_entries(suite):
+        table = entry.table
+        tables = {"dtype": table["dtype"], "spectrum": table["spectrum"]}
+        if entry.optimizer in table:
+            tables[entry.optimizer] = table[entry.optimizer]
+        name = f"leaderboard/{entry.name}/{entry.optimizer}"
+        cases.append((name, table["problem"], table["lr"], table["steps"], entry.optimizer, {}, 1, tables))
+    return cases
 
 
 def run_case(
@@ -95,14 +130,16 @@ def run_case(
     k_max: int,
     optimizer: dict | None = None,
     moved=None,
+    dtype: str = "float64",
 ) -> dict[str, np.ndarray]:
     """Rows of ``steps`` steps; k_max < 0 tracks |k_max| eigenpairs from the start (k = k_max);
-    ``optimizer``: the table of the optimizer a model reads (``{"adam": {...}}``); ``moved(w0)``,
+    ``optimizer``: more tables, e.g. the optimizer's a model reads (``{"adam": {...}}``) or a ``spectrum``
+    replacing the one k_max sets; ``moved(w0)``,
     if given, is the start instead of w0."""
     spectrum = {"k": -k_max, "k_max": -k_max} if k_max < 0 else {"k": 1, "k_max": k_max}
     table = {
         "lr": lr,
-        "dtype": "float64",
+        "dtype": dtype,
         "seed": 0,
         "steps": steps,
         "processes": [process],
@@ -111,11 +148,12 @@ def run_case(
         process: options,
         **(optimizer or {}),
     }
-    _, built, _, processes = prepare(table)
-    flow = processes[process]
-    state = flow.init(built.w0 if moved is None else moved(built.w0))
-    _, rows = flow.advance(state, steps)
-    return {key: np.asarray(value) for key, value in rows.items()}
+    with precision(table["dtype"]):  # as `eosflow run` computes (in float32: x64 off, matmuls at "highest")
+        _, built, _, processes = prepare(table)
+        flow = processes[process]
+        state = flow.init(built.w0 if moved is None else moved(built.w0))
+        _, rows = flow.advance(state, steps)
+        return {key: np.asarray(value) for key, value in rows.items()}
 
 
 def main(argv=None) -> int:
@@ -126,15 +164,24 @@ def main(argv=None) -> int:
         "--only", default="", help="run only the cases whose label contains one of these (comma-separated)"
     )
     parser.add_argument("--tol", type=float, default=1e-12, help="largest relative difference accepted")
+    parser.add_argument("--dtype", default="float64", help="the spec's dtype (float32: is a change bitwise there too?)")
+    parser.add_argument("--columns", action="store_true", help="print every column's relative difference")
+    parser.add_argument(
+        "--leaderboard",
+        metavar="SUITE",
+        help="instead of the cases above, the reference optimizer of each entry of this leaderboard suite "
+        "(default, adaptive, ...) as the entry runs it, in its own dtype: would a change move the leaderboard?",
+    )
     args = parser.parse_args(argv)
     if not (args.dump or args.against):
         parser.error("give --dump or --against")
     stored = dict(np.load(args.against)) if args.against else {}
     dumped, worst = {}, 0.0
-    for label, problem, lr, steps, process, options, k_max, *optimizer in CASES:
+    cases = leaderboard_cases(args.leaderboard) if args.leaderboard else CASES
+    for label, problem, lr, steps, process, options, k_max, *optimizer in cases:
         if not any(part in label for part in args.only.split(",")):
             continue
-        rows = run_case(problem, lr, steps, process, options, k_max, *optimizer)
+        rows = run_case(problem, lr, steps, process, options, k_max, *(optimizer or [None]), dtype=args.dtype)
         dumped.update({f"{label}/{key}": value for key, value in rows.items()})
         if not args.against:
             print(f"{label}: {len(rows)} columns x {steps} steps", flush=True)
@@ -150,7 +197,7 @@ def main(argv=None) -> int:
         live = len(finite) if finite.all() else int(np.argmin(finite))
         base = {key: value[:live] for key, value in base.items()}
         rows = {key: value[:live] for key, value in rows.items()}
-        relative, where = 0.0, ""
+        relative, where, gaps = 0.0, "", {}
         bitwise = all(np.array_equal(base[k], rows[k], equal_nan=True) for k in common)
         for key in common:
             a, b = np.asarray(base[key], np.float64), np.asarray(rows[key], np.float64)
@@ -164,6 +211,7 @@ def main(argv=None) -> int:
             gap = np.max(np.abs(a - b)[both], initial=0.0) / (scale if scale > 0 else 1.0)
             if not np.array_equal(np.isnan(a), np.isnan(b)):
                 gap = np.inf
+            gaps[key] = gap
             if gap > relative:
                 relative, where = gap, key
         worst = max(worst, relative)
@@ -177,6 +225,8 @@ def main(argv=None) -> int:
             if key in base and key in rows and not np.array_equal(base[key], rows[key]):
                 changes += f"  {key}/step {np.mean(base[key]):.4g} -> {np.mean(rows[key]):.4g}"
         print(f"{label:36s} {verdict}{changes}", flush=True)
+        if args.columns and not bitwise:
+            print("    " + ", ".join(f"{key} {gap:.1e}" for key, gap in sorted(gaps.items()) if gap > 0), flush=True)
     if args.dump:
         np.savez(args.dump, **dumped)
     if args.against:
