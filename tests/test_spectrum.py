@@ -311,3 +311,77 @@ def test_without_cluster_each_pair_is_its_own_cluster():
         lobpcg(lambda v: v, start, cluster=-0.1)
     with pytest.raises(ValueError, match="cluster must be in"):
         eosflow.SharpnessTracker(lambda w: jnp.sum(w**2), cluster=1.5)
+
+
+@pytest.mark.parametrize("every", [0, 1, 3])
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_value_grad_and_tracked_against_value_and_grad_and_dense_eigh(every, preconditioned):
+    """A discrete optimizer's (L, g) and measurement from one linearization: (L, g) are value_and_grad's (float64,
+    1e-13), on a measured step the pairs are dense eigh's of H (or of P^{-1/2} H P^{-1/2}, P read off g) from the
+    start read off (L, g), and on the other steps no HVP is spent and the carried vectors come back."""
+    from eosflow.spec import SpectrumSpec
+    from eosflow.spectrum import value_grad_and_tracked
+
+    objective, w = CASES["quartic"]
+    spectrum = SpectrumSpec(k=2, k_max=2, tol=1e-9, max_iters=300, every=every)
+    carried = random_vectors(jax.random.PRNGKey(1), w.size, 2, w.dtype)
+    loss, grad = objective.value_and_grad(w)
+    scale = 1.0 + jnp.abs(grad) / jnp.max(jnp.abs(grad))  # P = 1 + |g| / max |g|, in [1, 2]
+    hessian = np.asarray(dense_hessian(objective, w))
+    if preconditioned:
+        root = 1.0 / np.sqrt(np.asarray(scale))
+        hessian = root[:, None] * hessian * root
+    oracle = np.linalg.eigvalsh(hessian)[::-1][:2]
+
+    def start(value):  # the carried vectors, rotated by the sign of the loss: a start that reads (L, g)
+        return jnp.sign(value[0]) * carried
+
+    def measure(step):
+        return value_grad_and_tracked(
+            objective,
+            w,
+            carried,
+            step,
+            spectrum,
+            start=start,
+            preconditioner=(lambda g: 1.0 + jnp.abs(g) / jnp.max(jnp.abs(g))) if preconditioned else None,
+        )
+
+    for step in range(4):
+        (value, gradient), pairs = jax.jit(measure)(jnp.asarray(step))
+        np.testing.assert_allclose(float(value), float(loss), rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(gradient), np.asarray(grad), rtol=1e-13, atol=1e-15)
+        if every and step % every == 0:
+            np.testing.assert_allclose(np.asarray(pairs.values), oracle, rtol=1e-8)
+            assert int(pairs.hvps) > 0 and np.all(np.asarray(pairs.residuals) <= 1e-9)
+        else:
+            assert np.all(np.isnan(np.asarray(pairs.values))) and int(pairs.hvps) == 0
+            np.testing.assert_array_equal(np.asarray(pairs.vectors), np.asarray(carried))
+
+
+@pytest.mark.parametrize("process", ["gd", "momentum", "rmsprop", "adam", "nls", "sgd"])
+def test_a_measured_step_evaluates_the_loss_no_more_often_than_an_unmeasured_one(process):
+    """The gradient a discrete optimizer steps with is the primal of the linearization its eigensolver's HVPs come
+    from: tracing one step that measures three pairs traces the model exactly as often as one that measures none
+    (before, GD traced it twice: value_and_grad, then the gradient again for the HVPs)."""
+    from eosflow.experiment import prepare
+
+    traces = [0]
+
+    def model(params, inputs):
+        traces[0] += 1
+        return jnp.tanh(inputs @ params["a"]) @ params["b"]
+
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.asarray(rng.normal(size=(3, 5)) / 2), "b": jnp.asarray(rng.normal(size=(5, 2)) / 2)}
+    inputs, targets = jnp.asarray(rng.normal(size=(20, 3))), jnp.asarray(rng.normal(size=(20, 2)))
+    problem = eosflow.Problem.from_model(model, params, inputs, targets)
+    counts = []
+    for spectrum in ({"every": 0}, {"k": 3, "k_max": 3, "every": 1}):
+        table = {"lr": 0.1, "dtype": "float64", "steps": 1, "processes": [process], "spectrum": spectrum}
+        options = {"sgd": {"batch_size": 4}} if process == "sgd" else {}
+        stepper = prepare({**table, **options}, problem)[3][process]
+        traces[0] = 0
+        jax.make_jaxpr(stepper.step)(stepper.init(problem.w0))
+        counts.append(traces[0])
+    assert counts[1] == counts[0] > 0, counts

@@ -222,22 +222,22 @@ def hessian_eigenpairs(
 ) -> Eigenpairs:
     """Top eigenpairs of H(w) by LOBPCG, warm-started from ``initial`` (d x k); with a positive
     diagonal ``preconditioner`` P (d,), those of P^{-1/2} H(w) P^{-1/2} (the eigenvalues of P^{-1} H)."""
-    _, pairs = _linearized_eigenpairs(
-        objective.grad, lambda hvp: hvp, w, initial, tol, max_iters, guard, preconditioner, cluster
-    )
-    return pairs
+    _, matvec = linearized_hessian(objective.grad, lambda hvp: hvp, w)
+    return solve_from(matvec, initial, tol, max_iters, guard, preconditioner, cluster)
 
 
-def _linearized_eigenpairs(
-    function: Callable, hvp_of: Callable, w: Array, initial: Array, tol, max_iters, guard, preconditioner, cluster
-) -> tuple[Any, Eigenpairs]:
-    """(function(w), the top eigenpairs as :func:`hessian_eigenpairs`) from one linearization of
-    ``function`` (g, or (L, g)) at w, whose tangent ``hvp_of`` reads as H v."""
+def linearized_hessian(function: Callable, hvp_of: Callable, w: Array) -> tuple[Any, BlockMatvec]:
+    """(function(w), V -> H(w) V) from one linearization of ``function`` (g, or (L, g)) at w, whose
+    tangent ``hvp_of`` reads as H v."""
     primal, linear = jax.linearize(function, w)
-    matvec = jax.vmap(lambda v: hvp_of(linear(v)), in_axes=1, out_axes=1)
+    return primal, jax.vmap(lambda v: hvp_of(linear(v)), in_axes=1, out_axes=1)
+
+
+def solve_from(matvec: BlockMatvec, initial: Array, tol, max_iters, guard, preconditioner, cluster) -> Eigenpairs:
+    """:func:`lobpcg` of H (``matvec``) or, given a diagonal ``preconditioner`` P, of P^{-1/2} H P^{-1/2}."""
     if preconditioner is not None:
         matvec = preconditioned_matvec(matvec, preconditioner)
-    return primal, lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard, cluster=cluster)
+    return lobpcg(matvec, initial, tol=tol, max_iters=max_iters, guard=guard, cluster=cluster)
 
 
 def unmeasured(values: Float[Array, " k"], vectors: Float[Array, "d k"], residuals: Float[Array, " k"]) -> Eigenpairs:
@@ -465,14 +465,56 @@ def value_grad_and_eigenpairs(
     """((L(w), g(w)), the top eigenpairs of H(w) by LOBPCG warm-started from ``initial``, per the
     ``[spectrum]`` spec) from one linearization of (L, g): the solver's HVPs are that linearization's
     products, and (L, g) its primal value, which a process stepping from w needs anyway."""
-    return _linearized_eigenpairs(
-        objective.value_and_grad,
-        lambda tangent: tangent[1],
-        w,
-        initial,
-        spectrum.tol,
-        spectrum.max_iters,
-        spectrum.guard,
-        None,
-        spectrum.cluster or None,
+    value, matvec = linearized_value_and_grad(objective, w)
+    return value, solve_spectrum(matvec, initial, spectrum)
+
+
+def linearized_value_and_grad(objective: Objective, w: Array) -> tuple[tuple[Array, Array], BlockMatvec]:
+    """((L(w), g(w)), V -> H(w) V) from one linearization of (L, g) at w."""
+    return linearized_hessian(objective.value_and_grad, lambda tangent: tangent[1], w)
+
+
+def solve_spectrum(matvec: BlockMatvec, initial: Array, spectrum, preconditioner: Array | None = None) -> Eigenpairs:
+    """:func:`solve_from` with every setting of the ``[spectrum]`` spec (tol, max_iters, guard, cluster)."""
+    return solve_from(
+        matvec, initial, spectrum.tol, spectrum.max_iters, spectrum.guard, preconditioner, spectrum.cluster or None
     )
+
+
+def value_grad_and_tracked(
+    objective: Objective,
+    w: Array,
+    vectors: Array,
+    step: Array,
+    spectrum,
+    start: Callable[[tuple[Array, Array]], Array] | None = None,
+    preconditioner: Callable[[Array], Array] | None = None,
+    otherwise: Callable[[Array], tuple[Array, Array]] | None = None,
+) -> tuple[tuple[Array, Array], Eigenpairs]:
+    """((L(w), g(w)), the tracked eigenpairs at steps that are multiples of ``spectrum.every``): a discrete
+    optimizer's gradient and measurement from one linearization of (L, g) on a measured step.
+
+    On a measured step the solver runs on H, or on P^{-1/2} H P^{-1/2} for P = ``preconditioner(g)``, from
+    ``start((L, g))`` (default: ``vectors``): a start or a P that reads the step's gradient takes it from the
+    linearization's primal. The other steps (a ``lax.cond`` on ``step % every``) do not linearize (whose
+    primal would also compute the tangent's residuals): (L, g) is ``otherwise(w)`` (default:
+    ``objective.value_and_grad``) and the pairs are :func:`unmeasured` (NaN values, ``vectors`` carried).
+    """
+    k = vectors.shape[1]
+
+    def measure(_):
+        value, matvec = linearized_value_and_grad(objective, w)
+        initial = vectors if start is None else start(value)
+        scale = None if preconditioner is None else preconditioner(value[1])
+        pairs = solve_spectrum(matvec, initial, spectrum, scale)
+        return value, pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
+
+    def skip(_):
+        nan = jnp.full((k,), jnp.nan, dtype=vectors.dtype)
+        return (objective.value_and_grad if otherwise is None else otherwise)(w), unmeasured(nan, vectors, nan)
+
+    if spectrum.every == 0:
+        return skip(None)
+    if spectrum.every == 1:
+        return measure(None)
+    return jax.lax.cond(step % spectrum.every == 0, measure, skip, None)

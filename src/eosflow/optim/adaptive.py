@@ -33,7 +33,7 @@ from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import measure_spectrum, measured_row
+from eosflow.spectrum import Eigenpairs, measure_spectrum, measured_row, value_grad_and_tracked
 from eosflow.tracker import WarmStart, gd_warm_start, start_history
 
 Form = Literal["none", "classical", "ema", "nesterov"]
@@ -213,12 +213,16 @@ def preconditioned_spectrum_row(
     ``preconditioned_sharpness``, ``edge_ratio`` (= it / ``threshold``) and those of
     :func:`~eosflow.spectrum.measured_row` (``eigenvalues``, ``hvps``, ``measurement_hvps``, ``residual``)."""
     pairs = measure_spectrum(objective, w, vectors, step, spectrum, preconditioner)
-    row = {
+    return pairs.vectors, preconditioned_row(pairs, threshold, spectrum)
+
+
+def preconditioned_row(pairs: Eigenpairs, threshold: float, spectrum) -> dict:
+    """The row fields of :func:`preconditioned_spectrum_row` from the measured ``pairs``."""
+    return {
         "preconditioned_sharpness": pairs.values[0],
         "edge_ratio": pairs.values[0] / threshold,
         **measured_row(pairs, spectrum),
     }
-    return pairs.vectors, row
 
 
 def second_difference(new: Array, w: Array, previous: Array, step: Array) -> Array:
@@ -242,10 +246,6 @@ class AdaptiveOptimizer(ScannedProcess):
 
     def step(self, state: OptimizerState) -> tuple[OptimizerState, dict[str, Array]]:
         w = state.w
-        loss, grad = self.objective.value_and_grad(w)
-        rule_state = self.rule.moments(state.rule, grad)
-        preconditioner = self.rule.preconditioner(rule_state, w)
-        new_w = w - self.lr * self.rule.direction(rule_state, grad) / preconditioner
         history = jnp.concatenate([state.vectors[None], state.older])  # (h + 1, d, k)
         start = state.vectors
         if self.spectrum.every == 1:  # then history holds the measurements of steps k - 1, k - 2, ...
@@ -253,9 +253,16 @@ class AdaptiveOptimizer(ScannedProcess):
             # gradient's flip; through a momentum the flip can be filtered out while w drifts)
             nearer = jnp.linalg.norm(w - state.before) < jnp.linalg.norm(w - state.previous)
             start = gd_warm_start(history, nearer & (state.step > 1), self.warm_start)
-        vectors, row = preconditioned_spectrum_row(
-            self.objective, w, start, state.step, preconditioner, self.rule.threshold(self.lr), self.spectrum
+
+        def preconditioner(grad: Array) -> Array:  # P_{k+1} of the step being taken, which reads g_k
+            return self.rule.preconditioner(self.rule.moments(state.rule, grad), w)
+
+        (loss, grad), pairs = value_grad_and_tracked(
+            self.objective, w, start, state.step, self.spectrum, preconditioner=preconditioner
         )
+        rule_state = self.rule.moments(state.rule, grad)
+        new_w = w - self.lr * self.rule.direction(rule_state, grad) / self.rule.preconditioner(rule_state, w)
+        vectors, row = pairs.vectors, preconditioned_row(pairs, self.rule.threshold(self.lr), self.spectrum)
         row.update(
             loss=loss,
             grad_norm=jnp.linalg.norm(grad),

@@ -39,7 +39,7 @@ from jaxtyping import Array
 from eosflow.config import SpecError, option, warn_unused
 from eosflow.objective import Objective, mse, sse
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import spectrum_row, top_hessian_eigenpairs
+from eosflow.spectrum import top_hessian_eigenpairs, tracked_row, value_grad_and_tracked
 
 Reference = Literal["zhang_hager", "max", "monotone"]
 Initial = Literal["warm", "polyak"]
@@ -302,7 +302,7 @@ class LineSearchGD(ScannedProcess):
 
     def step(self, state: LineSearchState) -> tuple[LineSearchState, dict[str, Array]]:
         o, w = self.options, state.w
-        loss, grad = self.objective.value_and_grad(w)
+        (loss, grad), pairs = value_grad_and_tracked(self.objective, w, state.vectors, state.step, self.spectrum)
         grad_sq = jnp.vdot(grad, grad)
         reference = reference_value(o.reference, state.history, loss)
         trial = state.lr if o.initial == "warm" else polyak_trial(loss, grad_sq, o.polyak_scale, state.lr)
@@ -320,7 +320,7 @@ class LineSearchGD(ScannedProcess):
             extrapolate=o.extrapolate,
             refine=o.refine,
         )
-        vectors, row = spectrum_row(self.objective, w, state.vectors, state.step, found.lr, self.spectrum)
+        vectors, row = pairs.vectors, tracked_row(pairs, found.lr, self.spectrum)
         row.update(
             position=w,
             loss=loss,

@@ -22,7 +22,7 @@ from jaxtyping import Array
 from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import spectrum_row
+from eosflow.spectrum import tracked_row, value_grad_and_tracked
 from eosflow.tracker import WarmStart, gd_warm_start, start_history
 
 
@@ -55,12 +55,17 @@ class GradientDescent(ScannedProcess):
         return GDState(w0, vectors, start_history(vectors, self.options.warm_start), jnp.zeros_like(w0), jnp.asarray(0))
 
     def step(self, state: GDState) -> tuple[GDState, dict[str, Array]]:
-        loss, grad = self.objective.value_and_grad(state.w)
         history = jnp.concatenate([state.vectors[None], state.older])  # h + 1 x d x k
-        start = state.vectors
-        if self.spectrum.every == 1:  # then history holds the measurements of steps k - 1, k - 2, ...
-            start = gd_warm_start(history, jnp.vdot(grad, state.grad) < 0, self.options.warm_start)
-        vectors, row = spectrum_row(self.objective, state.w, start, state.step, self.lr, self.spectrum)
+
+        def warm(value):  # GD bounces when this step's gradient g = value[1] points against the last one
+            return gd_warm_start(history, jnp.vdot(value[1], state.grad) < 0, self.options.warm_start)
+
+        # with every = 1 history holds the measurements of steps k - 1, k - 2, ...; else the last one starts
+        start = warm if self.spectrum.every == 1 else None
+        (loss, grad), pairs = value_grad_and_tracked(
+            self.objective, state.w, state.vectors, state.step, self.spectrum, start=start
+        )
+        vectors, row = pairs.vectors, tracked_row(pairs, self.lr, self.spectrum)
         oscillation = 0.25 * self.lr * jnp.linalg.norm(grad - state.grad)
         row.update(
             loss=loss,

@@ -26,7 +26,7 @@ from eosflow.batch_sharpness import batch_quotient
 from eosflow.config import SpecError, SpecWarning, option, warn_unused
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, process_key, register_process, scanned_fields
-from eosflow.spectrum import spectrum_row
+from eosflow.spectrum import tracked_row, value_grad_and_tracked
 
 Sampling = Literal["with_replacement", "without_replacement", "shuffle"]
 _EPOCH_STREAM = 0x7FFFFFFE  # fold-in tag of the shuffled epochs' permutations
@@ -196,17 +196,18 @@ class SGD(ScannedProcess):
     def step(self, state: SGDState) -> tuple[SGDState, dict[str, Array]]:
         o, w, step = self.options, state.w, state.step
         batch_loss, batch_grad = self.minibatch_gradient(w, step)
+        recorded = step % o.loss_every == 0  # full-batch loss and gradient norm (else the minibatch loss, NaN)
 
-        def full(_):
-            loss, grad = self.objective.value_and_grad(w)
-            return loss, jnp.linalg.norm(grad)
+        def sometimes(w: Array) -> tuple[Array, Array]:  # (L, g) where recorded, on a step without a measurement
+            full, nan = self.objective.value_and_grad, (batch_loss, jnp.nan * w)
+            return jax.lax.cond(recorded, lambda w: full(w), lambda _: nan, w)
 
-        if o.loss_every == 1:
-            loss, grad_norm = full(None)
-        else:
-            loss, grad_norm = jax.lax.cond(step % o.loss_every == 0, full, lambda _: (batch_loss, _nan(w)), None)
+        (loss, grad), pairs = value_grad_and_tracked(
+            self.objective, w, state.vectors, step, self.spectrum, otherwise=None if o.loss_every == 1 else sometimes
+        )
+        loss, grad_norm = jnp.where(recorded, loss, batch_loss), jnp.where(recorded, jnp.linalg.norm(grad), _nan(w))
         buffer = o.momentum * state.buffer + batch_grad + o.weight_decay * w
-        vectors, row = spectrum_row(self.objective, w, state.vectors, step, self.lr, self.spectrum)
+        vectors, row = pairs.vectors, tracked_row(pairs, self.lr, self.spectrum)
         row.update(
             position=w,
             loss=loss,
