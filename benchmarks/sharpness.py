@@ -105,6 +105,11 @@ TRACKERS = [
     ("k=1 tol=5e-3 (GD, fitted), no guard", 1, 5e-3, 0, "fitted"),
     ("k=3 tol=5e-3 (GD, fitted), guard 4", 3, 5e-3, 4, "fitted"),
     ("k=3 tol=1e-2 (GD, fitted), guard 4", 3, 1e-2, 4, "fitted"),
+    ("k=1 tol=1e-3 (GD, fitted), power carry", 1, 1e-3, 1, "fitted+power"),
+    ("k=1 tol=3e-3 (GD, fitted), power carry", 1, 3e-3, 1, "fitted+power"),
+    ("k=1 tol=5e-3 (GD, fitted), power carry", 1, 5e-3, 1, "fitted+power"),
+    ("k=3 tol=1e-3 (GD, fitted), power carry", 3, 1e-3, 1, "fitted+power"),
+    ("k=3 tol=3e-3 (GD, fitted), power carry", 3, 3e-3, 1, "fitted+power"),
 ]
 
 
@@ -127,6 +132,10 @@ def replay(objective, params, k: int, tol: float, guard: int, start: str, max_it
     point against each other); ``"secant"``: from the previous step's vectors, with GD's last step
     w_t - w_{t-1} (the direction of GD's free secant g_t - g_{t-1}) as an extra basis vector (one more HVP).
     A ``start`` ending in ``+krylov`` (k = 1) replaces LOBPCG by :func:`krylov_top`, the same start.
+    A ``start`` ending in ``+power`` keeps, for the next warm start, each returned vector moved by one power
+    step, H x / |H x| (sign kept), instead of x itself: it damps x's components along eigenvalues |lambda| <
+    theta by lambda / theta. LOBPCG holds H x at convergence (the image of its last Ritz vectors), so the step
+    would be free in the tracker; this replay recomputes it by one HVP that it does not count.
     """
 
     def lobpcg_at(w, v, extra=None):
@@ -134,6 +143,9 @@ def replay(objective, params, k: int, tol: float, guard: int, start: str, max_it
         return lobpcg(matvec, v, tol=tol, max_iters=max_iters, guard=guard, extra=extra, cluster=cluster)
 
     measure = jax.jit(lobpcg_at)
+    power = start.endswith("+power")
+    start = start.removesuffix("+power")
+    image = jax.jit(lambda w, v: jax.vmap(jax.linearize(objective.grad, w)[1], in_axes=1, out_axes=1)(v))
     if start.endswith("+krylov"):
         start = start.removesuffix("+krylov")
         hvp = jax.jit(lambda w, v: jax.jvp(objective.grad, (w,), (v.astype(w.dtype),))[1])
@@ -151,8 +163,12 @@ def replay(objective, params, k: int, tol: float, guard: int, start: str, max_it
         elif start != "secant" and t >= 1:
             initial = gd_warm_start(history, jnp.vdot(steps[t], steps[t - 1]) < 0, start)  # type: ignore[arg-type]
         pairs = measure(jnp.asarray(w), initial, extra)
-        history = jnp.concatenate([pairs.vectors[None], history[:-1]])
         vectors = pairs.vectors
+        carried = vectors
+        if power:
+            moved = image(jnp.asarray(w), vectors)
+            carried = moved / jnp.linalg.norm(moved, axis=0) * jnp.sign(jnp.sum(moved * vectors, axis=0))
+        history = jnp.concatenate([carried[None], history[:-1]])
         hvps.append(int(pairs.hvps))
         values.append(np.asarray(pairs.values))
         residuals.append(np.asarray(pairs.residuals))

@@ -60,6 +60,11 @@ class SpectrumSpec:
         ge=0,
         lt=1,
     )
+    carry: Literal["ritz", "power"] = option(
+        "ritz",
+        "what an optimizer's measurement leaves for its next one to start from: its Ritz vectors, or each moved "
+        "by one power step H v / |H v| (no HVP; fewer HVPs, docs/sharpness.md); the models keep their Ritz vectors",
+    )
 
     def check(self, where: str) -> None:
         if self.k > self.k_max:

@@ -47,6 +47,7 @@ class Eigenpairs(NamedTuple):
     residuals: Float[Array, " k"]
     subspace_residuals: Float[Array, " k"] | None = None
     clusters: Array | None = None  # (k,) int32
+    images: Float[Array, "d k"] | None = None  # H v of each vector (lobpcg's, at no HVP: see power_step)
 
 
 def _orthonormalize(vectors: Array) -> Array:
@@ -164,7 +165,7 @@ def lobpcg(
     )
     x, hx, _, _, theta, residuals, _, hvps = jax.lax.while_loop(not_done, iterate, carry)
     _, ids, subspace = unconverged(theta, residuals)
-    return Eigenpairs(theta[:k], x[:, :k], hvps, residuals[:k], subspace[:k], ids[:k].astype(jnp.int32))
+    return Eigenpairs(theta[:k], x[:, :k], hvps, residuals[:k], subspace[:k], ids[:k].astype(jnp.int32), hx[:, :k])
 
 
 def cluster_indices(theta: Float[Array, " w"], gap: float) -> Array:
@@ -242,10 +243,30 @@ def solve_from(matvec: BlockMatvec, initial: Array, tol, max_iters, guard, preco
 
 def unmeasured(values: Float[Array, " k"], vectors: Float[Array, "d k"], residuals: Float[Array, " k"]) -> Eigenpairs:
     """The pairs of a step without a measurement (the same fields as :func:`lobpcg`'s): 0 HVPs,
-    NaN subspace residuals, every pair its own cluster."""
+    NaN subspace residuals, every pair its own cluster, and the vectors as their own images."""
     k = vectors.shape[1]
     nan = jnp.full((k,), jnp.nan, dtype=vectors.dtype)
-    return Eigenpairs(values, vectors, jnp.asarray(0, jnp.int32), residuals, nan, jnp.arange(k, dtype=jnp.int32))
+    ids = jnp.arange(k, dtype=jnp.int32)
+    return Eigenpairs(values, vectors, jnp.asarray(0, jnp.int32), residuals, nan, ids, vectors)
+
+
+def power_step(pairs: Eigenpairs) -> Float[Array, "d k"]:
+    """Each vector moved by one power step, H v / |H v| (its sign kept), from the images :func:`lobpcg` returns:
+    no HVP. Along an eigenvector of eigenvalue lambda the component of v is scaled by lambda / theta relative to
+    the top, so a warm start from these carries less of the measurement's tol-level error along the bulk
+    (|lambda| << theta) than v itself; components with |lambda| > theta (a negative eigenvalue larger than the
+    top) would grow, and the next measurement removes them as from any start."""
+    moved = pairs.vectors if pairs.images is None else pairs.images  # an oracle's pairs carry no images
+    norms = jnp.linalg.norm(moved, axis=0)
+    sign = jnp.where(jnp.sum(moved * pairs.vectors, axis=0) < 0, -1.0, 1.0)
+    usable = jnp.isfinite(norms) & (norms > 0) & (jnp.asarray(pairs.hvps) > 0)  # unmeasured: carried bitwise
+    return jnp.where(usable, moved * (sign / jnp.where(usable, norms, 1.0)), pairs.vectors)
+
+
+def carried(pairs: Eigenpairs, spectrum) -> Float[Array, "d k"]:
+    """What a discrete optimizer keeps for its next measurement to start from (``spectrum.carry``): the pairs'
+    Ritz vectors ("ritz"), or each moved by :func:`power_step` ("power"). Its iterates never read them."""
+    return power_step(pairs) if spectrum.carry == "power" else pairs.vectors
 
 
 def random_vectors(key: Array, dim: int, k: int, dtype=jnp.float32) -> Array:

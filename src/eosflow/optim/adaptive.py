@@ -33,7 +33,7 @@ from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import Eigenpairs, measure_spectrum, measured_row, value_grad_and_tracked
+from eosflow.spectrum import Eigenpairs, carried, measure_spectrum, measured_row, value_grad_and_tracked
 from eosflow.tracker import WarmStart, gd_warm_start, start_history
 
 Form = Literal["none", "classical", "ema", "nesterov"]
@@ -262,7 +262,10 @@ class AdaptiveOptimizer(ScannedProcess):
         )
         rule_state = self.rule.moments(state.rule, grad)
         new_w = w - self.lr * self.rule.direction(rule_state, grad) / self.rule.preconditioner(rule_state, w)
-        vectors, row = pairs.vectors, preconditioned_row(pairs, self.rule.threshold(self.lr), self.spectrum)
+        vectors, row = (
+            carried(pairs, self.spectrum),
+            preconditioned_row(pairs, self.rule.threshold(self.lr), self.spectrum),
+        )
         row.update(
             loss=loss,
             grad_norm=jnp.linalg.norm(grad),

@@ -39,7 +39,7 @@ from jaxtyping import Array
 from eosflow.config import SpecError, option, warn_unused
 from eosflow.objective import Objective, mse, sse
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import top_hessian_eigenpairs, tracked_row, value_grad_and_tracked
+from eosflow.spectrum import carried, top_hessian_eigenpairs, tracked_row, value_grad_and_tracked
 
 Reference = Literal["zhang_hager", "max", "monotone"]
 Initial = Literal["warm", "polyak"]
@@ -320,7 +320,7 @@ class LineSearchGD(ScannedProcess):
             extrapolate=o.extrapolate,
             refine=o.refine,
         )
-        vectors, row = pairs.vectors, tracked_row(pairs, found.lr, self.spectrum)
+        vectors, row = carried(pairs, self.spectrum), tracked_row(pairs, found.lr, self.spectrum)
         row.update(
             position=w,
             loss=loss,

@@ -22,7 +22,7 @@ from jaxtyping import Array
 from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import tracked_row, value_grad_and_tracked
+from eosflow.spectrum import carried, tracked_row, value_grad_and_tracked
 from eosflow.tracker import WarmStart, gd_warm_start, start_history
 
 
@@ -65,7 +65,7 @@ class GradientDescent(ScannedProcess):
         (loss, grad), pairs = value_grad_and_tracked(
             self.objective, state.w, state.vectors, state.step, self.spectrum, start=start
         )
-        vectors, row = pairs.vectors, tracked_row(pairs, self.lr, self.spectrum)
+        vectors, row = carried(pairs, self.spectrum), tracked_row(pairs, self.lr, self.spectrum)
         oscillation = 0.25 * self.lr * jnp.linalg.norm(grad - state.grad)
         row.update(
             loss=loss,

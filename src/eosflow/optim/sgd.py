@@ -26,7 +26,7 @@ from eosflow.batch_sharpness import batch_quotient
 from eosflow.config import SpecError, SpecWarning, option, warn_unused
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, process_key, register_process, scanned_fields
-from eosflow.spectrum import tracked_row, value_grad_and_tracked
+from eosflow.spectrum import carried, tracked_row, value_grad_and_tracked
 
 Sampling = Literal["with_replacement", "without_replacement", "shuffle"]
 _EPOCH_STREAM = 0x7FFFFFFE  # fold-in tag of the shuffled epochs' permutations
@@ -207,7 +207,7 @@ class SGD(ScannedProcess):
         )
         loss, grad_norm = jnp.where(recorded, loss, batch_loss), jnp.where(recorded, jnp.linalg.norm(grad), _nan(w))
         buffer = o.momentum * state.buffer + batch_grad + o.weight_decay * w
-        vectors, row = pairs.vectors, tracked_row(pairs, self.lr, self.spectrum)
+        vectors, row = carried(pairs, self.spectrum), tracked_row(pairs, self.lr, self.spectrum)
         row.update(
             position=w,
             loss=loss,
