@@ -584,3 +584,23 @@ def test_a_dropped_models_blow_up_is_left_out_of_the_figures(tmp_path):
         changed = np.flatnonzero(np.isnan(drawn) != np.isnan(loss))
         assert list(changed) == ([recorded[-1]] if process == "central_flow" else [])
         assert abs(loss[recorded[-1]]) > 1e3 * abs(loss[0]) or process == "gd"  # the blow-up row it leaves out
+
+
+@pytest.mark.parametrize(("a", "b", "width"), [(1.0, 3.0, 1.0), (5.0, 2.0, 0.5), (0.25, 0.5, 3.0), (2.0, 2.0, 1.0)])
+def test_the_loss_error_floor_is_the_references_own_loss_against_its_smoothed_loss(a, b, width):
+    """GD's loss a, b over two steps: Lbar = ((a + b e) / (1 + e), (a e + b) / (1 + e)) with e = exp(-1 / 2w^2), so
+    its own loss misses it by |a - b| e / (1 + e) at each step and the floor is 2 |a - b| e / ((1 + e)(a + b)),
+    in every row of the table and under it; a model predicting GD's loss exactly scores the floor."""
+    import xarray as xr
+
+    e = math.exp(-1.0 / (2 * width**2))
+    loss = np.array([[a, b], [a, b], [7.0, 0.5]])  # gd, a model predicting gd's loss, another
+    ds = xr.Dataset(
+        {"loss": (("process", "step"), loss)}, coords={"process": ["gd", "gradient_flow", "rod_flow"], "step": [0, 1]}
+    )
+    table = cmp.compare_dataset(ds, summary={}, width=width)
+    floor = 2 * abs(a - b) * e / ((1 + e) * (a + b))
+    np.testing.assert_allclose(table["loss_error_floor"].to_numpy(), floor, rtol=1e-12, atol=1e-15)
+    assert table.loc["gradient_flow", "loss_error"] == pytest.approx(floor, rel=1e-12, abs=1e-15)
+    assert table.loc["rod_flow", "loss_error"] != pytest.approx(floor)
+    assert cmp.loss_error_floor_line(table, "gd").startswith(f"loss_error floor: {cmp.format_number(floor)}, ")

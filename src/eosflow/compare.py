@@ -10,6 +10,8 @@ Everything is computed from the run directory (``eosflow.load``), on the shared 
                         oscillation cancels, so a centre model is not charged with GD's oscillation
     smoothed loss       Lbar(t) = sum_s K(t - s) L_GD(s) / sum_s K(t - s),  K Gaussian of std ``width``
     loss error          sum_t |Lhat_m(t) - Lbar(t)| / sum_t |Lbar(t)|   (Lhat: the model's predicted loss)
+    loss error floor    the same for Lhat = L_GD, GD's own loss: what a model predicting GD's loss step by step
+                        scores (the oscillation and the smoothing's bias where the loss bends), in every row
     envelope            e(t) = sqrt(smoothed oscillation^2): running RMS of GD's oscillation read off
                         GD alone, |delta_k| = |w_{k+1} - 2 w_k + w_{k-1}| / 4 (recorded by ``gd``)
     predicted envelope  a_m(t) = sqrt(tr Sigma_m) for a model with a covariance, else its amplitude
@@ -358,6 +360,7 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
             stacklevel=2,
         )
     oscillation = _series(ds, "oscillation", reference)
+    floor = loss_prediction_error(reference_loss, reference_loss, width)
     timing = summary.get("timing", {})
     rows = []
     for p in processes:
@@ -387,6 +390,7 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
                     else relative_distance(centre, centre_baseline)
                 ),
                 "loss_error": (np.nan if is_reference else loss_prediction_error(smooth_loss, reference_loss, width)),
+                "loss_error_floor": floor,
                 "envelope_error": (
                     np.nan
                     if is_reference or smooth_amplitude is None or oscillation is None
@@ -480,6 +484,15 @@ def markdown_table(table: pd.DataFrame, columns: tuple[str, ...] = COLUMNS) -> l
         cells = [format_number(float(row[c])) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(row['steps'])} | {row['status']} |")
     return lines
+
+
+def loss_error_floor_line(table: pd.DataFrame, reference: str) -> str:
+    """The line under a table: the loss error that the reference's own loss scores (the column's floor)."""
+    return (
+        f"loss_error floor: {format_number(float(table['loss_error_floor'].iloc[0]))}, what {reference}'s own loss "
+        "scores against its smoothed loss (its oscillation, and the smoothing's bias where the loss bends): a "
+        "model's loss_error near it is as good as predicting the loss step by step."
+    )
 
 
 LINE_STYLES = ("-", "--", (0, (1, 1.5)), "-.", (0, (5, 1, 1, 1, 1, 1)))
@@ -610,6 +623,8 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
     ]
     lines += markdown_table(table)
     lines += [
+        "",
+        loss_error_floor_line(table, reference),
         "",
         "Columns: mean_distance = time-averaged ||w_ref - w||; relative_distance = the same "
         + (
@@ -750,7 +765,14 @@ def anchored_section(run: xr.Dataset, summary: dict, saved: Path, k: int, out: P
             "",
         ]
     columns = tuple(column for column in COLUMNS if column != "ms_per_step")
-    return [*lines, *markdown_table(table, columns), "", f"![From step {k}]({name}.png)"]
+    return [
+        *lines,
+        *markdown_table(table, columns),
+        "",
+        loss_error_floor_line(table, reference),
+        "",
+        f"![From step {k}]({name}.png)",
+    ]
 
 
 def check_comparable(processes: Sequence[str]) -> None:
