@@ -84,6 +84,9 @@ def test_monitored_readings_round_trip_with_the_loops_own_scalars(tmp_path, ever
         assert float(ds.threshold.sel(step=t)) == pytest.approx(float(edge.edge(used)), rel=1e-12)
     if name == "adam":
         assert float(ds.threshold.dropna("step")[0]) == pytest.approx(38 / 0.02, rel=1e-12)
+    # P estimated from the gradients (Adam, AdamW, RMSProp) or the identity (SGD with momentum): the summary's
+    # start transient is read for the former only
+    assert set(ds.adaptive.dropna("step").values) == {float(edge.preconditioner is not None)}
 
 
 def test_records_of_a_step_merge_and_a_resumed_loop_replaces_what_it_logs_again(tmp_path):
@@ -123,6 +126,7 @@ def test_a_torch_trackers_eigenpairs_are_recorded_with_their_threshold(tmp_path)
         "eigenvalue_3": eig.values[2],
         "threshold": eig.threshold,
         "edge_ratio": eig.values[0] / eig.threshold,
+        "adaptive": 0,  # SGD's P = I: no start transient
         "hvps": eig.hvps,
         "loss": loss.item(),
     }
@@ -605,3 +609,64 @@ def test_a_float32_threshold_that_jitters_by_an_ulp_is_drawn_as_constant(tmp_pat
         drawn.clear()
         edge_log.plot(path, tmp_path / f"{name}.png")
         assert (drawn == [pytest.approx(1900.0, rel=1e-6)]) == constant, (name, drawn)
+
+
+def at_the_edge_after_a_start_transient(transient: int, fall: int, rise: int) -> tuple[np.ndarray, np.ndarray]:
+    """An edge ratio by construction, measured every 5 steps: 1.2 for the first ``transient`` measurements (Adam's P
+    from one gradient), 0.05 from measurement ``fall`` on, climbing linearly to 1 at measurement ``rise`` and
+    holding there within 3%."""
+    steps = np.arange(0, 600, 5)
+    i = np.arange(steps.size)
+    ratio = np.where(i < transient, 1.2, 0.6)  # between: below the edge, above half
+    climb = 0.05 + 0.95 * (i - fall) / (rise - fall)
+    ratio = np.where(i >= fall, np.minimum(climb, 1.0 + 0.03 * np.sin(i)), ratio)
+    return steps, ratio
+
+
+@pytest.mark.parametrize("transient, fall, rise", [(1, 1, 40), (3, 3, 20), (1, 4, 60), (2, 2, 3)])
+def test_an_adaptive_logs_start_transient_is_reported_apart_from_its_edge(tmp_path, capsys, transient, fall, rise):
+    """A log marked adaptive (as monitored and eosflow.torch write it for Adam and RMSProp) whose ratio opens above
+    the edge and falls below 1/2: the first step at the edge is where the ratio climbs back (known by
+    construction), the opening stretch is reported apart; the same records without the mark (GD's log) keep the
+    old answer, step 0. From the CLI too."""
+    from eosflow.cli import main
+
+    steps, ratio = at_the_edge_after_a_start_transient(transient, fall, rise)
+    paths = {}
+    for adaptive in (True, False):
+        paths[adaptive] = tmp_path / f"adaptive-{adaptive}.jsonl"
+        with EdgeLog(paths[adaptive]) as log:
+            for t, r in zip(steps, ratio):
+                log.write(int(t), sharpness=r * 3800.0, threshold=3800.0, **({"adaptive": 1} if adaptive else {}))
+    found = summary(read(paths[True]))
+    assert found["start_transient_until"] == steps[fall]
+    assert found["start_transient_max_edge_ratio"] == pytest.approx(1.2)
+    assert found["first_step_at_edge"] == steps[np.flatnonzero((np.arange(steps.size) >= fall) & (ratio >= 0.95))[0]]
+    assert found["max_edge_ratio"] == pytest.approx(ratio[fall:].max())
+    assert found["longest_window_start"] > steps[fall]
+    unmarked = summary(read(paths[False]))
+    assert unmarked["first_step_at_edge"] == 0 and "start_transient_until" not in unmarked
+    assert unmarked["max_edge_ratio"] == pytest.approx(1.2)
+    assert main(["plot-log", str(paths[True])]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"first_step_at_edge: {found['first_step_at_edge']}" in out and f"start_transient_until: {steps[fall]}" in out
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_without_a_fall_below_half_there_is_no_start_transient(seed):
+    """An adaptive log that opens below half its edge (progressive sharpening from the start), or opens at the edge
+    and never falls below half (a run resumed at its edge, a dip to 0.6), has no start transient: every answer is
+    the one without the rule."""
+    from eosflow.report import edge_of_stability_window
+
+    rng = np.random.default_rng(seed)
+    rising = np.concatenate([rng.uniform(0.0, 0.49, 3), np.linspace(0.5, 1.05, 40), 1 + 0.05 * rng.normal(size=30)])
+    resumed = np.concatenate([1 + 0.04 * rng.normal(size=20), [0.6], 1 + 0.04 * rng.normal(size=20)])
+    for ratio in (rising, resumed):
+        ratio[rng.integers(ratio.size, size=5)] = np.nan  # unmeasured steps
+        with_rule = edge_of_stability_window(2 * ratio, start_transient=True)
+        assert with_rule.pop("start_transient_until") is None
+        assert np.isnan(with_rule.pop("start_transient_max_lr_sharpness"))
+        assert with_rule == edge_of_stability_window(2 * ratio)

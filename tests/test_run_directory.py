@@ -242,6 +242,39 @@ def test_the_edge_of_stability_window_is_in_steps_not_positions():
     assert edge_of_stability_window(values)["first_step_at_edge"] == 5  # positions are steps when nothing is lost
 
 
+@pytest.mark.parametrize("fall, rise", [(1, 30), (4, 12)])
+def test_the_report_reads_adam_and_rmsprop_after_their_start_transient_and_gd_as_before(fall, rise):
+    """One edge ratio by construction for each reference: 1.2 until step ``fall`` (P from the first gradients),
+    0.05 there, climbing to the edge at step ``rise``. Adam's and RMSProp's lines report the transient apart and
+    the edge at ``rise``; momentum's (P = I) and GD's (lr*S) keep step 0."""
+    import xarray as xr
+
+    from eosflow.report import _edge_lines
+
+    steps = np.arange(60)
+    ratio = np.where(steps < fall, 1.2, np.minimum(0.05 + 0.95 * (steps - fall) / (rise - fall), 1.0))
+    names = ["adam", "rmsprop", "momentum", "gd"]
+    nan = np.full(steps.size, np.nan)
+    ds = xr.Dataset(
+        {
+            "edge_ratio": (("process", "step"), np.array([ratio, ratio, ratio, nan])),
+            "lr_sharpness": (("process", "step"), np.array([nan, nan, nan, 2 * ratio])),
+        },
+        coords={"process": names, "step": steps},
+    )
+    for name in ("adam", "rmsprop"):
+        lines = "\n".join(_edge_lines(ds, name, steps))
+        assert f"S/threshold up to 1.2000 before step {fall}, where it fell below 0.5" in lines
+        first = int(steps[(steps >= fall) & (ratio >= 0.95)][0])
+        assert (
+            f"first step with S/threshold >= 0.95: {first}\n" in lines
+            and "largest S/threshold measured: 1.0000" in lines
+        )
+    assert "- first step with S/threshold >= 0.95: 0\n" in "\n".join(_edge_lines(ds, "momentum", steps))
+    assert "- first step with lr*S >= 1.9: 0\n" in "\n".join(_edge_lines(ds, "gd", steps))
+    assert not any("transient" in line for p in ("momentum", "gd") for line in _edge_lines(ds, p, steps))
+
+
 def test_a_lost_resolved_spec_is_resolved_again_and_the_run_goes_on_bitwise(tmp_path, uninterrupted, capsys):
     """spec.resolved.toml lost: resume re-resolves spec.toml in its place (a traceback before) and writes it back,
     bitwise equal to the uninterrupted run; with summary.json lost too, load and report rebuild from spec.toml."""

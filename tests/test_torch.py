@@ -180,6 +180,7 @@ def test_preconditioned_sharpness_from_torch_optimizers(name):
         assert diagonal.dtype == np.float64
         np.testing.assert_allclose(diagonal, p_diag, rtol=1e-14)
     assert eig.threshold == pytest.approx(threshold, rel=1e-12)
+    assert eig.adaptive == name.startswith(("adam", "rmsprop"))  # an EdgeLog's `adaptive`: the start transient
 
 
 @pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])

@@ -80,8 +80,9 @@ def _on_host(step: Any, record: Any, scalars: dict[str, Any]) -> tuple[Any, Any,
 
 
 def _fields(record: Any) -> dict[str, Any]:
-    """The scalars of a measurement object: an eosflow.monitor Reading (S, threshold = S / ratio, lr S, ratio),
-    eosflow.torch's TrackedEigenpairs (S, the other eigenvalues, threshold, ratio, HVPs), an Eigenpairs of
+    """The scalars of a measurement object: an eosflow.monitor Reading (S, threshold = S / ratio, lr S, ratio, and
+    whether P is adaptive), eosflow.torch's TrackedEigenpairs (S, the other eigenvalues, threshold, ratio, HVPs,
+    adaptive), an Eigenpairs of
     the JAX tracker (its values and HVPs) or an EdgePrediction (the predicted loss, the loss at the centre, tr X,
     the critical count and lambda_1's sharpening rate)."""
     fields = getattr(type(record), "_fields", ())
@@ -93,6 +94,7 @@ def _fields(record: Any) -> dict[str, Any]:
             "threshold": threshold,
             "lr_sharpness": record.lr_sharpness,
             "edge_ratio": ratio,
+            **({"adaptive": int(bool(record.adaptive))} if "adaptive" in fields else {}),
         }
     if {"predicted_loss", "covariance", "sharpening"} <= set(fields):  # eosflow.edge_prediction.EdgePrediction
         return {
@@ -108,6 +110,8 @@ def _fields(record: Any) -> dict[str, Any]:
         out.update({f"eigenvalue_{i + 1}": value for i, value in enumerate(values[1:], start=1)})
         if "threshold" in fields and math.isfinite(float(record.threshold)):
             out.update(threshold=record.threshold, edge_ratio=values[0] / float(record.threshold))
+        if "adaptive" in fields:
+            out["adaptive"] = int(bool(record.adaptive))
         out["hvps"] = int(np.asarray(record.hvps))
         return out
     raise TypeError(
@@ -359,19 +363,28 @@ def non_finite_tails(ds: xr.Dataset) -> list[str]:
 
 def summary(ds: xr.Dataset, band: float = 0.1) -> dict:
     """Where S / threshold first reaches 1 - band/2 and the longest stretch within [1 - band, 1 + band] (steps
-    of the log), from ``edge_ratio`` (or sharpness / threshold)."""
+    of the log), from ``edge_ratio`` (or sharpness / threshold). A log of an adaptive optimizer (``adaptive`` = 1
+    in its records: Adam, RMSProp) is read after its start transient, the measurements before S / threshold first
+    falls below 1/2, when one of them reached 1 - band/2 (P from one gradient at step 0, |g_0| + eps for Adam,
+    puts the ratio far above 1 where g_0 is small); ``start_transient_until`` is the step of that fall (None: no
+    transient) and ``start_transient_max_edge_ratio`` the transient's largest ratio."""
     from eosflow.report import edge_of_stability_window  # here: reading and writing a log need no JAX
 
     ratio = _edge_ratio(ds)
     if ratio is None:
         return {}
-    window = edge_of_stability_window(2.0 * ratio, band, ds["step"].values)
-    return {
+    adaptive = "adaptive" in ds and bool(np.nanmax(ds["adaptive"].values, initial=0.0) > 0)
+    window = edge_of_stability_window(2.0 * ratio, band, ds["step"].values, start_transient=adaptive)
+    found = {
         "first_step_at_edge": window["first_step_at_edge"],
         "longest_window_start": window["longest_window_start"],
         "longest_window_steps": window["longest_window_steps"],
         "max_edge_ratio": window["max_lr_sharpness"] / 2.0,
     }
+    if adaptive:
+        found["start_transient_until"] = window["start_transient_until"]
+        found["start_transient_max_edge_ratio"] = window["start_transient_max_lr_sharpness"] / 2.0
+    return found
 
 
 def _edge_ratio(ds: xr.Dataset) -> np.ndarray | None:

@@ -37,6 +37,7 @@ class Reading(NamedTuple):
     sharpness: Array  # S, the top eigenvalue of P^{-1/2} H P^{-1/2}
     lr_sharpness: Array  # lr * S
     edge_ratio: Array  # S / threshold (1 at the edge of stability)
+    adaptive: Array | bool = False  # P estimated from the gradients (Adam, RMSProp): a start transient, edge_log
 
 
 class MonitoredState(NamedTuple):
@@ -100,12 +101,13 @@ def monitored(
             + (": for a file, pass log=EdgeLog(path)" if isinstance(log, str) else "")
         )
     tracker = SharpnessTracker(loss_fn, k=k, tol=tol, max_iters=max_iters, every=every)
+    adaptive = jnp.asarray(optimizer.preconditioner is not None)
 
     def init(params):
         inner = optimizer.transform.init(params)
         state = tracker.init(params, seed_key(seed))
         nan = jnp.full((), jnp.nan, state.values.dtype)
-        return MonitoredState(inner, state, Reading(jnp.asarray(-1, jnp.int32), nan, nan, nan))
+        return MonitoredState(inner, state, Reading(jnp.asarray(-1, jnp.int32), nan, nan, nan, adaptive))
 
     def update(updates, state: MonitoredState, params=None, *, batch: Any = None, **extra_args):
         if params is None:
@@ -118,7 +120,7 @@ def monitored(
         tracked, pairs = _measure(tracker, state.tracker, params, batch, preconditioner)
         sharpness = pairs.values[0]
         lr = applied_lr(optimizer, inner, step).astype(sharpness.dtype)
-        measured = Reading(step, sharpness, lr * sharpness, sharpness / optimizer.edge(lr, inner))
+        measured = Reading(step, sharpness, lr * sharpness, sharpness / optimizer.edge(lr, inner), adaptive)
         is_measurement = pairs.hvps > 0
         reading = jax.tree.map(lambda new, old: jnp.where(is_measurement, new, old), measured, state.reading)
         if log is not None:

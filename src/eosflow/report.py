@@ -28,17 +28,37 @@ def register_section(section: Section) -> Section:
     return section
 
 
-def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1, steps: np.ndarray | None = None) -> dict:
+def edge_of_stability_window(
+    lr_sharpness: np.ndarray, band: float = 0.1, steps: np.ndarray | None = None, start_transient: bool = False
+) -> dict:
     """Where eta*S first reaches 2(1 - band/2), and the longest run of steps with eta*S in [2(1-band), 2(1+band)].
 
     ``steps`` are the step numbers of the values (default 0, 1, ...); every answer is a step
     number, never a position. Unmeasured steps (NaN) neither break nor extend a window.
+
+    ``start_transient`` (an adaptive optimizer's P, estimated from the first gradients: Adam's P = |g_0| + eps at
+    step 0): the measurements before eta*S first falls below 1 (half the edge) are the start transient when one
+    of them reached 2(1 - band/2); every answer is then taken after it, and the transient is reported apart:
+    ``start_transient_until``, the step of that first measurement below half (None: no transient), and the
+    transient's ``start_transient_max_lr_sharpness``.
     """
     steps = np.arange(len(lr_sharpness)) if steps is None else np.asarray(steps)
     finite = np.flatnonzero(np.isfinite(lr_sharpness))
     measured = steps[finite]
     values = lr_sharpness[finite]
-    reach = np.flatnonzero(values >= 2.0 * (1 - band / 2))
+    edge = 2.0 * (1 - band / 2)
+    transient: dict = {}
+    if start_transient:
+        below_half = np.flatnonzero(values < 1.0)
+        cut = int(below_half[0]) if below_half.size else 0
+        opened_at_edge = bool(np.any(values[:cut] >= edge))
+        transient = {
+            "start_transient_until": int(measured[cut]) if opened_at_edge else None,
+            "start_transient_max_lr_sharpness": float(np.max(values[:cut])) if opened_at_edge else float("nan"),
+        }
+        if opened_at_edge:
+            measured, values = measured[cut:], values[cut:]
+    reach = np.flatnonzero(values >= edge)
     inside = (values >= 2.0 * (1 - band)) & (values <= 2.0 * (1 + band))
     best, best_start, start = 0, None, None
     for i, ok in enumerate(inside):
@@ -55,6 +75,7 @@ def edge_of_stability_window(lr_sharpness: np.ndarray, band: float = 0.1, steps:
         "longest_window_steps": best,
         "longest_window_start": best_start,
         "max_lr_sharpness": float(np.max(values)) if values.size else float("nan"),
+        **transient,
     }
 
 
@@ -244,9 +265,13 @@ def _last(ds: xr.Dataset, variable: str, process: str) -> float:
     return float(finite[-1]) if finite.size else float("nan")
 
 
+ADAPTIVE = ("rmsprop", "adam")  # the processes whose P is estimated from the gradients: a start transient
+
+
 def _edge_lines(ds: xr.Dataset, reference: str, steps: np.ndarray) -> list[str]:
     """Where the reference reached its edge: lr*S against 2 for GD; for an optimizer whose ``sharpness`` is not
-    its own (Adam, RMSProp, momentum), its edge ratio S_P / threshold against 1, in the same window."""
+    its own (Adam, RMSProp, momentum), its edge ratio S_P / threshold against 1, in the same window. For Adam and
+    RMSProp, after their start transient (:func:`edge_of_stability_window`), which is reported apart."""
     unit, scale, series = "lr*S", 1.0, np.full(steps.shape, np.nan)
     if "lr_sharpness" in ds:
         series = ds["lr_sharpness"].sel(process=reference).values
@@ -254,14 +279,21 @@ def _edge_lines(ds: xr.Dataset, reference: str, steps: np.ndarray) -> list[str]:
         unit, scale, series = "S/threshold", 2.0, 2.0 * ds["edge_ratio"].sel(process=reference).values
     if not np.isfinite(series).any():
         return [f"- {reference}'s sharpness was not measured in this run (`spectrum.every` = 0)"]
-    window = edge_of_stability_window(series, steps=steps)
+    window = edge_of_stability_window(series, steps=steps, start_transient=reference in ADAPTIVE)
+    lines = []
+    if window.get("start_transient_until") is not None:
+        lines.append(
+            f"- start transient (P estimated from the first gradients): {unit} up to "
+            f"{window['start_transient_max_lr_sharpness'] / scale:.4f} before step {window['start_transient_until']}, "
+            f"where it fell below {1.0 / scale:g}; the lines below are from that step on"
+        )
     peak = window["max_lr_sharpness"] / scale
     if window["first_step_at_edge"] is None:
-        return [
+        return lines + [
             f"- {unit} never reached {1.9 / scale:g} (largest measured: {peak:.4f}): no edge of stability in this run"
         ]
     start = window["longest_window_start"]
-    return [
+    return lines + [
         f"- first step with {unit} >= {1.9 / scale:g}: {window['first_step_at_edge']}",
         f"- longest window with {unit} in [{1.8 / scale:g}, {2.2 / scale:g}]: {window['longest_window_steps']} steps"
         + (f" (from step {start})" if start is not None else ""),

@@ -97,6 +97,7 @@ class TrackedEigenpairs(NamedTuple):
     residuals: np.ndarray  # (k,) ||A u - theta u|| / |theta|
     hvps: int  # Hessian-vector products spent
     threshold: float  # the optimizer's edge-of-stability threshold (nan without an optimizer)
+    adaptive: bool = False  # P estimated from the gradients (Adam, AdamW, RMSprop): a start transient, edge_log
 
     @property
     def sharpness(self) -> float:
@@ -398,4 +399,5 @@ class SharpnessTracker:
             np.asarray(pairs.residuals),
             int(pairs.hvps),
             preconditioning.edge(np.asarray(pairs.vectors)[:, 0]),
+            isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW | torch.optim.RMSprop),
         )
