@@ -291,6 +291,22 @@ def _user_arrays(n=12):
             lambda p, x, y: eosflow.Problem.from_function(lambda q: jnp.sum(q["e"]), {"e": jnp.zeros((0,))}),
             r"from_function: every leaf of `w0` has size zero \(w0\['e'\] \(0,\)\)",
         ),
+        (  # a label past the classes: the loss was NaN at w0 (JAX's out-of-range gather), from a probe
+            lambda p, x, y: eosflow.Problem.from_model(
+                lambda q, z: _mlp(q, z) * jnp.arange(1.0, 4.0),
+                p,
+                x,
+                np.where(np.arange(12) == 7, 3, np.arange(12) % 3),
+                "cross_entropy",
+            ),
+            r"labels from 0 to 3, but the logits have 3 classes: .* 0..2 \(1 outside, the first targets\[7\] = 3\)",
+        ),
+        (  # -1 read as the last class: a finite, wrong loss (1.340 for optax's 1.285 in a probe)
+            lambda p, x, y: eosflow.Problem.from_model(
+                lambda q, z: _mlp(q, z) * jnp.arange(1.0, 4.0), p, x, np.r_[-1, np.arange(11) % 3], "cross_entropy"
+            ),
+            r"labels from -1 to 2, but the logits have 3 classes: .*first targets\[0\] = -1\)",
+        ),
         (  # "AttributeError: 'float' object has no attribute 'shape'" (from a probe)
             lambda p, x, y: eosflow.Problem.from_model(_mlp, p, x, y.tolist()),
             r"targets\[0\]\[0\] is a float, not an array \(pass targets as arrays",

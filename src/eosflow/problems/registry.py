@@ -308,6 +308,8 @@ def _check_model(apply_fn: Callable, params: PyTree, inputs: Any, targets: Any, 
                     f"apply_fn(params, inputs) returns logits of shape {wanted}: cross_entropy takes one-hot rows "
                     f"of shape {wanted} or integer labels of shape {wanted[:-1]}"
                 )
+            if shape != wanted:  # integer labels: a class index each
+                _check_labels(targets, wanted[-1])
         elif shape != wanted:
             raise SpecError(
                 f"Problem.from_model: targets have shape {shape} but apply_fn(params, inputs) returns shape "
@@ -316,6 +318,22 @@ def _check_model(apply_fn: Callable, params: PyTree, inputs: Any, targets: Any, 
             )
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     _check_scalar("loss(predictions, targets)", _traced("loss(predictions, targets)", loss_fn, predictions, targets))
+
+
+def _check_labels(labels: Any, classes: int) -> None:
+    """Integer labels index the ``classes`` logits: out of 0..classes-1 a label is a SpecError naming the first one
+    (JAX's indexing would read -1 as the last class and give NaN for one >= classes, silently)."""
+    if isinstance(labels, jax.core.Tracer):  # inside a trace there are no values to check
+        return
+    values = np.asarray(labels)
+    outside = np.flatnonzero((values < 0) | (values >= classes))
+    if outside.size:
+        where = np.unravel_index(outside[0], values.shape)
+        raise SpecError(
+            f"Problem.from_model: targets hold integer labels from {values.min()} to {values.max()}, but the logits "
+            f"have {classes} classes: cross_entropy takes labels 0..{classes - 1} ({outside.size} outside, the "
+            f"first targets[{', '.join(map(str, where))}] = {values[where]})"
+        )
 
 
 def _examples(counts: set) -> str:
