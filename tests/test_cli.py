@@ -28,10 +28,13 @@ def test_help_and_version_import_neither_jax_nor_matplotlib_nor_dask():
     assert result.stdout.strip().splitlines()[-1] == "[]"
     help_text = result.stdout
     assert "``" not in help_text and "resume" in help_text and "eosflow COMMAND --help" in help_text
-    version = subprocess.run(
-        [sys.executable, "-m", "eosflow.cli", "--version"], capture_output=True, text=True, check=True
-    )
-    assert re.fullmatch(r"eosflow \d+\.\d+\.\d+\S*\n", version.stdout)
+    for module in ("eosflow.cli", "eosflow"):  # `python -m eosflow`: before, "No module named eosflow.__main__"
+        version = subprocess.run(
+            [sys.executable, "-m", module, "--version"], capture_output=True, text=True, check=True
+        )
+        assert re.fullmatch(r"eosflow \d+\.\d+\.\d+\S*\n", version.stdout)
+    failed = subprocess.run([sys.executable, "-m", "eosflow", "report", "/nonexistent/run"], capture_output=True)
+    assert failed.returncode == 2 and b"eosflow: error" in failed.stderr  # the status and message of the script
 
 
 def test_every_positional_argument_has_help(capsys):

@@ -1,0 +1,8 @@
+"""``python -m eosflow ...``: the command line of the ``eosflow`` script (for an environment whose scripts are not on
+PATH, or to pick the interpreter)."""
+
+import sys
+
+from eosflow.cli import main
+
+sys.exit(main())
