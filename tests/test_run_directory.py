@@ -275,6 +275,22 @@ def test_the_report_reads_adam_and_rmsprop_after_their_start_transient_and_gd_as
     assert not any("transient" in line for p in ("momentum", "gd") for line in _edge_lines(ds, p, steps))
 
 
+def test_an_adam_runs_report_gives_its_preconditioned_sharpness_and_edge_ratio(tmp_path):
+    """Adam records no plain sharpness: the report's process table gave `nan` twice per row (a probe); it now gives
+    the last preconditioned sharpness and S / threshold each process recorded, read back from the run."""
+    import jax.numpy as jnp
+
+    problem = eosflow.Problem.from_function(lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 5.0) * w**2), np.ones(4))
+    out = tmp_path / "adam"
+    ds = eosflow.simulate(problem, lr=0.05, steps=12, processes=["adam", "adam_stable_flow"], out=out)
+    text = make_report(out).read_text()
+    assert "| process | final loss | final preconditioned sharpness | final S/threshold | final distance |" in text
+    for p in ("adam", "adam_stable_flow"):
+        s, r = (float(ds[v].sel(process=p).values[-1]) for v in ("preconditioned_sharpness", "edge_ratio"))
+        assert np.isfinite(s) and np.isfinite(r)
+        assert re.search(rf"\| {p} \| \S+ \| {s:.6g} \| {r:.6g} \| ", text)
+
+
 def test_a_lost_resolved_spec_is_resolved_again_and_the_run_goes_on_bitwise(tmp_path, uninterrupted, capsys):
     """spec.resolved.toml lost: resume re-resolves spec.toml in its place (a traceback before) and writes it back,
     bitwise equal to the uninterrupted run; with summary.json lost too, load and report rebuild from spec.toml."""

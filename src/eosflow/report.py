@@ -181,6 +181,10 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         figures.append((f"Distance to {reference}", "distance.png"))
 
     lines = [f"# Report: {ds.attrs.get('name', run_dir.name)}", ""]
+    # (variable, heading) of the curvature columns: an adaptive run records its preconditioned sharpness, not S
+    curvature = ("sharpness", "sharpness", "lr_sharpness", "lr*S")
+    if "sharpness" not in ds and "preconditioned_sharpness" in ds:
+        curvature = ("preconditioned_sharpness", "preconditioned sharpness", "edge_ratio", "S/threshold")
     summary = RunStore(run_dir).read_summary()
     lines += _summary_table(ds, summary)
     dropped = summary.get("dropped_processes") or {}
@@ -191,7 +195,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         "Final: the last step each process recorded (for a dropped process, the step at which it blew up; for the "
         "loss, the last full-batch one).",
         "",
-        "| process | final loss | final sharpness | final lr*S | final distance | status |",
+        f"| process | final loss | final {curvature[1]} | final {curvature[3]} | final distance | status |",
         "|---|---|---|---|---|---|",
     ]
     diverged = ds.attrs.get("status", summary.get("status")) == "diverged"
@@ -205,8 +209,8 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
 
     for p in processes:
         lines.append(
-            f"| {p} | {_last(ds, 'loss', p):.6g} | {_last(ds, 'sharpness', p):.6g} | "
-            f"{_last(ds, 'lr_sharpness', p):.6g} | {_last(ds, 'distance', p):.6g} | {status(p)} |"
+            f"| {p} | {_last(ds, 'loss', p):.6g} | {_last(ds, curvature[0], p):.6g} | "
+            f"{_last(ds, curvature[2], p):.6g} | {_last(ds, 'distance', p):.6g} | {status(p)} |"
         )
     if "lr_sharpness" in ds or "edge_ratio" in ds:
         lines += ["", "## Edge of stability", ""] + _edge_lines(ds, reference, steps)
