@@ -339,6 +339,12 @@ def test_the_command_line_draws_and_summarizes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "50 steps logged (0..49)" in out and "first_step_at_edge: 19" in out
     assert (tmp_path / "log.png").exists()
+    assert "no threshold" not in out
+    with EdgeLog(tmp_path / "bare.jsonl") as log:  # the JAX tracker's eigenpairs: a sharpness, no threshold
+        for t in range(5):
+            log.write(t, sharpness=10.0 + t, loss=1.0 / (t + 1))
+    assert main(["plot-log", str(tmp_path / "bare.jsonl")]) == 0
+    assert "no threshold or edge_ratio logged" in capsys.readouterr().out  # before: silence about the edge
     assert main(["plot-log", str(tmp_path / "missing.jsonl")]) == 2
     assert "cannot read the edge log" in capsys.readouterr().err
     for out, message in [

@@ -431,8 +431,11 @@ def _dispatch(args) -> int:
                 f"{path}: {ds.sizes['step']} steps logged ({int(ds.step[0])}..{int(ds.step[-1])}), "
                 f"{', '.join(map(str, ds.data_vars))}"
             )
-            for key, value in edge_log.summary(ds).items():
+            found = edge_log.summary(ds)
+            for key, value in found.items():
                 print(f"  {key}: {value if not isinstance(value, float) else f'{value:.4f}'}")
+            if not found and "sharpness" in ds:
+                print(f"  {edge_log.NO_THRESHOLD}")
             for tail in edge_log.non_finite_tails(ds):
                 print(f"  {tail} (diverged)")
         if len(args.log) == 1:

@@ -361,6 +361,13 @@ def non_finite_tails(ds: xr.Dataset) -> list[str]:
     ]
 
 
+NO_THRESHOLD = (  # what plot-log says of a log with a sharpness and no threshold (the JAX tracker's eigenpairs)
+    "no threshold or edge_ratio logged, so where the run reached its edge is not summarized: log the threshold "
+    "with each reading, e.g. log.write(t, eig, threshold=float(opt.threshold_at(t)), adaptive=1) for "
+    "opt = eosflow.optimizer_edges.adam(lr) (adaptive=1 for Adam and RMSProp)"
+)
+
+
 def summary(ds: xr.Dataset, band: float = 0.1) -> dict:
     """Where S / threshold first reaches 1 - band/2 and the longest stretch within [1 - band, 1 + band] (steps
     of the log), from ``edge_ratio`` (or sharpness / threshold). A log of an adaptive optimizer (``adaptive`` = 1
