@@ -791,6 +791,13 @@ def test_wrt_measures_the_part_a_filter_spec_selects(seed):
             np.testing.assert_allclose(problem.objective.hvp(flat, jnp.eye(flat.size)[-1]), dense[-1], rtol=1e-10)
         with pytest.raises(ValueError, match="selects no array"):
             eosflow.SharpnessTracker(loss_plain, k=1, wrt={"a": False, "b": False}).init(plain, jax.random.PRNGKey(0))
+        # a key left out: before, JAX's "pytree structure error" named neither wrt nor what it should be
+        for build in (
+            lambda: eosflow.SharpnessTracker(loss_plain, k=1, wrt={"b": True}).init(plain, jax.random.PRNGKey(0)),
+            lambda: eosflow.Problem.from_function(lambda p: loss_plain(p, batch), plain, wrt={"b": True}),
+        ):
+            with pytest.raises(ValueError, match=r"wrt = \{'b': True\} is not a filter spec of the parameters.*\ba\b"):
+                build()
 
 
 @pytest.mark.parametrize(

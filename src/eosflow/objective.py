@@ -348,7 +348,14 @@ def differentiable_part(params: PyTree, wrt: Any = None) -> tuple[PyTree, Callab
         # counts) lands on copies, in the trace that made them, never on the user's module.
         return measured, lambda part: nnx.merge(graphdef, part, jax.tree.map(lambda leaf: leaf, rest))
     if isinstance(params, eqx.Module) or wrt is not None:
-        arrays, rest = eqx.partition(params, eqx.is_inexact_array if wrt is None else wrt)
+        try:
+            arrays, rest = eqx.partition(params, eqx.is_inexact_array if wrt is None else wrt)
+        except ValueError as error:  # JAX's structure error names neither wrt nor what a filter spec is
+            raise ValueError(
+                f"wrt = {wrt!r} is not a filter spec of the parameters: as for eqx.partition, a callable on leaves "
+                "or a pytree of bools shaped like them (a bool for every entry, or for a whole sub-tree); "
+                f"{error}"
+            ) from None
         _check_selected(arrays, wrt)
         return arrays, lambda part: eqx.combine(part, rest)
     return params, _identity
