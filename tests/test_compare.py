@@ -155,6 +155,17 @@ def test_cost_hand_values():
     assert cmp.milliseconds_per_step(timing) == pytest.approx(30.0)
     assert cmp.milliseconds_per_step({"chunks": [[100, 10.0, 0]]}) == pytest.approx(100.0)
     assert math.isnan(cmp.milliseconds_per_step(None))
+    # a process none of whose chunks ran warm is timed with its compilation, and the page says so
+    timings = {"gd": timing, "rod_flow": {"chunks": [[100, 10.0, 0], [100, 9.0, 0]]}, "gradient_flow": {"chunks": []}}
+    assert [cmp.timed_with_compilation(timings.get(p)) for p in ("gd", "rod_flow", "gradient_flow", "x")] == [
+        False,
+        True,
+        False,
+        False,
+    ]
+    note = cmp.compilation_note({"timing": timings}, ["gd", "gradient_flow", "rod_flow"])
+    assert note.startswith("ms_per_step of rod_flow includes compilation: every chunk of it compiled")
+    assert cmp.compilation_note({"timing": {"gd": timing}}, ["gd"]) == ""
 
 
 # ---- compare end to end --------------------------------------------------------------------------
@@ -209,6 +220,7 @@ def test_compare_report_numbers_equal_the_run_directory(tmp_path):
     # recompute every number independently from the stored trajectories (scipy's filter, plain numpy)
     ds = eosflow.load(out)
     summary = json.loads((out / "summary.json").read_text())
+    assert cmp.compilation_note(summary, list(rows)) in page.read_text()  # said under the table when it applies
     w = cmp.SMOOTHING
 
     def smooth(x):

@@ -189,6 +189,11 @@ def measurement_equivalents(measurement_hvps: np.ndarray | None) -> float:
     return float(COST_WEIGHTS["hvps"] * np.mean(values)) if values.size else 0.0
 
 
+def timed_chunks(timing: dict | None) -> np.ndarray:
+    """``timing["chunks"]`` as an (n, 3) array of [steps, seconds, warm]."""
+    return np.asarray((timing or {}).get("chunks", []), dtype=np.float64).reshape(-1, 3)
+
+
 def milliseconds_per_step(timing: dict | None) -> float:
     """Wall-clock ms per unit time: the median over chunks of 1000 seconds / steps.
 
@@ -196,11 +201,32 @@ def milliseconds_per_step(timing: dict | None) -> float:
     (warm = 0: a process's first chunk of each length and state shapes in an invocation, so also the chunk after
     its tracker grew) are left out when others were timed (a run of one chunk is timed with its compilation).
     """
-    chunks = np.asarray((timing or {}).get("chunks", []), dtype=np.float64).reshape(-1, 3)
+    chunks = timed_chunks(timing)
     chunks = chunks[chunks[:, 0] > 0]
     warm = chunks[chunks[:, 2] > 0]
     chunks = warm if warm.size else chunks
     return float(np.median(1e3 * chunks[:, 1] / chunks[:, 0])) if chunks.size else float("nan")
+
+
+def timed_with_compilation(timing: dict | None) -> bool:
+    """Whether :func:`milliseconds_per_step` had to time compiling chunks: no chunk of the process ran warm."""
+    chunks = timed_chunks(timing)
+    return bool(chunks.size) and not np.any((chunks[:, 0] > 0) & (chunks[:, 2] > 0))
+
+
+def compilation_note(summary: dict, processes: list[str]) -> str:
+    """The line under the table naming the processes whose ``ms_per_step`` includes their compilation ('' if none)."""
+    timing = summary.get("timing", {})
+    compiled = [p for p in processes if timed_with_compilation(timing.get(p))]
+    if not compiled:
+        return ""
+    which = "it" if len(compiled) == 1 else "them"
+    why = "a first chunk, a chunk of a new length, one after the tracked block grew"
+    remedy = "a longer run, or `spectrum.k` = `k_max` from step 0, times the steps alone"
+    return (
+        f"ms_per_step of {', '.join(compiled)} includes compilation: every chunk of {which} compiled ({why}), so "
+        f"none was timed warm; {remedy} (docs/compare.md, ms_per_step)."
+    )
 
 
 # ---- one run -------------------------------------------------------------------------------------
@@ -626,6 +652,7 @@ def write_report(run_dir: str | Path, width: float = SMOOTHING) -> Path:
         "",
         loss_error_floor_line(table, reference),
         "",
+        *([note, ""] if (note := compilation_note(summary, processes)) else []),
         "Columns: mean_distance = time-averaged ||w_ref - w||; relative_distance = the same "
         + (
             f"divided by {yardstick}'s"
