@@ -181,7 +181,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         figures.append((f"Distance to {reference}", "distance.png"))
 
     lines = [f"# Report: {ds.attrs.get('name', run_dir.name)}", ""]
-    # (variable, heading) of the curvature columns: an adaptive run records its preconditioned sharpness, not S
+    # the curvature columns, (variable, heading) twice: an adaptive run records its preconditioned sharpness, not S
     curvature = ("sharpness", "sharpness", "lr_sharpness", "lr*S")
     if "sharpness" not in ds and "preconditioned_sharpness" in ds:
         curvature = ("preconditioned_sharpness", "preconditioned sharpness", "edge_ratio", "S/threshold")
