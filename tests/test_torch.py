@@ -353,8 +353,6 @@ def test_parameter_groups_that_cannot_share_a_threshold_are_named():
     partial = torch.optim.SGD(list(model.parameters())[:2], lr=0.1)
     with pytest.raises(ValueError, match=r"does not hold the model's trainable parameter\(s\) 2.weight, 2.bias"):
         tracker.update(batch, partial)
-    with pytest.raises(ValueError, match=r"every parameter group has lr = 0"):
-        tracker.update(batch, torch.optim.SGD(model.parameters(), lr=0.0))
     ascending = torch.optim.SGD(groups_of(model, {}, {"maximize": True}), lr=0.1)  # ascends loss_fn in group 1
     with pytest.raises(ValueError, match=r"group\(s\) \[1\] have maximize = True.*Hessian of -loss_fn"):
         tracker.update(batch, ascending)
@@ -1286,6 +1284,50 @@ def test_a_parameter_the_optimizer_never_stepped_is_frozen_not_an_error(make):
     scaled = hessian[:used, :used] / np.sqrt(np.outer(p_diag, p_diag))
     eig = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8, max_iters=400).update(batch, optimizer)
     np.testing.assert_allclose(eig.values, np.linalg.eigvalsh(scaled)[::-1][:2], rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9),
+        lambda g: torch.optim.AdamW(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6),
+        lambda g: torch.optim.RMSprop(g, lr=0.01, alpha=0.9),
+    ],
+)
+@pytest.mark.parametrize("schedule", ["warmup", "cosine"])
+def test_a_schedule_at_lr_0_reads_an_edge_at_infinity(make, schedule):
+    """Before: "every parameter group has lr = 0 ... there is no edge", a ValueError in the user's loop at the
+    first step of a warmup from 0 (transformers' linear warmup) or the last of a cosine schedule to 0. Now, as
+    the JAX monitor's c / lr(t): threshold inf, edge ratio 0, and the values those of P^-1/2 H P^-1/2 with
+    each group's own P (two groups at base lr 0.004 and 0.01, nothing folded), against dense float64 eigh."""
+    objective, _ = problem("mlp", 5, 3)
+    model, (inputs, targets) = objective.model, objective.batch
+    optimizer = make(groups_of(model, {"lr": 0.004}, {"lr": 0.01}))
+    steps = 5
+    if schedule == "warmup":  # lr 0 before the first step; measured after stepping at 0 (Adam has a state)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(t / 10, 1.0))
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
+    for _ in range(1 if schedule == "warmup" else steps):
+        optimizer.zero_grad()
+        F.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+        if schedule == "cosine":
+            scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0, 0.0]
+    hessian = dense_hessian(objective)
+    states = [optimizer.state[p] for p in model.parameters()]
+    if isinstance(optimizer, torch.optim.SGD):
+        p_diag = np.ones(hessian.shape[0])
+    elif isinstance(optimizer, torch.optim.AdamW):
+        nu = np.concatenate([s["exp_avg_sq"].reshape(-1).numpy() for s in states])
+        p_diag = np.sqrt(nu / (1 - 0.99 ** float(states[0]["step"]))) + 1e-6
+    else:
+        p_diag = np.sqrt(np.concatenate([s["square_avg"].reshape(-1).numpy() for s in states])) + 1e-8
+    scaled = hessian / np.sqrt(np.outer(p_diag, p_diag))
+    eig = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-8, max_iters=400).update((inputs, targets), optimizer)
+    np.testing.assert_allclose(eig.values, np.linalg.eigvalsh(scaled)[::-1][:2], rtol=1e-7)
+    assert eig.threshold == np.inf and eig.edge_ratio == 0.0
 
 
 class _Normalized(torch.nn.Module):

@@ -152,8 +152,8 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
             "threshold exists: give every group the same momentum (betas[0] for Adam)"
         )
     lr_max = max(edge.lr for edge in edges)
-    if not lr_max > 0:
-        raise ValueError(f"every parameter group has lr = 0 (got {lr_max!r}): nothing moves, there is no edge")
+    if not lr_max >= 0:
+        raise ValueError(f"the optimizer's largest step size is lr = {lr_max!r}: there is no edge")
 
     def per_coordinate(value: Callable[[ParameterEdge], Any]) -> np.ndarray:
         """(d,) ``value(edge)`` of each parameter, repeated over its entries, in the objective's layout."""
@@ -161,7 +161,10 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
             [np.broadcast_to(np.asarray(value(edge), dtype=np.float64), (edge.size,)) for edge in edges]
         )
 
-    scale = per_coordinate(lambda edge: lr_max / edge.lr if edge.lr > 0 else np.inf)  # lr = 0: a frozen block
+    if lr_max > 0:
+        scale = per_coordinate(lambda edge: lr_max / edge.lr if edge.lr > 0 else np.inf)  # lr = 0: a frozen block
+    else:  # every group at lr = 0 (a warmup's first step, a cosine's last): c / lr = inf, each group's own P
+        scale = per_coordinate(lambda edge: np.inf if edge.frozen else 1.0)
     if edges[0].P is not None:
         diagonal = per_coordinate(lambda edge: edge.P) * scale
     else:  # SGD: P = I, unless the groups' step sizes differ
@@ -170,7 +173,7 @@ def optimizer_preconditioning(optimizer: torch.optim.Optimizer, objective: Torch
     decoupled = per_coordinate(lambda edge: edge.lr * edge.decoupled_decay)  # lr_g wd_g
     return Preconditioning(
         diagonal,
-        edges[0].c / lr_max,
+        edges[0].c / lr_max if lr_max > 0 else np.inf,
         coupled if coupled.any() else None,
         decoupled if decoupled.any() else None,
     )
@@ -202,6 +205,7 @@ class ParameterEdge(NamedTuple):
     P: np.ndarray | None  # (size,)
     coupled_decay: float  # wd added to the gradient (L2): the curvature H + wd
     decoupled_decay: float  # wd of w <- (1 - lr wd) w (AdamW)
+    frozen: bool = False  # the optimizer never stepped it (lr 0 whatever its group's)
 
 
 def _parameter_edge(
@@ -223,7 +227,7 @@ def _parameter_edge(
     else:  # RMSprop
         c = stability_constant(float(group.get("momentum", 0.0)), "classical")
     if never_stepped(optimizer, p):  # it does not move: frozen, as a group at lr = 0
-        return ParameterEdge(p.numel(), index, 0.0, c, np.ones(p.numel()), 0.0, 0.0)
+        return ParameterEdge(p.numel(), index, 0.0, c, np.ones(p.numel()), 0.0, 0.0, frozen=True)
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         # AMSGrad divides by the running max of the raw nu, then bias-corrects: P = sqrt(max nu / (1 - b2^t)) + eps
         nu, steps = state_buffer(state, "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq", name)
