@@ -379,6 +379,19 @@ def test_a_float64_model_needs_no_global_jax_setting():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("model_dtype, run_dtype", [(torch.float32, "float64"), (torch.float64, "float32")])
+def test_a_run_in_another_dtype_than_the_torch_model_says_to_cast_the_model(model_dtype, run_dtype):
+    """Before: "w0 is float32 but this run computes in float64: cast it (e.g. `.astype("float64")`, or
+    `jax.tree.map(...)` for a whole model)", advice for a JAX pytree that a torch problem's user cannot follow."""
+    model = mlp(3, 0).to(model_dtype)
+    batch = (torch.zeros(5, 6, dtype=model_dtype), torch.zeros(5, 3, dtype=model_dtype))
+    with pytest.raises(SpecError) as raised:
+        eosflow.simulate(eosflow.torch.problem(model, F.mse_loss, batch), lr=0.1, steps=1, dtype=run_dtype)
+    message = str(raised.value)
+    assert f"w0 of the torch model Sequential is {str(model_dtype)[6:]} but this run computes in {run_dtype}" in message
+    assert f"`model.to(torch.{run_dtype})`) and its batch" in message and "astype" not in message
+
+
 def test_mixed_dtypes_and_missing_state_are_named():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1).double())
     with pytest.raises(ValueError, match="mix dtypes"):

@@ -58,9 +58,15 @@ def entered(settings: tuple[bool, Any]) -> Iterator[None]:
         yield
 
 
-def check_dtypes(tree: Any, dtype: Any, where: str) -> None:
+CAST_ARRAYS = (
+    'cast it (e.g. `.astype("{dtype}")`, or `jax.tree.map(lambda a: a.astype("{dtype}"), params)` for a whole model)'
+)
+
+
+def check_dtypes(tree: Any, dtype: Any, where: str, cast: str | None = None) -> None:
     """Every floating-point leaf of ``tree`` has ``dtype``; else a SpecError naming the leaf
-    (``where`` + its path), its dtype and the two fixes. Integer leaves (labels) are allowed.
+    (``where`` + its path), its dtype and the two fixes: ``cast`` (``{dtype}`` in it is the run's dtype;
+    default: the array's ``astype``), or the run's dtype. Integer leaves (labels) are allowed.
 
     ``tree`` may hold arrays or anything with a ``dtype`` (a ``jax.ShapeDtypeStruct``).
     """
@@ -71,10 +77,10 @@ def check_dtypes(tree: Any, dtype: Any, where: str) -> None:
             continue  # (jnp's issubdtype: NumPy does not count bfloat16 as floating)
         name = np.dtype(found).name
         other_run = f' or set dtype = "{name}" for the run' if name in DTYPES else ""
+        fix = cast or CAST_ARRAYS
         raise SpecError(
             f"{where}{jax.tree_util.keystr(path)} is {name} but this run computes in "
-            f'{expected.name}: cast it (e.g. `.astype("{expected.name}")`, or '
-            f'`jax.tree.map(lambda a: a.astype("{expected.name}"), params)` for a whole model){other_run}'
+            f"{expected.name}: {fix.format(dtype=expected.name)}{other_run}"
         )
 
 

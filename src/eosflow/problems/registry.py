@@ -245,7 +245,16 @@ class Problem:
                 jax.ShapeDtypeStruct(shape, np.dtype(name)) for shape, name in zip(unravel.shapes, unravel.dtypes)
             ]
             check_dtypes(jax.tree_util.tree_unflatten(unravel.treedef, shapes), dtype, "params")
-        check_dtypes(self.w0, dtype, "w0")
+        if str(self.info.get("backend", "")).startswith("torch"):  # eosflow.torch.problem: w0 is the model's
+            model = f"w0 of the torch model {self.info.get('model', '')}"
+            check_dtypes(
+                self.w0,
+                dtype,
+                model,
+                "cast the model (`model.to(torch.{dtype})`) and its batch before eosflow.torch.problem",
+            )
+        else:
+            check_dtypes(self.w0, dtype, "w0")
         for where, data in self._named_data():
             check_dtypes(data, dtype, where)
 
