@@ -14,6 +14,16 @@ and compared with ARPACK at tol 0 (scipy eigsh). Printed per phase (sharpening: 
 edge: lr S >= 1.9): median HVPs per measurement, median and max relative eigenvalue error.
 
     python benchmarks/torch_bridge.py [--steps 400] [--every 10] [--k 1 3] [--threads 1]
+
+``--crossing`` measures instead what the tracker pays to move arrays between torch and JAX, on float32 MLPs
+64-w-w-10 (``--widths``; 30, 140, 510 give d = 3190, 30250, 298870) on 500 digits: per Hessian-vector product
+(one host callback per column of LOBPCG's block), the product itself (the shared gradient graph) and the
+callback's round trip with the product replaced by the identity, as the bridge crosses now (NumPy:
+``torch.from_numpy`` of the callback's arrays, ``.numpy()`` back) and through DLPack (``torch.from_dlpack`` of
+them); per update, w into JAX and the eigenvectors out to torch, both ways; and the whole update (k = 3,
+tol 1e-3, warm, after a GD step). The two crossings alternate, ``--repeats`` times each.
+
+    python benchmarks/torch_bridge.py --crossing [--widths 30 140 510] [--repeats 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -24,14 +34,16 @@ import time
 
 import equinox as eqx
 import jax
+import jax.dlpack
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
 import torch
 from sklearn.datasets import load_digits
 
-from eosflow.spectrum import lobpcg, random_vectors
+from eosflow.spectrum import leading_columns, lobpcg, random_vectors
 from eosflow.torch import SharpnessTracker, TorchObjective
+from eosflow.torch.bridge import host_callback
 
 jax.config.update("jax_enable_x64", True)  # this script's own process: float64 throughout
 torch.set_default_dtype(torch.float64)  # PyHessian draws its vectors in the default dtype
@@ -43,9 +55,13 @@ def digits(n: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.nn.functional.one_hot(torch.from_numpy(y[:n]), 10).double()
 
 
-def mlp() -> torch.nn.Module:
+def mlp(width: int = 32) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+        torch.nn.Linear(64, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, 10),
     )
 
 
@@ -130,6 +146,98 @@ def bridge_overhead(objective: TorchObjective, repeats: int = 30) -> None:
         print(f"  {name:<30} {np.median(times):8.2f}")
 
 
+def _dlpack_host_callback(fn, shape, dtype, *args):
+    """eosflow.torch.bridge.host_callback with the callback's arrays taken into torch by DLPack (the
+    alternative measured; float32 and int32 arguments, one 32-bit word each, as the tracker's)."""
+    as_torch = {np.dtype(np.float32): torch.float32, np.dtype(np.int32): torch.int32}
+    kinds = [as_torch[np.dtype(a.dtype)] for a in args]
+
+    def on_words(*packed):
+        out = fn(*(torch.from_dlpack(p).view(kind) for p, kind in zip(packed, kinds)))
+        return out.view(torch.uint32).numpy()
+
+    packed = [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args]
+    out = jax.pure_callback(on_words, jax.ShapeDtypeStruct(shape, jnp.uint32), *packed, vmap_method="sequential")
+    return jax.lax.bitcast_convert_type(out, dtype)
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    jax.block_until_ready(fn())
+    return 1e3 * (time.perf_counter() - started)
+
+
+def crossing_at(width: int, batch: tuple[torch.Tensor, torch.Tensor], repeats: int, k: int) -> None:
+    """The rows of ``--crossing`` for the MLP 64-width-width-10 (float32) on ``batch``."""
+    loss_fn = torch.nn.functional.cross_entropy
+    torch.manual_seed(0)
+    model = mlp(width).float()
+    objective = TorchObjective(model, loss_fn, batch)
+    w_t = objective.flat_parameters()
+    d = w_t.numel()
+    linearized = objective.linearized(w_t)
+    column = torch.from_numpy(np.random.default_rng(0).normal(size=(d, 1)).astype(np.float32))
+    token, w, block = jnp.asarray(0, jnp.int32), jnp.asarray(w_t.numpy()), jnp.asarray(column.numpy()).repeat(k, 1)
+
+    def through(cross, identity):  # LOBPCG's column loop over a block of k, each column one callback
+        def matvec(v):
+            return cross(identity, v.shape, np.dtype(np.float32), token, w, v)
+
+        return jax.jit(lambda vectors: leading_columns(matvec, vectors, k))
+
+    def by_numpy(token, w, v):  # the tracker's _hvp_block conversions around an identity product
+        torch.from_numpy(np.require(w, requirements="W"))
+        return torch.from_numpy(np.require(v, requirements="W")).numpy()
+
+    numpy_loop = through(lambda *a: host_callback(*a, vmap_method="sequential"), by_numpy)
+    dlpack_loop = through(_dlpack_host_callback, lambda token, w, v: v.clone())
+    vectors = jax.block_until_ready(numpy_loop(block))
+    assert np.array_equal(np.asarray(vectors), np.asarray(dlpack_loop(block)))
+    candidates = {
+        "product (shared graph), per column": lambda: linearized(column),
+        "crossing NumPy, per column": lambda: numpy_loop(block),
+        "crossing DLPack, per column": lambda: dlpack_loop(block),
+        "w into JAX: NumPy": lambda: jnp.asarray(w_t.numpy()),
+        "w into JAX: DLPack": lambda: jax.dlpack.from_dlpack(w_t),
+        "vectors to torch: NumPy copy": lambda: torch.from_numpy(np.array(vectors)),
+        "vectors to torch: DLPack + clone": lambda: torch.from_dlpack(vectors).clone(),
+    }
+    rows: dict[str, list[float]] = {name: [] for name in candidates}
+    for fn in candidates.values():
+        jax.block_until_ready(fn())
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            rows[name].append(_timed(fn) / (k if "crossing" in name else 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = SharpnessTracker(model, loss_fn, k=k, tol=1e-3)
+    tracker.update(batch)
+    updates, hvps = [], []
+    for _ in range(max(repeats // 4, 3)):
+        optimizer.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+        started = time.perf_counter()
+        hvps.append(tracker.update(batch, optimizer).hvps)
+        updates.append(1e3 * (time.perf_counter() - started))
+    print(f"d = {d}:")
+    for name, times in rows.items():
+        print(f"  {name:<38} {np.median(times):9.3f}")
+    share = np.median(hvps) * np.median(rows["crossing NumPy, per column"]) / np.median(updates)
+    print(
+        f"  {'update (GD step before each)':<38} {np.median(updates):9.1f}  ({np.median(hvps):.0f} HVPs: "
+        f"the NumPy crossing is {100 * share:.1f}% of it)"
+    )
+
+
+def crossing(widths: list[int], repeats: int, k: int = 3) -> None:
+    """ms per product and per update that the torch <-> JAX crossing costs, NumPy against DLPack (see the top)."""
+    x, y = load_digits(return_X_y=True)
+    batch = (torch.tensor(x[:500] / 16, dtype=torch.float32), torch.from_numpy(y[:500]))
+    print(f"torch <-> JAX crossing, float32, k = {k}, median ms of {repeats} (NumPy and DLPack alternating):")
+    for width in widths:
+        crossing_at(width, batch, repeats, k)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
@@ -143,9 +251,15 @@ def main() -> None:
         help="torch intra-op threads (default: torch's; use 1 on a loaded machine, where "
         "spinning thread pools slow every call tens of times)",
     )
+    parser.add_argument("--crossing", action="store_true", help="measure the torch <-> JAX crossing only")
+    parser.add_argument("--widths", type=int, nargs="+", default=[30, 140, 510])
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.crossing:
+        crossing(args.widths, args.repeats)
+        return
 
     inputs, targets = digits()
     torch.manual_seed(0)

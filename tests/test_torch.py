@@ -392,6 +392,33 @@ def test_a_run_in_another_dtype_than_the_torch_model_says_to_cast_the_model(mode
     assert f"`model.to(torch.{run_dtype})`) and its batch" in message and "astype" not in message
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_readings_share_no_memory_with_the_warm_start_or_the_model(k):
+    """The tracker hands out eigenvectors the caller may change in place, and the optimizer steps the parameters
+    in place: neither may reach the tracker's warm start, an earlier reading or a problem's w0 (a zero-copy DLPack
+    view of the solver's arrays would let the first, measured in benchmarks/torch_bridge.py --crossing). A twin
+    tracker that saw the same updates, its readings untouched, gives the same next reading bitwise."""
+    objective, _ = problem("mlp", 5, k)
+    model, batch = objective.model, objective.batch
+    tracker, twin = (SharpnessTracker(model, F.mse_loss, k=k, tol=1e-3, seed=k) for _ in range(2))
+    problem_before = eosflow.torch.problem(model, F.mse_loss, batch)
+    w0 = problem_before.w0.copy()
+    first, _ = tracker.update(batch), twin.update(batch)
+    values, vectors = first.values.copy(), first.vectors.clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.mse_loss(model(batch[0]), batch[1]).backward()
+        optimizer.step()  # in place
+    assert np.array_equal(first.values, values) and torch.equal(first.vectors, vectors)
+    assert np.array_equal(problem_before.w0, w0)
+    first.vectors.mul_(-3.0)  # the caller's own use of the reading, in place
+    first.vectors[:, 0] = 0.0
+    ours, theirs = tracker.update(batch, optimizer), twin.update(batch, optimizer)
+    assert ours.hvps == theirs.hvps and np.array_equal(ours.values, theirs.values)
+    assert torch.equal(ours.vectors, theirs.vectors)
+
+
 def test_mixed_dtypes_and_missing_state_are_named():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1).double())
     with pytest.raises(ValueError, match="mix dtypes"):

@@ -9,9 +9,10 @@ computed by torch (``jax.pure_callback``), chained by ``jax.custom_jvp`` rules (
     D^3 L[u, v, .]  no tangent (a fourth derivative raises)
 
 so JAX's own ``grad``, ``jvp``, ``linearize`` and ``vmap`` of L (used by ``eosflow.Objective``,
-the eigensolver and every flow) call exactly one torch derivative each. On the CPU the arrays
-cross without copies (NumPy views); on a GPU each call is a device-host round trip, which is why
-the live tracker (:mod:`eosflow.torch.tracker`) batches its products into one call per iteration.
+the eigensolver and every flow) call exactly one torch derivative each. Each call copies its
+arguments into torch (JAX hands a callback read-only arrays) and its result back into JAX; on a GPU
+it is also a device-host round trip. ``benchmarks/torch_bridge.py --crossing`` measures the copies
+against DLPack's zero-copy views (docs/torch.md, "How it works").
 
 ``jax_loss_on(objective)`` is the same chain for ``loss_on(w, indices)``, the loss on the examples
 ``indices`` (slices of the batch along its example axes, by default its rows; integers, carried to

@@ -9,10 +9,10 @@
 
 It runs eosflow's warm-started LOBPCG (:func:`eosflow.spectrum.lobpcg`, jitted, the same code as
 the JAX tracker, so the same relative-residual contract ||A x - theta x|| <= tol |theta| per
-pair) with one torch call per iteration for the block of Hessian-vector products (vmapped
-double backward). The preconditioner and the edge-of-stability threshold are read from the
-optimizer's state: torch.optim.SGD (momentum, Nesterov), RMSprop (centered, momentum) and
-Adam/AdamW (bias-corrected second moment):
+pair) with one torch call per Hessian-vector product (LOBPCG's loop over the block's unconverged
+columns), a backward pass through the update's gradient graph. The preconditioner and the
+edge-of-stability threshold are read from the optimizer's state: torch.optim.SGD (momentum,
+Nesterov), RMSprop (centered, momentum) and Adam/AdamW (bias-corrected second moment):
 
     Adam    P = sqrt(v / (1 - beta2^t)) + eps     threshold (2 + 2 beta1) / ((1 - beta1) lr)
     RMSprop P = sqrt(v [- m^2]) + eps             threshold 2 (1 + momentum) / lr
