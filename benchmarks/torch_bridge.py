@@ -24,6 +24,12 @@ them); per update, w into JAX and the eigenvectors out to torch, both ways; and 
 tol 1e-3, warm, after a GD step). The two crossings alternate, ``--repeats`` times each.
 
     python benchmarks/torch_bridge.py --crossing [--widths 30 140 510] [--repeats 20] [--threads 1]
+
+``--run`` times eosflow.simulate on eosflow.torch.problem (an MLP 64-32-10, float32, cross-entropy on 256
+digits, lr 0.5, 40 steps, k_max 2) for ``--processes``: the bridge's Hessian-vector products at one w through
+one shared gradient graph (eosflow.torch.bridge.SharedGraph) and each from scratch, alternating, 3 runs each.
+
+    python benchmarks/torch_bridge.py --run [--processes gd gradient_flow central_flow] [--threads 1]
 """
 
 from __future__ import annotations
@@ -238,6 +244,37 @@ def crossing(widths: list[int], repeats: int, k: int = 3) -> None:
         crossing_at(width, batch, repeats, k)
 
 
+def shared_graph_runs(processes: list[str], runs: int = 3) -> None:
+    """Seconds per eosflow.simulate on a torch problem, the bridge's HVPs shared or from scratch (see the top)."""
+    import eosflow
+    from eosflow.torch import bridge, problem
+
+    x, y = load_digits(return_X_y=True)
+    batch = (torch.tensor(x[:256] / 16, dtype=torch.float32), torch.from_numpy(y[:256]))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)).float()
+    torch_problem = problem(model, torch.nn.functional.cross_entropy, batch)
+    settings = {"lr": 0.5, "steps": 40, "processes": processes, "spectrum": {"k_max": 2}}
+    shared = bridge.SharedGraph.__call__
+    ways = {"shared graph": shared, "from scratch": lambda self, w, v, batch: self.objective.hvp(w, v, batch)}
+    eosflow.simulate(torch_problem, **settings)  # compiles
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    sharpness = {}
+    try:
+        for _ in range(runs):
+            for way, call in ways.items():
+                bridge.SharedGraph.__call__ = call
+                started = time.perf_counter()
+                ds = eosflow.simulate(torch_problem, **settings)
+                seconds[way].append(time.perf_counter() - started)
+                sharpness[way] = float(ds.sharpness.isel(step=-1, process=0))
+    finally:
+        bridge.SharedGraph.__call__ = shared
+    print(f"eosflow.simulate on a torch MLP (d = {torch_problem.info['parameters']}), {processes}, 40 steps:")
+    for way, times in seconds.items():
+        print(f"  {way:<14} median {np.median(times):.2f} s of {np.round(times, 2)}; last sharpness {sharpness[way]!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
@@ -254,11 +291,16 @@ def main() -> None:
     parser.add_argument("--crossing", action="store_true", help="measure the torch <-> JAX crossing only")
     parser.add_argument("--widths", type=int, nargs="+", default=[30, 140, 510])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--run", action="store_true", help="time eosflow.simulate, HVPs shared or from scratch")
+    parser.add_argument("--processes", nargs="+", default=["gd", "gradient_flow", "central_flow"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.crossing:
         crossing(args.widths, args.repeats)
+        return
+    if args.run:
+        shared_graph_runs(args.processes)
         return
 
     inputs, targets = digits()

@@ -12,7 +12,8 @@ so JAX's own ``grad``, ``jvp``, ``linearize`` and ``vmap`` of L (used by ``eosfl
 the eigensolver and every flow) call exactly one torch derivative each. Each call copies its
 arguments into torch (JAX hands a callback read-only arrays) and its result back into JAX; on a GPU
 it is also a device-host round trip. ``benchmarks/torch_bridge.py --crossing`` measures the copies
-against DLPack's zero-copy views (docs/torch.md, "How it works").
+against DLPack's zero-copy views (docs/torch.md, "How it works"). Hessian-vector products at a repeated w
+on the full batch (an eigensolve's columns) share one gradient graph (:class:`SharedGraph`).
 
 ``jax_loss_on(objective)`` is the same chain for ``loss_on(w, indices)``, the loss on the examples
 ``indices`` (slices of the batch along its example axes, by default its rows; integers, carried to
@@ -23,6 +24,7 @@ the per-example gradients of the noise models are torch evaluations too.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Callable
@@ -36,7 +38,7 @@ import torch
 from eosflow.derivative_chain import derivative_chain
 from eosflow.objective import Objective, _identity
 from eosflow.problems.registry import Problem
-from eosflow.torch.objective import Batch, ExampleAxis, TorchObjective, numpy_dtype
+from eosflow.torch.objective import Batch, ExampleAxis, LinearizedHessian, TorchObjective, numpy_dtype, train_modes
 
 
 def _to_torch(array: np.ndarray, objective: TorchObjective) -> torch.Tensor:
@@ -44,10 +46,15 @@ def _to_torch(array: np.ndarray, objective: TorchObjective) -> torch.Tensor:
 
 
 def _batched(
-    fn: Callable[..., torch.Tensor], what: str, objective: TorchObjective, indexed: bool
+    fn: Callable[..., torch.Tensor],
+    what: str,
+    objective: TorchObjective,
+    indexed: bool,
+    single: Callable[..., torch.Tensor] | None = None,
 ) -> Callable[..., np.ndarray]:
     """A NumPy callback of ``fn(*vectors, batch)`` (each vector (d,)) that also accepts leading batch axes;
-    ``what`` names fn's results (``"gradients"``) for the warning of :meth:`TorchObjective.map_lanes`.
+    ``what`` names fn's results (``"gradients"``) for the warning of :meth:`TorchObjective.map_lanes`;
+    ``single`` (default fn) serves a call without leading axes, outside ``torch.func.vmap``.
 
     With ``indexed`` the last array holds example indices (..., S): the minibatch is
     ``objective.examples`` of them (the stored batch itself for 0, ..., N-1), else it is the full
@@ -62,18 +69,17 @@ def _batched(
         lead = np.broadcast_shapes(*(a.shape[:-1] for a in arrays))
         tensors = [_to_torch(a, objective) for a in vectors]
         lanes: tuple = ()  # the batched minibatches, one per lane (a vmapped argument of fn)
-        if indices is None:
-            call = lambda *v: fn(*v, objective.batch)  # noqa: E731
-        else:
+        batch = objective.batch
+        if indices is not None:
             objective.check_minibatch(indices.shape[-1])  # (the modes may have changed since tracing)
             if math.prod(indices.shape[:-1]) == 1:  # one minibatch for every lane
                 batch = objective.examples(indices.reshape(-1))
-                call = lambda *v: fn(*v, batch)  # noqa: E731
             else:
                 rows = np.broadcast_to(indices, (*lead, indices.shape[-1])).reshape(-1, indices.shape[-1])
-                lanes, call = (objective.examples(rows),), fn
+                lanes = (objective.examples(rows),)
+        call = fn if lanes else lambda *v: fn(*v, batch)
         if math.prod(lead) == 1:  # nothing to map over (possibly a batch of one)
-            out = call(*(t.reshape(t.shape[-1]) for t in tensors))
+            out = (single or fn)(*(t.reshape(t.shape[-1]) for t in tensors), batch)  # (no lanes: lead is all 1)
             return out.detach().cpu().numpy().reshape(tuple(lead) + tuple(out.shape))
         flat: list = []  # tensors, and minibatches (pytrees of tensors)
         in_dims: list = []
@@ -172,19 +178,21 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
     to every derivative's callback unchanged.
     """
     d, dtype = objective.dim, numpy_dtype(objective.dtype)
+    shared = SharedGraph(objective)
 
-    def call(fn: Callable[..., torch.Tensor], what: str, shape: tuple[int, ...], *args, indices):
-        """fn's value at traced args (``what`` names its results); result structs are made here, where the
-        precision is known."""
+    def call(fn: Callable[..., torch.Tensor], what: str, shape: tuple[int, ...], *args, indices, single=None):
+        """fn's value at traced args (``what`` names its results; ``single`` serves a call without lanes, as
+        :func:`_batched`); result structs are made here, where the precision is known."""
         if jax.dtypes.canonicalize_dtype(dtype) != dtype:  # checked where traced: precision may be scoped
             raise ValueError(
                 f"the torch model is {dtype.name} but JAX computes in float32 here: run with dtype = "
                 f'"float64" (eosflow.simulate does), inside `jax.enable_x64()`, or cast the model with .float()'
             )
         if indices is None:
-            return host_callback(_batched(fn, what, objective, False), shape, dtype, *args, vmap_method="expand_dims")
+            callback = _batched(fn, what, objective, False, single)
+            return host_callback(callback, shape, dtype, *args, vmap_method="expand_dims")
         objective.check_minibatch(indices.shape[-1])  # a clear error where traced (and again on the host)
-        callback = _batched(fn, what, objective, True)
+        callback = _batched(fn, what, objective, True, single)
         return host_callback(callback, shape, dtype, *args, indices, vmap_method="expand_dims")
 
     def both(w: torch.Tensor, batch) -> torch.Tensor:
@@ -198,12 +206,40 @@ def _bridge(objective: TorchObjective) -> Callable[[jax.Array, jax.Array | None]
     return derivative_chain(
         value=lambda w, indices: call(objective.value, "losses", (), w, indices=indices),
         value_and_grad=value_and_grad,
-        hvp=lambda w, v, indices: call(objective.hvp, "Hessian-vector products", (d,), w, v, indices=indices),
+        hvp=lambda w, v, indices: call(
+            objective.hvp, "Hessian-vector products", (d,), w, v, indices=indices, single=shared
+        ),
         third_derivative=lambda w, u, v, indices: call(
             objective.third_derivative, "third derivatives", (d,), w, u, v, indices=indices
         ),
         source="a torch objective",
     )
+
+
+class SharedGraph:
+    """H(w) v through one gradient graph (:class:`LinearizedHessian`) while w repeats on the full batch: the
+    products of an eigensolve (LOBPCG's columns, each one callback) are all at one w, and share the graph of
+    the first, as the tracker's do, where each product from scratch evaluates the forward and the gradient
+    again. A new w, other train/eval modes or an in-place change of any of the model's tensors (their version
+    counters: a frozen layer, a buffer) builds it again; a minibatch is evaluated from scratch. The graph (the
+    batch's activations) is held until then."""
+
+    def __init__(self, objective: TorchObjective):
+        self.objective = objective
+        self.key: tuple | None = None
+        self.hessian: LinearizedHessian | None = None
+
+    def __call__(self, w: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+        objective = self.objective
+        if batch is not objective.batch:
+            return objective.hvp(w, v, batch)
+        model = objective.model
+        state = (train_modes(model), tuple(t._version for t in itertools.chain(model.parameters(), model.buffers())))
+        if self.hessian is None or self.key is None or self.key[1] != state or not torch.equal(self.key[0], w):
+            self.hessian = None  # (the old graph freed before the new one is built)
+            self.hessian = objective.linearized(w, batch)
+            self.key = (w.clone(), state)
+        return self.hessian(v[:, None])[:, 0]
 
 
 class _ExampleLoss(eqx.Module):
