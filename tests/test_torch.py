@@ -523,6 +523,18 @@ def test_a_batch_of_another_dtype_is_named_where_the_model_cannot_take_it():
 
     casting = SharpnessTracker(Casting(model), F.mse_loss, k=1, tol=1e-6, max_iters=100)
     np.testing.assert_allclose(casting.update((x.double(), y)).values, expected, rtol=1e-4)
+    # NumPy arrays (before: "linear(): argument 'input' (position 1) must be Tensor, not numpy.ndarray")
+    labels = np.arange(10) % 2
+    classifier = SharpnessTracker(model, F.cross_entropy, k=1)
+    for batch, named in [
+        ((x.numpy(), y), r"batch\[0\] \(inputs\) is a NumPy array"),
+        ((x, labels), r"batch\[1\] \(targets\) is a NumPy array"),
+        ((x.numpy(), labels), r"batch\[0\] \(inputs\), batch\[1\] \(targets\) are NumPy arrays"),
+    ]:
+        with pytest.raises(TypeError, match=named + r": .*torch.as_tensor\(x, dtype=torch.float32\)"):
+            (tracker if batch[1] is y else classifier).update(batch)
+        with pytest.raises(TypeError, match=named):
+            eosflow.torch.problem(model, F.mse_loss if batch[1] is y else F.cross_entropy, batch)
 
 
 def test_central_flow_on_a_torch_mlp_equals_its_jax_twin():

@@ -549,6 +549,17 @@ class TorchObjective:
                 f"model's dtype (torch.from_numpy gives float64: `.to({self.dtype})`) or the model to the batch's"
             ) from error
         except TypeError as error:
+            arrays = [
+                _tensor_name(path)
+                for path, leaf in pytree.tree_flatten_with_path(self._data(batch))[0]
+                if isinstance(leaf, np.ndarray)
+            ]
+            if arrays:
+                raise TypeError(
+                    f"{error}. {', '.join(arrays)} {'is a NumPy array' if len(arrays) == 1 else 'are NumPy arrays'}: "
+                    f"the model gets the batch as given, so make it tensors, torch.as_tensor(x, dtype={self.dtype}) "
+                    "(and torch.as_tensor(labels))"
+                ) from error
             inputs = self._data(batch)[0]
             if not isinstance(inputs, tuple | list):
                 raise
