@@ -901,6 +901,12 @@ TORCH_OPTIMIZERS = {  # torch optimizer, eosflow process and its options (the sa
         "adam",
         {"beta1": 0.8, "beta2": 0.95, "eps": 1e-7},
     ),
+    # without weight decay AdamW is Adam (before: "no eosflow optimizer for AdamW")
+    "adamw": (
+        lambda p: torch.optim.AdamW(p, lr=0.02, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.0),
+        "adam",
+        {"beta1": 0.8, "beta2": 0.95, "eps": 1e-7},
+    ),
 }
 
 
@@ -972,6 +978,7 @@ def test_what_eosflow_has_no_optimizer_for_is_named_at_the_checkpoint():
     model = objective.model
     cases = {
         "weight_decay = 0.1": torch.optim.Adam(model.parameters(), weight_decay=0.1),
+        "weight_decay = 0.01": torch.optim.AdamW(model.parameters()),  # AdamW's default decay
         "AMSGrad": torch.optim.Adam(model.parameters(), amsgrad=True),
         "maximize = True": torch.optim.SGD(model.parameters(), lr=0.1, maximize=True),
         "dampening = 0.5": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5),

@@ -7,9 +7,9 @@ The model's trainable parameters, flattened in the layout of :func:`eosflow.torc
 optimizer's buffers as the optax states they equal (the update rules agree term by term):
 ``torch.optim.SGD`` with momentum (dampening 0; Nesterov too) keeps ``momentum_buffer``, optax's trace;
 ``torch.optim.RMSprop`` (not centered, no momentum) ``square_avg``, optax's nu with eps outside the root
-(eosflow's ``[rmsprop] eps``); ``torch.optim.Adam`` ``exp_avg``, ``exp_avg_sq`` and ``step``, optax's mu,
-nu and count. What eosflow's optimizers do not have is refused by name: weight decay, AMSGrad, a centered
-or momentum RMSprop, dampening, several parameter groups with different hyperparameters.
+(eosflow's ``[rmsprop] eps``); ``torch.optim.Adam`` (and ``AdamW`` without decay) ``exp_avg``, ``exp_avg_sq``
+and ``step``, optax's mu, nu and count. What eosflow's optimizers do not have is refused by name: weight decay,
+AMSGrad, a centered or momentum RMSprop, dampening, several parameter groups with different hyperparameters.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
             bias_correction=False,
         )
         return Checkpoint(w, optax.ScaleByRmsState(nu=buffer("square_avg")[0]), settings=spec)
-    if type(optimizer) is torch.optim.Adam:
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):  # (weight decay, AdamW's too, refused above)
         if group.get("amsgrad", False):
             raise ValueError("AMSGrad (a running max of nu): eosflow's adam has none")
         (mu, _), (nu, steps) = buffer("exp_avg"), buffer("exp_avg_sq")
