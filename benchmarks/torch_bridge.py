@@ -18,10 +18,11 @@ edge: lr S >= 1.9): median HVPs per measurement, median and max relative eigenva
 ``--crossing`` measures instead what the tracker pays to move arrays between torch and JAX, on float32 MLPs
 64-w-w-10 (``--widths``; 30, 140, 510 give d = 3190, 30250, 298870) on 500 digits: per Hessian-vector product
 (one host callback per column of LOBPCG's block), the product itself (the shared gradient graph) and the
-callback's round trip with the product replaced by the identity, as the bridge crosses now (NumPy:
-``torch.from_numpy`` of the callback's arrays, ``.numpy()`` back) and through DLPack (``torch.from_dlpack`` of
-them); per update, w into JAX and the eigenvectors out to torch, both ways; and the whole update (k = 3,
-tol 1e-3, warm, after a GD step). The two crossings alternate, ``--repeats`` times each.
+callback's round trip with the product replaced by the identity, as the tracker crosses now (NumPy:
+``torch.from_numpy`` of the callback's column, ``.numpy()`` back), as it crossed with w beside each column
+(before w stayed in torch), and through DLPack (``torch.from_dlpack`` of the column); per update, w into JAX
+(before w stayed in torch) and the eigenvectors out to torch, both ways; and the whole update (k = 3, tol 1e-3,
+warm, after a GD step). The rows alternate, ``--repeats`` times each, each first in turn.
 
     python benchmarks/torch_bridge.py --crossing [--widths 30 140 510] [--repeats 20] [--threads 1]
 
@@ -185,23 +186,30 @@ def crossing_at(width: int, batch: tuple[torch.Tensor, torch.Tensor], repeats: i
     column = torch.from_numpy(np.random.default_rng(0).normal(size=(d, 1)).astype(np.float32))
     token, w, block = jnp.asarray(0, jnp.int32), jnp.asarray(w_t.numpy()), jnp.asarray(column.numpy()).repeat(k, 1)
 
-    def through(cross, identity):  # LOBPCG's column loop over a block of k, each column one callback
-        def matvec(v):
-            return cross(identity, v.shape, np.dtype(np.float32), token, w, v)
+    def through(cross, identity, *carried):  # LOBPCG's column loop over a block of k, each column one callback
+        def columns(vectors, token, *carried):  # (the token and w arguments of the program, as the tracker's)
+            def matvec(v):
+                return cross(identity, v.shape, np.dtype(np.float32), token, *carried, v)
 
-        return jax.jit(lambda vectors: leading_columns(matvec, vectors, k))
+            return leading_columns(matvec, vectors, k)
 
-    def by_numpy(token, w, v):  # the tracker's _hvp_block conversions around an identity product
-        torch.from_numpy(np.require(w, requirements="W"))
-        return torch.from_numpy(np.require(v, requirements="W")).numpy()
+        program = jax.jit(columns)
+        return lambda vectors: program(vectors, token, *carried)
+
+    def by_numpy(token, *arrays):  # the tracker's _hvp_block conversions around an identity product
+        *carried, v = (torch.from_numpy(np.require(a, requirements="W")) for a in arrays)
+        return v.numpy()
 
     numpy_loop = through(lambda *a: host_callback(*a, vmap_method="sequential"), by_numpy)
-    dlpack_loop = through(_dlpack_host_callback, lambda token, w, v: v.clone())
+    numpy_w_loop = through(lambda *a: host_callback(*a, vmap_method="sequential"), by_numpy, w)
+    dlpack_loop = through(_dlpack_host_callback, lambda token, v: v.clone())
     vectors = jax.block_until_ready(numpy_loop(block))
     assert np.array_equal(np.asarray(vectors), np.asarray(dlpack_loop(block)))
+    assert np.array_equal(np.asarray(vectors), np.asarray(numpy_w_loop(block)))
     candidates = {
         "product (shared graph), per column": lambda: linearized(column),
         "crossing NumPy, per column": lambda: numpy_loop(block),
+        "crossing NumPy with w, per column": lambda: numpy_w_loop(block),
         "crossing DLPack, per column": lambda: dlpack_loop(block),
         "w into JAX: NumPy": lambda: jnp.asarray(w_t.numpy()),
         "w into JAX: DLPack": lambda: jax.dlpack.from_dlpack(w_t),
@@ -211,9 +219,10 @@ def crossing_at(width: int, batch: tuple[torch.Tensor, torch.Tensor], repeats: i
     rows: dict[str, list[float]] = {name: [] for name in candidates}
     for fn in candidates.values():
         jax.block_until_ready(fn())
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            rows[name].append(_timed(fn) / (k if "crossing" in name else 1))
+    names = list(candidates)
+    for repeat in range(repeats):  # each row first in turn: none always follows the product (a cold cache)
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            rows[name].append(_timed(candidates[name]) / (k if "crossing" in name else 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = SharpnessTracker(model, loss_fn, k=k, tol=1e-3)
     tracker.update(batch)
@@ -239,7 +248,7 @@ def crossing(widths: list[int], repeats: int, k: int = 3) -> None:
     """ms per product and per update that the torch <-> JAX crossing costs, NumPy against DLPack (see the top)."""
     x, y = load_digits(return_X_y=True)
     batch = (torch.tensor(x[:500] / 16, dtype=torch.float32), torch.from_numpy(y[:500]))
-    print(f"torch <-> JAX crossing, float32, k = {k}, median ms of {repeats} (NumPy and DLPack alternating):")
+    print(f"torch <-> JAX crossing, float32, k = {k}, median ms of {repeats} (the crossings alternating):")
     for width in widths:
         crossing_at(width, batch, repeats, k)
 

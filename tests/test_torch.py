@@ -470,6 +470,46 @@ def test_readings_share_no_memory_with_the_warm_start_or_the_model(k):
     assert torch.equal(ours.vectors, theirs.vectors)
 
 
+@pytest.mark.parametrize("microbatch", [None, 7])
+def test_tracker_is_lobpcg_on_torch_products_and_its_callbacks_carry_only_columns(microbatch, monkeypatch):
+    """The tracker's reading is bitwise that of eosflow's LOBPCG, jitted here from the same random start, on a
+    plain callback of torch's own product at the model's w (the update's gradient graph; with a microbatch, the
+    chunks' double-backward products). Its callbacks carry only the columns to multiply: w, the same for every
+    product of an update, stays in torch (it cost half of each crossing at d ~ 300k)."""
+    from eosflow.precision import precision
+    from eosflow.seeds import seed_key
+    from eosflow.spectrum import lobpcg, random_vectors
+    from eosflow.torch.objective import chunked_products
+
+    objective, _ = problem("mlp", 5, 4)
+    model, batch, d = objective.model, objective.batch, objective.dim
+    w = objective.flat_parameters()
+    if microbatch is None:
+        product = objective.linearized(w, batch)
+    else:
+        product = lambda v: chunked_products(objective.hvp_batch, w, v, batch, microbatch)  # noqa: E731
+
+    def matvec(vectors):
+        numpy_product = lambda v: product(torch.from_numpy(np.array(v))).numpy()  # noqa: E731
+        return jax.pure_callback(numpy_product, jax.ShapeDtypeStruct(vectors.shape, vectors.dtype), vectors)
+
+    with precision(np.float64):
+        start = random_vectors(seed_key(3), d, 2, np.float64)
+        expected = jax.jit(lambda x0: lobpcg(matvec, x0, tol=1e-6, max_iters=40))(start)
+    tracker = SharpnessTracker(model, F.mse_loss, k=2, tol=1e-6, max_iters=40, seed=3, microbatch=microbatch)
+    carried = []
+    hvp_block = tracker._hvp_block
+    monkeypatch.setattr(tracker, "_hvp_block", lambda *arrays: (carried.append(arrays), hvp_block(*arrays))[1])
+    eig = tracker.update(batch)
+    assert eig.hvps == int(expected.hvps) == len(carried) > 2
+    assert np.array_equal(eig.values, np.asarray(expected.values))
+    assert np.array_equal(eig.vectors.numpy(), np.asarray(expected.vectors))
+    assert np.array_equal(eig.residuals, np.asarray(expected.residuals))
+    assert all(len(arrays) == 1 and arrays[0].shape == (d, 1) for arrays in carried), [
+        [a.shape for a in arrays] for arrays in carried[:1]
+    ]
+
+
 def test_mixed_dtypes_and_missing_state_are_named():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1).double())
     with pytest.raises(ValueError, match="mix dtypes"):

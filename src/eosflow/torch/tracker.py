@@ -262,18 +262,18 @@ _TRACKERS: weakref.WeakValueDictionary[int, SharpnessTracker] = weakref.WeakValu
 _TOKENS = itertools.count()
 
 
-def _tracker_hvp_block(token: np.ndarray, w: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """The HVPs of the tracker ``token`` names (a solver's host callback)."""
-    return _TRACKERS[int(token)]._hvp_block(w, vectors)
+def _tracker_hvp_block(token: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """The HVPs of the tracker ``token`` names (a solver's host callback), at the w of its update."""
+    return _TRACKERS[int(token)]._hvp_block(vectors)
 
 
-def _solve(token, w, initial, diagonal, coupled_decay, tol: float, max_iters: int):
-    """LOBPCG on the (preconditioned) Hessian of the tracker ``token`` names; coupled_decay (d,): H + diag(wd)."""
+def _solve(token, initial, diagonal, coupled_decay, tol: float, max_iters: int):
+    """LOBPCG on the (preconditioned) Hessian of the tracker ``token`` names; coupled_decay (d,): H + diag(wd).
+    The products are at the w of the tracker's update, held in torch: each callback carries only its columns."""
 
     def hvp_block(vectors: jax.Array) -> jax.Array:
-        args = (token, w, vectors)
         return host_callback(
-            _tracker_hvp_block, vectors.shape, np.dtype(vectors.dtype), *args, vmap_method="sequential"
+            _tracker_hvp_block, vectors.shape, np.dtype(vectors.dtype), token, vectors, vmap_method="sequential"
         )
 
     matvec = preconditioned_matvec(lambda v: hvp_block(v) + coupled_decay[:, None] * v, diagonal)
@@ -312,8 +312,9 @@ class SharpnessTracker:
         self.microbatch = microbatch
         self.k, self.tol, self.max_iters, self.seed = k, tol, max_iters, seed
         self._start(TorchObjective(model, loss_fn, batch=(None, None)))
-        self._batch: Batch | None = None
-        self._hessian: LinearizedHessian | None = None  # set inside update()
+        self._batch: Batch | None = None  # these three are set inside update(), for its products
+        self._w: torch.Tensor | None = None
+        self._hessian: LinearizedHessian | None = None
         self._token = next(_TOKENS)  # this tracker in the callbacks of the solver it shares with others
         _TRACKERS[self._token] = self
 
@@ -349,12 +350,10 @@ class SharpnessTracker:
             stacklevel=3,
         )
 
-    def _hvp_block(self, w: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-        device = self.objective.device
-        w_t = torch.from_numpy(np.require(w, requirements="W")).to(device)
-        v_t = torch.from_numpy(np.require(vectors, requirements="W")).to(device)
-        batch = self._batch
-        assert batch is not None, "HVPs are taken inside update(), which sets the batch"
+    def _hvp_block(self, vectors: np.ndarray) -> np.ndarray:
+        v_t = torch.from_numpy(np.require(vectors, requirements="W")).to(self.objective.device)
+        batch, w_t = self._batch, self._w
+        assert batch is not None and w_t is not None, "HVPs are taken inside update(), which sets the batch and w"
         if self._hessian is not None:  # the update's gradient graph, built once at its w
             return self._hessian(v_t).detach().cpu().numpy()
         return chunked_products(self.objective.hvp_batch, w_t, v_t, batch, self.microbatch).detach().cpu().numpy()
@@ -384,17 +383,17 @@ class SharpnessTracker:
         coupled = (
             np.zeros_like(w) if preconditioning.coupled_decay is None else preconditioning.coupled_decay.astype(w.dtype)
         )
-        self._batch = batch
+        self._batch, self._w = batch, w_t
         # without a microbatch the whole batch's gradient graph is held for the update's products; with one, each
         # product recomputes its chunks (one chunk's activations at a time)
         self._hessian = objective.linearized(w_t, batch) if self.microbatch is None else None
         try:
             with precision(self.dtype):  # (blocking: the callbacks read the batch, dispatch is asynchronous)
                 token = jnp.asarray(self._token, jnp.int32)
-                arrays = (jnp.asarray(w), self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
+                arrays = (self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
                 pairs = jax.block_until_ready(solve(token, *arrays, self.tol, self.max_iters))
         finally:
-            self._batch = self._hessian = None
+            self._batch = self._w = self._hessian = None
         self.vectors = pairs.vectors
         vectors = torch.from_numpy(np.array(pairs.vectors)).to(objective.device)
         return TrackedEigenpairs(
