@@ -383,3 +383,22 @@ def test_examples_build(example):
     if example.startswith("matrix"):
         assert (table["problem"]["dim"], table["problem"]["depth"], table["lr"]) == (2, 3, 0.077)
         assert problem.w0.size == 3 * 2 * 2
+
+
+def test_a_problem_prints_its_shapes_not_its_values():
+    """repr(Problem) is one line of shapes and dtypes, whatever the problem's size (the dataclass's own repr printed
+    every entry of w0 and the model's whole structure)."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(64, 10)), jnp.float32), "b": jnp.zeros(10, jnp.float32)}
+    inputs, targets = (jnp.asarray(rng.normal(size=(500, n)), jnp.float32) for n in (64, 10))
+    problem = eosflow.Problem.from_model(lambda p, x: x @ p["w"] + p["b"], params, inputs, targets)
+    expected = "Problem(w0=f32[650](numpy), params={'b': f32[10], 'w': f32[64,10]}, data=(f32[500,64], f32[500,10])"
+    assert repr(problem) == expected + ")"
+    assert repr(problem.with_microbatch(100)) == expected + ", microbatch=100)"
+    mlp, _ = build_problem({"name": "mlp", "width": 512}, 0, "float32")
+    assert mlp.w0.size == 301_066
+    assert repr(mlp) == (
+        "Problem(w0=f32[301066](numpy), params=<6 leaves>, data=(f32[500,64], f32[500,10]), test_data=(f32[300,64], "
+        "f32[300,10]), accuracy=accuracy_of, num_classes=10, info={'dataset': 'digits', 'n_train': 500, 'n_test': "
+        "300, 'parameters': 301066})"
+    )

@@ -195,6 +195,31 @@ class Problem:
             digest.update(array.tobytes())
         return digest.hexdigest()[:16]
 
+    def __repr__(self) -> str:
+        """The problem's shapes, never its values (w0 of a network has millions of entries): w0's size and dtype, the
+        parameters' leaves (their count when long), the training and test data's arrays as ``f32[500,64]``, and the
+        other fields that are set."""
+
+        def short(tree: Any) -> str:
+            return eqx.tree_pformat(tree, short_arrays=True, struct_as_array=True, width=10**9)
+
+        unravel, test = self.objective.unravel, self.test_objective
+        fields = [f"w0={short(self.w0)}"]
+        if isinstance(unravel, Unravel):  # the user's pytree: its leaves, or their count when that is long
+            params = short(_parameter_leaves(unravel))
+            fields.append(f"params={params}" if len(params) <= 120 else f"params=<{len(unravel.shapes)} leaves>")
+        fields.append(f"data={short(self.objective.data)}")
+        if test is not None:
+            fields.append(f"test_data={short(test.data)}")
+        if self.objective.microbatch is not None:
+            fields.append(f"microbatch={self.objective.microbatch}")
+        if self.accuracy is not None:
+            fields.append(f"accuracy={getattr(self.accuracy, '__name__', type(self.accuracy).__name__)}")
+        fields += [f"{name}={getattr(self, name)!r}" for name in ("num_classes", "source") if getattr(self, name)]
+        if self.info:
+            fields.append(f"info={self.info!r}")
+        return f"Problem({', '.join(fields)})"
+
     def default_dtype(self) -> str:
         """The dtype a run of this problem computes in unless told: float64 if every floating
         parameter leaf is float64, else float32."""
@@ -241,10 +266,7 @@ class Problem:
         """Every floating parameter leaf and data leaf has ``dtype`` (else a SpecError naming it)."""
         unravel = self.objective.unravel
         if isinstance(unravel, Unravel):  # the user's pytree: name its leaves
-            shapes = [
-                jax.ShapeDtypeStruct(shape, np.dtype(name)) for shape, name in zip(unravel.shapes, unravel.dtypes)
-            ]
-            check_dtypes(jax.tree_util.tree_unflatten(unravel.treedef, shapes), dtype, "params")
+            check_dtypes(_parameter_leaves(unravel), dtype, "params")
         if str(self.info.get("backend", "")).startswith("torch"):  # eosflow.torch.problem: w0 is the model's
             model = f"w0 of the torch model {self.info.get('model', '')}"
             check_dtypes(
@@ -410,6 +432,12 @@ class _PytreeLoss(eqx.Module):
 
     def __call__(self, w: Array, batch: PyTree) -> Array:
         return self.loss_fn(self.unravel(w))
+
+
+def _parameter_leaves(unravel: Unravel) -> PyTree:
+    """The user's parameter pytree that ``unravel`` rebuilds, each leaf its shape and dtype (a ShapeDtypeStruct)."""
+    leaves = [jax.ShapeDtypeStruct(shape, np.dtype(name)) for shape, name in zip(unravel.shapes, unravel.dtypes)]
+    return jax.tree_util.tree_unflatten(unravel.treedef, leaves)
 
 
 class ProblemEntry(Entry):
