@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -165,6 +166,34 @@ def test_a_float64_leaf_in_a_float32_run_is_named():
             lr=0.1,
             steps=2,
         )
+
+
+def test_float64_numpy_params_beside_float32_data_are_named_with_fixes_that_run():
+    """Parameters drawn with NumPy (float64) beside float32 data: eosflow.simulate's dtype follows the parameters,
+    so the run is float64 and the float32 inputs do not fit it. The error names the float64 parameter leaves and the
+    spec's `dtype`, and each fix it gives runs (before, it blamed the inputs alone and offered dtype = "float32",
+    which the float64 parameters then refused)."""
+    problem = user_models.make_problem(width=3)
+    inputs, targets = (np.asarray(a) for a in problem.objective.data)
+
+    def from_model(params, inputs, targets):
+        return eosflow.Problem.from_model(user_models.apply, params, inputs, targets, loss=user_models.log_cosh)
+
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), problem.objective.unravel(problem.w0))
+    with pytest.raises(SpecError) as error:
+        eosflow.simulate(from_model(params, inputs, targets), lr=0.1, steps=2)
+    message = str(error.value)
+    assert message.startswith("data inputs is float32 but this run computes in float64, its spec's `dtype`")
+    assert (
+        "every one is float64 here (params['hidden']['b'], params['hidden']['w'], params['out'] and 1 more;" in message
+    )
+    assert 'for a float32 run cast the parameters (`jax.tree.map(lambda a: a.astype("float32"), params)`' in message
+    assert 'for a float64 run cast the data (`.astype("float64")`)' in message and "set dtype" not in message
+    cast_params = jax.tree.map(lambda a: a.astype("float32"), params)
+    cast_data = (inputs.astype("float64"), targets.astype("float64"))
+    for fixed in (from_model(cast_params, inputs, targets), from_model(params, *cast_data)):
+        ds = eosflow.simulate(fixed, lr=0.1, steps=2)
+        assert ds.attrs["status"] == "completed" and np.isfinite(ds.loss.values).all()
 
 
 def test_from_function_takes_a_pytree_or_a_vector():

@@ -71,17 +71,26 @@ def check_dtypes(tree: Any, dtype: Any, where: str, cast: str | None = None) -> 
     ``tree`` may hold arrays or anything with a ``dtype`` (a ``jax.ShapeDtypeStruct``).
     """
     expected = np.dtype(dtype)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        found = getattr(leaf, "dtype", None)
-        if found is None or not jnp.issubdtype(found, jnp.floating) or np.dtype(found) == expected:
-            continue  # (jnp's issubdtype: NumPy does not count bfloat16 as floating)
-        name = np.dtype(found).name
+    for path, name in floating_leaves(tree):
+        if name == expected.name:
+            continue
         other_run = f' or set dtype = "{name}" for the run' if name in DTYPES else ""
         fix = cast or CAST_ARRAYS
         raise SpecError(
-            f"{where}{jax.tree_util.keystr(path)} is {name} but this run computes in "
-            f"{expected.name}: {fix.format(dtype=expected.name)}{other_run}"
+            f"{where}{path} is {name} but this run computes in {expected.name}: {fix.format(dtype=expected.name)}"
+            f"{other_run}"
         )
+
+
+def floating_leaves(tree: Any) -> list[tuple[str, str]]:
+    """(path, dtype name) of every floating-point leaf of ``tree`` (arrays, or anything with a ``dtype``), the path
+    as ``jax.tree_util.keystr`` writes it (``['w']``)."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating):  # (NumPy does not count bfloat16 as floating)
+            found.append((jax.tree_util.keystr(path), np.dtype(dtype).name))
+    return found
 
 
 HALF_PRECISION = ("bfloat16", "float16")

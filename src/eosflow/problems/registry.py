@@ -46,7 +46,7 @@ from eosflow.objective import (
     training_batch_norms,
     training_dropouts,
 )
-from eosflow.precision import check_dtypes, precision
+from eosflow.precision import DTYPES, check_dtypes, floating_leaves, precision
 from eosflow.tracing import equations
 
 IN_MEMORY = "in_memory"  # problem.name recorded for a problem given to eosflow.simulate in memory
@@ -263,10 +263,14 @@ class Problem:
             )
 
     def check_dtype(self, dtype: Any) -> None:
-        """Every floating parameter leaf and data leaf has ``dtype`` (else a SpecError naming it)."""
+        """Every floating parameter leaf and data leaf has ``dtype`` (else a SpecError naming it; for a data leaf, also
+        the parameters, whose dtype a run takes unless told, and how to make the two agree)."""
         unravel = self.objective.unravel
+        params = ["w0"]
         if isinstance(unravel, Unravel):  # the user's pytree: name its leaves
-            check_dtypes(_parameter_leaves(unravel), dtype, "params")
+            tree = _parameter_leaves(unravel)
+            check_dtypes(tree, dtype, "params")
+            params = [f"params{path}" for path, _ in floating_leaves(tree)]
         if str(self.info.get("backend", "")).startswith("torch"):  # eosflow.torch.problem: w0 is the model's
             model = f"w0 of the torch model {self.info.get('model', '')}"
             check_dtypes(
@@ -277,8 +281,28 @@ class Problem:
             )
         else:
             check_dtypes(self.w0, dtype, "w0")
+        run = np.dtype(dtype).name
         for where, data in self._named_data():
-            check_dtypes(data, dtype, where)
+            for path, name in floating_leaves(data):
+                if name != run:
+                    raise SpecError(self._data_dtype_error(f"{where}{path}", name, run, params))
+
+    @staticmethod
+    def _data_dtype_error(leaf: str, name: str, run: str, params: list[str]) -> str:
+        """The message for a data ``leaf`` of dtype ``name`` in a run of dtype ``run``, whose floating parameters
+        (``params``, their names) have passed: the run's dtype is likely theirs, so say so, and the two fixes."""
+        shown = ", ".join(params[:3]) + (f" and {len(params) - 3} more" if len(params) > 3 else "")
+        numpy = "; NumPy makes float64 arrays unless told" if run == "float64" else ""
+        cast_params = f'`jax.tree.map(lambda a: a.astype("{name}"), params)` before building the Problem'
+        if name not in DTYPES:  # (bfloat16, float16 data: no run computes in them)
+            return f'{leaf} is {name} but this run computes in {run}: cast the data (`.astype("{run}")`)'
+        return (
+            f"{leaf} is {name} but this run computes in {run}, its spec's `dtype`, which eosflow.simulate sets from "
+            "the parameters when not given (float64 when every floating parameter leaf is, else float32); every one "
+            f"is {run} here ({shown}{numpy}). The parameters and the data must share it: for a {name} run cast the "
+            f"parameters ({cast_params}; then no dtype need be given), or for a {run} run cast the data "
+            f'(`.astype("{run}")`)'
+        )
 
     def _named_data(self) -> list[tuple[str, PyTree]]:
         """The training and test data as (name, pytree): from_model's (inputs, targets) named apart."""
