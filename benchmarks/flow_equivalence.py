@@ -105,19 +105,27 @@ CASES = [
 ]
 
 
-def leaderboard_cases(suite: str) -> list[tuple]:
-    """The reference optimizer of every entry of a leaderboard suite, as the entry runs it (its problem, lr,
-    steps, dtype, ``[spectrum]`` and hyperparameters), labelled ``leaderboard/<entry>/<optimizer>``."""
-    from eosflow.leaderboard import suite_entries
+def leaderboard_cases(suite: str, processes: str = "reference") -> list[tuple]:
+    """Processes of every entry of a leaderboard suite, as the entry runs them (its problem, lr, steps, dtype,
+    ``[spectrum]``, the optimizer's hyperparameters and the process's own table), labelled
+    ``leaderboard/<entry>/<process>``. ``processes`` (comma-separated): ``reference`` (the entry's optimizer),
+    ``baseline`` (its yardstick, e.g. gradient_flow), ``models`` (every model of it the entry runs), or names
+    (those the entry runs)."""
+    from eosflow.leaderboard import applicable, baseline_of, models_of, suite_entries
 
     cases = []
     for entry in suite_entries(suite):
-        table = entry.table
-        tables = {"dtype": table["dtype"], "spectrum": table["spectrum"]}
-        if entry.optimizer in table:
-            tables[entry.optimizer] = table[entry.optimizer]
-        name = f"leaderboard/{entry.name}/{entry.optimizer}"
-        cases.append((name, table["problem"], table["lr"], table["steps"], entry.optimizer, {}, 1, tables))
+        table, optimizer = entry.table, entry.optimizer
+        models = applicable(models_of(optimizer), table["problem"]["name"])
+        names = {"reference": [optimizer], "baseline": [baseline_of(optimizer)], "models": models}
+        runs = [optimizer, baseline_of(optimizer), *models]
+        for process in [name for part in processes.split(",") for name in names.get(part, [part])]:
+            if process not in runs:
+                continue
+            tables = {"dtype": table["dtype"], "spectrum": table["spectrum"]}
+            tables.update({key: table[key] for key in (optimizer, process) if key in table})
+            name = f"leaderboard/{entry.name}/{process}"
+            cases.append((name, table["problem"], table["lr"], table["steps"], process, {}, 1, tables))
     return cases
 
 
@@ -172,12 +180,17 @@ def main(argv=None) -> int:
         help="instead of the cases above, the reference optimizer of each entry of this leaderboard suite "
         "(default, adaptive, ...) as the entry runs it, in its own dtype: would a change move the leaderboard?",
     )
+    parser.add_argument(
+        "--processes",
+        default="reference",
+        help="with --leaderboard: reference, baseline, models or process names (comma-separated)",
+    )
     args = parser.parse_args(argv)
     if not (args.dump or args.against):
         parser.error("give --dump or --against")
     stored = dict(np.load(args.against)) if args.against else {}
     dumped, worst = {}, 0.0
-    cases = leaderboard_cases(args.leaderboard) if args.leaderboard else CASES
+    cases = leaderboard_cases(args.leaderboard, args.processes) if args.leaderboard else CASES
     for label, problem, lr, steps, process, options, k_max, *optimizer in cases:
         if not any(part in label for part in args.only.split(",")):
             continue
