@@ -1,6 +1,7 @@
 """The integrator (flows/integrate.py) and the process wrapper (flows/flow.py), against closed forms,
 and the worked example of docs/architecture.md run as written."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -172,3 +173,53 @@ def test_a_flow_starts_its_eigensolver_from_the_fitted_extrapolation_of_its_last
         oracle = dense_top_eigenpairs(flow.objective, w, k=2).values
         np.testing.assert_allclose(np.asarray(row["eigenvalues"][:2]), oracle, rtol=1e-9, err_msg=f"step {t}")
     assert sum(fitted[3:]) < 0.9 * sum(previous[3:])
+
+
+@pytest.mark.parametrize(
+    "process, tables",
+    [
+        ("gradient_flow", {}),
+        ("gradient_flow", {"gradient_flow": {"method": "rk4"}}),
+        ("adam_stable_flow", {}),
+        ("rmsprop_central_flow", {"rmsprop": {"eps": 0.1}}),  # below its edge: free steps
+        ("free_energy", {}),
+        ("langevin", {"langevin": {"batch_size": 4}}),
+    ],
+)
+def test_a_measured_flow_step_evaluates_the_model_no_more_often_than_an_unmeasured_one(process, tables):
+    """A flow's (L, g) at the position, where its first substep (or its seed, or its force) starts, is the primal
+    of the linearization its eigensolver's HVPs come from (``Measured.value``): a step that measures three pairs
+    runs the model's forward pass exactly as often as the next one, which measures none (``spectrum.every = 2``:
+    the same substep count, from the carried sharpness), counted at run time by a callback inside the model (a
+    ``lax.cond`` branch not taken does not run it; counting traces would count both branches). Before, the field
+    evaluated the gradient at the position again: one forward pass more on the measured step."""
+    import equinox as eqx
+
+    import eosflow
+
+    calls = [0]
+
+    def bump():
+        calls[0] += 1
+
+    def model(params, inputs):
+        jax.debug.callback(bump)
+        return jnp.tanh(inputs @ params["a"]) @ params["b"]
+
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.asarray(rng.normal(size=(3, 5)) / 2), "b": jnp.asarray(rng.normal(size=(5, 2)) / 2)}
+    inputs, targets = jnp.asarray(rng.normal(size=(20, 3))), jnp.asarray(rng.normal(size=(20, 2)))
+    problem = eosflow.Problem.from_model(model, params, inputs, targets)
+    table = {"lr": 0.01, "dtype": "float64", "steps": 4, "processes": [process], **tables}
+    flow = prepare({**table, "spectrum": {"k": 3, "k_max": 3}}, problem)[3][process]
+    flow = dataclasses.replace(flow, spectrum=dataclasses.replace(flow.spectrum, every=2))  # free_energy: set by hand
+    state, counted = flow.init(problem.w0), {}
+    step = eqx.filter_jit(lambda flow, state: flow.step(state))
+    for t in range(4):  # steps 0 and 1 compile and warm up; 2 measures, 3 does not
+        calls[0] = 0
+        state, row = step(flow, state)
+        jax.block_until_ready(row)
+        jax.effects_barrier()
+        counted[t] = calls[0], int(row.get("substeps", 0)), int(row["measurement_hvps"])
+    assert counted[2][2] > 0 and counted[3][2] == 0, counted  # step 2 measured, step 3 not
+    assert counted[2][:2] == counted[3][:2], counted

@@ -49,7 +49,15 @@ import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.flow import Flow, Measured, critical_count, padded, prediction_row, register_flow
+from eosflow.flows.flow import (
+    Flow,
+    Measured,
+    critical_count,
+    padded,
+    prediction_row,
+    register_flow,
+    value_and_grad_at,
+)
 from eosflow.flows.integrate import Averaged, SubstepOptions, substep_count
 from eosflow.flows.sdcp import pair_indices, pair_scale, smat, solve_sdcp, svec
 from eosflow.objective import Objective
@@ -95,7 +103,9 @@ class CentralFlow(Flow):
         return w0
 
     def measure(self, z: Array, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array, Any]:
-        """The tracked eigenpairs at the centre (at every step) and (L, g) there, from one linearization."""
+        """The tracked eigenpairs at the centre (at every step) and (L, g) there, from one linearization; not
+        :meth:`Flow.measure`'s branch on the step (this flow always measures): inlined, as it always was, its
+        products round as before."""
         value, pairs = value_grad_and_eigenpairs(self.objective, z, vectors, self.spectrum)
         row = tracked_row(pairs, self.lr, self.spectrum)
         return pairs.vectors, row, row["sharpness"], value
@@ -109,7 +119,7 @@ class CentralFlow(Flow):
         critical = measured.vectors[:, :m_max] * active  # the top m eigenvectors, zero-padded
         slack = jnp.diag(threshold - jnp.where(active, measured.values[:m_max], 0.0)).astype(w.dtype)
         if measured.value is None:  # measured elsewhere (e.g. by hand): (L, g) at the centre
-            measured = measured._replace(value=self.objective.value_and_grad(w))
+            measured = measured._replace(value=self.objective.value_and_grad(w), position=w)
         return w, Critical(measured, m, complete, critical, self.pair_gradients(w, critical, m), w, slack)
 
     def substeps(self, measured: Measured, critical: Critical) -> Array:
@@ -141,17 +151,8 @@ class CentralFlow(Flow):
         """Whether w is the centre, where the step was measured (the first substep)."""
         return jnp.all(w == critical.centre)
 
-    def _value_and_grad(self, w: Array, critical: Critical) -> tuple[Array, Array]:
-        """(L, g) at w: the measurement's at the centre, else one gradient."""
-        return jax.lax.cond(
-            self._at_centre(w, critical),
-            lambda _: critical.measured.value,
-            lambda x: self.objective.value_and_grad(x),
-            w,
-        )
-
     def _free_field(self, w: Array, critical: Critical) -> tuple[Array, tuple[Array, Array, Averaged]]:
-        loss, grad = self._value_and_grad(w, critical)
+        loss, grad = value_and_grad_at(self.objective, critical.measured)(w)
         size = critical.vectors.shape[1]
         return -self.lr * grad, (loss, grad, Averaged(jnp.zeros((size, size), w.dtype)))
 
@@ -166,7 +167,7 @@ class CentralFlow(Flow):
                 w,
             )
         else:
-            loss, grad = self._value_and_grad(w, critical)
+            loss, grad = value_and_grad_at(self.objective, critical.measured)(w)
             slack = critical.slack - smat(critical.scaled @ (w - critical.centre))
         velocity, X = self.sdcp_velocity(grad, slack, critical.scaled, dt)
         return velocity, (loss, grad, Averaged(X))

@@ -11,7 +11,8 @@ and, when it needs them,
     position(z)                                     the centre, where eigenpairs are measured (z or z[0])
     measure(z, vectors, step) -> (vectors, row, S, value)  the tracked eigenpairs there (default: of H;
                                                     the adaptive models': of P^-1/2 H P^-1/2), and (L, g)
-                                                    there when the measurement gave them (else None)
+                                                    there, from the linearization the eigensolver's HVPs
+                                                    come from (:func:`measured_value`)
     prepare(z, measured, step) -> (z, setup)        per-step quantities held fixed (default: measured)
     term(setup, n)                                  the field given to the update (default: self.field)
     update(field, z, h, key)                        the solver (default :func:`euler`)
@@ -21,6 +22,10 @@ and, when it needs them,
 
 :meth:`Flow.step` runs them in that order, once, for every flow, and :func:`register_flow` makes
 a model a process under its name (see docs/architecture.md for a worked example).
+
+A model that evaluates (L, g) at the position (its first substep starts there) takes them from
+``Measured.value`` through :func:`value_and_grad_at`: each step then computes the gradient at the
+position once, as the linearization's primal, not a second time in the field.
 
 ROW: the fields a flow's row shares with every process (``position``, ``loss``, the spectrum's
 ``sharpness``/``eigenvalues``/``hvps``, ``grads``) and the predictions of the oscillation
@@ -33,13 +38,14 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.flows.integrate import SubstepOptions, euler, integrate, substep_count
 from eosflow.objective import Objective
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import spectrum_row
+from eosflow.spectrum import Eigenpairs, tracked_row, value_grad_and_tracked
 from eosflow.tracker import fitted_extrapolation
 
 
@@ -59,6 +65,49 @@ class Measured(NamedTuple):
     sharpness: Array  # the last finite S
     previous: Array  # d x k the vectors carried from the previous step
     value: tuple[Array, Array] | None = None  # (L, g (d,)) at the position, when the measurement gave them
+    position: Array | None = None  # (d,) where they were measured
+
+
+def value_and_grad_at(objective: Objective, measured: Measured | None) -> Callable[[Array], tuple[Array, Array]]:
+    """w -> (L(w), g(w)): the measurement's ``value`` at the point it was made at (no evaluation), else
+    one gradient. A branch taken at run time, since a step's substeps run in one loop (compiled once)
+    whose first starts at the position; without a measured value, always the gradient."""
+    if measured is None or measured.value is None or measured.position is None:
+        return objective.value_and_grad
+    value, position = measured.value, measured.position
+
+    def value_and_grad(w: Array) -> tuple[Array, Array]:
+        return jax.lax.cond(jnp.all(w == position), lambda _: value, lambda x: objective.value_and_grad(x), w)
+
+    return value_and_grad
+
+
+def position_grads(measured: Measured) -> Array:
+    """The gradients a step spends on (L, g) at the position (its row's ``grads``, however often the model reads
+    them through :func:`value_and_grad_at`): none on a step that measured (the linearization's primal), one on
+    the others (:func:`measured_value`'s)."""
+    return jnp.where(jnp.isfinite(measured.values[0]), 0, 1).astype(jnp.int32)
+
+
+def measured_value(
+    objective: Objective, w: Array, vectors: Array, step: Array, spectrum, preconditioner: Array | None = None
+) -> tuple[tuple[Array, Array], Eigenpairs]:
+    """((L(w), g(w)), the tracked eigenpairs at w) as a flow measures them: one linearization of (L, g) on
+    a measured step (:func:`~eosflow.spectrum.value_grad_and_tracked`), whose HVPs are the solver's, of H or
+    of P^-1/2 H P^-1/2 for a ``preconditioner`` P that does not read g; one gradient on the other steps
+    (dropped by the compiler where the flow does not read it). A ``lax.cond`` on ``step % every`` even when
+    every step measures (``every = 1``), as a flow's measurement always ran: XLA compiles the branch apart from
+    the step's substeps, so its products round as they did (inlined, they did not: the solver then stopped an
+    iteration apart on some steps, which moved free_energy's trajectory, which reads the eigenvectors)."""
+    scale = None if preconditioner is None else (lambda _: preconditioner)
+
+    def tracked(every: int) -> Callable[[Any], tuple[tuple[Array, Array], Eigenpairs]]:
+        fixed = dataclasses.replace(spectrum, every=every)  # 1: measure, 0: one gradient
+        return lambda _: value_grad_and_tracked(objective, w, vectors, step, fixed, preconditioner=scale)
+
+    if spectrum.every == 0:
+        return tracked(0)(None)
+    return jax.lax.cond(step % spectrum.every == 0, tracked(1), tracked(0), None)
 
 
 def critical_count(values: Array, threshold: Array | float, m_max: int, dimension: int) -> tuple[Array, Array]:
@@ -94,9 +143,10 @@ class Flow(ScannedProcess):
 
     def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array, Any]:
         """(tracked vectors, the spectrum's row fields, the sharpness measured this step or NaN, (L, g) at
-        the position when the measurement gives them, else None)."""
-        vectors, row = spectrum_row(self.objective, self.position(z), vectors, step, self.lr, self.spectrum)
-        return vectors, row, row["sharpness"], None
+        the position: :func:`measured_value`'s)."""
+        value, pairs = measured_value(self.objective, self.position(z), vectors, step, self.spectrum)
+        row = tracked_row(pairs, self.lr, self.spectrum)
+        return pairs.vectors, row, row["sharpness"], value
 
     def prepare(self, z: Any, measured: Measured, step: Array) -> tuple[Any, Any]:
         return z, measured
@@ -149,7 +199,8 @@ class Flow(ScannedProcess):
             start = fitted_extrapolation(state.vectors, state.older[0], state.older[1])
         vectors, row, measured_sharpness, value = self.measure(state.z, start, state.step)
         sharpness = jnp.where(jnp.isfinite(measured_sharpness), measured_sharpness, state.sharpness)
-        measured = Measured(vectors, row["eigenvalues"][: vectors.shape[1]], sharpness, state.vectors, value)
+        values = row["eigenvalues"][: vectors.shape[1]]
+        measured = Measured(vectors, values, sharpness, state.vectors, value, None if value is None else position)
         z, setup = self.prepare(state.z, measured, state.step)
         n = self.substeps(measured, setup)
         end, aux = integrate(self.term(setup, n), z, n, self.update, self.substep_key(state.step))

@@ -49,7 +49,15 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option
-from eosflow.flows.flow import Flow, Measured, centre_and_rod, padded, probe_floor, register_flow
+from eosflow.flows.flow import (
+    Flow,
+    Measured,
+    centre_and_rod,
+    padded,
+    probe_floor,
+    register_flow,
+    value_and_grad_at,
+)
 from eosflow.flows.integrate import Growth, SubstepOptions, exact
 from eosflow.objective import Objective
 
@@ -108,14 +116,17 @@ def transport(amplitudes: Array, old: Array, new: Array) -> Array:
     return jnp.sqrt((overlap**2) @ amplitudes**2)
 
 
-def averaged_loss(objective: Objective, w: Array, vectors: Array, amplitudes: Array, mode: str) -> OrbitAverage:
-    """F(theta, Sigma), grad_theta F and the stiffness felt along each direction (see module doc).
+def averaged_loss(
+    objective: Objective, w: Array, vectors: Array, amplitudes: Array, mode: str, measured: Measured | None = None
+) -> OrbitAverage:
+    """F(theta, Sigma), grad_theta F and the stiffness felt along each direction (see module doc); (L, g) at
+    theta are the ``measured`` ones at its position (:func:`~eosflow.flows.flow.value_and_grad_at`).
 
     secant: the two-point average over theta +- a_j u_j. To keep the secant accurate for tiny a_j
     it is measured at the probe b_j = max(a_j, sqrt(eps)(1 + |theta|_inf)) and the (quadratic)
     corrections to L and g are rescaled by (a_j / b_j)^2.
     """
-    loss, grad = objective.value_and_grad(w)
+    loss, grad = value_and_grad_at(objective, measured)(w)
     if mode == "taylor":
 
         def along(u):
@@ -149,6 +160,7 @@ class Oscillation(NamedTuple):
     vectors: Array  # U (d, k): tracked Hessian eigenvectors at theta
     active: Array  # (k,) the first r directions
     rank: int
+    measured: Measured | None = None  # the step's measurement, with (L, g) at theta (None: evaluated)
 
 
 def off_oscillation(v: Array, oscillation: Oscillation) -> Array:
@@ -178,12 +190,13 @@ class FreeEnergyFlow(Flow):
         rank = k if options.rank == 0 else min(options.rank, k)
         active = jnp.arange(k) < rank
         amplitudes = jnp.where(active, transport(amplitudes[:k], measured.previous, vectors), 0.0)
-        seed = options.seed_scale * jnp.where(active, rod_amplitudes(self.objective.grad(w), vectors, self.lr), 0.0)
+        grad = value_and_grad_at(self.objective, measured)(w)[1]
+        seed = options.seed_scale * jnp.where(active, rod_amplitudes(grad, vectors, self.lr), 0.0)
         if options.seed == "rod":
             amplitudes = jnp.where(step == 0, seed, amplitudes)
         if options.floor:
             amplitudes = jnp.maximum(amplitudes, seed)
-        return FreeEnergyPoint(w, amplitudes), Oscillation(vectors, active, rank)
+        return FreeEnergyPoint(w, amplitudes), Oscillation(vectors, active, rank, measured)
 
     def term(self, oscillation: Oscillation, n: Array | int):
         return lambda z: self.field(z, oscillation)
@@ -193,7 +206,9 @@ class FreeEnergyFlow(Flow):
     ) -> tuple[FreeEnergyPoint, OrbitAverage]:
         """(dtheta/dt, d log a/dt with the rounding source of a^2) = (-eta grad F, log|eta k - 1|, s^2)."""
         w, amplitudes = z
-        averaged = averaged_loss(self.objective, w, oscillation.vectors, amplitudes, self.options.stiffness)
+        averaged = averaged_loss(
+            self.objective, w, oscillation.vectors, amplitudes, self.options.stiffness, oscillation.measured
+        )
         growth = jnp.log(jnp.maximum(jnp.abs(self.lr * averaged.stiffness - 1.0), 1e-12))
         eps = jnp.finfo(w.dtype).eps
         source = jnp.where(oscillation.active, self.options.rounding * eps * jnp.sqrt(jnp.mean(w**2)), 0.0)
@@ -226,7 +241,8 @@ class FreeEnergyFlow(Flow):
             "top_vector": oscillation.vectors[:, top],
             "felt_sharpness": start.stiffness[0],
             "substeps": n,
-            "grads": 2 + n * (1 + 2 * rank if secant else 1),
+            # the seed's and the first substep's (L, g) at theta are the measurement's (one gradient, counted)
+            "grads": n * (1 + 2 * rank if secant else 1),
             "hvps": (0 if secant else 2 * n * rank) + (n if self.options.implicit else 0),
         }
 

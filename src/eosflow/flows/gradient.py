@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.flow import Flow, Measured, prediction_row, register_flow
+from eosflow.flows.flow import Flow, Measured, position_grads, prediction_row, register_flow, value_and_grad_at
 from eosflow.flows.integrate import STAGES, UPDATES, SubstepOptions
 
 
@@ -30,10 +30,13 @@ class GradientFlow(Flow):
     def start(self, w0: Array) -> Array:
         return w0
 
-    def field(self, w: Array) -> tuple[Array, tuple[Array, Array]]:
-        """(-eta g(w), (L(w), g(w)))."""
-        loss, grad = self.objective.value_and_grad(w)
+    def field(self, w: Array, measured: Measured | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """(-eta g(w), (L(w), g(w))); at the ``measured`` position, the measurement's (L, g)."""
+        loss, grad = value_and_grad_at(self.objective, measured)(w)
         return -self.lr * grad, (loss, grad)
+
+    def term(self, measured: Measured, n: Array | int):
+        return lambda w: self.field(w, measured)
 
     def update(self, field, z, h, key):
         return UPDATES[self.options.method](field, z, h, key)
@@ -41,7 +44,8 @@ class GradientFlow(Flow):
     def observe(self, w: Array, aux: tuple[Array, Array], measured: Measured, n: Array | int) -> dict[str, Array]:
         loss, grad = aux
         row = prediction_row(self.lr, loss, grad, jnp.zeros((1,), w.dtype), measured.vectors[:, 0], self.spectrum.k_max)
-        return {**row, "grads": STAGES[self.options.method] * n, "substeps": n}
+        grads = STAGES[self.options.method] * n - 1 + position_grads(measured)  # the first at the position
+        return {**row, "grads": grads, "substeps": n}
 
 
 register_flow(

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from eosflow.config import option
-from eosflow.flows.flow import Flow, Measured, register_flow
+from eosflow.flows.flow import Flow, Measured, position_grads, register_flow, value_and_grad_at
 from eosflow.optim.sgd import (
     Sampling,
     SGDOptions,
@@ -130,11 +130,12 @@ class Langevin(Flow):
             zeta = zeta + sigma * jax.random.normal(gaussian_key, theta.shape, theta.dtype)
         return zeta
 
-    def prepare(self, z, measured: Measured, step: Array) -> tuple[tuple[Array, Array, Array], tuple[Array, Array]]:
-        """The force rides along the substeps (one gradient per substep): z = (theta, v, F(theta))."""
+    def prepare(self, z, measured: Measured, step: Array) -> tuple[tuple[Array, Array, Array], tuple[Array, ...]]:
+        """The force rides along the substeps (one gradient per substep): z = (theta, v, F(theta)), F(theta) from the
+        measurement's (L, g); setup = (L, g, the gradients they cost: :func:`~eosflow.flows.flow.position_grads`)."""
         theta, velocity = z
-        loss, grad = self.objective.value_and_grad(theta)
-        return (theta, velocity, -(grad + self.sgd.weight_decay * theta)), (loss, grad)
+        loss, grad = value_and_grad_at(self.objective, measured)(theta)
+        return (theta, velocity, -(grad + self.sgd.weight_decay * theta)), (loss, grad, position_grads(measured))
 
     def substeps(self, measured: Measured, setup) -> int:
         return self.options.substeps
@@ -154,14 +155,14 @@ class Langevin(Flow):
     def finish(self, z, end, aux, step: Array) -> tuple[Array, Array]:
         return end[:2]
 
-    def observe(self, z, aux: None, setup: tuple[Array, Array], n: Array | int) -> dict[str, Array]:
-        (theta, velocity, _), (loss, grad) = z, setup
+    def observe(self, z, aux: None, setup: tuple[Array, ...], n: Array | int) -> dict[str, Array]:
+        (theta, velocity, _), (loss, grad, spent) = z, setup
         return {
             "loss": loss,
             "grad_norm": jnp.linalg.norm(grad),
             "lr": jnp.asarray(self.lr, theta.dtype),
             "velocity_norm_sq": jnp.sum(velocity**2),
-            "grads": jnp.asarray(1.0 + n * (1.0 + self.noise_share), theta.dtype),
+            "grads": spent + jnp.asarray(n * (1.0 + self.noise_share), theta.dtype),
         }
 
     @property

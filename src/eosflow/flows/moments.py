@@ -41,9 +41,9 @@ import numpy as np
 from jaxtyping import Array
 
 from eosflow.config import SpecError, option
-from eosflow.flows.flow import Flow, Measured, centred, register_flow
+from eosflow.flows.flow import Flow, Measured, centred, measured_value, register_flow, value_and_grad_at
 from eosflow.flows.integrate import STAGES, UPDATES, SubstepOptions, substep_count
-from eosflow.optim.adaptive import OPTIMIZERS, OptimizerState, UpdateRule, preconditioned_spectrum_row
+from eosflow.optim.adaptive import OPTIMIZERS, OptimizerState, UpdateRule, preconditioned_row
 from eosflow.preconditioning import diagonal_preconditioner
 
 Moments = Literal["lag", "reference"]
@@ -322,12 +322,11 @@ class OptimizerModel(Flow):
         return self.centre(z).w
 
     def measure(self, z: Any, vectors: Array, step: Array) -> tuple[Array, dict[str, Array], Array, Any]:
+        """The eigenpairs of P^-1/2 H P^-1/2 at the centre (P from its nu) and (L, g) there (:func:`measured_value`)."""
         p = self.moments.preconditioner(self.centre(z))
-        threshold = self.moments.rule.threshold(self.lr)
-        vectors, row = preconditioned_spectrum_row(
-            self.objective, self.position(z), vectors, step, p, threshold, self.spectrum
-        )
-        return vectors, row, row["preconditioned_sharpness"], None
+        value, pairs = measured_value(self.objective, self.position(z), vectors, step, self.spectrum, p)
+        row = preconditioned_row(pairs, self.moments.rule.threshold(self.lr), self.spectrum)
+        return pairs.vectors, row, row["preconditioned_sharpness"], value
 
     def compensated(self, n: Array | int) -> Array | float:
         """The substep length the lag-matched rates compensate: 1/n for Euler, 0 for RK4 (whose own
@@ -351,9 +350,12 @@ class OptimizerModel(Flow):
         of :meth:`ContinuousMoments.anchored` (models with more variables add theirs)."""
         return self.moments.anchored(window)
 
-    def stable_velocity(self, z: Phase, h: Array | float) -> tuple[Phase, Array, Array]:
-        """(dz/dt of the stable flow, L, g) at z, for substeps of length h (one gradient)."""
-        loss, grad = self.objective.value_and_grad(z.w)
+    def stable_velocity(
+        self, z: Phase, h: Array | float, measured: Measured | None = None
+    ) -> tuple[Phase, Array, Array]:
+        """(dz/dt of the stable flow, L, g) at z, for substeps of length h (one gradient; none at the
+        ``measured`` position, :func:`~eosflow.flows.flow.value_and_grad_at`)."""
+        loss, grad = value_and_grad_at(self.objective, measured)(z.w)
         return self.moments.velocity(z, grad, self.moments.second(grad), h), loss, grad
 
     def update(self, field: Any, z: Any, h: Any, key: Array | None) -> tuple[Any, Any]:
@@ -369,7 +371,7 @@ class OptimizerModel(Flow):
         h = self.compensated(n)
         return lambda z: self.field(z, setup, h)
 
-    def costs(self, aux: dict, n: Array | int, per_step_grads: int = 0) -> dict[str, Array]:
+    def costs(self, aux: dict, n: Array | int, per_step_grads: Array | int = 0) -> dict[str, Array]:
         """The row's evaluation counts: n times the field's per-substep ``cost`` (plus ``per_step_grads``
         made once per step), and the substeps."""
         cost = aux["cost"]

@@ -42,7 +42,7 @@ from jaxtyping import Array
 
 from eosflow.config import option
 from eosflow.flows.central import pair_gradients
-from eosflow.flows.flow import Measured, critical_count
+from eosflow.flows.flow import Measured, critical_count, position_grads
 from eosflow.flows.integrate import STAGES, UPDATES, Averaged, euler, substep_count
 from eosflow.flows.moments import (
     MomentFlowOptions,
@@ -86,6 +86,7 @@ class Critical(NamedTuple):
     count: Array  # type: ignore[assignment]  # () m (a NamedTuple field; shadows tuple.count)
     complete: Array  # () 1 if a tracked eigenvalue below the threshold shows U is the whole critical set
     scaled: Array  # (pairs, d) s_p G_p of V at the step's start (``pair_gradients = "step"``), else zeros
+    measured: Measured  # the eigenpairs at the step's start, and (L, g) there (the free field's first)
 
 
 class Oscillation(NamedTuple):
@@ -143,7 +144,7 @@ class PreconditionedCentralFlow(OptimizerModel):
 
     def free_field(self, z: Phase, critical: Critical, h: Array | float) -> tuple[Phase, dict]:
         """The stable flow's field (X = 0), with the constrained field's aux: one gradient per evaluation."""
-        velocity, loss, grad = self.stable_velocity(z, h)
+        velocity, loss, grad = self.stable_velocity(z, h, critical.measured)
         none = jnp.zeros((), jnp.int32)
         zero = jnp.zeros((), z.w.dtype)
         aux = {
@@ -170,7 +171,7 @@ class PreconditionedCentralFlow(OptimizerModel):
             )
         else:
             scaled = jnp.zeros((m_max * (m_max + 1) // 2, z.w.size), z.w.dtype)
-        return z, Critical(directions, m, complete, scaled)
+        return z, Critical(directions, m, complete, scaled, measured)
 
     def oscillation(self, X: Array, v: Array, rayleigh: Array) -> Oscillation:
         root_values, root_vectors = jnp.linalg.eigh(X)
@@ -223,7 +224,8 @@ class PreconditionedCentralFlow(OptimizerModel):
 
     def observe(self, z: Phase, aux: dict, setup: Critical, n: Array | int) -> dict:
         mean = aux["oscillation"].value  # over the substeps of this row's step
-        counts = self.costs(aux, n)
+        # a free step's first evaluation is at the position (:func:`~eosflow.flows.flow.position_grads`)
+        counts = self.costs(aux, n, jnp.where(setup.count > 0, 0, position_grads(setup.measured) - 1))
         if self.held:  # made once, at the step's start (:meth:`prepare`)
             counts["third_derivatives"] = counts["third_derivatives"] + setup.count * (setup.count + 1) // 2
         return {

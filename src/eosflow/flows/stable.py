@@ -9,11 +9,10 @@ and leaves the optimizer. One gradient per Euler substep. Registered as ``<optim
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from eosflow.flows.flow import Measured, position_grads
 from eosflow.flows.moments import (
     MomentFlowOptions,
     OptimizerModel,
@@ -26,12 +25,17 @@ class StableFlow(OptimizerModel):
     def start(self, w0: Array) -> Phase:
         return self.start_phase(w0)
 
-    def field(self, z: Phase, setup: Any, h: Array | float) -> tuple[Phase, dict]:  # type: ignore[override]
-        velocity, loss, grad = self.stable_velocity(z, h)
+    def field(self, z: Phase, measured: Measured, h: Array | float) -> tuple[Phase, dict]:  # type: ignore[override]
+        velocity, loss, grad = self.stable_velocity(z, h, measured)
         return velocity, {"loss": loss, "grad_norm": jnp.linalg.norm(grad), "cost": {"grads": 1}}
 
-    def observe(self, z: Phase, aux: dict, setup: Any, n: Array | int) -> dict:
-        return {"loss": aux["loss"], "predicted_loss": aux["loss"], "grad_norm": aux["grad_norm"], **self.costs(aux, n)}
+    def observe(self, z: Phase, aux: dict, measured: Measured, n: Array | int) -> dict:
+        return {
+            "loss": aux["loss"],
+            "predicted_loss": aux["loss"],
+            "grad_norm": aux["grad_norm"],
+            **self.costs(aux, n, position_grads(measured) - 1),
+        }
 
 
 register_models("stable_flow", StableFlow, MomentFlowOptions, "stable flow (the ODE limit, nu smooth)")
