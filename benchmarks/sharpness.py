@@ -309,6 +309,7 @@ def warm_start_costs(problems: list[str], rules: list[str]) -> None:
     """Each entry's optimizer (GD, RMSProp, Adam, ...) alone on leaderboard entries, once per warm-start rule:
     eigensolver HVPs per step, per phase."""
     from eosflow.leaderboard import ADAPTIVE_SUITE, ARCHITECTURES, SUITE
+    from eosflow.process import PROCESSES
     from eosflow.spec import SpectrumSpec
 
     entries = {entry.name: entry for entry in SUITE + ARCHITECTURES + ADAPTIVE_SUITE}
@@ -326,7 +327,12 @@ def warm_start_costs(problems: list[str], rules: list[str]) -> None:
         for rule in rules:
             table = copy.deepcopy(entries[name].table)
             table.update(processes=[optimizer])
-            table[optimizer] = {**table.get(optimizer, {}), "warm_start": rule}
+            for other in set(table) & set(PROCESSES) - {optimizer}:  # the models' tables (the mean-field entry's)
+                del table[other]
+            warm_start, _, carry = rule.partition("+")  # "fitted+power": [spectrum] carry = "power"
+            table[optimizer] = {**table.get(optimizer, {}), "warm_start": warm_start}
+            if carry:
+                table["spectrum"] = {**table.get("spectrum", {}), "carry": carry}
             table["record"] = {**table["record"], "params_every": 1}
             with tempfile.TemporaryDirectory() as tmp:
                 run(table, tmp)
@@ -371,7 +377,7 @@ def main() -> None:
         "--rules",
         nargs="+",
         default=["same_side", "extrapolated", "fitted"],
-        help="warm_start rules of the optimizer (--leaderboard)",
+        help='warm_start rules of the optimizer (--leaderboard); "RULE+power" also sets [spectrum] carry = "power"',
     )
     args = parser.parse_args()
     if args.leaderboard:

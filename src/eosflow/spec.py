@@ -61,9 +61,10 @@ class SpectrumSpec:
         lt=1,
     )
     carry: Literal["ritz", "power"] = option(
-        "ritz",
-        "what an optimizer's measurement leaves for its next one to start from: its Ritz vectors, or each moved "
-        "by one power step H v / |H v| (no HVP; fewer HVPs, docs/sharpness.md); the models keep their Ritz vectors",
+        "power",
+        "what an optimizer's measurement leaves for its next one to start from: each Ritz vector moved by one "
+        "power step H v / |H v| (no HVP; fewer HVPs, docs/sharpness.md), or the Ritz vectors themselves; the "
+        "models keep their Ritz vectors",
     )
 
     def check(self, where: str) -> None:
