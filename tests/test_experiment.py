@@ -330,11 +330,15 @@ def test_a_model_is_dropped_only_at_a_step_the_run_records(tmp_path, processes, 
 @pytest.mark.parametrize("block_rows", [1, 3, 1000])
 @pytest.mark.parametrize("known_offset", [False, True])
 @pytest.mark.parametrize("on_device", [False, True])
-def test_distances_in_blocks_equal_the_whole_chunk_formula(monkeypatch, block_rows, known_offset, on_device):
+@pytest.mark.parametrize("reference_top", [False, True])
+def test_distances_in_blocks_equal_the_whole_chunk_formula(
+    monkeypatch, block_rows, known_offset, on_device, reference_top
+):
     """add_distances works in blocks of rows (the whole C x d chunk in float64 at once was superlinear in C: 3.8 ms a
-    step at d = 30k, C = 1000, from a probe) and skips the subtraction for the reference itself: bitwise the
-    whole-chunk formula, inf and NaN positions included, across block edges, with and without the offset of the
-    step before the chunk and a model's top vector. ``on_device``: the rows as JAX arrays, as an accelerator's are
+    step at d = 30k, C = 1000, from a probe) and reads the reference's distances to itself off its rows' finiteness
+    (no C x d float64 differences, unless it reports a top vector): bitwise the whole-chunk formula, the bits of
+    every NaN included, inf and NaN positions included, across block edges, with and without the offset of the
+    step before the chunk and a top vector. ``on_device``: the rows as JAX arrays, as an accelerator's are
     left (their distances in jnp, float64 under a scoped x64): the same numbers to the last bits of a reduction."""
     import eosflow.experiment as experiment
 
@@ -348,7 +352,10 @@ def test_distances_in_blocks_equal_the_whole_chunk_formula(monkeypatch, block_ro
     before = {name: rng.standard_normal(d) for name in ("gd", "m")} if known_offset else {}
 
     def whole(base, position, previous, top=None):
-        diff = (base[: len(position)].astype(np.float64) - position).reshape(len(position), -1)
+        if position is base:  # the reference's e = w - w, with np.nan where w is not finite (x86's inf - inf is -nan)
+            diff = np.where(np.isfinite(position), 0.0, np.nan).reshape(len(position), -1)
+        else:
+            diff = (base[: len(position)].astype(np.float64) - position).reshape(len(position), -1)
         centre = np.full(len(position), np.nan)
         e = diff if previous is None else np.concatenate([previous[None], diff])
         centre[len(position) - len(e) + 1 :] = np.linalg.norm(e[:-1] + e[1:], axis=1) / 2
@@ -357,12 +364,22 @@ def test_distances_in_blocks_equal_the_whole_chunk_formula(monkeypatch, block_ro
 
     monkeypatch.setattr(experiment, "DISTANCE_BLOCK", block_rows * d)
     kind = (lambda a: jax.device_put(a)) if on_device else (lambda a: a)  # (device_put keeps float64 as it is)
+    reference_vector = np.abs(rng.standard_normal((steps, d))) if reference_top else None
     chunk = {"gd": {"position": kind(reference)}, "m": {"position": kind(model[:8]), "top_vector": kind(top)}}
+    if reference_top:
+        chunk["gd"]["top_vector"] = kind(reference_vector)
     offsets = {name: value.copy() for name, value in before.items()}
-    same = np.testing.assert_array_equal if not on_device else partial(np.testing.assert_allclose, rtol=1e-14)
+
+    def bitwise(actual, expected):  # (assert_array_equal takes every NaN for every other)
+        np.testing.assert_array_equal(np.asarray(actual).view(np.uint64), np.asarray(expected).view(np.uint64))
+
+    same = bitwise if not on_device else partial(np.testing.assert_allclose, rtol=1e-14)
     with np.errstate(invalid="ignore"):
         experiment.add_distances(chunk, "gd", offsets)
-        for name, base, position, vector in [("gd", reference, reference, None), ("m", reference, model[:8], top)]:
+        for name, base, position, vector in [
+            ("gd", reference, reference, reference_vector),
+            ("m", reference, model[:8], top),
+        ]:
             distance, centre, last, offset = whole(base, position, before.get(name), vector)
             assert all(type(chunk[name][key]) is np.ndarray for key in ("distance", "centre_distance"))
             same(chunk[name]["distance"], distance)

@@ -610,15 +610,18 @@ def _add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offs
         for name, rows in chunk.items():
             position = rows["position"]
             n, total = min(len(base), len(position)), len(position)
+            block = max(1, DISTANCE_BLOCK // max(1, base[0].size if len(base) else 1))
+            if name == reference and "top_vector" not in rows:
+                rows["distance"], rows["centre_distance"] = _own_distances(xp, position, offsets, name, block)
+                continue
             distance, centre_distance = np.full(total, np.nan), np.full(total, np.nan)
             top = rows.pop("top_vector", None)
             offset = None if top is None else np.full(total, np.nan)
             previous: Any = offsets.get(name)
-            block = max(1, DISTANCE_BLOCK // max(1, base[0].size if len(base) else 1))
             for first in range(0, n, block):
                 last = min(n, first + block)
                 if name == reference:  # e = w - w: 0 where w is finite, NaN where it is not (as the subtraction gives)
-                    diff = xp.where(xp.isfinite(position[first:last]), 0.0, xp.nan).reshape(last - first, -1)
+                    diff = _own_offset(xp, position[first:last])
                 else:
                     diff = (base[first:last].astype(xp.float64) - position[first:last]).reshape(last - first, -1)
                 distance[first:last] = np.asarray(xp.linalg.norm(diff, axis=1))
@@ -632,6 +635,34 @@ def _add_distances(chunk: dict[str, dict[str, np.ndarray]], reference: str, offs
             rows["distance"], rows["centre_distance"] = distance, centre_distance
             if offset is not None:
                 rows["reference_offset"] = offset
+
+
+def _own_offset(xp: Any, position: Any) -> Any:
+    """e = w - w of the reference's rows ``position`` (C x ...) as C x d float64: 0 where w is finite, NaN where not."""
+    return xp.where(xp.isfinite(position), 0.0, xp.nan).reshape(len(position), -1)
+
+
+def _own_distances(xp: Any, position: Any, offsets: dict, name: str, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's (``distance``, ``centre_distance``) to itself, bitwise :func:`_add_distances`'s formula:
+    with e_t = w_t - w_t (0, or NaN where w_t is not finite) ||e_t|| is 0 for a finite row and NaN otherwise, and
+    ||e_(t-1) + e_t|| / 2 is 0 when both rows are, so both are read off each row's finiteness (C booleans, in
+    blocks of ``block`` rows) rather than norms of C x d float64 e (0.05-0.08 ms a step at d = 8970, C = 1000).
+    Only the chunk's first centre distance, which adds the offset before the chunk, and the last e (the next
+    offset, in ``offsets[name]``) are made of d-wide rows."""
+    total = len(position)
+    finite = np.zeros(total, bool)
+    for first in range(0, total, block):
+        rows = position[first : first + block]
+        finite[first : first + len(rows)] = np.asarray(xp.isfinite(rows).reshape(len(rows), -1).all(axis=1))
+    distance = np.where(finite, 0.0, np.nan)
+    centre_distance = np.full(total, np.nan)
+    centre_distance[1:] = np.where(finite[:-1] & finite[1:], 0.0, np.nan)
+    previous = offsets.get(name)
+    if total:
+        first, offsets[name] = _own_offset(xp, position[:1]), _own_offset(xp, position[-1:])[0]
+        if previous is not None:
+            centre_distance[0] = np.asarray(xp.linalg.norm(previous[None] + first, axis=1) / 2)[0]
+    return distance, centre_distance
 
 
 def _write_chunk(store: RunStore, chunk: dict, first_step: int, params_every: int) -> None:
