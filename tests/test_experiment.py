@@ -417,6 +417,37 @@ def test_a_problem_too_large_for_memory_is_a_spec_error(tmp_path, monkeypatch):
     assert not (tmp_path / "big").exists()
 
 
+@pytest.mark.parametrize("every", [0, 2])
+def test_rows_made_once_a_chunk_are_bitwise_those_of_every_step(every):
+    """With ``spectrum.every = 0`` GD names its unmeasured tracker's rows (NaN, 0 HVPs) and ``grads`` constant: its
+    chunk takes them from one step outside the scan and broadcasts them (written at every step they were ~8% of a
+    digits-MLP step, with the history of vectors it shifted), and its vectors never move (so neither does that
+    history). Its state and every row, NaNs' bits included, are those of a plain ``lax.scan`` of its step."""
+    from eosflow.experiment import prepare
+    from eosflow.precision import precision
+    from eosflow.process import _scan
+
+    def same(actual, expected):
+        actual, expected = np.asarray(actual), np.asarray(expected)
+        assert (actual.dtype, actual.shape, actual.tobytes()) == (expected.dtype, expected.shape, expected.tobytes())
+
+    with precision("float32"):
+        _, problem, _, processes = prepare(spec(dtype="float32", spectrum={"every": every, "k": 1, "k_max": 2}))
+        gd = processes["gd"]
+        assert ("sharpness" in gd.constant_rows()) == (every == 0)
+        start = gd.init(problem.w0)
+        plain_state, plain_rows = jax.jit(lambda s: jax.lax.scan(lambda s, _: gd.step(s), s, None, length=7))(start)
+        state, rows = _scan(gd, start, 7)
+    assert list(rows) == list(plain_rows)
+    for key in rows:
+        same(rows[key], plain_rows[key])
+    for leaf, plain_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(plain_state), strict=True):
+        same(leaf, plain_leaf)
+    if every == 0:
+        same(state.vectors, start.vectors)
+        same(state.older, start.older)
+
+
 @pytest.mark.parametrize("k_max", [1, 2])
 def test_a_chunk_sends_nothing_to_the_device_between_its_steps_and_the_next(k_max):
     """On a GPU an implicit host-to-device transfer waits for the device. After every chunk (or grow_every block)
