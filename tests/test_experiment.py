@@ -420,9 +420,9 @@ def test_a_problem_too_large_for_memory_is_a_spec_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("every", [0, 2])
 def test_rows_made_once_a_chunk_are_bitwise_those_of_every_step(every):
     """With ``spectrum.every = 0`` GD names its unmeasured tracker's rows (NaN, 0 HVPs) and ``grads`` constant: its
-    chunk takes them from one step outside the scan and broadcasts them (written at every step they were ~8% of a
-    digits-MLP step, with the history of vectors it shifted), and its vectors never move (so neither does that
-    history). Its state and every row, NaNs' bits included, are those of a plain ``lax.scan`` of its step."""
+    chunk takes them from one step outside the scan and broadcasts them (written at every step they were ~6% of a
+    digits-MLP step). Its state and every row, NaNs' bits included, are those of a plain ``lax.scan`` of its step;
+    its vectors, and their history, never move."""
     from eosflow.experiment import prepare
     from eosflow.precision import precision
     from eosflow.process import _scan

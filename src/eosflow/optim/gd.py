@@ -77,9 +77,7 @@ class GradientDescent(ScannedProcess):
             edge_ratio=0.5 * row["lr_sharpness"],
         )
         new_w = state.w - self.lr * grad
-        # with every = 0 nothing is measured: the vectors, and so the history (all of them), stay as they are
-        older = history[:-1] if self.spectrum.every else state.older
-        return GDState(new_w, vectors, older, grad, state.step + 1), row
+        return GDState(new_w, vectors, history[:-1], grad, state.step + 1), row
 
     def constant_rows(self) -> tuple[str, ...]:
         """With ``spectrum.every = 0``: the unmeasured tracker's rows (NaN, 0 HVPs) and ``grads`` (one a step)."""
