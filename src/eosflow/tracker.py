@@ -51,7 +51,7 @@ from eosflow.objective import (
 )
 from eosflow.precision import HALF_PRECISION, MATMUL_PRECISION
 from eosflow.preconditioning import preconditioned_matvec
-from eosflow.spectrum import Eigenpairs, lobpcg, random_vectors, unmeasured
+from eosflow.spectrum import Eigenpairs, lobpcg, power_step, random_vectors, unmeasured
 from eosflow.tracing import equations
 
 PyTree = Any
@@ -155,6 +155,7 @@ class TrackerState(NamedTuple):
     hvps: Array  # Hessian-vector products spent so far (int32)
     older: Float[Array, "h d k"] | None = None  # measurements t-2, ..., t-1-h (h = warm_start_depth - 1)
     params: Float[Array, "h d"] | None = None  # parameters and step of the last update (h = 2, or 0)
+    start: Float[Array, "d k"] | None = None  # carry = "power": the last vectors moved by H v / |H v| (None: vectors)
 
 
 class SharpnessTracker(eqx.Module):
@@ -172,6 +173,9 @@ class SharpnessTracker(eqx.Module):
         warm_start: where a measurement starts: ``"previous"`` (the last one's vectors),
             ``"same_side"``, ``"extrapolated"`` or ``"fitted"`` (as GD's, :func:`gd_warm_start`; needs
             every = 1).
+        carry: what a measurement leaves for the next one to start from: ``"power"``, each vector moved by
+            one power step H v / |H v| (:func:`eosflow.spectrum.power_step`, no HVP: its tol-level error along
+            the bulk shrinks), or ``"ritz"``, the vectors themselves. The reported pairs are the same kind.
         microbatch: evaluate ``loss_fn`` on chunks of this many examples of the batch (the mean of
             their losses, each rematerialized; :func:`eosflow.objective.chunked_mean`), so that an HVP
             holds one chunk's activations (None: the whole batch; the loss must be a mean over examples).
@@ -188,6 +192,7 @@ class SharpnessTracker(eqx.Module):
     every: int = eqx.field(static=True, default=1)
     cluster: float | None = eqx.field(static=True, default=None)
     warm_start: WarmStart = eqx.field(static=True, default="previous")
+    carry: Literal["ritz", "power"] = eqx.field(static=True, default="power")
     microbatch: int | None = eqx.field(static=True, default=None)
     wrt: Any = eqx.field(static=True, default=None)
 
@@ -197,6 +202,8 @@ class SharpnessTracker(eqx.Module):
                 f"SharpnessTracker warm_start must be one of {', '.join(map(repr, get_args(WarmStart)))}, "
                 f"got {self.warm_start!r}"
             )
+        if self.carry not in ("ritz", "power"):
+            raise ValueError(f"SharpnessTracker carry must be 'ritz' or 'power', got {self.carry!r}")
         if self.warm_start != "previous" and self.every != 1:
             raise ValueError(
                 f"SharpnessTracker warm_start={self.warm_start!r} reads the last "
@@ -250,7 +257,8 @@ class SharpnessTracker(eqx.Module):
         older = jnp.broadcast_to(vectors, (warm_start_depth(self.warm_start) - 1, *vectors.shape))
         kept = 0 if self.warm_start == "previous" else 2  # the last parameters and step tell a bounce
         params_and_step = jnp.stack([flat, jnp.zeros_like(flat)])[:kept]
-        return TrackerState(vectors, nan, nan, zero, zero, older, params_and_step)
+        start = vectors if self.carry == "power" else None
+        return TrackerState(vectors, nan, nan, zero, zero, older, params_and_step, start)
 
     def update(
         self, state: TrackerState, params: PyTree, batch: PyTree = None, preconditioner: PyTree = None
@@ -306,12 +314,13 @@ class SharpnessTracker(eqx.Module):
             return chunked_mean(differentiable, w, batch, self.microbatch)
 
         older, params_and_step = state.older, state.params
-        start = state.vectors
+        last = state.vectors if state.start is None else state.start  # what the last measurement left to start from
+        start = last
         if self.warm_start != "previous":
             assert older is not None and params_and_step is not None, "a state from init() of this tracker"
             step = flat - params_and_step[0]
             bouncing = jnp.logical_and(state.count >= 2, jnp.vdot(step, params_and_step[1]) < 0)
-            history = jnp.concatenate([state.vectors[None], older])  # measurements t-1, t-2, ...
+            history = jnp.concatenate([last[None], older])  # measurements t-1, t-2, ...
             start = gd_warm_start(history, bouncing, self.warm_start)
             older, params_and_step = history[:-1], jnp.stack([flat, step])
 
@@ -335,6 +344,13 @@ class SharpnessTracker(eqx.Module):
             pairs = measure(state)
         else:
             pairs = jax.lax.cond(state.count % self.every == 0, measure, skip, state)
+        carried = None
+        if self.carry == "power":  # an unmeasured update keeps the last start
+            carried = (
+                power_step(pairs)
+                if self.every == 1
+                else jnp.where(state.count % self.every == 0, power_step(pairs), last)
+            )
         new_state = TrackerState(
             pairs.vectors,
             pairs.values,
@@ -343,6 +359,7 @@ class SharpnessTracker(eqx.Module):
             state.hvps + pairs.hvps,
             older,
             params_and_step,
+            carried,
         )
         return new_state, pairs
 
