@@ -36,6 +36,7 @@ import tomli_w
 from eosflow.config import SpecError, option, parse, to_table, unknown_key_error
 from eosflow.problems.registry import problem_params
 from eosflow.process import PROCESSES, parse_options, process_entry
+from eosflow.spectrum import Carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ class SpectrumSpec:
         ge=0,
         lt=1,
     )
-    carry: Literal["ritz", "power"] = option(
+    carry: Carry = option(
         "power",
         "what an optimizer's measurement leaves for its next one to start from: each Ritz vector moved by one "
         "power step H v / |H v| (no HVP; fewer HVPs, docs/sharpness.md), or the Ritz vectors themselves; the "

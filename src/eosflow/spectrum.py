@@ -16,7 +16,7 @@ threshold, so an eigenvalue that crosses it is already being tracked when it doe
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from eosflow.objective import Objective
 from eosflow.preconditioning import preconditioned_matvec
 
 BlockMatvec = Callable[[Float[Array, "d k"]], Float[Array, "d k"]]
+Carry = Literal["ritz", "power"]  # what a measurement leaves the next to start from (:func:`carried`)
 
 
 class Eigenpairs(NamedTuple):

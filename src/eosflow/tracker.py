@@ -51,7 +51,7 @@ from eosflow.objective import (
 )
 from eosflow.precision import HALF_PRECISION, MATMUL_PRECISION
 from eosflow.preconditioning import preconditioned_matvec
-from eosflow.spectrum import Eigenpairs, lobpcg, power_step, random_vectors, unmeasured
+from eosflow.spectrum import Carry, Eigenpairs, lobpcg, power_step, random_vectors, unmeasured
 from eosflow.tracing import equations
 
 PyTree = Any
@@ -192,7 +192,7 @@ class SharpnessTracker(eqx.Module):
     every: int = eqx.field(static=True, default=1)
     cluster: float | None = eqx.field(static=True, default=None)
     warm_start: WarmStart = eqx.field(static=True, default="previous")
-    carry: Literal["ritz", "power"] = eqx.field(static=True, default="power")
+    carry: Carry = eqx.field(static=True, default="power")
     microbatch: int | None = eqx.field(static=True, default=None)
     wrt: Any = eqx.field(static=True, default=None)
 
@@ -202,8 +202,10 @@ class SharpnessTracker(eqx.Module):
                 f"SharpnessTracker warm_start must be one of {', '.join(map(repr, get_args(WarmStart)))}, "
                 f"got {self.warm_start!r}"
             )
-        if self.carry not in ("ritz", "power"):
-            raise ValueError(f"SharpnessTracker carry must be 'ritz' or 'power', got {self.carry!r}")
+        if self.carry not in get_args(Carry):
+            raise ValueError(
+                f"SharpnessTracker carry must be one of {', '.join(map(repr, get_args(Carry)))}, got {self.carry!r}"
+            )
         if self.warm_start != "previous" and self.every != 1:
             raise ValueError(
                 f"SharpnessTracker warm_start={self.warm_start!r} reads the last "
@@ -340,17 +342,11 @@ class SharpnessTracker(eqx.Module):
         def skip(state: TrackerState) -> Eigenpairs:
             return unmeasured(state.values, state.vectors, state.residuals)
 
-        if self.every == 1:
-            pairs = measure(state)
-        else:
-            pairs = jax.lax.cond(state.count % self.every == 0, measure, skip, state)
+        due = state.count % self.every == 0
+        pairs = measure(state) if self.every == 1 else jax.lax.cond(due, measure, skip, state)
         carried = None
         if self.carry == "power":  # an unmeasured update keeps the last start
-            carried = (
-                power_step(pairs)
-                if self.every == 1
-                else jnp.where(state.count % self.every == 0, power_step(pairs), last)
-            )
+            carried = jnp.where(due, power_step(pairs), last)
         new_state = TrackerState(
             pairs.vectors,
             pairs.values,
