@@ -198,7 +198,7 @@ def smooth_problem():
     return objective, jnp.asarray(rng.standard_normal(4))
 
 
-def rod_like(name, objective, lr, correction=True, curvature="hvp"):
+def rod_like(name, objective, lr, correction=True, curvature="hvp", substeps=4):
     from eosflow.flows.edge import EdgeFlow
     from eosflow.flows.rod import RodFlow, RodFlowOptions
 
@@ -209,16 +209,19 @@ def rod_like(name, objective, lr, correction=True, curvature="hvp"):
         spectrum=SpectrumSpec(every=0),
         key=jax.random.PRNGKey(0),
         objective=objective,
-        options=RodFlowOptions(substeps=4, correction=correction, curvature=curvature),
+        options=RodFlowOptions(substeps=substeps, correction=correction, curvature=curvature),
     )
 
 
-@pytest.mark.parametrize("curvature", ["hvp", "lookahead"])
-@pytest.mark.parametrize("name", ["rod_flow", "edge_flow"])
+@pytest.mark.parametrize(
+    "name, curvature",
+    [(name, c) for name in ("rod_flow", "edge_flow") for c in ("hvp", "lookahead")] + [("rod_flow", "secant")],
+)
 def test_centre_follows_gd_to_second_order_below_eos(name, curvature):
     """At a fixed physical time eta * t = 2, the centre's distance to GD shrinks like eta^2 (the
-    first backward-error correction, by HVPs or by gradients at the moved ends), gradient flow's and
-    the uncorrected model's like eta. The lookahead's cost: four gradients per substep, no HVP."""
+    first backward-error correction, by HVPs, by gradients at the moved ends or by the last substep's
+    velocity), gradient flow's and the uncorrected model's like eta. The lookahead's cost: four gradients
+    per substep, no HVP; the secant's: two gradients per substep, as without the correction."""
     objective, w0 = smooth_problem()
     sharpness = float(np.linalg.eigvalsh(np.asarray(objective.hessian(w0)))[-1])
     errors = {}
@@ -233,7 +236,7 @@ def test_centre_follows_gd_to_second_order_below_eos(name, curvature):
             counts[correction] = rows["grads"], rows["hvps"]
         (grads, hvps), (plain_grads, plain_hvps) = counts[True], counts[False]
         np.testing.assert_array_equal(plain_grads, 2 * 4)  # two gradients per substep, 4 substeps
-        extra = 2 * 4  # the correction: two HVPs or (lookahead) two gradients per substep
+        extra = 2 * 4  # the correction: two HVPs or (lookahead) two gradients per substep, (secant) none
         np.testing.assert_array_equal(grads, plain_grads + (extra if curvature == "lookahead" else 0))
         np.testing.assert_array_equal(hvps, plain_hvps + (extra if curvature == "hvp" else 0))
     assert errors[big, True] / errors[small, True] > 3.5  # second order (measured 4.05)
@@ -279,6 +282,53 @@ def test_lookahead_correction_differs_from_the_hvp_one_at_third_order(problem):
         for big, small in zip(corrections, corrections[1:]):
             assert 3.9 < big / small < 4.1  # eta^2
         assert gaps[-1] < 0.1 * corrections[-1]
+
+
+@pytest.mark.parametrize("substeps", [2, 3, 4, 6])
+def test_secant_centre_on_a_quadratic_is_the_two_step_recursion(substeps):
+    """On L = w^T A w / 2 the mean gradient over the ends is A x whatever the rod, so the secant's centre is
+    x_(i+1) = x_i + (h - c) v_i + c v_(i-1), v = -eta A x, c = (1 - h)/2, its first substep Euler's (no v
+    before it), carried across the steps: checked against that recursion written in numpy over 30 steps,
+    with eta lambda from 0.1 to 2.6 (the rod grows along eta lambda > 2; the centre does not see it)."""
+    rng = np.random.default_rng(substeps)
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    lr = 0.1
+    eigenvalues = np.array([1.0, 5.0, 12.0, 21.0, 26.0])  # eta lambda 0.1 .. 2.6
+    a = q @ np.diag(eigenvalues) @ q.T
+    w0 = rng.standard_normal(5)
+    objective = Objective.from_function(lambda w: 0.5 * w @ jnp.asarray(a) @ w)
+    model = rod_like("rod_flow", objective, lr, curvature="secant", substeps=substeps)
+    _, rows = advance(model, jnp.asarray(w0), 30)
+    h, c = 1.0 / substeps, 0.5 * (1.0 - 1.0 / substeps)
+    x, last, expected = w0.copy(), None, []
+    for _ in range(30):
+        expected.append(x.copy())
+        for _ in range(substeps):
+            v = -lr * a @ x
+            x = x + (h - c) * v + c * (v if last is None else last)
+            last = v
+    # the ends' mean A (x + r) + A (x - r) cancels the rod, which grows along eta lambda = 2.6, to rounding of |A r|
+    rounding = 1e-14 * eigenvalues[-1] * lr * np.max(rows["amplitude"])
+    np.testing.assert_allclose(rows["position"], np.array(expected), rtol=1e-12, atol=rounding)
+    assert np.max(rows["amplitude"]) > 1e3  # it did grow (so the centre's recursion was tested beside a rod)
+    assert np.all(rows["grads"] == 2 * substeps) and np.all(rows["hvps"] == 0)
+
+
+def test_secant_rod_flow_resumes_bitwise(tmp_path):
+    """The secant's last velocity is part of the state: a run stopped mid-chunk and resumed equals the whole run."""
+    import eosflow
+    from eosflow.experiment import run
+
+    small_mlp = {"name": "mlp", "width": 8, "n_train": 60, "n_test": 0}
+    table = dict(steps=30, lr=0.5, processes=["gd", "rod_flow"], problem=small_mlp, record={"chunk": 10})
+    table["rod_flow"] = {"curvature": "secant"}
+    run(table, tmp_path / "whole")
+    assert run(table, tmp_path / "cut", stop_after=15).status == "interrupted"
+    run(table, tmp_path / "cut", resume=True)
+    whole, resumed = eosflow.load(tmp_path / "whole"), eosflow.load(tmp_path / "cut")
+    for name in ("loss", "predicted_loss", "amplitude", "distance"):
+        np.testing.assert_array_equal(whole[name].values, resumed[name].values)
+    assert np.isfinite(whole.predicted_loss.sel(process="rod_flow").values).all()
 
 
 def test_rod_stays_of_the_order_of_the_half_step_below_eos():
@@ -336,3 +386,8 @@ def test_bad_options_name_the_field(process):
         build(process, {"name": "quartic"}, 0.08, substeps=0)
     with pytest.raises(SpecError, match=f"{process}.correction"):
         build(process, {"name": "quartic"}, 0.08, correction="yes")
+    with pytest.raises(SpecError, match=f"{process}.curvature"):
+        build(process, {"name": "quartic"}, 0.08, curvature="secants")
+    if process == "edge_flow":  # the secant needs the rod flow's last velocity in its state
+        with pytest.raises(SpecError, match='edge_flow.curvature` = "secant" is rod_flow'):
+            build(process, {"name": "quartic"}, 0.08, curvature="secant")

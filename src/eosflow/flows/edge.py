@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from eosflow.config import SpecError
 from eosflow.flows.flow import Measured, centre_and_rod, register_flow
 from eosflow.flows.integrate import Growth, exact
 from eosflow.flows.rod import Ends, RodFlowOptions, RodModel, along_rod_kick, oscillation_row, parity_kick, unit
@@ -47,7 +48,11 @@ class EdgeTerms(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class EdgeFlowOptions(RodFlowOptions):
-    """The rod flow's options: ``substeps`` and ``correction``."""
+    """The rod flow's options: ``substeps``, ``correction`` and ``curvature`` ("hvp" or "lookahead")."""
+
+    def check(self, where: str) -> None:
+        if self.curvature == "secant":
+            raise SpecError(f'`{where}.curvature` = "secant" is rod_flow\'s only; edge_flow takes "hvp" or "lookahead"')
 
 
 class EdgeFlow(RodModel):

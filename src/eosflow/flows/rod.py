@@ -17,7 +17,9 @@ did not take (tau_k = x(k+1) - x(k) + eta E): this is what seeds the oscillation
 the rod itself only the fraction h^2/(h^2 + |r|^2), h = (eta/2)|E| GD's smooth half-step, is absorbed:
 an established oscillation evolves by the flow alone, whose fixed points are GD's period-2 orbits.
 Explicit: two gradients (and two HVPs for the correction, or two more gradients with
-``curvature = "lookahead"``) per substep, no eigensolver.
+``curvature = "lookahead"``) per substep, no eigensolver. With ``curvature = "secant"`` the correction
+comes from the change of the centre's velocity over the last substep, v_i - v_(i-1) = h (F'F)_x + O(h^2)
+(a two-step method, two gradients per substep; docs/rod_flow.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jaxtyping import Array
 
 from eosflow.config import option
 from eosflow.flows.flow import Flow, Measured, centre_and_rod, register_flow
+from eosflow.flows.integrate import euler
 from eosflow.objective import Objective
 
 
@@ -157,8 +160,10 @@ def oscillation_row(
 class RodFlowOptions:
     substeps: int = option(4, "explicit Euler substeps per unit time (GD step)", ge=1)
     correction: bool = option(True, "first backward-error correction of the centre (2 HVPs per substep)")
-    curvature: Literal["hvp", "lookahead"] = option(
-        "hvp", "the correction's Hbar E by two HVPs, or by two gradients at the ends moved by c lr E (same order)"
+    curvature: Literal["hvp", "lookahead", "secant"] = option(
+        "hvp",
+        "the correction's Hbar E by two HVPs, by two gradients at the ends moved by c lr E (same order), or "
+        "(secant, rod_flow) from the change of the centre's velocity over the last substep (no evaluation)",
     )
 
 
@@ -174,41 +179,75 @@ class RodModel(Flow):
     def substeps(self, measured: Measured, setup: Any) -> int:
         return self.options.substeps
 
+    @property
+    def secant(self) -> bool:
+        """The correction taken from the last substep's velocity by :meth:`RodFlow.update`, not in the field."""
+        return bool(self.coefficient) and self.options.curvature == "secant"
+
+    @property
+    def field_coefficient(self) -> float:
+        """c as the field applies it: 0 with ``secant`` (the update applies it)."""
+        return 0.0 if self.secant else self.coefficient
+
     def ends(self, centre: Array, direction: Array, length: Array) -> Ends:
-        """The rod x +- m u evaluated, with the centre's corrected velocity."""
-        return rod_ends(self.objective, centre, direction, length, self.lr, self.coefficient, self.options.curvature)
+        """The rod x +- m u evaluated, with the centre's corrected velocity (uncorrected with ``secant``)."""
+        return rod_ends(
+            self.objective, centre, direction, length, self.lr, self.field_coefficient, self.options.curvature
+        )
 
     def cost(self, n: Array | int, hvps_per_substep: int = 0) -> dict[str, Array]:
-        """Two gradients per substep, and for the correction two HVPs or (lookahead) two gradients more."""
+        """Two gradients per substep, and for the correction two HVPs, (lookahead) two gradients more or
+        (secant) nothing."""
         corrected = int(bool(self.coefficient))
         lookahead = corrected * int(self.options.curvature == "lookahead")
-        hvps = n * (hvps_per_substep + 2 * (corrected - lookahead))
+        by_hvps = corrected * int(self.options.curvature == "hvp")
+        hvps = n * (hvps_per_substep + 2 * by_hvps)
         return {"grads": jnp.asarray((2 + 2 * lookahead) * n, jnp.int32), "hvps": jnp.asarray(hvps, jnp.int32)}
 
 
 class RodFlow(RodModel):
-    """Centre and sign-free rod; see the module docstring for the vector field."""
+    """Centre and sign-free rod; see the module docstring for the vector field.
 
-    def start(self, w0: Array) -> tuple[Array, Array]:
+    z = (x (d,), r (d,)), and with ``curvature = "secant"`` also v (d,), the centre's uncorrected velocity
+    -eta E at the last substep (NaN before the first: that substep is Euler's)."""
+
+    def start(self, w0: Array) -> tuple[Array, ...]:
         """Centre at w0 and no rod: w_0 = x(0) exactly; the first step's kick seeds the rod."""
-        return w0, jnp.zeros_like(w0)
+        return (w0, jnp.zeros_like(w0), *self.no_velocity(w0))
 
-    def anchor(self, window) -> tuple[Array, Array]:
+    def no_velocity(self, w: Array) -> tuple[Array, ...]:
+        """The secant's last velocity before any substep (NaN), or nothing."""
+        return (jnp.full_like(w, jnp.nan),) if self.secant else ()
+
+    def anchor(self, window) -> tuple[Array, ...]:
         """Centre c_k and rod r_k = (-1)^k (w_k - c_k) of GD's iterates at k-2 .. k+2 (``window``)."""
-        return centre_and_rod(window)
+        centre, rod = centre_and_rod(window)
+        return (centre, rod, *self.no_velocity(centre))
 
-    def field(self, z: tuple[Array, Array]) -> tuple[tuple[Array, Array], Ends]:
-        """(dx/dt, dr/dt) = (-eta E - c eta^2 Hbar E, eta O - 2 r)."""
-        return rod_field(self.objective, self.lr, self.coefficient, self.options.curvature)(z)
+    def field(self, z: tuple[Array, ...]) -> tuple[tuple[Array, Array], Ends]:
+        """(dx/dt, dr/dt) = (-eta E - c eta^2 Hbar E, eta O - 2 r) (with ``secant``: -eta E, the correction
+        being :meth:`update`'s)."""
+        return rod_field(self.objective, self.lr, self.field_coefficient, self.options.curvature)(z[:2])
 
-    def finish(self, z, end, ends: Ends, step: Array) -> tuple[Array, Array]:
+    def update(self, field, z, h, key) -> tuple[tuple[Array, ...], Ends]:
+        """Euler; with ``secant``, x + h v_i - c (v_i - v_(i-1)): the change of the velocity v = -eta E over the
+        last substep is h (F'F)_x + O(h^2), F'F the field's derivative along itself, whose first term is the
+        correction's eta^2 Hbar E (docs/rod_flow.md, section 4)."""
+        if not self.secant:
+            return euler(field, z, h, key)
+        (velocity, rod_velocity), ends = field(z)
+        last = jnp.where(jnp.isnan(z[2]), velocity, z[2])
+        centre = z[0] + h * velocity - self.coefficient * (velocity - last)
+        return (centre, z[1] + h * rod_velocity, velocity), ends
+
+    def finish(self, z, end, ends: Ends, step: Array) -> tuple[Array, ...]:
         """The rod absorbs the parity kick (-1)^k tau_k: across the rod whole, along it only while the
         rod is shorter than GD's half-step (:func:`along_rod_kick`)."""
-        centre, rod = end
+        centre, rod = end[:2]
         kick = parity_kick(step, z[0], centre, ends, self.lr)
         direction, length = unit(rod)
         along = along_rod_kick(direction, length, kick, ends, self.lr)
-        return centre, rod + kick + (along - jnp.vdot(direction, kick)) * direction
+        return (centre, rod + kick + (along - jnp.vdot(direction, kick)) * direction, *end[2:])
 
     def observe(self, z, ends: Ends, measured: Measured, n: Array | int) -> dict[str, Array]:
         direction, length = unit(z[1])
