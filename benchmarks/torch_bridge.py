@@ -4,7 +4,7 @@ A torch MLP (64-32-32-10, tanh, 3466 parameters, float64) trains by full-batch G
 at lr = 0.4 (the demo's setting: the sharpness reaches 2/lr = 5 around step 200). Every
 ``--every`` steps the top-k Hessian eigenvalues are measured by
 
-  eosflow.torch   SharpnessTracker(model, loss, k, tol=1e-3), warm-started from the last call
+  eosflow.torch   SharpnessTracker(model, loss, k, tol=1e-3, carry="ritz"), warm-started from the last call
   jax twin        the same LOBPCG on the same network written in JAX (same weights), warm-started
   pyhessian       hessian(model, criterion, data).eigenvalues(top_n=k, tol=1e-3), as PyHessian
                   calls it (cold start, power iteration with deflation): the real package
@@ -320,7 +320,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = mlp()
         objective = TorchObjective(model, half_mse, (inputs, targets))
-        tracker = SharpnessTracker(model, half_mse, k=k, tol=1e-3, max_iters=30)
+        # the Ritz carry: the twin below warm-starts from its Ritz vectors too (the same algorithm, the same start)
+        tracker = SharpnessTracker(model, half_mse, k=k, tol=1e-3, max_iters=30, carry="ritz")
         block = jax_twin_hvp(objective)
         twin = jax.jit(lambda w, x0, block=block: lobpcg(lambda v: block(w, v), x0, 1e-3, 30))
         twin_vectors = random_vectors(jax.random.PRNGKey(0), objective.dim, k, jnp.float64)

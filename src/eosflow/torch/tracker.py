@@ -34,7 +34,7 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ from eosflow.preconditioning import (
     stability_constant,
 )
 from eosflow.seeds import seed_key
-from eosflow.spectrum import lobpcg, random_vectors
+from eosflow.spectrum import Carry, lobpcg, power_step, random_vectors
 from eosflow.torch.bridge import host_callback
 from eosflow.torch.objective import (
     Batch,
@@ -296,6 +296,10 @@ class SharpnessTracker:
         microbatch: evaluate the HVPs on chunks of this many rows of the batch, H = sum_c (n_c / N) H_c
             (one chunk's activations in memory; the loss must be a mean over examples, checked on the
             first update). None: the whole batch at once.
+        carry: what an update leaves the next to start from (``vectors``): ``"power"``, each Ritz vector u moved by
+            one power step A u / |A u| of the measured operator A = P^{-1/2} (H + wd) P^{-1/2}
+            (:func:`eosflow.spectrum.power_step`, no HVP: LOBPCG returns A u), or ``"ritz"``, u itself. The
+            reported eigenpairs are the Ritz pairs either way.
     """
 
     def __init__(
@@ -307,9 +311,14 @@ class SharpnessTracker:
         max_iters: int = 30,
         seed: int = 0,
         microbatch: int | None = None,
+        carry: Carry = "power",
     ):
         check_example_count(microbatch, "microbatch")
-        self.microbatch = microbatch
+        if carry not in get_args(Carry):
+            raise ValueError(
+                f"SharpnessTracker carry must be one of {', '.join(map(repr, get_args(Carry)))}, got {carry!r}"
+            )
+        self.microbatch, self.carry = microbatch, carry
         self.k, self.tol, self.max_iters, self.seed = k, tol, max_iters, seed
         self._start(TorchObjective(model, loss_fn, batch=(None, None)))
         self._batch: Batch | None = None  # these three are set inside update(), for its products
@@ -326,6 +335,7 @@ class SharpnessTracker:
         self.objective = objective
         self.dtype = dtype = numpy_dtype(objective.dtype)
         with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
+            # the next update's start (d, k): random, then what each update carries (``carry``)
             self.vectors = random_vectors(seed_key(self.seed), objective.dim, self.k, dtype)
         self._checked: tuple | None = None  # the model's modes and the batch's dtypes at the last objective.check
 
@@ -392,9 +402,10 @@ class SharpnessTracker:
                 token = jnp.asarray(self._token, jnp.int32)
                 arrays = (self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
                 pairs = jax.block_until_ready(solve(token, *arrays, self.tol, self.max_iters))
+                # the images are A u under the measured operator (the preconditioned one): the step stays in its space
+                self.vectors = power_step(pairs) if self.carry == "power" else pairs.vectors
         finally:
             self._batch = self._w = self._hessian = None
-        self.vectors = pairs.vectors
         vectors = torch.from_numpy(np.array(pairs.vectors)).to(objective.device)
         return TrackedEigenpairs(
             np.asarray(pairs.values),
