@@ -153,7 +153,8 @@ def _readme_commands() -> list[list[str]]:
 def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """Every `.venv/bin/eosflow ...` line of the README, in a fresh directory, with `--set steps=N`
     (and --quiet) added to the commands that train; `leaderboard --quick` (minutes; its own test
-    is tests/test_leaderboard.py) and `sweep` (tests/test_sweep.py) are checked to parse only."""
+    is tests/test_leaderboard.py) and `sweep` (tests/test_sweep.py) are checked to parse only; the
+    `--compile-cache` line runs in a subprocess (it sets JAX's configuration), into a cache in tmp_path."""
     commands = _readme_commands()
     assert [c[0] for c in commands] == [
         "run",
@@ -168,10 +169,16 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
         "leaderboard",
         "leaderboard",
         "sweep",
+        "--compile-cache",
     ]
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
     for command in commands:
+        if command[0] == "--compile-cache":  # a setting of the whole process: run apart, into a cache here
+            command = [command[0], str(tmp_path / "cache"), *command[2:], "--set", "steps=12", "--quiet"]
+            ran = subprocess.run([sys.executable, "-m", "eosflow", *command], capture_output=True, text=True)
+            assert ran.returncode == 0 and any((tmp_path / "cache").iterdir()), ran.stderr
+            continue
         if command[0] in ("leaderboard", "sweep"):
             with pytest.raises(SystemExit) as parsed:
                 main([*command, "--help"])

@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="eosflow", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"eosflow {_version()}")
+    parser.add_argument(
+        "--compile-cache",
+        type=path_argument,
+        metavar="DIR",
+        help="keep compiled programs in DIR and load them from it in later commands (JAX's persistent cache)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p_run = sub.add_parser("run", help="run an experiment spec into a run directory")
@@ -258,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         p_log.error("give --out for the figure of several logs")
     previous = _terminate_raises()
     try:
+        if args.compile_cache is not None:
+            from eosflow.compile_cache import use_compile_cache
+
+            use_compile_cache(args.compile_cache)
         with warnings.catch_warnings():
             warnings.simplefilter("always", RunDirectoryWarning)
             warnings.showwarning = _warning_printer()

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 from distributed import Client, Future, LocalCluster, Worker, as_completed
 
 from eosflow.config import SpecError
@@ -31,8 +32,10 @@ def available_cores() -> int:
 def worker_environment(threads: int, cache_dir: Path | None = None) -> dict[str, str]:
     """Environment of a worker process: ``threads`` threads for BLAS/OpenMP (and XLA's Eigen ops
     serial at one thread, unless the sweep's own ``XLA_FLAGS`` chose), no GPU preallocation,
-    and a persistent JAX compilation cache in ``cache_dir`` (unless one is set already), so a
-    restarted worker or a resumed sweep does not compile again."""
+    and a persistent JAX compilation cache of every program (JAX keeps only those that compiled for over
+    1 s by default) in ``JAX_COMPILATION_CACHE_DIR`` if you set it, else the directory of ``eosflow
+    --compile-cache``, else ``cache_dir``, so a restarted worker or a resumed sweep does not compile again
+    (:mod:`eosflow.compile_cache`)."""
     inherited = os.environ.get("XLA_FLAGS", "")
     # XLA has no thread-count flag (a bare "intra_op_parallelism_threads=N" is read as a flag *file*
     # when it comes first, and the worker dies); at one thread its Eigen ops are kept serial. A
@@ -48,8 +51,12 @@ def worker_environment(threads: int, cache_dir: Path | None = None) -> dict[str,
         "MKL_NUM_THREADS": count,
         "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     }
-    if cache_dir is not None and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # yours is inherited; else ``eosflow --compile-cache``'s
+        directory = jax.config.values["jax_compilation_cache_dir"] or cache_dir
+        if directory is not None:
+            env["JAX_COMPILATION_CACHE_DIR"] = str(directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, not only those over 1 s (JAX's)
     return env
 
 
