@@ -145,6 +145,32 @@ def gd_warm_start(history: Float[Array, "h d k"], bouncing: Array, rule: WarmSta
     return fitted_extrapolation(latest, earlier, jnp.where(bouncing, history[5], history[2]))
 
 
+def warm_start_memory(vectors: Float[Array, "d k"], flat: Float[Array, " d"], rule: WarmStart) -> tuple[Array, Array]:
+    """What a tracker keeps for ``rule`` before its first measurement: the measurements t-2, ..., t-depth
+    (:func:`warm_start_depth`; the first start ``vectors`` repeated) and its last parameters and step (``flat`` and 0;
+    none for ``"previous"``)."""
+    older = jnp.broadcast_to(vectors, (warm_start_depth(rule) - 1, *vectors.shape))
+    return older, jnp.stack([flat, jnp.zeros_like(flat)])[: 0 if rule == "previous" else 2]
+
+
+def tracked_warm_start(
+    last: Float[Array, "d k"],
+    older: Float[Array, "h d k"],
+    params_and_step: Float[Array, "2 d"],
+    flat: Float[Array, " d"],
+    count: Array,
+    rule: WarmStart,
+) -> tuple[Float[Array, "d k"], Float[Array, "h d k"], Float[Array, "2 d"]]:
+    """The start of a tracker's measurement at the parameters ``flat`` (:func:`gd_warm_start` of ``last``, what the
+    last measurement left, and the ``older`` ones), and what it keeps for the next: the history shifted by one and
+    ``flat`` with its step. The optimizer bounces when its step since the last update points against the one
+    before (from the third update, ``count`` >= 2, on; the tracker's updates so far)."""
+    step = flat - params_and_step[0]
+    bouncing = jnp.logical_and(count >= 2, jnp.vdot(step, params_and_step[1]) < 0)
+    history = jnp.concatenate([last[None], older])  # measurements t-1, t-2, ...
+    return gd_warm_start(history, bouncing, rule), history[:-1], jnp.stack([flat, step])
+
+
 class TrackerState(NamedTuple):
     """The warm start and the last measurement (d parameters, k tracked eigenpairs)."""
 
@@ -256,9 +282,7 @@ class SharpnessTracker(eqx.Module):
         vectors = random_vectors(key, flat.size, self.k, flat.dtype)
         nan = jnp.full((vectors.shape[1],), jnp.nan, flat.dtype)
         zero = jnp.zeros((), jnp.int32)
-        older = jnp.broadcast_to(vectors, (warm_start_depth(self.warm_start) - 1, *vectors.shape))
-        kept = 0 if self.warm_start == "previous" else 2  # the last parameters and step tell a bounce
-        params_and_step = jnp.stack([flat, jnp.zeros_like(flat)])[:kept]
+        older, params_and_step = warm_start_memory(vectors, flat, self.warm_start)  # the last step tells a bounce
         start = vectors if self.carry == "power" else None
         return TrackerState(vectors, nan, nan, zero, zero, older, params_and_step, start)
 
@@ -320,11 +344,9 @@ class SharpnessTracker(eqx.Module):
         start = last
         if self.warm_start != "previous":
             assert older is not None and params_and_step is not None, "a state from init() of this tracker"
-            step = flat - params_and_step[0]
-            bouncing = jnp.logical_and(state.count >= 2, jnp.vdot(step, params_and_step[1]) < 0)
-            history = jnp.concatenate([last[None], older])  # measurements t-1, t-2, ...
-            start = gd_warm_start(history, bouncing, self.warm_start)
-            older, params_and_step = history[:-1], jnp.stack([flat, step])
+            start, older, params_and_step = tracked_warm_start(
+                last, older, params_and_step, flat, state.count, self.warm_start
+            )
 
         def measure(state: TrackerState) -> Eigenpairs:
             with jax.default_matmul_precision(MATMUL_PRECISION):  # whatever the loop's own (eosflow.precision)

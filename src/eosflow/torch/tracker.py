@@ -66,7 +66,7 @@ from eosflow.torch.objective import (
     trainable,
     unwrapped,
 )
-from eosflow.tracker import eigenpairs_of, shares_by_block
+from eosflow.tracker import WarmStart, eigenpairs_of, shares_by_block, tracked_warm_start, warm_start_memory
 
 
 class Preconditioning(NamedTuple):
@@ -284,6 +284,8 @@ def _solve(token, initial, diagonal, coupled_decay, tol: float, max_iters: int):
 # token), so a new tracker on a model of a size seen before compiles nothing (about 0.6 s on a small MLP); the 8
 # most recently used programs are kept, as eosflow's other compilations (eosflow.compiled).
 solve = BoundedJit(_solve, kept=8)
+# the start of a warm_start other than "previous", compiled per size, dtype, k and rule, shared as the solver
+tracked_start = BoundedJit(tracked_warm_start, kept=8)
 
 
 class SharpnessTracker:
@@ -300,6 +302,12 @@ class SharpnessTracker:
             one power step A u / |A u| of the measured operator A = P^{-1/2} (H + wd) P^{-1/2}
             (:func:`eosflow.spectrum.power_step`, no HVP: LOBPCG returns A u), or ``"ritz"``, u itself. The
             reported eigenpairs are the Ritz pairs either way.
+        warm_start: where an update's LOBPCG starts (:func:`eosflow.tracker.gd_warm_start` of what the last 1, 2,
+            4 or 6 updates left, as the JAX tracker's): ``"fitted"``, when the parameters bounce between updates (the
+            step since the last points against the one before, as GD's at the edge of stability) what the update
+            two back left, on the same side of the orbit, else the last one's, moved on by its last change damped
+            by the fitted factor; ``"same_side"`` and ``"extrapolated"`` (undamped) likewise; ``"previous"``, what
+            the last update left. Any interval between updates: the steps are those between them.
     """
 
     def __init__(
@@ -312,13 +320,19 @@ class SharpnessTracker:
         seed: int = 0,
         microbatch: int | None = None,
         carry: Carry = "power",
+        warm_start: WarmStart = "fitted",
     ):
         check_example_count(microbatch, "microbatch")
+        if warm_start not in get_args(WarmStart):
+            raise ValueError(
+                f"SharpnessTracker warm_start must be one of {', '.join(map(repr, get_args(WarmStart)))}, "
+                f"got {warm_start!r}"
+            )
         if carry not in get_args(Carry):
             raise ValueError(
                 f"SharpnessTracker carry must be one of {', '.join(map(repr, get_args(Carry)))}, got {carry!r}"
             )
-        self.microbatch, self.carry = microbatch, carry
+        self.microbatch, self.carry, self.warm_start = microbatch, carry, warm_start
         self.k, self.tol, self.max_iters, self.seed = k, tol, max_iters, seed
         self._start(TorchObjective(model, loss_fn, batch=(None, None)))
         self._batch: Batch | None = None  # these three are set inside update(), for its products
@@ -335,8 +349,14 @@ class SharpnessTracker:
         self.objective = objective
         self.dtype = dtype = numpy_dtype(objective.dtype)
         with precision(dtype):  # the model's precision, scoped (the caller's JAX config is left alone)
-            # the next update's start (d, k): random, then what each update carries (``carry``)
+            # what the next update starts from (d, k; through ``warm_start``): random, then what each update carries
             self.vectors = random_vectors(seed_key(self.seed), objective.dim, self.k, dtype)
+            # warm_start's history: the measurements before the last one, and the last parameters and step (read from
+            # the third update on: zeros until the first)
+            self._older, self._params = warm_start_memory(
+                self.vectors, jnp.zeros(objective.dim, dtype), self.warm_start
+            )
+        self._count = 0  # updates since the start: the first two cannot tell a bounce
         self._checked: tuple | None = None  # the model's modes and the batch's dtypes at the last objective.check
 
     def _follow_trainable(self) -> None:
@@ -400,10 +420,15 @@ class SharpnessTracker:
         try:
             with precision(self.dtype):  # (blocking: the callbacks read the batch, dispatch is asynchronous)
                 token = jnp.asarray(self._token, jnp.int32)
-                arrays = (self.vectors, jnp.asarray(diagonal), jnp.asarray(coupled))
+                start, older, params = self.vectors, self._older, self._params
+                if self.warm_start != "previous":
+                    count = jnp.asarray(self._count, jnp.int32)
+                    start, older, params = tracked_start(start, older, params, jnp.asarray(w), count, self.warm_start)
+                arrays = (start, jnp.asarray(diagonal), jnp.asarray(coupled))
                 pairs = jax.block_until_ready(solve(token, *arrays, self.tol, self.max_iters))
                 # the images are A u under the measured operator (the preconditioned one): the step stays in its space
                 self.vectors = power_step(pairs) if self.carry == "power" else pairs.vectors
+                self._older, self._params, self._count = older, params, self._count + 1
         finally:
             self._batch = self._w = self._hessian = None
         vectors = torch.from_numpy(np.array(pairs.vectors)).to(objective.device)
