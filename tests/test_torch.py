@@ -646,8 +646,8 @@ def test_the_tracker_warm_start_is_validated_by_name():
 @pytest.mark.parametrize("k", [1, 3])
 def test_the_fitted_start_is_gd_warm_start_of_the_trackers_history(k, monkeypatch):
     """Each update's LOBPCG start (taken at the solver) is the JAX gd_warm_start("fitted") of what the 6 updates
-    before it left (the seeded random start before the first), bouncing where the parameters' step since the last
-    update points against the one before, from the third update on: GD at lr 2 (lr S ~ 2.1) on a float64 MLP bounces
+    before it left (the seeded random start before the first), bouncing where the parameters of the update before the
+    last are nearer than the last's, from the third update on: GD at lr 2 (lr S ~ 2.1) on a float64 MLP bounces
     at every step. Freezing a layer starts the history and the count again, from a new random start."""
     import eosflow.torch.tracker as module
     from eosflow.precision import precision
@@ -682,7 +682,9 @@ def test_the_fitted_start_is_gd_warm_start_of_the_trackers_history(k, monkeypatc
             with pytest.warns(UserWarning, match="frozen: 0.bias") if segment and t == 0 else contextlib.nullcontext():
                 tracker.update(batch)
             history = np.stack([left[max(t - i, 0)] for i in range(6)])  # t-1, ..., t-6
-            bouncing = t >= 2 and np.vdot(params[t] - params[t - 1], params[t - 1] - params[t - 2]) < 0
+            bouncing = t >= 2 and bool(
+                np.linalg.norm(params[t] - params[t - 2]) < np.linalg.norm(params[t] - params[t - 1])
+            )
             with precision(np.float64):
                 expected = np.asarray(gd_warm_start(jnp.asarray(history), jnp.asarray(bouncing), "fitted"))
             assert starts[-1].shape == expected.shape == (objective.dim, k)
@@ -690,7 +692,7 @@ def test_the_fitted_start_is_gd_warm_start_of_the_trackers_history(k, monkeypatc
             bounced += bouncing
             fitted += not np.allclose(expected, history[1 if bouncing else 0], rtol=0, atol=1e-6)  # moved on
             left.append(np.asarray(tracker.vectors))
-    assert bounced >= 12 and fitted >= 4, (bounced, fitted)
+    assert bounced >= 10 and fitted >= 4, (bounced, fitted)  # (measured 11 of 16 and 9-10)
 
 
 @pytest.mark.parametrize("optimizer_name", [None, "adam"])

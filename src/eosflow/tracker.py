@@ -163,10 +163,13 @@ def tracked_warm_start(
 ) -> tuple[Float[Array, "d k"], Float[Array, "h d k"], Float[Array, "2 d"]]:
     """The start of a tracker's measurement at the parameters ``flat`` (:func:`gd_warm_start` of ``last``, what the
     last measurement left, and the ``older`` ones), and what it keeps for the next: the history shifted by one and
-    ``flat`` with its step. The optimizer bounces when its step since the last update points against the one
-    before (from the third update, ``count`` >= 2, on; the tracker's updates so far)."""
+    ``flat`` with its step. The optimizer bounces when the parameters of the update before the last are nearer
+    than the last's, |w - w_(t-2)| < |w - w_(t-1)| (from the third update, ``count`` >= 2, on; the tracker's
+    updates so far), as the adaptive optimizers' own test: steps that merely point apart, as a minibatch's
+    noise makes them half the time, are not a bounce."""
     step = flat - params_and_step[0]
-    bouncing = jnp.logical_and(count >= 2, jnp.vdot(step, params_and_step[1]) < 0)
+    nearer = jnp.linalg.norm(step + params_and_step[1]) < jnp.linalg.norm(step)
+    bouncing = jnp.logical_and(count >= 2, nearer)
     history = jnp.concatenate([last[None], older])  # measurements t-1, t-2, ...
     return gd_warm_start(history, bouncing, rule), history[:-1], jnp.stack([flat, step])
 

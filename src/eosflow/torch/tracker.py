@@ -303,8 +303,8 @@ class SharpnessTracker:
             (:func:`eosflow.spectrum.power_step`, no HVP: LOBPCG returns A u), or ``"ritz"``, u itself. The
             reported eigenpairs are the Ritz pairs either way.
         warm_start: where an update's LOBPCG starts (:func:`eosflow.tracker.gd_warm_start` of what the last 1, 2,
-            4 or 6 updates left, as the JAX tracker's): ``"fitted"``, when the parameters bounce between updates (the
-            step since the last points against the one before, as GD's at the edge of stability) what the update
+            4 or 6 updates left, as the JAX tracker's): ``"fitted"``, when the parameters bounce between updates (those
+            of the update two back are nearer than the last's, as GD's at the edge of stability) what the update
             two back left, on the same side of the orbit, else the last one's, moved on by its last change damped
             by the fitted factor; ``"same_side"`` and ``"extrapolated"`` (undamped) likewise; ``"previous"``, what
             the last update left. Any interval between updates: the steps are those between them.
