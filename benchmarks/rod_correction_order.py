@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eosflow.flows.edge import EdgeFlow
-from eosflow.flows.rod import RodFlow, RodFlowOptions
+from eosflow.flows.rod import RodFlow, RodFlowOptions, correction_coefficient
 from eosflow.objective import Objective
 from eosflow.precision import precision
 from eosflow.spec import SpectrumSpec
@@ -45,15 +45,14 @@ def distance_to_gd(cls, objective: Objective, w0: jax.Array, lr: float, curvatur
 def secant_multiplier(rate: float, substeps: int) -> float:
     """|zeta|^n, zeta the largest root of zeta^2 - (1 - (h - c) a) zeta + c a (the secant's centre on a quadratic,
     x_(i+1) = x_i + (h - c) v_i + c v_(i-1), v = -a x; h = 1/n, c = (1 - h)/2): its multiplier per unit of time."""
-    h = 1.0 / substeps
-    c = 0.5 * (1.0 - h)
+    h, c = 1.0 / substeps, correction_coefficient(substeps, True)
     return float(np.max(np.abs(np.roots([1.0, -(1.0 - (h - c) * rate), c * rate])))) ** substeps
 
 
 def hvp_multiplier(rate: float, substeps: int) -> float:
     """|1 - h a (1 + c a)|^n: Euler on the HVP-corrected centre, per unit of time."""
-    h = 1.0 / substeps
-    return abs(1.0 - h * rate * (1.0 + 0.5 * (1.0 - h) * rate)) ** substeps
+    h, c = 1.0 / substeps, correction_coefficient(substeps, True)
+    return abs(1.0 - h * rate * (1.0 + c * rate)) ** substeps
 
 
 def stability(rates: list[float]) -> None:
@@ -63,7 +62,8 @@ def stability(rates: list[float]) -> None:
         for name, multiplier in (("secant", secant_multiplier), ("hvp (Euler)", hvp_multiplier)):
             cells = " / ".join(f"{multiplier(a, substeps):.3g}" for a in rates)
             print(f"| {name} | {substeps} | {cells} |")
-        exact = " / ".join(f"{np.exp(-a * (1 + 0.25 * (1 - 1 / substeps) * 2 * a)):.3g}" for a in rates)
+        c = correction_coefficient(substeps, True)
+        exact = " / ".join(f"{np.exp(-a * (1 + c * a)):.3g}" for a in rates)
         print(f"| corrected flow, exact | {substeps} | {exact} |")
 
 

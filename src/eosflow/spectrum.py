@@ -264,10 +264,11 @@ def power_step(pairs: Eigenpairs) -> Float[Array, "d k"]:
     return jnp.where(usable, moved * (sign / jnp.where(usable, norms, 1.0)), pairs.vectors)
 
 
-def carried(pairs: Eigenpairs, spectrum) -> Float[Array, "d k"]:
-    """What a discrete optimizer keeps for its next measurement to start from (``spectrum.carry``): the pairs'
-    Ritz vectors ("ritz"), or each moved by :func:`power_step` ("power"). Its iterates never read them."""
-    return power_step(pairs) if spectrum.carry == "power" else pairs.vectors
+def carried(pairs: Eigenpairs, carry: Carry) -> Float[Array, "d k"]:
+    """What a measurement leaves its next one to start from (a discrete optimizer's ``spectrum.carry``, a tracker's
+    ``carry``): the pairs' Ritz vectors ("ritz"), or each moved by :func:`power_step` ("power"). An optimizer's
+    iterates never read them."""
+    return power_step(pairs) if carry == "power" else pairs.vectors
 
 
 def random_vectors(key: Array, dim: int, k: int, dtype=jnp.float32) -> Array:

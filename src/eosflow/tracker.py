@@ -153,6 +153,15 @@ def warm_start_memory(vectors: Float[Array, "d k"], flat: Float[Array, " d"], ru
     return older, jnp.stack([flat, jnp.zeros_like(flat)])[: 0 if rule == "previous" else 2]
 
 
+def check_start_options(warm_start: str, carry: str) -> None:
+    """A ValueError naming a tracker's ``warm_start`` or ``carry`` that is not one of its choices (both trackers')."""
+    for name, value, choices in (("warm_start", warm_start, WarmStart), ("carry", carry, Carry)):
+        if value not in get_args(choices):
+            raise ValueError(
+                f"SharpnessTracker {name} must be one of {', '.join(map(repr, get_args(choices)))}, got {value!r}"
+            )
+
+
 def tracked_warm_start(
     last: Float[Array, "d k"],
     older: Float[Array, "h d k"],
@@ -226,15 +235,7 @@ class SharpnessTracker(eqx.Module):
     wrt: Any = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        if self.warm_start not in get_args(WarmStart):
-            raise ValueError(
-                f"SharpnessTracker warm_start must be one of {', '.join(map(repr, get_args(WarmStart)))}, "
-                f"got {self.warm_start!r}"
-            )
-        if self.carry not in get_args(Carry):
-            raise ValueError(
-                f"SharpnessTracker carry must be one of {', '.join(map(repr, get_args(Carry)))}, got {self.carry!r}"
-            )
+        check_start_options(self.warm_start, self.carry)
         if self.warm_start != "previous" and self.every != 1:
             raise ValueError(
                 f"SharpnessTracker warm_start={self.warm_start!r} reads the last "

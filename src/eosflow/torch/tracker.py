@@ -34,7 +34,7 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, get_args
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ from eosflow.preconditioning import (
     stability_constant,
 )
 from eosflow.seeds import seed_key
-from eosflow.spectrum import Carry, lobpcg, power_step, random_vectors
+from eosflow.spectrum import Carry, carried, lobpcg, random_vectors
 from eosflow.torch.bridge import host_callback
 from eosflow.torch.objective import (
     Batch,
@@ -66,7 +66,14 @@ from eosflow.torch.objective import (
     trainable,
     unwrapped,
 )
-from eosflow.tracker import WarmStart, eigenpairs_of, shares_by_block, tracked_warm_start, warm_start_memory
+from eosflow.tracker import (
+    WarmStart,
+    check_start_options,
+    eigenpairs_of,
+    shares_by_block,
+    tracked_warm_start,
+    warm_start_memory,
+)
 
 
 class Preconditioning(NamedTuple):
@@ -323,15 +330,7 @@ class SharpnessTracker:
         warm_start: WarmStart = "fitted",
     ):
         check_example_count(microbatch, "microbatch")
-        if warm_start not in get_args(WarmStart):
-            raise ValueError(
-                f"SharpnessTracker warm_start must be one of {', '.join(map(repr, get_args(WarmStart)))}, "
-                f"got {warm_start!r}"
-            )
-        if carry not in get_args(Carry):
-            raise ValueError(
-                f"SharpnessTracker carry must be one of {', '.join(map(repr, get_args(Carry)))}, got {carry!r}"
-            )
+        check_start_options(warm_start, carry)
         self.microbatch, self.carry, self.warm_start = microbatch, carry, warm_start
         self.k, self.tol, self.max_iters, self.seed = k, tol, max_iters, seed
         self._start(TorchObjective(model, loss_fn, batch=(None, None)))
@@ -427,7 +426,7 @@ class SharpnessTracker:
                 arrays = (start, jnp.asarray(diagonal), jnp.asarray(coupled))
                 pairs = jax.block_until_ready(solve(token, *arrays, self.tol, self.max_iters))
                 # the images are A u under the measured operator (the preconditioned one): the step stays in its space
-                self.vectors = power_step(pairs) if self.carry == "power" else pairs.vectors
+                self.vectors = carried(pairs, self.carry)
                 self._older, self._params, self._count = older, params, self._count + 1
         finally:
             self._batch = self._w = self._hessian = None
