@@ -4,6 +4,7 @@ optimizer arithmetic."""
 
 import contextlib
 import copy
+import io
 import re
 import warnings
 
@@ -735,6 +736,145 @@ def test_the_fitted_start_spends_fewer_hvps_along_gd_past_the_edge(k):
     assert edge > 1.05, edge
     assert spent["fitted"] <= 0.6 * spent["previous"], spent
     np.testing.assert_allclose(read["fitted"], read["previous"], rtol=2e-3)
+
+
+def checkpointed_loop(optimizer_name: str, options: dict, steps: int, resume_at: int | None, state: str = "all"):
+    """A float64 MLP trained by SGD (lr 2: it bounces at the edge) or Adam with full batches, measured after every
+    step: (value, vectors, residuals, HVPs) of each update. With ``resume_at``, the loop is checkpointed after that
+    many steps (torch.save of the state_dicts, read back by torch.load with weights_only) and goes on in new objects
+    made from other weights, loaded from it: the model, the optimizer and (``state = "all"``) the tracker."""
+    batch = problem("mlp", 5, 3)[0].batch
+
+    def made(seed: int):
+        model = mlp(5, seed)
+        if optimizer_name == "adam":
+            return model, torch.optim.Adam(model.parameters(), lr=0.05), True
+        return model, torch.optim.SGD(model.parameters(), lr=2.0), False
+
+    model, optimizer, adaptive = made(3)
+    tracker = SharpnessTracker(model, F.mse_loss, **options)
+    readings = []
+    for step in range(steps):
+        if step == resume_at:
+            saved = io.BytesIO()
+            torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "tracker": tracker.state_dict()},
+                saved,
+            )
+            saved.seek(0)
+            checkpoint = torch.load(saved, weights_only=True)
+            model, optimizer, _ = made(11)
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            tracker = SharpnessTracker(model, F.mse_loss, **options)
+            if state == "all":
+                tracker.load_state_dict(checkpoint["tracker"])
+        optimizer.zero_grad()
+        F.mse_loss(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+        eig = tracker.update(batch, optimizer if adaptive else None)
+        readings.append((eig.values, eig.vectors.numpy(), eig.residuals, eig.hvps))
+    return readings
+
+
+@pytest.mark.parametrize(
+    "optimizer_name,warm_start,carry,k",
+    [
+        ("sgd", "fitted", "power", 1),
+        ("adam", "fitted", "power", 2),
+        ("sgd", "previous", "ritz", 2),
+        ("adam", "same_side", "power", 1),
+    ],
+)
+def test_a_tracker_saved_with_the_loop_continues_bitwise(optimizer_name, warm_start, carry, k):
+    """A loop checkpointed after 6 of 12 steps, its model, optimizer and tracker saved by their state_dicts and loaded
+    into new objects made from other weights, measures steps 7-12 bitwise as the loop that went on (values, vectors,
+    residuals and HVPs). Loading the model and the optimizer alone does not: the tracker starts from random again."""
+    options = {"k": k, "tol": 1e-6, "max_iters": 100, "seed": 1, "warm_start": warm_start, "carry": carry}
+    whole = checkpointed_loop(optimizer_name, options, 12, None)
+    resumed = checkpointed_loop(optimizer_name, options, 12, 6)
+    for step, (went_on, came_back) in enumerate(zip(whole, resumed, strict=True)):
+        for a, b in zip(went_on, came_back, strict=True):
+            assert np.array_equal(a, b), (step, a, b)
+    restarted = checkpointed_loop(optimizer_name, options, 12, 6, state="model and optimizer")
+    assert not all(
+        np.array_equal(a, b) for went_on, came_back in zip(whole[6:], restarted[6:]) for a, b in zip(went_on, came_back)
+    )
+
+
+def test_the_docs_resume_recipe_runs_as_written(tmp_path, monkeypatch):
+    """docs/torch.md's "Resuming your loop" block, run in a loop's namespace (a model, its Adam, a tracker that has
+    measured 3 steps): the tracker it makes continues from the saved one, and the log is opened to continue."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "torch.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "tracker.state_dict()" in block)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    objective, _ = problem("mlp", 5, 3)
+    model, batch = objective.model, objective.batch
+    optimizer = adam_after(model, batch, 3)
+    saved_tracker = SharpnessTracker(model, F.mse_loss, k=3)
+    for _ in range(3):
+        saved_tracker.update(batch, optimizer)
+    namespace = {"eosflow": eosflow, "torch": torch, "model": model, "optimizer": optimizer, "loss_fn": F.mse_loss}
+    namespace |= {"tracker": saved_tracker, "step": 3}
+    exec(compile(code, "docs/torch.md", "exec"), namespace)
+    resumed = namespace["tracker"]
+    assert resumed is not saved_tracker and resumed._count == 3
+    assert np.array_equal(np.asarray(resumed.vectors), np.asarray(saved_tracker.vectors))
+    assert namespace["log"].path == Path("runs/cnn.jsonl")
+    namespace["log"].close()
+
+
+def test_a_state_the_tracker_cannot_continue_from_is_named_and_changes_nothing():
+    """Another warm_start or carry, another k, another dtype, other trainable parameters, a missing entry: each a
+    ValueError naming it, and the tracker's warm start is left as it was."""
+    objective, _ = problem("mlp", 5, 3)
+    model, batch = objective.model, objective.batch
+    tracker = SharpnessTracker(model, F.mse_loss, k=2, seed=1)
+    for _ in range(3):
+        tracker.update(batch)
+    state = tracker.state_dict()
+    assert isinstance(state["vectors"], torch.Tensor) and state["updates"] == 3
+    before = {name: np.array(value) for name, value in tracker._arrays().items()}
+    cases = [
+        (
+            SharpnessTracker(model, F.mse_loss, k=2, warm_start="previous"),
+            state,
+            "saved with warm_start='fitted', this tracker has warm_start='previous'",
+        ),
+        (
+            SharpnessTracker(model, F.mse_loss, k=2, carry="ritz"),
+            state,
+            "saved with carry='power', this tracker has carry='ritz'",
+        ),
+        (
+            SharpnessTracker(model, F.mse_loss, k=3),
+            state,
+            r"'vectors' is float64 of shape \(53, 2\), this tracker's is float64 of shape \(53, 3\)",
+        ),
+        (tracker, {**state, "vectors": state["vectors"].float()}, r"'vectors' is float32 of shape \(53, 2\)"),
+        (tracker, {**state, "parameters": ["0.weight", "0.bias", "2.bias", "2.weight"]}, "same names in another order"),
+        (tracker, {key: value for key, value in state.items() if key != "older"}, "the state has no older"),
+    ]
+    for target, bad, message in cases:
+        kept = {name: np.array(value) for name, value in target._arrays().items()}
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(bad)
+        assert all(np.array_equal(kept[name], value) for name, value in target._arrays().items())
+    model[0].bias.requires_grad_(False)
+    with (
+        pytest.warns(UserWarning, match="frozen: 0.bias"),
+        pytest.raises(ValueError, match="saved only: 0.bias; this model's only: none"),
+    ):
+        tracker.load_state_dict(state)
+    model[0].bias.requires_grad_(True)
+    fresh = SharpnessTracker(model, F.mse_loss, k=2, seed=1)
+    fresh.load_state_dict(state)
+    assert all(np.array_equal(before[name], value) for name, value in fresh._arrays().items())
+    assert fresh._count == 3
 
 
 def test_mixed_dtypes_and_missing_state_are_named():

@@ -5,6 +5,7 @@ Oracles: numpy's eigh of the dense Hessian (and of P^{-1/2} H P^{-1/2}); optax's
 conventions: eps inside or outside the root, bias correction and its step count).
 """
 
+import pickle
 from pathlib import Path
 
 import equinox as eqx
@@ -466,6 +467,58 @@ def test_preconditioned_tracker_and_monitor_match_dense():
     jax.effects_barrier()
     assert checked == 3 and [int(r.step) for r in readings] == [0, 4, 8]
     assert float(readings[-1].lr_sharpness) == pytest.approx(float(state.reading.lr_sharpness))
+
+
+def test_a_monitored_state_saved_with_the_loop_continues_bitwise():
+    """The monitored optimizer's state is a pytree of arrays: saved as NumPy arrays (pickled) after 5 of 10 Adam steps
+    and loaded into a new optimizer and a new compiled step, it measures steps 6-10 bitwise as the loop that went on
+    (readings, eigenpairs and the HVPs spent). The same loop resumed with a fresh tracker state does not."""
+    problem = small_problem()
+
+    def loss(params, batch):
+        return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+
+    batch = problem.objective.data
+
+    def run(steps: int, params, state, restart_tracker: bool = False):
+        opt = monitored(optimizer_edges.adam(0.05, eps=1e-6), loss, every=1, k=2, tol=1e-8, max_iters=100, log=None)
+        if state is None:
+            state = opt.init(params)
+        elif restart_tracker:
+            state = state._replace(tracker=opt.init(params).tracker)
+
+        @jax.jit
+        def step(params, state):
+            updates, state = opt.update(jax.grad(loss)(params, batch), state, params, batch=batch)
+            return optax.apply_updates(params, updates), state
+
+        seen = []
+        for _ in range(steps):
+            params, state = step(params, state)
+            seen.append(
+                jax.tree.map(
+                    np.asarray, (state.reading, state.tracker.values, state.tracker.vectors, state.tracker.hvps)
+                )
+            )
+        return params, state, seen
+
+    params0 = problem.objective.unravel(problem.w0)
+    _, _, whole = run(10, params0, None)
+    params, state, first = run(5, params0, None)
+    saved = pickle.loads(pickle.dumps(jax.tree.map(np.asarray, (params, state))))
+    _, _, rest = run(5, *jax.tree.map(jnp.asarray, saved))
+    resumed = first + rest
+    assert all(
+        np.array_equal(a, b)
+        for went_on, came_back in zip(whole, resumed, strict=True)
+        for a, b in zip(jax.tree.leaves(went_on), jax.tree.leaves(came_back), strict=True)
+    )
+    _, _, restarted = run(5, *jax.tree.map(jnp.asarray, saved), restart_tracker=True)
+    assert not all(
+        np.array_equal(a, b)
+        for went_on, came_back in zip(whole[5:], restarted, strict=True)
+        for a, b in zip(jax.tree.leaves(went_on), jax.tree.leaves(came_back), strict=True)
+    )
 
 
 def test_docs_example_loop_runs_and_adam_reaches_its_edge(capsys):

@@ -379,6 +379,60 @@ class SharpnessTracker:
             stacklevel=3,
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the next update starts from, to save beside the model's and the optimizer's ``state_dict()``:
+        the carried vectors (d, k), the warm start's history (h, d, k) and last parameters and step (2, d), as CPU
+        tensors (copies), the count of updates, and what they fit (the trainable parameters' names, ``warm_start``,
+        ``carry``). Tensors, ints and strings only: ``torch.load``'s ``weights_only`` reads it."""
+        return {
+            "parameters": list(self.objective.names),
+            "warm_start": self.warm_start,
+            "carry": self.carry,
+            "updates": self._count,
+            **{name: torch.from_numpy(np.array(value)) for name, value in self._arrays().items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (a :meth:`state_dict`): the next update is the one the saved tracker would have
+        made, bitwise, at the same parameters and batch. A state of other parameters, another ``warm_start`` or
+        ``carry``, k or dtype is refused with a ValueError naming the entry; nothing is changed then."""
+        self._follow_trainable()
+        arrays = self._arrays()
+        entries = {"parameters", "warm_start", "carry", "updates", *arrays}
+        if missing := sorted(entries - set(state)):
+            raise ValueError(f"SharpnessTracker.load_state_dict: the state has no {', '.join(missing)}")
+        names, ours = tuple(state["parameters"]), self.objective.names
+        if names != ours:
+            saved_only, ours_only = [n for n in names if n not in ours], [n for n in ours if n not in names]
+            raise ValueError(
+                "SharpnessTracker.load_state_dict: the state was saved for other trainable parameters (saved only: "
+                f"{', '.join(saved_only) or 'none'}; this model's only: {', '.join(ours_only) or 'none'}"
+                f"{'' if saved_only or ours_only else '; the same names in another order'})"
+            )
+        for option in ("warm_start", "carry"):
+            if state[option] != getattr(self, option):
+                raise ValueError(
+                    f"SharpnessTracker.load_state_dict: the state was saved with {option}={state[option]!r}, this "
+                    f"tracker has {option}={getattr(self, option)!r} (construct it with the saved one)"
+                )
+        loaded = {}
+        for name, current in arrays.items():
+            value = state[name].detach().cpu().numpy() if torch.is_tensor(state[name]) else np.asarray(state[name])
+            if value.shape != current.shape or value.dtype != current.dtype:
+                raise ValueError(
+                    f"SharpnessTracker.load_state_dict: {name!r} is {value.dtype} of shape {value.shape}, this "
+                    f"tracker's is {current.dtype} of shape {current.shape} (d = {self.objective.dim} parameters, "
+                    f"k = {self.k} pairs, the model's dtype)"
+                )
+            loaded[name] = value
+        with precision(self.dtype):
+            self.vectors, self._older, self._params = (jnp.asarray(loaded[n]) for n in ("vectors", "older", "params"))
+        self._count = int(state["updates"])
+
+    def _arrays(self) -> dict[str, Any]:
+        """The warm start's arrays, by their names in :meth:`state_dict`."""
+        return {"vectors": self.vectors, "older": self._older, "params": self._params}
+
     def _hvp_block(self, vectors: np.ndarray) -> np.ndarray:
         v_t = torch.from_numpy(np.require(vectors, requirements="W")).to(self.objective.device)
         batch, w_t = self._batch, self._w
