@@ -96,3 +96,40 @@ def test_sweep_workers_cache_every_program_where_the_command_line_said(monkeypat
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
     env = worker_environment(1, tmp_path / "sweep-cache")
     assert "JAX_COMPILATION_CACHE_DIR" not in env and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in env
+
+
+LEADERBOARD_SCRIPT = """
+import dataclasses, multiprocessing, sys
+import eosflow.leaderboard as lb
+from eosflow.cli import main
+from tests.test_leaderboard import TINY
+
+multiprocessing.set_start_method(sys.argv[1])  # the workers' start method, as macOS's default or Python 3.14's
+(entry,) = TINY
+lb.SUITES["default"] = tuple(
+    dataclasses.replace(entry, name=name, table={**entry.table, "name": name, "lr": lr}, quick_steps=30)
+    for name, lr in (("a", 0.08), ("b", 0.082))
+)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_leaderboard_workers_use_the_commands_compile_cache(tmp_path):
+    """`eosflow --compile-cache DIR leaderboard --jobs 2` with spawned workers (macOS's default start method; Python
+    3.14's forkserver on Linux likewise copies no JAX configuration): the workers keep their programs in DIR. Before,
+    only a forked worker had the parent's setting: spawned, they wrote no entry (the parent compiles none of its own,
+    so DIR stayed empty)."""
+    root = Path(__file__).resolve().parents[1]
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("JAX_")}
+    environment["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root)])
+    cache, out = tmp_path / "cache", tmp_path / "board"
+    command = ["--compile-cache", str(cache), "leaderboard", "--quick", "--models", "rod_flow", "--quiet"]
+    done = subprocess.run(
+        [sys.executable, "-c", LEADERBOARD_SCRIPT, "spawn", *command, "--jobs", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(entries(cache)) >= 10, sorted(entries(cache))

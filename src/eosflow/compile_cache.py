@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -40,3 +41,19 @@ def use_compile_cache(directory: Path) -> None:
         raise StoreError(f"--compile-cache {directory}: cannot write a compiled program there ({reason})") from None
     jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def cache_settings() -> tuple[str | None, float]:
+    """This process's persistent cache: its directory (None: none) and the compile time from which a program is
+    kept, for worker processes to take (:func:`take_cache_settings`)."""
+    config: Any = jax.config  # (its options are dynamic attributes)
+    return config.jax_compilation_cache_dir, config.jax_persistent_cache_min_compile_time_secs
+
+
+def take_cache_settings(settings: tuple[str | None, float]) -> None:
+    """Give a worker process its parent's :func:`cache_settings`: a forked worker has a copy of the parent's
+    configuration, a spawned one (macOS's default, and Python 3.14's forkserver on Linux) starts from its own."""
+    directory, threshold = settings
+    if directory is not None:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)

@@ -39,6 +39,7 @@ import pandas as pd
 
 from eosflow.anchored import NUDGED, ONSET, anchored, floor_from_w0
 from eosflow.compare import ACCURACY, AVERAGING_WINDOW, compare_dataset, compare_run, format_number
+from eosflow.compile_cache import cache_settings, take_cache_settings
 from eosflow.config import SpecError
 from eosflow.experiment import run
 from eosflow.load import load, rows_dataset
@@ -709,14 +710,16 @@ def _write_table(
     return write_page(rows, out, quick, minutes, suite, _filters(problems, models), earlier is not None, note)
 
 
-def _quiet_worker() -> None:
-    """A worker of ``--jobs``: Ctrl-C is the parent's to handle (it stops the workers), and the parent's SIGTERM
+def _quiet_worker(cache: tuple[str | None, float]) -> None:
+    """A worker of ``--jobs``, with the parent's compile cache (``eosflow --compile-cache``, whatever the start
+    method): Ctrl-C is the parent's to handle (it stops the workers), and the parent's SIGTERM
     stops a worker's run at its next chunk boundary, flushed (:func:`eosflow.signals.stop_requests`, installed over
     this handler while the run goes on); outside a run it is recorded, and a run being set up stops before its
     first chunk (:func:`eosflow.signals.record_stop`). A worker that died of it instead would
     break the pool, whose shutdown then sends every worker another SIGTERM: the second stops a run at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, record_stop)  # outside a run: the next run (if any) stops at once
+    take_cache_settings(cache)
 
 
 def _entry_in_worker(problem: str, table: dict, out: Path, onset: bool, names: dict[str, str]) -> pd.DataFrame | int:
@@ -733,7 +736,7 @@ def _in_workers(
     """Every entry in one of ``jobs`` worker processes, its rows into ``finished[problem]`` as it finishes;
     interrupted, the parent asks its workers to stop (SIGTERM), cancels the entries not started, and waits for the
     running ones to flush before it stops too. An entry whose worker was stopped alone stops the suite too."""
-    pool = ProcessPoolExecutor(jobs, initializer=_quiet_worker)
+    pool = ProcessPoolExecutor(jobs, initializer=_quiet_worker, initargs=(cache_settings(),))
     futures = {pool.submit(_entry_in_worker, p, t, out, onset, names): p for p, t in tables.items()}
     try:
         for future in as_completed(futures):
