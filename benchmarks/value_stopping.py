@@ -5,9 +5,11 @@ vector's rate, so |theta_i - theta_(i-1)| <= vtol theta bounds the error to a fa
 This replays GD's trajectory on the digits MLP (benchmarks/sharpness.py's, lr = 0.4, 500 steps) with the
 fitted warm start and the power carry, and stops each measurement when
 
-    residual <= tol,   or   residual <= loose and the last increment <= vtol theta
+    residual <= tol,   or   residual <= loose, the last increment <= vtol theta or the estimate <= etol
 
-(tol = 0: the increment rule alone, under the cap ``loose``; vtol = inf: the residual rule, as the tracker).
+(tol = 0: the increment rule alone, under the cap ``loose``; vtol = inf: the residual rule, as the tracker). The
+optional fourth field of a rule, etol, stops on the a-posteriori estimate of the relative error r^2 theta /
+(theta - theta_guard) from the guard's Ritz value, from the first iteration on (rule ``0:2e-2:0:1e-4``).
 Prints, per rule, HVPs per step before and at the edge, and the median and max relative error of the top
 eigenvalue against ARPACK at tol 0 on the float64 Hessian every 10th step.
 
@@ -30,7 +32,7 @@ from sharpness import EDGE, LR, trajectory
 GUARD, MAX_ITERS = 1, 30
 
 
-def top_pair(matvec, start, tol: float, loose: float, vtol: float):
+def top_pair(matvec, start, tol: float, loose: float, vtol: float, etol: float = 0.0):
     """LOBPCG for the top pair (one guard vector, as the tracker) with the stopping rule above: (theta, x, H x,
     residual, HVPs)."""
     width = 1 + GUARD
@@ -45,7 +47,13 @@ def top_pair(matvec, start, tol: float, loose: float, vtol: float):
     def going(carry):
         theta, previous, r, iteration = carry[4], carry[5], carry[6], carry[7]
         moving = jnp.abs(theta[0] - previous) > vtol * jnp.abs(theta[0])
-        return (iteration < MAX_ITERS) & ((r > loose) | ((r > tol) & moving))
+        # the a-posteriori error estimate r^2 theta / (theta - theta_guard), the guard's Ritz value for lambda_2 (none
+        # before the first iteration): an estimate, not a bound, since theta_guard <= lambda_2
+        gap = theta[0] - theta[1]
+        estimate = jnp.where(
+            (iteration > 0) & (gap > 0), r**2 * jnp.abs(theta[0]) / jnp.where(gap > 0, gap, 1.0), jnp.inf
+        )
+        return (iteration < MAX_ITERS) & ((r > loose) | ((r > tol) & moving & (estimate > etol)))
 
     def iterate(carry):
         x, hx, p, hp, theta, _, _, iteration = carry
@@ -81,17 +89,17 @@ def main() -> None:
     print(f"d = {params.shape[1]}, edge of stability (lr S >= {EDGE} by the oracle) from step {edge}")
     steps = np.diff(params, axis=0, append=2 * params[-1:] - params[-2:-1])
     print(
-        "\n| tol | loose | vtol | HVPs / step before the edge | HVPs / step at the edge | median rel. error at the "
-        "edge | max rel. error at the edge | median rel. error before |"
+        "\n| tol | loose | vtol | etol | HVPs / step before the edge | HVPs / step at the edge | median rel. error "
+        "at the edge | max rel. error at the edge | median rel. error before |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for rule in args.rules:
-        tol, loose, vtol = map(float, rule.split(":"))
+        tol, loose, vtol, etol = (*map(float, rule.split(":")), 0.0)[:4]
 
         @jax.jit
-        def measure(w, start, tol=tol, loose=loose, vtol=vtol):
+        def measure(w, start, tol=tol, loose=loose, vtol=vtol, etol=etol):
             matvec = jax.vmap(jax.linearize(objective.grad, w)[1], in_axes=1, out_axes=1)
-            return top_pair(matvec, start, tol, loose, vtol)
+            return top_pair(matvec, start, tol, loose, vtol, etol)
 
         history = jnp.stack([random_vectors(jax.random.PRNGKey(0), params.shape[1], 1, params.dtype)] * 6)
         hvps, values = [], []
@@ -105,7 +113,7 @@ def main() -> None:
         hvps, errors = np.array(hvps), np.abs(np.array(values)[checks] - oracle) / oracle
         at = checks >= edge
         print(
-            f"| {tol:g} | {loose:g} | {vtol:g} | {hvps[10:edge].mean():.2f} | {hvps[edge:].mean():.2f} | "
+            f"| {tol:g} | {loose:g} | {vtol:g} | {etol:g} | {hvps[10:edge].mean():.2f} | {hvps[edge:].mean():.2f} | "
             f"{np.median(errors[at]):.1e} | {errors[at].max():.1e} | {np.median(errors[~at]):.1e} |",
             flush=True,
         )
