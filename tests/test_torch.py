@@ -830,7 +830,8 @@ def test_the_docs_resume_recipe_runs_as_written(tmp_path, monkeypatch):
 
 def test_a_state_the_tracker_cannot_continue_from_is_named_and_changes_nothing():
     """Another warm_start or carry, another k, another dtype, other trainable parameters, a missing entry: each a
-    ValueError naming it, and the tracker's warm start is left as it was."""
+    ValueError naming it, and the tracker's warm start is left as it was. A torch.compile or DataParallel wrapper
+    changes no name."""
     objective, _ = problem("mlp", 5, 3)
     model, batch = objective.model, objective.batch
     tracker = SharpnessTracker(model, F.mse_loss, k=2, seed=1)
@@ -875,6 +876,12 @@ def test_a_state_the_tracker_cannot_continue_from_is_named_and_changes_nothing()
     fresh.load_state_dict(state)
     assert all(np.array_equal(before[name], value) for name, value in fresh._arrays().items())
     assert fresh._count == 3
+    # the names are the wrapped module's: a state saved under torch.compile or DataParallel fits the bare model
+    for wrapper in (torch.compile, torch.nn.DataParallel, lambda m: torch.compile(torch.nn.DataParallel(m))):
+        wrapped = SharpnessTracker(wrapper(model), F.mse_loss, k=2, seed=1)
+        assert wrapped.state_dict()["parameters"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        wrapped.load_state_dict(state)
+        fresh.load_state_dict(wrapped.state_dict())
 
 
 def test_mixed_dtypes_and_missing_state_are_named():

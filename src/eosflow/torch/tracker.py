@@ -385,7 +385,7 @@ class SharpnessTracker:
         tensors (copies), the count of updates, and what they fit (the trainable parameters' names, ``warm_start``,
         ``carry``). Tensors, ints and strings only: ``torch.load``'s ``weights_only`` reads it."""
         return {
-            "parameters": list(self.objective.names),
+            "parameters": list(self._parameter_names()),
             "warm_start": self.warm_start,
             "carry": self.carry,
             "updates": self._count,
@@ -401,7 +401,7 @@ class SharpnessTracker:
         entries = {"parameters", "warm_start", "carry", "updates", *arrays}
         if missing := sorted(entries - set(state)):
             raise ValueError(f"SharpnessTracker.load_state_dict: the state has no {', '.join(missing)}")
-        names, ours = tuple(state["parameters"]), self.objective.names
+        names, ours = tuple(state["parameters"]), self._parameter_names()
         if names != ours:
             saved_only, ours_only = [n for n in names if n not in ours], [n for n in ours if n not in names]
             raise ValueError(
@@ -428,6 +428,19 @@ class SharpnessTracker:
         with precision(self.dtype):
             self.vectors, self._older, self._params = (jnp.asarray(loaded[n]) for n in ("vectors", "older", "params"))
         self._count = int(state["updates"])
+
+    def _parameter_names(self) -> tuple[str, ...]:
+        """The measured parameters' names in the module that a ``torch.compile``, ``DataParallel`` or DDP wrapper
+        runs (their order and layout in w are the same): a state saved with or without the wrapper fits both."""
+        model: Any = self.objective.model
+        prefix = ""
+        while True:
+            if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+                model, prefix = model._orig_mod, prefix + "_orig_mod."
+            elif isinstance(model, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+                model, prefix = model.module, prefix + "module."
+            else:
+                return tuple(name.removeprefix(prefix) for name in self.objective.names)
 
     def _arrays(self) -> dict[str, Any]:
         """The warm start's arrays, by their names in :meth:`state_dict`."""
