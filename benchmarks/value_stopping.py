@@ -15,6 +15,8 @@ eigenvalue against ARPACK at tol 0 on the float64 Hessian every 10th step.
 
     XLA_FLAGS=--xla_cpu_multi_thread_eigen=false OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python \\
         benchmarks/value_stopping.py --width 140 --rules 5e-3:5e-3:inf 1e-2:1e-2:inf 0:2e-2:1e-4 0:2e-2:3e-4
+
+``--distribution`` also prints, per rule, how the HVPs spread over the steps at the edge.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=140, help="hidden width (140: d = 30250; 32: d = 3466)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--rules", nargs="+", default=["5e-3:5e-3:inf", "0:2e-2:1e-4"], help="tol:loose:vtol")
+    parser.add_argument("--distribution", action="store_true", help="where a rule's HVPs go at the edge")
     args = parser.parse_args()
     params, objective, objective64 = trajectory(args.width, args.steps)
     checks = np.arange(10, args.steps, 10)
@@ -117,6 +120,16 @@ def main() -> None:
             f"{np.median(errors[at]):.1e} | {errors[at].max():.1e} | {np.median(errors[~at]):.1e} |",
             flush=True,
         )
+        if args.distribution:
+            spent, sharp = hvps[edge:], LR * np.array(values)[edge:]
+            heavy = spent > 8
+            print(
+                f"  at the edge: median {np.median(spent):g} HVPs per step; {heavy.mean():.1%} of the steps take more "
+                f"than 8 and spend {spent[heavy].sum() / spent.sum():.1%} of the HVPs, at lr theta "
+                f"{np.percentile(sharp[heavy], 10):.2f}-{np.percentile(sharp[heavy], 90):.2f} (10th-90th percentile; "
+                f"every step's: {np.percentile(sharp, 10):.2f}-{np.percentile(sharp, 90):.2f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
