@@ -469,6 +469,45 @@ def test_preconditioned_tracker_and_monitor_match_dense():
     assert float(readings[-1].lr_sharpness) == pytest.approx(float(state.reading.lr_sharpness))
 
 
+@pytest.mark.parametrize(
+    "warm_start, carry, every", [("fitted", "power", 1), ("previous", "ritz", 1), ("previous", "power", 2)]
+)
+def test_a_measurement_that_is_not_finite_leaves_the_warm_start_alone(warm_start, carry, every):
+    """GD's iterates of a float64 MLP measured one by one; at the fifth update the parameters hold a NaN. That reading
+    is NaN, and the next measurement reads what a tracker that never saw the NaN reads: bitwise at every = 1 (the
+    same start), finite at every = 2, where the NaN update shifted the schedule (before, the NaN became the warm
+    start and every later reading was NaN)."""
+    problem = small_problem()
+
+    def loss(params, batch):
+        return user_models.log_cosh(user_models.apply(params, batch[0]), batch[1])
+
+    batch = problem.objective.data
+    params = [problem.objective.unravel(problem.w0)]
+    for _ in range(7):
+        params.append(jax.tree.map(lambda p, g: p - 0.5 * g, params[-1], jax.grad(loss)(params[-1], batch)))
+    tracker = eosflow.SharpnessTracker(
+        loss, k=2, tol=1e-6, max_iters=100, warm_start=warm_start, carry=carry, every=every
+    )
+    poisoned = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), params[4])
+    readings = {}
+    for name, sequence in (("clean", params), ("nan", params[:4] + [poisoned] + params[4:])):
+        state, seen = tracker.init(params[0], jax.random.key(3)), []
+        for p in sequence:
+            state, eig = tracker.update(state, p, batch)
+            seen.append(np.asarray(eig.values))
+        readings[name] = seen
+    clean, after = readings["clean"], readings["nan"]
+    assert all(np.array_equal(a, b) for a, b in zip(clean[:4], after[:4], strict=True))
+    assert np.isnan(after[4]).all()
+    if every == 1:
+        assert all(np.array_equal(a, b) for a, b in zip(clean[4:], after[5:], strict=True))
+    else:  # update 5 is skipped (it reports the NaN measurement); 6 measures GD's iterate 5
+        assert np.isnan(after[5]).all() and np.isfinite(after[6]).all() and np.isfinite(after[8]).all()
+        exact = dense_top(dense_hessian(problem.objective, ravel_flat(params[5])), 2)  # (the objective's own batch)
+        np.testing.assert_allclose(after[6], exact, rtol=1e-5)
+
+
 def test_a_monitored_state_saved_with_the_loop_continues_bitwise():
     """The monitored optimizer's state is a pytree of arrays: saved as NumPy arrays (pickled) after 5 of 10 Adam steps
     and loaded into a new optimizer and a new compiled step, it measures steps 6-10 bitwise as the loop that went on

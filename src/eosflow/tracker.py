@@ -370,11 +370,19 @@ class SharpnessTracker(eqx.Module):
 
         due = state.count % self.every == 0
         pairs = measure(state) if self.every == 1 else jax.lax.cond(due, measure, skip, state)
+        # a measurement that is not finite (NaN or inf in the parameters, the batch or the loss) is reported as it
+        # is, and leaves the warm start as it was: the next update starts from the last finite one
+        finite = jnp.all(jnp.isfinite(pairs.vectors))
+        vectors, older, params_and_step = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (pairs.vectors, older, params_and_step),
+            (state.vectors, state.older, state.params),
+        )
         carried = None
         if self.carry == "power":  # an unmeasured update keeps the last start
-            carried = jnp.where(due, power_step(pairs), last)
+            carried = jnp.where(due & finite, power_step(pairs), last)
         new_state = TrackerState(
-            pairs.vectors,
+            vectors,
             pairs.values,
             pairs.residuals,
             state.count + 1,

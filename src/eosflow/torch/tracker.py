@@ -492,9 +492,19 @@ class SharpnessTracker:
                     start, older, params = tracked_start(start, older, params, jnp.asarray(w), count, self.warm_start)
                 arrays = (start, jnp.asarray(diagonal), jnp.asarray(coupled))
                 pairs = jax.block_until_ready(solve(token, *arrays, self.tol, self.max_iters))
-                # the images are A u under the measured operator (the preconditioned one): the step stays in its space
-                self.vectors = carried(pairs, self.carry)
-                self._older, self._params, self._count = older, params, self._count + 1
+                self._count += 1
+                if np.all(np.isfinite(pairs.vectors)):
+                    # the images are A u under the measured operator (the preconditioned one): the step stays in
+                    # its space
+                    self.vectors = carried(pairs, self.carry)
+                    self._older, self._params = older, params
+                else:
+                    warnings.warn(
+                        "SharpnessTracker.update: the measurement is not finite (a NaN or inf in the parameters, "
+                        "the batch or the loss); its reading is NaN, and the next update starts from the last "
+                        "finite one",
+                        stacklevel=2,
+                    )
         finally:
             self._batch = self._w = self._hessian = None
         vectors = torch.from_numpy(np.array(pairs.vectors)).to(objective.device)
