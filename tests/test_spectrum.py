@@ -412,6 +412,53 @@ def test_lobpcg_returns_the_images_of_its_vectors_and_power_step_moves_them(d, k
     np.testing.assert_array_equal(np.asarray(power_step(skipped)), v)
 
 
+def _nan_hessian_at(c):
+    """L(w) = sum_i a_i w_i^2 / 2 + h(w_0), h(x) = x^2 / 2, whose gradient is finite everywhere and whose Hessian-vector
+    products are NaN where w_0 == c (a custom derivative of h' = x): a measurement at that one step is not finite."""
+
+    @jax.custom_jvp
+    def slope(x):
+        return x
+
+    @slope.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return x, t * jnp.where(x == c, jnp.nan, 1.0)
+
+    @jax.custom_jvp
+    def h(x):
+        return 0.5 * x**2
+
+    @h.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return h(x), slope(x) * t
+
+    a = jnp.asarray([3.0, 2.0, 1.0, 0.5])
+    return lambda w: 0.5 * jnp.sum(a * w**2) + h(w[0])
+
+
+@pytest.mark.parametrize("process,carry", [("gd", "ritz"), ("gd", "power"), ("adam", "power")])
+def test_a_measurement_that_is_not_finite_is_not_carried_into_the_next(process, carry, tmp_path):
+    """A problem whose Hessian-vector products are NaN at one step of the optimizer's own trajectory (step 3; its
+    gradients stay finite, so the iterates are the same): that step's eigenvalues are NaN, and every later step's
+    are those of the run without the NaN, to the tolerance (k = 2). Before, the NaN Ritz vectors were carried and
+    every later measurement was NaN."""
+    from eosflow.load import load_params
+
+    w0, spectrum = jnp.ones(4, jnp.float64), {"k": 2, "k_max": 2, "carry": carry, "tol": 1e-8, "max_iters": 100}
+    options = {"lr": 0.02 if process == "adam" else 0.3, "steps": 8, "processes": [process], "spectrum": spectrum}
+    plain = eosflow.simulate(
+        eosflow.Problem.from_function(_nan_hessian_at(jnp.inf), w0), record={"params_every": 1}, out=tmp_path, **options
+    )
+    c = load_params(tmp_path, process)[1][3, 0]
+    ds = eosflow.simulate(eosflow.Problem.from_function(_nan_hessian_at(c), w0), **options)
+    clean, read = plain.eigenvalues.sel(process=process).values, ds.eigenvalues.sel(process=process).values
+    assert np.array_equal(ds.loss.values, plain.loss.values)
+    assert np.isnan(read[3]).all() and np.isfinite(np.delete(read, 3, axis=0)).all()
+    np.testing.assert_allclose(np.delete(read, 3, axis=0), np.delete(clean, 3, axis=0), rtol=1e-10)
+
+
 @pytest.mark.parametrize("process,lr", [("gd", 0.5), ("gd", 0.85), ("adam", 0.01), ("nls", 0.05)])
 def test_the_power_carry_leaves_the_iterates_alone_and_meets_the_contract(process, lr):
     """``spectrum.carry = "power"`` on a tiny float64 MLP: the iterates, losses and rows other than the

@@ -264,11 +264,13 @@ def power_step(pairs: Eigenpairs) -> Float[Array, "d k"]:
     return jnp.where(usable, moved * (sign / jnp.where(usable, norms, 1.0)), pairs.vectors)
 
 
-def carried(pairs: Eigenpairs, carry: Carry) -> Float[Array, "d k"]:
+def carried(pairs: Eigenpairs, carry: Carry, previous: Array | None = None) -> Float[Array, "d k"]:
     """What a measurement leaves its next one to start from (a discrete optimizer's ``spectrum.carry``, a tracker's
-    ``carry``): the pairs' Ritz vectors ("ritz"), or each moved by :func:`power_step` ("power"). An optimizer's
-    iterates never read them."""
-    return power_step(pairs) if carry == "power" else pairs.vectors
+    ``carry``): the pairs' Ritz vectors ("ritz"), or each moved by :func:`power_step` ("power"); ``previous`` (the
+    last ones carried) where those are not finite, so that one measurement with a NaN or inf product does not
+    make every later one NaN. An optimizer's iterates never read them."""
+    vectors = power_step(pairs) if carry == "power" else pairs.vectors
+    return vectors if previous is None else jnp.where(jnp.all(jnp.isfinite(vectors)), vectors, previous)
 
 
 def random_vectors(key: Array, dim: int, k: int, dtype=jnp.float32) -> Array:

@@ -263,7 +263,7 @@ class AdaptiveOptimizer(ScannedProcess):
         rule_state = self.rule.moments(state.rule, grad)
         new_w = w - self.lr * self.rule.direction(rule_state, grad) / self.rule.preconditioner(rule_state, w)
         vectors, row = (
-            carried(pairs, self.spectrum.carry),
+            carried(pairs, self.spectrum.carry, state.vectors),
             preconditioned_row(pairs, self.rule.threshold(self.lr), self.spectrum),
         )
         row.update(

@@ -320,7 +320,7 @@ class LineSearchGD(ScannedProcess):
             extrapolate=o.extrapolate,
             refine=o.refine,
         )
-        vectors, row = carried(pairs, self.spectrum.carry), tracked_row(pairs, found.lr, self.spectrum)
+        vectors, row = carried(pairs, self.spectrum.carry, state.vectors), tracked_row(pairs, found.lr, self.spectrum)
         row.update(
             position=w,
             loss=loss,

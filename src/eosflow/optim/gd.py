@@ -65,7 +65,7 @@ class GradientDescent(ScannedProcess):
         (loss, grad), pairs = value_grad_and_tracked(
             self.objective, state.w, state.vectors, state.step, self.spectrum, start=start
         )
-        vectors, row = carried(pairs, self.spectrum.carry), tracked_row(pairs, self.lr, self.spectrum)
+        vectors, row = carried(pairs, self.spectrum.carry, state.vectors), tracked_row(pairs, self.lr, self.spectrum)
         oscillation = 0.25 * self.lr * jnp.linalg.norm(grad - state.grad)
         row.update(
             loss=loss,

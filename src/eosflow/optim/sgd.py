@@ -207,7 +207,7 @@ class SGD(ScannedProcess):
         )
         loss, grad_norm = jnp.where(recorded, loss, batch_loss), jnp.where(recorded, jnp.linalg.norm(grad), _nan(w))
         buffer = o.momentum * state.buffer + batch_grad + o.weight_decay * w
-        vectors, row = carried(pairs, self.spectrum.carry), tracked_row(pairs, self.lr, self.spectrum)
+        vectors, row = carried(pairs, self.spectrum.carry, state.vectors), tracked_row(pairs, self.lr, self.spectrum)
         row.update(
             position=w,
             loss=loss,
