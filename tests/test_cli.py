@@ -219,6 +219,14 @@ def test_a_dropped_model_is_named_by_the_command_and_in_the_report(tmp_path, cap
     assert rows["free_energy"].rstrip().endswith(f"| dropped: {reason} |") and rows["gd"].rstrip().endswith("| ok |")
 
 
+def test_a_run_of_one_step_says_step(tmp_path, capsys):
+    """The command printed "completed: 1 steps"."""
+    spec = Path(__file__).parent.parent / "examples" / "compare_quartic.toml"
+    out = tmp_path / "r"
+    assert main(["run", str(spec), "--set", 'processes=["gd"]', "--set", "steps=1", "--quiet", "--out", str(out)]) == 0
+    assert f"completed: 1 step in {out}," in capsys.readouterr().out
+
+
 def test_the_demo_replaces_an_earlier_demo_and_refuses_any_other_run(tmp_path, capsys):
     """`eosflow demo --out DIR` replaced whatever run DIR held (from a probe); `eosflow run` refuses that."""
     import tomli_w

@@ -146,7 +146,7 @@ def test_a_flow_starts_its_eigensolver_from_the_fitted_extrapolation_of_its_last
     from there spends, reports dense eigh's eigenvalues, and costs less over the run than a start from the
     last measurement alone (gradient flow sharpening on a small MLP, float64)."""
     from eosflow.spec import SpectrumSpec
-    from eosflow.spectrum import dense_top_eigenpairs, measure_spectrum
+    from eosflow.spectrum import dense_top_eigenpairs, value_grad_and_tracked
     from eosflow.tracker import fitted_extrapolation
 
     table = {
@@ -160,7 +160,7 @@ def test_a_flow_starts_its_eigensolver_from_the_fitted_extrapolation_of_its_last
     flow = processes["gradient_flow"]
     spectrum = SpectrumSpec(**table["spectrum"])
     step = jax.jit(lambda s: flow.step(s))
-    spent = jax.jit(lambda w, start, t: measure_spectrum(flow.objective, w, start, t, spectrum).hvps)
+    spent = jax.jit(lambda w, start, t: value_grad_and_tracked(flow.objective, w, start, t, spectrum)[1].hvps)
     state, fitted, previous = flow.init(built.w0), [], []
     assert flow.position(state.z).shape == np.shape(built.w0)  # a NumPy w0 is the position too
     for t in range(25):

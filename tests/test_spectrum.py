@@ -217,22 +217,26 @@ def test_spectrum_guard_reaches_the_solver():
     """`[spectrum] guard` is the solver's, for H and for an adaptive optimizer's P^{-1/2} H P^{-1/2}: a
     run's measurement spends what LOBPCG with that guard spends (no guard: more iterations on the
     quadratic's 7 / 6.5 gap), matches dense eigh and records the solver's HVPs and its residual."""
-    from eosflow.optim.adaptive import preconditioned_spectrum_row
+    from eosflow.optim.adaptive import preconditioned_row
     from eosflow.spec import SpectrumSpec
-    from eosflow.spectrum import spectrum_row
+    from eosflow.spectrum import tracked_row, value_grad_and_tracked
 
     objective, w = CASES["quadratic"]
     start = random_vectors(jax.random.PRNGKey(1), w.size, 2, w.dtype)
     p = jnp.linspace(0.8, 1.2, w.size)  # a diagonal preconditioner that keeps a small gap at the top
     scale = 1 / np.sqrt(np.asarray(p))
     preconditioned = np.linalg.eigvalsh(scale[:, None] * np.asarray(dense_hessian(objective, w)) * scale)[::-1][:2]
+
+    def measured(spectrum, scale=None):
+        return value_grad_and_tracked(objective, w, start, jnp.asarray(0), spectrum, preconditioner=scale)[1]
+
     for measure, oracle in [
-        (lambda spectrum: spectrum_row(objective, w, start, jnp.asarray(0), 1.0, spectrum), [9.0, 7.0]),
-        (lambda spectrum: preconditioned_spectrum_row(objective, w, start, jnp.asarray(0), p, 1.0, spectrum), None),
+        (lambda spectrum: tracked_row(measured(spectrum), 1.0, spectrum), [9.0, 7.0]),
+        (lambda spectrum: preconditioned_row(measured(spectrum, lambda g: p), 1.0, spectrum), None),
     ]:
         counts = []
         for guard in (0, 2):
-            _, row = measure(SpectrumSpec(k=2, k_max=2, tol=1e-8, max_iters=100, guard=guard))
+            row = measure(SpectrumSpec(k=2, k_max=2, tol=1e-8, max_iters=100, guard=guard))
             np.testing.assert_allclose(np.asarray(row["eigenvalues"]), oracle or preconditioned, rtol=1e-10)
             assert int(row["measurement_hvps"]) == int(row["hvps"]) and float(row["residual"]) <= 1e-8
             counts.append(int(row["hvps"]))

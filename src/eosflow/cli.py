@@ -67,7 +67,7 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
         report = make_report(out, ds)
     except KeyboardInterrupt as error:  # the run is whole on disk; only its report is not
         print(
-            f"eosflow: {outcome.status}: {outcome.steps_done} steps in {out}; its report was interrupted; "
+            f"eosflow: {outcome.status}: {_steps(outcome.steps_done)} in {out}; its report was interrupted; "
             f"write it with: {report_command(out)}",
             file=sys.stderr,
         )
@@ -75,13 +75,18 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     warn_incomplete_critical_sets(ds)
     summary = RunStore(out).read_summary()
     print(
-        f"{outcome.status}: {outcome.steps_done} steps in {out}, {summary.get('seconds', float('nan')):.1f} s of run "
+        f"{outcome.status}: {_steps(outcome.steps_done)} in {out}, {summary.get('seconds', float('nan')):.1f} s of run "
         "time (all sessions)" + (f" ({outcome.reason})" if outcome.reason else "")
     )
     for name, reason in (summary.get("dropped_processes") or {}).items():
         print(f"dropped {name}: {reason}")
     print(f"report: {report}")
     return 0 if outcome.status == "completed" else 3
+
+
+def _steps(count: int) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{count} step" + ("" if count == 1 else "s")
 
 
 def _interrupted(error: KeyboardInterrupt, out: Path) -> int:

@@ -382,48 +382,6 @@ def _relative_residuals(objective: Objective, w: Array, values, vectors) -> np.n
 # ---- tracking inside a jitted step ----------------------------------------------------------
 
 
-def measure_tracked(
-    objective: Objective,
-    w: Array,
-    vectors: Array,
-    step: Array,
-    every: int,
-    tol: float,
-    max_iters: int,
-    preconditioner: Array | None = None,
-    guard: int = 1,
-    cluster: float | None = None,
-) -> Eigenpairs:
-    """Warm-started top eigenpairs at steps that are multiples of ``every`` (NaN values otherwise),
-    of H(w) or, given a diagonal ``preconditioner`` P, of P^{-1/2} H(w) P^{-1/2}.
-
-    Meant to run inside a jitted scan: ``lax.cond`` skips the solver on the other steps, and the
-    vectors carried over are the previous measurement's, ready to warm-start the next one.
-    """
-    k = vectors.shape[1]
-
-    def measure(_):
-        pairs = hessian_eigenpairs(
-            objective,
-            w,
-            vectors,
-            tol=tol,
-            max_iters=max_iters,
-            guard=guard,
-            preconditioner=preconditioner,
-            cluster=cluster,
-        )
-        return pairs._replace(hvps=jnp.asarray(pairs.hvps, jnp.int32))
-
-    def skip(_):
-        nan = jnp.full((k,), jnp.nan, dtype=vectors.dtype)
-        return unmeasured(nan, vectors, nan)
-
-    if every == 0:
-        return skip(None)
-    return jax.lax.cond(step % every == 0, measure, skip, None)
-
-
 def pad_values(values: Array, k_max: int) -> Array:
     """Eigenvalues padded with NaN to a fixed length k_max (so chunks of any k stack)."""
     return jnp.concatenate([values, jnp.full((k_max - values.shape[0],), jnp.nan, values.dtype)])
@@ -433,37 +391,6 @@ def last_measured(eigenvalues: np.ndarray) -> np.ndarray | None:
     """The most recent row of a (steps x k) eigenvalue record that has a measurement."""
     rows = np.flatnonzero(np.isfinite(np.asarray(eigenvalues)[:, 0]))
     return None if rows.size == 0 else np.asarray(eigenvalues)[rows[-1]]
-
-
-def spectrum_row(objective: Objective, w: Array, vectors: Array, step: Array, lr, spectrum) -> tuple[Array, dict]:
-    """Measure the tracked eigenpairs at ``w`` (per the ``[spectrum]`` spec) inside a jitted step.
-
-    Returns the vectors to carry (warm start) and the row fields ``sharpness``, ``lr_sharpness``
-    (eta * S), ``eigenvalues`` (padded to k_max), ``hvps`` (spent by the solver; a process adds its
-    own), ``measurement_hvps`` (the solver's alone, so that the measurement's cost can be told apart)
-    and ``residual``, the largest relative residual of the measured pairs (above ``tol`` only when
-    the solver stopped at ``max_iters``).
-    """
-    pairs = measure_spectrum(objective, w, vectors, step, spectrum)
-    return pairs.vectors, tracked_row(pairs, lr, spectrum)
-
-
-def measure_spectrum(
-    objective: Objective, w: Array, vectors: Array, step: Array, spectrum, preconditioner: Array | None = None
-) -> Eigenpairs:
-    """:func:`measure_tracked` with every setting of the ``[spectrum]`` spec (tol, max_iters, guard, cluster)."""
-    return measure_tracked(
-        objective,
-        w,
-        vectors,
-        step,
-        spectrum.every,
-        spectrum.tol,
-        spectrum.max_iters,
-        preconditioner=preconditioner,
-        guard=spectrum.guard,
-        cluster=spectrum.cluster or None,
-    )
 
 
 def measured_row(pairs: Eigenpairs, spectrum) -> dict:
@@ -478,7 +405,7 @@ def measured_row(pairs: Eigenpairs, spectrum) -> dict:
 
 
 def tracked_row(pairs: Eigenpairs, lr, spectrum) -> dict:
-    """The row fields of :func:`spectrum_row` from the measured ``pairs``: ``sharpness``, ``lr_sharpness``
+    """The row fields of a measurement of H's top pairs: ``sharpness`` (theta_1), ``lr_sharpness`` (lr theta_1)
     and :func:`measured_row`'s."""
     sharpness = pairs.values[0]
     return {"sharpness": sharpness, "lr_sharpness": lr * sharpness, **measured_row(pairs, spectrum)}

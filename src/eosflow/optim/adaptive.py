@@ -33,7 +33,7 @@ from eosflow.config import option
 from eosflow.objective import Objective
 from eosflow.preconditioning import MomentumForm, diagonal_preconditioner, edge_threshold
 from eosflow.process import ScannedProcess, register_process, scanned_fields
-from eosflow.spectrum import Eigenpairs, carried, measure_spectrum, measured_row, value_grad_and_tracked
+from eosflow.spectrum import Eigenpairs, carried, measured_row, value_grad_and_tracked
 from eosflow.tracker import WarmStart, gd_warm_start, start_history
 
 Form = Literal["none", "classical", "ema", "nesterov"]
@@ -206,18 +206,10 @@ class OptimizerState(NamedTuple):
     step: Array
 
 
-def preconditioned_spectrum_row(
-    objective: Objective, w: Array, vectors: Array, step: Array, preconditioner: Array, threshold: float, spectrum
-) -> tuple[Array, dict]:
-    """Warm-started top eigenpairs of P^{-1/2} H(w) P^{-1/2} per ``[spectrum]``: the row fields
-    ``preconditioned_sharpness``, ``edge_ratio`` (= it / ``threshold``) and those of
-    :func:`~eosflow.spectrum.measured_row` (``eigenvalues``, ``hvps``, ``measurement_hvps``, ``residual``)."""
-    pairs = measure_spectrum(objective, w, vectors, step, spectrum, preconditioner)
-    return pairs.vectors, preconditioned_row(pairs, threshold, spectrum)
-
-
 def preconditioned_row(pairs: Eigenpairs, threshold: float, spectrum) -> dict:
-    """The row fields of :func:`preconditioned_spectrum_row` from the measured ``pairs``."""
+    """The row fields of a measurement of P^{-1/2} H P^{-1/2}'s top pairs: ``preconditioned_sharpness``, ``edge_ratio``
+    (= it / ``threshold``) and those of :func:`~eosflow.spectrum.measured_row` (``eigenvalues``, ``hvps``,
+    ``measurement_hvps``, ``residual``)."""
     return {
         "preconditioned_sharpness": pairs.values[0],
         "edge_ratio": pairs.values[0] / threshold,
