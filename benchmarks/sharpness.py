@@ -66,8 +66,8 @@ MAIN = (
     "k=1 tol=3e-3 (GD, fitted)",
     "k=3 tol=1e-3 (GD, fitted)",
 )  # --solvers main (and --quick)
-# (label, k, tol, guard, start): start as gd.warm_start ("previous", "same_side", "extrapolated", "fitted")
-# or "secant"
+# (label, k, tol, guard, start[, max_iters], default 30): start as gd.warm_start ("previous", "same_side",
+# "extrapolated", "fitted") or "secant"
 TRACKERS = [
     ("k=1 tol=1e-3, no guard, previous step", 1, 1e-3, 0, "previous"),
     ("k=1 tol=1e-3, previous step", 1, 1e-3, 1, "previous"),
@@ -110,6 +110,8 @@ TRACKERS = [
     ("k=1 tol=5e-3 (GD, fitted), power carry", 1, 5e-3, 1, "fitted+power"),
     ("k=3 tol=1e-3 (GD, fitted), power carry", 3, 1e-3, 1, "fitted+power"),
     ("k=3 tol=3e-3 (GD, fitted), power carry", 3, 3e-3, 1, "fitted+power"),
+    ("k=1 tol=3e-3 (GD, fitted), power carry, max_iters 4", 1, 3e-3, 1, "fitted+power", 4),
+    ("k=1 tol=3e-3 (GD, fitted), power carry, max_iters 5", 1, 3e-3, 1, "fitted+power", 5),
 ]
 
 
@@ -263,10 +265,10 @@ def benchmark(width: int, steps: int, every: int, main_only: bool, only: str = "
     def chosen(label):
         return any(part in label for part in only.split(","))
 
-    for label, k, tol, guard, start in TRACKERS:
+    for label, k, tol, guard, start, *cap in TRACKERS:
         if (main_only and label not in MAIN) or not chosen(label):
             continue
-        hvps, values, residuals, kept = replay(objective, params, k, tol, guard, start, cluster=cluster)
+        hvps, values, residuals, kept = replay(objective, params, k, tol, guard, start, *cap, cluster=cluster)
         errors = np.max(np.abs(values[checks] - oracle[:, :k]) / oracle[:, :k], axis=1)
         converged = residuals <= tol
         true = np.array([true_residuals(objective64, params[t], values[t], kept[t]) for t in checks])

@@ -33,7 +33,7 @@ from eosflow.spectrum import _orthonormalize, _pad_columns, _rayleigh_ritz, lanc
 from eosflow.tracker import gd_warm_start
 from sharpness import EDGE, LR, trajectory
 
-GUARD, MAX_ITERS = 1, 30  # the tracker's default cap for k = 1 is 50; no step here reaches 30
+GUARD, MAX_ITERS = 1, 30  # as `[spectrum] max_iters`'s default
 
 
 def top_pair(matvec, start, tol: float, loose: float, vtol: float, etol: float = 0.0, cap: int = MAX_ITERS):

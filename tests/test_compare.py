@@ -440,7 +440,7 @@ def test_a_run_with_no_positive_distance_gets_its_report(tmp_path, capsys, steps
     table = {"steps": steps, "lr": lr, "processes": ["gd", "gradient_flow"], "problem": {"name": "quadratic"}}
     spec.write_text(tomli_w.dumps(table))
     assert main(["run", str(spec), "--out", str(tmp_path / "run"), "--quiet"]) == 0
-    assert f"completed: {steps} steps" in capsys.readouterr().out
+    assert f"completed: {steps} step{'' if steps == 1 else 's'} in" in capsys.readouterr().out  # not "1 steps"
     assert (tmp_path / "run" / "report" / "compare_distance.png").exists()
 
 

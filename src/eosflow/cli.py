@@ -48,7 +48,7 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
     from eosflow.experiment import run
     from eosflow.load import load
     from eosflow.progress import training_bar
-    from eosflow.report import make_report
+    from eosflow.report import make_report, unconverged, unconverged_lines
     from eosflow.spec import parse_spec
     from eosflow.store import RunStore
 
@@ -73,6 +73,8 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
         )
         return getattr(error, "exit_code", 130)
     warn_incomplete_critical_sets(ds)
+    for line in unconverged_lines(ds, table := RunStore(out).resolved_spec()[0], unconverged(ds, table)):
+        print(f"eosflow: {line.removeprefix('- ')}", file=sys.stderr)
     summary = RunStore(out).read_summary()
     print(
         f"{outcome.status}: {_steps(outcome.steps_done)} in {out}, {summary.get('seconds', float('nan')):.1f} s of run "

@@ -129,6 +129,8 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     processes = list(ds["process"].values)
     reference = processes[0]
     figures = []
+    table = RunStore(run_dir).resolved_spec()[0]
+    flagged = unconverged(ds, table)
 
     def draw_loss(ax):
         for i, p in enumerate(processes):
@@ -149,14 +151,14 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     if "sharpness" in ds and np.isfinite(ds["sharpness"]).any():
 
         def draw_sharpness(ax):
-            _measured_lines(ax, ds, "sharpness", processes, label="{}: sharpness")
+            _measured_lines(ax, ds, "sharpness", processes, flagged, label="{}: sharpness")
             ax.plot(steps, 2.0 / _step_sizes(ds, reference), color="0.55", lw=3, alpha=0.45, zorder=0.5, label="2 / lr")
 
         save_figure(out / "sharpness.png", "sharpness (top Hessian eigenvalue)", "S", draw_sharpness)
         figures.append(("Sharpness and the stability threshold 2/lr", "sharpness.png"))
 
         def draw_lr_sharpness(ax):
-            _measured_lines(ax, ds, "lr_sharpness", processes)
+            _measured_lines(ax, ds, "lr_sharpness", processes, flagged)
             threshold_line(ax, 2.0, "2")
 
         save_figure(out / "lr_sharpness.png", "lr x sharpness", "lr * S", draw_lr_sharpness)
@@ -165,7 +167,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         # Adam, RMSProp, momentum: their `sharpness` is not their own, and the page drew none (a probe)
 
         def draw_edge_ratio(ax):
-            _measured_lines(ax, ds, "edge_ratio", processes)
+            _measured_lines(ax, ds, "edge_ratio", processes, flagged)
             threshold_line(ax, 1.0, "1 (the optimizer's edge)")
 
         save_figure(out / "edge_ratio.png", "preconditioned sharpness / threshold", "S_P / threshold", draw_edge_ratio)
@@ -214,6 +216,8 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
         )
     if "lr_sharpness" in ds or "edge_ratio" in ds:
         lines += ["", "## Edge of stability", ""] + _edge_lines(ds, reference, steps)
+    if flagged:
+        lines += ["", "## Measurements not converged", ""] + unconverged_lines(ds, table, flagged)
     if len(processes) > 1:
         from eosflow.compare import write_report
 
@@ -242,14 +246,19 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     return path
 
 
-def _measured_lines(ax, ds: xr.Dataset, variable: str, processes: list[str], label: str = "{}") -> None:
+def _measured_lines(
+    ax, ds: xr.Dataset, variable: str, processes: list[str], flagged: dict[str, np.ndarray], label: str = "{}"
+) -> None:
     """Each process's ``variable`` at the steps it was measured (a measurement every n steps is one line),
-    labelled ``label.format(process)``."""
+    labelled ``label.format(process)``, with an x at the steps ``flagged`` for it (:func:`unconverged`)."""
     steps = ds["step"].values
     for i, p in enumerate(processes):
         values = without_blow_up(ds, p, ds[variable].sel(process=p).values)
         ok = np.isfinite(values)
         ax.plot(steps[ok], values[ok], **line_style(i), label=label.format(p))
+        marked = ok & flagged.get(p, np.zeros_like(ok))
+        if marked.any():
+            ax.plot(steps[marked], values[marked], "x", color=line_style(i)["color"], ms=5, label=f"{p}: not converged")
 
 
 def full_batch_loss(ds: xr.Dataset, process: str) -> np.ndarray:
@@ -303,6 +312,42 @@ def _edge_lines(ds: xr.Dataset, reference: str, steps: np.ndarray) -> list[str]:
         + (f" (from step {start})" if start is not None else ""),
         f"- largest {unit} measured: {peak:.4f}",
     ]
+
+
+def unconverged(ds: xr.Dataset, table: dict) -> dict[str, np.ndarray]:
+    """Per process, the mask (step,) of its measurements that stopped at ``max_iters`` with a relative residual
+    ||H x - theta x|| / |theta| above its tracker's ``tol`` (``[spectrum]``, or ``[name.spectrum]``, of the resolved
+    spec ``table``); processes with none are left out. The solver compares in the run's dtype, so does this."""
+    if "residual" not in ds:
+        return {}
+    masks = {}
+    for process in map(str, ds["process"].values):
+        tol = (table.get("spectrum", {}) | table.get(process, {}).get("spectrum", {})).get("tol")
+        residual = ds["residual"].sel(process=process).values
+        if tol is None or not np.issubdtype(residual.dtype, np.floating):
+            continue
+        above = np.isfinite(residual) & (residual > np.asarray(tol, residual.dtype))
+        if above.any():
+            masks[process] = above
+    return masks
+
+
+def unconverged_lines(ds: xr.Dataset, table: dict, masks: dict[str, np.ndarray]) -> list[str]:
+    """One line per process of :func:`unconverged` ``masks``: how many of its measurements, the largest residual,
+    the first step, and what that means for the eigenvalues recorded there."""
+    lines = []
+    for process, above in masks.items():
+        settings = table.get("spectrum", {}) | table.get(process, {}).get("spectrum", {})
+        residual = ds["residual"].sel(process=process).values
+        measured = int(np.isfinite(residual).sum())
+        lines.append(
+            f"- {process}: {int(above.sum())} of {measured} measurements stopped at `max_iters` = "
+            f"{settings.get('max_iters')} with a relative residual above tol = {settings['tol']:g} (largest "
+            f"{np.max(residual[above]):.3g}, first at step {int(ds['step'].values[np.argmax(above)])}); their "
+            "eigenvalues are Ritz values, lower bounds of the top eigenvalues, possibly off by more than tol "
+            "(marked x in the figures; raise `max_iters` or tol, docs/sharpness.md)"
+        )
+    return lines
 
 
 def _summary_table(ds: xr.Dataset, summary: dict) -> list[str]:
