@@ -128,9 +128,56 @@ def test_a_torch_trackers_eigenpairs_are_recorded_with_their_threshold(tmp_path)
         "edge_ratio": eig.values[0] / eig.threshold,
         "adaptive": 0,  # SGD's P = I: no start transient
         "hvps": eig.hvps,
+        "residual": float(np.max(eig.residuals)),
+        "converged": 1,
         "loss": loss.item(),
     }
     assert eig.threshold == pytest.approx(2 * 1.5 / 0.3)
+
+
+def test_a_torch_reading_that_did_not_converge_is_logged_said_and_marked(tmp_path, capsys):
+    """A torch tracker's reading stopped at `max_iters` above tol was logged like a converged one. Its record now
+    holds the largest residual and `converged` = 0 (the tracker's `converged` is False), plot-log counts such
+    readings and the figure's title says so and marks them. A 5-dimensional quadratic with eigenvalues 1..5, k = 2,
+    tol 1e-10, one LOBPCG iteration per reading along an SGD run: the warm start improves from reading to reading,
+    so the first readings stop at the cap and the later ones converge; the converged ones are the eigenvalues to
+    1e-9, the others lower bounds of them."""
+    torch = pytest.importorskip("torch")
+    import eosflow.torch
+    from eosflow.cli import main
+    from eosflow.edge_log import figure
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    # mse of X w against 0 with X = diag(sqrt(2.5 i)): H = 2 X^T X / 5 = diag(1, ..., 5)
+    batch = (torch.diag(torch.sqrt(2.5 * torch.arange(1.0, 6.0, dtype=torch.float64))), torch.zeros(5, 1).double())
+    loss_fn = torch.nn.functional.mse_loss
+    tracker = eosflow.torch.SharpnessTracker(model, loss_fn, k=2, tol=1e-10, max_iters=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path, stopped = tmp_path / "log.jsonl", []
+    with EdgeLog(path) as log:
+        for t in range(8):
+            eig = tracker.update(batch, optimizer)
+            assert eig.converged == bool(np.all(eig.residuals <= 1e-10))
+            if not eig.converged:
+                stopped.append(t)
+                assert np.all(eig.values <= np.array([5.0, 4.0]) * (1 + 1e-12))  # Ritz values: lower bounds
+            else:
+                np.testing.assert_allclose(eig.values, [5.0, 4.0], rtol=1e-9)
+            log.write(t, eig)
+            optimizer.zero_grad()
+            loss_fn(model(batch[0]), batch[1]).backward()
+            optimizer.step()
+    assert 0 < len(stopped) < 8 and stopped[0] == 0
+    ds = read(path)
+    np.testing.assert_array_equal(ds["converged"].values, [int(t not in stopped) for t in range(8)])
+    assert main(["plot-log", str(path)]) == 0
+    said = f"{len(stopped)} of 8 readings not converged (first at step 0; residual above tol"
+    assert said in capsys.readouterr().out
+    ax = figure(ds).axes[0]
+    assert said in ax.get_title()
+    (marks,) = [line for line in ax.lines if line.get_label() == "not converged"]
+    np.testing.assert_array_equal(marks.get_xdata(), stopped)
 
 
 def test_bad_records_are_named_and_nothing_is_written(tmp_path):

@@ -455,6 +455,8 @@ def _dispatch(args) -> int:
                 print(f"  {edge_log.NO_THRESHOLD}")
             for tail in edge_log.non_finite_tails(ds):
                 print(f"  {tail} (diverged)")
+            for line in edge_log.unconverged_readings(ds):
+                print(f"  {line}")
         if len(args.log) == 1:
             print(edge_log.plot(runs[args.log[0]], args.out or args.log[0].with_suffix(".png")))
         else:

@@ -82,9 +82,9 @@ def _on_host(step: Any, record: Any, scalars: dict[str, Any]) -> tuple[Any, Any,
 def _fields(record: Any) -> dict[str, Any]:
     """The scalars of a measurement object: an eosflow.monitor Reading (S, threshold = S / ratio, lr S, ratio, and
     whether P is adaptive), eosflow.torch's TrackedEigenpairs (S, the other eigenvalues, threshold, ratio, HVPs,
-    adaptive), an Eigenpairs of
-    the JAX tracker (its values and HVPs) or an EdgePrediction (the predicted loss, the loss at the centre, tr X,
-    the critical count and lambda_1's sharpening rate)."""
+    adaptive, the largest residual and whether every one is <= its tol), an Eigenpairs of the JAX tracker (its
+    values, HVPs and largest residual) or an EdgePrediction (the predicted loss, the loss at the centre, tr X, the
+    critical count and lambda_1's sharpening rate)."""
     fields = getattr(type(record), "_fields", ())
     if {"sharpness", "lr_sharpness", "edge_ratio"} <= set(fields):  # eosflow.monitor.Reading
         sharpness, ratio = float(record.sharpness), float(record.edge_ratio)
@@ -113,6 +113,11 @@ def _fields(record: Any) -> dict[str, Any]:
         if "adaptive" in fields:
             out["adaptive"] = int(bool(record.adaptive))
         out["hvps"] = int(np.asarray(record.hvps))
+        if "residuals" in fields:  # the largest relative residual; against the tracker's tol where it is known
+            residuals = np.asarray(record.residuals)
+            out["residual"] = float(np.max(residuals))
+            if "tol" in fields and math.isfinite(float(record.tol)):
+                out["converged"] = int(np.all(residuals <= np.asarray(record.tol, residuals.dtype)))
         return out
     raise TypeError(
         f"EdgeLog.write takes an eosflow.monitor.Reading, a tracker's eigenpairs, an EdgePrediction or keyword "
@@ -361,6 +366,21 @@ def non_finite_tails(ds: xr.Dataset) -> list[str]:
     ]
 
 
+def unconverged_readings(ds: xr.Dataset) -> list[str]:
+    """'N of M readings not converged ...' if the log holds readings whose residual was above the tracker's tol
+    (``converged`` = 0, from eosflow.torch's tracker)."""
+    if "converged" not in ds:
+        return []
+    converged = ds["converged"].values
+    missed = converged == 0
+    if not missed.any():
+        return []
+    return [
+        f"{int(missed.sum())} of {int(np.isfinite(converged).sum())} readings not converged (first at step "
+        f"{int(ds['step'].values[np.argmax(missed)])}; residual above tol: raise max_iters or tol)"
+    ]
+
+
 NO_THRESHOLD = (  # what plot-log says of a log with a sharpness and no threshold (the JAX tracker's eigenpairs)
     "no threshold or edge_ratio logged, so where the run reached its edge is not summarized: log the threshold "
     "with each reading, e.g. log.write(t, eig, threshold=float(opt.threshold_at(t)), adaptive=1) for "
@@ -464,6 +484,8 @@ def figure(ds: xr.Dataset) -> Any:
             for i, name in enumerate(curvature):
                 values = ds[name].dropna("step")
                 ax.plot(values["step"], values, marker=".", ms=3, **line_style(i), label=name)
+            if "sharpness" in curvature:
+                _mark_unconverged(ax, ds, ds["sharpness"].values, line_style(0)["color"])
             if "threshold" in ds:
                 threshold = ds["threshold"].dropna("step")
                 # constant to float32's rounding (a reading's S / ratio jitters by an ulp or two), or moving
@@ -476,14 +498,23 @@ def figure(ds: xr.Dataset) -> Any:
             steps, ratios = ds["step"].values, np.asarray(ratio)
             finite = np.isfinite(ratios)
             ax.plot(steps[finite], ratios[finite], marker=".", ms=3, **line_style(0), label="S / threshold")
+            _mark_unconverged(ax, ds, ratios, line_style(0)["color"])
             threshold_line(ax, 1.0, "edge (1)")
             ax.set_ylabel("S / threshold")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[-1].set_xlabel("step")
-    axes[0].set_title("\n".join([str(ds.attrs.get("source", "edge log")), *non_finite_tails(ds)]))
+    axes[0].set_title(
+        "\n".join([str(ds.attrs.get("source", "edge log")), *non_finite_tails(ds), *unconverged_readings(ds)])
+    )
     fig.tight_layout()
     return fig
+
+
+def _mark_unconverged(ax: Any, ds: xr.Dataset, values: np.ndarray, color: str) -> None:
+    """An x on ``values`` (step,) at the readings that did not converge (``converged`` = 0)."""
+    if "converged" in ds and (missed := (ds["converged"].values == 0) & np.isfinite(values)).any():
+        ax.plot(ds["step"].values[missed], values[missed], "x", color=color, ms=5, label="not converged")
 
 
 def overlay(sources: list[str | os.PathLike], out: str | os.PathLike) -> Path:

@@ -105,6 +105,13 @@ class TrackedEigenpairs(NamedTuple):
     hvps: int  # Hessian-vector products spent
     threshold: float  # the optimizer's edge-of-stability threshold (nan without an optimizer)
     adaptive: bool = False  # P estimated from the gradients (Adam, AdamW, RMSprop): a start transient, edge_log
+    tol: float = float("nan")  # the tracker's tol: every pair with a residual <= it is converged
+
+    @property
+    def converged(self) -> bool:
+        """Every residual <= tol (False where LOBPCG stopped at ``max_iters`` first: then the values are Ritz values,
+        lower bounds of the top eigenvalues, possibly off by more than tol)."""
+        return bool(np.all(self.residuals <= np.asarray(self.tol, self.residuals.dtype)))
 
     @property
     def sharpness(self) -> float:
@@ -515,4 +522,5 @@ class SharpnessTracker:
             int(pairs.hvps),
             preconditioning.edge(np.asarray(pairs.vectors)[:, 0]),
             isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW | torch.optim.RMSprop),
+            self.tol,
         )
