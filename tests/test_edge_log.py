@@ -87,6 +87,48 @@ def test_monitored_readings_round_trip_with_the_loops_own_scalars(tmp_path, ever
     # P estimated from the gradients (Adam, AdamW, RMSProp) or the identity (SGD with momentum): the summary's
     # start transient is read for the former only
     assert set(ds.adaptive.dropna("step").values) == {float(edge.preconditioner is not None)}
+    assert set(ds.converged.dropna("step").values) == {1.0}  # tol 1e-6 within 100 iterations
+
+
+def test_a_monitored_reading_that_did_not_converge_says_so(tmp_path, capsys):
+    """monitored(..., max_iters=1) on a quadratic with eigenvalues 1..5 (k = 2, tol 1e-6): the first readings
+    stop at the cap, lower bounds of 5, and say "(not converged)" in the printed line, `converged` = 0 in the
+    state's Reading and the log, and plot-log counts them; the later ones, warm-started closer, converge to 5."""
+    from eosflow.cli import main
+
+    with precision("float64"):
+        scales = jnp.arange(1.0, 6.0)
+
+        def loss_fn(w):
+            return 0.5 * jnp.sum(scales * w**2)
+
+        params = jnp.ones(5)
+        path, stopped = tmp_path / "log.jsonl", []
+        with EdgeLog(path) as log:
+
+            def both(reading):
+                eosflow.monitor.print_reading(reading)
+                log(reading)
+
+            opt = eosflow.monitor.monitored(
+                eosflow.optimizer_edges.sgd(0.1), loss_fn, every=1, k=2, tol=1e-6, max_iters=1, log=both
+            )
+            state = opt.init(params)
+            for t in range(8):
+                updates, state = opt.update(jax.grad(loss_fn)(params), state, params)
+                params = optax.apply_updates(params, updates)
+                jax.effects_barrier()
+                if not bool(state.reading.converged):
+                    stopped.append(t)
+                    assert float(state.reading.sharpness) <= 5.0 * (1 + 1e-12)
+                else:
+                    assert float(state.reading.sharpness) == pytest.approx(5.0, rel=1e-9)
+    assert 0 < len(stopped) < 8 and stopped[0] == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [int(line.split()[1]) for line in lines if line.endswith("(not converged)")] == stopped
+    np.testing.assert_array_equal(read(path)["converged"].values, [int(t not in stopped) for t in range(8)])
+    assert main(["plot-log", str(path)]) == 0
+    assert f"{len(stopped)} of 8 readings not converged (first at step 0;" in capsys.readouterr().out
 
 
 def test_records_of_a_step_merge_and_a_resumed_loop_replaces_what_it_logs_again(tmp_path):

@@ -80,11 +80,11 @@ def _on_host(step: Any, record: Any, scalars: dict[str, Any]) -> tuple[Any, Any,
 
 
 def _fields(record: Any) -> dict[str, Any]:
-    """The scalars of a measurement object: an eosflow.monitor Reading (S, threshold = S / ratio, lr S, ratio, and
-    whether P is adaptive), eosflow.torch's TrackedEigenpairs (S, the other eigenvalues, threshold, ratio, HVPs,
-    adaptive, the largest residual and whether every one is <= its tol), an Eigenpairs of the JAX tracker (its
-    values, HVPs and largest residual) or an EdgePrediction (the predicted loss, the loss at the centre, tr X, the
-    critical count and lambda_1's sharpening rate)."""
+    """The scalars of a measurement object: an eosflow.monitor Reading (S, threshold = S / ratio, lr S, ratio,
+    whether P is adaptive and whether the measurement converged), eosflow.torch's TrackedEigenpairs (S, the other
+    eigenvalues, threshold, ratio, HVPs, adaptive, the largest residual and whether every one is <= its tol), an
+    Eigenpairs of the JAX tracker (its values, HVPs and largest residual) or an EdgePrediction (the predicted loss,
+    the loss at the centre, tr X, the critical count and lambda_1's sharpening rate)."""
     fields = getattr(type(record), "_fields", ())
     if {"sharpness", "lr_sharpness", "edge_ratio"} <= set(fields):  # eosflow.monitor.Reading
         sharpness, ratio = float(record.sharpness), float(record.edge_ratio)
@@ -95,6 +95,7 @@ def _fields(record: Any) -> dict[str, Any]:
             "lr_sharpness": record.lr_sharpness,
             "edge_ratio": ratio,
             **({"adaptive": int(bool(record.adaptive))} if "adaptive" in fields else {}),
+            **({"converged": int(bool(record.converged))} if "converged" in fields else {}),
         }
     if {"predicted_loss", "covariance", "sharpening"} <= set(fields):  # eosflow.edge_prediction.EdgePrediction
         return {
@@ -368,7 +369,7 @@ def non_finite_tails(ds: xr.Dataset) -> list[str]:
 
 def unconverged_readings(ds: xr.Dataset) -> list[str]:
     """'N of M readings not converged ...' if the log holds readings whose residual was above the tracker's tol
-    (``converged`` = 0, from eosflow.torch's tracker)."""
+    (``converged`` = 0: eosflow.torch's tracker, ``monitored``'s readings)."""
     if "converged" not in ds:
         return []
     converged = ds["converged"].values

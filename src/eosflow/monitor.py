@@ -38,6 +38,7 @@ class Reading(NamedTuple):
     lr_sharpness: Array  # lr * S
     edge_ratio: Array  # S / threshold (1 at the edge of stability)
     adaptive: Array | bool = False  # P estimated from the gradients (Adam, RMSProp): a start transient, edge_log
+    converged: Array | bool = True  # every residual <= tol (False: LOBPCG stopped at max_iters; S a lower bound)
 
 
 class MonitoredState(NamedTuple):
@@ -64,7 +65,7 @@ def print_reading(reading: Reading) -> None:
     """The default ``log``: one line per measurement."""
     print(
         f"step {int(reading.step):6d}  S = {float(reading.sharpness):.5g}  lr*S = {float(reading.lr_sharpness):.4f}  "
-        f"S/threshold = {float(reading.edge_ratio):.4f}"
+        f"S/threshold = {float(reading.edge_ratio):.4f}" + ("" if bool(reading.converged) else "  (not converged)")
     )
 
 
@@ -107,7 +108,8 @@ def monitored(
         inner = optimizer.transform.init(params)
         state = tracker.init(params, seed_key(seed))
         nan = jnp.full((), jnp.nan, state.values.dtype)
-        return MonitoredState(inner, state, Reading(jnp.asarray(-1, jnp.int32), nan, nan, nan, adaptive))
+        unread = Reading(jnp.asarray(-1, jnp.int32), nan, nan, nan, adaptive, jnp.asarray(True))
+        return MonitoredState(inner, state, unread)
 
     def update(updates, state: MonitoredState, params=None, *, batch: Any = None, **extra_args):
         if params is None:
@@ -120,7 +122,8 @@ def monitored(
         tracked, pairs = _measure(tracker, state.tracker, params, batch, preconditioner)
         sharpness = pairs.values[0]
         lr = applied_lr(optimizer, inner, step).astype(sharpness.dtype)
-        measured = Reading(step, sharpness, lr * sharpness, sharpness / optimizer.edge(lr, inner), adaptive)
+        converged = jnp.all(pairs.residuals <= jnp.asarray(tol, pairs.residuals.dtype))
+        measured = Reading(step, sharpness, lr * sharpness, sharpness / optimizer.edge(lr, inner), adaptive, converged)
         is_measurement = pairs.hvps > 0
         reading = jax.tree.map(lambda new, old: jnp.where(is_measurement, new, old), measured, state.reading)
         if log is not None:
