@@ -250,14 +250,16 @@ def test_a_bad_problem_value_prints_its_error_and_no_progress_bar(tmp_path, caps
 
 def test_measurements_that_did_not_converge_are_named_counted_and_marked(tmp_path, capsys):
     """A measurement that stopped at `max_iters` with a residual above tol was recorded like any other: nothing in
-    the report or the command said so. Now both count them per process, and every eigenvalue left unflagged is dense
-    eigh's to tol while the flagged ones are Ritz values, at most the eigenvalues they stand for (a small MLP in
-    float64, k = 2, tol 1e-4, capped at 4 iterations: about half the steps stop at the cap)."""
+    the report, the command or the leaderboard said so. Now each counts them per process, and every eigenvalue left
+    unflagged is dense eigh's to tol while the flagged ones are Ritz values, at most the eigenvalues they stand for
+    (a small MLP in float64, k = 2, tol 1e-4, capped at 4 iterations: about half the steps stop at the cap)."""
     import jax.numpy as jnp
     import numpy as np
     import tomli_w
 
     import eosflow
+    from eosflow.compare import compare_dataset
+    from eosflow.leaderboard import unconverged_measurements
     from eosflow.spectrum import dense_top_eigenpairs
 
     table = {
@@ -286,8 +288,12 @@ def test_measurements_that_did_not_converge_are_named_counted_and_marked(tmp_pat
         flagged = ds["residual"].sel(process="gd").values > 1e-4
         error = np.abs(values - oracle) / oracle
         assert np.all(error[~flagged] <= 1e-4) and np.all(values[flagged] <= oracle[flagged] * (1 + 1e-12))
+        rows = compare_dataset(ds).reset_index().assign(problem="mlp")  # the leaderboard's rows of this run
+        assert rows.set_index("process").loc["gd", "not_converged"] == flagged.sum() / 20
+        assert bool(unconverged_measurements(rows)) == bool(flagged.any())
         if max_iters == 4:
             assert 3 <= flagged.sum() <= 17 and np.any(error[flagged] > 1e-4)
             assert "## Measurements not converged" in page
+            assert f"mlp gd {flagged.sum() / 20:.1%}" in unconverged_measurements(rows)[-1]
         else:
             assert not flagged.any() and "not converged" not in page and "max_iters" not in err

@@ -401,6 +401,15 @@ def test_a_misspelled_setting_of_simulate_is_named_with_the_fix():
         eosflow.simulate(problem, steps=2)
 
 
+@pytest.mark.parametrize("given, shown", [("quartic", "str 'quartic'"), ({"name": "quartic"}, "dict {'name'")])
+def test_a_problem_given_by_name_is_refused_with_the_way_that_runs_it(tmp_path, given, shown):
+    """Before: AttributeError "'str' object has no attribute 'default_dtype'". The way the message names runs."""
+    with pytest.raises(TypeError, match=rf"eosflow.simulate takes a Problem .*, got {shown}.*A built-in problem runs"):
+        eosflow.simulate(given, lr=0.1, steps=2)
+    eosflow.experiment.run({"problem": {"name": "quartic"}, "lr": 0.1, "steps": 2}, tmp_path)
+    assert eosflow.load(tmp_path).sizes["step"] == 2
+
+
 def test_a_misspelled_factory_key_is_named_with_the_closest_parameter(tmp_path):
     with pytest.raises(SpecError, match=r"unexpected keyword argument 'widht'.*\(did you mean `problem.width`\?\)"):
         run({**TABLE, "problem": {"name": PATH, "widht": 4}}, tmp_path / "run")

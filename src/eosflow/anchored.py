@@ -38,6 +38,7 @@ from eosflow.experiment import (
     cut_at_divergence,
     prepare,
     run_dtype,
+    stopping_rules,
     with_problem_dtype,
 )
 from eosflow.flows.flow import Flow
@@ -248,6 +249,7 @@ def _dataset(
         "dropped_processes": dropped,
         "timing": timing,
         "spectrum_k_max": {name: spec.spectrum_of(name).k_max for name in rows},
+        **stopping_rules(spec, rows),
     }
     return rows_dataset(rows, np.arange(k, spec.steps), summary_attrs(summary))
 

@@ -73,7 +73,7 @@ def _run_table(table: dict, out: Path, resume: bool, overwrite: bool, quiet: boo
         )
         return getattr(error, "exit_code", 130)
     warn_incomplete_critical_sets(ds)
-    for line in unconverged_lines(ds, table := RunStore(out).resolved_spec()[0], unconverged(ds, table)):
+    for line in unconverged_lines(ds, unconverged(ds)):
         print(f"eosflow: {line.removeprefix('- ')}", file=sys.stderr)
     summary = RunStore(out).read_summary()
     print(

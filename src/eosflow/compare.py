@@ -427,6 +427,7 @@ def compare_dataset(ds: xr.Dataset, summary: dict | None = None, width: float = 
                 "measurement_equivalents": measurement_equivalents(_series(ds, "measurement_hvps", p)),
                 "ms_per_step": milliseconds_per_step(timing.get(p)),
                 "critical_incomplete": _incomplete_share(ds, p),
+                "not_converged": _not_converged_share(ds, p, summary),
                 "steps": int(np.sum(np.isfinite(loss))),
                 "status": _status(p, is_reference, summary),
             }
@@ -454,6 +455,25 @@ def without_divergent_steps(ds: xr.Dataset, summary: dict) -> xr.Dataset:
                 if np.issubdtype(ds[name].dtype, np.floating):
                     ds[name].loc[{"process": p, "step": ds["step"].values[last]}] = np.nan
     return ds
+
+
+def not_converged(ds: xr.Dataset, process: str, summary: dict | None = None) -> np.ndarray | None:
+    """The mask (step,) of ``process``'s measurements that stopped at ``max_iters`` with a relative residual
+    ||H x - theta x|| / |theta| above its tracker's tol (``spectrum_stop`` of the run's summary, compared in the
+    run's dtype as the solver does); None where the run did not record them (no ``residual``, or written before
+    the summary held the rule)."""
+    rule = (summary_of(ds) if summary is None else summary).get("spectrum_stop", {}).get(process)
+    if rule is None or "residual" not in ds:
+        return None
+    residual = ds["residual"].sel(process=process).values  # in the run's dtype, not _series's float64
+    return np.isfinite(residual) & (residual > np.asarray(rule[0], residual.dtype))
+
+
+def _not_converged_share(ds: xr.Dataset, process: str, summary: dict) -> float:
+    """The share of ``process``'s measurements that did not converge (:func:`not_converged`; NaN: none measured)."""
+    mask, residual = not_converged(ds, process, summary), _series(ds, "residual", process)
+    measured = 0 if residual is None else int(np.isfinite(residual).sum())
+    return np.nan if mask is None or measured == 0 else float(mask.sum() / measured)
 
 
 def _incomplete_share(ds: xr.Dataset, process: str) -> float:

@@ -692,7 +692,14 @@ def _summary_base(spec: Spec, problem: Problem, names: list[str]) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         # each process's tracker limit: `[<process>.spectrum] k_max` can set it apart from `[spectrum]`
         "spectrum_k_max": {name: spec.spectrum_of(name).k_max for name in names},
+        **stopping_rules(spec, names),
     }
+
+
+def stopping_rules(spec: Spec, names) -> dict[str, dict[str, list]]:
+    """``spectrum_stop``: each process's eigensolver stopping rule, [tol, max_iters] (a measurement whose residual
+    is above tol stopped at max_iters: :func:`eosflow.compare.not_converged`)."""
+    return {"spectrum_stop": {name: [spec.spectrum_of(name).tol, spec.spectrum_of(name).max_iters] for name in names}}
 
 
 ENVIRONMENT = ("eosflow", "jax", "device", "xla_flags")  # what a run's last digits depend on besides its spec

@@ -552,6 +552,22 @@ def markdown(rows: pd.DataFrame) -> list[str]:
     return lines
 
 
+def unconverged_measurements(rows: pd.DataFrame) -> list[str]:
+    """A line under the table for the rows some of whose eigensolver measurements stopped at ``max_iters`` with a
+    residual above tol (``not_converged`` of :func:`eosflow.compare.compare_dataset`, their share)."""
+    if "not_converged" not in rows:
+        return []
+    flagged = rows[rows["not_converged"].fillna(0) > 0]
+    if flagged.empty:
+        return []
+    shares = ", ".join(f"{r.problem} {r.process} {r.not_converged:.1%}" for r in flagged.itertuples())
+    return [
+        "",
+        "Measurements not converged (stopped at `max_iters` with a residual above tol: their eigenvalues are lower "
+        f"bounds, possibly off by more than tol; the share of each process's, docs/sharpness.md): {shares}.",
+    ]
+
+
 def incomplete_critical_sets(rows: pd.DataFrame) -> list[str]:
     """A line under the table for the rows whose critical set was not shown complete at some step
     (``critical_incomplete`` of :func:`eosflow.compare.compare_dataset`; docs/central_flow.md)."""
@@ -855,6 +871,7 @@ def write_page(
         ]
     lines += markdown(rows)
     lines += incomplete_critical_sets(rows)
+    lines += unconverged_measurements(rows)
     path = Path(out) / "leaderboard.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     import xarray as xr
 
 
-# {process: reason}, {process: wall times of its chunks}, {process: its tracker's k_max}, [each session's versions]
-SUMMARY_TABLES = ("dropped_processes", "timing", "spectrum_k_max", "sessions")
+# {process: reason}, {process: wall times of its chunks}, {process: its tracker's k_max}, [each session's versions],
+# {process: [its eigensolver's tol, max_iters]}
+SUMMARY_TABLES = ("dropped_processes", "timing", "spectrum_k_max", "sessions", "spectrum_stop")
 
 
 def summary_of(ds: xr.Dataset) -> dict:

@@ -14,8 +14,8 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
-from eosflow.compare import line_style, log_scale_where_positive, threshold_line, without_blow_up
-from eosflow.load import load
+from eosflow.compare import line_style, log_scale_where_positive, not_converged, threshold_line, without_blow_up
+from eosflow.load import load, summary_of
 from eosflow.store import RunStore, StoreError, report_command, resume_command, writable_folder
 
 Section = Callable[[xr.Dataset, Path, Path], str]
@@ -129,8 +129,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     processes = list(ds["process"].values)
     reference = processes[0]
     figures = []
-    table = RunStore(run_dir).resolved_spec()[0]
-    flagged = unconverged(ds, table)
+    flagged = unconverged(ds)
 
     def draw_loss(ax):
         for i, p in enumerate(processes):
@@ -217,7 +216,7 @@ def _write_report(run_dir: Path, ds: xr.Dataset, out: Path) -> Path:
     if "lr_sharpness" in ds or "edge_ratio" in ds:
         lines += ["", "## Edge of stability", ""] + _edge_lines(ds, reference, steps)
     if flagged:
-        lines += ["", "## Measurements not converged", ""] + unconverged_lines(ds, table, flagged)
+        lines += ["", "## Measurements not converged", ""] + unconverged_lines(ds, flagged)
     if len(processes) > 1:
         from eosflow.compare import write_report
 
@@ -314,35 +313,24 @@ def _edge_lines(ds: xr.Dataset, reference: str, steps: np.ndarray) -> list[str]:
     ]
 
 
-def unconverged(ds: xr.Dataset, table: dict) -> dict[str, np.ndarray]:
-    """Per process, the mask (step,) of its measurements that stopped at ``max_iters`` with a relative residual
-    ||H x - theta x|| / |theta| above its tracker's ``tol`` (``[spectrum]``, or ``[name.spectrum]``, of the resolved
-    spec ``table``); processes with none are left out. The solver compares in the run's dtype, so does this."""
-    if "residual" not in ds:
-        return {}
-    masks = {}
-    for process in map(str, ds["process"].values):
-        tol = (table.get("spectrum", {}) | table.get(process, {}).get("spectrum", {})).get("tol")
-        residual = ds["residual"].sel(process=process).values
-        if tol is None or not np.issubdtype(residual.dtype, np.floating):
-            continue
-        above = np.isfinite(residual) & (residual > np.asarray(tol, residual.dtype))
-        if above.any():
-            masks[process] = above
-    return masks
+def unconverged(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    """Per process, the mask (step,) of its measurements that did not converge (:func:`eosflow.compare.not_converged`);
+    processes with none are left out."""
+    summary = summary_of(ds)
+    masks = {str(p): not_converged(ds, str(p), summary) for p in ds["process"].values}
+    return {p: mask for p, mask in masks.items() if mask is not None and mask.any()}
 
 
-def unconverged_lines(ds: xr.Dataset, table: dict, masks: dict[str, np.ndarray]) -> list[str]:
+def unconverged_lines(ds: xr.Dataset, masks: dict[str, np.ndarray]) -> list[str]:
     """One line per process of :func:`unconverged` ``masks``: how many of its measurements, the largest residual,
     the first step, and what that means for the eigenvalues recorded there."""
     lines = []
     for process, above in masks.items():
-        settings = table.get("spectrum", {}) | table.get(process, {}).get("spectrum", {})
+        tol, max_iters = summary_of(ds)["spectrum_stop"][process]
         residual = ds["residual"].sel(process=process).values
-        measured = int(np.isfinite(residual).sum())
         lines.append(
-            f"- {process}: {int(above.sum())} of {measured} measurements stopped at `max_iters` = "
-            f"{settings.get('max_iters')} with a relative residual above tol = {settings['tol']:g} (largest "
+            f"- {process}: {int(above.sum())} of {int(np.isfinite(residual).sum())} measurements stopped at "
+            f"`max_iters` = {max_iters} with a relative residual above tol = {tol:g} (largest "
             f"{np.max(residual[above]):.3g}, first at step {int(ds['step'].values[np.argmax(above)])}); their "
             "eigenvalues are Ritz values, lower bounds of the top eigenvalues, possibly off by more than tol "
             "(marked x in the figures; raise `max_iters` or tol, docs/sharpness.md)"

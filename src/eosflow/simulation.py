@@ -121,6 +121,14 @@ def simulation_table(
     float64 if every floating parameter leaf is float64, else float32 (a leaf of another dtype
     is then refused by name).
     """
+    if not isinstance(problem, Problem):
+        shown = repr(problem) if len(repr(problem)) <= 60 else repr(problem)[:57] + "..."
+        raise TypeError(
+            "eosflow.simulate takes a Problem (eosflow.Problem.from_model, .from_function or .from_equinox, "
+            f"eosflow.torch.problem, or a factory's), got {type(problem).__name__} {shown}. A built-in problem runs "
+            "from a spec: eosflow.experiment.run({'problem': {'name': ...}, 'lr': ..., 'steps': ...}, out) and then "
+            "eosflow.load(out), or `eosflow run SPEC`"
+        )
     if isinstance(processes, str):
         processes = [processes]
     table = {
