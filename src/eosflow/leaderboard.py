@@ -555,33 +555,36 @@ def markdown(rows: pd.DataFrame) -> list[str]:
 def unconverged_measurements(rows: pd.DataFrame) -> list[str]:
     """A line under the table for the rows some of whose eigensolver measurements stopped at ``max_iters`` with a
     residual above tol (``not_converged`` of :func:`eosflow.compare.compare_dataset`, their share)."""
-    if "not_converged" not in rows:
-        return []
-    flagged = rows[rows["not_converged"].fillna(0) > 0]
-    if flagged.empty:
-        return []
-    shares = ", ".join(f"{r.problem} {r.process} {r.not_converged:.1%}" for r in flagged.itertuples())
-    return [
-        "",
+    return _flagged_rows(
+        rows,
+        "not_converged",
+        "{:.1%}",
         "Measurements not converged (stopped at `max_iters` with a residual above tol: their eigenvalues are lower "
-        f"bounds, possibly off by more than tol; the share of each process's, docs/sharpness.md): {shares}.",
-    ]
+        "bounds, possibly off by more than tol; the share of each process's, docs/sharpness.md)",
+    )
 
 
 def incomplete_critical_sets(rows: pd.DataFrame) -> list[str]:
     """A line under the table for the rows whose critical set was not shown complete at some step
     (``critical_incomplete`` of :func:`eosflow.compare.compare_dataset`; docs/central_flow.md)."""
-    if "critical_incomplete" not in rows:
+    return _flagged_rows(
+        rows,
+        "critical_incomplete",
+        "{:.0%}",
+        "Critical sets not shown complete (every tracked pair critical, or `max_critical` reached; the "
+        "share of the flow's steps, docs/central_flow.md)",
+    )
+
+
+def _flagged_rows(rows: pd.DataFrame, column: str, share: str, heading: str) -> list[str]:
+    """``heading: <problem> <process> <share>, ...`` for the rows whose ``column`` is above 0 (none: no line)."""
+    if column not in rows:
         return []
-    flagged = rows[rows["critical_incomplete"].fillna(0) > 0]
+    flagged = rows[rows[column].fillna(0) > 0]
     if flagged.empty:
         return []
-    shares = ", ".join(f"{r.problem} {r.process} {r.critical_incomplete:.0%}" for r in flagged.itertuples())
-    return [
-        "",
-        "Critical sets not shown complete (every tracked pair critical, or `max_critical` reached; the "
-        f"share of the flow's steps, docs/central_flow.md): {shares}.",
-    ]
+    shares = ", ".join(f"{r.problem} {r.process} {share.format(r[column])}" for _, r in flagged.iterrows())
+    return ["", f"{heading}: {shares}."]
 
 
 def machine() -> str:
