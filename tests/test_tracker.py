@@ -394,6 +394,7 @@ def test_monitor_reads_a_schedules_step_size_at_optaxs_count(how):
     opt = monitored(optimizer, loss, every=1 if how == "multisteps" else 2, tol=1e-6, max_iters=100, log=None)
     params, batch = problem.objective.unravel(problem.w0), problem.objective.data
     state = opt.init(params)
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=batch))  # one program for every step
     checked = []
     for t in range(8 if how == "multisteps" else 7):
         if how == "injected":
@@ -403,7 +404,7 @@ def test_monitor_reads_a_schedules_step_size_at_optaxs_count(how):
                 eps=1e-3 * (t + 1),
             )
         grads = jax.grad(loss)(params, batch)
-        updates, state = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=batch))(grads, state, params)
+        updates, state = update(grads, state, params)
         if how == "multisteps" and t % 2 == 0:  # no update made yet at t = 0, none applied in between
             assert np.all(ravel_flat(updates) == 0)
             assert t > 0 or np.isnan(float(state.reading.sharpness))
