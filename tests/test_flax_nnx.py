@@ -63,7 +63,7 @@ def dense_hessian(model, loss, batch):
     def on_flat(w):
         return loss(nnx.merge(graphdef, unflatten(w), jax.tree.map(lambda leaf: leaf, rest)), batch)
 
-    return np.asarray(jax.hessian(on_flat)(flat)), flat.size
+    return np.asarray(jax.jit(jax.hessian(on_flat))(flat)), flat.size  # one program, not op by op
 
 
 def snapshot(model):
@@ -241,15 +241,16 @@ def test_batch_sharpness_of_an_nnx_module_is_that_of_its_params():
         value, quotients = eosflow.batch_sharpness.batch_sharpness(mse, model, batches)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         flat, unflatten = ravel_pytree(params)
+
+        def loss(w, batch):
+            return mse(nnx.merge(graphdef, unflatten(w), jax.tree.map(lambda leaf: leaf, rest)), batch)
+
+        grad, hessian = jax.jit(jax.grad(loss)), jax.jit(jax.hessian(loss))  # one program each, not op by op
         curvatures = []
         for i in range(4):
             batch = (batches[0][i], batches[1][i])
-
-            def loss(w, batch=batch):
-                return mse(nnx.merge(graphdef, unflatten(w), jax.tree.map(lambda leaf: leaf, rest)), batch)
-
-            g = np.asarray(jax.grad(loss)(flat))
-            curvatures.append(g @ np.asarray(jax.hessian(loss)(flat)) @ g)
+            g = np.asarray(grad(flat, batch))
+            curvatures.append(g @ np.asarray(hessian(flat, batch)) @ g)
         np.testing.assert_allclose(quotients.curvature, curvatures, rtol=1e-9)
         assert float(value) == pytest.approx(float(np.mean(quotients.curvature / quotients.descent)), rel=1e-12)
         after = snapshot(model)
@@ -328,7 +329,7 @@ def test_wrt_measures_the_part_an_nnx_optimizer_trains(seed):
         def on_flat(w):
             return mse(nnx.merge(graphdef, unflatten(w), jax.tree.map(lambda leaf: leaf, rest)), batch)
 
-        hessian = np.asarray(jax.hessian(on_flat)(flat))
+        hessian = np.asarray(jax.jit(jax.hessian(on_flat))(flat))
         nu = optimizer_edges.substate(opt.opt_state, lambda s: isinstance(s, optax.ScaleByAdamState)).nu
         p = np.sqrt(np.asarray(ravel_pytree(nnx.as_pure(nu))[0]) / (1 - 0.99**6)) + 1e-8
         tracker = eosflow.SharpnessTracker(mse, k=2, tol=1e-9, max_iters=200, wrt=nnx.LoRAParam)
