@@ -776,7 +776,7 @@ def test_an_equinox_module_is_measured_over_its_floating_arrays(seed):
 
         arrays, rest = eqx.partition(model, eqx.is_inexact_array)
         flat, unflatten = ravel_pytree(arrays)
-        dense = np.asarray(jax.hessian(lambda w: loss(eqx.combine(unflatten(w), rest), batch))(flat))
+        dense = np.asarray(jax.jit(jax.hessian(lambda w: loss(eqx.combine(unflatten(w), rest), batch)))(flat))
         tracker = eosflow.SharpnessTracker(loss, k=2, tol=1e-9, max_iters=200)
         state = tracker.init(model, key)
         state, pairs = eqx.filter_jit(tracker.update)(state, model, batch)
@@ -831,7 +831,7 @@ def test_a_typed_prng_key_in_the_batch_is_measured(custom):
         batch = (x, y, jax.random.key(3))
         flat, unflatten = ravel_pytree(params)
         # reverse over reverse: JAX takes no forward-mode derivative of a custom_vjp function
-        dense = np.asarray(jax.jacrev(jax.jacrev(lambda w: loss(unflatten(w), batch)))(flat))
+        dense = np.asarray(jax.jit(jax.jacrev(jax.jacrev(lambda w: loss(unflatten(w), batch))))(flat))
         tracker = eosflow.SharpnessTracker(loss, k=2, tol=1e-9, max_iters=200)
         _, pairs = jax.jit(tracker.update)(tracker.init(params, jax.random.key(0)), params, batch)
         np.testing.assert_allclose(pairs.values, dense_top(dense, 2), rtol=1e-9)
@@ -854,7 +854,7 @@ def test_a_preconditioner_not_shaped_like_the_parameters_is_refused():
         diagonal = {"a": jnp.asarray(rng.uniform(0.5, 2, (4, 8))), "b": jnp.asarray(rng.uniform(0.5, 2, (8, 1)))}
         flat_p = np.concatenate([np.ravel(diagonal["a"]), np.ravel(diagonal["b"])])
         dense = np.asarray(
-            jax.hessian(lambda w: loss({"a": w[:32].reshape(4, 8), "b": w[32:].reshape(8, 1)}, x))(
+            jax.jit(jax.hessian(lambda w: loss({"a": w[:32].reshape(4, 8), "b": w[32:].reshape(8, 1)}, x)))(
                 jnp.concatenate([params["a"].ravel(), params["b"].ravel()])
             )
         )
@@ -905,7 +905,7 @@ def test_wrt_measures_the_part_a_filter_spec_selects(seed):
             def on_flat(w, loss=loss, rest=rest, unflatten=unflatten):
                 return loss(eqx.combine(unflatten(w), rest), batch)
 
-            dense = np.asarray(jax.hessian(on_flat)(flat))
+            dense = np.asarray(jax.jit(jax.hessian(on_flat))(flat))
             tracker = eosflow.SharpnessTracker(loss, k=2, tol=1e-9, max_iters=200, wrt=wrt)
             state = tracker.init(params, jax.random.PRNGKey(seed))
             _, pairs = eqx.filter_jit(tracker.update)(state, params, batch)
