@@ -156,7 +156,7 @@ def test_an_equinox_module_and_wrt_measure_the_flattened_part():
             part, rest = eqx.partition(model, eqx.is_inexact_array if wrt is None else wrt)
             flat, unravel = ravel_pytree(part)
             L = lambda w: loss(eqx.combine(unravel(w), rest), (x, y))  # noqa: E731, B023
-            values, vectors = np.linalg.eigh(np.asarray(jax.hessian(L)(flat)))
+            values, vectors = np.linalg.eigh(np.asarray(jax.jit(jax.hessian(L))(flat)))
             pairs = Pairs(values[::-1][:2], vectors[:, ::-1][:, :2])
             lr = 2.0 / pairs.values[1] * (1 + 1e-9)
             ours = edge_prediction.predict(loss, model, (x, y), pairs, lr, wrt=wrt)
@@ -318,7 +318,7 @@ def test_torch_matches_the_jax_path_on_one_network(dtype):
             out = jnp.tanh(jnp.asarray(inputs.numpy(), jnp.float64) @ W1.T + b1) @ W2.T + b2
             return jnp.mean((out - jnp.asarray(targets.numpy(), jnp.float64)) ** 2) + r @ w
 
-        values, vectors = np.linalg.eigh(np.asarray(jax.hessian(loss)(flat)))
+        values, vectors = np.linalg.eigh(np.asarray(jax.jit(jax.hessian(loss))(flat)))
         eig = Pairs(values[::-1][:3], vectors[:, ::-1][:, :3])
     pieces = torch.split(torch.tensor(np.asarray(r), dtype=torch_dtype), [p.numel() for p in net.parameters()])
 
@@ -440,7 +440,7 @@ def test_microbatches_and_a_flax_nnx_module():
         loss, params, batch = mlp_loss((3, 5, 2), jnp.tanh, 13, 4)
         flat, unravel = ravel_pytree(params)
         L = lambda w: loss(unravel(w), batch)  # noqa: E731
-        values, vectors = np.linalg.eigh(np.asarray(jax.hessian(L)(flat)))
+        values, vectors = np.linalg.eigh(np.asarray(jax.jit(jax.hessian(L))(flat)))
         pairs = Pairs(values[::-1][:2], vectors[:, ::-1][:, :2])
         top = jnp.asarray(pairs.vectors[:, 0])
         grad_s = jax.grad(lambda w: top @ jax.jvp(jax.grad(L), (w,), (top,))[1])(flat)  # grad lambda_1
@@ -479,7 +479,7 @@ def test_microbatches_and_a_flax_nnx_module():
         def flat_loss(w):
             return module_loss(nnx.merge(graphdef, unravel(w), rest), batch)
 
-        values, vectors = np.linalg.eigh(np.asarray(jax.hessian(flat_loss)(flat)))
+        values, vectors = np.linalg.eigh(np.asarray(jax.jit(jax.hessian(flat_loss))(flat)))
         pairs = Pairs(values[::-1][:2], vectors[:, ::-1][:, :2])
         lr = 2.0 / pairs.values[1] * (1 + 1e-9)
         ours = edge_prediction.predict(module_loss, model, batch, pairs, lr)
@@ -530,7 +530,7 @@ def test_rmsprop_covariance_is_its_period_two_orbit_in_closed_form(m, seed, eps_
         P = np.asarray(rms.preconditioner(state))
         np.testing.assert_allclose(P[:m], p, rtol=1e-12)
         centre = jnp.concatenate([jnp.zeros(m), jnp.asarray(y)])
-        hessian = np.asarray(jax.hessian(loss)(centre))
+        hessian = np.asarray(jax.jit(jax.hessian(loss))(centre))
         assert np.linalg.eigvalsh(hessian / np.sqrt(np.outer(P, P)))[::-1][:m] == pytest.approx(2 / lr, rel=1e-12)
         pairs = Pairs(np.full(m, 2.0 / lr), np.eye(2 * m)[:, :m])
         prediction = edge_prediction.predict(loss, centre, None, pairs, lr, optimizer=rms, opt_state=state)
@@ -564,10 +564,12 @@ def test_rmsprop_sharpening_is_the_preconditioned_sharpness_rate_along_the_flow(
         moment = rms.second_moment(state)
         g = np.asarray(jax.grad(L)(flat))
 
+        hessian = jax.jit(jax.hessian(L))  # one program for every tau
+
         def top(tau):
             nu_hat = moment.nu + tau / lr * moment.rate * (g**2 - moment.nu)
             P = np.sqrt(np.asarray(nu_hat) + eps)
-            H = np.asarray(jax.hessian(L)(flat - tau * g / np.asarray(moment.preconditioner)))
+            H = np.asarray(hessian(flat - tau * g / np.asarray(moment.preconditioner)))
             return np.linalg.eigh(H / np.sqrt(np.outer(P, P)))
 
         values, vectors = top(0.0)
@@ -661,7 +663,7 @@ def test_adam_without_momentum_reads_as_rmsprop_with_bias_correction(seed):
         w = iterates[0]
         P = np.asarray(adam.preconditioner(states[0]))
         np.testing.assert_allclose(P, rms.preconditioner(states[1]), rtol=1e-13)
-        A = np.asarray(jax.hessian(L)(w)) / np.sqrt(np.outer(P, P))
+        A = np.asarray(jax.jit(jax.hessian(L))(w)) / np.sqrt(np.outer(P, P))
         values, vectors = np.linalg.eigh(A)
         eig = Pairs(values[::-1][:3], vectors[:, ::-1][:, :3])
         for m in (1, 2):
@@ -822,7 +824,7 @@ def test_torch_rmsprop_matches_the_jax_path_on_one_network(adam):
 
         nu = np.random.default_rng(4).uniform(1.0, 2.0, flat.size) * np.asarray(jax.grad(loss)(flat)) ** 2 + 1e-4
         P = np.sqrt(nu) + eps
-        A = np.asarray(jax.hessian(loss)(flat)) / np.sqrt(np.outer(P, P))
+        A = np.asarray(jax.jit(jax.hessian(loss))(flat)) / np.sqrt(np.outer(P, P))
         values, vectors = np.linalg.eigh(A)
         eig = Pairs(values[::-1][:3], vectors[:, ::-1][:, :3])
         raw = nu * (1 - alpha**4) if adam else nu  # what the state holds: nu_hat = raw / (1 - alpha^4) for Adam
