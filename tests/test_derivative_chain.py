@@ -169,7 +169,7 @@ def test_the_tracker_measures_a_custom_vjp_loss_as_dense_eigh_of_its_twin(kind, 
     custom_loss_fn = LOSSES[custom_loss] if isinstance(custom_loss, str) else custom_loss
     with precision("float64"):
         twin, w = Objective.from_model(plain, params, x, y, plain_loss)
-        dense = np.linalg.eigvalsh(np.asarray(twin.hessian(w)))[::-1]
+        dense = np.linalg.eigvalsh(np.asarray(jax.jit(lambda w: twin.hessian(w))(w)))[::-1]
         tracker = eosflow.SharpnessTracker(
             lambda p, batch: custom_loss_fn(custom(p, batch[0]), batch[1]),
             k=2,
@@ -181,7 +181,9 @@ def test_the_tracker_measures_a_custom_vjp_loss_as_dense_eigh_of_its_twin(kind, 
         _, pairs = jax.jit(tracker.update)(state, params, (x, y))
         np.testing.assert_allclose(pairs.values, dense[:2], rtol=1e-7)
         operator = eosflow.HessianOperator.from_function(lambda p: custom_loss_fn(custom(p, x), y), params)
-        np.testing.assert_allclose(operator @ np.eye(w.size), np.asarray(twin.hessian(w)), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            operator @ np.eye(w.size), np.asarray(jax.jit(lambda w: twin.hessian(w))(w)), rtol=1e-10, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize(
@@ -199,7 +201,10 @@ def test_processes_on_a_custom_vjp_model_follow_its_twin(kind, seed, processes):
     for model, loss in ((custom, custom_loss), (plain, plain_loss)):
         problem = eosflow.Problem.from_model(model, params, x, y, loss)
         with precision("float64"):
-            lr = 1.5 / float(np.linalg.eigvalsh(np.asarray(problem.objective.hessian(jnp.asarray(problem.w0))))[-1])
+            hessian = np.asarray(
+                jax.jit(lambda w, problem=problem: problem.objective.hessian(w))(jnp.asarray(problem.w0))
+            )
+            lr = 1.5 / float(np.linalg.eigvalsh(hessian)[-1])
         lr = lr if processes[0] == "gd" else lr / 50
         options = {name: {"batch_size": 4} for name in processes if name in ("sgd", "langevin")}
         runs.append(eosflow.simulate(problem, lr=lr, steps=12, processes=processes, options=options))
@@ -259,7 +264,7 @@ def test_a_neural_ode_is_measured_and_a_third_derivative_jax_cannot_take_is_name
     assert objective.loss_on.names == ("_odeint",)
     with precision("float64"):
         w = jnp.asarray(problem.w0)
-        dense = np.asarray(jax.jacrev(jax.jacrev(objective.loss_on.loss_on))(w, objective.data))
+        dense = np.asarray(jax.jit(jax.jacrev(jax.jacrev(objective.loss_on.loss_on)))(w, objective.data))
         np.testing.assert_allclose(objective.hessian(w), dense, rtol=1e-7, atol=1e-9)
         u = jnp.asarray(rng.normal(size=w.size))
         try:
@@ -297,7 +302,7 @@ def test_a_python_number_in_the_batch_stays_a_python_number(repeats):
     with precision("float64"):
         flat, unflatten = ravel_pytree(params)
         plain = loss_with(lambda z: z * jax.nn.sigmoid(z))
-        dense = np.asarray(jax.hessian(lambda f: plain(unflatten(f), (x, repeats)))(flat))
+        dense = np.asarray(jax.jit(jax.hessian(lambda f: plain(unflatten(f), (x, repeats))))(flat))
         tracker = eosflow.SharpnessTracker(loss_with(swish), k=2, tol=1e-9, max_iters=100)
         _, pairs = tracker.update(tracker.init(params, jax.random.PRNGKey(0)), params, (x, repeats))
         np.testing.assert_allclose(pairs.values, np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-8)
