@@ -48,8 +48,9 @@ def dense_gauss_newton(apply_fn, params, inputs, targets, loss_fn):
     """J^T H_out J with J = jax.jacfwd of the outputs (n c x d) and H_out = jax.hessian of the loss in them."""
     flat, unravel = ravel_pytree(params)
     outputs = apply_fn(params, inputs)
-    jacobian = jax.jacfwd(lambda w: apply_fn(unravel(w), inputs).ravel())(flat)
-    h_out = jax.hessian(lambda f: loss_fn(f.reshape(outputs.shape), targets))(outputs.ravel())
+    # under jax.jit: one program each, not one per op
+    jacobian = jax.jit(jax.jacfwd(lambda w: apply_fn(unravel(w), inputs).ravel()))(flat)
+    h_out = jax.jit(jax.hessian(lambda f: loss_fn(f.reshape(outputs.shape), targets)))(outputs.ravel())
     return np.asarray(jacobian.T @ h_out @ jacobian)
 
 
@@ -89,10 +90,10 @@ def test_hessian_is_gauss_newton_plus_the_functional_part(seed):
         flat, unravel = ravel_pytree(params)
         gauss_newton = operator @ np.eye(flat.size)
         loss_fn = LOSSES["cross_entropy"]
-        hessian = np.asarray(jax.hessian(lambda w: loss_fn(mlp(unravel(w), inputs), targets))(flat))
+        hessian = np.asarray(jax.jit(jax.hessian(lambda w: loss_fn(mlp(unravel(w), inputs), targets)))(flat))
         outputs = mlp(params, inputs)
         residuals = np.asarray(jax.grad(lambda f: loss_fn(f, targets))(outputs)).ravel()
-        curvatures = np.asarray(jax.hessian(lambda w: mlp(unravel(w), inputs).ravel())(flat))  # (n c, d, d)
+        curvatures = np.asarray(jax.jit(jax.hessian(lambda w: mlp(unravel(w), inputs).ravel()))(flat))  # (n c, d, d)
     functional = np.einsum("o,oij->ij", residuals, curvatures)
     scale = np.abs(hessian).max()
     assert np.abs(functional).max() > 1e-2 * scale
@@ -119,8 +120,10 @@ def test_a_model_with_two_heads_and_its_own_loss():
         def outputs(w):
             return jnp.concatenate([head.ravel() for head in two_heads(unravel(w), inputs)])
 
-        jacobian = jax.jacfwd(outputs)(flat)
-        h_out = jax.hessian(lambda f: loss((f[:24].reshape(6, 4), f[24:].reshape(6, 2)), targets))(outputs(flat))
+        jacobian = jax.jit(jax.jacfwd(outputs))(flat)
+        h_out = jax.jit(jax.hessian(lambda f: loss((f[:24].reshape(6, 4), f[24:].reshape(6, 2)), targets)))(
+            outputs(flat)
+        )
         dense = np.asarray(jacobian.T @ h_out @ jacobian)
         matrix = operator @ np.eye(flat.size)
     np.testing.assert_allclose(matrix, dense, rtol=0, atol=1e-12 * np.abs(dense).max())
@@ -139,7 +142,7 @@ def test_a_model_linear_in_its_parameters_has_g_equal_to_h():
 
         operator = GaussNewtonOperator.from_model(linear, params, features, labels, "cross_entropy")
         flat, unravel = ravel_pytree(params)
-        hessian = jax.hessian(lambda w: LOSSES["cross_entropy"](linear(unravel(w), features), labels))(flat)
+        hessian = jax.jit(jax.hessian(lambda w: LOSSES["cross_entropy"](linear(unravel(w), features), labels)))(flat)
         matrix = operator @ np.eye(flat.size)
     np.testing.assert_allclose(matrix, np.asarray(hessian), rtol=0, atol=1e-13 * np.abs(hessian).max())
 
