@@ -92,11 +92,16 @@ def test_batch_sharpness_over_every_batch_is_the_enumerated_expectation():
         from jax.flatten_util import ravel_pytree
 
         flat, unflatten = ravel_pytree(params)
+
+        def on_flat(w, b):
+            return loss(unflatten(w), b)
+
+        grad, hessian = jax.jit(jax.grad(on_flat)), jax.jit(jax.hessian(on_flat))  # one program each, not op by op
         numerators, denominators = [], []
         for subset in subsets:
             batch = (jnp.asarray(x[subset]), jnp.asarray(y[subset]))
-            g = np.asarray(jax.grad(lambda w, b=batch: loss(unflatten(w), b))(flat))
-            h = np.asarray(jax.hessian(lambda w, b=batch: loss(unflatten(w), b))(flat))
+            g = np.asarray(grad(flat, batch))
+            h = np.asarray(hessian(flat, batch))
             numerators.append(g @ h @ g)
             denominators.append(g @ g)
             spectrum = np.linalg.eigvalsh(h)
@@ -262,10 +267,15 @@ def test_batches_as_a_list_or_stacked():
         flat, unflatten = ravel_pytree(params)
         uneven = [(jnp.asarray(rng.normal(size=(n, 3))), jnp.asarray(rng.normal(size=(n,)))) for n in (2, 5, 9)]
         value, quotients = eosflow.batch_sharpness.batch_sharpness(loss, params, uneven)
+
+        def on_flat(w, b):
+            return loss(unflatten(w), b)
+
+        grad, hessian = jax.jit(jax.grad(on_flat)), jax.jit(jax.hessian(on_flat))  # one program each, not op by op
         ratios = []
         for batch, curvature in zip(uneven, quotients.curvature):
-            g = np.asarray(jax.grad(lambda w, b=batch: loss(unflatten(w), b))(flat))
-            h = np.asarray(jax.hessian(lambda w, b=batch: loss(unflatten(w), b))(flat))
+            g = np.asarray(grad(flat, batch))
+            h = np.asarray(hessian(flat, batch))
             np.testing.assert_allclose(curvature, g @ h @ g, rtol=1e-10)
             ratios.append(g @ h @ g / (g @ g))
         assert float(value) == pytest.approx(float(np.mean(ratios)), rel=1e-10)
