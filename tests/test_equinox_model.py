@@ -112,7 +112,7 @@ def test_batchnorm_in_training_mode_is_the_batch_statistics_loss(seed):
     v = jnp.asarray(np.random.default_rng(seed).normal(size=w0.shape))
     fd = (problem.objective.value(w0 + 1e-6 * v) - problem.objective.value(w0 - 1e-6 * v)) / 2e-6
     assert abs(float(fd) - float(problem.objective.grad(w0) @ v)) < 1e-7
-    dense = jax.hessian(oracle)(w0)
+    dense = jax.jit(jax.hessian(oracle))(w0)
     np.testing.assert_allclose(problem.objective.hvp(w0, v), dense @ v, rtol=0, atol=1e-10)
     # inference mode (the running statistics of a fresh state, 0 and 1) is another function
     frozen = eosflow.Problem.from_equinox(eqx.nn.inference_mode(model), x, y, loss="mse", state=state)

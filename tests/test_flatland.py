@@ -287,7 +287,7 @@ def test_the_cap_is_refused_where_the_sharpness_falls_below_its_floor(scale, cap
         "nls": {"cap": True},
     }
     problem = prepare({**table, "nls": {}})[1]
-    top = np.linalg.eigvalsh(np.asarray(jax.hessian(problem.objective.value)(problem.w0)))[-1]
+    top = np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(problem.objective.value))(problem.w0)))[-1]
     assert (top >= flat_sharpness(problem.objective)) == capped, top
     if capped:
         prepare(table)

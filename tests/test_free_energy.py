@@ -92,7 +92,7 @@ def test_implicit_regularization_off_the_oscillation():
         }
     )
     w0 = np.asarray(problem.w0)
-    hessian = np.asarray(jax.hessian(problem.objective.value)(problem.w0))
+    hessian = np.asarray(jax.jit(jax.hessian(problem.objective.value))(problem.w0))
     values, basis = np.linalg.eigh(hessian)
     projector = np.eye(3) - basis[:, -1:] @ basis[:, -1:].T
     oscillation = Oscillation(jnp.asarray(basis[:, -1:]), jnp.asarray([True]), 1)

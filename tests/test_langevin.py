@@ -95,7 +95,7 @@ def test_transient_moments_match_the_continuous_solution():
     _, problem, _, processes = prepare(table)
     steps = np.array([2, 8, 30])
     positions = ensemble_positions(processes["langevin"], "noise_key", problem.w0, steps, 3000, seed=1)
-    hessian = np.asarray(jax.hessian(problem.objective.value)(problem.w0))
+    hessian = np.asarray(jax.jit(jax.hessian(problem.objective.value))(problem.w0))
     drift, diffusion = theory.continuous_system(hessian, sigma**2 * np.eye(2), lr, beta)
     start = np.concatenate([np.asarray(problem.w0), np.zeros(2)])
     moments = theory.continuous_moments(drift, diffusion, start, np.zeros((4, 4)), lr * steps)

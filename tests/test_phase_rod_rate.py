@@ -82,7 +82,7 @@ def quadratic_model(case: str, ratio: float, rod_rate: str = "matched"):
     _, at_one = processes(1.0)
     lr = ratio * at_one[name].rule.threshold(1.0) / eigenvalues[0]
     problem, built = processes(lr)
-    hessian = jax.hessian(problem.objective.value)(jnp.zeros(3))
+    hessian = jax.jit(jax.hessian(problem.objective.value))(jnp.zeros(3))
     return built[name].rule, built[f"{name}_rod_flow"], lr, hessian, jnp.linalg.eigh(hessian)[1][:, -1]
 
 

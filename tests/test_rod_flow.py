@@ -60,7 +60,7 @@ def test_linearized_rod_field_is_eta_hessian_minus_two():
     centre = problem.w0
     rod = 1e-7 * jnp.asarray(np.random.default_rng(0).standard_normal(centre.size))
     jacobian = np.asarray(jax.jacfwd(lambda r: process.field((centre, r))[0][1])(rod))
-    hessian = np.asarray(jax.hessian(problem.objective.value)(centre))
+    hessian = np.asarray(jax.jit(jax.hessian(problem.objective.value))(centre))
     np.testing.assert_allclose(jacobian, process.lr * hessian - 2.0 * np.eye(centre.size), atol=1e-8)
     sharpness = np.linalg.eigvalsh(hessian)[-1]
     for lr in (0.999 * 2 / sharpness, 1.001 * 2 / sharpness):

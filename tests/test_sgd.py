@@ -243,7 +243,7 @@ def test_exact_moments_from_initialization():
     _, problem, _, processes = prepare(table)
     steps = np.array([3, 10, 40])
     positions = ensemble_positions(processes["sgd"], "sample_key", problem.w0, steps, 4000, seed=0)
-    hessian = np.asarray(jax.hessian(problem.objective.value)(problem.w0))
+    hessian = np.asarray(jax.jit(jax.hessian(problem.objective.value))(problem.w0))
     transition, noise = theory.discrete_system(hessian, 0.25 * np.eye(2), lr, beta)
     start = np.concatenate([np.asarray(problem.w0), np.zeros(2)])
     assert_moments_match(positions, theory.discrete_moments(transition, noise, start, np.zeros((4, 4)), steps), 2)

@@ -126,7 +126,7 @@ def test_a_networks_hessian_through_hessian_operator():
 
         operator = eosflow.HessianOperator.from_function(loss, params, (x, y))
         flat, unravel = ravel_pytree(params)
-        hessian = np.asarray(jax.hessian(lambda w: loss(unravel(w), (x, y)))(flat))
+        hessian = np.asarray(jax.jit(jax.hessian(lambda w: loss(unravel(w), (x, y))))(flat))
         density = stochastic_lanczos(operator, order=40, probes=6, seed=1)
         estimate, error = hutchinson_trace(operator, probes=200, seed=2)
     top = np.linalg.eigvalsh(hessian)[-1]
