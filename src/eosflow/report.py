@@ -324,9 +324,9 @@ def unconverged(ds: xr.Dataset) -> dict[str, np.ndarray]:
 def unconverged_lines(ds: xr.Dataset, masks: dict[str, np.ndarray]) -> list[str]:
     """One line per process of :func:`unconverged` ``masks``: how many of its measurements, the largest residual,
     the first step, and what that means for the eigenvalues recorded there."""
-    lines = []
+    lines, rules = [], summary_of(ds)["spectrum_stop"]
     for process, above in masks.items():
-        tol, max_iters = summary_of(ds)["spectrum_stop"][process]
+        tol, max_iters = rules[process]
         residual = ds["residual"].sel(process=process).values
         lines.append(
             f"- {process}: {int(above.sum())} of {int(np.isfinite(residual).sum())} measurements stopped at "
